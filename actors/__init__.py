@@ -1,0 +1,93 @@
+"""jobspine's actor runtime: supervised, durable, resumable jobs on Trio."""
+
+from ._backend import Backend, JobQuery, MemoryBackend
+from ._demo import DEMO_HANDLERS, analysis_handler, research_handler, trade_handler
+from ._errors import (
+    CheckpointTooLargeError,
+    IllegalTransitionError,
+    InvalidInputError,
+    JobspineError,
+    JobStopped,
+    NotSerializableError,
+    RuntimeClosedError,
+    RuntimeCrashedError,
+    StaleAttemptError,
+    StoreError,
+    UnknownJobError,
+    UnknownKindError,
+)
+from ._events import AUDIT_TYPES, EventHub, EventStream, EventStreamLagged, EventType, JobEvent
+from ._job import (
+    CURRENT_SCHEMA_VERSION,
+    SCHEMA_V2_PLAN,
+    Job,
+    JobError,
+    migrate_job_record,
+    validate_job_record,
+)
+from ._policy import RecoveryDecision, RecoveryPolicy, StallDetector
+from ._recovery import CheckpointDetails, CheckpointValidation, RecoveryOptions
+from ._repository import Repository
+from ._runtime import Runtime, RuntimeConfig, open_runtime
+from ._sqlite import SqliteBackend
+from ._states import TERMINAL_STATES, TRANSITIONS, JobState, check_transition
+from ._store import StoreActor, StoreClient, StoreConfig
+from ._supervisor import Supervisor, SupervisorConfig, SupervisorStatus
+from ._worker import Handler, JobContext
+
+__all__ = [
+    "AUDIT_TYPES",
+    "CURRENT_SCHEMA_VERSION",
+    "DEMO_HANDLERS",
+    "SCHEMA_V2_PLAN",
+    "TERMINAL_STATES",
+    "TRANSITIONS",
+    "Backend",
+    "CheckpointDetails",
+    "CheckpointTooLargeError",
+    "CheckpointValidation",
+    "EventHub",
+    "EventStream",
+    "EventStreamLagged",
+    "EventType",
+    "Handler",
+    "IllegalTransitionError",
+    "InvalidInputError",
+    "Job",
+    "JobContext",
+    "JobError",
+    "JobEvent",
+    "JobQuery",
+    "JobState",
+    "JobStopped",
+    "JobspineError",
+    "MemoryBackend",
+    "NotSerializableError",
+    "RecoveryDecision",
+    "RecoveryOptions",
+    "RecoveryPolicy",
+    "Repository",
+    "Runtime",
+    "RuntimeClosedError",
+    "RuntimeConfig",
+    "RuntimeCrashedError",
+    "SqliteBackend",
+    "StaleAttemptError",
+    "StallDetector",
+    "StoreActor",
+    "StoreClient",
+    "StoreConfig",
+    "StoreError",
+    "Supervisor",
+    "SupervisorConfig",
+    "SupervisorStatus",
+    "UnknownJobError",
+    "UnknownKindError",
+    "analysis_handler",
+    "check_transition",
+    "migrate_job_record",
+    "open_runtime",
+    "research_handler",
+    "trade_handler",
+    "validate_job_record",
+]

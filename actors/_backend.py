@@ -1,0 +1,146 @@
+"""The persistence interface under the store actor, and its in-memory implementation.
+
+A backend is only ever called by the store actor, one call at a time, so it needs no locking.
+``commit`` applies one group of changes atomically: either all of them are durable when it
+returns, or it raises and none are.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Protocol
+
+import attrs
+
+from ._events import EventType, JobEvent
+from ._ids import new_id
+from ._job import Job
+from ._states import JobState
+
+__all__ = ["Backend", "JobQuery", "MemoryBackend"]
+
+
+@attrs.frozen
+class JobQuery:
+    """Filters for listing jobs; results are newest first (ids sort by creation)."""
+
+    user_id: str | None = None
+    states: frozenset[JobState] | None = None
+    kind: str | None = None
+    heartbeat_before: float | None = None
+    limit: int | None = None
+
+    def matches(self, job: Job) -> bool:
+        return (
+            (self.user_id is None or job.user_id == self.user_id)
+            and (self.states is None or job.state in self.states)
+            and (self.kind is None or job.kind == self.kind)
+            and (
+                self.heartbeat_before is None
+                or (
+                    job.last_heartbeat_at is not None
+                    and job.last_heartbeat_at < self.heartbeat_before
+                )
+            )
+        )
+
+
+class Backend(Protocol):
+    @property
+    def epoch(self) -> str:
+        """Identifies one database's history; it changes only with a new database."""
+        ...
+
+    def opened(self) -> AbstractAsyncContextManager[None]:
+        """Holds the database open (schema created or migrated on entry)."""
+        ...
+
+    async def load(self, job_id: str) -> Job | None: ...
+
+    async def commit(
+        self,
+        jobs: Collection[Job],
+        events: Sequence[JobEvent],
+        deleted: Collection[str],
+        heartbeats: Mapping[str, tuple[int, float]],
+    ) -> None:
+        """Write jobs, append events, delete jobs (with their events) and record heartbeats
+        (``job id -> (attempt, time)``, applied only to that running attempt) atomically."""
+        ...
+
+    async def query(self, query: JobQuery) -> list[Job]: ...
+
+    async def read_events(
+        self,
+        job_id: str,
+        after_seq: int,
+        limit: int,
+        types: frozenset[EventType] | None = None,
+    ) -> list[JobEvent]: ...
+
+    async def count_by_state(self, user_id: str | None) -> dict[str, int]: ...
+
+
+class MemoryBackend:
+    """Dicts in memory: for logic tests and for timing tests under a mock clock (no threads)."""
+
+    def __init__(self) -> None:
+        self._epoch = new_id()
+        self._jobs: dict[str, Job] = {}
+        self._events: dict[str, list[JobEvent]] = {}
+
+    @property
+    def epoch(self) -> str:
+        return self._epoch
+
+    @asynccontextmanager
+    async def opened(self) -> AsyncIterator[None]:
+        yield
+
+    async def load(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    async def commit(
+        self,
+        jobs: Collection[Job],
+        events: Sequence[JobEvent],
+        deleted: Collection[str],
+        heartbeats: Mapping[str, tuple[int, float]],
+    ) -> None:
+        for job in jobs:
+            self._jobs[job.id] = job
+        for event in events:
+            self._events.setdefault(event.job_id, []).append(event)
+        for job_id in deleted:
+            self._jobs.pop(job_id, None)
+            self._events.pop(job_id, None)
+        for job_id, (attempt, at) in heartbeats.items():
+            found = self._jobs.get(job_id)
+            if found and found.state is JobState.RUNNING and found.attempt == attempt:
+                self._jobs[job_id] = attrs.evolve(found, last_heartbeat_at=at)
+
+    async def query(self, query: JobQuery) -> list[Job]:
+        found = [job for job in self._jobs.values() if query.matches(job)]
+        found.sort(key=lambda job: job.id, reverse=True)
+        return found if query.limit is None else found[: query.limit]
+
+    async def read_events(
+        self,
+        job_id: str,
+        after_seq: int,
+        limit: int,
+        types: frozenset[EventType] | None = None,
+    ) -> list[JobEvent]:
+        log = self._events.get(job_id, [])
+        start = bisect.bisect_right([event.seq for event in log], after_seq)
+        selected = [e for e in log[start:] if types is None or e.type in types]
+        return selected[:limit]
+
+    async def count_by_state(self, user_id: str | None) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for job in self._jobs.values():
+            if user_id is None or job.user_id == user_id:
+                counts[job.state.value] = counts.get(job.state.value, 0) + 1
+        return counts

@@ -1,0 +1,115 @@
+"""Typed errors raised by the runtime.
+
+Every error a caller can provoke is a subclass of :class:`JobspineError` and carries a short,
+stable ``code`` (used by the transport layer) next to a human-readable message.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointTooLargeError",
+    "IllegalTransitionError",
+    "InvalidInputError",
+    "JobspineError",
+    "JobStopped",
+    "NotSerializableError",
+    "RuntimeClosedError",
+    "RuntimeCrashedError",
+    "StaleAttemptError",
+    "StoreError",
+    "UnknownJobError",
+    "UnknownKindError",
+]
+
+
+class JobspineError(Exception):
+    """Base class of every error the runtime raises on purpose."""
+
+    code = "error"
+
+
+class UnknownJobError(JobspineError, LookupError):
+    code = "unknown_job"
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job with id {job_id!r}")
+        self.job_id = job_id
+
+
+class UnknownKindError(JobspineError, LookupError):
+    code = "unknown_kind"
+
+    def __init__(self, kind: str, known: list[str] | None = None) -> None:
+        hint = f" (registered: {', '.join(sorted(known))})" if known else ""
+        super().__init__(f"no handler registered for job kind {kind!r}{hint}")
+        self.kind = kind
+
+
+class IllegalTransitionError(JobspineError):
+    code = "illegal_transition"
+
+    def __init__(self, job_id: str, from_state: str, to_state: str) -> None:
+        super().__init__(f"job {job_id}: illegal transition {from_state} -> {to_state}")
+        self.job_id = job_id
+        self.from_state = from_state
+        self.to_state = to_state
+
+
+class StaleAttemptError(JobspineError):
+    """An update carried an attempt (fencing token) that is no longer the job's current run."""
+
+    code = "stale_attempt"
+
+    def __init__(self, job_id: str, attempt: int, current: int, state: str) -> None:
+        super().__init__(
+            f"job {job_id}: update from attempt {attempt} rejected:"
+            f" the job is {state} with current attempt {current}"
+        )
+        self.job_id = job_id
+        self.attempt = attempt
+        self.current = current
+
+
+class InvalidInputError(JobspineError, ValueError):
+    """A value given by a caller is out of range or of the wrong shape."""
+
+    code = "invalid_input"
+
+
+class NotSerializableError(InvalidInputError):
+    code = "not_serializable"
+
+
+class CheckpointTooLargeError(InvalidInputError):
+    code = "checkpoint_too_large"
+
+    def __init__(self, job_id: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"job {job_id}: checkpoint of {size} bytes exceeds the limit of {limit} bytes;"
+            " the previous checkpoint is kept"
+        )
+        self.size = size
+        self.limit = limit
+
+
+class StoreError(JobspineError):
+    """The database failed; the request was not applied."""
+
+    code = "store_error"
+
+
+class RuntimeClosedError(JobspineError):
+    code = "runtime_closed"
+
+
+class RuntimeCrashedError(JobspineError):
+    """An actor of the runtime failed; ``__cause__`` holds what it raised."""
+
+    code = "runtime_crashed"
+
+
+class JobStopped(Exception):  # noqa: N818 - a signal, not an error condition
+    """Raised by a handler to acknowledge a stop request (pause or shutdown).
+
+    The runtime then records the stop; it is never recorded as the job's failure.
+    """

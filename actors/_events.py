@@ -1,0 +1,125 @@
+"""Job events and the in-process event stream that publishes them after each commit."""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+
+from ._errors import JobspineError
+from ._states import JobState
+
+__all__ = ["EventHub", "EventStream", "EventStreamLagged", "EventType", "JobEvent"]
+
+
+class EventType(enum.StrEnum):
+    CREATED = "created"
+    STARTED = "started"
+    PROGRESS = "progress"
+    CHECKPOINT = "checkpoint"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    PAUSED = "paused"
+    RESUMED = "resumed"
+    RESTARTED = "restarted"
+    RECOVERY = "recovery"
+    DELETED = "deleted"
+
+
+#: Event types that record a person's (or the system's) decision: the audit trail.
+AUDIT_TYPES = frozenset(
+    {EventType.PAUSED, EventType.RESUMED, EventType.CANCELLED, EventType.RESTARTED}
+)
+
+
+@attrs.frozen
+class JobEvent:
+    """One change of one job. ``seq`` counts a job's events from 1 with no gap; it is assigned
+    in the same transaction as the change, so it survives restarts."""
+
+    job_id: str
+    user_id: str
+    seq: int
+    type: EventType
+    state: JobState
+    at: float
+    data: dict[str, Any] = attrs.field(factory=dict)
+    actor: str | None = None
+
+
+class EventStreamLagged(JobspineError):  # noqa: N818 - reads as a state
+    """The consumer fell more than its buffer behind; re-read the durable log from its cursor."""
+
+    code = "lagged"
+
+
+class EventStream:
+    """An async iterator of events published after it was opened."""
+
+    def __init__(self, receive: trio.MemoryReceiveChannel[JobEvent]) -> None:
+        self._receive = receive
+        self.lagged = False
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> JobEvent:
+        try:
+            return await self._receive.receive()
+        except trio.EndOfChannel:
+            if self.lagged:
+                raise EventStreamLagged("event stream buffer overflowed") from None
+            raise StopAsyncIteration from None
+
+    def receive_nowait(self) -> JobEvent:
+        return self._receive.receive_nowait()
+
+
+class EventHub:
+    """Fans committed events out to subscribers without ever blocking the publisher.
+
+    A subscriber whose buffer is full is cut off (its stream raises :class:`EventStreamLagged`)
+    rather than slowing the store down: the durable event log lets it catch up.
+    """
+
+    def __init__(self) -> None:
+        self._subscribers: dict[trio.MemorySendChannel[JobEvent], EventStream] = {}
+
+    def publish(self, events: list[JobEvent]) -> None:
+        if not self._subscribers:
+            return
+        for send, stream in list(self._subscribers.items()):
+            try:
+                for event in events:
+                    send.send_nowait(event)
+            except trio.WouldBlock:
+                stream.lagged = True
+                del self._subscribers[send]
+                send.close()
+            except trio.BrokenResourceError:
+                del self._subscribers[send]
+
+    def close(self) -> None:
+        for send in self._subscribers:
+            send.close()
+        self._subscribers.clear()
+
+    @asynccontextmanager
+    async def subscribe(self, buffer: int | float = 10_000) -> AsyncIterator[EventStream]:
+        if buffer != math.inf:
+            buffer = int(buffer)
+        send, receive = trio.open_memory_channel[JobEvent](buffer)
+        stream = EventStream(receive)
+        self._subscribers[send] = stream
+        async with receive:
+            try:
+                yield stream
+            finally:
+                self._subscribers.pop(send, None)
+                send.close()

@@ -1,0 +1,233 @@
+"""The job record, its schema v1, validation of external records and migration.
+
+Schema v1 invariants (checked by :func:`validate_job_record`):
+
+* ``id``, ``user_id`` and ``kind`` are non-empty strings; ``state`` is a :class:`JobState` value.
+* ``0 <= progress <= 100``; ``progress == 100`` whenever ``state == "completed"``.
+* ``result`` is set only when completed; ``error`` only when failed (``{"type", "message"}``).
+* ``checkpoint_version`` counts saved checkpoints: 0 exactly when ``checkpoint`` is null, and
+  ``checkpoint_at`` is set exactly when a checkpoint is.
+* ``attempt`` (the fencing token) is 0 before the first run and grows by one at every start,
+  resume or restart; ``recovery_attempts >= 0``; ``seq`` is the job's last event number.
+* Timestamps are Unix seconds (wall clock); ``created_at <= updated_at``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from ._codec import converter
+from ._errors import InvalidInputError
+from ._states import JobState
+
+__all__ = [
+    "CURRENT_SCHEMA_VERSION",
+    "SCHEMA_V2_PLAN",
+    "Job",
+    "JobError",
+    "migrate_job_record",
+    "validate_job_record",
+]
+
+CURRENT_SCHEMA_VERSION = 1
+
+#: Fields reserved for schema v2; not accepted in v1 records, so that adding them later is not
+#: a breaking change for anyone who stored v1 data.
+SCHEMA_V2_PLAN: Mapping[str, str] = {
+    "tags": "list of short strings, indexed for filtering",
+    "parent_id": "id of the job that spawned this one (job trees)",
+    "timeout": "seconds a run may take before it is failed",
+    "retry_count": "automatic restarts after failure, with backoff",
+}
+
+
+@attrs.frozen
+class JobError:
+    type: str
+    message: str
+
+
+@attrs.frozen
+class Job:
+    id: str
+    user_id: str
+    kind: str
+    state: JobState
+    input: Any
+    created_at: float
+    updated_at: float
+    progress: float = 0.0
+    step: str | None = None
+    result: Any = None
+    error: JobError | None = None
+    checkpoint: Any = None
+    checkpoint_version: int = 0
+    checkpoint_at: float | None = None
+    attempt: int = 0
+    recovery_attempts: int = 0
+    pause_reason: str | None = None
+    started_at: float | None = None
+    completed_at: float | None = None
+    failed_at: float | None = None
+    last_heartbeat_at: float | None = None
+    seq: int = 0
+    schema_version: int = CURRENT_SCHEMA_VERSION
+
+    def to_record(self) -> dict[str, Any]:
+        record: dict[str, Any] = converter.unstructure(self)
+        return record
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Job:
+        """Build a job from external data, migrating it first; raises on any invalid field."""
+        migrated = migrate_job_record(record)
+        problems = validate_job_record(migrated)
+        if problems:
+            raise InvalidInputError("invalid job record: " + "; ".join(problems))
+        return converter.structure(migrated, cls)
+
+
+_NUMBER = (int, float)
+_STATE_VALUES = frozenset(s.value for s in JobState)
+_OPTIONAL_TIMES = ("checkpoint_at", "started_at", "completed_at", "failed_at", "last_heartbeat_at")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, _NUMBER) and not isinstance(value, bool) and value == value
+
+
+def validate_job_record(record: object) -> list[str]:
+    """Return every problem of a v1 record as ``"field: what is wrong"``; empty when valid."""
+    if not isinstance(record, Mapping):
+        return [f"record: expected an object, got {type(record).__name__}"]
+    problems: list[str] = []
+    known = {f.name for f in attrs.fields(Job)}
+    for key in record:
+        if key not in known:
+            where = "reserved for schema v2" if key in SCHEMA_V2_PLAN else "unknown field"
+            problems.append(f"{key}: {where}")
+    for name in ("id", "user_id", "kind"):
+        value = record.get(name)
+        if not isinstance(value, str) or not value:
+            problems.append(f"{name}: expected a non-empty string, got {value!r}")
+    state = record.get("state")
+    if not isinstance(state, str) or state not in _STATE_VALUES:
+        problems.append(f"state: expected one of {[s.value for s in JobState]}, got {state!r}")
+        state = None
+    if "input" not in record:
+        problems.append("input: missing")
+    progress = record.get("progress", 0.0)
+    if not _is_number(progress) or not 0 <= progress <= 100:
+        problems.append(f"progress: expected a number in 0..100, got {progress!r}")
+    elif state == JobState.COMPLETED and progress != 100:
+        problems.append(f"progress: a completed job has progress 100, got {progress!r}")
+    step = record.get("step")
+    if step is not None and not isinstance(step, str):
+        problems.append(f"step: expected a string or null, got {step!r}")
+    if record.get("result") is not None and state not in (None, JobState.COMPLETED):
+        problems.append(f"result: only a completed job has a result (state is {state})")
+    error = record.get("error")
+    if error is not None:
+        if not (
+            isinstance(error, Mapping)
+            and set(error) == {"type", "message"}
+            and all(isinstance(v, str) for v in error.values())
+        ):
+            problems.append(f"error: expected {{'type': str, 'message': str}}, got {error!r}")
+        elif state not in (None, JobState.FAILED):
+            problems.append(f"error: only a failed job has an error (state is {state})")
+    for name in ("created_at", "updated_at"):
+        if not _is_number(record.get(name)):
+            problems.append(f"{name}: expected Unix seconds, got {record.get(name)!r}")
+    for name in _OPTIONAL_TIMES:
+        value = record.get(name)
+        if value is not None and not _is_number(value):
+            problems.append(f"{name}: expected Unix seconds or null, got {value!r}")
+    created, updated = record.get("created_at"), record.get("updated_at")
+    if isinstance(created, _NUMBER) and isinstance(updated, _NUMBER) and updated < created:
+        problems.append(f"updated_at: {updated!r} is before created_at {created!r}")
+    for name in ("checkpoint_version", "attempt", "recovery_attempts", "seq"):
+        value = record.get(name, 0)
+        if not _is_int(value) or value < 0:
+            problems.append(f"{name}: expected a non-negative integer, got {value!r}")
+    has_checkpoint = record.get("checkpoint") is not None
+    version = record.get("checkpoint_version", 0)
+    if _is_int(version) and has_checkpoint != (version > 0):
+        problems.append(
+            f"checkpoint_version: {version!r} does not match "
+            f"{'a present' if has_checkpoint else 'an absent'} checkpoint"
+        )
+    if has_checkpoint != (record.get("checkpoint_at") is not None):
+        problems.append("checkpoint_at: must be set exactly when a checkpoint is")
+    reason = record.get("pause_reason")
+    if reason is not None and not isinstance(reason, str):
+        problems.append(f"pause_reason: expected a string or null, got {reason!r}")
+    version = record.get("schema_version", CURRENT_SCHEMA_VERSION)
+    if version != CURRENT_SCHEMA_VERSION:
+        problems.append(f"schema_version: expected {CURRENT_SCHEMA_VERSION}, got {version!r}")
+    return problems
+
+
+# The predecessor (schema 0) wrote camelCase keys, millisecond timestamps and a string error.
+_V0_KEYS = {
+    "userId": "user_id",
+    "type": "kind",
+    "status": "state",
+    "query": "input",
+    "currentStep": "step",
+    "checkpointData": "checkpoint",
+    "recoveryAttempts": "recovery_attempts",
+}
+_V0_TIMES = {
+    "createdAt": "created_at",
+    "updatedAt": "updated_at",
+    "startedAt": "started_at",
+    "completedAt": "completed_at",
+    "failedAt": "failed_at",
+    "lastActivityAt": "last_heartbeat_at",
+}
+
+
+def migrate_job_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """Upgrade a stored record to the current schema.
+
+    Version 0 is the predecessor's camelCase shape; version 1 is returned as a copy. A record
+    from a newer schema than this runtime knows is refused rather than silently truncated.
+    """
+    if not isinstance(record, Mapping):
+        raise InvalidInputError(f"record: expected an object, got {type(record).__name__}")
+    version = record.get(
+        "schema_version", record.get("schemaVersion", 0 if "userId" in record else 1)
+    )
+    if version == CURRENT_SCHEMA_VERSION:
+        return dict(record)
+    if version != 0:
+        raise InvalidInputError(
+            f"schema_version {version!r} is not supported by this runtime "
+            f"(it reads 0 and {CURRENT_SCHEMA_VERSION})"
+        )
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if key in _V0_KEYS:
+            out[_V0_KEYS[key]] = value
+        elif key in _V0_TIMES:
+            out[_V0_TIMES[key]] = None if value is None else value / 1000
+        elif key in ("schemaVersion", "schema_version"):
+            continue
+        else:
+            out[key] = value
+    if isinstance(out.get("error"), str):
+        out["error"] = {"type": "Error", "message": out["error"]}
+    out.setdefault("updated_at", out.get("created_at"))
+    if out.get("checkpoint") is not None:
+        out.setdefault("checkpoint_version", 1)
+        out.setdefault("checkpoint_at", out.get("updated_at"))
+    out["schema_version"] = CURRENT_SCHEMA_VERSION
+    return out

@@ -1,0 +1,270 @@
+"""Sans-I/O job mutations: each takes the current job and ``now`` (wall clock, for stored
+timestamps) and returns the new job and the event it produces.
+
+This is the one place where transitions are checked, fencing tokens compared and sequence
+numbers assigned; both store backends persist what these functions return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from ._codec import dumps_json_value
+from ._errors import (
+    CheckpointTooLargeError,
+    IllegalTransitionError,
+    InvalidInputError,
+    StaleAttemptError,
+)
+from ._events import EventType, JobEvent
+from ._job import Job, JobError
+from ._policy import RecoveryDecision
+from ._states import JobState, check_transition
+
+__all__ = [
+    "Change",
+    "cancel",
+    "checkpoint",
+    "complete",
+    "create",
+    "fail",
+    "pause",
+    "progress",
+    "recover",
+    "reset_recovery",
+    "restart",
+    "resume",
+    "start",
+]
+
+Change = tuple[Job, JobEvent]
+S = JobState
+
+
+def _emit(
+    job: Job,
+    type: EventType,
+    now: float,
+    data: dict[str, Any] | None = None,
+    actor: str | None = None,
+    **changes: Any,
+) -> Change:
+    new = attrs.evolve(job, updated_at=now, seq=job.seq + 1, **changes)
+    return new, JobEvent(new.id, new.user_id, new.seq, type, new.state, now, data or {}, actor)
+
+
+def _fence(job: Job, attempt: int) -> None:
+    if job.state is not S.RUNNING or job.attempt != attempt:
+        raise StaleAttemptError(job.id, attempt, job.attempt, job.state.value)
+
+
+def create(job_id: str, user_id: str, kind: str, input: Any, now: float) -> Change:
+    if not user_id or not isinstance(user_id, str):
+        raise InvalidInputError("user_id must be a non-empty string")
+    dumps_json_value(input, "job input")
+    job = Job(job_id, user_id, kind, S.CREATED, input, created_at=now, updated_at=now)
+    return _emit(job, EventType.CREATED, now, {"kind": kind, "input": input})
+
+
+def start(job: Job, now: float) -> Change:
+    """created -> running: the first run, or a run after a restart."""
+    if job.state is not S.CREATED:
+        raise IllegalTransitionError(job.id, job.state.value, S.RUNNING.value)
+    attempt = job.attempt + 1
+    return _emit(
+        job,
+        EventType.STARTED,
+        now,
+        {"attempt": attempt},
+        state=S.RUNNING,
+        attempt=attempt,
+        started_at=job.started_at or now,
+        last_heartbeat_at=now,
+    )
+
+
+def resume(job: Job, now: float, actor: str | None) -> Change:
+    """paused -> running with a new attempt; the handler receives the checkpoint."""
+    if job.state is not S.PAUSED:
+        raise IllegalTransitionError(job.id, job.state.value, S.RUNNING.value)
+    attempt = job.attempt + 1
+    return _emit(
+        job,
+        EventType.RESUMED,
+        now,
+        {"attempt": attempt, "checkpoint_version": job.checkpoint_version},
+        actor,
+        state=S.RUNNING,
+        attempt=attempt,
+        pause_reason=None,
+        last_heartbeat_at=now,
+    )
+
+
+def progress(job: Job, attempt: int, pct: float, step: str | None, now: float) -> Change:
+    if isinstance(pct, bool) or not isinstance(pct, int | float) or not 0 <= pct <= 100:
+        raise InvalidInputError(f"progress must be a number in 0..100, got {pct!r}")
+    if step is not None and not isinstance(step, str):
+        raise InvalidInputError(f"step must be a string, got {type(step).__name__}")
+    _fence(job, attempt)
+    step = job.step if step is None else step
+    return _emit(
+        job,
+        EventType.PROGRESS,
+        now,
+        {"progress": pct, "step": step},
+        progress=float(pct),
+        step=step,
+        last_heartbeat_at=now,
+    )
+
+
+def checkpoint(job: Job, attempt: int, data: Any, now: float, limit: int) -> Change:
+    encoded = dumps_json_value(data, "checkpoint")
+    if data is None:
+        raise InvalidInputError("a checkpoint cannot be null")
+    if len(encoded) > limit:
+        raise CheckpointTooLargeError(job.id, len(encoded), limit)
+    _fence(job, attempt)
+    version = job.checkpoint_version + 1
+    return _emit(
+        job,
+        EventType.CHECKPOINT,
+        now,
+        {"version": version, "size": len(encoded)},
+        checkpoint=data,
+        checkpoint_version=version,
+        checkpoint_at=now,
+        last_heartbeat_at=now,
+    )
+
+
+def complete(job: Job, attempt: int, result: Any, now: float) -> Change:
+    dumps_json_value(result, "job result")
+    _fence(job, attempt)
+    check_transition(job.id, job.state, S.COMPLETED)
+    return _emit(
+        job,
+        EventType.COMPLETED,
+        now,
+        {"result": result},
+        state=S.COMPLETED,
+        result=result,
+        progress=100.0,
+        completed_at=now,
+        pause_reason=None,
+    )
+
+
+def fail(
+    job: Job, attempt: int | None, error: JobError, now: float, actor: str | None = None
+) -> Change:
+    """Fail a job; ``attempt`` fences a worker's report, ``None`` is the runtime's own call."""
+    if attempt is not None:
+        _fence(job, attempt)
+    check_transition(job.id, job.state, S.FAILED)
+    return _emit(
+        job,
+        EventType.FAILED,
+        now,
+        {"error": {"type": error.type, "message": error.message}},
+        actor,
+        state=S.FAILED,
+        error=error,
+        failed_at=now,
+        pause_reason=None,
+    )
+
+
+def cancel(job: Job, now: float, actor: str | None) -> Change:
+    check_transition(job.id, job.state, S.CANCELLED)
+    return _emit(job, EventType.CANCELLED, now, {}, actor, state=S.CANCELLED, pause_reason=None)
+
+
+def pause(job: Job, attempt: int | None, now: float, actor: str | None, reason: str) -> Change:
+    if attempt is not None and job.attempt != attempt:
+        raise StaleAttemptError(job.id, attempt, job.attempt, job.state.value)
+    check_transition(job.id, job.state, S.PAUSED)
+    return _emit(
+        job,
+        EventType.PAUSED,
+        now,
+        {"reason": reason, "checkpoint_version": job.checkpoint_version},
+        actor,
+        state=S.PAUSED,
+        pause_reason=reason,
+    )
+
+
+def recover(job: Job, attempt: int | None, decision: RecoveryDecision, now: float) -> Change:
+    """Apply a stall or crash recovery decision to a running job."""
+    if attempt is not None:
+        _fence(job, attempt)
+    check_transition(job.id, job.state, decision.to_state)
+    if decision.to_state is S.PAUSED:
+        return _emit(
+            job,
+            EventType.RECOVERY,
+            now,
+            {
+                "reason": decision.reason,
+                "recovery_attempts": decision.recovery_attempts,
+                "checkpoint_version": job.checkpoint_version,
+            },
+            "system",
+            state=S.PAUSED,
+            pause_reason="recovery",
+            recovery_attempts=decision.recovery_attempts,
+        )
+    failed, event = fail(job, None, JobError("Stalled", decision.reason), now, "system")
+    return attrs.evolve(failed, recovery_attempts=decision.recovery_attempts), event
+
+
+def restart(
+    job: Job, now: float, actor: str | None, modifications: Mapping[str, Any] | None
+) -> Change:
+    """Back to created with result, error, progress and checkpoint cleared."""
+    check_transition(job.id, job.state, S.CREATED)
+    new_input = job.input
+    if modifications:
+        if not isinstance(job.input, dict):
+            raise InvalidInputError(
+                f"job {job.id}: modifications need an object input, the input is "
+                f"{type(job.input).__name__}"
+            )
+        new_input = {**job.input, **modifications}
+        dumps_json_value(new_input, "modified input")
+    return _emit(
+        job,
+        EventType.RESTARTED,
+        now,
+        {"input": new_input},
+        actor,
+        state=S.CREATED,
+        input=new_input,
+        progress=0.0,
+        step=None,
+        result=None,
+        error=None,
+        checkpoint=None,
+        checkpoint_version=0,
+        checkpoint_at=None,
+        recovery_attempts=0,
+        pause_reason=None,
+        completed_at=None,
+        failed_at=None,
+    )
+
+
+def reset_recovery(job: Job, now: float, actor: str | None) -> Change:
+    return _emit(
+        job,
+        EventType.RECOVERY,
+        now,
+        {"reason": "recovery attempts reset", "recovery_attempts": 0},
+        actor,
+        recovery_attempts=0,
+    )

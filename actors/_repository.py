@@ -1,0 +1,257 @@
+"""The repository: the single entry point for applications and the transport."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import trio
+
+from ._backend import JobQuery
+from ._errors import IllegalTransitionError
+from ._events import AUDIT_TYPES, EventHub, EventStream, JobEvent
+from ._job import Job, JobError
+from ._recovery import (
+    CheckpointDetails,
+    CheckpointValidation,
+    RecoveryOptions,
+    checkpoint_details,
+    recovery_options,
+    validate_checkpoint,
+)
+from ._states import JobState
+from ._store import StoreClient
+from ._supervisor import Supervisor
+from ._worker import Handler
+
+__all__ = ["Repository"]
+
+S = JobState
+_ACTIVE = frozenset({S.CREATED, S.RUNNING})
+
+
+class Repository:
+    """Every operation on jobs. Methods that change a job return it as stored afterwards;
+    ``by`` names who asked (recorded in the audit trail)."""
+
+    def __init__(
+        self,
+        store: StoreClient,
+        supervisor: Supervisor,
+        hub: EventHub,
+        handlers: dict[str, Handler],
+        *,
+        checkpoint_warn_size: int,
+    ) -> None:
+        self._store = store
+        self._supervisor = supervisor
+        self._hub = hub
+        self._handlers = handlers
+        self._checkpoint_warn_size = checkpoint_warn_size
+
+    @property
+    def epoch(self) -> str:
+        return self._store.epoch
+
+    def register(self, kind: str, handler: Handler) -> None:
+        self._handlers[kind] = handler
+
+    @property
+    def kinds(self) -> list[str]:
+        return sorted(self._handlers)
+
+    def events(self, buffer: int = 10_000) -> AbstractAsyncContextManager[EventStream]:
+        """``async with repo.events() as stream: async for event in stream`` — every event
+        committed after it was opened, in commit order."""
+        return self._hub.subscribe(buffer)
+
+    # -- creation -------------------------------------------------------------------------------
+
+    async def create_job(self, kind: str, user_id: str, input: Any) -> Job:
+        self._supervisor.handler_for(kind)
+        job = await self._store.create(user_id, kind, input)
+        return await self._start(job.id)
+
+    async def create_research_job(self, user_id: str, query: str, *, depth: int = 3) -> Job:
+        return await self.create_job("research", user_id, {"query": query, "depth": depth})
+
+    async def create_trade_job(
+        self, user_id: str, symbol: str, side: str, quantity: float, *, slices: int = 5
+    ) -> Job:
+        return await self.create_job(
+            "trade",
+            user_id,
+            {"symbol": symbol, "side": side, "quantity": quantity, "slices": slices},
+        )
+
+    async def create_analysis_job(
+        self, user_id: str, content: str, *, chunk_size: int = 200
+    ) -> Job:
+        return await self.create_job(
+            "analysis", user_id, {"content": content, "chunk_size": chunk_size}
+        )
+
+    async def _start(self, job_id: str) -> Job:
+        job = await self._store.start(job_id)
+        await self._supervisor.launch(job)
+        return job
+
+    # -- retrieval ------------------------------------------------------------------------------
+
+    async def get_job(self, job_id: str) -> Job:
+        return await self._store.get(job_id)
+
+    async def list_jobs(
+        self,
+        user_id: str | None = None,
+        *,
+        states: Iterable[JobState] | None = None,
+        kind: str | None = None,
+        limit: int | None = 50,
+    ) -> list[Job]:
+        query = JobQuery(
+            user_id=user_id,
+            states=None if states is None else frozenset(S(s) for s in states),
+            kind=kind,
+            limit=limit,
+        )
+        return await self._store.list_jobs(query)
+
+    async def get_user_jobs(self, user_id: str, limit: int = 50) -> list[Job]:
+        return await self.list_jobs(user_id, limit=limit)
+
+    async def get_user_active_jobs(self, user_id: str) -> list[Job]:
+        return await self.list_jobs(user_id, states=_ACTIVE, limit=None)
+
+    async def get_user_completed_jobs(self, user_id: str, limit: int = 50) -> list[Job]:
+        return await self.list_jobs(user_id, states=[S.COMPLETED], limit=limit)
+
+    async def get_user_failed_jobs(self, user_id: str, limit: int = 50) -> list[Job]:
+        return await self.list_jobs(user_id, states=[S.FAILED], limit=limit)
+
+    async def read_events(
+        self, job_id: str, after_seq: int = 0, limit: int = 1000
+    ) -> list[JobEvent]:
+        await self._store.get(job_id)
+        return await self._store.read_events(job_id, after_seq, limit)
+
+    async def get_audit(self, job_id: str) -> list[JobEvent]:
+        """Who paused, resumed, cancelled or restarted the job, and when."""
+        await self._store.get(job_id)
+        return await self._store.read_events(job_id, 0, 10_000, AUDIT_TYPES)
+
+    # -- reports from workers (for external workers; handlers use their JobContext) --------------
+
+    async def update_progress(
+        self, job_id: str, attempt: int, progress: float, step: str | None = None
+    ) -> Job:
+        return await self._store.set_progress(job_id, attempt, progress, step)
+
+    async def checkpoint(self, job_id: str, attempt: int, data: Any) -> Job:
+        return await self._store.checkpoint(job_id, attempt, data)
+
+    async def complete(self, job_id: str, attempt: int, result: Any) -> Job:
+        return await self._store.complete(job_id, attempt, result)
+
+    async def heartbeat(self, job_id: str, attempt: int) -> None:
+        worker = self._supervisor.workers.get(job_id)
+        if worker is not None and worker.attempt == attempt:
+            worker.beat()
+        else:
+            self._store.heartbeat(job_id, attempt)
+        await trio.lowlevel.checkpoint()
+
+    async def mark_failed(
+        self,
+        job_id: str,
+        error: str | JobError,
+        *,
+        attempt: int | None = None,
+        by: str | None = None,
+    ) -> Job:
+        if isinstance(error, str):
+            error = JobError("Error", error)
+        job = await self._store.fail(job_id, attempt, error, by)
+        self._supervisor.kill(job_id, "failed")
+        return job
+
+    # -- control --------------------------------------------------------------------------------
+
+    async def cancel(self, job_id: str, *, by: str | None = None) -> Job:
+        job = await self._store.cancel(job_id, by)
+        worker = self._supervisor.kill(job_id, "cancel")
+        if worker is not None:
+            with trio.move_on_after(self._supervisor.config.stop_grace):
+                await worker.finished.wait()
+        return job
+
+    async def pause(self, job_id: str, *, by: str | None = None, reason: str = "user") -> Job:
+        """Stop a running job (its handler gets the grace period to checkpoint) and pause it."""
+        job = await self._store.get(job_id)
+        if job.state is not S.RUNNING:
+            raise IllegalTransitionError(job_id, job.state.value, S.PAUSED.value)
+        worker = await self._supervisor.stop(job_id, reason)
+        attempt = job.attempt if worker is None else worker.attempt
+        return await self._store.pause(job_id, attempt, by, reason)
+
+    async def resume(self, job_id: str, *, by: str | None = None) -> Job:
+        """Run a paused job again from its checkpoint (from the start if it has none)."""
+        job = await self._store.get(job_id)
+        self._supervisor.handler_for(job.kind)
+        job = await self._store.resume(job_id, by)
+        await self._supervisor.launch(job, job.checkpoint)
+        return job
+
+    async def restart(
+        self,
+        job_id: str,
+        modifications: Mapping[str, Any] | None = None,
+        *,
+        by: str | None = None,
+    ) -> Job:
+        """Run a paused, failed or cancelled job again from scratch, with modified input."""
+        job = await self._store.get(job_id)
+        self._supervisor.handler_for(job.kind)
+        await self._store.restart(job_id, by, modifications)
+        return await self._start(job_id)
+
+    async def delete_job(self, job_id: str) -> None:
+        await self._store.delete(job_id)
+
+    # -- recovery -------------------------------------------------------------------------------
+
+    async def find_stale_jobs(self, stalled_seconds: float) -> list[Job]:
+        return await self._store.find_stale_running(stalled_seconds)
+
+    async def recover_job(self, job_id: str) -> Job:
+        job = await self._store.get(job_id)
+        if job.state is not S.RUNNING:
+            raise IllegalTransitionError(job_id, job.state.value, "recovering")
+        return await self._supervisor.trigger_recovery(job_id)
+
+    async def get_resumable_jobs(self, user_id: str | None = None) -> list[Job]:
+        return await self._store.find_resumable(user_id)
+
+    async def reset_recovery_attempts(self, job_id: str, *, by: str | None = None) -> Job:
+        return await self._store.reset_recovery_attempts(job_id, by)
+
+    async def get_recovery_options(self, job_id: str) -> RecoveryOptions:
+        job = await self._store.get(job_id)
+        return recovery_options(job, time.time(), self._supervisor.config.max_recovery_attempts)
+
+    async def get_checkpoint_details(self, job_id: str) -> CheckpointDetails:
+        return checkpoint_details(await self._store.get(job_id))
+
+    async def validate_checkpoint(self, job_id: str) -> CheckpointValidation:
+        job = await self._store.get(job_id)
+        return validate_checkpoint(job, self._checkpoint_warn_size, self._store.checkpoint_limit)
+
+    # -- stats ----------------------------------------------------------------------------------
+
+    async def get_stats(self) -> dict[str, int]:
+        return await self._store.get_stats()
+
+    async def get_user_stats(self, user_id: str) -> dict[str, int]:
+        return await self._store.get_stats(user_id)

@@ -1,0 +1,171 @@
+"""Embedding: ``open_runtime`` starts the store, the supervisor and the repository."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+
+import attrs
+import trio
+
+from ._backend import Backend, JobQuery
+from ._errors import JobspineError, RuntimeCrashedError
+from ._events import EventHub
+from ._repository import Repository
+from ._sqlite import SqliteBackend
+from ._states import JobState
+from ._store import StoreActor, StoreClient, StoreConfig
+from ._supervisor import Supervisor, SupervisorConfig, SupervisorStatus
+from ._worker import Handler
+
+__all__ = ["Runtime", "RuntimeConfig", "open_runtime"]
+
+log = logging.getLogger("jobspine.runtime")
+
+
+@attrs.frozen
+class RuntimeConfig:
+    #: A running job with no heartbeat, progress or checkpoint for this long is stalled.
+    heartbeat_timeout: float = 30.0
+    #: Stalls a job may recover from (paused at its checkpoint); the next one fails it.
+    max_recovery_attempts: int = 3
+    #: Time a handler gets to save a checkpoint when asked to stop (pause, shutdown).
+    stop_grace: float = 5.0
+    #: Checkpoints larger than this (encoded JSON bytes) are refused.
+    checkpoint_limit: int = 1024 * 1024
+    #: Checkpoint validation warns above this size.
+    checkpoint_warn_size: int = 256 * 1024
+    #: Longest delay before a heartbeat is written to the database.
+    heartbeat_flush_interval: float = 1.0
+    #: Bound on the whole graceful shutdown (grace periods included).
+    shutdown_timeout: float = 30.0
+    #: Resume, at start, the jobs a previous graceful shutdown paused.
+    resume_on_start: bool = True
+    #: SQLite ``PRAGMA synchronous``: FULL makes a commit durable against power loss too.
+    sqlite_synchronous: str = "FULL"
+
+
+class Runtime(Repository):
+    """A running jobspine runtime: the repository plus supervision status."""
+
+    def __init__(
+        self,
+        store: StoreClient,
+        supervisor: Supervisor,
+        hub: EventHub,
+        handlers: dict[str, Handler],
+        config: RuntimeConfig,
+        store_actor: StoreActor,
+    ) -> None:
+        super().__init__(
+            store, supervisor, hub, handlers, checkpoint_warn_size=config.checkpoint_warn_size
+        )
+        self.config = config
+        self.supervisor = supervisor
+        self.store_actor = store_actor
+
+    def status(self) -> SupervisorStatus:
+        return self.supervisor.status()
+
+    async def _recover_on_start(self) -> None:
+        """Bring back what a previous process left: a job still marked running lost its worker
+        (the stall rule applies at once); created jobs start; jobs paused by a graceful
+        shutdown resume."""
+        store = self._store
+        policy = self.supervisor.policy
+        for job in await store.find_running():
+            try:
+                job = await store.recover(
+                    job.id, None, policy, "the process running it stopped (recovered at start)"
+                )
+            except JobspineError as exc:
+                log.warning("job %s not recovered: %s", job.id, exc)
+                continue
+            log.warning("recovered job %s at start: %s", job.id, job.state.value)
+        for job in await store.list_jobs(JobQuery(states=frozenset({JobState.CREATED}))):
+            if job.kind in self._handlers:
+                await self._start(job.id)
+        if self.config.resume_on_start:
+            for job in await store.find_resumable():
+                if job.pause_reason == "shutdown" and job.kind in self._handlers:
+                    await self.resume(job.id, by="system")
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
+
+
+@asynccontextmanager
+async def open_runtime(
+    database: str | os.PathLike[str] | None = None,
+    *,
+    handlers: Mapping[str, Handler] | None = None,
+    config: RuntimeConfig | None = None,
+    backend: Backend | None = None,
+) -> AsyncIterator[Runtime]:
+    """Run a jobspine runtime for the duration of the ``async with`` block.
+
+    ``database`` is a SQLite file (created if missing); pass ``backend`` instead for another
+    store (``MemoryBackend()`` for logic tests). On start, jobs a dead process left running are
+    recovered. On exit, running jobs get the grace period to checkpoint and are paused
+    (resumed by the next runtime on the same database); every acknowledged write is durable.
+
+    An exception from the block propagates unchanged; a failure of the runtime itself is
+    raised as :class:`RuntimeCrashedError`.
+    """
+    config = config or RuntimeConfig()
+    if backend is None:
+        if database is None:
+            raise TypeError("open_runtime() needs a database path or a backend")
+        backend = SqliteBackend(database, synchronous=config.sqlite_synchronous)
+    hub = EventHub()
+    store_actor = StoreActor(
+        backend,
+        hub,
+        StoreConfig(
+            checkpoint_limit=config.checkpoint_limit,
+            heartbeat_flush_interval=config.heartbeat_flush_interval,
+        ),
+    )
+    # Clients exist before the store starts: it serves until the last of them is closed.
+    supervisor_store, repo_store = store_actor.client(), store_actor.client()
+    registry: dict[str, Handler] = dict(handlers or {})
+    supervisor = Supervisor(
+        supervisor_store,
+        registry,
+        SupervisorConfig(
+            heartbeat_timeout=config.heartbeat_timeout,
+            max_recovery_attempts=config.max_recovery_attempts,
+            stop_grace=config.stop_grace,
+        ),
+    )
+    body_error: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store_actor.run)
+            await nursery.start(supervisor.run)
+            async with repo_store:
+                runtime = Runtime(repo_store, supervisor, hub, registry, config, store_actor)
+                try:
+                    await runtime._recover_on_start()
+                    yield runtime
+                except BaseException as exc:
+                    body_error = exc
+                    raise
+                finally:
+                    with trio.move_on_after(config.shutdown_timeout, shield=True):
+                        await supervisor.shutdown()
+                    supervisor.close()
+                    hub.close()
+    except BaseExceptionGroup as group:
+        leaves = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
+        if body_error is not None and leaves == [body_error]:
+            raise body_error from body_error.__cause__
+        failures = [e for e in leaves if e is not body_error]
+        if failures and all(isinstance(e, Exception) for e in failures):
+            raise RuntimeCrashedError(f"a runtime actor failed: {failures[0]!r}") from group
+        raise

@@ -1,0 +1,234 @@
+"""The SQLite backend (the embedded default), through aiosqlite.
+
+aiosqlite speaks asyncio only, so this backend owns a trio-asyncio loop for as long as it is
+open and calls aiosqlite through ``aio_as_trio``; nothing else in the runtime touches asyncio.
+Only the store actor calls it, one call at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiosqlite
+import orjson
+import trio_asyncio
+from trio_asyncio import aio_as_trio
+
+from ._backend import JobQuery
+from ._codec import converter
+from ._errors import StoreError
+from ._events import EventType, JobEvent
+from ._ids import new_id
+from ._job import Job, migrate_job_record
+from ._states import JobState
+
+__all__ = ["SqliteBackend"]
+
+SCHEMA_VERSION = 1
+
+# Ordered migrations: MIGRATIONS[n] brings the database from version n to n + 1.
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE jobs (
+            id TEXT PRIMARY KEY,
+            user_id TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            state TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            last_heartbeat_at REAL,
+            record TEXT NOT NULL
+        )""",
+        "CREATE INDEX jobs_by_user ON jobs (user_id, id)",
+        "CREATE INDEX jobs_by_state ON jobs (state, last_heartbeat_at)",
+        """CREATE TABLE events (
+            job_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            type TEXT NOT NULL,
+            record TEXT NOT NULL,
+            PRIMARY KEY (job_id, seq)
+        ) WITHOUT ROWID""",
+    ],
+]
+
+_JOB_COLUMNS = "record, last_heartbeat_at"
+
+
+def _job_from_row(record: str, heartbeat: float | None) -> Job:
+    data: dict[str, Any] = migrate_job_record(orjson.loads(record))
+    data["last_heartbeat_at"] = heartbeat
+    return converter.structure(data, Job)
+
+
+class SqliteBackend:
+    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL") -> None:
+        if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {synchronous!r}")
+        self.path = os.fspath(path)
+        self._synchronous = synchronous.upper()
+        self._db: aiosqlite.Connection | None = None
+        self._epoch = ""
+
+    @property
+    def epoch(self) -> str:
+        return self._epoch
+
+    @property
+    def _conn(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StoreError("the SQLite database is not open")
+        return self._db
+
+    async def _execute(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        cursor = await aio_as_trio(self._conn.execute)(sql, params)
+        rows: list[Any] = list(await aio_as_trio(cursor.fetchall)())
+        await aio_as_trio(cursor.close)()
+        return rows
+
+    @asynccontextmanager
+    async def opened(self) -> AsyncIterator[None]:
+        async with trio_asyncio.open_loop():
+            self._db = await aio_as_trio(aiosqlite.connect)(self.path)
+            try:
+                await self._migrate()
+                yield
+            finally:
+                db, self._db = self._db, None
+                await aio_as_trio(db.close)()
+
+    async def _migrate(self) -> None:
+        await self._execute("PRAGMA journal_mode=WAL")
+        await self._execute(f"PRAGMA synchronous={self._synchronous}")
+        await self._execute("PRAGMA busy_timeout=5000")
+        await self._execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        rows = await self._execute("SELECT key, value FROM meta")
+        meta = dict(rows)
+        version = int(meta.get("schema_version", 0))
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: database schema v{version} is newer than this runtime's "
+                f"v{SCHEMA_VERSION}; upgrade jobspine"
+            )
+        for step in range(version, SCHEMA_VERSION):
+            for statement in MIGRATIONS[step]:
+                await self._execute(statement)
+        epoch = meta.get("epoch") or new_id()
+        await self._execute(
+            "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?), ('epoch', ?)",
+            (str(SCHEMA_VERSION), epoch),
+        )
+        await aio_as_trio(self._conn.commit)()
+        self._epoch = epoch
+
+    async def load(self, job_id: str) -> Job | None:
+        rows = await self._execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        return _job_from_row(*rows[0]) if rows else None
+
+    async def commit(
+        self,
+        jobs: Collection[Job],
+        events: Sequence[JobEvent],
+        deleted: Collection[str],
+        heartbeats: Mapping[str, tuple[int, float]],
+    ) -> None:
+        conn = self._conn
+        try:
+            if jobs:
+                await aio_as_trio(conn.executemany)(
+                    "INSERT INTO jobs"
+                    " (id, user_id, kind, state, attempt, last_heartbeat_at, record)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+                    " state = excluded.state, attempt = excluded.attempt,"
+                    " last_heartbeat_at = excluded.last_heartbeat_at, record = excluded.record",
+                    [
+                        (
+                            j.id,
+                            j.user_id,
+                            j.kind,
+                            j.state.value,
+                            j.attempt,
+                            j.last_heartbeat_at,
+                            orjson.dumps(converter.unstructure(j)).decode(),
+                        )
+                        for j in jobs
+                    ],
+                )
+            if events:
+                await aio_as_trio(conn.executemany)(
+                    "INSERT INTO events (job_id, seq, type, record) VALUES (?, ?, ?, ?)",
+                    [
+                        (
+                            e.job_id,
+                            e.seq,
+                            e.type.value,
+                            orjson.dumps(converter.unstructure(e)).decode(),
+                        )
+                        for e in events
+                    ],
+                )
+            if heartbeats:
+                await aio_as_trio(conn.executemany)(
+                    "UPDATE jobs SET last_heartbeat_at = ?"
+                    " WHERE id = ? AND state = 'running' AND attempt = ?",
+                    [(at, job_id, attempt) for job_id, (attempt, at) in heartbeats.items()],
+                )
+            if deleted:
+                ids = [(job_id,) for job_id in deleted]
+                await aio_as_trio(conn.executemany)("DELETE FROM jobs WHERE id = ?", ids)
+                await aio_as_trio(conn.executemany)("DELETE FROM events WHERE job_id = ?", ids)
+            await aio_as_trio(conn.commit)()
+        except Exception:
+            await aio_as_trio(conn.rollback)()
+            raise
+
+    async def query(self, query: JobQuery) -> list[Job]:
+        where: list[str] = []
+        params: list[Any] = []
+        if query.user_id is not None:
+            where.append("user_id = ?")
+            params.append(query.user_id)
+        if query.states is not None:
+            where.append(f"state IN ({', '.join('?' * len(query.states))})")
+            params.extend(sorted(s.value for s in query.states))
+        if query.kind is not None:
+            where.append("kind = ?")
+            params.append(query.kind)
+        if query.heartbeat_before is not None:
+            where.append("last_heartbeat_at < ?")
+            params.append(query.heartbeat_before)
+        sql = f"SELECT {_JOB_COLUMNS} FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC"
+        if query.limit is not None:
+            sql += " LIMIT ?"
+            params.append(query.limit)
+        return [_job_from_row(*row) for row in await self._execute(sql, params)]
+
+    async def read_events(
+        self,
+        job_id: str,
+        after_seq: int,
+        limit: int,
+        types: frozenset[EventType] | None = None,
+    ) -> list[JobEvent]:
+        sql = "SELECT record FROM events WHERE job_id = ? AND seq > ?"
+        params: list[Any] = [job_id, after_seq]
+        if types is not None:
+            sql += f" AND type IN ({', '.join('?' * len(types))})"
+            params.extend(sorted(t.value for t in types))
+        sql += " ORDER BY seq LIMIT ?"
+        params.append(limit)
+        rows = await self._execute(sql, params)
+        return [converter.structure(orjson.loads(row[0]), JobEvent) for row in rows]
+
+    async def count_by_state(self, user_id: str | None) -> dict[str, int]:
+        if user_id is None:
+            rows = await self._execute("SELECT state, count(*) FROM jobs GROUP BY state")
+        else:
+            rows = await self._execute(
+                "SELECT state, count(*) FROM jobs WHERE user_id = ? GROUP BY state", (user_id,)
+            )
+        return {JobState(state).value: count for state, count in rows}

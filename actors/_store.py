@@ -1,0 +1,397 @@
+"""The store actor: the one task that touches the database, and its request/reply client.
+
+Requests are queued on a bounded channel. The actor takes every request waiting (up to
+``max_batch``), applies them in order to an overlay of pending changes, commits the whole group
+in one transaction (group commit) and only then answers each caller and publishes the events.
+So a reply means durable, and a failed commit answers every write of the group with
+:class:`StoreError` and changes nothing. Queries are barriers: pending writes are committed
+before a query reads the database.
+
+Heartbeats are state, not requests: ``heartbeat()`` records the latest one per job without
+awaiting, and the actor writes them with the next commit or after ``heartbeat_flush_interval``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import attrs
+import trio
+
+from . import _ops as ops
+from ._backend import Backend, JobQuery
+from ._errors import (
+    IllegalTransitionError,
+    JobspineError,
+    RuntimeClosedError,
+    StoreError,
+    UnknownJobError,
+)
+from ._events import EventHub, EventType, JobEvent
+from ._ids import new_id
+from ._job import Job, JobError
+from ._policy import RecoveryPolicy
+from ._states import TERMINAL_STATES, JobState
+
+__all__ = ["StoreActor", "StoreClient", "StoreConfig"]
+
+log = logging.getLogger("jobspine.store")
+T = TypeVar("T")
+
+
+@attrs.frozen
+class StoreConfig:
+    checkpoint_limit: int = 1024 * 1024
+    max_batch: int = 512
+    queue_size: int = 1024
+    heartbeat_flush_interval: float = 1.0
+
+
+class _Request:
+    __slots__ = ("barrier", "done", "error", "fn", "value")
+
+    def __init__(self, fn: Callable[[], Awaitable[Any]], barrier: bool) -> None:
+        self.fn = fn
+        self.barrier = barrier
+        self.done = trio.Event()
+        self.value: Any = None
+        self.error: Exception | None = None
+
+
+class StoreActor:
+    """Owns a :class:`Backend`; serves :class:`StoreClient` requests until every client closes."""
+
+    def __init__(self, backend: Backend, hub: EventHub, config: StoreConfig | None = None) -> None:
+        self.backend = backend
+        self.hub = hub
+        self.config = config or StoreConfig()
+        self._send, self._receive = trio.open_memory_channel[_Request](self.config.queue_size)
+        self._cache: dict[str, Job] = {}  # every non-terminal job written since open
+        self._dirty: dict[str, Job] = {}
+        self._events: list[JobEvent] = []
+        self._deleted: set[str] = set()
+        self._beats: dict[str, tuple[int, float]] = {}
+        self._notices: list[JobEvent] = []  # published after the commit, never logged
+        self.commits = 0
+        self.committed_requests = 0
+
+    def client(self) -> StoreClient:
+        """A new client owning its own clone of the request channel; close it when done.
+
+        Make the first clients before :meth:`run` (it serves until the last client closes);
+        later ones come from :meth:`StoreClient.clone`."""
+        return StoreClient(self, self._send.clone())
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[StoreActor] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with self._receive, self.backend.opened():
+            # Only clients hold send ends: the loop ends when the last client closes.
+            self._send.close()
+            task_status.started(self)
+            try:
+                await self._serve()
+            finally:
+                with trio.move_on_after(5, shield=True):
+                    await self._flush([])
+
+    async def _serve(self) -> None:
+        receive = self._receive
+        while True:
+            # Wake at least every flush interval: heartbeats arrive without a request.
+            first: _Request | None = None
+            try:
+                with trio.move_on_after(self.config.heartbeat_flush_interval):
+                    first = await receive.receive()
+            except trio.EndOfChannel:
+                return
+            if first is None:
+                if self._beats:
+                    await self._flush([])
+                continue
+            batch = [first]
+            while len(batch) < self.config.max_batch:
+                try:
+                    batch.append(receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            await self._process(batch)
+
+    async def _process(self, batch: list[_Request]) -> None:
+        answered: list[_Request] = []
+        for request in batch:
+            if request.barrier:
+                await self._flush(answered)
+                answered = []
+            try:
+                request.value = await request.fn()
+            except JobspineError as exc:
+                request.error = exc
+            except Exception as exc:
+                log.exception("store request failed")
+                request.error = StoreError(f"store request failed: {exc!r}")
+            answered.append(request)
+        await self._flush(answered)
+
+    async def _flush(self, answered: list[_Request]) -> None:
+        dirty, events, deleted, beats = self._dirty, self._events, self._deleted, self._beats
+        notices, self._notices = self._notices, []
+        if dirty or events or deleted or beats:
+            self._dirty, self._events, self._deleted, self._beats = {}, [], set(), {}
+            try:
+                await self.backend.commit(dirty.values(), events, deleted, beats)
+            except Exception as exc:
+                log.exception("commit of %d requests failed", len(answered))
+                error = StoreError(f"database write failed, nothing was saved: {exc}")
+                for request in answered:
+                    if request.error is None and not request.barrier:
+                        request.error = error
+                        request.value = None
+            else:
+                self.commits += 1
+                self.committed_requests += len(answered)
+                for job_id, (attempt, at) in beats.items():
+                    cached = self._cache.get(job_id)
+                    if cached and cached.state is JobState.RUNNING and cached.attempt == attempt:
+                        self._cache[job_id] = attrs.evolve(cached, last_heartbeat_at=at)
+                for job in dirty.values():
+                    if job.state in TERMINAL_STATES:
+                        self._cache.pop(job.id, None)
+                    else:
+                        self._cache[job.id] = job
+                for job_id in deleted:
+                    self._cache.pop(job_id, None)
+                self.hub.publish(events + notices)
+        for request in answered:
+            request.done.set()
+
+    # -- helpers used by request functions (run inside the actor task) -------------------------
+
+    async def _job(self, job_id: str) -> Job:
+        if job_id in self._deleted:
+            raise UnknownJobError(job_id)
+        job = self._dirty.get(job_id) or self._cache.get(job_id)
+        if job is None:
+            job = await self.backend.load(job_id)
+            if job is None:
+                raise UnknownJobError(job_id)
+        return job
+
+    def _stage(self, change: ops.Change) -> Job:
+        job, event = change
+        self._dirty[job.id] = job
+        self._events.append(event)
+        return job
+
+    async def _change(self, job_id: str, fn: Callable[[Job, float], ops.Change]) -> Job:
+        return self._stage(fn(await self._job(job_id), time.time()))
+
+
+class StoreClient:
+    """Request/reply access to the store actor. Every method returns after the commit."""
+
+    def __init__(self, actor: StoreActor, send: trio.MemorySendChannel[_Request]) -> None:
+        self._actor = actor
+        self._send = send
+
+    async def __aenter__(self) -> StoreClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._send.aclose()
+
+    def clone(self) -> StoreClient:
+        return StoreClient(self._actor, self._send.clone())
+
+    @property
+    def epoch(self) -> str:
+        return self._actor.backend.epoch
+
+    @property
+    def checkpoint_limit(self) -> int:
+        return self._actor.config.checkpoint_limit
+
+    async def _call(self, fn: Callable[[], Awaitable[T]], *, barrier: bool = False) -> T:
+        request = _Request(fn, barrier)
+        try:
+            await self._send.send(request)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise RuntimeClosedError("the store is closed") from None
+        await request.done.wait()
+        if request.error is not None:
+            raise request.error
+        value: T = request.value
+        return value
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    async def create(self, user_id: str, kind: str, input: Any) -> Job:
+        actor = self._actor
+
+        async def fn() -> Job:
+            return actor._stage(ops.create(new_id(), user_id, kind, input, time.time()))
+
+        return await self._call(fn)
+
+    async def get(self, job_id: str) -> Job:
+        return await self._call(lambda: self._actor._job(job_id))
+
+    async def start(self, job_id: str) -> Job:
+        return await self._call(lambda: self._actor._change(job_id, ops.start))
+
+    async def resume(self, job_id: str, actor: str | None) -> Job:
+        return await self._call(
+            lambda: self._actor._change(job_id, lambda job, now: ops.resume(job, now, actor))
+        )
+
+    async def set_progress(self, job_id: str, attempt: int, pct: float, step: str | None) -> Job:
+        return await self._call(
+            lambda: self._actor._change(
+                job_id, lambda job, now: ops.progress(job, attempt, pct, step, now)
+            )
+        )
+
+    async def checkpoint(self, job_id: str, attempt: int, data: Any) -> Job:
+        limit = self.checkpoint_limit
+        return await self._call(
+            lambda: self._actor._change(
+                job_id, lambda job, now: ops.checkpoint(job, attempt, data, now, limit)
+            )
+        )
+
+    async def complete(self, job_id: str, attempt: int, result: Any) -> Job:
+        return await self._call(
+            lambda: self._actor._change(
+                job_id, lambda job, now: ops.complete(job, attempt, result, now)
+            )
+        )
+
+    async def fail(
+        self, job_id: str, attempt: int | None, error: JobError, actor: str | None = None
+    ) -> Job:
+        return await self._call(
+            lambda: self._actor._change(
+                job_id, lambda job, now: ops.fail(job, attempt, error, now, actor)
+            )
+        )
+
+    async def cancel(self, job_id: str, actor: str | None) -> Job:
+        return await self._call(
+            lambda: self._actor._change(job_id, lambda job, now: ops.cancel(job, now, actor))
+        )
+
+    async def pause(
+        self, job_id: str, attempt: int | None, actor: str | None, reason: str = "user"
+    ) -> Job:
+        return await self._call(
+            lambda: self._actor._change(
+                job_id, lambda job, now: ops.pause(job, attempt, now, actor, reason)
+            )
+        )
+
+    async def recover(
+        self, job_id: str, attempt: int | None, policy: RecoveryPolicy, cause: str
+    ) -> Job:
+        """Apply the recovery rule to a running job, atomically with reading it."""
+        return await self._call(
+            lambda: self._actor._change(
+                job_id,
+                lambda job, now: ops.recover(job, attempt, policy.decide(job, cause), now),
+            )
+        )
+
+    async def restart(
+        self, job_id: str, actor: str | None, modifications: Mapping[str, Any] | None = None
+    ) -> Job:
+        return await self._call(
+            lambda: self._actor._change(
+                job_id, lambda job, now: ops.restart(job, now, actor, modifications)
+            )
+        )
+
+    async def reset_recovery_attempts(self, job_id: str, actor: str | None) -> Job:
+        return await self._call(
+            lambda: self._actor._change(
+                job_id, lambda job, now: ops.reset_recovery(job, now, actor)
+            )
+        )
+
+    async def set_state(self, job_id: str, state: JobState, actor: str | None = None) -> Job:
+        """Move a job to ``state`` by the one operation that leads there without a payload."""
+        job = await self.get(job_id)
+        if state is JobState.RUNNING:
+            if job.state is JobState.PAUSED:
+                return await self.resume(job_id, actor)
+            return await self.start(job_id)
+        if state is JobState.PAUSED:
+            return await self.pause(job_id, None, actor)
+        if state is JobState.CANCELLED:
+            return await self.cancel(job_id, actor)
+        if state is JobState.CREATED:
+            return await self.restart(job_id, actor)
+        if state is JobState.FAILED:
+            return await self.fail(job_id, None, JobError("Failed", "set failed"), actor)
+        return await self.complete(job_id, job.attempt, None)
+
+    async def delete(self, job_id: str) -> None:
+        actor = self._actor
+
+        async def fn() -> None:
+            job = await actor._job(job_id)
+            if job.state is JobState.RUNNING:
+                raise IllegalTransitionError(job_id, job.state.value, "deleted")
+            actor._dirty.pop(job_id, None)
+            actor._deleted.add(job_id)
+            # Published, not logged: the job's log goes with it.
+            actor._notices.append(
+                JobEvent(
+                    job.id, job.user_id, job.seq + 1, EventType.DELETED, job.state, time.time()
+                )
+            )
+
+        await self._call(fn)
+
+    def heartbeat(self, job_id: str, attempt: int) -> None:
+        """Record a heartbeat; written with the next commit. Never blocks."""
+        self._actor._beats[job_id] = (attempt, time.time())
+
+    # -- queries (barriers) ---------------------------------------------------------------------
+
+    async def list_jobs(self, query: JobQuery) -> list[Job]:
+        return await self._call(lambda: self._actor.backend.query(query), barrier=True)
+
+    async def find_running(self) -> list[Job]:
+        return await self.list_jobs(JobQuery(states=frozenset({JobState.RUNNING})))
+
+    async def find_stale_running(self, older_than: float) -> list[Job]:
+        """Running jobs whose last heartbeat is more than ``older_than`` seconds ago."""
+        cutoff = time.time() - older_than
+        return await self.list_jobs(
+            JobQuery(states=frozenset({JobState.RUNNING}), heartbeat_before=cutoff)
+        )
+
+    async def find_resumable(self, user_id: str | None = None) -> list[Job]:
+        return await self.list_jobs(JobQuery(user_id=user_id, states=frozenset({JobState.PAUSED})))
+
+    async def get_stats(self, user_id: str | None = None) -> dict[str, int]:
+        counts = await self._call(lambda: self._actor.backend.count_by_state(user_id), barrier=True)
+        stats = {state.value: counts.get(state.value, 0) for state in JobState}
+        stats["total"] = sum(counts.values())
+        return stats
+
+    async def read_events(
+        self,
+        job_id: str,
+        after_seq: int = 0,
+        limit: int = 1000,
+        types: frozenset[EventType] | None = None,
+    ) -> list[JobEvent]:
+        return await self._call(
+            lambda: self._actor.backend.read_events(job_id, after_seq, limit, types), barrier=True
+        )

@@ -1,0 +1,229 @@
+"""The supervisor actor: runs one worker per running job and handles stalls.
+
+Workers report liveness through a bounded memory channel; a beat is queued at most once per
+worker until the supervisor takes it (coalesced, never blocking). Stalls are found by a
+deadline heap (:class:`StallDetector`), so the one watch loop wakes exactly at the earliest
+deadline instead of polling, and sleeps with no timer per job.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import trio
+
+from ._errors import JobspineError, UnknownKindError
+from ._job import Job
+from ._policy import RecoveryPolicy, StallDetector
+from ._states import JobState
+from ._store import StoreClient
+from ._worker import Handler, Worker
+
+__all__ = ["SupervisorConfig", "SupervisorStatus", "Supervisor"]
+
+log = logging.getLogger("jobspine.supervisor")
+
+
+@attrs.frozen
+class SupervisorConfig:
+    heartbeat_timeout: float = 30.0
+    max_recovery_attempts: int = 3
+    stop_grace: float = 5.0
+    beat_queue: int = 4096
+
+
+@attrs.frozen
+class SupervisorStatus:
+    watched: int
+    stalls_detected: int
+    recoveries: int
+    failures: int
+    running: int
+
+
+class Supervisor:
+    def __init__(
+        self,
+        store: StoreClient,
+        handlers: Mapping[str, Handler],
+        config: SupervisorConfig | None = None,
+    ) -> None:
+        self.store = store
+        self.handlers = handlers
+        self.config = config or SupervisorConfig()
+        self.policy = RecoveryPolicy(self.config.max_recovery_attempts)
+        self.detector = StallDetector()
+        self.workers: dict[str, Worker] = {}
+        self._beats_send, self._beats_receive = trio.open_memory_channel[Worker](
+            self.config.beat_queue
+        )
+        self._nursery: trio.Nursery | None = None
+        self._stalls = 0
+        self._recoveries = 0
+        self._failures = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Watch for stalls and host the workers until :meth:`close`."""
+        async with (
+            self.store,
+            self._beats_send,
+            self._beats_receive,
+            trio.open_nursery() as nursery,
+        ):
+            self._nursery = nursery
+            task_status.started(self)
+            await self._watch()
+
+    def close(self) -> None:
+        """Cancel the watch loop and any worker still running (call :meth:`shutdown` first
+        for a graceful stop); :meth:`run` then returns."""
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _watch(self) -> None:
+        receive = self._beats_receive
+        detector = self.detector
+        while True:
+            with trio.move_on_at(detector.next_deadline()):
+                worker = await receive.receive()
+                while True:
+                    if self.workers.get(worker.job_id) is worker:
+                        detector.beat(worker.job_id, worker.take_beat())
+                        self.store.heartbeat(worker.job_id, worker.attempt)
+                    else:
+                        worker.take_beat()
+                    try:
+                        worker = receive.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+            now = trio.current_time()
+            for job_id in detector.pop_expired(now):
+                worker = self.workers[job_id]  # a worker leaving unwatches its job
+                # A beat may still be queued, or the job may be inside keep_alive().
+                if worker.keep_alive or worker.last_beat + self.config.heartbeat_timeout > now:
+                    last = now if worker.keep_alive else worker.last_beat
+                    detector.watch(job_id, last, self.config.heartbeat_timeout)
+                    self.store.heartbeat(job_id, worker.attempt)
+                    continue
+                self._stalls += 1
+                self._spawn(
+                    self._recover,
+                    worker,
+                    f"stalled: no heartbeat or progress for {self.config.heartbeat_timeout:g} s",
+                )
+
+    def _spawn(self, fn: Any, *args: Any) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
+
+    # -- workers --------------------------------------------------------------------------------
+
+    def handler_for(self, kind: str) -> Handler:
+        try:
+            return self.handlers[kind]
+        except KeyError:
+            raise UnknownKindError(kind, list(self.handlers)) from None
+
+    async def launch(self, job: Job, resumed_from: Any = None) -> None:
+        """Run ``job`` (already stored as running, with its attempt) in a new worker."""
+        if self._nursery is None:
+            raise RuntimeError("the supervisor is not running")
+        handler = self.handler_for(job.kind)
+        worker = Worker(job, handler, self.store, self._beats_send, resumed_from)
+        old = self.workers.get(job.id)
+        if old is not None:
+            # An older attempt still unwinding is fenced out already; make sure it stops.
+            old.request_stop("superseded")
+            old.scope.cancel()
+        self.workers[job.id] = worker
+        self.detector.watch(job.id, trio.current_time(), self.config.heartbeat_timeout)
+        worker.beat()  # wakes the watch loop, which may be sleeping until a later deadline
+        await self._nursery.start(worker.run, self._worker_exited)
+
+    def _worker_exited(self, worker: Worker) -> None:
+        if self.workers.get(worker.job_id) is worker:
+            del self.workers[worker.job_id]
+            self.detector.unwatch(worker.job_id)
+
+    async def stop(self, job_id: str, reason: str) -> Worker | None:
+        """Ask a running worker to stop, give it the grace period, then cancel it.
+
+        Returns the worker once its task has ended, or None if the job has no worker here.
+        """
+        worker = self.workers.get(job_id)
+        if worker is None:
+            return None
+        self.detector.unwatch(job_id)  # a stop in progress is not a stall
+        worker.request_stop(reason)
+        with trio.move_on_after(self.config.stop_grace):
+            await worker.finished.wait()
+        worker.scope.cancel()
+        await worker.finished.wait()
+        return worker
+
+    def kill(self, job_id: str, reason: str) -> Worker | None:
+        """Cancel a worker at once (no grace): for cancellation and stalls."""
+        worker = self.workers.get(job_id)
+        if worker is not None:
+            self.detector.unwatch(job_id)
+            worker.request_stop(reason)
+            worker.scope.cancel()
+        return worker
+
+    # -- recovery -------------------------------------------------------------------------------
+
+    async def _recover(self, worker: Worker, cause: str) -> None:
+        self.kill(worker.job_id, "stall")
+        try:
+            job = await self.store.recover(worker.job_id, worker.attempt, self.policy, cause)
+        except JobspineError as exc:
+            log.info("job %s: stall not recorded, a newer decision stands: %s", worker.job_id, exc)
+            return
+        self._count(job)
+        log.warning("job %s %s: %s", job.id, job.state.value, cause)
+
+    def _count(self, job: Job) -> None:
+        if job.state is JobState.PAUSED:
+            self._recoveries += 1
+        else:
+            self._failures += 1
+
+    async def trigger_recovery(self, job_id: str, cause: str = "manual recovery") -> Job:
+        """Apply the stall rule to a running job now, as if its deadline had passed."""
+        worker = self.kill(job_id, "stall")
+        attempt = None if worker is None else worker.attempt
+        job = await self.store.recover(job_id, attempt, self.policy, cause)
+        self._stalls += 1
+        self._count(job)
+        return job
+
+    def status(self) -> SupervisorStatus:
+        return SupervisorStatus(
+            watched=len(self.detector),
+            stalls_detected=self._stalls,
+            recoveries=self._recoveries,
+            failures=self._failures,
+            running=len(self.workers),
+        )
+
+    async def shutdown(self, reason: str = "shutdown") -> None:
+        """Stop every worker with the grace period and record each stopped job as paused."""
+        async with trio.open_nursery() as nursery:
+            for job_id in list(self.workers):
+                nursery.start_soon(self._stop_and_pause, job_id, reason)
+
+    async def _stop_and_pause(self, job_id: str, reason: str) -> None:
+        worker = await self.stop(job_id, reason)
+        if worker is None:
+            return
+        try:
+            await self.store.pause(job_id, worker.attempt, "system", reason)
+        except JobspineError as exc:
+            log.info("job %s not paused at %s: %s", job_id, reason, exc)

@@ -1,0 +1,167 @@
+"""Worker actors: the handler API (:class:`JobContext`) and the task that runs one attempt."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
+
+from ._errors import JobspineError, JobStopped, NotSerializableError
+from ._job import Job, JobError
+
+if TYPE_CHECKING:
+    from ._store import StoreClient
+
+__all__ = ["Handler", "JobContext", "Worker"]
+
+log = logging.getLogger("jobspine.worker")
+
+
+class Handler(Protocol):
+    def __call__(self, ctx: JobContext, input: Any, /) -> Awaitable[Any]: ...
+
+
+class JobContext:
+    """What a handler sees of its job. One context per attempt."""
+
+    def __init__(self, worker: Worker, job: Job, resumed_from: Any) -> None:
+        self._worker = worker
+        self.job_id = job.id
+        self.user_id = job.user_id
+        self.kind = job.kind
+        self.attempt = job.attempt
+        #: The checkpoint this attempt resumes from, or None on a fresh start.
+        self.resumed_from = resumed_from
+        self._stop = trio.Event()
+
+    @property
+    def stopping(self) -> bool:
+        """True once the runtime asked this job to stop (a pause or shutdown). The handler has
+        the grace period to save a checkpoint and return or raise :class:`JobStopped`;
+        after it, the handler is cancelled."""
+        return self._stop.is_set()
+
+    async def wait_stopping(self) -> None:
+        await self._stop.wait()
+
+    async def heartbeat(self) -> None:
+        """Tell the supervisor this job is alive. Cheap, coalesced, never blocks on I/O."""
+        self._worker.beat()
+        await trio.lowlevel.checkpoint()
+
+    async def progress(self, pct: float, step: str | None = None) -> None:
+        """Record progress (0..100) and the current step label; returns once stored."""
+        worker = self._worker
+        await worker.store.set_progress(self.job_id, self.attempt, pct, step)
+        worker.beat()
+
+    async def checkpoint(self, data: Any) -> None:
+        """Save ``data`` (JSON) as the job's checkpoint; returns once it is durable."""
+        worker = self._worker
+        await worker.store.checkpoint(self.job_id, self.attempt, data)
+        worker.beat()
+
+    @contextmanager
+    def keep_alive(self) -> Iterator[None]:
+        """Count this job as alive while the block runs (one long await with no heartbeats).
+
+        No task is spawned: the supervisor's shared deadline check re-arms a kept-alive job
+        instead of declaring it stalled.
+        """
+        self._worker.keep_alive += 1
+        try:
+            yield
+        finally:
+            self._worker.keep_alive -= 1
+            self._worker.beat()
+
+
+class Worker:
+    """One attempt of one job: its cancel scope (owned by the supervisor) and liveness state."""
+
+    def __init__(
+        self,
+        job: Job,
+        handler: Handler,
+        store: StoreClient,
+        beats: trio.MemorySendChannel[Worker],
+        resumed_from: Any,
+    ) -> None:
+        self.job_id = job.id
+        self.attempt = job.attempt
+        self.input = job.input
+        self.handler = handler
+        self.store = store
+        self.scope = trio.CancelScope()
+        self.ctx = JobContext(self, job, resumed_from)
+        self.finished = trio.Event()  # set after the outcome is stored
+        self.stop_reason: str | None = None
+        self.keep_alive = 0
+        self.last_beat = trio.current_time()
+        self._beats = beats
+        self._beat_queued = False
+
+    def beat(self) -> None:
+        self.last_beat = trio.current_time()
+        if self._beat_queued:
+            return
+        try:
+            self._beats.send_nowait(self)
+        except trio.WouldBlock:
+            # The supervisor is behind; last_beat is read when it checks the deadline.
+            return
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return
+        self._beat_queued = True
+
+    def take_beat(self) -> float:
+        self._beat_queued = False
+        return self.last_beat
+
+    def request_stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.ctx._stop.set()
+
+    async def run(
+        self,
+        on_exit: Callable[[Worker], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        task_status.started()
+        try:
+            await self._run()
+        finally:
+            on_exit(self)
+            self.finished.set()
+
+    async def _run(self) -> None:
+        error: JobError | None = None
+        result: Any = None
+        with self.scope:
+            try:
+                result = await self.handler(self.ctx, self.input)
+            except JobStopped:
+                return
+            except Exception as exc:
+                if self.stop_reason is not None and isinstance(exc, JobspineError):
+                    return  # the job was taken away from this attempt while it stopped
+                log.info("job %s attempt %d raised %r", self.job_id, self.attempt, exc)
+                error = JobError(type(exc).__name__, str(exc) or repr(exc))
+        if self.scope.cancelled_caught:
+            return  # stopped by the runtime: whoever stopped it records the outcome
+        try:
+            if error is None:
+                try:
+                    await self.store.complete(self.job_id, self.attempt, result)
+                    return
+                except NotSerializableError as exc:
+                    error = JobError(type(exc).__name__, str(exc))
+            await self.store.fail(self.job_id, self.attempt, error)
+        except JobspineError as exc:
+            # Fenced out (stalled, cancelled or paused meanwhile): the newer decision stands.
+            log.info("job %s attempt %d outcome not recorded: %s", self.job_id, self.attempt, exc)

@@ -1,0 +1,1 @@
+"""jobspine benchmarks: reproducible scripts that print tables and write JSON."""

@@ -1,0 +1,279 @@
+"""The store actor on both backends: group commit, durability, events, faults, bad input."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from actors import (
+    CheckpointTooLargeError,
+    EventHub,
+    EventType,
+    IllegalTransitionError,
+    InvalidInputError,
+    JobError,
+    JobQuery,
+    JobState,
+    MemoryBackend,
+    NotSerializableError,
+    SqliteBackend,
+    StaleAttemptError,
+    StoreActor,
+    StoreClient,
+    StoreConfig,
+    StoreError,
+    UnknownJobError,
+)
+from actors._backend import Backend
+
+
+@asynccontextmanager
+async def open_store(
+    backend: Backend, **config: object
+) -> AsyncIterator[tuple[StoreClient, StoreActor, EventHub]]:
+    hub = EventHub()
+    actor = StoreActor(backend, hub, StoreConfig(**config))  # type: ignore[arg-type]
+    client = actor.client()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        async with client:
+            yield client, actor, hub
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if request.param == "memory":
+        return MemoryBackend()
+    return SqliteBackend(tmp_path / "store.db", synchronous="NORMAL")
+
+
+async def running_job(store: StoreClient, user: str = "alice") -> str:
+    job = await store.create(user, "research", {"query": "q"})
+    await store.start(job.id)
+    return job.id
+
+
+async def test_events_are_sequenced_published_and_logged(backend: Backend) -> None:
+    async with open_store(backend) as (store, _, hub), hub.subscribe() as stream:
+        job_id = await running_job(store)
+        await store.set_progress(job_id, 1, 10, "one")
+        await store.checkpoint(job_id, 1, {"i": 1})
+        await store.complete(job_id, 1, {"ok": True})
+        published = [stream.receive_nowait() for _ in range(5)]
+        assert [e.seq for e in published] == [1, 2, 3, 4, 5]
+        assert [e.type for e in published] == [
+            EventType.CREATED,
+            EventType.STARTED,
+            EventType.PROGRESS,
+            EventType.CHECKPOINT,
+            EventType.COMPLETED,
+        ]
+        assert await store.read_events(job_id) == published
+        assert await store.read_events(job_id, after_seq=3) == published[3:]
+        assert (await store.get(job_id)).seq == 5
+
+
+async def test_group_commit(backend: Backend) -> None:
+    async with open_store(backend) as (store, actor, _):
+        ids = [await running_job(store) for _ in range(20)]
+        before = actor.commits
+        async with trio.open_nursery() as nursery:
+            for job_id in ids:
+                for n in range(10):
+                    nursery.start_soon(store.set_progress, job_id, 1, n, f"step {n}")
+        commits = actor.commits - before
+        assert commits < 20, f"200 concurrent writes took {commits} commits"
+        for job_id in ids:
+            events = await store.read_events(job_id, after_seq=2)
+            assert [e.seq for e in events] == list(range(3, 13))
+
+
+async def test_acknowledged_write_is_in_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "ack.db"
+    async with open_store(SqliteBackend(path)) as (store, _, _):
+        job_id = await running_job(store)
+        await store.checkpoint(job_id, 1, {"state": "saved"})
+
+        def read() -> str:
+            with sqlite3.connect(path) as conn:
+                return str(
+                    conn.execute("SELECT record FROM jobs WHERE id=?", (job_id,)).fetchone()[0]
+                )
+
+        assert '"checkpoint":{"state":"saved"}' in await trio.to_thread.run_sync(read)
+
+
+async def test_failed_commit_answers_every_write_and_changes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "fault.db"
+    async with open_store(SqliteBackend(path)) as (store, _, hub):
+        job_id = await running_job(store)
+        await store.checkpoint(job_id, 1, {"v": 1})
+        other = await running_job(store)
+
+        def add_fault() -> None:
+            with sqlite3.connect(path) as conn:
+                conn.execute(
+                    "CREATE TRIGGER fault BEFORE INSERT ON events WHEN NEW.type = 'checkpoint'"
+                    " BEGIN SELECT RAISE(ABORT, 'simulated disk fault'); END"
+                )
+
+        await trio.to_thread.run_sync(add_fault)
+        async with hub.subscribe() as stream:
+            results: dict[str, BaseException | None] = {}
+
+            async def attempt(name: str, fn: object) -> None:
+                try:
+                    await fn()  # type: ignore[operator]
+                    results[name] = None
+                except StoreError as exc:
+                    results[name] = exc
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    attempt, "checkpoint", lambda: store.checkpoint(job_id, 1, {"v": 2})
+                )
+                nursery.start_soon(
+                    attempt, "progress", lambda: store.set_progress(other, 1, 50, "x")
+                )
+            assert isinstance(results["checkpoint"], StoreError)
+            assert "simulated disk fault" in str(results["checkpoint"])
+            with pytest.raises(trio.WouldBlock):
+                stream.receive_nowait()  # nothing was published
+        job = await store.get(job_id)
+        assert (job.checkpoint, job.checkpoint_version) == ({"v": 1}, 1)
+
+        def drop_fault() -> None:
+            with sqlite3.connect(path) as conn:
+                conn.execute("DROP TRIGGER fault")
+
+        await trio.to_thread.run_sync(drop_fault)
+        job = await store.checkpoint(job_id, 1, {"v": 2})
+        assert job.checkpoint_version == 2
+        events = await store.read_events(job_id)
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
+
+
+async def test_bad_input_leaves_the_job_unchanged(backend: Backend) -> None:
+    async with open_store(backend, checkpoint_limit=1000) as (store, _, _):
+        job_id = await running_job(store)
+        await store.checkpoint(job_id, 1, {"good": True})
+        before = await store.get(job_id)
+        with pytest.raises(InvalidInputError, match=r"0\.\.100"):
+            await store.set_progress(job_id, 1, 101, None)
+        with pytest.raises(InvalidInputError, match=r"0\.\.100"):
+            await store.set_progress(job_id, 1, float("nan"), None)
+        with pytest.raises(NotSerializableError, match="checkpoint is not JSON-serializable"):
+            await store.checkpoint(job_id, 1, {"when": object()})
+        with pytest.raises(CheckpointTooLargeError, match="previous checkpoint is kept"):
+            await store.checkpoint(job_id, 1, {"blob": "x" * 2000})
+        with pytest.raises(NotSerializableError, match="result"):
+            await store.complete(job_id, 1, {1, 2})
+        with pytest.raises(StaleAttemptError, match="attempt 0 rejected"):
+            await store.set_progress(job_id, 0, 5, None)
+        with pytest.raises(UnknownJobError, match="no job with id 'nope'"):
+            await store.set_progress("nope", 1, 5, None)
+        with pytest.raises(IllegalTransitionError, match="running -> created"):
+            await store.restart(job_id, "alice")
+        assert await store.get(job_id) == before
+        with pytest.raises(InvalidInputError, match="user_id"):
+            await store.create("", "research", {})
+        with pytest.raises(NotSerializableError):
+            await store.create("alice", "research", {"x": b"bytes"})
+
+
+async def test_fencing_rejects_an_older_attempt(backend: Backend) -> None:
+    async with open_store(backend) as (store, _, _):
+        job_id = await running_job(store)
+        await store.checkpoint(job_id, 1, {"i": 1})
+        await store.pause(job_id, 1, "alice")
+        await store.resume(job_id, "alice")
+        with pytest.raises(
+            StaleAttemptError, match="attempt 1 rejected: the job is running with current attempt 2"
+        ):
+            await store.checkpoint(job_id, 1, {"i": 0})
+        await store.checkpoint(job_id, 2, {"i": 2})
+        assert (await store.get(job_id)).checkpoint == {"i": 2}
+
+
+async def test_heartbeats_are_coalesced(backend: Backend) -> None:
+    async with open_store(backend, heartbeat_flush_interval=0.05) as (store, actor, _):
+        job_id = await running_job(store)
+        before = actor.commits
+        first = (await store.get(job_id)).last_heartbeat_at
+        for _ in range(1000):
+            store.heartbeat(job_id, 1)
+        store.heartbeat("unknown-job", 1)  # ignored, never an error
+        await trio.sleep(0.2)
+        assert actor.commits - before == 1
+        assert (await store.get(job_id)).last_heartbeat_at > first  # type: ignore[operator]
+        stale = await store.find_stale_running(older_than=60)
+        assert stale == []
+
+
+async def test_queries_and_stats(backend: Backend) -> None:
+    async with open_store(backend) as (store, _, _):
+        a1 = await running_job(store, "alice")
+        a2 = await running_job(store, "alice")
+        b1 = await running_job(store, "bob")
+        await store.complete(a1, 1, 1)
+        await store.checkpoint(a2, 1, {"x": 1})
+        await store.pause(a2, 1, "alice")
+        await store.fail(b1, 1, JobError("E", "m"))
+        assert [j.id for j in await store.list_jobs(JobQuery(user_id="alice"))] == [a2, a1]
+        assert [j.id for j in await store.list_jobs(JobQuery(limit=1))] == [b1]
+        assert [j.id for j in await store.find_resumable("alice")] == [a2]
+        assert await store.find_running() == []
+        stats = await store.get_stats()
+        assert stats["completed"] == stats["paused"] == stats["failed"] == 1
+        assert stats["total"] == 3 and stats["running"] == 0
+        assert (await store.get_stats("bob"))["failed"] == 1
+
+
+async def test_find_stale_running(backend: Backend) -> None:
+    async with open_store(backend) as (store, _, _):
+        job_id = await running_job(store)
+        assert await store.find_stale_running(older_than=60) == []
+        await trio.sleep(0.05)
+        assert [j.id for j in await store.find_stale_running(older_than=0.01)] == [job_id]
+
+
+async def test_delete(backend: Backend) -> None:
+    async with open_store(backend) as (store, _, _):
+        job_id = await running_job(store)
+        with pytest.raises(IllegalTransitionError, match="running -> deleted"):
+            await store.delete(job_id)
+        await store.cancel(job_id, "alice")
+        await store.delete(job_id)
+        with pytest.raises(UnknownJobError):
+            await store.get(job_id)
+        assert await store.read_events(job_id) == []
+
+
+async def test_sqlite_epoch_and_schema(tmp_path: Path) -> None:
+    path = tmp_path / "epoch.db"
+    async with open_store(SqliteBackend(path)) as (store, _, _):
+        epoch = store.epoch
+        job_id = await running_job(store)
+    async with open_store(SqliteBackend(path)) as (store, _, _):
+        assert store.epoch == epoch
+        assert (await store.get(job_id)).state is JobState.RUNNING
+    async with open_store(SqliteBackend(tmp_path / "other.db")) as (store, _, _):
+        assert store.epoch != epoch
+
+    def meta() -> dict[str, str]:
+        with sqlite3.connect(path) as conn:
+            rows = conn.execute("SELECT key, value FROM meta").fetchall()
+            conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            return dict(rows)
+
+    assert (await trio.to_thread.run_sync(meta))["schema_version"] == "1"
+    with pytest.raises(BaseExceptionGroup) as info:
+        async with open_store(SqliteBackend(path)):
+            pass  # pragma: no cover
+    assert info.group_contains(StoreError, match="schema v99 is newer than this runtime's v1")

@@ -1,0 +1,147 @@
+"""Stall detection and recovery under a mock clock (in-memory store, no threads)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+
+from actors import EventType, JobContext, JobEvent, JobState
+
+from .conftest import memory_runtime, wait_for_state
+
+
+async def beat_then_hang(ctx: JobContext, input: Any) -> Any:
+    """Heartbeats ``beats`` times every ``every`` seconds, optionally checkpoints, then hangs."""
+    if input.get("checkpoint"):
+        await ctx.checkpoint({"at": ctx.attempt})
+    for _ in range(input.get("beats", 0)):
+        await trio.sleep(input.get("every", 10))
+        await ctx.heartbeat()
+    if input.get("finish"):
+        return "done"
+    await trio.sleep_forever()
+
+
+async def long_call(ctx: JobContext, input: Any) -> Any:
+    with ctx.keep_alive():
+        await trio.sleep(input["seconds"])  # one long await, no heartbeats
+    return "finished"
+
+
+HANDLERS = {"hang": beat_then_hang, "long": long_call}
+
+
+async def next_event(stream: Any, job_id: str, *types: EventType) -> JobEvent:
+    async for event in stream:
+        if event.job_id == job_id and event.type in types:
+            return event  # type: ignore[no-any-return]
+    raise AssertionError("stream ended")
+
+
+async def test_stall_detected_exactly_at_deadline(autojump_clock: trio.abc.Clock) -> None:
+    async with memory_runtime(HANDLERS, heartbeat_timeout=30) as rt, rt.events() as stream:
+        start = trio.current_time()
+        job = await rt.create_job("hang", "alice", {"beats": 3, "every": 10, "checkpoint": True})
+        event = await next_event(stream, job.id, EventType.RECOVERY, EventType.FAILED)
+        # Last heartbeat at start + 30; deadline 30 s later, to the tick.
+        assert trio.current_time() - start == pytest.approx(60.0, abs=1e-9)
+        assert event.type is EventType.RECOVERY
+        assert "no heartbeat or progress for 30 s" in event.data["reason"]
+        assert rt.status().stalls_detected == 1
+
+
+async def test_heartbeats_keep_a_slow_job_alive(autojump_clock: trio.abc.Clock) -> None:
+    async with memory_runtime(HANDLERS, heartbeat_timeout=30) as rt:
+        job = await rt.create_job("hang", "alice", {"beats": 20, "every": 29.9, "finish": True})
+        done = await wait_for_state(rt, job.id, timeout=10_000)
+        assert done.state is JobState.COMPLETED and done.result == "done"
+        assert rt.status().stalls_detected == 0
+
+
+async def test_keep_alive_covers_one_long_await(autojump_clock: trio.abc.Clock) -> None:
+    async with memory_runtime(HANDLERS, heartbeat_timeout=30) as rt:
+        job = await rt.create_job("long", "alice", {"seconds": 600})
+        done = await wait_for_state(rt, job.id, timeout=10_000)
+        assert done.state is JobState.COMPLETED
+        assert rt.status().stalls_detected == 0
+
+
+async def test_pause_with_checkpoint_fail_without(autojump_clock: trio.abc.Clock) -> None:
+    async with memory_runtime(HANDLERS, heartbeat_timeout=30) as rt:
+        saved = await rt.create_job("hang", "alice", {"checkpoint": True})
+        unsaved = await rt.create_job("hang", "alice", {})
+        paused = await wait_for_state(rt, saved.id, {JobState.PAUSED}, timeout=100)
+        failed = await wait_for_state(rt, unsaved.id, {JobState.FAILED}, timeout=100)
+        assert paused.pause_reason == "recovery" and paused.recovery_attempts == 1
+        assert failed.error is not None and failed.error.type == "Stalled"
+        assert "no checkpoint" in failed.error.message
+        types = [e.type for e in await rt.read_events(unsaved.id)]
+        assert types[-1] is EventType.FAILED
+        status = rt.status()
+        assert (status.recoveries, status.failures, status.running, status.watched) == (1, 1, 0, 0)
+
+
+async def test_recovery_attempt_limit(autojump_clock: trio.abc.Clock) -> None:
+    async with memory_runtime(HANDLERS, heartbeat_timeout=30, max_recovery_attempts=3) as rt:
+        job = await rt.create_job("hang", "alice", {"checkpoint": True})
+        for attempt in (1, 2, 3):
+            paused = await wait_for_state(rt, job.id, {JobState.PAUSED}, timeout=100)
+            assert paused.recovery_attempts == attempt
+            await rt.resume(job.id, by="alice")
+        failed = await wait_for_state(rt, job.id, {JobState.FAILED}, timeout=100)
+        assert failed.recovery_attempts == 4
+        assert failed.error is not None and "exhausted (4 > 3)" in failed.error.message
+
+
+async def test_reset_recovery_attempts(autojump_clock: trio.abc.Clock) -> None:
+    async with memory_runtime(HANDLERS, heartbeat_timeout=30, max_recovery_attempts=1) as rt:
+        job = await rt.create_job("hang", "alice", {"checkpoint": True})
+        await wait_for_state(rt, job.id, {JobState.PAUSED}, timeout=100)
+        reset = await rt.reset_recovery_attempts(job.id, by="ops")
+        assert reset.recovery_attempts == 0
+        await rt.resume(job.id)
+        again = await wait_for_state(rt, job.id, {JobState.PAUSED}, timeout=100)
+        assert again.recovery_attempts == 1  # would have failed without the reset
+
+
+async def test_trigger_recovery_now(autojump_clock: trio.abc.Clock) -> None:
+    async with memory_runtime(HANDLERS, heartbeat_timeout=30) as rt:
+        job = await rt.create_job("hang", "alice", {"checkpoint": True})
+        await trio.sleep(1)
+        recovered = await rt.recover_job(job.id)
+        assert recovered.state is JobState.PAUSED
+        assert trio.current_time() < 30
+        assert rt.status().running == 0
+
+
+async def test_stall_of_one_job_leaves_others_running(autojump_clock: trio.abc.Clock) -> None:
+    async with memory_runtime(HANDLERS, heartbeat_timeout=30) as rt:
+        healthy = await rt.create_job("hang", "bob", {"beats": 10, "every": 5, "finish": True})
+        stalled = await rt.create_job("hang", "alice", {})
+        await wait_for_state(rt, stalled.id, {JobState.FAILED}, timeout=100)
+        done = await wait_for_state(rt, healthy.id, timeout=100)
+        assert done.state is JobState.COMPLETED and done.attempt == 1
+
+
+async def test_a_stalled_zombie_cannot_write(autojump_clock: trio.abc.Clock) -> None:
+    """A handler that ignores cancellation inside a shielded block is fenced out."""
+    wrote: list[BaseException] = []
+
+    async def zombie(ctx: JobContext, input: Any) -> Any:
+        with trio.CancelScope(shield=True):
+            await trio.sleep(100)  # stalls while shielded from the supervisor's cancel
+            try:
+                await ctx.progress(99, "late")
+            except Exception as exc:
+                wrote.append(exc)
+        return "late result"
+
+    async with memory_runtime({"zombie": zombie}, heartbeat_timeout=30) as rt:
+        job = await rt.create_job("zombie", "alice", None)
+        await wait_for_state(rt, job.id, {JobState.FAILED}, timeout=50)
+        await trio.sleep(100)
+        final = await rt.get_job(job.id)
+        assert final.state is JobState.FAILED and final.progress == 0
+        assert wrote and "rejected" in str(wrote[0])

@@ -1,0 +1,3 @@
+"""jobspine's websocket transport."""
+
+__all__: list[str] = []
