@@ -68,36 +68,37 @@ async def run_case(path: Path, jobs: int, writes: int, sync: str) -> dict[str, A
     }
 
 
-async def main(args: argparse.Namespace) -> None:
+async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
     for sync in args.sync:
         for jobs in args.jobs:
             with tempfile.TemporaryDirectory() as tmp:
                 results.append(await run_case(Path(tmp) / "bench.db", jobs, args.writes, sync))
-    header = (
-        f"{'sync':<7}{'jobs':>6}{'writes/s':>11}{'batch':>8}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
-    )
-    print(
-        f"store checkpoint benchmark — {os.cpu_count()} cores, Python {platform.python_version()}"
-    )
-    print(header)
-    for r in results:
-        print(
-            f"{r['sync']:<7}{r['jobs']:>6}{r['writes_per_s']:>11.0f}{r['mean_batch']:>8.1f}"
-            f"{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['max_ms']:>9.2f}"
-        )
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps({"cores": os.cpu_count(), "results": results}, indent=2)
-        )
+    return results
 
 
-if __name__ == "__main__":
+def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--jobs", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--writes", type=int, default=20)
     parser.add_argument("--sync", nargs="+", default=["FULL", "NORMAL"])
-    parser.add_argument("--json")
-    trio.run(main, parser.parse_args())
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+    results = trio.run(measure, args)
+    print(f"store checkpoint benchmark: {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(
+        f"{'sync':<7}{'jobs':>6}{'writes/s':>11}{'batch':>8}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
+    )
+    for r in results:
+        print(
+            f"{r['sync']:<7}{r['jobs']:>6}{r['writes_per_s']:>11.0f}{r['mean_batch']:>8.1f}"
+            f"{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['max_ms']:>9.2f}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"cores": os.cpu_count(), "results": results}))
+
+
+if __name__ == "__main__":
+    main()
