@@ -66,7 +66,7 @@ class Backend(Protocol):
         deleted: Collection[str],
         heartbeats: Mapping[str, tuple[int, float]],
     ) -> None:
-        """Write jobs, append events, delete jobs (with their events) and record heartbeats
+        """Write jobs, append events, delete jobs (their events stay) and record heartbeats
         (``job id -> (attempt, time)``, applied only to that running attempt) atomically."""
         ...
 
@@ -80,6 +80,14 @@ class Backend(Protocol):
         types: frozenset[EventType] | None = None,
     ) -> list[JobEvent]: ...
 
+    async def read_user_events(self, user_id: str, after_seq: int, limit: int) -> list[JobEvent]:
+        """Events of the user's jobs with ``user_seq > after_seq``, by ``user_seq``."""
+        ...
+
+    async def user_head(self, user_id: str) -> int:
+        """The highest ``user_seq`` stored for the user, 0 if none."""
+        ...
+
     async def count_by_state(self, user_id: str | None) -> dict[str, int]: ...
 
 
@@ -90,6 +98,7 @@ class MemoryBackend:
         self._epoch = new_id()
         self._jobs: dict[str, Job] = {}
         self._events: dict[str, list[JobEvent]] = {}
+        self._user_events: dict[str, list[JobEvent]] = {}
 
     @property
     def epoch(self) -> str:
@@ -113,9 +122,9 @@ class MemoryBackend:
             self._jobs[job.id] = job
         for event in events:
             self._events.setdefault(event.job_id, []).append(event)
+            self._user_events.setdefault(event.user_id, []).append(event)
         for job_id in deleted:
             self._jobs.pop(job_id, None)
-            self._events.pop(job_id, None)
         for job_id, (attempt, at) in heartbeats.items():
             found = self._jobs.get(job_id)
             if found and found.state is JobState.RUNNING and found.attempt == attempt:
@@ -134,9 +143,18 @@ class MemoryBackend:
         types: frozenset[EventType] | None = None,
     ) -> list[JobEvent]:
         log = self._events.get(job_id, [])
-        start = bisect.bisect_right([event.seq for event in log], after_seq)
+        start = bisect.bisect_right(log, after_seq, key=lambda event: event.seq)
         selected = [e for e in log[start:] if types is None or e.type in types]
         return selected[:limit]
+
+    async def read_user_events(self, user_id: str, after_seq: int, limit: int) -> list[JobEvent]:
+        log = self._user_events.get(user_id, [])
+        start = bisect.bisect_right(log, after_seq, key=lambda event: event.user_seq)
+        return log[start : start + limit]
+
+    async def user_head(self, user_id: str) -> int:
+        log = self._user_events.get(user_id)
+        return log[-1].user_seq if log else 0
 
     async def count_by_state(self, user_id: str | None) -> dict[str, int]:
         counts: dict[str, int] = {}

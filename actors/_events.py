@@ -40,8 +40,12 @@ AUDIT_TYPES = frozenset(
 
 @attrs.frozen
 class JobEvent:
-    """One change of one job. ``seq`` counts a job's events from 1 with no gap; it is assigned
-    in the same transaction as the change, so it survives restarts."""
+    """One change of one job.
+
+    ``seq`` counts a job's events from 1 with no gap, ``user_seq`` counts all events of the
+    job's user likewise; both are assigned in the same transaction as the change, so they
+    survive restarts and cursors on them stay valid.
+    """
 
     job_id: str
     user_id: str
@@ -51,6 +55,7 @@ class JobEvent:
     at: float
     data: dict[str, Any] = attrs.field(factory=dict)
     actor: str | None = None
+    user_seq: int = 0
 
 
 class EventStreamLagged(JobspineError):  # noqa: N818 - reads as a state

@@ -30,6 +30,7 @@ __all__ = [
     "checkpoint",
     "complete",
     "create",
+    "delete",
     "fail",
     "pause",
     "progress",
@@ -268,3 +269,9 @@ def reset_recovery(job: Job, now: float, actor: str | None) -> Change:
         actor,
         recovery_attempts=0,
     )
+
+
+def delete(job: Job, now: float, actor: str | None) -> Change:
+    if job.state is S.RUNNING:
+        raise IllegalTransitionError(job.id, job.state.value, "deleted")
+    return _emit(job, EventType.DELETED, now, {}, actor)

@@ -46,10 +46,13 @@ MIGRATIONS: list[list[str]] = [
         """CREATE TABLE events (
             job_id TEXT NOT NULL,
             seq INTEGER NOT NULL,
+            user_id TEXT NOT NULL,
+            user_seq INTEGER NOT NULL,
             type TEXT NOT NULL,
             record TEXT NOT NULL,
             PRIMARY KEY (job_id, seq)
         ) WITHOUT ROWID""",
+        "CREATE UNIQUE INDEX events_by_user ON events (user_id, user_seq)",
     ],
 ]
 
@@ -157,11 +160,14 @@ class SqliteBackend:
                 )
             if events:
                 await aio_as_trio(conn.executemany)(
-                    "INSERT INTO events (job_id, seq, type, record) VALUES (?, ?, ?, ?)",
+                    "INSERT INTO events (job_id, seq, user_id, user_seq, type, record)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
                     [
                         (
                             e.job_id,
                             e.seq,
+                            e.user_id,
+                            e.user_seq,
                             e.type.value,
                             orjson.dumps(converter.unstructure(e)).decode(),
                         )
@@ -177,7 +183,6 @@ class SqliteBackend:
             if deleted:
                 ids = [(job_id,) for job_id in deleted]
                 await aio_as_trio(conn.executemany)("DELETE FROM jobs WHERE id = ?", ids)
-                await aio_as_trio(conn.executemany)("DELETE FROM events WHERE job_id = ?", ids)
             await aio_as_trio(conn.commit)()
         except Exception:
             await aio_as_trio(conn.rollback)()
@@ -223,6 +228,18 @@ class SqliteBackend:
         params.append(limit)
         rows = await self._execute(sql, params)
         return [converter.structure(orjson.loads(row[0]), JobEvent) for row in rows]
+
+    async def read_user_events(self, user_id: str, after_seq: int, limit: int) -> list[JobEvent]:
+        rows = await self._execute(
+            "SELECT record FROM events WHERE user_id = ? AND user_seq > ?"
+            " ORDER BY user_seq LIMIT ?",
+            (user_id, after_seq, limit),
+        )
+        return [converter.structure(orjson.loads(row[0]), JobEvent) for row in rows]
+
+    async def user_head(self, user_id: str) -> int:
+        rows = await self._execute("SELECT max(user_seq) FROM events WHERE user_id = ?", (user_id,))
+        return int(rows[0][0] or 0)
 
     async def count_by_state(self, user_id: str | None) -> dict[str, int]:
         if user_id is None:

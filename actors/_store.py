@@ -24,7 +24,6 @@ import trio
 from . import _ops as ops
 from ._backend import Backend, JobQuery
 from ._errors import (
-    IllegalTransitionError,
     JobspineError,
     RuntimeClosedError,
     StoreError,
@@ -74,7 +73,7 @@ class StoreActor:
         self._events: list[JobEvent] = []
         self._deleted: set[str] = set()
         self._beats: dict[str, tuple[int, float]] = {}
-        self._notices: list[JobEvent] = []  # published after the commit, never logged
+        self._user_heads: dict[str, int] = {}  # includes staged, uncommitted events
         self.commits = 0
         self.committed_requests = 0
 
@@ -138,13 +137,14 @@ class StoreActor:
 
     async def _flush(self, answered: list[_Request]) -> None:
         dirty, events, deleted, beats = self._dirty, self._events, self._deleted, self._beats
-        notices, self._notices = self._notices, []
         if dirty or events or deleted or beats:
             self._dirty, self._events, self._deleted, self._beats = {}, [], set(), {}
             try:
                 await self.backend.commit(dirty.values(), events, deleted, beats)
             except Exception as exc:
                 log.exception("commit of %d requests failed", len(answered))
+                for event in events:  # reloaded from the database when next needed
+                    self._user_heads.pop(event.user_id, None)
                 error = StoreError(f"database write failed, nothing was saved: {exc}")
                 for request in answered:
                     if request.error is None and not request.barrier:
@@ -164,7 +164,7 @@ class StoreActor:
                         self._cache[job.id] = job
                 for job_id in deleted:
                     self._cache.pop(job_id, None)
-                self.hub.publish(events + notices)
+                self.hub.publish(events)
         for request in answered:
             request.done.set()
 
@@ -180,14 +180,22 @@ class StoreActor:
                 raise UnknownJobError(job_id)
         return job
 
-    def _stage(self, change: ops.Change) -> Job:
+    async def _user_head(self, user_id: str) -> int:
+        head = self._user_heads.get(user_id)
+        if head is None:
+            head = self._user_heads[user_id] = await self.backend.user_head(user_id)
+        return head
+
+    async def _stage(self, change: ops.Change) -> Job:
         job, event = change
+        user_seq = await self._user_head(job.user_id) + 1
+        self._user_heads[job.user_id] = user_seq
         self._dirty[job.id] = job
-        self._events.append(event)
+        self._events.append(attrs.evolve(event, user_seq=user_seq))
         return job
 
     async def _change(self, job_id: str, fn: Callable[[Job, float], ops.Change]) -> Job:
-        return self._stage(fn(await self._job(job_id), time.time()))
+        return await self._stage(fn(await self._job(job_id), time.time()))
 
 
 class StoreClient:
@@ -235,7 +243,7 @@ class StoreClient:
         actor = self._actor
 
         async def fn() -> Job:
-            return actor._stage(ops.create(new_id(), user_id, kind, input, time.time()))
+            return await actor._stage(ops.create(new_id(), user_id, kind, input, time.time()))
 
         return await self._call(fn)
 
@@ -339,21 +347,16 @@ class StoreClient:
             return await self.fail(job_id, None, JobError("Failed", "set failed"), actor)
         return await self.complete(job_id, job.attempt, None)
 
-    async def delete(self, job_id: str) -> None:
-        actor = self._actor
+    async def delete(self, job_id: str, actor: str | None = None) -> None:
+        """Remove a job that is not running. Its event log stays, closed by a ``deleted``
+        event, so that cursors on the job's and its user's rooms never see a gap."""
+        store = self._actor
 
         async def fn() -> None:
-            job = await actor._job(job_id)
-            if job.state is JobState.RUNNING:
-                raise IllegalTransitionError(job_id, job.state.value, "deleted")
-            actor._dirty.pop(job_id, None)
-            actor._deleted.add(job_id)
-            # Published, not logged: the job's log goes with it.
-            actor._notices.append(
-                JobEvent(
-                    job.id, job.user_id, job.seq + 1, EventType.DELETED, job.state, time.time()
-                )
-            )
+            job, event = ops.delete(await store._job(job_id), time.time(), actor)
+            await store._stage((job, event))
+            del store._dirty[job_id]
+            store._deleted.add(job_id)
 
         await self._call(fn)
 
@@ -384,6 +387,18 @@ class StoreClient:
         stats = {state.value: counts.get(state.value, 0) for state in JobState}
         stats["total"] = sum(counts.values())
         return stats
+
+    async def user_head(self, user_id: str) -> int:
+        """The ``user_seq`` of the user's latest event (0 if none)."""
+        return await self._call(lambda: self._actor._user_head(user_id))
+
+    async def read_user_events(
+        self, user_id: str, after_seq: int = 0, limit: int = 1000
+    ) -> list[JobEvent]:
+        """Events of all the user's jobs with ``user_seq > after_seq``, in order."""
+        return await self._call(
+            lambda: self._actor.backend.read_user_events(user_id, after_seq, limit), barrier=True
+        )
 
     async def read_events(
         self,

@@ -78,6 +78,30 @@ async def test_events_are_sequenced_published_and_logged(backend: Backend) -> No
         assert (await store.get(job_id)).seq == 5
 
 
+async def test_user_sequences_are_gapless_across_jobs(backend: Backend) -> None:
+    async with open_store(backend) as (store, _, hub), hub.subscribe() as stream:
+        a = await running_job(store, "alice")
+        b = await running_job(store, "bob")
+        a2 = await running_job(store, "alice")
+        async with trio.open_nursery() as nursery:
+            for n in range(20):
+                nursery.start_soon(store.set_progress, a if n % 2 else a2, 1, n, None)
+                nursery.start_soon(store.set_progress, b, 1, n, None)
+        published = []
+        while True:
+            try:
+                published.append(stream.receive_nowait())
+            except trio.WouldBlock:
+                break
+        alice = [e for e in published if e.user_id == "alice"]
+        assert [e.user_seq for e in alice] == list(range(1, 25))
+        assert await store.read_user_events("alice") == alice
+        assert await store.read_user_events("alice", after_seq=20, limit=2) == alice[20:22]
+        assert await store.user_head("alice") == 24
+        assert await store.user_head("bob") == 22
+        assert await store.user_head("nobody") == 0
+
+
 async def test_group_commit(backend: Backend) -> None:
     async with open_store(backend) as (store, actor, _):
         ids = [await running_job(store) for _ in range(20)]
@@ -156,6 +180,8 @@ async def test_failed_commit_answers_every_write_and_changes_nothing(tmp_path: P
         assert job.checkpoint_version == 2
         events = await store.read_events(job_id)
         assert [e.seq for e in events] == list(range(1, len(events) + 1))
+        user_events = await store.read_user_events("alice")
+        assert [e.user_seq for e in user_events] == list(range(1, len(user_events) + 1))
 
 
 async def test_bad_input_leaves_the_job_unchanged(backend: Backend) -> None:
@@ -248,10 +274,15 @@ async def test_delete(backend: Backend) -> None:
         with pytest.raises(IllegalTransitionError, match="running -> deleted"):
             await store.delete(job_id)
         await store.cancel(job_id, "alice")
-        await store.delete(job_id)
+        await store.delete(job_id, "alice")
         with pytest.raises(UnknownJobError):
             await store.get(job_id)
-        assert await store.read_events(job_id) == []
+        with pytest.raises(UnknownJobError):
+            await store.delete(job_id)
+        # The log stays, closed by a tombstone, so no cursor ever sees a gap.
+        events = await store.read_events(job_id)
+        assert [e.type for e in events][-2:] == [EventType.CANCELLED, EventType.DELETED]
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
 
 
 async def test_sqlite_epoch_and_schema(tmp_path: Path) -> None:
