@@ -1,6 +1,7 @@
 """jobspine's actor runtime: supervised, durable, resumable jobs on Trio."""
 
 from ._backend import Backend, JobQuery, MemoryBackend
+from ._broadcaster import Broadcaster, BroadcasterConfig, Cursor, JoinResult, Outbox, parse_room
 from ._demo import DEMO_HANDLERS, analysis_handler, research_handler, trade_handler
 from ._errors import (
     CheckpointTooLargeError,
@@ -43,6 +44,11 @@ __all__ = [
     "TERMINAL_STATES",
     "TRANSITIONS",
     "Backend",
+    "Broadcaster",
+    "BroadcasterConfig",
+    "Cursor",
+    "JoinResult",
+    "Outbox",
     "CheckpointDetails",
     "CheckpointTooLargeError",
     "CheckpointValidation",
@@ -87,6 +93,7 @@ __all__ = [
     "check_transition",
     "migrate_job_record",
     "open_runtime",
+    "parse_room",
     "research_handler",
     "trade_handler",
     "validate_job_record",

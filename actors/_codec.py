@@ -6,6 +6,7 @@ what a client or the database sees.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import orjson
@@ -18,6 +19,43 @@ __all__ = ["converter", "dumps", "dumps_json_value", "loads"]
 T = TypeVar("T")
 
 converter = make_converter()
+
+
+# Structuring is strict: JSON of the wrong type is an error, never silently coerced
+# (cattrs would otherwise turn 5 into "5" or 1.5 into 1).
+def _strict_str(value: Any, _: type) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _strict_int(value: Any, _: type) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"expected an integer, got {type(value).__name__}")
+    return value
+
+
+def _strict_float(value: Any, _: type) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _strict_bool(value: Any, _: type) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected a boolean, got {type(value).__name__}")
+    return value
+
+
+# Exact types only: enums subclassing str or int keep cattrs' own hooks.
+def _exactly(cls: type) -> Callable[[Any], bool]:
+    return lambda t: t is cls
+
+
+converter.register_structure_hook_func(_exactly(str), _strict_str)
+converter.register_structure_hook_func(_exactly(int), _strict_int)
+converter.register_structure_hook_func(_exactly(float), _strict_float)
+converter.register_structure_hook_func(_exactly(bool), _strict_bool)
 
 
 def dumps(obj: object) -> bytes:

@@ -6,6 +6,8 @@ stable ``code`` (used by the transport layer) next to a human-readable message.
 
 from __future__ import annotations
 
+import trio
+
 __all__ = [
     "CheckpointTooLargeError",
     "IllegalTransitionError",
@@ -106,6 +108,20 @@ class RuntimeCrashedError(JobspineError):
     """An actor of the runtime failed; ``__cause__`` holds what it raised."""
 
     code = "runtime_crashed"
+
+
+def leaves(error: BaseException) -> list[BaseException]:
+    """The exceptions inside nested exception groups."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in leaves(inner)]
+    return [error]
+
+
+def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception a group stands for at a public boundary: its only non-cancellation
+    leaf, else the group itself."""
+    found = [e for e in leaves(group) if not isinstance(e, trio.Cancelled)]
+    return found[0] if len(found) == 1 else group
 
 
 class JobStopped(Exception):  # noqa: N818 - a signal, not an error condition

@@ -82,6 +82,10 @@ class EventStream:
                 raise EventStreamLagged("event stream buffer overflowed") from None
             raise StopAsyncIteration from None
 
+    def pending(self) -> int:
+        """Events buffered and not yet received."""
+        return self._receive.statistics().current_buffer_used
+
     def receive_nowait(self) -> JobEvent:
         return self._receive.receive_nowait()
 

@@ -11,7 +11,8 @@ import attrs
 import trio
 
 from ._backend import Backend, JobQuery
-from ._errors import JobspineError, RuntimeCrashedError
+from ._broadcaster import Broadcaster, BroadcasterConfig
+from ._errors import JobspineError, RuntimeCrashedError, leaves
 from ._events import EventHub
 from ._repository import Repository
 from ._sqlite import SqliteBackend
@@ -58,6 +59,7 @@ class Runtime(Repository):
         handlers: dict[str, Handler],
         config: RuntimeConfig,
         store_actor: StoreActor,
+        broadcaster: Broadcaster | None,
     ) -> None:
         super().__init__(
             store, supervisor, hub, handlers, checkpoint_warn_size=config.checkpoint_warn_size
@@ -65,6 +67,8 @@ class Runtime(Repository):
         self.config = config
         self.supervisor = supervisor
         self.store_actor = store_actor
+        #: Present when ``open_runtime(broadcast=...)`` started one.
+        self.broadcaster = broadcaster
 
     def status(self) -> SupervisorStatus:
         return self.supervisor.status()
@@ -93,12 +97,6 @@ class Runtime(Repository):
                     await self.resume(job.id, by="system")
 
 
-def _leaves(error: BaseException) -> list[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
-    return [error]
-
-
 @asynccontextmanager
 async def open_runtime(
     database: str | os.PathLike[str] | None = None,
@@ -106,6 +104,7 @@ async def open_runtime(
     handlers: Mapping[str, Handler] | None = None,
     config: RuntimeConfig | None = None,
     backend: Backend | None = None,
+    broadcast: BroadcasterConfig | None = None,
 ) -> AsyncIterator[Runtime]:
     """Run a jobspine runtime for the duration of the ``async with`` block.
 
@@ -113,6 +112,7 @@ async def open_runtime(
     store (``MemoryBackend()`` for logic tests). On start, jobs a dead process left running are
     recovered. On exit, running jobs get the grace period to checkpoint and are paused
     (resumed by the next runtime on the same database); every acknowledged write is durable.
+    With ``broadcast``, a :class:`Broadcaster` actor serves rooms of events (``rt.broadcaster``).
 
     An exception from the block propagates unchanged; a failure of the runtime itself is
     raised as :class:`RuntimeCrashedError`.
@@ -133,6 +133,9 @@ async def open_runtime(
     )
     # Clients exist before the store starts: it serves until the last of them is closed.
     supervisor_store, repo_store = store_actor.client(), store_actor.client()
+    broadcaster = None
+    if broadcast is not None:
+        broadcaster = Broadcaster(store_actor.client(), hub, broadcast)
     registry: dict[str, Handler] = dict(handlers or {})
     supervisor = Supervisor(
         supervisor_store,
@@ -148,8 +151,12 @@ async def open_runtime(
         async with trio.open_nursery() as nursery:
             await nursery.start(store_actor.run)
             await nursery.start(supervisor.run)
+            if broadcaster is not None:
+                await nursery.start(broadcaster.run)
             async with repo_store:
-                runtime = Runtime(repo_store, supervisor, hub, registry, config, store_actor)
+                runtime = Runtime(
+                    repo_store, supervisor, hub, registry, config, store_actor, broadcaster
+                )
                 try:
                     await runtime._recover_on_start()
                     yield runtime
@@ -162,10 +169,10 @@ async def open_runtime(
                     supervisor.close()
                     hub.close()
     except BaseExceptionGroup as group:
-        leaves = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
-        if body_error is not None and leaves == [body_error]:
+        found = [e for e in leaves(group) if not isinstance(e, trio.Cancelled)]
+        if body_error is not None and found == [body_error]:
             raise body_error from body_error.__cause__
-        failures = [e for e in leaves if e is not body_error]
+        failures = [e for e in found if e is not body_error]
         if failures and all(isinstance(e, Exception) for e in failures):
             raise RuntimeCrashedError(f"a runtime actor failed: {failures[0]!r}") from group
         raise

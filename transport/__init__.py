@@ -1,3 +1,27 @@
-"""jobspine's websocket transport."""
+"""jobspine's websocket transport: server, client, command line."""
 
-__all__: list[str] = []
+from ._app import RunningServer, open_server
+from ._auth import Principal, mint_token, verify_token
+from ._protocol import CLOSE, OPS, PROTOCOL_VERSION, ProtocolError
+from ._server import Server, ServerConfig
+from .client import Client, ClientError, ConnectionLostError, Reset, RoomCursor, open_client
+
+__all__ = [
+    "CLOSE",
+    "OPS",
+    "PROTOCOL_VERSION",
+    "Client",
+    "ClientError",
+    "ConnectionLostError",
+    "Principal",
+    "ProtocolError",
+    "Reset",
+    "RoomCursor",
+    "RunningServer",
+    "Server",
+    "ServerConfig",
+    "mint_token",
+    "open_client",
+    "open_server",
+    "verify_token",
+]

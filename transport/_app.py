@@ -1,0 +1,113 @@
+"""The assembled server: runtime + broadcaster + websocket server + health endpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+
+from actors import (
+    DEMO_HANDLERS,
+    BroadcasterConfig,
+    Handler,
+    Runtime,
+    RuntimeConfig,
+    open_runtime,
+)
+
+from ._health import serve_health
+from ._server import Server, ServerConfig
+
+__all__ = ["RunningServer", "open_server"]
+
+log = logging.getLogger("jobspine.server")
+
+
+@attrs.define
+class RunningServer:
+    runtime: Runtime
+    server: Server
+    health_port: int | None
+    started_at: float
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.server.config.host}:{self.server.port}"
+
+
+@asynccontextmanager
+async def open_server(
+    database: str | os.PathLike[str],
+    config: ServerConfig,
+    *,
+    handlers: Mapping[str, Handler] = DEMO_HANDLERS,
+    runtime_config: RuntimeConfig | None = None,
+    broadcast: BroadcasterConfig | None = None,
+    health_port: int | None = None,
+) -> AsyncIterator[RunningServer]:
+    """Serve jobspine until the block exits; then shut down gracefully: stop accepting,
+    checkpoint-pause running jobs (their events still reach connected clients), close every
+    socket with 1001, flush the store."""
+    runtime_config = runtime_config or RuntimeConfig()
+    async with open_runtime(
+        database,
+        handlers=handlers,
+        config=runtime_config,
+        broadcast=broadcast or BroadcasterConfig(),
+    ) as runtime:
+        server = Server(runtime, config)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            running = RunningServer(runtime, server, None, time.time())
+            if health_port is not None:
+                running.health_port = await nursery.start(
+                    serve_health, config.host, health_port, _routes(running)
+                )
+            try:
+                yield running
+            finally:
+                with trio.move_on_after(runtime_config.shutdown_timeout, shield=True):
+                    server.stop_accepting()
+                    await runtime.supervisor.shutdown()
+                    await runtime.broadcaster.drained()  # type: ignore[union-attr]
+                    await server.close_all()
+                nursery.cancel_scope.cancel()
+
+
+def _routes(running: RunningServer) -> dict[str, Any]:
+    def healthz() -> tuple[int, dict[str, Any]]:
+        return 200, {"status": "ok", "uptime": time.time() - running.started_at}
+
+    def readyz() -> tuple[int, dict[str, Any]]:
+        if running.server.accepting:
+            return 200, {"status": "ready", "epoch": running.runtime.epoch}
+        return 503, {"status": "not accepting connections"}
+
+    def metrics() -> tuple[int, dict[str, Any]]:
+        runtime = running.runtime
+        broadcaster = running.server.broadcaster
+        return 200, {
+            "supervisor": attrs.asdict(runtime.status()),
+            "store": {
+                "commits": runtime.store_actor.commits,
+                "committed_requests": runtime.store_actor.committed_requests,
+            },
+            "broadcaster": {
+                "published": broadcaster.published,
+                "subscriptions": broadcaster.subscriber_count,
+            },
+            "connections": len(running.server.connections),
+            "epoch": runtime.epoch,
+        }
+
+    return {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics}

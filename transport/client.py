@@ -1,0 +1,448 @@
+"""Python client: requests, live events with exactly-once delivery across reconnects.
+
+    async with open_client("ws://127.0.0.1:8765", token) as client:
+        job = await client.create("research", {"query": "trio"})
+        await client.subscribe(f"job:{job['id']}")
+        async for item in client.events():
+            ...  # JobEvent, or Reset when the server could not prove continuity
+
+The client keeps a cursor (epoch, sequence) per room. After a disconnect it reconnects with a
+jittered exponential backoff and resubscribes from its cursors; events already seen are
+dropped by sequence number; a gap (or a heartbeat head beyond the cursor) triggers a
+resubscription from the cursor, which replays what was missed.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import orjson
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
+
+from actors import JobEvent
+from actors._codec import converter
+from actors._errors import unwrap_group
+
+__all__ = [
+    "Client",
+    "ClientError",
+    "ConnectionLostError",
+    "Reset",
+    "RoomCursor",
+    "open_client",
+]
+
+log = logging.getLogger("jobspine.client")
+
+#: Close codes after which reconnecting cannot help.
+FATAL_CLOSE = {4002: "protocol error", 4003: "authentication failed", 4004: "token expired"}
+
+
+class ClientError(Exception):
+    """An error reply from the server, or a failure of the connection."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ConnectionLostError(ClientError):
+    def __init__(self, message: str = "the connection was lost") -> None:
+        super().__init__("connection_lost", message)
+
+
+@attrs.frozen
+class RoomCursor:
+    epoch: str
+    seq: int
+
+
+@attrs.frozen
+class Reset:
+    """The server could not replay what this room missed: re-read state from ``snapshot``."""
+
+    room: str
+    reason: str
+    snapshot: Any
+    cursor: RoomCursor
+
+
+@attrs.define
+class _Room:
+    cursor: RoomCursor | None
+    resyncing: bool = True
+    skipped: set[int] = attrs.field(factory=set)
+
+
+@attrs.define(eq=False)
+class _Pending:
+    done: trio.Event = attrs.field(factory=trio.Event)
+    result: Any = None
+    error: ClientError | None = None
+    on_reply: Callable[[Any], None] | None = None
+
+
+@attrs.define
+class ClientStats:
+    connects: int = 0
+    duplicates: int = 0
+    gaps: int = 0
+    resets: int = 0
+    delivered: int = 0
+
+
+class Client:
+    def __init__(
+        self,
+        url: str,
+        token: str | Callable[[], str],
+        *,
+        reconnect: bool = True,
+        min_backoff: float = 0.05,
+        max_backoff: float = 5.0,
+        request_timeout: float = 30.0,
+        event_buffer: int = 10_000,
+    ) -> None:
+        self.url = url
+        self._token = token
+        self.reconnect = reconnect
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        self.request_timeout = request_timeout
+        self.rooms: dict[str, _Room] = {}
+        self.counters = ClientStats()
+        self.welcome: dict[str, Any] = {}
+        self._ws: WebSocketConnection | None = None
+        self._connected = trio.Event()
+        self._pending: dict[int, _Pending] = {}
+        self._next_id = 0
+        self._send_events, self._receive_events = trio.open_memory_channel[JobEvent | Reset](
+            event_buffer
+        )
+        self._nursery: trio.Nursery | None = None
+        self._fatal: ClientError | None = None
+        self._connected_once = False
+        self._was_up = False  # the last attempt got as far as a welcome: reset the backoff
+
+    # -- connection -----------------------------------------------------------------------------
+
+    def _current_token(self) -> str:
+        return self._token() if callable(self._token) else self._token
+
+    async def run(self, *, task_status: trio.TaskStatus[Client] = trio.TASK_STATUS_IGNORED) -> None:
+        """Stay connected until cancelled; ``started`` after the first successful hello."""
+        failures = 0
+        async with trio.open_nursery() as nursery, self._send_events:
+            self._nursery = nursery
+            while True:
+                try:
+                    await self._connect_once(task_status)
+                except ClientError as exc:
+                    if exc.code in ("auth_failed", "token_expired", "protocol_error"):
+                        self._fatal = exc
+                        self._fail_pending(exc)
+                        raise
+                    log.info("connection failed: %s", exc)
+                except (OSError, HandshakeError, ConnectionClosed, trio.BrokenResourceError) as exc:
+                    log.info("connection failed: %r", exc)
+                self._fail_pending(ConnectionLostError())
+                if self._was_up:
+                    failures = 0
+                if not self.reconnect:
+                    if not self._connected_once:
+                        raise ConnectionLostError("could not connect")
+                    self._fatal = ConnectionLostError("disconnected (reconnect is off)")
+                    return
+                delay = min(self.max_backoff, self.min_backoff * 2**failures)
+                failures += 1
+                self._was_up = False
+                await trio.sleep(delay * random.uniform(0.5, 1.0))
+
+    async def _connect_once(self, task_status: trio.TaskStatus[Client]) -> None:
+        async with open_websocket_url(self.url) as ws:
+            try:
+                await ws.send_message(
+                    orjson.dumps({"op": "hello", "id": 0, "token": self._current_token()}).decode()
+                )
+                reply = orjson.loads(await ws.get_message())
+            except ConnectionClosed as exc:
+                raise self._close_error(exc) from None
+            if reply.get("type") != "reply":
+                raise ClientError(reply.get("code", "protocol_error"), reply.get("message", ""))
+            self.welcome = reply["result"]
+            self.counters.connects += 1
+            self._ws = ws
+            self._connected.set()
+            try:
+                for room in self.rooms:
+                    self._resync(room)
+                self._was_up = True
+                if not self._connected_once:
+                    self._connected_once = True
+                    task_status.started(self)
+                await self._read_loop(ws)
+            finally:
+                self._ws = None
+                self._connected = trio.Event()
+
+    def _close_error(self, exc: ConnectionClosed) -> ClientError:
+        code = exc.reason.code if exc.reason is not None else 1006
+        reason = (exc.reason.reason if exc.reason is not None else None) or ""
+        if code in FATAL_CLOSE:
+            names = {4002: "protocol_error", 4003: "auth_failed", 4004: "token_expired"}
+            return ClientError(names[code], f"{FATAL_CLOSE[code]}: {reason}")
+        return ConnectionLostError(f"closed with {code}: {reason}")
+
+    async def _read_loop(self, ws: WebSocketConnection) -> None:
+        while True:
+            try:
+                frame = await ws.get_message()
+            except ConnectionClosed as exc:
+                raise self._close_error(exc) from None
+            message = orjson.loads(frame)
+            if message.get("type") == "batch":
+                for job_id, user_id, seq, user_seq in message.get("skipped", ()):
+                    self._skip(f"job:{job_id}", seq)
+                    self._skip(f"user:{user_id}", user_seq)
+                for inner in message["messages"]:
+                    await self._dispatch(inner)
+            else:
+                await self._dispatch(message)
+
+    def _skip(self, room: str, seq: int) -> None:
+        state = self.rooms.get(room)
+        if state is not None:
+            state.skipped.add(seq)
+
+    async def _dispatch(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "event":
+            await self._on_event(message["event"])
+        elif kind in ("reply", "error"):
+            pending = self._pending.pop(message.get("id"), None)  # type: ignore[arg-type]
+            if pending is None:
+                log.warning("unexpected %s: %s", kind, message)
+                return
+            if kind == "error":
+                pending.error = ClientError(message["code"], message["message"])
+            else:
+                pending.result = message["result"]
+                if pending.on_reply is not None:
+                    pending.on_reply(pending.result)
+            pending.done.set()
+        elif kind == "heartbeat":
+            for room, head in message.get("heads", {}).items():
+                state = self.rooms.get(room)
+                if state is None or state.resyncing or state.cursor is None:
+                    continue
+                self._advance_over_skipped(state)
+                if head > state.cursor.seq:
+                    self.counters.gaps += 1
+                    self._resync(room)
+        elif kind == "lagged":
+            for room in message.get("rooms", ()):
+                if room in self.rooms:
+                    self._resync(room)
+
+    def _advance_over_skipped(self, state: _Room) -> None:
+        assert state.cursor is not None
+        seq = state.cursor.seq
+        while seq + 1 in state.skipped:
+            seq += 1
+            state.skipped.discard(seq)
+        if seq != state.cursor.seq:
+            state.cursor = RoomCursor(state.cursor.epoch, seq)
+
+    async def _on_event(self, data: dict[str, Any]) -> None:
+        deliver = False
+        for room, seq in (
+            (f"job:{data['job_id']}", data["seq"]),
+            (f"user:{data['user_id']}", data["user_seq"]),
+        ):
+            state = self.rooms.get(room)
+            if state is None or state.resyncing or state.cursor is None:
+                continue
+            self._advance_over_skipped(state)
+            if seq <= state.cursor.seq:
+                continue
+            if seq == state.cursor.seq + 1:
+                state.cursor = RoomCursor(state.cursor.epoch, seq)
+                state.skipped = {s for s in state.skipped if s > seq}
+                deliver = True
+            else:
+                self.counters.gaps += 1
+                self._resync(room)
+        if deliver:
+            self.counters.delivered += 1
+            await self._send_events.send(converter.structure(data, JobEvent))
+        else:
+            self.counters.duplicates += 1
+
+    # -- requests -------------------------------------------------------------------------------
+
+    async def request(self, op: str, **fields: Any) -> Any:
+        pending = _Pending()
+        return await self._request(op, fields, pending)
+
+    async def _request(self, op: str, fields: dict[str, Any], pending: _Pending) -> Any:
+        with trio.fail_after(self.request_timeout):
+            while self._ws is None:
+                if self._fatal is not None:
+                    raise self._fatal
+                await self._connected.wait()
+            ws = self._ws
+            self._next_id += 1
+            request_id = self._next_id
+            self._pending[request_id] = pending
+            frame = orjson.dumps({"op": op, "id": request_id, **fields}).decode()
+            try:
+                await ws.send_message(frame)
+            except ConnectionClosed:
+                self._pending.pop(request_id, None)
+                raise ConnectionLostError() from None
+            await pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    def _fail_pending(self, error: ClientError) -> None:
+        pending, self._pending = self._pending, {}
+        for slot in pending.values():
+            slot.error = error
+            slot.done.set()
+
+    # -- rooms ----------------------------------------------------------------------------------
+
+    async def subscribe(self, room: str, cursor: RoomCursor | None = None) -> Any:
+        """Follow a room from ``cursor`` (None: from now). Survives reconnects."""
+        self.rooms[room] = _Room(cursor)
+        return await self._join(room)
+
+    async def unsubscribe(self, room: str) -> Any:
+        self.rooms.pop(room, None)
+        return await self.request("unsubscribe", room=room)
+
+    def cursor(self, room: str) -> RoomCursor | None:
+        state = self.rooms.get(room)
+        if state is None or state.cursor is None:
+            return None
+        self._advance_over_skipped(state)
+        return state.cursor
+
+    async def _join(self, room: str) -> Any:
+        state = self.rooms[room]
+        state.resyncing = True
+        cursor = None if state.cursor is None else attrs.asdict(state.cursor)
+        return await self._request(
+            "subscribe",
+            {"room": room, "cursor": cursor},
+            _Pending(on_reply=lambda result: self._joined(room, result)),
+        )
+
+    def _joined(self, room: str, result: dict[str, Any]) -> None:
+        """Runs in the read loop, before the replayed events that follow the reply."""
+        state = self.rooms.get(room)
+        if state is None:
+            return
+        head = RoomCursor(result["epoch"], result["head"])
+        if result.get("reset_reason"):
+            self.counters.resets += 1
+            state.cursor = head
+            self._send_events.send_nowait(
+                Reset(room, result["reset_reason"], result.get("snapshot"), head)
+            )
+        elif state.cursor is None:
+            state.cursor = head
+        state.skipped.clear()
+        state.resyncing = False
+
+    def _resync(self, room: str) -> None:
+        state = self.rooms.get(room)
+        if state is None or self._nursery is None:
+            return
+        state.resyncing = True
+        self._nursery.start_soon(self._resync_task, room)
+
+    async def _resync_task(self, room: str) -> None:
+        try:
+            await self._join(room)
+        except ClientError as exc:
+            log.info("resubscribing to %s failed (%s); retried on reconnect", room, exc)
+
+    async def events(self) -> AsyncIterator[JobEvent | Reset]:
+        """Events of all subscribed rooms, each once and in order per room; and resets."""
+        async for item in self._receive_events:
+            yield item
+
+    # -- one method per request -----------------------------------------------------------------
+
+    async def ping(self) -> Any:
+        return await self.request("ping")
+
+    async def refresh(self, token: str) -> Any:
+        self._token = token
+        return await self.request("refresh", token=token)
+
+    async def create(self, kind: str, input: Any) -> Any:
+        return await self.request("create", kind=kind, input=input)
+
+    async def get(self, job_id: str) -> Any:
+        return await self.request("get", job_id=job_id)
+
+    async def list(
+        self, *, state: str | None = None, kind: str | None = None, limit: int = 50
+    ) -> Any:
+        fields: dict[str, Any] = {"limit": limit}
+        if state is not None:
+            fields["state"] = state
+        if kind is not None:
+            fields["kind"] = kind
+        return await self.request("list", **fields)
+
+    async def cancel(self, job_id: str) -> Any:
+        return await self.request("cancel", job_id=job_id)
+
+    async def pause(self, job_id: str) -> Any:
+        return await self.request("pause", job_id=job_id)
+
+    async def resume(self, job_id: str) -> Any:
+        return await self.request("resume", job_id=job_id)
+
+    async def restart(self, job_id: str, modifications: dict[str, Any] | None = None) -> Any:
+        return await self.request("restart", job_id=job_id, modifications=modifications)
+
+    async def recovery_options(self, job_id: str) -> Any:
+        return await self.request("recovery_options", job_id=job_id)
+
+    async def checkpoint_details(self, job_id: str) -> Any:
+        return await self.request("checkpoint_details", job_id=job_id)
+
+    async def stats(self) -> Any:
+        return await self.request("stats")
+
+    async def my_stats(self) -> Any:
+        return await self.request("my_stats")
+
+
+@asynccontextmanager
+async def open_client(
+    url: str, token: str | Callable[[], str], **options: Any
+) -> AsyncIterator[Client]:
+    """Connect (waiting for the first hello to succeed), and disconnect on exit."""
+    client = Client(url, token, **options)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            try:
+                yield client
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise unwrap_group(group) from None
