@@ -66,6 +66,7 @@ class Outbox:
         self._progress: dict[str, list[Any]] = {}
         self._skipped: list[tuple[str, str, int, int]] = []
         self._live = 0
+        self._dead = 0  # coalesced entries still in the queue
         self._wakeup = trio.Event()
         self._lag_times: deque[float] = deque()
         self.subscriptions: dict[str, Subscription] = {}
@@ -92,8 +93,12 @@ class Outbox:
                     # sequence numbers it will never receive, so it sees no gap.
                     previous[0] = None
                     self._live -= 1
+                    self._dead += 1
                     self.coalesced += 1
                     self._skipped.append((previous[2], previous[3], previous[4], previous[5]))
+                    if self._dead > 64 and 2 * self._dead > len(self._entries):
+                        self._entries = deque(e for e in self._entries if e[0] is not None)
+                        self._dead = 0
                 self._progress[event.job_id] = entry
             if self._live > self.config.overflow_after:
                 self._overflow()
@@ -110,6 +115,7 @@ class Outbox:
         self._progress.clear()
         self._skipped.clear()
         self._live = 0
+        self._dead = 0
         rooms = sorted(self.subscriptions)
         for sub in self.subscriptions.values():
             sub.suspended = True
@@ -125,16 +131,30 @@ class Outbox:
             )
         )
 
-    def take(self) -> tuple[list[bytes], list[tuple[str, str, int, int]]]:
-        """Everything queued, in order, and ``(job id, user id, seq, user seq)`` of the events
-        coalesced away (superseded by a later event of the same batch)."""
-        items = [e[0] for e in self._entries if e[0] is not None]
+    def take(
+        self, max_bytes: int = 256 * 1024
+    ) -> tuple[list[bytes], list[tuple[str, str, int, int]]]:
+        """What is queued, in order, up to about ``max_bytes`` (at least one message); and
+        ``(job id, user id, seq, user seq)`` of the events coalesced away before those."""
+        items: list[bytes] = []
+        size = 0
+        entries = self._entries
+        while entries and (not items or size + len(entries[0][0] or b"") <= max_bytes):
+            entry = entries.popleft()
+            data = entry[0]
+            if data is None:
+                self._dead -= 1
+                continue
+            if entry[1]:
+                self._live -= 1
+                if self._progress.get(entry[2]) is entry:
+                    del self._progress[entry[2]]
+            items.append(data)
+            size += len(data)
         skipped = self._skipped
-        self._entries.clear()
-        self._progress.clear()
         self._skipped = []
-        self._live = 0
-        self._wakeup = trio.Event()
+        if not entries:
+            self._wakeup = trio.Event()
         self.delivered += len(items)
         return items, skipped
 

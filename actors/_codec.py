@@ -6,7 +6,7 @@ what a client or the database sees.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import enum
 from typing import Any, TypeVar
 
 import orjson
@@ -47,15 +47,16 @@ def _strict_bool(value: Any, _: type) -> bool:
     return value
 
 
-# Exact types only: enums subclassing str or int keep cattrs' own hooks.
-def _exactly(cls: type) -> Callable[[Any], bool]:
-    return lambda t: t is cls
+def _str_enum(value: Any, cls: type[enum.StrEnum]) -> enum.StrEnum:
+    return cls(_strict_str(value, str))
 
 
-converter.register_structure_hook_func(_exactly(str), _strict_str)
-converter.register_structure_hook_func(_exactly(int), _strict_int)
-converter.register_structure_hook_func(_exactly(float), _strict_float)
-converter.register_structure_hook_func(_exactly(bool), _strict_bool)
+converter.register_structure_hook(str, _strict_str)
+converter.register_structure_hook(int, _strict_int)
+converter.register_structure_hook(float, _strict_float)
+converter.register_structure_hook(bool, _strict_bool)
+# More specific than ``str`` in an enum's MRO, so enums are built, not passed through.
+converter.register_structure_hook(enum.StrEnum, _str_enum)
 
 
 def dumps(obj: object) -> bytes:

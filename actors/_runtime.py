@@ -170,9 +170,10 @@ async def open_runtime(
                     hub.close()
     except BaseExceptionGroup as group:
         found = [e for e in leaves(group) if not isinstance(e, trio.Cancelled)]
-        if body_error is not None and found == [body_error]:
-            raise body_error from body_error.__cause__
-        failures = [e for e in found if e is not body_error]
+        from_body = [] if body_error is None else leaves(body_error)
+        if found and all(any(e is b for b in from_body) for e in found):
+            raise (found[0] if len(found) == 1 else body_error) from None  # type: ignore[misc]
+        failures = [e for e in found if not any(e is b for b in from_body)]
         if failures and all(isinstance(e, Exception) for e in failures):
             raise RuntimeCrashedError(f"a runtime actor failed: {failures[0]!r}") from group
         raise

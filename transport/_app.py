@@ -20,6 +20,7 @@ from actors import (
     RuntimeConfig,
     open_runtime,
 )
+from actors._errors import unwrap_group
 
 from ._health import serve_health
 from ._server import Server, ServerConfig
@@ -66,7 +67,7 @@ async def open_server(
         broadcast=broadcast or BroadcasterConfig(),
     ) as runtime:
         server = Server(runtime, config)
-        async with trio.open_nursery() as nursery:
+        async with _unwrapped(), trio.open_nursery() as nursery:
             await nursery.start(server.run)
             running = RunningServer(runtime, server, None, time.time())
             if health_port is not None:
@@ -82,6 +83,15 @@ async def open_server(
                     await runtime.broadcaster.drained()  # type: ignore[union-attr]
                     await server.close_all()
                 nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def _unwrapped() -> AsyncIterator[None]:
+    """At this public boundary an exception group of one error becomes that error."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        raise unwrap_group(group) from None
 
 
 def _routes(running: RunningServer) -> dict[str, Any]:

@@ -179,6 +179,8 @@ class Connection:
                         scope.cancel()
                         return
                 if timer.cancelled_caught:
+                    # The socket is mid-frame: the client will see the connection drop rather
+                    # than a clean close frame (documented in PROTOCOL.md).
                     self._close = (CLOSE["slow_consumer"], "slow consumer: a send timed out")
                     scope.cancel()
                     return

@@ -41,6 +41,9 @@ __all__ = [
 log = logging.getLogger("jobspine.client")
 
 #: Close codes after which reconnecting cannot help.
+#: Largest frame accepted from the server (batches are capped well below this).
+MAX_FRAME = 16 * 1024 * 1024
+
 FATAL_CLOSE = {4002: "protocol error", 4003: "authentication failed", 4004: "token expired"}
 
 
@@ -76,7 +79,10 @@ class Reset:
 
 @attrs.define
 class _Room:
+    #: What has been received (for duplicate and gap detection).
     cursor: RoomCursor | None
+    #: What the application has taken from :meth:`Client.events`: where to resume from.
+    consumed: RoomCursor | None = None
     resyncing: bool = True
     skipped: set[int] = attrs.field(factory=set)
 
@@ -166,7 +172,7 @@ class Client:
                 await trio.sleep(delay * random.uniform(0.5, 1.0))
 
     async def _connect_once(self, task_status: trio.TaskStatus[Client]) -> None:
-        async with open_websocket_url(self.url) as ws:
+        async with open_websocket_url(self.url, max_message_size=MAX_FRAME) as ws:
             try:
                 await ws.send_message(
                     orjson.dumps({"op": "hello", "id": 0, "token": self._current_token()}).decode()
@@ -322,7 +328,7 @@ class Client:
 
     async def subscribe(self, room: str, cursor: RoomCursor | None = None) -> Any:
         """Follow a room from ``cursor`` (None: from now). Survives reconnects."""
-        self.rooms[room] = _Room(cursor)
+        self.rooms[room] = _Room(cursor, cursor)
         return await self._join(room)
 
     async def unsubscribe(self, room: str) -> Any:
@@ -330,11 +336,10 @@ class Client:
         return await self.request("unsubscribe", room=room)
 
     def cursor(self, room: str) -> RoomCursor | None:
+        """Where a new client should resume this room: just past the last event the
+        application took from :meth:`events` (or the room's head when it joined)."""
         state = self.rooms.get(room)
-        if state is None or state.cursor is None:
-            return None
-        self._advance_over_skipped(state)
-        return state.cursor
+        return None if state is None else state.consumed
 
     async def _join(self, room: str) -> Any:
         state = self.rooms[room]
@@ -360,6 +365,8 @@ class Client:
             )
         elif state.cursor is None:
             state.cursor = head
+        if state.consumed is None or result.get("reset_reason"):
+            state.consumed = state.cursor
         state.skipped.clear()
         state.resyncing = False
 
@@ -379,6 +386,18 @@ class Client:
     async def events(self) -> AsyncIterator[JobEvent | Reset]:
         """Events of all subscribed rooms, each once and in order per room; and resets."""
         async for item in self._receive_events:
+            if isinstance(item, JobEvent):
+                for room, seq in (
+                    (f"job:{item.job_id}", item.seq),
+                    (f"user:{item.user_id}", item.user_seq),
+                ):
+                    state = self.rooms.get(room)
+                    if (
+                        state is not None
+                        and state.consumed is not None
+                        and seq > state.consumed.seq
+                    ):
+                        state.consumed = RoomCursor(state.consumed.epoch, seq)
             yield item
 
     # -- one method per request -----------------------------------------------------------------

@@ -1,0 +1,108 @@
+"""Helpers for transport tests: a served runtime on loopback and raw websocket access."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from actors import DEMO_HANDLERS, BroadcasterConfig, JobContext, RuntimeConfig
+from transport import RunningServer, ServerConfig, mint_token, open_server
+
+SECRET = "test-secret-which-is-long-enough-for-hs256"
+
+#: Gates the ``emitter`` handler waits on, by name: tests open them to let a job emit events.
+GATES: dict[str, trio.Event] = {}
+
+
+async def emitter(ctx: JobContext, input: Any) -> Any:
+    """Emits ``count`` progress events per phase, each phase after its gate opens."""
+    start = ctx.resumed_from["done"] if ctx.resumed_from else 0
+    done = 0
+    for phase in input["phases"]:
+        await GATES.setdefault(phase["gate"], trio.Event()).wait()
+        for i in range(phase["count"]):
+            done += 1
+            if done <= start:
+                continue
+            label = f"{phase['gate']} {i}".ljust(input.get("pad", 0), ".")
+            await ctx.progress(min(100, done / 100), label)
+        await ctx.checkpoint({"done": done})
+    if input.get("hold"):
+        await trio.sleep_forever()
+    return {"emitted": done}
+
+
+HANDLERS = {**DEMO_HANDLERS, "emitter": emitter}
+
+
+def token(user: str, **kw: Any) -> str:
+    return mint_token(SECRET, user, **kw)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@asynccontextmanager
+async def serving(
+    db: Path, port: int = 0, broadcast: BroadcasterConfig | None = None, **server: Any
+) -> AsyncIterator[RunningServer]:
+    config = ServerConfig(
+        secret=SECRET,
+        port=port,
+        **{"heartbeat_interval": 0.2, "hello_timeout": 0.5, **server},
+    )
+    runtime = RuntimeConfig(stop_grace=0.2, sqlite_synchronous="NORMAL")
+    async with open_server(
+        db, config, handlers=HANDLERS, runtime_config=runtime, broadcast=broadcast
+    ) as running:
+        yield running
+
+
+@asynccontextmanager
+async def raw(
+    running: RunningServer, user: str | None = "alice"
+) -> AsyncIterator[WebSocketConnection]:
+    """A websocket with no client logic; authenticated as ``user`` unless None."""
+    async with open_websocket_url(running.url) as ws:
+        if user is not None:
+            await send(ws, {"op": "hello", "id": 0, "token": token(user)})
+            welcome = await receive(ws)
+            assert welcome["type"] == "reply", welcome
+        yield ws
+
+
+async def send(ws: WebSocketConnection, message: Any) -> None:
+    await ws.send_message(orjson.dumps(message).decode())
+
+
+async def receive(ws: WebSocketConnection, *, skip_heartbeats: bool = True) -> Any:
+    while True:
+        message = orjson.loads(await ws.get_message())
+        if skip_heartbeats and message.get("type") == "heartbeat":
+            continue
+        return message
+
+
+async def request(ws: WebSocketConnection, op: str, request_id: int = 1, **fields: Any) -> Any:
+    await send(ws, {"op": op, "id": request_id, **fields})
+    while True:
+        message = await receive(ws)
+        if message.get("id") == request_id and message["type"] in ("reply", "error"):
+            return message
+
+
+async def eventually(predicate: Callable[[], bool], seconds: float = 10) -> None:
+    """Wait until ``predicate()`` holds (for state no event announces, like server internals)."""
+    with trio.fail_after(seconds):
+        while not predicate():  # noqa: ASYNC110 - polling state that has no event
+            await trio.sleep(0.01)

@@ -1,0 +1,98 @@
+"""The broadcaster's outboxes and joins, without sockets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import trio
+
+from actors import (
+    BroadcasterConfig,
+    Cursor,
+    EventType,
+    JobContext,
+    JobEvent,
+    JobState,
+    MemoryBackend,
+    Outbox,
+    open_runtime,
+)
+
+
+def event(seq: int, type: EventType = EventType.PROGRESS, job: str = "j1") -> JobEvent:
+    return JobEvent(job, "u", seq, type, JobState.RUNNING, 0.0, {}, None, seq)
+
+
+def push(outbox: Outbox, *events: JobEvent) -> None:
+    for e in events:
+        outbox.push_event(e, orjson.dumps(e.seq), live=True)
+
+
+async def test_progress_is_coalesced_with_skipped_sequences() -> None:
+    outbox = Outbox(BroadcasterConfig(coalesce_after=2, overflow_after=100))
+    push(outbox, event(1), event(2), event(3, EventType.CHECKPOINT), event(4), event(5))
+    items, skipped = outbox.take()
+    # Past two queued events, a newer progress event of the same job supersedes the queued
+    # one (4 supersedes 2, then 5 supersedes 4); the client is told which it will never get.
+    assert [int(i) for i in items] == [1, 3, 5]
+    assert sorted(s[2] for s in skipped) == [2, 4]
+    assert all(s[0] == "j1" and s[1] == "u" for s in skipped)
+    assert outbox.coalesced == 2
+
+
+async def test_overflow_asks_to_resubscribe_then_disconnects() -> None:
+    config = BroadcasterConfig(coalesce_after=1000, overflow_after=10, max_lags=2)
+    outbox = Outbox(config)
+    outbox.push_control(b'{"type":"reply"}')
+    push(outbox, *(event(n, EventType.CHECKPOINT) for n in range(1, 12)))
+    items, _ = outbox.take()
+    assert items[0] == b'{"type":"reply"}'  # control messages survive an overflow
+    lagged = orjson.loads(items[-1])
+    assert lagged["type"] == "lagged" and len(items) == 2
+    assert outbox.close_reason is None
+    for _ in range(2):
+        push(outbox, *(event(n, EventType.CHECKPOINT) for n in range(1, 12)))
+    assert outbox.close_reason is not None and "slow consumer" in outbox.close_reason
+
+
+async def test_take_caps_frame_size() -> None:
+    outbox = Outbox()
+    for n in range(10):
+        outbox.push_control(b"x" * 100)
+    first, _ = outbox.take(max_bytes=350)
+    assert len(first) == 3
+    rest, _ = outbox.take(max_bytes=10)
+    assert len(rest) == 1  # always at least one message
+    assert len(outbox) == 6
+
+
+async def test_join_during_a_burst_is_gap_free() -> None:
+    """A subscriber joining mid-stream from a cursor gets every event once, in order."""
+
+    async def burst(ctx: JobContext, input: Any) -> Any:
+        for n in range(300):
+            await ctx.progress(n / 3)
+        return n
+
+    async with open_runtime(
+        backend=MemoryBackend(),
+        handlers={"burst": burst},
+        broadcast=BroadcasterConfig(backlog=50, coalesce_after=10_000),
+    ) as rt:
+        assert rt.broadcaster is not None
+        job = await rt.create_job("burst", "u", None)
+        await trio.sleep(0.01)  # part of the burst is out already
+        outbox = Outbox(rt.broadcaster.config)
+        joined = await rt.broadcaster.join(outbox, f"job:{job.id}", Cursor(rt.epoch, 0))
+        rt.broadcaster.finish_join(outbox, f"job:{job.id}")
+        assert joined.recovered
+        events: list[dict[str, Any]] = []
+        with trio.fail_after(10):
+            while not events or events[-1]["type"] != "completed":
+                await outbox.wait()
+                items, _ = outbox.take()
+                events.extend(orjson.loads(item)["event"] for item in items)
+        seqs = [e["seq"] for e in events]
+        assert seqs == list(range(1, len(seqs) + 1))
+        assert (await rt.get_job(job.id)).seq == len(seqs)
