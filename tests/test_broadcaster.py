@@ -58,7 +58,7 @@ async def test_overflow_asks_to_resubscribe_then_disconnects() -> None:
 
 async def test_take_caps_frame_size() -> None:
     outbox = Outbox()
-    for n in range(10):
+    for _ in range(10):
         outbox.push_control(b"x" * 100)
     first, _ = outbox.take(max_bytes=350)
     assert len(first) == 3
