@@ -1,0 +1,41 @@
+"""PROTOCOL.md names every op, error code and close code the server can produce."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import actors
+from actors import JobspineError
+from transport import CLOSE, OPS
+from transport import _server
+
+DOC = (Path(__file__).parent.parent / "transport" / "PROTOCOL.md").read_text()
+SERVER_SOURCE = Path(_server.__file__).read_text()
+PROTOCOL_SOURCE = Path(_server.__file__).with_name("_protocol.py").read_text()
+
+
+def test_every_op_is_documented() -> None:
+    documented = set(re.findall(r"^\| `(\w+)` \|", DOC, re.MULTILINE))
+    assert set(OPS) - {"hello"} <= documented
+
+
+def test_every_close_code_is_documented() -> None:
+    for code in CLOSE.values():
+        assert re.search(rf"^\| {code} \|", DOC, re.MULTILINE), code
+
+
+def test_every_error_code_is_documented() -> None:
+    codes = {
+        cls.code
+        for cls in vars(actors).values()
+        if isinstance(cls, type) and issubclass(cls, JobspineError) and cls.code != "error"
+    }
+    sources = SERVER_SOURCE + PROTOCOL_SOURCE
+    codes |= set(re.findall(r'ProtocolError\(\s*"(\w+)"', sources))
+    codes |= set(re.findall(r'RequestError\(\s*request_id,\s*"(\w+)"', sources))
+    codes |= set(re.findall(r'_reply_error\([^,]+,\s*"(\w+)"', sources))
+    # Codes that only ever close the connection are in the close-code table.
+    codes -= {"protocol_error", "auth_failed", "token_expired", "runtime_crashed", "lagged"}
+    for code in sorted(codes):
+        assert f"`{code}`" in DOC, code
