@@ -94,11 +94,14 @@ async def receive(ws: WebSocketConnection, *, skip_heartbeats: bool = True) -> A
 
 
 async def request(ws: WebSocketConnection, op: str, request_id: int = 1, **fields: Any) -> Any:
+    """Send a request and return its reply (from a batch too); other messages are dropped."""
     await send(ws, {"op": op, "id": request_id, **fields})
-    while True:
-        message = await receive(ws)
-        if message.get("id") == request_id and message["type"] in ("reply", "error"):
-            return message
+    with trio.fail_after(10):
+        while True:
+            message = await receive(ws)
+            for inner in message.get("messages", [message]):
+                if inner.get("id") == request_id and inner["type"] in ("reply", "error"):
+                    return inner
 
 
 async def eventually(predicate: Callable[[], bool], seconds: float = 10) -> None:

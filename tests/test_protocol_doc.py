@@ -7,8 +7,7 @@ from pathlib import Path
 
 import actors
 from actors import JobspineError
-from transport import CLOSE, OPS
-from transport import _server
+from transport import CLOSE, OPS, _server
 
 DOC = (Path(__file__).parent.parent / "transport" / "PROTOCOL.md").read_text()
 SERVER_SOURCE = Path(_server.__file__).read_text()

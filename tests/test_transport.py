@@ -15,7 +15,16 @@ from actors import BroadcasterConfig, EventType, JobEvent, JobState
 from transport import Client, ClientError, Reset, RoomCursor, RunningServer, open_client
 
 from .conftest import wait_for_state
-from .serving import GATES, eventually, free_port, raw, receive, request, serving, token
+from .serving import (
+    GATES,
+    eventually,
+    free_port,
+    raw,
+    receive,
+    request,
+    serving,
+    token,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -209,11 +218,12 @@ async def test_client_at_head_is_recovered_with_nothing(served: RunningServer) -
 async def test_heartbeats_carry_room_heads(served: RunningServer) -> None:
     async with raw(served) as ws:
         reply = await request(ws, "subscribe", room="user:alice")
+        beats: list[Any] = []
         with trio.fail_after(2):
-            while True:
+            while not beats:
                 message = await receive(ws, skip_heartbeats=False)
-                if message["type"] == "heartbeat":
-                    break
+                beats = [m for m in message.get("messages", [message]) if m["type"] == "heartbeat"]
+        message = beats[0]
         assert message["heads"] == {"user:alice": reply["result"]["head"]}
         assert message["epoch"] == served.runtime.epoch
 
@@ -266,6 +276,39 @@ async def test_slow_consumer_does_not_delay_others(tmp_path: Path) -> None:
         with trio.fail_after(30), pytest.raises(ConnectionClosed):
             while True:
                 await receive(stalled)
+
+
+async def test_lagging_reader_is_told_to_resubscribe(tmp_path: Path) -> None:
+    config = BroadcasterConfig(coalesce_after=1_000_000, overflow_after=50)
+    async with (
+        serving(tmp_path / "lag.db", broadcast=config, send_timeout=30.0) as running,
+        raw(running, "slowpoke") as stalled,
+        open_client(running.url, token("slowpoke")) as producer,
+    ):
+        joined = await request(stalled, "subscribe", room="user:slowpoke")
+        job = await producer.create("emitter", {"phases": phases(100_000, prefix="l"), "pad": 4000})
+        gate("l0")
+        (conn,) = [
+            c for c in running.server.connections if "user:slowpoke" in c.outbox.subscriptions
+        ]
+        await eventually(lambda: bool(conn.outbox._lag_times), seconds=30)
+        await producer.cancel(job["id"])
+        last = joined["result"]["head"]
+        with trio.fail_after(30):
+            while True:
+                message = await receive(stalled)
+                inner = message.get("messages", [message])
+                for m in inner:
+                    if m["type"] == "event":
+                        assert m["event"]["user_seq"] == last + 1  # in order, no gap
+                        last += 1
+                if any(m["type"] == "lagged" for m in inner):
+                    break
+        # Resubscribing from the cursor replays exactly what was dropped.
+        cursor = {"epoch": running.runtime.epoch, "seq": last}
+        reply = await request(stalled, "subscribe", 5, room="user:slowpoke", cursor=cursor)
+        result = reply["result"]
+        assert result["recovered"] and result["replayed"] == result["head"] - last > 0
 
 
 async def test_pause_resume_restart_cancel_over_the_wire(served: RunningServer) -> None:

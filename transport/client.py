@@ -148,6 +148,7 @@ class Client:
         async with trio.open_nursery() as nursery, self._send_events:
             self._nursery = nursery
             while True:
+                problem = "the connection ended"
                 try:
                     await self._connect_once(task_status)
                 except ClientError as exc:
@@ -155,21 +156,23 @@ class Client:
                         self._fatal = exc
                         self._fail_pending(exc)
                         raise
-                    log.info("connection failed: %s", exc)
+                    problem = str(exc)
                 except (OSError, HandshakeError, ConnectionClosed, trio.BrokenResourceError) as exc:
-                    log.info("connection failed: %r", exc)
+                    problem = repr(exc)
                 self._fail_pending(ConnectionLostError())
                 if self._was_up:
                     failures = 0
                 if not self.reconnect:
                     if not self._connected_once:
-                        raise ConnectionLostError("could not connect")
+                        raise ConnectionLostError(f"could not connect: {problem}")
                     self._fatal = ConnectionLostError("disconnected (reconnect is off)")
                     return
                 delay = min(self.max_backoff, self.min_backoff * 2**failures)
+                delay *= random.uniform(0.5, 1.0)
                 failures += 1
                 self._was_up = False
-                await trio.sleep(delay * random.uniform(0.5, 1.0))
+                log.info("not connected (%s); retrying in %.1f s", problem, delay)
+                await trio.sleep(delay)
 
     async def _connect_once(self, task_status: trio.TaskStatus[Client]) -> None:
         async with open_websocket_url(self.url, max_message_size=MAX_FRAME) as ws:
