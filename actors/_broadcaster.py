@@ -227,9 +227,12 @@ class Broadcaster:
                         started = True
                     try:
                         async for event in stream:
+                            # A commit's events arrive together: publish them all before
+                            # yielding, so each connection's sender takes them as one frame.
                             self.publish(event)
-                            if not stream.pending():
-                                self._idle.set()
+                            while stream.pending():
+                                self.publish(stream.receive_nowait())
+                            self._idle.set()
                     except EventStreamLagged:
                         log.error("broadcaster fell behind the store; asking clients to resync")
                         self._lag_everyone()

@@ -7,6 +7,7 @@ numbers assigned; both store backends persist what these functions return.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,6 +46,18 @@ Change = tuple[Job, JobEvent]
 S = JobState
 
 
+_FIELDS = tuple(field.name for field in attrs.fields(Job))
+_values = operator.attrgetter(*_FIELDS)
+
+
+def _evolve(job: Job, changes: dict[str, Any]) -> Job:
+    # attrs.evolve re-reads the class's fields on every call; this is the hot path of every
+    # progress report, so the names are read once.
+    values = dict(zip(_FIELDS, _values(job), strict=True))
+    values.update(changes)
+    return Job(**values)
+
+
 def _emit(
     job: Job,
     type: EventType,
@@ -53,7 +66,9 @@ def _emit(
     actor: str | None = None,
     **changes: Any,
 ) -> Change:
-    new = attrs.evolve(job, updated_at=now, seq=job.seq + 1, **changes)
+    changes["updated_at"] = now
+    changes["seq"] = job.seq + 1
+    new = _evolve(job, changes)
     return new, JobEvent(new.id, new.user_id, new.seq, type, new.state, now, data or {}, actor)
 
 

@@ -42,7 +42,7 @@ MIGRATIONS: list[list[str]] = [
             record TEXT NOT NULL
         )""",
         "CREATE INDEX jobs_by_user ON jobs (user_id, id)",
-        "CREATE INDEX jobs_by_state ON jobs (state, last_heartbeat_at)",
+        "CREATE INDEX jobs_by_state ON jobs (state)",
         """CREATE TABLE events (
             job_id TEXT NOT NULL,
             seq INTEGER NOT NULL,

@@ -60,20 +60,47 @@ class _Request:
         self.error: Exception | None = None
 
 
+@attrs.define(eq=False)
+class _Group:
+    """Requests applied together and committed in one transaction."""
+
+    generation: int
+    requests: list[_Request] = attrs.field(factory=list)
+    jobs: dict[str, Job] = attrs.field(factory=dict)
+    events: list[JobEvent] = attrs.field(factory=list)
+    deleted: set[str] = attrs.field(factory=set)
+    beats: dict[str, tuple[int, float]] = attrs.field(factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.requests or self.writes)
+
+    @property
+    def writes(self) -> bool:
+        return bool(self.jobs or self.events or self.deleted or self.beats)
+
+
 class StoreActor:
-    """Owns a :class:`Backend`; serves :class:`StoreClient` requests until every client closes."""
+    """Owns a :class:`Backend`; serves :class:`StoreClient` requests until every client closes.
+
+    Commits are pipelined one deep: while one group commits (in the database's thread), the
+    next is applied in this task, reading through the overlays of both. A failed commit fails
+    every group built on top of it and drops every cached state, which is reloaded from the
+    database.
+    """
 
     def __init__(self, backend: Backend, hub: EventHub, config: StoreConfig | None = None) -> None:
         self.backend = backend
         self.hub = hub
         self.config = config or StoreConfig()
         self._send, self._receive = trio.open_memory_channel[_Request](self.config.queue_size)
-        self._cache: dict[str, Job] = {}  # every non-terminal job written since open
-        self._dirty: dict[str, Job] = {}
-        self._events: list[JobEvent] = []
-        self._deleted: set[str] = set()
+        self._cache: dict[str, Job] = {}  # committed state of every non-terminal job written
+        self._inflight: list[_Group] = []  # handed to the committer, oldest first
+        self._generation = 0  # bumped by a failed commit: older groups are void
+        self._group = _Group(0)  # being applied
         self._beats: dict[str, tuple[int, float]] = {}
         self._user_heads: dict[str, int] = {}  # includes staged, uncommitted events
+        self._idle = trio.Event()
+        self._idle.set()
         self.commits = 0
         self.committed_requests = 0
 
@@ -87,15 +114,19 @@ class StoreActor:
     async def run(
         self, *, task_status: trio.TaskStatus[StoreActor] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        async with self._receive, self.backend.opened():
+        async with self._receive, self.backend.opened(), trio.open_nursery() as nursery:
             # Only clients hold send ends: the loop ends when the last client closes.
             self._send.close()
+            to_committer, from_actor = trio.open_memory_channel[_Group](0)
+            nursery.start_soon(self._committer, from_actor)
             task_status.started(self)
-            try:
-                await self._serve()
-            finally:
-                with trio.move_on_after(5, shield=True):
-                    await self._flush([])
+            async with to_committer:
+                self._handoff = to_committer
+                try:
+                    await self._serve()
+                finally:
+                    with trio.move_on_after(5, shield=True):
+                        await self._drain()
 
     async def _serve(self) -> None:
         receive = self._receive
@@ -109,8 +140,10 @@ class StoreActor:
                 return
             if first is None:
                 if self._beats:
-                    await self._flush([])
+                    await self._cut()
                 continue
+            # Let every task that is ready to send a request do so before the group is cut.
+            await trio.lowlevel.cancel_shielded_checkpoint()
             batch = [first]
             while len(batch) < self.config.max_batch:
                 try:
@@ -120,11 +153,9 @@ class StoreActor:
             await self._process(batch)
 
     async def _process(self, batch: list[_Request]) -> None:
-        answered: list[_Request] = []
         for request in batch:
             if request.barrier:
-                await self._flush(answered)
-                answered = []
+                await self._drain()
             try:
                 request.value = await request.fn()
             except JobspineError as exc:
@@ -132,48 +163,93 @@ class StoreActor:
             except Exception as exc:
                 log.exception("store request failed")
                 request.error = StoreError(f"store request failed: {exc!r}")
-            answered.append(request)
-        await self._flush(answered)
-
-    async def _flush(self, answered: list[_Request]) -> None:
-        dirty, events, deleted, beats = self._dirty, self._events, self._deleted, self._beats
-        if dirty or events or deleted or beats:
-            self._dirty, self._events, self._deleted, self._beats = {}, [], set(), {}
-            try:
-                await self.backend.commit(dirty.values(), events, deleted, beats)
-            except Exception as exc:
-                log.exception("commit of %d requests failed", len(answered))
-                for event in events:  # reloaded from the database when next needed
-                    self._user_heads.pop(event.user_id, None)
-                error = StoreError(f"database write failed, nothing was saved: {exc}")
-                for request in answered:
-                    if request.error is None and not request.barrier:
-                        request.error = error
-                        request.value = None
+            if request.barrier:
+                request.done.set()
             else:
-                self.commits += 1
-                self.committed_requests += len(answered)
-                for job_id, (attempt, at) in beats.items():
-                    cached = self._cache.get(job_id)
-                    if cached and cached.state is JobState.RUNNING and cached.attempt == attempt:
-                        self._cache[job_id] = attrs.evolve(cached, last_heartbeat_at=at)
-                for job in dirty.values():
-                    if job.state in TERMINAL_STATES:
-                        self._cache.pop(job.id, None)
-                    else:
-                        self._cache[job.id] = job
-                for job_id in deleted:
-                    self._cache.pop(job_id, None)
-                self.hub.publish(events)
-        for request in answered:
-            request.done.set()
+                self._group.requests.append(request)
+        await self._cut()
+
+    async def _cut(self) -> None:
+        """Hand the group being applied to the committer (waits while it is busy)."""
+        group, self._group = self._group, _Group(self._generation)
+        group.beats, self._beats = self._beats, {}
+        if not group:
+            return
+        self._inflight.append(group)
+        self._idle = trio.Event()
+        await self._handoff.send(group)
+
+    async def _drain(self) -> None:
+        """Commit everything applied so far and wait until it is done."""
+        await self._cut()
+        await self._idle.wait()
+
+    async def _committer(self, groups: trio.MemoryReceiveChannel[_Group]) -> None:
+        async with groups:
+            async for group in groups:
+                try:
+                    await self._commit(group)
+                finally:
+                    self._inflight.remove(group)
+                    if not self._inflight:
+                        self._idle.set()
+                    for request in group.requests:
+                        request.done.set()
+
+    async def _commit(self, group: _Group) -> None:
+        if group.generation != self._generation:
+            error: Exception = StoreError("an earlier write failed; nothing of this was saved")
+        elif not group.writes:
+            return  # reads only: answered in order, after the writes before them
+        else:
+            try:
+                await self.backend.commit(
+                    group.jobs.values(), group.events, group.deleted, group.beats
+                )
+            except Exception as exc:
+                log.exception("commit of %d requests failed", len(group.requests))
+                # Every group applied on top of this one is void; cached state is reloaded.
+                self._generation += 1
+                self._cache.clear()
+                self._user_heads.clear()
+                if not self._group:  # nothing applied on the void state yet
+                    self._group.generation = self._generation
+                error = StoreError(f"database write failed, nothing was saved: {exc}")
+            else:
+                self._committed(group)
+                return
+        for request in group.requests:
+            if request.error is None:
+                request.error = error
+                request.value = None
+
+    def _committed(self, group: _Group) -> None:
+        self.commits += 1
+        self.committed_requests += len(group.requests)
+        cache = self._cache
+        for job_id, (attempt, at) in group.beats.items():
+            cached = cache.get(job_id)
+            if cached and cached.state is JobState.RUNNING and cached.attempt == attempt:
+                cache[job_id] = attrs.evolve(cached, last_heartbeat_at=at)
+        for job in group.jobs.values():
+            if job.state in TERMINAL_STATES:
+                cache.pop(job.id, None)
+            else:
+                cache[job.id] = job
+        for job_id in group.deleted:
+            cache.pop(job_id, None)
+        self.hub.publish(group.events)
 
     # -- helpers used by request functions (run inside the actor task) -------------------------
 
     async def _job(self, job_id: str) -> Job:
-        if job_id in self._deleted:
-            raise UnknownJobError(job_id)
-        job = self._dirty.get(job_id) or self._cache.get(job_id)
+        for group in (self._group, *reversed(self._inflight)):
+            if job_id in group.deleted:
+                raise UnknownJobError(job_id)
+            job = group.jobs.get(job_id)
+            if job is not None:
+                return job
+        job = self._cache.get(job_id)
         if job is None:
             job = await self.backend.load(job_id)
             if job is None:
@@ -190,8 +266,20 @@ class StoreActor:
         job, event = change
         user_seq = await self._user_head(job.user_id) + 1
         self._user_heads[job.user_id] = user_seq
-        self._dirty[job.id] = job
-        self._events.append(attrs.evolve(event, user_seq=user_seq))
+        self._group.jobs[job.id] = job
+        self._group.events.append(
+            JobEvent(
+                event.job_id,
+                event.user_id,
+                event.seq,
+                event.type,
+                event.state,
+                event.at,
+                event.data,
+                event.actor,
+                user_seq,
+            )
+        )
         return job
 
     async def _change(self, job_id: str, fn: Callable[[Job, float], ops.Change]) -> Job:
@@ -355,8 +443,8 @@ class StoreClient:
         async def fn() -> None:
             job, event = ops.delete(await store._job(job_id), time.time(), actor)
             await store._stage((job, event))
-            del store._dirty[job_id]
-            store._deleted.add(job_id)
+            del store._group.jobs[job_id]
+            store._group.deleted.add(job_id)
 
         await self._call(fn)
 

@@ -94,11 +94,11 @@ class Supervisor:
             with trio.move_on_at(detector.next_deadline()):
                 worker = await receive.receive()
                 while True:
+                    last, persist = worker.take_beat()
                     if self.workers.get(worker.job_id) is worker:
-                        detector.beat(worker.job_id, worker.take_beat())
-                        self.store.heartbeat(worker.job_id, worker.attempt)
-                    else:
-                        worker.take_beat()
+                        detector.beat(worker.job_id, last)
+                        if persist:
+                            self.store.heartbeat(worker.job_id, worker.attempt)
                     try:
                         worker = receive.receive_nowait()
                     except trio.WouldBlock:

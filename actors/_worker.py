@@ -49,7 +49,7 @@ class JobContext:
 
     async def heartbeat(self) -> None:
         """Tell the supervisor this job is alive. Cheap, coalesced, never blocks on I/O."""
-        self._worker.beat()
+        self._worker.beat(persist=True)
         await trio.lowlevel.checkpoint()
 
     async def progress(self, pct: float, step: str | None = None) -> None:
@@ -76,7 +76,7 @@ class JobContext:
             yield
         finally:
             self._worker.keep_alive -= 1
-            self._worker.beat()
+            self._worker.beat(persist=True)
 
 
 class Worker:
@@ -101,11 +101,15 @@ class Worker:
         self.stop_reason: str | None = None
         self.keep_alive = 0
         self.last_beat = trio.current_time()
+        self.persist_beat = False
         self._beats = beats
         self._beat_queued = False
 
-    def beat(self) -> None:
+    def beat(self, *, persist: bool = False) -> None:
+        """Mark the job alive; ``persist`` asks for ``last_heartbeat_at`` to be written (a
+        progress or checkpoint write already stores it)."""
         self.last_beat = trio.current_time()
+        self.persist_beat = self.persist_beat or persist
         if self._beat_queued:
             return
         try:
@@ -117,9 +121,10 @@ class Worker:
             return
         self._beat_queued = True
 
-    def take_beat(self) -> float:
+    def take_beat(self) -> tuple[float, bool]:
+        persist, self.persist_beat = self.persist_beat, False
         self._beat_queued = False
-        return self.last_beat
+        return self.last_beat, persist
 
     def request_stop(self, reason: str) -> None:
         if self.stop_reason is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import importlib
 import logging
 import os
 import secrets
@@ -15,7 +16,7 @@ from typing import Any
 import orjson
 import trio
 
-from actors import TERMINAL_STATES, EventType, JobEvent, RuntimeConfig
+from actors import DEMO_HANDLERS, TERMINAL_STATES, EventType, JobEvent, RuntimeConfig
 
 from ._app import open_server
 from ._auth import mint_token
@@ -71,13 +72,26 @@ async def serve(args: argparse.Namespace) -> int:
     db = Path(args.db)
     db.parent.mkdir(parents=True, exist_ok=True)
     secret = load_secret(db, create=True)
-    config = ServerConfig(secret=secret, host=args.host, port=args.port)
+    config = ServerConfig(
+        secret=secret,
+        host=args.host,
+        port=args.port,
+        request_rate=args.request_rate,
+        request_burst=int(2 * args.request_rate),
+    )
     runtime_config = RuntimeConfig(
         heartbeat_timeout=args.heartbeat_timeout, stop_grace=args.stop_grace
     )
+    handlers = dict(DEMO_HANDLERS)
+    for spec in args.handlers:
+        handlers.update(load_handlers(spec))
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_server(
-            db, config, runtime_config=runtime_config, health_port=args.health_port
+            db,
+            config,
+            handlers=handlers,
+            runtime_config=runtime_config,
+            health_port=args.health_port,
         ) as running:
             log.info(
                 "jobspine listening on %s (health http://%s:%s/healthz), database %s, epoch %s",
@@ -92,6 +106,18 @@ async def serve(args: argparse.Namespace) -> int:
                 break
     log.info("stopped cleanly")
     return 0
+
+
+def load_handlers(spec: str) -> dict[str, Any]:
+    """``module:attribute`` naming a dict of kind -> handler, registered beside the demos."""
+    module_name, _, attribute = spec.partition(":")
+    try:
+        found = getattr(importlib.import_module(module_name), attribute or "HANDLERS")
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(f"--handlers {spec}: {exc}") from None
+    if not isinstance(found, dict):
+        raise SystemExit(f"--handlers {spec}: expected a dict of kind -> handler")
+    return found
 
 
 # -- client commands -----------------------------------------------------------------------------
@@ -212,6 +238,16 @@ def parser() -> argparse.ArgumentParser:
     serve_p.add_argument("--health-port", type=int, default=DEFAULT_HEALTH_PORT)
     serve_p.add_argument("--heartbeat-timeout", type=float, default=30.0)
     serve_p.add_argument("--stop-grace", type=float, default=5.0)
+    serve_p.add_argument(
+        "--request-rate", type=float, default=50.0, help="requests/s per connection"
+    )
+    serve_p.add_argument(
+        "--handlers",
+        action="append",
+        default=[],
+        metavar="MODULE:DICT",
+        help="register more job kinds (a dict of kind -> handler); repeatable",
+    )
 
     token_p = sub.add_parser("token", help="mint a development token")
     with_db(token_p)
@@ -244,10 +280,16 @@ def parser() -> argparse.ArgumentParser:
     restart_p.add_argument("job_id")
     restart_p.add_argument("modifications", nargs="?", help="JSON object merged into the input")
     client("recovery", "recovery options of a job").add_argument("job_id")
+    sub.add_parser("bench", help="run the load benchmarks (jobspine bench --help)", add_help=False)
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from bench.run import main as bench_main
+
+        return bench_main(argv[1:])
     args = parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -162,6 +162,8 @@ class Connection:
         config = self.server.config
         while True:
             await outbox.wait()
+            # Let the rest of a burst reach the outbox first: one frame carries it all.
+            await trio.lowlevel.cancel_shielded_checkpoint()
             items, skipped = outbox.take()
             items = [item for item in items if item]
             if items or skipped:

@@ -1,0 +1,80 @@
+"""Job kinds for the benchmarks (registered with ``jobspine serve --handlers bench.handlers``).
+
+Each waits until ``start_at`` (wall clock) so that every subscriber is in place first; progress
+step labels carry the wall time just before ``ctx.progress()``, so a client can measure the
+latency from the handler's call to its own receipt.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+import trio
+
+from actors import Handler, JobContext
+
+
+async def _start(input: Any) -> None:
+    delay = float(input.get("start_at", 0)) - time.time()
+    if delay > 0:
+        await trio.sleep(delay)
+
+
+async def emit(ctx: JobContext, input: Any) -> Any:
+    """``count`` progress events, ``interval`` seconds apart (0: back to back)."""
+    await _start(input)
+    count = int(input["count"])
+    interval = float(input.get("interval", 0))
+    for i in range(count):
+        await ctx.progress(100 * (i + 1) / count, f"{time.time():.6f}")
+        if interval:
+            await trio.sleep(interval)
+    return {"count": count}
+
+
+async def idle(ctx: JobContext, input: Any) -> Any:
+    """Only heartbeats, every ``every`` seconds, for ``seconds``."""
+    await _start(input)
+    deadline = trio.current_time() + float(input["seconds"])
+    every = float(input["every"])
+    while trio.current_time() < deadline:
+        await trio.sleep(every)
+        await ctx.heartbeat()
+    return "idle"
+
+
+async def checkpointer(ctx: JobContext, input: Any) -> Any:
+    """``count`` checkpoints, ``interval`` seconds apart (first at a random offset within it,
+    so that jobs spread out); returns each one's durable latency in ms."""
+    await _start(input)
+    pad = "x" * int(input.get("size", 200))
+    interval = float(input.get("interval", 0))
+    if interval:
+        await trio.sleep(random.uniform(0, interval))
+    latencies = []
+    for i in range(int(input["count"])):
+        began = time.perf_counter()
+        await ctx.checkpoint({"i": i, "pad": pad})
+        latencies.append(round(1000 * (time.perf_counter() - began), 3))
+        if interval:
+            await trio.sleep(interval)
+    return {"latencies_ms": latencies}
+
+
+async def staller(ctx: JobContext, input: Any) -> Any:
+    """Checkpoints once, then stops heartbeating; once resumed, reports progress at once."""
+    if ctx.resumed_from is None:
+        await ctx.checkpoint({"stalled_at": time.time()})
+        await trio.sleep_forever()
+    await ctx.progress(50, f"{time.time():.6f}")
+    return "resumed"
+
+
+HANDLERS: dict[str, Handler] = {
+    "emit": emit,
+    "idle": idle,
+    "checkpointer": checkpointer,
+    "staller": staller,
+}

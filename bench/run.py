@@ -1,0 +1,715 @@
+"""``jobspine bench``: the real server and real websocket clients on loopback, measured.
+
+The server runs in its own process, the subscribing clients in another (so client cost does
+not hide server cost); this process only orchestrates and issues requests. Prints a table
+(with the machine's core count and versions, and each figure next to the predecessor's target
+and our goal) and writes every figure to a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import attrs
+import orjson
+import trio
+
+from actors import EventType, JobEvent
+from transport import Client, RoomCursor, mint_token, open_client
+
+SECRET = "bench-secret-bench-secret-bench-secret"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def percentile(samples: list[float], q: float) -> float:
+    if not samples:
+        return float("nan")
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def progress_line(text: str) -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\033[K" + text)
+    else:
+        sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+@attrs.define
+class Row:
+    scenario: str
+    measure: str
+    value: float
+    unit: str
+    predecessor: str = ""
+    goal: str = ""
+    ratio: str = ""
+    ok: bool | None = None
+
+
+@attrs.define
+class ServerProcess:
+    process: trio.Process
+    url: str
+    health: int
+    db: Path
+
+    def rss(self) -> int:
+        with open(f"/proc/{self.process.pid}/statm") as f:
+            return int(f.read().split()[1]) * PAGE
+
+    def cpu(self) -> float:
+        with open(f"/proc/{self.process.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+    async def metrics(self) -> Any:
+        stream = await trio.open_tcp_stream("127.0.0.1", self.health)
+        async with stream:
+            await stream.send_all(b"GET /metrics HTTP/1.1\r\nhost: bench\r\n\r\n")
+            data = b""
+            while chunk := await stream.receive_some():
+                data += chunk
+        return orjson.loads(data.partition(b"\r\n\r\n")[2])
+
+
+@asynccontextmanager
+async def server(workdir: Path, *, heartbeat_timeout: float = 30.0) -> AsyncIterator[ServerProcess]:
+    port, health = free_port(), free_port()
+    db = workdir / f"bench-{port}.db"
+    log = workdir / f"server-{port}.log"
+    env = {**os.environ, "JOBSPINE_SECRET": SECRET}
+    with log.open("wb") as out:
+        process = await trio.lowlevel.open_process(
+            [
+                sys.executable,
+                "-m",
+                "transport._cli",
+                "--log-level",
+                "WARNING",
+                "serve",
+                "--db",
+                str(db),
+                "--port",
+                str(port),
+                "--health-port",
+                str(health),
+                "--handlers",
+                "bench.handlers:HANDLERS",
+                "--heartbeat-timeout",
+                str(heartbeat_timeout),
+                "--request-rate",
+                "100000",
+                "--stop-grace",
+                "1",
+            ],
+            env=env,
+            stdout=out,
+            stderr=out,
+        )
+    served = ServerProcess(process, f"ws://127.0.0.1:{port}", health, db)
+    try:
+        with trio.fail_after(30):
+            while True:
+                try:
+                    await served.metrics()
+                    break
+                except OSError:
+                    assert process.poll() is None, log.read_text()
+                    await trio.sleep(0.05)
+        yield served
+    finally:
+        process.terminate()
+        with trio.move_on_after(30):
+            await process.wait()
+        if process.poll() is None:
+            process.kill()
+            await process.wait()
+
+
+async def create_jobs(
+    url: str, specs: list[tuple[str, str, dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """Create (user, kind, input) jobs, one connection per user (each within the server's
+    16 requests in flight); returns them in order."""
+    results: list[dict[str, Any]] = [{}] * len(specs)
+    by_user: dict[str, list[int]] = {}
+    for index, (user, _, _) in enumerate(specs):
+        by_user.setdefault(user, []).append(index)
+
+    async def for_user(user: str, indexes: list[int]) -> None:
+        inflight = trio.Semaphore(16)
+        async with open_client(url, mint_token(SECRET, user)) as client, trio.open_nursery() as n:
+            for index in indexes:
+                await inflight.acquire()
+                n.start_soon(one, client, index, inflight)
+
+    async def one(client: Client, index: int, inflight: trio.Semaphore) -> None:
+        try:
+            _, kind, input = specs[index]
+            results[index] = await client.create(kind, input)
+        finally:
+            inflight.release()
+
+    async with trio.open_nursery() as nursery:
+        for user, indexes in by_user.items():
+            nursery.start_soon(for_user, user, indexes)
+    return results
+
+
+async def run_subscribers(
+    spec: dict[str, Any], workdir: Path, until_ready: Callable[[], Awaitable[None]]
+) -> Any:
+    path = workdir / f"client-{time.monotonic_ns()}.json"
+    path.write_bytes(orjson.dumps(spec))
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "bench.client", str(path)], stdout=-1
+    )
+    assert process.stdout is not None
+    buffer = b""
+    result = None
+    try:
+        while True:
+            chunk = await process.stdout.receive_some()
+            if not chunk:
+                break
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                if line == b"READY":
+                    await until_ready()
+                elif line.startswith(b"{"):
+                    result = orjson.loads(line)
+    finally:
+        with trio.move_on_after(10, shield=True):
+            await process.wait()
+        if process.poll() is None:
+            process.kill()
+    if result is None:
+        raise RuntimeError("the subscriber process reported nothing")
+    return result
+
+
+def _completed(job: Any) -> bool:
+    return bool(job["state"] == "completed")
+
+
+async def poll_until(
+    read: Callable[[], Awaitable[Any]], done: Callable[[Any], bool], seconds: float
+) -> Any:
+    """Read another process's state until ``done`` holds (it announces nothing to wait on)."""
+    with trio.fail_after(seconds):
+        while not done(value := await read()):  # noqa: ASYNC110 - polls another process
+            await trio.sleep(0.05)
+    return value
+
+
+# -- scenarios -----------------------------------------------------------------------------------
+
+
+async def fanout(args: argparse.Namespace, workdir: Path, jobs: int) -> list[Row]:
+    users = max(1, jobs // 100)
+    per_job_rate = args.rate / jobs
+    interval = 1 / per_job_rate
+    events = max(2, int(args.duration * per_job_rate))
+    label = f"fanout {jobs}"
+    async with server(workdir) as served:
+        start_at = time.time() + 3 + jobs / 1500
+        specs = [
+            (
+                f"user{n % users}",
+                "emit",
+                {"count": events, "interval": interval, "start_at": start_at},
+            )
+            for n in range(jobs)
+        ]
+        created = await create_jobs(served.url, specs)
+        owners = {job["id"]: job["user_id"] for job in created}
+        job_rooms: dict[str, list[str]] = {}
+        for job in created:
+            job_rooms.setdefault(job["user_id"], []).append(job["id"])
+        spec = {
+            "url": served.url,
+            "secret": SECRET,
+            "user_rooms": sorted(job_rooms),
+            "job_rooms": sorted(job_rooms.items()),
+            "owners": owners,
+            "expect": dict.fromkeys(owners, events),
+            "timeout": args.duration * 4 + 60,
+        }
+
+        async def ready() -> None:
+            if time.time() > start_at:
+                progress_line(f"[{label}] subscribers were late: increase the setup time")
+
+        cpu_before = served.cpu()
+        watch = trio.CancelScope()
+
+        async def show() -> None:
+            with watch:
+                while True:
+                    m = await served.metrics()
+                    progress_line(
+                        f"[{label}] published {m['broadcaster']['published']:,} events, "
+                        f"{m['connections']} connections"
+                    )
+                    await trio.sleep(1)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(show)
+            result = await run_subscribers(spec, workdir, ready)
+            watch.cancel()
+        cpu = served.cpu() - cpu_before
+    total = jobs * events
+    span = max(1e-9, result["last"] - max(start_at, result["first"] - 1))
+    delivered_span = max(1e-9, result["last"] - result["first"])
+    lat = [1000 * x for x in result["latencies"]]
+    persisted_rate = total / span
+    return [
+        Row(
+            label,
+            "progress events persisted/s",
+            persisted_rate,
+            "ev/s",
+            "",
+            ">= 10,000",
+            ok=persisted_rate >= 10_000 or jobs * per_job_rate < 10_000,
+        ),
+        Row(
+            label,
+            "deliveries/s (2 rooms per event)",
+            result["deliveries"] / delivered_span,
+            "msg/s",
+        ),
+        Row(label, "latency p50 progress() -> client", percentile(lat, 0.5), "ms", "< 100 ms"),
+        Row(label, "latency p95", percentile(lat, 0.95), "ms"),
+        Row(
+            label,
+            "latency p99",
+            percentile(lat, 0.99),
+            "ms",
+            "< 100 ms",
+            "< 50 ms",
+            ratio=f"{100 / max(percentile(lat, 0.99), 1e-9):.1f}x",
+            ok=percentile(lat, 0.99) < 50,
+        ),
+        Row(label, "latency max", max(lat, default=float("nan")), "ms"),
+        Row(
+            label,
+            "events lost / gaps / resets",
+            result["lost"] + result["gaps"] + result["resets"],
+            "",
+            "",
+            "0",
+            ok=result["lost"] + result["gaps"] + result["resets"] == 0,
+        ),
+        Row(label, "server CPU", cpu / (delivered_span + 1e-9), "cores"),
+    ]
+
+
+async def saq_fanout(args: argparse.Namespace, workdir: Path, jobs: int) -> tuple[list[Row], Any]:
+    per_job_rate = args.rate / jobs
+    interval = 1 / per_job_rate
+    events = max(2, int(args.duration * per_job_rate))
+    queue = f"jobspine-bench-{os.getpid()}-{jobs}"
+    common = ["--jobs", str(jobs), "--queue", queue, "--redis", args.redis]
+    worker = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "bench.saq_fanout", "worker", *common],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,  # saq logs its own shutdown noisily
+    )
+    try:
+        result = await trio.run_process(
+            [
+                sys.executable,
+                "-m",
+                "bench.saq_fanout",
+                "observe",
+                *common,
+                "--events",
+                str(events),
+                "--interval",
+                str(interval),
+                "--timeout",
+                str(args.duration * 4 + 60),
+            ],
+            capture_stdout=True,
+        )
+    finally:
+        worker.terminate()
+        await worker.wait()
+    data = orjson.loads(result.stdout.decode().strip().splitlines()[-1])
+    lat = [1000 * x for x in data["latencies"]]
+    span = max(1e-9, data["last"] - data["first"])
+    label = f"saq {jobs}"
+    return [
+        Row(label, "progress updates observed/s", data["deliveries"] / span, "ev/s"),
+        Row(label, "latency p50 update() -> observer", percentile(lat, 0.5), "ms"),
+        Row(label, "latency p99", percentile(lat, 0.99), "ms"),
+        Row(label, "updates seen / made", data["deliveries"] / max(1, data["expected"]), ""),
+    ], data
+
+
+async def idle_capacity(args: argparse.Namespace, workdir: Path) -> list[Row]:
+    jobs = args.idle_jobs
+    label = f"idle {jobs}"
+    async with server(workdir, heartbeat_timeout=args.idle_every * 3) as served:
+        await trio.sleep(1)
+        baseline = served.rss()
+        start_at = time.time() + 2
+        hold = args.idle_window + 20 + jobs / 1000
+        specs = [
+            (
+                f"user{n % 100}",
+                "idle",
+                {"seconds": hold, "every": args.idle_every, "start_at": start_at},
+            )
+            for n in range(jobs)
+        ]
+        await create_jobs(served.url, specs)
+        await poll_until(
+            lambda: served.metrics(), lambda m: m["supervisor"]["running"] >= jobs, 120
+        )
+        await trio.sleep(args.idle_every)  # every job has heartbeat at least once
+        cpu0, t0 = served.cpu(), time.monotonic()
+        rss_samples = []
+        while time.monotonic() - t0 < args.idle_window:
+            await trio.sleep(1)
+            rss_samples.append(served.rss())
+            progress_line(
+                f"[{label}] measuring: {time.monotonic() - t0:.0f}/{args.idle_window:g} s"
+            )
+        cpu = (served.cpu() - cpu0) / (time.monotonic() - t0)
+        metrics = await served.metrics()
+    per_job = (max(rss_samples) - baseline) / jobs
+    stalls = metrics["supervisor"]["stalls_detected"]
+    return [
+        Row(
+            label,
+            "memory per running idle job",
+            per_job / 1024,
+            "KB",
+            "",
+            "<= 10 KB",
+            ok=per_job <= 10 * 1024,
+        ),
+        Row(label, "server CPU while idle", cpu, "cores"),
+        Row(label, "false stalls", stalls, "", "", "0", ok=stalls == 0),
+        Row(
+            label,
+            "jobs running at once",
+            metrics["supervisor"]["running"],
+            "jobs",
+            ">= 100",
+            ratio=f"{metrics['supervisor']['running'] / 100:.0f}x",
+        ),
+    ]
+
+
+async def checkpoint_latency(args: argparse.Namespace, workdir: Path, jobs: int) -> list[Row]:
+    pace = f"every {args.checkpoint_interval:g}s" if args.checkpoint_interval else "back to back"
+    label = f"checkpoint {jobs} {pace}"
+    async with server(workdir) as served:
+        start_at = time.time() + 2 + jobs / 1500
+        input = {
+            "count": args.checkpoints,
+            "start_at": start_at,
+            "interval": args.checkpoint_interval,
+        }
+        specs = [(f"user{n % 10}", "checkpointer", input) for n in range(jobs)]
+        created = await create_jobs(served.url, specs)
+        latencies: list[float] = []
+        async with open_client(served.url, mint_token(SECRET, "admin", admin=True)) as admin:
+            for job in created:
+                got = await poll_until(partial(admin.get, job["id"]), _completed, 300)
+                latencies.extend(got["result"]["latencies_ms"])
+    p99 = percentile(latencies, 0.99)
+    return [
+        Row(label, "checkpoint durable p50", percentile(latencies, 0.5), "ms", "< 500 ms"),
+        Row(
+            label,
+            "checkpoint durable p99",
+            p99,
+            "ms",
+            "< 500 ms",
+            "< 20 ms",
+            ratio=f"{500 / max(p99, 1e-9):.0f}x",
+            ok=p99 < 20,
+        ),
+    ]
+
+
+async def stall_recovery(args: argparse.Namespace, workdir: Path) -> list[Row]:
+    jobs = args.stall_jobs
+    timeout = args.stall_timeout
+    label = f"stall {jobs}"
+    async with (
+        server(workdir, heartbeat_timeout=timeout) as served,
+        open_client(served.url, mint_token(SECRET, "staller")) as client,
+    ):
+        await client.subscribe("user:staller")
+        created = await create_jobs(served.url, [("staller", "staller", {})] * jobs)
+        ids = {job["id"] for job in created}
+        checkpoint_at: dict[str, float] = {}
+        detect: list[float] = []
+        deliver: list[float] = []
+        with trio.fail_after(timeout * 3 + 30):
+            async for item in client.events():
+                if not isinstance(item, JobEvent) or item.job_id not in ids:
+                    continue
+                if item.type is EventType.CHECKPOINT:
+                    checkpoint_at[item.job_id] = item.at
+                elif item.type is EventType.RECOVERY:
+                    detect.append(1000 * (item.at - checkpoint_at[item.job_id] - timeout))
+                    deliver.append(1000 * (time.time() - item.at))
+                    if len(detect) == jobs:
+                        break
+        resume_latency: list[float] = []
+        for job_id in ids:
+            sent = time.time()
+            await client.resume(job_id)
+            with trio.fail_after(10):
+                async for item in client.events():
+                    if (
+                        isinstance(item, JobEvent)
+                        and item.job_id == job_id
+                        and item.type is EventType.PROGRESS
+                    ):
+                        resume_latency.append(1000 * (time.time() - sent))
+                        break
+    return [
+        Row(
+            label,
+            "deadline -> stall detected p99",
+            percentile(detect, 0.99),
+            "ms",
+            "10,000 ms (poll)",
+            "< 100 ms",
+            ratio=f"{10_000 / max(percentile(detect, 0.99), 1):.0f}x",
+            ok=percentile(detect, 0.99) < 100,
+        ),
+        Row(
+            label,
+            "detected -> recovery event at client p99",
+            percentile(deliver, 0.99),
+            "ms",
+            "< 2,000 ms",
+            "< 20 ms",
+            ratio=f"{2000 / max(percentile(deliver, 0.99), 1e-3):.0f}x",
+            ok=percentile(deliver, 0.99) < 20,
+        ),
+        Row(
+            label,
+            "resume -> first progress at client p99",
+            percentile(resume_latency, 0.99),
+            "ms",
+            "< 1,000 ms",
+            "< 50 ms",
+            ratio=f"{1000 / max(percentile(resume_latency, 0.99), 1e-3):.0f}x",
+            ok=percentile(resume_latency, 0.99) < 50,
+        ),
+    ]
+
+
+async def reconnect(args: argparse.Namespace, workdir: Path) -> list[Row]:
+    rows = []
+    async with server(workdir) as served:
+        token = mint_token(SECRET, "replayer")
+        for missed in (200, 5000):
+            (job,) = await create_jobs(served.url, [("replayer", "emit", {"count": missed})])
+            async with open_client(served.url, token) as client:
+                done = await poll_until(partial(client.get, job["id"]), _completed, 60)
+                head = done["seq"]
+                # Everything after the start: exactly the progress events and the completion.
+                cursor = RoomCursor(client.welcome["epoch"], head - missed - 1)
+                began = time.perf_counter()
+                reply = await client.subscribe(f"job:{job['id']}", cursor)
+                got = 0
+                with trio.fail_after(60):
+                    async for _item in client.events():
+                        got += 1
+                        if got == reply["replayed"]:
+                            break
+                elapsed = 1000 * (time.perf_counter() - began)
+            tier = "backlog" if missed <= 200 else "durable log"
+            goal = "< 250 ms" if missed == 5000 else ""
+            rows.append(
+                Row(
+                    "reconnect",
+                    f"replay {missed} missed ({tier})",
+                    elapsed,
+                    "ms",
+                    "",
+                    goal,
+                    ok=elapsed < 250 if missed == 5000 else None,
+                )
+            )
+    return rows
+
+
+# -- output --------------------------------------------------------------------------------------
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {
+        "python": platform.python_version(),
+        "trio": version("trio"),
+        "trio-websocket": version("trio-websocket"),
+        "sqlite": sqlite3.sqlite_version,
+        "cores": str(os.cpu_count()),
+        "machine": platform.machine(),
+    }
+
+
+def table(rows: list[Row], meta: dict[str, str]) -> str:
+    lines = [
+        f"jobspine bench: {meta['cores']} cores ({meta['machine']}), Python {meta['python']}, "
+        f"trio {meta['trio']}, trio-websocket {meta['trio-websocket']}, SQLite {meta['sqlite']}",
+        "",
+        f"{'scenario':<26}{'measure':<44}{'value':>12} {'unit':<6}{'predecessor':>18}"
+        f"{'goal':>12}{'vs pred.':>10}  ok",
+    ]
+    for r in rows:
+        value = f"{r.value:,.1f}" if r.value == r.value else "n/a"
+        ok = "" if r.ok is None else ("yes" if r.ok else "NO")
+        lines.append(
+            f"{r.scenario:<26}{r.measure:<44}{value:>12} {r.unit:<6}{r.predecessor:>18}"
+            f"{r.goal:>12}{r.ratio:>10}  {ok}"
+        )
+    return "\n".join(lines)
+
+
+SCENARIOS = ["fanout", "saq", "idle", "checkpoint", "stall", "reconnect"]
+
+
+async def run(args: argparse.Namespace) -> list[Row]:
+    workdir = Path(tempfile.mkdtemp(prefix="jobspine-bench-"))
+    chosen = SCENARIOS if "all" in args.scenario else args.scenario
+    rows: list[Row] = []
+    try:
+        for name in chosen:
+            progress_line(f"[{name}] starting")
+            if name == "fanout":
+                for jobs in args.jobs:
+                    rows += await fanout(args, workdir, jobs)
+            elif name == "saq":
+                if shutil.which("redis-server") is None and args.redis.startswith("redis://127"):
+                    progress_line("[saq] skipped: no local Redis")
+                    continue
+                for jobs in args.saq_jobs:
+                    saq_rows, _ = await saq_fanout(args, workdir, jobs)
+                    rows += saq_rows
+                    ours = [r for r in rows if r.scenario == f"fanout {jobs}"]
+                    if ours:
+                        mine_rate, mine_p99 = ours[0].value, ours[4].value
+                        rows.append(
+                            Row(
+                                f"vs saq {jobs}",
+                                "events/s ratio jobspine/saq",
+                                mine_rate / max(saq_rows[0].value, 1e-9),
+                                "x",
+                                "",
+                                ">= 4",
+                                ok=mine_rate >= 4 * saq_rows[0].value,
+                            )
+                        )
+                        rows.append(
+                            Row(
+                                f"vs saq {jobs}",
+                                "p99 latency ratio jobspine/saq",
+                                mine_p99 / max(saq_rows[2].value, 1e-9),
+                                "x",
+                                "",
+                                "< 1",
+                                ok=mine_p99 < saq_rows[2].value,
+                            )
+                        )
+            elif name == "idle":
+                rows += await idle_capacity(args, workdir)
+            elif name == "checkpoint":
+                for jobs in args.checkpoint_jobs:
+                    rows += await checkpoint_latency(args, workdir, jobs)
+            elif name == "stall":
+                rows += await stall_recovery(args, workdir)
+            elif name == "reconnect":
+                rows += await reconnect(args, workdir)
+        progress_line("done\n")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return rows
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jobspine bench", description=__doc__)
+    p.add_argument("--scenario", nargs="+", default=["all"], choices=[*SCENARIOS, "all"])
+    p.add_argument("--jobs", type=int, nargs="+", default=[100, 1000, 10_000], help="fanout sizes")
+    p.add_argument("--rate", type=float, default=10_000, help="offered progress events/s in all")
+    p.add_argument("--duration", type=float, default=4.0, help="seconds of load per fanout run")
+    p.add_argument("--saq-jobs", type=int, nargs="+", default=[100, 1000])
+    p.add_argument("--redis", default="redis://127.0.0.1:6379")
+    p.add_argument("--idle-jobs", type=int, default=10_000)
+    p.add_argument("--idle-every", type=float, default=5.0)
+    p.add_argument("--idle-window", type=float, default=10.0)
+    p.add_argument("--checkpoint-jobs", type=int, nargs="+", default=[100, 1000])
+    p.add_argument("--checkpoints", type=int, default=10)
+    p.add_argument(
+        "--checkpoint-interval",
+        type=float,
+        default=1.0,
+        help="seconds between one job's checkpoints (0: back to back)",
+    )
+    p.add_argument("--stall-jobs", type=int, default=20)
+    p.add_argument("--stall-timeout", type=float, default=1.0)
+    p.add_argument("--json", default="bench-results.json", help="where to write every figure")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="about 100 jobs for a few seconds; fails only on a lost event",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.smoke:
+        args.scenario, args.jobs, args.duration, args.rate = ["fanout"], [100], 2.0, 2000
+    rows = trio.run(run, args)
+    meta = versions()
+    print(table(rows, meta))
+    Path(args.json).write_bytes(
+        orjson.dumps(
+            {"machine": meta, "args": vars(args), "rows": [attrs.asdict(r) for r in rows]},
+            option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY,
+        )
+    )
+    print(f"\nfigures written to {args.json}")
+    lost = [r for r in rows if r.measure.startswith("events lost") and r.value != 0]
+    return 1 if lost else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

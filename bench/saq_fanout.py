@@ -1,0 +1,115 @@
+"""The fanout workload on saq (Redis), the nearest Python peer, for a side-by-side figure.
+
+    python -m bench.saq_fanout worker --jobs N --redis URL --queue NAME
+    python -m bench.saq_fanout observe --jobs N --events P --interval S --redis URL --queue NAME
+
+The worker runs N jobs at once, each calling ``job.update(progress=..., meta={"t0": ...})``
+P times. The observer (a separate process, like jobspine's clients) enqueues the jobs, listens
+to saq's update notifications and, as a UI would, reads the job on each one; it counts each
+progress value once and times it from the handler's update call. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+import time
+from typing import Any
+
+import orjson
+from saq import Queue, Worker
+
+
+async def emit(ctx: Any, *, count: int, interval: float, start_at: float) -> int:
+    job = ctx["job"]
+    delay = start_at - time.time()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    for i in range(count):
+        await job.update(progress=(i + 1) / count, meta={"t0": time.time(), "i": i})
+        if interval:
+            await asyncio.sleep(interval)
+    return count
+
+
+async def worker(args: argparse.Namespace) -> None:
+    queue = Queue.from_url(args.redis, name=args.queue)
+    await Worker(queue, functions=[emit], concurrency=args.jobs).start()
+
+
+async def observe(args: argparse.Namespace) -> None:
+    queue = Queue.from_url(args.redis, name=args.queue)
+    await queue.connect()
+    start_at = time.time() + 2 + args.jobs / 500
+    keys = []
+    for n in range(args.jobs):
+        job = await queue.enqueue(
+            "emit",
+            key=f"bench-{args.run}-{n}",
+            count=args.events,
+            interval=args.interval,
+            start_at=start_at,
+            timeout=0,
+        )
+        assert job is not None
+        keys.append(job.key)
+    seen: dict[str, set[int]] = {key: set() for key in keys}
+    latencies: list[float] = []
+    finished: set[str] = set()
+    first = last = 0.0
+
+    async def on_update(key: str, status: Any) -> bool:
+        nonlocal first, last
+        job = await queue.job(key)
+        now = time.time()
+        if job is not None:
+            i = job.meta.get("i")
+            if i is not None and i not in seen[key]:
+                seen[key].add(i)
+                latencies.append(now - job.meta["t0"])
+                first = first or now
+                last = now
+            if job.status in ("complete", "failed", "aborted") or str(job.status).endswith(
+                ("COMPLETE", "FAILED", "ABORTED")
+            ):
+                finished.add(key)
+        return len(finished) == len(keys)
+
+    print("READY", flush=True)
+    with contextlib.suppress(TimeoutError):
+        await queue.listen(keys, on_update, timeout=args.timeout)
+    delivered = sum(len(s) for s in seen.values())
+    sys.stdout.write(
+        orjson.dumps(
+            {
+                "deliveries": delivered,
+                "expected": args.jobs * args.events,
+                "latencies": latencies,
+                "first": first,
+                "last": last,
+                "finished": len(finished),
+            }
+        ).decode()
+        + "\n"
+    )
+    await queue.disconnect()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("role", choices=["worker", "observe"])
+    parser.add_argument("--jobs", type=int, default=100)
+    parser.add_argument("--events", type=int, default=100)
+    parser.add_argument("--interval", type=float, default=0.0)
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379")
+    parser.add_argument("--queue", default="jobspine-bench")
+    parser.add_argument("--run", default=str(int(time.time())))
+    parser.add_argument("--timeout", type=float, default=120)
+    args = parser.parse_args()
+    asyncio.run(worker(args) if args.role == "worker" else observe(args))
+
+
+if __name__ == "__main__":
+    main()
