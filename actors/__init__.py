@@ -14,6 +14,7 @@ from ._errors import (
     RuntimeCrashedError,
     StaleAttemptError,
     StoreError,
+    TooManyJobsError,
     UnknownJobError,
     UnknownKindError,
 )
@@ -87,6 +88,7 @@ __all__ = [
     "Supervisor",
     "SupervisorConfig",
     "SupervisorStatus",
+    "TooManyJobsError",
     "UnknownJobError",
     "UnknownKindError",
     "analysis_handler",

@@ -19,6 +19,7 @@ __all__ = [
     "RuntimeCrashedError",
     "StaleAttemptError",
     "StoreError",
+    "TooManyJobsError",
     "UnknownJobError",
     "UnknownKindError",
 ]
@@ -92,6 +93,12 @@ class CheckpointTooLargeError(InvalidInputError):
         )
         self.size = size
         self.limit = limit
+
+
+class TooManyJobsError(JobspineError):
+    """A user already has ``max_running_per_user`` jobs running."""
+
+    code = "too_many_jobs"
 
 
 class StoreError(JobspineError):

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, contextmanager
 from typing import Any
 
 import trio
 
 from ._backend import JobQuery
-from ._errors import IllegalTransitionError
+from ._errors import IllegalTransitionError, TooManyJobsError
 from ._events import AUDIT_TYPES, EventHub, EventStream, JobEvent
 from ._job import Job, JobError
 from ._recovery import (
@@ -44,7 +44,10 @@ class Repository:
         handlers: dict[str, Handler],
         *,
         checkpoint_warn_size: int,
+        max_running_per_user: int | None = None,
     ) -> None:
+        self._max_running = max_running_per_user
+        self._starting: dict[str, int] = {}  # per user: starts admitted, not yet running
         self._store = store
         self._supervisor = supervisor
         self._hub = hub
@@ -69,10 +72,30 @@ class Repository:
 
     # -- creation -------------------------------------------------------------------------------
 
+    @contextmanager
+    def _admit(self, user_id: str) -> Iterator[None]:
+        """Hold a place for one more running job of the user, or refuse."""
+        starting = self._starting.get(user_id, 0)
+        limit = self._max_running
+        if limit is not None and self._supervisor.running_for(user_id) + starting >= limit:
+            raise TooManyJobsError(
+                f"user {user_id!r} already has {limit} jobs running (max_running_per_user)"
+            )
+        self._starting[user_id] = starting + 1
+        try:
+            yield
+        finally:
+            left = self._starting[user_id] - 1
+            if left:
+                self._starting[user_id] = left
+            else:
+                del self._starting[user_id]
+
     async def create_job(self, kind: str, user_id: str, input: Any) -> Job:
         self._supervisor.handler_for(kind)
-        job = await self._store.create(user_id, kind, input)
-        return await self._start(job.id)
+        with self._admit(user_id):
+            job = await self._store.create(user_id, kind, input)
+            return await self._start(job.id)
 
     async def create_research_job(self, user_id: str, query: str, *, depth: int = 3) -> Job:
         return await self.create_job("research", user_id, {"query": query, "depth": depth})
@@ -200,8 +223,9 @@ class Repository:
         """Run a paused job again from its checkpoint (from the start if it has none)."""
         job = await self._store.get(job_id)
         self._supervisor.handler_for(job.kind)
-        job = await self._store.resume(job_id, by)
-        await self._supervisor.launch(job, job.checkpoint)
+        with self._admit(job.user_id):
+            job = await self._store.resume(job_id, by)
+            await self._supervisor.launch(job, job.checkpoint)
         return job
 
     async def restart(
@@ -214,8 +238,9 @@ class Repository:
         """Run a paused, failed or cancelled job again from scratch, with modified input."""
         job = await self._store.get(job_id)
         self._supervisor.handler_for(job.kind)
-        await self._store.restart(job_id, by, modifications)
-        return await self._start(job_id)
+        with self._admit(job.user_id):
+            await self._store.restart(job_id, by, modifications)
+            return await self._start(job_id)
 
     async def delete_job(self, job_id: str) -> None:
         await self._store.delete(job_id)

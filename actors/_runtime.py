@@ -44,6 +44,9 @@ class RuntimeConfig:
     shutdown_timeout: float = 30.0
     #: Resume, at start, the jobs a previous graceful shutdown paused.
     resume_on_start: bool = True
+    #: Jobs one user may have running at once (created, resumed or restarted beyond it: an
+    #: error). None: no limit.
+    max_running_per_user: int | None = 1000
     #: SQLite ``PRAGMA synchronous``: FULL makes a commit durable against power loss too.
     sqlite_synchronous: str = "FULL"
 
@@ -62,7 +65,12 @@ class Runtime(Repository):
         broadcaster: Broadcaster | None,
     ) -> None:
         super().__init__(
-            store, supervisor, hub, handlers, checkpoint_warn_size=config.checkpoint_warn_size
+            store,
+            supervisor,
+            hub,
+            handlers,
+            checkpoint_warn_size=config.checkpoint_warn_size,
+            max_running_per_user=config.max_running_per_user,
         )
         self.config = config
         self.supervisor = supervisor

@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 import trio
 
-from ._errors import JobspineError, UnknownKindError
+from ._errors import JobspineError, StoreError, UnknownKindError
 from ._job import Job
 from ._policy import RecoveryPolicy, StallDetector
 from ._states import JobState
@@ -42,6 +42,8 @@ class SupervisorStatus:
     recoveries: int
     failures: int
     running: int
+    #: Jobs whose outcome the store refused, awaiting a stored recovery.
+    orphans: int
 
 
 class Supervisor:
@@ -57,6 +59,10 @@ class Supervisor:
         self.policy = RecoveryPolicy(self.config.max_recovery_attempts)
         self.detector = StallDetector()
         self.workers: dict[str, Worker] = {}
+        # Jobs whose worker ended but whose outcome or recovery the store refused: still
+        # "running" in the database, watched until a recovery is stored.
+        self.orphans: dict[str, Worker] = {}
+        self._per_user: dict[str, int] = {}
         self._beats_send, self._beats_receive = trio.open_memory_channel[Worker](
             self.config.beat_queue
         )
@@ -105,7 +111,7 @@ class Supervisor:
                         break
             now = trio.current_time()
             for job_id in detector.pop_expired(now):
-                worker = self.workers[job_id]  # a worker leaving unwatches its job
+                worker = self.workers.get(job_id) or self.orphans[job_id]
                 # A beat may still be queued, or the job may be inside keep_alive().
                 if worker.keep_alive or worker.last_beat + self.config.heartbeat_timeout > now:
                     last = now if worker.keep_alive else worker.last_beat
@@ -125,6 +131,9 @@ class Supervisor:
 
     # -- workers --------------------------------------------------------------------------------
 
+    def running_for(self, user_id: str) -> int:
+        return self._per_user.get(user_id, 0)
+
     def handler_for(self, kind: str) -> Handler:
         try:
             return self.handlers[kind]
@@ -137,12 +146,14 @@ class Supervisor:
             raise RuntimeError("the supervisor is not running")
         handler = self.handler_for(job.kind)
         worker = Worker(job, handler, self.store, self._beats_send, resumed_from)
-        old = self.workers.get(job.id)
+        old = self.workers.pop(job.id, None)
         if old is not None:
             # An older attempt still unwinding is fenced out already; make sure it stops.
+            self._release(old)
             old.request_stop("superseded")
             old.scope.cancel()
         self.workers[job.id] = worker
+        self._per_user[job.user_id] = self._per_user.get(job.user_id, 0) + 1
         self.detector.watch(job.id, trio.current_time(), self.config.heartbeat_timeout)
         worker.beat()  # wakes the watch loop, which may be sleeping until a later deadline
         await self._nursery.start(worker.run, self._worker_exited)
@@ -150,7 +161,22 @@ class Supervisor:
     def _worker_exited(self, worker: Worker) -> None:
         if self.workers.get(worker.job_id) is worker:
             del self.workers[worker.job_id]
-            self.detector.unwatch(worker.job_id)
+            self._release(worker)
+            if not worker.outcome_stored:
+                self._orphan(worker)
+            elif worker.job_id not in self.orphans:
+                self.detector.unwatch(worker.job_id)
+
+    def _release(self, worker: Worker) -> None:
+        left = self._per_user[worker.user_id] - 1
+        if left:
+            self._per_user[worker.user_id] = left
+        else:
+            del self._per_user[worker.user_id]
+
+    def _orphan(self, worker: Worker) -> None:
+        self.orphans[worker.job_id] = worker
+        self.detector.watch(worker.job_id, trio.current_time(), self.config.heartbeat_timeout)
 
     async def stop(self, job_id: str, reason: str) -> Worker | None:
         """Ask a running worker to stop, give it the grace period, then cancel it.
@@ -183,9 +209,19 @@ class Supervisor:
         self.kill(worker.job_id, "stall")
         try:
             job = await self.store.recover(worker.job_id, worker.attempt, self.policy, cause)
+        except StoreError as exc:
+            log.warning(
+                "job %s: recovery not stored (%s); retrying at the next deadline",
+                worker.job_id,
+                exc,
+            )
+            self._orphan(worker)
+            return
         except JobspineError as exc:
             log.info("job %s: stall not recorded, a newer decision stands: %s", worker.job_id, exc)
+            self.orphans.pop(worker.job_id, None)
             return
+        self.orphans.pop(worker.job_id, None)
         self._count(job)
         log.warning("job %s %s: %s", job.id, job.state.value, cause)
 
@@ -211,6 +247,7 @@ class Supervisor:
             recoveries=self._recoveries,
             failures=self._failures,
             running=len(self.workers),
+            orphans=len(self.orphans),
         )
 
     async def shutdown(self, reason: str = "shutdown") -> None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from ._errors import JobspineError, JobStopped, NotSerializableError
+from ._errors import JobspineError, JobStopped, NotSerializableError, StoreError
 from ._job import Job, JobError
 
 if TYPE_CHECKING:
@@ -91,6 +91,7 @@ class Worker:
         resumed_from: Any,
     ) -> None:
         self.job_id = job.id
+        self.user_id = job.user_id
         self.attempt = job.attempt
         self.input = job.input
         self.handler = handler
@@ -99,6 +100,7 @@ class Worker:
         self.ctx = JobContext(self, job, resumed_from)
         self.finished = trio.Event()  # set after the outcome is stored
         self.stop_reason: str | None = None
+        self.outcome_stored = True
         self.keep_alive = 0
         self.last_beat = trio.current_time()
         self.persist_beat = False
@@ -167,6 +169,11 @@ class Worker:
                 except NotSerializableError as exc:
                     error = JobError(type(exc).__name__, str(exc))
             await self.store.fail(self.job_id, self.attempt, error)
+        except StoreError as exc:
+            # The database refused the outcome: the job is still "running" there, with no one
+            # running it. The supervisor keeps its deadline and recovers it by the stall rule.
+            log.warning("job %s attempt %d outcome not stored: %s", self.job_id, self.attempt, exc)
+            self.outcome_stored = False
         except JobspineError as exc:
             # Fenced out (stalled, cancelled or paused meanwhile): the newer decision stands.
             log.info("job %s attempt %d outcome not recorded: %s", self.job_id, self.attempt, exc)

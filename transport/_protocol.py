@@ -40,6 +40,7 @@ CLOSE = {
     "auth_failed": 4003,
     "token_expired": 4004,
     "slow_consumer": 4008,
+    "too_many_connections": 4009,
     "flood": 4029,
 }
 

@@ -68,6 +68,8 @@ class ServerConfig:
     #: Requests of one connection being served at once.
     max_inflight: int = 16
     max_subscriptions: int = 256
+    #: Connections one user may hold open at once.
+    max_connections_per_user: int = 32
     #: A frame the client does not take within this time closes it with 4008.
     send_timeout: float = 10.0
 
@@ -94,13 +96,20 @@ class Connection:
             if not await self._hello():
                 return
             server.connections.add(self)
+            user = self.user.user_id
+            server.per_user[user] = server.per_user.get(user, 0) + 1
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._sender, nursery.cancel_scope)
                 await self._reader(nursery)
                 nursery.cancel_scope.cancel()
         finally:
             server.broadcaster.leave_all(self.outbox)
-            server.connections.discard(self)
+            if self in server.connections:
+                server.connections.discard(self)
+                user = self.user.user_id
+                server.per_user[user] -= 1
+                if not server.per_user[user]:
+                    del server.per_user[user]
             code, reason = self._close or (CLOSE["normal"], "")
             with trio.move_on_after(1, shield=True):
                 await self.ws.aclose(code, reason)
@@ -138,6 +147,12 @@ class Connection:
                     f"protocol {hello.protocol} unsupported; use {PROTOCOL_VERSION}",
                 )
             self.principal = verify_token(config.secret, hello.token)
+            user = self.principal.user_id
+            if self.server.per_user.get(user, 0) >= config.max_connections_per_user:
+                raise ProtocolError(
+                    "too_many_connections",
+                    f"at most {config.max_connections_per_user} connections per user",
+                )
         except ProtocolError as exc:
             code = CLOSE.get(exc.code, CLOSE["protocol_error"])
             await self.ws.aclose(code, exc.message[:120])
@@ -433,6 +448,7 @@ class Server:
         self.broadcaster: Broadcaster = runtime.broadcaster
         self.config = config
         self.connections: set[Connection] = set()
+        self.per_user: dict[str, int] = {}
         self.port = 0
         self._listen_scope = trio.CancelScope()
         self._accepting = False
