@@ -7,6 +7,7 @@ what a client or the database sees.
 from __future__ import annotations
 
 import enum
+import math
 from typing import Any, TypeVar
 
 import orjson
@@ -68,9 +69,23 @@ def loads(data: bytes | str, cls: type[T]) -> T:
     return converter.structure(orjson.loads(data), cls)
 
 
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_non_finite(v) for v in value)
+    return False
+
+
 def dumps_json_value(value: Any, what: str) -> bytes:
     """Encode a user-supplied JSON value, refusing anything JSON cannot carry exactly."""
     try:
-        return orjson.dumps(value)
+        encoded = orjson.dumps(value)
     except TypeError as exc:
         raise NotSerializableError(f"{what} is not JSON-serializable: {exc}") from None
+    # orjson writes NaN and infinities as null: look for them only when a null was written.
+    if b"null" in encoded and _has_non_finite(value):
+        raise NotSerializableError(f"{what} is not JSON-serializable: NaN or infinity")
+    return encoded

@@ -49,12 +49,18 @@ class StoreConfig:
     heartbeat_flush_interval: float = 1.0
 
 
-class _Request:
-    __slots__ = ("barrier", "done", "error", "fn", "value")
+WRITE, READ, BARRIER = "write", "read", "barrier"
 
-    def __init__(self, fn: Callable[[], Awaitable[Any]], barrier: bool) -> None:
+
+class _Request:
+    """``WRITE``: applied, then answered after its group commits. ``READ``: of committed state
+    only, answered at once. ``BARRIER``: runs after every earlier write has committed."""
+
+    __slots__ = ("done", "error", "fn", "mode", "value")
+
+    def __init__(self, fn: Callable[[], Awaitable[Any]], mode: str) -> None:
         self.fn = fn
-        self.barrier = barrier
+        self.mode = mode
         self.done = trio.Event()
         self.value: Any = None
         self.error: Exception | None = None
@@ -154,7 +160,7 @@ class StoreActor:
 
     async def _process(self, batch: list[_Request]) -> None:
         for request in batch:
-            if request.barrier:
+            if request.mode is BARRIER:
                 await self._drain()
             try:
                 request.value = await request.fn()
@@ -163,10 +169,10 @@ class StoreActor:
             except Exception as exc:
                 log.exception("store request failed")
                 request.error = StoreError(f"store request failed: {exc!r}")
-            if request.barrier:
-                request.done.set()
-            else:
+            if request.mode is WRITE:
                 self._group.requests.append(request)
+            else:
+                request.done.set()
         await self._cut()
 
     async def _cut(self) -> None:
@@ -256,6 +262,12 @@ class StoreActor:
                 raise UnknownJobError(job_id)
         return job
 
+    async def _committed_job(self, job_id: str) -> Job:
+        job = self._cache.get(job_id) or await self.backend.load(job_id)
+        if job is None or any(job_id in group.deleted for group in self._inflight):
+            raise UnknownJobError(job_id)
+        return job
+
     async def _user_head(self, user_id: str) -> int:
         head = self._user_heads.get(user_id)
         if head is None:
@@ -313,8 +325,8 @@ class StoreClient:
     def checkpoint_limit(self) -> int:
         return self._actor.config.checkpoint_limit
 
-    async def _call(self, fn: Callable[[], Awaitable[T]], *, barrier: bool = False) -> T:
-        request = _Request(fn, barrier)
+    async def _call(self, fn: Callable[[], Awaitable[T]], mode: str = WRITE) -> T:
+        request = _Request(fn, mode)
         try:
             await self._send.send(request)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -336,7 +348,8 @@ class StoreClient:
         return await self._call(fn)
 
     async def get(self, job_id: str) -> Job:
-        return await self._call(lambda: self._actor._job(job_id))
+        """The job as last committed (a failing write elsewhere does not affect it)."""
+        return await self._call(lambda: self._actor._committed_job(job_id), READ)
 
     async def start(self, job_id: str) -> Job:
         return await self._call(lambda: self._actor._change(job_id, ops.start))
@@ -455,7 +468,7 @@ class StoreClient:
     # -- queries (barriers) ---------------------------------------------------------------------
 
     async def list_jobs(self, query: JobQuery) -> list[Job]:
-        return await self._call(lambda: self._actor.backend.query(query), barrier=True)
+        return await self._call(lambda: self._actor.backend.query(query), BARRIER)
 
     async def find_running(self) -> list[Job]:
         return await self.list_jobs(JobQuery(states=frozenset({JobState.RUNNING})))
@@ -471,21 +484,21 @@ class StoreClient:
         return await self.list_jobs(JobQuery(user_id=user_id, states=frozenset({JobState.PAUSED})))
 
     async def get_stats(self, user_id: str | None = None) -> dict[str, int]:
-        counts = await self._call(lambda: self._actor.backend.count_by_state(user_id), barrier=True)
+        counts = await self._call(lambda: self._actor.backend.count_by_state(user_id), BARRIER)
         stats = {state.value: counts.get(state.value, 0) for state in JobState}
         stats["total"] = sum(counts.values())
         return stats
 
     async def user_head(self, user_id: str) -> int:
         """The ``user_seq`` of the user's latest event (0 if none)."""
-        return await self._call(lambda: self._actor._user_head(user_id))
+        return await self._call(lambda: self._actor._user_head(user_id), READ)
 
     async def read_user_events(
         self, user_id: str, after_seq: int = 0, limit: int = 1000
     ) -> list[JobEvent]:
         """Events of all the user's jobs with ``user_seq > after_seq``, in order."""
         return await self._call(
-            lambda: self._actor.backend.read_user_events(user_id, after_seq, limit), barrier=True
+            lambda: self._actor.backend.read_user_events(user_id, after_seq, limit), BARRIER
         )
 
     async def read_events(
@@ -496,5 +509,5 @@ class StoreClient:
         types: frozenset[EventType] | None = None,
     ) -> list[JobEvent]:
         return await self._call(
-            lambda: self._actor.backend.read_events(job_id, after_seq, limit, types), barrier=True
+            lambda: self._actor.backend.read_events(job_id, after_seq, limit, types), BARRIER
         )

@@ -81,15 +81,23 @@ async def main(spec: dict[str, Any]) -> None:
                 clients.append(client)
                 # From the beginning of the rooms: a subscriber that is late misses nothing.
                 cursor = RoomCursor(client.welcome["epoch"], 0)
-                for room in rooms:
-                    await client.subscribe(room, cursor)
+                inflight = trio.Semaphore(16)  # the server's requests-in-flight limit
+
+                async def subscribe(room: str) -> None:
+                    async with inflight:
+                        await client.subscribe(room, cursor)
+
+                async with trio.open_nursery() as subscribing:
+                    for room in rooms:
+                        subscribing.start_soon(subscribe, room)
                 task_status.started()
                 await follow(client, expect, stats, done)
 
-        for user in spec["user_rooms"]:
-            await nursery.start(connect, user, [f"user:{user}"])
-        for user, ids in spec["job_rooms"]:
-            await nursery.start(connect, user, [f"job:{i}" for i in ids])
+        async with trio.open_nursery() as connecting:
+            for user in spec["user_rooms"]:
+                connecting.start_soon(nursery.start, connect, user, [f"user:{user}"])
+            for user, ids in spec["job_rooms"]:
+                connecting.start_soon(nursery.start, connect, user, [f"job:{i}" for i in ids])
         print("READY", flush=True)
         with trio.move_on_after(spec["timeout"]):
             await done.wait()

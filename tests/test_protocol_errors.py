@@ -174,13 +174,17 @@ async def test_a_flood_is_throttled_then_closed(served: RunningServer) -> None:
             except ConnectionClosed:
                 break
         codes = set()
+        ids: set[int] = set()
         try:
             with trio.fail_after(5):
                 while True:
                     message = orjson.loads(await ws.get_message())
                     codes.add(message.get("code"))
+                    if message.get("code") == "rate_limited":
+                        ids.add(message["id"])
         except ConnectionClosed as exc:
             assert exc.reason is not None and exc.reason.code == CLOSE["flood"]
         assert "rate_limited" in codes
+        assert ids and ids <= set(range(2000))  # refused requests are answered by their id
         assert (await bystander.ping())["pong"] > 0
         assert (await bystander.my_stats())["total"] == 0

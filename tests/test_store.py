@@ -195,6 +195,8 @@ async def test_bad_input_leaves_the_job_unchanged(backend: Backend) -> None:
             await store.set_progress(job_id, 1, float("nan"), None)
         with pytest.raises(NotSerializableError, match="checkpoint is not JSON-serializable"):
             await store.checkpoint(job_id, 1, {"when": object()})
+        with pytest.raises(NotSerializableError, match="NaN or infinity"):
+            await store.checkpoint(job_id, 1, {"ratio": float("nan")})
         with pytest.raises(CheckpointTooLargeError, match="previous checkpoint is kept"):
             await store.checkpoint(job_id, 1, {"blob": "x" * 2000})
         with pytest.raises(NotSerializableError, match="result"):

@@ -218,7 +218,9 @@ class Connection:
                 if self._refused > self.server.config.flood_limit:
                     self.close(CLOSE["flood"], "request flood")
                     return
-                self._reply_error(None, "rate_limited", "too many requests; slow down")
+                self._reply_error(
+                    _request_id(frame), "rate_limited", "too many requests; slow down"
+                )
                 continue
             self._refused = 0
             try:
@@ -284,6 +286,20 @@ class Connection:
         if kind == "user" and ident != self.user.user_id and not self.user.admin:
             raise ProtocolError("forbidden", f"room {room} belongs to another user")
         return kind, ident
+
+
+def _request_id(frame: str | bytes) -> str | int | None:
+    """The id of a frame that will not be served, so that its sender is not left waiting."""
+    try:
+        data = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        return None
+    request_id = data.get("id") if isinstance(data, dict) else None
+    return (
+        request_id
+        if isinstance(request_id, str | int) and not isinstance(request_id, bool)
+        else None
+    )
 
 
 _ALREADY_REPLIED = object()

@@ -1,0 +1,85 @@
+"""Resource limits: each has a documented default and a clear error when exceeded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+from actors import JobContext, RuntimeConfig, TooManyJobsError
+from transport import CLOSE, ServerConfig
+
+from .conftest import memory_runtime
+from .serving import raw, request, send, serving, token
+
+
+async def forever(ctx: JobContext, input: Any) -> Any:
+    await ctx.checkpoint({"started": True})
+    await trio.sleep_forever()
+
+
+def test_documented_defaults() -> None:
+    server = ServerConfig(secret="s")
+    assert (server.max_frame_size, server.request_rate, server.request_burst) == (65536, 50, 100)
+    assert (server.max_inflight, server.max_subscriptions) == (16, 256)
+    assert server.max_connections_per_user == 32
+    runtime = RuntimeConfig()
+    assert runtime.max_running_per_user == 1000 and runtime.checkpoint_limit == 1024 * 1024
+
+
+async def test_running_jobs_per_user() -> None:
+    async with memory_runtime({"forever": forever}, max_running_per_user=2, stop_grace=0.1) as rt:
+        first = await rt.create_job("forever", "alice", None)
+        await rt.create_job("forever", "alice", None)
+        before = await rt.get_stats()
+        with pytest.raises(TooManyJobsError, match="already has 2 jobs running"):
+            await rt.create_job("forever", "alice", None)
+        assert await rt.get_stats() == before  # nothing was created
+        await rt.create_job("forever", "bob", None)  # other users are not affected
+        await rt.pause(first.id)
+        third = await rt.create_job("forever", "alice", None)
+        with pytest.raises(TooManyJobsError):
+            await rt.resume(first.id)
+        await rt.cancel(third.id)
+        assert (await rt.resume(first.id)).attempt == 2
+
+
+async def test_connections_per_user(tmp_path: Path) -> None:
+    async with (
+        serving(tmp_path / "c.db", max_connections_per_user=2) as running,
+        raw(running, "alice"),
+        raw(running, "alice"),
+        open_websocket_url(running.url) as third,
+    ):
+        await send(third, {"op": "hello", "token": token("alice")})
+        with pytest.raises(ConnectionClosed) as info:
+            await third.get_message()
+        assert info.value.reason is not None
+        assert info.value.reason.code == CLOSE["too_many_connections"]
+        async with raw(running, "bob") as bob:  # other users are not affected
+            assert (await request(bob, "ping"))["type"] == "reply"
+
+
+async def test_subscriptions_per_connection(tmp_path: Path) -> None:
+    async with serving(tmp_path / "s.db", max_subscriptions=2) as running, raw(running) as ws:
+        created = [
+            (
+                await request(
+                    ws,
+                    "create",
+                    n,
+                    kind="trade",
+                    input={"symbol": "X", "side": "buy", "quantity": 1},
+                )
+            )["result"]["id"]
+            for n in range(3)
+        ]
+        assert (await request(ws, "subscribe", 10, room=f"job:{created[0]}"))["type"] == "reply"
+        assert (await request(ws, "subscribe", 11, room="user:alice"))["type"] == "reply"
+        refused = await request(ws, "subscribe", 12, room=f"job:{created[1]}")
+        assert refused["code"] == "too_many_subscriptions"
+        # Subscribing to a room again does not count twice.
+        assert (await request(ws, "subscribe", 13, room="user:alice"))["type"] == "reply"
