@@ -375,10 +375,11 @@ class Client:
 
     def _resync(self, room: str) -> None:
         state = self.rooms.get(room)
-        if state is None or self._nursery is None:
+        if state is None:
             return
         state.resyncing = True
-        self._nursery.start_soon(self._resync_task, room)
+        if self._nursery is not None:  # else the next connection resubscribes every room
+            self._nursery.start_soon(self._resync_task, room)
 
     async def _resync_task(self, room: str) -> None:
         try:

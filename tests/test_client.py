@@ -1,0 +1,61 @@
+"""The client's cursor logic, fed events directly: duplicates dropped, gaps detected,
+coalesced sequence numbers skipped."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from transport import Client, RoomCursor
+from transport.client import _Room
+
+
+def event(seq: int, user_seq: int) -> dict[str, Any]:
+    return {
+        "job_id": "j", "user_id": "u", "seq": seq, "user_seq": user_seq, "type": "progress",
+        "state": "running", "at": 1.0, "data": {}, "actor": None,
+    }  # fmt: skip
+
+
+def client_following(room: str) -> Client:
+    client = Client("ws://unused", "token")
+    client.rooms[room] = _Room(RoomCursor("e", 0), RoomCursor("e", 0), resyncing=False)
+    return client
+
+
+async def delivered(client: Client) -> list[int]:
+    seqs = []
+    while True:
+        try:
+            seqs.append(client._receive_events.receive_nowait().seq)  # type: ignore[union-attr]
+        except trio.WouldBlock:
+            return seqs
+
+
+async def test_duplicates_are_dropped() -> None:
+    client = client_following("job:j")
+    for seq in (1, 2, 2, 1, 3):
+        await client._on_event(event(seq, seq))
+    assert await delivered(client) == [1, 2, 3]
+    assert client.counters.duplicates == 2 and client.counters.gaps == 0
+    assert client.rooms["job:j"].cursor == RoomCursor("e", 3)
+
+
+async def test_a_gap_is_detected_and_the_room_resynchronized() -> None:
+    client = client_following("user:u")
+    await client._on_event(event(1, 1))
+    await client._on_event(event(2, 3))  # user_seq 2 never came
+    assert await delivered(client) == [1]
+    assert client.counters.gaps == 1
+    assert client.rooms["user:u"].resyncing  # events are ignored until the replay arrives
+
+
+async def test_coalesced_sequence_numbers_are_not_gaps() -> None:
+    client = client_following("job:j")
+    await client._on_event(event(1, 1))
+    client._skip("job:j", 2)
+    client._skip("job:j", 3)
+    await client._on_event(event(4, 4))
+    assert await delivered(client) == [1, 4]
+    assert client.counters.gaps == 0
