@@ -17,7 +17,7 @@ import orjson
 import trio
 
 from actors import EventType, JobEvent
-from transport import Client, RoomCursor, mint_token, open_client
+from transport import Client, mint_token, open_client
 
 
 async def follow(
@@ -79,8 +79,8 @@ async def main(spec: dict[str, Any]) -> None:
             token = mint_token(spec["secret"], user)
             async with open_client(spec["url"], token, event_buffer=1_000_000) as client:
                 clients.append(client)
-                # From the beginning of the rooms: a subscriber that is late misses nothing.
-                cursor = RoomCursor(client.welcome["epoch"], 0)
+                # Live from now: the jobs wait for the runner's go signal, sent after READY.
+                cursor = None
                 inflight = trio.Semaphore(16)  # the server's requests-in-flight limit
 
                 async def subscribe(room: str) -> None:

@@ -7,6 +7,7 @@ latency from the handler's call to its own receipt.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from typing import Any
@@ -16,7 +17,18 @@ import trio
 from actors import Handler, JobContext
 
 
+def _gone_ahead(path: str) -> bool:
+    return os.path.exists(path)
+
+
 async def _start(input: Any) -> None:
+    """Wait for ``go_file`` to exist (the runner creates it once every subscriber is in
+    place), or until ``start_at``."""
+    go_file = input.get("go_file")
+    if go_file:
+        while not _gone_ahead(go_file):  # noqa: ASYNC110 - another process's signal
+            await trio.sleep(1.5 + random.random())  # cheap even for 10,000 waiting jobs
+        return
     delay = float(input.get("start_at", 0)) - time.time()
     if delay > 0:
         await trio.sleep(delay)
