@@ -27,6 +27,8 @@ class Handler(Protocol):
 class JobContext:
     """What a handler sees of its job. One context per attempt."""
 
+    __slots__ = ("_stop", "_worker", "attempt", "job_id", "kind", "resumed_from", "user_id")
+
     def __init__(self, worker: Worker, job: Job, resumed_from: Any) -> None:
         self._worker = worker
         self.job_id = job.id
@@ -81,6 +83,26 @@ class JobContext:
 
 class Worker:
     """One attempt of one job: its cancel scope (owned by the supervisor) and liveness state."""
+
+    # Thousands live at once: slots keep each one small.
+    __slots__ = (
+        "_beat_queued",
+        "_beats",
+        "attempt",
+        "ctx",
+        "finished",
+        "handler",
+        "input",
+        "job_id",
+        "keep_alive",
+        "last_beat",
+        "outcome_stored",
+        "persist_beat",
+        "scope",
+        "stop_reason",
+        "store",
+        "user_id",
+    )
 
     def __init__(
         self,
