@@ -33,7 +33,7 @@ from ._events import EventHub, EventType, JobEvent
 from ._ids import new_id
 from ._job import Job, JobError
 from ._policy import RecoveryPolicy
-from ._states import TERMINAL_STATES, JobState
+from ._states import TERMINAL_STATES, JobState, check_transition
 
 __all__ = ["StoreActor", "StoreClient", "StoreConfig"]
 
@@ -446,6 +446,7 @@ class StoreClient:
             return await self.restart(job_id, actor)
         if state is JobState.FAILED:
             return await self.fail(job_id, None, JobError("Failed", "set failed"), actor)
+        check_transition(job_id, job.state, JobState.COMPLETED)
         return await self.complete(job_id, job.attempt, None)
 
     async def delete(self, job_id: str, actor: str | None = None) -> None:

@@ -310,3 +310,18 @@ async def test_sqlite_epoch_and_schema(tmp_path: Path) -> None:
         async with open_store(SqliteBackend(path)):
             pass  # pragma: no cover
     assert info.group_contains(StoreError, match="schema v99 is newer than this runtime's v1")
+
+
+async def test_set_state_takes_the_one_operation_that_leads_there(backend: Backend) -> None:
+    async with open_store(backend) as (store, _, _):
+        job = await store.create("alice", "research", {})
+        assert (await store.set_state(job.id, JobState.RUNNING)).attempt == 1  # start
+        assert (await store.set_state(job.id, JobState.PAUSED, "alice")).pause_reason == "user"
+        resumed = await store.set_state(job.id, JobState.RUNNING, "alice")  # resume
+        assert (resumed.state, resumed.attempt) == (JobState.RUNNING, 2)
+        failed = await store.set_state(job.id, JobState.FAILED, "ops")
+        assert failed.error is not None
+        assert (await store.set_state(job.id, JobState.CREATED, "alice")).error is None  # restart
+        assert (await store.set_state(job.id, JobState.CANCELLED)).state is JobState.CANCELLED
+        with pytest.raises(IllegalTransitionError, match="cancelled -> completed"):
+            await store.set_state(job.id, JobState.COMPLETED)
