@@ -4,8 +4,9 @@ Requests are queued on a bounded channel. The actor takes every request waiting 
 ``max_batch``), applies them in order to an overlay of pending changes, commits the whole group
 in one transaction (group commit) and only then answers each caller and publishes the events.
 So a reply means durable, and a failed commit answers every write of the group with
-:class:`StoreError` and changes nothing. Queries are barriers: pending writes are committed
-before a query reads the database.
+:class:`StoreError` and changes nothing. ``get`` and ``user_head`` read committed state and
+are answered at once (a failing write elsewhere does not fail them); queries are barriers:
+pending writes are committed before a query reads the database.
 
 Heartbeats are state, not requests: ``heartbeat()`` records the latest one per job without
 awaiting, and the actor writes them with the next commit or after ``heartbeat_flush_interval``.
