@@ -22,7 +22,8 @@ from actors import (
 )
 from actors._errors import unwrap_group
 
-from ._health import serve_health
+from ._health import Body, serve_health
+from ._metrics import CONTENT_TYPE, metrics_registry, render
 from ._server import Server, ServerConfig
 
 __all__ = ["RunningServer", "open_server"]
@@ -103,7 +104,12 @@ def _routes(running: RunningServer) -> dict[str, Any]:
             return 200, {"status": "ready", "epoch": running.runtime.epoch}
         return 503, {"status": "not accepting connections"}
 
-    def metrics() -> tuple[int, dict[str, Any]]:
+    registry = metrics_registry(running)
+
+    def metrics() -> tuple[int, Body]:
+        return 200, Body(CONTENT_TYPE, render(registry))
+
+    def status() -> tuple[int, dict[str, Any]]:
         runtime = running.runtime
         broadcaster = running.server.broadcaster
         return 200, {
@@ -120,4 +126,4 @@ def _routes(running: RunningServer) -> dict[str, Any]:
             "epoch": runtime.epoch,
         }
 
-    return {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics}
+    return {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics, "/status": status}
