@@ -1,10 +1,11 @@
 """OpenTelemetry spans, when the ``otel`` extra is installed; no-op context managers when not.
 
 ``opentelemetry`` is imported on first use. Spans go to whatever tracer provider the
-application set up (``opentelemetry.trace.set_tracer_provider``); with none, the API's own
-no-op provider drops them. Spans: ``jobspine.job.attempt`` (one per attempt of a job, in the
-worker's task, so the handler's own spans and ``jobspine.checkpoint`` nest under it) and
-``jobspine.store.commit`` (one per group commit, in the store actor's task).
+application set up (``opentelemetry.trace.set_tracer_provider``, or the
+``OTEL_PYTHON_TRACER_PROVIDER`` variable); with none, no span is made. Spans:
+``jobspine.job.attempt`` (one per attempt of a job, in the worker's task, so the handler's own
+spans and ``jobspine.checkpoint`` nest under it) and ``jobspine.store.commit`` (one per group
+commit, in the store actor's task).
 """
 
 from __future__ import annotations
@@ -17,21 +18,30 @@ __all__ = ["AttributeValue", "SpanHandle", "span"]
 
 AttributeValue = str | int | float | bool
 
+_trace: Any = None  # the opentelemetry.trace module; False when it is not installed
+_provider: Any = None
 _tracer: Any = None
-_loaded = False
 
 
 def _get_tracer() -> Any:
-    global _tracer, _loaded
-    if not _loaded:
-        _loaded = True
+    """The tracer of the global provider, or None when tracing is off (no opentelemetry, or
+    no provider set: then even the API's no-op spans are skipped, since they cost microseconds
+    per span)."""
+    global _trace, _provider, _tracer
+    if _trace is None:
         try:
             from opentelemetry import trace
         except ImportError:
-            _tracer = None
+            _trace = False
         else:
-            # A proxy: it follows a tracer provider set later by the application.
-            _tracer = trace.get_tracer("jobspine")
+            _trace = trace
+    if _trace is False:
+        return None
+    provider = _trace.get_tracer_provider()
+    if provider is not _provider:
+        _provider = provider
+        off = isinstance(provider, _trace.ProxyTracerProvider | _trace.NoOpTracerProvider)
+        _tracer = None if off else provider.get_tracer("jobspine")
     return _tracer
 
 
