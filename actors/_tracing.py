@@ -1,8 +1,9 @@
 """OpenTelemetry spans, when the ``otel`` extra is installed; no-op context managers when not.
 
-``opentelemetry`` is imported on first use. Spans go to whatever tracer provider the
-application set up (``opentelemetry.trace.set_tracer_provider``, or the
-``OTEL_PYTHON_TRACER_PROVIDER`` variable); with none, no span is made. Spans:
+jobspine never imports ``opentelemetry`` itself (it costs start-up time): spans go to the
+tracer provider the application set up (``opentelemetry.trace.set_tracer_provider``, or the
+``OTEL_PYTHON_TRACER_PROVIDER`` variable once the application imported opentelemetry); with
+none, no span is made. Spans:
 ``jobspine.job.attempt`` (one per attempt of a job, in the worker's task, so the handler's own
 spans and ``jobspine.checkpoint`` nest under it) and ``jobspine.store.commit`` (one per group
 commit, in the store actor's task).
@@ -10,6 +11,7 @@ commit, in the store actor's task).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -18,29 +20,22 @@ __all__ = ["AttributeValue", "SpanHandle", "span"]
 
 AttributeValue = str | int | float | bool
 
-_trace: Any = None  # the opentelemetry.trace module; False when it is not installed
 _provider: Any = None
 _tracer: Any = None
 
 
 def _get_tracer() -> Any:
-    """The tracer of the global provider, or None when tracing is off (no opentelemetry, or
-    no provider set: then even the API's no-op spans are skipped, since they cost microseconds
-    per span)."""
-    global _trace, _provider, _tracer
-    if _trace is None:
-        try:
-            from opentelemetry import trace
-        except ImportError:
-            _trace = False
-        else:
-            _trace = trace
-    if _trace is False:
+    """The tracer of the global provider, or None when tracing is off: opentelemetry not
+    loaded by the application (jobspine never imports it itself), or no provider set. Then
+    not even the API's no-op spans are made: they cost microseconds each."""
+    global _provider, _tracer
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is None:
         return None
-    provider = _trace.get_tracer_provider()
+    provider = trace.get_tracer_provider()
     if provider is not _provider:
         _provider = provider
-        off = isinstance(provider, _trace.ProxyTracerProvider | _trace.NoOpTracerProvider)
+        off = isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
         _tracer = None if off else provider.get_tracer("jobspine")
     return _tracer
 

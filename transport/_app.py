@@ -23,7 +23,6 @@ from actors import (
 from actors._errors import unwrap_group
 
 from ._health import Body, serve_health
-from ._metrics import CONTENT_TYPE, metrics_registry, render
 from ._server import Server, ServerConfig
 
 __all__ = ["RunningServer", "open_server"]
@@ -103,6 +102,9 @@ def _routes(running: RunningServer) -> dict[str, Any]:
         if running.server.accepting:
             return 200, {"status": "ready", "epoch": running.runtime.epoch}
         return 503, {"status": "not accepting connections"}
+
+    # Imported here, once the websocket port listens: prometheus-client takes a while to load.
+    from ._metrics import CONTENT_TYPE, metrics_registry, render
 
     registry = metrics_registry(running)
 
