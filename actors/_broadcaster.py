@@ -74,6 +74,8 @@ class Outbox:
         self.close_reason: str | None = None
         self.delivered = 0
         self.coalesced = 0
+        #: Times this connection fell behind and was told to resubscribe (``lagged``).
+        self.lagged = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -107,6 +109,7 @@ class Outbox:
         self._wakeup.set()
 
     def _overflow(self) -> None:
+        self.lagged += 1
         now = trio.current_time()
         self._lag_times.append(now)
         while self._lag_times and self._lag_times[0] < now - self.config.lag_window:

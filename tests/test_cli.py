@@ -116,7 +116,7 @@ async def test_submit_watch_end_to_end_and_health(tmp_path: Path) -> None:
         assert (await http_get(served.health, "/healthz"))[0] == 200
         status, body = await http_get(served.health, "/readyz")
         assert status == 200 and b"ready" in body
-        assert b"supervisor" in (await http_get(served.health, "/metrics"))[1]
+        assert b"supervisor" in (await http_get(served.health, "/status"))[1]
         assert (await http_get(served.health, "/nope"))[0] == 404
         result = await served.cli(
             "submit",

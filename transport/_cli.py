@@ -20,6 +20,7 @@ from actors import DEMO_HANDLERS, TERMINAL_STATES, EventType, JobEvent, RuntimeC
 
 from ._app import open_server
 from ._auth import mint_token
+from ._logging import LOG_FORMATS, configure_logging
 from ._server import ServerConfig
 from .client import ClientError, Reset, RoomCursor, open_client
 
@@ -82,7 +83,7 @@ async def serve(args: argparse.Namespace) -> int:
     runtime_config = RuntimeConfig(
         heartbeat_timeout=args.heartbeat_timeout, stop_grace=args.stop_grace
     )
-    handlers = dict(DEMO_HANDLERS)
+    handlers = {} if args.no_demo else dict(DEMO_HANDLERS)
     for spec in args.handlers:
         handlers.update(load_handlers(spec))
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -109,8 +110,12 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def load_handlers(spec: str) -> dict[str, Any]:
-    """``module:attribute`` naming a dict of kind -> handler, registered beside the demos."""
+    """``module:attribute`` naming a dict of kind -> handler, registered beside the demos.
+
+    The module is looked up in the current directory too (first), as ``python -m`` would."""
     module_name, _, attribute = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         found = getattr(importlib.import_module(module_name), attribute or "HANDLERS")
     except (ImportError, AttributeError) as exc:
@@ -226,6 +231,13 @@ async def run_client_command(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="jobspine", description="Supervised, resumable jobs.")
     top.add_argument("--log-level", default=os.environ.get("JOBSPINE_LOG", "INFO"))
+    log_format_help = "log lines as text or as one JSON object each (env JOBSPINE_LOG_FORMAT)"
+    top.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=os.environ.get("JOBSPINE_LOG_FORMAT") or "text",
+        help=log_format_help,
+    )
     sub = top.add_subparsers(dest="command", required=True)
 
     def with_db(p: argparse.ArgumentParser) -> None:
@@ -247,6 +259,14 @@ def parser() -> argparse.ArgumentParser:
         default=[],
         metavar="MODULE:DICT",
         help="register more job kinds (a dict of kind -> handler); repeatable",
+    )
+    serve_p.add_argument(
+        "--no-demo",
+        action="store_true",
+        help="leave out the demo kinds (research, trade, analysis)",
+    )
+    serve_p.add_argument(
+        "--log-format", choices=LOG_FORMATS, default=argparse.SUPPRESS, help=log_format_help
     )
 
     token_p = sub.add_parser("token", help="mint a development token")
@@ -290,10 +310,12 @@ def main(argv: list[str] | None = None) -> int:
         from bench.run import main as bench_main
 
         return bench_main(argv[1:])
-    args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    top = parser()
+    args = top.parse_args(argv)
+    try:
+        configure_logging(args.log_level, args.log_format)
+    except ValueError as exc:  # a bad JOBSPINE_LOG_FORMAT (flags are checked by argparse)
+        top.error(str(exc))
     if args.command == "serve":
         return trio.run(serve, args)
     if args.command == "token":

@@ -23,6 +23,7 @@ from actors import (
     parse_room,
 )
 from actors._codec import converter
+from actors._metrics import OutboxTotals
 
 from ._auth import Principal, verify_token
 from ._protocol import (
@@ -104,6 +105,7 @@ class Connection:
                 nursery.cancel_scope.cancel()
         finally:
             server.broadcaster.leave_all(self.outbox)
+            server.closed_outboxes.add(self.outbox)
             if self in server.connections:
                 server.connections.discard(self)
                 user = self.user.user_id
@@ -465,6 +467,8 @@ class Server:
         self.config = config
         self.connections: set[Connection] = set()
         self.per_user: dict[str, int] = {}
+        #: Delivery counters of connections that have ended (for the metrics).
+        self.closed_outboxes = OutboxTotals()
         self.port = 0
         self._listen_scope = trio.CancelScope()
         self._accepting = False
