@@ -104,7 +104,9 @@ async def test_missed_50_replayed_exactly_from_backlog(served: RunningServer) ->
         cursor = client.cursor(room)
     assert cursor is not None
     gate("b1")  # 50 events (and a checkpoint) while nobody listens
-    await trio.sleep(0.3)
+    with trio.fail_after(10):
+        while (await served.runtime.get_job(job["id"])).seq < cursor.seq + 52:
+            await trio.sleep(0.01)
     async with open_client(served.url, token("alice")) as client:
         reply = await client.subscribe(room, cursor)
         # The first phase's checkpoint (not taken before), 50 progress events, a checkpoint.
