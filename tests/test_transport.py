@@ -103,10 +103,12 @@ async def test_missed_50_replayed_exactly_from_backlog(served: RunningServer) ->
         await collect(client, 2 + 10)  # created, started, 10 progress
         cursor = client.cursor(room)
     assert cursor is not None
-    gate("b1")  # 50 events (and a checkpoint) while nobody listens
-    with trio.fail_after(10):
-        while (await served.runtime.get_job(job["id"])).seq < cursor.seq + 52:
-            await trio.sleep(0.01)
+    async with served.runtime.events() as committed:
+        gate("b1")  # 50 events (and a checkpoint) while nobody listens
+        with trio.fail_after(10):
+            async for event in committed:
+                if event.job_id == job["id"] and event.seq == cursor.seq + 52:
+                    break
     async with open_client(served.url, token("alice")) as client:
         reply = await client.subscribe(room, cursor)
         # The first phase's checkpoint (not taken before), 50 progress events, a checkpoint.
