@@ -75,14 +75,15 @@ async def test_a_20_mb_result_never_breaks_the_connection(served: RunningServer)
 async def test_large_checkpoints_and_results_are_listed_then_fetched(
     served: RunningServer,
 ) -> None:
-    """Another input of the kind: six jobs each with a 900 KB checkpoint and a 900 KB result
-    (about 11 MB in one list today). Lists, replays and snapshots carry markers; `get` of one
-    job fits in a message, so it is inline; `get_payload` returns each value exactly."""
-    size = 900_000
+    """Another input of the kind: nine jobs each with a 1 MB checkpoint and a 1 MB result
+    (18 MB in one list today, over the client's limit). Lists, replays and snapshots carry
+    markers; `get` of one job fits in a message, so it is inline; `get_payload` returns each
+    value exactly."""
+    size = 1_000_000
     async with open_client(served.url, token("alice")) as client:
         await client.subscribe("user:alice")
         ids = []
-        for _ in range(6):
+        for _ in range(9):
             job = await client.create("sized", {"checkpoint": size, "result": size})
             ids.append(job["id"])
             await terminal_event(client, job["id"])
@@ -105,7 +106,7 @@ async def test_large_checkpoints_and_results_are_listed_then_fetched(
             reply = await late.subscribe("user:alice", RoomCursor(late.welcome["epoch"], 10**9))
             assert reply["reset_reason"].startswith("cursor_ahead")
             snapshot = reply["snapshot"]["jobs"]
-            assert len(snapshot) == 6 and all(is_omitted(j["result"]) for j in snapshot)
+            assert len(snapshot) == 9 and all(is_omitted(j["result"]) for j in snapshot)
         assert client.counters.reconnects == 0
 
 
