@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from actors import EventType, JobEvent
+from actors._payloads import fit_job, inline_payloads
 from transport import Client, ClientError, RoomCursor, RunningServer, is_omitted, open_client
 from transport._cli import watch_job
 
@@ -44,6 +45,25 @@ async def terminal_event(client: Client, job_id: str, seconds: float = 30) -> Jo
             ):
                 return item
     raise AssertionError("the event stream ended")
+
+
+def test_fit_job_omits_the_largest_payloads_until_it_fits() -> None:
+    job = {"id": "j", "input": "i" * 100, "result": "r" * 1000, "checkpoint": "c" * 500}
+    assert fit_job(job, 10_000) == job
+    fitted = fit_job(job, 800)
+    assert fitted["result"] == {"$omitted": "result", "size": 1002}
+    assert fitted["checkpoint"] == "c" * 500 and fitted["input"] == "i" * 100
+    smallest = fit_job(job, 10)  # cannot fit: every payload omitted, nothing else touched
+    assert all(is_omitted(smallest[f]) for f in ("input", "result", "checkpoint"))
+    assert smallest["id"] == "j"
+
+
+def test_inline_payloads_keeps_small_values_and_the_same_object() -> None:
+    data = {"progress": 5.0, "step": "s" * 20}
+    assert inline_payloads(data, 100) is data
+    assert inline_payloads(data, 10) == {"progress": 5.0, "step": {"$omitted": "step", "size": 22}}
+    looks_like_one = {"result": {"$omitted": "x"}}
+    assert inline_payloads(looks_like_one, 10**9)["result"] == {"$omitted": "result", "size": 16}
 
 
 async def test_a_20_mb_result_never_breaks_the_connection(served: RunningServer) -> None:

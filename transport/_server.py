@@ -290,11 +290,6 @@ class Connection:
         config = self.server.config
         return config.max_message_size - config.envelope_margin
 
-    def job_value(self, job: Job) -> dict[str, Any]:
-        """One job for a reply: payloads inline if it fits, else the largest left out."""
-        value: dict[str, Any] = converter.unstructure(job)
-        return fit_job(value, self.reply_budget)
-
     def jobs_value(self, jobs: list[Job]) -> list[dict[str, Any]]:
         """Jobs for a list or a snapshot: payloads over the inline limit left out, and every
         payload left out if the list would still not fit in one message."""
@@ -309,7 +304,9 @@ class Connection:
         """The reply message; a result that cannot fit in one message is refused instead
         (``payload_too_large``), so the server never sends a frame over its own limit."""
         if isinstance(result, Job):
-            result = self.job_value(result)
+            # One job: payloads inline if the whole reply fits, else the largest left out.
+            envelope = len(reply_message(request_id, None))
+            result = fit_job(converter.unstructure(result), self.reply_budget - envelope)
         frame = reply_message(request_id, result)
         if len(frame) > self.reply_budget:
             return error_message(
