@@ -235,3 +235,25 @@ async def test_the_watcher_prints_a_large_outcome(
         else:
             assert last.startswith("failed: ")
         assert client.counters.reconnects == 0
+
+
+async def test_a_list_that_cannot_fit_omits_every_payload_then_is_refused(
+    tmp_path: Path,
+) -> None:
+    """A server whose replies may take 8 KiB: a list of small jobs first loses its payloads,
+    and a list too long even without them is refused, never sent over the limit."""
+    async with (
+        serving(tmp_path / "tiny.db", max_message_size=72 * 1024) as running,
+        open_client(running.url, token("alice")) as client,
+    ):
+        for _ in range(4):
+            await client.create("sized", {"value": 1, "pad": "p" * 2000})
+        jobs = await client.list()
+        assert len(jobs) == 4 and all(is_omitted(j["input"]) for j in jobs)
+        for _ in range(16):
+            await client.create("sized", {"value": 1})
+        with pytest.raises(ClientError) as refused:
+            await client.list(limit=20)
+        assert refused.value.code == "payload_too_large"
+        assert len(await client.list(limit=4)) == 4
+        assert client.counters.reconnects == 0

@@ -301,16 +301,15 @@ class Connection:
         return shrunk
 
     def reply(self, request_id: str | int | None, result: Any) -> bytes:
-        """The reply message; a result that cannot fit in one message is refused instead
-        (``payload_too_large``), so the server never sends a frame over its own limit."""
+        """The reply message. Raises :class:`ProtocolError` ``payload_too_large`` for a result
+        that cannot fit in one message: the server never sends a frame over its own limit."""
         if isinstance(result, Job):
             # One job: payloads inline if the whole reply fits, else the largest left out.
             envelope = len(reply_message(request_id, None))
             result = fit_job(converter.unstructure(result), self.reply_budget - envelope)
         frame = reply_message(request_id, result)
         if len(frame) > self.reply_budget:
-            return error_message(
-                request_id,
+            raise ProtocolError(
                 "payload_too_large",
                 f"the reply would be {len(frame)} bytes, over the largest message"
                 f" ({self.reply_budget} bytes and envelope); ask for less",
@@ -384,8 +383,13 @@ async def _subscribe(conn: Connection, request: Request) -> Any:
     result: dict[str, Any] = converter.unstructure(joined)
     if joined.reset_reason is not None:
         result["snapshot"] = await _snapshot(conn, kind, ident)
+    try:
+        reply = conn.reply(request.id, result)
+    except ProtocolError:
+        broadcaster.leave(outbox, body.room)  # refused: the room is not joined
+        raise
     # The reply goes out before the replayed events; no await between the two.
-    outbox.push_control(conn.reply(request.id, result))
+    outbox.push_control(reply)
     broadcaster.finish_join(outbox, body.room)
     return _ALREADY_REPLIED
 
