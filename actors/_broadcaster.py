@@ -25,6 +25,7 @@ import trio
 from ._codec import converter
 from ._errors import InvalidInputError
 from ._events import EventHub, EventStream, EventStreamLagged, EventType, JobEvent
+from ._payloads import inline_payloads
 from ._store import StoreClient
 
 __all__ = ["Broadcaster", "BroadcasterConfig", "Cursor", "JoinResult", "Outbox", "Subscription"]
@@ -54,6 +55,9 @@ class BroadcasterConfig:
     lag_window: float = 60.0
     #: Events read from the durable log per store request while replaying.
     page_size: int = 1000
+    #: An event ``data`` value whose JSON is larger than this (bytes) is sent as an
+    #: ``{"$omitted": field, "size": bytes}`` marker; clients fetch it with ``get_payload``.
+    inline_payload_limit: int = 16 * 1024
 
 
 class Outbox:
@@ -257,7 +261,14 @@ class Broadcaster:
     # -- live path (never awaits) ---------------------------------------------------------------
 
     def encode(self, event: JobEvent) -> bytes:
-        return orjson.dumps({"type": "event", "event": converter.unstructure(event)})
+        """The event message, with each ``data`` value over the inline limit left out."""
+        message = {"type": "event", "event": converter.unstructure(event)}
+        data = orjson.dumps(message)
+        limit = self.config.inline_payload_limit
+        if len(data) <= limit and b'"$omitted"' not in data:
+            return data  # the common case: nothing can be over the limit
+        message["event"]["data"] = inline_payloads(message["event"]["data"], limit)
+        return orjson.dumps(message)
 
     def publish(self, event: JobEvent) -> None:
         data = self.encode(event)

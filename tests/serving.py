@@ -39,7 +39,17 @@ async def emitter(ctx: JobContext, input: Any) -> Any:
     return {"emitted": done}
 
 
-HANDLERS = {**DEMO_HANDLERS, "emitter": emitter}
+async def sized(ctx: JobContext, input: Any) -> Any:
+    """Saves a ``checkpoint`` of about that many bytes, then returns a ``result`` of about that
+    many bytes (or ``value`` as the result, when given)."""
+    if input.get("checkpoint"):
+        await ctx.checkpoint({"blob": "c" * input["checkpoint"]})
+    if "value" in input:
+        return input["value"]
+    return {"blob": "r" * input.get("result", 0)}
+
+
+HANDLERS = {**DEMO_HANDLERS, "emitter": emitter, "sized": sized}
 
 
 def token(user: str, **kw: Any) -> str:

@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import trio
+from trio_websocket import CloseReason, ConnectionClosed
 
-from transport import Client, RoomCursor
+from transport import Client, ConnectionLostError, RoomCursor
 from transport.client import _Room
 
 
@@ -59,3 +60,20 @@ async def test_coalesced_sequence_numbers_are_not_gaps() -> None:
     await client._on_event(event(4, 4))
     assert await delivered(client) == [1, 4]
     assert client.counters.gaps == 0
+
+
+def closed(code: int) -> ConnectionClosed:
+    return ConnectionClosed(CloseReason(code, "why"))
+
+
+def test_close_codes_are_fatal_or_retried() -> None:
+    fixed = Client("ws://unused", "token")
+    minting = Client("ws://unused", lambda: "token")
+    for code, name in ((4002, "protocol_error"), (4003, "auth_failed"), (4004, "token_expired")):
+        error = fixed._close_error(closed(code))
+        assert not isinstance(error, ConnectionLostError) and error.code == name
+    # With a way to mint a new token, an expired one is a reconnect.
+    assert isinstance(minting._close_error(closed(4004)), ConnectionLostError)
+    for code in (1001, 1006, 1009, 4008, 4029):
+        error = fixed._close_error(closed(code))
+        assert isinstance(error, ConnectionLostError) and error.close_code == code

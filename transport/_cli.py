@@ -22,7 +22,7 @@ from ._app import open_server
 from ._auth import mint_token
 from ._logging import LOG_FORMATS, configure_logging
 from ._server import ServerConfig
-from .client import ClientError, Reset, RoomCursor, open_client
+from .client import ClientError, Reset, RoomCursor, is_omitted, open_client
 
 log = logging.getLogger("jobspine")
 
@@ -155,7 +155,7 @@ async def watch_job(client: Any, job_id: str) -> int:
             job = item.snapshot["job"]
             print(f"\nresynchronized ({item.reason})")
             if job["state"] in TERMINAL_STATES:
-                return _finish(job)
+                return await _finish(client, job)
             continue
         assert isinstance(item, JobEvent)
         if item.type is EventType.PROGRESS:
@@ -168,18 +168,35 @@ async def watch_job(client: Any, job_id: str) -> int:
         elif item.type in (EventType.RESUMED, EventType.STARTED, EventType.RESTARTED):
             print(f"\n{item.type.value} (attempt {item.data.get('attempt', '-')})", flush=True)
         if item.state in TERMINAL_STATES:
-            return _finish(await client.get(job_id))
+            # The final event carries the outcome: no further request (which a busy or
+            # rate-limited server could refuse) stands between it and the exit status.
+            outcome = {"id": job_id, "state": item.state.value, "seq": item.seq, **item.data}
+            return await _finish(client, outcome)
     return 1
 
 
-def _finish(job: dict[str, Any]) -> int:
+async def _payload(client: Any, job: dict[str, Any], field: str) -> Any:
+    """``job[field]``, fetched if the server left it out; a short note if it cannot be."""
+    value = job.get(field)
+    if not is_omitted(value):
+        return value
+    try:
+        return await client.get_payload(job["id"], field)
+    except ClientError as exc:
+        return f"<{field} of {job[field]['size']} bytes not shown: {exc}>"
+
+
+async def _finish(client: Any, job: dict[str, Any]) -> int:
     print()
     if job["state"] == "completed":
-        print("completed: " + orjson.dumps(job["result"]).decode(), flush=True)
+        result = await _payload(client, job, "result")
+        print("completed: " + orjson.dumps(result).decode(), flush=True)
         return 0
     if job["state"] == "failed":
-        error = job["error"] or {}
-        print(f"failed: {error.get('type')}: {error.get('message')}", flush=True)
+        error = await _payload(client, job, "error")
+        if isinstance(error, dict):
+            error = f"{error.get('type')}: {error.get('message')}"
+        print(f"failed: {error}", flush=True)
         return 1
     print(job["state"], flush=True)
     return 2

@@ -99,6 +99,16 @@ class JobRef:
 
 
 @attrs.frozen
+class PayloadRef:
+    """A payload left out of a message: a job's field, or with ``seq`` a field of the
+    ``data`` of that event of the job."""
+
+    job_id: str
+    field: str
+    seq: int | None = None
+
+
+@attrs.frozen
 class Restart:
     job_id: str
     modifications: dict[str, Any] | None = None
@@ -120,6 +130,7 @@ OPS: dict[str, type] = {
     "unsubscribe": Unsubscribe,
     "create": Create,
     "get": JobRef,
+    "get_payload": PayloadRef,
     "list": ListJobs,
     "cancel": JobRef,
     "pause": JobRef,

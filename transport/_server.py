@@ -16,6 +16,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from actors import (
     Broadcaster,
     Cursor,
+    Job,
     JobspineError,
     JobState,
     Outbox,
@@ -24,6 +25,7 @@ from actors import (
 )
 from actors._codec import converter
 from actors._metrics import OutboxTotals
+from actors._payloads import JOB_PAYLOAD_FIELDS, fit_job, inline_payloads
 
 from ._auth import Principal, verify_token
 from ._protocol import (
@@ -33,6 +35,7 @@ from ._protocol import (
     Hello,
     JobRef,
     ListJobs,
+    PayloadRef,
     ProtocolError,
     Refresh,
     Request,
@@ -61,6 +64,12 @@ class ServerConfig:
     heartbeat_interval: float = 15.0
     #: Largest client frame; a larger one closes the connection with 1009.
     max_frame_size: int = 64 * 1024
+    #: Largest message the server sends (bytes of one frame, a batch included). At least
+    #: the largest storable payload (checkpoints and results: 1 MiB) plus ``envelope_margin``,
+    #: so that ``get_payload`` can return any stored value. A client must accept this much.
+    max_message_size: int = 2 * 1024 * 1024
+    #: Room left in ``max_message_size`` for a reply's envelope and a batch's framing.
+    envelope_margin: int = 64 * 1024
     #: Requests per second per connection (token bucket), and the bucket's size.
     request_rate: float = 50.0
     request_burst: int = 100
@@ -172,6 +181,9 @@ class Connection:
             "expires_at": self.principal.expires_at,
             "epoch": self.server.broadcaster.epoch,
             "heartbeat_interval": self.server.config.heartbeat_interval,
+            "max_frame_size": self.server.config.max_frame_size,
+            "max_message_size": self.server.config.max_message_size,
+            "inline_payload_limit": self.server.broadcaster.config.inline_payload_limit,
         }
 
     async def _sender(self, scope: trio.CancelScope) -> None:
@@ -261,7 +273,7 @@ class Connection:
             handler = HANDLERS[request.op]
             result = await handler(self, request)
             if result is not _ALREADY_REPLIED:
-                self.outbox.push_control(reply_message(request.id, result))
+                self.outbox.push_control(self.reply(request.id, result))
         except ProtocolError as exc:
             self._reply_error(request.id, exc.code, exc.message)
         except JobspineError as exc:
@@ -271,6 +283,40 @@ class Connection:
             self._reply_error(request.id, "internal", "internal error; the request was not applied")
         finally:
             self.inflight -= 1
+
+    # -- payload sizes --------------------------------------------------------------------------
+
+    @property
+    def reply_budget(self) -> int:
+        """Bytes a reply's result may take: the message limit less the envelope margin."""
+        config = self.server.config
+        return config.max_message_size - config.envelope_margin
+
+    def jobs_value(self, jobs: list[Job]) -> list[dict[str, Any]]:
+        """Jobs for a list or a snapshot: payloads over the inline limit left out, and every
+        payload left out if the list would still not fit in one message."""
+        limit = self.server.broadcaster.config.inline_payload_limit
+        values: list[dict[str, Any]] = converter.unstructure(jobs)
+        shrunk = [inline_payloads(job, limit, JOB_PAYLOAD_FIELDS) for job in values]
+        if len(orjson.dumps(shrunk)) > self.reply_budget:
+            shrunk = [inline_payloads(job, -1, JOB_PAYLOAD_FIELDS) for job in values]
+        return shrunk
+
+    def reply(self, request_id: str | int | None, result: Any) -> bytes:
+        """The reply message. Raises :class:`ProtocolError` ``payload_too_large`` for a result
+        that cannot fit in one message: the server never sends a frame over its own limit."""
+        if isinstance(result, Job):
+            # One job: payloads inline if the whole reply fits, else the largest left out.
+            envelope = len(reply_message(request_id, None))
+            result = fit_job(converter.unstructure(result), self.reply_budget - envelope)
+        frame = reply_message(request_id, result)
+        if len(frame) > self.reply_budget:
+            raise ProtocolError(
+                "payload_too_large",
+                f"the reply would be {len(frame)} bytes, over the largest message"
+                f" ({self.reply_budget} bytes and envelope); ask for less",
+            )
+        return frame
 
     @property
     def user(self) -> Principal:
@@ -339,8 +385,13 @@ async def _subscribe(conn: Connection, request: Request) -> Any:
     result: dict[str, Any] = converter.unstructure(joined)
     if joined.reset_reason is not None:
         result["snapshot"] = await _snapshot(conn, kind, ident)
+    try:
+        reply = conn.reply(request.id, result)
+    except ProtocolError:
+        broadcaster.leave(outbox, body.room)  # refused: the room is not joined
+        raise
     # The reply goes out before the replayed events; no await between the two.
-    outbox.push_control(reply_message(request.id, result))
+    outbox.push_control(reply)
     broadcaster.finish_join(outbox, body.room)
     return _ALREADY_REPLIED
 
@@ -348,9 +399,8 @@ async def _subscribe(conn: Connection, request: Request) -> Any:
 async def _snapshot(conn: Connection, kind: str, ident: str) -> Any:
     runtime = conn.server.runtime
     if kind == "job":
-        return {"job": converter.unstructure(await runtime.get_job(ident))}
-    jobs = await runtime.list_jobs(ident, limit=100)
-    return {"jobs": converter.unstructure(jobs)}
+        return {"job": conn.jobs_value([await runtime.get_job(ident)])[0]}
+    return {"jobs": conn.jobs_value(await runtime.list_jobs(ident, limit=100))}
 
 
 async def _unsubscribe(conn: Connection, request: Request) -> Any:
@@ -390,9 +440,45 @@ async def _list(conn: Connection, request: Request) -> Any:
         if body.state not in {s.value for s in JobState}:
             raise ProtocolError("bad_request", f"list: unknown state {body.state!r}")
         states = [JobState(body.state)]
-    return await conn.server.runtime.list_jobs(
+    jobs = await conn.server.runtime.list_jobs(
         user_id, states=states, kind=body.kind, limit=body.limit
     )
+    return conn.jobs_value(jobs)
+
+
+async def _get_payload(conn: Connection, request: Request) -> Any:
+    body = request.body
+    assert isinstance(body, PayloadRef)
+    job = await conn.own_job(body.job_id)
+    if body.seq is None:
+        if body.field not in JOB_PAYLOAD_FIELDS:
+            raise ProtocolError(
+                "invalid_input",
+                f"get_payload: field must be one of {', '.join(JOB_PAYLOAD_FIELDS)}"
+                " (or give the seq of an event)",
+            )
+        value = converter.unstructure(job)[body.field]
+    else:
+        if not 1 <= body.seq <= job.seq:
+            raise ProtocolError(
+                "invalid_input", f"get_payload: job {job.id} has events 1..{job.seq}"
+            )
+        events = await conn.server.runtime.read_events(job.id, body.seq - 1, 1)
+        event = events[0] if events else None
+        if event is None or body.field not in event.data:
+            raise ProtocolError(
+                "invalid_input",
+                f"get_payload: event {body.seq} of job {job.id} has no field {body.field!r}",
+            )
+        value = event.data[body.field]
+    size = len(orjson.dumps(value))
+    if size > conn.reply_budget:
+        raise ProtocolError(
+            "payload_too_large",
+            f"{body.field} of job {job.id} is {size} bytes, over the largest message"
+            f" ({conn.reply_budget} bytes and envelope)",
+        )
+    return {"job_id": job.id, "field": body.field, "seq": body.seq, "size": size, "value": value}
 
 
 def _job_action(name: str) -> Handler:
@@ -444,6 +530,7 @@ HANDLERS: dict[str, Handler] = {
     "unsubscribe": _unsubscribe,
     "create": _create,
     "get": _get,
+    "get_payload": _get_payload,
     "list": _list,
     "cancel": _job_action("cancel"),
     "pause": _job_action("pause"),
