@@ -339,7 +339,7 @@ async def test_a_slow_reader_keeps_reading_and_loses_nothing(
     client = await _slow_reader(
         tmp_path, rooms, jobs=10, events_per_job=60, interval=0, rate=30_000,
         broadcast=BroadcasterConfig(coalesce_after=32, coalesce_bytes=8 * 1024), seconds=60,
-        batch_bytes=16 * 1024, send_timeout=4.0,
+        batch_bytes=16 * 1024, send_timeout=6.0,
     )  # fmt: skip
     timeline = client.timeline
     assert timeline.closes == [] and timeline.refused == []
@@ -355,7 +355,7 @@ async def test_a_slow_reader_that_cannot_keep_up_is_told_it_lagged(tmp_path: Pat
     client = await _slow_reader(
         tmp_path, ["user", "job"], jobs=10, events_per_job=100, interval=0, rate=30_000,
         broadcast=BroadcasterConfig(overflow_bytes=32 * 1024), seconds=90,
-        batch_bytes=16 * 1024, send_timeout=4.0,
+        batch_bytes=16 * 1024, send_timeout=6.0,
     )  # fmt: skip
     timeline = client.timeline
     assert timeline.lagged_at, timeline
