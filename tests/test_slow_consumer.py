@@ -111,6 +111,24 @@ def assert_accounted(rules: DocRules, feed: Feed) -> None:
             assert last_progress.get(superseded.job_id, 0) > n, (room, n)
 
 
+def test_a_marker_never_runs_ahead_of_its_frame() -> None:
+    """Issue 8's input in small: a frame whose events ended at 3 listed a skipped event numbered
+    21, so a literal client jumped to 21 and dropped 4..20 as duplicates. The marker now
+    comes where user_seq 21 stood, after 20."""
+    outbox = Outbox(BroadcasterConfig(coalesce_after=2))
+    feed = Feed()
+    for _ in range(20):
+        feed.push(outbox, "x", EventType.CHECKPOINT)
+    feed.push(outbox, "a")
+    feed.push(outbox, "a")  # supersedes user_seq 21
+    rules = rules_following(feed)
+    frames = drain(outbox, rules, 700)
+    first = orjson.loads(frames[0])["messages"]
+    assert 1 < len(first) < 20 and all(m["type"] == "event" for m in first)
+    assert len(rules.events["user:u"]) == 21 and rules.skipped["user:u"] == [21]
+    assert_accounted(rules, feed)
+
+
 def test_many_interleaved_jobs_coalesce_within_small_frames() -> None:
     outbox = Outbox(BroadcasterConfig(coalesce_after=0, overflow_after=10**9, overflow_bytes=10**9))
     feed = Feed()
