@@ -22,7 +22,8 @@ GATES: dict[str, trio.Event] = {}
 
 
 async def emitter(ctx: JobContext, input: Any) -> Any:
-    """Emits ``count`` progress events per phase, each phase after its gate opens."""
+    """Emits ``count`` progress events per phase, each phase after its gate opens (one per
+    ``interval`` seconds if given, labels padded to ``pad`` characters)."""
     start = ctx.resumed_from["done"] if ctx.resumed_from else 0
     done = 0
     for phase in input["phases"]:
@@ -33,6 +34,8 @@ async def emitter(ctx: JobContext, input: Any) -> Any:
                 continue
             label = f"{phase['gate']} {i}".ljust(input.get("pad", 0), ".")
             await ctx.progress(min(100, done / 100), label)
+            if input.get("interval"):
+                await trio.sleep(input["interval"])
         await ctx.checkpoint({"done": done})
     if input.get("hold"):
         await trio.sleep_forever()

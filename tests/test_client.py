@@ -52,13 +52,22 @@ async def test_a_gap_is_detected_and_the_room_resynchronized() -> None:
     assert client.rooms["user:u"].resyncing  # events are ignored until the replay arrives
 
 
+def skipped(seq: int, user_seq: int, count: int = 1) -> dict[str, Any]:
+    return {
+        "type": "skipped", "job_id": "j", "user_id": "u", "seq": seq, "user_seq": user_seq,
+        "count": count,
+    }  # fmt: skip
+
+
 async def test_coalesced_sequence_numbers_are_not_gaps() -> None:
     client = client_following("job:j")
     await client._on_event(event(1, 1))
-    client._skip("job:j", 2)
-    client._skip("job:j", 3)
+    await client._dispatch(skipped(2, 2))
+    await client._dispatch(skipped(3, 3))
     await client._on_event(event(4, 4))
-    assert await delivered(client) == [1, 4]
+    await client._dispatch(skipped(5, 5, count=3))
+    await client._on_event(event(8, 8))
+    assert await delivered(client) == [1, 4, 8]
     assert client.counters.gaps == 0
 
 
@@ -77,3 +86,10 @@ def test_close_codes_are_fatal_or_retried() -> None:
     for code in (1001, 1006, 1009, 4008, 4029):
         error = fixed._close_error(closed(code))
         assert isinstance(error, ConnectionLostError) and error.close_code == code
+
+
+async def test_a_skipped_marker_beyond_the_cursor_is_a_gap() -> None:
+    client = client_following("user:u")
+    await client._on_event(event(1, 1))
+    await client._dispatch(skipped(3, 3))  # user_seq 2 never came
+    assert client.counters.gaps == 1 and client.rooms["user:u"].resyncing

@@ -283,7 +283,7 @@ async def test_slow_consumer_does_not_delay_others(tmp_path: Path) -> None:
 
 
 async def test_lagging_reader_is_told_to_resubscribe(tmp_path: Path) -> None:
-    config = BroadcasterConfig(coalesce_after=1_000_000, overflow_after=50)
+    config = BroadcasterConfig(coalesce_after=1_000_000, coalesce_bytes=10**9, overflow_after=50)
     async with (
         serving(tmp_path / "lag.db", broadcast=config, send_timeout=30.0) as running,
         raw(running, "slowpoke") as stalled,

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
-from functools import partial
 from typing import Any
 
 import attrs
 import orjson
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+    WebSocketServer,
+)
 
 from actors import (
     Broadcaster,
@@ -21,6 +26,7 @@ from actors import (
     JobState,
     Outbox,
     Runtime,
+    encode_batch,
     parse_room,
 )
 from actors._codec import converter
@@ -80,7 +86,12 @@ class ServerConfig:
     max_subscriptions: int = 256
     #: Connections one user may hold open at once.
     max_connections_per_user: int = 32
-    #: A frame the client does not take within this time closes it with 4008.
+    #: Largest frame the server sends, in bytes, batch envelope included (a single larger
+    #: message is sent alone).
+    batch_bytes: int = 64 * 1024
+    #: A frame the client does not take within this time (proportionally longer for a frame
+    #: over ``batch_bytes``) drops the connection: it takes less than ``batch_bytes`` per
+    #: ``send_timeout``.
     send_timeout: float = 10.0
 
 
@@ -127,11 +138,10 @@ class Connection:
             self._done.set()
 
     def close(self, code: int, reason: str) -> None:
-        """Close after the frames already queued are sent."""
+        """Close after the messages already queued are sent."""
         if self._close is None:
             self._close = (code, reason)
-            self.outbox.close_reason = reason
-            self.outbox.push_control(b"")
+            self.outbox.close(reason)
 
     async def _hello(self) -> bool:
         config = self.server.config
@@ -193,17 +203,14 @@ class Connection:
             await outbox.wait()
             # Let the rest of a burst reach the outbox first: one frame carries it all.
             await trio.lowlevel.cancel_shielded_checkpoint()
-            items, skipped = outbox.take()
-            items = [item for item in items if item]
-            if items or skipped:
-                if len(items) == 1 and not skipped:
-                    frame = items[0]
-                else:
-                    frame = b'{"type":"batch","messages":[' + b",".join(items) + b"]"
-                    if skipped:
-                        frame += b',"skipped":' + orjson.dumps(skipped)
-                    frame += b"}"
-                with trio.move_on_after(config.send_timeout) as timer:
+            messages = outbox.take(config.batch_bytes)
+            if messages:
+                frame = encode_batch(messages)
+                # The timeout restarts with each frame and grows with a frame over the cap (a
+                # single large message): it measures progress, so a client that keeps taking
+                # data at batch_bytes per send_timeout or faster is never cut off by it.
+                timeout = config.send_timeout * max(1.0, len(frame) / config.batch_bytes)
+                with trio.move_on_after(timeout) as timer:
                     try:
                         await self.ws.send_message(frame.decode())
                     except ConnectionClosed:
@@ -215,9 +222,10 @@ class Connection:
                     self._close = (CLOSE["slow_consumer"], "slow consumer: a send timed out")
                     scope.cancel()
                     return
-            if outbox.close_reason is not None:
+            if outbox.closed:
+                # Everything queued before the close was sent.
                 if self._close is None:
-                    self._close = (CLOSE["slow_consumer"], outbox.close_reason)
+                    self._close = (CLOSE["slow_consumer"], outbox.close_reason or "")
                 scope.cancel()
                 return
 
@@ -543,6 +551,17 @@ HANDLERS: dict[str, Handler] = {
 }
 
 
+def _limit_unsent(sock: trio.socket.SocketType, limit: int) -> None:
+    """Keep at most about ``limit`` bytes not yet sent in the kernel (accepted connections
+    inherit it from the listening socket). Otherwise a slow reader's backlog hides in a
+    send buffer of megabytes, where it cannot be coalesced, ``lagged`` waits behind it, and a
+    socket that is being read stays unwritable for long stretches (it becomes writable only
+    once a third of that buffer has drained), which looks like a client taking no data."""
+    option = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+    if option is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, option, limit)
+
+
 class Server:
     """Serves the protocol for one runtime (which must have a broadcaster)."""
 
@@ -571,17 +590,18 @@ class Server:
             connections.start_soon(self._ticker)
             with self._listen_scope:
                 async with trio.open_nursery() as listener:
-                    server = await listener.start(
-                        partial(
-                            serve_websocket,
-                            self._handle,
-                            self.config.host,
-                            self.config.port,
-                            None,
-                            handler_nursery=connections,
-                            max_message_size=self.config.max_frame_size,
-                        )
+                    listeners = await trio.open_tcp_listeners(
+                        self.config.port, host=self.config.host
                     )
+                    for each in listeners:
+                        _limit_unsent(each.socket, self.config.batch_bytes)
+                    websockets = WebSocketServer(
+                        self._handle,
+                        listeners,
+                        handler_nursery=connections,
+                        max_message_size=self.config.max_frame_size,
+                    )
+                    server = await listener.start(websockets.run)
                     self.port = server.port
                     self._accepting = True
                     task_status.started(self)

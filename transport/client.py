@@ -103,7 +103,6 @@ class _Room:
     consumed: RoomCursor | None = None
     #: Events are ignored until a (re)subscription is answered.
     resyncing: bool = True
-    skipped: set[int] = attrs.field(factory=set)
     #: A task is resubscribing this room (retrying, with backoff, until it is answered).
     resync_pending: bool = False
     #: Resubscriptions refused in a row, and the last refusal.
@@ -270,23 +269,17 @@ class Client:
                 raise self._close_error(exc) from None
             message = orjson.loads(frame)
             if message.get("type") == "batch":
-                for job_id, user_id, seq, user_seq in message.get("skipped", ()):
-                    self._skip(f"job:{job_id}", seq)
-                    self._skip(f"user:{user_id}", user_seq)
                 for inner in message["messages"]:
                     await self._dispatch(inner)
             else:
                 await self._dispatch(message)
 
-    def _skip(self, room: str, seq: int) -> None:
-        state = self.rooms.get(room)
-        if state is not None:
-            state.skipped.add(seq)
-
     async def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
         if kind == "event":
             await self._on_event(message["event"])
+        elif kind == "skipped":
+            self._on_skipped(message)
         elif kind in ("reply", "error"):
             pending = self._pending.pop(message.get("id"), None)  # type: ignore[arg-type]
             if pending is None:
@@ -304,7 +297,6 @@ class Client:
                 state = self.rooms.get(room)
                 if state is None or state.resyncing or state.cursor is None:
                     continue
-                self._advance_over_skipped(state)
                 if head > state.cursor.seq:
                     self.counters.gaps += 1
                     self._resync(room)
@@ -313,14 +305,25 @@ class Client:
                 if room in self.rooms:
                     self._resync(room)
 
-    def _advance_over_skipped(self, state: _Room) -> None:
-        assert state.cursor is not None
-        seq = state.cursor.seq
-        while seq + 1 in state.skipped:
-            seq += 1
-            state.skipped.discard(seq)
-        if seq != state.cursor.seq:
-            state.cursor = RoomCursor(state.cursor.epoch, seq)
+    def _on_skipped(self, data: dict[str, Any]) -> None:
+        """``count`` coalesced events, numbered from ``seq`` / ``user_seq``: advance over them
+        like over events (a later event of the job supersedes them)."""
+        count = data["count"]
+        for room, first in (
+            (f"job:{data['job_id']}", data["seq"]),
+            (f"user:{data['user_id']}", data["user_seq"]),
+        ):
+            state = self.rooms.get(room)
+            if state is None or state.resyncing or state.cursor is None:
+                continue
+            last = first + count - 1
+            if last <= state.cursor.seq:
+                continue
+            if first <= state.cursor.seq + 1:
+                state.cursor = RoomCursor(state.cursor.epoch, last)
+            else:
+                self.counters.gaps += 1
+                self._resync(room)
 
     async def _on_event(self, data: dict[str, Any]) -> None:
         deliver = False
@@ -331,12 +334,10 @@ class Client:
             state = self.rooms.get(room)
             if state is None or state.resyncing or state.cursor is None:
                 continue
-            self._advance_over_skipped(state)
             if seq <= state.cursor.seq:
                 continue
             if seq == state.cursor.seq + 1:
                 state.cursor = RoomCursor(state.cursor.epoch, seq)
-                state.skipped = {s for s in state.skipped if s > seq}
                 deliver = True
             else:
                 self.counters.gaps += 1
@@ -440,7 +441,6 @@ class Client:
             state.cursor = head
         if state.consumed is None or result.get("reset_reason"):
             state.consumed = state.cursor
-        state.skipped.clear()
         state.resyncing = False
 
     def _resync(self, room: str) -> None:
