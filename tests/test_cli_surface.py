@@ -218,6 +218,20 @@ async def test_live_display_on_a_narrow_terminal(tmp_path: Path) -> None:
     assert "completed: {" in text
 
 
+def test_every_help_has_descriptions_defaults_and_variables() -> None:
+    top = run("--help")
+    commands = re.findall(r"^    (\w+) ", top.stdout, re.MULTILINE)
+    assert {"serve", "token", "config", "submit", "watch", "jobs", "get"} <= set(commands)
+    for command in [c for c in commands if c != "bench"]:
+        text = " ".join(run(command, "--help").stdout.split())
+        assert "exit status:" in text and "130 interrupted" in text, command
+        assert "(default: INFO; env JOBSPINE_LOG; config: log_level)" in text, command
+        if command not in ("serve", "token"):
+            assert "env JOBSPINE_URL" in text and "env JOBSPINE_CONNECT_TIMEOUT" in text, command
+    serve = " ".join(run("serve", "--help").stdout.split())
+    assert "(default: 8765; env JOBSPINE_PORT; config: server.port)" in serve
+
+
 def test_precedence_flags_env_file_defaults() -> None:
     file = {"log_level": "WARNING", "client": {"url": "ws://file:1", "connect_timeout": 3},
             "server": {"port": 7000, "max_inflight": 4}, "runtime": {"stop_grace": 1}}  # fmt: skip

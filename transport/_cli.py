@@ -239,7 +239,7 @@ def parser() -> argparse.ArgumentParser:
         "when the job is paused instead of waiting for a resume",
     )  # fmt: skip
     watch_p = command("watch", "follow a job live until it ends (reconnects as needed)")
-    watch_p.add_argument("job_id")
+    watch_p.add_argument("job_id", help="the job's id (from submit or jobs)")
     watch_p.add_argument(
         "--exit-on-pause", action="store_true", help="stop following (exit 3) when the job is "
         "paused instead of waiting for a resume",
@@ -255,9 +255,9 @@ def parser() -> argparse.ArgumentParser:
         ("cancel", "cancel a job"),
         ("recovery", "show what can be done with a job: resumable, checkpoint, estimate"),
     ):
-        command(name, what).add_argument("job_id")
+        command(name, what).add_argument("job_id", help="the job's id (from submit or jobs)")
     restart_p = command("restart", "run a job again from scratch")
-    restart_p.add_argument("job_id")
+    restart_p.add_argument("job_id", help="the job's id (from submit or jobs)")
     restart_p.add_argument("modifications", nargs="?", help="JSON object merged into the input")
     sub.add_parser("bench", help="run the load benchmarks (jobspine bench --help)", add_help=False)
     return top

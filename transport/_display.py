@@ -14,7 +14,7 @@ import sys
 import time
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, Protocol, TextIO
+from typing import Any, Literal, Protocol, TextIO
 
 import orjson
 from rich.console import Console
@@ -76,8 +76,10 @@ def format_duration(seconds: float | None) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def _local_time(at: float | None) -> str:
-    return "-" if at is None else datetime.fromtimestamp(at).strftime("%Y-%m-%d %H:%M:%S")
+def _local_time(at: float | None, compact: bool = False) -> str:
+    if at is None:
+        return "-"
+    return datetime.fromtimestamp(at).strftime("%m-%d %H:%M:%S" if compact else "%Y-%m-%d %H:%M:%S")
 
 
 def _ran(job: dict[str, Any], now: float) -> float | None:
@@ -91,33 +93,36 @@ def _ran(job: dict[str, Any], now: float) -> float | None:
 _COLUMNS = ("ID", "KIND", "STATE", "PROGRESS", "CREATED", "RAN", "STEP")
 
 
-def _row(job: dict[str, Any], now: float) -> tuple[str, ...]:
+def _row(job: dict[str, Any], now: float, compact: bool = False) -> tuple[str, ...]:
     return (
         job["id"],
         job["kind"],
         job["state"],
         f"{job['progress']:5.1f}%",
-        _local_time(job["created_at"]),
+        _local_time(job["created_at"], compact),
         format_duration(_ran(job, now)),
         job.get("step") or "",
     )
 
 
 def jobs_table(jobs: list[dict[str, Any]], *, terminal: bool) -> None:
-    """The ``jobs`` listing: a rich table on a terminal, aligned plain columns in a pipe."""
+    """The ``jobs`` listing: a rich table on a terminal (ids never shortened; the step label
+    takes what width is left), aligned plain columns in a pipe."""
     now = time.time()
-    rows = [_row(job, now) for job in jobs]
     if terminal:
-        table = Table(box=None, header_style="bold", pad_edge=False)
-        for name in _COLUMNS:
-            no_wrap = name != "STEP"
-            table.add_column(
-                name, no_wrap=no_wrap, justify="right" if name == "PROGRESS" else "left"
-            )
+        table = Table(box=None, header_style="bold", pad_edge=False, collapse_padding=True)
+        rows = [_row(job, now, compact=True) for job in jobs]
+        for i, name in enumerate(_COLUMNS[:-1]):
+            justify: Literal["left", "right"] = "right" if name in ("PROGRESS", "RAN") else "left"
+            # Every column but KIND keeps its full width; KIND and STEP give way when narrow.
+            width = max(len(r[i]) for r in [_COLUMNS, *rows]) if name != "KIND" else 4
+            table.add_column(name, no_wrap=True, justify=justify, min_width=width)
+        table.add_column("STEP", no_wrap=True, overflow="ellipsis", ratio=1)
         for row in rows:
             table.add_row(*row)
         Console().print(table)
         return
+    rows = [_row(job, now) for job in jobs]
     widths = [max(len(r[i]) for r in [_COLUMNS, *rows]) for i in range(len(_COLUMNS) - 1)]
     for row in [_COLUMNS, *rows]:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
