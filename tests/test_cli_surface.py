@@ -104,6 +104,11 @@ async def test_exit_codes_json_and_errors(tmp_path: Path) -> None:
             bad = await arun(*args, env=env)
             assert bad.returncode == ExitCode.USAGE, (args, bad)
             assert "Traceback" not in bad.stderr
+        # the server refused the input (invalid_input): 2, like any other usage error
+        listed_input = (await arun("submit", "failing", "[1, 2]", env=env)).stdout.strip()
+        await arun("watch", listed_input, env=env)
+        modified = await arun("restart", listed_input, '{"depth": 1}', env=env)
+        assert modified.returncode == ExitCode.USAGE and "invalid_input" in modified.stderr
         # the server refused the request: 6
         unknown = await arun("pause", "01NOSUCHJOB", env=env)
         assert unknown.returncode == ExitCode.REFUSED and "unknown_job" in unknown.stderr
@@ -281,7 +286,7 @@ async def test_config_file_reaches_the_server_and_the_client(tmp_path: Path) -> 
             while b"listening on" not in seen:
                 seen += await process.stderr.receive_some()
         assert f"ws://127.0.0.1:{port}".encode() in seen and f"pid {process.pid}".encode() in seen
-        token = run("token", "--user", "alice", env=env).stdout.strip()
+        token = orjson.loads(run("token", "--user", "alice", "--json", env=env).stdout)["token"]
         listed = await arun("jobs", "--json", env={**env, "JOBSPINE_TOKEN": token})
         assert listed.returncode == 0 and orjson.loads(listed.stdout) == []
         process.terminate()

@@ -19,7 +19,6 @@ from actors import TERMINAL_STATES, EventType, JobEvent
 
 from ._display import (
     JsonView,
-    LiveView,
     PlainView,
     WatchView,
     describe_job,
@@ -132,6 +131,8 @@ def _view(args: argparse.Namespace, job_id: str) -> WatchView:
     if args.json:
         return JsonView()
     if sys.stdout.isatty():
+        from ._live import LiveView  # rich is imported only where it draws
+
         return LiveView(job_id)
     return PlainView(job_id)
 

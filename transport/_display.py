@@ -1,27 +1,20 @@
-"""What the ``jobspine`` client commands show: the live watch display, tables, JSON.
+"""What the ``jobspine`` client commands show: tables, JSON, watched jobs.
 
-Three views of a watched job, chosen by the command: :class:`LiveView` (a terminal: a rich
-progress bar sized to the terminal, log lines and state changes printed above it),
-:class:`PlainView` (a pipe: one line per state or step change) and :class:`JsonView`
-(``--json``: one JSON line per event). rich draws the terminal parts because redrawing a bar
-correctly (terminal width, wide characters, log lines interleaved) is what it is built for.
+Three views of a watched job, chosen by the command: ``transport._live.LiveView`` (a
+terminal), :class:`PlainView` (a pipe: one line per state or step change) and
+:class:`JsonView` (``--json``: one JSON line per event). Only the terminal parts import rich
+(``transport._live``), so that ``jobspine serve`` starts without it.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
-from datetime import datetime, timedelta
+from datetime import datetime
 from types import TracebackType
-from typing import Any, Literal, Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
 import orjson
-from rich.console import Console
-from rich.logging import RichHandler
-from rich.progress import BarColumn, Progress, ProgressColumn, Task, TaskProgressColumn, TextColumn
-from rich.table import Column, Table
-from rich.text import Text
 
 from actors import JobEvent
 from actors._codec import converter
@@ -30,10 +23,12 @@ from .client import Reset
 
 __all__ = [
     "JsonView",
-    "LiveView",
     "PlainView",
+    "StdoutClosedError",
+    "change_line",
     "WatchView",
     "describe_job",
+    "final_line",
     "format_duration",
     "jobs_table",
     "write",
@@ -106,21 +101,13 @@ def _row(job: dict[str, Any], now: float, compact: bool = False) -> tuple[str, .
 
 
 def jobs_table(jobs: list[dict[str, Any]], *, terminal: bool) -> None:
-    """The ``jobs`` listing: a rich table on a terminal (ids never shortened; the step label
-    takes what width is left), aligned plain columns in a pipe."""
+    """The ``jobs`` listing: a rich table on a terminal (:func:`transport._live.rich_jobs_table`),
+    aligned plain columns in a pipe."""
     now = time.time()
     if terminal:
-        table = Table(box=None, header_style="bold", pad_edge=False, collapse_padding=True)
-        rows = [_row(job, now, compact=True) for job in jobs]
-        for i, name in enumerate(_COLUMNS[:-1]):
-            justify: Literal["left", "right"] = "right" if name in ("PROGRESS", "RAN") else "left"
-            # Every column but KIND keeps its full width; KIND and STEP give way when narrow.
-            width = max(len(r[i]) for r in [_COLUMNS, *rows]) if name != "KIND" else 4
-            table.add_column(name, no_wrap=True, justify=justify, min_width=width)
-        table.add_column("STEP", no_wrap=True, overflow="ellipsis", ratio=1)
-        for row in rows:
-            table.add_row(*row)
-        Console().print(table)
+        from ._live import rich_jobs_table  # rich is imported only where it draws
+
+        rich_jobs_table([_row(job, now, compact=True) for job in jobs], _COLUMNS)
         return
     rows = [_row(job, now) for job in jobs]
     widths = [max(len(r[i]) for r in [_COLUMNS, *rows]) for i in range(len(_COLUMNS) - 1)]
@@ -158,7 +145,7 @@ class WatchView(Protocol):
     def finish(self, job: dict[str, Any]) -> None: ...
 
 
-def _change_line(event: JobEvent, job_id: str) -> str | None:
+def change_line(event: JobEvent, job_id: str) -> str | None:
     """The line a state change prints (progress and checkpoints are not state changes)."""
     data = event.data
     match event.type.value:
@@ -205,7 +192,7 @@ class PlainView:
                 self.step = event.data["step"]
                 write(f"{event.data['progress']:5.1f}%  {self.step or ''}\n")
             return
-        line = _change_line(event, self.job_id)
+        line = change_line(event, self.job_id)
         if line is not None:
             write(line + "\n")
 
@@ -247,96 +234,3 @@ class JsonView:
 
     def finish(self, job: dict[str, Any]) -> None:
         return None
-
-
-class _JobElapsed(ProgressColumn):
-    """Time since the job first started (ticking while it runs; frozen at its end)."""
-
-    def render(self, task: Task) -> Text:
-        since, until = task.fields.get("since"), task.fields.get("until")
-        if since is None:
-            return Text("-:--:--", style="progress.elapsed")
-        seconds = max(0.0, (until or time.time()) - since)
-        return Text(str(timedelta(seconds=int(seconds))), style="progress.elapsed")
-
-
-class LiveView:
-    """A terminal: state, bar, percentage, elapsed time and step label on one line sized to the
-    terminal; log records and state changes are printed above it; the last frame shows the
-    final state."""
-
-    def __init__(self, job_id: str, console: Console | None = None) -> None:
-        self.job_id = job_id
-        self.console = console or Console()
-        self.progress = Progress(
-            TextColumn("{task.fields[state]}", table_column=Column(no_wrap=True, min_width=9)),
-            BarColumn(bar_width=None, table_column=Column(ratio=1)),
-            TaskProgressColumn(),
-            _JobElapsed(),
-            TextColumn(
-                "{task.fields[step]}",
-                table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis"),
-            ),
-            console=self.console,
-            expand=True,
-        )
-        self.task = self.progress.add_task("", total=100, state="…", step="", since=None)
-        self._saved: list[logging.Handler] = []
-
-    def __enter__(self) -> LiveView:
-        root = logging.getLogger()
-        self._saved = root.handlers[:]
-        handler = RichHandler(console=self.console, show_path=False, markup=False)
-        root.handlers = [handler]
-        self.progress.start()
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.progress.stop()
-        logging.getLogger().handlers = self._saved
-
-    def _update(self, **fields: Any) -> None:
-        self.progress.update(self.task, **fields)
-
-    def start(self, job: dict[str, Any]) -> None:
-        self._update(
-            completed=job["progress"], state=job["state"], step=job.get("step") or "",
-            since=job.get("started_at"),
-        )  # fmt: skip
-
-    def event(self, event: JobEvent) -> None:
-        if event.type.value == "progress":
-            self._update(
-                completed=event.data["progress"], step=event.data["step"] or "",
-                state=event.state.value,
-            )  # fmt: skip
-            return
-        line = _change_line(event, self.job_id)
-        fields: dict[str, Any] = {"state": event.state.value}
-        if event.type.value == "started":
-            fields["since"] = event.at
-        if event.type.value == "restarted":
-            fields.update(completed=0, step="")
-        self._update(**fields)
-        if line is not None:
-            self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
-
-    def reset(self, reset: Reset) -> None:
-        self.progress.console.print(
-            f"resynchronized ({reset.reason})", markup=False, soft_wrap=True
-        )
-        job = (reset.snapshot or {}).get("job")
-        if job is not None:
-            self.start(job)
-
-    def finish(self, job: dict[str, Any]) -> None:
-        until = job.get("completed_at") or job.get("failed_at") or job.get("updated_at")
-        self._update(
-            completed=job["progress"], state=job["state"], step=job.get("step") or "",
-            until=until,
-        )  # fmt: skip
-        self.progress.refresh()
-        self.progress.stop()
-        self.progress.console.print(final_line(job), markup=False, highlight=False, soft_wrap=True)
