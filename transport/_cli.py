@@ -133,7 +133,7 @@ _SECTION_ORDER = ["", "client", "server", "runtime"]
 def _help(setting: Setting) -> str:
     default = setting.default
     if callable(default):
-        shown = "see above"
+        shown = default.__doc__ or ""
     elif isinstance(default, tuple):
         shown = ", ".join(default) or "none"
     else:

@@ -66,7 +66,7 @@ class Setting:
     section: str
     #: The value's type: int, float, str, bool or list (of strings).
     type: type
-    #: The default, or a function of the environment computing it.
+    #: The default, or a function of the environment computing it (its docstring says how).
     default: Any
     help: str
     flag: str | None = None
@@ -85,6 +85,7 @@ class Resolved:
 
 
 def _db_default(env: Mapping[str, str]) -> str:
+    """$JOBSPINE_DATA/jobspine.db, JOBSPINE_DATA defaulting to ~/.local/share/jobspine"""
     return str(default_data_dir(env) / "jobspine.db")
 
 
@@ -97,9 +98,7 @@ _EXPLICIT: tuple[Setting, ...] = (
     Setting("connect_timeout", "client", float, 10.0,
             "seconds a one-shot command waits for the server", "--connect-timeout",
             "JOBSPINE_CONNECT_TIMEOUT"),
-    Setting("db", "server", str, _db_default, "SQLite database file (default: "
-            "$JOBSPINE_DATA/jobspine.db, JOBSPINE_DATA defaulting to ~/.local/share/jobspine)",
-            "--db", "JOBSPINE_DB"),
+    Setting("db", "server", str, _db_default, "SQLite database file", "--db", "JOBSPINE_DB"),
     Setting("secret", "server", str, None, "token signing secret (default: a development "
             "secret generated beside the database)", None, "JOBSPINE_SECRET"),
     Setting("host", "server", str, "127.0.0.1", "interface to listen on", "--host",
