@@ -296,3 +296,36 @@ async def test_config_file_reaches_the_server_and_the_client(tmp_path: Path) -> 
         if process.poll() is None:
             process.kill()
         await process.wait()
+
+
+async def test_watcher_survives_its_server_as_the_walk_through_says(tmp_path: Path) -> None:
+    data, port = tmp_path / "data", free_port()
+    async with serve_process(data, port) as served:
+        env = {**os.environ, **_client_env(served)}
+        job_id = (await served.cli("submit", "research", SLOW)).stdout.strip()
+        watcher = await trio.lowlevel.open_process(
+            [*COMMAND, "watch", job_id], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        assert watcher.stdout is not None
+        seen = b""
+        with trio.fail_after(20):
+            while b"reading source 3/" not in seen:
+                seen += await watcher.stdout.receive_some()
+        served.process.kill()  # `kill -9 <pid>`: this server only
+    try:
+        async with serve_process(data, port) as served:
+            with trio.fail_after(30):
+                while b"paused (" not in seen:
+                    seen += await watcher.stdout.receive_some()
+            assert b"reconnected" in seen
+            assert (await served.cli("resume", job_id)).returncode == 0
+            with trio.fail_after(30):
+                while b"resumed (attempt 2)" not in seen:
+                    seen += await watcher.stdout.receive_some()
+            assert (await served.cli("cancel", job_id)).returncode == 0
+            with trio.fail_after(30):
+                assert await watcher.wait() == ExitCode.JOB_STOPPED
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+        await watcher.wait()

@@ -142,9 +142,13 @@ async def watch_job(client: Client, job_id: str, view: WatchView, *, exit_on_pau
     ``exit_on_pause``). Events are replayed from the job's first one."""
     job = await client.get(job_id)
     await client.subscribe(f"job:{job_id}", RoomCursor(client.welcome["epoch"], 0))
+    connects = client.counters.connects
     with view:
         view.start(job)
         async for item in client.events():
+            if client.counters.connects != connects:  # the client's own log says when it left
+                connects = client.counters.connects
+                view.note("reconnected")
             if isinstance(item, Reset):
                 view.reset(item)
                 job = (item.snapshot or {}).get("job") or await client.get(job_id)

@@ -142,6 +142,10 @@ class WatchView(Protocol):
 
     def reset(self, reset: Reset) -> None: ...
 
+    def note(self, text: str) -> None:
+        """A change of the connection (not of the job), e.g. "reconnected"."""
+        ...
+
     def finish(self, job: dict[str, Any]) -> None: ...
 
 
@@ -199,6 +203,9 @@ class PlainView:
     def reset(self, reset: Reset) -> None:
         write(f"resynchronized ({reset.reason})\n")
 
+    def note(self, text: str) -> None:
+        write(text + "\n")
+
     def finish(self, job: dict[str, Any]) -> None:
         write(final_line(job) + "\n")
 
@@ -231,6 +238,9 @@ class JsonView:
             },
             lines=True,
         )
+
+    def note(self, text: str) -> None:
+        return None
 
     def finish(self, job: dict[str, Any]) -> None:
         return None

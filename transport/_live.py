@@ -111,6 +111,9 @@ class LiveView:
         if line is not None:
             self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
+    def note(self, text: str) -> None:
+        self.progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
     def reset(self, reset: Reset) -> None:
         self.progress.console.print(
             f"resynchronized ({reset.reason})", markup=False, soft_wrap=True
