@@ -9,6 +9,7 @@ import re
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -123,7 +124,12 @@ def _show(args: argparse.Namespace, value: Any) -> None:
         return
     width = max((len(k) for k in value), default=0)
     for key, item in value.items():
-        shown = item if isinstance(item, str) else orjson.dumps(item).decode()
+        if key.endswith("_at") and isinstance(item, int | float):
+            shown = datetime.fromtimestamp(item).isoformat(sep=" ", timespec="seconds")
+        elif isinstance(item, float):
+            shown = f"{item:.1f}"
+        else:
+            shown = item if isinstance(item, str) else orjson.dumps(item).decode()
         write(f"{key:<{width}}  {shown}\n")
 
 
