@@ -17,7 +17,8 @@ import trio
 from actors import EventType, JobEvent
 from actors._payloads import fit_job, inline_payloads
 from transport import Client, ClientError, RoomCursor, RunningServer, is_omitted, open_client
-from transport._cli import watch_job
+from transport._commands import watch_job
+from transport._display import PlainView
 
 from .serving import GATES, eventually, serving, token
 
@@ -227,7 +228,7 @@ async def test_the_watcher_prints_a_large_outcome(
     async with open_client(served.url, token("alice")) as client:
         job = await client.create("sized", {"result": size})
         with trio.fail_after(30):
-            status = await watch_job(client, job["id"])
+            status = await watch_job(client, job["id"], PlainView(job["id"]), exit_on_pause=False)
         last = capsys.readouterr().out.strip().splitlines()[-1]
         if status == 0:
             expected = '{"blob":"' + "r" * size + '"}' if size < MIB else "not shown"

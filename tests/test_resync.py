@@ -18,7 +18,8 @@ import trio
 
 from actors import EventType, JobEvent
 from transport import CLOSE, Client, ClientError, RunningServer, open_client
-from transport._cli import watch_job
+from transport._commands import watch_job
+from transport._display import PlainView
 
 from .serving import GATES, eventually, serving, token
 
@@ -134,7 +135,9 @@ async def test_the_watcher_reaches_the_final_state_after_a_refused_resubscribe(
         status: list[int] = []
 
         async def watch() -> None:
-            status.append(await watch_job(client, job["id"]))
+            status.append(
+                await watch_job(client, job["id"], PlainView(job["id"]), exit_on_pause=False)
+            )
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch)
