@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import enum
 import math
-import re
 from typing import Any, TypeVar
 
 import orjson
@@ -80,11 +79,13 @@ def loads(data: bytes | str, cls: type[T]) -> T:
 
 #: Deepest nesting of arrays and objects a stored value may have. The store and the protocol
 #: wrap values in a few levels of their own, and orjson refuses more than 254 in all.
-MAX_DEPTH = 200
+MAX_DEPTH = 240
 _WRAP = 254 - MAX_DEPTH
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-# Digit runs this long may be an integer beyond int64 (or just digits in a string).
-_LONG_DIGITS = re.compile(rb"\d{19}")
+# A run of 19 digits may be an integer beyond int64 (or just digits in a string). Found by
+# mapping digits to "0" and everything else to " " (C speed; a regex is ten times slower).
+_DIGITS_ONLY = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+_LONG_DIGITS = b"0" * 19
 
 
 def _lone_surrogate(text: str) -> int | None:
@@ -159,7 +160,10 @@ def dumps_json_value(value: Any, what: str) -> bytes:
         encoded = orjson.dumps(wrapped)[_WRAP:-_WRAP]
     except TypeError as exc:  # orjson.JSONEncodeError included
         raise _refuse(value, what, str(exc)) from None
-    if (b"null" in encoded or _LONG_DIGITS.search(encoded)) and _problem(value, what, 0):
+    suspect = b"null" in encoded or (
+        len(encoded) >= 19 and _LONG_DIGITS in encoded.translate(_DIGITS_ONLY)
+    )
+    if suspect and _problem(value, what, 0):
         raise _refuse(value, what, "")
     return encoded
 

@@ -178,14 +178,16 @@ async def test_unstorable_create_and_audit_values_are_refused_at_the_call(
 
 async def test_an_error_message_that_cannot_be_stored_is_kept_escaped(tmp_path: Path) -> None:
     async def opener(ctx: JobContext, input: Any) -> Any:
-        raise FileNotFoundError(2, "No such file", "caf\udce9.txt")
+        name = "caf\udce9.txt"  # what os.fsdecode gives for a Latin-1 file name
+        raise FileNotFoundError(f"no such file: {name}")
 
     async with open_runtime(tmp_path / "j.db", handlers={"opener": opener}) as rt:
         job = await rt.create_job("opener", "alice", {})
         failed = await wait_for_state(rt, job.id)
         assert failed.state is JobState.FAILED and failed.error is not None
         assert failed.error.type == "FileNotFoundError"
-        assert "caf\\udce9.txt" in failed.error.message
+        assert failed.error.message == "no such file: caf\\udce9.txt"
+        assert rt.status().stalls_detected == 0
 
 
 class PoisonedBackend(SqliteBackend):
