@@ -161,6 +161,7 @@ class StoreActor:
         # sees a transaction half-written.
         self._commit_lock = trio.Lock()
         self._outage_deadline = math.inf  # trio time when writes stop waiting out the outage
+        self._closing = False  # past the final drain: an outage is no longer waited out
         #: Whether the database takes writes now (``/readyz`` reports it).
         self.health = StoreHealth()
         self.commits = 0
@@ -191,6 +192,7 @@ class StoreActor:
                     with trio.move_on_after(5, shield=True):
                         await self._drain()
                         await self._replay_void()
+                    self._closing = True
                     for request in self._replay:  # not replayed in time: answered
                         request.error = StoreError("the store closed before this was saved")
                         request.done.set()
@@ -350,7 +352,7 @@ class StoreActor:
                 if not is_outage(exc):
                     raise
                 self._outage(exc)
-                if trio.current_time() >= self._outage_deadline:
+                if self._closing or trio.current_time() >= self._outage_deadline:
                     raise StoreUnavailableError(
                         f"the database is unavailable ({exc}) for longer than"
                         f" store_retry_timeout ({self.config.store_retry_timeout:g} s);"
