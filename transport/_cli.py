@@ -6,19 +6,30 @@ import argparse
 import getpass
 import importlib
 import logging
+import math
 import os
 import secrets
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 import trio
 
-from actors import DEMO_HANDLERS, TERMINAL_STATES, EventType, JobEvent, RuntimeConfig
+from actors import (
+    DEMO_HANDLERS,
+    TERMINAL_STATES,
+    DatabaseLockedError,
+    EventType,
+    JobEvent,
+    JobspineError,
+    RuntimeConfig,
+    StoreError,
+)
 
-from ._app import open_server
+from ._app import PortUnavailableError, open_server
 from ._auth import mint_token
 from ._server import ServerConfig
 from .client import ClientError, Reset, RoomCursor, open_client
@@ -68,7 +79,44 @@ def load_secret(db: Path, *, create: bool) -> str:
 # -- serve ---------------------------------------------------------------------------------------
 
 
+#: Exit statuses of ``jobspine serve`` when it cannot start (argparse's own is 2 too).
+EXIT_USAGE = 2
+EXIT_DATABASE_IN_USE = 3
+EXIT_PORT_UNAVAILABLE = 4
+EXIT_DATABASE_UNUSABLE = 5
+
+
+class UsageError(Exception):
+    """A command-line value that cannot be used (reported as one line, exit status 2)."""
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """``jobspine serve``: a failure to start is one line on stderr and a distinct status."""
+    try:
+        return trio.run(serve, args)
+    except UsageError as exc:
+        return _fail(exc, EXIT_USAGE)
+    except DatabaseLockedError as exc:
+        return _fail(exc, EXIT_DATABASE_IN_USE)
+    except PortUnavailableError as exc:
+        return _fail(exc, EXIT_PORT_UNAVAILABLE)
+    except StoreError as exc:
+        return _fail(exc, EXIT_DATABASE_UNUSABLE)
+    except OSError as exc:  # the data directory or the secret beside it
+        return _fail(exc, EXIT_DATABASE_UNUSABLE)
+    except JobspineError as exc:
+        return _fail(exc, 1)
+
+
+def _fail(error: Exception, status: int) -> int:
+    print(f"jobspine: error: {error}", file=sys.stderr, flush=True)
+    return status
+
+
 async def serve(args: argparse.Namespace) -> int:
+    handlers = dict(DEMO_HANDLERS)
+    for spec in args.handlers:
+        handlers.update(load_handlers(spec))
     db = Path(args.db)
     db.parent.mkdir(parents=True, exist_ok=True)
     secret = load_secret(db, create=True)
@@ -82,9 +130,6 @@ async def serve(args: argparse.Namespace) -> int:
     runtime_config = RuntimeConfig(
         heartbeat_timeout=args.heartbeat_timeout, stop_grace=args.stop_grace
     )
-    handlers = dict(DEMO_HANDLERS)
-    for spec in args.handlers:
-        handlers.update(load_handlers(spec))
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_server(
             db,
@@ -109,14 +154,31 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def load_handlers(spec: str) -> dict[str, Any]:
-    """``module:attribute`` naming a dict of kind -> handler, registered beside the demos."""
+    """``module:attribute`` (default attribute ``HANDLERS``) naming a dict of kind -> async
+    handler, registered beside the demos; :class:`UsageError` if it cannot be used."""
     module_name, _, attribute = spec.partition(":")
+    attribute = attribute or "HANDLERS"
+    if not module_name:
+        raise UsageError(f"--handlers {spec}: expected MODULE:DICT")
     try:
-        found = getattr(importlib.import_module(module_name), attribute or "HANDLERS")
-    except (ImportError, AttributeError) as exc:
-        raise SystemExit(f"--handlers {spec}: {exc}") from None
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any error raised while importing the user's module
+        raise UsageError(
+            f"--handlers {spec}: cannot import {module_name}: {type(exc).__name__}: {exc}"
+        ) from None
+    found = getattr(module, attribute, None)
+    if found is None:
+        raise UsageError(f"--handlers {spec}: module {module_name} has no {attribute}")
     if not isinstance(found, dict):
-        raise SystemExit(f"--handlers {spec}: expected a dict of kind -> handler")
+        raise UsageError(
+            f"--handlers {spec}: {attribute} is a {type(found).__name__},"
+            " expected a dict of kind -> handler"
+        )
+    for kind, handler in found.items():
+        if not isinstance(kind, str) or not callable(handler):
+            raise UsageError(
+                f"--handlers {spec}: {kind!r}: expected a kind name mapped to a handler function"
+            )
     return found
 
 
@@ -223,9 +285,48 @@ async def run_client_command(args: argparse.Namespace) -> int:
 # -- argument parsing ----------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad option as one line (no usage dump) with exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 0-65535")
+    return port
+
+
+def _seconds(minimum: float, *, inclusive: bool) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+            bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number {bound}")
+        return value
+
+    return parse
+
+
+def _log_level(text: str) -> str:
+    if not isinstance(logging.getLevelName(text.upper()), int):
+        raise argparse.ArgumentTypeError(
+            f"unknown log level {text!r} (DEBUG, INFO, WARNING, ERROR or CRITICAL)"
+        )
+    return text.upper()
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="jobspine", description="Supervised, resumable jobs.")
-    top.add_argument("--log-level", default=os.environ.get("JOBSPINE_LOG", "INFO"))
+    top = _Parser(prog="jobspine", description="Supervised, resumable jobs.")
+    top.add_argument("--log-level", type=_log_level, default=os.environ.get("JOBSPINE_LOG", "INFO"))
     sub = top.add_subparsers(dest="command", required=True)
 
     def with_db(p: argparse.ArgumentParser) -> None:
@@ -234,12 +335,13 @@ def parser() -> argparse.ArgumentParser:
     serve_p = sub.add_parser("serve", help="run the server")
     with_db(serve_p)
     serve_p.add_argument("--host", default="127.0.0.1")
-    serve_p.add_argument("--port", type=int, default=DEFAULT_PORT)
-    serve_p.add_argument("--health-port", type=int, default=DEFAULT_HEALTH_PORT)
-    serve_p.add_argument("--heartbeat-timeout", type=float, default=30.0)
-    serve_p.add_argument("--stop-grace", type=float, default=5.0)
+    serve_p.add_argument("--port", type=_port, default=DEFAULT_PORT)
+    serve_p.add_argument("--health-port", type=_port, default=DEFAULT_HEALTH_PORT)
+    positive = _seconds(0, inclusive=False)
+    serve_p.add_argument("--heartbeat-timeout", type=positive, default=30.0)
+    serve_p.add_argument("--stop-grace", type=_seconds(0, inclusive=True), default=5.0)
     serve_p.add_argument(
-        "--request-rate", type=float, default=50.0, help="requests/s per connection"
+        "--request-rate", type=positive, default=50.0, help="requests/s per connection"
     )
     serve_p.add_argument(
         "--handlers",
@@ -295,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if args.command == "serve":
-        return trio.run(serve, args)
+        return run_serve(args)
     if args.command == "token":
         db = Path(args.db)
         print(mint_token(load_secret(db, create=False), args.user, admin=args.admin, ttl=args.ttl))

@@ -61,11 +61,14 @@ async def serve_health(
     host: str,
     port: int,
     routes: dict[str, Callable[[], tuple[int, dict[str, Any]]]],
+    listeners: list[trio.SocketListener] | None = None,
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``routes`` (path -> () -> (status, JSON body)) until cancelled."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    """Serve ``routes`` (path -> () -> (status, JSON body)) until cancelled, on ``listeners``
+    if given (bound already), else on ``host:port``."""
+    if listeners is None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
 
     async def handle(stream: trio.SocketStream) -> None:

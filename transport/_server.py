@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from functools import partial
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import attrs
 import orjson
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+    WebSocketServer,
+)
 
 from actors import (
     Broadcaster,
@@ -474,23 +478,29 @@ class Server:
     def accepting(self) -> bool:
         return self._accepting
 
-    async def run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
-        """Accept connections until :meth:`stop_accepting`; connections run until closed."""
+    async def run(
+        self,
+        listeners: Sequence[trio.SocketListener] | None = None,
+        *,
+        task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept connections until :meth:`stop_accepting`; connections run until closed.
+
+        ``listeners``: sockets bound already (closed when accepting stops); by default the
+        server binds ``config.host:config.port`` itself."""
+        if listeners is None:
+            listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
         async with trio.open_nursery() as connections:
             connections.start_soon(self._ticker)
             with self._listen_scope:
                 async with trio.open_nursery() as listener:
-                    server = await listener.start(
-                        partial(
-                            serve_websocket,
-                            self._handle,
-                            self.config.host,
-                            self.config.port,
-                            None,
-                            handler_nursery=connections,
-                            max_message_size=self.config.max_frame_size,
-                        )
+                    websockets = WebSocketServer(
+                        self._handle,
+                        listeners,
+                        handler_nursery=connections,
+                        max_message_size=self.config.max_frame_size,
                     )
+                    server = await listener.start(websockets.run)
                     self.port = server.port
                     self._accepting = True
                     task_status.started(self)
