@@ -500,9 +500,11 @@ class Server:
                         handler_nursery=connections,
                         max_message_size=self.config.max_frame_size,
                     )
-                    server = await listener.start(websockets.run)
-                    self.port = server.port
+                    # Connections may be queued on sockets bound before the runtime started:
+                    # they are accepted from the first moment the server serves.
+                    self.port = websockets.port
                     self._accepting = True
+                    await listener.start(websockets.run)
                     task_status.started(self)
             self._accepting = False
             await self._closed_all.wait()
