@@ -37,6 +37,7 @@ from ._job import (
     migrate_job_record,
     validate_job_record,
 )
+from ._owner import DatabaseLockedError
 from ._policy import RecoveryDecision, RecoveryPolicy, StallDetector
 from ._recovery import CheckpointDetails, CheckpointValidation, RecoveryOptions
 from ._repository import Repository
@@ -58,6 +59,7 @@ __all__ = [
     "Broadcaster",
     "BroadcasterConfig",
     "Cursor",
+    "DatabaseLockedError",
     "JoinResult",
     "Outbox",
     "encode_batch",

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
+from typing import Any
 
 import attrs
 import trio
@@ -134,6 +135,23 @@ class Runtime(Repository):
                     await self.resume(job.id, by="system")
 
 
+async def _actor(
+    run: Callable[..., Awaitable[object]],
+    scopes: list[trio.CancelScope],
+    *,
+    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run one actor inside a cancel scope of its own, which ``open_runtime`` shields."""
+    with trio.CancelScope() as scope:
+        scopes.append(scope)
+        await run(task_status=task_status)
+
+
+def _shield(scopes: list[trio.CancelScope], shield: bool) -> None:
+    for scope in scopes:
+        scope.shield = shield
+
+
 @asynccontextmanager
 async def open_runtime(
     database: str | os.PathLike[str] | None = None,
@@ -151,8 +169,11 @@ async def open_runtime(
     (resumed by the next runtime on the same database); every acknowledged write is durable.
     With ``broadcast``, a :class:`Broadcaster` actor serves rooms of events (``rt.broadcaster``).
 
-    An exception from the block propagates unchanged; a failure of the runtime itself is
-    raised as :class:`RuntimeCrashedError`.
+    One process owns a SQLite database at a time: while another holds it, this raises
+    :class:`DatabaseLockedError` (naming the owner) having read and written nothing. A database
+    that cannot be opened raises :class:`StoreError`. An exception from the block propagates
+    unchanged; a failure of the runtime itself is raised as :class:`RuntimeCrashedError`.
+    Every way out (return, exception, cancellation, KeyboardInterrupt) closes the database.
     """
     config = config or RuntimeConfig()
     if backend is None:
@@ -190,18 +211,24 @@ async def open_runtime(
         ),
     )
     body_error: BaseException | None = None
+    started = False
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(store_actor.run)
-            await nursery.start(supervisor.run)
+            actors: list[trio.CancelScope] = []
+            await nursery.start(_actor, store_actor.run, actors)
+            await nursery.start(_actor, supervisor.run, actors)
             if broadcaster is not None:
-                await nursery.start(broadcaster.run)
+                await nursery.start(_actor, broadcaster.run, actors)
             async with repo_store:
                 runtime = Runtime(
                     repo_store, supervisor, hub, registry, config, store_actor, broadcaster
                 )
                 try:
+                    # A cancelled caller still gets the graceful shutdown below, which needs
+                    # the store: the actors are shielded until it is over.
+                    _shield(actors, True)
                     await runtime._recover_on_start()
+                    started = True
                     yield runtime
                 except BaseException as exc:
                     body_error = exc
@@ -211,12 +238,16 @@ async def open_runtime(
                         await supervisor.shutdown()
                     supervisor.close()
                     hub.close()
+                    _shield(actors, False)
     except BaseExceptionGroup as group:
         found = [e for e in leaves(group) if not isinstance(e, trio.Cancelled)]
         from_body = [] if body_error is None else leaves(body_error)
         if found and all(any(e is b for b in from_body) for e in found):
             raise (found[0] if len(found) == 1 else body_error) from None  # type: ignore[misc]
         failures = [e for e in found if not any(e is b for b in from_body)]
+        if not started and len(failures) == 1 and isinstance(failures[0], JobspineError):
+            # A refusal to start (database in use, unreadable, newer) is the caller's answer.
+            raise failures[0] from None
         if failures and all(isinstance(e, Exception) for e in failures):
             raise RuntimeCrashedError(f"a runtime actor failed: {failures[0]!r}") from group
         raise

@@ -7,13 +7,16 @@ Only the store actor calls it, one call at a time.
 
 from __future__ import annotations
 
+import logging
 import os
+import sqlite3
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import aiosqlite
 import orjson
+import trio
 import trio_asyncio
 from trio_asyncio import aio_as_trio
 
@@ -23,9 +26,15 @@ from ._errors import StoreError
 from ._events import EventType, JobEvent
 from ._ids import new_id
 from ._job import Job, migrate_job_record
+from ._owner import database_owner_lock
 from ._states import JobState
 
 __all__ = ["SqliteBackend"]
+
+log = logging.getLogger("jobspine.sqlite")
+
+#: Bound on closing the connection (it waits for the statement in progress).
+CLOSE_TIMEOUT = 10.0
 
 SCHEMA_VERSION = 1
 
@@ -57,6 +66,18 @@ MIGRATIONS: list[list[str]] = [
 ]
 
 _JOB_COLUMNS = "record, last_heartbeat_at"
+
+
+async def _close(db: aiosqlite.Connection) -> None:
+    """Close ``db`` and end its thread, even when the caller is cancelled."""
+    with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+        try:
+            await aio_as_trio(db.close)()
+            return
+        except Exception:
+            log.exception("closing the SQLite connection failed")
+    # A close that failed or timed out still stops the thread after its current statement.
+    db.stop()
 
 
 def _job_from_row(record: str, heartbeat: float | None) -> Job:
@@ -103,28 +124,48 @@ class SqliteBackend:
 
     @asynccontextmanager
     async def opened(self) -> AsyncIterator[None]:
-        async with trio_asyncio.open_loop():
-            self._db = await aio_as_trio(aiosqlite.connect)(self.path)
-            try:
-                await self._migrate()
-                yield
-            finally:
-                db, self._db = self._db, None
-                await aio_as_trio(db.close)()
+        """Own and open the database for the block.
+
+        The owner lock comes first: a process refused with :class:`DatabaseLockedError` has
+        not opened, migrated or written anything. A database that cannot be opened (a
+        directory, not a database, corrupt, a newer schema) raises :class:`StoreError`. Every
+        way out closes the connection under a shield, so its thread never outlives the block.
+        """
+        with database_owner_lock(self.path):
+            async with trio_asyncio.open_loop():
+                try:
+                    db = await aio_as_trio(aiosqlite.connect)(self.path)
+                except sqlite3.Error as exc:
+                    raise StoreError(f"database {self.path}: cannot open: {exc}") from None
+                self._db = db
+                try:
+                    try:
+                        await self._migrate()
+                    except sqlite3.Error as exc:
+                        raise StoreError(f"database {self.path}: cannot open: {exc}") from None
+                    yield
+                finally:
+                    self._db = None
+                    await _close(db)
 
     async def _migrate(self) -> None:
+        await self._execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
+        # The version is read before anything is written: a database this runtime cannot use
+        # is left byte for byte as it was (even its journal mode).
+        found = await self._execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'")
+        meta = dict(await self._execute("SELECT key, value FROM meta")) if found else {}
+        stored = meta.get("schema_version", "0")
+        version = int(stored) if stored.isdigit() else -1
+        if version < 0 or version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: database schema v{stored} is newer than this runtime's "
+                f"v{SCHEMA_VERSION}; upgrade jobspine"
+                if version > SCHEMA_VERSION
+                else f"{self.path}: database schema version {stored!r} is not one jobspine wrote"
+            )
         await self._execute("PRAGMA journal_mode=WAL")
         await self._execute(f"PRAGMA synchronous={self._synchronous}")
-        await self._execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
         await self._execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-        rows = await self._execute("SELECT key, value FROM meta")
-        meta = dict(rows)
-        version = int(meta.get("schema_version", 0))
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path}: database schema v{version} is newer than this runtime's "
-                f"v{SCHEMA_VERSION}; upgrade jobspine"
-            )
         for step in range(version, SCHEMA_VERSION):
             for statement in MIGRATIONS[step]:
                 await self._execute(statement)

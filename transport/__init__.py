@@ -1,6 +1,6 @@
 """jobspine's websocket transport: server, client, command line."""
 
-from ._app import RunningServer, open_server
+from ._app import PortUnavailableError, RunningServer, open_server
 from ._auth import Principal, mint_token, verify_token
 from ._protocol import CLOSE, OPS, PROTOCOL_VERSION, ProtocolError
 from ._reconnect import ReconnectPolicy
@@ -24,6 +24,7 @@ __all__ = [
     "ClientError",
     "ClientStats",
     "ConnectionLostError",
+    "PortUnavailableError",
     "Principal",
     "ProtocolError",
     "ReconnectPolicy",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -16,6 +17,7 @@ from actors import (
     DEMO_HANDLERS,
     BroadcasterConfig,
     Handler,
+    JobspineError,
     Runtime,
     RuntimeConfig,
     open_runtime,
@@ -25,7 +27,7 @@ from actors._errors import unwrap_group
 from ._health import Body, serve_health
 from ._server import Server, ServerConfig
 
-__all__ = ["RunningServer", "open_server"]
+__all__ = ["PortUnavailableError", "RunningServer", "open_server"]
 
 log = logging.getLogger("jobspine.server")
 
@@ -58,31 +60,77 @@ async def open_server(
 ) -> AsyncIterator[RunningServer]:
     """Serve jobspine until the block exits; then shut down gracefully: stop accepting,
     checkpoint-pause running jobs (their events still reach connected clients), close every
-    socket with 1001, flush the store."""
+    socket with 1001, flush the store.
+
+    Startup binds both ports before it opens the database, so a refusal changes nothing
+    stored: :class:`PortUnavailableError` (a port in use or not bindable),
+    :class:`~actors.DatabaseLockedError` (another process owns the database),
+    :class:`~actors.StoreError` (the database cannot be opened)."""
     runtime_config = runtime_config or RuntimeConfig()
-    async with open_runtime(
-        database,
-        handlers=handlers,
-        config=runtime_config,
-        broadcast=broadcast or BroadcasterConfig(),
-    ) as runtime:
-        server = Server(runtime, config)
-        async with _unwrapped(), trio.open_nursery() as nursery:
-            await nursery.start(server.run)
-            running = RunningServer(runtime, server, None, time.time())
-            if health_port is not None:
-                running.health_port = await nursery.start(
-                    serve_health, config.host, health_port, _routes(running)
-                )
-            try:
-                yield running
-            finally:
-                with trio.move_on_after(runtime_config.shutdown_timeout, shield=True):
-                    server.stop_accepting()
-                    await runtime.supervisor.shutdown()
-                    await runtime.broadcaster.drained()  # type: ignore[union-attr]
-                    await server.close_all()
-                nursery.cancel_scope.cancel()
+    listeners: list[trio.SocketListener] = []
+    try:
+        ws_listeners = await _listen(config.host, config.port, "websocket")
+        listeners += ws_listeners
+        health_listeners = None
+        if health_port is not None:
+            health_listeners = await _listen(config.host, health_port, "health")
+            listeners += health_listeners
+        async with open_runtime(
+            database,
+            handlers=handlers,
+            config=runtime_config,
+            broadcast=broadcast or BroadcasterConfig(),
+        ) as runtime:
+            server = Server(runtime, config)
+            async with _unwrapped(), trio.open_nursery() as nursery:
+                await nursery.start(server.run, ws_listeners)
+                running = RunningServer(runtime, server, None, time.time())
+                if health_listeners is not None:
+                    running.health_port = await nursery.start(
+                        serve_health, config.host, 0, _routes(running), health_listeners
+                    )
+                try:
+                    yield running
+                finally:
+                    with trio.move_on_after(runtime_config.shutdown_timeout, shield=True):
+                        server.stop_accepting()
+                        await runtime.supervisor.shutdown()
+                        await runtime.broadcaster.drained()  # type: ignore[union-attr]
+                        await server.close_all()
+                    nursery.cancel_scope.cancel()
+    finally:
+        # Serving closes them; these are the ones a failed start never served.
+        for listener in listeners:
+            listener.socket.close()
+
+
+class PortUnavailableError(JobspineError):
+    """A port of the server cannot be bound (in use, not permitted, no such address).
+
+    ``host``, ``port``, ``role`` (``websocket`` or ``health``) and ``errno`` say which and why;
+    nothing was opened or stored."""
+
+    code = "port_unavailable"
+
+    def __init__(self, host: str, port: int, role: str, error: OSError) -> None:
+        if error.errno == errno.EADDRINUSE:
+            why = f"port {port} on {host} is in use"
+        else:
+            why = f"cannot listen on {host}:{port}: {error.strerror or error}"
+        super().__init__(f"{why} ({role} port)")
+        self.host = host
+        self.port = port
+        self.role = role
+        self.errno = error.errno
+
+
+async def _listen(host: str, port: int, role: str) -> list[trio.SocketListener]:
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise PortUnavailableError(host, port, role, exc) from None
+    except (OverflowError, ValueError) as exc:  # a port outside 0-65535
+        raise PortUnavailableError(host, port, role, OSError(None, str(exc))) from None
 
 
 @asynccontextmanager

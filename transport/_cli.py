@@ -15,14 +15,14 @@ import signal
 import sys
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
-from actors import DEMO_HANDLERS, RuntimeConfig
+from actors import DEMO_HANDLERS, DatabaseLockedError, JobspineError, RuntimeConfig, StoreError
 from actors._errors import unwrap_group
 
-from ._app import open_server
+from ._app import PortUnavailableError, open_server
 from ._auth import mint_token
 from ._commands import run_client_command
 from ._config import (
@@ -74,15 +74,39 @@ def load_secret(db: Path, *, create: bool, secret: str | None = None) -> str:
 # -- serve ---------------------------------------------------------------------------------------
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    """``jobspine serve``: a failure to start is one line on stderr and a distinct status,
+    having changed nothing stored (handlers load and ports bind before the database opens,
+    and the database's owner lock is taken before it is read)."""
+    try:
+        try:
+            return trio.run(serve, args)
+        except BaseExceptionGroup as group:
+            leaf = unwrap_group(group)
+            if leaf is group:
+                raise
+            raise leaf from None
+    except DatabaseLockedError as exc:
+        raise CLIError(ExitCode.DATABASE_IN_USE, str(exc)) from None
+    except PortUnavailableError as exc:
+        raise CLIError(ExitCode.PORT_UNAVAILABLE, str(exc)) from None
+    except StoreError as exc:
+        raise CLIError(ExitCode.DATABASE_UNUSABLE, str(exc)) from None
+    except OSError as exc:  # the data directory or the secret beside it
+        raise CLIError(ExitCode.DATABASE_UNUSABLE, str(exc)) from None
+    except JobspineError as exc:
+        raise CLIError(ExitCode.REFUSED, str(exc)) from None
+
+
 async def serve(args: argparse.Namespace) -> int:
+    handlers = {} if args.no_demo else dict(DEMO_HANDLERS)
+    for spec in args.handlers:
+        handlers.update(load_handlers(spec))
     db = Path(args.db)
     db.parent.mkdir(parents=True, exist_ok=True)
     secret = load_secret(db, create=True, secret=args.secret)
     config = ServerConfig(secret=secret, **args.server_config)
     runtime_config = RuntimeConfig(**args.runtime_config)
-    handlers = {} if args.no_demo else dict(DEMO_HANDLERS)
-    for spec in args.handlers:
-        handlers.update(load_handlers(spec))
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_server(
             db,
@@ -107,18 +131,40 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def load_handlers(spec: str) -> dict[str, Any]:
-    """``module:attribute`` naming a dict of kind -> handler, registered beside the demos.
+    """``module:attribute`` (default attribute ``HANDLERS``) naming a dict of kind -> async
+    handler, registered beside the demos; a usage :class:`CLIError` if it cannot be used.
 
     The module is looked up in the current directory too (first), as ``python -m`` would."""
     module_name, _, attribute = spec.partition(":")
+    attribute = attribute or "HANDLERS"
+    if not module_name:
+        raise CLIError(ExitCode.USAGE, f"--handlers {spec}: expected MODULE:DICT")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        found = getattr(importlib.import_module(module_name), attribute or "HANDLERS")
-    except (ImportError, AttributeError) as exc:
-        raise SystemExit(f"--handlers {spec}: {exc}") from None
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any error raised while importing the user's module
+        raise CLIError(
+            ExitCode.USAGE,
+            f"--handlers {spec}: cannot import {module_name}: {type(exc).__name__}: {exc}",
+        ) from None
+    found = getattr(module, attribute, None)
+    if found is None:
+        raise CLIError(
+            ExitCode.USAGE, f"--handlers {spec}: module {module_name} has no {attribute}"
+        )
     if not isinstance(found, dict):
-        raise SystemExit(f"--handlers {spec}: expected a dict of kind -> handler")
+        raise CLIError(
+            ExitCode.USAGE,
+            f"--handlers {spec}: {attribute} is a {type(found).__name__},"
+            " expected a dict of kind -> handler",
+        )
+    for kind, handler in found.items():
+        if not isinstance(kind, str) or not callable(handler):
+            raise CLIError(
+                ExitCode.USAGE,
+                f"--handlers {spec}: {kind!r}: expected a kind name mapped to a handler function",
+            )
     return found
 
 
@@ -160,8 +206,15 @@ def _add(p: argparse._ActionsContainer, name: str, **options: Any) -> None:
     p.add_argument(setting.flag, default=argparse.SUPPRESS, help=_help(setting), **options)
 
 
-def _common() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad option as one line (no usage dump) with the usage exit status."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _common() -> _Parser:
+    common = _Parser(add_help=False)
     group = common.add_argument_group("global options (accepted before or after the command)")
     group.add_argument("--version", action="version", version=f"jobspine {version('jobspine')}")
     _add(group, "log_level", metavar="LEVEL")
@@ -181,8 +234,8 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
-def _client_options() -> argparse.ArgumentParser:
-    client = argparse.ArgumentParser(add_help=False)
+def _client_options() -> _Parser:
+    client = _Parser(add_help=False)
     group = client.add_argument_group("connection")
     _add(group, "url")
     _add(group, "token")
@@ -205,7 +258,7 @@ def _server_options(p: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     common, client = _common(), _client_options()
     formatter = argparse.RawDescriptionHelpFormatter
-    top = argparse.ArgumentParser(
+    top = _Parser(
         prog="jobspine",
         description="Supervised, durable, resumable jobs, streamed live.",
         epilog=EPILOG,
@@ -317,7 +370,7 @@ def _run(argv: list[str]) -> int:
         raise CLIError(ExitCode.USAGE, f"--log-level/--log-format: {exc}") from None
     if args.command == "serve":
         log.info("jobspine serve, pid %d (stop it with: kill %d)", os.getpid(), os.getpid())
-        return trio.run(serve, args)
+        return run_serve(args)
     if args.command == "token":
         secret = load_secret(Path(args.db), create=False, secret=args.secret)
         token = mint_token(secret, args.user, admin=args.admin, ttl=args.ttl)

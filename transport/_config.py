@@ -17,9 +17,11 @@ File layout (every key optional)::
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,8 @@ class Setting:
     help: str
     flag: str | None = None
     env: str | None = None
+    #: Checks a value of the right type: returns what is wrong with it, or None.
+    check: Callable[[Any], str | None] | None = None
 
     @property
     def key(self) -> str:
@@ -84,13 +88,37 @@ class Resolved:
     source: str
 
 
+def _port(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else f"port {value} is outside 0-65535"
+
+
+def _seconds(minimum: float, *, inclusive: bool) -> Callable[[float], str | None]:
+    def check(value: float) -> str | None:
+        ok = math.isfinite(value) and (value >= minimum if inclusive else value > minimum)
+        bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+        return None if ok else f"must be a finite number {bound}, not {value!r}"
+
+    return check
+
+
+def _log_level(value: str) -> str | None:
+    if isinstance(logging.getLevelName(value.upper()), int):
+        return None
+    return f"unknown log level {value!r} (DEBUG, INFO, WARNING, ERROR or CRITICAL)"
+
+
+_POSITIVE = _seconds(0, inclusive=False)
+_NON_NEGATIVE = _seconds(0, inclusive=True)
+
+
 def _db_default(env: Mapping[str, str]) -> str:
     """$JOBSPINE_DATA/jobspine.db, JOBSPINE_DATA defaulting to ~/.local/share/jobspine"""
     return str(default_data_dir(env) / "jobspine.db")
 
 
 _EXPLICIT: tuple[Setting, ...] = (
-    Setting("log_level", "", str, "INFO", "log level", "--log-level", "JOBSPINE_LOG"),
+    Setting("log_level", "", str, "INFO", "log level", "--log-level", "JOBSPINE_LOG",
+            _log_level),
     Setting("log_format", "", str, "text", "log lines as text or as one JSON object each",
             "--log-format", "JOBSPINE_LOG_FORMAT"),
     Setting("url", "client", str, f"ws://127.0.0.1:{DEFAULT_PORT}", "server URL", "--url",
@@ -99,28 +127,29 @@ _EXPLICIT: tuple[Setting, ...] = (
             "--token", "JOBSPINE_TOKEN"),
     Setting("connect_timeout", "client", float, 10.0,
             "seconds a one-shot command waits for the server", "--connect-timeout",
-            "JOBSPINE_CONNECT_TIMEOUT"),
+            "JOBSPINE_CONNECT_TIMEOUT", _POSITIVE),
     Setting("db", "server", str, _db_default, "SQLite database file", "--db", "JOBSPINE_DB"),
     Setting("secret", "server", str, None, "token signing secret (default: a development "
             "secret generated beside the database)", None, "JOBSPINE_SECRET"),
     Setting("host", "server", str, "127.0.0.1", "interface to listen on", "--host",
             "JOBSPINE_HOST"),
-    Setting("port", "server", int, DEFAULT_PORT, "websocket port", "--port", "JOBSPINE_PORT"),
+    Setting("port", "server", int, DEFAULT_PORT, "websocket port", "--port", "JOBSPINE_PORT",
+            _port),
     Setting("health_port", "server", int, DEFAULT_HEALTH_PORT,
             "HTTP port of /healthz, /readyz, /metrics", "--health-port",
-            "JOBSPINE_HEALTH_PORT"),
+            "JOBSPINE_HEALTH_PORT", _port),
     Setting("request_rate", "server", float, 50.0, "requests/s per connection",
-            "--request-rate", "JOBSPINE_REQUEST_RATE"),
+            "--request-rate", "JOBSPINE_REQUEST_RATE", _POSITIVE),
     Setting("handlers", "server", list, (), "MODULE:DICT registering more job kinds "
             "(repeatable; env: comma-separated)", "--handlers", "JOBSPINE_HANDLERS"),
     Setting("no_demo", "server", bool, False, "leave out the demo kinds (research, trade, "
             "analysis)", "--no-demo", "JOBSPINE_NO_DEMO"),
     Setting("heartbeat_timeout", "runtime", float, 30.0,
             "seconds without a sign of life before a running job is stalled",
-            "--heartbeat-timeout", "JOBSPINE_HEARTBEAT_TIMEOUT"),
+            "--heartbeat-timeout", "JOBSPINE_HEARTBEAT_TIMEOUT", _POSITIVE),
     Setting("stop_grace", "runtime", float, 5.0,
             "seconds a job gets to checkpoint when asked to stop", "--stop-grace",
-            "JOBSPINE_STOP_GRACE"),
+            "JOBSPINE_STOP_GRACE", _NON_NEGATIVE),
 )  # fmt: skip
 
 
@@ -223,6 +252,10 @@ def resolve(
             default = setting.default
             value = default(env) if callable(default) else default
             source = "default"
+        if source != "default" and setting.check is not None:
+            problem = setting.check(value)
+            if problem is not None:
+                raise CLIError(ExitCode.USAGE, f"{source}: {problem}")
         out[setting.name] = Resolved(value, source)
     return out
 

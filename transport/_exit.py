@@ -26,6 +26,13 @@ class ExitCode(enum.IntEnum):
     #: The server refused the request for another reason (``unknown_job``,
     #: ``illegal_transition``, ``rate_limited``, ``store_error``, ...).
     REFUSED = 6
+    #: ``serve``: another live process owns the database (the message names it).
+    DATABASE_IN_USE = 7
+    #: ``serve``: a port is in use or cannot be bound.
+    PORT_UNAVAILABLE = 8
+    #: ``serve``: the database cannot be used (not a database, corrupt, a newer schema, a
+    #: directory) or its data directory cannot be written.
+    DATABASE_UNUSABLE = 9
     #: Ctrl-C (SIGINT), as shells report it.
     INTERRUPTED = 130
     #: The reader of stdout went away (``jobspine jobs | head -1``): what a Unix tool killed
@@ -43,6 +50,9 @@ exit status:
        not a jobspine endpoint, or the connection was lost
   5    authentication: no token, or the token was refused
   6    the server refused the request (unknown job, illegal transition, rate limit, ...)
+  7    serve: another live process owns the database (pid, host and since when are named)
+  8    serve: a port is in use or cannot be bound
+  9    serve: the database cannot be used (corrupt, not a database, newer schema)
   130  interrupted (Ctrl-C)
   141  stdout was closed by its reader (like a tool killed by SIGPIPE)"""
 

@@ -81,11 +81,14 @@ async def serve_health(
     host: str,
     port: int,
     routes: dict[str, Route],
+    listeners: list[trio.SocketListener] | None = None,
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``routes`` (path -> :data:`Route`) until cancelled."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    """Serve ``routes`` (path -> :data:`Route`) until cancelled, on ``listeners``
+    if given (bound already), else on ``host:port``."""
+    if listeners is None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
 
     async def handle(stream: trio.SocketStream) -> None:
