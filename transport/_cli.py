@@ -116,12 +116,15 @@ async def serve(args: argparse.Namespace) -> int:
             health_port=args.health_port,
         ) as running:
             log.info(
-                "jobspine listening on %s (health http://%s:%s/healthz), database %s, epoch %s",
+                "jobspine listening on %s (health http://%s:%s/healthz), database %s, epoch %s;"
+                " pid %d (stop it with: kill %d)",
                 running.url,
                 args.host,
                 running.health_port,
                 db,
                 running.runtime.epoch,
+                os.getpid(),
+                os.getpid(),
             )
             async for signum in signals:
                 log.info("%s: shutting down", signal.Signals(signum).name)
@@ -369,7 +372,6 @@ def _run(argv: list[str]) -> int:
     except ValueError as exc:
         raise CLIError(ExitCode.USAGE, f"--log-level/--log-format: {exc}") from None
     if args.command == "serve":
-        log.info("jobspine serve, pid %d (stop it with: kill %d)", os.getpid(), os.getpid())
         return run_serve(args)
     if args.command == "token":
         secret = load_secret(Path(args.db), create=False, secret=args.secret)
