@@ -11,7 +11,7 @@ from typing import Any
 import attrs
 import orjson
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from actors import (
     Broadcaster,
@@ -41,8 +41,10 @@ from ._protocol import (
     Unsubscribe,
     error_message,
     parse_request,
+    read_request_id,
     reply_message,
 )
+from ._wire import GuardedStream, serve_websockets
 
 __all__ = ["Server", "ServerConfig"]
 
@@ -219,7 +221,7 @@ class Connection:
                     self.close(CLOSE["flood"], "request flood")
                     return
                 self._reply_error(
-                    _request_id(frame), "rate_limited", "too many requests; slow down"
+                    read_request_id(frame), "rate_limited", "too many requests; slow down"
                 )
                 continue
             self._refused = 0
@@ -227,9 +229,6 @@ class Connection:
                 request = parse_request(frame)
             except RequestError as exc:
                 self._reply_error(exc.request_id, exc.code, exc.message)
-                continue
-            except ProtocolError as exc:
-                self._reply_error(None, exc.code, exc.message)
                 continue
             if self.inflight >= self.server.config.max_inflight:
                 self._reply_error(request.id, "busy", "too many requests in flight")
@@ -286,20 +285,6 @@ class Connection:
         if kind == "user" and ident != self.user.user_id and not self.user.admin:
             raise ProtocolError("forbidden", f"room {room} belongs to another user")
         return kind, ident
-
-
-def _request_id(frame: str | bytes) -> str | int | None:
-    """The id of a frame that will not be served, so that its sender is not left waiting."""
-    try:
-        data = orjson.loads(frame)
-    except orjson.JSONDecodeError:
-        return None
-    request_id = data.get("id") if isinstance(data, dict) else None
-    return (
-        request_id
-        if isinstance(request_id, str | int) and not isinstance(request_id, bool)
-        else None
-    )
 
 
 _ALREADY_REPLIED = object()
@@ -381,13 +366,8 @@ async def _list(conn: Connection, request: Request) -> Any:
         user_id = body.user_id
     if conn.user.admin and body.user_id is None:
         user_id = None
-    if not 1 <= body.limit <= 500:
-        raise ProtocolError("bad_request", "list: limit must be in 1..500")
-    states = None
-    if body.state is not None:
-        if body.state not in {s.value for s in JobState}:
-            raise ProtocolError("bad_request", f"list: unknown state {body.state!r}")
-        states = [JobState(body.state)]
+    # parse_request checked the limit's range and that the state is one.
+    states = None if body.state is None else [JobState(body.state)]
     return await conn.server.runtime.list_jobs(
         user_id, states=states, kind=body.kind, limit=body.limit
     )
@@ -480,18 +460,17 @@ class Server:
             connections.start_soon(self._ticker)
             with self._listen_scope:
                 async with trio.open_nursery() as listener:
-                    server = await listener.start(
+                    listeners = await listener.start(
                         partial(
-                            serve_websocket,
+                            serve_websockets,
                             self._handle,
                             self.config.host,
                             self.config.port,
-                            None,
                             handler_nursery=connections,
                             max_message_size=self.config.max_frame_size,
                         )
                     )
-                    self.port = server.port
+                    self.port = listeners[0].socket.getsockname()[1]
                     self._accepting = True
                     task_status.started(self)
             self._accepting = False
@@ -513,11 +492,12 @@ class Server:
                 await conn._done.wait()
         self._closed_all.set()
 
-    async def _handle(self, request: WebSocketRequest) -> None:
+    async def _handle(self, request: WebSocketRequest, stream: GuardedStream) -> None:
         if not self._accepting:
             await request.reject(503)
             return
         ws = await request.accept()
+        stream.connection = ws  # so that a client's protocol error gets its close frame
         await Connection(self, ws).run()
 
     async def _ticker(self) -> None:
