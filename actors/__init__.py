@@ -1,7 +1,15 @@
 """jobspine's actor runtime: supervised, durable, resumable jobs on Trio."""
 
 from ._backend import Backend, JobQuery, MemoryBackend
-from ._broadcaster import Broadcaster, BroadcasterConfig, Cursor, JoinResult, Outbox, parse_room
+from ._broadcaster import (
+    Broadcaster,
+    BroadcasterConfig,
+    Cursor,
+    JoinResult,
+    Outbox,
+    encode_batch,
+    parse_room,
+)
 from ._demo import DEMO_HANDLERS, analysis_handler, research_handler, trade_handler
 from ._errors import (
     CheckpointTooLargeError,
@@ -50,6 +58,7 @@ __all__ = [
     "Cursor",
     "JoinResult",
     "Outbox",
+    "encode_batch",
     "CheckpointDetails",
     "CheckpointTooLargeError",
     "CheckpointValidation",

@@ -3,7 +3,8 @@
 Rooms are ``job:<id>`` (cursor on the job's ``seq``) and ``user:<id>`` (cursor on
 ``user_seq``). Each event is serialized once; the same bytes go to every subscriber, appended
 to the subscriber's :class:`Outbox`. The broadcaster never awaits a socket: a connection's own
-sender task drains its outbox, taking everything queued at once (one frame per batch).
+sender task drains its outbox one bounded frame at a time (:meth:`Outbox.take`); a connection
+that falls behind has its progress coalesced, then is told it ``lagged``.
 
 Joining is gap-free: a subscription is registered (and holds live events) before the room's
 head and history are read; history and held events are then merged by sequence number.
@@ -25,9 +26,18 @@ import trio
 from ._codec import converter
 from ._errors import InvalidInputError
 from ._events import EventHub, EventStream, EventStreamLagged, EventType, JobEvent
+from ._payloads import inline_payloads
 from ._store import StoreClient
 
-__all__ = ["Broadcaster", "BroadcasterConfig", "Cursor", "JoinResult", "Outbox", "Subscription"]
+__all__ = [
+    "Broadcaster",
+    "BroadcasterConfig",
+    "Cursor",
+    "JoinResult",
+    "Outbox",
+    "Subscription",
+    "encode_batch",
+]
 
 log = logging.getLogger("jobspine.broadcaster")
 
@@ -45,122 +55,232 @@ class BroadcasterConfig:
     #: Rooms whose backlog is kept (least recently active dropped first; their cursors are
     #: then served from the durable log).
     backlog_rooms: int = 2000
-    #: Queued live events on one connection past which its progress events are coalesced.
+    #: Queued live events (or bytes of queued live events and skipped markers) on one
+    #: connection past which its progress events are coalesced.
     coalesce_after: int = 256
-    #: Queued live events past which the connection is told to resubscribe from its cursor.
+    coalesce_bytes: int = 128 * 1024
+    #: Queued live events (or bytes) past which the connection is told to resubscribe from
+    #: its cursor (``lagged``).
     overflow_after: int = 4096
+    overflow_bytes: int = 1024 * 1024
     #: Overflows within ``lag_window`` seconds that get a connection disconnected.
     max_lags: int = 3
     lag_window: float = 60.0
     #: Events read from the durable log per store request while replaying.
     page_size: int = 1000
+    #: An event ``data`` value whose JSON is larger than this (bytes) is sent as an
+    #: ``{"$omitted": field, "size": bytes}`` marker; clients fetch it with ``get_payload``.
+    inline_payload_limit: int = 16 * 1024
+
+
+# Outbox entry kinds.
+_CONTROL = 0  # a reply, error, heartbeat or lagged message
+_LIVE = 1  # a live event: may be coalesced, counts towards the lag limits
+_REPLAY = 2  # a replayed event: never coalesced
+_SKIPPED = 3  # live progress events coalesced away: a skipped marker, sent in their place
+_CLOSE = 4  # where the connection is to be closed: nothing after it is sent
+
+# Entry fields (entries are lists, the cheapest mutable record): kind, encoded message (b""
+# for a skipped marker, encoded when taken), job id, user id, seq, user seq, count (events a
+# skipped marker stands for), bytes counted against the lag limit.
+_KIND, _DATA, _JOB, _USER, _SEQ, _USER_SEQ, _COUNT, _SIZE = range(8)
+
+_BATCH_HEAD = b'{"type":"batch","messages":['
+_BATCH_TAIL = b"]}"
+#: A skipped marker's encoded size, beyond its ids, with room for 20-digit numbers.
+_MARKER_OVERHEAD = len(b'{"type":"skipped","job_id":"","user_id":"","seq":,"user_seq":,"count":}')
+_MARKER_OVERHEAD += 3 * 20
+
+
+def lagged_message(rooms: list[str]) -> bytes:
+    return orjson.dumps(
+        {
+            "type": "lagged",
+            "rooms": rooms,
+            "message": "events were dropped: subscribe again from your cursor",
+        }
+    )
+
+
+def encode_batch(messages: list[bytes]) -> bytes:
+    """One frame for ``messages``: the message itself when there is one, else a batch."""
+    if len(messages) == 1:
+        return messages[0]
+    return _BATCH_HEAD + b",".join(messages) + _BATCH_TAIL
+
+
+def _marker(entry: list[Any]) -> bytes:
+    return orjson.dumps(
+        {
+            "type": "skipped",
+            "job_id": entry[_JOB],
+            "user_id": entry[_USER],
+            "seq": entry[_SEQ],
+            "user_seq": entry[_USER_SEQ],
+            "count": entry[_COUNT],
+        }
+    )
 
 
 class Outbox:
-    """Encoded messages waiting for one connection's sender. Only its owner awaits it."""
+    """Encoded messages waiting for one connection's sender, in order. Sans-I/O apart from
+    :meth:`wait`; only its owner awaits it.
+
+    A connection that falls behind (more than ``coalesce_after`` live events or
+    ``coalesce_bytes`` queued) has a queued progress event replaced, *in place*, by a skipped
+    marker when a newer progress event of the same job is queued; consecutive markers of one
+    job with consecutive numbers become one marker with a ``count``. Past ``overflow_after``
+    live events or ``overflow_bytes`` (events and markers), its live and replayed events are
+    dropped and ``lagged`` is queued; more than ``max_lags`` of those within ``lag_window``
+    seconds queue a close.
+    """
 
     def __init__(self, config: BroadcasterConfig | None = None) -> None:
         self.config = config or BroadcasterConfig()
-        # entry: [bytes | None (coalesced away), live?, job id, user id, seq, user seq]
         self._entries: deque[list[Any]] = deque()
+        #: job id -> its newest queued live progress entry (the one a newer one supersedes).
         self._progress: dict[str, list[Any]] = {}
-        self._skipped: list[tuple[str, str, int, int]] = []
-        self._live = 0
-        self._dead = 0  # coalesced entries still in the queue
+        self._live = 0  # queued live events, markers not included
+        self._live_bytes = 0  # bytes of queued live events and markers
         self._wakeup = trio.Event()
         self._lag_times: deque[float] = deque()
         self.subscriptions: dict[str, Subscription] = {}
-        #: Why the connection must be closed (the hard limit was passed), or None.
+        #: Why the connection is to be closed once what was queued before is sent, or None.
         self.close_reason: str | None = None
+        #: The close point was taken: everything queued before it has been handed out.
+        self.closed = False
         self.delivered = 0
         self.coalesced = 0
+        #: Times this connection fell behind and was told to resubscribe (``lagged``).
+        self.lagged = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of queued live events and skipped markers (what ``overflow_bytes`` bounds)."""
+        return self._live_bytes
+
     def push_control(self, data: bytes) -> None:
-        self._entries.append([data, False, None, None, 0, 0])
+        self._entries.append([_CONTROL, data, None, None, 0, 0, 0, 0])
         self._wakeup.set()
+
+    def close(self, reason: str) -> None:
+        """Close the connection after what is queued now; later messages are never sent."""
+        if self.close_reason is None:
+            self.close_reason = reason
+            self._entries.append([_CLOSE, b"", None, None, 0, 0, 0, 0])
+            self._wakeup.set()
 
     def push_event(self, event: JobEvent, data: bytes, *, live: bool) -> None:
-        entry = [data, live, event.job_id, event.user_id, event.seq, event.user_seq]
+        entry = [
+            _LIVE if live else _REPLAY,
+            data,
+            event.job_id,
+            event.user_id,
+            event.seq,
+            event.user_seq,
+            1,
+            len(data),
+        ]
         if live:
             self._live += 1
+            self._live_bytes += len(data)
             if event.type is EventType.PROGRESS:
                 previous = self._progress.get(event.job_id)
-                if previous is not None and self._live > self.config.coalesce_after:
-                    # A newer progress event supersedes a queued one: the client is told the
-                    # sequence numbers it will never receive, so it sees no gap.
-                    previous[0] = None
-                    self._live -= 1
-                    self._dead += 1
-                    self.coalesced += 1
-                    self._skipped.append((previous[2], previous[3], previous[4], previous[5]))
-                    if self._dead > 64 and 2 * self._dead > len(self._entries):
-                        self._entries = deque(e for e in self._entries if e[0] is not None)
-                        self._dead = 0
+                if previous is not None and (
+                    self._live > self.config.coalesce_after
+                    or self._live_bytes > self.config.coalesce_bytes
+                ):
+                    self._coalesce(previous)
                 self._progress[event.job_id] = entry
-            if self._live > self.config.overflow_after:
-                self._overflow()
-                return
         self._entries.append(entry)
+        if live and (
+            self._live > self.config.overflow_after or self._live_bytes > self.config.overflow_bytes
+        ):
+            self._overflow()
+            return
         self._wakeup.set()
 
+    def _coalesce(self, entry: list[Any]) -> None:
+        """Turn a superseded progress event into a skipped marker where it stands, so that a
+        client meets its numbers in order, before the event that supersedes it."""
+        self._live -= 1
+        self._live_bytes -= entry[_SIZE]
+        self.coalesced += 1
+        entry[_KIND] = _SKIPPED
+        entry[_DATA] = b""
+        entries = self._entries
+        if len(entries) >= 2 and entries[-1] is entry:
+            run = entries[-2]
+            if (
+                run[_KIND] == _SKIPPED
+                and run[_JOB] == entry[_JOB]
+                and run[_SEQ] + run[_COUNT] == entry[_SEQ]
+                and run[_USER_SEQ] + run[_COUNT] == entry[_USER_SEQ]
+            ):
+                run[_COUNT] += 1
+                entries.pop()
+                return
+        entry[_SIZE] = _MARKER_OVERHEAD + len(entry[_JOB]) + len(entry[_USER])
+        self._live_bytes += entry[_SIZE]
+
     def _overflow(self) -> None:
+        self.lagged += 1
         now = trio.current_time()
         self._lag_times.append(now)
         while self._lag_times and self._lag_times[0] < now - self.config.lag_window:
             self._lag_times.popleft()
-        self._entries = deque(e for e in self._entries if e[2] is None)  # keep control messages
+        # Control messages and the close point stay; lagged goes right behind them.
+        self._entries = deque(e for e in self._entries if e[_KIND] in (_CONTROL, _CLOSE))
         self._progress.clear()
-        self._skipped.clear()
         self._live = 0
-        self._dead = 0
+        self._live_bytes = 0
         rooms = sorted(self.subscriptions)
         for sub in self.subscriptions.values():
             sub.suspended = True
+        self.push_control(lagged_message(rooms))
         if len(self._lag_times) > self.config.max_lags:
-            self.close_reason = "slow consumer: fell behind repeatedly"
-        self.push_control(
-            orjson.dumps(
-                {
-                    "type": "lagged",
-                    "rooms": rooms,
-                    "message": "events were dropped: subscribe again from your cursor",
-                }
-            )
-        )
+            self.close("slow consumer: fell behind repeatedly")
 
-    def take(
-        self, max_bytes: int = 256 * 1024
-    ) -> tuple[list[bytes], list[tuple[str, str, int, int]]]:
-        """What is queued, in order, up to about ``max_bytes`` (at least one message); and
-        ``(job id, user id, seq, user seq)`` of the events coalesced away before those."""
-        items: list[bytes] = []
-        size = 0
+    def take(self, max_bytes: int = 64 * 1024) -> list[bytes]:
+        """The next messages, in order, whose frame (:func:`encode_batch`) is at most
+        ``max_bytes`` long, or a single larger message; empty once nothing is queued or the
+        close point is reached (then :attr:`closed` is set)."""
+        messages: list[bytes] = []
+        size = len(_BATCH_HEAD) + len(_BATCH_TAIL)
         entries = self._entries
-        while entries and (not items or size + len(entries[0][0] or b"") <= max_bytes):
-            entry = entries.popleft()
-            data = entry[0]
-            if data is None:
-                self._dead -= 1
-                continue
-            if entry[1]:
+        while entries:
+            entry = entries[0]
+            kind = entry[_KIND]
+            if kind == _CLOSE:
+                if not messages:
+                    entries.popleft()
+                    self.closed = True
+                break
+            data = _marker(entry) if kind == _SKIPPED else entry[_DATA]
+            if messages and size + 1 + len(data) > max_bytes:
+                break
+            entries.popleft()
+            if kind == _LIVE:
                 self._live -= 1
-                if self._progress.get(entry[2]) is entry:
-                    del self._progress[entry[2]]
-            items.append(data)
-            size += len(data)
-        skipped = self._skipped
-        self._skipped = []
+                self._live_bytes -= entry[_SIZE]
+                if self._progress.get(entry[_JOB]) is entry:
+                    del self._progress[entry[_JOB]]
+            elif kind == _SKIPPED:
+                self._live_bytes -= entry[_SIZE]
+            if data:
+                messages.append(data)
+                size += len(data) + 1
         if not entries:
             self._wakeup = trio.Event()
-        self.delivered += len(items)
-        return items, skipped
+        self.delivered += len(messages)
+        return messages
 
     async def wait(self) -> None:
         """Return once something is queued."""
-        if not self._entries and self.close_reason is None:
+        if not self._entries:
             await self._wakeup.wait()
 
 
@@ -254,7 +374,14 @@ class Broadcaster:
     # -- live path (never awaits) ---------------------------------------------------------------
 
     def encode(self, event: JobEvent) -> bytes:
-        return orjson.dumps({"type": "event", "event": converter.unstructure(event)})
+        """The event message, with each ``data`` value over the inline limit left out."""
+        message = {"type": "event", "event": converter.unstructure(event)}
+        data = orjson.dumps(message)
+        limit = self.config.inline_payload_limit
+        if len(data) <= limit and b'"$omitted"' not in data:
+            return data  # the common case: nothing can be over the limit
+        message["event"]["data"] = inline_payloads(message["event"]["data"], limit)
+        return orjson.dumps(message)
 
     def publish(self, event: JobEvent) -> None:
         data = self.encode(event)
@@ -362,6 +489,13 @@ class Broadcaster:
         """Queue the history and the events held during the join, in order, once each."""
         sub = outbox.subscriptions.get(room)
         if sub is None or not sub.replaying:
+            return
+        if sub.suspended:
+            # The connection lagged during the join: the client ignored that ``lagged`` (the
+            # room was not live until the reply just queued), so it is told again, after it.
+            sub.held = []
+            sub.replaying = False
+            outbox.push_control(lagged_message([room]))
             return
         kind, _ = parse_room(room)
         for event, data in sub.held:

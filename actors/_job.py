@@ -10,6 +10,8 @@ Schema v1 invariants (checked by :func:`validate_job_record`):
 * ``attempt`` (the fencing token) is 0 before the first run and grows by one at every start,
   resume or restart; ``recovery_attempts >= 0``; ``seq`` is the job's last event number.
 * Timestamps are Unix seconds (wall clock); ``created_at <= updated_at``.
+* ``run_seconds >= 0`` is the running time of finished runs; ``run_started_at`` is the start of
+  the current run (both optional in stored records, which predate them).
 """
 
 from __future__ import annotations
@@ -74,6 +76,11 @@ class Job:
     failed_at: float | None = None
     last_heartbeat_at: float | None = None
     seq: int = 0
+    #: Seconds the finished runs of this job were running (each up to its end, or to its last
+    #: sign of life when it was recovered after a stall or crash); cleared by a restart.
+    run_seconds: float = 0.0
+    #: When the current run started; None when the job is not running.
+    run_started_at: float | None = None
     schema_version: int = CURRENT_SCHEMA_VERSION
 
     def to_record(self) -> dict[str, Any]:
@@ -92,7 +99,14 @@ class Job:
 
 _NUMBER = (int, float)
 _STATE_VALUES = frozenset(s.value for s in JobState)
-_OPTIONAL_TIMES = ("checkpoint_at", "started_at", "completed_at", "failed_at", "last_heartbeat_at")
+_OPTIONAL_TIMES = (
+    "checkpoint_at",
+    "started_at",
+    "completed_at",
+    "failed_at",
+    "last_heartbeat_at",
+    "run_started_at",
+)
 
 
 def _is_int(value: object) -> bool:
@@ -153,6 +167,9 @@ def validate_job_record(record: object) -> list[str]:
     created, updated = record.get("created_at"), record.get("updated_at")
     if isinstance(created, _NUMBER) and isinstance(updated, _NUMBER) and updated < created:
         problems.append(f"updated_at: {updated!r} is before created_at {created!r}")
+    run_seconds = record.get("run_seconds", 0.0)
+    if not _is_number(run_seconds) or run_seconds < 0:
+        problems.append(f"run_seconds: expected a non-negative number, got {run_seconds!r}")
     for name in ("checkpoint_version", "attempt", "recovery_attempts", "seq"):
         value = record.get(name, 0)
         if not _is_int(value) or value < 0:

@@ -68,8 +68,21 @@ def _emit(
 ) -> Change:
     changes["updated_at"] = now
     changes["seq"] = job.seq + 1
+    state = changes.get("state", job.state)
+    if state is not job.state:
+        if state is S.RUNNING:
+            changes["run_started_at"] = now
+        elif job.run_started_at is not None:
+            changes.update(_end_run(job, now))
     new = _evolve(job, changes)
     return new, JobEvent(new.id, new.user_id, new.seq, type, new.state, now, data or {}, actor)
+
+
+def _end_run(job: Job, end: float) -> dict[str, Any]:
+    """Add the current run to ``run_seconds`` (running time only: estimates must not count
+    the time a job spent paused, or its server down)."""
+    ran = 0.0 if job.run_started_at is None else max(0.0, end - job.run_started_at)
+    return {"run_seconds": job.run_seconds + ran, "run_started_at": None}
 
 
 def _fence(job: Job, attempt: int) -> None:
@@ -220,6 +233,8 @@ def recover(job: Job, attempt: int | None, decision: RecoveryDecision, now: floa
     if attempt is not None:
         _fence(job, attempt)
     check_transition(job.id, job.state, decision.to_state)
+    # A stalled or orphaned run ended at its last sign of life, not when it was noticed.
+    job = _evolve(job, _end_run(job, job.last_heartbeat_at or now))
     if decision.to_state is S.PAUSED:
         return _emit(
             job,
@@ -272,6 +287,7 @@ def restart(
         pause_reason=None,
         completed_at=None,
         failed_at=None,
+        run_seconds=0.0,
     )
 
 

@@ -16,6 +16,7 @@ __all__ = [
     "RecoveryOptions",
     "checkpoint_details",
     "recovery_options",
+    "running_seconds",
     "validate_checkpoint",
 ]
 
@@ -35,7 +36,8 @@ class RecoveryOptions:
     progress: float
     recovery_attempts: int
     max_recovery_attempts: int
-    #: From the progress rate of earlier runs; None until there is a rate to go by.
+    #: Seconds, from the progress made per second of running time (:func:`running_seconds`);
+    #: None until there is a rate to go by.
     estimated_seconds_to_finish: float | None
     reason: str
 
@@ -63,6 +65,16 @@ def _size(value: Any) -> int:
     return 0 if value is None else len(orjson.dumps(value))
 
 
+def running_seconds(job: Job) -> float:
+    """Seconds the job has been running, over all its runs since it was created or restarted:
+    finished runs, plus the current one up to its last sign of life. Time spent paused, or with
+    the server down, does not count."""
+    ran = job.run_seconds
+    if job.run_started_at is not None and job.last_heartbeat_at is not None:
+        ran += max(0.0, job.last_heartbeat_at - job.run_started_at)
+    return ran
+
+
 def recovery_options(job: Job, now: float, max_recovery_attempts: int) -> RecoveryOptions:
     resumable = job.state is JobState.PAUSED
     restartable = job.state in RESTARTABLE
@@ -78,9 +90,9 @@ def recovery_options(job: Job, now: float, max_recovery_attempts: int) -> Recove
     else:
         reason = f"{job.state.value}; nothing to recover"
     estimate = None
-    if job.started_at is not None and 0 < job.progress < 100:
-        elapsed = job.updated_at - job.started_at
-        estimate = elapsed / job.progress * (100 - job.progress)
+    ran = running_seconds(job)
+    if ran > 0 and 0 < job.progress < 100:
+        estimate = ran / job.progress * (100 - job.progress)
     return RecoveryOptions(
         job_id=job.id,
         state=job.state,

@@ -14,6 +14,7 @@ from ._backend import Backend, JobQuery
 from ._broadcaster import Broadcaster, BroadcasterConfig
 from ._errors import JobspineError, RuntimeCrashedError, leaves
 from ._events import EventHub
+from ._joblog import job_fields
 from ._repository import Repository
 from ._sqlite import SqliteBackend
 from ._states import JobState
@@ -93,9 +94,24 @@ class Runtime(Repository):
                     job.id, None, policy, "the process running it stopped (recovered at start)"
                 )
             except JobspineError as exc:
-                log.warning("job %s not recovered: %s", job.id, exc)
+                log.warning(
+                    "job %s not recovered: %s",
+                    job.id,
+                    exc,
+                    extra=job_fields(job.id, job.user_id, job.attempt, "recovery"),
+                )
                 continue
-            log.warning("recovered job %s at start: %s", job.id, job.state.value)
+            log.warning(
+                "recovered job %s at start: %s",
+                job.id,
+                job.state.value,
+                extra=job_fields(
+                    job.id,
+                    job.user_id,
+                    job.attempt,
+                    "recovery" if job.state is JobState.PAUSED else "failed",
+                ),
+            )
         for job in await store.list_jobs(JobQuery(states=frozenset({JobState.CREATED}))):
             if job.kind in self._handlers:
                 await self._start(job.id)

@@ -33,8 +33,10 @@ from ._errors import (
 from ._events import EventHub, EventType, JobEvent
 from ._ids import new_id
 from ._job import Job, JobError
+from ._metrics import StoreMetrics, move
 from ._policy import RecoveryPolicy
 from ._states import TERMINAL_STATES, JobState, check_transition
+from ._tracing import span
 
 __all__ = ["StoreActor", "StoreClient", "StoreConfig"]
 
@@ -77,6 +79,8 @@ class _Group:
     events: list[JobEvent] = attrs.field(factory=list)
     deleted: set[str] = attrs.field(factory=set)
     beats: dict[str, tuple[int, float]] = attrs.field(factory=dict)
+    #: Jobs per state gained (lost, if negative) by this group, for the metrics.
+    moves: dict[JobState, int] = attrs.field(factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.requests or self.writes)
@@ -110,6 +114,7 @@ class StoreActor:
         self._idle.set()
         self.commits = 0
         self.committed_requests = 0
+        self.metrics = StoreMetrics()
 
     def client(self) -> StoreClient:
         """A new client owning its own clone of the request channel; close it when done.
@@ -124,6 +129,7 @@ class StoreActor:
         async with self._receive, self.backend.opened(), trio.open_nursery() as nursery:
             # Only clients hold send ends: the loop ends when the last client closes.
             self._send.close()
+            self.metrics.load(await self.backend.count_by_state(None))
             to_committer, from_actor = trio.open_memory_channel[_Group](0)
             nursery.start_soon(self._committer, from_actor)
             task_status.started(self)
@@ -209,11 +215,17 @@ class StoreActor:
         elif not group.writes:
             return  # reads only: answered in order, after the writes before them
         else:
+            started = time.perf_counter()
             try:
-                await self.backend.commit(
-                    group.jobs.values(), group.events, group.deleted, group.beats
-                )
+                with span(
+                    "jobspine.store.commit",
+                    {"requests": len(group.requests), "events": len(group.events)},
+                ):
+                    await self.backend.commit(
+                        group.jobs.values(), group.events, group.deleted, group.beats
+                    )
             except Exception as exc:
+                self.metrics.failed_commits += 1
                 log.exception("commit of %d requests failed", len(group.requests))
                 # Every group applied on top of this one is void; cached state is reloaded.
                 self._generation += 1
@@ -223,6 +235,9 @@ class StoreActor:
                     self._group.generation = self._generation
                 error = StoreError(f"database write failed, nothing was saved: {exc}")
             else:
+                self.metrics.committed(
+                    len(group.requests), group.events, group.moves, time.perf_counter() - started
+                )
                 self._committed(group)
                 return
         for request in group.requests:
@@ -296,7 +311,11 @@ class StoreActor:
         return job
 
     async def _change(self, job_id: str, fn: Callable[[Job, float], ops.Change]) -> Job:
-        return await self._stage(fn(await self._job(job_id), time.time()))
+        old = await self._job(job_id)
+        job = await self._stage(fn(old, time.time()))
+        if job.state is not old.state:
+            move(self._group.moves, old.state, job.state)
+        return job
 
 
 class StoreClient:
@@ -344,7 +363,9 @@ class StoreClient:
         actor = self._actor
 
         async def fn() -> Job:
-            return await actor._stage(ops.create(new_id(), user_id, kind, input, time.time()))
+            job = await actor._stage(ops.create(new_id(), user_id, kind, input, time.time()))
+            move(actor._group.moves, None, job.state)
+            return job
 
         return await self._call(fn)
 
@@ -458,6 +479,7 @@ class StoreClient:
         async def fn() -> None:
             job, event = ops.delete(await store._job(job_id), time.time(), actor)
             await store._stage((job, event))
+            move(store._group.moves, job.state, None)
             del store._group.jobs[job_id]
             store._group.deleted.add(job_id)
 

@@ -17,6 +17,7 @@ import trio
 
 from ._errors import JobspineError, StoreError, UnknownKindError
 from ._job import Job
+from ._joblog import job_fields
 from ._policy import RecoveryPolicy, StallDetector
 from ._states import JobState
 from ._store import StoreClient
@@ -219,16 +220,28 @@ class Supervisor:
                 "job %s: recovery not stored (%s); retrying at the next deadline",
                 worker.job_id,
                 exc,
+                extra=job_fields(worker.job_id, worker.user_id, worker.attempt, "stalled"),
             )
             self._orphan(worker)
             return
         except JobspineError as exc:
-            log.info("job %s: stall not recorded, a newer decision stands: %s", worker.job_id, exc)
+            log.info(
+                "job %s: stall not recorded, a newer decision stands: %s",
+                worker.job_id,
+                exc,
+                extra=job_fields(worker.job_id, worker.user_id, worker.attempt, "stalled"),
+            )
             self.orphans.pop(worker.job_id, None)
             return
         self.orphans.pop(worker.job_id, None)
         self._count(job)
-        log.warning("job %s %s: %s", job.id, job.state.value, cause)
+        log.warning(
+            "job %s %s: %s",
+            job.id,
+            job.state.value,
+            cause,
+            extra=job_fields(job.id, job.user_id, worker.attempt, _recovery_event(job)),
+        )
 
     def _count(self, job: Job) -> None:
         if job.state is JobState.PAUSED:
@@ -268,4 +281,15 @@ class Supervisor:
         try:
             await self.store.pause(job_id, worker.attempt, "system", reason)
         except JobspineError as exc:
-            log.info("job %s not paused at %s: %s", job_id, reason, exc)
+            log.info(
+                "job %s not paused at %s: %s",
+                job_id,
+                reason,
+                exc,
+                extra=job_fields(job_id, worker.user_id, worker.attempt, "paused"),
+            )
+
+
+def _recovery_event(job: Job) -> str:
+    """The type of the event a stored recovery decision emitted."""
+    return "recovery" if job.state is JobState.PAUSED else "failed"

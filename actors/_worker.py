@@ -17,6 +17,8 @@ from ._errors import (
     StoreError,
 )
 from ._job import Job, JobError
+from ._joblog import job_fields
+from ._tracing import AttributeValue, span
 
 if TYPE_CHECKING:
     from ._store import StoreClient
@@ -103,7 +105,8 @@ class JobContext:
     async def checkpoint(self, data: Any) -> None:
         """Save ``data`` (JSON) as the job's checkpoint; returns once it is durable."""
         worker = self._worker
-        await worker.store.checkpoint(self.job_id, self.attempt, data)
+        with span("jobspine.checkpoint", {"job.id": self.job_id, "job.attempt": self.attempt}):
+            await worker.store.checkpoint(self.job_id, self.attempt, data)
         worker.beat()
 
     @contextmanager
@@ -135,7 +138,9 @@ class Worker:
         "input",
         "job_id",
         "keep_alive",
+        "kind",
         "last_beat",
+        "outcome",
         "outcome_stored",
         "persist_beat",
         "scope",
@@ -154,6 +159,7 @@ class Worker:
     ) -> None:
         self.job_id = job.id
         self.user_id = job.user_id
+        self.kind = job.kind
         self.attempt = job.attempt
         self.input = job.input
         self.handler = handler
@@ -163,6 +169,8 @@ class Worker:
         self.finished = trio.Event()  # set after the outcome is stored
         self.stop_reason: str | None = None
         self.outcome_stored = True
+        #: How the attempt ended: completed, failed, stopped, fenced or not_stored.
+        self.outcome = "stopped"
         self.keep_alive = 0
         self.last_beat = trio.current_time()
         self.persist_beat = False
@@ -202,8 +210,18 @@ class Worker:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         task_status.started()
+        attributes: dict[str, AttributeValue] = {
+            "job.id": self.job_id,
+            "job.kind": self.kind,
+            "user.id": self.user_id,
+            "job.attempt": self.attempt,
+        }
         try:
-            await self._run()
+            with span("jobspine.job.attempt", attributes) as current:
+                await self._run()
+                current.set("outcome", self.outcome)
+                if self.outcome == "failed":
+                    current.error("the job failed")
         finally:
             on_exit(self)
             self.finished.set()
@@ -219,7 +237,13 @@ class Worker:
             except Exception as exc:
                 if self.stop_reason is not None and isinstance(exc, JobspineError):
                     return  # the job was taken away from this attempt while it stopped
-                log.info("job %s attempt %d raised %r", self.job_id, self.attempt, exc)
+                log.info(
+                    "job %s attempt %d raised %r",
+                    self.job_id,
+                    self.attempt,
+                    exc,
+                    extra=self._fields("failed"),
+                )
                 error = JobError(type(exc).__name__, str(exc) or repr(exc))
         if self.scope.cancelled_caught:
             return  # stopped by the runtime: whoever stopped it records the outcome
@@ -227,15 +251,34 @@ class Worker:
             if error is None:
                 try:
                     await self.store.complete(self.job_id, self.attempt, result)
+                    self.outcome = "completed"
                     return
                 except NotSerializableError as exc:
                     error = JobError(type(exc).__name__, str(exc))
             await self.store.fail(self.job_id, self.attempt, error)
+            self.outcome = "failed"
         except StoreError as exc:
             # The database refused the outcome: the job is still "running" there, with no one
             # running it. The supervisor keeps its deadline and recovers it by the stall rule.
-            log.warning("job %s attempt %d outcome not stored: %s", self.job_id, self.attempt, exc)
+            log.warning(
+                "job %s attempt %d outcome not stored: %s",
+                self.job_id,
+                self.attempt,
+                exc,
+                extra=self._fields("outcome_not_stored"),
+            )
             self.outcome_stored = False
+            self.outcome = "not_stored"
         except JobspineError as exc:
             # Fenced out (stalled, cancelled or paused meanwhile): the newer decision stands.
-            log.info("job %s attempt %d outcome not recorded: %s", self.job_id, self.attempt, exc)
+            log.info(
+                "job %s attempt %d outcome not recorded: %s",
+                self.job_id,
+                self.attempt,
+                exc,
+                extra=self._fields("fenced"),
+            )
+            self.outcome = "fenced"
+
+    def _fields(self, event: str) -> dict[str, object]:
+        return job_fields(self.job_id, self.user_id, self.attempt, event)

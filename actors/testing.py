@@ -1,21 +1,60 @@
-"""A pytest-trio fixture giving a runtime on a temporary SQLite file.
+"""A pytest plugin giving a runtime on a temporary SQLite file: the ``jobspine_runtime`` fixture.
 
 Enable it with ``pytest_plugins = ["actors.testing"]`` in a ``conftest.py``; override the
 ``jobspine_handlers`` or ``jobspine_config`` fixtures to register your own handlers or timings.
+It needs pytest-trio (``pip install 'jobspine[testing]'``). An ``async def`` test that uses
+``jobspine_runtime`` runs under Trio even without ``trio_mode = true`` or ``@pytest.mark.trio``.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from inspect import iscoroutinefunction
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
+
+try:
+    from pytest_trio import trio_fixture as _untyped_trio_fixture
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess without pytest-trio
+    raise ImportError(
+        "actors.testing needs pytest-trio: pip install 'jobspine[testing]'"
+        " (or add pytest-trio to your test dependencies)"
+    ) from exc
 
 from ._demo import DEMO_HANDLERS
 from ._runtime import Runtime, RuntimeConfig, open_runtime
 from ._worker import Handler
 
 __all__ = ["jobspine_config", "jobspine_handlers", "jobspine_runtime"]
+
+F = TypeVar("F", bound=Callable[..., object])
+#: A fixture pytest-trio runs in the test's Trio loop, with or without ``trio_mode``.
+trio_fixture: Callable[[F], F] = _untyped_trio_fixture
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not config.pluginmanager.hasplugin("trio"):
+        raise pytest.UsageError(
+            "actors.testing needs the pytest-trio plugin, which is installed but disabled"
+            " (-p no:trio?)"
+        )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run ``async def`` tests that use ``jobspine_runtime`` under Trio (what ``trio_mode``
+    does for every async test)."""
+    if config.getini("trio_mode"):
+        return
+    for item in items:
+        if (
+            isinstance(item, pytest.Function)
+            and "jobspine_runtime" in item.fixturenames
+            and iscoroutinefunction(item.obj)
+            and item.get_closest_marker("trio") is None
+        ):
+            item.add_marker(pytest.mark.trio)
 
 
 @pytest.fixture
@@ -28,10 +67,11 @@ def jobspine_config() -> RuntimeConfig:
     return RuntimeConfig(stop_grace=1.0, sqlite_synchronous="NORMAL")
 
 
-@pytest.fixture
+@trio_fixture
 async def jobspine_runtime(
     tmp_path: Path, jobspine_handlers: dict[str, Handler], jobspine_config: RuntimeConfig
 ) -> AsyncIterator[Runtime]:
+    """A running runtime on ``tmp_path / "jobspine.db"``, closed after the test."""
     async with open_runtime(
         tmp_path / "jobspine.db", handlers=jobspine_handlers, config=jobspine_config
     ) as runtime:

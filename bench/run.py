@@ -89,7 +89,7 @@ class ServerProcess:
     async def metrics(self) -> Any:
         stream = await trio.open_tcp_stream("127.0.0.1", self.health)
         async with stream:
-            await stream.send_all(b"GET /metrics HTTP/1.1\r\nhost: bench\r\n\r\n")
+            await stream.send_all(b"GET /status HTTP/1.1\r\nhost: bench\r\n\r\n")
             data = b""
             while chunk := await stream.receive_some():
                 data += chunk

@@ -22,7 +22,8 @@ GATES: dict[str, trio.Event] = {}
 
 
 async def emitter(ctx: JobContext, input: Any) -> Any:
-    """Emits ``count`` progress events per phase, each phase after its gate opens."""
+    """Emits ``count`` progress events per phase, each phase after its gate opens (one per
+    ``interval`` seconds if given, labels padded to ``pad`` characters)."""
     start = ctx.resumed_from["done"] if ctx.resumed_from else 0
     done = 0
     for phase in input["phases"]:
@@ -33,13 +34,25 @@ async def emitter(ctx: JobContext, input: Any) -> Any:
                 continue
             label = f"{phase['gate']} {i}".ljust(input.get("pad", 0), ".")
             await ctx.progress(min(100, done / 100), label)
+            if input.get("interval"):
+                await trio.sleep(input["interval"])
         await ctx.checkpoint({"done": done})
     if input.get("hold"):
         await trio.sleep_forever()
     return {"emitted": done}
 
 
-HANDLERS = {**DEMO_HANDLERS, "emitter": emitter}
+async def sized(ctx: JobContext, input: Any) -> Any:
+    """Saves a ``checkpoint`` of about that many bytes, then returns a ``result`` of about that
+    many bytes (or ``value`` as the result, when given)."""
+    if input.get("checkpoint"):
+        await ctx.checkpoint({"blob": "c" * input["checkpoint"]})
+    if "value" in input:
+        return input["value"]
+    return {"blob": "r" * input.get("result", 0)}
+
+
+HANDLERS = {**DEMO_HANDLERS, "emitter": emitter, "sized": sized}
 
 
 def token(user: str, **kw: Any) -> str:

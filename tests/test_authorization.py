@@ -26,6 +26,7 @@ OK, FORBIDDEN = "ok", "forbidden"
 EXPECTED: dict[str, dict[str, str]] = {
     #  op                    A (owner)   B (other)   admin
     "get":                {"A": OK, "B": FORBIDDEN, "admin": OK},
+    "get_payload":        {"A": OK, "B": FORBIDDEN, "admin": OK},
     "recovery_options":   {"A": OK, "B": FORBIDDEN, "admin": OK},
     "checkpoint_details": {"A": OK, "B": FORBIDDEN, "admin": OK},
     "pause":              {"A": OK, "B": FORBIDDEN, "admin": OK},
@@ -94,6 +95,7 @@ async def _job_of_alice(running: RunningServer, hold: bool) -> str:
 async def _call(ws: Any, case: str, job_id: str) -> Any:
     ops: dict[str, tuple[str, dict[str, Any]]] = {
         "get": ("get", {"job_id": job_id}),
+        "get_payload": ("get_payload", {"job_id": job_id, "field": "input"}),
         "recovery_options": ("recovery_options", {"job_id": job_id}),
         "checkpoint_details": ("checkpoint_details", {"job_id": job_id}),
         "pause": ("pause", {"job_id": job_id}),

@@ -16,6 +16,7 @@ from actors import (
     JobState,
     MemoryBackend,
     Outbox,
+    encode_batch,
     open_runtime,
 )
 
@@ -29,15 +30,19 @@ def push(outbox: Outbox, *events: JobEvent) -> None:
         outbox.push_event(e, orjson.dumps(e.seq), live=True)
 
 
-async def test_progress_is_coalesced_with_skipped_sequences() -> None:
+async def test_progress_is_coalesced_into_markers_in_place() -> None:
     outbox = Outbox(BroadcasterConfig(coalesce_after=2, overflow_after=100))
     push(outbox, event(1), event(2), event(3, EventType.CHECKPOINT), event(4), event(5))
-    items, skipped = outbox.take()
+    items = [orjson.loads(item) for item in outbox.take()]
     # Past two queued events, a newer progress event of the same job supersedes the queued
-    # one (4 supersedes 2, then 5 supersedes 4); the client is told which it will never get.
-    assert [int(i) for i in items] == [1, 3, 5]
-    assert sorted(s[2] for s in skipped) == [2, 4]
-    assert all(s[0] == "j1" and s[1] == "u" for s in skipped)
+    # one (4 supersedes 2, then 5 supersedes 4): each becomes a skipped marker where it was.
+    assert items == [
+        1,
+        {"type": "skipped", "job_id": "j1", "user_id": "u", "seq": 2, "user_seq": 2, "count": 1},
+        3,
+        {"type": "skipped", "job_id": "j1", "user_id": "u", "seq": 4, "user_seq": 4, "count": 1},
+        5,
+    ]
     assert outbox.coalesced == 2
 
 
@@ -46,7 +51,7 @@ async def test_overflow_asks_to_resubscribe_then_disconnects() -> None:
     outbox = Outbox(config)
     outbox.push_control(b'{"type":"reply"}')
     push(outbox, *(event(n, EventType.CHECKPOINT) for n in range(1, 12)))
-    items, _ = outbox.take()
+    items = outbox.take()
     assert items[0] == b'{"type":"reply"}'  # control messages survive an overflow
     lagged = orjson.loads(items[-1])
     assert lagged["type"] == "lagged" and len(items) == 2
@@ -54,15 +59,19 @@ async def test_overflow_asks_to_resubscribe_then_disconnects() -> None:
     for _ in range(2):
         push(outbox, *(event(n, EventType.CHECKPOINT) for n in range(1, 12)))
     assert outbox.close_reason is not None and "slow consumer" in outbox.close_reason
+    # The last lagged is sent before the close point; nothing after it.
+    assert [orjson.loads(m)["type"] for m in outbox.take()] == ["lagged", "lagged"]
+    outbox.push_control(b'{"type":"heartbeat"}')
+    assert outbox.take() == [] and outbox.closed
 
 
 async def test_take_caps_frame_size() -> None:
     outbox = Outbox()
     for _ in range(10):
         outbox.push_control(b"x" * 100)
-    first, _ = outbox.take(max_bytes=350)
-    assert len(first) == 3
-    rest, _ = outbox.take(max_bytes=10)
+    first = outbox.take(max_bytes=350)
+    assert len(first) == 3 and len(encode_batch(first)) <= 350
+    rest = outbox.take(max_bytes=10)
     assert len(rest) == 1  # always at least one message
     assert len(outbox) == 6
 
@@ -91,7 +100,7 @@ async def test_join_during_a_burst_is_gap_free() -> None:
         with trio.fail_after(10):
             while not events or events[-1]["type"] != "completed":
                 await outbox.wait()
-                items, _ = outbox.take()
+                items = outbox.take()
                 events.extend(orjson.loads(item)["event"] for item in items)
         seqs = [e["seq"] for e in events]
         assert seqs == list(range(1, len(seqs) + 1))

@@ -34,14 +34,21 @@ class Served:
         self.health = health
         self.process = process
         self.url = f"ws://127.0.0.1:{port}"
+        self.tokens: dict[str, str] = {}
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "JOBSPINE_DATA": str(self.data), "JOBSPINE_URL": self.url}
 
-    async def cli(self, *args: str, user: str = "alice") -> subprocess.CompletedProcess[str]:
+    async def cli(
+        self, *args: str, user: str = "alice", env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        environment = self.env()
+        if args[0] != "token":
+            environment["JOBSPINE_TOKEN"] = self.tokens.get(user) or self.token(user)
+            self.tokens[user] = environment["JOBSPINE_TOKEN"]
         result = await trio.run_process(
-            [*COMMAND, *args, "--user", user] if args[0] != "token" else [*COMMAND, *args],
-            env=self.env(),
+            [*COMMAND, *args],
+            env={**environment, **(env or {})},
             capture_stdout=True,
             capture_stderr=True,
             check=False,
@@ -62,10 +69,16 @@ class Served:
 
 
 @asynccontextmanager
-async def serve_process(data: Path, port: int | None = None) -> AsyncIterator[Served]:
+async def serve_process(
+    data: Path, port: int | None = None, extra: tuple[str, ...] = ()
+) -> AsyncIterator[Served]:
     port = port or free_port()
     health = free_port()
-    env = {**os.environ, "JOBSPINE_DATA": str(data)}
+    env = {
+        **os.environ,
+        "JOBSPINE_DATA": str(data),
+        "PYTHONPATH": str(Path(__file__).parent.parent),
+    }
     env.pop("JOBSPINE_SECRET", None)
     await trio.Path(data).mkdir(parents=True, exist_ok=True)
     log_path = trio.Path(data / "serve.log")
@@ -80,6 +93,7 @@ async def serve_process(data: Path, port: int | None = None) -> AsyncIterator[Se
             str(health),
             "--stop-grace",
             "0.5",
+            *extra,
         ],
         env=env,
         stdout=log.wrapped,
@@ -116,7 +130,7 @@ async def test_submit_watch_end_to_end_and_health(tmp_path: Path) -> None:
         assert (await http_get(served.health, "/healthz"))[0] == 200
         status, body = await http_get(served.health, "/readyz")
         assert status == 200 and b"ready" in body
-        assert b"supervisor" in (await http_get(served.health, "/metrics"))[1]
+        assert b"supervisor" in (await http_get(served.health, "/status"))[1]
         assert (await http_get(served.health, "/nope"))[0] == 404
         result = await served.cli(
             "submit",
@@ -132,7 +146,7 @@ async def test_submit_watch_end_to_end_and_health(tmp_path: Path) -> None:
         bad = await served.cli("submit", "research", "{not json")
         assert bad.returncode != 0 and "INPUT must be JSON" in bad.stderr
         unknown = await served.cli("pause", "01NOSUCHJOB")
-        assert unknown.returncode == 1 and "unknown_job" in unknown.stderr
+        assert unknown.returncode == 6 and "unknown_job" in unknown.stderr
     assert "development secret" in (tmp_path / "data" / "serve.log").read_text()
 
 
@@ -220,7 +234,7 @@ async def test_sigkill_then_recover_and_resume(tmp_path: Path) -> None:
     state, _, version = _states(data / "jobspine.db")[job["id"]]
     assert state == "running" and version > 0
     async with serve_process(data, port) as served:
-        options = await served.cli("recovery", job["id"])
+        options = await served.cli("recovery", job["id"], "--json")
         assert '"resumable": true' in options.stdout, options
         assert (await served.cli("resume", job["id"])).returncode == 0
         watched = await served.cli("watch", job["id"])

@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import trio
+from trio_websocket import CloseReason, ConnectionClosed
 
-from transport import Client, RoomCursor
+from transport import Client, ConnectionLostError, RoomCursor
 from transport.client import _Room
 
 
@@ -51,11 +52,44 @@ async def test_a_gap_is_detected_and_the_room_resynchronized() -> None:
     assert client.rooms["user:u"].resyncing  # events are ignored until the replay arrives
 
 
+def skipped(seq: int, user_seq: int, count: int = 1) -> dict[str, Any]:
+    return {
+        "type": "skipped", "job_id": "j", "user_id": "u", "seq": seq, "user_seq": user_seq,
+        "count": count,
+    }  # fmt: skip
+
+
 async def test_coalesced_sequence_numbers_are_not_gaps() -> None:
     client = client_following("job:j")
     await client._on_event(event(1, 1))
-    client._skip("job:j", 2)
-    client._skip("job:j", 3)
+    await client._dispatch(skipped(2, 2))
+    await client._dispatch(skipped(3, 3))
     await client._on_event(event(4, 4))
-    assert await delivered(client) == [1, 4]
+    await client._dispatch(skipped(5, 5, count=3))
+    await client._on_event(event(8, 8))
+    assert await delivered(client) == [1, 4, 8]
     assert client.counters.gaps == 0
+
+
+def closed(code: int) -> ConnectionClosed:
+    return ConnectionClosed(CloseReason(code, "why"))
+
+
+def test_close_codes_are_fatal_or_retried() -> None:
+    fixed = Client("ws://unused", "token")
+    minting = Client("ws://unused", lambda: "token")
+    for code, name in ((4002, "protocol_error"), (4003, "auth_failed"), (4004, "token_expired")):
+        error = fixed._close_error(closed(code))
+        assert not isinstance(error, ConnectionLostError) and error.code == name
+    # With a way to mint a new token, an expired one is a reconnect.
+    assert isinstance(minting._close_error(closed(4004)), ConnectionLostError)
+    for code in (1001, 1006, 1009, 4008, 4029):
+        error = fixed._close_error(closed(code))
+        assert isinstance(error, ConnectionLostError) and error.close_code == code
+
+
+async def test_a_skipped_marker_beyond_the_cursor_is_a_gap() -> None:
+    client = client_following("user:u")
+    await client._on_event(event(1, 1))
+    await client._dispatch(skipped(3, 3))  # user_seq 2 never came
+    assert client.counters.gaps == 1 and client.rooms["user:u"].resyncing

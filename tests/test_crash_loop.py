@@ -97,6 +97,16 @@ async def test_crash_loop(tmp_path: Path) -> None:
         async with open_client(url, mint_token(SECRET, "ops", admin=True), reconnect=False) as c:
             return await fn(c)
 
+    async def serving_again() -> None:
+        """Wait until the restarted server answers (it has run its restart recovery by then)."""
+        with trio.fail_after(30):
+            while True:
+                try:
+                    await admin_call(lambda c: c.ping())
+                    return
+                except (OSError, ClientError):
+                    await trio.sleep(0.05)
+
     kills = 0
     async with trio.open_nursery() as nursery:
         async with server(data, port) as first:
@@ -113,7 +123,7 @@ async def test_crash_loop(tmp_path: Path) -> None:
             kills += 1
         for cycle in range(CYCLES):
             async with server(data, port) as process:
-                await trio.sleep(1.0)
+                await serving_again()
                 jobs, _, integrity = read_db(data / "db.sqlite")
                 assert integrity == "ok"
                 for job_id, job in jobs.items():

@@ -103,8 +103,12 @@ async def test_missed_50_replayed_exactly_from_backlog(served: RunningServer) ->
         await collect(client, 2 + 10)  # created, started, 10 progress
         cursor = client.cursor(room)
     assert cursor is not None
-    gate("b1")  # 50 events (and a checkpoint) while nobody listens
-    await trio.sleep(0.3)
+    async with served.runtime.events() as committed:
+        gate("b1")  # 50 events (and a checkpoint) while nobody listens
+        with trio.fail_after(10):
+            async for event in committed:
+                if event.job_id == job["id"] and event.seq == cursor.seq + 52:
+                    break
     async with open_client(served.url, token("alice")) as client:
         reply = await client.subscribe(room, cursor)
         # The first phase's checkpoint (not taken before), 50 progress events, a checkpoint.
@@ -279,7 +283,7 @@ async def test_slow_consumer_does_not_delay_others(tmp_path: Path) -> None:
 
 
 async def test_lagging_reader_is_told_to_resubscribe(tmp_path: Path) -> None:
-    config = BroadcasterConfig(coalesce_after=1_000_000, overflow_after=50)
+    config = BroadcasterConfig(coalesce_after=1_000_000, coalesce_bytes=10**9, overflow_after=50)
     async with (
         serving(tmp_path / "lag.db", broadcast=config, send_timeout=30.0) as running,
         raw(running, "slowpoke") as stalled,

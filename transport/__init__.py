@@ -3,8 +3,18 @@
 from ._app import RunningServer, open_server
 from ._auth import Principal, mint_token, verify_token
 from ._protocol import CLOSE, OPS, PROTOCOL_VERSION, ProtocolError
+from ._reconnect import ReconnectPolicy
 from ._server import Server, ServerConfig
-from .client import Client, ClientError, ConnectionLostError, Reset, RoomCursor, open_client
+from .client import (
+    Client,
+    ClientError,
+    ClientStats,
+    ConnectionLostError,
+    Reset,
+    RoomCursor,
+    is_omitted,
+    open_client,
+)
 
 __all__ = [
     "CLOSE",
@@ -12,9 +22,11 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Client",
     "ClientError",
+    "ClientStats",
     "ConnectionLostError",
     "Principal",
     "ProtocolError",
+    "ReconnectPolicy",
     "Reset",
     "RoomCursor",
     "RunningServer",
@@ -23,5 +35,6 @@ __all__ = [
     "mint_token",
     "open_client",
     "open_server",
+    "is_omitted",
     "verify_token",
 ]

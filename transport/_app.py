@@ -22,7 +22,7 @@ from actors import (
 )
 from actors._errors import unwrap_group
 
-from ._health import serve_health
+from ._health import Body, serve_health
 from ._server import Server, ServerConfig
 
 __all__ = ["RunningServer", "open_server"]
@@ -103,7 +103,15 @@ def _routes(running: RunningServer) -> dict[str, Any]:
             return 200, {"status": "ready", "epoch": running.runtime.epoch}
         return 503, {"status": "not accepting connections"}
 
-    def metrics() -> tuple[int, dict[str, Any]]:
+    # Imported here, once the websocket port listens: prometheus-client takes a while to load.
+    from ._metrics import CONTENT_TYPE, metrics_registry, render
+
+    registry = metrics_registry(running)
+
+    def metrics() -> tuple[int, Body]:
+        return 200, Body(CONTENT_TYPE, render(registry))
+
+    def status() -> tuple[int, dict[str, Any]]:
         runtime = running.runtime
         broadcaster = running.server.broadcaster
         return 200, {
@@ -120,4 +128,4 @@ def _routes(running: RunningServer) -> dict[str, Any]:
             "epoch": runtime.epoch,
         }
 
-    return {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics}
+    return {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics, "/status": status}

@@ -1,58 +1,64 @@
-"""The ``jobspine`` command: the server, tokens, and a client for people."""
+"""The ``jobspine`` command: the server, tokens, and a client for people.
+
+Settings come from flags, the environment, a TOML config file and defaults, in that order
+(:mod:`transport._config`); client commands live in :mod:`transport._commands`, what they show
+in :mod:`transport._display`, exit statuses in :mod:`transport._exit`."""
 
 from __future__ import annotations
 
 import argparse
-import getpass
 import importlib
 import logging
 import os
 import secrets
 import signal
 import sys
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import orjson
 import trio
 
-from actors import DEMO_HANDLERS, TERMINAL_STATES, EventType, JobEvent, RuntimeConfig
+from actors import DEMO_HANDLERS, RuntimeConfig
+from actors._errors import unwrap_group
 
 from ._app import open_server
 from ._auth import mint_token
+from ._commands import run_client_command
+from ._config import (
+    SETTINGS,
+    Resolved,
+    Setting,
+    default_config_path,
+    read_settings,
+    runtime_config_kwargs,
+    server_config_kwargs,
+)
+from ._display import StdoutClosedError, write, write_json
+from ._exit import EXIT_HELP, CLIError, ExitCode
+from ._logging import LOG_FORMATS, configure_logging
 from ._server import ServerConfig
-from .client import ClientError, Reset, RoomCursor, open_client
 
 log = logging.getLogger("jobspine")
-
-DEFAULT_PORT = 8765
-DEFAULT_HEALTH_PORT = 8766
-
-
-def data_dir() -> Path:
-    return Path(os.environ.get("JOBSPINE_DATA") or Path.home() / ".local" / "share" / "jobspine")
-
-
-def default_db() -> Path:
-    return data_dir() / "jobspine.db"
 
 
 def _secret_file(db: Path) -> Path:
     return db.parent / "secret"
 
 
-def load_secret(db: Path, *, create: bool) -> str:
-    """``JOBSPINE_SECRET``, else the development secret stored beside the database."""
-    secret = os.environ.get("JOBSPINE_SECRET")
+def load_secret(db: Path, *, create: bool, secret: str | None = None) -> str:
+    """``secret`` (the ``secret`` setting: ``JOBSPINE_SECRET`` or the config file), else the
+    development secret stored beside the database."""
     if secret:
         return secret
     path = _secret_file(db)
     if path.exists():
         return path.read_text().strip()
     if not create:
-        raise SystemExit(
+        raise CLIError(
+            ExitCode.USAGE,
             f"no JOBSPINE_SECRET and no development secret at {path}: start the server once"
-            " (jobspine serve) or set JOBSPINE_SECRET"
+            " (jobspine serve) or set JOBSPINE_SECRET",
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_urlsafe(32)
@@ -71,18 +77,10 @@ def load_secret(db: Path, *, create: bool) -> str:
 async def serve(args: argparse.Namespace) -> int:
     db = Path(args.db)
     db.parent.mkdir(parents=True, exist_ok=True)
-    secret = load_secret(db, create=True)
-    config = ServerConfig(
-        secret=secret,
-        host=args.host,
-        port=args.port,
-        request_rate=args.request_rate,
-        request_burst=int(2 * args.request_rate),
-    )
-    runtime_config = RuntimeConfig(
-        heartbeat_timeout=args.heartbeat_timeout, stop_grace=args.stop_grace
-    )
-    handlers = dict(DEMO_HANDLERS)
+    secret = load_secret(db, create=True, secret=args.secret)
+    config = ServerConfig(secret=secret, **args.server_config)
+    runtime_config = RuntimeConfig(**args.runtime_config)
+    handlers = {} if args.no_demo else dict(DEMO_HANDLERS)
     for spec in args.handlers:
         handlers.update(load_handlers(spec))
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -109,8 +107,12 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def load_handlers(spec: str) -> dict[str, Any]:
-    """``module:attribute`` naming a dict of kind -> handler, registered beside the demos."""
+    """``module:attribute`` naming a dict of kind -> handler, registered beside the demos.
+
+    The module is looked up in the current directory too (first), as ``python -m`` would."""
     module_name, _, attribute = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         found = getattr(importlib.import_module(module_name), attribute or "HANDLERS")
     except (ImportError, AttributeError) as exc:
@@ -120,168 +122,218 @@ def load_handlers(spec: str) -> dict[str, Any]:
     return found
 
 
-# -- client commands -----------------------------------------------------------------------------
-
-
-def client_token(args: argparse.Namespace) -> str:
-    token = args.token or os.environ.get("JOBSPINE_TOKEN")
-    if token:
-        return str(token)
-    return mint_token(load_secret(Path(args.db), create=False), args.user)
-
-
-def _print_json(value: Any) -> None:
-    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
-
-
-def _bar(progress: float, step: str | None, width: int = 30) -> str:
-    filled = int(width * progress / 100)
-    return f"[{'#' * filled}{'.' * (width - filled)}] {progress:5.1f}%  {step or ''}"
-
-
-async def watch_job(client: Any, job_id: str) -> int:
-    """Show a job's progress live until it ends; exit status 0 only if it completed."""
-    job = await client.get(job_id)
-    await client.subscribe(f"job:{job_id}", RoomCursor(client.welcome["epoch"], 0))
-    tty = sys.stdout.isatty()
-    progress, step = 0.0, None
-    async for item in client.events():
-        if isinstance(item, Reset):
-            job = item.snapshot["job"]
-            print(f"\nresynchronized ({item.reason})")
-            if job["state"] in TERMINAL_STATES:
-                return _finish(job)
-            continue
-        assert isinstance(item, JobEvent)
-        if item.type is EventType.PROGRESS:
-            progress, step = item.data["progress"], item.data["step"]
-            line = _bar(progress, step)
-            print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
-        elif item.type in (EventType.RECOVERY, EventType.PAUSED):
-            reason = item.data.get("reason", "")
-            print(f"\npaused ({reason}); resume with: jobspine resume {job_id}", flush=True)
-        elif item.type in (EventType.RESUMED, EventType.STARTED, EventType.RESTARTED):
-            print(f"\n{item.type.value} (attempt {item.data.get('attempt', '-')})", flush=True)
-        if item.state in TERMINAL_STATES:
-            return _finish(await client.get(job_id))
-    return 1
-
-
-def _finish(job: dict[str, Any]) -> int:
-    print()
-    if job["state"] == "completed":
-        print("completed: " + orjson.dumps(job["result"]).decode(), flush=True)
-        return 0
-    if job["state"] == "failed":
-        error = job["error"] or {}
-        print(f"failed: {error.get('type')}: {error.get('message')}", flush=True)
-        return 1
-    print(job["state"], flush=True)
-    return 2
-
-
-async def run_client_command(args: argparse.Namespace) -> int:
-    url = args.url
-    try:
-        async with open_client(url, client_token(args)) as client:
-            command = args.command
-            if command == "submit":
-                try:
-                    input = orjson.loads(args.input)
-                except orjson.JSONDecodeError as exc:
-                    raise SystemExit(f"INPUT must be JSON: {exc}") from None
-                job = await client.create(args.kind, input)
-                print(job["id"], flush=True)
-                return await watch_job(client, job["id"]) if args.watch else 0
-            if command == "watch":
-                return await watch_job(client, args.job_id)
-            if command == "jobs":
-                for job in await client.list(state=args.state, kind=args.kind, limit=args.limit):
-                    print(
-                        f"{job['id']}  {job['kind']:<10} {job['state']:<10} "
-                        f"{job['progress']:5.1f}%  {job['step'] or ''}"
-                    )
-                return 0
-            if command == "restart":
-                modifications = orjson.loads(args.modifications) if args.modifications else None
-                _print_json(await client.restart(args.job_id, modifications))
-                return 0
-            if command == "recovery":
-                _print_json(await client.recovery_options(args.job_id))
-                return 0
-            method = getattr(client, command)
-            _print_json(await method(args.job_id))
-            return 0
-    except ClientError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"error: cannot reach {url}: {exc}", file=sys.stderr)
-        return 1
-
-
 # -- argument parsing ----------------------------------------------------------------------------
+
+PRECEDENCE_HELP = f"""\
+settings: flags > environment variables > config file > defaults. The config file is
+--config, else JOBSPINE_CONFIG, else {default_config_path()} (TOML; `jobspine config`
+shows every setting, its value and where it came from)."""
+
+EPILOG = PRECEDENCE_HELP + "\n\n" + EXIT_HELP
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+_SECTION_ORDER = ["", "client", "server", "runtime"]
+
+
+def _help(setting: Setting) -> str:
+    default = setting.default
+    if callable(default):
+        shown = default.__doc__ or ""
+    elif isinstance(default, tuple):
+        shown = ", ".join(default) or "none"
+    else:
+        shown = "none" if default is None else str(default)
+    text = f"{setting.help} (default: {shown}; env {setting.env}; config: {setting.key})"
+    return text.replace("%", "%%")
+
+
+def _add(p: argparse._ActionsContainer, name: str, **options: Any) -> None:
+    """A flag for a setting; absent unless given, so that :func:`read_settings` can tell."""
+    setting = _BY_NAME[name]
+    assert setting.flag is not None
+    if setting.type is list:
+        options.setdefault("action", "append")
+    elif setting.type is bool:
+        options.setdefault("action", "store_true")
+    elif setting.type is not str:
+        options.setdefault("type", setting.type)
+    p.add_argument(setting.flag, default=argparse.SUPPRESS, help=_help(setting), **options)
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("global options (accepted before or after the command)")
+    group.add_argument("--version", action="version", version=f"jobspine {version('jobspine')}")
+    _add(group, "log_level", metavar="LEVEL")
+    _add(group, "log_format", choices=LOG_FORMATS)
+    group.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="machine-readable output: one JSON document, or JSON lines for a watched job",
+    )
+    group.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help=f"TOML config file (default: JOBSPINE_CONFIG, else {default_config_path()})",
+    )
+    return common
+
+
+def _client_options() -> argparse.ArgumentParser:
+    client = argparse.ArgumentParser(add_help=False)
+    group = client.add_argument_group("connection")
+    _add(group, "url")
+    _add(group, "token")
+    _add(group, "connect_timeout", metavar="SECONDS")
+    return client
+
+
+def _server_options(p: argparse.ArgumentParser) -> None:
+    _add(p, "db", metavar="FILE")
+    _add(p, "host")
+    _add(p, "port")
+    _add(p, "health_port")
+    _add(p, "heartbeat_timeout", metavar="SECONDS")
+    _add(p, "stop_grace", metavar="SECONDS")
+    _add(p, "request_rate", metavar="PER_SECOND")
+    _add(p, "handlers", metavar="MODULE:DICT")
+    _add(p, "no_demo", action="store_true")
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="jobspine", description="Supervised, resumable jobs.")
-    top.add_argument("--log-level", default=os.environ.get("JOBSPINE_LOG", "INFO"))
-    sub = top.add_subparsers(dest="command", required=True)
-
-    def with_db(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--db", default=str(default_db()), help="SQLite database file")
-
-    serve_p = sub.add_parser("serve", help="run the server")
-    with_db(serve_p)
-    serve_p.add_argument("--host", default="127.0.0.1")
-    serve_p.add_argument("--port", type=int, default=DEFAULT_PORT)
-    serve_p.add_argument("--health-port", type=int, default=DEFAULT_HEALTH_PORT)
-    serve_p.add_argument("--heartbeat-timeout", type=float, default=30.0)
-    serve_p.add_argument("--stop-grace", type=float, default=5.0)
-    serve_p.add_argument(
-        "--request-rate", type=float, default=50.0, help="requests/s per connection"
+    common, client = _common(), _client_options()
+    formatter = argparse.RawDescriptionHelpFormatter
+    top = argparse.ArgumentParser(
+        prog="jobspine",
+        description="Supervised, durable, resumable jobs, streamed live.",
+        epilog=EPILOG,
+        formatter_class=formatter,
+        parents=[common, client],
     )
-    serve_p.add_argument(
-        "--handlers",
-        action="append",
-        default=[],
-        metavar="MODULE:DICT",
-        help="register more job kinds (a dict of kind -> handler); repeatable",
-    )
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    token_p = sub.add_parser("token", help="mint a development token")
-    with_db(token_p)
-    token_p.add_argument("--user", required=True)
-    token_p.add_argument("--admin", action="store_true")
-    token_p.add_argument("--ttl", type=float, default=24 * 3600, help="seconds")
-
-    def client(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help)
-        with_db(p)
-        p.add_argument(
-            "--url", default=os.environ.get("JOBSPINE_URL", f"ws://127.0.0.1:{DEFAULT_PORT}")
+    def command(name: str, help: str, *, clients: bool = True) -> argparse.ArgumentParser:
+        parents = [common, client] if clients else [common]
+        return sub.add_parser(
+            name,
+            help=help,
+            description=help[0].upper() + help[1:] + ".",
+            epilog=EPILOG,
+            formatter_class=formatter,
+            parents=parents,
         )
-        p.add_argument("--token", help="a token (default: JOBSPINE_TOKEN, else minted for --user)")
-        p.add_argument("--user", default=os.environ.get("JOBSPINE_USER") or getpass.getuser())
-        return p
 
-    submit_p = client("submit", "create a job")
-    submit_p.add_argument("kind")
-    submit_p.add_argument("input", help="JSON input")
+    serve_p = command("serve", "run the server (stop it with Ctrl-C or SIGTERM)", clients=False)
+    _server_options(serve_p)
+
+    token_p = command("token", "mint a development token with the server's secret", clients=False)
+    _add(token_p, "db", metavar="FILE")
+    token_p.add_argument("--user", required=True, help="the user the token names")
+    token_p.add_argument("--admin", action="store_true", help="an admin token")
+    token_p.add_argument(
+        "--ttl", type=float, default=24 * 3600, help="lifetime in seconds (default: 86400)"
+    )
+
+    config_p = command("config", "show every setting, its value and its source")
+    _server_options(config_p)
+
+    submit_p = command("submit", "create a job (prints its id)")
+    submit_p.add_argument("kind", help="job kind: research, trade, analysis, or registered")
+    submit_p.add_argument("input", help="the job's input, JSON")
     submit_p.add_argument("--watch", action="store_true", help="follow it live until it ends")
-    client("watch", "follow a job live").add_argument("job_id")
-    jobs_p = client("jobs", "list your jobs")
-    jobs_p.add_argument("--state")
-    jobs_p.add_argument("--kind")
-    jobs_p.add_argument("--limit", type=int, default=50)
-    for name in ("pause", "resume", "cancel", "get"):
-        client(name, f"{name} a job").add_argument("job_id")
-    restart_p = client("restart", "run a job again from scratch")
-    restart_p.add_argument("job_id")
+    submit_p.add_argument(
+        "--exit-on-pause", action="store_true", help="with --watch: stop following (exit 3) "
+        "when the job is paused instead of waiting for a resume",
+    )  # fmt: skip
+    watch_p = command("watch", "follow a job live until it ends (reconnects as needed)")
+    watch_p.add_argument("job_id", help="the job's id (from submit or jobs)")
+    watch_p.add_argument(
+        "--exit-on-pause", action="store_true", help="stop following (exit 3) when the job is "
+        "paused instead of waiting for a resume",
+    )  # fmt: skip
+    jobs_p = command("jobs", "list your jobs, newest first")
+    jobs_p.add_argument("--state", help="only jobs in this state")
+    jobs_p.add_argument("--kind", help="only jobs of this kind")
+    jobs_p.add_argument("--limit", type=int, default=50, help="at most this many (default: 50)")
+    for name, what in (
+        ("get", "show a job"),
+        ("pause", "pause a job at a checkpoint"),
+        ("resume", "resume a paused job from its checkpoint"),
+        ("cancel", "cancel a job"),
+        ("recovery", "show what can be done with a job: resumable, checkpoint, estimate"),
+    ):
+        command(name, what).add_argument("job_id", help="the job's id (from submit or jobs)")
+    restart_p = command("restart", "run a job again from scratch")
+    restart_p.add_argument("job_id", help="the job's id (from submit or jobs)")
     restart_p.add_argument("modifications", nargs="?", help="JSON object merged into the input")
-    client("recovery", "recovery options of a job").add_argument("job_id")
     sub.add_parser("bench", help="run the load benchmarks (jobspine bench --help)", add_help=False)
     return top
+
+
+def apply_settings(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Resolved]:
+    """Resolve every setting (flags > env > file > defaults) onto ``args``."""
+    flags = {s.name: getattr(args, s.name) for s in SETTINGS if hasattr(args, s.name)}
+    flags["config"] = getattr(args, "config", None)
+    settings = read_settings(flags, env)
+    for name, resolved in settings.items():
+        setattr(args, name, resolved.value)
+    args.json = getattr(args, "json", False)
+    args.server_config = server_config_kwargs(settings)
+    args.runtime_config = runtime_config_kwargs(settings)
+    return settings
+
+
+def show_config(args: argparse.Namespace, settings: dict[str, Resolved]) -> int:
+    hidden = {"token", "secret"}
+    shown = {
+        s.key: {
+            "value": "***"
+            if s.name in hidden and settings[s.name].value
+            else settings[s.name].value,
+            "source": settings[s.name].source,
+            "env": s.env,
+        }
+        for s in sorted(SETTINGS, key=lambda s: _SECTION_ORDER.index(s.section))
+    }
+    if args.json:
+        write_json(shown)
+        return ExitCode.OK
+    width = max(len(key) for key in shown)
+    for key, row in shown.items():
+        value = row["value"]
+        text = ",".join(value) if isinstance(value, tuple) else str(value)
+        write(f"{key:<{width}}  {text:<28}  {row['source']}\n")
+    return ExitCode.OK
+
+
+def _run(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    settings = apply_settings(args, dict(os.environ))
+    try:
+        configure_logging(args.log_level, args.log_format)
+    except ValueError as exc:
+        raise CLIError(ExitCode.USAGE, f"--log-level/--log-format: {exc}") from None
+    if args.command == "serve":
+        log.info("jobspine serve, pid %d (stop it with: kill %d)", os.getpid(), os.getpid())
+        return trio.run(serve, args)
+    if args.command == "token":
+        secret = load_secret(Path(args.db), create=False, secret=args.secret)
+        token = mint_token(secret, args.user, admin=args.admin, ttl=args.ttl)
+        write_json({"token": token, "user": args.user, "admin": args.admin}) if args.json else (
+            write(token + "\n")
+        )
+        return ExitCode.OK
+    if args.command == "config":
+        return show_config(args, settings)
+    return trio.run(run_client_command, args)
+
+
+def _quiet_stdout() -> None:
+    """After the reader of stdout went away: nothing more is written, not even at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,17 +342,28 @@ def main(argv: list[str] | None = None) -> int:
         from bench.run import main as bench_main
 
         return bench_main(argv[1:])
-    args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    if args.command == "serve":
-        return trio.run(serve, args)
-    if args.command == "token":
-        db = Path(args.db)
-        print(mint_token(load_secret(db, create=False), args.user, admin=args.admin, ttl=args.ttl))
-        return 0
-    return trio.run(run_client_command, args)
+    try:
+        try:
+            return _run(argv)
+        except BaseExceptionGroup as group:
+            # trio.run's nurseries wrap what they carry: Ctrl-C wherever it landed, else the
+            # one exception the group stands for (a closed stdout, a CLIError), is handled
+            # below.
+            if group.subgroup(KeyboardInterrupt) is not None:
+                raise KeyboardInterrupt from None
+            leaf = unwrap_group(group)
+            if leaf is group:
+                raise
+            raise leaf from None
+    except CLIError as exc:
+        sys.stderr.write(f"jobspine: error: {exc.message}\n")
+        return exc.code
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted\n")
+        return ExitCode.INTERRUPTED
+    except (StdoutClosedError, BrokenPipeError):
+        _quiet_stdout()
+        return ExitCode.BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -2,29 +2,43 @@
 
 trio-websocket cannot answer a plain HTTP request, so process supervisors and load balancers
 get this small server: ``GET /healthz`` (the process is up), ``GET /readyz`` (accepting
-websocket connections: 503 while starting or shutting down) and ``GET /metrics`` (JSON).
+websocket connections: 503 while starting or shutting down), ``GET /metrics`` (Prometheus text
+format) and ``GET /status`` (a JSON summary). A route returns a JSON-able body or a
+:class:`Body` with its own content type.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
+import attrs
 import h11
 import orjson
 import trio
 
-__all__ = ["serve_health"]
+__all__ = ["Body", "serve_health"]
 
 log = logging.getLogger("jobspine.health")
 
 MAX_REQUEST = 8192
 
 
-async def _handle(
-    stream: trio.SocketStream, routes: dict[str, Callable[[], tuple[int, dict[str, Any]]]]
-) -> None:
+#: A route: () -> (HTTP status, a JSON-able body or a :class:`Body`).
+Route = Callable[[], tuple[int, Any]]
+
+
+@attrs.frozen
+class Body:
+    """A response body that is not JSON."""
+
+    content_type: str
+    data: bytes
+
+
+async def _handle(stream: trio.SocketStream, routes: dict[str, Route]) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
     with trio.move_on_after(5):
         while True:
@@ -44,13 +58,19 @@ async def _handle(
             status, body = 404, {"error": f"no such endpoint; try {', '.join(sorted(routes))}"}
         else:
             status, body = route()
-        payload = orjson.dumps(body)
+        if isinstance(body, Body):
+            content_type, payload = body.content_type, body.data
+        else:
+            content_type, payload = "application/json", orjson.dumps(body)
         headers = [
-            ("content-type", "application/json"),
+            ("content-type", content_type),
             ("content-length", str(len(payload))),
             ("connection", "close"),
         ]
-        await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)) or b"")
+        response = h11.Response(
+            status_code=status, headers=headers, reason=HTTPStatus(status).phrase.encode()
+        )
+        await stream.send_all(conn.send(response) or b"")
         await stream.send_all(conn.send(h11.Data(data=payload)) or b"")
         await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
     with trio.move_on_after(1, shield=True):
@@ -60,11 +80,11 @@ async def _handle(
 async def serve_health(
     host: str,
     port: int,
-    routes: dict[str, Callable[[], tuple[int, dict[str, Any]]]],
+    routes: dict[str, Route],
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``routes`` (path -> () -> (status, JSON body)) until cancelled."""
+    """Serve ``routes`` (path -> :data:`Route`) until cancelled."""
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
 

@@ -121,6 +121,16 @@ class JobRef:
 
 
 @attrs.frozen
+class PayloadRef:
+    """A payload left out of a message: a job's field, or with ``seq`` a field of the
+    ``data`` of that event of the job."""
+
+    job_id: str
+    field: str
+    seq: int | None = None
+
+
+@attrs.frozen
 class Restart:
     job_id: str
     modifications: dict[str, Any] | None = None
@@ -142,6 +152,7 @@ OPS: dict[str, type] = {
     "unsubscribe": Unsubscribe,
     "create": Create,
     "get": JobRef,
+    "get_payload": PayloadRef,
     "list": ListJobs,
     "cancel": JobRef,
     "pause": JobRef,
@@ -216,6 +227,8 @@ def _range_problem(body: Any) -> str | None:
     """What is out of range in a well-typed request body, naming the field, else None."""
     if isinstance(body, Subscribe) and body.cursor is not None and body.cursor.seq < 0:
         return f"$.cursor.seq must be at least 0, not {body.cursor.seq}"
+    if isinstance(body, PayloadRef) and body.seq is not None and body.seq < 1:
+        return f"$.seq must be at least 1, not {body.seq}"
     if isinstance(body, ListJobs):
         if not 1 <= body.limit <= MAX_LIST_LIMIT:
             return f"$.limit must be in 1..{MAX_LIST_LIMIT}, not {body.limit}"

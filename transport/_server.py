@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -16,13 +17,17 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from actors import (
     Broadcaster,
     Cursor,
+    Job,
     JobspineError,
     JobState,
     Outbox,
     Runtime,
+    encode_batch,
     parse_room,
 )
 from actors._codec import converter
+from actors._metrics import OutboxTotals
+from actors._payloads import JOB_PAYLOAD_FIELDS, fit_job, inline_payloads
 
 from ._auth import Principal, verify_token
 from ._protocol import (
@@ -32,6 +37,7 @@ from ._protocol import (
     Hello,
     JobRef,
     ListJobs,
+    PayloadRef,
     ProtocolError,
     Refresh,
     Request,
@@ -62,6 +68,12 @@ class ServerConfig:
     heartbeat_interval: float = 15.0
     #: Largest client frame; a larger one closes the connection with 1009.
     max_frame_size: int = 64 * 1024
+    #: Largest message the server sends (bytes of one frame, a batch included). At least
+    #: the largest storable payload (checkpoints and results: 1 MiB) plus ``envelope_margin``,
+    #: so that ``get_payload`` can return any stored value. A client must accept this much.
+    max_message_size: int = 2 * 1024 * 1024
+    #: Room left in ``max_message_size`` for a reply's envelope and a batch's framing.
+    envelope_margin: int = 64 * 1024
     #: Requests per second per connection (token bucket), and the bucket's size.
     request_rate: float = 50.0
     request_burst: int = 100
@@ -72,7 +84,12 @@ class ServerConfig:
     max_subscriptions: int = 256
     #: Connections one user may hold open at once.
     max_connections_per_user: int = 32
-    #: A frame the client does not take within this time closes it with 4008.
+    #: Largest frame the server sends, in bytes, batch envelope included (a single larger
+    #: message is sent alone).
+    batch_bytes: int = 64 * 1024
+    #: A frame the client does not take within this time (proportionally longer for a frame
+    #: over ``batch_bytes``) drops the connection: it takes less than ``batch_bytes`` per
+    #: ``send_timeout``.
     send_timeout: float = 10.0
 
 
@@ -106,6 +123,7 @@ class Connection:
                 nursery.cancel_scope.cancel()
         finally:
             server.broadcaster.leave_all(self.outbox)
+            server.closed_outboxes.add(self.outbox)
             if self in server.connections:
                 server.connections.discard(self)
                 user = self.user.user_id
@@ -118,11 +136,10 @@ class Connection:
             self._done.set()
 
     def close(self, code: int, reason: str) -> None:
-        """Close after the frames already queued are sent."""
+        """Close after the messages already queued are sent."""
         if self._close is None:
             self._close = (code, reason)
-            self.outbox.close_reason = reason
-            self.outbox.push_control(b"")
+            self.outbox.close(reason)
 
     async def _hello(self) -> bool:
         config = self.server.config
@@ -172,6 +189,9 @@ class Connection:
             "expires_at": self.principal.expires_at,
             "epoch": self.server.broadcaster.epoch,
             "heartbeat_interval": self.server.config.heartbeat_interval,
+            "max_frame_size": self.server.config.max_frame_size,
+            "max_message_size": self.server.config.max_message_size,
+            "inline_payload_limit": self.server.broadcaster.config.inline_payload_limit,
         }
 
     async def _sender(self, scope: trio.CancelScope) -> None:
@@ -181,17 +201,14 @@ class Connection:
             await outbox.wait()
             # Let the rest of a burst reach the outbox first: one frame carries it all.
             await trio.lowlevel.cancel_shielded_checkpoint()
-            items, skipped = outbox.take()
-            items = [item for item in items if item]
-            if items or skipped:
-                if len(items) == 1 and not skipped:
-                    frame = items[0]
-                else:
-                    frame = b'{"type":"batch","messages":[' + b",".join(items) + b"]"
-                    if skipped:
-                        frame += b',"skipped":' + orjson.dumps(skipped)
-                    frame += b"}"
-                with trio.move_on_after(config.send_timeout) as timer:
+            messages = outbox.take(config.batch_bytes)
+            if messages:
+                frame = encode_batch(messages)
+                # The timeout restarts with each frame and grows with a frame over the cap (a
+                # single large message): it measures progress, so a client that keeps taking
+                # data at batch_bytes per send_timeout or faster is never cut off by it.
+                timeout = config.send_timeout * max(1.0, len(frame) / config.batch_bytes)
+                with trio.move_on_after(timeout) as timer:
                     try:
                         await self.ws.send_message(frame.decode())
                     except ConnectionClosed:
@@ -203,9 +220,10 @@ class Connection:
                     self._close = (CLOSE["slow_consumer"], "slow consumer: a send timed out")
                     scope.cancel()
                     return
-            if outbox.close_reason is not None:
+            if outbox.closed:
+                # Everything queued before the close was sent.
                 if self._close is None:
-                    self._close = (CLOSE["slow_consumer"], outbox.close_reason)
+                    self._close = (CLOSE["slow_consumer"], outbox.close_reason or "")
                 scope.cancel()
                 return
 
@@ -258,7 +276,7 @@ class Connection:
             handler = HANDLERS[request.op]
             result = await handler(self, request)
             if result is not _ALREADY_REPLIED:
-                self.outbox.push_control(reply_message(request.id, result))
+                self.outbox.push_control(self.reply(request.id, result))
         except ProtocolError as exc:
             self._reply_error(request.id, exc.code, exc.message)
         except JobspineError as exc:
@@ -268,6 +286,40 @@ class Connection:
             self._reply_error(request.id, "internal", "internal error; the request was not applied")
         finally:
             self.inflight -= 1
+
+    # -- payload sizes --------------------------------------------------------------------------
+
+    @property
+    def reply_budget(self) -> int:
+        """Bytes a reply's result may take: the message limit less the envelope margin."""
+        config = self.server.config
+        return config.max_message_size - config.envelope_margin
+
+    def jobs_value(self, jobs: list[Job]) -> list[dict[str, Any]]:
+        """Jobs for a list or a snapshot: payloads over the inline limit left out, and every
+        payload left out if the list would still not fit in one message."""
+        limit = self.server.broadcaster.config.inline_payload_limit
+        values: list[dict[str, Any]] = converter.unstructure(jobs)
+        shrunk = [inline_payloads(job, limit, JOB_PAYLOAD_FIELDS) for job in values]
+        if len(orjson.dumps(shrunk)) > self.reply_budget:
+            shrunk = [inline_payloads(job, -1, JOB_PAYLOAD_FIELDS) for job in values]
+        return shrunk
+
+    def reply(self, request_id: str | int | None, result: Any) -> bytes:
+        """The reply message. Raises :class:`ProtocolError` ``payload_too_large`` for a result
+        that cannot fit in one message: the server never sends a frame over its own limit."""
+        if isinstance(result, Job):
+            # One job: payloads inline if the whole reply fits, else the largest left out.
+            envelope = len(reply_message(request_id, None))
+            result = fit_job(converter.unstructure(result), self.reply_budget - envelope)
+        frame = reply_message(request_id, result)
+        if len(frame) > self.reply_budget:
+            raise ProtocolError(
+                "payload_too_large",
+                f"the reply would be {len(frame)} bytes, over the largest message"
+                f" ({self.reply_budget} bytes and envelope); ask for less",
+            )
+        return frame
 
     @property
     def user(self) -> Principal:
@@ -322,8 +374,13 @@ async def _subscribe(conn: Connection, request: Request) -> Any:
     result: dict[str, Any] = converter.unstructure(joined)
     if joined.reset_reason is not None:
         result["snapshot"] = await _snapshot(conn, kind, ident)
+    try:
+        reply = conn.reply(request.id, result)
+    except ProtocolError:
+        broadcaster.leave(outbox, body.room)  # refused: the room is not joined
+        raise
     # The reply goes out before the replayed events; no await between the two.
-    outbox.push_control(reply_message(request.id, result))
+    outbox.push_control(reply)
     broadcaster.finish_join(outbox, body.room)
     return _ALREADY_REPLIED
 
@@ -331,9 +388,8 @@ async def _subscribe(conn: Connection, request: Request) -> Any:
 async def _snapshot(conn: Connection, kind: str, ident: str) -> Any:
     runtime = conn.server.runtime
     if kind == "job":
-        return {"job": converter.unstructure(await runtime.get_job(ident))}
-    jobs = await runtime.list_jobs(ident, limit=100)
-    return {"jobs": converter.unstructure(jobs)}
+        return {"job": conn.jobs_value([await runtime.get_job(ident)])[0]}
+    return {"jobs": conn.jobs_value(await runtime.list_jobs(ident, limit=100))}
 
 
 async def _unsubscribe(conn: Connection, request: Request) -> Any:
@@ -368,9 +424,45 @@ async def _list(conn: Connection, request: Request) -> Any:
         user_id = None
     # parse_request checked the limit's range and that the state is one.
     states = None if body.state is None else [JobState(body.state)]
-    return await conn.server.runtime.list_jobs(
+    jobs = await conn.server.runtime.list_jobs(
         user_id, states=states, kind=body.kind, limit=body.limit
     )
+    return conn.jobs_value(jobs)
+
+
+async def _get_payload(conn: Connection, request: Request) -> Any:
+    body = request.body
+    assert isinstance(body, PayloadRef)
+    job = await conn.own_job(body.job_id)
+    if body.seq is None:
+        if body.field not in JOB_PAYLOAD_FIELDS:
+            raise ProtocolError(
+                "invalid_input",
+                f"get_payload: field must be one of {', '.join(JOB_PAYLOAD_FIELDS)}"
+                " (or give the seq of an event)",
+            )
+        value = converter.unstructure(job)[body.field]
+    else:
+        if not 1 <= body.seq <= job.seq:
+            raise ProtocolError(
+                "invalid_input", f"get_payload: job {job.id} has events 1..{job.seq}"
+            )
+        events = await conn.server.runtime.read_events(job.id, body.seq - 1, 1)
+        event = events[0] if events else None
+        if event is None or body.field not in event.data:
+            raise ProtocolError(
+                "invalid_input",
+                f"get_payload: event {body.seq} of job {job.id} has no field {body.field!r}",
+            )
+        value = event.data[body.field]
+    size = len(orjson.dumps(value))
+    if size > conn.reply_budget:
+        raise ProtocolError(
+            "payload_too_large",
+            f"{body.field} of job {job.id} is {size} bytes, over the largest message"
+            f" ({conn.reply_budget} bytes and envelope)",
+        )
+    return {"job_id": job.id, "field": body.field, "seq": body.seq, "size": size, "value": value}
 
 
 def _job_action(name: str) -> Handler:
@@ -422,6 +514,7 @@ HANDLERS: dict[str, Handler] = {
     "unsubscribe": _unsubscribe,
     "create": _create,
     "get": _get,
+    "get_payload": _get_payload,
     "list": _list,
     "cancel": _job_action("cancel"),
     "pause": _job_action("pause"),
@@ -432,6 +525,17 @@ HANDLERS: dict[str, Handler] = {
     "stats": _stats,
     "my_stats": _my_stats,
 }
+
+
+def _limit_unsent(sock: trio.socket.SocketType, limit: int) -> None:
+    """Keep at most about ``limit`` bytes not yet sent in the kernel (accepted connections
+    inherit it from the listening socket). Otherwise a slow reader's backlog hides in a
+    send buffer of megabytes, where it cannot be coalesced, ``lagged`` waits behind it, and a
+    socket that is being read stays unwritable for long stretches (it becomes writable only
+    once a third of that buffer has drained), which looks like a client taking no data."""
+    option = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+    if option is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, option, limit)
 
 
 class Server:
@@ -445,6 +549,8 @@ class Server:
         self.config = config
         self.connections: set[Connection] = set()
         self.per_user: dict[str, int] = {}
+        #: Delivery counters of connections that have ended (for the metrics).
+        self.closed_outboxes = OutboxTotals()
         self.port = 0
         self._listen_scope = trio.CancelScope()
         self._accepting = False
@@ -460,12 +566,16 @@ class Server:
             connections.start_soon(self._ticker)
             with self._listen_scope:
                 async with trio.open_nursery() as listener:
-                    listeners = await listener.start(
+                    listeners = await trio.open_tcp_listeners(
+                        self.config.port, host=self.config.host
+                    )
+                    for each in listeners:
+                        _limit_unsent(each.socket, self.config.batch_bytes)
+                    await listener.start(
                         partial(
                             serve_websockets,
                             self._handle,
-                            self.config.host,
-                            self.config.port,
+                            listeners,
                             handler_nursery=connections,
                             max_message_size=self.config.max_frame_size,
                         )

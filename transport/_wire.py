@@ -107,18 +107,15 @@ Handler = Callable[[WebSocketRequest, GuardedStream], Awaitable[None]]
 
 async def serve_websockets(
     handler: Handler,
-    host: str,
-    port: int,
+    listeners: list[trio.SocketListener],
     *,
     handler_nursery: trio.Nursery,
     max_message_size: int,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept websocket connections on ``host:port`` until cancelled; each completed handshake
+    """Accept websocket connections on ``listeners`` until cancelled; each completed handshake
     runs ``handler(request, stream)`` in ``handler_nursery``. The handler accepts or rejects
-    the request and sets ``stream.connection`` to the accepted websocket. Reports the
-    listeners (for their port) when listening."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    the request and sets ``stream.connection`` to the accepted websocket."""
 
     async def connection(socket_stream: trio.SocketStream) -> None:
         stream = GuardedStream(socket_stream)

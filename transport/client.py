@@ -7,15 +7,19 @@
             ...  # JobEvent, or Reset when the server could not prove continuity
 
 The client keeps a cursor (epoch, sequence) per room. After a disconnect it reconnects with a
-jittered exponential backoff and resubscribes from its cursors; events already seen are
-dropped by sequence number; a gap (or a heartbeat head beyond the cursor) triggers a
-resubscription from the cursor, which replays what was missed.
+jittered exponential backoff (:class:`ReconnectPolicy`: reset only after a connection stayed
+healthy; closes that would recur wait the full backoff; fatal ones raise) and resubscribes
+from its cursors; events already seen are dropped by sequence number; a gap (or a heartbeat
+head beyond the cursor) triggers a resubscription from the cursor, which replays what was
+missed. A refused resubscription is retried with backoff until it succeeds.
+
+Payloads larger than the server's inline limit arrive as ``{"$omitted": field, "size": n}``
+markers (:func:`is_omitted`); :meth:`Client.get_payload` fetches them.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -28,23 +32,32 @@ from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 from actors import JobEvent
 from actors._codec import converter
 from actors._errors import unwrap_group
+from actors._payloads import is_marker
+
+from ._reconnect import FATAL_CLOSE, RECURRING_CLOSE, ReconnectPolicy
 
 __all__ = [
     "Client",
     "ClientError",
+    "ClientStats",
     "ConnectionLostError",
     "Reset",
     "RoomCursor",
+    "is_omitted",
     "open_client",
 ]
 
 log = logging.getLogger("jobspine.client")
 
-#: Close codes after which reconnecting cannot help.
-#: Largest frame accepted from the server (batches are capped well below this).
-MAX_FRAME = 16 * 1024 * 1024
+#: Largest message accepted from the server by default: twice the server's default
+#: ``max_message_size`` (2 MiB), which no message it sends exceeds.
+MAX_MESSAGE = 4 * 1024 * 1024
 
-FATAL_CLOSE = {4002: "protocol error", 4003: "authentication failed", 4004: "token expired"}
+
+def is_omitted(value: object) -> bool:
+    """True for a payload the server left out of a message (``{"$omitted": field, "size":
+    bytes}``); fetch it with :meth:`Client.get_payload`."""
+    return is_marker(value)
 
 
 class ClientError(Exception):
@@ -57,8 +70,13 @@ class ClientError(Exception):
 
 
 class ConnectionLostError(ClientError):
-    def __init__(self, message: str = "the connection was lost") -> None:
+    """The connection ended; ``close_code`` is the websocket close code when there was one."""
+
+    def __init__(
+        self, message: str = "the connection was lost", close_code: int | None = None
+    ) -> None:
         super().__init__("connection_lost", message)
+        self.close_code = close_code
 
 
 @attrs.frozen
@@ -83,8 +101,13 @@ class _Room:
     cursor: RoomCursor | None
     #: What the application has taken from :meth:`Client.events`: where to resume from.
     consumed: RoomCursor | None = None
+    #: Events are ignored until a (re)subscription is answered.
     resyncing: bool = True
-    skipped: set[int] = attrs.field(factory=set)
+    #: A task is resubscribing this room (retrying, with backoff, until it is answered).
+    resync_pending: bool = False
+    #: Resubscriptions refused in a row, and the last refusal.
+    resync_failures: int = 0
+    resync_error: str | None = None
 
 
 @attrs.define(eq=False)
@@ -97,11 +120,22 @@ class _Pending:
 
 @attrs.define
 class ClientStats:
+    """Counters of one client. Delays are seconds."""
+
+    #: Hellos answered.
     connects: int = 0
     duplicates: int = 0
     gaps: int = 0
     resets: int = 0
     delivered: int = 0
+    #: Reconnections scheduled after a connection (or an attempt) ended, the delay before the
+    #: last one, their sum, and why the last connection ended.
+    reconnects: int = 0
+    last_delay: float = 0.0
+    total_delay: float = 0.0
+    last_problem: str | None = None
+    #: Resubscriptions refused (each was retried).
+    resync_failures: int = 0
 
 
 class Client:
@@ -112,16 +146,24 @@ class Client:
         *,
         reconnect: bool = True,
         min_backoff: float = 0.05,
-        max_backoff: float = 5.0,
+        max_backoff: float = 10.0,
+        healthy_after: float = 10.0,
         request_timeout: float = 30.0,
         event_buffer: int = 10_000,
+        max_message_size: int = MAX_MESSAGE,
     ) -> None:
+        """``token``: a JWT, or a callable minting one (called for each connection; with one,
+        an expired token (4004) is a reconnect, not a fatal error). Backoffs and
+        ``healthy_after`` (how long a connection must stay up to reset the backoff) are
+        seconds; ``max_message_size`` is the largest message accepted from the server."""
         self.url = url
         self._token = token
         self.reconnect = reconnect
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
+        self.policy = ReconnectPolicy(min_backoff, max_backoff, healthy_after)
         self.request_timeout = request_timeout
+        self.max_message_size = max_message_size
         self.rooms: dict[str, _Room] = {}
         self.counters = ClientStats()
         self.welcome: dict[str, Any] = {}
@@ -135,7 +177,6 @@ class Client:
         self._nursery: trio.Nursery | None = None
         self._fatal: ClientError | None = None
         self._connected_once = False
-        self._was_up = False  # the last attempt got as far as a welcome: reset the backoff
 
     # -- connection -----------------------------------------------------------------------------
 
@@ -143,39 +184,43 @@ class Client:
         return self._token() if callable(self._token) else self._token
 
     async def run(self, *, task_status: trio.TaskStatus[Client] = trio.TASK_STATUS_IGNORED) -> None:
-        """Stay connected until cancelled; ``started`` after the first successful hello."""
-        failures = 0
+        """Stay connected until cancelled; ``started`` after the first successful hello.
+
+        Raises :class:`ClientError` for a fatal close (``auth_failed``, ``protocol_error``,
+        ``token_expired`` with a fixed token)."""
         async with trio.open_nursery() as nursery, self._send_events:
             self._nursery = nursery
             while True:
                 problem = "the connection ended"
+                close_code: int | None = None
                 try:
                     await self._connect_once(task_status)
+                except ConnectionLostError as exc:
+                    problem, close_code = exc.message, exc.close_code
                 except ClientError as exc:
-                    if exc.code in ("auth_failed", "token_expired", "protocol_error"):
-                        self._fatal = exc
-                        self._fail_pending(exc)
-                        raise
-                    problem = str(exc)
+                    self._fatal = exc
+                    self._fail_pending(exc)
+                    raise
                 except (OSError, HandshakeError, ConnectionClosed, trio.BrokenResourceError) as exc:
                     problem = repr(exc)
                 self._fail_pending(ConnectionLostError())
-                if self._was_up:
-                    failures = 0
                 if not self.reconnect:
                     if not self._connected_once:
                         raise ConnectionLostError(f"could not connect: {problem}")
                     self._fatal = ConnectionLostError("disconnected (reconnect is off)")
                     return
-                delay = min(self.max_backoff, self.min_backoff * 2**failures)
-                delay *= random.uniform(0.5, 1.0)
-                failures += 1
-                self._was_up = False
-                log.info("not connected (%s); retrying in %.1f s", problem, delay)
+                delay = self.policy.next_delay(trio.current_time(), close_code)
+                stats = self.counters
+                stats.reconnects += 1
+                stats.last_delay = delay
+                stats.total_delay += delay
+                stats.last_problem = problem
+                level = logging.WARNING if close_code in RECURRING_CLOSE else logging.INFO
+                log.log(level, "not connected (%s); retrying in %.2f s", problem, delay)
                 await trio.sleep(delay)
 
     async def _connect_once(self, task_status: trio.TaskStatus[Client]) -> None:
-        async with open_websocket_url(self.url, max_message_size=MAX_FRAME) as ws:
+        async with open_websocket_url(self.url, max_message_size=self.max_message_size) as ws:
             try:
                 await ws.send_message(
                     orjson.dumps({"op": "hello", "id": 0, "token": self._current_token()}).decode()
@@ -186,13 +231,19 @@ class Client:
             if reply.get("type") != "reply":
                 raise ClientError(reply.get("code", "protocol_error"), reply.get("message", ""))
             self.welcome = reply["result"]
+            if self.welcome.get("max_message_size", 0) > self.max_message_size:
+                log.warning(
+                    "the server may send messages of %s bytes, over this client's limit of %s",
+                    self.welcome["max_message_size"],
+                    self.max_message_size,
+                )
             self.counters.connects += 1
+            self.policy.connected(trio.current_time())
             self._ws = ws
             self._connected.set()
             try:
                 for room in self.rooms:
                     self._resync(room)
-                self._was_up = True
                 if not self._connected_once:
                     self._connected_once = True
                     task_status.started(self)
@@ -202,12 +253,13 @@ class Client:
                 self._connected = trio.Event()
 
     def _close_error(self, exc: ConnectionClosed) -> ClientError:
+        """A fatal close as its typed error; any other as :class:`ConnectionLostError`."""
         code = exc.reason.code if exc.reason is not None else 1006
         reason = (exc.reason.reason if exc.reason is not None else None) or ""
-        if code in FATAL_CLOSE:
-            names = {4002: "protocol_error", 4003: "auth_failed", 4004: "token_expired"}
-            return ClientError(names[code], f"{FATAL_CLOSE[code]}: {reason}")
-        return ConnectionLostError(f"closed with {code}: {reason}")
+        refreshable = code == 4004 and callable(self._token)  # the next hello gets a new one
+        if code in FATAL_CLOSE and not refreshable:
+            return ClientError(FATAL_CLOSE[code], f"closed with {code}: {reason}")
+        return ConnectionLostError(f"closed with {code}: {reason}", close_code=code)
 
     async def _read_loop(self, ws: WebSocketConnection) -> None:
         while True:
@@ -217,23 +269,17 @@ class Client:
                 raise self._close_error(exc) from None
             message = orjson.loads(frame)
             if message.get("type") == "batch":
-                for job_id, user_id, seq, user_seq in message.get("skipped", ()):
-                    self._skip(f"job:{job_id}", seq)
-                    self._skip(f"user:{user_id}", user_seq)
                 for inner in message["messages"]:
                     await self._dispatch(inner)
             else:
                 await self._dispatch(message)
 
-    def _skip(self, room: str, seq: int) -> None:
-        state = self.rooms.get(room)
-        if state is not None:
-            state.skipped.add(seq)
-
     async def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
         if kind == "event":
             await self._on_event(message["event"])
+        elif kind == "skipped":
+            self._on_skipped(message)
         elif kind in ("reply", "error"):
             pending = self._pending.pop(message.get("id"), None)  # type: ignore[arg-type]
             if pending is None:
@@ -251,7 +297,6 @@ class Client:
                 state = self.rooms.get(room)
                 if state is None or state.resyncing or state.cursor is None:
                     continue
-                self._advance_over_skipped(state)
                 if head > state.cursor.seq:
                     self.counters.gaps += 1
                     self._resync(room)
@@ -260,14 +305,25 @@ class Client:
                 if room in self.rooms:
                     self._resync(room)
 
-    def _advance_over_skipped(self, state: _Room) -> None:
-        assert state.cursor is not None
-        seq = state.cursor.seq
-        while seq + 1 in state.skipped:
-            seq += 1
-            state.skipped.discard(seq)
-        if seq != state.cursor.seq:
-            state.cursor = RoomCursor(state.cursor.epoch, seq)
+    def _on_skipped(self, data: dict[str, Any]) -> None:
+        """``count`` coalesced events, numbered from ``seq`` / ``user_seq``: advance over them
+        like over events (a later event of the job supersedes them)."""
+        count = data["count"]
+        for room, first in (
+            (f"job:{data['job_id']}", data["seq"]),
+            (f"user:{data['user_id']}", data["user_seq"]),
+        ):
+            state = self.rooms.get(room)
+            if state is None or state.resyncing or state.cursor is None:
+                continue
+            last = first + count - 1
+            if last <= state.cursor.seq:
+                continue
+            if first <= state.cursor.seq + 1:
+                state.cursor = RoomCursor(state.cursor.epoch, last)
+            else:
+                self.counters.gaps += 1
+                self._resync(room)
 
     async def _on_event(self, data: dict[str, Any]) -> None:
         deliver = False
@@ -278,12 +334,10 @@ class Client:
             state = self.rooms.get(room)
             if state is None or state.resyncing or state.cursor is None:
                 continue
-            self._advance_over_skipped(state)
             if seq <= state.cursor.seq:
                 continue
             if seq == state.cursor.seq + 1:
                 state.cursor = RoomCursor(state.cursor.epoch, seq)
-                state.skipped = {s for s in state.skipped if s > seq}
                 deliver = True
             else:
                 self.counters.gaps += 1
@@ -311,6 +365,15 @@ class Client:
             request_id = self._next_id
             self._pending[request_id] = pending
             frame = orjson.dumps({"op": op, "id": request_id, **fields}).decode()
+            limit = self.welcome.get("max_frame_size")
+            if isinstance(limit, int) and len(frame.encode()) > limit:
+                # Sent, it would close the connection (1009) for every request in flight.
+                self._pending.pop(request_id, None)
+                raise ClientError(
+                    "request_too_large",
+                    f"{op}: the request is {len(frame.encode())} bytes, over the server's"
+                    f" max_frame_size of {limit}",
+                )
             try:
                 await ws.send_message(frame)
             except ConnectionClosed:
@@ -330,9 +393,17 @@ class Client:
     # -- rooms ----------------------------------------------------------------------------------
 
     async def subscribe(self, room: str, cursor: RoomCursor | None = None) -> Any:
-        """Follow a room from ``cursor`` (None: from now). Survives reconnects."""
-        self.rooms[room] = _Room(cursor, cursor)
-        return await self._join(room)
+        """Follow a room from ``cursor`` (None: from now). Survives reconnects.
+
+        If the server refuses (an error reply, or the connection drops first), the error is
+        raised and the room is not followed."""
+        state = self.rooms[room] = _Room(cursor, cursor)
+        try:
+            return await self._join(room)
+        except BaseException:
+            if self.rooms.get(room) is state:
+                del self.rooms[room]
+            raise
 
     async def unsubscribe(self, room: str) -> Any:
         self.rooms.pop(room, None)
@@ -370,22 +441,51 @@ class Client:
             state.cursor = head
         if state.consumed is None or result.get("reset_reason"):
             state.consumed = state.cursor
-        state.skipped.clear()
         state.resyncing = False
 
     def _resync(self, room: str) -> None:
+        """Resubscribe ``room`` from its cursor: one task per room, retrying until answered."""
         state = self.rooms.get(room)
         if state is None:
             return
         state.resyncing = True
-        if self._nursery is not None:  # else the next connection resubscribes every room
-            self._nursery.start_soon(self._resync_task, room)
+        if state.resync_pending or self._nursery is None:
+            return  # the running task resubscribes; without a nursery, the next connection
+        state.resync_pending = True
+        self._nursery.start_soon(self._resync_task, room, state)
 
-    async def _resync_task(self, room: str) -> None:
+    async def _resync_task(self, room: str, state: _Room) -> None:
+        """Resubscribe until the room is live again, unsubscribed, or the client failed.
+
+        Every refusal (``rate_limited``, ``busy``, ``store_error``, ``internal``,
+        ``runtime_closed``, a timeout, a lost connection) is retried after a backoff."""
+        backoff = ReconnectPolicy(self.min_backoff, self.max_backoff)
         try:
-            await self._join(room)
-        except ClientError as exc:
-            log.info("resubscribing to %s failed (%s); retried on reconnect", room, exc)
+            # The condition is re-read after every answer with no await in between: a gap or
+            # a `lagged` that arrived meanwhile set `resyncing` again and is served here.
+            while self.rooms.get(room) is state and state.resyncing and self._fatal is None:
+                try:
+                    await self._join(room)
+                except (ClientError, trio.TooSlowError) as exc:
+                    if self._fatal is not None:
+                        return
+                    state.resync_failures += 1
+                    state.resync_error = str(exc) or "timed out"
+                    self.counters.resync_failures += 1
+                    delay = backoff.next_delay(trio.current_time())
+                    log.info(
+                        "resubscribing to %s refused (%s); retrying in %.2f s",
+                        room,
+                        state.resync_error,
+                        delay,
+                    )
+                    await trio.sleep(delay)
+                else:
+                    backoff.succeeded()
+                    state.resync_failures = 0
+                    state.resync_error = None
+        finally:
+            state.resync_pending = False
 
     async def events(self) -> AsyncIterator[JobEvent | Reset]:
         """Events of all subscribed rooms, each once and in order per room; and resets."""
@@ -417,7 +517,18 @@ class Client:
         return await self.request("create", kind=kind, input=input)
 
     async def get(self, job_id: str) -> Any:
+        """The job; a payload that would not fit in one message is an omitted marker."""
         return await self.request("get", job_id=job_id)
+
+    async def get_payload(self, job_id: str, field: str, seq: int | None = None) -> Any:
+        """The value of a payload the server left out (see :func:`is_omitted`): the job's
+        ``field`` (``input``, ``result``, ``checkpoint``, ``error``, ``step``), or with
+        ``seq`` the ``field`` of that event's ``data``. Raises :class:`ClientError`
+        ``payload_too_large`` for a value larger than the server's largest message."""
+        fields: dict[str, Any] = {"job_id": job_id, "field": field}
+        if seq is not None:
+            fields["seq"] = seq
+        return (await self.request("get_payload", **fields))["value"]
 
     async def list(
         self, *, state: str | None = None, kind: str | None = None, limit: int = 50

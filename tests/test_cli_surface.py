@@ -1,0 +1,331 @@
+"""The ``jobspine`` command as scripts and people use it, through the real console script:
+exit codes, ``--json``, connect timeout, tokens, broken pipes, Ctrl-C, the live display on a
+pseudo-terminal, and configuration precedence."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import re
+import signal
+import struct
+import subprocess
+import termios
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+import trio
+
+from transport._config import resolve
+from transport._exit import CLIError, ExitCode
+
+from .serving import free_port
+from .test_cli import COMMAND, Served, serve_process
+
+HANDLERS = ("--handlers", "tests.cli_handlers:HANDLERS")
+SLOW = '{"query": "q", "depth": 300, "delay": 0.2}'
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("JOBSPINE_")}
+    return subprocess.run(
+        [*COMMAND, *args],
+        env={**environment, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+async def arun(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return await trio.to_thread.run_sync(lambda: run(*args, env=env))
+
+
+def _client_env(served: Served, user: str = "alice") -> dict[str, str]:
+    return {
+        "JOBSPINE_DATA": str(served.data),
+        "JOBSPINE_URL": served.url,
+        "JOBSPINE_TOKEN": served.token(user),
+    }
+
+
+async def test_exit_codes_json_and_errors(tmp_path: Path) -> None:
+    async with serve_process(tmp_path / "data", extra=HANDLERS) as served:
+        env = _client_env(served)
+
+        # success, --json anywhere (before or after the command), --version
+        version = await arun("--version")
+        assert version.returncode == 0 and version.stdout.startswith("jobspine ")
+        small = '{"query": "q", "depth": 2, "delay": 0.01}'
+        done = await arun("--json", "submit", "research", small, "--watch", env=env)
+        assert done.returncode == ExitCode.OK, done.stderr
+        lines = [orjson.loads(line) for line in done.stdout.splitlines()]
+        assert lines[0]["type"] == "created" and lines[-1]["type"] == "completed"
+        assert [e["seq"] for e in lines] == list(range(1, len(lines) + 1))
+        job_id = lines[0]["job_id"]
+        listed = await arun("jobs", "--log-level", "WARNING", "--json", env=env)
+        assert [j["id"] for j in orjson.loads(listed.stdout)] == [job_id]
+        got = await arun("get", job_id, "--json", env=env)
+        assert orjson.loads(got.stdout)["state"] == "completed"
+        table = await arun("jobs", env=env)
+        header, row = table.stdout.splitlines()
+        assert header.split() == ["ID", "KIND", "STATE", "PROGRESS", "CREATED", "RAN", "STEP"]
+        assert row.split()[:4] == [job_id, "research", "completed", "100.0%"]
+
+        # job failed: 1; job cancelled: 3; job paused with --exit-on-pause: 3
+        failed = await arun("submit", "failing", "{}", "--watch", env=env)
+        assert failed.returncode == ExitCode.JOB_FAILED
+        assert "failed: RuntimeError: failed on purpose" in failed.stdout
+        slow = (await arun("submit", "endless", "{}", env=env)).stdout.strip()
+        assert (await arun("cancel", slow, env=env)).returncode == 0
+        cancelled = await arun("watch", slow, env=env)
+        assert cancelled.returncode == ExitCode.JOB_STOPPED and "cancelled" in cancelled.stdout
+        slow = (await arun("submit", "endless", "{}", env=env)).stdout.strip()
+        paused = await arun("pause", slow, "--json", env=env)
+        assert orjson.loads(paused.stdout)["state"] == "paused"
+        stopped = await arun("watch", slow, "--exit-on-pause", env=env)
+        assert stopped.returncode == ExitCode.JOB_STOPPED and "paused" in stopped.stdout
+
+        # usage errors: 2, one line, no traceback
+        for args in (
+            ("restart", slow, "{bad"),
+            ("restart", slow, "[1, 2]"),
+            ("submit", "research", "{bad"),
+            ("submit", "no-such-kind", "{}"),
+            ("jobs", "--limit", "many"),
+            ("nonsense",),
+        ):
+            bad = await arun(*args, env=env)
+            assert bad.returncode == ExitCode.USAGE, (args, bad)
+            assert "Traceback" not in bad.stderr
+        # the server refused the input (invalid_input): 2, like any other usage error
+        listed_input = (await arun("submit", "failing", "[1, 2]", env=env)).stdout.strip()
+        await arun("watch", listed_input, env=env)
+        modified = await arun("restart", listed_input, '{"depth": 1}', env=env)
+        assert modified.returncode == ExitCode.USAGE and "invalid_input" in modified.stderr
+        # the server refused the request: 6
+        unknown = await arun("pause", "01NOSUCHJOB", env=env)
+        assert unknown.returncode == ExitCode.REFUSED and "unknown_job" in unknown.stderr
+        illegal = await arun("resume", job_id, env=env)
+        assert illegal.returncode == ExitCode.REFUSED and "illegal_transition" in illegal.stderr
+
+        # auth: no token, a token from another secret
+        missing = await arun("jobs", env={**env, "JOBSPINE_TOKEN": ""})
+        assert missing.returncode == ExitCode.AUTH
+        assert "export JOBSPINE_TOKEN=$(jobspine token --user NAME)" in missing.stderr
+        foreign = run("token", "--user", "alice",
+                      env={"JOBSPINE_SECRET": "another-secret-of-32-bytes-or-more!!"})  # fmt: skip
+        refused = await arun("jobs", env={**env, "JOBSPINE_TOKEN": foreign.stdout.strip()})
+        assert refused.returncode == ExitCode.AUTH and "another secret" in refused.stderr
+
+        # cannot connect: wrong scheme, the health port (HTTP 404), nothing listening
+        for url in ("http://127.0.0.1:1", f"ws://127.0.0.1:{served.health}"):
+            start = time.monotonic()
+            wrong = await arun("jobs", "--url", url, env=env)
+            assert wrong.returncode == ExitCode.CANNOT_CONNECT, wrong
+            assert time.monotonic() - start < 5 and "Traceback" not in wrong.stderr
+        assert "HTTP 404" in wrong.stderr
+        start = time.monotonic()
+        nobody = await arun("--connect-timeout", "1", "jobs", "--url",
+                            f"ws://127.0.0.1:{free_port()}", env=env)  # fmt: skip
+        assert nobody.returncode == ExitCode.CANNOT_CONNECT and "within 1 s" in nobody.stderr
+        assert time.monotonic() - start < 8
+
+
+async def test_closed_stdout_and_ctrl_c_are_quiet(tmp_path: Path) -> None:
+    async with serve_process(tmp_path / "data", extra=HANDLERS) as served:
+        env = {**os.environ, **_client_env(served)}
+        for _ in range(3):
+            await served.cli("submit", "research", '{"query": "q", "depth": 1, "delay": 0}')
+        # the reader is gone before the first line: like `jobspine jobs | head -0`
+        read, write = os.pipe()
+        os.close(read)
+        closed = await trio.run_process(
+            [*COMMAND, "jobs"], env=env, stdout=write, capture_stderr=True, check=False
+        )
+        os.close(write)
+        assert closed.returncode == ExitCode.BROKEN_PIPE and closed.stderr == b""
+        # `jobs | head -1`
+        piped = await trio.run_process(
+            f"{' '.join(COMMAND)} jobs | head -1", shell=True, env=env,
+            capture_stdout=True, capture_stderr=True, check=False,
+        )  # fmt: skip
+        assert piped.stdout.decode().startswith("ID ") and piped.stderr == b""
+
+        job_id = (await served.cli("submit", "endless", "{}")).stdout.strip()
+        process = await trio.lowlevel.open_process(
+            [*COMMAND, "watch", job_id], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        try:
+            assert process.stdout is not None and process.stderr is not None
+            seen = b""
+            with trio.fail_after(20):
+                while b"tick" not in seen:
+                    seen += await process.stdout.receive_some()
+            process.send_signal(signal.SIGINT)
+            with trio.fail_after(10):
+                code = await process.wait()
+            stderr = b""
+            while chunk := await process.stderr.receive_some():
+                stderr += chunk
+        finally:
+            if process.poll() is None:
+                process.kill()
+            await process.wait()
+        assert code == ExitCode.INTERRUPTED, stderr.decode()
+        assert b"Traceback" not in stderr and len(stderr.decode().splitlines()) <= 2
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _on_pty(argv: list[str], env: dict[str, str], columns: int) -> tuple[int, str]:
+    """Run ``argv`` on a pseudo-terminal ``columns`` wide; its exit status and output."""
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.execve(argv[0], argv, env)
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
+
+
+async def test_live_display_on_a_narrow_terminal(tmp_path: Path) -> None:
+    async with serve_process(tmp_path / "data") as served:
+        env = {**os.environ, **_client_env(served), "TERM": "xterm-256color"}
+        env.pop("COLUMNS", None)
+        argv = [*COMMAND, "submit", "research", '{"query": "q", "depth": 15, "delay": 0.1}',
+                "--watch"]  # fmt: skip
+        code, out = await trio.to_thread.run_sync(lambda: _on_pty(argv, env, 50))
+    assert code == 0, out
+    text = ANSI.sub("", out)
+    frames = [f for f in re.split(r"[\r\n]+", text) if "%" in f]
+    assert frames and all(len(frame) <= 50 for frame in frames), frames
+    assert "reading" in text and "started (attempt 1)" in text
+    final = frames[-1]
+    assert final.startswith("completed") and "100%" in final, final
+    assert re.search(r"\d:\d\d:\d\d", final)
+    assert "completed: {" in text
+
+
+def test_every_help_has_descriptions_defaults_and_variables() -> None:
+    top = run("--help")
+    commands = re.findall(r"^    (\w+) ", top.stdout, re.MULTILINE)
+    assert {"serve", "token", "config", "submit", "watch", "jobs", "get"} <= set(commands)
+    for command in [c for c in commands if c != "bench"]:
+        text = " ".join(run(command, "--help").stdout.split())
+        assert "exit status:" in text and "130 interrupted" in text, command
+        assert "(default: INFO; env JOBSPINE_LOG; config: log_level)" in text, command
+        if command not in ("serve", "token"):
+            assert "env JOBSPINE_URL" in text and "env JOBSPINE_CONNECT_TIMEOUT" in text, command
+    serve = " ".join(run("serve", "--help").stdout.split())
+    assert "(default: 8765; env JOBSPINE_PORT; config: server.port)" in serve
+
+
+def test_precedence_flags_env_file_defaults() -> None:
+    file = {"log_level": "WARNING", "client": {"url": "ws://file:1", "connect_timeout": 3},
+            "server": {"port": 7000, "max_inflight": 4}, "runtime": {"stop_grace": 1}}  # fmt: skip
+    env = {"JOBSPINE_URL": "ws://env:2", "JOBSPINE_PORT": "7001", "JOBSPINE_DATA": "/d"}
+    got = resolve({"port": 7002}, env, file, "c.toml")
+    assert (got["port"].value, got["port"].source) == (7002, "flag --port")
+    assert (got["url"].value, got["url"].source) == ("ws://env:2", "env JOBSPINE_URL")
+    assert (got["connect_timeout"].value, got["connect_timeout"].source) == (3.0, "file c.toml")
+    assert got["max_inflight"].value == 4 and got["stop_grace"].value == 1.0
+    assert (got["host"].value, got["host"].source) == ("127.0.0.1", "default")
+    assert got["db"].value == "/d/jobspine.db" and got["log_level"].value == "WARNING"
+    for bad in ({"server": {"port": "x"}}, {"server": {"prot": 1}}, {"client": {"url": 5}}):
+        with pytest.raises(CLIError) as info:
+            resolve({}, {}, bad)
+        assert info.value.code == ExitCode.USAGE
+    with pytest.raises(CLIError):
+        resolve({}, {"JOBSPINE_PORT": "eighty"}, {})
+
+
+async def test_config_file_reaches_the_server_and_the_client(tmp_path: Path) -> None:
+    port, health = free_port(), free_port()
+    config = tmp_path / "jobspine.toml"
+    config.write_text(
+        f'log_level = "INFO"\n[client]\nurl = "ws://127.0.0.1:{port}"\n'
+        f"[server]\nport = {port}\nhealth_port = {health}\nmax_inflight = 4\n"
+        "[runtime]\nheartbeat_timeout = 12.5\n"
+    )
+    env = {"JOBSPINE_DATA": str(tmp_path / "data"), "JOBSPINE_CONFIG": str(config)}
+    shown = orjson.loads((await arun("config", "--json", "--port", "1", env=env)).stdout)
+    assert shown["server.port"] == {"value": 1, "source": "flag --port", "env": "JOBSPINE_PORT"}
+    assert shown["runtime.heartbeat_timeout"]["value"] == 12.5
+    assert shown["server.health_port"]["source"] == f"file {config}"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server]\nport = 'eighty'\n")
+    assert (await arun("config", "--config", str(bad), env=env)).returncode == ExitCode.USAGE
+    missing = await arun("config", "--config", str(tmp_path / "none.toml"), env=env)
+    assert missing.returncode == ExitCode.USAGE
+
+    environment = {**os.environ, **env}
+    process = await trio.lowlevel.open_process(
+        [*COMMAND, "serve"], env=environment, stderr=subprocess.PIPE
+    )
+    try:
+        assert process.stderr is not None
+        seen = b""
+        with trio.fail_after(20):
+            while b"listening on" not in seen:
+                seen += await process.stderr.receive_some()
+        assert f"ws://127.0.0.1:{port}".encode() in seen and f"pid {process.pid}".encode() in seen
+        token = orjson.loads(run("token", "--user", "alice", "--json", env=env).stdout)["token"]
+        listed = await arun("jobs", "--json", env={**env, "JOBSPINE_TOKEN": token})
+        assert listed.returncode == 0 and orjson.loads(listed.stdout) == []
+        process.terminate()
+        with trio.fail_after(20):
+            assert await process.wait() == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        await process.wait()
+
+
+async def test_watcher_survives_its_server_as_the_walk_through_says(tmp_path: Path) -> None:
+    data, port = tmp_path / "data", free_port()
+    async with serve_process(data, port) as served:
+        env = {**os.environ, **_client_env(served)}
+        job_id = (await served.cli("submit", "research", SLOW)).stdout.strip()
+        watcher = await trio.lowlevel.open_process(
+            [*COMMAND, "watch", job_id], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        assert watcher.stdout is not None
+        seen = b""
+        with trio.fail_after(20):
+            while b"reading source 3/" not in seen:
+                seen += await watcher.stdout.receive_some()
+        served.process.kill()  # `kill -9 <pid>`: this server only
+    try:
+        async with serve_process(data, port) as served:
+            with trio.fail_after(30):
+                while b"paused (" not in seen:
+                    seen += await watcher.stdout.receive_some()
+            assert b"reconnected" in seen
+            assert (await served.cli("resume", job_id)).returncode == 0
+            with trio.fail_after(30):
+                while b"resumed (attempt 2)" not in seen:
+                    seen += await watcher.stdout.receive_some()
+            assert (await served.cli("cancel", job_id)).returncode == 0
+            with trio.fail_after(30):
+                assert await watcher.wait() == ExitCode.JOB_STOPPED
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+        await watcher.wait()

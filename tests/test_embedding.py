@@ -1,0 +1,202 @@
+"""Operating and embedding through the real ``jobspine`` console script: JSON logs, handlers
+from the current directory, ``--no-demo``; and the ``actors.testing`` plugin in a project of
+its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import trio
+
+from .serving import free_port
+from .test_cli import COMMAND
+
+APP = """
+from actors import JobContext
+
+
+async def boom(ctx: JobContext, input: dict) -> dict:
+    await ctx.checkpoint({"at": 1})
+    raise ValueError("boom: " + input["why"])
+
+
+async def echo(ctx: JobContext, input: dict) -> dict:
+    return input
+
+
+HANDLERS = {"boom": boom, "echo": echo}
+"""
+
+
+async def run_cli(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[bytes]:
+    result = await trio.run_process(
+        [*COMMAND, *args], cwd=cwd, env=env, capture_stdout=True, capture_stderr=True, check=False
+    )
+    return subprocess.CompletedProcess(result.args, result.returncode, result.stdout, result.stderr)
+
+
+async def serve_and(
+    tmp_path: Path, serve_args: list[str], env_extra: dict[str, str], *commands: list[str]
+) -> tuple[list[subprocess.CompletedProcess[bytes]], str]:
+    """Run ``jobspine serve`` with its cwd holding ``myapp.py``, run each client command,
+    stop the server with SIGTERM; return the commands' results and the server's stderr."""
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "myapp.py").write_text(APP)
+    port = free_port()
+    env = {
+        **os.environ,
+        "JOBSPINE_DATA": str(tmp_path / "data"),
+        "JOBSPINE_URL": f"ws://127.0.0.1:{port}",
+        **env_extra,
+    }
+    env.pop("JOBSPINE_SECRET", None)
+    env.pop("PYTHONPATH", None)
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        process = await trio.lowlevel.open_process(
+            [*COMMAND, "serve", "--port", str(port), "--health-port", "0", *serve_args],
+            cwd=app,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+        )
+        try:
+            with trio.fail_after(20):
+                while "listening on" not in log.read_text():
+                    assert process.poll() is None, log.read_text()
+                    await trio.sleep(0.05)
+            results = [await run_cli(app, env, *command) for command in commands]
+            process.send_signal(signal.SIGTERM)
+            with trio.fail_after(15):
+                assert await process.wait() == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                await process.wait()
+    return results, log.read_text()
+
+
+async def test_json_logs_carry_job_fields_and_handlers_load_from_cwd(tmp_path: Path) -> None:
+    (boom,), stderr = await serve_and(
+        tmp_path,
+        ["--handlers", "myapp:HANDLERS", "--log-format", "json"],
+        {},
+        ["submit", "boom", '{"why": "testing"}', "--watch", "--user", "alice"],
+    )
+    assert boom.returncode == 1 and b"failed: ValueError: boom: testing" in boom.stdout
+    job_id = boom.stdout.decode().splitlines()[0]
+    lines = [json.loads(line) for line in stderr.splitlines()]  # every line is JSON
+    assert lines and all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    assert any("listening on" in line["message"] for line in lines)
+    about_job = [line for line in lines if job_id in line["message"]]
+    assert about_job
+    for line in about_job:
+        assert line["job_id"] == job_id
+        assert line["user_id"] == "alice"
+        assert line["attempt"] == 1
+        assert line["event"] == "failed"
+    assert "ValueError('boom: testing')" in about_job[0]["message"]
+
+
+async def test_no_demo_leaves_out_the_demo_kinds(tmp_path: Path) -> None:
+    (research, echo, trade), stderr = await serve_and(
+        tmp_path,
+        ["--no-demo", "--handlers", "myapp:HANDLERS"],
+        {"JOBSPINE_LOG_FORMAT": "json"},
+        ["submit", "research", '{"query": "q"}', "--user", "alice"],
+        ["submit", "echo", '{"x": 1}', "--watch", "--user", "alice"],
+        ["submit", "trade", '{"symbol": "X"}', "--user", "alice"],
+    )
+    for refused in (research, trade):
+        assert refused.returncode != 0 and b"unknown_kind" in refused.stderr, refused
+    assert echo.returncode == 0 and b'completed: {"x":1}' in echo.stdout
+    assert all(json.loads(line) for line in stderr.splitlines())  # the variable chose JSON
+
+
+async def test_bad_log_format_is_a_usage_error(tmp_path: Path) -> None:
+    env = {**os.environ, "JOBSPINE_LOG_FORMAT": "yaml", "JOBSPINE_DATA": str(tmp_path)}
+    result = await run_cli(tmp_path, env, "token", "--user", "alice")
+    assert result.returncode == 2 and b"log format must be one of text, json" in result.stderr
+    flag = await run_cli(tmp_path, env, "serve", "--log-format", "xml")
+    assert flag.returncode == 2 and b"invalid choice: 'xml'" in flag.stderr
+
+
+# -- the actors.testing plugin in an application's own project ---------------------------------
+
+APP_TEST = """
+from actors import JobContext, Runtime
+import pytest
+
+
+async def double(ctx: JobContext, input: dict) -> dict:
+    await ctx.checkpoint({"half": input["n"]})
+    return {"n": 2 * input["n"]}
+
+
+@pytest.fixture
+def jobspine_handlers():
+    return {"double": double}
+
+
+async def test_double(jobspine_runtime: Runtime) -> None:
+    async with jobspine_runtime.events() as events:
+        job = await jobspine_runtime.create_job("double", "alice", {"n": 21})
+        async for event in events:
+            if event.job_id == job.id and event.type == "completed":
+                break
+    assert (await jobspine_runtime.get_job(job.id)).result == {"n": 42}
+"""
+
+
+def run_app_tests(tmp_path: Path, pyproject: str, *args: str) -> subprocess.CompletedProcess[str]:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "pyproject.toml").write_text(textwrap.dedent(pyproject))
+    (project / "conftest.py").write_text('pytest_plugins = ["actors.testing"]\n')
+    (project / "test_app.py").write_text(APP_TEST)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST")}
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "pyproject",
+    [
+        # the README's lines
+        """
+        [tool.pytest.ini_options]
+        trio_mode = true
+        """,
+        # nothing but the plugin: tests using the fixture still run under Trio
+        """
+        [tool.pytest.ini_options]
+        addopts = "-ra"
+        """,
+    ],
+    ids=["trio_mode", "plugin_only"],
+)
+def test_the_fixture_works_in_an_application_project(tmp_path: Path, pyproject: str) -> None:
+    result = run_app_tests(tmp_path, pyproject)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
+
+
+def test_the_fixture_says_what_is_missing_without_pytest_trio(tmp_path: Path) -> None:
+    result = run_app_tests(tmp_path, "[tool.pytest.ini_options]\n", "-p", "no:trio")
+    assert result.returncode != 0
+    assert "actors.testing needs the pytest-trio plugin" in result.stdout + result.stderr

@@ -1,0 +1,262 @@
+"""The ``jobspine`` client commands: connect (with a deadline), run one request or follow a
+job, show the answer, and map every failure to its exit status (:mod:`transport._exit`)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+import trio
+
+from actors import TERMINAL_STATES, EventType, JobEvent
+
+from ._display import (
+    JsonView,
+    PlainView,
+    WatchView,
+    describe_job,
+    jobs_table,
+    write,
+    write_json,
+)
+from ._exit import CLIError, ExitCode, exit_code_for
+from .client import (
+    Client,
+    ClientError,
+    ConnectionLostError,
+    Reset,
+    RoomCursor,
+    is_omitted,
+    open_client,
+)
+
+__all__ = ["run_client_command"]
+
+NO_TOKEN = (
+    "no token: set JOBSPINE_TOKEN (or --token, or token in the [client] section of the config"
+    " file). Mint a development token where the server runs, with the same data directory:\n"
+    "  export JOBSPINE_TOKEN=$(jobspine token --user NAME)"
+)
+
+_HINTS = {
+    "auth_failed": (
+        "the server refused the token; it was likely minted with another secret (another"
+        " JOBSPINE_DATA directory, --db or JOBSPINE_SECRET than the server's): mint one"
+        " with the server's settings: jobspine token --user NAME"
+    ),
+    "token_expired": "the token has expired: mint a new one with jobspine token --user NAME",
+}
+
+_FINAL_EXIT = {"completed": ExitCode.OK, "failed": ExitCode.JOB_FAILED}
+
+
+def check_url(url: str) -> None:
+    if urlsplit(url).scheme not in ("ws", "wss"):
+        raise CLIError(
+            ExitCode.CANNOT_CONNECT,
+            f"{url} is not a websocket URL: use ws://HOST:PORT or wss://HOST:PORT"
+            " (the server's default is ws://127.0.0.1:8765)",
+        )
+
+
+def client_error(exc: ClientError) -> CLIError:
+    hint = _HINTS.get(exc.code)
+    message = f"{exc.code}: {exc.message}" + (f"\n{hint}" if hint else "")
+    return CLIError(exit_code_for(exc.code), message)
+
+
+@asynccontextmanager
+async def connect(args: argparse.Namespace, *, follow: bool) -> AsyncIterator[Client]:
+    """A connected client. One-shot commands retry a refused connection until
+    ``connect_timeout`` and give up at once on an HTTP answer (not a jobspine endpoint), and
+    do not reconnect afterwards; followers (``watch``) reconnect for as long as they run."""
+    check_url(args.url)
+    if not args.token:
+        raise CLIError(ExitCode.AUTH, NO_TOKEN)
+    if follow:
+        async with open_client(args.url, args.token) as client:
+            yield client
+        return
+    connected = False
+    problem = "no answer"
+    delay = 0.1
+    with trio.CancelScope(deadline=trio.current_time() + args.connect_timeout) as scope:
+        while True:
+            try:
+                async with open_client(args.url, args.token, reconnect=False) as client:
+                    connected = True
+                    scope.deadline = math.inf
+                    yield client
+                    return
+            except ConnectionLostError as exc:
+                if connected:
+                    raise
+                problem = exc.message.removeprefix("could not connect: ")
+                if problem == "HandshakeError()":  # trio-websocket's wrapper of an OSError
+                    problem = "refused, unreachable or no such host"
+            status = re.search(r"status_code=(\d+)", problem)
+            if status:
+                raise CLIError(
+                    ExitCode.CANNOT_CONNECT,
+                    f"cannot connect to {args.url}: it answered HTTP {status.group(1)}, so it"
+                    " is not a jobspine websocket endpoint (the health port?)",
+                )
+            await trio.sleep(delay)
+            delay = min(1.0, delay * 2)
+    raise CLIError(
+        ExitCode.CANNOT_CONNECT,
+        f"cannot connect to {args.url} within {args.connect_timeout:g} s ({problem});"
+        " is the server running? (--connect-timeout, JOBSPINE_CONNECT_TIMEOUT)",
+    )
+
+
+def _json_arg(text: str, what: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise CLIError(ExitCode.USAGE, f"{what} must be JSON: {exc}") from None
+
+
+def _show(args: argparse.Namespace, value: Any) -> None:
+    """A request's answer: one JSON document with ``--json``, else ``key  value`` lines."""
+    if args.json:
+        write_json(value)
+        return
+    width = max((len(k) for k in value), default=0)
+    for key, item in value.items():
+        if key.endswith("_at") and isinstance(item, int | float):
+            shown = datetime.fromtimestamp(item).isoformat(sep=" ", timespec="seconds")
+        elif isinstance(item, float):
+            shown = f"{item:.1f}"
+        else:
+            shown = item if isinstance(item, str) else orjson.dumps(item).decode()
+        write(f"{key:<{width}}  {shown}\n")
+
+
+def _view(args: argparse.Namespace, job_id: str) -> WatchView:
+    if args.json:
+        return JsonView()
+    if sys.stdout.isatty():
+        from ._live import LiveView  # rich is imported only where it draws
+
+        return LiveView(job_id)
+    return PlainView(job_id)
+
+
+async def watch_job(client: Client, job_id: str, view: WatchView, *, exit_on_pause: bool) -> int:
+    """Follow a job until it ends: 0 completed, 1 failed, 3 cancelled (or paused, with
+    ``exit_on_pause``). Events are replayed from the job's first one."""
+    job = await client.get(job_id)
+    await client.subscribe(f"job:{job_id}", RoomCursor(client.welcome["epoch"], 0))
+    connects = client.counters.connects
+    with view:
+        view.start(job)
+        async for item in client.events():
+            if client.counters.connects != connects:  # the client's own log says when it left
+                connects = client.counters.connects
+                view.note("reconnected")
+            if isinstance(item, Reset):
+                view.reset(item)
+                job = (item.snapshot or {}).get("job") or await client.get(job_id)
+                if job["state"] in TERMINAL_STATES:
+                    return _final(view, job)
+                continue
+            assert isinstance(item, JobEvent)
+            view.event(item)
+            if item.state.value in TERMINAL_STATES:
+                return _final(view, await _outcome(client, job, item))
+            if exit_on_pause and item.type in (EventType.PAUSED, EventType.RECOVERY):
+                job = await client.get(job_id)
+                if job["state"] == "paused":
+                    return _final(view, job)
+    raise CLIError(ExitCode.CANNOT_CONNECT, "the event stream ended")
+
+
+async def _outcome(client: Client, job: dict[str, Any], final: JobEvent) -> dict[str, Any]:
+    """The job as its final event left it. The event carries the outcome, so a refused request
+    (a busy or rate-limited server) never stands between it and the exit status; the job's
+    other fields come from a ``get`` when it is answered. A result or error the server left
+    out of the message is fetched, or replaced by a note of its size."""
+    try:
+        outcome: dict[str, Any] = await client.get(final.job_id)
+    except ClientError:
+        outcome = {**job, "state": final.state.value, **final.data}
+    for field in ("result", "error"):
+        value = outcome.get(field)
+        if isinstance(value, dict) and is_omitted(value):
+            try:
+                outcome[field] = await client.get_payload(final.job_id, field)
+            except ClientError as exc:
+                note = f"<{field} of {value['size']} bytes not shown: {exc}>"
+                outcome[field] = {"type": "omitted", "message": note} if field == "error" else note
+    return outcome
+
+
+def _final(view: WatchView, job: dict[str, Any]) -> int:
+    view.finish(job)
+    return _FINAL_EXIT.get(job["state"], ExitCode.JOB_STOPPED)
+
+
+async def _command(client: Client, args: argparse.Namespace) -> int:
+    command = args.command
+    if command == "submit":
+        job = await client.create(args.kind, args.input)
+        if args.watch:
+            if not args.json:
+                write(job["id"] + "\n")
+            view = _view(args, job["id"])
+            return await watch_job(client, job["id"], view, exit_on_pause=args.exit_on_pause)
+        write_json(job) if args.json else write(job["id"] + "\n")
+        return ExitCode.OK
+    if command == "watch":
+        view = _view(args, args.job_id)
+        return await watch_job(client, args.job_id, view, exit_on_pause=args.exit_on_pause)
+    if command == "jobs":
+        jobs = await client.list(state=args.state, kind=args.kind, limit=args.limit)
+        if args.json:
+            write_json(jobs)
+        else:
+            jobs_table(jobs, terminal=sys.stdout.isatty())
+        return ExitCode.OK
+    if command == "get":
+        _show(args, await client.get(args.job_id))
+        return ExitCode.OK
+    if command == "recovery":
+        _show(args, await client.recovery_options(args.job_id))
+        return ExitCode.OK
+    if command == "restart":
+        job = await client.restart(args.job_id, args.modifications)
+    else:
+        job = await getattr(client, command)(args.job_id)
+    write_json(job) if args.json else write(describe_job(job) + "\n")
+    return ExitCode.OK
+
+
+def parse_inputs(args: argparse.Namespace) -> None:
+    """Check JSON arguments before connecting: a typo is a usage error, not a traceback."""
+    if args.command == "submit":
+        args.input = _json_arg(args.input, "INPUT")
+    if args.command == "restart" and args.modifications is not None:
+        args.modifications = _json_arg(args.modifications, "MODIFICATIONS")
+        if not isinstance(args.modifications, dict):
+            raise CLIError(ExitCode.USAGE, "MODIFICATIONS must be a JSON object")
+
+
+async def run_client_command(args: argparse.Namespace) -> int:
+    parse_inputs(args)
+    follow = args.command == "watch" or (args.command == "submit" and args.watch)
+    try:
+        async with connect(args, follow=follow) as client:
+            return await _command(client, args)
+    except ClientError as exc:
+        raise client_error(exc) from None
+    except trio.TooSlowError:
+        raise CLIError(ExitCode.CANNOT_CONNECT, f"{args.url} did not answer within 30 s") from None

@@ -1,0 +1,263 @@
+"""Settings of the ``jobspine`` command: one precedence, flags > environment > file > defaults.
+
+Every setting is a row of :data:`SETTINGS` (its command-line flag, environment variable, key
+in the TOML config file and default); :func:`resolve` applies the precedence once, sans-I/O,
+to the parsed flags, an environment mapping and the parsed file. The config file is
+``--config``, else ``JOBSPINE_CONFIG``, else ``config.toml`` in platformdirs' user config
+directory (``~/.config/jobspine/config.toml`` on Linux); the default file may be absent.
+
+File layout (every key optional)::
+
+    log_level = "INFO"                  # top-level keys: settings of every command
+    [client]                            # url, token, connect_timeout
+    [server]                            # db, secret, host, port, health_port, handlers, and
+                                        # every field of transport.ServerConfig
+    [runtime]                           # every field of actors.RuntimeConfig
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import platformdirs
+
+from actors import RuntimeConfig
+
+from ._exit import CLIError, ExitCode
+from ._server import ServerConfig
+
+__all__ = [
+    "SETTINGS",
+    "Resolved",
+    "config_path",
+    "read_settings",
+    "Setting",
+    "default_config_path",
+    "default_data_dir",
+    "load_config_file",
+    "resolve",
+    "runtime_config_kwargs",
+    "server_config_kwargs",
+]
+
+DEFAULT_PORT = 8765
+DEFAULT_HEALTH_PORT = 8766
+
+
+def default_data_dir(env: Mapping[str, str]) -> Path:
+    """``JOBSPINE_DATA``, else platformdirs' user data dir (``~/.local/share/jobspine``)."""
+    return Path(env.get("JOBSPINE_DATA") or platformdirs.user_data_dir("jobspine"))
+
+
+def default_config_path() -> Path:
+    return Path(platformdirs.user_config_dir("jobspine")) / "config.toml"
+
+
+@attrs.frozen
+class Setting:
+    #: Attribute name on the parsed arguments, and key in the config file.
+    name: str
+    #: Config file table: "" (top level), "client", "server" or "runtime".
+    section: str
+    #: The value's type: int, float, str, bool or list (of strings).
+    type: type
+    #: The default, or a function of the environment computing it (its docstring says how).
+    default: Any
+    help: str
+    flag: str | None = None
+    env: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.section}.{self.name}" if self.section else self.name
+
+
+@attrs.frozen
+class Resolved:
+    value: Any
+    #: "flag", "env JOBSPINE_X", "file <path>" or "default".
+    source: str
+
+
+def _db_default(env: Mapping[str, str]) -> str:
+    """$JOBSPINE_DATA/jobspine.db, JOBSPINE_DATA defaulting to ~/.local/share/jobspine"""
+    return str(default_data_dir(env) / "jobspine.db")
+
+
+_EXPLICIT: tuple[Setting, ...] = (
+    Setting("log_level", "", str, "INFO", "log level", "--log-level", "JOBSPINE_LOG"),
+    Setting("log_format", "", str, "text", "log lines as text or as one JSON object each",
+            "--log-format", "JOBSPINE_LOG_FORMAT"),
+    Setting("url", "client", str, f"ws://127.0.0.1:{DEFAULT_PORT}", "server URL", "--url",
+            "JOBSPINE_URL"),
+    Setting("token", "client", str, None, "access token (mint one: jobspine token --user NAME)",
+            "--token", "JOBSPINE_TOKEN"),
+    Setting("connect_timeout", "client", float, 10.0,
+            "seconds a one-shot command waits for the server", "--connect-timeout",
+            "JOBSPINE_CONNECT_TIMEOUT"),
+    Setting("db", "server", str, _db_default, "SQLite database file", "--db", "JOBSPINE_DB"),
+    Setting("secret", "server", str, None, "token signing secret (default: a development "
+            "secret generated beside the database)", None, "JOBSPINE_SECRET"),
+    Setting("host", "server", str, "127.0.0.1", "interface to listen on", "--host",
+            "JOBSPINE_HOST"),
+    Setting("port", "server", int, DEFAULT_PORT, "websocket port", "--port", "JOBSPINE_PORT"),
+    Setting("health_port", "server", int, DEFAULT_HEALTH_PORT,
+            "HTTP port of /healthz, /readyz, /metrics", "--health-port",
+            "JOBSPINE_HEALTH_PORT"),
+    Setting("request_rate", "server", float, 50.0, "requests/s per connection",
+            "--request-rate", "JOBSPINE_REQUEST_RATE"),
+    Setting("handlers", "server", list, (), "MODULE:DICT registering more job kinds "
+            "(repeatable; env: comma-separated)", "--handlers", "JOBSPINE_HANDLERS"),
+    Setting("no_demo", "server", bool, False, "leave out the demo kinds (research, trade, "
+            "analysis)", "--no-demo", "JOBSPINE_NO_DEMO"),
+    Setting("heartbeat_timeout", "runtime", float, 30.0,
+            "seconds without a sign of life before a running job is stalled",
+            "--heartbeat-timeout", "JOBSPINE_HEARTBEAT_TIMEOUT"),
+    Setting("stop_grace", "runtime", float, 5.0,
+            "seconds a job gets to checkpoint when asked to stop", "--stop-grace",
+            "JOBSPINE_STOP_GRACE"),
+)  # fmt: skip
+
+
+def _field_settings(cls: type, section: str, taken: set[str]) -> list[Setting]:
+    """Every other field of a config class, reachable from the config file only."""
+    found = []
+    for field in attrs.fields(cls):
+        if field.name in taken or field.name == "secret":
+            continue
+        # Every such field has a non-null default of its own type (None only for "no limit").
+        kind = int if field.default is None else type(field.default)
+        found.append(
+            Setting(field.name, section, kind, field.default, f"{cls.__name__}.{field.name}")
+        )
+    return found
+
+
+_TAKEN = {s.name for s in _EXPLICIT}
+#: Every setting, explicit ones first; request_burst defaults to twice request_rate.
+SETTINGS: tuple[Setting, ...] = (
+    *_EXPLICIT,
+    *_field_settings(ServerConfig, "server", _TAKEN),
+    *_field_settings(RuntimeConfig, "runtime", _TAKEN),
+)
+_BY_KEY = {s.key: s for s in SETTINGS}
+_SECTIONS = {"", "client", "server", "runtime"}
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Parse a TOML config file; :class:`CLIError` (usage) when it is not valid TOML."""
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise CLIError(ExitCode.USAGE, f"config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CLIError(ExitCode.USAGE, f"config file {path}: {exc}") from None
+
+
+def _flatten(data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _SECTIONS - {""} and isinstance(value, dict):
+            for inner, inner_value in value.items():
+                out[f"{key}.{inner}"] = inner_value
+        else:
+            out[key] = value
+    unknown = sorted(set(out) - set(_BY_KEY))
+    if unknown:
+        raise CLIError(ExitCode.USAGE, f"{where}: unknown setting {', '.join(unknown)}")
+    return out
+
+
+def _convert(setting: Setting, value: Any, where: str) -> Any:
+    """Check (file values) or parse (environment strings) one value."""
+    kind = setting.type
+    try:
+        if isinstance(value, str) and kind is not str:
+            if kind is list:
+                return tuple(part.strip() for part in value.split(",") if part.strip())
+            if kind is bool:
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("1", "true", "yes")
+            return kind(value)
+        if kind is list and isinstance(value, list | tuple):
+            if all(isinstance(v, str) for v in value):
+                return tuple(value)
+        elif kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        elif isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+            return value
+    except ValueError:
+        pass
+    raise CLIError(ExitCode.USAGE, f"{where}: {setting.key} must be {kind.__name__}, got {value!r}")
+
+
+def resolve(
+    flags: Mapping[str, Any],
+    env: Mapping[str, str],
+    file: Mapping[str, Any],
+    file_name: str = "config file",
+) -> dict[str, Resolved]:
+    """Every setting's value and where it came from: a flag given on the command line (in
+    ``flags``, by name), else its environment variable, else the config file (parsed TOML),
+    else the default. Raises :class:`CLIError` (usage) for an unknown file key or a value of
+    the wrong type."""
+    from_file = _flatten(file, file_name)
+    out: dict[str, Resolved] = {}
+    for setting in SETTINGS:
+        if setting.name in flags and flags[setting.name] is not None:
+            value, source = flags[setting.name], "flag " + (setting.flag or setting.name)
+        elif setting.env and env.get(setting.env):
+            value = _convert(setting, env[setting.env], setting.env)
+            source = "env " + setting.env
+        elif setting.key in from_file:
+            value = _convert(setting, from_file[setting.key], file_name)
+            source = "file " + file_name
+        else:
+            default = setting.default
+            value = default(env) if callable(default) else default
+            source = "default"
+        out[setting.name] = Resolved(value, source)
+    return out
+
+
+def _section_kwargs(values: Mapping[str, Resolved], cls: type) -> dict[str, Any]:
+    names = {f.name for f in attrs.fields(cls)} - {"secret"}
+    return {name: values[name].value for name in names}
+
+
+def server_config_kwargs(values: Mapping[str, Resolved]) -> dict[str, Any]:
+    """Keyword arguments for :class:`ServerConfig` (all but ``secret``)."""
+    kwargs = _section_kwargs(values, ServerConfig)
+    if values["request_burst"].source == "default":
+        kwargs["request_burst"] = int(2 * kwargs["request_rate"])
+    return kwargs
+
+
+def runtime_config_kwargs(values: Mapping[str, Resolved]) -> dict[str, Any]:
+    """Keyword arguments for :class:`actors.RuntimeConfig`."""
+    return _section_kwargs(values, RuntimeConfig)
+
+
+def config_path(flag: str | None, env: Mapping[str, str]) -> tuple[Path, bool]:
+    """The config file to read and whether it must exist (it was named)."""
+    named = flag or env.get("JOBSPINE_CONFIG")
+    return (Path(named), True) if named else (default_config_path(), False)
+
+
+def read_settings(
+    flags: Mapping[str, Any], env: Mapping[str, str] | None = None
+) -> dict[str, Resolved]:
+    """Resolve every setting, reading the config file the flags or environment name."""
+    env = os.environ if env is None else env
+    path, required = config_path(flags.get("config"), env)
+    file: dict[str, Any] = {}
+    if required or path.exists():
+        file = load_config_file(path)
+    return resolve(flags, env, file, str(path))

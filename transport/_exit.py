@@ -1,0 +1,76 @@
+"""The ``jobspine`` command's exit statuses, and the error that carries one to ``main``."""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["EXIT_HELP", "CLIError", "ExitCode", "exit_code_for"]
+
+
+class ExitCode(enum.IntEnum):
+    """Distinct, documented exit statuses (README "Exit codes"; ``jobspine --help``)."""
+
+    OK = 0
+    #: The job ended ``failed`` (``--watch`` / ``watch``).
+    JOB_FAILED = 1
+    #: Bad command line, configuration or input (argparse's own status); the server refused
+    #: the input (``invalid_input``, ``unknown_kind``, ``bad_request``, ...).
+    USAGE = 2
+    #: The job ended ``cancelled`` or is ``paused`` (``--watch`` / ``watch``).
+    JOB_STOPPED = 3
+    #: No server answered at the URL within ``--connect-timeout``, the URL is not a
+    #: ``ws://``/``wss://`` URL or not a jobspine endpoint (an HTTP status), or it went away.
+    CANNOT_CONNECT = 4
+    #: No token, or the server refused it (bad signature, expired, another user's job).
+    AUTH = 5
+    #: The server refused the request for another reason (``unknown_job``,
+    #: ``illegal_transition``, ``rate_limited``, ``store_error``, ...).
+    REFUSED = 6
+    #: Ctrl-C (SIGINT), as shells report it.
+    INTERRUPTED = 130
+    #: The reader of stdout went away (``jobspine jobs | head -1``): what a Unix tool killed
+    #: by SIGPIPE reports, without a message.
+    BROKEN_PIPE = 141
+
+
+EXIT_HELP = """\
+exit status:
+  0    success
+  1    the job failed (--watch, watch)
+  2    usage error: bad arguments, configuration or JSON; the server refused the input
+  3    the job was cancelled or is paused (--watch, watch)
+  4    cannot connect: nothing answered within --connect-timeout, not a ws:// URL,
+       not a jobspine endpoint, or the connection was lost
+  5    authentication: no token, or the token was refused
+  6    the server refused the request (unknown job, illegal transition, rate limit, ...)
+  130  interrupted (Ctrl-C)
+  141  stdout was closed by its reader (like a tool killed by SIGPIPE)"""
+
+_BY_ERROR_CODE = {
+    "auth_failed": ExitCode.AUTH,
+    "token_expired": ExitCode.AUTH,
+    "forbidden": ExitCode.AUTH,
+    "invalid_input": ExitCode.USAGE,
+    "unknown_kind": ExitCode.USAGE,
+    "not_serializable": ExitCode.USAGE,
+    "bad_request": ExitCode.USAGE,
+    "bad_json": ExitCode.USAGE,
+    "checkpoint_too_large": ExitCode.USAGE,
+    "connection_lost": ExitCode.CANNOT_CONNECT,
+    "runtime_closed": ExitCode.CANNOT_CONNECT,
+    "protocol_error": ExitCode.CANNOT_CONNECT,
+}
+
+
+def exit_code_for(error_code: str) -> ExitCode:
+    """The exit status for a server error code (``transport/PROTOCOL.md``, errors)."""
+    return _BY_ERROR_CODE.get(error_code, ExitCode.REFUSED)
+
+
+class CLIError(Exception):
+    """Ends a command with ``message`` on stderr and exit status ``code``."""
+
+    def __init__(self, code: ExitCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message

@@ -1,0 +1,133 @@
+"""The terminal parts of the ``jobspine`` client, drawn with rich: the live watch display
+and the ``jobs`` table. rich draws them because redrawing a bar in place (terminal width,
+wide characters, log lines interleaved above it) is what it is built for."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, Literal
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TaskProgressColumn, TextColumn
+from rich.table import Column, Table
+from rich.text import Text
+
+from actors import JobEvent
+
+from ._display import change_line, final_line
+from .client import Reset
+
+__all__ = ["LiveView", "rich_jobs_table"]
+
+
+def rich_jobs_table(rows: list[tuple[str, ...]], columns: tuple[str, ...]) -> None:
+    """Job ids, states and times are never shortened; KIND and STEP give way when narrow."""
+    table = Table(box=None, header_style="bold", pad_edge=False, collapse_padding=True)
+    for i, name in enumerate(columns[:-1]):
+        justify: Literal["left", "right"] = "right" if name in ("PROGRESS", "RAN") else "left"
+        width = max(len(r[i]) for r in [columns, *rows]) if name != "KIND" else 4
+        table.add_column(name, no_wrap=True, justify=justify, min_width=width)
+    table.add_column(columns[-1], no_wrap=True, overflow="ellipsis", ratio=1)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+class _JobElapsed(ProgressColumn):
+    """Time since the job first started (ticking while it runs; frozen at its end)."""
+
+    def render(self, task: Task) -> Text:
+        since, until = task.fields.get("since"), task.fields.get("until")
+        if since is None:
+            return Text("-:--:--", style="progress.elapsed")
+        seconds = max(0.0, (until or time.time()) - since)
+        return Text(str(timedelta(seconds=int(seconds))), style="progress.elapsed")
+
+
+class LiveView:
+    """A terminal: state, bar, percentage, elapsed time and step label on one line sized to the
+    terminal; log records and state changes are printed above it; the last frame shows the
+    final state."""
+
+    def __init__(self, job_id: str, console: Console | None = None) -> None:
+        self.job_id = job_id
+        self.console = console or Console()
+        self.progress = Progress(
+            TextColumn("{task.fields[state]}", table_column=Column(no_wrap=True, min_width=9)),
+            BarColumn(bar_width=None, table_column=Column(ratio=1)),
+            TaskProgressColumn(),
+            _JobElapsed(),
+            TextColumn(
+                "{task.fields[step]}",
+                table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis"),
+            ),
+            console=self.console,
+            expand=True,
+        )
+        self.task = self.progress.add_task("", total=100, state="…", step="", since=None)
+        self._saved: list[logging.Handler] = []
+
+    def __enter__(self) -> LiveView:
+        root = logging.getLogger()
+        self._saved = root.handlers[:]
+        handler = RichHandler(console=self.console, show_path=False, markup=False)
+        root.handlers = [handler]
+        self.progress.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.progress.stop()
+        logging.getLogger().handlers = self._saved
+
+    def _update(self, **fields: Any) -> None:
+        self.progress.update(self.task, **fields)
+
+    def start(self, job: dict[str, Any]) -> None:
+        self._update(
+            completed=job["progress"], state=job["state"], step=job.get("step") or "",
+            since=job.get("started_at"),
+        )  # fmt: skip
+
+    def event(self, event: JobEvent) -> None:
+        if event.type.value == "progress":
+            self._update(
+                completed=event.data["progress"], step=event.data["step"] or "",
+                state=event.state.value,
+            )  # fmt: skip
+            return
+        line = change_line(event, self.job_id)
+        fields: dict[str, Any] = {"state": event.state.value}
+        if event.type.value == "started":
+            fields["since"] = event.at
+        if event.type.value == "restarted":
+            fields.update(completed=0, step="")
+        self._update(**fields)
+        if line is not None:
+            self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    def note(self, text: str) -> None:
+        self.progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def reset(self, reset: Reset) -> None:
+        self.progress.console.print(
+            f"resynchronized ({reset.reason})", markup=False, soft_wrap=True
+        )
+        job = (reset.snapshot or {}).get("job")
+        if job is not None:
+            self.start(job)
+
+    def finish(self, job: dict[str, Any]) -> None:
+        until = job.get("completed_at") or job.get("failed_at") or job.get("updated_at")
+        self._update(
+            completed=job["progress"], state=job["state"], step=job.get("step") or "",
+            until=until,
+        )  # fmt: skip
+        self.progress.refresh()
+        self.progress.stop()
+        self.progress.console.print(final_line(job), markup=False, highlight=False, soft_wrap=True)

@@ -1,0 +1,54 @@
+"""Log output of the ``jobspine`` command: human text, or one JSON object per line.
+
+The JSON format is a stdlib :class:`logging.Formatter` writing with orjson (already a
+dependency), so no logging library is needed. Each line has ``time`` (ISO 8601, UTC),
+``level``, ``logger`` and ``message``; lines about a job add ``job_id``, ``user_id``,
+``attempt`` and ``event`` (see ``actors._joblog``), so they join with the job's events; a line
+with an exception adds ``exception`` (the formatted traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from actors._joblog import JOB_FIELDS
+
+__all__ = ["LOG_FORMATS", "JsonFormatter", "configure_logging"]
+
+LOG_FORMATS = ("text", "json")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for field in JOB_FIELDS:
+            if field in record.__dict__:
+                line[field] = record.__dict__[field]
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        elif record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
+        return orjson.dumps(line, default=str).decode()
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Send every log record at ``level`` or above to stderr in ``log_format``."""
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, not {log_format!r}")
+    handler = logging.StreamHandler(sys.stderr)
+    formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=level.upper(), handlers=[handler])
