@@ -18,10 +18,12 @@ from ._errors import (
     JobspineError,
     JobStopped,
     NotSerializableError,
+    ResultTooLargeError,
     RuntimeClosedError,
     RuntimeCrashedError,
     StaleAttemptError,
     StoreError,
+    StoreUnavailableError,
     TooManyJobsError,
     UnknownJobError,
     UnknownKindError,
@@ -41,7 +43,7 @@ from ._repository import Repository
 from ._runtime import Runtime, RuntimeConfig, open_runtime
 from ._sqlite import SqliteBackend
 from ._states import TERMINAL_STATES, TRANSITIONS, JobState, check_transition
-from ._store import StoreActor, StoreClient, StoreConfig
+from ._store import StoreActor, StoreClient, StoreConfig, StoreHealth
 from ._supervisor import Supervisor, SupervisorConfig, SupervisorStatus
 from ._worker import Handler, InputCheck, JobContext, validates
 
@@ -81,6 +83,7 @@ __all__ = [
     "MemoryBackend",
     "NotSerializableError",
     "RecoveryDecision",
+    "ResultTooLargeError",
     "RecoveryOptions",
     "RecoveryPolicy",
     "Repository",
@@ -95,6 +98,8 @@ __all__ = [
     "StoreClient",
     "StoreConfig",
     "StoreError",
+    "StoreHealth",
+    "StoreUnavailableError",
     "Supervisor",
     "SupervisorConfig",
     "SupervisorStatus",

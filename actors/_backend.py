@@ -8,18 +8,20 @@ returns, or it raises and none are.
 from __future__ import annotations
 
 import bisect
+import sqlite3
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
 import attrs
 
+from ._errors import StoreUnavailableError
 from ._events import EventType, JobEvent
 from ._ids import new_id
 from ._job import Job
 from ._states import JobState
 
-__all__ = ["Backend", "JobQuery", "MemoryBackend"]
+__all__ = ["Backend", "JobQuery", "MemoryBackend", "is_outage"]
 
 
 @attrs.frozen
@@ -47,6 +49,28 @@ class JobQuery:
         )
 
 
+# SQLite primary result codes that say "the database is unavailable now", not "this write is
+# wrong": BUSY, LOCKED, IOERR, FULL, CANTOPEN, PROTOCOL.
+_SQLITE_OUTAGE_CODES = frozenset({5, 6, 10, 13, 14, 15})
+
+
+def is_outage(error: BaseException) -> bool:
+    """True when a backend call failed because the database is unavailable (locked by another
+    program, unreachable, out of space): retrying the same write later may succeed. Anything
+    else (a constraint, an unencodable value) is tied to the write itself."""
+    if isinstance(error, StoreUnavailableError | OSError):
+        return True
+    if isinstance(error, sqlite3.OperationalError):
+        code = getattr(error, "sqlite_errorcode", None)
+        if code is not None:
+            return code & 0xFF in _SQLITE_OUTAGE_CODES
+        message = str(error)
+        return any(
+            text in message for text in ("locked", "busy", "disk I/O", "disk is full", "open")
+        )
+    return False
+
+
 class Backend(Protocol):
     @property
     def epoch(self) -> str:
@@ -58,6 +82,11 @@ class Backend(Protocol):
         ...
 
     async def load(self, job_id: str) -> Job | None: ...
+
+    async def ping(self) -> None:
+        """Raise unless a write could be made now (the store probes a database it found
+        unavailable with this, to notice by itself when it is back)."""
+        ...
 
     async def commit(
         self,
@@ -110,6 +139,9 @@ class MemoryBackend:
 
     async def load(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
+
+    async def ping(self) -> None:
+        return None
 
     async def commit(
         self,

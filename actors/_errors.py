@@ -15,10 +15,12 @@ __all__ = [
     "JobspineError",
     "JobStopped",
     "NotSerializableError",
+    "ResultTooLargeError",
     "RuntimeClosedError",
     "RuntimeCrashedError",
     "StaleAttemptError",
     "StoreError",
+    "StoreUnavailableError",
     "TooManyJobsError",
     "UnknownJobError",
     "UnknownKindError",
@@ -95,6 +97,20 @@ class CheckpointTooLargeError(InvalidInputError):
         self.limit = limit
 
 
+class ResultTooLargeError(InvalidInputError):
+    """A handler returned a result larger than ``result_limit``; the job fails with this."""
+
+    code = "result_too_large"
+
+    def __init__(self, job_id: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"job {job_id}: result of {size} bytes exceeds the limit of {limit} bytes"
+            " (result_limit); store large outputs elsewhere and return a reference"
+        )
+        self.size = size
+        self.limit = limit
+
+
 class TooManyJobsError(JobspineError):
     """A user already has ``max_running_per_user`` jobs running."""
 
@@ -105,6 +121,12 @@ class StoreError(JobspineError):
     """The database failed; the request was not applied."""
 
     code = "store_error"
+
+
+class StoreUnavailableError(StoreError):
+    """The database stayed unavailable (locked, unreachable, out of space) for longer than
+    ``store_retry_timeout``; nothing of the request was applied. Not the job's fault: a
+    worker whose write got this is paused, never failed."""
 
 
 class RuntimeClosedError(JobspineError):

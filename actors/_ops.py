@@ -13,11 +13,12 @@ from typing import Any
 
 import attrs
 
-from ._codec import dumps_json_value
+from ._codec import check_text, dumps_json_value
 from ._errors import (
     CheckpointTooLargeError,
     IllegalTransitionError,
     InvalidInputError,
+    ResultTooLargeError,
     StaleAttemptError,
 )
 from ._events import EventType, JobEvent
@@ -91,8 +92,14 @@ def _fence(job: Job, attempt: int) -> None:
 
 
 def create(job_id: str, user_id: str, kind: str, input: Any, now: float) -> Change:
+    """Needs no stored state: the store client calls it in the caller's task, so that a value
+    that cannot be stored is refused before it joins a commit group."""
     if not user_id or not isinstance(user_id, str):
         raise InvalidInputError("user_id must be a non-empty string")
+    check_text(user_id, "user_id")
+    if not kind or not isinstance(kind, str):
+        raise InvalidInputError("kind must be a non-empty string")
+    check_text(kind, "kind")
     dumps_json_value(input, "job input")
     job = Job(job_id, user_id, kind, S.CREATED, input, created_at=now, updated_at=now)
     return _emit(job, EventType.CREATED, now, {"kind": kind, "input": input})
@@ -151,8 +158,13 @@ def progress(job: Job, attempt: int, pct: float, step: str | None, now: float) -
     )
 
 
-def checkpoint(job: Job, attempt: int, data: Any, now: float, limit: int) -> Change:
-    encoded = dumps_json_value(data, "checkpoint")
+def checkpoint(
+    job: Job, attempt: int, data: Any, now: float, limit: int, encoded: bytes | None = None
+) -> Change:
+    """``encoded``: ``data`` as :func:`dumps_json_value` returned it, when the caller already
+    validated it (the store client does, in the caller's task)."""
+    if encoded is None:
+        encoded = dumps_json_value(data, "checkpoint")
     if data is None:
         raise InvalidInputError("a checkpoint cannot be null")
     if len(encoded) > limit:
@@ -171,8 +183,20 @@ def checkpoint(job: Job, attempt: int, data: Any, now: float, limit: int) -> Cha
     )
 
 
-def complete(job: Job, attempt: int, result: Any, now: float) -> Change:
-    dumps_json_value(result, "job result")
+def complete(
+    job: Job,
+    attempt: int,
+    result: Any,
+    now: float,
+    limit: int | None = None,
+    encoded: bytes | None = None,
+) -> Change:
+    """``limit``: largest encoded result in bytes (None: no limit); ``encoded`` as for
+    :func:`checkpoint`."""
+    if encoded is None:
+        encoded = dumps_json_value(result, "job result")
+    if limit is not None and len(encoded) > limit:
+        raise ResultTooLargeError(job.id, len(encoded), limit)
     _fence(job, attempt)
     check_transition(job.id, job.state, S.COMPLETED)
     return _emit(

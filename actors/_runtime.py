@@ -18,7 +18,7 @@ from ._joblog import job_fields
 from ._repository import Repository
 from ._sqlite import SqliteBackend
 from ._states import JobState
-from ._store import StoreActor, StoreClient, StoreConfig
+from ._store import StoreActor, StoreClient, StoreConfig, StoreHealth
 from ._supervisor import Supervisor, SupervisorConfig, SupervisorStatus
 from ._worker import Handler
 
@@ -37,6 +37,9 @@ class RuntimeConfig:
     stop_grace: float = 5.0
     #: Checkpoints larger than this (encoded JSON bytes) are refused.
     checkpoint_limit: int = 1024 * 1024
+    #: Job results larger than this (encoded JSON bytes) are refused at completion: the job
+    #: fails with ``ResultTooLargeError`` naming the limit.
+    result_limit: int = 1024 * 1024
     #: Checkpoint validation warns above this size.
     checkpoint_warn_size: int = 256 * 1024
     #: Longest delay before a heartbeat is written to the database.
@@ -50,6 +53,11 @@ class RuntimeConfig:
     max_running_per_user: int | None = 1000
     #: SQLite ``PRAGMA synchronous``: FULL makes a commit durable against power loss too.
     sqlite_synchronous: str = "FULL"
+    #: Seconds one SQLite statement waits for a lock another program holds (``busy_timeout``).
+    sqlite_busy_timeout: float = 5.0
+    #: Seconds a write waits out an unavailable database (retried with backoff) before it
+    #: fails with ``StoreUnavailableError``; jobs are then paused, never failed.
+    store_retry_timeout: float = 30.0
 
 
 class Runtime(Repository):
@@ -81,6 +89,11 @@ class Runtime(Repository):
 
     def status(self) -> SupervisorStatus:
         return self.supervisor.status()
+
+    @property
+    def store_health(self) -> StoreHealth:
+        """Whether the database takes writes now (``ok``), and if not why (``reason``)."""
+        return self.store_actor.health
 
     async def _recover_on_start(self) -> None:
         """Bring back what a previous process left: a job still marked running lost its worker
@@ -145,14 +158,20 @@ async def open_runtime(
     if backend is None:
         if database is None:
             raise TypeError("open_runtime() needs a database path or a backend")
-        backend = SqliteBackend(database, synchronous=config.sqlite_synchronous)
+        backend = SqliteBackend(
+            database,
+            synchronous=config.sqlite_synchronous,
+            busy_timeout=config.sqlite_busy_timeout,
+        )
     hub = EventHub()
     store_actor = StoreActor(
         backend,
         hub,
         StoreConfig(
             checkpoint_limit=config.checkpoint_limit,
+            result_limit=config.result_limit,
             heartbeat_flush_interval=config.heartbeat_flush_interval,
+            store_retry_timeout=config.store_retry_timeout,
         ),
     )
     # Clients exist before the store starts: it serves until the last of them is closed.

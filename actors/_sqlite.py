@@ -66,9 +66,20 @@ def _job_from_row(record: str, heartbeat: float | None) -> Job:
 
 
 class SqliteBackend:
-    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL") -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: str = "FULL",
+        busy_timeout: float = 5.0,
+    ) -> None:
+        """``busy_timeout``: seconds one statement waits for a lock another program holds
+        before it fails as busy (the store then retries it, see ``store_retry_timeout``)."""
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {synchronous!r}")
+        if not busy_timeout >= 0:
+            raise ValueError(f"busy_timeout must be >= 0 seconds, not {busy_timeout!r}")
+        self._busy_timeout_ms = int(busy_timeout * 1000)
         self.path = os.fspath(path)
         self._synchronous = synchronous.upper()
         self._db: aiosqlite.Connection | None = None
@@ -104,7 +115,7 @@ class SqliteBackend:
     async def _migrate(self) -> None:
         await self._execute("PRAGMA journal_mode=WAL")
         await self._execute(f"PRAGMA synchronous={self._synchronous}")
-        await self._execute("PRAGMA busy_timeout=5000")
+        await self._execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
         await self._execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         rows = await self._execute("SELECT key, value FROM meta")
         meta = dict(rows)
@@ -128,6 +139,11 @@ class SqliteBackend:
     async def load(self, job_id: str) -> Job | None:
         rows = await self._execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
         return _job_from_row(*rows[0]) if rows else None
+
+    async def ping(self) -> None:
+        # Takes the write lock and gives it back: fails as busy while another program holds it.
+        await self._execute("BEGIN IMMEDIATE")
+        await self._execute("ROLLBACK")
 
     async def commit(
         self,

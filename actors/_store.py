@@ -3,10 +3,24 @@
 Requests are queued on a bounded channel. The actor takes every request waiting (up to
 ``max_batch``), applies them in order to an overlay of pending changes, commits the whole group
 in one transaction (group commit) and only then answers each caller and publishes the events.
-So a reply means durable, and a failed commit answers every write of the group with
-:class:`StoreError` and changes nothing. ``get`` and ``user_head`` read committed state and
-are answered at once (a failing write elsewhere does not fail them); queries are barriers:
-pending writes are committed before a query reads the database.
+So a reply means durable. ``get`` and ``user_head`` read committed state and are answered at
+once (a failing write elsewhere does not fail them); queries are barriers: pending writes are
+committed before a query reads the database.
+
+A fault stays with its cause:
+
+* Every value is validated in the caller's task before it is queued
+  (:func:`~._codec.dumps_json_value`, :func:`~._codec.check_text`): a value the database
+  cannot store is refused at the call that brought it and never joins a group.
+* A group whose commit fails for a reason tied to a request (anything but an outage, see
+  :func:`~._backend.is_outage`) is not answered: its requests, and those of every group
+  applied on top of it, are applied and committed again one at a time, so only the culprit
+  gets :class:`StoreError`.
+* An outage (the database locked by another program, unreachable, full) is retried with
+  exponential backoff for ``store_retry_timeout`` seconds without failing anyone; meanwhile
+  :attr:`StoreActor.health` says why the store is unhealthy and reads are served from
+  committed state. Past the timeout, writes fail with :class:`StoreUnavailableError` until
+  the database is back, which a periodic probe notices by itself.
 
 Heartbeats are state, not requests: ``heartbeat()`` records the latest one per job without
 awaiting, and the actor writes them with the next commit or after ``heartbeat_flush_interval``.
@@ -15,6 +29,7 @@ awaiting, and the actor writes them with the next commit or after ``heartbeat_fl
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -23,11 +38,14 @@ import attrs
 import trio
 
 from . import _ops as ops
-from ._backend import Backend, JobQuery
+from ._backend import Backend, JobQuery, is_outage
+from ._codec import check_text, dumps_json_value, sanitize_text
 from ._errors import (
+    InvalidInputError,
     JobspineError,
     RuntimeClosedError,
     StoreError,
+    StoreUnavailableError,
     UnknownJobError,
 )
 from ._events import EventHub, EventType, JobEvent
@@ -38,7 +56,7 @@ from ._policy import RecoveryPolicy
 from ._states import TERMINAL_STATES, JobState, check_transition
 from ._tracing import span
 
-__all__ = ["StoreActor", "StoreClient", "StoreConfig"]
+__all__ = ["StoreActor", "StoreClient", "StoreConfig", "StoreHealth"]
 
 log = logging.getLogger("jobspine.store")
 T = TypeVar("T")
@@ -46,10 +64,29 @@ T = TypeVar("T")
 
 @attrs.frozen
 class StoreConfig:
+    #: Largest checkpoint, in encoded JSON bytes.
     checkpoint_limit: int = 1024 * 1024
+    #: Largest job result, in encoded JSON bytes (a larger one fails the job at completion).
+    result_limit: int = 1024 * 1024
     max_batch: int = 512
     queue_size: int = 1024
     heartbeat_flush_interval: float = 1.0
+    #: Seconds a write waits out a database outage (retried with backoff) before it fails.
+    store_retry_timeout: float = 30.0
+    #: First and longest delay between retries of a write during an outage, in seconds.
+    retry_backoff: float = 0.05
+    retry_backoff_max: float = 2.0
+
+
+@attrs.define
+class StoreHealth:
+    """Whether the database takes writes now. ``reason`` says why not; ``since`` is when the
+    outage began (Unix seconds); ``outages`` counts them since the store started."""
+
+    ok: bool = True
+    reason: str | None = None
+    since: float | None = None
+    outages: int = 0
 
 
 WRITE, READ, BARRIER = "write", "read", "barrier"
@@ -59,7 +96,7 @@ class _Request:
     """``WRITE``: applied, then answered after its group commits. ``READ``: of committed state
     only, answered at once. ``BARRIER``: runs after every earlier write has committed."""
 
-    __slots__ = ("done", "error", "fn", "mode", "value")
+    __slots__ = ("done", "error", "fn", "mode", "replay", "value")
 
     def __init__(self, fn: Callable[[], Awaitable[Any]], mode: str) -> None:
         self.fn = fn
@@ -67,6 +104,8 @@ class _Request:
         self.done = trio.Event()
         self.value: Any = None
         self.error: Exception | None = None
+        #: Its group was void without its fault: applied again, alone, before it is answered.
+        self.replay = False
 
 
 @attrs.define(eq=False)
@@ -94,9 +133,10 @@ class StoreActor:
     """Owns a :class:`Backend`; serves :class:`StoreClient` requests until every client closes.
 
     Commits are pipelined one deep: while one group commits (in the database's thread), the
-    next is applied in this task, reading through the overlays of both. A failed commit fails
+    next is applied in this task, reading through the overlays of both. A failed commit voids
     every group built on top of it and drops every cached state, which is reloaded from the
-    database.
+    database; the void groups' requests are replayed one at a time (a request-tied failure)
+    or answered with :class:`StoreError` (an outage that outlasted ``store_retry_timeout``).
     """
 
     def __init__(self, backend: Backend, hub: EventHub, config: StoreConfig | None = None) -> None:
@@ -107,11 +147,27 @@ class StoreActor:
         self._cache: dict[str, Job] = {}  # committed state of every non-terminal job written
         self._inflight: list[_Group] = []  # handed to the committer, oldest first
         self._generation = 0  # bumped by a failed commit: older groups are void
+        # Why each void generation is void: None (a request-tied failure: its requests are
+        # replayed) or the error its requests get.
+        self._void: dict[int, Exception | None] = {}
+        self._replay: list[_Request] = []  # in request order
         self._group = _Group(0)  # being applied
         self._beats: dict[str, tuple[int, float]] = {}
         self._user_heads: dict[str, int] = {}  # includes staged, uncommitted events
         self._idle = trio.Event()
         self._idle.set()
+        self._wake = trio.CancelScope()
+        # Reads served beside the actor during an outage, by a task in the backend's context.
+        self._reads_send, self._reads_receive = trio.open_memory_channel[_Request](
+            self.config.queue_size
+        )
+        # Held around every commit: a read that bypasses the actor during an outage never
+        # sees a transaction half-written.
+        self._commit_lock = trio.Lock()
+        self._outage_deadline = math.inf  # trio time when writes stop waiting out the outage
+        self._closing = False  # past the final drain: an outage is no longer waited out
+        #: Whether the database takes writes now (``/readyz`` reports it).
+        self.health = StoreHealth()
         self.commits = 0
         self.committed_requests = 0
         self.metrics = StoreMetrics()
@@ -132,6 +188,7 @@ class StoreActor:
             self.metrics.load(await self.backend.count_by_state(None))
             to_committer, from_actor = trio.open_memory_channel[_Group](0)
             nursery.start_soon(self._committer, from_actor)
+            nursery.start_soon(self._reader)
             task_status.started(self)
             async with to_committer:
                 self._handoff = to_committer
@@ -140,20 +197,30 @@ class StoreActor:
                 finally:
                     with trio.move_on_after(5, shield=True):
                         await self._drain()
+                        await self._replay_void()
+                    self._closing = True
+                    for request in self._replay:  # not replayed in time: answered
+                        request.error = StoreError("the store closed before this was saved")
+                        request.done.set()
+                    self._reads_send.close()  # the reader ends
 
     async def _serve(self) -> None:
         receive = self._receive
         while True:
+            if self._replay:
+                await self._replay_void()
             # Wake at least every flush interval: heartbeats arrive without a request.
             first: _Request | None = None
             try:
-                with trio.move_on_after(self.config.heartbeat_flush_interval):
+                with trio.move_on_after(self.config.heartbeat_flush_interval) as self._wake:
                     first = await receive.receive()
             except trio.EndOfChannel:
                 return
             if first is None:
                 if self._beats:
                     await self._cut()
+                elif not self.health.ok and not self._inflight:
+                    await self._probe()
                 continue
             # Let every task that is ready to send a request do so before the group is cut.
             await trio.lowlevel.cancel_shielded_checkpoint()
@@ -182,6 +249,17 @@ class StoreActor:
                 request.done.set()
         await self._cut()
 
+    async def _replay_void(self) -> None:
+        """Apply and commit again, one at a time, the requests of groups a request-tied
+        failure voided: each gets the answer its own write deserves."""
+        await self._drain()  # every void group reaches the committer and queues its requests
+        while self._replay:
+            request = self._replay.pop(0)
+            request.replay = False
+            request.value = request.error = None
+            await self._process([request])
+            await self._drain()
+
     async def _cut(self) -> None:
         """Hand the group being applied to the committer (waits while it is busy)."""
         group, self._group = self._group, _Group(self._generation)
@@ -207,11 +285,21 @@ class StoreActor:
                     if not self._inflight:
                         self._idle.set()
                     for request in group.requests:
-                        request.done.set()
+                        if request.replay:
+                            self._replay.append(request)
+                        else:
+                            request.done.set()
+                    if self._replay:
+                        self._wake.cancel()
 
     async def _commit(self, group: _Group) -> None:
+        error: Exception
         if group.generation != self._generation:
-            error: Exception = StoreError("an earlier write failed; nothing of this was saved")
+            cause = self._void.get(group.generation)
+            if cause is None:
+                self._mark_replay(group)
+                return
+            error = cause
         elif not group.writes:
             return  # reads only: answered in order, after the writes before them
         else:
@@ -221,19 +309,34 @@ class StoreActor:
                     "jobspine.store.commit",
                     {"requests": len(group.requests), "events": len(group.events)},
                 ):
-                    await self.backend.commit(
-                        group.jobs.values(), group.events, group.deleted, group.beats
-                    )
+                    await self._write(group)
             except Exception as exc:
                 self.metrics.failed_commits += 1
-                log.exception("commit of %d requests failed", len(group.requests))
                 # Every group applied on top of this one is void; cached state is reloaded.
+                void = self._generation
                 self._generation += 1
                 self._cache.clear()
                 self._user_heads.clear()
                 if not self._group:  # nothing applied on the void state yet
                     self._group.generation = self._generation
-                error = StoreError(f"database write failed, nothing was saved: {exc}")
+                if isinstance(exc, StoreUnavailableError):
+                    error = exc
+                    self._void[void] = StoreUnavailableError(
+                        f"an earlier write failed, nothing of this was saved: {exc}"
+                    )
+                else:
+                    # Tied to a request: every void group is replayed, one request at a time.
+                    self._void[void] = None
+                    if len(group.requests) > 1:
+                        log.warning(
+                            "commit of %d requests failed (%r); committing them one at a time",
+                            len(group.requests),
+                            exc,
+                        )
+                        self._mark_replay(group)
+                        return
+                    log.warning("write refused by the database: %r", exc)
+                    error = StoreError(f"database write failed, nothing was saved: {exc}")
             else:
                 self.metrics.committed(
                     len(group.requests), group.events, group.moves, time.perf_counter() - started
@@ -244,6 +347,65 @@ class StoreActor:
             if request.error is None:
                 request.error = error
                 request.value = None
+
+    @staticmethod
+    def _mark_replay(group: _Group) -> None:
+        for request in group.requests:
+            request.replay = True
+
+    async def _write(self, group: _Group) -> None:
+        """Commit ``group``, waiting out an outage with exponential backoff until
+        ``store_retry_timeout`` after it began; then raise :class:`StoreUnavailableError`."""
+        delay = self.config.retry_backoff
+        while True:
+            try:
+                async with self._commit_lock:
+                    await self.backend.commit(
+                        group.jobs.values(), group.events, group.deleted, group.beats
+                    )
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                self._outage(exc)
+                if self._closing or trio.current_time() >= self._outage_deadline:
+                    raise StoreUnavailableError(
+                        f"the database is unavailable ({exc}) for longer than"
+                        f" store_retry_timeout ({self.config.store_retry_timeout:g} s);"
+                        " nothing was saved"
+                    ) from exc
+                await trio.sleep(min(delay, self._outage_deadline - trio.current_time()))
+                delay = min(delay * 2, self.config.retry_backoff_max)
+            else:
+                self._healthy()
+                return
+
+    async def _probe(self) -> None:
+        """Check whether an unavailable database is back, with no write waiting to tell."""
+        try:
+            async with self._commit_lock:
+                await self.backend.ping()
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            self._outage(exc)
+        else:
+            self._healthy()
+
+    def _outage(self, exc: Exception) -> None:
+        health = self.health
+        if health.ok:
+            log.warning("database unavailable, writes wait and are retried: %s", exc)
+            health.ok, health.since = False, time.time()
+            health.outages += 1
+            self._outage_deadline = trio.current_time() + self.config.store_retry_timeout
+        health.reason = f"database unavailable: {exc}"
+
+    def _healthy(self) -> None:
+        health = self.health
+        if not health.ok:
+            log.warning("database available again after %.1f s", time.time() - (health.since or 0))
+            health.ok, health.reason, health.since = True, None, None
+            self._outage_deadline = math.inf
 
     def _committed(self, group: _Group) -> None:
         self.commits += 1
@@ -261,6 +423,38 @@ class StoreActor:
         for job_id in group.deleted:
             cache.pop(job_id, None)
         self.hub.publish(group.events)
+
+    async def _read_committed(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run a read beside the actor, between commits: while the database is unavailable
+        the actor may be stuck behind a write, and committed state is all a read needs."""
+        request = _Request(fn, READ)
+        try:
+            self._reads_send.send_nowait(request)
+        except trio.WouldBlock:
+            raise StoreError("too many reads wait on an unavailable database") from None
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise RuntimeClosedError("the store is closed") from None
+        await request.done.wait()
+        if request.error is not None:
+            raise request.error
+        value: T = request.value
+        return value
+
+    async def _reader(self) -> None:
+        """Serve :meth:`_read_committed` in the actor's context (the backend may need it: the
+        SQLite backend's asyncio loop belongs to it); ends with the actor's nursery."""
+        async with self._reads_receive:
+            async for request in self._reads_receive:
+                try:
+                    async with self._commit_lock:
+                        request.value = await request.fn()
+                except JobspineError as exc:
+                    request.error = exc
+                except Exception as exc:
+                    log.exception("store read failed")
+                    request.error = StoreError(f"store read failed: {exc!r}")
+                finally:
+                    request.done.set()
 
     # -- helpers used by request functions (run inside the actor task) -------------------------
 
@@ -345,6 +539,14 @@ class StoreClient:
     def checkpoint_limit(self) -> int:
         return self._actor.config.checkpoint_limit
 
+    @property
+    def result_limit(self) -> int:
+        return self._actor.config.result_limit
+
+    @property
+    def health(self) -> StoreHealth:
+        return self._actor.health
+
     async def _call(self, fn: Callable[[], Awaitable[T]], mode: str = WRITE) -> T:
         request = _Request(fn, mode)
         try:
@@ -357,13 +559,24 @@ class StoreClient:
         value: T = request.value
         return value
 
+    async def _read(self, fn: Callable[[], Awaitable[T]], mode: str) -> T:
+        """A read: through the actor (in order with writes) while the database is healthy;
+        during an outage directly from committed state, so that reads keep being served."""
+        if self._actor.health.ok:
+            return await self._call(fn, mode)
+        return await self._actor._read_committed(fn)
+
     # -- writes ---------------------------------------------------------------------------------
+    # Every value is validated here, in the caller's task, before it is queued: a value the
+    # database cannot store never joins a commit group.
 
     async def create(self, user_id: str, kind: str, input: Any) -> Job:
         actor = self._actor
+        # Built (and its values checked) in the caller's task, before it joins a group.
+        change = ops.create(new_id(), user_id, kind, input, time.time())
 
         async def fn() -> Job:
-            job = await actor._stage(ops.create(new_id(), user_id, kind, input, time.time()))
+            job = await actor._stage(change)
             move(actor._group.moves, None, job.state)
             return job
 
@@ -371,17 +584,19 @@ class StoreClient:
 
     async def get(self, job_id: str) -> Job:
         """The job as last committed (a failing write elsewhere does not affect it)."""
-        return await self._call(lambda: self._actor._committed_job(job_id), READ)
+        return await self._read(lambda: self._actor._committed_job(job_id), READ)
 
     async def start(self, job_id: str) -> Job:
         return await self._call(lambda: self._actor._change(job_id, ops.start))
 
     async def resume(self, job_id: str, actor: str | None) -> Job:
+        check_text(actor, "actor", optional=True)
         return await self._call(
             lambda: self._actor._change(job_id, lambda job, now: ops.resume(job, now, actor))
         )
 
     async def set_progress(self, job_id: str, attempt: int, pct: float, step: str | None) -> Job:
+        check_text(step, "step", optional=True)
         return await self._call(
             lambda: self._actor._change(
                 job_id, lambda job, now: ops.progress(job, attempt, pct, step, now)
@@ -390,22 +605,32 @@ class StoreClient:
 
     async def checkpoint(self, job_id: str, attempt: int, data: Any) -> Job:
         limit = self.checkpoint_limit
+        encoded = dumps_json_value(data, "checkpoint")
         return await self._call(
             lambda: self._actor._change(
-                job_id, lambda job, now: ops.checkpoint(job, attempt, data, now, limit)
+                job_id, lambda job, now: ops.checkpoint(job, attempt, data, now, limit, encoded)
             )
         )
 
     async def complete(self, job_id: str, attempt: int, result: Any) -> Job:
+        """Store the outcome. Raises :class:`ResultTooLargeError` for a result larger than
+        ``result_limit`` encoded bytes, :class:`NotSerializableError` for one that cannot be
+        stored (the job is unchanged: its worker then fails it with that error)."""
+        limit = self.result_limit
+        encoded = dumps_json_value(result, "job result")
         return await self._call(
             lambda: self._actor._change(
-                job_id, lambda job, now: ops.complete(job, attempt, result, now)
+                job_id, lambda job, now: ops.complete(job, attempt, result, now, limit, encoded)
             )
         )
 
     async def fail(
         self, job_id: str, attempt: int | None, error: JobError, actor: str | None = None
     ) -> Job:
+        """Record a failure. The error is never refused: text the database cannot store (a
+        lone surrogate from a file name) is replaced by its escape, so the real error stays."""
+        check_text(actor, "actor", optional=True)
+        error = JobError(sanitize_text(str(error.type)), sanitize_text(str(error.message)))
         return await self._call(
             lambda: self._actor._change(
                 job_id, lambda job, now: ops.fail(job, attempt, error, now, actor)
@@ -413,6 +638,7 @@ class StoreClient:
         )
 
     async def cancel(self, job_id: str, actor: str | None) -> Job:
+        check_text(actor, "actor", optional=True)
         return await self._call(
             lambda: self._actor._change(job_id, lambda job, now: ops.cancel(job, now, actor))
         )
@@ -420,6 +646,8 @@ class StoreClient:
     async def pause(
         self, job_id: str, attempt: int | None, actor: str | None, reason: str = "user"
     ) -> Job:
+        check_text(actor, "actor", optional=True)
+        check_text(reason, "reason")
         return await self._call(
             lambda: self._actor._change(
                 job_id, lambda job, now: ops.pause(job, attempt, now, actor, reason)
@@ -430,6 +658,7 @@ class StoreClient:
         self, job_id: str, attempt: int | None, policy: RecoveryPolicy, cause: str
     ) -> Job:
         """Apply the recovery rule to a running job, atomically with reading it."""
+        cause = sanitize_text(cause)
         return await self._call(
             lambda: self._actor._change(
                 job_id,
@@ -440,6 +669,11 @@ class StoreClient:
     async def restart(
         self, job_id: str, actor: str | None, modifications: Mapping[str, Any] | None = None
     ) -> Job:
+        check_text(actor, "actor", optional=True)
+        if modifications:
+            if not isinstance(modifications, Mapping):
+                raise InvalidInputError("modifications must be an object")
+            dumps_json_value(dict(modifications), "modifications")
         return await self._call(
             lambda: self._actor._change(
                 job_id, lambda job, now: ops.restart(job, now, actor, modifications)
@@ -447,6 +681,7 @@ class StoreClient:
         )
 
     async def reset_recovery_attempts(self, job_id: str, actor: str | None) -> Job:
+        check_text(actor, "actor", optional=True)
         return await self._call(
             lambda: self._actor._change(
                 job_id, lambda job, now: ops.reset_recovery(job, now, actor)
@@ -475,6 +710,7 @@ class StoreClient:
         """Remove a job that is not running. Its event log stays, closed by a ``deleted``
         event, so that cursors on the job's and its user's rooms never see a gap."""
         store = self._actor
+        check_text(actor, "actor", optional=True)
 
         async def fn() -> None:
             job, event = ops.delete(await store._job(job_id), time.time(), actor)
@@ -492,7 +728,7 @@ class StoreClient:
     # -- queries (barriers) ---------------------------------------------------------------------
 
     async def list_jobs(self, query: JobQuery) -> list[Job]:
-        return await self._call(lambda: self._actor.backend.query(query), BARRIER)
+        return await self._read(lambda: self._actor.backend.query(query), BARRIER)
 
     async def find_running(self) -> list[Job]:
         return await self.list_jobs(JobQuery(states=frozenset({JobState.RUNNING})))
@@ -508,20 +744,23 @@ class StoreClient:
         return await self.list_jobs(JobQuery(user_id=user_id, states=frozenset({JobState.PAUSED})))
 
     async def get_stats(self, user_id: str | None = None) -> dict[str, int]:
-        counts = await self._call(lambda: self._actor.backend.count_by_state(user_id), BARRIER)
+        counts = await self._read(lambda: self._actor.backend.count_by_state(user_id), BARRIER)
         stats = {state.value: counts.get(state.value, 0) for state in JobState}
         stats["total"] = sum(counts.values())
         return stats
 
     async def user_head(self, user_id: str) -> int:
         """The ``user_seq`` of the user's latest event (0 if none)."""
-        return await self._call(lambda: self._actor._user_head(user_id), READ)
+        actor = self._actor
+        if actor.health.ok:
+            return await self._call(lambda: actor._user_head(user_id), READ)
+        return await actor._read_committed(lambda: actor.backend.user_head(user_id))
 
     async def read_user_events(
         self, user_id: str, after_seq: int = 0, limit: int = 1000
     ) -> list[JobEvent]:
         """Events of all the user's jobs with ``user_seq > after_seq``, in order."""
-        return await self._call(
+        return await self._read(
             lambda: self._actor.backend.read_user_events(user_id, after_seq, limit), BARRIER
         )
 
@@ -532,6 +771,6 @@ class StoreClient:
         limit: int = 1000,
         types: frozenset[EventType] | None = None,
     ) -> list[JobEvent]:
-        return await self._call(
+        return await self._read(
             lambda: self._actor.backend.read_events(job_id, after_seq, limit, types), BARRIER
         )

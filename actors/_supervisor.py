@@ -183,6 +183,7 @@ class Supervisor:
     def _orphan(self, worker: Worker) -> None:
         self.orphans[worker.job_id] = worker
         self.detector.watch(worker.job_id, trio.current_time(), self.config.heartbeat_timeout)
+        worker.beat()  # wakes the watch loop, which may be sleeping until a later deadline
 
     async def stop(self, job_id: str, reason: str) -> Worker | None:
         """Ask a running worker to stop, give it the grace period, then cancel it.
@@ -214,7 +215,14 @@ class Supervisor:
     async def _recover(self, worker: Worker, cause: str) -> None:
         self.kill(worker.job_id, "stall")
         try:
-            job = await self.store.recover(worker.job_id, worker.attempt, self.policy, cause)
+            if worker.store_unavailable:
+                # Left running because the database was unavailable: not the job's fault, so
+                # no recovery attempt is counted; paused at its last acknowledged checkpoint.
+                job = await self.store.pause(
+                    worker.job_id, worker.attempt, "system", "store_unavailable"
+                )
+            else:
+                job = await self.store.recover(worker.job_id, worker.attempt, self.policy, cause)
         except StoreError as exc:
             log.warning(
                 "job %s: recovery not stored (%s); retrying at the next deadline",

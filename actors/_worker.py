@@ -13,8 +13,8 @@ from ._errors import (
     InvalidInputError,
     JobspineError,
     JobStopped,
-    NotSerializableError,
     StoreError,
+    StoreUnavailableError,
 )
 from ._job import Job, JobError
 from ._joblog import job_fields
@@ -97,16 +97,31 @@ class JobContext:
         await trio.lowlevel.checkpoint()
 
     async def progress(self, pct: float, step: str | None = None) -> None:
-        """Record progress (0..100) and the current step label; returns once stored."""
+        """Record progress (0..100) and the current step label; returns once stored.
+
+        Raises :class:`InvalidInputError` (or :class:`NotSerializableError`) for a value that
+        cannot be stored, before anything is queued; :class:`StoreUnavailableError` when the
+        database stayed unavailable for ``store_retry_timeout`` (the job is then paused, not
+        failed, if the handler lets it propagate). While the call waits on the database the
+        job counts as alive."""
         worker = self._worker
-        await worker.store.set_progress(self.job_id, self.attempt, pct, step)
+        worker.keep_alive += 1
+        try:
+            await worker.store.set_progress(self.job_id, self.attempt, pct, step)
+        finally:
+            worker.keep_alive -= 1
         worker.beat()
 
     async def checkpoint(self, data: Any) -> None:
-        """Save ``data`` (JSON) as the job's checkpoint; returns once it is durable."""
+        """Save ``data`` (JSON) as the job's checkpoint; returns once it is durable. Errors
+        and liveness as for :meth:`progress`."""
         worker = self._worker
-        with span("jobspine.checkpoint", {"job.id": self.job_id, "job.attempt": self.attempt}):
-            await worker.store.checkpoint(self.job_id, self.attempt, data)
+        worker.keep_alive += 1
+        try:
+            with span("jobspine.checkpoint", {"job.id": self.job_id, "job.attempt": self.attempt}):
+                await worker.store.checkpoint(self.job_id, self.attempt, data)
+        finally:
+            worker.keep_alive -= 1
         worker.beat()
 
     @contextmanager
@@ -146,6 +161,7 @@ class Worker:
         "scope",
         "stop_reason",
         "store",
+        "store_unavailable",
         "user_id",
     )
 
@@ -171,6 +187,9 @@ class Worker:
         self.outcome_stored = True
         #: How the attempt ended: completed, failed, stopped, fenced or not_stored.
         self.outcome = "stopped"
+        #: The attempt ended because the database was unavailable: recovered by a pause at
+        #: its last checkpoint, never by failing it.
+        self.store_unavailable = False
         self.keep_alive = 0
         self.last_beat = trio.current_time()
         self.persist_beat = False
@@ -234,6 +253,10 @@ class Worker:
                 result = await self.handler(self.ctx, self.input)
             except JobStopped:
                 return
+            except StoreUnavailableError as exc:
+                # The database's fault, not the job's: paused at its last checkpoint.
+                self.store_unavailable = True
+                log.warning("job %s attempt %d: %s", self.job_id, self.attempt, exc)
             except Exception as exc:
                 if self.stop_reason is not None and isinstance(exc, JobspineError):
                     return  # the job was taken away from this attempt while it stopped
@@ -247,19 +270,31 @@ class Worker:
                 error = JobError(type(exc).__name__, str(exc) or repr(exc))
         if self.scope.cancelled_caught:
             return  # stopped by the runtime: whoever stopped it records the outcome
+        # Waiting on the database to record the outcome is not a stall.
+        self.keep_alive += 1
         try:
+            await self._record(error, result)
+        finally:
+            self.keep_alive -= 1
+
+    async def _record(self, error: JobError | None, result: Any) -> None:
+        try:
+            if self.store_unavailable:
+                await self.store.pause(self.job_id, self.attempt, "system", "store_unavailable")
+                return
             if error is None:
                 try:
                     await self.store.complete(self.job_id, self.attempt, result)
                     self.outcome = "completed"
                     return
-                except NotSerializableError as exc:
+                except InvalidInputError as exc:  # unstorable or too large: the handler's fault
                     error = JobError(type(exc).__name__, str(exc))
             await self.store.fail(self.job_id, self.attempt, error)
             self.outcome = "failed"
         except StoreError as exc:
             # The database refused the outcome: the job is still "running" there, with no one
-            # running it. The supervisor keeps its deadline and recovers it by the stall rule.
+            # running it. The supervisor keeps its deadline and recovers it by the stall rule
+            # (or, when the database was unavailable, by a pause).
             log.warning(
                 "job %s attempt %d outcome not stored: %s",
                 self.job_id,
@@ -269,6 +304,9 @@ class Worker:
             )
             self.outcome_stored = False
             self.outcome = "not_stored"
+            self.store_unavailable = self.store_unavailable or isinstance(
+                exc, StoreUnavailableError
+            )
         except JobspineError as exc:
             # Fenced out (stalled, cancelled or paused meanwhile): the newer decision stands.
             log.info(

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from .serving import free_port
+from transport import mint_token
+
+from .serving import SECRET, free_port
 from .test_cli import COMMAND
 
 APP = """
@@ -55,9 +57,10 @@ async def serve_and(
         **os.environ,
         "JOBSPINE_DATA": str(tmp_path / "data"),
         "JOBSPINE_URL": f"ws://127.0.0.1:{port}",
+        "JOBSPINE_SECRET": SECRET,
+        "JOBSPINE_TOKEN": mint_token(SECRET, "alice"),
         **env_extra,
     }
-    env.pop("JOBSPINE_SECRET", None)
     env.pop("PYTHONPATH", None)
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
@@ -89,7 +92,7 @@ async def test_json_logs_carry_job_fields_and_handlers_load_from_cwd(tmp_path: P
         tmp_path,
         ["--handlers", "myapp:HANDLERS", "--log-format", "json"],
         {},
-        ["submit", "boom", '{"why": "testing"}', "--watch", "--user", "alice"],
+        ["submit", "boom", '{"why": "testing"}', "--watch"],
     )
     assert boom.returncode == 1 and b"failed: ValueError: boom: testing" in boom.stdout
     job_id = boom.stdout.decode().splitlines()[0]
@@ -111,9 +114,9 @@ async def test_no_demo_leaves_out_the_demo_kinds(tmp_path: Path) -> None:
         tmp_path,
         ["--no-demo", "--handlers", "myapp:HANDLERS"],
         {"JOBSPINE_LOG_FORMAT": "json"},
-        ["submit", "research", '{"query": "q"}', "--user", "alice"],
-        ["submit", "echo", '{"x": 1}', "--watch", "--user", "alice"],
-        ["submit", "trade", '{"symbol": "X"}', "--user", "alice"],
+        ["submit", "research", '{"query": "q"}'],
+        ["submit", "echo", '{"x": 1}', "--watch"],
+        ["submit", "trade", '{"symbol": "X"}'],
     )
     for refused in (research, trade):
         assert refused.returncode != 0 and b"unknown_kind" in refused.stderr, refused

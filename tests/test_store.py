@@ -132,7 +132,7 @@ async def test_acknowledged_write_is_in_the_file(tmp_path: Path) -> None:
         assert '"checkpoint":{"state":"saved"}' in await trio.to_thread.run_sync(read)
 
 
-async def test_failed_commit_answers_every_write_and_changes_nothing(tmp_path: Path) -> None:
+async def test_failed_commit_fails_only_its_culprit_and_changes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "fault.db"
     async with open_store(SqliteBackend(path)) as (store, _, hub):
         job_id = await running_job(store)
@@ -166,8 +166,12 @@ async def test_failed_commit_answers_every_write_and_changes_nothing(tmp_path: P
                 )
             assert isinstance(results["checkpoint"], StoreError)
             assert "simulated disk fault" in str(results["checkpoint"])
+            # The group was committed again without the culprit: the progress is saved.
+            assert results["progress"] is None
+            published = stream.receive_nowait()
+            assert (published.job_id, published.type) == (other, EventType.PROGRESS)
             with pytest.raises(trio.WouldBlock):
-                stream.receive_nowait()  # nothing was published
+                stream.receive_nowait()  # nothing of the culprit was published
         job = await store.get(job_id)
         assert (job.checkpoint, job.checkpoint_version) == ({"v": 1}, 1)
 

@@ -99,9 +99,13 @@ def _routes(running: RunningServer) -> dict[str, Any]:
         return 200, {"status": "ok", "uptime": time.time() - running.started_at}
 
     def readyz() -> tuple[int, dict[str, Any]]:
-        if running.server.accepting:
-            return 200, {"status": "ready", "epoch": running.runtime.epoch}
-        return 503, {"status": "not accepting connections"}
+        if not running.server.accepting:
+            return 503, {"status": "not accepting connections"}
+        health = running.runtime.store_health
+        if not health.ok:
+            # Reads and subscriptions are still served; writes wait or fail.
+            return 503, {"status": "store unavailable", "reason": health.reason}
+        return 200, {"status": "ready", "epoch": running.runtime.epoch}
 
     # Imported here, once the websocket port listens: prometheus-client takes a while to load.
     from ._metrics import CONTENT_TYPE, metrics_registry, render
@@ -119,6 +123,8 @@ def _routes(running: RunningServer) -> dict[str, Any]:
             "store": {
                 "commits": runtime.store_actor.commits,
                 "committed_requests": runtime.store_actor.committed_requests,
+                "healthy": runtime.store_health.ok,
+                "outages": runtime.store_health.outages,
             },
             "broadcaster": {
                 "published": broadcaster.published,

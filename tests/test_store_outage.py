@@ -1,0 +1,156 @@
+"""A database that is briefly unavailable fails no job (issue 8, fault 4).
+
+Timing logic (retry with backoff, liveness while waiting, the retry bound, the probe that
+notices the database is back) runs under ``autojump_clock`` against a MemoryBackend that
+refuses writes as a locked SQLite database would. The real lock, from a second connection,
+is in ``test_sqlite_lock.py``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+import pytest
+import trio
+
+from actors import (
+    Job,
+    JobContext,
+    JobEvent,
+    JobState,
+    MemoryBackend,
+    StoreUnavailableError,
+)
+from actors._backend import is_outage
+
+from .conftest import memory_runtime, wait_for_state
+
+
+class LockedBackend(MemoryBackend):
+    """Refuses every write, as SQLite does when another program holds the write lock longer
+    than ``busy_timeout``, while ``locked`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.locked = False
+        self.refused = 0
+
+    def _check(self) -> None:
+        if self.locked:
+            self.refused += 1
+            raise sqlite3.OperationalError("database is locked")
+
+    async def ping(self) -> None:
+        self._check()
+
+    async def commit(
+        self,
+        jobs: Collection[Job],
+        events: Sequence[JobEvent],
+        deleted: Collection[str],
+        heartbeats: Mapping[str, tuple[int, float]],
+    ) -> None:
+        await trio.sleep(0.01)  # the busy wait inside SQLite, shortened
+        self._check()
+        await super().commit(jobs, events, deleted, heartbeats)
+
+
+def test_outages_are_told_from_request_tied_failures() -> None:
+    assert is_outage(sqlite3.OperationalError("database is locked"))
+    assert is_outage(sqlite3.OperationalError("disk I/O error"))
+    assert is_outage(ConnectionResetError())
+    assert is_outage(StoreUnavailableError("down"))
+    assert not is_outage(sqlite3.IntegrityError("UNIQUE constraint failed"))
+    assert not is_outage(sqlite3.OperationalError("no such table: jobs"))
+    assert not is_outage(UnicodeEncodeError("utf-8", "\udce9", 0, 1, "surrogates not allowed"))
+
+
+async def checkpointer(ctx: JobContext, input: Any) -> Any:
+    i = ctx.resumed_from["i"] + 1 if ctx.resumed_from else 0
+    while i < input["to"]:
+        await ctx.checkpoint({"i": i})
+        i += 1
+        await trio.sleep(0.05)
+    return i
+
+
+async def test_jobs_wait_out_an_outage_shorter_than_the_retry_bound(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    backend = LockedBackend()
+    async with memory_runtime(
+        {"checkpointer": checkpointer},
+        backend,
+        heartbeat_timeout=0.5,
+        store_retry_timeout=30.0,
+    ) as rt:
+        jobs = [await rt.create_job("checkpointer", f"u{n}", {"to": 200}) for n in range(5)]
+        await trio.sleep(1)
+        before = {job.id: (await rt.get_job(job.id)).checkpoint_version for job in jobs}
+        backend.locked = True  # for 6 s: twelve heartbeat timeouts
+        await trio.sleep(0.5)
+        assert not rt.store_health.ok
+        assert "database is locked" in (rt.store_health.reason or "")
+        # Reads are served from committed state while writes wait.
+        with trio.fail_after(0.1):
+            for job in jobs:
+                seen = await rt.get_job(job.id)
+                assert seen.state is JobState.RUNNING
+                assert seen.checkpoint_version >= before[job.id]
+            assert len(await rt.list_jobs(states=[JobState.RUNNING])) == 5
+            assert await rt.read_events(jobs[0].id, limit=3)
+        await trio.sleep(5.5)
+        backend.locked = False
+        done = [await wait_for_state(rt, job.id) for job in jobs]
+        assert [job.state for job in done] == [JobState.COMPLETED] * 5
+        assert [job.result for job in done] == [200] * 5
+        assert backend.refused >= 5  # retried with backoff, not once
+        assert rt.store_health.ok and rt.store_health.outages == 1
+        status = rt.status()
+        assert (status.stalls_detected, status.failures) == (0, 0)
+
+
+async def test_an_outage_past_the_retry_bound_pauses_jobs_at_their_checkpoint(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    backend = LockedBackend()
+    acked: dict[str, int] = {}
+
+    async def counting(ctx: JobContext, input: Any) -> Any:
+        i = ctx.resumed_from["i"] + 1 if ctx.resumed_from else 0
+        while i < input["to"]:
+            await ctx.checkpoint({"i": i})
+            acked[ctx.job_id] = i
+            i += 1
+            await trio.sleep(0.05)
+        return i
+
+    async with memory_runtime(
+        {"counting": counting}, backend, heartbeat_timeout=0.5, store_retry_timeout=3.0
+    ) as rt:
+        jobs = [await rt.create_job("counting", f"u{n}", {"to": 200}) for n in range(5)]
+        await trio.sleep(1)
+        backend.locked = True
+        await trio.sleep(10)  # well past store_retry_timeout: writes have failed meanwhile
+        assert not rt.store_health.ok
+        with pytest.raises(StoreUnavailableError, match="store_retry_timeout"):
+            await rt.create_job("counting", "late", {"to": 1})
+        for job in jobs:
+            assert (await rt.get_job(job.id)).state is JobState.RUNNING  # never failed
+        backend.locked = False
+        # Nothing writes by itself: the probe notices the database is back.
+        await trio.sleep(2)
+        assert rt.store_health.ok
+        for job in jobs:
+            paused = await wait_for_state(rt, job.id, {JobState.PAUSED, JobState.FAILED})
+            assert paused.state is JobState.PAUSED, paused.error
+            assert paused.pause_reason == "store_unavailable"
+            assert paused.recovery_attempts == 0  # not counted against the job
+            assert paused.checkpoint == {"i": acked[job.id]}  # the last acknowledged one
+            await rt.resume(paused.id)
+        done = [await wait_for_state(rt, job.id) for job in jobs]
+        assert [job.state for job in done] == [JobState.COMPLETED] * 5
+        assert [job.result for job in done] == [200] * 5
+        assert rt.status().failures == 0
