@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -560,28 +560,37 @@ class Server:
     def accepting(self) -> bool:
         return self._accepting
 
-    async def run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
-        """Accept connections until :meth:`stop_accepting`; connections run until closed."""
+    async def run(
+        self,
+        listeners: Sequence[trio.SocketListener] | None = None,
+        *,
+        task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept connections until :meth:`stop_accepting`; connections run until closed.
+
+        ``listeners``: sockets bound already (closed when accepting stops); by default the
+        server binds ``config.host:config.port`` itself."""
+        if listeners is None:
+            listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        for each in listeners:
+            _limit_unsent(each.socket, self.config.batch_bytes)
         async with trio.open_nursery() as connections:
             connections.start_soon(self._ticker)
             with self._listen_scope:
                 async with trio.open_nursery() as listener:
-                    listeners = await trio.open_tcp_listeners(
-                        self.config.port, host=self.config.host
-                    )
-                    for each in listeners:
-                        _limit_unsent(each.socket, self.config.batch_bytes)
+                    # Connections may be queued on sockets bound before the runtime started:
+                    # they are accepted from the first moment the server serves.
+                    self.port = listeners[0].socket.getsockname()[1]
+                    self._accepting = True
                     await listener.start(
                         partial(
                             serve_websockets,
                             self._handle,
-                            listeners,
+                            list(listeners),
                             handler_nursery=connections,
                             max_message_size=self.config.max_frame_size,
                         )
                     )
-                    self.port = listeners[0].socket.getsockname()[1]
-                    self._accepting = True
                     task_status.started(self)
             self._accepting = False
             await self._closed_all.wait()

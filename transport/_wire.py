@@ -43,27 +43,30 @@ def close_frame(code: int, reason: str) -> bytes:
 class GuardedStream(trio.abc.Stream):
     """One accepted TCP stream. ``connection`` is set once the websocket is accepted; when it
     is failed for a client's protocol error and no close frame went out, :meth:`aclose`
-    sends one (unless a send was interrupted mid-frame, which would make it garbage)."""
+    sends one, unless a send is under way or was interrupted mid-frame (the close frame
+    would then be garbage in the middle of another frame)."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self._stream = stream
-        self._send_lock = trio.Lock()
         self._close_sent = False
+        self._sending = False
         self._torn = False
         self._closed: trio.Event | None = None
         self.connection: WebSocketConnection | None = None
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         # trio-websocket writes one wsproto event per call, so a frame starts each call.
-        async with self._send_lock:
-            if data[:1] == bytes([_CLOSE_OPCODE]):
-                self._close_sent = True
-            sent = False
-            try:
-                await self._stream.send_all(data)
-                sent = True
-            finally:
-                self._torn = self._torn or not sent
+        if data[:1] == bytes([_CLOSE_OPCODE]):
+            self._close_sent = True
+        self._sending = True
+        sent = False
+        try:
+            await self._stream.send_all(data)
+            sent = True
+        finally:
+            self._sending = False
+            # Cancelled or failed: part of the frame may be out.
+            self._torn = self._torn or not sent
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
@@ -81,8 +84,7 @@ class GuardedStream(trio.abc.Stream):
             if (
                 reason is not None
                 and reason.code in FAILURE_CODES
-                and not self._close_sent
-                and not self._torn
+                and not (self._close_sent or self._sending or self._torn)
             ):
                 with trio.move_on_after(FAIL_TIMEOUT, shield=True):
                     await self._fail(close_frame(reason.code, reason.reason or ""))
@@ -91,15 +93,14 @@ class GuardedStream(trio.abc.Stream):
             self._closed.set()
 
     async def _fail(self, frame: bytes) -> None:
+        self._close_sent = True
         try:
-            async with self._send_lock:
-                self._close_sent = True
-                await self._stream.send_all(frame)
-                await self._stream.send_eof()
+            await self._stream.send_all(frame)
+            await self._stream.send_eof()
             while await self._stream.receive_some(4096):
                 pass  # until the client closes its side
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
-            pass  # the client is gone or the socket is being read: nothing more to say
+            pass  # the client is gone or another task uses the socket: nothing more to say
 
 
 Handler = Callable[[WebSocketRequest, GuardedStream], Awaitable[None]]
