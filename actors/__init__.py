@@ -46,7 +46,7 @@ from ._sqlite import SqliteBackend
 from ._states import TERMINAL_STATES, TRANSITIONS, JobState, check_transition
 from ._store import StoreActor, StoreClient, StoreConfig, StoreHealth
 from ._supervisor import Supervisor, SupervisorConfig, SupervisorStatus
-from ._worker import Handler, JobContext
+from ._worker import Handler, InputCheck, JobContext, validates
 
 __all__ = [
     "AUDIT_TYPES",
@@ -71,6 +71,7 @@ __all__ = [
     "EventStreamLagged",
     "EventType",
     "Handler",
+    "InputCheck",
     "IllegalTransitionError",
     "InvalidInputError",
     "Job",
@@ -115,4 +116,5 @@ __all__ = [
     "research_handler",
     "trade_handler",
     "validate_job_record",
+    "validates",
 ]

@@ -92,7 +92,9 @@ class Repository:
                 del self._starting[user_id]
 
     async def create_job(self, kind: str, user_id: str, input: Any) -> Job:
-        self._supervisor.handler_for(kind)
+        """Store a job and start it. Raises :class:`UnknownKindError`, the handler's
+        :class:`InvalidInputError` (see :func:`validates`), :class:`TooManyJobsError`."""
+        self._supervisor.check_input(kind, input)
         with self._admit(user_id):
             job = await self._store.create(user_id, kind, input)
             return await self._start(job.id)
@@ -237,7 +239,10 @@ class Repository:
     ) -> Job:
         """Run a paused, failed or cancelled job again from scratch, with modified input."""
         job = await self._store.get(job_id)
-        self._supervisor.handler_for(job.kind)
+        new_input = job.input
+        if modifications and isinstance(job.input, dict):  # else the store refuses them
+            new_input = {**job.input, **modifications}
+        self._supervisor.check_input(job.kind, new_input)
         with self._admit(job.user_id):
             await self._store.restart(job_id, by, modifications)
             return await self._start(job_id)

@@ -21,7 +21,7 @@ from ._joblog import job_fields
 from ._policy import RecoveryPolicy, StallDetector
 from ._states import JobState
 from ._store import StoreClient
-from ._worker import Handler, Worker
+from ._worker import Handler, Worker, check_input
 
 __all__ = ["SupervisorConfig", "SupervisorStatus", "Supervisor"]
 
@@ -140,6 +140,11 @@ class Supervisor:
             return self.handlers[kind]
         except KeyError:
             raise UnknownKindError(kind, list(self.handlers)) from None
+
+    def check_input(self, kind: str, input: Any) -> None:
+        """Refuse ``input`` for ``kind`` before it is stored: :class:`UnknownKindError`, or
+        the :class:`InvalidInputError` of the handler's input check (see ``validates``)."""
+        check_input(self.handler_for(kind), kind, input)
 
     async def launch(self, job: Job, resumed_from: Any = None) -> None:
         """Run ``job`` (already stored as running, with its attempt) in a new worker."""

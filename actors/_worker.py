@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
@@ -23,13 +23,47 @@ from ._tracing import AttributeValue, span
 if TYPE_CHECKING:
     from ._store import StoreClient
 
-__all__ = ["Handler", "JobContext", "Worker"]
+__all__ = ["Handler", "InputCheck", "JobContext", "Worker", "check_input", "validates"]
 
 log = logging.getLogger("jobspine.worker")
 
 
 class Handler(Protocol):
     def __call__(self, ctx: JobContext, input: Any, /) -> Awaitable[Any]: ...
+
+
+#: ``check(input)``: refuses a handler's input by raising (its return value is ignored).
+InputCheck = Callable[[Any], object]
+_H = TypeVar("_H", bound=Callable[..., Awaitable[Any]])
+
+
+def validates(check: InputCheck) -> Callable[[_H], _H]:
+    """Decorator giving a handler its input check, stored as its ``validate_input``
+    attribute (a handler object may define a ``validate_input`` method instead).
+
+    The runtime calls ``check(input)`` in ``create_job`` and in ``restart`` (on the input
+    after the modifications), before anything is stored: raising :class:`InvalidInputError`
+    (or ``ValueError``/``TypeError``) refuses the request with ``invalid_input``, so that
+    input the handler cannot run never becomes a job that fails on its first line."""
+
+    def mark(handler: _H) -> _H:
+        handler.validate_input = check  # type: ignore[attr-defined]
+        return handler
+
+    return mark
+
+
+def check_input(handler: Handler, kind: str, input: Any) -> None:
+    """Run the handler's input check, if it has one; raises :class:`InvalidInputError`."""
+    check: InputCheck | None = getattr(handler, "validate_input", None)
+    if check is None:
+        return
+    try:
+        check(input)
+    except JobspineError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{kind}: invalid input: {exc}") from None
 
 
 class JobContext:

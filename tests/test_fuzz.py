@@ -3,6 +3,7 @@ or close codes; the server keeps serving others and leaks no task."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, cast
@@ -24,12 +25,16 @@ ERROR_TABLE = DOC[DOC.index("Error replies (`code`)") : DOC.index("Close codes:"
 DOCUMENTED_ERRORS = set(re.findall(r"`(\w+)`", ERROR_TABLE)) - {"code"}
 DOCUMENTED_CLOSES = set(CLOSE.values())
 
+# Strings include lone surrogates (sent as "\ud83d" escapes) and integers go beyond the signed
+# 64-bit range: the server must refuse those, never change them.
+texts = st.text(max_size=20) | st.sampled_from(["\ud83d", "x\udc00", "\U0001f600"])
 json_values = st.recursive(
     st.none()
     | st.booleans()
     | st.integers(-(2**63), 2**63 - 1)
+    | st.integers()
     | st.floats()
-    | st.text(max_size=20),
+    | texts,
     lambda inner: (
         st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
     ),
@@ -53,7 +58,7 @@ valid_requests = st.sampled_from(
 @st.composite
 def mutated(draw: st.DrawFn) -> str | bytes:
     base: dict[str, Any] = dict(cast(dict[str, Any], draw(valid_requests)))
-    choice = draw(st.integers(0, 4))
+    choice = draw(st.integers(0, 5))
     if choice == 0 and len(base) > 1:
         del base[draw(st.sampled_from(sorted(k for k in base if k != "op")))]
     elif choice == 1:
@@ -63,12 +68,16 @@ def mutated(draw: st.DrawFn) -> str | bytes:
     elif choice == 3:
         base["op"] = draw(st.sampled_from([*OPS, "", "HELLO", "get ", "drop_table"]))
     base["id"] = draw(st.integers(1, 10**6))
-    return orjson.dumps(base).decode()
+    frame = json.dumps(base)
+    if choice == 5:  # a key given twice
+        key = draw(st.sampled_from(sorted(base)))
+        frame = f"{frame[:-1]}, {json.dumps(key)}: {json.dumps(draw(json_values))}}}"
+    return frame
 
 
 frames = st.one_of(
     mutated(),
-    json_values.map(lambda v: orjson.dumps(v).decode()),
+    json_values.map(json.dumps),
     st.text(max_size=200),
     st.binary(max_size=200),  # binary frames, invalid UTF-8 included
     st.integers(1, 3000).map(lambda n: "[" * n + "]" * n),  # deep nesting
@@ -131,6 +140,7 @@ async def test_fuzzed_frames_get_documented_answers(tmp_path: Path) -> None:
                         break
                     if reply["type"] == "error":
                         assert reply["code"] in DOCUMENTED_ERRORS, (reply, frame[:80])
+                    assert reply["id"] == _readable_id(frame), (reply, frame[:80])
                     key = reply.get("code", "reply")
                     outcomes[key] = outcomes.get(key, 0) + 1
             assert (await bystander.ping())["pong"] > 0
@@ -140,6 +150,28 @@ async def test_fuzzed_frames_get_documented_answers(tmp_path: Path) -> None:
             while count_tasks() > baseline:  # noqa: ASYNC110 - task count has no event
                 await trio.sleep(0.05)
         assert (await bystander.my_stats())["total"] == 0
+
+
+def _readable_id(frame: str | bytes) -> Any:
+    """The id PROTOCOL.md says an answer carries: the one top-level ``id`` of a JSON object,
+    if it is a string of 1-128 characters or an integer in the signed 64-bit range."""
+    try:
+        data = json.loads(frame, object_pairs_hook=tuple)  # arrays stay lists
+    except (ValueError, RecursionError):
+        return None
+    ids = [v for k, v in data if k == "id"] if isinstance(data, tuple) else []
+    if len(ids) != 1:
+        return None
+    value = ids[0]
+    if type(value) is int:
+        return value if -(2**63) <= value < 2**63 else None
+    if type(value) is str and 1 <= len(value) <= 128:
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return None
+        return value
+    return None
 
 
 async def _answer(ws: Any) -> Any:

@@ -11,7 +11,10 @@ from transport import CLOSE, OPS, _server
 
 DOC = (Path(__file__).parent.parent / "transport" / "PROTOCOL.md").read_text()
 SERVER_SOURCE = Path(_server.__file__).read_text()
-PROTOCOL_SOURCE = Path(_server.__file__).with_name("_protocol.py").read_text()
+PROTOCOL_SOURCE = "".join(
+    Path(_server.__file__).with_name(name).read_text()
+    for name in ("_protocol.py", "_json.py", "_auth.py")
+)
 
 
 def test_every_op_is_documented() -> None:
@@ -32,10 +35,12 @@ def test_every_error_code_is_documented() -> None:
     }
     sources = SERVER_SOURCE + PROTOCOL_SOURCE
     codes |= set(re.findall(r'ProtocolError\(\s*"(\w+)"', sources))
-    codes |= set(re.findall(r'RequestError\(\s*request_id,\s*"(\w+)"', sources))
+    codes |= set(re.findall(r'RequestError\(\s*[\w()]+,\s*"(\w+)"', sources))
+    codes |= set(re.findall(r'RefusedJsonError\(\s*"(\w+)"', sources))
+    codes |= set(re.findall(r'return "(\w+)", f?"', sources))  # _id_problem's (code, message)
     codes |= set(re.findall(r'_reply_error\([^,]+,\s*"(\w+)"', sources))
     # Codes that only ever close the connection are in the close-code table.
-    codes -= {"protocol_error", "auth_failed", "token_expired", "too_many_connections"}
+    codes -= {"protocol_error", "too_many_connections"}
     codes -= {"runtime_crashed", "lagged"}
     # Refusals to start never reach a client.
     codes -= {"database_in_use"}

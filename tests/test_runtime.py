@@ -108,14 +108,17 @@ async def test_a_handler_ignoring_stop_is_cancelled_after_grace() -> None:
 
 async def test_restart_with_modified_input(jobspine_runtime: Runtime) -> None:
     rt = jobspine_runtime
-    job = await rt.create_job("trade", "alice", {"symbol": "ACME", "side": "hold", "quantity": 1})
-    failed = await wait_for_state(rt, job.id)
+    order = {"symbol": "ACME", "side": "sell", "quantity": 1, "slices": 50}
+    job = await rt.create_job("trade", "alice", order)
+    failed = await rt.mark_failed(job.id, "exchange unreachable")
     assert failed.state is JobState.FAILED and failed.error is not None
-    assert failed.error.type == "InvalidInputError" and "'buy' or 'sell'" in failed.error.message
-    await rt.restart(job.id, {"side": "buy", "delay": 0}, by="alice")
+    with pytest.raises(InvalidInputError, match="'buy' or 'sell'"):  # checked before stored
+        await rt.restart(job.id, {"side": "hold"}, by="alice")
+    assert await rt.get_job(job.id) == failed
+    await rt.restart(job.id, {"side": "buy", "slices": 5, "delay": 0}, by="alice")
     done = await wait_for_state(rt, job.id)
     assert done.state is JobState.COMPLETED and done.error is None
-    assert done.input == {"symbol": "ACME", "side": "buy", "quantity": 1, "delay": 0}
+    assert done.input == {"symbol": "ACME", "side": "buy", "quantity": 1, "slices": 5, "delay": 0}
     assert done.result["filled"] == 1.0 and done.attempt == 2
     audit = await rt.get_audit(job.id)
     assert [(e.type, e.actor) for e in audit] == [(EventType.RESTARTED, "alice")]
@@ -197,8 +200,8 @@ async def test_user_queries_stats_and_audit(jobspine_runtime: Runtime) -> None:
     a1 = await rt.create_trade_job("alice", "X", "buy", 1, slices=1)
     await wait_for_state(rt, a1.id)
     a2 = await rt.create_research_job("alice", "q", depth=100)
-    b1 = await rt.create_job("trade", "bob", {**quick, "side": "sideways"})
-    await wait_for_state(rt, b1.id)
+    b1 = await rt.create_job("trade", "bob", {**quick, "slices": 1000, "delay": 1})
+    await rt.mark_failed(b1.id, "exchange unreachable")
     assert [j.id for j in await rt.get_user_jobs("alice")] == [a2.id, a1.id]
     assert [j.id for j in await rt.get_user_active_jobs("alice")] == [a2.id]
     assert [j.id for j in await rt.get_user_completed_jobs("alice")] == [a1.id]

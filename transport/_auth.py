@@ -1,17 +1,31 @@
-"""Authentication: HS256 JWTs (PyJWT) carried in the first frame, never in the URL."""
+"""Authentication: HS256 JWTs (PyJWT) carried in the first frame, never in the URL.
+
+PyJWT checks the signature, the algorithm and the times; it reads the claims with the
+stdlib's lenient JSON and converts them with ``int()``, so that ``"exp": "9999999999"`` or
+``"exp": true`` would pass as numbers. The claims are therefore read again, strictly
+(:func:`~transport._json.loads_strict`), and each is checked for its type before PyJWT's
+time checks run: a token is accepted only if every claim means exactly one thing.
+"""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import attrs
 import jwt
 
+from ._json import RefusedJsonError, loads_strict
 from ._protocol import ProtocolError
 
-__all__ = ["Principal", "mint_token", "verify_token"]
+__all__ = ["CLAIMS", "MAX_USER_ID_LENGTH", "Principal", "mint_token", "verify_token"]
 
 ALGORITHM = "HS256"
+#: Every claim a token may carry; any other claim refuses the token, since a claim the server
+#: does not understand (an audience, a scope) may be meant to restrict it.
+CLAIMS = frozenset({"sub", "exp", "iat", "nbf", "admin"})
+#: The longest user id (``sub``), in characters.
+MAX_USER_ID_LENGTH = 256
 
 
 @attrs.frozen
@@ -23,23 +37,59 @@ class Principal:
 
 def mint_token(secret: str, user_id: str, *, admin: bool = False, ttl: float = 24 * 3600) -> str:
     now = int(time.time())
-    claims = {"sub": user_id, "iat": now, "exp": now + int(ttl)}
+    claims: dict[str, Any] = {"sub": user_id, "iat": now, "exp": now + int(ttl)}
     if admin:
         claims["admin"] = True
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
 def verify_token(secret: str, token: str) -> Principal:
-    """Check signature, algorithm (HS256 only: ``alg: none`` is refused) and expiry."""
+    """The principal of a valid token. Raises :class:`ProtocolError` ``auth_failed`` for a bad
+    signature, another algorithm (``alg: none`` included), malformed or unknown claims, a
+    token not yet valid; ``token_expired`` for an expired one."""
     try:
-        claims = jwt.decode(
-            token, secret, algorithms=[ALGORITHM], options={"require": ["sub", "exp"]}
-        )
+        # Signature and algorithm first: nothing in an unsigned payload is worth reading.
+        signed = jwt.api_jws.decode_complete(token, secret, algorithms=[ALGORITHM])
+    except jwt.PyJWTError as exc:
+        raise ProtocolError("auth_failed", f"invalid token: {exc}") from None
+    claims = _claims(signed["payload"])
+    try:
+        jwt.decode(token, secret, algorithms=[ALGORITHM], options={"require": ["sub", "exp"]})
     except jwt.ExpiredSignatureError:
         raise ProtocolError("token_expired", "the token has expired") from None
     except jwt.PyJWTError as exc:
         raise ProtocolError("auth_failed", f"invalid token: {exc}") from None
+    return Principal(claims["sub"], claims.get("admin", False), float(claims["exp"]))
+
+
+def _claims(payload: bytes) -> dict[str, Any]:
+    """The claims, read strictly and checked for type; raises ``auth_failed``."""
+    try:
+        claims = loads_strict(payload.decode())
+    except UnicodeDecodeError:
+        raise _refused("the claims are not UTF-8") from None
+    except RefusedJsonError as exc:
+        raise _refused(f"claims: {exc.message}") from None
+    if not isinstance(claims, dict):
+        raise _refused("the claims are not a JSON object")
+    unknown = sorted(set(claims) - CLAIMS)
+    if unknown:
+        raise _refused(f"unknown claim {unknown[0]!r}; claims: {', '.join(sorted(CLAIMS))}")
     subject = claims.get("sub")
-    if not isinstance(subject, str) or not subject:
-        raise ProtocolError("auth_failed", "invalid token: 'sub' must be a non-empty string")
-    return Principal(subject, claims.get("admin") is True, float(claims["exp"]))
+    if not isinstance(subject, str) or not 1 <= len(subject) <= MAX_USER_ID_LENGTH:
+        raise _refused(f"'sub' must be a string of 1 to {MAX_USER_ID_LENGTH} characters")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in subject):
+        raise _refused("'sub' must not contain control characters")
+    for name in ("exp", "iat", "nbf"):
+        value = claims.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _refused(f"{name!r} must be a number (Unix seconds)")
+    if "exp" not in claims:
+        raise _refused("the token has no 'exp'")
+    if not isinstance(claims.get("admin", False), bool):
+        raise _refused("'admin' must be true or false")
+    return claims
+
+
+def _refused(message: str) -> ProtocolError:
+    return ProtocolError("auth_failed", f"invalid token: {message}")

@@ -1,8 +1,15 @@
 """Protocol v1 messages, error codes and close codes (documented in ``transport/PROTOCOL.md``).
 
-A client frame is a JSON object ``{"op": ..., "id": ..., <fields>}``. Requests are parsed into
-attrs classes through the one converter, strictly: an unknown field, a missing field or a field
-of the wrong type is a ``bad_request`` error naming the field.
+A client frame is a JSON object ``{"op": ..., "id": ..., <fields>}``, parsed once, strictly:
+
+* the JSON itself by :func:`~transport._json.loads_strict` (numbers outside the signed 64-bit
+  range, lone surrogates, repeated keys and deep nesting are refused, never changed);
+* ``id``, when given, must be valid (:func:`_id_problem`);
+* the fields into attrs classes through a copy of the one converter that refuses unknown keys
+  at every level: an unknown, missing or mistyped field is ``bad_request`` naming its path;
+* then the value ranges (:func:`_range_problem`): ``invalid_input`` naming the field.
+
+Every refusal is a :class:`RequestError` that carries the request id whenever it can be read.
 """
 
 from __future__ import annotations
@@ -13,28 +20,43 @@ import attrs
 import cattrs
 import orjson
 
+from actors import JobState
 from actors._codec import converter
+
+from ._json import INT_MAX, INT_MIN, RefusedJsonError, loads_lenient, loads_strict
 
 __all__ = [
     "CLOSE",
+    "MAX_ID_LENGTH",
+    "MAX_LIST_LIMIT",
     "OPS",
     "PROTOCOL_VERSION",
     "Cursor",
     "ProtocolError",
     "Request",
+    "RequestError",
     "encode",
     "error_message",
     "parse_request",
+    "read_request_id",
     "reply_message",
 ]
 
 PROTOCOL_VERSION = 1
+#: A string request id has 1 to this many characters.
+MAX_ID_LENGTH = 128
+#: The largest ``limit`` of a ``list`` request.
+MAX_LIST_LIMIT = 500
+_STATES = tuple(state.value for state in JobState)
 
 #: Close codes the server uses, with the reason text it sends.
 CLOSE = {
     "normal": 1000,
     "going_away": 1001,  # the server is shutting down
-    "too_big": 1009,  # a frame over max_frame_size (sent by the websocket layer)
+    # Sent by the websocket layer (1002 and 1007 with the help of transport._wire):
+    "websocket_protocol": 1002,  # a malformed websocket frame
+    "invalid_utf8": 1007,  # a text frame that is not UTF-8
+    "too_big": 1009,  # a frame over max_frame_size
     "hello_timeout": 4001,
     "protocol_error": 4002,  # the first frame was not a valid hello
     "auth_failed": 4003,
@@ -90,7 +112,7 @@ class Unsubscribe:
 @attrs.frozen
 class Create:
     kind: str
-    input: Any = None
+    input: Any  # required; JSON null is a value (the kind's handler decides if it accepts it)
 
 
 @attrs.frozen
@@ -143,6 +165,11 @@ OPS: dict[str, type] = {
 }
 
 
+# The protocol's converter: the runtime's strict type hooks, and unknown keys refused at every
+# level (the top level is checked first, for a message naming the op).
+_converter = converter.copy(forbid_extra_keys=True)
+
+
 @attrs.frozen
 class Request:
     op: str
@@ -151,25 +178,29 @@ class Request:
 
 
 def parse_request(frame: str | bytes) -> Request:
-    """Parse one client frame; raises :class:`ProtocolError` (with the request id when known)."""
+    """Parse one client frame strictly (see the module docstring); raises
+    :class:`RequestError`, carrying the request id whenever the frame lets it be read."""
     if isinstance(frame, bytes):
-        raise ProtocolError(
-            "bad_frame", "binary frames are not part of the protocol; send JSON text"
+        raise RequestError(
+            read_request_id(frame),
+            "bad_frame",
+            "binary frames are not part of the protocol; send JSON text",
         )
     try:
-        data = orjson.loads(frame)
-    except orjson.JSONDecodeError as exc:
-        raise ProtocolError("bad_json", f"the frame is not valid JSON: {exc}") from None
+        data = loads_strict(frame)
+    except RefusedJsonError as exc:
+        raise RequestError(read_request_id(frame), exc.code, exc.message) from None
     if not isinstance(data, dict):
-        raise ProtocolError("bad_request", f"a request is a JSON object, not {type(data).__name__}")
-    request_id = data.pop("id", None)
-    if request_id is not None and (
-        isinstance(request_id, bool) or not isinstance(request_id, str | int)
-    ):
-        raise ProtocolError("bad_request", "id must be a string or an integer")
+        raise RequestError(
+            None, "bad_request", f"a request is a JSON object, not {_json_type(data)}"
+        )
+    request_id = data.pop("id", None)  # optional: without one, the reply has "id": null
+    problem = None if request_id is None else _id_problem(request_id)
+    if problem is not None:
+        raise RequestError(None, *problem)
     op = data.pop("op", None)
     if not isinstance(op, str):
-        raise RequestError(request_id, "bad_request", "missing field 'op'")
+        raise RequestError(request_id, "bad_request", "missing field 'op' (a string)")
     cls = OPS.get(op)
     if cls is None:
         raise RequestError(request_id, "unknown_op", f"unknown op {op!r}; ops: {', '.join(OPS)}")
@@ -178,7 +209,7 @@ def parse_request(frame: str | bytes) -> Request:
     if extra:
         raise RequestError(request_id, "bad_request", f"{op}: unknown field {extra[0]!r}")
     try:
-        body: Any = converter.structure(data, cls)
+        body: Any = _converter.structure(data, cls)
     except (cattrs.BaseValidationError, TypeError, ValueError) as exc:
         details = (
             "; ".join(cattrs.transform_error(exc))
@@ -186,11 +217,71 @@ def parse_request(frame: str | bytes) -> Request:
             else str(exc)
         )
         raise RequestError(request_id, "bad_request", f"{op}: {details}") from None
+    out_of_range = _range_problem(body)
+    if out_of_range is not None:
+        raise RequestError(request_id, "invalid_input", f"{op}: {out_of_range}")
     return Request(op, request_id, body)
 
 
+def _range_problem(body: Any) -> str | None:
+    """What is out of range in a well-typed request body, naming the field, else None."""
+    if isinstance(body, Subscribe) and body.cursor is not None and body.cursor.seq < 0:
+        return f"$.cursor.seq must be at least 0, not {body.cursor.seq}"
+    if isinstance(body, PayloadRef) and body.seq is not None and body.seq < 1:
+        return f"$.seq must be at least 1, not {body.seq}"
+    if isinstance(body, ListJobs):
+        if not 1 <= body.limit <= MAX_LIST_LIMIT:
+            return f"$.limit must be in 1..{MAX_LIST_LIMIT}, not {body.limit}"
+        if body.state is not None and body.state not in _STATES:
+            return f"$.state: unknown state {body.state!r}; states: {', '.join(_STATES)}"
+    return None
+
+
+def _id_problem(request_id: object) -> tuple[str, str] | None:
+    """Why ``request_id`` cannot be a request id, as ``(code, message)``, else None."""
+    if isinstance(request_id, bool) or not isinstance(request_id, str | int):
+        return "bad_request", f"id must be a string or an integer, not {_json_type(request_id)}"
+    if isinstance(request_id, int):
+        if not INT_MIN <= request_id <= INT_MAX:
+            return "invalid_input", "$.id: integer outside the signed 64-bit range"
+    elif not 1 <= len(request_id) <= MAX_ID_LENGTH:
+        return "invalid_input", f"$.id: a string id has 1 to {MAX_ID_LENGTH} characters"
+    else:
+        try:
+            request_id.encode()
+        except UnicodeEncodeError:
+            return "invalid_input", "$.id: string has a lone surrogate"
+    return None
+
+
+def read_request_id(frame: str | bytes) -> str | int | None:
+    """The id of a frame that will not be served, so that its sender is not left waiting:
+    read leniently (any JSON the stdlib takes, text or UTF-8 bytes) but echoed only when it
+    is unambiguous and valid (one ``id`` key at the top level, obeying the id rules)."""
+    if isinstance(frame, bytes):
+        try:
+            frame = frame.decode()
+        except UnicodeDecodeError:
+            return None
+    data = loads_lenient(frame)
+    # Objects decode as lists of (key, value) tuples; JSON arrays as lists of values.
+    if not isinstance(data, list):
+        return None
+    ids = [pair[1] for pair in data if isinstance(pair, tuple) and pair[0] == "id"]
+    if len(ids) != 1 or ids[0] is None or _id_problem(ids[0]) is not None:
+        return None
+    request_id: str | int = ids[0]
+    return request_id
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
+
+
 class RequestError(ProtocolError):
-    """A :class:`ProtocolError` for a frame whose request id could be read."""
+    """A :class:`ProtocolError` answering one frame: ``request_id`` is the frame's id when it
+    could be read, else None."""
 
     def __init__(self, request_id: str | int | None, code: str, message: str) -> None:
         super().__init__(code, message)

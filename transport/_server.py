@@ -6,17 +6,13 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any
 
 import attrs
 import orjson
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    WebSocketConnection,
-    WebSocketRequest,
-    WebSocketServer,
-)
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from actors import (
     Broadcaster,
@@ -51,8 +47,10 @@ from ._protocol import (
     Unsubscribe,
     error_message,
     parse_request,
+    read_request_id,
     reply_message,
 )
+from ._wire import GuardedStream, serve_websockets
 
 __all__ = ["Server", "ServerConfig"]
 
@@ -241,7 +239,7 @@ class Connection:
                     self.close(CLOSE["flood"], "request flood")
                     return
                 self._reply_error(
-                    _request_id(frame), "rate_limited", "too many requests; slow down"
+                    read_request_id(frame), "rate_limited", "too many requests; slow down"
                 )
                 continue
             self._refused = 0
@@ -249,9 +247,6 @@ class Connection:
                 request = parse_request(frame)
             except RequestError as exc:
                 self._reply_error(exc.request_id, exc.code, exc.message)
-                continue
-            except ProtocolError as exc:
-                self._reply_error(None, exc.code, exc.message)
                 continue
             if self.inflight >= self.server.config.max_inflight:
                 self._reply_error(request.id, "busy", "too many requests in flight")
@@ -344,20 +339,6 @@ class Connection:
         return kind, ident
 
 
-def _request_id(frame: str | bytes) -> str | int | None:
-    """The id of a frame that will not be served, so that its sender is not left waiting."""
-    try:
-        data = orjson.loads(frame)
-    except orjson.JSONDecodeError:
-        return None
-    request_id = data.get("id") if isinstance(data, dict) else None
-    return (
-        request_id
-        if isinstance(request_id, str | int) and not isinstance(request_id, bool)
-        else None
-    )
-
-
 _ALREADY_REPLIED = object()
 Handler = Callable[[Connection, Request], Awaitable[Any]]
 
@@ -441,13 +422,8 @@ async def _list(conn: Connection, request: Request) -> Any:
         user_id = body.user_id
     if conn.user.admin and body.user_id is None:
         user_id = None
-    if not 1 <= body.limit <= 500:
-        raise ProtocolError("bad_request", "list: limit must be in 1..500")
-    states = None
-    if body.state is not None:
-        if body.state not in {s.value for s in JobState}:
-            raise ProtocolError("bad_request", f"list: unknown state {body.state!r}")
-        states = [JobState(body.state)]
+    # parse_request checked the limit's range and that the state is one.
+    states = None if body.state is None else [JobState(body.state)]
     jobs = await conn.server.runtime.list_jobs(
         user_id, states=states, kind=body.kind, limit=body.limit
     )
@@ -602,17 +578,19 @@ class Server:
             connections.start_soon(self._ticker)
             with self._listen_scope:
                 async with trio.open_nursery() as listener:
-                    websockets = WebSocketServer(
-                        self._handle,
-                        listeners,
-                        handler_nursery=connections,
-                        max_message_size=self.config.max_frame_size,
-                    )
                     # Connections may be queued on sockets bound before the runtime started:
                     # they are accepted from the first moment the server serves.
-                    self.port = websockets.port
+                    self.port = listeners[0].socket.getsockname()[1]
                     self._accepting = True
-                    await listener.start(websockets.run)
+                    await listener.start(
+                        partial(
+                            serve_websockets,
+                            self._handle,
+                            list(listeners),
+                            handler_nursery=connections,
+                            max_message_size=self.config.max_frame_size,
+                        )
+                    )
                     task_status.started(self)
             self._accepting = False
             await self._closed_all.wait()
@@ -633,11 +611,12 @@ class Server:
                 await conn._done.wait()
         self._closed_all.set()
 
-    async def _handle(self, request: WebSocketRequest) -> None:
+    async def _handle(self, request: WebSocketRequest, stream: GuardedStream) -> None:
         if not self._accepting:
             await request.reject(503)
             return
         ws = await request.accept()
+        stream.connection = ws  # so that a client's protocol error gets its close frame
         await Connection(self, ws).run()
 
     async def _ticker(self) -> None:

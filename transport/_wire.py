@@ -1,0 +1,141 @@
+"""Listening for websocket connections, with the close frame of a failed connection.
+
+When a client breaks the websocket protocol itself (invalid UTF-8 in a text message, RFC 6455
+section 8.1; a malformed frame), wsproto reports the close code (1007, 1002) but
+trio-websocket then closes the TCP connection without sending the close frame: the client sees
+an abnormal closure (1006) and cannot tell what it did wrong. :class:`GuardedStream` sits
+between trio-websocket and the socket and sends that close frame before closing.
+
+:func:`serve_websockets` is trio-websocket's ``serve_websocket`` built from its public
+pieces (``wrap_server_stream``), so that each connection's stream can be guarded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import trio
+from trio_websocket import WebSocketConnection, WebSocketRequest, wrap_server_stream
+
+from ._protocol import CLOSE
+
+__all__ = ["GuardedStream", "serve_websockets"]
+
+#: Seconds a client has for the opening handshake, and the server for the closing one
+#: (trio-websocket's defaults).
+CONNECT_TIMEOUT = 60.0
+DISCONNECT_TIMEOUT = 60.0
+#: Seconds spent sending the close frame of a failed connection and reading what the client
+#: still sends (closing a socket with unread data resets it, and the frame could be lost).
+FAIL_TIMEOUT = 1.0
+#: Close codes wsproto reports for a client's protocol error without sending them.
+FAILURE_CODES = frozenset({CLOSE["websocket_protocol"], CLOSE["invalid_utf8"]})
+_CLOSE_OPCODE = 0x88  # FIN + close: the first byte of a server's close frame
+
+
+def close_frame(code: int, reason: str) -> bytes:
+    """An unmasked (server) close frame; the reason is cut to 123 bytes of whole characters."""
+    text = reason.encode()[:123].decode(errors="ignore").encode()
+    payload = code.to_bytes(2, "big") + text
+    return bytes([_CLOSE_OPCODE, len(payload)]) + payload
+
+
+class GuardedStream(trio.abc.Stream):
+    """One accepted TCP stream. ``connection`` is set once the websocket is accepted; when it
+    is failed for a client's protocol error and no close frame went out, :meth:`aclose`
+    sends one, unless a send is under way or was interrupted mid-frame (the close frame
+    would then be garbage in the middle of another frame)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+        self._close_sent = False
+        self._sending = False
+        self._torn = False
+        self._closed: trio.Event | None = None
+        self.connection: WebSocketConnection | None = None
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        # trio-websocket writes one wsproto event per call, so a frame starts each call.
+        if data[:1] == bytes([_CLOSE_OPCODE]):
+            self._close_sent = True
+        self._sending = True
+        sent = False
+        try:
+            await self._stream.send_all(data)
+            sent = True
+        finally:
+            self._sending = False
+            # Cancelled or failed: part of the frame may be out.
+            self._torn = self._torn or not sent
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self._stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        if self._closed is not None:  # another task is closing: let it finish
+            await self._closed.wait()
+            return
+        self._closed = trio.Event()
+        try:
+            reason = None if self.connection is None else self.connection.closed
+            if (
+                reason is not None
+                and reason.code in FAILURE_CODES
+                and not (self._close_sent or self._sending or self._torn)
+            ):
+                with trio.move_on_after(FAIL_TIMEOUT, shield=True):
+                    await self._fail(close_frame(reason.code, reason.reason or ""))
+        finally:
+            await self._stream.aclose()
+            self._closed.set()
+
+    async def _fail(self, frame: bytes) -> None:
+        self._close_sent = True
+        try:
+            await self._stream.send_all(frame)
+            await self._stream.send_eof()
+            while await self._stream.receive_some(4096):
+                pass  # until the client closes its side
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+            pass  # the client is gone or another task uses the socket: nothing more to say
+
+
+Handler = Callable[[WebSocketRequest, GuardedStream], Awaitable[None]]
+
+
+async def serve_websockets(
+    handler: Handler,
+    listeners: list[trio.SocketListener],
+    *,
+    handler_nursery: trio.Nursery,
+    max_message_size: int,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept websocket connections on ``listeners`` until cancelled; each completed handshake
+    runs ``handler(request, stream)`` in ``handler_nursery``. The handler accepts or rejects
+    the request and sets ``stream.connection`` to the accepted websocket."""
+
+    async def connection(socket_stream: trio.SocketStream) -> None:
+        stream = GuardedStream(socket_stream)
+        async with trio.open_nursery() as nursery:
+            request: WebSocketRequest | None = None
+            with trio.move_on_after(CONNECT_TIMEOUT):
+                request = await wrap_server_stream(
+                    nursery, stream, max_message_size=max_message_size
+                )
+            try:
+                if request is not None:
+                    await handler(request, stream)
+            finally:
+                if stream.connection is not None:
+                    with trio.move_on_after(DISCONNECT_TIMEOUT):
+                        await stream.connection.aclose()
+                await stream.aclose()
+                nursery.cancel_scope.cancel()  # the websocket's reader task, if still reading
+
+    await trio.serve_listeners(
+        connection, listeners, handler_nursery=handler_nursery, task_status=task_status
+    )
