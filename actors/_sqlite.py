@@ -73,6 +73,9 @@ async def _close(db: aiosqlite.Connection) -> None:
     with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
         try:
             await aio_as_trio(db.close)()
+            # The worker thread answers the close, then returns: wait for that last step so
+            # no thread outlives the block (aiosqlite has no public handle on its thread).
+            db._thread.join(timeout=1.0)
             return
         except Exception:
             log.exception("closing the SQLite connection failed")
