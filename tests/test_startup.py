@@ -182,6 +182,7 @@ async def test_unusable_database_is_one_line_and_left_as_it_was(
         (["--handlers", "json:loads"], "expected a dict of kind -> handler"),
         (["--handlers", "json:__builtins__"], "expected a kind name mapped to a handler"),
         (["--handlers", "broken_handlers"], "cannot import broken_handlers: ZeroDivisionError"),
+        (["--handlers", "exiting_handlers:H"], "cannot import exiting_handlers: SystemExit: 0"),
     ],
 )
 async def test_bad_option_is_one_line_and_creates_nothing(
@@ -189,6 +190,7 @@ async def test_bad_option_is_one_line_and_creates_nothing(
 ) -> None:
     data = tmp_path / "data"
     (tmp_path / "broken_handlers.py").write_text("HANDLERS = {'x': 1 / 0}\n")
+    (tmp_path / "exiting_handlers.py").write_text("import sys\nsys.exit(0)\n")  # a script
     env = {"PYTHONPATH": str(tmp_path)}
     status, lines, elapsed = await _serve(data, *args, env=env)
     assert status == ExitCode.USAGE
