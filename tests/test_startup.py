@@ -261,6 +261,28 @@ async def test_every_way_out_of_open_runtime_closes_the_database(tmp_path: Path,
         assert job_after.checkpoint_version > 0
 
 
+async def test_open_runtime_cancelled_while_it_opens_leaves_no_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancellation that lands inside the connect (the connection's thread started, no
+    connection handed back yet) must not leave that thread behind, unclosed: it used to
+    outlive the block and die on the closed event loop."""
+    crashed: list[threading.ExceptHookArgs] = []
+    monkeypatch.setattr(threading, "excepthook", crashed.append)
+    db = tmp_path / "jobs.db"
+    config = RuntimeConfig(stop_grace=0.2, sqlite_synchronous="NORMAL")
+    for _ in range(3):
+        with trio.move_on_after(0):  # cancelled at its first checkpoint
+            async with open_runtime(db, handlers={}, config=config):
+                await trio.sleep_forever()
+        with trio.fail_after(BOUND):
+            while _sqlite_threads():  # noqa: ASYNC110 - a closed connection's thread ends just after close
+                await trio.sleep(0.01)
+    async with open_runtime(db, handlers={}, config=config) as rt:
+        assert await rt.get_stats() == {**{s.value: 0 for s in JobState}, "total": 0}
+    assert crashed == []
+
+
 async def test_open_runtime_on_an_unusable_database_leaves_no_thread(tmp_path: Path) -> None:
     _garbage(tmp_path / "jobs.db")
     with pytest.raises(StoreError, match="file is not a database"):
