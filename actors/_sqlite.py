@@ -137,7 +137,11 @@ class SqliteBackend:
         with database_owner_lock(self.path):
             async with trio_asyncio.open_loop():
                 try:
-                    db = await aio_as_trio(aiosqlite.connect)(self.path)
+                    # Shielded: a connect cancelled midway has started the connection's
+                    # thread but handed back no connection to close, and that thread would
+                    # hold the database after the owner lock is gone. Opening is quick.
+                    with trio.CancelScope(shield=True):
+                        db = await aio_as_trio(aiosqlite.connect)(self.path)
                 except sqlite3.Error as exc:
                     raise StoreError(f"database {self.path}: cannot open: {exc}") from None
                 self._db = db

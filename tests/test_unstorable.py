@@ -190,6 +190,45 @@ async def test_an_error_message_that_cannot_be_stored_is_kept_escaped(tmp_path: 
         assert rt.status().stalls_detected == 0
 
 
+class UnprintableError(Exception):
+    """An exception is the handler's own object: its ``__str__`` may itself raise."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ failed")
+
+
+class UnreprintableError(UnprintableError):
+    def __repr__(self) -> str:
+        raise RuntimeError("__repr__ failed")
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (UnprintableError, "UnprintableError()"),
+        (UnreprintableError, "UnreprintableError (its message could not be rendered)"),
+    ],
+)
+async def test_an_exception_that_cannot_be_rendered_fails_only_its_job(
+    tmp_path: Path, error: type[Exception], message: str
+) -> None:
+    async def raiser(ctx: JobContext, input: Any) -> Any:
+        await ctx.checkpoint({"i": 0})
+        raise error
+
+    config = RuntimeConfig(sqlite_synchronous="NORMAL", heartbeat_timeout=60)
+    async with open_runtime(
+        tmp_path / "j.db", handlers={"healthy": healthy, "raiser": raiser}, config=config
+    ) as rt:
+        jobs = [await rt.create_job("healthy", f"user{n}", {}) for n in range(5)]
+        bad = await rt.create_job("raiser", "mallory", {})
+        failed = await wait_for_state(rt, bad.id)
+        assert failed.state is JobState.FAILED and failed.error is not None
+        assert (failed.error.type, failed.error.message) == (error.__name__, message)
+        for job in jobs:
+            assert (await wait_for_state(rt, job.id)).state is JobState.COMPLETED
+
+
 class PoisonedBackend(SqliteBackend):
     """Fault injection around the real SQLite backend: a commit that holds a checkpoint event
     of one job fails as a constraint violation would (tied to that request, not an outage)."""
