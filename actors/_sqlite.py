@@ -95,7 +95,7 @@ class SqliteBackend:
         path: str | os.PathLike[str],
         *,
         synchronous: str = "FULL",
-        busy_timeout: float = 5.0,
+        busy_timeout: float = 0.2,
     ) -> None:
         """``busy_timeout``: seconds one statement waits for a lock another program holds
         before it fails as busy (the store then retries it, see ``store_retry_timeout``)."""
