@@ -147,6 +147,15 @@ def _refuse(value: Any, what: str, fallback: str) -> NotSerializableError:
     return NotSerializableError(f"{what} is not JSON-serializable: {reason}{where}")
 
 
+#: orjson would turn these into strings or plain values that read back as another type (a
+#: datetime as text, a str or int subclass as its base): refused instead, like any non-JSON type.
+_EXACT = (
+    orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
+
+
 def dumps_json_value(value: Any, what: str) -> bytes:
     """Encode a user-supplied JSON value that is to be stored, refusing anything the store
     cannot keep exactly: non-JSON types, lone surrogates in strings or keys, NaN and
@@ -160,7 +169,7 @@ def dumps_json_value(value: Any, what: str) -> bytes:
     for _ in range(_WRAP):
         wrapped = [wrapped]
     try:
-        encoded = orjson.dumps(wrapped)[_WRAP:-_WRAP]
+        encoded = orjson.dumps(wrapped, option=_EXACT)[_WRAP:-_WRAP]
     except TypeError as exc:  # orjson.JSONEncodeError included
         raise _refuse(value, what, str(exc)) from None
     suspect = b"null" in encoded or (
