@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import os
 import secrets
 import signal
@@ -23,7 +24,7 @@ from actors import DEMO_HANDLERS, DatabaseLockedError, JobspineError, RuntimeCon
 from actors._errors import unwrap_group
 
 from ._app import PortUnavailableError, open_server
-from ._auth import mint_token
+from ._auth import mint_token, user_id_problem
 from ._commands import run_client_command
 from ._config import (
     SETTINGS,
@@ -387,6 +388,11 @@ def _run(argv: list[str]) -> int:
     if args.command == "serve":
         return run_serve(args)
     if args.command == "token":
+        problem = user_id_problem(args.user)
+        if problem:
+            raise CLIError(ExitCode.USAGE, f"--user {args.user!r}: a user id {problem}")
+        if not math.isfinite(args.ttl) or args.ttl < 1:
+            raise CLIError(ExitCode.USAGE, f"--ttl {args.ttl:g}: must be a number of seconds >= 1")
         secret = load_secret(Path(args.db), secret=args.secret)
         token = mint_token(secret, args.user, admin=args.admin, ttl=args.ttl)
         write_json({"token": token, "user": args.user, "admin": args.admin}) if args.json else (
