@@ -136,7 +136,7 @@ EXPECTED = {
     "step": ("NotSerializableError", "step is not storable text: lone surrogate"),
     "checkpoint_int": ("NotSerializableError", "outside the signed 64-bit range"),
     "checkpoint_key": ("NotSerializableError", "of key"),
-    "step_too_long": ("InvalidInputError", "step is 3000000 characters, over the limit of 1024"),
+    "step_too_long": ("InvalidInputError", "step is 3000000 characters, over the limit of 16384"),
     "result_nan": ("NotSerializableError", "job result is not JSON-serializable: NaN"),
     "result_too_large": ("ResultTooLargeError", "exceeds the limit of 4096 bytes (result_limit)"),
 }
