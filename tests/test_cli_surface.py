@@ -267,6 +267,14 @@ def test_precedence_flags_env_file_defaults() -> None:
         assert info.value.code == ExitCode.USAGE
     with pytest.raises(CLIError):
         resolve({}, {"JOBSPINE_PORT": "eighty"}, {})
+    # A wrong file value is wrong even where a variable or flag overrides it today.
+    overridden = {"JOBSPINE_PORT": "7001", "JOBSPINE_URL": "ws://env:2"}
+    for bad in ({"server": {"port": "x"}}, {"server": {"port": 99999}}):
+        with pytest.raises(CLIError, match=r"server\.port"):
+            resolve({"port": 7002}, overridden, bad)
+    # The burst's default follows the rate, wherever the rate came from, and says so.
+    burst = resolve({}, {"JOBSPINE_REQUEST_RATE": "7"}, {})["request_burst"]
+    assert (burst.value, burst.source) == (14, "default (2 x request_rate)")
 
 
 async def test_config_file_reaches_the_server_and_the_client(tmp_path: Path) -> None:

@@ -69,6 +69,8 @@ def check_url(url: str) -> None:
 
 def client_error(exc: ClientError) -> CLIError:
     hint = _HINTS.get(exc.code)
+    if exc.code == "auth_failed" and "ignature" not in exc.message:
+        hint = None  # only a bad signature points at another secret
     message = f"{exc.code}: {exc.message}" + (f"\n{hint}" if hint else "")
     return CLIError(exit_code_for(exc.code), message)
 

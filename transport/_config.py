@@ -238,26 +238,40 @@ def resolve(
     else the default. Raises :class:`CLIError` (usage) for an unknown file key or a value of
     the wrong type."""
     from_file = _flatten(file, file_name)
+    # Every value in the file is checked, also one that a flag or variable overrides today:
+    # a wrong file is wrong whatever else is set.
+    in_file = {
+        setting.key: _checked(setting, _convert(setting, from_file[setting.key], file_name),
+                              "file " + file_name)
+        for setting in SETTINGS
+        if setting.key in from_file
+    }  # fmt: skip
     out: dict[str, Resolved] = {}
     for setting in SETTINGS:
         if setting.name in flags and flags[setting.name] is not None:
-            value, source = flags[setting.name], "flag " + (setting.flag or setting.name)
+            source = "flag " + (setting.flag or setting.name)
+            value = _checked(setting, flags[setting.name], source)
         elif setting.env and env.get(setting.env):
-            value = _convert(setting, env[setting.env], setting.env)
             source = "env " + setting.env
-        elif setting.key in from_file:
-            value = _convert(setting, from_file[setting.key], file_name)
-            source = "file " + file_name
+            value = _checked(setting, _convert(setting, env[setting.env], setting.env), source)
+        elif setting.key in in_file:
+            value, source = in_file[setting.key], "file " + file_name
+        elif setting.name == "request_burst" and "request_rate" in out:
+            # Its default follows the rate the other settings chose.
+            value, source = int(2 * out["request_rate"].value), "default (2 x request_rate)"
         else:
             default = setting.default
             value = default(env) if callable(default) else default
             source = "default"
-        if source != "default" and setting.check is not None:
-            problem = setting.check(value)
-            if problem is not None:
-                raise CLIError(ExitCode.USAGE, f"{source}: {problem}")
         out[setting.name] = Resolved(value, source)
     return out
+
+
+def _checked(setting: Setting, value: Any, source: str) -> Any:
+    problem = None if setting.check is None else setting.check(value)
+    if problem is not None:
+        raise CLIError(ExitCode.USAGE, f"{source}: {problem} ({setting.key})")
+    return value
 
 
 def _section_kwargs(values: Mapping[str, Resolved], cls: type) -> dict[str, Any]:
@@ -267,10 +281,7 @@ def _section_kwargs(values: Mapping[str, Resolved], cls: type) -> dict[str, Any]
 
 def server_config_kwargs(values: Mapping[str, Resolved]) -> dict[str, Any]:
     """Keyword arguments for :class:`ServerConfig` (all but ``secret``)."""
-    kwargs = _section_kwargs(values, ServerConfig)
-    if values["request_burst"].source == "default":
-        kwargs["request_burst"] = int(2 * kwargs["request_rate"])
-    return kwargs
+    return _section_kwargs(values, ServerConfig)
 
 
 def runtime_config_kwargs(values: Mapping[str, Resolved]) -> dict[str, Any]:
