@@ -260,14 +260,17 @@ class Worker:
             except Exception as exc:
                 if self.stop_reason is not None and isinstance(exc, JobspineError):
                     return  # the job was taken away from this attempt while it stopped
+                error = JobError(type(exc).__name__, _describe(exc))
+                # With its traceback: the stored error keeps only the type and the message.
                 log.info(
-                    "job %s attempt %d raised %r",
+                    "job %s attempt %d raised %s: %s",
                     self.job_id,
                     self.attempt,
-                    exc,
+                    error.type,
+                    error.message,
+                    exc_info=exc,
                     extra=self._fields("failed"),
                 )
-                error = JobError(type(exc).__name__, _describe(exc))
         if self.scope.cancelled_caught:
             return  # stopped by the runtime: whoever stopped it records the outcome
         # Waiting on the database to record the outcome is not a stall.

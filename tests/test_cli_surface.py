@@ -19,7 +19,9 @@ import orjson
 import pytest
 import trio
 
+from actors import EventType, JobEvent, JobState
 from transport._config import resolve
+from transport._display import PlainView
 from transport._exit import CLIError, ExitCode
 
 from .serving import free_port
@@ -350,3 +352,14 @@ async def test_watcher_survives_its_server_as_the_walk_through_says(tmp_path: Pa
         if watcher.poll() is None:
             watcher.kill()
         await watcher.wait()
+
+
+def test_plain_watch_output_says_each_state_once(capsys: pytest.CaptureFixture[str]) -> None:
+    view = PlainView("j1")
+    cancelled = JobEvent("j1", "u", 3, EventType.CANCELLED, JobState.CANCELLED, 1.0, {}, "u", 3)
+    view.event(cancelled)
+    view.finish({"id": "j1", "state": "cancelled", "progress": 10.0})
+    failed = JobEvent("j1", "u", 4, EventType.FAILED, JobState.FAILED, 2.0, {"error": {}}, None, 4)
+    view.event(failed)
+    view.finish({"id": "j1", "state": "failed", "error": {"type": "E", "message": "m"}})
+    assert capsys.readouterr().out.splitlines() == ["cancelled", "failed: E: m"]

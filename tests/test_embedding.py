@@ -106,7 +106,9 @@ async def test_json_logs_carry_job_fields_and_handlers_load_from_cwd(tmp_path: P
         assert line["user_id"] == "alice"
         assert line["attempt"] == 1
         assert line["event"] == "failed"
-    assert "ValueError('boom: testing')" in about_job[0]["message"]
+    assert "raised ValueError: boom: testing" in about_job[0]["message"]
+    # The traceback is logged: the stored error keeps only the type and the message.
+    assert 'raise ValueError("boom: " + input["why"])' in about_job[0]["exception"]
 
 
 async def test_no_demo_leaves_out_the_demo_kinds(tmp_path: Path) -> None:

@@ -178,6 +178,11 @@ class PlainView:
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
         self.step: str | None = None
+        self.last: str | None = None
+
+    def _line(self, line: str) -> None:
+        self.last = line
+        write(line + "\n")
 
     def __enter__(self) -> PlainView:
         return self
@@ -198,16 +203,18 @@ class PlainView:
             return
         line = change_line(event, self.job_id)
         if line is not None:
-            write(line + "\n")
+            self._line(line)
 
     def reset(self, reset: Reset) -> None:
-        write(f"resynchronized ({reset.reason})\n")
+        self._line(f"resynchronized ({reset.reason})")
 
     def note(self, text: str) -> None:
-        write(text + "\n")
+        self._line(text)
 
     def finish(self, job: dict[str, Any]) -> None:
-        write(final_line(job) + "\n")
+        line = final_line(job)
+        if not (self.last and self.last.startswith(line)):  # said already ("cancelled")
+            self._line(line)
 
 
 class JsonView:
