@@ -20,6 +20,7 @@ from actors import (
     JobQuery,
     JobState,
     MemoryBackend,
+    Pruned,
     RetentionPolicy,
     RetentionRule,
     SqliteBackend,
@@ -283,9 +284,11 @@ async def test_batches_do_not_stall_other_writes(autojump_clock: trio.abc.Clock)
         batches = 0
         real_prune = store.prune
 
-        async def counting_prune(*args: object, **kwargs: object) -> object:
+        async def counting_prune(
+            policy: RetentionPolicy, now: float, limit: int, *, dry_run: bool = False
+        ) -> Pruned:
             nonlocal batches
-            result = await real_prune(*args, **kwargs)  # type: ignore[arg-type]
+            result = await real_prune(policy, now, limit, dry_run=dry_run)
             batches += 1
             return result
 

@@ -4,26 +4,24 @@ Python client), the ``prune`` op, and ``jobspine prune`` through the console scr
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
-import pytest
 import trio
 
 from transport import RunningServer
 from transport.client import Reset, RoomCursor, open_client
 
+from .conftest import wait_for_state
 from .serving import raw, request, serving, token
-from .test_cli import serve_process
+from .test_cli import COMMAND, Served, serve_process
 
 TRADE = {"symbol": "X", "side": "buy", "quantity": 1}
 
 
 async def _finished(running: RunningServer, user: str = "alice") -> str:
-    runtime = running.runtime
-    job = await runtime.create_job("trade", user, TRADE)
-    with trio.fail_after(10):
-        while not (await runtime.get_job(job.id)).state.value == "completed":
-            await trio.sleep(0.01)
+    job = await running.runtime.create_job("trade", user, TRADE)
+    await wait_for_state(running.runtime, job.id, timeout=10)
     return job.id
 
 
@@ -89,28 +87,25 @@ async def test_cursor_too_old_over_a_websocket(tmp_path: Path) -> None:
 
 
 async def test_prune_op_refuses_bad_input(tmp_path: Path) -> None:
-    async with serving(tmp_path / "bad.db") as running:
-        async with raw(running, None) as ws:
-            await ws.send_message(
-                json.dumps({"op": "hello", "id": 0, "token": token("root", admin=True)})
-            )
-            await ws.get_message()
-            for fields, code in (
-                ({"older_than": -1}, "invalid_input"),
-                ({"older_than": "1d"}, "bad_request"),
-                ({"dry_run": 1}, "bad_request"),
-                ({"keep": 1}, "bad_request"),
-            ):
-                reply = await request(ws, "prune", 5, **fields)
-                assert (reply["type"], reply["code"]) == ("error", code), (fields, reply)
+    async with serving(tmp_path / "bad.db") as running, raw(running, None) as ws:
+        await ws.send_message(
+            json.dumps({"op": "hello", "id": 0, "token": token("root", admin=True)})
+        )
+        await ws.get_message()
+        for fields, code in (
+            ({"older_than": -1}, "invalid_input"),
+            ({"older_than": "1d"}, "bad_request"),
+            ({"dry_run": 1}, "bad_request"),
+            ({"keep": 1}, "bad_request"),
+        ):
+            reply = await request(ws, "prune", 5, **fields)
+            assert (reply["type"], reply["code"]) == ("error", code), (fields, reply)
 
 
-@pytest.mark.slow
 async def test_jobspine_prune_cli(tmp_path: Path) -> None:
     async with serve_process(tmp_path / "data") as served:
         done = await served.cli("submit", "trade", json.dumps(TRADE), "--watch", "--json")
         assert done.returncode == 0, done.stderr
-        admin = served.token("root")
         # Not an admin: refused with the auth status.
         refused = await served.cli("prune", "--older-than", "0")
         assert refused.returncode == 5 and "forbidden" in refused.stderr, refused
@@ -127,17 +122,12 @@ async def test_jobspine_prune_cli(tmp_path: Path) -> None:
         assert real.stdout.startswith("removed 1 finished jobs and "), real.stdout
         jobs = await served.cli("jobs", "--json")
         assert json.loads(jobs.stdout) == []
-        assert admin
 
 
-def _admin_token(served: object) -> str:
-    import subprocess
-
-    from .test_cli import COMMAND
-
+def _admin_token(served: Served) -> str:
     out = subprocess.run(
         [*COMMAND, "token", "--user", "root", "--admin"],
-        env=served.env(),  # type: ignore[attr-defined]
+        env=served.env(),
         capture_output=True,
         text=True,
         check=True,
