@@ -213,23 +213,25 @@ async def test_prune_removes_finished_jobs_and_their_events_only(backend: Backen
 async def test_user_head_never_goes_back_after_its_last_events_are_pruned(
     backend: Backend,
 ) -> None:
-    """The key invariant: pruning a user's newest events must not free their numbers."""
+    """The key invariant: pruning a user's newest events must not free their numbers, also
+    for a store started afresh on the database (no cached head)."""
     async with open_store(backend) as store:
         first = await finished_job(store, "alice")
         last = await finished_job(store, "alice")
         head = await store.user_head("alice")
         pruned = await store.prune(RetentionPolicy(RetentionRule(0.0)), NOW_LATER, 10)
         assert set(pruned.job_ids) == {first, last}
+        assert await store.read_user_events("alice") == []
         assert await store.user_head("alice") == head  # not 0
+    async with open_store(backend) as store:
+        assert await store.user_head("alice") == head
         assert await store.user_horizon("alice") == head
         job = await store.create("alice", "research", {"query": "again"})
         events = await store.read_user_events("alice")
         assert [(e.job_id, e.user_seq) for e in events] == [(job.id, head + 1)]
-    # Durable: a new store on the same database (SQLite) keeps the head.
-    if isinstance(backend, SqliteBackend):
-        async with open_store(SqliteBackend(backend.path)) as store:
-            assert await store.user_head("alice") == head + 1
-            assert await store.user_horizon("alice") == head
+        # Pruned again (the new job is not finished: nothing), the head holds.
+        assert (await store.prune(RetentionPolicy(RetentionRule(0.0)), NOW_LATER, 10)).job_ids == ()
+        assert await store.user_head("alice") == head + 1
 
 
 async def test_count_and_per_kind_limits(backend: Backend) -> None:
