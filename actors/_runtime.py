@@ -221,6 +221,8 @@ async def open_runtime(
     recovered. On exit, running jobs get the grace period to checkpoint and are paused
     (resumed by the next runtime on the same database); every acknowledged write is durable.
     With ``broadcast``, a :class:`Broadcaster` actor serves rooms of events (``rt.broadcaster``).
+    With ``config.retention``, finished jobs are pruned at start and every
+    ``retention.interval`` seconds (see :meth:`Runtime.prune`).
 
     One process owns a SQLite database at a time: while another holds it, this raises
     :class:`DatabaseLockedError` (naming the owner) having read and written nothing. A database

@@ -325,6 +325,8 @@ async def test_the_runtime_applies_its_policy_periodically(autojump_clock: trio.
         # user_head stayed: the next job's events continue the numbering.
         head = await rt._store.user_head("alice")
         assert head > 0 and await rt._store.user_horizon("alice") == head
+        # The jobs-by-state gauge follows the prune (no query at scrape time).
+        assert rt.store_actor.metrics.jobs[JobState.COMPLETED] == 0
 
 
 async def test_manual_prune_older_than_and_dry_run(autojump_clock: trio.abc.Clock) -> None:
