@@ -15,6 +15,7 @@ import trio
 
 from actors import (
     DEMO_HANDLERS,
+    BroadcasterConfig,
     EventHub,
     JobError,
     JobQuery,
@@ -446,3 +447,19 @@ async def test_database_size_levels_off_under_load(tmp_path: Path) -> None:
     assert max(files[2:]) <= files[1] * 1.3, files
     # Without retention it would grow with every round: a linear fit would be ~ROUNDS x.
     assert pages[-1] < pages[0] * 2, pages
+
+
+async def test_prune_drops_the_pruned_jobs_backlogs(autojump_clock: trio.abc.Clock) -> None:
+    async with open_runtime(
+        backend=MemoryBackend(), handlers=DEMO_HANDLERS, broadcast=BroadcasterConfig()
+    ) as rt:
+        job = await rt.create_job("trade", "alice", {"symbol": "X", "side": "buy", "quantity": 1})
+        await wait_for_state(rt, job.id)
+        assert rt.broadcaster is not None
+        await rt.broadcaster.drained()
+        backlogs = rt.broadcaster._backlogs
+        assert f"job:{job.id}" in backlogs and "user:alice" in backlogs
+        assert (await rt.prune(older_than=0.0)).job_ids == (job.id,)
+        assert f"job:{job.id}" not in backlogs
+        # The user room's backlog stays: a cursor it serves is at or past the horizon.
+        assert "user:alice" in backlogs
