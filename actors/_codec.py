@@ -17,6 +17,9 @@ from ._errors import InvalidInputError, NotSerializableError
 
 __all__ = [
     "MAX_DEPTH",
+    "MAX_INPUT_BYTES",
+    "MAX_LABEL_LENGTH",
+    "MAX_MESSAGE_LENGTH",
     "check_text",
     "converter",
     "dumps",
@@ -168,14 +171,28 @@ def dumps_json_value(value: Any, what: str) -> bytes:
     return encoded
 
 
+#: Longest label (step, user id, kind, actor, reason), in characters. Labels travel in every
+#: event and list entry, so they are bounded: a longer one is refused at the call.
+MAX_LABEL_LENGTH = 1024
+#: Longest error message kept, in characters; a longer one is truncated, never refused (a
+#: job's error must always be recordable).
+MAX_MESSAGE_LENGTH = 16 * 1024
+#: Largest job input, in bytes of JSON (the websocket protocol's frames are smaller still).
+MAX_INPUT_BYTES = 1024 * 1024
+
+
 def check_text(text: object, what: str, *, optional: bool = False) -> None:
-    """Refuse a text field that is not a string or cannot be stored (a lone surrogate);
-    ``optional`` admits None. Raises :class:`InvalidInputError` or
-    :class:`NotSerializableError`."""
+    """Refuse a text field that is not a string, is longer than :data:`MAX_LABEL_LENGTH` or
+    cannot be stored (a lone surrogate); ``optional`` admits None. Raises
+    :class:`InvalidInputError` or :class:`NotSerializableError`."""
     if text is None and optional:
         return
     if not isinstance(text, str):
         raise InvalidInputError(f"{what} must be a string, got {type(text).__name__}")
+    if len(text) > MAX_LABEL_LENGTH:
+        raise InvalidInputError(
+            f"{what} is {len(text)} characters, over the limit of {MAX_LABEL_LENGTH}"
+        )
     at = _lone_surrogate(text)
     if at is not None:
         raise NotSerializableError(
@@ -184,8 +201,11 @@ def check_text(text: object, what: str, *, optional: bool = False) -> None:
 
 
 def sanitize_text(text: str) -> str:
-    """``text`` with every character UTF-8 cannot carry replaced by its escape (``\\udce9``):
-    for messages that must always be recorded, such as a job's error."""
+    """``text`` cut to :data:`MAX_MESSAGE_LENGTH` characters (saying so) and with every
+    character UTF-8 cannot carry replaced by its escape (``\\udce9``): for messages that must
+    always be recorded, such as a job's error."""
+    if len(text) > MAX_MESSAGE_LENGTH:
+        text = f"{text[:MAX_MESSAGE_LENGTH]}... ({len(text)} characters, truncated)"
     if _lone_surrogate(text) is None:
         return text
     return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from ._codec import check_text, dumps_json_value
+from ._codec import MAX_INPUT_BYTES, check_text, dumps_json_value
 from ._errors import (
     CheckpointTooLargeError,
     IllegalTransitionError,
@@ -91,6 +91,13 @@ def _fence(job: Job, attempt: int) -> None:
         raise StaleAttemptError(job.id, attempt, job.attempt, job.state.value)
 
 
+def _check_input(encoded: bytes, what: str) -> None:
+    if len(encoded) > MAX_INPUT_BYTES:
+        raise InvalidInputError(
+            f"{what} is {len(encoded)} bytes of JSON, over the limit of {MAX_INPUT_BYTES}"
+        )
+
+
 def create(job_id: str, user_id: str, kind: str, input: Any, now: float) -> Change:
     """Needs no stored state: the store client calls it in the caller's task, so that a value
     that cannot be stored is refused before it joins a commit group."""
@@ -100,7 +107,7 @@ def create(job_id: str, user_id: str, kind: str, input: Any, now: float) -> Chan
     if not kind or not isinstance(kind, str):
         raise InvalidInputError("kind must be a non-empty string")
     check_text(kind, "kind")
-    dumps_json_value(input, "job input")
+    _check_input(dumps_json_value(input, "job input"), "job input")
     job = Job(job_id, user_id, kind, S.CREATED, input, created_at=now, updated_at=now)
     return _emit(job, EventType.CREATED, now, {"kind": kind, "input": input})
 
@@ -291,7 +298,7 @@ def restart(
                 f"{type(job.input).__name__}"
             )
         new_input = {**job.input, **modifications}
-        dumps_json_value(new_input, "modified input")
+        _check_input(dumps_json_value(new_input, "modified input"), "modified input")
     return _emit(
         job,
         EventType.RESTARTED,

@@ -6,6 +6,12 @@ releases it when the holder closes it or dies in any way, SIGKILL included, so a
 never needs manual cleanup: the file's existence decides nothing, only the lock does. The file
 also records the holder (pid, host, start time) for the message a refused process prints.
 
+A second ``flock`` on the database file itself covers the spellings ``realpath`` cannot join: a
+hard link or a bind mount names the same inode under another path (and another ``.owner``
+file), and two owners there would each keep their own WAL beside one database file. The
+descriptor stays open until the block ends, after the database is closed: closing a
+descriptor of the file drops the process's POSIX locks on it, which SQLite's are.
+
 ``flock`` locks belong to an open file description, so a second runtime in the *same* process
 is refused too. Locks on network filesystems are only as good as the filesystem's.
 """
@@ -36,9 +42,18 @@ class DatabaseLockedError(JobspineError):
     code = "database_in_use"
 
     def __init__(
-        self, database: str, lock_path: str, pid: int | None, host: str | None, since: str | None
+        self,
+        database: str,
+        lock_path: str,
+        pid: int | None,
+        host: str | None,
+        since: str | None,
+        *,
+        other_path: bool = False,
     ) -> None:
-        if pid is None:
+        if other_path:
+            owner = "another process that opened it by another path (a hard link or a mount)"
+        elif pid is None:
             owner = "another process that is starting up"
         else:
             owner = f"process {pid} on {host or 'an unknown host'} since {since or 'unknown'}"
@@ -73,6 +88,26 @@ def _read_owner(fd: int) -> tuple[int | None, str | None, str | None]:
 
 
 @contextmanager
+def _inode_lock(path: str, lock_path: str) -> Iterator[None]:
+    """Hold ``flock`` on the database file itself (created empty if missing: SQLite reads an
+    empty file as an empty database), so that every path to its inode shares one lock."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise StoreError(f"database {path}: cannot open: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise StoreError(f"database {path}: cannot lock: {exc.strerror}") from None
+            raise DatabaseLockedError(path, lock_path, None, None, None, other_path=True) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextmanager
 def database_owner_lock(database: str | os.PathLike[str]) -> Iterator[str]:
     """Hold the owner lock of ``database`` (yields the lock file's path) for the block.
 
@@ -98,11 +133,12 @@ def database_owner_lock(database: str | os.PathLike[str]) -> Iterator[str]:
                     f"database {path}: cannot lock {lock_path}: {exc.strerror}"
                 ) from None
             raise DatabaseLockedError(path, lock_path, *_read_owner(fd)) from None
-        since = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-        info = orjson.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since})
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, info, 0)
-        yield lock_path
+        with _inode_lock(path, lock_path):
+            since = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+            info = orjson.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since})
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, info, 0)
+            yield lock_path
     finally:
         # Closing the descriptor releases the lock. The file stays: unlinking it would let a
         # process that opened the old inode and one that creates a new file both "own" it.

@@ -57,7 +57,9 @@ class RuntimeConfig:
     #: SQLite ``PRAGMA synchronous``: FULL makes a commit durable against power loss too.
     sqlite_synchronous: str = "FULL"
     #: Seconds one SQLite statement waits for a lock another program holds (``busy_timeout``).
-    sqlite_busy_timeout: float = 5.0
+    #: Short on purpose: the store retries a busy write with backoff for
+    #: ``store_retry_timeout``, and reads wait for no longer than one attempt.
+    sqlite_busy_timeout: float = 0.2
     #: Seconds a write waits out an unavailable database (retried with backoff) before it
     #: fails with ``StoreUnavailableError``; jobs are then paused, never failed.
     store_retry_timeout: float = 30.0

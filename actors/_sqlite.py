@@ -89,6 +89,9 @@ async def _close(db: aiosqlite.Connection) -> None:
     with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
         try:
             await aio_as_trio(db.close)()
+            # The worker thread answers the close, then returns: wait for that last step so
+            # no thread outlives the block (aiosqlite has no public handle on its thread).
+            db._thread.join(timeout=1.0)
             return
         except Exception:
             log.exception("closing the SQLite connection failed")
@@ -108,7 +111,7 @@ class SqliteBackend:
         path: str | os.PathLike[str],
         *,
         synchronous: str = "FULL",
-        busy_timeout: float = 5.0,
+        busy_timeout: float = 0.2,
     ) -> None:
         """``busy_timeout``: seconds one statement waits for a lock another program holds
         before it fails as busy (the store then retries it, see ``store_retry_timeout``)."""
@@ -150,7 +153,11 @@ class SqliteBackend:
         with database_owner_lock(self.path):
             async with trio_asyncio.open_loop():
                 try:
-                    db = await aio_as_trio(aiosqlite.connect)(self.path)
+                    # Shielded: a connect cancelled midway has started the connection's
+                    # thread but handed back no connection to close, and that thread would
+                    # hold the database after the owner lock is gone. Opening is quick.
+                    with trio.CancelScope(shield=True):
+                        db = await aio_as_trio(aiosqlite.connect)(self.path)
                 except sqlite3.Error as exc:
                     raise StoreError(f"database {self.path}: cannot open: {exc}") from None
                 self._db = db

@@ -108,6 +108,13 @@ class _Request:
         #: Its group was void without its fault: applied again, alone, before it is answered.
         self.replay = False
 
+    async def answer(self) -> Any:
+        """Wait until the request is answered: its value, or its error raised."""
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
 
 @attrs.define(eq=False)
 class _Group:
@@ -435,10 +442,7 @@ class StoreActor:
             raise StoreError("too many reads wait on an unavailable database") from None
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise RuntimeClosedError("the store is closed") from None
-        await request.done.wait()
-        if request.error is not None:
-            raise request.error
-        value: T = request.value
+        value: T = await request.answer()
         return value
 
     async def _reader(self) -> None:
@@ -554,10 +558,7 @@ class StoreClient:
             await self._send.send(request)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise RuntimeClosedError("the store is closed") from None
-        await request.done.wait()
-        if request.error is not None:
-            raise request.error
-        value: T = request.value
+        value: T = await request.answer()
         return value
 
     async def _read(self, fn: Callable[[], Awaitable[T]], mode: str) -> T:

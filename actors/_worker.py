@@ -267,7 +267,7 @@ class Worker:
                     exc,
                     extra=self._fields("failed"),
                 )
-                error = JobError(type(exc).__name__, str(exc) or repr(exc))
+                error = JobError(type(exc).__name__, _describe(exc))
         if self.scope.cancelled_caught:
             return  # stopped by the runtime: whoever stopped it records the outcome
         # Waiting on the database to record the outcome is not a stall.
@@ -320,3 +320,16 @@ class Worker:
 
     def _fields(self, event: str) -> dict[str, object]:
         return job_fields(self.job_id, self.user_id, self.attempt, event)
+
+
+def _describe(exc: BaseException) -> str:
+    """The message recorded for a handler's exception. An exception is the handler's object:
+    its ``__str__`` or ``__repr__`` may raise, and that must fail its job, not the runtime."""
+    for render in (str, repr):
+        try:
+            text = render(exc)
+        except Exception:  # the next rendering is the fallback
+            continue
+        if text:
+            return text
+    return f"{type(exc).__name__} (its message could not be rendered)"

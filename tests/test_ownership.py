@@ -116,6 +116,29 @@ async def test_every_spelling_of_an_owned_path_is_refused_and_changes_nothing(
         assert (await rt.get_job(job.id)).id == job.id
 
 
+async def test_a_hard_link_to_an_owned_database_is_refused(tmp_path: Path) -> None:
+    """A hard link (or a bind mount) is the same file under another path and another
+    ``.owner``: a second owner there would keep its own WAL beside the same database file."""
+    db = tmp_path / "jobs.db"
+    (tmp_path / "other").mkdir()
+    config = RuntimeConfig(stop_grace=0.2, sqlite_synchronous="NORMAL")
+    async with open_runtime(db, handlers=DEMO_HANDLERS, config=config) as rt:
+        job = await rt.create_job("research", "alice", {"query": "q", "depth": 1, "delay": 0})
+        await wait_for_state(rt, job.id)
+        await rt.get_stats()
+        link = tmp_path / "other" / "alias.db"
+        os.link(db, link)
+        before = _files(db)
+        with pytest.raises(DatabaseLockedError, match="another path") as info:
+            async with open_runtime(link, handlers=DEMO_HANDLERS, config=config):
+                pass
+        assert info.value.code == "database_in_use"
+        assert _files(db) == before
+        assert not (tmp_path / "other" / "alias.db-wal").exists()
+    async with open_runtime(link, handlers=DEMO_HANDLERS, config=config) as rt:
+        assert (await rt.get_job(job.id)).state.value == "completed"
+
+
 def test_a_dead_owners_file_decides_nothing(tmp_path: Path) -> None:
     db = tmp_path / "jobs.db"
     lock = Path(owner_lock_path(db))

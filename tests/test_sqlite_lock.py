@@ -50,7 +50,6 @@ async def test_a_locked_database_fails_no_job_and_readyz_follows_it(tmp_path: Pa
     path = tmp_path / "locked.db"
     config = RuntimeConfig(
         heartbeat_timeout=0.5,  # shorter than the outage: waiting on the store is not a stall
-        sqlite_busy_timeout=0.2,
         sqlite_synchronous="NORMAL",
         store_retry_timeout=30.0,
     )

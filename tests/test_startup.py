@@ -182,6 +182,7 @@ async def test_unusable_database_is_one_line_and_left_as_it_was(
         (["--handlers", "json:loads"], "expected a dict of kind -> handler"),
         (["--handlers", "json:__builtins__"], "expected a kind name mapped to a handler"),
         (["--handlers", "broken_handlers"], "cannot import broken_handlers: ZeroDivisionError"),
+        (["--handlers", "exiting_handlers:H"], "cannot import exiting_handlers: SystemExit: 0"),
     ],
 )
 async def test_bad_option_is_one_line_and_creates_nothing(
@@ -189,6 +190,7 @@ async def test_bad_option_is_one_line_and_creates_nothing(
 ) -> None:
     data = tmp_path / "data"
     (tmp_path / "broken_handlers.py").write_text("HANDLERS = {'x': 1 / 0}\n")
+    (tmp_path / "exiting_handlers.py").write_text("import sys\nsys.exit(0)\n")  # a script
     env = {"PYTHONPATH": str(tmp_path)}
     status, lines, elapsed = await _serve(data, *args, env=env)
     assert status == ExitCode.USAGE
@@ -257,6 +259,28 @@ async def test_every_way_out_of_open_runtime_closes_the_database(tmp_path: Path,
         job_after = await rt.get_job(job.id)
         assert (job_after.state, job_after.pause_reason) == (JobState.PAUSED, "shutdown")
         assert job_after.checkpoint_version > 0
+
+
+async def test_open_runtime_cancelled_while_it_opens_leaves_no_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancellation that lands inside the connect (the connection's thread started, no
+    connection handed back yet) must not leave that thread behind, unclosed: it used to
+    outlive the block and die on the closed event loop."""
+    crashed: list[threading.ExceptHookArgs] = []
+    monkeypatch.setattr(threading, "excepthook", crashed.append)
+    db = tmp_path / "jobs.db"
+    config = RuntimeConfig(stop_grace=0.2, sqlite_synchronous="NORMAL")
+    for _ in range(3):
+        with trio.move_on_after(0):  # cancelled at its first checkpoint
+            async with open_runtime(db, handlers={}, config=config):
+                await trio.sleep_forever()
+        with trio.fail_after(BOUND):
+            while _sqlite_threads():  # noqa: ASYNC110 - a closed connection's thread ends just after close
+                await trio.sleep(0.01)
+    async with open_runtime(db, handlers={}, config=config) as rt:
+        assert await rt.get_stats() == {**{s.value: 0 for s in JobState}, "total": 0}
+    assert crashed == []
 
 
 async def test_open_runtime_on_an_unusable_database_leaves_no_thread(tmp_path: Path) -> None:

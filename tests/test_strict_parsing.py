@@ -349,6 +349,7 @@ BAD_CLAIMS = {
     "sub a number": f'{{"sub": 7, "exp": {EXP}}}',
     "sub too long": f'{{"sub": "{"a" * 257}", "exp": {EXP}}}',
     "sub a control character": f'{{"sub": "al\\u0000ice", "exp": {EXP}}}',
+    "sub a C1 control character": f'{{"sub": "al\\u0085ice", "exp": {EXP}}}',
     "unknown claim": f'{{"sub": "alice", "exp": {EXP}, "scope": "read"}}',
     "no exp": '{"sub": "alice"}',
     "not an object": f'["alice", {EXP}]',

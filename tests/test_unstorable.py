@@ -27,7 +27,13 @@ from actors import (
     SqliteBackend,
     open_runtime,
 )
-from actors._codec import MAX_DEPTH, check_text, dumps_json_value, sanitize_text
+from actors._codec import (
+    MAX_DEPTH,
+    MAX_MESSAGE_LENGTH,
+    check_text,
+    dumps_json_value,
+    sanitize_text,
+)
 
 from .conftest import wait_for_state
 
@@ -107,6 +113,8 @@ CULPRITS: dict[str, Callable[[JobContext], Any]] = {
     "step": lambda ctx: ctx.progress(5, "reading caf\udce9.txt"),
     "checkpoint_int": lambda ctx: ctx.checkpoint({"offset": 2**63}),
     "checkpoint_key": lambda ctx: ctx.checkpoint({"caf\udce9.txt": 1}),
+    # Unbounded text is unstorable too: a label travels in every event and list entry.
+    "step_too_long": lambda ctx: ctx.progress(50, "s" * 3_000_000),
 }
 RESULTS: dict[str, Any] = {
     "result_nan": {"ratio": math.nan},
@@ -116,6 +124,7 @@ EXPECTED = {
     "step": ("NotSerializableError", "step is not storable text: lone surrogate"),
     "checkpoint_int": ("NotSerializableError", "outside the signed 64-bit range"),
     "checkpoint_key": ("NotSerializableError", "of key"),
+    "step_too_long": ("InvalidInputError", "step is 3000000 characters, over the limit of 1024"),
     "result_nan": ("NotSerializableError", "job result is not JSON-serializable: NaN"),
     "result_too_large": ("ResultTooLargeError", "exceeds the limit of 4096 bytes (result_limit)"),
 }
@@ -172,8 +181,19 @@ async def test_unstorable_create_and_audit_values_are_refused_at_the_call(
             await rt.restart(job.id, by="caf\udce9")
         with pytest.raises(NotSerializableError, match="modifications"):
             await rt.restart(job.id, modifications={"n": 2**64})
+        with pytest.raises(InvalidInputError, match="actor is 5000 characters"):
+            await rt.restart(job.id, by="a" * 5000)
+        with pytest.raises(InvalidInputError, match=r"job input is .* over the limit of 1048576"):
+            await rt.create_job("healthy", "alice", {"blob": "b" * 2**21})
+        with pytest.raises(InvalidInputError, match="user_id is 2000 characters"):
+            await rt.create_job("healthy", "u" * 2000, {})
         assert (await rt.get_job(job.id)).state is JobState.COMPLETED
         assert await rt.list_jobs("alice") == [await rt.get_job(job.id)]
+        stopped = await rt.create_job("healthy", "bob", {})
+        await rt.cancel(stopped.id)
+        with pytest.raises(InvalidInputError, match=r"modified input is .* over the limit"):
+            await rt.restart(stopped.id, modifications={"blob": "b" * 2**20})
+        assert (await rt.get_job(stopped.id)).state is JobState.CANCELLED
 
 
 async def test_an_error_message_that_cannot_be_stored_is_kept_escaped(tmp_path: Path) -> None:
@@ -188,6 +208,59 @@ async def test_an_error_message_that_cannot_be_stored_is_kept_escaped(tmp_path: 
         assert failed.error.type == "FileNotFoundError"
         assert failed.error.message == "no such file: caf\\udce9.txt"
         assert rt.status().stalls_detected == 0
+
+
+async def test_a_huge_error_message_is_kept_truncated(tmp_path: Path) -> None:
+    async def verbose(ctx: JobContext, input: Any) -> Any:
+        raise ValueError("x" * 30_000_000)
+
+    async with open_runtime(tmp_path / "j.db", handlers={"verbose": verbose}) as rt:
+        job = await rt.create_job("verbose", "alice", {})
+        failed = await wait_for_state(rt, job.id)
+        assert failed.state is JobState.FAILED and failed.error is not None
+        assert failed.error.type == "ValueError"
+        message = failed.error.message
+        assert message.startswith("x" * 1000) and message.endswith("characters, truncated)")
+        assert len(message) < MAX_MESSAGE_LENGTH + 100
+
+
+class UnprintableError(Exception):
+    """An exception is the handler's own object: its ``__str__`` may itself raise."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ failed")
+
+
+class UnreprintableError(UnprintableError):
+    def __repr__(self) -> str:
+        raise RuntimeError("__repr__ failed")
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (UnprintableError, "UnprintableError()"),
+        (UnreprintableError, "UnreprintableError (its message could not be rendered)"),
+    ],
+)
+async def test_an_exception_that_cannot_be_rendered_fails_only_its_job(
+    tmp_path: Path, error: type[Exception], message: str
+) -> None:
+    async def raiser(ctx: JobContext, input: Any) -> Any:
+        await ctx.checkpoint({"i": 0})
+        raise error
+
+    config = RuntimeConfig(sqlite_synchronous="NORMAL", heartbeat_timeout=60)
+    async with open_runtime(
+        tmp_path / "j.db", handlers={"healthy": healthy, "raiser": raiser}, config=config
+    ) as rt:
+        jobs = [await rt.create_job("healthy", f"user{n}", {}) for n in range(5)]
+        bad = await rt.create_job("raiser", "mallory", {})
+        failed = await wait_for_state(rt, bad.id)
+        assert failed.state is JobState.FAILED and failed.error is not None
+        assert (failed.error.type, failed.error.message) == (error.__name__, message)
+        for job in jobs:
+            assert (await wait_for_state(rt, job.id)).state is JobState.COMPLETED
 
 
 class PoisonedBackend(SqliteBackend):

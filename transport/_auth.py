@@ -78,7 +78,7 @@ def _claims(payload: bytes) -> dict[str, Any]:
     subject = claims.get("sub")
     if not isinstance(subject, str) or not 1 <= len(subject) <= MAX_USER_ID_LENGTH:
         raise _refused(f"'sub' must be a string of 1 to {MAX_USER_ID_LENGTH} characters")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in subject):
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in subject):  # C0, DEL and C1
         raise _refused("'sub' must not contain control characters")
     for name in ("exp", "iat", "nbf"):
         value = claims.get(name, 0)

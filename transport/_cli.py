@@ -146,7 +146,7 @@ def load_handlers(spec: str) -> dict[str, Any]:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # any error raised while importing the user's module
+    except (Exception, SystemExit) as exc:  # raised importing the user's module (a script)
         raise CLIError(
             ExitCode.USAGE,
             f"--handlers {spec}: cannot import {module_name}: {type(exc).__name__}: {exc}",
