@@ -19,6 +19,7 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_INPUT_BYTES",
     "MAX_LABEL_LENGTH",
+    "MAX_STEP_LENGTH",
     "MAX_MESSAGE_LENGTH",
     "check_text",
     "converter",
@@ -147,6 +148,15 @@ def _refuse(value: Any, what: str, fallback: str) -> NotSerializableError:
     return NotSerializableError(f"{what} is not JSON-serializable: {reason}{where}")
 
 
+#: orjson would turn these into strings or plain values that read back as another type (a
+#: datetime as text, a str or int subclass as its base): refused instead, like any non-JSON type.
+_EXACT = (
+    orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
+
+
 def dumps_json_value(value: Any, what: str) -> bytes:
     """Encode a user-supplied JSON value that is to be stored, refusing anything the store
     cannot keep exactly: non-JSON types, lone surrogates in strings or keys, NaN and
@@ -160,7 +170,7 @@ def dumps_json_value(value: Any, what: str) -> bytes:
     for _ in range(_WRAP):
         wrapped = [wrapped]
     try:
-        encoded = orjson.dumps(wrapped)[_WRAP:-_WRAP]
+        encoded = orjson.dumps(wrapped, option=_EXACT)[_WRAP:-_WRAP]
     except TypeError as exc:  # orjson.JSONEncodeError included
         raise _refuse(value, what, str(exc)) from None
     suspect = b"null" in encoded or (
@@ -171,9 +181,11 @@ def dumps_json_value(value: Any, what: str) -> bytes:
     return encoded
 
 
-#: Longest label (step, user id, kind, actor, reason), in characters. Labels travel in every
-#: event and list entry, so they are bounded: a longer one is refused at the call.
+#: Longest name (user id, kind, actor, reason), in characters. Names travel in every event
+#: and list entry, so they are bounded: a longer one is refused at the call.
 MAX_LABEL_LENGTH = 1024
+#: Longest step label (``ctx.progress``), in characters: refused beyond it, like a name.
+MAX_STEP_LENGTH = 16 * 1024
 #: Longest error message kept, in characters; a longer one is truncated, never refused (a
 #: job's error must always be recordable).
 MAX_MESSAGE_LENGTH = 16 * 1024
@@ -181,18 +193,18 @@ MAX_MESSAGE_LENGTH = 16 * 1024
 MAX_INPUT_BYTES = 1024 * 1024
 
 
-def check_text(text: object, what: str, *, optional: bool = False) -> None:
-    """Refuse a text field that is not a string, is longer than :data:`MAX_LABEL_LENGTH` or
+def check_text(
+    text: object, what: str, *, optional: bool = False, limit: int = MAX_LABEL_LENGTH
+) -> None:
+    """Refuse a text field that is not a string, is longer than ``limit`` characters or
     cannot be stored (a lone surrogate); ``optional`` admits None. Raises
     :class:`InvalidInputError` or :class:`NotSerializableError`."""
     if text is None and optional:
         return
     if not isinstance(text, str):
         raise InvalidInputError(f"{what} must be a string, got {type(text).__name__}")
-    if len(text) > MAX_LABEL_LENGTH:
-        raise InvalidInputError(
-            f"{what} is {len(text)} characters, over the limit of {MAX_LABEL_LENGTH}"
-        )
+    if len(text) > limit:
+        raise InvalidInputError(f"{what} is {len(text)} characters, over the limit of {limit}")
     at = _lone_surrogate(text)
     if at is not None:
         raise NotSerializableError(

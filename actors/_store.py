@@ -39,7 +39,7 @@ import trio
 
 from . import _ops as ops
 from ._backend import Backend, JobQuery, Pruned, is_outage
-from ._codec import check_text, dumps_json_value, sanitize_text
+from ._codec import MAX_STEP_LENGTH, check_text, dumps_json_value, sanitize_text
 from ._errors import (
     InvalidInputError,
     JobspineError,
@@ -598,7 +598,7 @@ class StoreClient:
         )
 
     async def set_progress(self, job_id: str, attempt: int, pct: float, step: str | None) -> Job:
-        check_text(step, "step", optional=True)
+        check_text(step, "step", optional=True, limit=MAX_STEP_LENGTH)
         return await self._call(
             lambda: self._actor._change(
                 job_id, lambda job, now: ops.progress(job, attempt, pct, step, now)

@@ -150,6 +150,27 @@ async def test_submit_watch_end_to_end_and_health(tmp_path: Path) -> None:
     assert "development secret" in (tmp_path / "data" / "serve.log").read_text()
 
 
+async def test_watch_follows_a_restarted_job_past_its_old_outcome(tmp_path: Path) -> None:
+    """A cancelled job that was restarted: its replayed ``cancelled`` event is history, so
+    ``watch`` follows the new run to its end (still running, or already finished)."""
+    async with serve_process(tmp_path / "data") as served:
+        for delay in (0.3, 0.0):  # the new run still running when watched; already done
+            slow = '{"query": "q", "depth": 3, "delay": 5}'
+            job_id = (await served.cli("submit", "research", slow)).stdout.strip()
+            assert (await served.cli("cancel", job_id)).returncode == 0
+            restarted = await served.cli("restart", job_id, f'{{"delay": {delay}}}')
+            assert restarted.returncode == 0, restarted.stderr
+            for _ in range(200 if delay == 0.0 else 0):  # wait (up to 20 s) for the end
+                if '"completed"' in (await served.cli("get", job_id, "--json")).stdout:
+                    break
+                await trio.sleep(0.1)
+            watched = await served.cli("watch", job_id, "--json")
+            assert watched.returncode == 0, (delay, watched.stdout, watched.stderr)
+            types = [json.loads(line)["type"] for line in watched.stdout.splitlines()]
+            assert types.count("cancelled") == 1 and "restarted" in types, types
+            assert types[-1] == "completed", types
+
+
 DEPTH = 100  # sources per research job, 0.1 s each: 10 s of work
 
 

@@ -237,6 +237,19 @@ def test_every_help_has_descriptions_defaults_and_variables() -> None:
     assert "(default: 8765; env JOBSPINE_PORT; config: server.port)" in serve
 
 
+def test_token_refuses_a_user_or_lifetime_no_server_would_accept(tmp_path: Path) -> None:
+    """``token`` mints only what a server accepts: a bad user id or lifetime is a usage error
+    (exit 2, naming the flag), not a token refused later as if from another secret."""
+    env = {"JOBSPINE_DATA": str(tmp_path), "JOBSPINE_SECRET": "s" * 32}
+    for flags in (("--user", ""), ("--user", "a\x07b"), ("--user", "x" * 257),
+                  ("--user", "bob", "--ttl", "-5"), ("--user", "bob", "--ttl", "0"),
+                  ("--user", "bob", "--ttl", "nan")):  # fmt: skip
+        minted = run("token", *flags, env=env)
+        assert (minted.returncode, minted.stdout) == (2, ""), (flags, minted)
+        assert minted.stderr.startswith(f"jobspine: error: {flags[-2]} "), minted.stderr
+    assert run("token", "--user", "x" * 256, "--ttl", "60", env=env).returncode == 0
+
+
 def test_precedence_flags_env_file_defaults() -> None:
     file = {"log_level": "WARNING", "client": {"url": "ws://file:1", "connect_timeout": 3},
             "server": {"port": 7000, "max_inflight": 4}, "runtime": {"stop_grace": 1}}  # fmt: skip

@@ -332,3 +332,21 @@ async def test_an_interrupted_application_exits(tmp_path: Path, how: str) -> Non
         process.kill()
         await process.wait()
         await errors.aclose()
+
+
+async def test_a_refused_start_writes_no_development_secret(tmp_path: Path) -> None:
+    """Without JOBSPINE_SECRET a server generates one, but keeps it only once it started."""
+    data = tmp_path / "data"
+    data.mkdir()
+    _garbage(data / "jobspine.db")
+    status, lines, _ = await _serve(
+        data,
+        "--port",
+        str(free_port()),
+        "--health-port",
+        str(free_port()),
+        env={"JOBSPINE_SECRET": ""},
+    )
+    assert status == ExitCode.DATABASE_UNUSABLE
+    _assert_one_line(lines, "file is not a database")
+    assert not (data / "secret").exists()

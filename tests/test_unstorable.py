@@ -6,6 +6,7 @@ before the fix the value joined a commit group and failed the healthy jobs' writ
 
 from __future__ import annotations
 
+import datetime
 import math
 import sqlite3
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -41,6 +42,10 @@ HEALTHY = 30
 ROUNDS = 20
 
 
+class Label(str):
+    """A str subclass: stored as plain text, it would come back as ``str``."""
+
+
 def nested(depth: int) -> Any:
     value: Any = 1
     for _ in range(depth):
@@ -64,6 +69,13 @@ def nested(depth: int) -> Any:
         ({"n": 2**70}, "outside the signed 64-bit range"),
         ({"r": [1.0, math.inf]}, r"NaN or infinity \(inf\) \(at checkpoint\['r'\]\[1\]\)"),
         ({1: "x"}, "object key 1 is not a string"),
+        # orjson would store these as text or as their base type: they would read back changed.
+        (
+            {"at": datetime.datetime(2026, 1, 1)},
+            r"datetime is not a JSON type \(at checkpoint\['at'\]\)",
+        ),
+        ([datetime.date(2026, 1, 1)], "date is not a JSON type"),
+        (Label("x"), "not JSON serializable: Label"),
         ({"s": {1, 2}}, "set is not a JSON type"),
         (nested(MAX_DEPTH + 1), f"nested deeper than {MAX_DEPTH} levels"),
     ],
@@ -124,7 +136,7 @@ EXPECTED = {
     "step": ("NotSerializableError", "step is not storable text: lone surrogate"),
     "checkpoint_int": ("NotSerializableError", "outside the signed 64-bit range"),
     "checkpoint_key": ("NotSerializableError", "of key"),
-    "step_too_long": ("InvalidInputError", "step is 3000000 characters, over the limit of 1024"),
+    "step_too_long": ("InvalidInputError", "step is 3000000 characters, over the limit of 16384"),
     "result_nan": ("NotSerializableError", "job result is not JSON-serializable: NaN"),
     "result_too_large": ("ResultTooLargeError", "exceeds the limit of 4096 bytes (result_limit)"),
 }

@@ -18,7 +18,14 @@ import jwt
 from ._json import RefusedJsonError, loads_strict
 from ._protocol import ProtocolError
 
-__all__ = ["CLAIMS", "MAX_USER_ID_LENGTH", "Principal", "mint_token", "verify_token"]
+__all__ = [
+    "CLAIMS",
+    "MAX_USER_ID_LENGTH",
+    "Principal",
+    "mint_token",
+    "user_id_problem",
+    "verify_token",
+]
 
 ALGORITHM = "HS256"
 #: Every claim a token may carry; any other claim refuses the token, since a claim the server
@@ -41,6 +48,16 @@ def mint_token(secret: str, user_id: str, *, admin: bool = False, ttl: float = 2
     if admin:
         claims["admin"] = True
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
+
+
+def user_id_problem(user_id: object) -> str | None:
+    """Why ``user_id`` cannot name a user (a token's ``sub``), or ``None`` if it can: a string of
+    1 to :data:`MAX_USER_ID_LENGTH` characters, none of them a control character."""
+    if not isinstance(user_id, str) or not 1 <= len(user_id) <= MAX_USER_ID_LENGTH:
+        return f"must be a string of 1 to {MAX_USER_ID_LENGTH} characters"
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in user_id):  # C0, DEL and C1
+        return "must not contain control characters"
+    return None
 
 
 def verify_token(secret: str, token: str) -> Principal:
@@ -75,11 +92,9 @@ def _claims(payload: bytes) -> dict[str, Any]:
     unknown = sorted(set(claims) - CLAIMS)
     if unknown:
         raise _refused(f"unknown claim {unknown[0]!r}; claims: {', '.join(sorted(CLAIMS))}")
-    subject = claims.get("sub")
-    if not isinstance(subject, str) or not 1 <= len(subject) <= MAX_USER_ID_LENGTH:
-        raise _refused(f"'sub' must be a string of 1 to {MAX_USER_ID_LENGTH} characters")
-    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in subject):  # C0, DEL and C1
-        raise _refused("'sub' must not contain control characters")
+    problem = user_id_problem(claims.get("sub"))
+    if problem:
+        raise _refused(f"'sub' {problem}")
     for name in ("exp", "iat", "nbf"):
         value = claims.get(name, 0)
         if isinstance(value, bool) or not isinstance(value, int | float):

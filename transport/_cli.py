@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import os
 import secrets
 import signal
@@ -23,7 +24,7 @@ from actors import DEMO_HANDLERS, DatabaseLockedError, JobspineError, RuntimeCon
 from actors._errors import unwrap_group
 
 from ._app import PortUnavailableError, open_server
-from ._auth import mint_token
+from ._auth import mint_token, user_id_problem
 from ._commands import run_client_command
 from ._config import (
     SETTINGS,
@@ -46,29 +47,37 @@ def _secret_file(db: Path) -> Path:
     return db.parent / "secret"
 
 
-def load_secret(db: Path, *, create: bool, secret: str | None = None) -> str:
+def stored_secret(db: Path, secret: str | None) -> str | None:
     """``secret`` (the ``secret`` setting: ``JOBSPINE_SECRET`` or the config file), else the
-    development secret stored beside the database."""
+    development secret stored beside the database, else None."""
     if secret:
         return secret
     path = _secret_file(db)
-    if path.exists():
-        return path.read_text().strip()
-    if not create:
+    return path.read_text().strip() if path.exists() else None
+
+
+def load_secret(db: Path, *, secret: str | None = None) -> str:
+    """As :func:`stored_secret`; a usage :class:`CLIError` when there is none."""
+    found = stored_secret(db, secret)
+    if found is None:
         raise CLIError(
             ExitCode.USAGE,
-            f"no JOBSPINE_SECRET and no development secret at {path}: start the server once"
-            " (jobspine serve) or set JOBSPINE_SECRET",
+            f"no JOBSPINE_SECRET and no development secret at {_secret_file(db)}: start the"
+            " server once (jobspine serve) or set JOBSPINE_SECRET",
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_urlsafe(32)
+    return found
+
+
+def save_development_secret(db: Path, secret: str) -> None:
+    """Keep a generated secret beside the database (mode 0600) for ``jobspine token``; called
+    once the server has started, so a refused start leaves nothing behind."""
+    path = _secret_file(db)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secret)
     log.warning(
         "no JOBSPINE_SECRET set: generated a development secret in %s (not for production)", path
     )
-    return secret
 
 
 # -- serve ---------------------------------------------------------------------------------------
@@ -104,7 +113,10 @@ async def serve(args: argparse.Namespace) -> int:
         handlers.update(load_handlers(spec))
     db = Path(args.db)
     db.parent.mkdir(parents=True, exist_ok=True)
-    secret = load_secret(db, create=True, secret=args.secret)
+    secret = stored_secret(db, args.secret)
+    generated = secret is None
+    if secret is None:
+        secret = secrets.token_urlsafe(32)
     config = ServerConfig(secret=secret, **args.server_config)
     runtime_config = RuntimeConfig(**args.runtime_config)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -115,6 +127,8 @@ async def serve(args: argparse.Namespace) -> int:
             runtime_config=runtime_config,
             health_port=args.health_port,
         ) as running:
+            if generated:
+                save_development_secret(db, secret)
             log.info(
                 "jobspine listening on %s (health http://%s:%s/healthz), database %s, epoch %s;"
                 " pid %d (stop it with: kill %d)",
@@ -387,7 +401,12 @@ def _run(argv: list[str]) -> int:
     if args.command == "serve":
         return run_serve(args)
     if args.command == "token":
-        secret = load_secret(Path(args.db), create=False, secret=args.secret)
+        problem = user_id_problem(args.user)
+        if problem:
+            raise CLIError(ExitCode.USAGE, f"--user {args.user!r}: a user id {problem}")
+        if not math.isfinite(args.ttl) or args.ttl < 1:
+            raise CLIError(ExitCode.USAGE, f"--ttl {args.ttl:g}: must be a number of seconds >= 1")
+        secret = load_secret(Path(args.db), secret=args.secret)
         token = mint_token(secret, args.user, admin=args.admin, ttl=args.ttl)
         write_json({"token": token, "user": args.user, "admin": args.admin}) if args.json else (
             write(token + "\n")

@@ -153,8 +153,13 @@ def _view(args: argparse.Namespace, job_id: str) -> WatchView:
 
 async def watch_job(client: Client, job_id: str, view: WatchView, *, exit_on_pause: bool) -> int:
     """Follow a job until it ends: 0 completed, 1 failed, 3 cancelled (or paused, with
-    ``exit_on_pause``). Events are replayed from the job's first one."""
+    ``exit_on_pause``). Events are replayed from the job's first one.
+
+    A replayed event before the job's ``seq`` at the start is history: a ``failed`` or
+    ``cancelled`` event that a restart has since superseded does not end the watch. Each event
+    carries the job's state after it, so the event at that ``seq`` or later decides."""
     job = await client.get(job_id)
+    current: int = job["seq"]
     await client.subscribe(f"job:{job_id}", RoomCursor(client.welcome["epoch"], 0))
     connects = client.counters.connects
     with view:
@@ -171,7 +176,7 @@ async def watch_job(client: Client, job_id: str, view: WatchView, *, exit_on_pau
                 continue
             assert isinstance(item, JobEvent)
             view.event(item)
-            if item.state.value in TERMINAL_STATES:
+            if item.state.value in TERMINAL_STATES and item.seq >= current:
                 return _final(view, await _outcome(client, job, item))
             if exit_on_pause and item.type in (EventType.PAUSED, EventType.RECOVERY):
                 job = await client.get(job_id)
