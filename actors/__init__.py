@@ -1,6 +1,6 @@
 """jobspine's actor runtime: supervised, durable, resumable jobs on Trio."""
 
-from ._backend import Backend, JobQuery, MemoryBackend
+from ._backend import Backend, JobQuery, MemoryBackend, Pruned
 from ._broadcaster import (
     Broadcaster,
     BroadcasterConfig,
@@ -41,6 +41,7 @@ from ._owner import DatabaseLockedError
 from ._policy import RecoveryDecision, RecoveryPolicy, StallDetector
 from ._recovery import CheckpointDetails, CheckpointValidation, RecoveryOptions
 from ._repository import Repository
+from ._retention import PruneReport, RetentionPolicy, RetentionRule, parse_duration
 from ._runtime import Runtime, RuntimeConfig, open_runtime
 from ._sqlite import SqliteBackend
 from ._states import TERMINAL_STATES, TRANSITIONS, JobState, check_transition
@@ -88,7 +89,11 @@ __all__ = [
     "ResultTooLargeError",
     "RecoveryOptions",
     "RecoveryPolicy",
+    "PruneReport",
+    "Pruned",
     "Repository",
+    "RetentionPolicy",
+    "RetentionRule",
     "Runtime",
     "RuntimeClosedError",
     "RuntimeConfig",
@@ -112,6 +117,7 @@ __all__ = [
     "check_transition",
     "migrate_job_record",
     "open_runtime",
+    "parse_duration",
     "parse_room",
     "research_handler",
     "trade_handler",

@@ -19,9 +19,18 @@ from ._errors import StoreUnavailableError
 from ._events import EventType, JobEvent
 from ._ids import new_id
 from ._job import Job
-from ._states import JobState
+from ._states import TERMINAL_STATES, JobState
 
-__all__ = ["Backend", "JobQuery", "MemoryBackend", "is_outage"]
+__all__ = ["Backend", "JobQuery", "MemoryBackend", "Pruned", "is_outage"]
+
+
+@attrs.frozen
+class Pruned:
+    """What :meth:`Backend.prune` removed: job ids, how many were in each state, events."""
+
+    job_ids: tuple[str, ...] = ()
+    states: Mapping[str, int] = attrs.field(factory=dict)
+    events: int = 0
 
 
 @attrs.frozen
@@ -117,7 +126,29 @@ class Backend(Protocol):
         """The highest ``user_seq`` stored for the user, 0 if none."""
         ...
 
+    async def user_horizon(self, user_id: str) -> int:
+        """The highest ``user_seq`` of the user's events removed by :meth:`prune`, 0 if none:
+        the user's event log is complete only after it."""
+        ...
+
     async def count_by_state(self, user_id: str | None) -> dict[str, int]: ...
+
+    async def finished_counts(self) -> dict[str, int]:
+        """Finished (completed, failed, cancelled) jobs per kind."""
+        ...
+
+    async def oldest_finished(self, kind: str, limit: int) -> list[tuple[str, float]]:
+        """Up to ``limit`` finished jobs of ``kind`` as ``(id, finished at)``, oldest first
+        (finished at: the job's ``updated_at``, Unix seconds)."""
+        ...
+
+    async def prune(self, job_ids: Collection[str]) -> Pruned:
+        """Remove, in one transaction, the finished jobs among ``job_ids`` and all their
+        events (ids of jobs not finished, or gone, are skipped). Each affected user's head
+        stays where it was (``user_head`` never goes back, so a ``user_seq`` is never
+        reused) and their horizon (:meth:`user_horizon`) moves up to the highest
+        ``user_seq`` removed."""
+        ...
 
 
 class MemoryBackend:
@@ -128,6 +159,9 @@ class MemoryBackend:
         self._jobs: dict[str, Job] = {}
         self._events: dict[str, list[JobEvent]] = {}
         self._user_events: dict[str, list[JobEvent]] = {}
+        # Per user: the head and horizon recorded by prune (the head outlives its events).
+        self._heads: dict[str, int] = {}
+        self._horizons: dict[str, int] = {}
 
     @property
     def epoch(self) -> str:
@@ -186,7 +220,52 @@ class MemoryBackend:
 
     async def user_head(self, user_id: str) -> int:
         log = self._user_events.get(user_id)
-        return log[-1].user_seq if log else 0
+        return max(log[-1].user_seq if log else 0, self._heads.get(user_id, 0))
+
+    async def user_horizon(self, user_id: str) -> int:
+        return self._horizons.get(user_id, 0)
+
+    def _finished(self, kind: str | None = None) -> list[Job]:
+        return [
+            job
+            for job in self._jobs.values()
+            if job.state in TERMINAL_STATES and (kind is None or job.kind == kind)
+        ]
+
+    async def finished_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for job in self._finished():
+            counts[job.kind] = counts.get(job.kind, 0) + 1
+        return counts
+
+    async def oldest_finished(self, kind: str, limit: int) -> list[tuple[str, float]]:
+        found = sorted((job.updated_at, job.id) for job in self._finished(kind))
+        return [(job_id, at) for at, job_id in found[:limit]]
+
+    async def prune(self, job_ids: Collection[str]) -> Pruned:
+        gone = [
+            job
+            for job_id in dict.fromkeys(job_ids)
+            if (job := self._jobs.get(job_id)) is not None and job.state in TERMINAL_STATES
+        ]
+        states: dict[str, int] = {}
+        events = 0
+        users: set[str] = set()
+        for job in gone:
+            states[job.state.value] = states.get(job.state.value, 0) + 1
+            for event in self._events.pop(job.id, []):
+                events += 1
+                users.add(event.user_id)
+                self._horizons[event.user_id] = max(
+                    self._horizons.get(event.user_id, 0), event.user_seq
+                )
+            del self._jobs[job.id]
+        removed = {job.id for job in gone}
+        for user_id in users:
+            log = self._user_events[user_id]
+            self._heads[user_id] = max(self._heads.get(user_id, 0), log[-1].user_seq)
+            self._user_events[user_id] = [e for e in log if e.job_id not in removed]
+        return Pruned(tuple(job.id for job in gone), states, events)
 
     async def count_by_state(self, user_id: str | None) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -9,14 +9,15 @@ that falls behind has its progress coalesced, then is told it ``lagged``.
 Joining is gap-free: a subscription is registered (and holds live events) before the room's
 head and history are read; history and held events are then merged by sequence number.
 History comes from the room's in-memory backlog when it reaches back to the cursor, else from
-the store's durable log, paged; a cursor from another epoch, or ahead of the head, gets a
-snapshot reset with its reason.
+the store's durable log, paged; a cursor from another epoch, ahead of the head, or behind
+what retention kept (``cursor_too_old``), gets a snapshot reset with its reason.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict, deque
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -450,7 +451,19 @@ class Broadcaster:
             if cursor.seq > head:
                 reason = f"cursor_ahead: sequence {cursor.seq} is beyond the room's head {head}"
                 return JoinResult(room, epoch, head, False, 0, reason)
-            history = await self._history(kind, ident, room, cursor.seq, head)
+            horizon = 0 if kind == "job" else await self.store.user_horizon(ident)
+            history = None
+            if cursor.seq >= horizon:
+                history = await self._history(kind, ident, room, cursor.seq, head)
+            if history is None:
+                # Retention removed events after the cursor (also when it happened during
+                # this join): a replay would have holes, so the client gets a snapshot.
+                horizon = max(horizon, await self.store.user_horizon(ident))
+                reason = (
+                    f"cursor_too_old: events after sequence {cursor.seq} (up to {horizon})"
+                    " were removed by the retention policy"
+                )
+                return JoinResult(room, epoch, head, False, 0, reason)
             sub.held[:0] = history
             sub.last_seq = cursor.seq
             return JoinResult(room, epoch, head, recovered=True, replayed=len(history))
@@ -460,7 +473,9 @@ class Broadcaster:
 
     async def _history(
         self, kind: str, ident: str, room: str, after: int, head: int
-    ) -> list[tuple[JobEvent, bytes]]:
+    ) -> list[tuple[JobEvent, bytes]] | None:
+        """The room's events after ``after`` up to ``head``; None for a user room whose log
+        has a hole there (``user_seq`` is gap-free but for what retention removed)."""
         if after >= head:
             return []
         backlog = self._backlogs.get(room)
@@ -478,12 +493,22 @@ class Broadcaster:
                 seq = _room_seq(kind, event)
                 if seq > head:
                     break
+                if kind == "user" and seq != after + 1:
+                    return None
                 history.append((event, self.encode(event)))
                 after = seq
             else:
                 continue
             break
+        if kind == "user" and after < head:
+            return None
         return history
+
+    def forget(self, job_ids: Iterable[str]) -> None:
+        """Drop the backlogs of pruned jobs' rooms (a user room's backlog stays valid: a
+        cursor it could serve is at or past the user's horizon, see :meth:`join`)."""
+        for job_id in job_ids:
+            self._backlogs.pop(f"job:{job_id}", None)
 
     def finish_join(self, outbox: Outbox, room: str) -> None:
         """Queue the history and the events held during the join, in order, once each."""

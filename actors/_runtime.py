@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -13,10 +14,11 @@ import trio
 
 from ._backend import Backend, JobQuery
 from ._broadcaster import Broadcaster, BroadcasterConfig
-from ._errors import JobspineError, RuntimeCrashedError, leaves
+from ._errors import JobspineError, RuntimeClosedError, RuntimeCrashedError, leaves
 from ._events import EventHub
 from ._joblog import job_fields
 from ._repository import Repository
+from ._retention import PruneReport, RetentionPolicy
 from ._sqlite import SqliteBackend
 from ._states import JobState
 from ._store import StoreActor, StoreClient, StoreConfig, StoreHealth
@@ -61,6 +63,10 @@ class RuntimeConfig:
     #: Seconds a write waits out an unavailable database (retried with backoff) before it
     #: fails with ``StoreUnavailableError``; jobs are then paused, never failed.
     store_retry_timeout: float = 30.0
+    #: Finished jobs and their events removed when due, every ``retention.interval`` seconds
+    #: (see :class:`RetentionPolicy`). None: kept forever (``Runtime.prune`` still applies
+    #: the default policy on demand).
+    retention: RetentionPolicy | None = None
 
 
 class Runtime(Repository):
@@ -97,6 +103,53 @@ class Runtime(Repository):
     def store_health(self) -> StoreHealth:
         """Whether the database takes writes now (``ok``), and if not why (``reason``)."""
         return self.store_actor.health
+
+    async def prune(self, *, older_than: float | None = None, dry_run: bool = False) -> PruneReport:
+        """Remove the finished jobs (and their events) the retention policy says are due now
+        (``config.retention``, else the default :class:`RetentionPolicy`; with ``older_than``
+        seconds, every kind's age limit replaced by it), ``batch_size`` jobs per store
+        transaction, letting other requests in between. ``dry_run``: only count them."""
+        policy = self.config.retention or RetentionPolicy()
+        if older_than is not None:
+            policy = policy.older_than(older_than)
+        now = time.time()
+        if dry_run:
+            found = await self._store.prune(policy, now, 2**62, dry_run=True)
+            return PruneReport(len(found.job_ids), 0, 0, True, found.job_ids)
+        jobs, events, batches = 0, 0, 0
+        ids: list[str] = []
+        while True:
+            pruned = await self._store.prune(policy, now, policy.batch_size)
+            if not pruned.job_ids:
+                break
+            batches += 1
+            jobs += len(pruned.job_ids)
+            events += pruned.events
+            ids += pruned.job_ids
+            if self.broadcaster is not None:
+                self.broadcaster.forget(pruned.job_ids)
+            if len(pruned.job_ids) < policy.batch_size:
+                break
+            # Yield between batches: requests queued meanwhile are served before the next.
+            await trio.lowlevel.checkpoint()
+        if jobs:
+            log.info("retention: removed %d finished jobs and %d events", jobs, events)
+        return PruneReport(jobs, events, batches, False, tuple(ids))
+
+    async def _retain(self, policy: RetentionPolicy, scope: trio.CancelScope) -> None:
+        """Apply ``policy`` at start and every ``policy.interval`` seconds until ``scope``
+        is cancelled; a failed run is logged and tried again at the next interval."""
+        with scope:
+            while True:
+                try:
+                    await self.prune()
+                except RuntimeClosedError:
+                    return
+                except JobspineError as exc:
+                    log.warning(
+                        "retention: prune failed (retried in %g s): %s", policy.interval, exc
+                    )
+                await trio.sleep(policy.interval)
 
     async def _recover_on_start(self) -> None:
         """Bring back what a previous process left: a job still marked running lost its worker
@@ -170,6 +223,8 @@ async def open_runtime(
     recovered. On exit, running jobs get the grace period to checkpoint and are paused
     (resumed by the next runtime on the same database); every acknowledged write is durable.
     With ``broadcast``, a :class:`Broadcaster` actor serves rooms of events (``rt.broadcaster``).
+    With ``config.retention``, finished jobs are pruned at start and every
+    ``retention.interval`` seconds (see :meth:`Runtime.prune`).
 
     One process owns a SQLite database at a time: while another holds it, this raises
     :class:`DatabaseLockedError` (naming the owner) having read and written nothing. A database
@@ -214,6 +269,7 @@ async def open_runtime(
     )
     body_error: BaseException | None = None
     started = False
+    retention = trio.CancelScope()  # the periodic prune: ends before the shutdown begins
     try:
         async with trio.open_nursery() as nursery:
             actors: list[trio.CancelScope] = []
@@ -231,11 +287,14 @@ async def open_runtime(
                     _shield(actors, True)
                     await runtime._recover_on_start()
                     started = True
+                    if config.retention is not None:
+                        nursery.start_soon(runtime._retain, config.retention, retention)
                     yield runtime
                 except BaseException as exc:
                     body_error = exc
                     raise
                 finally:
+                    retention.cancel()
                     with trio.move_on_after(config.shutdown_timeout, shield=True):
                         await supervisor.shutdown()
                     supervisor.close()

@@ -20,14 +20,14 @@ import trio
 import trio_asyncio
 from trio_asyncio import aio_as_trio
 
-from ._backend import JobQuery
+from ._backend import JobQuery, Pruned
 from ._codec import converter
 from ._errors import StoreError
 from ._events import EventType, JobEvent
 from ._ids import new_id
 from ._job import Job, migrate_job_record
 from ._owner import database_owner_lock
-from ._states import JobState
+from ._states import TERMINAL_STATES, JobState
 
 __all__ = ["SqliteBackend"]
 
@@ -36,7 +36,7 @@ log = logging.getLogger("jobspine.sqlite")
 #: Bound on closing the connection (it waits for the statement in progress).
 CLOSE_TIMEOUT = 10.0
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Ordered migrations: MIGRATIONS[n] brings the database from version n to n + 1.
 MIGRATIONS: list[list[str]] = [
@@ -63,7 +63,23 @@ MIGRATIONS: list[list[str]] = [
         ) WITHOUT ROWID""",
         "CREATE UNIQUE INDEX events_by_user ON events (user_id, user_seq)",
     ],
+    # v2, retention: when a finished job finished (indexed per kind), and per user the head
+    # and horizon that outlive pruned events (a user_seq is never reused).
+    [
+        "ALTER TABLE jobs ADD COLUMN finished_at REAL",
+        "UPDATE jobs SET finished_at = json_extract(record, '$.updated_at')"
+        " WHERE state IN ('completed', 'failed', 'cancelled')",
+        "CREATE INDEX jobs_finished ON jobs (kind, finished_at, id) WHERE finished_at IS NOT NULL",
+        """CREATE TABLE user_heads (
+            user_id TEXT PRIMARY KEY,
+            head INTEGER NOT NULL,
+            horizon INTEGER NOT NULL
+        ) WITHOUT ROWID""",
+    ],
 ]
+
+#: Ids per statement when a list of them is bound (well under SQLite's variable limit).
+_CHUNK = 500
 
 _JOB_COLUMNS = "record, last_heartbeat_at"
 
@@ -204,11 +220,12 @@ class SqliteBackend:
         try:
             if jobs:
                 await aio_as_trio(conn.executemany)(
-                    "INSERT INTO jobs"
-                    " (id, user_id, kind, state, attempt, last_heartbeat_at, record)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+                    "INSERT INTO jobs (id, user_id, kind, state, attempt, last_heartbeat_at,"
+                    " record, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (id) DO UPDATE SET"
                     " state = excluded.state, attempt = excluded.attempt,"
-                    " last_heartbeat_at = excluded.last_heartbeat_at, record = excluded.record",
+                    " last_heartbeat_at = excluded.last_heartbeat_at, record = excluded.record,"
+                    " finished_at = excluded.finished_at",
                     [
                         (
                             j.id,
@@ -218,6 +235,7 @@ class SqliteBackend:
                             j.attempt,
                             j.last_heartbeat_at,
                             orjson.dumps(converter.unstructure(j)).decode(),
+                            j.updated_at if j.state in TERMINAL_STATES else None,
                         )
                         for j in jobs
                     ],
@@ -302,8 +320,80 @@ class SqliteBackend:
         return [converter.structure(orjson.loads(row[0]), JobEvent) for row in rows]
 
     async def user_head(self, user_id: str) -> int:
-        rows = await self._execute("SELECT max(user_seq) FROM events WHERE user_id = ?", (user_id,))
-        return int(rows[0][0] or 0)
+        rows = await self._execute(
+            "SELECT max(coalesce((SELECT max(user_seq) FROM events WHERE user_id = ?), 0),"
+            " coalesce((SELECT head FROM user_heads WHERE user_id = ?), 0))",
+            (user_id, user_id),
+        )
+        return int(rows[0][0])
+
+    async def user_horizon(self, user_id: str) -> int:
+        rows = await self._execute("SELECT horizon FROM user_heads WHERE user_id = ?", (user_id,))
+        return int(rows[0][0]) if rows else 0
+
+    async def finished_counts(self) -> dict[str, int]:
+        rows = await self._execute(
+            "SELECT kind, count(*) FROM jobs WHERE finished_at IS NOT NULL GROUP BY kind"
+        )
+        return {str(kind): int(count) for kind, count in rows}
+
+    async def oldest_finished(self, kind: str, limit: int) -> list[tuple[str, float]]:
+        rows = await self._execute(
+            "SELECT id, finished_at FROM jobs WHERE kind = ? AND finished_at IS NOT NULL"
+            " ORDER BY finished_at, id LIMIT ?",
+            (kind, limit),
+        )
+        return [(job_id, float(at)) for job_id, at in rows]
+
+    async def prune(self, job_ids: Collection[str]) -> Pruned:
+        conn = self._conn
+        ids = list(dict.fromkeys(job_ids))
+        try:
+            # One write transaction from the first read: nothing changes in between.
+            await self._execute("BEGIN IMMEDIATE")
+            gone: list[tuple[str, str]] = []
+            users: dict[str, int] = {}
+            events = 0
+            for start in range(0, len(ids), _CHUNK):
+                chunk = ids[start : start + _CHUNK]
+                marks = ", ".join("?" * len(chunk))
+                gone += await self._execute(
+                    f"SELECT id, state FROM jobs WHERE id IN ({marks}) AND finished_at IS NOT NULL",
+                    chunk,
+                )
+            found = [job_id for job_id, _ in gone]
+            for start in range(0, len(found), _CHUNK):
+                chunk = found[start : start + _CHUNK]
+                marks = ", ".join("?" * len(chunk))
+                for user_id, highest, count in await self._execute(
+                    "SELECT user_id, max(user_seq), count(*) FROM events"
+                    f" WHERE job_id IN ({marks}) GROUP BY user_id",
+                    chunk,
+                ):
+                    users[user_id] = max(users.get(user_id, 0), highest)
+                    events += count
+            for user_id, horizon in users.items():
+                # The head is recorded before the user's events go: it never moves back.
+                await self._execute(
+                    "INSERT INTO user_heads (user_id, head, horizon) VALUES (?,"
+                    " (SELECT max(user_seq) FROM events WHERE user_id = ?), ?)"
+                    " ON CONFLICT (user_id) DO UPDATE SET"
+                    " head = max(head, excluded.head), horizon = max(horizon, excluded.horizon)",
+                    (user_id, user_id, horizon),
+                )
+            for start in range(0, len(found), _CHUNK):
+                chunk = found[start : start + _CHUNK]
+                marks = ", ".join("?" * len(chunk))
+                await self._execute(f"DELETE FROM events WHERE job_id IN ({marks})", chunk)
+                await self._execute(f"DELETE FROM jobs WHERE id IN ({marks})", chunk)
+            await aio_as_trio(conn.commit)()
+        except Exception:
+            await aio_as_trio(conn.rollback)()
+            raise
+        states: dict[str, int] = {}
+        for _, state in gone:
+            states[state] = states.get(state, 0) + 1
+        return Pruned(tuple(found), states, events)
 
     async def count_by_state(self, user_id: str | None) -> dict[str, int]:
         if user_id is None:

@@ -38,7 +38,7 @@ import attrs
 import trio
 
 from . import _ops as ops
-from ._backend import Backend, JobQuery, is_outage
+from ._backend import Backend, JobQuery, Pruned, is_outage
 from ._codec import MAX_STEP_LENGTH, check_text, dumps_json_value, sanitize_text
 from ._errors import (
     InvalidInputError,
@@ -53,6 +53,7 @@ from ._ids import new_id
 from ._job import Job, JobError
 from ._metrics import StoreMetrics, move
 from ._policy import RecoveryPolicy
+from ._retention import RetentionPolicy
 from ._states import TERMINAL_STATES, JobState, check_transition
 from ._tracing import span
 
@@ -749,6 +750,39 @@ class StoreClient:
         stats = {state.value: counts.get(state.value, 0) for state in JobState}
         stats["total"] = sum(counts.values())
         return stats
+
+    async def prune(
+        self, policy: RetentionPolicy, now: float, limit: int, *, dry_run: bool = False
+    ) -> Pruned:
+        """Remove up to ``limit`` finished jobs that ``policy`` says are due at ``now``, with
+        their events, in one transaction (with ``dry_run``, only find them). A barrier: it
+        runs once every earlier write has committed, and nothing else is applied meanwhile,
+        so no pending change (a restart) can race it."""
+        actor = self._actor
+
+        async def fn() -> Pruned:
+            backend = actor.backend
+            due: list[str] = []
+            for kind, finished in sorted((await backend.finished_counts()).items()):
+                if len(due) >= limit:
+                    break
+                oldest = await backend.oldest_finished(kind, limit - len(due))
+                due += policy.rule(kind).due(finished, oldest, now)
+            if dry_run or not due:
+                return Pruned(tuple(due))
+            async with actor._commit_lock:
+                pruned = await backend.prune(due)
+            actor.metrics.jobs.subtract(
+                {JobState(state): count for state, count in pruned.states.items()}
+            )
+            return pruned
+
+        return await self._call(fn, BARRIER)
+
+    async def user_horizon(self, user_id: str) -> int:
+        """The highest ``user_seq`` removed by retention (0 if none): a cursor below it
+        cannot be continued from the user's event log."""
+        return await self._read(lambda: self._actor.backend.user_horizon(user_id), READ)
 
     async def user_head(self, user_id: str) -> int:
         """The ``user_seq`` of the user's latest event (0 if none)."""

@@ -38,6 +38,7 @@ EXPECTED: dict[str, dict[str, str]] = {
     "list other user":    {"A": OK, "B": FORBIDDEN, "admin": OK},
     "stats":              {"A": FORBIDDEN, "B": FORBIDDEN, "admin": OK},
     "my_stats":           {"A": OK, "B": OK, "admin": OK},
+    "prune":              {"A": FORBIDDEN, "B": FORBIDDEN, "admin": OK},
     "create":             {"A": OK, "B": OK, "admin": OK},
     "list":               {"A": OK, "B": OK, "admin": OK},
     "ping":               {"A": OK, "B": OK, "admin": OK},
@@ -107,6 +108,7 @@ async def _call(ws: Any, case: str, job_id: str) -> Any:
         "list other user": ("list", {"user_id": "alice"}),
         "stats": ("stats", {}),
         "my_stats": ("my_stats", {}),
+        "prune": ("prune", {"older_than": 0}),
         "create": (
             "create",
             {"kind": "trade", "input": {"symbol": "X", "side": "buy", "quantity": 1}},

@@ -270,6 +270,8 @@ def _server_options(p: argparse.ArgumentParser) -> None:
     _add(p, "request_rate", metavar="PER_SECOND")
     _add(p, "handlers", metavar="MODULE:DICT")
     _add(p, "no_demo", action="store_true")
+    _add(p, "retention_days", metavar="DAYS")
+    _add(p, "retention_max_per_kind", metavar="COUNT")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -338,6 +340,17 @@ def parser() -> argparse.ArgumentParser:
     restart_p = command("restart", "run a job again from scratch")
     restart_p.add_argument("job_id", help="the job's id (from submit or jobs)")
     restart_p.add_argument("modifications", nargs="?", help="JSON object merged into the input")
+    prune_p = command(
+        "prune",
+        "admins: remove the finished jobs (and their events) the retention policy says are due",
+    )
+    prune_p.add_argument(
+        "--older-than",
+        metavar="DURATION",
+        help="remove finished jobs older than this instead (90, 45s, 30m, 12h, 7d, 2w; count "
+        "limits still apply)",
+    )
+    prune_p.add_argument("--dry-run", action="store_true", help="only count what would be removed")
     sub.add_parser("bench", help="run the load benchmarks (jobspine bench --help)", add_help=False)
     return top
 

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import orjson
 import trio
 
-from actors import TERMINAL_STATES, EventType, JobEvent
+from actors import TERMINAL_STATES, EventType, JobEvent, parse_duration
 
 from ._display import (
     JsonView,
@@ -236,6 +236,18 @@ async def _command(client: Client, args: argparse.Namespace) -> int:
     if command == "get":
         _show(args, await client.get(args.job_id))
         return ExitCode.OK
+    if command == "prune":
+        report = await client.prune(args.older_than, dry_run=args.dry_run)
+        if args.json:
+            write_json(report)
+        elif report["dry_run"]:
+            write(f"would remove {report['jobs']} finished jobs\n")
+        else:
+            write(
+                f"removed {report['jobs']} finished jobs and {report['events']} events"
+                f" ({report['batches']} batches)\n"
+            )
+        return ExitCode.OK
     if command == "recovery":
         _show(args, await client.recovery_options(args.job_id))
         return ExitCode.OK
@@ -251,6 +263,11 @@ def parse_inputs(args: argparse.Namespace) -> None:
     """Check JSON arguments before connecting: a typo is a usage error, not a traceback."""
     if args.command == "submit":
         args.input = _json_arg(args.input, "INPUT")
+    if args.command == "prune" and args.older_than is not None:
+        try:
+            args.older_than = parse_duration(args.older_than)
+        except ValueError as exc:
+            raise CLIError(ExitCode.USAGE, f"--older-than: {exc}") from None
     if args.command == "restart" and args.modifications is not None:
         args.modifications = _json_arg(args.modifications, "MODIFICATIONS")
         if not isinstance(args.modifications, dict):

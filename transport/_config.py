@@ -12,7 +12,11 @@ File layout (every key optional)::
     [client]                            # url, token, connect_timeout
     [server]                            # db, secret, host, port, health_port, handlers, and
                                         # every field of transport.ServerConfig
-    [runtime]                           # every field of actors.RuntimeConfig
+    [runtime]                           # every field of actors.RuntimeConfig, and
+                                        # retention_* (below)
+    [runtime.retention_kinds.research]  # a kind's own retention rule
+    days = 1                            # keep finished jobs 1 day ("inf": no age limit)
+    max_count = 1000                    # at most 1000 finished jobs of the kind
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from typing import Any
 import attrs
 import platformdirs
 
-from actors import RuntimeConfig
+from actors import RetentionPolicy, RetentionRule, RuntimeConfig
+from actors._retention import DAY
 
 from ._exit import CLIError, ExitCode
 from ._server import ServerConfig
@@ -43,6 +48,7 @@ __all__ = [
     "default_data_dir",
     "load_config_file",
     "resolve",
+    "retention_policy",
     "runtime_config_kwargs",
     "server_config_kwargs",
 ]
@@ -107,6 +113,34 @@ def _log_level(value: str) -> str | None:
     return f"unknown log level {value!r} (DEBUG, INFO, WARNING, ERROR or CRITICAL)"
 
 
+def _days(value: float) -> str | None:
+    ok = value >= 0 and not math.isnan(value)
+    return None if ok else f"must be a number of days >= 0 (inf: no age limit), not {value!r}"
+
+
+def _count(value: int) -> str | None:
+    return None if value >= 0 else f"must be >= 0, not {value!r}"
+
+
+_RULE_KEYS = {"days": (int, float), "max_count": (int,)}
+
+
+def _kinds(value: dict[str, Any]) -> str | None:
+    for kind, rule in value.items():
+        if not isinstance(rule, dict):
+            return f"retention_kinds.{kind} must be a table (days, max_count), not {rule!r}"
+        for key, item in rule.items():
+            types = _RULE_KEYS.get(key)
+            if types is None:
+                return f"retention_kinds.{kind}: unknown key {key!r} (days, max_count)"
+            if isinstance(item, bool) or not isinstance(item, types):
+                return f"retention_kinds.{kind}.{key} must be a number, not {item!r}"
+            problem = _days(item) if key == "days" else _count(int(item))
+            if problem is not None:
+                return f"retention_kinds.{kind}.{key} {problem}"
+    return None
+
+
 _POSITIVE = _seconds(0, inclusive=False)
 _NON_NEGATIVE = _seconds(0, inclusive=True)
 
@@ -150,6 +184,18 @@ _EXPLICIT: tuple[Setting, ...] = (
     Setting("stop_grace", "runtime", float, 5.0,
             "seconds a job gets to checkpoint when asked to stop", "--stop-grace",
             "JOBSPINE_STOP_GRACE", _NON_NEGATIVE),
+    Setting("retention_days", "runtime", float, 7.0,
+            "days a finished job (completed, failed, cancelled) and its events are kept "
+            "(inf: no age limit)", "--retention-days", "JOBSPINE_RETENTION_DAYS", _days),
+    Setting("retention_max_per_kind", "runtime", int, None,
+            "finished jobs kept per kind at most, oldest removed first (default: no limit)",
+            "--retention-max-per-kind", "JOBSPINE_RETENTION_MAX_PER_KIND", _count),
+    Setting("retention_interval", "runtime", float, 60.0,
+            "seconds between two applications of the retention policy", None,
+            "JOBSPINE_RETENTION_INTERVAL", _POSITIVE),
+    Setting("retention_kinds", "runtime", dict, {},
+            "per-kind retention rules: [runtime.retention_kinds.KIND] days, max_count "
+            "(config file only)", check=_kinds),
 )  # fmt: skip
 
 
@@ -167,7 +213,8 @@ def _field_settings(cls: type, section: str, taken: set[str]) -> list[Setting]:
     return found
 
 
-_TAKEN = {s.name for s in _EXPLICIT}
+# ``retention`` is built from the retention_* settings (:func:`retention_policy`).
+_TAKEN = {s.name for s in _EXPLICIT} | {"retention"}
 #: Every setting, explicit ones first; request_burst defaults to twice request_rate.
 SETTINGS: tuple[Setting, ...] = (
     *_EXPLICIT,
@@ -275,7 +322,7 @@ def _checked(setting: Setting, value: Any, source: str) -> Any:
 
 
 def _section_kwargs(values: Mapping[str, Resolved], cls: type) -> dict[str, Any]:
-    names = {f.name for f in attrs.fields(cls)} - {"secret"}
+    names = {f.name for f in attrs.fields(cls)} - {"secret", "retention"}
     return {name: values[name].value for name in names}
 
 
@@ -284,9 +331,25 @@ def server_config_kwargs(values: Mapping[str, Resolved]) -> dict[str, Any]:
     return _section_kwargs(values, ServerConfig)
 
 
+def _rule(days: float, max_count: int | None) -> RetentionRule:
+    return RetentionRule(None if math.isinf(days) else days * DAY, max_count)
+
+
+def retention_policy(values: Mapping[str, Resolved]) -> RetentionPolicy:
+    """The server's :class:`actors.RetentionPolicy` from the retention_* settings."""
+    days, max_count = values["retention_days"].value, values["retention_max_per_kind"].value
+    kinds = {
+        kind: _rule(float(rule.get("days", days)), rule.get("max_count", max_count))
+        for kind, rule in values["retention_kinds"].value.items()
+    }
+    return RetentionPolicy(
+        _rule(days, max_count), kinds, interval=values["retention_interval"].value
+    )
+
+
 def runtime_config_kwargs(values: Mapping[str, Resolved]) -> dict[str, Any]:
-    """Keyword arguments for :class:`actors.RuntimeConfig`."""
-    return _section_kwargs(values, RuntimeConfig)
+    """Keyword arguments for :class:`actors.RuntimeConfig` (``retention`` included)."""
+    return {**_section_kwargs(values, RuntimeConfig), "retention": retention_policy(values)}
 
 
 def config_path(flag: str | None, env: Mapping[str, str]) -> tuple[Path, bool]:

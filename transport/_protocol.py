@@ -144,6 +144,14 @@ class ListJobs:
     user_id: str | None = None  # admins only
 
 
+@attrs.frozen
+class Prune:
+    """``older_than``: seconds (every kind's age limit replaced by it); ``dry_run``: count."""
+
+    older_than: float | None = None
+    dry_run: bool = False
+
+
 OPS: dict[str, type] = {
     "hello": Hello,
     "refresh": Refresh,
@@ -162,6 +170,7 @@ OPS: dict[str, type] = {
     "checkpoint_details": JobRef,
     "stats": NoArgs,
     "my_stats": NoArgs,
+    "prune": Prune,
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -39,6 +40,7 @@ from ._protocol import (
     ListJobs,
     PayloadRef,
     ProtocolError,
+    Prune,
     Refresh,
     Request,
     RequestError,
@@ -502,6 +504,25 @@ async def _my_stats(conn: Connection, request: Request) -> Any:
     return await conn.server.runtime.get_user_stats(conn.user.user_id)
 
 
+async def _prune(conn: Connection, request: Request) -> Any:
+    body = request.body
+    assert isinstance(body, Prune)
+    if not conn.user.admin:
+        raise ProtocolError("forbidden", "prune is for admins")
+    older_than = body.older_than
+    if older_than is not None and not (math.isfinite(older_than) and older_than >= 0):
+        raise ProtocolError(
+            "invalid_input", f"older_than must be a finite number of seconds >= 0: {older_than}"
+        )
+    report = await conn.server.runtime.prune(older_than=older_than, dry_run=body.dry_run)
+    return {
+        "jobs": report.jobs,
+        "events": report.events,
+        "batches": report.batches,
+        "dry_run": report.dry_run,
+    }
+
+
 async def _hello_again(conn: Connection, request: Request) -> Any:
     raise ProtocolError("bad_request", "already authenticated; use refresh for a new token")
 
@@ -524,6 +545,7 @@ HANDLERS: dict[str, Handler] = {
     "checkpoint_details": _job_action("checkpoint_details"),
     "stats": _stats,
     "my_stats": _my_stats,
+    "prune": _prune,
 }
 
 

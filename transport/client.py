@@ -564,6 +564,11 @@ class Client:
     async def my_stats(self) -> Any:
         return await self.request("my_stats")
 
+    async def prune(self, older_than: float | None = None, *, dry_run: bool = False) -> Any:
+        """Admins: apply the retention policy now (``older_than`` seconds replacing every
+        kind's age limit); ``{jobs, events, batches, dry_run}``."""
+        return await self.request("prune", older_than=older_than, dry_run=dry_run)
+
 
 @asynccontextmanager
 async def open_client(

@@ -1,0 +1,111 @@
+"""Retention: which finished jobs (and their events) are removed, and when. Sans-I/O.
+
+A finished job (completed, failed or cancelled) is kept for ``keep_for`` seconds after it
+finished (its ``updated_at``), and at most ``max_count`` finished jobs of one kind are kept
+(the oldest go first). Each kind may have its own :class:`RetentionRule`; the rest follow the
+default. Jobs that are not finished are never removed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import attrs
+
+__all__ = ["DAY", "PruneReport", "RetentionPolicy", "RetentionRule", "parse_duration"]
+
+DAY = 86400.0
+
+
+@attrs.frozen
+class RetentionRule:
+    """``keep_for``: seconds a finished job is kept (None: no age limit; ``inf`` too).
+    ``max_count``: finished jobs of one kind kept at most (None: no count limit)."""
+
+    keep_for: float | None = 7 * DAY
+    max_count: int | None = None
+
+    def __attrs_post_init__(self) -> None:
+        keep_for, count = self.keep_for, self.max_count
+        if keep_for is not None and not keep_for >= 0:
+            raise ValueError(f"keep_for must be >= 0 seconds or None, not {keep_for!r}")
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int)):
+            raise ValueError(f"max_count must be an integer >= 0 or None, not {count!r}")
+        if count is not None and count < 0:
+            raise ValueError(f"max_count must be an integer >= 0 or None, not {count!r}")
+
+    def due(self, finished: int, oldest: Sequence[tuple[str, float]], now: float) -> list[str]:
+        """The ids among ``oldest`` (the oldest finished jobs of one kind, ``(id, finished
+        at)`` oldest first) that are due at ``now`` (Unix seconds), given ``finished`` jobs of
+        the kind in all. Due jobs are always a prefix of ``oldest``."""
+        excess = 0 if self.max_count is None else max(0, finished - self.max_count)
+        cutoff = -math.inf if self.keep_for is None else now - self.keep_for
+        found: list[str] = []
+        for index, (job_id, finished_at) in enumerate(oldest):
+            if index >= excess and not finished_at < cutoff:
+                break
+            found.append(job_id)
+        return found
+
+
+@attrs.frozen
+class RetentionPolicy:
+    """Finished jobs kept per ``default`` (7 days, no count limit), or per the rule of their
+    kind in ``kinds``. The runtime applies it every ``interval`` seconds, removing at most
+    ``batch_size`` jobs (with their events) per store transaction."""
+
+    default: RetentionRule = RetentionRule()
+    kinds: Mapping[str, RetentionRule] = attrs.field(factory=dict)
+    interval: float = 60.0
+    batch_size: int = 500
+
+    def __attrs_post_init__(self) -> None:
+        if not (math.isfinite(self.interval) and self.interval > 0):
+            raise ValueError(f"interval must be > 0 seconds, not {self.interval!r}")
+        if isinstance(self.batch_size, bool) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, not {self.batch_size!r}")
+
+    def rule(self, kind: str) -> RetentionRule:
+        return self.kinds.get(kind, self.default)
+
+    def older_than(self, keep_for: float) -> RetentionPolicy:
+        """This policy with every kind's ``keep_for`` replaced (a manual ``prune
+        --older-than``); count limits stay."""
+        return attrs.evolve(
+            self,
+            default=attrs.evolve(self.default, keep_for=keep_for),
+            kinds={k: attrs.evolve(r, keep_for=keep_for) for k, r in self.kinds.items()},
+        )
+
+
+@attrs.frozen
+class PruneReport:
+    """What one prune removed (or, for a dry run, would remove): ``jobs`` and ``events``
+    counts, the ids of the jobs, and the store transactions (``batches``) it took."""
+
+    jobs: int = 0
+    events: int = 0
+    batches: int = 0
+    dry_run: bool = False
+    job_ids: tuple[str, ...] = ()
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": DAY, "w": 7 * DAY}
+
+
+def parse_duration(text: str) -> float:
+    """``"90"`` (seconds), ``"45s"``, ``"30m"``, ``"12h"``, ``"7d"`` or ``"2w"`` in seconds;
+    :class:`ValueError` for anything else (negative, not a number, unknown unit)."""
+    value = text.strip().lower()
+    scale = _UNITS.get(value[-1:])
+    number = value[:-1] if scale is not None else value
+    try:
+        seconds = float(number) * (scale or 1.0)
+    except ValueError:
+        raise ValueError(
+            f"duration {text!r}: expected a number with an optional unit s, m, h, d or w"
+        ) from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"duration {text!r}: must be a finite number >= 0")
+    return seconds
