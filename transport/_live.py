@@ -61,9 +61,10 @@ class LiveView:
             BarColumn(bar_width=None, table_column=Column(ratio=1)),
             TaskProgressColumn(),
             _JobElapsed(),
+            # The step label says more than the bar: it gets three times the bar's room.
             TextColumn(
                 "{task.fields[step]}",
-                table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis"),
+                table_column=Column(ratio=3, no_wrap=True, overflow="ellipsis"),
             ),
             console=self.console,
             expand=True,
