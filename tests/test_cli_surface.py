@@ -363,3 +363,15 @@ def test_plain_watch_output_says_each_state_once(capsys: pytest.CaptureFixture[s
     view.event(failed)
     view.finish({"id": "j1", "state": "failed", "error": {"type": "E", "message": "m"}})
     assert capsys.readouterr().out.splitlines() == ["cancelled", "failed: E: m"]
+
+
+def test_the_resume_command_has_a_line_of_its_own(capsys: pytest.CaptureFixture[str]) -> None:
+    """A terminal wraps a long line wherever it ends: the command to copy stands alone."""
+    view = PlainView("01M8KHPQ")
+    reason = {"reason": "the process running it stopped (recovered at start)" * 3}
+    paused = JobEvent("01M8KHPQ", "u", 5, EventType.RECOVERY, JobState.PAUSED, 1.0, reason, None, 5)
+    view.event(paused)
+    view.finish({"id": "01M8KHPQ", "state": "paused", "progress": 40.0})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("paused (the process running it stopped")
+    assert lines[1:] == ["  resume with: jobspine resume 01M8KHPQ"]

@@ -155,7 +155,8 @@ def change_line(event: JobEvent, job_id: str) -> str | None:
     match event.type.value:
         case "paused" | "recovery":
             reason = data.get("reason", "")
-            return f"paused ({reason}); resume with: jobspine resume {job_id}"
+            # The command on a line of its own: a long reason must not wrap it mid-id.
+            return f"paused ({reason})\n  resume with: jobspine resume {job_id}"
         case "started" | "resumed":
             return f"{event.type.value} (attempt {data.get('attempt', '-')})"
         case "restarted" | "created" | "cancelled" | "deleted":
