@@ -114,7 +114,8 @@ async def serve_process(
         await log.aclose()
 
 
-async def http_get(port: int, path: str) -> tuple[int, bytes]:
+async def http_exchange(port: int, path: str) -> tuple[bytes, bytes]:
+    """(head, body) of one plain GET to the health port."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
         await stream.send_all(f"GET {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
@@ -122,6 +123,11 @@ async def http_get(port: int, path: str) -> tuple[int, bytes]:
         while chunk := await stream.receive_some():
             data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
+    return head, body
+
+
+async def http_get(port: int, path: str) -> tuple[int, bytes]:
+    head, body = await http_exchange(port, path)
     return int(head.split()[1]), body
 
 

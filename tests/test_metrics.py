@@ -25,19 +25,14 @@ from transport import ServerConfig, open_server
 
 from .conftest import memory_runtime, wait_for_state
 from .serving import SECRET, raw
+from .test_cli import http_exchange
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 async def scrape(port: int, path: str = "/metrics") -> tuple[bytes, dict[str, str], bytes]:
     """(status line, headers, body) of one GET."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        await stream.send_all(f"GET {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
-        data = b""
-        while chunk := await stream.receive_some():
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
+    head, body = await http_exchange(port, path)
     status, *lines = head.split(b"\r\n")
     headers = {}
     for line in lines:
