@@ -21,6 +21,7 @@ from actors import (
     JobState,
     MemoryBackend,
     NotSerializableError,
+    PostgresBackend,
     SqliteBackend,
     StaleAttemptError,
     StoreActor,
@@ -45,10 +46,12 @@ async def open_store(
             yield client, actor, hub
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     if request.param == "memory":
         return MemoryBackend()
+    if request.param == "postgresql":
+        return PostgresBackend(request.getfixturevalue("pg_url"))
     return SqliteBackend(tmp_path / "store.db", synchronous="NORMAL")
 
 
