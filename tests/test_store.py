@@ -217,6 +217,10 @@ async def test_bad_input_leaves_the_job_unchanged(backend: Backend) -> None:
         assert await store.get(job_id) == before
         with pytest.raises(InvalidInputError, match="user_id"):
             await store.create("", "research", {})
+        with pytest.raises(InvalidInputError, match="user_id must not contain a NUL"):
+            await store.create("al\x00ice", "research", {})
+        with pytest.raises(InvalidInputError, match="kind must not contain a NUL"):
+            await store.create("alice", "re\x00search", {})
         with pytest.raises(NotSerializableError):
             await store.create("alice", "research", {"x": b"bytes"})
 
