@@ -1,7 +1,7 @@
 """PostgreSQL from Trio, two ways: which drives psycopg 3 better?
 
     python -m bench.pg_modes [--server postgresql://postgres@127.0.0.1:5432]
-                             [--commits 400] [--json FILE]
+                             [--commits 100] [--rounds 10] [--json FILE]
 
 * ``thread``: :meth:`actors.PostgresBackend.commit` itself: a sync psycopg connection, each
   backend call one ``trio.to_thread.run_sync`` hop.
@@ -10,8 +10,8 @@
 
 Both run exactly the same statements (:func:`actors._postgres.commit_plan`) in one transaction
 per commit, back to back, for group commits of 1 event (1 job written) and of 100 events (10
-jobs written). Latency is one whole commit, as the store actor waits for it. The thread mode
-runs first (its backend creates the schema); the asyncio mode empties the tables, then runs.
+jobs written). Latency is one whole commit, as the store actor waits for it. The two modes
+take turns, round by round, so that load from elsewhere on a shared machine hits both alike.
 A database of its own is created and dropped at the end.
 """
 
@@ -23,7 +23,8 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,10 @@ def percentile(samples: list[float], q: float) -> float:
 
 
 class Groups:
-    """Commit groups with fresh, gapless seq and user_seq numbers."""
+    """Commit groups with fresh, gapless seq and user_seq numbers (one user per mode)."""
 
-    def __init__(self) -> None:
+    def __init__(self, user: str) -> None:
+        self.user = user
         self.jobs: dict[str, Job] = {}
         self.user_seq = 0
 
@@ -60,10 +62,10 @@ class Groups:
         written: dict[str, Job] = {}
         out: list[JobEvent] = []
         for n in range(events):
-            job_id = f"bench-{n % jobs:04d}"
+            job_id = f"{self.user}-{n % jobs:04d}"
             job = written.get(job_id) or self.jobs.get(job_id)
             if job is None:
-                job = Job(job_id, "bench-user", "bench", JobState.RUNNING, {}, now, now, attempt=1)
+                job = Job(job_id, self.user, "bench", JobState.RUNNING, {}, now, now, attempt=1)
             job = Job(
                 job.id, job.user_id, job.kind, job.state, job.input, job.created_at, now,
                 progress=50.0, step="x" * 40, attempt=1, seq=job.seq + 1,
@@ -80,45 +82,22 @@ class Groups:
         return list(written.values()), out
 
 
-async def measure(
-    commit: Callable[[Group], Awaitable[None]], groups: Groups, events: int, commits: int
-) -> dict[str, float]:
-    jobs = 1 if events == 1 else 10
-    for _ in range(20):  # warm up: connection, plans, caches
-        await commit(groups.next(events, jobs))
-    latencies = []
-    began = time.perf_counter()
-    for _ in range(commits):
-        group = groups.next(events, jobs)
-        start = time.perf_counter()
-        await commit(group)
-        latencies.append(time.perf_counter() - start)
-    elapsed = time.perf_counter() - began
-    return {
-        "p50_ms": statistics.median(latencies) * 1000,
-        "p99_ms": percentile(latencies, 0.99) * 1000,
-        "commits_per_s": commits / elapsed,
-        "events_per_s": commits * events / elapsed,
-    }
+Commit = Callable[[Group], Awaitable[None]]
 
 
-async def thread_mode(url: str, sizes: list[int], commits: int) -> dict[int, dict[str, float]]:
+@asynccontextmanager
+async def thread_mode(url: str) -> AsyncIterator[Commit]:
     backend = PostgresBackend(url)
-    groups = Groups()
-    results = {}
     async with backend.opened():
 
         async def commit(group: Group) -> None:
             await backend.commit(*group, (), {})
 
-        for size in sizes:
-            results[size] = await measure(commit, groups, size, commits)
-    return results
+        yield commit
 
 
-async def asyncio_mode(url: str, sizes: list[int], commits: int) -> dict[int, dict[str, float]]:
-    groups = Groups()
-    results = {}
+@asynccontextmanager
+async def asyncio_mode(url: str) -> AsyncIterator[Commit]:
     async with trio_asyncio.open_loop():
         conn = await aio_as_trio(psycopg.AsyncConnection.connect)(url, autocommit=True)
         try:
@@ -131,35 +110,61 @@ async def asyncio_mode(url: str, sizes: list[int], commits: int) -> dict[int, di
             async def commit(group: Group) -> None:
                 await aio_as_trio(transaction)(group)
 
-            await aio_as_trio(conn.execute)("TRUNCATE jobs, events")
-            for size in sizes:
-                results[size] = await measure(commit, groups, size, commits)
+            yield commit
         finally:
             await aio_as_trio(conn.close)()
-    return results
 
 
-async def run(server: str, commits: int) -> list[dict[str, Any]]:
+async def measure(url: str, commits: int, rounds: int) -> list[dict[str, Any]]:
+    """Both modes open side by side; per size, ``rounds`` rounds alternate between them
+    (``commits`` per round each), so that load from elsewhere on the machine hits both."""
+    out = []
+    async with thread_mode(url) as by_thread, asyncio_mode(url) as by_asyncio:
+        modes = {"thread": by_thread, "asyncio": by_asyncio}
+        groups = {mode: Groups(mode) for mode in modes}
+        for events in (1, 100):
+            jobs = 1 if events == 1 else 10
+            latencies: dict[str, list[float]] = {mode: [] for mode in modes}
+            elapsed = dict.fromkeys(modes, 0.0)
+            for mode, commit in modes.items():
+                for _ in range(20):  # warm up: connection, statements, caches
+                    await commit(groups[mode].next(events, jobs))
+            for _ in range(rounds):
+                for mode, commit in modes.items():
+                    began = time.perf_counter()
+                    for _ in range(commits):
+                        group = groups[mode].next(events, jobs)
+                        start = time.perf_counter()
+                        await commit(group)
+                        latencies[mode].append(time.perf_counter() - start)
+                    elapsed[mode] += time.perf_counter() - began
+            for mode in modes:
+                done = rounds * commits
+                out.append(
+                    {
+                        "mode": mode,
+                        "events_per_commit": events,
+                        "commits": done,
+                        "p50_ms": statistics.median(latencies[mode]) * 1000,
+                        "p99_ms": percentile(latencies[mode], 0.99) * 1000,
+                        "commits_per_s": done / elapsed[mode],
+                        "events_per_s": done * events / elapsed[mode],
+                    }
+                )
+    return out
+
+
+async def run(server: str, commits: int, rounds: int) -> list[dict[str, Any]]:
     name = f"jobspine_bench_{os.getpid()}"
     with psycopg.connect(f"{server}/postgres", autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = f"{server}/{name}"
-    sizes = [1, 100]
     try:
-        by_mode = {
-            "thread": await thread_mode(url, sizes, commits),
-            "asyncio": await asyncio_mode(url, sizes, commits),
-        }
+        return await measure(f"{server}/{name}", commits, rounds)
     finally:
         with psycopg.connect(f"{server}/postgres", autocommit=True) as admin:
             admin.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
-    return [
-        {"mode": mode, "events_per_commit": size, "commits": commits, **figures}
-        for mode, results in by_mode.items()
-        for size, figures in results.items()
-    ]
 
 
 def main() -> None:
@@ -167,10 +172,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--server", default="postgresql://postgres@127.0.0.1:5432")
-    parser.add_argument("--commits", type=int, default=400, help="measured commits per case")
+    parser.add_argument("--commits", type=int, default=100, help="commits per round and mode")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds per size (alternating)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
-    results = trio.run(run, args.server, args.commits)
+    results = trio.run(run, args.server, args.commits, args.rounds)
     with psycopg.connect(f"{args.server}/postgres") as conn:
         server_version = conn.info.server_version
     print(
