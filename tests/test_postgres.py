@@ -8,6 +8,7 @@ import os
 import socket
 from typing import Any
 
+import orjson
 import psycopg
 import pytest
 import trio
@@ -169,6 +170,59 @@ async def test_dropped_connections_are_waited_out_with_nothing_lost(pg_url: str)
     assert len(pg_sessions(pg_url)) == 0  # closed: the owner lock is free
 
 
+async def test_a_refused_write_fails_only_its_culprit(pg_url: str) -> None:
+    """A statement the database refuses (here a trigger, as a constraint would) fails only
+    the request that brought it; the rest of its group is committed again without it."""
+    actor = StoreActor(PostgresBackend(pg_url), EventHub())
+    store = actor.client()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        async with store, actor.hub.subscribe() as stream:
+            job_id = (await store.create("alice", "research", {})).id
+            await store.start(job_id)
+            await store.checkpoint(job_id, 1, {"v": 1})
+            other = (await store.create("alice", "research", {})).id
+            await store.start(other)
+            with psycopg.connect(pg_url, autocommit=True) as conn:
+                conn.execute(
+                    "CREATE FUNCTION fault() RETURNS trigger LANGUAGE plpgsql AS"
+                    " $$ BEGIN RAISE EXCEPTION 'simulated fault'; END $$"
+                )
+                conn.execute(
+                    "CREATE TRIGGER fault BEFORE INSERT ON events FOR EACH ROW"
+                    " WHEN (NEW.type = 'checkpoint') EXECUTE FUNCTION fault()"
+                )
+            while True:  # what the set-up published
+                try:
+                    stream.receive_nowait()
+                except trio.WouldBlock:
+                    break
+            results: dict[str, Exception | None] = {}
+
+            async def attempt(name: str, fn: Any) -> None:
+                try:
+                    await fn()
+                    results[name] = None
+                except StoreError as exc:
+                    results[name] = exc
+
+            async with trio.open_nursery() as both:
+                both.start_soon(
+                    attempt, "checkpoint", lambda: store.checkpoint(job_id, 1, {"v": 2})
+                )
+                both.start_soon(attempt, "progress", lambda: store.set_progress(other, 1, 50, "x"))
+            assert "simulated fault" in str(results["checkpoint"])
+            assert results["progress"] is None
+            published = stream.receive_nowait()
+            assert (published.job_id, published.type.value) == (other, "progress")
+            with pytest.raises(trio.WouldBlock):
+                stream.receive_nowait()
+            assert (await store.get(job_id)).checkpoint == {"v": 1}
+            assert actor.health.ok  # tied to the write: not an outage
+            events = await store.read_user_events("alice")
+            assert [e.user_seq for e in events] == list(range(1, len(events) + 1))
+
+
 async def test_serve_on_postgresql_end_to_end_with_sigkill_recovery(
     pg_url: str, tmp_path: Any
 ) -> None:
@@ -218,6 +272,15 @@ async def test_serve_on_postgresql_end_to_end_with_sigkill_recovery(
 
 async def test_serve_refuses_a_bad_store_in_one_line(tmp_path: Any) -> None:
     env = {**os.environ, "JOBSPINE_DATA": str(tmp_path)}
+    shown = await trio.run_process(
+        [*COMMAND, "config", "--json"],
+        env={**env, "JOBSPINE_STORE": "postgresql://bob:secret@db.example:5433/jobs"},
+        capture_stdout=True,
+        check=True,
+    )
+    store = orjson.loads(shown.stdout)["server.store"]
+    assert store["value"] == "postgresql://bob:***@db.example:5433/jobs"
+    assert store["source"] == "env JOBSPINE_STORE"
     cases = [
         (["--store", "mysql://x"], 2, "expected a postgresql:// URL"),
         (["--store", f"postgresql://postgres:pw@127.0.0.1:{free_port()}/x"], 9, "cannot open"),
