@@ -24,7 +24,9 @@ The server drops the lock when the session ends in any way, SIGKILL of the owner
 **Outages.** A connection the server dropped (restart, ``pg_terminate_backend``, network) is
 an outage (:func:`is_postgres_outage`): the store retries; the next call connects again and
 takes the lock again before it runs anything. If another process owns the database by then,
-that call fails as an outage too and nothing is written.
+that call fails as an outage too and nothing is written; if another process owned it in
+between (the ``owners`` row is no longer this one's), this backend's caller may hold stale
+state, so it never writes again (every call fails as an outage saying so; restart it).
 
 **Sequences.** ``seq`` and ``user_seq`` come from the store actor, which as the only owner
 knows every head; the primary key ``(job_id, seq)`` and the unique ``(user_id, user_seq)``
@@ -205,6 +207,10 @@ class PostgresBackend:
         self._open = False
         self._epoch = ""
         self._since = ""
+        #: Why this backend no longer writes (another owner came in between), if it does not.
+        self._superseded: str | None = None
+        #: Identifies this opening in the ``owners`` row (pid, host and second may repeat).
+        self._instance = ""
         # One call at a time on the connection: a read never slips into a commit's transaction.
         self._lock = trio.Lock()
 
@@ -252,10 +258,11 @@ class PostgresBackend:
 
     def _record_owner(self, conn: psycopg.Connection[Any]) -> None:
         conn.execute(
-            "INSERT INTO owners (lock, pid, host, since, session) VALUES (%s, %s, %s, %s,"
-            " pg_backend_pid()) ON CONFLICT (lock) DO UPDATE SET pid = excluded.pid,"
-            " host = excluded.host, since = excluded.since, session = excluded.session",
-            (OWNER_LOCK, os.getpid(), socket.gethostname(), self._since),
+            "INSERT INTO owners (lock, pid, host, since, session, instance) VALUES (%s, %s,"
+            " %s, %s, pg_backend_pid(), %s) ON CONFLICT (lock) DO UPDATE SET pid = excluded.pid,"
+            " host = excluded.host, since = excluded.since, session = excluded.session,"
+            " instance = excluded.instance",
+            (OWNER_LOCK, os.getpid(), socket.gethostname(), self._since, self._instance),
         )
 
     def _migrate(self, conn: psycopg.Connection[Any]) -> str:
@@ -275,7 +282,7 @@ class PostgresBackend:
                 )
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS owners (lock bigint PRIMARY KEY, pid integer,"
-                " host text, since text, session integer)"
+                " host text, since text, session integer, instance text)"
             )
             for step in range(version, SCHEMA_VERSION):
                 for statement in MIGRATIONS[step]:
@@ -297,6 +304,8 @@ class PostgresBackend:
         if not self._open:
             raise StoreError("the PostgreSQL database is not open")
         self._conn = None
+        if self._superseded is not None:
+            raise StoreUnavailableError(self._superseded)
         if conn is not None:
             log.warning("connection to %s lost; connecting again", redact_url(self.url))
         try:
@@ -304,7 +313,23 @@ class PostgresBackend:
         except DatabaseLockedError as exc:
             # Someone else owns the database now: writing would make two owners.
             raise StoreUnavailableError(str(exc)) from None
-        self._record_owner(conn)
+        try:
+            row = conn.execute("SELECT instance FROM owners WHERE lock = %s", (OWNER_LOCK,))
+            if row.fetchone() != (self._instance,):
+                # Another owner came while this one was disconnected: what this one caches
+                # may be stale, so it writes nothing more, ever.
+                pid, host, since = self._owner(conn)
+                self._superseded = (
+                    f"process {pid} on {host} since {since} owned the database"
+                    f" {redact_url(self.url)} while this one was disconnected; nothing more is"
+                    " written here: restart this runtime"
+                )
+                log.error("%s", self._superseded)
+                raise StoreUnavailableError(self._superseded)
+            self._record_owner(conn)
+        except BaseException:
+            conn.close()
+            raise
         self._conn = conn
         return conn
 
@@ -322,6 +347,8 @@ class PostgresBackend:
         (one line, the password left out). Every way out closes the connection, which gives
         the lock back."""
         self._since = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        self._superseded = None
+        self._instance = new_id()
         where = redact_url(self.url)
 
         def open_() -> tuple[psycopg.Connection[Any], str]:

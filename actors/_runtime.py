@@ -25,7 +25,7 @@ from ._store import StoreActor, StoreClient, StoreConfig, StoreHealth
 from ._supervisor import Supervisor, SupervisorConfig, SupervisorStatus
 from ._worker import Handler
 
-__all__ = ["Runtime", "RuntimeConfig", "backend_for", "open_runtime"]
+__all__ = ["Runtime", "RuntimeConfig", "open_runtime"]
 
 log = logging.getLogger("jobspine.runtime")
 
@@ -207,7 +207,7 @@ def _shield(scopes: list[trio.CancelScope], shield: bool) -> None:
         scope.shield = shield
 
 
-def backend_for(database: str | os.PathLike[str], config: RuntimeConfig) -> Backend:
+def _backend_for(database: str | os.PathLike[str], config: RuntimeConfig) -> Backend:
     """The backend ``database`` names: a ``postgresql://`` (or ``postgres://``) URL is a
     :class:`~._postgres.PostgresBackend`, anything else a SQLite file. Raises
     :class:`ValueError` for a URL libpq cannot parse."""
@@ -254,7 +254,7 @@ async def open_runtime(
     if backend is None:
         if database is None:
             raise TypeError("open_runtime() needs a database path or a backend")
-        backend = backend_for(database, config)
+        backend = _backend_for(database, config)
     hub = EventHub()
     store_actor = StoreActor(
         backend,

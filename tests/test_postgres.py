@@ -22,6 +22,7 @@ from actors import (
     StoreActor,
     StoreConfig,
     StoreError,
+    StoreUnavailableError,
     open_runtime,
 )
 from actors._backend import is_outage
@@ -46,7 +47,8 @@ def terminate_sessions(url: str) -> int:
     pids = pg_sessions(url)
     with psycopg.connect(url, autocommit=True) as conn:
         for pid in pids:
-            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            # Waits (up to 5 s) until the session has ended and given its locks back.
+            conn.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
     return len(pids)
 
 
@@ -77,7 +79,10 @@ async def test_a_second_owner_is_refused_naming_the_first(pg_url: str) -> None:
         assert (refused.pid, refused.host) == (os.getpid(), socket.gethostname())
         assert refused.since is not None
         assert f"is in use by process {os.getpid()} on" in str(refused)
-        assert len(pg_sessions(pg_url)) == 1  # the refused one closed its connection
+        # The refused one closed its connection (its server process ends just after).
+        with trio.fail_after(5):
+            while len(await trio.to_thread.run_sync(pg_sessions, pg_url)) != 1:  # noqa: ASYNC110
+                await trio.sleep(0.01)
     async with second.opened():  # the lock went with the first one's session
         assert second.epoch == first.epoch
 
@@ -167,7 +172,34 @@ async def test_dropped_connections_are_waited_out_with_nothing_lost(pg_url: str)
                 assert len(events) == 2 + 60 + (job_id == ids[0])
             user_events = await store.read_user_events("alice", limit=10_000)
             assert [e.user_seq for e in user_events] == list(range(1, len(user_events) + 1))
-    assert len(pg_sessions(pg_url)) == 0  # closed: the owner lock is free
+    with trio.fail_after(5):  # closed: the owner lock is free
+        while await trio.to_thread.run_sync(pg_sessions, pg_url):  # noqa: ASYNC110
+            await trio.sleep(0.01)
+
+
+async def test_an_owner_that_came_in_between_stops_every_later_write(pg_url: str) -> None:
+    """The store's connection is dropped; before it connects again, another process owns the
+    database for a while (and may have changed anything). The first store must not write on
+    its stale state: every later write fails as unavailable, saying why, and nothing of it
+    is stored."""
+    actor = StoreActor(PostgresBackend(pg_url), EventHub(), StoreConfig(store_retry_timeout=0.3))
+    store = actor.client()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        async with store:
+            job_id = (await store.create("alice", "research", {})).id
+            assert await trio.to_thread.run_sync(terminate_sessions, pg_url) == 1
+            other = PostgresBackend(pg_url)
+            async with other.opened():
+                pass
+            with pytest.raises(StoreUnavailableError, match="while this one was disconnected"):
+                await store.start(job_id)
+            assert "restart this runtime" in (actor.health.reason or "")
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        (state,) = conn.execute("SELECT state FROM jobs WHERE id = %s", (job_id,)).fetchone() or (
+            "",
+        )
+    assert state == "created"
 
 
 async def test_a_refused_write_fails_only_its_culprit(pg_url: str) -> None:
