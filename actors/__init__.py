@@ -1,5 +1,7 @@
 """jobspine's actor runtime: supervised, durable, resumable jobs on Trio."""
 
+from typing import TYPE_CHECKING, Any
+
 from ._backend import Backend, JobQuery, MemoryBackend, Pruned
 from ._broadcaster import (
     Broadcaster,
@@ -49,6 +51,20 @@ from ._store import StoreActor, StoreClient, StoreConfig, StoreHealth
 from ._supervisor import Supervisor, SupervisorConfig, SupervisorStatus
 from ._worker import Handler, InputCheck, JobContext, validates
 
+if TYPE_CHECKING:
+    from ._postgres import PostgresBackend
+
+
+def __getattr__(name: str) -> Any:
+    # PostgresBackend is loaded on first use: psycopg takes longer to import than the rest of
+    # jobspine, and most processes (clients, SQLite servers) never need it.
+    if name == "PostgresBackend":
+        from ._postgres import PostgresBackend
+
+        return PostgresBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "AUDIT_TYPES",
     "CURRENT_SCHEMA_VERSION",
@@ -89,6 +105,7 @@ __all__ = [
     "ResultTooLargeError",
     "RecoveryOptions",
     "RecoveryPolicy",
+    "PostgresBackend",
     "PruneReport",
     "Pruned",
     "Repository",

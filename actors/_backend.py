@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import sqlite3
+import sys
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
@@ -21,7 +22,10 @@ from ._ids import new_id
 from ._job import Job
 from ._states import TERMINAL_STATES, JobState
 
-__all__ = ["Backend", "JobQuery", "MemoryBackend", "Pruned", "is_outage"]
+__all__ = ["POSTGRES_URL_SCHEMES", "Backend", "JobQuery", "MemoryBackend", "Pruned", "is_outage"]
+
+#: URL schemes that name a PostgreSQL database (libpq accepts both); anything else is a file.
+POSTGRES_URL_SCHEMES = ("postgresql://", "postgres://")
 
 
 @attrs.frozen
@@ -65,10 +69,17 @@ _SQLITE_OUTAGE_CODES = frozenset({5, 6, 10, 13, 14, 15})
 
 def is_outage(error: BaseException) -> bool:
     """True when a backend call failed because the database is unavailable (locked by another
-    program, unreachable, out of space): retrying the same write later may succeed. Anything
-    else (a constraint, an unencodable value) is tied to the write itself."""
+    program, unreachable, out of space; for PostgreSQL also a lost connection, an admin
+    shutdown, a serialization failure or deadlock): retrying the same write later may
+    succeed. Anything else (a constraint, an unencodable value, bad data) is tied to the
+    write itself."""
     if isinstance(error, StoreUnavailableError | OSError):
         return True
+    if "psycopg" in sys.modules:  # a psycopg error exists only once psycopg is loaded
+        from ._postgres import is_postgres_outage
+
+        if is_postgres_outage(error):
+            return True
     if isinstance(error, sqlite3.OperationalError):
         code = getattr(error, "sqlite_errorcode", None)
         if code is not None:

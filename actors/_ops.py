@@ -107,6 +107,10 @@ def create(job_id: str, user_id: str, kind: str, input: Any, now: float) -> Chan
     if not kind or not isinstance(kind, str):
         raise InvalidInputError("kind must be a non-empty string")
     check_text(kind, "kind")
+    for name, value in (("user_id", user_id), ("kind", kind)):
+        # Stored in columns of their own, which PostgreSQL's text cannot hold NUL in.
+        if "\x00" in value:
+            raise InvalidInputError(f"{name} must not contain a NUL character")
     _check_input(dumps_json_value(input, "job input"), "job input")
     job = Job(job_id, user_id, kind, S.CREATED, input, created_at=now, updated_at=now)
     return _emit(job, EventType.CREATED, now, {"kind": kind, "input": input})

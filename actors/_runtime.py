@@ -12,7 +12,7 @@ from typing import Any
 import attrs
 import trio
 
-from ._backend import Backend, JobQuery
+from ._backend import POSTGRES_URL_SCHEMES, Backend, JobQuery
 from ._broadcaster import Broadcaster, BroadcasterConfig
 from ._errors import JobspineError, RuntimeClosedError, RuntimeCrashedError, leaves
 from ._events import EventHub
@@ -207,6 +207,22 @@ def _shield(scopes: list[trio.CancelScope], shield: bool) -> None:
         scope.shield = shield
 
 
+def _backend_for(database: str | os.PathLike[str], config: RuntimeConfig) -> Backend:
+    """The backend ``database`` names: a ``postgresql://`` (or ``postgres://``) URL is a
+    :class:`~._postgres.PostgresBackend`, anything else a SQLite file. Raises
+    :class:`ValueError` for a URL libpq cannot parse."""
+    if isinstance(database, str) and database.startswith(POSTGRES_URL_SCHEMES):
+        # Imported only when used: psycopg takes longer to load than the rest of jobspine.
+        from ._postgres import PostgresBackend
+
+        return PostgresBackend(database)
+    return SqliteBackend(
+        database,
+        synchronous=config.sqlite_synchronous,
+        busy_timeout=config.sqlite_busy_timeout,
+    )
+
+
 @asynccontextmanager
 async def open_runtime(
     database: str | os.PathLike[str] | None = None,
@@ -218,29 +234,27 @@ async def open_runtime(
 ) -> AsyncIterator[Runtime]:
     """Run a jobspine runtime for the duration of the ``async with`` block.
 
-    ``database`` is a SQLite file (created if missing); pass ``backend`` instead for another
-    store (``MemoryBackend()`` for logic tests). On start, jobs a dead process left running are
-    recovered. On exit, running jobs get the grace period to checkpoint and are paused
-    (resumed by the next runtime on the same database); every acknowledged write is durable.
-    With ``broadcast``, a :class:`Broadcaster` actor serves rooms of events (``rt.broadcaster``).
-    With ``config.retention``, finished jobs are pruned at start and every
-    ``retention.interval`` seconds (see :meth:`Runtime.prune`).
+    ``database`` is a SQLite file (created if missing) or a PostgreSQL URL
+    (``postgresql://user@host/dbname``, the database must exist; schema created on open);
+    pass ``backend`` instead for another store (``MemoryBackend()`` for logic tests). On
+    start, jobs a dead process left running are recovered. On exit, running jobs get the grace
+    period to checkpoint and are paused (resumed by the next runtime on the same database);
+    every acknowledged write is durable. With ``broadcast``, a :class:`Broadcaster` actor
+    serves rooms of events (``rt.broadcaster``). With ``config.retention``, finished jobs are
+    pruned at start and every ``retention.interval`` seconds (see :meth:`Runtime.prune`).
 
-    One process owns a SQLite database at a time: while another holds it, this raises
-    :class:`DatabaseLockedError` (naming the owner) having read and written nothing. A database
-    that cannot be opened raises :class:`StoreError`. An exception from the block propagates
-    unchanged; a failure of the runtime itself is raised as :class:`RuntimeCrashedError`.
-    Every way out (return, exception, cancellation, KeyboardInterrupt) closes the database.
+    One process owns a database at a time: while another holds it, this raises
+    :class:`DatabaseLockedError` (naming the owner) having read and written nothing. A
+    database that cannot be opened (or a PostgreSQL server that cannot be reached) raises
+    :class:`StoreError`. An exception from the block propagates unchanged; a failure of the
+    runtime itself is raised as :class:`RuntimeCrashedError`. Every way out (return,
+    exception, cancellation, KeyboardInterrupt) closes the database.
     """
     config = config or RuntimeConfig()
     if backend is None:
         if database is None:
             raise TypeError("open_runtime() needs a database path or a backend")
-        backend = SqliteBackend(
-            database,
-            synchronous=config.sqlite_synchronous,
-            busy_timeout=config.sqlite_busy_timeout,
-        )
+        backend = _backend_for(database, config)
     hub = EventHub()
     store_actor = StoreActor(
         backend,

@@ -1,10 +1,16 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import itertools
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
+import psycopg
+import pytest
 import trio
+from psycopg import sql
 
 from actors import (
     DEMO_HANDLERS,
@@ -19,6 +25,51 @@ from actors import (
 )
 
 pytest_plugins = ["actors.testing"]
+
+#: The real local PostgreSQL server (trust auth); every test database is created and dropped
+#: through it, named ``<PG_PREFIX><n>``: unique to this test session.
+PG_SERVER = os.environ.get("JOBSPINE_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
+PG_PREFIX = f"jobspine_test_{os.getpid()}_{secrets.token_hex(3)}_"
+_pg_numbers = itertools.count()
+
+
+def pg_admin() -> psycopg.Connection[Any]:
+    return psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True)
+
+
+def drop_pg_database(name: str) -> None:
+    with pg_admin() as admin:
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database of its own, dropped after the test."""
+    name = f"{PG_PREFIX}{next(_pg_numbers)}"
+    with pg_admin() as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield f"{PG_SERVER}/{name}"
+    finally:
+        drop_pg_database(name)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_leftover_pg_databases() -> Iterator[None]:
+    """At the end of the session, drop every database this session created and left (a test
+    killed midway): none outlives the session."""
+    yield
+    try:
+        with pg_admin() as admin:
+            names = admin.execute(
+                "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (PG_PREFIX,)
+            ).fetchall()
+    except psycopg.OperationalError:
+        return  # no server: no database of ours either
+    for (name,) in names:
+        drop_pg_database(name)
 
 
 @asynccontextmanager

@@ -21,6 +21,7 @@ from actors import (
     JobQuery,
     JobState,
     MemoryBackend,
+    PostgresBackend,
     Pruned,
     RetentionPolicy,
     RetentionRule,
@@ -155,10 +156,12 @@ async def open_store(backend: Backend) -> AsyncIterator[StoreClient]:
             yield client
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     if request.param == "memory":
         return MemoryBackend()
+    if request.param == "postgresql":
+        return PostgresBackend(request.getfixturevalue("pg_url"))
     return SqliteBackend(tmp_path / "retention.db", synchronous="NORMAL")
 
 

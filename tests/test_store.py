@@ -21,6 +21,7 @@ from actors import (
     JobState,
     MemoryBackend,
     NotSerializableError,
+    PostgresBackend,
     SqliteBackend,
     StaleAttemptError,
     StoreActor,
@@ -45,10 +46,12 @@ async def open_store(
             yield client, actor, hub
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     if request.param == "memory":
         return MemoryBackend()
+    if request.param == "postgresql":
+        return PostgresBackend(request.getfixturevalue("pg_url"))
     return SqliteBackend(tmp_path / "store.db", synchronous="NORMAL")
 
 
@@ -214,6 +217,10 @@ async def test_bad_input_leaves_the_job_unchanged(backend: Backend) -> None:
         assert await store.get(job_id) == before
         with pytest.raises(InvalidInputError, match="user_id"):
             await store.create("", "research", {})
+        with pytest.raises(InvalidInputError, match="user_id must not contain a NUL"):
+            await store.create("al\x00ice", "research", {})
+        with pytest.raises(InvalidInputError, match="kind must not contain a NUL"):
+            await store.create("alice", "re\x00search", {})
         with pytest.raises(NotSerializableError):
             await store.create("alice", "research", {"x": b"bytes"})
 

@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 import trio
 
 from actors import DEMO_HANDLERS, DatabaseLockedError, JobspineError, RuntimeConfig, StoreError
+from actors._backend import POSTGRES_URL_SCHEMES
 from actors._errors import unwrap_group
 
 from ._app import PortUnavailableError, open_server
@@ -112,7 +113,10 @@ async def serve(args: argparse.Namespace) -> int:
     for spec in args.handlers:
         handlers.update(load_handlers(spec))
     db = Path(args.db)
+    # The development secret lives beside the SQLite file, also when the jobs are kept in
+    # PostgreSQL (``--store``): ``jobspine token`` finds it there.
     db.parent.mkdir(parents=True, exist_ok=True)
+    database = args.store or db
     secret = stored_secret(db, args.secret)
     generated = secret is None
     if secret is None:
@@ -121,7 +125,7 @@ async def serve(args: argparse.Namespace) -> int:
     runtime_config = RuntimeConfig(**args.runtime_config)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_server(
-            db,
+            database,
             config,
             handlers=handlers,
             runtime_config=runtime_config,
@@ -135,7 +139,7 @@ async def serve(args: argparse.Namespace) -> int:
                 running.url,
                 args.host,
                 running.health_port,
-                db,
+                _shown_store(str(database)),
                 running.runtime.epoch,
                 os.getpid(),
                 os.getpid(),
@@ -145,6 +149,15 @@ async def serve(args: argparse.Namespace) -> int:
                 break
     log.info("stopped cleanly")
     return 0
+
+
+def _shown_store(database: str) -> str:
+    """``database`` as logs and ``jobspine config`` show it: a URL without its password."""
+    if not database.startswith(POSTGRES_URL_SCHEMES):
+        return database
+    from actors._postgres import redact_url
+
+    return redact_url(database)
 
 
 def load_handlers(spec: str) -> dict[str, Any]:
@@ -262,6 +275,7 @@ def _client_options() -> _Parser:
 
 def _server_options(p: argparse.ArgumentParser) -> None:
     _add(p, "db", metavar="FILE")
+    _add(p, "store", metavar="URL")
     _add(p, "host")
     _add(p, "port")
     _add(p, "health_port")
@@ -374,6 +388,8 @@ def show_config(args: argparse.Namespace, settings: dict[str, Resolved]) -> int:
         s.key: {
             "value": "***"
             if s.name in hidden and settings[s.name].value
+            else _shown_store(settings[s.name].value)
+            if s.name == "store" and settings[s.name].value
             else settings[s.name].value,
             "source": settings[s.name].source,
             "env": s.env,

@@ -10,8 +10,8 @@ File layout (every key optional)::
 
     log_level = "INFO"                  # top-level keys: settings of every command
     [client]                            # url, token, connect_timeout
-    [server]                            # db, secret, host, port, health_port, handlers, and
-                                        # every field of transport.ServerConfig
+    [server]                            # db, store, secret, host, port, health_port, handlers,
+                                        # and every field of transport.ServerConfig
     [runtime]                           # every field of actors.RuntimeConfig, and
                                         # retention_* (below)
     [runtime.retention_kinds.research]  # a kind's own retention rule
@@ -33,6 +33,7 @@ import attrs
 import platformdirs
 
 from actors import RetentionPolicy, RetentionRule, RuntimeConfig
+from actors._backend import POSTGRES_URL_SCHEMES
 from actors._retention import DAY
 
 from ._exit import CLIError, ExitCode
@@ -145,6 +146,19 @@ _POSITIVE = _seconds(0, inclusive=False)
 _NON_NEGATIVE = _seconds(0, inclusive=True)
 
 
+def _store_url(value: str) -> str | None:
+    if not value.startswith(POSTGRES_URL_SCHEMES):
+        return f"expected a postgresql:// URL (a SQLite file is --db), not {value!r}"
+    # Loaded only when a URL is given: psycopg takes a while to import.
+    from psycopg import Error, conninfo
+
+    try:
+        conninfo.conninfo_to_dict(value)
+    except Error as exc:
+        return f"not a PostgreSQL URL: {' '.join(str(exc).split())}"
+    return None
+
+
 def _db_default(env: Mapping[str, str]) -> str:
     """$JOBSPINE_DATA/jobspine.db, JOBSPINE_DATA defaulting to ~/.local/share/jobspine"""
     return str(default_data_dir(env) / "jobspine.db")
@@ -163,6 +177,9 @@ _EXPLICIT: tuple[Setting, ...] = (
             "seconds a one-shot command waits for the server", "--connect-timeout",
             "JOBSPINE_CONNECT_TIMEOUT", _POSITIVE),
     Setting("db", "server", str, _db_default, "SQLite database file", "--db", "JOBSPINE_DB"),
+    Setting("store", "server", str, None, "PostgreSQL database instead of the SQLite file: "
+            "postgresql://USER@HOST:PORT/DBNAME (the database must exist)", "--store",
+            "JOBSPINE_STORE", _store_url),
     Setting("secret", "server", str, None, "token signing secret (default: a development "
             "secret generated beside the database)", None, "JOBSPINE_SECRET"),
     Setting("host", "server", str, "127.0.0.1", "interface to listen on", "--host",

@@ -31,7 +31,8 @@ class ExitCode(enum.IntEnum):
     #: ``serve``: a port is in use or cannot be bound.
     PORT_UNAVAILABLE = 8
     #: ``serve``: the database cannot be used (not a database, corrupt, a newer schema, a
-    #: directory) or its data directory cannot be written.
+    #: directory), its data directory cannot be written, or its PostgreSQL server cannot be
+    #: reached (down, wrong host or port, no such database, authentication refused).
     DATABASE_UNUSABLE = 9
     #: Ctrl-C (SIGINT), as shells report it.
     INTERRUPTED = 130
@@ -53,6 +54,7 @@ exit status:
   7    serve: another live process owns the database (pid, host and since when are named)
   8    serve: a port is in use or cannot be bound
   9    serve: the database cannot be used (corrupt, not a database, newer schema)
+       or its PostgreSQL server cannot be reached
   130  interrupted (Ctrl-C)
   141  stdout was closed by its reader (like a tool killed by SIGPIPE)"""
 

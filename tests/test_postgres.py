@@ -1,0 +1,330 @@
+"""The PostgreSQL backend against the real local server: schema, ownership, outages, and
+``jobspine serve --store postgresql://...`` end to end (the backend contract itself runs in
+``test_store.py`` and ``test_retention.py`` on every backend)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+import trio
+from psycopg import errors
+
+from actors import (
+    DatabaseLockedError,
+    EventHub,
+    JobState,
+    PostgresBackend,
+    StoreActor,
+    StoreConfig,
+    StoreError,
+    StoreUnavailableError,
+    open_runtime,
+)
+from actors._backend import is_outage
+from transport import open_client
+
+from .serving import free_port
+from .test_cli import COMMAND, serve_process
+
+
+def pg_sessions(url: str) -> list[int]:
+    """Backend pids of jobspine's sessions on the database of ``url``."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name = 'jobspine'"
+        ).fetchall()
+    return [pid for (pid,) in rows]
+
+
+def terminate_sessions(url: str) -> int:
+    """Drop jobspine's connections to the database, as a server restart would."""
+    pids = pg_sessions(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        for pid in pids:
+            # Waits (up to 5 s) until the session has ended and given its locks back.
+            conn.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+    return len(pids)
+
+
+async def test_epoch_persists_and_a_newer_schema_is_refused(pg_url: str) -> None:
+    backend = PostgresBackend(pg_url)
+    async with backend.opened():
+        epoch = backend.epoch
+        assert epoch
+    async with backend.opened():
+        assert backend.epoch == epoch
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        meta: dict[str, str] = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        assert meta == {"schema_version": "2", "epoch": epoch}
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(StoreError, match="schema v99 is newer than this runtime's v2"):
+        async with backend.opened():
+            pass  # pragma: no cover
+
+
+async def test_a_second_owner_is_refused_naming_the_first(pg_url: str) -> None:
+    first, second = PostgresBackend(pg_url), PostgresBackend(pg_url)
+    async with first.opened():
+        with pytest.raises(DatabaseLockedError) as info:
+            async with second.opened():
+                pass  # pragma: no cover
+        refused = info.value
+        assert refused.code == "database_in_use"
+        assert (refused.pid, refused.host) == (os.getpid(), socket.gethostname())
+        assert refused.since is not None
+        assert f"is in use by process {os.getpid()} on" in str(refused)
+        # The refused one closed its connection (its server process ends just after).
+        with trio.fail_after(5):
+            while len(await trio.to_thread.run_sync(pg_sessions, pg_url)) != 1:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+    async with second.opened():  # the lock went with the first one's session
+        assert second.epoch == first.epoch
+
+
+def test_bad_urls_are_refused_at_once() -> None:
+    with pytest.raises(ValueError, match="not a PostgreSQL URL"):
+        PostgresBackend("postgresql://host:notaport:/x?bad=1=2")
+
+
+async def test_an_unreachable_server_is_a_one_line_store_error() -> None:
+    url = f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/nowhere"
+    with pytest.raises(StoreError) as info:
+        async with open_runtime(url):
+            pass  # pragma: no cover
+    message = str(info.value)
+    assert "cannot open" in message and "\n" not in message
+    assert "hunter2" not in message
+
+
+async def test_postgres_errors_are_told_outage_or_tied_to_the_write(pg_url: str) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id integer PRIMARY KEY, name text)")
+        conn.execute("INSERT INTO t VALUES (1, 'a')")
+        tied: list[Exception] = []
+        for statement, params in [
+            ("INSERT INTO t VALUES (1, 'b')", ()),  # unique violation
+            ("INSERT INTO t VALUES (%s, %s)", (2, "nul\x00")),  # text cannot hold NUL
+            ("SELECT * FROM missing", ()),  # undefined table
+            ("INSERT INTO t VALUES (%s, 'x')", ("not a number",)),  # bad data
+        ]:
+            try:
+                conn.execute(statement, params)
+            except psycopg.Error as exc:
+                tied.append(exc)
+        assert len(tied) == 4
+        assert not any(is_outage(exc) for exc in tied), tied
+        pid = conn.info.backend_pid
+        with psycopg.connect(pg_url, autocommit=True) as other:
+            other.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        outages: list[Exception] = []
+        for _ in range(2):  # the termination, then the use of the closed connection
+            try:
+                conn.execute("SELECT 1")
+            except psycopg.Error as exc:
+                outages.append(exc)
+        assert len(outages) == 2 and all(is_outage(exc) for exc in outages), outages
+    assert is_outage(errors.SerializationFailure("could not serialize access"))
+    assert is_outage(errors.DeadlockDetected("deadlock detected"))
+    assert is_outage(errors.AdminShutdown("terminating connection"))
+    assert not is_outage(errors.CheckViolation("violates check constraint"))
+
+
+async def test_dropped_connections_are_waited_out_with_nothing_lost(pg_url: str) -> None:
+    """The server drops the store's connection again and again while jobs write: every write
+    is acknowledged (it waits and is retried), the store reconnects by itself, and the log
+    has every event once, gapless."""
+    actor = StoreActor(PostgresBackend(pg_url), EventHub(), StoreConfig(retry_backoff=0.02))
+    store = actor.client()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        async with store:
+            ids = []
+            for _ in range(5):
+                job = await store.create("alice", "research", {})
+                await store.start(job.id)
+                ids.append(job.id)
+
+            async def writer(job_id: str) -> None:
+                for n in range(60):
+                    await store.set_progress(job_id, 1, n, f"step {n}")
+                    await trio.sleep(0.005)
+
+            dropped = 0
+            async with trio.open_nursery() as writers:
+                for job_id in ids:
+                    writers.start_soon(writer, job_id)
+                for _ in range(3):
+                    await trio.sleep(0.1)
+                    dropped += await trio.to_thread.run_sync(terminate_sessions, pg_url)
+            assert dropped >= 3
+            assert actor.health.outages >= 1
+            await store.set_progress(ids[0], 1, 99, "after")  # the store is back by itself
+            assert actor.health.ok
+            for job_id in ids:
+                events = await store.read_events(job_id)
+                assert [e.seq for e in events] == list(range(1, len(events) + 1))
+                assert len(events) == 2 + 60 + (job_id == ids[0])
+            user_events = await store.read_user_events("alice", limit=10_000)
+            assert [e.user_seq for e in user_events] == list(range(1, len(user_events) + 1))
+    with trio.fail_after(5):  # closed: the owner lock is free
+        while await trio.to_thread.run_sync(pg_sessions, pg_url):  # noqa: ASYNC110
+            await trio.sleep(0.01)
+
+
+async def test_an_owner_that_came_in_between_stops_every_later_write(pg_url: str) -> None:
+    """The store's connection is dropped; before it connects again, another process owns the
+    database for a while (and may have changed anything). The first store must not write on
+    its stale state: every later write fails as unavailable, saying why, and nothing of it
+    is stored."""
+    actor = StoreActor(PostgresBackend(pg_url), EventHub(), StoreConfig(store_retry_timeout=0.3))
+    store = actor.client()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        async with store:
+            job_id = (await store.create("alice", "research", {})).id
+            assert await trio.to_thread.run_sync(terminate_sessions, pg_url) == 1
+            other = PostgresBackend(pg_url)
+            async with other.opened():
+                pass
+            with pytest.raises(StoreUnavailableError, match="while this one was disconnected"):
+                await store.start(job_id)
+            assert "restart this runtime" in (actor.health.reason or "")
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        (state,) = conn.execute("SELECT state FROM jobs WHERE id = %s", (job_id,)).fetchone() or (
+            "",
+        )
+    assert state == "created"
+
+
+async def test_a_refused_write_fails_only_its_culprit(pg_url: str) -> None:
+    """A statement the database refuses (here a trigger, as a constraint would) fails only
+    the request that brought it; the rest of its group is committed again without it."""
+    actor = StoreActor(PostgresBackend(pg_url), EventHub())
+    store = actor.client()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        async with store, actor.hub.subscribe() as stream:
+            job_id = (await store.create("alice", "research", {})).id
+            await store.start(job_id)
+            await store.checkpoint(job_id, 1, {"v": 1})
+            other = (await store.create("alice", "research", {})).id
+            await store.start(other)
+            with psycopg.connect(pg_url, autocommit=True) as conn:
+                conn.execute(
+                    "CREATE FUNCTION fault() RETURNS trigger LANGUAGE plpgsql AS"
+                    " $$ BEGIN RAISE EXCEPTION 'simulated fault'; END $$"
+                )
+                conn.execute(
+                    "CREATE TRIGGER fault BEFORE INSERT ON events FOR EACH ROW"
+                    " WHEN (NEW.type = 'checkpoint') EXECUTE FUNCTION fault()"
+                )
+            while True:  # what the set-up published
+                try:
+                    stream.receive_nowait()
+                except trio.WouldBlock:
+                    break
+            results: dict[str, Exception | None] = {}
+
+            async def attempt(name: str, fn: Any) -> None:
+                try:
+                    await fn()
+                    results[name] = None
+                except StoreError as exc:
+                    results[name] = exc
+
+            async with trio.open_nursery() as both:
+                both.start_soon(
+                    attempt, "checkpoint", lambda: store.checkpoint(job_id, 1, {"v": 2})
+                )
+                both.start_soon(attempt, "progress", lambda: store.set_progress(other, 1, 50, "x"))
+            assert "simulated fault" in str(results["checkpoint"])
+            assert results["progress"] is None
+            published = stream.receive_nowait()
+            assert (published.job_id, published.type.value) == (other, "progress")
+            with pytest.raises(trio.WouldBlock):
+                stream.receive_nowait()
+            assert (await store.get(job_id)).checkpoint == {"v": 1}
+            assert actor.health.ok  # tied to the write: not an outage
+            events = await store.read_user_events("alice")
+            assert [e.user_seq for e in events] == list(range(1, len(events) + 1))
+
+
+async def test_serve_on_postgresql_end_to_end_with_sigkill_recovery(
+    pg_url: str, tmp_path: Any
+) -> None:
+    data = tmp_path / "data"
+    port = free_port()
+    store = ("--store", pg_url)
+    async with serve_process(data, port, store) as served:
+        assert not (data / "jobspine.db").exists()  # the jobs are in PostgreSQL
+        async with open_client(served.url, served.token("alice")) as client:
+            quick = [
+                await client.create("research", {"query": f"q{i}", "depth": 3}) for i in range(3)
+            ]
+            with trio.fail_after(30):
+                for job in quick:
+                    while (found := await client.get(job["id"]))["state"] != "completed":  # noqa: ASYNC110
+                        await trio.sleep(0.1)
+                    assert found["result"]["sources"] == 3
+            slow = await client.create("research", {"query": "long", "depth": 200, "delay": 0.1})
+            with trio.fail_after(30):
+                while (await client.get(slow["id"]))["checkpoint_version"] == 0:  # noqa: ASYNC110
+                    await trio.sleep(0.1)
+        # A second server on the same database is refused, naming the first.
+        second = await trio.run_process(
+            [*COMMAND, "serve", "--store", pg_url, "--port", "0", "--health-port", "0"],
+            env={**served.env(), "JOBSPINE_DATA": str(tmp_path / "other")},
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        assert second.returncode == 7, second
+        assert f"in use by process {served.process.pid}" in second.stderr.decode()
+        served.process.kill()
+        await served.process.wait()
+    async with serve_process(data, port, store) as served:
+        assert "recovered job" in (data / "serve.log").read_text()
+        async with open_client(served.url, served.token("alice")) as client:
+            job = await client.get(slow["id"])
+            assert (job["state"], job["pause_reason"]) == (JobState.PAUSED.value, "recovery")
+            await client.resume(slow["id"])
+            with trio.fail_after(60):
+                while (found := await client.get(slow["id"]))["state"] != "completed":  # noqa: ASYNC110
+                    await trio.sleep(0.2)
+            assert found["attempt"] == 2 and found["result"]["sources"] == 200
+            for job in quick:
+                assert (await client.get(job["id"]))["state"] == "completed"
+
+
+async def test_serve_refuses_a_bad_store_in_one_line(tmp_path: Any) -> None:
+    env = {**os.environ, "JOBSPINE_DATA": str(tmp_path)}
+    shown = await trio.run_process(
+        [*COMMAND, "config", "--json"],
+        env={**env, "JOBSPINE_STORE": "postgresql://bob:secret@db.example:5433/jobs"},
+        capture_stdout=True,
+        check=True,
+    )
+    store = orjson.loads(shown.stdout)["server.store"]
+    assert store["value"] == "postgresql://bob:***@db.example:5433/jobs"
+    assert store["source"] == "env JOBSPINE_STORE"
+    cases = [
+        (["--store", "mysql://x"], 2, "expected a postgresql:// URL"),
+        (["--store", f"postgresql://postgres:pw@127.0.0.1:{free_port()}/x"], 9, "cannot open"),
+    ]
+    for flags, status, text in cases:
+        result = await trio.run_process(
+            [*COMMAND, "serve", *flags, "--port", "0", "--health-port", "0"],
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        stderr = result.stderr.decode()
+        assert result.returncode == status, stderr
+        assert text in stderr and stderr.count("\n") == 1 and ":pw@" not in stderr, stderr
