@@ -502,8 +502,14 @@ def test_jobspine_ui_opens_the_page_signed_in(
     assert alice not in server.log.read_text()
 
     if os.environ.get("JOBSPINE_DOCS_SCREENSHOT"):
-        server.create(alice, "research", {"query": "the README's screenshot", "depth": 400})
-        wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#jobs-body tr")) >= 1)
-        driver.find_element(By.CSS_SELECTOR, "#jobs-body tr button").click()
-        wait(driver, lambda d: len(timeline(d)) >= 40)
+        server.create(alice, "trade", {"symbol": "ACME", "side": "buy", "quantity": 100})
+        server.create(alice, "analysis", {"content": "jobspine " * 40, "chunk_size": 40})
+        job = server.create(alice, "research", {"query": "structured concurrency", "depth": 400})
+        wait(
+            driver, lambda d: d.find_elements(By.CSS_SELECTOR, f"tr[data-job='{job['id']}'] button")
+        )
+        driver.find_element(By.CSS_SELECTOR, f"tr[data-job='{job['id']}'] button").click()
+        wait(driver, lambda d: len(timeline(d)) >= 30, 30)
+        js(driver, "document.getElementById('notice-close').click()")
+        time.sleep(0.5)
         shutil.copy(shot(driver, "0-dashboard"), ROOT / "docs" / "dashboard.png")

@@ -333,10 +333,15 @@ function focusJob(jobId) {
   if (jobId) $("detail").focus();
 }
 
+// At most one refresh per 300 ms however fast checkpoints come (a throttle, not a debounce:
+// a job checkpointing every 200 ms would otherwise never be refreshed).
 let detailsTimer = null;
 function refreshDetailsSoon() {
-  clearTimeout(detailsTimer);
-  detailsTimer = setTimeout(refreshDetails, 300);
+  if (detailsTimer !== null) return;
+  detailsTimer = setTimeout(() => {
+    detailsTimer = null;
+    refreshDetails();
+  }, 300);
 }
 
 async function refreshDetails() {
@@ -686,14 +691,19 @@ function timelineCount() {
   el.dataset.continuedFrom = t && t.continuedFrom ? t.continuedFrom : "";
 }
 
+// The timeline follows new events while it is scrolled to its end, and stays put otherwise.
 function appendTimelineRow(e) {
+  const box = $("timeline-scroll");
+  const following = box.scrollTop + box.clientHeight >= box.scrollHeight - 8;
   $("timeline-body").append(timelineRow(e));
+  if (following) box.scrollTop = box.scrollHeight;
   timelineCount();
 }
 
 function renderTimeline() {
   const t = S.timeline;
   replace($("timeline-body"), t ? t.events.map(timelineRow) : []);
+  $("timeline-scroll").scrollTop = $("timeline-scroll").scrollHeight;
   replace($("timeline-resets"), t ? t.resets.map((r) => h("li", {}, `reset at ${clock(r.at)}: ${r.reason}; read again from the job's durable log`)) : []);
   timelineCount();
 }
@@ -744,7 +754,7 @@ function wire() {
   $("filter-state").addEventListener("change", (e) => { S.filters.state = e.target.value; render(); });
   $("filter-kind").addEventListener("change", (e) => { S.filters.kind = e.target.value; render(); });
   $("filter-text").addEventListener("input", (e) => { S.filters.text = e.target.value; render(); });
-  replace($("filter-state"), h("option", { value: "" }, "all states"), h("option", { value: "active" }, "not finished"), STATES.map((s) => h("option", { value: s }, s)));
+  replace($("filter-state"), h("option", { value: "" }, "all states"), h("option", { value: "active" }, "not finished"), STATES.map((s) => h("option", { value: s }, s === "created" ? "created (waiting)" : s)));
   $("submit-form").addEventListener("submit", submitJob);
   $("submit-kind").addEventListener("change", (e) => {
     const template = TEMPLATES[e.target.value];
