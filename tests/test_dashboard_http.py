@@ -87,9 +87,9 @@ async def test_every_file_is_served_with_its_type_and_policy(tmp_path: Path) -> 
         status, headers, body = await exchange(http, get("/", method="HEAD"))
         assert status == 200 and body == b""
         assert headers["content-length"] == str(len((STATIC / "index.html").read_bytes()))
-        for path in ("/healthz", "/readyz", "/status", "/metrics"):
-            status, headers, _ = await exchange(http, get(path))
-            assert status == 200 and headers["cache-control"] == "no-store", path
+        for route in ("/healthz", "/readyz", "/status", "/metrics"):
+            status, headers, _ = await exchange(http, get(route))
+            assert status == 200 and headers["cache-control"] == "no-store", route
 
         # Websockets have their own port: an upgrade here is a 404, as is any other method.
         upgrade = "upgrade: websocket\r\nconnection: upgrade\r\n"
