@@ -259,6 +259,13 @@ def page_errors(driver: WebDriver) -> list[str]:
     ]
 
 
+def open_job(driver: WebDriver, job_id: str) -> None:
+    """Opens a job from the list, as a person would."""
+    selector = f"#jobs-body tr[data-job='{job_id}'] button"
+    wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, selector))[0].click()
+    wait(driver, lambda d: focused_job(d) == job_id)
+
+
 def live(driver: WebDriver) -> bool:
     return by_id(driver, "statusbar").get_attribute("data-state") == "live"
 
@@ -440,6 +447,9 @@ def test_users_admin_expiry_and_bounded_list(server: Server, driver: WebDriver) 
     )
     assert "alice" in text(driver, "admin-body")
     shot(driver, "10-admin")
+    # ... and can open it: its timeline, read from alice's job room.
+    rows_of(mine["id"])(driver)[0].find_element(By.TAG_NAME, "button").click()
+    wait(driver, lambda d: timeline(d) and timeline(d)[-1][1] == "completed")
 
     # Bounded memory: 60 finished jobs, 50 kept in the live list.
     carol = server.token("carol")
@@ -501,14 +511,26 @@ def test_jobspine_ui_opens_the_page_signed_in(
     wait(driver, live)
     assert alice not in server.log.read_text()
 
+    # Two tabs keep their own focus and cursors (sessionStorage is per tab).
+    one = server.create(alice, "research", {"query": "one", "depth": 2, "delay": 0})
+    two = server.create(alice, "research", {"query": "two", "depth": 2, "delay": 0})
+    first_tab = driver.current_window_handle
+    open_job(driver, one["id"])
+    driver.switch_to.new_window("tab")
+    driver.get(url)
+    wait(driver, live)
+    open_job(driver, two["id"])
+    driver.switch_to.window(first_tab)
+    driver.refresh()
+    wait(driver, live)
+    assert focused_job(driver) == one["id"]
+    wait(driver, lambda d: timeline(d) and timeline(d)[-1][1] == "completed")
+
     if os.environ.get("JOBSPINE_DOCS_SCREENSHOT"):
         server.create(alice, "trade", {"symbol": "ACME", "side": "buy", "quantity": 100})
         server.create(alice, "analysis", {"content": "jobspine " * 40, "chunk_size": 40})
         job = server.create(alice, "research", {"query": "structured concurrency", "depth": 400})
-        wait(
-            driver, lambda d: d.find_elements(By.CSS_SELECTOR, f"tr[data-job='{job['id']}'] button")
-        )
-        driver.find_element(By.CSS_SELECTOR, f"tr[data-job='{job['id']}'] button").click()
+        open_job(driver, job["id"])
         wait(driver, lambda d: len(timeline(d)) >= 30, 30)
         js(driver, "document.getElementById('notice-close').click()")
         time.sleep(0.5)

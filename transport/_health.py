@@ -5,8 +5,9 @@ browsers get this small server: ``GET /healthz`` (the process is up), ``GET /rea
 (accepting websocket connections: 503 while starting or shutting down), ``GET /metrics``
 (Prometheus text format), ``GET /status`` (a JSON summary) and the dashboard
 (:mod:`transport._dashboard`). A route takes the :class:`Request` and returns a JSON-able body
-or a :class:`Body` with its own content type and headers. A websocket upgrade is answered 404:
-websockets have a port of their own.
+or a :class:`Body` with its own content type and headers. ``HEAD`` gets the headers of a
+``GET`` and no body; other methods, and a websocket upgrade (websockets have a port of their
+own), are answered 404.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ MAX_REQUEST = 8192
 
 @attrs.frozen
 class Request:
-    """What a route sees of a GET request: the path (no query) and the ``Host`` header."""
+    """What a route sees of a GET or HEAD request: the path (no query) and the ``Host``
+    header."""
 
     path: str
     host: str

@@ -509,7 +509,9 @@ function drawNotice() {
 function filtered() {
   const { state, kind, text } = S.filters;
   const needle = text.toLowerCase();
+  const mine = S.me ? S.me.user_id : null;
   return [...S.jobs.values()]
+    .filter((j) => j.user_id === mine || j.id === S.focus) // an admin may open anyone's job
     .filter((j) => !state || (state === "active" ? !FINAL.has(j.state) : j.state === state))
     .filter((j) => !kind || j.kind === kind)
     .filter((j) => !needle || `${j.id} ${j.step || ""} ${j.kind}`.toLowerCase().includes(needle))
@@ -734,7 +736,9 @@ function drawAdmin() {
   replace($("admin-stats"), a.stats ? Object.entries(a.stats).map(([k, v]) => h("div", { class: "stat" }, h("span", {}, k), h("strong", {}, typeof v === "object" ? brief(v, 60) : String(v)))) : []);
   replace($("admin-body"), a.jobs.map((j) =>
     h("tr", { "data-job": j.id },
-      h("td", {}, j.user_id), h("td", { title: j.id }, shortId(j.id)), h("td", {}, j.kind),
+      h("td", {}, j.user_id),
+      h("td", {}, h("button", { class: "link", title: j.id, onclick: () => { setView("jobs"); focusJob(j.id); } }, shortId(j.id))),
+      h("td", {}, j.kind),
       h("td", {}, h("span", { class: `badge ${j.state}` }, j.state)), h("td", {}, `${Math.round(j.progress || 0)}%`),
       h("td", {}, age(now() - j.created_at)), h("td", {}, brief(j.step, 60)))));
 }
