@@ -1,6 +1,9 @@
 """The dashboard in a real browser (Debian's chromium, driven by Selenium through
 chromium-driver) against a real ``jobspine serve`` process, killed with SIGKILL and restarted.
 
+It also runs the page's protocol client (``conn.js``) against a scripted socket, to check the
+client rules of PROTOCOL.md section 4 message by message.
+
 Screenshots of every view go to ``tests/artifacts/dashboard/`` (git-ignored);
 ``JOBSPINE_DOCS_SCREENSHOT=1`` also refreshes ``docs/dashboard.png`` (1280x800) for the README.
 Run alone: ``.venv/bin/python -m pytest tests/test_dashboard_browser.py -p no:randomly``.
@@ -535,3 +538,86 @@ def test_jobspine_ui_opens_the_page_signed_in(
         js(driver, "document.getElementById('notice-close').click()")
         time.sleep(0.5)
         shutil.copy(shot(driver, "0-dashboard"), ROOT / "docs" / "dashboard.png")
+
+
+CLIENT_RULES = """
+const done = arguments[arguments.length - 1];
+(async () => {
+  const { Connection } = await import("/conn.js");
+  const tick = () => new Promise((r) => setTimeout(r, 0));
+  class FakeSocket {
+    constructor(url) { this.sent = []; FakeSocket.opened.push(this); setTimeout(() => this.onopen()); }
+    send(text) { this.sent.push(JSON.parse(text)); }
+    close(code) { this.onclose({ code, reason: "" }); }
+    deliver(message) { this.onmessage({ data: JSON.stringify(message) }); }
+  }
+  FakeSocket.opened = [];
+  window.WebSocket = FakeSocket;
+  const seen = [], skipped = [], resets = [], signedOut = [], saved = {};
+  const conn = new Connection("ws://test/", "TOKEN", {
+    status: () => {}, hello: () => {}, roomError: () => {},
+    event: (e, rooms) => seen.push([e.seq, rooms]),
+    skipped: (m, rooms) => skipped.push([m.seq, m.count, rooms]),
+    reset: (room, result) => resets.push([room, result.reset_reason]),
+    signedOut: (code) => signedOut.push(code),
+    cursor: () => ({ epoch: "E", seq: 0 }),
+    saveCursor: (room, cursor) => { saved[room] = cursor.seq; },
+  });
+  conn.start();
+  await tick(); await tick();
+  const ws = FakeSocket.opened[0];
+  const ev = (seq) => ({ type: "event", event: { job_id: "J", user_id: "u", seq, user_seq: 100 + seq,
+                                                 type: "progress", state: "running", data: {} } });
+  const reply = (id, result) => ({ type: "reply", id, result });
+  ws.deliver(reply(0, { epoch: "E", user_id: "u", admin: false, expires_at: 0 }));
+  conn.join("job:J");
+  const sub1 = ws.sent[1];
+  // The reply makes the room live before the replay that follows it in the same batch;
+  // a duplicate is ignored.
+  ws.deliver({ type: "batch", messages: [
+    reply(sub1.id, { room: "job:J", epoch: "E", head: 3, recovered: true, replayed: 3, reset_reason: null }),
+    ev(1), ev(2), ev(2), ev(3)] });
+  // A gap: resubscribe from the cursor (3), and ignore the room until the reply.
+  ws.deliver(ev(5));
+  ws.deliver(ev(6));
+  const sub2 = ws.sent[2];
+  ws.deliver(reply(sub2.id, { room: "job:J", epoch: "E", head: 6, recovered: true, replayed: 3, reset_reason: null }));
+  ws.deliver({ type: "batch", messages: [ev(4), ev(5), ev(6)] });
+  // A skipped marker covers 7 and 8: 8 is then a duplicate.
+  ws.deliver({ type: "skipped", job_id: "J", user_id: "u", seq: 7, user_seq: 107, count: 2 });
+  ws.deliver(ev(8));
+  ws.deliver(ev(9));
+  // A heartbeat head beyond the cursor: resubscribe from 9.
+  ws.deliver({ type: "heartbeat", time: 0, epoch: "E", heads: { "job:J": 12 } });
+  const sub3 = ws.sent[3];
+  // A reset says why, and the room continues from the head.
+  ws.deliver(reply(sub3.id, { room: "job:J", epoch: "F", head: 2, recovered: false, replayed: 0,
+                              reset_reason: "epoch_changed: another database", snapshot: { job: {} } }));
+  ws.deliver(ev(2));
+  ws.deliver(ev(3));
+  // An expired token: signed out, no reconnection.
+  ws.close(4004);
+  await new Promise((r) => setTimeout(r, 200));
+  done({ seen, skipped, resets, signedOut, saved, sent: ws.sent, sockets: FakeSocket.opened.length });
+})().catch((err) => done({ error: String(err) }));
+"""
+
+
+def test_client_rules_of_the_protocol(server: Server, driver: WebDriver) -> None:
+    """``conn.js`` against a scripted socket: PROTOCOL.md section 4's rules, message by message
+    (live from the subscribe reply, duplicates ignored, a gap or a heartbeat head resubscribes
+    from the cursor, skipped markers advance it, a reset is reported, 4004 signs out)."""
+    driver.get(server.page)
+    driver.set_script_timeout(10)
+    got = driver.execute_async_script(CLIENT_RULES)
+    assert "error" not in got, got
+    job = ["job:J"]
+    assert got["seen"] == [[n, job] for n in (1, 2, 3, 4, 5, 6, 9, 3)]
+    assert got["skipped"] == [[7, 2, job]]
+    assert got["resets"] == [["job:J", "epoch_changed: another database"]]
+    assert got["signedOut"] == [4004] and got["sockets"] == 1
+    hello, *subscribes = got["sent"]
+    assert hello == {"op": "hello", "id": 0, "token": "TOKEN", "protocol": 1}
+    cursors = [s["cursor"]["seq"] for s in subscribes]
+    assert [s["op"] for s in subscribes] == ["subscribe"] * 3 and cursors == [0, 3, 9]
+    assert got["saved"] == {"job:J": 3}
