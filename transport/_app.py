@@ -1,4 +1,5 @@
-"""The assembled server: runtime + broadcaster + websocket server + health endpoint."""
+"""The assembled server: runtime + broadcaster + websocket server + HTTP port (health,
+metrics, the dashboard)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from actors import (
 )
 from actors._errors import unwrap_group
 
-from ._health import Body, serve_health
+from ._dashboard import dashboard_routes
+from ._health import Body, Request, serve_health
 from ._server import Server, ServerConfig
 
 __all__ = ["PortUnavailableError", "RunningServer", "open_server"]
@@ -143,10 +145,10 @@ async def _unwrapped() -> AsyncIterator[None]:
 
 
 def _routes(running: RunningServer) -> dict[str, Any]:
-    def healthz() -> tuple[int, dict[str, Any]]:
+    def healthz(request: Request) -> tuple[int, dict[str, Any]]:
         return 200, {"status": "ok", "uptime": time.time() - running.started_at}
 
-    def readyz() -> tuple[int, dict[str, Any]]:
+    def readyz(request: Request) -> tuple[int, dict[str, Any]]:
         if not running.server.accepting:
             return 503, {"status": "not accepting connections"}
         health = running.runtime.store_health
@@ -160,10 +162,10 @@ def _routes(running: RunningServer) -> dict[str, Any]:
 
     registry = metrics_registry(running)
 
-    def metrics() -> tuple[int, Body]:
-        return 200, Body(CONTENT_TYPE, render(registry))
+    def metrics(request: Request) -> tuple[int, Body]:
+        return 200, Body(CONTENT_TYPE, render(registry), (("cache-control", "no-store"),))
 
-    def status() -> tuple[int, dict[str, Any]]:
+    def status(request: Request) -> tuple[int, dict[str, Any]]:
         runtime = running.runtime
         broadcaster = running.server.broadcaster
         return 200, {
@@ -182,4 +184,10 @@ def _routes(running: RunningServer) -> dict[str, Any]:
             "epoch": runtime.epoch,
         }
 
-    return {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics, "/status": status}
+    return {
+        **dashboard_routes(running.port, running.server.config.host),
+        "/healthz": healthz,
+        "/readyz": readyz,
+        "/metrics": metrics,
+        "/status": status,
+    }

@@ -40,6 +40,7 @@ from ._display import StdoutClosedError, write, write_json
 from ._exit import EXIT_HELP, CLIError, ExitCode
 from ._logging import LOG_FORMATS, configure_logging
 from ._server import ServerConfig
+from ._ui import run_ui
 
 log = logging.getLogger("jobspine")
 
@@ -354,6 +355,12 @@ def parser() -> argparse.ArgumentParser:
     restart_p = command("restart", "run a job again from scratch")
     restart_p.add_argument("job_id", help="the job's id (from submit or jobs)")
     restart_p.add_argument("modifications", nargs="?", help="JSON object merged into the input")
+    ui_p = command("ui", "open the dashboard in a browser, signed in with your token")
+    _add(ui_p, "health_port")
+    ui_p.add_argument(
+        "--print-url", action="store_true", help="print the signed-in URL (it holds your "
+        "token, in the fragment a browser never sends) instead of opening a browser",
+    )  # fmt: skip
     prune_p = command(
         "prune",
         "admins: remove the finished jobs (and their events) the retention policy says are due",
@@ -430,6 +437,8 @@ def _run(argv: list[str]) -> int:
         return ExitCode.OK
     if args.command == "config":
         return show_config(args, settings)
+    if args.command == "ui":
+        return run_ui(args)
     return trio.run(run_client_command, args)
 
 

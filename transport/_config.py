@@ -187,7 +187,7 @@ _EXPLICIT: tuple[Setting, ...] = (
     Setting("port", "server", int, DEFAULT_PORT, "websocket port", "--port", "JOBSPINE_PORT",
             _port),
     Setting("health_port", "server", int, DEFAULT_HEALTH_PORT,
-            "HTTP port of /healthz, /readyz, /metrics", "--health-port",
+            "HTTP port: the dashboard, /healthz, /readyz, /metrics", "--health-port",
             "JOBSPINE_HEALTH_PORT", _port),
     Setting("request_rate", "server", float, 50.0, "requests/s per connection",
             "--request-rate", "JOBSPINE_REQUEST_RATE", _POSITIVE),

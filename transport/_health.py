@@ -1,10 +1,13 @@
-"""Health, readiness and metrics over plain HTTP (h11), on a port of their own.
+"""The server's HTTP port (h11): health, readiness, metrics and the dashboard's files.
 
-trio-websocket cannot answer a plain HTTP request, so process supervisors and load balancers
-get this small server: ``GET /healthz`` (the process is up), ``GET /readyz`` (accepting
-websocket connections: 503 while starting or shutting down), ``GET /metrics`` (Prometheus text
-format) and ``GET /status`` (a JSON summary). A route returns a JSON-able body or a
-:class:`Body` with its own content type.
+trio-websocket cannot answer a plain HTTP request, so process supervisors, load balancers and
+browsers get this small server: ``GET /healthz`` (the process is up), ``GET /readyz``
+(accepting websocket connections: 503 while starting or shutting down), ``GET /metrics``
+(Prometheus text format), ``GET /status`` (a JSON summary) and the dashboard
+(:mod:`transport._dashboard`). A route takes the :class:`Request` and returns a JSON-able body
+or a :class:`Body` with its own content type and headers. ``HEAD`` gets the headers of a
+``GET`` and no body; other methods, and a websocket upgrade (websockets have a port of their
+own), are answered 404.
 """
 
 from __future__ import annotations
@@ -19,23 +22,36 @@ import h11
 import orjson
 import trio
 
-__all__ = ["Body", "serve_health"]
+__all__ = ["Body", "Request", "serve_health"]
 
 log = logging.getLogger("jobspine.health")
 
 MAX_REQUEST = 8192
 
 
-#: A route: () -> (HTTP status, a JSON-able body or a :class:`Body`).
-Route = Callable[[], tuple[int, Any]]
+@attrs.frozen
+class Request:
+    """What a route sees of a GET or HEAD request: the path (no query) and the ``Host``
+    header."""
+
+    path: str
+    host: str
+
+
+#: A route: (request) -> (HTTP status, a JSON-able body or a :class:`Body`).
+Route = Callable[[Request], tuple[int, Any]]
+
+#: JSON answers are computed per request: never cached.
+_JSON_HEADERS = (("cache-control", "no-store"),)
 
 
 @attrs.frozen
 class Body:
-    """A response body that is not JSON."""
+    """A response body that is not JSON, with extra response headers (name, value)."""
 
     content_type: str
     data: bytes
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 async def _handle(stream: trio.SocketStream, routes: dict[str, Route]) -> None:
@@ -52,26 +68,30 @@ async def _handle(stream: trio.SocketStream, routes: dict[str, Route]) -> None:
             break
         if not isinstance(event, h11.Request):
             return
-        target = event.target.decode("ascii", "replace").split("?")[0]
+        target = event.target.decode("ascii", "replace").split("?")[0].split("#")[0]
+        fields = {name.lower(): value for name, value in event.headers}
         route = routes.get(target)
-        if event.method != b"GET" or route is None:
+        if event.method not in (b"GET", b"HEAD") or route is None or b"upgrade" in fields:
             status, body = 404, {"error": f"no such endpoint; try {', '.join(sorted(routes))}"}
         else:
-            status, body = route()
+            host = fields.get(b"host", b"").decode("ascii", "replace")
+            status, body = route(Request(target, host))
         if isinstance(body, Body):
-            content_type, payload = body.content_type, body.data
+            content_type, payload, extra = body.content_type, body.data, body.headers
         else:
-            content_type, payload = "application/json", orjson.dumps(body)
+            content_type, payload, extra = "application/json", orjson.dumps(body), _JSON_HEADERS
         headers = [
             ("content-type", content_type),
             ("content-length", str(len(payload))),
             ("connection", "close"),
+            *extra,
         ]
         response = h11.Response(
             status_code=status, headers=headers, reason=HTTPStatus(status).phrase.encode()
         )
         await stream.send_all(conn.send(response) or b"")
-        await stream.send_all(conn.send(h11.Data(data=payload)) or b"")
+        if event.method != b"HEAD":  # a HEAD answer has the headers of a GET and no body
+            await stream.send_all(conn.send(h11.Data(data=payload)) or b"")
         await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
     with trio.move_on_after(1, shield=True):
         await stream.aclose()
@@ -94,7 +114,8 @@ async def serve_health(
     async def handle(stream: trio.SocketStream) -> None:
         try:
             await _handle(stream, routes)
-        except (h11.RemoteProtocolError, trio.BrokenResourceError) as exc:
+        except (h11.ProtocolError, trio.BrokenResourceError) as exc:
+            # Whatever one request does wrong ends that request only, never the server.
             log.debug("health request dropped: %s", exc)
 
     async with trio.open_nursery() as nursery:

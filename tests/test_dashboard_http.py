@@ -1,0 +1,130 @@
+"""The dashboard's files on the server's HTTP port: content types, caching, the
+Content-Security-Policy, HEAD, a websocket upgrade refused, nothing from other sites, and the
+files shipped as package data."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import orjson
+import trio
+
+from actors import RuntimeConfig
+from transport import ServerConfig, open_server
+from transport._dashboard import CONTENT_TYPES, content_security_policy
+from transport._ui import dashboard_url
+
+from .serving import HANDLERS, SECRET
+
+ROOT = Path(__file__).parent.parent
+STATIC = ROOT / "transport" / "dashboard" / "static"
+
+
+async def exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of one raw HTTP/1.1 request to ``port``."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(request)
+        data = b""
+        while chunk := await stream.receive_some():
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split()[1]), headers, body
+
+
+def get(path: str, host: str = "127.0.0.1", method: str = "GET", extra: str = "") -> bytes:
+    return f"{method} {path} HTTP/1.1\r\nhost: {host}\r\n{extra}\r\n".encode()
+
+
+async def test_every_file_is_served_with_its_type_and_policy(tmp_path: Path) -> None:
+    config = ServerConfig(secret=SECRET, port=0)
+    runtime = RuntimeConfig(sqlite_synchronous="NORMAL")
+    async with open_server(
+        tmp_path / "db", config, handlers=HANDLERS, runtime_config=runtime, health_port=0
+    ) as running:
+        http = running.health_port
+        assert http is not None
+        files = sorted(p for p in STATIC.iterdir() if p.suffix in CONTENT_TYPES)
+        assert {p.name for p in files} >= {"index.html", "app.js", "conn.js", "style.css"}
+        for path in files:
+            status, headers, body = await exchange(http, get(f"/{path.name}"))
+            assert status == 200 and body == path.read_bytes(), path
+            assert headers["content-type"] == CONTENT_TYPES[path.suffix]
+            assert headers["content-length"] == str(len(body))
+            assert headers["cache-control"] == "no-cache"
+            assert headers["x-content-type-options"] == "nosniff"
+            assert headers["referrer-policy"] == "no-referrer"
+            assert headers["content-security-policy"] == content_security_policy(
+                "127.0.0.1", running.port
+            )
+
+        status, headers, body = await exchange(http, get("/?x=1", host="localhost:9"))
+        assert status == 200 and body == (STATIC / "index.html").read_bytes()
+        policy = headers["content-security-policy"]
+        assert f"connect-src 'self' ws://localhost:{running.port} " in policy
+        assert "script-src 'self';" in policy and "default-src 'none'" in policy
+        assert "'unsafe-inline'" not in policy and "*" not in policy
+        # A Host header that could smuggle a directive is not used.
+        _, headers, _ = await exchange(http, get("/", host="a;script-src *"))
+        assert f"ws://127.0.0.1:{running.port} " in headers["content-security-policy"]
+        _, headers, _ = await exchange(http, get("/", host="[::1]:8766"))
+        assert f"ws://[::1]:{running.port} " in headers["content-security-policy"]
+
+        status, headers, body = await exchange(http, get("/dashboard.json"))
+        assert status == 200 and headers["cache-control"] == "no-store"
+        assert orjson.loads(body) == {"websocket_port": running.port, "protocol": 1}
+
+        # HEAD: the headers of a GET, no body; the server goes on serving.
+        status, headers, body = await exchange(http, get("/", method="HEAD"))
+        assert status == 200 and body == b""
+        assert headers["content-length"] == str(len((STATIC / "index.html").read_bytes()))
+        for route in ("/healthz", "/readyz", "/status", "/metrics"):
+            status, headers, _ = await exchange(http, get(route))
+            assert status == 200 and headers["cache-control"] == "no-store", route
+
+        # Websockets have their own port: an upgrade here is a 404, as is any other method.
+        upgrade = "upgrade: websocket\r\nconnection: upgrade\r\n"
+        assert (await exchange(http, get("/", extra=upgrade)))[0] == 404
+        assert (await exchange(http, get("/", method="POST")))[0] == 404
+        assert (await exchange(http, get("/nope.js")))[0] == 404
+        assert (await exchange(http, get("/healthz")))[0] == 200
+
+
+def test_nothing_is_fetched_from_another_site() -> None:
+    """No file names another origin (a CDN, a font service): the page works offline."""
+    for path in STATIC.iterdir():
+        text = path.read_text()
+        urls = re.findall(r"""(?:https?:)?//[A-Za-z0-9.-]+\.[a-z]{2,}""", text)
+        # The SVG namespace is a name, never fetched.
+        assert [u for u in urls if u != "http://www.w3.org"] == [], path
+        assert "<script>" not in text and " on" + "click=" not in text, path  # no inline code
+
+
+def test_files_are_package_data() -> None:
+    """pyproject.toml ships every file of the folder in the wheel."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    globs = config["tool"]["setuptools"]["package-data"]["transport"]
+    package = ROOT / "transport"
+    shipped = {p for pattern in globs for p in package.glob(pattern)}
+    assert set(STATIC.iterdir()) <= shipped
+
+
+def test_ui_url_and_missing_token() -> None:
+    """``jobspine ui`` opens the websocket server's host on the HTTP port; https for wss; with
+    no token it stops with the authentication status and says how to get one."""
+    assert dashboard_url("ws://127.0.0.1:8765", 8766) == "http://127.0.0.1:8766/"
+    assert dashboard_url("wss://jobs.example:443/", 8443) == "https://jobs.example:8443/"
+    assert dashboard_url("ws://[::1]:8765", 8766) == "http://[::1]:8766/"
+    env = {"PATH": "/usr/bin:/bin", "JOBSPINE_TOKEN": "", "HOME": "/nonexistent"}
+    command = [sys.executable, "-m", "transport._cli", "ui"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 5 and "jobspine token --user NAME" in done.stderr
