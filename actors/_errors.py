@@ -14,6 +14,7 @@ __all__ = [
     "InvalidInputError",
     "JobspineError",
     "JobStopped",
+    "NoWorkerAvailableError",
     "NotSerializableError",
     "ResultTooLargeError",
     "RuntimeClosedError",
@@ -115,6 +116,21 @@ class TooManyJobsError(JobspineError):
     """A user already has ``max_running_per_user`` jobs running."""
 
     code = "too_many_jobs"
+
+
+class NoWorkerAvailableError(JobspineError):
+    """Every worker slot for a kind served only by connected workers is taken (or its
+    workers are draining); nothing was stored. Try again later."""
+
+    code = "no_worker_available"
+
+    def __init__(self, kind: str, slots: int) -> None:
+        super().__init__(
+            f"no free worker for job kind {kind!r}: all {slots} slots of the connected"
+            " workers serving it are busy; try again later"
+        )
+        self.kind = kind
+        self.slots = slots
 
 
 class StoreError(JobspineError):
