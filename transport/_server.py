@@ -27,9 +27,9 @@ from actors import (
     parse_room,
 )
 from actors._codec import converter
-from actors._remote import RemotePlacement
 from actors._metrics import OutboxTotals
 from actors._payloads import JOB_PAYLOAD_FIELDS, fit_job, inline_payloads
+from actors._remote import RemotePlacement
 
 from ._auth import Principal, verify_token
 from ._protocol import (

@@ -112,6 +112,8 @@ class _Session:
         self._ids = itertools.count(1)
         self._pending: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
         self._send_lock = trio.Lock()
+        #: Set (and replaced) each time an attempt ends.
+        self.ended = trio.Event()
 
     async def send(self, message: dict[str, Any]) -> None:
         async with self._send_lock:
@@ -217,6 +219,8 @@ class _Session:
         finally:
             if self.attempts.get(attempt.job_id) is attempt:
                 del self.attempts[attempt.job_id]
+            self.ended.set()
+            self.ended = trio.Event()
 
 
 class WorkerProcess:
@@ -307,5 +311,5 @@ class WorkerProcess:
             return
         with trio.move_on_after(session.stop_grace + DRAIN_MARGIN):
             while session.attempts:
-                await trio.sleep(0.05)
+                await session.ended.wait()
         scope.cancel()

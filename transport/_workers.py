@@ -204,7 +204,7 @@ class WorkerConnection:
                 await self.ws.aclose(code, reason[:120])
             self.done.set()
 
-    async def _hello(self) -> str | int | None | bool:
+    async def _hello(self) -> str | int | bool | None:
         """The hello's id once accepted, else False (the connection is closed)."""
         config = self.server.config
         frame: str | bytes | None = None
