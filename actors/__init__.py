@@ -18,6 +18,7 @@ from ._errors import (
     JobspineError,
     JobStopped,
     NotSerializableError,
+    NoWorkerAvailableError,
     ResultTooLargeError,
     RuntimeClosedError,
     RuntimeCrashedError,
@@ -38,8 +39,10 @@ from ._job import (
     validate_job_record,
 )
 from ._owner import DatabaseLockedError
+from ._placement import InProcessPlacement, Placement
 from ._policy import RecoveryDecision, RecoveryPolicy, StallDetector
 from ._recovery import CheckpointDetails, CheckpointValidation, RecoveryOptions
+from ._remote import RemoteAttempt, RemotePlacement, RemoteWorker, WorkerLink
 from ._repository import Repository
 from ._retention import PruneReport, RetentionPolicy, RetentionRule, parse_duration
 from ._runtime import Runtime, RuntimeConfig, open_runtime
@@ -47,7 +50,15 @@ from ._sqlite import SqliteBackend
 from ._states import TERMINAL_STATES, TRANSITIONS, JobState, check_transition
 from ._store import StoreActor, StoreClient, StoreConfig, StoreHealth
 from ._supervisor import Supervisor, SupervisorConfig, SupervisorStatus
-from ._worker import Handler, InputCheck, JobContext, validates
+from ._worker import (
+    ContextBacking,
+    ContextStore,
+    Handler,
+    HandlerFailure,
+    InputCheck,
+    JobContext,
+    validates,
+)
 
 __all__ = [
     "AUDIT_TYPES",
@@ -67,11 +78,15 @@ __all__ = [
     "CheckpointDetails",
     "CheckpointTooLargeError",
     "CheckpointValidation",
+    "ContextBacking",
+    "ContextStore",
     "EventHub",
     "EventStream",
     "EventStreamLagged",
     "EventType",
     "Handler",
+    "HandlerFailure",
+    "InProcessPlacement",
     "InputCheck",
     "IllegalTransitionError",
     "InvalidInputError",
@@ -85,7 +100,12 @@ __all__ = [
     "JobspineError",
     "MemoryBackend",
     "NotSerializableError",
+    "NoWorkerAvailableError",
+    "Placement",
     "RecoveryDecision",
+    "RemoteAttempt",
+    "RemotePlacement",
+    "RemoteWorker",
     "ResultTooLargeError",
     "RecoveryOptions",
     "RecoveryPolicy",
@@ -113,6 +133,7 @@ __all__ = [
     "TooManyJobsError",
     "UnknownJobError",
     "UnknownKindError",
+    "WorkerLink",
     "analysis_handler",
     "check_transition",
     "migrate_job_record",

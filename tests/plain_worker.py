@@ -24,8 +24,14 @@ async def main(url: str, token: str) -> None:
     async with websockets.connect(url.rstrip("/") + "/worker", max_size=4 * 1024 * 1024) as ws:
         await ws.send(
             json.dumps(
-                {"op": "hello", "id": 0, "token": token, "kinds": ["count"], "capacity": 2,
-                 "name": "plain"}
+                {
+                    "op": "hello",
+                    "id": 0,
+                    "token": token,
+                    "kinds": ["count"],
+                    "capacity": 2,
+                    "name": "plain",
+                }
             )
         )
         welcome = json.loads(await ws.recv())
@@ -71,8 +77,11 @@ async def main(url: str, token: str) -> None:
                 pending.pop(message["id"]).set_result(message)
             elif kind == "assign":
                 task = asyncio.create_task(run(message))
-                running[message["job_id"]] = {"attempt": message["attempt"], "stop": False,
-                                              "task": task}
+                running[message["job_id"]] = {
+                    "attempt": message["attempt"],
+                    "stop": False,
+                    "task": task,
+                }
                 task.add_done_callback(lambda _, j=message["job_id"]: running.pop(j, None))
             elif kind == "stop" and message["job_id"] in running:
                 running[message["job_id"]]["stop"] = True

@@ -80,9 +80,7 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-async def start_worker_process(
-    nursery: trio.Nursery, url: str, *args: str
-) -> trio.Process:
+async def start_worker_process(nursery: trio.Nursery, url: str, *args: str) -> trio.Process:
     """A ``jobspine worker`` process serving :mod:`tests.worker_handlers`."""
     command = [
         *WORKER_COMMAND,

@@ -15,7 +15,7 @@ Every refusal is a :class:`RequestError` that carries the request id whenever it
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, get_args, get_origin
 
 import attrs
 import cattrs
@@ -180,6 +180,17 @@ OPS: dict[str, type] = {
 # The protocol's converter: the runtime's strict type hooks, and unknown keys refused at every
 # level (the top level is checked first, for a message naming the op).
 _converter = converter.copy(forbid_extra_keys=True)
+
+
+def _strict_list(value: Any, type_: Any) -> list[Any]:
+    """A JSON array only (cattrs would turn a string into a list of its characters)."""
+    if not isinstance(value, list):
+        raise TypeError(f"expected an array, not {_json_type(value)}")
+    (item,) = get_args(type_) or (Any,)
+    return [_converter.structure(v, item) for v in value]
+
+
+_converter.register_structure_hook_func(lambda t: get_origin(t) is list, _strict_list)
 
 
 @attrs.frozen
