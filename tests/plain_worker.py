@@ -13,11 +13,16 @@ import asyncio
 import itertools
 import json
 import sys
+from functools import partial
 from typing import Any
 
 import websockets
 
 ids = itertools.count(1)
+
+
+def forget(running: dict[str, Any], job_id: str, task: object) -> None:
+    running.pop(job_id, None)
 
 
 async def main(url: str, token: str) -> None:
@@ -82,7 +87,7 @@ async def main(url: str, token: str) -> None:
                     "stop": False,
                     "task": task,
                 }
-                task.add_done_callback(lambda _, j=message["job_id"]: running.pop(j, None))
+                task.add_done_callback(partial(forget, running, message["job_id"]))
             elif kind == "stop" and message["job_id"] in running:
                 running[message["job_id"]]["stop"] = True
             elif kind == "cancel" and message["job_id"] in running:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,16 @@ async def receive(ws: WebSocketConnection, type_: str | None = None) -> Any:
             message = orjson.loads(await ws.get_message())
             if type_ is None or message["type"] == type_:
                 return message
+
+
+async def wait_checkpoint(rt: Any, job_id: str, version: int) -> None:
+    with trio.fail_after(10):
+        async with rt.events() as stream:
+            if (await rt.get_job(job_id)).checkpoint_version >= version:
+                return
+            async for event in stream:
+                if event.job_id == job_id and event.data.get("version", 0) >= version:
+                    return
 
 
 async def closed_with(ws: WebSocketConnection) -> int:
@@ -211,14 +222,9 @@ async def test_a_worker_written_from_the_document(tmp_path: Path) -> None:
         rt = s.runtime
         plain = Path(__file__).with_name("plain_worker.py")
         async with trio.open_nursery() as nursery:
-            process: trio.Process = await nursery.start(
-                lambda task_status: trio.run_process(
-                    [sys.executable, str(plain), s.running.url, worker_token("plain")],
-                    check=False,
-                    stderr=subprocess.PIPE,
-                    task_status=task_status,
-                )
-            )
+            command = [sys.executable, str(plain), s.running.url, worker_token("plain")]
+            run = partial(trio.run_process, command, check=False, stderr=subprocess.PIPE)
+            process: trio.Process = await nursery.start(run)
             await wait_connected(s.running)
             job = await rt.create_job("count", "alice", {"n": 3})
             done = await wait_for_state(rt, job.id)
@@ -227,9 +233,7 @@ async def test_a_worker_written_from_the_document(tmp_path: Path) -> None:
             assert done.checkpoint == {"i": 3} and done.progress == 100
             # Pause: it checkpoints within the grace and stops; resume continues from there.
             job = await rt.create_job("count", "alice", {"n": 1000, "delay": 0.01})
-            with trio.fail_after(10):
-                while (await rt.get_job(job.id)).checkpoint_version < 3:
-                    await trio.sleep(0.02)
+            await wait_checkpoint(rt, job.id, 3)
             paused = await rt.pause(job.id)
             assert paused.state is JobState.PAUSED and paused.checkpoint["i"] >= 3
             await rt.resume(job.id)

@@ -46,6 +46,7 @@ async def test_complete_and_fail(tmp_path: Path, mode: str) -> None:
         bad = await rt.create_job("boom", "alice", {"why": "no"})
         failed = await wait_for_state(rt, bad.id)
         assert failed.state is JobState.FAILED
+        assert failed.error is not None
         assert (failed.error.type, failed.error.message) == ("ValueError", "bad thing: no")
 
 
@@ -92,7 +93,7 @@ async def test_stall_is_recovered_by_the_rule(tmp_path: Path, mode: str) -> None
         failed = await wait_for_state(rt, job.id, timeout=10)
         # No checkpoint: the stall rule fails it (with one, it would be paused).
         assert failed.state is JobState.FAILED
-        assert "stalled" in failed.error.message
+        assert failed.error is not None and "stalled" in failed.error.message
         assert rt.status().stalls_detected == 1
 
 

@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from .serving import SECRET
 from .worker_handlers import HANDLERS
 
 MODES = ("in_process", "remote")
+ROOT = Path(__file__).parent.parent
 WORKER_COMMAND = [sys.executable, "-m", "transport._cli", "--log-level", "WARNING", "worker"]
 
 
@@ -91,13 +93,6 @@ async def start_worker_process(nursery: trio.Nursery, url: str, *args: str) -> t
         "tests.worker_handlers",
         *args,
     ]
-    process: trio.Process = await nursery.start(
-        lambda task_status: trio.run_process(
-            command,
-            env=worker_env(),
-            check=False,
-            cwd=str(Path(__file__).parent.parent),
-            task_status=task_status,
-        )
-    )
+    run = partial(trio.run_process, command, env=worker_env(), check=False, cwd=str(ROOT))
+    process: trio.Process = await nursery.start(run)
     return process

@@ -39,7 +39,7 @@ from ._config import (
 )
 from ._display import StdoutClosedError, write, write_json
 from ._exit import EXIT_HELP, CLIError, ExitCode
-from ._local_workers import LocalWorkers
+from ._local_workers import PARENT_PIPE_ENV, LocalWorkers
 from ._logging import LOG_FORMATS, configure_logging
 from ._server import ServerConfig
 from ._worker_process import WorkerFatalError, WorkerProcess
@@ -212,8 +212,22 @@ async def _worker_main(args: argparse.Namespace, handlers: dict[str, Any]) -> No
                     return
 
             nursery.start_soon(drain_on_signal)
+            if os.environ.get(PARENT_PIPE_ENV):
+                nursery.start_soon(_exit_with_parent, nursery.cancel_scope)
             await process.run()
             nursery.cancel_scope.cancel()
+
+
+async def _exit_with_parent(scope: trio.CancelScope) -> None:
+    """A worker of ``serve --worker-processes`` reads its stdin, a pipe from the server: at
+    its end (the server died, even by SIGKILL) the worker stops at once instead of lingering
+    and joining whatever listens on the port next; the server recovers its jobs."""
+    stream = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    async with stream:
+        while await stream.receive_some(4096):
+            pass
+    log.warning("the server that started this worker is gone: stopping")
+    scope.cancel()
 
 
 def load_handlers(spec: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import subprocess
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -19,7 +20,11 @@ import trio
 
 from ._reconnect import ReconnectPolicy
 
-__all__ = ["LocalWorkers"]
+__all__ = ["PARENT_PIPE_ENV", "LocalWorkers"]
+
+#: Set for the workers this module starts: each stops when its stdin (a pipe from the server)
+#: ends, so that none outlives a server that was killed.
+PARENT_PIPE_ENV = "JOBSPINE_WORKER_STDIN_IS_PARENT"
 
 log = logging.getLogger("jobspine.local_workers")
 
@@ -40,7 +45,7 @@ class LocalWorkers:
     ) -> None:
         self.count = count
         self.command = [sys.executable, "-m", "transport._cli", "worker", *args]
-        self.env = env
+        self.env = {**env, PARENT_PIPE_ENV: "1"}
         self.stop_timeout = stop_timeout
         self._min_backoff = min_backoff
         self._max_backoff = max_backoff
@@ -61,7 +66,13 @@ class LocalWorkers:
         while not self._stopping.is_set():
             async with trio.open_nursery() as nursery:
                 process: trio.Process = await nursery.start(
-                    partial(trio.run_process, self.command, env=self.env, check=False)
+                    partial(
+                        trio.run_process,
+                        self.command,
+                        env=self.env,
+                        check=False,
+                        stdin=subprocess.PIPE,
+                    )
                 )
                 self.processes[index] = process
                 policy.connected(trio.current_time())

@@ -190,7 +190,11 @@ def _strict_list(value: Any, type_: Any) -> list[Any]:
     return [_converter.structure(v, item) for v in value]
 
 
-_converter.register_structure_hook_func(lambda t: get_origin(t) is list, _strict_list)
+def _is_list(type_: Any) -> bool:
+    return get_origin(type_) is list
+
+
+_converter.register_structure_hook_func(_is_list, _strict_list)
 
 
 @attrs.frozen

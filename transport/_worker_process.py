@@ -162,7 +162,7 @@ class _Session:
                 if kind in ("reply", "error") and message.get("id") in self._pending:
                     self._pending[message["id"]].send_nowait(message)
                 elif kind == "error":
-                    log.warning("server: %s: %s", message["code"], message["message"])
+                    log.info("server: %s: %s", message["code"], message["message"])
                 elif kind == "assign":
                     attempt = _Attempt(self, message)
                     self.attempts[attempt.job_id] = attempt
