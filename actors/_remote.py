@@ -105,6 +105,7 @@ class RemoteAttempt:
         # The attempt's slot frees with its last report: nothing more is accepted from it.
         self.worker.attempts.pop(self.job_id, None)
         self._done.set()
+        self.supervisor.capacity_changed()
 
     @property
     def ended(self) -> bool:
@@ -174,6 +175,7 @@ class RemotePlacement:
     ) -> RemoteWorker:
         worker = RemoteWorker(name, frozenset(kinds), capacity, link)
         self.workers.append(worker)
+        self.supervisor.capacity_changed()
         return worker
 
     def disconnect(self, worker: RemoteWorker, cause: str) -> None:

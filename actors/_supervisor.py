@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -67,6 +67,9 @@ class Supervisor:
         self.placements: list[Placement] = [
             InProcessPlacement(handlers, enabled=self.config.in_process)
         ]
+        #: Called (no arguments, never awaited) whenever a slot may have freed or appeared: an
+        #: attempt ended, a worker connected. The queue's dispatcher listens here.
+        self.capacity_listeners: list[Callable[[], None]] = []
         self.detector = StallDetector()
         self.workers: dict[str, Worker] = {}
         # Jobs whose worker ended but whose outcome or recovery the store refused: still
@@ -148,6 +151,10 @@ class Supervisor:
         """Run attempts in ``placement`` first when it has a free slot for their kind."""
         self.placements.insert(0, placement)
 
+    def capacity_changed(self) -> None:
+        for listener in self.capacity_listeners:
+            listener()
+
     def capacity(self, kind: str) -> int:
         """Attempts of ``kind`` that can start now (free slots of every placement)."""
         return min(sys.maxsize, sum(p.capacity(kind) for p in self.placements))
@@ -209,7 +216,8 @@ class Supervisor:
 
     def lose(self, job_id: str, attempt: int, cause: str) -> None:
         """The attempt cannot go on (its worker's connection closed): apply the stall rule
-        to it now instead of at its deadline. A newer attempt is left alone."""
+        to it now instead of at its deadline (counted in ``stalls_detected``). A newer
+        attempt is left alone."""
         worker = self.workers.get(job_id)
         if worker is None or worker.attempt != attempt:
             return
@@ -218,6 +226,7 @@ class Supervisor:
         self._spawn(self._recover, worker, cause)
 
     def _worker_exited(self, worker: Worker) -> None:
+        self.capacity_changed()
         if self.workers.get(worker.job_id) is worker:
             del self.workers[worker.job_id]
             self._release(worker)

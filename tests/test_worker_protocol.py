@@ -159,8 +159,13 @@ async def test_reports_are_fenced_and_malformed_frames_refused(tmp_path: Path) -
             assert (await receive(theirs, "error"))["code"] == "not_assigned"
             after = await rt.get_job(job.id)
             assert after == before  # nothing stored changed
+            freed: list[int] = []  # what the queue's dispatcher will listen to
+            rt.supervisor.capacity_listeners.append(
+                lambda: freed.append(s.running.server.workers.capacity("steps"))
+            )
             await send(mine, {"op": "complete", "id": 11, **ref, "result": {"ok": 1}})
             assert (await receive(mine, "reply"))["id"] == 11
+            assert freed[0] == 1  # the slot was free when the listener was told
             done = await wait_for_state(rt, job.id)
             assert done.state is JobState.COMPLETED and done.result == {"ok": 1}
             # The attempt is over: a late report from it is refused.

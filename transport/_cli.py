@@ -168,9 +168,17 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+#: How much lower the CPU priority of ``--worker-processes`` is than the server's: handlers
+#: that compute then never delay the server's heartbeats, stall checks and event delivery.
+LOCAL_WORKER_NICE = 5
+
+
 def _local_workers(args: argparse.Namespace, secret: str) -> LocalWorkers:
     """``--worker-processes``: the same handler modules, a worker token from the secret."""
-    worker_args = ["--concurrency", str(args.concurrency), "--log-level", args.log_level]
+    worker_args = [
+        *("--concurrency", str(args.concurrency), "--log-level", args.log_level),
+        *("--nice", str(LOCAL_WORKER_NICE)),
+    ]
     for spec in args.handlers:
         worker_args += ["--handlers", spec]
     if args.no_demo:
@@ -191,6 +199,10 @@ def run_worker(args: argparse.Namespace) -> int:
     handlers = _handlers(args)
     if not handlers:
         raise CLIError(ExitCode.USAGE, "no handlers: give --handlers MODULE:DICT")
+    if not 0 <= args.nice <= 19:
+        raise CLIError(ExitCode.USAGE, f"--nice {args.nice}: must be in 0..19")
+    if args.nice:
+        os.nice(args.nice)
     try:
         trio.run(_worker_main, args, handlers)
     except WorkerFatalError as exc:
@@ -389,6 +401,14 @@ def parser() -> argparse.ArgumentParser:
     _add(worker_p, "handlers", metavar="MODULE:DICT")
     _add(worker_p, "no_demo", action="store_true")
     _add(worker_p, "concurrency", metavar="N")
+    worker_p.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        metavar="N",
+        help="lower this process's CPU priority by N (serve --worker-processes uses 5, so that"
+        " the server's own work comes first on a busy machine)",
+    )
 
     token_p = command("token", "mint a development token with the server's secret", clients=False)
     _add(token_p, "db", metavar="FILE")

@@ -241,7 +241,9 @@ class Connection:
                 frame = await self.ws.get_message()
             except ConnectionClosed:
                 return
-            if _frame_size(frame) > self.server.config.max_frame_size:
+            if _frame_size(frame, self.server.config.max_frame_size) > (
+                self.server.config.max_frame_size
+            ):
                 # The socket reads frames up to the worker endpoint's limit; a client's is
                 # smaller (the websocket layer would close with the same code).
                 self.close(CLOSE["too_big"], "frame over max_frame_size")
@@ -352,9 +354,9 @@ class Connection:
         return kind, ident
 
 
-def _frame_size(frame: str | bytes) -> int:
-    """Bytes of a frame as sent (UTF-8), computed only when it could be over a limit."""
-    if isinstance(frame, bytes) or len(frame) * 4 <= 64 * 1024:
+def _frame_size(frame: str | bytes, limit: int) -> int:
+    """Bytes of a frame as sent (UTF-8), computed only when it could be over ``limit``."""
+    if isinstance(frame, bytes) or len(frame) * 4 <= limit:
         return len(frame)
     return len(frame.encode(errors="surrogatepass"))
 

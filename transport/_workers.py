@@ -52,6 +52,8 @@ MAX_QUEUED_BYTES = 32 * 1024 * 1024
 #: The largest frame the server sends a worker: an assignment carries the input and the
 #: checkpoint (1 MiB each at most).
 MAX_ASSIGN_SIZE = 4 * 1024 * 1024
+#: Seconds a drain's pauses may wait for the store, past the grace period.
+DRAIN_WRITE_TIMEOUT = 10.0
 #: Reasons a worker's drain and a server's stop pause its jobs with.
 HANDED_BACK = "worker_shutdown"
 
@@ -183,8 +185,7 @@ class WorkerConnection:
     async def run(self) -> None:
         placement = self.server.workers
         try:
-            hello_id = await self._hello()
-            if hello_id is False:
+            if not await self._hello():
                 return
             self.server.worker_connections.add(self)
             with self._scope:
@@ -256,7 +257,7 @@ class WorkerConnection:
             )
         )
         log.info("worker %s connected: kinds %s, capacity %d", name, hello.kinds, hello.capacity)
-        return request.id
+        return True
 
     async def _flush(self) -> None:
         while self._queue:
@@ -328,8 +329,11 @@ class WorkerConnection:
         body = request.body
         try:
             if isinstance(body, Heartbeat):
-                for ref in body.jobs:
-                    self._attempt(ref.job_id, ref.attempt).beat()
+                for ref in body.jobs:  # each entry on its own: one refusal skips no other
+                    try:
+                        self._attempt(ref.job_id, ref.attempt).beat()
+                    except ProtocolError as exc:
+                        self._push(error_message(request.id, exc.code, exc.message))
                 return
             if isinstance(body, Progress | Checkpoint):
                 attempt = self._attempt(body.job_id, body.attempt)
@@ -393,10 +397,15 @@ class WorkerConnection:
         worker = self.worker
         assert worker is not None
         worker.closed = True
+        log.info("worker %s drains: handing back %d jobs", worker.name, len(worker.attempts))
         runtime = self.server.runtime
-        async with trio.open_nursery() as nursery:
-            for job_id in list(worker.attempts):
-                nursery.start_soon(_hand_back, runtime, job_id)
+        # Shielded: the worker closes its connection once its handlers stopped, which must
+        # not cancel the pauses (else the jobs would be lost, not handed back).
+        bound = self._supervisor_config.stop_grace + DRAIN_WRITE_TIMEOUT
+        with trio.move_on_after(bound, shield=True):
+            async with trio.open_nursery() as nursery:
+                for job_id in list(worker.attempts):
+                    nursery.start_soon(_hand_back, runtime, job_id)
 
 
 async def _hand_back(runtime: Any, job_id: str) -> None:
