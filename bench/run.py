@@ -301,7 +301,7 @@ async def fanout(
     async with server(
         workdir, worker_processes=worker_processes, concurrency=concurrency
     ) as served:
-        go_file = workdir / f"go-{jobs}"
+        go_file = workdir / f"go-{jobs}-{worker_processes}"  # one per run: each waits for its own
         input = {"count": events, "interval": interval, "go_file": str(go_file)}
         specs = [(f"user{n % users}", "emit", input) for n in range(jobs)]
         created = await create_jobs(served.url, specs)
