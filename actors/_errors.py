@@ -120,15 +120,17 @@ class TooManyJobsError(JobspineError):
 
 class NoWorkerAvailableError(JobspineError):
     """Every worker slot for a kind served only by connected workers is taken (or its
-    workers are draining); nothing was stored. Try again later."""
+    workers are draining, or none is connected yet while the kind's handler is registered
+    for input checks only); nothing was stored. Try again later."""
 
     code = "no_worker_available"
 
     def __init__(self, kind: str, slots: int) -> None:
-        super().__init__(
-            f"no free worker for job kind {kind!r}: all {slots} slots of the connected"
-            " workers serving it are busy; try again later"
-        )
+        if slots:
+            why = f"all {slots} slots of the connected workers serving it are busy"
+        else:
+            why = "no connected worker serves it (yet)"
+        super().__init__(f"no free worker for job kind {kind!r}: {why}; try again later")
         self.kind = kind
         self.slots = slots
 

@@ -161,10 +161,11 @@ class Supervisor:
 
     def check_placeable(self, kind: str) -> None:
         """Refuse to start an attempt of ``kind`` that no placement could run now:
-        :class:`UnknownKindError` when none serves it, :class:`NoWorkerAvailableError` when
-        every slot is taken."""
+        :class:`UnknownKindError` when none serves it and no handler is registered for it,
+        :class:`NoWorkerAvailableError` when every slot is taken (or its handler only checks
+        input here and no worker serving it is connected)."""
         serving = [p for p in self.placements if p.serves(kind)]
-        if not serving:
+        if not serving and kind not in self.handlers:
             raise UnknownKindError(kind, self.known_kinds())
         if not any(p.capacity(kind) for p in serving):
             raise NoWorkerAvailableError(kind, self._slots(kind))

@@ -177,7 +177,9 @@ async def test_kinds_without_a_free_slot_are_refused_at_create(tmp_path: Path) -
     async with served(tmp_path / "db", "in_process", in_process_handlers=False) as s:
         rt = s.runtime
         with pytest.raises(UnknownKindError):
-            await rt.create_job("steps", "alice", {"n": 1})
+            await rt.create_job("nope", "alice", {"n": 1})
+        with pytest.raises(NoWorkerAvailableError, match="no connected worker serves it"):
+            await rt.create_job("steps", "alice", {"n": 1})  # registered for its input check
         async with raw_worker(s.running.url, ["steps"], capacity=1) as ws:
             await rt.create_job("steps", "alice", {"n": 1})
             await receive(ws, "assign")
