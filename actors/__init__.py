@@ -20,6 +20,7 @@ from ._errors import (
     JobspineError,
     JobStopped,
     NotSerializableError,
+    NoWorkerAvailableError,
     ResultTooLargeError,
     RuntimeClosedError,
     RuntimeCrashedError,
@@ -40,8 +41,10 @@ from ._job import (
     validate_job_record,
 )
 from ._owner import DatabaseLockedError
+from ._placement import InProcessPlacement, Placement
 from ._policy import RecoveryDecision, RecoveryPolicy, StallDetector
 from ._recovery import CheckpointDetails, CheckpointValidation, RecoveryOptions
+from ._remote import RemoteAttempt, RemotePlacement, RemoteWorker, WorkerLink
 from ._repository import Repository
 from ._retention import PruneReport, RetentionPolicy, RetentionRule, parse_duration
 from ._runtime import Runtime, RuntimeConfig, open_runtime
@@ -49,7 +52,15 @@ from ._sqlite import SqliteBackend
 from ._states import TERMINAL_STATES, TRANSITIONS, JobState, check_transition
 from ._store import StoreActor, StoreClient, StoreConfig, StoreHealth
 from ._supervisor import Supervisor, SupervisorConfig, SupervisorStatus
-from ._worker import Handler, InputCheck, JobContext, validates
+from ._worker import (
+    ContextBacking,
+    ContextStore,
+    Handler,
+    HandlerFailure,
+    InputCheck,
+    JobContext,
+    validates,
+)
 
 if TYPE_CHECKING:
     from ._postgres import PostgresBackend
@@ -83,11 +94,15 @@ __all__ = [
     "CheckpointDetails",
     "CheckpointTooLargeError",
     "CheckpointValidation",
+    "ContextBacking",
+    "ContextStore",
     "EventHub",
     "EventStream",
     "EventStreamLagged",
     "EventType",
     "Handler",
+    "HandlerFailure",
+    "InProcessPlacement",
     "InputCheck",
     "IllegalTransitionError",
     "InvalidInputError",
@@ -101,7 +116,12 @@ __all__ = [
     "JobspineError",
     "MemoryBackend",
     "NotSerializableError",
+    "NoWorkerAvailableError",
+    "Placement",
     "RecoveryDecision",
+    "RemoteAttempt",
+    "RemotePlacement",
+    "RemoteWorker",
     "ResultTooLargeError",
     "RecoveryOptions",
     "RecoveryPolicy",
@@ -130,6 +150,7 @@ __all__ = [
     "TooManyJobsError",
     "UnknownJobError",
     "UnknownKindError",
+    "WorkerLink",
     "analysis_handler",
     "check_transition",
     "migrate_job_record",

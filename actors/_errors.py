@@ -14,6 +14,7 @@ __all__ = [
     "InvalidInputError",
     "JobspineError",
     "JobStopped",
+    "NoWorkerAvailableError",
     "NotSerializableError",
     "ResultTooLargeError",
     "RuntimeClosedError",
@@ -115,6 +116,23 @@ class TooManyJobsError(JobspineError):
     """A user already has ``max_running_per_user`` jobs running."""
 
     code = "too_many_jobs"
+
+
+class NoWorkerAvailableError(JobspineError):
+    """Every worker slot for a kind served only by connected workers is taken (or its
+    workers are draining, or none is connected yet while the kind's handler is registered
+    for input checks only); nothing was stored. Try again later."""
+
+    code = "no_worker_available"
+
+    def __init__(self, kind: str, slots: int) -> None:
+        if slots:
+            why = f"all {slots} slots of the connected workers serving it are busy"
+        else:
+            why = "no connected worker serves it (yet)"
+        super().__init__(f"no free worker for job kind {kind!r}: {why}; try again later")
+        self.kind = kind
+        self.slots = slots
 
 
 class StoreError(JobspineError):

@@ -63,7 +63,8 @@ class Repository:
 
     @property
     def kinds(self) -> list[str]:
-        return sorted(self._handlers)
+        """Kinds with a handler registered here or served by a connected worker."""
+        return self._supervisor.known_kinds()
 
     def events(self, buffer: int = 10_000) -> AbstractAsyncContextManager[EventStream]:
         """``async with repo.events() as stream: async for event in stream`` — every event
@@ -224,7 +225,7 @@ class Repository:
     async def resume(self, job_id: str, *, by: str | None = None) -> Job:
         """Run a paused job again from its checkpoint (from the start if it has none)."""
         job = await self._store.get(job_id)
-        self._supervisor.handler_for(job.kind)
+        self._supervisor.check_placeable(job.kind)
         with self._admit(job.user_id):
             job = await self._store.resume(job_id, by)
             await self._supervisor.launch(job, job.checkpoint)

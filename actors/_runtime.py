@@ -63,6 +63,10 @@ class RuntimeConfig:
     #: Seconds a write waits out an unavailable database (retried with backoff) before it
     #: fails with ``StoreUnavailableError``; jobs are then paused, never failed.
     store_retry_timeout: float = 30.0
+    #: False: registered handlers only check input, and every attempt runs in a connected
+    #: worker (``jobspine serve --worker-processes``); True: they also run in this process
+    #: when no worker has a free slot for their kind.
+    in_process_handlers: bool = True
     #: Finished jobs and their events removed when due, every ``retention.interval`` seconds
     #: (see :class:`RetentionPolicy`). None: kept forever (``Runtime.prune`` still applies
     #: the default policy on demand).
@@ -182,11 +186,11 @@ class Runtime(Repository):
                 ),
             )
         for job in await store.list_jobs(JobQuery(states=frozenset({JobState.CREATED}))):
-            if job.kind in self._handlers:
+            if self.supervisor.capacity(job.kind):
                 await self._start(job.id)
         if self.config.resume_on_start:
             for job in await store.find_resumable():
-                if job.pause_reason == "shutdown" and job.kind in self._handlers:
+                if job.pause_reason == "shutdown" and self.supervisor.capacity(job.kind):
                     await self.resume(job.id, by="system")
 
 
@@ -279,6 +283,7 @@ async def open_runtime(
             heartbeat_timeout=config.heartbeat_timeout,
             max_recovery_attempts=config.max_recovery_attempts,
             stop_grace=config.stop_grace,
+            in_process=config.in_process_handlers,
         ),
     )
     body_error: BaseException | None = None

@@ -9,19 +9,21 @@ deadline instead of polling, and sleeps with no timer per job.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
 import trio
 
-from ._errors import JobspineError, StoreError, UnknownKindError
+from ._errors import JobspineError, NoWorkerAvailableError, StoreError, UnknownKindError
 from ._job import Job
 from ._joblog import job_fields
+from ._placement import InProcessPlacement, Placement
 from ._policy import RecoveryPolicy, StallDetector
 from ._states import JobState
 from ._store import StoreClient
-from ._worker import Handler, Worker, check_input
+from ._worker import Handler, JobContext, Worker, check_input
 
 __all__ = ["SupervisorConfig", "SupervisorStatus", "Supervisor"]
 
@@ -34,6 +36,9 @@ class SupervisorConfig:
     max_recovery_attempts: int = 3
     stop_grace: float = 5.0
     beat_queue: int = 4096
+    #: False: registered handlers only check input; every attempt runs in a placement added
+    #: with :meth:`Supervisor.add_placement` (connected workers).
+    in_process: bool = True
 
 
 @attrs.frozen
@@ -58,6 +63,13 @@ class Supervisor:
         self.handlers = handlers
         self.config = config or SupervisorConfig()
         self.policy = RecoveryPolicy(self.config.max_recovery_attempts)
+        #: Asked in order; in-process handlers come last (see :meth:`add_placement`).
+        self.placements: list[Placement] = [
+            InProcessPlacement(handlers, enabled=self.config.in_process)
+        ]
+        #: Called (no arguments, never awaited) whenever a slot may have freed or appeared: an
+        #: attempt ended, a worker connected. The queue's dispatcher listens here.
+        self.capacity_listeners: list[Callable[[], None]] = []
         self.detector = StallDetector()
         self.workers: dict[str, Worker] = {}
         # Jobs whose worker ended but whose outcome or recovery the store refused: still
@@ -135,22 +147,51 @@ class Supervisor:
     def running_for(self, user_id: str) -> int:
         return self._per_user.get(user_id, 0)
 
-    def handler_for(self, kind: str) -> Handler:
-        try:
-            return self.handlers[kind]
-        except KeyError:
-            raise UnknownKindError(kind, list(self.handlers)) from None
+    def add_placement(self, placement: Placement) -> None:
+        """Run attempts in ``placement`` first when it has a free slot for their kind."""
+        self.placements.insert(0, placement)
+
+    def capacity_changed(self) -> None:
+        for listener in self.capacity_listeners:
+            listener()
+
+    def capacity(self, kind: str) -> int:
+        """Attempts of ``kind`` that can start now (free slots of every placement)."""
+        return min(sys.maxsize, sum(p.capacity(kind) for p in self.placements))
+
+    def check_placeable(self, kind: str) -> None:
+        """Refuse to start an attempt of ``kind`` that no placement could run now:
+        :class:`UnknownKindError` when none serves it and no handler is registered for it,
+        :class:`NoWorkerAvailableError` when every slot is taken (or its handler only checks
+        input here and no worker serving it is connected)."""
+        serving = [p for p in self.placements if p.serves(kind)]
+        if not serving and kind not in self.handlers:
+            raise UnknownKindError(kind, self.known_kinds())
+        if not any(p.capacity(kind) for p in serving):
+            raise NoWorkerAvailableError(kind, self._slots(kind))
+
+    def known_kinds(self) -> list[str]:
+        return sorted(set(self.handlers).union(*(p.kinds() for p in self.placements)))
+
+    def _slots(self, kind: str) -> int:
+        return min(sys.maxsize, sum(p.slots(kind) for p in self.placements))
 
     def check_input(self, kind: str, input: Any) -> None:
-        """Refuse ``input`` for ``kind`` before it is stored: :class:`UnknownKindError`, or
-        the :class:`InvalidInputError` of the handler's input check (see ``validates``)."""
-        check_input(self.handler_for(kind), kind, input)
+        """Refuse ``input`` for ``kind`` before it is stored: :meth:`check_placeable`'s
+        errors, or the :class:`InvalidInputError` of the handler's input check (see
+        ``validates``) when the kind has a handler registered here."""
+        self.check_placeable(kind)
+        handler = self.handlers.get(kind)
+        if handler is not None:
+            check_input(handler, kind, input)
 
     async def launch(self, job: Job, resumed_from: Any = None) -> None:
-        """Run ``job`` (already stored as running, with its attempt) in a new worker."""
+        """Run ``job`` (already stored as running, with its attempt) in a new worker, in the
+        first placement with a free slot. With none (the slot taken while the job was
+        stored), the attempt is lost at once: the stall rule applies to it."""
         if self._nursery is None:
             raise RuntimeError("the supervisor is not running")
-        handler = self.handler_for(job.kind)
+        handler = self._place(job)
         worker = Worker(job, handler, self.store, self._beats_send, resumed_from)
         old = self.workers.pop(job.id, None)
         if old is not None:
@@ -164,7 +205,29 @@ class Supervisor:
         worker.beat()  # wakes the watch loop, which may be sleeping until a later deadline
         await self._nursery.start(worker.run, self._worker_exited)
 
+    def _place(self, job: Job) -> Handler:
+        for placement in self.placements:
+            if placement.capacity(job.kind) > 0:
+                return placement.place(job)
+        return self._unplaced
+
+    async def _unplaced(self, ctx: JobContext, input: Any) -> None:
+        self.lose(ctx.job_id, ctx.attempt, f"no free worker for kind {ctx.kind!r}")
+        await trio.sleep_forever()
+
+    def lose(self, job_id: str, attempt: int, cause: str) -> None:
+        """The attempt cannot go on (its worker's connection closed): apply the stall rule
+        to it now instead of at its deadline (counted in ``stalls_detected``). A newer
+        attempt is left alone."""
+        worker = self.workers.get(job_id)
+        if worker is None or worker.attempt != attempt:
+            return
+        self.detector.unwatch(job_id)
+        self._stalls += 1
+        self._spawn(self._recover, worker, cause)
+
     def _worker_exited(self, worker: Worker) -> None:
+        self.capacity_changed()
         if self.workers.get(worker.job_id) is worker:
             del self.workers[worker.job_id]
             self._release(worker)

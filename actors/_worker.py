@@ -23,13 +23,55 @@ from ._tracing import AttributeValue, span
 if TYPE_CHECKING:
     from ._store import StoreClient
 
-__all__ = ["Handler", "InputCheck", "JobContext", "Worker", "check_input", "validates"]
+__all__ = [
+    "ContextBacking",
+    "ContextStore",
+    "Handler",
+    "HandlerFailure",
+    "InputCheck",
+    "JobContext",
+    "Worker",
+    "check_input",
+    "validates",
+]
 
 log = logging.getLogger("jobspine.worker")
 
 
 class Handler(Protocol):
     def __call__(self, ctx: JobContext, input: Any, /) -> Awaitable[Any]: ...
+
+
+class HandlerFailure(Exception):  # noqa: N818 - carries an outcome, like JobStopped
+    """Raised by a handler that runs the job elsewhere (a remote worker) to record the
+    failure reported there: the job fails with ``error`` as given, not with this type."""
+
+    def __init__(self, error: JobError) -> None:
+        super().__init__(f"{error.type}: {error.message}")
+        self.error = error
+
+
+class ContextStore(Protocol):
+    """Where a :class:`JobContext` writes: the store client in the server, the connection to
+    the server in a ``jobspine worker``. Both fence every write by ``attempt``."""
+
+    async def set_progress(
+        self, job_id: str, attempt: int, pct: float, step: str | None
+    ) -> object: ...
+
+    async def checkpoint(self, job_id: str, attempt: int, data: Any) -> object: ...
+
+
+class ContextBacking(Protocol):
+    """What a :class:`JobContext` reports liveness to: a :class:`Worker` here, or its
+    counterpart in a remote worker process."""
+
+    keep_alive: int
+
+    @property
+    def store(self) -> ContextStore: ...
+
+    def beat(self, *, persist: bool = False) -> None: ...
 
 
 #: ``check(input)``: refuses a handler's input by raising (its return value is ignored).
@@ -71,7 +113,7 @@ class JobContext:
 
     __slots__ = ("_stop", "_worker", "attempt", "job_id", "kind", "resumed_from", "user_id")
 
-    def __init__(self, worker: Worker, job: Job, resumed_from: Any) -> None:
+    def __init__(self, worker: ContextBacking, job: Job, resumed_from: Any) -> None:
         self._worker = worker
         self.job_id = job.id
         self.user_id = job.user_id
@@ -253,6 +295,8 @@ class Worker:
                 result = await self.handler(self.ctx, self.input)
             except JobStopped:
                 return
+            except HandlerFailure as exc:
+                error = exc.error
             except StoreUnavailableError as exc:
                 # The database's fault, not the job's: paused at its last checkpoint.
                 self.store_unavailable = True

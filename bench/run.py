@@ -30,7 +30,7 @@ import orjson
 import trio
 
 from actors import EventType, JobEvent
-from transport import Client, RoomCursor, mint_token, open_client
+from transport import Client, ClientError, RoomCursor, mint_token, open_client
 
 SECRET = "bench-secret-bench-secret-bench-secret"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -70,6 +70,12 @@ class Row:
     ok: bool | None = None
 
 
+def _cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
 @attrs.define
 class ServerProcess:
     process: trio.Process
@@ -82,9 +88,18 @@ class ServerProcess:
             return int(f.read().split()[1]) * PAGE
 
     def cpu(self) -> float:
-        with open(f"/proc/{self.process.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        return _cpu(self.process.pid)
+
+    def workers_cpu(self) -> float:
+        """CPU seconds of the server's worker processes (``--worker-processes``)."""
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        total = 0.0
+        for pid in children.read_text().split():
+            try:
+                total += _cpu(int(pid))
+            except OSError:
+                continue  # it exited meanwhile
+        return total
 
     async def metrics(self) -> Any:
         stream = await trio.open_tcp_stream("127.0.0.1", self.health)
@@ -97,7 +112,13 @@ class ServerProcess:
 
 
 @asynccontextmanager
-async def server(workdir: Path, *, heartbeat_timeout: float = 30.0) -> AsyncIterator[ServerProcess]:
+async def server(
+    workdir: Path,
+    *,
+    heartbeat_timeout: float = 30.0,
+    worker_processes: int = 0,
+    concurrency: int = 4,
+) -> AsyncIterator[ServerProcess]:
     port, health = free_port(), free_port()
     db = workdir / f"bench-{port}.db"
     log = workdir / f"server-{port}.log"
@@ -125,6 +146,10 @@ async def server(workdir: Path, *, heartbeat_timeout: float = 30.0) -> AsyncIter
                 "100000",
                 "--stop-grace",
                 "1",
+                "--worker-processes",
+                str(worker_processes),
+                "--concurrency",
+                str(concurrency),
             ],
             env=env,
             stdout=out,
@@ -170,7 +195,16 @@ async def create_jobs(
     async def one(client: Client, index: int, inflight: trio.Semaphore) -> None:
         try:
             _, kind, input = specs[index]
-            results[index] = await client.create(kind, input)
+            with trio.fail_after(60):
+                while True:
+                    try:
+                        results[index] = await client.create(kind, input)
+                        break
+                    except ClientError as exc:
+                        # Worker processes still connecting: their kinds are not served yet.
+                        if exc.code not in ("unknown_kind", "no_worker_available"):
+                            raise
+                        await trio.sleep(0.1)
         finally:
             inflight.release()
 
@@ -252,14 +286,22 @@ async def poll_until(
 # -- scenarios -----------------------------------------------------------------------------------
 
 
-async def fanout(args: argparse.Namespace, workdir: Path, jobs: int) -> list[Row]:
+async def fanout(
+    args: argparse.Namespace, workdir: Path, jobs: int, worker_processes: int = 0
+) -> list[Row]:
     users = max(1, jobs // 100)
     per_job_rate = args.rate / jobs
     interval = 1 / per_job_rate
     events = max(2, int(args.duration * per_job_rate))
     label = f"fanout {jobs}"
-    async with server(workdir) as served:
-        go_file = workdir / f"go-{jobs}"
+    if worker_processes:
+        label += f" in {worker_processes} worker{'s' if worker_processes > 1 else ''}"
+    # Every job needs a slot at once (no queue yet): the processes share them evenly.
+    concurrency = max(1, -(-jobs // max(1, worker_processes)))
+    async with server(
+        workdir, worker_processes=worker_processes, concurrency=concurrency
+    ) as served:
+        go_file = workdir / f"go-{jobs}-{worker_processes}"  # one per run: each waits for its own
         input = {"count": events, "interval": interval, "go_file": str(go_file)}
         specs = [(f"user{n % users}", "emit", input) for n in range(jobs)]
         created = await create_jobs(served.url, specs)
@@ -285,6 +327,7 @@ async def fanout(args: argparse.Namespace, workdir: Path, jobs: int) -> list[Row
             await trio.Path(go_file).touch()
 
         cpu_before = served.cpu()
+        workers_before = served.workers_cpu()
         watch = trio.CancelScope()
 
         async def show() -> None:
@@ -302,6 +345,7 @@ async def fanout(args: argparse.Namespace, workdir: Path, jobs: int) -> list[Row
             result = await run_subscribers(spec, workdir, ready)
             watch.cancel()
         cpu = served.cpu() - cpu_before
+        workers_cpu = served.workers_cpu() - workers_before
     total = jobs * events
     # Rooms that never saw their job complete lost everything after their last event.
     missing_rooms = result["rooms_expected"] - result["rooms_done"]
@@ -349,7 +393,30 @@ async def fanout(args: argparse.Namespace, workdir: Path, jobs: int) -> list[Row
             ok=lost == 0,
         ),
         Row(label, "server CPU", cpu / (delivered_span + 1e-9), "cores"),
+        *(
+            [Row(label, "worker processes CPU", workers_cpu / (delivered_span + 1e-9), "cores")]
+            if worker_processes
+            else []
+        ),
     ]
+
+
+def worker_ratios(rows: list[Row], jobs: int, worker_processes: int) -> list[Row]:
+    """Handlers in ``worker_processes`` processes against in the server, same fanout."""
+    base = {r.measure: r.value for r in rows if r.scenario == f"fanout {jobs}"}
+    label = f"fanout {jobs} in {worker_processes} worker{'s' if worker_processes > 1 else ''}"
+    mine = {r.measure: r.value for r in rows if r.scenario == label}
+    if not base or not mine:
+        return []
+    out = []
+    for measure, name in (
+        ("progress events persisted/s", "events/s"),
+        ("latency p99", "p99 latency"),
+        ("server CPU", "server CPU"),
+    ):
+        ratio = mine[measure] / max(base[measure], 1e-9)
+        out.append(Row(f"{label} vs in-server", f"{name} ratio", ratio, "x"))
+    return out
 
 
 async def saq_fanout(args: argparse.Namespace, workdir: Path, jobs: int) -> tuple[list[Row], Any]:
@@ -613,7 +680,11 @@ async def run(args: argparse.Namespace) -> list[Row]:
             progress_line(f"[{name}] starting")
             if name == "fanout":
                 for jobs in args.jobs:
-                    rows += await fanout(args, workdir, jobs)
+                    for processes in args.worker_processes:
+                        rows += await fanout(args, workdir, jobs, processes)
+                    for processes in args.worker_processes:
+                        if processes:
+                            rows += worker_ratios(rows, jobs, processes)
             elif name == "saq":
                 if importlib.util.find_spec("saq") is None:
                     progress_line("[saq] skipped: saq is not installed (pip install -e '.[bench]')")
@@ -666,6 +737,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", nargs="+", default=["all"], choices=[*SCENARIOS, "all"])
     p.add_argument("--jobs", type=int, nargs="+", default=[100, 1000, 10_000], help="fanout sizes")
     p.add_argument("--rate", type=float, default=10_000, help="offered progress events/s in all")
+    p.add_argument(
+        "--worker-processes",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="fanout with handlers in the server (0) and/or in N worker processes, e.g. 0 1 2",
+    )
     p.add_argument("--duration", type=float, default=4.0, help="seconds of load per fanout run")
     p.add_argument("--saq-jobs", type=int, nargs="+", default=[100, 1000])
     p.add_argument("--redis", default="redis://127.0.0.1:6379")

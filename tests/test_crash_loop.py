@@ -1,5 +1,7 @@
 """Crash loop: the real server under load is SIGKILLed at random moments, again and again,
-and restarted on the same database. Brief by default; ``JOBSPINE_CRASH_CYCLES=50`` for long."""
+and restarted on the same database; with ``--worker-processes``, one of its worker processes
+is SIGKILLed mid-job too in every cycle. Brief by default; ``JOBSPINE_CRASH_CYCLES=50`` for
+long."""
 
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ pytestmark = pytest.mark.slow
 
 
 @asynccontextmanager
-async def server(data: Path, port: int) -> AsyncIterator[trio.Process]:
+async def server(data: Path, port: int, workers: int) -> AsyncIterator[trio.Process]:
     env = {**os.environ, "JOBSPINE_SECRET": SECRET}
     log = await trio.Path(data / "serve.log").open("ab")
     process = await trio.lowlevel.open_process(
@@ -48,6 +50,7 @@ async def server(data: Path, port: int) -> AsyncIterator[trio.Process]:
             "2",
             "--stop-grace",
             "0.5",
+            *(["--worker-processes", str(workers), "--concurrency", "100"] if workers else []),
         ],
         env=env,
         stdout=log.wrapped,
@@ -70,7 +73,32 @@ def read_db(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, int], str]
     return jobs, heads, integrity
 
 
-async def test_crash_loop(tmp_path: Path) -> None:
+async def retry_placement(call: Any) -> Any:
+    """``call()`` again while the kind's workers have not connected yet."""
+    with trio.fail_after(30):
+        while True:
+            try:
+                return await call()
+            except ClientError as exc:
+                if exc.code not in ("unknown_kind", "no_worker_available"):
+                    raise
+                await trio.sleep(0.1)
+
+
+async def kill_a_worker(server: trio.Process, rng: random.Random) -> bool:
+    found = await trio.run_process(
+        ["pgrep", "-P", str(server.pid)], capture_stdout=True, check=False
+    )
+    pids = [int(p) for p in found.stdout.split()]
+    if not pids:
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(rng.choice(pids), signal.SIGKILL)
+    return True
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_crash_loop(tmp_path: Path, workers: int) -> None:
     data = tmp_path / "data"
     await trio.Path(data).mkdir()
     port = free_port()
@@ -107,9 +135,9 @@ async def test_crash_loop(tmp_path: Path) -> None:
                 except (OSError, ClientError):
                     await trio.sleep(0.05)
 
-    kills = 0
+    kills = worker_kills = 0
     async with trio.open_nursery() as nursery:
-        async with server(data, port) as first:
+        async with server(data, port, workers) as first:
             await eventually(lambda: (data / "db.sqlite").exists(), 20)
             await trio.sleep(0.5)
             for user in USERS:
@@ -117,12 +145,16 @@ async def test_crash_loop(tmp_path: Path) -> None:
             for n in range(120):
                 user = USERS[n % len(USERS)]
                 async with open_client(url, mint_token(SECRET, user)) as c:
-                    await c.create("research", {"query": f"q{n}", "depth": 30, "delay": 0.05})
+                    input = {"query": f"q{n}", "depth": 30, "delay": 0.05}
+                    await retry_placement(lambda c=c, input=input: c.create("research", input))
             await trio.sleep(rng.uniform(0.3, 1.0))
+            if workers and await kill_a_worker(first, rng):
+                worker_kills += 1
+                await trio.sleep(rng.uniform(0.1, 0.5))
             first.send_signal(signal.SIGKILL)
             kills += 1
         for cycle in range(CYCLES):
-            async with server(data, port) as process:
+            async with server(data, port, workers) as process:
                 await serving_again()
                 jobs, _, integrity = read_db(data / "db.sqlite")
                 assert integrity == "ok"
@@ -135,9 +167,11 @@ async def test_crash_loop(tmp_path: Path) -> None:
                 async def resume_all(c: Client, ids: list[str] = paused) -> None:
                     for job_id in ids:
                         with contextlib.suppress(ClientError):  # it may have moved on
-                            await c.resume(job_id)
+                            await retry_placement(lambda job_id=job_id: c.resume(job_id))
 
                 await admin_call(resume_all)
+                if workers and await kill_a_worker(process, rng):
+                    worker_kills += 1
                 if cycle < CYCLES - 1:
                     await trio.sleep(rng.uniform(0.3, 1.5))
                     process.send_signal(signal.SIGKILL)
@@ -175,6 +209,7 @@ async def test_crash_loop(tmp_path: Path) -> None:
         assert received[user] == list(range(1, heads[user] + 1)), user
     events = sum(heads.values())
     print(
-        f"crash loop: {kills} kills, {len(jobs)} jobs, {events} events checked,"
+        f"crash loop: {kills} kills, {worker_kills} worker kills, {len(jobs)} jobs,"
+        f" {events} events checked,"
         f" {sum(j['state'] == 'completed' for j in jobs.values())} completed"
     )

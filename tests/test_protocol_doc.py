@@ -5,15 +5,19 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import attrs
+
 import actors
+import actors._remote
 from actors import JobspineError
-from transport import CLOSE, OPS, _server
+from transport import CLOSE, OPS, WORKER_OPS, _server
+from transport._workers import WorkerHello
 
 DOC = (Path(__file__).parent.parent / "transport" / "PROTOCOL.md").read_text()
 SERVER_SOURCE = Path(_server.__file__).read_text()
 PROTOCOL_SOURCE = "".join(
     Path(_server.__file__).with_name(name).read_text()
-    for name in ("_protocol.py", "_json.py", "_auth.py")
+    for name in ("_protocol.py", "_json.py", "_auth.py", "_workers.py")
 )
 
 
@@ -46,3 +50,34 @@ def test_every_error_code_is_documented() -> None:
     codes -= {"database_in_use"}
     for code in sorted(codes):
         assert f"`{code}`" in DOC, code
+
+
+WORKER_SECTION = DOC[DOC.index("## 9. Worker protocol") :]
+WORKERS_SOURCE = Path(_server.__file__).with_name("_workers.py").read_text()
+
+
+def test_every_worker_op_and_message_is_documented() -> None:
+    documented = set(re.findall(r"^\| `(\w+)` \|", WORKER_SECTION, re.MULTILINE))
+    assert set(WORKER_OPS) - {"hello"} <= documented
+    sent = set(re.findall(r'"type": "(\w+)"', Path(actors._remote.__file__).read_text()))
+    assert sent == {"assign", "stop", "cancel"}
+    assert sent <= documented
+
+
+def test_every_worker_error_and_close_code_is_documented() -> None:
+    codes = set(re.findall(r'ProtocolError\(\s*"(\w+)"', WORKERS_SOURCE)) - {"protocol_error"}
+    assert {"not_assigned", "stale_attempt", "not_stopping", "wrong_role"} <= codes
+    for code in sorted(codes - {"wrong_role"}):
+        assert f"`{code}`" in WORKER_SECTION, code
+    for name in ("wrong_role", "worker_stalled"):
+        assert re.search(rf"^\| {CLOSE[name]} \|", WORKER_SECTION, re.MULTILINE), name
+    # Every field of every worker op is named in its row.
+    for op, cls in WORKER_OPS.items():
+        if op == "hello":
+            continue
+        row = re.search(rf"^\| `{op}` \|(.*)$", WORKER_SECTION, re.MULTILINE)
+        assert row is not None, op
+        for field in attrs.fields(cls):
+            assert f"`{field.name}`" in row.group(1), (op, field.name)
+    for field in attrs.fields(WorkerHello):
+        assert f'"{field.name}"' in WORKER_SECTION, field.name

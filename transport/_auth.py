@@ -21,6 +21,7 @@ from ._protocol import ProtocolError
 __all__ = [
     "CLAIMS",
     "MAX_USER_ID_LENGTH",
+    "ROLES",
     "Principal",
     "mint_token",
     "user_id_problem",
@@ -30,7 +31,10 @@ __all__ = [
 ALGORITHM = "HS256"
 #: Every claim a token may carry; any other claim refuses the token, since a claim the server
 #: does not understand (an audience, a scope) may be meant to restrict it.
-CLAIMS = frozenset({"sub", "exp", "iat", "nbf", "admin"})
+CLAIMS = frozenset({"sub", "exp", "iat", "nbf", "admin", "role"})
+#: The ``role`` claim's values: absent means a user (the client endpoint); ``worker`` may
+#: only connect to the worker endpoint (``/worker``), and may not be an admin.
+ROLES = ("user", "worker")
 #: The longest user id (``sub``), in characters.
 MAX_USER_ID_LENGTH = 256
 
@@ -40,13 +44,28 @@ class Principal:
     user_id: str
     admin: bool
     expires_at: float
+    #: ``user`` or ``worker`` (the ``role`` claim; absent: ``user``).
+    role: str = "user"
 
 
-def mint_token(secret: str, user_id: str, *, admin: bool = False, ttl: float = 24 * 3600) -> str:
+def mint_token(
+    secret: str,
+    user_id: str,
+    *,
+    admin: bool = False,
+    ttl: float = 24 * 3600,
+    role: str = "user",
+) -> str:
+    """A signed token for ``user_id``; ``role="worker"`` makes a worker token (for
+    ``jobspine worker``), which cannot also be an admin's."""
+    if role not in ROLES or (admin and role != "user"):
+        raise ValueError(f"role must be one of {ROLES} (and a worker is never an admin)")
     now = int(time.time())
     claims: dict[str, Any] = {"sub": user_id, "iat": now, "exp": now + int(ttl)}
     if admin:
         claims["admin"] = True
+    if role != "user":
+        claims["role"] = role
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
@@ -76,7 +95,12 @@ def verify_token(secret: str, token: str) -> Principal:
         raise ProtocolError("token_expired", "the token has expired") from None
     except jwt.PyJWTError as exc:
         raise ProtocolError("auth_failed", f"invalid token: {exc}") from None
-    return Principal(claims["sub"], claims.get("admin", False), float(claims["exp"]))
+    return Principal(
+        claims["sub"],
+        claims.get("admin", False),
+        float(claims["exp"]),
+        claims.get("role", "user"),
+    )
 
 
 def _claims(payload: bytes) -> dict[str, Any]:
@@ -103,6 +127,11 @@ def _claims(payload: bytes) -> dict[str, Any]:
         raise _refused("the token has no 'exp'")
     if not isinstance(claims.get("admin", False), bool):
         raise _refused("'admin' must be true or false")
+    role = claims.get("role", "user")
+    if role not in ROLES:
+        raise _refused(f"'role' must be one of {', '.join(map(repr, ROLES))}")
+    if role == "worker" and claims.get("admin", False):
+        raise _refused("a worker token cannot be an admin's")
     return claims
 
 

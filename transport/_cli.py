@@ -18,11 +18,13 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, NoReturn
 
+import attrs
 import trio
 
 from actors import DEMO_HANDLERS, DatabaseLockedError, JobspineError, RuntimeConfig, StoreError
 from actors._backend import POSTGRES_URL_SCHEMES
 from actors._errors import unwrap_group
+from actors._retention import DAY
 
 from ._app import PortUnavailableError, open_server
 from ._auth import mint_token, user_id_problem
@@ -38,9 +40,11 @@ from ._config import (
 )
 from ._display import StdoutClosedError, write, write_json
 from ._exit import EXIT_HELP, CLIError, ExitCode
+from ._local_workers import PARENT_PIPE_ENV, LocalWorkers
 from ._logging import LOG_FORMATS, configure_logging
 from ._server import ServerConfig
 from ._ui import run_ui
+from ._worker_process import WorkerFatalError, WorkerProcess
 
 log = logging.getLogger("jobspine")
 
@@ -109,10 +113,15 @@ def run_serve(args: argparse.Namespace) -> int:
         raise CLIError(ExitCode.REFUSED, str(exc)) from None
 
 
-async def serve(args: argparse.Namespace) -> int:
+def _handlers(args: argparse.Namespace) -> dict[str, Any]:
     handlers = {} if args.no_demo else dict(DEMO_HANDLERS)
     for spec in args.handlers:
         handlers.update(load_handlers(spec))
+    return handlers
+
+
+async def serve(args: argparse.Namespace) -> int:
+    handlers = _handlers(args)
     db = Path(args.db)
     # The development secret lives beside the SQLite file, also when the jobs are kept in
     # PostgreSQL (``--store``): ``jobspine token`` finds it there.
@@ -124,30 +133,42 @@ async def serve(args: argparse.Namespace) -> int:
         secret = secrets.token_urlsafe(32)
     config = ServerConfig(secret=secret, **args.server_config)
     runtime_config = RuntimeConfig(**args.runtime_config)
+    local = None
+    if args.worker_processes:
+        # Handlers run only in the worker processes; the server keeps their input checks.
+        runtime_config = attrs.evolve(runtime_config, in_process_handlers=False)
+        local = _local_workers(args, secret)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with open_server(
-            database,
-            config,
-            handlers=handlers,
-            runtime_config=runtime_config,
-            health_port=args.health_port,
-        ) as running:
-            if generated:
-                save_development_secret(db, secret)
-            log.info(
-                "jobspine listening on %s (health http://%s:%s/healthz), database %s, epoch %s;"
-                " pid %d (stop it with: kill %d)",
-                running.url,
-                args.host,
-                running.health_port,
-                _shown_store(str(database)),
-                running.runtime.epoch,
-                os.getpid(),
-                os.getpid(),
-            )
-            async for signum in signals:
-                log.info("%s: shutting down", signal.Signals(signum).name)
-                break
+        async with trio.open_nursery() as processes:
+            async with open_server(
+                database,
+                config,
+                handlers=handlers,
+                runtime_config=runtime_config,
+                health_port=args.health_port,
+            ) as running:
+                if generated:
+                    save_development_secret(db, secret)
+                if local is not None:
+                    local.command += ["--url", running.url]
+                    await processes.start(local.run)
+                log.info(
+                    "jobspine listening on %s (health http://%s:%s/healthz), database %s, epoch %s;"
+                    " pid %d (stop it with: kill %d)",
+                    running.url,
+                    args.host,
+                    running.health_port,
+                    _shown_store(str(database)),
+                    running.runtime.epoch,
+                    os.getpid(),
+                    os.getpid(),
+                )
+                async for signum in signals:
+                    log.info("%s: shutting down", signal.Signals(signum).name)
+                    break
+            # The server's shutdown paused the workers' jobs (each within its grace period).
+            if local is not None:
+                await local.stop()
     log.info("stopped cleanly")
     return 0
 
@@ -159,6 +180,80 @@ def _shown_store(database: str) -> str:
     from actors._postgres import redact_url
 
     return redact_url(database)
+
+
+#: How much lower the CPU priority of ``--worker-processes`` is than the server's: handlers
+#: that compute then never delay the server's heartbeats, stall checks and event delivery.
+LOCAL_WORKER_NICE = 5
+
+
+def _local_workers(args: argparse.Namespace, secret: str) -> LocalWorkers:
+    """``--worker-processes``: the same handler modules, a worker token from the secret."""
+    worker_args = [
+        *("--concurrency", str(args.concurrency), "--log-level", args.log_level),
+        *("--nice", str(LOCAL_WORKER_NICE)),
+    ]
+    for spec in args.handlers:
+        worker_args += ["--handlers", spec]
+    if args.no_demo:
+        worker_args.append("--no-demo")
+    env = dict(os.environ)
+    env["JOBSPINE_TOKEN"] = mint_token(secret, "local-worker", role="worker", ttl=10 * 365 * DAY)
+    return LocalWorkers(args.worker_processes, worker_args, env)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """``jobspine worker``: serve handlers for the server at ``--url`` until SIGTERM/SIGINT
+    (the jobs are then handed back, each within its grace period)."""
+    if not args.token:
+        raise CLIError(
+            ExitCode.AUTH,
+            "no worker token: set JOBSPINE_TOKEN (mint one: jobspine token --worker)",
+        )
+    handlers = _handlers(args)
+    if not handlers:
+        raise CLIError(ExitCode.USAGE, "no handlers: give --handlers MODULE:DICT")
+    if not 0 <= args.nice <= 19:
+        raise CLIError(ExitCode.USAGE, f"--nice {args.nice}: must be in 0..19")
+    if args.nice:
+        os.nice(args.nice)
+    try:
+        trio.run(_worker_main, args, handlers)
+    except WorkerFatalError as exc:
+        raise CLIError(
+            ExitCode.AUTH, f"the server refused this worker ({exc.code}): {exc}"
+        ) from None
+    return ExitCode.OK
+
+
+async def _worker_main(args: argparse.Namespace, handlers: dict[str, Any]) -> None:
+    process = WorkerProcess(args.url, args.token, handlers, concurrency=args.concurrency)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def drain_on_signal() -> None:
+                async for signum in signals:
+                    log.info("%s: handing jobs back", signal.Signals(signum).name)
+                    process.drain()
+                    return
+
+            nursery.start_soon(drain_on_signal)
+            if os.environ.get(PARENT_PIPE_ENV):
+                nursery.start_soon(_exit_with_parent, nursery.cancel_scope)
+            await process.run()
+            nursery.cancel_scope.cancel()
+
+
+async def _exit_with_parent(scope: trio.CancelScope) -> None:
+    """A worker of ``serve --worker-processes`` reads its stdin, a pipe from the server: at
+    its end (the server died, even by SIGKILL) the worker stops at once instead of lingering
+    and joining whatever listens on the port next; the server recovers its jobs."""
+    stream = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    async with stream:
+        while await stream.receive_some(4096):
+            pass
+    log.warning("the server that started this worker is gone: stopping")
+    scope.cancel()
 
 
 def load_handlers(spec: str) -> dict[str, Any]:
@@ -285,6 +380,8 @@ def _server_options(p: argparse.ArgumentParser) -> None:
     _add(p, "request_rate", metavar="PER_SECOND")
     _add(p, "handlers", metavar="MODULE:DICT")
     _add(p, "no_demo", action="store_true")
+    _add(p, "worker_processes", metavar="N")
+    _add(p, "concurrency", metavar="N")
     _add(p, "retention_days", metavar="DAYS")
     _add(p, "retention_max_per_kind", metavar="COUNT")
 
@@ -315,10 +412,26 @@ def parser() -> argparse.ArgumentParser:
     serve_p = command("serve", "run the server (stop it with Ctrl-C or SIGTERM)", clients=False)
     _server_options(serve_p)
 
+    worker_p = command("worker", "run job handlers in this process for the server at --url")
+    _add(worker_p, "handlers", metavar="MODULE:DICT")
+    _add(worker_p, "no_demo", action="store_true")
+    _add(worker_p, "concurrency", metavar="N")
+    worker_p.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        metavar="N",
+        help="lower this process's CPU priority by N (serve --worker-processes uses 5, so that"
+        " the server's own work comes first on a busy machine)",
+    )
+
     token_p = command("token", "mint a development token with the server's secret", clients=False)
     _add(token_p, "db", metavar="FILE")
-    token_p.add_argument("--user", required=True, help="the user the token names")
+    token_p.add_argument("--user", help="the user the token names (--worker: default worker)")
     token_p.add_argument("--admin", action="store_true", help="an admin token")
+    token_p.add_argument(
+        "--worker", action="store_true", help="a worker token (for jobspine worker)"
+    )
     token_p.add_argument(
         "--ttl", type=float, default=24 * 3600, help="lifetime in seconds (default: 86400)"
     )
@@ -423,17 +536,25 @@ def _run(argv: list[str]) -> int:
         raise CLIError(ExitCode.USAGE, f"--log-level/--log-format: {exc}") from None
     if args.command == "serve":
         return run_serve(args)
+    if args.command == "worker":
+        return run_worker(args)
     if args.command == "token":
+        if args.user is None and not args.worker:
+            raise CLIError(ExitCode.USAGE, "token: --user NAME is required (or --worker)")
+        if args.worker and args.admin:
+            raise CLIError(ExitCode.USAGE, "token: a worker token cannot be an admin's")
+        args.user = args.user if args.user is not None else "worker"
         problem = user_id_problem(args.user)
         if problem:
             raise CLIError(ExitCode.USAGE, f"--user {args.user!r}: a user id {problem}")
         if not math.isfinite(args.ttl) or args.ttl < 1:
             raise CLIError(ExitCode.USAGE, f"--ttl {args.ttl:g}: must be a number of seconds >= 1")
         secret = load_secret(Path(args.db), secret=args.secret)
-        token = mint_token(secret, args.user, admin=args.admin, ttl=args.ttl)
-        write_json({"token": token, "user": args.user, "admin": args.admin}) if args.json else (
-            write(token + "\n")
-        )
+        role = "worker" if args.worker else "user"
+        token = mint_token(secret, args.user, admin=args.admin, ttl=args.ttl, role=role)
+        write_json(
+            {"token": token, "user": args.user, "admin": args.admin, "role": role}
+        ) if args.json else (write(token + "\n"))
         return ExitCode.OK
     if args.command == "config":
         return show_config(args, settings)

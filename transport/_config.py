@@ -176,6 +176,9 @@ _EXPLICIT: tuple[Setting, ...] = (
     Setting("connect_timeout", "client", float, 10.0,
             "seconds a one-shot command waits for the server", "--connect-timeout",
             "JOBSPINE_CONNECT_TIMEOUT", _POSITIVE),
+    Setting("concurrency", "client", int, 4,
+            "jobs `jobspine worker` runs at once (the capacity it declares)", "--concurrency",
+            "JOBSPINE_CONCURRENCY", lambda n: None if 1 <= n <= 1000 else "must be in 1..1000"),
     Setting("db", "server", str, _db_default, "SQLite database file", "--db", "JOBSPINE_DB"),
     Setting("store", "server", str, None, "PostgreSQL database instead of the SQLite file: "
             "postgresql://USER@HOST:PORT/DBNAME (the database must exist)", "--store",
@@ -195,6 +198,10 @@ _EXPLICIT: tuple[Setting, ...] = (
             "(repeatable; env: comma-separated)", "--handlers", "JOBSPINE_HANDLERS"),
     Setting("no_demo", "server", bool, False, "leave out the demo kinds (research, trade, "
             "analysis)", "--no-demo", "JOBSPINE_NO_DEMO"),
+    Setting("worker_processes", "server", int, 0,
+            "local `jobspine worker` processes to start and supervise; handlers then run only "
+            "in them (0: in the server)", "--worker-processes", "JOBSPINE_WORKER_PROCESSES",
+            lambda n: None if 0 <= n <= 256 else "must be in 0..256"),
     Setting("heartbeat_timeout", "runtime", float, 30.0,
             "seconds without a sign of life before a running job is stalled",
             "--heartbeat-timeout", "JOBSPINE_HEARTBEAT_TIMEOUT", _POSITIVE),

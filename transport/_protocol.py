@@ -14,7 +14,8 @@ Every refusal is a :class:`RequestError` that carries the request id whenever it
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, get_args, get_origin
 
 import attrs
 import cattrs
@@ -63,6 +64,8 @@ CLOSE = {
     "token_expired": 4004,
     "slow_consumer": 4008,
     "too_many_connections": 4009,
+    "wrong_role": 4010,  # a worker token on the client endpoint, or a user's on /worker
+    "worker_stalled": 4011,  # a worker sent nothing for heartbeat_timeout
     "flood": 4029,
 }
 
@@ -179,6 +182,21 @@ OPS: dict[str, type] = {
 _converter = converter.copy(forbid_extra_keys=True)
 
 
+def _strict_list(value: Any, type_: Any) -> list[Any]:
+    """A JSON array only (cattrs would turn a string into a list of its characters)."""
+    if not isinstance(value, list):
+        raise TypeError(f"expected an array, not {_json_type(value)}")
+    (item,) = get_args(type_) or (Any,)
+    return [_converter.structure(v, item) for v in value]
+
+
+def _is_list(type_: Any) -> bool:
+    return get_origin(type_) is list
+
+
+_converter.register_structure_hook_func(_is_list, _strict_list)
+
+
 @attrs.frozen
 class Request:
     op: str
@@ -186,9 +204,10 @@ class Request:
     body: Any
 
 
-def parse_request(frame: str | bytes) -> Request:
-    """Parse one client frame strictly (see the module docstring); raises
-    :class:`RequestError`, carrying the request id whenever the frame lets it be read."""
+def parse_request(frame: str | bytes, ops: Mapping[str, type] = OPS) -> Request:
+    """Parse one client frame strictly (see the module docstring) into one of ``ops`` (the
+    worker endpoint passes its own); raises :class:`RequestError`, carrying the request id
+    whenever the frame lets it be read."""
     if isinstance(frame, bytes):
         raise RequestError(
             read_request_id(frame),
@@ -210,9 +229,9 @@ def parse_request(frame: str | bytes) -> Request:
     op = data.pop("op", None)
     if not isinstance(op, str):
         raise RequestError(request_id, "bad_request", "missing field 'op' (a string)")
-    cls = OPS.get(op)
+    cls = ops.get(op)
     if cls is None:
-        raise RequestError(request_id, "unknown_op", f"unknown op {op!r}; ops: {', '.join(OPS)}")
+        raise RequestError(request_id, "unknown_op", f"unknown op {op!r}; ops: {', '.join(ops)}")
     known = {field.name for field in attrs.fields(cls)}
     extra = sorted(set(data) - known)
     if extra:

@@ -24,7 +24,12 @@ import attrs
 __all__ = ["FATAL_CLOSE", "RECURRING_CLOSE", "ReconnectPolicy"]
 
 #: Close code -> error code of the :class:`ClientError` the application gets.
-FATAL_CLOSE = {4002: "protocol_error", 4003: "auth_failed", 4004: "token_expired"}
+FATAL_CLOSE = {
+    4002: "protocol_error",
+    4003: "auth_failed",
+    4004: "token_expired",
+    4010: "wrong_role",
+}
 
 #: Close codes that would recur on an immediate reconnect, with what they mean.
 RECURRING_CLOSE = {

@@ -29,6 +29,7 @@ from actors import (
 from actors._codec import converter
 from actors._metrics import OutboxTotals
 from actors._payloads import JOB_PAYLOAD_FIELDS, fit_job, inline_payloads
+from actors._remote import RemotePlacement
 
 from ._auth import Principal, verify_token
 from ._protocol import (
@@ -53,6 +54,7 @@ from ._protocol import (
     reply_message,
 )
 from ._wire import GuardedStream, serve_websockets
+from ._workers import WORKER_PATH, WorkerConnection
 
 __all__ = ["Server", "ServerConfig"]
 
@@ -168,6 +170,10 @@ class Connection:
                     f"protocol {hello.protocol} unsupported; use {PROTOCOL_VERSION}",
                 )
             self.principal = verify_token(config.secret, hello.token)
+            if self.principal.role != "user":
+                raise ProtocolError(
+                    "wrong_role", f"a worker token connects to {WORKER_PATH}, not here"
+                )
             user = self.principal.user_id
             if self.server.per_user.get(user, 0) >= config.max_connections_per_user:
                 raise ProtocolError(
@@ -234,6 +240,13 @@ class Connection:
             try:
                 frame = await self.ws.get_message()
             except ConnectionClosed:
+                return
+            if _frame_size(frame, self.server.config.max_frame_size) > (
+                self.server.config.max_frame_size
+            ):
+                # The socket reads frames up to the worker endpoint's limit; a client's is
+                # smaller (the websocket layer would close with the same code).
+                self.close(CLOSE["too_big"], "frame over max_frame_size")
                 return
             if not self._take_token():
                 self._refused += 1
@@ -341,6 +354,13 @@ class Connection:
         return kind, ident
 
 
+def _frame_size(frame: str | bytes, limit: int) -> int:
+    """Bytes of a frame as sent (UTF-8), computed only when it could be over ``limit``."""
+    if isinstance(frame, bytes) or len(frame) * 4 <= limit:
+        return len(frame)
+    return len(frame.encode(errors="surrogatepass"))
+
+
 _ALREADY_REPLIED = object()
 Handler = Callable[[Connection, Request], Awaitable[Any]]
 
@@ -353,7 +373,7 @@ async def _refresh(conn: Connection, request: Request) -> Any:
     body = request.body
     assert isinstance(body, Refresh)
     principal = verify_token(conn.server.config.secret, body.token)
-    if principal.user_id != conn.user.user_id:
+    if principal.user_id != conn.user.user_id or principal.role != conn.user.role:
         raise ProtocolError("forbidden", "a refreshed token must be for the same user")
     conn.principal = principal
     return {"expires_at": principal.expires_at}
@@ -570,6 +590,10 @@ class Server:
         self.broadcaster: Broadcaster = runtime.broadcaster
         self.config = config
         self.connections: set[Connection] = set()
+        #: Connected worker processes, placed before in-process handlers.
+        self.workers = RemotePlacement(runtime.supervisor)
+        runtime.supervisor.add_placement(self.workers)
+        self.worker_connections: set[WorkerConnection] = set()
         self.per_user: dict[str, int] = {}
         #: Delivery counters of connections that have ended (for the metrics).
         self.closed_outboxes = OutboxTotals()
@@ -610,7 +634,10 @@ class Server:
                             self._handle,
                             list(listeners),
                             handler_nursery=connections,
-                            max_message_size=self.config.max_frame_size,
+                            # Workers send checkpoints and results of up to 1 MiB.
+                            max_message_size=max(
+                                self.config.max_frame_size, self.config.max_message_size
+                            ),
                         )
                     )
                     task_status.started(self)
@@ -628,9 +655,13 @@ class Server:
         self.stop_accepting()
         for conn in list(self.connections):
             conn.close(code, reason)
+        for worker in list(self.worker_connections):
+            worker.close(code, reason)
         with trio.move_on_after(2):
             for conn in list(self.connections):
                 await conn._done.wait()
+            for worker in list(self.worker_connections):
+                await worker.done.wait()
         self._closed_all.set()
 
     async def _handle(self, request: WebSocketRequest, stream: GuardedStream) -> None:
@@ -639,7 +670,10 @@ class Server:
             return
         ws = await request.accept()
         stream.connection = ws  # so that a client's protocol error gets its close frame
-        await Connection(self, ws).run()
+        if request.path.partition("?")[0].rstrip("/") == WORKER_PATH:
+            await WorkerConnection(self, ws).run()
+        else:
+            await Connection(self, ws).run()
 
     async def _ticker(self) -> None:
         """One timer for all connections: heartbeats with room heads, token expiry."""

@@ -1,0 +1,250 @@
+"""The worker endpoint refuses what the protocol refuses, with the documented codes, and
+nothing stored changes: roles, hellos, malformed frames, another worker's job, a stale
+attempt, an unprompted ``stopped``; a worker written from PROTOCOL.md with another library
+runs jobs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+
+from actors import JobState, NoWorkerAvailableError, UnknownKindError
+from transport import CLOSE
+
+from .conftest import wait_for_state
+from .serving import token
+from .worker_support import served, wait_connected, worker_token
+
+
+async def send(ws: WebSocketConnection, message: Any) -> None:
+    await ws.send_message(orjson.dumps(message).decode())
+
+
+async def receive(ws: WebSocketConnection, type_: str | None = None) -> Any:
+    with trio.fail_after(10):
+        while True:
+            message = orjson.loads(await ws.get_message())
+            if type_ is None or message["type"] == type_:
+                return message
+
+
+async def wait_checkpoint(rt: Any, job_id: str, version: int) -> None:
+    with trio.fail_after(10):
+        async with rt.events() as stream:
+            if (await rt.get_job(job_id)).checkpoint_version >= version:
+                return
+            async for event in stream:
+                if event.job_id == job_id and event.data.get("version", 0) >= version:
+                    return
+
+
+async def closed_with(ws: WebSocketConnection) -> int:
+    with trio.fail_after(10):
+        try:
+            while True:
+                await ws.get_message()
+        except ConnectionClosed as exc:
+            assert exc.reason is not None
+            return exc.reason.code
+
+
+@asynccontextmanager
+async def raw_worker(
+    url: str, kinds: list[str], capacity: int = 1, tok: str | None = None
+) -> AsyncIterator[WebSocketConnection]:
+    async with open_websocket_url(url + "/worker", max_message_size=4 * 2**20) as ws:
+        await send(
+            ws,
+            {
+                "op": "hello",
+                "id": "h",
+                "token": tok or worker_token(),
+                "kinds": kinds,
+                "capacity": capacity,
+            },
+        )
+        welcome = await receive(ws)
+        assert welcome["type"] == "reply" and welcome["id"] == "h", welcome
+        yield ws
+
+
+async def test_roles_are_kept_apart(tmp_path: Path) -> None:
+    async with served(tmp_path / "db", "in_process") as s:
+        url = s.running.url
+        async with open_websocket_url(url + "/worker") as ws:
+            hello = {"op": "hello", "token": token("alice"), "kinds": ["steps"], "capacity": 1}
+            await send(ws, hello)
+            assert await closed_with(ws) == CLOSE["wrong_role"] == 4010
+        async with open_websocket_url(url) as ws:
+            await send(ws, {"op": "hello", "id": 0, "token": worker_token()})
+            assert await closed_with(ws) == CLOSE["wrong_role"]
+        assert s.running.server.workers.workers == []
+
+
+@pytest.mark.parametrize(
+    ("hello", "code"),
+    [
+        ({"kinds": [], "capacity": 1}, 4002),
+        ({"kinds": ["a", "a"], "capacity": 1}, 4002),
+        ({"kinds": ["a"], "capacity": 0}, 4002),
+        ({"kinds": ["a"], "capacity": 1001}, 4002),
+        ({"kinds": "a", "capacity": 1}, 4002),
+        ({"kinds": ["a"], "capacity": 1, "extra": 1}, 4002),
+        ({"kinds": ["a"], "capacity": 1, "token": "x.y.z"}, 4003),
+        ({"kinds": ["a"], "capacity": 1, "protocol": 2}, 4002),
+    ],
+)
+async def test_bad_hellos_close(tmp_path: Path, hello: dict[str, Any], code: int) -> None:
+    async with served(tmp_path / "db", "in_process") as s:
+        async with open_websocket_url(s.running.url + "/worker") as ws:
+            await send(ws, {"op": "hello", "token": worker_token(), **hello})
+            assert await closed_with(ws) == code
+        assert s.running.server.workers.workers == []
+
+
+async def test_reports_are_fenced_and_malformed_frames_refused(tmp_path: Path) -> None:
+    async with served(tmp_path / "db", "in_process", in_process_handlers=False) as s:
+        rt = s.runtime
+        url = s.running.url
+        async with raw_worker(url, ["steps"]) as mine, raw_worker(url, ["other"]) as theirs:
+            job = await rt.create_job("steps", "alice", {"n": 1})
+            assign = await receive(mine, "assign")
+            assert (assign["job_id"], assign["attempt"], assign["kind"]) == (job.id, 1, "steps")
+            assert assign["input"] == {"n": 1} and assign["checkpoint"] is None
+            before = await rt.get_job(job.id)
+            ref = {"job_id": job.id, "attempt": 1}
+            refusals = [
+                (theirs, {"op": "progress", "id": 1, **ref, "progress": 50}, "not_assigned"),
+                (
+                    mine,
+                    {"op": "progress", "id": 2, **ref, "attempt": 7, "progress": 5},
+                    "stale_attempt",
+                ),
+                (
+                    mine,
+                    {"op": "checkpoint", "id": 3, "job_id": "nope", "attempt": 1, "data": {}},
+                    "not_assigned",
+                ),
+                (mine, {"op": "stopped", "id": 4, **ref}, "not_stopping"),
+                (mine, {"op": "progress", "id": 5, **ref, "progress": 500}, "invalid_input"),
+                (mine, {"op": "progress", "id": 6, **ref, "progress": "5"}, "bad_request"),
+                (mine, {"op": "complete", "id": 7, **ref}, "bad_request"),
+                (mine, {"op": "fail", "id": 8, **ref, "error": {"type": "X"}}, "bad_request"),
+                (mine, {"op": "nope", "id": 9}, "unknown_op"),
+                (
+                    mine,
+                    {"op": "hello", "id": 10, "token": "t", "kinds": ["a"], "capacity": 1},
+                    "bad_request",
+                ),
+            ]
+            for ws, frame, code in refusals:
+                await send(ws, frame)
+                error = await receive(ws, "error")
+                assert (error["id"], error["code"]) == (frame["id"], code), error
+            await mine.send_message("{not json")
+            assert (await receive(mine, "error"))["code"] == "bad_json"
+            await mine.send_message(b"{}")
+            assert (await receive(mine, "error"))["code"] == "bad_frame"
+            await send(theirs, {"op": "heartbeat", "jobs": [ref]})
+            assert (await receive(theirs, "error"))["code"] == "not_assigned"
+            after = await rt.get_job(job.id)
+            assert after == before  # nothing stored changed
+            freed: list[int] = []  # what the queue's dispatcher will listen to
+            rt.supervisor.capacity_listeners.append(
+                lambda: freed.append(s.running.server.workers.capacity("steps"))
+            )
+            await send(mine, {"op": "complete", "id": 11, **ref, "result": {"ok": 1}})
+            assert (await receive(mine, "reply"))["id"] == 11
+            assert freed[0] == 1  # the slot was free when the listener was told
+            done = await wait_for_state(rt, job.id)
+            assert done.state is JobState.COMPLETED and done.result == {"ok": 1}
+            # The attempt is over: a late report from it is refused.
+            await send(mine, {"op": "progress", "id": 12, **ref, "progress": 1})
+            assert (await receive(mine, "error"))["code"] == "not_assigned"
+
+
+async def test_kinds_without_a_free_slot_are_refused_at_create(tmp_path: Path) -> None:
+    async with served(tmp_path / "db", "in_process", in_process_handlers=False) as s:
+        rt = s.runtime
+        with pytest.raises(UnknownKindError):
+            await rt.create_job("nope", "alice", {"n": 1})
+        with pytest.raises(NoWorkerAvailableError, match="no connected worker serves it"):
+            await rt.create_job("steps", "alice", {"n": 1})  # registered for its input check
+        async with raw_worker(s.running.url, ["steps"], capacity=1) as ws:
+            await rt.create_job("steps", "alice", {"n": 1})
+            await receive(ws, "assign")
+            total = (await rt.get_stats())["total"]
+            with pytest.raises(NoWorkerAvailableError) as caught:
+                await rt.create_job("steps", "alice", {"n": 1})
+            assert caught.value.code == "no_worker_available"
+            assert (await rt.get_stats())["total"] == total  # nothing stored
+            # Input is still checked by the registered handler's rules where there are any.
+            assert rt.kinds == sorted({"boom", "silent", "spin", "steps", "ticker"})
+
+
+async def test_a_dropped_connection_loses_its_jobs_at_once(tmp_path: Path) -> None:
+    async with served(tmp_path / "db", "in_process", in_process_handlers=False) as s:
+        rt = s.runtime
+        async with raw_worker(s.running.url, ["steps"]) as ws:
+            job = await rt.create_job("steps", "alice", {"n": 1})
+            await receive(ws, "assign")
+            await send(
+                ws, {"op": "checkpoint", "id": 1, "job_id": job.id, "attempt": 1, "data": {"i": 7}}
+            )
+            assert (await receive(ws, "reply"))["id"] == 1
+        with trio.fail_after(2):  # far sooner than heartbeat_timeout (30 s)
+            recovered = await wait_for_state(rt, job.id, {JobState.PAUSED})
+        assert recovered.pause_reason == "recovery" and recovered.checkpoint == {"i": 7}
+
+
+async def test_a_worker_that_stops_sending_is_closed_and_its_jobs_recovered(
+    tmp_path: Path,
+) -> None:
+    async with served(
+        tmp_path / "db", "in_process", in_process_handlers=False, heartbeat_timeout=0.5
+    ) as s:
+        rt = s.runtime
+        async with raw_worker(s.running.url, ["steps"]) as ws:
+            job = await rt.create_job("steps", "alice", {"n": 1})
+            await receive(ws, "assign")
+            # Nothing more is sent or read: a hung process with its socket open.
+            with trio.fail_after(5):
+                await wait_for_state(rt, job.id)
+            assert await closed_with(ws) == CLOSE["worker_stalled"] == 4011
+        assert s.running.server.workers.workers == []
+
+
+async def test_a_worker_written_from_the_document(tmp_path: Path) -> None:
+    async with served(tmp_path / "db", "in_process", in_process_handlers=False) as s:
+        rt = s.runtime
+        plain = Path(__file__).with_name("plain_worker.py")
+        async with trio.open_nursery() as nursery:
+            command = [sys.executable, str(plain), s.running.url, worker_token("plain")]
+            run = partial(trio.run_process, command, check=False, stderr=subprocess.PIPE)
+            process: trio.Process = await nursery.start(run)
+            await wait_connected(s.running)
+            job = await rt.create_job("count", "alice", {"n": 3})
+            done = await wait_for_state(rt, job.id)
+            assert done.state is JobState.COMPLETED, done
+            assert done.result == {"counted": 3, "resumed_at": 0}
+            assert done.checkpoint == {"i": 3} and done.progress == 100
+            # Pause: it checkpoints within the grace and stops; resume continues from there.
+            job = await rt.create_job("count", "alice", {"n": 1000, "delay": 0.01})
+            await wait_checkpoint(rt, job.id, 3)
+            paused = await rt.pause(job.id)
+            assert paused.state is JobState.PAUSED and paused.checkpoint["i"] >= 3
+            await rt.resume(job.id)
+            await trio.sleep(0.2)
+            cancelled = await rt.cancel(job.id)
+            assert cancelled.state is JobState.CANCELLED
+            process.terminate()

@@ -1,0 +1,98 @@
+"""Helpers for the worker tests: a served runtime whose handlers run in-process or in a
+connected worker (in this process, over the wire), and worker subprocesses."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from actors import RuntimeConfig
+from transport import RunningServer, ServerConfig, mint_token, open_server
+from transport._worker_process import WorkerProcess
+
+from .serving import SECRET
+from .worker_handlers import HANDLERS
+
+MODES = ("in_process", "remote")
+ROOT = Path(__file__).parent.parent
+WORKER_COMMAND = [sys.executable, "-m", "transport._cli", "--log-level", "WARNING", "worker"]
+
+
+def worker_token(name: str = "w") -> str:
+    return mint_token(SECRET, name, role="worker")
+
+
+@attrs.define
+class Served:
+    running: RunningServer
+    worker: WorkerProcess | None
+
+    @property
+    def runtime(self) -> Any:
+        return self.running.runtime
+
+
+async def wait_connected(running: RunningServer, count: int = 1) -> None:
+    with trio.fail_after(20):
+        while len(running.server.workers.workers) < count:  # noqa: ASYNC110 - no event for it
+            await trio.sleep(0.01)
+
+
+@asynccontextmanager
+async def served(
+    db: Path, mode: str, *, concurrency: int = 4, **runtime: Any
+) -> AsyncIterator[Served]:
+    """Handlers of :mod:`tests.worker_handlers` run in the server (``in_process``) or only in
+    a :class:`WorkerProcess` connected over the wire (``remote``)."""
+    config = RuntimeConfig(
+        **{
+            "stop_grace": 0.5,
+            "sqlite_synchronous": "NORMAL",
+            "in_process_handlers": mode == "in_process",
+            **runtime,
+        }
+    )
+    # The worker outlives the server's graceful shutdown, as local worker processes do.
+    async with trio.open_nursery() as nursery:
+        async with open_server(
+            db, ServerConfig(secret=SECRET, port=0), handlers=HANDLERS, runtime_config=config
+        ) as running:
+            worker = None
+            if mode == "remote":
+                worker = WorkerProcess(
+                    running.url, worker_token(), HANDLERS, concurrency=concurrency
+                )
+                nursery.start_soon(worker.run)
+                await wait_connected(running)
+            yield Served(running, worker)
+        nursery.cancel_scope.cancel()
+
+
+def worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["JOBSPINE_TOKEN"] = worker_token("proc")
+    return env
+
+
+async def start_worker_process(nursery: trio.Nursery, url: str, *args: str) -> trio.Process:
+    """A ``jobspine worker`` process serving :mod:`tests.worker_handlers`."""
+    command = [
+        *WORKER_COMMAND,
+        "--url",
+        url,
+        "--no-demo",
+        "--handlers",
+        "tests.worker_handlers",
+        *args,
+    ]
+    run = partial(trio.run_process, command, env=worker_env(), check=False, cwd=str(ROOT))
+    process: trio.Process = await nursery.start(run)
+    return process

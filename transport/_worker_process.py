@@ -1,0 +1,315 @@
+"""``jobspine worker``: runs handlers in this process for a server it connects to.
+
+The same ``async def handler(ctx, input)`` functions run here with the same
+:class:`~actors.JobContext` (backed by the connection instead of the store): ``progress`` and
+``checkpoint`` return once the server stored them, ``heartbeat`` and ``keep_alive`` are
+reported in the periodic heartbeat frame, ``stopping`` is set by the server's ``stop``. The
+connection is re-established with backoff (:class:`ReconnectPolicy`); attempts running when it
+drops are dropped too (the server has already recovered them). :meth:`WorkerProcess.drain`
+(SIGTERM) asks the server to hand every job back: each gets its grace period to checkpoint,
+then the process exits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
+
+from actors import (
+    InvalidInputError,
+    Job,
+    JobContext,
+    JobspineError,
+    JobState,
+    JobStopped,
+    NotSerializableError,
+)
+from actors._codec import dumps_json_value
+from actors._worker import Handler, _describe
+
+from ._reconnect import FATAL_CLOSE, ReconnectPolicy
+
+__all__ = ["WorkerFatalError", "WorkerProcess", "WorkerRequestError"]
+
+log = logging.getLogger("jobspine.worker")
+
+#: The largest frame accepted from the server (an assignment: input and checkpoint).
+MAX_MESSAGE = 4 * 1024 * 1024
+#: Seconds past the grace period a drain waits for the server's cancels.
+DRAIN_MARGIN = 5.0
+
+_ERRORS: Mapping[str, type[JobspineError]] = {
+    "invalid_input": InvalidInputError,
+    "not_serializable": NotSerializableError,
+    "checkpoint_too_large": InvalidInputError,
+}
+
+
+class WorkerRequestError(JobspineError):
+    """The server refused a report (``code`` as documented in PROTOCOL.md)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class WorkerFatalError(JobspineError):
+    """Reconnecting cannot help: the token or the hello is refused (4002, 4003, 4004, 4010)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Attempt:
+    """One attempt running here: the :class:`~actors._worker.ContextBacking` of its context."""
+
+    def __init__(self, session: _Session, message: dict[str, Any]) -> None:
+        self.session = session
+        self.job_id: str = message["job_id"]
+        self.attempt: int = message["attempt"]
+        self.kind: str = message["kind"]
+        self.input = message["input"]
+        job = Job(
+            self.job_id,
+            message["user_id"],
+            self.kind,
+            JobState.RUNNING,
+            self.input,
+            0.0,
+            0.0,
+            attempt=self.attempt,
+        )
+        self.keep_alive = 0
+        self.beat_pending = True
+        self.scope = trio.CancelScope()
+        self.ctx = JobContext(self, job, message.get("checkpoint"))
+
+    @property
+    def store(self) -> _Session:
+        return self.session
+
+    def beat(self, *, persist: bool = False) -> None:
+        self.beat_pending = True
+
+
+class _Session:
+    """One connection to the server (the :class:`~actors._worker.ContextStore` of its
+    attempts)."""
+
+    def __init__(self, process: WorkerProcess, ws: WebSocketConnection) -> None:
+        self.process = process
+        self.ws = ws
+        self.attempts: dict[str, _Attempt] = {}
+        self.heartbeat_interval = 1.0
+        self.stop_grace = 5.0
+        self._ids = itertools.count(1)
+        self._pending: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
+        self._send_lock = trio.Lock()
+        #: Set (and replaced) each time an attempt ends.
+        self.ended = trio.Event()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        async with self._send_lock:
+            await self.ws.send_message(orjson.dumps(message).decode())
+
+    async def request(self, op: str, **fields: Any) -> Any:
+        request_id = next(self._ids)
+        send, receive = trio.open_memory_channel[dict[str, Any]](1)
+        self._pending[request_id] = send
+        try:
+            await self.send({"op": op, "id": request_id, **fields})
+            answer = await receive.receive()
+        finally:
+            del self._pending[request_id]
+        if answer["type"] == "error":
+            error = _ERRORS.get(answer["code"])
+            if error is not None:
+                raise error(answer["message"])
+            raise WorkerRequestError(answer["code"], answer["message"])
+        return answer["result"]
+
+    # -- ContextStore --------------------------------------------------------------------------
+
+    async def set_progress(self, job_id: str, attempt: int, pct: float, step: str | None) -> None:
+        await self.request("progress", job_id=job_id, attempt=attempt, progress=pct, step=step)
+
+    async def checkpoint(self, job_id: str, attempt: int, data: Any) -> None:
+        dumps_json_value(data, "checkpoint")  # refused here, as in the server, before sending
+        await self.request("checkpoint", job_id=job_id, attempt=attempt, data=data)
+
+    # -- running -------------------------------------------------------------------------------
+
+    async def serve(self) -> int | None:
+        """Serve until the connection closes; its close code (None: no close frame). The
+        attempts still running end with it: the server has lost them already."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._heartbeats)
+            while True:
+                try:
+                    frame = await self.ws.get_message()
+                except ConnectionClosed as exc:
+                    nursery.cancel_scope.cancel()
+                    return None if exc.reason is None else exc.reason.code
+                message = orjson.loads(frame)
+                kind = message.get("type")
+                if kind in ("reply", "error") and message.get("id") in self._pending:
+                    self._pending[message["id"]].send_nowait(message)
+                elif kind == "error":
+                    log.info("server: %s: %s", message["code"], message["message"])
+                elif kind == "assign":
+                    attempt = _Attempt(self, message)
+                    self.attempts[attempt.job_id] = attempt
+                    nursery.start_soon(self._run, attempt)
+                elif kind in ("stop", "cancel"):
+                    found = self.attempts.get(message["job_id"])
+                    if found is not None and found.attempt == message["attempt"]:
+                        found.ctx._stop.set()
+                        if kind == "cancel":
+                            found.scope.cancel()
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await trio.sleep(self.heartbeat_interval)
+            jobs = []
+            for attempt in self.attempts.values():
+                if attempt.beat_pending or attempt.keep_alive:
+                    attempt.beat_pending = False
+                    jobs.append({"job_id": attempt.job_id, "attempt": attempt.attempt})
+            try:
+                await self.send({"op": "heartbeat", "jobs": jobs})
+            except ConnectionClosed:
+                return  # the reader sees the close too
+
+    async def _run(self, attempt: _Attempt) -> None:
+        ref = {"job_id": attempt.job_id, "attempt": attempt.attempt}
+        handler: Handler | None = self.process.handlers.get(attempt.kind)
+        outcome: dict[str, Any]
+        try:
+            with attempt.scope:
+                if handler is None:
+                    raise LookupError(f"no handler for kind {attempt.kind!r} in this worker")
+                try:
+                    result = await handler(attempt.ctx, attempt.input)
+                except JobStopped:
+                    outcome = {"op": "stopped", **ref}
+                except Exception as exc:
+                    log.info("job %s raised %s", attempt.job_id, type(exc).__name__, exc_info=exc)
+                    error = {"type": type(exc).__name__, "message": _describe(exc)}
+                    outcome = {"op": "fail", **ref, "error": error}
+                else:
+                    outcome = {"op": "complete", **ref, "result": result}
+                    try:
+                        dumps_json_value(result, "job result")
+                    except NotSerializableError as exc:
+                        error = {"type": type(exc).__name__, "message": str(exc)}
+                        outcome = {"op": "fail", **ref, "error": error}
+            if attempt.scope.cancelled_caught:
+                return  # cancelled by the server: it recorded the outcome
+            try:
+                await self.send({**outcome, "id": next(self._ids)})
+            except ConnectionClosed:
+                return  # the server recovers the attempt by the stall rule
+        finally:
+            if self.attempts.get(attempt.job_id) is attempt:
+                del self.attempts[attempt.job_id]
+            self.ended.set()
+            self.ended = trio.Event()
+
+
+class WorkerProcess:
+    """Connects to ``url`` (the server's ``/worker`` endpoint is added) with ``token`` (a
+    worker token), serves ``handlers`` with ``concurrency`` slots, reconnects with backoff.
+
+    :meth:`run` returns after :meth:`drain` once every job was handed back; raises
+    :class:`WorkerFatalError` when the server refuses the hello (4002, 4003, 4004, 4010)."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        handlers: Mapping[str, Handler],
+        *,
+        concurrency: int = 4,
+        name: str | None = None,
+        policy: ReconnectPolicy | None = None,
+    ) -> None:
+        self.url = url.rstrip("/") + "/worker"
+        self.token = token
+        self.handlers = handlers
+        self.concurrency = concurrency
+        self.name = name
+        self.policy = policy or ReconnectPolicy()
+        self.session: _Session | None = None
+        self._draining = trio.Event()
+        #: Connections made (tests: a reconnect happened).
+        self.connections = 0
+
+    def drain(self) -> None:
+        """Hand every job back to the server (each checkpoints within its grace), then stop."""
+        self._draining.set()
+
+    async def run(self) -> None:
+        while not self._draining.is_set():
+            code: int | None = None
+            try:
+                code = await self._connect_once()
+            except (OSError, HandshakeError, ConnectionClosed) as exc:
+                log.info("worker: connection to %s failed: %s", self.url, exc)
+            if self._draining.is_set():
+                return
+            if code in FATAL_CLOSE:
+                raise WorkerFatalError(FATAL_CLOSE[code], f"the server closed with {code}")
+            delay = self.policy.next_delay(trio.current_time(), code)
+            with trio.move_on_after(delay):
+                await self._draining.wait()
+
+    async def _connect_once(self) -> int | None:
+        async with open_websocket_url(self.url, max_message_size=MAX_MESSAGE) as ws:
+            hello: dict[str, Any] = {
+                "op": "hello",
+                "id": 0,
+                "token": self.token,
+                "kinds": sorted(self.handlers),
+                "capacity": self.concurrency,
+            }
+            if self.name is not None:
+                hello["name"] = self.name
+            await ws.send_message(orjson.dumps(hello).decode())
+            try:
+                welcome = orjson.loads(await ws.get_message())
+            except ConnectionClosed as exc:
+                return None if exc.reason is None else exc.reason.code
+            session = _Session(self, ws)
+            session.heartbeat_interval = welcome["result"]["heartbeat_interval"]
+            session.stop_grace = welcome["result"]["stop_grace"]
+            self.session = session
+            self.connections += 1
+            self.policy.connected(trio.current_time())
+            log.info("worker connected to %s: kinds %s", self.url, sorted(self.handlers))
+            code: int | None = None
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._drain_when_asked, session, nursery.cancel_scope)
+                    code = await session.serve()
+                    nursery.cancel_scope.cancel()
+            finally:
+                self.session = None
+            return code
+
+    async def _drain_when_asked(self, session: _Session, scope: trio.CancelScope) -> None:
+        await self._draining.wait()
+        try:
+            await session.request("drain")
+        except ConnectionClosed:
+            return
+        with trio.move_on_after(session.stop_grace + DRAIN_MARGIN):
+            while session.attempts:
+                await session.ended.wait()
+        scope.cancel()

@@ -1,0 +1,420 @@
+"""The worker endpoint (``ws://HOST:PORT/worker``): one connection actor per worker process.
+
+A connection authenticates with a worker token, declares the kinds it serves and its
+capacity, and becomes a :class:`~actors._remote.RemoteWorker` of the server's
+:class:`~actors._remote.RemotePlacement`. Its reports are fenced here first (the job must be
+assigned to this connection, with this attempt), then by the store (by attempt), so a stale
+or foreign report changes nothing stored. The frames are documented in PROTOCOL.md, *Worker
+protocol*.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import orjson
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from actors import JobError, JobspineError
+from actors._remote import RemoteAttempt, RemoteWorker
+
+from ._auth import verify_token
+from ._protocol import (
+    CLOSE,
+    PROTOCOL_VERSION,
+    NoArgs,
+    ProtocolError,
+    Request,
+    RequestError,
+    error_message,
+    parse_request,
+    reply_message,
+)
+
+if TYPE_CHECKING:
+    from ._server import Server
+
+__all__ = ["WORKER_OPS", "WORKER_PATH", "WorkerConnection"]
+
+log = logging.getLogger("jobspine.workers")
+
+WORKER_PATH = "/worker"
+#: Kinds one worker may declare, and its largest capacity.
+MAX_KINDS = 256
+MAX_CAPACITY = 1000
+MAX_NAME_LENGTH = 256
+#: Bytes queued for a worker that is not reading before it is disconnected as stalled.
+MAX_QUEUED_BYTES = 32 * 1024 * 1024
+#: The largest frame the server sends a worker: an assignment carries the input and the
+#: checkpoint (1 MiB each at most).
+MAX_ASSIGN_SIZE = 4 * 1024 * 1024
+#: Seconds a drain's pauses may wait for the store, past the grace period.
+DRAIN_WRITE_TIMEOUT = 10.0
+#: Reasons a worker's drain and a server's stop pause its jobs with.
+HANDED_BACK = "worker_shutdown"
+
+
+@attrs.frozen
+class WorkerHello:
+    token: str
+    kinds: list[str]
+    capacity: int
+    protocol: int = PROTOCOL_VERSION
+    name: str | None = None
+
+
+@attrs.frozen
+class AttemptRef:
+    job_id: str
+    attempt: int
+
+
+@attrs.frozen
+class Heartbeat:
+    jobs: list[AttemptRef] = attrs.field(factory=list)
+
+
+@attrs.frozen
+class Progress:
+    job_id: str
+    attempt: int
+    progress: float
+    step: str | None = None
+
+
+@attrs.frozen
+class Checkpoint:
+    job_id: str
+    attempt: int
+    data: Any
+
+
+@attrs.frozen
+class Complete:
+    job_id: str
+    attempt: int
+    result: Any
+
+
+@attrs.frozen
+class ErrorBody:
+    type: str
+    message: str
+
+
+@attrs.frozen
+class Fail:
+    job_id: str
+    attempt: int
+    error: ErrorBody
+
+
+WORKER_OPS: dict[str, type] = {
+    "hello": WorkerHello,
+    "heartbeat": Heartbeat,
+    "progress": Progress,
+    "checkpoint": Checkpoint,
+    "complete": Complete,
+    "fail": Fail,
+    "stopped": AttemptRef,
+    "drain": NoArgs,
+}
+
+
+def hello_problem(hello: WorkerHello) -> str | None:
+    """What is wrong with a well-typed worker hello, else None."""
+    if hello.protocol != PROTOCOL_VERSION:
+        return f"protocol {hello.protocol} unsupported; use {PROTOCOL_VERSION}"
+    if not 1 <= len(hello.kinds) <= MAX_KINDS:
+        return f"kinds: declare 1 to {MAX_KINDS} kinds"
+    if len(set(hello.kinds)) != len(hello.kinds):
+        return "kinds: a kind is declared twice"
+    if any(not 1 <= len(kind) <= 1024 for kind in hello.kinds):
+        return "kinds: each kind has 1 to 1,024 characters"
+    if not 1 <= hello.capacity <= MAX_CAPACITY:
+        return f"capacity must be in 1..{MAX_CAPACITY}, not {hello.capacity}"
+    if hello.name is not None and not 1 <= len(hello.name) <= MAX_NAME_LENGTH:
+        return f"name has 1 to {MAX_NAME_LENGTH} characters"
+    return None
+
+
+class WorkerConnection:
+    """One worker's connection: implements :class:`~actors._remote.WorkerLink`."""
+
+    def __init__(self, server: Server, ws: WebSocketConnection) -> None:
+        self.server = server
+        self.ws = ws
+        self.worker: RemoteWorker | None = None
+        self._queue: deque[bytes] = deque()
+        self._queued_bytes = 0
+        self._wake = trio.Event()
+        self._close: tuple[int, str] | None = None
+        self._last_frame = trio.current_time()
+        self._scope = trio.CancelScope()
+        self.done = trio.Event()
+
+    @property
+    def _supervisor_config(self) -> Any:
+        return self.server.runtime.supervisor.config
+
+    # -- WorkerLink ----------------------------------------------------------------------------
+
+    def send(self, message: dict[str, Any]) -> None:
+        self._push(orjson.dumps(message))
+
+    def _push(self, frame: bytes) -> None:
+        if self._close is not None:
+            return
+        self._queue.append(frame)
+        self._queued_bytes += len(frame)
+        self._wake.set()
+        if self._queued_bytes > MAX_QUEUED_BYTES:
+            self.close(CLOSE["worker_stalled"], "worker stalled: it does not read its frames")
+
+    def close(self, code: int, reason: str) -> None:
+        if self._close is None:
+            self._close = (code, reason)
+        self._scope.cancel()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        placement = self.server.workers
+        try:
+            if not await self._hello():
+                return
+            self.server.worker_connections.add(self)
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._sender)
+                    nursery.start_soon(self._watchdog)
+                    nursery.start_soon(self._adopt)
+                    await self._reader(nursery)
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.server.worker_connections.discard(self)
+            if self.worker is not None:
+                placement.disconnect(self.worker, "the worker's connection closed")
+            code, reason = self._close or (CLOSE["normal"], "")
+            with trio.move_on_after(1, shield=True):
+                await self._flush()
+                await self.ws.aclose(code, reason[:120])
+            self.done.set()
+
+    async def _hello(self) -> str | int | bool | None:
+        """The hello's id once accepted, else False (the connection is closed)."""
+        config = self.server.config
+        frame: str | bytes | None = None
+        with trio.move_on_after(config.hello_timeout):
+            try:
+                frame = await self.ws.get_message()
+            except ConnectionClosed:
+                return False
+        if frame is None:
+            await self.ws.aclose(
+                CLOSE["hello_timeout"], f"no hello within {config.hello_timeout:g} s"
+            )
+            return False
+        try:
+            try:
+                request = parse_request(frame, WORKER_OPS)
+            except RequestError as exc:
+                raise ProtocolError("protocol_error", exc.message) from None
+            if request.op != "hello":
+                raise ProtocolError("protocol_error", "the first frame must be a hello")
+            hello = request.body
+            assert isinstance(hello, WorkerHello)
+            principal = verify_token(config.secret, hello.token)
+            if principal.role != "worker":
+                raise ProtocolError(
+                    "wrong_role", "a user's token cannot connect to /worker; use a worker token"
+                )
+            problem = hello_problem(hello)
+            if problem is not None:
+                raise ProtocolError("protocol_error", f"hello: {problem}")
+        except ProtocolError as exc:
+            await self.ws.aclose(CLOSE.get(exc.code, CLOSE["protocol_error"]), exc.message[:120])
+            return False
+        name = hello.name or principal.user_id
+        self.worker = self.server.workers.connect(name, hello.kinds, hello.capacity, self)
+        supervisor = self._supervisor_config
+        self._push(
+            reply_message(
+                request.id,
+                {
+                    "protocol": PROTOCOL_VERSION,
+                    "name": name,
+                    "heartbeat_timeout": supervisor.heartbeat_timeout,
+                    "heartbeat_interval": heartbeat_interval(supervisor.heartbeat_timeout),
+                    "stop_grace": supervisor.stop_grace,
+                    "max_frame_size": self.server.config.max_message_size,
+                    "max_message_size": MAX_ASSIGN_SIZE,
+                },
+            )
+        )
+        log.info("worker %s connected: kinds %s, capacity %d", name, hello.kinds, hello.capacity)
+        return True
+
+    async def _flush(self) -> None:
+        while self._queue:
+            await self.ws.send_message(self._queue.popleft().decode())
+
+    async def _sender(self) -> None:
+        timeout = self.server.config.send_timeout
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self._queue:
+                frame = self._queue.popleft()
+                self._queued_bytes -= len(frame)
+                with trio.move_on_after(timeout) as timer:
+                    try:
+                        await self.ws.send_message(frame.decode())
+                    except ConnectionClosed:
+                        self.close(CLOSE["normal"], "")
+                        return
+                if timer.cancelled_caught:
+                    self.close(CLOSE["worker_stalled"], "worker stalled: a send timed out")
+                    return
+
+    async def _watchdog(self) -> None:
+        """Close a connection that sent nothing for ``heartbeat_timeout`` (a stopped or
+        hung process whose socket is still open): its attempts are lost at once."""
+        timeout = self._supervisor_config.heartbeat_timeout
+        while True:
+            deadline = self._last_frame + timeout
+            if trio.current_time() >= deadline:
+                self.close(
+                    CLOSE["worker_stalled"], f"worker stalled: nothing received for {timeout:g} s"
+                )
+                return
+            await trio.sleep_until(deadline)
+
+    async def _adopt(self) -> None:
+        """Resume the jobs a shutdown or a worker's drain paused that this worker serves, up to
+        its free slots (until the queue's dispatcher does this for every waiting job)."""
+        worker = self.worker
+        assert worker is not None
+        runtime = self.server.runtime
+        for job in await runtime.get_resumable_jobs():
+            if job.pause_reason not in ("shutdown", HANDED_BACK) or job.kind not in worker.kinds:
+                continue
+            if not worker.free:
+                return
+            try:
+                await runtime.resume(job.id, by="system")
+            except JobspineError as exc:
+                log.info("job %s not adopted by worker %s: %s", job.id, worker.name, exc)
+
+    # -- frames --------------------------------------------------------------------------------
+
+    async def _reader(self, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                frame = await self.ws.get_message()
+            except ConnectionClosed:
+                return
+            self._last_frame = trio.current_time()
+            try:
+                request = parse_request(frame, WORKER_OPS)
+                self._serve_now(request, nursery)
+            except RequestError as exc:
+                self._push(error_message(exc.request_id, exc.code, exc.message))
+
+    def _serve_now(self, request: Request, nursery: trio.Nursery) -> None:
+        body = request.body
+        try:
+            if isinstance(body, Heartbeat):
+                for ref in body.jobs:  # each entry on its own: one refusal skips no other
+                    try:
+                        self._attempt(ref.job_id, ref.attempt).beat()
+                    except ProtocolError as exc:
+                        self._push(error_message(request.id, exc.code, exc.message))
+                return
+            if isinstance(body, Progress | Checkpoint):
+                attempt = self._attempt(body.job_id, body.attempt)
+                nursery.start_soon(self._write, request, attempt)
+                return
+            if isinstance(body, Complete):
+                self._attempt(body.job_id, body.attempt).complete(body.result)
+            elif isinstance(body, Fail):
+                error = JobError(body.error.type, body.error.message)
+                self._attempt(body.job_id, body.attempt).fail(error)
+            elif isinstance(body, AttemptRef):
+                attempt = self._attempt(body.job_id, body.attempt)
+                if attempt.ctx is None or not attempt.ctx.stopping:
+                    raise ProtocolError(
+                        "not_stopping",
+                        f"job {body.job_id}: stopped without a stop request (send complete or"
+                        " fail, or drain to hand every job back)",
+                    )
+                attempt.stopped()
+            elif isinstance(body, NoArgs):  # drain
+                nursery.start_soon(self._drain)
+            else:
+                raise ProtocolError("bad_request", "hello: already connected")
+            self._push(reply_message(request.id, {"ok": True}))
+        except ProtocolError as exc:
+            self._push(error_message(request.id, exc.code, exc.message))
+
+    def _attempt(self, job_id: str, attempt: int) -> RemoteAttempt:
+        """The live attempt this connection runs for ``job_id``; refuses another worker's
+        job, an ended attempt (``not_assigned``) and an older or newer attempt
+        (``stale_attempt``)."""
+        assert self.worker is not None
+        found = self.worker.attempts.get(job_id)
+        if found is None or found.ctx is None:
+            raise ProtocolError("not_assigned", f"job {job_id} is not running on this worker")
+        if found.attempt != attempt:
+            raise ProtocolError(
+                "stale_attempt",
+                f"job {job_id}: attempt {attempt} is not the current one ({found.attempt})",
+            )
+        return found
+
+    async def _write(self, request: Request, attempt: RemoteAttempt) -> None:
+        body = request.body
+        ctx = attempt.ctx
+        assert ctx is not None
+        try:
+            if isinstance(body, Progress):
+                await ctx.progress(body.progress, body.step)
+            else:
+                await ctx.checkpoint(body.data)
+        except JobspineError as exc:
+            self._push(error_message(request.id, exc.code, str(exc)))
+            return
+        self._push(reply_message(request.id, {"ok": True}))
+
+    async def _drain(self) -> None:
+        """The worker is shutting down: no new attempts; each running one is stopped with
+        the grace period and paused (``worker_shutdown``), to be resumed by the next worker
+        that serves its kind."""
+        worker = self.worker
+        assert worker is not None
+        worker.closed = True
+        log.info("worker %s drains: handing back %d jobs", worker.name, len(worker.attempts))
+        runtime = self.server.runtime
+        # Shielded: the worker closes its connection once its handlers stopped, which must
+        # not cancel the pauses (else the jobs would be lost, not handed back).
+        bound = self._supervisor_config.stop_grace + DRAIN_WRITE_TIMEOUT
+        with trio.move_on_after(bound, shield=True):
+            async with trio.open_nursery() as nursery:
+                for job_id in list(worker.attempts):
+                    nursery.start_soon(_hand_back, runtime, job_id)
+
+
+async def _hand_back(runtime: Any, job_id: str) -> None:
+    try:
+        await runtime.pause(job_id, by="system", reason=HANDED_BACK)
+    except JobspineError as exc:
+        log.info("job %s not handed back: %s", job_id, exc)
+
+
+def heartbeat_interval(heartbeat_timeout: float) -> float:
+    """Seconds between a worker's heartbeat frames: well within the deadline, at most 1 s."""
+    return min(1.0, heartbeat_timeout / 4)
