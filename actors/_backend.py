@@ -228,11 +228,12 @@ class Backend(Protocol):
         Claimable: state ``created``, ready (``run_at`` null or ``<= now``), and not held by
         another owner's claim (``owner`` null or the caller, or ``lease_expires_at < now``).
         Order and limits are :class:`ClaimPlanner`'s (priority, then the user with the fewest
-        running jobs, then ``(ready_at, id)``; ``ready_at`` is ``run_at``, else ``created_at``). Marking sets
-        ``owner`` and ``lease_expires_at`` and nothing else: the job stays ``created`` until the
-        owner commits its start. The cost must not grow with the number of waiting jobs (an
-        index on waiting jobs by ``(priority, user_id, kind, ready_at, id)``, walked group by
-        group). Several processes: atomic across them (``FOR UPDATE SKIP LOCKED``)."""
+        running jobs, then ``(ready_at, id)``; ``ready_at`` is ``run_at``, else
+        ``created_at``). Marking sets ``owner`` and ``lease_expires_at`` and nothing else: the
+        job stays ``created`` until the owner commits its start (a mark whose start never
+        commits lapses with its lease). The cost must not grow with the number of waiting
+        jobs (an index on waiting jobs by ``(priority, user_id, kind, ready_at, id)``, walked
+        group by group). Several processes: atomic across them (``FOR UPDATE SKIP LOCKED``)."""
         ...
 
     async def renew_leases(self, owner: str, lease_expires_at: float) -> int:
