@@ -129,6 +129,10 @@ async def test_retries_with_backoff_then_success(autojump_clock: trio.abc.Clock)
 
     async with memory_runtime({"flaky": flaky}) as rt:
         job = await rt.create_job("flaky", "alice", {})
+        await trio.sleep(1)  # the first attempt failed; the retry waits its backoff
+        waiting = await rt.get_job(job.id)
+        assert (waiting.state, waiting.failed_attempts, waiting.owner) == (S.CREATED, 1, None)
+        assert waiting.run_at is not None and (await rt.queue_stats()).scheduled == 1
         done = await wait_for_state(rt, job.id)
         assert done.state is S.COMPLETED and done.attempt == 3 and done.failed_attempts == 2
         gaps = [b - a for a, b in itertools.pairwise(calls)]
