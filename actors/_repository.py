@@ -370,4 +370,4 @@ class Repository:
 
     async def queue_stats(self, user_id: str | None = None) -> QueueStats:
         """Waiting (ready now, scheduled later), running, waiting per kind and per user."""
-        return await self._store.queue_stats(time.time(), user_id)
+        return await self._store.queue_stats(self._supervisor.now(), user_id)
