@@ -1,0 +1,214 @@
+"""The dispatcher actor: claims waiting jobs when capacity is free and hands them to the
+supervisor.
+
+One task, woken by an event (a create, resume, restart or re-queue; a worker's end; a worker
+process that connects or frees a slot: ``Supervisor.capacity_listeners``) or by the
+earliest known ``run_at`` (one sleep, no timer per job), and by its own lease renewal. A create
+for later only moves that sleep (no claim). Every claim takes at most the free capacity
+(:meth:`StoreClient.claim`, planned by :class:`ClaimPlanner` under the runtime's limits), so
+wakes that come together cost one claim.
+
+Placements (:mod:`actors._placement`) bound the claim per kind: the free slots of the
+connected worker processes serving a kind become that kind's limit, and a kind that no
+placement can run now is not claimed at all (its jobs wait, they are not refused). A claimed
+job whose slot went away before its start was stored goes back to waiting
+(:meth:`Supervisor.launch`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping
+
+import attrs
+import trio
+
+from ._backend import ClaimRequest
+from ._errors import JobspineError, RuntimeClosedError
+from ._joblog import job_fields
+from ._scheduling import ClaimLimits
+from ._store import StoreClient
+from ._supervisor import Supervisor
+
+__all__ = ["Dispatcher", "WallClock"]
+
+log = logging.getLogger("jobspine.dispatcher")
+
+#: Seconds before a claim is tried again after the store refused one.
+RETRY_AFTER = 1.0
+
+
+class WallClock:
+    """Wall-clock seconds that advance with Trio's clock: ``run_at`` and leases are Unix
+    seconds, and under a mock clock (tests) they must move when Trio's time jumps."""
+
+    def __init__(self) -> None:
+        self._offset = time.time() - trio.current_time()
+
+    def __call__(self) -> float:
+        return self._offset + trio.current_time()
+
+    def trio_time(self, wall: float) -> float:
+        """The Trio time at which this clock reads ``wall``."""
+        return wall - self._offset
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: StoreClient,
+        supervisor: Supervisor,
+        limits: ClaimLimits,
+        *,
+        node_id: str,
+        clock: Callable[[], float],
+        to_trio: Callable[[float], float],
+        lease_ttl: float,
+        lease_renew_interval: float,
+    ) -> None:
+        self.store = store
+        self.supervisor = supervisor
+        self.limits = limits
+        self.node_id = node_id
+        self._clock = clock
+        self._to_trio = to_trio
+        self._lease_ttl = lease_ttl
+        self._renew_interval = lease_renew_interval
+        self._wake = trio.Event()
+        self._next_run_at: float | None = None  # wall clock
+        self._due = False  # a claim may find something now
+        self._scope: trio.CancelScope | None = None
+        #: Set once :meth:`run` has returned (after :meth:`close`, no claim is in progress).
+        self.stopped = trio.Event()
+        #: Claims made, jobs started, since the dispatcher started.
+        self.claims = 0
+        self.dispatched = 0
+
+    def wake(self, run_at: float | None = None) -> None:
+        """Claim again soon (never blocks): capacity freed or a job became claimable.
+        ``run_at`` (Unix seconds), a job's not-before time: in the future, it only moves the
+        dispatcher's one sleep earlier if it comes before the earliest known."""
+        if run_at is None or run_at <= self._clock():
+            self._due = True
+        elif self._next_run_at is None or run_at < self._next_run_at:
+            self._next_run_at = run_at
+        else:
+            return
+        self._wake.set()
+
+    def close(self) -> None:
+        """Stop claiming; :meth:`run` returns."""
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Dispatcher] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            await self._serve(task_status)
+        finally:
+            self.stopped.set()
+
+    async def _serve(self, task_status: trio.TaskStatus[Dispatcher]) -> None:
+        async with self.store:
+            with trio.CancelScope() as self._scope:
+                # What waited while no runtime ran is claimed before the runtime is handed
+                # to its caller.
+                await self._dispatch()
+                task_status.started(self)
+                renew_at = trio.current_time() + self._renew_interval
+                while True:
+                    # Leases are renewed only while this runtime holds claims: an idle
+                    # runtime does not wake (nor touch the database) at all.
+                    wake_at = renew_at if self.supervisor.workers else math.inf
+                    if self._next_run_at is not None:
+                        wake_at = min(wake_at, self._to_trio(self._next_run_at))
+                    with trio.move_on_at(wake_at):
+                        await self._wake.wait()
+                    self._wake = trio.Event()
+                    if trio.current_time() >= renew_at:
+                        renew_at = trio.current_time() + self._renew_interval
+                        if self.supervisor.workers:
+                            await self._renew()
+                    at = self._next_run_at
+                    if self._due or (at is not None and self._clock() >= at):
+                        self._due = False
+                        await self._dispatch()
+
+    async def _renew(self) -> None:
+        try:
+            await self.store.renew_leases(self.node_id, self._clock() + self._lease_ttl)
+        except RuntimeClosedError:
+            raise
+        except JobspineError as exc:
+            log.warning("lease renewal failed (retried next interval): %s", exc)
+
+    async def _dispatch(self) -> None:
+        running, by_user, by_kind = self.supervisor.running_counts()
+        if running >= self.limits.max_running:
+            # An end wakes the dispatcher, and its claim learns the next run_at again.
+            self._next_run_at = None
+            return
+        kinds, limits = self.placeable(by_kind)
+        if not kinds:
+            # Nothing can run now; a worker that connects or a slot that frees wakes us.
+            self._next_run_at = None
+            return
+        now = self._clock()
+        request = ClaimRequest(
+            self.node_id, now, now + self._lease_ttl, limits, running, by_user, by_kind, kinds
+        )
+        # Wakes for later jobs while the claim runs lower this again; the claim may not see
+        # their jobs, committed after it read.
+        self._next_run_at = None
+        # Shielded: a job claimed and started in the store is launched, never left running
+        # with no worker.
+        with trio.CancelScope(shield=True):
+            await self._claim_and_launch(request)
+
+    def placeable(self, by_kind: Mapping[str, int]) -> tuple[frozenset[str], ClaimLimits]:
+        """The kinds a claim may take now and the limits it runs under: a kind is claimable
+        when a placement has a free slot for it (a connected worker serving it, or its handler
+        in this process); a kind served by workers only is limited per kind to what it runs
+        plus their free slots (``by_kind``: running now per kind), within the configured
+        ``max_running_per_kind``. Kinds not claimable wait in the queue."""
+        supervisor = self.supervisor
+        per_kind = dict(self.limits.max_running_per_kind)
+        kinds = set()
+        for kind in supervisor.known_kinds():
+            free = supervisor.capacity(kind)
+            if free <= 0:
+                continue
+            kinds.add(kind)
+            if free < sys.maxsize:  # bounded: worker slots only
+                bound = by_kind.get(kind, 0) + free
+                per_kind[kind] = min(per_kind.get(kind, bound), bound)
+        return frozenset(kinds), attrs.evolve(self.limits, max_running_per_kind=per_kind)
+
+    async def _claim_and_launch(self, request: ClaimRequest) -> None:
+        try:
+            jobs, later = await self.store.claim(request)
+        except RuntimeClosedError:
+            raise
+        except JobspineError as exc:
+            log.warning("claim failed (retried in %g s): %s", RETRY_AFTER, exc)
+            self._next_run_at = request.now + RETRY_AFTER
+            return
+        if later is not None and (self._next_run_at is None or later < self._next_run_at):
+            self._next_run_at = later
+        self.claims += 1
+        for job in jobs:
+            try:
+                await self.supervisor.launch(job, job.checkpoint)
+            except JobspineError as exc:
+                # Stored as running: the stall rule recovers it like any lost worker.
+                log.warning(
+                    "job %s claimed but not launched: %s",
+                    job.id,
+                    exc,
+                    extra=job_fields(job.id, job.user_id, job.attempt, "launch_failed"),
+                )
+            self.dispatched += 1
