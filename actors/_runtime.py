@@ -17,6 +17,7 @@ from ._broadcaster import Broadcaster, BroadcasterConfig
 from ._errors import JobspineError, RuntimeClosedError, RuntimeCrashedError, leaves
 from ._events import EventHub
 from ._joblog import job_fields
+from ._options import KindOptions
 from ._repository import Repository
 from ._retention import PruneReport, RetentionPolicy
 from ._sqlite import SqliteBackend
@@ -51,9 +52,24 @@ class RuntimeConfig:
     shutdown_timeout: float = 30.0
     #: Resume, at start, the jobs a previous graceful shutdown paused.
     resume_on_start: bool = True
-    #: Jobs one user may have running at once (created, resumed or restarted beyond it: an
-    #: error). None: no limit.
-    max_running_per_user: int | None = 1000
+    #: This runtime's node id, recorded as the ``owner`` of the jobs it claims. None: a new
+    #: random id at every open.
+    node_id: str | None = None
+    #: Jobs this runtime runs at once; more wait in the queue.
+    max_running: int = 1000
+    #: Jobs of one user this runtime runs at once (a capacity limit: more wait). None: none.
+    max_running_per_user: int | None = None
+    #: Jobs of a kind this runtime runs at once, per kind (absent: no limit but max_running).
+    max_running_per_kind: Mapping[str, int] = attrs.field(factory=dict)
+    #: Jobs one user may have waiting; a create beyond it fails with ``too_many_jobs``.
+    max_waiting_per_user: int = 100_000
+    #: Seconds a claim holds without renewal, and how often the owner renews its claims.
+    lease_ttl: float = 5.0
+    lease_renew_interval: float = 1.0
+    #: Seconds an idempotency key keeps returning the job it created.
+    idempotency_window: float = 86_400.0
+    #: Queue options per kind (retries, timeout, stall rule); see :class:`KindOptions`.
+    kinds: Mapping[str, KindOptions] = attrs.field(factory=dict)
     #: SQLite ``PRAGMA synchronous``: FULL makes a commit durable against power loss too.
     sqlite_synchronous: str = "FULL"
     #: Seconds one SQLite statement waits for a lock another program holds (``busy_timeout``).
@@ -88,7 +104,8 @@ class Runtime(Repository):
             hub,
             handlers,
             checkpoint_warn_size=config.checkpoint_warn_size,
-            max_running_per_user=config.max_running_per_user,
+            max_waiting_per_user=config.max_waiting_per_user,
+            idempotency_window=config.idempotency_window,
         )
         self.config = config
         self.supervisor = supervisor
@@ -280,6 +297,7 @@ async def open_runtime(
             max_recovery_attempts=config.max_recovery_attempts,
             stop_grace=config.stop_grace,
         ),
+        config.kinds,
     )
     body_error: BaseException | None = None
     started = False

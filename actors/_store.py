@@ -35,26 +35,32 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import attrs
+import orjson
 import trio
 
 from . import _ops as ops
-from ._backend import Backend, JobQuery, Pruned, is_outage
+from ._backend import Backend, ClaimRequest, JobQuery, Pruned, QueueStats, is_outage
 from ._codec import MAX_STEP_LENGTH, check_text, dumps_json_value, sanitize_text
 from ._errors import (
+    IdempotencyConflictError,
     InvalidInputError,
+    InvalidParentError,
     JobspineError,
     RuntimeClosedError,
     StoreError,
     StoreUnavailableError,
+    TooManyJobsError,
     UnknownJobError,
 )
 from ._events import EventHub, EventType, JobEvent
 from ._ids import new_id
 from ._job import Job, JobError
 from ._metrics import StoreMetrics, move
+from ._options import CreateOptions
 from ._policy import RecoveryPolicy
 from ._retention import RetentionPolicy
-from ._states import TERMINAL_STATES, JobState, check_transition
+from ._scheduling import RetryDecision
+from ._states import JobState, check_transition
 from ._tracing import span
 
 __all__ = ["StoreActor", "StoreClient", "StoreConfig", "StoreHealth"]
@@ -152,7 +158,11 @@ class StoreActor:
         self.hub = hub
         self.config = config or StoreConfig()
         self._send, self._receive = trio.open_memory_channel[_Request](self.config.queue_size)
-        self._cache: dict[str, Job] = {}  # committed state of every non-terminal job written
+        # Committed state of the running jobs (the ones written often): waiting, paused and
+        # finished jobs live in the database only, so 100,000 waiting cost no memory here.
+        self._cache: dict[str, Job] = {}
+        # Per user: jobs waiting (created), staged changes included; loaded on first use.
+        self._waiting: dict[str, int] = {}
         self._inflight: list[_Group] = []  # handed to the committer, oldest first
         self._generation = 0  # bumped by a failed commit: older groups are void
         # Why each void generation is void: None (a request-tied failure: its requests are
@@ -325,6 +335,7 @@ class StoreActor:
                 self._generation += 1
                 self._cache.clear()
                 self._user_heads.clear()
+                self._waiting.clear()
                 if not self._group:  # nothing applied on the void state yet
                     self._group.generation = self._generation
                 if isinstance(exc, StoreUnavailableError):
@@ -424,10 +435,10 @@ class StoreActor:
             if cached and cached.state is JobState.RUNNING and cached.attempt == attempt:
                 cache[job_id] = attrs.evolve(cached, last_heartbeat_at=at)
         for job in group.jobs.values():
-            if job.state in TERMINAL_STATES:
-                cache.pop(job.id, None)
-            else:
+            if job.state is JobState.RUNNING:
                 cache[job.id] = job
+            else:
+                cache.pop(job.id, None)
         for job_id in group.deleted:
             cache.pop(job_id, None)
         self.hub.publish(group.events)
@@ -510,11 +521,37 @@ class StoreActor:
         return job
 
     async def _change(self, job_id: str, fn: Callable[[Job, float], ops.Change]) -> Job:
-        old = await self._job(job_id)
+        return await self._apply(await self._job(job_id), fn)
+
+    async def _apply(self, old: Job, fn: Callable[[Job, float], ops.Change]) -> Job:
         job = await self._stage(fn(old, time.time()))
         if job.state is not old.state:
-            move(self._group.moves, old.state, job.state)
+            self._move(job.user_id, old.state, job.state)
         return job
+
+    def _move(self, user_id: str, old: JobState | None, new: JobState | None) -> None:
+        """Count a staged change of state (metrics, the user's waiting jobs)."""
+        move(self._group.moves, old, new)
+        waiting = self._waiting.get(user_id)
+        if waiting is not None:
+            waiting += (new is JobState.CREATED) - (old is JobState.CREATED)
+            self._waiting[user_id] = waiting
+
+    async def _waiting_of(self, user_id: str) -> int:
+        count = self._waiting.get(user_id)
+        if count is None:
+            # Committed count plus what is staged and in flight, which the count misses.
+            await self._drain()
+            stored = await self.backend.count_by_state(user_id)
+            count = self._waiting[user_id] = stored.get(JobState.CREATED.value, 0)
+        return count
+
+    async def _find_by_key(self, user_id: str, key: str, since: float) -> Job | None:
+        for group in (self._group, *reversed(self._inflight)):
+            for job in group.jobs.values():
+                if job.user_id == user_id and job.idempotency_key == key:
+                    return job
+        return await self.backend.find_by_key(user_id, key, since)
 
 
 class StoreClient:
@@ -572,23 +609,105 @@ class StoreClient:
     # Every value is validated here, in the caller's task, before it is queued: a value the
     # database cannot store never joins a commit group.
 
-    async def create(self, user_id: str, kind: str, input: Any) -> Job:
+    async def create(
+        self,
+        user_id: str,
+        kind: str,
+        input: Any,
+        options: CreateOptions | None = None,
+        *,
+        max_waiting: int | None = None,
+        idempotency_window: float = 86_400.0,
+    ) -> Job:
+        """Store a waiting job. ``options`` are checked, with the kind's defaults in. Raises
+        :class:`InvalidParentError` (no such job of this user), :class:`TooManyJobsError`
+        (``max_waiting`` of the user's jobs wait), :class:`IdempotencyConflictError`; with an
+        idempotency key already used for the same request within ``idempotency_window``
+        seconds, returns that job unchanged."""
         actor = self._actor
         # Built (and its values checked) in the caller's task, before it joins a group.
-        change = ops.create(new_id(), user_id, kind, input, time.time())
+        change = ops.create(new_id(), user_id, kind, input, time.time(), options)
+        new = change[0]
 
         async def fn() -> Job:
+            key = new.idempotency_key
+            if key is not None:
+                found = await actor._find_by_key(user_id, key, new.created_at - idempotency_window)
+                if found is not None:
+                    if _same_request(found, new):
+                        return found
+                    raise IdempotencyConflictError(key, found.id)
+            if new.parent_id is not None:
+                try:
+                    parent = await actor._job(new.parent_id)
+                except UnknownJobError:
+                    raise InvalidParentError(new.parent_id) from None
+                if parent.user_id != user_id:
+                    raise InvalidParentError(new.parent_id)
+            if max_waiting is not None and await actor._waiting_of(user_id) >= max_waiting:
+                raise TooManyJobsError(
+                    f"user {user_id!r} already has {max_waiting} jobs waiting"
+                    " (max_waiting_per_user)"
+                )
             job = await actor._stage(change)
-            move(actor._group.moves, None, job.state)
+            actor._move(user_id, None, job.state)
             return job
 
         return await self._call(fn)
+
+    async def claim(self, request: ClaimRequest) -> tuple[list[Job], float | None]:
+        """Claim the next waiting jobs (see :meth:`Backend.claim`) and start them: returns
+        them as stored, running with their new attempt, and the earliest later ``run_at``
+        (Unix seconds) among waiting jobs, None if none. A barrier: every earlier write is
+        committed first."""
+        actor = self._actor
+        owner, lease = request.owner, request.lease_expires_at
+
+        async def fn() -> tuple[list[Job], float | None]:
+            async with actor._commit_lock:
+                result = await actor.backend.claim(request)
+            started = [
+                await actor._apply(job, lambda job, now: ops.start(job, now, owner, lease))
+                for job in result.jobs
+            ]
+            return started, result.next_run_at
+
+        return await self._call(fn, BARRIER)
+
+    async def renew_leases(self, owner: str, lease_expires_at: float) -> int:
+        """Extend every claim of ``owner`` to ``lease_expires_at`` (Unix seconds)."""
+        actor = self._actor
+
+        async def fn() -> int:
+            async with actor._commit_lock:
+                return await actor.backend.renew_leases(owner, lease_expires_at)
+
+        return await self._call(fn, BARRIER)
+
+    async def queue_stats(self, now: float, user_id: str | None = None) -> QueueStats:
+        return await self._read(lambda: self._actor.backend.queue_stats(now, user_id), BARRIER)
+
+    async def retry(
+        self, job_id: str, attempt: int, error: JobError, decide: Callable[[Job], RetryDecision]
+    ) -> Job:
+        """Record a failed attempt: back to the queue, or failed for good, as ``decide`` (given
+        the job as stored) says. Fenced by ``attempt``."""
+        error = JobError(sanitize_text(str(error.type)), sanitize_text(str(error.message)))
+
+        def change(job: Job, now: float) -> ops.Change:
+            decision = decide(job)
+            if decision.retry:
+                return ops.retry(job, attempt, error, decision, now)
+            return ops.fail(job, attempt, error, now, None, decision.failed_attempts)
+
+        return await self._call(lambda: self._actor._change(job_id, change))
 
     async def get(self, job_id: str) -> Job:
         """The job as last committed (a failing write elsewhere does not affect it)."""
         return await self._read(lambda: self._actor._committed_job(job_id), READ)
 
     async def start(self, job_id: str) -> Job:
+        """Start a waiting job now, outside the queue's order (no claim: no owner)."""
         return await self._call(lambda: self._actor._change(job_id, ops.start))
 
     async def resume(self, job_id: str, actor: str | None) -> Job:
@@ -657,16 +776,22 @@ class StoreClient:
         )
 
     async def recover(
-        self, job_id: str, attempt: int | None, policy: RecoveryPolicy, cause: str
+        self,
+        job_id: str,
+        attempt: int | None,
+        policy: RecoveryPolicy,
+        cause: str,
+        requeue: Callable[[Job], bool] | None = None,
     ) -> Job:
-        """Apply the recovery rule to a running job, atomically with reading it."""
+        """Apply the recovery rule to a running job, atomically with reading it; ``requeue``
+        says whether the job's kind re-queues a stalled job with a checkpoint."""
         cause = sanitize_text(cause)
-        return await self._call(
-            lambda: self._actor._change(
-                job_id,
-                lambda job, now: ops.recover(job, attempt, policy.decide(job, cause), now),
-            )
-        )
+
+        def change(job: Job, now: float) -> ops.Change:
+            again = requeue is not None and requeue(job)
+            return ops.recover(job, attempt, policy.decide(job, cause, requeue=again), now)
+
+        return await self._call(lambda: self._actor._change(job_id, change))
 
     async def restart(
         self, job_id: str, actor: str | None, modifications: Mapping[str, Any] | None = None
@@ -695,7 +820,7 @@ class StoreClient:
         job = await self.get(job_id)
         if state is JobState.RUNNING:
             if job.state is JobState.PAUSED:
-                return await self.resume(job_id, actor)
+                await self.resume(job_id, actor)  # back to the queue, then started from it
             return await self.start(job_id)
         if state is JobState.PAUSED:
             return await self.pause(job_id, None, actor)
@@ -717,7 +842,7 @@ class StoreClient:
         async def fn() -> None:
             job, event = ops.delete(await store._job(job_id), time.time(), actor)
             await store._stage((job, event))
-            move(store._group.moves, job.state, None)
+            store._move(job.user_id, job.state, None)
             del store._group.jobs[job_id]
             store._group.deleted.add(job_id)
 
@@ -745,11 +870,20 @@ class StoreClient:
     async def find_resumable(self, user_id: str | None = None) -> list[Job]:
         return await self.list_jobs(JobQuery(user_id=user_id, states=frozenset({JobState.PAUSED})))
 
-    async def get_stats(self, user_id: str | None = None) -> dict[str, int]:
-        counts = await self._read(lambda: self._actor.backend.count_by_state(user_id), BARRIER)
-        stats = {state.value: counts.get(state.value, 0) for state in JobState}
-        stats["total"] = sum(counts.values())
-        return stats
+    async def get_stats(self, user_id: str | None = None) -> dict[str, Any]:
+        """``{state: count}`` for every state, ``"total"``, and ``"waiting_by_kind"``:
+        ``{kind: jobs waiting}`` (kinds with none left out)."""
+        actor = self._actor
+
+        async def fn() -> dict[str, Any]:
+            counts = await actor.backend.count_by_state(user_id)
+            queue = await actor.backend.queue_stats(time.time(), user_id)
+            stats: dict[str, Any] = {state.value: counts.get(state.value, 0) for state in JobState}
+            stats["total"] = sum(counts.values())
+            stats["waiting_by_kind"] = dict(queue.waiting_by_kind)
+            return stats
+
+        return await self._read(fn, BARRIER)
 
     async def prune(
         self, policy: RetentionPolicy, now: float, limit: int, *, dry_run: bool = False
@@ -809,3 +943,21 @@ class StoreClient:
         return await self._read(
             lambda: self._actor.backend.read_events(job_id, after_seq, limit, types), BARRIER
         )
+
+
+def _same_request(first: Job, again: Job) -> bool:
+    """Whether a create repeats the request that made ``first`` (its kind, input and options;
+    a delay is relative to each call, so ``run_at`` is not compared)."""
+    return (
+        first.kind == again.kind
+        and _canonical(first.input) == _canonical(again.input)
+        and first.priority == again.priority
+        and first.max_attempts == again.max_attempts
+        and first.timeout == again.timeout
+        and first.tags == again.tags
+        and first.parent_id == again.parent_id
+    )
+
+
+def _canonical(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)

@@ -18,6 +18,7 @@ import trio
 from ._errors import JobspineError, StoreError, UnknownKindError
 from ._job import Job
 from ._joblog import job_fields
+from ._options import KindOptions, options_of
 from ._policy import RecoveryPolicy, StallDetector
 from ._states import JobState
 from ._store import StoreClient
@@ -53,9 +54,12 @@ class Supervisor:
         store: StoreClient,
         handlers: Mapping[str, Handler],
         config: SupervisorConfig | None = None,
+        kinds: Mapping[str, KindOptions] | None = None,
     ) -> None:
         self.store = store
         self.handlers = handlers
+        # Options given per kind (register, RuntimeConfig.kinds); else the handler's own.
+        self._kinds: dict[str, KindOptions] = dict(kinds or {})
         self.config = config or SupervisorConfig()
         self.policy = RecoveryPolicy(self.config.max_recovery_attempts)
         self.detector = StallDetector()
@@ -140,6 +144,16 @@ class Supervisor:
             return self.handlers[kind]
         except KeyError:
             raise UnknownKindError(kind, list(self.handlers)) from None
+
+    def set_kind_options(self, kind: str, options: KindOptions | None) -> None:
+        if options is not None:
+            self._kinds[kind] = options
+
+    def options_for(self, kind: str) -> KindOptions:
+        """The kind's options: given (register, config), else its handler's
+        :func:`kind_options`, else the defaults. Raises :class:`UnknownKindError`."""
+        handler = self.handler_for(kind)
+        return self._kinds.get(kind) or options_of(handler)
 
     def check_input(self, kind: str, input: Any) -> None:
         """Refuse ``input`` for ``kind`` before it is stored: :class:`UnknownKindError`, or

@@ -27,24 +27,24 @@ def test_documented_defaults() -> None:
     assert (server.max_inflight, server.max_subscriptions) == (16, 256)
     assert server.max_connections_per_user == 32
     runtime = RuntimeConfig()
-    assert runtime.max_running_per_user == 1000 and runtime.checkpoint_limit == 1024 * 1024
+    assert runtime.max_running == 1000 and runtime.max_running_per_user is None
+    assert runtime.max_waiting_per_user == 100_000 and runtime.checkpoint_limit == 1024 * 1024
 
 
-async def test_running_jobs_per_user() -> None:
-    async with memory_runtime({"forever": forever}, max_running_per_user=2, stop_grace=0.1) as rt:
-        first = await rt.create_job("forever", "alice", None)
-        await rt.create_job("forever", "alice", None)
+async def test_waiting_jobs_per_user() -> None:
+    """too_many_jobs guards the user's waiting quota: nothing is stored, others unaffected."""
+    async with memory_runtime({"forever": forever}, max_waiting_per_user=2, stop_grace=0.1) as rt:
+        first = await rt.create_job("forever", "alice", None, delay=60)
+        await rt.create_job("forever", "alice", None, delay=60)
         before = await rt.get_stats()
-        with pytest.raises(TooManyJobsError, match="already has 2 jobs running"):
-            await rt.create_job("forever", "alice", None)
+        with pytest.raises(TooManyJobsError, match="already has 2 jobs waiting"):
+            await rt.create_job("forever", "alice", None, delay=60)
         assert await rt.get_stats() == before  # nothing was created
-        await rt.create_job("forever", "bob", None)  # other users are not affected
-        await rt.pause(first.id)
-        third = await rt.create_job("forever", "alice", None)
+        await rt.create_job("forever", "bob", None, delay=60)  # other users are not affected
+        await rt.cancel(first.id)  # a place frees up
+        await rt.create_job("forever", "alice", None, delay=60)
         with pytest.raises(TooManyJobsError):
-            await rt.resume(first.id)
-        await rt.cancel(third.id)
-        assert (await rt.resume(first.id)).attempt == 2
+            await rt.create_job("forever", "alice", None, delay=60)
 
 
 async def test_connections_per_user(tmp_path: Path) -> None:

@@ -181,7 +181,7 @@ async def test_repository_bad_input(jobspine_runtime: Runtime) -> None:
     done = await wait_for_state(rt, job.id)
     with pytest.raises(IllegalTransitionError, match="completed -> paused"):
         await rt.pause(job.id)
-    with pytest.raises(IllegalTransitionError, match="completed -> running"):
+    with pytest.raises(IllegalTransitionError, match="completed -> created"):
         await rt.resume(job.id)
     with pytest.raises(IllegalTransitionError, match="completed -> created"):
         await rt.restart(job.id)

@@ -279,7 +279,11 @@ async def test_open_runtime_cancelled_while_it_opens_leaves_no_thread(
             while _sqlite_threads():  # noqa: ASYNC110 - a closed connection's thread ends just after close
                 await trio.sleep(0.01)
     async with open_runtime(db, handlers={}, config=config) as rt:
-        assert await rt.get_stats() == {**{s.value: 0 for s in JobState}, "total": 0}
+        assert await rt.get_stats() == {
+            **{s.value: 0 for s in JobState},
+            "total": 0,
+            "waiting_by_kind": {},
+        }
     assert crashed == []
 
 

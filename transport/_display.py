@@ -157,8 +157,12 @@ def change_line(event: JobEvent, job_id: str) -> str | None:
             reason = data.get("reason", "")
             # The command on a line of its own: a long reason must not wrap it mid-id.
             return f"paused ({reason})\n  resume with: jobspine resume {job_id}"
-        case "started" | "resumed":
-            return f"{event.type.value} (attempt {data.get('attempt', '-')})"
+        case "started":
+            # A claim that resumes from a checkpoint (after a resume, retry or re-queue).
+            verb = "started" if data.get("resumed_from_checkpoint") is None else "resumed"
+            return f"{verb} (attempt {data.get('attempt', '-')})"
+        case "resumed":
+            return "resumed (waiting for a worker)"
         case "restarted" | "created" | "cancelled" | "deleted":
             return event.type.value
     return None

@@ -1,0 +1,111 @@
+"""The SQLite claim: a walk over the partial index of waiting jobs, run in the connection's
+thread (synchronous sqlite3 calls), planned by :class:`ClaimPlanner`.
+
+The index ``jobs_waiting (priority, user_id, kind, ready_at, id) WHERE state = 'created'``
+is walked as a loose index scan: one seek per priority level, one per (user, kind) group in
+it, and for each open group only as many of its oldest ready jobs as the plan takes. The cost
+is O(groups x log n + claimed), not O(waiting jobs).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+from ._backend import ClaimRequest
+from ._scheduling import Candidate, GroupKey
+
+__all__ = ["claim_sync"]
+
+#: Candidates read per group per seek.
+_BATCH = 64
+
+
+class _Group:
+    """A cursor over one group's ready jobs, oldest first, read ``_BATCH`` at a time."""
+
+    __slots__ = ("buffer", "db", "exhausted", "key", "now")
+
+    def __init__(self, db: sqlite3.Connection, key: GroupKey, now: float) -> None:
+        self.db = db
+        self.key = key
+        self.now = now
+        self.buffer: list[Candidate] = []
+        self.exhausted = False
+
+    def fill(self, after: Candidate | None) -> None:
+        priority, user_id, kind = self.key
+        ready, last = (-1e300, "") if after is None else (after.ready_at, after.id)
+        rows = self.db.execute(
+            "SELECT id, ready_at FROM jobs WHERE state = 'created'"
+            " AND priority = ? AND user_id = ? AND kind = ? AND ready_at <= ?"
+            " AND (ready_at, id) > (?, ?)"
+            " AND (owner IS NULL OR lease_expires_at < ?)"
+            " ORDER BY ready_at, id LIMIT ?",
+            (priority, user_id, kind, self.now, ready, last, self.now, _BATCH),
+        ).fetchall()
+        self.buffer = [Candidate(job_id, priority, user_id, kind, at) for job_id, at in rows]
+        self.exhausted = len(rows) < _BATCH
+
+    def after(self, candidate: Candidate) -> Candidate | None:
+        i = self.buffer.index(candidate) + 1
+        if i < len(self.buffer):
+            return self.buffer[i]
+        if self.exhausted:
+            return None
+        self.fill(candidate)
+        return self.buffer[0] if self.buffer else None
+
+
+def _next_in(groups: dict[GroupKey, _Group]) -> Callable[[Candidate], Candidate | None]:
+    return lambda candidate: groups[candidate.group].after(candidate)
+
+
+def claim_sync(db: sqlite3.Connection, request: ClaimRequest) -> tuple[list[str], float | None]:
+    """Pick and mark (``owner``, ``lease_expires_at``) in one transaction; returns the ids
+    claimed, in order, and the earliest future ``ready_at`` among waiting jobs."""
+    now = request.now
+    planner = request.planner()
+    picked: list[Candidate] = []
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        row = db.execute("SELECT max(priority) FROM jobs WHERE state = 'created'").fetchone()
+        priority = row[0]
+        while priority is not None and planner.slots():
+            groups: dict[GroupKey, _Group] = {}
+            user_id, kind = "", ""
+            while True:
+                found = db.execute(
+                    "SELECT user_id, kind FROM jobs WHERE state = 'created' AND priority = ?"
+                    " AND (user_id, kind) > (?, ?) ORDER BY user_id, kind LIMIT 1",
+                    (priority, user_id, kind),
+                ).fetchone()
+                if found is None:
+                    break
+                user_id, kind = found
+                key = (priority, user_id, kind)
+                if planner.group_open(key):
+                    group = _Group(db, key, now)
+                    group.fill(None)
+                    if group.buffer:
+                        groups[key] = group
+            heads = {key: group.buffer[0] for key, group in groups.items()}
+            picked += planner.plan_priority(heads, _next_in(groups))
+            row = db.execute(
+                "SELECT max(priority) FROM jobs WHERE state = 'created' AND priority < ?",
+                (priority,),
+            ).fetchone()
+            priority = row[0]
+        ids = [candidate.id for candidate in picked]
+        db.executemany(
+            "UPDATE jobs SET owner = ?, lease_expires_at = ? WHERE id = ?",
+            [(request.owner, request.lease_expires_at, job_id) for job_id in ids],
+        )
+        later = db.execute(
+            "SELECT min(ready_at) FROM jobs WHERE state = 'created' AND ready_at > ?", (now,)
+        ).fetchone()[0]
+        db.commit()
+    except Exception:
+        db.rollback()
+        raise
+    return ids, later
