@@ -1,0 +1,185 @@
+"""The PostgreSQL claim: pick and mark waiting jobs in one transaction, run in the backend's
+worker thread (psycopg sync calls), planned by the same :class:`ClaimPlanner` as the other
+backends.
+
+**The walk.** The partial index ``jobs_waiting (priority, user_id, kind, ready_at, id)
+WHERE state = 'created'`` is read as a loose index scan: one recursive statement lists the
+(priority, user, kind) groups with waiting jobs (one index seek per group); then, priority by
+priority from the highest, one statement takes the oldest ready, unclaimed jobs of every
+group the planner still has room for (a window of at most ``min(64, free slots)`` per group)
+``FOR UPDATE SKIP LOCKED``; the planner picks among them, and a group whose window it uses up
+is read further from where it stopped. The picks are marked (``owner``,
+``lease_expires_at``) by one ``UPDATE ... RETURNING``, and the transaction commits. The cost
+is O(groups + claimed), not O(waiting jobs): with 100,000 waiting jobs (10 users, 2 kinds,
+3 priorities, 60 groups), a claim of 100 took 4.3 ms and a claim of 1 1.9 ms on this 2-core
+machine, as with 100 waiting (``bench/pg_claim.py``).
+
+**Two claimers never take the same job.** A window's rows are locked as they are read; a
+claimer skips rows another one has locked (SKIP LOCKED: it never waits, so claims never
+deadlock), and a row another claimer marked and committed after this statement's snapshot is
+re-read by PostgreSQL and re-checked against ``owner IS NULL OR lease_expires_at < now`` (READ
+COMMITTED's re-check of a locked row), so it fails the check. Rows locked but not picked are
+let go at the commit, a few milliseconds later. Under contention a claimer may take younger
+jobs while another holds the older ones: the order is exact per claim, not across claimers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+
+from ._backend import ClaimRequest
+from ._scheduling import Candidate, ClaimPlanner, GroupKey
+
+__all__ = ["claim_sync"]
+
+#: Most candidates read per group per statement.
+_WINDOW = 64
+
+#: Every (priority, user, kind) group with waiting jobs, ascending: one index seek each.
+GROUPS_SQL = """
+WITH RECURSIVE g AS (
+    (SELECT priority, user_id, kind FROM jobs WHERE state = 'created'
+     ORDER BY priority, user_id, kind LIMIT 1)
+    UNION ALL
+    SELECT n.priority, n.user_id, n.kind FROM g CROSS JOIN LATERAL (
+        SELECT priority, user_id, kind FROM jobs WHERE state = 'created'
+        AND (priority, user_id, kind) > (g.priority, g.user_id, g.kind)
+        ORDER BY priority, user_id, kind LIMIT 1
+    ) n
+)
+SELECT priority, user_id, kind FROM g
+"""
+
+#: For each group of one priority (parallel arrays: user, kind, and the (ready_at, id) to read
+#: after), its oldest ready jobs no live claim holds, locked; rows another claimer holds are
+#: skipped.
+WINDOW_SQL = """
+SELECT w.id, w.user_id, w.kind, w.ready_at
+FROM unnest(%(users)s::text[], %(kinds)s::text[], %(after_at)s::float8[], %(after_id)s::text[])
+    AS g(user_id, kind, after_at, after_id)
+CROSS JOIN LATERAL (
+    SELECT id, user_id, kind, ready_at FROM jobs
+    WHERE state = 'created' AND priority = %(priority)s
+    AND user_id = g.user_id COLLATE "C" AND kind = g.kind COLLATE "C"
+    AND (ready_at, id) > (g.after_at, g.after_id COLLATE "C") AND ready_at <= %(now)s
+    AND (owner IS NULL OR lease_expires_at < %(now)s)
+    ORDER BY ready_at, id
+    LIMIT %(window)s
+    FOR UPDATE SKIP LOCKED
+) w
+"""
+
+MARK_SQL = (
+    "UPDATE jobs SET owner = %s, lease_expires_at = %s WHERE id = ANY(%s)"
+    " RETURNING id, record, last_heartbeat_at, owner, lease_expires_at"
+)
+
+NEXT_RUN_SQL = "SELECT min(ready_at) FROM jobs WHERE state = 'created' AND ready_at > %s"
+
+Row = tuple[Any, ...]
+
+
+class _Windows:
+    """The candidates read so far of one priority's groups, each oldest first; a group whose
+    window was full is read further when the planner gets to its end."""
+
+    def __init__(self, conn: psycopg.Connection[Any], priority: int, now: float, size: int):
+        self.conn = conn
+        self.priority = priority
+        self.now = now
+        self.size = size
+        self.buffers: dict[GroupKey, list[Candidate]] = {}
+        self.full: set[GroupKey] = set()
+
+    def read(self, after: list[tuple[str, str, float, str]]) -> None:
+        rows = self.conn.execute(
+            WINDOW_SQL,
+            {
+                "users": [user for user, _, _, _ in after],
+                "kinds": [kind for _, kind, _, _ in after],
+                "after_at": [at for _, _, at, _ in after],
+                "after_id": [job_id for _, _, _, job_id in after],
+                "priority": self.priority,
+                "now": self.now,
+                "window": self.size,
+            },
+        ).fetchall()
+        read: dict[GroupKey, list[Candidate]] = {}
+        for job_id, user_id, kind, at in rows:
+            candidate = Candidate(job_id, self.priority, user_id, kind, at)
+            read.setdefault(candidate.group, []).append(candidate)
+        for key, members in read.items():
+            members.sort(key=lambda c: (c.ready_at, c.id))
+            self.buffers[key] = members
+            if len(members) >= self.size:
+                self.full.add(key)
+            else:
+                self.full.discard(key)
+
+    def heads(self) -> dict[GroupKey, Candidate]:
+        return {key: members[0] for key, members in self.buffers.items() if members}
+
+    def after(self, candidate: Candidate) -> Candidate | None:
+        key = candidate.group
+        members = self.buffers[key]
+        i = members.index(candidate) + 1
+        if i < len(members):
+            return members[i]
+        if key not in self.full:
+            return None
+        del self.buffers[key]
+        self.read([(key[1], key[2], candidate.ready_at, candidate.id)])
+        found = self.buffers.get(key)
+        return found[0] if found else None
+
+
+def _plan_priority(
+    conn: psycopg.Connection[Any],
+    planner: ClaimPlanner,
+    priority: int,
+    groups: list[tuple[str, str]],
+    now: float,
+) -> list[Candidate]:
+    windows = _Windows(conn, priority, now, min(_WINDOW, planner.slots()))
+    windows.read(
+        [
+            (user_id, kind, float("-inf"), "")
+            for user_id, kind in groups
+            if planner.group_open((priority, user_id, kind))
+        ]
+    )
+    next_of: Callable[[Candidate], Candidate | None] = windows.after
+    return planner.plan_priority(windows.heads(), next_of)
+
+
+def claim_sync(
+    conn: psycopg.Connection[Any], request: ClaimRequest
+) -> tuple[list[Row], float | None]:
+    """Pick and mark in one transaction on ``conn`` (autocommit mode); returns the claimed
+    rows ``(id, record, last_heartbeat_at, owner, lease_expires_at)`` in claim order and the
+    earliest future ``ready_at`` among waiting jobs (Unix seconds), None if none."""
+    now = request.now
+    planner = request.planner()
+    picked: list[Candidate] = []
+    with conn.transaction():
+        by_priority: dict[int, list[tuple[str, str]]] = {}
+        if planner.slots():
+            for priority, user_id, kind in conn.execute(GROUPS_SQL).fetchall():
+                by_priority.setdefault(priority, []).append((user_id, kind))
+        for priority in sorted(by_priority, reverse=True):
+            if not planner.slots():
+                break
+            picked += _plan_priority(conn, planner, priority, by_priority[priority], now)
+        marked: dict[str, Row] = {}
+        if picked:
+            ids = [candidate.id for candidate in picked]
+            for row in conn.execute(
+                MARK_SQL, (request.owner, request.lease_expires_at, ids)
+            ).fetchall():
+                marked[row[0]] = row[1:]
+        found = conn.execute(NEXT_RUN_SQL, (now,)).fetchone()
+    later = None if found is None or found[0] is None else float(found[0])
+    return [marked[candidate.id] for candidate in picked], later
