@@ -54,8 +54,8 @@ SELECT priority, user_id, kind FROM g
 """
 
 #: For each group of one priority (parallel arrays: user, kind, and the (ready_at, id) to read
-#: after), its oldest ready jobs no live claim holds, locked; rows another claimer holds are
-#: skipped.
+#: after), its oldest ready jobs no other owner's live claim holds, locked; rows another
+#: claimer has locked are skipped.
 WINDOW_SQL = """
 SELECT w.id, w.user_id, w.kind, w.ready_at
 FROM unnest(%(users)s::text[], %(kinds)s::text[], %(after_at)s::float8[], %(after_id)s::text[])
@@ -65,7 +65,7 @@ CROSS JOIN LATERAL (
     WHERE state = 'created' AND priority = %(priority)s
     AND user_id = g.user_id COLLATE "C" AND kind = g.kind COLLATE "C"
     AND (ready_at, id) > (g.after_at, g.after_id COLLATE "C") AND ready_at <= %(now)s
-    AND (owner IS NULL OR lease_expires_at < %(now)s)
+    AND (owner IS NULL OR owner = %(owner)s OR lease_expires_at < %(now)s)
     ORDER BY ready_at, id
     LIMIT %(window)s
     FOR UPDATE SKIP LOCKED
@@ -86,10 +86,13 @@ class _Windows:
     """The candidates read so far of one priority's groups, each oldest first; a group whose
     window was full is read further when the planner gets to its end."""
 
-    def __init__(self, conn: psycopg.Connection[Any], priority: int, now: float, size: int):
+    def __init__(
+        self, conn: psycopg.Connection[Any], request: ClaimRequest, priority: int, size: int
+    ):
         self.conn = conn
         self.priority = priority
-        self.now = now
+        self.now = request.now
+        self.owner = request.owner
         self.size = size
         self.buffers: dict[GroupKey, list[Candidate]] = {}
         self.full: set[GroupKey] = set()
@@ -104,6 +107,7 @@ class _Windows:
                 "after_id": [job_id for _, _, _, job_id in after],
                 "priority": self.priority,
                 "now": self.now,
+                "owner": self.owner,
                 "window": self.size,
             },
         ).fetchall()
@@ -141,9 +145,9 @@ def _plan_priority(
     planner: ClaimPlanner,
     priority: int,
     groups: list[tuple[str, str]],
-    now: float,
+    request: ClaimRequest,
 ) -> list[Candidate]:
-    windows = _Windows(conn, priority, now, min(_WINDOW, planner.slots()))
+    windows = _Windows(conn, request, priority, min(_WINDOW, planner.slots()))
     windows.read(
         [
             (user_id, kind, float("-inf"), "")
@@ -172,7 +176,7 @@ def claim_sync(
         for priority in sorted(by_priority, reverse=True):
             if not planner.slots():
                 break
-            picked += _plan_priority(conn, planner, priority, by_priority[priority], now)
+            picked += _plan_priority(conn, planner, priority, by_priority[priority], request)
         marked: dict[str, Row] = {}
         if picked:
             ids = [candidate.id for candidate in picked]
