@@ -196,12 +196,13 @@ async def test_a_v2_database_of_the_release_before_the_queue_migrates_in_place(
     the job that waited is in the queue (claimable, counted) under the new indexes."""
     ids: dict[str, str] = json.loads((DATA / "v2_postgres.ids.json").read_text())
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute((DATA / "v2_postgres.sql").read_text())  # type: ignore[arg-type]
-        before_jobs = dict(conn.execute("SELECT id, state FROM jobs").fetchall())
+        conn.execute((DATA / "v2_postgres.sql").read_text())
+        before_jobs: dict[str, str] = dict(conn.execute("SELECT id, state FROM jobs").fetchall())
         before_events = conn.execute(
             "SELECT job_id, seq, user_seq, record FROM events ORDER BY job_id, seq"
         ).fetchall()
-        epoch = dict(conn.execute("SELECT key, value FROM meta").fetchall())["epoch"]
+        meta: dict[str, str] = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        epoch = meta["epoch"]
     assert {before_jobs[job_id] for job_id in ids.values()} == {
         "completed",
         "failed",

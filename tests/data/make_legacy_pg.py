@@ -19,7 +19,7 @@ import subprocess
 import sys
 
 import trio
-from make_legacy_db import HANDLERS
+from make_legacy_db import HANDLERS  # type: ignore[import-not-found]  # run from tests/data
 
 from actors import RuntimeConfig, open_runtime
 
