@@ -6,6 +6,7 @@ release before the queue."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -221,10 +222,11 @@ async def test_a_v2_database_of_the_release_before_the_queue_migrates_in_place(
             assert (found.owner, found.lease_expires_at) == (None, None)
             events = await backend.read_events(job_id, 0, 1000)
             assert [e.seq for e in events] == list(range(1, found.seq + 1))
-        stats = await backend.queue_stats(NOW * 10)
+        now = time.time()
+        stats = await backend.queue_stats(now)
         assert (stats.waiting, stats.ready, stats.running) == (1, 1, 1)
         assert stats.waiting_by_user == {"carol": 1}
-        result = await backend.claim(ClaimRequest("n1", NOW * 10, NOW * 10 + 5, ClaimLimits(10)))
+        result = await backend.claim(ClaimRequest("n1", now, now + 5, ClaimLimits(10)))
         assert [j.id for j in result.jobs] == [ids["created"]]
     with psycopg.connect(pg_url, autocommit=True) as conn:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
