@@ -35,8 +35,12 @@ from ._scheduling import Candidate, ClaimPlanner, GroupKey
 
 __all__ = ["claim_sync"]
 
-#: Most candidates read per group per statement.
+#: Most candidates read (and locked) per group per statement; at first each open group gets
+#: twice its fair part of the free slots, at least ``_MIN_WINDOW``: every row read is locked
+#: (a cost, and kept from other claimers until the commit), and a group the planner uses up
+#: is read further anyway.
 _WINDOW = 64
+_MIN_WINDOW = 8
 
 #: Every (priority, user, kind) group with waiting jobs, ascending: one index seek each.
 GROUPS_SQL = """
@@ -55,7 +59,9 @@ SELECT priority, user_id, kind FROM g
 
 #: For each group of one priority (parallel arrays: user, kind, and the (ready_at, id) to read
 #: after), its oldest ready jobs no other owner's live claim holds, locked; rows another
-#: claimer has locked are skipped.
+#: claimer has locked are skipped. "After" is spelled out, not a row comparison
+#: ``(ready_at, id) > (...)``: with one, under ``FOR UPDATE``, PostgreSQL 15 chose the index
+#: on ``ready_at`` alone and filtered every waiting job (170 ms at 100,000 instead of 0.3).
 WINDOW_SQL = """
 SELECT w.id, w.user_id, w.kind, w.ready_at
 FROM unnest(%(users)s::text[], %(kinds)s::text[], %(after_at)s::float8[], %(after_id)s::text[])
@@ -64,7 +70,8 @@ CROSS JOIN LATERAL (
     SELECT id, user_id, kind, ready_at FROM jobs
     WHERE state = 'created' AND priority = %(priority)s
     AND user_id = g.user_id COLLATE "C" AND kind = g.kind COLLATE "C"
-    AND (ready_at, id) > (g.after_at, g.after_id COLLATE "C") AND ready_at <= %(now)s
+    AND ready_at >= g.after_at AND (ready_at > g.after_at OR id > g.after_id COLLATE "C")
+    AND ready_at <= %(now)s
     AND (owner IS NULL OR owner = %(owner)s OR lease_expires_at < %(now)s)
     ORDER BY ready_at, id
     LIMIT %(window)s
@@ -147,14 +154,17 @@ def _plan_priority(
     groups: list[tuple[str, str]],
     request: ClaimRequest,
 ) -> list[Candidate]:
-    windows = _Windows(conn, request, priority, min(_WINDOW, planner.slots()))
-    windows.read(
-        [
-            (user_id, kind, float("-inf"), "")
-            for user_id, kind in groups
-            if planner.group_open((priority, user_id, kind))
-        ]
-    )
+    open_groups = [
+        (user_id, kind, float("-inf"), "")
+        for user_id, kind in groups
+        if planner.group_open((priority, user_id, kind))
+    ]
+    if not open_groups:
+        return []
+    slots = planner.slots()
+    fair = -(-2 * slots // len(open_groups))
+    windows = _Windows(conn, request, priority, min(_WINDOW, slots, max(_MIN_WINDOW, fair)))
+    windows.read(open_groups)
     next_of: Callable[[Candidate], Candidate | None] = windows.after
     return planner.plan_priority(windows.heads(), next_of)
 
