@@ -20,15 +20,23 @@ from actors import (
     Backend,
     ClaimLimits,
     ClaimRequest,
+    EventType,
     Job,
+    JobContext,
     JobQuery,
     JobState,
     MemoryBackend,
     PostgresBackend,
+    RetryPolicy,
+    RuntimeConfig,
     SqliteBackend,
+    kind_options,
+    open_runtime,
 )
 from actors._ops import create
 from actors._options import CreateOptions
+
+from .conftest import wait_for_state
 
 NOW = 1_000_000.0
 DATA = Path(__file__).parent / "data"
@@ -250,3 +258,58 @@ async def test_a_v2_database_of_the_release_before_the_queue_migrates_in_place(
         "jobs_leases",
         "jobs_claimed",
     } <= indexes
+
+
+async def test_the_queue_through_a_runtime_on_postgresql(pg_url: str) -> None:
+    """A runtime on PostgreSQL dispatches through the backend's claim: never more running
+    than its capacity, a higher priority first, a delayed job not before its run_at, a
+    failed attempt retried after its backoff; every start is claimed by the runtime's node."""
+    running = 0
+    most = 0
+    order: list[str] = []
+
+    async def work(ctx: JobContext, input: Any) -> Any:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        order.append(input["name"])
+        try:
+            await trio.sleep(0.1)
+        finally:
+            running -= 1
+        return input["name"]
+
+    @kind_options(max_attempts=2, retry=RetryPolicy(initial_interval=0.2, jitter=0.0))
+    async def flaky(ctx: JobContext, input: Any) -> Any:
+        if ctx.attempt == 1:
+            raise RuntimeError("first attempt fails")
+        return "second"
+
+    config = RuntimeConfig(node_id="pg-node", max_running=2)
+    async with open_runtime(pg_url, handlers={"work": work, "flaky": flaky}, config=config) as rt:
+        plain = [await rt.create_job("work", f"u{i % 3}", {"name": f"plain{i}"}) for i in range(8)]
+        urgent = await rt.create_job("work", "u9", {"name": "urgent"}, priority=10)
+        delayed = await rt.create_job("work", "u9", {"name": "delayed"}, delay=0.5)
+        retried = await rt.create_job("flaky", "u9", None)
+        created = time.time()
+        for job in [*plain, urgent, delayed, retried]:
+            done = await wait_for_state(rt, job.id)
+            assert done.state is JobState.COMPLETED, done
+        assert most <= 2 and len(order) == 10
+        starts = {
+            job.id: [e for e in await rt.read_events(job.id) if e.type is EventType.STARTED]
+            for job in [*plain, urgent, delayed, retried]
+        }
+        assert all(e.data["owner"] == "pg-node" for found in starts.values() for e in found)
+        # No plain job that was still waiting when the urgent one came started before it.
+        urgent_start = starts[urgent.id][0].at
+        assert all(
+            starts[job.id][0].at < urgent.created_at or starts[job.id][0].at >= urgent_start
+            for job in plain
+        )
+        assert urgent_start < max(starts[job.id][0].at for job in plain)  # it did wait ahead
+        assert starts[delayed.id][0].at >= created + 0.5 - 0.05
+        first, second = starts[retried.id]
+        assert second.at - first.at >= 0.2 and second.data["attempt"] == 2
+        stats = await rt.queue_stats()
+        assert (stats.waiting, stats.running) == (0, 0)
