@@ -20,6 +20,8 @@ advisory lock (``pg_try_advisory_lock``) for the runtime's life, on the very con
 statement goes through, and records itself (pid, host, start time) in the ``owners`` table
 for the message a refused process prints (:class:`DatabaseLockedError`, ``database_in_use``).
 The server drops the lock when the session ends in any way, SIGKILL of the owner included.
+Only a test may open a backend without the lock (``_shared``), to claim from one database
+with several backends at once.
 
 **Outages.** A connection the server dropped (restart, ``pg_terminate_backend``, network) is
 an outage (:func:`is_postgres_outage`): the store retries; the next call connects again and
@@ -27,6 +29,11 @@ takes the lock again before it runs anything. If another process owns the databa
 that call fails as an outage too and nothing is written; if another process owned it in
 between (the ``owners`` row is no longer this one's), this backend's caller may hold stale
 state, so it never writes again (every call fails as an outage saying so; restart it).
+
+**The queue** (schema v3, as SQLite's): the claim columns and a partial index over waiting
+jobs, walked group by group in one transaction with ``FOR UPDATE SKIP LOCKED``
+(:mod:`._postgres_queue`, which gives the SQL and the measured cost); lease renewal, queue
+counts, idempotency keys, children and tags (a ``text[]`` under a GIN index).
 
 **Sequences.** ``seq`` and ``user_seq`` come from the store actor, which as the only owner
 knows every head; the primary key ``(job_id, seq)`` and the unique ``(user_id, user_seq)``

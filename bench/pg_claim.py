@@ -7,8 +7,10 @@ For each size, a fresh database (created on the server of ``--url`` and dropped 
 is filled with waiting jobs of ``--users`` users (one of them 90% of the jobs), ``--kinds``
 kinds and ``--priorities`` priorities, then ``Backend.claim`` is timed for 1 and for 100 free
 slots (each claim marks its jobs; a commit puts them back, so every round sees the same
-queue). Also prints ``EXPLAIN ANALYZE`` of the window statement of the largest size (the
-highest priority's groups, 100 slots). Prints a table and a JSON line.
+queue). Also prints ``EXPLAIN ANALYZE`` of the groups statement and of the window statement
+of the largest size (the highest priority's groups, 100 slots). Prints a table and a JSON
+line. Figures (with the machine's load average) are in the docstring of
+``actors/_postgres_queue.py`` and in the README.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def explain(url: str, now: float) -> list[str]:
             "priority": top,
             "now": now,
             "owner": "bench",
-            "window": 64,
+            # As a claim of 100 slots sizes it: twice each group's fair part, 8..64.
+            "window": min(64, 100, max(8, -(-200 // len(mine)))),
         }
         with conn.transaction():
             rows = conn.execute(
