@@ -125,12 +125,15 @@ MIGRATIONS: list[list[str]] = [
     # v3, the queue (as SQLite's v3): what a claim orders and filters by, as columns
     # (ready_at: run_at, else created_at, set only while waiting); a partial index over waiting
     # jobs only, walked group by group (:mod:`._postgres_queue`), so a claim's cost does not
-    # grow with the number waiting; the claim's owner and lease, indexed for renewals and for
-    # finding a dead owner's running jobs; parents, idempotency keys and tags (an array under
-    # a GIN index) for their look-ups.
+    # grow with the number waiting; delayed jobs by run_at, for the next one due (an index the
+    # claim cannot use: on ready_at, PostgreSQL chose it for the claim's windows and filtered
+    # every waiting job); the claim's owner and lease, indexed for renewals and for finding a
+    # dead owner's running jobs; parents, idempotency keys and tags (an array under a GIN
+    # index) for their look-ups.
     [
         "ALTER TABLE jobs ADD COLUMN priority integer NOT NULL DEFAULT 0,"
         " ADD COLUMN created_at double precision, ADD COLUMN ready_at double precision,"
+        " ADD COLUMN run_at double precision,"
         ' ADD COLUMN parent_id text COLLATE "C", ADD COLUMN idempotency_key text COLLATE "C",'
         ' ADD COLUMN owner text COLLATE "C", ADD COLUMN lease_expires_at double precision,'
         " ADD COLUMN tags text[] NOT NULL DEFAULT '{}'",
@@ -140,7 +143,8 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE jobs ALTER COLUMN created_at SET NOT NULL",
         "CREATE INDEX jobs_waiting ON jobs (priority, user_id, kind, ready_at, id)"
         " WHERE state = 'created'",
-        "CREATE INDEX jobs_scheduled ON jobs (ready_at) WHERE state = 'created'",
+        "CREATE INDEX jobs_scheduled ON jobs (run_at) WHERE state = 'created'"
+        " AND run_at IS NOT NULL",
         "CREATE INDEX jobs_children ON jobs (parent_id, id) WHERE parent_id IS NOT NULL",
         "CREATE INDEX jobs_keys ON jobs (user_id, idempotency_key, created_at)"
         " WHERE idempotency_key IS NOT NULL",
@@ -157,13 +161,14 @@ _JOB_COLUMNS = "record, last_heartbeat_at, owner, lease_expires_at"
 # that carries the older expiry.
 _UPSERT_JOB = (
     "INSERT INTO jobs (id, user_id, kind, state, attempt, last_heartbeat_at, record, finished_at,"
-    " priority, created_at, ready_at, parent_id, idempotency_key, owner, lease_expires_at, tags)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    " priority, created_at, ready_at, run_at, parent_id, idempotency_key, owner,"
+    " lease_expires_at, tags)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
     " ON CONFLICT (id) DO UPDATE SET"
     " state = excluded.state, attempt = excluded.attempt,"
     " last_heartbeat_at = excluded.last_heartbeat_at, record = excluded.record,"
     " finished_at = excluded.finished_at, priority = excluded.priority,"
-    " ready_at = excluded.ready_at, tags = excluded.tags,"
+    " ready_at = excluded.ready_at, run_at = excluded.run_at, tags = excluded.tags,"
     " lease_expires_at = CASE WHEN excluded.owner IS NOT NULL AND excluded.owner = jobs.owner"
     " THEN greatest(excluded.lease_expires_at, jobs.lease_expires_at)"
     " ELSE excluded.lease_expires_at END,"
@@ -710,6 +715,7 @@ def commit_plan(
                 j.priority,
                 j.created_at,
                 ready_at(j.created_at, j.run_at) if j.state is JobState.CREATED else None,
+                j.run_at,
                 j.parent_id,
                 j.idempotency_key,
                 j.owner,

@@ -83,12 +83,24 @@ CROSS JOIN LATERAL (
 ) w
 """
 
+#: For the claim's transaction only. PostgreSQL estimates a few rows per group for the
+#: window's conditions on the lateral (user, kind, start), and then prefers to read a whole
+#: group (a bitmap scan, or the index on run_at) and sort it: a cost that grows with the
+#: number waiting. Without sorts and bitmap scans the only plan left is the ordered walk of
+#: jobs_waiting that stops at the window's end.
+PLAN_SQL = (
+    "SELECT set_config('enable_sort', 'off', true), set_config('enable_bitmapscan', 'off', true)"
+)
+
 MARK_SQL = (
     "UPDATE jobs SET owner = %s, lease_expires_at = %s WHERE id = ANY(%s)"
     " RETURNING id, record, last_heartbeat_at, owner, lease_expires_at"
 )
 
-NEXT_RUN_SQL = "SELECT min(ready_at) FROM jobs WHERE state = 'created' AND ready_at > %s"
+#: The earliest run_at to come among waiting jobs (their ready_at), through jobs_scheduled.
+NEXT_RUN_SQL = (
+    "SELECT min(run_at) FROM jobs WHERE state = 'created' AND run_at IS NOT NULL AND run_at > %s"
+)
 
 Row = tuple[Any, ...]
 
@@ -178,11 +190,12 @@ def claim_sync(
 ) -> tuple[list[Row], float | None]:
     """Pick and mark in one transaction on ``conn`` (autocommit mode); returns the claimed
     rows ``(id, record, last_heartbeat_at, owner, lease_expires_at)`` in claim order and the
-    earliest future ``ready_at`` among waiting jobs (Unix seconds), None if none."""
+    earliest future ``run_at`` among waiting jobs (Unix seconds), None if none."""
     now = request.now
     planner = request.planner()
     picked: list[Candidate] = []
     with conn.transaction():
+        conn.execute(PLAN_SQL)
         by_priority: dict[int, list[tuple[str, str]]] = {}
         if planner.slots():
             for priority, user_id, kind in conn.execute(GROUPS_SQL).fetchall():

@@ -30,7 +30,7 @@ from psycopg import sql
 from actors import ClaimLimits, ClaimRequest, PostgresBackend
 from actors._ops import create
 from actors._options import CreateOptions
-from actors._postgres_queue import GROUPS_SQL, WINDOW_SQL
+from actors._postgres_queue import GROUPS_SQL, PLAN_SQL, WINDOW_SQL
 
 
 def explain(url: str, now: float) -> list[str]:
@@ -50,6 +50,7 @@ def explain(url: str, now: float) -> list[str]:
             "window": min(64, 100, max(8, -(-200 // len(mine)))),
         }
         with conn.transaction():
+            conn.execute(PLAN_SQL)  # as the claim does
             rows = conn.execute(
                 sql.SQL("EXPLAIN (ANALYZE, COSTS OFF) ") + sql.SQL(WINDOW_SQL), params
             ).fetchall()

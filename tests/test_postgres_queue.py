@@ -35,6 +35,7 @@ from actors import (
 )
 from actors._ops import create
 from actors._options import CreateOptions
+from actors._postgres_queue import GROUPS_SQL, NEXT_RUN_SQL, PLAN_SQL, WINDOW_SQL
 
 from .conftest import wait_for_state
 
@@ -310,3 +311,62 @@ async def test_the_queue_through_a_runtime_on_postgresql(pg_url: str) -> None:
         assert second.at - first.at >= 0.2 and second.data["attempt"] == 2
         stats = await rt.queue_stats()
         assert (stats.waiting, stats.running) == (0, 0)
+
+
+def scans(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every node of an ``EXPLAIN (FORMAT JSON)`` plan that reads the jobs table or one of
+    its indexes."""
+    found = [plan] if plan.get("Relation Name") == "jobs" or "Index Name" in plan else []
+    for child in plan.get("Plans", []):
+        found += scans(child)
+    return found
+
+
+async def test_a_claim_reads_the_waiting_index_only_and_rows_it_can_take(pg_url: str) -> None:
+    """The claim's statements on 30,000 waiting jobs (planner statistics up to date): each
+    reads ``jobs`` through its partial index only, and the window statement examines no more
+    rows than it returns plus the few ahead of a window's start: the cost does not grow with
+    the number waiting. (Given an index on ``ready_at`` alone, or a window's start spelled as
+    a row comparison, PostgreSQL 15 scanned that index and filtered every waiting job.)"""
+    async with PostgresBackend(pg_url).opened():
+        pass
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO jobs (id, user_id, kind, state, attempt, record, priority, created_at,"
+            " ready_at, run_at) SELECT lpad(n::text, 8, '0'), 'u' || (n % 5), 'k' || (n % 2),"
+            " 'created', 0, '{}', (n % 3) * 10, n, n, CASE WHEN n % 100 = 0 THEN n END"
+            " FROM generate_series(1, 30000) AS n"
+        )
+        conn.execute("ANALYZE jobs")
+        now = 40_000.0
+        groups = conn.execute(GROUPS_SQL).fetchall()
+        assert len(groups) == 30  # 3 priorities x 5 users x 2 kinds
+        top = [(user, kind) for priority, user, kind in groups if priority == 20]
+        params: dict[str, Any] = {
+            "users": [user for user, _ in top],
+            "kinds": [kind for _, kind in top],
+            "after_at": [float("-inf"), *[15_000.0] * (len(top) - 1)],
+            "after_id": ["", *["00015000"] * (len(top) - 1)],
+            "priority": 20,
+            "now": now,
+            "owner": "me",
+            "window": 8,
+        }
+        plans = {}
+        with conn.transaction():
+            conn.execute(PLAN_SQL)  # as the claim does
+            for name, statement, args in [
+                ("groups", GROUPS_SQL, None),
+                ("window", WINDOW_SQL, params),
+                ("next run", NEXT_RUN_SQL, (now,)),
+            ]:
+                row = conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {statement}", args).fetchone()
+                assert row is not None
+                plans[name] = scans(row[0][0]["Plan"])
+    expected = {"groups": "jobs_waiting", "window": "jobs_waiting", "next run": "jobs_scheduled"}
+    for name, found in plans.items():
+        assert found and {node.get("Index Name") for node in found} == {expected[name]}, name
+        assert {node["Node Type"] for node in found} <= {"Index Scan", "Index Only Scan"}, name
+    (window,) = plans["window"]
+    assert window["Actual Rows"] * window["Actual Loops"] == 8 * len(top)
+    assert window.get("Rows Removed by Filter", 0) <= len(top)
