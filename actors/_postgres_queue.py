@@ -110,9 +110,15 @@ class _Windows:
     window was full is read further when the planner gets to its end."""
 
     def __init__(
-        self, conn: psycopg.Connection[Any], request: ClaimRequest, priority: int, size: int
+        self,
+        conn: psycopg.Connection[Any],
+        request: ClaimRequest,
+        planner: ClaimPlanner,
+        priority: int,
+        size: int,
     ):
         self.conn = conn
+        self.planner = planner
         self.priority = priority
         self.now = request.now
         self.owner = request.owner
@@ -155,8 +161,8 @@ class _Windows:
         i = members.index(candidate) + 1
         if i < len(members):
             return members[i]
-        if key not in self.full:
-            return None
+        if key not in self.full or not self.planner.slots() or not self.planner.group_open(key):
+            return None  # nothing more to read, or nothing more the plan could take from it
         del self.buffers[key]
         self.read([(key[1], key[2], candidate.ready_at, candidate.id)])
         found = self.buffers.get(key)
@@ -179,7 +185,8 @@ def _plan_priority(
         return []
     slots = planner.slots()
     fair = -(-2 * slots // len(open_groups))
-    windows = _Windows(conn, request, priority, min(_WINDOW, slots, max(_MIN_WINDOW, fair)))
+    size = min(_WINDOW, slots, max(_MIN_WINDOW, fair))
+    windows = _Windows(conn, request, planner, priority, size)
     windows.read(open_groups)
     next_of: Callable[[Candidate], Candidate | None] = windows.after
     return planner.plan_priority(windows.heads(), next_of)

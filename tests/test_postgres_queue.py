@@ -6,6 +6,7 @@ release before the queue."""
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -133,6 +134,41 @@ async def test_renewal_extends_only_the_owners_live_claims(backend: Backend) -> 
     await backend.commit([attrs.evolve(started, progress=50.0)], [], (), {})
     reloaded = await backend.load(started.id)
     assert reloaded is not None and reloaded.lease_expires_at == NOW + 50
+
+
+async def test_claims_take_what_the_memory_backend_takes(backend: Backend) -> None:
+    """The same queue in the memory backend (the reference: it plans over every waiting job
+    at once) and in this one, claimed in the same steps: the same jobs, in the same order,
+    through priorities, fair share, limits per user and kind, delayed jobs, other owners'
+    live claims, and groups that must give more than their first window."""
+    rng = random.Random(7)
+    jobs = [
+        job(
+            f"{i:05}",
+            "big" if i % 4 else f"u{rng.randrange(4)}",
+            rng.choice(["k0", "k0", "k1"]),
+            NOW - 1000 + rng.randrange(900),
+            priority=rng.choice([0, 0, 5, 9]),
+            run_at=NOW + 100 if i % 17 == 0 else None,
+        )
+        for i in range(400)
+    ]
+    reference = MemoryBackend()
+    for target in (reference, backend):
+        await target.commit(jobs, [], (), {})
+    steps = [
+        ("other", NOW, ClaimLimits(7)),
+        ("me", NOW, ClaimLimits(60, max_running_per_user=40)),
+        ("me", NOW, ClaimLimits(50, max_running_per_kind={"k1": 5})),
+        ("third", NOW + 100, ClaimLimits(500)),
+    ]
+    for owner, now, limits in steps:
+        request = ClaimRequest(owner, now, now + 50, limits, running=3, by_user={"u1": 2})
+        expected = await reference.claim(request)
+        found = await backend.claim(request)
+        assert [j.id for j in found.jobs] == [j.id for j in expected.jobs], owner
+        assert found.next_run_at == expected.next_run_at
+    assert len(found.jobs) > 100  # the last claim took what was left
 
 
 @pytest.mark.parametrize("start", [True, False], ids=["start", "mark-only"])
