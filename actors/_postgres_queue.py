@@ -35,7 +35,6 @@ jobs while another holds the older ones: the order is exact per claim, not acros
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -194,8 +193,7 @@ def _plan_priority(
     size = min(_WINDOW, slots, max(_MIN_WINDOW, fair))
     windows = _Windows(conn, request, planner, priority, size)
     windows.read(open_groups)
-    next_of: Callable[[Candidate], Candidate | None] = windows.after
-    return planner.plan_priority(windows.heads(), next_of)
+    return planner.plan_priority(windows.heads(), windows.after)
 
 
 def claim_sync(
