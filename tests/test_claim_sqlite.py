@@ -8,17 +8,29 @@ from pathlib import Path
 
 import pytest
 
-from actors import Backend, ClaimLimits, ClaimRequest, Job, MemoryBackend, SqliteBackend
+from actors import (
+    Backend,
+    ClaimLimits,
+    ClaimRequest,
+    Job,
+    MemoryBackend,
+    PostgresBackend,
+    SqliteBackend,
+)
 from actors._ops import create
 from actors._options import CreateOptions
 
 NOW = 1_000_000.0
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     found: Backend = (
-        MemoryBackend() if request.param == "memory" else SqliteBackend(tmp_path / "c.db")
+        MemoryBackend()
+        if request.param == "memory"
+        else PostgresBackend(request.getfixturevalue("pg_url"))
+        if request.param == "postgresql"
+        else SqliteBackend(tmp_path / "c.db")
     )
     async with found.opened():
         yield found
