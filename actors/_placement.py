@@ -6,8 +6,9 @@ one with a free slot; the handler a placement returns is run by an ordinary
 :class:`~actors._worker.Worker` under the supervisor, so stall detection, stop with grace,
 cancellation, recovery and events are the same wherever the code runs.
 
-This is the seam the queue's dispatcher claims through: it claims at most
-``Supervisor.capacity(kind)`` jobs of a kind and hands each to ``Supervisor.launch``.
+This is the seam the queue's dispatcher claims through: ``Supervisor.capacity(kind)`` (free
+slots over all placements) bounds its claim per kind, a kind with no free slot anywhere is not
+claimed (its jobs wait), and each claimed job goes to ``Supervisor.launch``.
 """
 
 from __future__ import annotations

@@ -201,8 +201,9 @@ async def create_jobs(
                         results[index] = await client.create(kind, input)
                         break
                     except ClientError as exc:
-                        # Worker processes still connecting: their kinds are not served yet.
-                        if exc.code not in ("unknown_kind", "no_worker_available"):
+                        # Worker processes still connecting to a server that has no handler
+                        # for the kind: it is not known yet (jobs of a known kind just wait).
+                        if exc.code != "unknown_kind":
                             raise
                         await trio.sleep(0.1)
         finally:
