@@ -152,7 +152,7 @@ class Dispatcher:
             # An end wakes the dispatcher, and its claim learns the next run_at again.
             self._next_run_at = None
             return
-        kinds, limits = self.placeable(by_kind)
+        kinds, limits = self.placeable(running, by_kind)
         if not kinds:
             # Nothing can run now; a worker that connects or a slot that frees wakes us.
             self._next_run_at = None
@@ -169,12 +169,16 @@ class Dispatcher:
         with trio.CancelScope(shield=True):
             await self._claim_and_launch(request)
 
-    def placeable(self, by_kind: Mapping[str, int]) -> tuple[frozenset[str], ClaimLimits]:
+    def placeable(
+        self, running: int, by_kind: Mapping[str, int]
+    ) -> tuple[frozenset[str], ClaimLimits]:
         """The kinds a claim may take now and the limits it runs under: a kind is claimable
         when a placement has a free slot for it (a connected worker serving it, or its handler
         in this process); a kind served by workers only is limited per kind to what it runs
         plus their free slots (``by_kind``: running now per kind), within the configured
-        ``max_running_per_kind``. Kinds not claimable wait in the queue."""
+        ``max_running_per_kind``. Kinds not claimable wait in the queue. With no handler in
+        this process, the total is bounded by the workers' free slots too (``running`` plus
+        them): a worker serving several kinds offers each slot to every one of them."""
         supervisor = self.supervisor
         per_kind = dict(self.limits.max_running_per_kind)
         kinds = set()
@@ -186,7 +190,12 @@ class Dispatcher:
             if free < sys.maxsize:  # bounded: worker slots only
                 bound = by_kind.get(kind, 0) + free
                 per_kind[kind] = min(per_kind.get(kind, bound), bound)
-        return frozenset(kinds), attrs.evolve(self.limits, max_running_per_kind=per_kind)
+        free = supervisor.free_slots()
+        total = self.limits.max_running
+        if free < sys.maxsize:
+            total = min(total, running + free)
+        limits = attrs.evolve(self.limits, max_running=total, max_running_per_kind=per_kind)
+        return frozenset(kinds), limits
 
     async def _claim_and_launch(self, request: ClaimRequest) -> None:
         try:

@@ -40,6 +40,11 @@ class Placement(Protocol):
         """Free slots for ``kind`` now (0 when it does not serve it)."""
         ...
 
+    def free(self) -> int:
+        """Free slots now over every kind, each slot counted once (a slot may serve several
+        kinds, so this can be less than the sum of :meth:`capacity` over the kinds)."""
+        ...
+
     def place(self, job: Job) -> Handler:
         """Take one slot for the attempt ``job`` (state running, its attempt set): the
         returned handler runs it and frees the slot when it returns. Called only when
@@ -68,6 +73,9 @@ class InProcessPlacement:
 
     def capacity(self, kind: str) -> int:
         return sys.maxsize if self.serves(kind) else 0
+
+    def free(self) -> int:
+        return sys.maxsize if self.enabled and self.handlers else 0
 
     def place(self, job: Job) -> Handler:
         return self.handlers[job.kind]

@@ -203,6 +203,9 @@ class RemotePlacement:
     def capacity(self, kind: str) -> int:
         return sum(w.free for w in self.workers if kind in w.kinds)
 
+    def free(self) -> int:
+        return sum(w.free for w in self.workers)
+
     def place(self, job: Job) -> RemoteAttempt:
         # The worker with the most free slots: spreads attempts over the processes.
         worker = max((w for w in self.workers if job.kind in w.kinds), key=lambda w: w.free)

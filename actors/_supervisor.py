@@ -182,6 +182,11 @@ class Supervisor:
         """Attempts of ``kind`` that can start now (free slots of every placement)."""
         return min(sys.maxsize, sum(p.capacity(kind) for p in self.placements))
 
+    def free_slots(self) -> int:
+        """Attempts of any kinds that can start now together (a worker's slot that serves
+        several kinds counted once); ``sys.maxsize`` while in-process handlers run."""
+        return min(sys.maxsize, sum(p.free() for p in self.placements))
+
     def check_known(self, kind: str) -> None:
         """Raise :class:`UnknownKindError` unless a handler is registered for ``kind`` or a
         placement (a connected worker) serves it. A known kind with no free slot is no error:

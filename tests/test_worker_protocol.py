@@ -200,6 +200,20 @@ async def test_jobs_wait_for_a_free_slot_of_a_worker_serving_their_kind(tmp_path
             assert rt.kinds == sorted(HANDLER_KINDS)
 
 
+async def test_a_slot_that_serves_two_kinds_is_claimed_once(tmp_path: Path) -> None:
+    async with served(tmp_path / "db", "in_process", in_process_handlers=False) as s:
+        rt = s.runtime
+        jobs = [await rt.create_job(kind, "alice", None) for kind in ("silent", "spin")]
+        async with raw_worker(s.running.url, ["silent", "spin"], capacity=1) as ws:
+            assign = await receive(ws, "assign")
+            assert assign["job_id"] == jobs[0].id  # the older one
+            await trio.sleep(0.3)
+            other = await rt.get_job(jobs[1].id)
+            # Waiting, never claimed: no attempt started and sent back for want of a slot.
+            assert (other.state, other.attempt) == (JobState.CREATED, 0)
+            assert [e.type.value for e in await rt.read_events(other.id)] == ["created"]
+
+
 async def test_a_claim_whose_worker_is_gone_goes_back_to_waiting(tmp_path: Path) -> None:
     async with served(tmp_path / "db", "in_process", in_process_handlers=False) as s:
         rt = s.runtime

@@ -103,7 +103,7 @@ async def test_shutdown_pauses_with_a_checkpoint(tmp_path: Path, mode: str) -> N
         rt = s.runtime
         job = await rt.create_job("steps", "alice", {"n": 500, "delay": 0.02})
         await wait_progress(rt, job.id, 1)
-    # Read back where nothing resumes it (a connecting worker adopts shutdown-paused jobs).
+    # Read back where nothing resumes it (resume_on_start would put it back in the queue).
     async with served(tmp_path / "db", "in_process", resume_on_start=False) as s:
         stored = await s.runtime.get_job(job.id)
         assert stored.state is JobState.PAUSED and stored.pause_reason == "shutdown"
