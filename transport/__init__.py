@@ -13,6 +13,7 @@ from .client import (
     Reset,
     RoomCursor,
     is_omitted,
+    new_key,
     open_client,
 )
 
@@ -37,5 +38,6 @@ __all__ = [
     "open_client",
     "open_server",
     "is_omitted",
+    "new_key",
     "verify_token",
 ]
