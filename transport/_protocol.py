@@ -240,7 +240,7 @@ def _strict_str_list(value: Any, _: type) -> list[str]:
     return [_converter.structure(item, str) for item in value]
 
 
-_converter.register_structure_hook(list[str], _strict_str_list)
+_converter.register_structure_hook_func(lambda t: t == list[str], _strict_str_list)
 
 
 @attrs.frozen
