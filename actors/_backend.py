@@ -56,9 +56,13 @@ class ClaimRequest:
     running: int = 0
     by_user: Mapping[str, int] = attrs.field(factory=dict)
     by_kind: Mapping[str, int] = attrs.field(factory=dict)
+    #: Kinds the owner can run (None: any); jobs of other kinds are left waiting.
+    kinds: frozenset[str] | None = None
 
     def planner(self) -> ClaimPlanner:
-        return ClaimPlanner(self.limits, self.running, dict(self.by_user), dict(self.by_kind))
+        return ClaimPlanner(
+            self.limits, self.running, dict(self.by_user), dict(self.by_kind), self.kinds
+        )
 
 
 @attrs.frozen
@@ -222,13 +226,14 @@ class Backend(Protocol):
         """Pick the next waiting jobs and mark them claimed by ``request.owner``, atomically.
 
         Claimable: state ``created``, ready (``run_at`` null or ``<= now``), and not held by
-        another claim (``owner`` null or ``lease_expires_at < now``). Order and limits are
-        :class:`ClaimPlanner`'s (priority, then the user with the fewest running jobs, then
-        ``(ready_at, id)``; ``ready_at`` is ``run_at``, else ``created_at``). Marking sets
-        ``owner`` and ``lease_expires_at`` and nothing else: the job stays ``created`` until the
-        owner commits its start. The cost must not grow with the number of waiting jobs (an
-        index on waiting jobs by ``(priority, user_id, kind, ready_at, id)``, walked group by
-        group). Several processes: atomic across them (``FOR UPDATE SKIP LOCKED``)."""
+        another owner's claim (``owner`` null or the caller, or ``lease_expires_at < now``).
+        Order and limits are :class:`ClaimPlanner`'s (priority, then the user with the fewest
+        running jobs, then ``(ready_at, id)``; ``ready_at`` is ``run_at``, else
+        ``created_at``). Marking sets ``owner`` and ``lease_expires_at`` and nothing else: the
+        job stays ``created`` until the owner commits its start (a mark whose start never
+        commits lapses with its lease). The cost must not grow with the number of waiting
+        jobs (an index on waiting jobs by ``(priority, user_id, kind, ready_at, id)``, walked
+        group by group). Several processes: atomic across them (``FOR UPDATE SKIP LOCKED``)."""
         ...
 
     async def renew_leases(self, owner: str, lease_expires_at: float) -> int:
@@ -377,7 +382,7 @@ class MemoryBackend:
         groups: dict[GroupKey, list[Candidate]] = {}
         later: list[float] = []
         for job in self._waiting():
-            if job.owner is not None and (job.lease_expires_at or 0) >= now:
+            if job.owner not in (None, request.owner) and (job.lease_expires_at or 0) >= now:
                 continue
             at = ready_at(job.created_at, job.run_at)
             if job.run_at is not None and job.run_at > now:

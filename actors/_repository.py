@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -50,6 +50,8 @@ class Repository:
         idempotency_window: float = 86_400.0,
     ) -> None:
         self._max_waiting = max_waiting_per_user
+        #: Woken when a job becomes claimable (set by the runtime to its dispatcher's wake).
+        self.wake_dispatcher: Callable[[], None] = lambda: None
         self._idempotency_window = idempotency_window
         self._store = store
         self._supervisor = supervisor
@@ -117,7 +119,7 @@ class Repository:
         self._supervisor.check_input(kind, input)
         defaults = self._supervisor.options_for(kind)
         options = CreateOptions.check(
-            time.time(),
+            self._supervisor.now(),
             priority=priority,
             delay=delay,
             run_at=run_at,
@@ -140,8 +142,7 @@ class Repository:
             max_waiting=self._max_waiting,
             idempotency_window=self._idempotency_window,
         )
-        if job.state is S.CREATED and job.run_at is None and job.attempt == 0:
-            return await self._start(job.id)
+        self.wake_dispatcher()
         return job
 
     async def create_research_job(self, user_id: str, query: str, *, depth: int = 3) -> Job:
@@ -162,11 +163,6 @@ class Repository:
         return await self.create_job(
             "analysis", user_id, {"content": content, "chunk_size": chunk_size}
         )
-
-    async def _start(self, job_id: str) -> Job:
-        job = await self._store.start(job_id)
-        await self._supervisor.launch(job, job.checkpoint)
-        return job
 
     # -- retrieval ------------------------------------------------------------------------------
 
@@ -262,16 +258,36 @@ class Repository:
     # -- control --------------------------------------------------------------------------------
 
     async def cancel(self, job_id: str, *, by: str | None = None) -> Job:
+        """Cancel a waiting, running or paused job, and with it its children that have not
+        finished (recursively; each recorded with ``by``)."""
         job = await self._store.cancel(job_id, by)
         worker = self._supervisor.kill(job_id, "cancel")
         if worker is not None:
             with trio.move_on_after(self._supervisor.config.stop_grace):
                 await worker.finished.wait()
+        await self._cancel_children(job_id, by)
         return job
 
+    async def _cancel_children(self, job_id: str, by: str | None) -> None:
+        # Parent links are fixed at create and point to older jobs: the walk ends.
+        pending = [job_id]
+        while pending:
+            parent = pending.pop()
+            for child in await self._store.list_jobs(JobQuery(parent_id=parent)):
+                pending.append(child.id)
+                if child.state in _ACTIVE or child.state is S.PAUSED:
+                    try:
+                        await self._store.cancel(child.id, by)
+                    except IllegalTransitionError:
+                        continue  # it finished meanwhile
+                    self._supervisor.kill(child.id, "cancel")
+
     async def pause(self, job_id: str, *, by: str | None = None, reason: str = "user") -> Job:
-        """Stop a running job (its handler gets the grace period to checkpoint) and pause it."""
+        """Pause a job: a waiting one leaves the queue until resumed; a running one is stopped
+        (its handler gets the grace period to checkpoint)."""
         job = await self._store.get(job_id)
+        if job.state is S.CREATED:
+            return await self._store.pause(job_id, None, by, reason)
         if job.state is not S.RUNNING:
             raise IllegalTransitionError(job_id, job.state.value, S.PAUSED.value)
         worker = await self._supervisor.stop(job_id, reason)
@@ -279,11 +295,13 @@ class Repository:
         return await self._store.pause(job_id, attempt, by, reason)
 
     async def resume(self, job_id: str, *, by: str | None = None) -> Job:
-        """Run a paused job again from its checkpoint (from the start if it has none)."""
+        """Put a paused job back in the queue (state ``created``); its next attempt resumes
+        from its checkpoint (from the start if it has none)."""
         job = await self._store.get(job_id)
         self._supervisor.handler_for(job.kind)
         job = await self._store.resume(job_id, by)
-        return await self._start(job.id)
+        self.wake_dispatcher()
+        return job
 
     async def restart(
         self,
@@ -292,14 +310,16 @@ class Repository:
         *,
         by: str | None = None,
     ) -> Job:
-        """Run a paused, failed or cancelled job again from scratch, with modified input."""
+        """Put a waiting, paused, failed or cancelled job back in the queue from scratch (state
+        ``created``, checkpoint and failed attempts cleared), with modified input."""
         job = await self._store.get(job_id)
         new_input = job.input
         if modifications and isinstance(job.input, dict):  # else the store refuses them
             new_input = {**job.input, **modifications}
         self._supervisor.check_input(job.kind, new_input)
-        await self._store.restart(job_id, by, modifications)
-        return await self._start(job_id)
+        job = await self._store.restart(job_id, by, modifications)
+        self.wake_dispatcher()
+        return job
 
     async def delete_job(self, job_id: str) -> None:
         await self._store.delete(job_id)

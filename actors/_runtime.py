@@ -12,14 +12,17 @@ from typing import Any
 import attrs
 import trio
 
-from ._backend import Backend, JobQuery
+from ._backend import Backend
 from ._broadcaster import Broadcaster, BroadcasterConfig
+from ._dispatcher import Dispatcher, WallClock
 from ._errors import JobspineError, RuntimeClosedError, RuntimeCrashedError, leaves
 from ._events import EventHub
+from ._ids import new_id
 from ._joblog import job_fields
 from ._options import KindOptions
 from ._repository import Repository
 from ._retention import PruneReport, RetentionPolicy
+from ._scheduling import ClaimLimits
 from ._sqlite import SqliteBackend
 from ._states import JobState
 from ._store import StoreActor, StoreClient, StoreConfig, StoreHealth
@@ -170,8 +173,8 @@ class Runtime(Repository):
 
     async def _recover_on_start(self) -> None:
         """Bring back what a previous process left: a job still marked running lost its worker
-        (the stall rule applies at once); created jobs start; jobs paused by a graceful
-        shutdown resume."""
+        (the stall rule applies at once); jobs paused by a graceful shutdown go back to the
+        queue. The dispatcher, started next, claims every waiting job."""
         store = self._store
         policy = self.supervisor.policy
         for job in await store.find_running():
@@ -198,9 +201,6 @@ class Runtime(Repository):
                     "recovery" if job.state is JobState.PAUSED else "failed",
                 ),
             )
-        for job in await store.list_jobs(JobQuery(states=frozenset({JobState.CREATED}))):
-            if job.kind in self._handlers:
-                await self._start(job.id)
         if self.config.resume_on_start:
             for job in await store.find_resumable():
                 if job.pause_reason == "shutdown" and job.kind in self._handlers:
@@ -285,6 +285,7 @@ async def open_runtime(
         ),
         config.kinds,
     )
+    dispatcher: Dispatcher | None = None
     body_error: BaseException | None = None
     started = False
     retention = trio.CancelScope()  # the periodic prune: ends before the shutdown begins
@@ -293,6 +294,8 @@ async def open_runtime(
             actors: list[trio.CancelScope] = []
             await nursery.start(_actor, store_actor.run, actors)
             await nursery.start(_actor, supervisor.run, actors)
+            clock = WallClock()
+            supervisor.set_clock(clock)
             if broadcaster is not None:
                 await nursery.start(_actor, broadcaster.run, actors)
             async with repo_store:
@@ -304,6 +307,22 @@ async def open_runtime(
                     # the store: the actors are shielded until it is over.
                     _shield(actors, True)
                     await runtime._recover_on_start()
+                    dispatcher = Dispatcher(
+                        repo_store.clone(),
+                        supervisor,
+                        ClaimLimits(
+                            config.max_running,
+                            config.max_running_per_kind,
+                            config.max_running_per_user,
+                        ),
+                        node_id=config.node_id or new_id(),
+                        clock=clock,
+                        to_trio=clock.trio_time,
+                        lease_ttl=config.lease_ttl,
+                        lease_renew_interval=config.lease_renew_interval,
+                    )
+                    await nursery.start(_actor, dispatcher.run, actors)
+                    supervisor.on_capacity = runtime.wake_dispatcher = dispatcher.wake
                     started = True
                     if config.retention is not None:
                         nursery.start_soon(runtime._retain, config.retention, retention)
@@ -313,6 +332,8 @@ async def open_runtime(
                     raise
                 finally:
                     retention.cancel()
+                    if dispatcher is not None:
+                        dispatcher.close()  # no new claims while running jobs are paused
                     with trio.move_on_after(config.shutdown_timeout, shield=True):
                         await supervisor.shutdown()
                     supervisor.close()

@@ -11,7 +11,7 @@ block the others (nor lower priorities).
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 
 import attrs
 
@@ -25,6 +25,7 @@ __all__ = [
     "RetryDecision",
     "backoff_delay",
     "decide_retry",
+    "ready_at",
 ]
 
 #: Waiting jobs are grouped by (priority, user id, kind); each group is served oldest first.
@@ -70,6 +71,8 @@ class ClaimPlanner:
     running: int = 0
     by_user: dict[str, int] = attrs.field(factory=dict)
     by_kind: dict[str, int] = attrs.field(factory=dict)
+    #: Kinds the owner can run (None: any).
+    kinds: frozenset[str] | None = None
 
     def slots(self) -> int:
         return max(0, self.limits.max_running - self.running)
@@ -79,6 +82,8 @@ class ClaimPlanner:
         return limit is None or self.by_user.get(user_id, 0) < limit
 
     def kind_open(self, kind: str) -> bool:
+        if self.kinds is not None and kind not in self.kinds:
+            return False
         limit = self.limits.max_running_per_kind.get(kind)
         return limit is None or self.by_kind.get(kind, 0) < limit
 
@@ -179,15 +184,6 @@ def decide_retry(
     return RetryDecision(True, failed, delay, now + delay)
 
 
-def deadline_of(claimed_at: float, timeout: float | None) -> float | None:
-    """When an attempt claimed at ``claimed_at`` (trio seconds) times out; None: never."""
-    return None if timeout is None else claimed_at + timeout
-
-
 def ready_at(created_at: float, run_at: float | None) -> float:
     """When a waiting job became (or becomes) claimable: its ``run_at``, else its creation."""
     return created_at if run_at is None else run_at
-
-
-def order_candidates(candidates: Sequence[Candidate]) -> list[Candidate]:
-    return sorted(candidates, key=lambda c: (-c.priority, c.ready_at, c.id))

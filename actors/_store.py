@@ -96,12 +96,13 @@ class StoreHealth:
     outages: int = 0
 
 
-WRITE, READ, BARRIER = "write", "read", "barrier"
+WRITE, READ, BARRIER, CLAIM = "write", "read", "barrier", "claim"
 
 
 class _Request:
     """``WRITE``: applied, then answered after its group commits. ``READ``: of committed state
-    only, answered at once. ``BARRIER``: runs after every earlier write has committed."""
+    only, answered at once. ``BARRIER``: runs after every earlier write has committed.
+    ``CLAIM``: both, a barrier whose writes are answered after they commit."""
 
     __slots__ = ("done", "error", "fn", "mode", "replay", "value")
 
@@ -252,7 +253,7 @@ class StoreActor:
 
     async def _process(self, batch: list[_Request]) -> None:
         for request in batch:
-            if request.mode is BARRIER:
+            if request.mode is BARRIER or request.mode is CLAIM:
                 await self._drain()
             try:
                 request.value = await request.fn()
@@ -261,7 +262,7 @@ class StoreActor:
             except Exception as exc:
                 log.exception("store request failed")
                 request.error = StoreError(f"store request failed: {exc!r}")
-            if request.mode is WRITE:
+            if request.mode is WRITE or request.mode is CLAIM:
                 self._group.requests.append(request)
             else:
                 request.done.set()
@@ -672,7 +673,7 @@ class StoreClient:
             ]
             return started, result.next_run_at
 
-        return await self._call(fn, BARRIER)
+        return await self._call(fn, CLAIM)
 
     async def renew_leases(self, owner: str, lease_expires_at: float) -> int:
         """Extend every claim of ``owner`` to ``lease_expires_at`` (Unix seconds)."""

@@ -9,17 +9,20 @@ deadline instead of polling, and sleeps with no timer per job.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import random
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
 import trio
 
 from ._errors import JobspineError, StoreError, UnknownKindError
-from ._job import Job
+from ._job import Job, JobError
 from ._joblog import job_fields
 from ._options import KindOptions, options_of
 from ._policy import RecoveryPolicy, StallDetector
+from ._scheduling import RetryDecision, decide_retry
 from ._states import JobState
 from ._store import StoreClient
 from ._worker import Handler, Worker, check_input
@@ -55,9 +58,18 @@ class Supervisor:
         handlers: Mapping[str, Handler],
         config: SupervisorConfig | None = None,
         kinds: Mapping[str, KindOptions] | None = None,
+        *,
+        clock: Callable[[], float] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.store = store
         self.handlers = handlers
+        self._clock = clock
+        self._rng = rng or random.Random()
+        #: Called when capacity frees or a job goes back to the queue (the dispatcher's wake).
+        self.on_capacity: Callable[[], None] = lambda: None
+        # Per-attempt timeouts: one deadline heap, checked by the watch loop (no timer per job).
+        self.timeouts = StallDetector()
         # Options given per kind (register, RuntimeConfig.kinds); else the handler's own.
         self._kinds: dict[str, KindOptions] = dict(kinds or {})
         self.config = config or SupervisorConfig()
@@ -68,6 +80,7 @@ class Supervisor:
         # "running" in the database, watched until a recovery is stored.
         self.orphans: dict[str, Worker] = {}
         self._per_user: dict[str, int] = {}
+        self._per_kind: dict[str, int] = {}
         self._beats_send, self._beats_receive = trio.open_memory_channel[Worker](
             self.config.beat_queue
         )
@@ -102,7 +115,7 @@ class Supervisor:
         receive = self._beats_receive
         detector = self.detector
         while True:
-            with trio.move_on_at(detector.next_deadline()):
+            with trio.move_on_at(min(detector.next_deadline(), self.timeouts.next_deadline())):
                 worker = await receive.receive()
                 while True:
                     last, persist = worker.take_beat()
@@ -115,6 +128,9 @@ class Supervisor:
                     except trio.WouldBlock:
                         break
             now = trio.current_time()
+            for job_id in self.timeouts.pop_expired(now):
+                if job_id in self.workers:
+                    self._spawn(self._time_out, self.workers[job_id])
             for job_id in detector.pop_expired(now):
                 worker = self.workers.get(job_id) or self.orphans[job_id]
                 # A beat may still be queued, or the job may be inside keep_alive().
@@ -139,11 +155,23 @@ class Supervisor:
     def running_for(self, user_id: str) -> int:
         return self._per_user.get(user_id, 0)
 
+    def capacity(self) -> tuple[int, dict[str, int], dict[str, int]]:
+        """Jobs this runtime runs now: in all, per user, per kind (the dispatcher's input)."""
+        return len(self.workers), dict(self._per_user), dict(self._per_kind)
+
     def handler_for(self, kind: str) -> Handler:
         try:
             return self.handlers[kind]
         except KeyError:
             raise UnknownKindError(kind, list(self.handlers)) from None
+
+    def set_clock(self, clock: Callable[[], float]) -> None:
+        """The wall clock retry times are computed with (Unix seconds)."""
+        self._clock = clock
+
+    def now(self) -> float:
+        """Wall-clock seconds by the runtime's clock (it moves with Trio's)."""
+        return self._clock() if self._clock is not None else time.time()
 
     def set_kind_options(self, kind: str, options: KindOptions | None) -> None:
         if options is not None:
@@ -165,7 +193,9 @@ class Supervisor:
         if self._nursery is None:
             raise RuntimeError("the supervisor is not running")
         handler = self.handler_for(job.kind)
-        worker = Worker(job, handler, self.store, self._beats_send, resumed_from)
+        worker = Worker(
+            job, handler, self.store, self._beats_send, resumed_from, self._retry_decider(job)
+        )
         old = self.workers.pop(job.id, None)
         if old is not None:
             # An older attempt still unwinding is fenced out already; make sure it stops.
@@ -174,7 +204,10 @@ class Supervisor:
             old.scope.cancel()
         self.workers[job.id] = worker
         self._per_user[job.user_id] = self._per_user.get(job.user_id, 0) + 1
+        self._per_kind[job.kind] = self._per_kind.get(job.kind, 0) + 1
         self.detector.watch(job.id, trio.current_time(), self.config.heartbeat_timeout)
+        if job.timeout is not None:
+            self.timeouts.watch(job.id, trio.current_time(), job.timeout)
         worker.beat()  # wakes the watch loop, which may be sleeping until a later deadline
         await self._nursery.start(worker.run, self._worker_exited)
 
@@ -186,13 +219,58 @@ class Supervisor:
                 self._orphan(worker)
             elif worker.job_id not in self.orphans:
                 self.detector.unwatch(worker.job_id)
+            self.on_capacity()
 
     def _release(self, worker: Worker) -> None:
-        left = self._per_user[worker.user_id] - 1
-        if left:
-            self._per_user[worker.user_id] = left
-        else:
-            del self._per_user[worker.user_id]
+        self.timeouts.unwatch(worker.job_id)
+        for counts, key in ((self._per_user, worker.user_id), (self._per_kind, worker.kind)):
+            left = counts[key] - 1
+            if left:
+                counts[key] = left
+            else:
+                del counts[key]
+
+    def _retry_decider(self, job: Job) -> Callable[[Job, JobError, bool], RetryDecision]:
+        """How a failed attempt of ``job`` is decided: given the job as stored, the error and
+        whether it is permanent; the delay's jitter comes from this supervisor's ``rng``."""
+        options = self.options_for(job.kind)
+
+        def decide(stored: Job, error: JobError, permanent: bool) -> RetryDecision:
+            now = self.now()
+            return decide_retry(
+                options,
+                stored.failed_attempts,
+                stored.max_attempts,
+                error.type,
+                permanent,
+                now,
+                self._rng,
+            )
+
+        return decide
+
+    async def _time_out(self, worker: Worker) -> None:
+        """Stop an attempt past its timeout (with the grace period, as for a pause) and count
+        it as failed with error type ``JobTimeout``: retried or failed by the retry rule."""
+        timeout = worker.timeout or 0.0
+        stopped = await self.stop(worker.job_id, "timeout")
+        if stopped is None or stopped.outcome != "stopped":
+            return  # it ended by itself meanwhile: its own outcome stands
+        error = JobError("JobTimeout", f"the attempt ran longer than its timeout ({timeout:g} s)")
+        try:
+            job = await self.store.retry(
+                worker.job_id, worker.attempt, error, lambda j: worker.decide(j, error, False)
+            )
+        except JobspineError as exc:
+            log.info(
+                "job %s: timeout not recorded: %s",
+                worker.job_id,
+                exc,
+                extra=job_fields(worker.job_id, worker.user_id, worker.attempt, "timeout"),
+            )
+            return
+        if job.state is JobState.CREATED:
+            self.on_capacity()
 
     def _orphan(self, worker: Worker) -> None:
         self.orphans[worker.job_id] = worker
@@ -236,7 +314,9 @@ class Supervisor:
                     worker.job_id, worker.attempt, "system", "store_unavailable"
                 )
             else:
-                job = await self.store.recover(worker.job_id, worker.attempt, self.policy, cause)
+                job = await self.store.recover(
+                    worker.job_id, worker.attempt, self.policy, cause, self._requeues
+                )
         except StoreError as exc:
             log.warning(
                 "job %s: recovery not stored (%s); retrying at the next deadline",
@@ -257,6 +337,8 @@ class Supervisor:
             return
         self.orphans.pop(worker.job_id, None)
         self._count(job)
+        if job.state is JobState.CREATED:
+            self.on_capacity()
         log.warning(
             "job %s %s: %s",
             job.id,
@@ -266,7 +348,7 @@ class Supervisor:
         )
 
     def _count(self, job: Job) -> None:
-        if job.state is JobState.PAUSED:
+        if job.state is not JobState.FAILED:
             self._recoveries += 1
         else:
             self._failures += 1
@@ -275,10 +357,19 @@ class Supervisor:
         """Apply the stall rule to a running job now, as if its deadline had passed."""
         worker = self.kill(job_id, "stall")
         attempt = None if worker is None else worker.attempt
-        job = await self.store.recover(job_id, attempt, self.policy, cause)
+        job = await self.store.recover(job_id, attempt, self.policy, cause, self._requeues)
         self._stalls += 1
         self._count(job)
+        if job.state is JobState.CREATED:
+            self.on_capacity()
         return job
+
+    def _requeues(self, job: Job) -> bool:
+        """Whether a stalled job of this kind with a checkpoint goes back to the queue."""
+        try:
+            return self.options_for(job.kind).requeue_stalled
+        except UnknownKindError:
+            return False
 
     def status(self) -> SupervisorStatus:
         return SupervisorStatus(

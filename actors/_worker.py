@@ -13,15 +13,21 @@ from ._errors import (
     InvalidInputError,
     JobspineError,
     JobStopped,
+    PermanentError,
     StoreError,
     StoreUnavailableError,
 )
 from ._job import Job, JobError
 from ._joblog import job_fields
+from ._states import JobState
 from ._tracing import AttributeValue, span
 
 if TYPE_CHECKING:
+    from ._scheduling import RetryDecision
     from ._store import StoreClient
+
+#: ``decide(job as stored, error, permanent)``: whether a failed attempt is retried.
+RetryDecider = Callable[[Job, JobError, bool], "RetryDecision"]
 
 __all__ = ["Handler", "InputCheck", "JobContext", "Worker", "check_input", "validates"]
 
@@ -148,6 +154,7 @@ class Worker:
         "_beats",
         "attempt",
         "ctx",
+        "decide",
         "finished",
         "handler",
         "input",
@@ -162,6 +169,7 @@ class Worker:
         "stop_reason",
         "store",
         "store_unavailable",
+        "timeout",
         "user_id",
     )
 
@@ -172,8 +180,12 @@ class Worker:
         store: StoreClient,
         beats: trio.MemorySendChannel[Worker],
         resumed_from: Any,
+        decide: RetryDecider,
     ) -> None:
         self.job_id = job.id
+        self.decide = decide
+        #: Seconds this attempt may run (None: no limit).
+        self.timeout = job.timeout
         self.user_id = job.user_id
         self.kind = job.kind
         self.attempt = job.attempt
@@ -247,6 +259,7 @@ class Worker:
 
     async def _run(self) -> None:
         error: JobError | None = None
+        permanent = False
         result: Any = None
         with self.scope:
             try:
@@ -261,6 +274,7 @@ class Worker:
                 if self.stop_reason is not None and isinstance(exc, JobspineError):
                     return  # the job was taken away from this attempt while it stopped
                 error = JobError(type(exc).__name__, _describe(exc))
+                permanent = isinstance(exc, PermanentError)
                 # With its traceback: the stored error keeps only the type and the message.
                 log.info(
                     "job %s attempt %d raised %s: %s",
@@ -276,11 +290,11 @@ class Worker:
         # Waiting on the database to record the outcome is not a stall.
         self.keep_alive += 1
         try:
-            await self._record(error, result)
+            await self._record(error, result, permanent)
         finally:
             self.keep_alive -= 1
 
-    async def _record(self, error: JobError | None, result: Any) -> None:
+    async def _record(self, error: JobError | None, result: Any, permanent: bool) -> None:
         try:
             if self.store_unavailable:
                 await self.store.pause(self.job_id, self.attempt, "system", "store_unavailable")
@@ -292,8 +306,12 @@ class Worker:
                     return
                 except InvalidInputError as exc:  # unstorable or too large: the handler's fault
                     error = JobError(type(exc).__name__, str(exc))
-            await self.store.fail(self.job_id, self.attempt, error)
-            self.outcome = "failed"
+                    permanent = True  # the same result would be refused again
+            failed = error
+            job = await self.store.retry(
+                self.job_id, self.attempt, failed, lambda job: self.decide(job, failed, permanent)
+            )
+            self.outcome = "failed" if job.state is JobState.FAILED else "retrying"
         except StoreError as exc:
             # The database refused the outcome: the job is still "running" there, with no one
             # running it. The supervisor keeps its deadline and recovers it by the stall rule

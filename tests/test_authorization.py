@@ -15,8 +15,10 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+from actors import TERMINAL_STATES, JobState
 from transport import CLOSE, RunningServer, mint_token
 
+from .conftest import wait_for_state
 from .serving import SECRET, raw, request, send, serving
 
 OK, FORBIDDEN = "ok", "forbidden"
@@ -90,6 +92,9 @@ async def served(tmp_path: Path) -> AsyncIterator[RunningServer]:
 async def _job_of_alice(running: RunningServer, hold: bool) -> str:
     input = {"query": "q", "depth": 50 if hold else 1, "delay": 0.05 if hold else 0}
     job = await running.runtime.create_job("research", "alice", input)
+    # Started by the dispatcher (a held job runs on; the other finishes).
+    states = {JobState.RUNNING} if hold else TERMINAL_STATES
+    await wait_for_state(running.runtime, job.id, states)
     return job.id
 
 
@@ -123,8 +128,8 @@ async def _call(ws: Any, case: str, job_id: str) -> Any:
 @pytest.mark.parametrize("actor", ["A", "B", "admin"])
 @pytest.mark.parametrize("case", sorted(EXPECTED))
 async def test_matrix(served: RunningServer, case: str, actor: str) -> None:
-    # pause needs a running job; resume a paused one; others any job.
-    job_id = await _job_of_alice(served, hold=case in ("pause", "resume", "cancel"))
+    # pause needs a running job; resume a paused one; restart a cancelled one; others any job.
+    job_id = await _job_of_alice(served, hold=case in ("pause", "resume", "cancel", "restart"))
     if case == "resume":
         await served.runtime.pause(job_id)
     if case == "restart":

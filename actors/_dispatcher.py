@@ -1,0 +1,148 @@
+"""The dispatcher actor: claims waiting jobs when capacity is free and hands them to the
+supervisor.
+
+One task, woken by an event (a create, resume, restart or re-queue; a worker's end) or by the
+earliest known ``run_at`` (one sleep, no timer per job), and by its own lease renewal. Every
+wake claims at most the free capacity (:meth:`StoreClient.claim`, planned by
+:class:`ClaimPlanner` under the runtime's limits), so wakes that come together cost one claim.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import trio
+
+from ._backend import ClaimRequest
+from ._errors import JobspineError, RuntimeClosedError
+from ._joblog import job_fields
+from ._scheduling import ClaimLimits
+from ._store import StoreClient
+from ._supervisor import Supervisor
+
+__all__ = ["Dispatcher", "WallClock"]
+
+log = logging.getLogger("jobspine.dispatcher")
+
+#: Seconds before a claim is tried again after the store refused one.
+RETRY_AFTER = 1.0
+
+
+class WallClock:
+    """Wall-clock seconds that advance with Trio's clock: ``run_at`` and leases are Unix
+    seconds, and under a mock clock (tests) they must move when Trio's time jumps."""
+
+    def __init__(self) -> None:
+        self._offset = time.time() - trio.current_time()
+
+    def __call__(self) -> float:
+        return self._offset + trio.current_time()
+
+    def trio_time(self, wall: float) -> float:
+        """The Trio time at which this clock reads ``wall``."""
+        return wall - self._offset
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: StoreClient,
+        supervisor: Supervisor,
+        limits: ClaimLimits,
+        *,
+        node_id: str,
+        clock: Callable[[], float],
+        to_trio: Callable[[float], float],
+        lease_ttl: float,
+        lease_renew_interval: float,
+    ) -> None:
+        self.store = store
+        self.supervisor = supervisor
+        self.limits = limits
+        self.node_id = node_id
+        self._clock = clock
+        self._to_trio = to_trio
+        self._lease_ttl = lease_ttl
+        self._renew_interval = lease_renew_interval
+        self._wake = trio.Event()
+        self._next_run_at: float | None = None  # wall clock
+        self._scope: trio.CancelScope | None = None
+        #: Claims made, jobs started, since the dispatcher started.
+        self.claims = 0
+        self.dispatched = 0
+
+    def wake(self) -> None:
+        """Claim again soon (never blocks): capacity freed or a job became claimable."""
+        self._wake.set()
+
+    def close(self) -> None:
+        """Stop claiming; :meth:`run` returns."""
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Dispatcher] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with self.store:
+            with trio.CancelScope() as self._scope:
+                task_status.started(self)
+                renew_at = trio.current_time() + self._renew_interval
+                while True:
+                    wake_at = renew_at
+                    if self._next_run_at is not None:
+                        wake_at = min(wake_at, self._to_trio(self._next_run_at))
+                    with trio.move_on_at(wake_at):
+                        await self._wake.wait()
+                    self._wake = trio.Event()
+                    if trio.current_time() >= renew_at:
+                        renew_at = trio.current_time() + self._renew_interval
+                        await self._renew()
+                    await self._dispatch()
+
+    async def _renew(self) -> None:
+        try:
+            await self.store.renew_leases(self.node_id, self._clock() + self._lease_ttl)
+        except RuntimeClosedError:
+            raise
+        except JobspineError as exc:
+            log.warning("lease renewal failed (retried next interval): %s", exc)
+
+    async def _dispatch(self) -> None:
+        running, by_user, by_kind = self.supervisor.capacity()
+        limits = self.limits
+        if running >= limits.max_running:
+            return  # an end wakes the dispatcher
+        now = self._clock()
+        request = ClaimRequest(
+            self.node_id,
+            now,
+            now + self._lease_ttl,
+            limits,
+            running,
+            by_user,
+            by_kind,
+            frozenset(self.supervisor.handlers),
+        )
+        try:
+            jobs, self._next_run_at = await self.store.claim(request)
+        except RuntimeClosedError:
+            raise
+        except JobspineError as exc:
+            log.warning("claim failed (retried in %g s): %s", RETRY_AFTER, exc)
+            self._next_run_at = now + RETRY_AFTER
+            return
+        self.claims += 1
+        for job in jobs:
+            try:
+                await self.supervisor.launch(job, job.checkpoint)
+            except JobspineError as exc:
+                # Stored as running: the stall rule recovers it like any lost worker.
+                log.warning(
+                    "job %s claimed but not launched: %s",
+                    job.id,
+                    exc,
+                    extra=job_fields(job.id, job.user_id, job.attempt, "launch_failed"),
+                )
+            self.dispatched += 1
