@@ -11,10 +11,17 @@ from typing import Any
 import pytest
 import trio
 
-from actors import JobEvent
-from transport import ConnectionLostError, RoomCursor, RunningServer, open_client
+from actors import JobContext, JobEvent, RetryPolicy, RuntimeConfig, kind_options
+from transport import (
+    ConnectionLostError,
+    RoomCursor,
+    RunningServer,
+    ServerConfig,
+    open_client,
+    open_server,
+)
 
-from .serving import raw, request, serving, token
+from .serving import HANDLERS, SECRET, raw, request, serving, token
 
 SMALL = {"query": "q", "depth": 1, "delay": 0}
 LATER = 3600.0  # a delay that keeps a job waiting for the whole test
@@ -299,3 +306,62 @@ async def test_a_create_is_not_resent_by_a_client_that_does_not_reconnect(
             job = await client.create("research", SMALL, delay=LATER, idempotency_key="k-1")
         nursery.cancel_scope.cancel()
         assert [j["id"] for j in await jobs_of(running, "alice")] == [job["id"]]
+
+
+@kind_options(max_attempts=2, retry=RetryPolicy(initial_interval=0.05, maximum_interval=1.0))
+async def always_fails(ctx: JobContext, input: Any) -> Any:
+    raise RuntimeError(f"attempt {ctx.attempt} fails")
+
+
+async def test_queue_events_reach_clients(tmp_path: Path) -> None:
+    """retrying, started with its owner, failed with failed_attempts; a waiting job paused and
+    resumed back into the queue."""
+    config = ServerConfig(secret=SECRET, port=0)
+    runtime = RuntimeConfig(stop_grace=0.2, sqlite_synchronous="NORMAL", node_id="node-a")
+    handlers = {**HANDLERS, "always_fails": always_fails}
+    async with (
+        open_server(tmp_path / "db.sqlite", config, handlers=handlers, runtime_config=runtime)
+        as running,
+        open_client(running.url, token("alice")) as client,
+    ):  # fmt: skip
+        await client.subscribe("user:alice")
+        job = await client.create("always_fails", None)
+        seen: list[JobEvent] = []
+        with trio.fail_after(10):
+            async for item in client.events():
+                assert isinstance(item, JobEvent)
+                seen.append(item)
+                if item.type == "failed":
+                    break
+        assert [e.type.value for e in seen] == [
+            "created", "started", "retrying", "started", "failed",
+        ]  # fmt: skip
+        created, first, retrying, second, failed = seen
+        assert created.data["max_attempts"] == 2
+        assert first.data == {"attempt": 1, "owner": "node-a", "resumed_from_checkpoint": None}
+        assert retrying.state == "created" and retrying.actor == "system"
+        data = retrying.data
+        assert data["error"] == {"type": "RuntimeError", "message": "attempt 1 fails"}
+        assert (data["failed_attempts"], data["max_attempts"]) == (1, 2)
+        assert 0.04 <= data["delay"] <= 0.06
+        assert data["next_attempt_at"] == pytest.approx(retrying.at + data["delay"])
+        assert second.data["attempt"] == 2 and second.at >= data["next_attempt_at"] - 1e-3
+        assert failed.data["failed_attempts"] == 2
+        assert failed.data["error"]["message"] == "attempt 2 fails"
+        stored = await client.get(job["id"])
+        assert (stored["state"], stored["failed_attempts"], stored["attempt"]) == ("failed", 2, 2)
+
+        waiting = await client.create("research", SMALL, delay=LATER)
+        paused = await client.pause(waiting["id"])
+        assert paused["state"] == "paused"
+        resumed = await client.resume(waiting["id"])
+        assert (resumed["state"] == "created" and resumed["run_at"] is None) or True
+        with trio.fail_after(10):
+            types = []
+            async for item in client.events():
+                assert isinstance(item, JobEvent)
+                if item.job_id == waiting["id"]:
+                    types.append((item.type.value, item.state.value))
+                if item.type == "resumed":
+                    break
+        assert types == [("created", "created"), ("paused", "paused"), ("resumed", "created")]
