@@ -90,8 +90,10 @@ async def staller(ctx: JobContext, input: Any) -> Any:
 
 
 async def hold(ctx: JobContext, input: Any) -> Any:
-    """Holds a running slot: until ``go_file`` exists (if given), then ``seconds``."""
-    await _start(input)
+    """Holds a running slot: until ``go_file`` exists (if given; alive all along, however
+    long the wait), then ``seconds``."""
+    with ctx.keep_alive():
+        await _start(input)
     seconds = float(input.get("seconds", 0))
     if seconds:
         await trio.sleep(seconds)
