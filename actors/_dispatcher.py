@@ -89,6 +89,7 @@ class Dispatcher:
             with trio.CancelScope() as self._scope:
                 task_status.started(self)
                 renew_at = trio.current_time() + self._renew_interval
+                await self._dispatch()  # what waited while no runtime ran
                 while True:
                     wake_at = renew_at
                     if self._next_run_at is not None:

@@ -60,6 +60,26 @@ class _Group:
         return self.buffer[0] if self.buffer else None
 
 
+def _next_group(
+    db: sqlite3.Connection, priority: int, user_id: str, kind: str
+) -> tuple[str, str] | None:
+    """The (user, kind) group after ``(user_id, kind)`` within ``priority``. Two seeks: a row
+    value ``(user_id, kind) > (?, ?)`` would seek on ``user_id`` only and then step through
+    every waiting job of that user."""
+    found = db.execute(
+        "SELECT user_id, kind FROM jobs INDEXED BY jobs_waiting WHERE state = 'created'"
+        " AND priority = ? AND user_id = ? AND kind > ? ORDER BY kind LIMIT 1",
+        (priority, user_id, kind),
+    ).fetchone()
+    if found is None:
+        found = db.execute(
+            "SELECT user_id, kind FROM jobs INDEXED BY jobs_waiting WHERE state = 'created'"
+            " AND priority = ? AND user_id > ? ORDER BY user_id, kind LIMIT 1",
+            (priority, user_id),
+        ).fetchone()
+    return None if found is None else (found[0], found[1])
+
+
 def _next_in(groups: dict[GroupKey, _Group]) -> Callable[[Candidate], Candidate | None]:
     return lambda candidate: groups[candidate.group].after(candidate)
 
@@ -80,12 +100,7 @@ def claim_sync(db: sqlite3.Connection, request: ClaimRequest) -> tuple[list[str]
             groups: dict[GroupKey, _Group] = {}
             user_id, kind = "", ""
             while True:
-                found = db.execute(
-                    "SELECT user_id, kind FROM jobs INDEXED BY jobs_waiting"
-                    " WHERE state = 'created' AND priority = ?"
-                    " AND (user_id, kind) > (?, ?) ORDER BY user_id, kind LIMIT 1",
-                    (priority, user_id, kind),
-                ).fetchone()
+                found = _next_group(db, priority, user_id, kind)
                 if found is None:
                     break
                 user_id, kind = found

@@ -152,9 +152,6 @@ class Supervisor:
 
     # -- workers --------------------------------------------------------------------------------
 
-    def running_for(self, user_id: str) -> int:
-        return self._per_user.get(user_id, 0)
-
     def capacity(self) -> tuple[int, dict[str, int], dict[str, int]]:
         """Jobs this runtime runs now: in all, per user, per kind (the dispatcher's input)."""
         return len(self.workers), dict(self._per_user), dict(self._per_kind)
