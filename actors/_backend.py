@@ -285,6 +285,15 @@ class MemoryBackend:
         heartbeats: Mapping[str, tuple[int, float]],
     ) -> None:
         for job in jobs:
+            stored = self._jobs.get(job.id)
+            if (
+                stored is not None
+                and job.owner is not None
+                and stored.owner == job.owner
+                and (stored.lease_expires_at or 0) > (job.lease_expires_at or 0)
+            ):
+                # A renewal (renew_leases) is not moved back by a write of the same claim.
+                job = attrs.evolve(job, lease_expires_at=stored.lease_expires_at)
             self._jobs[job.id] = job
         for event in events:
             self._events.setdefault(event.job_id, []).append(event)

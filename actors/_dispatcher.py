@@ -2,9 +2,10 @@
 supervisor.
 
 One task, woken by an event (a create, resume, restart or re-queue; a worker's end) or by the
-earliest known ``run_at`` (one sleep, no timer per job), and by its own lease renewal. Every
-wake claims at most the free capacity (:meth:`StoreClient.claim`, planned by
-:class:`ClaimPlanner` under the runtime's limits), so wakes that come together cost one claim.
+earliest known ``run_at`` (one sleep, no timer per job), and by its own lease renewal. A create
+for later only moves that sleep (no claim). Every claim takes at most the free capacity
+(:meth:`StoreClient.claim`, planned by :class:`ClaimPlanner` under the runtime's limits), so
+wakes that come together cost one claim.
 """
 
 from __future__ import annotations
@@ -68,13 +69,22 @@ class Dispatcher:
         self._renew_interval = lease_renew_interval
         self._wake = trio.Event()
         self._next_run_at: float | None = None  # wall clock
+        self._due = False  # a claim may find something now
         self._scope: trio.CancelScope | None = None
         #: Claims made, jobs started, since the dispatcher started.
         self.claims = 0
         self.dispatched = 0
 
-    def wake(self) -> None:
-        """Claim again soon (never blocks): capacity freed or a job became claimable."""
+    def wake(self, run_at: float | None = None) -> None:
+        """Claim again soon (never blocks): capacity freed or a job became claimable.
+        ``run_at`` (Unix seconds), a job's not-before time: in the future, it only moves the
+        dispatcher's one sleep earlier if it comes before the earliest known."""
+        if run_at is None or run_at <= self._clock():
+            self._due = True
+        elif self._next_run_at is None or run_at < self._next_run_at:
+            self._next_run_at = run_at
+        else:
+            return
         self._wake.set()
 
     def close(self) -> None:
@@ -89,6 +99,7 @@ class Dispatcher:
             with trio.CancelScope() as self._scope:
                 task_status.started(self)
                 renew_at = trio.current_time() + self._renew_interval
+                self._due = False
                 await self._dispatch()  # what waited while no runtime ran
                 while True:
                     wake_at = renew_at
@@ -100,7 +111,10 @@ class Dispatcher:
                     if trio.current_time() >= renew_at:
                         renew_at = trio.current_time() + self._renew_interval
                         await self._renew()
-                    await self._dispatch()
+                    at = self._next_run_at
+                    if self._due or (at is not None and self._clock() >= at):
+                        self._due = False
+                        await self._dispatch()
 
     async def _renew(self) -> None:
         try:
@@ -114,7 +128,9 @@ class Dispatcher:
         running, by_user, by_kind = self.supervisor.capacity()
         limits = self.limits
         if running >= limits.max_running:
-            return  # an end wakes the dispatcher
+            # An end wakes the dispatcher, and its claim learns the next run_at again.
+            self._next_run_at = None
+            return
         now = self._clock()
         request = ClaimRequest(
             self.node_id,
@@ -126,14 +142,19 @@ class Dispatcher:
             by_kind,
             frozenset(self.supervisor.handlers),
         )
+        # Wakes for later jobs while the claim runs lower this again; the claim may not see
+        # their jobs, committed after it read.
+        self._next_run_at = None
         try:
-            jobs, self._next_run_at = await self.store.claim(request)
+            jobs, later = await self.store.claim(request)
         except RuntimeClosedError:
             raise
         except JobspineError as exc:
             log.warning("claim failed (retried in %g s): %s", RETRY_AFTER, exc)
             self._next_run_at = now + RETRY_AFTER
             return
+        if later is not None and (self._next_run_at is None or later < self._next_run_at):
+            self._next_run_at = later
         self.claims += 1
         for job in jobs:
             try:

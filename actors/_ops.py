@@ -73,12 +73,10 @@ def _emit(
     changes["updated_at"] = now
     changes["seq"] = job.seq + 1
     state = changes.get("state", job.state)
-    if state is not S.RUNNING:
-        # A claim lives while the job runs (or is claimed, waiting for its start).
-        changes.setdefault("owner", None if state is not S.CREATED else job.owner)
-        changes.setdefault(
-            "lease_expires_at", None if state is not S.CREATED else job.lease_expires_at
-        )
+    if state is not S.RUNNING and not (state is S.CREATED and job.state is S.CREATED):
+        # A claim lives while the job runs (and while a claimed job waits for its start).
+        changes.setdefault("owner", None)
+        changes.setdefault("lease_expires_at", None)
     if state is not job.state:
         if state is S.RUNNING:
             changes["run_started_at"] = now

@@ -34,6 +34,10 @@ S = JobState
 _ACTIVE = frozenset({S.CREATED, S.RUNNING})
 
 
+def _no_dispatcher(run_at: float | None) -> None:
+    """Before the dispatcher starts: it claims everything waiting when it does."""
+
+
 class Repository:
     """Every operation on jobs. Methods that change a job return it as stored afterwards;
     ``by`` names who asked (recorded in the audit trail)."""
@@ -50,8 +54,9 @@ class Repository:
         idempotency_window: float = 86_400.0,
     ) -> None:
         self._max_waiting = max_waiting_per_user
-        #: Woken when a job becomes claimable (set by the runtime to its dispatcher's wake).
-        self.wake_dispatcher: Callable[[], None] = lambda: None
+        #: Woken when a job becomes claimable, with its ``run_at`` (set by the runtime to its
+        #: dispatcher's wake).
+        self.wake_dispatcher: Callable[[float | None], None] = _no_dispatcher
         self._idempotency_window = idempotency_window
         self._store = store
         self._supervisor = supervisor
@@ -142,7 +147,7 @@ class Repository:
             max_waiting=self._max_waiting,
             idempotency_window=self._idempotency_window,
         )
-        self.wake_dispatcher()
+        self.wake_dispatcher(job.run_at)
         return job
 
     async def create_research_job(self, user_id: str, query: str, *, depth: int = 3) -> Job:
@@ -300,7 +305,7 @@ class Repository:
         job = await self._store.get(job_id)
         self._supervisor.handler_for(job.kind)
         job = await self._store.resume(job_id, by)
-        self.wake_dispatcher()
+        self.wake_dispatcher(None)
         return job
 
     async def restart(
@@ -318,7 +323,7 @@ class Repository:
             new_input = {**job.input, **modifications}
         self._supervisor.check_input(job.kind, new_input)
         job = await self._store.restart(job_id, by, modifications)
-        self.wake_dispatcher()
+        self.wake_dispatcher(None)
         return job
 
     async def delete_job(self, job_id: str) -> None:
@@ -365,4 +370,4 @@ class Repository:
 
     async def queue_stats(self, user_id: str | None = None) -> QueueStats:
         """Waiting (ready now, scheduled later), running, waiting per kind and per user."""
-        return await self._store.queue_stats(time.time(), user_id)
+        return await self._store.queue_stats(self._supervisor.now(), user_id)

@@ -115,6 +115,8 @@ class Runtime(Repository):
         self.store_actor = store_actor
         #: Present when ``open_runtime(broadcast=...)`` started one.
         self.broadcaster = broadcaster
+        #: The actor that claims waiting jobs (``claims``, ``dispatched``); set once started.
+        self.dispatcher: Dispatcher | None = None
 
     def status(self) -> SupervisorStatus:
         return self.supervisor.status()
@@ -322,6 +324,7 @@ async def open_runtime(
                         lease_renew_interval=config.lease_renew_interval,
                     )
                     await nursery.start(_actor, dispatcher.run, actors)
+                    runtime.dispatcher = dispatcher
                     supervisor.on_capacity = runtime.wake_dispatcher = dispatcher.wake
                     started = True
                     if config.retention is not None:

@@ -64,3 +64,7 @@ async def test_next_run_at_and_reopen(backend: Backend, tmp_path: Path) -> None:
     assert renewed == 1
     job = await backend.load(later.jobs[0].id)
     assert job is not None and job.lease_expires_at == NOW + 500
+    # A write of the same claim carrying the older expiry does not move the renewal back.
+    await backend.commit([later.jobs[0]], [], (), {})
+    job = await backend.load(later.jobs[0].id)
+    assert job is not None and job.lease_expires_at == NOW + 500

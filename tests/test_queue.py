@@ -30,7 +30,8 @@ S = JobState
 
 async def hold(ctx: JobContext, input: Any) -> Any:
     await ctx.checkpoint({"started": True})
-    await trio.sleep(input.get("for", 3600) if isinstance(input, dict) else 3600)
+    with ctx.keep_alive():  # alive, not stalled, however long it holds
+        await trio.sleep(input.get("for", 3600) if isinstance(input, dict) else 3600)
     return "held"
 
 
@@ -129,6 +130,10 @@ async def test_retries_with_backoff_then_success(autojump_clock: trio.abc.Clock)
 
     async with memory_runtime({"flaky": flaky}) as rt:
         job = await rt.create_job("flaky", "alice", {})
+        await trio.sleep(1)  # the first attempt failed; the retry waits its backoff
+        waiting = await rt.get_job(job.id)
+        assert (waiting.state, waiting.failed_attempts, waiting.owner) == (S.CREATED, 1, None)
+        assert waiting.run_at is not None and (await rt.queue_stats()).scheduled == 1
         done = await wait_for_state(rt, job.id)
         assert done.state is S.COMPLETED and done.attempt == 3 and done.failed_attempts == 2
         gaps = [b - a for a, b in itertools.pairwise(calls)]
@@ -290,3 +295,23 @@ async def test_waiting_jobs_are_not_cached(autojump_clock: trio.abc.Clock) -> No
         await trio.sleep(1)
         assert (await rt.queue_stats()).waiting == 198
         assert len(rt.store_actor._cache) == 2  # the running jobs only
+
+
+async def test_later_jobs_cost_no_claim_and_a_full_runtime_does_not_spin(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with memory_runtime({"hold": hold}, max_running=1) as rt:
+        assert rt.dispatcher is not None
+        await trio.sleep(0.1)  # the claim at start is made
+        before = rt.dispatcher.claims
+        later = [await rt.create_job("hold", "alice", {}, delay=10 + n) for n in range(50)]
+        assert rt.dispatcher.claims == before  # each only moved the one sleep
+        first = await wait_for_state(rt, later[0].id, {S.RUNNING}, timeout=20)
+        assert first.attempt == 1
+        # The others come due while the one slot is taken: the dispatcher sleeps until an end
+        # (a spin would keep the mock clock from ever reaching the end of this sleep).
+        with trio.fail_after(100):
+            await trio.sleep(90)
+        assert rt.dispatcher.claims <= before + 3
+        stats = await rt.queue_stats()
+        assert (stats.ready, stats.running) == (49, 1)
