@@ -10,6 +10,8 @@ from pathlib import Path
 import orjson
 import trio
 
+from actors import EventType, JobEvent, JobState
+from transport._display import change_line
 from transport._exit import ExitCode
 
 from .serving import free_port, serving, token
@@ -146,3 +148,20 @@ async def test_a_lost_reply_prints_the_key_and_the_rerun_makes_no_second_job(
         assert [j["id"] for j in stored] == [rerun.stdout.strip()]
         assert stored[0]["idempotency_key"] == key
         nursery.cancel_scope.cancel()
+
+
+def test_watch_says_when_a_retry_comes() -> None:
+    data = {
+        "error": {"type": "ValueError", "message": "flaky upstream"},
+        "failed_attempts": 1,
+        "max_attempts": 3,
+        "next_attempt_at": 1795931490.4,
+        "delay": 0.4,
+    }
+    event = JobEvent("J", "alice", 4, EventType.RETRYING, JobState.CREATED, 1795931490.0, data)
+    assert change_line(event, "J") == (
+        "retrying in 0.4 s: attempt failed (1 of 3): ValueError: flaky upstream"
+    )
+    started = JobEvent("J", "alice", 5, EventType.STARTED, JobState.RUNNING, 1795931490.4,
+                       {"attempt": 2, "owner": "n", "resumed_from_checkpoint": 3})  # fmt: skip
+    assert change_line(started, "J") == "resumed (attempt 2)"
