@@ -94,6 +94,7 @@ async def test_submit_flags_jobs_filters_and_stats(tmp_path: Path) -> None:
 
         # the same command with the job's key: the same job, nothing new
         again = await served.cli(*submit, "--idempotency-key", key)
+        assert again.returncode == 0, again.stderr
         assert orjson.loads(again.stdout)["id"] == job["id"]
         child = await served.cli("submit", "research", SMALL, "--delay", "1h", "--parent",
                                  job["id"])  # fmt: skip
