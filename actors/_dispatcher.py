@@ -11,6 +11,7 @@ wakes that come together cost one claim.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -71,6 +72,8 @@ class Dispatcher:
         self._next_run_at: float | None = None  # wall clock
         self._due = False  # a claim may find something now
         self._scope: trio.CancelScope | None = None
+        #: Set once :meth:`run` has returned (after :meth:`close`, no claim is in progress).
+        self.stopped = trio.Event()
         #: Claims made, jobs started, since the dispatcher started.
         self.claims = 0
         self.dispatched = 0
@@ -95,14 +98,23 @@ class Dispatcher:
     async def run(
         self, *, task_status: trio.TaskStatus[Dispatcher] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        try:
+            await self._serve(task_status)
+        finally:
+            self.stopped.set()
+
+    async def _serve(self, task_status: trio.TaskStatus[Dispatcher]) -> None:
         async with self.store:
             with trio.CancelScope() as self._scope:
+                # What waited while no runtime ran is claimed before the runtime is handed
+                # to its caller.
+                await self._dispatch()
                 task_status.started(self)
                 renew_at = trio.current_time() + self._renew_interval
-                self._due = False
-                await self._dispatch()  # what waited while no runtime ran
                 while True:
-                    wake_at = renew_at
+                    # Leases are renewed only while this runtime holds claims: an idle
+                    # runtime does not wake (nor touch the database) at all.
+                    wake_at = renew_at if self.supervisor.workers else math.inf
                     if self._next_run_at is not None:
                         wake_at = min(wake_at, self._to_trio(self._next_run_at))
                     with trio.move_on_at(wake_at):
@@ -110,7 +122,8 @@ class Dispatcher:
                     self._wake = trio.Event()
                     if trio.current_time() >= renew_at:
                         renew_at = trio.current_time() + self._renew_interval
-                        await self._renew()
+                        if self.supervisor.workers:
+                            await self._renew()
                     at = self._next_run_at
                     if self._due or (at is not None and self._clock() >= at):
                         self._due = False
@@ -145,13 +158,19 @@ class Dispatcher:
         # Wakes for later jobs while the claim runs lower this again; the claim may not see
         # their jobs, committed after it read.
         self._next_run_at = None
+        # Shielded: a job claimed and started in the store is launched, never left running
+        # with no worker.
+        with trio.CancelScope(shield=True):
+            await self._claim_and_launch(request)
+
+    async def _claim_and_launch(self, request: ClaimRequest) -> None:
         try:
             jobs, later = await self.store.claim(request)
         except RuntimeClosedError:
             raise
         except JobspineError as exc:
             log.warning("claim failed (retried in %g s): %s", RETRY_AFTER, exc)
-            self._next_run_at = now + RETRY_AFTER
+            self._next_run_at = request.now + RETRY_AFTER
             return
         if later is not None and (self._next_run_at is None or later < self._next_run_at):
             self._next_run_at = later

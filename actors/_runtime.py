@@ -335,9 +335,12 @@ async def open_runtime(
                     raise
                 finally:
                     retention.cancel()
-                    if dispatcher is not None:
-                        dispatcher.close()  # no new claims while running jobs are paused
                     with trio.move_on_after(config.shutdown_timeout, shield=True):
+                        if dispatcher is not None:
+                            # No new claims while running jobs are paused; a claim in
+                            # progress ends (and its jobs launch) first.
+                            dispatcher.close()
+                            await dispatcher.stopped.wait()
                         await supervisor.shutdown()
                     supervisor.close()
                     hub.close()
