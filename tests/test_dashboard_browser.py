@@ -376,6 +376,48 @@ def test_job_survives_reload_and_server_kill(server: Server, driver: WebDriver) 
     assert page_errors(driver) == []
 
 
+def test_server_on_a_new_database_resets_the_page(
+    server: Server, driver: WebDriver, tmp_path: Path
+) -> None:
+    """The server comes back on another database (a new epoch): the page drops every job of
+    the old one and closes the focused job's timeline, saying why, live and after a reload;
+    nothing of the two databases is shown together."""
+    alice = server.token("alice")
+    old = server.create(alice, "endless", {})
+    driver.get(f"{server.page}#token={alice}")
+    wait(driver, live)
+    open_job(driver, old["id"])
+    wait(driver, lambda d: len(timeline(d)) >= 5)
+
+    server.kill()
+    moved = Server(tmp_path / "other")
+    moved.port, moved.http = server.port, server.http
+    shutil.copy(server.data / "secret", moved.data / "secret")  # the same token still signs in
+    moved.start()
+    try:
+        new = moved.create(alice, "failing", {})
+        wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, f"tr[data-job='{new['id']}']"))
+        wait(driver, lambda d: focused_job(d) is None)
+        assert old["id"] not in text(driver, "jobs-body")
+        assert text(driver, "jobs-count") == "1 of 1 jobs"
+        assert timeline(driver) == []
+        notice = text(driver, "notice")
+        assert "epoch_changed" in notice and "no longer on this server" in notice
+        shot(driver, "12-new-database")
+
+        # A tab that still holds the old focus and cursors when it reloads: the same.
+        js(driver, "sessionStorage.setItem('jobspine.focus', JSON.stringify(arguments[0]))",
+           old["id"])  # fmt: skip
+        driver.refresh()
+        wait(driver, live)
+        wait(driver, lambda d: focused_job(d) is None)
+        assert "no longer on this server" in text(driver, "notice")
+        assert old["id"] not in text(driver, "jobs-body") and timeline(driver) == []
+        assert page_errors(driver) == []
+    finally:
+        moved.stop()
+
+
 def test_restart_editor_failure_banner_and_keyboard(server: Server, driver: WebDriver) -> None:
     """A failed job shows the ErrorBanner with what can be done; the restart editor sends the
     modifications; every step is done by keyboard; views at phone width."""

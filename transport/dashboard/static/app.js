@@ -108,7 +108,8 @@ async function start() {
     reset: onReset,
     roomError: (room, err) => {
       if (S.timeline && room === `job:${S.timeline.jobId}`) {
-        S.notice = { kind: "error", text: `${room}: ${err.message}` };
+        if (err.code === "unknown_job") forgetFocused(err);
+        else S.notice = { kind: "error", text: `${room}: ${err.message}` };
         render();
       }
     },
@@ -145,13 +146,22 @@ async function onHello(me) {
   render();
   try {
     mergeJobs(await S.conn.request("list", { limit: LIST_LIMIT }));
-    if (S.focus && !S.jobs.has(S.focus)) mergeJobs([await S.conn.request("get", { job_id: S.focus })]);
   } catch (err) {
     S.notice = { kind: "error", text: `could not list jobs: ${err.message}` };
   }
+  if (S.focus && !S.jobs.has(S.focus)) await fetchJob(S.focus);
   refreshDetails();
   if (S.view === "admin") refreshAdmin();
   render();
+}
+
+// Shows a notice; one said within the last few seconds stays in front of it (a reconnection
+// may have several things to say at once, such as a reset list and a closed job).
+function tell(kind, text) {
+  const recent = S.notice && now() - S.notice.at < 3;
+  S.notice = recent
+    ? { kind: S.notice.kind === "error" ? "error" : kind, text: `${S.notice.text}. ${text}`, at: S.notice.at }
+    : { kind, text, at: now() };
 }
 
 // -- jobs ----------------------------------------------------------------------------------
@@ -244,11 +254,23 @@ async function fetchJob(jobId) {
   fetching.add(jobId);
   try {
     mergeJobs([await S.conn.request("get", { job_id: jobId })]);
-  } catch {
-    // gone or not ours: nothing to show
+  } catch (err) {
+    // Gone or not ours: nothing to show, and the focused job is closed saying why.
+    if (jobId === S.focus && (err.code === "unknown_job" || err.code === "forbidden")) forgetFocused(err);
   } finally {
     fetching.delete(jobId);
   }
+}
+
+// The focused job is not on this server (removed by retention, or the server now runs on
+// another database): its panel and timeline close, since nothing of them can be continued.
+function forgetFocused(err) {
+  const jobId = S.focus;
+  if (!jobId) return;
+  S.jobs.delete(jobId);
+  focusJob(null);
+  tell("error", `job ${jobId} is no longer on this server (${err.message}): its timeline was closed`);
+  render();
 }
 
 function onEvent(e, rooms) {
@@ -273,8 +295,12 @@ function onSkipped(marker, rooms) {
 function onReset(room, result) {
   const reason = result.reset_reason;
   if (room.startsWith("user:")) {
+    // The jobs held are of another database, or some were removed: none of them can be
+    // trusted, the list is the snapshot's (the focused job is fetched again if not in it).
+    S.jobs.clear();
     mergeJobs(result.snapshot ? result.snapshot.jobs : []);
-    S.notice = { kind: "info", text: `job list reset: ${reason}` };
+    if (S.focus && !S.jobs.has(S.focus)) fetchJob(S.focus);
+    tell("info", `job list reset: ${reason}`);
   } else if (S.timeline && room === `job:${S.timeline.jobId}`) {
     // The timeline held events of another database or numbers beyond the head: it starts
     // again from the durable log, saying why.
