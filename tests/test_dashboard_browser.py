@@ -418,6 +418,52 @@ def test_server_on_a_new_database_resets_the_page(
         moved.stop()
 
 
+#: Job data meant to be read as markup, a URL, a template, or to reorder the words around it.
+HOSTILE = [
+    "<img src=x onerror=window.__pwned=1>",
+    "</script><script>window.__pwned=2</script>",
+    "javascript:window.__pwned=3",
+    '"><svg onload=window.__pwned=4>',
+    "${window.__pwned=5}{{constructor.constructor('window.__pwned=6')()}}",
+    "\u202eevil\u202c gpj.exe \u2067x\u200f\u200b\ufeff",
+    "emoji 👩‍👩‍👧‍👦🧨 and a long word " + "W" * 3000,
+]
+
+
+def test_hostile_job_data_is_shown_as_text(server: Server, driver: WebDriver) -> None:
+    """User ids, inputs, results, checkpoint samples and error messages holding markup,
+    scripts, URLs, bidirectional overrides and very long words: nothing is parsed or run, an
+    override reorders only its own text, long words wrap (nothing sideways at 1280 px or
+    390 px), and every field of the job is listed."""
+    user = HOSTILE[0] + HOSTILE[5]
+    token = server.token(user)
+    words = " ".join(HOSTILE)
+    analysis = server.create(token, "analysis", {"content": words, "chunk_size": 50, "delay": 0})
+    research = server.create(token, "research", {"query": words[:1000], "depth": 2, "delay": 0})
+    failing = server.create(token, "failing", {"labels": HOSTILE, HOSTILE[0]: HOSTILE[1],
+                                               "numbers": [1e308, -0.0, 5e-324]})  # fmt: skip
+    driver.get(f"{server.page}#token={token}")
+    wait(driver, live)
+    for job in (analysis, research, failing):
+        open_job(driver, job["id"])
+        wait(driver, lambda d: timeline(d) and timeline(d)[-1][1] in ("completed", "failed"))
+        js(driver, "document.querySelectorAll('details').forEach((e) => { e.open = true; })")
+        wait(driver, lambda d: "loading" not in text(d, "debug-body"))
+        assert "[object" not in text(driver, "fields")
+        assert "user_id" in text(driver, "fields") and "input" in text(driver, "fields")
+        for width in (1280, 390):
+            size(driver, width, 800)
+            assert js(driver, "return document.documentElement.scrollWidth") <= width
+        size(driver, 1280, 800)
+    shot(driver, "13-hostile-data")
+    assert js(driver, "return window.__pwned") is None
+    assert js(driver, "return document.querySelectorAll('#app img, #app svg, script').length") == 1
+    # Each override is closed where the user's text ends (U+2069), before the page's words.
+    assert "\u2069, token valid" in text(driver, "who")
+    assert f"\u2068{user}\u2069" in text(driver, "fields")
+    assert page_errors(driver) == []
+
+
 def test_restart_editor_failure_banner_and_keyboard(server: Server, driver: WebDriver) -> None:
     """A failed job shows the ErrorBanner with what can be done; the restart editor sends the
     modifications; every step is done by keyboard; views at phone width."""

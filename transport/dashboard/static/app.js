@@ -4,7 +4,7 @@
 
 import { Connection } from "./conn.js";
 import { session, takeFragmentToken } from "./store.js";
-import { FINAL, age, brief, bytes, clock, h, isOmitted, now, replace, shortId } from "./ui.js";
+import { FINAL, age, brief, bytes, clock, h, isOmitted, iso, now, replace, shortId } from "./ui.js";
 
 const STATES = ["created", "running", "paused", "completed", "failed", "cancelled"];
 // Old finished jobs leave the live list past this many, oldest first (bounded memory).
@@ -109,7 +109,7 @@ async function start() {
     roomError: (room, err) => {
       if (S.timeline && room === `job:${S.timeline.jobId}`) {
         if (err.code === "unknown_job") forgetFocused(err);
-        else S.notice = { kind: "error", text: `${room}: ${err.message}` };
+        else S.notice = { kind: "error", text: `${iso(room)}: ${iso(err.message)}` };
         render();
       }
     },
@@ -147,7 +147,7 @@ async function onHello(me) {
   try {
     mergeJobs(await S.conn.request("list", { limit: LIST_LIMIT }));
   } catch (err) {
-    S.notice = { kind: "error", text: `could not list jobs: ${err.message}` };
+    S.notice = { kind: "error", text: `could not list jobs: ${iso(err.message)}` };
   }
   if (S.focus && !S.jobs.has(S.focus)) await fetchJob(S.focus);
   refreshDetails();
@@ -269,7 +269,7 @@ function forgetFocused(err) {
   if (!jobId) return;
   S.jobs.delete(jobId);
   focusJob(null);
-  tell("error", `job ${jobId} is no longer on this server (${err.message}): its timeline was closed`);
+  tell("error", `job ${jobId} is no longer on this server (${iso(err.message)}): its timeline was closed`);
   render();
 }
 
@@ -380,7 +380,7 @@ async function refreshDetails() {
       S.conn.request("checkpoint_details", { job_id: jobId }),
     ]);
   } catch (err) {
-    details.error = err.message;
+    details.error = iso(err.message);
   }
   if (S.focus === jobId) {
     S.details = details;
@@ -398,7 +398,7 @@ async function act(op, fields, what) {
     refreshDetails();
     return job;
   } catch (err) {
-    S.notice = { kind: "error", text: `${op} refused: ${err.message}` };
+    S.notice = { kind: "error", text: `${op} refused: ${iso(err.message)}` };
     return null;
   } finally {
     render();
@@ -416,7 +416,7 @@ async function submitJob(event) {
     render();
     return;
   }
-  const job = await act("create", { kind, input }, (j) => `created ${j.kind} job ${j.id}`);
+  const job = await act("create", { kind, input }, (j) => `created ${iso(j.kind)} job ${j.id}`);
   if (job) focusJob(job.id);
 }
 
@@ -459,7 +459,7 @@ async function refreshAdmin() {
     const [stats, jobs] = await Promise.all([S.conn.request("stats"), S.conn.request("list", fields)]);
     Object.assign(S.admin, { stats, jobs, error: null, at: now() });
   } catch (err) {
-    S.admin.error = err.message;
+    S.admin.error = iso(err.message);
   }
   render();
 }
@@ -509,10 +509,10 @@ function drawStatusBar() {
   $("reconnect").disabled = Boolean(st.trying);
   $("reconnect").hidden = st.state !== "lost";
   const me = S.me;
-  $("who").textContent = me ? `${me.user_id}${me.admin ? " (admin)" : ""}, token valid ${age(me.expires_at - now())}` : "";
+  $("who").textContent = me ? `${iso(me.user_id)}${me.admin ? " (admin)" : ""}, token valid ${age(me.expires_at - now())}` : "";
   const job = S.focus && S.jobs.get(S.focus);
   $("focused").textContent = job
-    ? `${job.kind} ${shortId(job.id)}: ${job.state} ${Math.round(job.progress || 0)}%`
+    ? `${iso(job.kind)} ${shortId(job.id)}: ${job.state} ${Math.round(job.progress || 0)}%`
     : "no job focused";
 }
 
@@ -592,7 +592,7 @@ function drawDetail() {
   $("detail-empty").hidden = Boolean(S.focus);
   $("detail-body").hidden = !S.focus;
   if (!S.focus) return;
-  $("detail-title").textContent = job ? `${job.kind} ${job.id}` : S.focus;
+  $("detail-title").textContent = job ? `${iso(job.kind)} ${job.id}` : S.focus;
   if (!job) return;
   $("detail-state").textContent = job.state === "created" ? "created (waiting)" : job.state;
   $("detail-state").className = `badge ${job.state}`;
@@ -630,8 +630,8 @@ function drawErrorBanner(job) {
   if (!show) return;
   banner.dataset.kind = job.state;
   const title = job.state === "failed"
-    ? `Failed${job.error ? `: ${job.error.type}: ${brief(job.error.message, 300)}` : ""}`
-    : `Paused by ${job.pause_reason}`;
+    ? `Failed${job.error ? `: ${iso(job.error.type)}: ${brief(job.error.message, 300)}` : ""}`
+    : `Paused by ${iso(job.pause_reason)}`;
   const can = [];
   if (rec) {
     can.push(rec.reason);
@@ -683,7 +683,7 @@ function drawDebugPanel(job) {
       h("dt", {}, "saved at"), h("dd", {}, cp.at ? `${clock(cp.at)} (${age(now() - cp.at)} ago)` : "never"),
       h("dt", {}, "size"), h("dd", {}, bytes(cp.size)),
       h("dt", {}, "type"), h("dd", {}, cp.type),
-      h("dt", {}, "keys"), h("dd", {}, cp.keys ? cp.keys.join(", ") : "–"),
+      h("dt", {}, "keys"), h("dd", {}, cp.keys ? cp.keys.map(iso).join(", ") : "–"),
       h("dt", {}, "validation"), h("dd", { class: check.errors.length ? "error" : "ok" }, verdict),
       check.warnings.length ? [h("dt", {}, "warnings"), h("dd", {}, check.warnings.join("; "))] : null),
     h("p", {}, "sample"),
@@ -700,9 +700,9 @@ function timelineRow(e) {
   let detail;
   switch (e.type) {
     case "progress": detail = `${Math.round(d.progress)}% ${brief(d.step, 80)}`; break;
-    case "failed": detail = d.error ? `${d.error.type}: ${brief(d.error.message, 120)}` : ""; break;
-    case "paused": detail = `reason ${d.reason}, checkpoint v${d.checkpoint_version}`; break;
-    case "recovery": detail = `${d.reason}; recovery attempt ${d.recovery_attempts}, checkpoint v${d.checkpoint_version}`; break;
+    case "failed": detail = d.error ? `${iso(d.error.type)}: ${brief(d.error.message, 120)}` : ""; break;
+    case "paused": detail = `reason ${iso(d.reason)}, checkpoint v${d.checkpoint_version}`; break;
+    case "recovery": detail = `${iso(d.reason)}; recovery attempt ${d.recovery_attempts}, checkpoint v${d.checkpoint_version}`; break;
     case "checkpoint": detail = `v${d.version}, ${bytes(d.size)}`; break;
     case "completed": detail = `result ${brief(d.result, 120)}`; break;
     default: detail = brief(d, 160); // created, restarted, and any type this page does not know
@@ -747,7 +747,7 @@ function drawToasts() {
   if (toasts.length === shown.size && toasts.every(({ key }) => shown.has(key))) return;
   replace(region, toasts.map(({ job, key }) =>
     h("div", { class: "toast", role: "alert", "data-key": key, "data-job": job.id },
-      h("p", {}, `${job.kind} job ${shortId(job.id)} was paused by ${job.pause_reason === "recovery" ? "recovery" : job.pause_reason} at checkpoint v${job.checkpoint_version || 0} (${Math.round(job.progress || 0)}%).`),
+      h("p", {}, `${iso(job.kind)} job ${shortId(job.id)} was paused by ${iso(job.pause_reason)} at checkpoint v${job.checkpoint_version || 0} (${Math.round(job.progress || 0)}%).`),
       h("div", { class: "row" },
         h("button", { class: "primary resume", onclick: () => act("resume", { job_id: job.id }, (j) => `resumed ${j.id}`) }, "Resume"),
         h("button", { onclick: () => focusJob(job.id) }, "Show"),
