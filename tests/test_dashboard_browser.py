@@ -464,6 +464,34 @@ def test_hostile_job_data_is_shown_as_text(server: Server, driver: WebDriver) ->
     assert page_errors(driver) == []
 
 
+def test_a_job_with_thousands_of_events(server: Server, driver: WebDriver) -> None:
+    """A job with over a thousand events, watched live: the page keeps answering, its timeline
+    keeps the newest 1,000 in order and says how many it left out, and a reload continues
+    with the same bound."""
+    alice = server.token("alice")
+    driver.get(f"{server.page}#token={alice}")
+    wait(driver, live)
+    job = server.create(alice, "research", {"query": "many", "depth": 600, "delay": 0})
+    open_job(driver, job["id"])
+    deadline = time.monotonic() + 120
+    while server.request(alice, "get", {"job_id": job["id"]})["state"] != "completed":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    log = server.durable_log(alice, job["id"])
+    assert len(log) > 1100
+    wait(driver, lambda d: timeline(d) and timeline(d)[-1] == (log[-1]["seq"], "completed"), 60)
+    rows = timeline(driver)
+    assert len(rows) == 1000
+    assert [seq for seq, _ in rows] == sorted({seq for seq, _ in rows})  # in order, once each
+    dropped = int(by_id(driver, "timeline-count").get_attribute("data-dropped") or 0)
+    assert dropped > 0 and "earlier left out" in text(driver, "timeline-count")
+    driver.refresh()
+    wait(driver, live)
+    wait(driver, lambda d: timeline(d) and timeline(d)[-1][0] == log[-1]["seq"])
+    assert len(timeline(driver)) == 1000
+    assert page_errors(driver) == []
+
+
 def test_restart_editor_failure_banner_and_keyboard(server: Server, driver: WebDriver) -> None:
     """A failed job shows the ErrorBanner with what can be done; the restart editor sends the
     modifications; every step is done by keyboard; views at phone width."""

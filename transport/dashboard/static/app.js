@@ -12,6 +12,8 @@ const MAX_FINISHED = 50;
 const LIST_LIMIT = 100;
 const TOAST_REASONS = new Set(["recovery", "shutdown", "store_unavailable"]);
 const CHECKPOINT_LIMIT = 1024 * 1024;
+// The focused job's timeline keeps this many newest events (bounded memory and storage).
+const MAX_TIMELINE = 1000;
 const TEMPLATES = {
   research: { query: "structured concurrency", depth: 30 },
   trade: { symbol: "ACME", side: "buy", quantity: 100, slices: 10 },
@@ -276,7 +278,6 @@ function forgetFocused(err) {
 function onEvent(e, rooms) {
   applyEvent(e);
   if (S.timeline && rooms.includes(`job:${S.timeline.jobId}`)) {
-    S.timeline.events.push(e);
     appendTimelineRow(e);
     if (e.type !== "progress") refreshDetailsSoon();
   }
@@ -287,7 +288,6 @@ function onEvent(e, rooms) {
 function onSkipped(marker, rooms) {
   if (S.timeline && rooms.includes(`job:${S.timeline.jobId}`)) {
     const entry = { skipped: true, seq: marker.seq, count: marker.count, job_id: marker.job_id };
-    S.timeline.events.push(entry);
     appendTimelineRow(entry);
   }
 }
@@ -307,6 +307,7 @@ function onReset(room, result) {
     if (result.snapshot) mergeJobs([result.snapshot.job]);
     S.timeline.resets.push({ at: now(), reason });
     S.timeline.events = [];
+    S.timeline.dropped = 0;
     S.timeline.cursor = null;
     saveTimelineSoon();
     renderTimeline(true);
@@ -335,8 +336,8 @@ function saveTimeline() {
   clearTimeout(saveTimer);
   saveTimer = null;
   if (S.timeline && S.timeline.cursor) {
-    const { jobId, cursor, events, resets } = S.timeline;
-    session.setTimeline({ jobId, cursor, events, resets });
+    const { jobId, cursor, events, resets, dropped } = S.timeline;
+    session.setTimeline({ jobId, cursor, events, resets, dropped });
   }
 }
 
@@ -715,21 +716,45 @@ function timelineRow(e) {
 function timelineCount() {
   const t = S.timeline;
   const el = $("timeline-count");
-  el.textContent = !t ? "" : `${t.events.length} events${t.continuedFrom ? `, continued after #${t.continuedFrom} from before a reload` : ""}`;
+  const dropped = t && t.dropped ? `, the newest ${MAX_TIMELINE} shown (${t.dropped} earlier left out)` : "";
+  el.textContent = !t ? "" : `${t.events.length} events${dropped}${t.continuedFrom ? `, continued after #${t.continuedFrom} from before a reload` : ""}`;
+  el.dataset.dropped = t && t.dropped ? t.dropped : "";
   el.dataset.continuedFrom = t && t.continuedFrom ? t.continuedFrom : "";
 }
 
-// The timeline follows new events while it is scrolled to its end, and stays put otherwise.
+// The timeline keeps the newest MAX_TIMELINE events: memory, the page and the tab's storage
+// stay bounded however many events a job has. New rows are added once per frame, in one go
+// (a row per event, each measuring the layout, froze the page under thousands of events), and
+// the timeline follows them while it is scrolled to its end, and stays put otherwise.
+let pendingRows = [];
 function appendTimelineRow(e) {
+  const t = S.timeline;
+  t.events.push(e);
+  if (t.events.length > MAX_TIMELINE) {
+    const extra = t.events.length - MAX_TIMELINE;
+    t.events.splice(0, extra);
+    t.dropped = (t.dropped || 0) + extra;
+  }
+  pendingRows.push(e);
+  if (pendingRows.length > MAX_TIMELINE) pendingRows.splice(0, pendingRows.length - MAX_TIMELINE);
+  if (pendingRows.length === 1) requestAnimationFrame(flushTimelineRows);
+}
+
+function flushTimelineRows() {
+  if (pendingRows.length === 0) return;
   const box = $("timeline-scroll");
   const following = box.scrollTop + box.clientHeight >= box.scrollHeight - 8;
-  $("timeline-body").append(timelineRow(e));
+  const body = $("timeline-body");
+  body.append(...pendingRows.map(timelineRow));
+  pendingRows = [];
+  for (let extra = body.children.length - MAX_TIMELINE; extra > 0; extra -= 1) body.firstChild.remove();
   if (following) box.scrollTop = box.scrollHeight;
   timelineCount();
 }
 
 function renderTimeline() {
   const t = S.timeline;
+  pendingRows = [];
   replace($("timeline-body"), t ? t.events.map(timelineRow) : []);
   $("timeline-scroll").scrollTop = $("timeline-scroll").scrollHeight;
   replace($("timeline-resets"), t ? t.resets.map((r) => h("li", {}, `reset at ${clock(r.at)}: ${r.reason}; read again from the job's durable log`)) : []);
