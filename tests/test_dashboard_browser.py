@@ -492,6 +492,32 @@ def test_a_job_with_thousands_of_events(server: Server, driver: WebDriver) -> No
     assert page_errors(driver) == []
 
 
+def test_admin_view_says_what_it_leaves_out(server: Server, driver: WebDriver) -> None:
+    """More jobs than the admin view lists (200, newest first): it says so and how many there
+    are; a state filter narrows the list on the server, down to jobs the first page missed."""
+    erin = server.token("erin")
+    oldest = server.create(erin, "research", {"query": "first", "depth": 1, "delay": 0})
+    for start in range(0, 210, 10):  # in rounds, under the requests a connection may have
+        frames = [{"op": "create", "id": i, "kind": "failing", "input": {}}
+                  for i in range(start + 1, start + 11)]  # fmt: skip
+        got = trio.run(_exchange, f"ws://127.0.0.1:{server.port}", erin, frames,
+                       lambda g: sum(m["type"] in ("reply", "error") for m in g) >= 10)  # fmt: skip
+        assert all(m["type"] != "error" for m in got), got
+    driver.get(f"{server.page}#token={server.token('root', admin=True)}")
+    wait(driver, live)
+    by_id(driver, "nav-admin").click()
+    shown = wait(driver, lambda d: text(d, "admin-shown"))
+    assert "200 newest jobs of 211" in shown and "older" in shown
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#admin-body tr")) == 200
+    assert not rows_of(oldest["id"])(driver)
+    by_id(driver, "admin-state").send_keys("completed")
+    by_id(driver, "admin-form").submit()
+    wait(driver, rows_of(oldest["id"]))
+    assert text(driver, "admin-shown") == "1 jobs"
+    shot(driver, "14-admin-many")
+    assert page_errors(driver) == []
+
+
 def test_restart_editor_failure_banner_and_keyboard(server: Server, driver: WebDriver) -> None:
     """A failed job shows the ErrorBanner with what can be done; the restart editor sends the
     modifications; every step is done by keyboard; views at phone width."""

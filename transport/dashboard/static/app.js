@@ -10,6 +10,8 @@ const STATES = ["created", "running", "paused", "completed", "failed", "cancelle
 // Old finished jobs leave the live list past this many, oldest first (bounded memory).
 const MAX_FINISHED = 50;
 const LIST_LIMIT = 100;
+// The admin view asks for this many jobs, newest first (the protocol's `list` has no paging).
+const ADMIN_LIMIT = 200;
 const TOAST_REASONS = new Set(["recovery", "shutdown", "store_unavailable"]);
 const CHECKPOINT_LIMIT = 1024 * 1024;
 // The focused job's timeline keeps this many newest events (bounded memory and storage).
@@ -31,7 +33,7 @@ const S = {
   details: null, // {jobId, recovery, checkpoint, error}
   notice: null, // {kind: "error" | "info", text}
   view: session.view() || "jobs",
-  admin: { user: "", jobs: [], stats: null, error: null, at: null },
+  admin: { user: "", state: "", jobs: [], stats: null, error: null, at: null },
   editing: false,
 };
 
@@ -77,7 +79,7 @@ function signOut(message) {
   Object.assign(S, {
     conn: null, me: null, status: { state: "signed-out" }, focus: null, timeline: null,
     details: null, notice: null, view: "jobs", editing: false,
-    admin: { user: "", jobs: [], stats: null, error: null, at: null },
+    admin: { user: "", state: "", jobs: [], stats: null, error: null, at: null },
   });
   S.jobs.clear();
   rows.clear();
@@ -454,8 +456,9 @@ async function refreshAdmin() {
   if (S.view !== "admin" || !S.me || !S.me.admin) return;
   adminTimer = setTimeout(refreshAdmin, 5000);
   if (!S.conn || S.conn.state !== "live") return;
-  const fields = { limit: 200 };
+  const fields = { limit: ADMIN_LIMIT };
   if (S.admin.user) fields.user_id = S.admin.user;
+  if (S.admin.state) fields.state = S.admin.state;
   try {
     const [stats, jobs] = await Promise.all([S.conn.request("stats"), S.conn.request("list", fields)]);
     Object.assign(S.admin, { stats, jobs, error: null, at: now() });
@@ -779,11 +782,22 @@ function drawToasts() {
         h("button", { onclick: () => dismissToast(key) }, "Dismiss")))));
 }
 
+// Says how much of the jobs asked for the view shows: the list stops at ADMIN_LIMIT, newest
+// first, and the older ones are reached only by narrowing it.
+function adminShown(a) {
+  if (!a.at) return "";
+  const total = !a.user && !a.state && a.stats ? a.stats.total : null;
+  if (a.jobs.length < ADMIN_LIMIT) return `${a.jobs.length} jobs`;
+  const of = total === null || total === undefined ? "" : ` of ${total}`;
+  return `the ${ADMIN_LIMIT} newest jobs${of} are shown: choose a user or a state to see older ones`;
+}
+
 function drawAdmin() {
   const a = S.admin;
   $("admin-error").hidden = !a.error;
   $("admin-error").textContent = a.error || "";
   $("admin-updated").textContent = a.at ? `updated ${clock(a.at)}` : "";
+  $("admin-shown").textContent = adminShown(a);
   replace($("admin-stats"), a.stats ? Object.entries(a.stats).map(([k, v]) => h("div", { class: "stat" }, h("span", {}, k), h("strong", {}, typeof v === "object" ? brief(v, 60) : String(v)))) : []);
   replace($("admin-body"), a.jobs.map((j) =>
     h("tr", { "data-job": j.id },
@@ -809,6 +823,7 @@ function wire() {
   $("filter-state").addEventListener("change", (e) => { S.filters.state = e.target.value; render(); });
   $("filter-kind").addEventListener("change", (e) => { S.filters.kind = e.target.value; render(); });
   $("filter-text").addEventListener("input", (e) => { S.filters.text = e.target.value; render(); });
+  replace($("admin-state"), h("option", { value: "" }, "all states"), STATES.map((s) => h("option", { value: s }, s)));
   replace($("filter-state"), h("option", { value: "" }, "all states"), h("option", { value: "active" }, "not finished"), STATES.map((s) => h("option", { value: s }, s === "created" ? "created (waiting)" : s)));
   $("submit-form").addEventListener("submit", submitJob);
   $("submit-kind").addEventListener("change", (e) => {
@@ -827,6 +842,7 @@ function wire() {
   $("admin-form").addEventListener("submit", (e) => {
     e.preventDefault();
     S.admin.user = $("admin-user").value.trim();
+    S.admin.state = $("admin-state").value;
     refreshAdmin();
   });
   document.addEventListener("keydown", (e) => {
