@@ -513,8 +513,34 @@ def test_admin_view_says_what_it_leaves_out(server: Server, driver: WebDriver) -
     by_id(driver, "admin-state").send_keys("completed")
     by_id(driver, "admin-form").submit()
     wait(driver, rows_of(oldest["id"]))
-    assert text(driver, "admin-shown") == "1 jobs"
+    assert text(driver, "admin-shown") == "1 job"
     shot(driver, "14-admin-many")
+    assert page_errors(driver) == []
+
+
+def test_a_new_token_in_an_open_tab(server: Server, driver: WebDriver) -> None:
+    """A signed-in URL for another user opened in a tab that shows the page (only the fragment
+    changes, no page load): the tab signs in as that user with nothing of the first one (its
+    focused job, timeline); the fragment leaves the address bar, an empty one too."""
+    alice = server.token("alice")
+    job = server.create(alice, "research", {"query": "alice's", "depth": 2, "delay": 0})
+    driver.get(f"{server.page}#token={alice}")
+    wait(driver, live)
+    open_job(driver, job["id"])
+    wait(driver, lambda d: timeline(d) and timeline(d)[-1][1] == "completed")
+
+    driver.get(f"{server.page}#token={server.token('bob')}")
+    wait(driver, lambda d: "bob" in text(d, "who"))
+    wait(driver, live)
+    assert driver.current_url == server.page
+    assert focused_job(driver) is None and timeline(driver) == []
+    assert job["id"] not in driver.page_source
+    assert js(driver, "return sessionStorage.getItem('jobspine.timeline')") is None
+
+    for junk in ("#token=", "#token=%20&x=1"):
+        driver.get(f"{server.page}{junk}")
+        wait(driver, lambda d: d.current_url == server.page)
+        assert "bob" in text(driver, "who")
     assert page_errors(driver) == []
 
 

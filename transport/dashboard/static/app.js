@@ -787,7 +787,7 @@ function drawToasts() {
 function adminShown(a) {
   if (!a.at) return "";
   const total = !a.user && !a.state && a.stats ? a.stats.total : null;
-  if (a.jobs.length < ADMIN_LIMIT) return `${a.jobs.length} jobs`;
+  if (a.jobs.length < ADMIN_LIMIT) return `${a.jobs.length} job${a.jobs.length === 1 ? "" : "s"}`;
   const of = total === null || total === undefined ? "" : ` of ${total}`;
   return `the ${ADMIN_LIMIT} newest jobs${of} are shown: choose a user or a state to see older ones`;
 }
@@ -851,6 +851,13 @@ function wire() {
   // The countdown and ages move on their own.
   setInterval(() => S.conn && render(), 500);
   addEventListener("pagehide", saveTimeline);
+  // A signed-in URL opened in a tab that shows the page already changes only the fragment (no
+  // new page load): the token is taken the same way, and the page starts again with it.
+  addEventListener("hashchange", () => {
+    if (!takeFragmentToken()) return;
+    S.timeline = null; // not saved again on the way out: it was the previous user's
+    location.reload();
+  });
 }
 
 takeFragmentToken();
