@@ -515,6 +515,13 @@ def test_admin_view_says_what_it_leaves_out(server: Server, driver: WebDriver) -
     wait(driver, rows_of(oldest["id"]))
     assert text(driver, "admin-shown") == "1 job"
     shot(driver, "14-admin-many")
+    # Keyboard focus on a row stays there through redraws and the 5 s refresh.
+    opener = rows_of(oldest["id"])(driver)[0].find_element(By.TAG_NAME, "button")
+    js(driver, "arguments[0].focus()", opener)
+    time.sleep(5.5)
+    assert driver.switch_to.active_element == opener
+    opener.send_keys(Keys.ENTER)
+    wait(driver, lambda d: focused_job(d) == oldest["id"])
     assert page_errors(driver) == []
 
 

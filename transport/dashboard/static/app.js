@@ -83,6 +83,7 @@ function signOut(message) {
   });
   S.jobs.clear();
   rows.clear();
+  adminRows.clear();
   for (const id of ["jobs-body", "timeline-body", "admin-body", "admin-stats", "toasts"]) replace($(id));
   session.signOut();
   showSignIn(message);
@@ -799,13 +800,34 @@ function drawAdmin() {
   $("admin-updated").textContent = a.at ? `updated ${clock(a.at)}` : "";
   $("admin-shown").textContent = adminShown(a);
   replace($("admin-stats"), a.stats ? Object.entries(a.stats).map(([k, v]) => h("div", { class: "stat" }, h("span", {}, k), h("strong", {}, typeof v === "object" ? brief(v, 60) : String(v)))) : []);
-  replace($("admin-body"), a.jobs.map((j) =>
-    h("tr", { "data-job": j.id },
-      h("td", {}, j.user_id),
-      h("td", {}, h("button", { class: "link", title: j.id, onclick: () => { setView("jobs"); focusJob(j.id); } }, shortId(j.id))),
-      h("td", {}, j.kind),
-      h("td", {}, h("span", { class: `badge ${j.state}` }, j.state)), h("td", {}, `${Math.round(j.progress || 0)}%`),
-      h("td", {}, age(now() - j.created_at)), h("td", {}, brief(j.step, 60)))));
+  const wanted = a.jobs.map(adminRow);
+  const ids = new Set(a.jobs.map((j) => j.id));
+  for (const id of adminRows.keys()) if (!ids.has(id)) adminRows.delete(id);
+  const body = $("admin-body");
+  // As in the job list: rows are kept and moved only when the order changes, so a refresh
+  // (every 5 s, and every redraw) never takes keyboard focus away from a row.
+  if (wanted.length !== body.children.length || wanted.some((tr, i) => body.children[i] !== tr)) {
+    replace(body, wanted);
+  }
+}
+
+const adminRows = new Map(); // job id -> <tr> of the admin view
+
+function adminRow(j) {
+  let tr = adminRows.get(j.id);
+  if (!tr) {
+    const open = h("button", { class: "link", title: j.id, onclick: () => { setView("jobs"); focusJob(j.id); } }, shortId(j.id));
+    tr = h("tr", { "data-job": j.id }, h("td"), h("td", {}, open), h("td"), h("td"), h("td"), h("td"), h("td"));
+    adminRows.set(j.id, tr);
+  }
+  const [user, , kind, state, progress, when, step] = tr.children;
+  user.textContent = j.user_id;
+  kind.textContent = j.kind;
+  state.replaceChildren(h("span", { class: `badge ${j.state}` }, j.state));
+  progress.textContent = `${Math.round(j.progress || 0)}%`;
+  when.textContent = age(now() - j.created_at);
+  step.textContent = brief(j.step, 60);
+  return tr;
 }
 
 // -- wiring --------------------------------------------------------------------------------
