@@ -309,6 +309,8 @@ async def test_config_file_reaches_the_server_and_the_client(tmp_path: Path) -> 
             while b"listening on" not in seen:
                 seen += await process.stderr.receive_some()
         assert f"ws://127.0.0.1:{port}".encode() in seen and f"pid {process.pid}".encode() in seen
+        # A new user learns from this line where the dashboard is.
+        assert re.search(rb"dashboard http://127\.0\.0\.1:\d+/ ", seen), seen
         token = orjson.loads(run("token", "--user", "alice", "--json", env=env).stdout)["token"]
         listed = await arun("jobs", "--json", env={**env, "JOBSPINE_TOKEN": token})
         assert listed.returncode == 0 and orjson.loads(listed.stdout) == []

@@ -376,6 +376,181 @@ def test_job_survives_reload_and_server_kill(server: Server, driver: WebDriver) 
     assert page_errors(driver) == []
 
 
+def test_server_on_a_new_database_resets_the_page(
+    server: Server, driver: WebDriver, tmp_path: Path
+) -> None:
+    """The server comes back on another database (a new epoch): the page drops every job of
+    the old one and closes the focused job's timeline, saying why, live and after a reload;
+    nothing of the two databases is shown together."""
+    alice = server.token("alice")
+    old = server.create(alice, "endless", {})
+    driver.get(f"{server.page}#token={alice}")
+    wait(driver, live)
+    open_job(driver, old["id"])
+    wait(driver, lambda d: len(timeline(d)) >= 5)
+
+    server.kill()
+    moved = Server(tmp_path / "other")
+    moved.port, moved.http = server.port, server.http
+    shutil.copy(server.data / "secret", moved.data / "secret")  # the same token still signs in
+    moved.start()
+    try:
+        new = moved.create(alice, "failing", {})
+        wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, f"tr[data-job='{new['id']}']"))
+        wait(driver, lambda d: focused_job(d) is None)
+        assert old["id"] not in text(driver, "jobs-body")
+        assert text(driver, "jobs-count") == "1 of 1 jobs"
+        assert timeline(driver) == []
+        notice = text(driver, "notice")
+        assert "epoch_changed" in notice and "no longer on this server" in notice
+        shot(driver, "12-new-database")
+
+        # A tab that still holds the old focus and cursors when it reloads: the same.
+        js(driver, "sessionStorage.setItem('jobspine.focus', JSON.stringify(arguments[0]))",
+           old["id"])  # fmt: skip
+        driver.refresh()
+        wait(driver, live)
+        wait(driver, lambda d: focused_job(d) is None)
+        assert "no longer on this server" in text(driver, "notice")
+        assert old["id"] not in text(driver, "jobs-body") and timeline(driver) == []
+        assert page_errors(driver) == []
+    finally:
+        moved.stop()
+
+
+#: Job data meant to be read as markup, a URL, a template, or to reorder the words around it.
+HOSTILE = [
+    "<img src=x onerror=window.__pwned=1>",
+    "</script><script>window.__pwned=2</script>",
+    "javascript:window.__pwned=3",
+    '"><svg onload=window.__pwned=4>',
+    "${window.__pwned=5}{{constructor.constructor('window.__pwned=6')()}}",
+    "\u202eevil\u202c gpj.exe \u2067x\u200f\u200b\ufeff",
+    "emoji 👩‍👩‍👧‍👦🧨 and a long word " + "W" * 3000,
+]
+
+
+def test_hostile_job_data_is_shown_as_text(server: Server, driver: WebDriver) -> None:
+    """User ids, inputs, results, checkpoint samples and error messages holding markup,
+    scripts, URLs, bidirectional overrides and very long words: nothing is parsed or run, an
+    override reorders only its own text, long words wrap (nothing sideways at 1280 px or
+    390 px), and every field of the job is listed."""
+    user = HOSTILE[0] + HOSTILE[5]
+    token = server.token(user)
+    words = " ".join(HOSTILE)
+    analysis = server.create(token, "analysis", {"content": words, "chunk_size": 50, "delay": 0})
+    research = server.create(token, "research", {"query": words[:1000], "depth": 2, "delay": 0})
+    failing = server.create(token, "failing", {"labels": HOSTILE, HOSTILE[0]: HOSTILE[1],
+                                               "numbers": [1e308, -0.0, 5e-324]})  # fmt: skip
+    driver.get(f"{server.page}#token={token}")
+    wait(driver, live)
+    for job in (analysis, research, failing):
+        open_job(driver, job["id"])
+        wait(driver, lambda d: timeline(d) and timeline(d)[-1][1] in ("completed", "failed"))
+        js(driver, "document.querySelectorAll('details').forEach((e) => { e.open = true; })")
+        wait(driver, lambda d: "loading" not in text(d, "debug-body"))
+        assert "[object" not in text(driver, "fields")
+        assert "user_id" in text(driver, "fields") and "input" in text(driver, "fields")
+        for width in (1280, 390):
+            size(driver, width, 800)
+            assert js(driver, "return document.documentElement.scrollWidth") <= width
+        size(driver, 1280, 800)
+    shot(driver, "13-hostile-data")
+    assert js(driver, "return window.__pwned") is None
+    assert js(driver, "return document.querySelectorAll('#app img, #app svg, script').length") == 1
+    # Each override is closed where the user's text ends (U+2069), before the page's words.
+    assert "\u2069, token valid" in text(driver, "who")
+    assert f"\u2068{user}\u2069" in text(driver, "fields")
+    assert page_errors(driver) == []
+
+
+def test_a_job_with_thousands_of_events(server: Server, driver: WebDriver) -> None:
+    """A job with over a thousand events, watched live: the page keeps answering, its timeline
+    keeps the newest 1,000 in order and says how many it left out, and a reload continues
+    with the same bound."""
+    alice = server.token("alice")
+    driver.get(f"{server.page}#token={alice}")
+    wait(driver, live)
+    job = server.create(alice, "research", {"query": "many", "depth": 600, "delay": 0})
+    open_job(driver, job["id"])
+    deadline = time.monotonic() + 120
+    while server.request(alice, "get", {"job_id": job["id"]})["state"] != "completed":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    log = server.durable_log(alice, job["id"])
+    assert len(log) > 1100
+    wait(driver, lambda d: timeline(d) and timeline(d)[-1] == (log[-1]["seq"], "completed"), 60)
+    rows = timeline(driver)
+    assert len(rows) == 1000
+    assert [seq for seq, _ in rows] == sorted({seq for seq, _ in rows})  # in order, once each
+    dropped = int(by_id(driver, "timeline-count").get_attribute("data-dropped") or 0)
+    assert dropped > 0 and "earlier left out" in text(driver, "timeline-count")
+    driver.refresh()
+    wait(driver, live)
+    wait(driver, lambda d: timeline(d) and timeline(d)[-1][0] == log[-1]["seq"])
+    assert len(timeline(driver)) == 1000
+    assert page_errors(driver) == []
+
+
+def test_admin_view_says_what_it_leaves_out(server: Server, driver: WebDriver) -> None:
+    """More jobs than the admin view lists (200, newest first): it says so and how many there
+    are; a state filter narrows the list on the server, down to jobs the first page missed."""
+    erin = server.token("erin")
+    oldest = server.create(erin, "research", {"query": "first", "depth": 1, "delay": 0})
+    for start in range(0, 210, 10):  # in rounds, under the requests a connection may have
+        frames = [{"op": "create", "id": i, "kind": "failing", "input": {}}
+                  for i in range(start + 1, start + 11)]  # fmt: skip
+        got = trio.run(_exchange, f"ws://127.0.0.1:{server.port}", erin, frames,
+                       lambda g: sum(m["type"] in ("reply", "error") for m in g) >= 10)  # fmt: skip
+        assert all(m["type"] != "error" for m in got), got
+    driver.get(f"{server.page}#token={server.token('root', admin=True)}")
+    wait(driver, live)
+    by_id(driver, "nav-admin").click()
+    shown = wait(driver, lambda d: text(d, "admin-shown"))
+    assert "200 newest jobs of 211" in shown and "older" in shown
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#admin-body tr")) == 200
+    assert not rows_of(oldest["id"])(driver)
+    by_id(driver, "admin-state").send_keys("completed")
+    by_id(driver, "admin-form").submit()
+    wait(driver, rows_of(oldest["id"]))
+    assert text(driver, "admin-shown") == "1 job"
+    shot(driver, "14-admin-many")
+    # Keyboard focus on a row stays there through redraws and the 5 s refresh.
+    opener = rows_of(oldest["id"])(driver)[0].find_element(By.TAG_NAME, "button")
+    js(driver, "arguments[0].focus()", opener)
+    time.sleep(5.5)
+    assert driver.switch_to.active_element == opener
+    opener.send_keys(Keys.ENTER)
+    wait(driver, lambda d: focused_job(d) == oldest["id"])
+    assert page_errors(driver) == []
+
+
+def test_a_new_token_in_an_open_tab(server: Server, driver: WebDriver) -> None:
+    """A signed-in URL for another user opened in a tab that shows the page (only the fragment
+    changes, no page load): the tab signs in as that user with nothing of the first one (its
+    focused job, timeline); the fragment leaves the address bar, an empty one too."""
+    alice = server.token("alice")
+    job = server.create(alice, "research", {"query": "alice's", "depth": 2, "delay": 0})
+    driver.get(f"{server.page}#token={alice}")
+    wait(driver, live)
+    open_job(driver, job["id"])
+    wait(driver, lambda d: timeline(d) and timeline(d)[-1][1] == "completed")
+
+    driver.get(f"{server.page}#token={server.token('bob')}")
+    wait(driver, lambda d: "bob" in text(d, "who"))
+    wait(driver, live)
+    assert driver.current_url == server.page
+    assert focused_job(driver) is None and timeline(driver) == []
+    assert job["id"] not in driver.page_source
+    assert js(driver, "return sessionStorage.getItem('jobspine.timeline')") is None
+
+    for junk in ("#token=", "#token=%20&x=1"):
+        driver.get(f"{server.page}{junk}")
+        wait(driver, lambda d: d.current_url == server.page)
+        assert "bob" in text(driver, "who")
+    assert page_errors(driver) == []
+
+
 def test_restart_editor_failure_banner_and_keyboard(server: Server, driver: WebDriver) -> None:
     """A failed job shows the ErrorBanner with what can be done; the restart editor sends the
     modifications; every step is done by keyboard; views at phone width."""

@@ -128,3 +128,29 @@ def test_ui_url_and_missing_token() -> None:
     command = [sys.executable, "-m", "transport._cli", "ui"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 5 and "jobspine token --user NAME" in done.stderr
+
+
+async def test_a_request_that_cannot_be_parsed_gets_an_answer(tmp_path: Path) -> None:
+    """Malformed requests of every kind get a status and a JSON reason, not a dropped or reset
+    connection; the server answers the next request as usual."""
+    config = ServerConfig(secret=SECRET, port=0)
+    runtime = RuntimeConfig(sqlite_synchronous="NORMAL")
+    async with open_server(
+        tmp_path / "db", config, handlers=HANDLERS, runtime_config=runtime, health_port=0
+    ) as running:
+        http = running.health_port
+        assert http is not None
+        malformed = {
+            b"GARBAGE\r\n\r\n": 400,  # no HTTP version
+            b"GET /\r\n\r\n": 400,  # HTTP/0.9
+            b"GET / HTTP/1.1\r\nhost: a b\r\nno colon here\r\n\r\n": 400,
+            b"GET /\xc3\xa9 HTTP/1.1\r\nhost: x\r\n\r\n": 400,  # a target that is not ASCII
+            b"GET / HTTP/1.1\r\nhost: x\r\nx: " + b"a" * 20000 + b"\r\n\r\n": 431,
+        }
+        for request, expected in malformed.items():
+            status, headers, body = await exchange(http, request)
+            assert status == expected, request[:40]
+            assert headers["content-type"] == "application/json"
+            assert orjson.loads(body)["error"].startswith("bad request")
+        status, _, _ = await exchange(http, get("/"))
+        assert status == 200

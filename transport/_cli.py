@@ -153,10 +153,10 @@ async def serve(args: argparse.Namespace) -> int:
                     local.command += ["--url", running.url]
                     await processes.start(local.run)
                 log.info(
-                    "jobspine listening on %s (health http://%s:%s/healthz), database %s, epoch %s;"
-                    " pid %d (stop it with: kill %d)",
+                    "jobspine listening on %s; dashboard http://%s:%s/ (health /healthz),"
+                    " database %s, epoch %s; pid %d (stop it with: kill %d)",
                     running.url,
-                    args.host,
+                    _url_host(args.host),
                     running.health_port,
                     _shown_store(str(database)),
                     running.runtime.epoch,
@@ -171,6 +171,11 @@ async def serve(args: argparse.Namespace) -> int:
                 await local.stop()
     log.info("stopped cleanly")
     return 0
+
+
+def _url_host(host: str) -> str:
+    """``host`` as it stands in a URL (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host else host
 
 
 def _shown_store(database: str) -> str:

@@ -7,7 +7,8 @@ browsers get this small server: ``GET /healthz`` (the process is up), ``GET /rea
 (:mod:`transport._dashboard`). A route takes the :class:`Request` and returns a JSON-able body
 or a :class:`Body` with its own content type and headers. ``HEAD`` gets the headers of a
 ``GET`` and no body; other methods, and a websocket upgrade (websockets have a port of their
-own), are answered 404.
+own), are answered 404; a request that cannot be parsed gets 400 (431 for a header over
+8 KiB) rather than a dropped connection.
 """
 
 from __future__ import annotations
@@ -58,7 +59,11 @@ async def _handle(stream: trio.SocketStream, routes: dict[str, Route]) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
     with trio.move_on_after(5):
         while True:
-            event = conn.next_event()
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                await _refuse(stream, exc.error_status_hint, str(exc))
+                return
             if event is h11.NEED_DATA:
                 data = await stream.receive_some(MAX_REQUEST)
                 conn.receive_data(data)
@@ -95,6 +100,22 @@ async def _handle(stream: trio.SocketStream, routes: dict[str, Route]) -> None:
         await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
     with trio.move_on_after(1, shield=True):
         await stream.aclose()
+
+
+async def _refuse(stream: trio.SocketStream, status: int, why: str) -> None:
+    """Answers a request h11 cannot parse (a malformed line, a header over
+    :data:`MAX_REQUEST`: 400 or 431) with a JSON error, then closes without resetting: what the
+    client still sends is read and dropped for a moment, so the answer reaches it."""
+    payload = orjson.dumps({"error": f"bad request: {why}"})
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(payload)}\r\nconnection: close\r\ncache-control: no-store\r\n\r\n"
+    )
+    await stream.send_all(head.encode() + payload)
+    await stream.send_eof()
+    with trio.move_on_after(1):
+        while await stream.receive_some(MAX_REQUEST):
+            pass
 
 
 async def serve_health(

@@ -4,14 +4,18 @@
 
 import { Connection } from "./conn.js";
 import { session, takeFragmentToken } from "./store.js";
-import { FINAL, age, brief, bytes, clock, h, isOmitted, now, replace, shortId } from "./ui.js";
+import { FINAL, age, brief, bytes, clock, h, isOmitted, iso, now, replace, shortId } from "./ui.js";
 
 const STATES = ["created", "running", "paused", "completed", "failed", "cancelled"];
 // Old finished jobs leave the live list past this many, oldest first (bounded memory).
 const MAX_FINISHED = 50;
 const LIST_LIMIT = 100;
+// The admin view asks for this many jobs, newest first (the protocol's `list` has no paging).
+const ADMIN_LIMIT = 200;
 const TOAST_REASONS = new Set(["recovery", "shutdown", "store_unavailable"]);
 const CHECKPOINT_LIMIT = 1024 * 1024;
+// The focused job's timeline keeps this many newest events (bounded memory and storage).
+const MAX_TIMELINE = 1000;
 const TEMPLATES = {
   research: { query: "structured concurrency", depth: 30 },
   trade: { symbol: "ACME", side: "buy", quantity: 100, slices: 10 },
@@ -29,7 +33,7 @@ const S = {
   details: null, // {jobId, recovery, checkpoint, error}
   notice: null, // {kind: "error" | "info", text}
   view: session.view() || "jobs",
-  admin: { user: "", jobs: [], stats: null, error: null, at: null },
+  admin: { user: "", state: "", jobs: [], stats: null, error: null, at: null },
   editing: false,
 };
 
@@ -75,10 +79,11 @@ function signOut(message) {
   Object.assign(S, {
     conn: null, me: null, status: { state: "signed-out" }, focus: null, timeline: null,
     details: null, notice: null, view: "jobs", editing: false,
-    admin: { user: "", jobs: [], stats: null, error: null, at: null },
+    admin: { user: "", state: "", jobs: [], stats: null, error: null, at: null },
   });
   S.jobs.clear();
   rows.clear();
+  adminRows.clear();
   for (const id of ["jobs-body", "timeline-body", "admin-body", "admin-stats", "toasts"]) replace($(id));
   session.signOut();
   showSignIn(message);
@@ -108,7 +113,8 @@ async function start() {
     reset: onReset,
     roomError: (room, err) => {
       if (S.timeline && room === `job:${S.timeline.jobId}`) {
-        S.notice = { kind: "error", text: `${room}: ${err.message}` };
+        if (err.code === "unknown_job") forgetFocused(err);
+        else S.notice = { kind: "error", text: `${iso(room)}: ${iso(err.message)}` };
         render();
       }
     },
@@ -145,13 +151,22 @@ async function onHello(me) {
   render();
   try {
     mergeJobs(await S.conn.request("list", { limit: LIST_LIMIT }));
-    if (S.focus && !S.jobs.has(S.focus)) mergeJobs([await S.conn.request("get", { job_id: S.focus })]);
   } catch (err) {
-    S.notice = { kind: "error", text: `could not list jobs: ${err.message}` };
+    S.notice = { kind: "error", text: `could not list jobs: ${iso(err.message)}` };
   }
+  if (S.focus && !S.jobs.has(S.focus)) await fetchJob(S.focus);
   refreshDetails();
   if (S.view === "admin") refreshAdmin();
   render();
+}
+
+// Shows a notice; one said within the last few seconds stays in front of it (a reconnection
+// may have several things to say at once, such as a reset list and a closed job).
+function tell(kind, text) {
+  const recent = S.notice && now() - S.notice.at < 3;
+  S.notice = recent
+    ? { kind: S.notice.kind === "error" ? "error" : kind, text: `${S.notice.text}. ${text}`, at: S.notice.at }
+    : { kind, text, at: now() };
 }
 
 // -- jobs ----------------------------------------------------------------------------------
@@ -244,17 +259,28 @@ async function fetchJob(jobId) {
   fetching.add(jobId);
   try {
     mergeJobs([await S.conn.request("get", { job_id: jobId })]);
-  } catch {
-    // gone or not ours: nothing to show
+  } catch (err) {
+    // Gone or not ours: nothing to show, and the focused job is closed saying why.
+    if (jobId === S.focus && (err.code === "unknown_job" || err.code === "forbidden")) forgetFocused(err);
   } finally {
     fetching.delete(jobId);
   }
 }
 
+// The focused job is not on this server (removed by retention, or the server now runs on
+// another database): its panel and timeline close, since nothing of them can be continued.
+function forgetFocused(err) {
+  const jobId = S.focus;
+  if (!jobId) return;
+  S.jobs.delete(jobId);
+  focusJob(null);
+  tell("error", `job ${jobId} is no longer on this server (${iso(err.message)}): its timeline was closed`);
+  render();
+}
+
 function onEvent(e, rooms) {
   applyEvent(e);
   if (S.timeline && rooms.includes(`job:${S.timeline.jobId}`)) {
-    S.timeline.events.push(e);
     appendTimelineRow(e);
     if (e.type !== "progress") refreshDetailsSoon();
   }
@@ -265,7 +291,6 @@ function onEvent(e, rooms) {
 function onSkipped(marker, rooms) {
   if (S.timeline && rooms.includes(`job:${S.timeline.jobId}`)) {
     const entry = { skipped: true, seq: marker.seq, count: marker.count, job_id: marker.job_id };
-    S.timeline.events.push(entry);
     appendTimelineRow(entry);
   }
 }
@@ -273,14 +298,19 @@ function onSkipped(marker, rooms) {
 function onReset(room, result) {
   const reason = result.reset_reason;
   if (room.startsWith("user:")) {
+    // The jobs held are of another database, or some were removed: none of them can be
+    // trusted, the list is the snapshot's (the focused job is fetched again if not in it).
+    S.jobs.clear();
     mergeJobs(result.snapshot ? result.snapshot.jobs : []);
-    S.notice = { kind: "info", text: `job list reset: ${reason}` };
+    if (S.focus && !S.jobs.has(S.focus)) fetchJob(S.focus);
+    tell("info", `job list reset: ${reason}`);
   } else if (S.timeline && room === `job:${S.timeline.jobId}`) {
     // The timeline held events of another database or numbers beyond the head: it starts
     // again from the durable log, saying why.
     if (result.snapshot) mergeJobs([result.snapshot.job]);
     S.timeline.resets.push({ at: now(), reason });
     S.timeline.events = [];
+    S.timeline.dropped = 0;
     S.timeline.cursor = null;
     saveTimelineSoon();
     renderTimeline(true);
@@ -309,8 +339,8 @@ function saveTimeline() {
   clearTimeout(saveTimer);
   saveTimer = null;
   if (S.timeline && S.timeline.cursor) {
-    const { jobId, cursor, events, resets } = S.timeline;
-    session.setTimeline({ jobId, cursor, events, resets });
+    const { jobId, cursor, events, resets, dropped } = S.timeline;
+    session.setTimeline({ jobId, cursor, events, resets, dropped });
   }
 }
 
@@ -354,7 +384,7 @@ async function refreshDetails() {
       S.conn.request("checkpoint_details", { job_id: jobId }),
     ]);
   } catch (err) {
-    details.error = err.message;
+    details.error = iso(err.message);
   }
   if (S.focus === jobId) {
     S.details = details;
@@ -372,7 +402,7 @@ async function act(op, fields, what) {
     refreshDetails();
     return job;
   } catch (err) {
-    S.notice = { kind: "error", text: `${op} refused: ${err.message}` };
+    S.notice = { kind: "error", text: `${op} refused: ${iso(err.message)}` };
     return null;
   } finally {
     render();
@@ -390,7 +420,7 @@ async function submitJob(event) {
     render();
     return;
   }
-  const job = await act("create", { kind, input }, (j) => `created ${j.kind} job ${j.id}`);
+  const job = await act("create", { kind, input }, (j) => `created ${iso(j.kind)} job ${j.id}`);
   if (job) focusJob(job.id);
 }
 
@@ -427,13 +457,14 @@ async function refreshAdmin() {
   if (S.view !== "admin" || !S.me || !S.me.admin) return;
   adminTimer = setTimeout(refreshAdmin, 5000);
   if (!S.conn || S.conn.state !== "live") return;
-  const fields = { limit: 200 };
+  const fields = { limit: ADMIN_LIMIT };
   if (S.admin.user) fields.user_id = S.admin.user;
+  if (S.admin.state) fields.state = S.admin.state;
   try {
     const [stats, jobs] = await Promise.all([S.conn.request("stats"), S.conn.request("list", fields)]);
     Object.assign(S.admin, { stats, jobs, error: null, at: now() });
   } catch (err) {
-    S.admin.error = err.message;
+    S.admin.error = iso(err.message);
   }
   render();
 }
@@ -483,10 +514,10 @@ function drawStatusBar() {
   $("reconnect").disabled = Boolean(st.trying);
   $("reconnect").hidden = st.state !== "lost";
   const me = S.me;
-  $("who").textContent = me ? `${me.user_id}${me.admin ? " (admin)" : ""}, token valid ${age(me.expires_at - now())}` : "";
+  $("who").textContent = me ? `${iso(me.user_id)}${me.admin ? " (admin)" : ""}, token valid ${age(me.expires_at - now())}` : "";
   const job = S.focus && S.jobs.get(S.focus);
   $("focused").textContent = job
-    ? `${job.kind} ${shortId(job.id)}: ${job.state} ${Math.round(job.progress || 0)}%`
+    ? `${iso(job.kind)} ${shortId(job.id)}: ${job.state} ${Math.round(job.progress || 0)}%`
     : "no job focused";
 }
 
@@ -566,7 +597,7 @@ function drawDetail() {
   $("detail-empty").hidden = Boolean(S.focus);
   $("detail-body").hidden = !S.focus;
   if (!S.focus) return;
-  $("detail-title").textContent = job ? `${job.kind} ${job.id}` : S.focus;
+  $("detail-title").textContent = job ? `${iso(job.kind)} ${job.id}` : S.focus;
   if (!job) return;
   $("detail-state").textContent = job.state === "created" ? "created (waiting)" : job.state;
   $("detail-state").className = `badge ${job.state}`;
@@ -604,8 +635,8 @@ function drawErrorBanner(job) {
   if (!show) return;
   banner.dataset.kind = job.state;
   const title = job.state === "failed"
-    ? `Failed${job.error ? `: ${job.error.type}: ${brief(job.error.message, 300)}` : ""}`
-    : `Paused by ${job.pause_reason}`;
+    ? `Failed${job.error ? `: ${iso(job.error.type)}: ${brief(job.error.message, 300)}` : ""}`
+    : `Paused by ${iso(job.pause_reason)}`;
   const can = [];
   if (rec) {
     can.push(rec.reason);
@@ -657,7 +688,7 @@ function drawDebugPanel(job) {
       h("dt", {}, "saved at"), h("dd", {}, cp.at ? `${clock(cp.at)} (${age(now() - cp.at)} ago)` : "never"),
       h("dt", {}, "size"), h("dd", {}, bytes(cp.size)),
       h("dt", {}, "type"), h("dd", {}, cp.type),
-      h("dt", {}, "keys"), h("dd", {}, cp.keys ? cp.keys.join(", ") : "–"),
+      h("dt", {}, "keys"), h("dd", {}, cp.keys ? cp.keys.map(iso).join(", ") : "–"),
       h("dt", {}, "validation"), h("dd", { class: check.errors.length ? "error" : "ok" }, verdict),
       check.warnings.length ? [h("dt", {}, "warnings"), h("dd", {}, check.warnings.join("; "))] : null),
     h("p", {}, "sample"),
@@ -674,9 +705,9 @@ function timelineRow(e) {
   let detail;
   switch (e.type) {
     case "progress": detail = `${Math.round(d.progress)}% ${brief(d.step, 80)}`; break;
-    case "failed": detail = d.error ? `${d.error.type}: ${brief(d.error.message, 120)}` : ""; break;
-    case "paused": detail = `reason ${d.reason}, checkpoint v${d.checkpoint_version}`; break;
-    case "recovery": detail = `${d.reason}; recovery attempt ${d.recovery_attempts}, checkpoint v${d.checkpoint_version}`; break;
+    case "failed": detail = d.error ? `${iso(d.error.type)}: ${brief(d.error.message, 120)}` : ""; break;
+    case "paused": detail = `reason ${iso(d.reason)}, checkpoint v${d.checkpoint_version}`; break;
+    case "recovery": detail = `${iso(d.reason)}; recovery attempt ${d.recovery_attempts}, checkpoint v${d.checkpoint_version}`; break;
     case "checkpoint": detail = `v${d.version}, ${bytes(d.size)}`; break;
     case "completed": detail = `result ${brief(d.result, 120)}`; break;
     default: detail = brief(d, 160); // created, restarted, and any type this page does not know
@@ -689,21 +720,45 @@ function timelineRow(e) {
 function timelineCount() {
   const t = S.timeline;
   const el = $("timeline-count");
-  el.textContent = !t ? "" : `${t.events.length} events${t.continuedFrom ? `, continued after #${t.continuedFrom} from before a reload` : ""}`;
+  const dropped = t && t.dropped ? `, the newest ${MAX_TIMELINE} shown (${t.dropped} earlier left out)` : "";
+  el.textContent = !t ? "" : `${t.events.length} events${dropped}${t.continuedFrom ? `, continued after #${t.continuedFrom} from before a reload` : ""}`;
+  el.dataset.dropped = t && t.dropped ? t.dropped : "";
   el.dataset.continuedFrom = t && t.continuedFrom ? t.continuedFrom : "";
 }
 
-// The timeline follows new events while it is scrolled to its end, and stays put otherwise.
+// The timeline keeps the newest MAX_TIMELINE events: memory, the page and the tab's storage
+// stay bounded however many events a job has. New rows are added once per frame, in one go
+// (a row per event, each measuring the layout, froze the page under thousands of events), and
+// the timeline follows them while it is scrolled to its end, and stays put otherwise.
+let pendingRows = [];
 function appendTimelineRow(e) {
+  const t = S.timeline;
+  t.events.push(e);
+  if (t.events.length > MAX_TIMELINE) {
+    const extra = t.events.length - MAX_TIMELINE;
+    t.events.splice(0, extra);
+    t.dropped = (t.dropped || 0) + extra;
+  }
+  pendingRows.push(e);
+  if (pendingRows.length > MAX_TIMELINE) pendingRows.splice(0, pendingRows.length - MAX_TIMELINE);
+  if (pendingRows.length === 1) requestAnimationFrame(flushTimelineRows);
+}
+
+function flushTimelineRows() {
+  if (pendingRows.length === 0) return;
   const box = $("timeline-scroll");
   const following = box.scrollTop + box.clientHeight >= box.scrollHeight - 8;
-  $("timeline-body").append(timelineRow(e));
+  const body = $("timeline-body");
+  body.append(...pendingRows.map(timelineRow));
+  pendingRows = [];
+  for (let extra = body.children.length - MAX_TIMELINE; extra > 0; extra -= 1) body.firstChild.remove();
   if (following) box.scrollTop = box.scrollHeight;
   timelineCount();
 }
 
 function renderTimeline() {
   const t = S.timeline;
+  pendingRows = [];
   replace($("timeline-body"), t ? t.events.map(timelineRow) : []);
   $("timeline-scroll").scrollTop = $("timeline-scroll").scrollHeight;
   replace($("timeline-resets"), t ? t.resets.map((r) => h("li", {}, `reset at ${clock(r.at)}: ${r.reason}; read again from the job's durable log`)) : []);
@@ -721,11 +776,21 @@ function drawToasts() {
   if (toasts.length === shown.size && toasts.every(({ key }) => shown.has(key))) return;
   replace(region, toasts.map(({ job, key }) =>
     h("div", { class: "toast", role: "alert", "data-key": key, "data-job": job.id },
-      h("p", {}, `${job.kind} job ${shortId(job.id)} was paused by ${job.pause_reason === "recovery" ? "recovery" : job.pause_reason} at checkpoint v${job.checkpoint_version || 0} (${Math.round(job.progress || 0)}%).`),
+      h("p", {}, `${iso(job.kind)} job ${shortId(job.id)} was paused by ${iso(job.pause_reason)} at checkpoint v${job.checkpoint_version || 0} (${Math.round(job.progress || 0)}%).`),
       h("div", { class: "row" },
         h("button", { class: "primary resume", onclick: () => act("resume", { job_id: job.id }, (j) => `resumed ${j.id}`) }, "Resume"),
         h("button", { onclick: () => focusJob(job.id) }, "Show"),
         h("button", { onclick: () => dismissToast(key) }, "Dismiss")))));
+}
+
+// Says how much of the jobs asked for the view shows: the list stops at ADMIN_LIMIT, newest
+// first, and the older ones are reached only by narrowing it.
+function adminShown(a) {
+  if (!a.at) return "";
+  const total = !a.user && !a.state && a.stats ? a.stats.total : null;
+  if (a.jobs.length < ADMIN_LIMIT) return `${a.jobs.length} job${a.jobs.length === 1 ? "" : "s"}`;
+  const of = total === null || total === undefined ? "" : ` of ${total}`;
+  return `the ${ADMIN_LIMIT} newest jobs${of} are shown: choose a user or a state to see older ones`;
 }
 
 function drawAdmin() {
@@ -733,14 +798,36 @@ function drawAdmin() {
   $("admin-error").hidden = !a.error;
   $("admin-error").textContent = a.error || "";
   $("admin-updated").textContent = a.at ? `updated ${clock(a.at)}` : "";
+  $("admin-shown").textContent = adminShown(a);
   replace($("admin-stats"), a.stats ? Object.entries(a.stats).map(([k, v]) => h("div", { class: "stat" }, h("span", {}, k), h("strong", {}, typeof v === "object" ? brief(v, 60) : String(v)))) : []);
-  replace($("admin-body"), a.jobs.map((j) =>
-    h("tr", { "data-job": j.id },
-      h("td", {}, j.user_id),
-      h("td", {}, h("button", { class: "link", title: j.id, onclick: () => { setView("jobs"); focusJob(j.id); } }, shortId(j.id))),
-      h("td", {}, j.kind),
-      h("td", {}, h("span", { class: `badge ${j.state}` }, j.state)), h("td", {}, `${Math.round(j.progress || 0)}%`),
-      h("td", {}, age(now() - j.created_at)), h("td", {}, brief(j.step, 60)))));
+  const wanted = a.jobs.map(adminRow);
+  const ids = new Set(a.jobs.map((j) => j.id));
+  for (const id of adminRows.keys()) if (!ids.has(id)) adminRows.delete(id);
+  const body = $("admin-body");
+  // As in the job list: rows are kept and moved only when the order changes, so a refresh
+  // (every 5 s, and every redraw) never takes keyboard focus away from a row.
+  if (wanted.length !== body.children.length || wanted.some((tr, i) => body.children[i] !== tr)) {
+    replace(body, wanted);
+  }
+}
+
+const adminRows = new Map(); // job id -> <tr> of the admin view
+
+function adminRow(j) {
+  let tr = adminRows.get(j.id);
+  if (!tr) {
+    const open = h("button", { class: "link", title: j.id, onclick: () => { setView("jobs"); focusJob(j.id); } }, shortId(j.id));
+    tr = h("tr", { "data-job": j.id }, h("td"), h("td", {}, open), h("td"), h("td"), h("td"), h("td"), h("td"));
+    adminRows.set(j.id, tr);
+  }
+  const [user, , kind, state, progress, when, step] = tr.children;
+  user.textContent = j.user_id;
+  kind.textContent = j.kind;
+  state.replaceChildren(h("span", { class: `badge ${j.state}` }, j.state));
+  progress.textContent = `${Math.round(j.progress || 0)}%`;
+  when.textContent = age(now() - j.created_at);
+  step.textContent = brief(j.step, 60);
+  return tr;
 }
 
 // -- wiring --------------------------------------------------------------------------------
@@ -758,6 +845,7 @@ function wire() {
   $("filter-state").addEventListener("change", (e) => { S.filters.state = e.target.value; render(); });
   $("filter-kind").addEventListener("change", (e) => { S.filters.kind = e.target.value; render(); });
   $("filter-text").addEventListener("input", (e) => { S.filters.text = e.target.value; render(); });
+  replace($("admin-state"), h("option", { value: "" }, "all states"), STATES.map((s) => h("option", { value: s }, s)));
   replace($("filter-state"), h("option", { value: "" }, "all states"), h("option", { value: "active" }, "not finished"), STATES.map((s) => h("option", { value: s }, s === "created" ? "created (waiting)" : s)));
   $("submit-form").addEventListener("submit", submitJob);
   $("submit-kind").addEventListener("change", (e) => {
@@ -776,6 +864,7 @@ function wire() {
   $("admin-form").addEventListener("submit", (e) => {
     e.preventDefault();
     S.admin.user = $("admin-user").value.trim();
+    S.admin.state = $("admin-state").value;
     refreshAdmin();
   });
   document.addEventListener("keydown", (e) => {
@@ -784,6 +873,13 @@ function wire() {
   // The countdown and ages move on their own.
   setInterval(() => S.conn && render(), 500);
   addEventListener("pagehide", saveTimeline);
+  // A signed-in URL opened in a tab that shows the page already changes only the fragment (no
+  // new page load): the token is taken the same way, and the page starts again with it.
+  addEventListener("hashchange", () => {
+    if (!takeFragmentToken()) return;
+    S.timeline = null; // not saved again on the way out: it was the previous user's
+    location.reload();
+  });
 }
 
 takeFragmentToken();

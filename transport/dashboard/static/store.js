@@ -25,14 +25,19 @@ function write(key, value) {
 }
 
 // The token handed over in the URL fragment (#token=...): moved to sessionStorage and removed
-// from the address bar, so it stays out of history, bookmarks and any later request.
+// from the address bar (even when empty), so it stays out of history, bookmarks and any later
+// request. A token other than the tab's own starts the tab afresh: nothing of the user signed
+// in before (focused job, saved timeline, cursors) is shown to the next one.
+// Returns whether the tab's token changed.
 export function takeFragmentToken() {
   const fragment = new URLSearchParams(location.hash.slice(1));
-  const token = fragment.get("token");
-  if (token) {
-    write("token", token);
-    history.replaceState(null, "", location.pathname + location.search);
-  }
+  if (!fragment.has("token")) return false;
+  const token = fragment.get("token").trim();
+  history.replaceState(null, "", location.pathname + location.search);
+  if (!token || token === read("token")) return false;
+  session.signOut();
+  write("token", token);
+  return true;
 }
 
 export const session = {

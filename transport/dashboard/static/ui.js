@@ -10,7 +10,7 @@ export function h(tag, attrs = {}, ...children) {
     else if (key in el && !key.includes("-")) el[key] = value;
     else el.setAttribute(key, value === true ? "" : value);
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === null || child === undefined || child === false) continue;
     el.append(child instanceof Node ? child : String(child));
   }
@@ -18,7 +18,7 @@ export function h(tag, attrs = {}, ...children) {
 }
 
 export function replace(el, ...children) {
-  el.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined && c !== false));
+  el.replaceChildren(...children.flat(Infinity).filter((c) => c !== null && c !== undefined && c !== false));
 }
 
 export const FINAL = new Set(["completed", "failed", "cancelled"]);
@@ -27,17 +27,35 @@ export function isOmitted(value) {
   return value !== null && typeof value === "object" && !Array.isArray(value) && "$omitted" in value;
 }
 
-// One line of JSON, at most `limit` characters; an omitted payload says its size.
+// Right-to-left letters and the characters that reorder text (overrides, embeddings, isolates,
+// marks).
+const BIDI = /[\u0590-\u08FF\uFB1D-\uFDFF\uFE70-\uFEFE\u200F\u202A-\u202E\u2066-\u2069\u061C\u{10800}-\u{10FFF}\u{1E800}-\u{1EFFF}]/u;
+
+// A user's text to be shown among the page's own words: when it holds anything that reorders
+// text, it is set in an isolate (FSI ... PDI), so that an override in a step label, an error
+// or a user id reorders only itself and never the words around it.
+export function iso(value) {
+  const text = String(value ?? "");
+  return BIDI.test(text) ? `\u2068${text}\u2069` : text;
+}
+
+// One line of JSON, at most `limit` characters, isolated (iso); an omitted payload says its
+// size. A cut never splits a character in two (an emoji's surrogate pair).
 export function brief(value, limit = 160) {
   if (value === undefined) return "";
   if (isOmitted(value)) return `[left out: ${value.size} bytes]`;
   let text = typeof value === "string" ? value : JSON.stringify(value);
   if (text === undefined) text = String(value);
-  return text.length > limit ? `${text.slice(0, limit - 1)}…` : text;
+  if (text.length > limit) {
+    let end = limit - 1;
+    if (/[\uD800-\uDBFF]/.test(text[end - 1])) end -= 1;
+    text = `${text.slice(0, end)}…`;
+  }
+  return iso(text);
 }
 
 export function shortId(id) {
-  return id ? id.slice(-8) : "";
+  return id ? iso(id.slice(-8)) : "";
 }
 
 export function age(seconds) {
