@@ -118,9 +118,11 @@ async def test_graceful_exit_pauses_and_next_runtime_resumes(tmp_path: Path) -> 
         )
         await trio.sleep(0.2)
     async with open_runtime(path, handlers={}, config=config) as rt:
-        # No handler for the kind here: the job stays paused, safely.
+        # No handler for the kind here: back in the queue, it waits (never claimed) until a
+        # runtime or a worker serving its kind is there.
+        await trio.sleep(0.2)
         stored = await rt.get_job(job.id)
-        assert stored.state is JobState.PAUSED and stored.pause_reason == "shutdown"
+        assert stored.state is JobState.CREATED and stored.attempt == 1
         assert stored.checkpoint_version > 0
     async with open_runtime(path, handlers=HANDLERS, config=config) as rt:
         done = await wait_for_state(rt, job.id)
