@@ -257,6 +257,7 @@ class Repository:
         if isinstance(error, str):
             error = JobError("Error", error)
         job = await self._store.fail(job_id, attempt, error, by)
+        await self._supervisor.settled()
         self._supervisor.kill(job_id, "failed")
         return job
 
@@ -266,6 +267,7 @@ class Repository:
         """Cancel a waiting, running or paused job, and with it its children that have not
         finished (recursively; each recorded with ``by``)."""
         job = await self._store.cancel(job_id, by)
+        await self._supervisor.settled()
         worker = self._supervisor.kill(job_id, "cancel")
         if worker is not None:
             with trio.move_on_after(self._supervisor.config.stop_grace):
@@ -285,6 +287,7 @@ class Repository:
                         await self._store.cancel(child.id, by)
                     except IllegalTransitionError:
                         continue  # it finished meanwhile
+                    await self._supervisor.settled()
                     self._supervisor.kill(child.id, "cancel")
 
     async def pause(self, job_id: str, *, by: str | None = None, reason: str = "user") -> Job:
@@ -292,9 +295,14 @@ class Repository:
         (its handler gets the grace period to checkpoint)."""
         job = await self._store.get(job_id)
         if job.state is S.CREATED:
-            return await self._store.pause(job_id, None, by, reason)
+            try:
+                return await self._store.pause(job_id, None, by, reason, waiting=True)
+            except IllegalTransitionError:
+                # Claimed since it was read: stopped below as a running job.
+                job = await self._store.get(job_id)
         if job.state is not S.RUNNING:
             raise IllegalTransitionError(job_id, job.state.value, S.PAUSED.value)
+        await self._supervisor.settled()
         worker = await self._supervisor.stop(job_id, reason)
         attempt = job.attempt if worker is None else worker.attempt
         return await self._store.pause(job_id, attempt, by, reason)

@@ -315,3 +315,38 @@ async def test_later_jobs_cost_no_claim_and_a_full_runtime_does_not_spin(
         assert rt.dispatcher.claims <= before + 3
         stats = await rt.queue_stats()
         assert (stats.ready, stats.running) == (49, 1)
+
+
+async def test_control_ops_right_after_create_stop_the_claimed_job(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # A create wakes the dispatcher, whose claim is applied before a pause, cancel or fail
+    # sent just after: the op finds the job claimed (maybe not launched yet), and must stop
+    # its worker, not leave a handler running for a job stored as paused, cancelled or failed.
+    ops = {
+        S.PAUSED: lambda rt, job_id: rt.pause(job_id),
+        S.CANCELLED: lambda rt, job_id: rt.cancel(job_id),
+        S.FAILED: lambda rt, job_id: rt.mark_failed(job_id, "no"),
+    }
+
+    async def sleeper(ctx: JobContext, input: Any) -> None:  # writes nothing: never fenced
+        with ctx.keep_alive():
+            await trio.sleep(3600)
+
+    async with memory_runtime({"hold": sleeper}, stop_grace=0.1) as rt:
+        for state, op in ops.items():
+            ids: list[str] = []
+
+            async def create_then(i: int, op: Any = op, ids: list[str] = ids) -> None:
+                job = await rt.create_job("hold", f"u{i % 3}", {})
+                ids.append(job.id)
+                await op(rt, job.id)
+
+            await create_then(0)  # alone
+            async with trio.open_nursery() as nursery:  # and many at once
+                for i in range(20):
+                    nursery.start_soon(create_then, i)
+            await trio.sleep(1)
+            assert {(await rt.get_job(job_id)).state for job_id in ids} == {state}
+            assert not set(ids) & set(rt.supervisor.workers), state
+            assert (await rt.queue_stats()).running == 0
