@@ -13,6 +13,7 @@ import trio
 
 from actors import JobContext, JobEvent, RetryPolicy, RuntimeConfig, kind_options
 from transport import (
+    ClientError,
     ConnectionLostError,
     RoomCursor,
     RunningServer,
@@ -85,6 +86,27 @@ async def test_bad_create_options_are_refused_and_store_nothing(tmp_path: Path) 
         assert ok["type"] == "reply", ok
         assert ok["result"]["priority"] == 0 and ok["result"]["tags"] == []
         assert [job["id"] for job in await jobs_of(running, "alice")] == [ok["result"]["id"]]
+
+
+async def test_client_refuses_what_json_cannot_carry_and_sends_nothing(tmp_path: Path) -> None:
+    # A lone surrogate (an undecodable byte of a command-line argument) or a set: a typed
+    # error from the client, not a TypeError, and the connection serves the next request.
+    async with serving(tmp_path / "db.sqlite") as running:
+        async with open_client(running.url, token("alice")) as client:
+            bad = [
+                lambda: client.create("research", SMALL, tags=["\udcff"]),
+                lambda: client.create("research", SMALL, idempotency_key="k\udcff"),
+                lambda: client.create("research", SMALL, parent_id="\udcff"),
+                lambda: client.create("research", {"query": {1, 2}}),
+                lambda: client.list(tag="\udcff"),
+                lambda: client.get("\udcff"),
+            ]
+            for call in bad:
+                with pytest.raises(ClientError) as refused:
+                    await call()
+                assert refused.value.code == "invalid_input", refused.value
+            assert await client.ping() and client.counters.connects == 1
+        assert await jobs_of(running, "alice") == []
 
 
 async def test_queue_fields_in_views_events_filters_and_stats(tmp_path: Path) -> None:
