@@ -5,6 +5,7 @@ one stores nothing), the new fields in job views and events, list filters, ``chi
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,7 @@ async def test_client_refuses_what_json_cannot_carry_and_sends_nothing(tmp_path:
     # error from the client, not a TypeError, and the connection serves the next request.
     async with serving(tmp_path / "db.sqlite") as running:
         async with open_client(running.url, token("alice")) as client:
-            bad = [
+            bad: list[Callable[[], Awaitable[Any]]] = [
                 lambda: client.create("research", SMALL, tags=["\udcff"]),
                 lambda: client.create("research", SMALL, idempotency_key="k\udcff"),
                 lambda: client.create("research", SMALL, parent_id="\udcff"),
