@@ -20,7 +20,14 @@ from typing import Any, NoReturn
 
 import trio
 
-from actors import DEMO_HANDLERS, DatabaseLockedError, JobspineError, RuntimeConfig, StoreError
+from actors import (
+    DEMO_HANDLERS,
+    DatabaseLockedError,
+    InvalidInputError,
+    JobspineError,
+    RuntimeConfig,
+    StoreError,
+)
 from actors._errors import unwrap_group
 
 from ._app import PortUnavailableError, open_server
@@ -118,7 +125,10 @@ async def serve(args: argparse.Namespace) -> int:
     if secret is None:
         secret = secrets.token_urlsafe(32)
     config = ServerConfig(secret=secret, **args.server_config)
-    runtime_config = RuntimeConfig(**args.runtime_config)
+    try:
+        runtime_config = RuntimeConfig(**args.runtime_config)
+    except InvalidInputError as exc:
+        raise CLIError(ExitCode.USAGE, f"runtime settings: {exc}") from None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_server(
             db,
