@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import trio
+from trio_websocket import open_websocket_url
 
 from actors import JobContext, JobEvent, RetryPolicy, RuntimeConfig, kind_options
 from transport import (
@@ -22,8 +23,9 @@ from transport import (
     open_client,
     open_server,
 )
+from transport._protocol import MAX_QUEUE_USERS
 
-from .serving import HANDLERS, SECRET, raw, request, serving, token
+from .serving import HANDLERS, SECRET, raw, receive, request, send, serving, token
 
 SMALL = {"query": "q", "depth": 1, "delay": 0}
 LATER = 3600.0  # a delay that keeps a job waiting for the whole test
@@ -174,6 +176,7 @@ async def test_queue_fields_in_views_events_filters_and_stats(tmp_path: Path) ->
             "running": 0,
             "waiting_by_kind": {"research": 2},
             "waiting_by_user": {"alice": 2},
+            "waiting_users": 1,
         }
         mine = (await request(ws, "my_stats", 11))["result"]
         assert mine["created"] == 2 and mine["waiting_by_kind"] == {"research": 2}
@@ -388,3 +391,30 @@ async def test_queue_events_reach_clients(tmp_path: Path) -> None:
                 if item.type == "resumed":
                     break
         assert types == [("created", "created"), ("paused", "paused"), ("resumed", "created")]
+
+
+async def test_queue_stats_of_many_users_fit_in_one_reply(tmp_path: Path) -> None:
+    # Everyone's waiting_by_user grew with the number of users: past max_message_size (at
+    # 2 MiB, some 8,000 users with long ids) the reply no longer fit in one message and an
+    # admin could not read the queue at all. 32 KiB for a reply shows it with 3,000 users.
+    async with serving(tmp_path / "db.sqlite", max_message_size=96 * 1024) as running:
+        limiter = trio.CapacityLimiter(50)
+
+        async def create(i: int) -> None:
+            async with limiter:
+                await running.runtime.create_job("research", f"user{i:05}", SMALL, delay=LATER)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(3000):
+                nursery.start_soon(create, i)
+        await running.runtime.create_job("research", "user00007", SMALL, delay=LATER)
+        async with open_websocket_url(running.url) as ws:
+            await send(ws, {"op": "hello", "id": 0, "token": token("root", admin=True)})
+            assert (await receive(ws))["type"] == "reply"
+            reply = await request(ws, "queue_stats", 1)
+        assert reply["type"] == "reply", reply
+        stats = reply["result"]
+        assert (stats["waiting"], stats["waiting_users"]) == (3001, 3000)
+        by_user = stats["waiting_by_user"]
+        assert len(by_user) == MAX_QUEUE_USERS and by_user["user00007"] == 2
+        assert next(iter(by_user)) == "user00007"  # the most waiting first

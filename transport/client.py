@@ -647,8 +647,9 @@ class Client:
         return await self.request("my_stats")
 
     async def queue_stats(self, user_id: str | None = None) -> Any:
-        """``{waiting, ready, scheduled, running, waiting_by_kind, waiting_by_user}``: yours;
-        an admin's: everyone's, or ``user_id``'s."""
+        """``{waiting, ready, scheduled, running, waiting_by_kind, waiting_by_user,
+        waiting_users}``: yours; an admin's: everyone's, or ``user_id``'s.
+        ``waiting_by_user`` names the 100 users with the most waiting jobs at most."""
         fields = {} if user_id is None else {"user_id": user_id}
         return await self.request("queue_stats", **fields)
 
