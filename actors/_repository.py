@@ -11,7 +11,7 @@ import attrs
 import trio
 
 from ._backend import JobQuery, QueueStats
-from ._errors import IllegalTransitionError
+from ._errors import IllegalTransitionError, JobspineError
 from ._events import AUDIT_TYPES, EventHub, EventStream, JobEvent
 from ._job import Job, JobError
 from ._options import CreateOptions, KindOptions
@@ -276,19 +276,34 @@ class Repository:
         return job
 
     async def _cancel_children(self, job_id: str, by: str | None) -> None:
-        # Parent links are fixed at create and point to older jobs: the walk ends.
+        # Parent links are fixed at create and point to older jobs: the walk ends. The
+        # children of a job are cancelled at once, so that their writes share commits (one
+        # by one, 1,000 children took 1,000 commits). A failed cancel does not stop the walk;
+        # the first such error is raised at its end.
+        errors: list[JobspineError] = []
+
+        async def cancel_child(child_id: str) -> None:
+            try:
+                await self._store.cancel(child_id, by)
+            except IllegalTransitionError:
+                return  # it finished meanwhile
+            except JobspineError as exc:
+                errors.append(exc)
+                return
+            await self._supervisor.settled()
+            self._supervisor.kill(child_id, "cancel")
+
         pending = [job_id]
         while pending:
             parent = pending.pop()
-            for child in await self._store.list_jobs(JobQuery(parent_id=parent)):
-                pending.append(child.id)
-                if child.state in _ACTIVE or child.state is S.PAUSED:
-                    try:
-                        await self._store.cancel(child.id, by)
-                    except IllegalTransitionError:
-                        continue  # it finished meanwhile
-                    await self._supervisor.settled()
-                    self._supervisor.kill(child.id, "cancel")
+            children = await self._store.list_jobs(JobQuery(parent_id=parent))
+            pending += [child.id for child in children]
+            async with trio.open_nursery() as nursery:
+                for child in children:
+                    if child.state in _ACTIVE or child.state is S.PAUSED:
+                        nursery.start_soon(cancel_child, child.id)
+        if errors:
+            raise errors[0]
 
     async def pause(self, job_id: str, *, by: str | None = None, reason: str = "user") -> Job:
         """Pause a job: a waiting one leaves the queue until resumed; a running one is stopped

@@ -350,3 +350,22 @@ async def test_control_ops_right_after_create_stop_the_claimed_job(
             assert {(await rt.get_job(job_id)).state for job_id in ids} == {state}
             assert not set(ids) & set(rt.supervisor.workers), state
             assert (await rt.queue_stats()).running == 0
+
+
+async def test_cancel_of_a_parent_cancels_many_children_in_few_commits(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with memory_runtime({"hold": hold}, max_running=50, stop_grace=0.1) as rt:
+        parent = await rt.create_job("hold", "alice", {})
+        children = [
+            await rt.create_job("hold", "alice", {}, parent_id=parent.id) for _ in range(300)
+        ]
+        grandchild = await rt.create_job("hold", "alice", {}, parent_id=children[-1].id)
+        await trio.sleep(1)  # 50 run, the others wait
+        commits = rt.store_actor.commits
+        await rt.cancel(parent.id)
+        # One by one, this took a commit per child (and 1,000 children seconds on SQLite).
+        assert rt.store_actor.commits - commits < 30
+        jobs = [*children, grandchild]
+        assert {(await rt.get_job(job.id)).state for job in jobs} == {S.CANCELLED}
+        assert not rt.supervisor.workers
