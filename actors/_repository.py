@@ -276,10 +276,28 @@ class Repository:
         return job
 
     async def _cancel_children(self, job_id: str, by: str | None) -> None:
-        # Parent links are fixed at create and point to older jobs: the walk ends. The
-        # children of a job are cancelled at once, so that their writes share commits (one
-        # by one, 1,000 children took 1,000 commits). A failed cancel does not stop the walk;
-        # the first such error is raised at its end.
+        # Parent links are fixed at create and point to older jobs: the walk ends. The whole
+        # tree is listed first (each generation at once), then every unfinished descendant
+        # is cancelled at once, so that the writes share commits: one by one, with a list
+        # query (a barrier, which commits what is pending) between them, 1,000 children
+        # took 1,000 commits. A failed cancel does not stop the others; the first such error
+        # is raised at the end.
+        unfinished: list[str] = []
+
+        async def list_children(parent: str, below: list[str]) -> None:
+            for child in await self._store.list_jobs(JobQuery(parent_id=parent)):
+                below.append(child.id)
+                if child.state in _ACTIVE or child.state is S.PAUSED:
+                    unfinished.append(child.id)
+
+        level = [job_id]
+        while level:
+            below: list[str] = []
+            async with trio.open_nursery() as nursery:
+                for parent in level:
+                    nursery.start_soon(list_children, parent, below)
+            level = below
+
         errors: list[JobspineError] = []
 
         async def cancel_child(child_id: str) -> None:
@@ -293,15 +311,9 @@ class Repository:
             await self._supervisor.settled()
             self._supervisor.kill(child_id, "cancel")
 
-        pending = [job_id]
-        while pending:
-            parent = pending.pop()
-            children = await self._store.list_jobs(JobQuery(parent_id=parent))
-            pending += [child.id for child in children]
-            async with trio.open_nursery() as nursery:
-                for child in children:
-                    if child.state in _ACTIVE or child.state is S.PAUSED:
-                        nursery.start_soon(cancel_child, child.id)
+        async with trio.open_nursery() as nursery:
+            for child_id in unfinished:
+                nursery.start_soon(cancel_child, child_id)
         if errors:
             raise errors[0]
 
