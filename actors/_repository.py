@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -101,7 +101,7 @@ class Repository:
         run_at: float | None = None,
         max_attempts: int | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 - the job's per-attempt limit
-        tags: Iterable[str] = (),
+        tags: Sequence[str] = (),
         parent_id: str | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
@@ -110,11 +110,12 @@ class Repository:
 
         ``priority``: 0..1000, higher first. ``delay`` (seconds) or ``run_at`` (Unix seconds):
         not before. ``max_attempts`` (1..100) and ``timeout`` (seconds per attempt, up to 7
-        days): default to the kind's :class:`KindOptions`. ``tags``: up to 32 distinct strings
-        of 1..64 characters (see ``list_jobs(tag=)``). ``parent_id``: a job of the same user
-        (cancelling it cancels this one). ``idempotency_key`` (1..256 characters): a second
-        create of the same user with the same key within ``idempotency_window`` returns the
-        first job unchanged if the request (kind, input, options) is the same.
+        days): default to the kind's :class:`KindOptions`. ``tags``: a list (or tuple) of up
+        to 32 distinct strings of 1..64 characters (see ``list_jobs(tag=)``). ``parent_id``:
+        a job of the same user (cancelling it cancels this one). ``idempotency_key`` (1..256
+        characters): a second create of the same user with the same key within
+        ``idempotency_window`` returns the first job unchanged if the request (kind, input,
+        options) is the same.
 
         Raises :class:`UnknownKindError`; :class:`InvalidInputError` (a bad option, or the
         handler's input check, see :func:`validates`); :class:`InvalidParentError`;

@@ -274,6 +274,9 @@ async def test_parents_children_and_cascading_cancel(autojump_clock: trio.abc.Cl
         ({"tags": ["x" * 65]}, "tag"),
         ({"tags": [str(n) for n in range(33)]}, "32 tags"),
         ({"tags": "abc"}, "list of strings"),
+        ({"tags": {"a": 1}}, "list of strings"),  # not its keys
+        ({"tags": {"a", "b"}}, "list of strings"),  # no order to keep
+        ({"tags": (t for t in ["a"])}, "list of strings"),
         ({"idempotency_key": ""}, "idempotency_key"),
         ({"idempotency_key": "k" * 257}, "idempotency_key"),
     ],
