@@ -112,7 +112,8 @@ class Repository:
         not before. ``max_attempts`` (1..100) and ``timeout`` (seconds per attempt, up to 7
         days): default to the kind's :class:`KindOptions`. ``tags``: a list (or tuple) of up
         to 32 distinct strings of 1..64 characters (see ``list_jobs(tag=)``). ``parent_id``:
-        a job of the same user (cancelling it cancels this one). ``idempotency_key`` (1..256
+        a job of the same user (cancelling it cancels this one; a job created under a
+        cancelled parent is cancelled at once). ``idempotency_key`` (1..256
         characters): a second create of the same user with the same key within
         ``idempotency_window`` returns the first job unchanged if the request (kind, input,
         options) is the same.
@@ -148,6 +149,15 @@ class Repository:
             max_waiting=self._max_waiting,
             idempotency_window=self._idempotency_window,
         )
+        if job.parent_id is not None and job.state is S.CREATED:
+            parent = await self._store.get(job.parent_id)
+            if parent.state is S.CANCELLED:
+                # Created under a parent being cancelled, maybe after the cancel's walk listed
+                # its children: cancelled with it, whichever came first.
+                try:
+                    return await self.cancel(job.id, by="system")
+                except IllegalTransitionError:
+                    pass  # finished or cancelled meanwhile
         self.wake_dispatcher(job.run_at)
         return job
 

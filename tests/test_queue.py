@@ -372,3 +372,18 @@ async def test_cancel_of_a_parent_cancels_many_children_in_few_commits(
         jobs = [*children, grandchild]
         assert {(await rt.get_job(job.id)).state for job in jobs} == {S.CANCELLED}
         assert not rt.supervisor.workers
+
+
+async def test_a_child_created_under_a_cancelled_parent_is_cancelled(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The parent's handler may create children until it is stopped, after the cancel's walk
+    # listed its children: such a child ran on, orphaned.
+    async with memory_runtime({"hold": hold}, stop_grace=0.1) as rt:
+        parent = await rt.create_job("hold", "alice", {})
+        await rt.cancel(parent.id)
+        child = await rt.create_job("hold", "alice", {}, parent_id=parent.id)
+        assert child.state is S.CANCELLED
+        await trio.sleep(1)
+        assert (await rt.get_job(child.id)).state is S.CANCELLED
+        assert not rt.supervisor.workers
