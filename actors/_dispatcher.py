@@ -166,7 +166,7 @@ class Dispatcher:
         self._next_run_at = None
         # Shielded: a job claimed and started in the store is launched, never left running
         # with no worker.
-        with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True), self.supervisor.claiming():
             await self._claim_and_launch(request)
 
     def placeable(

@@ -169,7 +169,8 @@ class CreateOptions:
             if at < 0:
                 raise InvalidInputError("run_at must be Unix seconds (>= 0)")
         attempts = None if max_attempts is None else check_attempts(max_attempts)
-        if isinstance(tags, str) or not isinstance(tags, Iterable):
+        # A list or tuple: a set has no order to keep, a mapping would give its keys.
+        if not isinstance(tags, list | tuple):
             raise InvalidInputError("tags must be a list of strings")
         tag_list = list(tags)
         if len(tag_list) > MAX_TAGS:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -15,7 +16,13 @@ import trio
 from ._backend import POSTGRES_URL_SCHEMES, Backend
 from ._broadcaster import Broadcaster, BroadcasterConfig
 from ._dispatcher import Dispatcher, WallClock
-from ._errors import JobspineError, RuntimeClosedError, RuntimeCrashedError, leaves
+from ._errors import (
+    InvalidInputError,
+    JobspineError,
+    RuntimeClosedError,
+    RuntimeCrashedError,
+    leaves,
+)
 from ._events import EventHub
 from ._ids import new_id
 from ._joblog import job_fields
@@ -90,6 +97,41 @@ class RuntimeConfig:
     #: (see :class:`RetentionPolicy`). None: kept forever (``Runtime.prune`` still applies
     #: the default policy on demand).
     retention: RetentionPolicy | None = None
+
+    def __attrs_post_init__(self) -> None:
+        """Refuse queue settings that would silently stop the queue (no job ever runs, every
+        create refused) or spin (a lease renewed in a busy loop), with
+        :class:`InvalidInputError` naming the setting."""
+        counts: dict[str, object] = {
+            "max_running": self.max_running,
+            "max_waiting_per_user": self.max_waiting_per_user,
+            **({} if self.max_running_per_user is None else {
+                "max_running_per_user": self.max_running_per_user}),
+            **{f"max_running_per_kind[{kind!r}]": n
+               for kind, n in dict(self.max_running_per_kind).items()},
+        }  # fmt: skip
+        for name, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInputError(f"{name} must be an integer >= 1, not {value!r}")
+        for name, seconds in (
+            ("lease_ttl", self.lease_ttl),
+            ("lease_renew_interval", self.lease_renew_interval),
+            ("idempotency_window", self.idempotency_window),
+        ):
+            if (
+                isinstance(seconds, bool)
+                or not isinstance(seconds, int | float)
+                or not 0 < seconds < math.inf
+            ):
+                raise InvalidInputError(f"{name} must be a positive number of seconds")
+        if self.lease_renew_interval >= self.lease_ttl:
+            raise InvalidInputError(
+                f"lease_renew_interval ({self.lease_renew_interval:g} s) must be shorter than"
+                f" lease_ttl ({self.lease_ttl:g} s): a claim would lapse between renewals"
+            )
+        for kind, options in dict(self.kinds).items():
+            if not isinstance(options, KindOptions):
+                raise InvalidInputError(f"kinds[{kind!r}] must be a KindOptions")
 
 
 class Runtime(Repository):

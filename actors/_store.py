@@ -43,6 +43,7 @@ from ._backend import Backend, ClaimRequest, JobQuery, Pruned, QueueStats, is_ou
 from ._codec import MAX_STEP_LENGTH, check_text, dumps_json_value, sanitize_text
 from ._errors import (
     IdempotencyConflictError,
+    IllegalTransitionError,
     InvalidInputError,
     InvalidParentError,
     JobspineError,
@@ -776,15 +777,26 @@ class StoreClient:
         )
 
     async def pause(
-        self, job_id: str, attempt: int | None, actor: str | None, reason: str = "user"
+        self,
+        job_id: str,
+        attempt: int | None,
+        actor: str | None,
+        reason: str = "user",
+        *,
+        waiting: bool = False,
     ) -> Job:
+        """Pause a job (``attempt`` fences a running one). ``waiting``: only a waiting job,
+        else :class:`IllegalTransitionError` (it was claimed meanwhile: its worker must be
+        stopped first)."""
         check_text(actor, "actor", optional=True)
         check_text(reason, "reason")
-        return await self._call(
-            lambda: self._actor._change(
-                job_id, lambda job, now: ops.pause(job, attempt, now, actor, reason)
-            )
-        )
+
+        def change(job: Job, now: float) -> ops.Change:
+            if waiting and job.state is not JobState.CREATED:
+                raise IllegalTransitionError(job.id, job.state.value, JobState.PAUSED.value)
+            return ops.pause(job, attempt, now, actor, reason)
+
+        return await self._call(lambda: self._actor._change(job_id, change))
 
     async def recover(
         self,

@@ -8,11 +8,12 @@ deadline instead of polling, and sleeps with no timer per job.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -99,6 +100,8 @@ class Supervisor:
             self.config.beat_queue
         )
         self._nursery: trio.Nursery | None = None
+        # Set while the dispatcher's claim and the launches of what it claimed are under way.
+        self._claiming: trio.Event | None = None
         self._stalls = 0
         self._recoveries = 0
         self._failures = 0
@@ -363,6 +366,26 @@ class Supervisor:
         self.detector.watch(worker.job_id, trio.current_time(), self.config.heartbeat_timeout)
         worker.beat()  # wakes the watch loop, which may be sleeping until a later deadline
 
+    @contextlib.contextmanager
+    def claiming(self) -> Iterator[None]:
+        """Held by the dispatcher from before it sends a claim until it has launched every job
+        the claim started (see :meth:`settled`)."""
+        done = self._claiming = trio.Event()
+        try:
+            yield
+        finally:
+            self._claiming = None
+            done.set()
+
+    async def settled(self) -> None:
+        """Wait until the claim in progress, if any, has launched its jobs. A caller that has
+        just stopped a job in the store (cancel, pause, fail) calls it before :meth:`kill` or
+        :meth:`stop`: a claim applied before that write started the job, and between its
+        commit and its launch the job has no worker here to stop."""
+        claiming = self._claiming
+        if claiming is not None:
+            await claiming.wait()
+
     async def stop(self, job_id: str, reason: str) -> Worker | None:
         """Ask a running worker to stop, give it the grace period, then cancel it.
 
@@ -441,6 +464,7 @@ class Supervisor:
 
     async def trigger_recovery(self, job_id: str, cause: str = "manual recovery") -> Job:
         """Apply the stall rule to a running job now, as if its deadline had passed."""
+        await self.settled()
         worker = self.kill(job_id, "stall")
         attempt = None if worker is None else worker.attempt
         job = await self.store.recover(job_id, attempt, self.policy, cause, self._requeues)

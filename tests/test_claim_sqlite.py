@@ -3,6 +3,7 @@ and the next run_at, and the claim survives a reopen."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from actors import (
 )
 from actors._ops import create
 from actors._options import CreateOptions
+from actors._sqlite import waiting_counts_sql
 
 NOW = 1_000_000.0
 
@@ -80,3 +82,21 @@ async def test_next_run_at_and_reopen(backend: Backend, tmp_path: Path) -> None:
     await backend.commit([later.jobs[0]], [], (), {})
     job = await backend.load(later.jobs[0].id)
     assert job is not None and job.lease_expires_at == NOW + 500
+
+
+async def test_one_users_queue_counts_read_that_users_jobs_only(tmp_path: Path) -> None:
+    # By jobs_by_state, one user's stats scanned every waiting job of every user.
+    async with SqliteBackend(tmp_path / "c.db").opened():
+        pass
+    with sqlite3.connect(tmp_path / "c.db") as conn:
+        plan = conn.execute(
+            "EXPLAIN QUERY PLAN " + waiting_counts_sql(True), (NOW, "alice")
+        ).fetchall()
+    assert "jobs_by_user (user_id=?)" in " ".join(row[3] for row in plan), plan
+    backend = SqliteBackend(tmp_path / "c.db")
+    async with backend.opened():
+        await add(backend, 3, "alice")
+        await add(backend, 2, "bob", run_at=NOW + 60)
+        stats = await backend.queue_stats(NOW, "bob")
+        assert (stats.waiting, stats.ready, dict(stats.waiting_by_user)) == (2, 0, {"bob": 2})
+        assert (await backend.queue_stats(NOW)).waiting == 5

@@ -54,6 +54,14 @@ BAD = [
     ("jobs", "--state", "created", "--state", "created"),
     ("jobs", "--limit", "0"),
     ("jobs", "--tag", ""),
+    # an undecodable byte in an argument (a lone surrogate in Python): not valid UTF-8
+    ("submit", "research", SMALL, "--tag", "\udcff"),
+    ("submit", "research", SMALL, "--parent", "p\udcff"),
+    ("submit", "research", SMALL, "--idempotency-key", "k\udcff"),
+    ("submit", "r\udcff", SMALL),
+    ("jobs", "--tag", "\udcff"),
+    ("jobs", "--parent", "\udcff"),
+    ("cancel", "\udcff"),
 ]
 
 
@@ -74,7 +82,8 @@ async def test_bad_queue_flags_exit_2_with_one_line_and_send_nothing() -> None:
         assert result.returncode == ExitCode.USAGE, (args, result)
         assert result.stdout == ""
         lines = result.stderr.splitlines()
-        assert len(lines) == 1 and lines[0].startswith("jobspine: error: --"), (args, lines)
+        named = tuple(f"jobspine: error: {name}" for name in ("--", "KIND", "JOB_ID"))
+        assert len(lines) == 1 and lines[0].startswith(named), (args, lines)
 
 
 async def test_submit_flags_jobs_filters_and_stats(tmp_path: Path) -> None:

@@ -5,14 +5,17 @@ one stores nothing), the new fields in job views and events, list filters, ``chi
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from trio_websocket import open_websocket_url
 
 from actors import JobContext, JobEvent, RetryPolicy, RuntimeConfig, kind_options
 from transport import (
+    ClientError,
     ConnectionLostError,
     RoomCursor,
     RunningServer,
@@ -20,8 +23,9 @@ from transport import (
     open_client,
     open_server,
 )
+from transport._protocol import MAX_QUEUE_USERS
 
-from .serving import HANDLERS, SECRET, raw, request, serving, token
+from .serving import HANDLERS, SECRET, raw, receive, request, send, serving, token
 
 SMALL = {"query": "q", "depth": 1, "delay": 0}
 LATER = 3600.0  # a delay that keeps a job waiting for the whole test
@@ -85,6 +89,27 @@ async def test_bad_create_options_are_refused_and_store_nothing(tmp_path: Path) 
         assert ok["type"] == "reply", ok
         assert ok["result"]["priority"] == 0 and ok["result"]["tags"] == []
         assert [job["id"] for job in await jobs_of(running, "alice")] == [ok["result"]["id"]]
+
+
+async def test_client_refuses_what_json_cannot_carry_and_sends_nothing(tmp_path: Path) -> None:
+    # A lone surrogate (an undecodable byte of a command-line argument) or a set: a typed
+    # error from the client, not a TypeError, and the connection serves the next request.
+    async with serving(tmp_path / "db.sqlite") as running:
+        async with open_client(running.url, token("alice")) as client:
+            bad: list[Callable[[], Awaitable[Any]]] = [
+                lambda: client.create("research", SMALL, tags=["\udcff"]),
+                lambda: client.create("research", SMALL, idempotency_key="k\udcff"),
+                lambda: client.create("research", SMALL, parent_id="\udcff"),
+                lambda: client.create("research", {"query": {1, 2}}),
+                lambda: client.list(tag="\udcff"),
+                lambda: client.get("\udcff"),
+            ]
+            for call in bad:
+                with pytest.raises(ClientError) as refused:
+                    await call()
+                assert refused.value.code == "invalid_input", refused.value
+            assert await client.ping() and client.counters.connects == 1
+        assert await jobs_of(running, "alice") == []
 
 
 async def test_queue_fields_in_views_events_filters_and_stats(tmp_path: Path) -> None:
@@ -151,6 +176,7 @@ async def test_queue_fields_in_views_events_filters_and_stats(tmp_path: Path) ->
             "running": 0,
             "waiting_by_kind": {"research": 2},
             "waiting_by_user": {"alice": 2},
+            "waiting_users": 1,
         }
         mine = (await request(ws, "my_stats", 11))["result"]
         assert mine["created"] == 2 and mine["waiting_by_kind"] == {"research": 2}
@@ -365,3 +391,30 @@ async def test_queue_events_reach_clients(tmp_path: Path) -> None:
                 if item.type == "resumed":
                     break
         assert types == [("created", "created"), ("paused", "paused"), ("resumed", "created")]
+
+
+async def test_queue_stats_of_many_users_fit_in_one_reply(tmp_path: Path) -> None:
+    # Everyone's waiting_by_user grew with the number of users: past max_message_size (at
+    # 2 MiB, some 8,000 users with long ids) the reply no longer fit in one message and an
+    # admin could not read the queue at all. 32 KiB for a reply shows it with 3,000 users.
+    async with serving(tmp_path / "db.sqlite", max_message_size=96 * 1024) as running:
+        limiter = trio.CapacityLimiter(50)
+
+        async def create(i: int) -> None:
+            async with limiter:
+                await running.runtime.create_job("research", f"user{i:05}", SMALL, delay=LATER)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(3000):
+                nursery.start_soon(create, i)
+        await running.runtime.create_job("research", "user00007", SMALL, delay=LATER)
+        async with open_websocket_url(running.url) as ws:
+            await send(ws, {"op": "hello", "id": 0, "token": token("root", admin=True)})
+            assert (await receive(ws))["type"] == "reply"
+            reply = await request(ws, "queue_stats", 1)
+        assert reply["type"] == "reply", reply
+        stats = reply["result"]
+        assert (stats["waiting"], stats["waiting_users"]) == (3001, 3000)
+        by_user = stats["waiting_by_user"]
+        assert len(by_user) == MAX_QUEUE_USERS and by_user["user00007"] == 2
+        assert next(iter(by_user)) == "user00007"  # the most waiting first

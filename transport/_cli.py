@@ -21,7 +21,14 @@ from typing import Any, NoReturn
 import attrs
 import trio
 
-from actors import DEMO_HANDLERS, DatabaseLockedError, JobspineError, RuntimeConfig, StoreError
+from actors import (
+    DEMO_HANDLERS,
+    DatabaseLockedError,
+    InvalidInputError,
+    JobspineError,
+    RuntimeConfig,
+    StoreError,
+)
 from actors._backend import POSTGRES_URL_SCHEMES
 from actors._errors import unwrap_group
 from actors._retention import DAY
@@ -132,7 +139,10 @@ async def serve(args: argparse.Namespace) -> int:
     if secret is None:
         secret = secrets.token_urlsafe(32)
     config = ServerConfig(secret=secret, **args.server_config)
-    runtime_config = RuntimeConfig(**args.runtime_config)
+    try:
+        runtime_config = RuntimeConfig(**args.runtime_config)
+    except InvalidInputError as exc:
+        raise CLIError(ExitCode.USAGE, f"runtime settings: {exc}") from None
     local = None
     if args.worker_processes:
         # Handlers run only in the worker processes; the server keeps their input checks.

@@ -78,6 +78,16 @@ _FLAGS = {
     "idempotency_key": "--idempotency-key",
 }
 
+#: The text arguments sent to the server as they are: an undecodable byte in one (read as a
+#: lone surrogate) cannot be sent as JSON.
+_TEXT_ARGS = {
+    "kind": "KIND",
+    "job_id": "JOB_ID",
+    "tag": "--tag",
+    "parent": "--parent",
+    "idempotency_key": "--idempotency-key",
+}
+
 _FINAL_EXIT = {"completed": ExitCode.OK, "failed": ExitCode.JOB_FAILED}
 
 
@@ -345,6 +355,18 @@ def create_options(args: argparse.Namespace) -> dict[str, Any]:
 def parse_inputs(args: argparse.Namespace) -> None:
     """Check arguments before connecting: a typo is a usage error, not a traceback, and
     nothing is sent."""
+    for name, flag in _TEXT_ARGS.items():
+        value = getattr(args, name, None)
+        for text in value if isinstance(value, list) else [value]:
+            if not isinstance(text, str):
+                continue
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                raise CLIError(
+                    ExitCode.USAGE,
+                    f"{flag} {text!r}: not valid UTF-8 (check the terminal's locale)",
+                ) from None
     if args.command == "submit":
         args.input = _json_arg(args.input, "INPUT")
         args.create_options = create_options(args)

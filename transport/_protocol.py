@@ -32,6 +32,7 @@ __all__ = [
     "CLOSE",
     "MAX_ID_LENGTH",
     "MAX_LIST_LIMIT",
+    "MAX_QUEUE_USERS",
     "OPS",
     "PROTOCOL_VERSION",
     "Cursor",
@@ -50,6 +51,9 @@ PROTOCOL_VERSION = 1
 MAX_ID_LENGTH = 128
 #: The largest ``limit`` of a ``list`` or ``children`` request.
 MAX_LIST_LIMIT = 500
+#: ``queue_stats`` names at most this many users in ``waiting_by_user`` (those with the most
+#: waiting jobs): one reply must fit in a message whatever the number of users.
+MAX_QUEUE_USERS = 100
 _STATES = tuple(state.value for state in JobState)
 
 #: Close codes the server uses, with the reason text it sends.

@@ -33,6 +33,7 @@ from actors._remote import RemotePlacement
 from ._auth import Principal, verify_token
 from ._protocol import (
     CLOSE,
+    MAX_QUEUE_USERS,
     PROTOCOL_VERSION,
     Children,
     Create,
@@ -561,7 +562,12 @@ async def _queue_stats(conn: Connection, request: Request) -> Any:
     body = request.body
     assert isinstance(body, QueueStatsRequest)
     stats = await conn.server.runtime.queue_stats(_whose(conn, body.user_id, "queue"))
-    return attrs.asdict(stats)
+    result = attrs.asdict(stats)
+    by_user = stats.waiting_by_user
+    most = sorted(by_user.items(), key=lambda item: (-item[1], item[0]))[:MAX_QUEUE_USERS]
+    result["waiting_by_user"] = dict(most)
+    result["waiting_users"] = len(by_user)
+    return result
 
 
 async def _prune(conn: Connection, request: Request) -> Any:

@@ -373,17 +373,21 @@ class Client:
             ws = self._ws
             self._next_id += 1
             request_id = self._next_id
-            self._pending[request_id] = pending
-            frame = orjson.dumps({"op": op, "id": request_id, **fields}).decode()
+            try:
+                frame = orjson.dumps({"op": op, "id": request_id, **fields}).decode()
+            except TypeError as exc:
+                # A value JSON cannot carry: a lone surrogate (an undecodable byte of a
+                # command-line argument), a set, an object.
+                raise ClientError("invalid_input", f"{op}: cannot be sent as JSON: {exc}") from None
             limit = self.welcome.get("max_frame_size")
             if isinstance(limit, int) and len(frame.encode()) > limit:
                 # Sent, it would close the connection (1009) for every request in flight.
-                self._pending.pop(request_id, None)
                 raise ClientError(
                     "request_too_large",
                     f"{op}: the request is {len(frame.encode())} bytes, over the server's"
                     f" max_frame_size of {limit}",
                 )
+            self._pending[request_id] = pending
             try:
                 await ws.send_message(frame)
             except ConnectionClosed:
@@ -643,8 +647,9 @@ class Client:
         return await self.request("my_stats")
 
     async def queue_stats(self, user_id: str | None = None) -> Any:
-        """``{waiting, ready, scheduled, running, waiting_by_kind, waiting_by_user}``: yours;
-        an admin's: everyone's, or ``user_id``'s."""
+        """``{waiting, ready, scheduled, running, waiting_by_kind, waiting_by_user,
+        waiting_users}``: yours; an admin's: everyone's, or ``user_id``'s.
+        ``waiting_by_user`` names the 100 users with the most waiting jobs at most."""
         fields = {} if user_id is None else {"user_id": user_id}
         return await self.request("queue_stats", **fields)
 
