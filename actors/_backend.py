@@ -250,6 +250,11 @@ class Backend(Protocol):
         ``since`` (Unix seconds), None if none."""
         ...
 
+    async def find_by_keys(self, keys: Collection[tuple[str, str]]) -> dict[tuple[str, str], Job]:
+        """The newest job (highest id) of each ``(user_id, idempotency key)`` in ``keys``;
+        keys no job has are left out. One query for a batch of creates."""
+        ...
+
 
 class MemoryBackend:
     """Dicts in memory: for logic tests and for timing tests under a mock clock (no threads)."""
@@ -443,3 +448,14 @@ class MemoryBackend:
             if job.user_id == user_id and job.idempotency_key == key and job.created_at >= since
         ]
         return max(found, key=lambda job: job.id) if found else None
+
+    async def find_by_keys(self, keys: Collection[tuple[str, str]]) -> dict[tuple[str, str], Job]:
+        wanted = set(keys)
+        newest: dict[tuple[str, str], Job] = {}
+        for job in self._jobs.values():
+            if job.idempotency_key is None:
+                continue
+            key = (job.user_id, job.idempotency_key)
+            if key in wanted and (key not in newest or newest[key].id < job.id):
+                newest[key] = job
+        return newest

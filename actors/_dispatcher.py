@@ -6,6 +6,10 @@ earliest known ``run_at`` (one sleep, no timer per job), and by its own lease re
 for later only moves that sleep (no claim). Every claim takes at most the free capacity
 (:meth:`StoreClient.claim`, planned by :class:`ClaimPlanner` under the runtime's limits), so
 wakes that come together cost one claim.
+
+It is also the store's :class:`~._fast_start.FastStarter`: when the last claim left nothing
+claimable, a create whose group has capacity is started in its own commit (admitted here,
+counted as running from then on) and launched by this task once committed.
 """
 
 from __future__ import annotations
@@ -13,14 +17,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import trio
 
 from ._backend import ClaimRequest
 from ._errors import JobspineError, RuntimeClosedError
+from ._job import Job
 from ._joblog import job_fields
-from ._scheduling import ClaimLimits
+from ._scheduling import ClaimLimits, ClaimPlanner
 from ._store import StoreClient
 from ._supervisor import Supervisor
 
@@ -74,9 +79,19 @@ class Dispatcher:
         self._scope: trio.CancelScope | None = None
         #: Set once :meth:`run` has returned (after :meth:`close`, no claim is in progress).
         self.stopped = trio.Event()
-        #: Claims made, jobs started, since the dispatcher started.
+        #: Claims made, jobs started (fast starts included), since the dispatcher started.
         self.claims = 0
         self.dispatched = 0
+        #: Jobs started in their create's commit.
+        self.fast_started = 0
+        self._closing = False
+        # A claim is in progress: the jobs it starts count nowhere until they are launched.
+        self._claiming = False
+        # Admitted by the fast path and not launched yet: counted as running by every claim
+        # and admission, so capacity is never given twice.
+        self._admitted: dict[str, Job] = {}
+        self._to_launch: list[Job] = []  # admitted and committed
+        self._settled = trio.Event()  # set when an admitted job is committed or voided
 
     def wake(self, run_at: float | None = None) -> None:
         """Claim again soon (never blocks): capacity freed or a job became claimable.
@@ -84,6 +99,9 @@ class Dispatcher:
         dispatcher's one sleep earlier if it comes before the earliest known."""
         if run_at is None or run_at <= self._clock():
             self._due = True
+            # Capacity freed or a job became claimable: no create starts at once until the
+            # claim has looked.
+            self.store.unsettle()
         elif self._next_run_at is None or run_at < self._next_run_at:
             self._next_run_at = run_at
         else:
@@ -91,9 +109,62 @@ class Dispatcher:
         self._wake.set()
 
     def close(self) -> None:
-        """Stop claiming; :meth:`run` returns."""
+        """Stop claiming; :meth:`run` returns (once the jobs started at their create are
+        launched)."""
+        self._closing = True
         if self._scope is not None:
             self._scope.cancel()
+
+    # -- the fast path (FastStarter, called in the store actor's task) -------------------------
+
+    def admit(self, job: Job, settled_until: float) -> tuple[str, float] | None:
+        now = self._clock()
+        if self._closing or self._claiming or now >= settled_until:
+            return None
+        if job.run_at is not None and job.run_at > now:
+            return None
+        planner = ClaimPlanner(self.limits, *self._capacity(), frozenset(self.supervisor.handlers))
+        if not planner.slots() or not planner.group_open((job.priority, job.user_id, job.kind)):
+            return None
+        self._admitted[job.id] = job
+        return self.node_id, now + self._lease_ttl
+
+    def committed(self, jobs: Sequence[Job]) -> None:
+        self._to_launch += jobs
+        self._settled.set()
+        self._wake.set()
+
+    def voided(self, jobs: Sequence[Job]) -> None:
+        for job in jobs:
+            self._admitted.pop(job.id, None)
+        self._settled.set()
+
+    def _capacity(self) -> tuple[int, dict[str, int], dict[str, int]]:
+        """What this runtime runs: the supervisor's workers and the jobs admitted."""
+        running, by_user, by_kind = self.supervisor.capacity()
+        for job in self._admitted.values():
+            running += 1
+            by_user[job.user_id] = by_user.get(job.user_id, 0) + 1
+            by_kind[job.kind] = by_kind.get(job.kind, 0) + 1
+        return running, by_user, by_kind
+
+    async def _launch_admitted(self) -> None:
+        # Shielded: a job stored as running is launched, never left with no worker.
+        with trio.CancelScope(shield=True):
+            while self._to_launch:
+                job = self._to_launch.pop(0)
+                await self._launch(job)
+                self._admitted.pop(job.id, None)
+                self.fast_started += 1
+
+    async def _launch_remaining(self) -> None:
+        """At the end: launch every admitted job once its commit is decided."""
+        with trio.move_on_after(5, shield=True):
+            while self._admitted:
+                await self._launch_admitted()
+                if self._admitted:
+                    self._settled = trio.Event()
+                    await self._settled.wait()
 
     async def run(
         self, *, task_status: trio.TaskStatus[Dispatcher] = trio.TASK_STATUS_IGNORED
@@ -101,10 +172,13 @@ class Dispatcher:
         try:
             await self._serve(task_status)
         finally:
+            self._closing = True
+            await self._launch_remaining()
             self.stopped.set()
 
     async def _serve(self, task_status: trio.TaskStatus[Dispatcher]) -> None:
         async with self.store:
+            self.store.set_fast_starter(self)
             with trio.CancelScope() as self._scope:
                 # What waited while no runtime ran is claimed before the runtime is handed
                 # to its caller.
@@ -120,6 +194,7 @@ class Dispatcher:
                     with trio.move_on_at(wake_at):
                         await self._wake.wait()
                     self._wake = trio.Event()
+                    await self._launch_admitted()
                     if trio.current_time() >= renew_at:
                         renew_at = trio.current_time() + self._renew_interval
                         if self.supervisor.workers:
@@ -138,7 +213,7 @@ class Dispatcher:
             log.warning("lease renewal failed (retried next interval): %s", exc)
 
     async def _dispatch(self) -> None:
-        running, by_user, by_kind = self.supervisor.capacity()
+        running, by_user, by_kind = self._capacity()
         limits = self.limits
         if running >= limits.max_running:
             # An end wakes the dispatcher, and its claim learns the next run_at again.
@@ -160,8 +235,12 @@ class Dispatcher:
         self._next_run_at = None
         # Shielded: a job claimed and started in the store is launched, never left running
         # with no worker.
-        with trio.CancelScope(shield=True):
-            await self._claim_and_launch(request)
+        self._claiming = True
+        try:
+            with trio.CancelScope(shield=True):
+                await self._claim_and_launch(request)
+        finally:
+            self._claiming = False
 
     async def _claim_and_launch(self, request: ClaimRequest) -> None:
         try:
@@ -176,14 +255,17 @@ class Dispatcher:
             self._next_run_at = later
         self.claims += 1
         for job in jobs:
-            try:
-                await self.supervisor.launch(job, job.checkpoint)
-            except JobspineError as exc:
-                # Stored as running: the stall rule recovers it like any lost worker.
-                log.warning(
-                    "job %s claimed but not launched: %s",
-                    job.id,
-                    exc,
-                    extra=job_fields(job.id, job.user_id, job.attempt, "launch_failed"),
-                )
-            self.dispatched += 1
+            await self._launch(job)
+
+    async def _launch(self, job: Job) -> None:
+        try:
+            await self.supervisor.launch(job, job.checkpoint)
+        except JobspineError as exc:
+            # Stored as running: the stall rule recovers it like any lost worker.
+            log.warning(
+                "job %s claimed but not launched: %s",
+                job.id,
+                exc,
+                extra=job_fields(job.id, job.user_id, job.attempt, "launch_failed"),
+            )
+        self.dispatched += 1

@@ -147,7 +147,8 @@ class Repository:
             max_waiting=self._max_waiting,
             idempotency_window=self._idempotency_window,
         )
-        self.wake_dispatcher(job.run_at)
+        if job.owner is None:  # else claimed at its create: it starts with no claim
+            self.wake_dispatcher(job.run_at)
         return job
 
     async def create_research_job(self, user_id: str, query: str, *, depth: int = 3) -> Job:

@@ -53,6 +53,7 @@ from ._errors import (
     UnknownJobError,
 )
 from ._events import EventHub, EventType, JobEvent
+from ._fast_start import FastStarter, QueueVerdict
 from ._ids import new_id
 from ._job import Job, JobError
 from ._metrics import StoreMetrics, move
@@ -98,17 +99,24 @@ class StoreHealth:
 
 WRITE, READ, BARRIER, CLAIM = "write", "read", "barrier", "claim"
 
+#: An idempotency key of a user: ``(user_id, key)``.
+_Key = tuple[str, str]
+
 
 class _Request:
     """``WRITE``: applied, then answered after its group commits. ``READ``: of committed state
     only, answered at once. ``BARRIER``: runs after every earlier write has committed.
     ``CLAIM``: both, a barrier whose writes are answered after they commit."""
 
-    __slots__ = ("done", "error", "fn", "mode", "replay", "value")
+    __slots__ = ("done", "error", "fn", "key", "mode", "replay", "value")
 
-    def __init__(self, fn: Callable[[], Awaitable[Any]], mode: str) -> None:
+    def __init__(
+        self, fn: Callable[[], Awaitable[Any]], mode: str, key: _Key | None = None
+    ) -> None:
         self.fn = fn
         self.mode = mode
+        #: A create's idempotency key ``(user_id, key)``, looked up with its batch's others.
+        self.key = key
         self.done = trio.Event()
         self.value: Any = None
         self.error: Exception | None = None
@@ -135,6 +143,9 @@ class _Group:
     beats: dict[str, tuple[int, float]] = attrs.field(factory=dict)
     #: Jobs per state gained (lost, if negative) by this group, for the metrics.
     moves: dict[JobState, int] = attrs.field(factory=dict)
+    #: Jobs started in their create's commit (the fast path), launched once it commits.
+    fast: list[Job] = attrs.field(factory=list)
+    committed: bool = False
 
     def __bool__(self) -> bool:
         return bool(self.requests or self.writes)
@@ -190,6 +201,13 @@ class StoreActor:
         self.commits = 0
         self.committed_requests = 0
         self.metrics = StoreMetrics()
+        #: Whether a create may start at once (see :mod:`._fast_start`), and who decides.
+        self.queue = QueueVerdict()
+        self.fast_starter: FastStarter | None = None
+        # The newest job per idempotency key of the keyed creates of the batch being applied
+        # (None: not looked up), valid while ``_generation`` is ``_keys_generation``.
+        self._keys: dict[_Key, Job | None] | None = None
+        self._keys_generation = 0
 
     def client(self) -> StoreClient:
         """A new client owning its own clone of the request channel; close it when done.
@@ -252,9 +270,12 @@ class StoreActor:
             await self._process(batch)
 
     async def _process(self, batch: list[_Request]) -> None:
-        for request in batch:
+        for i, request in enumerate(batch):
             if request.mode is BARRIER or request.mode is CLAIM:
+                self._keys = None  # a barrier may remove jobs (prune): looked up again
                 await self._drain()
+            elif request.key is not None and self._keys is None:
+                await self._look_up_keys(batch[i:])
             try:
                 request.value = await request.fn()
             except JobspineError as exc:
@@ -266,7 +287,33 @@ class StoreActor:
                 self._group.requests.append(request)
             else:
                 request.done.set()
+        self._keys = None
         await self._cut()
+
+    async def _look_up_keys(self, requests: list[_Request]) -> None:
+        """One query for the idempotency keys of ``requests`` up to the next barrier (instead
+        of one per create). Jobs staged or committing now are found in the overlays first;
+        what is staged from here on is added by :meth:`_stage`."""
+        keys: set[_Key] = set()
+        for request in requests:
+            if request.mode is BARRIER or request.mode is CLAIM:
+                break
+            if request.key is not None:
+                keys.add(request.key)
+        found: dict[_Key, Job | None] = {}
+        for group in (self._group, *reversed(self._inflight)):
+            for job in group.jobs.values():
+                key = job.idempotency_key
+                if key is not None and (job.user_id, key) in keys:
+                    found.setdefault((job.user_id, key), job)
+        try:
+            stored = await self.backend.find_by_keys(keys - found.keys())
+        except Exception:
+            # Each create then looks its key up alone, and gets the error that deserves.
+            log.warning("idempotency keys not looked up as a batch", exc_info=True)
+            return
+        self._keys = {key: found.get(key) or stored.get(key) for key in keys}
+        self._keys_generation = self._generation
 
     async def _replay_void(self) -> None:
         """Apply and commit again, one at a time, the requests of groups a request-tied
@@ -301,6 +348,11 @@ class StoreActor:
                     await self._commit(group)
                 finally:
                     self._inflight.remove(group)
+                    if group.fast and self.fast_starter is not None:
+                        if group.committed:
+                            self.fast_starter.committed(group.fast)
+                        else:
+                            self.fast_starter.voided(group.fast)
                     if not self._inflight:
                         self._idle.set()
                     for request in group.requests:
@@ -334,6 +386,7 @@ class StoreActor:
                 # Every group applied on top of this one is void; cached state is reloaded.
                 void = self._generation
                 self._generation += 1
+                self.queue.unsettle()
                 self._cache.clear()
                 self._user_heads.clear()
                 self._waiting.clear()
@@ -428,6 +481,7 @@ class StoreActor:
             self._outage_deadline = math.inf
 
     def _committed(self, group: _Group) -> None:
+        group.committed = True
         self.commits += 1
         self.committed_requests += len(group.requests)
         cache = self._cache
@@ -506,6 +560,12 @@ class StoreActor:
         user_seq = await self._user_head(job.user_id) + 1
         self._user_heads[job.user_id] = user_seq
         self._group.jobs[job.id] = job
+        if self._keys is not None and job.idempotency_key is not None:
+            key = (job.user_id, job.idempotency_key)
+            if key in self._keys:
+                newest = self._keys[key]
+                if newest is None or newest.id <= job.id:
+                    self._keys[key] = job
         self._group.events.append(
             JobEvent(
                 event.job_id,
@@ -528,7 +588,24 @@ class StoreActor:
         job = await self._stage(fn(old, time.time()))
         if job.state is not old.state:
             self._move(job.user_id, old.state, job.state)
+        self.queue.staged(old.state, job)
         return job
+
+    async def _start_at_create(self, job: Job) -> Job | None:
+        """The fast path (see :mod:`._fast_start`): stage the start of ``job``, just staged
+        as created, if the dispatcher admits it; returns it as claimed (still created, owner
+        and lease set), None when it waits for a claim."""
+        starter = self.fast_starter
+        if starter is None or not self.queue.settled:
+            return None
+        claim = starter.admit(job, self.queue.until)
+        if claim is None:
+            return None
+        owner, lease = claim
+        claimed = attrs.evolve(job, owner=owner, lease_expires_at=lease)
+        started = await self._apply(claimed, lambda job, now: ops.start(job, now, owner, lease))
+        self._group.fast.append(started)
+        return claimed
 
     def _move(self, user_id: str, old: JobState | None, new: JobState | None) -> None:
         """Count a staged change of state (metrics, the user's waiting jobs)."""
@@ -548,6 +625,10 @@ class StoreActor:
         return count
 
     async def _find_by_key(self, user_id: str, key: str, since: float) -> Job | None:
+        keys = self._keys if self._keys_generation == self._generation else None
+        if keys is not None and (user_id, key) in keys:
+            found = keys[(user_id, key)]
+            return found if found is not None and found.created_at >= since else None
         for group in (self._group, *reversed(self._inflight)):
             for job in group.jobs.values():
                 if job.user_id == user_id and job.idempotency_key == key:
@@ -590,8 +671,19 @@ class StoreClient:
     def health(self) -> StoreHealth:
         return self._actor.health
 
-    async def _call(self, fn: Callable[[], Awaitable[T]], mode: str = WRITE) -> T:
-        request = _Request(fn, mode)
+    def set_fast_starter(self, starter: FastStarter) -> None:
+        """Let ``starter`` start new jobs in their create's commit (see :mod:`._fast_start`)."""
+        self._actor.fast_starter = starter
+
+    def unsettle(self) -> None:
+        """Capacity freed or a job became claimable outside the store's sight: no create
+        starts at once until the next claim has looked. Never blocks."""
+        self._actor.queue.unsettle()
+
+    async def _call(
+        self, fn: Callable[[], Awaitable[T]], mode: str = WRITE, key: _Key | None = None
+    ) -> T:
+        request = _Request(fn, mode, key)
         try:
             await self._send.send(request)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -652,9 +744,14 @@ class StoreClient:
                 )
             job = await actor._stage(change)
             actor._move(user_id, None, job.state)
+            claimed = await actor._start_at_create(job)
+            if claimed is not None:
+                return claimed
+            actor.queue.staged(None, job)
             return job
 
-        return await self._call(fn)
+        key = None if new.idempotency_key is None else (user_id, new.idempotency_key)
+        return await self._call(fn, key=key)
 
     async def claim(self, request: ClaimRequest) -> tuple[list[Job], float | None]:
         """Claim the next waiting jobs (see :meth:`Backend.claim`) and start them: returns
@@ -665,12 +762,15 @@ class StoreClient:
         owner, lease = request.owner, request.lease_expires_at
 
         async def fn() -> tuple[list[Job], float | None]:
+            epoch = actor.queue.epoch
             async with actor._commit_lock:
                 result = await actor.backend.claim(request)
             started = [
                 await actor._apply(job, lambda job, now: ops.start(job, now, owner, lease))
                 for job in result.jobs
             ]
+            slots = request.planner().slots()
+            actor.queue.claimed(epoch, len(started), slots, result.next_run_at)
             return started, result.next_run_at
 
         return await self._call(fn, CLAIM)
@@ -844,6 +944,7 @@ class StoreClient:
             job, event = ops.delete(await store._job(job_id), time.time(), actor)
             await store._stage((job, event))
             store._move(job.user_id, job.state, None)
+            store._keys = None  # it may be the job of a key: looked up again
             del store._group.jobs[job_id]
             store._group.deleted.add(job_id)
 
