@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 
+import attrs
 import trio
 
 from ._backend import ClaimRequest
@@ -85,13 +86,22 @@ class Dispatcher:
         #: Jobs started in their create's commit.
         self.fast_started = 0
         self._closing = False
-        # A claim is in progress: the jobs it starts count nowhere until they are launched.
-        self._claiming = False
-        # Admitted by the fast path and not launched yet: counted as running by every claim
-        # and admission, so capacity is never given twice.
+        # Admitted by the fast path, or started by the claim in progress, and not launched
+        # yet: counted as running by every claim and admission, so capacity is never given
+        # twice.
         self._admitted: dict[str, Job] = {}
+        self._claimed: dict[str, Job] = {}
+        # The kinds the last claim could run: a handler registered since may make waiting
+        # jobs claimable.
+        self._claim_kinds: frozenset[str] | None = None
         self._to_launch: list[Job] = []  # admitted and committed
         self._settled = trio.Event()  # set when an admitted job is committed or voided
+        #: Whether freed capacity can make a waiting job claimable: only where per-user or
+        #: per-kind limits can close a group (else a claim that left slots free left no
+        #: ready job at all).
+        self._capacity_matters = bool(
+            limits.max_running_per_user is not None or limits.max_running_per_kind
+        )
 
     def wake(self, run_at: float | None = None) -> None:
         """Claim again soon (never blocks): capacity freed or a job became claimable.
@@ -99,9 +109,11 @@ class Dispatcher:
         dispatcher's one sleep earlier if it comes before the earliest known."""
         if run_at is None or run_at <= self._clock():
             self._due = True
-            # Capacity freed or a job became claimable: no create starts at once until the
-            # claim has looked.
-            self.store.unsettle()
+            if self._capacity_matters:
+                # Capacity freed may open a group the limits closed: no create starts at
+                # once until the claim has looked. (A job that became claimable did so in
+                # the store, which unsettled the verdict then.)
+                self.store.unsettle()
         elif self._next_run_at is None or run_at < self._next_run_at:
             self._next_run_at = run_at
         else:
@@ -119,11 +131,12 @@ class Dispatcher:
 
     def admit(self, job: Job, settled_until: float) -> tuple[str, float] | None:
         now = self._clock()
-        if self._closing or self._claiming or now >= settled_until:
+        kinds = frozenset(self.supervisor.handlers)
+        if self._closing or now >= settled_until or kinds != self._claim_kinds:
             return None
         if job.run_at is not None and job.run_at > now:
             return None
-        planner = ClaimPlanner(self.limits, *self._capacity(), frozenset(self.supervisor.handlers))
+        planner = ClaimPlanner(self.limits, *self._capacity(), kinds)
         if not planner.slots() or not planner.group_open((job.priority, job.user_id, job.kind)):
             return None
         self._admitted[job.id] = job
@@ -139,10 +152,20 @@ class Dispatcher:
             self._admitted.pop(job.id, None)
         self._settled.set()
 
+    def claiming(self, request: ClaimRequest) -> ClaimRequest:
+        # Jobs admitted since the request was made count too.
+        running, by_user, by_kind = self._capacity()
+        self._claim_kinds = request.kinds
+        return attrs.evolve(request, running=running, by_user=by_user, by_kind=by_kind)
+
+    def claimed(self, jobs: Sequence[Job]) -> None:
+        self._claimed.update((job.id, job) for job in jobs)
+
     def _capacity(self) -> tuple[int, dict[str, int], dict[str, int]]:
-        """What this runtime runs: the supervisor's workers and the jobs admitted."""
+        """What this runtime runs: the supervisor's workers, the jobs admitted and those the
+        claim in progress started."""
         running, by_user, by_kind = self.supervisor.capacity()
-        for job in self._admitted.values():
+        for job in (*self._admitted.values(), *self._claimed.values()):
             running += 1
             by_user[job.user_id] = by_user.get(job.user_id, 0) + 1
             by_kind[job.kind] = by_kind.get(job.kind, 0) + 1
@@ -178,7 +201,7 @@ class Dispatcher:
 
     async def _serve(self, task_status: trio.TaskStatus[Dispatcher]) -> None:
         async with self.store:
-            self.store.set_fast_starter(self)
+            self.store.set_fast_starter(self, capacity_matters=self._capacity_matters)
             with trio.CancelScope() as self._scope:
                 # What waited while no runtime ran is claimed before the runtime is handed
                 # to its caller.
@@ -235,12 +258,11 @@ class Dispatcher:
         self._next_run_at = None
         # Shielded: a job claimed and started in the store is launched, never left running
         # with no worker.
-        self._claiming = True
         try:
             with trio.CancelScope(shield=True):
                 await self._claim_and_launch(request)
         finally:
-            self._claiming = False
+            self._claimed.clear()
 
     async def _claim_and_launch(self, request: ClaimRequest) -> None:
         try:
@@ -256,6 +278,7 @@ class Dispatcher:
         self.claims += 1
         for job in jobs:
             await self._launch(job)
+            self._claimed.pop(job.id, None)
 
     async def _launch(self, job: Job) -> None:
         try:

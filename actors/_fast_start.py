@@ -27,6 +27,7 @@ from typing import Protocol
 
 import attrs
 
+from ._backend import ClaimRequest
 from ._job import Job
 from ._states import JobState
 
@@ -52,6 +53,14 @@ class FastStarter(Protocol):
         :meth:`admit` again)."""
         ...
 
+    def claiming(self, request: ClaimRequest) -> ClaimRequest:
+        """``request`` with what the runtime runs now (jobs admitted since it was made)."""
+        ...
+
+    def claimed(self, jobs: Sequence[Job]) -> None:
+        """The claim in progress started ``jobs``: they count as running until launched."""
+        ...
+
 
 @attrs.define
 class QueueVerdict:
@@ -64,6 +73,9 @@ class QueueVerdict:
     settled: bool = False
     until: float = math.inf
     epoch: int = 0
+    #: Whether a running job's end unsettles (per-user or per-kind limits may have closed
+    #: a group that it opens).
+    capacity_matters: bool = True
 
     def unsettle(self) -> None:
         self.settled = False
@@ -76,11 +88,11 @@ class QueueVerdict:
 
     def staged(self, old: JobState | None, job: Job) -> None:
         """A change staged by anything but the fast path (``old``: None for a create)."""
-        if old is JobState.RUNNING and job.state is not JobState.RUNNING:
-            self.unsettle()  # capacity freed: a closed group may open
-        elif job.state is JobState.CREATED:
+        if job.state is JobState.CREATED:
             if job.run_at is None:
                 self.unsettle()
             else:
                 # A run_at already past ends the verdict at once: the claim must see it.
                 self.until = min(self.until, job.run_at)
+        if self.capacity_matters and old is JobState.RUNNING and job.state is not old:
+            self.unsettle()  # capacity freed: a closed group may open

@@ -671,9 +671,11 @@ class StoreClient:
     def health(self) -> StoreHealth:
         return self._actor.health
 
-    def set_fast_starter(self, starter: FastStarter) -> None:
-        """Let ``starter`` start new jobs in their create's commit (see :mod:`._fast_start`)."""
+    def set_fast_starter(self, starter: FastStarter, *, capacity_matters: bool = True) -> None:
+        """Let ``starter`` start new jobs in their create's commit (see :mod:`._fast_start`);
+        ``capacity_matters``: whether limits other than the total can leave jobs waiting."""
         self._actor.fast_starter = starter
+        self._actor.queue.capacity_matters = capacity_matters
 
     def unsettle(self) -> None:
         """Capacity freed or a job became claimable outside the store's sight: no create
@@ -763,13 +765,17 @@ class StoreClient:
 
         async def fn() -> tuple[list[Job], float | None]:
             epoch = actor.queue.epoch
+            starter = actor.fast_starter
+            fresh = request if starter is None else starter.claiming(request)
             async with actor._commit_lock:
-                result = await actor.backend.claim(request)
+                result = await actor.backend.claim(fresh)
             started = [
                 await actor._apply(job, lambda job, now: ops.start(job, now, owner, lease))
                 for job in result.jobs
             ]
-            slots = request.planner().slots()
+            if starter is not None:
+                starter.claimed(started)
+            slots = fresh.planner().slots()
             actor.queue.claimed(epoch, len(started), slots, result.next_run_at)
             return started, result.next_run_at
 

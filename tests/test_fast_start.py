@@ -228,6 +228,48 @@ async def _state_after(rt: Runtime, job: Job) -> JobState:
     return found.state
 
 
+async def test_churn_never_exceeds_capacity_and_starts_each_job_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Jobs ending while others are created, some at once, some waiting, some in the same
+    group as a claim: never more running than the capacity, each started once, none lost."""
+    running = peak = 0
+
+    async def brief(ctx: JobContext, input: Any) -> Any:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            await trio.sleep(input["for"])
+        finally:
+            running -= 1
+
+    limits: dict[str, Any]
+    for limits in ({}, {"max_running_per_user": 1}):
+        peak = 0
+        async with memory_runtime({"brief": brief}, max_running=2, **limits) as rt:
+            jobs: list[Job] = []
+
+            async with trio.open_nursery() as nursery:
+                for n in range(8):
+                    nursery.start_soon(_burst, rt, jobs, n)
+                    await trio.sleep(0.05 * (n % 3))
+            for job in jobs:
+                await wait_for_state(rt, job.id)
+            assert rt.dispatcher is not None and rt.dispatcher.fast_started > 0
+            for job in jobs:
+                events = await rt.read_events(job.id)
+                assert [e.type for e in events].count(EventType.STARTED) == 1
+                assert events[-1].type is EventType.COMPLETED
+        assert 0 < peak <= 2
+
+
+async def _burst(rt: Runtime, jobs: list[Job], n: int) -> None:
+    for i in range(5):
+        user = f"u{(n + i) % 3}"
+        jobs.append(await rt.create_job("brief", user, {"for": (n * 7 + i) % 3 / 10}))
+
+
 def _job(state: JobState = S.CREATED, run_at: float | None = None) -> Job:
     job = create("j1", "alice", "k", {}, 1000.0)[0]
     return attrs.evolve(job, state=state, run_at=run_at)
@@ -260,3 +302,11 @@ def test_verdict() -> None:
         verdict.claimed(verdict.epoch, 0, 3, None)
         verdict.staged(old, job)
         assert not verdict.settled
+    # With no per-user or per-kind limit, a slot left free means no job was left waiting:
+    # an end opens nothing.
+    verdict = QueueVerdict(capacity_matters=False)
+    verdict.claimed(verdict.epoch, 0, 3, None)
+    verdict.staged(S.RUNNING, _job(S.COMPLETED))
+    assert verdict.settled
+    verdict.staged(S.RUNNING, _job(run_at=80.0))  # a retry later: bounds it in time
+    assert verdict.settled and verdict.until == 80.0
