@@ -244,10 +244,11 @@ async def test_churn_never_exceeds_capacity_and_starts_each_job_once(
         finally:
             running -= 1
 
-    limits: dict[str, Any]
-    for limits in ({}, {"max_running_per_user": 1}):
+    for per_user in (None, 1):
         peak = 0
-        async with memory_runtime({"brief": brief}, max_running=2, **limits) as rt:
+        async with memory_runtime(
+            {"brief": brief}, max_running=2, max_running_per_user=per_user
+        ) as rt:
             jobs: list[Job] = []
 
             async with trio.open_nursery() as nursery:
