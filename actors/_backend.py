@@ -255,6 +255,10 @@ class Backend(Protocol):
         keys no job has are left out. One query for a batch of creates."""
         ...
 
+    async def keys_since(self, user_id: str, since: float) -> list[str]:
+        """The idempotency keys of the user's jobs created at or after ``since`` (Unix s)."""
+        ...
+
 
 class MemoryBackend:
     """Dicts in memory: for logic tests and for timing tests under a mock clock (no threads)."""
@@ -459,3 +463,12 @@ class MemoryBackend:
             if key in wanted and (key not in newest or newest[key].id < job.id):
                 newest[key] = job
         return newest
+
+    async def keys_since(self, user_id: str, since: float) -> list[str]:
+        return [
+            job.idempotency_key
+            for job in self._jobs.values()
+            if job.user_id == user_id
+            and job.idempotency_key is not None
+            and job.created_at >= since
+        ]

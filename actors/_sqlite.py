@@ -549,3 +549,11 @@ class SqliteBackend:
                     if found is None or found[0] < job_id:
                         newest[(user_id, key)] = (job_id, _job_from_row(*row))
         return {key: job for key, (_, job) in newest.items()}
+
+    async def keys_since(self, user_id: str, since: float) -> list[str]:
+        rows = await self._execute(
+            "SELECT idempotency_key FROM jobs INDEXED BY jobs_keys"
+            " WHERE user_id = ? AND idempotency_key IS NOT NULL AND created_at >= ?",
+            (user_id, since),
+        )
+        return [key for (key,) in rows]

@@ -56,6 +56,7 @@ from ._events import EventHub, EventType, JobEvent
 from ._fast_start import FastStarter, QueueVerdict
 from ._ids import new_id
 from ._job import Job, JobError
+from ._keyfilter import KeyFilter
 from ._metrics import StoreMetrics, move
 from ._options import CreateOptions
 from ._policy import RecoveryPolicy
@@ -101,6 +102,8 @@ WRITE, READ, BARRIER, CLAIM = "write", "read", "barrier", "claim"
 
 #: An idempotency key of a user: ``(user_id, key)``.
 _Key = tuple[str, str]
+#: A create's key and the start of its window: ``(user_id, key, since)``.
+_KeyRequest = tuple[str, str, float]
 
 
 class _Request:
@@ -111,11 +114,11 @@ class _Request:
     __slots__ = ("done", "error", "fn", "key", "mode", "replay", "value")
 
     def __init__(
-        self, fn: Callable[[], Awaitable[Any]], mode: str, key: _Key | None = None
+        self, fn: Callable[[], Awaitable[Any]], mode: str, key: _KeyRequest | None = None
     ) -> None:
         self.fn = fn
         self.mode = mode
-        #: A create's idempotency key ``(user_id, key)``, looked up with its batch's others.
+        #: A create's idempotency key and window, looked up with its batch's others.
         self.key = key
         self.done = trio.Event()
         self.value: Any = None
@@ -208,6 +211,7 @@ class StoreActor:
         # (None: not looked up), valid while ``_generation`` is ``_keys_generation``.
         self._keys: dict[_Key, Job | None] | None = None
         self._keys_generation = 0
+        self._key_filter = KeyFilter()
 
     def client(self) -> StoreClient:
         """A new client owning its own clone of the request channel; close it when done.
@@ -294,26 +298,48 @@ class StoreActor:
         """One query for the idempotency keys of ``requests`` up to the next barrier (instead
         of one per create). Jobs staged or committing now are found in the overlays first;
         what is staged from here on is added by :meth:`_stage`."""
-        keys: set[_Key] = set()
+        keys: dict[_Key, float] = {}  # the earliest window start of each
         for request in requests:
             if request.mode is BARRIER or request.mode is CLAIM:
                 break
             if request.key is not None:
-                keys.add(request.key)
+                user_id, key, since = request.key
+                keys[(user_id, key)] = min(since, keys.get((user_id, key), since))
         found: dict[_Key, Job | None] = {}
         for group in (self._group, *reversed(self._inflight)):
             for job in group.jobs.values():
-                key = job.idempotency_key
-                if key is not None and (job.user_id, key) in keys:
-                    found.setdefault((job.user_id, key), job)
+                staged = job.idempotency_key
+                if staged is not None and (job.user_id, staged) in keys:
+                    found.setdefault((job.user_id, staged), job)
         try:
-            stored = await self.backend.find_by_keys(keys - found.keys())
+            maybe = set()
+            for (user_id, key), since in keys.items():
+                if (user_id, key) in found:
+                    continue
+                if self._key_filter.needs_load(user_id, since):
+                    await self._load_keys(user_id, since)
+                if self._key_filter.may_exist(user_id, key, since):
+                    maybe.add((user_id, key))
+            stored = await self.backend.find_by_keys(maybe) if maybe else {}
         except Exception:
             # Each create then looks its key up alone, and gets the error that deserves.
             log.warning("idempotency keys not looked up as a batch", exc_info=True)
             return
         self._keys = {key: found.get(key) or stored.get(key) for key in keys}
         self._keys_generation = self._generation
+
+    async def _load_keys(self, user_id: str, since: float) -> None:
+        # Staged or committing now, maybe not committed when the query reads: taken first
+        # (a group that commits meanwhile is then in one or the other).
+        staged = [
+            job.idempotency_key
+            for group in (self._group, *self._inflight)
+            for job in group.jobs.values()
+            if job.user_id == user_id and job.idempotency_key is not None
+        ]
+        loaded_at = time.time()
+        keys = [*staged, *await self.backend.keys_since(user_id, since)]
+        self._key_filter.load(user_id, since, loaded_at, keys)
 
     async def _replay_void(self) -> None:
         """Apply and commit again, one at a time, the requests of groups a request-tied
@@ -560,6 +586,8 @@ class StoreActor:
         user_seq = await self._user_head(job.user_id) + 1
         self._user_heads[job.user_id] = user_seq
         self._group.jobs[job.id] = job
+        if job.idempotency_key is not None:
+            self._key_filter.add(job.user_id, job.idempotency_key)
         if self._keys is not None and job.idempotency_key is not None:
             key = (job.user_id, job.idempotency_key)
             if key in self._keys:
@@ -683,7 +711,7 @@ class StoreClient:
         self._actor.queue.unsettle()
 
     async def _call(
-        self, fn: Callable[[], Awaitable[T]], mode: str = WRITE, key: _Key | None = None
+        self, fn: Callable[[], Awaitable[T]], mode: str = WRITE, key: _KeyRequest | None = None
     ) -> T:
         request = _Request(fn, mode, key)
         try:
@@ -752,8 +780,9 @@ class StoreClient:
             actor.queue.staged(None, job)
             return job
 
-        key = None if new.idempotency_key is None else (user_id, new.idempotency_key)
-        return await self._call(fn, key=key)
+        key = new.idempotency_key
+        since = new.created_at - idempotency_window
+        return await self._call(fn, key=None if key is None else (user_id, key, since))
 
     async def claim(self, request: ClaimRequest) -> tuple[list[Job], float | None]:
         """Claim the next waiting jobs (see :meth:`Backend.claim`) and start them: returns

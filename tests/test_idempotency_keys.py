@@ -22,6 +22,7 @@ from actors import (
     SqliteBackend,
     open_runtime,
 )
+from actors._keyfilter import KeyFilter
 
 
 async def hold(ctx: JobContext, input: Any) -> Any:
@@ -108,13 +109,21 @@ async def test_one_key_from_many_tasks_makes_one_job(make_backend: Any) -> None:
         assert isinstance(mixed[0], IdempotencyConflictError)
         assert mixed[1].id == results[0].id and mixed[2].user_id == "bob"
         assert len(await rt.list_jobs("alice")) == 1
-        # Distinct keys, many at once: one job each, looked up in far fewer queries.
+        # Fresh keys, many at once: one job each, and no look-up at all (the user's keys were
+        # read once); repeats of them are looked up in far fewer queries than creates.
         before = backend.batches
         distinct = await create_all(rt, [("carol", {}, f"c{n}") for n in range(40)])
         assert len({job.id for job in distinct}) == 40
         assert len(await rt.list_jobs("carol", limit=None)) == 40
-        assert backend.singles == 0
-        assert backend.batches - before < 40
+        assert backend.batches == before and backend.singles == 0
+        repeats = await create_all(rt, [("carol", {}, f"c{n}") for n in range(40)])
+        assert [job.id for job in repeats] == [job.id for job in distinct]
+        assert 0 < backend.batches - before < 40 and backend.singles == 0
+        # A deleted job's key makes a new job (its hash stays: one look-up, nothing found).
+        await rt.cancel(distinct[0].id)
+        await rt.delete_job(distinct[0].id)
+        again = await rt.create_job("hold", "carol", {}, idempotency_key="c0")
+        assert again.id != distinct[0].id
 
 
 async def test_a_query_within_a_batch_and_the_stored_key(make_backend: Any) -> None:
@@ -158,3 +167,17 @@ async def test_keys_survive_a_reopen(tmp_path: Path) -> None:
         assert {job.id for job in results} == {first.id}
         with pytest.raises(IdempotencyConflictError):
             await rt.create_job("hold", "alice", {"a": 2}, idempotency_key="k")
+
+
+def test_key_filter() -> None:
+    keys = KeyFilter()
+    assert keys.needs_load("u", 100.0) and keys.may_exist("u", "k", 100.0)  # unknown: ask
+    keys.load("u", 100.0, 200.0, ["a", "b"])
+    assert not keys.needs_load("u", 150.0)
+    assert keys.may_exist("u", "a", 150.0) and not keys.may_exist("u", "c", 150.0)
+    keys.add("u", "c")
+    assert keys.may_exist("u", "c", 150.0)
+    assert keys.may_exist("u", "z", 50.0)  # a window reaching before the load: ask
+    assert keys.needs_load("u", 201.0)  # the window moved past the load: read again
+    keys.add("v", "k")  # a user never loaded: nothing kept
+    assert keys.needs_load("v", 0.0)
