@@ -259,6 +259,11 @@ class Backend(Protocol):
         """The idempotency keys of the user's jobs created at or after ``since`` (Unix s)."""
         ...
 
+    async def held_until(self, owner: str, now: float) -> float | None:
+        """The earliest ``lease_expires_at`` (Unix s) of waiting jobs marked by another owner
+        whose lease holds at ``now`` (a claim skips them until then), None if none."""
+        ...
+
 
 class MemoryBackend:
     """Dicts in memory: for logic tests and for timing tests under a mock clock (no threads)."""
@@ -463,6 +468,16 @@ class MemoryBackend:
             if key in wanted and (key not in newest or newest[key].id < job.id):
                 newest[key] = job
         return newest
+
+    async def held_until(self, owner: str, now: float) -> float | None:
+        held = [
+            job.lease_expires_at
+            for job in self._waiting()
+            if job.owner not in (None, owner)
+            and job.lease_expires_at is not None
+            and job.lease_expires_at >= now
+        ]
+        return min(held) if held else None
 
     async def keys_since(self, user_id: str, since: float) -> list[str]:
         return [

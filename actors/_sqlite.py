@@ -557,3 +557,12 @@ class SqliteBackend:
             (user_id, since),
         )
         return [key for (key,) in rows]
+
+    async def held_until(self, owner: str, now: float) -> float | None:
+        rows = await self._execute(
+            "SELECT min(lease_expires_at) FROM jobs INDEXED BY jobs_owned"
+            " WHERE owner IS NOT NULL AND owner != ? AND state = 'created'"
+            " AND lease_expires_at >= ?",
+            (owner, now),
+        )
+        return rows[0][0] if rows else None

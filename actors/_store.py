@@ -802,10 +802,19 @@ class StoreClient:
                 await actor._apply(job, lambda job, now: ops.start(job, now, owner, lease))
                 for job in result.jobs
             ]
+            until = result.next_run_at
+            slots = fresh.planner().slots()
             if starter is not None:
                 starter.claimed(started)
-            slots = fresh.planner().slots()
-            actor.queue.claimed(epoch, len(started), slots, result.next_run_at)
+                if len(started) < slots:
+                    # Jobs another owner marked (a process that died between its claim and
+                    # the start) become claimable when its lease lapses: the verdict ends
+                    # then, so that a create after it goes through the claim.
+                    async with actor._commit_lock:
+                        held = await actor.backend.held_until(owner, request.now)
+                    if held is not None and (until is None or held < until):
+                        until = held
+            actor.queue.claimed(epoch, len(started), slots, until)
             return started, result.next_run_at
 
         return await self._call(fn, CLAIM)

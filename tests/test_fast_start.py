@@ -5,6 +5,7 @@ dispatcher's claim would start it next (mock clock, in-memory store); the verdic
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import attrs
@@ -140,6 +141,30 @@ async def test_a_due_run_at_ends_the_verdict(autojump_clock: trio.abc.Clock) -> 
         fresh = await rt.create_job("hold", "alice", {})
         assert fresh.owner is None  # not admitted: the verdict lapsed at the delayed run_at
         assert [await state(rt, j) for j in (delayed, fresh)] == [S.CREATED, S.CREATED]
+
+
+async def test_a_job_marked_by_a_dead_owner_is_claimed_once_its_lease_lapses(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A process died between its claim's mark and the start: its job is skipped while the
+    lease holds (by the claim and the fast path alike), and claimed after, never passed over
+    by creates that start at once."""
+    backend = MemoryBackend()
+    marked = attrs.evolve(
+        create("01MARKED00000000000000000", "alice", "hold", {}, time.time() - 10)[0],
+        owner="dead-node",
+        lease_expires_at=time.time() + 5,
+    )
+    await backend.commit([marked], [], (), {})
+    async with memory_runtime(HANDLERS, backend) as rt:
+        early = await rt.create_job("hold", "bob", {})
+        assert early.owner is not None  # the claim would skip the marked job too
+        await trio.sleep(6)
+        assert await state(rt, marked) is S.CREATED  # nothing woke the dispatcher
+        late = await rt.create_job("hold", "bob", {})
+        assert late.owner is None  # the verdict ended with the lease: through the claim
+        await trio.sleep(0.1)
+        assert [await state(rt, j) for j in (marked, late)] == [S.RUNNING, S.RUNNING]
 
 
 async def test_paused_parent_and_idempotent_repeat(autojump_clock: trio.abc.Clock) -> None:
