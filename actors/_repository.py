@@ -146,6 +146,7 @@ class Repository:
             options,
             max_waiting=self._max_waiting,
             idempotency_window=self._idempotency_window,
+            start_at_once=True,
         )
         if job.owner is None:  # else claimed at its create: it starts with no claim
             self.wake_dispatcher(job.run_at)

@@ -741,12 +741,16 @@ class StoreClient:
         *,
         max_waiting: int | None = None,
         idempotency_window: float = 86_400.0,
+        start_at_once: bool = False,
     ) -> Job:
         """Store a waiting job. ``options`` are checked, with the kind's defaults in. Raises
         :class:`InvalidParentError` (no such job of this user), :class:`TooManyJobsError`
         (``max_waiting`` of the user's jobs wait), :class:`IdempotencyConflictError`; with an
         idempotency key already used for the same request within ``idempotency_window``
-        seconds, returns that job unchanged."""
+        seconds, returns that job unchanged. ``start_at_once``: the queue's create (the
+        runtime's dispatcher launches what starts): start the job in this commit if the next
+        claim would (see :mod:`._fast_start`); it is returned created, with its claim's
+        ``owner`` and ``lease_expires_at`` set."""
         actor = self._actor
         # Built (and its values checked) in the caller's task, before it joins a group.
         change = ops.create(new_id(), user_id, kind, input, time.time(), options)
@@ -774,7 +778,7 @@ class StoreClient:
                 )
             job = await actor._stage(change)
             actor._move(user_id, None, job.state)
-            claimed = await actor._start_at_create(job)
+            claimed = await actor._start_at_create(job) if start_at_once else None
             if claimed is not None:
                 return claimed
             actor.queue.staged(None, job)
