@@ -23,6 +23,7 @@ from actors import (
     open_runtime,
 )
 from actors._keyfilter import KeyFilter
+from transport.client import new_key
 
 
 async def hold(ctx: JobContext, input: Any) -> Any:
@@ -181,3 +182,8 @@ def test_key_filter() -> None:
     assert keys.needs_load("u", 201.0)  # the window moved past the load: read again
     keys.add("v", "k")  # a user never loaded: nothing kept
     assert keys.needs_load("v", 0.0)
+
+
+def test_generated_keys_can_follow_a_flag() -> None:
+    # A key starting with "-" would be read by the CLI as another flag (1 in 64 before).
+    assert not any(new_key().startswith("-") for _ in range(2000))
