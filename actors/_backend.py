@@ -262,6 +262,20 @@ class Backend(Protocol):
         ``since`` (Unix seconds), None if none."""
         ...
 
+    async def find_by_keys(self, keys: Collection[tuple[str, str]]) -> dict[tuple[str, str], Job]:
+        """The newest job (highest id) of each ``(user_id, idempotency key)`` in ``keys``;
+        keys no job has are left out. One query for a batch of creates."""
+        ...
+
+    async def keys_since(self, user_id: str, since: float) -> list[str]:
+        """The idempotency keys of the user's jobs created at or after ``since`` (Unix s)."""
+        ...
+
+    async def held_until(self, owner: str, now: float) -> float | None:
+        """The earliest ``lease_expires_at`` (Unix s) of waiting jobs marked by another owner
+        whose lease holds at ``now`` (a claim skips them until then), None if none."""
+        ...
+
 
 class MemoryBackend:
     """Dicts in memory: for logic tests and for timing tests under a mock clock (no threads)."""
@@ -455,3 +469,33 @@ class MemoryBackend:
             if job.user_id == user_id and job.idempotency_key == key and job.created_at >= since
         ]
         return max(found, key=lambda job: job.id) if found else None
+
+    async def find_by_keys(self, keys: Collection[tuple[str, str]]) -> dict[tuple[str, str], Job]:
+        wanted = set(keys)
+        newest: dict[tuple[str, str], Job] = {}
+        for job in self._jobs.values():
+            if job.idempotency_key is None:
+                continue
+            key = (job.user_id, job.idempotency_key)
+            if key in wanted and (key not in newest or newest[key].id < job.id):
+                newest[key] = job
+        return newest
+
+    async def held_until(self, owner: str, now: float) -> float | None:
+        held = [
+            job.lease_expires_at
+            for job in self._waiting()
+            if job.owner not in (None, owner)
+            and job.lease_expires_at is not None
+            and job.lease_expires_at >= now
+        ]
+        return min(held) if held else None
+
+    async def keys_since(self, user_id: str, since: float) -> list[str]:
+        return [
+            job.idempotency_key
+            for job in self._jobs.values()
+            if job.user_id == user_id
+            and job.idempotency_key is not None
+            and job.created_at >= since
+        ]

@@ -691,6 +691,43 @@ class PostgresBackend:
         )
         return _job_from_row(*rows[0]) if rows else None
 
+    async def find_by_keys(self, keys: Collection[tuple[str, str]]) -> dict[tuple[str, str], Job]:
+        users = [user_id for user_id, _ in keys]
+        names = [key for _, key in keys]
+        if not users:
+            return {}
+        rows = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT DISTINCT ON (j.user_id, j.idempotency_key) j.user_id,"
+                f" j.idempotency_key, {_JOB_COLUMNS} FROM jobs j"
+                " JOIN unnest(%s::text[], %s::text[]) AS k(user_id, key)"
+                ' ON j.user_id = k.user_id COLLATE "C" AND j.idempotency_key = k.key COLLATE "C"'
+                " ORDER BY j.user_id, j.idempotency_key, j.id DESC",
+                (users, names),
+            ).fetchall()
+        )
+        return {(user_id, key): _job_from_row(*row) for user_id, key, *row in rows}
+
+    async def keys_since(self, user_id: str, since: float) -> list[str]:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                "SELECT idempotency_key FROM jobs WHERE user_id = %s"
+                " AND idempotency_key IS NOT NULL AND created_at >= %s",
+                (user_id, since),
+            ).fetchall()
+        )
+        return [key for (key,) in rows]
+
+    async def held_until(self, owner: str, now: float) -> float | None:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                "SELECT min(lease_expires_at) FROM jobs WHERE state = 'created'"
+                " AND owner IS NOT NULL AND owner <> %s AND lease_expires_at >= %s",
+                (owner, now),
+            ).fetchall()
+        )
+        return rows[0][0] if rows else None
+
 
 def commit_plan(
     jobs: Collection[Job],

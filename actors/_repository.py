@@ -150,6 +150,7 @@ class Repository:
             options,
             max_waiting=self._max_waiting,
             idempotency_window=self._idempotency_window,
+            start_at_once=True,
         )
         if job.parent_id is not None and job.state is S.CREATED:
             parent = await self._store.get(job.parent_id)
@@ -160,7 +161,8 @@ class Repository:
                     return await self.cancel(job.id, by="system")
                 except IllegalTransitionError:
                     pass  # finished or cancelled meanwhile
-        self.wake_dispatcher(job.run_at)
+        if job.owner is None:  # else claimed at its create: it starts with no claim
+            self.wake_dispatcher(job.run_at)
         return job
 
     async def create_research_job(self, user_id: str, query: str, *, depth: int = 3) -> Job:

@@ -527,6 +527,42 @@ class SqliteBackend:
         )
         return _job_from_row(*rows[0]) if rows else None
 
+    async def find_by_keys(self, keys: Collection[tuple[str, str]]) -> dict[tuple[str, str], Job]:
+        by_user: dict[str, list[str]] = {}
+        for user_id, key in keys:
+            by_user.setdefault(user_id, []).append(key)
+        newest: dict[tuple[str, str], tuple[str, Job]] = {}
+        for user_id, user_keys in by_user.items():
+            for start in range(0, len(user_keys), _CHUNK):
+                chunk = user_keys[start : start + _CHUNK]
+                marks = ", ".join("?" * len(chunk))
+                for job_id, key, *row in await self._execute(
+                    f"SELECT id, idempotency_key, {_JOB_COLUMNS} FROM jobs INDEXED BY jobs_keys"
+                    f" WHERE user_id = ? AND idempotency_key IN ({marks})",
+                    (user_id, *chunk),
+                ):
+                    found = newest.get((user_id, key))
+                    if found is None or found[0] < job_id:
+                        newest[(user_id, key)] = (job_id, _job_from_row(*row))
+        return {key: job for key, (_, job) in newest.items()}
+
+    async def keys_since(self, user_id: str, since: float) -> list[str]:
+        rows = await self._execute(
+            "SELECT idempotency_key FROM jobs INDEXED BY jobs_keys"
+            " WHERE user_id = ? AND idempotency_key IS NOT NULL AND created_at >= ?",
+            (user_id, since),
+        )
+        return [key for (key,) in rows]
+
+    async def held_until(self, owner: str, now: float) -> float | None:
+        rows = await self._execute(
+            "SELECT min(lease_expires_at) FROM jobs INDEXED BY jobs_owned"
+            " WHERE owner IS NOT NULL AND owner != ? AND state = 'created'"
+            " AND lease_expires_at >= ?",
+            (owner, now),
+        )
+        return rows[0][0] if rows else None
+
 
 def waiting_counts_sql(one_user: bool) -> str:
     """The waiting jobs per kind and user, and how many are ready at the first parameter

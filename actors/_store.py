@@ -54,8 +54,10 @@ from ._errors import (
     UnknownJobError,
 )
 from ._events import EventHub, EventType, JobEvent
+from ._fast_start import FastStarter, QueueVerdict
 from ._ids import new_id
 from ._job import Job, JobError
+from ._keyfilter import KeyFilter
 from ._metrics import StoreMetrics, move
 from ._options import CreateOptions
 from ._policy import RecoveryPolicy
@@ -99,17 +101,26 @@ class StoreHealth:
 
 WRITE, READ, BARRIER, CLAIM = "write", "read", "barrier", "claim"
 
+#: An idempotency key of a user: ``(user_id, key)``.
+_Key = tuple[str, str]
+#: A create's key and the start of its window: ``(user_id, key, since)``.
+_KeyRequest = tuple[str, str, float]
+
 
 class _Request:
     """``WRITE``: applied, then answered after its group commits. ``READ``: of committed state
     only, answered at once. ``BARRIER``: runs after every earlier write has committed.
     ``CLAIM``: both, a barrier whose writes are answered after they commit."""
 
-    __slots__ = ("done", "error", "fn", "mode", "replay", "value")
+    __slots__ = ("done", "error", "fn", "key", "mode", "replay", "value")
 
-    def __init__(self, fn: Callable[[], Awaitable[Any]], mode: str) -> None:
+    def __init__(
+        self, fn: Callable[[], Awaitable[Any]], mode: str, key: _KeyRequest | None = None
+    ) -> None:
         self.fn = fn
         self.mode = mode
+        #: A create's idempotency key and window, looked up with its batch's others.
+        self.key = key
         self.done = trio.Event()
         self.value: Any = None
         self.error: Exception | None = None
@@ -136,6 +147,9 @@ class _Group:
     beats: dict[str, tuple[int, float]] = attrs.field(factory=dict)
     #: Jobs per state gained (lost, if negative) by this group, for the metrics.
     moves: dict[JobState, int] = attrs.field(factory=dict)
+    #: Jobs started in their create's commit (the fast path), launched once it commits.
+    fast: list[Job] = attrs.field(factory=list)
+    committed: bool = False
 
     def __bool__(self) -> bool:
         return bool(self.requests or self.writes)
@@ -191,6 +205,14 @@ class StoreActor:
         self.commits = 0
         self.committed_requests = 0
         self.metrics = StoreMetrics()
+        #: Whether a create may start at once (see :mod:`._fast_start`), and who decides.
+        self.queue = QueueVerdict()
+        self.fast_starter: FastStarter | None = None
+        # The newest job per idempotency key of the keyed creates of the batch being applied
+        # (None: not looked up), valid while ``_generation`` is ``_keys_generation``.
+        self._keys: dict[_Key, Job | None] | None = None
+        self._keys_generation = 0
+        self._key_filter = KeyFilter()
 
     def client(self) -> StoreClient:
         """A new client owning its own clone of the request channel; close it when done.
@@ -253,9 +275,12 @@ class StoreActor:
             await self._process(batch)
 
     async def _process(self, batch: list[_Request]) -> None:
-        for request in batch:
+        for i, request in enumerate(batch):
             if request.mode is BARRIER or request.mode is CLAIM:
+                self._keys = None  # a barrier may remove jobs (prune): looked up again
                 await self._drain()
+            elif request.key is not None and self._keys is None:
+                await self._look_up_keys(batch[i:])
             try:
                 request.value = await request.fn()
             except JobspineError as exc:
@@ -267,7 +292,55 @@ class StoreActor:
                 self._group.requests.append(request)
             else:
                 request.done.set()
+        self._keys = None
         await self._cut()
+
+    async def _look_up_keys(self, requests: list[_Request]) -> None:
+        """One query for the idempotency keys of ``requests`` up to the next barrier (instead
+        of one per create). Jobs staged or committing now are found in the overlays first;
+        what is staged from here on is added by :meth:`_stage`."""
+        keys: dict[_Key, float] = {}  # the earliest window start of each
+        for request in requests:
+            if request.mode is BARRIER or request.mode is CLAIM:
+                break
+            if request.key is not None:
+                user_id, key, since = request.key
+                keys[(user_id, key)] = min(since, keys.get((user_id, key), since))
+        found: dict[_Key, Job | None] = {}
+        for group in (self._group, *reversed(self._inflight)):
+            for job in group.jobs.values():
+                staged = job.idempotency_key
+                if staged is not None and (job.user_id, staged) in keys:
+                    found.setdefault((job.user_id, staged), job)
+        try:
+            maybe = set()
+            for (user_id, key), since in keys.items():
+                if (user_id, key) in found:
+                    continue
+                if self._key_filter.needs_load(user_id, since):
+                    await self._load_keys(user_id, since)
+                if self._key_filter.may_exist(user_id, key, since):
+                    maybe.add((user_id, key))
+            stored = await self.backend.find_by_keys(maybe) if maybe else {}
+        except Exception:
+            # Each create then looks its key up alone, and gets the error that deserves.
+            log.warning("idempotency keys not looked up as a batch", exc_info=True)
+            return
+        self._keys = {key: found.get(key) or stored.get(key) for key in keys}
+        self._keys_generation = self._generation
+
+    async def _load_keys(self, user_id: str, since: float) -> None:
+        # Staged or committing now, maybe not committed when the query reads: taken first
+        # (a group that commits meanwhile is then in one or the other).
+        staged = [
+            job.idempotency_key
+            for group in (self._group, *self._inflight)
+            for job in group.jobs.values()
+            if job.user_id == user_id and job.idempotency_key is not None
+        ]
+        loaded_at = time.time()
+        keys = [*staged, *await self.backend.keys_since(user_id, since)]
+        self._key_filter.load(user_id, since, loaded_at, keys)
 
     async def _replay_void(self) -> None:
         """Apply and commit again, one at a time, the requests of groups a request-tied
@@ -302,6 +375,11 @@ class StoreActor:
                     await self._commit(group)
                 finally:
                     self._inflight.remove(group)
+                    if group.fast and self.fast_starter is not None:
+                        if group.committed:
+                            self.fast_starter.committed(group.fast)
+                        else:
+                            self.fast_starter.voided(group.fast)
                     if not self._inflight:
                         self._idle.set()
                     for request in group.requests:
@@ -335,6 +413,7 @@ class StoreActor:
                 # Every group applied on top of this one is void; cached state is reloaded.
                 void = self._generation
                 self._generation += 1
+                self.queue.unsettle()
                 self._cache.clear()
                 self._user_heads.clear()
                 self._waiting.clear()
@@ -429,6 +508,7 @@ class StoreActor:
             self._outage_deadline = math.inf
 
     def _committed(self, group: _Group) -> None:
+        group.committed = True
         self.commits += 1
         self.committed_requests += len(group.requests)
         cache = self._cache
@@ -507,6 +587,14 @@ class StoreActor:
         user_seq = await self._user_head(job.user_id) + 1
         self._user_heads[job.user_id] = user_seq
         self._group.jobs[job.id] = job
+        if job.idempotency_key is not None:
+            self._key_filter.add(job.user_id, job.idempotency_key)
+        if self._keys is not None and job.idempotency_key is not None:
+            key = (job.user_id, job.idempotency_key)
+            if key in self._keys:
+                newest = self._keys[key]
+                if newest is None or newest.id <= job.id:
+                    self._keys[key] = job
         self._group.events.append(
             JobEvent(
                 event.job_id,
@@ -529,7 +617,24 @@ class StoreActor:
         job = await self._stage(fn(old, time.time()))
         if job.state is not old.state:
             self._move(job.user_id, old.state, job.state)
+        self.queue.staged(old.state, job)
         return job
+
+    async def _start_at_create(self, job: Job) -> Job | None:
+        """The fast path (see :mod:`._fast_start`): stage the start of ``job``, just staged
+        as created, if the dispatcher admits it; returns it as claimed (still created, owner
+        and lease set), None when it waits for a claim."""
+        starter = self.fast_starter
+        if starter is None or not self.queue.settled:
+            return None
+        claim = starter.admit(job, self.queue.until)
+        if claim is None:
+            return None
+        owner, lease = claim
+        claimed = attrs.evolve(job, owner=owner, lease_expires_at=lease)
+        started = await self._apply(claimed, lambda job, now: ops.start(job, now, owner, lease))
+        self._group.fast.append(started)
+        return claimed
 
     def _move(self, user_id: str, old: JobState | None, new: JobState | None) -> None:
         """Count a staged change of state (metrics, the user's waiting jobs)."""
@@ -549,6 +654,10 @@ class StoreActor:
         return count
 
     async def _find_by_key(self, user_id: str, key: str, since: float) -> Job | None:
+        keys = self._keys if self._keys_generation == self._generation else None
+        if keys is not None and (user_id, key) in keys:
+            found = keys[(user_id, key)]
+            return found if found is not None and found.created_at >= since else None
         for group in (self._group, *reversed(self._inflight)):
             for job in group.jobs.values():
                 if job.user_id == user_id and job.idempotency_key == key:
@@ -591,8 +700,21 @@ class StoreClient:
     def health(self) -> StoreHealth:
         return self._actor.health
 
-    async def _call(self, fn: Callable[[], Awaitable[T]], mode: str = WRITE) -> T:
-        request = _Request(fn, mode)
+    def set_fast_starter(self, starter: FastStarter, *, capacity_matters: bool = True) -> None:
+        """Let ``starter`` start new jobs in their create's commit (see :mod:`._fast_start`);
+        ``capacity_matters``: whether limits other than the total can leave jobs waiting."""
+        self._actor.fast_starter = starter
+        self._actor.queue.capacity_matters = capacity_matters
+
+    def unsettle(self) -> None:
+        """Capacity freed or a job became claimable outside the store's sight: no create
+        starts at once until the next claim has looked. Never blocks."""
+        self._actor.queue.unsettle()
+
+    async def _call(
+        self, fn: Callable[[], Awaitable[T]], mode: str = WRITE, key: _KeyRequest | None = None
+    ) -> T:
+        request = _Request(fn, mode, key)
         try:
             await self._send.send(request)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -620,12 +742,16 @@ class StoreClient:
         *,
         max_waiting: int | None = None,
         idempotency_window: float = 86_400.0,
+        start_at_once: bool = False,
     ) -> Job:
         """Store a waiting job. ``options`` are checked, with the kind's defaults in. Raises
         :class:`InvalidParentError` (no such job of this user), :class:`TooManyJobsError`
         (``max_waiting`` of the user's jobs wait), :class:`IdempotencyConflictError`; with an
         idempotency key already used for the same request within ``idempotency_window``
-        seconds, returns that job unchanged."""
+        seconds, returns that job unchanged. ``start_at_once``: the queue's create (the
+        runtime's dispatcher launches what starts): start the job in this commit if the next
+        claim would (see :mod:`._fast_start`); it is returned created, with its claim's
+        ``owner`` and ``lease_expires_at`` set."""
         actor = self._actor
         # Built (and its values checked) in the caller's task, before it joins a group.
         change = ops.create(new_id(), user_id, kind, input, time.time(), options)
@@ -653,9 +779,15 @@ class StoreClient:
                 )
             job = await actor._stage(change)
             actor._move(user_id, None, job.state)
+            claimed = await actor._start_at_create(job) if start_at_once else None
+            if claimed is not None:
+                return claimed
+            actor.queue.staged(None, job)
             return job
 
-        return await self._call(fn)
+        key = new.idempotency_key
+        since = new.created_at - idempotency_window
+        return await self._call(fn, key=None if key is None else (user_id, key, since))
 
     async def claim(self, request: ClaimRequest) -> tuple[list[Job], float | None]:
         """Claim the next waiting jobs (see :meth:`Backend.claim`) and start them: returns
@@ -666,12 +798,28 @@ class StoreClient:
         owner, lease = request.owner, request.lease_expires_at
 
         async def fn() -> tuple[list[Job], float | None]:
+            epoch = actor.queue.epoch
+            starter = actor.fast_starter
+            fresh = request if starter is None else starter.claiming(request)
             async with actor._commit_lock:
-                result = await actor.backend.claim(request)
+                result = await actor.backend.claim(fresh)
             started = [
                 await actor._apply(job, lambda job, now: ops.start(job, now, owner, lease))
                 for job in result.jobs
             ]
+            until = result.next_run_at
+            slots = fresh.planner().slots()
+            if starter is not None:
+                starter.claimed(started)
+                if len(started) < slots:
+                    # Jobs another owner marked (a process that died between its claim and
+                    # the start) become claimable when its lease lapses: the verdict ends
+                    # then, so that a create after it goes through the claim.
+                    async with actor._commit_lock:
+                        held = await actor.backend.held_until(owner, request.now)
+                    if held is not None and (until is None or held < until):
+                        until = held
+            actor.queue.claimed(epoch, len(started), slots, until)
             return started, result.next_run_at
 
         return await self._call(fn, CLAIM)
@@ -866,6 +1014,7 @@ class StoreClient:
             job, event = ops.delete(await store._job(job_id), time.time(), actor)
             await store._stage((job, event))
             store._move(job.user_id, job.state, None)
+            store._keys = None  # it may be the job of a key: looked up again
             del store._group.jobs[job_id]
             store._group.deleted.add(job_id)
 

@@ -101,7 +101,7 @@ class Supervisor:
         )
         self._nursery: trio.Nursery | None = None
         # Set while the dispatcher's claim and the launches of what it claimed are under way.
-        self._claiming: trio.Event | None = None
+        self._launch_holds: set[trio.Event] = set()
         self._stalls = 0
         self._recoveries = 0
         self._failures = 0
@@ -366,25 +366,43 @@ class Supervisor:
         self.detector.watch(worker.job_id, trio.current_time(), self.config.heartbeat_timeout)
         worker.beat()  # wakes the watch loop, which may be sleeping until a later deadline
 
+    def hold_launch(self) -> trio.Event:
+        """Mark a start stored (or being stored) but not launched yet; :meth:`settled` waits
+        until :meth:`release_launch` is called with the returned hold."""
+        hold = trio.Event()
+        self._launch_holds.add(hold)
+        return hold
+
+    def release_launch(self, hold: trio.Event) -> None:
+        self._launch_holds.discard(hold)
+        hold.set()
+
     @contextlib.contextmanager
     def claiming(self) -> Iterator[None]:
         """Held by the dispatcher from before it sends a claim until it has launched every job
         the claim started (see :meth:`settled`)."""
-        done = self._claiming = trio.Event()
+        hold = self.hold_launch()
         try:
             yield
         finally:
-            self._claiming = None
-            done.set()
+            self.release_launch(hold)
 
     async def settled(self) -> None:
-        """Wait until the claim in progress, if any, has launched its jobs. A caller that has
-        just stopped a job in the store (cancel, pause, fail) calls it before :meth:`kill` or
-        :meth:`stop`: a claim applied before that write started the job, and between its
-        commit and its launch the job has no worker here to stop."""
-        claiming = self._claiming
-        if claiming is not None:
-            await claiming.wait()
+        """Wait until every start stored before this call has been launched: a claim in
+        progress, or a job started at its create. A caller that has just stopped a job in the
+        store (cancel, pause, fail) calls it before :meth:`kill` or :meth:`stop`: a start
+        committed before that write has no worker here to stop until it is launched. Holds
+        taken after the call are not waited for (a stream of creates cannot starve it)."""
+        for hold in list(self._launch_holds):
+            await hold.wait()
+
+    def in_process_only(self) -> bool:
+        """True while every kind this runtime can start now runs in this process (no
+        connected worker serves any kind)."""
+        return all(
+            isinstance(placement, InProcessPlacement) or not placement.kinds()
+            for placement in self.placements
+        )
 
     async def stop(self, job_id: str, reason: str) -> Worker | None:
         """Ask a running worker to stop, give it the grace period, then cancel it.

@@ -58,8 +58,9 @@ MAX_MESSAGE = 4 * 1024 * 1024
 
 def new_key() -> str:
     """A fresh idempotency key: 128 random bits (the default of :meth:`Client.create` and
-    ``jobspine submit``)."""
-    return secrets.token_urlsafe(16)
+    ``jobspine submit``), 32 hex digits: never starting with ``-``, so that the re-run
+    ``jobspine submit`` prints (``--idempotency-key KEY``) parses."""
+    return secrets.token_hex(16)
 
 
 def is_omitted(value: object) -> bool:
