@@ -406,3 +406,33 @@ async def test_a_claim_reads_the_waiting_index_only_and_rows_it_can_take(pg_url:
     (window,) = plans["window"]
     assert window["Actual Rows"] * window["Actual Loops"] == 8 * len(top)
     assert window.get("Rows Removed by Filter", 0) <= len(top)
+
+
+async def test_key_lookups_and_held_leases_on_every_backend(backend: Backend) -> None:
+    """The create path's batched idempotency lookups (``find_by_keys``, ``keys_since``) and
+    the fast path's ``held_until`` answer alike on memory, SQLite and PostgreSQL."""
+    jobs = [
+        job("k1", "alice", idempotency_key="same"),
+        job("k2", "alice", idempotency_key="same", at=NOW + 5),
+        job("k3", "bob", idempotency_key="same"),
+        job("k4", "alice", idempotency_key="old", at=NOW - 100),
+        job("k5", "alice"),
+        attrs.evolve(job("h1", "carol"), owner="other", lease_expires_at=NOW + 30),
+        attrs.evolve(job("h2", "carol"), owner="other", lease_expires_at=NOW + 10),
+        attrs.evolve(job("h3", "carol"), owner="me", lease_expires_at=NOW + 5),
+        attrs.evolve(job("h4", "carol"), owner="other", lease_expires_at=NOW - 1),
+    ]
+    await backend.commit(jobs, [], [], {})
+    found = await backend.find_by_keys(
+        [("alice", "same"), ("bob", "same"), ("alice", "none"), ("carol", "same")]
+    )
+    assert {key: j.id for key, j in found.items()} == {
+        ("alice", "same"): "k2",
+        ("bob", "same"): "k3",
+    }
+    assert await backend.find_by_keys([]) == {}
+    assert sorted(await backend.keys_since("alice", NOW - 50)) == ["same", "same"]
+    assert sorted(await backend.keys_since("alice", 0)) == ["old", "same", "same"]
+    assert await backend.held_until("me", NOW) == NOW + 10
+    assert await backend.held_until("other", NOW) == NOW + 5
+    assert await backend.held_until("me", NOW + 31) is None
