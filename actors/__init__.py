@@ -2,7 +2,15 @@
 
 from typing import TYPE_CHECKING, Any
 
-from ._backend import Backend, JobQuery, MemoryBackend, Pruned
+from ._backend import (
+    Backend,
+    ClaimRequest,
+    ClaimResult,
+    JobQuery,
+    MemoryBackend,
+    Pruned,
+    QueueStats,
+)
 from ._broadcaster import (
     Broadcaster,
     BroadcasterConfig,
@@ -15,12 +23,14 @@ from ._broadcaster import (
 from ._demo import DEMO_HANDLERS, analysis_handler, research_handler, trade_handler
 from ._errors import (
     CheckpointTooLargeError,
+    IdempotencyConflictError,
     IllegalTransitionError,
     InvalidInputError,
+    InvalidParentError,
     JobspineError,
     JobStopped,
     NotSerializableError,
-    NoWorkerAvailableError,
+    PermanentError,
     ResultTooLargeError,
     RuntimeClosedError,
     RuntimeCrashedError,
@@ -34,12 +44,12 @@ from ._errors import (
 from ._events import AUDIT_TYPES, EventHub, EventStream, EventStreamLagged, EventType, JobEvent
 from ._job import (
     CURRENT_SCHEMA_VERSION,
-    SCHEMA_V2_PLAN,
     Job,
     JobError,
     migrate_job_record,
     validate_job_record,
 )
+from ._options import KindOptions, RetryPolicy, kind_options
 from ._owner import DatabaseLockedError
 from ._placement import InProcessPlacement, Placement
 from ._policy import RecoveryDecision, RecoveryPolicy, StallDetector
@@ -48,6 +58,7 @@ from ._remote import RemoteAttempt, RemotePlacement, RemoteWorker, WorkerLink
 from ._repository import Repository
 from ._retention import PruneReport, RetentionPolicy, RetentionRule, parse_duration
 from ._runtime import Runtime, RuntimeConfig, open_runtime
+from ._scheduling import Candidate, ClaimLimits, ClaimPlanner, RetryDecision, decide_retry
 from ._sqlite import SqliteBackend
 from ._states import TERMINAL_STATES, TRANSITIONS, JobState, check_transition
 from ._store import StoreActor, StoreClient, StoreConfig, StoreHealth
@@ -80,11 +91,24 @@ __all__ = [
     "AUDIT_TYPES",
     "CURRENT_SCHEMA_VERSION",
     "DEMO_HANDLERS",
-    "SCHEMA_V2_PLAN",
     "TERMINAL_STATES",
     "TRANSITIONS",
     "Backend",
     "Broadcaster",
+    "Candidate",
+    "ClaimLimits",
+    "ClaimPlanner",
+    "ClaimRequest",
+    "ClaimResult",
+    "IdempotencyConflictError",
+    "InvalidParentError",
+    "KindOptions",
+    "PermanentError",
+    "QueueStats",
+    "RetryDecision",
+    "RetryPolicy",
+    "decide_retry",
+    "kind_options",
     "BroadcasterConfig",
     "Cursor",
     "DatabaseLockedError",
@@ -116,7 +140,6 @@ __all__ = [
     "JobspineError",
     "MemoryBackend",
     "NotSerializableError",
-    "NoWorkerAvailableError",
     "Placement",
     "RecoveryDecision",
     "RemoteAttempt",

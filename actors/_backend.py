@@ -1,8 +1,17 @@
 """The persistence interface under the store actor, and its in-memory implementation.
 
-A backend is only ever called by the store actor, one call at a time, so it needs no locking.
-``commit`` applies one group of changes atomically: either all of them are durable when it
-returns, or it raises and none are.
+A backend is only ever called by the store actor, one call at a time, so it needs no locking
+within a process. ``commit`` applies one group of changes atomically: either all of them are
+durable when it returns, or it raises and none are.
+
+Waiting jobs (state ``created``) live in the database only. :meth:`Backend.claim` is how a
+runtime takes them: it picks the next ready jobs under the caller's limits and marks them
+claimed (``owner``, ``lease_expires_at``) in one atomic step; the caller then commits each
+job's start (state ``running``, ``attempt + 1``: the fencing token). A backend shared by several
+processes must make the pick-and-mark atomic across them, e.g. PostgreSQL's ``SELECT ... FOR
+UPDATE SKIP LOCKED`` then ``UPDATE`` in one transaction, so that no job is claimed twice; every
+later write of a running job is fenced by its ``attempt`` (and ``owner``), so a stale owner's
+writes are refused.
 """
 
 from __future__ import annotations
@@ -20,12 +29,70 @@ from ._errors import StoreUnavailableError
 from ._events import EventType, JobEvent
 from ._ids import new_id
 from ._job import Job
+from ._scheduling import Candidate, ClaimLimits, ClaimPlanner, GroupKey, ready_at
 from ._states import TERMINAL_STATES, JobState
 
-__all__ = ["POSTGRES_URL_SCHEMES", "Backend", "JobQuery", "MemoryBackend", "Pruned", "is_outage"]
+__all__ = [
+    "POSTGRES_URL_SCHEMES",
+    "Backend",
+    "ClaimRequest",
+    "ClaimResult",
+    "JobQuery",
+    "MemoryBackend",
+    "Pruned",
+    "QueueStats",
+    "is_outage",
+]
 
 #: URL schemes that name a PostgreSQL database (libpq accepts both); anything else is a file.
 POSTGRES_URL_SCHEMES = ("postgresql://", "postgres://")
+
+
+@attrs.frozen
+class ClaimRequest:
+    """One claim by ``owner`` (a runtime's node id) at ``now`` (Unix seconds): up to the free
+    capacity of ``limits`` given what the owner runs now (``running`` in all, ``by_user``,
+    ``by_kind``). Claimed jobs hold the claim until ``lease_expires_at`` unless renewed."""
+
+    owner: str
+    now: float
+    lease_expires_at: float
+    limits: ClaimLimits
+    running: int = 0
+    by_user: Mapping[str, int] = attrs.field(factory=dict)
+    by_kind: Mapping[str, int] = attrs.field(factory=dict)
+    #: Kinds the owner can run (None: any); jobs of other kinds are left waiting.
+    kinds: frozenset[str] | None = None
+
+    def planner(self) -> ClaimPlanner:
+        return ClaimPlanner(
+            self.limits, self.running, dict(self.by_user), dict(self.by_kind), self.kinds
+        )
+
+
+@attrs.frozen
+class ClaimResult:
+    """``jobs``: claimed, in claim order, still ``created`` with ``owner`` and
+    ``lease_expires_at`` set (the caller commits their start). ``next_run_at``: the earliest
+    ``run_at`` after ``now`` among waiting jobs (Unix seconds), None if none: when to claim
+    again if nothing else wakes the caller."""
+
+    jobs: list[Job]
+    next_run_at: float | None
+
+
+@attrs.frozen
+class QueueStats:
+    """Counts of the queue: ``waiting`` (state created) = ``ready`` (claimable now) +
+    ``scheduled`` (``run_at`` in the future); ``running``; waiting jobs per kind and per
+    user (``{name: count}``, only non-zero counts)."""
+
+    waiting: int = 0
+    ready: int = 0
+    scheduled: int = 0
+    running: int = 0
+    waiting_by_kind: Mapping[str, int] = attrs.field(factory=dict)
+    waiting_by_user: Mapping[str, int] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -46,12 +113,18 @@ class JobQuery:
     kind: str | None = None
     heartbeat_before: float | None = None
     limit: int | None = None
+    #: Only jobs carrying this tag.
+    tag: str | None = None
+    #: Only the children of this job.
+    parent_id: str | None = None
 
     def matches(self, job: Job) -> bool:
         return (
             (self.user_id is None or job.user_id == self.user_id)
             and (self.states is None or job.state in self.states)
             and (self.kind is None or job.kind == self.kind)
+            and (self.tag is None or self.tag in job.tags)
+            and (self.parent_id is None or job.parent_id == self.parent_id)
             and (
                 self.heartbeat_before is None
                 or (
@@ -161,6 +234,48 @@ class Backend(Protocol):
         ``user_seq`` removed."""
         ...
 
+    async def claim(self, request: ClaimRequest) -> ClaimResult:
+        """Pick the next waiting jobs and mark them claimed by ``request.owner``, atomically.
+
+        Claimable: state ``created``, ready (``run_at`` null or ``<= now``), and not held by
+        another owner's claim (``owner`` null or the caller, or ``lease_expires_at < now``).
+        Order and limits are :class:`ClaimPlanner`'s (priority, then the user with the fewest
+        running jobs, then ``(ready_at, id)``; ``ready_at`` is ``run_at``, else
+        ``created_at``). Marking sets ``owner`` and ``lease_expires_at`` and nothing else: the
+        job stays ``created`` until the owner commits its start (a mark whose start never
+        commits lapses with its lease). The cost must not grow with the number of waiting
+        jobs (an index on waiting jobs by ``(priority, user_id, kind, ready_at, id)``, walked
+        group by group). Several processes: atomic across them (``FOR UPDATE SKIP LOCKED``)."""
+        ...
+
+    async def renew_leases(self, owner: str, lease_expires_at: float) -> int:
+        """Extend every claim ``owner`` holds (running or claimed jobs) to
+        ``lease_expires_at``; returns how many."""
+        ...
+
+    async def queue_stats(self, now: float, user_id: str | None = None) -> QueueStats:
+        """Queue counts at ``now`` (of one user's jobs, or of all)."""
+        ...
+
+    async def find_by_key(self, user_id: str, key: str, since: float) -> Job | None:
+        """The newest job of ``user_id`` created with idempotency key ``key`` at or after
+        ``since`` (Unix seconds), None if none."""
+        ...
+
+    async def find_by_keys(self, keys: Collection[tuple[str, str]]) -> dict[tuple[str, str], Job]:
+        """The newest job (highest id) of each ``(user_id, idempotency key)`` in ``keys``;
+        keys no job has are left out. One query for a batch of creates."""
+        ...
+
+    async def keys_since(self, user_id: str, since: float) -> list[str]:
+        """The idempotency keys of the user's jobs created at or after ``since`` (Unix s)."""
+        ...
+
+    async def held_until(self, owner: str, now: float) -> float | None:
+        """The earliest ``lease_expires_at`` (Unix s) of waiting jobs marked by another owner
+        whose lease holds at ``now`` (a claim skips them until then), None if none."""
+        ...
+
 
 class MemoryBackend:
     """Dicts in memory: for logic tests and for timing tests under a mock clock (no threads)."""
@@ -196,6 +311,15 @@ class MemoryBackend:
         heartbeats: Mapping[str, tuple[int, float]],
     ) -> None:
         for job in jobs:
+            stored = self._jobs.get(job.id)
+            if (
+                stored is not None
+                and job.owner is not None
+                and stored.owner == job.owner
+                and (stored.lease_expires_at or 0) > (job.lease_expires_at or 0)
+            ):
+                # A renewal (renew_leases) is not moved back by a write of the same claim.
+                job = attrs.evolve(job, lease_expires_at=stored.lease_expires_at)
             self._jobs[job.id] = job
         for event in events:
             self._events.setdefault(event.job_id, []).append(event)
@@ -284,3 +408,94 @@ class MemoryBackend:
             if user_id is None or job.user_id == user_id:
                 counts[job.state.value] = counts.get(job.state.value, 0) + 1
         return counts
+
+    def _waiting(self) -> list[Job]:
+        return [job for job in self._jobs.values() if job.state is JobState.CREATED]
+
+    async def claim(self, request: ClaimRequest) -> ClaimResult:
+        now = request.now
+        groups: dict[GroupKey, list[Candidate]] = {}
+        later: list[float] = []
+        for job in self._waiting():
+            if job.owner not in (None, request.owner) and (job.lease_expires_at or 0) >= now:
+                continue
+            at = ready_at(job.created_at, job.run_at)
+            if job.run_at is not None and job.run_at > now:
+                later.append(job.run_at)
+                continue
+            candidate = Candidate(job.id, job.priority, job.user_id, job.kind, at)
+            groups.setdefault(candidate.group, []).append(candidate)
+        planner = request.planner()
+        picked = planner.plan(c for members in groups.values() for c in members)
+        claimed: list[Job] = []
+        for candidate in picked:
+            job = attrs.evolve(
+                self._jobs[candidate.id],
+                owner=request.owner,
+                lease_expires_at=request.lease_expires_at,
+            )
+            self._jobs[job.id] = job
+            claimed.append(job)
+        return ClaimResult(claimed, min(later) if later else None)
+
+    async def renew_leases(self, owner: str, lease_expires_at: float) -> int:
+        renewed = 0
+        for job in list(self._jobs.values()):
+            if job.owner == owner and job.state in (JobState.CREATED, JobState.RUNNING):
+                self._jobs[job.id] = attrs.evolve(job, lease_expires_at=lease_expires_at)
+                renewed += 1
+        return renewed
+
+    async def queue_stats(self, now: float, user_id: str | None = None) -> QueueStats:
+        waiting = ready = running = 0
+        by_kind: dict[str, int] = {}
+        by_user: dict[str, int] = {}
+        for job in self._jobs.values():
+            if user_id is not None and job.user_id != user_id:
+                continue
+            if job.state is JobState.RUNNING:
+                running += 1
+            elif job.state is JobState.CREATED:
+                waiting += 1
+                ready += job.run_at is None or job.run_at <= now
+                by_kind[job.kind] = by_kind.get(job.kind, 0) + 1
+                by_user[job.user_id] = by_user.get(job.user_id, 0) + 1
+        return QueueStats(waiting, ready, waiting - ready, running, by_kind, by_user)
+
+    async def find_by_key(self, user_id: str, key: str, since: float) -> Job | None:
+        found = [
+            job
+            for job in self._jobs.values()
+            if job.user_id == user_id and job.idempotency_key == key and job.created_at >= since
+        ]
+        return max(found, key=lambda job: job.id) if found else None
+
+    async def find_by_keys(self, keys: Collection[tuple[str, str]]) -> dict[tuple[str, str], Job]:
+        wanted = set(keys)
+        newest: dict[tuple[str, str], Job] = {}
+        for job in self._jobs.values():
+            if job.idempotency_key is None:
+                continue
+            key = (job.user_id, job.idempotency_key)
+            if key in wanted and (key not in newest or newest[key].id < job.id):
+                newest[key] = job
+        return newest
+
+    async def held_until(self, owner: str, now: float) -> float | None:
+        held = [
+            job.lease_expires_at
+            for job in self._waiting()
+            if job.owner not in (None, owner)
+            and job.lease_expires_at is not None
+            and job.lease_expires_at >= now
+        ]
+        return min(held) if held else None
+
+    async def keys_since(self, user_id: str, since: float) -> list[str]:
+        return [
+            job.idempotency_key
+            for job in self._jobs.values()
+            if job.user_id == user_id
+            and job.idempotency_key is not None
+            and job.created_at >= since
+        ]

@@ -10,12 +10,14 @@ import trio
 
 __all__ = [
     "CheckpointTooLargeError",
+    "IdempotencyConflictError",
     "IllegalTransitionError",
     "InvalidInputError",
+    "InvalidParentError",
     "JobspineError",
     "JobStopped",
-    "NoWorkerAvailableError",
     "NotSerializableError",
+    "PermanentError",
     "ResultTooLargeError",
     "RuntimeClosedError",
     "RuntimeCrashedError",
@@ -112,27 +114,36 @@ class ResultTooLargeError(InvalidInputError):
         self.limit = limit
 
 
+class InvalidParentError(InvalidInputError):
+    """``parent_id`` names no job of the caller's user. The message is the same whether the
+    job does not exist or belongs to another user, so it reveals neither."""
+
+    code = "invalid_parent"
+
+    def __init__(self, parent_id: str) -> None:
+        super().__init__(f"no job {parent_id!r} of this user to be the parent")
+        self.parent_id = parent_id
+
+
+class IdempotencyConflictError(JobspineError):
+    """A create reused an idempotency key of the same user, within ``idempotency_window``,
+    for a different request (kind, input or options). The same request gets the first job."""
+
+    code = "idempotency_conflict"
+
+    def __init__(self, key: str, job_id: str) -> None:
+        super().__init__(
+            f"idempotency key {key!r} was used for job {job_id} with a different request"
+            " (kind, input or options); use a new key for a new job"
+        )
+        self.key = key
+        self.job_id = job_id
+
+
 class TooManyJobsError(JobspineError):
-    """A user already has ``max_running_per_user`` jobs running."""
+    """The user's waiting quota (``max_waiting_per_user`` jobs waiting) is full."""
 
     code = "too_many_jobs"
-
-
-class NoWorkerAvailableError(JobspineError):
-    """Every worker slot for a kind served only by connected workers is taken (or its
-    workers are draining, or none is connected yet while the kind's handler is registered
-    for input checks only); nothing was stored. Try again later."""
-
-    code = "no_worker_available"
-
-    def __init__(self, kind: str, slots: int) -> None:
-        if slots:
-            why = f"all {slots} slots of the connected workers serving it are busy"
-        else:
-            why = "no connected worker serves it (yet)"
-        super().__init__(f"no free worker for job kind {kind!r}: {why}; try again later")
-        self.kind = kind
-        self.slots = slots
 
 
 class StoreError(JobspineError):
@@ -169,6 +180,12 @@ def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
     leaf, else the group itself."""
     found = [e for e in leaves(group) if not isinstance(e, trio.Cancelled)]
     return found[0] if len(found) == 1 else group
+
+
+class PermanentError(Exception):
+    """Raised by a handler for a failure that no retry can fix (bad data, a refused request):
+    the job fails at once, whatever attempts it has left. Recorded with its own type name
+    (``PermanentError`` or the subclass's) and message."""
 
 
 class JobStopped(Exception):  # noqa: N818 - a signal, not an error condition

@@ -29,6 +29,7 @@ class EventType(enum.StrEnum):
     RESUMED = "resumed"
     RESTARTED = "restarted"
     RECOVERY = "recovery"
+    RETRYING = "retrying"
     DELETED = "deleted"
 
 

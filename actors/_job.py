@@ -1,6 +1,6 @@
-"""The job record, its schema v1, validation of external records and migration.
+"""The job record, its schema v2, validation of external records and migration.
 
-Schema v1 invariants (checked by :func:`validate_job_record`):
+Schema v2 invariants (checked by :func:`validate_job_record`):
 
 * ``id``, ``user_id`` and ``kind`` are non-empty strings; ``state`` is a :class:`JobState` value.
 * ``0 <= progress <= 100``; ``progress == 100`` whenever ``state == "completed"``.
@@ -12,6 +12,14 @@ Schema v1 invariants (checked by :func:`validate_job_record`):
 * Timestamps are Unix seconds (wall clock); ``created_at <= updated_at``.
 * ``run_seconds >= 0`` is the running time of finished runs; ``run_started_at`` is the start of
   the current run (both optional in stored records, which predate them).
+* Queue fields (v2): ``0 <= priority <= 1000``; ``run_at`` (not before, Unix seconds) or null;
+  ``1 <= max_attempts <= 100``; ``failed_attempts >= 0``; ``timeout`` null or in
+  ``(0, 7 days]``; ``tags`` at most 32 distinct strings of 1..64 characters; ``parent_id`` and
+  ``idempotency_key`` (1..256 characters) strings or null; ``owner`` and ``lease_expires_at``
+  (the current claim) set only while a job is claimed.
+
+Record schema v2 is what database schema v3 stores; a v1 record (no queue fields) migrates by
+taking every queue field's default.
 """
 
 from __future__ import annotations
@@ -27,23 +35,29 @@ from ._states import JobState
 
 __all__ = [
     "CURRENT_SCHEMA_VERSION",
-    "SCHEMA_V2_PLAN",
+    "MAX_ATTEMPTS",
+    "MAX_PRIORITY",
+    "MAX_TAGS",
+    "MAX_TIMEOUT",
     "Job",
     "JobError",
     "migrate_job_record",
     "validate_job_record",
 ]
 
-CURRENT_SCHEMA_VERSION = 1
+CURRENT_SCHEMA_VERSION = 2
 
-#: Fields reserved for schema v2; not accepted in v1 records, so that adding them later is not
-#: a breaking change for anyone who stored v1 data.
-SCHEMA_V2_PLAN: Mapping[str, str] = {
-    "tags": "list of short strings, indexed for filtering",
-    "parent_id": "id of the job that spawned this one (job trees)",
-    "timeout": "seconds a run may take before it is failed",
-    "retry_count": "automatic restarts after failure, with backoff",
-}
+#: Highest priority (higher runs first; 0 is the default and the lowest).
+MAX_PRIORITY = 1000
+#: Most attempts a job may be given (``max_attempts``).
+MAX_ATTEMPTS = 100
+#: Longest per-attempt timeout, in seconds (7 days).
+MAX_TIMEOUT = 7 * 86_400.0
+#: Most tags on one job; each is 1..``MAX_TAG_LENGTH`` characters.
+MAX_TAGS = 32
+MAX_TAG_LENGTH = 64
+#: Longest idempotency key, in characters.
+MAX_KEY_LENGTH = 256
 
 
 @attrs.frozen
@@ -81,6 +95,24 @@ class Job:
     run_seconds: float = 0.0
     #: When the current run started; None when the job is not running.
     run_started_at: float | None = None
+    #: 0..1000, higher runs first.
+    priority: int = 0
+    #: Not before (Unix seconds): a delayed start or a retry's backoff; None: at once.
+    run_at: float | None = None
+    #: Failed attempts allowed before the job fails for good (1: no retry).
+    max_attempts: int = 1
+    #: Attempts that ended in failure (a pause, stall re-queue or resume does not count).
+    failed_attempts: int = 0
+    #: Seconds one attempt may run before it is stopped and counted as failed; None: no limit.
+    timeout: float | None = None
+    tags: tuple[str, ...] = ()
+    #: The job that spawned this one (same user; fixed at create, so links never cycle).
+    parent_id: str | None = None
+    idempotency_key: str | None = None
+    #: Node id of the runtime that claimed the job (None when no one has).
+    owner: str | None = None
+    #: Until when the claim holds unless its owner renews it (Unix seconds).
+    lease_expires_at: float | None = None
     schema_version: int = CURRENT_SCHEMA_VERSION
 
     def to_record(self) -> dict[str, Any]:
@@ -106,6 +138,8 @@ _OPTIONAL_TIMES = (
     "failed_at",
     "last_heartbeat_at",
     "run_started_at",
+    "run_at",
+    "lease_expires_at",
 )
 
 
@@ -125,8 +159,7 @@ def validate_job_record(record: object) -> list[str]:
     known = {f.name for f in attrs.fields(Job)}
     for key in record:
         if key not in known:
-            where = "reserved for schema v2" if key in SCHEMA_V2_PLAN else "unknown field"
-            problems.append(f"{key}: {where}")
+            problems.append(f"{key}: unknown field")
     for name in ("id", "user_id", "kind"):
         value = record.get(name)
         if not isinstance(value, str) or not value:
@@ -186,9 +219,44 @@ def validate_job_record(record: object) -> list[str]:
     reason = record.get("pause_reason")
     if reason is not None and not isinstance(reason, str):
         problems.append(f"pause_reason: expected a string or null, got {reason!r}")
+    problems += _queue_problems(record)
     version = record.get("schema_version", CURRENT_SCHEMA_VERSION)
     if version != CURRENT_SCHEMA_VERSION:
         problems.append(f"schema_version: expected {CURRENT_SCHEMA_VERSION}, got {version!r}")
+    return problems
+
+
+def _queue_problems(record: Mapping[str, Any]) -> list[str]:
+    problems: list[str] = []
+    priority = record.get("priority", 0)
+    if not _is_int(priority) or not 0 <= priority <= MAX_PRIORITY:
+        problems.append(f"priority: expected an integer in 0..{MAX_PRIORITY}, got {priority!r}")
+    max_attempts = record.get("max_attempts", 1)
+    if not _is_int(max_attempts) or not 1 <= max_attempts <= MAX_ATTEMPTS:
+        problems.append(
+            f"max_attempts: expected an integer in 1..{MAX_ATTEMPTS}, got {max_attempts!r}"
+        )
+    failed = record.get("failed_attempts", 0)
+    if not _is_int(failed) or failed < 0:
+        problems.append(f"failed_attempts: expected a non-negative integer, got {failed!r}")
+    timeout = record.get("timeout")
+    if timeout is not None and (not _is_number(timeout) or not 0 < timeout <= MAX_TIMEOUT):
+        problems.append(
+            f"timeout: expected seconds in (0, {MAX_TIMEOUT:g}] or null, got {timeout!r}"
+        )
+    tags = record.get("tags", ())
+    if not isinstance(tags, list | tuple) or len(tags) > MAX_TAGS:
+        problems.append(f"tags: expected a list of at most {MAX_TAGS} strings, got {tags!r}")
+    elif not all(isinstance(t, str) and 0 < len(t) <= MAX_TAG_LENGTH for t in tags) or len(
+        set(tags)
+    ) != len(tags):
+        problems.append(
+            f"tags: expected distinct strings of 1..{MAX_TAG_LENGTH} characters, got {tags!r}"
+        )
+    for name, limit in (("parent_id", 256), ("idempotency_key", MAX_KEY_LENGTH), ("owner", 256)):
+        value = record.get(name)
+        if value is not None and (not isinstance(value, str) or not 0 < len(value) <= limit):
+            problems.append(f"{name}: expected a string of 1..{limit} characters or null")
     return problems
 
 
@@ -215,8 +283,9 @@ _V0_TIMES = {
 def migrate_job_record(record: Mapping[str, Any]) -> dict[str, Any]:
     """Upgrade a stored record to the current schema.
 
-    Version 0 is the predecessor's camelCase shape; version 1 is returned as a copy. A record
-    from a newer schema than this runtime knows is refused rather than silently truncated.
+    Version 0 is the predecessor's camelCase shape; version 1 predates the queue fields (each
+    takes its default); version 2 is returned as a copy. A record from a newer schema than
+    this runtime knows is refused rather than silently truncated.
     """
     if not isinstance(record, Mapping):
         raise InvalidInputError(f"record: expected an object, got {type(record).__name__}")
@@ -225,10 +294,12 @@ def migrate_job_record(record: Mapping[str, Any]) -> dict[str, Any]:
     )
     if version == CURRENT_SCHEMA_VERSION:
         return dict(record)
+    if version == 1:
+        return {**record, "schema_version": CURRENT_SCHEMA_VERSION}
     if version != 0:
         raise InvalidInputError(
             f"schema_version {version!r} is not supported by this runtime "
-            f"(it reads 0 and {CURRENT_SCHEMA_VERSION})"
+            f"(it reads 0 to {CURRENT_SCHEMA_VERSION})"
         )
     out: dict[str, Any] = {}
     for key, value in record.items():

@@ -23,7 +23,9 @@ from ._errors import (
 )
 from ._events import EventType, JobEvent
 from ._job import Job, JobError
+from ._options import CreateOptions
 from ._policy import RecoveryDecision
+from ._scheduling import RetryDecision
 from ._states import JobState, check_transition
 
 __all__ = [
@@ -40,6 +42,7 @@ __all__ = [
     "reset_recovery",
     "restart",
     "resume",
+    "retry",
     "start",
 ]
 
@@ -70,6 +73,10 @@ def _emit(
     changes["updated_at"] = now
     changes["seq"] = job.seq + 1
     state = changes.get("state", job.state)
+    if state is not S.RUNNING and not (state is S.CREATED and job.state is S.CREATED):
+        # A claim lives while the job runs (and while a claimed job waits for its start).
+        changes.setdefault("owner", None)
+        changes.setdefault("lease_expires_at", None)
     if state is not job.state:
         if state is S.RUNNING:
             changes["run_started_at"] = now
@@ -98,9 +105,17 @@ def _check_input(encoded: bytes, what: str) -> None:
         )
 
 
-def create(job_id: str, user_id: str, kind: str, input: Any, now: float) -> Change:
+def create(
+    job_id: str,
+    user_id: str,
+    kind: str,
+    input: Any,
+    now: float,
+    options: CreateOptions | None = None,
+) -> Change:
     """Needs no stored state: the store client calls it in the caller's task, so that a value
-    that cannot be stored is refused before it joins a commit group."""
+    that cannot be stored is refused before it joins a commit group. ``options`` are checked
+    already (:meth:`CreateOptions.check`) with the kind's defaults filled in."""
     if not user_id or not isinstance(user_id, str):
         raise InvalidInputError("user_id must be a non-empty string")
     check_text(user_id, "user_id")
@@ -112,42 +127,125 @@ def create(job_id: str, user_id: str, kind: str, input: Any, now: float) -> Chan
         if "\x00" in value:
             raise InvalidInputError(f"{name} must not contain a NUL character")
     _check_input(dumps_json_value(input, "job input"), "job input")
-    job = Job(job_id, user_id, kind, S.CREATED, input, created_at=now, updated_at=now)
-    return _emit(job, EventType.CREATED, now, {"kind": kind, "input": input})
+    options = options or CreateOptions()
+    for text in (*options.tags, options.parent_id, options.idempotency_key):
+        check_text(text, "tag, parent_id or idempotency_key", optional=True)
+    job = Job(
+        job_id,
+        user_id,
+        kind,
+        S.CREATED,
+        input,
+        created_at=now,
+        updated_at=now,
+        priority=options.priority,
+        run_at=options.run_at,
+        max_attempts=options.max_attempts or 1,
+        timeout=options.timeout,
+        tags=options.tags,
+        parent_id=options.parent_id,
+        idempotency_key=options.idempotency_key,
+    )
+    data: dict[str, Any] = {
+        "kind": kind,
+        "input": input,
+        "priority": job.priority,
+        "run_at": job.run_at,
+        "max_attempts": job.max_attempts,
+        "timeout": job.timeout,
+        "tags": list(job.tags),
+    }
+    if job.parent_id is not None:
+        data["parent_id"] = job.parent_id
+    return _emit(job, EventType.CREATED, now, data)
 
 
-def start(job: Job, now: float) -> Change:
-    """created -> running: the first run, or a run after a restart."""
+def start(job: Job, now: float, owner: str | None = None, lease: float | None = None) -> Change:
+    """created -> running, claimed by ``owner`` (which marked it claimed, see
+    :meth:`Backend.claim`) until ``lease`` (Unix seconds): a new attempt, which resumes from
+    the checkpoint when there is one (after a resume, retry or re-queue)."""
     if job.state is not S.CREATED:
         raise IllegalTransitionError(job.id, job.state.value, S.RUNNING.value)
+    if job.owner is not None and job.owner != owner:
+        raise IllegalTransitionError(job.id, f"claimed by {job.owner}", S.RUNNING.value)
     attempt = job.attempt + 1
     return _emit(
         job,
         EventType.STARTED,
         now,
-        {"attempt": attempt},
+        {
+            "attempt": attempt,
+            "owner": owner,
+            "resumed_from_checkpoint": job.checkpoint_version or None,
+        },
         state=S.RUNNING,
         attempt=attempt,
         started_at=job.started_at or now,
         last_heartbeat_at=now,
+        run_at=None,
+        owner=owner,
+        lease_expires_at=lease,
     )
 
 
 def resume(job: Job, now: float, actor: str | None) -> Change:
-    """paused -> running with a new attempt; the handler receives the checkpoint."""
+    """paused -> created: back in the queue; its claim resumes from the checkpoint."""
     if job.state is not S.PAUSED:
-        raise IllegalTransitionError(job.id, job.state.value, S.RUNNING.value)
-    attempt = job.attempt + 1
+        raise IllegalTransitionError(job.id, job.state.value, S.CREATED.value)
     return _emit(
         job,
         EventType.RESUMED,
         now,
-        {"attempt": attempt, "checkpoint_version": job.checkpoint_version},
+        {"checkpoint_version": job.checkpoint_version},
         actor,
-        state=S.RUNNING,
-        attempt=attempt,
+        state=S.CREATED,
         pause_reason=None,
-        last_heartbeat_at=now,
+        run_at=None,
+    )
+
+
+def retry(job: Job, attempt: int, error: JobError, decision: RetryDecision, now: float) -> Change:
+    """running -> created after a failed attempt that will be retried at
+    ``decision.next_attempt_at`` (the checkpoint is kept: the retry resumes from it)."""
+    _fence(job, attempt)
+    check_transition(job.id, job.state, S.CREATED)
+    return _emit(
+        job,
+        EventType.RETRYING,
+        now,
+        {
+            "error": {"type": error.type, "message": error.message},
+            "failed_attempts": decision.failed_attempts,
+            "max_attempts": job.max_attempts,
+            "next_attempt_at": decision.next_attempt_at,
+            "delay": decision.delay,
+        },
+        "system",
+        state=S.CREATED,
+        failed_attempts=decision.failed_attempts,
+        run_at=decision.next_attempt_at,
+    )
+
+
+def requeue(job: Job, attempt: int, now: float, reason: str) -> Change:
+    """running -> created without counting a failed attempt or a recovery: the attempt did
+    not fail, its place went away (its worker disconnected before the start, or handed it
+    back at a drain). The checkpoint is kept: the next claim resumes from it."""
+    _fence(job, attempt)
+    check_transition(job.id, job.state, S.CREATED)
+    return _emit(
+        job,
+        EventType.RECOVERY,
+        now,
+        {
+            "reason": reason,
+            "recovery_attempts": job.recovery_attempts,
+            "checkpoint_version": job.checkpoint_version,
+            "requeued": True,
+        },
+        "system",
+        state=S.CREATED,
+        run_at=None,
     )
 
 
@@ -224,22 +322,30 @@ def complete(
 
 
 def fail(
-    job: Job, attempt: int | None, error: JobError, now: float, actor: str | None = None
+    job: Job,
+    attempt: int | None,
+    error: JobError,
+    now: float,
+    actor: str | None = None,
+    failed_attempts: int | None = None,
 ) -> Change:
-    """Fail a job; ``attempt`` fences a worker's report, ``None`` is the runtime's own call."""
+    """Fail a job; ``attempt`` fences a worker's report, ``None`` is the runtime's own call.
+    ``failed_attempts``: the count including this failure, when an attempt failed."""
     if attempt is not None:
         _fence(job, attempt)
     check_transition(job.id, job.state, S.FAILED)
+    failed = job.failed_attempts if failed_attempts is None else failed_attempts
     return _emit(
         job,
         EventType.FAILED,
         now,
-        {"error": {"type": error.type, "message": error.message}},
+        {"error": {"type": error.type, "message": error.message}, "failed_attempts": failed},
         actor,
         state=S.FAILED,
         error=error,
         failed_at=now,
         pause_reason=None,
+        failed_attempts=failed,
     )
 
 
@@ -270,6 +376,22 @@ def recover(job: Job, attempt: int | None, decision: RecoveryDecision, now: floa
     check_transition(job.id, job.state, decision.to_state)
     # A stalled or orphaned run ended at its last sign of life, not when it was noticed.
     job = _evolve(job, _end_run(job, job.last_heartbeat_at or now))
+    if decision.to_state is S.CREATED:
+        return _emit(
+            job,
+            EventType.RECOVERY,
+            now,
+            {
+                "reason": decision.reason,
+                "recovery_attempts": decision.recovery_attempts,
+                "checkpoint_version": job.checkpoint_version,
+                "requeued": True,
+            },
+            "system",
+            state=S.CREATED,
+            recovery_attempts=decision.recovery_attempts,
+            run_at=None,
+        )
     if decision.to_state is S.PAUSED:
         return _emit(
             job,
@@ -292,7 +414,10 @@ def recover(job: Job, attempt: int | None, decision: RecoveryDecision, now: floa
 def restart(
     job: Job, now: float, actor: str | None, modifications: Mapping[str, Any] | None
 ) -> Change:
-    """Back to created with result, error, progress and checkpoint cleared."""
+    """Back to created with result, error, progress, checkpoint and attempts cleared. A
+    running job is stopped first (paused or cancelled): running -> created is a retry's."""
+    if job.state is S.RUNNING:
+        raise IllegalTransitionError(job.id, job.state.value, S.CREATED.value)
     check_transition(job.id, job.state, S.CREATED)
     new_input = job.input
     if modifications:
@@ -323,6 +448,8 @@ def restart(
         completed_at=None,
         failed_at=None,
         run_seconds=0.0,
+        failed_attempts=0,
+        run_at=None,
     )
 
 

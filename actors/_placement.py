@@ -6,8 +6,9 @@ one with a free slot; the handler a placement returns is run by an ordinary
 :class:`~actors._worker.Worker` under the supervisor, so stall detection, stop with grace,
 cancellation, recovery and events are the same wherever the code runs.
 
-This is the seam the queue's dispatcher claims through: it claims at most
-``Supervisor.capacity(kind)`` jobs of a kind and hands each to ``Supervisor.launch``.
+This is the seam the queue's dispatcher claims through: ``Supervisor.capacity(kind)`` (free
+slots over all placements) bounds its claim per kind, a kind with no free slot anywhere is not
+claimed (its jobs wait), and each claimed job goes to ``Supervisor.launch``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ class Placement(Protocol):
         """Free slots for ``kind`` now (0 when it does not serve it)."""
         ...
 
+    def free(self) -> int:
+        """Free slots now over every kind, each slot counted once (a slot may serve several
+        kinds, so this can be less than the sum of :meth:`capacity` over the kinds)."""
+        ...
+
     def place(self, job: Job) -> Handler:
         """Take one slot for the attempt ``job`` (state running, its attempt set): the
         returned handler runs it and frees the slot when it returns. Called only when
@@ -67,6 +73,9 @@ class InProcessPlacement:
 
     def capacity(self, kind: str) -> int:
         return sys.maxsize if self.serves(kind) else 0
+
+    def free(self) -> int:
+        return sys.maxsize if self.enabled and self.handlers else 0
 
     def place(self, job: Job) -> Handler:
         return self.handlers[job.kind]

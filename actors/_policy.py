@@ -26,16 +26,24 @@ class RecoveryDecision:
 
 @attrs.frozen
 class RecoveryPolicy:
-    """Checkpoint -> paused (resumable), none -> failed; past the limit -> failed for good."""
+    """Checkpoint -> paused (resumable), none -> failed; past the limit -> failed for good.
+    With ``requeue`` (the kind's ``requeue_stalled``), checkpoint -> created: back in the
+    queue, resumed from the checkpoint by the next claim."""
 
     max_recovery_attempts: int = 3
 
-    def decide(self, job: Job, cause: str) -> RecoveryDecision:
+    def decide(self, job: Job, cause: str, *, requeue: bool = False) -> RecoveryDecision:
         attempts = job.recovery_attempts + 1
         if attempts > self.max_recovery_attempts:
             return RecoveryDecision(
                 JobState.FAILED,
                 f"{cause}; recovery attempts exhausted ({attempts} > {self.max_recovery_attempts})",
+                attempts,
+            )
+        if job.checkpoint_version > 0 and requeue:
+            return RecoveryDecision(
+                JobState.CREATED,
+                f"{cause}; re-queued at checkpoint v{job.checkpoint_version}",
                 attempts,
             )
         if job.checkpoint_version > 0:

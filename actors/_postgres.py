@@ -20,6 +20,8 @@ advisory lock (``pg_try_advisory_lock``) for the runtime's life, on the very con
 statement goes through, and records itself (pid, host, start time) in the ``owners`` table
 for the message a refused process prints (:class:`DatabaseLockedError`, ``database_in_use``).
 The server drops the lock when the session ends in any way, SIGKILL of the owner included.
+Only a test may open a backend without the lock (``_shared``), to claim from one database
+with several backends at once.
 
 **Outages.** A connection the server dropped (restart, ``pg_terminate_backend``, network) is
 an outage (:func:`is_postgres_outage`): the store retries; the next call connects again and
@@ -27,6 +29,11 @@ takes the lock again before it runs anything. If another process owns the databa
 that call fails as an outage too and nothing is written; if another process owned it in
 between (the ``owners`` row is no longer this one's), this backend's caller may hold stale
 state, so it never writes again (every call fails as an outage saying so; restart it).
+
+**The queue** (schema v3, as SQLite's): the claim columns and a partial index over waiting
+jobs, walked group by group in one transaction with ``FOR UPDATE SKIP LOCKED``
+(:mod:`._postgres_queue`, which gives the SQL and the measured cost); lease renewal, queue
+counts, idempotency keys, children and tags (a ``text[]`` under a GIN index).
 
 **Sequences.** ``seq`` and ``user_seq`` come from the store actor, which as the only owner
 knows every head; the primary key ``(job_id, seq)`` and the unique ``(user_id, user_seq)``
@@ -49,13 +56,15 @@ import psycopg
 import trio
 from psycopg import conninfo
 
-from ._backend import JobQuery, Pruned
+from ._backend import ClaimRequest, ClaimResult, JobQuery, Pruned, QueueStats
 from ._codec import converter
 from ._errors import StoreError, StoreUnavailableError
 from ._events import EventType, JobEvent
 from ._ids import new_id
 from ._job import Job, migrate_job_record
 from ._owner import DatabaseLockedError
+from ._postgres_queue import claim_sync
+from ._scheduling import ready_at
 from ._states import TERMINAL_STATES, JobState
 
 __all__ = ["PostgresBackend", "is_postgres_outage", "redact_url"]
@@ -65,11 +74,13 @@ T = TypeVar("T")
 
 #: The advisory lock key of the database's owner (``pg_try_advisory_lock(bigint)``).
 OWNER_LOCK = 0x6A6F6273  # "jobs"
+#: The advisory lock key held while the schema is created or migrated (transaction-level).
+MIGRATE_LOCK = 0x6A6F6275
 
 #: Bound on closing the connection (it waits for the statement in progress).
 CLOSE_TIMEOUT = 10.0
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Ordered migrations: MIGRATIONS[n] brings the database from version n to n + 1. The versions
 # follow the SQLite backend's. Text that is compared or sorted is COLLATE "C": ids sort by
@@ -111,17 +122,57 @@ MIGRATIONS: list[list[str]] = [
             horizon bigint NOT NULL
         )""",
     ],
+    # v3, the queue (as SQLite's v3): what a claim orders and filters by, as columns
+    # (ready_at: run_at, else created_at, set only while waiting); a partial index over waiting
+    # jobs only, walked group by group (:mod:`._postgres_queue`), so a claim's cost does not
+    # grow with the number waiting; delayed jobs by run_at, for the next one due (an index the
+    # claim cannot use: on ready_at, PostgreSQL chose it for the claim's windows and filtered
+    # every waiting job); the claim's owner and lease, indexed for renewals and for finding a
+    # dead owner's running jobs; parents, idempotency keys and tags (an array under a GIN
+    # index) for their look-ups.
+    [
+        "ALTER TABLE jobs ADD COLUMN priority integer NOT NULL DEFAULT 0,"
+        " ADD COLUMN created_at double precision, ADD COLUMN ready_at double precision,"
+        " ADD COLUMN run_at double precision,"
+        ' ADD COLUMN parent_id text COLLATE "C", ADD COLUMN idempotency_key text COLLATE "C",'
+        ' ADD COLUMN owner text COLLATE "C", ADD COLUMN lease_expires_at double precision,'
+        " ADD COLUMN tags text[] NOT NULL DEFAULT '{}'",
+        "UPDATE jobs SET created_at = (record::json ->> 'created_at')::double precision,"
+        " ready_at = CASE WHEN state = 'created'"
+        " THEN (record::json ->> 'created_at')::double precision END",
+        "ALTER TABLE jobs ALTER COLUMN created_at SET NOT NULL",
+        "CREATE INDEX jobs_waiting ON jobs (priority, user_id, kind, ready_at, id)"
+        " WHERE state = 'created'",
+        "CREATE INDEX jobs_scheduled ON jobs (run_at) WHERE state = 'created'"
+        " AND run_at IS NOT NULL",
+        "CREATE INDEX jobs_children ON jobs (parent_id, id) WHERE parent_id IS NOT NULL",
+        "CREATE INDEX jobs_keys ON jobs (user_id, idempotency_key, created_at)"
+        " WHERE idempotency_key IS NOT NULL",
+        # Untagged jobs (most) stay out of it: no GIN entry to write at every update.
+        "CREATE INDEX jobs_tags ON jobs USING gin (tags) WHERE tags <> '{}'",
+        "CREATE INDEX jobs_leases ON jobs (owner, lease_expires_at) WHERE state = 'running'",
+        "CREATE INDEX jobs_claimed ON jobs (owner) WHERE state = 'created' AND owner IS NOT NULL",
+    ],
 ]
 
-_JOB_COLUMNS = "record, last_heartbeat_at"
+_JOB_COLUMNS = "record, last_heartbeat_at, owner, lease_expires_at"
 
+# A lease renewed meanwhile (renew_leases) is not moved back by a write of the same claim
+# that carries the older expiry.
 _UPSERT_JOB = (
-    "INSERT INTO jobs (id, user_id, kind, state, attempt, last_heartbeat_at, record, finished_at)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+    "INSERT INTO jobs (id, user_id, kind, state, attempt, last_heartbeat_at, record, finished_at,"
+    " priority, created_at, ready_at, run_at, parent_id, idempotency_key, owner,"
+    " lease_expires_at, tags)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
     " ON CONFLICT (id) DO UPDATE SET"
     " state = excluded.state, attempt = excluded.attempt,"
     " last_heartbeat_at = excluded.last_heartbeat_at, record = excluded.record,"
-    " finished_at = excluded.finished_at"
+    " finished_at = excluded.finished_at, priority = excluded.priority,"
+    " ready_at = excluded.ready_at, run_at = excluded.run_at, tags = excluded.tags,"
+    " lease_expires_at = CASE WHEN excluded.owner IS NOT NULL AND excluded.owner = jobs.owner"
+    " THEN greatest(excluded.lease_expires_at, jobs.lease_expires_at)"
+    " ELSE excluded.lease_expires_at END,"
+    " owner = excluded.owner"
 )
 _INSERT_EVENT = (
     "INSERT INTO events (job_id, seq, user_id, user_seq, type, record)"
@@ -175,9 +226,14 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
-def _job_from_row(record: str, heartbeat: float | None) -> Job:
+def _job_from_row(
+    record: str, heartbeat: float | None, owner: str | None, lease: float | None
+) -> Job:
+    # Heartbeats and lease renewals update their columns only: the columns are authoritative.
     data: dict[str, Any] = migrate_job_record(orjson.loads(record))
     data["last_heartbeat_at"] = heartbeat
+    data["owner"] = owner
+    data["lease_expires_at"] = lease
     return converter.structure(data, Job)
 
 
@@ -194,7 +250,11 @@ class PostgresBackend:
     :class:`StoreError` if the server cannot be reached or the database cannot be used (a
     newer schema)."""
 
-    def __init__(self, url: str, *, connect_timeout: float = 5.0) -> None:
+    def __init__(self, url: str, *, connect_timeout: float = 5.0, _shared: bool = False) -> None:
+        """``_shared`` is for tests only: no owner lock and no ``owners`` row, so that
+        several backends use one database at once (the concurrent-claim test). Nothing else
+        may set it until nodes and leases (issue 11) replace the single owner: the store
+        actor assumes it alone writes the database."""
         try:
             conninfo.conninfo_to_dict(url)
         except psycopg.Error as exc:
@@ -211,6 +271,7 @@ class PostgresBackend:
         self._superseded: str | None = None
         #: Identifies this opening in the ``owners`` row (pid, host and second may repeat).
         self._instance = ""
+        self._shared = _shared
         # One call at a time on the connection: a read never slips into a commit's transaction.
         self._lock = trio.Lock()
 
@@ -236,6 +297,8 @@ class PostgresBackend:
             keepalives_interval=5,
             keepalives_count=3,
         )
+        if self._shared:
+            return conn
         try:
             row = conn.execute("SELECT pg_try_advisory_lock(%s)", (OWNER_LOCK,)).fetchone()
             if row is None or not row[0]:
@@ -268,6 +331,8 @@ class PostgresBackend:
     def _migrate(self, conn: psycopg.Connection[Any]) -> str:
         """Create or upgrade the schema in one transaction; returns the epoch."""
         with conn.transaction():
+            # Openings that do not hold the owner lock (shared, tests only) migrate in turn.
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
             conn.execute("CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value text)")
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             stored = meta.get("schema_version", "0")
@@ -293,7 +358,8 @@ class PostgresBackend:
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (str(SCHEMA_VERSION), epoch),
             )
-            self._record_owner(conn)
+            if not self._shared:
+                self._record_owner(conn)
         return epoch
 
     def _live(self) -> psycopg.Connection[Any]:
@@ -313,6 +379,9 @@ class PostgresBackend:
         except DatabaseLockedError as exc:
             # Someone else owns the database now: writing would make two owners.
             raise StoreUnavailableError(str(exc)) from None
+        if self._shared:
+            self._conn = conn
+            return conn
         try:
             row = conn.execute("SELECT instance FROM owners WHERE lock = %s", (OWNER_LOCK,))
             if row.fetchone() != (self._instance,):
@@ -333,10 +402,26 @@ class PostgresBackend:
         self._conn = conn
         return conn
 
-    async def _run(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
-        """Run ``fn`` on the live connection in a worker thread, one call at a time."""
+    async def _run(self, fn: Callable[[psycopg.Connection[Any]], T], *, read: bool = False) -> T:
+        """Run ``fn`` on the live connection in a worker thread, one call at a time. ``read``:
+        ``fn`` changes nothing, so it is run once more on a new connection if the server had
+        dropped this one (which shows only when it is used); a write is never repeated here
+        (the store decides, see :func:`is_postgres_outage`)."""
+
+        def call() -> T:
+            conn = self._live()
+            try:
+                return fn(conn)
+            except psycopg.Error:
+                if not (read and conn.broken):
+                    raise
+            return fn(self._live())
+
         async with self._lock:
-            return await trio.to_thread.run_sync(lambda: fn(self._live()))
+            return await trio.to_thread.run_sync(call)
+
+    async def _read(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+        return await self._run(fn, read=True)
 
     @asynccontextmanager
     async def opened(self) -> AsyncIterator[None]:
@@ -386,7 +471,7 @@ class PostgresBackend:
             ).fetchone()
             return _job_from_row(*row) if row else None
 
-        return await self._run(fn)
+        return await self._read(fn)
 
     async def ping(self) -> None:
         # Connects again (taking the owner lock) if the connection was lost.
@@ -423,6 +508,13 @@ class PostgresBackend:
         if query.heartbeat_before is not None:
             where.append("last_heartbeat_at < %s")
             params.append(query.heartbeat_before)
+        if query.parent_id is not None:
+            where.append("parent_id = %s")
+            params.append(query.parent_id)
+        if query.tag is not None:
+            # The second condition lets the partial index jobs_tags serve it.
+            where.append("tags @> ARRAY[%s]::text[] AND tags <> '{}'")
+            params.append(query.tag)
         sql = f"SELECT {_JOB_COLUMNS} FROM jobs"
         if where:
             sql += " WHERE " + " AND ".join(where)
@@ -430,7 +522,7 @@ class PostgresBackend:
         if query.limit is not None:
             sql += " LIMIT %s"
             params.append(query.limit)
-        rows = await self._run(lambda conn: conn.execute(sql, params).fetchall())
+        rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
         return [_job_from_row(*row) for row in rows]
 
     async def read_events(
@@ -447,11 +539,11 @@ class PostgresBackend:
             params.append(sorted(t.value for t in types))
         sql += " ORDER BY seq LIMIT %s"
         params.append(limit)
-        rows = await self._run(lambda conn: conn.execute(sql, params).fetchall())
+        rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
         return [_event(row[0]) for row in rows]
 
     async def read_user_events(self, user_id: str, after_seq: int, limit: int) -> list[JobEvent]:
-        rows = await self._run(
+        rows = await self._read(
             lambda conn: conn.execute(
                 "SELECT record FROM events WHERE user_id = %s AND user_seq > %s"
                 " ORDER BY user_seq LIMIT %s",
@@ -461,7 +553,7 @@ class PostgresBackend:
         return [_event(row[0]) for row in rows]
 
     async def user_head(self, user_id: str) -> int:
-        rows = await self._run(
+        rows = await self._read(
             lambda conn: conn.execute(
                 "SELECT greatest(coalesce((SELECT max(user_seq) FROM events WHERE user_id = %s),"
                 " 0), coalesce((SELECT head FROM user_heads WHERE user_id = %s), 0))",
@@ -471,7 +563,7 @@ class PostgresBackend:
         return int(rows[0][0])
 
     async def user_horizon(self, user_id: str) -> int:
-        rows = await self._run(
+        rows = await self._read(
             lambda conn: conn.execute(
                 "SELECT horizon FROM user_heads WHERE user_id = %s", (user_id,)
             ).fetchall()
@@ -479,7 +571,7 @@ class PostgresBackend:
         return int(rows[0][0]) if rows else 0
 
     async def finished_counts(self) -> dict[str, int]:
-        rows = await self._run(
+        rows = await self._read(
             lambda conn: conn.execute(
                 "SELECT kind, count(*) FROM jobs WHERE finished_at IS NOT NULL GROUP BY kind"
             ).fetchall()
@@ -487,7 +579,7 @@ class PostgresBackend:
         return {str(kind): int(count) for kind, count in rows}
 
     async def oldest_finished(self, kind: str, limit: int) -> list[tuple[str, float]]:
-        rows = await self._run(
+        rows = await self._read(
             lambda conn: conn.execute(
                 "SELECT id, finished_at FROM jobs WHERE kind = %s AND finished_at IS NOT NULL"
                 " ORDER BY finished_at, id LIMIT %s",
@@ -540,8 +632,101 @@ class PostgresBackend:
             sql += " WHERE user_id = %s"
             params.append(user_id)
         sql += " GROUP BY state"
-        rows = await self._run(lambda conn: conn.execute(sql, params).fetchall())
+        rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
         return {JobState(state).value: int(count) for state, count in rows}
+
+    async def claim(self, request: ClaimRequest) -> ClaimResult:
+        rows, next_run_at = await self._run(lambda conn: claim_sync(conn, request))
+        return ClaimResult([_job_from_row(*row) for row in rows], next_run_at)
+
+    async def renew_leases(self, owner: str, lease_expires_at: float) -> int:
+        def fn(conn: psycopg.Connection[Any]) -> int:
+            renewed = 0
+            with conn.transaction():
+                # Two statements, each served by its partial index (running, claimed).
+                for state in ("running", "created"):
+                    cursor = conn.execute(
+                        "UPDATE jobs SET lease_expires_at = %s"
+                        f" WHERE owner = %s AND state = '{state}'",
+                        (lease_expires_at, owner),
+                    )
+                    renewed += cursor.rowcount
+            return renewed
+
+        return await self._run(fn)
+
+    async def queue_stats(self, now: float, user_id: str | None = None) -> QueueStats:
+        where, params = ("", []) if user_id is None else (" AND user_id = %s", [user_id])
+
+        def fn(conn: psycopg.Connection[Any]) -> tuple[list[Any], int]:
+            with conn.transaction():  # one snapshot for both counts
+                waiting = conn.execute(
+                    "SELECT kind, user_id, count(*), count(*) FILTER (WHERE ready_at <= %s)"
+                    f" FROM jobs WHERE state = 'created'{where} GROUP BY kind, user_id",
+                    [now, *params],
+                ).fetchall()
+                row = conn.execute(
+                    f"SELECT count(*) FROM jobs WHERE state = 'running'{where}", params
+                ).fetchone()
+            return waiting, int(row[0]) if row else 0
+
+        rows, running = await self._read(fn)
+        by_kind: dict[str, int] = {}
+        by_user: dict[str, int] = {}
+        ready = 0
+        for kind, user, count, ready_count in rows:
+            by_kind[kind] = by_kind.get(kind, 0) + int(count)
+            by_user[user] = by_user.get(user, 0) + int(count)
+            ready += int(ready_count)
+        waiting = sum(by_kind.values())
+        return QueueStats(waiting, ready, waiting - ready, running, by_kind, by_user)
+
+    async def find_by_key(self, user_id: str, key: str, since: float) -> Job | None:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE user_id = %s AND idempotency_key = %s"
+                " AND created_at >= %s ORDER BY id DESC LIMIT 1",
+                (user_id, key, since),
+            ).fetchall()
+        )
+        return _job_from_row(*rows[0]) if rows else None
+
+    async def find_by_keys(self, keys: Collection[tuple[str, str]]) -> dict[tuple[str, str], Job]:
+        users = [user_id for user_id, _ in keys]
+        names = [key for _, key in keys]
+        if not users:
+            return {}
+        rows = await self._read(
+            lambda conn: conn.execute(
+                f"SELECT DISTINCT ON (j.user_id, j.idempotency_key) j.user_id,"
+                f" j.idempotency_key, {_JOB_COLUMNS} FROM jobs j"
+                " JOIN unnest(%s::text[], %s::text[]) AS k(user_id, key)"
+                ' ON j.user_id = k.user_id COLLATE "C" AND j.idempotency_key = k.key COLLATE "C"'
+                " ORDER BY j.user_id, j.idempotency_key, j.id DESC",
+                (users, names),
+            ).fetchall()
+        )
+        return {(user_id, key): _job_from_row(*row) for user_id, key, *row in rows}
+
+    async def keys_since(self, user_id: str, since: float) -> list[str]:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                "SELECT idempotency_key FROM jobs WHERE user_id = %s"
+                " AND idempotency_key IS NOT NULL AND created_at >= %s",
+                (user_id, since),
+            ).fetchall()
+        )
+        return [key for (key,) in rows]
+
+    async def held_until(self, owner: str, now: float) -> float | None:
+        rows = await self._read(
+            lambda conn: conn.execute(
+                "SELECT min(lease_expires_at) FROM jobs WHERE state = 'created'"
+                " AND owner IS NOT NULL AND owner <> %s AND lease_expires_at >= %s",
+                (owner, now),
+            ).fetchall()
+        )
+        return rows[0][0] if rows else None
 
 
 def commit_plan(
@@ -564,6 +749,15 @@ def commit_plan(
                 j.last_heartbeat_at,
                 orjson.dumps(converter.unstructure(j)).decode(),
                 j.updated_at if j.state in TERMINAL_STATES else None,
+                j.priority,
+                j.created_at,
+                ready_at(j.created_at, j.run_at) if j.state is JobState.CREATED else None,
+                j.run_at,
+                j.parent_id,
+                j.idempotency_key,
+                j.owner,
+                j.lease_expires_at,
+                list(j.tags),
             )
             for j in jobs
         ]

@@ -72,6 +72,7 @@ class RemoteAttempt:
         self._done = trio.Event()
         self._result: Any = None
         self._error: JobError | None = None
+        self._permanent = False
         self._stopped = False
         self._lost: str | None = None
 
@@ -81,9 +82,11 @@ class RemoteAttempt:
         self._finish()
         self._result = result
 
-    def fail(self, error: JobError) -> None:
+    def fail(self, error: JobError, permanent: bool = False) -> None:
+        """The handler raised there; ``permanent``: a ``PermanentError`` (no retry)."""
         self._finish()
         self._error = error
+        self._permanent = permanent
 
     def stopped(self) -> None:
         """The worker's handler acknowledged a stop (raised ``JobStopped``)."""
@@ -148,7 +151,7 @@ class RemoteAttempt:
         if self._stopped:
             raise JobStopped
         if self._error is not None:
-            raise HandlerFailure(self._error)
+            raise HandlerFailure(self._error, self._permanent)
         return self._result
 
     async def _forward_stop(self, ctx: JobContext) -> None:
@@ -199,6 +202,9 @@ class RemotePlacement:
 
     def capacity(self, kind: str) -> int:
         return sum(w.free for w in self.workers if kind in w.kinds)
+
+    def free(self) -> int:
+        return sum(w.free for w in self.workers)
 
     def place(self, job: Job) -> RemoteAttempt:
         # The worker with the most free slots: spreads attempts over the processes.

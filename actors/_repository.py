@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import AbstractAsyncContextManager, contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+import attrs
 import trio
 
-from ._backend import JobQuery
-from ._errors import IllegalTransitionError, TooManyJobsError
+from ._backend import JobQuery, QueueStats
+from ._errors import IllegalTransitionError, JobspineError
 from ._events import AUDIT_TYPES, EventHub, EventStream, JobEvent
 from ._job import Job, JobError
+from ._options import CreateOptions, KindOptions
 from ._recovery import (
     CheckpointDetails,
     CheckpointValidation,
@@ -32,6 +34,10 @@ S = JobState
 _ACTIVE = frozenset({S.CREATED, S.RUNNING})
 
 
+def _no_dispatcher(run_at: float | None) -> None:
+    """Before the dispatcher starts: it claims everything waiting when it does."""
+
+
 class Repository:
     """Every operation on jobs. Methods that change a job return it as stored afterwards;
     ``by`` names who asked (recorded in the audit trail)."""
@@ -44,10 +50,14 @@ class Repository:
         handlers: dict[str, Handler],
         *,
         checkpoint_warn_size: int,
-        max_running_per_user: int | None = None,
+        max_waiting_per_user: int | None = None,
+        idempotency_window: float = 86_400.0,
     ) -> None:
-        self._max_running = max_running_per_user
-        self._starting: dict[str, int] = {}  # per user: starts admitted, not yet running
+        self._max_waiting = max_waiting_per_user
+        #: Woken when a job becomes claimable, with its ``run_at`` (set by the runtime to its
+        #: dispatcher's wake).
+        self.wake_dispatcher: Callable[[float | None], None] = _no_dispatcher
+        self._idempotency_window = idempotency_window
         self._store = store
         self._supervisor = supervisor
         self._hub = hub
@@ -58,8 +68,17 @@ class Repository:
     def epoch(self) -> str:
         return self._store.epoch
 
-    def register(self, kind: str, handler: Handler) -> None:
+    def register(self, kind: str, handler: Handler, options: KindOptions | None = None) -> None:
+        """Run jobs of ``kind`` with ``handler``. ``options``: the kind's retries, timeout and
+        stall rule (else ``RuntimeConfig.kinds[kind]``, else the handler's
+        :func:`kind_options`, else the defaults)."""
         self._handlers[kind] = handler
+        self._supervisor.set_kind_options(kind, options)
+        self._supervisor.capacity_changed()  # its waiting jobs became claimable
+
+    def kind_options(self, kind: str) -> KindOptions:
+        """The options jobs of ``kind`` run with; raises :class:`UnknownKindError`."""
+        return self._supervisor.options_for(kind)
 
     @property
     def kinds(self) -> list[str]:
@@ -73,32 +92,78 @@ class Repository:
 
     # -- creation -------------------------------------------------------------------------------
 
-    @contextmanager
-    def _admit(self, user_id: str) -> Iterator[None]:
-        """Hold a place for one more running job of the user, or refuse."""
-        starting = self._starting.get(user_id, 0)
-        limit = self._max_running
-        if limit is not None and self._supervisor.running_for(user_id) + starting >= limit:
-            raise TooManyJobsError(
-                f"user {user_id!r} already has {limit} jobs running (max_running_per_user)"
-            )
-        self._starting[user_id] = starting + 1
-        try:
-            yield
-        finally:
-            left = self._starting[user_id] - 1
-            if left:
-                self._starting[user_id] = left
-            else:
-                del self._starting[user_id]
+    async def create_job(
+        self,
+        kind: str,
+        user_id: str,
+        input: Any,
+        *,
+        priority: int = 0,
+        delay: float | None = None,
+        run_at: float | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the job's per-attempt limit
+        tags: Sequence[str] = (),
+        parent_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Job:
+        """Store a job in the queue and return it at once (state ``created``); it starts when
+        capacity allows (see :class:`RuntimeConfig`), by priority, fairly across users.
 
-    async def create_job(self, kind: str, user_id: str, input: Any) -> Job:
-        """Store a job and start it. Raises :class:`UnknownKindError`, the handler's
-        :class:`InvalidInputError` (see :func:`validates`), :class:`TooManyJobsError`."""
+        ``priority``: 0..1000, higher first. ``delay`` (seconds) or ``run_at`` (Unix seconds):
+        not before. ``max_attempts`` (1..100) and ``timeout`` (seconds per attempt, up to 7
+        days): default to the kind's :class:`KindOptions`. ``tags``: a list (or tuple) of up
+        to 32 distinct strings of 1..64 characters (see ``list_jobs(tag=)``). ``parent_id``:
+        a job of the same user (cancelling it cancels this one; a job created under a
+        cancelled parent is cancelled at once). ``idempotency_key`` (1..256
+        characters): a second create of the same user with the same key within
+        ``idempotency_window`` returns the first job unchanged if the request (kind, input,
+        options) is the same.
+
+        Raises :class:`UnknownKindError`; :class:`InvalidInputError` (a bad option, or the
+        handler's input check, see :func:`validates`); :class:`InvalidParentError`;
+        :class:`IdempotencyConflictError` (the key was used for a different request);
+        :class:`TooManyJobsError` (``max_waiting_per_user`` jobs of the user wait). Nothing
+        is stored when it raises."""
         self._supervisor.check_input(kind, input)
-        with self._admit(user_id):
-            job = await self._store.create(user_id, kind, input)
-            return await self._start(job.id)
+        defaults = self._supervisor.options_for(kind)
+        options = CreateOptions.check(
+            self._supervisor.now(),
+            priority=priority,
+            delay=delay,
+            run_at=run_at,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            tags=tags,
+            parent_id=parent_id,
+            idempotency_key=idempotency_key,
+        )
+        options = attrs.evolve(
+            options,
+            max_attempts=options.max_attempts or defaults.max_attempts,
+            timeout=options.timeout if options.timeout is not None else defaults.timeout,
+        )
+        job = await self._store.create(
+            user_id,
+            kind,
+            input,
+            options,
+            max_waiting=self._max_waiting,
+            idempotency_window=self._idempotency_window,
+            start_at_once=True,
+        )
+        if job.parent_id is not None and job.state is S.CREATED:
+            parent = await self._store.get(job.parent_id)
+            if parent.state is S.CANCELLED:
+                # Created under a parent being cancelled, maybe after the cancel's walk listed
+                # its children: cancelled with it, whichever came first.
+                try:
+                    return await self.cancel(job.id, by="system")
+                except IllegalTransitionError:
+                    pass  # finished or cancelled meanwhile
+        if job.owner is None:  # else claimed at its create: it starts with no claim
+            self.wake_dispatcher(job.run_at)
+        return job
 
     async def create_research_job(self, user_id: str, query: str, *, depth: int = 3) -> Job:
         return await self.create_job("research", user_id, {"query": query, "depth": depth})
@@ -119,11 +184,6 @@ class Repository:
             "analysis", user_id, {"content": content, "chunk_size": chunk_size}
         )
 
-    async def _start(self, job_id: str) -> Job:
-        job = await self._store.start(job_id)
-        await self._supervisor.launch(job)
-        return job
-
     # -- retrieval ------------------------------------------------------------------------------
 
     async def get_job(self, job_id: str) -> Job:
@@ -135,15 +195,27 @@ class Repository:
         *,
         states: Iterable[JobState] | None = None,
         kind: str | None = None,
+        tag: str | None = None,
+        parent_id: str | None = None,
         limit: int | None = 50,
     ) -> list[Job]:
+        """The user's jobs (all users' with None), newest first, filtered by state, kind,
+        tag and parent; at most ``limit`` (None: all)."""
         query = JobQuery(
             user_id=user_id,
             states=None if states is None else frozenset(S(s) for s in states),
             kind=kind,
             limit=limit,
+            tag=tag,
+            parent_id=parent_id,
         )
         return await self._store.list_jobs(query)
+
+    async def list_children(self, job_id: str) -> list[Job]:
+        """The jobs created with ``parent_id=job_id``, newest first. Raises
+        :class:`UnknownJobError` for an unknown job."""
+        await self._store.get(job_id)
+        return await self._store.list_jobs(JobQuery(parent_id=job_id))
 
     async def get_user_jobs(self, user_id: str, limit: int = 50) -> list[Job]:
         return await self.list_jobs(user_id, limit=limit)
@@ -200,35 +272,90 @@ class Repository:
         if isinstance(error, str):
             error = JobError("Error", error)
         job = await self._store.fail(job_id, attempt, error, by)
+        await self._supervisor.settled()
         self._supervisor.kill(job_id, "failed")
         return job
 
     # -- control --------------------------------------------------------------------------------
 
     async def cancel(self, job_id: str, *, by: str | None = None) -> Job:
+        """Cancel a waiting, running or paused job, and with it its children that have not
+        finished (recursively; each recorded with ``by``)."""
         job = await self._store.cancel(job_id, by)
+        await self._supervisor.settled()
         worker = self._supervisor.kill(job_id, "cancel")
         if worker is not None:
             with trio.move_on_after(self._supervisor.config.stop_grace):
                 await worker.finished.wait()
+        await self._cancel_children(job_id, by)
         return job
 
+    async def _cancel_children(self, job_id: str, by: str | None) -> None:
+        # Parent links are fixed at create and point to older jobs: the walk ends. The whole
+        # tree is listed first (each generation at once), then every unfinished descendant
+        # is cancelled at once, so that the writes share commits: one by one, with a list
+        # query (a barrier, which commits what is pending) between them, 1,000 children
+        # took 1,000 commits. A failed cancel does not stop the others; the first such error
+        # is raised at the end.
+        unfinished: list[str] = []
+
+        async def list_children(parent: str, below: list[str]) -> None:
+            for child in await self._store.list_jobs(JobQuery(parent_id=parent)):
+                below.append(child.id)
+                if child.state in _ACTIVE or child.state is S.PAUSED:
+                    unfinished.append(child.id)
+
+        level = [job_id]
+        while level:
+            below: list[str] = []
+            async with trio.open_nursery() as nursery:
+                for parent in level:
+                    nursery.start_soon(list_children, parent, below)
+            level = below
+
+        errors: list[JobspineError] = []
+
+        async def cancel_child(child_id: str) -> None:
+            try:
+                await self._store.cancel(child_id, by)
+            except IllegalTransitionError:
+                return  # it finished meanwhile
+            except JobspineError as exc:
+                errors.append(exc)
+                return
+            await self._supervisor.settled()
+            self._supervisor.kill(child_id, "cancel")
+
+        async with trio.open_nursery() as nursery:
+            for child_id in unfinished:
+                nursery.start_soon(cancel_child, child_id)
+        if errors:
+            raise errors[0]
+
     async def pause(self, job_id: str, *, by: str | None = None, reason: str = "user") -> Job:
-        """Stop a running job (its handler gets the grace period to checkpoint) and pause it."""
+        """Pause a job: a waiting one leaves the queue until resumed; a running one is stopped
+        (its handler gets the grace period to checkpoint)."""
         job = await self._store.get(job_id)
+        if job.state is S.CREATED:
+            try:
+                return await self._store.pause(job_id, None, by, reason, waiting=True)
+            except IllegalTransitionError:
+                # Claimed since it was read: stopped below as a running job.
+                job = await self._store.get(job_id)
         if job.state is not S.RUNNING:
             raise IllegalTransitionError(job_id, job.state.value, S.PAUSED.value)
+        await self._supervisor.settled()
         worker = await self._supervisor.stop(job_id, reason)
         attempt = job.attempt if worker is None else worker.attempt
         return await self._store.pause(job_id, attempt, by, reason)
 
     async def resume(self, job_id: str, *, by: str | None = None) -> Job:
-        """Run a paused job again from its checkpoint (from the start if it has none)."""
+        """Put a paused job back in the queue (state ``created``); its next attempt resumes
+        from its checkpoint (from the start if it has none)."""
         job = await self._store.get(job_id)
-        self._supervisor.check_placeable(job.kind)
-        with self._admit(job.user_id):
-            job = await self._store.resume(job_id, by)
-            await self._supervisor.launch(job, job.checkpoint)
+        self._supervisor.check_known(job.kind)
+        job = await self._store.resume(job_id, by)
+        self.wake_dispatcher(None)
         return job
 
     async def restart(
@@ -238,15 +365,16 @@ class Repository:
         *,
         by: str | None = None,
     ) -> Job:
-        """Run a paused, failed or cancelled job again from scratch, with modified input."""
+        """Put a waiting, paused, failed or cancelled job back in the queue from scratch (state
+        ``created``, checkpoint and failed attempts cleared), with modified input."""
         job = await self._store.get(job_id)
         new_input = job.input
         if modifications and isinstance(job.input, dict):  # else the store refuses them
             new_input = {**job.input, **modifications}
         self._supervisor.check_input(job.kind, new_input)
-        with self._admit(job.user_id):
-            await self._store.restart(job_id, by, modifications)
-            return await self._start(job_id)
+        job = await self._store.restart(job_id, by, modifications)
+        self.wake_dispatcher(None)
+        return job
 
     async def delete_job(self, job_id: str) -> None:
         await self._store.delete(job_id)
@@ -281,8 +409,15 @@ class Repository:
 
     # -- stats ----------------------------------------------------------------------------------
 
-    async def get_stats(self) -> dict[str, int]:
+    async def get_stats(self) -> dict[str, Any]:
+        """``{state: count}`` for every state, ``"total": n`` and ``"waiting_by_kind":
+        {kind: jobs waiting}``."""
         return await self._store.get_stats()
 
-    async def get_user_stats(self, user_id: str) -> dict[str, int]:
+    async def get_user_stats(self, user_id: str) -> dict[str, Any]:
+        """As :meth:`get_stats`, for one user's jobs."""
         return await self._store.get_stats(user_id)
+
+    async def queue_stats(self, user_id: str | None = None) -> QueueStats:
+        """Waiting (ready now, scheduled later), running, waiting per kind and per user."""
+        return await self._store.queue_stats(self._supervisor.now(), user_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -12,13 +13,23 @@ from typing import Any
 import attrs
 import trio
 
-from ._backend import POSTGRES_URL_SCHEMES, Backend, JobQuery
+from ._backend import POSTGRES_URL_SCHEMES, Backend
 from ._broadcaster import Broadcaster, BroadcasterConfig
-from ._errors import JobspineError, RuntimeClosedError, RuntimeCrashedError, leaves
+from ._dispatcher import Dispatcher, WallClock
+from ._errors import (
+    InvalidInputError,
+    JobspineError,
+    RuntimeClosedError,
+    RuntimeCrashedError,
+    leaves,
+)
 from ._events import EventHub
+from ._ids import new_id
 from ._joblog import job_fields
+from ._options import KindOptions
 from ._repository import Repository
 from ._retention import PruneReport, RetentionPolicy
+from ._scheduling import ClaimLimits
 from ._sqlite import SqliteBackend
 from ._states import JobState
 from ._store import StoreActor, StoreClient, StoreConfig, StoreHealth
@@ -51,9 +62,24 @@ class RuntimeConfig:
     shutdown_timeout: float = 30.0
     #: Resume, at start, the jobs a previous graceful shutdown paused.
     resume_on_start: bool = True
-    #: Jobs one user may have running at once (created, resumed or restarted beyond it: an
-    #: error). None: no limit.
-    max_running_per_user: int | None = 1000
+    #: This runtime's node id, recorded as the ``owner`` of the jobs it claims. None: a new
+    #: random id at every open.
+    node_id: str | None = None
+    #: Jobs this runtime runs at once; more wait in the queue.
+    max_running: int = 1000
+    #: Jobs of one user this runtime runs at once (a capacity limit: more wait). None: none.
+    max_running_per_user: int | None = None
+    #: Jobs of a kind this runtime runs at once, per kind (absent: no limit but max_running).
+    max_running_per_kind: Mapping[str, int] = attrs.field(factory=dict)
+    #: Jobs one user may have waiting; a create beyond it fails with ``too_many_jobs``.
+    max_waiting_per_user: int = 100_000
+    #: Seconds a claim holds without renewal, and how often the owner renews its claims.
+    lease_ttl: float = 5.0
+    lease_renew_interval: float = 1.0
+    #: Seconds an idempotency key keeps returning the job it created.
+    idempotency_window: float = 86_400.0
+    #: Queue options per kind (retries, timeout, stall rule); see :class:`KindOptions`.
+    kinds: Mapping[str, KindOptions] = attrs.field(factory=dict)
     #: SQLite ``PRAGMA synchronous``: FULL makes a commit durable against power loss too.
     sqlite_synchronous: str = "FULL"
     #: Seconds one SQLite statement waits for a lock another program holds (``busy_timeout``).
@@ -71,6 +97,41 @@ class RuntimeConfig:
     #: (see :class:`RetentionPolicy`). None: kept forever (``Runtime.prune`` still applies
     #: the default policy on demand).
     retention: RetentionPolicy | None = None
+
+    def __attrs_post_init__(self) -> None:
+        """Refuse queue settings that would silently stop the queue (no job ever runs, every
+        create refused) or spin (a lease renewed in a busy loop), with
+        :class:`InvalidInputError` naming the setting."""
+        counts: dict[str, object] = {
+            "max_running": self.max_running,
+            "max_waiting_per_user": self.max_waiting_per_user,
+            **({} if self.max_running_per_user is None else {
+                "max_running_per_user": self.max_running_per_user}),
+            **{f"max_running_per_kind[{kind!r}]": n
+               for kind, n in dict(self.max_running_per_kind).items()},
+        }  # fmt: skip
+        for name, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInputError(f"{name} must be an integer >= 1, not {value!r}")
+        for name, seconds in (
+            ("lease_ttl", self.lease_ttl),
+            ("lease_renew_interval", self.lease_renew_interval),
+            ("idempotency_window", self.idempotency_window),
+        ):
+            if (
+                isinstance(seconds, bool)
+                or not isinstance(seconds, int | float)
+                or not 0 < seconds < math.inf
+            ):
+                raise InvalidInputError(f"{name} must be a positive number of seconds")
+        if self.lease_renew_interval >= self.lease_ttl:
+            raise InvalidInputError(
+                f"lease_renew_interval ({self.lease_renew_interval:g} s) must be shorter than"
+                f" lease_ttl ({self.lease_ttl:g} s): a claim would lapse between renewals"
+            )
+        for kind, options in dict(self.kinds).items():
+            if not isinstance(options, KindOptions):
+                raise InvalidInputError(f"kinds[{kind!r}] must be a KindOptions")
 
 
 class Runtime(Repository):
@@ -92,13 +153,16 @@ class Runtime(Repository):
             hub,
             handlers,
             checkpoint_warn_size=config.checkpoint_warn_size,
-            max_running_per_user=config.max_running_per_user,
+            max_waiting_per_user=config.max_waiting_per_user,
+            idempotency_window=config.idempotency_window,
         )
         self.config = config
         self.supervisor = supervisor
         self.store_actor = store_actor
         #: Present when ``open_runtime(broadcast=...)`` started one.
         self.broadcaster = broadcaster
+        #: The actor that claims waiting jobs (``claims``, ``dispatched``); set once started.
+        self.dispatcher: Dispatcher | None = None
 
     def status(self) -> SupervisorStatus:
         return self.supervisor.status()
@@ -157,8 +221,8 @@ class Runtime(Repository):
 
     async def _recover_on_start(self) -> None:
         """Bring back what a previous process left: a job still marked running lost its worker
-        (the stall rule applies at once); created jobs start; jobs paused by a graceful
-        shutdown resume."""
+        (the stall rule applies at once); jobs paused by a graceful shutdown go back to the
+        queue. The dispatcher, started next, claims every waiting job."""
         store = self._store
         policy = self.supervisor.policy
         for job in await store.find_running():
@@ -185,13 +249,12 @@ class Runtime(Repository):
                     "recovery" if job.state is JobState.PAUSED else "failed",
                 ),
             )
-        for job in await store.list_jobs(JobQuery(states=frozenset({JobState.CREATED}))):
-            if self.supervisor.capacity(job.kind):
-                await self._start(job.id)
         if self.config.resume_on_start:
+            # Every kind: one served only by worker processes waits until they connect.
+            # ``worker_shutdown``: handed back by a worker's drain before drains re-queued.
             for job in await store.find_resumable():
-                if job.pause_reason == "shutdown" and self.supervisor.capacity(job.kind):
-                    await self.resume(job.id, by="system")
+                if job.pause_reason in ("shutdown", "worker_shutdown"):
+                    await store.resume(job.id, "system")
 
 
 async def _actor(
@@ -285,7 +348,9 @@ async def open_runtime(
             stop_grace=config.stop_grace,
             in_process=config.in_process_handlers,
         ),
+        config.kinds,
     )
+    dispatcher: Dispatcher | None = None
     body_error: BaseException | None = None
     started = False
     retention = trio.CancelScope()  # the periodic prune: ends before the shutdown begins
@@ -294,6 +359,8 @@ async def open_runtime(
             actors: list[trio.CancelScope] = []
             await nursery.start(_actor, store_actor.run, actors)
             await nursery.start(_actor, supervisor.run, actors)
+            clock = WallClock()
+            supervisor.set_clock(clock)
             if broadcaster is not None:
                 await nursery.start(_actor, broadcaster.run, actors)
             async with repo_store:
@@ -305,6 +372,24 @@ async def open_runtime(
                     # the store: the actors are shielded until it is over.
                     _shield(actors, True)
                     await runtime._recover_on_start()
+                    dispatcher = Dispatcher(
+                        repo_store.clone(),
+                        supervisor,
+                        ClaimLimits(
+                            config.max_running,
+                            config.max_running_per_kind,
+                            config.max_running_per_user,
+                        ),
+                        node_id=config.node_id or new_id(),
+                        clock=clock,
+                        to_trio=clock.trio_time,
+                        lease_ttl=config.lease_ttl,
+                        lease_renew_interval=config.lease_renew_interval,
+                    )
+                    await nursery.start(_actor, dispatcher.run, actors)
+                    runtime.dispatcher = dispatcher
+                    runtime.wake_dispatcher = dispatcher.wake
+                    supervisor.capacity_listeners.append(dispatcher.wake)
                     started = True
                     if config.retention is not None:
                         nursery.start_soon(runtime._retain, config.retention, retention)
@@ -315,6 +400,11 @@ async def open_runtime(
                 finally:
                     retention.cancel()
                     with trio.move_on_after(config.shutdown_timeout, shield=True):
+                        if dispatcher is not None:
+                            # No new claims while running jobs are paused; a claim in
+                            # progress ends (and its jobs launch) first.
+                            dispatcher.close()
+                            await dispatcher.stopped.wait()
                         await supervisor.shutdown()
                     supervisor.close()
                     hub.close()

@@ -1,4 +1,11 @@
-"""The job state machine: every allowed transition, in one table, enforced in one place."""
+"""The job state machine: every allowed transition, in one table, enforced in one place.
+
+There is no separate "queued" or "retrying" state: ``created`` is waiting in the queue. A
+waiting job's ``run_at`` (not before, Unix seconds; None: at once) covers a delayed start and
+the backoff before a retry, so one state means one claim query and one index over waiting
+jobs, and clients that know ``created`` keep working. A job waiting to be retried is told apart
+by ``failed_attempts > 0`` and by the ``retrying`` event that put it back.
+"""
 
 from __future__ import annotations
 
@@ -22,13 +29,16 @@ S = JobState
 
 #: from-state -> the states it may move to, and why.
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    # created: dispatched to a worker, cancelled before it ran, or refused at dispatch.
-    S.CREATED: frozenset({S.RUNNING, S.CANCELLED, S.FAILED}),
-    # running: finishes, fails, is cancelled, or is paused (by a user, by shutdown or by stall
-    # recovery with a checkpoint).
-    S.RUNNING: frozenset({S.COMPLETED, S.FAILED, S.CANCELLED, S.PAUSED}),
-    # paused: resumed (a new attempt), restarted from scratch, cancelled.
-    S.PAUSED: frozenset({S.RUNNING, S.CREATED, S.CANCELLED}),
+    # created (waiting): claimed by a worker, cancelled or paused before it ran, restarted
+    # with new input, or refused at dispatch.
+    S.CREATED: frozenset({S.RUNNING, S.CANCELLED, S.FAILED, S.PAUSED, S.CREATED}),
+    # running: finishes, fails, is cancelled, is paused (by a user, by shutdown or by stall
+    # recovery with a checkpoint), or goes back to the queue (a retry after a failed attempt,
+    # a stalled job re-queued at its checkpoint).
+    S.RUNNING: frozenset({S.COMPLETED, S.FAILED, S.CANCELLED, S.PAUSED, S.CREATED}),
+    # paused: resumed (back to the queue, claimed from its checkpoint), restarted from
+    # scratch, cancelled.
+    S.PAUSED: frozenset({S.CREATED, S.CANCELLED}),
     # failed and cancelled: only a restart brings a job back.
     S.FAILED: frozenset({S.CREATED}),
     S.CANCELLED: frozenset({S.CREATED}),

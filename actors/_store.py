@@ -35,26 +35,35 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import attrs
+import orjson
 import trio
 
 from . import _ops as ops
-from ._backend import Backend, JobQuery, Pruned, is_outage
+from ._backend import Backend, ClaimRequest, JobQuery, Pruned, QueueStats, is_outage
 from ._codec import MAX_STEP_LENGTH, check_text, dumps_json_value, sanitize_text
 from ._errors import (
+    IdempotencyConflictError,
+    IllegalTransitionError,
     InvalidInputError,
+    InvalidParentError,
     JobspineError,
     RuntimeClosedError,
     StoreError,
     StoreUnavailableError,
+    TooManyJobsError,
     UnknownJobError,
 )
 from ._events import EventHub, EventType, JobEvent
+from ._fast_start import FastStarter, QueueVerdict
 from ._ids import new_id
 from ._job import Job, JobError
+from ._keyfilter import KeyFilter
 from ._metrics import StoreMetrics, move
+from ._options import CreateOptions
 from ._policy import RecoveryPolicy
 from ._retention import RetentionPolicy
-from ._states import TERMINAL_STATES, JobState, check_transition
+from ._scheduling import RetryDecision
+from ._states import JobState, check_transition
 from ._tracing import span
 
 __all__ = ["StoreActor", "StoreClient", "StoreConfig", "StoreHealth"]
@@ -90,18 +99,28 @@ class StoreHealth:
     outages: int = 0
 
 
-WRITE, READ, BARRIER = "write", "read", "barrier"
+WRITE, READ, BARRIER, CLAIM = "write", "read", "barrier", "claim"
+
+#: An idempotency key of a user: ``(user_id, key)``.
+_Key = tuple[str, str]
+#: A create's key and the start of its window: ``(user_id, key, since)``.
+_KeyRequest = tuple[str, str, float]
 
 
 class _Request:
     """``WRITE``: applied, then answered after its group commits. ``READ``: of committed state
-    only, answered at once. ``BARRIER``: runs after every earlier write has committed."""
+    only, answered at once. ``BARRIER``: runs after every earlier write has committed.
+    ``CLAIM``: both, a barrier whose writes are answered after they commit."""
 
-    __slots__ = ("done", "error", "fn", "mode", "replay", "value")
+    __slots__ = ("done", "error", "fn", "key", "mode", "replay", "value")
 
-    def __init__(self, fn: Callable[[], Awaitable[Any]], mode: str) -> None:
+    def __init__(
+        self, fn: Callable[[], Awaitable[Any]], mode: str, key: _KeyRequest | None = None
+    ) -> None:
         self.fn = fn
         self.mode = mode
+        #: A create's idempotency key and window, looked up with its batch's others.
+        self.key = key
         self.done = trio.Event()
         self.value: Any = None
         self.error: Exception | None = None
@@ -128,6 +147,9 @@ class _Group:
     beats: dict[str, tuple[int, float]] = attrs.field(factory=dict)
     #: Jobs per state gained (lost, if negative) by this group, for the metrics.
     moves: dict[JobState, int] = attrs.field(factory=dict)
+    #: Jobs started in their create's commit (the fast path), launched once it commits.
+    fast: list[Job] = attrs.field(factory=list)
+    committed: bool = False
 
     def __bool__(self) -> bool:
         return bool(self.requests or self.writes)
@@ -152,7 +174,11 @@ class StoreActor:
         self.hub = hub
         self.config = config or StoreConfig()
         self._send, self._receive = trio.open_memory_channel[_Request](self.config.queue_size)
-        self._cache: dict[str, Job] = {}  # committed state of every non-terminal job written
+        # Committed state of the running jobs (the ones written often): waiting, paused and
+        # finished jobs live in the database only, so 100,000 waiting cost no memory here.
+        self._cache: dict[str, Job] = {}
+        # Per user: jobs waiting (created), staged changes included; loaded on first use.
+        self._waiting: dict[str, int] = {}
         self._inflight: list[_Group] = []  # handed to the committer, oldest first
         self._generation = 0  # bumped by a failed commit: older groups are void
         # Why each void generation is void: None (a request-tied failure: its requests are
@@ -179,6 +205,14 @@ class StoreActor:
         self.commits = 0
         self.committed_requests = 0
         self.metrics = StoreMetrics()
+        #: Whether a create may start at once (see :mod:`._fast_start`), and who decides.
+        self.queue = QueueVerdict()
+        self.fast_starter: FastStarter | None = None
+        # The newest job per idempotency key of the keyed creates of the batch being applied
+        # (None: not looked up), valid while ``_generation`` is ``_keys_generation``.
+        self._keys: dict[_Key, Job | None] | None = None
+        self._keys_generation = 0
+        self._key_filter = KeyFilter()
 
     def client(self) -> StoreClient:
         """A new client owning its own clone of the request channel; close it when done.
@@ -241,9 +275,12 @@ class StoreActor:
             await self._process(batch)
 
     async def _process(self, batch: list[_Request]) -> None:
-        for request in batch:
-            if request.mode is BARRIER:
+        for i, request in enumerate(batch):
+            if request.mode is BARRIER or request.mode is CLAIM:
+                self._keys = None  # a barrier may remove jobs (prune): looked up again
                 await self._drain()
+            elif request.key is not None and self._keys is None:
+                await self._look_up_keys(batch[i:])
             try:
                 request.value = await request.fn()
             except JobspineError as exc:
@@ -251,11 +288,59 @@ class StoreActor:
             except Exception as exc:
                 log.exception("store request failed")
                 request.error = StoreError(f"store request failed: {exc!r}")
-            if request.mode is WRITE:
+            if request.mode is WRITE or request.mode is CLAIM:
                 self._group.requests.append(request)
             else:
                 request.done.set()
+        self._keys = None
         await self._cut()
+
+    async def _look_up_keys(self, requests: list[_Request]) -> None:
+        """One query for the idempotency keys of ``requests`` up to the next barrier (instead
+        of one per create). Jobs staged or committing now are found in the overlays first;
+        what is staged from here on is added by :meth:`_stage`."""
+        keys: dict[_Key, float] = {}  # the earliest window start of each
+        for request in requests:
+            if request.mode is BARRIER or request.mode is CLAIM:
+                break
+            if request.key is not None:
+                user_id, key, since = request.key
+                keys[(user_id, key)] = min(since, keys.get((user_id, key), since))
+        found: dict[_Key, Job | None] = {}
+        for group in (self._group, *reversed(self._inflight)):
+            for job in group.jobs.values():
+                staged = job.idempotency_key
+                if staged is not None and (job.user_id, staged) in keys:
+                    found.setdefault((job.user_id, staged), job)
+        try:
+            maybe = set()
+            for (user_id, key), since in keys.items():
+                if (user_id, key) in found:
+                    continue
+                if self._key_filter.needs_load(user_id, since):
+                    await self._load_keys(user_id, since)
+                if self._key_filter.may_exist(user_id, key, since):
+                    maybe.add((user_id, key))
+            stored = await self.backend.find_by_keys(maybe) if maybe else {}
+        except Exception:
+            # Each create then looks its key up alone, and gets the error that deserves.
+            log.warning("idempotency keys not looked up as a batch", exc_info=True)
+            return
+        self._keys = {key: found.get(key) or stored.get(key) for key in keys}
+        self._keys_generation = self._generation
+
+    async def _load_keys(self, user_id: str, since: float) -> None:
+        # Staged or committing now, maybe not committed when the query reads: taken first
+        # (a group that commits meanwhile is then in one or the other).
+        staged = [
+            job.idempotency_key
+            for group in (self._group, *self._inflight)
+            for job in group.jobs.values()
+            if job.user_id == user_id and job.idempotency_key is not None
+        ]
+        loaded_at = time.time()
+        keys = [*staged, *await self.backend.keys_since(user_id, since)]
+        self._key_filter.load(user_id, since, loaded_at, keys)
 
     async def _replay_void(self) -> None:
         """Apply and commit again, one at a time, the requests of groups a request-tied
@@ -290,6 +375,11 @@ class StoreActor:
                     await self._commit(group)
                 finally:
                     self._inflight.remove(group)
+                    if group.fast and self.fast_starter is not None:
+                        if group.committed:
+                            self.fast_starter.committed(group.fast)
+                        else:
+                            self.fast_starter.voided(group.fast)
                     if not self._inflight:
                         self._idle.set()
                     for request in group.requests:
@@ -323,8 +413,10 @@ class StoreActor:
                 # Every group applied on top of this one is void; cached state is reloaded.
                 void = self._generation
                 self._generation += 1
+                self.queue.unsettle()
                 self._cache.clear()
                 self._user_heads.clear()
+                self._waiting.clear()
                 if not self._group:  # nothing applied on the void state yet
                     self._group.generation = self._generation
                 if isinstance(exc, StoreUnavailableError):
@@ -416,6 +508,7 @@ class StoreActor:
             self._outage_deadline = math.inf
 
     def _committed(self, group: _Group) -> None:
+        group.committed = True
         self.commits += 1
         self.committed_requests += len(group.requests)
         cache = self._cache
@@ -424,10 +517,10 @@ class StoreActor:
             if cached and cached.state is JobState.RUNNING and cached.attempt == attempt:
                 cache[job_id] = attrs.evolve(cached, last_heartbeat_at=at)
         for job in group.jobs.values():
-            if job.state in TERMINAL_STATES:
-                cache.pop(job.id, None)
-            else:
+            if job.state is JobState.RUNNING:
                 cache[job.id] = job
+            else:
+                cache.pop(job.id, None)
         for job_id in group.deleted:
             cache.pop(job_id, None)
         self.hub.publish(group.events)
@@ -494,6 +587,14 @@ class StoreActor:
         user_seq = await self._user_head(job.user_id) + 1
         self._user_heads[job.user_id] = user_seq
         self._group.jobs[job.id] = job
+        if job.idempotency_key is not None:
+            self._key_filter.add(job.user_id, job.idempotency_key)
+        if self._keys is not None and job.idempotency_key is not None:
+            key = (job.user_id, job.idempotency_key)
+            if key in self._keys:
+                newest = self._keys[key]
+                if newest is None or newest.id <= job.id:
+                    self._keys[key] = job
         self._group.events.append(
             JobEvent(
                 event.job_id,
@@ -510,11 +611,58 @@ class StoreActor:
         return job
 
     async def _change(self, job_id: str, fn: Callable[[Job, float], ops.Change]) -> Job:
-        old = await self._job(job_id)
+        return await self._apply(await self._job(job_id), fn)
+
+    async def _apply(self, old: Job, fn: Callable[[Job, float], ops.Change]) -> Job:
         job = await self._stage(fn(old, time.time()))
         if job.state is not old.state:
-            move(self._group.moves, old.state, job.state)
+            self._move(job.user_id, old.state, job.state)
+        self.queue.staged(old.state, job)
         return job
+
+    async def _start_at_create(self, job: Job) -> Job | None:
+        """The fast path (see :mod:`._fast_start`): stage the start of ``job``, just staged
+        as created, if the dispatcher admits it; returns it as claimed (still created, owner
+        and lease set), None when it waits for a claim."""
+        starter = self.fast_starter
+        if starter is None or not self.queue.settled:
+            return None
+        claim = starter.admit(job, self.queue.until)
+        if claim is None:
+            return None
+        owner, lease = claim
+        claimed = attrs.evolve(job, owner=owner, lease_expires_at=lease)
+        started = await self._apply(claimed, lambda job, now: ops.start(job, now, owner, lease))
+        self._group.fast.append(started)
+        return claimed
+
+    def _move(self, user_id: str, old: JobState | None, new: JobState | None) -> None:
+        """Count a staged change of state (metrics, the user's waiting jobs)."""
+        move(self._group.moves, old, new)
+        waiting = self._waiting.get(user_id)
+        if waiting is not None:
+            waiting += (new is JobState.CREATED) - (old is JobState.CREATED)
+            self._waiting[user_id] = waiting
+
+    async def _waiting_of(self, user_id: str) -> int:
+        count = self._waiting.get(user_id)
+        if count is None:
+            # Committed count plus what is staged and in flight, which the count misses.
+            await self._drain()
+            stored = await self.backend.count_by_state(user_id)
+            count = self._waiting[user_id] = stored.get(JobState.CREATED.value, 0)
+        return count
+
+    async def _find_by_key(self, user_id: str, key: str, since: float) -> Job | None:
+        keys = self._keys if self._keys_generation == self._generation else None
+        if keys is not None and (user_id, key) in keys:
+            found = keys[(user_id, key)]
+            return found if found is not None and found.created_at >= since else None
+        for group in (self._group, *reversed(self._inflight)):
+            for job in group.jobs.values():
+                if job.user_id == user_id and job.idempotency_key == key:
+                    return job
+        return await self.backend.find_by_key(user_id, key, since)
 
 
 class StoreClient:
@@ -552,8 +700,21 @@ class StoreClient:
     def health(self) -> StoreHealth:
         return self._actor.health
 
-    async def _call(self, fn: Callable[[], Awaitable[T]], mode: str = WRITE) -> T:
-        request = _Request(fn, mode)
+    def set_fast_starter(self, starter: FastStarter, *, capacity_matters: bool = True) -> None:
+        """Let ``starter`` start new jobs in their create's commit (see :mod:`._fast_start`);
+        ``capacity_matters``: whether limits other than the total can leave jobs waiting."""
+        self._actor.fast_starter = starter
+        self._actor.queue.capacity_matters = capacity_matters
+
+    def unsettle(self) -> None:
+        """Capacity freed or a job became claimable outside the store's sight: no create
+        starts at once until the next claim has looked. Never blocks."""
+        self._actor.queue.unsettle()
+
+    async def _call(
+        self, fn: Callable[[], Awaitable[T]], mode: str = WRITE, key: _KeyRequest | None = None
+    ) -> T:
+        request = _Request(fn, mode, key)
         try:
             await self._send.send(request)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -572,23 +733,141 @@ class StoreClient:
     # Every value is validated here, in the caller's task, before it is queued: a value the
     # database cannot store never joins a commit group.
 
-    async def create(self, user_id: str, kind: str, input: Any) -> Job:
+    async def create(
+        self,
+        user_id: str,
+        kind: str,
+        input: Any,
+        options: CreateOptions | None = None,
+        *,
+        max_waiting: int | None = None,
+        idempotency_window: float = 86_400.0,
+        start_at_once: bool = False,
+    ) -> Job:
+        """Store a waiting job. ``options`` are checked, with the kind's defaults in. Raises
+        :class:`InvalidParentError` (no such job of this user), :class:`TooManyJobsError`
+        (``max_waiting`` of the user's jobs wait), :class:`IdempotencyConflictError`; with an
+        idempotency key already used for the same request within ``idempotency_window``
+        seconds, returns that job unchanged. ``start_at_once``: the queue's create (the
+        runtime's dispatcher launches what starts): start the job in this commit if the next
+        claim would (see :mod:`._fast_start`); it is returned created, with its claim's
+        ``owner`` and ``lease_expires_at`` set."""
         actor = self._actor
         # Built (and its values checked) in the caller's task, before it joins a group.
-        change = ops.create(new_id(), user_id, kind, input, time.time())
+        change = ops.create(new_id(), user_id, kind, input, time.time(), options)
+        new = change[0]
 
         async def fn() -> Job:
+            key = new.idempotency_key
+            if key is not None:
+                found = await actor._find_by_key(user_id, key, new.created_at - idempotency_window)
+                if found is not None:
+                    if _same_request(found, new):
+                        return found
+                    raise IdempotencyConflictError(key, found.id)
+            if new.parent_id is not None:
+                try:
+                    parent = await actor._job(new.parent_id)
+                except UnknownJobError:
+                    raise InvalidParentError(new.parent_id) from None
+                if parent.user_id != user_id:
+                    raise InvalidParentError(new.parent_id)
+            if max_waiting is not None and await actor._waiting_of(user_id) >= max_waiting:
+                raise TooManyJobsError(
+                    f"user {user_id!r} already has {max_waiting} jobs waiting"
+                    " (max_waiting_per_user)"
+                )
             job = await actor._stage(change)
-            move(actor._group.moves, None, job.state)
+            actor._move(user_id, None, job.state)
+            claimed = await actor._start_at_create(job) if start_at_once else None
+            if claimed is not None:
+                return claimed
+            actor.queue.staged(None, job)
             return job
 
-        return await self._call(fn)
+        key = new.idempotency_key
+        since = new.created_at - idempotency_window
+        return await self._call(fn, key=None if key is None else (user_id, key, since))
+
+    async def claim(self, request: ClaimRequest) -> tuple[list[Job], float | None]:
+        """Claim the next waiting jobs (see :meth:`Backend.claim`) and start them: returns
+        them as stored, running with their new attempt, and the earliest later ``run_at``
+        (Unix seconds) among waiting jobs, None if none. A barrier: every earlier write is
+        committed first."""
+        actor = self._actor
+        owner, lease = request.owner, request.lease_expires_at
+
+        async def fn() -> tuple[list[Job], float | None]:
+            epoch = actor.queue.epoch
+            starter = actor.fast_starter
+            fresh = request if starter is None else starter.claiming(request)
+            async with actor._commit_lock:
+                result = await actor.backend.claim(fresh)
+            started = [
+                await actor._apply(job, lambda job, now: ops.start(job, now, owner, lease))
+                for job in result.jobs
+            ]
+            until = result.next_run_at
+            slots = fresh.planner().slots()
+            if starter is not None:
+                starter.claimed(started)
+                if len(started) < slots:
+                    # Jobs another owner marked (a process that died between its claim and
+                    # the start) become claimable when its lease lapses: the verdict ends
+                    # then, so that a create after it goes through the claim.
+                    async with actor._commit_lock:
+                        held = await actor.backend.held_until(owner, request.now)
+                    if held is not None and (until is None or held < until):
+                        until = held
+            actor.queue.claimed(epoch, len(started), slots, until)
+            return started, result.next_run_at
+
+        return await self._call(fn, CLAIM)
+
+    async def renew_leases(self, owner: str, lease_expires_at: float) -> int:
+        """Extend every claim of ``owner`` to ``lease_expires_at`` (Unix seconds)."""
+        actor = self._actor
+
+        async def fn() -> int:
+            async with actor._commit_lock:
+                return await actor.backend.renew_leases(owner, lease_expires_at)
+
+        return await self._call(fn, BARRIER)
+
+    async def queue_stats(self, now: float, user_id: str | None = None) -> QueueStats:
+        return await self._read(lambda: self._actor.backend.queue_stats(now, user_id), BARRIER)
+
+    async def retry(
+        self, job_id: str, attempt: int, error: JobError, decide: Callable[[Job], RetryDecision]
+    ) -> Job:
+        """Record a failed attempt: back to the queue, or failed for good, as ``decide`` (given
+        the job as stored) says. Fenced by ``attempt``."""
+        error = JobError(sanitize_text(str(error.type)), sanitize_text(str(error.message)))
+
+        def change(job: Job, now: float) -> ops.Change:
+            decision = decide(job)
+            if decision.retry:
+                return ops.retry(job, attempt, error, decision, now)
+            return ops.fail(job, attempt, error, now, None, decision.failed_attempts)
+
+        return await self._call(lambda: self._actor._change(job_id, change))
+
+    async def requeue(self, job_id: str, attempt: int, reason: str) -> Job:
+        """Put a running attempt's job back in the queue, no attempt counted against it (see
+        :func:`ops.requeue`). Fenced by ``attempt``."""
+        check_text(reason, "reason")
+        return await self._call(
+            lambda: self._actor._change(
+                job_id, lambda job, now: ops.requeue(job, attempt, now, reason)
+            )
+        )
 
     async def get(self, job_id: str) -> Job:
         """The job as last committed (a failing write elsewhere does not affect it)."""
         return await self._read(lambda: self._actor._committed_job(job_id), READ)
 
     async def start(self, job_id: str) -> Job:
+        """Start a waiting job now, outside the queue's order (no claim: no owner)."""
         return await self._call(lambda: self._actor._change(job_id, ops.start))
 
     async def resume(self, job_id: str, actor: str | None) -> Job:
@@ -646,27 +925,44 @@ class StoreClient:
         )
 
     async def pause(
-        self, job_id: str, attempt: int | None, actor: str | None, reason: str = "user"
+        self,
+        job_id: str,
+        attempt: int | None,
+        actor: str | None,
+        reason: str = "user",
+        *,
+        waiting: bool = False,
     ) -> Job:
+        """Pause a job (``attempt`` fences a running one). ``waiting``: only a waiting job,
+        else :class:`IllegalTransitionError` (it was claimed meanwhile: its worker must be
+        stopped first)."""
         check_text(actor, "actor", optional=True)
         check_text(reason, "reason")
-        return await self._call(
-            lambda: self._actor._change(
-                job_id, lambda job, now: ops.pause(job, attempt, now, actor, reason)
-            )
-        )
+
+        def change(job: Job, now: float) -> ops.Change:
+            if waiting and job.state is not JobState.CREATED:
+                raise IllegalTransitionError(job.id, job.state.value, JobState.PAUSED.value)
+            return ops.pause(job, attempt, now, actor, reason)
+
+        return await self._call(lambda: self._actor._change(job_id, change))
 
     async def recover(
-        self, job_id: str, attempt: int | None, policy: RecoveryPolicy, cause: str
+        self,
+        job_id: str,
+        attempt: int | None,
+        policy: RecoveryPolicy,
+        cause: str,
+        requeue: Callable[[Job], bool] | None = None,
     ) -> Job:
-        """Apply the recovery rule to a running job, atomically with reading it."""
+        """Apply the recovery rule to a running job, atomically with reading it; ``requeue``
+        says whether the job's kind re-queues a stalled job with a checkpoint."""
         cause = sanitize_text(cause)
-        return await self._call(
-            lambda: self._actor._change(
-                job_id,
-                lambda job, now: ops.recover(job, attempt, policy.decide(job, cause), now),
-            )
-        )
+
+        def change(job: Job, now: float) -> ops.Change:
+            again = requeue is not None and requeue(job)
+            return ops.recover(job, attempt, policy.decide(job, cause, requeue=again), now)
+
+        return await self._call(lambda: self._actor._change(job_id, change))
 
     async def restart(
         self, job_id: str, actor: str | None, modifications: Mapping[str, Any] | None = None
@@ -695,7 +991,7 @@ class StoreClient:
         job = await self.get(job_id)
         if state is JobState.RUNNING:
             if job.state is JobState.PAUSED:
-                return await self.resume(job_id, actor)
+                await self.resume(job_id, actor)  # back to the queue, then started from it
             return await self.start(job_id)
         if state is JobState.PAUSED:
             return await self.pause(job_id, None, actor)
@@ -717,7 +1013,8 @@ class StoreClient:
         async def fn() -> None:
             job, event = ops.delete(await store._job(job_id), time.time(), actor)
             await store._stage((job, event))
-            move(store._group.moves, job.state, None)
+            store._move(job.user_id, job.state, None)
+            store._keys = None  # it may be the job of a key: looked up again
             del store._group.jobs[job_id]
             store._group.deleted.add(job_id)
 
@@ -745,11 +1042,20 @@ class StoreClient:
     async def find_resumable(self, user_id: str | None = None) -> list[Job]:
         return await self.list_jobs(JobQuery(user_id=user_id, states=frozenset({JobState.PAUSED})))
 
-    async def get_stats(self, user_id: str | None = None) -> dict[str, int]:
-        counts = await self._read(lambda: self._actor.backend.count_by_state(user_id), BARRIER)
-        stats = {state.value: counts.get(state.value, 0) for state in JobState}
-        stats["total"] = sum(counts.values())
-        return stats
+    async def get_stats(self, user_id: str | None = None) -> dict[str, Any]:
+        """``{state: count}`` for every state, ``"total"``, and ``"waiting_by_kind"``:
+        ``{kind: jobs waiting}`` (kinds with none left out)."""
+        actor = self._actor
+
+        async def fn() -> dict[str, Any]:
+            counts = await actor.backend.count_by_state(user_id)
+            queue = await actor.backend.queue_stats(time.time(), user_id)
+            stats: dict[str, Any] = {state.value: counts.get(state.value, 0) for state in JobState}
+            stats["total"] = sum(counts.values())
+            stats["waiting_by_kind"] = dict(queue.waiting_by_kind)
+            return stats
+
+        return await self._read(fn, BARRIER)
 
     async def prune(
         self, policy: RetentionPolicy, now: float, limit: int, *, dry_run: bool = False
@@ -809,3 +1115,21 @@ class StoreClient:
         return await self._read(
             lambda: self._actor.backend.read_events(job_id, after_seq, limit, types), BARRIER
         )
+
+
+def _same_request(first: Job, again: Job) -> bool:
+    """Whether a create repeats the request that made ``first`` (its kind, input and options;
+    a delay is relative to each call, so ``run_at`` is not compared)."""
+    return (
+        first.kind == again.kind
+        and _canonical(first.input) == _canonical(again.input)
+        and first.priority == again.priority
+        and first.max_attempts == again.max_attempts
+        and first.timeout == again.timeout
+        and first.tags == again.tags
+        and first.parent_id == again.parent_id
+    )
+
+
+def _canonical(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)

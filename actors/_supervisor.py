@@ -8,24 +8,32 @@ deadline instead of polling, and sleeps with no timer per job.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import random
 import sys
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import attrs
 import trio
 
-from ._errors import JobspineError, NoWorkerAvailableError, StoreError, UnknownKindError
-from ._job import Job
+from ._errors import JobspineError, StoreError, UnknownKindError
+from ._job import Job, JobError
 from ._joblog import job_fields
+from ._options import KindOptions, options_of
 from ._placement import InProcessPlacement, Placement
 from ._policy import RecoveryPolicy, StallDetector
+from ._scheduling import RetryDecision, decide_retry
 from ._states import JobState
 from ._store import StoreClient
-from ._worker import Handler, JobContext, Worker, check_input
+from ._worker import Handler, Worker, check_input
 
-__all__ = ["SupervisorConfig", "SupervisorStatus", "Supervisor"]
+__all__ = ["WORKER_GONE", "SupervisorConfig", "SupervisorStatus", "Supervisor"]
+
+#: The reason a claimed job goes back to the queue when no placement has its slot anymore.
+WORKER_GONE = "worker_gone"
 
 log = logging.getLogger("jobspine.supervisor")
 
@@ -58,17 +66,28 @@ class Supervisor:
         store: StoreClient,
         handlers: Mapping[str, Handler],
         config: SupervisorConfig | None = None,
+        kinds: Mapping[str, KindOptions] | None = None,
+        *,
+        clock: Callable[[], float] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.store = store
         self.handlers = handlers
+        self._clock = clock
+        self._rng = rng or random.Random()
+        # Per-attempt timeouts: one deadline heap, checked by the watch loop (no timer per job).
+        self.timeouts = StallDetector()
+        # Options given per kind (register, RuntimeConfig.kinds); else the handler's own.
+        self._kinds: dict[str, KindOptions] = dict(kinds or {})
         self.config = config or SupervisorConfig()
         self.policy = RecoveryPolicy(self.config.max_recovery_attempts)
         #: Asked in order; in-process handlers come last (see :meth:`add_placement`).
         self.placements: list[Placement] = [
             InProcessPlacement(handlers, enabled=self.config.in_process)
         ]
-        #: Called (no arguments, never awaited) whenever a slot may have freed or appeared: an
-        #: attempt ended, a worker connected. The queue's dispatcher listens here.
+        #: Called (no arguments, never awaited) whenever a slot may have freed or appeared, or
+        #: a job went back to the queue: an attempt ended, a worker connected, a retry or a
+        #: re-queue was stored. The queue's dispatcher listens here.
         self.capacity_listeners: list[Callable[[], None]] = []
         self.detector = StallDetector()
         self.workers: dict[str, Worker] = {}
@@ -76,10 +95,13 @@ class Supervisor:
         # "running" in the database, watched until a recovery is stored.
         self.orphans: dict[str, Worker] = {}
         self._per_user: dict[str, int] = {}
+        self._per_kind: dict[str, int] = {}
         self._beats_send, self._beats_receive = trio.open_memory_channel[Worker](
             self.config.beat_queue
         )
         self._nursery: trio.Nursery | None = None
+        # Set while the dispatcher's claim and the launches of what it claimed are under way.
+        self._launch_holds: set[trio.Event] = set()
         self._stalls = 0
         self._recoveries = 0
         self._failures = 0
@@ -110,7 +132,7 @@ class Supervisor:
         receive = self._beats_receive
         detector = self.detector
         while True:
-            with trio.move_on_at(detector.next_deadline()):
+            with trio.move_on_at(min(detector.next_deadline(), self.timeouts.next_deadline())):
                 worker = await receive.receive()
                 while True:
                     last, persist = worker.take_beat()
@@ -123,6 +145,9 @@ class Supervisor:
                     except trio.WouldBlock:
                         break
             now = trio.current_time()
+            for job_id in self.timeouts.pop_expired(now):
+                if job_id in self.workers:
+                    self._spawn(self._time_out, self.workers[job_id])
             for job_id in detector.pop_expired(now):
                 worker = self.workers.get(job_id) or self.orphans[job_id]
                 # A beat may still be queued, or the job may be inside keep_alive().
@@ -144,8 +169,9 @@ class Supervisor:
 
     # -- workers --------------------------------------------------------------------------------
 
-    def running_for(self, user_id: str) -> int:
-        return self._per_user.get(user_id, 0)
+    def running_counts(self) -> tuple[int, dict[str, int], dict[str, int]]:
+        """Jobs this runtime runs now: in all, per user, per kind (the dispatcher's input)."""
+        return len(self.workers), dict(self._per_user), dict(self._per_kind)
 
     def add_placement(self, placement: Placement) -> None:
         """Run attempts in ``placement`` first when it has a free slot for their kind."""
@@ -159,40 +185,70 @@ class Supervisor:
         """Attempts of ``kind`` that can start now (free slots of every placement)."""
         return min(sys.maxsize, sum(p.capacity(kind) for p in self.placements))
 
-    def check_placeable(self, kind: str) -> None:
-        """Refuse to start an attempt of ``kind`` that no placement could run now:
-        :class:`UnknownKindError` when none serves it and no handler is registered for it,
-        :class:`NoWorkerAvailableError` when every slot is taken (or its handler only checks
-        input here and no worker serving it is connected)."""
-        serving = [p for p in self.placements if p.serves(kind)]
-        if not serving and kind not in self.handlers:
+    def free_slots(self) -> int:
+        """Attempts of any kinds that can start now together (a worker's slot that serves
+        several kinds counted once); ``sys.maxsize`` while in-process handlers run."""
+        return min(sys.maxsize, sum(p.free() for p in self.placements))
+
+    def check_known(self, kind: str) -> None:
+        """Raise :class:`UnknownKindError` unless a handler is registered for ``kind`` or a
+        placement (a connected worker) serves it. A known kind with no free slot is no error:
+        its jobs wait in the queue."""
+        if kind not in self.handlers and not any(p.serves(kind) for p in self.placements):
             raise UnknownKindError(kind, self.known_kinds())
-        if not any(p.capacity(kind) for p in serving):
-            raise NoWorkerAvailableError(kind, self._slots(kind))
 
     def known_kinds(self) -> list[str]:
         return sorted(set(self.handlers).union(*(p.kinds() for p in self.placements)))
 
-    def _slots(self, kind: str) -> int:
-        return min(sys.maxsize, sum(p.slots(kind) for p in self.placements))
+    def set_clock(self, clock: Callable[[], float]) -> None:
+        """The wall clock retry times are computed with (Unix seconds)."""
+        self._clock = clock
+
+    def now(self) -> float:
+        """Wall-clock seconds by the runtime's clock (it moves with Trio's)."""
+        return self._clock() if self._clock is not None else time.time()
+
+    def set_kind_options(self, kind: str, options: KindOptions | None) -> None:
+        if options is not None:
+            self._kinds[kind] = options
+
+    def options_for(self, kind: str) -> KindOptions:
+        """The kind's options: given (register, config), else its handler's
+        :func:`kind_options`, else the defaults. Raises :class:`UnknownKindError`."""
+        self.check_known(kind)
+        return self._options(kind)
+
+    def _options(self, kind: str) -> KindOptions:
+        handler = self.handlers.get(kind)
+        given = self._kinds.get(kind)
+        if given is not None:
+            return given
+        return KindOptions() if handler is None else options_of(handler)
 
     def check_input(self, kind: str, input: Any) -> None:
-        """Refuse ``input`` for ``kind`` before it is stored: :meth:`check_placeable`'s
-        errors, or the :class:`InvalidInputError` of the handler's input check (see
-        ``validates``) when the kind has a handler registered here."""
-        self.check_placeable(kind)
+        """Refuse ``input`` for ``kind`` before it is stored: :meth:`check_known`'s error, or
+        the :class:`InvalidInputError` of the handler's input check (see ``validates``) when
+        the kind has a handler registered here."""
+        self.check_known(kind)
         handler = self.handlers.get(kind)
         if handler is not None:
             check_input(handler, kind, input)
 
     async def launch(self, job: Job, resumed_from: Any = None) -> None:
         """Run ``job`` (already stored as running, with its attempt) in a new worker, in the
-        first placement with a free slot. With none (the slot taken while the job was
-        stored), the attempt is lost at once: the stall rule applies to it."""
+        first placement with a free slot. With none (the slot the claim counted on went away
+        while the start was stored), the job goes back to the queue (:meth:`requeue`)."""
         if self._nursery is None:
             raise RuntimeError("the supervisor is not running")
         handler = self._place(job)
-        worker = Worker(job, handler, self.store, self._beats_send, resumed_from)
+        if handler is None:
+            # The free slot the claim counted on is gone (its worker disconnected or began to
+            # drain while the start was stored): the job waits again, nothing counted.
+            await self.requeue(job.id, job.attempt, WORKER_GONE)
+            return
+        worker = Worker(
+            job, handler, self.store, self._beats_send, resumed_from, self._retry_decider(job)
+        )
         old = self.workers.pop(job.id, None)
         if old is not None:
             # An older attempt still unwinding is fenced out already; make sure it stops.
@@ -201,19 +257,37 @@ class Supervisor:
             old.scope.cancel()
         self.workers[job.id] = worker
         self._per_user[job.user_id] = self._per_user.get(job.user_id, 0) + 1
+        self._per_kind[job.kind] = self._per_kind.get(job.kind, 0) + 1
         self.detector.watch(job.id, trio.current_time(), self.config.heartbeat_timeout)
+        if job.timeout is not None:
+            self.timeouts.watch(job.id, trio.current_time(), job.timeout)
         worker.beat()  # wakes the watch loop, which may be sleeping until a later deadline
         await self._nursery.start(worker.run, self._worker_exited)
 
-    def _place(self, job: Job) -> Handler:
+    def _place(self, job: Job) -> Handler | None:
         for placement in self.placements:
             if placement.capacity(job.kind) > 0:
                 return placement.place(job)
-        return self._unplaced
+        return None
 
-    async def _unplaced(self, ctx: JobContext, input: Any) -> None:
-        self.lose(ctx.job_id, ctx.attempt, f"no free worker for kind {ctx.kind!r}")
-        await trio.sleep_forever()
+    async def requeue(self, job_id: str, attempt: int, reason: str) -> None:
+        """Put ``attempt``'s job back in the queue, no attempt counted (its place went away,
+        see :func:`ops.requeue`); a newer decision stands. Wakes the dispatcher."""
+        try:
+            await self.store.requeue(job_id, attempt, reason)
+        except JobspineError as exc:
+            log.info("job %s not re-queued (%s): %s", job_id, reason, exc)
+            return
+        self.capacity_changed()
+
+    async def hand_back(self, job_id: str, reason: str) -> None:
+        """Stop a running attempt with the grace period (its handler checkpoints) and put the
+        job back in the queue (:meth:`requeue`): a worker that drains hands its jobs back.
+        An attempt that ended by itself meanwhile keeps its own outcome."""
+        worker = await self.stop(job_id, reason)
+        if worker is None or worker.outcome != "stopped":
+            return
+        await self.requeue(job_id, worker.attempt, reason)
 
     def lose(self, job_id: str, attempt: int, cause: str) -> None:
         """The attempt cannot go on (its worker's connection closed): apply the stall rule
@@ -237,16 +311,98 @@ class Supervisor:
                 self.detector.unwatch(worker.job_id)
 
     def _release(self, worker: Worker) -> None:
-        left = self._per_user[worker.user_id] - 1
-        if left:
-            self._per_user[worker.user_id] = left
-        else:
-            del self._per_user[worker.user_id]
+        self.timeouts.unwatch(worker.job_id)
+        for counts, key in ((self._per_user, worker.user_id), (self._per_kind, worker.kind)):
+            left = counts[key] - 1
+            if left:
+                counts[key] = left
+            else:
+                del counts[key]
+
+    def _retry_decider(self, job: Job) -> Callable[[Job, JobError, bool], RetryDecision]:
+        """How a failed attempt of ``job`` is decided: given the job as stored, the error and
+        whether it is permanent; the delay's jitter comes from this supervisor's ``rng``."""
+        options = self._options(job.kind)
+
+        def decide(stored: Job, error: JobError, permanent: bool) -> RetryDecision:
+            now = self.now()
+            return decide_retry(
+                options,
+                stored.failed_attempts,
+                stored.max_attempts,
+                error.type,
+                permanent,
+                now,
+                self._rng,
+            )
+
+        return decide
+
+    async def _time_out(self, worker: Worker) -> None:
+        """Stop an attempt past its timeout (with the grace period, as for a pause) and count
+        it as failed with error type ``JobTimeout``: retried or failed by the retry rule."""
+        timeout = worker.timeout or 0.0
+        stopped = await self.stop(worker.job_id, "timeout")
+        if stopped is None or stopped.outcome != "stopped":
+            return  # it ended by itself meanwhile: its own outcome stands
+        error = JobError("JobTimeout", f"the attempt ran longer than its timeout ({timeout:g} s)")
+        try:
+            job = await self.store.retry(
+                worker.job_id, worker.attempt, error, lambda j: worker.decide(j, error, False)
+            )
+        except JobspineError as exc:
+            log.info(
+                "job %s: timeout not recorded: %s",
+                worker.job_id,
+                exc,
+                extra=job_fields(worker.job_id, worker.user_id, worker.attempt, "timeout"),
+            )
+            return
+        if job.state is JobState.CREATED:
+            self.capacity_changed()
 
     def _orphan(self, worker: Worker) -> None:
         self.orphans[worker.job_id] = worker
         self.detector.watch(worker.job_id, trio.current_time(), self.config.heartbeat_timeout)
         worker.beat()  # wakes the watch loop, which may be sleeping until a later deadline
+
+    def hold_launch(self) -> trio.Event:
+        """Mark a start stored (or being stored) but not launched yet; :meth:`settled` waits
+        until :meth:`release_launch` is called with the returned hold."""
+        hold = trio.Event()
+        self._launch_holds.add(hold)
+        return hold
+
+    def release_launch(self, hold: trio.Event) -> None:
+        self._launch_holds.discard(hold)
+        hold.set()
+
+    @contextlib.contextmanager
+    def claiming(self) -> Iterator[None]:
+        """Held by the dispatcher from before it sends a claim until it has launched every job
+        the claim started (see :meth:`settled`)."""
+        hold = self.hold_launch()
+        try:
+            yield
+        finally:
+            self.release_launch(hold)
+
+    async def settled(self) -> None:
+        """Wait until every start stored before this call has been launched: a claim in
+        progress, or a job started at its create. A caller that has just stopped a job in the
+        store (cancel, pause, fail) calls it before :meth:`kill` or :meth:`stop`: a start
+        committed before that write has no worker here to stop until it is launched. Holds
+        taken after the call are not waited for (a stream of creates cannot starve it)."""
+        for hold in list(self._launch_holds):
+            await hold.wait()
+
+    def in_process_only(self) -> bool:
+        """True while every kind this runtime can start now runs in this process (no
+        connected worker serves any kind)."""
+        return all(
+            isinstance(placement, InProcessPlacement) or not placement.kinds()
+            for placement in self.placements
+        )
 
     async def stop(self, job_id: str, reason: str) -> Worker | None:
         """Ask a running worker to stop, give it the grace period, then cancel it.
@@ -285,7 +441,9 @@ class Supervisor:
                     worker.job_id, worker.attempt, "system", "store_unavailable"
                 )
             else:
-                job = await self.store.recover(worker.job_id, worker.attempt, self.policy, cause)
+                job = await self.store.recover(
+                    worker.job_id, worker.attempt, self.policy, cause, self._requeues
+                )
         except StoreError as exc:
             log.warning(
                 "job %s: recovery not stored (%s); retrying at the next deadline",
@@ -306,6 +464,8 @@ class Supervisor:
             return
         self.orphans.pop(worker.job_id, None)
         self._count(job)
+        if job.state is JobState.CREATED:
+            self.capacity_changed()
         log.warning(
             "job %s %s: %s",
             job.id,
@@ -315,19 +475,26 @@ class Supervisor:
         )
 
     def _count(self, job: Job) -> None:
-        if job.state is JobState.PAUSED:
+        if job.state is not JobState.FAILED:
             self._recoveries += 1
         else:
             self._failures += 1
 
     async def trigger_recovery(self, job_id: str, cause: str = "manual recovery") -> Job:
         """Apply the stall rule to a running job now, as if its deadline had passed."""
+        await self.settled()
         worker = self.kill(job_id, "stall")
         attempt = None if worker is None else worker.attempt
-        job = await self.store.recover(job_id, attempt, self.policy, cause)
+        job = await self.store.recover(job_id, attempt, self.policy, cause, self._requeues)
         self._stalls += 1
         self._count(job)
+        if job.state is JobState.CREATED:
+            self.capacity_changed()
         return job
+
+    def _requeues(self, job: Job) -> bool:
+        """Whether a stalled job of this kind with a checkpoint goes back to the queue."""
+        return self._options(job.kind).requeue_stalled
 
     def status(self) -> SupervisorStatus:
         return SupervisorStatus(

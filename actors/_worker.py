@@ -13,15 +13,21 @@ from ._errors import (
     InvalidInputError,
     JobspineError,
     JobStopped,
+    PermanentError,
     StoreError,
     StoreUnavailableError,
 )
 from ._job import Job, JobError
 from ._joblog import job_fields
+from ._states import JobState
 from ._tracing import AttributeValue, span
 
 if TYPE_CHECKING:
+    from ._scheduling import RetryDecision
     from ._store import StoreClient
+
+#: ``decide(job as stored, error, permanent)``: whether a failed attempt is retried.
+RetryDecider = Callable[[Job, JobError, bool], "RetryDecision"]
 
 __all__ = [
     "ContextBacking",
@@ -46,9 +52,11 @@ class HandlerFailure(Exception):  # noqa: N818 - carries an outcome, like JobSto
     """Raised by a handler that runs the job elsewhere (a remote worker) to record the
     failure reported there: the job fails with ``error`` as given, not with this type."""
 
-    def __init__(self, error: JobError) -> None:
+    def __init__(self, error: JobError, permanent: bool = False) -> None:
         super().__init__(f"{error.type}: {error.message}")
         self.error = error
+        #: The handler raised a :class:`PermanentError` there: no retry.
+        self.permanent = permanent
 
 
 class ContextStore(Protocol):
@@ -190,6 +198,7 @@ class Worker:
         "_beats",
         "attempt",
         "ctx",
+        "decide",
         "finished",
         "handler",
         "input",
@@ -204,6 +213,7 @@ class Worker:
         "stop_reason",
         "store",
         "store_unavailable",
+        "timeout",
         "user_id",
     )
 
@@ -214,8 +224,12 @@ class Worker:
         store: StoreClient,
         beats: trio.MemorySendChannel[Worker],
         resumed_from: Any,
+        decide: RetryDecider,
     ) -> None:
         self.job_id = job.id
+        self.decide = decide
+        #: Seconds this attempt may run (None: no limit).
+        self.timeout = job.timeout
         self.user_id = job.user_id
         self.kind = job.kind
         self.attempt = job.attempt
@@ -289,6 +303,7 @@ class Worker:
 
     async def _run(self) -> None:
         error: JobError | None = None
+        permanent = False
         result: Any = None
         with self.scope:
             try:
@@ -297,6 +312,7 @@ class Worker:
                 return
             except HandlerFailure as exc:
                 error = exc.error
+                permanent = exc.permanent
             except StoreUnavailableError as exc:
                 # The database's fault, not the job's: paused at its last checkpoint.
                 self.store_unavailable = True
@@ -305,6 +321,7 @@ class Worker:
                 if self.stop_reason is not None and isinstance(exc, JobspineError):
                     return  # the job was taken away from this attempt while it stopped
                 error = JobError(type(exc).__name__, _describe(exc))
+                permanent = isinstance(exc, PermanentError)
                 # With its traceback: the stored error keeps only the type and the message.
                 log.info(
                     "job %s attempt %d raised %s: %s",
@@ -320,11 +337,11 @@ class Worker:
         # Waiting on the database to record the outcome is not a stall.
         self.keep_alive += 1
         try:
-            await self._record(error, result)
+            await self._record(error, result, permanent)
         finally:
             self.keep_alive -= 1
 
-    async def _record(self, error: JobError | None, result: Any) -> None:
+    async def _record(self, error: JobError | None, result: Any, permanent: bool) -> None:
         try:
             if self.store_unavailable:
                 await self.store.pause(self.job_id, self.attempt, "system", "store_unavailable")
@@ -336,8 +353,12 @@ class Worker:
                     return
                 except InvalidInputError as exc:  # unstorable or too large: the handler's fault
                     error = JobError(type(exc).__name__, str(exc))
-            await self.store.fail(self.job_id, self.attempt, error)
-            self.outcome = "failed"
+                    permanent = True  # the same result would be refused again
+            failed = error
+            job = await self.store.retry(
+                self.job_id, self.attempt, failed, lambda job: self.decide(job, failed, permanent)
+            )
+            self.outcome = "failed" if job.state is JobState.FAILED else "retrying"
         except StoreError as exc:
             # The database refused the outcome: the job is still "running" there, with no one
             # running it. The supervisor keeps its deadline and recovers it by the stall rule

@@ -14,7 +14,12 @@ from typing import Any
 
 import trio
 
-from actors import Handler, JobContext
+from actors import Handler, JobContext, RetryPolicy, kind_options
+
+#: The retry policy of the ``flaky`` kind (the retry-storm benchmark checks delays against it).
+FLAKY_RETRY = RetryPolicy(
+    initial_interval=0.2, backoff_coefficient=2.0, maximum_interval=10.0, jitter=0.2
+)
 
 
 def _gone_ahead(path: str) -> bool:
@@ -84,7 +89,27 @@ async def staller(ctx: JobContext, input: Any) -> Any:
     return "resumed"
 
 
+async def hold(ctx: JobContext, input: Any) -> Any:
+    """Holds a running slot: until ``go_file`` exists (if given; alive all along, however
+    long the wait), then ``seconds``."""
+    with ctx.keep_alive():
+        await _start(input)
+    seconds = float(input.get("seconds", 0))
+    if seconds:
+        await trio.sleep(seconds)
+
+
+@kind_options(max_attempts=3, retry=FLAKY_RETRY)
+async def flaky(ctx: JobContext, input: Any) -> Any:
+    """Fails its first ``failures`` attempts (default 2), then succeeds."""
+    if ctx.attempt <= int(input.get("failures", 2)):
+        raise RuntimeError(f"attempt {ctx.attempt} fails on purpose")
+    return {"attempt": ctx.attempt}
+
+
 HANDLERS: dict[str, Handler] = {
+    "hold": hold,
+    "flaky": flaky,
     "emit": emit,
     "idle": idle,
     "checkpointer": checkpointer,

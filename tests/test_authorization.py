@@ -15,8 +15,10 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+from actors import TERMINAL_STATES, JobState
 from transport import CLOSE, RunningServer, mint_token
 
+from .conftest import wait_for_state
 from .serving import SECRET, raw, request, send, serving
 
 OK, FORBIDDEN = "ok", "forbidden"
@@ -42,6 +44,10 @@ EXPECTED: dict[str, dict[str, str]] = {
     "create":             {"A": OK, "B": OK, "admin": OK},
     "list":               {"A": OK, "B": OK, "admin": OK},
     "ping":               {"A": OK, "B": OK, "admin": OK},
+    "children":           {"A": OK, "B": FORBIDDEN, "admin": OK},
+    "queue_stats":        {"A": OK, "B": OK, "admin": OK},
+    "queue_stats of user": {"A": OK, "B": FORBIDDEN, "admin": OK},
+    "list by parent":     {"A": OK, "B": OK, "admin": OK},
 }  # fmt: skip
 
 # Tokens: what a hello with each gets.
@@ -90,6 +96,9 @@ async def served(tmp_path: Path) -> AsyncIterator[RunningServer]:
 async def _job_of_alice(running: RunningServer, hold: bool) -> str:
     input = {"query": "q", "depth": 50 if hold else 1, "delay": 0.05 if hold else 0}
     job = await running.runtime.create_job("research", "alice", input)
+    # Started by the dispatcher (a held job runs on; the other finishes).
+    states = {JobState.RUNNING} if hold else TERMINAL_STATES
+    await wait_for_state(running.runtime, job.id, states)
     return job.id
 
 
@@ -115,6 +124,10 @@ async def _call(ws: Any, case: str, job_id: str) -> Any:
         ),
         "list": ("list", {}),
         "ping": ("ping", {}),
+        "children": ("children", {"job_id": job_id}),
+        "queue_stats": ("queue_stats", {}),
+        "queue_stats of user": ("queue_stats", {"user_id": "alice"}),
+        "list by parent": ("list", {"parent_id": job_id}),
     }
     op, fields = ops[case]
     return await request(ws, op, 7, **fields)
@@ -123,12 +136,18 @@ async def _call(ws: Any, case: str, job_id: str) -> Any:
 @pytest.mark.parametrize("actor", ["A", "B", "admin"])
 @pytest.mark.parametrize("case", sorted(EXPECTED))
 async def test_matrix(served: RunningServer, case: str, actor: str) -> None:
-    # pause needs a running job; resume a paused one; others any job.
-    job_id = await _job_of_alice(served, hold=case in ("pause", "resume", "cancel"))
+    # pause needs a running job; resume a paused one; restart a cancelled one; others any job.
+    job_id = await _job_of_alice(served, hold=case in ("pause", "resume", "cancel", "restart"))
     if case == "resume":
         await served.runtime.pause(job_id)
     if case == "restart":
         await served.runtime.cancel(job_id)
+    child = None
+    if case in ("children", "list by parent"):
+        small = {"query": "q", "depth": 1, "delay": 0}
+        child = await served.runtime.create_job(
+            "research", "alice", small, parent_id=job_id, delay=3600
+        )
     before = await served.runtime.get_job(job_id)
     user, claims = who(actor)
     async with raw(served, None) as ws:
@@ -147,6 +166,12 @@ async def test_matrix(served: RunningServer, case: str, actor: str) -> None:
         assert {j["user_id"] for j in reply["result"]} == {"alice"}
     if case == "list" and actor == "B":
         assert all(j["user_id"] == "bob" for j in reply["result"])
+    if case == "queue_stats" and actor == "B":
+        assert set(reply["result"]["waiting_by_user"]) <= {"bob"}
+    if child is not None and reply["type"] == "reply":
+        # another user's children are not listed (B lists only its own jobs)
+        expected_ids = [] if actor == "B" else [child.id]
+        assert [j["id"] for j in reply["result"]] == expected_ids
 
 
 @pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")

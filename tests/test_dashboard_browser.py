@@ -48,6 +48,7 @@ if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
     )
 
 from selenium import webdriver  # noqa: E402 - only once the browser is known to be there
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver import Chrome as WebDriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -625,8 +626,16 @@ def test_users_admin_expiry_and_bounded_list(server: Server, driver: WebDriver) 
     )
     assert "alice" in text(driver, "admin-body")
     shot(driver, "10-admin")
+
     # ... and can open it: its timeline, read from alice's job room.
-    rows_of(mine["id"])(driver)[0].find_element(By.TAG_NAME, "button").click()
+    def open_it(d: WebDriver) -> bool:
+        try:
+            rows_of(mine["id"])(d)[0].find_element(By.TAG_NAME, "button").click()
+        except StaleElementReferenceException:
+            return False  # the table is redrawn every 500 ms: found, then replaced
+        return True
+
+    wait(driver, open_it)
     wait(driver, lambda d: timeline(d) and timeline(d)[-1][1] == "completed")
 
     # Bounded memory: 60 finished jobs, 50 kept in the live list.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -9,11 +11,12 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from actors import JobContext, RuntimeConfig, TooManyJobsError
+from actors import InvalidInputError, JobContext, RuntimeConfig, TooManyJobsError
 from transport import CLOSE, ServerConfig
 
 from .conftest import memory_runtime
-from .serving import raw, request, send, serving, token
+from .serving import free_port, raw, request, send, serving, token
+from .test_cli import COMMAND
 
 
 async def forever(ctx: JobContext, input: Any) -> Any:
@@ -27,24 +30,24 @@ def test_documented_defaults() -> None:
     assert (server.max_inflight, server.max_subscriptions) == (16, 256)
     assert server.max_connections_per_user == 32
     runtime = RuntimeConfig()
-    assert runtime.max_running_per_user == 1000 and runtime.checkpoint_limit == 1024 * 1024
+    assert runtime.max_running == 1000 and runtime.max_running_per_user is None
+    assert runtime.max_waiting_per_user == 100_000 and runtime.checkpoint_limit == 1024 * 1024
 
 
-async def test_running_jobs_per_user() -> None:
-    async with memory_runtime({"forever": forever}, max_running_per_user=2, stop_grace=0.1) as rt:
-        first = await rt.create_job("forever", "alice", None)
-        await rt.create_job("forever", "alice", None)
+async def test_waiting_jobs_per_user() -> None:
+    """too_many_jobs guards the user's waiting quota: nothing is stored, others unaffected."""
+    async with memory_runtime({"forever": forever}, max_waiting_per_user=2, stop_grace=0.1) as rt:
+        first = await rt.create_job("forever", "alice", None, delay=60)
+        await rt.create_job("forever", "alice", None, delay=60)
         before = await rt.get_stats()
-        with pytest.raises(TooManyJobsError, match="already has 2 jobs running"):
-            await rt.create_job("forever", "alice", None)
+        with pytest.raises(TooManyJobsError, match="already has 2 jobs waiting"):
+            await rt.create_job("forever", "alice", None, delay=60)
         assert await rt.get_stats() == before  # nothing was created
-        await rt.create_job("forever", "bob", None)  # other users are not affected
-        await rt.pause(first.id)
-        third = await rt.create_job("forever", "alice", None)
+        await rt.create_job("forever", "bob", None, delay=60)  # other users are not affected
+        await rt.cancel(first.id)  # a place frees up
+        await rt.create_job("forever", "alice", None, delay=60)
         with pytest.raises(TooManyJobsError):
-            await rt.resume(first.id)
-        await rt.cancel(third.id)
-        assert (await rt.resume(first.id)).attempt == 2
+            await rt.create_job("forever", "alice", None, delay=60)
 
 
 async def test_connections_per_user(tmp_path: Path) -> None:
@@ -83,3 +86,43 @@ async def test_subscriptions_per_connection(tmp_path: Path) -> None:
         assert refused["code"] == "too_many_subscriptions"
         # Subscribing to a room again does not count twice.
         assert (await request(ws, "subscribe", 13, room="user:alice"))["type"] == "reply"
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"max_running": 0}, "max_running"),
+        ({"max_running": -5}, "max_running"),
+        ({"max_running": 2.5}, "max_running"),
+        ({"max_running": True}, "max_running"),
+        ({"max_running_per_user": 0}, "max_running_per_user"),
+        ({"max_running_per_kind": {"unknown_kind": 0}}, "max_running_per_kind['unknown_kind']"),
+        ({"max_waiting_per_user": 0}, "max_waiting_per_user"),
+        ({"lease_ttl": 0}, "lease_ttl"),
+        ({"lease_renew_interval": 0}, "lease_renew_interval"),
+        ({"lease_renew_interval": float("nan")}, "lease_renew_interval"),
+        ({"lease_renew_interval": 5.0}, "lease_renew_interval"),  # not shorter than lease_ttl
+        ({"idempotency_window": -1}, "idempotency_window"),
+        ({"kinds": {"k": 3}}, "kinds['k']"),
+    ],
+)
+def test_queue_settings_that_would_stop_or_spin_the_queue_are_refused(
+    settings: dict[str, Any], named: str
+) -> None:
+    # max_running 0 ran nothing, silently; lease_renew_interval 0 renewed leases in a busy loop.
+    with pytest.raises(InvalidInputError) as refused:
+        RuntimeConfig(**settings)
+    assert str(refused.value).startswith(named), refused.value
+
+
+def test_a_bad_queue_setting_in_the_config_file_is_a_usage_error(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("[runtime]\nmax_running = 0\n")
+    served = subprocess.run(
+        [*COMMAND, "serve", "--config", str(config), "--db", str(tmp_path / "db"),
+         "--port", str(free_port()), "--health-port", str(free_port())],
+        env={k: v for k, v in os.environ.items() if not k.startswith("JOBSPINE_")},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert served.returncode == 2, served
+    assert "max_running must be an integer >= 1" in served.stderr

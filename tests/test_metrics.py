@@ -174,7 +174,8 @@ async def test_job_counts_are_loaded_from_sqlite(tmp_path: Path) -> None:
         job = await rt.create_job("research", "alice", {"query": "q", "depth": 1, "delay": 0})
         await wait_for_state(rt, job.id)
     async with open_runtime(tmp_path / "j.db", handlers={"parked": parked}, config=config) as rt:
-        await rt.create_job("parked", "alice", {})
+        parked_job = await rt.create_job("parked", "alice", {})
+        await wait_for_state(rt, parked_job.id, {JobState.RUNNING})
         await _check_counts(rt)
         metrics = rt.store_actor.metrics
         assert metrics.jobs[JobState.COMPLETED] == 1 and metrics.jobs[JobState.RUNNING] == 1

@@ -9,7 +9,7 @@ import attrs
 
 import actors
 import actors._remote
-from actors import JobspineError
+from actors import EventType, Job, JobspineError, _ops
 from transport import CLOSE, OPS, WORKER_OPS, _server
 from transport._workers import WorkerHello
 
@@ -81,3 +81,52 @@ def test_every_worker_error_and_close_code_is_documented() -> None:
             assert f"`{field.name}`" in row.group(1), (op, field.name)
     for field in attrs.fields(WorkerHello):
         assert f'"{field.name}"' in WORKER_SECTION, field.name
+
+
+def _row(name: str) -> str:
+    """The table row (of the ops or events table) whose first cell names ``name``."""
+    for line in DOC.splitlines():
+        first = line.split("|")[1] if line.startswith("| ") else ""
+        if f"`{name}`" in first:
+            return line
+    raise AssertionError(f"no table row for {name!r}")
+
+
+def test_every_request_field_is_documented_in_its_ops_row() -> None:
+    for op, cls in OPS.items():
+        if op == "hello":
+            continue  # section 1
+        row = _row(op)
+        for field in attrs.fields(cls):
+            assert f"`{field.name}`" in row, (op, field.name)
+
+
+def test_every_job_field_is_documented() -> None:
+    """Every field is in the example job object (and the new queue fields are described)."""
+    section = DOC[DOC.index("## 5. The job object") : DOC.index("## 6.")]
+    example = section[section.index("```json") : section.index("```\n\nStates")]
+    for field in attrs.fields(Job):
+        assert f'"{field.name}":' in example, field.name
+
+
+def test_every_event_type_and_its_data_are_documented() -> None:
+    """Each event type has a row in the events table naming every ``data`` key the store
+    writes for it (read from the sans-I/O mutations in ``actors/_ops.py``)."""
+    events = DOC[DOC.index("## 3. Events") : DOC.index("### Frames and batches")]
+    rows = {
+        name: line
+        for line in events.splitlines()
+        if line.startswith("| `")
+        for name in re.findall(r"`(\w+)`", line.split("|")[1])
+    }
+    assert set(EventType) <= set(rows), set(EventType) - set(rows)
+    source = Path(_ops.__file__).read_text()
+    for function in re.split(r"\n(?=def )", source):
+        types = set(re.findall(r"EventType\.(\w+)", function))
+        keys = set(re.findall(r'"(\w+)":', function)) | set(
+            re.findall(r'data\["(\w+)"\]', function)
+        )
+        for name in types:
+            row = rows[EventType[name].value]
+            for key in keys:
+                assert f"`{key}`" in row or key in re.findall(r"\w+", row), (name, key)

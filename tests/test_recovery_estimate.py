@@ -35,6 +35,7 @@ def test_time_paused_between_runs_is_not_running_time() -> None:
     job, _ = ops.progress(job, 1, 20.0, "a", now=4.0)
     job, _ = ops.pause(job, None, now=4.0, actor="alice", reason="user")
     job, _ = ops.resume(job, now=3604.0, actor="alice")
+    job, _ = ops.start(job, now=3604.0)  # claimed at once
     job, _ = ops.progress(job, 2, 40.0, "b", now=3608.0)
     assert running_seconds(job) == pytest.approx(8.0)
     options = recovery_options(job, now=3608.0, max_recovery_attempts=3)

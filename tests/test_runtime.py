@@ -63,7 +63,8 @@ async def test_resume_continues_from_checkpoint(
     assert paused.state is JobState.PAUSED and paused.checkpoint_version >= 2
     saved = paused.checkpoint
     resumed = await rt.resume(job.id, by="alice")
-    assert resumed.attempt == 2
+    assert (resumed.state, resumed.attempt) == (JobState.CREATED, 1)  # back in the queue
+    assert (await wait_for_state(rt, job.id, {JobState.RUNNING})).attempt == 2
     done = await wait_for_state(rt, job.id)
     assert done.state is JobState.COMPLETED
     assert done.result == expected
@@ -110,6 +111,7 @@ async def test_restart_with_modified_input(jobspine_runtime: Runtime) -> None:
     rt = jobspine_runtime
     order = {"symbol": "ACME", "side": "sell", "quantity": 1, "slices": 50}
     job = await rt.create_job("trade", "alice", order)
+    await wait_for_state(rt, job.id, {JobState.RUNNING})
     failed = await rt.mark_failed(job.id, "exchange unreachable")
     assert failed.state is JobState.FAILED and failed.error is not None
     with pytest.raises(InvalidInputError, match="'buy' or 'sell'"):  # checked before stored
@@ -181,7 +183,7 @@ async def test_repository_bad_input(jobspine_runtime: Runtime) -> None:
     done = await wait_for_state(rt, job.id)
     with pytest.raises(IllegalTransitionError, match="completed -> paused"):
         await rt.pause(job.id)
-    with pytest.raises(IllegalTransitionError, match="completed -> running"):
+    with pytest.raises(IllegalTransitionError, match="completed -> created"):
         await rt.resume(job.id)
     with pytest.raises(IllegalTransitionError, match="completed -> created"):
         await rt.restart(job.id)

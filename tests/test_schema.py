@@ -1,4 +1,4 @@
-"""Job schema v1: records round-trip, external data is validated precisely, v0 migrates."""
+"""Job schema v2: records round-trip, external data is validated precisely, v0 migrates."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from actors import (
-    SCHEMA_V2_PLAN,
     InvalidInputError,
     Job,
     JobError,
@@ -57,9 +56,16 @@ def test_round_trip() -> None:
         ({"checkpoint": {"a": 1}}, "checkpoint_version: 0 does not match a present checkpoint"),
         ({"updated_at": 1.0}, "updated_at: 1.0 is before created_at 10.0"),
         ({"created_at": "yesterday"}, "created_at: expected Unix seconds, got 'yesterday'"),
-        ({"tags": ["x"]}, "tags: reserved for schema v2"),
+        ({"tags": ["x", "x"]}, "tags: expected distinct strings"),
+        ({"tags": "x"}, "tags: expected a list of at most 32 strings"),
+        ({"priority": 1001}, "priority: expected an integer in 0..1000, got 1001"),
+        ({"max_attempts": 0}, "max_attempts: expected an integer in 1..100, got 0"),
+        ({"timeout": 0}, "timeout: expected seconds in (0, 604800] or null, got 0"),
+        ({"failed_attempts": -1}, "failed_attempts: expected a non-negative integer"),
+        ({"parent_id": ""}, "parent_id: expected a string of 1..256 characters or null"),
+        ({"run_at": "soon"}, "run_at: expected Unix seconds or null, got 'soon'"),
         ({"colour": "red"}, "colour: unknown field"),
-        ({"schema_version": 7}, "schema_version: expected 1, got 7"),
+        ({"schema_version": 7}, "schema_version: expected 2, got 7"),
         ({"state": "completed", "progress": 40}, "progress: a completed job has progress 100"),
     ],
 )
@@ -77,8 +83,14 @@ def test_from_record_refuses_invalid() -> None:
         Job.from_record(record(progress=-1))
 
 
-def test_v2_plan_is_reserved() -> None:
-    assert set(SCHEMA_V2_PLAN) == {"tags", "parent_id", "timeout", "retry_count"}
+def test_migrates_v1_with_queue_defaults() -> None:
+    v1 = record(schema_version=1)
+    for name in ("priority", "run_at", "max_attempts", "failed_attempts", "timeout", "tags"):
+        del v1[name]
+    job = Job.from_record(v1)
+    assert job.schema_version == 2
+    assert (job.priority, job.run_at, job.max_attempts, job.failed_attempts) == (0, None, 1, 0)
+    assert (job.timeout, job.tags, job.parent_id, job.owner) == (None, (), None, None)
 
 
 def test_migrates_predecessor_v0() -> None:
@@ -111,8 +123,8 @@ def test_migrates_predecessor_v0() -> None:
 
 
 def test_refuses_newer_schema() -> None:
-    with pytest.raises(InvalidInputError, match="schema_version 2 is not supported"):
-        migrate_job_record(record(schema_version=2))
+    with pytest.raises(InvalidInputError, match="schema_version 3 is not supported"):
+        migrate_job_record(record(schema_version=3))
 
 
 json_values = st.recursive(

@@ -88,7 +88,8 @@ async def _stopped_with_a_paused_job(db: Path) -> str:
             async for event in events:
                 if event.job_id == job.id and event.type.value == "checkpoint":
                     break
-    async with open_runtime(db, handlers={}, config=config) as rt:  # no handler: not resumed
+    reader = RuntimeConfig(resume_on_start=False, sqlite_synchronous="NORMAL")
+    async with open_runtime(db, handlers={}, config=reader) as rt:  # read back, not resumed
         paused = await rt.get_job(job.id)
     assert (paused.state, paused.pause_reason) == (JobState.PAUSED, "shutdown")
     return job.id
@@ -255,7 +256,8 @@ async def test_every_way_out_of_open_runtime_closes_the_database(tmp_path: Path,
     assert _sqlite_threads() == []
     assert threading.active_count() <= baseline
     # The database was closed cleanly and its owner lock released: the next runtime opens it.
-    async with open_runtime(db, handlers={}, config=config) as rt:
+    reader = RuntimeConfig(resume_on_start=False, sqlite_synchronous="NORMAL")
+    async with open_runtime(db, handlers={}, config=reader) as rt:  # read back, not resumed
         job_after = await rt.get_job(job.id)
         assert (job_after.state, job_after.pause_reason) == (JobState.PAUSED, "shutdown")
         assert job_after.checkpoint_version > 0
@@ -279,7 +281,11 @@ async def test_open_runtime_cancelled_while_it_opens_leaves_no_thread(
             while _sqlite_threads():  # noqa: ASYNC110 - a closed connection's thread ends just after close
                 await trio.sleep(0.01)
     async with open_runtime(db, handlers={}, config=config) as rt:
-        assert await rt.get_stats() == {**{s.value: 0 for s in JobState}, "total": 0}
+        assert await rt.get_stats() == {
+            **{s.value: 0 for s in JobState},
+            "total": 0,
+            "waiting_by_kind": {},
+        }
     assert crashed == []
 
 

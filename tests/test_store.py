@@ -230,7 +230,8 @@ async def test_fencing_rejects_an_older_attempt(backend: Backend) -> None:
         job_id = await running_job(store)
         await store.checkpoint(job_id, 1, {"i": 1})
         await store.pause(job_id, 1, "alice")
-        await store.resume(job_id, "alice")
+        await store.resume(job_id, "alice")  # back in the queue
+        await store.start(job_id)  # claimed: a new attempt
         with pytest.raises(
             StaleAttemptError, match="attempt 1 rejected: the job is running with current attempt 2"
         ):
@@ -316,11 +317,11 @@ async def test_sqlite_epoch_and_schema(tmp_path: Path) -> None:
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             return dict(rows)
 
-    assert (await trio.to_thread.run_sync(meta))["schema_version"] == "2"
+    assert (await trio.to_thread.run_sync(meta))["schema_version"] == "3"
     with pytest.raises(BaseExceptionGroup) as info:
         async with open_store(SqliteBackend(path)):
             pass  # pragma: no cover
-    assert info.group_contains(StoreError, match="schema v99 is newer than this runtime's v2")
+    assert info.group_contains(StoreError, match="schema v99 is newer than this runtime's v3")
 
 
 async def test_set_state_takes_the_one_operation_that_leads_there(backend: Backend) -> None:

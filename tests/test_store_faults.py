@@ -84,7 +84,8 @@ async def test_disk_full_and_back(tmp_path: Path) -> None:
         assert paused.checkpoint["i"] >= last_acked  # nothing acknowledged was lost
         assert rt.status().orphans == 0
         resumed = await rt.resume(job.id)
-        assert resumed.attempt == 2
+        assert resumed.state is JobState.CREATED  # back in the queue
+        assert (await wait_for_state(rt, job.id, {JobState.RUNNING})).attempt == 2
         await rt.cancel(job.id)
         created = await rt.create_job("counter", "bob", {"to": 3})
         done = await wait_for_state(rt, created.id)

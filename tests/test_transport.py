@@ -331,7 +331,9 @@ async def test_pause_resume_restart_cancel_over_the_wire(served: RunningServer) 
         assert options["resumable"] and options["has_checkpoint"]
         details = await c.checkpoint_details(job["id"])
         assert details["keys"] == ["done"]
-        assert (await c.resume(job["id"]))["attempt"] == 2
+        assert (await c.resume(job["id"]))["state"] == "created"  # back in the queue
+        running = await wait_for_state(served.runtime, job["id"], {JobState.RUNNING})
+        assert running.attempt == 2
         assert (await c.cancel(job["id"]))["state"] == "cancelled"
         restarted = await c.restart(job["id"], {"hold": False})
         assert restarted["input"]["hold"] is False

@@ -18,12 +18,15 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
-from actors import JobState, NoWorkerAvailableError, UnknownKindError
+from actors import JobState, UnknownKindError
 from transport import CLOSE
 
 from .conftest import wait_for_state
 from .serving import token
+from .worker_handlers import HANDLERS
 from .worker_support import served, wait_connected, worker_token
+
+HANDLER_KINDS = set(HANDLERS)
 
 
 async def send(ws: WebSocketConnection, message: Any) -> None:
@@ -173,23 +176,66 @@ async def test_reports_are_fenced_and_malformed_frames_refused(tmp_path: Path) -
             assert (await receive(mine, "error"))["code"] == "not_assigned"
 
 
-async def test_kinds_without_a_free_slot_are_refused_at_create(tmp_path: Path) -> None:
+async def test_jobs_wait_for_a_free_slot_of_a_worker_serving_their_kind(tmp_path: Path) -> None:
     async with served(tmp_path / "db", "in_process", in_process_handlers=False) as s:
         rt = s.runtime
-        with pytest.raises(UnknownKindError):
+        with pytest.raises(UnknownKindError):  # nobody serves it: refused, nothing stored
             await rt.create_job("nope", "alice", {"n": 1})
-        with pytest.raises(NoWorkerAvailableError, match="no connected worker serves it"):
-            await rt.create_job("steps", "alice", {"n": 1})  # registered for its input check
+        assert (await rt.get_stats())["total"] == 0
+        # Registered for its input check only and no worker connected: it waits.
+        first = await rt.create_job("steps", "alice", {"n": 1})
+        await trio.sleep(0.3)
+        assert (await rt.get_job(first.id)).state is JobState.CREATED
         async with raw_worker(s.running.url, ["steps"], capacity=1) as ws:
-            await rt.create_job("steps", "alice", {"n": 1})
-            await receive(ws, "assign")
-            total = (await rt.get_stats())["total"]
-            with pytest.raises(NoWorkerAvailableError) as caught:
-                await rt.create_job("steps", "alice", {"n": 1})
-            assert caught.value.code == "no_worker_available"
-            assert (await rt.get_stats())["total"] == total  # nothing stored
+            assign = await receive(ws, "assign")  # claimed once a worker connects
+            assert (assign["job_id"], assign["attempt"]) == (first.id, 1)
+            second = await rt.create_job("steps", "alice", {"n": 2})
+            await trio.sleep(0.3)  # the one slot is taken: the second job waits
+            assert (await rt.get_job(second.id)).state is JobState.CREATED
+            ref = {"job_id": first.id, "attempt": 1}
+            await send(ws, {"op": "complete", "id": 1, **ref, "result": {"ok": 1}})
+            assign = await receive(ws, "assign")  # the freed slot takes the next job
+            assert (assign["job_id"], assign["attempt"]) == (second.id, 1)
             # Input is still checked by the registered handler's rules where there are any.
-            assert rt.kinds == sorted({"boom", "silent", "spin", "steps", "ticker"})
+            assert rt.kinds == sorted(HANDLER_KINDS)
+
+
+async def test_a_slot_that_serves_two_kinds_is_claimed_once(tmp_path: Path) -> None:
+    async with served(tmp_path / "db", "in_process", in_process_handlers=False) as s:
+        rt = s.runtime
+        jobs = [await rt.create_job(kind, "alice", None) for kind in ("silent", "spin")]
+        async with raw_worker(s.running.url, ["silent", "spin"], capacity=1) as ws:
+            assign = await receive(ws, "assign")
+            assert assign["job_id"] == jobs[0].id  # the older one
+            await trio.sleep(0.3)
+            other = await rt.get_job(jobs[1].id)
+            # Waiting, never claimed: no attempt started and sent back for want of a slot.
+            assert (other.state, other.attempt) == (JobState.CREATED, 0)
+            assert [e.type.value for e in await rt.read_events(other.id)] == ["created"]
+
+
+async def test_a_claim_whose_worker_is_gone_goes_back_to_waiting(tmp_path: Path) -> None:
+    async with served(tmp_path / "db", "in_process", in_process_handlers=False) as s:
+        rt = s.runtime
+        job = await rt.create_job("steps", "alice", {"n": 1})
+        # As the dispatcher does: the start is stored, then the slot it counted on is gone
+        # (the worker disconnected meanwhile) when the attempt is launched.
+        started = await rt._store.start(job.id)
+        await rt.supervisor.launch(started, started.checkpoint)
+        back = await rt.get_job(job.id)
+        assert back.state is JobState.CREATED and back.owner is None
+        assert (back.attempt, back.failed_attempts, back.recovery_attempts) == (1, 0, 0)
+        last = (await rt.read_events(job.id))[-1]
+        assert last.type.value == "recovery"
+        assert last.data == {
+            "reason": "worker_gone",
+            "recovery_attempts": 0,
+            "checkpoint_version": 0,
+            "requeued": True,
+        }
+        async with raw_worker(s.running.url, ["steps"]) as ws:
+            assign = await receive(ws, "assign")  # the next attempt, on the next worker
+            assert (assign["job_id"], assign["attempt"]) == (job.id, 2)
 
 
 async def test_a_dropped_connection_loses_its_jobs_at_once(tmp_path: Path) -> None:

@@ -8,7 +8,10 @@ from typing import Any
 
 import trio
 
-from actors import JobContext, JobStopped
+from actors import JobContext, JobStopped, PermanentError, RetryPolicy, kind_options
+
+#: Retries within the test's patience: 50 ms, then 100 ms, no jitter.
+QUICK = RetryPolicy(initial_interval=0.05, maximum_interval=0.1, jitter=0.0)
 
 
 async def steps(ctx: JobContext, input: Any) -> Any:
@@ -51,4 +54,41 @@ async def ticker(ctx: JobContext, input: Any) -> Any:
     return {"ticks": input["count"]}
 
 
-HANDLERS = {"steps": steps, "boom": boom, "silent": silent, "spin": spin, "ticker": ticker}
+class RefusedError(PermanentError):
+    """A permanent failure of a type of its own: only the worker knows it is permanent."""
+
+
+@kind_options(max_attempts=3, retry=QUICK)
+async def flaky(ctx: JobContext, input: Any) -> Any:
+    """Checkpoints ``i`` up to ``n``; attempts before ``succeed_at`` fail after their steps
+    (``error``: ``"runtime"`` retried, ``"refused"`` permanent, ``"value"`` non-retryable)."""
+    start = ctx.resumed_from["i"] if ctx.resumed_from else 0
+    for i in range(start + 1, input["n"] + 1):
+        await ctx.checkpoint({"i": i})
+    if ctx.attempt < input["succeed_at"]:
+        error = input.get("error", "runtime")
+        message = f"attempt {ctx.attempt} fails"
+        if error == "refused":
+            raise RefusedError(message)
+        if error == "value":
+            raise ValueError(message)
+        raise RuntimeError(message)
+    return {"attempt": ctx.attempt, "from": start}
+
+
+@kind_options(max_attempts=2, retry=QUICK, requeue_stalled=True)
+async def hang(ctx: JobContext, input: Any) -> Any:
+    """Checkpoints once, then never reports again (a stall); a kind that re-queues stalls."""
+    await ctx.checkpoint({"at": ctx.attempt})
+    await trio.sleep_forever()
+
+
+HANDLERS = {
+    "steps": steps,
+    "boom": boom,
+    "silent": silent,
+    "spin": spin,
+    "ticker": ticker,
+    "flaky": flaky,
+    "hang": hang,
+}

@@ -16,6 +16,7 @@ from .client import (
     Reset,
     RoomCursor,
     is_omitted,
+    new_key,
     open_client,
 )
 
@@ -47,5 +48,6 @@ __all__ = [
     "open_client",
     "open_server",
     "is_omitted",
+    "new_key",
     "verify_token",
 ]

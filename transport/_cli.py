@@ -21,7 +21,14 @@ from typing import Any, NoReturn
 import attrs
 import trio
 
-from actors import DEMO_HANDLERS, DatabaseLockedError, JobspineError, RuntimeConfig, StoreError
+from actors import (
+    DEMO_HANDLERS,
+    DatabaseLockedError,
+    InvalidInputError,
+    JobspineError,
+    RuntimeConfig,
+    StoreError,
+)
 from actors._backend import POSTGRES_URL_SCHEMES
 from actors._errors import unwrap_group
 from actors._retention import DAY
@@ -132,7 +139,10 @@ async def serve(args: argparse.Namespace) -> int:
     if secret is None:
         secret = secrets.token_urlsafe(32)
     config = ServerConfig(secret=secret, **args.server_config)
-    runtime_config = RuntimeConfig(**args.runtime_config)
+    try:
+        runtime_config = RuntimeConfig(**args.runtime_config)
+    except InvalidInputError as exc:
+        raise CLIError(ExitCode.USAGE, f"runtime settings: {exc}") from None
     local = None
     if args.worker_processes:
         # Handlers run only in the worker processes; the server keeps their input checks.
@@ -448,6 +458,37 @@ def parser() -> argparse.ArgumentParser:
     submit_p.add_argument("kind", help="job kind: research, trade, analysis, or registered")
     submit_p.add_argument("input", help="the job's input, JSON")
     submit_p.add_argument("--watch", action="store_true", help="follow it live until it ends")
+    queue = submit_p.add_argument_group("queue options")
+    queue.add_argument("--priority", metavar="N", help="0..1000, higher runs first (default: 0)")
+    queue.add_argument(
+        "--delay",
+        metavar="DURATION",
+        help="start no sooner than this from now (90, 45s, 30m, 12h, 7d; at most a year)",
+    )
+    queue.add_argument(
+        "--max-attempts",
+        metavar="N",
+        help="attempts before the job fails for good, 1..100 (default: the kind's)",
+    )
+    queue.add_argument(
+        "--timeout",
+        metavar="DURATION",
+        help="stop an attempt that runs longer, and count it as failed (up to 7d; default:"
+        " the kind's)",
+    )
+    queue.add_argument(
+        "--tag",
+        action="append",
+        metavar="TAG",
+        help="a label to find the job by (jobs --tag); repeatable, up to 32",
+    )
+    queue.add_argument("--parent", metavar="ID", help="the job this one belongs to (yours)")
+    queue.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="1..256 characters; the same key again returns the first job instead of a new"
+        " one (default: a new key, printed if the outcome is unknown)",
+    )
     submit_p.add_argument(
         "--exit-on-pause", action="store_true", help="with --watch: stop following (exit 3) "
         "when the job is paused instead of waiting for a resume",
@@ -459,8 +500,14 @@ def parser() -> argparse.ArgumentParser:
         "paused instead of waiting for a resume",
     )  # fmt: skip
     jobs_p = command("jobs", "list your jobs, newest first")
-    jobs_p.add_argument("--state", help="only jobs in this state")
+    jobs_p.add_argument(
+        "--state",
+        action="append",
+        help="only jobs in this state (repeatable: any of them; created = waiting)",
+    )
     jobs_p.add_argument("--kind", help="only jobs of this kind")
+    jobs_p.add_argument("--tag", help="only jobs with this tag")
+    jobs_p.add_argument("--parent", metavar="ID", help="only the children of this job")
     jobs_p.add_argument("--limit", type=int, default=50, help="at most this many (default: 50)")
     for name, what in (
         ("get", "show a job"),
@@ -470,6 +517,12 @@ def parser() -> argparse.ArgumentParser:
         ("recovery", "show what can be done with a job: resumable, checkpoint, estimate"),
     ):
         command(name, what).add_argument("job_id", help="the job's id (from submit or jobs)")
+    stats_p = command(
+        "stats", "job counts by state and the queue: waiting (ready, scheduled) and running"
+    )
+    stats_p.add_argument(
+        "--all", action="store_true", help="admins: everyone's jobs instead of your own"
+    )
     restart_p = command("restart", "run a job again from scratch")
     restart_p.add_argument("job_id", help="the job's id (from submit or jobs)")
     restart_p.add_argument("modifications", nargs="?", help="JSON object merged into the input")

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import shlex
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -16,7 +18,15 @@ from urllib.parse import urlsplit
 import orjson
 import trio
 
-from actors import TERMINAL_STATES, EventType, JobEvent, parse_duration
+from actors import (
+    TERMINAL_STATES,
+    EventType,
+    InvalidInputError,
+    JobEvent,
+    JobState,
+    parse_duration,
+)
+from actors._options import CreateOptions
 
 from ._display import (
     JsonView,
@@ -24,6 +34,7 @@ from ._display import (
     WatchView,
     describe_job,
     jobs_table,
+    stats_text,
     write,
     write_json,
 )
@@ -35,6 +46,7 @@ from .client import (
     Reset,
     RoomCursor,
     is_omitted,
+    new_key,
     open_client,
 )
 
@@ -53,6 +65,27 @@ _HINTS = {
         " with the server's settings: jobspine token --user NAME"
     ),
     "token_expired": "the token has expired: mint a new one with jobspine token --user NAME",
+}
+
+_STATES = [state.value for state in JobState]
+_FLAGS = {
+    "priority": "--priority",
+    "delay": "--delay",
+    "max_attempts": "--max-attempts",
+    "timeout": "--timeout",
+    "tags": "--tag",
+    "parent_id": "--parent",
+    "idempotency_key": "--idempotency-key",
+}
+
+#: The text arguments sent to the server as they are: an undecodable byte in one (read as a
+#: lone surrogate) cannot be sent as JSON.
+_TEXT_ARGS = {
+    "kind": "KIND",
+    "job_id": "JOB_ID",
+    "tag": "--tag",
+    "parent": "--parent",
+    "idempotency_key": "--idempotency-key",
 }
 
 _FINAL_EXIT = {"completed": ExitCode.OK, "failed": ExitCode.JOB_FAILED}
@@ -215,7 +248,17 @@ def _final(view: WatchView, job: dict[str, Any]) -> int:
 async def _command(client: Client, args: argparse.Namespace) -> int:
     command = args.command
     if command == "submit":
-        job = await client.create(args.kind, args.input)
+        try:
+            job = await client.create(args.kind, args.input, **args.create_options)
+        except (ConnectionLostError, trio.TooSlowError) as exc:
+            # The server may have stored the job: the same key makes a re-run safe.
+            raise CLIError(
+                ExitCode.CANNOT_CONNECT,
+                f"{exc or 'no answer within 30 s'}; the job may have been created: run the"
+                " same command with --idempotency-key"
+                f" {shlex.quote(args.create_options['idempotency_key'])} to submit it at"
+                " most once",
+            ) from None
         if args.watch:
             if not args.json:
                 write(job["id"] + "\n")
@@ -227,7 +270,9 @@ async def _command(client: Client, args: argparse.Namespace) -> int:
         view = _view(args, args.job_id)
         return await watch_job(client, args.job_id, view, exit_on_pause=args.exit_on_pause)
     if command == "jobs":
-        jobs = await client.list(state=args.state, kind=args.kind, limit=args.limit)
+        jobs = await client.list(
+            states=args.state, kind=args.kind, tag=args.tag, parent_id=args.parent, limit=args.limit
+        )
         if args.json:
             write_json(jobs)
         else:
@@ -248,6 +293,11 @@ async def _command(client: Client, args: argparse.Namespace) -> int:
                 f" ({report['batches']} batches)\n"
             )
         return ExitCode.OK
+    if command == "stats":
+        counts = await (client.stats() if args.all else client.my_stats())
+        queue = await client.queue_stats(None if args.all else client.welcome["user_id"])
+        write_json({"jobs": counts, "queue": queue}) if args.json else stats_text(counts, queue)
+        return ExitCode.OK
     if command == "recovery":
         _show(args, await client.recovery_options(args.job_id))
         return ExitCode.OK
@@ -259,10 +309,80 @@ async def _command(client: Client, args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _int_arg(text: str | None, flag: str) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise CLIError(ExitCode.USAGE, f"{flag} {text}: must be an integer") from None
+
+
+def _duration_arg(text: str | None, flag: str) -> float | None:
+    if text is None:
+        return None
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise CLIError(ExitCode.USAGE, f"{flag}: {exc}") from None
+
+
+def create_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``submit``'s queue options as :meth:`Client.create` keywords, checked with the
+    server's own rules (a bad value is a usage error and nothing is sent); the idempotency
+    key is generated when not given."""
+    options: dict[str, Any] = {
+        "priority": _int_arg(args.priority, "--priority"),
+        "delay": _duration_arg(args.delay, "--delay"),
+        "max_attempts": _int_arg(args.max_attempts, "--max-attempts"),
+        "timeout": _duration_arg(args.timeout, "--timeout"),
+        "tags": args.tag,
+        "parent_id": args.parent,
+        "idempotency_key": args.idempotency_key,
+    }
+    for name, value in options.items():
+        if value is None:
+            continue
+        try:
+            CreateOptions.check(time.time(), **{name: value})
+        except InvalidInputError as exc:
+            raise CLIError(ExitCode.USAGE, f"{_FLAGS[name]}: {exc}") from None
+    if options["idempotency_key"] is None:
+        options["idempotency_key"] = new_key()
+    return options
+
+
 def parse_inputs(args: argparse.Namespace) -> None:
-    """Check JSON arguments before connecting: a typo is a usage error, not a traceback."""
+    """Check arguments before connecting: a typo is a usage error, not a traceback, and
+    nothing is sent."""
+    for name, flag in _TEXT_ARGS.items():
+        value = getattr(args, name, None)
+        for text in value if isinstance(value, list) else [value]:
+            if not isinstance(text, str):
+                continue
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                raise CLIError(
+                    ExitCode.USAGE,
+                    f"{flag} {text!r}: not valid UTF-8 (check the terminal's locale)",
+                ) from None
     if args.command == "submit":
         args.input = _json_arg(args.input, "INPUT")
+        args.create_options = create_options(args)
+    if args.command == "jobs":
+        for state in args.state or ():
+            if state not in _STATES:
+                raise CLIError(
+                    ExitCode.USAGE, f"--state {state}: not a state; states: {', '.join(_STATES)}"
+                )
+        if args.state and len(set(args.state)) != len(args.state):
+            raise CLIError(ExitCode.USAGE, "--state: each state once")
+        if not 1 <= args.limit <= 500:
+            raise CLIError(ExitCode.USAGE, f"--limit {args.limit}: must be in 1..500")
+        for flag, value in (("--tag", args.tag), ("--parent", args.parent)):
+            if value is not None and not value:
+                raise CLIError(ExitCode.USAGE, f"{flag}: must not be empty")
     if args.command == "prune" and args.older_than is not None:
         try:
             args.older_than = parse_duration(args.older_than)

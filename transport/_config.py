@@ -237,8 +237,9 @@ def _field_settings(cls: type, section: str, taken: set[str]) -> list[Setting]:
     return found
 
 
-# ``retention`` is built from the retention_* settings (:func:`retention_policy`).
-_TAKEN = {s.name for s in _EXPLICIT} | {"retention"}
+# ``retention`` is built from the retention_* settings (:func:`retention_policy`); the queue's
+# mappings and node id are not config-file scalars: given by the embedding API.
+_TAKEN = {s.name for s in _EXPLICIT} | {"retention", "kinds", "max_running_per_kind", "node_id"}
 #: Every setting, explicit ones first; request_burst defaults to twice request_rate.
 SETTINGS: tuple[Setting, ...] = (
     *_EXPLICIT,
@@ -346,8 +347,8 @@ def _checked(setting: Setting, value: Any, source: str) -> Any:
 
 
 def _section_kwargs(values: Mapping[str, Resolved], cls: type) -> dict[str, Any]:
-    names = {f.name for f in attrs.fields(cls)} - {"secret", "retention"}
-    return {name: values[name].value for name in names}
+    names = {f.name for f in attrs.fields(cls)} - {"secret"}
+    return {name: values[name].value for name in names if name in values}
 
 
 def server_config_kwargs(values: Mapping[str, Resolved]) -> dict[str, Any]:

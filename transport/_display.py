@@ -31,6 +31,7 @@ __all__ = [
     "final_line",
     "format_duration",
     "jobs_table",
+    "stats_text",
     "write",
     "write_json",
 ]
@@ -116,6 +117,24 @@ def jobs_table(jobs: list[dict[str, Any]], *, terminal: bool) -> None:
         write("  ".join([*cells, row[-1]]).rstrip() + "\n")
 
 
+def stats_text(counts: dict[str, Any], queue: dict[str, Any]) -> None:
+    """``jobspine stats``: jobs per state, then the queue (waiting ready and scheduled,
+    running; waiting per kind, and per user for an admin's view of everyone)."""
+    states = {key: value for key, value in counts.items() if isinstance(value, int)}
+    width = max(len(key) for key in states)
+    for key, value in states.items():
+        write(f"{key:<{width}}  {value:>9,}\n")
+    write(
+        f"\nqueue: {queue['waiting']:,} waiting ({queue['ready']:,} ready,"
+        f" {queue['scheduled']:,} scheduled), {queue['running']:,} running\n"
+    )
+    for what in ("kind", "user"):
+        waiting = queue[f"waiting_by_{what}"]
+        if waiting and (what == "kind" or len(waiting) > 1):
+            shown = ", ".join(f"{name} {n:,}" for name, n in sorted(waiting.items()))
+            write(f"waiting by {what}: {shown}\n")
+
+
 def describe_job(job: dict[str, Any]) -> str:
     """One line for a job an action returned: ``ID state (attempt N) progress step``."""
     parts = [job["id"], job["state"], f"attempt {job['attempt']}", f"{job['progress']:.1f}%"]
@@ -157,8 +176,19 @@ def change_line(event: JobEvent, job_id: str) -> str | None:
             reason = data.get("reason", "")
             # The command on a line of its own: a long reason must not wrap it mid-id.
             return f"paused ({reason})\n  resume with: jobspine resume {job_id}"
-        case "started" | "resumed":
-            return f"{event.type.value} (attempt {data.get('attempt', '-')})"
+        case "started":
+            # A claim that resumes from a checkpoint (after a resume, retry or re-queue).
+            verb = "started" if data.get("resumed_from_checkpoint") is None else "resumed"
+            return f"{verb} (attempt {data.get('attempt', '-')})"
+        case "resumed":
+            return "resumed (waiting for a worker)"
+        case "retrying":
+            error = data.get("error") or {}
+            return (
+                f"retrying in {data.get('delay', 0):.1f} s: attempt failed"
+                f" ({data.get('failed_attempts')} of {data.get('max_attempts')}):"
+                f" {error.get('type')}: {error.get('message')}"
+            )
         case "restarted" | "created" | "cancelled" | "deleted":
             return event.type.value
     return None

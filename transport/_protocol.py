@@ -14,6 +14,7 @@ Every refusal is a :class:`RequestError` that carries the request id whenever it
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any, get_args, get_origin
 
@@ -21,8 +22,9 @@ import attrs
 import cattrs
 import orjson
 
-from actors import JobState
+from actors import InvalidInputError, JobState
 from actors._codec import converter
+from actors._options import CreateOptions
 
 from ._json import INT_MAX, INT_MIN, RefusedJsonError, loads_lenient, loads_strict
 
@@ -30,6 +32,7 @@ __all__ = [
     "CLOSE",
     "MAX_ID_LENGTH",
     "MAX_LIST_LIMIT",
+    "MAX_QUEUE_USERS",
     "OPS",
     "PROTOCOL_VERSION",
     "Cursor",
@@ -46,8 +49,11 @@ __all__ = [
 PROTOCOL_VERSION = 1
 #: A string request id has 1 to this many characters.
 MAX_ID_LENGTH = 128
-#: The largest ``limit`` of a ``list`` request.
+#: The largest ``limit`` of a ``list`` or ``children`` request.
 MAX_LIST_LIMIT = 500
+#: ``queue_stats`` names at most this many users in ``waiting_by_user`` (those with the most
+#: waiting jobs): one reply must fit in a message whatever the number of users.
+MAX_QUEUE_USERS = 100
 _STATES = tuple(state.value for state in JobState)
 
 #: Close codes the server uses, with the reason text it sends.
@@ -114,8 +120,33 @@ class Unsubscribe:
 
 @attrs.frozen
 class Create:
+    """A job for the queue. The options' ranges are the embedding API's
+    (:meth:`actors.Repository.create_job`), checked by :func:`_range_problem`."""
+
     kind: str
     input: Any  # required; JSON null is a value (the kind's handler decides if it accepts it)
+    priority: int | None = None
+    delay: float | None = None
+    run_at: float | None = None
+    max_attempts: int | None = None
+    timeout: float | None = None
+    tags: list[str] | None = None
+    parent_id: str | None = None
+    idempotency_key: str | None = None
+
+    def options(self, now: float) -> CreateOptions:
+        """The checked options; raises :class:`InvalidInputError` naming the field."""
+        return CreateOptions.check(
+            now,
+            priority=0 if self.priority is None else self.priority,
+            delay=self.delay,
+            run_at=self.run_at,
+            max_attempts=self.max_attempts,
+            timeout=self.timeout,
+            tags=self.tags or (),
+            parent_id=self.parent_id,
+            idempotency_key=self.idempotency_key,
+        )
 
 
 @attrs.frozen
@@ -141,9 +172,34 @@ class Restart:
 
 @attrs.frozen
 class ListJobs:
+    """``state`` (one) or ``states`` (any of them), ``kind``, ``tag`` and ``parent_id``
+    filters, all applying together."""
+
     state: str | None = None
     kind: str | None = None
     limit: int = 50
+    user_id: str | None = None  # admins only
+    states: list[str] | None = None
+    tag: str | None = None
+    parent_id: str | None = None
+
+    def state_filter(self) -> list[JobState] | None:
+        """The states asked for (parse_request checked them), None for all."""
+        if self.state is not None:
+            return [JobState(self.state)]
+        return None if self.states is None else [JobState(s) for s in self.states]
+
+
+@attrs.frozen
+class Children:
+    """A job's children (the jobs created with it as ``parent_id``), newest first."""
+
+    job_id: str
+    limit: int = 50
+
+
+@attrs.frozen
+class QueueStatsRequest:
     user_id: str | None = None  # admins only
 
 
@@ -165,6 +221,7 @@ OPS: dict[str, type] = {
     "get": JobRef,
     "get_payload": PayloadRef,
     "list": ListJobs,
+    "children": Children,
     "cancel": JobRef,
     "pause": JobRef,
     "resume": JobRef,
@@ -173,6 +230,7 @@ OPS: dict[str, type] = {
     "checkpoint_details": JobRef,
     "stats": NoArgs,
     "my_stats": NoArgs,
+    "queue_stats": QueueStatsRequest,
     "prune": Prune,
 }
 
@@ -257,11 +315,29 @@ def _range_problem(body: Any) -> str | None:
         return f"$.cursor.seq must be at least 0, not {body.cursor.seq}"
     if isinstance(body, PayloadRef) and body.seq is not None and body.seq < 1:
         return f"$.seq must be at least 1, not {body.seq}"
+    if isinstance(body, ListJobs | Children) and not 1 <= body.limit <= MAX_LIST_LIMIT:
+        return f"$.limit must be in 1..{MAX_LIST_LIMIT}, not {body.limit}"
     if isinstance(body, ListJobs):
-        if not 1 <= body.limit <= MAX_LIST_LIMIT:
-            return f"$.limit must be in 1..{MAX_LIST_LIMIT}, not {body.limit}"
         if body.state is not None and body.state not in _STATES:
             return f"$.state: unknown state {body.state!r}; states: {', '.join(_STATES)}"
+        if body.states is not None:
+            if body.state is not None:
+                return "give $.state or $.states, not both"
+            unknown = [s for s in body.states if s not in _STATES]
+            if unknown or not body.states or len(set(body.states)) != len(body.states):
+                return (
+                    f"$.states must be distinct states, at least one, of: {', '.join(_STATES)}"
+                    + (f" (unknown: {unknown[0]!r})" if unknown else "")
+                )
+        if body.tag is not None and not body.tag:
+            return "$.tag must not be empty"
+        if body.parent_id is not None and not body.parent_id:
+            return "$.parent_id must not be empty"
+    if isinstance(body, Create):
+        try:
+            body.options(time.time())
+        except InvalidInputError as exc:
+            return str(exc)  # names the field
     return None
 
 

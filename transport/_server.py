@@ -20,7 +20,6 @@ from actors import (
     Cursor,
     Job,
     JobspineError,
-    JobState,
     Outbox,
     Runtime,
     encode_batch,
@@ -34,7 +33,9 @@ from actors._remote import RemotePlacement
 from ._auth import Principal, verify_token
 from ._protocol import (
     CLOSE,
+    MAX_QUEUE_USERS,
     PROTOCOL_VERSION,
+    Children,
     Create,
     Hello,
     JobRef,
@@ -42,6 +43,7 @@ from ._protocol import (
     PayloadRef,
     ProtocolError,
     Prune,
+    QueueStatsRequest,
     Refresh,
     Request,
     RequestError,
@@ -425,7 +427,19 @@ async def _unsubscribe(conn: Connection, request: Request) -> Any:
 async def _create(conn: Connection, request: Request) -> Any:
     body = request.body
     assert isinstance(body, Create)
-    return await conn.server.runtime.create_job(body.kind, conn.user.user_id, body.input)
+    return await conn.server.runtime.create_job(
+        body.kind,
+        conn.user.user_id,
+        body.input,
+        priority=0 if body.priority is None else body.priority,
+        delay=body.delay,
+        run_at=body.run_at,
+        max_attempts=body.max_attempts,
+        timeout=body.timeout,
+        tags=body.tags or (),
+        parent_id=body.parent_id,
+        idempotency_key=body.idempotency_key,
+    )
 
 
 async def _get(conn: Connection, request: Request) -> Any:
@@ -434,20 +448,40 @@ async def _get(conn: Connection, request: Request) -> Any:
     return await conn.own_job(body.job_id)
 
 
+def _whose(conn: Connection, user_id: str | None, what: str) -> str | None:
+    """The user whose jobs a request reads: the caller's own; an admin names anyone's, or
+    with None everyone's."""
+    if user_id is not None and user_id != conn.user.user_id:
+        if not conn.user.admin:
+            raise ProtocolError("forbidden", f"only an admin may read another user's {what}")
+        return user_id
+    if conn.user.admin and user_id is None:
+        return None
+    return conn.user.user_id
+
+
 async def _list(conn: Connection, request: Request) -> Any:
     body = request.body
     assert isinstance(body, ListJobs)
-    user_id: str | None = conn.user.user_id
-    if body.user_id is not None and body.user_id != user_id:
-        if not conn.user.admin:
-            raise ProtocolError("forbidden", "only an admin may list another user's jobs")
-        user_id = body.user_id
-    if conn.user.admin and body.user_id is None:
-        user_id = None
-    # parse_request checked the limit's range and that the state is one.
-    states = None if body.state is None else [JobState(body.state)]
+    # parse_request checked the limit's range and the states.
     jobs = await conn.server.runtime.list_jobs(
-        user_id, states=states, kind=body.kind, limit=body.limit
+        _whose(conn, body.user_id, "jobs"),
+        states=body.state_filter(),
+        kind=body.kind,
+        tag=body.tag,
+        parent_id=body.parent_id,
+        limit=body.limit,
+    )
+    return conn.jobs_value(jobs)
+
+
+async def _children(conn: Connection, request: Request) -> Any:
+    body = request.body
+    assert isinstance(body, Children)
+    parent = await conn.own_job(body.job_id)
+    # Children have their parent's user (create checks it), so they are the caller's to see.
+    jobs = await conn.server.runtime.list_jobs(
+        parent.user_id, parent_id=parent.id, limit=body.limit
     )
     return conn.jobs_value(jobs)
 
@@ -524,6 +558,18 @@ async def _my_stats(conn: Connection, request: Request) -> Any:
     return await conn.server.runtime.get_user_stats(conn.user.user_id)
 
 
+async def _queue_stats(conn: Connection, request: Request) -> Any:
+    body = request.body
+    assert isinstance(body, QueueStatsRequest)
+    stats = await conn.server.runtime.queue_stats(_whose(conn, body.user_id, "queue"))
+    result = attrs.asdict(stats)
+    by_user = stats.waiting_by_user
+    most = sorted(by_user.items(), key=lambda item: (-item[1], item[0]))[:MAX_QUEUE_USERS]
+    result["waiting_by_user"] = dict(most)
+    result["waiting_users"] = len(by_user)
+    return result
+
+
 async def _prune(conn: Connection, request: Request) -> Any:
     body = request.body
     assert isinstance(body, Prune)
@@ -557,6 +603,7 @@ HANDLERS: dict[str, Handler] = {
     "get": _get,
     "get_payload": _get_payload,
     "list": _list,
+    "children": _children,
     "cancel": _job_action("cancel"),
     "pause": _job_action("pause"),
     "resume": _job_action("resume"),
@@ -565,6 +612,7 @@ HANDLERS: dict[str, Handler] = {
     "checkpoint_details": _job_action("checkpoint_details"),
     "stats": _stats,
     "my_stats": _my_stats,
+    "queue_stats": _queue_stats,
     "prune": _prune,
 }
 

@@ -29,6 +29,7 @@ from actors import (
     JobState,
     JobStopped,
     NotSerializableError,
+    PermanentError,
 )
 from actors._codec import dumps_json_value
 from actors._worker import Handler, _describe
@@ -203,6 +204,8 @@ class _Session:
                     log.info("job %s raised %s", attempt.job_id, type(exc).__name__, exc_info=exc)
                     error = {"type": type(exc).__name__, "message": _describe(exc)}
                     outcome = {"op": "fail", **ref, "error": error}
+                    if isinstance(exc, PermanentError):
+                        outcome["permanent"] = True
                 else:
                     outcome = {"op": "complete", **ref, "result": result}
                     try:

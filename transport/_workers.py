@@ -52,9 +52,9 @@ MAX_QUEUED_BYTES = 32 * 1024 * 1024
 #: The largest frame the server sends a worker: an assignment carries the input and the
 #: checkpoint (1 MiB each at most).
 MAX_ASSIGN_SIZE = 4 * 1024 * 1024
-#: Seconds a drain's pauses may wait for the store, past the grace period.
+#: Seconds a drain's re-queues may wait for the store, past the grace period.
 DRAIN_WRITE_TIMEOUT = 10.0
-#: Reasons a worker's drain and a server's stop pause its jobs with.
+#: The reason a worker's drain re-queues its jobs with (recorded in their `recovery` event).
 HANDED_BACK = "worker_shutdown"
 
 
@@ -111,6 +111,8 @@ class Fail:
     job_id: str
     attempt: int
     error: ErrorBody
+    #: The handler raised a ``PermanentError`` (or a subclass): the job is not retried.
+    permanent: bool = False
 
 
 WORKER_OPS: dict[str, type] = {
@@ -192,7 +194,6 @@ class WorkerConnection:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._sender)
                     nursery.start_soon(self._watchdog)
-                    nursery.start_soon(self._adopt)
                     await self._reader(nursery)
                     nursery.cancel_scope.cancel()
         finally:
@@ -294,22 +295,6 @@ class WorkerConnection:
                 return
             await trio.sleep_until(deadline)
 
-    async def _adopt(self) -> None:
-        """Resume the jobs a shutdown or a worker's drain paused that this worker serves, up to
-        its free slots (until the queue's dispatcher does this for every waiting job)."""
-        worker = self.worker
-        assert worker is not None
-        runtime = self.server.runtime
-        for job in await runtime.get_resumable_jobs():
-            if job.pause_reason not in ("shutdown", HANDED_BACK) or job.kind not in worker.kinds:
-                continue
-            if not worker.free:
-                return
-            try:
-                await runtime.resume(job.id, by="system")
-            except JobspineError as exc:
-                log.info("job %s not adopted by worker %s: %s", job.id, worker.name, exc)
-
     # -- frames --------------------------------------------------------------------------------
 
     async def _reader(self, nursery: trio.Nursery) -> None:
@@ -343,7 +328,7 @@ class WorkerConnection:
                 self._attempt(body.job_id, body.attempt).complete(body.result)
             elif isinstance(body, Fail):
                 error = JobError(body.error.type, body.error.message)
-                self._attempt(body.job_id, body.attempt).fail(error)
+                self._attempt(body.job_id, body.attempt).fail(error, body.permanent)
             elif isinstance(body, AttemptRef):
                 attempt = self._attempt(body.job_id, body.attempt)
                 if attempt.ctx is None or not attempt.ctx.stopping:
@@ -392,27 +377,20 @@ class WorkerConnection:
 
     async def _drain(self) -> None:
         """The worker is shutting down: no new attempts; each running one is stopped with
-        the grace period and paused (``worker_shutdown``), to be resumed by the next worker
-        that serves its kind."""
+        the grace period and goes back to the queue (``worker_shutdown``), to resume from its
+        checkpoint on the next worker that serves its kind."""
         worker = self.worker
         assert worker is not None
         worker.closed = True
         log.info("worker %s drains: handing back %d jobs", worker.name, len(worker.attempts))
-        runtime = self.server.runtime
+        supervisor = self.server.runtime.supervisor
         # Shielded: the worker closes its connection once its handlers stopped, which must
-        # not cancel the pauses (else the jobs would be lost, not handed back).
+        # not cancel the re-queues (else the jobs would be lost, not handed back).
         bound = self._supervisor_config.stop_grace + DRAIN_WRITE_TIMEOUT
         with trio.move_on_after(bound, shield=True):
             async with trio.open_nursery() as nursery:
                 for job_id in list(worker.attempts):
-                    nursery.start_soon(_hand_back, runtime, job_id)
-
-
-async def _hand_back(runtime: Any, job_id: str) -> None:
-    try:
-        await runtime.pause(job_id, by="system", reason=HANDED_BACK)
-    except JobspineError as exc:
-        log.info("job %s not handed back: %s", job_id, exc)
+                    nursery.start_soon(supervisor.hand_back, job_id, HANDED_BACK)
 
 
 def heartbeat_interval(heartbeat_timeout: float) -> float:

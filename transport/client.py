@@ -20,7 +20,8 @@ markers (:func:`is_omitted`); :meth:`Client.get_payload` fetches them.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+import secrets
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -44,6 +45,7 @@ __all__ = [
     "Reset",
     "RoomCursor",
     "is_omitted",
+    "new_key",
     "open_client",
 ]
 
@@ -52,6 +54,13 @@ log = logging.getLogger("jobspine.client")
 #: Largest message accepted from the server by default: twice the server's default
 #: ``max_message_size`` (2 MiB), which no message it sends exceeds.
 MAX_MESSAGE = 4 * 1024 * 1024
+
+
+def new_key() -> str:
+    """A fresh idempotency key: 128 random bits (the default of :meth:`Client.create` and
+    ``jobspine submit``), 32 hex digits: never starting with ``-``, so that the re-run
+    ``jobspine submit`` prints (``--idempotency-key KEY``) parses."""
+    return secrets.token_hex(16)
 
 
 def is_omitted(value: object) -> bool:
@@ -136,6 +145,8 @@ class ClientStats:
     last_problem: str | None = None
     #: Resubscriptions refused (each was retried).
     resync_failures: int = 0
+    #: Creates sent again, with their idempotency key, after the connection was lost.
+    create_retries: int = 0
 
 
 class Client:
@@ -363,17 +374,21 @@ class Client:
             ws = self._ws
             self._next_id += 1
             request_id = self._next_id
-            self._pending[request_id] = pending
-            frame = orjson.dumps({"op": op, "id": request_id, **fields}).decode()
+            try:
+                frame = orjson.dumps({"op": op, "id": request_id, **fields}).decode()
+            except TypeError as exc:
+                # A value JSON cannot carry: a lone surrogate (an undecodable byte of a
+                # command-line argument), a set, an object.
+                raise ClientError("invalid_input", f"{op}: cannot be sent as JSON: {exc}") from None
             limit = self.welcome.get("max_frame_size")
             if isinstance(limit, int) and len(frame.encode()) > limit:
                 # Sent, it would close the connection (1009) for every request in flight.
-                self._pending.pop(request_id, None)
                 raise ClientError(
                     "request_too_large",
                     f"{op}: the request is {len(frame.encode())} bytes, over the server's"
                     f" max_frame_size of {limit}",
                 )
+            self._pending[request_id] = pending
             try:
                 await ws.send_message(frame)
             except ConnectionClosed:
@@ -513,8 +528,55 @@ class Client:
         self._token = token
         return await self.request("refresh", token=token)
 
-    async def create(self, kind: str, input: Any) -> Any:
-        return await self.request("create", kind=kind, input=input)
+    async def create(
+        self,
+        kind: str,
+        input: Any,
+        *,
+        priority: int | None = None,
+        delay: float | None = None,
+        run_at: float | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the job's per-attempt limit
+        tags: Sequence[str] | None = None,
+        parent_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Any:
+        """Queue a job; returns it (``created``, or already ``running``). Options as in
+        PROTOCOL.md's ``create``: ``priority`` 0..1000 (higher first), ``delay`` (seconds) or
+        ``run_at`` (Unix seconds), ``max_attempts`` 1..100, ``timeout`` (seconds per attempt),
+        ``tags``, ``parent_id`` (a job of yours), ``idempotency_key``.
+
+        Without an ``idempotency_key`` one is generated for this call (:func:`new_key`). When
+        the connection is lost before the reply, the create is sent again with the same key
+        once the client has reconnected, so a create the server stored but could not answer
+        returns that job instead of making a second one (until ``request_timeout`` has
+        passed since the call, or for good when the client does not reconnect). Raises
+        :class:`ClientError` (``invalid_input``, ``idempotency_conflict``, ...)."""
+        fields: dict[str, Any] = {
+            "kind": kind,
+            "input": input,
+            "idempotency_key": new_key() if idempotency_key is None else idempotency_key,
+        }
+        options = {
+            "priority": priority,
+            "delay": delay,
+            "run_at": run_at,
+            "max_attempts": max_attempts,
+            "timeout": timeout,
+            "tags": None if tags is None else list(tags),
+            "parent_id": parent_id,
+        }
+        fields.update({name: value for name, value in options.items() if value is not None})
+        with trio.fail_after(self.request_timeout):
+            while True:
+                try:
+                    return await self._request("create", fields, _Pending())
+                except ConnectionLostError:
+                    if not self.reconnect or self._fatal is not None:
+                        raise
+                    self.counters.create_retries += 1
+                    log.info("connection lost before create's reply; sending it again")
 
     async def get(self, job_id: str) -> Any:
         """The job; a payload that would not fit in one message is an omitted marker."""
@@ -531,14 +593,35 @@ class Client:
         return (await self.request("get_payload", **fields))["value"]
 
     async def list(
-        self, *, state: str | None = None, kind: str | None = None, limit: int = 50
+        self,
+        *,
+        state: str | None = None,
+        kind: str | None = None,
+        limit: int = 50,
+        states: Sequence[str] | None = None,
+        tag: str | None = None,
+        parent_id: str | None = None,
+        user_id: str | None = None,
     ) -> Any:
-        fields: dict[str, Any] = {"limit": limit}
-        if state is not None:
-            fields["state"] = state
-        if kind is not None:
-            fields["kind"] = kind
-        return await self.request("list", **fields)
+        """Your jobs, newest first: those in ``state`` (or any of ``states``), of ``kind``,
+        with ``tag``, children of ``parent_id``, all filters together; at most ``limit``
+        (1..500). Admins: ``user_id``'s jobs, or everyone's without it."""
+        fields: dict[str, Any] = {
+            "limit": limit,
+            "state": state,
+            "kind": kind,
+            "states": None if states is None else list(states),
+            "tag": tag,
+            "parent_id": parent_id,
+            "user_id": user_id,
+        }
+        return await self.request(
+            "list", **{name: value for name, value in fields.items() if value is not None}
+        )
+
+    async def children(self, job_id: str, *, limit: int = 50) -> Any:
+        """The jobs created with ``parent_id=job_id``, newest first (at most ``limit``)."""
+        return await self.request("children", job_id=job_id, limit=limit)
 
     async def cancel(self, job_id: str) -> Any:
         return await self.request("cancel", job_id=job_id)
@@ -563,6 +646,13 @@ class Client:
 
     async def my_stats(self) -> Any:
         return await self.request("my_stats")
+
+    async def queue_stats(self, user_id: str | None = None) -> Any:
+        """``{waiting, ready, scheduled, running, waiting_by_kind, waiting_by_user,
+        waiting_users}``: yours; an admin's: everyone's, or ``user_id``'s.
+        ``waiting_by_user`` names the 100 users with the most waiting jobs at most."""
+        fields = {} if user_id is None else {"user_id": user_id}
+        return await self.request("queue_stats", **fields)
 
     async def prune(self, older_than: float | None = None, *, dry_run: bool = False) -> Any:
         """Admins: apply the retention policy now (``older_than`` seconds replacing every

@@ -1,0 +1,201 @@
+"""Per-kind queue options (retries, timeout, stall re-queue) and the checks of a create's
+queue options. Plain values: the decisions that use them live in :mod:`._scheduling`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+
+import attrs
+
+from ._errors import InvalidInputError
+from ._job import MAX_ATTEMPTS, MAX_KEY_LENGTH, MAX_PRIORITY, MAX_TAG_LENGTH, MAX_TAGS, MAX_TIMEOUT
+
+__all__ = ["CreateOptions", "KindOptions", "RetryPolicy", "kind_options", "options_of"]
+
+_H = TypeVar("_H", bound=Callable[..., Awaitable[Any]])
+
+
+def _positive(_: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise InvalidInputError(f"{attribute.name} must be a positive number of seconds")
+
+
+@attrs.frozen
+class RetryPolicy:
+    """Backoff between failed attempts (Temporal's policy). The delay before attempt ``n + 1``,
+    after ``n`` failed attempts, is ``min(maximum_interval, initial_interval *
+    backoff_coefficient ** (n - 1))`` seconds, times a random factor in
+    ``[1 - jitter, 1 + jitter]``, and never over ``maximum_interval``."""
+
+    initial_interval: float = attrs.field(default=1.0, validator=_positive)
+    backoff_coefficient: float = 2.0
+    maximum_interval: float = attrs.field(default=100.0, validator=_positive)
+    jitter: float = 0.2
+
+    def __attrs_post_init__(self) -> None:
+        coefficient = self.backoff_coefficient
+        if not (isinstance(coefficient, int | float) and 1 <= coefficient <= 100):
+            raise InvalidInputError("backoff_coefficient must be a number in 1..100")
+        if not (isinstance(self.jitter, int | float) and 0 <= self.jitter < 1):
+            raise InvalidInputError("jitter must be a number in [0, 1)")
+        if self.maximum_interval < self.initial_interval:
+            raise InvalidInputError("maximum_interval must be >= initial_interval")
+
+
+def _names(values: Iterable[str]) -> frozenset[str]:
+    if isinstance(values, str) or not all(isinstance(v, str) and v for v in values):
+        raise InvalidInputError("non_retryable must be a list of error type names")
+    return frozenset(values)
+
+
+@attrs.frozen
+class KindOptions:
+    """A kind's queue behaviour. ``max_attempts`` (1..100) and ``timeout`` (seconds per
+    attempt, None: none) are the defaults of jobs created without their own; error types in
+    ``non_retryable`` (matched on the recorded error type, e.g. ``"ValueError"``) fail a job
+    at once, like :class:`PermanentError`; ``requeue_stalled`` puts a stalled job that has a
+    checkpoint back in the queue (resumed from it) instead of pausing it."""
+
+    max_attempts: int = 1
+    retry: RetryPolicy = RetryPolicy()
+    timeout: float | None = None
+    non_retryable: frozenset[str] = attrs.field(default=frozenset(), converter=_names)
+    requeue_stalled: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        check_attempts(self.max_attempts)
+        check_timeout(self.timeout)
+
+
+def kind_options(
+    *,
+    max_attempts: int = 1,
+    retry: RetryPolicy | None = None,
+    timeout: float | None = None,
+    non_retryable: Iterable[str] = (),
+    requeue_stalled: bool = False,
+) -> Callable[[_H], _H]:
+    """Decorator giving a handler its :class:`KindOptions` (stored as its ``kind_options``
+    attribute), used when it is registered without explicit options. Raises
+    :class:`InvalidInputError` for an out-of-range value."""
+    options = KindOptions(
+        max_attempts, retry or RetryPolicy(), timeout, frozenset(non_retryable), requeue_stalled
+    )
+
+    def mark(handler: _H) -> _H:
+        handler.kind_options = options  # type: ignore[attr-defined]
+        return handler
+
+    return mark
+
+
+def options_of(handler: object) -> KindOptions:
+    """The options a handler was decorated with (:func:`kind_options`), else the defaults."""
+    found = getattr(handler, "kind_options", None)
+    return found if isinstance(found, KindOptions) else KindOptions()
+
+
+def check_attempts(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ATTEMPTS:
+        raise InvalidInputError(f"max_attempts must be an integer in 1..{MAX_ATTEMPTS}")
+    return value
+
+
+def check_timeout(value: object) -> float | None:
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 < value <= MAX_TIMEOUT
+    ):
+        raise InvalidInputError(f"timeout must be seconds in (0, {MAX_TIMEOUT:g}]")
+    return float(value)
+
+
+def _seconds(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidInputError(f"{name} must be a finite number of seconds")
+    return float(value)
+
+
+@attrs.frozen
+class CreateOptions:
+    """The queue options of one create, checked (:meth:`check`) before anything is stored.
+    ``run_at`` is absolute (Unix seconds); ``max_attempts`` and ``timeout`` None take the
+    kind's defaults."""
+
+    priority: int = 0
+    run_at: float | None = None
+    max_attempts: int | None = None
+    timeout: float | None = None
+    tags: tuple[str, ...] = ()
+    parent_id: str | None = None
+    idempotency_key: str | None = None
+
+    @classmethod
+    def check(
+        cls,
+        now: float,
+        *,
+        priority: object = 0,
+        delay: object = None,
+        run_at: object = None,
+        max_attempts: object = None,
+        timeout: object = None,
+        tags: object = (),
+        parent_id: object = None,
+        idempotency_key: object = None,
+    ) -> CreateOptions:
+        """Validate a create's keyword arguments; raises :class:`InvalidInputError`."""
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InvalidInputError(f"priority must be an integer in 0..{MAX_PRIORITY}")
+        if not 0 <= priority <= MAX_PRIORITY:
+            raise InvalidInputError(f"priority must be an integer in 0..{MAX_PRIORITY}")
+        if delay is not None and run_at is not None:
+            raise InvalidInputError("give delay or run_at, not both")
+        at: float | None = None
+        if delay is not None:
+            seconds = _seconds(delay, "delay")
+            if not 0 <= seconds <= 365 * 86_400:
+                raise InvalidInputError("delay must be seconds in 0..31536000 (one year)")
+            at = now + seconds if seconds > 0 else None
+        elif run_at is not None:
+            at = _seconds(run_at, "run_at")
+            if at > now + 365 * 86_400:
+                raise InvalidInputError("run_at must be within a year from now")
+            if at < 0:
+                raise InvalidInputError("run_at must be Unix seconds (>= 0)")
+        attempts = None if max_attempts is None else check_attempts(max_attempts)
+        # A list or tuple: a set has no order to keep, a mapping would give its keys.
+        if not isinstance(tags, list | tuple):
+            raise InvalidInputError("tags must be a list of strings")
+        tag_list = list(tags)
+        if len(tag_list) > MAX_TAGS:
+            raise InvalidInputError(f"at most {MAX_TAGS} tags")
+        for tag in tag_list:
+            if not isinstance(tag, str) or not 0 < len(tag) <= MAX_TAG_LENGTH:
+                raise InvalidInputError(
+                    f"each tag must be a string of 1..{MAX_TAG_LENGTH} characters"
+                )
+        if len(set(tag_list)) != len(tag_list):
+            raise InvalidInputError("tags must be distinct")
+        if parent_id is not None and (not isinstance(parent_id, str) or not parent_id):
+            raise InvalidInputError("parent_id must be a job id")
+        if idempotency_key is not None and (
+            not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= MAX_KEY_LENGTH
+        ):
+            raise InvalidInputError(
+                f"idempotency_key must be a string of 1..{MAX_KEY_LENGTH} characters"
+            )
+        return cls(
+            priority,
+            at,
+            attempts,
+            check_timeout(timeout),
+            tuple(tag_list),
+            parent_id,
+            idempotency_key,
+        )

@@ -1,0 +1,46 @@
+"""The queue benchmarks run end to end at their smoke size (figures are not checked here:
+they belong in bench/, but a lost job or a wrong retry fails the run)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+
+def test_queue_and_retry_storm_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    scenarios = ["--scenario", "queue", "retry-storm"]
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--smoke", *scenarios, "--json", str(out)],
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {(r["scenario"], r["measure"]): r for r in orjson.loads(out.read_bytes())["rows"]}
+    assert rows[("retry storm 200", "jobs completed")]["value"] == 200
+    assert rows[("retry storm 200", "jobs with attempts != 3 (3 starts, 2 retries)")]["ok"]
+    assert rows[("queue 2,000", "enqueue rate (create over websockets)")]["value"] > 0
+    assert "cores (" in result.stdout  # the table names the machine
+
+
+def test_in_process_enqueue_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "enqueue.json"
+    args = ["--latency-jobs", "20", "--creates", "200", "--json", str(out)]
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.enqueue", *args],
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = orjson.loads(out.read_bytes())
+    assert figures["latency"]["fast_started"] > 0  # the fast path ran
+    assert figures["creates_per_s_keyed"] > 0 and figures["creates_per_s_unkeyed"] > 0
