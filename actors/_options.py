@@ -12,7 +12,15 @@ import attrs
 from ._errors import InvalidInputError
 from ._job import MAX_ATTEMPTS, MAX_KEY_LENGTH, MAX_PRIORITY, MAX_TAG_LENGTH, MAX_TAGS, MAX_TIMEOUT
 
-__all__ = ["CreateOptions", "KindOptions", "RetryPolicy", "kind_options", "options_of"]
+__all__ = [
+    "CreateOptions",
+    "KindOptions",
+    "RetryPolicy",
+    "kind_options",
+    "options_from_wire",
+    "options_of",
+    "options_to_wire",
+]
 
 _H = TypeVar("_H", bound=Callable[..., Awaitable[Any]])
 
@@ -95,6 +103,62 @@ def options_of(handler: object) -> KindOptions:
     """The options a handler was decorated with (:func:`kind_options`), else the defaults."""
     found = getattr(handler, "kind_options", None)
     return found if isinstance(found, KindOptions) else KindOptions()
+
+
+_RETRY_KEYS = ("initial_interval", "backoff_coefficient", "maximum_interval", "jitter")
+_OPTION_KEYS = ("max_attempts", "retry", "timeout", "non_retryable", "requeue_stalled")
+
+
+def options_to_wire(options: KindOptions) -> dict[str, Any]:
+    """``options`` as JSON (a worker's hello, PROTOCOL.md section 9): every field, the retry
+    policy as an object, ``non_retryable`` as a sorted list."""
+    retry = options.retry
+    return {
+        "max_attempts": options.max_attempts,
+        "retry": {key: getattr(retry, key) for key in _RETRY_KEYS},
+        "timeout": options.timeout,
+        "non_retryable": sorted(options.non_retryable),
+        "requeue_stalled": options.requeue_stalled,
+    }
+
+
+def _fields(value: object, keys: tuple[str, ...], what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"{what} must be an object with {', '.join(keys)}")
+    unknown = sorted(set(value) - set(keys))
+    if unknown:
+        raise InvalidInputError(f"{what}: unknown field {unknown[0]!r} ({', '.join(keys)})")
+    return value
+
+
+def _number(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInputError(f"{name} must be a number")
+    return value
+
+
+def options_from_wire(value: object) -> KindOptions:
+    """Strictly read :func:`options_to_wire`'s JSON (every field optional, defaults as
+    :class:`KindOptions`), with :class:`KindOptions`' checks; raises
+    :class:`InvalidInputError` naming the field."""
+    data = _fields(value, _OPTION_KEYS, "options")
+    retry = RetryPolicy()
+    if data.get("retry") is not None:
+        given = _fields(data["retry"], _RETRY_KEYS, "retry")
+        retry = RetryPolicy(**{key: _number(given[key], key) for key in given})
+    requeue = data.get("requeue_stalled", False)
+    if not isinstance(requeue, bool):
+        raise InvalidInputError("requeue_stalled must be true or false")
+    names = data.get("non_retryable", [])
+    if not isinstance(names, list):
+        raise InvalidInputError("non_retryable must be a list of error type names")
+    return KindOptions(
+        check_attempts(data.get("max_attempts", 1)),
+        retry,
+        check_timeout(data.get("timeout")),
+        frozenset(_names(names)),
+        requeue,
+    )
 
 
 def check_attempts(value: object) -> int:

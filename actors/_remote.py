@@ -17,7 +17,7 @@ keep the job away from the next worker for ``heartbeat_timeout``.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -25,6 +25,7 @@ import trio
 
 from ._errors import JobStopped
 from ._job import Job, JobError
+from ._options import KindOptions
 from ._worker import HandlerFailure, JobContext
 
 if TYPE_CHECKING:
@@ -174,8 +175,16 @@ class RemotePlacement:
         self.workers: list[RemoteWorker] = []
 
     def connect(
-        self, name: str, kinds: Collection[str], capacity: int, link: WorkerLink
+        self,
+        name: str,
+        kinds: Collection[str],
+        capacity: int,
+        link: WorkerLink,
+        options: Mapping[str, KindOptions] | None = None,
     ) -> RemoteWorker:
+        """A worker serving ``kinds``; ``options``: those it declared for them (checked by
+        :meth:`Supervisor.declaration_conflict` first), the defaults for a kind left out."""
+        self.supervisor.declare({kind: (options or {}).get(kind, KindOptions()) for kind in kinds})
         worker = RemoteWorker(name, frozenset(kinds), capacity, link)
         self.workers.append(worker)
         self.supervisor.capacity_changed()

@@ -79,6 +79,11 @@ class Supervisor:
         self.timeouts = StallDetector()
         # Options given per kind (register, RuntimeConfig.kinds); else the handler's own.
         self._kinds: dict[str, KindOptions] = dict(kinds or {})
+        #: Kinds connected workers declared since the runtime started, with the options the
+        #: last accepted declaration gave (the defaults when none): a declared kind stays
+        #: known while no worker serves it (its jobs wait), and runs with these options
+        #: unless the server has its own (given, or a handler registered here).
+        self._declared: dict[str, KindOptions] = {}
         self.config = config or SupervisorConfig()
         self.policy = RecoveryPolicy(self.config.max_recovery_attempts)
         #: Asked in order; in-process handlers come last (see :meth:`add_placement`).
@@ -191,10 +196,12 @@ class Supervisor:
         return min(sys.maxsize, sum(p.free() for p in self.placements))
 
     def check_known(self, kind: str) -> None:
-        """Raise :class:`UnknownKindError` unless a handler is registered for ``kind`` or a
-        placement (a connected worker) serves it. A known kind with no free slot is no error:
-        its jobs wait in the queue."""
-        if kind not in self.handlers and not any(p.serves(kind) for p in self.placements):
+        """Raise :class:`UnknownKindError` unless a handler is registered for ``kind``, a
+        placement serves it, or a worker declared it since the runtime started. A known kind
+        with no free slot, or no worker connected now, is no error: its jobs wait."""
+        if kind in self.handlers or kind in self._declared:
+            return
+        if not any(p.serves(kind) for p in self.placements):
             raise UnknownKindError(kind, self.known_kinds())
 
     def known_kinds(self) -> list[str]:
@@ -208,13 +215,34 @@ class Supervisor:
         """Wall-clock seconds by the runtime's clock (it moves with Trio's)."""
         return self._clock() if self._clock is not None else time.time()
 
+    def declaration_conflict(self, declared: Mapping[str, KindOptions]) -> str | None:
+        """Why a worker declaring ``declared`` (kind -> its options) must be refused: a kind
+        without options of the server's own whose options differ from those of a worker
+        serving it now (one kind, one behaviour); else None."""
+        for kind, options in declared.items():
+            if kind in self._kinds or kind in self.handlers or kind not in self._declared:
+                continue
+            if options != self._declared[kind] and any(p.serves(kind) for p in self.placements):
+                return (
+                    f"options.{kind} differ from those a connected worker declared for it;"
+                    " one kind runs with one set of options"
+                )
+        return None
+
+    def declare(self, declared: Mapping[str, KindOptions]) -> None:
+        """A worker connected serving ``declared``'s kinds with these options (after
+        :meth:`declaration_conflict` found none): the kinds stay known for the runtime's
+        life, and run with these options where the server has none of its own."""
+        self._declared.update(declared)
+
     def set_kind_options(self, kind: str, options: KindOptions | None) -> None:
         if options is not None:
             self._kinds[kind] = options
 
     def options_for(self, kind: str) -> KindOptions:
         """The kind's options: given (register, config), else its handler's
-        :func:`kind_options`, else the defaults. Raises :class:`UnknownKindError`."""
+        :func:`kind_options`, else those its workers declared (:meth:`declare`), else the
+        defaults. Raises :class:`UnknownKindError`."""
         self.check_known(kind)
         return self._options(kind)
 
@@ -223,7 +251,9 @@ class Supervisor:
         given = self._kinds.get(kind)
         if given is not None:
             return given
-        return KindOptions() if handler is None else options_of(handler)
+        if handler is not None:
+            return options_of(handler)
+        return self._declared.get(kind, KindOptions())
 
     def check_input(self, kind: str, input: Any) -> None:
         """Refuse ``input`` for ``kind`` before it is stored: :meth:`check_known`'s error, or

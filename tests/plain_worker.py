@@ -36,6 +36,8 @@ async def main(url: str, token: str) -> None:
                     "kinds": ["count"],
                     "capacity": 2,
                     "name": "plain",
+                    # The kind's options (section 9); a job of it is stored with them.
+                    "options": {"count": {"max_attempts": 2}},
                 }
             )
         )

@@ -746,3 +746,17 @@ def test_client_rules_of_the_protocol(server: Server, driver: WebDriver) -> None
     cursors = [s["cursor"]["seq"] for s in subscribes]
     assert [s["op"] for s in subscribes] == ["subscribe"] * 3 and cursors == [0, 3, 9]
     assert got["saved"] == {"job:J": 3}
+
+
+def test_brief_shows_no_value_as_nothing(server: Server, driver: WebDriver) -> None:
+    """``brief`` (the job list's Step column, the focused job's "N% step" line) shows a job
+    with no step (null) as an empty string, never a literal "null"; values keep their JSON."""
+    driver.get(server.page)
+    driver.set_script_timeout(10)
+    got = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "import('/ui.js').then((ui) => done([ui.brief(null), ui.brief(undefined),"
+        " ui.brief('fetching'), ui.brief(0), ui.brief({ a: null })]),"
+        " (e) => done(String(e)));"
+    )
+    assert got == ["", "", "fetching", "0", '{"a":null}']

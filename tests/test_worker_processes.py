@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import subprocess
 import sys
 import time
 from functools import partial
@@ -18,12 +19,18 @@ import trio
 from trio_websocket import open_websocket_url
 
 from actors import JobState
-from transport import open_client
+from transport import mint_token, open_client
 
 from .conftest import wait_for_state
 from .serving import SECRET, eventually, free_port, token
 from .test_worker_protocol import raw_worker, receive, send, wait_checkpoint
-from .worker_support import ROOT, served, start_worker_process, wait_connected
+from .worker_support import (
+    ROOT,
+    WORKER_COMMAND,
+    served,
+    start_worker_process,
+    wait_connected,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -231,3 +238,39 @@ async def test_serve_worker_processes_runs_handlers_outside_and_restarts_crashed
         for pid in map(int, found):
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
+
+
+@pytest.mark.parametrize(
+    ("which", "cause"),
+    [("user", "(wrong_role): this is not a worker token"), ("other_secret", "(auth_failed)")],
+)
+async def test_jobspine_worker_refused_token_is_one_error_line_and_exit_5(
+    tmp_path: Path, which: str, cause: str
+) -> None:
+    """A user's token (4010) or one of another secret (4003): one ``jobspine: error:`` line
+    naming the cause and how to mint a worker token, exit status 5, no reconnect loop."""
+    bad = token("bob") if which == "user" else mint_token("x" * 40, "w", role="worker")
+    async with served(tmp_path / "db", "in_process") as s:
+        command = [*WORKER_COMMAND, "--url", s.running.url, "--handlers", "tests.worker_handlers"]
+        with trio.fail_after(20):
+            done = await trio.run_process(
+                command,
+                env={**os.environ, "JOBSPINE_TOKEN": bad},
+                check=False,
+                capture_stdout=True,
+                capture_stderr=True,
+                cwd=str(ROOT),
+            )
+    err = done.stderr.decode()
+    assert done.returncode == 5, err
+    assert err.startswith("jobspine: error: the server refused this worker " + cause), err
+    assert "jobspine token --worker" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_jobspine_worker_help_says_how_to_mint_a_worker_token() -> None:
+    helped = subprocess.run(
+        [*WORKER_COMMAND, "--help"], capture_output=True, text=True, check=True, cwd=str(ROOT)
+    ).stdout
+    assert "worker token (mint one: jobspine token --worker)" in " ".join(helped.split())
+    assert "--user NAME" not in helped

@@ -18,11 +18,14 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
-from actors import JobState, UnknownKindError
-from transport import CLOSE
+from actors import JobState, RuntimeConfig, UnknownKindError
+from actors._options import options_of
+from transport import CLOSE, ServerConfig, open_server
+from transport._worker_process import WorkerProcess
 
 from .conftest import wait_for_state
-from .serving import token
+from .serving import SECRET, token
+from .test_workers import event_types
 from .worker_handlers import HANDLERS
 from .worker_support import served, wait_connected, worker_token
 
@@ -63,7 +66,11 @@ async def closed_with(ws: WebSocketConnection) -> int:
 
 @asynccontextmanager
 async def raw_worker(
-    url: str, kinds: list[str], capacity: int = 1, tok: str | None = None
+    url: str,
+    kinds: list[str],
+    capacity: int = 1,
+    tok: str | None = None,
+    options: dict[str, Any] | None = None,
 ) -> AsyncIterator[WebSocketConnection]:
     async with open_websocket_url(url + "/worker", max_message_size=4 * 2**20) as ws:
         await send(
@@ -74,6 +81,7 @@ async def raw_worker(
                 "token": tok or worker_token(),
                 "kinds": kinds,
                 "capacity": capacity,
+                **({} if options is None else {"options": options}),
             },
         )
         welcome = await receive(ws)
@@ -105,6 +113,24 @@ async def test_roles_are_kept_apart(tmp_path: Path) -> None:
         ({"kinds": ["a"], "capacity": 1, "extra": 1}, 4002),
         ({"kinds": ["a"], "capacity": 1, "token": "x.y.z"}, 4003),
         ({"kinds": ["a"], "capacity": 1, "protocol": 2}, 4002),
+        ({"kinds": ["a"], "capacity": 1, "options": {"b": {}}}, 4002),
+        ({"kinds": ["a"], "capacity": 1, "options": {"a": {"max_attempts": 0}}}, 4002),
+        ({"kinds": ["a"], "capacity": 1, "options": {"a": {"max_attempts": True}}}, 4002),
+        ({"kinds": ["a"], "capacity": 1, "options": {"a": {"tries": 2}}}, 4002),
+        ({"kinds": ["a"], "capacity": 1, "options": {"a": {"timeout": -1}}}, 4002),
+        ({"kinds": ["a"], "capacity": 1, "options": {"a": {"non_retryable": "E"}}}, 4002),
+        ({"kinds": ["a"], "capacity": 1, "options": {"a": {"requeue_stalled": 1}}}, 4002),
+        ({"kinds": ["a"], "capacity": 1, "options": {"a": {"retry": {"jitter": 2}}}}, 4002),
+        ({"kinds": ["a"], "capacity": 1, "options": {"a": {"retry": {"x": 1}}}}, 4002),
+        (
+            {
+                "kinds": ["a"],
+                "capacity": 1,
+                "options": {"a": {"retry": {"initial_interval": True}}},
+            },
+            4002,
+        ),
+        ({"kinds": ["a"], "capacity": 1, "options": {"a": []}}, 4002),
     ],
 )
 async def test_bad_hellos_close(tmp_path: Path, hello: dict[str, Any], code: int) -> None:
@@ -280,6 +306,7 @@ async def test_a_worker_written_from_the_document(tmp_path: Path) -> None:
             process: trio.Process = await nursery.start(run)
             await wait_connected(s.running)
             job = await rt.create_job("count", "alice", {"n": 3})
+            assert job.max_attempts == 2  # as the worker declared
             done = await wait_for_state(rt, job.id)
             assert done.state is JobState.COMPLETED, done
             assert done.result == {"counted": 3, "resumed_at": 0}
@@ -294,3 +321,106 @@ async def test_a_worker_written_from_the_document(tmp_path: Path) -> None:
             cancelled = await rt.cancel(job.id)
             assert cancelled.state is JobState.CANCELLED
             process.terminate()
+
+
+async def wait_no_worker(running: Any) -> None:
+    with trio.fail_after(10):
+        while running.server.workers.workers:  # noqa: ASYNC110 - no event for it
+            await trio.sleep(0.01)
+
+
+@asynccontextmanager
+async def worker_only_server(db: Path) -> AsyncIterator[Any]:
+    """A server with no handler of its own: every kind runs only in connected workers."""
+    config = RuntimeConfig(stop_grace=0.5, sqlite_synchronous="NORMAL")
+    async with open_server(db, ServerConfig(secret=SECRET, port=0), runtime_config=config) as r:
+        yield r
+
+
+async def test_a_worker_only_kind_runs_with_the_options_its_worker_declares(
+    tmp_path: Path,
+) -> None:
+    """``jobspine worker``'s hello carries each handler's ``@kind_options``: a kind the
+    server has no handler or options for is stored with the declared ``max_attempts`` and
+    retried with the declared policy."""
+    async with worker_only_server(tmp_path / "db") as running, trio.open_nursery() as nursery:
+        rt = running.runtime
+        worker = WorkerProcess(running.url, worker_token(), HANDLERS, concurrency=2)
+        nursery.start_soon(worker.run)
+        await wait_connected(running)
+        assert rt.kind_options("flaky") == options_of(HANDLERS["flaky"])
+        job = await rt.create_job("flaky", "alice", {"n": 2, "succeed_at": 3})
+        assert job.max_attempts == 3
+        done = await wait_for_state(rt, job.id)
+        assert done.state is JobState.COMPLETED, done
+        assert done.result == {"attempt": 3, "from": 2}
+        assert (await event_types(rt, job.id)).count("retrying") == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_declared_kind_stays_known_while_no_worker_serves_it(tmp_path: Path) -> None:
+    """PROTOCOL.md section 9: create, resume and restart of a kind a worker declared are
+    never refused for want of a worker: the job waits, with the declared options; a kind
+    never registered nor declared is ``unknown_kind`` and nothing is stored."""
+    async with worker_only_server(tmp_path / "db") as running:
+        rt = running.runtime
+        flaky = {"max_attempts": 3, "retry": {"initial_interval": 0.05, "maximum_interval": 0.1}}
+        async with raw_worker(running.url, ["flaky"], capacity=1, options={"flaky": flaky}) as ws:
+            failed = await rt.create_job("flaky", "alice", {"n": 1, "succeed_at": 9})
+            assign = await receive(ws, "assign")
+            error = {"type": "RuntimeError", "message": "no"}
+            ref = {"job_id": failed.id, "attempt": assign["attempt"]}
+            await send(ws, {"op": "fail", "id": 1, **ref, "error": error, "permanent": True})
+            assert (await wait_for_state(rt, failed.id)).state is JobState.FAILED
+            paused = await rt.create_job("flaky", "alice", {"n": 1, "succeed_at": 1})
+            await receive(ws, "assign")
+            await rt.pause(paused.id)
+            stop = await receive(ws, "stop")
+            await send(
+                ws, {"op": "stopped", "id": 2, "job_id": paused.id, "attempt": stop["attempt"]}
+            )
+            assert (await wait_for_state(rt, paused.id, {JobState.PAUSED})).state is JobState.PAUSED
+        await wait_no_worker(running)
+        created = await rt.create_job("flaky", "alice", {"n": 1, "succeed_at": 1})
+        assert created.state is JobState.CREATED and created.max_attempts == 3
+        assert (await rt.restart(failed.id)).state is JobState.CREATED
+        assert (await rt.resume(paused.id)).state is JobState.CREATED
+        total = (await rt.get_stats())["total"]
+        with pytest.raises(UnknownKindError):
+            await rt.create_job("never", "alice", {})
+        assert (await rt.get_stats())["total"] == total
+        await trio.sleep(0.3)  # no worker: they wait
+        for job_id in (created.id, failed.id, paused.id):
+            assert (await rt.get_job(job_id)).state is JobState.CREATED
+
+
+async def test_conflicting_option_declarations_are_refused(tmp_path: Path) -> None:
+    """One kind runs with one set of options: a hello declaring other options for a kind a
+    connected worker serves closes 4002 (nothing changes); the same options are accepted;
+    once no worker serves the kind, a new declaration replaces the old one. The server's own
+    options (a handler registered in it) win over any declaration."""
+    three, two = {"flaky": {"max_attempts": 3}}, {"flaky": {"max_attempts": 2}}
+    async with worker_only_server(tmp_path / "db") as running:
+        rt, url = running.runtime, running.url
+        async with raw_worker(url, ["flaky"], options=three):
+            async with open_websocket_url(url + "/worker") as ws:
+                hello = {"op": "hello", "token": worker_token(), "kinds": ["flaky"], "capacity": 1}
+                await send(ws, {**hello, "options": two})
+                assert await closed_with(ws) == 4002
+            async with open_websocket_url(url + "/worker") as ws:
+                await send(ws, hello)  # no options: the defaults, which differ too
+                assert await closed_with(ws) == 4002
+            assert len(running.server.workers.workers) == 1
+            assert rt.kind_options("flaky").max_attempts == 3
+            async with raw_worker(url, ["flaky"], options=three):
+                assert len(running.server.workers.workers) == 2
+        await wait_no_worker(running)
+        async with raw_worker(url, ["flaky"], options=two):
+            assert rt.kind_options("flaky").max_attempts == 2
+    async with (
+        served(tmp_path / "db2", "in_process", in_process_handlers=False) as s,
+        raw_worker(s.running.url, ["flaky"], options=two),
+    ):
+        assert s.runtime.kind_options("flaky") == options_of(HANDLERS["flaky"])
+        job = await s.runtime.create_job("flaky", "alice", {"n": 1, "succeed_at": 1})
+        assert job.max_attempts == 3

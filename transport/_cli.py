@@ -217,6 +217,21 @@ def _local_workers(args: argparse.Namespace, secret: str) -> LocalWorkers:
     return LocalWorkers(args.worker_processes, worker_args, env)
 
 
+#: ``jobspine worker --help``: the token it needs.
+WORKER_TOKEN_HELP = "worker token (mint one: jobspine token --worker)"
+
+#: What a refused ``jobspine worker`` says, by the close's meaning (PROTOCOL.md section 9).
+_WORKER_REFUSALS = {
+    "wrong_role": "this is not a worker token (a user's token?): mint one where the server"
+    " runs, with the same data directory: jobspine token --worker",
+    "auth_failed": "the server refused the token; it was likely minted with another secret"
+    " (another JOBSPINE_DATA directory, --db or JOBSPINE_SECRET than the server's): mint one"
+    " with the server's settings: jobspine token --worker",
+    "token_expired": "the token has expired: mint a new one with jobspine token --worker",
+    "protocol_error": "the server refused the hello (another protocol version?)",
+}
+
+
 def run_worker(args: argparse.Namespace) -> int:
     """``jobspine worker``: serve handlers for the server at ``--url`` until SIGTERM/SIGINT
     (the jobs are then handed back, each within its grace period)."""
@@ -232,17 +247,20 @@ def run_worker(args: argparse.Namespace) -> int:
         raise CLIError(ExitCode.USAGE, f"--nice {args.nice}: must be in 0..19")
     if args.nice:
         os.nice(args.nice)
-    try:
-        trio.run(_worker_main, args, handlers)
-    except WorkerFatalError as exc:
-        raise CLIError(
-            ExitCode.AUTH, f"the server refused this worker ({exc.code}): {exc}"
-        ) from None
+    fatal = trio.run(_worker_main, args, handlers)
+    if fatal is not None:
+        hint = _WORKER_REFUSALS.get(fatal.code, str(fatal))
+        raise CLIError(ExitCode.AUTH, f"the server refused this worker ({fatal.code}): {hint}")
     return ExitCode.OK
 
 
-async def _worker_main(args: argparse.Namespace, handlers: dict[str, Any]) -> None:
+async def _worker_main(
+    args: argparse.Namespace, handlers: dict[str, Any]
+) -> WorkerFatalError | None:
+    """Serves until a signal's drain ends; returns the refusal that stops it (reconnecting
+    cannot help), caught here rather than wrapped in the nursery's exception group."""
     process = WorkerProcess(args.url, args.token, handlers, concurrency=args.concurrency)
+    fatal: WorkerFatalError | None = None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -255,8 +273,12 @@ async def _worker_main(args: argparse.Namespace, handlers: dict[str, Any]) -> No
             nursery.start_soon(drain_on_signal)
             if os.environ.get(PARENT_PIPE_ENV):
                 nursery.start_soon(_exit_with_parent, nursery.cancel_scope)
-            await process.run()
+            try:
+                await process.run()
+            except WorkerFatalError as exc:
+                fatal = exc
             nursery.cancel_scope.cancel()
+    return fatal
 
 
 async def _exit_with_parent(scope: trio.CancelScope) -> None:
@@ -322,7 +344,7 @@ _BY_NAME = {s.name: s for s in SETTINGS}
 _SECTION_ORDER = ["", "client", "server", "runtime"]
 
 
-def _help(setting: Setting) -> str:
+def _help(setting: Setting, about: str | None = None) -> str:
     default = setting.default
     if callable(default):
         shown = default.__doc__ or ""
@@ -330,12 +352,15 @@ def _help(setting: Setting) -> str:
         shown = ", ".join(default) or "none"
     else:
         shown = "none" if default is None else str(default)
-    text = f"{setting.help} (default: {shown}; env {setting.env}; config: {setting.key})"
+    text = f"{about or setting.help} (default: {shown}; env {setting.env}; config: {setting.key})"
     return text.replace("%", "%%")
 
 
-def _add(p: argparse._ActionsContainer, name: str, **options: Any) -> None:
-    """A flag for a setting; absent unless given, so that :func:`read_settings` can tell."""
+def _add(
+    p: argparse._ActionsContainer, name: str, *, about: str | None = None, **options: Any
+) -> None:
+    """A flag for a setting; absent unless given, so that :func:`read_settings` can tell;
+    ``about`` replaces the setting's own help where a command reads it differently."""
     setting = _BY_NAME[name]
     assert setting.flag is not None
     if setting.type is list:
@@ -344,7 +369,7 @@ def _add(p: argparse._ActionsContainer, name: str, **options: Any) -> None:
         options.setdefault("action", "store_true")
     elif setting.type is not str:
         options.setdefault("type", setting.type)
-    p.add_argument(setting.flag, default=argparse.SUPPRESS, help=_help(setting), **options)
+    p.add_argument(setting.flag, default=argparse.SUPPRESS, help=_help(setting, about), **options)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -375,11 +400,13 @@ def _common() -> _Parser:
     return common
 
 
-def _client_options() -> _Parser:
+def _client_options(*, worker: bool = False) -> _Parser:
+    """The connection flags; ``worker``: those of ``jobspine worker``, whose token is a
+    worker token (a user's is refused with 4010)."""
     client = _Parser(add_help=False)
     group = client.add_argument_group("connection")
     _add(group, "url")
-    _add(group, "token")
+    _add(group, "token", about=WORKER_TOKEN_HELP if worker else None)
     _add(group, "connect_timeout", metavar="SECONDS")
     return client
 
@@ -402,7 +429,7 @@ def _server_options(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    common, client = _common(), _client_options()
+    common, client, worker_client = _common(), _client_options(), _client_options(worker=True)
     formatter = argparse.RawDescriptionHelpFormatter
     top = _Parser(
         prog="jobspine",
@@ -413,8 +440,10 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help: str, *, clients: bool = True) -> argparse.ArgumentParser:
-        parents = [common, client] if clients else [common]
+    def command(
+        name: str, help: str, *, clients: bool = True, worker: bool = False
+    ) -> argparse.ArgumentParser:
+        parents = [common, worker_client if worker else client] if clients else [common]
         return sub.add_parser(
             name,
             help=help,
@@ -427,7 +456,9 @@ def parser() -> argparse.ArgumentParser:
     serve_p = command("serve", "run the server (stop it with Ctrl-C or SIGTERM)", clients=False)
     _server_options(serve_p)
 
-    worker_p = command("worker", "run job handlers in this process for the server at --url")
+    worker_p = command(
+        "worker", "run job handlers in this process for the server at --url", worker=True
+    )
     _add(worker_p, "handlers", metavar="MODULE:DICT")
     _add(worker_p, "no_demo", action="store_true")
     _add(worker_p, "concurrency", metavar="N")

@@ -32,6 +32,7 @@ from actors import (
     PermanentError,
 )
 from actors._codec import dumps_json_value
+from actors._options import options_of, options_to_wire
 from actors._worker import Handler, _describe
 
 from ._reconnect import FATAL_CLOSE, ReconnectPolicy
@@ -281,6 +282,10 @@ class WorkerProcess:
                 "token": self.token,
                 "kinds": sorted(self.handlers),
                 "capacity": self.concurrency,
+                "options": {
+                    kind: options_to_wire(options_of(handler))
+                    for kind, handler in self.handlers.items()
+                },
             }
             if self.name is not None:
                 hello["name"] = self.name

@@ -19,7 +19,8 @@ import orjson
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from actors import JobError, JobspineError
+from actors import InvalidInputError, JobError, JobspineError, KindOptions
+from actors._options import options_from_wire
 from actors._remote import RemoteAttempt, RemoteWorker
 
 from ._auth import verify_token
@@ -65,6 +66,8 @@ class WorkerHello:
     capacity: int
     protocol: int = PROTOCOL_VERSION
     name: str | None = None
+    #: kind -> its options (PROTOCOL.md section 9), read by :func:`declared_options`.
+    options: dict[str, Any] | None = None
 
 
 @attrs.frozen
@@ -141,7 +144,27 @@ def hello_problem(hello: WorkerHello) -> str | None:
         return f"capacity must be in 1..{MAX_CAPACITY}, not {hello.capacity}"
     if hello.name is not None and not 1 <= len(hello.name) <= MAX_NAME_LENGTH:
         return f"name has 1 to {MAX_NAME_LENGTH} characters"
+    try:
+        declared_options(hello)
+    except InvalidInputError as exc:
+        return str(exc)
     return None
+
+
+def declared_options(hello: WorkerHello) -> dict[str, KindOptions]:
+    """Each declared kind's options: those the hello's ``options`` gives, else the defaults.
+    Raises :class:`InvalidInputError` for a kind not declared or a bad value, naming it."""
+    given = hello.options or {}
+    for kind in given:
+        if kind not in hello.kinds:
+            raise InvalidInputError(f"options.{kind}: not one of the declared kinds")
+    declared = {}
+    for kind in hello.kinds:
+        try:
+            declared[kind] = options_from_wire(given.get(kind, {}))
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"options.{kind}: {exc}") from None
+    return declared
 
 
 class WorkerConnection:
@@ -235,13 +258,16 @@ class WorkerConnection:
                     "wrong_role", "a user's token cannot connect to /worker; use a worker token"
                 )
             problem = hello_problem(hello)
+            options = declared_options(hello) if problem is None else {}
+            if problem is None:
+                problem = self.server.runtime.supervisor.declaration_conflict(options)
             if problem is not None:
                 raise ProtocolError("protocol_error", f"hello: {problem}")
         except ProtocolError as exc:
             await self.ws.aclose(CLOSE.get(exc.code, CLOSE["protocol_error"]), exc.message[:120])
             return False
         name = hello.name or principal.user_id
-        self.worker = self.server.workers.connect(name, hello.kinds, hello.capacity, self)
+        self.worker = self.server.workers.connect(name, hello.kinds, hello.capacity, self, options)
         supervisor = self._supervisor_config
         self._push(
             reply_message(

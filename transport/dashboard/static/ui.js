@@ -40,9 +40,10 @@ export function iso(value) {
 }
 
 // One line of JSON, at most `limit` characters, isolated (iso); an omitted payload says its
-// size. A cut never splits a character in two (an emoji's surrogate pair).
+// size; no value (null: a job with no step yet) is an empty string, not "null". A cut never
+// splits a character in two (an emoji's surrogate pair).
 export function brief(value, limit = 160) {
-  if (value === undefined) return "";
+  if (value === undefined || value === null) return "";
   if (isOmitted(value)) return `[left out: ${value.size} bytes]`;
   let text = typeof value === "string" ? value : JSON.stringify(value);
   if (text === undefined) text = String(value);
