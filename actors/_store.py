@@ -48,6 +48,7 @@ from ._errors import (
     InvalidParentError,
     JobspineError,
     RuntimeClosedError,
+    StaleWriteError,
     StoreError,
     StoreUnavailableError,
     TooManyJobsError,
@@ -101,6 +102,10 @@ class StoreHealth:
 
 WRITE, READ, BARRIER, CLAIM = "write", "read", "barrier", "claim"
 
+#: Times a request committed alone may lose a job to another writer and be applied again
+#: before it gets the :class:`StaleWriteError` (each time the job is reloaded first).
+MAX_CONFLICTS = 3
+
 #: An idempotency key of a user: ``(user_id, key)``.
 _Key = tuple[str, str]
 #: A create's key and the start of its window: ``(user_id, key, since)``.
@@ -112,7 +117,7 @@ class _Request:
     only, answered at once. ``BARRIER``: runs after every earlier write has committed.
     ``CLAIM``: both, a barrier whose writes are answered after they commit."""
 
-    __slots__ = ("done", "error", "fn", "key", "mode", "replay", "value")
+    __slots__ = ("conflicts", "done", "error", "fn", "key", "mode", "replay", "value")
 
     def __init__(
         self, fn: Callable[[], Awaitable[Any]], mode: str, key: _KeyRequest | None = None
@@ -126,6 +131,8 @@ class _Request:
         self.error: Exception | None = None
         #: Its group was void without its fault: applied again, alone, before it is answered.
         self.replay = False
+        #: Commits of it, alone, that lost a job to another writer (:class:`StaleWriteError`).
+        self.conflicts = 0
 
     async def answer(self) -> Any:
         """Wait until the request is answered: its value, or its error raised."""
@@ -426,7 +433,16 @@ class StoreActor:
                     )
                 else:
                     # Tied to a request: every void group is replayed, one request at a time.
+                    # A job lost to another writer is reloaded by then: the request, applied
+                    # again, is refused by its own checks, or commits. Bounded per request,
+                    # so that a storm of conflicts cannot livelock the store.
                     self._void[void] = None
+                    if isinstance(exc, StaleWriteError) and len(group.requests) == 1:
+                        request = group.requests[0]
+                        request.conflicts += 1
+                        if request.conflicts <= MAX_CONFLICTS:
+                            self._mark_replay(group)
+                            return
                     if len(group.requests) > 1:
                         log.warning(
                             "commit of %d requests failed (%r); committing them one at a time",
@@ -436,7 +452,10 @@ class StoreActor:
                         self._mark_replay(group)
                         return
                     log.warning("write refused by the database: %r", exc)
-                    error = StoreError(f"database write failed, nothing was saved: {exc}")
+                    if isinstance(exc, StaleWriteError):
+                        error = exc
+                    else:
+                        error = StoreError(f"database write failed, nothing was saved: {exc}")
             else:
                 self.metrics.committed(
                     len(group.requests), group.events, group.moves, time.perf_counter() - started
@@ -460,7 +479,7 @@ class StoreActor:
         while True:
             try:
                 async with self._commit_lock:
-                    await self.backend.commit(
+                    committed = await self.backend.commit(
                         group.jobs.values(), group.events, group.deleted, group.beats
                     )
             except Exception as exc:
@@ -477,6 +496,8 @@ class StoreActor:
                 delay = min(delay * 2, self.config.retry_backoff_max)
             else:
                 self._healthy()
+                # As stored: the backend may have numbered them (assigns_user_seq).
+                group.events = list(committed)
                 return
 
     async def _probe(self) -> None:
@@ -584,8 +605,11 @@ class StoreActor:
 
     async def _stage(self, change: ops.Change) -> Job:
         job, event = change
-        user_seq = await self._user_head(job.user_id) + 1
-        self._user_heads[job.user_id] = user_seq
+        if self.backend.assigns_user_seq:
+            user_seq = 0  # provisional: the commit numbers it, in its transaction
+        else:
+            user_seq = await self._user_head(job.user_id) + 1
+            self._user_heads[job.user_id] = user_seq
         self._group.jobs[job.id] = job
         if job.idempotency_key is not None:
             self._key_filter.add(job.user_id, job.idempotency_key)
@@ -1093,6 +1117,9 @@ class StoreClient:
     async def user_head(self, user_id: str) -> int:
         """The ``user_seq`` of the user's latest event (0 if none)."""
         actor = self._actor
+        if actor.backend.assigns_user_seq:
+            # Other writers advance it too: the committed head is the only true one.
+            return await self._read(lambda: actor.backend.user_head(user_id), READ)
         if actor.health.ok:
             return await self._call(lambda: actor._user_head(user_id), READ)
         return await actor._read_committed(lambda: actor.backend.user_head(user_id))

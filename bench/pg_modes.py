@@ -104,7 +104,7 @@ async def asyncio_mode(url: str) -> AsyncIterator[Commit]:
 
             async def transaction(group: Group) -> None:
                 async with conn.transaction(), conn.cursor() as cursor:
-                    for statement, rows in commit_plan(*group, (), {}):
+                    for statement, rows, _ in commit_plan(*group, (), {}):
                         await cursor.executemany(statement, rows)
 
             async def commit(group: Group) -> None:
