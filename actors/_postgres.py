@@ -35,10 +35,17 @@ jobs, walked group by group in one transaction with ``FOR UPDATE SKIP LOCKED``
 (:mod:`._postgres_queue`, which gives the SQL and the measured cost); lease renewal, queue
 counts, idempotency keys, children and tags (a ``text[]`` under a GIN index).
 
-**Sequences.** ``seq`` and ``user_seq`` come from the store actor, which as the only owner
-knows every head; the primary key ``(job_id, seq)`` and the unique ``(user_id, user_seq)``
-refuse a duplicate, and a commit is one transaction, so a group's numbers are stored with no
-gap or not at all.
+**Sequences and fenced writes** (schema v4; issue 11: several runtimes on one database). A
+commit numbers its events itself: for each user of the group, in user order (so concurrent
+commits lock in one order and never deadlock on heads), ``user_heads.head`` is advanced by the
+user's event count under its row lock, and the events get the numbers below the new head. The
+lock serializes a user's commits, so ``user_seq`` order is commit order, with no gap (a
+rolled-back commit gives its numbers back). :meth:`PostgresBackend.commit` returns the events
+so numbered; the store publishes those. Each job written or deleted with an event is fenced:
+the row changes only if its ``seq`` column is still the one the group's first change of it was
+based on (:func:`fence_bases`); else the transaction is rolled back and
+:class:`StaleWriteError` names the jobs lost, so that the store reloads and re-applies.
+``seq`` per job still comes from the store, as the primary key ``(job_id, seq)`` checks.
 """
 
 from __future__ import annotations
@@ -530,7 +537,6 @@ class PostgresBackend:
                         heads[user_id] = int(row[0]) if row else 0
                         cursor.nextset()
                 numbered = number_events(events, heads)
-                lost: set[str] = set()
                 for sql, rows, fenced in commit_plan(jobs, numbered, deleted, heartbeats):
                     if not fenced:
                         cursor.executemany(sql, rows)
@@ -543,9 +549,9 @@ class PostgresBackend:
                             written.add(row[0])
                         if not cursor.nextset():
                             break
-                    lost.update(row[0] for row in rows if row[0] not in written)
-                if lost:
-                    raise StaleWriteError(sorted(lost))  # rolls the transaction back
+                    lost = sorted(row[0] for row in rows if row[0] not in written)
+                    if lost:  # before the events, whose keys it may hold
+                        raise StaleWriteError(lost)  # rolls the transaction back
                 return numbered
 
         return await self._run(fn)
@@ -870,6 +876,15 @@ def commit_plan(
         plan.append((_UPSERT_JOB, unfenced, False))
     if fenced:
         plan.append((_WRITE_JOB, fenced, True))
+    # Before the events: a write that lost is found before their keys clash.
+    if deleted:
+        gone = sorted(deleted)
+        plain = [(job_id,) for job_id in gone if job_id not in bases]
+        checked = [(job_id, bases[job_id]) for job_id in gone if job_id in bases]
+        if plain:
+            plan.append((_DELETE_JOB, plain, False))
+        if checked:
+            plan.append((_DELETE_FENCED, checked, True))
     if events:
         plan.append(
             (
@@ -896,12 +911,4 @@ def commit_plan(
                 False,
             )
         )
-    if deleted:
-        gone = sorted(deleted)
-        plain = [(job_id,) for job_id in gone if job_id not in bases]
-        checked = [(job_id, bases[job_id]) for job_id in gone if job_id in bases]
-        if plain:
-            plan.append((_DELETE_JOB, plain, False))
-        if checked:
-            plan.append((_DELETE_FENCED, checked, True))
     return plan
