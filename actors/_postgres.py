@@ -44,7 +44,8 @@ rolled-back commit gives its numbers back). :meth:`PostgresBackend.commit` retur
 so numbered; the store publishes those. Each job written or deleted with an event is fenced:
 the row changes only if its ``seq`` column is still the one the group's first change of it was
 based on (:func:`fence_bases`); else the transaction is rolled back and
-:class:`StaleWriteError` names the jobs lost, so that the store reloads and re-applies.
+:class:`StaleWriteError` names the jobs lost, so that the store reloads and re-applies. A
+commit that leaves a job waiting notifies the queue channel (:mod:`._pg_notify`).
 ``seq`` per job still comes from the store, as the primary key ``(job_id, seq)`` checks.
 """
 
@@ -72,6 +73,7 @@ from ._ids import new_id
 from ._job import Job, migrate_job_record
 from ._owner import DatabaseLockedError
 from ._postgres_queue import claim_sync
+from ._routing import QUEUE_CHANNEL
 from ._scheduling import ready_at
 from ._states import TERMINAL_STATES, JobState
 
@@ -552,6 +554,9 @@ class PostgresBackend:
                     lost = sorted(row[0] for row in rows if row[0] not in written)
                     if lost:  # before the events, whose keys it may hold
                         raise StaleWriteError(lost)  # rolls the transaction back
+                if any(job.state is JobState.CREATED for job in jobs):
+                    # Delivered at commit (once per transaction): other nodes claim now.
+                    cursor.execute("SELECT pg_notify(%s, '')", (QUEUE_CHANNEL,))
                 return numbered
 
         return await self._run(fn)
