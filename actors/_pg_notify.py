@@ -49,7 +49,8 @@ def node_channel(owner: str) -> str:
 class PgNotifier:
     """Listens on :data:`QUEUE_CHANNEL` and this node's channel; sends notifications.
 
-    ``on_queue()`` is called for every queue notification (never blocks); ``on_control`` is
+    ``on_queue()`` is called for every queue notification of another node's commit (never
+    blocks); ``on_control`` is
     started in a task of the actor's nursery for every control sent to this node (its
     exceptions are logged: a control that fails here leaves the asker to its bound)."""
 
@@ -59,8 +60,13 @@ class PgNotifier:
         node_id: str,
         on_queue: Callable[[], None],
         on_control: Callable[[Control], Awaitable[object]],
+        *,
+        own_instance: str = "",
     ) -> None:
         self.url = url
+        #: Queue notifications with this payload come from this node's own commits: its
+        #: dispatcher knows of those already (a wake would only unsettle its fast path).
+        self.own_instance = own_instance
         self.node_id = node_id
         self.channel = node_channel(node_id)
         self._on_queue = on_queue
@@ -124,7 +130,8 @@ class PgNotifier:
 
     def _dispatch(self, nursery: trio.Nursery, channel: str, payload: str) -> None:
         if channel == QUEUE_CHANNEL:
-            self._on_queue()
+            if payload != self.own_instance:
+                self._on_queue()
             return
         try:
             control = Control.decode(payload)

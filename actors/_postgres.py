@@ -317,6 +317,12 @@ class PostgresBackend:
     def epoch(self) -> str:
         return self._epoch
 
+    @property
+    def instance(self) -> str:
+        """Identifies this opening (new at every :meth:`opened`): the payload of its queue
+        notifications."""
+        return self._instance
+
     def __repr__(self) -> str:
         return f"PostgresBackend({redact_url(self.url)!r})"
 
@@ -555,8 +561,9 @@ class PostgresBackend:
                     if lost:  # before the events, whose keys it may hold
                         raise StaleWriteError(lost)  # rolls the transaction back
                 if any(job.state is JobState.CREATED for job in jobs):
-                    # Delivered at commit (once per transaction): other nodes claim now.
-                    cursor.execute("SELECT pg_notify(%s, '')", (QUEUE_CHANNEL,))
+                    # Delivered at commit (once per transaction): other nodes claim now. The
+                    # payload names this opening, so that its own listener ignores it.
+                    cursor.execute("SELECT pg_notify(%s, %s)", (QUEUE_CHANNEL, self._instance))
                 return numbered
 
         return await self._run(fn)

@@ -294,7 +294,11 @@ async def _start_routing(
     if not isinstance(backend, PostgresBackend):
         return None
     notifier = PgNotifier(
-        backend.url, dispatcher.node_id, lambda: dispatcher.wake(None), runtime.apply_control
+        backend.url,
+        dispatcher.node_id,
+        lambda: dispatcher.wake(None),
+        runtime.apply_control,
+        own_instance=backend.instance,
     )
     await nursery.start(_actor, notifier.run, actors)
     config = runtime.config

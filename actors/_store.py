@@ -15,12 +15,19 @@ A fault stays with its cause:
 * A group whose commit fails for a reason tied to a request (anything but an outage, see
   :func:`~._backend.is_outage`) is not answered: its requests, and those of every group
   applied on top of it, are applied and committed again one at a time, so only the culprit
-  gets :class:`StoreError`.
+  gets :class:`StoreError`. A job lost to another writer sharing the database
+  (:class:`StaleWriteError`, PostgreSQL's fenced writes) is such a failure: the job is
+  reloaded and its request applied again, alone, which the ops' own checks then refuse (or it
+  commits); at most :data:`MAX_CONFLICTS` times, so that conflicts cannot livelock the store.
 * An outage (the database locked by another program, unreachable, full) is retried with
   exponential backoff for ``store_retry_timeout`` seconds without failing anyone; meanwhile
   :attr:`StoreActor.health` says why the store is unhealthy and reads are served from
   committed state. Past the timeout, writes fail with :class:`StoreUnavailableError` until
   the database is back, which a periodic probe notices by itself.
+
+Event numbers: ``seq`` per job is assigned here; ``user_seq`` too while the store is the only
+writer, else (``Backend.assigns_user_seq``: PostgreSQL) in the commit's transaction, and the
+events published are the ones the commit returns, as stored.
 
 Heartbeats are state, not requests: ``heartbeat()`` records the latest one per job without
 awaiting, and the actor writes them with the next commit or after ``heartbeat_flush_interval``.

@@ -24,8 +24,8 @@ from actors import (
     RuntimeConfig,
     open_runtime,
 )
-from actors._pg_notify import node_channel
-from actors._routing import Control
+from actors._pg_notify import PgNotifier, node_channel
+from actors._routing import QUEUE_CHANNEL, Control
 
 #: Set by the handler when it starts, per job id.
 started: dict[str, trio.Event] = {}
@@ -160,3 +160,23 @@ def test_controls_encode_and_bad_payloads_are_refused() -> None:
     for bad in ("nope", "[]", '{"op": "delete", "job_id": "J"}', '{"op": "pause"}'):
         with pytest.raises(ValueError, match="control"):
             Control.decode(bad)
+
+
+async def test_a_node_ignores_the_queue_notifications_of_its_own_commits() -> None:
+    """Its own commits' wake-ups would only unsettle its fast path: ignored; another
+    node's wake it."""
+    wakes: list[None] = []
+
+    async def no_control(control: Control) -> None:
+        raise AssertionError(control)
+
+    notifier = PgNotifier(
+        "postgresql://unused", "node-a", lambda: wakes.append(None), no_control, own_instance="me"
+    )
+    async with trio.open_nursery() as nursery:
+        notifier._dispatch(nursery, QUEUE_CHANNEL, "me")
+        assert wakes == []
+        notifier._dispatch(nursery, QUEUE_CHANNEL, "another")
+        assert wakes == [None]
+        notifier._dispatch(nursery, notifier.channel, "not a control")  # logged, dropped
+    assert notifier.controls == 0
