@@ -35,6 +35,7 @@ from ._errors import (
     RuntimeClosedError,
     RuntimeCrashedError,
     StaleAttemptError,
+    StaleWriteError,
     StoreError,
     StoreUnavailableError,
     TooManyJobsError,
@@ -57,6 +58,7 @@ from ._recovery import CheckpointDetails, CheckpointValidation, RecoveryOptions
 from ._remote import RemoteAttempt, RemotePlacement, RemoteWorker, WorkerLink
 from ._repository import Repository
 from ._retention import PruneReport, RetentionPolicy, RetentionRule, parse_duration
+from ._routing import RemoteControlError
 from ._runtime import Runtime, RuntimeConfig, open_runtime
 from ._scheduling import Candidate, ClaimLimits, ClaimPlanner, RetryDecision, decide_retry
 from ._sqlite import SqliteBackend
@@ -88,6 +90,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "RemoteControlError",
     "AUDIT_TYPES",
     "CURRENT_SCHEMA_VERSION",
     "DEMO_HANDLERS",
@@ -160,6 +163,7 @@ __all__ = [
     "RuntimeCrashedError",
     "SqliteBackend",
     "StaleAttemptError",
+    "StaleWriteError",
     "StallDetector",
     "StoreActor",
     "StoreClient",

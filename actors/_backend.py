@@ -165,6 +165,12 @@ def is_outage(error: BaseException) -> bool:
 
 
 class Backend(Protocol):
+    #: True: :meth:`commit` numbers each user's events (``user_seq``) in its transaction, as
+    #: several writers share the database; the store's own numbers are provisional and its
+    #: user heads are read from the database. False: the store is the only writer and its
+    #: numbers are final.
+    assigns_user_seq: bool
+
     @property
     def epoch(self) -> str:
         """Identifies one database's history; it changes only with a new database."""
@@ -187,9 +193,13 @@ class Backend(Protocol):
         events: Sequence[JobEvent],
         deleted: Collection[str],
         heartbeats: Mapping[str, tuple[int, float]],
-    ) -> None:
+    ) -> Sequence[JobEvent]:
         """Write jobs, append events, delete jobs (their events stay) and record heartbeats
-        (``job id -> (attempt, time)``, applied only to that running attempt) atomically."""
+        (``job id -> (attempt, time)``, applied only to that running attempt) atomically.
+        Returns the events as stored: with their final ``user_seq`` where the backend assigns
+        it (:attr:`assigns_user_seq`), else as given. A backend shared by several writers may
+        raise :class:`StaleWriteError` (nothing written) for a job that is no longer what the
+        change was based on."""
         ...
 
     async def query(self, query: JobQuery) -> list[Job]: ...
@@ -280,6 +290,9 @@ class Backend(Protocol):
 class MemoryBackend:
     """Dicts in memory: for logic tests and for timing tests under a mock clock (no threads)."""
 
+    #: The store numbers events (one writer: it knows every head).
+    assigns_user_seq = False
+
     def __init__(self) -> None:
         self._epoch = new_id()
         self._jobs: dict[str, Job] = {}
@@ -309,7 +322,7 @@ class MemoryBackend:
         events: Sequence[JobEvent],
         deleted: Collection[str],
         heartbeats: Mapping[str, tuple[int, float]],
-    ) -> None:
+    ) -> Sequence[JobEvent]:
         for job in jobs:
             stored = self._jobs.get(job.id)
             if (
@@ -330,6 +343,7 @@ class MemoryBackend:
             found = self._jobs.get(job_id)
             if found and found.state is JobState.RUNNING and found.attempt == attempt:
                 self._jobs[job_id] = attrs.evolve(found, last_heartbeat_at=at)
+        return events  # the only writer: numbered as staged
 
     async def query(self, query: JobQuery) -> list[Job]:
         found = [job for job in self._jobs.values() if query.matches(job)]

@@ -35,10 +35,18 @@ jobs, walked group by group in one transaction with ``FOR UPDATE SKIP LOCKED``
 (:mod:`._postgres_queue`, which gives the SQL and the measured cost); lease renewal, queue
 counts, idempotency keys, children and tags (a ``text[]`` under a GIN index).
 
-**Sequences.** ``seq`` and ``user_seq`` come from the store actor, which as the only owner
-knows every head; the primary key ``(job_id, seq)`` and the unique ``(user_id, user_seq)``
-refuse a duplicate, and a commit is one transaction, so a group's numbers are stored with no
-gap or not at all.
+**Sequences and fenced writes** (schema v4; issue 11: several runtimes on one database). A
+commit numbers its events itself: for each user of the group, in user order (so concurrent
+commits lock in one order and never deadlock on heads), ``user_heads.head`` is advanced by the
+user's event count under its row lock, and the events get the numbers below the new head. The
+lock serializes a user's commits, so ``user_seq`` order is commit order, with no gap (a
+rolled-back commit gives its numbers back). :meth:`PostgresBackend.commit` returns the events
+so numbered; the store publishes those. Each job written or deleted with an event is fenced:
+the row changes only if its ``seq`` column is still the one the group's first change of it was
+based on (:func:`fence_bases`); else the transaction is rolled back and
+:class:`StaleWriteError` names the jobs lost, so that the store reloads and re-applies. A
+commit that leaves a job waiting notifies the queue channel (:mod:`._pg_notify`).
+``seq`` per job still comes from the store, as the primary key ``(job_id, seq)`` checks.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequen
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+import attrs
 import orjson
 import psycopg
 import trio
@@ -58,12 +67,13 @@ from psycopg import conninfo
 
 from ._backend import ClaimRequest, ClaimResult, JobQuery, Pruned, QueueStats
 from ._codec import converter
-from ._errors import StoreError, StoreUnavailableError
+from ._errors import StaleWriteError, StoreError, StoreUnavailableError
 from ._events import EventType, JobEvent
 from ._ids import new_id
 from ._job import Job, migrate_job_record
 from ._owner import DatabaseLockedError
 from ._postgres_queue import claim_sync
+from ._routing import QUEUE_CHANNEL
 from ._scheduling import ready_at
 from ._states import TERMINAL_STATES, JobState
 
@@ -80,7 +90,7 @@ MIGRATE_LOCK = 0x6A6F6275
 #: Bound on closing the connection (it waits for the statement in progress).
 CLOSE_TIMEOUT = 10.0
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Ordered migrations: MIGRATIONS[n] brings the database from version n to n + 1. The versions
 # follow the SQLite backend's. Text that is compared or sorted is COLLATE "C": ids sort by
@@ -153,6 +163,16 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX jobs_leases ON jobs (owner, lease_expires_at) WHERE state = 'running'",
         "CREATE INDEX jobs_claimed ON jobs (owner) WHERE state = 'created' AND owner IS NOT NULL",
     ],
+    # v4, several writers (issue 11): the job's last event number as a column, which a fenced
+    # write compares with the one its change was based on; and every user's head in
+    # user_heads, which a commit now advances under its row lock (see commit()).
+    [
+        "ALTER TABLE jobs ADD COLUMN seq integer NOT NULL DEFAULT 0",
+        "UPDATE jobs SET seq = (record::json ->> 'seq')::integer",
+        "INSERT INTO user_heads (user_id, head, horizon)"
+        " SELECT user_id, max(user_seq), 0 FROM events GROUP BY user_id"
+        " ON CONFLICT (user_id) DO UPDATE SET head = greatest(user_heads.head, excluded.head)",
+    ],
 ]
 
 _JOB_COLUMNS = "record, last_heartbeat_at, owner, lease_expires_at"
@@ -162,8 +182,8 @@ _JOB_COLUMNS = "record, last_heartbeat_at, owner, lease_expires_at"
 _UPSERT_JOB = (
     "INSERT INTO jobs (id, user_id, kind, state, attempt, last_heartbeat_at, record, finished_at,"
     " priority, created_at, ready_at, run_at, parent_id, idempotency_key, owner,"
-    " lease_expires_at, tags)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    " lease_expires_at, tags, seq)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
     " ON CONFLICT (id) DO UPDATE SET"
     " state = excluded.state, attempt = excluded.attempt,"
     " last_heartbeat_at = excluded.last_heartbeat_at, record = excluded.record,"
@@ -172,16 +192,31 @@ _UPSERT_JOB = (
     " lease_expires_at = CASE WHEN excluded.owner IS NOT NULL AND excluded.owner = jobs.owner"
     " THEN greatest(excluded.lease_expires_at, jobs.lease_expires_at)"
     " ELSE excluded.lease_expires_at END,"
-    " owner = excluded.owner"
+    " owner = excluded.owner, seq = excluded.seq"
 )
+#: The fenced write: the row is changed only if it is still the one the change was based on
+#: (its ``seq``, the last parameter; 0 for a new job, whose id then must be free). Every change
+#: of a job's state, attempt or owner while running is an event, so an equal ``seq`` also
+#: means the same state, attempt and running owner; only a claim's mark on a waiting job, its
+#: lease and heartbeats change a row without one. A row that lost is not returned.
+_WRITE_JOB = _UPSERT_JOB + " WHERE jobs.seq = %s RETURNING id"
 _INSERT_EVENT = (
     "INSERT INTO events (job_id, seq, user_id, user_seq, type, record)"
     " VALUES (%s, %s, %s, %s, %s, %s)"
 )
+# Fenced by the attempt of a running job: every start (claimed or not) gives a new attempt,
+# so (running, attempt) names one claim, hence one owner.
 _HEARTBEAT = (
     "UPDATE jobs SET last_heartbeat_at = %s WHERE id = %s AND state = 'running' AND attempt = %s"
 )
 _DELETE_JOB = "DELETE FROM jobs WHERE id = %s"
+_DELETE_FENCED = "DELETE FROM jobs WHERE id = %s AND seq = %s RETURNING id"
+#: A user's head advanced by the number of its events in a commit; returns the new head. The
+#: row lock it takes serializes the user's commits, so user_seq order is commit order.
+_ADVANCE_HEAD = (
+    "INSERT INTO user_heads (user_id, head, horizon) VALUES (%s, %s, 0)"
+    " ON CONFLICT (user_id) DO UPDATE SET head = user_heads.head + excluded.head RETURNING head"
+)
 
 # SQLSTATE classes and codes that say "the database is unavailable now": connection
 # exceptions (08), transaction rollbacks such as serialization failures and deadlocks (40),
@@ -250,6 +285,9 @@ class PostgresBackend:
     :class:`StoreError` if the server cannot be reached or the database cannot be used (a
     newer schema)."""
 
+    #: Each commit numbers its events from the user's head, under the head's row lock.
+    assigns_user_seq = True
+
     def __init__(self, url: str, *, connect_timeout: float = 5.0, _shared: bool = False) -> None:
         """``_shared`` is for tests only: no owner lock and no ``owners`` row, so that
         several backends use one database at once (the concurrent-claim test). Nothing else
@@ -278,6 +316,12 @@ class PostgresBackend:
     @property
     def epoch(self) -> str:
         return self._epoch
+
+    @property
+    def instance(self) -> str:
+        """Identifies this opening (new at every :meth:`opened`): the payload of its queue
+        notifications."""
+        return self._instance
 
     def __repr__(self) -> str:
         return f"PostgresBackend({redact_url(self.url)!r})"
@@ -483,15 +527,46 @@ class PostgresBackend:
         events: Sequence[JobEvent],
         deleted: Collection[str],
         heartbeats: Mapping[str, tuple[int, float]],
-    ) -> None:
-        plan = commit_plan(jobs, events, deleted, heartbeats)
+    ) -> list[JobEvent]:
+        """One transaction: each user's head advanced (users in order, so that concurrent
+        commits lock them in one order) and the events numbered from it, whatever
+        ``user_seq`` they were staged with; then the fenced job writes and deletes (see
+        :func:`commit_plan`). Returns the events as stored. Raises :class:`StaleWriteError`
+        (nothing written) if a job is no longer what its change was based on."""
+        counts = user_counts(events)
 
-        def fn(conn: psycopg.Connection[Any]) -> None:
+        def fn(conn: psycopg.Connection[Any]) -> list[JobEvent]:
             with conn.transaction(), conn.cursor() as cursor:
-                for sql, rows in plan:
-                    cursor.executemany(sql, rows)
+                heads: dict[str, int] = {}
+                if counts:
+                    cursor.executemany(_ADVANCE_HEAD, counts, returning=True)
+                    for user_id, _ in counts:
+                        row = cursor.fetchone()
+                        heads[user_id] = int(row[0]) if row else 0
+                        cursor.nextset()
+                numbered = number_events(events, heads)
+                for sql, rows, fenced in commit_plan(jobs, numbered, deleted, heartbeats):
+                    if not fenced:
+                        cursor.executemany(sql, rows)
+                        continue
+                    cursor.executemany(sql, rows, returning=True)
+                    written = set()
+                    while True:
+                        row = cursor.fetchone()
+                        if row is not None:
+                            written.add(row[0])
+                        if not cursor.nextset():
+                            break
+                    lost = sorted(row[0] for row in rows if row[0] not in written)
+                    if lost:  # before the events, whose keys it may hold
+                        raise StaleWriteError(lost)  # rolls the transaction back
+                if any(job.state is JobState.CREATED for job in jobs):
+                    # Delivered at commit (once per transaction): other nodes claim now. The
+                    # payload names this opening, so that its own listener ignores it.
+                    cursor.execute("SELECT pg_notify(%s, %s)", (QUEUE_CHANNEL, self._instance))
+                return numbered
 
-        await self._run(fn)
+        return await self._run(fn)
 
     async def query(self, query: JobQuery) -> list[Job]:
         where: list[str] = []
@@ -729,39 +804,99 @@ class PostgresBackend:
         return rows[0][0] if rows else None
 
 
+def user_counts(events: Sequence[JobEvent]) -> list[tuple[str, int]]:
+    """``(user_id, events)`` per user of ``events``, in user order (the order of their locks)."""
+    counts: dict[str, int] = {}
+    for event in events:
+        counts[event.user_id] = counts.get(event.user_id, 0) + 1
+    return sorted(counts.items())
+
+
+def number_events(events: Sequence[JobEvent], heads: Mapping[str, int]) -> list[JobEvent]:
+    """``events`` with their final ``user_seq``: each user's, in order, end at its new head
+    (``heads``, as advanced by their count)."""
+    next_seq = {
+        user_id: head - n + 1
+        for user_id, n in user_counts(events)
+        if (head := heads.get(user_id)) is not None
+    }
+    numbered = []
+    for event in events:
+        user_seq = next_seq.get(event.user_id)
+        if user_seq is None:
+            numbered.append(event)
+            continue
+        next_seq[event.user_id] = user_seq + 1
+        numbered.append(attrs.evolve(event, user_seq=user_seq))
+    return numbered
+
+
+def fence_bases(events: Sequence[JobEvent]) -> dict[str, int]:
+    """Per job of ``events``: the ``seq`` its first change in the group was based on (one
+    less than its first event's), which the stored row must still have."""
+    bases: dict[str, int] = {}
+    for event in events:
+        base = bases.get(event.job_id)
+        if base is None or event.seq - 1 < base:
+            bases[event.job_id] = event.seq - 1
+    return bases
+
+
 def commit_plan(
     jobs: Collection[Job],
     events: Sequence[JobEvent],
     deleted: Collection[str],
     heartbeats: Mapping[str, tuple[int, float]],
-) -> list[tuple[str, list[tuple[Any, ...]]]]:
-    """The statements of one commit, each with its rows (``executemany``), in order; sans-I/O,
-    so that ``bench/pg_modes.py`` runs exactly these through either driver."""
-    plan: list[tuple[str, list[tuple[Any, ...]]]] = []
-    if jobs:
-        rows: list[tuple[Any, ...]] = [
-            (
-                j.id,
-                j.user_id,
-                j.kind,
-                j.state.value,
-                j.attempt,
-                j.last_heartbeat_at,
-                orjson.dumps(converter.unstructure(j)).decode(),
-                j.updated_at if j.state in TERMINAL_STATES else None,
-                j.priority,
-                j.created_at,
-                ready_at(j.created_at, j.run_at) if j.state is JobState.CREATED else None,
-                j.run_at,
-                j.parent_id,
-                j.idempotency_key,
-                j.owner,
-                j.lease_expires_at,
-                list(j.tags),
-            )
-            for j in jobs
-        ]
-        plan.append((_UPSERT_JOB, rows))
+) -> list[tuple[str, list[tuple[Any, ...]], bool]]:
+    """The statements of one commit after the heads (``events`` already numbered), each with
+    its rows (``executemany``) and whether it is fenced (returns the id of each row written:
+    a missing one lost), in order; sans-I/O, so that ``bench/pg_modes.py`` runs exactly these
+    through either driver. Jobs and deletes with an event in the group are fenced by the
+    ``seq`` it was based on (:func:`fence_bases`); others (a backend used directly, without the
+    store) are written as given. Rows go in id order: concurrent commits lock them in one."""
+    plan: list[tuple[str, list[tuple[Any, ...]], bool]] = []
+    bases = fence_bases(events)
+    fenced: list[tuple[Any, ...]] = []
+    unfenced: list[tuple[Any, ...]] = []
+    for j in sorted(jobs, key=lambda job: job.id):
+        row = (
+            j.id,
+            j.user_id,
+            j.kind,
+            j.state.value,
+            j.attempt,
+            j.last_heartbeat_at,
+            orjson.dumps(converter.unstructure(j)).decode(),
+            j.updated_at if j.state in TERMINAL_STATES else None,
+            j.priority,
+            j.created_at,
+            ready_at(j.created_at, j.run_at) if j.state is JobState.CREATED else None,
+            j.run_at,
+            j.parent_id,
+            j.idempotency_key,
+            j.owner,
+            j.lease_expires_at,
+            list(j.tags),
+            j.seq,
+        )
+        base = bases.get(j.id)
+        if base is None:
+            unfenced.append(row)
+        else:
+            fenced.append((*row, base))
+    if unfenced:
+        plan.append((_UPSERT_JOB, unfenced, False))
+    if fenced:
+        plan.append((_WRITE_JOB, fenced, True))
+    # Before the events: a write that lost is found before their keys clash.
+    if deleted:
+        gone = sorted(deleted)
+        plain = [(job_id,) for job_id in gone if job_id not in bases]
+        checked = [(job_id, bases[job_id]) for job_id in gone if job_id in bases]
+        if plain:
+            plan.append((_DELETE_JOB, plain, False))
+        if checked:
+            plan.append((_DELETE_FENCED, checked, True))
     if events:
         plan.append(
             (
@@ -777,12 +912,15 @@ def commit_plan(
                     )
                     for e in events
                 ],
+                False,
             )
         )
     if heartbeats:
         plan.append(
-            (_HEARTBEAT, [(at, job_id, attempt) for job_id, (attempt, at) in heartbeats.items()])
+            (
+                _HEARTBEAT,
+                [(at, job_id, attempt) for job_id, (attempt, at) in sorted(heartbeats.items())],
+                False,
+            )
         )
-    if deleted:
-        plan.append((_DELETE_JOB, [(job_id,) for job_id in deleted]))
     return plan

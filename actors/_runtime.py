@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -29,12 +29,20 @@ from ._joblog import job_fields
 from ._options import KindOptions
 from ._repository import Repository
 from ._retention import PruneReport, RetentionPolicy
+from ._routing import RemoteControls
 from ._scheduling import ClaimLimits
 from ._sqlite import SqliteBackend
 from ._states import JobState
 from ._store import StoreActor, StoreClient, StoreConfig, StoreHealth
 from ._supervisor import Supervisor, SupervisorConfig, SupervisorStatus
 from ._worker import Handler
+
+if TYPE_CHECKING:
+    from ._pg_notify import PgNotifier
+
+#: Seconds past stop grace + lease time-to-live that a control of a job running on another
+#: node is awaited (see :mod:`._routing`).
+CONTROL_MARGIN = 1.0
 
 __all__ = ["Runtime", "RuntimeConfig", "open_runtime"]
 
@@ -269,6 +277,40 @@ async def _actor(
         await run(task_status=task_status)
 
 
+async def _start_routing(
+    backend: Backend,
+    runtime: Runtime,
+    dispatcher: Dispatcher,
+    nursery: trio.Nursery,
+    actors: list[trio.CancelScope],
+) -> PgNotifier | None:
+    """On PostgreSQL (several nodes may share the database): listen for queue wake-ups and
+    controls, and route this node's controls of jobs running elsewhere (:mod:`._routing`)."""
+    if not backend.assigns_user_seq:
+        return None
+    from ._pg_notify import PgNotifier
+    from ._postgres import PostgresBackend
+
+    if not isinstance(backend, PostgresBackend):
+        return None
+    notifier = PgNotifier(
+        backend.url,
+        dispatcher.node_id,
+        lambda: dispatcher.wake(None),
+        runtime.apply_control,
+        own_instance=backend.instance,
+    )
+    await nursery.start(_actor, notifier.run, actors)
+    config = runtime.config
+    runtime.remote = RemoteControls(
+        dispatcher.node_id,
+        notifier.send,
+        runtime._store.get,
+        bound=config.stop_grace + config.lease_ttl + CONTROL_MARGIN,
+    )
+    return notifier
+
+
 def _shield(scopes: list[trio.CancelScope], shield: bool) -> None:
     for scope in scopes:
         scope.shield = shield
@@ -351,6 +393,7 @@ async def open_runtime(
         config.kinds,
     )
     dispatcher: Dispatcher | None = None
+    notifier: PgNotifier | None = None
     body_error: BaseException | None = None
     started = False
     retention = trio.CancelScope()  # the periodic prune: ends before the shutdown begins
@@ -390,6 +433,7 @@ async def open_runtime(
                     runtime.dispatcher = dispatcher
                     runtime.wake_dispatcher = dispatcher.wake
                     supervisor.capacity_listeners.append(dispatcher.wake)
+                    notifier = await _start_routing(backend, runtime, dispatcher, nursery, actors)
                     started = True
                     if config.retention is not None:
                         nursery.start_soon(runtime._retain, config.retention, retention)
@@ -400,6 +444,8 @@ async def open_runtime(
                 finally:
                     retention.cancel()
                     with trio.move_on_after(config.shutdown_timeout, shield=True):
+                        if notifier is not None:
+                            notifier.close()
                         if dispatcher is not None:
                             # No new claims while running jobs are paused; a claim in
                             # progress ends (and its jobs launch) first.

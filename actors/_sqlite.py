@@ -146,6 +146,9 @@ def _ready_at(job: Job) -> float | None:
 
 
 class SqliteBackend:
+    #: The store numbers events (one writer: it knows every head).
+    assigns_user_seq = False
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -255,7 +258,7 @@ class SqliteBackend:
         events: Sequence[JobEvent],
         deleted: Collection[str],
         heartbeats: Mapping[str, tuple[int, float]],
-    ) -> None:
+    ) -> Sequence[JobEvent]:
         conn = self._conn
         try:
             if jobs:
@@ -332,6 +335,7 @@ class SqliteBackend:
         except Exception:
             await aio_as_trio(conn.rollback)()
             raise
+        return events  # the only writer: numbered as staged
 
     async def query(self, query: JobQuery) -> list[Job]:
         where: list[str] = []

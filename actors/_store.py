@@ -15,12 +15,19 @@ A fault stays with its cause:
 * A group whose commit fails for a reason tied to a request (anything but an outage, see
   :func:`~._backend.is_outage`) is not answered: its requests, and those of every group
   applied on top of it, are applied and committed again one at a time, so only the culprit
-  gets :class:`StoreError`.
+  gets :class:`StoreError`. A job lost to another writer sharing the database
+  (:class:`StaleWriteError`, PostgreSQL's fenced writes) is such a failure: the job is
+  reloaded and its request applied again, alone, which the ops' own checks then refuse (or it
+  commits); at most :data:`MAX_CONFLICTS` times, so that conflicts cannot livelock the store.
 * An outage (the database locked by another program, unreachable, full) is retried with
   exponential backoff for ``store_retry_timeout`` seconds without failing anyone; meanwhile
   :attr:`StoreActor.health` says why the store is unhealthy and reads are served from
   committed state. Past the timeout, writes fail with :class:`StoreUnavailableError` until
   the database is back, which a periodic probe notices by itself.
+
+Event numbers: ``seq`` per job is assigned here; ``user_seq`` too while the store is the only
+writer, else (``Backend.assigns_user_seq``: PostgreSQL) in the commit's transaction, and the
+events published are the ones the commit returns, as stored.
 
 Heartbeats are state, not requests: ``heartbeat()`` records the latest one per job without
 awaiting, and the actor writes them with the next commit or after ``heartbeat_flush_interval``.
@@ -48,6 +55,7 @@ from ._errors import (
     InvalidParentError,
     JobspineError,
     RuntimeClosedError,
+    StaleWriteError,
     StoreError,
     StoreUnavailableError,
     TooManyJobsError,
@@ -101,6 +109,10 @@ class StoreHealth:
 
 WRITE, READ, BARRIER, CLAIM = "write", "read", "barrier", "claim"
 
+#: Times a request committed alone may lose a job to another writer and be applied again
+#: before it gets the :class:`StaleWriteError` (each time the job is reloaded first).
+MAX_CONFLICTS = 3
+
 #: An idempotency key of a user: ``(user_id, key)``.
 _Key = tuple[str, str]
 #: A create's key and the start of its window: ``(user_id, key, since)``.
@@ -112,7 +124,7 @@ class _Request:
     only, answered at once. ``BARRIER``: runs after every earlier write has committed.
     ``CLAIM``: both, a barrier whose writes are answered after they commit."""
 
-    __slots__ = ("done", "error", "fn", "key", "mode", "replay", "value")
+    __slots__ = ("conflicts", "done", "error", "fn", "key", "mode", "replay", "value")
 
     def __init__(
         self, fn: Callable[[], Awaitable[Any]], mode: str, key: _KeyRequest | None = None
@@ -126,6 +138,8 @@ class _Request:
         self.error: Exception | None = None
         #: Its group was void without its fault: applied again, alone, before it is answered.
         self.replay = False
+        #: Commits of it, alone, that lost a job to another writer (:class:`StaleWriteError`).
+        self.conflicts = 0
 
     async def answer(self) -> Any:
         """Wait until the request is answered: its value, or its error raised."""
@@ -426,7 +440,16 @@ class StoreActor:
                     )
                 else:
                     # Tied to a request: every void group is replayed, one request at a time.
+                    # A job lost to another writer is reloaded by then: the request, applied
+                    # again, is refused by its own checks, or commits. Bounded per request,
+                    # so that a storm of conflicts cannot livelock the store.
                     self._void[void] = None
+                    if isinstance(exc, StaleWriteError) and len(group.requests) == 1:
+                        request = group.requests[0]
+                        request.conflicts += 1
+                        if request.conflicts <= MAX_CONFLICTS:
+                            self._mark_replay(group)
+                            return
                     if len(group.requests) > 1:
                         log.warning(
                             "commit of %d requests failed (%r); committing them one at a time",
@@ -436,7 +459,10 @@ class StoreActor:
                         self._mark_replay(group)
                         return
                     log.warning("write refused by the database: %r", exc)
-                    error = StoreError(f"database write failed, nothing was saved: {exc}")
+                    if isinstance(exc, StaleWriteError):
+                        error = exc
+                    else:
+                        error = StoreError(f"database write failed, nothing was saved: {exc}")
             else:
                 self.metrics.committed(
                     len(group.requests), group.events, group.moves, time.perf_counter() - started
@@ -460,7 +486,7 @@ class StoreActor:
         while True:
             try:
                 async with self._commit_lock:
-                    await self.backend.commit(
+                    committed = await self.backend.commit(
                         group.jobs.values(), group.events, group.deleted, group.beats
                     )
             except Exception as exc:
@@ -477,6 +503,8 @@ class StoreActor:
                 delay = min(delay * 2, self.config.retry_backoff_max)
             else:
                 self._healthy()
+                # As stored: the backend may have numbered them (assigns_user_seq).
+                group.events = list(committed)
                 return
 
     async def _probe(self) -> None:
@@ -584,8 +612,11 @@ class StoreActor:
 
     async def _stage(self, change: ops.Change) -> Job:
         job, event = change
-        user_seq = await self._user_head(job.user_id) + 1
-        self._user_heads[job.user_id] = user_seq
+        if self.backend.assigns_user_seq:
+            user_seq = 0  # provisional: the commit numbers it, in its transaction
+        else:
+            user_seq = await self._user_head(job.user_id) + 1
+            self._user_heads[job.user_id] = user_seq
         self._group.jobs[job.id] = job
         if job.idempotency_key is not None:
             self._key_filter.add(job.user_id, job.idempotency_key)
@@ -1093,6 +1124,9 @@ class StoreClient:
     async def user_head(self, user_id: str) -> int:
         """The ``user_seq`` of the user's latest event (0 if none)."""
         actor = self._actor
+        if actor.backend.assigns_user_seq:
+            # Other writers advance it too: the committed head is the only true one.
+            return await self._read(lambda: actor.backend.user_head(user_id), READ)
         if actor.health.ok:
             return await self._call(lambda: actor._user_head(user_id), READ)
         return await actor._read_committed(lambda: actor.backend.user_head(user_id))

@@ -61,9 +61,9 @@ async def test_epoch_persists_and_a_newer_schema_is_refused(pg_url: str) -> None
         assert backend.epoch == epoch
     with psycopg.connect(pg_url, autocommit=True) as conn:
         meta: dict[str, str] = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        assert meta == {"schema_version": "3", "epoch": epoch}
+        assert meta == {"schema_version": "4", "epoch": epoch}
         conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
-    with pytest.raises(StoreError, match="schema v99 is newer than this runtime's v3"):
+    with pytest.raises(StoreError, match="schema v99 is newer than this runtime's v4"):
         async with backend.opened():
             pass  # pragma: no cover
 

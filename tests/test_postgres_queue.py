@@ -281,7 +281,7 @@ async def test_a_v2_database_of_the_release_before_the_queue_migrates_in_place(
                 "SELECT indexname FROM pg_indexes WHERE tablename = 'jobs'"
             ).fetchall()
         }
-    assert meta == {"schema_version": "3", "epoch": epoch}
+    assert meta == {"schema_version": "4", "epoch": epoch}
     assert after_events == before_events
     assert {
         "jobs_waiting",
