@@ -198,8 +198,16 @@ class LeasePolicy:
         self._scan_at = now + self.renew_interval
         return True
 
+    @property
+    def valid_until(self) -> float:
+        """When the lease lapses locally (-inf when not registered)."""
+        return self._valid_until
+
     def next_wake(self) -> float:
-        """When the actor must act next: a renewal, a scan, or the local lapse."""
+        """When the actor must act next: a registration (again), a renewal, a scan, or the
+        local lapse."""
+        if not self.registered:
+            return self._renew_at
         return min(self._renew_at, self._scan_at, self._valid_until)
 
 
@@ -236,6 +244,8 @@ class NodeActor:
         self._wake = wake
         self.renewing = renewing
         self.lease: NodeLease | None = None
+        #: The incarnation this process abandoned and has not replaced yet.
+        self._abandoned: str | None = None
         #: Trio time of the last successful renewal (or registration).
         self.renewed_at: float | None = None
         #: Nodes this one took over, and times it found itself fenced, since it started.
@@ -269,8 +279,9 @@ class NodeActor:
         ttl = self.policy.ttl if self.renewing else 0.0
         incarnation = new_id()
         try:
+            # An incarnation this process abandoned is replaced: its lease ends now.
             lease = await self.store.register_node(
-                self.node_id, incarnation, ttl, self.host, self.pid
+                self.node_id, incarnation, ttl, self.host, self.pid, replacing=self._abandoned
             )
         except NodeIdInUseError as exc:
             if exc.host != self.host or _process_alive(exc.pid):
@@ -285,7 +296,7 @@ class NodeActor:
                 self.node_id, incarnation, ttl, self.host, self.pid, replacing=exc.incarnation
             )
         self.policy.granted(sent)
-        self.lease, self.renewed_at = lease, sent
+        self.lease, self.renewed_at, self._abandoned = lease, sent, None
         self._on_owner(lease.owner)
         log.info("node %s registered as %s", self.node_id, lease.owner)
         return lease
@@ -330,16 +341,22 @@ class NodeActor:
             if self.lease is not None:
                 self._abandon(f"lease lapsed: not renewed for {self.policy.ttl:g} s")
             try:
-                await self.register()
+                # A database that does not answer: tried again after one interval.
+                with trio.move_on_after(self.policy.ttl):
+                    await self.register()
             except RuntimeClosedError:
                 raise
             except JobspineError as exc:
                 log.warning("node %s: registration failed (retried): %s", self.node_id, exc)
-                self.policy.failed(now)
+            if self.lease is None:
+                self.policy.failed(trio.current_time())
                 return
         elif self.policy.renew_due(now):
-            await self._renew(now)
-            if self.lease is None:
+            # A renewal still unanswered when the lease lapses locally is given up: the next
+            # tick abandons the jobs (the database may be gone, or this process was paused).
+            with trio.move_on_at(self.policy.valid_until):
+                await self._renew(now)
+            if self.lease is None or self.policy.lapsed(trio.current_time()):
                 return
         if self.policy.scan_due(trio.current_time()):
             await self.take_over_expired()
@@ -369,6 +386,7 @@ class NodeActor:
         owner = self.owner
         count = self.supervisor.abandon_all()
         log.error("node %s fenced (%s): abandoned %d running jobs", owner, why, count)
+        self._abandoned = None if self.lease is None else self.lease.incarnation
         self.lease = None
         self.policy.lost()
 
@@ -386,18 +404,22 @@ class NodeActor:
             return 0
         won = 0
         for node in expired:
-            try:
-                if not await self.store.take_over(node, by):
-                    continue  # another survivor won it, or it renewed meanwhile
-            except RuntimeClosedError:
-                raise
-            except JobspineError as exc:
-                log.warning("node %s: takeover of %s failed: %s", by, node.owner, exc)
-                continue
-            won += 1
-            self.takeovers += 1
-            if recover:
-                await self._recover_jobs(node, by)
+            if node.owner == by:
+                continue  # this incarnation (one process's database: its lease ends at once)
+            # Shielded: a node won is recovered in full (nobody else will take it over).
+            with trio.CancelScope(shield=True):
+                try:
+                    if not await self.store.take_over(node, by):
+                        continue  # another survivor won it, or it renewed meanwhile
+                except RuntimeClosedError:
+                    raise
+                except JobspineError as exc:
+                    log.warning("node %s: takeover of %s failed: %s", by, node.owner, exc)
+                    continue
+                won += 1
+                self.takeovers += 1
+                if recover:
+                    await self._recover_jobs(node, by)
         if won:
             self._wake()
         return won
