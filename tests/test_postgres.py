@@ -24,7 +24,6 @@ from actors import (
     StoreActor,
     StoreConfig,
     StoreError,
-    StoreUnavailableError,
     open_runtime,
 )
 from actors._backend import is_outage
