@@ -324,15 +324,19 @@ async def open_runtime(
 
     ``database`` is a SQLite file (created if missing) or a PostgreSQL URL
     (``postgresql://user@host/dbname``, the database must exist; schema created on open);
-    pass ``backend`` instead for another store (``MemoryBackend()`` for logic tests). On
-    start, jobs a dead process left running are recovered. On exit, running jobs get the grace
-    period to checkpoint and are paused (resumed by the next runtime on the same database);
-    every acknowledged write is durable. With ``broadcast``, a :class:`Broadcaster` actor
+    pass ``backend`` instead for another store (``MemoryBackend()`` for logic tests). The
+    runtime registers as a node (``config.node_id``, see :mod:`._nodes`); on PostgreSQL
+    several nodes share the database, each taking over the jobs of nodes whose lease expired.
+    On start, jobs a dead process left running are recovered (never a live node's). On exit,
+    running jobs get the grace period to checkpoint and are paused (resumed by the next runtime
+    on the same SQLite file) or, on a shared database, handed back to the queue for the other
+    nodes; every acknowledged write is durable. With ``broadcast``, a :class:`Broadcaster` actor
     serves rooms of events (``rt.broadcaster``). With ``config.retention``, finished jobs are
     pruned at start and every ``retention.interval`` seconds (see :meth:`Runtime.prune`).
 
-    One process owns a database at a time: while another holds it, this raises
-    :class:`DatabaseLockedError` (naming the owner) having read and written nothing. A
+    One process owns a SQLite file at a time: while another holds it, this raises
+    :class:`DatabaseLockedError` (naming the owner) having read and written nothing. A node id
+    alive in another process raises :class:`NodeIdInUseError`. A
     database that cannot be opened (or a PostgreSQL server that cannot be reached) raises
     :class:`StoreError`. An exception from the block propagates unchanged; a failure of the
     runtime itself is raised as :class:`RuntimeCrashedError`. Every way out (return,

@@ -581,3 +581,18 @@ async def test_a_node_leaving_hands_its_jobs_to_the_other_at_once_on_postgresql(
             (row,) = [n for n in await b.store_actor.backend.list_nodes() if n.owner == a_owner]
             assert row.state == "left"
             assert b.node.takeovers == 0
+
+
+async def test_jobspine_nodes_reads_a_sqlite_file_its_server_holds(tmp_path: Path) -> None:
+    db = tmp_path / "served.db"
+    async with open_runtime(db, config=RuntimeConfig(node_id="solo")) as rt:
+        shown = await trio.run_process(
+            [*COMMAND, "nodes", "--db", str(db), "--json"], capture_stdout=True
+        )
+        (node,) = orjson.loads(shown.stdout)
+        # One process's file: never renewed, alive as recorded.
+        assert (node["owner"], node["state"]) == (rt.node.owner, "alive")
+    missing = await trio.run_process(
+        [*COMMAND, "nodes", "--db", str(tmp_path / "none.db")], capture_stderr=True, check=False
+    )
+    assert missing.returncode == 9 and b"no such file" in missing.stderr

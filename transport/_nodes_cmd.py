@@ -63,9 +63,11 @@ def read_nodes(database: str) -> tuple[float, list[NodeInfo]]:
     return time.time(), [NodeInfo(*row) for row in rows]
 
 
-def _shown_state(node: NodeInfo, now: float) -> str:
-    """``alive`` only while the lease holds: a row alive past its lease is ``expired``."""
-    if node.state == "alive" and node.lease_expires_at < now:
+def _shown_state(node: NodeInfo, now: float, shared: bool) -> str:
+    """On a shared database ``alive`` only while the lease holds: a row alive past its lease
+    is ``expired``. A SQLite file's node never renews (its owner lock proves it alive): its
+    state is as recorded (``alive`` until it leaves or the next start takes it over)."""
+    if shared and node.state == "alive" and node.lease_expires_at < now:
         return "expired"
     return node.state
 
@@ -74,7 +76,9 @@ def run_nodes(args: argparse.Namespace) -> int:
     """Print the nodes of ``--store URL`` (else ``--db FILE``) as a table or ``--json``
     (``[{node_id, incarnation, owner, host, pid, state, lease_age, lease_expires_in, running,
     started_at, taken_over_by}]``, seconds)."""
-    now, nodes = read_nodes(args.store or args.db)
+    database = args.store or args.db
+    now, nodes = read_nodes(database)
+    shared = database.startswith(POSTGRES_URL_SCHEMES)
     shown = [
         {
             "node_id": n.node_id,
@@ -82,7 +86,7 @@ def run_nodes(args: argparse.Namespace) -> int:
             "owner": n.owner,
             "host": n.host,
             "pid": n.pid,
-            "state": _shown_state(n, now),
+            "state": _shown_state(n, now, shared),
             "lease_age": round(now - n.renewed_at, 3),
             "lease_expires_in": round(n.lease_expires_at - now, 3),
             "running": n.running if n.state == "alive" else 0,
