@@ -50,6 +50,15 @@ from ._job import (
     migrate_job_record,
     validate_job_record,
 )
+from ._nodes import (
+    LeasePolicy,
+    NodeActor,
+    NodeFencedError,
+    NodeIdInUseError,
+    NodeInfo,
+    NodeLease,
+    node_of,
+)
 from ._options import KindOptions, RetryPolicy, kind_options
 from ._owner import DatabaseLockedError
 from ._placement import InProcessPlacement, Placement
@@ -91,6 +100,13 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "RemoteControlError",
+    "LeasePolicy",
+    "NodeActor",
+    "NodeFencedError",
+    "NodeIdInUseError",
+    "NodeInfo",
+    "NodeLease",
+    "node_of",
     "AUDIT_TYPES",
     "CURRENT_SCHEMA_VERSION",
     "DEMO_HANDLERS",

@@ -28,6 +28,7 @@ from typing import Any
 import psycopg
 import trio
 
+from ._nodes import node_of
 from ._routing import QUEUE_CHANNEL, Control, RemoteControlError
 
 __all__ = ["PgNotifier", "node_channel"]
@@ -40,10 +41,11 @@ LISTEN_POLL = 0.5
 RECONNECT_DELAY = 1.0
 
 
-def node_channel(owner: str) -> str:
-    """The ``LISTEN`` channel of the node whose claims carry ``owner`` (an identifier of at
-    most 63 bytes whatever the owner's length)."""
-    return "jobspine_node_" + hashlib.sha256(owner.encode()).hexdigest()[:32]
+def node_channel(node_id: str) -> str:
+    """The ``LISTEN`` channel of the node ``node_id`` (an identifier of at most 63 bytes
+    whatever the id's length). Per node id, not per incarnation: a node that registered again
+    (:mod:`._nodes`) keeps its channel."""
+    return "jobspine_node_" + hashlib.sha256(node_id.encode()).hexdigest()[:32]
 
 
 class PgNotifier:
@@ -156,7 +158,7 @@ class PgNotifier:
             if self._sender is None or self._sender.closed:
                 self._sender = self._connect()
             self._sender.execute(
-                "SELECT pg_notify(%s, %s)", (node_channel(owner), control.encode())
+                "SELECT pg_notify(%s, %s)", (node_channel(node_of(owner)[0]), control.encode())
             )
 
         async with self._send_lock:

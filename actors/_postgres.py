@@ -14,21 +14,18 @@ works only if trio_asyncio was imported first). A worker thread cannot be abando
 a cancelled call waits for its statement, so a transaction is never left half-sent;
 ``connect_timeout`` and TCP keepalives bound how long a dead server can hold it.
 
-**One owner.** Until nodes and leases exist (issue 11: they replace this), a database has one
-owner at a time, as a SQLite file does (:mod:`._owner`): the owner holds a session-level
-advisory lock (``pg_try_advisory_lock``) for the runtime's life, on the very connection every
-statement goes through, and records itself (pid, host, start time) in the ``owners`` table
-for the message a refused process prints (:class:`DatabaseLockedError`, ``database_in_use``).
-The server drops the lock when the session ends in any way, SIGKILL of the owner included.
-Only a test may open a backend without the lock (``_shared``), to claim from one database
-with several backends at once.
+**Many nodes.** Several runtimes (nodes, :mod:`._nodes`) share one database: each registers
+an incarnation in the ``nodes`` table (schema v4) and renews its lease there; leases are
+compared with the database's clock (``extract(epoch FROM clock_timestamp())``), so the nodes'
+clock skew does not matter. A node that stops renewing is taken over by one survivor, with one
+conditional ``UPDATE ... WHERE state = 'alive' AND lease_expires_at < now`` (the row lock
+makes exactly one winner). This replaced the single owner's session advisory lock (v3's
+``owners`` table is dropped by v4).
 
 **Outages.** A connection the server dropped (restart, ``pg_terminate_backend``, network) is
-an outage (:func:`is_postgres_outage`): the store retries; the next call connects again and
-takes the lock again before it runs anything. If another process owns the database by then,
-that call fails as an outage too and nothing is written; if another process owned it in
-between (the ``owners`` row is no longer this one's), this backend's caller may hold stale
-state, so it never writes again (every call fails as an outage saying so; restart it).
+an outage (:func:`is_postgres_outage`): the store retries; the next call connects again. A node
+that stays disconnected past its lease is fenced by its node actor (its jobs abandoned, a new
+incarnation registered), since another node may have taken its jobs over meanwhile.
 
 **The queue** (schema v3, as SQLite's): the claim columns and a partial index over waiting
 jobs, walked group by group in one transaction with ``FOR UPDATE SKIP LOCKED``
@@ -51,10 +48,7 @@ commit that leaves a job waiting notifies the queue channel (:mod:`._pg_notify`)
 
 from __future__ import annotations
 
-import datetime
 import logging
-import os
-import socket
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -67,11 +61,11 @@ from psycopg import conninfo
 
 from ._backend import ClaimRequest, ClaimResult, JobQuery, Pruned, QueueStats
 from ._codec import converter
-from ._errors import StaleWriteError, StoreError, StoreUnavailableError
+from ._errors import StaleWriteError, StoreError
 from ._events import EventType, JobEvent
 from ._ids import new_id
 from ._job import Job, migrate_job_record
-from ._owner import DatabaseLockedError
+from ._nodes import ALIVE, DEAD, LEFT, NodeFencedError, NodeIdInUseError, NodeInfo, NodeLease
 from ._postgres_queue import claim_sync
 from ._routing import QUEUE_CHANNEL
 from ._scheduling import ready_at
@@ -82,8 +76,6 @@ __all__ = ["PostgresBackend", "is_postgres_outage", "redact_url"]
 log = logging.getLogger("jobspine.postgres")
 T = TypeVar("T")
 
-#: The advisory lock key of the database's owner (``pg_try_advisory_lock(bigint)``).
-OWNER_LOCK = 0x6A6F6273  # "jobs"
 #: The advisory lock key held while the schema is created or migrated (transaction-level).
 MIGRATE_LOCK = 0x6A6F6275
 
@@ -172,8 +164,33 @@ MIGRATIONS: list[list[str]] = [
         "INSERT INTO user_heads (user_id, head, horizon)"
         " SELECT user_id, max(user_seq), 0 FROM events GROUP BY user_id"
         " ON CONFLICT (user_id) DO UPDATE SET head = greatest(user_heads.head, excluded.head)",
+        # Nodes (:mod:`._nodes`): one row per incarnation of a node, its lease (the database's
+        # clock, Unix seconds) and state; expired live rows found by the partial index. The
+        # single owner's table goes.
+        """CREATE TABLE nodes (
+            node_id text COLLATE "C" NOT NULL,
+            incarnation text COLLATE "C" NOT NULL,
+            host text NOT NULL,
+            pid integer NOT NULL,
+            started_at double precision NOT NULL,
+            renewed_at double precision NOT NULL,
+            lease_expires_at double precision NOT NULL,
+            state text NOT NULL,
+            taken_over_by text,
+            running integer NOT NULL DEFAULT 0,
+            PRIMARY KEY (node_id, incarnation)
+        )""",
+        "CREATE INDEX nodes_alive ON nodes (lease_expires_at) WHERE state = 'alive'",
+        "DROP TABLE IF EXISTS owners",
     ],
 ]
+
+#: The database's clock in Unix seconds (leases never depend on a node's clock).
+_NOW = "extract(epoch FROM clock_timestamp())::double precision"
+_NODE_COLUMNS = (
+    "node_id, incarnation, host, pid, started_at, renewed_at, lease_expires_at, state,"
+    " running, taken_over_by"
+)
 
 _JOB_COLUMNS = "record, last_heartbeat_at, owner, lease_expires_at"
 
@@ -281,18 +298,14 @@ class PostgresBackend:
     open). ``url``: a libpq connection URL, ``postgresql://user@host:port/dbname``.
 
     Raises :class:`ValueError` at once for a URL libpq cannot parse. On open:
-    :class:`DatabaseLockedError` if another process owns the database (nothing was written),
     :class:`StoreError` if the server cannot be reached or the database cannot be used (a
-    newer schema)."""
+    newer schema). Several backends (nodes) may have one database open at once."""
 
     #: Each commit numbers its events from the user's head, under the head's row lock.
     assigns_user_seq = True
+    shared = True
 
-    def __init__(self, url: str, *, connect_timeout: float = 5.0, _shared: bool = False) -> None:
-        """``_shared`` is for tests only: no owner lock and no ``owners`` row, so that
-        several backends use one database at once (the concurrent-claim test). Nothing else
-        may set it until nodes and leases (issue 11) replace the single owner: the store
-        actor assumes it alone writes the database."""
+    def __init__(self, url: str, *, connect_timeout: float = 5.0) -> None:
         try:
             conninfo.conninfo_to_dict(url)
         except psycopg.Error as exc:
@@ -304,12 +317,7 @@ class PostgresBackend:
         self._conn: psycopg.Connection[Any] | None = None
         self._open = False
         self._epoch = ""
-        self._since = ""
-        #: Why this backend no longer writes (another owner came in between), if it does not.
-        self._superseded: str | None = None
-        #: Identifies this opening in the ``owners`` row (pid, host and second may repeat).
-        self._instance = ""
-        self._shared = _shared
+        self._instance = ""  # new at every opening, see :attr:`instance`
         # One call at a time on the connection: a read never slips into a commit's transaction.
         self._lock = trio.Lock()
 
@@ -326,12 +334,10 @@ class PostgresBackend:
     def __repr__(self) -> str:
         return f"PostgresBackend({redact_url(self.url)!r})"
 
-    # -- connection and ownership (each runs in a worker thread) -------------------------------
+    # -- connection (each runs in a worker thread) ---------------------------------------------
 
     def _connect(self) -> psycopg.Connection[Any]:
-        """A new connection holding the owner lock; :class:`DatabaseLockedError` if another
-        session holds it (the connection is closed again, nothing was written)."""
-        conn = psycopg.connect(
+        return psycopg.connect(
             self.url,
             autocommit=True,
             connect_timeout=self._connect_timeout,
@@ -341,41 +347,11 @@ class PostgresBackend:
             keepalives_interval=5,
             keepalives_count=3,
         )
-        if self._shared:
-            return conn
-        try:
-            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (OWNER_LOCK,)).fetchone()
-            if row is None or not row[0]:
-                raise DatabaseLockedError(
-                    redact_url(self.url), f"pg_advisory_lock {OWNER_LOCK}", *self._owner(conn)
-                )
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    @staticmethod
-    def _owner(conn: psycopg.Connection[Any]) -> tuple[int | None, str | None, str | None]:
-        """The owner as it recorded itself; Nones while it has not (it is starting)."""
-        if conn.execute("SELECT to_regclass('owners')").fetchone() in (None, (None,)):
-            return None, None, None
-        row = conn.execute("SELECT pid, host, since FROM owners WHERE lock = %s", (OWNER_LOCK,))
-        found = row.fetchone()
-        return (found[0], found[1], found[2]) if found else (None, None, None)
-
-    def _record_owner(self, conn: psycopg.Connection[Any]) -> None:
-        conn.execute(
-            "INSERT INTO owners (lock, pid, host, since, session, instance) VALUES (%s, %s,"
-            " %s, %s, pg_backend_pid(), %s) ON CONFLICT (lock) DO UPDATE SET pid = excluded.pid,"
-            " host = excluded.host, since = excluded.since, session = excluded.session,"
-            " instance = excluded.instance",
-            (OWNER_LOCK, os.getpid(), socket.gethostname(), self._since, self._instance),
-        )
 
     def _migrate(self, conn: psycopg.Connection[Any]) -> str:
         """Create or upgrade the schema in one transaction; returns the epoch."""
         with conn.transaction():
-            # Openings that do not hold the owner lock (shared, tests only) migrate in turn.
+            # Nodes opening the database at once migrate in turn.
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
             conn.execute("CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value text)")
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
@@ -389,10 +365,6 @@ class PostgresBackend:
                     else f"{redact_url(self.url)}: database schema version {stored!r} is not"
                     " one jobspine wrote"
                 )
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS owners (lock bigint PRIMARY KEY, pid integer,"
-                " host text, since text, session integer, instance text)"
-            )
             for step in range(version, SCHEMA_VERSION):
                 for statement in MIGRATIONS[step]:
                     conn.execute(statement)
@@ -402,48 +374,19 @@ class PostgresBackend:
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (str(SCHEMA_VERSION), epoch),
             )
-            if not self._shared:
-                self._record_owner(conn)
         return epoch
 
     def _live(self) -> psycopg.Connection[Any]:
-        """The connection, connected again (lock first) if the server dropped it."""
+        """The connection, connected again if the server dropped it."""
         conn = self._conn
         if conn is not None and not conn.closed:
             return conn
         if not self._open:
             raise StoreError("the PostgreSQL database is not open")
         self._conn = None
-        if self._superseded is not None:
-            raise StoreUnavailableError(self._superseded)
         if conn is not None:
             log.warning("connection to %s lost; connecting again", redact_url(self.url))
-        try:
-            conn = self._connect()
-        except DatabaseLockedError as exc:
-            # Someone else owns the database now: writing would make two owners.
-            raise StoreUnavailableError(str(exc)) from None
-        if self._shared:
-            self._conn = conn
-            return conn
-        try:
-            row = conn.execute("SELECT instance FROM owners WHERE lock = %s", (OWNER_LOCK,))
-            if row.fetchone() != (self._instance,):
-                # Another owner came while this one was disconnected: what this one caches
-                # may be stale, so it writes nothing more, ever.
-                pid, host, since = self._owner(conn)
-                self._superseded = (
-                    f"process {pid} on {host} since {since} owned the database"
-                    f" {redact_url(self.url)} while this one was disconnected; nothing more is"
-                    " written here: restart this runtime"
-                )
-                log.error("%s", self._superseded)
-                raise StoreUnavailableError(self._superseded)
-            self._record_owner(conn)
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
+        self._conn = conn = self._connect()
         return conn
 
     async def _run(self, fn: Callable[[psycopg.Connection[Any]], T], *, read: bool = False) -> T:
@@ -469,16 +412,13 @@ class PostgresBackend:
 
     @asynccontextmanager
     async def opened(self) -> AsyncIterator[None]:
-        """Own and open the database for the block: connect, take the owner lock, migrate.
+        """Open the database for the block: connect, migrate.
 
-        A process refused with :class:`DatabaseLockedError` has written nothing; a server
-        that cannot be reached or a database that cannot be used raises :class:`StoreError`
-        (one line, the password left out). Every way out closes the connection, which gives
-        the lock back."""
-        self._since = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-        self._superseded = None
-        self._instance = new_id()
+        A server that cannot be reached or a database that cannot be used raises
+        :class:`StoreError` (one line, the password left out). Every way out closes the
+        connection."""
         where = redact_url(self.url)
+        self._instance = new_id()
 
         def open_() -> tuple[psycopg.Connection[Any], str]:
             conn = self._connect()
@@ -490,7 +430,7 @@ class PostgresBackend:
 
         try:
             # Shielded: a connection opened by a thread the caller stopped waiting for would
-            # hold the lock with nobody to close it. Opening is bounded by connect_timeout.
+            # stay open with nobody to close it. Opening is bounded by connect_timeout.
             with trio.CancelScope(shield=True):
                 conn, epoch = await trio.to_thread.run_sync(open_)
         except psycopg.Error as exc:
@@ -518,7 +458,7 @@ class PostgresBackend:
         return await self._read(fn)
 
     async def ping(self) -> None:
-        # Connects again (taking the owner lock) if the connection was lost.
+        # Connects again if the connection was lost.
         await self._run(lambda conn: conn.execute("SELECT 1").fetchall())
 
     async def commit(
@@ -802,6 +742,134 @@ class PostgresBackend:
             ).fetchall()
         )
         return rows[0][0] if rows else None
+
+    # -- nodes ------------------------------------------------------------------------------------
+
+    async def register_node(
+        self,
+        node_id: str,
+        incarnation: str,
+        ttl: float,
+        host: str,
+        pid: int,
+        replacing: str | None = None,
+    ) -> NodeLease:
+        def fn(conn: psycopg.Connection[Any]) -> NodeLease:
+            with conn.transaction():
+                # Serialises registrations of one node id: two starting at once cannot both
+                # find no live incarnation.
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (node_id,))
+                row = conn.execute(
+                    f"SELECT incarnation, host, pid, lease_expires_at - {_NOW} FROM nodes"
+                    f" WHERE node_id = %s AND state = %s AND lease_expires_at >= {_NOW}"
+                    " AND incarnation IS DISTINCT FROM %s LIMIT 1",
+                    (node_id, ALIVE, replacing),
+                ).fetchone()
+                if row is not None:
+                    raise NodeIdInUseError(node_id, *row)
+                conn.execute(
+                    f"UPDATE nodes SET lease_expires_at = {_NOW} - 0.001 WHERE node_id = %s"
+                    " AND incarnation = %s AND state = %s",
+                    (node_id, replacing, ALIVE),
+                )
+                (expires,) = conn.execute(
+                    "INSERT INTO nodes (node_id, incarnation, host, pid, started_at, renewed_at,"
+                    f" lease_expires_at, state) VALUES (%s, %s, %s, %s, {_NOW}, {_NOW},"
+                    f" {_NOW} + %s, %s) RETURNING lease_expires_at",
+                    (node_id, incarnation, host, pid, ttl, ALIVE),
+                ).fetchone() or (0.0,)
+            return NodeLease(node_id, incarnation, expires)
+
+        return await self._run(fn)
+
+    async def renew_node(self, lease: NodeLease, ttl: float, running: int) -> NodeLease:
+        def fn(conn: psycopg.Connection[Any]) -> float | None:
+            row = conn.execute(
+                f"UPDATE nodes SET renewed_at = {_NOW}, lease_expires_at = {_NOW} + %s,"
+                " running = %s WHERE node_id = %s AND incarnation = %s AND state = %s"
+                " AND NOT EXISTS (SELECT 1 FROM nodes AS newer WHERE newer.node_id ="
+                " nodes.node_id AND newer.started_at > nodes.started_at)"
+                " RETURNING lease_expires_at",
+                (ttl, running, lease.node_id, lease.incarnation, ALIVE),
+            ).fetchone()
+            return None if row is None else float(row[0])
+
+        expires = await self._run(fn)
+        if expires is None:
+            raise NodeFencedError(
+                f"node {lease.owner} is no longer alive in the database (taken over, left, or"
+                " a newer incarnation registered)"
+            )
+        return NodeLease(lease.node_id, lease.incarnation, expires)
+
+    async def leave_node(self, lease: NodeLease) -> None:
+        await self._run(
+            lambda conn: conn.execute(
+                f"UPDATE nodes SET state = %s, lease_expires_at = {_NOW}, running = 0"
+                " WHERE node_id = %s AND incarnation = %s AND state = %s",
+                (LEFT, lease.node_id, lease.incarnation, ALIVE),
+            )
+        )
+
+    async def _nodes(self, where: str, params: Sequence[Any], order: str) -> list[NodeInfo]:
+        def fn(conn: psycopg.Connection[Any]) -> list[NodeInfo]:
+            rows = conn.execute(
+                f"SELECT {_NODE_COLUMNS} FROM nodes {where} ORDER BY {order}", params
+            ).fetchall()
+            return [NodeInfo(*row) for row in rows]
+
+        return await self._read(fn)
+
+    async def expired_nodes(self) -> list[NodeInfo]:
+        return await self._nodes(
+            f"WHERE state = %s AND lease_expires_at < {_NOW}", (ALIVE,), "lease_expires_at"
+        )
+
+    async def take_over(self, node: NodeInfo, by: str) -> bool:
+        def fn(conn: psycopg.Connection[Any]) -> bool:
+            with conn.transaction():
+                # The row lock makes one winner: a second taker waits, then finds it dead.
+                won = conn.execute(
+                    "UPDATE nodes SET state = %s, taken_over_by = %s WHERE node_id = %s"
+                    f" AND incarnation = %s AND state = %s AND lease_expires_at < {_NOW}",
+                    (DEAD, by, node.node_id, node.incarnation, ALIVE),
+                ).rowcount
+                if won:
+                    conn.execute(
+                        "UPDATE jobs SET owner = NULL, lease_expires_at = NULL"
+                        " WHERE owner = %s AND state = 'created'",
+                        (node.owner,),
+                    )
+            return bool(won)
+
+        return await self._run(fn)
+
+    async def list_nodes(self) -> list[NodeInfo]:
+        return await self._nodes("", (), "node_id, started_at")
+
+    async def node_alive(self, owner: str) -> bool:
+        node_id, _, incarnation = owner.rpartition("#")
+
+        def fn(conn: psycopg.Connection[Any]) -> bool:
+            row = conn.execute(
+                "SELECT 1 FROM nodes WHERE node_id = %s AND incarnation = %s AND state = %s"
+                f" AND lease_expires_at >= {_NOW}",
+                (node_id, incarnation, ALIVE),
+            ).fetchone()
+            return row is not None
+
+        return await self._read(fn)
+
+    async def running_jobs_of(self, owner: str) -> list[Job]:
+        def fn(conn: psycopg.Connection[Any]) -> list[Job]:
+            rows = conn.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE owner = %s AND state = 'running'"
+                " ORDER BY id",
+                (owner,),
+            ).fetchall()
+            return [_job_from_row(*row) for row in rows]
+
+        return await self._read(fn)
 
 
 def user_counts(events: Sequence[JobEvent]) -> list[tuple[str, int]]:

@@ -75,25 +75,26 @@ def left_attempt(before: Job, now: Job) -> bool:
 
 
 class RemoteControls:
-    """Which jobs run elsewhere, and the control sent there and awaited. ``send(owner,
+    """Which jobs run elsewhere, and the control sent there and awaited. ``owner()``: this
+    node's current claim owner (it changes when the node registers again); ``send(owner,
     control)`` delivers it to the node of ``owner``; ``read(job_id)`` reads the job as stored;
     ``bound``: seconds the asker waits."""
 
     def __init__(
         self,
-        node_id: str,
+        owner: Callable[[], str],
         send: Callable[[str, Control], Awaitable[None]],
         read: Callable[[str], Awaitable[Job]],
         bound: float,
     ) -> None:
-        self.node_id = node_id
+        self.owner = owner
         self._send = send
         self._read = read
         self.bound = bound
 
     def is_remote(self, job: Job) -> bool:
         """Whether ``job`` runs on another node (running, claimed by an owner not this one)."""
-        return job.state is JobState.RUNNING and job.owner is not None and job.owner != self.node_id
+        return job.state is JobState.RUNNING and job.owner is not None and job.owner != self.owner()
 
     async def control(self, job: Job, control: Control) -> Job:
         """Send ``control`` to the node running ``job`` and wait until the job has left that

@@ -55,6 +55,7 @@ from ._errors import (
     InvalidParentError,
     JobspineError,
     RuntimeClosedError,
+    StaleAttemptError,
     StaleWriteError,
     StoreError,
     StoreUnavailableError,
@@ -67,6 +68,7 @@ from ._ids import new_id
 from ._job import Job, JobError
 from ._keyfilter import KeyFilter
 from ._metrics import StoreMetrics, move
+from ._nodes import NodeInfo, NodeLease
 from ._options import CreateOptions
 from ._policy import RecoveryPolicy
 from ._retention import RetentionPolicy
@@ -865,6 +867,51 @@ class StoreClient:
 
         return await self._call(fn, BARRIER)
 
+    # -- nodes (see :mod:`._nodes` and the :class:`Backend` methods of the same names) -----
+
+    async def _node_call(self, fn: Callable[[Backend], Awaitable[T]]) -> T:
+        actor = self._actor
+
+        async def call() -> T:
+            async with actor._commit_lock:
+                return await fn(actor.backend)
+
+        return await self._call(call, BARRIER)
+
+    async def register_node(
+        self,
+        node_id: str,
+        incarnation: str,
+        ttl: float,
+        host: str,
+        pid: int,
+        replacing: str | None = None,
+    ) -> NodeLease:
+        return await self._node_call(
+            lambda b: b.register_node(node_id, incarnation, ttl, host, pid, replacing)
+        )
+
+    async def renew_node(self, lease: NodeLease, ttl: float, running: int) -> NodeLease:
+        return await self._node_call(lambda b: b.renew_node(lease, ttl, running))
+
+    async def leave_node(self, lease: NodeLease) -> None:
+        await self._node_call(lambda b: b.leave_node(lease))
+
+    async def expired_nodes(self) -> list[NodeInfo]:
+        return await self._node_call(lambda b: b.expired_nodes())
+
+    async def take_over(self, node: NodeInfo, by: str) -> bool:
+        return await self._node_call(lambda b: b.take_over(node, by))
+
+    async def list_nodes(self) -> list[NodeInfo]:
+        return await self._read(lambda: self._actor.backend.list_nodes(), BARRIER)
+
+    async def node_alive(self, owner: str) -> bool:
+        return await self._read(lambda: self._actor.backend.node_alive(owner), BARRIER)
+
+    async def running_jobs_of(self, owner: str) -> list[Job]:
+        return await self._read(lambda: self._actor.backend.running_jobs_of(owner), BARRIER)
+
     async def queue_stats(self, now: float, user_id: str | None = None) -> QueueStats:
         return await self._read(lambda: self._actor.backend.queue_stats(now, user_id), BARRIER)
 
@@ -984,14 +1031,23 @@ class StoreClient:
         policy: RecoveryPolicy,
         cause: str,
         requeue: Callable[[Job], bool] | None = None,
+        *,
+        took_over: tuple[str, str] | None = None,
     ) -> Job:
         """Apply the recovery rule to a running job, atomically with reading it; ``requeue``
-        says whether the job's kind re-queues a stalled job with a checkpoint."""
+        says whether the job's kind re-queues a stalled job with a checkpoint. ``took_over``:
+        ``(dead owner, new owner)`` of a node takeover, recorded in the event's data as
+        ``taken_over_from`` and ``taken_over_by``; the job must still be the dead owner's."""
         cause = sanitize_text(cause)
+        extra = None
+        if took_over is not None:
+            extra = {"taken_over_from": took_over[0], "taken_over_by": took_over[1]}
 
         def change(job: Job, now: float) -> ops.Change:
+            if took_over is not None and job.owner != took_over[0]:
+                raise StaleAttemptError(job.id, job.attempt, job.attempt, job.state.value)
             again = requeue is not None and requeue(job)
-            return ops.recover(job, attempt, policy.decide(job, cause, requeue=again), now)
+            return ops.recover(job, attempt, policy.decide(job, cause, requeue=again), now, extra)
 
         return await self._call(lambda: self._actor._change(job_id, change))
 

@@ -459,6 +459,19 @@ class Supervisor:
             worker.scope.cancel()
         return worker
 
+    def abandon_all(self) -> int:
+        """Drop every attempt this runtime runs, writing nothing: this node lost its lease
+        (:mod:`._nodes`), so another node owns these jobs now (or will take them over). Each
+        handler is cancelled at once (a remote attempt with it); jobs whose outcome the store
+        refused are no longer watched. Returns how many attempts were dropped."""
+        count = len(self.workers) + len(self.orphans)
+        for job_id in list(self.workers):
+            self.kill(job_id, "abandoned: this node lost its lease")
+        for job_id in list(self.orphans):
+            self.detector.unwatch(job_id)
+        self.orphans.clear()
+        return count
+
     # -- recovery -------------------------------------------------------------------------------
 
     async def _recover(self, worker: Worker, cause: str) -> None:
@@ -472,7 +485,7 @@ class Supervisor:
                 )
             else:
                 job = await self.store.recover(
-                    worker.job_id, worker.attempt, self.policy, cause, self._requeues
+                    worker.job_id, worker.attempt, self.policy, cause, self.requeues
                 )
         except StoreError as exc:
             log.warning(
@@ -515,14 +528,14 @@ class Supervisor:
         await self.settled()
         worker = self.kill(job_id, "stall")
         attempt = None if worker is None else worker.attempt
-        job = await self.store.recover(job_id, attempt, self.policy, cause, self._requeues)
+        job = await self.store.recover(job_id, attempt, self.policy, cause, self.requeues)
         self._stalls += 1
         self._count(job)
         if job.state is JobState.CREATED:
             self.capacity_changed()
         return job
 
-    def _requeues(self, job: Job) -> bool:
+    def requeues(self, job: Job) -> bool:
         """Whether a stalled job of this kind with a checkpoint goes back to the queue."""
         return self._options(job.kind).requeue_stalled
 
@@ -536,11 +549,14 @@ class Supervisor:
             orphans=len(self.orphans),
         )
 
-    async def shutdown(self, reason: str = "shutdown") -> None:
-        """Stop every worker with the grace period and record each stopped job as paused."""
+    async def shutdown(self, reason: str = "shutdown", *, hand_back: bool = False) -> None:
+        """Stop every worker with the grace period and record each stopped job as paused;
+        ``hand_back``: re-queued instead (state ``created``, the attempt ended, no attempt
+        counted), for another node to claim at once (:meth:`hand_back`)."""
+        stop = self.hand_back if hand_back else self._stop_and_pause
         async with trio.open_nursery() as nursery:
             for job_id in list(self.workers):
-                nursery.start_soon(self._stop_and_pause, job_id, reason)
+                nursery.start_soon(stop, job_id, reason)
 
     async def _stop_and_pause(self, job_id: str, reason: str) -> None:
         worker = await self.stop(job_id, reason)

@@ -1,6 +1,6 @@
 """Controls across nodes on one PostgreSQL database (issue 11): a pause, cancel or recovery asked
 on one runtime of a job running on another acts where the job runs; a create on one wakes the
-other's dispatcher. Two real runtimes, each with its own backend (``_shared``: no owner lock),
+other's dispatcher. Two real runtimes, each with its own backend (two nodes),
 in real time with generous bounds (threads: the connections and the listener)."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ HANDLERS = {"polite": polite}
 async def node(pg_url: str, node_id: str, **config: Any) -> AsyncIterator[Runtime]:
     settings = RuntimeConfig(node_id=node_id, stop_grace=2.0, **config)
     async with open_runtime(
-        backend=PostgresBackend(pg_url, _shared=True), handlers=HANDLERS, config=settings
+        backend=PostgresBackend(pg_url), handlers=HANDLERS, config=settings
     ) as rt:
         yield rt
 
@@ -119,7 +119,7 @@ async def test_a_control_for_a_gone_node_fails_clearly_within_its_bound(pg_url: 
     async with two_nodes(pg_url) as (a, b):
         job_id = await running_on(a)
         assert b.remote is not None
-        b.remote.node_id = "node-b"  # b routes; a is made deaf below
+        b.remote.owner = lambda: "node-b"  # b routes; a is made deaf below
         a_notifier_channel = node_channel("node-a")
         assert a_notifier_channel.startswith("jobspine_node_") and len(a_notifier_channel) < 64
         b.remote.bound = 1.0

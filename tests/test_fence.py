@@ -1,7 +1,7 @@
 """Several writers on one PostgreSQL database (issue 11): ``user_seq`` assigned in the commit's
 transaction, fenced job writes, and the store's answer to a job lost to another writer.
 
-Several stores open one real database (``PostgresBackend(url, _shared=True)``: no owner lock),
+Several stores open one real database (``PostgresBackend(url)``: no owner lock),
 each with its own actor, connection and event hub, as several nodes would."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ async def node(pg_url: str) -> AsyncIterator[tuple[StoreClient, StoreActor, list
     """A store on the shared database, and the events its hub publishes (in order; the list
     is filled as they come)."""
     hub = EventHub()
-    actor = StoreActor(PostgresBackend(pg_url, _shared=True), hub)
+    actor = StoreActor(PostgresBackend(pg_url), hub)
     published: list[JobEvent] = []
     async with trio.open_nursery() as nursery, actor.client() as client:
         await nursery.start(actor.run)
@@ -174,7 +174,7 @@ async def test_a_fenced_delete_and_an_old_write_lose(pg_url: str) -> None:
         job = await store.create("alice", "research", {})
         other = await store.create("alice", "research", {})
         await store.start(job.id)  # stored seq 2
-    backend = PostgresBackend(pg_url, _shared=True)
+    backend = PostgresBackend(pg_url)
     async with backend.opened():
         stored = await backend.load(job.id)
         assert stored is not None and stored.seq == 2

@@ -155,7 +155,11 @@ def _routes(running: RunningServer) -> dict[str, Any]:
         if not health.ok:
             # Reads and subscriptions are still served; writes wait or fail.
             return 503, {"status": "store unavailable", "reason": health.reason}
-        return 200, {"status": "ready", "epoch": running.runtime.epoch}
+        node = running.runtime.node
+        if not node.healthy:
+            # Fenced or lapsed: its jobs were abandoned; it registers again by itself.
+            return 503, {"status": "node lease lapsed", "node": node.node_id}
+        return 200, {"status": "ready", "epoch": running.runtime.epoch, "node": node.node_id}
 
     # Imported here, once the websocket port listens: prometheus-client takes a while to load.
     from ._metrics import CONTENT_TYPE, metrics_registry, render
@@ -182,6 +186,14 @@ def _routes(running: RunningServer) -> dict[str, Any]:
             },
             "connections": len(running.server.connections),
             "epoch": runtime.epoch,
+            "node": {
+                "id": runtime.node.node_id,
+                "owner": runtime.node.owner,
+                "lease_age": runtime.node.lease_age(),
+                "healthy": runtime.node.healthy,
+                "takeovers": runtime.node.takeovers,
+                "fenced": runtime.node.fenced,
+            },
         }
 
     return {

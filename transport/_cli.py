@@ -26,6 +26,7 @@ from actors import (
     DatabaseLockedError,
     InvalidInputError,
     JobspineError,
+    NodeIdInUseError,
     RuntimeConfig,
     StoreError,
 )
@@ -49,6 +50,7 @@ from ._display import StdoutClosedError, write, write_json
 from ._exit import EXIT_HELP, CLIError, ExitCode
 from ._local_workers import PARENT_PIPE_ENV, LocalWorkers
 from ._logging import LOG_FORMATS, configure_logging
+from ._nodes_cmd import run_nodes
 from ._server import ServerConfig
 from ._ui import run_ui
 from ._worker_process import WorkerFatalError, WorkerProcess
@@ -108,7 +110,7 @@ def run_serve(args: argparse.Namespace) -> int:
             if leaf is group:
                 raise
             raise leaf from None
-    except DatabaseLockedError as exc:
+    except (DatabaseLockedError, NodeIdInUseError) as exc:
         raise CLIError(ExitCode.DATABASE_IN_USE, str(exc)) from None
     except PortUnavailableError as exc:
         raise CLIError(ExitCode.PORT_UNAVAILABLE, str(exc)) from None
@@ -426,6 +428,9 @@ def _server_options(p: argparse.ArgumentParser) -> None:
     _add(p, "concurrency", metavar="N")
     _add(p, "retention_days", metavar="DAYS")
     _add(p, "retention_max_per_kind", metavar="COUNT")
+    _add(p, "node_id", metavar="NAME")
+    _add(p, "lease_ttl", metavar="SECONDS")
+    _add(p, "lease_renew_interval", metavar="SECONDS")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -481,6 +486,14 @@ def parser() -> argparse.ArgumentParser:
     token_p.add_argument(
         "--ttl", type=float, default=24 * 3600, help="lifetime in seconds (default: 86400)"
     )
+
+    nodes_p = command(
+        "nodes",
+        "list the database's nodes: state, lease age, running jobs (read from --store or --db)",
+        clients=False,
+    )
+    _add(nodes_p, "db", metavar="FILE")
+    _add(nodes_p, "store", metavar="URL")
 
     config_p = command("config", "show every setting, its value and its source")
     _server_options(config_p)
@@ -647,6 +660,8 @@ def _run(argv: list[str]) -> int:
         return ExitCode.OK
     if args.command == "config":
         return show_config(args, settings)
+    if args.command == "nodes":
+        return run_nodes(args)
     if args.command == "ui":
         return run_ui(args)
     return trio.run(run_client_command, args)

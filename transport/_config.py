@@ -159,6 +159,12 @@ def _store_url(value: str) -> str | None:
     return None
 
 
+def _node_id(value: str) -> str | None:
+    if not value or len(value) > 200 or not value.isprintable() or "#" in value:
+        return "must be 1-200 printable characters without '#'"
+    return None
+
+
 def _db_default(env: Mapping[str, str]) -> str:
     """$JOBSPINE_DATA/jobspine.db, JOBSPINE_DATA defaulting to ~/.local/share/jobspine"""
     return str(default_data_dir(env) / "jobspine.db")
@@ -208,6 +214,16 @@ _EXPLICIT: tuple[Setting, ...] = (
     Setting("stop_grace", "runtime", float, 5.0,
             "seconds a job gets to checkpoint when asked to stop", "--stop-grace",
             "JOBSPINE_STOP_GRACE", _NON_NEGATIVE),
+    Setting("node_id", "runtime", str, None,
+            "this node's id in the database's nodes table (default: a new random id at each "
+            "start); one live node per id", "--node-id", "JOBSPINE_NODE_ID", _node_id),
+    Setting("lease_ttl", "runtime", float, 5.0,
+            "seconds this node's lease (and its claims) hold unrenewed; on PostgreSQL a node "
+            "silent this long is taken over by another", "--lease-ttl", "JOBSPINE_LEASE_TTL",
+            _POSITIVE),
+    Setting("lease_renew_interval", "runtime", float, 1.0,
+            "seconds between two renewals of the lease (shorter than --lease-ttl)",
+            "--lease-renew-interval", "JOBSPINE_LEASE_RENEW_INTERVAL", _POSITIVE),
     Setting("retention_days", "runtime", float, 7.0,
             "days a finished job (completed, failed, cancelled) and its events are kept "
             "(inf: no age limit)", "--retention-days", "JOBSPINE_RETENTION_DAYS", _days),
@@ -238,8 +254,8 @@ def _field_settings(cls: type, section: str, taken: set[str]) -> list[Setting]:
 
 
 # ``retention`` is built from the retention_* settings (:func:`retention_policy`); the queue's
-# mappings and node id are not config-file scalars: given by the embedding API.
-_TAKEN = {s.name for s in _EXPLICIT} | {"retention", "kinds", "max_running_per_kind", "node_id"}
+# mappings are not config-file scalars: given by the embedding API.
+_TAKEN = {s.name for s in _EXPLICIT} | {"retention", "kinds", "max_running_per_kind"}
 #: Every setting, explicit ones first; request_burst defaults to twice request_rate.
 SETTINGS: tuple[Setting, ...] = (
     *_EXPLICIT,

@@ -8,6 +8,7 @@ path only ever increments ints.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -53,6 +54,26 @@ class ServerCollector(Collector):
         info = InfoMetricFamily("jobspine", "The serving process: its database epoch.")
         info.add_metric([], {"epoch": runtime.epoch})
         yield info
+        node = runtime.node
+        node_info = InfoMetricFamily(
+            "jobspine_node", "This node: its id and current incarnation (the claim owner)."
+        )
+        node_info.add_metric([], {"node": node.node_id, "owner": node.owner or ""})
+        yield node_info
+        age = node.lease_age()
+        yield GaugeMetricFamily(
+            "jobspine_node_lease_age_seconds",
+            "Seconds since this node's lease was last renewed (NaN before registration).",
+            value=math.nan if age is None else age,
+        )
+        yield CounterMetricFamily(
+            "jobspine_node_takeovers", "Dead nodes this node took over.", value=node.takeovers
+        )
+        yield CounterMetricFamily(
+            "jobspine_node_fenced",
+            "Times this node lost its lease and abandoned its running jobs.",
+            value=node.fenced,
+        )
         yield GaugeMetricFamily(
             "jobspine_start_time_seconds",
             "When the server started, seconds since the Unix epoch.",
