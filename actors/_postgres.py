@@ -216,7 +216,13 @@ _UPSERT_JOB = (
 #: of a job's state, attempt or owner while running is an event, so an equal ``seq`` also
 #: means the same state, attempt and running owner; only a claim's mark on a waiting job, its
 #: lease and heartbeats change a row without one. A row that lost is not returned.
-_WRITE_JOB = _UPSERT_JOB + " WHERE jobs.seq = %s RETURNING id"
+#: A write that leaves the job running must also find it claimed by the writer: the claim's
+#: mark (owner, no event) is the writer's until its start, and a takeover releasing that mark
+#: (:meth:`PostgresBackend.take_over`) fences the start.
+_WRITE_JOB = (
+    _UPSERT_JOB + " WHERE jobs.seq = %s AND (excluded.state <> 'running'"
+    " OR jobs.owner IS NOT DISTINCT FROM excluded.owner) RETURNING id"
+)
 _INSERT_EVENT = (
     "INSERT INTO events (job_id, seq, user_id, user_seq, type, record)"
     " VALUES (%s, %s, %s, %s, %s, %s)"

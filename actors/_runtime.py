@@ -425,6 +425,7 @@ async def open_runtime(
         owner[:] = [new_owner]
         if dispatcher is not None:
             dispatcher.node_id = new_owner
+            dispatcher.wake()  # it claimed nothing while the node was fenced
 
     def wake() -> None:
         if dispatcher is not None:
@@ -475,6 +476,7 @@ async def open_runtime(
                         to_trio=clock.trio_time,
                         lease_ttl=config.lease_ttl,
                         lease_renew_interval=config.lease_renew_interval,
+                        may_claim=lambda: node.healthy,
                     )
                     await nursery.start(_actor, dispatcher.run, actors)
                     runtime.dispatcher = dispatcher

@@ -21,6 +21,8 @@ import trio
 
 from actors import (
     Backend,
+    ClaimLimits,
+    ClaimRequest,
     EventType,
     Job,
     JobContext,
@@ -36,6 +38,7 @@ from actors import (
     PostgresBackend,
     RuntimeConfig,
     SqliteBackend,
+    StaleWriteError,
     node_of,
     open_runtime,
 )
@@ -219,6 +222,41 @@ async def test_one_winner_among_concurrent_takers_on_postgresql(pg_url: str) -> 
             for i, backend in enumerate(backends[1:]):
                 nursery.start_soon(taker, backend, f"t{i}#x")
         assert len(won) == 1
+
+
+async def test_a_node_whose_lease_lapsed_claims_nothing_and_cannot_start_a_released_claim(
+    pg_url: str,
+) -> None:
+    """On PostgreSQL a claim is fenced by its node: an owner whose lease expired claims
+    nothing (it could start jobs nobody would renew or take over), and a job it marked before
+    a takeover released the mark cannot be started by it (the start finds the mark gone)."""
+    backend = PostgresBackend(pg_url)
+    async with backend.opened():
+        waiting = [
+            create(f"j{n}", "alice", "k", {}, time.time(), CreateOptions())[0] for n in (1, 2)
+        ]
+        await backend.commit(waiting, [], (), {})
+        node = await backend.register_node("x", "i1", 0.3, "h", 1)
+        taker = await backend.register_node("y", "i1", 60, "h", 2)
+
+        def request(owner: str) -> ClaimRequest:
+            now = time.time()
+            return ClaimRequest(owner, now, now + 60, ClaimLimits(max_running=1))
+
+        (marked,) = (await backend.claim(request(node.owner))).jobs
+        assert marked.owner == node.owner
+        await trio.sleep(0.4)  # x's lease expires (the database's clock)
+        assert (await backend.claim(request(node.owner))).jobs == []
+        (expired,) = [n for n in await backend.expired_nodes() if n.node_id == "x"]
+        assert await backend.take_over(expired, taker.owner)  # releases x's mark
+        started, event = start(marked, time.time(), node.owner, time.time() + 60)
+        with pytest.raises(StaleWriteError):
+            await backend.commit([started], [event], (), {})
+        stored = await backend.load(marked.id)
+        assert stored is not None and (stored.state, stored.owner) == (JobState.CREATED, None)
+        # A live node claims as before.
+        (claimed,) = (await backend.claim(request(taker.owner))).jobs
+        assert claimed.owner == taker.owner
 
 
 # -- the node actor under a mock clock (a shared in-memory database) ------------------------------
