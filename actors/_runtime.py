@@ -24,6 +24,7 @@ from ._errors import (
     leaves,
 )
 from ._events import EventHub
+from ._fanout import Fanout, FanoutConfig
 from ._ids import new_id
 from ._joblog import job_fields
 from ._options import KindOptions
@@ -146,6 +147,7 @@ class Runtime(Repository):
         config: RuntimeConfig,
         store_actor: StoreActor,
         broadcaster: Broadcaster | None,
+        fanout: Fanout | None = None,
     ) -> None:
         super().__init__(
             store,
@@ -161,6 +163,8 @@ class Runtime(Repository):
         self.store_actor = store_actor
         #: Present when ``open_runtime(broadcast=...)`` started one.
         self.broadcaster = broadcaster
+        #: Present when ``open_runtime(fanout=...)`` started one (cluster mode).
+        self.fanout = fanout
         #: The actor that claims waiting jobs (``claims``, ``dispatched``); set once started.
         self.dispatcher: Dispatcher | None = None
 
@@ -298,6 +302,7 @@ async def open_runtime(
     config: RuntimeConfig | None = None,
     backend: Backend | None = None,
     broadcast: BroadcasterConfig | None = None,
+    fanout: FanoutConfig | None = None,
 ) -> AsyncIterator[Runtime]:
     """Run a jobspine runtime for the duration of the ``async with`` block.
 
@@ -307,7 +312,9 @@ async def open_runtime(
     start, jobs a dead process left running are recovered. On exit, running jobs get the grace
     period to checkpoint and are paused (resumed by the next runtime on the same database);
     every acknowledged write is durable. With ``broadcast``, a :class:`Broadcaster` actor
-    serves rooms of events (``rt.broadcaster``). With ``config.retention``, finished jobs are
+    serves rooms of events (``rt.broadcaster``); with ``fanout`` too (cluster mode: several
+    nodes on one PostgreSQL database), its rooms get every node's events through Redis
+    (``rt.fanout``, see :mod:`actors._fanout`). With ``config.retention``, finished jobs are
     pruned at start and every ``retention.interval`` seconds (see :meth:`Runtime.prune`).
 
     One process owns a database at a time: while another holds it, this raises
@@ -318,6 +325,9 @@ async def open_runtime(
     exception, cancellation, KeyboardInterrupt) closes the database.
     """
     config = config or RuntimeConfig()
+    if fanout is not None and broadcast is None:
+        raise InvalidInputError("fanout delivers to a broadcaster: pass broadcast= too")
+    node_id = config.node_id or new_id()
     if backend is None:
         if database is None:
             raise TypeError("open_runtime() needs a database path or a backend")
@@ -336,8 +346,11 @@ async def open_runtime(
     # Clients exist before the store starts: it serves until the last of them is closed.
     supervisor_store, repo_store = store_actor.client(), store_actor.client()
     broadcaster = None
+    fanout_actor = None
+    if fanout is not None:
+        fanout_actor = Fanout(store_actor.client(), hub, fanout, node_id)
     if broadcast is not None:
-        broadcaster = Broadcaster(store_actor.client(), hub, broadcast)
+        broadcaster = Broadcaster(store_actor.client(), hub, broadcast, fanout_actor)
     registry: dict[str, Handler] = dict(handlers or {})
     supervisor = Supervisor(
         supervisor_store,
@@ -363,9 +376,18 @@ async def open_runtime(
             supervisor.set_clock(clock)
             if broadcaster is not None:
                 await nursery.start(_actor, broadcaster.run, actors)
+            if fanout_actor is not None:
+                await nursery.start(_actor, fanout_actor.run, actors)
             async with repo_store:
                 runtime = Runtime(
-                    repo_store, supervisor, hub, registry, config, store_actor, broadcaster
+                    repo_store,
+                    supervisor,
+                    hub,
+                    registry,
+                    config,
+                    store_actor,
+                    broadcaster,
+                    fanout_actor,
                 )
                 try:
                     # A cancelled caller still gets the graceful shutdown below, which needs
@@ -380,7 +402,7 @@ async def open_runtime(
                             config.max_running_per_kind,
                             config.max_running_per_user,
                         ),
-                        node_id=config.node_id or new_id(),
+                        node_id=node_id,
                         clock=clock,
                         to_trio=clock.trio_time,
                         lease_ttl=config.lease_ttl,
