@@ -42,6 +42,7 @@ from ._errors import (
     UnknownKindError,
 )
 from ._events import AUDIT_TYPES, EventHub, EventStream, EventStreamLagged, EventType, JobEvent
+from ._fanout import Fanout, FanoutConfig, FanoutStats, RedisHealth
 from ._job import (
     CURRENT_SCHEMA_VERSION,
     Job,
@@ -59,6 +60,7 @@ from ._repository import Repository
 from ._retention import PruneReport, RetentionPolicy, RetentionRule, parse_duration
 from ._runtime import Runtime, RuntimeConfig, open_runtime
 from ._scheduling import Candidate, ClaimLimits, ClaimPlanner, RetryDecision, decide_retry
+from ._sequencer import Sequencer, SequencerStats
 from ._sqlite import SqliteBackend
 from ._states import TERMINAL_STATES, TRANSITIONS, JobState, check_transition
 from ._store import StoreActor, StoreClient, StoreConfig, StoreHealth
@@ -88,6 +90,12 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "Fanout",
+    "FanoutConfig",
+    "FanoutStats",
+    "RedisHealth",
+    "Sequencer",
+    "SequencerStats",
     "AUDIT_TYPES",
     "CURRENT_SCHEMA_VERSION",
     "DEMO_HANDLERS",

@@ -28,10 +28,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-import coredis
 import orjson
 import trio
 
@@ -40,6 +39,9 @@ from ._errors import InvalidInputError, JobspineError, leaves
 from ._events import EventHub, EventStreamLagged, JobEvent
 from ._sequencer import Sequencer
 from ._store import StoreClient
+
+if TYPE_CHECKING:
+    import coredis
 
 __all__ = ["Fanout", "FanoutConfig", "FanoutStats", "RedisHealth"]
 
@@ -173,6 +175,8 @@ class Fanout:
     async def run(self, *, task_status: trio.TaskStatus[Fanout] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until the hub closes (the runtime's shutdown); then publish what is queued
         (for ``redis_timeout`` seconds at most) and stop."""
+        import coredis  # here: it takes most of a second to import, and only a cluster needs it
+
         client: coredis.Redis[bytes] = coredis.Redis.from_url(
             self.config.redis, decode_responses=False
         )

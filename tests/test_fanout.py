@@ -4,6 +4,7 @@ every event of the rooms their subscribers joined, once, in order, whoever commi
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -26,8 +27,10 @@ from actors import (
 )
 from actors._fanout import FanoutConfig
 from actors._postgres import PostgresBackend
+from transport import open_client
 
 from .serving import eventually, free_port
+from .test_cli import COMMAND, http_get, serve_process
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server")
 
@@ -249,3 +252,69 @@ async def test_a_cursor_taken_on_one_node_resumes_on_another(
         await second.until(finished(second, room))
         stored = await a.get_job(job.id)
         assert second.seqs(room) == list(range(seen[-1] + 1, stored.seq + 1))
+
+
+async def test_serve_with_redis_reports_its_health_and_keeps_serving(
+    pg_url: str, redis: RedisServer, tmp_path: Any
+) -> None:
+    """``jobspine serve --redis``: /readyz and /metrics show Redis health; with Redis killed
+    the node stays ready (events come from the log) and says why; back when Redis is."""
+    async with serve_process(
+        tmp_path / "data", extra=("--store", pg_url, "--redis", redis.url)
+    ) as served:
+
+        async def ready() -> dict[str, Any]:
+            status, body = await http_get(served.health, "/readyz")
+            assert status == 200, body
+            found: dict[str, Any] = orjson.loads(body)
+            return found
+
+        async def redis_up() -> float:
+            _, body = await http_get(served.health, "/metrics")
+            line = next(x for x in body.decode().splitlines() if x.startswith("jobspine_redis_up"))
+            return float(line.split()[-1])
+
+        with trio.fail_after(20):
+            while not (await ready())["redis"]["ok"]:  # noqa: ASYNC110 - polling a server
+                await trio.sleep(0.1)
+        assert await redis_up() == 1
+        redis.kill()
+        with trio.fail_after(20):
+            while (found := await ready())["redis"]["ok"]:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+        assert found["status"] == "ready, redis unavailable" and found["redis"]["reason"]
+        assert await redis_up() == 0
+        async with open_client(served.url, served.token("erin")) as client:
+            await client.subscribe("user:erin")
+            job = await client.create("research", {"query": "q", "depth": 3})
+            with trio.fail_after(30):
+                async for event in client.events():
+                    if getattr(event, "type", None) == "completed":
+                        assert event.job_id == job["id"]  # type: ignore[union-attr]
+                        break
+        redis.start()
+        with trio.fail_after(20):
+            while not (await ready())["redis"]["ok"]:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+        assert (await ready())["redis"]["outages"] == 1
+
+
+async def test_the_redis_setting_comes_from_flag_env_or_file(tmp_path: Any) -> None:
+    env = {**os.environ, "JOBSPINE_DATA": str(tmp_path)}
+    shown = await trio.run_process(
+        [*COMMAND, "config", "--json"],
+        env={**env, "JOBSPINE_REDIS": "redis://cache.example:6380/2"},
+        capture_stdout=True,
+        check=True,
+    )
+    setting = orjson.loads(shown.stdout)["server.redis"]
+    assert setting["value"] == "redis://cache.example:6380/2"
+    assert setting["source"] == "env JOBSPINE_REDIS"
+    refused = await trio.run_process(
+        [*COMMAND, "serve", "--redis", "cache.example:6380", "--port", "0", "--health-port", "0"],
+        env=env,
+        capture_stderr=True,
+        check=False,
+    )
+    assert refused.returncode == 2
+    assert "expected a redis://HOST:PORT/DB URL" in refused.stderr.decode()

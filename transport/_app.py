@@ -17,6 +17,7 @@ import trio
 from actors import (
     DEMO_HANDLERS,
     BroadcasterConfig,
+    FanoutConfig,
     Handler,
     JobspineError,
     Runtime,
@@ -59,10 +60,12 @@ async def open_server(
     runtime_config: RuntimeConfig | None = None,
     broadcast: BroadcasterConfig | None = None,
     health_port: int | None = None,
+    fanout: FanoutConfig | None = None,
 ) -> AsyncIterator[RunningServer]:
     """Serve jobspine until the block exits; then shut down gracefully: stop accepting,
     checkpoint-pause running jobs (their events still reach connected clients), close every
-    socket with 1001, flush the store.
+    socket with 1001, flush the store. With ``fanout`` (cluster mode), clients get every
+    node's events through Redis (see :class:`~actors.FanoutConfig`).
 
     Startup binds both ports before it opens the database, so a refusal changes nothing
     stored: :class:`PortUnavailableError` (a port in use or not bindable),
@@ -82,6 +85,7 @@ async def open_server(
             handlers=handlers,
             config=runtime_config,
             broadcast=broadcast or BroadcasterConfig(),
+            fanout=fanout,
         ) as runtime:
             server = Server(runtime, config)
             async with _unwrapped(), trio.open_nursery() as nursery:
@@ -155,7 +159,16 @@ def _routes(running: RunningServer) -> dict[str, Any]:
         if not health.ok:
             # Reads and subscriptions are still served; writes wait or fail.
             return 503, {"status": "store unavailable", "reason": health.reason}
-        return 200, {"status": "ready", "epoch": running.runtime.epoch}
+        fanout = running.runtime.fanout
+        if fanout is None:
+            return 200, {"status": "ready", "epoch": running.runtime.epoch}
+        redis = fanout.health
+        # Redis down: still serving (events come from the log, later), so still ready.
+        return 200, {
+            "status": "ready" if redis.ok else "ready, redis unavailable",
+            "epoch": running.runtime.epoch,
+            "redis": {"ok": redis.ok, "reason": redis.reason, "outages": redis.outages},
+        }
 
     # Imported here, once the websocket port listens: prometheus-client takes a while to load.
     from ._metrics import CONTENT_TYPE, metrics_registry, render

@@ -24,6 +24,7 @@ import trio
 from actors import (
     DEMO_HANDLERS,
     DatabaseLockedError,
+    FanoutConfig,
     InvalidInputError,
     JobspineError,
     RuntimeConfig,
@@ -156,6 +157,7 @@ async def serve(args: argparse.Namespace) -> int:
                 handlers=handlers,
                 runtime_config=runtime_config,
                 health_port=args.health_port,
+                fanout=FanoutConfig(args.redis) if args.redis else None,
             ) as running:
                 if generated:
                     save_development_secret(db, secret)
@@ -414,6 +416,7 @@ def _client_options(*, worker: bool = False) -> _Parser:
 def _server_options(p: argparse.ArgumentParser) -> None:
     _add(p, "db", metavar="FILE")
     _add(p, "store", metavar="URL")
+    _add(p, "redis", metavar="URL")
     _add(p, "host")
     _add(p, "port")
     _add(p, "health_port")

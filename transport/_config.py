@@ -159,6 +159,12 @@ def _store_url(value: str) -> str | None:
     return None
 
 
+def _redis_url(value: str) -> str | None:
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        return f"expected a redis://HOST:PORT/DB URL, not {value!r}"
+    return None
+
+
 def _db_default(env: Mapping[str, str]) -> str:
     """$JOBSPINE_DATA/jobspine.db, JOBSPINE_DATA defaulting to ~/.local/share/jobspine"""
     return str(default_data_dir(env) / "jobspine.db")
@@ -183,6 +189,9 @@ _EXPLICIT: tuple[Setting, ...] = (
     Setting("store", "server", str, None, "PostgreSQL database instead of the SQLite file: "
             "postgresql://USER@HOST:PORT/DBNAME (the database must exist)", "--store",
             "JOBSPINE_STORE", _store_url),
+    Setting("redis", "server", str, None, "Redis for the cluster fan-out (several nodes on one "
+            "PostgreSQL database): redis://HOST:PORT/DB", "--redis", "JOBSPINE_REDIS",
+            _redis_url),
     Setting("secret", "server", str, None, "token signing secret (default: a development "
             "secret generated beside the database)", None, "JOBSPINE_SECRET"),
     Setting("host", "server", str, "127.0.0.1", "interface to listen on", "--host",
