@@ -7,7 +7,9 @@ commits. With a :class:`FanoutConfig`, the node's :class:`Fanout`
 - **publishes** each commit group of its own events (one ``PUBLISH`` per group, never one per
   event) on the channel ``<prefix>:<epoch>:events``, from a bounded outbox drained by a
   publisher task: the store and the broadcaster never wait for Redis. A group that does not
-  fit, or that Redis refuses, is dropped: the other nodes fill it from the log.
+  fit, or that Redis refuses, is dropped, and its users' highest ``user_seq`` is announced
+  with the next message (or the next ``PING`` round): the other nodes fill it from the log,
+  even when no later event of the user would reveal the gap.
 - **orders** what reaches it (its own commits, the channel, fills) with a
   :class:`~._sequencer.Sequencer` per tracked user and hands the broadcaster each event once,
   in ``user_seq`` order (:attr:`Fanout.deliver`). A gap that persists ``gap_wait`` seconds
@@ -127,6 +129,8 @@ class Fanout:
         self._local_pending: Callable[[], int] = lambda: 0
         #: Tests only: this node's commit groups are not published (as if pub/sub dropped them).
         self.skip_publish = False
+        #: user id -> the highest ``user_seq`` of this node's events not published.
+        self._unannounced: dict[str, int] = {}
         #: Set once :meth:`run` has ended.
         self.closed = trio.Event()
         send, receive = trio.open_memory_channel[list[JobEvent]](config.outbox)
@@ -233,13 +237,44 @@ class Fanout:
 
     def _commit_group(self, group: list[JobEvent]) -> None:
         self.deliver(self.sequencer.offer(group, trio.current_time()))
-        if not self.skip_publish:
+        if self.skip_publish:
+            self._unpublished(group)
+        else:
             try:
                 self._outbox_send.send_nowait(group)
             except trio.WouldBlock:
-                self.stats.publish_dropped += 1
+                self._unpublished(group)
         self._idle.set()
         self._wake.set()
+
+    def _unpublished(self, group: list[JobEvent]) -> None:
+        self.stats.publish_dropped += 1
+        for event in group:
+            if event.user_seq > self._unannounced.get(event.user_id, 0):
+                self._unannounced[event.user_id] = event.user_seq
+
+    async def _send(self, client: coredis.Redis[bytes], group: list[JobEvent]) -> bool:
+        """Publish ``group`` (may be empty) with the heads not announced yet; False if Redis
+        failed (the group then joins what is announced next)."""
+        heads, self._unannounced = self._unannounced, {}
+        message = orjson.dumps(
+            {
+                "node": self.node_id,
+                "events": converter.unstructure(group, list[JobEvent]),
+                "heads": heads,
+            }
+        )
+        try:
+            with trio.fail_after(self.config.redis_timeout):
+                await client.publish(self.channel, message)
+        except Exception as exc:
+            for user_id, seq in heads.items():
+                self._unannounced[user_id] = max(seq, self._unannounced.get(user_id, 0))
+            if group:
+                self._unpublished(group)
+            self._down(f"publish failed: {_describe(exc)}")
+            return False
+        return True
 
     async def _publisher(
         self, client: coredis.Redis[bytes], scope: trio.CancelScope, done: trio.CancelScope
@@ -250,18 +285,9 @@ class Fanout:
 
     async def _publish(self, client: coredis.Redis[bytes]) -> None:
         async for group in self._outbox_receive:
-            message = orjson.dumps(
-                {"node": self.node_id, "events": converter.unstructure(group, list[JobEvent])}
-            )
-            try:
-                with trio.fail_after(self.config.redis_timeout):
-                    await client.publish(self.channel, message)
-            except Exception as exc:
-                self.stats.publish_dropped += 1
-                self._down(f"publish failed: {_describe(exc)}")
-                continue
-            self.stats.published_groups += 1
-            self.stats.published_events += len(group)
+            if await self._send(client, group):
+                self.stats.published_groups += 1
+                self.stats.published_events += len(group)
 
     async def _subscriber(self, client: coredis.Redis[bytes]) -> None:
         while True:
@@ -287,15 +313,19 @@ class Fanout:
             if body["node"] == self.node_id:
                 return  # already delivered from the hub
             events = converter.structure(body["events"], list[JobEvent])
+            heads = converter.structure(body["heads"], dict[str, int])
         except Exception:
             self.stats.malformed += 1
             log.warning("ignored a message on %s that is not an event group", self.channel)
             return
         self.stats.received += len(events)
         self.deliver(self.sequencer.offer(events, trio.current_time()))
+        for user_id, seq in heads.items():
+            self.sequencer.announce(user_id, seq)
         self._wake.set()
 
     async def _pinger(self, client: coredis.Redis[bytes]) -> None:
+        """Checks Redis every ``ping_interval``; announces heads no message carried since."""
         while True:
             await trio.sleep(self.config.ping_interval)
             try:
@@ -303,8 +333,10 @@ class Fanout:
                     await client.ping()
             except Exception as exc:
                 self._down(f"ping failed: {_describe(exc)}")
-            else:
-                self._up()
+                continue
+            self._up()
+            if self._unannounced:
+                await self._send(client, [])
 
     async def _filler(self) -> None:
         """Fills gaps from the log, and polls it for every tracked user while Redis is down."""

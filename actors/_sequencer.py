@@ -188,6 +188,18 @@ class Sequencer:
             if user is not None:
                 user.behind = True
 
+    def announce(self, user_id: str, user_seq: int) -> None:
+        """Another node says ``user_id``'s events reach ``user_seq`` (events it could not
+        publish): if this node has not delivered that far, fill from the log at once."""
+        user = self._users.get(user_id)
+        if (
+            user is not None
+            and user.head is not None
+            and user_seq > user.head
+            and user_seq not in user.held
+        ):
+            user.behind = True
+
     def fills_due(self, now: float) -> dict[str, int]:
         """Users to fill from the log now, with the ``user_seq`` to read after: those behind,
         and those whose gap is ``gap_wait`` old. Each is then in flight until :meth:`filled`

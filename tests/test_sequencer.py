@@ -148,3 +148,16 @@ def test_interleaved_nodes_with_drops_duplicates_and_reordering() -> None:
                     out[delivered.user_id].append(delivered.user_seq)
         assert out == {"u": list(range(1, 61)), "v": list(range(1, 61))}
         assert s.held() == 0
+
+
+def test_an_announced_head_beyond_the_delivered_one_is_filled_at_once() -> None:
+    """The last events of a user were never published (no later event reveals the gap):
+    their node announces the user's head, and this node fills up to it."""
+    s = started(head=4)
+    s.announce("u", 4)  # delivered already
+    s.announce("stranger", 9)  # not tracked here
+    assert s.fills_due(0.0) == {}
+    s.announce("u", 6)
+    assert s.next_deadline() == float("-inf")
+    assert s.fills_due(0.0) == {"u": 4}
+    assert seqs(s.filled("u", [ev("u", 5), ev("u", 6)], 0.0)) == [5, 6]
