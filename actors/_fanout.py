@@ -80,6 +80,16 @@ class FanoutConfig:
             raise InvalidInputError(f"redis must be a redis://host:port/db URL, not {self.redis!r}")
 
 
+def redact_redis_url(url: str) -> str:
+    """``url`` with its password (``redis://user:PASSWORD@host``) replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in credentials:
+        return url
+    user = credentials.partition(":")[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
 @attrs.frozen
 class RedisHealth:
     """Whether events arrive pushed from Redis (``ok``); if not why (``reason``), since when

@@ -19,6 +19,7 @@ import trio
 from actors import (
     BroadcasterConfig,
     Cursor,
+    InvalidInputError,
     JobContext,
     Outbox,
     Runtime,
@@ -309,12 +310,12 @@ async def test_the_redis_setting_comes_from_flag_env_or_file(tmp_path: Any) -> N
     env = {**os.environ, "JOBSPINE_DATA": str(tmp_path)}
     shown = await trio.run_process(
         [*COMMAND, "config", "--json"],
-        env={**env, "JOBSPINE_REDIS": "redis://cache.example:6380/2"},
+        env={**env, "JOBSPINE_REDIS": "redis://app:hunter2@cache.example:6380/2"},
         capture_stdout=True,
         check=True,
     )
     setting = orjson.loads(shown.stdout)["server.redis"]
-    assert setting["value"] == "redis://cache.example:6380/2"
+    assert setting["value"] == "redis://app:***@cache.example:6380/2"  # no password shown
     assert setting["source"] == "env JOBSPINE_REDIS"
     refused = await trio.run_process(
         [*COMMAND, "serve", "--redis", "cache.example:6380", "--port", "0", "--health-port", "0"],
@@ -324,3 +325,7 @@ async def test_the_redis_setting_comes_from_flag_env_or_file(tmp_path: Any) -> N
     )
     assert refused.returncode == 2
     assert "expected a redis://HOST:PORT/DB URL" in refused.stderr.decode()
+    with pytest.raises(InvalidInputError, match="gap_wait must be a positive number"):
+        FanoutConfig("redis://127.0.0.1:6379/0", gap_wait=0)
+    with pytest.raises(InvalidInputError, match="must be a redis://"):
+        FanoutConfig("127.0.0.1:6379")

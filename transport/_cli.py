@@ -32,6 +32,7 @@ from actors import (
 )
 from actors._backend import POSTGRES_URL_SCHEMES
 from actors._errors import unwrap_group
+from actors._fanout import redact_redis_url
 from actors._retention import DAY
 
 from ._app import PortUnavailableError, open_server
@@ -602,6 +603,8 @@ def show_config(args: argparse.Namespace, settings: dict[str, Resolved]) -> int:
             if s.name in hidden and settings[s.name].value
             else _shown_store(settings[s.name].value)
             if s.name == "store" and settings[s.name].value
+            else redact_redis_url(settings[s.name].value)
+            if s.name == "redis" and settings[s.name].value
             else settings[s.name].value,
             "source": settings[s.name].source,
             "env": s.env,

@@ -34,6 +34,7 @@ import platformdirs
 
 from actors import RetentionPolicy, RetentionRule, RuntimeConfig
 from actors._backend import POSTGRES_URL_SCHEMES
+from actors._fanout import redact_redis_url
 from actors._retention import DAY
 
 from ._exit import CLIError, ExitCode
@@ -161,7 +162,7 @@ def _store_url(value: str) -> str | None:
 
 def _redis_url(value: str) -> str | None:
     if not value.startswith(("redis://", "rediss://", "unix://")):
-        return f"expected a redis://HOST:PORT/DB URL, not {value!r}"
+        return f"expected a redis://HOST:PORT/DB URL, not {redact_redis_url(value)!r}"
     return None
 
 
