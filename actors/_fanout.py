@@ -77,7 +77,22 @@ class FanoutConfig:
         if not isinstance(self.redis, str) or not self.redis.startswith(
             ("redis://", "rediss://", "unix://")
         ):
-            raise InvalidInputError(f"redis must be a redis://host:port/db URL, not {self.redis!r}")
+            raise InvalidInputError(
+                f"redis must be a redis://host:port/db URL, not {redact_redis_url(self.redis)!r}"
+            )
+        for name in ("gap_wait", "poll_interval", "ping_interval", "redis_timeout",
+                     "reconnect_delay"):  # fmt: skip
+            seconds = getattr(self, name)
+            if (
+                isinstance(seconds, bool)
+                or not isinstance(seconds, int | float)
+                or not (0 < seconds < float("inf"))
+            ):
+                raise InvalidInputError(f"{name} must be a positive number of seconds")
+        for name in ("outbox", "max_held", "fill_limit"):
+            count = getattr(self, name)
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise InvalidInputError(f"{name} must be an integer >= 1, not {count!r}")
 
 
 def redact_redis_url(url: str) -> str:
