@@ -472,6 +472,10 @@ class Broadcaster:
                 head = (await self.store.get(ident)).seq
             else:
                 head = await self.store.user_head(ident)
+                if self.fanout is not None:
+                    # Other nodes' commits may be ahead of this store's count; what the
+                    # fan-out delivered is committed (in the log) and later events follow.
+                    head = max(head, self.fanout.sequencer.head(ident) or 0)
             if self._heads.get(room, 0) < head:
                 self._heads[room] = head
             sub.last_seq = head

@@ -21,6 +21,7 @@ from actors import (
     Cursor,
     InvalidInputError,
     JobContext,
+    JoinResult,
     Outbox,
     Runtime,
     RuntimeConfig,
@@ -114,11 +115,12 @@ class Subscriber:
         self.events: dict[str, list[dict[str, Any]]] = {}
         self.arrived: list[float] = []
 
-    async def join(self, room: str, cursor: Cursor | None = None) -> None:
+    async def join(self, room: str, cursor: Cursor | None = None) -> JoinResult:
         joined = await self.broadcaster.join(self.outbox, room, cursor)
         assert joined.reset_reason is None
         self.broadcaster.finish_join(self.outbox, room)
         self.events.setdefault(room, [])
+        return joined
 
     def drain(self) -> None:
         for item in self.outbox.take(max_bytes=1 << 30):
@@ -178,6 +180,16 @@ async def test_events_of_a_job_on_another_node_arrive_once_in_order_and_live(
         assert delays[len(delays) // 2] < 0.1, delays
         assert b.fanout is not None and b.fanout.stats.received >= stored.seq
         assert a.fanout is not None and a.fanout.stats.published_events >= stored.seq
+        # A later join on B starts at the user's true head (B's own store never wrote
+        # alice's events), and its next event follows it.
+        late = Subscriber(b)
+        joined = await late.join("user:alice")
+        assert joined.head == stored.seq
+        second = await a.create_job("ticker", "alice", {"n": 3, "pause": 0.01})
+        await late.until(finished(late, "user:alice"))
+        assert late.seqs("user:alice") == list(
+            range(stored.seq + 1, stored.seq + 1 + (await a.get_job(second.id)).seq)
+        )
 
 
 async def test_dropped_publishes_are_filled_from_the_log(pg_url: str, redis: RedisServer) -> None:
