@@ -123,7 +123,7 @@ class FanoutStats:
     published_events: int = 0
     #: Commit groups not published (outbox full or Redis failed): their events are filled.
     publish_dropped: int = 0
-    #: Events received from Redis (other nodes' and this node's own).
+    #: Other nodes' events received from Redis (this node's own are skipped unread).
     received: int = 0
     #: Messages on the channel that were not jobspine event groups.
     malformed: int = 0
@@ -183,7 +183,7 @@ class Fanout:
     # -- health ---------------------------------------------------------------------------------
 
     def _down(self, reason: str) -> None:
-        if self.health.ok:
+        if self.health.ok or self.health.since is None:  # up, or never connected yet
             log.warning("redis unavailable, polling the event log instead: %s", reason)
             self.health = RedisHealth(False, reason, time.time(), self.health.outages + 1)
         elif self.health.reason != reason:
