@@ -174,8 +174,12 @@ class Fanout:
         return self.sequencer.head(user_id) is not None
 
     def start(self, user_id: str, head: int) -> None:
-        self.deliver(self.sequencer.start(user_id, head, trio.current_time()))
-        self._wake.set()
+        """Deliver ``user_id``'s events after ``head``; the log is read once right away, in
+        case ``head`` (this node's count) is behind other nodes' commits."""
+        if not self.started(user_id):
+            self.deliver(self.sequencer.start(user_id, head, trio.current_time()))
+            self.sequencer.mark_behind([user_id])
+            self._wake.set()
 
     def unwatch(self, user_id: str) -> None:
         self.sequencer.unwatch(user_id)
