@@ -43,6 +43,7 @@ from ._errors import (
     UnknownKindError,
 )
 from ._events import AUDIT_TYPES, EventHub, EventStream, EventStreamLagged, EventType, JobEvent
+from ._fanout import Fanout, FanoutConfig, FanoutStats, RedisHealth
 from ._job import (
     CURRENT_SCHEMA_VERSION,
     Job,
@@ -70,6 +71,7 @@ from ._retention import PruneReport, RetentionPolicy, RetentionRule, parse_durat
 from ._routing import RemoteControlError
 from ._runtime import Runtime, RuntimeConfig, open_runtime
 from ._scheduling import Candidate, ClaimLimits, ClaimPlanner, RetryDecision, decide_retry
+from ._sequencer import Sequencer, SequencerStats
 from ._sqlite import SqliteBackend
 from ._states import TERMINAL_STATES, TRANSITIONS, JobState, check_transition
 from ._store import StoreActor, StoreClient, StoreConfig, StoreHealth
@@ -107,6 +109,12 @@ __all__ = [
     "NodeInfo",
     "NodeLease",
     "node_of",
+    "Fanout",
+    "FanoutConfig",
+    "FanoutStats",
+    "RedisHealth",
+    "Sequencer",
+    "SequencerStats",
     "AUDIT_TYPES",
     "CURRENT_SCHEMA_VERSION",
     "DEMO_HANDLERS",

@@ -221,6 +221,14 @@ class Backend(Protocol):
         """Events of the user's jobs with ``user_seq > after_seq``, by ``user_seq``."""
         ...
 
+    async def read_users_events(
+        self, heads: Mapping[str, int], limit: int
+    ) -> dict[str, list[JobEvent]]:
+        """For each user of ``heads``, its events with ``user_seq`` above its head, by
+        ``user_seq``, at most ``limit`` each (users with none left out): the cluster fan-out's
+        fill and poll, one round trip for many users where the database allows."""
+        ...
+
     async def user_head(self, user_id: str) -> int:
         """The highest ``user_seq`` stored for the user, 0 if none."""
         ...
@@ -429,6 +437,12 @@ class MemoryBackend:
         log = self._user_events.get(user_id, [])
         start = bisect.bisect_right(log, after_seq, key=lambda event: event.user_seq)
         return log[start : start + limit]
+
+    async def read_users_events(
+        self, heads: Mapping[str, int], limit: int
+    ) -> dict[str, list[JobEvent]]:
+        found = {u: await self.read_user_events(u, h, limit) for u, h in heads.items()}
+        return {u: events for u, events in found.items() if events}
 
     async def user_head(self, user_id: str) -> int:
         log = self._user_events.get(user_id)

@@ -11,6 +11,13 @@ head and history are read; history and held events are then merged by sequence n
 History comes from the room's in-memory backlog when it reaches back to the cursor, else from
 the store's durable log, paged; a cursor from another epoch, ahead of the head, or behind
 what retention kept (``cursor_too_old``), gets a snapshot reset with its reason.
+
+In cluster mode (a :class:`~._fanout.Fanout`), events come from the fan-out, every node's, in
+order, instead of from this node's hub. A join then also has the fan-out track the room's
+user (:meth:`~._fanout.Fanout.watch` before anything is read, ``start`` with the user head
+read before the room's head), so events after that head all arrive. No backlog is kept: a
+room nobody here subscribes to receives no events, so its backlog would have holes; replays
+come from the log.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import orjson
@@ -29,6 +36,9 @@ from ._errors import InvalidInputError
 from ._events import EventHub, EventStream, EventStreamLagged, EventType, JobEvent
 from ._payloads import inline_payloads
 from ._store import StoreClient
+
+if TYPE_CHECKING:
+    from ._fanout import Fanout
 
 __all__ = [
     "Broadcaster",
@@ -293,6 +303,8 @@ class Subscription:
     replaying: bool = True
     suspended: bool = False
     held: list[tuple[JobEvent, bytes]] = attrs.field(factory=list)
+    #: The user the fan-out tracks for this subscription (cluster mode), once watched.
+    user: str | None = None
 
 
 @attrs.frozen
@@ -319,11 +331,18 @@ def _room_seq(room_kind: str, event: JobEvent) -> int:
 
 class Broadcaster:
     def __init__(
-        self, store: StoreClient, hub: EventHub, config: BroadcasterConfig | None = None
+        self,
+        store: StoreClient,
+        hub: EventHub,
+        config: BroadcasterConfig | None = None,
+        fanout: Fanout | None = None,
     ) -> None:
         self.store = store
         self.hub = hub
         self.config = config or BroadcasterConfig()
+        self.fanout = fanout
+        if fanout is not None:
+            fanout.deliver = self.publish_all
         self._rooms: dict[str, dict[Outbox, Subscription]] = {}
         self._backlogs: OrderedDict[str, deque[tuple[int, JobEvent, bytes]]] = OrderedDict()
         self._heads: dict[str, int] = {}
@@ -339,6 +358,11 @@ class Broadcaster:
         self, *, task_status: trio.TaskStatus[Broadcaster] = trio.TASK_STATUS_IGNORED
     ) -> None:
         async with self.store:
+            if self.fanout is not None:
+                # The fan-out delivers (publish_all); this actor only outlives it.
+                task_status.started(self)
+                await self.fanout.closed.wait()
+                return
             started = False
             while True:
                 async with self.hub.subscribe(buffer=1_000_000) as stream:
@@ -362,7 +386,9 @@ class Broadcaster:
 
     async def drained(self) -> None:
         """Return once every event committed so far has been published to subscribers."""
-        if self._stream is not None and self._stream.pending():
+        if self.fanout is not None:
+            await self.fanout.drained()
+        elif self._stream is not None and self._stream.pending():
             self._idle = trio.Event()
             await self._idle.wait()
 
@@ -384,6 +410,10 @@ class Broadcaster:
         message["event"]["data"] = inline_payloads(message["event"]["data"], limit)
         return orjson.dumps(message)
 
+    def publish_all(self, events: list[JobEvent]) -> None:
+        for event in events:
+            self.publish(event)
+
     def publish(self, event: JobEvent) -> None:
         data = self.encode(event)
         self.published += 1
@@ -392,7 +422,8 @@ class Broadcaster:
             (f"job:{event.job_id}", event.seq),
             (f"user:{event.user_id}", event.user_seq),
         ):
-            self._remember(room, seq, event, data)
+            if self.fanout is None:
+                self._remember(room, seq, event, data)
             subs = self._rooms.get(room)
             if not subs:
                 continue
@@ -435,10 +466,16 @@ class Broadcaster:
         self._rooms.setdefault(room, {})[outbox] = sub
         outbox.subscriptions[room] = sub
         try:
+            if self.fanout is not None:
+                await self._track(self.fanout, sub, kind, ident)
             if kind == "job":
                 head = (await self.store.get(ident)).seq
             else:
                 head = await self.store.user_head(ident)
+                if self.fanout is not None:
+                    # Other nodes' commits may be ahead of this store's count; what the
+                    # fan-out delivered is committed (in the log) and later events follow.
+                    head = max(head, self.fanout.sequencer.head(ident) or 0)
             if self._heads.get(room, 0) < head:
                 self._heads[room] = head
             sub.last_seq = head
@@ -470,6 +507,16 @@ class Broadcaster:
         except BaseException:
             self.leave(outbox, room)
             raise
+
+    async def _track(self, fanout: Fanout, sub: Subscription, kind: str, ident: str) -> None:
+        """Have the fan-out deliver the room's user's events: watched from now (held until
+        started), started (if no other join did) at the user head read now, before the
+        room's own head, so every event after the room's head reaches ``sub``."""
+        user = ident if kind == "user" else (await self.store.get(ident)).user_id
+        fanout.watch(user)
+        sub.user = user
+        if not fanout.started(user):
+            fanout.start(user, await self.store.user_head(user))
 
     async def _history(
         self, kind: str, ident: str, room: str, after: int, head: int
@@ -535,6 +582,8 @@ class Broadcaster:
         sub = outbox.subscriptions.pop(room, None)
         if sub is None:
             return
+        if sub.user is not None and self.fanout is not None:
+            self.fanout.unwatch(sub.user)
         subs = self._rooms.get(room)
         if subs is not None:
             subs.pop(outbox, None)

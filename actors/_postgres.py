@@ -573,6 +573,27 @@ class PostgresBackend:
         )
         return [_event(row[0]) for row in rows]
 
+    async def read_users_events(
+        self, heads: Mapping[str, int], limit: int
+    ) -> dict[str, list[JobEvent]]:
+        if not heads:
+            return {}
+        users, after = list(heads), [heads[u] for u in heads]
+        # One statement for every user: an index range scan per user (events_by_user).
+        rows = await self._read(
+            lambda conn: conn.execute(
+                "SELECT h.user_id, e.record FROM unnest(%s::text[], %s::bigint[])"
+                " AS h(user_id, after_seq) CROSS JOIN LATERAL (SELECT record, user_seq"
+                " FROM events WHERE events.user_id = h.user_id AND user_seq > h.after_seq"
+                " ORDER BY user_seq LIMIT %s) e ORDER BY h.user_id, e.user_seq",
+                (users, after, limit),
+            ).fetchall()
+        )
+        found: dict[str, list[JobEvent]] = {}
+        for user_id, record in rows:
+            found.setdefault(user_id, []).append(_event(record))
+        return found
+
     async def user_head(self, user_id: str) -> int:
         rows = await self._read(
             lambda conn: conn.execute(

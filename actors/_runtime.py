@@ -24,6 +24,7 @@ from ._errors import (
     leaves,
 )
 from ._events import EventHub
+from ._fanout import Fanout, FanoutConfig
 from ._ids import new_id
 from ._joblog import job_fields
 from ._nodes import NodeActor
@@ -163,6 +164,7 @@ class Runtime(Repository):
         store_actor: StoreActor,
         broadcaster: Broadcaster | None,
         node: NodeActor,
+        fanout: Fanout | None = None,
     ) -> None:
         super().__init__(
             store,
@@ -178,6 +180,8 @@ class Runtime(Repository):
         self.store_actor = store_actor
         #: Present when ``open_runtime(broadcast=...)`` started one.
         self.broadcaster = broadcaster
+        #: Present when ``open_runtime(fanout=...)`` started one (cluster mode).
+        self.fanout = fanout
         #: The actor that claims waiting jobs (``claims``, ``dispatched``); set once started.
         self.dispatcher: Dispatcher | None = None
         #: This runtime's node: ``node_id``, ``owner`` (the current incarnation's claim
@@ -361,6 +365,7 @@ async def open_runtime(
     config: RuntimeConfig | None = None,
     backend: Backend | None = None,
     broadcast: BroadcasterConfig | None = None,
+    fanout: FanoutConfig | None = None,
 ) -> AsyncIterator[Runtime]:
     """Run a jobspine runtime for the duration of the ``async with`` block.
 
@@ -373,7 +378,9 @@ async def open_runtime(
     running jobs get the grace period to checkpoint and are paused (resumed by the next runtime
     on the same SQLite file) or, on a shared database, handed back to the queue for the other
     nodes; every acknowledged write is durable. With ``broadcast``, a :class:`Broadcaster` actor
-    serves rooms of events (``rt.broadcaster``). With ``config.retention``, finished jobs are
+    serves rooms of events (``rt.broadcaster``); with ``fanout`` too (cluster mode: several
+    nodes on one PostgreSQL database), its rooms get every node's events through Redis
+    (``rt.fanout``, see :mod:`actors._fanout`). With ``config.retention``, finished jobs are
     pruned at start and every ``retention.interval`` seconds (see :meth:`Runtime.prune`).
 
     One process owns a SQLite file at a time: while another holds it, this raises
@@ -385,6 +392,9 @@ async def open_runtime(
     exception, cancellation, KeyboardInterrupt) closes the database.
     """
     config = config or RuntimeConfig()
+    if fanout is not None and broadcast is None:
+        raise InvalidInputError("fanout delivers to a broadcaster: pass broadcast= too")
+    node_id = config.node_id or new_id()
     if backend is None:
         if database is None:
             raise TypeError("open_runtime() needs a database path or a backend")
@@ -403,8 +413,11 @@ async def open_runtime(
     # Clients exist before the store starts: it serves until the last of them is closed.
     supervisor_store, repo_store = store_actor.client(), store_actor.client()
     broadcaster = None
+    fanout_actor = None
+    if fanout is not None:
+        fanout_actor = Fanout(store_actor.client(), hub, fanout, node_id)
     if broadcast is not None:
-        broadcaster = Broadcaster(store_actor.client(), hub, broadcast)
+        broadcaster = Broadcaster(store_actor.client(), hub, broadcast, fanout_actor)
     registry: dict[str, Handler] = dict(handlers or {})
     supervisor = Supervisor(
         supervisor_store,
@@ -434,7 +447,7 @@ async def open_runtime(
     node = NodeActor(
         store_actor.client(),
         supervisor,
-        config.node_id or new_id(),
+        node_id,
         ttl=config.lease_ttl,
         renew_interval=config.lease_renew_interval,
         on_owner=on_owner,
@@ -454,9 +467,19 @@ async def open_runtime(
             if broadcaster is not None:
                 await nursery.start(_actor, broadcaster.run, actors)
             await nursery.start(_actor, node.run, actors)
+            if fanout_actor is not None:
+                await nursery.start(_actor, fanout_actor.run, actors)
             async with repo_store:
                 runtime = Runtime(
-                    repo_store, supervisor, hub, registry, config, store_actor, broadcaster, node
+                    repo_store,
+                    supervisor,
+                    hub,
+                    registry,
+                    config,
+                    store_actor,
+                    broadcaster,
+                    node,
+                    fanout_actor,
                 )
                 try:
                     # A cancelled caller still gets the graceful shutdown below, which needs

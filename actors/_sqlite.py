@@ -414,6 +414,13 @@ class SqliteBackend:
         )
         return [converter.structure(orjson.loads(row[0]), JobEvent) for row in rows]
 
+    async def read_users_events(
+        self, heads: Mapping[str, int], limit: int
+    ) -> dict[str, list[JobEvent]]:
+        # One indexed range read per user: SQLite is in-process, a round trip costs nothing.
+        found = {u: await self.read_user_events(u, h, limit) for u, h in heads.items()}
+        return {u: events for u, events in found.items() if events}
+
     async def user_head(self, user_id: str) -> int:
         rows = await self._execute(
             "SELECT max(coalesce((SELECT max(user_seq) FROM events WHERE user_id = ?), 0),"

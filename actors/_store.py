@@ -1195,6 +1195,15 @@ class StoreClient:
             lambda: self._actor.backend.read_user_events(user_id, after_seq, limit), BARRIER
         )
 
+    async def read_users_events(
+        self, heads: Mapping[str, int], limit: int = 500
+    ) -> dict[str, list[JobEvent]]:
+        """For each user of ``heads`` (user id -> ``user_seq``), its events after that head,
+        in order, at most ``limit`` each; users with none are left out. One request."""
+        return await self._read(
+            lambda: self._actor.backend.read_users_events(heads, limit), BARRIER
+        )
+
     async def read_events(
         self,
         job_id: str,

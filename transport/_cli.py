@@ -24,6 +24,7 @@ import trio
 from actors import (
     DEMO_HANDLERS,
     DatabaseLockedError,
+    FanoutConfig,
     InvalidInputError,
     JobspineError,
     NodeIdInUseError,
@@ -32,6 +33,7 @@ from actors import (
 )
 from actors._backend import POSTGRES_URL_SCHEMES
 from actors._errors import unwrap_group
+from actors._fanout import redact_redis_url
 from actors._retention import DAY
 
 from ._app import PortUnavailableError, open_server
@@ -158,6 +160,7 @@ async def serve(args: argparse.Namespace) -> int:
                 handlers=handlers,
                 runtime_config=runtime_config,
                 health_port=args.health_port,
+                fanout=FanoutConfig(args.redis) if args.redis else None,
             ) as running:
                 if generated:
                     save_development_secret(db, secret)
@@ -416,6 +419,7 @@ def _client_options(*, worker: bool = False) -> _Parser:
 def _server_options(p: argparse.ArgumentParser) -> None:
     _add(p, "db", metavar="FILE")
     _add(p, "store", metavar="URL")
+    _add(p, "redis", metavar="URL")
     _add(p, "host")
     _add(p, "port")
     _add(p, "health_port")
@@ -612,6 +616,8 @@ def show_config(args: argparse.Namespace, settings: dict[str, Resolved]) -> int:
             if s.name in hidden and settings[s.name].value
             else _shown_store(settings[s.name].value)
             if s.name == "store" and settings[s.name].value
+            else redact_redis_url(settings[s.name].value)
+            if s.name == "redis" and settings[s.name].value
             else settings[s.name].value,
             "source": settings[s.name].source,
             "env": s.env,

@@ -34,6 +34,7 @@ import platformdirs
 
 from actors import RetentionPolicy, RetentionRule, RuntimeConfig
 from actors._backend import POSTGRES_URL_SCHEMES
+from actors._fanout import redact_redis_url
 from actors._retention import DAY
 
 from ._exit import CLIError, ExitCode
@@ -165,6 +166,12 @@ def _node_id(value: str) -> str | None:
     return None
 
 
+def _redis_url(value: str) -> str | None:
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        return f"expected a redis://HOST:PORT/DB URL, not {redact_redis_url(value)!r}"
+    return None
+
+
 def _db_default(env: Mapping[str, str]) -> str:
     """$JOBSPINE_DATA/jobspine.db, JOBSPINE_DATA defaulting to ~/.local/share/jobspine"""
     return str(default_data_dir(env) / "jobspine.db")
@@ -189,6 +196,9 @@ _EXPLICIT: tuple[Setting, ...] = (
     Setting("store", "server", str, None, "PostgreSQL database instead of the SQLite file: "
             "postgresql://USER@HOST:PORT/DBNAME (the database must exist)", "--store",
             "JOBSPINE_STORE", _store_url),
+    Setting("redis", "server", str, None, "Redis for the cluster fan-out (several nodes on one "
+            "PostgreSQL database): redis://HOST:PORT/DB", "--redis", "JOBSPINE_REDIS",
+            _redis_url),
     Setting("secret", "server", str, None, "token signing secret (default: a development "
             "secret generated beside the database)", None, "JOBSPINE_SECRET"),
     Setting("host", "server", str, "127.0.0.1", "interface to listen on", "--host",
