@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psycopg
 import pytest
 import trio
 
@@ -43,8 +44,6 @@ from .cluster import (
     start_followers,
     terminate_backends,
 )
-
-pytestmark = pytest.mark.slow
 
 needs_cluster = pytest.mark.skipif(
     not cluster_supported(), reason="jobspine serve has no --node-id/--redis (issue 11 not merged)"
@@ -90,6 +89,7 @@ def nodes_listing(cluster: Cluster) -> list[dict[str, Any]]:
     return listing
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "nodes", [1, pytest.param(3, marks=needs_cluster)], ids=["one-node", "three-nodes"]
 )
@@ -135,6 +135,7 @@ async def test_kill_loop(tmp_path: Path, nodes: int) -> None:
     )
 
 
+@pytest.mark.slow
 @needs_cluster
 async def test_a_stopped_node_is_fenced_and_its_jobs_are_taken_over(tmp_path: Path) -> None:
     """SIGSTOP a node past its lease: the others take over its running jobs within the TTL
@@ -202,6 +203,7 @@ async def settle_some(cluster: Cluster, ids: set[str], seconds: float = 60) -> N
             await trio.sleep(0.2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "nodes", [1, pytest.param(3, marks=needs_cluster)], ids=["one-node", "three-nodes"]
 )
@@ -237,6 +239,7 @@ async def test_redis_and_postgres_outages_lose_nothing(tmp_path: Path, nodes: in
     assert summary.states["completed"] >= len(created) // 2
 
 
+@pytest.mark.slow
 @needs_cluster
 async def test_sigterm_hands_a_nodes_jobs_to_the_others_at_once(tmp_path: Path) -> None:
     """A graceful shutdown hands its running jobs back at once (well before the lease
@@ -260,3 +263,72 @@ async def test_sigterm_hands_a_nodes_jobs_to_the_others_at_once(tmp_path: Path) 
         for job_id in handed:
             assert summary.jobs[job_id]["state"] == "completed", job_id
             assert owner_node(summary.owners[job_id][-1]) != "n2", job_id
+
+
+def write_log(store: str, events: list[tuple[str, str, int, dict[str, Any]]]) -> None:
+    """A one-job log ``(type, state, user_seq, data)`` and its row, as the store writes them."""
+    with psycopg.connect(store, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS jobs (id text, record text)")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS events"
+            " (job_id text, user_id text, seq integer, user_seq bigint, type text, record text)"
+        )
+        conn.execute("DELETE FROM jobs")
+        conn.execute("DELETE FROM events")
+        for seq, (kind, state, user_seq, data) in enumerate(events, 1):
+            record = {"type": kind, "state": state, "at": float(seq), "data": data}
+            conn.execute(
+                "INSERT INTO events VALUES ('j1', 'u0', %s, %s, %s, %s)",
+                (seq, user_seq, kind, orjson.dumps(record).decode()),
+            )
+        job = {"seq": len(events), "state": events[-1][1], "checkpoint_version": 1, "error": None}
+        conn.execute("INSERT INTO jobs VALUES ('j1', %s)", (orjson.dumps(job).decode(),))
+
+
+GOOD: list[tuple[str, str, int, dict[str, Any]]] = [
+    ("created", "created", 1, {}),
+    ("started", "running", 2, {"attempt": 1, "owner": "n0#1"}),
+    ("checkpoint", "running", 3, {"version": 1}),
+    ("recovery", "paused", 4, {"reason": "lease expired"}),
+    ("resumed", "created", 5, {}),
+    ("started", "running", 6, {"attempt": 2, "owner": "n1#1"}),
+    ("completed", "completed", 7, {}),
+]
+
+
+@pytest.mark.parametrize(
+    ("log", "acked", "created", "found"),
+    [
+        (
+            [*GOOD[:2], ("started", "running", 3, {"attempt": 2, "owner": "n1#1"})],
+            0,
+            {"j1"},
+            "attempts overlap",
+        ),
+        ([*GOOD[:4], ("progress", "running", 5, {})], 0, {"j1"}, "written after its attempt"),
+        ([*GOOD[:3], ("recovery", "paused", 5, {})], 0, {"j1"}, "user_seq gap"),
+        (GOOD, 2, {"j1"}, "checkpoint lost"),
+        (GOOD, 0, {"j1", "j2"}, "jobs lost"),
+        (
+            [*GOOD[:5], ("started", "running", 6, {"attempt": 3, "owner": "n1#1"})],
+            0,
+            {"j1"},
+            "attempts",
+        ),
+    ],
+)
+async def test_the_invariants_catch_what_they_name(
+    pg_url: str,
+    log: list[tuple[str, str, int, dict[str, Any]]],
+    acked: int,
+    created: set[str],
+    found: str,
+) -> None:
+    """The checker the cluster tests rely on fails on each violation (and passes a good log:
+    two attempts on two nodes, a takeover between them)."""
+    await trio.to_thread.run_sync(write_log, pg_url, GOOD)
+    summary = check_log(pg_url, {"j1"}, {"j1": 1}, settled=True)
+    assert summary.owners == {"j1": ["n0#1", "n1#1"]} and summary.recoveries == 1
+    await trio.to_thread.run_sync(write_log, pg_url, log)
+    with pytest.raises(AssertionError, match=found):
+        check_log(pg_url, created, {"j1": acked})
