@@ -172,24 +172,34 @@ async def resume_paused(cluster: Cluster) -> int:
 
 
 def read_jobs(store: str) -> dict[str, dict[str, Any]]:
-    with psycopg.connect(store, autocommit=True) as conn:
-        rows = conn.execute("SELECT id, record FROM jobs").fetchall()
-    return {job_id: orjson.loads(record) for job_id, record in rows}
+    """Every job's record, with its claim's ``owner`` from its column (authoritative: a
+    renewal or a claim updates the column only)."""
+    return read_snapshot(store)[0]
 
 
 def read_events(store: str) -> list[dict[str, Any]]:
     """Every event in the durable log, by job then seq, as recorded (with ``job_id``,
     ``user_id``, ``seq``, ``user_seq`` from the columns)."""
-    with psycopg.connect(store, autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT job_id, user_id, seq, user_seq, record FROM events ORDER BY job_id, seq"
-        ).fetchall()
+    return read_snapshot(store)[1]
+
+
+def read_snapshot(store: str) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """:func:`read_jobs` and :func:`read_events` from one snapshot (REPEATABLE READ): the
+    rows and the log agree even while live nodes write."""
+    with psycopg.connect(store) as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        with conn.transaction():
+            job_rows = conn.execute("SELECT id, record, owner FROM jobs").fetchall()
+            event_rows = conn.execute(
+                "SELECT job_id, user_id, seq, user_seq, record FROM events ORDER BY job_id, seq"
+            ).fetchall()
+    jobs = {job_id: {**orjson.loads(record), "owner": owner} for job_id, record, owner in job_rows}
     events = []
-    for job_id, user_id, seq, user_seq, record in rows:
+    for job_id, user_id, seq, user_seq, record in event_rows:
         event = orjson.loads(record)
         event.update(job_id=job_id, user_id=user_id, seq=seq, user_seq=user_seq)
         events.append(event)
-    return events
+    return jobs, events
 
 
 @attrs.define
@@ -211,8 +221,7 @@ def check_log(
     """Check the invariants (module docstring) on the durable log; with ``settled``, also
     that every job has ended (completed, failed with a reason, or paused no older than its
     acknowledged checkpoint). Returns what was read, for more specific checks."""
-    jobs = read_jobs(store)
-    events = read_events(store)
+    jobs, events = read_snapshot(store)
     assert set(jobs) == created, ("jobs lost or unexpected", created ^ set(jobs))
     by_job: dict[str, list[dict[str, Any]]] = {}
     by_user: dict[str, list[int]] = {}
