@@ -212,6 +212,8 @@ class LogSummary:
     owners: dict[str, list[str]]
     retries: int
     recoveries: int
+    #: Events that took a job over from another node (``taken_over_from``).
+    takeovers: int
     events: int
 
 
@@ -231,7 +233,7 @@ def check_log(
     for user, seqs in by_user.items():
         assert sorted(seqs) == list(range(1, len(seqs) + 1)), ("user_seq gap", user)
     owners: dict[str, list[str]] = {}
-    retries = recoveries = 0
+    retries = recoveries = takeovers = 0
     for job_id, job in jobs.items():
         log = by_job.get(job_id, [])
         assert [e["seq"] for e in log] == list(range(1, len(log) + 1)), ("seq gap", job_id)
@@ -249,6 +251,14 @@ def check_log(
             elif kind in RUN_EVENTS:
                 # Written for an attempt that had ended: a fenced-out owner wrote.
                 assert running, ("written after its attempt ended", job_id, event)
+            if "taken_over_from" in event["data"]:
+                # A takeover ends the attempt that was running, of the owner that started it,
+                # once: a second takeover of the same attempt would find it ended.
+                assert running, ("taken over twice", job_id, event)
+                taken_from = event["data"]["taken_over_from"]
+                assert taken_from == owners[job_id][-1], ("taken from another owner", job_id)
+                assert event["data"]["taken_over_by"] != event["data"]["taken_over_from"]
+                takeovers += 1
             retries += kind == "retrying"
             recoveries += kind == "recovery"
             running = event["state"] == "running"
@@ -265,6 +275,7 @@ def check_log(
         owners,
         retries,
         recoveries,
+        takeovers,
         len(events),
     )
 

@@ -85,7 +85,8 @@ async def wait_owning(cluster: Cluster, node: str, at_least: int, seconds: float
 
 
 def nodes_listing(cluster: Cluster) -> list[dict[str, Any]]:
-    """``jobspine nodes --store URL --json``: one object per node (``id``, ``state``...)."""
+    """``jobspine nodes --store URL --json``: one object per node incarnation (``node_id``,
+    ``state``...)."""
     result = subprocess.run(
         [sys.executable, "-m", "transport._cli", "nodes", "--store", cluster.store, "--json"],
         capture_output=True,
@@ -93,9 +94,8 @@ def nodes_listing(cluster: Cluster) -> list[dict[str, Any]]:
         timeout=30,
         check=True,
     )
-    listing: Any = orjson.loads(result.stdout)
-    nodes: list[dict[str, Any]] = listing["nodes"] if isinstance(listing, dict) else listing
-    return nodes
+    listing: list[dict[str, Any]] = orjson.loads(result.stdout)
+    return listing
 
 
 @pytest.mark.slow
@@ -137,10 +137,12 @@ async def test_kill_loop(tmp_path: Path, nodes: int) -> None:
         ran_on = {owner_node(o) for owners in summary.owners.values() for o in owners}
         assert ran_on == set(cluster.nodes), ran_on
         assert any(len({owner_node(o) for o in owners}) > 1 for owners in summary.owners.values())
+        assert summary.takeovers > 0  # a dead node's jobs were taken over (by whom: recorded)
     print(
         f"cluster kill loop: {nodes} nodes, {kills} kills, {len(created)} jobs,"
         f" {summary.events} events checked, {summary.retries} retries,"
-        f" {summary.recoveries} recoveries, states {dict(summary.states)}"
+        f" {summary.recoveries} recoveries, {summary.takeovers} takeovers,"
+        f" states {dict(summary.states)}"
     )
 
 
@@ -171,6 +173,8 @@ async def test_a_stopped_node_is_fenced_and_its_jobs_are_taken_over(tmp_path: Pa
         takeovers = {job_id: left_running(events, job_id, stopped_at) for job_id in taken}
         for job_id, event in takeovers.items():
             assert event["type"] in ("recovery", "failed"), event
+            assert owner_node(event["data"]["taken_over_from"]) == "n1", event
+            assert owner_node(event["data"]["taken_over_by"]) in ("n0", "n2"), event
             assert event["at"] - stopped_at <= ttl + 1, (job_id, event["at"] - stopped_at)
         jobs = await trio.to_thread.run_sync(read_jobs, cluster.store)
         before = {job_id: jobs[job_id] for job_id in taken}
@@ -189,8 +193,8 @@ async def test_a_stopped_node_is_fenced_and_its_jobs_are_taken_over(tmp_path: Pa
         # It registered again and serves: the other two are full (8 long jobs each), so the
         # jobs created through it now run on it.
         assert cluster.nodes["n1"].alive and await cluster.nodes["n1"].ready()
-        listing = {node["id"]: node for node in nodes_listing(cluster)}
-        assert listing["n1"]["state"] == "alive", listing
+        listing = nodes_listing(cluster)
+        assert any(n["node_id"] == "n1" and n["state"] == "alive" for n in listing), listing
         short = [("u0", "steps", {"n": 2, "delay": 0.01})] * 4
         more = {job["id"] for job in await create_jobs(cluster, short, on=["n1"])}
         await settle_some(cluster, more)
@@ -296,7 +300,7 @@ GOOD: list[tuple[str, str, int, dict[str, Any]]] = [
     ("created", "created", 1, {}),
     ("started", "running", 2, {"attempt": 1, "owner": "n0#1"}),
     ("checkpoint", "running", 3, {"version": 1}),
-    ("recovery", "paused", 4, {"reason": "lease expired"}),
+    ("recovery", "paused", 4, {"taken_over_from": "n0#1", "taken_over_by": "n1#1"}),
     ("resumed", "created", 5, {}),
     ("started", "running", 6, {"attempt": 2, "owner": "n1#1"}),
     ("completed", "completed", 7, {}),
@@ -315,6 +319,24 @@ GOOD: list[tuple[str, str, int, dict[str, Any]]] = [
         ([*GOOD[:4], ("progress", "running", 5, {})], 0, {"j1"}, "written after its attempt"),
         ([*GOOD[:3], ("recovery", "paused", 5, {})], 0, {"j1"}, "user_seq gap"),
         (GOOD, 2, {"j1"}, "checkpoint lost"),
+        (
+            [
+                *GOOD[:3],
+                ("recovery", "paused", 4, {"taken_over_from": "n2#1", "taken_over_by": "n1#1"}),
+            ],
+            0,
+            {"j1"},
+            "taken from another owner",
+        ),
+        (
+            [
+                *GOOD[:4],
+                ("recovery", "paused", 5, {"taken_over_from": "n0#1", "taken_over_by": "n2#1"}),
+            ],
+            0,
+            {"j1"},
+            "taken over twice",
+        ),
         (GOOD, 0, {"j1", "j2"}, "jobs lost"),
         (
             [*GOOD[:5], ("started", "running", 6, {"attempt": 3, "owner": "n1#1"})],
@@ -335,7 +357,8 @@ async def test_the_invariants_catch_what_they_name(
     two attempts on two nodes, a takeover between them)."""
     await trio.to_thread.run_sync(write_log, pg_url, GOOD)
     summary = check_log(pg_url, {"j1"}, {"j1": 1}, settled=True)
-    assert summary.owners == {"j1": ["n0#1", "n1#1"]} and summary.recoveries == 1
+    assert summary.owners == {"j1": ["n0#1", "n1#1"]}
+    assert (summary.recoveries, summary.takeovers) == (1, 1)
     await trio.to_thread.run_sync(write_log, pg_url, log)
     with pytest.raises(AssertionError, match=found):
         check_log(pg_url, created, {"j1": acked})
