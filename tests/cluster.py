@@ -48,9 +48,11 @@ def token(user: str, admin: bool = False) -> str:
 
 @asynccontextmanager
 async def cluster_of(
-    workdir: Path, nodes: int, *, lease_ttl: float = 2.0, max_running: int = 8, **kw: Any
+    workdir: Path, nodes: int, *, lease_ttl: float = 3.0, max_running: int = 8, **kw: Any
 ) -> AsyncIterator[Cluster]:
-    """``nodes`` nodes with the tests' handlers, ``max_running`` slots each."""
+    """``nodes`` nodes with the tests' handlers, ``max_running`` slots each. The lease is
+    short for brief tests, long enough that a node starved of CPU on a loaded 2-core machine
+    keeps it (renewed every TTL / 4)."""
     async with open_cluster(
         workdir,
         nodes,

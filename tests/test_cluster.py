@@ -108,7 +108,7 @@ async def test_kill_loop(tmp_path: Path, nodes: int) -> None:
     sometimes the others have taken them over by then); clients on it move to another node
     with their cursors. Nothing lost, nothing run twice at once, every event delivered once."""
     rng = random.Random(11)
-    ttl = 2.0
+    ttl = 3.0
     async with cluster_of(tmp_path, nodes, lease_ttl=ttl) as cluster, trio.open_nursery() as n:
         followers = await start_followers(n, cluster)
         specs = mixed_load(240 if nodes > 1 else 120)
@@ -152,7 +152,7 @@ async def test_a_stopped_node_is_fenced_and_its_jobs_are_taken_over(tmp_path: Pa
     """SIGSTOP a node past its lease: the others take over its running jobs within the TTL
     plus 1 s (by the stall rule: paused at the checkpoint, re-queued, or failed without one);
     after SIGCONT it writes nothing more for them and serves again."""
-    ttl = 2.0
+    ttl = 3.0
     async with cluster_of(tmp_path, 3, lease_ttl=ttl) as cluster:
         kinds = ["steps", "requeued", "plain"]
         specs = [(USERS[i % 3], kinds[i % 3], {"n": 800, "delay": 0.05}) for i in range(24)]
@@ -195,7 +195,7 @@ async def test_a_stopped_node_is_fenced_and_its_jobs_are_taken_over(tmp_path: Pa
         assert cluster.nodes["n1"].alive and await cluster.nodes["n1"].ready()
         listing = nodes_listing(cluster)
         assert any(n["node_id"] == "n1" and n["state"] == "alive" for n in listing), listing
-        short = [("u0", "steps", {"n": 2, "delay": 0.01})] * 4
+        short = [("late", "steps", {"n": 2, "delay": 0.01})] * 4
         more = {job["id"] for job in await create_jobs(cluster, short, on=["n1"])}
         await settle_some(cluster, more)
         summary = check_log(cluster.store, created | more, {})
