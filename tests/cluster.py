@@ -27,7 +27,7 @@ import psycopg
 import trio
 
 from actors import EventType, JobEvent
-from bench.cluster import Cluster, open_cluster
+from bench.cluster import Cluster, cluster_supported, open_cluster
 from transport import Client, ClientError, Reset, mint_token, open_client
 
 SECRET = "cluster-secret-cluster-secret-cluster"
@@ -53,6 +53,7 @@ async def cluster_of(
     """``nodes`` nodes with the tests' handlers, ``max_running`` slots each. The lease is
     short for brief tests, long enough that a node starved of CPU on a loaded 2-core machine
     keeps it (renewed every TTL / 4)."""
+    kw.setdefault("redis", cluster_supported())  # today's serve has no --redis to give it
     async with open_cluster(
         workdir,
         nodes,
