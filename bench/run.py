@@ -673,7 +673,10 @@ def table(rows: list[Row], meta: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-SCENARIOS = ["fanout", "saq", "idle", "checkpoint", "stall", "reconnect", "queue", "retry-storm"]
+SCENARIOS = [
+    *("fanout", "saq", "idle", "checkpoint", "stall", "reconnect", "queue", "retry-storm"),
+    "multinode",
+]
 #: Rows whose value counts failures: any but 0 makes the run fail (exit status 1).
 FAILURES = ("events lost", "jobs lost", "jobs with attempts", "backoff outside", "retries started")
 
@@ -741,6 +744,10 @@ async def run(args: argparse.Namespace) -> list[Row]:
                 from bench.queue import retry_storm
 
                 rows += await retry_storm(args, workdir)
+            elif name == "multinode":
+                from bench.multinode import multinode
+
+                rows += await multinode(args, workdir)
         progress_line("done\n")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -789,6 +796,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--retry-timeout", type=float, default=600, help="retry-storm: seconds to wait for all"
     )
+    from bench.multinode import add_arguments
+
+    add_arguments(p)
     p.add_argument("--json", default="bench-results.json", help="where to write every figure")
     p.add_argument(
         "--smoke",
@@ -807,6 +817,9 @@ def main(argv: list[str] | None = None) -> int:
         args.jobs, args.duration, args.rate = [100], 2.0, 2000
         args.queue_jobs, args.queue_capacity, args.queue_hold = 2000, 100, 0.2
         args.queue_latency_jobs, args.retry_jobs, args.retry_timeout = 50, 200, 60
+        from bench.multinode import smoke
+
+        smoke(args)
     rows = trio.run(run, args)
     meta = versions()
     print(table(rows, meta))
