@@ -11,9 +11,8 @@
 Both run exactly the same statements (the heads, then :func:`actors._postgres.commit_plan`) in
 one transaction per commit, back to back, for group commits of 1 event (1 job written) and of
 100 events (10 jobs written). Latency is one whole commit, as the store actor waits for it.
-The two modes take turns, round by round, so that load from elsewhere on a shared machine
-hits both alike.
-A database of its own is created and dropped at the end.
+The two modes take turns, round by round, so that load from elsewhere on a shared machine hits
+both alike. A database of its own is created and dropped at the end.
 """
 
 from __future__ import annotations
