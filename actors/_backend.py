@@ -352,6 +352,13 @@ class Backend(Protocol):
         """The running jobs whose claim ``owner`` holds."""
         ...
 
+    async def orphaned_owners(self) -> list[tuple[str, str | None]]:
+        """``(owner, taken_over_by)`` of every owner of running jobs whose node row is not
+        alive (dead, left, or none: a job claimed before nodes existed), ``taken_over_by``
+        None where nobody took it over. Rows alive with an expired lease are not listed:
+        :meth:`expired_nodes` gives those."""
+        ...
+
 
 class MemoryBackend:
     """Dicts in memory: for logic tests and for timing tests under a mock clock (no threads).
@@ -673,3 +680,14 @@ class MemoryBackend:
             (j for j in self._jobs.values() if j.state is JobState.RUNNING and j.owner == owner),
             key=lambda j: j.id,
         )
+
+    async def orphaned_owners(self) -> list[tuple[str, str | None]]:
+        found: dict[str, str | None] = {}
+        for job in self._jobs.values():
+            if job.state is not JobState.RUNNING or job.owner is None:
+                continue
+            node_id, _, incarnation = job.owner.rpartition("#")
+            row = self._nodes.get((node_id, incarnation))
+            if row is None or row.state != ALIVE:
+                found[job.owner] = None if row is None else row.taken_over_by
+        return sorted(found.items())

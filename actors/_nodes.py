@@ -67,6 +67,18 @@ log = logging.getLogger("jobspine.nodes")
 NodeState = str
 ALIVE, LEFT, DEAD = "alive", "left", "dead"
 
+#: The owners of running jobs whose node row is not alive, with who took the row over (see
+#: ``Backend.orphaned_owners``): the same statement on SQLite and PostgreSQL, a join of the
+#: running jobs (the partial index ``jobs_leases``) with the small ``nodes`` table.
+ORPHANED_OWNERS_SQL = (
+    "SELECT DISTINCT j.owner, n.taken_over_by FROM jobs j LEFT JOIN nodes n"
+    " ON n.node_id || '#' || n.incarnation = j.owner"
+    " WHERE j.state = 'running' AND j.owner IS NOT NULL"
+    " AND (n.state IS NULL OR n.state <> 'alive') ORDER BY j.owner"
+)
+#: Scans (one per renewal interval) between two looks for orphaned running jobs.
+ORPHAN_SWEEP_EVERY = 5
+
 
 class NodeIdInUseError(JobspineError):
     """Another live incarnation holds this node id (its lease has not expired): ``host``,
@@ -250,6 +262,7 @@ class NodeActor:
         self.renewed_at: float | None = None
         #: Nodes this one took over, and times it found itself fenced, since it started.
         self.takeovers = 0
+        self._scans = 0  # looks for expired nodes so far (every few, for orphans too)
         self.fenced = 0
         self._scope: trio.CancelScope | None = None
         self.host = socket.gethostname()
@@ -419,18 +432,43 @@ class NodeActor:
                 won += 1
                 self.takeovers += 1
                 if recover:
-                    await self._recover_jobs(node, by)
+                    await self._recover_jobs(node.owner, by)
+        self._scans += 1
+        if recover and self._scans % ORPHAN_SWEEP_EVERY == 0:
+            won += await self._recover_orphans(by)
         if won:
             self._wake()
         return won
 
-    async def _recover_jobs(self, node: NodeInfo, by: str) -> None:
+    async def _recover_orphans(self, by: str) -> int:
+        """The stall rule for running jobs whose owner is gone and whose taker is gone too
+        (it died while recovering them, or a graceful leave was cut short): nobody else will
+        end them. Exactly once as every recovery: the write is fenced (``seq``), and
+        ``took_over`` refuses a job its owner no longer holds."""
+        try:
+            orphans = await self.store.orphaned_owners()
+            gone = [
+                (owner, taker)
+                for owner, taker in orphans
+                if taker is None or not await self.store.node_alive(taker)
+            ]
+        except RuntimeClosedError:
+            raise
+        except JobspineError as exc:
+            log.warning("node %s: looking for orphaned jobs failed: %s", by, exc)
+            return 0
+        for owner, _ in gone:
+            with trio.CancelScope(shield=True):
+                await self._recover_jobs(owner, by)
+        return len(gone)
+
+    async def _recover_jobs(self, owner: str, by: str) -> None:
         """The stall rule for the dead incarnation's running jobs (its claimed ones went back
         to the queue with the takeover itself)."""
         store, supervisor = self.store, self.supervisor
-        cause = f"node {node.owner} stopped renewing its lease (taken over by {by})"
-        jobs = await store.running_jobs_of(node.owner)
-        log.warning("node %s takes over %s: %d running jobs", by, node.owner, len(jobs))
+        cause = f"node {owner} stopped renewing its lease (taken over by {by})"
+        jobs = await store.running_jobs_of(owner)
+        log.warning("node %s takes over %s: %d running jobs", by, owner, len(jobs))
         for job in jobs:
             try:
                 await store.recover(
@@ -439,7 +477,7 @@ class NodeActor:
                     supervisor.policy,
                     cause,
                     supervisor.requeues,
-                    took_over=(node.owner, by),
+                    took_over=(owner, by),
                 )
             except RuntimeClosedError:
                 raise

@@ -65,7 +65,16 @@ from ._errors import StaleWriteError, StoreError
 from ._events import EventType, JobEvent
 from ._ids import new_id
 from ._job import Job, migrate_job_record
-from ._nodes import ALIVE, DEAD, LEFT, NodeFencedError, NodeIdInUseError, NodeInfo, NodeLease
+from ._nodes import (
+    ALIVE,
+    DEAD,
+    LEFT,
+    ORPHANED_OWNERS_SQL,
+    NodeFencedError,
+    NodeIdInUseError,
+    NodeInfo,
+    NodeLease,
+)
 from ._postgres_queue import claim_sync
 from ._routing import QUEUE_CHANNEL
 from ._scheduling import ready_at
@@ -886,6 +895,10 @@ class PostgresBackend:
             return row is not None
 
         return await self._read(fn)
+
+    async def orphaned_owners(self) -> list[tuple[str, str | None]]:
+        rows = await self._read(lambda conn: conn.execute(ORPHANED_OWNERS_SQL).fetchall())
+        return [(owner, by) for owner, by in rows]
 
     async def running_jobs_of(self, owner: str) -> list[Job]:
         def fn(conn: psycopg.Connection[Any]) -> list[Job]:

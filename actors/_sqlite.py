@@ -28,7 +28,16 @@ from ._errors import StoreError
 from ._events import EventType, JobEvent
 from ._ids import new_id
 from ._job import Job, migrate_job_record
-from ._nodes import ALIVE, DEAD, LEFT, NodeFencedError, NodeIdInUseError, NodeInfo, NodeLease
+from ._nodes import (
+    ALIVE,
+    DEAD,
+    LEFT,
+    ORPHANED_OWNERS_SQL,
+    NodeFencedError,
+    NodeIdInUseError,
+    NodeInfo,
+    NodeLease,
+)
 from ._owner import database_owner_lock
 from ._queue_sql import claim_sync
 from ._scheduling import ready_at
@@ -706,6 +715,10 @@ class SqliteBackend:
             (owner,),
         )
         return [_job_from_row(*row) for row in rows]
+
+    async def orphaned_owners(self) -> list[tuple[str, str | None]]:
+        return [(owner, by) for owner, by in await self._execute(ORPHANED_OWNERS_SQL)]
+
 
 
 def waiting_counts_sql(one_user: bool) -> str:

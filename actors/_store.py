@@ -912,6 +912,9 @@ class StoreClient:
     async def running_jobs_of(self, owner: str) -> list[Job]:
         return await self._read(lambda: self._actor.backend.running_jobs_of(owner), BARRIER)
 
+    async def orphaned_owners(self) -> list[tuple[str, str | None]]:
+        return await self._read(lambda: self._actor.backend.orphaned_owners(), BARRIER)
+
     async def queue_stats(self, now: float, user_id: str | None = None) -> QueueStats:
         return await self._read(lambda: self._actor.backend.queue_stats(now, user_id), BARRIER)
 

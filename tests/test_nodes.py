@@ -189,6 +189,30 @@ async def test_an_expired_node_is_taken_over_exactly_once(backend: Backend) -> N
         await backend.renew_node(dead, 30, 0)
 
 
+async def test_orphaned_owners_are_those_of_running_jobs_whose_node_is_not_alive(
+    backend: Backend,
+) -> None:
+    dead = await backend.register_node("dead", "d1", 0.05, "h", 1)
+    alive = await backend.register_node("alive", "a1", 60, "h", 2)
+    expired = await backend.register_node("late", "l1", 0.05, "h", 3)
+    await backend.commit(
+        [
+            *running_job("j1", dead.owner),
+            *running_job("j2", alive.owner),
+            *running_job("j3", "legacy"),  # claimed before nodes existed
+            *running_job("j4", expired.owner),
+        ],
+        [],
+        (),
+        {},
+    )
+    await trio.sleep(0.1)
+    (found,) = [n for n in await backend.expired_nodes() if n.node_id == "dead"]
+    assert await backend.take_over(found, alive.owner)
+    # Not "late": alive with its lease expired is the expired nodes' (not taken over yet).
+    assert await backend.orphaned_owners() == [(dead.owner, alive.owner), ("legacy", None)]
+
+
 async def test_a_newer_incarnation_fences_the_older_and_a_gone_process_is_replaced(
     backend: Backend,
 ) -> None:
@@ -366,6 +390,48 @@ async def test_a_dead_node_is_taken_over_once_within_its_lease_plus_one_second(
         assert (node.state, node.taken_over_by) == ("dead", by)
 
 
+async def test_jobs_left_by_a_taker_that_died_mid_takeover_are_recovered_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Node "dead" was taken over by "taker", which died before recovering its jobs (and was
+    taken over itself, by a node that did not know of them). A live node finds the orphaned
+    running jobs and applies the stall rule to them exactly once; a job whose taker is alive
+    is left to it."""
+    backend = SharedMemory()
+    config = attrs.evolve(FAST, node_id="a")
+    async with open_runtime(backend=backend, handlers=HANDLERS, config=config) as rt:
+        rows = {
+            name: await backend.register_node(name, "i1", 3600.0, "elsewhere", pid)
+            for pid, name in enumerate(("dead", "taker", "busy", "other"))
+        }
+        dead, taker, busy, other = rows.values()
+        now = backend._clock()
+        await backend.commit(
+            [
+                *owned("j-orphan", "hang", dead.owner, now, ckpt=True),
+                *owned("j-busy", "hang", other.owner, now, ckpt=True),
+            ],
+            [],
+            (),
+            {},
+        )
+        # As the database is once "taker" took "dead" over and died before recovering its
+        # jobs, and "busy" (alive) took over "taker" and "other" and is recovering the latter.
+        for node, by in ((dead, taker), (taker, busy), (other, busy)):
+            key = (node.node_id, node.incarnation)
+            backend._nodes[key] = attrs.evolve(
+                backend._nodes[key], state="dead", taken_over_by=by.owner
+            )
+        await wait_until(lambda: job_is(rt, "j-orphan", JobState.PAUSED), 10)
+        (event,) = [e for e in await rt.read_events("j-orphan") if e.type is EventType.RECOVERY]
+        assert event.data["taken_over_from"] == dead.owner
+        assert event.data["taken_over_by"] == rt.node.owner
+        await trio.sleep(10)  # more sweeps: nothing more
+        types = [e.type for e in await rt.read_events("j-orphan")]
+        assert types.count(EventType.RECOVERY) == 1
+        assert (await rt.get_job("j-busy")).state is JobState.RUNNING  # its taker's to end
+
+
 async def events_of(rt: Any, job_id: str) -> list[JobEvent]:
     return list(await rt.read_events(job_id))
 
@@ -384,10 +450,13 @@ async def test_a_fenced_node_abandons_its_jobs_writing_nothing_and_registers_aga
         first = rt.node.owner
         assert first is not None and rt.node.healthy
         before = await events_of(rt, job.id)
+        other = await backend.register_node("other", "x", 3600.0, "elsewhere", 2)
         key = node_of(first)
         row = backend._nodes[key[0], key[1] or ""]
         backend._nodes[row.node_id, row.incarnation] = attrs.evolve(
-            row, state="dead", taken_over_by="other#x"
+            row,
+            state="dead",
+            taken_over_by=other.owner,  # alive: it recovers the job
         )
         await wait_until(lambda: rt.node.fenced, 2)
         await trio.sleep(1)
