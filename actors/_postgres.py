@@ -58,6 +58,7 @@ import orjson
 import psycopg
 import trio
 from psycopg import conninfo
+from psycopg.pq import TransactionStatus
 
 from ._backend import ClaimRequest, ClaimResult, JobQuery, Pruned, QueueStats
 from ._codec import converter
@@ -415,7 +416,14 @@ class PostgresBackend:
             try:
                 return fn(conn)
             except psycopg.Error:
-                if not (read and conn.broken):
+                # A connection the server dropped in the middle of a batch (executemany runs
+                # in pipeline mode) may not say it is broken, only be left mid-transaction
+                # (its pipeline aborted) where an autocommit connection is idle after any
+                # error: it is closed here, so that the next call connects again.
+                broken = conn.broken or conn.info.transaction_status is not TransactionStatus.IDLE
+                if broken and not conn.closed:
+                    conn.close()
+                if not (read and broken):
                     raise
             return fn(self._live())
 
