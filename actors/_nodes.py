@@ -76,7 +76,8 @@ ORPHANED_OWNERS_SQL = (
     " WHERE j.state = 'running' AND j.owner IS NOT NULL"
     " AND (n.state IS NULL OR n.state <> 'alive') ORDER BY j.owner"
 )
-#: Scans (one per renewal interval) between two looks for orphaned running jobs.
+#: Scans (one per renewal interval) between two looks for orphaned running jobs (and two
+#: recounts of the jobs by state, which other nodes' commits change).
 ORPHAN_SWEEP_EVERY = 5
 
 
@@ -436,6 +437,12 @@ class NodeActor:
         self._scans += 1
         if recover and self._scans % ORPHAN_SWEEP_EVERY == 0:
             won += await self._recover_orphans(by)
+            try:
+                await self.store.recount_jobs()  # other nodes' commits move them too
+            except RuntimeClosedError:
+                raise
+            except JobspineError as exc:
+                log.warning("node %s: counting jobs failed: %s", by, exc)
         if won:
             self._wake()
         return won

@@ -912,6 +912,16 @@ class StoreClient:
     async def running_jobs_of(self, owner: str) -> list[Job]:
         return await self._read(lambda: self._actor.backend.running_jobs_of(owner), BARRIER)
 
+    async def recount_jobs(self) -> None:
+        """Load the jobs-by-state gauge (:attr:`StoreActor.metrics`) from the database again:
+        on a shared database other nodes' commits change the counts too."""
+        actor = self._actor
+
+        async def fn() -> None:
+            actor.metrics.load(await actor.backend.count_by_state(None))
+
+        await self._read(fn, BARRIER)
+
     async def orphaned_owners(self) -> list[tuple[str, str | None]]:
         return await self._read(lambda: self._actor.backend.orphaned_owners(), BARRIER)
 

@@ -350,9 +350,9 @@ async def test_the_redis_setting_comes_from_flag_env_or_file(tmp_path: Any) -> N
 async def test_a_user_tracked_again_is_caught_up_from_the_log(
     pg_url: str, redis: RedisServer
 ) -> None:
-    """B's own count of a user's events may be behind other nodes' commits (it counted them
-    when it last looked): tracking the user again reads the log once, so a subscriber gets
-    what it missed without waiting for the user's next event."""
+    """A user B tracked, then stopped tracking while A committed its events: tracking it
+    again (a subscriber resuming from its cursor) reads the log once, and the subscriber
+    gets every event exactly once, from the join's history and the catch-up together."""
     async with (
         node(pg_url, redis.url, runs_jobs=True) as a,
         node(pg_url, redis.url, runs_jobs=False) as b,
@@ -363,6 +363,6 @@ async def test_a_user_tracked_again_is_caught_up_from_the_log(
         job = await a.create_job("ticker", "frank", {"n": 3, "pause": 0.01})
         stored = await wait_for_state(a, job.id)
         late = Subscriber(b)
-        await late.join("user:frank")
+        await late.join("user:frank", Cursor(b.epoch, 0))
         await late.until(lambda: len(late.events["user:frank"]) == stored.seq, timeout=10)
         assert late.seqs("user:frank") == list(range(1, stored.seq + 1))
