@@ -27,7 +27,10 @@ involved.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -72,6 +75,11 @@ class FanoutConfig:
     fill_limit: int = 500
     #: Channel name prefix: ``<prefix>:<epoch>:events``.
     prefix: str = "jobspine"
+    #: The secret the nodes share (``jobspine serve`` passes its token secret): every message
+    #: is signed with a key derived from it (HMAC-SHA256), and a message whose signature does
+    #: not verify is dropped, so that whoever else can publish on the Redis channel cannot
+    #: deliver events to clients. None: messages unsigned (every node must agree).
+    secret: str | None = attrs.field(default=None, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.redis, str) or not self.redis.startswith(
@@ -116,6 +124,12 @@ class RedisHealth:
     outages: int = 0
 
 
+#: Length of a message's signature (hex SHA-256) before its body.
+_MAC_LENGTH = 64
+#: Seconds between two warnings about forged messages (a flood logs one line a minute).
+FORGED_LOG_INTERVAL = 60.0
+
+
 @attrs.define
 class FanoutStats:
     #: Commit groups and events published to Redis.
@@ -127,6 +141,8 @@ class FanoutStats:
     received: int = 0
     #: Messages on the channel that were not jobspine event groups.
     malformed: int = 0
+    #: Messages whose signature did not verify (see :attr:`FanoutConfig.secret`): dropped.
+    forged: int = 0
     #: Store reads made to fill gaps or to poll (one per round, for many users).
     fill_reads: int = 0
 
@@ -142,6 +158,13 @@ class Fanout:
         self.hub = hub
         self.config = config
         self.node_id = node_id
+        # The signing key: derived from the shared secret, never the token key itself.
+        self._key = (
+            None
+            if config.secret is None
+            else hashlib.sha256(b"jobspine fan-out\0" + config.secret.encode()).digest()
+        )
+        self._forged_logged_at = -math.inf
         self.sequencer = Sequencer(
             gap_wait=config.gap_wait, max_held=config.max_held, fill_limit=config.fill_limit
         )
@@ -286,12 +309,14 @@ class Fanout:
         """Publish ``group`` (may be empty) with the heads not announced yet; False if Redis
         failed (the group then joins what is announced next)."""
         heads, self._unannounced = self._unannounced, {}
-        message = orjson.dumps(
-            {
-                "node": self.node_id,
-                "events": converter.unstructure(group, list[JobEvent]),
-                "heads": heads,
-            }
+        message = self._sign(
+            orjson.dumps(
+                {
+                    "node": self.node_id,
+                    "events": converter.unstructure(group, list[JobEvent]),
+                    "heads": heads,
+                }
+            )
         )
         try:
             with trio.fail_after(self.config.redis_timeout):
@@ -336,9 +361,35 @@ class Fanout:
                 self._down(f"subscription lost: {_describe(exc)}")
             await trio.sleep(self.config.reconnect_delay)
 
+    def _sign(self, body: bytes) -> bytes:
+        """``body`` preceded by its signature (64 hex digits) when the nodes share a key."""
+        if self._key is None:
+            return body
+        return hmac.new(self._key, body, hashlib.sha256).hexdigest().encode() + body
+
+    def _verified(self, data: bytes) -> bytes | None:
+        """The body of a message whose signature verifies (all of it without a key)."""
+        if self._key is None:
+            return data
+        mac, body = data[:_MAC_LENGTH], data[_MAC_LENGTH:]
+        expected = hmac.new(self._key, body, hashlib.sha256).hexdigest().encode()
+        return body if hmac.compare_digest(mac, expected) else None
+
     def _receive(self, data: Any) -> None:
+        body_bytes = self._verified(data) if isinstance(data, bytes) else None
+        if body_bytes is None:
+            self.stats.forged += 1
+            if trio.current_time() >= self._forged_logged_at + FORGED_LOG_INTERVAL:
+                self._forged_logged_at = trio.current_time()
+                log.warning(
+                    "dropped a message on %s whose signature does not verify (%d so far):"
+                    " another publisher, or a node with another secret",
+                    self.channel,
+                    self.stats.forged,
+                )
+            return
         try:
-            body = orjson.loads(data)
+            body = orjson.loads(body_bytes)
             if body["node"] == self.node_id:
                 return  # already delivered from the hub
             events = converter.structure(body["events"], list[JobEvent])

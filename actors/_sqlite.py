@@ -720,7 +720,6 @@ class SqliteBackend:
         return [(owner, by) for owner, by in await self._execute(ORPHANED_OWNERS_SQL)]
 
 
-
 def waiting_counts_sql(one_user: bool) -> str:
     """The waiting jobs per kind and user, and how many are ready at the first parameter
     (of the user in the second with ``one_user``). One user's are read through

@@ -37,6 +37,10 @@ WORKER_GONE = "worker_gone"
 
 log = logging.getLogger("jobspine.supervisor")
 
+#: Seconds: the stall watcher wakes at least this often, and a wake later than planned by
+#: more than this is a freeze of the whole process, whose time no job is charged for.
+FREEZE_GAP = 1.0
+
 
 @attrs.frozen
 class SupervisorConfig:
@@ -108,6 +112,8 @@ class Supervisor:
         # Set while the dispatcher's claim and the launches of what it claimed are under way.
         self._launch_holds: set[trio.Event] = set()
         self._stalls = 0
+        #: Seconds this process was found not running (see :data:`FREEZE_GAP`).
+        self.frozen_seconds = 0.0
         self._recoveries = 0
         self._failures = 0
 
@@ -137,7 +143,16 @@ class Supervisor:
         receive = self._beats_receive
         detector = self.detector
         while True:
-            with trio.move_on_at(min(detector.next_deadline(), self.timeouts.next_deadline())):
+            # Awake at least every FREEZE_GAP: a wake that comes later than planned by more
+            # than that means this process was not running (SIGSTOP, a paused VM): no
+            # heartbeat could arrive meanwhile, so that time does not count against the jobs
+            # (a node paused for less than its lease keeps them; longer, it is taken over).
+            planned = min(
+                detector.next_deadline(),
+                self.timeouts.next_deadline(),
+                trio.current_time() + FREEZE_GAP,
+            )
+            with trio.move_on_at(planned):
                 worker = await receive.receive()
                 while True:
                     last, persist = worker.take_beat()
@@ -150,6 +165,11 @@ class Supervisor:
                     except trio.WouldBlock:
                         break
             now = trio.current_time()
+            late = now - planned
+            if late > FREEZE_GAP:
+                detector.shift(late)
+                self.frozen_seconds += late
+                log.warning("this process did not run for %.1f s: stall deadlines moved", late)
             for job_id in self.timeouts.pop_expired(now):
                 if job_id in self.workers:
                     self._spawn(self._time_out, self.workers[job_id])

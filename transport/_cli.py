@@ -160,7 +160,7 @@ async def serve(args: argparse.Namespace) -> int:
                 handlers=handlers,
                 runtime_config=runtime_config,
                 health_port=args.health_port,
-                fanout=FanoutConfig(args.redis) if args.redis else None,
+                fanout=FanoutConfig(args.redis, secret=secret) if args.redis else None,
             ) as running:
                 if generated:
                     save_development_secret(db, secret)

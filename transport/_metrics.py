@@ -196,6 +196,8 @@ def _fanout_metrics(fanout: Fanout) -> Iterator[Metric]:
         ("fanout_duplicates", "Events dropped as already delivered.", order.duplicates),
         ("fanout_gaps", "Times an event arrived ahead of its predecessor.", order.gaps),
         ("fanout_fill_reads", "Reads of the log to fill gaps or poll.", stats.fill_reads),
+        ("fanout_forged", "Messages on the channel whose signature did not verify: dropped.",
+         stats.forged),
     ):  # fmt: skip
         yield CounterMetricFamily(f"jobspine_{name}", help, value=value)
 
