@@ -64,7 +64,7 @@ async def worker(args: argparse.Namespace) -> None:
 async def observe(args: argparse.Namespace) -> None:
     pool = await create_pool(settings(args), default_queue_name=args.queue)
     channel = f"{args.queue}:progress"
-    pubsub = pool.pubsub()
+    pubsub: Any = pool.pubsub()  # redis-py types aclose() loosely
     await pubsub.subscribe(channel)
     start_at = time.time() + 2 + args.jobs / 500
     keys = [f"bench-{args.run}-{n}" for n in range(args.jobs)]
