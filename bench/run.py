@@ -35,6 +35,7 @@ from transport import Client, ClientError, RoomCursor, mint_token, open_client
 SECRET = "bench-secret-bench-secret-bench-secret"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
+MB = 1024 * 1024
 
 
 def free_port() -> int:
@@ -333,7 +334,14 @@ async def fanout(
 
         cpu_before = served.cpu()
         workers_before = served.workers_cpu()
+        rss_start = rss_peak = served.rss()
         watch = trio.CancelScope()
+
+        async def sample_rss() -> None:
+            nonlocal rss_peak
+            while True:
+                rss_peak = max(rss_peak, served.rss())
+                await trio.sleep(0.1)
 
         async def show() -> None:
             with watch:
@@ -347,10 +355,15 @@ async def fanout(
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(show)
+            nursery.start_soon(sample_rss)
             result = await run_subscribers(spec, workdir, ready)
             watch.cancel()
+            nursery.cancel_scope.cancel()
         cpu = served.cpu() - cpu_before
         workers_cpu = served.workers_cpu() - workers_before
+        await trio.sleep(1)  # what the server keeps once the run is over
+        rss_after = served.rss()
+        rss_peak = max(rss_peak, rss_after)
     total = jobs * events
     # Rooms that never saw their job complete lost everything after their last event.
     missing_rooms = result["rooms_expected"] - result["rooms_done"]
@@ -398,6 +411,17 @@ async def fanout(
             ok=lost == 0,
         ),
         Row(label, "server CPU", cpu / (delivered_span + 1e-9), "cores"),
+        Row(label, "server RSS at start", rss_start / MB, "MB"),
+        Row(
+            label,
+            "server RSS peak",
+            rss_peak / MB,
+            "MB",
+            "",
+            "<= 80 MB",
+            ok=rss_peak <= 80 * MB,
+        ),
+        Row(label, "server RSS after the run", rss_after / MB, "MB"),
         *(
             [Row(label, "worker processes CPU", workers_cpu / (delivered_span + 1e-9), "cores")]
             if worker_processes
