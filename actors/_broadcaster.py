@@ -66,6 +66,10 @@ class BroadcasterConfig:
     #: Rooms whose backlog is kept (least recently active dropped first; their cursors are
     #: then served from the durable log).
     backlog_rooms: int = 2000
+    #: Bytes all backlogs together may hold (each event counted as its encoded message plus
+    #: :data:`BACKLOG_ENTRY_OVERHEAD` for the objects that hold it). Past it the least
+    #: recently active rooms' backlogs are dropped first; the durable log serves them.
+    backlog_bytes: int = 8 * 1024 * 1024
     #: Queued live events (or bytes of queued live events and skipped markers) on one
     #: connection past which its progress events are coalesced.
     coalesce_after: int = 256
@@ -101,6 +105,17 @@ _BATCH_TAIL = b"]}"
 #: A skipped marker's encoded size, beyond its ids, with room for 20-digit numbers.
 _MARKER_OVERHEAD = len(b'{"type":"skipped","job_id":"","user_id":"","seq":,"user_seq":,"count":}')
 _MARKER_OVERHEAD += 3 * 20
+
+
+#: Bytes one backlog entry costs beyond its encoded message: the ``JobEvent`` with its ``data``
+#: dict, the entry tuple and the deque slot, as measured with ``tracemalloc`` for a progress
+#: event (``tests/test_broadcaster.py`` checks the estimate stays an upper bound).
+BACKLOG_ENTRY_OVERHEAD = 512
+
+
+def _cost(data: bytes) -> int:
+    """What one backlog entry is counted as against ``backlog_bytes``."""
+    return len(data) + BACKLOG_ENTRY_OVERHEAD
 
 
 def lagged_message(rooms: list[str]) -> bytes:
@@ -345,6 +360,7 @@ class Broadcaster:
             fanout.deliver = self.publish_all
         self._rooms: dict[str, dict[Outbox, Subscription]] = {}
         self._backlogs: OrderedDict[str, deque[tuple[int, JobEvent, bytes]]] = OrderedDict()
+        self._backlog_bytes = 0  # the backlogs' cost, see :func:`_cost`
         self._heads: dict[str, int] = {}
         self._stream: EventStream | None = None
         self._idle = trio.Event()
@@ -394,6 +410,7 @@ class Broadcaster:
 
     def _lag_everyone(self) -> None:
         self._backlogs.clear()  # they may have gaps now
+        self._backlog_bytes = 0
         outboxes = {o for subs in self._rooms.values() for o in subs}
         for outbox in outboxes:
             outbox._overflow()
@@ -401,14 +418,18 @@ class Broadcaster:
     # -- live path (never awaits) ---------------------------------------------------------------
 
     def encode(self, event: JobEvent) -> bytes:
-        """The event message, with each ``data`` value over the inline limit left out."""
+        """The event message, with each ``data`` value over the inline limit left out.
+
+        Copied to an exact-size ``bytes``: orjson returns its output in a buffer of at least
+        4 KiB that it does not shrink, so every message kept in a backlog or an outbox would
+        hold 4 KiB (measured: 4,098 bytes held for a 142-byte message; 184 once copied)."""
         message = {"type": "event", "event": converter.unstructure(event)}
         data = orjson.dumps(message)
         limit = self.config.inline_payload_limit
-        if len(data) <= limit and b'"$omitted"' not in data:
-            return data  # the common case: nothing can be over the limit
-        message["event"]["data"] = inline_payloads(message["event"]["data"], limit)
-        return orjson.dumps(message)
+        if len(data) > limit or b'"$omitted"' in data:
+            message["event"]["data"] = inline_payloads(message["event"]["data"], limit)
+            data = orjson.dumps(message)
+        return bytes(memoryview(data))
 
     def publish_all(self, events: list[JobEvent]) -> None:
         for event in events:
@@ -440,14 +461,38 @@ class Broadcaster:
             outbox.push_event(event, data, live=True)
 
     def _remember(self, room: str, seq: int, event: JobEvent, data: bytes) -> None:
-        backlog = self._backlogs.get(room)
+        """Append to ``room``'s backlog, within the count per room, the rooms kept and the
+        byte budget of all backlogs (least recently active rooms dropped first)."""
+        backlogs = self._backlogs
+        backlog = backlogs.get(room)
         if backlog is None:
-            backlog = self._backlogs[room] = deque(maxlen=self.config.backlog)
-            if len(self._backlogs) > self.config.backlog_rooms:
-                self._backlogs.popitem(last=False)
+            backlog = backlogs[room] = deque()
+            if len(backlogs) > self.config.backlog_rooms:
+                self._drop_backlog(next(iter(backlogs)))
         else:
-            self._backlogs.move_to_end(room)
+            backlogs.move_to_end(room)
+            if len(backlog) >= self.config.backlog:
+                self._backlog_bytes -= _cost(backlog.popleft()[2])
         backlog.append((seq, event, data))
+        self._backlog_bytes += _cost(data)
+        while self._backlog_bytes > self.config.backlog_bytes:
+            oldest = next(iter(backlogs))
+            if oldest != room:
+                self._drop_backlog(oldest)
+            elif len(backlog) > 1:  # the only room left: its oldest events go
+                self._backlog_bytes -= _cost(backlog.popleft()[2])
+            else:
+                break
+
+    def _drop_backlog(self, room: str) -> None:
+        dropped = self._backlogs.pop(room, None)
+        if dropped:
+            self._backlog_bytes -= sum(_cost(data) for _, _, data in dropped)
+
+    @property
+    def backlog_bytes(self) -> int:
+        """Bytes the backlogs hold now, as counted against ``backlog_bytes``."""
+        return self._backlog_bytes
 
     def head(self, room: str) -> int | None:
         return self._heads.get(room)
@@ -555,7 +600,7 @@ class Broadcaster:
         """Drop the backlogs of pruned jobs' rooms (a user room's backlog stays valid: a
         cursor it could serve is at or past the user's horizon, see :meth:`join`)."""
         for job_id in job_ids:
-            self._backlogs.pop(f"job:{job_id}", None)
+            self._drop_backlog(f"job:{job_id}")
 
     def finish_join(self, outbox: Outbox, room: str) -> None:
         """Queue the history and the events held during the join, in order, once each."""
