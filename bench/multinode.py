@@ -166,11 +166,12 @@ async def takeover(args: argparse.Namespace, workdir: Path) -> list[Row]:
             waiting = set(owned)
             with trio.move_on_after(args.lease_ttl * 3 + 30):
                 async for item in client.events():
-                    # The taker's first event for it: the job left running (paused).
+                    # The taker's event for it (its created and progress events, queued
+                    # before the kill, do not count).
                     if (
                         isinstance(item, JobEvent)
                         and item.job_id in waiting
-                        and item.state.value != "running"
+                        and "taken_over_from" in item.data
                     ):
                         samples.append(1000 * (time.time() - killed_at))
                         waiting.discard(item.job_id)
