@@ -35,6 +35,7 @@ from ._errors import (
     RuntimeClosedError,
     RuntimeCrashedError,
     StaleAttemptError,
+    StaleWriteError,
     StoreError,
     StoreUnavailableError,
     TooManyJobsError,
@@ -42,12 +43,22 @@ from ._errors import (
     UnknownKindError,
 )
 from ._events import AUDIT_TYPES, EventHub, EventStream, EventStreamLagged, EventType, JobEvent
+from ._fanout import Fanout, FanoutConfig, FanoutStats, RedisHealth
 from ._job import (
     CURRENT_SCHEMA_VERSION,
     Job,
     JobError,
     migrate_job_record,
     validate_job_record,
+)
+from ._nodes import (
+    LeasePolicy,
+    NodeActor,
+    NodeFencedError,
+    NodeIdInUseError,
+    NodeInfo,
+    NodeLease,
+    node_of,
 )
 from ._options import KindOptions, RetryPolicy, kind_options
 from ._owner import DatabaseLockedError
@@ -57,8 +68,10 @@ from ._recovery import CheckpointDetails, CheckpointValidation, RecoveryOptions
 from ._remote import RemoteAttempt, RemotePlacement, RemoteWorker, WorkerLink
 from ._repository import Repository
 from ._retention import PruneReport, RetentionPolicy, RetentionRule, parse_duration
+from ._routing import RemoteControlError
 from ._runtime import Runtime, RuntimeConfig, open_runtime
 from ._scheduling import Candidate, ClaimLimits, ClaimPlanner, RetryDecision, decide_retry
+from ._sequencer import Sequencer, SequencerStats
 from ._sqlite import SqliteBackend
 from ._states import TERMINAL_STATES, TRANSITIONS, JobState, check_transition
 from ._store import StoreActor, StoreClient, StoreConfig, StoreHealth
@@ -88,6 +101,20 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "RemoteControlError",
+    "LeasePolicy",
+    "NodeActor",
+    "NodeFencedError",
+    "NodeIdInUseError",
+    "NodeInfo",
+    "NodeLease",
+    "node_of",
+    "Fanout",
+    "FanoutConfig",
+    "FanoutStats",
+    "RedisHealth",
+    "Sequencer",
+    "SequencerStats",
     "AUDIT_TYPES",
     "CURRENT_SCHEMA_VERSION",
     "DEMO_HANDLERS",
@@ -160,6 +187,7 @@ __all__ = [
     "RuntimeCrashedError",
     "SqliteBackend",
     "StaleAttemptError",
+    "StaleWriteError",
     "StallDetector",
     "StoreActor",
     "StoreClient",

@@ -19,7 +19,8 @@ from __future__ import annotations
 import bisect
 import sqlite3
 import sys
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
@@ -29,6 +30,7 @@ from ._errors import StoreUnavailableError
 from ._events import EventType, JobEvent
 from ._ids import new_id
 from ._job import Job
+from ._nodes import ALIVE, DEAD, LEFT, NodeFencedError, NodeIdInUseError, NodeInfo, NodeLease
 from ._scheduling import Candidate, ClaimLimits, ClaimPlanner, GroupKey, ready_at
 from ._states import TERMINAL_STATES, JobState
 
@@ -165,6 +167,15 @@ def is_outage(error: BaseException) -> bool:
 
 
 class Backend(Protocol):
+    #: True: :meth:`commit` numbers each user's events (``user_seq``) in its transaction, as
+    #: several writers share the database; the store's own numbers are provisional and its
+    #: user heads are read from the database. False: the store is the only writer and its
+    #: numbers are final.
+    assigns_user_seq: bool
+    #: Whether several runtimes (nodes) may use the database at once (PostgreSQL); if not
+    #: (SQLite, memory), one process owns it and node leases need no renewal.
+    shared: bool
+
     @property
     def epoch(self) -> str:
         """Identifies one database's history; it changes only with a new database."""
@@ -187,9 +198,13 @@ class Backend(Protocol):
         events: Sequence[JobEvent],
         deleted: Collection[str],
         heartbeats: Mapping[str, tuple[int, float]],
-    ) -> None:
+    ) -> Sequence[JobEvent]:
         """Write jobs, append events, delete jobs (their events stay) and record heartbeats
-        (``job id -> (attempt, time)``, applied only to that running attempt) atomically."""
+        (``job id -> (attempt, time)``, applied only to that running attempt) atomically.
+        Returns the events as stored: with their final ``user_seq`` where the backend assigns
+        it (:attr:`assigns_user_seq`), else as given. A backend shared by several writers may
+        raise :class:`StaleWriteError` (nothing written) for a job that is no longer what the
+        change was based on."""
         ...
 
     async def query(self, query: JobQuery) -> list[Job]: ...
@@ -204,6 +219,14 @@ class Backend(Protocol):
 
     async def read_user_events(self, user_id: str, after_seq: int, limit: int) -> list[JobEvent]:
         """Events of the user's jobs with ``user_seq > after_seq``, by ``user_seq``."""
+        ...
+
+    async def read_users_events(
+        self, heads: Mapping[str, int], limit: int
+    ) -> dict[str, list[JobEvent]]:
+        """For each user of ``heads``, its events with ``user_seq`` above its head, by
+        ``user_seq``, at most ``limit`` each (users with none left out): the cluster fan-out's
+        fill and poll, one round trip for many users where the database allows."""
         ...
 
     async def user_head(self, user_id: str) -> int:
@@ -276,12 +299,80 @@ class Backend(Protocol):
         whose lease holds at ``now`` (a claim skips them until then), None if none."""
         ...
 
+    # -- nodes (see :mod:`._nodes`); times are the database's clock, Unix seconds ------------
+
+    async def register_node(
+        self,
+        node_id: str,
+        incarnation: str,
+        ttl: float,
+        host: str,
+        pid: int,
+        replacing: str | None = None,
+    ) -> NodeLease:
+        """Add the row of a new incarnation of ``node_id``, alive for ``ttl`` seconds. Raises
+        :class:`NodeIdInUseError` (nothing written) while another incarnation of the id is
+        alive and its lease holds, unless it is ``replacing`` (a process known to be gone):
+        that one's lease is ended (expired now, to be taken over). Older incarnations whose
+        lease expired stay, to be taken over."""
+        ...
+
+    async def renew_node(self, lease: NodeLease, ttl: float, running: int) -> NodeLease:
+        """Move the lease to now + ``ttl`` and record ``running``. Raises
+        :class:`NodeFencedError` (nothing written) if the row is no longer alive (taken over,
+        left) or a newer incarnation of the node id registered since."""
+        ...
+
+    async def leave_node(self, lease: NodeLease) -> None:
+        """Mark the incarnation ``left`` (a graceful shutdown); a row no longer alive stays."""
+        ...
+
+    async def expired_nodes(self) -> list[NodeInfo]:
+        """Alive rows whose lease has expired, oldest lease first."""
+        ...
+
+    async def take_over(self, node: NodeInfo, by: str) -> bool:
+        """Atomically, if ``node``'s incarnation is still alive with its lease expired: mark it
+        ``dead``, ``taken_over_by = by``, and give its claimed-but-not-started jobs back to
+        the queue (owner and lease cleared). True for the one caller that did it, False for
+        every other (or if the node renewed meanwhile). Its running jobs are the caller's
+        to recover (:meth:`running_jobs_of`)."""
+        ...
+
+    async def list_nodes(self) -> list[NodeInfo]:
+        """Every row, by node id then start time."""
+        ...
+
+    async def node_alive(self, owner: str) -> bool:
+        """Whether the claim owner ``"node#incarnation"`` is a live node now (its row alive and
+        its lease holding). An owner with no row (legacy, or a random id) is not."""
+        ...
+
+    async def running_jobs_of(self, owner: str) -> list[Job]:
+        """The running jobs whose claim ``owner`` holds."""
+        ...
+
+    async def orphaned_owners(self) -> list[tuple[str, str | None]]:
+        """``(owner, taken_over_by)`` of every owner of running jobs whose node row is not
+        alive (dead, left, or none: a job claimed before nodes existed), ``taken_over_by``
+        None where nobody took it over. Rows alive with an expired lease are not listed:
+        :meth:`expired_nodes` gives those."""
+        ...
+
 
 class MemoryBackend:
-    """Dicts in memory: for logic tests and for timing tests under a mock clock (no threads)."""
+    """Dicts in memory: for logic tests and for timing tests under a mock clock (no threads).
+    ``clock``: Unix seconds for node leases (a test under a mock clock passes one that moves
+    with it)."""
 
-    def __init__(self) -> None:
+    #: The store numbers events (one writer: it knows every head).
+    assigns_user_seq = False
+    shared = False
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._epoch = new_id()
+        self._clock = clock
+        self._nodes: dict[tuple[str, str], NodeInfo] = {}
         self._jobs: dict[str, Job] = {}
         self._events: dict[str, list[JobEvent]] = {}
         self._user_events: dict[str, list[JobEvent]] = {}
@@ -309,7 +400,7 @@ class MemoryBackend:
         events: Sequence[JobEvent],
         deleted: Collection[str],
         heartbeats: Mapping[str, tuple[int, float]],
-    ) -> None:
+    ) -> Sequence[JobEvent]:
         for job in jobs:
             stored = self._jobs.get(job.id)
             if (
@@ -330,6 +421,7 @@ class MemoryBackend:
             found = self._jobs.get(job_id)
             if found and found.state is JobState.RUNNING and found.attempt == attempt:
                 self._jobs[job_id] = attrs.evolve(found, last_heartbeat_at=at)
+        return events  # the only writer: numbered as staged
 
     async def query(self, query: JobQuery) -> list[Job]:
         found = [job for job in self._jobs.values() if query.matches(job)]
@@ -352,6 +444,12 @@ class MemoryBackend:
         log = self._user_events.get(user_id, [])
         start = bisect.bisect_right(log, after_seq, key=lambda event: event.user_seq)
         return log[start : start + limit]
+
+    async def read_users_events(
+        self, heads: Mapping[str, int], limit: int
+    ) -> dict[str, list[JobEvent]]:
+        found = {u: await self.read_user_events(u, h, limit) for u, h in heads.items()}
+        return {u: events for u, events in found.items() if events}
 
     async def user_head(self, user_id: str) -> int:
         log = self._user_events.get(user_id)
@@ -499,3 +597,97 @@ class MemoryBackend:
             and job.idempotency_key is not None
             and job.created_at >= since
         ]
+
+    # -- nodes ------------------------------------------------------------------------------------
+
+    def _alive_of(self, node_id: str, now: float) -> list[NodeInfo]:
+        return [
+            n
+            for n in self._nodes.values()
+            if n.node_id == node_id and n.state == ALIVE and n.lease_expires_at >= now
+        ]
+
+    async def register_node(
+        self,
+        node_id: str,
+        incarnation: str,
+        ttl: float,
+        host: str,
+        pid: int,
+        replacing: str | None = None,
+    ) -> NodeLease:
+        now = self._clock()
+        for other in self._alive_of(node_id, now):
+            if other.incarnation != replacing:
+                raise NodeIdInUseError(
+                    node_id, other.incarnation, other.host, other.pid, other.lease_expires_at - now
+                )
+            self._nodes[node_id, replacing] = attrs.evolve(other, lease_expires_at=now - 0.001)
+        self._nodes[node_id, incarnation] = NodeInfo(
+            node_id, incarnation, host, pid, now, now, now + ttl, ALIVE
+        )
+        return NodeLease(node_id, incarnation, now + ttl)
+
+    async def renew_node(self, lease: NodeLease, ttl: float, running: int) -> NodeLease:
+        now = self._clock()
+        row = self._nodes.get((lease.node_id, lease.incarnation))
+        if row is None or row.state != ALIVE:
+            raise NodeFencedError(f"node {lease.owner} is no longer alive in the database")
+        if any(
+            n.node_id == lease.node_id and n.started_at > row.started_at
+            for n in self._nodes.values()
+        ):
+            raise NodeFencedError(f"a newer incarnation of node {lease.node_id} registered")
+        self._nodes[lease.node_id, lease.incarnation] = attrs.evolve(
+            row, renewed_at=now, lease_expires_at=now + ttl, running=running
+        )
+        return attrs.evolve(lease, expires_at=now + ttl)
+
+    async def leave_node(self, lease: NodeLease) -> None:
+        row = self._nodes.get((lease.node_id, lease.incarnation))
+        if row is not None and row.state == ALIVE:
+            self._nodes[lease.node_id, lease.incarnation] = attrs.evolve(
+                row, state=LEFT, lease_expires_at=self._clock(), running=0
+            )
+
+    async def expired_nodes(self) -> list[NodeInfo]:
+        now = self._clock()
+        found = [n for n in self._nodes.values() if n.state == ALIVE and n.lease_expires_at < now]
+        return sorted(found, key=lambda n: n.lease_expires_at)
+
+    async def take_over(self, node: NodeInfo, by: str) -> bool:
+        row = self._nodes.get((node.node_id, node.incarnation))
+        if row is None or row.state != ALIVE or row.lease_expires_at >= self._clock():
+            return False
+        self._nodes[node.node_id, node.incarnation] = attrs.evolve(
+            row, state=DEAD, taken_over_by=by
+        )
+        for job in self._waiting():
+            if job.owner == node.owner:
+                self._jobs[job.id] = attrs.evolve(job, owner=None, lease_expires_at=None)
+        return True
+
+    async def list_nodes(self) -> list[NodeInfo]:
+        return sorted(self._nodes.values(), key=lambda n: (n.node_id, n.started_at))
+
+    async def node_alive(self, owner: str) -> bool:
+        node_id, _, incarnation = owner.rpartition("#")
+        row = self._nodes.get((node_id, incarnation))
+        return row is not None and row.state == ALIVE and row.lease_expires_at >= self._clock()
+
+    async def running_jobs_of(self, owner: str) -> list[Job]:
+        return sorted(
+            (j for j in self._jobs.values() if j.state is JobState.RUNNING and j.owner == owner),
+            key=lambda j: j.id,
+        )
+
+    async def orphaned_owners(self) -> list[tuple[str, str | None]]:
+        found: dict[str, str | None] = {}
+        for job in self._jobs.values():
+            if job.state is not JobState.RUNNING or job.owner is None:
+                continue
+            node_id, _, incarnation = job.owner.rpartition("#")
+            row = self._nodes.get((node_id, incarnation))
+            if row is None or row.state != ALIVE:
+                found[job.owner] = None if row is None else row.taken_over_by
+        return sorted(found.items())

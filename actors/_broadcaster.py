@@ -11,6 +11,13 @@ head and history are read; history and held events are then merged by sequence n
 History comes from the room's in-memory backlog when it reaches back to the cursor, else from
 the store's durable log, paged; a cursor from another epoch, ahead of the head, or behind
 what retention kept (``cursor_too_old``), gets a snapshot reset with its reason.
+
+In cluster mode (a :class:`~._fanout.Fanout`), events come from the fan-out, every node's, in
+order, instead of from this node's hub. A join then also has the fan-out track the room's
+user (:meth:`~._fanout.Fanout.watch` before anything is read, ``start`` with the user head
+read before the room's head), so events after that head all arrive. No backlog is kept: a
+room nobody here subscribes to receives no events, so its backlog would have holes; replays
+come from the log.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import orjson
@@ -29,6 +36,9 @@ from ._errors import InvalidInputError
 from ._events import EventHub, EventStream, EventStreamLagged, EventType, JobEvent
 from ._payloads import inline_payloads
 from ._store import StoreClient
+
+if TYPE_CHECKING:
+    from ._fanout import Fanout
 
 __all__ = [
     "Broadcaster",
@@ -56,6 +66,10 @@ class BroadcasterConfig:
     #: Rooms whose backlog is kept (least recently active dropped first; their cursors are
     #: then served from the durable log).
     backlog_rooms: int = 2000
+    #: Bytes all backlogs together may hold (each event counted as its encoded message plus
+    #: :data:`BACKLOG_ENTRY_OVERHEAD` for the objects that hold it). Past it the least
+    #: recently active rooms' backlogs are dropped first; the durable log serves them.
+    backlog_bytes: int = 8 * 1024 * 1024
     #: Queued live events (or bytes of queued live events and skipped markers) on one
     #: connection past which its progress events are coalesced.
     coalesce_after: int = 256
@@ -91,6 +105,17 @@ _BATCH_TAIL = b"]}"
 #: A skipped marker's encoded size, beyond its ids, with room for 20-digit numbers.
 _MARKER_OVERHEAD = len(b'{"type":"skipped","job_id":"","user_id":"","seq":,"user_seq":,"count":}')
 _MARKER_OVERHEAD += 3 * 20
+
+
+#: Bytes one backlog entry costs beyond its encoded message: the ``JobEvent`` with its ``data``
+#: dict, the entry tuple and the deque slot, as measured with ``tracemalloc`` for a progress
+#: event (``tests/test_broadcaster.py`` checks the estimate stays an upper bound).
+BACKLOG_ENTRY_OVERHEAD = 512
+
+
+def _cost(data: bytes) -> int:
+    """What one backlog entry is counted as against ``backlog_bytes``."""
+    return len(data) + BACKLOG_ENTRY_OVERHEAD
 
 
 def lagged_message(rooms: list[str]) -> bytes:
@@ -293,6 +318,8 @@ class Subscription:
     replaying: bool = True
     suspended: bool = False
     held: list[tuple[JobEvent, bytes]] = attrs.field(factory=list)
+    #: The user the fan-out tracks for this subscription (cluster mode), once watched.
+    user: str | None = None
 
 
 @attrs.frozen
@@ -319,13 +346,21 @@ def _room_seq(room_kind: str, event: JobEvent) -> int:
 
 class Broadcaster:
     def __init__(
-        self, store: StoreClient, hub: EventHub, config: BroadcasterConfig | None = None
+        self,
+        store: StoreClient,
+        hub: EventHub,
+        config: BroadcasterConfig | None = None,
+        fanout: Fanout | None = None,
     ) -> None:
         self.store = store
         self.hub = hub
         self.config = config or BroadcasterConfig()
+        self.fanout = fanout
+        if fanout is not None:
+            fanout.deliver = self.publish_all
         self._rooms: dict[str, dict[Outbox, Subscription]] = {}
         self._backlogs: OrderedDict[str, deque[tuple[int, JobEvent, bytes]]] = OrderedDict()
+        self._backlog_bytes = 0  # the backlogs' cost, see :func:`_cost`
         self._heads: dict[str, int] = {}
         self._stream: EventStream | None = None
         self._idle = trio.Event()
@@ -339,6 +374,11 @@ class Broadcaster:
         self, *, task_status: trio.TaskStatus[Broadcaster] = trio.TASK_STATUS_IGNORED
     ) -> None:
         async with self.store:
+            if self.fanout is not None:
+                # The fan-out delivers (publish_all); this actor only outlives it.
+                task_status.started(self)
+                await self.fanout.closed.wait()
+                return
             started = False
             while True:
                 async with self.hub.subscribe(buffer=1_000_000) as stream:
@@ -362,12 +402,15 @@ class Broadcaster:
 
     async def drained(self) -> None:
         """Return once every event committed so far has been published to subscribers."""
-        if self._stream is not None and self._stream.pending():
+        if self.fanout is not None:
+            await self.fanout.drained()
+        elif self._stream is not None and self._stream.pending():
             self._idle = trio.Event()
             await self._idle.wait()
 
     def _lag_everyone(self) -> None:
         self._backlogs.clear()  # they may have gaps now
+        self._backlog_bytes = 0
         outboxes = {o for subs in self._rooms.values() for o in subs}
         for outbox in outboxes:
             outbox._overflow()
@@ -375,14 +418,22 @@ class Broadcaster:
     # -- live path (never awaits) ---------------------------------------------------------------
 
     def encode(self, event: JobEvent) -> bytes:
-        """The event message, with each ``data`` value over the inline limit left out."""
+        """The event message, with each ``data`` value over the inline limit left out.
+
+        Copied to an exact-size ``bytes``: orjson returns its output in a buffer of at least
+        4 KiB that it does not shrink, so every message kept in a backlog or an outbox would
+        hold 4 KiB (measured: 4,098 bytes held for a 142-byte message; 184 once copied)."""
         message = {"type": "event", "event": converter.unstructure(event)}
         data = orjson.dumps(message)
         limit = self.config.inline_payload_limit
-        if len(data) <= limit and b'"$omitted"' not in data:
-            return data  # the common case: nothing can be over the limit
-        message["event"]["data"] = inline_payloads(message["event"]["data"], limit)
-        return orjson.dumps(message)
+        if len(data) > limit or b'"$omitted"' in data:
+            message["event"]["data"] = inline_payloads(message["event"]["data"], limit)
+            data = orjson.dumps(message)
+        return bytes(memoryview(data))
+
+    def publish_all(self, events: list[JobEvent]) -> None:
+        for event in events:
+            self.publish(event)
 
     def publish(self, event: JobEvent) -> None:
         data = self.encode(event)
@@ -392,7 +443,8 @@ class Broadcaster:
             (f"job:{event.job_id}", event.seq),
             (f"user:{event.user_id}", event.user_seq),
         ):
-            self._remember(room, seq, event, data)
+            if self.fanout is None:
+                self._remember(room, seq, event, data)
             subs = self._rooms.get(room)
             if not subs:
                 continue
@@ -409,14 +461,38 @@ class Broadcaster:
             outbox.push_event(event, data, live=True)
 
     def _remember(self, room: str, seq: int, event: JobEvent, data: bytes) -> None:
-        backlog = self._backlogs.get(room)
+        """Append to ``room``'s backlog, within the count per room, the rooms kept and the
+        byte budget of all backlogs (least recently active rooms dropped first)."""
+        backlogs = self._backlogs
+        backlog = backlogs.get(room)
         if backlog is None:
-            backlog = self._backlogs[room] = deque(maxlen=self.config.backlog)
-            if len(self._backlogs) > self.config.backlog_rooms:
-                self._backlogs.popitem(last=False)
+            backlog = backlogs[room] = deque()
+            if len(backlogs) > self.config.backlog_rooms:
+                self._drop_backlog(next(iter(backlogs)))
         else:
-            self._backlogs.move_to_end(room)
+            backlogs.move_to_end(room)
+            if len(backlog) >= self.config.backlog:
+                self._backlog_bytes -= _cost(backlog.popleft()[2])
         backlog.append((seq, event, data))
+        self._backlog_bytes += _cost(data)
+        while self._backlog_bytes > self.config.backlog_bytes:
+            oldest = next(iter(backlogs))
+            if oldest != room:
+                self._drop_backlog(oldest)
+            elif len(backlog) > 1:  # the only room left: its oldest events go
+                self._backlog_bytes -= _cost(backlog.popleft()[2])
+            else:
+                break
+
+    def _drop_backlog(self, room: str) -> None:
+        dropped = self._backlogs.pop(room, None)
+        if dropped:
+            self._backlog_bytes -= sum(_cost(data) for _, _, data in dropped)
+
+    @property
+    def backlog_bytes(self) -> int:
+        """Bytes the backlogs hold now, as counted against ``backlog_bytes``."""
+        return self._backlog_bytes
 
     def head(self, room: str) -> int | None:
         return self._heads.get(room)
@@ -435,10 +511,16 @@ class Broadcaster:
         self._rooms.setdefault(room, {})[outbox] = sub
         outbox.subscriptions[room] = sub
         try:
+            if self.fanout is not None:
+                await self._track(self.fanout, sub, kind, ident)
             if kind == "job":
                 head = (await self.store.get(ident)).seq
             else:
                 head = await self.store.user_head(ident)
+                if self.fanout is not None:
+                    # Other nodes' commits may be ahead of this store's count; what the
+                    # fan-out delivered is committed (in the log) and later events follow.
+                    head = max(head, self.fanout.sequencer.head(ident) or 0)
             if self._heads.get(room, 0) < head:
                 self._heads[room] = head
             sub.last_seq = head
@@ -470,6 +552,16 @@ class Broadcaster:
         except BaseException:
             self.leave(outbox, room)
             raise
+
+    async def _track(self, fanout: Fanout, sub: Subscription, kind: str, ident: str) -> None:
+        """Have the fan-out deliver the room's user's events: watched from now (held until
+        started), started (if no other join did) at the user head read now, before the
+        room's own head, so every event after the room's head reaches ``sub``."""
+        user = ident if kind == "user" else (await self.store.get(ident)).user_id
+        fanout.watch(user)
+        sub.user = user
+        if not fanout.started(user):
+            fanout.start(user, await self.store.user_head(user))
 
     async def _history(
         self, kind: str, ident: str, room: str, after: int, head: int
@@ -508,7 +600,7 @@ class Broadcaster:
         """Drop the backlogs of pruned jobs' rooms (a user room's backlog stays valid: a
         cursor it could serve is at or past the user's horizon, see :meth:`join`)."""
         for job_id in job_ids:
-            self._backlogs.pop(f"job:{job_id}", None)
+            self._drop_backlog(f"job:{job_id}")
 
     def finish_join(self, outbox: Outbox, room: str) -> None:
         """Queue the history and the events held during the join, in order, once each."""
@@ -535,6 +627,8 @@ class Broadcaster:
         sub = outbox.subscriptions.pop(room, None)
         if sub is None:
             return
+        if sub.user is not None and self.fanout is not None:
+            self.fanout.unwatch(sub.user)
         subs = self._rooms.get(room)
         if subs is not None:
             subs.pop(outbox, None)

@@ -73,8 +73,12 @@ class Dispatcher:
         to_trio: Callable[[float], float],
         lease_ttl: float,
         lease_renew_interval: float,
+        may_claim: Callable[[], bool] = lambda: True,
     ) -> None:
+        """``may_claim()``: whether this node may claim now (False while its node lease has
+        lapsed, see :mod:`._nodes`; :meth:`wake` it when that changes)."""
         self.store = store
+        self._may_claim = may_claim
         self.supervisor = supervisor
         self.limits = limits
         self.node_id = node_id
@@ -140,7 +144,12 @@ class Dispatcher:
 
     def admit(self, job: Job, settled_until: float) -> tuple[str, float] | None:
         now = self._clock()
-        if self._closing or now >= settled_until or not self.supervisor.in_process_only():
+        if (
+            self._closing
+            or now >= settled_until
+            or not self.supervisor.in_process_only()
+            or not self._may_claim()
+        ):
             # Worker slots come and go with their connections: with a worker connected, every
             # start goes through a claim, which reads their free slots when it runs.
             return None
@@ -261,6 +270,9 @@ class Dispatcher:
             log.warning("lease renewal failed (retried next interval): %s", exc)
 
     async def _dispatch(self) -> None:
+        if not self._may_claim():
+            self._next_run_at = None  # woken when the node may claim again
+            return
         running, by_user, by_kind = self._capacity()
         limits = self.limits
         if running >= limits.max_running:

@@ -22,6 +22,7 @@ __all__ = [
     "RuntimeClosedError",
     "RuntimeCrashedError",
     "StaleAttemptError",
+    "StaleWriteError",
     "StoreError",
     "StoreUnavailableError",
     "TooManyJobsError",
@@ -156,6 +157,21 @@ class StoreUnavailableError(StoreError):
     """The database stayed unavailable (locked, unreachable, out of space) for longer than
     ``store_retry_timeout``; nothing of the request was applied. Not the job's fault: a
     worker whose write got this is paused, never failed."""
+
+
+class StaleWriteError(StoreError):
+    """A commit lost a job to another writer: the job as stored is no longer the one the
+    change was based on (another node took it over or changed it since it was read). Tied to
+    the request, not an outage: the store reloads the job and applies the request again,
+    which its own checks then refuse (:class:`StaleAttemptError`, :class:`IllegalTransitionError`).
+    ``job_ids``: the jobs lost, sorted. Its code is ``store_error``'s."""
+
+    def __init__(self, job_ids: list[str]) -> None:
+        super().__init__(
+            f"job {', '.join(job_ids)} changed by another writer since it was read;"
+            " nothing was saved"
+        )
+        self.job_ids = job_ids
 
 
 class RuntimeClosedError(JobspineError):

@@ -369,8 +369,22 @@ def pause(job: Job, attempt: int | None, now: float, actor: str | None, reason: 
     )
 
 
-def recover(job: Job, attempt: int | None, decision: RecoveryDecision, now: float) -> Change:
-    """Apply a stall or crash recovery decision to a running job."""
+def recover(
+    job: Job,
+    attempt: int | None,
+    decision: RecoveryDecision,
+    now: float,
+    extra: Mapping[str, Any] | None = None,
+) -> Change:
+    """Apply a stall or crash recovery decision to a running job; ``extra`` is added to its
+    event's data (a takeover records ``taken_over_from`` and ``taken_over_by``)."""
+    new, event = _recover(job, attempt, decision, now)
+    if extra:
+        event = attrs.evolve(event, data={**event.data, **extra})
+    return new, event
+
+
+def _recover(job: Job, attempt: int | None, decision: RecoveryDecision, now: float) -> Change:
     if attempt is not None:
         _fence(job, attempt)
     check_transition(job.id, job.state, decision.to_state)

@@ -88,6 +88,13 @@ class StallDetector:
     def unwatch(self, job_id: str) -> None:
         self._slots.pop(job_id, None)
 
+    def shift(self, delta: float) -> None:
+        """Move every deadline ``delta`` seconds later (time that must not count: the whole
+        process was not running). Adding one constant keeps the heap ordered."""
+        for slot in self._slots.values():
+            slot[0] += delta
+        self._heap = [(deadline + delta, gen, job_id) for deadline, gen, job_id in self._heap]
+
     def deadline_of(self, job_id: str) -> float | None:
         slot = self._slots.get(job_id)
         return None if slot is None else slot[0]

@@ -14,56 +14,70 @@ works only if trio_asyncio was imported first). A worker thread cannot be abando
 a cancelled call waits for its statement, so a transaction is never left half-sent;
 ``connect_timeout`` and TCP keepalives bound how long a dead server can hold it.
 
-**One owner.** Until nodes and leases exist (issue 11: they replace this), a database has one
-owner at a time, as a SQLite file does (:mod:`._owner`): the owner holds a session-level
-advisory lock (``pg_try_advisory_lock``) for the runtime's life, on the very connection every
-statement goes through, and records itself (pid, host, start time) in the ``owners`` table
-for the message a refused process prints (:class:`DatabaseLockedError`, ``database_in_use``).
-The server drops the lock when the session ends in any way, SIGKILL of the owner included.
-Only a test may open a backend without the lock (``_shared``), to claim from one database
-with several backends at once.
+**Many nodes.** Several runtimes (nodes, :mod:`._nodes`) share one database: each registers
+an incarnation in the ``nodes`` table (schema v4) and renews its lease there; leases are
+compared with the database's clock (``extract(epoch FROM clock_timestamp())``), so the nodes'
+clock skew does not matter. A node that stops renewing is taken over by one survivor, with one
+conditional ``UPDATE ... WHERE state = 'alive' AND lease_expires_at < now`` (the row lock
+makes exactly one winner). This replaced the single owner's session advisory lock (v3's
+``owners`` table is dropped by v4).
 
 **Outages.** A connection the server dropped (restart, ``pg_terminate_backend``, network) is
-an outage (:func:`is_postgres_outage`): the store retries; the next call connects again and
-takes the lock again before it runs anything. If another process owns the database by then,
-that call fails as an outage too and nothing is written; if another process owned it in
-between (the ``owners`` row is no longer this one's), this backend's caller may hold stale
-state, so it never writes again (every call fails as an outage saying so; restart it).
+an outage (:func:`is_postgres_outage`): the store retries; the next call connects again. A node
+that stays disconnected past its lease is fenced by its node actor (its jobs abandoned, a new
+incarnation registered), since another node may have taken its jobs over meanwhile.
 
 **The queue** (schema v3, as SQLite's): the claim columns and a partial index over waiting
 jobs, walked group by group in one transaction with ``FOR UPDATE SKIP LOCKED``
 (:mod:`._postgres_queue`, which gives the SQL and the measured cost); lease renewal, queue
 counts, idempotency keys, children and tags (a ``text[]`` under a GIN index).
 
-**Sequences.** ``seq`` and ``user_seq`` come from the store actor, which as the only owner
-knows every head; the primary key ``(job_id, seq)`` and the unique ``(user_id, user_seq)``
-refuse a duplicate, and a commit is one transaction, so a group's numbers are stored with no
-gap or not at all.
+**Sequences and fenced writes** (schema v4; issue 11: several runtimes on one database). A
+commit numbers its events itself: for each user of the group, in user order (so concurrent
+commits lock in one order and never deadlock on heads), ``user_heads.head`` is advanced by the
+user's event count under its row lock, and the events get the numbers below the new head. The
+lock serializes a user's commits, so ``user_seq`` order is commit order, with no gap (a
+rolled-back commit gives its numbers back). :meth:`PostgresBackend.commit` returns the events
+so numbered; the store publishes those. Each job written or deleted with an event is fenced:
+the row changes only if its ``seq`` column is still the one the group's first change of it was
+based on (:func:`fence_bases`); else the transaction is rolled back and
+:class:`StaleWriteError` names the jobs lost, so that the store reloads and re-applies. A
+commit that leaves a job waiting notifies the queue channel (:mod:`._pg_notify`).
+``seq`` per job still comes from the store, as the primary key ``(job_id, seq)`` checks.
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
-import os
-import socket
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+import attrs
 import orjson
 import psycopg
 import trio
 from psycopg import conninfo
+from psycopg.pq import TransactionStatus
 
 from ._backend import ClaimRequest, ClaimResult, JobQuery, Pruned, QueueStats
 from ._codec import converter
-from ._errors import StoreError, StoreUnavailableError
+from ._errors import StaleWriteError, StoreError
 from ._events import EventType, JobEvent
 from ._ids import new_id
 from ._job import Job, migrate_job_record
-from ._owner import DatabaseLockedError
+from ._nodes import (
+    ALIVE,
+    DEAD,
+    LEFT,
+    ORPHANED_OWNERS_SQL,
+    NodeFencedError,
+    NodeIdInUseError,
+    NodeInfo,
+    NodeLease,
+)
 from ._postgres_queue import claim_sync
+from ._routing import QUEUE_CHANNEL
 from ._scheduling import ready_at
 from ._states import TERMINAL_STATES, JobState
 
@@ -72,15 +86,13 @@ __all__ = ["PostgresBackend", "is_postgres_outage", "redact_url"]
 log = logging.getLogger("jobspine.postgres")
 T = TypeVar("T")
 
-#: The advisory lock key of the database's owner (``pg_try_advisory_lock(bigint)``).
-OWNER_LOCK = 0x6A6F6273  # "jobs"
 #: The advisory lock key held while the schema is created or migrated (transaction-level).
 MIGRATE_LOCK = 0x6A6F6275
 
 #: Bound on closing the connection (it waits for the statement in progress).
 CLOSE_TIMEOUT = 10.0
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Ordered migrations: MIGRATIONS[n] brings the database from version n to n + 1. The versions
 # follow the SQLite backend's. Text that is compared or sorted is COLLATE "C": ids sort by
@@ -153,7 +165,42 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX jobs_leases ON jobs (owner, lease_expires_at) WHERE state = 'running'",
         "CREATE INDEX jobs_claimed ON jobs (owner) WHERE state = 'created' AND owner IS NOT NULL",
     ],
+    # v4, several writers (issue 11): the job's last event number as a column, which a fenced
+    # write compares with the one its change was based on; and every user's head in
+    # user_heads, which a commit now advances under its row lock (see commit()).
+    [
+        "ALTER TABLE jobs ADD COLUMN seq integer NOT NULL DEFAULT 0",
+        "UPDATE jobs SET seq = (record::json ->> 'seq')::integer",
+        "INSERT INTO user_heads (user_id, head, horizon)"
+        " SELECT user_id, max(user_seq), 0 FROM events GROUP BY user_id"
+        " ON CONFLICT (user_id) DO UPDATE SET head = greatest(user_heads.head, excluded.head)",
+        # Nodes (:mod:`._nodes`): one row per incarnation of a node, its lease (the database's
+        # clock, Unix seconds) and state; expired live rows found by the partial index. The
+        # single owner's table goes.
+        """CREATE TABLE nodes (
+            node_id text COLLATE "C" NOT NULL,
+            incarnation text COLLATE "C" NOT NULL,
+            host text NOT NULL,
+            pid integer NOT NULL,
+            started_at double precision NOT NULL,
+            renewed_at double precision NOT NULL,
+            lease_expires_at double precision NOT NULL,
+            state text NOT NULL,
+            taken_over_by text,
+            running integer NOT NULL DEFAULT 0,
+            PRIMARY KEY (node_id, incarnation)
+        )""",
+        "CREATE INDEX nodes_alive ON nodes (lease_expires_at) WHERE state = 'alive'",
+        "DROP TABLE IF EXISTS owners",
+    ],
 ]
+
+#: The database's clock in Unix seconds (leases never depend on a node's clock).
+_NOW = "extract(epoch FROM clock_timestamp())::double precision"
+_NODE_COLUMNS = (
+    "node_id, incarnation, host, pid, started_at, renewed_at, lease_expires_at, state,"
+    " running, taken_over_by"
+)
 
 _JOB_COLUMNS = "record, last_heartbeat_at, owner, lease_expires_at"
 
@@ -162,8 +209,8 @@ _JOB_COLUMNS = "record, last_heartbeat_at, owner, lease_expires_at"
 _UPSERT_JOB = (
     "INSERT INTO jobs (id, user_id, kind, state, attempt, last_heartbeat_at, record, finished_at,"
     " priority, created_at, ready_at, run_at, parent_id, idempotency_key, owner,"
-    " lease_expires_at, tags)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    " lease_expires_at, tags, seq)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
     " ON CONFLICT (id) DO UPDATE SET"
     " state = excluded.state, attempt = excluded.attempt,"
     " last_heartbeat_at = excluded.last_heartbeat_at, record = excluded.record,"
@@ -172,16 +219,37 @@ _UPSERT_JOB = (
     " lease_expires_at = CASE WHEN excluded.owner IS NOT NULL AND excluded.owner = jobs.owner"
     " THEN greatest(excluded.lease_expires_at, jobs.lease_expires_at)"
     " ELSE excluded.lease_expires_at END,"
-    " owner = excluded.owner"
+    " owner = excluded.owner, seq = excluded.seq"
+)
+#: The fenced write: the row is changed only if it is still the one the change was based on
+#: (its ``seq``, the last parameter; 0 for a new job, whose id then must be free). Every change
+#: of a job's state, attempt or owner while running is an event, so an equal ``seq`` also
+#: means the same state, attempt and running owner; only a claim's mark on a waiting job, its
+#: lease and heartbeats change a row without one. A row that lost is not returned.
+#: A write that leaves the job running must also find it claimed by the writer: the claim's
+#: mark (owner, no event) is the writer's until its start, and a takeover releasing that mark
+#: (:meth:`PostgresBackend.take_over`) fences the start.
+_WRITE_JOB = (
+    _UPSERT_JOB + " WHERE jobs.seq = %s AND (excluded.state <> 'running'"
+    " OR jobs.owner IS NOT DISTINCT FROM excluded.owner) RETURNING id"
 )
 _INSERT_EVENT = (
     "INSERT INTO events (job_id, seq, user_id, user_seq, type, record)"
     " VALUES (%s, %s, %s, %s, %s, %s)"
 )
+# Fenced by the attempt of a running job: every start (claimed or not) gives a new attempt,
+# so (running, attempt) names one claim, hence one owner.
 _HEARTBEAT = (
     "UPDATE jobs SET last_heartbeat_at = %s WHERE id = %s AND state = 'running' AND attempt = %s"
 )
 _DELETE_JOB = "DELETE FROM jobs WHERE id = %s"
+_DELETE_FENCED = "DELETE FROM jobs WHERE id = %s AND seq = %s RETURNING id"
+#: A user's head advanced by the number of its events in a commit; returns the new head. The
+#: row lock it takes serializes the user's commits, so user_seq order is commit order.
+_ADVANCE_HEAD = (
+    "INSERT INTO user_heads (user_id, head, horizon) VALUES (%s, %s, 0)"
+    " ON CONFLICT (user_id) DO UPDATE SET head = user_heads.head + excluded.head RETURNING head"
+)
 
 # SQLSTATE classes and codes that say "the database is unavailable now": connection
 # exceptions (08), transaction rollbacks such as serialization failures and deadlocks (40),
@@ -246,15 +314,14 @@ class PostgresBackend:
     open). ``url``: a libpq connection URL, ``postgresql://user@host:port/dbname``.
 
     Raises :class:`ValueError` at once for a URL libpq cannot parse. On open:
-    :class:`DatabaseLockedError` if another process owns the database (nothing was written),
     :class:`StoreError` if the server cannot be reached or the database cannot be used (a
-    newer schema)."""
+    newer schema). Several backends (nodes) may have one database open at once."""
 
-    def __init__(self, url: str, *, connect_timeout: float = 5.0, _shared: bool = False) -> None:
-        """``_shared`` is for tests only: no owner lock and no ``owners`` row, so that
-        several backends use one database at once (the concurrent-claim test). Nothing else
-        may set it until nodes and leases (issue 11) replace the single owner: the store
-        actor assumes it alone writes the database."""
+    #: Each commit numbers its events from the user's head, under the head's row lock.
+    assigns_user_seq = True
+    shared = True
+
+    def __init__(self, url: str, *, connect_timeout: float = 5.0) -> None:
         try:
             conninfo.conninfo_to_dict(url)
         except psycopg.Error as exc:
@@ -266,12 +333,7 @@ class PostgresBackend:
         self._conn: psycopg.Connection[Any] | None = None
         self._open = False
         self._epoch = ""
-        self._since = ""
-        #: Why this backend no longer writes (another owner came in between), if it does not.
-        self._superseded: str | None = None
-        #: Identifies this opening in the ``owners`` row (pid, host and second may repeat).
-        self._instance = ""
-        self._shared = _shared
+        self._instance = ""  # new at every opening, see :attr:`instance`
         # One call at a time on the connection: a read never slips into a commit's transaction.
         self._lock = trio.Lock()
 
@@ -279,15 +341,19 @@ class PostgresBackend:
     def epoch(self) -> str:
         return self._epoch
 
+    @property
+    def instance(self) -> str:
+        """Identifies this opening (new at every :meth:`opened`): the payload of its queue
+        notifications."""
+        return self._instance
+
     def __repr__(self) -> str:
         return f"PostgresBackend({redact_url(self.url)!r})"
 
-    # -- connection and ownership (each runs in a worker thread) -------------------------------
+    # -- connection (each runs in a worker thread) ---------------------------------------------
 
     def _connect(self) -> psycopg.Connection[Any]:
-        """A new connection holding the owner lock; :class:`DatabaseLockedError` if another
-        session holds it (the connection is closed again, nothing was written)."""
-        conn = psycopg.connect(
+        return psycopg.connect(
             self.url,
             autocommit=True,
             connect_timeout=self._connect_timeout,
@@ -297,41 +363,11 @@ class PostgresBackend:
             keepalives_interval=5,
             keepalives_count=3,
         )
-        if self._shared:
-            return conn
-        try:
-            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (OWNER_LOCK,)).fetchone()
-            if row is None or not row[0]:
-                raise DatabaseLockedError(
-                    redact_url(self.url), f"pg_advisory_lock {OWNER_LOCK}", *self._owner(conn)
-                )
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    @staticmethod
-    def _owner(conn: psycopg.Connection[Any]) -> tuple[int | None, str | None, str | None]:
-        """The owner as it recorded itself; Nones while it has not (it is starting)."""
-        if conn.execute("SELECT to_regclass('owners')").fetchone() in (None, (None,)):
-            return None, None, None
-        row = conn.execute("SELECT pid, host, since FROM owners WHERE lock = %s", (OWNER_LOCK,))
-        found = row.fetchone()
-        return (found[0], found[1], found[2]) if found else (None, None, None)
-
-    def _record_owner(self, conn: psycopg.Connection[Any]) -> None:
-        conn.execute(
-            "INSERT INTO owners (lock, pid, host, since, session, instance) VALUES (%s, %s,"
-            " %s, %s, pg_backend_pid(), %s) ON CONFLICT (lock) DO UPDATE SET pid = excluded.pid,"
-            " host = excluded.host, since = excluded.since, session = excluded.session,"
-            " instance = excluded.instance",
-            (OWNER_LOCK, os.getpid(), socket.gethostname(), self._since, self._instance),
-        )
 
     def _migrate(self, conn: psycopg.Connection[Any]) -> str:
         """Create or upgrade the schema in one transaction; returns the epoch."""
         with conn.transaction():
-            # Openings that do not hold the owner lock (shared, tests only) migrate in turn.
+            # Nodes opening the database at once migrate in turn.
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
             conn.execute("CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value text)")
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
@@ -345,10 +381,6 @@ class PostgresBackend:
                     else f"{redact_url(self.url)}: database schema version {stored!r} is not"
                     " one jobspine wrote"
                 )
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS owners (lock bigint PRIMARY KEY, pid integer,"
-                " host text, since text, session integer, instance text)"
-            )
             for step in range(version, SCHEMA_VERSION):
                 for statement in MIGRATIONS[step]:
                     conn.execute(statement)
@@ -358,48 +390,19 @@ class PostgresBackend:
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (str(SCHEMA_VERSION), epoch),
             )
-            if not self._shared:
-                self._record_owner(conn)
         return epoch
 
     def _live(self) -> psycopg.Connection[Any]:
-        """The connection, connected again (lock first) if the server dropped it."""
+        """The connection, connected again if the server dropped it."""
         conn = self._conn
         if conn is not None and not conn.closed:
             return conn
         if not self._open:
             raise StoreError("the PostgreSQL database is not open")
         self._conn = None
-        if self._superseded is not None:
-            raise StoreUnavailableError(self._superseded)
         if conn is not None:
             log.warning("connection to %s lost; connecting again", redact_url(self.url))
-        try:
-            conn = self._connect()
-        except DatabaseLockedError as exc:
-            # Someone else owns the database now: writing would make two owners.
-            raise StoreUnavailableError(str(exc)) from None
-        if self._shared:
-            self._conn = conn
-            return conn
-        try:
-            row = conn.execute("SELECT instance FROM owners WHERE lock = %s", (OWNER_LOCK,))
-            if row.fetchone() != (self._instance,):
-                # Another owner came while this one was disconnected: what this one caches
-                # may be stale, so it writes nothing more, ever.
-                pid, host, since = self._owner(conn)
-                self._superseded = (
-                    f"process {pid} on {host} since {since} owned the database"
-                    f" {redact_url(self.url)} while this one was disconnected; nothing more is"
-                    " written here: restart this runtime"
-                )
-                log.error("%s", self._superseded)
-                raise StoreUnavailableError(self._superseded)
-            self._record_owner(conn)
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
+        self._conn = conn = self._connect()
         return conn
 
     async def _run(self, fn: Callable[[psycopg.Connection[Any]], T], *, read: bool = False) -> T:
@@ -413,7 +416,14 @@ class PostgresBackend:
             try:
                 return fn(conn)
             except psycopg.Error:
-                if not (read and conn.broken):
+                # A connection the server dropped in the middle of a batch (executemany runs
+                # in pipeline mode) may not say it is broken, only be left mid-transaction
+                # (its pipeline aborted) where an autocommit connection is idle after any
+                # error: it is closed here, so that the next call connects again.
+                broken = conn.broken or conn.info.transaction_status is not TransactionStatus.IDLE
+                if broken and not conn.closed:
+                    conn.close()
+                if not (read and broken):
                     raise
             return fn(self._live())
 
@@ -425,16 +435,13 @@ class PostgresBackend:
 
     @asynccontextmanager
     async def opened(self) -> AsyncIterator[None]:
-        """Own and open the database for the block: connect, take the owner lock, migrate.
+        """Open the database for the block: connect, migrate.
 
-        A process refused with :class:`DatabaseLockedError` has written nothing; a server
-        that cannot be reached or a database that cannot be used raises :class:`StoreError`
-        (one line, the password left out). Every way out closes the connection, which gives
-        the lock back."""
-        self._since = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-        self._superseded = None
-        self._instance = new_id()
+        A server that cannot be reached or a database that cannot be used raises
+        :class:`StoreError` (one line, the password left out). Every way out closes the
+        connection."""
         where = redact_url(self.url)
+        self._instance = new_id()
 
         def open_() -> tuple[psycopg.Connection[Any], str]:
             conn = self._connect()
@@ -446,7 +453,7 @@ class PostgresBackend:
 
         try:
             # Shielded: a connection opened by a thread the caller stopped waiting for would
-            # hold the lock with nobody to close it. Opening is bounded by connect_timeout.
+            # stay open with nobody to close it. Opening is bounded by connect_timeout.
             with trio.CancelScope(shield=True):
                 conn, epoch = await trio.to_thread.run_sync(open_)
         except psycopg.Error as exc:
@@ -474,7 +481,7 @@ class PostgresBackend:
         return await self._read(fn)
 
     async def ping(self) -> None:
-        # Connects again (taking the owner lock) if the connection was lost.
+        # Connects again if the connection was lost.
         await self._run(lambda conn: conn.execute("SELECT 1").fetchall())
 
     async def commit(
@@ -483,15 +490,46 @@ class PostgresBackend:
         events: Sequence[JobEvent],
         deleted: Collection[str],
         heartbeats: Mapping[str, tuple[int, float]],
-    ) -> None:
-        plan = commit_plan(jobs, events, deleted, heartbeats)
+    ) -> list[JobEvent]:
+        """One transaction: each user's head advanced (users in order, so that concurrent
+        commits lock them in one order) and the events numbered from it, whatever
+        ``user_seq`` they were staged with; then the fenced job writes and deletes (see
+        :func:`commit_plan`). Returns the events as stored. Raises :class:`StaleWriteError`
+        (nothing written) if a job is no longer what its change was based on."""
+        counts = user_counts(events)
 
-        def fn(conn: psycopg.Connection[Any]) -> None:
+        def fn(conn: psycopg.Connection[Any]) -> list[JobEvent]:
             with conn.transaction(), conn.cursor() as cursor:
-                for sql, rows in plan:
-                    cursor.executemany(sql, rows)
+                heads: dict[str, int] = {}
+                if counts:
+                    cursor.executemany(_ADVANCE_HEAD, counts, returning=True)
+                    for user_id, _ in counts:
+                        row = cursor.fetchone()
+                        heads[user_id] = int(row[0]) if row else 0
+                        cursor.nextset()
+                numbered = number_events(events, heads)
+                for sql, rows, fenced in commit_plan(jobs, numbered, deleted, heartbeats):
+                    if not fenced:
+                        cursor.executemany(sql, rows)
+                        continue
+                    cursor.executemany(sql, rows, returning=True)
+                    written = set()
+                    while True:
+                        row = cursor.fetchone()
+                        if row is not None:
+                            written.add(row[0])
+                        if not cursor.nextset():
+                            break
+                    lost = sorted(row[0] for row in rows if row[0] not in written)
+                    if lost:  # before the events, whose keys it may hold
+                        raise StaleWriteError(lost)  # rolls the transaction back
+                if any(job.state is JobState.CREATED for job in jobs):
+                    # Delivered at commit (once per transaction): other nodes claim now. The
+                    # payload names this opening, so that its own listener ignores it.
+                    cursor.execute("SELECT pg_notify(%s, %s)", (QUEUE_CHANNEL, self._instance))
+                return numbered
 
-        await self._run(fn)
+        return await self._run(fn)
 
     async def query(self, query: JobQuery) -> list[Job]:
         where: list[str] = []
@@ -551,6 +589,27 @@ class PostgresBackend:
             ).fetchall()
         )
         return [_event(row[0]) for row in rows]
+
+    async def read_users_events(
+        self, heads: Mapping[str, int], limit: int
+    ) -> dict[str, list[JobEvent]]:
+        if not heads:
+            return {}
+        users, after = list(heads), [heads[u] for u in heads]
+        # One statement for every user: an index range scan per user (events_by_user).
+        rows = await self._read(
+            lambda conn: conn.execute(
+                "SELECT h.user_id, e.record FROM unnest(%s::text[], %s::bigint[])"
+                " AS h(user_id, after_seq) CROSS JOIN LATERAL (SELECT record, user_seq"
+                " FROM events WHERE events.user_id = h.user_id AND user_seq > h.after_seq"
+                " ORDER BY user_seq LIMIT %s) e ORDER BY h.user_id, e.user_seq",
+                (users, after, limit),
+            ).fetchall()
+        )
+        found: dict[str, list[JobEvent]] = {}
+        for user_id, record in rows:
+            found.setdefault(user_id, []).append(_event(record))
+        return found
 
     async def user_head(self, user_id: str) -> int:
         rows = await self._read(
@@ -728,40 +787,232 @@ class PostgresBackend:
         )
         return rows[0][0] if rows else None
 
+    # -- nodes ------------------------------------------------------------------------------------
+
+    async def register_node(
+        self,
+        node_id: str,
+        incarnation: str,
+        ttl: float,
+        host: str,
+        pid: int,
+        replacing: str | None = None,
+    ) -> NodeLease:
+        def fn(conn: psycopg.Connection[Any]) -> NodeLease:
+            with conn.transaction():
+                # Serialises registrations of one node id: two starting at once cannot both
+                # find no live incarnation.
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (node_id,))
+                row = conn.execute(
+                    f"SELECT incarnation, host, pid, lease_expires_at - {_NOW} FROM nodes"
+                    f" WHERE node_id = %s AND state = %s AND lease_expires_at >= {_NOW}"
+                    " AND incarnation IS DISTINCT FROM %s LIMIT 1",
+                    (node_id, ALIVE, replacing),
+                ).fetchone()
+                if row is not None:
+                    raise NodeIdInUseError(node_id, *row)
+                conn.execute(
+                    f"UPDATE nodes SET lease_expires_at = {_NOW} - 0.001 WHERE node_id = %s"
+                    " AND incarnation = %s AND state = %s",
+                    (node_id, replacing, ALIVE),
+                )
+                (expires,) = conn.execute(
+                    "INSERT INTO nodes (node_id, incarnation, host, pid, started_at, renewed_at,"
+                    f" lease_expires_at, state) VALUES (%s, %s, %s, %s, {_NOW}, {_NOW},"
+                    f" {_NOW} + %s, %s) RETURNING lease_expires_at",
+                    (node_id, incarnation, host, pid, ttl, ALIVE),
+                ).fetchone() or (0.0,)
+            return NodeLease(node_id, incarnation, expires)
+
+        return await self._run(fn)
+
+    async def renew_node(self, lease: NodeLease, ttl: float, running: int) -> NodeLease:
+        def fn(conn: psycopg.Connection[Any]) -> float | None:
+            row = conn.execute(
+                f"UPDATE nodes SET renewed_at = {_NOW}, lease_expires_at = {_NOW} + %s,"
+                " running = %s WHERE node_id = %s AND incarnation = %s AND state = %s"
+                " AND NOT EXISTS (SELECT 1 FROM nodes AS newer WHERE newer.node_id ="
+                " nodes.node_id AND newer.started_at > nodes.started_at)"
+                " RETURNING lease_expires_at",
+                (ttl, running, lease.node_id, lease.incarnation, ALIVE),
+            ).fetchone()
+            return None if row is None else float(row[0])
+
+        expires = await self._run(fn)
+        if expires is None:
+            raise NodeFencedError(
+                f"node {lease.owner} is no longer alive in the database (taken over, left, or"
+                " a newer incarnation registered)"
+            )
+        return NodeLease(lease.node_id, lease.incarnation, expires)
+
+    async def leave_node(self, lease: NodeLease) -> None:
+        await self._run(
+            lambda conn: conn.execute(
+                f"UPDATE nodes SET state = %s, lease_expires_at = {_NOW}, running = 0"
+                " WHERE node_id = %s AND incarnation = %s AND state = %s",
+                (LEFT, lease.node_id, lease.incarnation, ALIVE),
+            )
+        )
+
+    async def _nodes(self, where: str, params: Sequence[Any], order: str) -> list[NodeInfo]:
+        def fn(conn: psycopg.Connection[Any]) -> list[NodeInfo]:
+            rows = conn.execute(
+                f"SELECT {_NODE_COLUMNS} FROM nodes {where} ORDER BY {order}", params
+            ).fetchall()
+            return [NodeInfo(*row) for row in rows]
+
+        return await self._read(fn)
+
+    async def expired_nodes(self) -> list[NodeInfo]:
+        return await self._nodes(
+            f"WHERE state = %s AND lease_expires_at < {_NOW}", (ALIVE,), "lease_expires_at"
+        )
+
+    async def take_over(self, node: NodeInfo, by: str) -> bool:
+        def fn(conn: psycopg.Connection[Any]) -> bool:
+            with conn.transaction():
+                # The row lock makes one winner: a second taker waits, then finds it dead.
+                won = conn.execute(
+                    "UPDATE nodes SET state = %s, taken_over_by = %s WHERE node_id = %s"
+                    f" AND incarnation = %s AND state = %s AND lease_expires_at < {_NOW}",
+                    (DEAD, by, node.node_id, node.incarnation, ALIVE),
+                ).rowcount
+                if won:
+                    conn.execute(
+                        "UPDATE jobs SET owner = NULL, lease_expires_at = NULL"
+                        " WHERE owner = %s AND state = 'created'",
+                        (node.owner,),
+                    )
+            return bool(won)
+
+        return await self._run(fn)
+
+    async def list_nodes(self) -> list[NodeInfo]:
+        return await self._nodes("", (), "node_id, started_at")
+
+    async def node_alive(self, owner: str) -> bool:
+        node_id, _, incarnation = owner.rpartition("#")
+
+        def fn(conn: psycopg.Connection[Any]) -> bool:
+            row = conn.execute(
+                "SELECT 1 FROM nodes WHERE node_id = %s AND incarnation = %s AND state = %s"
+                f" AND lease_expires_at >= {_NOW}",
+                (node_id, incarnation, ALIVE),
+            ).fetchone()
+            return row is not None
+
+        return await self._read(fn)
+
+    async def orphaned_owners(self) -> list[tuple[str, str | None]]:
+        rows = await self._read(lambda conn: conn.execute(ORPHANED_OWNERS_SQL).fetchall())
+        return [(owner, by) for owner, by in rows]
+
+    async def running_jobs_of(self, owner: str) -> list[Job]:
+        def fn(conn: psycopg.Connection[Any]) -> list[Job]:
+            rows = conn.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE owner = %s AND state = 'running'"
+                " ORDER BY id",
+                (owner,),
+            ).fetchall()
+            return [_job_from_row(*row) for row in rows]
+
+        return await self._read(fn)
+
+
+def user_counts(events: Sequence[JobEvent]) -> list[tuple[str, int]]:
+    """``(user_id, events)`` per user of ``events``, in user order (the order of their locks)."""
+    counts: dict[str, int] = {}
+    for event in events:
+        counts[event.user_id] = counts.get(event.user_id, 0) + 1
+    return sorted(counts.items())
+
+
+def number_events(events: Sequence[JobEvent], heads: Mapping[str, int]) -> list[JobEvent]:
+    """``events`` with their final ``user_seq``: each user's, in order, end at its new head
+    (``heads``, as advanced by their count)."""
+    next_seq = {
+        user_id: head - n + 1
+        for user_id, n in user_counts(events)
+        if (head := heads.get(user_id)) is not None
+    }
+    numbered = []
+    for event in events:
+        user_seq = next_seq.get(event.user_id)
+        if user_seq is None:
+            numbered.append(event)
+            continue
+        next_seq[event.user_id] = user_seq + 1
+        numbered.append(attrs.evolve(event, user_seq=user_seq))
+    return numbered
+
+
+def fence_bases(events: Sequence[JobEvent]) -> dict[str, int]:
+    """Per job of ``events``: the ``seq`` its first change in the group was based on (one
+    less than its first event's), which the stored row must still have."""
+    bases: dict[str, int] = {}
+    for event in events:
+        base = bases.get(event.job_id)
+        if base is None or event.seq - 1 < base:
+            bases[event.job_id] = event.seq - 1
+    return bases
+
 
 def commit_plan(
     jobs: Collection[Job],
     events: Sequence[JobEvent],
     deleted: Collection[str],
     heartbeats: Mapping[str, tuple[int, float]],
-) -> list[tuple[str, list[tuple[Any, ...]]]]:
-    """The statements of one commit, each with its rows (``executemany``), in order; sans-I/O,
-    so that ``bench/pg_modes.py`` runs exactly these through either driver."""
-    plan: list[tuple[str, list[tuple[Any, ...]]]] = []
-    if jobs:
-        rows: list[tuple[Any, ...]] = [
-            (
-                j.id,
-                j.user_id,
-                j.kind,
-                j.state.value,
-                j.attempt,
-                j.last_heartbeat_at,
-                orjson.dumps(converter.unstructure(j)).decode(),
-                j.updated_at if j.state in TERMINAL_STATES else None,
-                j.priority,
-                j.created_at,
-                ready_at(j.created_at, j.run_at) if j.state is JobState.CREATED else None,
-                j.run_at,
-                j.parent_id,
-                j.idempotency_key,
-                j.owner,
-                j.lease_expires_at,
-                list(j.tags),
-            )
-            for j in jobs
-        ]
-        plan.append((_UPSERT_JOB, rows))
+) -> list[tuple[str, list[tuple[Any, ...]], bool]]:
+    """The statements of one commit after the heads (``events`` already numbered), each with
+    its rows (``executemany``) and whether it is fenced (returns the id of each row written:
+    a missing one lost), in order; sans-I/O, so that ``bench/pg_modes.py`` runs exactly these
+    through either driver. Jobs and deletes with an event in the group are fenced by the
+    ``seq`` it was based on (:func:`fence_bases`); others (a backend used directly, without the
+    store) are written as given. Rows go in id order: concurrent commits lock them in one."""
+    plan: list[tuple[str, list[tuple[Any, ...]], bool]] = []
+    bases = fence_bases(events)
+    fenced: list[tuple[Any, ...]] = []
+    unfenced: list[tuple[Any, ...]] = []
+    for j in sorted(jobs, key=lambda job: job.id):
+        row = (
+            j.id,
+            j.user_id,
+            j.kind,
+            j.state.value,
+            j.attempt,
+            j.last_heartbeat_at,
+            orjson.dumps(converter.unstructure(j)).decode(),
+            j.updated_at if j.state in TERMINAL_STATES else None,
+            j.priority,
+            j.created_at,
+            ready_at(j.created_at, j.run_at) if j.state is JobState.CREATED else None,
+            j.run_at,
+            j.parent_id,
+            j.idempotency_key,
+            j.owner,
+            j.lease_expires_at,
+            list(j.tags),
+            j.seq,
+        )
+        base = bases.get(j.id)
+        if base is None:
+            unfenced.append(row)
+        else:
+            fenced.append((*row, base))
+    if unfenced:
+        plan.append((_UPSERT_JOB, unfenced, False))
+    if fenced:
+        plan.append((_WRITE_JOB, fenced, True))
+    # Before the events: a write that lost is found before their keys clash.
+    if deleted:
+        gone = sorted(deleted)
+        plain = [(job_id,) for job_id in gone if job_id not in bases]
+        checked = [(job_id, bases[job_id]) for job_id in gone if job_id in bases]
+        if plain:
+            plan.append((_DELETE_JOB, plain, False))
+        if checked:
+            plan.append((_DELETE_FENCED, checked, True))
     if events:
         plan.append(
             (
@@ -777,12 +1028,15 @@ def commit_plan(
                     )
                     for e in events
                 ],
+                False,
             )
         )
     if heartbeats:
         plan.append(
-            (_HEARTBEAT, [(at, job_id, attempt) for job_id, (attempt, at) in heartbeats.items()])
+            (
+                _HEARTBEAT,
+                [(at, job_id, attempt) for job_id, (attempt, at) in sorted(heartbeats.items())],
+                False,
+            )
         )
-    if deleted:
-        plan.append((_DELETE_JOB, [(job_id,) for job_id in deleted]))
     return plan

@@ -97,6 +97,14 @@ PLAN_SQL = (
     "SELECT set_config('enable_sort', 'off', true), set_config('enable_bitmapscan', 'off', true)"
 )
 
+#: The claimer's node row, if it is alive with its lease holding (the database's clock), locked
+#: against a takeover until the claim commits (see :func:`claim_sync`).
+NODE_ALIVE_SQL = (
+    "SELECT 1 FROM nodes WHERE node_id = %s AND incarnation = %s AND state = 'alive'"
+    " AND lease_expires_at >= extract(epoch FROM clock_timestamp())::double precision"
+    " FOR SHARE"
+)
+
 MARK_SQL = (
     "UPDATE jobs SET owner = %s, lease_expires_at = %s WHERE id = ANY(%s)"
     " RETURNING id, record, last_heartbeat_at, owner, lease_expires_at"
@@ -206,6 +214,12 @@ def claim_sync(
     planner = request.planner()
     picked: list[Candidate] = []
     with conn.transaction():
+        node_id, sep, incarnation = request.owner.rpartition("#")
+        if sep and conn.execute(NODE_ALIVE_SQL, (node_id, incarnation)).fetchone() is None:
+            # A node whose lease lapsed (taken over, or about to be) claims nothing: a job
+            # it marked now could be started under an owner nobody renews or takes over. The
+            # row lock orders this claim before a takeover, which then releases what it marked.
+            return [], None
         conn.execute(PLAN_SQL)
         by_priority: dict[int, list[tuple[str, str]]] = {}
         if planner.slots():

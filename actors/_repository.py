@@ -23,6 +23,7 @@ from ._recovery import (
     recovery_options,
     validate_checkpoint,
 )
+from ._routing import Control, RemoteControls
 from ._states import JobState
 from ._store import StoreClient
 from ._supervisor import Supervisor
@@ -57,6 +58,9 @@ class Repository:
         #: Woken when a job becomes claimable, with its ``run_at`` (set by the runtime to its
         #: dispatcher's wake).
         self.wake_dispatcher: Callable[[float | None], None] = _no_dispatcher
+        #: Routes the controls of jobs running on other nodes (set by the runtime on
+        #: PostgreSQL, see :mod:`._routing`); None: every job runs here.
+        self.remote: RemoteControls | None = None
         self._idempotency_window = idempotency_window
         self._store = store
         self._supervisor = supervisor
@@ -280,7 +284,18 @@ class Repository:
 
     async def cancel(self, job_id: str, *, by: str | None = None) -> Job:
         """Cancel a waiting, running or paused job, and with it its children that have not
-        finished (recursively; each recorded with ``by``)."""
+        finished (recursively; each recorded with ``by``). A job running on another node is
+        cancelled there (:class:`RemoteControlError` if that node does not within the bound)."""
+        remote = self.remote
+        if remote is not None:
+            found = await self._store.get(job_id)
+            if remote.is_remote(found):
+                job = await remote.control(found, Control("cancel", job_id, by))
+                await self._cancel_children(job_id, by)
+                return job
+        return await self._cancel_here(job_id, by)
+
+    async def _cancel_here(self, job_id: str, by: str | None) -> Job:
         job = await self._store.cancel(job_id, by)
         await self._supervisor.settled()
         worker = self._supervisor.kill(job_id, "cancel")
@@ -334,7 +349,10 @@ class Repository:
 
     async def pause(self, job_id: str, *, by: str | None = None, reason: str = "user") -> Job:
         """Pause a job: a waiting one leaves the queue until resumed; a running one is stopped
-        (its handler gets the grace period to checkpoint)."""
+        (its handler gets the grace period to checkpoint), on the node that runs it."""
+        return await self._pause(job_id, by, reason, route=True)
+
+    async def _pause(self, job_id: str, by: str | None, reason: str, *, route: bool) -> Job:
         job = await self._store.get(job_id)
         if job.state is S.CREATED:
             try:
@@ -344,6 +362,8 @@ class Repository:
                 job = await self._store.get(job_id)
         if job.state is not S.RUNNING:
             raise IllegalTransitionError(job_id, job.state.value, S.PAUSED.value)
+        if route and self.remote is not None and self.remote.is_remote(job):
+            return await self.remote.control(job, Control("pause", job_id, by, reason))
         await self._supervisor.settled()
         worker = await self._supervisor.stop(job_id, reason)
         attempt = job.attempt if worker is None else worker.attempt
@@ -385,10 +405,25 @@ class Repository:
         return await self._store.find_stale_running(stalled_seconds)
 
     async def recover_job(self, job_id: str) -> Job:
+        """Apply the recovery rule to a running job now, on the node that runs it."""
+        return await self._recover(job_id, route=True)
+
+    async def _recover(self, job_id: str, *, route: bool) -> Job:
         job = await self._store.get(job_id)
         if job.state is not S.RUNNING:
             raise IllegalTransitionError(job_id, job.state.value, "recovering")
+        if route and self.remote is not None and self.remote.is_remote(job):
+            return await self.remote.control(job, Control("recover", job_id))
         return await self._supervisor.trigger_recovery(job_id)
+
+    async def apply_control(self, control: Control) -> Job:
+        """Apply a control another node sent for a job running here, locally (never routed
+        on: a job that moved meanwhile is the sender's to see)."""
+        if control.op == "pause":
+            return await self._pause(control.job_id, control.by, control.reason, route=False)
+        if control.op == "cancel":
+            return await self._cancel_here(control.job_id, control.by)
+        return await self._recover(control.job_id, route=False)
 
     async def get_resumable_jobs(self, user_id: str | None = None) -> list[Job]:
         return await self._store.find_resumable(user_id)

@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -24,17 +24,27 @@ from ._errors import (
     leaves,
 )
 from ._events import EventHub
+from ._fanout import Fanout, FanoutConfig
 from ._ids import new_id
 from ._joblog import job_fields
+from ._nodes import NodeActor
 from ._options import KindOptions
 from ._repository import Repository
 from ._retention import PruneReport, RetentionPolicy
+from ._routing import RemoteControls
 from ._scheduling import ClaimLimits
 from ._sqlite import SqliteBackend
 from ._states import JobState
 from ._store import StoreActor, StoreClient, StoreConfig, StoreHealth
 from ._supervisor import Supervisor, SupervisorConfig, SupervisorStatus
 from ._worker import Handler
+
+if TYPE_CHECKING:
+    from ._pg_notify import PgNotifier
+
+#: Seconds past stop grace + lease time-to-live that a control of a job running on another
+#: node is awaited (see :mod:`._routing`).
+CONTROL_MARGIN = 1.0
 
 __all__ = ["Runtime", "RuntimeConfig", "open_runtime"]
 
@@ -62,8 +72,9 @@ class RuntimeConfig:
     shutdown_timeout: float = 30.0
     #: Resume, at start, the jobs a previous graceful shutdown paused.
     resume_on_start: bool = True
-    #: This runtime's node id, recorded as the ``owner`` of the jobs it claims. None: a new
-    #: random id at every open.
+    #: This runtime's node id (see :mod:`._nodes`): registered in the database's ``nodes``
+    #: table, one live incarnation per id; the ``owner`` of the jobs it claims is
+    #: ``"<node_id>#<incarnation>"``. None: a new random id at every open.
     node_id: str | None = None
     #: Jobs this runtime runs at once; more wait in the queue.
     max_running: int = 1000
@@ -73,7 +84,9 @@ class RuntimeConfig:
     max_running_per_kind: Mapping[str, int] = attrs.field(factory=dict)
     #: Jobs one user may have waiting; a create beyond it fails with ``too_many_jobs``.
     max_waiting_per_user: int = 100_000
-    #: Seconds a claim holds without renewal, and how often the owner renews its claims.
+    #: Seconds a claim and this node's lease hold without renewal, and how often they are
+    #: renewed. On a shared database (PostgreSQL) a node whose lease expired is taken over by
+    #: another within about ``lease_ttl + lease_renew_interval``.
     lease_ttl: float = 5.0
     lease_renew_interval: float = 1.0
     #: Seconds an idempotency key keeps returning the job it created.
@@ -129,6 +142,10 @@ class RuntimeConfig:
                 f"lease_renew_interval ({self.lease_renew_interval:g} s) must be shorter than"
                 f" lease_ttl ({self.lease_ttl:g} s): a claim would lapse between renewals"
             )
+        if self.node_id is not None and (
+            not isinstance(self.node_id, str) or not self.node_id or "#" in self.node_id
+        ):
+            raise InvalidInputError("node_id must be a non-empty string without '#'")
         for kind, options in dict(self.kinds).items():
             if not isinstance(options, KindOptions):
                 raise InvalidInputError(f"kinds[{kind!r}] must be a KindOptions")
@@ -146,6 +163,8 @@ class Runtime(Repository):
         config: RuntimeConfig,
         store_actor: StoreActor,
         broadcaster: Broadcaster | None,
+        node: NodeActor,
+        fanout: Fanout | None = None,
     ) -> None:
         super().__init__(
             store,
@@ -161,8 +180,13 @@ class Runtime(Repository):
         self.store_actor = store_actor
         #: Present when ``open_runtime(broadcast=...)`` started one.
         self.broadcaster = broadcaster
+        #: Present when ``open_runtime(fanout=...)`` started one (cluster mode).
+        self.fanout = fanout
         #: The actor that claims waiting jobs (``claims``, ``dispatched``); set once started.
         self.dispatcher: Dispatcher | None = None
+        #: This runtime's node: ``node_id``, ``owner`` (the current incarnation's claim
+        #: owner), ``lease_age()``, ``healthy``, ``takeovers``, ``fenced``.
+        self.node = node
 
     def status(self) -> SupervisorStatus:
         return self.supervisor.status()
@@ -220,15 +244,24 @@ class Runtime(Repository):
                 await trio.sleep(policy.interval)
 
     async def _recover_on_start(self) -> None:
-        """Bring back what a previous process left: a job still marked running lost its worker
-        (the stall rule applies at once); jobs paused by a graceful shutdown go back to the
-        queue. The dispatcher, started next, claims every waiting job."""
+        """Bring back what a previous process left: a job still marked running whose owner is
+        not a live node (its node dead, left, expired or unknown; a job claimed before nodes
+        existed) lost its worker (the stall rule applies at once); a live node's jobs are left
+        alone. Jobs paused by a graceful shutdown go back to the queue: only SQLite (one node)
+        pauses at shutdown, a shared database's nodes hand their jobs back instead, so such a
+        job on PostgreSQL was paused by a runtime from before nodes existed. The dispatcher,
+        started next, claims every waiting job."""
         store = self._store
         policy = self.supervisor.policy
         for job in await store.find_running():
+            if job.owner is not None and await store.node_alive(job.owner):
+                continue
             try:
                 job = await store.recover(
-                    job.id, None, policy, "the process running it stopped (recovered at start)"
+                    job.id,
+                    job.attempt,
+                    policy,
+                    "the process running it stopped (recovered at start)",
                 )
             except JobspineError as exc:
                 log.warning(
@@ -269,6 +302,40 @@ async def _actor(
         await run(task_status=task_status)
 
 
+async def _start_routing(
+    backend: Backend,
+    runtime: Runtime,
+    dispatcher: Dispatcher,
+    nursery: trio.Nursery,
+    actors: list[trio.CancelScope],
+) -> PgNotifier | None:
+    """On PostgreSQL (several nodes may share the database): listen for queue wake-ups and
+    controls, and route this node's controls of jobs running elsewhere (:mod:`._routing`)."""
+    if not backend.assigns_user_seq:
+        return None
+    from ._pg_notify import PgNotifier
+    from ._postgres import PostgresBackend
+
+    if not isinstance(backend, PostgresBackend):
+        return None
+    notifier = PgNotifier(
+        backend.url,
+        runtime.node.node_id,
+        lambda: dispatcher.wake(None),
+        runtime.apply_control,
+        own_instance=backend.instance,
+    )
+    await nursery.start(_actor, notifier.run, actors)
+    config = runtime.config
+    runtime.remote = RemoteControls(
+        lambda: dispatcher.node_id,
+        notifier.send,
+        runtime._store.get,
+        bound=config.stop_grace + config.lease_ttl + CONTROL_MARGIN,
+    )
+    return notifier
+
+
 def _shield(scopes: list[trio.CancelScope], shield: bool) -> None:
     for scope in scopes:
         scope.shield = shield
@@ -298,26 +365,36 @@ async def open_runtime(
     config: RuntimeConfig | None = None,
     backend: Backend | None = None,
     broadcast: BroadcasterConfig | None = None,
+    fanout: FanoutConfig | None = None,
 ) -> AsyncIterator[Runtime]:
     """Run a jobspine runtime for the duration of the ``async with`` block.
 
     ``database`` is a SQLite file (created if missing) or a PostgreSQL URL
     (``postgresql://user@host/dbname``, the database must exist; schema created on open);
-    pass ``backend`` instead for another store (``MemoryBackend()`` for logic tests). On
-    start, jobs a dead process left running are recovered. On exit, running jobs get the grace
-    period to checkpoint and are paused (resumed by the next runtime on the same database);
-    every acknowledged write is durable. With ``broadcast``, a :class:`Broadcaster` actor
-    serves rooms of events (``rt.broadcaster``). With ``config.retention``, finished jobs are
+    pass ``backend`` instead for another store (``MemoryBackend()`` for logic tests). The
+    runtime registers as a node (``config.node_id``, see :mod:`._nodes`); on PostgreSQL
+    several nodes share the database, each taking over the jobs of nodes whose lease expired.
+    On start, jobs a dead process left running are recovered (never a live node's). On exit,
+    running jobs get the grace period to checkpoint and are paused (resumed by the next runtime
+    on the same SQLite file) or, on a shared database, handed back to the queue for the other
+    nodes; every acknowledged write is durable. With ``broadcast``, a :class:`Broadcaster` actor
+    serves rooms of events (``rt.broadcaster``); with ``fanout`` too (cluster mode: several
+    nodes on one PostgreSQL database), its rooms get every node's events through Redis
+    (``rt.fanout``, see :mod:`actors._fanout`). With ``config.retention``, finished jobs are
     pruned at start and every ``retention.interval`` seconds (see :meth:`Runtime.prune`).
 
-    One process owns a database at a time: while another holds it, this raises
-    :class:`DatabaseLockedError` (naming the owner) having read and written nothing. A
+    One process owns a SQLite file at a time: while another holds it, this raises
+    :class:`DatabaseLockedError` (naming the owner) having read and written nothing. A node id
+    alive in another process raises :class:`NodeIdInUseError`. A
     database that cannot be opened (or a PostgreSQL server that cannot be reached) raises
     :class:`StoreError`. An exception from the block propagates unchanged; a failure of the
     runtime itself is raised as :class:`RuntimeCrashedError`. Every way out (return,
     exception, cancellation, KeyboardInterrupt) closes the database.
     """
     config = config or RuntimeConfig()
+    if fanout is not None and broadcast is None:
+        raise InvalidInputError("fanout delivers to a broadcaster: pass broadcast= too")
+    node_id = config.node_id or new_id()
     if backend is None:
         if database is None:
             raise TypeError("open_runtime() needs a database path or a backend")
@@ -336,8 +413,11 @@ async def open_runtime(
     # Clients exist before the store starts: it serves until the last of them is closed.
     supervisor_store, repo_store = store_actor.client(), store_actor.client()
     broadcaster = None
+    fanout_actor = None
+    if fanout is not None:
+        fanout_actor = Fanout(store_actor.client(), hub, fanout, node_id)
     if broadcast is not None:
-        broadcaster = Broadcaster(store_actor.client(), hub, broadcast)
+        broadcaster = Broadcaster(store_actor.client(), hub, broadcast, fanout_actor)
     registry: dict[str, Handler] = dict(handlers or {})
     supervisor = Supervisor(
         supervisor_store,
@@ -351,6 +431,29 @@ async def open_runtime(
         config.kinds,
     )
     dispatcher: Dispatcher | None = None
+    notifier: PgNotifier | None = None
+    owner: list[str] = []  # the node's current claim owner, for the dispatcher
+
+    def on_owner(new_owner: str) -> None:
+        owner[:] = [new_owner]
+        if dispatcher is not None:
+            dispatcher.node_id = new_owner
+            dispatcher.wake()  # it claimed nothing while the node was fenced
+
+    def wake() -> None:
+        if dispatcher is not None:
+            dispatcher.wake()
+
+    node = NodeActor(
+        store_actor.client(),
+        supervisor,
+        node_id,
+        ttl=config.lease_ttl,
+        renew_interval=config.lease_renew_interval,
+        on_owner=on_owner,
+        wake=wake,
+        renewing=backend.shared,
+    )
     body_error: BaseException | None = None
     started = False
     retention = trio.CancelScope()  # the periodic prune: ends before the shutdown begins
@@ -363,9 +466,20 @@ async def open_runtime(
             supervisor.set_clock(clock)
             if broadcaster is not None:
                 await nursery.start(_actor, broadcaster.run, actors)
+            await nursery.start(_actor, node.run, actors)
+            if fanout_actor is not None:
+                await nursery.start(_actor, fanout_actor.run, actors)
             async with repo_store:
                 runtime = Runtime(
-                    repo_store, supervisor, hub, registry, config, store_actor, broadcaster
+                    repo_store,
+                    supervisor,
+                    hub,
+                    registry,
+                    config,
+                    store_actor,
+                    broadcaster,
+                    node,
+                    fanout_actor,
                 )
                 try:
                     # A cancelled caller still gets the graceful shutdown below, which needs
@@ -380,16 +494,18 @@ async def open_runtime(
                             config.max_running_per_kind,
                             config.max_running_per_user,
                         ),
-                        node_id=config.node_id or new_id(),
+                        node_id=owner[0],
                         clock=clock,
                         to_trio=clock.trio_time,
                         lease_ttl=config.lease_ttl,
                         lease_renew_interval=config.lease_renew_interval,
+                        may_claim=lambda: node.healthy,
                     )
                     await nursery.start(_actor, dispatcher.run, actors)
                     runtime.dispatcher = dispatcher
                     runtime.wake_dispatcher = dispatcher.wake
                     supervisor.capacity_listeners.append(dispatcher.wake)
+                    notifier = await _start_routing(backend, runtime, dispatcher, nursery, actors)
                     started = True
                     if config.retention is not None:
                         nursery.start_soon(runtime._retain, config.retention, retention)
@@ -400,12 +516,18 @@ async def open_runtime(
                 finally:
                     retention.cancel()
                     with trio.move_on_after(config.shutdown_timeout, shield=True):
+                        if notifier is not None:
+                            notifier.close()
                         if dispatcher is not None:
                             # No new claims while running jobs are paused; a claim in
                             # progress ends (and its jobs launch) first.
                             dispatcher.close()
                             await dispatcher.stopped.wait()
-                        await supervisor.shutdown()
+                        # A shared database's other nodes take the jobs at once; one
+                        # process's database resumes them at its next start.
+                        await supervisor.shutdown(hand_back=backend.shared)
+                        await node.leave()
+                    node.close()
                     supervisor.close()
                     hub.close()
                     _shield(actors, False)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import aiosqlite
+import attrs
 import orjson
 import trio
 import trio_asyncio
@@ -26,6 +28,16 @@ from ._errors import StoreError
 from ._events import EventType, JobEvent
 from ._ids import new_id
 from ._job import Job, migrate_job_record
+from ._nodes import (
+    ALIVE,
+    DEAD,
+    LEFT,
+    ORPHANED_OWNERS_SQL,
+    NodeFencedError,
+    NodeIdInUseError,
+    NodeInfo,
+    NodeLease,
+)
 from ._owner import database_owner_lock
 from ._queue_sql import claim_sync
 from ._scheduling import ready_at
@@ -38,7 +50,7 @@ log = logging.getLogger("jobspine.sqlite")
 #: Bound on closing the connection (it waits for the statement in progress).
 CLOSE_TIMEOUT = 10.0
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Ordered migrations: MIGRATIONS[n] brings the database from version n to n + 1.
 MIGRATIONS: list[list[str]] = [
@@ -105,6 +117,24 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (tag, job_id)
         ) WITHOUT ROWID""",
     ],
+    # v4, nodes (:mod:`._nodes`): one row per incarnation of a node, its lease and state.
+    # A SQLite file has one node at a time (the owner lock), but the table is the same as
+    # PostgreSQL's so that ``jobspine nodes`` and start-up recovery read both alike.
+    [
+        """CREATE TABLE nodes (
+            node_id TEXT NOT NULL,
+            incarnation TEXT NOT NULL,
+            host TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            started_at REAL NOT NULL,
+            renewed_at REAL NOT NULL,
+            lease_expires_at REAL NOT NULL,
+            state TEXT NOT NULL,
+            taken_over_by TEXT,
+            running INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (node_id, incarnation)
+        )""",
+    ],
 ]
 
 #: Ids per statement when a list of them is bound (well under SQLite's variable limit).
@@ -146,6 +176,10 @@ def _ready_at(job: Job) -> float | None:
 
 
 class SqliteBackend:
+    #: The store numbers events (one writer: it knows every head).
+    assigns_user_seq = False
+    shared = False
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -255,7 +289,7 @@ class SqliteBackend:
         events: Sequence[JobEvent],
         deleted: Collection[str],
         heartbeats: Mapping[str, tuple[int, float]],
-    ) -> None:
+    ) -> Sequence[JobEvent]:
         conn = self._conn
         try:
             if jobs:
@@ -332,6 +366,7 @@ class SqliteBackend:
         except Exception:
             await aio_as_trio(conn.rollback)()
             raise
+        return events  # the only writer: numbered as staged
 
     async def query(self, query: JobQuery) -> list[Job]:
         where: list[str] = []
@@ -387,6 +422,13 @@ class SqliteBackend:
             (user_id, after_seq, limit),
         )
         return [converter.structure(orjson.loads(row[0]), JobEvent) for row in rows]
+
+    async def read_users_events(
+        self, heads: Mapping[str, int], limit: int
+    ) -> dict[str, list[JobEvent]]:
+        # One indexed range read per user: SQLite is in-process, a round trip costs nothing.
+        found = {u: await self.read_user_events(u, h, limit) for u, h in heads.items()}
+        return {u: events for u, events in found.items() if events}
 
     async def user_head(self, user_id: str) -> int:
         rows = await self._execute(
@@ -562,6 +604,120 @@ class SqliteBackend:
             (owner, now),
         )
         return rows[0][0] if rows else None
+
+    # -- nodes ------------------------------------------------------------------------------------
+
+    async def _write(self, sql: str, params: Sequence[Any]) -> int:
+        cursor = await aio_as_trio(self._conn.execute)(sql, params)
+        count = int(cursor.rowcount)
+        await aio_as_trio(cursor.close)()
+        return count
+
+    async def register_node(
+        self,
+        node_id: str,
+        incarnation: str,
+        ttl: float,
+        host: str,
+        pid: int,
+        replacing: str | None = None,
+    ) -> NodeLease:
+        now = time.time()
+        rows = await self._execute(
+            "SELECT incarnation, host, pid, lease_expires_at FROM nodes WHERE node_id = ?"
+            " AND state = ? AND lease_expires_at >= ? AND incarnation IS NOT ?",
+            (node_id, ALIVE, now, replacing),
+        )
+        if rows:
+            other, host_, pid_, expires = rows[0]
+            raise NodeIdInUseError(node_id, other, host_, pid_, expires - now)
+        await self._write(
+            "UPDATE nodes SET lease_expires_at = ? WHERE node_id = ? AND incarnation = ?"
+            " AND state = ?",
+            (now - 0.001, node_id, replacing, ALIVE),
+        )
+        await self._write(
+            "INSERT INTO nodes (node_id, incarnation, host, pid, started_at, renewed_at,"
+            " lease_expires_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (node_id, incarnation, host, pid, now, now, now + ttl, ALIVE),
+        )
+        await aio_as_trio(self._conn.commit)()
+        return NodeLease(node_id, incarnation, now + ttl)
+
+    async def renew_node(self, lease: NodeLease, ttl: float, running: int) -> NodeLease:
+        now = time.time()
+        renewed = await self._write(
+            "UPDATE nodes SET renewed_at = ?, lease_expires_at = ?, running = ?"
+            " WHERE node_id = ? AND incarnation = ? AND state = ? AND NOT EXISTS"
+            " (SELECT 1 FROM nodes AS newer WHERE newer.node_id = nodes.node_id"
+            " AND newer.started_at > nodes.started_at)",
+            (now, now + ttl, running, lease.node_id, lease.incarnation, ALIVE),
+        )
+        await aio_as_trio(self._conn.commit)()
+        if not renewed:
+            raise NodeFencedError(
+                f"node {lease.owner} is no longer alive in the database (taken over, left, or"
+                " a newer incarnation registered)"
+            )
+        return attrs.evolve(lease, expires_at=now + ttl)
+
+    async def leave_node(self, lease: NodeLease) -> None:
+        await self._write(
+            "UPDATE nodes SET state = ?, lease_expires_at = ?, running = 0"
+            " WHERE node_id = ? AND incarnation = ? AND state = ?",
+            (LEFT, time.time(), lease.node_id, lease.incarnation, ALIVE),
+        )
+        await aio_as_trio(self._conn.commit)()
+
+    async def _nodes(self, where: str, params: Sequence[Any], order: str) -> list[NodeInfo]:
+        rows = await self._execute(
+            "SELECT node_id, incarnation, host, pid, started_at, renewed_at, lease_expires_at,"
+            f" state, running, taken_over_by FROM nodes {where} ORDER BY {order}",
+            params,
+        )
+        return [NodeInfo(*row) for row in rows]
+
+    async def expired_nodes(self) -> list[NodeInfo]:
+        return await self._nodes(
+            "WHERE state = ? AND lease_expires_at < ?", (ALIVE, time.time()), "lease_expires_at"
+        )
+
+    async def take_over(self, node: NodeInfo, by: str) -> bool:
+        won = await self._write(
+            "UPDATE nodes SET state = ?, taken_over_by = ? WHERE node_id = ?"
+            " AND incarnation = ? AND state = ? AND lease_expires_at < ?",
+            (DEAD, by, node.node_id, node.incarnation, ALIVE, time.time()),
+        )
+        if won:
+            await self._write(
+                "UPDATE jobs SET owner = NULL, lease_expires_at = NULL"
+                " WHERE owner = ? AND state = 'created'",
+                (node.owner,),
+            )
+        await aio_as_trio(self._conn.commit)()
+        return bool(won)
+
+    async def list_nodes(self) -> list[NodeInfo]:
+        return await self._nodes("", (), "node_id, started_at")
+
+    async def node_alive(self, owner: str) -> bool:
+        node_id, _, incarnation = owner.rpartition("#")
+        rows = await self._execute(
+            "SELECT 1 FROM nodes WHERE node_id = ? AND incarnation = ? AND state = ?"
+            " AND lease_expires_at >= ?",
+            (node_id, incarnation, ALIVE, time.time()),
+        )
+        return bool(rows)
+
+    async def running_jobs_of(self, owner: str) -> list[Job]:
+        rows = await self._execute(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE owner = ? AND state = 'running' ORDER BY id",
+            (owner,),
+        )
+        return [_job_from_row(*row) for row in rows]
+
+    async def orphaned_owners(self) -> list[tuple[str, str | None]]:
+        return [(owner, by) for owner, by in await self._execute(ORPHANED_OWNERS_SQL)]
 
 
 def waiting_counts_sql(one_user: bool) -> str:

@@ -15,12 +15,19 @@ A fault stays with its cause:
 * A group whose commit fails for a reason tied to a request (anything but an outage, see
   :func:`~._backend.is_outage`) is not answered: its requests, and those of every group
   applied on top of it, are applied and committed again one at a time, so only the culprit
-  gets :class:`StoreError`.
+  gets :class:`StoreError`. A job lost to another writer sharing the database
+  (:class:`StaleWriteError`, PostgreSQL's fenced writes) is such a failure: the job is
+  reloaded and its request applied again, alone, which the ops' own checks then refuse (or it
+  commits); at most :data:`MAX_CONFLICTS` times, so that conflicts cannot livelock the store.
 * An outage (the database locked by another program, unreachable, full) is retried with
   exponential backoff for ``store_retry_timeout`` seconds without failing anyone; meanwhile
   :attr:`StoreActor.health` says why the store is unhealthy and reads are served from
   committed state. Past the timeout, writes fail with :class:`StoreUnavailableError` until
   the database is back, which a periodic probe notices by itself.
+
+Event numbers: ``seq`` per job is assigned here; ``user_seq`` too while the store is the only
+writer, else (``Backend.assigns_user_seq``: PostgreSQL) in the commit's transaction, and the
+events published are the ones the commit returns, as stored.
 
 Heartbeats are state, not requests: ``heartbeat()`` records the latest one per job without
 awaiting, and the actor writes them with the next commit or after ``heartbeat_flush_interval``.
@@ -48,6 +55,8 @@ from ._errors import (
     InvalidParentError,
     JobspineError,
     RuntimeClosedError,
+    StaleAttemptError,
+    StaleWriteError,
     StoreError,
     StoreUnavailableError,
     TooManyJobsError,
@@ -59,6 +68,7 @@ from ._ids import new_id
 from ._job import Job, JobError
 from ._keyfilter import KeyFilter
 from ._metrics import StoreMetrics, move
+from ._nodes import NodeInfo, NodeLease
 from ._options import CreateOptions
 from ._policy import RecoveryPolicy
 from ._retention import RetentionPolicy
@@ -101,6 +111,10 @@ class StoreHealth:
 
 WRITE, READ, BARRIER, CLAIM = "write", "read", "barrier", "claim"
 
+#: Times a request committed alone may lose a job to another writer and be applied again
+#: before it gets the :class:`StaleWriteError` (each time the job is reloaded first).
+MAX_CONFLICTS = 3
+
 #: An idempotency key of a user: ``(user_id, key)``.
 _Key = tuple[str, str]
 #: A create's key and the start of its window: ``(user_id, key, since)``.
@@ -112,7 +126,7 @@ class _Request:
     only, answered at once. ``BARRIER``: runs after every earlier write has committed.
     ``CLAIM``: both, a barrier whose writes are answered after they commit."""
 
-    __slots__ = ("done", "error", "fn", "key", "mode", "replay", "value")
+    __slots__ = ("conflicts", "done", "error", "fn", "key", "mode", "replay", "value")
 
     def __init__(
         self, fn: Callable[[], Awaitable[Any]], mode: str, key: _KeyRequest | None = None
@@ -126,6 +140,8 @@ class _Request:
         self.error: Exception | None = None
         #: Its group was void without its fault: applied again, alone, before it is answered.
         self.replay = False
+        #: Commits of it, alone, that lost a job to another writer (:class:`StaleWriteError`).
+        self.conflicts = 0
 
     async def answer(self) -> Any:
         """Wait until the request is answered: its value, or its error raised."""
@@ -426,7 +442,16 @@ class StoreActor:
                     )
                 else:
                     # Tied to a request: every void group is replayed, one request at a time.
+                    # A job lost to another writer is reloaded by then: the request, applied
+                    # again, is refused by its own checks, or commits. Bounded per request,
+                    # so that a storm of conflicts cannot livelock the store.
                     self._void[void] = None
+                    if isinstance(exc, StaleWriteError) and len(group.requests) == 1:
+                        request = group.requests[0]
+                        request.conflicts += 1
+                        if request.conflicts <= MAX_CONFLICTS:
+                            self._mark_replay(group)
+                            return
                     if len(group.requests) > 1:
                         log.warning(
                             "commit of %d requests failed (%r); committing them one at a time",
@@ -436,7 +461,10 @@ class StoreActor:
                         self._mark_replay(group)
                         return
                     log.warning("write refused by the database: %r", exc)
-                    error = StoreError(f"database write failed, nothing was saved: {exc}")
+                    if isinstance(exc, StaleWriteError):
+                        error = exc
+                    else:
+                        error = StoreError(f"database write failed, nothing was saved: {exc}")
             else:
                 self.metrics.committed(
                     len(group.requests), group.events, group.moves, time.perf_counter() - started
@@ -460,7 +488,7 @@ class StoreActor:
         while True:
             try:
                 async with self._commit_lock:
-                    await self.backend.commit(
+                    committed = await self.backend.commit(
                         group.jobs.values(), group.events, group.deleted, group.beats
                     )
             except Exception as exc:
@@ -477,6 +505,8 @@ class StoreActor:
                 delay = min(delay * 2, self.config.retry_backoff_max)
             else:
                 self._healthy()
+                # As stored: the backend may have numbered them (assigns_user_seq).
+                group.events = list(committed)
                 return
 
     async def _probe(self) -> None:
@@ -584,8 +614,11 @@ class StoreActor:
 
     async def _stage(self, change: ops.Change) -> Job:
         job, event = change
-        user_seq = await self._user_head(job.user_id) + 1
-        self._user_heads[job.user_id] = user_seq
+        if self.backend.assigns_user_seq:
+            user_seq = 0  # provisional: the commit numbers it, in its transaction
+        else:
+            user_seq = await self._user_head(job.user_id) + 1
+            self._user_heads[job.user_id] = user_seq
         self._group.jobs[job.id] = job
         if job.idempotency_key is not None:
             self._key_filter.add(job.user_id, job.idempotency_key)
@@ -834,6 +867,64 @@ class StoreClient:
 
         return await self._call(fn, BARRIER)
 
+    # -- nodes (see :mod:`._nodes` and the :class:`Backend` methods of the same names) -----
+
+    async def _node_call(self, fn: Callable[[Backend], Awaitable[T]]) -> T:
+        actor = self._actor
+
+        async def call() -> T:
+            async with actor._commit_lock:
+                return await fn(actor.backend)
+
+        return await self._call(call, BARRIER)
+
+    async def register_node(
+        self,
+        node_id: str,
+        incarnation: str,
+        ttl: float,
+        host: str,
+        pid: int,
+        replacing: str | None = None,
+    ) -> NodeLease:
+        return await self._node_call(
+            lambda b: b.register_node(node_id, incarnation, ttl, host, pid, replacing)
+        )
+
+    async def renew_node(self, lease: NodeLease, ttl: float, running: int) -> NodeLease:
+        return await self._node_call(lambda b: b.renew_node(lease, ttl, running))
+
+    async def leave_node(self, lease: NodeLease) -> None:
+        await self._node_call(lambda b: b.leave_node(lease))
+
+    async def expired_nodes(self) -> list[NodeInfo]:
+        return await self._node_call(lambda b: b.expired_nodes())
+
+    async def take_over(self, node: NodeInfo, by: str) -> bool:
+        return await self._node_call(lambda b: b.take_over(node, by))
+
+    async def list_nodes(self) -> list[NodeInfo]:
+        return await self._read(lambda: self._actor.backend.list_nodes(), BARRIER)
+
+    async def node_alive(self, owner: str) -> bool:
+        return await self._read(lambda: self._actor.backend.node_alive(owner), BARRIER)
+
+    async def running_jobs_of(self, owner: str) -> list[Job]:
+        return await self._read(lambda: self._actor.backend.running_jobs_of(owner), BARRIER)
+
+    async def recount_jobs(self) -> None:
+        """Load the jobs-by-state gauge (:attr:`StoreActor.metrics`) from the database again:
+        on a shared database other nodes' commits change the counts too."""
+        actor = self._actor
+
+        async def fn() -> None:
+            actor.metrics.load(await actor.backend.count_by_state(None))
+
+        await self._read(fn, BARRIER)
+
+    async def orphaned_owners(self) -> list[tuple[str, str | None]]:
+        return await self._read(lambda: self._actor.backend.orphaned_owners(), BARRIER)
+
     async def queue_stats(self, now: float, user_id: str | None = None) -> QueueStats:
         return await self._read(lambda: self._actor.backend.queue_stats(now, user_id), BARRIER)
 
@@ -953,14 +1044,23 @@ class StoreClient:
         policy: RecoveryPolicy,
         cause: str,
         requeue: Callable[[Job], bool] | None = None,
+        *,
+        took_over: tuple[str, str] | None = None,
     ) -> Job:
         """Apply the recovery rule to a running job, atomically with reading it; ``requeue``
-        says whether the job's kind re-queues a stalled job with a checkpoint."""
+        says whether the job's kind re-queues a stalled job with a checkpoint. ``took_over``:
+        ``(dead owner, new owner)`` of a node takeover, recorded in the event's data as
+        ``taken_over_from`` and ``taken_over_by``; the job must still be the dead owner's."""
         cause = sanitize_text(cause)
+        extra = None
+        if took_over is not None:
+            extra = {"taken_over_from": took_over[0], "taken_over_by": took_over[1]}
 
         def change(job: Job, now: float) -> ops.Change:
+            if took_over is not None and job.owner != took_over[0]:
+                raise StaleAttemptError(job.id, job.attempt, job.attempt, job.state.value)
             again = requeue is not None and requeue(job)
-            return ops.recover(job, attempt, policy.decide(job, cause, requeue=again), now)
+            return ops.recover(job, attempt, policy.decide(job, cause, requeue=again), now, extra)
 
         return await self._call(lambda: self._actor._change(job_id, change))
 
@@ -1093,6 +1193,9 @@ class StoreClient:
     async def user_head(self, user_id: str) -> int:
         """The ``user_seq`` of the user's latest event (0 if none)."""
         actor = self._actor
+        if actor.backend.assigns_user_seq:
+            # Other writers advance it too: the committed head is the only true one.
+            return await self._read(lambda: actor.backend.user_head(user_id), READ)
         if actor.health.ok:
             return await self._call(lambda: actor._user_head(user_id), READ)
         return await actor._read_committed(lambda: actor.backend.user_head(user_id))
@@ -1103,6 +1206,15 @@ class StoreClient:
         """Events of all the user's jobs with ``user_seq > after_seq``, in order."""
         return await self._read(
             lambda: self._actor.backend.read_user_events(user_id, after_seq, limit), BARRIER
+        )
+
+    async def read_users_events(
+        self, heads: Mapping[str, int], limit: int = 500
+    ) -> dict[str, list[JobEvent]]:
+        """For each user of ``heads`` (user id -> ``user_seq``), its events after that head,
+        in order, at most ``limit`` each; users with none are left out. One request."""
+        return await self._read(
+            lambda: self._actor.backend.read_users_events(heads, limit), BARRIER
         )
 
     async def read_events(

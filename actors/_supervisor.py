@@ -37,6 +37,10 @@ WORKER_GONE = "worker_gone"
 
 log = logging.getLogger("jobspine.supervisor")
 
+#: Seconds: the stall watcher wakes at least this often, and a wake later than planned by
+#: more than this is a freeze of the whole process, whose time no job is charged for.
+FREEZE_GAP = 1.0
+
 
 @attrs.frozen
 class SupervisorConfig:
@@ -108,6 +112,8 @@ class Supervisor:
         # Set while the dispatcher's claim and the launches of what it claimed are under way.
         self._launch_holds: set[trio.Event] = set()
         self._stalls = 0
+        #: Seconds this process was found not running (see :data:`FREEZE_GAP`).
+        self.frozen_seconds = 0.0
         self._recoveries = 0
         self._failures = 0
 
@@ -137,7 +143,16 @@ class Supervisor:
         receive = self._beats_receive
         detector = self.detector
         while True:
-            with trio.move_on_at(min(detector.next_deadline(), self.timeouts.next_deadline())):
+            # Awake at least every FREEZE_GAP: a wake that comes later than planned by more
+            # than that means this process was not running (SIGSTOP, a paused VM): no
+            # heartbeat could arrive meanwhile, so that time does not count against the jobs
+            # (a node paused for less than its lease keeps them; longer, it is taken over).
+            planned = min(
+                detector.next_deadline(),
+                self.timeouts.next_deadline(),
+                trio.current_time() + FREEZE_GAP,
+            )
+            with trio.move_on_at(planned):
                 worker = await receive.receive()
                 while True:
                     last, persist = worker.take_beat()
@@ -150,6 +165,11 @@ class Supervisor:
                     except trio.WouldBlock:
                         break
             now = trio.current_time()
+            late = now - planned
+            if late > FREEZE_GAP:
+                detector.shift(late)
+                self.frozen_seconds += late
+                log.warning("this process did not run for %.1f s: stall deadlines moved", late)
             for job_id in self.timeouts.pop_expired(now):
                 if job_id in self.workers:
                     self._spawn(self._time_out, self.workers[job_id])
@@ -459,6 +479,19 @@ class Supervisor:
             worker.scope.cancel()
         return worker
 
+    def abandon_all(self) -> int:
+        """Drop every attempt this runtime runs, writing nothing: this node lost its lease
+        (:mod:`._nodes`), so another node owns these jobs now (or will take them over). Each
+        handler is cancelled at once (a remote attempt with it); jobs whose outcome the store
+        refused are no longer watched. Returns how many attempts were dropped."""
+        count = len(self.workers) + len(self.orphans)
+        for job_id in list(self.workers):
+            self.kill(job_id, "abandoned: this node lost its lease")
+        for job_id in list(self.orphans):
+            self.detector.unwatch(job_id)
+        self.orphans.clear()
+        return count
+
     # -- recovery -------------------------------------------------------------------------------
 
     async def _recover(self, worker: Worker, cause: str) -> None:
@@ -472,7 +505,7 @@ class Supervisor:
                 )
             else:
                 job = await self.store.recover(
-                    worker.job_id, worker.attempt, self.policy, cause, self._requeues
+                    worker.job_id, worker.attempt, self.policy, cause, self.requeues
                 )
         except StoreError as exc:
             log.warning(
@@ -515,14 +548,14 @@ class Supervisor:
         await self.settled()
         worker = self.kill(job_id, "stall")
         attempt = None if worker is None else worker.attempt
-        job = await self.store.recover(job_id, attempt, self.policy, cause, self._requeues)
+        job = await self.store.recover(job_id, attempt, self.policy, cause, self.requeues)
         self._stalls += 1
         self._count(job)
         if job.state is JobState.CREATED:
             self.capacity_changed()
         return job
 
-    def _requeues(self, job: Job) -> bool:
+    def requeues(self, job: Job) -> bool:
         """Whether a stalled job of this kind with a checkpoint goes back to the queue."""
         return self._options(job.kind).requeue_stalled
 
@@ -536,11 +569,14 @@ class Supervisor:
             orphans=len(self.orphans),
         )
 
-    async def shutdown(self, reason: str = "shutdown") -> None:
-        """Stop every worker with the grace period and record each stopped job as paused."""
+    async def shutdown(self, reason: str = "shutdown", *, hand_back: bool = False) -> None:
+        """Stop every worker with the grace period and record each stopped job as paused;
+        ``hand_back``: re-queued instead (state ``created``, the attempt ended, no attempt
+        counted), for another node to claim at once (:meth:`hand_back`)."""
+        stop = self.hand_back if hand_back else self._stop_and_pause
         async with trio.open_nursery() as nursery:
             for job_id in list(self.workers):
-                nursery.start_soon(self._stop_and_pause, job_id, reason)
+                nursery.start_soon(stop, job_id, reason)
 
     async def _stop_and_pause(self, job_id: str, reason: str) -> None:
         worker = await self.stop(job_id, reason)

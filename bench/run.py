@@ -35,6 +35,7 @@ from transport import Client, ClientError, RoomCursor, mint_token, open_client
 SECRET = "bench-secret-bench-secret-bench-secret"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
+MB = 1024 * 1024
 
 
 def free_port() -> int:
@@ -333,7 +334,14 @@ async def fanout(
 
         cpu_before = served.cpu()
         workers_before = served.workers_cpu()
+        rss_start = rss_peak = served.rss()
         watch = trio.CancelScope()
+
+        async def sample_rss() -> None:
+            nonlocal rss_peak
+            while True:
+                rss_peak = max(rss_peak, served.rss())
+                await trio.sleep(0.1)
 
         async def show() -> None:
             with watch:
@@ -347,10 +355,15 @@ async def fanout(
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(show)
+            nursery.start_soon(sample_rss)
             result = await run_subscribers(spec, workdir, ready)
             watch.cancel()
+            nursery.cancel_scope.cancel()
         cpu = served.cpu() - cpu_before
         workers_cpu = served.workers_cpu() - workers_before
+        await trio.sleep(1)  # what the server keeps once the run is over
+        rss_after = served.rss()
+        rss_peak = max(rss_peak, rss_after)
     total = jobs * events
     # Rooms that never saw their job complete lost everything after their last event.
     missing_rooms = result["rooms_expected"] - result["rooms_done"]
@@ -398,6 +411,17 @@ async def fanout(
             ok=lost == 0,
         ),
         Row(label, "server CPU", cpu / (delivered_span + 1e-9), "cores"),
+        Row(label, "server RSS at start", rss_start / MB, "MB"),
+        Row(
+            label,
+            "server RSS peak",
+            rss_peak / MB,
+            "MB",
+            "",
+            "<= 80 MB",
+            ok=rss_peak <= 80 * MB,
+        ),
+        Row(label, "server RSS after the run", rss_after / MB, "MB"),
         *(
             [Row(label, "worker processes CPU", workers_cpu / (delivered_span + 1e-9), "cores")]
             if worker_processes
@@ -424,23 +448,33 @@ def worker_ratios(rows: list[Row], jobs: int, worker_processes: int) -> list[Row
     return out
 
 
-async def saq_fanout(args: argparse.Namespace, workdir: Path, jobs: int) -> tuple[list[Row], Any]:
+#: The peers run on the fanout workload: module, how its progress reaches the observer.
+PEERS = {"saq": "bench.saq_fanout", "arq": "bench.arq_fanout"}
+#: Goals against each peer: (events/s ratio at least, p99 ratio below).
+PEER_GOALS = {"saq": (4.0, 1.0), "arq": (1.5, 1.0)}
+
+
+async def peer_fanout(
+    args: argparse.Namespace, workdir: Path, jobs: int, peer: str
+) -> tuple[list[Row], Any]:
+    """The fanout workload on ``peer`` (``saq`` or ``arq``, on the local Redis)."""
     per_job_rate = args.rate / jobs
     interval = 1 / per_job_rate
     events = max(2, int(args.duration * per_job_rate))
-    queue = f"jobspine-bench-{os.getpid()}-{jobs}"
+    queue = f"jobspine-bench-{peer}-{os.getpid()}-{jobs}"
     common = ["--jobs", str(jobs), "--queue", queue, "--redis", args.redis]
+    module = PEERS[peer]
     worker = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "bench.saq_fanout", "worker", *common],
+        [sys.executable, "-m", module, "worker", *common],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,  # saq logs its own shutdown noisily
+        stderr=subprocess.DEVNULL,  # the peers log their own shutdown noisily
     )
     try:
         result = await trio.run_process(
             [
                 sys.executable,
                 "-m",
-                "bench.saq_fanout",
+                module,
                 "observe",
                 *common,
                 "--events",
@@ -458,13 +492,42 @@ async def saq_fanout(args: argparse.Namespace, workdir: Path, jobs: int) -> tupl
     data = orjson.loads(result.stdout.decode().strip().splitlines()[-1])
     lat = [1000 * x for x in data["latencies"]]
     span = max(1e-9, data["last"] - data["first"])
-    label = f"saq {jobs}"
+    label = f"{peer} {jobs}"
     return [
         Row(label, "progress updates observed/s", data["deliveries"] / span, "ev/s"),
-        Row(label, "latency p50 update() -> observer", percentile(lat, 0.5), "ms"),
+        Row(label, "latency p50 update -> observer", percentile(lat, 0.5), "ms"),
         Row(label, "latency p99", percentile(lat, 0.99), "ms"),
         Row(label, "updates seen / made", data["deliveries"] / max(1, data["expected"]), ""),
     ], data
+
+
+def peer_ratios(rows: list[Row], peer_rows: list[Row], jobs: int, peer: str) -> list[Row]:
+    """jobspine's fanout figures over ``peer``'s on the same size (none if fanout did not run)."""
+    ours = [r for r in rows if r.scenario == f"fanout {jobs}"]
+    if not ours:
+        return []
+    mine_rate, mine_p99 = ours[0].value, ours[4].value
+    rate_goal, p99_goal = PEER_GOALS[peer]
+    return [
+        Row(
+            f"vs {peer} {jobs}",
+            f"events/s ratio jobspine/{peer}",
+            mine_rate / max(peer_rows[0].value, 1e-9),
+            "x",
+            "",
+            f">= {rate_goal:g}",
+            ok=mine_rate >= rate_goal * peer_rows[0].value,
+        ),
+        Row(
+            f"vs {peer} {jobs}",
+            f"p99 latency ratio jobspine/{peer}",
+            mine_p99 / max(peer_rows[2].value, 1e-9),
+            "x",
+            "",
+            f"< {p99_goal:g}",
+            ok=mine_p99 < p99_goal * peer_rows[2].value,
+        ),
+    ]
 
 
 async def idle_capacity(args: argparse.Namespace, workdir: Path) -> list[Row]:
@@ -673,7 +736,18 @@ def table(rows: list[Row], meta: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-SCENARIOS = ["fanout", "saq", "idle", "checkpoint", "stall", "reconnect", "queue", "retry-storm"]
+SCENARIOS = [
+    "fanout",
+    "saq",
+    "arq",
+    "idle",
+    "checkpoint",
+    "stall",
+    "reconnect",
+    "queue",
+    "retry-storm",
+    "multinode",
+]
 #: Rows whose value counts failures: any but 0 makes the run fail (exit status 1).
 FAILURES = ("events lost", "jobs lost", "jobs with attempts", "backoff outside", "retries started")
 
@@ -692,38 +766,15 @@ async def run(args: argparse.Namespace) -> list[Row]:
                     for processes in args.worker_processes:
                         if processes:
                             rows += worker_ratios(rows, jobs, processes)
-            elif name == "saq":
-                if importlib.util.find_spec("saq") is None:
-                    progress_line("[saq] skipped: saq is not installed (pip install -e '.[bench]')")
+            elif name in PEERS:
+                if importlib.util.find_spec(name) is None:
+                    progress_line(
+                        f"[{name}] skipped: {name} is not installed (pip install -e '.[bench]')"
+                    )
                     continue
-                for jobs in args.saq_jobs:
-                    saq_rows, _ = await saq_fanout(args, workdir, jobs)
-                    rows += saq_rows
-                    ours = [r for r in rows if r.scenario == f"fanout {jobs}"]
-                    if ours:
-                        mine_rate, mine_p99 = ours[0].value, ours[4].value
-                        rows.append(
-                            Row(
-                                f"vs saq {jobs}",
-                                "events/s ratio jobspine/saq",
-                                mine_rate / max(saq_rows[0].value, 1e-9),
-                                "x",
-                                "",
-                                ">= 4",
-                                ok=mine_rate >= 4 * saq_rows[0].value,
-                            )
-                        )
-                        rows.append(
-                            Row(
-                                f"vs saq {jobs}",
-                                "p99 latency ratio jobspine/saq",
-                                mine_p99 / max(saq_rows[2].value, 1e-9),
-                                "x",
-                                "",
-                                "< 1",
-                                ok=mine_p99 < saq_rows[2].value,
-                            )
-                        )
+                for jobs in args.peer_jobs:
+                    peer_rows, _ = await peer_fanout(args, workdir, jobs, name)
+                    rows += peer_rows + peer_ratios(rows, peer_rows, jobs, name)
             elif name == "idle":
                 rows += await idle_capacity(args, workdir)
             elif name == "checkpoint":
@@ -741,6 +792,10 @@ async def run(args: argparse.Namespace) -> list[Row]:
                 from bench.queue import retry_storm
 
                 rows += await retry_storm(args, workdir)
+            elif name == "multinode":
+                from bench.multinode import multinode
+
+                rows += await multinode(args, workdir)
         progress_line("done\n")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -760,7 +815,14 @@ def parser() -> argparse.ArgumentParser:
         help="fanout with handlers in the server (0) and/or in N worker processes, e.g. 0 1 2",
     )
     p.add_argument("--duration", type=float, default=4.0, help="seconds of load per fanout run")
-    p.add_argument("--saq-jobs", type=int, nargs="+", default=[100, 1000])
+    p.add_argument(
+        "--peer-jobs",
+        "--saq-jobs",
+        type=int,
+        nargs="+",
+        default=[100, 1000],
+        help="fanout sizes run on the peers (saq, arq)",
+    )
     p.add_argument("--redis", default="redis://127.0.0.1:6379")
     p.add_argument("--idle-jobs", type=int, default=10_000)
     p.add_argument("--idle-every", type=float, default=5.0)
@@ -789,6 +851,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--retry-timeout", type=float, default=600, help="retry-storm: seconds to wait for all"
     )
+    from bench.multinode import add_arguments
+
+    add_arguments(p)
     p.add_argument("--json", default="bench-results.json", help="where to write every figure")
     p.add_argument(
         "--smoke",
@@ -807,6 +872,9 @@ def main(argv: list[str] | None = None) -> int:
         args.jobs, args.duration, args.rate = [100], 2.0, 2000
         args.queue_jobs, args.queue_capacity, args.queue_hold = 2000, 100, 0.2
         args.queue_latency_jobs, args.retry_jobs, args.retry_timeout = 50, 200, 60
+        from bench.multinode import smoke
+
+        smoke(args)
     rows = trio.run(run, args)
     meta = versions()
     print(table(rows, meta))

@@ -44,3 +44,38 @@ def test_in_process_enqueue_bench_smoke(tmp_path: Path) -> None:
     figures = orjson.loads(out.read_bytes())
     assert figures["latency"]["fast_started"] > 0  # the fast path ran
     assert figures["creates_per_s_keyed"] > 0 and figures["creates_per_s_unkeyed"] > 0
+
+
+def test_multinode_smoke(tmp_path: Path) -> None:
+    """One node always; with the scale-out, 2 nodes, their ratios and the takeover too."""
+    from bench.cluster import cluster_supported
+
+    out = tmp_path / "multinode.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.run",
+            "--smoke",
+            "--scenario",
+            "multinode",
+            "--json",
+            str(out),
+        ],
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {(r["scenario"], r["measure"]): r for r in orjson.loads(out.read_bytes())["rows"]}
+    one = "multinode fanout 1 node"
+    assert rows[(one, "progress events persisted/s")]["value"] > 0
+    assert rows[(one, "events lost / gaps / resets")]["value"] == 0
+    if cluster_supported():
+        assert rows[("multinode fanout 2 nodes", "nodes that ran jobs")]["value"] == 2
+        assert rows[("multinode 2 / 1 nodes", "events/s ratio")]["value"] > 0
+        takeover = "multinode takeover (TTL 5 s)"
+        assert rows[(takeover, "jobs lost (not taken over)")]["value"] == 0
+        assert rows[(takeover, "kill -> takeover event at client p99")]["value"] > 0

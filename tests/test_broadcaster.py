@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from typing import Any
 
 import orjson
 import trio
 
 from actors import (
+    Broadcaster,
     BroadcasterConfig,
     Cursor,
+    EventHub,
     EventType,
     JobContext,
     JobEvent,
@@ -105,3 +108,76 @@ async def test_join_during_a_burst_is_gap_free() -> None:
         seqs = [e["seq"] for e in events]
         assert seqs == list(range(1, len(seqs) + 1))
         assert (await rt.get_job(job.id)).seq == len(seqs)
+
+
+def progress_event(n: int) -> JobEvent:
+    return JobEvent(
+        f"job-{n:020d}", "user-1", n, EventType.PROGRESS, JobState.RUNNING, 1.0,
+        {"progress": n / 7, "step": f"step {n}"}, None, n,
+    )  # fmt: skip
+
+
+async def test_encoded_events_hold_only_their_own_size() -> None:
+    """orjson's output keeps a 4 KiB buffer; what the broadcaster keeps is copied exact."""
+    broadcaster = Broadcaster(None, EventHub())  # type: ignore[arg-type]  # encode only
+    events = [progress_event(n) for n in range(2000)]
+    tracemalloc.start()
+    try:
+        kept = [broadcaster.encode(e) for e in events]
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held / len(kept) < 2 * max(len(data) for data in kept) + 200
+
+
+async def test_backlogs_stay_within_their_byte_budget() -> None:
+    """Backlogs are bounded in bytes: the least recently active rooms go first, and the
+    estimate per entry is an upper bound of what an entry really holds."""
+    budget = 200_000
+    config = BroadcasterConfig(backlog=200, backlog_rooms=2000, backlog_bytes=budget)
+    broadcaster = Broadcaster(None, EventHub(), config)  # type: ignore[arg-type]
+    tracemalloc.start()
+    try:
+        for n in range(5000):
+            broadcaster.publish(progress_event(n))  # one job room (+ the user room) each
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert 0 < broadcaster.backlog_bytes <= budget
+    assert held <= budget + 64 * 1024  # the estimate covers what entries hold
+    rooms = list(broadcaster._backlogs)
+    assert "user:user-1" in rooms  # active at every event: never the least recent
+    assert f"job:job-{4999:020d}" in rooms and f"job:job-{0:020d}" not in rooms
+    # One busy room alone beyond the budget keeps its newest events.
+    alone = Broadcaster(None, EventHub(), BroadcasterConfig(backlog_bytes=10_000))  # type: ignore[arg-type]
+    for n in range(1, 200):
+        alone._remember("job:j", n, progress_event(n), alone.encode(progress_event(n)))
+    kept = [seq for seq, _, _ in alone._backlogs["job:j"]]
+    assert alone.backlog_bytes <= 10_000 and kept == list(range(200 - len(kept), 200))
+
+
+async def test_a_cursor_past_the_evicted_backlog_replays_from_the_log() -> None:
+    async def steps(ctx: JobContext, input: Any) -> Any:
+        for n in range(50):
+            await ctx.progress(n / 50)
+        return None
+
+    async with open_runtime(
+        backend=MemoryBackend(),
+        handlers={"steps": steps},
+        broadcast=BroadcasterConfig(backlog_bytes=4000),  # a few events in all
+    ) as rt:
+        assert rt.broadcaster is not None
+        async with rt.events() as stream:
+            job = await rt.create_job("steps", "u", None)
+            with trio.fail_after(10):
+                async for e in stream:
+                    if e.job_id == job.id and e.type is EventType.COMPLETED:
+                        break
+        await rt.broadcaster.drained()
+        assert rt.broadcaster.backlog_bytes <= 4000
+        outbox = Outbox(rt.broadcaster.config)
+        joined = await rt.broadcaster.join(outbox, f"job:{job.id}", Cursor(rt.epoch, 0))
+        rt.broadcaster.finish_join(outbox, f"job:{job.id}")
+        seqs = [orjson.loads(item)["event"]["seq"] for item in outbox.take(max_bytes=1 << 20)]
+        assert joined.recovered and seqs == list(range(1, joined.head + 1))

@@ -1,4 +1,4 @@
-"""Database files written by the v1 and v2 releases (tests/data) migrate in place to v3: every
+"""Database files written by the v1 and v2 releases (tests/data) migrate in place to v4: every
 job, event and checkpoint survives, and the jobs run afterwards."""
 
 from __future__ import annotations
@@ -87,5 +87,5 @@ async def test_a_release_database_migrates_in_place(tmp_path: Path, version: str
         assert (await wait_for_state(rt, ids["cancelled"])).result == {"done": 5, "from": 0}
     with sqlite3.connect(path) as conn:
         version_now = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'")
-        assert version_now.fetchone()[0] == "3"
+        assert version_now.fetchone()[0] == "4"
     await trio.lowlevel.checkpoint()

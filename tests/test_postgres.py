@@ -8,6 +8,7 @@ import os
 import socket
 from typing import Any
 
+import attrs
 import orjson
 import psycopg
 import pytest
@@ -15,14 +16,14 @@ import trio
 from psycopg import errors
 
 from actors import (
-    DatabaseLockedError,
     EventHub,
     JobState,
+    NodeIdInUseError,
     PostgresBackend,
+    RuntimeConfig,
     StoreActor,
     StoreConfig,
     StoreError,
-    StoreUnavailableError,
     open_runtime,
 )
 from actors._backend import is_outage
@@ -61,30 +62,31 @@ async def test_epoch_persists_and_a_newer_schema_is_refused(pg_url: str) -> None
         assert backend.epoch == epoch
     with psycopg.connect(pg_url, autocommit=True) as conn:
         meta: dict[str, str] = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        assert meta == {"schema_version": "3", "epoch": epoch}
+        assert meta == {"schema_version": "4", "epoch": epoch}
         conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
-    with pytest.raises(StoreError, match="schema v99 is newer than this runtime's v3"):
+    with pytest.raises(StoreError, match="schema v99 is newer than this runtime's v4"):
         async with backend.opened():
             pass  # pragma: no cover
 
 
-async def test_a_second_owner_is_refused_naming_the_first(pg_url: str) -> None:
-    first, second = PostgresBackend(pg_url), PostgresBackend(pg_url)
-    async with first.opened():
-        with pytest.raises(DatabaseLockedError) as info:
-            async with second.opened():
+async def test_nodes_share_a_database_and_a_live_node_id_is_refused(pg_url: str) -> None:
+    """Two runtimes with their own node ids run on one database at once (the single owner's
+    lock is gone); a third with a node id that is alive (here in this very process) is
+    refused with ``node_id_in_use`` naming the holder, having written nothing."""
+    one = RuntimeConfig(node_id="n1", lease_ttl=2, lease_renew_interval=0.2)
+    async with open_runtime(pg_url, config=one) as first:
+        async with open_runtime(pg_url, config=attrs.evolve(one, node_id="n2")) as second:
+            assert second.epoch == first.epoch
+            nodes = await first.store_actor.backend.list_nodes()
+            assert {(n.node_id, n.state) for n in nodes} == {("n1", "alive"), ("n2", "alive")}
+        with pytest.raises(NodeIdInUseError) as info:
+            async with open_runtime(pg_url, config=one):
                 pass  # pragma: no cover
-        refused = info.value
-        assert refused.code == "database_in_use"
-        assert (refused.pid, refused.host) == (os.getpid(), socket.gethostname())
-        assert refused.since is not None
-        assert f"is in use by process {os.getpid()} on" in str(refused)
-        # The refused one closed its connection (its server process ends just after).
-        with trio.fail_after(5):
-            while len(await trio.to_thread.run_sync(pg_sessions, pg_url)) != 1:  # noqa: ASYNC110
-                await trio.sleep(0.01)
-    async with second.opened():  # the lock went with the first one's session
-        assert second.epoch == first.epoch
+        assert info.value.code == "node_id_in_use"
+        assert (info.value.host, info.value.pid) == (socket.gethostname(), os.getpid())
+        assert "node id 'n1' is alive (process" in str(info.value)
+        nodes = await first.store_actor.backend.list_nodes()
+        assert {(n.node_id, n.state) for n in nodes} == {("n1", "alive"), ("n2", "left")}
 
 
 def test_bad_urls_are_refused_at_once() -> None:
@@ -177,32 +179,6 @@ async def test_dropped_connections_are_waited_out_with_nothing_lost(pg_url: str)
             await trio.sleep(0.01)
 
 
-async def test_an_owner_that_came_in_between_stops_every_later_write(pg_url: str) -> None:
-    """The store's connection is dropped; before it connects again, another process owns the
-    database for a while (and may have changed anything). The first store must not write on
-    its stale state: every later write fails as unavailable, saying why, and nothing of it
-    is stored."""
-    actor = StoreActor(PostgresBackend(pg_url), EventHub(), StoreConfig(store_retry_timeout=0.3))
-    store = actor.client()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(actor.run)
-        async with store:
-            job_id = (await store.create("alice", "research", {})).id
-            assert await trio.to_thread.run_sync(terminate_sessions, pg_url) == 1
-            other = PostgresBackend(pg_url)
-            async with other.opened():
-                pass
-            with pytest.raises(StoreUnavailableError, match="while this one was disconnected"):
-                await store.create("alice", "research", {"n": 2})
-            assert "restart this runtime" in (actor.health.reason or "")
-            # A write that reads the job first (a waiting job is not cached) is refused too.
-            with pytest.raises(StoreUnavailableError, match="while this one was disconnected"):
-                await store.start(job_id)
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        rows = conn.execute("SELECT id, state FROM jobs").fetchall()
-    assert rows == [(job_id, "created")]
-
-
 async def test_a_refused_write_fails_only_its_culprit(pg_url: str) -> None:
     """A statement the database refuses (here a trigger, as a constraint would) fails only
     the request that brought it; the rest of its group is committed again without it."""
@@ -261,7 +237,7 @@ async def test_serve_on_postgresql_end_to_end_with_sigkill_recovery(
 ) -> None:
     data = tmp_path / "data"
     port = free_port()
-    store = ("--store", pg_url)
+    store = ("--store", pg_url, "--node-id", "a")
     async with serve_process(data, port, store) as served:
         assert not (data / "jobspine.db").exists()  # the jobs are in PostgreSQL
         async with open_client(served.url, served.token("alice")) as client:
@@ -277,20 +253,23 @@ async def test_serve_on_postgresql_end_to_end_with_sigkill_recovery(
             with trio.fail_after(30):
                 while (await client.get(slow["id"]))["checkpoint_version"] == 0:  # noqa: ASYNC110
                     await trio.sleep(0.1)
-        # A second server on the same database is refused, naming the first.
+        # A second server with the same node id is refused, naming the first.
         second = await trio.run_process(
-            [*COMMAND, "serve", "--store", pg_url, "--port", "0", "--health-port", "0"],
+            [*COMMAND, "serve", *store, "--port", "0", "--health-port", "0"],
             env={**served.env(), "JOBSPINE_DATA": str(tmp_path / "other")},
             capture_stdout=True,
             capture_stderr=True,
             check=False,
         )
         assert second.returncode == 7, second
-        assert f"in use by process {served.process.pid}" in second.stderr.decode()
+        assert f"is alive (process {served.process.pid} on" in second.stderr.decode()
         served.process.kill()
         await served.process.wait()
+    # Restarted at once with its node id: the killed incarnation (its process gone) is
+    # replaced and taken over by the new one before it serves.
     async with serve_process(data, port, store) as served:
-        assert "recovered job" in (data / "serve.log").read_text()
+        assert "replacing incarnation" in (data / "serve.log").read_text()
+        assert "takes over a#" in (data / "serve.log").read_text()
         async with open_client(served.url, served.token("alice")) as client:
             job = await client.get(slow["id"])
             assert (job["state"], job["pause_reason"]) == (JobState.PAUSED.value, "recovery")

@@ -175,7 +175,7 @@ async def test_claims_take_what_the_memory_backend_takes(backend: Backend) -> No
 async def test_concurrent_claimers_on_one_database_claim_each_job_exactly_once(
     pg_url: str, start: bool
 ) -> None:
-    """Four backends on one PostgreSQL database (the owner lock bypassed: ``_shared``), each
+    """Four backends on one PostgreSQL database (nodes share one database), each
     in its own Trio task and worker thread, claim from 3,000 waiting jobs of 6 users, 2 kinds
     and 3 priorities, a few at a time, and start what they claimed, as fast as they can: every
     job is claimed exactly once, by the owner whose result holds it, and no claim goes over its
@@ -193,7 +193,7 @@ async def test_concurrent_claimers_on_one_database_claim_each_job_exactly_once(
     rounds: dict[str, int] = {}
 
     async def claimer(node: str, slots: int) -> None:
-        backend = PostgresBackend(pg_url, _shared=True)
+        backend = PostgresBackend(pg_url)
         async with backend.opened():
             rounds[node] = 0
             while sum(map(len, claimed.values())) < total:
@@ -235,7 +235,7 @@ async def test_a_v2_database_of_the_release_before_the_queue_migrates_in_place(
 ) -> None:
     """``tests/data/v2_postgres.sql``: a database written by the release before the queue
     (``make_legacy_pg.py``, run with that release's code), dumped. Opened by this runtime it
-    migrates to v3 in place: every job and event is still there, the epoch is the same, and
+    migrates to v4 in place: every job and event is still there, the epoch is the same, and
     the job that waited is in the queue (claimable, counted) under the new indexes."""
     ids: dict[str, str] = json.loads((DATA / "v2_postgres.ids.json").read_text())
     with psycopg.connect(pg_url, autocommit=True) as conn:
@@ -281,7 +281,7 @@ async def test_a_v2_database_of_the_release_before_the_queue_migrates_in_place(
                 "SELECT indexname FROM pg_indexes WHERE tablename = 'jobs'"
             ).fetchall()
         }
-    assert meta == {"schema_version": "3", "epoch": epoch}
+    assert meta == {"schema_version": "4", "epoch": epoch}
     assert after_events == before_events
     assert {
         "jobs_waiting",
@@ -334,7 +334,9 @@ async def test_the_queue_through_a_runtime_on_postgresql(pg_url: str) -> None:
             job.id: [e for e in await rt.read_events(job.id) if e.type is EventType.STARTED]
             for job in [*plain, urgent, delayed, retried]
         }
-        assert all(e.data["owner"] == "pg-node" for found in starts.values() for e in found)
+        owner = rt.node.owner
+        assert owner is not None and owner.startswith("pg-node#")
+        assert all(e.data["owner"] == owner for found in starts.values() for e in found)
         # No plain job that was still waiting when the urgent one came started before it.
         urgent_start = starts[urgent.id][0].at
         assert all(

@@ -364,7 +364,10 @@ async def test_queue_events_reach_clients(tmp_path: Path) -> None:
         ]  # fmt: skip
         created, first, retrying, second, failed = seen
         assert created.data["max_attempts"] == 2
-        assert first.data == {"attempt": 1, "owner": "node-a", "resumed_from_checkpoint": None}
+        # The owner is the node's incarnation: "<node id>#<incarnation>".
+        owner = first.data.pop("owner")
+        assert owner.startswith("node-a#") and len(owner) > len("node-a#")
+        assert first.data == {"attempt": 1, "resumed_from_checkpoint": None}
         assert retrying.state == "created" and retrying.actor == "system"
         data = retrying.data
         assert data["error"] == {"type": "RuntimeError", "message": "attempt 1 fails"}

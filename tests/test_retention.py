@@ -369,8 +369,8 @@ def _v1_database(path: Path) -> None:
 
 async def test_a_v1_database_is_migrated(tmp_path: Path) -> None:
     path = tmp_path / "v1.db"
-    # Write jobs with the v1 schema: open at the current version, then strip what v3 and v2
-    # added (tests/test_migration.py opens files the v1 and v2 releases wrote).
+    # Write jobs with the v1 schema: open at the current version, then strip what v4, v3 and
+    # v2 added (tests/test_migration.py opens files the v1 and v2 releases wrote).
     async with open_store(SqliteBackend(path)) as store:
         done = await finished_job(store, "alice")
         running = (await store.create("alice", "research", {"query": "q"})).id
@@ -380,6 +380,7 @@ async def test_a_v1_database_is_migrated(tmp_path: Path) -> None:
 
     def downgrade() -> None:
         with sqlite3.connect(path) as conn:
+            conn.execute("DROP TABLE nodes")
             for index in ("waiting", "scheduled", "children", "keys", "owned"):
                 conn.execute(f"DROP INDEX jobs_{index}")
             conn.execute("DROP TABLE job_tags")
@@ -412,7 +413,7 @@ async def test_a_v1_database_is_migrated(tmp_path: Path) -> None:
             return str(conn.execute("SELECT value FROM meta WHERE key = 'schema_version'")
                        .fetchone()[0])  # fmt: skip
 
-    assert await trio.to_thread.run_sync(version) == "3"
+    assert await trio.to_thread.run_sync(version) == "4"
 
 
 # -- a long synthetic load ----------------------------------------------------------------------

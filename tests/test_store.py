@@ -100,6 +100,13 @@ async def test_user_sequences_are_gapless_across_jobs(backend: Backend) -> None:
         assert [e.user_seq for e in alice] == list(range(1, 25))
         assert await store.read_user_events("alice") == alice
         assert await store.read_user_events("alice", after_seq=20, limit=2) == alice[20:22]
+        bob = [e for e in published if e.user_id == "bob"]
+        # Many users in one request (the cluster fan-out's fills and polls).
+        assert await store.read_users_events({"alice": 20, "bob": 0, "nobody": 0}, 3) == {
+            "alice": alice[20:23],
+            "bob": bob[:3],
+        }
+        assert await store.read_users_events({"alice": 24}) == {}
         assert await store.user_head("alice") == 24
         assert await store.user_head("bob") == 22
         assert await store.user_head("nobody") == 0
@@ -317,11 +324,11 @@ async def test_sqlite_epoch_and_schema(tmp_path: Path) -> None:
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             return dict(rows)
 
-    assert (await trio.to_thread.run_sync(meta))["schema_version"] == "3"
+    assert (await trio.to_thread.run_sync(meta))["schema_version"] == "4"
     with pytest.raises(BaseExceptionGroup) as info:
         async with open_store(SqliteBackend(path)):
             pass  # pragma: no cover
-    assert info.group_contains(StoreError, match="schema v99 is newer than this runtime's v3")
+    assert info.group_contains(StoreError, match="schema v99 is newer than this runtime's v4")
 
 
 async def test_set_state_takes_the_one_operation_that_leads_there(backend: Backend) -> None:

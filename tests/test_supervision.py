@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from actors import EventType, JobContext, JobEvent, JobState
 
@@ -145,3 +146,27 @@ async def test_a_stalled_zombie_cannot_write(autojump_clock: trio.abc.Clock) -> 
         final = await rt.get_job(job.id)
         assert final.state is JobState.FAILED and final.progress == 0
         assert wrote and "rejected" in str(wrote[0])
+
+
+async def test_a_frozen_process_charges_no_job_for_the_time_it_did_not_run(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The whole process stops running for 50 s (SIGSTOP, a paused VM: the clock jumps with
+    no task running) while a job heartbeats every 10 s against a 30 s timeout: it is not
+    stalled, and a job that really stops heartbeating is still stalled 30 s after its last
+    heartbeat, not counting the freeze."""
+    async with memory_runtime(HANDLERS, heartbeat_timeout=30) as rt, rt.events() as stream:
+        alive = await rt.create_job("hang", "alice", {"beats": 12, "every": 10, "finish": True})
+        await trio.sleep(5)
+        quiet = await rt.create_job("hang", "bob", {"checkpoint": True})  # never beats
+        await trio.sleep(5)
+        autojump_clock.jump(50)  # nothing ran meanwhile
+        resumed = trio.current_time()
+        event = await next_event(stream, quiet.id, EventType.RECOVERY, EventType.FAILED)
+        # Created 5 s before the freeze: 25 s of its timeout remained when it ended.
+        assert trio.current_time() - resumed == pytest.approx(25.0, abs=1.01)
+        done = await wait_for_state(rt, alive.id, timeout=1000)
+        assert done.state is JobState.COMPLETED, done
+        assert rt.status().stalls_detected == 1
+        assert event.type is EventType.RECOVERY
+        assert rt.supervisor.frozen_seconds >= 49

@@ -17,6 +17,7 @@ import trio
 from actors import (
     DEMO_HANDLERS,
     BroadcasterConfig,
+    FanoutConfig,
     Handler,
     JobspineError,
     Runtime,
@@ -59,10 +60,12 @@ async def open_server(
     runtime_config: RuntimeConfig | None = None,
     broadcast: BroadcasterConfig | None = None,
     health_port: int | None = None,
+    fanout: FanoutConfig | None = None,
 ) -> AsyncIterator[RunningServer]:
     """Serve jobspine until the block exits; then shut down gracefully: stop accepting,
     checkpoint-pause running jobs (their events still reach connected clients), close every
-    socket with 1001, flush the store.
+    socket with 1001, flush the store. With ``fanout`` (cluster mode), clients get every
+    node's events through Redis (see :class:`~actors.FanoutConfig`).
 
     Startup binds both ports before it opens the database, so a refusal changes nothing
     stored: :class:`PortUnavailableError` (a port in use or not bindable),
@@ -82,6 +85,7 @@ async def open_server(
             handlers=handlers,
             config=runtime_config,
             broadcast=broadcast or BroadcasterConfig(),
+            fanout=fanout,
         ) as runtime:
             server = Server(runtime, config)
             async with _unwrapped(), trio.open_nursery() as nursery:
@@ -96,7 +100,15 @@ async def open_server(
                 finally:
                     with trio.move_on_after(runtime_config.shutdown_timeout, shield=True):
                         server.stop_accepting()
-                        await runtime.supervisor.shutdown()
+                        dispatcher = runtime.dispatcher
+                        if dispatcher is not None:
+                            # No claim may take back what the shutdown hands back.
+                            dispatcher.close()
+                            await dispatcher.stopped.wait()
+                        # A shared database's other nodes take the running jobs at once.
+                        await runtime.supervisor.shutdown(
+                            hand_back=runtime.store_actor.backend.shared
+                        )
                         await runtime.broadcaster.drained()  # type: ignore[union-attr]
                         await server.close_all()
                     nursery.cancel_scope.cancel()
@@ -155,7 +167,23 @@ def _routes(running: RunningServer) -> dict[str, Any]:
         if not health.ok:
             # Reads and subscriptions are still served; writes wait or fail.
             return 503, {"status": "store unavailable", "reason": health.reason}
-        return 200, {"status": "ready", "epoch": running.runtime.epoch}
+        node = running.runtime.node
+        if not node.healthy:
+            # Fenced or lapsed: its jobs were abandoned; it registers again by itself.
+            return 503, {"status": "node lease lapsed", "node": node.node_id}
+        body: dict[str, Any] = {
+            "status": "ready",
+            "epoch": running.runtime.epoch,
+            "node": node.node_id,
+        }
+        fanout = running.runtime.fanout
+        if fanout is not None:
+            redis = fanout.health
+            # Redis down: still serving (events come from the log, later), so still ready.
+            if not redis.ok:
+                body["status"] = "ready, redis unavailable"
+            body["redis"] = {"ok": redis.ok, "reason": redis.reason, "outages": redis.outages}
+        return 200, body
 
     # Imported here, once the websocket port listens: prometheus-client takes a while to load.
     from ._metrics import CONTENT_TYPE, metrics_registry, render
@@ -182,6 +210,14 @@ def _routes(running: RunningServer) -> dict[str, Any]:
             },
             "connections": len(running.server.connections),
             "epoch": runtime.epoch,
+            "node": {
+                "id": runtime.node.node_id,
+                "owner": runtime.node.owner,
+                "lease_age": runtime.node.lease_age(),
+                "healthy": runtime.node.healthy,
+                "takeovers": runtime.node.takeovers,
+                "fenced": runtime.node.fenced,
+            },
         }
 
     return {

@@ -24,13 +24,16 @@ import trio
 from actors import (
     DEMO_HANDLERS,
     DatabaseLockedError,
+    FanoutConfig,
     InvalidInputError,
     JobspineError,
+    NodeIdInUseError,
     RuntimeConfig,
     StoreError,
 )
 from actors._backend import POSTGRES_URL_SCHEMES
 from actors._errors import unwrap_group
+from actors._fanout import redact_redis_url
 from actors._retention import DAY
 
 from ._app import PortUnavailableError, open_server
@@ -49,6 +52,7 @@ from ._display import StdoutClosedError, write, write_json
 from ._exit import EXIT_HELP, CLIError, ExitCode
 from ._local_workers import PARENT_PIPE_ENV, LocalWorkers
 from ._logging import LOG_FORMATS, configure_logging
+from ._nodes_cmd import run_nodes
 from ._server import ServerConfig
 from ._ui import run_ui
 from ._worker_process import WorkerFatalError, WorkerProcess
@@ -108,7 +112,7 @@ def run_serve(args: argparse.Namespace) -> int:
             if leaf is group:
                 raise
             raise leaf from None
-    except DatabaseLockedError as exc:
+    except (DatabaseLockedError, NodeIdInUseError) as exc:
         raise CLIError(ExitCode.DATABASE_IN_USE, str(exc)) from None
     except PortUnavailableError as exc:
         raise CLIError(ExitCode.PORT_UNAVAILABLE, str(exc)) from None
@@ -156,6 +160,7 @@ async def serve(args: argparse.Namespace) -> int:
                 handlers=handlers,
                 runtime_config=runtime_config,
                 health_port=args.health_port,
+                fanout=FanoutConfig(args.redis, secret=secret) if args.redis else None,
             ) as running:
                 if generated:
                     save_development_secret(db, secret)
@@ -414,6 +419,7 @@ def _client_options(*, worker: bool = False) -> _Parser:
 def _server_options(p: argparse.ArgumentParser) -> None:
     _add(p, "db", metavar="FILE")
     _add(p, "store", metavar="URL")
+    _add(p, "redis", metavar="URL")
     _add(p, "host")
     _add(p, "port")
     _add(p, "health_port")
@@ -426,6 +432,9 @@ def _server_options(p: argparse.ArgumentParser) -> None:
     _add(p, "concurrency", metavar="N")
     _add(p, "retention_days", metavar="DAYS")
     _add(p, "retention_max_per_kind", metavar="COUNT")
+    _add(p, "node_id", metavar="NAME")
+    _add(p, "lease_ttl", metavar="SECONDS")
+    _add(p, "lease_renew_interval", metavar="SECONDS")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -481,6 +490,14 @@ def parser() -> argparse.ArgumentParser:
     token_p.add_argument(
         "--ttl", type=float, default=24 * 3600, help="lifetime in seconds (default: 86400)"
     )
+
+    nodes_p = command(
+        "nodes",
+        "list the database's nodes: state, lease age, running jobs (read from --store or --db)",
+        clients=False,
+    )
+    _add(nodes_p, "db", metavar="FILE")
+    _add(nodes_p, "store", metavar="URL")
 
     config_p = command("config", "show every setting, its value and its source")
     _server_options(config_p)
@@ -599,6 +616,8 @@ def show_config(args: argparse.Namespace, settings: dict[str, Resolved]) -> int:
             if s.name in hidden and settings[s.name].value
             else _shown_store(settings[s.name].value)
             if s.name == "store" and settings[s.name].value
+            else redact_redis_url(settings[s.name].value)
+            if s.name == "redis" and settings[s.name].value
             else settings[s.name].value,
             "source": settings[s.name].source,
             "env": s.env,
@@ -647,6 +666,8 @@ def _run(argv: list[str]) -> int:
         return ExitCode.OK
     if args.command == "config":
         return show_config(args, settings)
+    if args.command == "nodes":
+        return run_nodes(args)
     if args.command == "ui":
         return run_ui(args)
     return trio.run(run_client_command, args)

@@ -34,6 +34,7 @@ import platformdirs
 
 from actors import RetentionPolicy, RetentionRule, RuntimeConfig
 from actors._backend import POSTGRES_URL_SCHEMES
+from actors._fanout import redact_redis_url
 from actors._retention import DAY
 
 from ._exit import CLIError, ExitCode
@@ -159,6 +160,18 @@ def _store_url(value: str) -> str | None:
     return None
 
 
+def _node_id(value: str) -> str | None:
+    if not value or len(value) > 200 or not value.isprintable() or "#" in value:
+        return "must be 1-200 printable characters without '#'"
+    return None
+
+
+def _redis_url(value: str) -> str | None:
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        return f"expected a redis://HOST:PORT/DB URL, not {redact_redis_url(value)!r}"
+    return None
+
+
 def _db_default(env: Mapping[str, str]) -> str:
     """$JOBSPINE_DATA/jobspine.db, JOBSPINE_DATA defaulting to ~/.local/share/jobspine"""
     return str(default_data_dir(env) / "jobspine.db")
@@ -183,6 +196,9 @@ _EXPLICIT: tuple[Setting, ...] = (
     Setting("store", "server", str, None, "PostgreSQL database instead of the SQLite file: "
             "postgresql://USER@HOST:PORT/DBNAME (the database must exist)", "--store",
             "JOBSPINE_STORE", _store_url),
+    Setting("redis", "server", str, None, "Redis for the cluster fan-out (several nodes on one "
+            "PostgreSQL database): redis://HOST:PORT/DB", "--redis", "JOBSPINE_REDIS",
+            _redis_url),
     Setting("secret", "server", str, None, "token signing secret (default: a development "
             "secret generated beside the database)", None, "JOBSPINE_SECRET"),
     Setting("host", "server", str, "127.0.0.1", "interface to listen on", "--host",
@@ -208,6 +224,16 @@ _EXPLICIT: tuple[Setting, ...] = (
     Setting("stop_grace", "runtime", float, 5.0,
             "seconds a job gets to checkpoint when asked to stop", "--stop-grace",
             "JOBSPINE_STOP_GRACE", _NON_NEGATIVE),
+    Setting("node_id", "runtime", str, None,
+            "this node's id in the database's nodes table (default: a new random id at each "
+            "start); one live node per id", "--node-id", "JOBSPINE_NODE_ID", _node_id),
+    Setting("lease_ttl", "runtime", float, 5.0,
+            "seconds this node's lease (and its claims) hold unrenewed; on PostgreSQL a node "
+            "silent this long is taken over by another", "--lease-ttl", "JOBSPINE_LEASE_TTL",
+            _POSITIVE),
+    Setting("lease_renew_interval", "runtime", float, 1.0,
+            "seconds between two renewals of the lease (shorter than --lease-ttl)",
+            "--lease-renew-interval", "JOBSPINE_LEASE_RENEW_INTERVAL", _POSITIVE),
     Setting("retention_days", "runtime", float, 7.0,
             "days a finished job (completed, failed, cancelled) and its events are kept "
             "(inf: no age limit)", "--retention-days", "JOBSPINE_RETENTION_DAYS", _days),
@@ -238,8 +264,8 @@ def _field_settings(cls: type, section: str, taken: set[str]) -> list[Setting]:
 
 
 # ``retention`` is built from the retention_* settings (:func:`retention_policy`); the queue's
-# mappings and node id are not config-file scalars: given by the embedding API.
-_TAKEN = {s.name for s in _EXPLICIT} | {"retention", "kinds", "max_running_per_kind", "node_id"}
+# mappings are not config-file scalars: given by the embedding API.
+_TAKEN = {s.name for s in _EXPLICIT} | {"retention", "kinds", "max_running_per_kind"}
 #: Every setting, explicit ones first; request_burst defaults to twice request_rate.
 SETTINGS: tuple[Setting, ...] = (
     *_EXPLICIT,

@@ -52,3 +52,7 @@ def configure_logging(level: str, log_format: str = "text") -> None:
     formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
     handler.setFormatter(formatter)
     logging.basicConfig(level=level.upper(), handlers=[handler])
+    if level.upper() != "DEBUG":
+        # coredis logs every retry of a lost Redis connection at INFO (30 lines a second while
+        # Redis is down); the fan-out reports the outage itself, once, with its reason.
+        logging.getLogger("coredis").setLevel(logging.WARNING)

@@ -8,6 +8,7 @@ path only ever increments ints.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -26,6 +27,8 @@ from prometheus_client.registry import Collector
 from actors import EventType, JobState
 
 if TYPE_CHECKING:
+    from actors import Fanout
+
     from ._app import RunningServer
 
 __all__ = ["CONTENT_TYPE", "metrics_registry", "render"]
@@ -53,6 +56,26 @@ class ServerCollector(Collector):
         info = InfoMetricFamily("jobspine", "The serving process: its database epoch.")
         info.add_metric([], {"epoch": runtime.epoch})
         yield info
+        node = runtime.node
+        node_info = InfoMetricFamily(
+            "jobspine_node", "This node: its id and current incarnation (the claim owner)."
+        )
+        node_info.add_metric([], {"node": node.node_id, "owner": node.owner or ""})
+        yield node_info
+        age = node.lease_age()
+        yield GaugeMetricFamily(
+            "jobspine_node_lease_age_seconds",
+            "Seconds since this node's lease was last renewed (NaN before registration).",
+            value=math.nan if age is None else age,
+        )
+        yield CounterMetricFamily(
+            "jobspine_node_takeovers", "Dead nodes this node took over.", value=node.takeovers
+        )
+        yield CounterMetricFamily(
+            "jobspine_node_fenced",
+            "Times this node lost its lease and abandoned its running jobs.",
+            value=node.fenced,
+        )
         yield GaugeMetricFamily(
             "jobspine_start_time_seconds",
             "When the server started, seconds since the Unix epoch.",
@@ -148,6 +171,35 @@ class ServerCollector(Collector):
             "Times a connection fell too far behind and was told to resubscribe.",
             value=closed.lagged + sum(outbox.lagged for outbox in live),
         )
+        if runtime.fanout is not None:
+            yield from _fanout_metrics(runtime.fanout)
+
+
+def _fanout_metrics(fanout: Fanout) -> Iterator[Metric]:
+    """The cluster fan-out (only with ``--redis``)."""
+    stats, order = fanout.stats, fanout.sequencer.stats
+    yield GaugeMetricFamily(
+        "jobspine_redis_up",
+        "1 while events are pushed through Redis; 0 while the log is polled instead.",
+        value=int(fanout.health.ok),
+    )
+    for name, help, value in (
+        ("redis_outages", "Times Redis became unavailable.", fanout.health.outages),
+        ("fanout_published_events", "This node's events published to Redis.",
+         stats.published_events),
+        ("fanout_publish_dropped", "Commit groups not published (outbox full, Redis down);"
+         " other nodes fill them from the log.", stats.publish_dropped),
+        ("fanout_received_events", "Other nodes' events received from Redis.",
+         stats.received),
+        ("fanout_filled_events", "Events delivered from the log (gap fills, polling).",
+         order.filled),
+        ("fanout_duplicates", "Events dropped as already delivered.", order.duplicates),
+        ("fanout_gaps", "Times an event arrived ahead of its predecessor.", order.gaps),
+        ("fanout_fill_reads", "Reads of the log to fill gaps or poll.", stats.fill_reads),
+        ("fanout_forged", "Messages on the channel whose signature did not verify: dropped.",
+         stats.forged),
+    ):  # fmt: skip
+        yield CounterMetricFamily(f"jobspine_{name}", help, value=value)
 
 
 def _le(bound: float) -> str:

@@ -1,0 +1,460 @@
+"""The fan-out actor: every node delivers every event of the rooms its clients joined, whoever
+committed it, through Redis pub/sub with the durable log as the truth.
+
+Several nodes share one database; each one's :class:`~._events.EventHub` only sees its own
+commits. With a :class:`FanoutConfig`, the node's :class:`Fanout`
+
+- **publishes** each commit group of its own events (one ``PUBLISH`` per group, never one per
+  event) on the channel ``<prefix>:<epoch>:events``, from a bounded outbox drained by a
+  publisher task: the store and the broadcaster never wait for Redis. A group that does not
+  fit, or that Redis refuses, is dropped, and its users' highest ``user_seq`` is announced
+  with the next message (or the next ``PING`` round): the other nodes fill it from the log,
+  even when no later event of the user would reveal the gap.
+- **orders** what reaches it (its own commits, the channel, fills) with a
+  :class:`~._sequencer.Sequencer` per tracked user and hands the broadcaster each event once,
+  in ``user_seq`` order (:attr:`Fanout.deliver`). A gap that persists ``gap_wait`` seconds
+  (20-50 ms: pub/sub reorders nothing, so a gap that long is a drop) is filled from the log,
+  one store request for every user due.
+- **falls back** to polling the log for every tracked user each ``poll_interval`` while Redis
+  is down (a subscription or command failed, or the periodic ``PING`` did): slower, nothing
+  lost. When the subscription is back, every tracked user is filled once, then push resumes.
+  :attr:`Fanout.health` says which, and why (``/readyz``).
+
+Redis errors never reach a store write, a client or a job: they only change the health.
+coredis runs natively on Trio (its I/O goes through anyio), so no thread or asyncio loop is
+involved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import orjson
+import trio
+
+from ._codec import converter
+from ._errors import InvalidInputError, JobspineError, leaves
+from ._events import EventHub, EventStreamLagged, JobEvent
+from ._sequencer import Sequencer
+from ._store import StoreClient
+
+if TYPE_CHECKING:
+    import coredis
+
+__all__ = ["Fanout", "FanoutConfig", "FanoutStats", "RedisHealth"]
+
+log = logging.getLogger("jobspine.fanout")
+
+
+@attrs.frozen
+class FanoutConfig:
+    """Cluster fan-out settings. ``redis``: ``redis://[:password@]host:port/db`` (or
+    ``rediss://``); refused with :class:`InvalidInputError` if it is no such URL."""
+
+    redis: str
+    #: Seconds an out-of-order event is held before its gap is filled from the log.
+    gap_wait: float = 0.03
+    #: Seconds between two reads of the log for every tracked user while Redis is down.
+    poll_interval: float = 0.2
+    #: Seconds between two ``PING``s, and how long one (or a ``PUBLISH``) may take.
+    ping_interval: float = 1.0
+    redis_timeout: float = 2.0
+    #: Seconds between two attempts to subscribe while Redis is down.
+    reconnect_delay: float = 0.5
+    #: Commit groups waiting for their ``PUBLISH`` at most (more are dropped: filled).
+    outbox: int = 1000
+    #: Events held per user while a gap is open, and read per user by one fill.
+    max_held: int = 1000
+    fill_limit: int = 500
+    #: Channel name prefix: ``<prefix>:<epoch>:events``.
+    prefix: str = "jobspine"
+    #: The secret the nodes share (``jobspine serve`` passes its token secret): every message
+    #: is signed with a key derived from it (HMAC-SHA256), and a message whose signature does
+    #: not verify is dropped, so that whoever else can publish on the Redis channel cannot
+    #: deliver events to clients. None: messages unsigned (every node must agree).
+    secret: str | None = attrs.field(default=None, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.redis, str) or not self.redis.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise InvalidInputError(
+                f"redis must be a redis://host:port/db URL, not {redact_redis_url(self.redis)!r}"
+            )
+        for name in ("gap_wait", "poll_interval", "ping_interval", "redis_timeout",
+                     "reconnect_delay"):  # fmt: skip
+            seconds = getattr(self, name)
+            if (
+                isinstance(seconds, bool)
+                or not isinstance(seconds, int | float)
+                or not (0 < seconds < float("inf"))
+            ):
+                raise InvalidInputError(f"{name} must be a positive number of seconds")
+        for name in ("outbox", "max_held", "fill_limit"):
+            count = getattr(self, name)
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise InvalidInputError(f"{name} must be an integer >= 1, not {count!r}")
+
+
+def redact_redis_url(url: str) -> str:
+    """``url`` with its password (``redis://user:PASSWORD@host``) replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in credentials:
+        return url
+    user = credentials.partition(":")[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+@attrs.frozen
+class RedisHealth:
+    """Whether events arrive pushed from Redis (``ok``); if not why (``reason``), since when
+    (Unix seconds), and how many outages so far."""
+
+    ok: bool = False
+    reason: str | None = "not connected yet"
+    since: float | None = None
+    outages: int = 0
+
+
+#: Length of a message's signature (hex SHA-256) before its body.
+_MAC_LENGTH = 64
+#: Seconds between two warnings about forged messages (a flood logs one line a minute).
+FORGED_LOG_INTERVAL = 60.0
+
+
+@attrs.define
+class FanoutStats:
+    #: Commit groups and events published to Redis.
+    published_groups: int = 0
+    published_events: int = 0
+    #: Commit groups not published (outbox full or Redis failed): their events are filled.
+    publish_dropped: int = 0
+    #: Other nodes' events received from Redis (this node's own are skipped unread).
+    received: int = 0
+    #: Messages on the channel that were not jobspine event groups.
+    malformed: int = 0
+    #: Messages whose signature did not verify (see :attr:`FanoutConfig.secret`): dropped.
+    forged: int = 0
+    #: Store reads made to fill gaps or to poll (one per round, for many users).
+    fill_reads: int = 0
+
+
+class Fanout:
+    """See the module docstring. ``deliver`` is called with events in order, once each (the
+    broadcaster's :meth:`~._broadcaster.Broadcaster.publish_all`); set it before :meth:`run`."""
+
+    def __init__(
+        self, store: StoreClient, hub: EventHub, config: FanoutConfig, node_id: str
+    ) -> None:
+        self.store = store
+        self.hub = hub
+        self.config = config
+        self.node_id = node_id
+        # The signing key: derived from the shared secret, never the token key itself.
+        self._key = (
+            None
+            if config.secret is None
+            else hashlib.sha256(b"jobspine fan-out\0" + config.secret.encode()).digest()
+        )
+        self._forged_logged_at = -math.inf
+        self.sequencer = Sequencer(
+            gap_wait=config.gap_wait, max_held=config.max_held, fill_limit=config.fill_limit
+        )
+        self.stats = FanoutStats()
+        self.health = RedisHealth()
+        self.deliver: Callable[[list[JobEvent]], None] = lambda events: None
+        self._subscribed = False
+        self._wake = trio.Event()
+        self._idle = trio.Event()
+        self._local_pending: Callable[[], int] = lambda: 0
+        #: Tests only: this node's commit groups are not published (as if pub/sub dropped them).
+        self.skip_publish = False
+        #: user id -> the highest ``user_seq`` of this node's events not published.
+        self._unannounced: dict[str, int] = {}
+        #: Set once :meth:`run` has ended.
+        self.closed = trio.Event()
+        send, receive = trio.open_memory_channel[list[JobEvent]](config.outbox)
+        self._outbox_send, self._outbox_receive = send, receive
+
+    @property
+    def channel(self) -> str:
+        return f"{self.config.prefix}:{self.store.epoch}:events"
+
+    # -- tracking (the broadcaster's joins and leaves) ------------------------------------------
+
+    def watch(self, user_id: str) -> None:
+        self.sequencer.watch(user_id)
+
+    def started(self, user_id: str) -> bool:
+        return self.sequencer.head(user_id) is not None
+
+    def start(self, user_id: str, head: int) -> None:
+        """Deliver ``user_id``'s events after ``head``; the log is read once right away, in
+        case ``head`` (this node's count) is behind other nodes' commits."""
+        if not self.started(user_id):
+            self.deliver(self.sequencer.start(user_id, head, trio.current_time()))
+            self.sequencer.mark_behind([user_id])
+            self._wake.set()
+
+    def unwatch(self, user_id: str) -> None:
+        self.sequencer.unwatch(user_id)
+
+    # -- health ---------------------------------------------------------------------------------
+
+    def _down(self, reason: str) -> None:
+        if self.health.ok or self.health.since is None:  # up, or never connected yet
+            log.warning("redis unavailable, polling the event log instead: %s", reason)
+            self.health = RedisHealth(False, reason, time.time(), self.health.outages + 1)
+        elif self.health.reason != reason:
+            self.health = attrs.evolve(self.health, reason=reason)
+        self._wake.set()
+
+    def _up(self) -> None:
+        if not self.health.ok and self._subscribed:
+            if self.health.since is not None:
+                log.warning("redis is back: events are pushed again")
+            self.health = RedisHealth(True, None, None, self.health.outages)
+            # Whatever was published while this node was not subscribed: filled once.
+            self.sequencer.mark_behind()
+            self._wake.set()
+
+    # -- the actor ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[Fanout] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until the hub closes (the runtime's shutdown); then publish what is queued
+        (for ``redis_timeout`` seconds at most) and stop."""
+        import coredis  # here: it takes most of a second to import, and only a cluster needs it
+
+        client: coredis.Redis[bytes] = coredis.Redis.from_url(
+            self.config.redis, decode_responses=False
+        )
+        try:
+            async with self.store, client, self._outbox_receive, trio.open_nursery() as nursery:
+                publishing = trio.CancelScope()
+                await nursery.start(self._local, publishing)
+                nursery.start_soon(self._publisher, client, publishing, nursery.cancel_scope)
+                nursery.start_soon(self._subscriber, client)
+                nursery.start_soon(self._pinger, client)
+                nursery.start_soon(self._filler)
+                task_status.started(self)
+        finally:
+            self.closed.set()
+
+    async def drained(self) -> None:
+        """Return once this node's committed events so far have been delivered."""
+        while self._local_pending():
+            self._idle = trio.Event()
+            await self._idle.wait()
+
+    async def _local(
+        self,
+        publishing: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """This node's commits: delivered at once (no round trip) and queued for publishing.
+        Once the hub closes, the publisher gets ``redis_timeout`` to send what is queued."""
+        started = False
+        try:
+            while True:
+                async with self.hub.subscribe(buffer=1_000_000) as stream:
+                    self._local_pending = stream.pending
+                    if not started:
+                        task_status.started()
+                        started = True
+                    try:
+                        async for event in stream:
+                            # A commit's events arrive together: one group, one PUBLISH.
+                            group = [event]
+                            while stream.pending():
+                                group.append(stream.receive_nowait())
+                            self._commit_group(group)
+                    except EventStreamLagged:
+                        log.error("fan-out fell behind the store; filling from the log")
+                        self.sequencer.mark_behind()
+                        self._wake.set()
+                        continue
+                    return
+        finally:
+            self._outbox_send.close()
+            publishing.deadline = trio.current_time() + self.config.redis_timeout
+
+    def _commit_group(self, group: list[JobEvent]) -> None:
+        self.deliver(self.sequencer.offer(group, trio.current_time()))
+        if self.skip_publish:
+            self._unpublished(group)
+        else:
+            try:
+                self._outbox_send.send_nowait(group)
+            except trio.WouldBlock:
+                self._unpublished(group)
+        self._idle.set()
+        self._wake.set()
+
+    def _unpublished(self, group: list[JobEvent]) -> None:
+        self.stats.publish_dropped += 1
+        for event in group:
+            if event.user_seq > self._unannounced.get(event.user_id, 0):
+                self._unannounced[event.user_id] = event.user_seq
+
+    async def _send(self, client: coredis.Redis[bytes], group: list[JobEvent]) -> bool:
+        """Publish ``group`` (may be empty) with the heads not announced yet; False if Redis
+        failed (the group then joins what is announced next)."""
+        heads, self._unannounced = self._unannounced, {}
+        message = self._sign(
+            orjson.dumps(
+                {
+                    "node": self.node_id,
+                    "events": converter.unstructure(group, list[JobEvent]),
+                    "heads": heads,
+                }
+            )
+        )
+        try:
+            with trio.fail_after(self.config.redis_timeout):
+                await client.publish(self.channel, message)
+        except Exception as exc:
+            for user_id, seq in heads.items():
+                self._unannounced[user_id] = max(seq, self._unannounced.get(user_id, 0))
+            if group:
+                self._unpublished(group)
+            self._down(f"publish failed: {_describe(exc)}")
+            return False
+        return True
+
+    async def _publisher(
+        self, client: coredis.Redis[bytes], scope: trio.CancelScope, done: trio.CancelScope
+    ) -> None:
+        with scope:
+            await self._publish(client)
+        done.cancel()  # the hub closed and the queue is sent (or out of time): stop
+
+    async def _publish(self, client: coredis.Redis[bytes]) -> None:
+        async for group in self._outbox_receive:
+            if await self._send(client, group):
+                self.stats.published_groups += 1
+                self.stats.published_events += len(group)
+
+    async def _subscriber(self, client: coredis.Redis[bytes]) -> None:
+        while True:
+            try:
+                async with client.pubsub(
+                    channels=[self.channel], ignore_subscribe_messages=True, retry_policy=None
+                ) as pubsub:
+                    self._subscribed = True
+                    with trio.fail_after(self.config.redis_timeout):
+                        await client.ping()
+                    self._up()
+                    async for message in pubsub:
+                        self._receive(message["data"])
+                raise ConnectionError("the subscription ended")
+            except Exception as exc:
+                self._subscribed = False
+                self._down(f"subscription lost: {_describe(exc)}")
+            await trio.sleep(self.config.reconnect_delay)
+
+    def _sign(self, body: bytes) -> bytes:
+        """``body`` preceded by its signature (64 hex digits) when the nodes share a key."""
+        if self._key is None:
+            return body
+        return hmac.new(self._key, body, hashlib.sha256).hexdigest().encode() + body
+
+    def _verified(self, data: bytes) -> bytes | None:
+        """The body of a message whose signature verifies (all of it without a key)."""
+        if self._key is None:
+            return data
+        mac, body = data[:_MAC_LENGTH], data[_MAC_LENGTH:]
+        expected = hmac.new(self._key, body, hashlib.sha256).hexdigest().encode()
+        return body if hmac.compare_digest(mac, expected) else None
+
+    def _receive(self, data: Any) -> None:
+        body_bytes = self._verified(data) if isinstance(data, bytes) else None
+        if body_bytes is None:
+            self.stats.forged += 1
+            if trio.current_time() >= self._forged_logged_at + FORGED_LOG_INTERVAL:
+                self._forged_logged_at = trio.current_time()
+                log.warning(
+                    "dropped a message on %s whose signature does not verify (%d so far):"
+                    " another publisher, or a node with another secret",
+                    self.channel,
+                    self.stats.forged,
+                )
+            return
+        try:
+            body = orjson.loads(body_bytes)
+            if body["node"] == self.node_id:
+                return  # already delivered from the hub
+            events = converter.structure(body["events"], list[JobEvent])
+            heads = converter.structure(body["heads"], dict[str, int])
+        except Exception:
+            self.stats.malformed += 1
+            log.warning("ignored a message on %s that is not an event group", self.channel)
+            return
+        self.stats.received += len(events)
+        self.deliver(self.sequencer.offer(events, trio.current_time()))
+        for user_id, seq in heads.items():
+            self.sequencer.announce(user_id, seq)
+        self._wake.set()
+
+    async def _pinger(self, client: coredis.Redis[bytes]) -> None:
+        """Checks Redis every ``ping_interval``; announces heads no message carried since."""
+        while True:
+            await trio.sleep(self.config.ping_interval)
+            try:
+                with trio.fail_after(self.config.redis_timeout):
+                    await client.ping()
+            except Exception as exc:
+                self._down(f"ping failed: {_describe(exc)}")
+                continue
+            self._up()
+            if self._unannounced:
+                await self._send(client, [])
+
+    async def _filler(self) -> None:
+        """Fills gaps from the log, and polls it for every tracked user while Redis is down."""
+        next_poll = trio.current_time()
+        while True:
+            now = trio.current_time()
+            if not self.health.ok and now >= next_poll:
+                self.sequencer.mark_behind()
+                next_poll = now + self.config.poll_interval
+            due = self.sequencer.fills_due(now)
+            if due:
+                await self._fill(due)
+                continue
+            deadline = self.sequencer.next_deadline()
+            if not self.health.ok:
+                deadline = next_poll if deadline is None else min(deadline, next_poll)
+            self._wake = trio.Event()
+            with trio.move_on_at(deadline if deadline is not None else float("inf")):
+                await self._wake.wait()
+
+    async def _fill(self, due: dict[str, int]) -> None:
+        self.stats.fill_reads += 1
+        try:
+            found = await self.store.read_users_events(due, self.config.fill_limit)
+        except JobspineError as exc:
+            log.warning("could not fill %d users' events from the log: %s", len(due), exc)
+            now = trio.current_time()
+            for user_id in due:
+                self.sequencer.fill_failed(user_id, now)
+            return
+        now = trio.current_time()
+        for user_id in due:
+            self.deliver(self.sequencer.filled(user_id, found.get(user_id, []), now))
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for a Redis failure (the first real error inside an exception group)."""
+    if isinstance(exc, trio.TooSlowError):
+        return "timed out"
+    found = [e for e in leaves(exc) if not isinstance(e, trio.Cancelled)] or [exc]
+    return " ".join(str(found[0]).split()) or type(found[0]).__name__

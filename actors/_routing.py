@@ -1,0 +1,113 @@
+"""Routing controls to the node that runs a job (issue 11), sans-I/O but for the calls given.
+
+A pause, cancel or recovery asked of a job *running on another node* must act where its worker
+is: there the handler checkpoints within the grace (pause) or is stopped (cancel). The asking
+node sends the control to the owner (the job's ``owner``, the claim's node id, through
+``send``: :class:`~._pg_notify.PgNotifier` on PostgreSQL); the owner applies it as a local call
+of its own repository (:meth:`~._repository.Repository.apply_control`); the asker waits,
+bounded by ``bound`` (stop grace + lease time-to-live + a margin), until the job has left that
+running attempt (:func:`left_attempt`), and returns it as stored. If the owner is gone (no
+change within the bound) the asker gets :class:`RemoteControlError`; the owner's lease expiry
+hands the job to another node. A node is "another" when the job's ``owner`` is not this node's
+id; whether it is alive is left to its lease. On memory and SQLite there is no routing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import attrs
+import orjson
+import trio
+
+from ._errors import StoreError
+from ._job import Job
+from ._states import JobState
+
+__all__ = ["QUEUE_CHANNEL", "Control", "RemoteControlError", "RemoteControls", "left_attempt"]
+
+#: Channel on which PostgreSQL commits announce waiting jobs.
+QUEUE_CHANNEL = "jobspine_queue"
+#: Seconds between reads of a job while a control is awaited on another node.
+POLL_INTERVAL = 0.05
+#: Operations a node applies for another: the repository methods of the same name.
+OPS = frozenset({"pause", "cancel", "recover"})
+
+
+class RemoteControlError(StoreError):
+    """The node running the job did not act on the control within the bound (it is gone or
+    unreachable; its lease's expiry hands the job to another node). Code ``store_error``."""
+
+
+@attrs.frozen
+class Control:
+    """A control for the node running ``job_id``: ``op`` one of :data:`OPS`."""
+
+    op: str
+    job_id: str
+    by: str | None = None
+    reason: str = "user"
+
+    def encode(self) -> str:
+        return orjson.dumps(attrs.asdict(self)).decode()
+
+    @classmethod
+    def decode(cls, payload: str) -> Control:
+        """Raises :class:`ValueError` for a payload that is not a control."""
+        try:
+            data = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"control is not JSON: {exc}") from None
+        if not isinstance(data, dict) or data.get("op") not in OPS:
+            raise ValueError(f"not a control: {payload[:200]!r}")
+        job_id, by, reason = data.get("job_id"), data.get("by"), data.get("reason", "user")
+        if not isinstance(job_id, str) or not isinstance(reason, str):
+            raise ValueError(f"not a control: {payload[:200]!r}")
+        if by is not None and not isinstance(by, str):
+            raise ValueError(f"not a control: {payload[:200]!r}")
+        return cls(data["op"], job_id, by, reason)
+
+
+def left_attempt(before: Job, now: Job) -> bool:
+    """Whether ``now`` (the job as stored) is past the running attempt ``before`` was: the
+    control, or a takeover, has ended it."""
+    return now.state is not JobState.RUNNING or now.attempt != before.attempt
+
+
+class RemoteControls:
+    """Which jobs run elsewhere, and the control sent there and awaited. ``owner()``: this
+    node's current claim owner (it changes when the node registers again); ``send(owner,
+    control)`` delivers it to the node of ``owner``; ``read(job_id)`` reads the job as stored;
+    ``bound``: seconds the asker waits."""
+
+    def __init__(
+        self,
+        owner: Callable[[], str],
+        send: Callable[[str, Control], Awaitable[None]],
+        read: Callable[[str], Awaitable[Job]],
+        bound: float,
+    ) -> None:
+        self.owner = owner
+        self._send = send
+        self._read = read
+        self.bound = bound
+
+    def is_remote(self, job: Job) -> bool:
+        """Whether ``job`` runs on another node (running, claimed by an owner not this one)."""
+        return job.state is JobState.RUNNING and job.owner is not None and job.owner != self.owner()
+
+    async def control(self, job: Job, control: Control) -> Job:
+        """Send ``control`` to the node running ``job`` and wait until the job has left that
+        attempt; returns it as stored. Raises :class:`RemoteControlError` past the bound."""
+        assert job.owner is not None
+        await self._send(job.owner, control)
+        with trio.move_on_after(self.bound):
+            while True:
+                now = await self._read(job.id)
+                if left_attempt(job, now):
+                    return now
+                await trio.sleep(POLL_INTERVAL)
+        raise RemoteControlError(
+            f"job {job.id}: node {job.owner!r} did not {control.op} it within"
+            f" {self.bound:g} s; its lease's expiry hands it to another node"
+        )

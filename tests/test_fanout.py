@@ -1,0 +1,368 @@
+"""Cluster fan-out against real PostgreSQL and Redis: two runtimes on one database, each with
+its own Redis connection (a ``redis-server`` of the test's own, killed and restarted), deliver
+every event of the rooms their subscribers joined, once, in order, whoever committed it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+import pytest
+import trio
+
+from actors import (
+    BroadcasterConfig,
+    Cursor,
+    InvalidInputError,
+    JobContext,
+    JoinResult,
+    Outbox,
+    Runtime,
+    RuntimeConfig,
+    open_runtime,
+)
+from actors._fanout import FanoutConfig
+from actors._postgres import PostgresBackend
+from transport import open_client
+
+from .conftest import wait_for_state
+from .serving import eventually, free_port
+from .test_cli import COMMAND, http_get, serve_process
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server")
+
+
+class RedisServer:
+    """A ``redis-server`` of the test's own on a free port (no persistence)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while (
+            subprocess.run(
+                ["redis-cli", "-p", str(self.port), "ping"], capture_output=True, check=False
+            ).stdout.strip()
+            != b"PONG"
+        ):
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+        self.process = None
+
+
+@pytest.fixture
+def redis() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.process is not None:
+            server.kill()
+
+
+async def ticker(ctx: JobContext, input: Any) -> Any:
+    """``n`` progress events ``pause`` seconds apart, each labelled with when it was made."""
+    for step in range(input["n"]):
+        await ctx.progress(step * 100 / input["n"], repr(time.time()))
+        await trio.sleep(input["pause"])
+    return input["n"]
+
+
+@asynccontextmanager
+async def node(
+    pg_url: str, redis_url: str, *, runs_jobs: bool, **fanout: Any
+) -> AsyncIterator[Runtime]:
+    """One node: a runtime on the shared database with the fan-out on."""
+    async with open_runtime(
+        backend=PostgresBackend(pg_url),
+        handlers={"ticker": ticker} if runs_jobs else {},
+        config=RuntimeConfig(resume_on_start=False),
+        broadcast=BroadcasterConfig(),
+        fanout=FanoutConfig(redis_url, **fanout),
+    ) as rt:
+        yield rt
+
+
+class Subscriber:
+    """An outbox joined to rooms of one node's broadcaster, collecting what it receives."""
+
+    def __init__(self, rt: Runtime) -> None:
+        assert rt.broadcaster is not None
+        self.rt = rt
+        self.broadcaster = rt.broadcaster
+        self.outbox = Outbox(self.broadcaster.config)
+        #: room -> events received (their JSON), in order.
+        self.events: dict[str, list[dict[str, Any]]] = {}
+        self.arrived: list[float] = []
+
+    async def join(self, room: str, cursor: Cursor | None = None) -> JoinResult:
+        joined = await self.broadcaster.join(self.outbox, room, cursor)
+        assert joined.reset_reason is None
+        self.broadcaster.finish_join(self.outbox, room)
+        self.events.setdefault(room, [])
+        return joined
+
+    def drain(self) -> None:
+        for item in self.outbox.take(max_bytes=1 << 30):
+            message = orjson.loads(item)
+            if message["type"] != "event":
+                continue
+            event = message["event"]
+            self.arrived.append(time.time())
+            for room in (f"job:{event['job_id']}", f"user:{event['user_id']}"):
+                if room in self.events:
+                    self.events[room].append(event)
+
+    async def until(self, done: Any, timeout: float = 30) -> None:  # noqa: ASYNC109
+        with trio.fail_after(timeout):
+            while True:
+                self.drain()
+                if done():
+                    return
+                with trio.move_on_after(0.05):
+                    await self.outbox.wait()
+
+    def seqs(self, room: str) -> list[int]:
+        key = "seq" if room.startswith("job:") else "user_seq"
+        return [e[key] for e in self.events[room]]
+
+
+def finished(sub: Subscriber, room: str) -> Any:
+    return lambda: any(e["type"] == "completed" for e in sub.events[room])
+
+
+async def test_events_of_a_job_on_another_node_arrive_once_in_order_and_live(
+    pg_url: str, redis: RedisServer
+) -> None:
+    async with (
+        node(pg_url, redis.url, runs_jobs=True) as a,
+        node(pg_url, redis.url, runs_jobs=False) as b,
+    ):
+        assert a.epoch == b.epoch  # one database, one epoch: cursors are portable
+        watcher = Subscriber(b)
+        await watcher.join("user:alice")
+        await eventually(lambda: bool(a.fanout and b.fanout and a.fanout.health.ok
+                                      and b.fanout.health.ok))  # fmt: skip
+        job = await a.create_job("ticker", "alice", {"n": 40, "pause": 0.02})
+        # A connection of its own (one connection's overlapping rooms may both deliver an
+        # event, which a client tells apart by room cursor).
+        job_watcher = Subscriber(b)
+        await job_watcher.join(f"job:{job.id}")
+        await watcher.until(finished(watcher, "user:alice"))  # drained as events arrive
+        await job_watcher.until(finished(job_watcher, f"job:{job.id}"))
+        stored = await a.get_job(job.id)
+        seqs = job_watcher.seqs(f"job:{job.id}")
+        assert seqs == list(range(seqs[0], stored.seq + 1))  # joined live: from then on
+        assert watcher.seqs("user:alice") == list(range(1, stored.seq + 1))
+        # Live: progress reached B's subscriber well under a log poll interval after A
+        # committed it (pushed, not polled; a loaded machine gets room).
+        delays = sorted(
+            arrived - float(e["data"]["step"])
+            for e, arrived in zip(watcher.events["user:alice"], watcher.arrived, strict=True)
+            if e["type"] == "progress"
+        )
+        assert delays[len(delays) // 2] < 0.1, delays
+        assert b.fanout is not None and b.fanout.stats.received >= stored.seq
+        assert a.fanout is not None and a.fanout.stats.published_events >= stored.seq
+        # A later join on B starts at the user's true head (B's own store never wrote
+        # alice's events), and its next event follows it.
+        late = Subscriber(b)
+        joined = await late.join("user:alice")
+        assert joined.head == stored.seq
+        second = await a.create_job("ticker", "alice", {"n": 3, "pause": 0.01})
+        await late.until(finished(late, "user:alice"))
+        assert late.seqs("user:alice") == list(
+            range(stored.seq + 1, stored.seq + 1 + (await a.get_job(second.id)).seq)
+        )
+
+
+async def test_dropped_publishes_are_filled_from_the_log(pg_url: str, redis: RedisServer) -> None:
+    """Commit groups that never reach Redis (as if pub/sub dropped them): a gap in the middle
+    is filled when the next event shows it; the last events of a job, which no later event
+    reveals, are filled once their node announces the user's head."""
+    async with (
+        node(pg_url, redis.url, runs_jobs=True) as a,
+        node(pg_url, redis.url, runs_jobs=False) as b,
+    ):
+        assert a.fanout is not None and b.fanout is not None
+        watcher = Subscriber(b)
+        await watcher.join("user:bob")
+        job = await a.create_job("ticker", "bob", {"n": 30, "pause": 0.02})
+        await watcher.until(lambda: len(watcher.events["user:bob"]) >= 5)
+        a.fanout.skip_publish = True
+        await trio.sleep(0.1)
+        a.fanout.skip_publish = False
+        await watcher.until(lambda: len(watcher.events["user:bob"]) >= 20)
+        assert b.fanout.sequencer.stats.gaps >= 1 and b.fanout.sequencer.stats.filled >= 1
+        a.fanout.skip_publish = True  # the rest of the job, its completion included
+        await wait_for_state(a, job.id)
+        stored = await a.get_job(job.id)
+        await watcher.until(finished(watcher, "user:bob"), timeout=15)
+        assert watcher.seqs("user:bob") == list(range(1, stored.seq + 1))
+
+
+async def test_redis_down_falls_back_to_the_log_and_push_resumes(
+    pg_url: str, redis: RedisServer
+) -> None:
+    async with (
+        node(pg_url, redis.url, runs_jobs=True, ping_interval=0.2) as a,
+        node(pg_url, redis.url, runs_jobs=False, ping_interval=0.2) as b,
+    ):
+        assert a.fanout is not None and b.fanout is not None
+        watcher = Subscriber(b)
+        await watcher.join("user:carol")
+        job = await a.create_job("ticker", "carol", {"n": 150, "pause": 0.02})
+        await watcher.until(lambda: len(watcher.events["user:carol"]) >= 10)
+        redis.kill()
+        await eventually(lambda: not b.fanout.health.ok)  # type: ignore[union-attr]
+        assert b.fanout.health.reason
+        outage_start = len(watcher.events["user:carol"])
+        reads = b.fanout.stats.fill_reads
+        # Nothing pushed now: events keep coming from the log.
+        await watcher.until(lambda: len(watcher.events["user:carol"]) >= outage_start + 10)
+        assert b.fanout.stats.fill_reads > reads
+        redis.start()
+        await eventually(
+            lambda: b.fanout.health.ok and a.fanout.health.ok,  # type: ignore[union-attr]
+            15,
+        )
+        received = b.fanout.stats.received
+        await watcher.until(finished(watcher, "user:carol"))
+        assert b.fanout.stats.received > received  # pushed again after the restart
+        stored = await a.get_job(job.id)
+        assert watcher.seqs("user:carol") == list(range(1, stored.seq + 1))
+        assert b.fanout.health.outages == 1
+
+
+async def test_a_cursor_taken_on_one_node_resumes_on_another(
+    pg_url: str, redis: RedisServer
+) -> None:
+    async with (
+        node(pg_url, redis.url, runs_jobs=True) as a,
+        node(pg_url, redis.url, runs_jobs=False) as b,
+    ):
+        job = await a.create_job("ticker", "dana", {"n": 40, "pause": 0.01})
+        room = f"job:{job.id}"
+        first = Subscriber(a)
+        await first.join(room)
+        await first.until(lambda: len(first.events[room]) >= 8)
+        a.broadcaster.leave_all(first.outbox)  # type: ignore[union-attr]
+        first.drain()
+        seen = first.seqs(room)
+        # The client moves to node B with its cursor (same database, same epoch).
+        second = Subscriber(b)
+        await second.join(room, Cursor(a.epoch, seen[-1]))
+        await second.until(finished(second, room))
+        stored = await a.get_job(job.id)
+        assert second.seqs(room) == list(range(seen[-1] + 1, stored.seq + 1))
+
+
+async def test_serve_with_redis_reports_its_health_and_keeps_serving(
+    pg_url: str, redis: RedisServer, tmp_path: Any
+) -> None:
+    """``jobspine serve --redis``: /readyz and /metrics show Redis health; with Redis killed
+    the node stays ready (events come from the log) and says why; back when Redis is."""
+    async with serve_process(
+        tmp_path / "data", extra=("--store", pg_url, "--redis", redis.url)
+    ) as served:
+
+        async def ready() -> dict[str, Any]:
+            status, body = await http_get(served.health, "/readyz")
+            assert status == 200, body
+            found: dict[str, Any] = orjson.loads(body)
+            return found
+
+        async def redis_up() -> float:
+            _, body = await http_get(served.health, "/metrics")
+            line = next(x for x in body.decode().splitlines() if x.startswith("jobspine_redis_up"))
+            return float(line.split()[-1])
+
+        with trio.fail_after(20):
+            while not (await ready())["redis"]["ok"]:  # noqa: ASYNC110 - polling a server
+                await trio.sleep(0.1)
+        assert await redis_up() == 1
+        redis.kill()
+        with trio.fail_after(20):
+            while (found := await ready())["redis"]["ok"]:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+        assert found["status"] == "ready, redis unavailable" and found["redis"]["reason"]
+        assert await redis_up() == 0
+        async with open_client(served.url, served.token("erin")) as client:
+            await client.subscribe("user:erin")
+            job = await client.create("research", {"query": "q", "depth": 3})
+            with trio.fail_after(30):
+                async for event in client.events():
+                    if getattr(event, "type", None) == "completed":
+                        assert event.job_id == job["id"]  # type: ignore[union-attr]
+                        break
+        redis.start()
+        with trio.fail_after(20):
+            while not (await ready())["redis"]["ok"]:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+        assert (await ready())["redis"]["outages"] == 1
+
+
+async def test_the_redis_setting_comes_from_flag_env_or_file(tmp_path: Any) -> None:
+    env = {**os.environ, "JOBSPINE_DATA": str(tmp_path)}
+    shown = await trio.run_process(
+        [*COMMAND, "config", "--json"],
+        env={**env, "JOBSPINE_REDIS": "redis://app:hunter2@cache.example:6380/2"},
+        capture_stdout=True,
+        check=True,
+    )
+    setting = orjson.loads(shown.stdout)["server.redis"]
+    assert setting["value"] == "redis://app:***@cache.example:6380/2"  # no password shown
+    assert setting["source"] == "env JOBSPINE_REDIS"
+    refused = await trio.run_process(
+        [*COMMAND, "serve", "--redis", "cache.example:6380", "--port", "0", "--health-port", "0"],
+        env=env,
+        capture_stderr=True,
+        check=False,
+    )
+    assert refused.returncode == 2
+    assert "expected a redis://HOST:PORT/DB URL" in refused.stderr.decode()
+    with pytest.raises(InvalidInputError, match="gap_wait must be a positive number"):
+        FanoutConfig("redis://127.0.0.1:6379/0", gap_wait=0)
+    with pytest.raises(InvalidInputError, match="must be a redis://"):
+        FanoutConfig("127.0.0.1:6379")
+
+
+async def test_a_user_tracked_again_is_caught_up_from_the_log(
+    pg_url: str, redis: RedisServer
+) -> None:
+    """A user B tracked, then stopped tracking while A committed its events: tracking it
+    again (a subscriber resuming from its cursor) reads the log once, and the subscriber
+    gets every event exactly once, from the join's history and the catch-up together."""
+    async with (
+        node(pg_url, redis.url, runs_jobs=True) as a,
+        node(pg_url, redis.url, runs_jobs=False) as b,
+    ):
+        early = Subscriber(b)
+        await early.join("user:frank")  # B counts frank's events: 0
+        b.broadcaster.leave_all(early.outbox)  # type: ignore[union-attr]
+        job = await a.create_job("ticker", "frank", {"n": 3, "pause": 0.01})
+        stored = await wait_for_state(a, job.id)
+        late = Subscriber(b)
+        await late.join("user:frank", Cursor(b.epoch, 0))
+        await late.until(lambda: len(late.events["user:frank"]) == stored.seq, timeout=10)
+        assert late.seqs("user:frank") == list(range(1, stored.seq + 1))
