@@ -5,6 +5,7 @@ import os
 import secrets
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -15,12 +16,15 @@ from psycopg import sql
 from actors import (
     DEMO_HANDLERS,
     TERMINAL_STATES,
+    Backend,
     Handler,
     Job,
     JobState,
     MemoryBackend,
+    PostgresBackend,
     Runtime,
     RuntimeConfig,
+    SqliteBackend,
     open_runtime,
 )
 
@@ -54,6 +58,21 @@ def pg_url() -> Iterator[str]:
         yield f"{PG_SERVER}/{name}"
     finally:
         drop_pg_database(name)
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    """An opened backend of each kind, on an empty database of its own: the backend contract
+    tests run against all three."""
+    found: Backend = (
+        MemoryBackend()
+        if request.param == "memory"
+        else PostgresBackend(request.getfixturevalue("pg_url"))
+        if request.param == "postgresql"
+        else SqliteBackend(tmp_path / "jobs.db")
+    )
+    async with found.opened():
+        yield found
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -4,18 +4,13 @@ and the next run_at, and the claim survives a reopen."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pytest
 
 from actors import (
     Backend,
     ClaimLimits,
     ClaimRequest,
     Job,
-    MemoryBackend,
-    PostgresBackend,
     SqliteBackend,
 )
 from actors._ops import create
@@ -23,19 +18,6 @@ from actors._options import CreateOptions
 from actors._sqlite import waiting_counts_sql
 
 NOW = 1_000_000.0
-
-
-@pytest.fixture(params=["memory", "sqlite", "postgresql"])
-async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    found: Backend = (
-        MemoryBackend()
-        if request.param == "memory"
-        else PostgresBackend(request.getfixturevalue("pg_url"))
-        if request.param == "postgresql"
-        else SqliteBackend(tmp_path / "c.db")
-    )
-    async with found.opened():
-        yield found
 
 
 async def add(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,6 @@ from actors import (
     NodeLease,
     PostgresBackend,
     RuntimeConfig,
-    SqliteBackend,
     StaleWriteError,
     node_of,
     open_runtime,
@@ -104,19 +103,6 @@ def test_owners_name_the_node_and_its_incarnation() -> None:
 
 
 # -- the node methods on every backend ------------------------------------------------------------
-
-
-@pytest.fixture(params=["memory", "sqlite", "postgresql"])
-async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    found: Backend = (
-        MemoryBackend()
-        if request.param == "memory"
-        else PostgresBackend(request.getfixturevalue("pg_url"))
-        if request.param == "postgresql"
-        else SqliteBackend(tmp_path / "n.db")
-    )
-    async with found.opened():
-        yield found
 
 
 def running_job(job_id: str, owner: str, *, with_checkpoint: bool = False) -> list[Job]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,6 @@ from actors import (
     PostgresBackend,
     RetryPolicy,
     RuntimeConfig,
-    SqliteBackend,
     kind_options,
     open_runtime,
 )
@@ -42,19 +40,6 @@ from .conftest import wait_for_state
 
 NOW = 1_000_000.0
 DATA = Path(__file__).parent / "data"
-
-
-@pytest.fixture(params=["memory", "sqlite", "postgresql"])
-async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    found: Backend = (
-        MemoryBackend()
-        if request.param == "memory"
-        else PostgresBackend(request.getfixturevalue("pg_url"))
-        if request.param == "postgresql"
-        else SqliteBackend(tmp_path / "q.db")
-    )
-    async with found.opened():
-        yield found
 
 
 def job(job_id: str, user: str = "alice", kind: str = "k", at: float = NOW, **options: Any) -> Job:
