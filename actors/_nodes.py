@@ -217,11 +217,16 @@ class LeasePolicy:
         return self._valid_until
 
     def next_wake(self) -> float:
-        """When the actor must act next: a registration (again), a renewal, a scan, or the
+        """When the lease must be acted on next: a registration (again), a renewal, or the
         local lapse."""
         if not self.registered:
             return self._renew_at
-        return min(self._renew_at, self._scan_at, self._valid_until)
+        return min(self._renew_at, self._valid_until)
+
+    def next_scan(self) -> float:
+        """When to look for expired nodes next (a task of its own: a long takeover never
+        delays a renewal)."""
+        return self._scan_at
 
 
 class NodeActor:
@@ -264,6 +269,9 @@ class NodeActor:
         #: Nodes this one took over, and times it found itself fenced, since it started.
         self.takeovers = 0
         self._scans = 0  # looks for expired nodes so far (every few, for orphans too)
+        #: Owners this node took over whose recovery left running jobs (a write that failed):
+        #: retried at each orphan sweep until none is left.
+        self._unfinished: set[str] = set()
         self.fenced = 0
         self._scope: trio.CancelScope | None = None
         self.host = socket.gethostname()
@@ -330,9 +338,20 @@ class NodeActor:
                 task_status.started(self)
                 if not self.renewing:
                     await trio.sleep_forever()
-                while True:
-                    await trio.sleep_until(self.policy.next_wake())
-                    await self.tick()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._scan_loop)
+                    while True:
+                        await trio.sleep_until(self.policy.next_wake())
+                        await self.tick()
+
+    async def _scan_loop(self) -> None:
+        """Take over expired nodes once per renewal interval while this node's lease holds,
+        beside the renewals (recovering a dead node's jobs may take longer than its lease)."""
+        while True:
+            await trio.sleep_until(self.policy.next_scan())
+            if self.policy.scan_due(trio.current_time()) and self.healthy:
+                await self.take_over_expired()
+                self._wake()
 
     def close(self) -> None:
         if self._scope is not None:
@@ -349,7 +368,7 @@ class NodeActor:
             log.warning("node %s: leave not recorded: %s", lease.owner, exc)
 
     async def tick(self) -> None:
-        """One step: re-register if the lease is lost, renew if due, take over if due."""
+        """One step: re-register if the lease is lost, renew if due."""
         now = trio.current_time()
         if self.lease is None or self.policy.lapsed(now):
             if self.lease is not None:
@@ -370,11 +389,6 @@ class NodeActor:
             # tick abandons the jobs (the database may be gone, or this process was paused).
             with trio.move_on_at(self.policy.valid_until):
                 await self._renew(now)
-            if self.lease is None or self.policy.lapsed(trio.current_time()):
-                return
-        if self.policy.scan_due(trio.current_time()):
-            await self.take_over_expired()
-            self._wake()
 
     async def _renew(self, sent: float) -> None:
         lease = self.lease
@@ -432,8 +446,8 @@ class NodeActor:
                     continue
                 won += 1
                 self.takeovers += 1
-                if recover:
-                    await self._recover_jobs(node.owner, by)
+                if recover and not await self._recover_jobs(node.owner, by):
+                    self._unfinished.add(node.owner)
         self._scans += 1
         if recover and self._scans % ORPHAN_SWEEP_EVERY == 0:
             won += await self._recover_orphans(by)
@@ -449,33 +463,48 @@ class NodeActor:
 
     async def _recover_orphans(self, by: str) -> int:
         """The stall rule for running jobs whose owner is gone and whose taker is gone too
-        (it died while recovering them, or a graceful leave was cut short): nobody else will
-        end them. Exactly once as every recovery: the write is fenced (``seq``), and
-        ``took_over`` refuses a job its owner no longer holds."""
+        (it died while recovering them, or a graceful leave was cut short), or is this node
+        (a recovery write of it failed): nobody else will end them. Exactly once as every
+        recovery: the write is fenced (``seq``), and ``took_over`` refuses a job its owner no
+        longer holds."""
         try:
             orphans = await self.store.orphaned_owners()
             gone = [
-                (owner, taker)
+                owner
                 for owner, taker in orphans
-                if taker is None or not await self.store.node_alive(taker)
+                if taker is None
+                or owner in self._unfinished
+                or not await self.store.node_alive(taker)
             ]
         except RuntimeClosedError:
             raise
         except JobspineError as exc:
             log.warning("node %s: looking for orphaned jobs failed: %s", by, exc)
             return 0
-        for owner, _ in gone:
+        self._unfinished.intersection_update(gone)  # the others have no running job left
+        for owner in gone:
             with trio.CancelScope(shield=True):
-                await self._recover_jobs(owner, by)
+                if await self._recover_jobs(owner, by):
+                    self._unfinished.discard(owner)
+                else:
+                    self._unfinished.add(owner)
         return len(gone)
 
-    async def _recover_jobs(self, owner: str, by: str) -> None:
+    async def _recover_jobs(self, owner: str, by: str) -> bool:
         """The stall rule for the dead incarnation's running jobs (its claimed ones went back
-        to the queue with the takeover itself)."""
+        to the queue with the takeover itself); False if a job's write failed (it stays
+        running under ``owner`` until the next orphan sweep)."""
         store, supervisor = self.store, self.supervisor
         cause = f"node {owner} stopped renewing its lease (taken over by {by})"
-        jobs = await store.running_jobs_of(owner)
+        try:
+            jobs = await store.running_jobs_of(owner)
+        except RuntimeClosedError:
+            raise
+        except JobspineError as exc:
+            log.warning("node %s: reading the jobs of %s failed: %s", by, owner, exc)
+            return False
         log.warning("node %s takes over %s: %d running jobs", by, owner, len(jobs))
+        done = True
         for job in jobs:
             try:
                 await store.recover(
@@ -489,9 +518,11 @@ class NodeActor:
             except RuntimeClosedError:
                 raise
             except JobspineError as exc:
+                done = False
                 log.warning(
                     "job %s not taken over: %s",
                     job.id,
                     exc,
                     extra=job_fields(job.id, job.user_id, job.attempt, "recovery"),
                 )
+        return done

@@ -27,6 +27,20 @@ an outage (:func:`is_postgres_outage`): the store retries; the next call connect
 that stays disconnected past its lease is fenced by its node actor (its jobs abandoned, a new
 incarnation registered), since another node may have taken its jobs over meanwhile.
 
+**Frozen writers.** A commit takes row locks (each user's head, the fenced job rows) and makes
+several round trips before it ends; a claim holds its node's row ``FOR SHARE``. A process
+frozen in between (SIGSTOP, a paused VM) would hold them for as long as it is frozen: every
+other node's commits for those users, and the takeover of the frozen node itself, would wait
+for it. Two answers. Every connection sets ``idle_in_transaction_session_timeout``
+(``idle_timeout``, shorter than the lease): the server ends a session frozen between two
+statements. A session frozen in the middle of a pipeline stays *active* (no timeout applies):
+each session is named after its node's incarnation (``application_name``), and the node that
+takes a dead incarnation over ends its sessions first (``pg_terminate_backend``). The frozen
+node finds its connection closed when it runs again (an outage, SQLSTATE 25P03 or 57P01: the
+store retries on a new connection, where its stale writes are fenced). The lease is renewed
+on a connection of its own (:data:`NODES`), so that a commit waiting on such locks never
+delays a renewal.
+
 **The queue** (schema v3, as SQLite's): the claim columns and a partial index over waiting
 jobs, walked group by group in one transaction with ``FOR UPDATE SKIP LOCKED``
 (:mod:`._postgres_queue`, which gives the SQL and the measured cost); lease renewal, queue
@@ -49,6 +63,7 @@ commit that leaves a job waiting notifies the queue channel (:mod:`._pg_notify`)
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -91,6 +106,12 @@ MIGRATE_LOCK = 0x6A6F6275
 
 #: Bound on closing the connection (it waits for the statement in progress).
 CLOSE_TIMEOUT = 10.0
+#: Seconds a session may idle inside a transaction before the server ends it (a frozen
+#: process's locks released; see "Frozen writers"). A runtime passes its own, shorter than
+#: the time from a node's last renewal to its takeover.
+IDLE_TIMEOUT = 1.0
+#: The connections of a backend: the store's, and the lease's (see :meth:`PostgresBackend._run`).
+STORE, NODES = "store", "nodes"
 
 SCHEMA_VERSION = 4
 
@@ -255,9 +276,10 @@ _ADVANCE_HEAD = (
 # exceptions (08), transaction rollbacks such as serialization failures and deadlocks (40),
 # insufficient resources (53: disk full, too many connections), operator intervention (57:
 # admin shutdown, crash shutdown, cannot connect now, query canceled), system errors (58:
-# I/O), a lock not available (55P03) and a read-only transaction (25006: a standby).
+# I/O), a lock not available (55P03), a read-only transaction (25006: a standby) and a
+# session the server ended for idling inside a transaction (25P03: the process was frozen).
 _OUTAGE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
-_OUTAGE_CODES = frozenset({"55P03", "25006"})
+_OUTAGE_CODES = frozenset({"55P03", "25006", "25P03"})
 
 
 def is_postgres_outage(error: BaseException) -> bool:
@@ -311,9 +333,11 @@ def _event(record: str) -> JobEvent:
 
 class PostgresBackend:
     """Jobs and their event log in a PostgreSQL database (schema created or migrated on
-    open). ``url``: a libpq connection URL, ``postgresql://user@host:port/dbname``.
+    open). ``url``: a libpq connection URL, ``postgresql://user@host:port/dbname``;
+    ``connect_timeout``: seconds to connect; ``idle_timeout``: seconds a session may idle
+    inside a transaction before the server ends it (a frozen process's locks released).
 
-    Raises :class:`ValueError` at once for a URL libpq cannot parse. On open:
+    Raises :class:`ValueError` at once for a URL libpq cannot parse or a bad timeout. On open:
     :class:`StoreError` if the server cannot be reached or the database cannot be used (a
     newer schema). Several backends (nodes) may have one database open at once."""
 
@@ -321,7 +345,9 @@ class PostgresBackend:
     assigns_user_seq = True
     shared = True
 
-    def __init__(self, url: str, *, connect_timeout: float = 5.0) -> None:
+    def __init__(
+        self, url: str, *, connect_timeout: float = 5.0, idle_timeout: float = IDLE_TIMEOUT
+    ) -> None:
         try:
             conninfo.conninfo_to_dict(url)
         except psycopg.Error as exc:
@@ -330,12 +356,21 @@ class PostgresBackend:
             raise ValueError(f"connect_timeout must be > 0 seconds, not {connect_timeout!r}")
         self.url = url
         self._connect_timeout = max(1, round(connect_timeout))
-        self._conn: psycopg.Connection[Any] | None = None
+        if not 0.001 <= idle_timeout < math.inf:
+            raise ValueError(f"idle_timeout must be >= 0.001 seconds, not {idle_timeout!r}")
+        self._idle_timeout_ms = round(idle_timeout * 1000)
+        # Two connections ("lanes"): the store's, and one for the node's lease and takeovers,
+        # so that a commit waiting on another node's row locks never delays a renewal.
+        self._conns: dict[str, psycopg.Connection[Any] | None] = {STORE: None, NODES: None}
+        #: The session's application_name: names this node's incarnation once it registered,
+        #: so that the node taking it over can end its sessions (see "Frozen writers").
+        self._application = "jobspine"
+        self._applied: dict[str, str] = {}  # application_name each lane's session has
         self._open = False
         self._epoch = ""
         self._instance = ""  # new at every opening, see :attr:`instance`
-        # One call at a time on the connection: a read never slips into a commit's transaction.
-        self._lock = trio.Lock()
+        # One call at a time on a connection: a read never slips into a commit's transaction.
+        self._locks = {STORE: trio.Lock(), NODES: trio.Lock()}
 
     @property
     def epoch(self) -> str:
@@ -353,7 +388,7 @@ class PostgresBackend:
     # -- connection (each runs in a worker thread) ---------------------------------------------
 
     def _connect(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(
+        conn = psycopg.connect(
             self.url,
             autocommit=True,
             connect_timeout=self._connect_timeout,
@@ -363,6 +398,16 @@ class PostgresBackend:
             keepalives_interval=5,
             keepalives_count=3,
         )
+        try:
+            # Set here rather than as a connection option, which would replace the URL's own.
+            conn.execute(
+                "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+                (str(self._idle_timeout_ms),),
+            )
+        except Exception:
+            conn.close()
+            raise
+        return conn
 
     def _migrate(self, conn: psycopg.Connection[Any]) -> str:
         """Create or upgrade the schema in one transaction; returns the epoch."""
@@ -392,27 +437,37 @@ class PostgresBackend:
             )
         return epoch
 
-    def _live(self) -> psycopg.Connection[Any]:
-        """The connection, connected again if the server dropped it."""
-        conn = self._conn
-        if conn is not None and not conn.closed:
-            return conn
-        if not self._open:
-            raise StoreError("the PostgreSQL database is not open")
-        self._conn = None
-        if conn is not None:
-            log.warning("connection to %s lost; connecting again", redact_url(self.url))
-        self._conn = conn = self._connect()
+    def _live(self, lane: str) -> psycopg.Connection[Any]:
+        """The lane's connection, connected again if the server dropped it (or on first use),
+        its session named as this node's incarnation."""
+        conn = self._conns[lane]
+        if conn is None or conn.closed:
+            if not self._open:
+                raise StoreError("the PostgreSQL database is not open")
+            self._conns[lane] = None
+            if conn is not None:
+                log.warning("connection to %s lost; connecting again", redact_url(self.url))
+            self._conns[lane] = conn = self._connect()
+            self._applied[lane] = "jobspine"
+        if self._applied.get(lane) != self._application:
+            conn.execute("SELECT set_config('application_name', %s, false)", (self._application,))
+            self._applied[lane] = self._application
         return conn
 
-    async def _run(self, fn: Callable[[psycopg.Connection[Any]], T], *, read: bool = False) -> T:
-        """Run ``fn`` on the live connection in a worker thread, one call at a time. ``read``:
-        ``fn`` changes nothing, so it is run once more on a new connection if the server had
-        dropped this one (which shows only when it is used); a write is never repeated here
-        (the store decides, see :func:`is_postgres_outage`)."""
+    async def _run(
+        self,
+        fn: Callable[[psycopg.Connection[Any]], T],
+        *,
+        read: bool = False,
+        lane: str = STORE,
+    ) -> T:
+        """Run ``fn`` on the ``lane``'s live connection in a worker thread, one call at a time.
+        ``read``: ``fn`` changes nothing, so it is run once more on a new connection if the
+        server had dropped this one (which shows only when it is used); a write is never
+        repeated here (the store decides, see :func:`is_postgres_outage`)."""
 
         def call() -> T:
-            conn = self._live()
+            conn = self._live(lane)
             try:
                 return fn(conn)
             except psycopg.Error:
@@ -425,9 +480,9 @@ class PostgresBackend:
                     conn.close()
                 if not (read and broken):
                     raise
-            return fn(self._live())
+            return fn(self._live(lane))
 
-        async with self._lock:
+        async with self._locks[lane]:
             return await trio.to_thread.run_sync(call)
 
     async def _read(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
@@ -458,16 +513,18 @@ class PostgresBackend:
                 conn, epoch = await trio.to_thread.run_sync(open_)
         except psycopg.Error as exc:
             raise StoreError(f"database {where}: cannot open: {_one_line(exc)}") from None
-        self._conn, self._epoch, self._open = conn, epoch, True
+        self._conns[STORE], self._epoch, self._open = conn, epoch, True
+        self._applied[STORE], self._application = "jobspine", "jobspine"
         try:
             yield
         finally:
             self._open = False
             with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
-                async with self._lock:
-                    last, self._conn = self._conn, None
-                    if last is not None:
-                        await trio.to_thread.run_sync(last.close)
+                for lane, lock in self._locks.items():
+                    async with lock:
+                        last, self._conns[lane] = self._conns[lane], None
+                        if last is not None:
+                            await trio.to_thread.run_sync(last.close)
 
     # -- the Backend protocol ------------------------------------------------------------------
 
@@ -824,7 +881,11 @@ class PostgresBackend:
                 ).fetchone() or (0.0,)
             return NodeLease(node_id, incarnation, expires)
 
-        return await self._run(fn)
+        lease = await self._run(fn, lane=NODES)
+        # Each lane names its session so at its next call: until then a takeover of this
+        # incarnation finds that session under the previous name (it ends the others).
+        self._application = application_name(incarnation)
+        return lease
 
     async def renew_node(self, lease: NodeLease, ttl: float, running: int) -> NodeLease:
         def fn(conn: psycopg.Connection[Any]) -> float | None:
@@ -838,7 +899,7 @@ class PostgresBackend:
             ).fetchone()
             return None if row is None else float(row[0])
 
-        expires = await self._run(fn)
+        expires = await self._run(fn, lane=NODES)
         if expires is None:
             raise NodeFencedError(
                 f"node {lease.owner} is no longer alive in the database (taken over, left, or"
@@ -852,7 +913,8 @@ class PostgresBackend:
                 f"UPDATE nodes SET state = %s, lease_expires_at = {_NOW}, running = 0"
                 " WHERE node_id = %s AND incarnation = %s AND state = %s",
                 (LEFT, lease.node_id, lease.incarnation, ALIVE),
-            )
+            ),
+            lane=NODES,
         )
 
     async def _nodes(self, where: str, params: Sequence[Any], order: str) -> list[NodeInfo]:
@@ -862,7 +924,7 @@ class PostgresBackend:
             ).fetchall()
             return [NodeInfo(*row) for row in rows]
 
-        return await self._read(fn)
+        return await self._run(fn, read=True, lane=NODES)
 
     async def expired_nodes(self) -> list[NodeInfo]:
         return await self._nodes(
@@ -870,7 +932,27 @@ class PostgresBackend:
         )
 
     async def take_over(self, node: NodeInfo, by: str) -> bool:
+        """Mark ``node`` dead (if its lease is still expired) and release its claims, after
+        ending its database sessions: a frozen process may hold row locks (mid-commit, in a
+        pipeline, where no idle timeout applies) that this update and the recovery of its
+        jobs would wait on for as long as it stays frozen."""
+
         def fn(conn: psycopg.Connection[Any]) -> bool:
+            try:
+                conn.execute(
+                    "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a, nodes n"
+                    " WHERE a.application_name = %s AND a.pid <> pg_backend_pid()"
+                    f" AND n.node_id = %s AND n.incarnation = %s AND n.state = %s"
+                    f" AND n.lease_expires_at < {_NOW}",
+                    (application_name(node.incarnation), node.node_id, node.incarnation, ALIVE),
+                )
+            except psycopg.errors.InsufficientPrivilege as exc:
+                log.warning(
+                    "cannot end the sessions of node %s (its row locks are released when it"
+                    " runs again or its connections drop): %s",
+                    node.owner,
+                    _one_line(exc),
+                )
             with conn.transaction():
                 # The row lock makes one winner: a second taker waits, then finds it dead.
                 won = conn.execute(
@@ -886,7 +968,7 @@ class PostgresBackend:
                     )
             return bool(won)
 
-        return await self._run(fn)
+        return await self._run(fn, lane=NODES)
 
     async def list_nodes(self) -> list[NodeInfo]:
         return await self._nodes("", (), "node_id, started_at")
@@ -902,7 +984,7 @@ class PostgresBackend:
             ).fetchone()
             return row is not None
 
-        return await self._read(fn)
+        return await self._run(fn, read=True, lane=NODES)
 
     async def orphaned_owners(self) -> list[tuple[str, str | None]]:
         rows = await self._read(lambda conn: conn.execute(ORPHANED_OWNERS_SQL).fetchall())
@@ -918,6 +1000,12 @@ class PostgresBackend:
             return [_job_from_row(*row) for row in rows]
 
         return await self._read(fn)
+
+
+def application_name(incarnation: str) -> str:
+    """The ``application_name`` of a node incarnation's sessions (at most 63 bytes: an
+    incarnation is a 26-character id)."""
+    return f"jobspine {incarnation}"
 
 
 def user_counts(events: Sequence[JobEvent]) -> list[tuple[str, int]]:

@@ -347,9 +347,12 @@ def _backend_for(database: str | os.PathLike[str], config: RuntimeConfig) -> Bac
     :class:`ValueError` for a URL libpq cannot parse."""
     if isinstance(database, str) and database.startswith(POSTGRES_URL_SCHEMES):
         # Imported only when used: psycopg takes longer to load than the rest of jobspine.
-        from ._postgres import PostgresBackend
+        from ._postgres import IDLE_TIMEOUT, PostgresBackend
 
-        return PostgresBackend(database)
+        # A frozen node's transaction ends before its lease can expire: its locks never hold
+        # up the takeover (see "Frozen writers" in ._postgres).
+        idle = min(IDLE_TIMEOUT, (config.lease_ttl - config.lease_renew_interval) / 2)
+        return PostgresBackend(database, idle_timeout=max(idle, 0.001))
     return SqliteBackend(
         database,
         synchronous=config.sqlite_synchronous,

@@ -869,8 +869,24 @@ class StoreClient:
 
     # -- nodes (see :mod:`._nodes` and the :class:`Backend` methods of the same names) -----
 
-    async def _node_call(self, fn: Callable[[Backend], Awaitable[T]]) -> T:
+    async def _node_call(self, fn: Callable[[Backend], Awaitable[T]], *, read: bool = False) -> T:
+        """A call about nodes. On a shared database it runs beside the actor, on the backend's
+        own connection for nodes: a commit held up by another node's row locks (a frozen
+        node's, until its takeover ends its sessions) never delays this node's renewals, nor
+        the takeover that frees it. Elsewhere in order with the writes (after a drain), under
+        the commit lock. Errors as the actor's: :class:`StoreError` for anything not ours."""
         actor = self._actor
+        if actor.backend.shared:
+            try:
+                return await fn(actor.backend)
+            except JobspineError:
+                raise
+            except Exception as exc:
+                if not is_outage(exc):  # an outage is the caller's to log (and retry)
+                    log.exception("node request failed")
+                raise StoreError(f"node request failed: {exc!r}") from None
+        if read:
+            return await self._read(lambda: fn(actor.backend), BARRIER)
 
         async def call() -> T:
             async with actor._commit_lock:
@@ -904,10 +920,10 @@ class StoreClient:
         return await self._node_call(lambda b: b.take_over(node, by))
 
     async def list_nodes(self) -> list[NodeInfo]:
-        return await self._read(lambda: self._actor.backend.list_nodes(), BARRIER)
+        return await self._node_call(lambda b: b.list_nodes(), read=True)
 
     async def node_alive(self, owner: str) -> bool:
-        return await self._read(lambda: self._actor.backend.node_alive(owner), BARRIER)
+        return await self._node_call(lambda b: b.node_alive(owner), read=True)
 
     async def running_jobs_of(self, owner: str) -> list[Job]:
         return await self._read(lambda: self._actor.backend.running_jobs_of(owner), BARRIER)

@@ -31,6 +31,8 @@ from actors import (
     StoreActor,
     StoreClient,
 )
+from actors._ids import new_id
+from actors._postgres import STORE, is_postgres_outage
 from actors._store import MAX_CONFLICTS
 
 
@@ -273,3 +275,82 @@ async def test_migration_to_v4_fills_seq_and_user_heads(pg_url: str) -> None:
         (2, job.id, 2),
         (3, job.id, 3),
     ]
+
+
+#: Statements a writer runs inside its transactions, each taking a lock another node waits
+#: for: a user's head (every commit of the user), its node's row (claims, takeover), a job row.
+HELD_LOCKS = {
+    "user head": "UPDATE user_heads SET head = head WHERE user_id = 'u0'",
+    "node row": "SELECT 1 FROM nodes WHERE node_id = 'n1' FOR SHARE",
+    "job row": "SELECT 1 FROM jobs FOR UPDATE",
+}
+
+
+@pytest.mark.parametrize("lock", sorted(HELD_LOCKS))
+async def test_a_frozen_writers_locks_are_released_by_the_server(pg_url: str, lock: str) -> None:
+    """A writer frozen inside its transaction (SIGSTOP, a paused VM) holding a lock: the
+    server ends its session after ``idle_timeout``, so other nodes' commits of the same user,
+    and the takeover of the frozen node, wait that long, not for as long as it is frozen."""
+    async with node(pg_url) as (client, _, _):
+        job = await client.create("u0", "research", {"q": 1})
+        other = PostgresBackend(pg_url, idle_timeout=0.3)
+        async with other.opened():
+            await other.register_node("n1", "i1", 0.05, "host", 1)
+            await trio.sleep(0.1)
+            (expired,) = await other.expired_nodes()
+            frozen = await trio.to_thread.run_sync(other._connect)
+            try:
+                await trio.to_thread.run_sync(frozen.execute, "BEGIN")
+                await trio.to_thread.run_sync(frozen.execute, HELD_LOCKS[lock])
+                with trio.fail_after(5):
+                    await client.start(job.id)
+                    await client.set_progress(job.id, 1, 50, None)
+                    assert await other.take_over(expired, "n2#1")
+                # The frozen session was ended: its next statement fails as an outage.
+                with pytest.raises(psycopg.Error) as info:
+                    await trio.to_thread.run_sync(frozen.execute, "SELECT 1")
+                assert is_postgres_outage(info.value)
+            finally:
+                frozen.close()
+
+
+@pytest.mark.parametrize("lock", sorted(HELD_LOCKS))
+async def test_a_takeover_ends_the_sessions_of_a_node_frozen_mid_pipeline(
+    pg_url: str, lock: str
+) -> None:
+    """A node frozen in the middle of a pipelined commit holds its locks with its session
+    *active* (waiting for the rest of the pipeline), where no idle timeout applies: the node
+    that takes it over ends its sessions first, so that the takeover, and other nodes'
+    commits of the same user, go on."""
+    async with node(pg_url) as (client, _, _):
+        job = await client.create("u0", "research", {"q": 1})
+        frozen = PostgresBackend(pg_url, idle_timeout=3600)  # only the takeover can free it
+        taker = PostgresBackend(pg_url)
+        async with frozen.opened(), taker.opened():
+            await frozen.register_node("n1", new_id(), 0.05, "host", 1)
+            conn = await trio.to_thread.run_sync(frozen._live, STORE)
+
+            def freeze() -> int:
+                # As libpq sends a pipelined commit: no Sync yet, the process froze.
+                pgconn = conn.pgconn
+                pgconn.enter_pipeline_mode()
+                pgconn.send_query_params(b"BEGIN", None)
+                pgconn.send_query_params(HELD_LOCKS[lock].encode(), None)
+                pgconn.flush()
+                return pgconn.backend_pid
+
+            pid = await trio.to_thread.run_sync(freeze)
+            await trio.sleep(0.2)
+            with psycopg.connect(pg_url, autocommit=True) as admin:
+                (state,) = admin.execute(
+                    "SELECT state FROM pg_stat_activity WHERE pid = %s", (pid,)
+                ).fetchone() or (None,)
+            assert state == "active"
+            (expired,) = [n for n in await taker.expired_nodes() if n.node_id == "n1"]
+            with trio.fail_after(5):
+                assert await taker.take_over(expired, "n2#1")
+                await client.start(job.id)
+                await client.set_progress(job.id, 1, 50, None)
+            with psycopg.connect(pg_url, autocommit=True) as admin:
+                gone = admin.execute("SELECT pid FROM pg_stat_activity WHERE pid = %s", (pid,))
+                assert gone.fetchall() == []  # its session was ended

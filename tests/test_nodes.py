@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -247,7 +247,7 @@ async def test_a_node_whose_lease_lapsed_claims_nothing_and_cannot_start_a_relea
         ]
         await backend.commit(waiting, [], (), {})
         node = await backend.register_node("x", "i1", 0.3, "h", 1)
-        taker = await backend.register_node("y", "i1", 60, "h", 2)
+        taker = await backend.register_node("y", "i2", 60, "h", 2)
 
         def request(owner: str) -> ClaimRequest:
             now = time.time()
@@ -274,7 +274,8 @@ async def test_a_node_whose_lease_lapsed_claims_nothing_and_cannot_start_a_relea
 
 class SharedMemory(MemoryBackend):
     """An in-memory database treated as shared by several nodes, on Trio's clock. With
-    ``hang_renewals`` true, this node's renewals never answer (a database it cannot reach)."""
+    ``hang_renewals`` true, this node's renewals and registrations never answer (a database
+    it cannot reach)."""
 
     shared = True
     hang_renewals = False
@@ -286,8 +287,21 @@ class SharedMemory(MemoryBackend):
 
     async def renew_node(self, lease: NodeLease, ttl: float, running: int) -> NodeLease:
         if self.hang_renewals:
-            await self.reachable.wait()  # the store waits with it, as on a database gone
+            await self.reachable.wait()  # as on a database gone
         return await super().renew_node(lease, ttl, running)
+
+    async def register_node(
+        self,
+        node_id: str,
+        incarnation: str,
+        ttl: float,
+        host: str,
+        pid: int,
+        replacing: str | None = None,
+    ) -> NodeLease:
+        if self.hang_renewals:
+            await self.reachable.wait()
+        return await super().register_node(node_id, incarnation, ttl, host, pid, replacing)
 
 
 async def hang(ctx: JobContext, input: Any) -> Any:
@@ -416,6 +430,56 @@ async def test_jobs_left_by_a_taker_that_died_mid_takeover_are_recovered_once(
         types = [e.type for e in await rt.read_events("j-orphan")]
         assert types.count(EventType.RECOVERY) == 1
         assert (await rt.get_job("j-busy")).state is JobState.RUNNING  # its taker's to end
+
+
+class FailingRecoveries(SharedMemory):
+    """Its commits of a recovery of ``job_id`` fail ``failures`` times (a write refused for
+    a reason the store does not retry), then succeed."""
+
+    def __init__(self, job_id: str, failures: int) -> None:
+        super().__init__()
+        self.job_id, self.failures = job_id, failures
+
+    async def commit(
+        self,
+        jobs: Collection[Job],
+        events: Sequence[JobEvent],
+        deleted: Collection[str],
+        heartbeats: Mapping[str, tuple[int, float]],
+    ) -> Sequence[JobEvent]:
+        if self.failures and any(
+            e.job_id == self.job_id and "taken_over_by" in e.data for e in events
+        ):
+            self.failures -= 1
+            raise ValueError("the database refused this write")
+        return await super().commit(jobs, events, deleted, heartbeats)
+
+
+async def test_a_takeover_whose_recovery_write_failed_is_finished_by_its_taker(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The taker's recovery of one of the dead node's jobs fails (twice): the job is not left
+    running under the dead owner while the taker lives; a later orphan sweep of the taker
+    recovers it, exactly once, and the dead node's other job is not touched again."""
+    backend = FailingRecoveries("j-first", failures=2)
+    dead = await backend.register_node("dead", "d1", 1.0, "elsewhere", 1)
+    now = backend._clock()
+    jobs = [
+        *owned("j-first", "hang", dead.owner, now, ckpt=True),
+        *owned("j-second", "hang", dead.owner, now, ckpt=True),
+    ]
+    await backend.commit(jobs, [], (), {})
+    config = attrs.evolve(FAST, node_id="a")
+    async with open_runtime(backend=backend, handlers=HANDLERS, config=config) as rt:
+        await wait_until(lambda: job_is(rt, "j-second", JobState.PAUSED), 5)
+        assert (await rt.get_job("j-first")).state is JobState.RUNNING  # its write failed
+        await wait_until(lambda: job_is(rt, "j-first", JobState.PAUSED), 10)
+        assert backend.failures == 0
+        await trio.sleep(10)  # more sweeps: nothing more
+        for job_id in ("j-first", "j-second"):
+            types = [e.type for e in await rt.read_events(job_id)]
+            assert types.count(EventType.RECOVERY) == 1, (job_id, types)
+        assert rt.node.takeovers == 1
 
 
 async def events_of(rt: Any, job_id: str) -> list[JobEvent]:
