@@ -126,13 +126,21 @@ class _Request:
     only, answered at once. ``BARRIER``: runs after every earlier write has committed.
     ``CLAIM``: both, a barrier whose writes are answered after they commit."""
 
-    __slots__ = ("conflicts", "done", "error", "fn", "key", "mode", "replay", "value")
+    __slots__ = ("conflicts", "done", "early", "error", "fn", "key", "mode", "replay", "value")
 
     def __init__(
-        self, fn: Callable[[], Awaitable[Any]], mode: str, key: _KeyRequest | None = None
+        self,
+        fn: Callable[[], Awaitable[Any]],
+        mode: str,
+        key: _KeyRequest | None = None,
+        *,
+        early: bool = False,
     ) -> None:
         self.fn = fn
         self.mode = mode
+        #: A write answered once applied (ordered into the group), before its commit, while
+        #: the database is healthy: progress (see :meth:`StoreClient.set_progress`).
+        self.early = early
         #: A create's idempotency key and window, looked up with its batch's others.
         self.key = key
         self.done = trio.Event()
@@ -306,6 +314,10 @@ class StoreActor:
                 request.error = StoreError(f"store request failed: {exc!r}")
             if request.mode is WRITE or request.mode is CLAIM:
                 self._group.requests.append(request)
+                if request.early and request.error is None and self.health.ok:
+                    # Ordered: the hub publishes it only once its group has committed, and
+                    # the caller's next write joins this group or a later one.
+                    request.done.set()
             else:
                 request.done.set()
         self._keys = None
@@ -402,6 +414,11 @@ class StoreActor:
                         if request.replay:
                             self._replay.append(request)
                         else:
+                            if request.early and request.error is not None:
+                                # Answered already: nobody else hears of it.
+                                log.warning(
+                                    "progress answered early was not saved: %s", request.error
+                                )
                             request.done.set()
                     if self._replay:
                         self._wake.cancel()
@@ -745,9 +762,14 @@ class StoreClient:
         self._actor.queue.unsettle()
 
     async def _call(
-        self, fn: Callable[[], Awaitable[T]], mode: str = WRITE, key: _KeyRequest | None = None
+        self,
+        fn: Callable[[], Awaitable[T]],
+        mode: str = WRITE,
+        key: _KeyRequest | None = None,
+        *,
+        early: bool = False,
     ) -> T:
-        request = _Request(fn, mode, key)
+        request = _Request(fn, mode, key, early=early)
         try:
             await self._send.send(request)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -983,12 +1005,19 @@ class StoreClient:
             lambda: self._actor._change(job_id, lambda job, now: ops.resume(job, now, actor))
         )
 
-    async def set_progress(self, job_id: str, attempt: int, pct: float, step: str | None) -> Job:
+    async def set_progress(
+        self, job_id: str, attempt: int, pct: float, step: str | None, *, durable: bool = True
+    ) -> Job:
+        """Record progress; returns the job as staged. ``durable`` False: answered once
+        ordered into the next group commit, not after it (while the database is healthy; the
+        ops' own refusals, such as a stale attempt, are still raised): the event is published
+        only once committed, so no client sees an event that is not durable."""
         check_text(step, "step", optional=True, limit=MAX_STEP_LENGTH)
         return await self._call(
             lambda: self._actor._change(
                 job_id, lambda job, now: ops.progress(job, attempt, pct, step, now)
-            )
+            ),
+            early=not durable,
         )
 
     async def checkpoint(self, job_id: str, attempt: int, data: Any) -> Job:

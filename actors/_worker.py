@@ -64,7 +64,7 @@ class ContextStore(Protocol):
     the server in a ``jobspine worker``. Both fence every write by ``attempt``."""
 
     async def set_progress(
-        self, job_id: str, attempt: int, pct: float, step: str | None
+        self, job_id: str, attempt: int, pct: float, step: str | None, *, durable: bool = True
     ) -> object: ...
 
     async def checkpoint(self, job_id: str, attempt: int, data: Any) -> object: ...
@@ -147,17 +147,23 @@ class JobContext:
         await trio.lowlevel.checkpoint()
 
     async def progress(self, pct: float, step: str | None = None) -> None:
-        """Record progress (0..100) and the current step label; returns once stored.
+        """Record progress (0..100) and the current step label; returns once the store has
+        ordered it into its next group commit, without waiting for that commit: the event is
+        durable within one commit (milliseconds), and no client sees it before it is. A
+        crash in between loses it with the run's other progress since the last checkpoint,
+        which is what a restart resumes from; :meth:`checkpoint` returns only once durable.
 
         Raises :class:`InvalidInputError` (or :class:`NotSerializableError`) for a value that
-        cannot be stored, before anything is queued; :class:`StoreUnavailableError` when the
-        database stayed unavailable for ``store_retry_timeout`` (the job is then paused, not
-        failed, if the handler lets it propagate). While the call waits on the database the
-        job counts as alive."""
+        cannot be stored, before anything is queued; :class:`StaleAttemptError` (or another
+        :class:`JobspineError`) when the job no longer runs this attempt. While the database
+        is unavailable it waits for the commit, and raises :class:`StoreUnavailableError` when
+        the database stayed unavailable for ``store_retry_timeout`` (the job is then paused,
+        not failed, if the handler lets it propagate). While the call waits on the database
+        the job counts as alive."""
         worker = self._worker
         worker.keep_alive += 1
         try:
-            await worker.store.set_progress(self.job_id, self.attempt, pct, step)
+            await worker.store.set_progress(self.job_id, self.attempt, pct, step, durable=False)
         finally:
             worker.keep_alive -= 1
         worker.beat()

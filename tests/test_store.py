@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -16,7 +16,9 @@ from actors import (
     EventType,
     IllegalTransitionError,
     InvalidInputError,
+    Job,
     JobError,
+    JobEvent,
     JobQuery,
     JobState,
     MemoryBackend,
@@ -344,3 +346,79 @@ async def test_set_state_takes_the_one_operation_that_leads_there(backend: Backe
         assert (await store.set_state(job.id, JobState.CANCELLED)).state is JobState.CANCELLED
         with pytest.raises(IllegalTransitionError, match="cancelled -> completed"):
             await store.set_state(job.id, JobState.COMPLETED)
+
+
+class GatedMemory(MemoryBackend):
+    """Commits wait for ``gate`` while ``gated``: a slow disk, on Trio's clock."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = trio.Event()
+        self.gated = False
+
+    async def commit(
+        self,
+        jobs: Collection[Job],
+        events: Sequence[JobEvent],
+        deleted: Collection[str],
+        heartbeats: Mapping[str, tuple[int, float]],
+    ) -> Sequence[JobEvent]:
+        if self.gated:
+            await self.gate.wait()
+        return await super().commit(jobs, events, deleted, heartbeats)
+
+
+async def test_progress_is_answered_once_ordered_and_published_only_once_durable(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """``set_progress(durable=False)`` (what ``ctx.progress`` uses) returns while its commit
+    is still running; no subscriber gets the event before it is stored; a checkpoint after it
+    returns only once durable, and everything commits in call order. A refusal of the ops
+    (a stale attempt) is still raised at the call."""
+    backend = GatedMemory()
+    async with open_store(backend) as (store, _, hub):
+        job_id = await running_job(store)
+        backend.gated = True
+        async with hub.subscribe() as stream, trio.open_nursery() as nursery:
+            with trio.fail_after(1):
+                staged = await store.set_progress(job_id, 1, 40, "a", durable=False)
+                await store.set_progress(job_id, 1, 60, "b", durable=False)
+            assert (staged.progress, staged.step) == (40, "a")
+            checkpointed = trio.Event()
+
+            async def checkpoint() -> None:
+                await store.checkpoint(job_id, 1, {"at": 60})
+                checkpointed.set()
+
+            nursery.start_soon(checkpoint)
+            await trio.sleep(10)
+            with pytest.raises(trio.WouldBlock):
+                stream.receive_nowait()  # nothing published before it is durable
+            stored = await backend.load(job_id)
+            assert stored is not None and stored.progress == 0
+            assert not checkpointed.is_set()  # a checkpoint waits for its commit
+            backend.gate.set()
+            await checkpointed.wait()
+            published = [stream.receive_nowait() for _ in range(3)]
+        assert [(e.type, e.data.get("progress")) for e in published] == [
+            (EventType.PROGRESS, 40),
+            (EventType.PROGRESS, 60),
+            (EventType.CHECKPOINT, None),
+        ]
+        stored = await backend.load(job_id)
+        assert stored is not None and (stored.progress, stored.checkpoint) == (60, {"at": 60})
+        with pytest.raises(StaleAttemptError):
+            await store.set_progress(job_id, 7, 10, None, durable=False)
+        # By default a progress returns only once durable.
+        backend.gate = trio.Event()
+        async with trio.open_nursery() as nursery:
+            done = trio.Event()
+
+            async def durable_progress() -> None:
+                await store.set_progress(job_id, 1, 70, None)
+                done.set()
+
+            nursery.start_soon(durable_progress)
+            await trio.sleep(10)
+            assert not done.is_set()
+            backend.gate.set()

@@ -139,7 +139,10 @@ class _Session:
 
     # -- ContextStore --------------------------------------------------------------------------
 
-    async def set_progress(self, job_id: str, attempt: int, pct: float, step: str | None) -> None:
+    async def set_progress(
+        self, job_id: str, attempt: int, pct: float, step: str | None, *, durable: bool = True
+    ) -> None:
+        # The server's own JobContext decides when it answers (see JobContext.progress).
         await self.request("progress", job_id=job_id, attempt=attempt, progress=pct, step=step)
 
     async def checkpoint(self, job_id: str, attempt: int, data: Any) -> None:
