@@ -2,7 +2,10 @@
 
 aiosqlite speaks asyncio only, so this backend owns a trio-asyncio loop for as long as it is
 open and calls aiosqlite through ``aio_as_trio``; nothing else in the runtime touches asyncio.
-Only the store actor calls it, one call at a time.
+Only the store actor calls it, one call at a time. A commit is one call into aiosqlite's thread
+(``Connection._execute``, the one private name used: aiosqlite has no public way to run a
+function there) rather than one per statement: each crossing costs the event loop a future,
+a thread hand-off and a trio-asyncio wake-up.
 """
 
 from __future__ import annotations
@@ -158,6 +161,96 @@ async def _close(db: aiosqlite.Connection) -> None:
     db.stop()
 
 
+_WRITE_JOB = (
+    "INSERT INTO jobs (id, user_id, kind, state, attempt, last_heartbeat_at,"
+    " record, finished_at, priority, created_at, ready_at, parent_id,"
+    " idempotency_key, owner, lease_expires_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (id) DO UPDATE SET"
+    " state = excluded.state, attempt = excluded.attempt,"
+    " last_heartbeat_at = excluded.last_heartbeat_at, record = excluded.record,"
+    " finished_at = excluded.finished_at, priority = excluded.priority,"
+    " ready_at = excluded.ready_at,"
+    # A lease renewed meanwhile (renew_leases) is not moved back by a write of the same claim
+    # that carries the older expiry.
+    " lease_expires_at = CASE WHEN excluded.owner IS NOT NULL"
+    " AND excluded.owner IS jobs.owner"
+    " THEN max(excluded.lease_expires_at, coalesce(jobs.lease_expires_at, 0))"
+    " ELSE excluded.lease_expires_at END,"
+    " owner = excluded.owner"
+)
+
+
+def _commit_sync(
+    db: sqlite3.Connection,
+    jobs: list[Job],
+    events: Sequence[JobEvent],
+    deleted: list[str],
+    heartbeats: dict[str, tuple[int, float]],
+) -> None:
+    """:meth:`SqliteBackend.commit`, in aiosqlite's thread (the only one that touches ``db``;
+    the store actor waits for it, so nothing else runs on the connection meanwhile). Jobs and
+    events are immutable: reading them from this thread is safe."""
+    try:
+        if jobs:
+            db.executemany(
+                _WRITE_JOB,
+                [
+                    (
+                        j.id,
+                        j.user_id,
+                        j.kind,
+                        j.state.value,
+                        j.attempt,
+                        j.last_heartbeat_at,
+                        orjson.dumps(converter.unstructure(j)).decode(),
+                        j.updated_at if j.state in TERMINAL_STATES else None,
+                        j.priority,
+                        j.created_at,
+                        _ready_at(j),
+                        j.parent_id,
+                        j.idempotency_key,
+                        j.owner,
+                        j.lease_expires_at,
+                    )
+                    for j in jobs
+                ],
+            )
+            tagged = [(tag, j.id) for j in jobs for tag in j.tags]
+            if tagged:
+                db.executemany("INSERT OR IGNORE INTO job_tags (tag, job_id) VALUES (?, ?)", tagged)
+        if events:
+            db.executemany(
+                "INSERT INTO events (job_id, seq, user_id, user_seq, type, record)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        e.job_id,
+                        e.seq,
+                        e.user_id,
+                        e.user_seq,
+                        e.type.value,
+                        orjson.dumps(converter.unstructure(e)).decode(),
+                    )
+                    for e in events
+                ],
+            )
+        if heartbeats:
+            db.executemany(
+                "UPDATE jobs SET last_heartbeat_at = ?"
+                " WHERE id = ? AND state = 'running' AND attempt = ?",
+                [(at, job_id, attempt) for job_id, (attempt, at) in heartbeats.items()],
+            )
+        if deleted:
+            ids = [(job_id,) for job_id in deleted]
+            db.executemany("DELETE FROM jobs WHERE id = ?", ids)
+            db.executemany("DELETE FROM job_tags WHERE job_id = ?", ids)
+        db.commit()
+    except Exception:
+        db.rollback()
+        raise
+
+
 def _job_from_row(
     record: str, heartbeat: float | None, owner: str | None, lease: float | None
 ) -> Job:
@@ -290,82 +383,13 @@ class SqliteBackend:
         deleted: Collection[str],
         heartbeats: Mapping[str, tuple[int, float]],
     ) -> Sequence[JobEvent]:
+        """One transaction, run as one call in the database's thread (see
+        :func:`_commit_sync`): one crossing of the loop instead of one per statement, and the
+        records encoded there rather than on the event loop."""
         conn = self._conn
-        try:
-            if jobs:
-                # A lease renewed meanwhile (renew_leases) is not moved back by a write of
-                # the same claim that carries the older expiry.
-                await aio_as_trio(conn.executemany)(
-                    "INSERT INTO jobs (id, user_id, kind, state, attempt, last_heartbeat_at,"
-                    " record, finished_at, priority, created_at, ready_at, parent_id,"
-                    " idempotency_key, owner, lease_expires_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT (id) DO UPDATE SET"
-                    " state = excluded.state, attempt = excluded.attempt,"
-                    " last_heartbeat_at = excluded.last_heartbeat_at, record = excluded.record,"
-                    " finished_at = excluded.finished_at, priority = excluded.priority,"
-                    " ready_at = excluded.ready_at,"
-                    " lease_expires_at = CASE WHEN excluded.owner IS NOT NULL"
-                    " AND excluded.owner IS jobs.owner"
-                    " THEN max(excluded.lease_expires_at, coalesce(jobs.lease_expires_at, 0))"
-                    " ELSE excluded.lease_expires_at END,"
-                    " owner = excluded.owner",
-                    [
-                        (
-                            j.id,
-                            j.user_id,
-                            j.kind,
-                            j.state.value,
-                            j.attempt,
-                            j.last_heartbeat_at,
-                            orjson.dumps(converter.unstructure(j)).decode(),
-                            j.updated_at if j.state in TERMINAL_STATES else None,
-                            j.priority,
-                            j.created_at,
-                            _ready_at(j),
-                            j.parent_id,
-                            j.idempotency_key,
-                            j.owner,
-                            j.lease_expires_at,
-                        )
-                        for j in jobs
-                    ],
-                )
-                tagged = [(tag, j.id) for j in jobs for tag in j.tags]
-                if tagged:
-                    await aio_as_trio(conn.executemany)(
-                        "INSERT OR IGNORE INTO job_tags (tag, job_id) VALUES (?, ?)", tagged
-                    )
-            if events:
-                await aio_as_trio(conn.executemany)(
-                    "INSERT INTO events (job_id, seq, user_id, user_seq, type, record)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    [
-                        (
-                            e.job_id,
-                            e.seq,
-                            e.user_id,
-                            e.user_seq,
-                            e.type.value,
-                            orjson.dumps(converter.unstructure(e)).decode(),
-                        )
-                        for e in events
-                    ],
-                )
-            if heartbeats:
-                await aio_as_trio(conn.executemany)(
-                    "UPDATE jobs SET last_heartbeat_at = ?"
-                    " WHERE id = ? AND state = 'running' AND attempt = ?",
-                    [(at, job_id, attempt) for job_id, (attempt, at) in heartbeats.items()],
-                )
-            if deleted:
-                ids = [(job_id,) for job_id in deleted]
-                await aio_as_trio(conn.executemany)("DELETE FROM jobs WHERE id = ?", ids)
-                await aio_as_trio(conn.executemany)("DELETE FROM job_tags WHERE job_id = ?", ids)
-            await aio_as_trio(conn.commit)()
-        except Exception:
-            await aio_as_trio(conn.rollback)()
-            raise
+        await aio_as_trio(conn._execute)(
+            _commit_sync, conn._conn, list(jobs), events, list(deleted), dict(heartbeats)
+        )
         return events  # the only writer: numbered as staged
 
     async def query(self, query: JobQuery) -> list[Job]:
