@@ -7,8 +7,11 @@ incarnation (``application_name``)."""
 
 from __future__ import annotations
 
+import random
+import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -214,3 +217,85 @@ def freeze_sql(url: str, incarnation: str, statement: str) -> psycopg.Connection
     pgconn.send_query_params(statement.encode(), None)
     pgconn.flush()
     return conn
+
+
+# -- real nodes (``jobspine serve``), SIGSTOP/SIGCONT -------------------------------------------
+
+
+@pytest.mark.slow
+async def test_short_freezes_at_any_moment_cost_a_node_nothing(tmp_path: Path) -> None:
+    """Invariant (README): "paused for less than its TTL, it keeps its jobs". A node is
+    frozen again and again, each time for more than the server's idle-in-transaction timeout
+    (1 s) and well under its lease (6 s), at random moments of a busy run (many short jobs:
+    claims and commits in flight), so some freezes land inside a transaction whose session the
+    server then ends. Nothing may be taken over, recovered, or run twice."""
+    from bench.cluster import cluster_supported
+
+    from .cluster import check_log, cluster_of, create_jobs, settle
+
+    if not cluster_supported():
+        pytest.skip("no cluster")
+    ttl = 6.0
+    rng = random.Random(7)
+    async with cluster_of(tmp_path, 2, lease_ttl=ttl) as cluster:
+        specs = [(f"u{i % 4}", "steps", {"n": 8, "delay": 0.02}) for i in range(400)]
+        created: set[str] = set()
+
+        async def freezer() -> None:
+            for _ in range(6):
+                await trio.sleep(rng.uniform(0.2, 1.0))
+                cluster.signal("n1", signal.SIGSTOP)
+                await trio.sleep(rng.uniform(1.3, 2.5))
+                cluster.signal("n1", signal.SIGCONT)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(freezer)
+            for chunk in range(0, len(specs), 50):
+                created |= {
+                    j["id"]
+                    for j in await create_jobs(cluster, specs[chunk : chunk + 50], on=["n0"])
+                }
+        await settle(cluster, created, 180)
+        summary = check_log(cluster.store, created, {}, settled=True)
+        assert cluster.nodes["n1"].alive
+    assert summary.takeovers == 0 and summary.recoveries == 0
+    assert summary.states == {"completed": len(created)}, summary.states
+    assert all(len(o) == 1 for o in summary.owners.values())
+
+
+@pytest.mark.slow
+async def test_two_nodes_frozen_past_their_lease_at_once(tmp_path: Path) -> None:
+    """Invariant: two of three nodes frozen together past their lease: the third takes both
+    over within TTL + 1 s (each job exactly once); after SIGCONT the two write nothing more for
+    their old attempts and come back as new incarnations; every job ends."""
+    from bench.cluster import cluster_supported
+
+    from .cluster import check_log, cluster_of, create_jobs, settle
+
+    if not cluster_supported():
+        pytest.skip("no cluster")
+    ttl = 3.0
+    async with cluster_of(tmp_path, 3, lease_ttl=ttl) as cluster:
+        kinds = ["steps", "requeued", "plain"]
+        specs = [(f"u{i % 3}", kinds[i % 3], {"n": 60, "delay": 0.05}) for i in range(24)]
+        created = {job["id"] for job in await create_jobs(cluster, specs)}
+        await trio.sleep(1.0)
+        cluster.signal("n1", signal.SIGSTOP)
+        cluster.signal("n2", signal.SIGSTOP)
+        stopped_at = time.time()
+        await trio.sleep(ttl + 3)
+        cluster.signal("n1", signal.SIGCONT)
+        cluster.signal("n2", signal.SIGCONT)
+        await settle(cluster, created, 120)
+        summary = check_log(cluster.store, created, {}, settled=True)
+        assert all(cluster.nodes[n].alive for n in ("n0", "n1", "n2"))
+        with psycopg.connect(cluster.store) as conn:
+            rows = conn.execute(
+                "SELECT node_id, state, taken_over_by FROM nodes ORDER BY started_at"
+            ).fetchall()
+    assert summary.takeovers > 0
+    dead = {(node, (by or "").split("#")[0]) for node, state, by in rows if state == "dead"}
+    assert dead == {("n1", "n0"), ("n2", "n0")}, rows
+    alive = {node for node, state, _ in rows if state == "alive"}
+    assert alive == {"n0", "n1", "n2"}, rows
+    _ = stopped_at
