@@ -954,6 +954,13 @@ class PostgresBackend:
                     _one_line(exc),
                 )
             with conn.transaction():
+                # A lock this waits on longer than the idle timeout is a live node's (frozen,
+                # its lease not expired yet) or one this role may not free: given up (55P03,
+                # an outage: tried again at the next scan) so that the renewals on this lane
+                # never wait on it.
+                conn.execute(
+                    "SELECT set_config('lock_timeout', %s, true)", (str(self._idle_timeout_ms),)
+                )
                 # The row lock makes one winner: a second taker waits, then finds it dead.
                 won = conn.execute(
                     "UPDATE nodes SET state = %s, taken_over_by = %s WHERE node_id = %s"
