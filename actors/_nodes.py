@@ -76,7 +76,7 @@ ORPHANED_OWNERS_SQL = (
     " WHERE j.state = 'running' AND j.owner IS NOT NULL"
     " AND (n.state IS NULL OR n.state <> 'alive') ORDER BY j.owner"
 )
-#: Scans (one per renewal interval) between two looks for orphaned running jobs (and two
+#: Renewal intervals between two looks for orphaned running jobs (and two
 #: recounts of the jobs by state, which other nodes' commits change).
 ORPHAN_SWEEP_EVERY = 5
 
@@ -268,7 +268,9 @@ class NodeActor:
         self.renewed_at: float | None = None
         #: Nodes this one took over, and times it found itself fenced, since it started.
         self.takeovers = 0
-        self._scans = 0  # looks for expired nodes so far (every few, for orphans too)
+        #: Incarnations taken over whose jobs await recovery: owner -> the taker's owner.
+        self._pending: dict[str, str] = {}
+        self._have_pending = trio.Event()
         #: Owners this node took over whose recovery left running jobs (a write that failed):
         #: retried at each orphan sweep until none is left.
         self._unfinished: set[str] = set()
@@ -335,23 +337,67 @@ class NodeActor:
                 self.policy.scan_due(trio.current_time())
                 # One process's database: the start-up recovery brings its jobs back.
                 await self.take_over_expired(recover=self.renewing)
+                await self._recover_pending()
                 task_status.started(self)
                 if not self.renewing:
                     await trio.sleep_forever()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._scan_loop)
+                    nursery.start_soon(self._recovery_loop)
                     while True:
                         await trio.sleep_until(self.policy.next_wake())
                         await self.tick()
 
+    # Three tasks, so that none waits on another's database calls: renewals (the lease's
+    # connection), takeovers (the lease's connection too: they end a dead node's sessions,
+    # which frees whatever it held), and recoveries (the store's connection, whose commits
+    # may wait on a frozen node's row locks until its own takeover ends its sessions).
+
     async def _scan_loop(self) -> None:
-        """Take over expired nodes once per renewal interval while this node's lease holds,
-        beside the renewals (recovering a dead node's jobs may take longer than its lease)."""
+        """Take over expired nodes once per renewal interval while this node's lease holds."""
         while True:
             await trio.sleep_until(self.policy.next_scan())
             if self.policy.scan_due(trio.current_time()) and self.healthy:
                 await self.take_over_expired()
-                self._wake()
+
+    async def _recovery_loop(self) -> None:
+        """Recover the jobs of the nodes taken over as they come; every
+        :data:`ORPHAN_SWEEP_EVERY` renewal intervals, look for orphaned running jobs and
+        count the jobs by state again (other nodes' commits move them too)."""
+        every = ORPHAN_SWEEP_EVERY * self.policy.renew_interval
+        sweep_at = trio.current_time() + every
+        while True:
+            with trio.move_on_at(sweep_at):
+                await self._have_pending.wait()
+            await self._recover_pending()
+            if trio.current_time() >= sweep_at and self.lease is not None:
+                sweep_at = trio.current_time() + every
+                await self._recover_orphans(self.lease.owner)
+                await self._recover_pending()
+                try:
+                    await self.store.recount_jobs()
+                except RuntimeClosedError:
+                    raise
+                except JobspineError as exc:
+                    log.warning("node %s: counting jobs failed: %s", self.node_id, exc)
+
+    async def _recover_pending(self) -> None:
+        """Apply the stall rule to the jobs of every incarnation taken over and not recovered
+        yet (shielded: a node won is recovered in full, nobody else will take it over)."""
+        self._have_pending = trio.Event()
+        while self._pending:
+            owner, by = next(iter(self._pending.items()))
+            with trio.CancelScope(shield=True):
+                if await self._recover_jobs(owner, by):
+                    self._unfinished.discard(owner)
+                else:
+                    self._unfinished.add(owner)
+            del self._pending[owner]
+            self._wake()
+
+    def _queue_recovery(self, owner: str, by: str) -> None:
+        self._pending.setdefault(owner, by)
+        self._have_pending.set()
 
     def close(self) -> None:
         if self._scope is not None:
@@ -419,8 +465,8 @@ class NodeActor:
         self.policy.lost()
 
     async def take_over_expired(self, *, recover: bool = True) -> int:
-        """Take over every expired node this one wins and, with ``recover``, apply the stall
-        rule to its running jobs; returns how many nodes."""
+        """Take over every expired node this one wins and, with ``recover``, queue the stall
+        rule for its running jobs (see :meth:`_recover_pending`); returns how many nodes."""
         assert self.lease is not None
         by = self.lease.owner
         try:
@@ -434,7 +480,7 @@ class NodeActor:
         for node in expired:
             if node.owner == by:
                 continue  # this incarnation (one process's database: its lease ends at once)
-            # Shielded: a node won is recovered in full (nobody else will take it over).
+            # Shielded: a node won is queued for recovery (nobody else will take it over).
             with trio.CancelScope(shield=True):
                 try:
                     if not await self.store.take_over(node, by):
@@ -446,19 +492,10 @@ class NodeActor:
                     continue
                 won += 1
                 self.takeovers += 1
-                if recover and not await self._recover_jobs(node.owner, by):
-                    self._unfinished.add(node.owner)
-        self._scans += 1
-        if recover and self._scans % ORPHAN_SWEEP_EVERY == 0:
-            won += await self._recover_orphans(by)
-            try:
-                await self.store.recount_jobs()  # other nodes' commits move them too
-            except RuntimeClosedError:
-                raise
-            except JobspineError as exc:
-                log.warning("node %s: counting jobs failed: %s", by, exc)
+                if recover:
+                    self._queue_recovery(node.owner, by)
         if won:
-            self._wake()
+            self._wake()  # its claimed jobs went back to the queue
         return won
 
     async def _recover_orphans(self, by: str) -> int:
@@ -483,11 +520,7 @@ class NodeActor:
             return 0
         self._unfinished.intersection_update(gone)  # the others have no running job left
         for owner in gone:
-            with trio.CancelScope(shield=True):
-                if await self._recover_jobs(owner, by):
-                    self._unfinished.discard(owner)
-                else:
-                    self._unfinished.add(owner)
+            self._queue_recovery(owner, by)
         return len(gone)
 
     async def _recover_jobs(self, owner: str, by: str) -> bool:

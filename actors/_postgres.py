@@ -438,8 +438,7 @@ class PostgresBackend:
         return epoch
 
     def _live(self, lane: str) -> psycopg.Connection[Any]:
-        """The lane's connection, connected again if the server dropped it (or on first use),
-        its session named as this node's incarnation."""
+        """The lane's connection, connected again if the server dropped it (or on first use)."""
         conn = self._conns[lane]
         if conn is None or conn.closed:
             if not self._open:
@@ -449,10 +448,13 @@ class PostgresBackend:
                 log.warning("connection to %s lost; connecting again", redact_url(self.url))
             self._conns[lane] = conn = self._connect()
             self._applied[lane] = "jobspine"
+        return conn
+
+    def _name(self, conn: psycopg.Connection[Any], lane: str) -> None:
+        """Name the lane's session after this node's current incarnation (once per change)."""
         if self._applied.get(lane) != self._application:
             conn.execute("SELECT set_config('application_name', %s, false)", (self._application,))
             self._applied[lane] = self._application
-        return conn
 
     async def _run(
         self,
@@ -469,6 +471,7 @@ class PostgresBackend:
         def call() -> T:
             conn = self._live(lane)
             try:
+                self._name(conn, lane)
                 return fn(conn)
             except psycopg.Error:
                 # A connection the server dropped in the middle of a batch (executemany runs
@@ -480,7 +483,9 @@ class PostgresBackend:
                     conn.close()
                 if not (read and broken):
                     raise
-            return fn(self._live(lane))
+            conn = self._live(lane)
+            self._name(conn, lane)
+            return fn(conn)
 
         async with self._locks[lane]:
             return await trio.to_thread.run_sync(call)

@@ -32,7 +32,7 @@ from actors import (
     StoreClient,
 )
 from actors._ids import new_id
-from actors._postgres import STORE, is_postgres_outage
+from actors._postgres import is_postgres_outage
 from actors._store import MAX_CONFLICTS
 
 
@@ -328,7 +328,7 @@ async def test_a_takeover_ends_the_sessions_of_a_node_frozen_mid_pipeline(
         taker = PostgresBackend(pg_url)
         async with frozen.opened(), taker.opened():
             await frozen.register_node("n1", new_id(), 0.05, "host", 1)
-            conn = await trio.to_thread.run_sync(frozen._live, STORE)
+            conn = await frozen._run(lambda conn: conn)  # its store session, named
 
             def freeze() -> int:
                 # As libpq sends a pipelined commit: no Sync yet, the process froze.
