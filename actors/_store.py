@@ -283,7 +283,7 @@ class StoreActor:
             except trio.EndOfChannel:
                 return
             if first is None:
-                if self._beats:
+                if self._beats or self._group:
                     await self._cut()
                 elif not self.health.ok and not self._inflight:
                     await self._probe()
@@ -321,6 +321,11 @@ class StoreActor:
             else:
                 request.done.set()
         self._keys = None
+        if self._inflight and len(self._group.requests) < self.config.max_batch:
+            # The committer is busy with the group before: this one keeps growing with what
+            # arrives meanwhile (one commit for all of it), and is handed over as soon as
+            # the committer is free (it wakes this task, see _committer).
+            return
         await self._cut()
 
     async def _look_up_keys(self, requests: list[_Request]) -> None:
@@ -410,6 +415,8 @@ class StoreActor:
                             self.fast_starter.voided(group.fast)
                     if not self._inflight:
                         self._idle.set()
+                        if self._group:
+                            self._wake.cancel()  # hand over the group that grew meanwhile
                     for request in group.requests:
                         if request.replay:
                             self._replay.append(request)
