@@ -370,8 +370,10 @@ class NodeActor:
             with trio.move_on_at(sweep_at):
                 await self._have_pending.wait()
             await self._recover_pending()
-            if trio.current_time() >= sweep_at and self.lease is not None:
-                sweep_at = trio.current_time() + every
+            if trio.current_time() < sweep_at:
+                continue
+            sweep_at = trio.current_time() + every
+            if self.lease is not None:
                 await self._recover_orphans(self.lease.owner)
                 await self._recover_pending()
                 try:
@@ -421,8 +423,14 @@ class NodeActor:
                 self._abandon(f"lease lapsed: not renewed for {self.policy.ttl:g} s")
             try:
                 # A database that does not answer: tried again after one interval.
-                with trio.move_on_after(self.policy.ttl):
+                with trio.move_on_after(self.policy.ttl) as attempt:
                     await self.register()
+                if attempt.cancelled_caught:
+                    log.warning(
+                        "node %s: registration unanswered for %g s (retried)",
+                        self.node_id,
+                        self.policy.ttl,
+                    )
             except RuntimeClosedError:
                 raise
             except JobspineError as exc:

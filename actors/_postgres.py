@@ -32,7 +32,7 @@ several round trips before it ends; a claim holds its node's row ``FOR SHARE``. 
 frozen in between (SIGSTOP, a paused VM) would hold them for as long as it is frozen: every
 other node's commits for those users, and the takeover of the frozen node itself, would wait
 for it. Two answers. Every connection sets ``idle_in_transaction_session_timeout``
-(``idle_timeout``, shorter than the lease): the server ends a session frozen between two
+(``idle_timeout``, a runtime's lease TTL): the server ends a session frozen between two
 statements. A session frozen in the middle of a pipeline stays *active* (no timeout applies):
 each session is named after its node's incarnation (``application_name``), and the node that
 takes a dead incarnation over ends its sessions first (``pg_terminate_backend``). The frozen
@@ -109,7 +109,12 @@ CLOSE_TIMEOUT = 10.0
 #: Seconds a session may idle inside a transaction before the server ends it (a frozen
 #: process's locks released; see "Frozen writers"). A runtime passes its own, shorter than
 #: the time from a node's last renewal to its takeover.
-IDLE_TIMEOUT = 1.0
+IDLE_TIMEOUT = 5.0
+#: Seconds a takeover waits for a row lock before it gives up (tried again at the next scan):
+#: a lock of a frozen node whose lease has not expired yet, or of one whose sessions this role
+#: may not end, never holds the lease's connection long enough to delay a renewal. A runtime
+#: passes its own, half its lease's margin.
+TAKEOVER_LOCK_TIMEOUT = 1.0
 #: The connections of a backend: the store's, and the lease's (see :meth:`PostgresBackend._run`).
 STORE, NODES = "store", "nodes"
 
@@ -335,7 +340,8 @@ class PostgresBackend:
     """Jobs and their event log in a PostgreSQL database (schema created or migrated on
     open). ``url``: a libpq connection URL, ``postgresql://user@host:port/dbname``;
     ``connect_timeout``: seconds to connect; ``idle_timeout``: seconds a session may idle
-    inside a transaction before the server ends it (a frozen process's locks released).
+    inside a transaction before the server ends it (a frozen process's locks released);
+    ``takeover_lock_timeout``: seconds a takeover waits for a row lock before it gives up.
 
     Raises :class:`ValueError` at once for a URL libpq cannot parse or a bad timeout. On open:
     :class:`StoreError` if the server cannot be reached or the database cannot be used (a
@@ -346,7 +352,12 @@ class PostgresBackend:
     shared = True
 
     def __init__(
-        self, url: str, *, connect_timeout: float = 5.0, idle_timeout: float = IDLE_TIMEOUT
+        self,
+        url: str,
+        *,
+        connect_timeout: float = 5.0,
+        idle_timeout: float = IDLE_TIMEOUT,
+        takeover_lock_timeout: float = TAKEOVER_LOCK_TIMEOUT,
     ) -> None:
         try:
             conninfo.conninfo_to_dict(url)
@@ -356,9 +367,14 @@ class PostgresBackend:
             raise ValueError(f"connect_timeout must be > 0 seconds, not {connect_timeout!r}")
         self.url = url
         self._connect_timeout = max(1, round(connect_timeout))
-        if not 0.001 <= idle_timeout < math.inf:
-            raise ValueError(f"idle_timeout must be >= 0.001 seconds, not {idle_timeout!r}")
+        for name, seconds in (
+            ("idle_timeout", idle_timeout),
+            ("takeover_lock_timeout", takeover_lock_timeout),
+        ):
+            if not 0.001 <= seconds < math.inf:
+                raise ValueError(f"{name} must be >= 0.001 seconds, not {seconds!r}")
         self._idle_timeout_ms = round(idle_timeout * 1000)
+        self._takeover_lock_ms = round(takeover_lock_timeout * 1000)
         # Two connections ("lanes"): the store's, and one for the node's lease and takeovers,
         # so that a commit waiting on another node's row locks never delays a renewal.
         self._conns: dict[str, psycopg.Connection[Any] | None] = {STORE: None, NODES: None}
@@ -964,7 +980,7 @@ class PostgresBackend:
                 # an outage: tried again at the next scan) so that the renewals on this lane
                 # never wait on it.
                 conn.execute(
-                    "SELECT set_config('lock_timeout', %s, true)", (str(self._idle_timeout_ms),)
+                    "SELECT set_config('lock_timeout', %s, true)", (str(self._takeover_lock_ms),)
                 )
                 # The row lock makes one winner: a second taker waits, then finds it dead.
                 won = conn.execute(

@@ -347,12 +347,17 @@ def _backend_for(database: str | os.PathLike[str], config: RuntimeConfig) -> Bac
     :class:`ValueError` for a URL libpq cannot parse."""
     if isinstance(database, str) and database.startswith(POSTGRES_URL_SCHEMES):
         # Imported only when used: psycopg takes longer to load than the rest of jobspine.
-        from ._postgres import IDLE_TIMEOUT, PostgresBackend
+        from ._postgres import TAKEOVER_LOCK_TIMEOUT, PostgresBackend
 
-        # A frozen node's transaction ends before its lease can expire: its locks never hold
-        # up the takeover (see "Frozen writers" in ._postgres).
-        idle = min(IDLE_TIMEOUT, (config.lease_ttl - config.lease_renew_interval) / 2)
-        return PostgresBackend(database, idle_timeout=max(idle, 0.001))
+        # See "Frozen writers" in ._postgres: a frozen node's transaction ends at the latest
+        # when its lease would (its takeover ends its sessions anyway); a takeover never holds
+        # the lease's connection for more than half the lease's margin.
+        margin = (config.lease_ttl - config.lease_renew_interval) / 2
+        return PostgresBackend(
+            database,
+            idle_timeout=config.lease_ttl,
+            takeover_lock_timeout=max(min(TAKEOVER_LOCK_TIMEOUT, margin), 0.001),
+        )
     return SqliteBackend(
         database,
         synchronous=config.sqlite_synchronous,
