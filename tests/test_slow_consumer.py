@@ -313,6 +313,11 @@ async def _slow_reader(
 
         async def produce() -> None:
             pending = {job.id for job in created}
+            assert runtime.broadcaster is not None
+            # The jobs start once the reader is in every room: their events reach it live
+            # (a reader joining after them would replay them from the log, uncoalesced).
+            while runtime.broadcaster.subscriber_count < len(rooms):  # noqa: ASYNC110
+                await trio.sleep(0.01)
             async with runtime.events() as stream:
                 GATES.setdefault(gate, trio.Event()).set()
                 async for event in stream:
