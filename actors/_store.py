@@ -126,7 +126,18 @@ class _Request:
     only, answered at once. ``BARRIER``: runs after every earlier write has committed.
     ``CLAIM``: both, a barrier whose writes are answered after they commit."""
 
-    __slots__ = ("conflicts", "done", "early", "error", "fn", "key", "mode", "replay", "value")
+    __slots__ = (
+        "conflicts",
+        "done",
+        "early",
+        "error",
+        "fn",
+        "job_id",
+        "key",
+        "mode",
+        "replay",
+        "value",
+    )
 
     def __init__(
         self,
@@ -135,12 +146,15 @@ class _Request:
         key: _KeyRequest | None = None,
         *,
         early: bool = False,
+        job_id: str | None = None,
     ) -> None:
         self.fn = fn
         self.mode = mode
         #: A write answered once applied (ordered into the group), before its commit, while
-        #: the database is healthy: progress (see :meth:`StoreClient.set_progress`).
+        #: the database is healthy and no earlier early write of ``job_id`` is still
+        #: uncommitted: progress (see :meth:`StoreClient.set_progress`).
         self.early = early
+        self.job_id = job_id
         #: A create's idempotency key and window, looked up with its batch's others.
         self.key = key
         self.done = trio.Event()
@@ -204,6 +218,8 @@ class StoreActor:
         # Per user: jobs waiting (created), staged changes included; loaded on first use.
         self._waiting: dict[str, int] = {}
         self._inflight: list[_Group] = []  # handed to the committer, oldest first
+        #: Each job's write answered early and not yet committed (at most one per job).
+        self._early: dict[str | None, _Request] = {}
         self._generation = 0  # bumped by a failed commit: older groups are void
         # Why each void generation is void: None (a request-tied failure: its requests are
         # replayed) or the error its requests get.
@@ -314,9 +330,18 @@ class StoreActor:
                 request.error = StoreError(f"store request failed: {exc!r}")
             if request.mode is WRITE or request.mode is CLAIM:
                 self._group.requests.append(request)
-                if request.early and request.error is None and self.health.ok:
+                if (
+                    request.early
+                    and request.error is None
+                    and self.health.ok
+                    and request.job_id not in self._early
+                ):
                     # Ordered: the hub publishes it only once its group has committed, and
-                    # the caller's next write joins this group or a later one.
+                    # the caller's next write joins this group or a later one. One per job
+                    # at a time: a job's next one waits for this one's commit, so what is
+                    # applied but not yet durable stays within one event per running job
+                    # (its latency to a client within about two commits).
+                    self._early[request.job_id] = request
                     request.done.set()
             else:
                 request.done.set()
@@ -421,11 +446,14 @@ class StoreActor:
                         if request.replay:
                             self._replay.append(request)
                         else:
-                            if request.early and request.error is not None:
-                                # Answered already: nobody else hears of it.
-                                log.warning(
-                                    "progress answered early was not saved: %s", request.error
-                                )
+                            if self._early.get(request.job_id) is request:
+                                del self._early[request.job_id]
+                                if request.error is not None:
+                                    # Answered already: nobody else hears of it.
+                                    log.warning(
+                                        "progress answered early was not saved: %s",
+                                        request.error,
+                                    )
                             request.done.set()
                     if self._replay:
                         self._wake.cancel()
@@ -775,8 +803,9 @@ class StoreClient:
         key: _KeyRequest | None = None,
         *,
         early: bool = False,
+        job_id: str | None = None,
     ) -> T:
-        request = _Request(fn, mode, key, early=early)
+        request = _Request(fn, mode, key, early=early, job_id=job_id)
         try:
             await self._send.send(request)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -1025,6 +1054,7 @@ class StoreClient:
                 job_id, lambda job, now: ops.progress(job, attempt, pct, step, now)
             ),
             early=not durable,
+            job_id=job_id,
         )
 
     async def checkpoint(self, job_id: str, attempt: int, data: Any) -> Job:

@@ -49,7 +49,7 @@ async def worker(args: argparse.Namespace) -> None:
         functions=[func(emit, name="emit")],
         redis_settings=settings(args),
         queue_name=args.queue,
-        max_jobs=args.jobs,
+        max_jobs=args.running or args.jobs,
         job_timeout=args.timeout,
         handle_signals=False,
         keep_result=0,
@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("role", choices=["worker", "observe"])
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--events", type=int, default=100)
+    parser.add_argument("--running", type=int, default=0, help="jobs at once (0: all)")
     parser.add_argument("--interval", type=float, default=0.0)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379")
     parser.add_argument("--queue", default="jobspine-bench-arq")

@@ -28,11 +28,12 @@ def _gone_ahead(path: str) -> bool:
 
 async def _start(input: Any) -> None:
     """Wait for ``go_file`` to exist (the runner creates it once every subscriber is in
-    place), or until ``start_at``."""
+    place), looking every ``poll`` to twice ``poll`` seconds, or until ``start_at``."""
     go_file = input.get("go_file")
     if go_file:
+        poll = float(input.get("poll", 1.5))  # 1.5 s: cheap even for 10,000 waiting jobs
         while not _gone_ahead(go_file):  # noqa: ASYNC110 - another process's signal
-            await trio.sleep(1.5 + random.random())  # cheap even for 10,000 waiting jobs
+            await trio.sleep(poll * (1 + random.random()))
         return
     delay = float(input.get("start_at", 0)) - time.time()
     if delay > 0:

@@ -36,7 +36,7 @@ async def emit(ctx: Any, *, count: int, interval: float, start_at: float) -> int
 
 async def worker(args: argparse.Namespace) -> None:
     queue = Queue.from_url(args.redis, name=args.queue)
-    await Worker(queue, functions=[emit], concurrency=args.jobs).start()
+    await Worker(queue, functions=[emit], concurrency=args.running or args.jobs).start()
 
 
 async def observe(args: argparse.Namespace) -> None:
@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("role", choices=["worker", "observe"])
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--events", type=int, default=100)
+    parser.add_argument("--running", type=int, default=0, help="jobs at once (0: all)")
     parser.add_argument("--interval", type=float, default=0.0)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379")
     parser.add_argument("--queue", default="jobspine-bench")

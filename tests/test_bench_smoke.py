@@ -29,6 +29,28 @@ def test_queue_and_retry_storm_smoke(tmp_path: Path) -> None:
     assert "cores (" in result.stdout  # the table names the machine
 
 
+def test_fanout_through_the_queue_and_idle_past_the_default_capacity(tmp_path: Path) -> None:
+    """The issue's fanout shape (``--updates`` back to back, ``--running`` at once, the rest
+    queued) loses nothing; the idle scenario runs more jobs at once than the runtime's
+    default ``max_running`` (1,000), which it must raise for them."""
+    out = tmp_path / "bench.json"
+    args = ["--scenario", "fanout", "idle", "--jobs", "60", "--running", "20"]
+    args += ["--updates", "10", "--idle-jobs", "1200", "--idle-every", "1", "--idle-window", "1"]
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.run", *args, "--json", str(out)],
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {(r["scenario"], r["measure"]): r for r in orjson.loads(out.read_bytes())["rows"]}
+    assert rows[("fanout 60", "events lost / gaps / resets")]["value"] == 0
+    assert rows[("fanout 60", "progress events persisted/s")]["value"] > 0
+    assert rows[("idle 1200", "jobs running at once")]["value"] == 1200
+
+
 def test_in_process_enqueue_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "enqueue.json"
     args = ["--latency-jobs", "20", "--creates", "200", "--json", str(out)]

@@ -372,41 +372,58 @@ async def test_progress_is_answered_once_ordered_and_published_only_once_durable
     autojump_clock: trio.abc.Clock,
 ) -> None:
     """``set_progress(durable=False)`` (what ``ctx.progress`` uses) returns while its commit
-    is still running; no subscriber gets the event before it is stored; a checkpoint after it
+    is still running, one per job at a time: a job's next one waits for that commit (another
+    job's does not). No subscriber gets an event before it is stored; a checkpoint after them
     returns only once durable, and everything commits in call order. A refusal of the ops
     (a stale attempt) is still raised at the call."""
     backend = GatedMemory()
     async with open_store(backend) as (store, _, hub):
         job_id = await running_job(store)
+        other_id = await running_job(store, "bob")
         backend.gated = True
         async with hub.subscribe() as stream, trio.open_nursery() as nursery:
             with trio.fail_after(1):
                 staged = await store.set_progress(job_id, 1, 40, "a", durable=False)
-                await store.set_progress(job_id, 1, 60, "b", durable=False)
+                await store.set_progress(other_id, 1, 10, None, durable=False)
             assert (staged.progress, staged.step) == (40, "a")
-            checkpointed = trio.Event()
+            answered, checkpointed = trio.Event(), trio.Event()
+
+            async def second_progress() -> None:
+                await store.set_progress(job_id, 1, 60, "b", durable=False)
+                answered.set()
 
             async def checkpoint() -> None:
                 await store.checkpoint(job_id, 1, {"at": 60})
                 checkpointed.set()
 
+            nursery.start_soon(second_progress)
+            await trio.sleep(1)
             nursery.start_soon(checkpoint)
             await trio.sleep(10)
             with pytest.raises(trio.WouldBlock):
                 stream.receive_nowait()  # nothing published before it is durable
             stored = await backend.load(job_id)
             assert stored is not None and stored.progress == 0
+            assert not answered.is_set()  # its job's first one is not durable yet
             assert not checkpointed.is_set()  # a checkpoint waits for its commit
             backend.gate.set()
             await checkpointed.wait()
-            published = [stream.receive_nowait() for _ in range(3)]
-        assert [(e.type, e.data.get("progress")) for e in published] == [
-            (EventType.PROGRESS, 40),
-            (EventType.PROGRESS, 60),
-            (EventType.CHECKPOINT, None),
+            assert answered.is_set()
+            published = [stream.receive_nowait() for _ in range(4)]
+        assert [(e.job_id, e.type, e.data.get("progress")) for e in published] == [
+            (job_id, EventType.PROGRESS, 40),
+            (other_id, EventType.PROGRESS, 10),
+            (job_id, EventType.PROGRESS, 60),
+            (job_id, EventType.CHECKPOINT, None),
         ]
+        # Committed: the job's next one is answered early again.
+        backend.gate = trio.Event()
+        with trio.fail_after(1):
+            await store.set_progress(job_id, 1, 65, None, durable=False)
+        backend.gate.set()
+        await store.checkpoint(job_id, 1, {"at": 60})
         stored = await backend.load(job_id)
-        assert stored is not None and (stored.progress, stored.checkpoint) == (60, {"at": 60})
+        assert stored is not None and (stored.progress, stored.checkpoint) == (65, {"at": 60})
         with pytest.raises(StaleAttemptError):
             await store.set_progress(job_id, 7, 10, None, durable=False)
         # By default a progress returns only once durable.
