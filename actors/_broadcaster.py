@@ -83,6 +83,10 @@ class BroadcasterConfig:
     lag_window: float = 60.0
     #: Events read from the durable log per store request while replaying.
     page_size: int = 1000
+    #: Bytes of missed events (their encoded messages) one join replays at most: a cursor
+    #: further behind gets a snapshot reset (``cursor_too_far``) instead, so that a join
+    #: never holds more than this in memory (16 MiB: about 60,000 progress events).
+    replay_bytes: int = 16 * 1024 * 1024
     #: An event ``data`` value whose JSON is larger than this (bytes) is sent as an
     #: ``{"$omitted": field, "size": bytes}`` marker; clients fetch it with ``get_payload``.
     inline_payload_limit: int = 16 * 1024
@@ -111,6 +115,31 @@ _MARKER_OVERHEAD += 3 * 20
 #: dict, the entry tuple and the deque slot, as measured with ``tracemalloc`` for a progress
 #: event (``tests/test_broadcaster.py`` checks the estimate stays an upper bound).
 BACKLOG_ENTRY_OVERHEAD = 512
+
+
+class _TooFar(Exception):  # noqa: N818 - a join's outcome, caught in Broadcaster.join
+    """The missed events are more than ``replay_bytes``."""
+
+    def __init__(self, budget: int) -> None:
+        super().__init__(budget)
+        self.budget = budget
+
+
+def event_record(event: JobEvent) -> dict[str, Any]:
+    """The event as ``converter.unstructure`` writes it, for ``orjson``, without copying
+    ``data`` (its values are JSON already; orjson writes the enums as their values). A third
+    of the CPU of encoding an event for its clients."""
+    return {
+        "job_id": event.job_id,
+        "user_id": event.user_id,
+        "seq": event.seq,
+        "type": event.type,
+        "state": event.state,
+        "at": event.at,
+        "data": event.data,
+        "actor": event.actor,
+        "user_seq": event.user_seq,
+    }
 
 
 def _cost(data: bytes) -> int:
@@ -423,12 +452,16 @@ class Broadcaster:
         Copied to an exact-size ``bytes``: orjson returns its output in a buffer of at least
         4 KiB that it does not shrink, so every message kept in a backlog or an outbox would
         hold 4 KiB (measured: 4,098 bytes held for a 142-byte message; 184 once copied)."""
-        message = {"type": "event", "event": converter.unstructure(event)}
-        data = orjson.dumps(message)
+        record = event_record(event)
+        try:
+            data = orjson.dumps({"type": "event", "event": record})
+        except TypeError:  # a value only the converter knows how to write
+            record = converter.unstructure(event)
+            data = orjson.dumps({"type": "event", "event": record})
         limit = self.config.inline_payload_limit
         if len(data) > limit or b'"$omitted"' in data:
-            message["event"]["data"] = inline_payloads(message["event"]["data"], limit)
-            data = orjson.dumps(message)
+            record["data"] = inline_payloads(record["data"], limit)
+            data = orjson.dumps({"type": "event", "event": record})
         return bytes(memoryview(data))
 
     def publish_all(self, events: list[JobEvent]) -> None:
@@ -536,7 +569,15 @@ class Broadcaster:
             horizon = 0 if kind == "job" else await self.store.user_horizon(ident)
             history = None
             if cursor.seq >= horizon:
-                history = await self._history(kind, ident, room, cursor.seq, head)
+                try:
+                    history = await self._history(kind, ident, room, cursor.seq, head)
+                except _TooFar as exc:
+                    reason = (
+                        f"cursor_too_far: the {head - cursor.seq} events after sequence"
+                        f" {cursor.seq} are more than the {exc.budget:,} bytes one replay"
+                        " may hold"
+                    )
+                    return JoinResult(room, epoch, head, False, 0, reason)
             if history is None:
                 # Retention removed events after the cursor (also when it happened during
                 # this join): a replay would have holes, so the client gets a snapshot.
@@ -567,13 +608,16 @@ class Broadcaster:
         self, kind: str, ident: str, room: str, after: int, head: int
     ) -> list[tuple[JobEvent, bytes]] | None:
         """The room's events after ``after`` up to ``head``; None for a user room whose log
-        has a hole there (``user_seq`` is gap-free but for what retention removed)."""
+        has a hole there (``user_seq`` is gap-free but for what retention removed).
+        :class:`_TooFar` once they are more than ``replay_bytes``."""
         if after >= head:
             return []
         backlog = self._backlogs.get(room)
         if backlog and backlog[0][0] <= after + 1:
             return [(event, data) for seq, event, data in backlog if after < seq <= head]
         history: list[tuple[JobEvent, bytes]] = []
+        budget = self.config.replay_bytes
+        size = 0
         while after < head:
             if kind == "job":
                 page = await self.store.read_events(ident, after, self.config.page_size)
@@ -587,7 +631,11 @@ class Broadcaster:
                     break
                 if kind == "user" and seq != after + 1:
                     return None
-                history.append((event, self.encode(event)))
+                data = self.encode(event)
+                size += len(data)
+                if size > budget:
+                    raise _TooFar(budget)
+                history.append((event, data))
                 after = seq
             else:
                 continue

@@ -181,3 +181,73 @@ async def test_a_cursor_past_the_evicted_backlog_replays_from_the_log() -> None:
         rt.broadcaster.finish_join(outbox, f"job:{job.id}")
         seqs = [orjson.loads(item)["event"]["seq"] for item in outbox.take(max_bytes=1 << 20)]
         assert joined.recovered and seqs == list(range(1, joined.head + 1))
+
+
+def test_an_event_is_encoded_as_the_converter_writes_it() -> None:
+    """The broadcaster's own record of an event writes the same bytes as the converter's,
+    for every shape of ``data``; a value only the converter can write (an attrs instance)
+    goes through it."""
+    import attrs
+
+    from actors import JobError
+    from actors._codec import converter
+
+    broadcaster = Broadcaster(None, EventHub(), None)  # type: ignore[arg-type]
+    shapes: list[dict[str, Any]] = [
+        {},
+        {"progress": 5.0, "step": "x"},
+        {"nested": {"a": [1, (2, 3)], "b": None}, "text": "é\u2028"},
+        {"error": attrs.asdict(JobError("ValueError", "bad"))},
+    ]
+    for data in shapes:
+        for actor in (None, "ops"):
+            e = JobEvent("j1", "u", 3, EventType.FAILED, JobState.FAILED, 2.5, data, actor, 9)
+            expected = orjson.dumps({"type": "event", "event": converter.unstructure(e)})
+            assert broadcaster.encode(e) == expected
+    e = JobEvent(
+        "j1", "u", 3, EventType.FAILED, JobState.FAILED, 2.5, {"error": JobError("T", "m")}
+    )
+    assert orjson.loads(broadcaster.encode(e))["event"]["data"] == {
+        "error": {"type": "T", "message": "m"}
+    }
+
+
+async def test_a_replay_past_its_byte_budget_is_a_snapshot_reset() -> None:
+    """A cursor whose missed events encode to more than ``replay_bytes`` gets
+    ``cursor_too_far`` (a snapshot reset) in its job room and its user room, and the
+    broadcaster holds no more than that meanwhile; a nearer cursor is replayed."""
+
+    async def steps(ctx: JobContext, input: Any) -> Any:
+        for n in range(100):
+            await ctx.progress(n / 100, f"step {n}")
+        return None
+
+    async with open_runtime(
+        backend=MemoryBackend(),
+        handlers={"steps": steps},
+        # Backlogs of a few events: the replays come from the durable log.
+        broadcast=BroadcasterConfig(backlog_bytes=2000, replay_bytes=6000),
+    ) as rt:
+        assert rt.broadcaster is not None
+        async with rt.events() as stream:
+            job = await rt.create_job("steps", "u", None)
+            with trio.fail_after(10):
+                async for e in stream:
+                    if e.job_id == job.id and e.type is EventType.COMPLETED:
+                        break
+        await rt.broadcaster.drained()
+        for room in (f"job:{job.id}", "user:u"):
+            outbox = Outbox(rt.broadcaster.config)
+            joined = await rt.broadcaster.join(outbox, room, Cursor(rt.epoch, 0))
+            rt.broadcaster.finish_join(outbox, room)
+            assert not joined.recovered and joined.replayed == 0
+            assert joined.reset_reason is not None
+            assert joined.reset_reason.startswith("cursor_too_far: the 1"), joined
+            assert "6,000 bytes" in joined.reset_reason
+            assert outbox.take() == []
+            near = Cursor(rt.epoch, joined.head - 10)
+            joined = await rt.broadcaster.join(outbox, room, near)
+            rt.broadcaster.finish_join(outbox, room)
+            assert joined.recovered and joined.replayed == 10
+            seqs = [orjson.loads(item)["event"]["seq"] for item in outbox.take(max_bytes=1 << 20)]
+            assert len(seqs) == 10
