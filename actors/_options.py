@@ -102,7 +102,7 @@ def kind_options(
 def options_of(handler: object) -> KindOptions:
     """The options a handler was decorated with (:func:`kind_options`), else the defaults."""
     found = getattr(handler, "kind_options", None)
-    return found if isinstance(found, KindOptions) else KindOptions()
+    return found if isinstance(found, KindOptions) else _DEFAULTS
 
 
 _RETRY_KEYS = ("initial_interval", "backoff_coefficient", "maximum_interval", "jitter")
@@ -263,3 +263,7 @@ class CreateOptions:
             parent_id,
             idempotency_key,
         )
+
+
+#: The options of an undecorated handler: frozen, so one serves all of its jobs.
+_DEFAULTS = KindOptions()

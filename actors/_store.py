@@ -338,9 +338,10 @@ class StoreActor:
                 ):
                     # Ordered: the hub publishes it only once its group has committed, and
                     # the caller's next write joins this group or a later one. One per job
-                    # at a time: a job's next one waits for this one's commit, so what is
-                    # applied but not yet durable stays within one event per running job
-                    # (its latency to a client within about two commits).
+                    # at a time: while one is not yet committed, the job's next one is
+                    # answered at its own commit, so what is answered but not durable stays
+                    # within one event per running job (its latency to a client within
+                    # about two commits).
                     self._early[request.job_id] = request
                     request.done.set()
             else:
@@ -473,7 +474,7 @@ class StoreActor:
             try:
                 with span(
                     "jobspine.store.commit",
-                    {"requests": len(group.requests), "events": len(group.events)},
+                    lambda: {"requests": len(group.requests), "events": len(group.events)},
                 ):
                     await self._write(group)
             except Exception as exc:

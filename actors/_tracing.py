@@ -12,8 +12,8 @@ commit, in the store actor's task).
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 __all__ = ["AttributeValue", "SpanHandle", "span"]
@@ -63,12 +63,23 @@ class SpanHandle:
 _NO_SPAN = SpanHandle(None)
 
 
-@contextmanager
-def span(name: str, attributes: Mapping[str, AttributeValue]) -> Iterator[SpanHandle]:
-    """A span named ``name`` around the block, current in this task while it runs."""
+#: What :func:`span` returns while tracing is off: stateless, so one serves every block (a
+#: job's attempt holds its span for its whole run: nothing per job while tracing is off).
+_NO_SPAN_BLOCK = nullcontext(_NO_SPAN)
+
+
+def span(
+    name: str, attributes: Callable[[], Mapping[str, AttributeValue]]
+) -> AbstractContextManager[SpanHandle]:
+    """A span named ``name`` around the block, current in this task while it runs;
+    ``attributes()`` is called only when tracing is on."""
     tracer = _get_tracer()
     if tracer is None:
-        yield _NO_SPAN
-        return
+        return _NO_SPAN_BLOCK
+    return _span(tracer, name, attributes())
+
+
+@contextmanager
+def _span(tracer: Any, name: str, attributes: Mapping[str, AttributeValue]) -> Iterator[SpanHandle]:
     with tracer.start_as_current_span(name, attributes=attributes) as current:
         yield SpanHandle(current)

@@ -174,7 +174,9 @@ class JobContext:
         worker = self._worker
         worker.keep_alive += 1
         try:
-            with span("jobspine.checkpoint", {"job.id": self.job_id, "job.attempt": self.attempt}):
+            with span(
+                "jobspine.checkpoint", lambda: {"job.id": self.job_id, "job.attempt": self.attempt}
+            ):
                 await worker.store.checkpoint(self.job_id, self.attempt, data)
         finally:
             worker.keep_alive -= 1
@@ -284,6 +286,14 @@ class Worker:
             self.stop_reason = reason
         self.ctx._stop.set()
 
+    def _span_attributes(self) -> dict[str, AttributeValue]:
+        return {
+            "job.id": self.job_id,
+            "job.kind": self.kind,
+            "user.id": self.user_id,
+            "job.attempt": self.attempt,
+        }
+
     async def run(
         self,
         on_exit: Callable[[Worker], None],
@@ -291,14 +301,8 @@ class Worker:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         task_status.started()
-        attributes: dict[str, AttributeValue] = {
-            "job.id": self.job_id,
-            "job.kind": self.kind,
-            "user.id": self.user_id,
-            "job.attempt": self.attempt,
-        }
         try:
-            with span("jobspine.job.attempt", attributes) as current:
+            with span("jobspine.job.attempt", self._span_attributes) as current:
                 await self._run()
                 current.set("outcome", self.outcome)
                 if self.outcome == "failed":
