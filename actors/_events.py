@@ -99,7 +99,7 @@ def _structure_event(record: Any, _: type) -> JobEvent:
                 actor,
                 user_seq,
             )
-    except (AttributeError, KeyError, ValueError):
+    except (AttributeError, KeyError, ValueError, OverflowError):
         pass
     return _structure_event_checked(record, JobEvent)  # type: ignore[no-any-return]
 

@@ -175,7 +175,7 @@ class _Session:
                 elif kind in ("stop", "cancel"):
                     found = self.attempts.get(message["job_id"])
                     if found is not None and found.attempt == message["attempt"]:
-                        found.ctx._stop.set()
+                        found.ctx._request_stop()
                         if kind == "cancel":
                             found.scope.cancel()
 

@@ -124,7 +124,7 @@ class _Pending:
     done: trio.Event = attrs.field(factory=trio.Event)
     result: Any = None
     error: ClientError | None = None
-    on_reply: Callable[[Any], None] | None = None
+    on_reply: Callable[[Any], Reset | None] | None = None
 
 
 @attrs.define
@@ -301,12 +301,12 @@ class Client:
             else:
                 pending.result = message["result"]
                 if pending.on_reply is not None:
-                    pending.on_reply(pending.result)
+                    reset = pending.on_reply(pending.result)
+                    if reset is not None:
+                        # Before the events after the reply; waits while the buffer is full
+                        # (a send_nowait there would end the read loop with WouldBlock).
+                        await self._send_events.send(reset)
             pending.done.set()
-            # The requester runs before anything after this answer reaches events(): events
-            # are handed over without a checkpoint each, and a resubscribe's bookkeeping
-            # (resync_pending, resync_error) is done when its room's next event is seen.
-            await trio.lowlevel.checkpoint()
         elif kind == "heartbeat":
             for room, head in message.get("heads", {}).items():
                 state = self.rooms.get(room)
@@ -361,7 +361,8 @@ class Client:
             self.counters.delivered += 1
             event = converter.structure(data, JobEvent)
             try:
-                # No checkpoint per event: the reader yields once per frame (get_message).
+                # No checkpoint per event (a replay of thousands arrives in a few frames):
+                # the reader yields once per frame, in get_message.
                 self._send_events.send_nowait(event)
             except trio.WouldBlock:
                 await self._send_events.send(event)
@@ -449,23 +450,26 @@ class Client:
             _Pending(on_reply=lambda result: self._joined(room, result)),
         )
 
-    def _joined(self, room: str, result: dict[str, Any]) -> None:
-        """Runs in the read loop, before the replayed events that follow the reply."""
+    def _joined(self, room: str, result: dict[str, Any]) -> Reset | None:
+        """Runs in the read loop, before the replayed events that follow the reply; returns
+        the reset to hand to :meth:`events` next, if the room was reset."""
         state = self.rooms.get(room)
         if state is None:
-            return
+            return None
         head = RoomCursor(result["epoch"], result["head"])
+        reset = None
         if result.get("reset_reason"):
             self.counters.resets += 1
             state.cursor = head
-            self._send_events.send_nowait(
-                Reset(room, result["reset_reason"], result.get("snapshot"), head)
-            )
+            reset = Reset(room, result["reset_reason"], result.get("snapshot"), head)
         elif state.cursor is None:
             state.cursor = head
         if state.consumed is None or result.get("reset_reason"):
             state.consumed = state.cursor
         state.resyncing = False
+        state.resync_failures = 0
+        state.resync_error = None
+        return reset
 
     def _resync(self, room: str) -> None:
         """Resubscribe ``room`` from its cursor: one task per room, retrying until answered."""
@@ -505,9 +509,7 @@ class Client:
                     )
                     await trio.sleep(delay)
                 else:
-                    backoff.succeeded()
-                    state.resync_failures = 0
-                    state.resync_error = None
+                    backoff.succeeded()  # the room's state was settled by _joined
         finally:
             state.resync_pending = False
 
@@ -520,6 +522,10 @@ class Client:
         receive = self._receive_events
         handed = 0
         while True:
+            handed += 1
+            if handed % 64 == 0:
+                # Before an item is taken: a cancellation here loses none.
+                await trio.lowlevel.checkpoint()
             try:
                 item = receive.receive_nowait()
             except trio.WouldBlock:
@@ -529,10 +535,6 @@ class Client:
                     return
             except trio.EndOfChannel:
                 return
-            else:
-                handed += 1
-                if handed % 64 == 0:
-                    await trio.lowlevel.checkpoint()
             if isinstance(item, JobEvent):
                 for room, seq in (
                     (f"job:{item.job_id}", item.seq),

@@ -1,0 +1,674 @@
+"""Attacks on the latency/replay changes: early-answered progress (one per job), the replay
+byte budget, the broadcaster's hand-built event record, the hand-written JobEvent structure
+hook and the client's checkpoint-free ``events()``.
+
+Each was an attack with bad input or adversarial timing; three found defects (``events()``
+lost the item it held when cancelled at its every-64th checkpoint, an event or a reset; the
+JobEvent hook leaked ``OverflowError``), now fixed; the rest are regression tests."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime
+import enum
+import sqlite3
+import uuid
+from collections.abc import Collection, Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import attrs
+import cattrs
+import orjson
+import pytest
+import trio
+
+from actors import (
+    Broadcaster,
+    BroadcasterConfig,
+    Cursor,
+    EventHub,
+    EventType,
+    Job,
+    JobContext,
+    JobError,
+    JobEvent,
+    JobState,
+    MemoryBackend,
+    Outbox,
+    StaleAttemptError,
+    StoreUnavailableError,
+    open_runtime,
+)
+from actors._codec import converter
+from actors._events import _structure_event, _structure_event_checked
+from actors._payloads import inline_payloads
+from transport import Client, open_client
+from transport.client import Reset, RoomCursor, _Room
+
+from .serving import serving, token
+from .test_store import GatedMemory, open_store, running_job
+
+# -- 1. early-answered progress -------------------------------------------------------------------
+
+
+async def test_progress_from_many_tasks_of_one_job_is_answered_early_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Ten tasks of one job report progress at once while commits are stalled: exactly one is
+    answered before its commit; the others at their commit. Nothing is published before it
+    is durable, and every event commits once, in order, gap-free."""
+    backend = GatedMemory()
+    async with open_store(backend) as (store, actor, hub):
+        job_id = await running_job(store)
+        backend.gated = True
+        answered: list[int] = []
+        async with hub.subscribe() as stream, trio.open_nursery() as nursery:
+
+            async def report(n: int) -> None:
+                await store.set_progress(job_id, 1, n, f"s{n}", durable=False)
+                answered.append(n)
+
+            for n in range(10):
+                nursery.start_soon(report, n)
+            await trio.sleep(5)
+            assert len(answered) == 1  # one early answer per job, the rest wait
+            assert list(actor._early) == [job_id]
+            with pytest.raises(trio.WouldBlock):
+                stream.receive_nowait()
+            backend.gate.set()
+            await trio.sleep(5)
+            assert sorted(answered) == list(range(10))
+            published = [stream.receive_nowait() for _ in range(10)]
+        assert [e.seq for e in published] == list(range(3, 13))
+        assert {e.data["progress"] for e in published} == set(range(10))
+        assert actor._early == {}
+        assert await store.read_events(job_id, after_seq=2) == published
+
+
+async def test_stale_attempt_progress_is_refused_and_does_not_hold_the_early_slot(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    backend = GatedMemory()
+    async with open_store(backend) as (store, actor, _):
+        job_id = await running_job(store)
+        backend.gated = True
+        with trio.fail_after(1), pytest.raises(StaleAttemptError):
+            await store.set_progress(job_id, 2, 10, None, durable=False)
+        assert actor._early == {}
+        with trio.fail_after(1):  # the job's first valid one is still answered early
+            await store.set_progress(job_id, 1, 10, None, durable=False)
+        backend.gate.set()
+        await store.checkpoint(job_id, 1, {"k": 1})
+        assert actor._early == {}
+
+
+class FlakyOnce(MemoryBackend):
+    """One commit fails with a request-tied (not outage) error, then all succeed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_next = False
+        self.gate = trio.Event()
+        self.gated = False
+
+    async def commit(
+        self,
+        jobs: Collection[Job],
+        events: Sequence[JobEvent],
+        deleted: Collection[str],
+        heartbeats: Mapping[str, tuple[int, float]],
+    ) -> Sequence[JobEvent]:
+        if self.gated:
+            await self.gate.wait()
+        if self.fail_next:
+            self.fail_next = False
+            raise ValueError("constraint failed (test)")
+        return await super().commit(jobs, events, deleted, heartbeats)
+
+
+async def test_an_early_progress_in_a_voided_group_is_replayed_and_frees_its_slot(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A request-tied failure voids the group holding a job's early answer: the group is
+    replayed one request at a time, everything commits once, and the job's next progress is
+    answered early again (no stale entry left behind)."""
+    backend = FlakyOnce()
+    async with open_store(backend) as (store, actor, hub):
+        job_id = await running_job(store)
+        other = await running_job(store, "bob")
+        backend.gated = True
+        backend.fail_next = True
+        async with hub.subscribe() as stream, trio.open_nursery() as nursery:
+            # One batch, one group: the early one and another job's fail together.
+            nursery.start_soon(partial(store.set_progress, job_id, 1, 10, None, durable=False))
+            nursery.start_soon(partial(store.set_progress, other, 1, 5, None, durable=False))
+            await trio.sleep(0.1)
+            assert job_id in actor._early
+            nursery.start_soon(partial(store.set_progress, job_id, 1, 20, None, durable=False))
+            await trio.sleep(1)
+            backend.gate.set()
+            await trio.sleep(5)
+            published = []
+            while True:
+                try:
+                    published.append(stream.receive_nowait())
+                except trio.WouldBlock:
+                    break
+        mine = [e for e in published if e.job_id == job_id]
+        assert [(e.seq, e.data["progress"]) for e in mine] == [(3, 10), (4, 20)]
+        assert actor._early == {}
+        backend.gate = trio.Event()
+        with trio.fail_after(1):
+            await store.set_progress(job_id, 1, 30, None, durable=False)
+        backend.gate.set()
+        await store.checkpoint(job_id, 1, {})
+        assert (await store.get(job_id)).progress == 30
+
+
+class Locked(MemoryBackend):
+    """Every commit fails as an outage while ``locked``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.locked = False
+
+    async def ping(self) -> None:
+        if self.locked:
+            raise sqlite3.OperationalError("database is locked")
+
+    async def commit(
+        self,
+        jobs: Collection[Job],
+        events: Sequence[JobEvent],
+        deleted: Collection[str],
+        heartbeats: Mapping[str, tuple[int, float]],
+    ) -> Sequence[JobEvent]:
+        await trio.sleep(0.01)
+        if self.locked:
+            raise sqlite3.OperationalError("database is locked")
+        return await super().commit(jobs, events, deleted, heartbeats)
+
+
+async def test_an_outage_while_an_early_answer_is_outstanding(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The database goes away with a job's progress answered early: the job's next progress
+    (and another job's first) wait for the database; when it comes back within the bound
+    all commit in order; when it stays away past the bound they get StoreUnavailableError,
+    and afterwards the job's progress is answered early again."""
+    backend = Locked()
+    async with open_store(backend, store_retry_timeout=5.0) as (store, actor, hub):
+        job_id = await running_job(store)
+        other = await running_job(store, "bob")
+        backend.locked = True
+        async with hub.subscribe() as stream, trio.open_nursery() as nursery:
+            with trio.fail_after(1):
+                await store.set_progress(job_id, 1, 10, None, durable=False)
+            done: list[str] = []
+
+            async def progress(jid: str, pct: float) -> None:
+                await store.set_progress(jid, 1, pct, None, durable=False)
+                done.append(jid)
+
+            await trio.sleep(0.1)
+            assert not actor.health.ok
+            nursery.start_soon(progress, job_id, 20)
+            nursery.start_soon(progress, other, 5)
+            await trio.sleep(1)
+            assert done == []  # unhealthy: nothing is answered early
+            backend.locked = False
+            await trio.sleep(3)
+            assert sorted(done) == sorted([job_id, other])
+            published = []
+            while True:
+                try:
+                    published.append(stream.receive_nowait())
+                except trio.WouldBlock:
+                    break
+        assert [e.data["progress"] for e in published if e.job_id == job_id] == [10, 20]
+        assert actor._early == {}
+        # Past the bound: the early-answered one is lost (logged), the waiting one raises.
+        backend.locked = True
+        with trio.fail_after(1):
+            await store.set_progress(job_id, 1, 30, None, durable=False)
+        with pytest.raises(StoreUnavailableError):
+            await store.set_progress(job_id, 1, 40, None, durable=False)
+        assert actor._early == {}
+        backend.locked = False
+        await trio.sleep(10)
+        with trio.fail_after(1):
+            await store.set_progress(job_id, 1, 50, None, durable=False)
+        await store.checkpoint(job_id, 1, {})
+        assert (await store.get(job_id)).progress == 50
+
+
+async def test_a_job_that_ends_while_its_progress_waits(autojump_clock: trio.abc.Clock) -> None:
+    """A job's second progress waits behind its first (uncommitted) one; the job is cancelled
+    meanwhile (applied before the waiting progress): that progress is refused at its commit,
+    and the cancel is the job's last event."""
+    backend = GatedMemory()
+    async with open_store(backend) as (store, actor, _):
+        job_id = await running_job(store)
+        backend.gated = True
+        outcome: list[object] = []
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(1):
+                await store.set_progress(job_id, 1, 10, None, durable=False)
+            nursery.start_soon(store.cancel, job_id, None)
+            await trio.sleep(0.5)
+
+            async def late() -> None:
+                try:
+                    outcome.append(await store.set_progress(job_id, 1, 20, None, durable=False))
+                except Exception as exc:
+                    outcome.append(exc)
+
+            nursery.start_soon(late)
+            await trio.sleep(1)
+            backend.gate.set()
+        assert len(outcome) == 1 and isinstance(outcome[0], Exception), outcome
+        events = await store.read_events(job_id)
+        assert events[-1].type is EventType.CANCELLED
+        assert actor._early == {}
+
+
+# -- 2. the replay budget -------------------------------------------------------------------------
+
+
+async def steps(ctx: JobContext, input: Any) -> Any:
+    for n in range(40):
+        await ctx.progress(n, f"step {n}")
+    return None
+
+
+async def _finished_job(rt: Any) -> str:
+    async with rt.events() as stream:
+        job = await rt.create_job("steps", "u", None)
+        with trio.fail_after(10):
+            async for e in stream:
+                if e.job_id == job.id and e.type is EventType.COMPLETED:
+                    break
+    await rt.broadcaster.drained()
+    return str(job.id)
+
+
+@pytest.mark.parametrize("room_kind", ["job", "user"])
+async def test_replay_budget_edges(room_kind: str) -> None:
+    """Exactly at the budget a cursor is replayed; a byte less is cursor_too_far with
+    nothing queued; a budget of 0 still serves a cursor at the head; the reply is the
+    same in a job room and a user room."""
+    async with open_runtime(
+        backend=MemoryBackend(),
+        handlers={"steps": steps},
+        broadcast=BroadcasterConfig(backlog_bytes=1, backlog=1),
+    ) as rt:
+        b = rt.broadcaster
+        assert b is not None
+        job_id = await _finished_job(rt)
+        room = f"job:{job_id}" if room_kind == "job" else "user:u"
+        if room_kind == "job":
+            logged = await rt._store.read_events(job_id)
+        else:
+            logged = await rt._store.read_user_events("u", 0, 10_000)
+        after = 5
+        missed = logged[after:]
+        need = sum(len(b.encode(e)) for e in missed)
+        for budget, recovered in ((need, True), (need - 1, False)):
+            b._backlogs.clear()
+            b.config = attrs.evolve(b.config, replay_bytes=budget)
+            outbox = Outbox(b.config)
+            joined = await b.join(outbox, room, Cursor(rt.epoch, after))
+            b.finish_join(outbox, room)
+            assert joined.recovered is recovered, (budget, joined)
+            items = outbox.take(max_bytes=1 << 22)
+            if recovered:
+                assert joined.replayed == len(missed)
+                assert [orjson.loads(i)["event"]["seq"] for i in items] == [
+                    e.seq if room_kind == "job" else e.user_seq for e in missed
+                ]
+            else:
+                assert joined.reset_reason is not None
+                assert joined.reset_reason.startswith(
+                    f"cursor_too_far: the {len(missed)} events after sequence {after}"
+                )
+                assert items == []
+            b.leave(outbox, room)
+        b.config = attrs.evolve(b.config, replay_bytes=0)
+        outbox = Outbox(b.config)
+        joined = await b.join(outbox, room, Cursor(rt.epoch, joined.head))
+        assert joined.recovered and joined.replayed == 0 and joined.reset_reason is None
+
+
+async def test_replay_budget_over_the_wire_gives_a_snapshot(tmp_path: Path) -> None:
+    """cursor_too_far reaches a subscriber over the protocol as a Reset with a snapshot."""
+    config = BroadcasterConfig(replay_bytes=0, backlog=1, backlog_bytes=1)
+    async with (
+        serving(tmp_path / "far.db", broadcast=config) as running,
+        open_client(running.url, token("alice")) as client,
+    ):
+        await client.subscribe("user:alice", None)
+        job = await client.create("emitter", {"phases": []})
+        room = f"job:{job['id']}"
+        with trio.fail_after(10):
+            async for item in client.events():
+                if isinstance(item, JobEvent) and item.type is EventType.COMPLETED:
+                    completed = item
+                    break
+        epoch = client.cursor("user:alice").epoch  # type: ignore[union-attr]
+        await client.unsubscribe("user:alice")
+        head = RoomCursor(epoch, completed.seq)
+        running.server.broadcaster._backlogs.clear()
+        await client.subscribe(room, RoomCursor(head.epoch, 0))
+        with trio.fail_after(10):
+            async for item in client.events():
+                if isinstance(item, Reset):
+                    reset = item
+                    break
+        assert reset.reason.startswith("cursor_too_far:"), reset
+        assert reset.snapshot["job"]["id"] == job["id"]
+        assert reset.cursor == head
+
+
+# -- 3. the hand-built event record ---------------------------------------------------------------
+
+
+class _S(str):
+    pass
+
+
+class _I(int):
+    pass
+
+
+class _E(enum.Enum):
+    A = "a"
+
+
+class _IE(enum.IntEnum):
+    A = 3
+
+
+@dataclasses.dataclass
+class _DC:
+    x: int
+    y: Any = None
+
+
+@attrs.define
+class _AT:
+    x: int
+
+
+_NT = collections.namedtuple("_NT", "a b")
+
+_DATA_VALUES: list[Any] = [
+    True,
+    2**63 - 1,
+    2**64,
+    1.5,
+    float("nan"),
+    -0.0,
+    None,
+    _S("x"),
+    _I(3),
+    _E.A,
+    _IE.A,
+    EventType.PROGRESS,
+    (1, 2),
+    {1, 2},
+    collections.OrderedDict(a=1),
+    {1: 2},
+    {_S("k"): 1},
+    {_E.A: 1},
+    datetime.datetime(2024, 1, 1, 12, 0, 0, 123456),
+    datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone(datetime.timedelta(hours=5))),
+    datetime.date(2024, 1, 1),
+    uuid.UUID(int=5),
+    _DC(1),
+    _DC(1, {2: 3}),
+    _AT(1),
+    _NT(1, 2),
+    b"ab",
+    JobError("T", "m"),
+    "x" * 20_000,
+    {"big": ["y" * 20_000]},
+    {"$omitted": "input", "size": 3},
+]
+
+
+def _old_encode(b: Broadcaster, event: JobEvent) -> bytes | str:
+    """What Broadcaster.encode wrote before the fast record (the converter's copy)."""
+    try:
+        message = {"type": "event", "event": converter.unstructure(event)}
+        data = orjson.dumps(message)
+        limit = b.config.inline_payload_limit
+        if len(data) > limit or b'"$omitted"' in data:
+            message["event"]["data"] = inline_payloads(message["event"]["data"], limit)
+            data = orjson.dumps(message)
+        return bytes(data)
+    except Exception as exc:
+        return type(exc).__name__
+
+
+@pytest.mark.parametrize("value", _DATA_VALUES, ids=lambda v: type(v).__name__)
+def test_fast_event_record_writes_the_converters_bytes(value: Any) -> None:
+    b = Broadcaster(None, EventHub(), None)  # type: ignore[arg-type]
+    e = JobEvent("j1", "u", 3, EventType.PROGRESS, JobState.RUNNING, 2.5, {"v": value}, None, 9)
+    try:
+        got: bytes | str = b.encode(e)
+    except Exception as exc:
+        got = type(exc).__name__
+    assert got == _old_encode(b, e)
+    assert e.data == {"v": value} or value != value  # not mutated (NaN aside)
+
+
+# -- 4. the hand-written JobEvent structure hook --------------------------------------------------
+
+_RECORD: dict[str, Any] = {
+    "job_id": "j1",
+    "user_id": "u",
+    "seq": 3,
+    "type": "progress",
+    "state": "running",
+    "at": 2.5,
+    "data": {"a": 1},
+    "actor": None,
+    "user_seq": 7,
+}
+_MISSING = object()
+_VALUES: list[Any] = [
+    _MISSING,
+    True,
+    0,
+    -1,
+    2**64,
+    1.0,
+    2.5,
+    float("inf"),
+    None,
+    "",
+    "progress",
+    "running",
+    _S("progress"),
+    _S("running"),
+    _I(3),
+    _IE.A,
+    EventType.PROGRESS,
+    JobState.RUNNING,
+    [],
+    {},
+    {"k": 1},
+    {1: 2},
+    {_S("k"): 1},
+    collections.OrderedDict(k=1),
+    (1,),
+]
+
+
+def _outcome(hook: Any, record: Any) -> tuple[str, Any]:
+    try:
+        return "ok", hook(record, JobEvent)
+    except Exception as exc:
+        return "error", type(exc)
+
+
+@pytest.mark.parametrize("field", [*_RECORD, "extra"])
+def test_fast_job_event_hook_agrees_with_the_generated_one(field: str) -> None:
+    for value in _VALUES:
+        record = dict(_RECORD)
+        if value is _MISSING:
+            record.pop(field, None)
+        else:
+            record[field] = value
+        fast, slow = _outcome(_structure_event, record), _outcome(_structure_event_checked, record)
+        assert fast[0] == slow[0], (field, value, fast, slow)
+        if fast[0] == "ok":
+            assert fast[1] == slow[1] and type(fast[1].at) is type(slow[1].at)
+            assert [type(k) for k in fast[1].data] == [type(k) for k in slow[1].data]
+        else:
+            assert fast[1] is slow[1], (field, value, fast, slow)
+    others: list[Any] = [None, [1], "s", 5, collections.OrderedDict(_RECORD)]
+    for record in others:
+        assert (
+            _outcome(_structure_event, record)[0] == _outcome(_structure_event_checked, record)[0]
+        )
+
+
+def test_fast_job_event_hook_refuses_an_overflowing_time_as_the_generated_one() -> None:
+    """An ``at`` integer too large for a float: both hooks refuse it with a cattrs validation
+    error (what callers catch and report with the field's path), not a bare OverflowError
+    from ``float(at)``. Not reachable through orjson (which parses such numbers as floats or
+    refuses them), only from Python-built records."""
+    record = {**_RECORD, "at": 10**400}
+    with pytest.raises(cattrs.ClassValidationError):
+        _structure_event_checked(record, JobEvent)
+    with pytest.raises(cattrs.ClassValidationError):
+        converter.structure(record, JobEvent)
+
+
+# -- 5. the client's events() without a checkpoint per event --------------------------------------
+
+
+def _event(seq: int) -> JobEvent:
+    return JobEvent("j1", "u", seq, EventType.PROGRESS, JobState.RUNNING, 0.0, {}, None, seq)
+
+
+async def test_events_cancelled_at_its_64th_checkpoint_loses_no_event() -> None:
+    """A consumer that takes events in short cancellable slices (``move_on_after`` around
+    ``async for``, a sync body) and iterates ``events()`` again afterwards, cancelled at the
+    checkpoint ``events()`` makes every 64 items: each event is handed out once, in order,
+    with no gap (the checkpoint comes before an item is taken)."""
+    client = Client("ws://127.0.0.1:1/", "t")
+    client.rooms["job:j1"] = _Room(RoomCursor("e", 0), RoomCursor("e", 0), resyncing=False)
+    for seq in range(1, 101):
+        client._send_events.send_nowait(_event(seq))
+    got: list[int] = []
+    with trio.CancelScope() as scope:
+        async for item in client.events():
+            assert isinstance(item, JobEvent)
+            got.append(item.seq)
+            if item.seq == 63:
+                scope.cancel()  # e.g. a deadline passing; delivered at the next checkpoint
+    with trio.move_on_after(1):
+        async for item in client.events():
+            assert isinstance(item, JobEvent)
+            got.append(item.seq)
+            if item.seq == 100:
+                break
+    assert got == list(range(1, 101)), f"missing {sorted(set(range(1, 101)) - set(got))}"
+    assert client.cursor("job:j1") == RoomCursor("e", 100)
+
+
+async def test_a_reset_at_the_64th_checkpoint_survives_a_cancellation() -> None:
+    """As above for a Reset: the one telling the application to re-read a room's state."""
+    client = Client("ws://127.0.0.1:1/", "t")
+    for seq in range(1, 64):
+        client._send_events.send_nowait(_event(seq))
+    reset = Reset("job:j1", "cursor_too_far: test", {"job": {}}, RoomCursor("e", 500))
+    client._send_events.send_nowait(reset)
+    seen: list[object] = []
+    with trio.CancelScope() as scope:
+        async for item in client.events():
+            seen.append(item)
+            if len(seen) == 63:
+                scope.cancel()
+    with trio.move_on_after(1):
+        async for item in client.events():
+            seen.append(item)
+            break
+    assert reset in seen
+
+
+async def test_events_cancelled_while_waiting_keeps_the_next_event() -> None:
+    """Cancelled while blocked (nothing buffered): the next event is not lost."""
+    client = Client("ws://127.0.0.1:1/", "t")
+    with trio.move_on_after(0.05):
+        async for _ in client.events():
+            pass
+    client._send_events.send_nowait(_event(1))
+    with trio.fail_after(1):
+        async for item in client.events():
+            assert isinstance(item, JobEvent) and item.seq == 1
+            break
+
+
+async def test_a_backlog_served_replay_is_not_bounded_by_the_budget() -> None:
+    """Documents a boundary: ``replay_bytes`` bounds replays from the durable log only. With a
+    budget of 0, a cursor the backlog covers is still replayed (recovered), while the same
+    cursor served from the log gets cursor_too_far. With the defaults the backlogs (8 MiB
+    in all) are smaller than the budget (16 MiB), so no join holds more than the budget."""
+    assert BroadcasterConfig().backlog_bytes <= BroadcasterConfig().replay_bytes
+    async with open_runtime(
+        backend=MemoryBackend(),
+        handlers={"steps": steps},
+        broadcast=BroadcasterConfig(replay_bytes=0),
+    ) as rt:
+        b = rt.broadcaster
+        assert b is not None
+        job_id = await _finished_job(rt)
+        room = f"job:{job_id}"
+        head = (await rt.get_job(job_id)).seq
+        outbox = Outbox(b.config)
+        joined = await b.join(outbox, room, Cursor(rt.epoch, head - 1))
+        assert joined.recovered and joined.replayed == 1  # from the backlog
+        b.leave(outbox, room)
+        b._backlogs.clear()
+        joined = await b.join(outbox, room, Cursor(rt.epoch, head - 1))
+        assert not joined.recovered
+        assert (joined.reset_reason or "").startswith("cursor_too_far:")
+
+
+async def test_a_reset_reply_waits_for_room_in_a_full_event_buffer() -> None:
+    """A subscribe reply that resets its room while the application's event buffer is full:
+    the read loop waits for room instead of ending with ``WouldBlock``; the reset follows the
+    events before it and precedes the requester's wake-up."""
+    from transport.client import _Pending
+
+    client = Client("ws://127.0.0.1:1/", "t", event_buffer=2)
+    room = "job:j1"
+    client.rooms[room] = _Room(RoomCursor("old", 5), RoomCursor("old", 5), resyncing=True)
+    for seq in (6, 7):
+        client._send_events.send_nowait(_event(seq))
+    pending = _Pending(on_reply=lambda result: client._joined(room, result))
+    client._pending[1] = pending
+    reply = {
+        "type": "reply",
+        "id": 1,
+        "result": {"epoch": "new", "head": 9, "reset_reason": "epoch_changed: test"},
+    }
+    seen: list[object] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client._dispatch, reply)
+        await trio.sleep(0.05)
+        assert not pending.done.is_set()  # waiting for room, not failed
+        with trio.fail_after(1):
+            async for item in client.events():
+                seen.append(item)
+                if isinstance(item, Reset):
+                    break
+    assert pending.done.is_set()
+    assert [getattr(item, "seq", None) for item in seen] == [6, 7, None]
+    assert client.rooms[room].cursor == RoomCursor("new", 9)
