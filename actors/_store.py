@@ -89,6 +89,11 @@ class StoreConfig:
     #: Largest job result, in encoded JSON bytes (a larger one fails the job at completion).
     result_limit: int = 1024 * 1024
     max_batch: int = 512
+    #: Progress writes of one job answered before their commit and not yet committed, at
+    #: most (see :meth:`StoreClient.set_progress`); the job's next one is answered at its own
+    #: commit. 2: measured best on the fanout benchmark (1: a fifth fewer events per second,
+    #: same latency; unbounded: twice the p99 latency).
+    progress_window: int = 2
     queue_size: int = 1024
     heartbeat_flush_interval: float = 1.0
     #: Seconds a write waits out a database outage (retried with backoff) before it fails.
@@ -151,8 +156,8 @@ class _Request:
         self.fn = fn
         self.mode = mode
         #: A write answered once applied (ordered into the group), before its commit, while
-        #: the database is healthy and no earlier early write of ``job_id`` is still
-        #: uncommitted: progress (see :meth:`StoreClient.set_progress`).
+        #: the database is healthy and fewer than ``progress_window`` earlier such writes of
+        #: ``job_id`` are uncommitted: progress (see :meth:`StoreClient.set_progress`).
         self.early = early
         self.job_id = job_id
         #: A create's idempotency key and window, looked up with its batch's others.
@@ -218,8 +223,9 @@ class StoreActor:
         # Per user: jobs waiting (created), staged changes included; loaded on first use.
         self._waiting: dict[str, int] = {}
         self._inflight: list[_Group] = []  # handed to the committer, oldest first
-        #: Each job's write answered early and not yet committed (at most one per job).
-        self._early: dict[str | None, _Request] = {}
+        #: Each job's writes answered early and not yet committed (``progress_window`` at
+        #: most), oldest first.
+        self._early: dict[str | None, list[_Request]] = {}
         self._generation = 0  # bumped by a failed commit: older groups are void
         # Why each void generation is void: None (a request-tied failure: its requests are
         # replayed) or the error its requests get.
@@ -334,15 +340,16 @@ class StoreActor:
                     request.early
                     and request.error is None
                     and self.health.ok
-                    and request.job_id not in self._early
+                    and len(self._early.get(request.job_id, ())) < self.config.progress_window
                 ):
                     # Ordered: the hub publishes it only once its group has committed, and
-                    # the caller's next write joins this group or a later one. One per job
-                    # at a time: while one is not yet committed, the job's next one is
+                    # the caller's next write joins this group or a later one. At most
+                    # progress_window per job at a time: past it, the job's next one is
                     # answered at its own commit, so what is answered but not durable stays
-                    # within one event per running job (its latency to a client within
-                    # about two commits).
-                    self._early[request.job_id] = request
+                    # within a few events per running job (and a handler reporting back to
+                    # back cannot run ahead of the disk: its events reach clients within a
+                    # few commits).
+                    self._early.setdefault(request.job_id, []).append(request)
                     request.done.set()
             else:
                 request.done.set()
@@ -447,8 +454,11 @@ class StoreActor:
                         if request.replay:
                             self._replay.append(request)
                         else:
-                            if self._early.get(request.job_id) is request:
-                                del self._early[request.job_id]
+                            held = self._early.get(request.job_id)
+                            if held is not None and request in held:
+                                held.remove(request)
+                                if not held:
+                                    del self._early[request.job_id]
                                 if request.error is not None:
                                     # Answered already: nobody else hears of it.
                                     log.warning(
@@ -1046,9 +1056,11 @@ class StoreClient:
         self, job_id: str, attempt: int, pct: float, step: str | None, *, durable: bool = True
     ) -> Job:
         """Record progress; returns the job as staged. ``durable`` False: answered once
-        ordered into the next group commit, not after it (while the database is healthy; the
-        ops' own refusals, such as a stale attempt, are still raised): the event is published
-        only once committed, so no client sees an event that is not durable."""
+        ordered into the next group commit, not after it (while the database is healthy and
+        fewer than ``StoreConfig.progress_window`` of the job's progress writes answered so
+        are uncommitted, else at its commit; the ops' own refusals, such as a stale attempt,
+        are still raised): the event is published only once committed, so no client sees an
+        event that is not durable."""
         check_text(step, "step", optional=True, limit=MAX_STEP_LENGTH)
         return await self._call(
             lambda: self._actor._change(

@@ -311,8 +311,9 @@ async def fanout(
     label = f"fanout {jobs}"
     if worker_processes:
         label += f" in {worker_processes} worker{'s' if worker_processes > 1 else ''}"
-    # The running jobs need a slot each: the processes share them evenly.
-    concurrency = max(1, -(-running // max(1, worker_processes)))
+    # The running jobs need a slot each: the processes share them evenly (a worker process
+    # declares at most 1,000; in-server handlers are bounded by max_running alone).
+    concurrency = min(1000, max(1, -(-running // max(1, worker_processes))))
     config = f"[runtime]\nmax_running = {running}\n"  # the rest wait in the queue
     async with server(
         workdir, worker_processes=worker_processes, concurrency=concurrency, config=config

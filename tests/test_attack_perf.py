@@ -1,4 +1,4 @@
-"""Attacks on the latency/replay changes: early-answered progress (one per job), the replay
+"""Attacks on the latency/replay changes: early-answered progress (a window per job), the replay
 byte budget, the broadcaster's hand-built event record, the hand-written JobEvent structure
 hook and the client's checkpoint-free ``events()``.
 
@@ -54,14 +54,15 @@ from .test_store import GatedMemory, open_store, running_job
 # -- 1. early-answered progress -------------------------------------------------------------------
 
 
-async def test_progress_from_many_tasks_of_one_job_is_answered_early_once(
-    autojump_clock: trio.abc.Clock,
+@pytest.mark.parametrize("window", [1, 2, 3])
+async def test_progress_from_many_tasks_of_one_job_is_answered_early_up_to_the_window(
+    autojump_clock: trio.abc.Clock, window: int
 ) -> None:
-    """Ten tasks of one job report progress at once while commits are stalled: exactly one is
-    answered before its commit; the others at their commit. Nothing is published before it
-    is durable, and every event commits once, in order, gap-free."""
+    """Ten tasks of one job report progress at once while commits are stalled: exactly
+    ``progress_window`` are answered before their commit; the others at their commit.
+    Nothing is published before it is durable, and every event commits once, in order."""
     backend = GatedMemory()
-    async with open_store(backend) as (store, actor, hub):
+    async with open_store(backend, progress_window=window) as (store, actor, hub):
         job_id = await running_job(store)
         backend.gated = True
         answered: list[int] = []
@@ -74,8 +75,8 @@ async def test_progress_from_many_tasks_of_one_job_is_answered_early_once(
             for n in range(10):
                 nursery.start_soon(report, n)
             await trio.sleep(5)
-            assert len(answered) == 1  # one early answer per job, the rest wait
-            assert list(actor._early) == [job_id]
+            assert len(answered) == window  # the rest wait for their commit
+            assert list(actor._early) == [job_id] and len(actor._early[job_id]) == window
             with pytest.raises(trio.WouldBlock):
                 stream.receive_nowait()
             backend.gate.set()
@@ -136,7 +137,7 @@ async def test_an_early_progress_in_a_voided_group_is_replayed_and_frees_its_slo
     replayed one request at a time, everything commits once, and the job's next progress is
     answered early again (no stale entry left behind)."""
     backend = FlakyOnce()
-    async with open_store(backend) as (store, actor, hub):
+    async with open_store(backend, progress_window=1) as (store, actor, hub):
         job_id = await running_job(store)
         other = await running_job(store, "bob")
         backend.gated = True
@@ -200,7 +201,11 @@ async def test_an_outage_while_an_early_answer_is_outstanding(
     all commit in order; when it stays away past the bound they get StoreUnavailableError,
     and afterwards the job's progress is answered early again."""
     backend = Locked()
-    async with open_store(backend, store_retry_timeout=5.0) as (store, actor, hub):
+    async with open_store(backend, store_retry_timeout=5.0, progress_window=1) as (
+        store,
+        actor,
+        hub,
+    ):
         job_id = await running_job(store)
         other = await running_job(store, "bob")
         backend.locked = True
@@ -250,7 +255,7 @@ async def test_a_job_that_ends_while_its_progress_waits(autojump_clock: trio.abc
     meanwhile (applied before the waiting progress): that progress is refused at its commit,
     and the cancel is the job's last event."""
     backend = GatedMemory()
-    async with open_store(backend) as (store, actor, _):
+    async with open_store(backend, progress_window=1) as (store, actor, _):
         job_id = await running_job(store)
         backend.gated = True
         outcome: list[object] = []

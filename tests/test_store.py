@@ -372,12 +372,12 @@ async def test_progress_is_answered_once_ordered_and_published_only_once_durable
     autojump_clock: trio.abc.Clock,
 ) -> None:
     """``set_progress(durable=False)`` (what ``ctx.progress`` uses) returns while its commit
-    is still running, one per job at a time: a job's next one waits for that commit (another
-    job's does not). No subscriber gets an event before it is stored; a checkpoint after them
-    returns only once durable, and everything commits in call order. A refusal of the ops
-    (a stale attempt) is still raised at the call."""
+    is still running, ``progress_window`` per job at a time (1 here): a job's next one waits
+    for that commit (another job's does not). No subscriber gets an event before it is
+    stored; a checkpoint after them returns only once durable, and everything commits in
+    call order. A refusal of the ops (a stale attempt) is still raised at the call."""
     backend = GatedMemory()
-    async with open_store(backend) as (store, _, hub):
+    async with open_store(backend, progress_window=1) as (store, _, hub):
         job_id = await running_job(store)
         other_id = await running_job(store, "bob")
         backend.gated = True
