@@ -106,14 +106,11 @@ async def test_stale_attempt_progress_is_refused_and_does_not_hold_the_early_slo
         assert actor._early == {}
 
 
-class FlakyOnce(MemoryBackend):
-    """One commit fails with a request-tied (not outage) error, then all succeed."""
+class FlakyOnce(GatedMemory):
+    """Once ``fail_next`` is set, the next commit fails (after the gate) with a request-tied
+    error, not an outage; then all succeed."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.fail_next = False
-        self.gate = trio.Event()
-        self.gated = False
+    fail_next = False
 
     async def commit(
         self,

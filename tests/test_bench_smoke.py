@@ -6,36 +6,14 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
 
 
-def test_queue_and_retry_storm_smoke(tmp_path: Path) -> None:
+def run_bench(tmp_path: Path, *args: str) -> tuple[dict[tuple[str, str], Any], str]:
+    """``jobspine bench`` with ``args``: its rows by (scenario, measure), and its table."""
     out = tmp_path / "bench.json"
-    scenarios = ["--scenario", "queue", "retry-storm"]
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--smoke", *scenarios, "--json", str(out)],
-        cwd=Path(__file__).parent.parent,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    rows = {(r["scenario"], r["measure"]): r for r in orjson.loads(out.read_bytes())["rows"]}
-    assert rows[("retry storm 200", "jobs completed")]["value"] == 200
-    assert rows[("retry storm 200", "jobs with attempts != 3 (3 starts, 2 retries)")]["ok"]
-    assert rows[("queue 2,000", "enqueue rate (create over websockets)")]["value"] > 0
-    assert "cores (" in result.stdout  # the table names the machine
-
-
-def test_fanout_through_the_queue_and_idle_past_the_default_capacity(tmp_path: Path) -> None:
-    """The issue's fanout shape (``--updates`` back to back, ``--running`` at once, the rest
-    queued) loses nothing; the idle scenario runs more jobs at once than the runtime's
-    default ``max_running`` (1,000), which it must raise for them."""
-    out = tmp_path / "bench.json"
-    args = ["--scenario", "fanout", "idle", "--jobs", "60", "--running", "20"]
-    args += ["--updates", "10", "--idle-jobs", "1200", "--idle-every", "1", "--idle-window", "1"]
     result = subprocess.run(
         [sys.executable, "-m", "bench.run", *args, "--json", str(out)],
         cwd=Path(__file__).parent.parent,
@@ -46,6 +24,24 @@ def test_fanout_through_the_queue_and_idle_past_the_default_capacity(tmp_path: P
     )
     assert result.returncode == 0, result.stdout + result.stderr
     rows = {(r["scenario"], r["measure"]): r for r in orjson.loads(out.read_bytes())["rows"]}
+    return rows, result.stdout
+
+
+def test_queue_and_retry_storm_smoke(tmp_path: Path) -> None:
+    rows, table = run_bench(tmp_path, "--smoke", "--scenario", "queue", "retry-storm")
+    assert rows[("retry storm 200", "jobs completed")]["value"] == 200
+    assert rows[("retry storm 200", "jobs with attempts != 3 (3 starts, 2 retries)")]["ok"]
+    assert rows[("queue 2,000", "enqueue rate (create over websockets)")]["value"] > 0
+    assert "cores (" in table  # the table names the machine
+
+
+def test_fanout_through_the_queue_and_idle_past_the_default_capacity(tmp_path: Path) -> None:
+    """The issue's fanout shape (``--updates`` back to back, ``--running`` at once, the rest
+    queued) loses nothing; the idle scenario runs more jobs at once than the runtime's
+    default ``max_running`` (1,000), which it must raise for them."""
+    args = ["--scenario", "fanout", "idle", "--jobs", "60", "--running", "20"]
+    args += ["--updates", "10", "--idle-jobs", "1200", "--idle-every", "1", "--idle-window", "1"]
+    rows, _ = run_bench(tmp_path, *args)
     assert rows[("fanout 60", "events lost / gaps / resets")]["value"] == 0
     assert rows[("fanout 60", "progress events persisted/s")]["value"] > 0
     assert rows[("idle 1200", "jobs running at once")]["value"] == 1200
