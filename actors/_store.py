@@ -340,6 +340,7 @@ class StoreActor:
                     request.early
                     and request.error is None
                     and self.health.ok
+                    and not request.done.is_set()  # replayed after its early answer: held
                     and len(self._early.get(request.job_id, ())) < self.config.progress_window
                 ):
                     # Ordered: the hub publishes it only once its group has committed, and

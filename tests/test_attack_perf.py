@@ -127,14 +127,15 @@ class FlakyOnce(GatedMemory):
         return await super().commit(jobs, events, deleted, heartbeats)
 
 
+@pytest.mark.parametrize("window", [1, 2])
 async def test_an_early_progress_in_a_voided_group_is_replayed_and_frees_its_slot(
-    autojump_clock: trio.abc.Clock,
+    autojump_clock: trio.abc.Clock, window: int
 ) -> None:
     """A request-tied failure voids the group holding a job's early answer: the group is
     replayed one request at a time, everything commits once, and the job's next progress is
     answered early again (no stale entry left behind)."""
     backend = FlakyOnce()
-    async with open_store(backend, progress_window=1) as (store, actor, hub):
+    async with open_store(backend, progress_window=window) as (store, actor, hub):
         job_id = await running_job(store)
         other = await running_job(store, "bob")
         backend.gated = True
