@@ -48,3 +48,25 @@ def test_completed_is_final_and_terminal_states_only_restart() -> None:
     assert TRANSITIONS[S.COMPLETED] == frozenset()
     for state in TERMINAL_STATES - {S.COMPLETED}:
         assert TRANSITIONS[state] == {S.CREATED}
+
+
+def test_a_job_evolved_by_the_ops_is_what_attrs_evolve_makes() -> None:
+    """The ops' positional rebuild of a job (their hot path) sets exactly the changed fields,
+    whatever they are, and keeps every other one."""
+    import attrs
+
+    from actors._job import Job
+    from actors._ops import _FIELDS, _evolve
+
+    job = Job("j1", "alice", "research", JobState.RUNNING, {"q": 1}, 1.0, 2.0, tags=("a",))
+    other = Job(
+        "j2", "bob", "other", JobState.PAUSED, [2], 3.0, 4.0, 50.0, "s", {"r": 1}, None,
+        {"c": 1}, 3, 5.0, 2, 1, "user", 6.0, 7.0, 8.0, 9.0, 10, 11.0, 12.0, 5, 13.0, 3, 1,
+        60.0, ("b",), "p", "k", "n1", 14.0,
+    )  # fmt: skip
+    for name in _FIELDS:
+        changes = {name: getattr(other, name)}
+        assert _evolve(job, changes) == attrs.evolve(job, **changes), name
+    everything = {name: getattr(other, name) for name in _FIELDS}
+    assert _evolve(job, everything) == other
+    assert _evolve(job, {}) == job
