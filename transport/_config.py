@@ -218,6 +218,10 @@ _EXPLICIT: tuple[Setting, ...] = (
             "local `jobspine worker` processes to start and supervise; handlers then run only "
             "in them (0: in the server)", "--worker-processes", "JOBSPINE_WORKER_PROCESSES",
             lambda n: None if 0 <= n <= 256 else "must be in 0..256"),
+    Setting("heap_trim_interval", "server", float, 5.0,
+            "seconds between two returns of the heap memory the server freed to the operating "
+            "system (glibc malloc_trim, in a thread; 0: never)", "--heap-trim-interval",
+            "JOBSPINE_HEAP_TRIM_INTERVAL", _NON_NEGATIVE),
     Setting("heartbeat_timeout", "runtime", float, 30.0,
             "seconds without a sign of life before a running job is stalled",
             "--heartbeat-timeout", "JOBSPINE_HEARTBEAT_TIMEOUT", _POSITIVE),
