@@ -198,13 +198,21 @@ class Backend(Protocol):
         events: Sequence[JobEvent],
         deleted: Collection[str],
         heartbeats: Mapping[str, tuple[int, float]],
+        *,
+        progress_only: Collection[str] = (),
     ) -> Sequence[JobEvent]:
         """Write jobs, append events, delete jobs (their events stay) and record heartbeats
         (``job id -> (attempt, time)``, applied only to that running attempt) atomically.
         Returns the events as stored: with their final ``user_seq`` where the backend assigns
         it (:attr:`assigns_user_seq`), else as given. A backend shared by several writers may
         raise :class:`StaleWriteError` (nothing written) for a job that is no longer what the
-        change was based on."""
+        change was based on.
+
+        ``progress_only``: ids of ``jobs`` that differ from their previous write only in
+        ``progress``, ``step``, ``updated_at``, ``last_heartbeat_at`` and ``seq`` (progress
+        reports, the hot path). That previous write is committed before this one or this
+        one is never committed (a failed commit voids every group after it), so a backend
+        may write just those fields of them; writing them whole is as right."""
         ...
 
     async def query(self, query: JobQuery) -> list[Job]: ...
@@ -400,6 +408,8 @@ class MemoryBackend:
         events: Sequence[JobEvent],
         deleted: Collection[str],
         heartbeats: Mapping[str, tuple[int, float]],
+        *,
+        progress_only: Collection[str] = (),
     ) -> Sequence[JobEvent]:
         for job in jobs:
             stored = self._jobs.get(job.id)

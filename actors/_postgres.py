@@ -78,7 +78,7 @@ from psycopg.pq import TransactionStatus
 from ._backend import ClaimRequest, ClaimResult, JobQuery, Pruned, QueueStats
 from ._codec import converter
 from ._errors import StaleWriteError, StoreError
-from ._events import EventType, JobEvent
+from ._events import EventType, JobEvent, encode_event
 from ._ids import new_id
 from ._job import Job, migrate_job_record
 from ._nodes import (
@@ -568,12 +568,15 @@ class PostgresBackend:
         events: Sequence[JobEvent],
         deleted: Collection[str],
         heartbeats: Mapping[str, tuple[int, float]],
+        *,
+        progress_only: Collection[str] = (),
     ) -> list[JobEvent]:
         """One transaction: each user's head advanced (users in order, so that concurrent
         commits lock them in one order) and the events numbered from it, whatever
         ``user_seq`` they were staged with; then the fenced job writes and deletes (see
         :func:`commit_plan`). Returns the events as stored. Raises :class:`StaleWriteError`
-        (nothing written) if a job is no longer what its change was based on."""
+        (nothing written) if a job is no longer what its change was based on. Every job is
+        written whole (its fence compares the whole row): ``progress_only`` is not used."""
         counts = user_counts(events)
 
         def fn(conn: psycopg.Connection[Any]) -> list[JobEvent]:
@@ -1140,7 +1143,7 @@ def commit_plan(
                         e.user_id,
                         e.user_seq,
                         e.type.value,
-                        orjson.dumps(converter.unstructure(e)).decode(),
+                        encode_event(e).decode(),
                     )
                     for e in events
                 ],

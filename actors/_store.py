@@ -188,6 +188,9 @@ class _Group:
     events: list[JobEvent] = attrs.field(factory=list)
     deleted: set[str] = attrs.field(factory=set)
     beats: dict[str, tuple[int, float]] = attrs.field(factory=dict)
+    #: Jobs of ``jobs`` whose every change in this group is a progress report: only their
+    #: progress fields differ from their previous write (see ``Backend.commit``).
+    progress_only: set[str] = attrs.field(factory=set)
     #: Jobs per state gained (lost, if negative) by this group, for the metrics.
     moves: dict[JobState, int] = attrs.field(factory=dict)
     #: Jobs started in their create's commit (the fast path), launched once it commits.
@@ -553,7 +556,11 @@ class StoreActor:
             try:
                 async with self._commit_lock:
                     committed = await self.backend.commit(
-                        group.jobs.values(), group.events, group.deleted, group.beats
+                        group.jobs.values(),
+                        group.events,
+                        group.deleted,
+                        group.beats,
+                        progress_only=group.progress_only,
                     )
             except Exception as exc:
                 if not is_outage(exc):
@@ -683,7 +690,14 @@ class StoreActor:
         else:
             user_seq = await self._user_head(job.user_id) + 1
             self._user_heads[job.user_id] = user_seq
-        self._group.jobs[job.id] = job
+        group = self._group
+        if event.type is EventType.PROGRESS and (
+            job.id in group.progress_only or job.id not in group.jobs
+        ):
+            group.progress_only.add(job.id)
+        else:
+            group.progress_only.discard(job.id)
+        group.jobs[job.id] = job
         if job.idempotency_key is not None:
             self._key_filter.add(job.user_id, job.idempotency_key)
         if self._keys is not None and job.idempotency_key is not None:

@@ -118,13 +118,15 @@ class FlakyOnce(GatedMemory):
         events: Sequence[JobEvent],
         deleted: Collection[str],
         heartbeats: Mapping[str, tuple[int, float]],
+        *,
+        progress_only: Collection[str] = (),
     ) -> Sequence[JobEvent]:
         if self.gated:
             await self.gate.wait()
         if self.fail_next:
             self.fail_next = False
             raise ValueError("constraint failed (test)")
-        return await super().commit(jobs, events, deleted, heartbeats)
+        return await super().commit(jobs, events, deleted, heartbeats, progress_only=progress_only)
 
 
 @pytest.mark.parametrize("window", [1, 2])
@@ -184,11 +186,13 @@ class Locked(MemoryBackend):
         events: Sequence[JobEvent],
         deleted: Collection[str],
         heartbeats: Mapping[str, tuple[int, float]],
+        *,
+        progress_only: Collection[str] = (),
     ) -> Sequence[JobEvent]:
         await trio.sleep(0.01)
         if self.locked:
             raise sqlite3.OperationalError("database is locked")
-        return await super().commit(jobs, events, deleted, heartbeats)
+        return await super().commit(jobs, events, deleted, heartbeats, progress_only=progress_only)
 
 
 async def test_an_outage_while_an_early_answer_is_outstanding(

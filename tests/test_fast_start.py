@@ -196,12 +196,14 @@ class FailOnce(MemoryBackend):
         super().__init__()
         self.refused = 0
 
-    async def commit(self, jobs: Any, events: Any, deleted: Any, beats: Any) -> Any:
+    async def commit(
+        self, jobs: Any, events: Any, deleted: Any, beats: Any, *, progress_only: Any = ()
+    ) -> Any:
         types = [event.type for event in events]
         if not self.refused and EventType.CREATED in types and EventType.STARTED in types:
             self.refused += 1
             raise ValueError("refused")
-        return await super().commit(jobs, events, deleted, beats)
+        return await super().commit(jobs, events, deleted, beats, progress_only=progress_only)
 
 
 async def test_a_void_commit_releases_the_slot_and_nothing_starts_twice(

@@ -217,11 +217,13 @@ class Contested(MemoryBackend):
         events: Sequence[JobEvent],
         deleted: Collection[str],
         heartbeats: Mapping[str, tuple[int, float]],
+        *,
+        progress_only: Collection[str] = (),
     ) -> Sequence[JobEvent]:
         if self.lost is not None and any(job.id == self.lost for job in jobs):
             self.refused += 1
             raise StaleWriteError([self.lost])
-        return await super().commit(jobs, events, deleted, heartbeats)
+        return await super().commit(jobs, events, deleted, heartbeats, progress_only=progress_only)
 
 
 async def test_a_storm_of_conflicts_cannot_livelock_the_store() -> None:

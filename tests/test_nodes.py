@@ -446,13 +446,15 @@ class FailingRecoveries(SharedMemory):
         events: Sequence[JobEvent],
         deleted: Collection[str],
         heartbeats: Mapping[str, tuple[int, float]],
+        *,
+        progress_only: Collection[str] = (),
     ) -> Sequence[JobEvent]:
         if self.failures and any(
             e.job_id == self.job_id and "taken_over_by" in e.data for e in events
         ):
             self.failures -= 1
             raise ValueError("the database refused this write")
-        return await super().commit(jobs, events, deleted, heartbeats)
+        return await super().commit(jobs, events, deleted, heartbeats, progress_only=progress_only)
 
 
 async def test_a_takeover_whose_recovery_write_failed_is_finished_by_its_taker(

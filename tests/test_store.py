@@ -362,10 +362,12 @@ class GatedMemory(MemoryBackend):
         events: Sequence[JobEvent],
         deleted: Collection[str],
         heartbeats: Mapping[str, tuple[int, float]],
+        *,
+        progress_only: Collection[str] = (),
     ) -> Sequence[JobEvent]:
         if self.gated:
             await self.gate.wait()
-        return await super().commit(jobs, events, deleted, heartbeats)
+        return await super().commit(jobs, events, deleted, heartbeats, progress_only=progress_only)
 
 
 async def test_progress_is_answered_once_ordered_and_published_only_once_durable(

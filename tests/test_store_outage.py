@@ -51,10 +51,12 @@ class LockedBackend(MemoryBackend):
         events: Sequence[JobEvent],
         deleted: Collection[str],
         heartbeats: Mapping[str, tuple[int, float]],
+        *,
+        progress_only: Collection[str] = (),
     ) -> Sequence[JobEvent]:
         await trio.sleep(0.01)  # the busy wait inside SQLite, shortened
         self._check()
-        return await super().commit(jobs, events, deleted, heartbeats)
+        return await super().commit(jobs, events, deleted, heartbeats, progress_only=progress_only)
 
 
 def test_outages_are_told_from_request_tied_failures() -> None:

@@ -289,10 +289,12 @@ class PoisonedBackend(SqliteBackend):
         events: Sequence[JobEvent],
         deleted: Collection[str],
         heartbeats: Mapping[str, tuple[int, float]],
+        *,
+        progress_only: Collection[str] = (),
     ) -> Sequence[JobEvent]:
         if any(e.job_id in self.poisoned and e.type == "checkpoint" for e in events):
             raise sqlite3.IntegrityError("CHECK constraint failed: poisoned")
-        return await super().commit(jobs, events, deleted, heartbeats)
+        return await super().commit(jobs, events, deleted, heartbeats, progress_only=progress_only)
 
 
 async def test_a_group_commit_failing_for_one_request_fails_only_that_request(
