@@ -17,12 +17,15 @@ from ._errors import JobspineError
 from ._states import JobState
 
 __all__ = [
+    "EVENT_OVERHEAD",
+    "STREAM_BYTES",
     "EventHub",
     "EventStream",
     "EventStreamLagged",
     "EventType",
     "JobEvent",
     "encode_event",
+    "event_bytes",
     "event_record",
 ]
 
@@ -149,49 +152,85 @@ class EventStreamLagged(JobspineError):  # noqa: N818 - reads as a state
     code = "lagged"
 
 
-class EventStream:
-    """An async iterator of events published after it was opened."""
+#: What one buffered event costs against a subscriber's byte budget beyond its data's JSON:
+#: the ``JobEvent``, its ``data`` dict and values, the channel's slot, as measured with
+#: ``tracemalloc`` for a progress event (``tests/test_events_budget.py`` keeps it an upper
+#: bound).
+EVENT_OVERHEAD = 768
 
-    def __init__(self, receive: trio.MemoryReceiveChannel[JobEvent]) -> None:
+#: Each subscriber's byte budget by default (:meth:`EventHub.subscribe`).
+STREAM_BYTES = 64 * 2**20
+
+
+def event_bytes(event: JobEvent) -> int:
+    """What ``event`` is counted as against a stream's ``max_bytes``: :data:`EVENT_OVERHEAD`
+    plus its ``data`` as JSON."""
+    try:
+        return EVENT_OVERHEAD + len(orjson.dumps(event.data))
+    except TypeError:  # a value only the converter knows how to write
+        return EVENT_OVERHEAD + len(orjson.dumps(converter.unstructure(event.data)))
+
+
+class EventStream:
+    """An async iterator of events published after it was opened.
+
+    ``max_bytes``: what its buffered events may cost in all (:func:`event_bytes`) before it
+    is cut off; ``queued_bytes``: what they cost now."""
+
+    def __init__(
+        self, receive: trio.MemoryReceiveChannel[tuple[JobEvent, int]], max_bytes: int
+    ) -> None:
         self._receive = receive
         self.lagged = False
+        self.max_bytes = max_bytes
+        self.queued_bytes = 0
 
     def __aiter__(self) -> EventStream:
         return self
 
     async def __anext__(self) -> JobEvent:
         try:
-            return await self._receive.receive()
+            event, cost = await self._receive.receive()
         except trio.EndOfChannel:
             if self.lagged:
                 raise EventStreamLagged("event stream buffer overflowed") from None
             raise StopAsyncIteration from None
+        self.queued_bytes -= cost
+        return event
 
     def pending(self) -> int:
         """Events buffered and not yet received."""
         return self._receive.statistics().current_buffer_used
 
     def receive_nowait(self) -> JobEvent:
-        return self._receive.receive_nowait()
+        event, cost = self._receive.receive_nowait()
+        self.queued_bytes -= cost
+        return event
 
 
 class EventHub:
     """Fans committed events out to subscribers without ever blocking the publisher.
 
-    A subscriber whose buffer is full is cut off (its stream raises :class:`EventStreamLagged`)
-    rather than slowing the store down: the durable event log lets it catch up.
+    A subscriber whose buffer is full (its count, or its byte budget) is cut off (its stream
+    raises :class:`EventStreamLagged` once it has read what was buffered) rather than slowing
+    the store down: the durable event log lets it catch up.
     """
 
     def __init__(self) -> None:
-        self._subscribers: dict[trio.MemorySendChannel[JobEvent], EventStream] = {}
+        self._subscribers: dict[trio.MemorySendChannel[tuple[JobEvent, int]], EventStream] = {}
 
     def publish(self, events: list[JobEvent]) -> None:
         if not self._subscribers:
             return
+        costs = [event_bytes(event) for event in events]
+        total = sum(costs)
         for send, stream in list(self._subscribers.items()):
             try:
-                for event in events:
-                    send.send_nowait(event)
+                if stream.queued_bytes + total > stream.max_bytes:
+                    raise trio.WouldBlock
+                for item in zip(events, costs, strict=True):
+                    send.send_nowait(item)
+                stream.queued_bytes += total
             except trio.WouldBlock:
                 stream.lagged = True
                 del self._subscribers[send]
@@ -205,11 +244,17 @@ class EventHub:
         self._subscribers.clear()
 
     @asynccontextmanager
-    async def subscribe(self, buffer: int | float = 10_000) -> AsyncIterator[EventStream]:
+    async def subscribe(
+        self, buffer: int | float = 10_000, max_bytes: int = STREAM_BYTES
+    ) -> AsyncIterator[EventStream]:
+        """A stream of every event published from now on; ``buffer`` events and ``max_bytes``
+        (:func:`event_bytes`) at most waiting to be read, else it is cut off."""
         if buffer != math.inf:
             buffer = int(buffer)
-        send, receive = trio.open_memory_channel[JobEvent](buffer)
-        stream = EventStream(receive)
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be > 0, got {max_bytes!r}")
+        send, receive = trio.open_memory_channel[tuple[JobEvent, int]](buffer)
+        stream = EventStream(receive, max_bytes)
         self._subscribers[send] = stream
         async with receive:
             try:

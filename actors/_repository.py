@@ -12,7 +12,7 @@ import trio
 
 from ._backend import JobQuery, QueueStats
 from ._errors import IllegalTransitionError, JobspineError
-from ._events import AUDIT_TYPES, EventHub, EventStream, JobEvent
+from ._events import AUDIT_TYPES, STREAM_BYTES, EventHub, EventStream, JobEvent
 from ._job import Job, JobError
 from ._options import CreateOptions, KindOptions
 from ._recovery import (
@@ -89,10 +89,14 @@ class Repository:
         """Kinds with a handler registered here or served by a connected worker."""
         return self._supervisor.known_kinds()
 
-    def events(self, buffer: int = 10_000) -> AbstractAsyncContextManager[EventStream]:
+    def events(
+        self, buffer: int = 10_000, max_bytes: int = STREAM_BYTES
+    ) -> AbstractAsyncContextManager[EventStream]:
         """``async with repo.events() as stream: async for event in stream`` — every event
-        committed after it was opened, in commit order."""
-        return self._hub.subscribe(buffer)
+        committed after it was opened, in commit order. A stream that falls ``buffer`` events
+        or ``max_bytes`` (each event counted as ``EVENT_OVERHEAD`` bytes plus its data's JSON)
+        behind is cut off: it raises :class:`EventStreamLagged` after what it had buffered."""
+        return self._hub.subscribe(buffer, max_bytes)
 
     # -- creation -------------------------------------------------------------------------------
 
