@@ -41,7 +41,7 @@ import trio
 
 from ._codec import converter
 from ._errors import InvalidInputError, JobspineError, leaves
-from ._events import EventHub, EventStreamLagged, JobEvent
+from ._events import EventHub, EventStreamLagged, JobEvent, event_bytes
 from ._sequencer import Sequencer
 from ._store import StoreClient
 
@@ -68,8 +68,10 @@ class FanoutConfig:
     redis_timeout: float = 2.0
     #: Seconds between two attempts to subscribe while Redis is down.
     reconnect_delay: float = 0.5
-    #: Commit groups waiting for their ``PUBLISH`` at most (more are dropped: filled).
+    #: Commit groups waiting for their ``PUBLISH`` at most, and what their events may cost
+    #: in all (:func:`~._events.event_bytes`); more are dropped: filled from the log.
     outbox: int = 1000
+    outbox_bytes: int = 64 * 2**20
     #: Events held per user while a gap is open, and read per user by one fill.
     max_held: int = 1000
     fill_limit: int = 500
@@ -97,7 +99,7 @@ class FanoutConfig:
                 or not (0 < seconds < float("inf"))
             ):
                 raise InvalidInputError(f"{name} must be a positive number of seconds")
-        for name in ("outbox", "max_held", "fill_limit"):
+        for name in ("outbox", "outbox_bytes", "max_held", "fill_limit"):
             count = getattr(self, name)
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise InvalidInputError(f"{name} must be an integer >= 1, not {count!r}")
@@ -181,8 +183,10 @@ class Fanout:
         self._unannounced: dict[str, int] = {}
         #: Set once :meth:`run` has ended.
         self.closed = trio.Event()
-        send, receive = trio.open_memory_channel[list[JobEvent]](config.outbox)
+        send, receive = trio.open_memory_channel[tuple[list[JobEvent], int]](config.outbox)
         self._outbox_send, self._outbox_receive = send, receive
+        #: What the outbox's groups cost now (within ``config.outbox_bytes``).
+        self.outbox_bytes = 0
 
     @property
     def channel(self) -> str:
@@ -292,8 +296,12 @@ class Fanout:
         if self.skip_publish:
             self._unpublished(group)
         else:
+            cost = sum(map(event_bytes, group))
             try:
-                self._outbox_send.send_nowait(group)
+                if self.outbox_bytes + cost > self.config.outbox_bytes:
+                    raise trio.WouldBlock
+                self._outbox_send.send_nowait((group, cost))
+                self.outbox_bytes += cost
             except trio.WouldBlock:
                 self._unpublished(group)
         self._idle.set()
@@ -338,7 +346,8 @@ class Fanout:
         done.cancel()  # the hub closed and the queue is sent (or out of time): stop
 
     async def _publish(self, client: coredis.Redis[bytes]) -> None:
-        async for group in self._outbox_receive:
+        async for group, cost in self._outbox_receive:
+            self.outbox_bytes -= cost
             if await self._send(client, group):
                 self.stats.published_groups += 1
                 self.stats.published_events += len(group)

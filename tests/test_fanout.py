@@ -27,6 +27,7 @@ from actors import (
     RuntimeConfig,
     open_runtime,
 )
+from actors._events import EVENT_OVERHEAD
 from actors._fanout import FanoutConfig
 from actors._postgres import PostgresBackend
 from transport import open_client
@@ -219,6 +220,31 @@ async def test_dropped_publishes_are_filled_from_the_log(pg_url: str, redis: Red
         stored = await a.get_job(job.id)
         await watcher.until(finished(watcher, "user:bob"), timeout=15)
         assert watcher.seqs("user:bob") == list(range(1, stored.seq + 1))
+
+
+async def test_groups_over_the_outbox_byte_budget_are_filled_from_the_log(
+    pg_url: str, redis: RedisServer
+) -> None:
+    """The publish outbox is bounded in bytes too: with room for about two events, what does
+    not fit is not queued (nothing past the budget is held), and reaches the other node from
+    the log, once each and in order."""
+    budget = 2 * EVENT_OVERHEAD + 200
+    async with (
+        node(pg_url, redis.url, runs_jobs=True, outbox_bytes=budget) as a,
+        node(pg_url, redis.url, runs_jobs=False) as b,
+    ):
+        assert a.fanout is not None and b.fanout is not None
+        watcher = Subscriber(b)
+        await watcher.join("user:dora")
+        jobs = [await a.create_job("ticker", "dora", {"n": 30, "pause": 0.001}) for _ in range(3)]
+        for job in jobs:
+            await wait_for_state(a, job.id)
+        total = sum([(await a.get_job(job.id)).seq for job in jobs])
+        await watcher.until(lambda: len(watcher.events["user:dora"]) >= total, timeout=15)
+        assert watcher.seqs("user:dora") == list(range(1, total + 1))
+        assert a.fanout.stats.publish_dropped >= 1  # some groups did not fit
+        assert a.fanout.stats.published_groups >= 1  # and the others were published
+        assert 0 <= a.fanout.outbox_bytes <= budget
 
 
 async def test_redis_down_falls_back_to_the_log_and_push_resumes(
