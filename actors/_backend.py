@@ -27,7 +27,7 @@ from typing import Protocol
 import attrs
 
 from ._errors import StoreUnavailableError
-from ._events import EventType, JobEvent
+from ._events import EventType, JobEvent, StoredEvent, encode_event
 from ._ids import new_id
 from ._job import Job
 from ._nodes import ALIVE, DEAD, LEFT, NodeFencedError, NodeIdInUseError, NodeInfo, NodeLease
@@ -227,6 +227,13 @@ class Backend(Protocol):
 
     async def read_user_events(self, user_id: str, after_seq: int, limit: int) -> list[JobEvent]:
         """Events of the user's jobs with ``user_seq > after_seq``, by ``user_seq``."""
+        ...
+
+    async def read_records(
+        self, room_kind: str, ident: str, after_seq: int, limit: int
+    ) -> list[StoredEvent]:
+        """The log of a job (``room_kind`` ``"job"``: ``seq > after_seq``, by ``seq``) or of
+        a user (``"user"``: by ``user_seq``), at most ``limit``, records unparsed."""
         ...
 
     async def read_users_events(
@@ -454,6 +461,17 @@ class MemoryBackend:
         log = self._user_events.get(user_id, [])
         start = bisect.bisect_right(log, after_seq, key=lambda event: event.user_seq)
         return log[start : start + limit]
+
+    async def read_records(
+        self, room_kind: str, ident: str, after_seq: int, limit: int
+    ) -> list[StoredEvent]:
+        if room_kind == "job":
+            events = await self.read_events(ident, after_seq, limit)
+        else:
+            events = await self.read_user_events(ident, after_seq, limit)
+        return [
+            StoredEvent(e.job_id, e.user_id, e.seq, e.user_seq, encode_event(e)) for e in events
+        ]
 
     async def read_users_events(
         self, heads: Mapping[str, int], limit: int

@@ -39,6 +39,7 @@ from ._events import (
     EventStreamLagged,
     EventType,
     JobEvent,
+    StoredEvent,
     event_record,
 )
 from ._payloads import inline_payloads
@@ -111,6 +112,10 @@ _CLOSE = 4  # where the connection is to be closed: nothing after it is sent
 # skipped marker stands for), bytes counted against the lag limit.
 _KIND, _DATA, _JOB, _USER, _SEQ, _USER_SEQ, _COUNT, _SIZE = range(8)
 
+#: An event message is ``_EVENT_HEAD + record + b"}"`` (see :meth:`Broadcaster.replayed`).
+_EVENT_HEAD = b'{"type":"event","event":'
+_RECORD_HEAD = b'{"job_id":'
+_OMITTED = b'"$omitted"'
 _BATCH_HEAD = b'{"type":"batch","messages":['
 _BATCH_TAIL = b"]}"
 #: A skipped marker's encoded size, beyond its ids, with room for 20-digit numbers.
@@ -218,7 +223,7 @@ class Outbox:
             self._entries.append([_CLOSE, b"", None, None, 0, 0, 0, 0])
             self._wakeup.set()
 
-    def push_event(self, event: JobEvent, data: bytes, *, live: bool) -> None:
+    def push_event(self, event: JobEvent | StoredEvent, data: bytes, *, live: bool) -> None:
         entry = [
             _LIVE if live else _REPLAY,
             data,
@@ -232,7 +237,7 @@ class Outbox:
         if live:
             self._live += 1
             self._live_bytes += len(data)
-            if event.type is EventType.PROGRESS:
+            if isinstance(event, JobEvent) and event.type is EventType.PROGRESS:
                 previous = self._progress.get(event.job_id)
                 if previous is not None and (
                     self._live > self.config.coalesce_after
@@ -336,7 +341,7 @@ class Subscription:
     last_seq: int = 0
     replaying: bool = True
     suspended: bool = False
-    held: list[tuple[JobEvent, bytes]] = attrs.field(factory=list)
+    held: list[tuple[JobEvent | StoredEvent, bytes]] = attrs.field(factory=list)
     #: The user the fan-out tracks for this subscription (cluster mode), once watched.
     user: str | None = None
 
@@ -359,7 +364,7 @@ def parse_room(room: object) -> tuple[str, str]:
     raise InvalidInputError(f"room must be 'job:<id>' or 'user:<id>', not {room!r}")
 
 
-def _room_seq(room_kind: str, event: JobEvent) -> int:
+def _room_seq(room_kind: str, event: JobEvent | StoredEvent) -> int:
     return event.seq if room_kind == "job" else event.user_seq
 
 
@@ -436,6 +441,19 @@ class Broadcaster:
 
     # -- live path (never awaits) ---------------------------------------------------------------
 
+    def replayed(self, stored: StoredEvent) -> bytes:
+        """The message of a logged event: :meth:`encode`'s bytes, built around the stored
+        record without parsing it when the record has this runtime's layout (it starts with
+        ``job_id`` and ends with its own ``user_seq``: what :func:`encode_event` writes) and
+        the message needs nothing left out; else from the parsed event."""
+        record = stored.record
+        tail = b',"user_seq":%d}' % stored.user_seq
+        if record.startswith(_RECORD_HEAD) and record.endswith(tail):
+            data = _EVENT_HEAD + record + b"}"
+            if len(data) <= self.config.inline_payload_limit and _OMITTED not in data:
+                return data
+        return self.encode(converter.structure(orjson.loads(record), JobEvent))
+
     def encode(self, event: JobEvent) -> bytes:
         """The event message, with each ``data`` value over the inline limit left out.
 
@@ -449,7 +467,7 @@ class Broadcaster:
             record = converter.unstructure(event)
             data = orjson.dumps({"type": "event", "event": record})
         limit = self.config.inline_payload_limit
-        if len(data) > limit or b'"$omitted"' in data:
+        if len(data) > limit or _OMITTED in data:
             record["data"] = inline_payloads(record["data"], limit)
             data = orjson.dumps({"type": "event", "event": record})
         return bytes(memoryview(data))
@@ -596,7 +614,7 @@ class Broadcaster:
 
     async def _history(
         self, kind: str, ident: str, room: str, after: int, head: int
-    ) -> list[tuple[JobEvent, bytes]] | None:
+    ) -> list[tuple[JobEvent | StoredEvent, bytes]] | None:
         """The room's events after ``after`` up to ``head``; None for a user room whose log
         has a hole there (``user_seq`` is gap-free but for what retention removed).
         :class:`_TooFar` once they are more than ``replay_bytes``."""
@@ -605,14 +623,11 @@ class Broadcaster:
         backlog = self._backlogs.get(room)
         if backlog and backlog[0][0] <= after + 1:
             return [(event, data) for seq, event, data in backlog if after < seq <= head]
-        history: list[tuple[JobEvent, bytes]] = []
+        history: list[tuple[JobEvent | StoredEvent, bytes]] = []
         budget = self.config.replay_bytes
         size = 0
         while after < head:
-            if kind == "job":
-                page = await self.store.read_events(ident, after, self.config.page_size)
-            else:
-                page = await self.store.read_user_events(ident, after, self.config.page_size)
+            page = await self.store.read_records(kind, ident, after, self.config.page_size)
             if not page:
                 break
             for event in page:
@@ -621,7 +636,7 @@ class Broadcaster:
                     break
                 if kind == "user" and seq != after + 1:
                     return None
-                data = self.encode(event)
+                data = self.replayed(event)
                 size += len(data)
                 if size > budget:
                     raise _TooFar(budget)

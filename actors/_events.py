@@ -6,7 +6,7 @@ import enum
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import orjson
@@ -24,6 +24,7 @@ __all__ = [
     "EventStreamLagged",
     "EventType",
     "JobEvent",
+    "StoredEvent",
     "encode_event",
     "event_bytes",
     "event_record",
@@ -70,6 +71,17 @@ class JobEvent:
     data: dict[str, Any] = attrs.field(factory=dict)
     actor: str | None = None
     user_seq: int = 0
+
+
+class StoredEvent(NamedTuple):
+    """An event as the durable log holds it: its numbers, and ``record``, the UTF-8 JSON that
+    :func:`encode_event` wrote, unparsed (what a replay sends)."""
+
+    job_id: str
+    user_id: str
+    seq: int
+    user_seq: int
+    record: bytes
 
 
 def event_record(event: JobEvent) -> dict[str, Any]:

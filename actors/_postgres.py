@@ -78,7 +78,7 @@ from psycopg.pq import TransactionStatus
 from ._backend import ClaimRequest, ClaimResult, JobQuery, Pruned, QueueStats
 from ._codec import converter
 from ._errors import StaleWriteError, StoreError
-from ._events import EventType, JobEvent, encode_event
+from ._events import EventType, JobEvent, StoredEvent, encode_event
 from ._ids import new_id
 from ._job import Job, migrate_job_record
 from ._nodes import (
@@ -670,6 +670,23 @@ class PostgresBackend:
             ).fetchall()
         )
         return [_event(row[0]) for row in rows]
+
+    async def read_records(
+        self, room_kind: str, ident: str, after_seq: int, limit: int
+    ) -> list[StoredEvent]:
+        if room_kind == "job":
+            sql = (
+                "SELECT job_id, user_id, seq, user_seq, record FROM events"
+                " WHERE job_id = %s AND seq > %s ORDER BY seq LIMIT %s"
+            )
+        else:
+            sql = (
+                "SELECT job_id, user_id, seq, user_seq, record FROM events"
+                " WHERE user_id = %s AND user_seq > %s ORDER BY user_seq LIMIT %s"
+            )
+        params = (ident, after_seq, limit)
+        rows = await self._read(lambda conn: conn.execute(sql, params).fetchall())
+        return [StoredEvent(j, u, s, us, r.encode()) for j, u, s, us, r in rows]
 
     async def read_users_events(
         self, heads: Mapping[str, int], limit: int

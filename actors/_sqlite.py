@@ -28,7 +28,7 @@ from trio_asyncio import aio_as_trio
 from ._backend import ClaimRequest, ClaimResult, JobQuery, Pruned, QueueStats
 from ._codec import converter
 from ._errors import StoreError
-from ._events import EventType, JobEvent, encode_event
+from ._events import EventType, JobEvent, StoredEvent, encode_event
 from ._ids import new_id
 from ._job import Job, migrate_job_record
 from ._nodes import (
@@ -488,6 +488,23 @@ class SqliteBackend:
             (user_id, after_seq, limit),
         )
         return [converter.structure(orjson.loads(row[0]), JobEvent) for row in rows]
+
+    async def read_records(
+        self, room_kind: str, ident: str, after_seq: int, limit: int
+    ) -> list[StoredEvent]:
+        # As a BLOB: the record's UTF-8 bytes, without a str made and encoded again.
+        if room_kind == "job":
+            sql = (
+                "SELECT job_id, user_id, seq, user_seq, CAST(record AS BLOB) FROM events"
+                " WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+            )
+        else:
+            sql = (
+                "SELECT job_id, user_id, seq, user_seq, CAST(record AS BLOB) FROM events"
+                " WHERE user_id = ? AND user_seq > ? ORDER BY user_seq LIMIT ?"
+            )
+        rows = await self._execute(sql, (ident, after_seq, limit))
+        return [StoredEvent(*row) for row in rows]
 
     async def read_users_events(
         self, heads: Mapping[str, int], limit: int

@@ -62,7 +62,7 @@ from ._errors import (
     TooManyJobsError,
     UnknownJobError,
 )
-from ._events import EventHub, EventType, JobEvent
+from ._events import EventHub, EventType, JobEvent, StoredEvent
 from ._fast_start import FastStarter, QueueVerdict
 from ._ids import new_id
 from ._job import Job, JobError
@@ -1336,6 +1336,16 @@ class StoreClient:
     ) -> list[JobEvent]:
         return await self._read(
             lambda: self._actor.backend.read_events(job_id, after_seq, limit, types), BARRIER
+        )
+
+    async def read_records(
+        self, room_kind: str, ident: str, after_seq: int = 0, limit: int = 1000
+    ) -> list[StoredEvent]:
+        """A job's (``room_kind`` ``"job"``) or a user's (``"user"``) logged events after
+        ``after_seq``, records unparsed (see :meth:`Backend.read_records`)."""
+        return await self._read(
+            lambda: self._actor.backend.read_records(room_kind, ident, after_seq, limit),
+            BARRIER,
         )
 
 
