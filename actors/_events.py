@@ -238,7 +238,10 @@ class EventHub:
         total = sum(costs)
         for send, stream in list(self._subscribers.items()):
             try:
-                if stream.queued_bytes + total > stream.max_bytes:
+                # A stream with nothing buffered takes a commit's events whatever they
+                # weigh: a subscriber that keeps up is never cut off (one commit of large
+                # results would cut every one of them off, each time).
+                if stream.queued_bytes and stream.queued_bytes + total > stream.max_bytes:
                     raise trio.WouldBlock
                 for item in zip(events, costs, strict=True):
                     send.send_nowait(item)
@@ -260,10 +263,11 @@ class EventHub:
         self, buffer: int | float = 10_000, max_bytes: int = STREAM_BYTES
     ) -> AsyncIterator[EventStream]:
         """A stream of every event published from now on; ``buffer`` events and ``max_bytes``
-        (:func:`event_bytes`) at most waiting to be read, else it is cut off."""
+        (:func:`event_bytes`) at most waiting to be read, else it is cut off. A commit's events
+        are taken whole by a stream with nothing waiting, however much they weigh."""
         if buffer != math.inf:
             buffer = int(buffer)
-        if max_bytes <= 0:
+        if not max_bytes > 0:  # NaN too: it would bound nothing
             raise ValueError(f"max_bytes must be > 0, got {max_bytes!r}")
         send, receive = trio.open_memory_channel[tuple[JobEvent, int]](buffer)
         stream = EventStream(receive, max_bytes)

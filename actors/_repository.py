@@ -95,7 +95,8 @@ class Repository:
         """``async with repo.events() as stream: async for event in stream`` — every event
         committed after it was opened, in commit order. A stream that falls ``buffer`` events
         or ``max_bytes`` (each event counted as ``EVENT_OVERHEAD`` bytes plus its data's JSON)
-        behind is cut off: it raises :class:`EventStreamLagged` after what it had buffered."""
+        behind is cut off: it raises :class:`EventStreamLagged` after what it had buffered
+        (a commit's events are taken whole while nothing waits, however much they weigh)."""
         return self._hub.subscribe(buffer, max_bytes)
 
     # -- creation -------------------------------------------------------------------------------
