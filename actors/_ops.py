@@ -259,6 +259,10 @@ def progress(job: Job, attempt: int, pct: float, step: str | None, now: float) -
     if step is not None and not isinstance(step, str):
         raise InvalidInputError(f"step must be a string, got {type(step).__name__}")
     _fence(job, attempt)
+    if type(pct) is not float and type(pct) is not int:
+        # A subclass (numpy's float64, an IntEnum): its plain value in the event, which
+        # orjson writes like any other (it refuses a float subclass: the commit would fail).
+        pct = float(pct) if isinstance(pct, float) else int(pct)
     step = job.step if step is None else step
     return _emit(
         job,
