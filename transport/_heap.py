@@ -14,7 +14,6 @@ and its allocator. Where the C library has no ``malloc_trim`` (musl, macOS) noth
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 from collections.abc import Callable
@@ -27,12 +26,11 @@ log = logging.getLogger("jobspine.heap")
 
 
 def malloc_trim() -> Callable[[int], int] | None:
-    """The C library's ``malloc_trim(pad) -> released?``, None where it has none."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    """The C library's ``malloc_trim(pad) -> released?``, None where it has none. Looked up
+    among the symbols the process has loaded (``dlopen(NULL)``): no search for the library
+    file, which fails on images without ``ldconfig``."""
     try:
-        trim: Callable[[int], int] | None = getattr(ctypes.CDLL(name), "malloc_trim", None)
+        trim: Callable[[int], int] | None = getattr(ctypes.CDLL(None), "malloc_trim", None)
     except OSError:
         return None
     return trim
