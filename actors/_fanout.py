@@ -72,8 +72,10 @@ class FanoutConfig:
     #: in all (:func:`~._events.event_bytes`); more are dropped: filled from the log.
     outbox: int = 1000
     outbox_bytes: int = 64 * 2**20
-    #: Events held per user while a gap is open, and read per user by one fill.
+    #: Events held per user while a gap is open (and what all users' held events may cost,
+    #: see :class:`~._sequencer.Sequencer`), and read per user by one fill.
     max_held: int = 1000
+    max_held_bytes: int = 64 * 2**20
     fill_limit: int = 500
     #: Channel name prefix: ``<prefix>:<epoch>:events``.
     prefix: str = "jobspine"
@@ -99,7 +101,7 @@ class FanoutConfig:
                 or not (0 < seconds < float("inf"))
             ):
                 raise InvalidInputError(f"{name} must be a positive number of seconds")
-        for name in ("outbox", "outbox_bytes", "max_held", "fill_limit"):
+        for name in ("outbox", "outbox_bytes", "max_held", "max_held_bytes", "fill_limit"):
             count = getattr(self, name)
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise InvalidInputError(f"{name} must be an integer >= 1, not {count!r}")
@@ -168,7 +170,10 @@ class Fanout:
         )
         self._forged_logged_at = -math.inf
         self.sequencer = Sequencer(
-            gap_wait=config.gap_wait, max_held=config.max_held, fill_limit=config.fill_limit
+            gap_wait=config.gap_wait,
+            max_held=config.max_held,
+            max_held_bytes=config.max_held_bytes,
+            fill_limit=config.fill_limit,
         )
         self.stats = FanoutStats()
         self.health = RedisHealth()

@@ -14,8 +14,9 @@ user room or in one of its jobs' rooms) it keeps the delivered head (``user_seq`
 
 Per-user ``user_seq`` order implies per-job ``seq`` order (a job belongs to one user), so job
 rooms need nothing more. Memory is bounded: a user is tracked only while it has watchers,
-at most ``max_held`` events are held per user (beyond that they are dropped and the user is
-marked ``behind``: filled from the log, which holds everything).
+at most ``max_held`` events are held per user and ``max_held_bytes`` in all (each event counted
+as :func:`~._events.event_bytes`); beyond that they are dropped and the user is marked
+``behind``: filled from the log, which holds everything.
 
 Tracking begins in two steps, so that a subscriber's join stays gap-free: :meth:`watch` (before
 the join reads anything: events arriving from then on are held) and :meth:`start` with the
@@ -33,7 +34,7 @@ from collections.abc import Iterable
 
 import attrs
 
-from ._events import JobEvent
+from ._events import JobEvent, event_bytes
 
 __all__ = ["Sequencer", "SequencerStats"]
 
@@ -58,8 +59,9 @@ class _User:
     refs: int = 0
     #: The last ``user_seq`` passed on; None until :meth:`Sequencer.start`.
     head: int | None = None
-    #: Events beyond ``head + 1``, by ``user_seq``.
+    #: Events beyond ``head + 1``, by ``user_seq``, and what they cost (``event_bytes``).
     held: dict[int, JobEvent] = attrs.field(factory=dict)
+    held_bytes: int = 0
     #: When the current gap opened (None: no gap).
     gap_since: float | None = None
     #: The log may hold events past ``head`` this node has not seen (held events dropped,
@@ -75,16 +77,27 @@ class Sequencer:
     """In-order, exactly-once delivery of the tracked users' events (see the module doc).
 
     ``gap_wait``: seconds an out-of-order event is held before the gap is filled from the log.
-    ``max_held``: events held per user at most. ``fill_limit``: events one fill reads; a fill
+    ``max_held``: events held per user at most; ``max_held_bytes``: what all users' held events
+    may cost (:func:`~._events.event_bytes`). ``fill_limit``: events one fill reads; a fill
     that returns that many leaves the user ``behind`` (filled again at once).
     """
 
-    def __init__(self, *, gap_wait: float = 0.03, max_held: int = 1000, fill_limit: int = 500):
+    def __init__(
+        self,
+        *,
+        gap_wait: float = 0.03,
+        max_held: int = 1000,
+        max_held_bytes: int = 64 * 2**20,
+        fill_limit: int = 500,
+    ):
         self.gap_wait = gap_wait
         self.max_held = max_held
+        self.max_held_bytes = max_held_bytes
         self.fill_limit = fill_limit
         self.stats = SequencerStats()
         self._users: dict[str, _User] = {}
+        #: What the held events of every user cost now.
+        self.held_bytes = 0
 
     # -- tracking -------------------------------------------------------------------------------
 
@@ -104,6 +117,7 @@ class Sequencer:
             return []
         user.head = head
         held, user.held = user.held, {}
+        self._release(user, user.held_bytes)
         return self._offer_user(user, sorted(held.values(), key=_user_seq), now)
 
     def unwatch(self, user_id: str) -> None:
@@ -113,6 +127,7 @@ class Sequencer:
             return
         user.refs -= 1
         if user.refs <= 0:
+            self._release(user, user.held_bytes)
             del self._users[user_id]
 
     def tracked(self) -> dict[str, int]:
@@ -155,6 +170,7 @@ class Sequencer:
                 out.append(event)
                 user.head = seq
                 while (successor := user.held.pop(user.head + 1, None)) is not None:
+                    self._release(user, event_bytes(successor))
                     out.append(successor)
                     user.head += 1
             else:
@@ -172,11 +188,19 @@ class Sequencer:
     def _hold(self, user: _User, event: JobEvent) -> None:
         if event.user_seq in user.held:
             self.stats.duplicates += 1
-        elif len(user.held) < self.max_held:
+            return
+        cost = event_bytes(event)
+        if len(user.held) < self.max_held and self.held_bytes + cost <= self.max_held_bytes:
             user.held[event.user_seq] = event
+            user.held_bytes += cost
+            self.held_bytes += cost
         else:
             self.stats.overflowed += 1
             user.behind = True
+
+    def _release(self, user: _User, cost: int) -> None:
+        user.held_bytes -= cost
+        self.held_bytes -= cost
 
     # -- fills ----------------------------------------------------------------------------------
 
@@ -231,6 +255,8 @@ class Sequencer:
             return []
         if events and events[0].user_seq > user.head + 1:
             user.head = events[0].user_seq - 1
+            for seq in [seq for seq in user.held if seq <= user.head]:  # gone from the log
+                self._release(user, event_bytes(user.held.pop(seq)))
         out = self._offer_user(user, events, now)
         read = {id(event) for event in events}
         self.stats.filled += sum(1 for event in out if id(event) in read)

@@ -9,6 +9,7 @@ import random
 import pytest
 
 from actors import EventType, JobEvent, JobState
+from actors._events import event_bytes
 from actors._sequencer import Sequencer
 
 
@@ -21,6 +22,13 @@ def ev(user: str, user_seq: int, job: str = "j") -> JobEvent:
 
 def seqs(events: list[JobEvent]) -> list[int]:
     return [e.user_seq for e in events]
+
+
+def check_bytes(s: Sequencer) -> None:
+    """The held events' cost is what the sequencer counts, within its budget."""
+    held = [e for user in s._users.values() for e in user.held.values()]
+    assert s.held_bytes == sum(map(event_bytes, held)) <= s.max_held_bytes
+    assert all(u.held_bytes == sum(map(event_bytes, u.held.values())) for u in s._users.values())
 
 
 def started(user: str = "u", head: int = 0, **kwargs: float) -> Sequencer:
@@ -115,13 +123,15 @@ def test_a_hole_the_retention_left_in_the_log_is_skipped() -> None:
     assert seqs(s.filled("u", [ev("u", 9), ev("u", 10)], 0.0)) == [9, 10]
 
 
-def test_interleaved_nodes_with_drops_duplicates_and_reordering() -> None:
+@pytest.mark.parametrize("max_held_bytes", [64 * 2**20, 5 * event_bytes(ev("u", 1))])
+def test_interleaved_nodes_with_drops_duplicates_and_reordering(max_held_bytes: int) -> None:
     """Two nodes commit one user's events interleaved (user_seq is gap-free across both);
     this node sees its own commits at once and both nodes' through a lossy, duplicating,
-    reordering channel; the log fills the rest. Output: every event once, in order."""
+    reordering channel; the log fills the rest. Output: every event once, in order (also when
+    the byte budget, shared by both users, holds only five events)."""
     rng = random.Random(11)
     for _ in range(50):
-        s = started("u", gap_wait=0.03, max_held=8, fill_limit=5)
+        s = started("u", gap_wait=0.03, max_held=8, fill_limit=5, max_held_bytes=max_held_bytes)
         s.watch("v")
         s.start("v", 0, 0.0)
         log = {user: [ev(user, n, rng.choice("ab")) for n in range(1, 61)] for user in "uv"}
@@ -136,6 +146,7 @@ def test_interleaved_nodes_with_drops_duplicates_and_reordering() -> None:
             now += rng.choice([0.0, 0.001, 0.02])
             for delivered in s.offer([event], now):
                 out[delivered.user_id].append(delivered.user_seq)
+            check_bytes(s)
             for user, head in s.fills_due(now).items():
                 page = [e for e in log[user] if e.user_seq > head][:5]
                 for delivered in s.filled(user, page, now):
@@ -147,7 +158,35 @@ def test_interleaved_nodes_with_drops_duplicates_and_reordering() -> None:
                 for delivered in s.filled(user, page, now):
                     out[delivered.user_id].append(delivered.user_seq)
         assert out == {"u": list(range(1, 61)), "v": list(range(1, 61))}
-        assert s.held() == 0
+        assert s.held() == 0 and s.held_bytes == 0
+
+
+def test_held_events_are_bounded_in_bytes_across_users() -> None:
+    cost = event_bytes(ev("u", 2))
+    s = started("u", max_held_bytes=3 * cost)
+    s.watch("v")
+    s.start("v", 0, 0.0)
+    assert s.offer([ev("u", n) for n in range(2, 5)], 0.0) == []  # three held: the budget
+    assert s.held_bytes == 3 * cost and s.stats.overflowed == 0
+    assert s.offer([ev("v", 2)], 0.0) == []  # over the budget: dropped, v is filled
+    assert s.stats.overflowed == 1 and s.fills_due(0.0) == {"v": 0}
+    assert seqs(s.filled("v", [ev("v", 1), ev("v", 2)], 0.0)) == [1, 2]
+    assert seqs(s.offer([ev("u", 1)], 0.0)) == [1, 2, 3, 4]  # released: the bytes go back
+    assert s.held_bytes == 0
+    check_bytes(s)
+    s.offer([ev("u", 7)], 0.0)
+    s.unwatch("u")  # forgotten with what it held
+    assert s.held_bytes == 0
+
+
+def test_events_held_below_a_hole_in_the_log_are_released() -> None:
+    s = started("u")
+    s.offer([ev("u", 3), ev("u", 4)], 0.0)
+    s.mark_behind()
+    assert s.fills_due(0.0) == {"u": 0}
+    # Retention removed 1 to 5 meanwhile: the log starts at 6.
+    assert seqs(s.filled("u", [ev("u", 6)], 0.0)) == [6]
+    assert s.held() == 0 and s.held_bytes == 0
 
 
 def test_an_announced_head_beyond_the_delivered_one_is_filled_at_once() -> None:
