@@ -14,7 +14,6 @@ import datetime
 import enum
 import sqlite3
 import uuid
-from collections.abc import Collection, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ from actors import (
     Cursor,
     EventHub,
     EventType,
-    Job,
     JobContext,
     JobError,
     JobEvent,
@@ -48,6 +46,7 @@ from actors._payloads import inline_payloads
 from transport import Client, open_client
 from transport.client import Reset, RoomCursor, _Room
 
+from .backends import BeforeCommit, Commit
 from .serving import serving, token
 from .test_store import GatedMemory, open_store, running_job
 
@@ -112,21 +111,11 @@ class FlakyOnce(GatedMemory):
 
     fail_next = False
 
-    async def commit(
-        self,
-        jobs: Collection[Job],
-        events: Sequence[JobEvent],
-        deleted: Collection[str],
-        heartbeats: Mapping[str, tuple[int, float]],
-        *,
-        progress_only: Collection[str] = (),
-    ) -> Sequence[JobEvent]:
-        if self.gated:
-            await self.gate.wait()
+    async def before_commit(self, commit: Commit) -> None:
+        await super().before_commit(commit)
         if self.fail_next:
             self.fail_next = False
             raise ValueError("constraint failed (test)")
-        return await super().commit(jobs, events, deleted, heartbeats, progress_only=progress_only)
 
 
 @pytest.mark.parametrize("window", [1, 2])
@@ -169,7 +158,7 @@ async def test_an_early_progress_in_a_voided_group_is_replayed_and_frees_its_slo
         assert (await store.get(job_id)).progress == 30
 
 
-class Locked(MemoryBackend):
+class Locked(BeforeCommit, MemoryBackend):
     """Every commit fails as an outage while ``locked``."""
 
     def __init__(self) -> None:
@@ -180,19 +169,10 @@ class Locked(MemoryBackend):
         if self.locked:
             raise sqlite3.OperationalError("database is locked")
 
-    async def commit(
-        self,
-        jobs: Collection[Job],
-        events: Sequence[JobEvent],
-        deleted: Collection[str],
-        heartbeats: Mapping[str, tuple[int, float]],
-        *,
-        progress_only: Collection[str] = (),
-    ) -> Sequence[JobEvent]:
+    async def before_commit(self, commit: Commit) -> None:
         await trio.sleep(0.01)
         if self.locked:
             raise sqlite3.OperationalError("database is locked")
-        return await super().commit(jobs, events, deleted, heartbeats, progress_only=progress_only)
 
 
 async def test_an_outage_while_an_early_answer_is_outstanding(

@@ -17,6 +17,7 @@ from actors import EventType, Job, JobContext, JobState, MemoryBackend, Runtime,
 from actors._fast_start import QueueVerdict
 from actors._ops import create
 
+from .backends import BeforeCommit, Commit
 from .conftest import memory_runtime, wait_for_state
 
 S = JobState
@@ -189,21 +190,18 @@ async def test_paused_parent_and_idempotent_repeat(autojump_clock: trio.abc.Cloc
         assert len(started) == 1
 
 
-class FailOnce(MemoryBackend):
+class FailOnce(BeforeCommit, MemoryBackend):
     """Refuses (not an outage) the first commit that starts a job at its create."""
 
     def __init__(self) -> None:
         super().__init__()
         self.refused = 0
 
-    async def commit(
-        self, jobs: Any, events: Any, deleted: Any, beats: Any, *, progress_only: Any = ()
-    ) -> Any:
-        types = [event.type for event in events]
+    async def before_commit(self, commit: Commit) -> None:
+        types = [event.type for event in commit.events]
         if not self.refused and EventType.CREATED in types and EventType.STARTED in types:
             self.refused += 1
             raise ValueError("refused")
-        return await super().commit(jobs, events, deleted, beats, progress_only=progress_only)
 
 
 async def test_a_void_commit_releases_the_slot_and_nothing_starts_twice(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import attrs
@@ -34,6 +34,8 @@ from actors import (
 from actors._ids import new_id
 from actors._postgres import is_postgres_outage
 from actors._store import MAX_CONFLICTS
+
+from .backends import BeforeCommit, Commit
 
 
 @asynccontextmanager
@@ -203,7 +205,7 @@ async def test_a_fenced_delete_and_an_old_write_lose(pg_url: str) -> None:
         assert (await backend.read_user_events("alice", 3, 10)) == [numbered]
 
 
-class Contested(MemoryBackend):
+class Contested(BeforeCommit, MemoryBackend):
     """Another writer changes job ``lost`` before every commit that writes it."""
 
     def __init__(self) -> None:
@@ -211,19 +213,10 @@ class Contested(MemoryBackend):
         self.lost: str | None = None
         self.refused = 0
 
-    async def commit(
-        self,
-        jobs: Collection[Job],
-        events: Sequence[JobEvent],
-        deleted: Collection[str],
-        heartbeats: Mapping[str, tuple[int, float]],
-        *,
-        progress_only: Collection[str] = (),
-    ) -> Sequence[JobEvent]:
-        if self.lost is not None and any(job.id == self.lost for job in jobs):
+    async def before_commit(self, commit: Commit) -> None:
+        if self.lost is not None and any(job.id == self.lost for job in commit.jobs):
             self.refused += 1
             raise StaleWriteError([self.lost])
-        return await super().commit(jobs, events, deleted, heartbeats, progress_only=progress_only)
 
 
 async def test_a_storm_of_conflicts_cannot_livelock_the_store() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from actors import (
 from actors._ops import checkpoint, create, start
 from actors._options import CreateOptions
 
+from .backends import BeforeCommit, Commit
 from .test_cli import COMMAND
 
 
@@ -432,7 +433,7 @@ async def test_jobs_left_by_a_taker_that_died_mid_takeover_are_recovered_once(
         assert (await rt.get_job("j-busy")).state is JobState.RUNNING  # its taker's to end
 
 
-class FailingRecoveries(SharedMemory):
+class FailingRecoveries(BeforeCommit, SharedMemory):
     """Its commits of a recovery of ``job_id`` fail ``failures`` times (a write refused for
     a reason the store does not retry), then succeed."""
 
@@ -440,21 +441,12 @@ class FailingRecoveries(SharedMemory):
         super().__init__()
         self.job_id, self.failures = job_id, failures
 
-    async def commit(
-        self,
-        jobs: Collection[Job],
-        events: Sequence[JobEvent],
-        deleted: Collection[str],
-        heartbeats: Mapping[str, tuple[int, float]],
-        *,
-        progress_only: Collection[str] = (),
-    ) -> Sequence[JobEvent]:
+    async def before_commit(self, commit: Commit) -> None:
         if self.failures and any(
-            e.job_id == self.job_id and "taken_over_by" in e.data for e in events
+            e.job_id == self.job_id and "taken_over_by" in e.data for e in commit.events
         ):
             self.failures -= 1
             raise ValueError("the database refused this write")
-        return await super().commit(jobs, events, deleted, heartbeats, progress_only=progress_only)
 
 
 async def test_a_takeover_whose_recovery_write_failed_is_finished_by_its_taker(

@@ -5,7 +5,6 @@ stores the bytes a whole write would have."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,6 @@ import trio
 from actors import (
     Job,
     JobContext,
-    JobEvent,
     JobState,
     MemoryBackend,
     SqliteBackend,
@@ -24,6 +22,7 @@ from actors import (
 from actors._codec import converter
 from actors._ops import create, progress, start
 
+from .backends import BeforeCommit, Commit
 from .conftest import wait_for_state
 
 _STEPS = [
@@ -72,7 +71,7 @@ async def test_a_narrow_progress_write_stores_what_a_whole_write_would(tmp_path:
         assert await backend.load(job.id) == job
 
 
-class Recording(MemoryBackend):
+class Recording(BeforeCommit, MemoryBackend):
     """Checks, at each commit, that the jobs said to be progress only changed nothing else."""
 
     def __init__(self) -> None:
@@ -80,20 +79,12 @@ class Recording(MemoryBackend):
         self.narrow = 0
         self.whole_running = 0
 
-    async def commit(
-        self,
-        jobs: Collection[Job],
-        events: Sequence[JobEvent],
-        deleted: Collection[str],
-        heartbeats: Mapping[str, tuple[int, float]],
-        *,
-        progress_only: Collection[str] = (),
-    ) -> Sequence[JobEvent]:
+    async def before_commit(self, commit: Commit) -> None:
         fields = ("progress", "step", "updated_at", "last_heartbeat_at", "seq")
-        for job in jobs:
+        for job in commit.jobs:
             before = self._jobs.get(job.id)
-            types = {e.type.value for e in events if e.job_id == job.id}
-            if job.id in progress_only:
+            types = {e.type.value for e in commit.events if e.job_id == job.id}
+            if job.id in commit.progress_only:
                 assert before is not None and types == {"progress"}, (job, types)
                 assert converter.unstructure(job) == {
                     **converter.unstructure(before),
@@ -103,7 +94,6 @@ class Recording(MemoryBackend):
             elif before is not None and before.state.value == "running":
                 assert types != {"progress"}, (job, types)  # progress only, yet written whole
                 self.whole_running += 1
-        return await super().commit(jobs, events, deleted, heartbeats, progress_only=progress_only)
 
 
 async def test_the_store_names_exactly_the_jobs_changed_by_progress_only() -> None:

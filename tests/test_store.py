@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -16,9 +16,7 @@ from actors import (
     EventType,
     IllegalTransitionError,
     InvalidInputError,
-    Job,
     JobError,
-    JobEvent,
     JobQuery,
     JobState,
     MemoryBackend,
@@ -33,6 +31,8 @@ from actors import (
     UnknownJobError,
 )
 from actors._backend import Backend
+
+from .backends import BeforeCommit, Commit
 
 
 @asynccontextmanager
@@ -348,7 +348,7 @@ async def test_set_state_takes_the_one_operation_that_leads_there(backend: Backe
             await store.set_state(job.id, JobState.COMPLETED)
 
 
-class GatedMemory(MemoryBackend):
+class GatedMemory(BeforeCommit, MemoryBackend):
     """Commits wait for ``gate`` while ``gated``: a slow disk, on Trio's clock."""
 
     def __init__(self) -> None:
@@ -356,18 +356,9 @@ class GatedMemory(MemoryBackend):
         self.gate = trio.Event()
         self.gated = False
 
-    async def commit(
-        self,
-        jobs: Collection[Job],
-        events: Sequence[JobEvent],
-        deleted: Collection[str],
-        heartbeats: Mapping[str, tuple[int, float]],
-        *,
-        progress_only: Collection[str] = (),
-    ) -> Sequence[JobEvent]:
+    async def before_commit(self, commit: Commit) -> None:
         if self.gated:
             await self.gate.wait()
-        return await super().commit(jobs, events, deleted, heartbeats, progress_only=progress_only)
 
 
 async def test_progress_is_answered_once_ordered_and_published_only_once_durable(

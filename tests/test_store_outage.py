@@ -9,26 +9,24 @@ is in ``test_sqlite_lock.py``.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import pytest
 import trio
 
 from actors import (
-    Job,
     JobContext,
-    JobEvent,
     JobState,
     MemoryBackend,
     StoreUnavailableError,
 )
 from actors._backend import is_outage
 
+from .backends import BeforeCommit, Commit
 from .conftest import memory_runtime, wait_for_state
 
 
-class LockedBackend(MemoryBackend):
+class LockedBackend(BeforeCommit, MemoryBackend):
     """Refuses every write, as SQLite does when another program holds the write lock longer
     than ``busy_timeout``, while ``locked`` is set."""
 
@@ -45,18 +43,9 @@ class LockedBackend(MemoryBackend):
     async def ping(self) -> None:
         self._check()
 
-    async def commit(
-        self,
-        jobs: Collection[Job],
-        events: Sequence[JobEvent],
-        deleted: Collection[str],
-        heartbeats: Mapping[str, tuple[int, float]],
-        *,
-        progress_only: Collection[str] = (),
-    ) -> Sequence[JobEvent]:
+    async def before_commit(self, commit: Commit) -> None:
         await trio.sleep(0.01)  # the busy wait inside SQLite, shortened
         self._check()
-        return await super().commit(jobs, events, deleted, heartbeats, progress_only=progress_only)
 
 
 def test_outages_are_told_from_request_tied_failures() -> None:

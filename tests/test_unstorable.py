@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import math
 import sqlite3
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,6 @@ from actors import (
     InvalidInputError,
     Job,
     JobContext,
-    JobEvent,
     JobState,
     NotSerializableError,
     Runtime,
@@ -36,6 +35,7 @@ from actors._codec import (
     sanitize_text,
 )
 
+from .backends import BeforeCommit, Commit
 from .conftest import wait_for_state
 
 HEALTHY = 30
@@ -275,7 +275,7 @@ async def test_an_exception_that_cannot_be_rendered_fails_only_its_job(
             assert (await wait_for_state(rt, job.id)).state is JobState.COMPLETED
 
 
-class PoisonedBackend(SqliteBackend):
+class PoisonedBackend(BeforeCommit, SqliteBackend):
     """Fault injection around the real SQLite backend: a commit that holds a checkpoint event
     of one job fails as a constraint violation would (tied to that request, not an outage)."""
 
@@ -283,18 +283,9 @@ class PoisonedBackend(SqliteBackend):
         super().__init__(path, synchronous="NORMAL")
         self.poisoned: set[str] = set()
 
-    async def commit(
-        self,
-        jobs: Collection[Job],
-        events: Sequence[JobEvent],
-        deleted: Collection[str],
-        heartbeats: Mapping[str, tuple[int, float]],
-        *,
-        progress_only: Collection[str] = (),
-    ) -> Sequence[JobEvent]:
-        if any(e.job_id in self.poisoned and e.type == "checkpoint" for e in events):
+    async def before_commit(self, commit: Commit) -> None:
+        if any(e.job_id in self.poisoned and e.type == "checkpoint" for e in commit.events):
             raise sqlite3.IntegrityError("CHECK constraint failed: poisoned")
-        return await super().commit(jobs, events, deleted, heartbeats, progress_only=progress_only)
 
 
 async def test_a_group_commit_failing_for_one_request_fails_only_that_request(
