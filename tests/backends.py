@@ -1,6 +1,7 @@
 """The seam the tests' backend doubles share: a real backend whose ``commit`` first awaits the
-test's :meth:`BeforeCommit.before_commit` (to wait, count, check, or fail as the database
-would: then nothing is written), so no double repeats ``Backend.commit``'s signature."""
+test's :meth:`CommitHooks.before_commit` (to wait, count, check, or fail as the database
+would: then nothing is written) and, once committed, :meth:`CommitHooks.after_commit` (to
+check what was stored), so no double repeats ``Backend.commit``'s signature."""
 
 from __future__ import annotations
 
@@ -22,11 +23,14 @@ class Commit:
     progress_only: Collection[str]
 
 
-class BeforeCommit:
-    """A mixin, listed before the backend class: ``class Gated(BeforeCommit, MemoryBackend)``."""
+class CommitHooks:
+    """A mixin, listed before the backend class: ``class Gated(CommitHooks, MemoryBackend)``."""
 
     async def before_commit(self, commit: Commit) -> None:
         """Runs before every commit; raising fails the commit with nothing written."""
+
+    async def after_commit(self, commit: Commit) -> None:
+        """Runs after every commit that succeeded."""
 
     async def commit(
         self,
@@ -37,8 +41,10 @@ class BeforeCommit:
         *,
         progress_only: Collection[str] = (),
     ) -> Sequence[JobEvent]:
-        await self.before_commit(Commit(jobs, events, deleted, heartbeats, progress_only))
+        call = Commit(jobs, events, deleted, heartbeats, progress_only)
+        await self.before_commit(call)
         committed: Sequence[JobEvent] = await super().commit(  # type: ignore[misc]
             jobs, events, deleted, heartbeats, progress_only=progress_only
         )
+        await self.after_commit(call)
         return committed

@@ -46,7 +46,7 @@ from actors._payloads import inline_payloads
 from transport import Client, open_client
 from transport.client import Reset, RoomCursor, _Room
 
-from .backends import BeforeCommit, Commit
+from .backends import Commit, CommitHooks
 from .serving import serving, token
 from .test_store import GatedMemory, open_store, running_job
 
@@ -158,7 +158,7 @@ async def test_an_early_progress_in_a_voided_group_is_replayed_and_frees_its_slo
         assert (await store.get(job_id)).progress == 30
 
 
-class Locked(BeforeCommit, MemoryBackend):
+class Locked(CommitHooks, MemoryBackend):
     """Every commit fails as an outage while ``locked``."""
 
     def __init__(self) -> None:

@@ -8,7 +8,6 @@ rest are regression tests the other suites lack."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ from actors import (
     EventHub,
     EventType,
     InvalidInputError,
-    Job,
     JobContext,
     JobEvent,
     JobState,
@@ -38,6 +36,7 @@ from transport._cli import parser
 from transport._config import resolve
 from transport._exit import CLIError, ExitCode
 
+from .backends import Commit, CommitHooks
 from .serving import GATES, eventually, serving, token
 from .test_store import open_store, running_job
 
@@ -69,7 +68,7 @@ _PERCENTS: list[float] = [
 ]
 
 
-class Checked(SqliteBackend):
+class Checked(CommitHooks, SqliteBackend):
     """After every commit: each job written is stored as the bytes a whole write stores, and
     loads back as written (heartbeat and lease live in their columns); ``fail_next`` fails
     the next commit with a request-tied error (its groups are replayed)."""
@@ -80,33 +79,22 @@ class Checked(SqliteBackend):
         self.fail_next = False
         self.failed = 0
 
-    async def commit(
-        self,
-        jobs: Collection[Job],
-        events: Sequence[JobEvent],
-        deleted: Collection[str],
-        heartbeats: Mapping[str, tuple[int, float]],
-        *,
-        progress_only: Collection[str] = (),
-    ) -> Sequence[JobEvent]:
+    async def before_commit(self, commit: Commit) -> None:
         if self.fail_next:
             self.fail_next = False
             self.failed += 1
             raise ValueError("constraint failed (test)")
-        jobs = list(jobs)
-        stored = await super().commit(
-            jobs, events, deleted, heartbeats, progress_only=progress_only
-        )
-        self.narrow += len(progress_only)
+
+    async def after_commit(self, commit: Commit) -> None:
+        self.narrow += len(commit.progress_only)
         with sqlite3.connect(self.path) as db:
-            for job in jobs:
+            for job in commit.jobs:
                 (record,) = db.execute("SELECT record FROM jobs WHERE id = ?", (job.id,)).fetchone()
                 assert record.encode() == orjson.dumps(converter.unstructure(job)), job
                 loaded = await self.load(job.id)
                 assert loaded is not None
                 columns = {"last_heartbeat_at", "lease_expires_at"}
                 assert attrs.evolve(loaded, **{k: getattr(job, k) for k in columns}) == job
-        return stored
 
 
 async def test_narrow_writes_store_a_whole_writes_bytes_beside_every_other_write(

@@ -17,7 +17,7 @@ from actors import EventType, Job, JobContext, JobState, MemoryBackend, Runtime,
 from actors._fast_start import QueueVerdict
 from actors._ops import create
 
-from .backends import BeforeCommit, Commit
+from .backends import Commit, CommitHooks
 from .conftest import memory_runtime, wait_for_state
 
 S = JobState
@@ -190,7 +190,7 @@ async def test_paused_parent_and_idempotent_repeat(autojump_clock: trio.abc.Cloc
         assert len(started) == 1
 
 
-class FailOnce(BeforeCommit, MemoryBackend):
+class FailOnce(CommitHooks, MemoryBackend):
     """Refuses (not an outage) the first commit that starts a job at its create."""
 
     def __init__(self) -> None:

@@ -35,7 +35,7 @@ from actors._ids import new_id
 from actors._postgres import is_postgres_outage
 from actors._store import MAX_CONFLICTS
 
-from .backends import BeforeCommit, Commit
+from .backends import Commit, CommitHooks
 
 
 @asynccontextmanager
@@ -205,7 +205,7 @@ async def test_a_fenced_delete_and_an_old_write_lose(pg_url: str) -> None:
         assert (await backend.read_user_events("alice", 3, 10)) == [numbered]
 
 
-class Contested(BeforeCommit, MemoryBackend):
+class Contested(CommitHooks, MemoryBackend):
     """Another writer changes job ``lost`` before every commit that writes it."""
 
     def __init__(self) -> None:

@@ -44,7 +44,7 @@ from actors import (
 from actors._ops import checkpoint, create, start
 from actors._options import CreateOptions
 
-from .backends import BeforeCommit, Commit
+from .backends import Commit, CommitHooks
 from .test_cli import COMMAND
 
 
@@ -433,7 +433,7 @@ async def test_jobs_left_by_a_taker_that_died_mid_takeover_are_recovered_once(
         assert (await rt.get_job("j-busy")).state is JobState.RUNNING  # its taker's to end
 
 
-class FailingRecoveries(BeforeCommit, SharedMemory):
+class FailingRecoveries(CommitHooks, SharedMemory):
     """Its commits of a recovery of ``job_id`` fail ``failures`` times (a write refused for
     a reason the store does not retry), then succeed."""
 

@@ -22,7 +22,7 @@ from actors import (
 from actors._codec import converter
 from actors._ops import create, progress, start
 
-from .backends import BeforeCommit, Commit
+from .backends import Commit, CommitHooks
 from .conftest import wait_for_state
 
 _STEPS = [
@@ -71,7 +71,7 @@ async def test_a_narrow_progress_write_stores_what_a_whole_write_would(tmp_path:
         assert await backend.load(job.id) == job
 
 
-class Recording(BeforeCommit, MemoryBackend):
+class Recording(CommitHooks, MemoryBackend):
     """Checks, at each commit, that the jobs said to be progress only changed nothing else."""
 
     def __init__(self) -> None:

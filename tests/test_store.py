@@ -32,7 +32,7 @@ from actors import (
 )
 from actors._backend import Backend
 
-from .backends import BeforeCommit, Commit
+from .backends import Commit, CommitHooks
 
 
 @asynccontextmanager
@@ -348,7 +348,7 @@ async def test_set_state_takes_the_one_operation_that_leads_there(backend: Backe
             await store.set_state(job.id, JobState.COMPLETED)
 
 
-class GatedMemory(BeforeCommit, MemoryBackend):
+class GatedMemory(CommitHooks, MemoryBackend):
     """Commits wait for ``gate`` while ``gated``: a slow disk, on Trio's clock."""
 
     def __init__(self) -> None:

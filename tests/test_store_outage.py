@@ -22,11 +22,11 @@ from actors import (
 )
 from actors._backend import is_outage
 
-from .backends import BeforeCommit, Commit
+from .backends import Commit, CommitHooks
 from .conftest import memory_runtime, wait_for_state
 
 
-class LockedBackend(BeforeCommit, MemoryBackend):
+class LockedBackend(CommitHooks, MemoryBackend):
     """Refuses every write, as SQLite does when another program holds the write lock longer
     than ``busy_timeout``, while ``locked`` is set."""
 

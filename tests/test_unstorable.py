@@ -35,7 +35,7 @@ from actors._codec import (
     sanitize_text,
 )
 
-from .backends import BeforeCommit, Commit
+from .backends import Commit, CommitHooks
 from .conftest import wait_for_state
 
 HEALTHY = 30
@@ -275,7 +275,7 @@ async def test_an_exception_that_cannot_be_rendered_fails_only_its_job(
             assert (await wait_for_state(rt, job.id)).state is JobState.COMPLETED
 
 
-class PoisonedBackend(BeforeCommit, SqliteBackend):
+class PoisonedBackend(CommitHooks, SqliteBackend):
     """Fault injection around the real SQLite backend: a commit that holds a checkpoint event
     of one job fails as a constraint violation would (tied to that request, not an outage)."""
 
