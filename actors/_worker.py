@@ -81,6 +81,10 @@ class ContextBacking(Protocol):
 
     def beat(self, *, persist: bool = False) -> None: ...
 
+    def alive(self) -> None:
+        """After a progress or checkpoint write: the job is alive (the write itself stores
+        ``last_heartbeat_at``)."""
+
 
 #: ``check(input)``: refuses a handler's input by raising (its return value is ignored).
 InputCheck = Callable[[Any], object]
@@ -188,7 +192,7 @@ class JobContext:
             await worker.store.set_progress(self.job_id, self.attempt, pct, step, durable=False)
         finally:
             worker.keep_alive -= 1
-        worker.beat()
+        worker.alive()
 
     async def checkpoint(self, data: Any) -> None:
         """Save ``data`` (JSON) as the job's checkpoint; returns once it is durable. Errors
@@ -202,7 +206,7 @@ class JobContext:
                 await worker.store.checkpoint(self.job_id, self.attempt, data)
         finally:
             worker.keep_alive -= 1
-        worker.beat()
+        worker.alive()
 
     @contextmanager
     def keep_alive(self) -> Iterator[None]:
@@ -281,6 +285,13 @@ class Worker:
         self.persist_beat = False
         self._beats = beats
         self._beat_queued = False
+
+    def alive(self) -> None:
+        """Mark the job alive without a message to the supervisor (a progress or checkpoint
+        write, which stores ``last_heartbeat_at`` itself): a beat only moves the job's stall
+        deadline later, and the watch loop reads ``last_beat`` when the deadline it holds
+        comes, re-arming it then (lazy re-arming), so the supervisor does not wake per write."""
+        self.last_beat = trio.current_time()
 
     def beat(self, *, persist: bool = False) -> None:
         """Mark the job alive; ``persist`` asks for ``last_heartbeat_at`` to be written (a

@@ -93,9 +93,16 @@ class ServerProcess:
 
     def workers_cpu(self) -> float:
         """CPU seconds of the server's worker processes (``--worker-processes``)."""
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        # Every thread's children: trio starts a process from a worker thread, whose task
+        # is its parent.
+        pids = set()
+        for children in Path(f"/proc/{self.process.pid}/task").glob("*/children"):
+            try:
+                pids.update(children.read_text().split())
+            except OSError:
+                continue  # the thread exited meanwhile
         total = 0.0
-        for pid in children.read_text().split():
+        for pid in pids:
             try:
                 total += _cpu(int(pid))
             except OSError:

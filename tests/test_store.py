@@ -249,6 +249,20 @@ async def test_fencing_rejects_an_older_attempt(backend: Backend) -> None:
         assert (await store.get(job_id)).checkpoint == {"i": 2}
 
 
+async def test_a_cancelled_caller_queues_nothing() -> None:
+    """A write from a task already cancelled raises Cancelled before it is queued (the store
+    client queues without a scheduler round of its own): nothing of it is stored."""
+    async with open_store(MemoryBackend()) as (store, _, _):
+        job_id = await running_job(store)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await store.set_progress(job_id, 1, 50, "cancelled", durable=False)
+        assert scope.cancelled_caught
+        await store.checkpoint(job_id, 1, {"i": 1})  # a later write commits
+        job = await store.get(job_id)
+        assert job.progress == 0 and job.step != "cancelled" and job.checkpoint == {"i": 1}
+
+
 async def test_heartbeats_are_coalesced(backend: Backend) -> None:
     async with open_store(backend, heartbeat_flush_interval=0.05) as (store, actor, _):
         job_id = await running_job(store)

@@ -17,9 +17,15 @@ async def beat_then_hang(ctx: JobContext, input: Any) -> Any:
     """Heartbeats ``beats`` times every ``every`` seconds, optionally checkpoints, then hangs."""
     if input.get("checkpoint"):
         await ctx.checkpoint({"at": ctx.attempt})
-    for _ in range(input.get("beats", 0)):
+    for i in range(input.get("beats", 0)):
         await trio.sleep(input.get("every", 10))
-        await ctx.heartbeat()
+        report = input.get("report", "heartbeat")
+        if report == "progress":
+            await ctx.progress(i, "working")
+        elif report == "checkpoint":
+            await ctx.checkpoint({"i": i})
+        else:
+            await ctx.heartbeat()
     if input.get("finish"):
         return "done"
     await trio.sleep_forever()
@@ -59,6 +65,25 @@ async def test_heartbeats_keep_a_slow_job_alive(autojump_clock: trio.abc.Clock) 
         done = await wait_for_state(rt, job.id, timeout=10_000)
         assert done.state is JobState.COMPLETED and done.result == "done"
         assert rt.status().stalls_detected == 0
+
+
+@pytest.mark.parametrize("report", ["progress", "checkpoint"])
+async def test_writes_keep_a_job_alive_and_its_stall_is_exact(
+    autojump_clock: trio.abc.Clock, report: str
+) -> None:
+    """A progress or checkpoint write only marks the job alive (the supervisor is not woken
+    per write: it re-arms the deadline it holds from the last write when that comes); the
+    stall still comes exactly one timeout after the last write."""
+    async with memory_runtime(HANDLERS, heartbeat_timeout=30) as rt, rt.events() as stream:
+        start = trio.current_time()
+        input = {"beats": 20, "every": 29.9, "report": report}
+        job = await rt.create_job("hang", "alice", input)
+        event = await next_event(stream, job.id, EventType.RECOVERY, EventType.FAILED)
+        assert trio.current_time() - start == pytest.approx(20 * 29.9 + 30, abs=1e-6)
+        assert rt.status().stalls_detected == 1
+        # Without a checkpoint to resume from it fails; with one it pauses (a recovery).
+        expected = EventType.RECOVERY if report == "checkpoint" else EventType.FAILED
+        assert event.type is expected
 
 
 async def test_keep_alive_covers_one_long_await(autojump_clock: trio.abc.Clock) -> None:

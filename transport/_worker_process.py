@@ -100,6 +100,9 @@ class _Attempt:
     def beat(self, *, persist: bool = False) -> None:
         self.beat_pending = True
 
+    def alive(self) -> None:
+        self.beat_pending = True
+
 
 class _Session:
     """One connection to the server (the :class:`~actors._worker.ContextStore` of its
