@@ -21,7 +21,8 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 from actors import JobState, RuntimeConfig, UnknownKindError
 from actors._options import options_of
 from transport import CLOSE, ServerConfig, open_server
-from transport._worker_process import WorkerProcess
+from transport._protocol import MAX_BATCH_REQUESTS
+from transport._worker_process import BATCH_BYTES, WorkerProcess, _batch_frame, _Session
 
 from .conftest import wait_for_state
 from .serving import SECRET, token
@@ -71,6 +72,7 @@ async def raw_worker(
     capacity: int = 1,
     tok: str | None = None,
     options: dict[str, Any] | None = None,
+    batch: bool | None = None,
 ) -> AsyncIterator[WebSocketConnection]:
     async with open_websocket_url(url + "/worker", max_message_size=4 * 2**20) as ws:
         await send(
@@ -82,11 +84,81 @@ async def raw_worker(
                 "kinds": kinds,
                 "capacity": capacity,
                 **({} if options is None else {"options": options}),
+                **({} if batch is None else {"batch": batch}),
             },
         )
         welcome = await receive(ws)
         assert welcome["type"] == "reply" and welcome["id"] == "h", welcome
+        assert welcome["result"]["batch"] is True  # the server reads batch frames
         yield ws
+
+
+async def receive_flat(ws: WebSocketConnection, count: int) -> tuple[list[Any], int]:
+    """The next ``count`` messages, batches opened; and how many frames were batches."""
+    messages: list[Any] = []
+    batches = 0
+    with trio.fail_after(10):
+        while len(messages) < count:
+            message = orjson.loads(await ws.get_message())
+            if message["type"] == "batch":
+                batches += 1
+                messages.extend(message["messages"])
+            else:
+                messages.append(message)
+    return messages, batches
+
+
+@pytest.mark.parametrize("batch", [True, False])
+async def test_a_batch_frame_is_served_request_by_request(tmp_path: Path, batch: bool) -> None:
+    """Each request of a batch gets the answer it would get in a frame of its own, and one
+    bad request refuses no other; the server batches its replies only for a worker whose
+    hello said it reads batches."""
+    async with served(tmp_path / "db", "in_process", in_process_handlers=False) as s:
+        rt = s.runtime
+        async with raw_worker(s.running.url, ["steps"], batch=batch) as ws:
+            job = await rt.create_job("steps", "alice", {"n": 1})
+            await receive(ws, "assign")
+            ref = {"job_id": job.id, "attempt": 1}
+            requests: list[Any] = [
+                {"op": "progress", "id": 1, **ref, "progress": 10, "step": "a"},
+                {"op": "progress", "id": 2, **ref, "attempt": 7, "progress": 5},
+                {"op": "nope", "id": 3},
+                5,
+                {"op": "hello", "id": 4, "token": "t", "kinds": ["a"], "capacity": 1},
+                {"op": "batch", "id": 5, "requests": []},
+                {"op": "progress", "id": 6, **ref, "progress": 500},
+                {"op": "progress", "id": 7, **ref, "progress": 20, "step": "b"},
+                {"op": "checkpoint", "id": 8, **ref, "data": {"i": 1}},
+            ]
+            await send(ws, {"op": "batch", "requests": requests})
+            messages, batches = await receive_flat(ws, len(requests))
+            answers = {m["id"]: m.get("code", m["type"]) for m in messages}
+            assert answers == {
+                1: "reply",
+                2: "stale_attempt",
+                3: "unknown_op",
+                None: "bad_request",
+                4: "bad_request",
+                5: "bad_request",
+                6: "invalid_input",
+                7: "reply",
+                8: "reply",
+            }
+            assert (batches > 0) is batch
+            stored = await rt.get_job(job.id)
+            assert (stored.progress, stored.step, stored.checkpoint) == (20, "b", {"i": 1})
+            # Frames that are not a batch of requests: one error, nothing changed.
+            for frame in [
+                {"op": "batch", "requests": [], "id": 9},
+                {"op": "batch", "requests": []},
+                {"op": "batch", "requests": {"op": "heartbeat"}},
+                {"op": "batch"},
+                {"op": "batch", "requests": [{"op": "heartbeat", "jobs": []}] * 1001},
+            ]:
+                await send(ws, frame)
+                (error,), _ = await receive_flat(ws, 1)
+                assert (error["type"], error["id"], error["code"]) == ("error", None, "bad_request")
+            assert await rt.get_job(job.id) == stored
 
 
 async def test_roles_are_kept_apart(tmp_path: Path) -> None:
@@ -424,3 +496,64 @@ async def test_conflicting_option_declarations_are_refused(tmp_path: Path) -> No
         assert s.runtime.kind_options("flaky") == options_of(HANDLERS["flaky"])
         job = await s.runtime.create_job("flaky", "alice", {"n": 1, "succeed_at": 1})
         assert job.max_attempts == 3
+
+
+def test_a_worker_batch_frame_fits_its_limits() -> None:
+    one = orjson.dumps({"op": "progress", "id": 1, "job_id": "j", "attempt": 1, "progress": 1})
+    frame, count = _batch_frame([one])
+    assert (frame, count) == (one.decode(), 1)  # alone: a plain request
+    frame, count = _batch_frame([one] * 3)
+    assert count == 3 and orjson.loads(frame) == {
+        "op": "batch",
+        "requests": [orjson.loads(one)] * 3,
+    }
+    # At most BATCH_BYTES, at most MAX_BATCH_REQUESTS; a larger request goes alone.
+    frame, count = _batch_frame([one] * 5000)
+    assert count == min(MAX_BATCH_REQUESTS, count) and len(frame) <= BATCH_BYTES
+    assert 1 < count < 5000
+    big = b'"' + b"x" * BATCH_BYTES + b'"'
+    assert _batch_frame([big, one]) == (big.decode(), 1)
+    assert _batch_frame([one, big])[1] == 1
+
+
+async def test_a_worker_sends_a_burst_of_reports_in_few_frames(tmp_path: Path) -> None:
+    """Reports made while a frame is being sent go out together in the next one: each
+    caller's send returns once its own report is out, none is sent twice, and the server
+    reads them all."""
+    async with served(tmp_path / "db", "in_process", in_process_handlers=False) as s:
+        process = WorkerProcess(s.running.url, worker_token(), {})
+        async with open_websocket_url(s.running.url + "/worker") as ws:
+            hello = {"op": "hello", "id": 0, "token": worker_token(), "kinds": ["x"], "capacity": 1}
+            await send(ws, hello)
+            assert (await receive(ws))["result"]["batch"] is True
+            frames: list[str] = []
+            real_send = ws.send_message
+
+            async def counting_send(message: str | bytes) -> None:
+                assert isinstance(message, str)
+                frames.append(message)
+                await real_send(message)
+
+            ws.send_message = counting_send  # type: ignore[method-assign]
+            session = _Session(process, ws)
+            session.batch = True
+            returned: list[int] = []
+
+            async def report(i: int) -> None:
+                # A checkpoint of a job this worker does not run: refused, with this id.
+                ref = {"job_id": f"j{i}", "attempt": 1}
+                await session.send({"op": "checkpoint", "id": i, **ref, "data": {}})
+                returned.append(i)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(200):
+                    nursery.start_soon(report, i)
+            assert sorted(returned) == list(range(200))
+            assert session._sent == 200 and not session._outgoing
+            sent = [orjson.loads(frame) for frame in frames]
+            ids = [r["id"] for m in sent for r in (m["requests"] if m["op"] == "batch" else [m])]
+            assert sorted(ids) == list(range(200))  # each once
+            assert len(frames) < 20  # most went out together
+            answers, _ = await receive_flat(ws, 200)
+            assert sorted(a["id"] for a in answers) == list(range(200))
+            assert {a["code"] for a in answers} == {"not_assigned"}

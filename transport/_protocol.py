@@ -30,6 +30,7 @@ from ._json import INT_MAX, INT_MIN, RefusedJsonError, loads_lenient, loads_stri
 
 __all__ = [
     "CLOSE",
+    "MAX_BATCH_REQUESTS",
     "MAX_ID_LENGTH",
     "MAX_LIST_LIMIT",
     "MAX_QUEUE_USERS",
@@ -42,6 +43,7 @@ __all__ = [
     "encode",
     "error_message",
     "parse_request",
+    "parse_requests",
     "read_request_id",
     "reply_message",
 ]
@@ -266,6 +268,55 @@ def parse_request(frame: str | bytes, ops: Mapping[str, type] = OPS) -> Request:
     """Parse one client frame strictly (see the module docstring) into one of ``ops`` (the
     worker endpoint passes its own); raises :class:`RequestError`, carrying the request id
     whenever the frame lets it be read."""
+    return _parse_object(_load_frame(frame), ops)
+
+
+#: The most requests one batch frame may carry (PROTOCOL.md section 9).
+MAX_BATCH_REQUESTS = 1000
+
+
+def parse_requests(frame: str | bytes, ops: Mapping[str, type]) -> list[Request | RequestError]:
+    """Parse a worker frame: one request, or a batch ``{"op": "batch", "requests": [...]}``
+    of requests (PROTOCOL.md section 9), each parsed as if it were a frame of its own: each
+    item is its request or the :class:`RequestError` it gets (one bad request refuses no
+    other). Raises :class:`RequestError` for a frame that is neither."""
+    data = _load_frame(frame)
+    if data.get("op") != "batch":
+        try:
+            return [_parse_object(data, ops)]
+        except RequestError as exc:
+            return [exc]
+    extra = sorted(set(data) - {"op", "requests"})
+    if extra:
+        raise RequestError(None, "bad_request", f"batch: unknown field {extra[0]!r}")
+    requests = data.get("requests")
+    if not isinstance(requests, list) or not 1 <= len(requests) <= MAX_BATCH_REQUESTS:
+        raise RequestError(
+            None,
+            "bad_request",
+            f"batch: 'requests' is an array of 1 to {MAX_BATCH_REQUESTS} requests",
+        )
+    parsed: list[Request | RequestError] = []
+    for item in requests:
+        try:
+            if not isinstance(item, dict):
+                raise RequestError(
+                    None, "bad_request", f"a request is a JSON object, not {_json_type(item)}"
+                )
+            if item.get("op") in ("batch", "hello"):
+                problem = _id_problem(item["id"]) if "id" in item else None
+                raise RequestError(
+                    None if problem is not None else item.get("id"),
+                    "bad_request",
+                    f"{item['op']}: not allowed inside a batch",
+                )
+            parsed.append(_parse_object(item, ops))
+        except RequestError as exc:
+            parsed.append(exc)
+    return parsed
+
+
+def _load_frame(frame: str | bytes) -> dict[str, Any]:
     if isinstance(frame, bytes):
         raise RequestError(
             read_request_id(frame),
@@ -280,6 +331,10 @@ def parse_request(frame: str | bytes, ops: Mapping[str, type] = OPS) -> Request:
         raise RequestError(
             None, "bad_request", f"a request is a JSON object, not {_json_type(data)}"
         )
+    return data
+
+
+def _parse_object(data: dict[str, Any], ops: Mapping[str, type]) -> Request:
     request_id = data.pop("id", None)  # optional: without one, the reply has "id": null
     problem = None if request_id is None else _id_problem(request_id)
     if problem is not None:

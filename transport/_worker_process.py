@@ -35,6 +35,7 @@ from actors._codec import dumps_json_value
 from actors._options import options_of, options_to_wire
 from actors._worker import Handler, _describe
 
+from ._protocol import MAX_BATCH_REQUESTS
 from ._reconnect import FATAL_CLOSE, ReconnectPolicy
 
 __all__ = ["WorkerFatalError", "WorkerProcess", "WorkerRequestError"]
@@ -104,6 +105,28 @@ class _Attempt:
         self.beat_pending = True
 
 
+#: The largest batch frame a worker sends (a single larger message goes alone).
+BATCH_BYTES = 64 * 1024
+_BATCH_HEAD = b'{"op":"batch","requests":['
+_BATCH_TAIL = b"]}"
+
+
+def _batch_frame(outgoing: list[bytes]) -> tuple[str, int]:
+    """The next frame of ``outgoing`` (encoded requests, oldest first) and how many of them
+    it carries: the first alone when it is the only one or they do not fit together, else
+    a batch of those that fit in ``BATCH_BYTES``."""
+    size = len(_BATCH_HEAD) + len(_BATCH_TAIL) + len(outgoing[0])
+    count = 1
+    while count < len(outgoing) and count < MAX_BATCH_REQUESTS:
+        size += len(outgoing[count]) + 1
+        if size > BATCH_BYTES:
+            break
+        count += 1
+    if count == 1:
+        return outgoing[0].decode(), 1
+    return (_BATCH_HEAD + b",".join(outgoing[:count]) + _BATCH_TAIL).decode(), count
+
+
 class _Session:
     """One connection to the server (the :class:`~actors._worker.ContextStore` of its
     attempts)."""
@@ -117,12 +140,36 @@ class _Session:
         self._ids = itertools.count(1)
         self._pending: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
         self._send_lock = trio.Lock()
+        #: The server reads batch frames (its welcome said so): requests made while a frame
+        #: is being sent go out together in the next one.
+        self.batch = False
+        self._outgoing: list[bytes] = []
+        self._queued = 0  # messages ever queued (the last one's number)
+        self._sent = 0  # messages ever sent (a prefix of those queued)
         #: Set (and replaced) each time an attempt ends.
         self.ended = trio.Event()
 
     async def send(self, message: dict[str, Any]) -> None:
+        """Send ``message``; returns once it is sent (raises ``ConnectionClosed``). With
+        batches, whoever holds the send lock sends every message queued so far in one frame
+        (at most ``BATCH_BYTES``, a larger message alone), so a burst of reports from many
+        attempts costs the server one frame, not one each."""
+        data = orjson.dumps(message)
+        if not self.batch:
+            async with self._send_lock:
+                await self.ws.send_message(data.decode())
+            return
+        self._outgoing.append(data)
+        self._queued += 1
+        mine = self._queued
         async with self._send_lock:
-            await self.ws.send_message(orjson.dumps(message).decode())
+            while self._sent < mine:  # an earlier holder may have sent it already
+                frame, count = _batch_frame(self._outgoing)
+                # Removed once sent: a send cancelled before any byte went out leaves them
+                # for the next holder (one cut off mid-frame breaks the connection anyway).
+                await self.ws.send_message(frame)
+                del self._outgoing[:count]
+                self._sent += count
 
     async def request(self, op: str, **fields: Any) -> Any:
         request_id = next(self._ids)
@@ -166,21 +213,28 @@ class _Session:
                     nursery.cancel_scope.cancel()
                     return None if exc.reason is None else exc.reason.code
                 message = orjson.loads(frame)
-                kind = message.get("type")
-                if kind in ("reply", "error") and message.get("id") in self._pending:
-                    self._pending[message["id"]].send_nowait(message)
-                elif kind == "error":
-                    log.info("server: %s: %s", message["code"], message["message"])
-                elif kind == "assign":
-                    attempt = _Attempt(self, message)
-                    self.attempts[attempt.job_id] = attempt
-                    nursery.start_soon(self._run, attempt)
-                elif kind in ("stop", "cancel"):
-                    found = self.attempts.get(message["job_id"])
-                    if found is not None and found.attempt == message["attempt"]:
-                        found.ctx._request_stop()
-                        if kind == "cancel":
-                            found.scope.cancel()
+                if message.get("type") == "batch":
+                    for each in message["messages"]:
+                        self._receive(each, nursery)
+                else:
+                    self._receive(message, nursery)
+
+    def _receive(self, message: dict[str, Any], nursery: trio.Nursery) -> None:
+        kind = message.get("type")
+        if kind in ("reply", "error") and message.get("id") in self._pending:
+            self._pending[message["id"]].send_nowait(message)
+        elif kind == "error":
+            log.info("server: %s: %s", message["code"], message["message"])
+        elif kind == "assign":
+            attempt = _Attempt(self, message)
+            self.attempts[attempt.job_id] = attempt
+            nursery.start_soon(self._run, attempt)
+        elif kind in ("stop", "cancel"):
+            found = self.attempts.get(message["job_id"])
+            if found is not None and found.attempt == message["attempt"]:
+                found.ctx._request_stop()
+                if kind == "cancel":
+                    found.scope.cancel()
 
     async def _heartbeats(self) -> None:
         while True:
@@ -295,6 +349,7 @@ class WorkerProcess:
             }
             if self.name is not None:
                 hello["name"] = self.name
+            hello["batch"] = True  # this worker reads batch frames
             await ws.send_message(orjson.dumps(hello).decode())
             try:
                 welcome = orjson.loads(await ws.get_message())
@@ -303,6 +358,7 @@ class WorkerProcess:
             session = _Session(self, ws)
             session.heartbeat_interval = welcome["result"]["heartbeat_interval"]
             session.stop_grace = welcome["result"]["stop_grace"]
+            session.batch = welcome["result"].get("batch", False) is True
             self.session = session
             self.connections += 1
             self.policy.connected(trio.current_time())

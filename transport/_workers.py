@@ -19,7 +19,7 @@ import orjson
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from actors import InvalidInputError, JobError, JobspineError, KindOptions
+from actors import InvalidInputError, JobError, JobspineError, KindOptions, encode_batch
 from actors._options import options_from_wire
 from actors._remote import RemoteAttempt, RemoteWorker
 
@@ -33,6 +33,7 @@ from ._protocol import (
     RequestError,
     error_message,
     parse_request,
+    parse_requests,
     reply_message,
 )
 
@@ -57,6 +58,8 @@ MAX_ASSIGN_SIZE = 4 * 1024 * 1024
 DRAIN_WRITE_TIMEOUT = 10.0
 #: The reason a worker's drain re-queues its jobs with (recorded in their `recovery` event).
 HANDED_BACK = "worker_shutdown"
+#: The bytes a batch frame adds to its messages (the envelope; a comma between two).
+BATCH_OVERHEAD = len(b'{"type":"batch","messages":[]}')
 
 
 @attrs.frozen
@@ -68,6 +71,9 @@ class WorkerHello:
     name: str | None = None
     #: kind -> its options (PROTOCOL.md section 9), read by :func:`declared_options`.
     options: dict[str, Any] | None = None
+    #: The worker reads batch frames (``{"type": "batch", "messages": [...]}``): the server
+    #: then sends what is queued for it together, in frames of up to ``batch_bytes``.
+    batch: bool = False
 
 
 @attrs.frozen
@@ -176,6 +182,8 @@ class WorkerConnection:
         self.worker: RemoteWorker | None = None
         self._queue: deque[bytes] = deque()
         self._queued_bytes = 0
+        #: The worker reads batch frames (its hello said so).
+        self._batches = False
         self._wake = trio.Event()
         self._close: tuple[int, str] | None = None
         self._last_frame = trio.current_time()
@@ -267,6 +275,7 @@ class WorkerConnection:
             await self.ws.aclose(CLOSE.get(exc.code, CLOSE["protocol_error"]), exc.message[:120])
             return False
         name = hello.name or principal.user_id
+        self._batches = hello.batch
         self.worker = self.server.workers.connect(name, hello.kinds, hello.capacity, self, options)
         supervisor = self._supervisor_config
         self._push(
@@ -280,6 +289,8 @@ class WorkerConnection:
                     "stop_grace": supervisor.stop_grace,
                     "max_frame_size": self.server.config.max_message_size,
                     "max_message_size": MAX_ASSIGN_SIZE,
+                    # This server reads batch frames of requests (PROTOCOL.md section 9).
+                    "batch": True,
                 },
             )
         )
@@ -290,14 +301,28 @@ class WorkerConnection:
         while self._queue:
             await self.ws.send_message(self._queue.popleft().decode())
 
+    def _take(self) -> bytes:
+        """The next frame: the first queued message, with those after it that fit in one
+        batch of ``batch_bytes`` when the worker reads batches (one send, one wake of the
+        worker for a burst of replies)."""
+        queue = self._queue
+        messages = [queue.popleft()]
+        size = len(messages[0])
+        if self._batches:
+            limit = self.server.config.batch_bytes - BATCH_OVERHEAD
+            while queue and size + len(queue[0]) + 1 <= limit:
+                size += len(queue[0]) + 1
+                messages.append(queue.popleft())
+        self._queued_bytes -= sum(len(message) for message in messages)
+        return encode_batch(messages)
+
     async def _sender(self) -> None:
         timeout = self.server.config.send_timeout
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
             while self._queue:
-                frame = self._queue.popleft()
-                self._queued_bytes -= len(frame)
+                frame = self._take()
                 with trio.move_on_after(timeout) as timer:
                     try:
                         await self.ws.send_message(frame.decode())
@@ -331,10 +356,14 @@ class WorkerConnection:
                 return
             self._last_frame = trio.current_time()
             try:
-                request = parse_request(frame, WORKER_OPS)
-                self._serve_now(request, nursery)
+                requests = parse_requests(frame, WORKER_OPS)
             except RequestError as exc:
-                self._push(error_message(exc.request_id, exc.code, exc.message))
+                requests = [exc]
+            for request in requests:  # in order, each as if it came in a frame of its own
+                if isinstance(request, RequestError):
+                    self._push(error_message(request.request_id, request.code, request.message))
+                else:
+                    self._serve_now(request, nursery)
 
     def _serve_now(self, request: Request, nursery: trio.Nursery) -> None:
         body = request.body
