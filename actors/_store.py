@@ -706,8 +706,8 @@ class StoreActor:
                 newest = self._keys[key]
                 if newest is None or newest.id <= job.id:
                     self._keys[key] = job
-        self._group.events.append(
-            JobEvent(
+        if event.user_seq != user_seq:
+            event = JobEvent(
                 event.job_id,
                 event.user_id,
                 event.seq,
@@ -718,7 +718,7 @@ class StoreActor:
                 event.actor,
                 user_seq,
             )
-        )
+        self._group.events.append(event)
         return job
 
     async def _change(self, job_id: str, fn: Callable[[Job, float], ops.Change]) -> Job:
