@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import sys
 import threading
+import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
-from transport._heap import HeapTrimmer, malloc_trim
+from transport._config import resolve
+from transport._exit import CLIError, ExitCode
+from transport._heap import HeapTrimmer, malloc_trim, tune_collector
 
 from .test_cli import serve_process
 
@@ -83,3 +88,52 @@ async def test_the_standalone_server_trims_every_interval(
     async with serve_process(tmp_path / "off"):
         await trio.sleep(0.5)
     assert "heap trimmed" not in (tmp_path / "off" / "serve.log").read_text()
+
+
+def test_tune_collector_freezes_startup_and_paces_young_collections() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_collector(50_000)
+        assert gc.get_threshold() == (50_000, *before[1:])
+        assert gc.get_freeze_count() > 1000  # what startup made: out of every collection
+        # A cycle made after startup is still collected.
+        node = Node(None)
+        node.other = node
+        watch = weakref.ref(node)
+        del node
+        gc.collect()
+        assert watch() is None
+        gc.unfreeze()
+        tune_collector(0)  # Python's pace kept
+        assert gc.get_threshold() == (50_000, *before[1:])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+
+
+class Node:
+    def __init__(self, other: Any) -> None:
+        self.other = other
+
+
+@pytest.mark.parametrize("value", ["-1", "5", "99", "10000001", "1.5", "many", "nan"])
+def test_a_bad_gc_threshold_is_a_usage_error(value: str) -> None:
+    with pytest.raises(CLIError) as env:
+        resolve({}, {"JOBSPINE_GC_THRESHOLD": value}, {})
+    assert env.value.code == ExitCode.USAGE and "gc_threshold" in str(env.value)
+
+
+@pytest.mark.parametrize(("value", "want"), [("0", 0), ("100", 100), ("", 50_000)])
+def test_gc_threshold_values_as_documented(value: str, want: int) -> None:
+    assert resolve({}, {"JOBSPINE_GC_THRESHOLD": value}, {})["gc_threshold"].value == want
+
+
+async def test_the_standalone_server_tunes_its_collector(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JOBSPINE_LOG", "DEBUG")
+    monkeypatch.setenv("JOBSPINE_GC_THRESHOLD", "20000")
+    async with serve_process(tmp_path / "data"):
+        await trio.sleep(0.2)
+    text = (tmp_path / "data" / "serve.log").read_text()
+    assert "thresholds (20000, 10, 10)" in text and "objects frozen" in text

@@ -50,7 +50,7 @@ from ._config import (
 )
 from ._display import StdoutClosedError, write, write_json
 from ._exit import EXIT_HELP, CLIError, ExitCode
-from ._heap import HeapTrimmer
+from ._heap import HeapTrimmer, tune_collector
 from ._local_workers import PARENT_PIPE_ENV, LocalWorkers
 from ._logging import LOG_FORMATS, configure_logging
 from ._nodes_cmd import run_nodes
@@ -179,6 +179,7 @@ async def serve(args: argparse.Namespace) -> int:
                     os.getpid(),
                     os.getpid(),
                 )
+                tune_collector(args.gc_threshold)
                 async with trio.open_nursery() as housekeeping:
                     if args.heap_trim_interval > 0:
                         await housekeeping.start(HeapTrimmer(args.heap_trim_interval).run)
@@ -435,6 +436,7 @@ def _server_options(p: argparse.ArgumentParser) -> None:
     _add(p, "no_demo", action="store_true")
     _add(p, "worker_processes", metavar="N")
     _add(p, "heap_trim_interval", metavar="SECONDS")
+    _add(p, "gc_threshold", metavar="ALLOCATIONS")
     _add(p, "concurrency", metavar="N")
     _add(p, "retention_days", metavar="DAYS")
     _add(p, "retention_max_per_kind", metavar="COUNT")

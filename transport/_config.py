@@ -222,6 +222,12 @@ _EXPLICIT: tuple[Setting, ...] = (
             "seconds between two returns of the heap memory the server freed to the operating "
             "system (glibc malloc_trim, in a thread; 0: never)", "--heap-trim-interval",
             "JOBSPINE_HEAP_TRIM_INTERVAL", _NON_NEGATIVE),
+    Setting("gc_threshold", "server", int, 50_000,
+            "net allocations between two young collections of Python's cyclic garbage "
+            "collector, after what startup made is frozen out of them (0: Python's pace, 700)",
+            "--gc-threshold", "JOBSPINE_GC_THRESHOLD",
+            lambda n: None if n == 0 or 100 <= n <= 10_000_000 else "must be 0 or in "
+            "100..10000000"),
     Setting("heartbeat_timeout", "runtime", float, 30.0,
             "seconds without a sign of life before a running job is stalled",
             "--heartbeat-timeout", "JOBSPINE_HEARTBEAT_TIMEOUT", _POSITIVE),

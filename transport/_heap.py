@@ -9,18 +9,24 @@ runs in a worker thread, never on the event loop.
 
 Only the standalone server does this: an application embedding the runtime owns its process
 and its allocator. Where the C library has no ``malloc_trim`` (musl, macOS) nothing runs.
+
+The server also tunes Python's cyclic garbage collector (:func:`tune_collector`): measured on
+the fan-out benchmark, the collector's default pace (a young collection every 700 net
+allocations) took about 16% of the event loop's time, and each full collection, which scans
+every object the process holds, paused it for 35 to 60 ms: most of the latency tail.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 from collections.abc import Callable
 
 import trio
 
-__all__ = ["HeapTrimmer", "malloc_trim", "resident_bytes"]
+__all__ = ["HeapTrimmer", "malloc_trim", "resident_bytes", "tune_collector"]
 
 log = logging.getLogger("jobspine.heap")
 
@@ -34,6 +40,21 @@ def malloc_trim() -> Callable[[int], int] | None:
     except OSError:
         return None
     return trim
+
+
+def tune_collector(young_threshold: int) -> None:
+    """Once the server has started: freeze what startup made (modules, handlers, the runtime's
+    actors: they live as long as the process) out of every later collection, and collect the
+    youngest generation every ``young_threshold`` net allocations instead of 700 (0: Python's
+    pace is kept). Memory still goes back as soon as nothing refers to it (reference
+    counting); only objects in reference cycles wait for a collection, so the heap holds at
+    most about ``young_threshold`` more objects (50,000: a few MB)."""
+    gc.freeze()
+    if young_threshold > 0:
+        _, middle, old = gc.get_threshold()
+        gc.set_threshold(young_threshold, middle, old)
+    frozen, thresholds = gc.get_freeze_count(), gc.get_threshold()
+    log.debug("garbage collector: %d objects frozen, thresholds %s", frozen, thresholds)
 
 
 def resident_bytes() -> int | None:
