@@ -16,11 +16,13 @@ from typing import Any
 import orjson
 import pytest
 import trio
+import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
-from actors import JobState, RuntimeConfig, UnknownKindError
+from actors import JobContext, JobState, RuntimeConfig, UnknownKindError
 from actors._options import options_of
 from transport import CLOSE, ServerConfig, open_server
+from transport._json import MAX_DEPTH
 from transport._protocol import MAX_BATCH_REQUESTS
 from transport._worker_process import BATCH_BYTES, WorkerProcess, _batch_frame, _Session
 
@@ -145,7 +147,7 @@ async def test_a_batch_frame_is_served_request_by_request(tmp_path: Path, batch:
                 8: "reply",
             }
             assert (batches > 0) is batch
-            stored = await rt.get_job(job.id)
+            stored = await committed(rt, job.id, 20)
             assert (stored.progress, stored.step, stored.checkpoint) == (20, "b", {"i": 1})
             # Frames that are not a batch of requests: one error, nothing changed.
             for frame in [
@@ -557,3 +559,152 @@ async def test_a_worker_sends_a_burst_of_reports_in_few_frames(tmp_path: Path) -
             answers, _ = await receive_flat(ws, 200)
             assert sorted(a["id"] for a in answers) == list(range(200))
             assert {a["code"] for a in answers} == {"not_assigned"}
+
+
+async def committed(rt: Any, job_id: str, progress: float) -> Any:
+    """The job once its progress ``progress`` is committed (a progress is answered once
+    ordered, before its commit; reads see committed state)."""
+    with trio.fail_after(10):
+        while (job := await rt.get_job(job_id)).progress != progress:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+    return job
+
+
+def nested(lists: int) -> Any:
+    """``lists`` arrays, each holding the next (the innermost holds 1)."""
+    value: Any = 1
+    for _ in range(lists):
+        value = [value]
+    return value
+
+
+async def test_a_jobs_reports_are_served_in_the_order_they_came(tmp_path: Path) -> None:
+    """In one batch or pipelined in frames of their own, one job's checkpoints and its
+    ``stopped`` reach the store in order: the job pauses at the last checkpoint."""
+    async with served(tmp_path / "db", "in_process", in_process_handlers=False) as s:
+        rt = s.runtime
+        async with raw_worker(s.running.url, ["steps"], batch=True) as ws:
+            for batched in (True, False):
+                job = await rt.create_job("steps", "alice", {"n": 1})
+                await receive(ws, "assign")
+                ref = {"job_id": job.id, "attempt": 1}
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(rt.pause, job.id)
+                    assert (await receive(ws, "stop"))["job_id"] == job.id
+                    requests: list[Any] = [
+                        {"op": "checkpoint", "id": i, **ref, "data": {"i": i}} for i in range(1, 21)
+                    ]
+                    requests.append({"op": "progress", "id": 98, **ref, "progress": 70})
+                    requests.append({"op": "stopped", "id": 99, **ref})
+                    if batched:
+                        await send(ws, {"op": "batch", "requests": requests})
+                    else:
+                        for request in requests:
+                            await send(ws, request)
+                    answers, _ = await receive_flat(ws, len(requests))
+                assert [a["type"] for a in answers] == ["reply"] * len(requests)
+                assert [a["id"] for a in answers] == [*range(1, 21), 98, 99]
+                paused = await wait_for_state(rt, job.id, {JobState.PAUSED})
+                assert paused.checkpoint == {"i": 20} and paused.progress == 70
+
+
+async def test_each_request_of_a_batch_is_read_as_strictly_as_alone(tmp_path: Path) -> None:
+    """What strict reading refuses in one request of a batch (a value out of range, a key
+    given twice, nesting too deep) refuses that request alone, with its own id; the others
+    are served. A request as deep as a frame of its own may be is served in a batch too."""
+    async with served(tmp_path / "db", "in_process", in_process_handlers=False) as s:
+        rt = s.runtime
+        async with raw_worker(s.running.url, ["steps"], batch=True) as ws:
+            job = await rt.create_job("steps", "alice", {"n": 1})
+            await receive(ws, "assign")
+            ref = f'"job_id":"{job.id}","attempt":1'
+            # With its data in MAX_DEPTH - 1 arrays a request is MAX_DEPTH levels deep: as
+            # deep as a frame of its own may be (the batch's envelope adds two levels).
+            deepest, too_deep = (
+                orjson.dumps(nested(n)).decode() for n in (MAX_DEPTH - 1, MAX_DEPTH)
+            )
+
+            items = [
+                '{"op":"progress","id":1,' + ref + ',"progress":1,"progress":2}',
+                '{"op":"progress","id":2,' + ref + ',"progress":9223372036854775808}',
+                '{"op":"progress","id":3,' + ref + ',"progress":1,"step":"\\ud800"}',
+                '{"op":"progress","id":4,' + ref + ',"progress":1e400}',
+                '{"op":"checkpoint","id":5,' + ref + ',"data":' + too_deep + "}",
+                '{"op":"checkpoint","id":6,' + ref + ',"data":' + deepest + "}",
+                '{"op":"progress","id":7,' + ref + ',"progress":40,"step":"kept"}',
+                '{"op":"progress","id":8,"id":9,' + ref + ',"progress":1}',
+            ]
+            await ws.send_message('{"op":"batch","requests":[' + ",".join(items) + "]}")
+            answers, _ = await receive_flat(ws, len(items))
+            got = {a["id"]: a.get("code", a["type"]) for a in answers}
+            assert got == {
+                1: "bad_request",
+                2: "invalid_input",
+                3: "invalid_input",
+                4: "invalid_input",
+                5: "invalid_input",
+                6: "reply",
+                7: "reply",
+                None: "bad_request",  # its id is the key given twice: not echoed
+            }
+            stored = await committed(rt, job.id, 40)
+            assert (stored.step, stored.checkpoint) == ("kept", nested(MAX_DEPTH - 1))
+
+
+async def test_a_cancelled_report_is_taken_back_before_it_is_sent() -> None:
+    """A caller cancelled while another's frame is going out takes its message back; the
+    messages queued with it are sent, each once, and their callers return."""
+    release = trio.Event()
+    frames: list[Any] = []
+
+    class Socket:
+        async def send_message(self, message: str) -> None:
+            await release.wait()
+            frames.append(orjson.loads(message))
+
+    session = _Session(WorkerProcess("ws://unused", "t", {}), Socket())  # type: ignore[arg-type]
+    session.batch = True
+    returned: list[int] = []
+
+    async def report(i: int) -> None:
+        await session.send({"op": "heartbeat", "jobs": [], "id": i})
+        returned.append(i)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(report, 0)
+        await trio.testing.wait_all_tasks_blocked()  # 0 holds the lock, its frame going out
+        with trio.CancelScope() as cancelled:
+            nursery.start_soon(report, 1)
+            nursery.start_soon(report, 2)
+            await trio.testing.wait_all_tasks_blocked()
+            async with trio.open_nursery() as inner:
+                inner.start_soon(report, 3)
+                await trio.testing.wait_all_tasks_blocked()
+                inner.cancel_scope.cancel()  # 3 is taken back
+            cancelled.cancel()
+        release.set()
+    ids = [r["id"] for f in frames for r in (f["requests"] if f["op"] == "batch" else [f])]
+    assert sorted(ids) == [0, 1, 2] and sorted(returned) == [0, 1, 2]
+    assert not session._outgoing and session._sent == 3
+
+
+async def test_a_jobspine_worker_batch_with_a_deep_checkpoint_completes(tmp_path: Path) -> None:
+    """Reports of one handler at once go out in one batch frame; a checkpoint as deep as a
+    frame of its own may be is served in it, and the job completes."""
+
+    async def handler(ctx: JobContext, input: Any) -> Any:
+        async with trio.open_nursery() as nursery:  # the last two go out together
+            nursery.start_soon(ctx.progress, 10.0)
+            nursery.start_soon(ctx.progress, 20.0)
+            nursery.start_soon(ctx.checkpoint, nested(MAX_DEPTH - 1))
+        return {"ok": True}
+
+    async with served(tmp_path / "db", "in_process", in_process_handlers=False) as s:
+        async with trio.open_nursery() as nursery:
+            process = WorkerProcess(s.running.url, worker_token(), {"deep": handler})
+            nursery.start_soon(process.run)
+            await wait_connected(s.running)
+            job = await s.runtime.create_job("deep", "alice", {})
+            done = await wait_for_state(s.runtime, job.id)
+            nursery.cancel_scope.cancel()
+        assert done.state is JobState.COMPLETED and done.checkpoint == nested(MAX_DEPTH - 1)

@@ -23,7 +23,17 @@ import math
 import re
 from typing import Any
 
-__all__ = ["INT_MAX", "INT_MIN", "MAX_DEPTH", "RefusedJsonError", "loads_strict", "loads_lenient"]
+__all__ = [
+    "INT_MAX",
+    "INT_MIN",
+    "MAX_DEPTH",
+    "RefusedJsonError",
+    "check_part",
+    "is_plain",
+    "loads_lenient",
+    "loads_parts",
+    "loads_strict",
+]
 
 INT_MIN = -(2**63)
 INT_MAX = 2**63 - 1
@@ -114,6 +124,37 @@ def loads_strict(text: str) -> Any:
     if _suspect(data, text):
         _check(_MARKING.decode(text))
     return data
+
+
+def loads_parts(text: str) -> Any:
+    """Decode ``text``, keeping what :func:`loads_strict` refuses as markers, for a frame
+    refused as a whole whose parts are then judged one by one with :func:`check_part` (a
+    batch of requests: one bad request must not refuse the others). Raises
+    :class:`RefusedJsonError` only for text that is not JSON."""
+    try:
+        return _MARKING.decode(text)
+    except json.JSONDecodeError as exc:
+        raise RefusedJsonError("bad_json", f"the frame is not valid JSON: {exc}") from None
+    except RecursionError:
+        message = f"$: nested deeper than {MAX_DEPTH} levels"
+        raise RefusedJsonError("invalid_input", message) from None
+
+
+def check_part(value: Any) -> None:
+    """Raise :class:`RefusedJsonError` for the first thing in ``value`` (a part of what
+    :func:`loads_parts` returned) that :func:`loads_strict` refuses, the path and the depth
+    counted from ``value`` as if it had been a frame of its own."""
+    _check(value)
+
+
+def is_plain(value: Any, key: str) -> bool:
+    """Whether ``value`` (from :func:`loads_parts`) is a JSON object whose ``key`` is given
+    once and holds no marker: its value can be read as it is."""
+    return (
+        isinstance(value, dict)
+        and not (isinstance(value, _Repeated) and value.key == key)
+        and not isinstance(value.get(key), _Huge)
+    )
 
 
 def _suspect(data: Any, text: str) -> bool:

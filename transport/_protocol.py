@@ -26,7 +26,16 @@ from actors import InvalidInputError, JobState
 from actors._codec import converter
 from actors._options import CreateOptions
 
-from ._json import INT_MAX, INT_MIN, RefusedJsonError, loads_lenient, loads_strict
+from ._json import (
+    INT_MAX,
+    INT_MIN,
+    RefusedJsonError,
+    check_part,
+    is_plain,
+    loads_lenient,
+    loads_parts,
+    loads_strict,
+)
 
 __all__ = [
     "CLOSE",
@@ -280,12 +289,26 @@ def parse_requests(frame: str | bytes, ops: Mapping[str, type]) -> list[Request 
     of requests (PROTOCOL.md section 9), each parsed as if it were a frame of its own: each
     item is its request or the :class:`RequestError` it gets (one bad request refuses no
     other). Raises :class:`RequestError` for a frame that is neither."""
-    data = _load_frame(frame)
+    try:
+        data = _load_frame(frame)
+    except RequestError:
+        # Refused whole (a value out of range, a key given twice, too deep): a batch is
+        # judged request by request, each as if it had come alone.
+        parts = _batch_parts(frame)
+        if parts is None:
+            raise
+        return _parse_items(parts, ops, checked=False)
     if data.get("op") != "batch":
         try:
             return [_parse_object(data, ops)]
         except RequestError as exc:
             return [exc]
+    return _parse_items(_batch_requests(data), ops, checked=True)
+
+
+def _batch_requests(data: dict[str, Any]) -> list[Any]:
+    """The requests of a batch frame's object; raises :class:`RequestError` (``id`` null)
+    for an object that is not a valid batch."""
     extra = sorted(set(data) - {"op", "requests"})
     if extra:
         raise RequestError(None, "bad_request", f"batch: unknown field {extra[0]!r}")
@@ -296,19 +319,52 @@ def parse_requests(frame: str | bytes, ops: Mapping[str, type]) -> list[Request 
             "bad_request",
             f"batch: 'requests' is an array of 1 to {MAX_BATCH_REQUESTS} requests",
         )
+    return requests
+
+
+def _batch_parts(frame: str | bytes) -> list[Any] | None:
+    """The requests of a batch frame that strict reading refused, decoded with what was
+    refused kept as markers; None when the frame is not a valid batch even so."""
+    if isinstance(frame, bytes):
+        return None
+    try:
+        data = loads_parts(frame)
+    except RefusedJsonError:
+        return None
+    if not is_plain(data, "op") or data.get("op") != "batch":
+        return None
+    try:
+        return _batch_requests(data)
+    except RequestError:
+        return None
+
+
+def _parse_items(
+    requests: list[Any], ops: Mapping[str, type], *, checked: bool
+) -> list[Request | RequestError]:
+    """Each request of a batch parsed on its own; ``checked``: read strictly already (else
+    each is checked here, as :func:`loads_strict` would check it alone)."""
     parsed: list[Request | RequestError] = []
     for item in requests:
         try:
+            if not checked:
+                try:
+                    check_part(item)
+                except RefusedJsonError as exc:
+                    request_id = item.get("id") if is_plain(item, "id") else None
+                    if request_id is not None and _id_problem(request_id) is not None:
+                        request_id = None
+                    raise RequestError(request_id, exc.code, exc.message) from None
             if not isinstance(item, dict):
                 raise RequestError(
                     None, "bad_request", f"a request is a JSON object, not {_json_type(item)}"
                 )
             if item.get("op") in ("batch", "hello"):
                 problem = _id_problem(item["id"]) if "id" in item else None
+                if problem is not None:  # as the same request alone gets it
+                    raise RequestError(None, *problem)
                 raise RequestError(
-                    None if problem is not None else item.get("id"),
-                    "bad_request",
-                    f"{item['op']}: not allowed inside a batch",
+                    item.get("id"), "bad_request", f"{item['op']}: not allowed inside a batch"
                 )
             parsed.append(_parse_object(item, ops))
         except RequestError as exc:

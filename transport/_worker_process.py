@@ -19,7 +19,13 @@ from typing import Any
 
 import orjson
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
+from trio_websocket import (
+    CloseReason,
+    ConnectionClosed,
+    HandshakeError,
+    WebSocketConnection,
+    open_websocket_url,
+)
 
 from actors import (
     InvalidInputError,
@@ -107,6 +113,8 @@ class _Attempt:
 
 #: The largest batch frame a worker sends (a single larger message goes alone).
 BATCH_BYTES = 64 * 1024
+#: Seconds a frame may take to go out before the connection is given up.
+SEND_TIMEOUT = 10.0
 _BATCH_HEAD = b'{"op":"batch","requests":['
 _BATCH_TAIL = b"]}"
 
@@ -143,9 +151,11 @@ class _Session:
         #: The server reads batch frames (its welcome said so): requests made while a frame
         #: is being sent go out together in the next one.
         self.batch = False
-        self._outgoing: list[bytes] = []
-        self._queued = 0  # messages ever queued (the last one's number)
-        self._sent = 0  # messages ever sent (a prefix of those queued)
+        self._outgoing: list[tuple[int, bytes]] = []  # (number, message), oldest first
+        self._queued = 0  # the number of the last message queued
+        self._sent = 0  # the number of the last message sent
+        #: Why the connection failed, once a frame could not be sent.
+        self._closed: CloseReason | None = None
         #: Set (and replaced) each time an attempt ends.
         self.ended = trio.Event()
 
@@ -153,23 +163,47 @@ class _Session:
         """Send ``message``; returns once it is sent (raises ``ConnectionClosed``). With
         batches, whoever holds the send lock sends every message queued so far in one frame
         (at most ``BATCH_BYTES``, a larger message alone), so a burst of reports from many
-        attempts costs the server one frame, not one each."""
+        attempts costs the server one frame, not one each. A caller cancelled before its
+        message was taken into a frame takes it back: it is never sent."""
         data = orjson.dumps(message)
         if not self.batch:
             async with self._send_lock:
-                await self.ws.send_message(data.decode())
+                await self._send_frame(data.decode())
             return
-        self._outgoing.append(data)
         self._queued += 1
         mine = self._queued
-        async with self._send_lock:
-            while self._sent < mine:  # an earlier holder may have sent it already
-                frame, count = _batch_frame(self._outgoing)
-                # Removed once sent: a send cancelled before any byte went out leaves them
-                # for the next holder (one cut off mid-frame breaks the connection anyway).
-                await self.ws.send_message(frame)
-                del self._outgoing[:count]
-                self._sent += count
+        entry = (mine, data)
+        self._outgoing.append(entry)
+        try:
+            async with self._send_lock:
+                # Numbered in order: every message up to the last one sent is out (or was
+                # taken back). An earlier holder may have sent this one already.
+                while self._sent < mine:
+                    if self._closed is not None:  # a frame failed: so would this one
+                        raise ConnectionClosed(self._closed)
+                    frame, count = _batch_frame([each for _, each in self._outgoing])
+                    taken = self._outgoing[:count]
+                    del self._outgoing[:count]  # its callers can no longer take them back
+                    try:
+                        await self._send_frame(frame)
+                    except ConnectionClosed as exc:
+                        self._closed = exc.reason
+                        raise
+                    self._sent = taken[-1][0]
+        finally:
+            if self._sent < mine and entry in self._outgoing:
+                self._outgoing.remove(entry)  # cancelled before a frame took it
+
+    async def _send_frame(self, frame: str) -> None:
+        # Shielded: a caller cancelled mid-frame (its attempt cancelled) would cut the other
+        # attempts' reports it carries and break the connection for all of them. Bounded: a
+        # server that takes nothing for SEND_TIMEOUT seconds is treated as gone.
+        with trio.move_on_after(SEND_TIMEOUT, shield=True) as timer:
+            await self.ws.send_message(frame)
+        if timer.cancelled_caught:
+            with trio.move_on_after(1, shield=True):
+                await self.ws.aclose(1011, "a send to the server timed out")
+            raise ConnectionClosed(CloseReason(1006, "a send to the server timed out"))
 
     async def request(self, op: str, **fields: Any) -> Any:
         request_id = next(self._ids)

@@ -124,6 +124,9 @@ class Fail:
     permanent: bool = False
 
 
+#: The reports about one attempt: served in the order they came (see _serve_reports).
+_REPORTS = (Progress, Checkpoint, Complete, Fail, AttemptRef)
+
 WORKER_OPS: dict[str, type] = {
     "hello": WorkerHello,
     "heartbeat": Heartbeat,
@@ -184,6 +187,8 @@ class WorkerConnection:
         self._queued_bytes = 0
         #: The worker reads batch frames (its hello said so).
         self._batches = False
+        #: Per job, its reports waiting for the one being served (see _serve_reports).
+        self._reports: dict[str, deque[Request]] = {}
         self._wake = trio.Event()
         self._close: tuple[int, str] | None = None
         self._last_frame = trio.current_time()
@@ -375,24 +380,17 @@ class WorkerConnection:
                     except ProtocolError as exc:
                         self._push(error_message(request.id, exc.code, exc.message))
                 return
-            if isinstance(body, Progress | Checkpoint):
-                attempt = self._attempt(body.job_id, body.attempt)
-                nursery.start_soon(self._write, request, attempt)
-                return
-            if isinstance(body, Complete):
-                self._attempt(body.job_id, body.attempt).complete(body.result)
-            elif isinstance(body, Fail):
-                error = JobError(body.error.type, body.error.message)
-                self._attempt(body.job_id, body.attempt).fail(error, body.permanent)
-            elif isinstance(body, AttemptRef):
-                attempt = self._attempt(body.job_id, body.attempt)
-                if attempt.ctx is None or not attempt.ctx.stopping:
-                    raise ProtocolError(
-                        "not_stopping",
-                        f"job {body.job_id}: stopped without a stop request (send complete or"
-                        " fail, or drain to hand every job back)",
-                    )
-                attempt.stopped()
+            if isinstance(body, _REPORTS):
+                queued = self._reports.get(body.job_id)
+                if queued is not None:  # after the report of this job being served
+                    queued.append(request)
+                    return
+                if isinstance(body, Progress | Checkpoint):
+                    self._attempt(body.job_id, body.attempt)  # refused at once
+                    self._reports[body.job_id] = deque([request])
+                    nursery.start_soon(self._serve_reports, body.job_id)
+                    return
+                self._end(body)
             elif isinstance(body, NoArgs):  # drain
                 nursery.start_soon(self._drain)
             else:
@@ -400,6 +398,46 @@ class WorkerConnection:
             self._push(reply_message(request.id, {"ok": True}))
         except ProtocolError as exc:
             self._push(error_message(request.id, exc.code, exc.message))
+
+    async def _serve_reports(self, job_id: str) -> None:
+        """Serve ``job_id``'s reports in the order they came, each once the one before it is
+        answered (a progress once the store ordered it, a checkpoint once durable): a
+        checkpoint and then ``stopped``, in one batch or pipelined, reach the store in that
+        order. Other jobs' reports do not wait for these."""
+        queue = self._reports[job_id]
+        try:
+            while queue:
+                request = queue[0]
+                body = request.body
+                try:
+                    attempt = self._attempt(body.job_id, body.attempt)  # it may have ended
+                    if isinstance(body, Progress | Checkpoint):
+                        await self._write(request, attempt)  # answers it
+                    else:
+                        self._end(body)
+                        self._push(reply_message(request.id, {"ok": True}))
+                except ProtocolError as exc:
+                    self._push(error_message(request.id, exc.code, exc.message))
+                queue.popleft()
+        finally:
+            del self._reports[job_id]
+
+    def _end(self, body: Complete | Fail | AttemptRef) -> None:
+        """The end of an attempt the worker reports: its outcome, or ``stopped``."""
+        if isinstance(body, Complete):
+            self._attempt(body.job_id, body.attempt).complete(body.result)
+        elif isinstance(body, Fail):
+            error = JobError(body.error.type, body.error.message)
+            self._attempt(body.job_id, body.attempt).fail(error, body.permanent)
+        else:
+            attempt = self._attempt(body.job_id, body.attempt)
+            if attempt.ctx is None or not attempt.ctx.stopping:
+                raise ProtocolError(
+                    "not_stopping",
+                    f"job {body.job_id}: stopped without a stop request (send complete or"
+                    " fail, or drain to hand every job back)",
+                )
+            attempt.stopped()
 
     def _attempt(self, job_id: str, attempt: int) -> RemoteAttempt:
         """The live attempt this connection runs for ``job_id``; refuses another worker's
