@@ -27,7 +27,7 @@ from transport._protocol import MAX_BATCH_REQUESTS
 from transport._worker_process import BATCH_BYTES, WorkerProcess, _batch_frame, _Session
 
 from .conftest import wait_for_state
-from .serving import SECRET, token
+from .serving import SECRET, eventually, token
 from .test_workers import event_types
 from .worker_handlers import HANDLERS
 from .worker_support import served, wait_connected, worker_token
@@ -708,3 +708,26 @@ async def test_a_jobspine_worker_batch_with_a_deep_checkpoint_completes(tmp_path
             done = await wait_for_state(s.runtime, job.id)
             nursery.cancel_scope.cancel()
         assert done.state is JobState.COMPLETED and done.checkpoint == nested(MAX_DEPTH - 1)
+
+
+async def test_a_worker_that_stops_reading_mid_frame_sees_the_connection_drop(
+    tmp_path: Path,
+) -> None:
+    """Past 32 MiB queued, a worker that does not read is closed; the frame being sent was
+    cut off, so nothing follows it (no close frame spliced into it): the worker, reading at
+    last, sees the connection drop, not garbage."""
+    async with served(tmp_path / "db", "in_process", in_process_handlers=False) as s:
+        async with raw_worker(s.running.url, ["steps"], batch=True) as ws:
+            name = "x" * 2_000_000  # each error message quotes the op: 2 MB apiece
+            for i in range(20):
+                await ws.send_message(orjson.dumps({"op": name, "id": i}).decode())
+            await eventually(lambda: not s.running.server.worker_connections)
+            with trio.fail_after(10):
+                with pytest.raises(ConnectionClosed) as closed:
+                    while True:
+                        message = orjson.loads(await ws.get_message())
+                        assert message["type"] in ("error", "batch"), message
+            reason = closed.value.reason
+            assert reason is not None and reason.code == 1006
+        async with raw_worker(s.running.url, ["steps"]):  # the server serves on
+            pass

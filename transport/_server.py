@@ -719,7 +719,7 @@ class Server:
         ws = await request.accept()
         stream.connection = ws  # so that a client's protocol error gets its close frame
         if request.path.partition("?")[0].rstrip("/") == WORKER_PATH:
-            await WorkerConnection(self, ws).run()
+            await WorkerConnection(self, ws, stream).run()
         else:
             await Connection(self, ws).run()
 

@@ -68,6 +68,11 @@ class GuardedStream(trio.abc.Stream):
             # Cancelled or failed: part of the frame may be out.
             self._torn = self._torn or not sent
 
+    @property
+    def torn(self) -> bool:
+        """A send was cut off: part of a frame may be out, so no frame can follow."""
+        return self._torn
+
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
 

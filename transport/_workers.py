@@ -39,6 +39,7 @@ from ._protocol import (
 
 if TYPE_CHECKING:
     from ._server import Server
+    from ._wire import GuardedStream
 
 __all__ = ["WORKER_OPS", "WORKER_PATH", "WorkerConnection"]
 
@@ -179,9 +180,13 @@ def declared_options(hello: WorkerHello) -> dict[str, KindOptions]:
 class WorkerConnection:
     """One worker's connection: implements :class:`~actors._remote.WorkerLink`."""
 
-    def __init__(self, server: Server, ws: WebSocketConnection) -> None:
+    def __init__(
+        self, server: Server, ws: WebSocketConnection, stream: GuardedStream | None = None
+    ) -> None:
         self.server = server
         self.ws = ws
+        #: The connection's stream: once a send to it was cut off, nothing more is sent.
+        self.stream = stream
         self.worker: RemoteWorker | None = None
         self._queue: deque[bytes] = deque()
         self._queued_bytes = 0
@@ -238,8 +243,13 @@ class WorkerConnection:
                 placement.disconnect(self.worker, "the worker's connection closed")
             code, reason = self._close or (CLOSE["normal"], "")
             with trio.move_on_after(1, shield=True):
-                await self._flush()
-                await self.ws.aclose(code, reason[:120])
+                if self.stream is not None and self.stream.torn:
+                    # A frame was cut off (a worker that stopped reading): what followed it
+                    # would be garbage to the worker, which sees the connection drop instead.
+                    await self.stream.aclose()
+                else:
+                    await self._flush()
+                    await self.ws.aclose(code, reason[:120])
             self.done.set()
 
     async def _hello(self) -> str | int | bool | None:
