@@ -110,6 +110,13 @@ async def receive_flat(ws: WebSocketConnection, count: int) -> tuple[list[Any], 
     return messages, batches
 
 
+async def answers_by_id(ws: WebSocketConnection, count: int) -> tuple[dict[Any, str], int]:
+    """The next ``count`` answers, each id's type (``reply``) or error code; and how many
+    frames were batches."""
+    messages, batches = await receive_flat(ws, count)
+    return {m["id"]: m.get("code", m["type"]) for m in messages}, batches
+
+
 @pytest.mark.parametrize("batch", [True, False])
 async def test_a_batch_frame_is_served_request_by_request(tmp_path: Path, batch: bool) -> None:
     """Each request of a batch gets the answer it would get in a frame of its own, and one
@@ -133,8 +140,7 @@ async def test_a_batch_frame_is_served_request_by_request(tmp_path: Path, batch:
                 {"op": "checkpoint", "id": 8, **ref, "data": {"i": 1}},
             ]
             await send(ws, {"op": "batch", "requests": requests})
-            messages, batches = await receive_flat(ws, len(requests))
-            answers = {m["id"]: m.get("code", m["type"]) for m in messages}
+            answers, batches = await answers_by_id(ws, len(requests))
             assert answers == {
                 1: "reply",
                 2: "stale_attempt",
@@ -635,8 +641,7 @@ async def test_each_request_of_a_batch_is_read_as_strictly_as_alone(tmp_path: Pa
                 '{"op":"progress","id":8,"id":9,' + ref + ',"progress":1}',
             ]
             await ws.send_message('{"op":"batch","requests":[' + ",".join(items) + "]}")
-            answers, _ = await receive_flat(ws, len(items))
-            got = {a["id"]: a.get("code", a["type"]) for a in answers}
+            got, _ = await answers_by_id(ws, len(items))
             assert got == {
                 1: "bad_request",
                 2: "invalid_input",
