@@ -19,6 +19,7 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
+import transport._workers
 from actors import JobContext, JobState, RuntimeConfig, UnknownKindError
 from actors._options import options_of
 from transport import CLOSE, ServerConfig, open_server
@@ -736,3 +737,32 @@ async def test_a_worker_that_stops_reading_mid_frame_sees_the_connection_drop(
             assert reason is not None and reason.code == 1006
         async with raw_worker(s.running.url, ["steps"]):  # the server serves on
             pass
+
+
+async def test_reports_waiting_past_their_byte_bound_are_refused_busy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker flooding one job with reports: what waits to be served is bounded in bytes
+    (each report counts its share of its frame); past it a report gets ``busy`` with its
+    id, and what was accepted is served in order."""
+    monkeypatch.setattr(transport._workers, "MAX_WAITING_BYTES", 3000)
+    async with served(tmp_path / "db", "in_process", in_process_handlers=False) as s:
+        rt = s.runtime
+        async with raw_worker(s.running.url, ["steps"], batch=True) as ws:
+            job = await rt.create_job("steps", "alice", {"n": 1})
+            await receive(ws, "assign")
+            ref = {"job_id": job.id, "attempt": 1}
+            requests = [
+                {"op": "checkpoint", "id": i, **ref, "data": {"i": i, "pad": "x" * 40}}
+                for i in range(100)
+            ]
+            await send(ws, {"op": "batch", "requests": requests})
+            answers, _ = await answers_by_id(ws, len(requests))
+            accepted = [i for i in range(100) if answers[i] == "reply"]
+            assert {answers[i] for i in range(100)} == {"reply", "busy"}
+            assert accepted == list(range(len(accepted))) and 10 < len(accepted) < 100
+            stored = await rt.get_job(job.id)
+            assert stored.checkpoint == {"i": accepted[-1], "pad": "x" * 40}
+            # Once served, the bound is free again.
+            await send(ws, {"op": "progress", "id": "p", **ref, "progress": 5})
+            assert (await receive(ws))["id"] == "p"

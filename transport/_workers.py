@@ -59,6 +59,9 @@ MAX_ASSIGN_SIZE = 4 * 1024 * 1024
 DRAIN_WRITE_TIMEOUT = 10.0
 #: The reason a worker's drain re-queues its jobs with (recorded in their `recovery` event).
 HANDED_BACK = "worker_shutdown"
+#: Bytes of a worker's reports that may wait to be served (each counts its share of the
+#: frame it came in); past it a report is refused with ``busy``.
+MAX_WAITING_BYTES = 64 * 1024 * 1024
 #: The bytes a batch frame adds to its messages (the envelope; a comma between two).
 BATCH_OVERHEAD = len(b'{"type":"batch","messages":[]}')
 
@@ -192,8 +195,11 @@ class WorkerConnection:
         self._queued_bytes = 0
         #: The worker reads batch frames (its hello said so).
         self._batches = False
-        #: Per job, its reports waiting for the one being served (see _serve_reports).
-        self._reports: dict[str, deque[Request]] = {}
+        #: Per job, its reports (each with its cost) in the order they came: the first is
+        #: being served, the others wait for it (see _serve_reports).
+        self._reports: dict[str, deque[tuple[Request, int]]] = {}
+        #: The costs of every report in ``_reports`` (bounded by MAX_WAITING_BYTES).
+        self._waiting_bytes = 0
         self._wake = trio.Event()
         self._close: tuple[int, str] | None = None
         self._last_frame = trio.current_time()
@@ -374,13 +380,15 @@ class WorkerConnection:
                 requests = parse_requests(frame, WORKER_OPS)
             except RequestError as exc:
                 requests = [exc]
+            # What a waiting report holds, at most: its share of the frame it came in.
+            cost = max(1, len(frame) // len(requests))
             for request in requests:  # in order, each as if it came in a frame of its own
                 if isinstance(request, RequestError):
                     self._push(error_message(request.request_id, request.code, request.message))
                 else:
-                    self._serve_now(request, nursery)
+                    self._serve_now(request, nursery, cost)
 
-    def _serve_now(self, request: Request, nursery: trio.Nursery) -> None:
+    def _serve_now(self, request: Request, nursery: trio.Nursery, cost: int = 1) -> None:
         body = request.body
         try:
             if isinstance(body, Heartbeat):
@@ -392,15 +400,22 @@ class WorkerConnection:
                 return
             if isinstance(body, _REPORTS):
                 queued = self._reports.get(body.job_id)
-                if queued is not None:  # after the report of this job being served
-                    queued.append(request)
+                if queued is None and not isinstance(body, Progress | Checkpoint):
+                    self._end(body)  # nothing of this job waits: served at once
+                else:
+                    if self._waiting_bytes + cost > MAX_WAITING_BYTES:
+                        raise ProtocolError(
+                            "busy",
+                            f"over {MAX_WAITING_BYTES // 2**20} MiB of this worker's reports"
+                            " wait to be served: wait for their replies",
+                        )
+                    if queued is None:
+                        self._attempt(body.job_id, body.attempt)  # refused at once
+                        queued = self._reports[body.job_id] = deque()
+                        nursery.start_soon(self._serve_reports, body.job_id)
+                    queued.append((request, cost))  # after the report of this job served now
+                    self._waiting_bytes += cost
                     return
-                if isinstance(body, Progress | Checkpoint):
-                    self._attempt(body.job_id, body.attempt)  # refused at once
-                    self._reports[body.job_id] = deque([request])
-                    nursery.start_soon(self._serve_reports, body.job_id)
-                    return
-                self._end(body)
             elif isinstance(body, NoArgs):  # drain
                 nursery.start_soon(self._drain)
             else:
@@ -417,7 +432,7 @@ class WorkerConnection:
         queue = self._reports[job_id]
         try:
             while queue:
-                request = queue[0]
+                request, cost = queue[0]
                 body = request.body
                 try:
                     attempt = self._attempt(body.job_id, body.attempt)  # it may have ended
@@ -429,6 +444,7 @@ class WorkerConnection:
                 except ProtocolError as exc:
                     self._push(error_message(request.id, exc.code, exc.message))
                 queue.popleft()
+                self._waiting_bytes -= cost
         finally:
             del self._reports[job_id]
 
