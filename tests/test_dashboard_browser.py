@@ -50,6 +50,7 @@ if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
 
 from selenium import webdriver  # noqa: E402 - only once the browser is known to be there
 from selenium.common.exceptions import (  # noqa: E402
+    ElementClickInterceptedException,
     ElementNotInteractableException,
     StaleElementReferenceException,
 )
@@ -358,7 +359,11 @@ def test_job_survives_reload_and_server_kill(server: Server, driver: WebDriver) 
     wait(driver, lambda d: by_id(d, "reconnect").is_enabled())
     # "Reconnect now" rather than wait for the backoff, unless the page's own retry got there
     # first and hid the button (a race with the backoff timer, not a fault).
-    with contextlib.suppress(ElementNotInteractableException, StaleElementReferenceException):
+    with contextlib.suppress(
+        ElementClickInterceptedException,  # hidden just now: another element is under it
+        ElementNotInteractableException,
+        StaleElementReferenceException,
+    ):
         by_id(driver, "reconnect").click()
     wait(driver, live, 30)
     toast = wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, f".toast[data-job='{job_id}']"))
