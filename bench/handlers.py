@@ -40,12 +40,23 @@ async def _start(input: Any) -> None:
         await trio.sleep(delay)
 
 
+def _spin(seconds: float) -> None:
+    """Hold this thread's CPU for ``seconds`` (CPU time, not wall time): a CPU-bound step."""
+    until = time.thread_time() + seconds
+    while time.thread_time() < until:
+        pass
+
+
 async def emit(ctx: JobContext, input: Any) -> Any:
-    """``count`` progress events, ``interval`` seconds apart (0: back to back)."""
+    """``count`` progress events, ``interval`` seconds apart (0: back to back), each after
+    ``cpu`` seconds of CPU work (0: none)."""
     await _start(input)
     count = int(input["count"])
     interval = float(input.get("interval", 0))
+    cpu = float(input.get("cpu", 0))
     for i in range(count):
+        if cpu:
+            _spin(cpu)
         await ctx.progress(100 * (i + 1) / count, f"{time.time():.6f}")
         if interval:
             await trio.sleep(interval)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,3 +98,24 @@ def test_multinode_smoke(tmp_path: Path) -> None:
         takeover = "multinode takeover (TTL 5 s)"
         assert rows[(takeover, "jobs lost (not taken over)")]["value"] == 0
         assert rows[(takeover, "kill -> takeover event at client p99")]["value"] > 0
+
+
+def test_a_cpu_bound_fanout_compares_two_worker_processes_with_one(tmp_path: Path) -> None:
+    """``--handler-cpu`` makes each handler hold its CPU before each update (what worker
+    processes spread over cores); with 1 and 2 processes the table has their ratio."""
+    args = ["--scenario", "fanout", "--jobs", "20", "--running", "10", "--updates", "5"]
+    args += ["--worker-processes", "1", "2", "--handler-cpu", "2"]
+    rows, _ = run_bench(tmp_path, *args)
+    for label in ("fanout 20 in 1 worker", "fanout 20 in 2 workers"):
+        assert rows[(label, "events lost / gaps / resets")]["value"] == 0
+    ratio = rows[("fanout 20 in 2 workers vs 1 worker", "events/s ratio")]
+    assert ratio["value"] > 0 and ratio["goal"] == ">= 1.6x"
+    assert ("fanout 20 in 1 worker vs 1 worker", "events/s ratio") not in rows
+
+
+def test_the_cpu_step_of_a_bench_handler_holds_the_cpu() -> None:
+    from bench.handlers import _spin
+
+    started = time.thread_time()
+    _spin(0.02)
+    assert time.thread_time() - started >= 0.02
