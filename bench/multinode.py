@@ -238,7 +238,8 @@ async def multinode(args: argparse.Namespace, workdir: Path) -> list[Row]:
         return rows
     rows += await fanout(args, workdir, 2)
     rows += ratios(rows)
-    rows += await takeover(args, workdir)
+    if args.multinode_kills:
+        rows += await takeover(args, workdir)
     return rows
 
 
@@ -253,7 +254,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0,
         help="multinode: progress events per job back to back (0: --multinode-rate, paced)",
     )
-    p.add_argument("--multinode-kills", type=int, default=5, help="multinode: takeover kills")
+    p.add_argument(
+        "--multinode-kills", type=int, default=5, help="multinode: takeover kills (0: none)"
+    )
     p.add_argument("--lease-ttl", type=float, default=5.0, help="multinode: nodes' lease TTL, s")
     p.add_argument(
         "--lease-renew-interval", type=float, default=1.0, help="multinode: lease renewal, s"

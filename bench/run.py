@@ -774,18 +774,20 @@ def versions() -> dict[str, str]:
 
 
 def table(rows: list[Row], meta: dict[str, str]) -> str:
+    # The scenario column fits the longest label (at least 26), one space after it.
+    width = max([25, *(len(r.scenario) for r in rows)]) + 1
     lines = [
         f"jobspine bench: {meta['cores']} cores ({meta['machine']}), Python {meta['python']}, "
         f"trio {meta['trio']}, trio-websocket {meta['trio-websocket']}, SQLite {meta['sqlite']}",
         "",
-        f"{'scenario':<26}{'measure':<44}{'value':>12} {'unit':<6}{'predecessor':>18}"
+        f"{'scenario':<{width}}{'measure':<44}{'value':>12} {'unit':<6}{'predecessor':>18}"
         f"{'goal':>12}{'vs pred.':>10}  ok",
     ]
     for r in rows:
         value = f"{r.value:,.1f}" if r.value == r.value else "n/a"
         ok = "" if r.ok is None else ("yes" if r.ok else "NO")
         lines.append(
-            f"{r.scenario:<26}{r.measure:<44}{value:>12} {r.unit:<6}{r.predecessor:>18}"
+            f"{r.scenario:<{width}}{r.measure:<44}{value:>12} {r.unit:<6}{r.predecessor:>18}"
             f"{r.goal:>12}{r.ratio:>10}  {ok}"
         )
     return "\n".join(lines)

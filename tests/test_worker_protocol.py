@@ -20,7 +20,7 @@ import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 import transport._workers
-from actors import JobContext, JobState, RuntimeConfig, UnknownKindError
+from actors import Job, JobContext, JobState, RuntimeConfig, UnknownKindError
 from actors._options import options_of
 from transport import CLOSE, ServerConfig, open_server
 from transport._json import MAX_DEPTH
@@ -31,7 +31,7 @@ from .conftest import wait_for_state
 from .serving import SECRET, eventually, token
 from .test_workers import event_types
 from .worker_handlers import HANDLERS
-from .worker_support import served, wait_connected, worker_token
+from .worker_support import Served, served, wait_connected, worker_token
 
 HANDLER_KINDS = set(HANDLERS)
 
@@ -96,6 +96,21 @@ async def raw_worker(
         yield ws
 
 
+@asynccontextmanager
+async def assigned_steps_job(
+    tmp_path: Path, batch: bool | None = True
+) -> AsyncIterator[tuple[Served, WebSocketConnection, Job]]:
+    """A server running no handlers itself, a raw worker of ``steps`` (``batch`` in its
+    hello) and a ``steps`` job of alice's, assigned to it (attempt 1)."""
+    async with (
+        served(tmp_path / "db", "in_process", in_process_handlers=False) as s,
+        raw_worker(s.running.url, ["steps"], batch=batch) as ws,
+    ):
+        job = await s.runtime.create_job("steps", "alice", {"n": 1})
+        await receive(ws, "assign")
+        yield s, ws, job
+
+
 async def receive_flat(ws: WebSocketConnection, count: int) -> tuple[list[Any], int]:
     """The next ``count`` messages, batches opened; and how many frames were batches."""
     messages: list[Any] = []
@@ -123,51 +138,48 @@ async def test_a_batch_frame_is_served_request_by_request(tmp_path: Path, batch:
     """Each request of a batch gets the answer it would get in a frame of its own, and one
     bad request refuses no other; the server batches its replies only for a worker whose
     hello said it reads batches."""
-    async with served(tmp_path / "db", "in_process", in_process_handlers=False) as s:
+    async with assigned_steps_job(tmp_path, batch) as (s, ws, job):
         rt = s.runtime
-        async with raw_worker(s.running.url, ["steps"], batch=batch) as ws:
-            job = await rt.create_job("steps", "alice", {"n": 1})
-            await receive(ws, "assign")
-            ref = {"job_id": job.id, "attempt": 1}
-            requests: list[Any] = [
-                {"op": "progress", "id": 1, **ref, "progress": 10, "step": "a"},
-                {"op": "progress", "id": 2, **ref, "attempt": 7, "progress": 5},
-                {"op": "nope", "id": 3},
-                5,
-                {"op": "hello", "id": 4, "token": "t", "kinds": ["a"], "capacity": 1},
-                {"op": "batch", "id": 5, "requests": []},
-                {"op": "progress", "id": 6, **ref, "progress": 500},
-                {"op": "progress", "id": 7, **ref, "progress": 20, "step": "b"},
-                {"op": "checkpoint", "id": 8, **ref, "data": {"i": 1}},
-            ]
-            await send(ws, {"op": "batch", "requests": requests})
-            answers, batches = await answers_by_id(ws, len(requests))
-            assert answers == {
-                1: "reply",
-                2: "stale_attempt",
-                3: "unknown_op",
-                None: "bad_request",
-                4: "bad_request",
-                5: "bad_request",
-                6: "invalid_input",
-                7: "reply",
-                8: "reply",
-            }
-            assert (batches > 0) is batch
-            stored = await committed(rt, job.id, 20)
-            assert (stored.progress, stored.step, stored.checkpoint) == (20, "b", {"i": 1})
-            # Frames that are not a batch of requests: one error, nothing changed.
-            for frame in [
-                {"op": "batch", "requests": [], "id": 9},
-                {"op": "batch", "requests": []},
-                {"op": "batch", "requests": {"op": "heartbeat"}},
-                {"op": "batch"},
-                {"op": "batch", "requests": [{"op": "heartbeat", "jobs": []}] * 1001},
-            ]:
-                await send(ws, frame)
-                (error,), _ = await receive_flat(ws, 1)
-                assert (error["type"], error["id"], error["code"]) == ("error", None, "bad_request")
-            assert await rt.get_job(job.id) == stored
+        ref = {"job_id": job.id, "attempt": 1}
+        requests: list[Any] = [
+            {"op": "progress", "id": 1, **ref, "progress": 10, "step": "a"},
+            {"op": "progress", "id": 2, **ref, "attempt": 7, "progress": 5},
+            {"op": "nope", "id": 3},
+            5,
+            {"op": "hello", "id": 4, "token": "t", "kinds": ["a"], "capacity": 1},
+            {"op": "batch", "id": 5, "requests": []},
+            {"op": "progress", "id": 6, **ref, "progress": 500},
+            {"op": "progress", "id": 7, **ref, "progress": 20, "step": "b"},
+            {"op": "checkpoint", "id": 8, **ref, "data": {"i": 1}},
+        ]
+        await send(ws, {"op": "batch", "requests": requests})
+        answers, batches = await answers_by_id(ws, len(requests))
+        assert answers == {
+            1: "reply",
+            2: "stale_attempt",
+            3: "unknown_op",
+            None: "bad_request",
+            4: "bad_request",
+            5: "bad_request",
+            6: "invalid_input",
+            7: "reply",
+            8: "reply",
+        }
+        assert (batches > 0) is batch
+        stored = await committed(rt, job.id, 20)
+        assert (stored.progress, stored.step, stored.checkpoint) == (20, "b", {"i": 1})
+        # Frames that are not a batch of requests: one error, nothing changed.
+        for frame in [
+            {"op": "batch", "requests": [], "id": 9},
+            {"op": "batch", "requests": []},
+            {"op": "batch", "requests": {"op": "heartbeat"}},
+            {"op": "batch"},
+            {"op": "batch", "requests": [{"op": "heartbeat", "jobs": []}] * 1001},
+        ]:
+            await send(ws, frame)
+            (error,), _ = await receive_flat(ws, 1)
+            assert (error["type"], error["id"], error["code"]) == ("error", None, "bad_request")
+        assert await rt.get_job(job.id) == stored
 
 
 async def test_roles_are_kept_apart(tmp_path: Path) -> None:
@@ -619,42 +631,37 @@ async def test_each_request_of_a_batch_is_read_as_strictly_as_alone(tmp_path: Pa
     """What strict reading refuses in one request of a batch (a value out of range, a key
     given twice, nesting too deep) refuses that request alone, with its own id; the others
     are served. A request as deep as a frame of its own may be is served in a batch too."""
-    async with served(tmp_path / "db", "in_process", in_process_handlers=False) as s:
+    async with assigned_steps_job(tmp_path) as (s, ws, job):
         rt = s.runtime
-        async with raw_worker(s.running.url, ["steps"], batch=True) as ws:
-            job = await rt.create_job("steps", "alice", {"n": 1})
-            await receive(ws, "assign")
-            ref = f'"job_id":"{job.id}","attempt":1'
-            # With its data in MAX_DEPTH - 1 arrays a request is MAX_DEPTH levels deep: as
-            # deep as a frame of its own may be (the batch's envelope adds two levels).
-            deepest, too_deep = (
-                orjson.dumps(nested(n)).decode() for n in (MAX_DEPTH - 1, MAX_DEPTH)
-            )
+        ref = f'"job_id":"{job.id}","attempt":1'
+        # With its data in MAX_DEPTH - 1 arrays a request is MAX_DEPTH levels deep: as
+        # deep as a frame of its own may be (the batch's envelope adds two levels).
+        deepest, too_deep = (orjson.dumps(nested(n)).decode() for n in (MAX_DEPTH - 1, MAX_DEPTH))
 
-            items = [
-                '{"op":"progress","id":1,' + ref + ',"progress":1,"progress":2}',
-                '{"op":"progress","id":2,' + ref + ',"progress":9223372036854775808}',
-                '{"op":"progress","id":3,' + ref + ',"progress":1,"step":"\\ud800"}',
-                '{"op":"progress","id":4,' + ref + ',"progress":1e400}',
-                '{"op":"checkpoint","id":5,' + ref + ',"data":' + too_deep + "}",
-                '{"op":"checkpoint","id":6,' + ref + ',"data":' + deepest + "}",
-                '{"op":"progress","id":7,' + ref + ',"progress":40,"step":"kept"}',
-                '{"op":"progress","id":8,"id":9,' + ref + ',"progress":1}',
-            ]
-            await ws.send_message('{"op":"batch","requests":[' + ",".join(items) + "]}")
-            got, _ = await answers_by_id(ws, len(items))
-            assert got == {
-                1: "bad_request",
-                2: "invalid_input",
-                3: "invalid_input",
-                4: "invalid_input",
-                5: "invalid_input",
-                6: "reply",
-                7: "reply",
-                None: "bad_request",  # its id is the key given twice: not echoed
-            }
-            stored = await committed(rt, job.id, 40)
-            assert (stored.step, stored.checkpoint) == ("kept", nested(MAX_DEPTH - 1))
+        items = [
+            '{"op":"progress","id":1,' + ref + ',"progress":1,"progress":2}',
+            '{"op":"progress","id":2,' + ref + ',"progress":9223372036854775808}',
+            '{"op":"progress","id":3,' + ref + ',"progress":1,"step":"\\ud800"}',
+            '{"op":"progress","id":4,' + ref + ',"progress":1e400}',
+            '{"op":"checkpoint","id":5,' + ref + ',"data":' + too_deep + "}",
+            '{"op":"checkpoint","id":6,' + ref + ',"data":' + deepest + "}",
+            '{"op":"progress","id":7,' + ref + ',"progress":40,"step":"kept"}',
+            '{"op":"progress","id":8,"id":9,' + ref + ',"progress":1}',
+        ]
+        await ws.send_message('{"op":"batch","requests":[' + ",".join(items) + "]}")
+        got, _ = await answers_by_id(ws, len(items))
+        assert got == {
+            1: "bad_request",
+            2: "invalid_input",
+            3: "invalid_input",
+            4: "invalid_input",
+            5: "invalid_input",
+            6: "reply",
+            7: "reply",
+            None: "bad_request",  # its id is the key given twice: not echoed
+        }
+        stored = await committed(rt, job.id, 40)
+        assert (stored.step, stored.checkpoint) == ("kept", nested(MAX_DEPTH - 1))
 
 
 async def test_a_cancelled_report_is_taken_back_before_it_is_sent() -> None:
@@ -746,23 +753,20 @@ async def test_reports_waiting_past_their_byte_bound_are_refused_busy(
     (each report counts its share of its frame); past it a report gets ``busy`` with its
     id, and what was accepted is served in order."""
     monkeypatch.setattr(transport._workers, "MAX_WAITING_BYTES", 3000)
-    async with served(tmp_path / "db", "in_process", in_process_handlers=False) as s:
+    async with assigned_steps_job(tmp_path) as (s, ws, job):
         rt = s.runtime
-        async with raw_worker(s.running.url, ["steps"], batch=True) as ws:
-            job = await rt.create_job("steps", "alice", {"n": 1})
-            await receive(ws, "assign")
-            ref = {"job_id": job.id, "attempt": 1}
-            requests = [
-                {"op": "checkpoint", "id": i, **ref, "data": {"i": i, "pad": "x" * 40}}
-                for i in range(100)
-            ]
-            await send(ws, {"op": "batch", "requests": requests})
-            answers, _ = await answers_by_id(ws, len(requests))
-            accepted = [i for i in range(100) if answers[i] == "reply"]
-            assert {answers[i] for i in range(100)} == {"reply", "busy"}
-            assert accepted == list(range(len(accepted))) and 10 < len(accepted) < 100
-            stored = await rt.get_job(job.id)
-            assert stored.checkpoint == {"i": accepted[-1], "pad": "x" * 40}
-            # Once served, the bound is free again.
-            await send(ws, {"op": "progress", "id": "p", **ref, "progress": 5})
-            assert (await receive(ws))["id"] == "p"
+        ref = {"job_id": job.id, "attempt": 1}
+        requests = [
+            {"op": "checkpoint", "id": i, **ref, "data": {"i": i, "pad": "x" * 40}}
+            for i in range(100)
+        ]
+        await send(ws, {"op": "batch", "requests": requests})
+        answers, _ = await answers_by_id(ws, len(requests))
+        accepted = [i for i in range(100) if answers[i] == "reply"]
+        assert {answers[i] for i in range(100)} == {"reply", "busy"}
+        assert accepted == list(range(len(accepted))) and 10 < len(accepted) < 100
+        stored = await rt.get_job(job.id)
+        assert stored.checkpoint == {"i": accepted[-1], "pad": "x" * 40}
+        # Once served, the bound is free again.
+        await send(ws, {"op": "progress", "id": "p", **ref, "progress": 5})
+        assert (await receive(ws))["id"] == "p"
