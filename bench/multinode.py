@@ -34,6 +34,7 @@ from bench.run import (
     SECRET,
     Row,
     create_jobs,
+    non_negative,
     percentile,
     poll_until,
     progress_line,
@@ -250,12 +251,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--multinode-updates",
-        type=int,
+        type=non_negative(int),
         default=0,
         help="multinode: progress events per job back to back (0: --multinode-rate, paced)",
     )
     p.add_argument(
-        "--multinode-kills", type=int, default=5, help="multinode: takeover kills (0: none)"
+        "--multinode-kills",
+        type=non_negative(int),
+        default=5,
+        help="multinode: takeover kills (0: none)",
     )
     p.add_argument("--lease-ttl", type=float, default=5.0, help="multinode: nodes' lease TTL, s")
     p.add_argument(

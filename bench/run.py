@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import orjson
@@ -859,6 +859,22 @@ async def run(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+N = TypeVar("N", int, float)
+
+
+def non_negative(kind: Callable[[str], N]) -> Callable[[str], N]:
+    """An argparse ``type``: ``kind`` of the text, refused (a usage error) below 0."""
+
+    def parse(text: str) -> N:
+        value = kind(text)
+        if not value >= 0:  # NaN too
+            raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid" message
+    return parse
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jobspine bench", description=__doc__)
     p.add_argument("--scenario", nargs="+", default=["all"], choices=[*SCENARIOS, "all"])
@@ -884,7 +900,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--handler-cpu",
-        type=float,
+        type=non_negative(float),
         default=0.0,
         help="fanout: milliseconds of CPU work in the handler before each progress event"
         " (a CPU-bound handler: what worker processes spread over cores)",

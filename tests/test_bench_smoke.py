@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 
 def run_bench(tmp_path: Path, *args: str) -> tuple[dict[tuple[str, str], Any], str]:
@@ -119,3 +120,20 @@ def test_the_cpu_step_of_a_bench_handler_holds_the_cpu() -> None:
     started = time.thread_time()
     _spin(0.02)
     assert time.thread_time() - started >= 0.02
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--handler-cpu", "-1"],
+        ["--handler-cpu", "nan"],
+        ["--multinode-updates", "-3"],
+        ["--multinode-kills", "-1"],
+    ],
+)
+def test_a_negative_amount_is_a_usage_error(args: list[str]) -> None:
+    from bench.run import parser
+
+    with pytest.raises(SystemExit) as exited:
+        parser().parse_args(args)
+    assert exited.value.code == 2
