@@ -347,13 +347,16 @@ async def fanout(
 
         start_at = 0.0
 
+        # CPU is counted from the go to the end, over the same wall time (not the set-up,
+        # which would count towards a shorter span: more cores than the machine has).
+        cpu_before = workers_before = 0.0
+
         async def ready() -> None:
-            nonlocal start_at
+            nonlocal start_at, cpu_before, workers_before
+            cpu_before, workers_before = served.cpu(), served.workers_cpu()
             start_at = time.time()
             await trio.Path(go_file).touch()
 
-        cpu_before = served.cpu()
-        workers_before = served.workers_cpu()
         store_before = (await served.metrics())["store"]
         rss_start = rss_peak = served.rss()
         watch = trio.CancelScope()
@@ -382,6 +385,7 @@ async def fanout(
             nursery.cancel_scope.cancel()
         cpu = served.cpu() - cpu_before
         workers_cpu = served.workers_cpu() - workers_before
+        cpu_span = max(1e-9, time.time() - start_at)
         store_after = (await served.metrics())["store"]
         await trio.sleep(1)  # what the server keeps once the run is over
         rss_after = served.rss()
@@ -433,7 +437,7 @@ async def fanout(
             "0",
             ok=lost == 0,
         ),
-        Row(label, "server CPU", cpu / (delivered_span + 1e-9), "cores"),
+        Row(label, "server CPU", cpu / cpu_span, "cores"),
         Row(label, "group commits", store_after["commits"] - store_before["commits"], ""),
         Row(
             label,
@@ -454,7 +458,7 @@ async def fanout(
         ),
         Row(label, "server RSS after the run", rss_after / MB, "MB"),
         *(
-            [Row(label, "worker processes CPU", workers_cpu / (delivered_span + 1e-9), "cores")]
+            [Row(label, "worker processes CPU", workers_cpu / cpu_span, "cores")]
             if worker_processes
             else []
         ),
@@ -862,13 +866,16 @@ async def run(args: argparse.Namespace) -> list[Row]:
 N = TypeVar("N", int, float)
 
 
-def non_negative(kind: Callable[[str], N]) -> Callable[[str], N]:
-    """An argparse ``type``: ``kind`` of the text, refused (a usage error) below 0."""
+def non_negative(kind: Callable[[str], N], most: N | None = None) -> Callable[[str], N]:
+    """An argparse ``type``: ``kind`` of the text, refused (a usage error) below 0 or, if
+    given, above ``most``."""
 
     def parse(text: str) -> N:
         value = kind(text)
         if not value >= 0:  # NaN too
             raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"must be {most} or less, got {text!r}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its "invalid" message
@@ -882,7 +889,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=10_000, help="offered progress events/s in all")
     p.add_argument(
         "--worker-processes",
-        type=int,
+        type=non_negative(int, 256),  # jobspine serve's bound
         nargs="+",
         default=[0],
         help="fanout with handlers in the server (0) and/or in N worker processes, e.g. 0 1 2",
@@ -902,7 +909,8 @@ def parser() -> argparse.ArgumentParser:
         "--handler-cpu",
         type=non_negative(float),
         default=0.0,
-        help="fanout: milliseconds of CPU work in the handler before each progress event"
+        help="fanout and multinode: milliseconds of CPU work in the handler before each"
+        " progress event"
         " (a CPU-bound handler: what worker processes spread over cores)",
     )
     p.add_argument(
@@ -947,7 +955,11 @@ def parser() -> argparse.ArgumentParser:
     from bench.multinode import add_arguments
 
     add_arguments(p)
-    p.add_argument("--json", default="bench-results.json", help="where to write every figure")
+    p.add_argument(
+        "--json",
+        default="bench-results.json",
+        help="where to write every figure (default: bench-results.json, replaced)",
+    )
     p.add_argument(
         "--smoke",
         action="store_true",

@@ -3,6 +3,7 @@ they belong in bench/, but a lost job or a wrong retry fails the run)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -109,6 +110,10 @@ def test_a_cpu_bound_fanout_compares_two_worker_processes_with_one(tmp_path: Pat
     rows, _ = run_bench(tmp_path, *args)
     for label in ("fanout 20 in 1 worker", "fanout 20 in 2 workers"):
         assert rows[(label, "events lost / gaps / resets")]["value"] == 0
+        # Counted over the wall time it was measured in: never more cores than there are.
+        cores = float(os.cpu_count() or 1) + 0.1  # /proc counts in 10 ms ticks
+        assert 0 < rows[(label, "worker processes CPU")]["value"] <= cores
+        assert 0 < rows[(label, "server CPU")]["value"] <= cores
     ratio = rows[("fanout 20 in 2 workers vs 1 worker", "events/s ratio")]
     assert ratio["value"] > 0 and ratio["goal"] == ">= 1.6x"
     assert ("fanout 20 in 1 worker vs 1 worker", "events/s ratio") not in rows
@@ -129,6 +134,8 @@ def test_the_cpu_step_of_a_bench_handler_holds_the_cpu() -> None:
         ["--handler-cpu", "nan"],
         ["--multinode-updates", "-3"],
         ["--multinode-kills", "-1"],
+        ["--worker-processes", "-1"],
+        ["--worker-processes", "0", "257"],
     ],
 )
 def test_a_negative_amount_is_a_usage_error(args: list[str]) -> None:
