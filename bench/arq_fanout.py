@@ -24,6 +24,8 @@ from arq import create_pool
 from arq.connections import RedisSettings
 from arq.worker import Worker, func
 
+from bench.args import amount
+
 
 async def emit(
     ctx: dict[str, Any], *, channel: str, count: int, interval: float, start_at: float
@@ -120,14 +122,14 @@ async def observe(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("role", choices=["worker", "observe"])
-    parser.add_argument("--jobs", type=int, default=100)
-    parser.add_argument("--events", type=int, default=100)
-    parser.add_argument("--running", type=int, default=0, help="jobs at once (0: all)")
-    parser.add_argument("--interval", type=float, default=0.0)
+    parser.add_argument("--jobs", type=amount(int, 1), default=100)
+    parser.add_argument("--events", type=amount(int, 1), default=100)
+    parser.add_argument("--running", type=amount(int), default=0, help="jobs at once (0: all)")
+    parser.add_argument("--interval", type=amount(float), default=0.0)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379")
     parser.add_argument("--queue", default="jobspine-bench-arq")
     parser.add_argument("--run", default=str(int(time.time())))
-    parser.add_argument("--timeout", type=float, default=120)
+    parser.add_argument("--timeout", type=amount(float, 0.0, above=True), default=120)
     args = parser.parse_args()
     asyncio.run(worker(args) if args.role == "worker" else observe(args))
 

@@ -21,6 +21,7 @@ import trio
 
 from actors import ClaimLimits, ClaimRequest, SqliteBackend
 from actors._ops import create
+from bench.args import amount
 
 
 async def measure(waiting: int, users: int, rounds: int) -> dict[str, float]:
@@ -56,8 +57,8 @@ async def measure(waiting: int, users: int, rounds: int) -> dict[str, float]:
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--waiting", default="1000,100000")
-    parser.add_argument("--users", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--users", type=amount(int, 1), default=10)
+    parser.add_argument("--rounds", type=amount(int, 1), default=30)
     args = parser.parse_args()
     rows = [await measure(int(n), args.users, args.rounds) for n in args.waiting.split(",")]
     print(f"{'waiting':>10} {'claim 1 (ms p50)':>18} {'claim 100 (ms p50)':>20}")

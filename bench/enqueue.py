@@ -23,6 +23,7 @@ from typing import Any
 import trio
 
 from actors import JobContext, RuntimeConfig, SqliteBackend, open_runtime
+from bench.args import amount
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -105,9 +106,9 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--latency-jobs", type=int, default=300)
-    parser.add_argument("--creates", type=int, default=3000)
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--latency-jobs", type=amount(int), default=300)
+    parser.add_argument("--creates", type=amount(int, 1), default=3000)
+    parser.add_argument("--concurrency", type=amount(int, 1), default=64)
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     figures = trio.run(measure, args)

@@ -29,6 +29,7 @@ from psycopg import sql
 from actors import BroadcasterConfig, JobContext, Outbox, Runtime, RuntimeConfig, open_runtime
 from actors._fanout import FanoutConfig
 from actors._postgres import PostgresBackend
+from bench.args import amount
 
 
 async def ticker(ctx: JobContext, input: Any) -> Any:
@@ -136,6 +137,6 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--server", default="postgresql://postgres@127.0.0.1:5432")
-    parser.add_argument("--events", type=int, default=300)
-    parser.add_argument("--pause", type=float, default=0.01)
+    parser.add_argument("--events", type=amount(int, 1), default=300)
+    parser.add_argument("--pause", type=amount(float), default=0.01)
     trio.run(main, parser.parse_args())

@@ -29,12 +29,12 @@ import psycopg
 import trio
 
 from actors import JobEvent
+from bench.args import amount
 from bench.cluster import PG_SERVER, Cluster, cluster_supported, open_cluster
 from bench.run import (
     SECRET,
     Row,
     create_jobs,
-    non_negative,
     percentile,
     poll_until,
     progress_line,
@@ -245,25 +245,38 @@ async def multinode(args: argparse.Namespace, workdir: Path) -> list[Row]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--multinode-jobs", type=int, default=200, help="multinode: jobs per fanout")
     p.add_argument(
-        "--multinode-rate", type=float, default=5000, help="multinode: offered progress events/s"
+        "--multinode-jobs", type=amount(int, 1), default=200, help="multinode: jobs per fanout"
+    )
+    p.add_argument(
+        "--multinode-rate",
+        type=amount(float, 0.0, above=True),
+        default=5000,
+        help="multinode: offered progress events/s",
     )
     p.add_argument(
         "--multinode-updates",
-        type=non_negative(int),
+        type=amount(int),
         default=0,
         help="multinode: progress events per job back to back (0: --multinode-rate, paced)",
     )
     p.add_argument(
         "--multinode-kills",
-        type=non_negative(int),
+        type=amount(int),
         default=5,
         help="multinode: takeover kills (0: none)",
     )
-    p.add_argument("--lease-ttl", type=float, default=5.0, help="multinode: nodes' lease TTL, s")
     p.add_argument(
-        "--lease-renew-interval", type=float, default=1.0, help="multinode: lease renewal, s"
+        "--lease-ttl",
+        type=amount(float, 0.0, above=True),
+        default=5.0,
+        help="multinode: nodes' lease TTL, s",
+    )
+    p.add_argument(
+        "--lease-renew-interval",
+        type=amount(float, 0.0, above=True),
+        default=1.0,
+        help="multinode: lease renewal, s",
     )
 
 

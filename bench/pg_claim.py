@@ -31,6 +31,7 @@ from actors import ClaimLimits, ClaimRequest, PostgresBackend
 from actors._ops import create
 from actors._options import CreateOptions
 from actors._postgres_queue import GROUPS_SQL, PLAN_SQL, WINDOW_SQL
+from bench.args import amount
 
 
 def explain(url: str, now: float) -> list[str]:
@@ -111,10 +112,10 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--url", default="postgresql://postgres@127.0.0.1:5432")
     parser.add_argument("--waiting", default="100,100000")
-    parser.add_argument("--users", type=int, default=10)
-    parser.add_argument("--kinds", type=int, default=2)
-    parser.add_argument("--priorities", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--users", type=amount(int, 1), default=10)
+    parser.add_argument("--kinds", type=amount(int, 1), default=2)
+    parser.add_argument("--priorities", type=amount(int, 1), default=3)
+    parser.add_argument("--rounds", type=amount(int, 1), default=30)
     args = parser.parse_args()
     rows = [await measure(args.url, int(n), args) for n in args.waiting.split(",")]
     print("\n".join(rows[-1]["plan"]))

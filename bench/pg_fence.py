@@ -28,6 +28,7 @@ from psycopg import sql
 
 from actors import PostgresBackend
 from actors._postgres import commit_plan
+from bench.args import amount
 
 from .pg_modes import Group, Groups, percentile
 
@@ -103,8 +104,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--server", default="postgresql://postgres@127.0.0.1:5432")
-    parser.add_argument("--commits", type=int, default=100, help="commits per round and mode")
-    parser.add_argument("--rounds", type=int, default=10, help="rounds per size (alternating)")
+    parser.add_argument(
+        "--commits", type=amount(int, 1), default=100, help="commits per round and mode"
+    )
+    parser.add_argument(
+        "--rounds", type=amount(int, 1), default=10, help="rounds per size (alternating)"
+    )
     args = parser.parse_args()
     results = trio.run(run, args.server, args.commits, args.rounds)
     print("{:8} {:>6} {:>8} {:>8} {:>10}".format("mode", "events", "p50 ms", "p99 ms", "events/s"))

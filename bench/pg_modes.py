@@ -40,6 +40,7 @@ from trio_asyncio import aio_as_trio
 
 from actors import EventType, Job, JobEvent, JobState, PostgresBackend
 from actors._postgres import _ADVANCE_HEAD, commit_plan, user_counts
+from bench.args import amount
 
 Group = tuple[list[Job], list[JobEvent]]
 
@@ -175,8 +176,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--server", default="postgresql://postgres@127.0.0.1:5432")
-    parser.add_argument("--commits", type=int, default=100, help="commits per round and mode")
-    parser.add_argument("--rounds", type=int, default=10, help="rounds per size (alternating)")
+    parser.add_argument(
+        "--commits", type=amount(int, 1), default=100, help="commits per round and mode"
+    )
+    parser.add_argument(
+        "--rounds", type=amount(int, 1), default=10, help="rounds per size (alternating)"
+    )
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     results = trio.run(run, args.server, args.commits, args.rounds)

@@ -23,6 +23,7 @@ from typing import Any
 import trio
 
 from actors import JobContext, RuntimeConfig, open_runtime
+from bench.args import amount
 
 
 async def run_case(store: str | Path, jobs: int, events: int) -> dict[str, Any]:
@@ -63,8 +64,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--jobs", type=int, nargs="+", default=[100])
-    parser.add_argument("--events", type=int, default=200, help="progress events per job")
+    parser.add_argument("--jobs", type=amount(int, 1), nargs="+", default=[100])
+    parser.add_argument(
+        "--events", type=amount(int, 1), default=200, help="progress events per job"
+    )
     parser.add_argument("--store", help="a postgresql:// URL (default: a temporary SQLite file)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()

@@ -23,13 +23,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 import orjson
 import trio
 
 from actors import EventType, JobEvent
+from bench.args import amount
 from transport import Client, ClientError, RoomCursor, mint_token, open_client
 
 SECRET = "bench-secret-bench-secret-bench-secret"
@@ -863,94 +864,107 @@ async def run(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
-N = TypeVar("N", int, float)
-
-
-def non_negative(kind: Callable[[str], N], most: N | None = None) -> Callable[[str], N]:
-    """An argparse ``type``: ``kind`` of the text, refused (a usage error) below 0 or, if
-    given, above ``most``."""
-
-    def parse(text: str) -> N:
-        value = kind(text)
-        if not value >= 0:  # NaN too
-            raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
-        if most is not None and value > most:
-            raise argparse.ArgumentTypeError(f"must be {most} or less, got {text!r}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names the type in its "invalid" message
-    return parse
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jobspine bench", description=__doc__)
     p.add_argument("--scenario", nargs="+", default=["all"], choices=[*SCENARIOS, "all"])
-    p.add_argument("--jobs", type=int, nargs="+", default=[100, 1000, 10_000], help="fanout sizes")
-    p.add_argument("--rate", type=float, default=10_000, help="offered progress events/s in all")
+    p.add_argument(
+        "--jobs", type=amount(int, 1), nargs="+", default=[100, 1000, 10_000], help="fanout sizes"
+    )
+    p.add_argument(
+        "--rate",
+        type=amount(float, 0.0, above=True),
+        default=10_000,
+        help="offered progress events/s in all",
+    )
     p.add_argument(
         "--worker-processes",
-        type=non_negative(int, 256),  # jobspine serve's bound
+        type=amount(int, most=256),  # jobspine serve's bound
         nargs="+",
         default=[0],
         help="fanout with handlers in the server (0) and/or in N worker processes, e.g. 0 1 2",
     )
-    p.add_argument("--duration", type=float, default=4.0, help="seconds of load per fanout run")
+    p.add_argument(
+        "--duration",
+        type=amount(float, 0.0, above=True),
+        default=4.0,
+        help="seconds of load per fanout run",
+    )
     p.add_argument(
         "--updates",
-        type=int,
+        type=amount(int),
         default=0,
         help="fanout: progress events per job, back to back (or --interval apart);"
         " 0: --rate in all over --duration",
     )
     p.add_argument(
-        "--interval", type=float, default=0.0, help="fanout with --updates: seconds between them"
+        "--interval",
+        type=amount(float),
+        default=0.0,
+        help="fanout with --updates: seconds between them",
     )
     p.add_argument(
         "--handler-cpu",
-        type=non_negative(float),
+        type=amount(float),
         default=0.0,
         help="fanout and multinode: milliseconds of CPU work in the handler before each"
         " progress event"
         " (a CPU-bound handler: what worker processes spread over cores)",
     )
     p.add_argument(
-        "--running", type=int, default=0, help="fanout: jobs running at once (0: all of them)"
+        "--running",
+        type=amount(int),
+        default=0,
+        help="fanout: jobs running at once (0: all of them)",
     )
     p.add_argument(
         "--peer-jobs",
         "--saq-jobs",
-        type=int,
+        type=amount(int, 1),
         nargs="+",
         default=[100, 1000],
         help="fanout sizes run on the peers (saq, arq)",
     )
     p.add_argument("--redis", default="redis://127.0.0.1:6379")
-    p.add_argument("--idle-jobs", type=int, default=10_000)
-    p.add_argument("--idle-every", type=float, default=5.0)
-    p.add_argument("--idle-window", type=float, default=10.0)
-    p.add_argument("--checkpoint-jobs", type=int, nargs="+", default=[100, 1000])
-    p.add_argument("--checkpoints", type=int, default=10)
+    p.add_argument("--idle-jobs", type=amount(int, 1), default=10_000)
+    p.add_argument("--idle-every", type=amount(float, 0.0, above=True), default=5.0)
+    p.add_argument("--idle-window", type=amount(float, 0.0, above=True), default=10.0)
+    p.add_argument("--checkpoint-jobs", type=amount(int, 1), nargs="+", default=[100, 1000])
+    p.add_argument("--checkpoints", type=amount(int, 1), default=10)
     p.add_argument(
         "--checkpoint-interval",
-        type=float,
+        type=amount(float),
         default=1.0,
         help="seconds between one job's checkpoints (0: back to back)",
     )
-    p.add_argument("--stall-jobs", type=int, default=20)
-    p.add_argument("--stall-timeout", type=float, default=1.0)
-    p.add_argument("--queue-jobs", type=int, default=100_000, help="queue: jobs enqueued")
+    p.add_argument("--stall-jobs", type=amount(int, 1), default=20)
+    p.add_argument("--stall-timeout", type=amount(float, 0.0, above=True), default=1.0)
     p.add_argument(
-        "--queue-capacity", type=int, default=1000, help="queue: the runtime's max_running"
+        "--queue-jobs", type=amount(int, 1), default=100_000, help="queue: jobs enqueued"
     )
     p.add_argument(
-        "--queue-hold", type=float, default=0.5, help="queue: seconds each job holds its slot"
+        "--queue-capacity",
+        type=amount(int, 1),
+        default=1000,
+        help="queue: the runtime's max_running",
     )
     p.add_argument(
-        "--queue-latency-jobs", type=int, default=500, help="queue: jobs for create -> start"
+        "--queue-hold",
+        type=amount(float),
+        default=0.5,
+        help="queue: seconds each job holds its slot",
     )
-    p.add_argument("--retry-jobs", type=int, default=10_000, help="retry-storm: jobs")
     p.add_argument(
-        "--retry-timeout", type=float, default=600, help="retry-storm: seconds to wait for all"
+        "--queue-latency-jobs",
+        type=amount(int),
+        default=500,
+        help="queue: jobs for create -> start",
+    )
+    p.add_argument("--retry-jobs", type=amount(int, 1), default=10_000, help="retry-storm: jobs")
+    p.add_argument(
+        "--retry-timeout",
+        type=amount(float, 0.0, above=True),
+        default=600,
+        help="retry-storm: seconds to wait for all",
     )
     from bench.multinode import add_arguments
 

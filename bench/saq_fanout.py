@@ -21,6 +21,8 @@ from typing import Any
 import orjson
 from saq import Queue, Worker
 
+from bench.args import amount
+
 
 async def emit(ctx: Any, *, count: int, interval: float, start_at: float) -> int:
     job = ctx["job"]
@@ -100,14 +102,14 @@ async def observe(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("role", choices=["worker", "observe"])
-    parser.add_argument("--jobs", type=int, default=100)
-    parser.add_argument("--events", type=int, default=100)
-    parser.add_argument("--running", type=int, default=0, help="jobs at once (0: all)")
-    parser.add_argument("--interval", type=float, default=0.0)
+    parser.add_argument("--jobs", type=amount(int, 1), default=100)
+    parser.add_argument("--events", type=amount(int, 1), default=100)
+    parser.add_argument("--running", type=amount(int), default=0, help="jobs at once (0: all)")
+    parser.add_argument("--interval", type=amount(float), default=0.0)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379")
     parser.add_argument("--queue", default="jobspine-bench")
     parser.add_argument("--run", default=str(int(time.time())))
-    parser.add_argument("--timeout", type=float, default=120)
+    parser.add_argument("--timeout", type=amount(float, 0.0, above=True), default=120)
     args = parser.parse_args()
     asyncio.run(worker(args) if args.role == "worker" else observe(args))
 

@@ -21,6 +21,7 @@ from typing import Any
 import trio
 
 from actors import EventHub, SqliteBackend, StoreActor, StoreClient
+from bench.args import amount
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -81,8 +82,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--jobs", type=int, nargs="+", default=[100, 1000])
-    parser.add_argument("--writes", type=int, default=20)
+    parser.add_argument("--jobs", type=amount(int, 1), nargs="+", default=[100, 1000])
+    parser.add_argument("--writes", type=amount(int, 1), default=20)
     parser.add_argument("--sync", nargs="+", default=["FULL", "NORMAL"])
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()

@@ -136,11 +136,58 @@ def test_the_cpu_step_of_a_bench_handler_holds_the_cpu() -> None:
         ["--multinode-kills", "-1"],
         ["--worker-processes", "-1"],
         ["--worker-processes", "0", "257"],
+        ["--jobs", "100", "0"],
+        ["--rate", "0"],
+        ["--duration", "-1"],
+        ["--stall-timeout", "nan"],
+        ["--lease-ttl", "0"],
+        ["--multinode-jobs", "0"],
+        ["--queue-hold", "-0.5"],
     ],
 )
-def test_a_negative_amount_is_a_usage_error(args: list[str]) -> None:
+def test_an_amount_out_of_its_range_is_a_usage_error(args: list[str]) -> None:
     from bench.run import parser
 
     with pytest.raises(SystemExit) as exited:
         parser().parse_args(args)
     assert exited.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("module", "args"),
+    [
+        ("bench.progress", ["--jobs", "0"]),
+        ("bench.store", ["--writes", "-1"]),
+        ("bench.claim", ["--rounds", "0"]),
+        ("bench.enqueue", ["--concurrency", "0"]),
+    ],
+)
+def test_the_other_bench_scripts_refuse_a_bad_amount(module: str, args: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "must be 1 or more" in result.stderr or "must be 0 or more" in result.stderr
+
+
+def test_an_amount_names_its_bound_and_keeps_its_type() -> None:
+    import argparse
+
+    from bench.args import amount
+
+    assert amount(int, 1)("3") == 3 and isinstance(amount(int, 1)("3"), int)
+    assert amount(float, 0.0, above=True)("0.5") == 0.5
+    assert amount(int, most=256)("256") == 256
+    for parse, text, message in [
+        (amount(int, 1), "0", "must be 1 or more, got '0'"),
+        (amount(float, 0.0, above=True), "0", "must be more than 0.0, got '0'"),
+        (amount(float), "nan", "must be 0 or more, got 'nan'"),
+        (amount(int, most=256), "300", "must be 256 or less, got '300'"),
+    ]:
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            parse(text)
