@@ -340,7 +340,9 @@ async def fanout(
             "url": served.url,
             "secret": SECRET,
             "user_rooms": sorted(job_rooms),
-            "job_rooms": sorted(job_rooms.items()),
+            # Each event reaches the observer once per room it follows: its user's, and its
+            # job's unless --observer-rooms user (once, as arq's pub/sub observer gets it).
+            "job_rooms": sorted(job_rooms.items()) if args.observer_rooms == "both" else [],
             "owners": owners,
             "expect": dict.fromkeys(owners, events),
             "timeout": args.duration * 4 + 60,
@@ -412,7 +414,7 @@ async def fanout(
         ),
         Row(
             label,
-            "deliveries/s (2 rooms per event)",
+            f"deliveries/s ({2 if args.observer_rooms == 'both' else 1} per event)",
             result["deliveries"] / delivered_span,
             "msg/s",
         ),
@@ -915,6 +917,13 @@ def parser() -> argparse.ArgumentParser:
         type=amount(int),
         default=0,
         help="fanout: jobs running at once (0: all of them)",
+    )
+    p.add_argument(
+        "--observer-rooms",
+        choices=["both", "user"],
+        default="both",
+        help="fanout: the observer follows each event's user room and job room (both: two"
+        " deliveries per event) or only its user's (one, like the peers' observers)",
     )
     p.add_argument(
         "--peer-jobs",

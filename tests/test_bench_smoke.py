@@ -191,3 +191,13 @@ def test_an_amount_names_its_bound_and_keeps_its_type() -> None:
     ]:
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             parse(text)
+
+
+def test_a_fanout_observed_through_user_rooms_only_delivers_each_event_once(
+    tmp_path: Path,
+) -> None:
+    args = ["--scenario", "fanout", "--jobs", "30", "--running", "10", "--updates", "5"]
+    rows, _ = run_bench(tmp_path, *args, "--observer-rooms", "user")
+    assert rows[("fanout 30", "events lost / gaps / resets")]["value"] == 0
+    assert rows[("fanout 30", "deliveries/s (1 per event)")]["value"] > 0
+    assert ("fanout 30", "deliveries/s (2 per event)") not in rows
