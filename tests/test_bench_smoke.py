@@ -14,18 +14,24 @@ import orjson
 import pytest
 
 
-def run_bench(tmp_path: Path, *args: str) -> tuple[dict[tuple[str, str], Any], str]:
-    """``jobspine bench`` with ``args``: its rows by (scenario, measure), and its table."""
-    out = tmp_path / "bench.json"
+def run_module(module: str, *args: str, status: int = 0) -> subprocess.CompletedProcess[str]:
+    """``python -m module args`` from the project's root, checked to exit with ``status``."""
     result = subprocess.run(
-        [sys.executable, "-m", "bench.run", *args, "--json", str(out)],
+        [sys.executable, "-m", module, *args],
         cwd=Path(__file__).parent.parent,
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == status, result.stdout + result.stderr
+    return result
+
+
+def run_bench(tmp_path: Path, *args: str) -> tuple[dict[tuple[str, str], Any], str]:
+    """``jobspine bench`` with ``args``: its rows by (scenario, measure), and its table."""
+    out = tmp_path / "bench.json"
+    result = run_module("bench.run", *args, "--json", str(out))
     rows = {(r["scenario"], r["measure"]): r for r in orjson.loads(out.read_bytes())["rows"]}
     return rows, result.stdout
 
@@ -53,15 +59,7 @@ def test_fanout_through_the_queue_and_idle_past_the_default_capacity(tmp_path: P
 def test_in_process_enqueue_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "enqueue.json"
     args = ["--latency-jobs", "20", "--creates", "200", "--json", str(out)]
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.enqueue", *args],
-        cwd=Path(__file__).parent.parent,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_module("bench.enqueue", *args)
     figures = orjson.loads(out.read_bytes())
     assert figures["latency"]["fast_started"] > 0  # the fast path ran
     assert figures["creates_per_s_keyed"] > 0 and figures["creates_per_s_unkeyed"] > 0
@@ -71,26 +69,7 @@ def test_multinode_smoke(tmp_path: Path) -> None:
     """One node always; with the scale-out, 2 nodes, their ratios and the takeover too."""
     from bench.cluster import cluster_supported
 
-    out = tmp_path / "multinode.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.run",
-            "--smoke",
-            "--scenario",
-            "multinode",
-            "--json",
-            str(out),
-        ],
-        cwd=Path(__file__).parent.parent,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    rows = {(r["scenario"], r["measure"]): r for r in orjson.loads(out.read_bytes())["rows"]}
+    rows, _ = run_bench(tmp_path, "--smoke", "--scenario", "multinode")
     one = "multinode fanout 1 node"
     assert rows[(one, "progress events persisted/s")]["value"] > 0
     assert rows[(one, "events lost / gaps / resets")]["value"] == 0
@@ -163,15 +142,7 @@ def test_an_amount_out_of_its_range_is_a_usage_error(args: list[str]) -> None:
     ],
 )
 def test_the_other_bench_scripts_refuse_a_bad_amount(module: str, args: list[str]) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=Path(__file__).parent.parent,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 2, result.stdout + result.stderr
+    result = run_module(module, *args, status=2)
     assert "must be 1 or more" in result.stderr or "must be 0 or more" in result.stderr
 
 
