@@ -133,6 +133,28 @@ async def answers_by_id(ws: WebSocketConnection, count: int) -> tuple[dict[Any, 
     return {m["id"]: m.get("code", m["type"]) for m in messages}, batches
 
 
+async def test_a_worker_that_disconnects_is_logged_with_the_attempts_it_lost(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator sees a worker go as they saw it come: a warning naming it and the running
+    attempts lost with it (handed to the stall rule), a plain line when it had none."""
+    caplog.set_level("INFO", logger="jobspine.workers")
+    async with assigned_steps_job(tmp_path) as (s, ws, _):
+        async with raw_worker(s.running.url, ["other"]) as idle:
+            await idle.aclose()
+            await eventually(lambda: "disconnected" in caplog.text)
+        await ws.aclose()
+        await eventually(lambda: caplog.text.count("disconnected") == 2)
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if "disconnected" in r.msg]
+    assert lines == [
+        ("INFO", "worker w disconnected (connection closed)"),
+        (
+            "WARNING",
+            "worker w disconnected (connection closed): 1 running attempt lost, handled as stalls",
+        ),
+    ]
+
+
 @pytest.mark.parametrize("batch", [True, False])
 async def test_a_batch_frame_is_served_request_by_request(tmp_path: Path, batch: bool) -> None:
     """Each request of a batch gets the answer it would get in a frame of its own, and one

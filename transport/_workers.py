@@ -21,7 +21,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from actors import InvalidInputError, JobError, JobspineError, KindOptions, encode_batch
 from actors._options import options_from_wire
-from actors._remote import RemoteAttempt, RemoteWorker
+from actors._remote import RemoteAttempt, RemotePlacement, RemoteWorker
 
 from ._auth import verify_token
 from ._protocol import (
@@ -246,7 +246,7 @@ class WorkerConnection:
         finally:
             self.server.worker_connections.discard(self)
             if self.worker is not None:
-                placement.disconnect(self.worker, "the worker's connection closed")
+                self._disconnected(placement)
             code, reason = self._close or (CLOSE["normal"], "")
             with trio.move_on_after(1, shield=True):
                 if self.stream is not None and self.stream.torn:
@@ -257,6 +257,26 @@ class WorkerConnection:
                     await self._flush()
                     await self.ws.aclose(code, reason[:120])
             self.done.set()
+
+    def _disconnected(self, placement: RemotePlacement) -> None:
+        """Hand the worker's running attempts to the stall rule, and say so in the log: a
+        warning when attempts were lost with it (each job's own events say what became of
+        it), else a line like the one its connection made."""
+        worker = self.worker
+        assert worker is not None
+        lost = sum(1 for attempt in worker.attempts.values() if not attempt.ended)
+        placement.disconnect(worker, "the worker's connection closed")
+        why = self._close[1] if self._close is not None and self._close[1] else "connection closed"
+        if lost:
+            log.warning(
+                "worker %s disconnected (%s): %d running attempt%s lost, handled as stalls",
+                worker.name,
+                why,
+                lost,
+                "" if lost == 1 else "s",
+            )
+        else:
+            log.info("worker %s disconnected (%s)", worker.name, why)
 
     async def _hello(self) -> str | int | bool | None:
         """The hello's id once accepted, else False (the connection is closed)."""
