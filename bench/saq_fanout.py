@@ -82,6 +82,12 @@ async def observe(args: argparse.Namespace) -> None:
     print("READY", flush=True)
     with contextlib.suppress(TimeoutError):
         await queue.listen(keys, on_update, timeout=args.timeout)
+    # saq's listen leaves its pub/sub generator to the garbage collector once the callback
+    # stops it; asyncio closes it in a task of its own, which unsubscribes. That task must end
+    # before the disconnect below, else it writes to a closed connection (a traceback).
+    others = asyncio.all_tasks() - {asyncio.current_task()}
+    if others:
+        await asyncio.wait(others, timeout=5)
     delivered = sum(len(s) for s in seen.values())
     sys.stdout.write(
         orjson.dumps(

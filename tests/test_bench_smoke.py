@@ -56,6 +56,18 @@ def test_fanout_through_the_queue_and_idle_past_the_default_capacity(tmp_path: P
     assert rows[("idle 1200", "jobs running at once")]["value"] == 1200
 
 
+def test_the_peer_baselines_run_and_stop_cleanly(tmp_path: Path) -> None:
+    """saq and arq on the local Redis, at a small size: each reports its rows, and neither
+    leaves a traceback behind (saq's pub/sub listener once unsubscribed after the disconnect)."""
+    out = tmp_path / "peers.json"
+    args = ["--scenario", "saq", "arq", "--peer-jobs", "50", "--running", "20", "--updates", "5"]
+    result = run_module("bench.run", *args, "--json", str(out))
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr
+    rows = {(r["scenario"], r["measure"]): r for r in orjson.loads(out.read_bytes())["rows"]}
+    for peer in ("saq", "arq"):
+        assert rows[(f"{peer} 50", "progress updates observed/s")]["value"] > 0
+
+
 def test_in_process_enqueue_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "enqueue.json"
     args = ["--latency-jobs", "20", "--creates", "200", "--json", str(out)]
