@@ -31,10 +31,19 @@ from ._states import JobState
 from ._store import StoreClient
 from ._worker import Handler, Worker, check_input
 
-__all__ = ["WORKER_GONE", "SupervisorConfig", "SupervisorStatus", "Supervisor"]
+__all__ = [
+    "MAX_DECLARED_KINDS",
+    "WORKER_GONE",
+    "Supervisor",
+    "SupervisorConfig",
+    "SupervisorStatus",
+]
 
 #: The reason a claimed job goes back to the queue when no placement has its slot anymore.
 WORKER_GONE = "worker_gone"
+
+#: Kinds workers may declare over a runtime's life (each stays known once declared).
+MAX_DECLARED_KINDS = 4096
 
 log = logging.getLogger("jobspine.supervisor")
 
@@ -240,6 +249,14 @@ class Supervisor:
         """Why a worker declaring ``declared`` (kind -> its options) must be refused: a kind
         without options of the server's own whose options differ from those of a worker
         serving it now (one kind, one behaviour); else None."""
+        new = [kind for kind in declared if kind not in self._declared]
+        if len(self._declared) + len(new) > MAX_DECLARED_KINDS:
+            # Declared kinds are kept for the runtime's life: bounded, or hellos could grow
+            # the server's memory without end.
+            return (
+                f"kinds: {len(new)} new kinds would make more than {MAX_DECLARED_KINDS:,}"
+                " declared by workers since the server started"
+            )
         for kind, options in declared.items():
             if kind in self._kinds or kind in self.handlers or kind not in self._declared:
                 continue

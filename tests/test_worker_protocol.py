@@ -5,6 +5,7 @@ runs jobs."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
+import actors._supervisor
 import transport._workers
 from actors import Job, JobContext, JobState, RuntimeConfig, UnknownKindError
 from actors._options import options_of
@@ -31,7 +33,14 @@ from .conftest import wait_for_state
 from .serving import SECRET, eventually, token
 from .test_workers import event_types
 from .worker_handlers import HANDLERS
-from .worker_support import Served, served, wait_connected, worker_token
+from .worker_support import (
+    ROOT,
+    WORKER_COMMAND,
+    Served,
+    served,
+    wait_connected,
+    worker_token,
+)
 
 HANDLER_KINDS = set(HANDLERS)
 
@@ -131,6 +140,59 @@ async def answers_by_id(ws: WebSocketConnection, count: int) -> tuple[dict[Any, 
     frames were batches."""
     messages, batches = await receive_flat(ws, count)
     return {m["id"]: m.get("code", m["type"]) for m in messages}, batches
+
+
+async def test_a_worker_that_leaves_with_replies_queued_harms_no_one(tmp_path: Path) -> None:
+    """A worker that sends requests and closes without reading their replies: the server
+    drops what it had queued for it and serves on, the running job of another worker with
+    it (the failed flush of that queue once stopped the server, every connection with it)."""
+    async with assigned_steps_job(tmp_path) as (s, honest, job):
+        for _ in range(5):
+            async with raw_worker(s.running.url, ["other"]) as ws:
+                requests = [{"op": "nop", "id": i} for i in range(10)]
+                await send(ws, {"op": "batch", "requests": requests})
+        await send(honest, {"op": "progress", "id": 1, "job_id": job.id, "attempt": 1,
+                            "progress": 50, "step": "still here"})  # fmt: skip
+        (reply,), _ = await receive_flat(honest, 1)
+        assert reply["type"] == "reply", reply
+        assert (await committed(s.runtime, job.id, 50)).step == "still here"
+
+
+async def test_a_heartbeat_names_at_most_the_workers_capacity(tmp_path: Path) -> None:
+    """A worker runs at most its capacity: a heartbeat naming more jobs is one refusal, not
+    one error reply per entry, and beats nothing."""
+    async with assigned_steps_job(tmp_path) as (_, ws, job):
+        ref = {"job_id": job.id, "attempt": 1}
+        await send(ws, {"op": "heartbeat", "id": 1, "jobs": [ref] + [{**ref, "attempt": 2}] * 999})
+        (error,), _ = await receive_flat(ws, 1)
+        assert (error["id"], error["code"]) == (1, "bad_request"), error
+        assert "1000 jobs, more than this worker's capacity (1)" in error["message"]
+        await send(ws, {"op": "heartbeat", "id": 2, "jobs": [{**ref, "attempt": 2}]})
+        (stale,), _ = await receive_flat(ws, 1)
+        assert (stale["id"], stale["code"]) == (2, "stale_attempt"), stale
+
+
+async def test_a_fault_in_one_connection_closes_that_connection_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever a connection's handler raises (a bug, say) closes that connection and is
+    logged with its traceback; the server and its other connections go on."""
+    async with assigned_steps_job(tmp_path) as (s, honest, job):
+
+        async def broken(self: Any) -> bool:
+            raise RuntimeError("a bug in one connection")
+
+        monkeypatch.setattr(transport._workers.WorkerConnection, "_hello", broken)
+        async with open_websocket_url(s.running.url + "/worker") as ws:
+            with pytest.raises(ConnectionClosed), trio.fail_after(10):
+                await ws.get_message()
+        monkeypatch.undo()
+        assert "a connection's handler failed" in caplog.text
+        assert "RuntimeError: a bug in one connection" in caplog.text
+        await send(honest, {"op": "progress", "id": 1, "job_id": job.id, "attempt": 1,
+                            "progress": 50})  # fmt: skip
+        (reply,), _ = await receive_flat(honest, 1)
+        assert reply["type"] == "reply", reply
 
 
 async def test_a_worker_that_disconnects_is_logged_with_the_attempts_it_lost(
@@ -246,6 +308,11 @@ async def test_roles_are_kept_apart(tmp_path: Path) -> None:
             4002,
         ),
         ({"kinds": ["a"], "capacity": 1, "options": {"a": []}}, 4002),
+        # Logged and shown: no control character forges a log line or drives a terminal.
+        ({"kinds": ["a"], "capacity": 1, "name": "w\n2026-11-30 ERROR forged"}, 4002),
+        ({"kinds": ["a"], "capacity": 1, "name": "\x1b[31mred"}, 4002),
+        ({"kinds": ["a\x00b"], "capacity": 1}, 4002),
+        ({"kinds": ["a\u0085"], "capacity": 1}, 4002),
     ],
 )
 async def test_bad_hellos_close(tmp_path: Path, hello: dict[str, Any], code: int) -> None:
@@ -473,6 +540,26 @@ async def test_a_worker_only_kind_runs_with_the_options_its_worker_declares(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_worker_only_kinds_input_check_runs_in_its_worker(tmp_path: Path) -> None:
+    """The server has no code of a kind only workers serve: ``jobspine worker`` runs the
+    handler's ``@validates`` check before the handler, and input it refuses fails the job at
+    once (``InvalidInputError``, no retry, the handler never ran); good input runs."""
+    async with worker_only_server(tmp_path / "db") as running, trio.open_nursery() as nursery:
+        rt = running.runtime
+        worker = WorkerProcess(running.url, worker_token(), HANDLERS, concurrency=2)
+        nursery.start_soon(worker.run)
+        await wait_connected(running)
+        bad = await rt.create_job("counted", "alice", {"n": 3000})
+        failed = await wait_for_state(rt, bad.id)
+        assert failed.state is JobState.FAILED and failed.attempt == 1, failed
+        assert failed.error is not None and failed.error.type == "InvalidInputError"
+        assert "n must be in 1..100" in failed.error.message
+        assert "progress" not in await event_types(rt, bad.id)
+        good = await rt.create_job("counted", "alice", {"n": 3})
+        assert (await wait_for_state(rt, good.id)).result == {"counted": 3}
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_declared_kind_stays_known_while_no_worker_serves_it(tmp_path: Path) -> None:
     """PROTOCOL.md section 9: create, resume and restart of a kind a worker declared are
     never refused for want of a worker: the job waits, with the declared options; a kind
@@ -539,6 +626,61 @@ async def test_conflicting_option_declarations_are_refused(tmp_path: Path) -> No
         assert s.runtime.kind_options("flaky") == options_of(HANDLERS["flaky"])
         job = await s.runtime.create_job("flaky", "alice", {"n": 1, "succeed_at": 1})
         assert job.max_attempts == 3
+
+
+async def test_jobspine_worker_refused_for_its_options_says_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``jobspine worker`` whose ``@kind_options`` differ from a connected worker's: one line
+    with the server's reason and exit status 2 (its code, not its token, is at fault), and a
+    warning in the server's log."""
+    async with (
+        worker_only_server(tmp_path / "db") as running,
+        raw_worker(running.url, ["flaky"], options={"flaky": {"max_attempts": 2}}),
+    ):
+        command = [*WORKER_COMMAND, "--url", running.url, "--handlers", "tests.worker_handlers"]
+        with trio.fail_after(20):
+            done = await trio.run_process(
+                command,
+                env={**os.environ, "JOBSPINE_TOKEN": worker_token()},
+                check=False,
+                capture_stdout=True,
+                capture_stderr=True,
+                cwd=str(ROOT),
+            )
+    err = done.stderr.decode()
+    assert done.returncode == 2, err
+    assert err.strip() == (
+        "jobspine: error: the server refused this worker's hello: hello: options.flaky differ"
+        " from those a connected worker declared for it; one kind runs with one set of options"
+    )
+    assert "refused a worker's hello (w): options.flaky differ" in caplog.text
+
+
+async def test_the_kinds_workers_declare_are_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Declared kinds stay known for the server's life, so their number is bounded: a hello
+    that would pass the bound is refused (4002, nothing changes); kinds known already may be
+    declared again. The connect log line names a few kinds and counts the rest."""
+    monkeypatch.setattr(actors._supervisor, "MAX_DECLARED_KINDS", 3)
+    caplog.set_level("INFO", logger="jobspine.workers")
+    async with worker_only_server(tmp_path / "db") as running:
+        async with raw_worker(running.url, ["a", "b"]):
+            pass
+        async with open_websocket_url(running.url + "/worker") as ws:
+            hello = {"op": "hello", "token": worker_token(), "kinds": ["c", "d"], "capacity": 1}
+            await send(ws, hello)
+            assert await closed_with(ws) == 4002
+        with pytest.raises(UnknownKindError):
+            await running.runtime.create_job("c", "alice", {})
+        async with raw_worker(running.url, ["b", "a", "c"]):
+            await running.runtime.create_job("c", "alice", {})
+    assert "2 new kinds would make more than 3 declared by workers" in caplog.text
+    assert transport._workers._some([f"k{i}" for i in range(10)]) == (
+        "k0, k1, k2, k3, k4, k5, k6, k7 and 2 more"
+    )
+    assert transport._workers._some(["x" * 100]) == "x" * 64 + "..."
 
 
 def test_a_worker_batch_frame_fits_its_limits() -> None:

@@ -8,7 +8,14 @@ from typing import Any
 
 import trio
 
-from actors import JobContext, JobStopped, PermanentError, RetryPolicy, kind_options
+from actors import (
+    JobContext,
+    JobStopped,
+    PermanentError,
+    RetryPolicy,
+    kind_options,
+    validates,
+)
 
 #: Retries within the test's patience: 50 ms, then 100 ms, no jitter.
 QUICK = RetryPolicy(initial_interval=0.05, maximum_interval=0.1, jitter=0.0)
@@ -83,6 +90,19 @@ async def hang(ctx: JobContext, input: Any) -> Any:
     await trio.sleep_forever()
 
 
+def _check_count(input: Any) -> None:
+    if not isinstance(input, dict) or not 1 <= input.get("n", 0) <= 100:
+        raise ValueError("n must be in 1..100")
+
+
+@kind_options(max_attempts=3, retry=QUICK)
+@validates(_check_count)
+async def counted(ctx: JobContext, input: Any) -> Any:
+    """Counts to ``n`` (1..100, checked before it runs)."""
+    await ctx.progress(100, f"counted to {input['n']}")
+    return {"counted": input["n"]}
+
+
 HANDLERS = {
     "steps": steps,
     "boom": boom,
@@ -91,4 +111,5 @@ HANDLERS = {
     "ticker": ticker,
     "flaky": flaky,
     "hang": hang,
+    "counted": counted,
 }

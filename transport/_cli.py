@@ -239,7 +239,6 @@ _WORKER_REFUSALS = {
     " (another JOBSPINE_DATA directory, --db or JOBSPINE_SECRET than the server's): mint one"
     " with the server's settings: jobspine token --worker",
     "token_expired": "the token has expired: mint a new one with jobspine token --worker",
-    "protocol_error": "the server refused the hello (another protocol version?)",
 }
 
 
@@ -260,6 +259,8 @@ def run_worker(args: argparse.Namespace) -> int:
         os.nice(args.nice)
     fatal = trio.run(_worker_main, args, handlers)
     if fatal is not None:
+        if fatal.code == "protocol_error":  # the hello: its kinds, capacity or options
+            raise CLIError(ExitCode.USAGE, f"the server refused this worker's hello: {fatal}")
         hint = _WORKER_REFUSALS.get(fatal.code, str(fatal))
         raise CLIError(ExitCode.AUTH, f"the server refused this worker ({fatal.code}): {hint}")
     return ExitCode.OK

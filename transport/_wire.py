@@ -12,12 +12,15 @@ pieces (``wrap_server_stream``), so that each connection's stream can be guarded
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 
 import trio
 from trio_websocket import WebSocketConnection, WebSocketRequest, wrap_server_stream
 
 from ._protocol import CLOSE
+
+log = logging.getLogger("jobspine.server")
 
 __all__ = ["GuardedStream", "serve_websockets"]
 
@@ -134,6 +137,9 @@ async def serve_websockets(
             try:
                 if request is not None:
                     await handler(request, stream)
+            except Exception:
+                # A fault stays with its connection: it is closed, the server serves on.
+                log.exception("a connection's handler failed; the connection is closed")
             finally:
                 if stream.connection is not None:
                     with trio.move_on_after(DISCONNECT_TIMEOUT):

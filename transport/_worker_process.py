@@ -39,7 +39,7 @@ from actors import (
 )
 from actors._codec import dumps_json_value
 from actors._options import options_of, options_to_wire
-from actors._worker import Handler, _describe
+from actors._worker import Handler, _describe, check_input
 
 from ._protocol import MAX_BATCH_REQUESTS
 from ._reconnect import FATAL_CLOSE, ReconnectPolicy
@@ -283,6 +283,35 @@ class _Session:
             except ConnectionClosed:
                 return  # the reader sees the close too
 
+    async def _outcome(
+        self, handler: Handler, attempt: _Attempt, ref: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The attempt's report: its input checked, then its handler run."""
+        try:
+            # The server has no code of a worker-only kind: its input check runs here,
+            # before the handler, and a refusal fails the job at once (no retry can fix it).
+            check_input(handler, attempt.kind, attempt.input)
+        except InvalidInputError as exc:
+            error = {"type": type(exc).__name__, "message": str(exc)}
+            return {"op": "fail", **ref, "error": error, "permanent": True}
+        try:
+            result = await handler(attempt.ctx, attempt.input)
+        except JobStopped:
+            return {"op": "stopped", **ref}
+        except Exception as exc:
+            log.info("job %s raised %s", attempt.job_id, type(exc).__name__, exc_info=exc)
+            error = {"type": type(exc).__name__, "message": _describe(exc)}
+            outcome: dict[str, Any] = {"op": "fail", **ref, "error": error}
+            if isinstance(exc, PermanentError):
+                outcome["permanent"] = True
+            return outcome
+        try:
+            dumps_json_value(result, "job result")
+        except NotSerializableError as exc:
+            error = {"type": type(exc).__name__, "message": str(exc)}
+            return {"op": "fail", **ref, "error": error}
+        return {"op": "complete", **ref, "result": result}
+
     async def _run(self, attempt: _Attempt) -> None:
         ref = {"job_id": attempt.job_id, "attempt": attempt.attempt}
         handler: Handler | None = self.process.handlers.get(attempt.kind)
@@ -291,23 +320,7 @@ class _Session:
             with attempt.scope:
                 if handler is None:
                     raise LookupError(f"no handler for kind {attempt.kind!r} in this worker")
-                try:
-                    result = await handler(attempt.ctx, attempt.input)
-                except JobStopped:
-                    outcome = {"op": "stopped", **ref}
-                except Exception as exc:
-                    log.info("job %s raised %s", attempt.job_id, type(exc).__name__, exc_info=exc)
-                    error = {"type": type(exc).__name__, "message": _describe(exc)}
-                    outcome = {"op": "fail", **ref, "error": error}
-                    if isinstance(exc, PermanentError):
-                        outcome["permanent"] = True
-                else:
-                    outcome = {"op": "complete", **ref, "result": result}
-                    try:
-                        dumps_json_value(result, "job result")
-                    except NotSerializableError as exc:
-                        error = {"type": type(exc).__name__, "message": str(exc)}
-                        outcome = {"op": "fail", **ref, "error": error}
+                outcome = await self._outcome(handler, attempt, ref)
             if attempt.scope.cancelled_caught:
                 return  # cancelled by the server: it recorded the outcome
             try:
@@ -359,7 +372,9 @@ class WorkerProcess:
             try:
                 code = await self._connect_once()
             except (OSError, HandshakeError, ConnectionClosed) as exc:
-                log.info("worker: connection to %s failed: %s", self.url, exc)
+                # trio-websocket's HandshakeError says nothing itself: its cause does.
+                cause = exc.__cause__ or exc.__context__ or exc
+                log.info("worker: connection to %s failed: %s", self.url, str(cause) or repr(cause))
             if self._draining.is_set():
                 return
             if code in FATAL_CLOSE:
@@ -388,7 +403,13 @@ class WorkerProcess:
             try:
                 welcome = orjson.loads(await ws.get_message())
             except ConnectionClosed as exc:
-                return None if exc.reason is None else exc.reason.code
+                if exc.reason is None:
+                    return None
+                refused = exc.reason.code
+                if refused in FATAL_CLOSE:  # the server's reason, as it gave it
+                    reason = exc.reason.reason or f"the server closed with {refused}"
+                    raise WorkerFatalError(FATAL_CLOSE[refused], reason) from None
+                return refused
             session = _Session(self, ws)
             session.heartbeat_interval = welcome["result"]["heartbeat_interval"]
             session.stop_grace = welcome["result"]["stop_grace"]

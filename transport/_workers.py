@@ -23,7 +23,7 @@ from actors import InvalidInputError, JobError, JobspineError, KindOptions, enco
 from actors._options import options_from_wire
 from actors._remote import RemoteAttempt, RemotePlacement, RemoteWorker
 
-from ._auth import verify_token
+from ._auth import has_control_character, verify_token
 from ._protocol import (
     CLOSE,
     PROTOCOL_VERSION,
@@ -153,15 +153,27 @@ def hello_problem(hello: WorkerHello) -> str | None:
         return "kinds: a kind is declared twice"
     if any(not 1 <= len(kind) <= 1024 for kind in hello.kinds):
         return "kinds: each kind has 1 to 1,024 characters"
+    if any(has_control_character(kind) for kind in hello.kinds):
+        return "kinds: a kind must not contain control characters"
     if not 1 <= hello.capacity <= MAX_CAPACITY:
         return f"capacity must be in 1..{MAX_CAPACITY}, not {hello.capacity}"
     if hello.name is not None and not 1 <= len(hello.name) <= MAX_NAME_LENGTH:
         return f"name has 1 to {MAX_NAME_LENGTH} characters"
+    if hello.name is not None and has_control_character(hello.name):
+        return "name must not contain control characters"
     try:
         declared_options(hello)
     except InvalidInputError as exc:
         return str(exc)
     return None
+
+
+def _some(kinds: list[str], shown: int = 8, width: int = 64) -> str:
+    """``kinds`` for a log line: the first ``shown``, each cut to ``width`` characters, and how
+    many more (a hello may declare 256 kinds of 1,024 characters)."""
+    names = [kind if len(kind) <= width else kind[:width] + "..." for kind in kinds[:shown]]
+    more = f" and {len(kinds) - shown} more" if len(kinds) > shown else ""
+    return ", ".join(names) + more
 
 
 def declared_options(hello: WorkerHello) -> dict[str, KindOptions]:
@@ -311,6 +323,8 @@ class WorkerConnection:
             if problem is None:
                 problem = self.server.runtime.supervisor.declaration_conflict(options)
             if problem is not None:
+                # Authenticated, so an operator's mistake (a worker of other code), not noise.
+                log.warning("refused a worker's hello (%s): %s", principal.user_id, problem)
                 raise ProtocolError("protocol_error", f"hello: {problem}")
         except ProtocolError as exc:
             await self.ws.aclose(CLOSE.get(exc.code, CLOSE["protocol_error"]), exc.message[:120])
@@ -335,12 +349,18 @@ class WorkerConnection:
                 },
             )
         )
-        log.info("worker %s connected: kinds %s, capacity %d", name, hello.kinds, hello.capacity)
+        log.info(
+            "worker %s connected: kinds %s, capacity %d", name, _some(hello.kinds), hello.capacity
+        )
         return True
 
     async def _flush(self) -> None:
-        while self._queue:
-            await self.ws.send_message(self._queue.popleft().decode())
+        """Send what is queued before the close; a worker that has gone has nothing to read."""
+        try:
+            while self._queue:
+                await self.ws.send_message(self._take().decode())
+        except ConnectionClosed:
+            self._queue.clear()
 
     def _take(self) -> bytes:
         """The next frame: the first queued message, with those after it that fit in one
@@ -412,6 +432,15 @@ class WorkerConnection:
         body = request.body
         try:
             if isinstance(body, Heartbeat):
+                capacity = self.worker.capacity if self.worker is not None else 0
+                if len(body.jobs) > capacity:
+                    # It runs at most its capacity: more is no heartbeat, and would cost an
+                    # error reply per entry (40,000 from one frame stalled the server).
+                    raise ProtocolError(
+                        "bad_request",
+                        f"heartbeat: {len(body.jobs)} jobs, more than this worker's capacity"
+                        f" ({capacity})",
+                    )
                 for ref in body.jobs:  # each entry on its own: one refusal skips no other
                     try:
                         self._attempt(ref.job_id, ref.attempt).beat()
