@@ -137,6 +137,7 @@ async def test_submit_flags_jobs_filters_and_stats(tmp_path: Path) -> None:
         assert "waiting by kind: research 2" in plain.stdout
         refused = await served.cli("stats", "--all")
         assert refused.returncode == ExitCode.AUTH and "admins" in refused.stderr
+        assert "jobspine stats shows your own jobs" in refused.stderr  # not a protocol op's name
 
 
 async def test_a_lost_reply_prints_the_key_and_the_rerun_makes_no_second_job(

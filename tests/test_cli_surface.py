@@ -5,6 +5,7 @@ pseudo-terminal, and configuration precedence."""
 from __future__ import annotations
 
 import fcntl
+import io
 import os
 import pty
 import re
@@ -18,11 +19,13 @@ from pathlib import Path
 import orjson
 import pytest
 import trio
+from rich.console import Console
 
 from actors import EventType, JobEvent, JobState
 from transport._config import resolve
 from transport._display import PlainView
 from transport._exit import CLIError, ExitCode
+from transport._live import LiveView
 
 from .serving import free_port
 from .test_cli import COMMAND, Served, serve_process
@@ -125,6 +128,10 @@ async def test_exit_codes_json_and_errors(tmp_path: Path) -> None:
                       env={"JOBSPINE_SECRET": "another-secret-of-32-bytes-or-more!!"})  # fmt: skip
         refused = await arun("jobs", env={**env, "JOBSPINE_TOKEN": foreign.stdout.strip()})
         assert refused.returncode == ExitCode.AUTH and "another secret" in refused.stderr
+        workers = run("token", "--worker", env={"JOBSPINE_DATA": str(served.data)})
+        wrong = await arun("jobs", env={**env, "JOBSPINE_TOKEN": workers.stdout.strip()})
+        assert wrong.returncode == ExitCode.AUTH and "wrong_role" in wrong.stderr
+        assert "mint a user's token with jobspine token --user NAME" in wrong.stderr
 
         # cannot connect: wrong scheme, the health port (HTTP 404), nothing listening
         for url in ("http://127.0.0.1:1", f"ws://127.0.0.1:{served.health}"):
@@ -133,11 +140,17 @@ async def test_exit_codes_json_and_errors(tmp_path: Path) -> None:
             assert wrong.returncode == ExitCode.CANNOT_CONNECT, wrong
             assert time.monotonic() - start < 5 and "Traceback" not in wrong.stderr
         assert "HTTP 404" in wrong.stderr
-        start = time.monotonic()
-        nobody = await arun("--connect-timeout", "1", "jobs", "--url",
-                            f"ws://127.0.0.1:{free_port()}", env=env)  # fmt: skip
-        assert nobody.returncode == ExitCode.CANNOT_CONNECT and "within 1 s" in nobody.stderr
-        assert time.monotonic() - start < 8
+        # Followers too: they reconnect once they have connected, but a server never
+        # reached is an error (submit --watch has created nothing).
+        for command in (["jobs"], ["watch", job_id], ["submit", "endless", "{}", "--watch"]):
+            start = time.monotonic()
+            nobody = await arun("--connect-timeout", "1", *command, "--url",
+                                f"ws://127.0.0.1:{free_port()}", env=env)  # fmt: skip
+            assert nobody.returncode == ExitCode.CANNOT_CONNECT, (command, nobody)
+            assert "within 1 s (refused, unreachable or no such host)" in nobody.stderr
+            assert time.monotonic() - start < 8
+        health = await arun("watch", job_id, "--url", f"ws://127.0.0.1:{served.health}", env=env)
+        assert health.returncode == ExitCode.CANNOT_CONNECT and "HTTP 404" in health.stderr
 
 
 async def test_closed_stdout_and_ctrl_c_are_quiet(tmp_path: Path) -> None:
@@ -356,6 +369,41 @@ async def test_watcher_survives_its_server_as_the_walk_through_says(tmp_path: Pa
         await watcher.wait()
 
 
+@pytest.mark.parametrize("command", ["watch", "submit"])
+async def test_exit_on_pause_holds_when_the_server_stops(tmp_path: Path, command: str) -> None:
+    """A server stopped with SIGTERM pauses its jobs, then closes every connection: the
+    watcher exits 3 on the pause, not 4 on the lost connection, and says the server's next
+    start resumes the job."""
+    async with serve_process(tmp_path / "data", extra=HANDLERS) as served:
+        env = {**os.environ, **_client_env(served)}
+        if command == "watch":
+            job_id = (await served.cli("submit", "endless", "{}")).stdout.strip()
+            argv = [*COMMAND, "watch", job_id, "--exit-on-pause"]
+        else:
+            argv = [*COMMAND, "submit", "endless", "{}", "--watch", "--exit-on-pause"]
+        watcher = await trio.lowlevel.open_process(
+            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        try:
+            assert watcher.stdout is not None and watcher.stderr is not None
+            seen = b""
+            with trio.fail_after(20):
+                while b"tick" not in seen:
+                    seen += await watcher.stdout.receive_some()
+            served.process.send_signal(signal.SIGTERM)
+            with trio.fail_after(20):
+                code = await watcher.wait()
+            while chunk := await watcher.stdout.receive_some():
+                seen += chunk
+            stderr = await watcher.stderr.receive_some()
+        finally:
+            if watcher.poll() is None:
+                watcher.kill()
+            await watcher.wait()
+    assert code == ExitCode.JOB_STOPPED, (seen.decode(), stderr.decode())
+    assert b"paused (shutdown)\n  the server resumes it when it starts again" in seen
+
+
 def test_plain_watch_output_says_each_state_once(capsys: pytest.CaptureFixture[str]) -> None:
     view = PlainView("j1")
     cancelled = JobEvent("j1", "u", 3, EventType.CANCELLED, JobState.CANCELLED, 1.0, {}, "u", 3)
@@ -365,6 +413,25 @@ def test_plain_watch_output_says_each_state_once(capsys: pytest.CaptureFixture[s
     view.event(failed)
     view.finish({"id": "j1", "state": "failed", "error": {"type": "E", "message": "m"}})
     assert capsys.readouterr().out.splitlines() == ["cancelled", "failed: E: m"]
+
+
+def test_a_jobs_text_cannot_drive_the_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    """A step label, error or reason is the handler's (or a worker's) text: its control
+    characters are shown escaped, in plain output and on the live display, never obeyed; the
+    live display does not read it as markup either."""
+    hostile = "\x1b]0;pwned\x07 [bold]x[/bold] \x1b[31mRED\rover"
+    shown = "\\x1b]0;pwned\\x07 [bold]x[/bold] \\x1b[31mRED\\rover"
+    view = PlainView("j1")
+    data = {"progress": 10.0, "step": hostile}
+    view.event(JobEvent("j1", "u", 2, EventType.PROGRESS, JobState.RUNNING, 1.0, data, "u", 2))
+    view.finish({"id": "j1", "state": "failed", "error": {"type": "E", "message": hostile}})
+    assert capsys.readouterr().out.splitlines() == [f" 10.0%  {shown}", f"failed: E: {shown}"]
+    console = Console(file=io.StringIO(), force_terminal=True, width=200)
+    live = LiveView("j1", console=console)
+    live.start({"progress": 10.0, "state": "running", "step": hostile})
+    console.print(live.progress.get_renderable())
+    drawn = console.file.getvalue()  # type: ignore[attr-defined]
+    assert shown in drawn and "\x1b]0;" not in drawn and "\x07" not in drawn
 
 
 def test_the_resume_command_has_a_line_of_its_own(capsys: pytest.CaptureFixture[str]) -> None:

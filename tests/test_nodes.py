@@ -743,6 +743,9 @@ async def test_jobspine_nodes_reads_a_sqlite_file_its_server_holds(tmp_path: Pat
         (node,) = orjson.loads(shown.stdout)
         # One process's file: never renewed, alive as recorded.
         assert (node["owner"], node["state"]) == (rt.node.owner, "alive")
+        table = await trio.run_process([*COMMAND, "nodes", "--db", str(db)], capture_stdout=True)
+        # No lease age: an old one would read as a dead node's.
+        assert " alive  - (file lock) " in table.stdout.decode()
     missing = await trio.run_process(
         [*COMMAND, "nodes", "--db", str(tmp_path / "none.db")], capture_stderr=True, check=False
     )

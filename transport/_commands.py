@@ -20,7 +20,6 @@ import trio
 
 from actors import (
     TERMINAL_STATES,
-    EventType,
     InvalidInputError,
     JobEvent,
     JobState,
@@ -65,6 +64,8 @@ _HINTS = {
         " with the server's settings: jobspine token --user NAME"
     ),
     "token_expired": "the token has expired: mint a new one with jobspine token --user NAME",
+    "wrong_role": "this is a worker token (for jobspine worker): mint a user's token with"
+    " jobspine token --user NAME",
 }
 
 _STATES = [state.value for state in JobState]
@@ -110,16 +111,13 @@ def client_error(exc: ClientError) -> CLIError:
 
 @asynccontextmanager
 async def connect(args: argparse.Namespace, *, follow: bool) -> AsyncIterator[Client]:
-    """A connected client. One-shot commands retry a refused connection until
-    ``connect_timeout`` and give up at once on an HTTP answer (not a jobspine endpoint), and
-    do not reconnect afterwards; followers (``watch``) reconnect for as long as they run."""
+    """A connected client. Its first connection is retried until ``connect_timeout`` (an HTTP
+    answer, not a jobspine endpoint, gives up at once): a server that was never reached is an
+    error for every command. One-shot commands do not reconnect afterwards; followers
+    (``watch``, ``submit --watch``) reconnect for as long as they run."""
     check_url(args.url)
     if not args.token:
         raise CLIError(ExitCode.AUTH, NO_TOKEN)
-    if follow:
-        async with open_client(args.url, args.token) as client:
-            yield client
-        return
     connected = False
     problem = "no answer"
     delay = 0.1
@@ -129,24 +127,36 @@ async def connect(args: argparse.Namespace, *, follow: bool) -> AsyncIterator[Cl
                 async with open_client(args.url, args.token, reconnect=False) as client:
                     connected = True
                     scope.deadline = math.inf
+                    # Read at each disconnect: a follower reconnects from now on.
+                    client.reconnect = follow
                     yield client
                     return
             except ConnectionLostError as exc:
                 if connected:
                     raise
-                problem = exc.message.removeprefix("could not connect: ")
-                if problem == "HandshakeError()":  # trio-websocket's wrapper of an OSError
-                    problem = "refused, unreachable or no such host"
-            status = re.search(r"status_code=(\d+)", problem)
-            if status:
-                raise CLIError(
-                    ExitCode.CANNOT_CONNECT,
-                    f"cannot connect to {args.url}: it answered HTTP {status.group(1)}, so it"
-                    " is not a jobspine websocket endpoint (the health port?)",
-                )
+                problem = _connect_problem(args.url, exc.message)
             await trio.sleep(delay)
             delay = min(1.0, delay * 2)
-    raise CLIError(
+    raise _cannot_connect(args, problem)
+
+
+def _connect_problem(url: str, message: str) -> str:
+    """Why a first connection failed, in a user's words; an HTTP answer stops at once."""
+    problem = message.removeprefix("could not connect: ")
+    if problem == "HandshakeError()":  # trio-websocket's wrapper of an OSError
+        problem = "refused, unreachable or no such host"
+    status = re.search(r"status_code=(\d+)", problem)
+    if status:
+        raise CLIError(
+            ExitCode.CANNOT_CONNECT,
+            f"cannot connect to {url}: it answered HTTP {status.group(1)}, so it"
+            " is not a jobspine websocket endpoint (the health port?)",
+        )
+    return problem
+
+
+def _cannot_connect(args: argparse.Namespace, problem: str) -> CLIError:
+    return CLIError(
         ExitCode.CANNOT_CONNECT,
         f"cannot connect to {args.url} within {args.connect_timeout:g} s ({problem});"
         " is the server running? (--connect-timeout, JOBSPINE_CONNECT_TIMEOUT)",
@@ -206,17 +216,17 @@ async def watch_job(client: Client, job_id: str, view: WatchView, *, exit_on_pau
             if isinstance(item, Reset):
                 view.reset(item)
                 job = (item.snapshot or {}).get("job") or await client.get(job_id)
-                if job["state"] in TERMINAL_STATES:
+                if job["state"] in TERMINAL_STATES or (exit_on_pause and job["state"] == "paused"):
                     return _final(view, job)
                 continue
             assert isinstance(item, JobEvent)
             view.event(item)
             if item.state.value in TERMINAL_STATES and item.seq >= current:
                 return _final(view, await _outcome(client, job, item))
-            if exit_on_pause and item.type in (EventType.PAUSED, EventType.RECOVERY):
-                job = await client.get(job_id)
-                if job["state"] == "paused":
-                    return _final(view, job)
+            if exit_on_pause and item.state is JobState.PAUSED and item.seq >= current:
+                # Decided by the event alone, like an end: no request after it, which a
+                # server pausing its jobs as it shuts down would not answer.
+                return _final(view, {**job, "state": item.state.value})
     raise CLIError(ExitCode.CANNOT_CONNECT, "the event stream ended")
 
 
@@ -294,7 +304,16 @@ async def _command(client: Client, args: argparse.Namespace) -> int:
             )
         return ExitCode.OK
     if command == "stats":
-        counts = await (client.stats() if args.all else client.my_stats())
+        try:
+            counts = await (client.stats() if args.all else client.my_stats())
+        except ClientError as exc:
+            if exc.code != "forbidden":
+                raise
+            raise CLIError(
+                ExitCode.AUTH,
+                "forbidden: stats --all is for admins (jobspine token --user NAME --admin);"
+                " jobspine stats shows your own jobs",
+            ) from None
         queue = await client.queue_stats(None if args.all else client.welcome["user_id"])
         write_json({"jobs": counts, "queue": queue}) if args.json else stats_text(counts, queue)
         return ExitCode.OK

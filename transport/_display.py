@@ -8,6 +8,7 @@ terminal), :class:`PlainView` (a pipe: one line per state or step change) and
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from datetime import datetime
@@ -33,6 +34,7 @@ __all__ = [
     "jobs_table",
     "stats_text",
     "write",
+    "visible",
     "write_json",
 ]
 
@@ -41,12 +43,27 @@ class StdoutClosedError(Exception):
     """The reader of stdout went away (a closed pipe)."""
 
 
+#: Control characters but newline and tab: what a job's step, error or input may carry (a
+#: handler or a worker sets them) and a terminal would obey (colours, titles, cursor moves).
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _escape(control: re.Match[str]) -> str:
+    return repr(control.group())[1:-1]  # "\x1b": shown, not obeyed
+
+
+def visible(text: str) -> str:
+    """``text`` with every control character but newline and tab escaped (``\x1b``)."""
+    return _CONTROL.sub(_escape, text)
+
+
 def write(text: str, stream: TextIO | None = None) -> None:
-    """Write to stdout (flushed); a closed pipe becomes :class:`StdoutClosedError`, which
-    ``main`` turns into a quiet exit, so it is never mistaken for a socket's error."""
+    """Write to stdout (flushed), every control character but newline and tab escaped; a
+    closed pipe becomes :class:`StdoutClosedError`, which ``main`` turns into a quiet exit,
+    so it is never mistaken for a socket's error."""
     try:
         out = stream or sys.stdout
-        out.write(text)
+        out.write(visible(text))
         out.flush()
     except BrokenPipeError:
         raise StdoutClosedError from None
@@ -175,13 +192,18 @@ def change_line(event: JobEvent, job_id: str) -> str | None:
         case "paused" | "recovery":
             reason = data.get("reason", "")
             # The command on a line of its own: a long reason must not wrap it mid-id.
+            if reason == "shutdown":  # what a server's stop paused, its start resumes
+                return (
+                    f"paused ({reason})\n  the server resumes it when it starts again"
+                    f" (or: jobspine resume {job_id})"
+                )
             return f"paused ({reason})\n  resume with: jobspine resume {job_id}"
         case "started":
             # A claim that resumes from a checkpoint (after a resume, retry or re-queue).
             verb = "started" if data.get("resumed_from_checkpoint") is None else "resumed"
             return f"{verb} (attempt {data.get('attempt', '-')})"
         case "resumed":
-            return "resumed (waiting for a worker)"
+            return "resumed (queued to run again)"
         case "retrying":
             error = data.get("error") or {}
             return (

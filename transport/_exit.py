@@ -62,6 +62,7 @@ _BY_ERROR_CODE = {
     "auth_failed": ExitCode.AUTH,
     "token_expired": ExitCode.AUTH,
     "forbidden": ExitCode.AUTH,
+    "wrong_role": ExitCode.AUTH,
     "invalid_input": ExitCode.USAGE,
     "unknown_kind": ExitCode.USAGE,
     "not_serializable": ExitCode.USAGE,

@@ -18,7 +18,7 @@ from rich.text import Text
 
 from actors import JobEvent
 
-from ._display import change_line, final_line
+from ._display import change_line, final_line, visible
 from .client import Reset
 
 __all__ = ["LiveView", "rich_jobs_table"]
@@ -64,6 +64,7 @@ class LiveView:
             # The step label says more than the bar: it gets three times the bar's room.
             TextColumn(
                 "{task.fields[step]}",
+                markup=False,  # a step label is the handler's text, shown as it is
                 table_column=Column(ratio=3, no_wrap=True, overflow="ellipsis"),
             ),
             console=self.console,
@@ -87,7 +88,12 @@ class LiveView:
         logging.getLogger().handlers = self._saved
 
     def _update(self, **fields: Any) -> None:
+        if "step" in fields:
+            fields["step"] = visible(fields["step"])
         self.progress.update(self.task, **fields)
+
+    def _print(self, line: str) -> None:
+        self.progress.console.print(visible(line), markup=False, highlight=False, soft_wrap=True)
 
     def start(self, job: dict[str, Any]) -> None:
         self._update(
@@ -110,15 +116,13 @@ class LiveView:
             fields.update(completed=0, step="")
         self._update(**fields)
         if line is not None:
-            self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+            self._print(line)
 
     def note(self, text: str) -> None:
-        self.progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        self._print(text)
 
     def reset(self, reset: Reset) -> None:
-        self.progress.console.print(
-            f"resynchronized ({reset.reason})", markup=False, soft_wrap=True
-        )
+        self._print(f"resynchronized ({reset.reason})")
         job = (reset.snapshot or {}).get("job")
         if job is not None:
             self.start(job)
@@ -131,4 +135,4 @@ class LiveView:
         )  # fmt: skip
         self.progress.refresh()
         self.progress.stop()
-        self.progress.console.print(final_line(job), markup=False, highlight=False, soft_wrap=True)
+        self._print(final_line(job))

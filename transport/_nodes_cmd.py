@@ -108,7 +108,8 @@ def run_nodes(args: argparse.Namespace) -> int:
             str(n["host"]),
             str(n["pid"]),
             str(n["state"]) + (f" (by {n['taken_over_by']})" if n["taken_over_by"] else ""),
-            f"{n['lease_age']:.1f} s",
+            # A SQLite file's node holds the file's lock instead: its lease is never renewed.
+            f"{n['lease_age']:.1f} s" if shared else "- (file lock)",
             str(n["running"]),
             str(n["incarnation"]),
         )
