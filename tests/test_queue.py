@@ -22,6 +22,7 @@ from actors import (
     RetryPolicy,
     kind_options,
 )
+from actors._repository import CANCEL_WAVE
 
 from .conftest import memory_runtime, wait_for_state
 
@@ -372,6 +373,40 @@ async def test_cancel_of_a_parent_cancels_many_children_in_few_commits(
         jobs = [*children, grandchild]
         assert {(await rt.get_job(job.id)).state for job in jobs} == {S.CANCELLED}
         assert not rt.supervisor.workers
+
+
+async def test_a_cancelled_tree_leaves_room_for_other_writes(
+    autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tree's children are cancelled a wave at a time (``CANCEL_WAVE``): another user's
+    write made meanwhile waits behind a wave, not behind the whole tree (16,000 children
+    cancelled at once held every other write for 50 s)."""
+    async with memory_runtime({"hold": hold}, max_running=10, stop_grace=0.1) as rt:
+        parent = await rt.create_job("hold", "alice", {})
+        for _ in range(600):
+            await rt.create_job("hold", "alice", {}, parent_id=parent.id)
+        store, cancel = rt._store, rt._store.cancel
+        in_flight = peak = done = 0
+
+        async def counted(job_id: str, by: str | None) -> Any:
+            nonlocal in_flight, peak, done
+            in_flight += 1
+            peak = max(peak, in_flight)
+            try:
+                return await cancel(job_id, by)
+            finally:
+                in_flight -= 1
+                done += 1
+
+        monkeypatch.setattr(store, "cancel", counted)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rt.cancel, parent.id)
+            while not done:
+                await trio.lowlevel.checkpoint()
+            await rt.create_job("hold", "bob", {})
+            assert done < 3 * CANCEL_WAVE < 600
+        assert peak == CANCEL_WAVE
+        assert done == 601
 
 
 async def test_a_child_created_under_a_cancelled_parent_is_cancelled(
