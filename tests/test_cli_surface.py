@@ -60,6 +60,17 @@ def _client_env(served: Served, user: str = "alice") -> dict[str, str]:
     }
 
 
+async def read_until(
+    stream: trio.abc.ReceiveStream | None, marker: bytes, seen: bytes = b"", seconds: float = 20
+) -> bytes:
+    """``seen`` and what ``stream`` gives after it, until ``marker`` is among it."""
+    assert stream is not None
+    with trio.fail_after(seconds):
+        while marker not in seen:
+            seen += await stream.receive_some()
+    return seen
+
+
 async def test_exit_codes_json_and_errors(tmp_path: Path) -> None:
     async with serve_process(tmp_path / "data", extra=HANDLERS) as served:
         env = _client_env(served)
@@ -179,10 +190,7 @@ async def test_closed_stdout_and_ctrl_c_are_quiet(tmp_path: Path) -> None:
         )
         try:
             assert process.stdout is not None and process.stderr is not None
-            seen = b""
-            with trio.fail_after(20):
-                while b"tick" not in seen:
-                    seen += await process.stdout.receive_some()
+            await read_until(process.stdout, b"tick")
             process.send_signal(signal.SIGINT)
             with trio.fail_after(10):
                 code = await process.wait()
@@ -317,10 +325,7 @@ async def test_config_file_reaches_the_server_and_the_client(tmp_path: Path) -> 
     )
     try:
         assert process.stderr is not None
-        seen = b""
-        with trio.fail_after(20):
-            while b"listening on" not in seen:
-                seen += await process.stderr.receive_some()
+        seen = await read_until(process.stderr, b"listening on")
         assert f"ws://127.0.0.1:{port}".encode() in seen and f"pid {process.pid}".encode() in seen
         # A new user learns from this line where the dashboard is.
         assert re.search(rb"dashboard http://127\.0\.0\.1:\d+/ ", seen), seen
@@ -345,21 +350,14 @@ async def test_watcher_survives_its_server_as_the_walk_through_says(tmp_path: Pa
             [*COMMAND, "watch", job_id], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
         assert watcher.stdout is not None
-        seen = b""
-        with trio.fail_after(20):
-            while b"reading source 3/" not in seen:
-                seen += await watcher.stdout.receive_some()
+        seen = await read_until(watcher.stdout, b"reading source 3/")
         served.process.kill()  # `kill -9 <pid>`: this server only
     try:
         async with serve_process(data, port) as served:
-            with trio.fail_after(30):
-                while b"paused (" not in seen:
-                    seen += await watcher.stdout.receive_some()
+            seen = await read_until(watcher.stdout, b"paused (", seen, seconds=30)
             assert b"reconnected" in seen
             assert (await served.cli("resume", job_id)).returncode == 0
-            with trio.fail_after(30):
-                while b"resumed (attempt 2)" not in seen:
-                    seen += await watcher.stdout.receive_some()
+            seen = await read_until(watcher.stdout, b"resumed (attempt 2)", seen, seconds=30)
             assert (await served.cli("cancel", job_id)).returncode == 0
             with trio.fail_after(30):
                 assert await watcher.wait() == ExitCode.JOB_STOPPED
@@ -386,10 +384,7 @@ async def test_exit_on_pause_holds_when_the_server_stops(tmp_path: Path, command
         )
         try:
             assert watcher.stdout is not None and watcher.stderr is not None
-            seen = b""
-            with trio.fail_after(20):
-                while b"tick" not in seen:
-                    seen += await watcher.stdout.receive_some()
+            seen = await read_until(watcher.stdout, b"tick")
             served.process.send_signal(signal.SIGTERM)
             with trio.fail_after(20):
                 code = await watcher.wait()

@@ -27,6 +27,7 @@ from .test_worker_protocol import raw_worker, receive, send, wait_checkpoint
 from .worker_support import (
     ROOT,
     WORKER_COMMAND,
+    run_jobspine_worker,
     served,
     start_worker_process,
     wait_connected,
@@ -251,18 +252,8 @@ async def test_jobspine_worker_refused_token_is_one_error_line_and_exit_5(
     naming the cause and how to mint a worker token, exit status 5, no reconnect loop."""
     bad = token("bob") if which == "user" else mint_token("x" * 40, "w", role="worker")
     async with served(tmp_path / "db", "in_process") as s:
-        command = [*WORKER_COMMAND, "--url", s.running.url, "--handlers", "tests.worker_handlers"]
-        with trio.fail_after(20):
-            done = await trio.run_process(
-                command,
-                env={**os.environ, "JOBSPINE_TOKEN": bad},
-                check=False,
-                capture_stdout=True,
-                capture_stderr=True,
-                cwd=str(ROOT),
-            )
-    err = done.stderr.decode()
-    assert done.returncode == 5, err
+        status, err = await run_jobspine_worker(s.running.url, bad)
+    assert status == 5, err
     assert err.startswith("jobspine: error: the server refused this worker " + cause), err
     assert "jobspine token --worker" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1

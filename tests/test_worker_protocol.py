@@ -5,7 +5,6 @@ runs jobs."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -34,9 +33,8 @@ from .serving import SECRET, eventually, token
 from .test_workers import event_types
 from .worker_handlers import HANDLERS
 from .worker_support import (
-    ROOT,
-    WORKER_COMMAND,
     Served,
+    run_jobspine_worker,
     served,
     wait_connected,
     worker_token,
@@ -638,18 +636,8 @@ async def test_jobspine_worker_refused_for_its_options_says_why(
         worker_only_server(tmp_path / "db") as running,
         raw_worker(running.url, ["flaky"], options={"flaky": {"max_attempts": 2}}),
     ):
-        command = [*WORKER_COMMAND, "--url", running.url, "--handlers", "tests.worker_handlers"]
-        with trio.fail_after(20):
-            done = await trio.run_process(
-                command,
-                env={**os.environ, "JOBSPINE_TOKEN": worker_token()},
-                check=False,
-                capture_stdout=True,
-                capture_stderr=True,
-                cwd=str(ROOT),
-            )
-    err = done.stderr.decode()
-    assert done.returncode == 2, err
+        status, err = await run_jobspine_worker(running.url, worker_token())
+    assert status == 2, err
     assert err.strip() == (
         "jobspine: error: the server refused this worker's hello: hello: options.flaky differ"
         " from those a connected worker declared for it; one kind runs with one set of options"
