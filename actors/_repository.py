@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -37,6 +37,22 @@ _ACTIVE = frozenset({S.CREATED, S.RUNNING})
 #: Children of one cancelled job cancelled at a time: enough to share commits, few enough
 #: that other users' writes queued meanwhile wait behind a few dozen, not thousands.
 CANCEL_WAVE = 64
+#: A cancelled tree's jobs whose children are listed at a time (each listing is a barrier:
+#: the store commits what is pending first, and serves nothing else meanwhile).
+LIST_WAVE = 8
+
+
+async def _each(items: list[str], fn: Callable[[str], Awaitable[None]], at_once: int) -> None:
+    """``fn(item)`` for every item, ``at_once`` at a time (tasks that take the next item)."""
+    pending = iter(items)  # shared: each task takes the next item
+
+    async def take() -> None:
+        for item in pending:
+            await fn(item)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(min(at_once, len(items))):
+            nursery.start_soon(take)
 
 
 def _no_dispatcher(run_at: float | None) -> None:
@@ -319,12 +335,14 @@ class Repository:
         # tree is listed first (each generation at once), then every unfinished descendant
         # is cancelled at once, so that the writes share commits: one by one, with a list
         # query (a barrier, which commits what is pending) between them, 1,000 children
-        # took 1,000 commits. At most CANCEL_WAVE at a time: all at once, 16,000 children
-        # filled the store's queue and held everyone's writes behind them for 50 s. A failed
-        # cancel does not stop the others; the first such error is raised at the end.
+        # took 1,000 commits. Bounded, listings (LIST_WAVE) and cancels (CANCEL_WAVE): all at
+        # once, 16,000 children filled the store's queue and held everyone's writes behind
+        # them for 50 s. A failed cancel does not stop the others; the first such error is
+        # raised at the end.
         unfinished: list[str] = []
+        below: list[str] = []
 
-        async def list_children(parent: str, below: list[str]) -> None:
+        async def list_children(parent: str) -> None:
             for child in await self._store.list_jobs(JobQuery(parent_id=parent)):
                 below.append(child.id)
                 if child.state in _ACTIVE or child.state is S.PAUSED:
@@ -332,18 +350,10 @@ class Repository:
 
         level = [job_id]
         while level:
-            below: list[str] = []
-            async with trio.open_nursery() as nursery:
-                for parent in level:
-                    nursery.start_soon(list_children, parent, below)
-            level = below
+            await _each(level, list_children, LIST_WAVE)
+            level, below = below, []
 
         errors: list[JobspineError] = []
-        pending = iter(unfinished)  # shared: each canceller takes the next child
-
-        async def canceller() -> None:
-            for child_id in pending:
-                await cancel_child(child_id)
 
         async def cancel_child(child_id: str) -> None:
             try:
@@ -356,9 +366,7 @@ class Repository:
             await self._supervisor.settled()
             self._supervisor.kill(child_id, "cancel")
 
-        async with trio.open_nursery() as nursery:
-            for _ in range(min(CANCEL_WAVE, len(unfinished))):
-                nursery.start_soon(canceller)
+        await _each(unfinished, cancel_child, CANCEL_WAVE)
         if errors:
             raise errors[0]
 

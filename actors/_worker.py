@@ -108,7 +108,8 @@ def validates(check: InputCheck) -> Callable[[_H], _H]:
 
 
 def check_input(handler: Handler, kind: str, input: Any) -> None:
-    """Run the handler's input check, if it has one; raises :class:`InvalidInputError`."""
+    """Run the handler's input check, if it has one; raises :class:`InvalidInputError` for
+    whatever the check raises (a :class:`JobspineError` as it is)."""
     check: InputCheck | None = getattr(handler, "validate_input", None)
     if check is None:
         return
@@ -118,6 +119,10 @@ def check_input(handler: Handler, kind: str, input: Any) -> None:
         raise
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"{kind}: invalid input: {exc}") from None
+    except Exception as exc:
+        # A check that trips over the input (input["n"] of input without "n") refuses it
+        # too, named by its error: never a crash of the create, or of a worker process.
+        raise InvalidInputError(f"{kind}: invalid input: {type(exc).__name__}: {exc}") from None
 
 
 class JobContext:

@@ -23,7 +23,7 @@ from rich.console import Console
 
 from actors import EventType, JobEvent, JobState
 from transport._config import resolve
-from transport._display import PlainView
+from transport._display import PlainView, jobs_table
 from transport._exit import CLIError, ExitCode
 from transport._live import LiveView
 
@@ -414,8 +414,8 @@ def test_a_jobs_text_cannot_drive_the_terminal(capsys: pytest.CaptureFixture[str
     """A step label, error or reason is the handler's (or a worker's) text: its control
     characters are shown escaped, in plain output and on the live display, never obeyed; the
     live display does not read it as markup either."""
-    hostile = "\x1b]0;pwned\x07 [bold]x[/bold] \x1b[31mRED\rover"
-    shown = "\\x1b]0;pwned\\x07 [bold]x[/bold] \\x1b[31mRED\\rover"
+    hostile = "\x1b]0;pwned\x07 [bold]x[/bold] \x1b[31mRED\rover\nFORGED ROW\tx"
+    shown = "\\x1b]0;pwned\\x07 [bold]x[/bold] \\x1b[31mRED\\rover\\nFORGED ROW\\tx"
     view = PlainView("j1")
     data = {"progress": 10.0, "step": hostile}
     view.event(JobEvent("j1", "u", 2, EventType.PROGRESS, JobState.RUNNING, 1.0, data, "u", 2))
@@ -427,6 +427,10 @@ def test_a_jobs_text_cannot_drive_the_terminal(capsys: pytest.CaptureFixture[str
     console.print(live.progress.get_renderable())
     drawn = console.file.getvalue()  # type: ignore[attr-defined]
     assert shown in drawn and "\x1b]0;" not in drawn and "\x07" not in drawn
+    job = {"id": "j1", "kind": "k\nk", "state": "running", "progress": 1.0, "step": hostile}
+    jobs_table([{**job, "created_at": 0.0}], terminal=False)
+    (_, row) = capsys.readouterr().out.splitlines()  # one row, whatever the step holds
+    assert row.split()[:2] == ["j1", "k\\nk"] and row.endswith(shown)
 
 
 def test_the_resume_command_has_a_line_of_its_own(capsys: pytest.CaptureFixture[str]) -> None:

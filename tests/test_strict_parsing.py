@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed, open_websocket_url
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
-from actors import InvalidInputError, JobState, Runtime
+from actors import InvalidInputError, JobState, Runtime, validates
+from actors._worker import check_input
 from transport import CLOSE, RunningServer, open_client
 from transport._json import RefusedJsonError, loads_strict
 from transport._protocol import RequestError, parse_request
@@ -422,6 +423,18 @@ async def test_demo_inputs_are_validated_at_create(
     with pytest.raises(InvalidInputError):
         await jobspine_runtime.create_job(kind, "alice", input)
     assert (await jobspine_runtime.get_stats())["total"] == 0
+
+
+def test_a_check_that_trips_over_the_input_refuses_it() -> None:
+    """Whatever exception an input check raises refuses the input, named by its type: a
+    check that indexes a missing key never fails a create, nor a worker process."""
+
+    @validates(lambda input: input["n"] > 0)
+    async def needs_n(ctx: Any, input: Any) -> None: ...
+
+    with pytest.raises(InvalidInputError, match=r"^k: invalid input: KeyError: 'n'$"):
+        check_input(needs_n, "k", {})
+    check_input(needs_n, "k", {"n": 1})
 
 
 async def test_restart_validates_the_modified_input(jobspine_runtime: Runtime) -> None:

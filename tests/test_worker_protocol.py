@@ -157,9 +157,9 @@ async def test_a_worker_that_leaves_with_replies_queued_harms_no_one(tmp_path: P
 
 
 async def test_a_heartbeat_names_at_most_the_workers_capacity(tmp_path: Path) -> None:
-    """A worker runs at most its capacity: a heartbeat naming more jobs is one refusal, not
-    one error reply per entry, and beats nothing."""
-    async with assigned_steps_job(tmp_path) as (_, ws, job):
+    """A worker runs at most its capacity: a heartbeat naming more jobs is one refusal and
+    beats nothing; entries refused cost one error per heartbeat, not one per entry."""
+    async with assigned_steps_job(tmp_path) as (s, ws, job):
         ref = {"job_id": job.id, "attempt": 1}
         await send(ws, {"op": "heartbeat", "id": 1, "jobs": [ref] + [{**ref, "attempt": 2}] * 999})
         (error,), _ = await receive_flat(ws, 1)
@@ -168,6 +168,16 @@ async def test_a_heartbeat_names_at_most_the_workers_capacity(tmp_path: Path) ->
         await send(ws, {"op": "heartbeat", "id": 2, "jobs": [{**ref, "attempt": 2}]})
         (stale,), _ = await receive_flat(ws, 1)
         assert (stale["id"], stale["code"]) == (2, "stale_attempt"), stale
+        # Refused entries, in a batch of heartbeats: one error per heartbeat, not per entry.
+        async with raw_worker(s.running.url, ["other"], capacity=3) as other:
+            unknown = [{"job_id": f"nope{i}", "attempt": 1} for i in range(3)]
+            beats = [{"op": "heartbeat", "id": i, "jobs": unknown} for i in range(5)]
+            await send(other, {"op": "batch", "requests": beats})
+            errors, _ = await receive_flat(other, 5)
+            assert [(e["id"], e["code"]) for e in errors] == [(i, "not_assigned") for i in range(5)]
+            assert errors[0]["message"].endswith(" (and 2 more refused)"), errors[0]
+            with pytest.raises(trio.TooSlowError), trio.fail_after(0.3):
+                await other.get_message()  # nothing more
 
 
 async def test_a_fault_in_one_connection_closes_that_connection_only(
@@ -311,6 +321,8 @@ async def test_roles_are_kept_apart(tmp_path: Path) -> None:
         ({"kinds": ["a"], "capacity": 1, "name": "\x1b[31mred"}, 4002),
         ({"kinds": ["a\x00b"], "capacity": 1}, 4002),
         ({"kinds": ["a\u0085"], "capacity": 1}, 4002),
+        ({"kinds": ["a\u202e"], "capacity": 1}, 4002),
+        ({"kinds": ["a"], "capacity": 1, "name": "w\u2028forged"}, 4002),
     ],
 )
 async def test_bad_hellos_close(tmp_path: Path, hello: dict[str, Any], code: int) -> None:
@@ -553,6 +565,10 @@ async def test_a_worker_only_kinds_input_check_runs_in_its_worker(tmp_path: Path
         assert failed.error is not None and failed.error.type == "InvalidInputError"
         assert "n must be in 1..100" in failed.error.message
         assert "progress" not in await event_types(rt, bad.id)
+        # A check that trips over the input (a KeyError) refuses it; the worker serves on.
+        tripped = await wait_for_state(rt, (await rt.create_job("counted", "alice", {})).id)
+        assert tripped.state is JobState.FAILED and tripped.error is not None
+        assert tripped.error.message == "counted: invalid input: KeyError: 'n'"
         good = await rt.create_job("counted", "alice", {"n": 3})
         assert (await wait_for_state(rt, good.id)).result == {"counted": 3}
         nursery.cancel_scope.cancel()
@@ -643,6 +659,25 @@ async def test_jobspine_worker_refused_for_its_options_says_why(
         " from those a connected worker declared for it; one kind runs with one set of options"
     )
     assert "refused a worker's hello (w): options.flaky differ" in caplog.text
+
+
+async def test_a_refused_hello_is_logged_on_one_short_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server's warning quotes what was wrong, which may be the worker's own text (an
+    options key): escaped and cut, it forges no line and floods no log."""
+    forged = "k1\n2026-11-30 10:00:00,000 WARNING jobspine: FORGED\x1b[2J" + "x" * 100_000
+    async with (
+        worker_only_server(tmp_path / "db") as running,
+        open_websocket_url(running.url + "/worker") as ws,
+    ):
+        hello = {"op": "hello", "token": worker_token(), "kinds": ["k1"], "capacity": 1}
+        await send(ws, {**hello, "options": {forged: {}}})
+        assert await closed_with(ws) == 4002
+    (record,) = [r for r in caplog.records if "refused a worker's hello" in r.getMessage()]
+    line = record.getMessage()
+    assert line.isprintable() and len(line) < 400, line[:500]
+    assert "FORGED\\x1b[2J" in line
 
 
 async def test_the_kinds_workers_declare_are_bounded(

@@ -23,7 +23,6 @@ __all__ = [
     "MAX_USER_ID_LENGTH",
     "ROLES",
     "Principal",
-    "has_control_character",
     "mint_token",
     "user_id_problem",
     "verify_token",
@@ -75,15 +74,9 @@ def user_id_problem(user_id: object) -> str | None:
     1 to :data:`MAX_USER_ID_LENGTH` characters, none of them a control character."""
     if not isinstance(user_id, str) or not 1 <= len(user_id) <= MAX_USER_ID_LENGTH:
         return f"must be a string of 1 to {MAX_USER_ID_LENGTH} characters"
-    if has_control_character(user_id):
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in user_id):  # C0, DEL and C1
         return "must not contain control characters"
     return None
-
-
-def has_control_character(text: str) -> bool:
-    """Whether ``text`` holds a C0 or C1 control character or DEL: text that is logged or
-    shown (a user id, a worker's name and kinds) must not forge lines or drive a terminal."""
-    return any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in text)
 
 
 def verify_token(secret: str, token: str) -> Principal:

@@ -33,6 +33,7 @@ from ._display import (
     WatchView,
     describe_job,
     jobs_table,
+    one_line,
     stats_text,
     write,
     write_json,
@@ -182,7 +183,7 @@ def _show(args: argparse.Namespace, value: Any) -> None:
         elif isinstance(item, float):
             shown = f"{item:.1f}"
         else:
-            shown = item if isinstance(item, str) else orjson.dumps(item).decode()
+            shown = one_line(item) if isinstance(item, str) else orjson.dumps(item).decode()
         write(f"{key:<{width}}  {shown}\n")
 
 

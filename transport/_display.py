@@ -34,6 +34,7 @@ __all__ = [
     "jobs_table",
     "stats_text",
     "write",
+    "one_line",
     "visible",
     "write_json",
 ]
@@ -46,6 +47,7 @@ class StdoutClosedError(Exception):
 #: Control characters but newline and tab: what a job's step, error or input may carry (a
 #: handler or a worker sets them) and a terminal would obey (colours, titles, cursor moves).
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_FIELD = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 def _escape(control: re.Match[str]) -> str:
@@ -55,6 +57,12 @@ def _escape(control: re.Match[str]) -> str:
 def visible(text: str) -> str:
     """``text`` with every control character but newline and tab escaped (``\x1b``)."""
     return _CONTROL.sub(_escape, text)
+
+
+def one_line(text: object) -> str:
+    """A job's field (step, kind, error, reason) as shown: every control character escaped,
+    newline and tab too (a newline in a step would add a row to the ``jobs`` table)."""
+    return _FIELD.sub(_escape, str(text))
 
 
 def write(text: str, stream: TextIO | None = None) -> None:
@@ -109,12 +117,12 @@ _COLUMNS = ("ID", "KIND", "STATE", "PROGRESS", "CREATED", "RAN", "STEP")
 def _row(job: dict[str, Any], now: float, compact: bool = False) -> tuple[str, ...]:
     return (
         job["id"],
-        job["kind"],
+        one_line(job["kind"]),
         job["state"],
         f"{job['progress']:5.1f}%",
         _local_time(job["created_at"], compact),
         format_duration(_ran(job, now)),
-        job.get("step") or "",
+        one_line(job.get("step") or ""),
     )
 
 
@@ -156,7 +164,7 @@ def describe_job(job: dict[str, Any]) -> str:
     """One line for a job an action returned: ``ID state (attempt N) progress step``."""
     parts = [job["id"], job["state"], f"attempt {job['attempt']}", f"{job['progress']:.1f}%"]
     if job.get("step"):
-        parts.append(job["step"])
+        parts.append(one_line(job["step"]))
     return "  ".join(parts)
 
 
@@ -190,7 +198,7 @@ def change_line(event: JobEvent, job_id: str) -> str | None:
     data = event.data
     match event.type.value:
         case "paused" | "recovery":
-            reason = data.get("reason", "")
+            reason = one_line(data.get("reason", ""))
             # The command on a line of its own: a long reason must not wrap it mid-id.
             if reason == "shutdown":  # what a server's stop paused, its start resumes
                 return (
@@ -209,7 +217,7 @@ def change_line(event: JobEvent, job_id: str) -> str | None:
             return (
                 f"retrying in {data.get('delay', 0):.1f} s: attempt failed"
                 f" ({data.get('failed_attempts')} of {data.get('max_attempts')}):"
-                f" {error.get('type')}: {error.get('message')}"
+                f" {one_line(error.get('type'))}: {one_line(error.get('message'))}"
             )
         case "restarted" | "created" | "cancelled" | "deleted":
             return event.type.value
@@ -221,7 +229,7 @@ def final_line(job: dict[str, Any]) -> str:
         return "completed: " + _dumps(job["result"])
     if job["state"] == "failed":
         error = job.get("error") or {}
-        return f"failed: {error.get('type')}: {error.get('message')}"
+        return f"failed: {one_line(error.get('type'))}: {one_line(error.get('message'))}"
     return str(job["state"])
 
 
@@ -252,7 +260,7 @@ class PlainView:
         if event.type.value == "progress":
             if event.data["step"] != self.step:
                 self.step = event.data["step"]
-                write(f"{event.data['progress']:5.1f}%  {self.step or ''}\n")
+                write(f"{event.data['progress']:5.1f}%  {one_line(self.step or '')}\n")
             return
         line = change_line(event, self.job_id)
         if line is not None:

@@ -18,7 +18,7 @@ from rich.text import Text
 
 from actors import JobEvent
 
-from ._display import change_line, final_line, visible
+from ._display import change_line, final_line, one_line, visible
 from .client import Reset
 
 __all__ = ["LiveView", "rich_jobs_table"]
@@ -33,7 +33,7 @@ def rich_jobs_table(rows: list[tuple[str, ...]], columns: tuple[str, ...]) -> No
         table.add_column(name, no_wrap=True, justify=justify, min_width=width)
     table.add_column(columns[-1], no_wrap=True, overflow="ellipsis", ratio=1)
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*map(Text, row))  # as written: a step is text, not rich markup
     Console().print(table)
 
 
@@ -89,7 +89,7 @@ class LiveView:
 
     def _update(self, **fields: Any) -> None:
         if "step" in fields:
-            fields["step"] = visible(fields["step"])
+            fields["step"] = one_line(fields["step"])
         self.progress.update(self.task, **fields)
 
     def _print(self, line: str) -> None:

@@ -23,7 +23,7 @@ from actors import InvalidInputError, JobError, JobspineError, KindOptions, enco
 from actors._options import options_from_wire
 from actors._remote import RemoteAttempt, RemotePlacement, RemoteWorker
 
-from ._auth import has_control_character, verify_token
+from ._auth import verify_token
 from ._protocol import (
     CLOSE,
     PROTOCOL_VERSION,
@@ -153,19 +153,26 @@ def hello_problem(hello: WorkerHello) -> str | None:
         return "kinds: a kind is declared twice"
     if any(not 1 <= len(kind) <= 1024 for kind in hello.kinds):
         return "kinds: each kind has 1 to 1,024 characters"
-    if any(has_control_character(kind) for kind in hello.kinds):
-        return "kinds: a kind must not contain control characters"
+    if not all(kind.isprintable() for kind in hello.kinds):
+        return "kinds: a kind must be printable (no control, format or line separator character)"
     if not 1 <= hello.capacity <= MAX_CAPACITY:
         return f"capacity must be in 1..{MAX_CAPACITY}, not {hello.capacity}"
     if hello.name is not None and not 1 <= len(hello.name) <= MAX_NAME_LENGTH:
         return f"name has 1 to {MAX_NAME_LENGTH} characters"
-    if hello.name is not None and has_control_character(hello.name):
-        return "name must not contain control characters"
+    if hello.name is not None and not hello.name.isprintable():
+        return "name must be printable (no control, format or line separator character)"
     try:
         declared_options(hello)
     except InvalidInputError as exc:
         return str(exc)
     return None
+
+
+def _loggable(text: str, limit: int = 300) -> str:
+    """``text`` for one log line: at most ``limit`` characters, what is not printable escaped
+    (a refusal may quote what the worker sent: a newline in it would forge a line)."""
+    cut = text if len(text) <= limit else text[:limit] + "..."
+    return cut if cut.isprintable() else repr(cut)[1:-1]
 
 
 def _some(kinds: list[str], shown: int = 8, width: int = 64) -> str:
@@ -324,7 +331,9 @@ class WorkerConnection:
                 problem = self.server.runtime.supervisor.declaration_conflict(options)
             if problem is not None:
                 # Authenticated, so an operator's mistake (a worker of other code), not noise.
-                log.warning("refused a worker's hello (%s): %s", principal.user_id, problem)
+                log.warning(
+                    "refused a worker's hello (%s): %s", principal.user_id, _loggable(problem)
+                )
                 raise ProtocolError("protocol_error", f"hello: {problem}")
         except ProtocolError as exc:
             await self.ws.aclose(CLOSE.get(exc.code, CLOSE["protocol_error"]), exc.message[:120])
@@ -441,11 +450,18 @@ class WorkerConnection:
                         f"heartbeat: {len(body.jobs)} jobs, more than this worker's capacity"
                         f" ({capacity})",
                     )
+                refused: list[ProtocolError] = []
                 for ref in body.jobs:  # each entry on its own: one refusal skips no other
                     try:
                         self._attempt(ref.job_id, ref.attempt).beat()
                     except ProtocolError as exc:
-                        self._push(error_message(request.id, exc.code, exc.message))
+                        refused.append(exc)
+                if refused:
+                    # One error per heartbeat, however many entries it refused: a batch of
+                    # heartbeats naming unknown jobs made 63,000 error replies from one frame.
+                    first = refused[0]
+                    more = f" (and {len(refused) - 1} more refused)" if len(refused) > 1 else ""
+                    self._push(error_message(request.id, first.code, first.message + more))
                 return
             if isinstance(body, _REPORTS):
                 queued = self._reports.get(body.job_id)
