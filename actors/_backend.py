@@ -119,6 +119,8 @@ class JobQuery:
     tag: str | None = None
     #: Only the children of this job.
     parent_id: str | None = None
+    #: Only the children of these jobs (one query for a generation of a tree).
+    parent_ids: frozenset[str] | None = None
 
     def matches(self, job: Job) -> bool:
         return (
@@ -127,6 +129,7 @@ class JobQuery:
             and (self.kind is None or job.kind == self.kind)
             and (self.tag is None or self.tag in job.tags)
             and (self.parent_id is None or job.parent_id == self.parent_id)
+            and (self.parent_ids is None or job.parent_id in self.parent_ids)
             and (
                 self.heartbeat_before is None
                 or (

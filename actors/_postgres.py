@@ -630,6 +630,9 @@ class PostgresBackend:
         if query.parent_id is not None:
             where.append("parent_id = %s")
             params.append(query.parent_id)
+        if query.parent_ids is not None:
+            where.append("parent_id = ANY(%s)")
+            params.append(sorted(query.parent_ids))
         if query.tag is not None:
             # The second condition lets the partial index jobs_tags serve it.
             where.append("tags @> ARRAY[%s]::text[] AND tags <> '{}'")

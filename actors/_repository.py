@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import trio
@@ -32,17 +32,19 @@ from ._worker import Handler
 __all__ = ["Repository"]
 
 S = JobState
+T = TypeVar("T")
 _ACTIVE = frozenset({S.CREATED, S.RUNNING})
 
 #: Children of one cancelled job cancelled at a time: enough to share commits, few enough
 #: that other users' writes queued meanwhile wait behind a few dozen, not thousands.
 CANCEL_WAVE = 64
-#: A cancelled tree's jobs whose children are listed at a time (each listing is a barrier:
-#: the store commits what is pending first, and serves nothing else meanwhile).
+#: Listings of a cancelled tree's children at a time (each is a barrier: the store commits
+#: what is pending first, and serves nothing else meanwhile), and parents per listing.
 LIST_WAVE = 8
+PARENTS_PER_LIST = 500
 
 
-async def _each(items: list[str], fn: Callable[[str], Awaitable[None]], at_once: int) -> None:
+async def _each(items: list[T], fn: Callable[[T], Awaitable[None]], at_once: int) -> None:
     """``fn(item)`` for every item, ``at_once`` at a time (tasks that take the next item)."""
     pending = iter(items)  # shared: each task takes the next item
 
@@ -332,7 +334,8 @@ class Repository:
 
     async def _cancel_children(self, job_id: str, by: str | None) -> None:
         # Parent links are fixed at create and point to older jobs: the walk ends. The whole
-        # tree is listed first (each generation at once), then every unfinished descendant
+        # tree is listed first (a generation at a time, PARENTS_PER_LIST parents per query:
+        # one query per parent held others' writes for seconds), then every unfinished descendant
         # is cancelled at once, so that the writes share commits: one by one, with a list
         # query (a barrier, which commits what is pending) between them, 1,000 children
         # took 1,000 commits. Bounded, listings (LIST_WAVE) and cancels (CANCEL_WAVE): all at
@@ -342,15 +345,19 @@ class Repository:
         unfinished: list[str] = []
         below: list[str] = []
 
-        async def list_children(parent: str) -> None:
-            for child in await self._store.list_jobs(JobQuery(parent_id=parent)):
+        async def list_children(parents: frozenset[str]) -> None:
+            for child in await self._store.list_jobs(JobQuery(parent_ids=parents)):
                 below.append(child.id)
                 if child.state in _ACTIVE or child.state is S.PAUSED:
                     unfinished.append(child.id)
 
         level = [job_id]
         while level:
-            await _each(level, list_children, LIST_WAVE)
+            chunks = [
+                frozenset(level[i : i + PARENTS_PER_LIST])
+                for i in range(0, len(level), PARENTS_PER_LIST)
+            ]
+            await _each(chunks, list_children, LIST_WAVE)
             level, below = below, []
 
         errors: list[JobspineError] = []

@@ -452,6 +452,9 @@ class SqliteBackend:
         if query.parent_id is not None:
             where.append("parent_id = ?")
             params.append(query.parent_id)
+        if query.parent_ids is not None:
+            where.append(f"parent_id IN ({', '.join('?' * len(query.parent_ids))})")
+            params.extend(sorted(query.parent_ids))
         if query.tag is not None:
             where.append("id IN (SELECT job_id FROM job_tags WHERE tag = ?)")
             params.append(query.tag)

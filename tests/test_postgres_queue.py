@@ -99,6 +99,12 @@ async def test_children_and_tags_filter_listings(backend: Backend) -> None:
     assert [j.id for j in await backend.query(JobQuery(tag="n1"))] == ["02C1"]
     assert await backend.query(JobQuery(tag="batch", user_id="bob")) == []
     assert await backend.query(JobQuery(parent_id="02C0")) == []
+    # The children of several parents in one query (a generation of a tree).
+    grandchild = job("04G", parent_id="02C1")
+    await backend.commit([grandchild], [], (), {})
+    several = await backend.query(JobQuery(parent_ids=frozenset({"01P", "02C1", "none"})))
+    assert [j.id for j in several] == ["04G", "02C2", "02C1", "02C0"]
+    assert await backend.query(JobQuery(parent_ids=frozenset({"02C0", "03X"}))) == []
 
 
 async def test_renewal_extends_only_the_owners_live_claims(backend: Backend) -> None:
