@@ -24,6 +24,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 import orjson
@@ -816,9 +817,35 @@ SCENARIOS = [
 FAILURES = ("events lost", "jobs lost", "jobs with attempts", "backoff outside", "retries started")
 
 
+def chosen_scenarios(args: argparse.Namespace) -> list[str]:
+    """The scenarios to run, each once, in order; with fanout, the ``--peers`` and any peer
+    named run right after it, so that its table shows the ratios to them."""
+    chosen = list(dict.fromkeys(SCENARIOS if "all" in args.scenario else args.scenario))
+    if "fanout" in chosen:
+        peers = [peer for peer in PEERS if peer in args.peers or peer in chosen]
+        chosen = [name for name in chosen if name not in peers]
+        after = chosen.index("fanout") + 1
+        chosen[after:after] = peers
+    return chosen
+
+
+async def redis_answers(url: str) -> bool:
+    """Whether a Redis server answers PING at ``url`` within 2 s."""
+    parts = urlsplit(url)
+    with trio.move_on_after(2):
+        try:
+            stream = await trio.open_tcp_stream(parts.hostname or "127.0.0.1", parts.port or 6379)
+            async with stream:
+                await stream.send_all(b"PING\r\n")
+                return (await stream.receive_some(64)).startswith((b"+PONG", b"-NOAUTH"))
+        except OSError:
+            return False
+    return False
+
+
 async def run(args: argparse.Namespace) -> list[Row]:
     workdir = Path(tempfile.mkdtemp(prefix="jobspine-bench-"))
-    chosen = SCENARIOS if "all" in args.scenario else args.scenario
+    chosen = chosen_scenarios(args)
     rows: list[Row] = []
     try:
         for name in chosen:
@@ -835,6 +862,9 @@ async def run(args: argparse.Namespace) -> list[Row]:
                     progress_line(
                         f"[{name}] skipped: {name} is not installed (pip install -e '.[bench]')"
                     )
+                    continue
+                if not await redis_answers(args.redis):
+                    progress_line(f"[{name}] skipped: no Redis answers at {args.redis} (--redis)")
                     continue
                 for jobs in args.peer_jobs:
                     peer_rows, _ = await peer_fanout(args, workdir, jobs, name)
@@ -930,8 +960,16 @@ def parser() -> argparse.ArgumentParser:
         "--saq-jobs",
         type=amount(int, 1),
         nargs="+",
-        default=[100, 1000],
-        help="fanout sizes run on the peers (saq, arq)",
+        default=None,
+        help="fanout sizes run on the peers (saq, arq; default: the --jobs sizes)",
+    )
+    p.add_argument(
+        "--peers",
+        nargs="*",
+        choices=list(PEERS),
+        default=None,
+        help="the peers run right after fanout, on --peer-jobs, for the ratios (default: saq"
+        " arq, none with --smoke; --peers alone: none)",
     )
     p.add_argument("--redis", default="redis://127.0.0.1:6379")
     p.add_argument("--idle-jobs", type=amount(int, 1), default=10_000)
@@ -992,8 +1030,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with the defaults that depend on other options filled in."""
     args = parser().parse_args(argv)
+    if args.peers is None:
+        args.peers = [] if args.smoke else list(PEERS)
     if args.smoke:
         if "all" in args.scenario:
             args.scenario = ["fanout"]
@@ -1003,6 +1044,13 @@ def main(argv: list[str] | None = None) -> int:
         from bench.multinode import smoke
 
         smoke(args)
+    if args.peer_jobs is None:
+        args.peer_jobs = list(args.jobs)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     rows = trio.run(run, args)
     meta = versions()
     print(table(rows, meta))

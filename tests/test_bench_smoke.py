@@ -48,7 +48,7 @@ def test_fanout_through_the_queue_and_idle_past_the_default_capacity(tmp_path: P
     """The issue's fanout shape (``--updates`` back to back, ``--running`` at once, the rest
     queued) loses nothing; the idle scenario runs more jobs at once than the runtime's
     default ``max_running`` (1,000), which it must raise for them."""
-    args = ["--scenario", "fanout", "idle", "--jobs", "60", "--running", "20"]
+    args = ["--scenario", "fanout", "idle", "--jobs", "60", "--running", "20", "--peers"]
     args += ["--updates", "10", "--idle-jobs", "1200", "--idle-every", "1", "--idle-window", "1"]
     rows, _ = run_bench(tmp_path, *args)
     assert rows[("fanout 60", "events lost / gaps / resets")]["value"] == 0
@@ -56,16 +56,49 @@ def test_fanout_through_the_queue_and_idle_past_the_default_capacity(tmp_path: P
     assert rows[("idle 1200", "jobs running at once")]["value"] == 1200
 
 
-def test_the_peer_baselines_run_and_stop_cleanly(tmp_path: Path) -> None:
-    """saq and arq on the local Redis, at a small size: each reports its rows, and neither
-    leaves a traceback behind (saq's pub/sub listener once unsubscribed after the disconnect)."""
+def test_fanout_runs_beside_the_peers_and_shows_the_ratios(tmp_path: Path) -> None:
+    """``--scenario fanout`` brings saq and arq on the local Redis, on the same size: each
+    reports its rows and jobspine's ratios to it, and neither leaves a traceback behind (saq's
+    pub/sub listener once unsubscribed after the disconnect)."""
     out = tmp_path / "peers.json"
-    args = ["--scenario", "saq", "arq", "--peer-jobs", "50", "--running", "20", "--updates", "5"]
+    args = ["--scenario", "fanout", "--jobs", "50", "--running", "20", "--updates", "5"]
     result = run_module("bench.run", *args, "--json", str(out))
     assert "Traceback" not in result.stdout + result.stderr, result.stderr
     rows = {(r["scenario"], r["measure"]): r for r in orjson.loads(out.read_bytes())["rows"]}
+    assert rows[("fanout 50", "events lost / gaps / resets")]["value"] == 0
     for peer in ("saq", "arq"):
         assert rows[(f"{peer} 50", "progress updates observed/s")]["value"] > 0
+        ratio = rows[(f"vs {peer} 50", f"events/s ratio jobspine/{peer}")]
+        assert ratio["value"] > 0 and ratio["goal"].startswith(">=")
+        assert rows[(f"vs {peer} 50", f"p99 latency ratio jobspine/{peer}")]["value"] > 0
+        assert f"vs {peer} 50" in result.stdout  # in the printed table too
+
+
+def test_fanout_brings_the_peers_once_unless_told_otherwise() -> None:
+    from bench.run import SCENARIOS, chosen_scenarios, parse_args
+
+    def chosen(*argv: str) -> list[str]:
+        return chosen_scenarios(parse_args(list(argv)))
+
+    assert chosen("--scenario", "fanout") == ["fanout", "saq", "arq"]
+    assert chosen("--scenario", "arq", "idle", "fanout") == ["idle", "fanout", "saq", "arq"]
+    assert chosen("--scenario", "arq", "fanout", "--peers") == ["fanout", "arq"]
+    assert chosen("--scenario", "arq") == ["arq"]
+    assert chosen("--scenario", "fanout", "--peers", "arq") == ["fanout", "arq"]
+    assert chosen("--scenario", "fanout", "--peers") == ["fanout"]
+    assert chosen("--smoke") == ["fanout"]  # seconds: no peers unless asked
+    assert chosen("--smoke", "--peers", "saq") == ["fanout", "saq"]
+    assert chosen() == SCENARIOS  # all, each once
+    assert parse_args(["--jobs", "30", "70"]).peer_jobs == [30, 70]  # the same sizes
+    assert parse_args(["--jobs", "30", "--peer-jobs", "5"]).peer_jobs == [5]
+
+
+def test_a_peer_without_redis_is_skipped_with_the_reason(tmp_path: Path) -> None:
+    args = ["--scenario", "saq", "arq", "--peer-jobs", "10", "--redis", "redis://127.0.0.1:1"]
+    rows, _ = run_bench(tmp_path, *args)
+    assert rows == {}
+    result = run_module("bench.run", *args, "--json", str(tmp_path / "none.json"))
+    assert "[saq] skipped: no Redis answers at redis://127.0.0.1:1" in result.stderr
 
 
 def test_in_process_enqueue_bench_smoke(tmp_path: Path) -> None:
@@ -97,7 +130,7 @@ def test_a_cpu_bound_fanout_compares_two_worker_processes_with_one(tmp_path: Pat
     """``--handler-cpu`` makes each handler hold its CPU before each update (what worker
     processes spread over cores); with 1 and 2 processes the table has their ratio."""
     args = ["--scenario", "fanout", "--jobs", "20", "--running", "10", "--updates", "5"]
-    args += ["--worker-processes", "1", "2", "--handler-cpu", "2"]
+    args += ["--worker-processes", "1", "2", "--handler-cpu", "2", "--peers"]
     rows, _ = run_bench(tmp_path, *args)
     for label in ("fanout 20 in 1 worker", "fanout 20 in 2 workers"):
         assert rows[(label, "events lost / gaps / resets")]["value"] == 0
@@ -180,7 +213,7 @@ def test_a_fanout_observed_through_user_rooms_only_delivers_each_event_once(
     tmp_path: Path,
 ) -> None:
     args = ["--scenario", "fanout", "--jobs", "30", "--running", "10", "--updates", "5"]
-    rows, _ = run_bench(tmp_path, *args, "--observer-rooms", "user")
+    rows, _ = run_bench(tmp_path, *args, "--observer-rooms", "user", "--peers")
     assert rows[("fanout 30", "events lost / gaps / resets")]["value"] == 0
     assert rows[("fanout 30", "deliveries/s (1 per event)")]["value"] > 0
     assert ("fanout 30", "deliveries/s (2 per event)") not in rows
