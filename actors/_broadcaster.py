@@ -91,9 +91,10 @@ class BroadcasterConfig:
     lag_window: float = 60.0
     #: Events read from the durable log per store request while replaying.
     page_size: int = 1000
-    #: Bytes of missed events (their encoded messages) one join replays at most: a cursor
-    #: further behind gets a snapshot reset (``cursor_too_far``) instead, so that a join
-    #: never holds more than this in memory (16 MiB: about 60,000 progress events).
+    #: Bytes of missed events (their encoded messages) one connection has replayed and not
+    #: yet read, at most: a join that would exceed it gets a snapshot reset
+    #: (``cursor_too_far``) instead, so that no connection holds more than this of replays
+    #: in memory (16 MiB: about 60,000 progress events).
     replay_bytes: int = 16 * 1024 * 1024
     #: An event ``data`` value whose JSON is larger than this (bytes) is sent as an
     #: ``{"$omitted": field, "size": bytes}`` marker; clients fetch it with ``get_payload``.
@@ -130,11 +131,7 @@ BACKLOG_ENTRY_OVERHEAD = 512
 
 
 class _TooFar(Exception):  # noqa: N818 - a join's outcome, caught in Broadcaster.join
-    """The missed events are more than ``replay_bytes``."""
-
-    def __init__(self, budget: int) -> None:
-        super().__init__(budget)
-        self.budget = budget
+    """The missed events are more than the connection's replay budget."""
 
 
 def _cost(data: bytes) -> int:
@@ -192,6 +189,10 @@ class Outbox:
         self._progress: dict[str, list[Any]] = {}
         self._live = 0  # queued live events, markers not included
         self._live_bytes = 0  # bytes of queued live events and markers
+        self._replayed_bytes = 0  # bytes of queued replayed events
+        #: Bytes of the replays joined on this connection and not queued yet (see
+        #: :meth:`Broadcaster.join`).
+        self.replay_reserved = 0
         self._wakeup = trio.Event()
         self._lag_times: deque[float] = deque()
         self.subscriptions: dict[str, Subscription] = {}
@@ -211,6 +212,12 @@ class Outbox:
     def queued_bytes(self) -> int:
         """Bytes of queued live events and skipped markers (what ``overflow_bytes`` bounds)."""
         return self._live_bytes
+
+    @property
+    def replay_bytes(self) -> int:
+        """Bytes of replayed events queued or joined to be queued, not yet handed to the
+        sender (what ``replay_bytes`` bounds, per connection)."""
+        return self._replayed_bytes + self.replay_reserved
 
     def push_control(self, data: bytes) -> None:
         self._entries.append([_CONTROL, data, None, None, 0, 0, 0, 0])
@@ -245,6 +252,8 @@ class Outbox:
                 ):
                     self._coalesce(previous)
                 self._progress[event.job_id] = entry
+        else:
+            self._replayed_bytes += len(data)
         self._entries.append(entry)
         if live and (
             self._live > self.config.overflow_after or self._live_bytes > self.config.overflow_bytes
@@ -287,6 +296,7 @@ class Outbox:
         self._progress.clear()
         self._live = 0
         self._live_bytes = 0
+        self._replayed_bytes = 0
         rooms = sorted(self.subscriptions)
         for sub in self.subscriptions.values():
             sub.suspended = True
@@ -320,6 +330,8 @@ class Outbox:
                     del self._progress[entry[_JOB]]
             elif kind == _SKIPPED:
                 self._live_bytes -= entry[_SIZE]
+            elif kind == _REPLAY:
+                self._replayed_bytes -= len(data)
             if data:
                 messages.append(data)
                 size += len(data) + 1
@@ -342,6 +354,8 @@ class Subscription:
     replaying: bool = True
     suspended: bool = False
     held: list[tuple[JobEvent | StoredEvent, bytes]] = attrs.field(factory=list)
+    #: Bytes of the history joined, counted in the outbox's ``replay_reserved`` until queued.
+    reserved: int = 0
     #: The user the fan-out tracks for this subscription (cluster mode), once watched.
     user: str | None = None
 
@@ -577,14 +591,24 @@ class Broadcaster:
             horizon = 0 if kind == "job" else await self.store.user_horizon(ident)
             history = None
             if cursor.seq >= horizon:
+                # One budget per connection, not per join: replays it has not read yet count
+                # (else subscribing again and again would queue a replay each time).
+                queued = outbox.replay_bytes
                 try:
-                    history = await self._history(kind, ident, room, cursor.seq, head)
-                except _TooFar as exc:
+                    history = await self._history(
+                        kind, ident, room, cursor.seq, head, self.config.replay_bytes - queued
+                    )
+                except _TooFar:
                     reason = (
                         f"cursor_too_far: the {head - cursor.seq} events after sequence"
-                        f" {cursor.seq} are more than the {exc.budget:,} bytes one replay"
-                        " may hold"
+                        f" {cursor.seq} are more than the {self.config.replay_bytes:,} bytes"
+                        " one replay may hold"
                     )
+                    if queued:
+                        reason += (
+                            f", {queued:,} of them taken by replays this connection has not"
+                            " read yet"
+                        )
                     return JoinResult(room, epoch, head, False, 0, reason)
             if history is None:
                 # Retention removed events after the cursor (also when it happened during
@@ -596,6 +620,8 @@ class Broadcaster:
                 )
                 return JoinResult(room, epoch, head, False, 0, reason)
             sub.held[:0] = history
+            sub.reserved = sum(len(data) for _, data in history)
+            outbox.replay_reserved += sub.reserved
             sub.last_seq = cursor.seq
             return JoinResult(room, epoch, head, recovered=True, replayed=len(history))
         except BaseException:
@@ -613,18 +639,22 @@ class Broadcaster:
             fanout.start(user, await self.store.user_head(user))
 
     async def _history(
-        self, kind: str, ident: str, room: str, after: int, head: int
+        self, kind: str, ident: str, room: str, after: int, head: int, budget: int
     ) -> list[tuple[JobEvent | StoredEvent, bytes]] | None:
         """The room's events after ``after`` up to ``head``; None for a user room whose log
         has a hole there (``user_seq`` is gap-free but for what retention removed).
-        :class:`_TooFar` once they are more than ``replay_bytes``."""
+        :class:`_TooFar` once they are more than ``budget`` bytes."""
         if after >= head:
             return []
         backlog = self._backlogs.get(room)
         if backlog and backlog[0][0] <= after + 1:
-            return [(event, data) for seq, event, data in backlog if after < seq <= head]
+            recent: list[tuple[JobEvent | StoredEvent, bytes]] = [
+                (event, data) for seq, event, data in backlog if after < seq <= head
+            ]
+            if sum(len(data) for _, data in recent) > budget:
+                raise _TooFar
+            return recent
         history: list[tuple[JobEvent | StoredEvent, bytes]] = []
-        budget = self.config.replay_bytes
         size = 0
         while after < head:
             page = await self.store.read_records(kind, ident, after, self.config.page_size)
@@ -639,7 +669,7 @@ class Broadcaster:
                 data = self.replayed(event)
                 size += len(data)
                 if size > budget:
-                    raise _TooFar(budget)
+                    raise _TooFar
                 history.append((event, data))
                 after = seq
             else:
@@ -660,6 +690,8 @@ class Broadcaster:
         sub = outbox.subscriptions.get(room)
         if sub is None or not sub.replaying:
             return
+        outbox.replay_reserved -= sub.reserved  # queued now (or dropped), counted as such
+        sub.reserved = 0
         if sub.suspended:
             # The connection lagged during the join: the client ignored that ``lagged`` (the
             # room was not live until the reply just queued), so it is told again, after it.
@@ -680,6 +712,8 @@ class Broadcaster:
         sub = outbox.subscriptions.pop(room, None)
         if sub is None:
             return
+        outbox.replay_reserved -= sub.reserved
+        sub.reserved = 0
         if sub.user is not None and self.fanout is not None:
             self.fanout.unwatch(sub.user)
         subs = self._rooms.get(room)

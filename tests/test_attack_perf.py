@@ -602,12 +602,9 @@ async def test_events_cancelled_while_waiting_keeps_the_next_event() -> None:
             break
 
 
-async def test_a_backlog_served_replay_is_not_bounded_by_the_budget() -> None:
-    """Documents a boundary: ``replay_bytes`` bounds replays from the durable log only. With a
-    budget of 0, a cursor the backlog covers is still replayed (recovered), while the same
-    cursor served from the log gets cursor_too_far. With the defaults the backlogs (8 MiB
-    in all) are smaller than the budget (16 MiB), so no join holds more than the budget."""
-    assert BroadcasterConfig().backlog_bytes <= BroadcasterConfig().replay_bytes
+async def test_the_replay_budget_bounds_backlog_served_replays_too() -> None:
+    """``replay_bytes`` bounds a replay from the backlog as it bounds one from the durable
+    log: with a budget of 0, a cursor one event behind gets cursor_too_far either way."""
     async with open_runtime(
         backend=MemoryBackend(),
         handlers={"steps": steps},
@@ -619,13 +616,55 @@ async def test_a_backlog_served_replay_is_not_bounded_by_the_budget() -> None:
         room = f"job:{job_id}"
         head = (await rt.get_job(job_id)).seq
         outbox = Outbox(b.config)
-        joined = await b.join(outbox, room, Cursor(rt.epoch, head - 1))
-        assert joined.recovered and joined.replayed == 1  # from the backlog
+        for from_backlog in (True, False):
+            if not from_backlog:
+                b._backlogs.clear()
+            assert bool(b._backlogs.get(room)) is from_backlog
+            joined = await b.join(outbox, room, Cursor(rt.epoch, head - 1))
+            assert not joined.recovered
+            assert (joined.reset_reason or "").startswith("cursor_too_far:")
+            b.leave(outbox, room)
+
+
+async def test_replays_a_connection_has_not_read_share_one_budget() -> None:
+    """Subscribing again and again with an old cursor, without reading, queues at most
+    ``replay_bytes`` of replays on the connection: past it a join gets cursor_too_far (a
+    snapshot, nothing lost), and once the client reads, replays are served again. Before,
+    each subscribe queued another full replay: a slow reader grew the server's memory by
+    150 MB per second."""
+    async with open_runtime(
+        backend=MemoryBackend(),
+        handlers={"steps": steps},
+        broadcast=BroadcasterConfig(backlog=1, backlog_bytes=1),
+    ) as rt:
+        b = rt.broadcaster
+        assert b is not None
+        job_id = await _finished_job(rt)
+        missed = await rt._store.read_events(job_id)
+        one = sum(len(b.encode(e)) for e in missed)  # one full replay of the job room
+        b.config = attrs.evolve(b.config, replay_bytes=3 * one)
+        outbox = Outbox(b.config)
+        room = f"job:{job_id}"
+        outcomes = []
+        for _ in range(5):
+            joined = await b.join(outbox, room, Cursor(rt.epoch, 0))
+            b.finish_join(outbox, room)
+            outcomes.append(joined.recovered)
+            assert outbox.replay_bytes <= b.config.replay_bytes
+        assert outcomes == [True, True, True, False, False]
+        assert "not read yet" in (joined.reset_reason or "")
+        # Another room of the same connection shares the budget too.
+        joined = await b.join(outbox, "user:u", Cursor(rt.epoch, 0))
+        assert not joined.recovered and outbox.replay_bytes == 3 * one
+        # Read: the replays leave the budget; the next join is served again.
+        while outbox.take(max_bytes=1 << 22):
+            pass
+        assert outbox.replay_bytes == 0
+        joined = await b.join(outbox, room, Cursor(rt.epoch, 0))
+        assert joined.recovered and joined.replayed == len(missed)
+        # A join left before it finished gives its reservation back.
         b.leave(outbox, room)
-        b._backlogs.clear()
-        joined = await b.join(outbox, room, Cursor(rt.epoch, head - 1))
-        assert not joined.recovered
-        assert (joined.reset_reason or "").startswith("cursor_too_far:")
+        assert outbox.replay_bytes == 0
 
 
 async def test_a_reset_reply_waits_for_room_in_a_full_event_buffer() -> None:
