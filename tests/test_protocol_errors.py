@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -155,6 +156,30 @@ async def test_first_frame_must_be_hello(served: RunningServer) -> None:
         await send(ws, {"op": "hello", "id": 1, "token": token("alice"), "protocol": 9})
         code, _ = await closed_with(ws)
         assert code == CLOSE["protocol_error"]
+
+
+@pytest.mark.parametrize("size", [100_000, 1_000_000, 3_000_000])
+async def test_a_hello_over_the_frame_limit_closes_with_1009_unread(
+    served: RunningServer, size: int
+) -> None:
+    """Before its hello is accepted nobody is known: a connection may send the handshake and
+    one client frame (``max_frame_size``, 4 KiB here, plus 32 KiB), whatever the websocket
+    layer's own limit (2 MiB, the worker endpoint's). Before, a 1 MB token was read whole and
+    parsed (4003), and 150 sockets each holding an unfinished 2 MiB hello took 250 MB."""
+    async with open_websocket_url(served.url) as ws, trio.open_nursery() as nursery:
+
+        async def hello() -> None:
+            with trio.move_on_after(5):  # the server may stop reading first
+                with contextlib.suppress(ConnectionClosed):
+                    await send(ws, {"op": "hello", "id": 1, "token": "x" * size})
+
+        nursery.start_soon(hello)
+        code, reason = await closed_with(ws)
+        assert code == CLOSE["too_big"], reason
+        if size < 2 * 1024 * 1024:
+            assert "before the hello" in (reason or "")
+    async with open_client(served.url, token("bob")) as bob:  # the next one is served
+        assert (await bob.ping())["pong"] > 0
 
 
 async def test_token_expiry_closes_and_refresh_extends(served: RunningServer) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -331,6 +331,29 @@ async def test_bad_hellos_close(tmp_path: Path, hello: dict[str, Any], code: int
             await send(ws, {"op": "hello", "token": worker_token(), **hello})
             assert await closed_with(ws) == code
         assert s.running.server.workers.workers == []
+
+
+async def test_a_worker_hello_may_declare_the_most_kinds_but_no_more_bytes(
+    tmp_path: Path,
+) -> None:
+    """A hello declaring 256 kinds of 1,024 characters (the most allowed) is read; one over
+    ``MAX_WORKER_HELLO`` bytes closes with 1009 before the server reads it all (nobody is
+    known before the hello: the endpoint's 2 MiB frames are for authenticated workers)."""
+    from transport._workers import MAX_KINDS, MAX_WORKER_HELLO
+
+    async with served(tmp_path / "db", "in_process") as s:
+        kinds = [f"{i:04d}" + "k" * 1020 for i in range(MAX_KINDS)]
+        async with open_websocket_url(s.running.url + "/worker") as ws:
+            hello = {"op": "hello", "id": 0, "token": worker_token(), "capacity": 1}
+            await send(ws, {**hello, "kinds": kinds})
+            reply = await receive(ws)
+            assert reply["type"] == "reply", reply
+        async with open_websocket_url(s.running.url + "/worker") as ws:
+            padding = "p" * MAX_WORKER_HELLO
+            with trio.move_on_after(5):
+                with suppress(ConnectionClosed):
+                    await send(ws, {"op": "hello", "token": worker_token(), "name": padding})
+            assert await closed_with(ws) == CLOSE["too_big"]
 
 
 async def test_reports_are_fenced_and_malformed_frames_refused(tmp_path: Path) -> None:

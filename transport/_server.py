@@ -56,7 +56,7 @@ from ._protocol import (
     reply_message,
 )
 from ._wire import GuardedStream, serve_websockets
-from ._workers import WORKER_PATH, WorkerConnection
+from ._workers import MAX_WORKER_HELLO, WORKER_PATH, WorkerConnection
 
 __all__ = ["Server", "ServerConfig"]
 
@@ -100,9 +100,10 @@ class ServerConfig:
 
 
 class Connection:
-    def __init__(self, server: Server, ws: WebSocketConnection) -> None:
+    def __init__(self, server: Server, ws: WebSocketConnection, stream: GuardedStream) -> None:
         self.server = server
         self.ws = ws
+        self.stream = stream
         self.outbox = Outbox(server.broadcaster.config)
         self.principal: Principal | None = None
         self.inflight = 0
@@ -187,6 +188,7 @@ class Connection:
             await self.ws.aclose(code, exc.message[:120])
             return False
         self.next_heartbeat = trio.current_time() + config.heartbeat_interval
+        self.stream.admit()
         self.outbox.push_control(reply_message(request.id, self._welcome()))
         return True
 
@@ -686,6 +688,9 @@ class Server:
                             max_message_size=max(
                                 self.config.max_frame_size, self.config.max_message_size
                             ),
+                            # The opening handshake (h11 reads at most 16 KiB of headers)
+                            # and one hello frame.
+                            unadmitted_bytes=self.config.max_frame_size + 32 * 1024,
                         )
                     )
                     task_status.started(self)
@@ -719,9 +724,10 @@ class Server:
         ws = await request.accept()
         stream.connection = ws  # so that a client's protocol error gets its close frame
         if request.path.partition("?")[0].rstrip("/") == WORKER_PATH:
+            stream.bound(MAX_WORKER_HELLO)
             await WorkerConnection(self, ws, stream).run()
         else:
-            await Connection(self, ws).run()
+            await Connection(self, ws, stream).run()
 
     async def _ticker(self) -> None:
         """One timer for all connections: heartbeats with room heads, token expiry."""

@@ -47,15 +47,37 @@ class GuardedStream(trio.abc.Stream):
     """One accepted TCP stream. ``connection`` is set once the websocket is accepted; when it
     is failed for a client's protocol error and no close frame went out, :meth:`aclose`
     sends one, unless a send is under way or was interrupted mid-frame (the close frame
-    would then be garbage in the middle of another frame)."""
+    would then be garbage in the middle of another frame).
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    Until :meth:`admit` (its hello accepted), the stream reads at most ``unadmitted_bytes``
+    (the handshake and the hello): past them it reads as closed, and :meth:`aclose` sends a
+    1009 close frame. The websocket layer's message limit is the worker endpoint's (2 MiB),
+    and nobody is known yet: without this, any socket could make the server buffer that
+    much before it authenticates."""
+
+    def __init__(self, stream: trio.SocketStream, unadmitted_bytes: int | None = None) -> None:
         self._stream = stream
         self._close_sent = False
         self._sending = False
         self._torn = False
         self._closed: trio.Event | None = None
+        self._unadmitted_left = unadmitted_bytes
+        self._over = False
         self.connection: WebSocketConnection | None = None
+
+    def admit(self) -> None:
+        """The connection is authenticated: reads are no longer bounded here."""
+        self._unadmitted_left = None
+
+    def bound(self, more: int) -> None:
+        """Until :meth:`admit`, read at most ``more`` bytes from now on (the hello of an
+        endpoint that takes larger ones)."""
+        if self._unadmitted_left is not None:
+            self._unadmitted_left = more
+
+    @property
+    def admitted(self) -> bool:
+        return self._unadmitted_left is None
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         # trio-websocket writes one wsproto event per call, so a frame starts each call.
@@ -80,7 +102,16 @@ class GuardedStream(trio.abc.Stream):
         await self._stream.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return await self._stream.receive_some(max_bytes)
+        left = self._unadmitted_left
+        if left is None:
+            return await self._stream.receive_some(max_bytes)
+        if left <= 0:
+            self._over = True
+            return b""  # read as closed: the websocket layer stops reading
+        data = await self._stream.receive_some(left if max_bytes is None else min(left, max_bytes))
+        if self._unadmitted_left is not None:
+            self._unadmitted_left -= len(data)
+        return data
 
     async def aclose(self) -> None:
         if self._closed is not None:  # another task is closing: let it finish
@@ -89,11 +120,12 @@ class GuardedStream(trio.abc.Stream):
         self._closed = trio.Event()
         try:
             reason = None if self.connection is None else self.connection.closed
-            if (
-                reason is not None
-                and reason.code in FAILURE_CODES
-                and not (self._close_sent or self._sending or self._torn)
-            ):
+            quiet = not (self._close_sent or self._sending or self._torn)
+            if self._over and self.connection is not None and quiet:
+                frame = close_frame(CLOSE["too_big"], "over max_frame_size before the hello")
+                with trio.move_on_after(FAIL_TIMEOUT, shield=True):
+                    await self._fail(frame)
+            elif reason is not None and reason.code in FAILURE_CODES and quiet:
                 with trio.move_on_after(FAIL_TIMEOUT, shield=True):
                     await self._fail(close_frame(reason.code, reason.reason or ""))
         finally:
@@ -120,14 +152,17 @@ async def serve_websockets(
     *,
     handler_nursery: trio.Nursery,
     max_message_size: int,
+    unadmitted_bytes: int | None = None,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept websocket connections on ``listeners`` until cancelled; each completed handshake
     runs ``handler(request, stream)`` in ``handler_nursery``. The handler accepts or rejects
-    the request and sets ``stream.connection`` to the accepted websocket."""
+    the request, sets ``stream.connection`` to the accepted websocket and calls
+    ``stream.admit()`` once it knows who is connected; until then a connection reads at most
+    ``unadmitted_bytes``."""
 
     async def connection(socket_stream: trio.SocketStream) -> None:
-        stream = GuardedStream(socket_stream)
+        stream = GuardedStream(socket_stream, unadmitted_bytes)
         async with trio.open_nursery() as nursery:
             request: WebSocketRequest | None = None
             with trio.move_on_after(CONNECT_TIMEOUT):

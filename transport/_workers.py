@@ -50,6 +50,9 @@ WORKER_PATH = "/worker"
 MAX_KINDS = 256
 MAX_CAPACITY = 1000
 MAX_NAME_LENGTH = 256
+#: Bytes a worker may send before its hello is accepted: the handshake and a hello declaring
+#: the most kinds of the longest names (256 of 1,024 characters), with room for their options.
+MAX_WORKER_HELLO = 512 * 1024
 #: Bytes queued for a worker that is not reading before it is disconnected as stalled.
 MAX_QUEUED_BYTES = 32 * 1024 * 1024
 #: The largest frame the server sends a worker: an assignment carries the input and the
@@ -338,6 +341,8 @@ class WorkerConnection:
         except ProtocolError as exc:
             await self.ws.aclose(CLOSE.get(exc.code, CLOSE["protocol_error"]), exc.message[:120])
             return False
+        if self.stream is not None:
+            self.stream.admit()
         name = hello.name or principal.user_id
         self._batches = hello.batch
         self.worker = self.server.workers.connect(name, hello.kinds, hello.capacity, self, options)
