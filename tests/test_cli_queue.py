@@ -176,3 +176,20 @@ def test_watch_says_when_a_retry_comes() -> None:
     started = JobEvent("J", "alice", 5, EventType.STARTED, JobState.RUNNING, 1795931490.4,
                        {"attempt": 2, "owner": "n", "resumed_from_checkpoint": 3})  # fmt: skip
     assert change_line(started, "J") == "resumed (attempt 2)"
+
+
+def test_watch_says_what_a_recovery_did_by_the_state_it_left() -> None:
+    """A recovery that hands the job back to the queue (a worker's SIGTERM) is not a pause:
+    "resume" would be refused (illegal transition created -> created)."""
+
+    def recovery(state: JobState, reason: str) -> str | None:
+        data = {"reason": reason, "recovery_attempts": 1, "checkpoint_version": 2}
+        event = JobEvent("J", "alice", 9, EventType.RECOVERY, state, 1795931490.0, data)
+        return change_line(event, "J")
+
+    requeued = recovery(JobState.CREATED, "worker_shutdown")
+    assert requeued == "back in the queue (worker_shutdown): it runs again when a worker is free"
+    assert recovery(JobState.FAILED, "stalled") == "failed (stalled)"
+    assert recovery(JobState.PAUSED, "stalled") == (
+        "paused (stalled)\n  resume with: jobspine resume J"
+    )

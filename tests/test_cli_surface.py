@@ -396,7 +396,7 @@ async def test_exit_on_pause_holds_when_the_server_stops(tmp_path: Path, command
                 watcher.kill()
             await watcher.wait()
     assert code == ExitCode.JOB_STOPPED, (seen.decode(), stderr.decode())
-    assert b"paused (shutdown)\n  the server resumes it when it starts again" in seen
+    assert b"paused (shutdown)\n  resumed when a server starts again" in seen
 
 
 def test_plain_watch_output_says_each_state_once(capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Protocol, TextIO
 
 import orjson
 
-from actors import JobEvent
+from actors import JobEvent, JobState
 from actors._codec import converter
 
 from .client import Reset
@@ -199,10 +199,17 @@ def change_line(event: JobEvent, job_id: str) -> str | None:
     match event.type.value:
         case "paused" | "recovery":
             reason = one_line(data.get("reason", ""))
+            # What a recovery did is the state it left the job in: a job handed back to the
+            # queue (a worker's shutdown, a lost worker with retries left) is not paused, and
+            # resuming it is refused.
+            if event.state is JobState.CREATED:
+                return f"back in the queue ({reason}): it runs again when a worker is free"
+            if event.state is JobState.FAILED:
+                return f"failed ({reason})"
             # The command on a line of its own: a long reason must not wrap it mid-id.
-            if reason == "shutdown":  # what a server's stop paused, its start resumes
+            if reason == "shutdown":  # what a server's stop paused, a server's start resumes
                 return (
-                    f"paused ({reason})\n  the server resumes it when it starts again"
+                    f"paused ({reason})\n  resumed when a server starts again"
                     f" (or: jobspine resume {job_id})"
                 )
             return f"paused ({reason})\n  resume with: jobspine resume {job_id}"
