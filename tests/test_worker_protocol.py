@@ -684,6 +684,34 @@ async def test_jobspine_worker_refused_for_its_options_says_why(
     assert "refused a worker's hello (w): options.flaky differ" in caplog.text
 
 
+async def test_jobspine_worker_gives_up_on_a_url_it_cannot_use() -> None:
+    """Its first connection waits ``--connect-timeout``, as the client commands' do, then it
+    exits 4 saying why; an HTTP answer that is no websocket endpoint (a health port) stops
+    it at once. Before, it retried for ever, logging the HTTP answer's raw tuple."""
+    with trio.socket.socket() as sock:  # a port nothing listens on
+        await sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]
+    start = trio.current_time()
+    status, err = await run_jobspine_worker(
+        f"ws://127.0.0.1:{dead}", worker_token(), "--connect-timeout", "1"
+    )
+    assert status == 4, err
+    assert f"cannot connect to ws://127.0.0.1:{dead}/worker within 1 s (" in err, err
+    assert "is the server running?" in err and trio.current_time() - start < 15
+
+    async def not_found(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, not_found, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        status, err = await run_jobspine_worker(f"ws://127.0.0.1:{port}", worker_token())
+        nursery.cancel_scope.cancel()
+    assert status == 4, err
+    assert "answered HTTP 404: it is not a jobspine server's websocket port" in err, err
+
+
 async def test_a_refused_hello_is_logged_on_one_short_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -30,10 +30,10 @@ def worker_token(name: str = "w") -> str:
     return mint_token(SECRET, name, role="worker")
 
 
-async def run_jobspine_worker(url: str, token: str) -> tuple[int, str]:
-    """``jobspine worker`` of ``tests.worker_handlers`` against ``url``, run to its end (within
-    20 s): its exit status and its stderr."""
-    command = [*WORKER_COMMAND, "--url", url, "--handlers", "tests.worker_handlers"]
+async def run_jobspine_worker(url: str, token: str, *options: str) -> tuple[int, str]:
+    """``jobspine worker`` of ``tests.worker_handlers`` against ``url``, with ``options``, run
+    to its end (within 20 s): its exit status and its stderr."""
+    command = [*WORKER_COMMAND, "--url", url, "--handlers", "tests.worker_handlers", *options]
     with trio.fail_after(20):
         done = await trio.run_process(
             command,

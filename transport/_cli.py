@@ -259,6 +259,8 @@ def run_worker(args: argparse.Namespace) -> int:
         os.nice(args.nice)
     fatal = trio.run(_worker_main, args, handlers)
     if fatal is not None:
+        if fatal.code in ("unreachable", "not_jobspine"):
+            raise CLIError(ExitCode.CANNOT_CONNECT, str(fatal))
         if fatal.code == "protocol_error":  # the hello: its kinds, capacity or options
             raise CLIError(ExitCode.USAGE, f"the server refused this worker's hello: {fatal}")
         hint = _WORKER_REFUSALS.get(fatal.code, str(fatal))
@@ -271,7 +273,13 @@ async def _worker_main(
 ) -> WorkerFatalError | None:
     """Serves until a signal's drain ends; returns the refusal that stops it (reconnecting
     cannot help), caught here rather than wrapped in the nursery's exception group."""
-    process = WorkerProcess(args.url, args.token, handlers, concurrency=args.concurrency)
+    process = WorkerProcess(
+        args.url,
+        args.token,
+        handlers,
+        concurrency=args.concurrency,
+        connect_timeout=args.connect_timeout,
+    )
     fatal: WorkerFatalError | None = None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:

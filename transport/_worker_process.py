@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +23,7 @@ import trio
 from trio_websocket import (
     CloseReason,
     ConnectionClosed,
+    ConnectionRejected,
     HandshakeError,
     WebSocketConnection,
     open_websocket_url,
@@ -69,7 +71,9 @@ class WorkerRequestError(JobspineError):
 
 
 class WorkerFatalError(JobspineError):
-    """Reconnecting cannot help: the token or the hello is refused (4002, 4003, 4004, 4010)."""
+    """Reconnecting cannot help: the token or the hello is refused (4002, 4003, 4004, 4010;
+    ``code`` names it), the URL answers HTTP but is no jobspine endpoint (``not_jobspine``),
+    or no first connection was made within the connect timeout (``unreachable``)."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -350,8 +354,12 @@ class WorkerProcess:
         concurrency: int = 4,
         name: str | None = None,
         policy: ReconnectPolicy | None = None,
+        connect_timeout: float = math.inf,
     ) -> None:
         self.url = url.rstrip("/") + "/worker"
+        #: Seconds the first connection is retried before :meth:`run` gives up; once
+        #: connected, it reconnects for as long as it runs (servers restart).
+        self.connect_timeout = connect_timeout
         self.token = token
         self.handlers = handlers
         self.concurrency = concurrency
@@ -367,16 +375,32 @@ class WorkerProcess:
         self._draining.set()
 
     async def run(self) -> None:
+        give_up_at = trio.current_time() + self.connect_timeout
         while not self._draining.is_set():
             code: int | None = None
+            problem = None
             try:
                 code = await self._connect_once()
+            except ConnectionRejected as exc:
+                raise WorkerFatalError(
+                    "not_jobspine",
+                    f"{self.url} answered HTTP {exc.status_code}: it is not a jobspine"
+                    " server's websocket port (the health port?)",
+                ) from None
             except (OSError, HandshakeError, ConnectionClosed) as exc:
                 # trio-websocket's HandshakeError says nothing itself: its cause does.
                 cause = exc.__cause__ or exc.__context__ or exc
-                log.info("worker: connection to %s failed: %s", self.url, str(cause) or repr(cause))
+                problem = str(cause) or repr(cause)
+                log.info("worker: connection to %s failed: %s", self.url, problem)
             if self._draining.is_set():
                 return
+            if not self.connections and trio.current_time() >= give_up_at:
+                raise WorkerFatalError(
+                    "unreachable",
+                    f"cannot connect to {self.url} within {self.connect_timeout:g} s"
+                    f" ({problem or 'no answer'}); is the server running?"
+                    " (--connect-timeout, JOBSPINE_CONNECT_TIMEOUT)",
+                )
             if code in FATAL_CLOSE:
                 raise WorkerFatalError(FATAL_CLOSE[code], f"the server closed with {code}")
             delay = self.policy.next_delay(trio.current_time(), code)
