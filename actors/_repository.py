@@ -11,7 +11,7 @@ import attrs
 import trio
 
 from ._backend import JobQuery, QueueStats
-from ._errors import IllegalTransitionError, JobspineError
+from ._errors import IllegalTransitionError, JobspineError, StaleAttemptError
 from ._events import AUDIT_TYPES, STREAM_BYTES, EventHub, EventStream, JobEvent
 from ._job import Job, JobError
 from ._options import CreateOptions, KindOptions
@@ -42,6 +42,8 @@ CANCEL_WAVE = 64
 #: what is pending first, and serves nothing else meanwhile), and parents per listing.
 LIST_WAVE = 8
 PARENTS_PER_LIST = 500
+#: Times a pause is tried when the attempt it read ends before it is applied.
+PAUSE_RACES = 5
 
 
 async def _each(items: list[T], fn: Callable[[T], Awaitable[None]], at_once: int) -> None:
@@ -383,6 +385,17 @@ class Repository:
         return await self._pause(job_id, by, reason, route=True)
 
     async def _pause(self, job_id: str, by: str | None, reason: str, *, route: bool) -> Job:
+        # A pause is of the job, not of an attempt: should the attempt read here end and the
+        # next one start before the pause is applied (another client paused and resumed it,
+        # the new attempt not launched here yet), the job is read again and that one paused.
+        for _ in range(PAUSE_RACES - 1):
+            try:
+                return await self._pause_once(job_id, by, reason, route=route)
+            except StaleAttemptError:
+                continue
+        return await self._pause_once(job_id, by, reason, route=route)
+
+    async def _pause_once(self, job_id: str, by: str | None, reason: str, *, route: bool) -> Job:
         job = await self._store.get(job_id)
         if job.state is S.CREATED:
             try:

@@ -14,6 +14,7 @@ from ._errors import (
     JobspineError,
     JobStopped,
     PermanentError,
+    StaleAttemptError,
     StoreError,
     StoreUnavailableError,
 )
@@ -371,6 +372,19 @@ class Worker:
             except Exception as exc:
                 if self.stop_reason is not None and isinstance(exc, JobspineError):
                     return  # the job was taken away from this attempt while it stopped
+                if isinstance(exc, StaleAttemptError) and exc.job_id == self.job_id:
+                    # The job moved on from this attempt (a user cancelled, paused or restarted
+                    # it) before its worker was stopped: an expected race, and this attempt
+                    # has nothing left to record.
+                    log.info(
+                        "job %s attempt %d ended: %s",
+                        self.job_id,
+                        self.attempt,
+                        exc,
+                        extra=self._fields("fenced"),
+                    )
+                    self.outcome = "fenced"
+                    return
                 error = JobError(type(exc).__name__, _describe(exc))
                 permanent = isinstance(exc, PermanentError)
                 # With its traceback: the stored error keeps only the type and the message.
