@@ -88,6 +88,22 @@ async def test_bad_requests_get_errors_and_the_connection_stays(
         assert await served.runtime.get_stats() == before  # nothing stored changed
 
 
+@pytest.mark.parametrize("depth", [100, 1000, 1990])
+async def test_a_frame_nested_too_deeply_is_answered_with_its_id(
+    served: RunningServer, depth: int
+) -> None:
+    """The id is null only when there is none to read: a frame nested past what any JSON
+    decoder here recurses into still has a readable top-level id (it was null from about
+    1,000 levels on)."""
+    frame = '{"op": "create", "id": 77, "kind": "research", "input": '
+    frame += "[" * depth + "]" * depth + "}"
+    async with raw(served) as ws:
+        await ws.send_message(frame)
+        reply = await receive(ws)
+        assert (reply["type"], reply["code"], reply["id"]) == ("error", "invalid_input", 77)
+        assert "nested deeper than" in reply["message"], reply
+
+
 async def test_binary_frames_are_refused(served: RunningServer) -> None:
     async with raw(served) as ws:
         await ws.send_message(b'{"op": "ping", "id": 1}')

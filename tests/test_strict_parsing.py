@@ -520,3 +520,20 @@ def test_strict_loading_refuses_exactly_what_it_must(value: Any, ascii_only: boo
         return
     assert not _refusable(value), text
     assert loaded == _plain(value)
+
+
+def test_a_deep_frames_top_level_id_is_read_without_recursion() -> None:
+    from transport._protocol import read_request_id
+
+    deep = "[" * 5000 + "]" * 5000
+    assert read_request_id('{"op": "x", "input": ' + deep + ', "id": 7}') == 7
+    # Brackets and quotes inside strings do not end or open anything.
+    assert read_request_id('{"a": ["]}\\"[{", ' + deep + '], "id": "k"}') == "k"
+    for refused in (
+        '{"id": 1, "id": 2, "a": ' + deep + "}",  # two ids: ambiguous
+        '{"id": [1], "a": ' + deep + "}",  # not a valid id
+        '{"a": ' + deep[:-1] + ', "id": 1}',  # unbalanced
+        "[" + deep + "]",  # not an object
+        '{"id": 1, "a": ' + deep + "",  # unfinished
+    ):
+        assert read_request_id(refused) is None, refused[:30]

@@ -266,5 +266,66 @@ def loads_lenient(text: str) -> Any:
         return None
 
 
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_BRACKET_OR_QUOTE = re.compile(r'["\[\]{}]')
+#: Stands for a nested value skipped unread (never a valid id).
+_SKIPPED = object()
+
+
+def top_level_values(text: str, key: str) -> list[Any] | None:
+    """The values of ``key`` at the top level of the JSON object ``text``, read without
+    recursing into nested values (for a frame nested too deeply for :func:`loads_lenient`);
+    a nested value is given as a placeholder; None when ``text`` is not an object."""
+    decoder = json.JSONDecoder(parse_int=_lenient_int)
+    try:
+        i = _WHITESPACE.match(text, 0).end()  # type: ignore[union-attr]
+        if not text.startswith("{", i):
+            return None
+        i = _WHITESPACE.match(text, i + 1).end()  # type: ignore[union-attr]
+        found: list[Any] = []
+        if text.startswith("}", i):
+            return found
+        while text.startswith('"', i):
+            name, i = json.decoder.scanstring(text, i + 1)  # type: ignore[attr-defined]
+            i = _WHITESPACE.match(text, i).end()  # type: ignore[union-attr]
+            if not text.startswith(":", i):
+                return None
+            i = _WHITESPACE.match(text, i + 1).end()  # type: ignore[union-attr]
+            if text[i : i + 1] in ("{", "["):
+                end = _skip_nested(text, i)
+                if end is None:
+                    return None
+                value, i = _SKIPPED, end
+            else:
+                value, i = decoder.raw_decode(text, i)
+            if name == key:
+                found.append(value)
+            i = _WHITESPACE.match(text, i).end()  # type: ignore[union-attr]
+            if text.startswith("}", i):
+                return found
+            if not text.startswith(",", i):
+                return None
+            i = _WHITESPACE.match(text, i + 1).end()  # type: ignore[union-attr]
+        return None
+    except ValueError:  # a malformed string or scalar
+        return None
+
+
+def _skip_nested(text: str, i: int) -> int | None:
+    """Where the array or object starting at ``i`` ends (iteratively), None if it does not."""
+    depth = 0
+    while (match := _BRACKET_OR_QUOTE.search(text, i)) is not None:
+        char, i = match.group(), match.end()
+        if char == '"':
+            _, i = json.decoder.scanstring(text, i)  # type: ignore[attr-defined]
+        elif char in "[{":
+            depth += 1
+        else:
+            depth -= 1
+            if depth == 0:
+                return i
+    return None
+
+
 def _lenient_int(digits: str) -> int | None:
     return int(digits) if len(digits) <= _MAX_INT_DIGITS else None

@@ -35,6 +35,7 @@ from ._json import (
     loads_lenient,
     loads_parts,
     loads_strict,
+    top_level_values,
 )
 
 __all__ = [
@@ -479,10 +480,15 @@ def read_request_id(frame: str | bytes) -> str | int | None:
         except UnicodeDecodeError:
             return None
     data = loads_lenient(frame)
-    # Objects decode as lists of (key, value) tuples; JSON arrays as lists of values.
-    if not isinstance(data, list):
+    if data is None:  # not JSON, or nested too deeply to decode: the top level may still be
+        ids = top_level_values(frame, "id")
+        if ids is None:
+            return None
+    elif isinstance(data, list):
+        # Objects decode as lists of (key, value) tuples; JSON arrays as lists of values.
+        ids = [pair[1] for pair in data if isinstance(pair, tuple) and pair[0] == "id"]
+    else:
         return None
-    ids = [pair[1] for pair in data if isinstance(pair, tuple) and pair[0] == "id"]
     if len(ids) != 1 or ids[0] is None or _id_problem(ids[0]) is not None:
         return None
     request_id: str | int = ids[0]
