@@ -116,6 +116,9 @@ async def test_exit_codes_json_and_errors(tmp_path: Path) -> None:
             ("submit", "no-such-kind", "{}"),
             ("jobs", "--limit", "many"),
             ("nonsense",),
+            # refused as the user's input: a request over max_frame_size, an unknown parent
+            ("submit", "research", '{"query": "' + "q" * 70_000 + '"}'),
+            ("submit", "research", '{"query": "q"}', "--parent", "01NOSUCHJOB"),
         ):
             bad = await arun(*args, env=env)
             assert bad.returncode == ExitCode.USAGE, (args, bad)

@@ -69,6 +69,8 @@ _BY_ERROR_CODE = {
     "bad_request": ExitCode.USAGE,
     "bad_json": ExitCode.USAGE,
     "checkpoint_too_large": ExitCode.USAGE,
+    "request_too_large": ExitCode.USAGE,
+    "invalid_parent": ExitCode.USAGE,
     "connection_lost": ExitCode.CANNOT_CONNECT,
     "runtime_closed": ExitCode.CANNOT_CONNECT,
     "protocol_error": ExitCode.CANNOT_CONNECT,
