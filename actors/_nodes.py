@@ -284,8 +284,11 @@ class NodeActor:
         return None if self.lease is None else self.lease.owner
 
     def lease_age(self) -> float | None:
-        """Seconds since the last successful renewal, None before registration."""
-        return None if self.renewed_at is None else trio.current_time() - self.renewed_at
+        """Seconds since the last successful renewal; None before registration, and for a
+        node that holds a SQLite file's lock instead of renewing a lease."""
+        if self.renewed_at is None or not self.renewing:
+            return None
+        return trio.current_time() - self.renewed_at
 
     @property
     def healthy(self) -> bool:

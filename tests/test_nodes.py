@@ -45,6 +45,7 @@ from actors._ops import checkpoint, create, start
 from actors._options import CreateOptions
 
 from .backends import Commit, CommitHooks
+from .conftest import wait_for_state
 from .test_cli import COMMAND
 
 
@@ -735,17 +736,25 @@ async def test_a_node_leaving_hands_its_jobs_to_the_other_at_once_on_postgresql(
 
 
 async def test_jobspine_nodes_reads_a_sqlite_file_its_server_holds(tmp_path: Path) -> None:
+    """A SQLite file's node holds the file's lock instead of a lease: it shows no lease (an
+    old one would read as a dead node's; its lease metric is NaN, not an age that grows for
+    ever) and counts the jobs it runs now (its row, never renewed, said 0)."""
     db = tmp_path / "served.db"
-    async with open_runtime(db, config=RuntimeConfig(node_id="solo")) as rt:
+    async with open_runtime(
+        db, handlers={"hang": hang}, config=RuntimeConfig(node_id="solo")
+    ) as rt:
+        job = await rt.create_job("hang", "alice", {})
+        await wait_for_state(rt, job.id, {JobState.RUNNING})
         shown = await trio.run_process(
             [*COMMAND, "nodes", "--db", str(db), "--json"], capture_stdout=True
         )
         (node,) = orjson.loads(shown.stdout)
         # One process's file: never renewed, alive as recorded.
         assert (node["owner"], node["state"]) == (rt.node.owner, "alive")
+        assert (node["lease_age"], node["lease_expires_in"], node["running"]) == (None, None, 1)
+        assert rt.node.lease_age() is None
         table = await trio.run_process([*COMMAND, "nodes", "--db", str(db)], capture_stdout=True)
-        # No lease age: an old one would read as a dead node's.
-        assert " alive  - (file lock) " in table.stdout.decode()
+        assert " alive  - (file lock)  1 " in table.stdout.decode()
     missing = await trio.run_process(
         [*COMMAND, "nodes", "--db", str(tmp_path / "none.db")], capture_stderr=True, check=False
     )

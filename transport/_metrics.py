@@ -65,7 +65,8 @@ class ServerCollector(Collector):
         age = node.lease_age()
         yield GaugeMetricFamily(
             "jobspine_node_lease_age_seconds",
-            "Seconds since this node's lease was last renewed (NaN before registration).",
+            "Seconds since this node's lease was last renewed (NaN before registration, and"
+            " on a SQLite file, whose lock stands for the lease).",
             value=math.nan if age is None else age,
         )
         yield CounterMetricFamily(

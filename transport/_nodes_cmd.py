@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from actors import NodeInfo
 from actors._backend import POSTGRES_URL_SCHEMES
 
@@ -56,11 +58,21 @@ def read_nodes(database: str) -> tuple[float, list[NodeInfo]]:
         try:
             found = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'nodes'").fetchall()
             rows = db.execute(query).fetchall() if found else []
+            # A file's node never renews its row: its running jobs are counted now.
+            running = dict(
+                db.execute(
+                    "SELECT owner, count(*) FROM jobs WHERE state = 'running'"
+                    " AND owner IS NOT NULL GROUP BY owner"
+                ).fetchall()
+                if found
+                else []
+            )
         finally:
             db.close()
     except sqlite3.Error as exc:
         raise CLIError(ExitCode.DATABASE_UNUSABLE, f"database {database}: {exc}") from None
-    return time.time(), [NodeInfo(*row) for row in rows]
+    nodes = [NodeInfo(*row) for row in rows]
+    return time.time(), [attrs.evolve(n, running=running.get(n.owner, 0)) for n in nodes]
 
 
 def _shown_state(node: NodeInfo, now: float, shared: bool) -> str:
@@ -75,7 +87,8 @@ def _shown_state(node: NodeInfo, now: float, shared: bool) -> str:
 def run_nodes(args: argparse.Namespace) -> int:
     """Print the nodes of ``--store URL`` (else ``--db FILE``) as a table or ``--json``
     (``[{node_id, incarnation, owner, host, pid, state, lease_age, lease_expires_in, running,
-    started_at, taken_over_by}]``, seconds)."""
+    started_at, taken_over_by}]``, seconds; a SQLite file's node holds the file's lock instead
+    of a lease: its lease fields are null, its running jobs counted now)."""
     database = args.store or args.db
     now, nodes = read_nodes(database)
     shared = database.startswith(POSTGRES_URL_SCHEMES)
@@ -87,8 +100,8 @@ def run_nodes(args: argparse.Namespace) -> int:
             "host": n.host,
             "pid": n.pid,
             "state": _shown_state(n, now, shared),
-            "lease_age": round(now - n.renewed_at, 3),
-            "lease_expires_in": round(n.lease_expires_at - now, 3),
+            "lease_age": round(now - n.renewed_at, 3) if shared else None,
+            "lease_expires_in": round(n.lease_expires_at - now, 3) if shared else None,
             "running": n.running if n.state == "alive" else 0,
             "started_at": n.started_at,
             "taken_over_by": n.taken_over_by,
