@@ -93,3 +93,22 @@ async def test_a_skipped_marker_beyond_the_cursor_is_a_gap() -> None:
     await client._on_event(event(1, 1))
     await client._dispatch(skipped(3, 3))  # user_seq 2 never came
     assert client.counters.gaps == 1 and client.rooms["user:u"].resyncing
+
+
+def test_why_a_connection_failed_is_said_in_a_users_words() -> None:
+    """The reconnect log line names the cause: trio-websocket's own exceptions print as
+    ``HandshakeError()`` or a raw tuple of the HTTP answer, and a drop as ``1006:``."""
+    from trio_websocket import ConnectionRejected, HandshakeError
+
+    from transport.client import _problem
+
+    rejected = ConnectionRejected(404, ((b"content-type", b"application/json"),), b"{}")
+    assert _problem(rejected) == "it answered HTTP 404, not a websocket"
+    assert _problem(HandshakeError()) == "refused, unreachable or no such host"
+    dropped = ConnectionClosed(CloseReason(1006, None))
+    assert _problem(dropped) == (
+        "closed with 1006: the connection dropped without a close frame (the server stopped"
+        " or the network failed)"
+    )
+    said = ConnectionClosed(CloseReason(4008, "slow consumer"))
+    assert _problem(said) == "closed with 4008: slow consumer"

@@ -144,9 +144,7 @@ async def connect(args: argparse.Namespace, *, follow: bool) -> AsyncIterator[Cl
 def _connect_problem(url: str, message: str) -> str:
     """Why a first connection failed, in a user's words; an HTTP answer stops at once."""
     problem = message.removeprefix("could not connect: ")
-    if problem == "HandshakeError()":  # trio-websocket's wrapper of an OSError
-        problem = "refused, unreachable or no such host"
-    status = re.search(r"status_code=(\d+)", problem)
+    status = re.search(r"answered HTTP (\d+)", problem)
     if status:
         raise CLIError(
             ExitCode.CANNOT_CONNECT,

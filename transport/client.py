@@ -28,7 +28,13 @@ from typing import Any
 import attrs
 import orjson
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    WebSocketConnection,
+    open_websocket_url,
+)
 
 from actors import JobEvent
 from actors._codec import converter
@@ -67,6 +73,27 @@ def is_omitted(value: object) -> bool:
     """True for a payload the server left out of a message (``{"$omitted": field, "size":
     bytes}``); fetch it with :meth:`Client.get_payload`."""
     return is_marker(value)
+
+
+#: What a close without a reason means, in a user's words.
+_UNSAID = {
+    1006: "the connection dropped without a close frame (the server stopped or the network failed)",
+    1001: "the server is going away",
+}
+
+
+def _problem(exc: BaseException) -> str:
+    """Why a connection attempt failed, in a user's words (trio-websocket's own say little:
+    ``HandshakeError()``)."""
+    if isinstance(exc, ConnectionRejected):
+        return f"it answered HTTP {exc.status_code}, not a websocket"
+    if isinstance(exc, HandshakeError):  # wraps the OSError of the TCP connection
+        return "refused, unreachable or no such host"
+    if isinstance(exc, ConnectionClosed):
+        code = exc.reason.code if exc.reason is not None else 1006
+        said = exc.reason.reason if exc.reason is not None else None
+        return f"closed with {code}: {said or _UNSAID.get(code, 'no reason given')}"
+    return str(exc) or type(exc).__name__
 
 
 class ClientError(Exception):
@@ -213,7 +240,7 @@ class Client:
                     self._fail_pending(exc)
                     raise
                 except (OSError, HandshakeError, ConnectionClosed, trio.BrokenResourceError) as exc:
-                    problem = repr(exc)
+                    problem = _problem(exc)
                 self._fail_pending(ConnectionLostError())
                 if not self.reconnect:
                     if not self._connected_once:
@@ -266,7 +293,7 @@ class Client:
     def _close_error(self, exc: ConnectionClosed) -> ClientError:
         """A fatal close as its typed error; any other as :class:`ConnectionLostError`."""
         code = exc.reason.code if exc.reason is not None else 1006
-        reason = (exc.reason.reason if exc.reason is not None else None) or ""
+        reason = (exc.reason.reason if exc.reason is not None else None) or _UNSAID.get(code, "")
         refreshable = code == 4004 and callable(self._token)  # the next hello gets a new one
         if code in FATAL_CLOSE and not refreshable:
             return ClientError(FATAL_CLOSE[code], f"closed with {code}: {reason}")
