@@ -91,10 +91,15 @@ async def test_every_file_is_served_with_its_type_and_policy(tmp_path: Path) -> 
             status, headers, _ = await exchange(http, get(route))
             assert status == 200 and headers["cache-control"] == "no-store", route
 
-        # Websockets have their own port: an upgrade here is a 404, as is any other method.
+        # Websockets have their own port: an upgrade here is a 404. Another method on a
+        # path that exists is a 405 naming what is served (it was a 404 listing that path).
         upgrade = "upgrade: websocket\r\nconnection: upgrade\r\n"
         assert (await exchange(http, get("/", extra=upgrade)))[0] == 404
-        assert (await exchange(http, get("/", method="POST")))[0] == 404
+        for method, route in (("POST", "/"), ("OPTIONS", "/healthz"), ("DELETE", "/metrics")):
+            status, headers, body = await exchange(http, get(route, method=method))
+            assert (status, headers["allow"]) == (405, "GET, HEAD"), (method, route)
+            assert orjson.loads(body)["error"] == f"{method} {route}: only GET and HEAD are served"
+        assert (await exchange(http, get("/nope.js", method="POST")))[0] == 404
         assert (await exchange(http, get("/nope.js")))[0] == 404
         assert (await exchange(http, get("/healthz")))[0] == 200
 

@@ -76,8 +76,13 @@ async def _handle(stream: trio.SocketStream, routes: dict[str, Route]) -> None:
         target = event.target.decode("ascii", "replace").split("?")[0].split("#")[0]
         fields = {name.lower(): value for name, value in event.headers}
         route = routes.get(target)
-        if event.method not in (b"GET", b"HEAD") or route is None or b"upgrade" in fields:
+        extra_headers: tuple[tuple[str, str], ...] = ()
+        if route is None or b"upgrade" in fields:
             status, body = 404, {"error": f"no such endpoint; try {', '.join(sorted(routes))}"}
+        elif event.method not in (b"GET", b"HEAD"):
+            method = event.method.decode("ascii", "replace")
+            status, body = 405, {"error": f"{method} {target}: only GET and HEAD are served"}
+            extra_headers = (("allow", "GET, HEAD"),)
         else:
             host = fields.get(b"host", b"").decode("ascii", "replace")
             status, body = route(Request(target, host))
@@ -90,6 +95,7 @@ async def _handle(stream: trio.SocketStream, routes: dict[str, Route]) -> None:
             ("content-length", str(len(payload))),
             ("connection", "close"),
             *extra,
+            *extra_headers,
         ]
         response = h11.Response(
             status_code=status, headers=headers, reason=HTTPStatus(status).phrase.encode()
