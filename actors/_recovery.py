@@ -20,7 +20,9 @@ __all__ = [
     "validate_checkpoint",
 ]
 
-RESTARTABLE = frozenset({JobState.PAUSED, JobState.FAILED, JobState.CANCELLED})
+#: States a restart (from scratch, with new input if given) accepts: a waiting job's restart
+#: replaces its input.
+RESTARTABLE = frozenset({JobState.CREATED, JobState.PAUSED, JobState.FAILED, JobState.CANCELLED})
 
 
 @attrs.frozen
@@ -85,6 +87,8 @@ def recovery_options(job: Job, now: float, max_recovery_attempts: int) -> Recove
             else "from the start (no checkpoint)"
         )
         reason = f"paused ({job.pause_reason or 'user'}); resume runs {how}"
+    elif job.state is JobState.CREATED:
+        reason = "waiting (created); nothing to recover: a restart replaces its input"
     elif restartable:
         reason = f"{job.state.value}; only a restart (from scratch) brings it back"
     else:

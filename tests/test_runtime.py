@@ -244,6 +244,14 @@ async def test_recovery_metadata(jobspine_runtime: Runtime) -> None:
     await rt.cancel(job.id)
     options = await rt.get_recovery_options(job.id)
     assert not options.resumable and options.restartable
+    # A waiting job: a restart replaces its input (it is accepted), so it is restartable.
+    later = {"content": "later", "chunk_size": 100}
+    waiting = await rt.create_job("analysis", "alice", later, delay=3600)
+    options = await rt.get_recovery_options(waiting.id)
+    assert (options.resumable, options.restartable) == (False, True)
+    assert options.reason == "waiting (created); nothing to recover: a restart replaces its input"
+    restarted = await rt.restart(waiting.id, {"content": "now"})
+    assert restarted.input["content"] == "now"
 
 
 async def test_checkpoint_validation_warns_on_size(tmp_path: Any) -> None:
