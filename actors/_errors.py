@@ -54,11 +54,36 @@ class UnknownKindError(JobspineError, LookupError):
         self.kind = kind
 
 
+def _transition_hint(from_state: str, to_state: str) -> str | None:
+    """Why a job in ``from_state`` cannot move to ``to_state``, in a user's words."""
+    if from_state == "completed":
+        return "a completed job is final: its result is kept"
+    if from_state == to_state:
+        return (
+            "it is waiting in the queue already"
+            if from_state == "created"
+            else (f"it is {from_state} already")
+        )
+    if to_state == "paused":
+        return "only a waiting or running job can be paused"
+    if to_state == "cancelled":
+        return "it has ended already"
+    if to_state == "recovering":
+        return "only a running job is recovered"
+    if from_state == "running" and to_state in ("created", "deleted"):
+        return "it is running: pause or cancel it first"
+    return None
+
+
 class IllegalTransitionError(JobspineError):
     code = "illegal_transition"
 
     def __init__(self, job_id: str, from_state: str, to_state: str) -> None:
-        super().__init__(f"job {job_id}: illegal transition {from_state} -> {to_state}")
+        hint = _transition_hint(from_state, to_state)
+        super().__init__(
+            f"job {job_id}: illegal transition {from_state} -> {to_state}"
+            + (f" ({hint})" if hint else "")
+        )
         self.job_id = job_id
         self.from_state = from_state
         self.to_state = to_state

@@ -70,3 +70,25 @@ def test_a_job_evolved_by_the_ops_is_what_attrs_evolve_makes() -> None:
     everything = {name: getattr(other, name) for name in _FIELDS}
     assert _evolve(job, everything) == other
     assert _evolve(job, {}) == job
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "hint"),
+    [
+        ("completed", "created", "a completed job is final: its result is kept"),
+        ("completed", "cancelled", "a completed job is final: its result is kept"),
+        ("paused", "paused", "it is paused already"),
+        ("created", "created", "it is waiting in the queue already"),  # resume of a waiting job
+        ("failed", "paused", "only a waiting or running job can be paused"),
+        ("cancelled", "cancelled", "it is cancelled already"),
+        ("failed", "cancelled", "it has ended already"),
+        ("running", "created", "it is running: pause or cancel it first"),
+        ("running", "deleted", "it is running: pause or cancel it first"),
+    ],
+)
+def test_an_illegal_transition_says_why(src: str, dst: str, hint: str) -> None:
+    """The message a user reads (``jobspine restart`` of a completed job, say) names the
+    reason after the transition, which stays for programs that match it."""
+    assert str(IllegalTransitionError("j1", src, dst)) == (
+        f"job j1: illegal transition {src} -> {dst} ({hint})"
+    )
