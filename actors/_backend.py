@@ -143,6 +143,20 @@ class JobQuery:
 # SQLite primary result codes that say "the database is unavailable now", not "this write is
 # wrong": BUSY, LOCKED, IOERR, FULL, CANTOPEN, PROTOCOL.
 _SQLITE_OUTAGE_CODES = frozenset({5, 6, 10, 13, 14, 15})
+# SQLite primary result codes that say "the file is damaged": CORRUPT, NOTADB.
+_SQLITE_CORRUPT_CODES = frozenset({11, 26})
+
+
+def is_corruption(error: BaseException) -> bool:
+    """True when a backend call failed because the database's storage is damaged (SQLite:
+    "database disk image is malformed"; PostgreSQL: SQLSTATE class XX001/XX002): no retry and
+    no other write helps; the file or cluster must be restored."""
+    if isinstance(error, sqlite3.DatabaseError):
+        code = getattr(error, "sqlite_errorcode", None)
+        if code is not None:
+            return code & 0xFF in _SQLITE_CORRUPT_CODES
+        return "malformed" in str(error)
+    return getattr(error, "sqlstate", None) in ("XX001", "XX002")
 
 
 def is_outage(error: BaseException) -> bool:

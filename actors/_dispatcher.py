@@ -94,6 +94,7 @@ class Dispatcher:
         self.stopped = trio.Event()
         #: Claims made, jobs started (fast starts included), since the dispatcher started.
         self.claims = 0
+        self._last_claim_error: str | None = None
         self.dispatched = 0
         #: Jobs started in their create's commit.
         self.fast_started = 0
@@ -333,12 +334,16 @@ class Dispatcher:
         except RuntimeClosedError:
             raise
         except JobspineError as exc:
-            log.warning("claim failed (retried in %g s): %s", RETRY_AFTER, exc)
+            # Once per cause: a claim that keeps failing the same way is retried quietly.
+            level = logging.DEBUG if str(exc) == self._last_claim_error else logging.WARNING
+            self._last_claim_error = str(exc)
+            log.log(level, "claim failed (retried in %g s): %s", RETRY_AFTER, exc)
             self._next_run_at = request.now + RETRY_AFTER
             return
         if later is not None and (self._next_run_at is None or later < self._next_run_at):
             self._next_run_at = later
         self.claims += 1
+        self._last_claim_error = None
         for job in jobs:
             await self._launch(job)
             self._claimed.pop(job.id, None)

@@ -46,7 +46,15 @@ import orjson
 import trio
 
 from . import _ops as ops
-from ._backend import Backend, ClaimRequest, JobQuery, Pruned, QueueStats, is_outage
+from ._backend import (
+    Backend,
+    ClaimRequest,
+    JobQuery,
+    Pruned,
+    QueueStats,
+    is_corruption,
+    is_outage,
+)
 from ._codec import MAX_STEP_LENGTH, check_text, dumps_json_value, sanitize_text
 from ._errors import (
     IdempotencyConflictError,
@@ -106,12 +114,15 @@ class StoreConfig:
 @attrs.define
 class StoreHealth:
     """Whether the database takes writes now. ``reason`` says why not; ``since`` is when the
-    outage began (Unix seconds); ``outages`` counts them since the store started."""
+    outage began (Unix seconds); ``outages`` counts them since the store started. ``corrupt``
+    says what a read or write found damaged, once one did: it stays (only a restored file
+    mends it), and the server reports itself not ready."""
 
     ok: bool = True
     reason: str | None = None
     since: float | None = None
     outages: int = 0
+    corrupt: str | None = None
 
 
 WRITE, READ, BARRIER, CLAIM = "write", "read", "barrier", "claim"
@@ -335,8 +346,11 @@ class StoreActor:
             except JobspineError as exc:
                 request.error = exc
             except Exception as exc:
-                log.exception("store request failed")
-                request.error = StoreError(f"store request failed: {exc!r}")
+                if is_corruption(exc):
+                    request.error = self._corrupted(exc)
+                else:
+                    log.exception("store request failed")
+                    request.error = StoreError(f"store request failed: {exc!r}")
             if request.mode is WRITE or request.mode is CLAIM:
                 self._group.requests.append(request)
                 if (
@@ -493,6 +507,9 @@ class StoreActor:
                     await self._write(group)
             except Exception as exc:
                 self.metrics.failed_commits += 1
+                corrupt = is_corruption(exc)
+                if corrupt:
+                    exc = self._corrupted(exc)  # the error its requests get, said once
                 # Every group applied on top of this one is void; cached state is reloaded.
                 void = self._generation
                 self._generation += 1
@@ -527,7 +544,8 @@ class StoreActor:
                         )
                         self._mark_replay(group)
                         return
-                    log.warning("write refused by the database: %r", exc)
+                    if not corrupt:
+                        log.warning("write refused by the database: %r", exc)
                     if isinstance(exc, StaleWriteError):
                         error = exc
                     else:
@@ -600,6 +618,18 @@ class StoreActor:
             health.outages += 1
             self._outage_deadline = trio.current_time() + self.config.store_retry_timeout
         health.reason = f"database unavailable: {exc}"
+
+    def _corrupted(self, exc: Exception) -> StoreError:
+        """The error for a request that met damaged storage; logged (with its traceback)
+        the first time only: every later request that reads the same pages meets it too."""
+        message = (
+            f"the database is corrupt ({exc}): stop the server and restore it from a backup"
+            " (for a SQLite file, sqlite3's .recover command saves what it can read)"
+        )
+        if self.health.corrupt is None:
+            self.health.corrupt = message
+            log.error("%s; requests that read the damaged part fail", message, exc_info=exc)
+        return StoreError(message)
 
     def _healthy(self) -> None:
         health = self.health

@@ -164,6 +164,8 @@ def _routes(running: RunningServer) -> dict[str, Any]:
         if not running.server.accepting:
             return 503, {"status": "not accepting connections"}
         health = running.runtime.store_health
+        if health.corrupt is not None:
+            return 503, {"status": "database corrupt", "reason": health.corrupt}
         if not health.ok:
             # Reads and subscriptions are still served; writes wait or fail.
             return 503, {"status": "store unavailable", "reason": health.reason}
