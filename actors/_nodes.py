@@ -129,6 +129,10 @@ def node_of(owner: str) -> tuple[str, str | None]:
     return (node_id, incarnation) if sep else (owner, None)
 
 
+def _jobs(count: int) -> str:
+    return f"{count} running job" + ("" if count == 1 else "s")
+
+
 @attrs.frozen
 class NodeInfo:
     """A row of the ``nodes`` table. Times are Unix seconds; ``running``: jobs the node ran at
@@ -470,7 +474,7 @@ class NodeActor:
         self.fenced += 1
         owner = self.owner
         count = self.supervisor.abandon_all()
-        log.error("node %s fenced (%s): abandoned %d running jobs", owner, why, count)
+        log.error("node %s fenced (%s): abandoned %s", owner, why, _jobs(count))
         self._abandoned = None if self.lease is None else self.lease.incarnation
         self.lease = None
         self.policy.lost()
@@ -547,7 +551,7 @@ class NodeActor:
         except JobspineError as exc:
             log.warning("node %s: reading the jobs of %s failed: %s", by, owner, exc)
             return False
-        log.warning("node %s takes over %s: %d running jobs", by, owner, len(jobs))
+        log.warning("node %s takes over %s: %s", by, owner, _jobs(len(jobs)))
         done = True
         for job in jobs:
             try:

@@ -12,9 +12,9 @@ README = Path(__file__).parent.parent / "README.md"
 
 def test_embedding_example_runs(tmp_path: Path) -> None:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
-    assert blocks, "README has no python example"
+    embedding = next(b for b in blocks if "open_runtime(" in b)
     result = subprocess.run(
-        [sys.executable, "-c", blocks[0]], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", embedding], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
     assert "completed {'result': {'counted': 20}}" in result.stdout
@@ -44,3 +44,26 @@ def test_readme_commands_hurt_no_other_users_processes() -> None:
     # the demo job runs about a minute: long enough to kill the server by hand
     depth = int(re.search(r'"depth": (\d+)', walk).group(1))  # type: ignore[union-attr]
     assert depth * 0.2 >= 50
+
+
+async def test_client_example_runs_against_a_server(tmp_path: Path) -> None:
+    """The README's Python client example, as written, against a served server: it follows
+    its job from its first event to its last."""
+    import os
+
+    import trio
+
+    from .serving import serving, token
+
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
+    (example,) = [b for b in blocks if "open_client(" in b]
+    async with serving(tmp_path / "client.db") as running:
+        env = {**os.environ, "JOBSPINE_URL": running.url, "JOBSPINE_TOKEN": token("alice")}
+        env["PYTHONPATH"] = str(README.parent)
+        with trio.fail_after(30):
+            result = await trio.run_process(
+                [sys.executable, "-c", example], env=env, capture_stdout=True, capture_stderr=True
+            )
+    lines = result.stdout.decode().splitlines()
+    assert lines[0].startswith("1 created ") and " completed " in lines[-1], lines
+    assert [int(line.split()[0]) for line in lines] == list(range(1, len(lines) + 1))

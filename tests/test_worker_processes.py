@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -265,3 +266,20 @@ def test_jobspine_worker_help_says_how_to_mint_a_worker_token() -> None:
     ).stdout
     assert "worker token (mint one: jobspine token --worker)" in " ".join(helped.split())
     assert "--user NAME" not in helped
+
+
+async def test_each_jobspine_worker_has_a_name_of_its_own(tmp_path: Path) -> None:
+    """``--name``, else HOST-PID: two workers with one token (as ``serve --worker-processes``
+    starts them) are told apart in the server's log and status (both were its token's
+    subject, ``local-worker``)."""
+    async with (
+        served(tmp_path / "db", "in_process", in_process_handlers=False) as s,
+        trio.open_nursery() as nursery,
+    ):
+        named = await start_worker_process(nursery, s.running.url, "--name", "gpu-box-1")
+        unnamed = await start_worker_process(nursery, s.running.url)
+        await wait_connected(s.running, 2)
+        names = sorted(w.name for w in s.running.server.workers.workers)
+        assert names == sorted(["gpu-box-1", f"{socket.gethostname()}-{unnamed.pid}"])
+        assert named.pid != unnamed.pid
+        nursery.cancel_scope.cancel()

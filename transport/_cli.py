@@ -13,6 +13,7 @@ import math
 import os
 import secrets
 import signal
+import socket
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -279,6 +280,7 @@ async def _worker_main(
         handlers,
         concurrency=args.concurrency,
         connect_timeout=args.connect_timeout,
+        name=args.name or f"{socket.gethostname()}-{os.getpid()}",
     )
     fatal: WorkerFatalError | None = None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -495,6 +497,11 @@ def parser() -> argparse.ArgumentParser:
         metavar="N",
         help="lower this process's CPU priority by N (serve --worker-processes uses 5, so that"
         " the server's own work comes first on a busy machine)",
+    )
+    worker_p.add_argument(
+        "--name",
+        default=None,
+        help="this worker's name in the server's log and status (default: HOST-PID)",
     )
 
     token_p = command("token", "mint a development token with the server's secret", clients=False)

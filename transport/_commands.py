@@ -299,7 +299,7 @@ async def _command(client: Client, args: argparse.Namespace) -> int:
         else:
             write(
                 f"removed {report['jobs']} finished jobs and {report['events']} events"
-                f" ({report['batches']} batches)\n"
+                f" ({report['batches']} {'batch' if report['batches'] == 1 else 'batches'})\n"
             )
         return ExitCode.OK
     if command == "stats":
