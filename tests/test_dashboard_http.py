@@ -4,11 +4,13 @@ files shipped as package data."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import orjson
 import trio
@@ -18,7 +20,7 @@ from transport import ServerConfig, open_server
 from transport._dashboard import CONTENT_TYPES, content_security_policy
 from transport._ui import dashboard_url
 
-from .serving import HANDLERS, SECRET
+from .serving import HANDLERS, SECRET, free_port, token
 
 ROOT = Path(__file__).parent.parent
 STATIC = ROOT / "transport" / "dashboard" / "static"
@@ -133,6 +135,43 @@ def test_ui_url_and_missing_token() -> None:
     command = [sys.executable, "-m", "transport._cli", "ui"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 5 and "jobspine token --user NAME" in done.stderr
+
+
+async def test_ui_asks_the_server_for_its_http_port(tmp_path: Path) -> None:
+    """Without ``--health-port`` of its own, ``jobspine ui`` connects to ``--url`` and opens
+    the HTTP port that server announces (it took the default, 8766: maybe another server's,
+    which the token would then be pasted into); nothing answering is exit 4, a refused token
+    exit 5, and a server without an HTTP port says so."""
+    config = ServerConfig(secret=SECRET, port=0)
+    runtime = RuntimeConfig(sqlite_synchronous="NORMAL")
+    env = {**os.environ, "HOME": str(tmp_path), "JOBSPINE_TOKEN": token("alice")}
+    env.pop("JOBSPINE_HEALTH_PORT", None)
+
+    async def ui(url: str, *more: str, token_env: dict[str, str] = env) -> Any:
+        command = [sys.executable, "-m", "transport._cli", "ui", "--print-url", "--url", url]
+        command += ["--connect-timeout", "1", *more]
+        return await trio.run_process(
+            command, env=token_env, capture_stdout=True, capture_stderr=True, check=False,
+            cwd=ROOT,
+        )  # fmt: skip
+
+    async with open_server(
+        tmp_path / "db", config, handlers=HANDLERS, runtime_config=runtime, health_port=0
+    ) as running:
+        asked = await ui(running.url)
+        assert asked.returncode == 0, asked.stderr
+        assert asked.stdout.decode().startswith(f"http://127.0.0.1:{running.health_port}/#token=")
+        told = await ui(running.url, "--health-port", "9999")  # given: taken as it is
+        assert told.stdout.decode().startswith("http://127.0.0.1:9999/#token=")
+        refused = await ui(running.url, token_env={**env, "JOBSPINE_TOKEN": "forged"})
+        assert refused.returncode == 5, refused.stderr
+    async with open_server(
+        tmp_path / "db", config, handlers=HANDLERS, runtime_config=runtime
+    ) as running:
+        none = await ui(running.url)
+        assert none.returncode == 6 and b"serves no dashboard" in none.stderr
+    nobody = await ui(f"ws://127.0.0.1:{free_port()}")
+    assert nobody.returncode == 4 and b"cannot connect" in nobody.stderr
 
 
 async def test_a_request_that_cannot_be_parsed_gets_an_answer(tmp_path: Path) -> None:

@@ -95,6 +95,7 @@ async def open_server(
                     running.health_port = await nursery.start(
                         serve_health, config.host, 0, _routes(running), health_listeners
                     )
+                    server.http_port = running.health_port
                 try:
                     yield running
                 finally:

@@ -693,7 +693,7 @@ def _run(argv: list[str]) -> int:
     if args.command == "nodes":
         return run_nodes(args)
     if args.command == "ui":
-        return run_ui(args)
+        return run_ui(args, asked=settings["health_port"].source != "default")
     # Ctrl-C lands in the command itself (at its next checkpoint), never in a background task
     # of the client, whose death would end the event stream first (exit 4, not 130).
     return trio.run(run_client_command, args, restrict_keyboard_interrupt_to_checkpoints=True)

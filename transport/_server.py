@@ -204,6 +204,7 @@ class Connection:
             "max_frame_size": self.server.config.max_frame_size,
             "max_message_size": self.server.config.max_message_size,
             "inline_payload_limit": self.server.broadcaster.config.inline_payload_limit,
+            "http_port": self.server.http_port,
         }
 
     async def _sender(self, scope: trio.CancelScope) -> None:
@@ -648,6 +649,9 @@ class Server:
         #: Delivery counters of connections that have ended (for the metrics).
         self.closed_outboxes = OutboxTotals()
         self.port = 0
+        #: The HTTP port (dashboard, health, metrics), announced in the hello's reply; None
+        #: when the server has none.
+        self.http_port: int | None = None
         self._listen_scope = trio.CancelScope()
         self._accepting = False
         self._closed_all = trio.Event()

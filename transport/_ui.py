@@ -10,11 +10,33 @@ import argparse
 import webbrowser
 from urllib.parse import quote, urlsplit
 
-from ._commands import NO_TOKEN, check_url
+import trio
+
+from ._commands import NO_TOKEN, check_url, client_error, connect
 from ._display import write
 from ._exit import CLIError, ExitCode
+from .client import ClientError
 
 __all__ = ["dashboard_url", "run_ui"]
+
+
+async def _announced_http_port(args: argparse.Namespace) -> int:
+    """The HTTP port the server at ``args.url`` announces in its hello's reply (connecting
+    also checks that a server answers there and takes this token, before the token is put
+    in any URL)."""
+    try:
+        async with connect(args, follow=False) as client:
+            port = client.welcome.get("http_port")
+    except ClientError as exc:  # the token refused
+        raise client_error(exc) from None
+    if not isinstance(port, int):
+        raise CLIError(
+            ExitCode.REFUSED,
+            f"the server at {args.url} serves no dashboard (it runs without an HTTP port)"
+            if "http_port" in client.welcome
+            else f"the server at {args.url} does not say its HTTP port: give --health-port",
+        )
+    return port
 
 
 def dashboard_url(websocket_url: str, http_port: int) -> str:
@@ -29,13 +51,17 @@ def dashboard_url(websocket_url: str, http_port: int) -> str:
     return f"{scheme}://{host}:{http_port}/"
 
 
-def run_ui(args: argparse.Namespace) -> int:
+def run_ui(args: argparse.Namespace, *, asked: bool = False) -> int:
     """Opens the dashboard signed in with the client token (``--token``, ``JOBSPINE_TOKEN``,
     the config file); ``--print-url`` prints the signed-in URL instead, for a browser on
-    another machine. Exit status 5 without a token, 2 when no browser can be started."""
+    another machine. The HTTP port is the one the server at ``--url`` announces, unless
+    ``asked`` (``--health-port`` was set: a flag, variable or the config file). Exit status 5
+    without a token (or refused), 4 when the server cannot be reached, 2 when no browser can
+    be started."""
     if not args.token:
         raise CLIError(ExitCode.AUTH, NO_TOKEN)
-    base = dashboard_url(args.url, args.health_port)
+    port = args.health_port if asked else trio.run(_announced_http_port, args)
+    base = dashboard_url(args.url, port)
     signed_in = f"{base}#token={quote(args.token, safe='')}"
     if args.print_url:
         write(signed_in + "\n")
