@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import orjson
@@ -193,3 +194,17 @@ def test_watch_says_what_a_recovery_did_by_the_state_it_left() -> None:
     assert recovery(JobState.PAUSED, "stalled") == (
         "paused (stalled)\n  resume with: jobspine resume J"
     )
+
+
+def test_watch_says_when_a_delayed_job_is_due() -> None:
+    """A delayed job's watcher said only "created" (the jobs table shows no time either):
+    its created event carries run_at, shown in local time."""
+    due = 1795935090.0
+    data = {"kind": "k", "input": {}, "run_at": due, "max_attempts": 1, "tags": []}
+    event = JobEvent("J", "alice", 1, EventType.CREATED, JobState.CREATED, due - 3600, data)
+    expected = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(due))
+    assert change_line(event, "J") == f"created: waits until {expected}"
+    now = JobEvent(
+        "J", "alice", 1, EventType.CREATED, JobState.CREATED, due, {**data, "run_at": None}
+    )
+    assert change_line(now, "J") == "created"

@@ -226,6 +226,10 @@ def change_line(event: JobEvent, job_id: str) -> str | None:
                 f" ({data.get('failed_attempts')} of {data.get('max_attempts')}):"
                 f" {one_line(error.get('type'))}: {one_line(error.get('message'))}"
             )
+        case "created" | "restarted" if isinstance(data.get("run_at"), int | float):
+            # Delayed: say when it is due (in this machine's local time).
+            due = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(data["run_at"]))
+            return f"{event.type.value}: waits until {due}"
         case "restarted" | "created" | "cancelled" | "deleted":
             return event.type.value
     return None
@@ -261,7 +265,10 @@ class PlainView:
         return None
 
     def start(self, job: dict[str, Any]) -> None:
-        write(f"{job['id']} {job['state']} {job['progress']:.1f}%\n")
+        # The job as it is now; its events follow from the first, so "created" may come after.
+        write(
+            f"{job['id']} ({job['kind']}) is {job['state']}, {job['progress']:.1f}%; its events:\n"
+        )
 
     def event(self, event: JobEvent) -> None:
         if event.type.value == "progress":
