@@ -448,7 +448,12 @@ def _server_options(p: argparse.ArgumentParser) -> None:
     _add(p, "worker_processes", metavar="N")
     _add(p, "heap_trim_interval", metavar="SECONDS")
     _add(p, "gc_threshold", metavar="ALLOCATIONS")
-    _add(p, "concurrency", metavar="N")
+    _add(
+        p,
+        "concurrency",
+        metavar="N",
+        about="with --worker-processes: jobs each worker process runs at once",
+    )
     _add(p, "retention_days", metavar="DAYS")
     _add(p, "retention_max_per_kind", metavar="COUNT")
     _add(p, "node_id", metavar="NAME")
