@@ -376,14 +376,7 @@ class Worker:
                     # The job moved on from this attempt (a user cancelled, paused or restarted
                     # it) before its worker was stopped: an expected race, and this attempt
                     # has nothing left to record.
-                    log.info(
-                        "job %s attempt %d ended: %s",
-                        self.job_id,
-                        self.attempt,
-                        exc,
-                        extra=self._fields("fenced"),
-                    )
-                    self.outcome = "fenced"
+                    self._fenced("ended", exc)
                     return
                 error = JobError(type(exc).__name__, _describe(exc))
                 permanent = isinstance(exc, PermanentError)
@@ -442,14 +435,19 @@ class Worker:
             )
         except JobspineError as exc:
             # Fenced out (stalled, cancelled or paused meanwhile): the newer decision stands.
-            log.info(
-                "job %s attempt %d outcome not recorded: %s",
-                self.job_id,
-                self.attempt,
-                exc,
-                extra=self._fields("fenced"),
-            )
-            self.outcome = "fenced"
+            self._fenced("outcome not recorded", exc)
+
+    def _fenced(self, what: str, exc: Exception) -> None:
+        """The job moved on from this attempt: said at INFO, and the newer decision stands."""
+        log.info(
+            "job %s attempt %d %s: %s",
+            self.job_id,
+            self.attempt,
+            what,
+            exc,
+            extra=self._fields("fenced"),
+        )
+        self.outcome = "fenced"
 
     def _fields(self, event: str) -> dict[str, object]:
         return job_fields(self.job_id, self.user_id, self.attempt, event)

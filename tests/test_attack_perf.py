@@ -14,6 +14,8 @@ import datetime
 import enum
 import sqlite3
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -282,19 +284,22 @@ async def _finished_job(rt: Any) -> str:
     return str(job.id)
 
 
+@asynccontextmanager
+async def _replayable(config: BroadcasterConfig) -> AsyncIterator[tuple[Any, Broadcaster, str]]:
+    """A runtime on memory with ``config``, its broadcaster and one finished job's id."""
+    async with open_runtime(
+        backend=MemoryBackend(), handlers={"steps": steps}, broadcast=config
+    ) as rt:
+        assert rt.broadcaster is not None
+        yield rt, rt.broadcaster, await _finished_job(rt)
+
+
 @pytest.mark.parametrize("room_kind", ["job", "user"])
 async def test_replay_budget_edges(room_kind: str) -> None:
     """Exactly at the budget a cursor is replayed; a byte less is cursor_too_far with
     nothing queued; a budget of 0 still serves a cursor at the head; the reply is the
     same in a job room and a user room."""
-    async with open_runtime(
-        backend=MemoryBackend(),
-        handlers={"steps": steps},
-        broadcast=BroadcasterConfig(backlog_bytes=1, backlog=1),
-    ) as rt:
-        b = rt.broadcaster
-        assert b is not None
-        job_id = await _finished_job(rt)
+    async with _replayable(BroadcasterConfig(backlog_bytes=1, backlog=1)) as (rt, b, job_id):
         room = f"job:{job_id}" if room_kind == "job" else "user:u"
         if room_kind == "job":
             logged = await rt._store.read_events(job_id)
@@ -632,14 +637,7 @@ async def test_replays_a_connection_has_not_read_share_one_budget() -> None:
     snapshot, nothing lost), and once the client reads, replays are served again. Before,
     each subscribe queued another full replay: a slow reader grew the server's memory by
     150 MB per second."""
-    async with open_runtime(
-        backend=MemoryBackend(),
-        handlers={"steps": steps},
-        broadcast=BroadcasterConfig(backlog=1, backlog_bytes=1),
-    ) as rt:
-        b = rt.broadcaster
-        assert b is not None
-        job_id = await _finished_job(rt)
+    async with _replayable(BroadcasterConfig(backlog=1, backlog_bytes=1)) as (rt, b, job_id):
         missed = await rt._store.read_events(job_id)
         one = sum(len(b.encode(e)) for e in missed)  # one full replay of the job room
         b.config = attrs.evolve(b.config, replay_bytes=3 * one)
