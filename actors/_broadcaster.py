@@ -23,6 +23,7 @@ come from the log.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -96,6 +97,13 @@ class BroadcasterConfig:
     #: (``cursor_too_far``) instead, so that no connection holds more than this of replays
     #: in memory (16 MiB: about 60,000 progress events).
     replay_bytes: int = 16 * 1024 * 1024
+    #: Bytes of replays all connections together have queued and not read, at most: past it
+    #: a join gets ``cursor_too_far`` too (what one user's 32 connections could otherwise
+    #: hold is 32 times ``replay_bytes``).
+    replay_total_bytes: int = 256 * 1024 * 1024
+    #: Replays read from the durable log at once, server-wide (each holds up to
+    #: ``replay_bytes`` while it is built; one connection builds one at a time).
+    replay_builds: int = 4
     #: An event ``data`` value whose JSON is larger than this (bytes) is sent as an
     #: ``{"$omitted": field, "size": bytes}`` marker; clients fetch it with ``get_payload``.
     inline_payload_limit: int = 16 * 1024
@@ -191,8 +199,9 @@ class Outbox:
         self._live_bytes = 0  # bytes of queued live events and markers
         self._replayed_bytes = 0  # bytes of queued replayed events
         #: Bytes of the replays joined on this connection and not queued yet (see
-        #: :meth:`Broadcaster.join`).
+        #: :meth:`Broadcaster.join`), and the lock its joins build their replays under.
         self.replay_reserved = 0
+        self.replay_lock = trio.Lock()
         self._wakeup = trio.Event()
         self._lag_times: deque[float] = deque()
         self.subscriptions: dict[str, Subscription] = {}
@@ -403,6 +412,10 @@ class Broadcaster:
         self._stream: EventStream | None = None
         self._idle = trio.Event()
         self.published = 0
+        #: Outboxes that joined with a cursor: their replays count towards
+        #: ``replay_total_bytes`` for as long as they live.
+        self._replayers: weakref.WeakSet[Outbox] = weakref.WeakSet()
+        self._builds = trio.CapacityLimiter(self.config.replay_builds)
 
     @property
     def epoch(self) -> str:
@@ -591,25 +604,36 @@ class Broadcaster:
             horizon = 0 if kind == "job" else await self.store.user_horizon(ident)
             history = None
             if cursor.seq >= horizon:
-                # One budget per connection, not per join: replays it has not read yet count
-                # (else subscribing again and again would queue a replay each time).
-                queued = outbox.replay_bytes
-                try:
-                    history = await self._history(
-                        kind, ident, room, cursor.seq, head, self.config.replay_bytes - queued
-                    )
-                except _TooFar:
-                    reason = (
-                        f"cursor_too_far: the {head - cursor.seq} events after sequence"
-                        f" {cursor.seq} are more than the {self.config.replay_bytes:,} bytes"
-                        " one replay may hold"
-                    )
-                    if queued:
-                        reason += (
-                            f", {queued:,} of them taken by replays this connection has not"
-                            " read yet"
+                # One build at a time per connection (each then sees the one before), a few
+                # server-wide; the budget is the connection's and the server's: replays not
+                # read yet count (else subscribing again and again would queue a replay
+                # each time, or many connections would each queue their own).
+                async with outbox.replay_lock, self._builds:
+                    self._replayers.add(outbox)
+                    queued = outbox.replay_bytes
+                    everyone = sum(each.replay_bytes for each in self._replayers)
+                    mine = self.config.replay_bytes - queued
+                    budget = min(mine, self.config.replay_total_bytes - everyone)
+                    try:
+                        history = await self._history(kind, ident, room, cursor.seq, head, budget)
+                    except _TooFar:
+                        reason = (
+                            f"cursor_too_far: the {head - cursor.seq} events after sequence"
+                            f" {cursor.seq} are more than the {budget:,} bytes a replay may"
+                            " hold now"
                         )
-                    return JoinResult(room, epoch, head, False, 0, reason)
+                        if budget < mine:
+                            reason += " (the server holds many replays not read yet)"
+                        elif queued:
+                            reason += (
+                                f" ({queued:,} of this connection's"
+                                f" {self.config.replay_bytes:,} are taken by replays it has"
+                                " not read yet)"
+                            )
+                        return JoinResult(room, epoch, head, False, 0, reason)
+                    if history is not None:
+                        sub.reserved = sum(len(data) for _, data in history)
+                        outbox.replay_reserved += sub.reserved
             if history is None:
                 # Retention removed events after the cursor (also when it happened during
                 # this join): a replay would have holes, so the client gets a snapshot.
@@ -620,8 +644,6 @@ class Broadcaster:
                 )
                 return JoinResult(room, epoch, head, False, 0, reason)
             sub.held[:0] = history
-            sub.reserved = sum(len(data) for _, data in history)
-            outbox.replay_reserved += sub.reserved
             sub.last_seq = cursor.seq
             return JoinResult(room, epoch, head, recovered=True, replayed=len(history))
         except BaseException:

@@ -42,6 +42,7 @@ from actors import (
     StoreUnavailableError,
     open_runtime,
 )
+from actors._broadcaster import JoinResult
 from actors._codec import converter
 from actors._events import _structure_event, _structure_event_checked
 from actors._payloads import inline_payloads
@@ -663,6 +664,36 @@ async def test_replays_a_connection_has_not_read_share_one_budget() -> None:
         # A join left before it finished gives its reservation back.
         b.leave(outbox, room)
         assert outbox.replay_bytes == 0
+
+
+async def test_joins_being_built_share_the_budget_and_so_do_connections() -> None:
+    """Subscribes sent together on one connection (up to its in-flight limit) build their
+    replays one after another, each within what the ones before left; all connections
+    together stay within ``replay_total_bytes``. Before, each of 16 concurrent subscribes
+    built its own 16 MiB: one connection took the server from 42 to 946 MB."""
+    async with _replayable(BroadcasterConfig(backlog=1, backlog_bytes=1)) as (rt, b, first):
+        jobs = [first] + [await _finished_job(rt) for _ in range(4)]
+        sizes = [sum(len(b.encode(e)) for e in await rt._store.read_events(j)) for j in jobs]
+        one = max(sizes)  # the same events in each job's room, but for a few digits
+        assert 5 * min(sizes) > 4 * one
+        b.config = attrs.evolve(b.config, replay_bytes=3 * one, replay_total_bytes=4 * one)
+        outbox = Outbox(b.config)
+        joined: list[JoinResult] = []
+
+        async def join(job_id: str) -> None:
+            joined.append(await b.join(outbox, f"job:{job_id}", Cursor(rt.epoch, 0)))
+            assert outbox.replay_bytes <= b.config.replay_bytes
+
+        async with trio.open_nursery() as nursery:  # five at once on one connection
+            for job_id in jobs:
+                nursery.start_soon(join, job_id)
+        assert sorted(j.recovered for j in joined) == [False, False, True, True, True]
+        assert outbox.replay_bytes <= 3 * one
+        # Another connection: the server's 4 replays' worth leaves it room for one.
+        other = Outbox(b.config)
+        second = [await b.join(other, f"job:{j}", Cursor(rt.epoch, 0)) for j in jobs[:2]]
+        assert [j.recovered for j in second] == [True, False]
+        assert "the server holds many replays not read yet" in (second[1].reset_reason or "")
 
 
 async def test_a_reset_reply_waits_for_room_in_a_full_event_buffer() -> None:
