@@ -148,7 +148,8 @@ async def test_exit_codes_json_and_errors(tmp_path: Path) -> None:
         assert "mint a user's token with jobspine token --user NAME" in wrong.stderr
 
         # cannot connect: wrong scheme, the health port (HTTP 404), nothing listening
-        for url in ("http://127.0.0.1:1", f"ws://127.0.0.1:{served.health}"):
+        urls = ("http://127.0.0.1:1", "ws://127.0.0.1:99999", "ws://[::1", "ws://")
+        for url in (*urls, f"ws://127.0.0.1:{served.health}"):
             start = time.monotonic()
             wrong = await arun("jobs", "--url", url, env=env)
             assert wrong.returncode == ExitCode.CANNOT_CONNECT, wrong

@@ -174,7 +174,7 @@ async def test_first_frame_must_be_hello(served: RunningServer) -> None:
         assert code == CLOSE["protocol_error"]
 
 
-@pytest.mark.parametrize("size", [100_000, 1_000_000, 3_000_000])
+@pytest.mark.parametrize("size", [5_000, 30_000, 100_000, 1_000_000, 3_000_000])
 async def test_a_hello_over_the_frame_limit_closes_with_1009_unread(
     served: RunningServer, size: int
 ) -> None:
@@ -192,8 +192,8 @@ async def test_a_hello_over_the_frame_limit_closes_with_1009_unread(
         nursery.start_soon(hello)
         code, reason = await closed_with(ws)
         assert code == CLOSE["too_big"], reason
-        if size < 2 * 1024 * 1024:
-            assert "before the hello" in (reason or "")
+        if size < 2 * 1024 * 1024:  # read to its end (the budget's slack), or cut before
+            assert "before the hello" in (reason or "") or reason == "hello over max_frame_size"
     async with open_client(served.url, token("bob")) as bob:  # the next one is served
         assert (await bob.ping())["pong"] > 0
 

@@ -5,6 +5,7 @@ runs jobs."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -697,7 +698,8 @@ async def test_jobspine_worker_gives_up_on_a_url_it_cannot_use() -> None:
     )
     assert status == 4, err
     assert f"cannot connect to ws://127.0.0.1:{dead}/worker within 1 s (" in err, err
-    assert "is the server running?" in err and trio.current_time() - start < 15
+    # The timeout and the start of a Python process: the last backoff stops at the timeout.
+    assert "is the server running?" in err and trio.current_time() - start < 4
 
     async def not_found(stream: trio.SocketStream) -> None:
         await stream.receive_some(65536)
@@ -710,6 +712,10 @@ async def test_jobspine_worker_gives_up_on_a_url_it_cannot_use() -> None:
         nursery.cancel_scope.cancel()
     assert status == 4, err
     assert "answered HTTP 404: it is not a jobspine server's websocket port" in err, err
+    for bad in ("http://127.0.0.1:1", "ws://127.0.0.1:99999", "ws://[::1"):  # at once
+        status, err = await run_jobspine_worker(bad, worker_token())
+        assert status == 4 and "Traceback" not in err, err
+        assert "use ws://HOST:PORT" in err
 
 
 async def test_a_refused_hello_is_logged_on_one_short_line(
@@ -1008,3 +1014,54 @@ async def test_reports_waiting_past_their_byte_bound_are_refused_busy(
         # Once served, the bound is free again.
         await send(ws, {"op": "progress", "id": "p", **ref, "progress": 5})
         assert (await receive(ws))["id"] == "p"
+
+
+async def test_a_worker_gives_up_at_its_connect_timeout_not_after_a_last_backoff() -> None:
+    """Nothing listens: the retries' backoff grows, and the last wait ends at the timeout
+    (``--connect-timeout 3`` took 5.3 to 5.9 s)."""
+    from transport import WorkerFatalError
+
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]
+    for timeout in (3, 5):  # past the 4th and the 5th retry, whose backoff ran 2 and 5 s over
+        process = WorkerProcess(
+            f"ws://127.0.0.1:{dead}", worker_token(), {}, connect_timeout=timeout
+        )
+        start = trio.current_time()
+        with pytest.raises(WorkerFatalError, match=f"within {timeout} s"):
+            await process.run()
+        assert timeout <= trio.current_time() - start < timeout + 0.5
+
+
+async def test_a_worker_handler_fenced_out_by_a_cancel_ends_without_a_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In a worker process as in the server: the job is cancelled before its worker is
+    stopped, the handler's next report is refused (the attempt is over) and propagates. One
+    line, no traceback (there were 9 in 18 s of clients racing cancels and restarts)."""
+    go = trio.Event()
+
+    async def reporting(ctx: JobContext, input: Any) -> Any:
+        await go.wait()
+        await ctx.checkpoint({"at": 1})
+
+    async with (
+        served(tmp_path / "db", "in_process", in_process_handlers=False) as s,
+        trio.open_nursery() as nursery,
+    ):
+        process = WorkerProcess(s.running.url, worker_token(), {"reporting": reporting})
+        nursery.start_soon(process.run)
+        await wait_connected(s.running)
+        job = await s.runtime.create_job("reporting", "alice", {})
+        await wait_for_state(s.runtime, job.id, {JobState.RUNNING})
+        await s.runtime._store.cancel(job.id, "bob")  # stored; the worker not told yet
+        with caplog.at_level(logging.INFO, logger="jobspine"):
+            go.set()
+            await eventually(lambda: not process.session or not process.session.attempts)
+        nursery.cancel_scope.cancel()
+    ended = [r.getMessage() for r in caplog.records if " ended: " in r.getMessage()]
+    assert ended and ended[0].startswith(f"job {job.id} attempt 1 ended: "), ended
+    assert all(r.exc_info is None for r in caplog.records), [
+        r.getMessage() for r in caplog.records if r.exc_info
+    ]

@@ -39,7 +39,7 @@ from actors._retention import DAY
 
 from ._app import PortUnavailableError, open_server
 from ._auth import mint_token, user_id_problem
-from ._commands import run_client_command
+from ._commands import check_url, run_client_command
 from ._config import (
     SETTINGS,
     Resolved,
@@ -251,6 +251,7 @@ def run_worker(args: argparse.Namespace) -> int:
             ExitCode.AUTH,
             "no worker token: set JOBSPINE_TOKEN (mint one: jobspine token --worker)",
         )
+    check_url(args.url)
     handlers = _handlers(args)
     if not handlers:
         raise CLIError(ExitCode.USAGE, "no handlers: give --handlers MODULE:DICT")

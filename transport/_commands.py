@@ -94,10 +94,20 @@ _FINAL_EXIT = {"completed": ExitCode.OK, "failed": ExitCode.JOB_FAILED}
 
 
 def check_url(url: str) -> None:
-    if urlsplit(url).scheme not in ("ws", "wss"):
+    """A usable ``ws://`` or ``wss://`` URL, else a :class:`CLIError` (exit 4) saying why."""
+    problem = None
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as exc:  # a port out of range, an unclosed IPv6 bracket
+        problem = str(exc)
+    else:
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            problem = "not a websocket URL"
+    if problem is not None:
         raise CLIError(
             ExitCode.CANNOT_CONNECT,
-            f"{url} is not a websocket URL: use ws://HOST:PORT or wss://HOST:PORT"
+            f"{url}: {problem}: use ws://HOST:PORT or wss://HOST:PORT"
             " (the server's default is ws://127.0.0.1:8765)",
         )
 

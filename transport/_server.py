@@ -161,6 +161,9 @@ class Connection:
                 CLOSE["hello_timeout"], f"no hello within {config.hello_timeout:g} s"
             )
             return False
+        if _frame_size(frame, config.max_frame_size) > config.max_frame_size:
+            await self.ws.aclose(CLOSE["too_big"], "hello over max_frame_size")
+            return False
         try:
             request = parse_request(frame)
             if request.op != "hello":

@@ -62,6 +62,10 @@ _ERRORS: Mapping[str, type[JobspineError]] = {
 }
 
 
+#: A report's refusals that say the job moved on from its attempt (PROTOCOL.md section 9).
+FENCED_OUT = frozenset({"stale_attempt", "not_assigned"})
+
+
 class WorkerRequestError(JobspineError):
     """The server refused a report (``code`` as documented in PROTOCOL.md)."""
 
@@ -303,7 +307,12 @@ class _Session:
         except JobStopped:
             return {"op": "stopped", **ref}
         except Exception as exc:
-            log.info("job %s raised %s", attempt.job_id, type(exc).__name__, exc_info=exc)
+            if isinstance(exc, WorkerRequestError) and exc.code in FENCED_OUT:
+                # The job moved on from this attempt (a user cancelled, paused or restarted
+                # it): an expected race, one line; the report below is refused the same way.
+                log.info("job %s attempt %d ended: %s", attempt.job_id, attempt.attempt, exc)
+            else:
+                log.info("job %s raised %s", attempt.job_id, type(exc).__name__, exc_info=exc)
             error = {"type": type(exc).__name__, "message": _describe(exc)}
             outcome: dict[str, Any] = {"op": "fail", **ref, "error": error}
             if isinstance(exc, PermanentError):
@@ -404,6 +413,8 @@ class WorkerProcess:
             if code in FATAL_CLOSE:
                 raise WorkerFatalError(FATAL_CLOSE[code], f"the server closed with {code}")
             delay = self.policy.next_delay(trio.current_time(), code)
+            if not self.connections:  # the next try or the give-up, not past the timeout
+                delay = min(delay, max(0.0, give_up_at - trio.current_time()))
             with trio.move_on_after(delay):
                 await self._draining.wait()
 
