@@ -25,7 +25,8 @@ from __future__ import annotations
 import logging
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -101,8 +102,8 @@ class BroadcasterConfig:
     #: a join gets ``cursor_too_far`` too (what one user's 32 connections could otherwise
     #: hold is 32 times ``replay_bytes``).
     replay_total_bytes: int = 256 * 1024 * 1024
-    #: Replays read from the durable log at once, server-wide (each holds up to
-    #: ``replay_bytes`` while it is built; one connection builds one at a time).
+    #: Replays built at once, server-wide (each holds up to ``replay_bytes`` while it is
+    #: built; one connection builds one at a time, and so does one user's rooms).
     replay_builds: int = 4
     #: An event ``data`` value whose JSON is larger than this (bytes) is sent as an
     #: ``{"$omitted": field, "size": bytes}`` marker; clients fetch it with ``get_payload``.
@@ -201,7 +202,7 @@ class Outbox:
         #: Bytes of the replays joined on this connection and not queued yet (see
         #: :meth:`Broadcaster.join`), and the lock its joins build their replays under.
         self.replay_reserved = 0
-        self.replay_lock = trio.Lock()
+        self.replay_lock = trio.Lock()  # held by a join: the connection's joins run in turn
         self._wakeup = trio.Event()
         self._lag_times: deque[float] = deque()
         self.subscriptions: dict[str, Subscription] = {}
@@ -369,6 +370,14 @@ class Subscription:
     user: str | None = None
 
 
+@attrs.define(eq=False)
+class _UserBuilds:
+    """A user's replay builds: the one running and the ones waiting for it."""
+
+    lock: trio.Lock = attrs.field(factory=trio.Lock)
+    waiting: int = 0
+
+
 @attrs.frozen
 class JoinResult:
     room: str
@@ -416,6 +425,7 @@ class Broadcaster:
         #: ``replay_total_bytes`` for as long as they live.
         self._replayers: weakref.WeakSet[Outbox] = weakref.WeakSet()
         self._builds = trio.CapacityLimiter(self.config.replay_builds)
+        self._user_builds: dict[str, _UserBuilds] = {}
 
     @property
     def epoch(self) -> str:
@@ -571,9 +581,17 @@ class Broadcaster:
         """Register ``outbox`` in ``room`` and work out what it missed.
 
         The caller queues its reply, then calls :meth:`finish_join` without awaiting in
-        between, so the reply precedes the replayed events.
+        between, so the reply precedes the replayed events. A connection's joins run one at a
+        time, each to its end: a later subscribe to the same room replaces this one only once
+        its replay is queued (it then gets its own), and each sees the replays before it.
         """
         kind, ident = parse_room(room)
+        async with outbox.replay_lock:
+            return await self._join(outbox, room, kind, ident, cursor)
+
+    async def _join(
+        self, outbox: Outbox, room: str, kind: str, ident: str, cursor: Cursor | None
+    ) -> JoinResult:
         self.leave(outbox, room)
         sub = Subscription(room, outbox)
         self._rooms.setdefault(room, {})[outbox] = sub
@@ -582,9 +600,10 @@ class Broadcaster:
             if self.fanout is not None:
                 await self._track(self.fanout, sub, kind, ident)
             if kind == "job":
-                head = (await self.store.get(ident)).seq
+                job = await self.store.get(ident)
+                head, user = job.seq, job.user_id
             else:
-                head = await self.store.user_head(ident)
+                head, user = await self.store.user_head(ident), ident
                 if self.fanout is not None:
                     # Other nodes' commits may be ahead of this store's count; what the
                     # fan-out delivered is committed (in the log) and later events follow.
@@ -604,16 +623,15 @@ class Broadcaster:
             horizon = 0 if kind == "job" else await self.store.user_horizon(ident)
             history = None
             if cursor.seq >= horizon:
-                # One build at a time per connection (each then sees the one before), a few
-                # server-wide; the budget is the connection's and the server's: replays not
-                # read yet count (else subscribing again and again would queue a replay
-                # each time, or many connections would each queue their own).
-                async with outbox.replay_lock, self._builds:
+                # The budget is the connection's and the server's: replays not read yet count
+                # (else subscribing again and again would queue a replay each time, or many
+                # connections would each queue their own).
+                async with self._building(user):
                     self._replayers.add(outbox)
                     queued = outbox.replay_bytes
                     everyone = sum(each.replay_bytes for each in self._replayers)
                     mine = self.config.replay_bytes - queued
-                    budget = min(mine, self.config.replay_total_bytes - everyone)
+                    budget = max(0, min(mine, self.config.replay_total_bytes - everyone))
                     try:
                         history = await self._history(kind, ident, room, cursor.seq, head, budget)
                     except _TooFar:
@@ -631,6 +649,10 @@ class Broadcaster:
                                 " not read yet)"
                             )
                         return JoinResult(room, epoch, head, False, 0, reason)
+                    if outbox.subscriptions.get(room) is not sub:
+                        # Left meanwhile (unsubscribed, or the connection closed): nothing
+                        # will be sent, and nothing is reserved.
+                        return JoinResult(room, epoch, head, recovered=True, replayed=0)
                     if history is not None:
                         sub.reserved = sum(len(data) for _, data in history)
                         outbox.replay_reserved += sub.reserved
@@ -647,8 +669,26 @@ class Broadcaster:
             sub.last_seq = cursor.seq
             return JoinResult(room, epoch, head, recovered=True, replayed=len(history))
         except BaseException:
-            self.leave(outbox, room)
+            if outbox.subscriptions.get(room) is sub:
+                self.leave(outbox, room)
             raise
+
+    @asynccontextmanager
+    async def _building(self, user: str) -> AsyncIterator[None]:
+        """Room to build a replay of ``user``'s rooms: one at a time per user, and
+        ``replay_builds`` server-wide, so that one user's many connections cannot keep
+        every other user's replays waiting."""
+        entry = self._user_builds.get(user)
+        if entry is None:
+            entry = self._user_builds[user] = _UserBuilds()
+        entry.waiting += 1
+        try:
+            async with entry.lock, self._builds:
+                yield
+        finally:
+            entry.waiting -= 1
+            if not entry.waiting:
+                del self._user_builds[user]
 
     async def _track(self, fanout: Fanout, sub: Subscription, kind: str, ident: str) -> None:
         """Have the fan-out deliver the room's user's events: watched from now (held until

@@ -696,6 +696,48 @@ async def test_joins_being_built_share_the_budget_and_so_do_connections() -> Non
         assert "the server holds many replays not read yet" in (second[1].reset_reason or "")
 
 
+async def test_subscribes_to_one_room_at_once_each_get_the_replay_they_announce() -> None:
+    """Six subscribes of one room sent together on one connection: each reply's ``replayed``
+    events are queued after it (a later one replaced an earlier one while it was being
+    built: the earlier one's replay was announced, never sent, and its bytes stayed reserved
+    for good, so one user could take the server's whole replay budget without holding any
+    memory). Once read, nothing stays reserved."""
+    async with _replayable(BroadcasterConfig(backlog=1, backlog_bytes=1)) as (rt, b, job_id):
+        missed = await rt._store.read_events(job_id)
+        room = f"job:{job_id}"
+        outbox = Outbox(b.config)
+        announced = 0
+
+        async def join() -> None:
+            nonlocal announced
+            joined = await b.join(outbox, room, Cursor(rt.epoch, 0))
+            b.finish_join(outbox, room)  # as the server does, right after the reply
+            announced += joined.replayed
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(6):
+                nursery.start_soon(join)
+        assert announced == 6 * len(missed)
+        sent = []
+        while messages := outbox.take(max_bytes=1 << 22):
+            sent += [orjson.loads(m) for m in messages]
+        assert len([m for m in sent if m["type"] == "event"]) == announced
+        assert outbox.replay_bytes == 0 and outbox.replay_reserved == 0
+        # A join left (unsubscribed) while it was being built reserves nothing, sends nothing.
+        b.leave(outbox, room)
+
+        async def left_midway() -> None:
+            await b.join(outbox, room, Cursor(rt.epoch, 0))
+            b.finish_join(outbox, room)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(left_midway)
+            while room not in outbox.subscriptions:
+                await trio.lowlevel.checkpoint()
+            b.leave(outbox, room)
+        assert outbox.replay_bytes == 0 and outbox.take() == []
+
+
 async def test_a_reset_reply_waits_for_room_in_a_full_event_buffer() -> None:
     """A subscribe reply that resets its room while the application's event buffer is full:
     the read loop waits for room instead of ending with ``WouldBlock``; the reset follows the
