@@ -1065,3 +1065,10 @@ async def test_a_worker_handler_fenced_out_by_a_cancel_ends_without_a_traceback(
     assert all(r.exc_info is None for r in caplog.records), [
         r.getMessage() for r in caplog.records if r.exc_info
     ]
+
+
+def test_a_worker_url_may_name_the_worker_endpoint() -> None:
+    """The worker logs the endpoint's URL (``…/worker``); given back as ``--url`` it reached
+    ``/worker/worker``, the client endpoint, which refused the hello ("unknown field 'batch'")."""
+    for url in ("ws://h:1", "ws://h:1/", "ws://h:1/worker", "ws://h:1/worker/"):
+        assert WorkerProcess(url, "t", {}).url == "ws://h:1/worker", url

@@ -348,8 +348,9 @@ class _Session:
 
 
 class WorkerProcess:
-    """Connects to ``url`` (the server's ``/worker`` endpoint is added) with ``token`` (a
-    worker token), serves ``handlers`` with ``concurrency`` slots, reconnects with backoff.
+    """Connects to ``url`` (the server's ``/worker`` endpoint is added unless given) with
+    ``token`` (a worker token), serves ``handlers`` with ``concurrency`` slots, reconnects
+    with backoff.
 
     :meth:`run` returns after :meth:`drain` once every job was handed back; raises
     :class:`WorkerFatalError` when the server refuses the hello (4002, 4003, 4004, 4010)."""
@@ -365,7 +366,9 @@ class WorkerProcess:
         policy: ReconnectPolicy | None = None,
         connect_timeout: float = math.inf,
     ) -> None:
-        self.url = url.rstrip("/") + "/worker"
+        # The server's URL, or its worker endpoint's (what this process's log names).
+        base = url.rstrip("/")
+        self.url = base if base.endswith("/worker") else base + "/worker"
         #: Seconds the first connection is retried before :meth:`run` gives up; once
         #: connected, it reconnects for as long as it runs (servers restart).
         self.connect_timeout = connect_timeout
