@@ -25,6 +25,7 @@ import cattrs
 import orjson
 import pytest
 import trio
+import trio.testing
 
 from actors import (
     Broadcaster,
@@ -769,3 +770,28 @@ async def test_a_reset_reply_waits_for_room_in_a_full_event_buffer() -> None:
     assert pending.done.is_set()
     assert [getattr(item, "seq", None) for item in seen] == [6, 7, None]
     assert client.rooms[room].cursor == RoomCursor("new", 9)
+
+
+async def test_a_users_replay_builds_take_turns_and_leave_others_theirs() -> None:
+    """While a replay of user u's rooms is being built, u's next waits for it and v's is built
+    at once: one user's many connections cannot fill the server's build slots (another
+    user's subscribe waited 11 s behind 32 of them). Nothing is kept once they are done."""
+    async with _replayable(BroadcasterConfig()) as (_, b, _job):
+        release, entered = trio.Event(), []
+
+        async def build(user: str, *, task_status: trio.TaskStatus[None]) -> None:
+            task_status.started()
+            async with b._building(user):
+                entered.append(user)
+                await release.wait()
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(build, "u")
+            await nursery.start(build, "u")
+            await trio.testing.wait_all_tasks_blocked()
+            assert entered == ["u"]
+            with trio.fail_after(1):
+                async with b._building("v"):
+                    pass
+            release.set()
+        assert entered == ["u", "u"] and b._user_builds == {}
