@@ -621,8 +621,10 @@ class Broadcaster:
                 reason = f"cursor_ahead: sequence {cursor.seq} is beyond the room's head {head}"
                 return JoinResult(room, epoch, head, False, 0, reason)
             horizon = 0 if kind == "job" else await self.store.user_horizon(ident)
-            history = None
-            if cursor.seq >= horizon:
+            history: list[tuple[JobEvent | StoredEvent, bytes]] | None = None
+            if cursor.seq == head:
+                history = []  # nothing missed (the usual reconnect): nothing to build
+            elif cursor.seq >= horizon:
                 # The budget is the connection's and the server's: replays not read yet count
                 # (else subscribing again and again would queue a replay each time, or many
                 # connections would each queue their own).
