@@ -25,6 +25,7 @@ from arq.connections import RedisSettings
 from arq.worker import Worker, func
 
 from bench.args import amount
+from bench.redis_keys import delete_matching
 
 
 async def emit(
@@ -119,9 +120,15 @@ async def observe(args: argparse.Namespace) -> None:
     await pool.aclose()
 
 
+async def clean(args: argparse.Namespace) -> None:
+    """Delete the run's keys: its jobs' (arq names them by job id) and its queue's."""
+    patterns = [f"arq:*:bench-{args.run}-*", args.queue, f"{args.queue}:*"]
+    print(await delete_matching(args.redis, patterns))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("role", choices=["worker", "observe"])
+    parser.add_argument("role", choices=["worker", "observe", "clean"])
     parser.add_argument("--jobs", type=amount(int, 1), default=100)
     parser.add_argument("--events", type=amount(int, 1), default=100)
     parser.add_argument("--running", type=amount(int), default=0, help="jobs at once (0: all)")
@@ -131,7 +138,7 @@ def main() -> None:
     parser.add_argument("--run", default=str(int(time.time())))
     parser.add_argument("--timeout", type=amount(float, 0.0, above=True), default=120)
     args = parser.parse_args()
-    asyncio.run(worker(args) if args.role == "worker" else observe(args))
+    asyncio.run({"worker": worker, "observe": observe, "clean": clean}[args.role](args))
 
 
 if __name__ == "__main__":

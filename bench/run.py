@@ -521,7 +521,7 @@ async def peer_fanout(
     events, interval, running = workload(args, jobs)
     queue = f"jobspine-bench-{peer}-{os.getpid()}-{jobs}"
     common = ["--jobs", str(jobs), "--queue", queue, "--redis", args.redis]
-    common += ["--running", str(running)]
+    common += ["--running", str(running), "--run", str(time.time_ns())]
     module = PEERS[peer]
     worker = await trio.lowlevel.open_process(
         [sys.executable, "-m", module, "worker", *common],
@@ -548,6 +548,16 @@ async def peer_fanout(
     finally:
         worker.terminate()
         await worker.wait()
+        # The run's keys, once its worker is gone and nothing writes them again.
+        with trio.move_on_after(30, shield=True):
+            cleaned = await trio.run_process(
+                [sys.executable, "-m", module, "clean", *common],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+            if cleaned.returncode:
+                progress_line(f"[{peer}] its keys in Redis were not deleted: {cleaned.stderr!r}")
     data = orjson.loads(result.stdout.decode().strip().splitlines()[-1])
     lat = [1000 * x for x in data["latencies"]]
     span = max(1e-9, data["last"] - data["first"])

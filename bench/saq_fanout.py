@@ -22,6 +22,7 @@ import orjson
 from saq import Queue, Worker
 
 from bench.args import amount
+from bench.redis_keys import delete_matching
 
 
 async def emit(ctx: Any, *, count: int, interval: float, start_at: float) -> int:
@@ -105,9 +106,14 @@ async def observe(args: argparse.Namespace) -> None:
     await queue.disconnect()
 
 
+async def clean(args: argparse.Namespace) -> None:
+    """Delete the run's keys: saq names every key of a queue after it."""
+    print(await delete_matching(args.redis, [f"*{args.queue}*"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("role", choices=["worker", "observe"])
+    parser.add_argument("role", choices=["worker", "observe", "clean"])
     parser.add_argument("--jobs", type=amount(int, 1), default=100)
     parser.add_argument("--events", type=amount(int, 1), default=100)
     parser.add_argument("--running", type=amount(int), default=0, help="jobs at once (0: all)")
@@ -117,7 +123,7 @@ def main() -> None:
     parser.add_argument("--run", default=str(int(time.time())))
     parser.add_argument("--timeout", type=amount(float, 0.0, above=True), default=120)
     args = parser.parse_args()
-    asyncio.run(worker(args) if args.role == "worker" else observe(args))
+    asyncio.run({"worker": worker, "observe": observe, "clean": clean}[args.role](args))
 
 
 if __name__ == "__main__":

@@ -66,6 +66,15 @@ def test_fanout_runs_beside_the_peers_and_shows_the_ratios(tmp_path: Path) -> No
     assert "Traceback" not in result.stdout + result.stderr, result.stderr
     rows = {(r["scenario"], r["measure"]): r for r in orjson.loads(out.read_bytes())["rows"]}
     assert rows[("fanout 50", "events lost / gaps / resets")]["value"] == 0
+    # Nothing of the peers' runs is left in the shared Redis (arq kept its jobs' keys a day).
+    import redis
+
+    client = redis.Redis.from_url("redis://127.0.0.1:6379")
+    try:
+        left = [k for p in ("arq:*:bench-*", "*jobspine-bench-*") for k in client.scan_iter(p)]
+    finally:
+        client.close()
+    assert left == [], left[:5]
     for peer in ("saq", "arq"):
         assert rows[(f"{peer} 50", "progress updates observed/s")]["value"] > 0
         ratio = rows[(f"vs {peer} 50", f"events/s ratio jobspine/{peer}")]
