@@ -75,10 +75,6 @@ class GuardedStream(trio.abc.Stream):
         if self._unadmitted_left is not None:
             self._unadmitted_left = more
 
-    @property
-    def admitted(self) -> bool:
-        return self._unadmitted_left is None
-
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         # trio-websocket writes one wsproto event per call, so a frame starts each call.
         if data[:1] == bytes([_CLOSE_OPCODE]):
