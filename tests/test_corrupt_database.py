@@ -3,6 +3,8 @@ not ready, and no traceback per request."""
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +31,14 @@ async def test_a_corrupt_page_makes_the_server_unready_and_says_so_once(tmp_path
     db = data / "jobspine.db"
     config = RuntimeConfig(stop_grace=0.1)
     async with open_runtime(db, handlers={"research": hang}, config=config) as rt:
-        for i in range(300):  # half of them due while the server runs: claims read them
-            delay = 3600 if i % 2 else 0.5
-            await rt.create_job("research", f"u{i % 5}", {"content": "z" * 2000}, delay=delay)
+        for i in range(300):
+            await rt.create_job("research", f"u{i % 5}", {"content": "z" * 2000}, delay=3600)
+    # Half of them due while the server runs (claims read them), none started before: a job
+    # paused at the close would be resumed at the start, which would read the damaged page
+    # (the creates take longer than any short delay on a slow machine).
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE jobs SET ready_at = ? WHERE rowid % 2 = 0", (time.time() + 0.5,))
+    conn.close()
     with db.open("r+b") as file:  # page 4: the jobs table's root (pages are 4 KiB)
         file.seek(4096 * 3)
         file.write(b"\xff" * 4096)
