@@ -163,6 +163,9 @@ async def test_ui_asks_the_server_for_its_http_port(tmp_path: Path) -> None:
         assert asked.stdout.decode().startswith(f"http://127.0.0.1:{running.health_port}/#token=")
         told = await ui(running.url, "--health-port", "9999")  # given: taken as it is
         assert told.stdout.decode().startswith("http://127.0.0.1:9999/#token=")
+        # 0 (a config file shared with serve: any free port) is the port the server took.
+        zero = await ui(running.url, "--health-port", "0")
+        assert zero.stdout.decode().startswith(f"http://127.0.0.1:{running.health_port}/#"), zero
         refused = await ui(running.url, token_env={**env, "JOBSPINE_TOKEN": "forged"})
         assert refused.returncode == 5, refused.stderr
     async with open_server(

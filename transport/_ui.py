@@ -55,12 +55,13 @@ def run_ui(args: argparse.Namespace, *, asked: bool = False) -> int:
     """Opens the dashboard signed in with the client token (``--token``, ``JOBSPINE_TOKEN``,
     the config file); ``--print-url`` prints the signed-in URL instead, for a browser on
     another machine. The HTTP port is the one the server at ``--url`` announces, unless
-    ``asked`` (``--health-port`` was set: a flag, variable or the config file). Exit status 5
+    ``asked`` (``--health-port`` was set: a flag, variable or the config file) and not 0 (for
+    ``serve``, any free port: the one it took is the one it announces). Exit status 5
     without a token (or refused), 4 when the server cannot be reached, 2 when no browser can
     be started."""
     if not args.token:
         raise CLIError(ExitCode.AUTH, NO_TOKEN)
-    port = args.health_port if asked else trio.run(_announced_http_port, args)
+    port = args.health_port if asked and args.health_port else trio.run(_announced_http_port, args)
     base = dashboard_url(args.url, port)
     signed_in = f"{base}#token={quote(args.token, safe='')}"
     if args.print_url:
