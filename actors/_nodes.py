@@ -555,7 +555,7 @@ class NodeActor:
         done = True
         for job in jobs:
             try:
-                await store.recover(
+                recovered = await store.recover(
                     job.id,
                     job.attempt,
                     supervisor.policy,
@@ -573,4 +573,6 @@ class NodeActor:
                     exc,
                     extra=job_fields(job.id, job.user_id, job.attempt, "recovery"),
                 )
+            else:
+                supervisor.count_recovery(recovered)
         return done

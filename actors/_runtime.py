@@ -271,6 +271,7 @@ class Runtime(Repository):
                     extra=job_fields(job.id, job.user_id, job.attempt, "recovery"),
                 )
                 continue
+            self.supervisor.count_recovery(job)
             log.warning(
                 "recovered job %s at start: %s",
                 job.id,

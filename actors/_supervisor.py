@@ -555,6 +555,13 @@ class Supervisor:
             extra=job_fields(job.id, job.user_id, worker.attempt, _recovery_event(job)),
         )
 
+    def count_recovery(self, job: Job) -> None:
+        """Count a stall rule applied outside this supervisor's watch (a job whose process
+        was gone at start, or whose node was taken over) as :meth:`trigger_recovery` does:
+        a stall, and a recovery or a failure by the state ``job`` reached."""
+        self._stalls += 1
+        self._count(job)
+
     def _count(self, job: Job) -> None:
         if job.state is not JobState.FAILED:
             self._recoveries += 1
@@ -567,8 +574,7 @@ class Supervisor:
         worker = self.kill(job_id, "stall")
         attempt = None if worker is None else worker.attempt
         job = await self.store.recover(job_id, attempt, self.policy, cause, self.requeues)
-        self._stalls += 1
-        self._count(job)
+        self.count_recovery(job)
         if job.state is JobState.CREATED:
             self.capacity_changed()
         return job

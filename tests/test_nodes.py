@@ -385,6 +385,9 @@ async def test_a_dead_node_is_taken_over_once_within_its_lease_plus_one_second(
         # Exactly once: more scans take over nothing more.
         await trio.sleep(5)
         assert rt.node.takeovers == 1
+        # The metrics count them: 3 stalls, 2 recovered (paused, re-queued), 1 failed.
+        status = rt.status()
+        assert (status.stalls_detected, status.recoveries, status.failures) == (3, 2, 1)
         for job_id in ("j-ckpt", "j-none"):
             types = [e.type for e in await rt.read_events(job_id)]
             assert types.count(EventType.RECOVERY) + types.count(EventType.FAILED) == 1

@@ -22,6 +22,7 @@ async def check_recovered(
     path: Path, acked: dict[str, int], checkpointing: dict[str, bool]
 ) -> None:
     async with open_runtime(path, handlers=HANDLERS, config=RuntimeConfig(stop_grace=0.2)) as rt:
+        paused = failed = 0
         for job_id, has_checkpoint in checkpointing.items():
             job = await rt.get_job(job_id)
             events = await rt.read_events(job_id, limit=100_000)
@@ -32,12 +33,21 @@ async def check_recovered(
                 assert job.pause_reason == "recovery" and job.recovery_attempts == 1
                 assert job.checkpoint["i"] >= acked.get(job_id, -1)
                 assert events[-1].type is EventType.RECOVERY
+                paused += 1
             else:
                 assert job_id not in acked, "an acknowledged checkpoint was lost"
                 assert job.state is JobState.FAILED, job
                 assert job.error is not None and "no checkpoint" in job.error.message
                 assert events[-1].type is EventType.FAILED
+                failed += 1
         assert (await rt.get_stats())["running"] == 0
+        # Counted as stalls (jobspine_stalls_total and the rest): a crash is when they matter.
+        status = rt.status()
+        assert (status.stalls_detected, status.recoveries, status.failures) == (
+            paused + failed,
+            paused,
+            failed,
+        )
         # A recovered job resumes from its checkpoint and finishes.
         job_id = max(acked, key=lambda j: acked[j])
         resumed = await rt.resume(job_id, by="alice")

@@ -130,12 +130,13 @@ class ServerCollector(Collector):
         )
         yield CounterMetricFamily(
             "jobspine_stalls",
-            "Running jobs found stalled (no heartbeat in time).",
+            "Running jobs found stalled: no heartbeat in time, their process gone at start,"
+            " or their node taken over.",
             value=status.stalls_detected,
         )
         yield CounterMetricFamily(
             "jobspine_recoveries",
-            "Stalled jobs paused at their checkpoint, resumable.",
+            "Stalled jobs recovered: paused at their checkpoint or back in the queue.",
             value=status.recoveries,
         )
         yield CounterMetricFamily(
