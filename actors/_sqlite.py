@@ -59,7 +59,7 @@ T = TypeVar("T")
 #: Bound on closing the connection (it waits for the statement in progress).
 CLOSE_TIMEOUT = 10.0
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Ordered migrations: MIGRATIONS[n] brings the database from version n to n + 1.
 MIGRATIONS: list[list[str]] = [
@@ -143,6 +143,26 @@ MIGRATIONS: list[list[str]] = [
             running INTEGER NOT NULL DEFAULT 0,
             PRIMARY KEY (node_id, incarnation)
         )""",
+    ],
+    # v5, events in a table of their own rowids (appended in commit order), found by job
+    # through an index: a commit's events fill the table's last pages, where the WITHOUT ROWID
+    # table kept each job's rows (about 450 bytes each) together, so a commit of 62 jobs'
+    # events rewrote 62 leaf pages (`bench/sqlite_events.py`: 5.8 against 3.1 ms per commit).
+    [
+        """CREATE TABLE events_v5 (
+            job_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            user_id TEXT NOT NULL,
+            user_seq INTEGER NOT NULL,
+            type TEXT NOT NULL,
+            record TEXT NOT NULL
+        )""",
+        "INSERT INTO events_v5 (job_id, seq, user_id, user_seq, type, record)"
+        " SELECT job_id, seq, user_id, user_seq, type, record FROM events ORDER BY job_id, seq",
+        "DROP TABLE events",
+        "ALTER TABLE events_v5 RENAME TO events",
+        "CREATE UNIQUE INDEX events_by_job ON events (job_id, seq)",
+        "CREATE UNIQUE INDEX events_by_user ON events (user_id, user_seq)",
     ],
 ]
 
@@ -477,6 +497,15 @@ class SqliteBackend:
         await self._execute("PRAGMA journal_mode=WAL")
         await self._execute(f"PRAGMA synchronous={self._synchronous}")
         await self._execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        # One transaction from the first migration to the version written: a migration that
+        # fails or is cut short (a crash, a full disk) leaves the file at its version.
+        await self._execute("BEGIN IMMEDIATE")
+        if 0 < version < SCHEMA_VERSION:
+            # v5 copies every event into a new table: 10 s for 500,000 on a 2-core machine.
+            log.warning(
+                "%s: migrating the database from schema v%d to v%d", self.path, version,
+                SCHEMA_VERSION,
+            )  # fmt: skip
         for step in range(version, SCHEMA_VERSION):
             for statement in MIGRATIONS[step]:
                 await self._execute(statement)

@@ -1,5 +1,6 @@
-"""Database files written by the v1 and v2 releases (tests/data) migrate in place to v4: every
-job, event and checkpoint survives, and the jobs run afterwards."""
+"""Database files written by the v1 and v2 releases (tests/data) migrate in place to v5: every
+job, event and checkpoint survives, and the jobs run afterwards. A migration that fails leaves
+the file as it was."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 import trio
 
-from actors import EventType, JobContext, JobState, RuntimeConfig, open_runtime
+from actors import EventType, JobContext, JobState, RuntimeConfig, StoreError, open_runtime
 
 from .conftest import wait_for_state
 
@@ -87,5 +88,58 @@ async def test_a_release_database_migrates_in_place(tmp_path: Path, version: str
         assert (await wait_for_state(rt, ids["cancelled"])).result == {"done": 5, "from": 0}
     with sqlite3.connect(path) as conn:
         version_now = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'")
-        assert version_now.fetchone()[0] == "4"
+        assert version_now.fetchone()[0] == "5"
+        assert events_layout(conn) == V5_EVENTS
     await trio.lowlevel.checkpoint()
+
+
+#: Schema v5's events: a rowid table (each commit's events appended to its last pages), found
+#: by job and by user through unique indexes.
+V5_EVENTS = ("rowid", ["events_by_job", "events_by_user"])
+
+
+def events_layout(conn: sqlite3.Connection) -> tuple[str, list[str]]:
+    (table,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'events'").fetchone()
+    indexes = conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'events'"
+        " AND sql IS NOT NULL ORDER BY name"
+    ).fetchall()
+    return ("without rowid" if "WITHOUT ROWID" in table else "rowid", [n for (n,) in indexes])
+
+
+async def test_a_new_database_has_the_current_layout(tmp_path: Path) -> None:
+    async with open_runtime(tmp_path / "new.db", handlers=HANDLERS):
+        pass
+    with sqlite3.connect(tmp_path / "new.db") as conn:
+        assert events_layout(conn) == V5_EVENTS
+
+
+async def test_a_migration_that_fails_leaves_the_file_at_its_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every step runs in one transaction with the version written: a failure (here the last
+    statement of v5's step; in life a full disk, a crash) leaves neither half a layout nor a
+    version that skips what did not happen, and the next open migrates from the start."""
+    from actors import _sqlite
+
+    path = tmp_path / "v2.db"
+    shutil.copy(DATA / "v2.db", path)
+    _, old_events = _snapshot(path)
+    failing = [*_sqlite.MIGRATIONS[:-1], [*_sqlite.MIGRATIONS[-1], "SELECT * FROM no_such"]]
+    monkeypatch.setattr(_sqlite, "MIGRATIONS", failing)
+    with pytest.raises(StoreError, match="no such table: no_such"):
+        async with open_runtime(path, handlers=HANDLERS):
+            pass
+    with sqlite3.connect(path) as conn:
+        version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'")
+        assert version.fetchone()[0] == "2"
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(jobs)")]
+        assert "priority" not in columns  # v3's columns: rolled back with the rest
+        assert events_layout(conn) == ("without rowid", ["events_by_user"])
+    monkeypatch.undo()
+    async with open_runtime(path, handlers=HANDLERS, config=RuntimeConfig(resume_on_start=False)):
+        pass
+    old = {(job_id, seq) for job_id, seq, *_ in old_events}
+    assert [e for e in _snapshot(path)[1] if (e[0], e[1]) in old] == old_events
+    with sqlite3.connect(path) as conn:
+        assert events_layout(conn) == V5_EVENTS

@@ -413,7 +413,7 @@ async def test_a_v1_database_is_migrated(tmp_path: Path) -> None:
             return str(conn.execute("SELECT value FROM meta WHERE key = 'schema_version'")
                        .fetchone()[0])  # fmt: skip
 
-    assert await trio.to_thread.run_sync(version) == "4"
+    assert await trio.to_thread.run_sync(version) == "5"
 
 
 # -- a long synthetic load ----------------------------------------------------------------------

@@ -340,11 +340,11 @@ async def test_sqlite_epoch_and_schema(tmp_path: Path) -> None:
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             return dict(rows)
 
-    assert (await trio.to_thread.run_sync(meta))["schema_version"] == "4"
+    assert (await trio.to_thread.run_sync(meta))["schema_version"] == "5"
     with pytest.raises(BaseExceptionGroup) as info:
         async with open_store(SqliteBackend(path)):
             pass  # pragma: no cover
-    assert info.group_contains(StoreError, match="schema v99 is newer than this runtime's v4")
+    assert info.group_contains(StoreError, match="schema v99 is newer than this runtime's v5")
 
 
 async def test_set_state_takes_the_one_operation_that_leads_there(backend: Backend) -> None:
