@@ -224,8 +224,13 @@ async def _in_thread(db: aiosqlite.Connection, fn: Callable[..., T], *args: Any)
         raise StoreError("the SQLite database is not open")
     reply = _Reply()
     future: Any = reply  # duck-typed: the methods of a future the thread calls
-    db._tx.put_nowait((future, functools.partial(fn, connection, *args)))
-    value: T = await trio.lowlevel.wait_task_rescheduled(reply.abandon)
+    try:
+        db._tx.put_nowait((future, functools.partial(fn, connection, *args)))
+        value: T = await trio.lowlevel.wait_task_rescheduled(reply.abandon)
+    finally:
+        # Left before the wait began (a KeyboardInterrupt in between): the answer must not
+        # reschedule this task while it waits for something else.
+        reply._done = True
     return value
 
 
@@ -515,6 +520,10 @@ class SqliteBackend:
             (str(SCHEMA_VERSION), epoch),
         )
         await self._call(_commit)
+        if version < SCHEMA_VERSION:
+            # The migration's pages (v5 copies every event) leave the WAL file now, not at the
+            # next checkpoint: it would otherwise keep their size on disk while the file is open.
+            await self._execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._epoch = epoch
 
     async def load(self, job_id: str) -> Job | None:

@@ -670,8 +670,8 @@ class StoreActor:
         return value
 
     async def _reader(self) -> None:
-        """Serve :meth:`_read_committed` in the actor's context (the backend may need it: the
-        SQLite backend's asyncio loop belongs to it); ends with the actor's nursery."""
+        """Serve :meth:`_read_committed` beside the actor, in its nursery (with which it ends),
+        each read under the commit lock."""
         async with self._reads_receive:
             async for request in self._reads_receive:
                 try:

@@ -107,6 +107,29 @@ def events_layout(conn: sqlite3.Connection) -> tuple[str, list[str]]:
     return ("without rowid" if "WITHOUT ROWID" in table else "rowid", [n for (n,) in indexes])
 
 
+async def test_a_large_log_moves_to_v5_and_the_wal_gives_its_pages_back(tmp_path: Path) -> None:
+    """v5 copies every event: the copy's pages leave the WAL file once it commits (before,
+    it kept their size, twice the events', for as long as the server ran)."""
+    path = tmp_path / "v2.db"
+    shutil.copy(DATA / "v2.db", path)
+    job_id = json.loads((DATA / "v2.ids.json").read_text())["completed"]
+    with sqlite3.connect(path) as conn:
+        conn.executemany(
+            "INSERT INTO events VALUES (?, ?, 'bulk', ?, 'progress', ?)",
+            [(job_id, 1000 + n, n, "x" * 450) for n in range(20_000)],
+        )
+    conn.close()
+    config = RuntimeConfig(resume_on_start=False)
+    async with open_runtime(path, handlers=HANDLERS, config=config) as rt:
+        wal = path.with_name(path.name + "-wal").stat().st_size
+        assert wal < 1 << 20, wal  # the copy took about 20 MB
+        assert (await rt.get_job(job_id)).state is JobState.COMPLETED
+    with sqlite3.connect(path) as conn:
+        moved = conn.execute("SELECT count(*) FROM events WHERE user_id = 'bulk'").fetchone()
+        assert moved[0] == 20_000
+    conn.close()
+
+
 async def test_a_new_database_has_the_current_layout(tmp_path: Path) -> None:
     async with open_runtime(tmp_path / "new.db", handlers=HANDLERS):
         pass

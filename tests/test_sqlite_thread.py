@@ -72,3 +72,27 @@ async def test_a_call_on_a_closed_database_is_refused(tmp_path: Path) -> None:
         pass
     with pytest.raises(StoreError, match="not open"):
         await backend._call(_value, 1)
+
+
+async def test_a_call_left_before_its_wait_began_is_not_answered_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A KeyboardInterrupt between queueing the call and waiting for it (an application
+    without a SIGINT handler of its own): the thread's answer, when it comes, must not wake
+    the task while it waits for something else (Trio: "Should never have been rescheduled")."""
+    backend = SqliteBackend(tmp_path / "j.db")
+
+    def slow(db: sqlite3.Connection) -> int:
+        threading.Event().wait(0.1)
+        return 1
+
+    async def interrupted(abort: object) -> None:
+        raise KeyboardInterrupt
+
+    async with backend.opened():
+        monkeypatch.setattr(trio.lowlevel, "wait_task_rescheduled", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            await backend._call(slow)
+        monkeypatch.undo()
+        await trio.sleep(0.3)  # the answer arrives meanwhile
+        assert await backend._call(_value, 2) == 3
