@@ -5,6 +5,7 @@ the file as it was."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sqlite3
 from pathlib import Path
@@ -128,6 +129,41 @@ async def test_a_large_log_moves_to_v5_and_the_wal_gives_its_pages_back(tmp_path
         moved = conn.execute("SELECT count(*) FROM events WHERE user_id = 'bulk'").fetchone()
         assert moved[0] == 20_000
     conn.close()
+
+
+async def test_a_wal_left_large_is_emptied_at_start_and_a_reader_does_not_stop_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A process killed after a large transaction (a migration's copy) and before its last
+    checkpoint leaves its WAL file at that size: the next start empties it. Another program
+    reading the file at that moment only leaves it to later checkpoints (logged), and the
+    start goes on."""
+    path = tmp_path / "j.db"
+    async with open_runtime(path, handlers=HANDLERS):
+        pass
+    wal = path.with_name(path.name + "-wal")
+    # An open connection keeps SQLite from checkpointing at its close: the WAL stays, as a
+    # killed process leaves it.
+    writer = sqlite3.connect(path)
+    writer.execute("PRAGMA wal_autocheckpoint=0")
+    with writer:
+        writer.executemany(
+            "INSERT INTO meta VALUES (?, ?)", [(f"filler{n}", "x" * 4000) for n in range(5000)]
+        )
+    assert wal.stat().st_size > 16 << 20
+    async with open_runtime(path, handlers=HANDLERS):
+        assert wal.stat().st_size < 1 << 20  # what the start wrote since
+    reader = sqlite3.connect(path)
+    with writer:
+        writer.execute("DELETE FROM meta WHERE key LIKE 'filler%'")
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM meta").fetchall()  # holds its snapshot of the WAL
+    with caplog.at_level(logging.INFO, logger="jobspine.sqlite"):
+        async with open_runtime(path, handlers=HANDLERS):
+            pass
+    assert "the WAL file was not emptied at start: a reader holds it" in caplog.text
+    reader.close()
+    writer.close()
 
 
 async def test_a_new_database_has_the_current_layout(tmp_path: Path) -> None:
