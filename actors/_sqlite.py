@@ -178,7 +178,7 @@ _JOB_COLUMNS = "record, last_heartbeat_at, owner, lease_expires_at"
 class _Reply:
     """Stands in for the asyncio future aiosqlite's thread answers, for a Trio task.
 
-    For each ``(future, function)`` taken from its queue, aiosqlite's thread (0.20 to 0.22)
+    For each ``(future, function)`` taken from its queue, aiosqlite's thread (0.20 to 0.22.1)
     runs ``function()`` and calls ``future.get_loop().call_soon_threadsafe(set_result,
     future, value)`` (``set_exception`` if it raised), where ``set_result`` sets the value
     unless ``future.done()``. Here the "loop" is the Trio run (through its token) and setting
