@@ -2,7 +2,8 @@
 
     .venv/bin/python -m bench.claim [--waiting 1000,100000] [--users 10]
 
-Fills a fresh database with waiting jobs of ``--users`` users (one of them 90% of them), then
+Fills a fresh database with waiting jobs of ``--users`` users (one of them 90% of them, the
+others sharing the rest), then
 times ``Backend.claim`` for 1 and for 100 free slots (each claim marks its jobs; they are put
 back by a commit so every round sees the same queue). Prints a table and a JSON line.
 """
@@ -31,7 +32,8 @@ async def measure(waiting: int, users: int, rounds: int) -> dict[str, float]:
             now = time.time()
             jobs = []
             for n in range(waiting):
-                user = "heavy" if n % 10 < 9 or users == 1 else f"u{n % users}"
+                # The other users share the last tenth, in turn.
+                user = "heavy" if n % 10 < 9 or users == 1 else f"u{n // 10 % (users - 1)}"
                 jobs.append(create(f"{n:026}", user, "k", {"n": n}, now - waiting + n)[0])
                 if len(jobs) == 5000:
                     await backend.commit(jobs, [], (), {})
