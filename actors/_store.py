@@ -140,7 +140,8 @@ _KeyRequest = tuple[str, str, float]
 class _Request:
     """``WRITE``: applied, then answered after its group commits. ``READ``: of committed state
     only, answered at once. ``BARRIER``: runs after every earlier write has committed.
-    ``CLAIM``: both, a barrier whose writes are answered after they commit."""
+    ``CLAIM``: runs after every earlier write that changes the waiting jobs has committed; its
+    writes are answered after they commit."""
 
     __slots__ = (
         "conflicts",
@@ -206,6 +207,9 @@ class _Group:
     moves: dict[JobState, int] = attrs.field(factory=dict)
     #: Jobs started in their create's commit (the fast path), launched once it commits.
     fast: list[Job] = attrs.field(factory=list)
+    #: The group changes what a claim reads: a job that was or becomes waiting (created), or
+    #: a deletion. A claim waits for such groups to commit, and for no other.
+    queue_writes: bool = False
     committed: bool = False
 
     def __bool__(self) -> bool:
@@ -336,7 +340,14 @@ class StoreActor:
 
     async def _process(self, batch: list[_Request]) -> None:
         for i, request in enumerate(batch):
-            if request.mode is BARRIER or request.mode is CLAIM:
+            if request.mode is CLAIM and not self._queue_written():
+                # It waits for the commit in flight anyway (the commit lock): if that fails,
+                # the group being applied is void and the claim must not join it.
+                await self._idle.wait()
+            if request.mode is BARRIER or (
+                request.mode is CLAIM
+                and (self._queue_written() or self._group.generation != self._generation)
+            ):
                 self._keys = None  # a barrier may remove jobs (prune): looked up again
                 await self._drain()
             elif request.key is not None and self._keys is None:
@@ -378,6 +389,14 @@ class StoreActor:
             # the committer is free (it wakes this task, see _committer).
             return
         await self._cut()
+
+    def _queue_written(self) -> bool:
+        """A group applied or committing changes what a claim reads. If none does, a claim
+        need not wait for them: it reads only waiting jobs (and the earliest run_at among
+        them), which they leave as committed; the running counts it plans with come from the
+        dispatcher. Progress, checkpoints and ends of running jobs (most writes) then no
+        longer hold a claim for two commits, and every request behind it meanwhile."""
+        return self._group.queue_writes or any(group.queue_writes for group in self._inflight)
 
     async def _look_up_keys(self, requests: list[_Request]) -> None:
         """One query for the idempotency keys of ``requests`` up to the next barrier (instead
@@ -756,6 +775,8 @@ class StoreActor:
 
     async def _apply(self, old: Job, fn: Callable[[Job, float], ops.Change]) -> Job:
         job = await self._stage(fn(old, time.time()))
+        if old.state is JobState.CREATED or job.state is JobState.CREATED:
+            self._group.queue_writes = True
         if job.state is not old.state:
             self._move(job.user_id, old.state, job.state)
         self.queue.staged(old.state, job)
@@ -780,6 +801,8 @@ class StoreActor:
     def _move(self, user_id: str, old: JobState | None, new: JobState | None) -> None:
         """Count a staged change of state (metrics, the user's waiting jobs)."""
         move(self._group.moves, old, new)
+        if old is JobState.CREATED or new is JobState.CREATED or new is None:
+            self._group.queue_writes = True
         waiting = self._waiting.get(user_id)
         if waiting is not None:
             waiting += (new is JobState.CREATED) - (old is JobState.CREATED)
@@ -946,8 +969,8 @@ class StoreClient:
     async def claim(self, request: ClaimRequest) -> tuple[list[Job], float | None]:
         """Claim the next waiting jobs (see :meth:`Backend.claim`) and start them: returns
         them as stored, running with their new attempt, and the earliest later ``run_at``
-        (Unix seconds) among waiting jobs, None if none. A barrier: every earlier write is
-        committed first."""
+        (Unix seconds) among waiting jobs, None if none. Every earlier write that changes the
+        waiting jobs (a create, a retry, a cancel...) is committed first."""
         actor = self._actor
         owner, lease = request.owner, request.lease_expires_at
 

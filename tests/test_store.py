@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
 from actors import (
     CheckpointTooLargeError,
+    ClaimLimits,
+    ClaimRequest,
+    ClaimResult,
     EventHub,
     EventType,
     IllegalTransitionError,
     InvalidInputError,
+    Job,
     JobError,
     JobQuery,
     JobState,
@@ -446,3 +453,141 @@ async def test_progress_is_answered_once_ordered_and_published_only_once_durable
             await trio.sleep(10)
             assert not done.is_set()
             backend.gate.set()
+
+
+class OrderedMemory(GatedMemory):
+    """Records what reaches the database, in order: each commit's event types, each claim."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[str] = []
+
+    async def after_commit(self, commit: Commit) -> None:
+        self.log.append("commit " + " ".join(e.type.value for e in commit.events))
+
+    async def claim(self, request: ClaimRequest) -> ClaimResult:
+        self.log.append("claim")
+        return await super().claim(request)
+
+
+@pytest.mark.parametrize("queue_write", [False, True], ids=["progress", "create"])
+async def test_a_claim_waits_for_the_writes_that_change_the_waiting_jobs_only(
+    autojump_clock: trio.abc.Clock, queue_write: bool
+) -> None:
+    """A claim reads only waiting jobs. Progress staged behind a commit in flight does not
+    change them: the claim runs as soon as that commit is done, before the progress's own
+    commit (it waited for both, and every request behind it with it). A create staged there
+    does change them: the claim waits for its commit, and takes it."""
+    backend = OrderedMemory()
+    # No flush of the staged group on a timer meanwhile (it would cut it behind the one in
+    # flight, before the claim arrives).
+    async with open_store(backend, heartbeat_flush_interval=60) as (store, _, _):
+        first, second = await running_job(store), await running_job(store, "bob")
+        waiting = await store.create("carol", "research", {})
+        backend.gated = True
+        backend.log.clear()
+        await store.set_progress(first, 1, 10, None, durable=False)  # in flight, held
+        claimed: list[str] = []
+        created: list[str] = []
+
+        async def create() -> None:  # answered once durable: after the gate opens
+            created.append((await store.create("dave", "research", {})).id)
+
+        async def claim() -> None:
+            now = time.time()
+            jobs, _ = await store.claim(ClaimRequest("me", now, now + 30, ClaimLimits(10)))
+            claimed.extend(job.id for job in jobs)
+
+        async with trio.open_nursery() as nursery:
+            if queue_write:
+                nursery.start_soon(create)  # staged behind it
+            else:
+                await store.set_progress(second, 1, 20, None, durable=False)  # staged behind it
+            await trio.sleep(1)
+            nursery.start_soon(claim)
+            await trio.sleep(1)
+            backend.gate.set()
+        if queue_write:
+            assert backend.log[:3] == ["commit progress", "commit created", "claim"]
+            assert set(claimed) == {waiting.id, *created}
+        else:
+            assert backend.log[:3] == ["commit progress", "claim", "commit progress started"]
+            assert claimed == [waiting.id]
+
+
+class FailFirstGated(OrderedMemory):
+    """Gated commits; the first one while ``fail`` is set is refused (nothing written), as
+    the database refuses a write tied to its request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = False
+
+    async def before_commit(self, commit: Commit) -> None:
+        await super().before_commit(commit)
+        if self.fail:
+            self.fail = False
+            raise ValueError("refused: tied to the request")
+
+
+class CountingStarter:
+    """The dispatcher's bookkeeping for a claim (:class:`FastStarter`): the jobs a claim in
+    progress started count as running until the claim returns; no create starts at once."""
+
+    def __init__(self) -> None:
+        self.in_claim: dict[str, Job] = {}
+
+    def admit(self, job: Job, settled_until: float) -> tuple[str, float] | None:
+        return None
+
+    def committed(self, jobs: Sequence[Job]) -> None:
+        pass
+
+    def voided(self, jobs: Sequence[Job]) -> None:
+        pass
+
+    def claiming(self, request: ClaimRequest) -> ClaimRequest:
+        return attrs.evolve(request, running=request.running + len(self.in_claim))
+
+    def claimed(self, jobs: Sequence[Job]) -> None:
+        self.in_claim.update((job.id, job) for job in jobs)
+
+
+async def test_a_claim_is_not_applied_on_a_group_the_commit_in_flight_voids(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The commit in flight fails after the claim was queued: the group applied behind it is
+    void (its requests are replayed). A claim applied there would be replayed too, and its
+    replay would find its first run's jobs counted as running: with one slot it took
+    nothing, and its job stayed waiting, marked by this owner. It waits for the commit in
+    flight and starts its job in a group of its own."""
+    backend = FailFirstGated()
+    async with open_store(backend, heartbeat_flush_interval=60) as (store, _, _):
+        first, second = await running_job(store), await running_job(store, "bob")
+        waiting = await store.create("carol", "research", {})
+        starter = CountingStarter()
+        store.set_fast_starter(starter)
+        backend.gated = backend.fail = True
+        claimed: list[str] = []
+
+        async def progress(job_id: str) -> None:
+            with contextlib.suppress(StoreError):
+                await store.set_progress(job_id, 1, 10, None)
+
+        async def claim() -> None:
+            now = time.time()
+            jobs, _ = await store.claim(ClaimRequest("me", now, now + 30, ClaimLimits(1)))
+            claimed.extend(job.id for job in jobs)
+            starter.in_claim.clear()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(progress, first)  # in flight, held, then refused
+            await trio.sleep(1)
+            nursery.start_soon(progress, second)  # applied behind it
+            await trio.sleep(1)
+            nursery.start_soon(claim)
+            await trio.sleep(1)
+            backend.gate.set()
+        assert claimed == [waiting.id]
+        stored = await store.get(waiting.id)
+        assert stored.state is JobState.RUNNING and stored.owner == "me"
