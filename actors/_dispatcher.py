@@ -180,7 +180,9 @@ class Dispatcher:
         self._settled.set()
 
     def claiming(self, request: ClaimRequest) -> ClaimRequest:
-        # Jobs admitted since the request was made count too.
+        # Jobs admitted since the request was made count too. A claim is applied again when
+        # its group was void: the jobs its first run started were never stored as running.
+        self._claimed.clear()
         running, by_user, by_kind = self._capacity()
         self._claim_kinds = request.kinds
         return attrs.evolve(request, running=running, by_user=by_user, by_kind=by_kind)

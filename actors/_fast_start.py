@@ -54,7 +54,9 @@ class FastStarter(Protocol):
         ...
 
     def claiming(self, request: ClaimRequest) -> ClaimRequest:
-        """``request`` with what the runtime runs now (jobs admitted since it was made)."""
+        """``request`` with what the runtime runs now (jobs admitted since it was made).
+        Called at each application of the claim: a replay (its group was void) forgets the
+        jobs its earlier run reported to :meth:`claimed`."""
         ...
 
     def claimed(self, jobs: Sequence[Job]) -> None:

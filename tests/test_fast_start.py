@@ -336,3 +336,48 @@ def test_verdict() -> None:
     assert verdict.settled
     verdict.staged(S.RUNNING, _job(run_at=80.0))  # a retry later: bounds it in time
     assert verdict.settled and verdict.until == 80.0
+
+
+async def report(ctx: JobContext, input: Any) -> Any:
+    for n in range(1000):
+        await ctx.progress(n / 10)
+        await trio.sleep(0.01)
+    return "reported"
+
+
+class RefuseClaimStart(CommitHooks, MemoryBackend):
+    """Commits take 50 ms; while ``armed``, the first one that starts a job it does not
+    create (a claim's start) is refused, as the database refuses a write tied to its
+    request. ``refused``: the job ids each refused commit held."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.refused: list[set[str]] = []
+
+    async def before_commit(self, commit: Commit) -> None:
+        await trio.sleep(0.05)
+        types = {event.type for event in commit.events}
+        if self.armed and EventType.STARTED in types and EventType.CREATED not in types:
+            self.armed = False
+            self.refused.append({event.job_id for event in commit.events})
+            raise ValueError("refused")
+
+
+async def test_a_claim_replayed_after_its_group_was_refused_counts_only_what_runs(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A claim's start shares its group with another job's progress, and the group is
+    refused: its requests are replayed one at a time. The replayed claim counts what runs
+    now, not the job its own refused first run started: with one slot free it starts that
+    job at once (counting it, it took nothing and the job waited for another wake)."""
+    backend = RefuseClaimStart()
+    async with memory_runtime({**HANDLERS, "report": report}, backend, max_running=2) as rt:
+        busy = await rt.create_job("report", "alice", {})
+        await wait_for_state(rt, busy.id, {S.RUNNING})
+        backend.armed = True
+        delayed = await rt.create_job("hold", "bob", {}, run_at=time.time() + 1)
+        await trio.sleep(1.5)
+        assert len(backend.refused) == 1 and backend.refused[0] == {busy.id, delayed.id}
+        assert await state(rt, delayed) is S.RUNNING
+        assert await state(rt, busy) is S.RUNNING
