@@ -81,6 +81,80 @@ def test_limits_and_max_min_fairness(sizes: list[int], slots: int, per_user: int
         assert mine == sorted(mine) == [float(i) for i in range(len(mine))]
 
 
+def _reference_plan(planner: ClaimPlanner, candidates: list[Candidate]) -> list[Candidate]:
+    """The claim order by its definition: at each pick, of every open group's head the one
+    whose user runs fewest, then the oldest ``(ready_at, id)``."""
+    waiting = sorted(candidates, key=lambda c: (-c.priority, c.ready_at, c.id))
+    picked: list[Candidate] = []
+    while planner.slots():
+        heads: dict[tuple[int, str, str], Candidate] = {}
+        for c in waiting:
+            if c not in picked and planner.group_open(c.group):
+                heads.setdefault(c.group, c)
+        if not heads:
+            break
+        top = max(key[0] for key in heads)
+        best = min(
+            (c for key, c in heads.items() if key[0] == top),
+            key=lambda c: (planner.by_user.get(c.user_id, 0), c.ready_at, c.id),
+        )
+        picked.append(best)
+        planner.take(best)
+    return picked
+
+
+@settings(deadline=None, max_examples=300)
+@given(
+    seed=st.integers(0, 2**32),
+    slots=st.integers(0, 40),
+    per_user=st.none() | st.integers(1, 4),
+    per_kind=st.none() | st.integers(1, 6),
+)
+def test_the_plan_takes_what_the_definition_takes(
+    seed: int, slots: int, per_user: int | None, per_kind: int | None
+) -> None:
+    rng = random.Random(seed)
+    candidates = [
+        Candidate(
+            f"{rng.randrange(100):02}-{n:03}",
+            rng.choice([0, 0, 1, 5]),
+            rng.choice(["a", "b", "c", "d", "e"]),
+            rng.choice(["k", "k", "x", "y"]),
+            float(rng.randrange(20)),
+        )
+        for n in range(rng.randrange(60))
+    ]
+    running = {u: rng.randrange(3) for u in "abcde" if rng.random() < 0.5}
+    limits = ClaimLimits(
+        max_running=slots + sum(running.values()),
+        max_running_per_kind={} if per_kind is None else {"k": per_kind, "x": per_kind + 1},
+        max_running_per_user=per_user,
+    )
+
+    def planner() -> ClaimPlanner:
+        return ClaimPlanner(limits, sum(running.values()), dict(running), {})
+
+    assert planner().plan(candidates) == _reference_plan(planner(), candidates)
+
+
+class _CountingPlanner(ClaimPlanner):
+    looks = 0
+
+    def group_open(self, key: tuple[int, str, str]) -> bool:
+        self.looks += 1
+        return super().group_open(key)
+
+
+def test_a_plan_looks_at_each_group_a_few_times_not_once_per_pick() -> None:
+    # Each pick scanned every group's head: a claim of 100 slots among 2,000 users waiting
+    # made 200,000 looks (50 ms in the SQLite claim); a heap makes it O(groups + picks).
+    groups, picks = 2000, 100
+    planner = _CountingPlanner(ClaimLimits(max_running=picks))
+    picked = planner.plan(c for u in range(groups) for c in jobs(f"u{u:04}", 3))
+    assert len(picked) == picks and len({c.user_id for c in picked}) == picks
+    assert planner.looks <= 2 * picks, planner.looks
+
+
 def test_backoff_within_jitter_and_capped() -> None:
     options = KindOptions(max_attempts=10, retry=RetryPolicy(1.0, 2.0, 10.0, 0.2))
     rng = random.Random(7)
