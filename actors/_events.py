@@ -196,6 +196,9 @@ class EventStream:
         self.lagged = False
         self.max_bytes = max_bytes
         self.queued_bytes = 0
+        # Events buffered: counted here, as the channel's statistics() builds an object per
+        # call (the broadcaster asks once per event).
+        self._queued = 0
 
     def __aiter__(self) -> EventStream:
         return self
@@ -207,15 +210,17 @@ class EventStream:
             if self.lagged:
                 raise EventStreamLagged("event stream buffer overflowed") from None
             raise StopAsyncIteration from None
+        self._queued -= 1
         self.queued_bytes -= cost
         return event
 
     def pending(self) -> int:
         """Events buffered and not yet received."""
-        return self._receive.statistics().current_buffer_used
+        return self._queued
 
     def receive_nowait(self) -> JobEvent:
         event, cost = self._receive.receive_nowait()
+        self._queued -= 1
         self.queued_bytes -= cost
         return event
 
@@ -237,6 +242,7 @@ class EventHub:
         costs = [event_bytes(event) for event in events]
         total = sum(costs)
         for send, stream in list(self._subscribers.items()):
+            sent = 0
             try:
                 # A stream with nothing buffered takes a commit's events whatever they
                 # weigh: a subscriber that keeps up is never cut off (one commit of large
@@ -245,6 +251,7 @@ class EventHub:
                     raise trio.WouldBlock
                 for item in zip(events, costs, strict=True):
                     send.send_nowait(item)
+                    sent += 1
                 stream.queued_bytes += total
             except trio.WouldBlock:
                 stream.lagged = True
@@ -252,6 +259,7 @@ class EventHub:
                 send.close()
             except trio.BrokenResourceError:
                 del self._subscribers[send]
+            stream._queued += sent
 
     def close(self) -> None:
         for send in self._subscribers:

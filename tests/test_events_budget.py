@@ -71,6 +71,25 @@ async def test_a_group_is_accepted_whole_or_not_at_all() -> None:
         assert stream.pending() == 2 and stream.lagged
 
 
+async def test_pending_is_what_the_stream_holds_unread() -> None:
+    """``pending`` (the broadcaster drains a commit's events by it) counts each event
+    buffered, read or not, including a commit cut off by the count part way through."""
+    hub = EventHub()
+    async with hub.subscribe(buffer=5) as stream:
+        hub.publish([_event(i) for i in range(3)])
+        assert stream.pending() == 3
+        await stream.__anext__()
+        stream.receive_nowait()
+        assert stream.pending() == 1
+        hub.publish([_event(i) for i in range(3, 8)])  # four fit the buffer of 5: cut off
+        assert stream.pending() == 5
+        for _ in range(5):
+            stream.receive_nowait()
+        assert stream.pending() == 0
+        with pytest.raises(EventStreamLagged):
+            await stream.__anext__()
+
+
 @pytest.mark.parametrize("max_bytes", [0, -1])
 async def test_the_budget_must_be_positive(max_bytes: int) -> None:
     with pytest.raises(ValueError, match="max_bytes must be > 0"):
