@@ -9,13 +9,17 @@ import re
 import subprocess
 import sys
 import tomllib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import trio
 
-from actors import RuntimeConfig
+import transport._app
+from actors import RuntimeConfig, open_runtime
 from transport import ServerConfig, open_server
 from transport._dashboard import CONTENT_TYPES, content_security_policy
 from transport._ui import dashboard_url
@@ -104,6 +108,56 @@ async def test_every_file_is_served_with_its_type_and_policy(tmp_path: Path) -> 
         assert (await exchange(http, get("/nope.js", method="POST")))[0] == 404
         assert (await exchange(http, get("/nope.js")))[0] == 404
         assert (await exchange(http, get("/healthz")))[0] == 200
+
+
+async def test_the_health_port_answers_while_the_database_opens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A schema migration or the recovery of running jobs can take minutes: meanwhile
+    ``/healthz`` answers 200 (alive) and ``/readyz`` 503 (not ready yet), where the port took
+    connections and never answered them (a liveness probe restarted the server, and with it
+    the migration). Once the runtime is open, the server's own routes answer."""
+    opening, opened, done = trio.Event(), trio.Event(), trio.Event()
+    real_open = open_runtime  # what transport._app calls
+
+    @asynccontextmanager
+    async def slow_open(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        opening.set()
+        await opened.wait()
+        async with real_open(*args, **kwargs) as runtime:
+            yield runtime
+
+    monkeypatch.setattr(transport._app, "open_runtime", slow_open)
+    port = free_port()
+    config = ServerConfig(secret=SECRET, port=0)
+    runtime = RuntimeConfig(sqlite_synchronous="NORMAL")
+    serving = trio.Event()
+
+    async def serve() -> None:
+        async with open_server(
+            tmp_path / "db", config, handlers=HANDLERS, runtime_config=runtime, health_port=port
+        ) as running:
+            assert running.health_port == port
+            serving.set()
+            await done.wait()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        await opening.wait()
+        with trio.fail_after(10):  # the port used to take the connection and never answer
+            status, _, body = await exchange(port, get("/healthz"))
+        assert status == 200 and orjson.loads(body)["status"] == "starting"
+        for route in ("/readyz", "/metrics", "/status"):
+            status, headers, body = await exchange(port, get(route))
+            assert status == 503 and orjson.loads(body)["status"].startswith("starting"), route
+            assert headers["cache-control"] == "no-store"
+        assert (await exchange(port, get("/")))[0] == 200  # the dashboard's page
+        opened.set()
+        await serving.wait()
+        status, _, body = await exchange(port, get("/readyz"))
+        assert status == 200 and orjson.loads(body)["status"] == "ready"
+        assert b"supervisor" in (await exchange(port, get("/status")))[2]
+        done.set()
 
 
 def test_nothing_is_fetched_from_another_site() -> None:

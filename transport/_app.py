@@ -70,7 +70,9 @@ async def open_server(
     Startup binds both ports before it opens the database, so a refusal changes nothing
     stored: :class:`PortUnavailableError` (a port in use or not bindable),
     :class:`~actors.DatabaseLockedError` (another process owns the database),
-    :class:`~actors.StoreError` (the database cannot be opened)."""
+    :class:`~actors.StoreError` (the database cannot be opened). The health port answers
+    from before the database opens: ``/healthz`` 200 ``{"status": "starting"}``,
+    ``/readyz``, ``/metrics`` and ``/status`` 503, until the runtime is open."""
     runtime_config = runtime_config or RuntimeConfig()
     listeners: list[trio.SocketListener] = []
     try:
@@ -80,39 +82,52 @@ async def open_server(
         if health_port is not None:
             health_listeners = await _listen(config.host, health_port, "health")
             listeners += health_listeners
-        async with open_runtime(
-            database,
-            handlers=handlers,
-            config=runtime_config,
-            broadcast=broadcast or BroadcasterConfig(),
-            fanout=fanout,
-        ) as runtime:
-            server = Server(runtime, config)
-            async with _unwrapped(), trio.open_nursery() as nursery:
-                await nursery.start(server.run, ws_listeners)
-                running = RunningServer(runtime, server, None, time.time())
-                if health_listeners is not None:
-                    running.health_port = await nursery.start(
-                        serve_health, config.host, 0, _routes(running), health_listeners
-                    )
-                    server.http_port = running.health_port
-                try:
-                    yield running
-                finally:
-                    with trio.move_on_after(runtime_config.shutdown_timeout, shield=True):
-                        server.stop_accepting()
-                        dispatcher = runtime.dispatcher
-                        if dispatcher is not None:
-                            # No claim may take back what the shutdown hands back.
-                            dispatcher.close()
-                            await dispatcher.stopped.wait()
-                        # A shared database's other nodes take the running jobs at once.
-                        await runtime.supervisor.shutdown(
-                            hand_back=runtime.store_actor.backend.shared
-                        )
-                        await runtime.broadcaster.drained()  # type: ignore[union-attr]
-                        await server.close_all()
-                    nursery.cancel_scope.cancel()
+        async with _unwrapped(), trio.open_nursery() as health:
+            # The health port answers from here on: while the database opens (a schema
+            # migration, the recovery of running jobs: minutes on a large database) a
+            # supervisor's liveness probe gets 200 and its readiness probe 503, instead of a
+            # port that takes connections and never answers them (and a restart that begins
+            # the migration again). Once the runtime is open the routes become the server's.
+            routes: dict[str, Any] = {}
+            bound = None
+            if health_listeners is not None:
+                ws_port = ws_listeners[0].socket.getsockname()[1]
+                routes.update(_starting_routes(ws_port, config.host))
+                bound = await health.start(serve_health, config.host, 0, routes, health_listeners)
+            async with open_runtime(
+                database,
+                handlers=handlers,
+                config=runtime_config,
+                broadcast=broadcast or BroadcasterConfig(),
+                fanout=fanout,
+            ) as runtime:
+                server = Server(runtime, config)
+                async with _unwrapped(), trio.open_nursery() as nursery:
+                    await nursery.start(server.run, ws_listeners)
+                    running = RunningServer(runtime, server, bound, time.time())
+                    if bound is not None:
+                        serving = _routes(running)
+                        routes.clear()  # no await in between: a request sees one set
+                        routes.update(serving)
+                        server.http_port = bound
+                    try:
+                        yield running
+                    finally:
+                        with trio.move_on_after(runtime_config.shutdown_timeout, shield=True):
+                            server.stop_accepting()
+                            dispatcher = runtime.dispatcher
+                            if dispatcher is not None:
+                                # No claim may take back what the shutdown hands back.
+                                dispatcher.close()
+                                await dispatcher.stopped.wait()
+                            # A shared database's other nodes take the running jobs at once.
+                            await runtime.supervisor.shutdown(
+                                hand_back=runtime.store_actor.backend.shared
+                            )
+                            await runtime.broadcaster.drained()  # type: ignore[union-attr]
+                            await server.close_all()
+                        nursery.cancel_scope.cancel()
+            health.cancel_scope.cancel()
     finally:
         # Serving closes them; these are the ones a failed start never served.
         for listener in listeners:
@@ -155,6 +170,29 @@ async def _unwrapped() -> AsyncIterator[None]:
         yield
     except BaseExceptionGroup as group:
         raise unwrap_group(group) from None
+
+
+def _starting_routes(websocket_port: int, host: str) -> dict[str, Any]:
+    """The health port's routes while the runtime opens: alive, not ready."""
+    began = time.time()
+
+    def healthz(request: Request) -> tuple[int, dict[str, Any]]:
+        return 200, {"status": "starting", "starting_for": time.time() - began}
+
+    def starting(request: Request) -> tuple[int, dict[str, Any]]:
+        return 503, {
+            "status": "starting: opening the database (a schema migration or the recovery"
+            " of running jobs may take a while)",
+            "starting_for": time.time() - began,
+        }
+
+    return {
+        **dashboard_routes(websocket_port, host),
+        "/healthz": healthz,
+        "/readyz": starting,
+        "/metrics": starting,
+        "/status": starting,
+    }
 
 
 def _routes(running: RunningServer) -> dict[str, Any]:
