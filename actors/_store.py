@@ -980,22 +980,25 @@ class StoreClient:
             fresh = request if starter is None else starter.claiming(request)
             async with actor._commit_lock:
                 result = await actor.backend.claim(fresh)
+            until = result.next_run_at
+            slots = fresh.planner().slots()
+            if starter is not None and len(result.jobs) < slots:
+                # Jobs another owner marked (a process that died between its claim and the
+                # start) become claimable when its lease lapses: the verdict ends then, so
+                # that a create after it goes through the claim. Read before any start is
+                # applied: a claim answered with an error must leave nothing to commit (a
+                # start committed with no one told of it is a job stored as running that no
+                # worker runs, until the stall rule finds it).
+                async with actor._commit_lock:
+                    held = await actor.backend.held_until(owner, request.now)
+                if held is not None and (until is None or held < until):
+                    until = held
             started = [
                 await actor._apply(job, lambda job, now: ops.start(job, now, owner, lease))
                 for job in result.jobs
             ]
-            until = result.next_run_at
-            slots = fresh.planner().slots()
             if starter is not None:
                 starter.claimed(started)
-                if len(started) < slots:
-                    # Jobs another owner marked (a process that died between its claim and
-                    # the start) become claimable when its lease lapses: the verdict ends
-                    # then, so that a create after it goes through the claim.
-                    async with actor._commit_lock:
-                        held = await actor.backend.held_until(owner, request.now)
-                    if held is not None and (until is None or held < until):
-                        until = held
             actor.queue.claimed(epoch, len(started), slots, until)
             return started, result.next_run_at
 

@@ -381,3 +381,34 @@ async def test_a_claim_replayed_after_its_group_was_refused_counts_only_what_run
         assert len(backend.refused) == 1 and backend.refused[0] == {busy.id, delayed.id}
         assert await state(rt, delayed) is S.RUNNING
         assert await state(rt, busy) is S.RUNNING
+
+
+class HeldUntilFails(MemoryBackend):
+    """``held_until`` fails once while ``armed`` (the database went away mid-claim)."""
+
+    armed = False
+
+    async def held_until(self, owner: str, now: float) -> float | None:
+        if self.armed:
+            self.armed = False
+            raise StoreError("held_until refused (test)")
+        return await super().held_until(owner, now)
+
+
+async def test_a_claim_that_fails_after_choosing_its_jobs_starts_none_of_them(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A claim whose last read fails is answered with the error: none of its jobs may be
+    stored as started (none is launched: each would be running with no worker until the
+    stall rule found it). The dispatcher's retry starts them."""
+    backend = HeldUntilFails()
+    async with memory_runtime(HANDLERS, backend, max_running=5) as rt:
+        backend.armed = True
+        delayed = await rt.create_job("hold", "bob", {}, run_at=time.time() + 1)
+        await trio.sleep(1.1)  # the claim at the run_at failed
+        assert not backend.armed
+        assert await state(rt, delayed) is S.CREATED
+        assert not rt.supervisor.workers
+        await trio.sleep(1.5)  # retried
+        assert await state(rt, delayed) is S.RUNNING
+        assert set(rt.supervisor.workers) == {delayed.id}
