@@ -26,7 +26,7 @@ import trio
 from ._errors import JobStopped
 from ._job import Job, JobError
 from ._options import KindOptions
-from ._worker import HandlerFailure, JobContext
+from ._worker import HandlerFailure, JobContext, Worker
 
 if TYPE_CHECKING:
     from ._supervisor import Supervisor
@@ -114,6 +114,19 @@ class RemoteAttempt:
     @property
     def ended(self) -> bool:
         return self._done.is_set()
+
+    async def recorded(self) -> str:
+        """Wait until the runtime has stored the outcome this attempt reported (after
+        :meth:`complete` or :meth:`fail`): durable, as every outcome write is. Returns how
+        the attempt ended (``Worker.outcome``): completed, failed, retrying, fenced (the job
+        had moved on: the newer decision stands), stopped (cancelled meanwhile: whoever
+        cancelled it recorded that) or not_stored (the database refused it: the stall rule
+        recovers the job)."""
+        assert self.ctx is not None, "an attempt reports only once assigned"
+        worker = self.ctx._worker
+        assert isinstance(worker, Worker), "a remote attempt runs as a handler in a Worker"
+        await worker.finished.wait()
+        return worker.outcome
 
     # -- the handler ---------------------------------------------------------------------------
 

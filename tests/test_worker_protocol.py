@@ -6,6 +6,7 @@ runs jobs."""
 from __future__ import annotations
 
 import logging
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -416,6 +417,54 @@ async def test_reports_are_fenced_and_malformed_frames_refused(tmp_path: Path) -
             # The attempt is over: a late report from it is refused.
             await send(mine, {"op": "progress", "id": 12, **ref, "progress": 1})
             assert (await receive(mine, "error"))["code"] == "not_assigned"
+
+
+async def test_complete_and_fail_are_answered_once_their_outcome_is_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker may let go of what a job did once its ``complete`` is answered: the answer
+    waits for the outcome's commit (it came at once, before the outcome was stored). An
+    outcome the database refuses is answered ``store_error``."""
+    async with assigned_steps_job(tmp_path) as (s, ws, job):
+        backend = s.runtime.store_actor.backend
+        commit = backend.commit
+        refuse = False
+
+        async def slow_outcomes(jobs: Any, *args: Any, **kwargs: Any) -> Any:
+            if any(j.state is not JobState.RUNNING and j.attempt for j in jobs):
+                await trio.sleep(0.5)  # an outcome's write: a slow disk
+                if refuse:
+                    raise ValueError("refused (test)")
+            return await commit(jobs, *args, **kwargs)
+
+        monkeypatch.setattr(backend, "commit", slow_outcomes)
+
+        def stored_state(job_id: str) -> str:
+            with sqlite3.connect(tmp_path / "db") as db:
+                row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return str(row[0])
+
+        sent_at = trio.current_time()
+        await send(ws, {"op": "complete", "id": 1, "job_id": job.id, "attempt": 1, "result": 7})
+        assert (await receive(ws, "reply"))["id"] == 1
+        assert trio.current_time() - sent_at >= 0.5
+        assert stored_state(job.id) == "completed"
+
+        failing = await s.runtime.create_job("steps", "alice", {"n": 1})
+        await receive(ws, "assign")
+        error = {"type": "Boom", "message": "no"}
+        ref = {"job_id": failing.id, "attempt": 1}
+        await send(ws, {"op": "fail", "id": 2, **ref, "error": error, "permanent": True})
+        assert (await receive(ws, "reply"))["id"] == 2
+        assert stored_state(failing.id) == "failed"
+
+        refused = await s.runtime.create_job("steps", "alice", {"n": 1})
+        await receive(ws, "assign")
+        refuse = True
+        await send(ws, {"op": "complete", "id": 3, "job_id": refused.id, "attempt": 1, "result": 7})
+        answer = await receive(ws, "error")
+        assert (answer["id"], answer["code"]) == (3, "store_error"), answer
+        assert stored_state(refused.id) == "running"  # the stall rule recovers it
 
 
 async def test_jobs_wait_for_a_free_slot_of_a_worker_serving_their_kind(tmp_path: Path) -> None:

@@ -471,7 +471,12 @@ class WorkerConnection:
             if isinstance(body, _REPORTS):
                 queued = self._reports.get(body.job_id)
                 if queued is None and not isinstance(body, Progress | Checkpoint):
+                    attempt = self._attempt(body.job_id, body.attempt)
                     self._end(body)  # nothing of this job waits: served at once
+                    if isinstance(body, Complete | Fail):
+                        # The slot is free now; the answer waits for the outcome's commit.
+                        nursery.start_soon(self._answer_outcome, request.id, attempt)
+                        return
                 else:
                     if self._waiting_bytes + cost > MAX_WAITING_BYTES:
                         raise ProtocolError(
@@ -510,13 +515,28 @@ class WorkerConnection:
                         await self._write(request, attempt)  # answers it
                     else:
                         self._end(body)
-                        self._push(reply_message(request.id, {"ok": True}))
+                        if isinstance(body, Complete | Fail):
+                            await self._answer_outcome(request.id, attempt)
+                        else:
+                            self._push(reply_message(request.id, {"ok": True}))
                 except ProtocolError as exc:
                     self._push(error_message(request.id, exc.code, exc.message))
                 queue.popleft()
                 self._waiting_bytes -= cost
         finally:
             del self._reports[job_id]
+
+    async def _answer_outcome(self, request_id: str | int | None, attempt: RemoteAttempt) -> None:
+        """Answer a ``complete`` or ``fail`` once its outcome is durable: a worker may let go
+        of what the job did once it has the reply."""
+        if await attempt.recorded() == "not_stored":
+            message = (
+                f"job {attempt.job_id}: the database refused the outcome; the job is recovered"
+                " as a lost attempt (the stall rule)"
+            )
+            self._push(error_message(request_id, "store_error", message))
+        else:
+            self._push(reply_message(request_id, {"ok": True}))
 
     def _end(self, body: Complete | Fail | AttemptRef) -> None:
         """The end of an attempt the worker reports: its outcome, or ``stopped``."""
