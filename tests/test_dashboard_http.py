@@ -22,6 +22,7 @@ import transport._app
 from actors import RuntimeConfig, open_runtime
 from transport import ServerConfig, open_server
 from transport._dashboard import CONTENT_TYPES, content_security_policy
+from transport._health import MAX_CONNECTIONS
 from transport._ui import dashboard_url
 
 from .serving import HANDLERS, SECRET, free_port, token
@@ -158,6 +159,35 @@ async def test_the_health_port_answers_while_the_database_opens(
         assert status == 200 and orjson.loads(body)["status"] == "ready"
         assert b"supervisor" in (await exchange(port, get("/status")))[2]
         done.set()
+
+
+async def test_a_flood_of_idle_connections_holds_a_bounded_number_of_descriptors(
+    tmp_path: Path,
+) -> None:
+    """The HTTP port serves at most ``MAX_CONNECTIONS`` at once (each read for up to 5 s);
+    more wait in the kernel's accept queue, holding none of the server's descriptors. A flood
+    of idle connections took them all (a server still opening its database then failed to
+    open its files). Once they go, requests are answered again."""
+    config = ServerConfig(secret=SECRET, port=0)
+    runtime = RuntimeConfig(sqlite_synchronous="NORMAL")
+    async with open_server(
+        tmp_path / "db", config, handlers=HANDLERS, runtime_config=runtime, health_port=0
+    ) as running:
+        http = running.health_port
+        assert http is not None
+
+        def descriptors() -> int:
+            return len(os.listdir("/proc/self/fd"))
+
+        before = descriptors()
+        idle = [await trio.open_tcp_stream("127.0.0.1", http) for _ in range(MAX_CONNECTIONS + 100)]
+        await trio.sleep(0.5)  # the server accepts what it will
+        # The test's own ends, plus the server's (without a bound: one per connection).
+        assert descriptors() - before <= len(idle) + MAX_CONNECTIONS + 5
+        for stream in idle:
+            await stream.aclose()
+        with trio.fail_after(5):
+            assert (await exchange(http, get("/healthz")))[0] == 200
 
 
 def test_nothing_is_fetched_from_another_site() -> None:

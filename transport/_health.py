@@ -13,6 +13,7 @@ own), are answered 404; a request that cannot be parsed gets 400 (431 for a head
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Callable
 from http import HTTPStatus
@@ -28,6 +29,15 @@ __all__ = ["Body", "Request", "serve_health"]
 log = logging.getLogger("jobspine.health")
 
 MAX_REQUEST = 8192
+
+#: Connections the port serves at once; more wait in the kernel's accept queue, holding no
+#: file descriptor of this process (each request is read for at most 5 s). Unbounded, a
+#: flood of idle connections took every descriptor, and a server still opening its
+#: database could not open its files.
+MAX_CONNECTIONS = 64
+
+#: accept() errors that mean "no resources now" (trio.serve_listeners' list): retried.
+_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
 @attrs.frozen
@@ -145,7 +155,31 @@ async def serve_health(
             # Whatever one request does wrong ends that request only, never the server.
             log.debug("health request dropped: %s", exc)
 
+    slots = trio.Semaphore(MAX_CONNECTIONS)
+
+    async def serve(stream: trio.SocketStream) -> None:
+        try:
+            await handle(stream)
+        finally:
+            slots.release()
+
+    async def accept(listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        async with listener:
+            while True:
+                await slots.acquire()
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    slots.release()
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    log.warning("health port: accept failed (%s); retrying in 0.1 s", exc)
+                    await trio.sleep(0.1)
+                    continue
+                nursery.start_soon(serve, stream)
+
     async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, handle, listeners)
+        for listener in listeners:
+            nursery.start_soon(accept, listener, nursery)
         task_status.started(bound)
         await trio.sleep_forever()
