@@ -9,6 +9,7 @@ database: no aiosqlite thread is left behind.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -20,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import trio
 
@@ -356,3 +358,63 @@ async def test_a_refused_start_writes_no_development_secret(tmp_path: Path) -> N
     assert status == ExitCode.DATABASE_UNUSABLE
     _assert_one_line(lines, "file is not a database")
     assert not (data / "secret").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_a_signal_while_the_database_migrates_stops_before_anything_runs(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """SIGTERM or SIGINT while the database opens (here a migration of 300,000 events to v5)
+    stops the server before it serves: nothing is recovered, claimed or run, and the file
+    keeps its version (the migration is one transaction). The signal used to wait for the
+    whole startup, after which the server recovered and ran jobs, and only then stopped."""
+    data = tmp_path / "data"
+    data.mkdir()
+    db = data / "jobspine.db"
+    shutil.copy(Path(__file__).parent / "data" / "v2.db", db)
+    ids = orjson.loads((Path(__file__).parent / "data" / "v2.ids.json").read_bytes())
+    with sqlite3.connect(db) as conn:
+        conn.executemany(
+            "INSERT INTO events VALUES (?, ?, 'bulk', ?, 'progress', ?)",
+            [(ids["completed"], 1000 + n, n, "x" * 100) for n in range(300_000)],
+        )
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        process = await trio.lowlevel.open_process(
+            [
+                *COMMAND,
+                "serve",
+                "--db",
+                str(db),
+                "--port",
+                str(free_port()),
+                "--health-port",
+                str(free_port()),
+                "--handlers",
+                "tests.test_migration:HANDLERS",  # the file's kinds: they would run
+            ],
+            env={
+                **os.environ,
+                "JOBSPINE_DATA": str(data),
+                "JOBSPINE_SECRET": SECRET,
+                "PYTHONPATH": str(Path(__file__).parent.parent),
+            },
+            stderr=log,
+        )
+        try:
+            with trio.fail_after(60):
+                while b"migrating the database" not in log_path.read_bytes():  # noqa: ASYNC110 - a file another process writes
+                    await trio.sleep(0.01)
+                process.send_signal(signum)
+                status = await process.wait()
+        finally:
+            process.kill()
+            await process.wait()
+    output = log_path.read_text()
+    assert status == 0, output
+    assert "stopping before serving" in output and "jobspine listening" not in output, output
+    with sqlite3.connect(db) as conn:
+        states = dict(conn.execute("SELECT id, state FROM jobs").fetchall())
+        version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    assert version == ("2",)
+    assert (states[ids["created"]], states[ids["running"]]) == ("created", "running")

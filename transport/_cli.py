@@ -15,6 +15,7 @@ import secrets
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, NoReturn
@@ -154,45 +155,74 @@ async def serve(args: argparse.Namespace) -> int:
         # Handlers run only in the worker processes; the server keeps their input checks.
         runtime_config = attrs.evolve(runtime_config, in_process_handlers=False)
         local = _local_workers(args, secret)
+    life = _Lifecycle()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as processes:
-            async with open_server(
-                database,
-                config,
-                handlers=handlers,
-                runtime_config=runtime_config,
-                health_port=args.health_port,
-                fanout=FanoutConfig(args.redis, secret=secret) if args.redis else None,
-            ) as running:
-                if generated:
-                    save_development_secret(db, secret)
+            processes.start_soon(life.watch, signals)
+            with life.startup:
+                async with open_server(
+                    database,
+                    config,
+                    handlers=handlers,
+                    runtime_config=runtime_config,
+                    health_port=args.health_port,
+                    fanout=FanoutConfig(args.redis, secret=secret) if args.redis else None,
+                ) as running:
+                    life.serving = True
+                    if generated:
+                        save_development_secret(db, secret)
+                    if local is not None:
+                        local.command += ["--url", running.url]
+                        await processes.start(local.run)
+                    log.info(
+                        "jobspine listening on %s; dashboard http://%s:%s/ (health /healthz),"
+                        " database %s, epoch %s; pid %d (stop it with: kill %d)",
+                        running.url,
+                        _url_host(args.host),
+                        running.health_port,
+                        _shown_store(str(database)),
+                        running.runtime.epoch,
+                        os.getpid(),
+                        os.getpid(),
+                    )
+                    tune_collector(args.gc_threshold)
+                    async with trio.open_nursery() as housekeeping:
+                        if args.heap_trim_interval > 0:
+                            await housekeeping.start(HeapTrimmer(args.heap_trim_interval).run)
+                        await life.stop.wait()
+                        housekeeping.cancel_scope.cancel()
+                # The server's shutdown paused the workers' jobs (each within its grace period).
                 if local is not None:
-                    local.command += ["--url", running.url]
-                    await processes.start(local.run)
-                log.info(
-                    "jobspine listening on %s; dashboard http://%s:%s/ (health /healthz),"
-                    " database %s, epoch %s; pid %d (stop it with: kill %d)",
-                    running.url,
-                    _url_host(args.host),
-                    running.health_port,
-                    _shown_store(str(database)),
-                    running.runtime.epoch,
-                    os.getpid(),
-                    os.getpid(),
-                )
-                tune_collector(args.gc_threshold)
-                async with trio.open_nursery() as housekeeping:
-                    if args.heap_trim_interval > 0:
-                        await housekeeping.start(HeapTrimmer(args.heap_trim_interval).run)
-                    async for signum in signals:
-                        log.info("%s: shutting down", signal.Signals(signum).name)
-                        break
-                    housekeeping.cancel_scope.cancel()
-            # The server's shutdown paused the workers' jobs (each within its grace period).
-            if local is not None:
-                await local.stop()
+                    await local.stop()
+            processes.cancel_scope.cancel()  # the signal watcher
+    if life.startup.cancelled_caught:
+        log.info("stopped before serving: nothing was started")
+        return 0
     log.info("stopped cleanly")
     return 0
+
+
+class _Lifecycle:
+    """``serve``'s signals: the first SIGINT or SIGTERM stops the server gracefully once it
+    serves; before that (the database still opening: a migration, the recovery of running
+    jobs) it cancels the startup, so nothing is served or run after it (the server used to
+    finish starting, claim and run jobs, then stop)."""
+
+    def __init__(self) -> None:
+        self.startup = trio.CancelScope()
+        self.serving = False
+        self.stop = trio.Event()
+
+    async def watch(self, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if self.serving:
+                log.info("%s: shutting down", name)
+                self.stop.set()
+            else:
+                log.info("%s while starting: stopping before serving", name)
+                self.startup.cancel()
+            return
 
 
 def _url_host(host: str) -> str:
