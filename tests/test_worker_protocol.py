@@ -21,6 +21,7 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
+import actors._remote
 import actors._supervisor
 import transport._workers
 from actors import Job, JobContext, JobState, RuntimeConfig, UnknownKindError
@@ -465,6 +466,34 @@ async def test_complete_and_fail_are_answered_once_their_outcome_is_durable(
         answer = await receive(ws, "error")
         assert (answer["id"], answer["code"]) == (3, "store_error"), answer
         assert stored_state(refused.id) == "running"  # the stall rule recovers it
+
+
+async def test_a_complete_that_a_stop_overtakes_is_not_answered_ok(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pause's grace runs out just as the worker's ``complete`` arrives: the attempt is
+    cancelled after the report was taken and before its outcome was stored, and the pause is
+    stored instead. The worker is told so (``not_assigned``), not ``ok`` (found in review: a
+    fifth of such races were answered ok while the job was stored paused). A duplicate report
+    waits for the first one's answer, in order."""
+    async with assigned_steps_job(tmp_path) as (s, ws, job):
+        real_complete = actors._remote.RemoteAttempt.complete
+
+        def overtaken(attempt: actors._remote.RemoteAttempt, result: Any) -> None:
+            real_complete(attempt, result)
+            assert attempt.ctx is not None
+            attempt.ctx._worker.scope.cancel()  # type: ignore[attr-defined] # grace ran out
+
+        monkeypatch.setattr(actors._remote.RemoteAttempt, "complete", overtaken)
+        ref = {"job_id": job.id, "attempt": 1}
+        await send(ws, {"op": "complete", "id": 1, **ref, "result": 7})
+        await send(ws, {"op": "complete", "id": 2, **ref, "result": 8})
+        (first, second), _ = await receive_flat(ws, 2)
+        assert (first["id"], first["code"]) == (1, "not_assigned"), first
+        assert "before its outcome was stored" in first["message"]
+        assert (second["id"], second["code"]) == (2, "not_assigned"), second
+        stored = await s.runtime.get_job(job.id)
+        assert stored.state is JobState.RUNNING and stored.result is None  # nothing of it
 
 
 async def test_jobs_wait_for_a_free_slot_of_a_worker_serving_their_kind(tmp_path: Path) -> None:

@@ -470,14 +470,11 @@ class WorkerConnection:
                 return
             if isinstance(body, _REPORTS):
                 queued = self._reports.get(body.job_id)
-                if queued is None and not isinstance(body, Progress | Checkpoint):
-                    attempt = self._attempt(body.job_id, body.attempt)
+                if queued is None and isinstance(body, AttemptRef):
                     self._end(body)  # nothing of this job waits: served at once
-                    if isinstance(body, Complete | Fail):
-                        # The slot is free now; the answer waits for the outcome's commit.
-                        nursery.start_soon(self._answer_outcome, request.id, attempt)
-                        return
                 else:
+                    # A complete or fail is answered once its outcome is stored: the job's
+                    # later reports wait behind it, in order, like behind a checkpoint.
                     if self._waiting_bytes + cost > MAX_WAITING_BYTES:
                         raise ProtocolError(
                             "busy",
@@ -527,14 +524,23 @@ class WorkerConnection:
             del self._reports[job_id]
 
     async def _answer_outcome(self, request_id: str | int | None, attempt: RemoteAttempt) -> None:
-        """Answer a ``complete`` or ``fail`` once its outcome is durable: a worker may let go
-        of what the job did once it has the reply."""
-        if await attempt.recorded() == "not_stored":
+        """Answer a ``complete`` or ``fail`` once its outcome is durable (a worker may let go
+        of what the job did once it has the reply), or say why it was not stored."""
+        outcome = await attempt.recorded()
+        if outcome == "not_stored":
             message = (
                 f"job {attempt.job_id}: the database refused the outcome; the job is recovered"
                 " as a lost attempt (the stall rule)"
             )
             self._push(error_message(request_id, "store_error", message))
+        elif outcome in ("stopped", "fenced"):
+            # A pause, a cancel, a timeout or a shutdown ended the attempt as the report
+            # came: its decision was stored, not the report.
+            message = (
+                f"job {attempt.job_id}: the attempt was ended (paused, cancelled, timed out or"
+                " handed back) before its outcome was stored; that decision stands"
+            )
+            self._push(error_message(request_id, "not_assigned", message))
         else:
             self._push(reply_message(request_id, {"ok": True}))
 
