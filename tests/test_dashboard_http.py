@@ -20,7 +20,7 @@ import trio
 
 import transport._app
 from actors import RuntimeConfig, open_runtime
-from transport import ServerConfig, open_server
+from transport import RunningServer, ServerConfig, open_server
 from transport._dashboard import CONTENT_TYPES, content_security_policy
 from transport._health import MAX_CONNECTIONS
 from transport._ui import dashboard_url
@@ -52,14 +52,20 @@ def get(path: str, host: str = "127.0.0.1", method: str = "GET", extra: str = ""
     return f"{method} {path} HTTP/1.1\r\nhost: {host}\r\n{extra}\r\n".encode()
 
 
-async def test_every_file_is_served_with_its_type_and_policy(tmp_path: Path) -> None:
+@asynccontextmanager
+async def served_http(tmp_path: Path) -> AsyncIterator[tuple[RunningServer, int]]:
+    """A server with its HTTP port (any free one): (the server, that port)."""
     config = ServerConfig(secret=SECRET, port=0)
     runtime = RuntimeConfig(sqlite_synchronous="NORMAL")
     async with open_server(
         tmp_path / "db", config, handlers=HANDLERS, runtime_config=runtime, health_port=0
     ) as running:
-        http = running.health_port
-        assert http is not None
+        assert running.health_port is not None
+        yield running, running.health_port
+
+
+async def test_every_file_is_served_with_its_type_and_policy(tmp_path: Path) -> None:
+    async with served_http(tmp_path) as (running, http):
         files = sorted(p for p in STATIC.iterdir() if p.suffix in CONTENT_TYPES)
         assert {p.name for p in files} >= {"index.html", "app.js", "conn.js", "style.css"}
         for path in files:
@@ -168,13 +174,7 @@ async def test_a_flood_of_idle_connections_holds_a_bounded_number_of_descriptors
     more wait in the kernel's accept queue, holding none of the server's descriptors. A flood
     of idle connections took them all (a server still opening its database then failed to
     open its files). Once they go, requests are answered again."""
-    config = ServerConfig(secret=SECRET, port=0)
-    runtime = RuntimeConfig(sqlite_synchronous="NORMAL")
-    async with open_server(
-        tmp_path / "db", config, handlers=HANDLERS, runtime_config=runtime, health_port=0
-    ) as running:
-        http = running.health_port
-        assert http is not None
+    async with served_http(tmp_path) as (_, http):
 
         def descriptors() -> int:
             return len(os.listdir("/proc/self/fd"))
@@ -264,13 +264,7 @@ async def test_ui_asks_the_server_for_its_http_port(tmp_path: Path) -> None:
 async def test_a_request_that_cannot_be_parsed_gets_an_answer(tmp_path: Path) -> None:
     """Malformed requests of every kind get a status and a JSON reason, not a dropped or reset
     connection; the server answers the next request as usual."""
-    config = ServerConfig(secret=SECRET, port=0)
-    runtime = RuntimeConfig(sqlite_synchronous="NORMAL")
-    async with open_server(
-        tmp_path / "db", config, handlers=HANDLERS, runtime_config=runtime, health_port=0
-    ) as running:
-        http = running.health_port
-        assert http is not None
+    async with served_http(tmp_path) as (_, http):
         malformed = {
             b"GARBAGE\r\n\r\n": 400,  # no HTTP version
             b"GET /\r\n\r\n": 400,  # HTTP/0.9
