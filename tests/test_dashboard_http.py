@@ -167,13 +167,15 @@ async def test_the_health_port_answers_while_the_database_opens(
         done.set()
 
 
+@pytest.mark.parametrize("sent", [b"", b"GET /healthz HTTP/1.1\r\nhost: x\r\n"])
 async def test_a_flood_of_idle_connections_holds_a_bounded_number_of_descriptors(
-    tmp_path: Path,
+    tmp_path: Path, sent: bytes
 ) -> None:
     """The HTTP port serves at most ``MAX_CONNECTIONS`` at once (each read for up to 5 s);
     more wait in the kernel's accept queue, holding none of the server's descriptors. A flood
-    of idle connections took them all (a server still opening its database then failed to
-    open its files). Once they go, requests are answered again."""
+    of connections that send nothing, or a request's head without its end, took them all (a
+    server still opening its database then failed to open its files). Once they go,
+    requests are answered again."""
     async with served_http(tmp_path) as (_, http):
 
         def descriptors() -> int:
@@ -181,6 +183,9 @@ async def test_a_flood_of_idle_connections_holds_a_bounded_number_of_descriptors
 
         before = descriptors()
         idle = [await trio.open_tcp_stream("127.0.0.1", http) for _ in range(MAX_CONNECTIONS + 100)]
+        for stream in idle:
+            if sent:
+                await stream.send_all(sent)
         await trio.sleep(0.5)  # the server accepts what it will
         # The test's own ends, plus the server's (without a bound: one per connection).
         assert descriptors() - before <= len(idle) + MAX_CONNECTIONS + 5
