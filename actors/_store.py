@@ -152,6 +152,7 @@ class _Request:
         "job_id",
         "key",
         "mode",
+        "ordered",
         "replay",
         "value",
     )
@@ -164,9 +165,14 @@ class _Request:
         *,
         early: bool = False,
         job_id: str | None = None,
+        ordered: Callable[[], None] | None = None,
     ) -> None:
         self.fn = fn
         self.mode = mode
+        #: Called once, in the store's task, when the write is applied without error (ordered
+        #: into its group; durable with the group's commit): a worker's outcome frees its
+        #: slot then (see :meth:`StoreClient.complete`).
+        self.ordered = ordered
         #: A write answered once applied (ordered into the group), before its commit, while
         #: the database is healthy and fewer than ``progress_window`` earlier such writes of
         #: ``job_id`` are uncommitted: progress (see :meth:`StoreClient.set_progress`).
@@ -364,6 +370,9 @@ class StoreActor:
                     request.error = StoreError(f"store request failed: {exc!r}")
             if request.mode is WRITE or request.mode is CLAIM:
                 self._group.requests.append(request)
+                if request.ordered is not None and request.error is None:
+                    ordered, request.ordered = request.ordered, None  # once, not on a replay
+                    ordered()
                 if (
                     request.early
                     and request.error is None
@@ -883,8 +892,9 @@ class StoreClient:
         *,
         early: bool = False,
         job_id: str | None = None,
+        ordered: Callable[[], None] | None = None,
     ) -> T:
-        request = _Request(fn, mode, key, early=early, job_id=job_id)
+        request = _Request(fn, mode, key, early=early, job_id=job_id, ordered=ordered)
         # A cancelled caller queues nothing (as with ``send``). Queued without a scheduler
         # round of its own when there is room: the wait for the answer is this call's
         # checkpoint, one task switch per request instead of two.
@@ -1092,10 +1102,16 @@ class StoreClient:
         return await self._read(lambda: self._actor.backend.queue_stats(now, user_id), BARRIER)
 
     async def retry(
-        self, job_id: str, attempt: int, error: JobError, decide: Callable[[Job], RetryDecision]
+        self,
+        job_id: str,
+        attempt: int,
+        error: JobError,
+        decide: Callable[[Job], RetryDecision],
+        *,
+        ordered: Callable[[], None] | None = None,
     ) -> Job:
         """Record a failed attempt: back to the queue, or failed for good, as ``decide`` (given
-        the job as stored) says. Fenced by ``attempt``."""
+        the job as stored) says. Fenced by ``attempt``. ``ordered``: as for :meth:`complete`."""
         error = JobError(sanitize_text(str(error.type)), sanitize_text(str(error.message)))
 
         def change(job: Job, now: float) -> ops.Change:
@@ -1104,7 +1120,7 @@ class StoreClient:
                 return ops.retry(job, attempt, error, decision, now)
             return ops.fail(job, attempt, error, now, None, decision.failed_attempts)
 
-        return await self._call(lambda: self._actor._change(job_id, change))
+        return await self._call(lambda: self._actor._change(job_id, change), ordered=ordered)
 
     async def requeue(self, job_id: str, attempt: int, reason: str) -> Job:
         """Put a running attempt's job back in the queue, no attempt counted against it (see
@@ -1157,16 +1173,27 @@ class StoreClient:
             )
         )
 
-    async def complete(self, job_id: str, attempt: int, result: Any) -> Job:
+    async def complete(
+        self,
+        job_id: str,
+        attempt: int,
+        result: Any,
+        *,
+        ordered: Callable[[], None] | None = None,
+    ) -> Job:
         """Store the outcome. Raises :class:`ResultTooLargeError` for a result larger than
         ``result_limit`` encoded bytes, :class:`NotSerializableError` for one that cannot be
-        stored (the job is unchanged: its worker then fails it with that error)."""
+        stored (the job is unchanged: its worker then fails it with that error).
+        ``ordered``: called once the outcome is applied, in order with every other write,
+        before the commit that makes it durable (and that this call waits for); not called
+        if the write is refused."""
         limit = self.result_limit
         encoded = dumps_json_value(result, "job result")
         return await self._call(
             lambda: self._actor._change(
                 job_id, lambda job, now: ops.complete(job, attempt, result, now, limit, encoded)
-            )
+            ),
+            ordered=ordered,
         )
 
     async def fail(

@@ -115,6 +115,10 @@ class Supervisor:
         self.orphans: dict[str, Worker] = {}
         self._per_user: dict[str, int] = {}
         self._per_kind: dict[str, int] = {}
+        #: Workers whose outcome is ordered in the store but not yet durable: their handler
+        #: has returned, so they hold no slot (a claim fills it meanwhile, its starts often
+        #: committed with that outcome), though they stay in ``workers`` until they exit.
+        self._finishing: set[Worker] = set()
         self._beats_send, self._beats_receive = trio.open_memory_channel[Worker](
             self.config.beat_queue
         )
@@ -205,8 +209,10 @@ class Supervisor:
     # -- workers --------------------------------------------------------------------------------
 
     def running_counts(self) -> tuple[int, dict[str, int], dict[str, int]]:
-        """Jobs this runtime runs now: in all, per user, per kind (the dispatcher's input)."""
-        return len(self.workers), dict(self._per_user), dict(self._per_kind)
+        """Jobs this runtime runs now: in all, per user, per kind (the dispatcher's input). An
+        attempt whose outcome is ordered in the store is no longer counted."""
+        running = len(self.workers) - len(self._finishing)
+        return running, dict(self._per_user), dict(self._per_kind)
 
     def add_placement(self, placement: Placement) -> None:
         """Run attempts in ``placement`` first when it has a free slot for their kind."""
@@ -320,10 +326,11 @@ class Supervisor:
         old = self.workers.pop(job.id, None)
         if old is not None:
             # An older attempt still unwinding is fenced out already; make sure it stops.
-            self._release(old)
+            self._release_slot(old)
             old.request_stop("superseded")
             old.scope.cancel()
         self.workers[job.id] = worker
+        worker.on_ordered = self._outcome_ordered
         self._per_user[job.user_id] = self._per_user.get(job.user_id, 0) + 1
         self._per_kind[job.kind] = self._per_kind.get(job.kind, 0) + 1
         self.detector.watch(job.id, trio.current_time(), self.config.heartbeat_timeout)
@@ -372,11 +379,26 @@ class Supervisor:
         self.capacity_changed()
         if self.workers.get(worker.job_id) is worker:
             del self.workers[worker.job_id]
-            self._release(worker)
+            self._release_slot(worker)
             if not worker.outcome_stored:
                 self._orphan(worker)
             elif worker.job_id not in self.orphans:
                 self.detector.unwatch(worker.job_id)
+
+    def _outcome_ordered(self, worker: Worker) -> None:
+        """``worker``'s outcome is ordered in the store: its slot is free for the next claim
+        now, one commit earlier than its exit (which waits for the outcome to be durable)."""
+        if self.workers.get(worker.job_id) is worker and worker not in self._finishing:
+            self._finishing.add(worker)
+            self._release(worker)
+            self.capacity_changed()
+
+    def _release_slot(self, worker: Worker) -> None:
+        """Free ``worker``'s slot unless its ordered outcome freed it already."""
+        if worker in self._finishing:
+            self._finishing.discard(worker)
+        else:
+            self._release(worker)
 
     def _release(self, worker: Worker) -> None:
         self.timeouts.unwatch(worker.job_id)

@@ -246,6 +246,7 @@ class Worker:
         "keep_alive",
         "kind",
         "last_beat",
+        "on_ordered",
         "outcome",
         "outcome_stored",
         "persist_beat",
@@ -289,6 +290,9 @@ class Worker:
         self.keep_alive = 0
         self.last_beat = trio.current_time()
         self.persist_beat = False
+        #: Called with this worker once its outcome is ordered in the store, before it is
+        #: durable (the supervisor frees the attempt's slot then).
+        self.on_ordered: Callable[[Worker], None] | None = None
         self._beats = beats
         self._beat_queued = False
 
@@ -406,7 +410,9 @@ class Worker:
                 return
             if error is None:
                 try:
-                    await self.store.complete(self.job_id, self.attempt, result)
+                    await self.store.complete(
+                        self.job_id, self.attempt, result, ordered=self._ordered
+                    )
                     self.outcome = "completed"
                     return
                 except InvalidInputError as exc:  # unstorable or too large: the handler's fault
@@ -414,7 +420,11 @@ class Worker:
                     permanent = True  # the same result would be refused again
             failed = error
             job = await self.store.retry(
-                self.job_id, self.attempt, failed, lambda job: self.decide(job, failed, permanent)
+                self.job_id,
+                self.attempt,
+                failed,
+                lambda job: self.decide(job, failed, permanent),
+                ordered=self._ordered,
             )
             self.outcome = "failed" if job.state is JobState.FAILED else "retrying"
         except StoreError as exc:
@@ -436,6 +446,10 @@ class Worker:
         except JobspineError as exc:
             # Fenced out (stalled, cancelled or paused meanwhile): the newer decision stands.
             self._fenced("outcome not recorded", exc)
+
+    def _ordered(self) -> None:
+        if self.on_ordered is not None:
+            self.on_ordered(self)
 
     def _fenced(self, what: str, exc: Exception) -> None:
         """The job moved on from this attempt: said at INFO, and the newer decision stands."""

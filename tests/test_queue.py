@@ -18,12 +18,14 @@ from actors import (
     JobContext,
     JobState,
     KindOptions,
+    MemoryBackend,
     PermanentError,
     RetryPolicy,
     kind_options,
 )
 from actors._repository import CANCEL_WAVE
 
+from .backends import Commit, CommitHooks
 from .conftest import memory_runtime, wait_for_state
 
 S = JobState
@@ -75,6 +77,62 @@ async def test_capacity_per_runtime_user_and_kind(autojump_clock: trio.abc.Clock
         await trio.sleep(0.01)
         waiting = [j for j in alice if states[j.id] is S.CREATED]
         assert (await rt.get_job(waiting[0].id)).state is S.RUNNING
+
+
+class SlowCommits(CommitHooks, MemoryBackend):
+    """Every commit takes a second; records which jobs each one stored, in which state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stored: list[dict[str, JobState]] = []
+
+    async def before_commit(self, commit: Commit) -> None:
+        await trio.sleep(1)
+
+    async def after_commit(self, commit: Commit) -> None:
+        self.stored.append({job.id: job.state for job in commit.jobs})
+
+
+@pytest.mark.parametrize("ends", [S.COMPLETED, S.FAILED])
+async def test_a_slot_frees_once_the_outcome_is_ordered_not_once_it_is_durable(
+    autojump_clock: trio.abc.Clock, ends: JobState
+) -> None:
+    """An attempt that ended holds no slot while its outcome waits for a busy committer: the
+    claim that fills its slot joins that outcome's commit, and the next job starts a commit
+    sooner (one slot, every commit a second: the start used to wait for the outcome's
+    commit, then commit on its own). Never two handlers at once."""
+    backend = SlowCommits()
+    running: list[str] = []
+    seen: list[tuple[str, float, int]] = []
+    go = trio.Event()
+
+    async def report(ctx: JobContext, input: Any) -> Any:
+        running.append(ctx.job_id)
+        seen.append((ctx.job_id, trio.current_time(), len(running)))
+        await go.wait()  # until the next job waits, committed
+        # Its progress commits while it ends: the outcome waits for the busy committer.
+        await ctx.progress(50)
+        running.remove(ctx.job_id)
+        if ends is S.FAILED:
+            raise PermanentError("refused")
+        return "done"
+
+    # Leases renewed rarely: a renewal waits for every write before it to commit.
+    config = {"max_running": 1, "lease_ttl": 60.0, "lease_renew_interval": 30.0}
+    async with memory_runtime({"report": report}, backend, **config) as rt:
+        first = await rt.create_job("report", "alice", {})
+        second = await rt.create_job("report", "alice", {})
+        go.set()
+        ended = trio.current_time()
+        for job in (first, second):
+            await wait_for_state(rt, job.id)
+    assert [job_id for job_id, _, _ in seen] == [first.id, second.id]
+    assert max(count for _, _, count in seen) == 1
+    # The first's outcome and the second's start in one commit.
+    together = [c for c in backend.stored if c.get(first.id) is ends]
+    assert together == [{first.id: ends, second.id: S.RUNNING}]
+    # Its progress committing (1 s), then the outcome with the next start (1 s).
+    assert seen[1][1] - ended == pytest.approx(2.0)
 
 
 async def test_priority_first(autojump_clock: trio.abc.Clock) -> None:
