@@ -11,7 +11,7 @@ import attrs
 import trio
 
 from ._backend import JobQuery, QueueStats
-from ._errors import IllegalTransitionError, JobspineError, StaleAttemptError
+from ._errors import IllegalTransitionError, JobspineError, StaleAttemptError, StoreError
 from ._events import AUDIT_TYPES, STREAM_BYTES, EventHub, EventStream, JobEvent
 from ._job import Job, JobError
 from ._options import CreateOptions, KindOptions
@@ -410,7 +410,12 @@ class Repository:
         await self._supervisor.settled()
         worker = await self._supervisor.stop(job_id, reason)
         attempt = job.attempt if worker is None else worker.attempt
-        return await self._store.pause(job_id, attempt, by, reason)
+        try:
+            return await self._store.pause(job_id, attempt, by, reason)
+        except StoreError as exc:
+            if worker is not None:
+                self._supervisor.unrecorded(worker, exc)
+            raise
 
     async def resume(self, job_id: str, *, by: str | None = None) -> Job:
         """Put a paused job back in the queue (state ``created``); its next attempt resumes

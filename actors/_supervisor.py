@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 import trio
 
-from ._errors import JobspineError, StoreError, UnknownKindError
+from ._errors import JobspineError, StoreError, StoreUnavailableError, UnknownKindError
 from ._job import Job, JobError
 from ._joblog import job_fields
 from ._options import KindOptions, options_of
@@ -362,7 +362,28 @@ class Supervisor:
         worker = await self.stop(job_id, reason)
         if worker is None or worker.outcome != "stopped":
             return
-        await self.requeue(job_id, worker.attempt, reason)
+        try:
+            await self.store.requeue(job_id, worker.attempt, reason)
+        except StoreError as exc:
+            self.unrecorded(worker, exc)
+            log.warning("job %s not re-queued (%s): %s", job_id, reason, exc)
+            return
+        except JobspineError as exc:
+            log.info("job %s not re-queued (%s): %s", job_id, reason, exc)
+            return
+        self.capacity_changed()
+
+    def unrecorded(self, worker: Worker, exc: StoreError) -> None:
+        """The database refused the write that was to follow ``worker``'s stop (a pause, a
+        timeout's failed attempt, a hand-back): the job is still running there, with no
+        worker. It is watched as if its outcome had not been stored, so the stall rule
+        records it (paused at its last checkpoint if the database was unavailable) once the
+        database takes writes again. Nothing if a newer attempt runs it or it is watched."""
+        if self.workers.get(worker.job_id) is not None or worker.job_id in self.orphans:
+            return
+        if isinstance(exc, StoreUnavailableError):
+            worker.store_unavailable = True
+        self._orphan(worker)
 
     def lose(self, job_id: str, attempt: int, cause: str) -> None:
         """The attempt cannot go on (its worker's connection closed): apply the stall rule
@@ -440,6 +461,15 @@ class Supervisor:
             job = await self.store.retry(
                 worker.job_id, worker.attempt, error, lambda j: worker.decide(j, error, False)
             )
+        except StoreError as exc:
+            self.unrecorded(worker, exc)
+            log.warning(
+                "job %s: timeout not stored, left to the stall rule: %s",
+                worker.job_id,
+                exc,
+                extra=job_fields(worker.job_id, worker.user_id, worker.attempt, "timeout"),
+            )
+            return
         except JobspineError as exc:
             log.info(
                 "job %s: timeout not recorded: %s",
@@ -631,6 +661,8 @@ class Supervisor:
         try:
             await self.store.pause(job_id, worker.attempt, "system", reason)
         except JobspineError as exc:
+            if isinstance(exc, StoreError):
+                self.unrecorded(worker, exc)
             log.info(
                 "job %s not paused at %s: %s",
                 job_id,
