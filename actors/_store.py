@@ -585,9 +585,12 @@ class StoreActor:
                 self._committed(group)
                 return
         for request in group.requests:
-            if request.error is None:
-                request.error = error
-                request.value = None
+            # A request refused when it was applied was judged against writes that were
+            # not saved (this group's, or a void one's before it): that refusal is no
+            # verdict either (a worker would take a refused outcome for a newer decision
+            # and leave the job running with no one on it).
+            request.error = error
+            request.value = None
 
     @staticmethod
     def _mark_replay(group: _Group) -> None:

@@ -329,6 +329,9 @@ class Supervisor:
             self._release_slot(old)
             old.request_stop("superseded")
             old.scope.cancel()
+        # An older attempt whose outcome was not stored is moot: the job was claimed again,
+        # so the database moved on from that attempt (and its recovery would stop this one).
+        self.orphans.pop(job.id, None)
         self.workers[job.id] = worker
         worker.on_ordered = self._outcome_ordered
         self._per_user[job.user_id] = self._per_user.get(job.user_id, 0) + 1
@@ -379,7 +382,10 @@ class Supervisor:
         worker. It is watched as if its outcome had not been stored, so the stall rule
         records it (paused at its last checkpoint if the database was unavailable) once the
         database takes writes again. Nothing if a newer attempt runs it or it is watched."""
-        if self.workers.get(worker.job_id) is not None or worker.job_id in self.orphans:
+        watched = self.orphans.get(worker.job_id)
+        if self.workers.get(worker.job_id) is not None or (
+            watched is not None and watched.attempt >= worker.attempt
+        ):
             return
         if isinstance(exc, StoreUnavailableError):
             worker.store_unavailable = True
@@ -565,7 +571,8 @@ class Supervisor:
     # -- recovery -------------------------------------------------------------------------------
 
     async def _recover(self, worker: Worker, cause: str) -> None:
-        self.kill(worker.job_id, "stall")
+        if self.workers.get(worker.job_id) is worker:
+            self.kill(worker.job_id, "stall")  # never a newer attempt of the same job
         try:
             if worker.store_unavailable:
                 # Left running because the database was unavailable: not the job's fault, so

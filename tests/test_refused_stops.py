@@ -1,6 +1,8 @@
-"""A stop whose follow-up write the database refuses (a pause, a timeout's failed attempt, a
-hand-back) leaves the job running in the database with no worker: it stays watched, and the
-stall rule records it once the database takes writes (mock clock, in-memory store)."""
+"""A job the database still has running with no worker here stays watched until the stall
+rule records it: after a stop whose follow-up write the database refused (a pause, a
+timeout's failed attempt, a hand-back), after a write refused on a state an outage then
+voided, and with a newer attempt never stopped by an older one's recovery (mock clock,
+in-memory store)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from actors import JobContext, JobState, KindOptions, MemoryBackend, StoreError
 
@@ -70,3 +73,87 @@ async def test_a_stop_whose_write_is_refused_leaves_the_job_to_the_stall_rule(
     # the stall rule for a write the database refused.
     assert (recovered.state, recovered.checkpoint) == (S.PAUSED, {"at": 1})
     assert (recovered.pause_reason == "store_unavailable") is outage
+
+
+class RefuseOutcome(CommitHooks, MemoryBackend):
+    """Refuses (request-tied) the commits that store an outcome while ``refusing``."""
+
+    refusing = True
+
+    async def before_commit(self, commit: Commit) -> None:
+        if self.refusing and any(j.state is S.COMPLETED for j in commit.jobs):
+            raise RuntimeError("refused (test)")
+
+
+async def test_an_older_attempts_recovery_never_stops_a_newer_attempt(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Attempt 1's outcome is not stored (watched for the stall rule); the user pauses and
+    resumes the job, and attempt 2 runs. Attempt 1's deadline used to apply the stall rule to
+    the job id: it stopped attempt 2, whose recovery was then fenced, and the job stayed
+    running with no worker for good."""
+    backend = RefuseOutcome()
+    started = trio.Event()
+
+    async def twice(ctx: JobContext, input: Any) -> Any:
+        if ctx.attempt == 1:
+            return "first"
+        started.set()
+        with ctx.keep_alive():
+            await trio.sleep(10)
+        return "second"
+
+    async with memory_runtime({"k": twice}, backend, heartbeat_timeout=2.0) as rt:
+        job = await rt.create_job("k", "u", {})
+        await trio.sleep(0.1)
+        assert job.id in rt.supervisor.orphans  # attempt 1: outcome not stored
+        backend.refusing = False
+        await rt.pause(job.id)
+        await rt.resume(job.id)
+        await started.wait()
+        done = await wait_for_state(rt, job.id)
+        assert rt.supervisor.orphans == {}
+    assert (done.state, done.attempt, done.result) == (S.COMPLETED, 2, "second")
+
+
+class Outage(CommitHooks, MemoryBackend):
+    """Down (an ``OSError`` for every commit) while ``down``."""
+
+    down = False
+
+    async def before_commit(self, commit: Commit) -> None:
+        if self.down:
+            raise OSError("disk gone (test)")
+
+
+async def test_a_write_refused_on_a_state_an_outage_voided_is_not_a_verdict(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A cancel is applied, then its commit fails for good (an outage past
+    ``store_retry_timeout``); meanwhile the job's handler returned, and its completion was
+    refused against the cancel that was never saved. That refusal used to stand: the worker
+    took it as a newer decision and left, and the job stayed running with no worker."""
+    backend = Outage()
+    go = trio.Event()
+
+    async def waits(ctx: JobContext, input: Any) -> Any:
+        await go.wait()
+        return "done"
+
+    config = {"heartbeat_timeout": 2.0, "store_retry_timeout": 1.0}
+    async with memory_runtime({"k": waits}, backend, **config) as rt:
+        job = await rt.create_job("k", "u", {})
+        await trio.sleep(0.1)
+        backend.down = True
+        async with trio.open_nursery() as nursery:
+
+            async def cancel() -> None:
+                with pytest.raises(StoreError):
+                    await rt.cancel(job.id)
+
+            nursery.start_soon(cancel)
+            await trio.testing.wait_all_tasks_blocked()
+            go.set()  # the completion is applied on top of the cancel
+        backend.down = False
+        recorded = await wait_for_state(rt, job.id, {S.PAUSED, S.COMPLETED, S.FAILED, S.CANCELLED})
+    assert (recorded.state, recorded.pause_reason) == (S.PAUSED, "store_unavailable")
