@@ -306,7 +306,7 @@ class Repository:
             error = JobError("Error", error)
         job = await self._store.fail(job_id, attempt, error, by)
         await self._supervisor.settled()
-        self._supervisor.kill(job_id, "failed")
+        self._supervisor.kill(job_id, "failed", job.attempt)
         return job
 
     # -- control --------------------------------------------------------------------------------
@@ -327,7 +327,7 @@ class Repository:
     async def _cancel_here(self, job_id: str, by: str | None) -> Job:
         job = await self._store.cancel(job_id, by)
         await self._supervisor.settled()
-        worker = self._supervisor.kill(job_id, "cancel")
+        worker = self._supervisor.kill(job_id, "cancel", job.attempt)
         if worker is not None:
             with trio.move_on_after(self._supervisor.config.stop_grace):
                 await worker.finished.wait()
@@ -366,14 +366,14 @@ class Repository:
 
         async def cancel_child(child_id: str) -> None:
             try:
-                await self._store.cancel(child_id, by)
+                child = await self._store.cancel(child_id, by)
             except IllegalTransitionError:
                 return  # it finished meanwhile
             except JobspineError as exc:
                 errors.append(exc)
                 return
             await self._supervisor.settled()
-            self._supervisor.kill(child_id, "cancel")
+            self._supervisor.kill(child_id, "cancel", child.attempt)
 
         await _each(unfinished, cancel_child, CANCEL_WAVE)
         if errors:

@@ -154,6 +154,7 @@ class _Request:
         "mode",
         "ordered",
         "replay",
+        "staged_before",
         "value",
     )
 
@@ -185,6 +186,8 @@ class _Request:
         self.error: Exception | None = None
         #: Its group was void without its fault: applied again, alone, before it is answered.
         self.replay = False
+        #: Refused when applied while its group held uncommitted writes (judged on them).
+        self.staged_before = False
         #: Commits of it, alone, that lost a job to another writer (:class:`StaleWriteError`).
         self.conflicts = 0
 
@@ -358,10 +361,12 @@ class StoreActor:
                 await self._drain()
             elif request.key is not None and self._keys is None:
                 await self._look_up_keys(batch[i:])
+            staged = bool(self._group.jobs or self._group.deleted)
             try:
                 request.value = await request.fn()
             except JobspineError as exc:
                 request.error = exc
+                request.staged_before = staged
             except Exception as exc:
                 if is_corruption(exc):
                     request.error = self._corrupted(exc)
@@ -517,7 +522,8 @@ class StoreActor:
 
     async def _commit(self, group: _Group) -> None:
         error: Exception
-        if group.generation != self._generation:
+        built_on_void = group.generation != self._generation
+        if built_on_void:
             cause = self._void.get(group.generation)
             if cause is None:
                 self._mark_replay(group)
@@ -585,12 +591,14 @@ class StoreActor:
                 self._committed(group)
                 return
         for request in group.requests:
-            # A request refused when it was applied was judged against writes that were
-            # not saved (this group's, or a void one's before it): that refusal is no
-            # verdict either (a worker would take a refused outcome for a newer decision
-            # and leave the job running with no one on it).
-            request.error = error
-            request.value = None
+            # A request refused when it was applied, on top of writes that were not saved
+            # (a void group's before it, or this group's before it), was judged on them:
+            # that refusal is no verdict either (a worker would take a refused outcome for a
+            # newer decision and leave the job running with no one on it). One judged on
+            # committed state stands.
+            if request.error is None or built_on_void or request.staged_before:
+                request.error = error
+                request.value = None
 
     @staticmethod
     def _mark_replay(group: _Group) -> None:

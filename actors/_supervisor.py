@@ -546,9 +546,13 @@ class Supervisor:
         await worker.finished.wait()
         return worker
 
-    def kill(self, job_id: str, reason: str) -> Worker | None:
-        """Cancel a worker at once (no grace): for cancellation and stalls."""
+    def kill(self, job_id: str, reason: str, attempt: int | None = None) -> Worker | None:
+        """Cancel a worker at once (no grace): for cancellation and stalls. ``attempt``: only
+        if it runs that attempt (a decision about one attempt never stops a newer one, which
+        a restart and a claim may have started meanwhile)."""
         worker = self.workers.get(job_id)
+        if worker is not None and attempt is not None and worker.attempt != attempt:
+            return None
         if worker is not None:
             self.detector.unwatch(job_id)
             worker.request_stop(reason)
@@ -632,7 +636,12 @@ class Supervisor:
         await self.settled()
         worker = self.kill(job_id, "stall")
         attempt = None if worker is None else worker.attempt
-        job = await self.store.recover(job_id, attempt, self.policy, cause, self.requeues)
+        try:
+            job = await self.store.recover(job_id, attempt, self.policy, cause, self.requeues)
+        except StoreError as exc:
+            if worker is not None:
+                self.unrecorded(worker, exc)
+            raise
         self.count_recovery(job)
         if job.state is JobState.CREATED:
             self.capacity_changed()

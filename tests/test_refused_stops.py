@@ -1,8 +1,8 @@
 """A job the database still has running with no worker here stays watched until the stall
 rule records it: after a stop whose follow-up write the database refused (a pause, a
-timeout's failed attempt, a hand-back), after a write refused on a state an outage then
-voided, and with a newer attempt never stopped by an older one's recovery (mock clock,
-in-memory store)."""
+timeout's failed attempt, a hand-back, the stall rule applied by hand), after a write refused
+on a state an outage then voided; and a decision about one attempt (an older attempt's
+recovery, a cancel) never stops a newer attempt (mock clock, in-memory store)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,14 @@ import pytest
 import trio
 import trio.testing
 
-from actors import JobContext, JobState, KindOptions, MemoryBackend, StoreError
+from actors import (
+    IllegalTransitionError,
+    JobContext,
+    JobState,
+    KindOptions,
+    MemoryBackend,
+    StoreError,
+)
 
 from .backends import Commit, CommitHooks
 from .conftest import memory_runtime, wait_for_state
@@ -43,7 +50,7 @@ async def forever(ctx: JobContext, input: Any) -> Any:
 
 
 @pytest.mark.parametrize("outage", [False, True], ids=["refused", "outage"])
-@pytest.mark.parametrize("stop", ["pause", "timeout", "hand_back"])
+@pytest.mark.parametrize("stop", ["pause", "timeout", "hand_back", "recover"])
 async def test_a_stop_whose_write_is_refused_leaves_the_job_to_the_stall_rule(
     autojump_clock: trio.abc.Clock, stop: str, outage: bool
 ) -> None:
@@ -60,6 +67,9 @@ async def test_a_stop_whose_write_is_refused_leaves_the_job_to_the_stall_rule(
                 await rt.pause(job.id)
         elif stop == "hand_back":
             await rt.supervisor.hand_back(job.id, "drain")
+        elif stop == "recover":  # the stall rule applied by hand
+            with pytest.raises(StoreError):
+                await rt.recover_job(job.id)
         else:
             await trio.sleep(2)  # past the timeout and its grace
         assert backend.refused
@@ -157,3 +167,66 @@ async def test_a_write_refused_on_a_state_an_outage_voided_is_not_a_verdict(
         backend.down = False
         recorded = await wait_for_state(rt, job.id, {S.PAUSED, S.COMPLETED, S.FAILED, S.CANCELLED})
     assert (recorded.state, recorded.pause_reason) == (S.PAUSED, "store_unavailable")
+
+
+class FailBeatsOnce(CommitHooks, MemoryBackend):
+    """Refuses (request-tied) the next commit that writes heartbeats and no job, once armed."""
+
+    armed = False
+
+    async def before_commit(self, commit: Commit) -> None:
+        if self.armed and commit.heartbeats and not commit.jobs:
+            self.armed = False
+            raise RuntimeError("refused (test)")
+
+
+async def test_a_refusal_judged_on_committed_state_stands_when_its_group_fails(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The cancel of a finished job shares a group with nothing but a heartbeat, and that
+    commit fails: the refusal was judged on committed state, so the caller gets it."""
+    backend = FailBeatsOnce()
+
+    async def quick(ctx: JobContext, input: Any) -> Any:
+        return 1
+
+    async def holds(ctx: JobContext, input: Any) -> Any:
+        await trio.sleep_forever()
+
+    async with memory_runtime({"q": quick, "h": holds}, backend) as rt:
+        done = await rt.create_job("q", "u", {})
+        await wait_for_state(rt, done.id)
+        running = await rt.create_job("h", "u", {})
+        await trio.sleep(0.1)
+        rt.supervisor.store.heartbeat(running.id, 1)  # a heartbeat staged, to be written
+        backend.armed = True
+        with pytest.raises(IllegalTransitionError):
+            await rt.cancel(done.id)
+        assert not backend.armed  # the group did fail
+
+
+async def test_a_cancel_never_stops_a_newer_attempt(autojump_clock: trio.abc.Clock) -> None:
+    """A cancel is stored while a claim is in progress, and its stop waits for that claim;
+    meanwhile the job is restarted and claimed again. The stop used to take the newer
+    attempt for the cancelled one: it stopped it, and the job stayed running with no worker."""
+
+    async def holds(ctx: JobContext, input: Any) -> Any:
+        with ctx.keep_alive():
+            await trio.sleep(30)
+        return ctx.attempt
+
+    async with memory_runtime({"k": holds}, heartbeat_timeout=2.0) as rt:
+        job = await rt.create_job("k", "u", {})
+        await trio.sleep(0.1)
+        supervisor = rt.supervisor
+        hold = supervisor.hold_launch()  # a claim in progress: the cancel's stop waits for it
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rt.cancel, job.id)
+            await trio.sleep(0.1)
+            assert (await rt.get_job(job.id)).state is S.CANCELLED
+            await rt.restart(job.id)
+            await trio.sleep(0.5)
+            assert supervisor.workers[job.id].attempt == 2
+            supervisor.release_launch(hold)
+        done = await wait_for_state(rt, job.id)
+    assert (done.state, done.attempt, done.result) == (S.COMPLETED, 2, 2)

@@ -1,11 +1,11 @@
 """Seeded random runs of the whole runtime against a database that fails (mock clock,
 in-memory store): commits refused (a request-tied failure) or an outage, short or past
 ``store_retry_timeout``; limits in all, per user and per kind; retries with no delay,
-permanent failures, results over ``result_limit``, timeouts; pauses, resumes, cancels and
-restarts racing it all. Every run checks that no more handlers run at once than the limits
-allow, that no job runs twice at once, that every job ends recorded (none left running with
-no one on it) once the database is back, and that nothing stays counted.
-``JOBSPINE_FUZZ_SEEDS`` (default 30) seeds per mode."""
+permanent failures, results over ``result_limit``, timeouts; pauses, resumes, cancels,
+restarts and the stall rule applied by hand, racing it all. Every run checks that no more
+handlers run at once than the limits allow, that no job runs twice at once, that every job
+ends recorded (none left running with no one on it) once the database is back, and that
+nothing stays counted. ``JOBSPINE_FUZZ_SEEDS`` (default 30) seeds per mode."""
 
 from __future__ import annotations
 
@@ -150,7 +150,8 @@ async def fuzz(seed: int, tied: float, outage: float) -> None:
             for _ in range(60):
                 await trio.sleep(rng.choice([0.001, 0.01, 0.05]))
                 if ids:
-                    op = getattr(rt, rng.choice(["pause", "resume", "cancel", "restart"]))
+                    ops = ["pause", "resume", "cancel", "restart", "recover_job"]
+                    op = getattr(rt, rng.choice(ops))
                     with contextlib.suppress(JobspineError):
                         await op(rng.choice(ids))
 
