@@ -350,13 +350,32 @@ class Supervisor:
 
     async def requeue(self, job_id: str, attempt: int, reason: str) -> None:
         """Put ``attempt``'s job back in the queue, no attempt counted (its place went away,
-        see :func:`ops.requeue`); a newer decision stands. Wakes the dispatcher."""
+        see :func:`ops.requeue`); a newer decision stands. Wakes the dispatcher. If the
+        database refuses it, it is tried again every ``heartbeat_timeout`` (nothing runs the
+        job meanwhile, and no stall deadline watches a job that never had a worker)."""
         try:
             await self.store.requeue(job_id, attempt, reason)
+        except StoreError as exc:
+            log.warning("job %s not re-queued (%s), tried again: %s", job_id, reason, exc)
+            self._spawn(self._requeue_later, job_id, attempt, reason)
+            return
         except JobspineError as exc:
             log.info("job %s not re-queued (%s): %s", job_id, reason, exc)
             return
         self.capacity_changed()
+
+    async def _requeue_later(self, job_id: str, attempt: int, reason: str) -> None:
+        while True:
+            await trio.sleep(self.config.heartbeat_timeout)
+            try:
+                await self.store.requeue(job_id, attempt, reason)
+            except StoreError:
+                continue
+            except JobspineError as exc:
+                log.info("job %s not re-queued (%s): %s", job_id, reason, exc)
+                return
+            self.capacity_changed()
+            return
 
     async def hand_back(self, job_id: str, reason: str) -> None:
         """Stop a running attempt with the grace period (its handler checkpoints) and put the

@@ -1,7 +1,8 @@
 """A job the database still has running with no worker here stays watched until the stall
 rule records it: after a stop whose follow-up write the database refused (a pause, a
 timeout's failed attempt, a hand-back, the stall rule applied by hand), after a write refused
-on a state an outage then voided; and a decision about one attempt (an older attempt's
+on a state an outage then voided, after a claim whose slot went away and whose re-queue the
+database refused; and a decision about one attempt (an older attempt's
 recovery, a cancel) never stops a newer attempt (mock clock, in-memory store)."""
 
 from __future__ import annotations
@@ -230,3 +231,66 @@ async def test_a_cancel_never_stops_a_newer_attempt(autojump_clock: trio.abc.Clo
             supervisor.release_launch(hold)
         done = await wait_for_state(rt, job.id)
     assert (done.state, done.attempt, done.result) == (S.COMPLETED, 2, 2)
+
+
+class Vanishing:
+    """A placement with one slot for kind ``r`` until ``gone``; its handler holds."""
+
+    gone = False
+
+    def kinds(self) -> frozenset[str]:
+        return frozenset({"r"})
+
+    def slots(self, kind: str) -> int:
+        return 1
+
+    def serves(self, kind: str) -> bool:
+        return kind == "r"
+
+    def capacity(self, kind: str) -> int:
+        return 0 if self.gone or kind != "r" else 1
+
+    def free(self) -> int:
+        return 0 if self.gone else 1
+
+    def place(self, job: Any) -> Any:
+        return forever
+
+
+class VanishThenRefuse(CommitHooks, MemoryBackend):
+    """The placement's slot goes away once a start commits; re-queues are refused while
+    ``refusing`` (request-tied, or an outage)."""
+
+    def __init__(self, placement: Vanishing, *, outage: bool) -> None:
+        super().__init__()
+        self.placement = placement
+        self.outage = outage
+        self.refusing = True
+        self.refused = 0
+
+    async def before_commit(self, commit: Commit) -> None:
+        if self.refusing and any(j.attempt and j.state is S.CREATED for j in commit.jobs):
+            self.refused += 1
+            raise (OSError if self.outage else RuntimeError)("refused (test)")
+
+    async def after_commit(self, commit: Commit) -> None:
+        if any(j.state is S.RUNNING for j in commit.jobs):
+            self.placement.gone = True
+
+
+@pytest.mark.parametrize("outage", [False, True], ids=["refused", "outage"])
+async def test_a_claim_whose_slot_went_away_is_requeued_once_the_database_takes_it(
+    autojump_clock: trio.abc.Clock, outage: bool
+) -> None:
+    placement = Vanishing()
+    backend = VanishThenRefuse(placement, outage=outage)
+    config = {"heartbeat_timeout": 2.0, "store_retry_timeout": 0.5}
+    async with memory_runtime({}, backend, **config) as rt:
+        rt.supervisor.add_placement(placement)
+        job = await rt.create_job("r", "u", {})
+        await trio.sleep(1)
+        assert backend.refused
+        assert (await rt.get_job(job.id)).state is S.RUNNING  # started, with no worker
+        backend.refusing = False
+        back = await wait_for_state(rt, job.id, {S.CREATED})
+    assert (back.attempt, back.failed_attempts) == (1, 0)  # no attempt counted
