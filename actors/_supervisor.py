@@ -486,19 +486,16 @@ class Supervisor:
             job = await self.store.retry(
                 worker.job_id, worker.attempt, error, lambda j: worker.decide(j, error, False)
             )
-        except StoreError as exc:
-            self.unrecorded(worker, exc)
-            log.warning(
-                "job %s: timeout not stored, left to the stall rule: %s",
-                worker.job_id,
-                exc,
-                extra=job_fields(worker.job_id, worker.user_id, worker.attempt, "timeout"),
-            )
-            return
         except JobspineError as exc:
-            log.info(
-                "job %s: timeout not recorded: %s",
+            # Refused by the database: left to the stall rule; else a newer decision stands.
+            refused = isinstance(exc, StoreError)
+            if isinstance(exc, StoreError):
+                self.unrecorded(worker, exc)
+            log.log(
+                logging.WARNING if refused else logging.INFO,
+                "job %s: timeout not recorded%s: %s",
                 worker.job_id,
+                ", left to the stall rule" if refused else "",
                 exc,
                 extra=job_fields(worker.job_id, worker.user_id, worker.attempt, "timeout"),
             )
