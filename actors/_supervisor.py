@@ -397,10 +397,11 @@ class Supervisor:
 
     def unrecorded(self, worker: Worker, exc: StoreError) -> None:
         """The database refused the write that was to follow ``worker``'s stop (a pause, a
-        timeout's failed attempt, a hand-back): the job is still running there, with no
-        worker. It is watched as if its outcome had not been stored, so the stall rule
-        records it (paused at its last checkpoint if the database was unavailable) once the
-        database takes writes again. Nothing if a newer attempt runs it or it is watched."""
+        timeout's failed attempt, a hand-back, a recovery by hand): the job is still running
+        there, with no worker. It is watched as if its outcome had not been stored, so the
+        stall rule records it (paused at its last checkpoint if the database was
+        unavailable) once the database takes writes again. Nothing if a newer attempt runs
+        it or it is watched."""
         watched = self.orphans.get(worker.job_id)
         if self.workers.get(worker.job_id) is not None or (
             watched is not None and watched.attempt >= worker.attempt
