@@ -52,12 +52,18 @@ class RemoteWorker:
     capacity: int
     link: WorkerLink
     attempts: dict[str, RemoteAttempt] = attrs.field(factory=dict)
+    #: Set by :meth:`RemotePlacement.open` once the worker has the hello's reply: until
+    #: then it takes no attempt (an assignment queued before the reply was sent could reach
+    #: the worker first, or in one batch with it).
+    ready: bool = False
     #: Set by a drain (the worker is shutting down) and at disconnection: no new attempts.
     closed: bool = False
 
     @property
     def free(self) -> int:
-        return 0 if self.closed else max(0, self.capacity - len(self.attempts))
+        if self.closed or not self.ready:
+            return 0
+        return max(0, self.capacity - len(self.attempts))
 
 
 class RemoteAttempt:
@@ -196,12 +202,17 @@ class RemotePlacement:
         options: Mapping[str, KindOptions] | None = None,
     ) -> RemoteWorker:
         """A worker serving ``kinds``; ``options``: those it declared for them (checked by
-        :meth:`Supervisor.declaration_conflict` first), the defaults for a kind left out."""
+        :meth:`Supervisor.declaration_conflict` first), the defaults for a kind left out.
+        Its slots open with :meth:`open`, once it has the hello's reply."""
         self.supervisor.declare({kind: (options or {}).get(kind, KindOptions()) for kind in kinds})
         worker = RemoteWorker(name, frozenset(kinds), capacity, link)
         self.workers.append(worker)
-        self.supervisor.capacity_changed()
         return worker
+
+    def open(self, worker: RemoteWorker) -> None:
+        """``worker`` has the hello's reply: attempts may be placed on it from now on."""
+        worker.ready = True
+        self.supervisor.capacity_changed()
 
     def disconnect(self, worker: RemoteWorker, cause: str) -> None:
         """The worker's connection closed: its attempts are lost now."""

@@ -827,6 +827,11 @@ SCENARIOS = [
 FAILURES = ("events lost", "jobs lost", "jobs with attempts", "backoff outside", "retries started")
 
 
+def is_failure(row: Row) -> bool:
+    """A row counting failures (:data:`FAILURES`) whose value is not 0."""
+    return row.measure.startswith(FAILURES) and row.value != 0
+
+
 def chosen_scenarios(args: argparse.Namespace) -> list[str]:
     """The scenarios to run, each once, in order; with fanout, the ``--peers`` and any peer
     named run right after it, so that its table shows the ratios to them."""
@@ -902,7 +907,12 @@ async def run(args: argparse.Namespace) -> list[Row]:
                 rows += await multinode(args, workdir)
         progress_line("done\n")
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        failed = sorted({row.scenario for row in rows if is_failure(row)})
+        if failed:
+            # What the servers logged says why: kept for whoever looks into it.
+            progress_line(f"failures in {', '.join(failed)}: server logs kept in {workdir}\n")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     return rows
 
 
@@ -1071,7 +1081,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     print(f"\nfigures written to {args.json}")
-    failed = [r for r in rows if r.measure.startswith(FAILURES) and r.value != 0]
+    failed = [r for r in rows if is_failure(r)]
     return 1 if failed else 0
 
 

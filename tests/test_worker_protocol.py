@@ -19,7 +19,13 @@ import orjson
 import pytest
 import trio
 import trio.testing
-from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+    open_websocket_url,
+    serve_websocket,
+)
 
 import actors._remote
 import actors._supervisor
@@ -29,7 +35,14 @@ from actors._options import options_of
 from transport import CLOSE, ServerConfig, open_server
 from transport._json import MAX_DEPTH
 from transport._protocol import MAX_BATCH_REQUESTS
-from transport._worker_process import BATCH_BYTES, WorkerProcess, _batch_frame, _Session
+from transport._worker_process import (
+    BATCH_BYTES,
+    WorkerFatalError,
+    WorkerProcess,
+    _Attempt,
+    _batch_frame,
+    _Session,
+)
 
 from .conftest import wait_for_state
 from .serving import SECRET, eventually, token
@@ -1097,7 +1110,6 @@ async def test_reports_waiting_past_their_byte_bound_are_refused_busy(
 async def test_a_worker_gives_up_at_its_connect_timeout_not_after_a_last_backoff() -> None:
     """Nothing listens: the retries' backoff grows, and the last wait ends at the timeout
     (``--connect-timeout 3`` took 5.3 to 5.9 s)."""
-    from transport import WorkerFatalError
 
     with trio.socket.socket() as sock:
         await sock.bind(("127.0.0.1", 0))
@@ -1150,3 +1162,86 @@ def test_a_worker_url_may_name_the_worker_endpoint() -> None:
     ``/worker/worker``, the client endpoint, which refused the hello ("unknown field 'batch'")."""
     for url in ("ws://h:1", "ws://h:1/", "ws://h:1/worker", "ws://h:1/worker/"):
         assert WorkerProcess(url, "t", {}).url == "ws://h:1/worker", url
+
+
+async def test_the_hello_reply_reaches_a_worker_first_and_alone(tmp_path: Path) -> None:
+    """Whatever is sent to a worker the moment its slots appear (the launches of a claim,
+    placed on the worker with the most free slots, which a worker that just connected is)
+    comes after the hello's reply, never before it or in one batch with it. Before, such a
+    launch could share the reply's frame: ``jobspine worker`` read a batch as its welcome,
+    exited, and the jobs assigned in it failed (a flaky fanout of the bench smoke test)."""
+    async with served(tmp_path / "db", "in_process", in_process_handlers=False) as s:
+        placement = s.running.server.workers
+
+        def send_at_once() -> None:  # a launch's assignment, as soon as a slot is free
+            for worker in placement.workers:
+                if worker.free:
+                    worker.link.send({"type": "cancel", "job_id": "x", "attempt": 1})
+
+        s.runtime.supervisor.capacity_listeners.append(send_at_once)
+        async with open_websocket_url(s.running.url + "/worker") as ws:
+            hello = {"op": "hello", "id": "h", "token": worker_token(), "kinds": ["steps"],
+                     "capacity": 2, "batch": True}  # fmt: skip
+            await send(ws, hello)
+            with trio.fail_after(10):
+                first = orjson.loads(await ws.get_message())
+            assert (first["type"], first.get("id")) == ("reply", "h"), first
+            (sent,), _ = await receive_flat(ws, 1)
+            assert sent == {"type": "cancel", "job_id": "x", "attempt": 1}
+
+
+async def test_a_worker_whose_server_does_not_welcome_it_says_so() -> None:
+    """A first frame that is not the hello's reply (here a batch) is refused as for a URL
+    that is no jobspine endpoint, the frame quoted: not a ``KeyError`` that took the worker
+    process down."""
+
+    async def batch_first(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        await ws.get_message()
+        await ws.send_message('{"type":"batch","messages":[{"type":"reply","id":0}]}')
+        await ws.get_message()  # until the worker leaves
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(serve_websocket, batch_first, "127.0.0.1", 0, None)
+        url = f"ws://127.0.0.1:{server.port}"
+        worker = WorkerProcess(url, worker_token(), HANDLERS, connect_timeout=5)
+        with pytest.raises(WorkerFatalError) as caught, trio.fail_after(10):
+            await worker.run()
+        nursery.cancel_scope.cancel()
+    assert caught.value.code == "not_jobspine"
+    assert 'first frame is not the hello\'s reply: \'{"type":"batch"' in str(caught.value)
+
+
+async def test_a_heartbeat_never_names_an_attempt_whose_outcome_is_on_its_way() -> None:
+    """Once an attempt's outcome is queued, the server takes the attempt off the worker when
+    it reads it: a heartbeat sent after it that still named the attempt was refused
+    (``not_assigned``, logged), and with the next assignment already running, named more jobs
+    than the worker's capacity, which refused the whole heartbeat."""
+    release = trio.Event()
+    frames: list[Any] = []
+
+    class Socket:
+        async def send_message(self, message: str) -> None:
+            await release.wait()
+            frames.append(orjson.loads(message))
+
+    async def done(ctx: JobContext, input: Any) -> Any:
+        return "done"
+
+    session = _Session(WorkerProcess("ws://unused", "t", {"done": done}), Socket())  # type: ignore[arg-type]
+    session.batch = True
+    session.heartbeat_interval = 0.01
+    assign = {"job_id": "j1", "attempt": 1, "kind": "done", "user_id": "u", "input": None}
+    attempt = session.attempts["j1"] = _Attempt(session, assign)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session._run, attempt)
+        await trio.testing.wait_all_tasks_blocked()  # its outcome is going out
+        nursery.start_soon(session._heartbeats)
+        await trio.sleep(0.05)
+        release.set()
+        await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    sent = [r for f in frames for r in (f["requests"] if f["op"] == "batch" else [f])]
+    assert sent[0]["op"] == "complete", sent
+    beats = [r["jobs"] for r in sent if r["op"] == "heartbeat"]
+    assert beats and all(jobs == [] for jobs in beats), beats

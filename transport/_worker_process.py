@@ -76,8 +76,9 @@ class WorkerRequestError(JobspineError):
 
 class WorkerFatalError(JobspineError):
     """Reconnecting cannot help: the token or the hello is refused (4002, 4003, 4004, 4010;
-    ``code`` names it), the URL answers HTTP but is no jobspine endpoint (``not_jobspine``),
-    or no first connection was made within the connect timeout (``unreachable``)."""
+    ``code`` names it), the URL answers HTTP but is no jobspine endpoint, or a websocket
+    whose first frame is not the hello's reply (``not_jobspine``), or no first connection
+    was made within the connect timeout (``unreachable``)."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -105,6 +106,9 @@ class _Attempt:
         )
         self.keep_alive = 0
         self.beat_pending = True
+        #: Its outcome is queued for the server, which takes the attempt off this worker
+        #: when it reads it: a heartbeat no longer names it (the server would refuse it).
+        self.reported = False
         self.scope = trio.CancelScope()
         self.ctx = JobContext(self, job, message.get("checkpoint"))
 
@@ -281,15 +285,22 @@ class _Session:
     async def _heartbeats(self) -> None:
         while True:
             await trio.sleep(self.heartbeat_interval)
-            jobs = []
-            for attempt in self.attempts.values():
-                if attempt.beat_pending or attempt.keep_alive:
-                    attempt.beat_pending = False
-                    jobs.append({"job_id": attempt.job_id, "attempt": attempt.attempt})
+            jobs = self.heartbeat_jobs()
             try:
                 await self.send({"op": "heartbeat", "jobs": jobs})
             except ConnectionClosed:
                 return  # the reader sees the close too
+
+    def heartbeat_jobs(self) -> list[dict[str, Any]]:
+        """The attempts the next heartbeat names: those alive since the last one, or inside
+        a write or ``keep_alive()``; never one whose outcome is on its way (at most the
+        worker's capacity, as the server requires, while the next assignment arrives)."""
+        jobs = []
+        for attempt in self.attempts.values():
+            if not attempt.reported and (attempt.beat_pending or attempt.keep_alive):
+                attempt.beat_pending = False
+                jobs.append({"job_id": attempt.job_id, "attempt": attempt.attempt})
+        return jobs
 
     async def _outcome(
         self, handler: Handler, attempt: _Attempt, ref: dict[str, Any]
@@ -336,6 +347,7 @@ class _Session:
                 outcome = await self._outcome(handler, attempt, ref)
             if attempt.scope.cancelled_caught:
                 return  # cancelled by the server: it recorded the outcome
+            attempt.reported = True
             try:
                 await self.send({**outcome, "id": next(self._ids)})
             except ConnectionClosed:
@@ -345,6 +357,31 @@ class _Session:
                 del self.attempts[attempt.job_id]
             self.ended.set()
             self.ended = trio.Event()
+
+
+def _welcome(frame: str | bytes) -> dict[str, Any]:
+    """The hello reply's ``result`` from the server's first frame; raises
+    :class:`WorkerFatalError` (``not_jobspine``) for any other frame: the server sends that
+    reply first, alone (PROTOCOL.md section 9)."""
+    try:
+        message = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        message = None
+    result = message.get("result") if isinstance(message, dict) else None
+    if (
+        isinstance(message, dict)
+        and message.get("type") == "reply"
+        and isinstance(result, dict)
+        and all(
+            isinstance(result.get(f), int | float) for f in ("heartbeat_interval", "stop_grace")
+        )
+    ):
+        return result
+    text = frame if isinstance(frame, str) else frame.decode(errors="replace")
+    shown = text if len(text) <= 200 else text[:200] + "..."
+    raise WorkerFatalError(
+        "not_jobspine", f"the server's first frame is not the hello's reply: {shown!r}"
+    )
 
 
 class WorkerProcess:
@@ -439,7 +476,7 @@ class WorkerProcess:
             hello["batch"] = True  # this worker reads batch frames
             await ws.send_message(orjson.dumps(hello).decode())
             try:
-                welcome = orjson.loads(await ws.get_message())
+                first = await ws.get_message()
             except ConnectionClosed as exc:
                 if exc.reason is None:
                     return None
@@ -448,10 +485,11 @@ class WorkerProcess:
                     reason = exc.reason.reason or f"the server closed with {refused}"
                     raise WorkerFatalError(FATAL_CLOSE[refused], reason) from None
                 return refused
+            welcome = _welcome(first)
             session = _Session(self, ws)
-            session.heartbeat_interval = welcome["result"]["heartbeat_interval"]
-            session.stop_grace = welcome["result"]["stop_grace"]
-            session.batch = welcome["result"].get("batch", False) is True
+            session.heartbeat_interval = welcome["heartbeat_interval"]
+            session.stop_grace = welcome["stop_grace"]
+            session.batch = welcome.get("batch", False) is True
             self.session = session
             self.connections += 1
             self.policy.connected(trio.current_time())

@@ -345,24 +345,35 @@ class WorkerConnection:
             self.stream.admit()
         name = hello.name or principal.user_id
         self._batches = hello.batch
-        self.worker = self.server.workers.connect(name, hello.kinds, hello.capacity, self, options)
+        placement = self.server.workers
+        # Registered at once (its declaration counts from now), but with no slot until the
+        # reply is out: sent here, alone, before anything can be queued for the worker (an
+        # attempt placed on it meanwhile would have gone out first, or in one batch with it).
+        self.worker = placement.connect(name, hello.kinds, hello.capacity, self, options)
         supervisor = self._supervisor_config
-        self._push(
-            reply_message(
-                request.id,
-                {
-                    "protocol": PROTOCOL_VERSION,
-                    "name": name,
-                    "heartbeat_timeout": supervisor.heartbeat_timeout,
-                    "heartbeat_interval": heartbeat_interval(supervisor.heartbeat_timeout),
-                    "stop_grace": supervisor.stop_grace,
-                    "max_frame_size": self.server.config.max_message_size,
-                    "max_message_size": MAX_ASSIGN_SIZE,
-                    # This server reads batch frames of requests (PROTOCOL.md section 9).
-                    "batch": True,
-                },
-            )
+        welcome = reply_message(
+            request.id,
+            {
+                "protocol": PROTOCOL_VERSION,
+                "name": name,
+                "heartbeat_timeout": supervisor.heartbeat_timeout,
+                "heartbeat_interval": heartbeat_interval(supervisor.heartbeat_timeout),
+                "stop_grace": supervisor.stop_grace,
+                "max_frame_size": self.server.config.max_message_size,
+                "max_message_size": MAX_ASSIGN_SIZE,
+                # This server reads batch frames of requests (PROTOCOL.md section 9).
+                "batch": True,
+            },
         )
+        with trio.move_on_after(config.send_timeout) as timer:
+            try:
+                await self.ws.send_message(welcome.decode())
+            except ConnectionClosed:
+                return False
+        if timer.cancelled_caught:
+            self._close = (CLOSE["worker_stalled"], "worker stalled: a send timed out")
+            return False
+        placement.open(self.worker)
         log.info(
             "worker %s connected: kinds %s, capacity %d", name, _some(hello.kinds), hello.capacity
         )
