@@ -1190,26 +1190,50 @@ async def test_the_hello_reply_reaches_a_worker_first_and_alone(tmp_path: Path) 
             assert sent == {"type": "cancel", "job_id": "x", "attempt": 1}
 
 
-async def test_a_worker_whose_server_does_not_welcome_it_says_so() -> None:
-    """A first frame that is not the hello's reply (here a batch) is refused as for a URL
-    that is no jobspine endpoint, the frame quoted: not a ``KeyError`` that took the worker
-    process down."""
+WELCOME = {"type": "reply", "id": 0, "result": {"heartbeat_interval": 1.0, "stop_grace": 1.0}}
 
-    async def batch_first(request: WebSocketRequest) -> None:
+
+async def worker_against(first_frame: dict[str, Any]) -> tuple[list[Any], BaseException | None]:
+    """A ``WorkerProcess`` against a server that answers its hello with ``first_frame``: the
+    requests it then sends (a second), and the error its run ended with."""
+    received: list[Any] = []
+
+    async def serve(request: WebSocketRequest) -> None:
         ws = await request.accept()
         await ws.get_message()
-        await ws.send_message('{"type":"batch","messages":[{"type":"reply","id":0}]}')
-        await ws.get_message()  # until the worker leaves
+        await ws.send_message(orjson.dumps(first_frame).decode())
+        with suppress(ConnectionClosed), trio.move_on_after(1):
+            while True:
+                received.append(orjson.loads(await ws.get_message()))
 
+    ended: BaseException | None = None
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(serve_websocket, batch_first, "127.0.0.1", 0, None)
-        url = f"ws://127.0.0.1:{server.port}"
-        worker = WorkerProcess(url, worker_token(), HANDLERS, connect_timeout=5)
-        with pytest.raises(WorkerFatalError) as caught, trio.fail_after(10):
-            await worker.run()
+        server = await nursery.start(serve_websocket, serve, "127.0.0.1", 0, None)
+        worker = WorkerProcess(f"ws://127.0.0.1:{server.port}", worker_token(), HANDLERS)
+        with trio.move_on_after(1.5):
+            try:
+                await worker.run()
+            except WorkerFatalError as exc:
+                ended = exc
         nursery.cancel_scope.cancel()
-    assert caught.value.code == "not_jobspine"
-    assert 'first frame is not the hello\'s reply: \'{"type":"batch"' in str(caught.value)
+    flat = [r for m in received for r in (m["requests"] if m.get("op") == "batch" else [m])]
+    return flat, ended
+
+
+async def test_a_worker_whose_server_does_not_welcome_it_says_so() -> None:
+    """A first frame that is not the hello's reply is refused as for a URL that is no
+    jobspine endpoint, the frame quoted: not a ``KeyError`` that took the worker process
+    down. A reply batched with the first assignments (as a server could send before the reply
+    went out alone) is a welcome, and the assignments run."""
+    for first in ({"type": "batch", "messages": [{"type": "cancel"}]}, {"type": "reply", "id": 0}):
+        _, ended = await worker_against(first)
+        assert isinstance(ended, WorkerFatalError) and ended.code == "not_jobspine", ended
+        assert "first frame is not the hello's reply: '{\"type\":" in str(ended)
+    assign = {"type": "assign", "job_id": "j", "attempt": 1, "kind": "steps", "user_id": "u",
+              "input": {"n": 1}, "checkpoint": None}  # fmt: skip
+    sent, ended = await worker_against({"type": "batch", "messages": [WELCOME, assign]})
+    assert ended is None
+    assert [r["op"] for r in sent if r["op"] != "heartbeat"][:1] == ["progress"], sent
 
 
 async def test_a_heartbeat_never_names_an_attempt_whose_outcome_is_on_its_way() -> None:
@@ -1245,3 +1269,39 @@ async def test_a_heartbeat_never_names_an_attempt_whose_outcome_is_on_its_way() 
     assert sent[0]["op"] == "complete", sent
     beats = [r["jobs"] for r in sent if r["op"] == "heartbeat"]
     assert beats and all(jobs == [] for jobs in beats), beats
+
+
+async def test_a_heartbeat_never_names_an_attempt_the_server_cancelled() -> None:
+    """A cancelled attempt whose handler is still unwinding (inside ``keep_alive()``, in a
+    thread a cancel cannot interrupt) is the server's no more: its slot went to the next
+    assignment, and a heartbeat naming both was one past the capacity, refused whole, so the
+    next job stalled (found in review)."""
+    frames: list[Any] = []
+
+    class Socket:
+        async def send_message(self, message: str) -> None:
+            frames.append(orjson.loads(message))
+
+    async def unwinds_slowly(ctx: JobContext, input: Any) -> Any:
+        with ctx.keep_alive():
+            try:
+                await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.sleep(0.2)  # a thread's work a cancel cannot interrupt
+
+    process = WorkerProcess("ws://unused", "t", {"slow": unwinds_slowly}, concurrency=1)
+    session = _Session(process, Socket())  # type: ignore[arg-type]
+    assign = {"type": "assign", "job_id": "a", "attempt": 1, "kind": "slow", "user_id": "u",
+              "input": None}  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        session._receive(assign, nursery)
+        await trio.testing.wait_all_tasks_blocked()
+        assert session.heartbeat_jobs() == [{"job_id": "a", "attempt": 1}]
+        session._receive({"type": "cancel", "job_id": "a", "attempt": 1}, nursery)
+        await trio.sleep(0.05)
+        assert "a" in session.attempts  # still unwinding
+        session._receive({**assign, "job_id": "b"}, nursery)
+        await trio.testing.wait_all_tasks_blocked()
+        assert session.heartbeat_jobs() == [{"job_id": "b", "attempt": 1}]
+        nursery.cancel_scope.cancel()

@@ -58,7 +58,8 @@ class Served:
 
 async def wait_connected(running: RunningServer, count: int = 1) -> None:
     with trio.fail_after(20):
-        while len(running.server.workers.workers) < count:  # noqa: ASYNC110 - no event for it
+        # Ready: the worker has the hello's reply, and its slots are open.
+        while sum(w.ready for w in running.server.workers.workers) < count:  # noqa: ASYNC110
             await trio.sleep(0.01)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -106,9 +106,12 @@ class _Attempt:
         )
         self.keep_alive = 0
         self.beat_pending = True
-        #: Its outcome is queued for the server, which takes the attempt off this worker
-        #: when it reads it: a heartbeat no longer names it (the server would refuse it).
-        self.reported = False
+        #: The server has let go of this attempt: its outcome is on its way (the server
+        #: takes the attempt off this worker when it reads it), or the server cancelled it
+        #: (its handler may still be unwinding). A heartbeat no longer names it: the server
+        #: would refuse the entry, and, with the next assignment running, the whole
+        #: heartbeat as naming more jobs than this worker's capacity.
+        self.dropped = False
         self.scope = trio.CancelScope()
         self.ctx = JobContext(self, job, message.get("checkpoint"))
 
@@ -247,11 +250,14 @@ class _Session:
 
     # -- running -------------------------------------------------------------------------------
 
-    async def serve(self) -> int | None:
-        """Serve until the connection closes; its close code (None: no close frame). The
-        attempts still running end with it: the server has lost them already."""
+    async def serve(self, first: Sequence[dict[str, Any]] = ()) -> int | None:
+        """Serve ``first`` (messages that came in one batch with the hello's reply), then
+        until the connection closes; its close code (None: no close frame). The attempts
+        still running end with it: the server has lost them already."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._heartbeats)
+            for message in first:
+                self._receive(message, nursery)
             while True:
                 try:
                     frame = await self.ws.get_message()
@@ -280,6 +286,7 @@ class _Session:
             if found is not None and found.attempt == message["attempt"]:
                 found.ctx._request_stop()
                 if kind == "cancel":
+                    found.dropped = True
                     found.scope.cancel()
 
     async def _heartbeats(self) -> None:
@@ -293,11 +300,11 @@ class _Session:
 
     def heartbeat_jobs(self) -> list[dict[str, Any]]:
         """The attempts the next heartbeat names: those alive since the last one, or inside
-        a write or ``keep_alive()``; never one whose outcome is on its way (at most the
-        worker's capacity, as the server requires, while the next assignment arrives)."""
+        a write or ``keep_alive()``, and still the server's (not :attr:`_Attempt.dropped`):
+        at most this worker's capacity, as the server requires."""
         jobs = []
         for attempt in self.attempts.values():
-            if not attempt.reported and (attempt.beat_pending or attempt.keep_alive):
+            if not attempt.dropped and (attempt.beat_pending or attempt.keep_alive):
                 attempt.beat_pending = False
                 jobs.append({"job_id": attempt.job_id, "attempt": attempt.attempt})
         return jobs
@@ -347,7 +354,7 @@ class _Session:
                 outcome = await self._outcome(handler, attempt, ref)
             if attempt.scope.cancelled_caught:
                 return  # cancelled by the server: it recorded the outcome
-            attempt.reported = True
+            attempt.dropped = True
             try:
                 await self.send({**outcome, "id": next(self._ids)})
             except ConnectionClosed:
@@ -359,14 +366,20 @@ class _Session:
             self.ended = trio.Event()
 
 
-def _welcome(frame: str | bytes) -> dict[str, Any]:
-    """The hello reply's ``result`` from the server's first frame; raises
-    :class:`WorkerFatalError` (``not_jobspine``) for any other frame: the server sends that
-    reply first, alone (PROTOCOL.md section 9)."""
+def _welcome(frame: str | bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The hello reply's ``result`` from the server's first frame, and the messages that came
+    after it in the same batch (this server sends the reply alone; an older one could batch
+    it with the first assignments). Raises :class:`WorkerFatalError` (``not_jobspine``) for
+    any other frame."""
     try:
         message = orjson.loads(frame)
     except orjson.JSONDecodeError:
         message = None
+    rest: list[dict[str, Any]] = []
+    if isinstance(message, dict) and message.get("type") == "batch":
+        messages = message.get("messages")
+        if isinstance(messages, list) and messages and isinstance(messages[0], dict):
+            message, rest = messages[0], messages[1:]
     result = message.get("result") if isinstance(message, dict) else None
     if (
         isinstance(message, dict)
@@ -376,7 +389,7 @@ def _welcome(frame: str | bytes) -> dict[str, Any]:
             isinstance(result.get(f), int | float) for f in ("heartbeat_interval", "stop_grace")
         )
     ):
-        return result
+        return result, rest
     text = frame if isinstance(frame, str) else frame.decode(errors="replace")
     shown = text if len(text) <= 200 else text[:200] + "..."
     raise WorkerFatalError(
@@ -485,7 +498,7 @@ class WorkerProcess:
                     reason = exc.reason.reason or f"the server closed with {refused}"
                     raise WorkerFatalError(FATAL_CLOSE[refused], reason) from None
                 return refused
-            welcome = _welcome(first)
+            welcome, after = _welcome(first)
             session = _Session(self, ws)
             session.heartbeat_interval = welcome["heartbeat_interval"]
             session.stop_grace = welcome["stop_grace"]
@@ -498,7 +511,7 @@ class WorkerProcess:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._drain_when_asked, session, nursery.cancel_scope)
-                    code = await session.serve()
+                    code = await session.serve(after)
                     nursery.cancel_scope.cancel()
             finally:
                 self.session = None
