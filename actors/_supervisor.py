@@ -325,10 +325,13 @@ class Supervisor:
         )
         old = self.workers.pop(job.id, None)
         if old is not None:
-            # An older attempt still unwinding is fenced out already; make sure it stops.
+            # An older attempt still unwinding is fenced out already; make sure it stops, and
+            # let this one's handler start once it has (never two handlers of a job at once).
             self._release_slot(old)
             old.request_stop("superseded")
             old.scope.cancel()
+            if not old.finished.is_set():
+                worker.unwound = (old.finished, self.config.stop_grace)
         # An older attempt whose outcome was not stored is moot: the job was claimed again,
         # so the database moved on from that attempt (and its recovery would stop this one).
         self.orphans.pop(job.id, None)

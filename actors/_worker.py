@@ -255,6 +255,7 @@ class Worker:
         "store",
         "store_unavailable",
         "timeout",
+        "unwound",
         "user_id",
     )
 
@@ -293,6 +294,11 @@ class Worker:
         #: Called with this worker once its outcome is ordered in the store, before it is
         #: durable (the supervisor frees the attempt's slot then).
         self.on_ordered: Callable[[Worker], None] | None = None
+        #: Set by the supervisor when this attempt supersedes one of the same job that has
+        #: not finished unwinding (a cancel, a restart and a claim in quick succession): the
+        #: handler starts once that one has ended, or ``stop_grace`` seconds at most (a
+        #: handler that ignores its cancellation, in a thread, is not waited for longer).
+        self.unwound: tuple[trio.Event, float] | None = None
         self._beats = beats
         self._beat_queued = False
 
@@ -362,6 +368,8 @@ class Worker:
         permanent = False
         result: Any = None
         with self.scope:
+            if self.unwound is not None:
+                await self._wait_unwound(*self.unwound)
             try:
                 result = await self.handler(self.ctx, self.input)
             except JobStopped:
@@ -402,6 +410,16 @@ class Worker:
             await self._record(error, result, permanent)
         finally:
             self.keep_alive -= 1
+
+    async def _wait_unwound(self, finished: trio.Event, grace: float) -> None:
+        # Waiting for the older attempt is not a stall of this one.
+        self.keep_alive += 1
+        try:
+            with trio.move_on_after(grace):
+                await finished.wait()
+        finally:
+            self.keep_alive -= 1
+            self.unwound = None
 
     async def _record(self, error: JobError | None, result: Any, permanent: bool) -> None:
         try:

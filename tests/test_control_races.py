@@ -81,3 +81,46 @@ async def test_a_handler_fenced_out_by_a_users_cancel_ends_without_a_traceback(
         assert [r.getMessage().split(":")[0] for r in ended] == [f"job {job.id} attempt 1 ended"]
         assert all(r.exc_info is None for r in caplog.records)
         assert (await rt.get_job(job.id)).state is JobState.CANCELLED
+
+
+@pytest.mark.parametrize("unwinding", [1.0, 30.0], ids=["unwinds", "ignores_its_cancel"])
+async def test_a_newer_attempt_starts_once_the_one_it_supersedes_has_unwound(
+    autojump_clock: trio.abc.Clock, unwinding: float
+) -> None:
+    """A cancel is stored and, while its attempt 1 unwinds (its handler cleans up, shielded,
+    for ``unwinding`` seconds), another client restarts the job and attempt 2 is claimed.
+    Attempt 2's handler starts once attempt 1's has returned, or ``stop_grace`` (5 s) after
+    its launch if that takes longer; before, it started at once and the job's handlers ran
+    side by side."""
+    spans: dict[int, list[float]] = {}
+
+    async def slow_to_unwind(ctx: JobContext, input: Any) -> Any:
+        spans[ctx.attempt] = [trio.current_time()]
+        try:
+            with ctx.keep_alive():
+                await trio.sleep(100)
+        finally:
+            if ctx.attempt == 1:
+                with trio.CancelScope(shield=True):
+                    await trio.sleep(unwinding)  # its cleanup
+            spans[ctx.attempt].append(trio.current_time())
+        return ctx.attempt
+
+    async with memory_runtime({"k": slow_to_unwind}, stop_grace=5.0) as rt:
+        job = await rt.create_job("k", "u", {})
+        await trio.sleep(0.1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rt.cancel, job.id)  # waits for attempt 1, up to the grace
+            await wait_for_state(rt, job.id, {JobState.CANCELLED})
+            restarted = trio.current_time()
+            await rt.restart(job.id)  # another client
+            with trio.fail_after(200):
+                while 2 not in spans:  # noqa: ASYNC110 - no event for a handler's start
+                    await trio.sleep(0.01)
+        await trio.sleep(unwinding + 1)
+        assert len(spans[1]) == 2  # attempt 1 has ended
+        if unwinding < 5.0:
+            assert spans[2][0] >= spans[1][1], spans
+        else:  # not waited for past the grace
+            assert restarted + 5.0 <= spans[2][0] < spans[1][1], (restarted, spans)
+        await rt.cancel(job.id)
