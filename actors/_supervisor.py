@@ -119,6 +119,9 @@ class Supervisor:
         #: has returned, so they hold no slot (a claim fills it meanwhile, its starts often
         #: committed with that outcome), though they stay in ``workers`` until they exit.
         self._finishing: set[Worker] = set()
+        #: Per job, its superseded attempts whose handler has not returned yet (a newer
+        #: attempt's handler waits for them, see :meth:`launch`); each leaves at its exit.
+        self._unwinding: dict[str, set[Worker]] = {}
         self._beats_send, self._beats_receive = trio.open_memory_channel[Worker](
             self.config.beat_queue
         )
@@ -326,24 +329,35 @@ class Supervisor:
         old = self.workers.pop(job.id, None)
         if old is not None:
             # An older attempt still unwinding is fenced out already; make sure it stops, and
-            # let this one's handler start once it has (never two handlers of a job at once).
+            # let this one's handler start once it has (never two handlers of a job at once;
+            # one whose outcome is ordered has returned already).
+            if not old.finished.is_set() and old not in self._finishing:
+                self._unwinding.setdefault(job.id, set()).add(old)
             self._release_slot(old)
             old.request_stop("superseded")
             old.scope.cancel()
-            if not old.finished.is_set():
-                worker.unwound = (old.finished, self.config.stop_grace)
+        # Every superseded attempt still unwinding: a newer one superseded in turn (a cancel
+        # while it waited) leaves its own wait to this one.
+        unwinding = self._unwinding.get(job.id)
+        if unwinding:
+            worker.unwound = ([w.finished for w in unwinding], self.config.stop_grace)
         # An older attempt whose outcome was not stored is moot: the job was claimed again,
         # so the database moved on from that attempt (and its recovery would stop this one).
         self.orphans.pop(job.id, None)
         self.workers[job.id] = worker
         worker.on_ordered = self._outcome_ordered
+        worker.on_started = self._handler_started
         self._per_user[job.user_id] = self._per_user.get(job.user_id, 0) + 1
         self._per_kind[job.kind] = self._per_kind.get(job.kind, 0) + 1
         self.detector.watch(job.id, trio.current_time(), self.config.heartbeat_timeout)
-        if job.timeout is not None:
-            self.timeouts.watch(job.id, trio.current_time(), job.timeout)
         worker.beat()  # wakes the watch loop, which may be sleeping until a later deadline
         await self._nursery.start(worker.run, self._worker_exited)
+
+    def _handler_started(self, worker: Worker) -> None:
+        """The attempt's timeout counts from its handler's start (not from a wait for the
+        attempt it superseded)."""
+        if worker.timeout is not None and self.workers.get(worker.job_id) is worker:
+            self.timeouts.watch(worker.job_id, trio.current_time(), worker.timeout)
 
     def _place(self, job: Job) -> Handler | None:
         for placement in self.placements:
@@ -427,6 +441,11 @@ class Supervisor:
 
     def _worker_exited(self, worker: Worker) -> None:
         self.capacity_changed()
+        unwinding = self._unwinding.get(worker.job_id)
+        if unwinding is not None:
+            unwinding.discard(worker)
+            if not unwinding:
+                del self._unwinding[worker.job_id]
         if self.workers.get(worker.job_id) is worker:
             del self.workers[worker.job_id]
             self._release_slot(worker)

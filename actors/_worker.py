@@ -247,6 +247,7 @@ class Worker:
         "kind",
         "last_beat",
         "on_ordered",
+        "on_started",
         "outcome",
         "outcome_stored",
         "persist_beat",
@@ -294,11 +295,15 @@ class Worker:
         #: Called with this worker once its outcome is ordered in the store, before it is
         #: durable (the supervisor frees the attempt's slot then).
         self.on_ordered: Callable[[Worker], None] | None = None
-        #: Set by the supervisor when this attempt supersedes one of the same job that has
-        #: not finished unwinding (a cancel, a restart and a claim in quick succession): the
-        #: handler starts once that one has ended, or ``stop_grace`` seconds at most (a
-        #: handler that ignores its cancellation, in a thread, is not waited for longer).
-        self.unwound: tuple[trio.Event, float] | None = None
+        #: Called with this worker just before its handler starts (the supervisor starts
+        #: the attempt's timeout then).
+        self.on_started: Callable[[Worker], None] | None = None
+        #: Set by the supervisor when this attempt supersedes attempts of the same job that
+        #: have not finished unwinding (a cancel, a restart and a claim in quick succession):
+        #: their ``finished`` events and the grace. The handler starts once they have ended,
+        #: or ``stop_grace`` seconds at most (a handler that ignores its cancellation, in a
+        #: thread, is not waited for longer).
+        self.unwound: tuple[list[trio.Event], float] | None = None
         self._beats = beats
         self._beat_queued = False
 
@@ -370,6 +375,10 @@ class Worker:
         with self.scope:
             if self.unwound is not None:
                 await self._wait_unwound(*self.unwound)
+                if self.stop_reason is not None:
+                    return  # stopped (paused, handed back) before its handler started
+            if self.on_started is not None:
+                self.on_started(self)
             try:
                 result = await self.handler(self.ctx, self.input)
             except JobStopped:
@@ -411,15 +420,18 @@ class Worker:
         finally:
             self.keep_alive -= 1
 
-    async def _wait_unwound(self, finished: trio.Event, grace: float) -> None:
-        # Waiting for the older attempt is not a stall of this one.
+    async def _wait_unwound(self, finished: list[trio.Event], grace: float) -> None:
+        # Waiting for the older attempts is not a stall of this one, and its handler gets
+        # the whole heartbeat_timeout from its start (the beat below).
         self.keep_alive += 1
         try:
             with trio.move_on_after(grace):
-                await finished.wait()
+                for event in finished:
+                    await event.wait()
         finally:
             self.keep_alive -= 1
             self.unwound = None
+        self.beat()
 
     async def _record(self, error: JobError | None, result: Any, permanent: bool) -> None:
         try:
