@@ -182,10 +182,17 @@ class Dispatcher:
     def claiming(self, request: ClaimRequest) -> ClaimRequest:
         # Jobs admitted since the request was made count too. A claim is applied again when
         # its group was void: the jobs its first run started were never stored as running.
+        # The limits are planned again with the counts, at the same instant: a worker's slot
+        # frees with its report, its attempt leaves the running count once its outcome is
+        # ordered, and a plan made between the two, run after the second, counted that slot
+        # twice (one job too many, back to the queue as worker_gone at its launch).
         self._claimed.clear()
         running, by_user, by_kind = self._capacity()
-        self._claim_kinds = request.kinds
-        return attrs.evolve(request, running=running, by_user=by_user, by_kind=by_kind)
+        kinds, limits = self.placeable(running, by_kind)
+        self._claim_kinds = kinds
+        return attrs.evolve(
+            request, limits=limits, kinds=kinds, running=running, by_user=by_user, by_kind=by_kind
+        )
 
     def claimed(self, jobs: Sequence[Job]) -> None:
         self._claimed.update((job.id, job) for job in jobs)
