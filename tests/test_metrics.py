@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import orjson
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -187,3 +188,25 @@ async def test_an_overflowing_outbox_counts_a_lag() -> None:
         event = JobEvent("j", "u", seq, EventType.CHECKPOINT, JobState.RUNNING, 0.0, {}, None, seq)
         outbox.push_event(event, b"{}", live=True)
     assert outbox.lagged == 1
+
+
+async def test_status_lists_the_connected_workers_by_name(tmp_path: Path) -> None:
+    """``jobspine worker --name`` names a worker in ``/status`` too (the README said so, and
+    a new user found no worker there): its kinds, capacity, running attempts, drain."""
+    from .test_worker_protocol import raw_worker, receive
+    from .worker_support import worker_token
+
+    config = ServerConfig(secret=SECRET, port=0)
+    runtime = RuntimeConfig(stop_grace=0.2, in_process_handlers=False)
+    async with open_server(
+        tmp_path / "db.sqlite", config, runtime_config=runtime, health_port=0
+    ) as running:
+        assert running.health_port is not None
+        async with raw_worker(running.url, ["steps"], capacity=3, tok=worker_token("box-2")) as ws:
+            await running.runtime.create_job("steps", "alice", {"n": 1})
+            await receive(ws, "assign")
+            _, _, body = await scrape(running.health_port, "/status")
+    workers = orjson.loads(body)["workers"]
+    assert workers == [
+        {"name": "box-2", "kinds": ["steps"], "capacity": 3, "running": 1, "draining": False}
+    ]

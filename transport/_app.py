@@ -250,6 +250,17 @@ def _routes(running: RunningServer) -> dict[str, Any]:
                 "subscriptions": broadcaster.subscriber_count,
             },
             "connections": len(running.server.connections),
+            # Connected workers (the ``/worker`` endpoint), by the name each hello gave.
+            "workers": [
+                {
+                    "name": worker.name,
+                    "kinds": sorted(worker.kinds),
+                    "capacity": worker.capacity,
+                    "running": len(worker.attempts),
+                    "draining": worker.closed,
+                }
+                for worker in running.server.workers.workers
+            ],
             "epoch": runtime.epoch,
             "node": {
                 "id": runtime.node.node_id,

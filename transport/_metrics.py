@@ -146,7 +146,7 @@ class ServerCollector(Collector):
         )
 
         yield GaugeMetricFamily(
-            "jobspine_connections", "Open websocket connections.", value=len(live)
+            "jobspine_connections", "Open client websocket connections.", value=len(live)
         )
         yield GaugeMetricFamily(
             "jobspine_subscriptions",
