@@ -319,7 +319,12 @@ async def _worker_main(
 
             async def drain_on_signal() -> None:
                 async for signum in signals:
-                    log.info("%s: handing jobs back", signal.Signals(signum).name)
+                    # Named: a local worker process logs into the server's log.
+                    log.info(
+                        "worker %s: %s: handing jobs back",
+                        process.name,
+                        signal.Signals(signum).name,
+                    )
                     process.drain()
                     return
 

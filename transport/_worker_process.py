@@ -506,7 +506,8 @@ class WorkerProcess:
             self.session = session
             self.connections += 1
             self.policy.connected(trio.current_time())
-            log.info("worker connected to %s: kinds %s", self.url, sorted(self.handlers))
+            named = f" {self.name}" if self.name else ""
+            log.info("worker%s connected to %s: kinds %s", named, self.url, sorted(self.handlers))
             code: int | None = None
             try:
                 async with trio.open_nursery() as nursery:
