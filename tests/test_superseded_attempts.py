@@ -18,6 +18,16 @@ from .conftest import memory_runtime, wait_for_state
 S = JobState
 
 
+async def runs_until_cancelled(unwinding: float) -> None:
+    """A handler's body that runs until cancelled, then cleans up (shielded) for
+    ``unwinding`` seconds."""
+    try:
+        await trio.sleep(1000)
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.sleep(unwinding)
+
+
 @pytest.mark.parametrize("unwinding", [1.0, 30.0], ids=["unwinds", "ignores_its_cancel"])
 async def test_a_newer_attempt_starts_once_the_one_it_supersedes_has_unwound(
     autojump_clock: trio.abc.Clock, unwinding: float
@@ -117,11 +127,7 @@ async def test_first_stall_window_not_shortened_by_the_wait(
 
     async def h(ctx: JobContext, input: Any) -> Any:
         if ctx.attempt == 1:
-            try:
-                await trio.sleep(1000)
-            finally:
-                with trio.CancelScope(shield=True):
-                    await trio.sleep(4)
+            await runs_until_cancelled(unwinding=4)
         await trio.sleep(27)  # its first step, under heartbeat_timeout
         await ctx.heartbeat()
         beats.append(trio.current_time())
@@ -145,11 +151,7 @@ async def test_timeout_not_spent_waiting(autojump_clock: trio.abc.Clock) -> None
 
     async def h(ctx: JobContext, input: Any) -> Any:
         if ctx.attempt == 1:
-            try:
-                await trio.sleep(1000)
-            finally:
-                with trio.CancelScope(shield=True):
-                    await trio.sleep(3)
+            await runs_until_cancelled(unwinding=3)
         started.append(trio.current_time())
         for _ in range(10):  # 10 steps of 0.1 s: 1 s, within its timeout
             if ctx.stopping:

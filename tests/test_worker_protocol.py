@@ -999,18 +999,27 @@ async def test_each_request_of_a_batch_is_read_as_strictly_as_alone(tmp_path: Pa
         assert (stored.step, stored.checkpoint) == ("kept", nested(MAX_DEPTH - 1))
 
 
+class HeldSocket:
+    """A connection's sending end that holds every frame until ``release`` is set, then
+    keeps it (decoded) in ``frames``."""
+
+    def __init__(self, release: trio.Event) -> None:
+        self.release = release
+        self.frames: list[Any] = []
+
+    async def send_message(self, message: str) -> None:
+        await self.release.wait()
+        self.frames.append(orjson.loads(message))
+
+
 async def test_a_cancelled_report_is_taken_back_before_it_is_sent() -> None:
     """A caller cancelled while another's frame is going out takes its message back; the
     messages queued with it are sent, each once, and their callers return."""
     release = trio.Event()
-    frames: list[Any] = []
+    socket = HeldSocket(release)
+    frames = socket.frames
 
-    class Socket:
-        async def send_message(self, message: str) -> None:
-            await release.wait()
-            frames.append(orjson.loads(message))
-
-    session = _Session(WorkerProcess("ws://unused", "t", {}), Socket())  # type: ignore[arg-type]
+    session = _Session(WorkerProcess("ws://unused", "t", {}), socket)  # type: ignore[arg-type]
     session.batch = True
     returned: list[int] = []
 
@@ -1242,17 +1251,13 @@ async def test_a_heartbeat_never_names_an_attempt_whose_outcome_is_on_its_way() 
     (``not_assigned``, logged), and with the next assignment already running, named more jobs
     than the worker's capacity, which refused the whole heartbeat."""
     release = trio.Event()
-    frames: list[Any] = []
-
-    class Socket:
-        async def send_message(self, message: str) -> None:
-            await release.wait()
-            frames.append(orjson.loads(message))
+    socket = HeldSocket(release)
+    frames = socket.frames
 
     async def done(ctx: JobContext, input: Any) -> Any:
         return "done"
 
-    session = _Session(WorkerProcess("ws://unused", "t", {"done": done}), Socket())  # type: ignore[arg-type]
+    session = _Session(WorkerProcess("ws://unused", "t", {"done": done}), socket)  # type: ignore[arg-type]
     session.batch = True
     session.heartbeat_interval = 0.01
     assign = {"job_id": "j1", "attempt": 1, "kind": "done", "user_id": "u", "input": None}
@@ -1276,11 +1281,9 @@ async def test_a_heartbeat_never_names_an_attempt_the_server_cancelled() -> None
     thread a cancel cannot interrupt) is the server's no more: its slot went to the next
     assignment, and a heartbeat naming both was one past the capacity, refused whole, so the
     next job stalled (found in review)."""
-    frames: list[Any] = []
-
-    class Socket:
-        async def send_message(self, message: str) -> None:
-            frames.append(orjson.loads(message))
+    released = trio.Event()
+    released.set()
+    socket = HeldSocket(released)
 
     async def unwinds_slowly(ctx: JobContext, input: Any) -> Any:
         with ctx.keep_alive():
@@ -1291,7 +1294,7 @@ async def test_a_heartbeat_never_names_an_attempt_the_server_cancelled() -> None
                     await trio.sleep(0.2)  # a thread's work a cancel cannot interrupt
 
     process = WorkerProcess("ws://unused", "t", {"slow": unwinds_slowly}, concurrency=1)
-    session = _Session(process, Socket())  # type: ignore[arg-type]
+    session = _Session(process, socket)  # type: ignore[arg-type]
     assign = {"type": "assign", "job_id": "a", "attempt": 1, "kind": "slow", "user_id": "u",
               "input": None}  # fmt: skip
     async with trio.open_nursery() as nursery:
