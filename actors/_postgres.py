@@ -476,13 +476,14 @@ class PostgresBackend:
         self,
         fn: Callable[[psycopg.Connection[Any]], T],
         *,
-        read: bool = False,
+        repeatable: bool = False,
         lane: str = STORE,
     ) -> T:
         """Run ``fn`` on the ``lane``'s live connection in a worker thread, one call at a time.
-        ``read``: ``fn`` changes nothing, so it is run once more on a new connection if the
-        server had dropped this one (which shows only when it is used); a write is never
-        repeated here (the store decides, see :func:`is_postgres_outage`)."""
+        ``repeatable``: running ``fn`` twice leaves what running it once does (a read, a lease
+        renewal), so it is run once more on a new connection if the server had dropped this one
+        (which shows only when it is used); any other write is never repeated here (the store
+        decides, see :func:`is_postgres_outage`)."""
 
         def call() -> T:
             conn = self._live(lane)
@@ -497,7 +498,7 @@ class PostgresBackend:
                 broken = conn.broken or conn.info.transaction_status is not TransactionStatus.IDLE
                 if broken and not conn.closed:
                     conn.close()
-                if not (read and broken):
+                if not (repeatable and broken):
                     raise
             conn = self._live(lane)
             self._name(conn, lane)
@@ -507,7 +508,7 @@ class PostgresBackend:
             return await trio.to_thread.run_sync(call)
 
     async def _read(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
-        return await self._run(fn, read=True)
+        return await self._run(fn, repeatable=True)
 
     @asynccontextmanager
     async def opened(self) -> AsyncIterator[None]:
@@ -943,7 +944,11 @@ class PostgresBackend:
             ).fetchone()
             return None if row is None else float(row[0])
 
-        expires = await self._run(fn, lane=NODES)
+        # Repeatable: the lease's end is counted from the statement that ran. A connection
+        # the server dropped between renewals (a restart, a pooler, an administrator) then
+        # costs no renewal: failed, the next was a whole interval later, and drops about once
+        # an interval fenced every node at once.
+        expires = await self._run(fn, repeatable=True, lane=NODES)
         if expires is None:
             raise NodeFencedError(
                 f"node {lease.owner} is no longer alive in the database (taken over, left, or"
@@ -958,6 +963,7 @@ class PostgresBackend:
                 " WHERE node_id = %s AND incarnation = %s AND state = %s",
                 (LEFT, lease.node_id, lease.incarnation, ALIVE),
             ),
+            repeatable=True,
             lane=NODES,
         )
 
@@ -968,7 +974,7 @@ class PostgresBackend:
             ).fetchall()
             return [NodeInfo(*row) for row in rows]
 
-        return await self._run(fn, read=True, lane=NODES)
+        return await self._run(fn, repeatable=True, lane=NODES)
 
     async def expired_nodes(self) -> list[NodeInfo]:
         return await self._nodes(
@@ -1035,7 +1041,7 @@ class PostgresBackend:
             ).fetchone()
             return row is not None
 
-        return await self._run(fn, read=True, lane=NODES)
+        return await self._run(fn, repeatable=True, lane=NODES)
 
     async def orphaned_owners(self) -> list[tuple[str, str | None]]:
         rows = await self._read(lambda conn: conn.execute(ORPHANED_OWNERS_SQL).fetchall())

@@ -27,6 +27,7 @@ from actors import (
     open_runtime,
 )
 from actors._backend import is_outage
+from actors._ids import new_id
 from transport import open_client
 
 from .serving import free_port
@@ -135,6 +136,34 @@ async def test_postgres_errors_are_told_outage_or_tied_to_the_write(pg_url: str)
     assert is_outage(errors.DeadlockDetected("deadlock detected"))
     assert is_outage(errors.AdminShutdown("terminating connection"))
     assert not is_outage(errors.CheckViolation("violates check constraint"))
+
+
+def terminate_all_sessions(url: str) -> None:
+    """Drop every other session on the database of ``url`` (both of a node's lanes)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+
+
+async def test_a_dropped_connection_costs_no_lease_renewal(pg_url: str) -> None:
+    """The server drops the node's connections before each renewal (as a restart, a pooler or
+    an administrator does): each renewal still goes through, on a new connection. Failed, the
+    next came a whole renewal interval later, and a drop about once an interval fenced every
+    node at once."""
+    backend = PostgresBackend(pg_url)
+    async with backend.opened():
+        lease = await backend.register_node("n1", new_id(), 30, "host", 1)
+        for _ in range(3):
+            await trio.to_thread.run_sync(terminate_all_sessions, pg_url)
+            renewed = await backend.renew_node(lease, 30, 0)
+            assert renewed.expires_at >= lease.expires_at
+            lease = renewed
+        await trio.to_thread.run_sync(terminate_all_sessions, pg_url)
+        await backend.leave_node(lease)
+        (node,) = await backend.list_nodes()
+        assert node.state == "left"
 
 
 async def test_dropped_connections_are_waited_out_with_nothing_lost(pg_url: str) -> None:
