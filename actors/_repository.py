@@ -42,8 +42,9 @@ CANCEL_WAVE = 64
 #: what is pending first, and serves nothing else meanwhile), and parents per listing.
 LIST_WAVE = 8
 PARENTS_PER_LIST = 500
-#: Times a pause is tried when the attempt it read ends before it is applied.
-PAUSE_RACES = 5
+#: Times a pause or a cancel is tried when the attempt it read ends otherwise before it is
+#: applied (another client paused or restarted the job; its node died and was taken over).
+CONTROL_RACES = 5
 
 
 async def _each(items: list[T], fn: Callable[[T], Awaitable[None]], at_once: int) -> None:
@@ -317,11 +318,18 @@ class Repository:
         cancelled there (:class:`RemoteControlError` if that node does not within the bound)."""
         remote = self.remote
         if remote is not None:
-            found = await self._store.get(job_id)
-            if remote.is_remote(found):
+            for _ in range(CONTROL_RACES):
+                found = await self._store.get(job_id)
+                if not remote.is_remote(found):
+                    break
                 job = await remote.control(found, Control("cancel", job_id, by))
-                await self._cancel_children(job_id, by)
-                return job
+                if job.state is S.CANCELLED:
+                    await self._cancel_children(job_id, by)
+                    return job
+                # The attempt ended otherwise before the control reached it (its node died
+                # and the takeover requeued or paused the job; it finished by itself): a
+                # cancel is of the job, applied to it as it is now (finished: refused, as a
+                # cancel of a finished job is).
         return await self._cancel_here(job_id, by)
 
     async def _cancel_here(self, job_id: str, by: str | None) -> Job:
@@ -388,7 +396,7 @@ class Repository:
         # A pause is of the job, not of an attempt: should the attempt read here end and the
         # next one start before the pause is applied (another client paused and resumed it,
         # the new attempt not launched here yet), the job is read again and that one paused.
-        for _ in range(PAUSE_RACES - 1):
+        for _ in range(CONTROL_RACES - 1):
             try:
                 return await self._pause_once(job_id, by, reason, route=route)
             except StaleAttemptError:
@@ -406,7 +414,15 @@ class Repository:
         if job.state is not S.RUNNING:
             raise IllegalTransitionError(job_id, job.state.value, S.PAUSED.value)
         if route and self.remote is not None and self.remote.is_remote(job):
-            return await self.remote.control(job, Control("pause", job_id, by, reason))
+            now = await self.remote.control(job, Control("pause", job_id, by, reason))
+            if now.state is S.CREATED or now.state is S.RUNNING:
+                # The attempt ended otherwise before the control reached it (its node died,
+                # the takeover requeued the job, which may run again): read again, and that
+                # job paused.
+                raise StaleAttemptError(job_id, job.attempt, now.attempt, now.state.value)
+            if now.state is not S.PAUSED:  # it finished meanwhile
+                raise IllegalTransitionError(job_id, now.state.value, S.PAUSED.value)
+            return now
         await self._supervisor.settled()
         worker = await self._supervisor.stop(job_id, reason)
         attempt = job.attempt if worker is None else worker.attempt

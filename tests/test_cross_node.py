@@ -15,6 +15,7 @@ import trio
 
 from actors import (
     EventType,
+    IllegalTransitionError,
     JobContext,
     JobState,
     JobStopped,
@@ -181,3 +182,90 @@ async def test_a_node_ignores_the_queue_notifications_of_its_own_commits() -> No
         assert wakes == [None]
         notifier._dispatch(nursery, notifier.channel, "not a control")  # logged, dropped
     assert notifier.controls == 0
+
+
+def lose_the_first_control(rt: Runtime) -> list[Control]:
+    """``rt``'s first control sent is lost (its node dies before applying it, say); the next
+    ones are delivered. Returns the list of the lost ones."""
+    assert rt.remote is not None
+    deliver = rt.remote._send
+    lost: list[Control] = []
+
+    async def send(owner: str, control: Control) -> None:
+        if not lost:
+            lost.append(control)
+            return
+        await deliver(owner, control)
+
+    rt.remote._send = send
+    return lost
+
+
+async def test_a_cancel_whose_attempt_ended_otherwise_cancels_the_job(pg_url: str) -> None:
+    """B's cancel of a job running on A is lost on the way, and the attempt ends otherwise (a
+    pause on A here; a takeover's requeue or pause the same): B's cancel is applied to the job
+    as it is now, and its reply is the job cancelled. Before, the reply was the job paused
+    (any state the attempt ended in), with the cancel never applied."""
+    async with two_nodes(pg_url) as (a, b):
+        job_id = await running_on(a)
+        lost = lose_the_first_control(b)
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+
+                async def pause_on_a_once_sent() -> None:
+                    while not lost:  # noqa: ASYNC110 - the control is sent by b's task
+                        await trio.sleep(0.01)
+                    await a.pause(job_id)
+
+                nursery.start_soon(pause_on_a_once_sent)
+                cancelled = await b.cancel(job_id, by="bob")
+        assert cancelled.state is JobState.CANCELLED
+        assert (await a.get_job(job_id)).state is JobState.CANCELLED
+        types = [e.type for e in await a.read_events(job_id)]
+        assert types[-2:] == [EventType.PAUSED, EventType.CANCELLED]
+
+
+async def test_a_pause_whose_attempt_ended_otherwise_pauses_the_job_as_it_is_now(
+    pg_url: str,
+) -> None:
+    """B's pause of a job running on A is lost on the way, and the job is paused and resumed
+    on A (a new attempt, as a takeover's requeue starts one): B reads it again and pauses the
+    new attempt, which checkpoints. Before, B's reply was the job running, not paused."""
+    async with two_nodes(pg_url) as (a, b):
+        job_id = await running_on(a)
+        lost = lose_the_first_control(b)
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+
+                async def restart_on_a_once_sent() -> None:
+                    while not lost:  # noqa: ASYNC110 - the control is sent by b's task
+                        await trio.sleep(0.01)
+                    await a.pause(job_id)
+                    started.pop(job_id)
+                    await a.resume(job_id)
+
+                nursery.start_soon(restart_on_a_once_sent)
+                paused = await b.pause(job_id, by="bob")
+        assert paused.state is JobState.PAUSED and paused.attempt == 2
+        assert paused.checkpoint == {"stopped_at": "pause"}
+
+
+async def test_a_pause_of_a_job_that_finished_meanwhile_is_refused(pg_url: str) -> None:
+    """B's pause is lost on the way and the job is cancelled on A meanwhile: B's pause is
+    refused as a pause of a finished job is (``illegal_transition``), not answered with the
+    cancelled job as if paused."""
+    async with two_nodes(pg_url) as (a, b):
+        job_id = await running_on(a)
+        lost = lose_the_first_control(b)
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+
+                async def cancel_on_a_once_sent() -> None:
+                    while not lost:  # noqa: ASYNC110 - the control is sent by b's task
+                        await trio.sleep(0.01)
+                    await a.cancel(job_id)
+
+                nursery.start_soon(cancel_on_a_once_sent)
+                with pytest.raises(IllegalTransitionError, match="cancelled"):
+                    await b.pause(job_id, by="bob")
+        assert (await a.get_job(job_id)).state is JobState.CANCELLED
