@@ -19,6 +19,12 @@ commits. With a :class:`FanoutConfig`, the node's :class:`Fanout`
   is down (a subscription or command failed, or the periodic ``PING`` did): slower, nothing
   lost. When the subscription is back, every tracked user is filled once, then push resumes.
   :attr:`Fanout.health` says which, and why (``/readyz``).
+- **checks** the log for every tracked user each ``check_interval`` while Redis is up (one
+  store read for all of them): events no message will ever carry (their node died between
+  its commit and its ``PUBLISH``, and no later event of the user reveals the gap; or nodes
+  that do not share one Redis and secret) reach this node's clients that late at most,
+  instead of never. Events a check finds more than ``LATE_SECONDS`` after their commit are
+  counted (:attr:`FanoutStats.late`) and logged once a minute.
 
 Redis errors never reach a store write, a client or a job: they only change the health.
 coredis runs natively on Trio (its I/O goes through anyio), so no thread or asyncio loop is
@@ -63,6 +69,9 @@ class FanoutConfig:
     gap_wait: float = 0.03
     #: Seconds between two reads of the log for every tracked user while Redis is down.
     poll_interval: float = 0.2
+    #: Seconds between two reads of the log for every tracked user while Redis is up (what
+    #: a dead node never published arrives this late at most).
+    check_interval: float = 5.0
     #: Seconds between two ``PING``s, and how long one (or a ``PUBLISH``) may take.
     ping_interval: float = 1.0
     redis_timeout: float = 2.0
@@ -92,8 +101,8 @@ class FanoutConfig:
             raise InvalidInputError(
                 f"redis must be a redis://host:port/db URL, not {redact_redis_url(self.redis)!r}"
             )
-        for name in ("gap_wait", "poll_interval", "ping_interval", "redis_timeout",
-                     "reconnect_delay"):  # fmt: skip
+        for name in ("gap_wait", "poll_interval", "check_interval", "ping_interval",
+                     "redis_timeout", "reconnect_delay"):  # fmt: skip
             seconds = getattr(self, name)
             if (
                 isinstance(seconds, bool)
@@ -130,8 +139,12 @@ class RedisHealth:
 
 #: Length of a message's signature (hex SHA-256) before its body.
 _MAC_LENGTH = 64
-#: Seconds between two warnings about forged messages (a flood logs one line a minute).
+#: Seconds between two warnings about forged messages (a flood logs one line a minute), and
+#: about events found late in the log.
 FORGED_LOG_INTERVAL = 60.0
+#: An event a fill delivers this many seconds after its commit (by the committing node's
+#: clock) while Redis is up reached no message in time: counted and logged.
+LATE_SECONDS = 1.0
 
 
 @attrs.define
@@ -149,6 +162,9 @@ class FanoutStats:
     forged: int = 0
     #: Store reads made to fill gaps or to poll (one per round, for many users).
     fill_reads: int = 0
+    #: Events delivered from the log over ``LATE_SECONDS`` after their commit while Redis
+    #: was up (their node died before publishing them, or nodes disagree on Redis or secret).
+    late: int = 0
 
 
 class Fanout:
@@ -169,6 +185,7 @@ class Fanout:
             else hashlib.sha256(b"jobspine fan-out\0" + config.secret.encode()).digest()
         )
         self._forged_logged_at = -math.inf
+        self._late_logged_at = -math.inf
         self.sequencer = Sequencer(
             gap_wait=config.gap_wait,
             max_held=config.max_held,
@@ -437,18 +454,22 @@ class Fanout:
     async def _filler(self) -> None:
         """Fills gaps from the log, and polls it for every tracked user while Redis is down."""
         next_poll = trio.current_time()
+        next_check = next_poll + self.config.check_interval
         while True:
             now = trio.current_time()
             if not self.health.ok and now >= next_poll:
                 self.sequencer.mark_behind()
                 next_poll = now + self.config.poll_interval
+            elif self.health.ok and now >= next_check:
+                self.sequencer.mark_behind()
+                next_check = now + self.config.check_interval
             due = self.sequencer.fills_due(now)
             if due:
                 await self._fill(due)
                 continue
             deadline = self.sequencer.next_deadline()
-            if not self.health.ok:
-                deadline = next_poll if deadline is None else min(deadline, next_poll)
+            wake = next_check if self.health.ok else next_poll
+            deadline = wake if deadline is None else min(deadline, wake)
             self._wake = trio.Event()
             with trio.move_on_at(deadline if deadline is not None else float("inf")):
                 await self._wake.wait()
@@ -464,8 +485,25 @@ class Fanout:
                 self.sequencer.fill_failed(user_id, now)
             return
         now = trio.current_time()
+        late_before = time.time() - LATE_SECONDS
+        late = 0
         for user_id in due:
-            self.deliver(self.sequencer.filled(user_id, found.get(user_id, []), now))
+            delivered = self.sequencer.filled(user_id, found.get(user_id, []), now)
+            if self.health.ok:
+                late += sum(1 for event in delivered if event.at < late_before)
+            self.deliver(delivered)
+        if late:
+            self.stats.late += late
+            if now >= self._late_logged_at + FORGED_LOG_INTERVAL:
+                self._late_logged_at = now
+                log.warning(
+                    "%d events of other nodes reached this node only from the log, over %g s"
+                    " after their commit (%d so far): a node died before publishing them, or"
+                    " the nodes do not share one Redis and secret",
+                    late,
+                    LATE_SECONDS,
+                    self.stats.late,
+                )
 
 
 def _describe(exc: BaseException) -> str:

@@ -223,6 +223,35 @@ async def test_dropped_publishes_are_filled_from_the_log(pg_url: str, redis: Red
         assert watcher.seqs("user:bob") == list(range(1, stored.seq + 1))
 
 
+async def test_events_no_message_carries_reach_the_other_nodes_from_the_log(
+    pg_url: str, redis: RedisServer
+) -> None:
+    """Events no message will ever bring (their node died between its commit and its
+    ``PUBLISH``, or publishes where this node does not listen: here another Redis, as a
+    misconfigured node would) reach this node's clients from the log within
+    ``check_interval``, once each and in order, and are counted late. Before, a user none of
+    whose later events revealed the gap never got them (a finished job's last events)."""
+    elsewhere = RedisServer()
+    elsewhere.start()
+    try:
+        async with (
+            node(pg_url, elsewhere.url, runs_jobs=True) as a,
+            node(pg_url, redis.url, runs_jobs=False, check_interval=3.0) as b,
+        ):
+            assert b.fanout is not None
+            watcher = Subscriber(b)
+            await watcher.join("user:erin")
+            job = await a.create_job("ticker", "erin", {"n": 5, "pause": 0.001})
+            await wait_for_state(a, job.id)
+            stored = await a.get_job(job.id)
+            await watcher.until(finished(watcher, "user:erin"), timeout=10)
+            assert watcher.seqs("user:erin") == list(range(1, stored.seq + 1))
+            assert b.fanout.stats.received == 0  # none came through Redis
+            assert b.fanout.stats.late >= 1
+    finally:
+        elsewhere.kill()
+
+
 async def test_groups_over_the_outbox_byte_budget_are_filled_from_the_log(
     pg_url: str, redis: RedisServer
 ) -> None:

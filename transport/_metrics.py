@@ -200,6 +200,9 @@ def _fanout_metrics(fanout: Fanout) -> Iterator[Metric]:
         ("fanout_fill_reads", "Reads of the log to fill gaps or poll.", stats.fill_reads),
         ("fanout_forged", "Messages on the channel whose signature did not verify: dropped.",
          stats.forged),
+        ("fanout_late_events", "Events delivered from the log over a second after their commit"
+         " while Redis was up: their node died before publishing them, or nodes disagree on"
+         " Redis or secret.", stats.late),
     ):  # fmt: skip
         yield CounterMetricFamily(f"jobspine_{name}", help, value=value)
 
