@@ -62,9 +62,11 @@ log = logging.getLogger("jobspine.fanout")
 @attrs.frozen
 class FanoutConfig:
     """Cluster fan-out settings. ``redis``: ``redis://[:password@]host:port/db`` (or
-    ``rediss://``); refused with :class:`InvalidInputError` if it is no such URL."""
+    ``rediss://``); refused with :class:`InvalidInputError` if it is no such URL. None: no
+    Redis, the other nodes' events are read from the log every ``poll_interval`` (what
+    :func:`~._runtime.open_runtime` runs on a shared database given no fan-out)."""
 
-    redis: str
+    redis: str | None
     #: Seconds an out-of-order event is held before its gap is filled from the log.
     gap_wait: float = 0.03
     #: Seconds between two reads of the log for every tracked user while Redis is down.
@@ -95,8 +97,9 @@ class FanoutConfig:
     secret: str | None = attrs.field(default=None, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        if not isinstance(self.redis, str) or not self.redis.startswith(
-            ("redis://", "rediss://", "unix://")
+        if self.redis is not None and (
+            not isinstance(self.redis, str)
+            or not self.redis.startswith(("redis://", "rediss://", "unix://"))
         ):
             raise InvalidInputError(
                 f"redis must be a redis://host:port/db URL, not {redact_redis_url(self.redis)!r}"
@@ -257,6 +260,9 @@ class Fanout:
     async def run(self, *, task_status: trio.TaskStatus[Fanout] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until the hub closes (the runtime's shutdown); then publish what is queued
         (for ``redis_timeout`` seconds at most) and stop."""
+        if self.config.redis is None:
+            await self._run_on_the_log(task_status)
+            return
         import coredis  # here: it takes most of a second to import, and only a cluster needs it
 
         client: coredis.Redis[bytes] = coredis.Redis.from_url(
@@ -273,6 +279,31 @@ class Fanout:
                 task_status.started(self)
         finally:
             self.closed.set()
+
+    async def _run_on_the_log(self, task_status: trio.TaskStatus[Fanout]) -> None:
+        """No Redis: this node's commits are delivered at once, and the other nodes' events
+        are read from the log every ``poll_interval`` (nothing is published: the other
+        nodes read this one's from the log too)."""
+        self.health = RedisHealth(False, "no redis: the log is polled")
+        try:
+            async with self.store, self._outbox_receive, trio.open_nursery() as nursery:
+                await nursery.start(self._local_then_stop, nursery.cancel_scope)
+                nursery.start_soon(self._filler)
+                task_status.started(self)
+        finally:
+            self.closed.set()
+
+    async def _local_then_stop(
+        self,
+        stop: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """:meth:`_local`, then ``stop`` (the hub closed: nothing more to deliver)."""
+        try:
+            await self._local(trio.CancelScope(), task_status=task_status)
+        finally:
+            stop.cancel()
 
     async def drained(self) -> None:
         """Return once this node's committed events so far have been delivered."""
@@ -315,6 +346,8 @@ class Fanout:
 
     def _commit_group(self, group: list[JobEvent]) -> None:
         self.deliver(self.sequencer.offer(group, trio.current_time()))
+        if self.config.redis is None:
+            return  # nobody to publish to: the other nodes read the log
         if self.skip_publish:
             self._unpublished(group)
         else:

@@ -408,6 +408,10 @@ async def open_runtime(
         if database is None:
             raise TypeError("open_runtime() needs a database path or a backend")
         backend = _backend_for(database, config)
+    if fanout is None and broadcast is not None and backend.shared:
+        # Other nodes may commit events of the rooms this one serves: without Redis, they are
+        # read from the log (the clients of a node left out of the fan-out missed them).
+        fanout = FanoutConfig(None)
     hub = EventHub()
     store_actor = StoreActor(
         backend,

@@ -252,6 +252,32 @@ async def test_events_no_message_carries_reach_the_other_nodes_from_the_log(
         elsewhere.kill()
 
 
+async def test_nodes_without_redis_deliver_each_others_events_from_the_log(pg_url: str) -> None:
+    """Two nodes on one database and no Redis (or a node left out of the fan-out by mistake):
+    each reads the other's events from the log (``poll_interval``), so a client of either gets
+    every event of its rooms once, in order. Before, a node given no fan-out delivered only
+    its own commits: the other node's were never sent, and a client resubscribing to close
+    the gaps looped on them."""
+
+    async def bare_node(runs_jobs: bool) -> Any:
+        return open_runtime(
+            backend=PostgresBackend(pg_url),
+            handlers={"ticker": ticker} if runs_jobs else {},
+            config=RuntimeConfig(resume_on_start=False),
+            broadcast=BroadcasterConfig(),
+        )
+
+    async with await bare_node(True) as a, await bare_node(False) as b:
+        assert b.fanout is not None and b.fanout.config.redis is None
+        watcher = Subscriber(b)
+        await watcher.join("user:fay")
+        job = await a.create_job("ticker", "fay", {"n": 10, "pause": 0.01})
+        await wait_for_state(a, job.id)
+        stored = await a.get_job(job.id)
+        await watcher.until(finished(watcher, "user:fay"), timeout=10)
+        assert watcher.seqs("user:fay") == list(range(1, stored.seq + 1))
+
+
 async def test_groups_over_the_outbox_byte_budget_are_filled_from_the_log(
     pg_url: str, redis: RedisServer
 ) -> None:

@@ -218,7 +218,7 @@ def _routes(running: RunningServer) -> dict[str, Any]:
             "node": node.node_id,
         }
         fanout = running.runtime.fanout
-        if fanout is not None:
+        if fanout is not None and fanout.config.redis is not None:
             redis = fanout.health
             # Redis down: still serving (events come from the log, later), so still ready.
             if not redis.ok:

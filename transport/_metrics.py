@@ -178,15 +178,18 @@ class ServerCollector(Collector):
 
 
 def _fanout_metrics(fanout: Fanout) -> Iterator[Metric]:
-    """The cluster fan-out (only with ``--redis``)."""
+    """The fan-out (with ``--redis``, or on a shared database: the log polled)."""
     stats, order = fanout.stats, fanout.sequencer.stats
-    yield GaugeMetricFamily(
-        "jobspine_redis_up",
-        "1 while events are pushed through Redis; 0 while the log is polled instead.",
-        value=int(fanout.health.ok),
-    )
+    if fanout.config.redis is not None:
+        yield GaugeMetricFamily(
+            "jobspine_redis_up",
+            "1 while events are pushed through Redis; 0 while the log is polled instead.",
+            value=int(fanout.health.ok),
+        )
+        yield CounterMetricFamily(
+            "jobspine_redis_outages", "Times Redis became unavailable.", value=fanout.health.outages
+        )
     for name, help, value in (
-        ("redis_outages", "Times Redis became unavailable.", fanout.health.outages),
         ("fanout_published_events", "This node's events published to Redis.",
          stats.published_events),
         ("fanout_publish_dropped", "Commit groups not published (outbox full, Redis down);"
