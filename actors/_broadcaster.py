@@ -33,7 +33,7 @@ import attrs
 import orjson
 import trio
 
-from ._codec import converter
+from ._codec import check_name, converter
 from ._errors import InvalidInputError
 from ._events import (
     EventHub,
@@ -389,7 +389,11 @@ class JoinResult:
 
 
 def parse_room(room: object) -> tuple[str, str]:
+    """``(kind, ident)`` of a room name ``job:<id>`` or ``user:<id>``. Raises
+    :class:`InvalidInputError` for anything else, a name holding NUL among them (it names no
+    job or user: see :func:`~._codec.check_name`)."""
     if isinstance(room, str):
+        check_name(room, "room")
         kind, _, ident = room.partition(":")
         if kind in ("job", "user") and ident:
             return kind, ident

@@ -21,6 +21,8 @@ __all__ = [
     "MAX_LABEL_LENGTH",
     "MAX_STEP_LENGTH",
     "MAX_MESSAGE_LENGTH",
+    "NUL",
+    "check_name",
     "check_text",
     "converter",
     "dumps",
@@ -210,6 +212,21 @@ def check_text(
         raise NotSerializableError(
             f"{what} is not storable text: lone surrogate {text[at]!r} at index {at}"
         )
+
+
+#: The character no name holds (see :func:`check_name`).
+NUL = "\x00"
+
+
+def check_name(text: str | None, what: str) -> None:
+    """Refuse a name holding a NUL character; None passes. Names (user ids, job ids, kinds,
+    tags, parent ids, idempotency keys, and the rooms and filters naming them) are stored and
+    compared in text columns of their own, and PostgreSQL's text cannot hold NUL (inside a
+    JSON value it is stored escaped, so input, step labels and results may hold it). Refused
+    on every backend alike, so that what one store accepts, every one does. Raises
+    :class:`InvalidInputError` naming ``what``."""
+    if text is not None and NUL in text:
+        raise InvalidInputError(f"{what} must not contain a NUL character")
 
 
 def sanitize_text(text: str) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from ._codec import MAX_INPUT_BYTES, check_text, dumps_json_value
+from ._codec import MAX_INPUT_BYTES, check_name, check_text, dumps_json_value
 from ._errors import (
     CheckpointTooLargeError,
     IllegalTransitionError,
@@ -119,21 +119,28 @@ def create(
 ) -> Change:
     """Needs no stored state: the store client calls it in the caller's task, so that a value
     that cannot be stored is refused before it joins a commit group. ``options`` are checked
-    already (:meth:`CreateOptions.check`) with the kind's defaults filled in."""
+    already (:meth:`CreateOptions.check`) with the kind's defaults filled in. Raises
+    :class:`InvalidInputError` naming the field (a name holding NUL: see
+    :func:`~._codec.check_name`) or :class:`NotSerializableError`."""
     if not user_id or not isinstance(user_id, str):
         raise InvalidInputError("user_id must be a non-empty string")
     check_text(user_id, "user_id")
     if not kind or not isinstance(kind, str):
         raise InvalidInputError("kind must be a non-empty string")
     check_text(kind, "kind")
-    for name, value in (("user_id", user_id), ("kind", kind)):
-        # Stored in columns of their own, which PostgreSQL's text cannot hold NUL in.
-        if "\x00" in value:
-            raise InvalidInputError(f"{name} must not contain a NUL character")
-    _check_input(dumps_json_value(input, "job input"), "job input")
     options = options or CreateOptions()
     for text in (*options.tags, options.parent_id, options.idempotency_key):
         check_text(text, "tag, parent_id or idempotency_key", optional=True)
+    # The names a job is stored and found by: every create of every caller passes here.
+    for name, value in (
+        ("user_id", user_id),
+        ("kind", kind),
+        *(("tags", tag) for tag in options.tags),
+        ("parent_id", options.parent_id),
+        ("idempotency_key", options.idempotency_key),
+    ):
+        check_name(value, name)
+    _check_input(dumps_json_value(input, "job input"), "job input")
     job = Job(
         job_id,
         user_id,

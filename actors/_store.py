@@ -11,7 +11,11 @@ A fault stays with its cause:
 
 * Every value is validated in the caller's task before it is queued
   (:func:`~._codec.dumps_json_value`, :func:`~._codec.check_text`): a value the database
-  cannot store is refused at the call that brought it and never joins a group.
+  cannot store is refused at the call that brought it and never joins a group. So is a name
+  holding NUL (:func:`~._codec.check_name`), which PostgreSQL's text cannot hold or be
+  compared with, alike on every backend: at a create, as a list or stats filter
+  (:class:`InvalidInputError`); a job id holding one names no job (:class:`UnknownJobError`,
+  its heartbeat dropped).
 * A group whose commit fails for a reason tied to a request (anything but an outage, see
   :func:`~._backend.is_outage`) is not answered: its requests, and those of every group
   applied on top of it, are applied and committed again one at a time, so only the culprit
@@ -55,7 +59,14 @@ from ._backend import (
     is_corruption,
     is_outage,
 )
-from ._codec import MAX_STEP_LENGTH, check_text, dumps_json_value, sanitize_text
+from ._codec import (
+    MAX_STEP_LENGTH,
+    NUL,
+    check_name,
+    check_text,
+    dumps_json_value,
+    sanitize_text,
+)
 from ._errors import (
     IdempotencyConflictError,
     IllegalTransitionError,
@@ -735,16 +746,24 @@ class StoreActor:
                 return job
         job = self._cache.get(job_id)
         if job is None:
-            job = await self.backend.load(job_id)
+            job = await self._load(job_id)
             if job is None:
                 raise UnknownJobError(job_id)
         return job
 
     async def _committed_job(self, job_id: str) -> Job:
-        job = self._cache.get(job_id) or await self.backend.load(job_id)
+        job = self._cache.get(job_id) or await self._load(job_id)
         if job is None or any(job_id in group.deleted for group in self._inflight):
             raise UnknownJobError(job_id)
         return job
+
+    async def _load(self, job_id: str) -> Job | None:
+        """The stored job, None if there is none: every look-up of a job by id ends here."""
+        if NUL in job_id:
+            # No job has such an id (create refuses the name), and PostgreSQL's text cannot
+            # be compared with one: unknown, as on every backend.
+            return None
+        return await self.backend.load(job_id)
 
     async def _user_head(self, user_id: str) -> int:
         head = self._user_heads.get(user_id)
@@ -1110,6 +1129,8 @@ class StoreClient:
         return await self._read(lambda: self._actor.backend.orphaned_owners(), BARRIER)
 
     async def queue_stats(self, now: float, user_id: str | None = None) -> QueueStats:
+        """Raises :class:`InvalidInputError` for a ``user_id`` holding NUL."""
+        check_name(user_id, "user_id")
         return await self._read(lambda: self._actor.backend.queue_stats(now, user_id), BARRIER)
 
     async def retry(
@@ -1333,11 +1354,21 @@ class StoreClient:
 
     def heartbeat(self, job_id: str, attempt: int) -> None:
         """Record a heartbeat; written with the next commit. Never blocks."""
+        if NUL in job_id:
+            # Of no job (see _load); in a commit it would fail everyone's writes with it.
+            return
         self._actor._beats[job_id] = (attempt, time.time())
 
     # -- queries (barriers) ---------------------------------------------------------------------
 
     async def list_jobs(self, query: JobQuery) -> list[Job]:
+        """The jobs ``query`` matches (see :class:`JobQuery`). Raises
+        :class:`InvalidInputError` for a filter holding NUL (naming it): no job has such a
+        name (see :func:`~._codec.check_name`)."""
+        for name in ("user_id", "kind", "tag", "parent_id"):
+            check_name(getattr(query, name), name)
+        for parent_id in query.parent_ids or ():
+            check_name(parent_id, "parent_ids")
         return await self._read(lambda: self._actor.backend.query(query), BARRIER)
 
     async def find_running(self) -> list[Job]:
@@ -1355,7 +1386,9 @@ class StoreClient:
 
     async def get_stats(self, user_id: str | None = None) -> dict[str, Any]:
         """``{state: count}`` for every state, ``"total"``, and ``"waiting_by_kind"``:
-        ``{kind: jobs waiting}`` (kinds with none left out)."""
+        ``{kind: jobs waiting}`` (kinds with none left out). Raises
+        :class:`InvalidInputError` for a ``user_id`` holding NUL."""
+        check_name(user_id, "user_id")
         actor = self._actor
 
         async def fn() -> dict[str, Any]:

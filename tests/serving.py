@@ -67,7 +67,7 @@ def free_port() -> int:
 
 @asynccontextmanager
 async def serving(
-    db: Path, port: int = 0, broadcast: BroadcasterConfig | None = None, **server: Any
+    db: str | Path, port: int = 0, broadcast: BroadcasterConfig | None = None, **server: Any
 ) -> AsyncIterator[RunningServer]:
     config = ServerConfig(
         secret=SECRET,
