@@ -120,6 +120,15 @@ STORE, NODES = "store", "nodes"
 
 SCHEMA_VERSION = 4
 
+#: A job's stored record as ``json``, for reading its top-level scalar fields in SQL.
+#: PostgreSQL's json operators refuse a document holding the escape ``\u0000`` (text cannot
+#: hold NUL), which a record holds for a NUL in any of its strings (an input, a step label, a
+#: result). Each such escape is read as ``\u0001``: still valid JSON (a backslash that began
+#: an escape begins one again; one that was escaped itself is followed by the text ``u0001``
+#: instead of ``u0000``), only the content of strings changes, and no string is read through
+#: it. ``E''`` strings: backslashes mean the same whatever ``standard_conforming_strings``.
+_RECORD_JSON = "replace(record, E'\\\\u0000', E'\\\\u0001')::json"
+
 # Ordered migrations: MIGRATIONS[n] brings the database from version n to n + 1. The versions
 # follow the SQLite backend's. Text that is compared or sorted is COLLATE "C": ids sort by
 # creation bytewise, as in SQLite, whatever the database's locale.
@@ -151,7 +160,7 @@ MIGRATIONS: list[list[str]] = [
     # and horizon that outlive pruned events (a user_seq is never reused).
     [
         "ALTER TABLE jobs ADD COLUMN finished_at double precision",
-        "UPDATE jobs SET finished_at = (record::json ->> 'updated_at')::double precision"
+        f"UPDATE jobs SET finished_at = ({_RECORD_JSON} ->> 'updated_at')::double precision"
         " WHERE state IN ('completed', 'failed', 'cancelled')",
         "CREATE INDEX jobs_finished ON jobs (kind, finished_at, id) WHERE finished_at IS NOT NULL",
         """CREATE TABLE user_heads (
@@ -175,9 +184,9 @@ MIGRATIONS: list[list[str]] = [
         ' ADD COLUMN parent_id text COLLATE "C", ADD COLUMN idempotency_key text COLLATE "C",'
         ' ADD COLUMN owner text COLLATE "C", ADD COLUMN lease_expires_at double precision,'
         " ADD COLUMN tags text[] NOT NULL DEFAULT '{}'",
-        "UPDATE jobs SET created_at = (record::json ->> 'created_at')::double precision,"
+        f"UPDATE jobs SET created_at = ({_RECORD_JSON} ->> 'created_at')::double precision,"
         " ready_at = CASE WHEN state = 'created'"
-        " THEN (record::json ->> 'created_at')::double precision END",
+        f" THEN ({_RECORD_JSON} ->> 'created_at')::double precision END",
         "ALTER TABLE jobs ALTER COLUMN created_at SET NOT NULL",
         "CREATE INDEX jobs_waiting ON jobs (priority, user_id, kind, ready_at, id)"
         " WHERE state = 'created'",
@@ -196,7 +205,7 @@ MIGRATIONS: list[list[str]] = [
     # user_heads, which a commit now advances under its row lock (see commit()).
     [
         "ALTER TABLE jobs ADD COLUMN seq integer NOT NULL DEFAULT 0",
-        "UPDATE jobs SET seq = (record::json ->> 'seq')::integer",
+        f"UPDATE jobs SET seq = ({_RECORD_JSON} ->> 'seq')::integer",
         "INSERT INTO user_heads (user_id, head, horizon)"
         " SELECT user_id, max(user_seq), 0 FROM events GROUP BY user_id"
         " ON CONFLICT (user_id) DO UPDATE SET head = greatest(user_heads.head, excluded.head)",

@@ -17,6 +17,7 @@ from psycopg import errors
 
 from actors import (
     EventHub,
+    JobError,
     JobState,
     NodeIdInUseError,
     PostgresBackend,
@@ -32,6 +33,7 @@ from transport import open_client
 
 from .serving import free_port
 from .test_cli import COMMAND, serve_process
+from .test_store import open_store
 
 
 def pg_sessions(url: str) -> list[int]:
@@ -337,3 +339,77 @@ async def test_serve_refuses_a_bad_store_in_one_line(tmp_path: Any) -> None:
         stderr = result.stderr.decode()
         assert result.returncode == status, stderr
         assert text in stderr and stderr.count("\n") == 1 and ":pw@" not in stderr, stderr
+
+
+#: Values holding NUL, which records keep escaped (``\u0000``): in a string, in a key, after a
+#: backslash, and the escape's own text (``\\u0000`` in the record).
+NUL_VALUES = {"s": "nul \x00 inside", "\x00key": "\\u0000 as text", "b": "\\\x00", "n": 1}
+
+#: What each schema version added to the one before, taken back down to it (tests build an old
+#: database this way: written by the current code, then stripped).
+DOWNGRADES = {
+    4: [
+        "ALTER TABLE jobs DROP COLUMN seq",
+        "DELETE FROM user_heads",  # v3 kept heads only where retention wrote them
+        "DROP TABLE nodes",
+    ],
+    3: [
+        "ALTER TABLE jobs DROP COLUMN priority, DROP COLUMN created_at, DROP COLUMN ready_at,"
+        " DROP COLUMN run_at, DROP COLUMN parent_id, DROP COLUMN idempotency_key,"
+        " DROP COLUMN owner, DROP COLUMN lease_expires_at, DROP COLUMN tags"
+    ],
+    2: ["ALTER TABLE jobs DROP COLUMN finished_at", "DROP TABLE user_heads"],
+}
+
+
+def stored_rows(url: str) -> tuple[list[dict[str, Any]], list[tuple[Any, ...]]]:
+    """Every job row (column name -> value) and user head, in id order."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        cursor = conn.execute("SELECT * FROM jobs ORDER BY id")
+        names = [column.name for column in cursor.description or ()]
+        jobs = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        heads = conn.execute("SELECT * FROM user_heads ORDER BY user_id").fetchall()
+    return jobs, heads
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+async def test_records_holding_nul_migrate_from_every_older_schema(
+    pg_url: str, version: int
+) -> None:
+    """A job's record may hold NUL, escaped in its JSON (an input, a step label, a result, an
+    error), and PostgreSQL's json operators refuse such a document: the migrations that read
+    fields of records (v2 ``finished_at``, v3 ``created_at`` and ``ready_at``, v4 ``seq``)
+    failed on it for good. Jobs of every state with such records, written by this code, the
+    schema taken back to ``version``: opened again, it migrates to v4, every column read back
+    exactly as this code wrote it."""
+    async with open_store(PostgresBackend(pg_url)) as (store, _, _):
+        done = await store.create("alice", "research", NUL_VALUES)
+        await store.start(done.id)
+        await store.set_progress(done.id, 1, 50, "step \x00")
+        await store.complete(done.id, 1, NUL_VALUES)
+        failed = await store.create("alice", "research", NUL_VALUES)
+        await store.start(failed.id)
+        await store.fail(failed.id, 1, JobError("Boom", "nul \x00 in the message"))
+        running = await store.create("bob", "research", NUL_VALUES)
+        await store.start(running.id)
+        await store.set_progress(running.id, 1, 5, "\x00")
+        waiting = await store.create("bob", "research", NUL_VALUES)
+    before = stored_rows(pg_url)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        for step in range(4, version, -1):
+            for statement in DOWNGRADES[step]:
+                conn.execute(statement)
+        conn.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'", (str(version),))
+    backend = PostgresBackend(pg_url)
+    async with backend.opened():
+        for job_id in (done.id, failed.id, running.id, waiting.id):
+            job = await backend.load(job_id)
+            assert job is not None and job.input == NUL_VALUES
+    assert stored_rows(pg_url) == before
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        meta = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    assert meta == ("4",)
+    async with open_store(PostgresBackend(pg_url)) as (store, _, _):
+        # Numbered on from the migrated seq and head.
+        assert (await store.set_progress(running.id, 1, 60, None)).seq == 4
+        assert await store.user_head("bob") == 5
