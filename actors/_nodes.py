@@ -295,6 +295,12 @@ class NodeActor:
         return trio.current_time() - self.renewed_at
 
     @property
+    def valid_owner(self) -> str | None:
+        """This incarnation's claim owner while its lease is valid (registered and not lapsed
+        locally), else None: the only owner whose jobs this node may act on."""
+        return self.owner if self.healthy else None
+
+    @property
     def healthy(self) -> bool:
         """Registered and the lease has not lapsed locally."""
         if self.lease is None:

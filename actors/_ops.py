@@ -364,7 +364,10 @@ def fail(
     )
 
 
-def cancel(job: Job, now: float, actor: str | None) -> Change:
+def cancel(job: Job, now: float, actor: str | None, attempt: int | None = None) -> Change:
+    """``attempt``: a cancel of that running attempt only (a control addressed to it)."""
+    if attempt is not None:
+        _fence(job, attempt)
     check_transition(job.id, job.state, S.CANCELLED)
     return _emit(job, EventType.CANCELLED, now, {}, actor, state=S.CANCELLED, pause_reason=None)
 

@@ -8,7 +8,15 @@ node's dispatcher claims at once instead of at its next renewal.
 
 **Controls.** Each node listens on its own channel (:func:`node_channel` of its node id), where
 others send it :class:`~._routing.Control` payloads (JSON); each is applied in a task of its
-own, its failure logged (the asker has its bound).
+own, its failure logged (the asker has its bound). A control names the attempt and the
+incarnation it is for, and the node applies it only while it is that incarnation with a
+valid lease and the job runs that attempt (:func:`~._routing.refusal`), whoever hears it.
+
+The channel is the node id's, not the incarnation's, on purpose: a node that registers again
+(:mod:`._nodes`) keeps listening without a gap, so no control sent to its new incarnation is
+lost between its registration and a new ``LISTEN``. A channel per incarnation would not make
+the check at apply time unnecessary anyway: the notifications queued for a frozen process
+reach it when it runs again, whatever it listens on by then.
 
 **Driving LISTEN from Trio.** psycopg's sync ``Connection.notifies(timeout=…)`` on a dedicated
 connection, in a worker thread, one wait of at most :data:`LISTEN_POLL` seconds per crossing
@@ -44,7 +52,8 @@ RECONNECT_DELAY = 1.0
 def node_channel(node_id: str) -> str:
     """The ``LISTEN`` channel of the node ``node_id`` (an identifier of at most 63 bytes
     whatever the id's length). Per node id, not per incarnation: a node that registered again
-    (:mod:`._nodes`) keeps its channel."""
+    (:mod:`._nodes`) keeps its channel; which incarnation a control is for is in the control
+    (see the module's docstring)."""
     return "jobspine_node_" + hashlib.sha256(node_id.encode()).hexdigest()[:32]
 
 

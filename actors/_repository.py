@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -14,6 +15,7 @@ from ._backend import JobQuery, QueueStats
 from ._errors import IllegalTransitionError, JobspineError, StaleAttemptError, StoreError
 from ._events import AUDIT_TYPES, STREAM_BYTES, EventHub, EventStream, JobEvent
 from ._job import Job, JobError
+from ._joblog import job_fields
 from ._options import CreateOptions, KindOptions
 from ._recovery import (
     CheckpointDetails,
@@ -23,13 +25,15 @@ from ._recovery import (
     recovery_options,
     validate_checkpoint,
 )
-from ._routing import Control, RemoteControls
+from ._routing import Control, RemoteControls, refusal
 from ._states import JobState
 from ._store import StoreClient
 from ._supervisor import Supervisor
 from ._worker import Handler
 
 __all__ = ["Repository"]
+
+log = logging.getLogger("jobspine.notify")
 
 S = JobState
 T = TypeVar("T")
@@ -64,6 +68,11 @@ def _no_dispatcher(run_at: float | None) -> None:
     """Before the dispatcher starts: it claims everything waiting when it does."""
 
 
+def _no_lease() -> str | None:
+    """Before the runtime gives its node's: no lease, so no control is applied."""
+    return None
+
+
 class Repository:
     """Every operation on jobs. Methods that change a job return it as stored afterwards;
     ``by`` names who asked (recorded in the audit trail)."""
@@ -86,6 +95,10 @@ class Repository:
         #: Routes the controls of jobs running on other nodes (set by the runtime on
         #: PostgreSQL, see :mod:`._routing`); None: every job runs here.
         self.remote: RemoteControls | None = None
+        #: This node's claim owner while its lease is valid, else None (set by the runtime to
+        #: its node's :attr:`~._nodes.NodeActor.valid_owner`): the one incarnation whose
+        #: controls it applies (:meth:`apply_control`).
+        self.lease_holder: Callable[[], str | None] = _no_lease
         self._idempotency_window = idempotency_window
         self._store = store
         self._supervisor = supervisor
@@ -322,7 +335,7 @@ class Repository:
                 found = await self._store.get(job_id)
                 if not remote.is_remote(found):
                     break
-                job = await remote.control(found, Control("cancel", job_id, by))
+                job = await remote.control(found, Control.of("cancel", found, by))
                 if job.state is S.CANCELLED:
                     await self._cancel_children(job_id, by)
                     return job
@@ -332,8 +345,10 @@ class Repository:
                 # cancel of a finished job is).
         return await self._cancel_here(job_id, by)
 
-    async def _cancel_here(self, job_id: str, by: str | None) -> Job:
-        job = await self._store.cancel(job_id, by)
+    async def _cancel_here(self, job_id: str, by: str | None, attempt: int | None = None) -> Job:
+        """Cancel the job here; ``attempt``: only while it runs that attempt (else
+        :class:`StaleAttemptError`, nothing written)."""
+        job = await self._store.cancel(job_id, by, attempt)
         await self._supervisor.settled()
         worker = self._supervisor.kill(job_id, "cancel", job.attempt)
         if worker is not None:
@@ -390,20 +405,20 @@ class Repository:
     async def pause(self, job_id: str, *, by: str | None = None, reason: str = "user") -> Job:
         """Pause a job: a waiting one leaves the queue until resumed; a running one is stopped
         (its handler gets the grace period to checkpoint), on the node that runs it."""
-        return await self._pause(job_id, by, reason, route=True)
+        return await self._pause(job_id, by, reason)
 
-    async def _pause(self, job_id: str, by: str | None, reason: str, *, route: bool) -> Job:
+    async def _pause(self, job_id: str, by: str | None, reason: str) -> Job:
         # A pause is of the job, not of an attempt: should the attempt read here end and the
         # next one start before the pause is applied (another client paused and resumed it,
         # the new attempt not launched here yet), the job is read again and that one paused.
         for _ in range(CONTROL_RACES - 1):
             try:
-                return await self._pause_once(job_id, by, reason, route=route)
+                return await self._pause_once(job_id, by, reason)
             except StaleAttemptError:
                 continue
-        return await self._pause_once(job_id, by, reason, route=route)
+        return await self._pause_once(job_id, by, reason)
 
-    async def _pause_once(self, job_id: str, by: str | None, reason: str, *, route: bool) -> Job:
+    async def _pause_once(self, job_id: str, by: str | None, reason: str) -> Job:
         job = await self._store.get(job_id)
         if job.state is S.CREATED:
             try:
@@ -413,8 +428,8 @@ class Repository:
                 job = await self._store.get(job_id)
         if job.state is not S.RUNNING:
             raise IllegalTransitionError(job_id, job.state.value, S.PAUSED.value)
-        if route and self.remote is not None and self.remote.is_remote(job):
-            now = await self.remote.control(job, Control("pause", job_id, by, reason))
+        if self.remote is not None and self.remote.is_remote(job):
+            now = await self.remote.control(job, Control.of("pause", job, by, reason))
             if now.state is S.CREATED or now.state is S.RUNNING:
                 # The attempt ended otherwise before the control reached it (its node died,
                 # the takeover requeued the job, which may run again): read again, and that
@@ -470,24 +485,56 @@ class Repository:
 
     async def recover_job(self, job_id: str) -> Job:
         """Apply the recovery rule to a running job now, on the node that runs it."""
-        return await self._recover(job_id, route=True)
-
-    async def _recover(self, job_id: str, *, route: bool) -> Job:
         job = await self._store.get(job_id)
         if job.state is not S.RUNNING:
             raise IllegalTransitionError(job_id, job.state.value, "recovering")
-        if route and self.remote is not None and self.remote.is_remote(job):
-            return await self.remote.control(job, Control("recover", job_id))
+        if self.remote is not None and self.remote.is_remote(job):
+            return await self.remote.control(job, Control.of("recover", job))
         return await self._supervisor.trigger_recovery(job_id)
 
-    async def apply_control(self, control: Control) -> Job:
-        """Apply a control another node sent for a job running here, locally (never routed
-        on: a job that moved meanwhile is the sender's to see)."""
-        if control.op == "pause":
-            return await self._pause(control.job_id, control.by, control.reason, route=False)
+    async def apply_control(self, control: Control) -> Job | None:
+        """Apply a control another node sent for an attempt running here, locally (never
+        routed on: a job that moved meanwhile is the sender's to see). Dropped, returning
+        None, unless the job still runs the control's attempt under this node's incarnation
+        and this node's lease is valid (:func:`~._routing.refusal`); every write it makes is
+        fenced by that attempt, so a job that leaves it meanwhile (a takeover while the
+        handler checkpoints) is refused at the write."""
+        job = await self._store.get(control.job_id)
+        if not self._addressed_here(control, job):
+            return None
         if control.op == "cancel":
-            return await self._cancel_here(control.job_id, control.by)
-        return await self._recover(control.job_id, route=False)
+            return await self._cancel_here(control.job_id, control.by, control.attempt)
+        if control.op == "recover":
+            await self._supervisor.settled()
+            return await self._supervisor.trigger_recovery(control.job_id, attempt=control.attempt)
+        await self._supervisor.settled()
+        worker = await self._supervisor.stop(control.job_id, control.reason, control.attempt)
+        # The handler's grace may outlast this node's lease (a freeze meanwhile): the lease is
+        # looked at again before the pause is written, as a fenced node writes nothing.
+        if not self._addressed_here(control, job):
+            return None
+        try:
+            return await self._store.pause(
+                control.job_id, control.attempt, control.by, control.reason
+            )
+        except StoreError as exc:
+            if worker is not None:
+                self._supervisor.unrecorded(worker, exc)
+            raise
+
+    def _addressed_here(self, control: Control, job: Job) -> bool:
+        why = refusal(control, job, self.lease_holder())
+        if why is not None:
+            log.info(
+                "control %s of job %s (attempt %d of %s) dropped: %s",
+                control.op,
+                control.job_id,
+                control.attempt,
+                control.owner,
+                why,
+                extra=job_fields(job.id, job.user_id, control.attempt, "control_dropped"),
+            )
+        return why is None
 
     async def get_resumable_jobs(self, user_id: str | None = None) -> list[Job]:
         return await self._store.find_resumable(user_id)

@@ -10,6 +10,15 @@ running attempt (:func:`left_attempt`), and returns it as stored. If the owner i
 change within the bound) the asker gets :class:`RemoteControlError`; the owner's lease expiry
 hands the job to another node. A node is "another" when the job's ``owner`` is not this node's
 id; whether it is alive is left to its lease. On memory and SQLite there is no routing.
+
+A control is addressed to one attempt held by one incarnation (:class:`Control`'s ``attempt``
+and ``owner``, the job as the asker read it), and the receiving node applies it only while
+the job still runs that attempt under that incarnation and its own lease is valid
+(:func:`refusal`); else it is dropped, and the asker sees the attempt end otherwise (a
+takeover, another control) or its bound pass. Notifications reach every process listening on
+the node id's channel, including one that was frozen past its lease (they queue up for it) or
+one replaced by a newer process of the same node id: neither may act on the jobs it no longer
+holds.
 """
 
 from __future__ import annotations
@@ -24,7 +33,14 @@ from ._errors import StoreError
 from ._job import Job
 from ._states import JobState
 
-__all__ = ["QUEUE_CHANNEL", "Control", "RemoteControlError", "RemoteControls", "left_attempt"]
+__all__ = [
+    "QUEUE_CHANNEL",
+    "Control",
+    "RemoteControlError",
+    "RemoteControls",
+    "left_attempt",
+    "refusal",
+]
 
 #: Channel on which PostgreSQL commits announce waiting jobs.
 QUEUE_CHANNEL = "jobspine_queue"
@@ -41,19 +57,31 @@ class RemoteControlError(StoreError):
 
 @attrs.frozen
 class Control:
-    """A control for the node running ``job_id``: ``op`` one of :data:`OPS`."""
+    """A control of one running attempt: ``op`` (one of :data:`OPS`) of attempt ``attempt`` of
+    ``job_id``, which the claim owner ``owner`` (``"<node id>#<incarnation>"``) held when the
+    asker read it. Only that incarnation applies it, only to that attempt (:func:`refusal`)."""
 
     op: str
     job_id: str
+    attempt: int
+    owner: str
     by: str | None = None
     reason: str = "user"
+
+    @classmethod
+    def of(cls, op: str, job: Job, by: str | None = None, reason: str = "user") -> Control:
+        """``op`` of ``job``'s running attempt, addressed to the owner that holds it."""
+        assert job.owner is not None
+        return cls(op, job.id, job.attempt, job.owner, by, reason)
 
     def encode(self) -> str:
         return orjson.dumps(attrs.asdict(self)).decode()
 
     @classmethod
     def decode(cls, payload: str) -> Control:
-        """Raises :class:`ValueError` for a payload that is not a control."""
+        """Raises :class:`ValueError` for a payload that is not a control (one without an
+        attempt and owner, as nodes sent before controls were addressed, included: it cannot
+        be told from a control meant for an attempt that has ended)."""
         try:
             data = orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
@@ -61,11 +89,36 @@ class Control:
         if not isinstance(data, dict) or data.get("op") not in OPS:
             raise ValueError(f"not a control: {payload[:200]!r}")
         job_id, by, reason = data.get("job_id"), data.get("by"), data.get("reason", "user")
+        attempt, owner = data.get("attempt"), data.get("owner")
         if not isinstance(job_id, str) or not isinstance(reason, str):
             raise ValueError(f"not a control: {payload[:200]!r}")
         if by is not None and not isinstance(by, str):
             raise ValueError(f"not a control: {payload[:200]!r}")
-        return cls(data["op"], job_id, by, reason)
+        if isinstance(attempt, bool) or not isinstance(attempt, int) or not isinstance(owner, str):
+            raise ValueError(f"control without its attempt and owner: {payload[:200]!r}")
+        return cls(data["op"], job_id, attempt, owner, by, reason)
+
+
+def refusal(control: Control, job: Job, holder: str | None) -> str | None:
+    """Why a node must drop ``control`` rather than apply it, or None to apply it. ``job``:
+    the job as stored; ``holder``: the node's claim owner while its lease is valid, None while
+    it has none (fenced, lapsed locally, or not registered again yet).
+
+    Invariant: a control acts on the attempt it was sent for, where that attempt runs, and
+    nowhere else. A node whose lease is not valid writes nothing for what it held (another
+    node owns it, or will); a node that registered again is another incarnation, which never
+    held the attempt; and a job that left the attempt (a takeover re-queued or paused it, and
+    another node may run its next attempt) is no longer the control's to change."""
+    if holder is None:
+        return "this node holds no valid lease"
+    if control.owner != holder:
+        return f"addressed to {control.owner}, this node is {holder}"
+    if job.state is not JobState.RUNNING or job.attempt != control.attempt:
+        now = f"{job.state.value} (attempt {job.attempt})"
+        return f"attempt {control.attempt} ended: the job is {now}"
+    if job.owner != control.owner:
+        return f"attempt {control.attempt} is held by {job.owner}, not {control.owner}"
+    return None
 
 
 def left_attempt(before: Job, now: Job) -> bool:

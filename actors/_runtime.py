@@ -187,6 +187,7 @@ class Runtime(Repository):
         #: This runtime's node: ``node_id``, ``owner`` (the current incarnation's claim
         #: owner), ``lease_age()``, ``healthy``, ``takeovers``, ``fenced``.
         self.node = node
+        self.lease_holder = lambda: node.valid_owner
 
     def status(self) -> SupervisorStatus:
         return self.supervisor.status()

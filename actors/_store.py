@@ -1241,10 +1241,14 @@ class StoreClient:
             )
         )
 
-    async def cancel(self, job_id: str, actor: str | None) -> Job:
+    async def cancel(self, job_id: str, actor: str | None, attempt: int | None = None) -> Job:
+        """Cancel the job; ``attempt``: only while it runs that attempt (else
+        :class:`StaleAttemptError`, nothing written)."""
         check_text(actor, "actor", optional=True)
         return await self._call(
-            lambda: self._actor._change(job_id, lambda job, now: ops.cancel(job, now, actor))
+            lambda: self._actor._change(
+                job_id, lambda job, now: ops.cancel(job, now, actor, attempt)
+            )
         )
 
     async def pause(

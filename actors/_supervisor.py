@@ -569,13 +569,14 @@ class Supervisor:
             for placement in self.placements
         )
 
-    async def stop(self, job_id: str, reason: str) -> Worker | None:
-        """Ask a running worker to stop, give it the grace period, then cancel it.
+    async def stop(self, job_id: str, reason: str, attempt: int | None = None) -> Worker | None:
+        """Ask a running worker to stop, give it the grace period, then cancel it. ``attempt``:
+        only if it runs that attempt (a control addressed to one attempt).
 
         Returns the worker once its task has ended, or None if the job has no worker here.
         """
         worker = self.workers.get(job_id)
-        if worker is None:
+        if worker is None or (attempt is not None and worker.attempt != attempt):
             return None
         self.detector.unwatch(job_id)  # a stop in progress is not a stall
         worker.request_stop(reason)
@@ -670,11 +671,16 @@ class Supervisor:
         else:
             self._failures += 1
 
-    async def trigger_recovery(self, job_id: str, cause: str = "manual recovery") -> Job:
-        """Apply the stall rule to a running job now, as if its deadline had passed."""
+    async def trigger_recovery(
+        self, job_id: str, cause: str = "manual recovery", *, attempt: int | None = None
+    ) -> Job:
+        """Apply the stall rule to a running job now, as if its deadline had passed.
+        ``attempt``: only to that attempt (a control addressed to it): another attempt's
+        worker is left alone, and the store refuses the write (:class:`StaleAttemptError`)."""
         await self.settled()
-        worker = self.kill(job_id, "stall")
-        attempt = None if worker is None else worker.attempt
+        worker = self.kill(job_id, "stall", attempt)
+        if attempt is None and worker is not None:
+            attempt = worker.attempt
         try:
             job = await self.store.recover(job_id, attempt, self.policy, cause, self.requeues)
         except StoreError as exc:

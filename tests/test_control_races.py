@@ -42,7 +42,9 @@ async def test_a_pause_that_races_a_new_attempt_pauses_that_attempt() -> None:
                 # As when attempt 2 is claimed but not launched here yet: no worker to stop.
                 stop = supervisor.stop
 
-                async def not_launched(job_id: str, reason: str) -> None:
+                async def not_launched(
+                    job_id: str, reason: str, attempt: int | None = None
+                ) -> None:
                     supervisor.stop = stop  # type: ignore[method-assign]
 
                 supervisor.stop = not_launched  # type: ignore[method-assign]

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
@@ -26,8 +27,10 @@ from actors import (
     open_runtime,
 )
 from actors._nodes import node_of
+from actors._ops import create, pause, resume, start
+from actors._options import CreateOptions
 from actors._pg_notify import PgNotifier, node_channel
-from actors._routing import QUEUE_CHANNEL, Control
+from actors._routing import QUEUE_CHANNEL, Control, refusal
 
 #: Set by the handler when it starts, per job id.
 started: dict[str, trio.Event] = {}
@@ -135,7 +138,8 @@ async def test_a_control_for_a_gone_node_fails_clearly_within_its_bound(pg_url: 
         with pytest.raises(RemoteControlError, match="did not pause it within 1 s"):
             await b.pause(job_id)
         assert 0.9 < time.monotonic() - start < 10
-        assert sent == [Control("pause", job_id, None, "user")]
+        running = await a.get_job(job_id)
+        assert sent == [Control("pause", job_id, running.attempt, running.owner or "")]
         assert (await a.get_job(job_id)).state is JobState.RUNNING
 
 
@@ -157,11 +161,44 @@ async def test_a_create_on_one_node_wakes_the_others_dispatcher(pg_url: str) -> 
 
 
 def test_controls_encode_and_bad_payloads_are_refused() -> None:
-    control = Control("cancel", "J1", "bob", "user")
+    control = Control("cancel", "J1", 3, "node-a#i1", "bob", "user")
     assert Control.decode(control.encode()) == control
-    for bad in ("nope", "[]", '{"op": "delete", "job_id": "J"}', '{"op": "pause"}'):
+    for bad in (
+        "nope",
+        "[]",
+        '{"op": "delete", "job_id": "J"}',
+        '{"op": "pause"}',
+        # As sent before controls were addressed: no attempt, no owner.
+        '{"op": "cancel", "job_id": "J", "by": null, "reason": "user"}',
+        '{"op": "cancel", "job_id": "J", "attempt": true, "owner": "node-a#i1"}',
+        '{"op": "cancel", "job_id": "J", "attempt": 1, "owner": null}',
+    ):
         with pytest.raises(ValueError, match="control"):
             Control.decode(bad)
+
+
+def test_a_control_applies_to_its_attempt_under_its_incarnation_with_a_valid_lease() -> None:
+    """The decision of a node that receives a control (:func:`refusal`): apply it only to
+    the attempt it was sent for, held by this incarnation, while its lease is valid."""
+    created, _ = create("J", "alice", "polite", {}, 1.0, CreateOptions())
+    running, _ = start(created, 2.0, "node-a#i1", 60.0)
+    control = Control.of("pause", running, "bob")
+    assert (control.attempt, control.owner, control.by) == (1, "node-a#i1", "bob")
+    assert refusal(control, running, "node-a#i1") is None
+    # No valid lease (fenced, lapsed, or frozen past it and not told yet): nothing applied.
+    assert refusal(control, running, None) == "this node holds no valid lease"
+    # Registered again since: another incarnation, which never held the attempt.
+    assert (
+        refusal(control, running, "node-a#i2") == "addressed to node-a#i1, this node is node-a#i2"
+    )
+    # The attempt ended (a takeover paused it), or the next one runs, wherever it runs.
+    paused, _ = pause(running, 1, 3.0, None, "recovery")
+    assert refusal(control, paused, "node-a#i1") == "attempt 1 ended: the job is paused (attempt 1)"
+    queued, _ = resume(paused, 4.0, None)
+    again, _ = start(queued, 5.0, "node-a#i1", 60.0)
+    assert refusal(control, again, "node-a#i1") == "attempt 1 ended: the job is running (attempt 2)"
+    other = attrs.evolve(running, owner="node-b#x")
+    assert refusal(control, other, "node-a#i1") == "attempt 1 is held by node-b#x, not node-a#i1"
 
 
 async def test_a_node_ignores_the_queue_notifications_of_its_own_commits() -> None:
