@@ -58,6 +58,7 @@ from ._nodes import (
     NodeIdInUseError,
     NodeInfo,
     NodeLease,
+    NodeReplacedError,
     node_of,
 )
 from ._options import KindOptions, RetryPolicy, kind_options
@@ -108,6 +109,7 @@ __all__ = [
     "NodeIdInUseError",
     "NodeInfo",
     "NodeLease",
+    "NodeReplacedError",
     "node_of",
     "Fanout",
     "FanoutConfig",

@@ -26,6 +26,14 @@ database unreachable for ``lease_ttl``), *abandons* its running jobs without wri
 as a new incarnation and carries on. The local deadline counts from when the last successful
 renewal was *sent*, so it never outlasts the lease the database holds.
 
+**Replaced.** A fenced node whose node id another live process holds by then (a new process
+started under the id while this one was frozen past its lease, or a second process given the
+same id) cannot register again while that one lives: it stops with
+:class:`NodeReplacedError`, raised out of the runtime, rather than stay half alive (no lease,
+no claims, still serving its clients) retrying for as long as the other lives. ``jobspine
+serve`` exits with status 7, as for a node id in use at start. An incarnation this process
+registered itself, whose answer was lost, is not another process: it is replaced at once.
+
 The decisions are :class:`LeasePolicy`'s (plain, given ``now``); :class:`NodeActor` does the
 I/O.
 """
@@ -36,6 +44,7 @@ import logging
 import math
 import os
 import socket
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -57,6 +66,7 @@ __all__ = [
     "NodeIdInUseError",
     "NodeInfo",
     "NodeLease",
+    "NodeReplacedError",
     "NodeState",
     "node_of",
 ]
@@ -99,6 +109,26 @@ class NodeIdInUseError(JobspineError):
         self.host = host
         self.pid = pid
         self.expires_in = expires_in
+
+
+class NodeReplacedError(NodeIdInUseError):
+    """This process lost its lease (it was fenced) and another live process holds its node id
+    now (``host``, ``pid``, ``incarnation``): it cannot hold the id again while that one lives,
+    so the runtime stops with this error (see :mod:`._nodes`, "Replaced")."""
+
+    code = "node_replaced"
+
+    def __init__(self, lost: str, held: NodeIdInUseError) -> None:
+        JobspineError.__init__(
+            self,
+            f"node {lost} lost its lease and node id {held.node_id!r} is now held by process"
+            f" {held.pid} on {held.host}: this process stops; give each node its own --node-id",
+        )
+        self.node_id = held.node_id
+        self.incarnation = held.incarnation
+        self.host = held.host
+        self.pid = held.pid
+        self.expires_in = held.expires_in
 
 
 class NodeFencedError(JobspineError):
@@ -268,6 +298,15 @@ class NodeActor:
         self.lease: NodeLease | None = None
         #: The incarnation this process abandoned and has not replaced yet.
         self._abandoned: str | None = None
+        #: The incarnation this process held last (kept when it is fenced): what a
+        #: replacement's error names.
+        self._last_owner: str | None = None
+        #: Incarnations this process asked to register since its last registration: one whose
+        #: answer was lost (a timeout, a dropped connection) may be stored, and is then this
+        #: process's own to replace, never another process holding the id. Tries come one
+        #: renewal interval apart at most, and one sent longer than a lease ago has expired
+        #: (it no longer holds the id): the last ttl / interval of them are enough.
+        self._sent: deque[str] = deque(maxlen=math.ceil(ttl / renew_interval) + 1)
         #: Trio time of the last successful renewal (or registration).
         self.renewed_at: float | None = None
         #: Nodes this one took over, and times it found itself fenced, since it started.
@@ -315,25 +354,32 @@ class NodeActor:
         sent = trio.current_time()
         ttl = self.policy.ttl if self.renewing else 0.0
         incarnation = new_id()
+        self._sent.append(incarnation)
         try:
             # An incarnation this process abandoned is replaced: its lease ends now.
             lease = await self.store.register_node(
                 self.node_id, incarnation, ttl, self.host, self.pid, replacing=self._abandoned
             )
         except NodeIdInUseError as exc:
-            if exc.host != self.host or _process_alive(exc.pid):
+            own = exc.incarnation in self._sent
+            if not own and (exc.host != self.host or _process_alive(exc.pid)):
                 raise
             log.warning(
-                "node %s: replacing incarnation %s (process %d is gone)",
+                "node %s: replacing incarnation %s (%s)",
                 self.node_id,
                 exc.incarnation,
-                exc.pid,
+                "this process's own, its registration unanswered"
+                if own
+                else f"process {exc.pid} is gone",
             )
             lease = await self.store.register_node(
                 self.node_id, incarnation, ttl, self.host, self.pid, replacing=exc.incarnation
             )
         self.policy.granted(sent)
         self.lease, self.renewed_at, self._abandoned = lease, sent, None
+        self._last_owner = lease.owner
+        # One live incarnation per node id: none of the unanswered ones can be stored now.
+        self._sent.clear()
         self._on_owner(lease.owner)
         log.info("node %s registered as %s", self.node_id, lease.owner)
         return lease
@@ -429,7 +475,8 @@ class NodeActor:
             log.warning("node %s: leave not recorded: %s", lease.owner, exc)
 
     async def tick(self) -> None:
-        """One step: re-register if the lease is lost, renew if due."""
+        """One step: re-register if the lease is lost, renew if due. Raises
+        :class:`NodeReplacedError` if another live process holds the node id meanwhile."""
         now = trio.current_time()
         if self.lease is None or self.policy.lapsed(now):
             if self.lease is not None:
@@ -444,6 +491,14 @@ class NodeActor:
                         self.node_id,
                         self.policy.ttl,
                     )
+            except NodeIdInUseError as exc:
+                # This process held the id before (it is registering again after it was
+                # fenced) and another live process holds it now: not an outage that passes.
+                # Retried, it would stay half alive for as long as that process lives,
+                # serving clients with no lease and no claims.
+                lost = self._last_owner or self.node_id
+                log.error("node %s replaced: %s", lost, exc)
+                raise NodeReplacedError(lost, exc) from None
             except RuntimeClosedError:
                 raise
             except JobspineError as exc:

@@ -27,7 +27,7 @@ from ._events import EventHub
 from ._fanout import Fanout, FanoutConfig
 from ._ids import new_id
 from ._joblog import job_fields
-from ._nodes import NodeActor
+from ._nodes import NodeActor, NodeReplacedError
 from ._options import KindOptions
 from ._repository import Repository
 from ._retention import PruneReport, RetentionPolicy
@@ -395,7 +395,9 @@ async def open_runtime(
 
     One process owns a SQLite file at a time: while another holds it, this raises
     :class:`DatabaseLockedError` (naming the owner) having read and written nothing. A node id
-    alive in another process raises :class:`NodeIdInUseError`. A
+    alive in another process raises :class:`NodeIdInUseError`; once running, a node that
+    lost its lease and finds its node id held by another live process stops: the block is
+    cancelled and :class:`NodeReplacedError` raised (see :mod:`._nodes`, "Replaced"). A
     database that cannot be opened (or a PostgreSQL server that cannot be reached) raises
     :class:`StoreError`. An exception from the block propagates unchanged; a failure of the
     runtime itself is raised as :class:`RuntimeCrashedError`. Every way out (return,
@@ -554,6 +556,10 @@ async def open_runtime(
         if not started and len(failures) == 1 and isinstance(failures[0], JobspineError):
             # A refusal to start (database in use, unreadable, newer) is the caller's answer.
             raise failures[0] from None
+        replaced = [e for e in failures if isinstance(e, NodeReplacedError)]
+        if replaced:
+            # Not a crash: the node's defined end once another process holds its id.
+            raise replaced[0] from None
         if failures and all(isinstance(e, Exception) for e in failures):
             raise RuntimeCrashedError(f"a runtime actor failed: {failures[0]!r}") from group
         raise

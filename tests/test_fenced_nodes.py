@@ -1,20 +1,25 @@
-"""What a node that lost its lease does with what it held (issue 11, review finding F2).
+"""What a node that lost its lease does with what it held (issue 11, review findings F2, F3).
 
 A control (pause, cancel, recovery) is addressed to one attempt held by one incarnation: a
 node applies it only while the job still runs that attempt under its own incarnation and
 its lease is valid. Controls reach every process listening on the node id's channel, late
 too (a node frozen past its lease gets them queued when it runs again): each test sends one
 that must not be applied, as ``pg_notify`` would deliver it, and checks that the job's newer
-attempt (or the state its takeover left) stands.
+attempt (or the state its takeover left) stands. And a fenced node whose node id another live
+process holds by then stops with ``node_replaced`` (``jobspine serve``: exit status 7) rather
+than run on half alive, retrying its registration forever.
 
 Real PostgreSQL in real time with short leases (the runtime's threads are involved); real
-``jobspine serve`` processes (SIGSTOP, SIGCONT) for the frozen node."""
+``jobspine serve`` processes (SIGSTOP, SIGCONT) for the frozen node. The node actor's side
+of a replaced node, under the mock clock, is in ``test_nodes.py``."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,6 +36,7 @@ from actors import (
     JobContext,
     JobState,
     JobStopped,
+    NodeIdInUseError,
     PostgresBackend,
     Runtime,
     RuntimeConfig,
@@ -43,6 +49,7 @@ from bench.cluster import cluster_supported
 from transport import ClientError, open_client
 
 from .cluster import cluster_of, create_jobs, owner_node, read_events, read_jobs, token
+from .test_cli import serve_process
 from .test_nodes import wait_until
 
 #: Set when attempt ``(job id, attempt)`` has checkpointed and runs.
@@ -174,6 +181,37 @@ async def test_a_control_of_a_fenced_incarnation_is_not_applied_to_the_jobs_next
 
 
 # -- real processes ---------------------------------------------------------------------------
+
+
+async def test_serve_stops_with_status_7_when_a_newer_process_took_its_node_id(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """``jobspine serve --node-id a`` is frozen (SIGSTOP) past its lease; another process
+    registers as ``a`` (allowed: the lease expired); the old one, continued, exits with status
+    7 and one line naming the process that holds its id."""
+    lease = ("--lease-ttl", "1", "--lease-renew-interval", "0.25")
+    async with serve_process(
+        tmp_path / "data", extra=("--store", pg_url, "--node-id", "a", *lease)
+    ) as served:
+        served.process.send_signal(signal.SIGSTOP)
+        backend, host = PostgresBackend(pg_url), socket.gethostname()
+        async with backend.opened():
+            with trio.fail_after(20):
+                while True:
+                    try:
+                        await backend.register_node("a", "newer", 60.0, host, os.getpid())
+                        break
+                    except NodeIdInUseError:
+                        await trio.sleep(0.1)  # the frozen one's lease has not expired yet
+            served.process.send_signal(signal.SIGCONT)
+            with trio.fail_after(15):
+                status = await served.process.wait()
+        log = (tmp_path / "data" / "serve.log").read_text()
+    assert status == 7, log[-2000:]
+    errors = [line for line in log.splitlines() if line.startswith("jobspine: error:")]
+    assert len(errors) == 1, log[-2000:]
+    assert f"node id 'a' is now held by process {os.getpid()} on" in errors[0]
+    assert "registration failed (retried)" not in log
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -543,6 +544,91 @@ async def test_a_node_whose_renewals_hang_abandons_its_jobs_when_its_lease_lapse
         await wait_until(lambda: job_is(rt, job.id, JobState.FAILED), 5)
         failed = [e for e in await events_of(rt, job.id) if e.type is EventType.FAILED]
         assert len(failed) == 1 and failed[0].data.get("taken_over_from") == first
+
+
+def fence(backend: SharedMemory, owner: str, by: str) -> None:
+    """Mark ``owner``'s row taken over by ``by``, as when its process was frozen past its
+    lease."""
+    node_id, incarnation = node_of(owner)
+    row = backend._nodes[node_id, incarnation or ""]
+    backend._nodes[node_id, incarnation or ""] = attrs.evolve(row, state="dead", taken_over_by=by)
+
+
+async def test_a_fenced_node_whose_id_another_live_process_holds_stops_with_node_replaced(
+    autojump_clock: trio.abc.Clock, clear_abandoned: Callable[[], list[str]]
+) -> None:
+    """Node ``a`` was frozen past its lease: another node took it over, and a new process
+    started as ``a`` on the same host (its lease is valid, its process alive). When ``a``
+    runs again it abandons its job (writing nothing) and, unable to register its id again
+    while that process lives, stops: the runtime raises ``node_replaced`` naming the holder,
+    instead of retrying its registration forever, half alive."""
+    backend = SharedMemory()
+    config = attrs.evolve(FAST, node_id="a")
+    with pytest.raises(NodeIdInUseError) as info, trio.fail_after(60):
+        async with open_runtime(backend=backend, handlers=HANDLERS, config=config) as rt:
+            job = await rt.create_job("hang", "alice", {"checkpoint": True})
+            await wait_until(lambda: job_is(rt, job.id, JobState.RUNNING, checkpointed=True), 5)
+            first = rt.node.owner
+            assert first is not None
+            before = await rt.read_events(job.id)
+            other = await backend.register_node("b", "b1", 3600.0, "elsewhere", 7)
+            fence(backend, first, other.owner)
+            newer = await backend.register_node("a", "a2", 3600.0, rt.node.host, os.getppid())
+            await trio.sleep_forever()  # until the runtime stops
+    error = info.value
+    assert error.code == "node_replaced"
+    assert (error.node_id, error.incarnation, error.pid) == ("a", "a2", os.getppid())
+    assert f"node {first} lost its lease" in str(error) and "this process stops" in str(error)
+    assert clear_abandoned() == [job.id]
+    # Nothing written after it was fenced: the job is the taker's to recover.
+    assert await backend.read_events(job.id, 0, 1000) == before
+    assert (await backend.load(job.id)).state is JobState.RUNNING  # type: ignore[union-attr]
+    assert await backend.node_alive(newer.owner)
+
+
+class LostAnswers(SharedMemory):
+    """Its next ``lose`` registrations are stored, and their answer lost (a connection that
+    dropped after the commit)."""
+
+    lose = 0
+
+    async def register_node(
+        self,
+        node_id: str,
+        incarnation: str,
+        ttl: float,
+        host: str,
+        pid: int,
+        replacing: str | None = None,
+    ) -> NodeLease:
+        lease = await super().register_node(node_id, incarnation, ttl, host, pid, replacing)
+        if self.lose:
+            self.lose -= 1
+            raise ConnectionResetError("the answer was lost")
+        return lease
+
+
+async def test_a_registration_of_its_own_whose_answer_was_lost_is_replaced_at_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A fenced node's registration is stored but its answer lost: the incarnation holding
+    the id is this process's own, not another process (no ``node_replaced``); the next try
+    replaces it at once instead of waiting out its lease."""
+    backend = LostAnswers()
+    config = attrs.evolve(FAST, node_id="a", lease_ttl=3.0)
+    async with open_runtime(backend=backend, handlers=HANDLERS, config=config) as rt:
+        first = rt.node.owner
+        assert first is not None
+        other = await backend.register_node("b", "b1", 3600.0, "elsewhere", 7)
+        backend.lose = 1
+        fence(backend, first, other.owner)
+        await wait_until(lambda: backend.lose == 0, 5)
+        lost_at = trio.current_time()
+        (ghost,) = [n for n in await backend.list_nodes() if n.node_id == "a" and n.owner != first]
+        await wait_until(lambda: rt.node.healthy and rt.node.owner not in (first, ghost.owner))
+        assert trio.current_time() - lost_at < 1.0  # its lease (3 s) was not waited out
+        assert not await backend.node_alive(ghost.owner)
+        assert await backend.node_alive(rt.node.owner or "")
 
 
 async def test_sqlite_registers_its_node_without_renewing_and_takes_over_earlier_ones(

@@ -106,7 +106,8 @@ def save_development_secret(db: Path, secret: str) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     """``jobspine serve``: a failure to start is one line on stderr and a distinct status,
     having changed nothing stored (handlers load and ports bind before the database opens,
-    and the database's owner lock is taken before it is read)."""
+    and the database's owner lock is taken before it is read). So is a node replaced while it
+    served (status 7, see :class:`~actors.NodeReplacedError`)."""
     try:
         try:
             return trio.run(serve, args)
@@ -116,6 +117,8 @@ def run_serve(args: argparse.Namespace) -> int:
                 raise
             raise leaf from None
     except (DatabaseLockedError, NodeIdInUseError) as exc:
+        # NodeIdInUseError at start; its NodeReplacedError once serving: this node lost its
+        # lease and another live process holds its node id, so it stops.
         raise CLIError(ExitCode.DATABASE_IN_USE, str(exc)) from None
     except PortUnavailableError as exc:
         raise CLIError(ExitCode.PORT_UNAVAILABLE, str(exc)) from None

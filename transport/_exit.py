@@ -26,7 +26,8 @@ class ExitCode(enum.IntEnum):
     #: The server refused the request for another reason (``unknown_job``,
     #: ``illegal_transition``, ``rate_limited``, ``store_error``, ...).
     REFUSED = 6
-    #: ``serve``: another live process owns the database (the message names it).
+    #: ``serve``: another live process owns the database, or holds its node id (the message
+    #: names it): at start, or later once this node lost its lease (``node_replaced``).
     DATABASE_IN_USE = 7
     #: ``serve``: a port is in use or cannot be bound.
     PORT_UNAVAILABLE = 8
@@ -52,6 +53,7 @@ exit status:
   5    authentication: no token, or the token was refused
   6    the server refused the request (unknown job, illegal transition, rate limit, ...)
   7    serve: another live process owns the database (pid, host and since when are named)
+       or holds its --node-id (at start, or after this node lost its lease)
   8    serve: a port is in use or cannot be bound
   9    serve: the database cannot be used (corrupt, not a database, newer schema)
        or its PostgreSQL server cannot be reached
