@@ -258,6 +258,11 @@ async def test_a_node_frozen_past_its_lease_applies_no_control_queued_for_it(
         async with trio.open_nursery() as nursery:
             for op, job_id in zip(("cancel", "pause", "cancel"), jobs, strict=True):
                 nursery.start_soon(control, op, job_id)
+            # Sent (queued for n1), then the askers leave: had they waited, n0 would apply
+            # each control to the job as the takeover leaves it. Only n1's queued copies are
+            # left, for attempts that will have ended.
+            await trio.sleep(1.0)
+            nursery.cancel_scope.cancel()
 
         async def taken_over() -> bool:
             found = await trio.to_thread.run_sync(rows)
