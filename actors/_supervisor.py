@@ -573,7 +573,11 @@ class Supervisor:
         """Ask a running worker to stop, give it the grace period, then cancel it. ``attempt``:
         only if it runs that attempt (a control addressed to one attempt).
 
-        Returns the worker once its task has ended, or None if the job has no worker here.
+        Returns the worker once its task has ended, or ``stop_grace`` after its cancellation
+        if its handler ignores it (shielded, or blocked in a thread): the caller records the
+        attempt's outcome then, and a cancelled attempt records nothing of its own (its late
+        result, or a write, is refused: the attempt has ended). None if the job has no worker
+        here.
         """
         worker = self.workers.get(job_id)
         if worker is None or (attempt is not None and worker.attempt != attempt):
@@ -583,7 +587,12 @@ class Supervisor:
         with trio.move_on_after(self.config.stop_grace):
             await worker.finished.wait()
         worker.scope.cancel()
-        await worker.finished.wait()
+        with trio.move_on_after(self.config.stop_grace):
+            await worker.finished.wait()
+        if worker.recording:
+            # It returned in time and its outcome is on its way to the database (bounded by
+            # the store's retry timeout): that outcome stands, never raced by the caller's.
+            await worker.finished.wait()
         return worker
 
     def kill(self, job_id: str, reason: str, attempt: int | None = None) -> Worker | None:

@@ -251,6 +251,7 @@ class Worker:
         "outcome",
         "outcome_stored",
         "persist_beat",
+        "recording",
         "scope",
         "stop_reason",
         "store",
@@ -286,6 +287,9 @@ class Worker:
         self.outcome_stored = True
         #: How the attempt ended: completed, failed, stopped, fenced or not_stored.
         self.outcome = "stopped"
+        #: Its handler returned or raised before any cancellation: its own outcome is being
+        #: recorded (a stop waits for it, see Supervisor.stop).
+        self.recording = False
         #: The attempt ended because the database was unavailable: recovered by a pause at
         #: its last checkpoint, never by failing it.
         self.store_unavailable = False
@@ -411,10 +415,15 @@ class Worker:
                     exc_info=exc,
                     extra=self._fields("failed"),
                 )
-        if self.scope.cancelled_caught:
-            return  # stopped by the runtime: whoever stopped it records the outcome
+        if self.scope.cancel_called:
+            # Stopped by the runtime: whoever stopped it records the outcome, also when the
+            # handler ignored its cancellation and returned or raised after it (its late
+            # result is not the attempt's: a timeout's attempt has failed, a paused job is
+            # paused).
+            return
         # Waiting on the database to record the outcome is not a stall.
         self.keep_alive += 1
+        self.recording = True
         try:
             await self._record(error, result, permanent)
         finally:
