@@ -13,7 +13,7 @@ import trio
 
 from ._backend import JobQuery, QueueStats
 from ._errors import IllegalTransitionError, JobspineError, StaleAttemptError, StoreError
-from ._events import AUDIT_TYPES, STREAM_BYTES, EventHub, EventStream, JobEvent
+from ._events import AUDIT_TYPES, STREAM_BYTES, EventHub, EventStream, EventStreamLagged, JobEvent
 from ._job import Job, JobError
 from ._joblog import job_fields
 from ._options import CreateOptions, KindOptions
@@ -26,7 +26,7 @@ from ._recovery import (
     validate_checkpoint,
 )
 from ._routing import Control, RemoteControls, refusal
-from ._states import JobState
+from ._states import TERMINAL_STATES, JobState
 from ._store import StoreClient
 from ._supervisor import Supervisor
 from ._worker import Handler
@@ -46,6 +46,9 @@ CANCEL_WAVE = 64
 #: what is pending first, and serves nothing else meanwhile), and parents per listing.
 LIST_WAVE = 8
 PARENTS_PER_LIST = 500
+#: Seconds between two reads of a job :meth:`Repository.wait_job` waits for (its events wake
+#: it sooner when this runtime commits them).
+WAIT_POLL = 1.0
 #: Times a pause or a cancel is tried when the attempt it read ends otherwise before it is
 #: applied (another client paused or restarted the job; its node died and was taken over).
 CONTROL_RACES = 5
@@ -235,6 +238,31 @@ class Repository:
 
     async def get_job(self, job_id: str) -> Job:
         return await self._store.get(job_id)
+
+    async def wait_job(self, job_id: str, states: Iterable[JobState] = TERMINAL_STATES) -> Job:
+        """The job as stored once it is in one of ``states`` (by default finished: completed,
+        failed or cancelled; a paused job is waited for until it is resumed and finishes, so
+        pass ``PAUSED`` too to hear of it). Bound it with ``trio.fail_after``. Woken by the
+        job's events, and reading the job again every ``WAIT_POLL`` seconds (a job another
+        node runs commits its events there). Raises :class:`UnknownJobError` for a job that
+        does not exist, or is deleted meanwhile."""
+        wanted = frozenset(states)
+        while True:
+            # Subscribed before each read: an event committed after the read wakes the wait.
+            async with self._hub.subscribe(buffer=1_000) as stream:
+                try:
+                    while True:
+                        job = await self._store.get(job_id)
+                        if job.state in wanted:
+                            return job
+                        with trio.move_on_after(WAIT_POLL):
+                            async for event in stream:
+                                if event.job_id == job_id and event.state in wanted:
+                                    break
+                            else:  # the hub closed (a shutdown): only the reads are left
+                                await trio.sleep_forever()
+                except EventStreamLagged:
+                    continue  # behind the other jobs' events: subscribed again, read again
 
     async def list_jobs(
         self,

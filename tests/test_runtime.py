@@ -338,3 +338,33 @@ async def test_job_stopped_is_not_a_failure() -> None:
         paused = await rt.pause(job.id)
         assert paused.state is JobState.PAUSED and paused.checkpoint == {"polite": True}
         assert paused.error is None
+
+
+async def test_wait_job_returns_the_job_once_finished_whatever_way(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """``wait_job`` returns a job once completed, failed or cancelled (the README's loop over
+    events never ended for a cancelled job), or in the states asked for; an unknown id is
+    ``UnknownJobError`` at once."""
+
+    async def slow(ctx: JobContext, input: Any) -> Any:
+        await trio.sleep(input["s"])
+        if input.get("fail"):
+            raise RuntimeError("no")
+        return input["s"]
+
+    async with memory_runtime({"slow": slow}) as rt:
+        done = await rt.create_job("slow", "u", {"s": 5})
+        assert (await rt.wait_job(done.id)).result == 5
+        failed = await rt.create_job("slow", "u", {"s": 1, "fail": True}, max_attempts=1)
+        assert (await rt.wait_job(failed.id)).state is JobState.FAILED
+        cancelled = await rt.create_job("slow", "u", {"s": 100})
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rt.cancel, cancelled.id)
+            assert (await rt.wait_job(cancelled.id)).state is JobState.CANCELLED
+        running = await rt.create_job("slow", "u", {"s": 100})
+        job = await rt.wait_job(running.id, {JobState.RUNNING})
+        assert job.state is JobState.RUNNING
+        with pytest.raises(UnknownJobError):
+            await rt.wait_job("no-such-job")
+        await rt.cancel(running.id)
