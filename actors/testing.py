@@ -1,9 +1,11 @@
-"""A pytest plugin giving a runtime on a temporary SQLite file: the ``jobspine_runtime`` fixture.
+"""A pytest plugin giving a runtime to tests: ``jobspine_runtime`` (on a temporary SQLite file)
+and ``jobspine_memory_runtime`` (on the in-memory store: no threads, so its time is the test's
+clock, pytest-trio's ``autojump_clock`` included).
 
 Enable it with ``pytest_plugins = ["actors.testing"]`` in a ``conftest.py``; override the
 ``jobspine_handlers`` or ``jobspine_config`` fixtures to register your own handlers or timings.
 It needs pytest-trio (``pip install 'jobspine[testing]'``). An ``async def`` test that uses
-``jobspine_runtime`` runs under Trio even without ``trio_mode = true`` or ``@pytest.mark.trio``.
+either runtime runs under Trio even without ``trio_mode = true`` or ``@pytest.mark.trio``.
 """
 
 from __future__ import annotations
@@ -23,11 +25,15 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
         " (or add pytest-trio to your test dependencies)"
     ) from exc
 
+from ._backend import MemoryBackend
 from ._demo import DEMO_HANDLERS
 from ._runtime import Runtime, RuntimeConfig, open_runtime
 from ._worker import Handler
 
-__all__ = ["jobspine_config", "jobspine_handlers", "jobspine_runtime"]
+__all__ = ["jobspine_config", "jobspine_handlers", "jobspine_memory_runtime", "jobspine_runtime"]
+
+#: The fixtures whose async tests the plugin runs under Trio.
+_RUNTIMES = frozenset({"jobspine_runtime", "jobspine_memory_runtime"})
 
 F = TypeVar("F", bound=Callable[..., object])
 #: A fixture pytest-trio runs in the test's Trio loop, with or without ``trio_mode``.
@@ -43,14 +49,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run ``async def`` tests that use ``jobspine_runtime`` under Trio (what ``trio_mode``
-    does for every async test)."""
+    """Run ``async def`` tests that use a runtime fixture under Trio (what ``trio_mode`` does
+    for every async test)."""
     if config.getini("trio_mode"):
         return
     for item in items:
         if (
             isinstance(item, pytest.Function)
-            and "jobspine_runtime" in item.fixturenames
+            and not _RUNTIMES.isdisjoint(item.fixturenames)
             and iscoroutinefunction(item.obj)
             and item.get_closest_marker("trio") is None
         ):
@@ -74,5 +80,19 @@ async def jobspine_runtime(
     """A running runtime on ``tmp_path / "jobspine.db"``, closed after the test."""
     async with open_runtime(
         tmp_path / "jobspine.db", handlers=jobspine_handlers, config=jobspine_config
+    ) as runtime:
+        yield runtime
+
+
+@trio_fixture
+async def jobspine_memory_runtime(
+    jobspine_handlers: dict[str, Handler], jobspine_config: RuntimeConfig
+) -> AsyncIterator[Runtime]:
+    """A running runtime on the in-memory store, closed after the test. Nothing in it runs
+    in a thread, so delays, backoffs, timeouts and stalls follow the test's clock: with
+    ``autojump_clock`` requested by the test, an hour of them passes in milliseconds (the
+    SQLite runtime's database thread does not follow a virtual clock)."""
+    async with open_runtime(
+        backend=MemoryBackend(), handlers=jobspine_handlers, config=jobspine_config
     ) as runtime:
         yield runtime

@@ -137,8 +137,9 @@ async def test_bad_log_format_is_a_usage_error(tmp_path: Path) -> None:
 # -- the actors.testing plugin in an application's own project ---------------------------------
 
 APP_TEST = """
-from actors import JobContext, Runtime
+from actors import JobContext, Runtime, RuntimeConfig
 import pytest
+import trio
 
 
 async def double(ctx: JobContext, input: dict) -> dict:
@@ -158,6 +159,24 @@ async def test_double(jobspine_runtime: Runtime) -> None:
             if event.job_id == job.id and event.type == "completed":
                 break
     assert (await jobspine_runtime.get_job(job.id)).result == {"n": 42}
+
+
+async def slowly(ctx: JobContext, input: dict) -> dict:
+    await trio.sleep(3600)
+    return {"slept": 3600}
+
+
+@pytest.fixture
+def jobspine_config() -> RuntimeConfig:
+    return RuntimeConfig(heartbeat_timeout=7200)
+
+
+async def test_an_hour_on_the_memory_runtime(jobspine_memory_runtime: Runtime, autojump_clock):
+    jobspine_memory_runtime.register("slowly", slowly)
+    job = await jobspine_memory_runtime.create_job("slowly", "alice", {}, delay=3600)
+    start = trio.current_time()
+    done = await jobspine_memory_runtime.wait_job(job.id)
+    assert done.result == {"slept": 3600} and trio.current_time() - start >= 7200
 """
 
 
@@ -198,7 +217,7 @@ def run_app_tests(tmp_path: Path, pyproject: str, *args: str) -> subprocess.Comp
 def test_the_fixture_works_in_an_application_project(tmp_path: Path, pyproject: str) -> None:
     result = run_app_tests(tmp_path, pyproject)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 passed" in result.stdout
+    assert "2 passed" in result.stdout
 
 
 def test_the_fixture_says_what_is_missing_without_pytest_trio(tmp_path: Path) -> None:
