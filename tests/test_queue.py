@@ -447,12 +447,12 @@ async def test_a_cancelled_tree_leaves_room_for_other_writes(
         store, cancel = rt._store, rt._store.cancel
         in_flight = peak = done = 0
 
-        async def counted(job_id: str, by: str | None) -> Any:
+        async def counted(job_id: str, by: str | None, attempt: int | None = None) -> Any:
             nonlocal in_flight, peak, done
             in_flight += 1
             peak = max(peak, in_flight)
             try:
-                return await cancel(job_id, by)
+                return await cancel(job_id, by, attempt)
             finally:
                 in_flight -= 1
                 done += 1
