@@ -617,12 +617,7 @@ class NodeActor:
         for job in jobs:
             try:
                 recovered = await store.recover(
-                    job.id,
-                    job.attempt,
-                    supervisor.policy,
-                    cause,
-                    supervisor.requeues,
-                    took_over=(owner, by),
+                    job.id, job.attempt, supervisor.recovery_rule(cause), took_over=(owner, by)
                 )
             except RuntimeClosedError:
                 raise

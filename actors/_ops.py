@@ -24,7 +24,7 @@ from ._errors import (
 from ._events import EventType, JobEvent
 from ._job import Job, JobError
 from ._options import CreateOptions
-from ._policy import RecoveryDecision
+from ._policy import STALLED, RecoveryDecision
 from ._scheduling import RetryDecision
 from ._states import JobState, check_transition
 
@@ -220,6 +220,12 @@ def retry(job: Job, attempt: int, error: JobError, decision: RetryDecision, now:
     ``decision.next_attempt_at`` (the checkpoint is kept: the retry resumes from it)."""
     _fence(job, attempt)
     check_transition(job.id, job.state, S.CREATED)
+    return _retrying(job, error, decision, now)
+
+
+def _retrying(job: Job, error: JobError, decision: RetryDecision, now: float) -> Change:
+    """The ``retrying`` event of a failed attempt of running ``job`` (fenced and checked by
+    the caller): back in the queue until ``decision.next_attempt_at``."""
     return _emit(
         job,
         EventType.RETRYING,
@@ -394,8 +400,12 @@ def recover(
     now: float,
     extra: Mapping[str, Any] | None = None,
 ) -> Change:
-    """Apply a stall or crash recovery decision to a running job; ``extra`` is added to its
-    event's data (a takeover records ``taken_over_from`` and ``taken_over_by``)."""
+    """Apply a stall or crash recovery decision to a running job: a ``recovery`` event (paused
+    or re-queued at its checkpoint), a ``retrying`` event (a failed attempt of error type
+    ``Stalled``, back in the queue until its backoff ends) or a ``failed`` one. ``extra`` is
+    added to the event's data (a takeover records ``taken_over_from`` and ``taken_over_by``).
+    Raises :class:`StaleAttemptError` when ``attempt`` is not the running one,
+    :class:`IllegalTransitionError` when the job is not running."""
     new, event = _recover(job, attempt, decision, now)
     if extra:
         event = attrs.evolve(event, data={**event.data, **extra})
@@ -408,6 +418,11 @@ def _recover(job: Job, attempt: int | None, decision: RecoveryDecision, now: flo
     check_transition(job.id, job.state, decision.to_state)
     # A stalled or orphaned run ended at its last sign of life, not when it was noticed.
     job = _evolve(job, _end_run(job, job.last_heartbeat_at or now))
+    counted = decision.failed_attempt
+    error = JobError(STALLED, decision.reason)
+    if decision.to_state is S.CREATED and counted is not None:
+        retried, event = _retrying(job, error, counted, now)
+        return _evolve(retried, {"recovery_attempts": decision.recovery_attempts}), event
     if decision.to_state is S.CREATED:
         return _emit(
             job,
@@ -439,8 +454,9 @@ def _recover(job: Job, attempt: int | None, decision: RecoveryDecision, now: flo
             pause_reason="recovery",
             recovery_attempts=decision.recovery_attempts,
         )
-    failed, event = fail(job, None, JobError("Stalled", decision.reason), now, "system")
-    return attrs.evolve(failed, recovery_attempts=decision.recovery_attempts), event
+    failed_attempts = None if counted is None else counted.failed_attempts
+    failed, event = fail(job, None, error, now, "system", failed_attempts)
+    return _evolve(failed, {"recovery_attempts": decision.recovery_attempts}), event
 
 
 def restart(

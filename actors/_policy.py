@@ -1,46 +1,79 @@
 """Sans-I/O decision logic: stall detection and the recovery rule.
 
 Nothing here awaits or reads a clock: callers pass ``now`` (``trio.current_time()`` in the
-runtime), so every rule is unit-testable without Trio.
+runtime, or the wall clock a retry's time is computed with), so every rule is unit-testable
+without Trio.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+import random
 
 import attrs
 
 from ._job import Job
+from ._options import KindOptions
+from ._scheduling import RetryDecision, decide_retry
 from ._states import JobState
 
-__all__ = ["RecoveryDecision", "RecoveryPolicy", "StallDetector"]
+__all__ = ["STALLED", "RecoveryDecision", "RecoveryPolicy", "StallDetector"]
+
+#: The error type of a stall counted as a failed attempt (a kind may list it in
+#: ``non_retryable`` to fail such a stall at once).
+STALLED = "Stalled"
 
 
 @attrs.frozen
 class RecoveryDecision:
+    """What the stall rule does with a running job: ``to_state`` (paused, created or failed),
+    ``reason`` (the ``recovery`` event's, or the message of the ``Stalled`` error), and
+    ``recovery_attempts`` counting this stall.
+
+    ``failed_attempt``: the stall counted as a failed attempt of error type ``Stalled``, as
+    the retry rule decided it (its ``retry`` is true exactly when ``to_state`` is created);
+    set whenever the job is retried or failed, None when it is paused or re-queued at its
+    checkpoint (that attempt is not counted as failed)."""
+
     to_state: JobState
     reason: str
     recovery_attempts: int
+    failed_attempt: RetryDecision | None = None
 
 
 @attrs.frozen
 class RecoveryPolicy:
-    """Checkpoint -> paused (resumable), none -> failed; past the limit -> failed for good.
-    With ``requeue`` (the kind's ``requeue_stalled``), checkpoint -> created: back in the
-    queue, resumed from the checkpoint by the next claim."""
+    """The stall rule (see :meth:`decide`); ``max_recovery_attempts``: stalls a job may have
+    before the next one fails it for good (until an operator resets the count)."""
 
     max_recovery_attempts: int = 3
 
-    def decide(self, job: Job, cause: str, *, requeue: bool = False) -> RecoveryDecision:
+    def decide(
+        self, job: Job, cause: str, options: KindOptions, now: float, rng: random.Random
+    ) -> RecoveryDecision:
+        """Decide a stall of running ``job`` (as stored), ``cause`` saying what happened.
+
+        Every stall counts a recovery attempt. Past ``max_recovery_attempts`` the job fails.
+        Else, with a checkpoint, it is re-queued (``options.requeue_stalled``: resumed from
+        the checkpoint by the next claim) or paused there (resumable). Without one, the stall
+        is a failed attempt of error type ``Stalled`` under the retry rule
+        (:func:`decide_retry`: ``job.max_attempts``, ``options.retry``'s backoff and
+        ``options.non_retryable``): back in the queue at ``now`` (Unix seconds) plus the
+        backoff (jitter drawn from ``rng``) while attempts are left, else failed. A failing
+        stall counts a failed attempt too.
+        """
         attempts = job.recovery_attempts + 1
         if attempts > self.max_recovery_attempts:
+            # The crash-loop guard: a job that stalls (or kills its node) again and again
+            # ends, whatever attempts or checkpoint it has left.
             return RecoveryDecision(
                 JobState.FAILED,
                 f"{cause}; recovery attempts exhausted ({attempts} > {self.max_recovery_attempts})",
                 attempts,
+                RetryDecision(False, job.failed_attempts + 1),
             )
-        if job.checkpoint_version > 0 and requeue:
+        if job.checkpoint_version > 0 and options.requeue_stalled:
             return RecoveryDecision(
                 JobState.CREATED,
                 f"{cause}; re-queued at checkpoint v{job.checkpoint_version}",
@@ -52,7 +85,17 @@ class RecoveryPolicy:
                 f"{cause}; paused at checkpoint v{job.checkpoint_version}",
                 attempts,
             )
-        return RecoveryDecision(JobState.FAILED, f"{cause}; no checkpoint to resume from", attempts)
+        retry = decide_retry(
+            options, job.failed_attempts, job.max_attempts, STALLED, False, now, rng
+        )
+        reason = f"{cause}; no checkpoint to resume from"
+        if retry.retry:
+            return RecoveryDecision(JobState.CREATED, reason, attempts, retry)
+        if STALLED in options.non_retryable:
+            reason += f" ({STALLED} is not retried for this kind)"
+        else:
+            reason += f", no attempts left ({retry.failed_attempts} of {job.max_attempts} failed)"
+        return RecoveryDecision(JobState.FAILED, reason, attempts, retry)
 
 
 class StallDetector:

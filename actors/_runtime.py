@@ -34,9 +34,14 @@ from ._retention import PruneReport, RetentionPolicy
 from ._routing import RemoteControls
 from ._scheduling import ClaimLimits
 from ._sqlite import SqliteBackend
-from ._states import JobState
 from ._store import StoreActor, StoreClient, StoreConfig, StoreHealth
-from ._supervisor import Supervisor, SupervisorConfig, SupervisorStatus
+from ._supervisor import (
+    Supervisor,
+    SupervisorConfig,
+    SupervisorStatus,
+    recovery_event,
+    recovery_outcome,
+)
 from ._worker import Handler
 
 if TYPE_CHECKING:
@@ -253,17 +258,12 @@ class Runtime(Repository):
         job on PostgreSQL was paused by a runtime from before nodes existed. The dispatcher,
         started next, claims every waiting job."""
         store = self._store
-        policy = self.supervisor.policy
+        rule = self.supervisor.recovery_rule("the process running it stopped (recovered at start)")
         for job in await store.find_running():
             if job.owner is not None and await store.node_alive(job.owner):
                 continue
             try:
-                job = await store.recover(
-                    job.id,
-                    job.attempt,
-                    policy,
-                    "the process running it stopped (recovered at start)",
-                )
+                job = await store.recover(job.id, job.attempt, rule)
             except JobspineError as exc:
                 log.warning(
                     "job %s not recovered: %s",
@@ -276,13 +276,8 @@ class Runtime(Repository):
             log.warning(
                 "recovered job %s at start: %s",
                 job.id,
-                job.state.value,
-                extra=job_fields(
-                    job.id,
-                    job.user_id,
-                    job.attempt,
-                    "recovery" if job.state is JobState.PAUSED else "failed",
-                ),
+                recovery_outcome(job),
+                extra=job_fields(job.id, job.user_id, job.attempt, recovery_event(job)),
             )
         if self.config.resume_on_start:
             # Every kind: one served only by worker processes waits until they connect.

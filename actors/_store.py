@@ -89,7 +89,7 @@ from ._keyfilter import KeyFilter
 from ._metrics import StoreMetrics, move
 from ._nodes import NodeInfo, NodeLease
 from ._options import CreateOptions
-from ._policy import RecoveryPolicy
+from ._policy import RecoveryDecision
 from ._retention import RetentionPolicy
 from ._scheduling import RetryDecision
 from ._states import JobState, check_transition
@@ -1277,17 +1277,15 @@ class StoreClient:
         self,
         job_id: str,
         attempt: int | None,
-        policy: RecoveryPolicy,
-        cause: str,
-        requeue: Callable[[Job], bool] | None = None,
+        decide: Callable[[Job], RecoveryDecision],
         *,
         took_over: tuple[str, str] | None = None,
     ) -> Job:
-        """Apply the recovery rule to a running job, atomically with reading it; ``requeue``
-        says whether the job's kind re-queues a stalled job with a checkpoint. ``took_over``:
-        ``(dead owner, new owner)`` of a node takeover, recorded in the event's data as
-        ``taken_over_from`` and ``taken_over_by``; the job must still be the dead owner's."""
-        cause = sanitize_text(cause)
+        """Apply the recovery rule to a running job, atomically with reading it: ``decide``
+        (given the job as stored: ``Supervisor.decide_recovery``, the one stall rule) says
+        what becomes of it. ``took_over``: ``(dead owner, new owner)`` of a node takeover,
+        recorded in the event's data as ``taken_over_from`` and ``taken_over_by``; the job
+        must still be the dead owner's."""
         extra = None
         if took_over is not None:
             extra = {"taken_over_from": took_over[0], "taken_over_by": took_over[1]}
@@ -1295,8 +1293,11 @@ class StoreClient:
         def change(job: Job, now: float) -> ops.Change:
             if took_over is not None and job.owner != took_over[0]:
                 raise StaleAttemptError(job.id, job.attempt, job.attempt, job.state.value)
-            again = requeue is not None and requeue(job)
-            return ops.recover(job, attempt, policy.decide(job, cause, requeue=again), now, extra)
+            decision = decide(job)
+            # The reason is stored (an event's reason, a failure's message): a cause naming
+            # what the database cannot hold (a lone surrogate) is escaped, never refused.
+            decision = attrs.evolve(decision, reason=sanitize_text(decision.reason))
+            return ops.recover(job, attempt, decision, now, extra)
 
         return await self._call(lambda: self._actor._change(job_id, change))
 

@@ -25,7 +25,7 @@ from ._job import Job, JobError
 from ._joblog import job_fields
 from ._options import KindOptions, options_of
 from ._placement import InProcessPlacement, Placement
-from ._policy import RecoveryPolicy, StallDetector
+from ._policy import RecoveryDecision, RecoveryPolicy, StallDetector
 from ._scheduling import RetryDecision, decide_retry
 from ._states import JobState
 from ._store import StoreClient
@@ -37,6 +37,8 @@ __all__ = [
     "Supervisor",
     "SupervisorConfig",
     "SupervisorStatus",
+    "recovery_event",
+    "recovery_outcome",
 ]
 
 #: The reason a claimed job goes back to the queue when no placement has its slot anymore.
@@ -635,7 +637,7 @@ class Supervisor:
                 )
             else:
                 job = await self.store.recover(
-                    worker.job_id, worker.attempt, self.policy, cause, self.requeues
+                    worker.job_id, worker.attempt, self.recovery_rule(cause)
                 )
         except StoreError as exc:
             log.warning(
@@ -662,9 +664,9 @@ class Supervisor:
         log.warning(
             "job %s %s: %s",
             job.id,
-            job.state.value,
+            recovery_outcome(job),
             cause,
-            extra=job_fields(job.id, job.user_id, worker.attempt, _recovery_event(job)),
+            extra=job_fields(job.id, job.user_id, worker.attempt, recovery_event(job)),
         )
 
     def count_recovery(self, job: Job) -> None:
@@ -691,7 +693,7 @@ class Supervisor:
         if attempt is None and worker is not None:
             attempt = worker.attempt
         try:
-            job = await self.store.recover(job_id, attempt, self.policy, cause, self.requeues)
+            job = await self.store.recover(job_id, attempt, self.recovery_rule(cause))
         except StoreError as exc:
             if worker is not None:
                 self.unrecorded(worker, exc)
@@ -701,9 +703,18 @@ class Supervisor:
             self.capacity_changed()
         return job
 
-    def requeues(self, job: Job) -> bool:
-        """Whether a stalled job of this kind with a checkpoint goes back to the queue."""
-        return self._options(job.kind).requeue_stalled
+    def decide_recovery(self, job: Job, cause: str) -> RecoveryDecision:
+        """The stall rule (:meth:`RecoveryPolicy.decide`) for running ``job`` as stored, with
+        its kind's options as this runtime knows them (the defaults for a kind it does not
+        know): re-queue at a checkpoint, retry backoff, non-retryable types. A retry's time is
+        by this runtime's clock (:meth:`now`), its jitter from this supervisor's ``rng``."""
+        return self.policy.decide(job, cause, self._options(job.kind), self.now(), self._rng)
+
+    def recovery_rule(self, cause: str) -> Callable[[Job], RecoveryDecision]:
+        """:meth:`decide_recovery` for ``cause``, as :meth:`StoreClient.recover` takes it.
+        Every recovery goes through it, so one rule decides them all: a stall or a lost
+        worker here, a manual recovery, a node's takeover, the recovery at start."""
+        return functools.partial(self.decide_recovery, cause=cause)
 
     def status(self) -> SupervisorStatus:
         return SupervisorStatus(
@@ -742,6 +753,17 @@ class Supervisor:
             )
 
 
-def _recovery_event(job: Job) -> str:
-    """The type of the event a stored recovery decision emitted."""
-    return "recovery" if job.state is JobState.PAUSED else "failed"
+def recovery_outcome(job: Job) -> str:
+    """What a stored recovery decision did, from the job it left: ``failed``, ``paused``,
+    ``retrying`` (a failed attempt back in the queue) or ``re-queued`` (at its checkpoint)."""
+    if job.state is not JobState.CREATED:
+        return job.state.value
+    # A retry waits for its backoff (``run_at`` set to its next attempt); a re-queue at a
+    # checkpoint is ready at once (``run_at`` cleared).
+    return "retrying" if job.run_at is not None else "re-queued"
+
+
+def recovery_event(job: Job) -> str:
+    """The type of the event a stored recovery decision emitted, from the job it left."""
+    outcome = recovery_outcome(job)
+    return outcome if outcome in ("failed", "retrying") else "recovery"

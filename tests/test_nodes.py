@@ -37,6 +37,7 @@ from actors import (
     NodeIdInUseError,
     NodeLease,
     PostgresBackend,
+    RetryPolicy,
     RuntimeConfig,
     StaleWriteError,
     node_of,
@@ -325,8 +326,10 @@ HANDLERS = {"hang": hang, "again": hang, "quick": quick}
 FAST = RuntimeConfig(lease_ttl=1.0, lease_renew_interval=0.2, heartbeat_timeout=3600)
 
 
-def owned(job_id: str, kind: str, owner: str, at: float, *, ckpt: bool = False) -> list[Job]:
-    created, _ = create(job_id, "alice", kind, {}, at, CreateOptions())
+def owned(
+    job_id: str, kind: str, owner: str, at: float, *, ckpt: bool = False, attempts: int = 1
+) -> list[Job]:
+    created, _ = create(job_id, "alice", kind, {}, at, CreateOptions(max_attempts=attempts))
     started, _ = start(attrs.evolve(created, owner=owner), at, owner, at + 1)
     if ckpt:
         started, _ = checkpoint(started, started.attempt, {"at": 1}, at, 1 << 20)
@@ -436,6 +439,80 @@ async def test_jobs_left_by_a_taker_that_died_mid_takeover_are_recovered_once(
         types = [e.type for e in await rt.read_events("j-orphan")]
         assert types.count(EventType.RECOVERY) == 1
         assert (await rt.get_job("j-busy")).state is JobState.RUNNING  # its taker's to end
+
+
+#: A kind that runs at once, retried 2 s after a failed attempt (no jitter).
+RETRIED = {"quick": KindOptions(retry=RetryPolicy(initial_interval=2.0, jitter=0.0))}
+
+
+async def test_a_job_taken_over_without_a_checkpoint_is_retried_while_attempts_are_left(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The stall rule of a takeover is the supervisor's: a job of the dead node with no
+    checkpoint and attempts left is a failed attempt of type ``Stalled``, back in the queue
+    after its kind's backoff (a ``retrying`` event naming the takeover), then run here; one
+    with no attempts left fails."""
+    backend = SharedMemory()
+    dead = await backend.register_node("dead", "d1", 1.0, "elsewhere", 1)
+    now = backend._clock()
+    jobs = [
+        *owned("j-retry", "quick", dead.owner, now, attempts=3),
+        *owned("j-spent", "quick", dead.owner, now),
+    ]
+    await backend.commit(jobs, [], (), {})
+    config = attrs.evolve(FAST, node_id="a", kinds=RETRIED)
+    async with open_runtime(backend=backend, handlers=HANDLERS, config=config) as rt:
+        await wait_until(lambda: job_is(rt, "j-retry", JobState.COMPLETED), 10)
+        by = rt.node.owner
+        done = await rt.get_job("j-retry")
+        assert (done.attempt, done.failed_attempts, done.recovery_attempts) == (2, 1, 1)
+        events = await rt.read_events("j-retry")
+        (retrying,) = [e for e in events if e.type is EventType.RETRYING]
+        assert retrying.data["error"]["type"] == "Stalled"
+        assert f"node {dead.owner} stopped renewing its lease" in retrying.data["error"]["message"]
+        assert (retrying.data["failed_attempts"], retrying.data["delay"]) == (1, 2.0)
+        assert (retrying.data["taken_over_from"], retrying.data["taken_over_by"]) == (
+            dead.owner,
+            by,
+        )
+        # The dead node's own events are not in this database: its start is not here.
+        assert [e.data["owner"] for e in events if e.type is EventType.STARTED] == [by]
+        spent = await rt.get_job("j-spent")
+        assert (spent.state, spent.failed_attempts) == (JobState.FAILED, 1)
+        assert spent.error is not None and spent.error.type == "Stalled"
+        status = rt.status()
+        assert (status.stalls_detected, status.recoveries, status.failures) == (2, 1, 1)
+
+
+async def test_the_recovery_at_start_is_the_stall_rule_of_the_jobs_kind(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Jobs left running by a process that is gone: at start, one with no checkpoint and
+    attempts left is retried after its kind's backoff, and a checkpointed one of a kind with
+    ``requeue_stalled`` goes back to the queue (run again from its checkpoint), as a stall
+    of a running runtime would."""
+    backend = MemoryBackend()
+    now = backend._clock()
+    gone = "gone#i1"  # no node of that owner is alive
+    jobs = [
+        *owned("j-retry", "quick", gone, now, attempts=3),
+        *owned("j-requeue", "again", gone, now, ckpt=True),
+    ]
+    await backend.commit(jobs, [], (), {})
+    kinds = {**RETRIED, "again": KindOptions(requeue_stalled=True)}
+    config = attrs.evolve(FAST, node_id="a", kinds=kinds)
+    async with open_runtime(backend=backend, handlers=HANDLERS, config=config) as rt:
+        await wait_until(lambda: job_is(rt, "j-retry", JobState.COMPLETED), 10)
+        done = await rt.get_job("j-retry")
+        assert (done.attempt, done.failed_attempts, done.recovery_attempts) == (2, 1, 1)
+        types = [e.type.value for e in await rt.read_events("j-retry")]
+        assert types == ["retrying", "started", "completed"]  # the dead process's are not here
+        await wait_until(lambda: job_is(rt, "j-requeue", JobState.RUNNING), 10)
+        events = await rt.read_events("j-requeue")
+        (recovery,) = [e for e in events if e.type is EventType.RECOVERY]
+        assert recovery.state is JobState.CREATED and recovery.data["requeued"] is True
+        started = [e.data for e in events if e.type is EventType.STARTED]
+        assert [d["resumed_from_checkpoint"] for d in started] == [1]
 
 
 class FailingRecoveries(CommitHooks, SharedMemory):

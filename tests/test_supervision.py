@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from actors import EventType, JobContext, JobEvent, JobState
+from actors import EventType, JobContext, JobEvent, JobState, KindOptions, RetryPolicy
 
 from .conftest import memory_runtime, wait_for_state
 
@@ -195,3 +195,119 @@ async def test_a_frozen_process_charges_no_job_for_the_time_it_did_not_run(
         assert rt.status().stalls_detected == 1
         assert event.type is EventType.RECOVERY
         assert rt.supervisor.frozen_seconds >= 49
+
+
+# -- a stall without a checkpoint is a failed attempt under the retry rule ----------------------
+
+#: Backoff without jitter: 1 s after the first failed attempt, 2 s after the second, ...
+EXACT = RetryPolicy(initial_interval=1.0, backoff_coefficient=2.0, jitter=0.0)
+
+
+def hang_until(starts: list[float]) -> Any:
+    """A handler whose attempts before ``succeed_at`` (every one without it) never heartbeat:
+    they stall; later ones return at once. ``starts`` gets each attempt's start (Trio's
+    clock)."""
+
+    async def run(ctx: JobContext, input: Any) -> Any:
+        starts.append(trio.current_time())
+        if input.get("checkpoint"):
+            await ctx.checkpoint({"at": ctx.attempt})
+        if ctx.attempt >= input.get("succeed_at", 1_000):
+            return "done"
+        await trio.sleep_forever()
+
+    return run
+
+
+async def test_a_stall_without_checkpoint_is_retried_while_attempts_are_left(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """No checkpoint, ``max_attempts`` 3: each stall is a failed attempt of type ``Stalled``,
+    back in the queue after the kind's backoff (a ``retrying`` event), and the third attempt
+    completes; each stall counted a recovery attempt too."""
+    starts: list[float] = []
+    kinds = {"quiet": KindOptions(max_attempts=3, retry=EXACT)}
+    async with memory_runtime(
+        {"quiet": hang_until(starts)}, heartbeat_timeout=30, kinds=kinds
+    ) as rt:
+        job = await rt.create_job("quiet", "alice", {"succeed_at": 3})
+        done = await wait_for_state(rt, job.id, timeout=1000)
+        assert done.state is JobState.COMPLETED and done.result == "done"
+        assert (done.attempt, done.failed_attempts, done.recovery_attempts) == (3, 2, 2)
+        events = await rt.read_events(job.id)
+        assert [e.type.value for e in events] == [
+            "created",
+            "started",
+            "retrying",
+            "started",
+            "retrying",
+            "started",
+            "completed",
+        ]
+        retrying = [e.data for e in events if e.type is EventType.RETRYING]
+        assert [(r["error"]["type"], r["failed_attempts"], r["delay"]) for r in retrying] == [
+            ("Stalled", 1, 1.0),
+            ("Stalled", 2, 2.0),
+        ]
+        assert all(r["max_attempts"] == 3 for r in retrying)
+        assert "no heartbeat or progress for 30 s" in retrying[0]["error"]["message"]
+        # Each retry starts its backoff after the stall: 30 s + 1 s, then 30 s + 2 s.
+        first, second, third = starts
+        assert second - first == pytest.approx(31.0, abs=0.01)
+        assert third - second == pytest.approx(32.0, abs=0.01)
+        status = rt.status()
+        assert (status.stalls_detected, status.recoveries, status.failures) == (2, 2, 0)
+
+
+async def test_the_last_attempt_that_stalls_fails_for_good(autojump_clock: trio.abc.Clock) -> None:
+    starts: list[float] = []
+    kinds = {"quiet": KindOptions(max_attempts=2, retry=EXACT)}
+    async with memory_runtime(
+        {"quiet": hang_until(starts)}, heartbeat_timeout=30, kinds=kinds
+    ) as rt:
+        job = await rt.create_job("quiet", "alice", {})
+        failed = await wait_for_state(rt, job.id, timeout=1000)
+        assert failed.state is JobState.FAILED
+        assert (failed.attempt, failed.failed_attempts, failed.recovery_attempts) == (2, 2, 2)
+        assert failed.error is not None and failed.error.type == "Stalled"
+        assert failed.error.message.endswith("no attempts left (2 of 2 failed)")
+        types = [e.type.value for e in await rt.read_events(job.id)]
+        assert types == ["created", "started", "retrying", "started", "failed"]
+        status = rt.status()
+        assert (status.stalls_detected, status.recoveries, status.failures) == (2, 1, 1)
+
+
+async def test_the_recovery_limit_ends_a_stalling_job_with_attempts_left(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """``max_recovery_attempts`` bounds every stall, retried or not: with 2, the third stall
+    fails a job that had 10 attempts."""
+    starts: list[float] = []
+    kinds = {"quiet": KindOptions(retry=EXACT)}
+    async with memory_runtime(
+        {"quiet": hang_until(starts)}, heartbeat_timeout=30, max_recovery_attempts=2, kinds=kinds
+    ) as rt:
+        job = await rt.create_job("quiet", "alice", {}, max_attempts=10)
+        failed = await wait_for_state(rt, job.id, timeout=1000)
+        assert failed.state is JobState.FAILED and len(starts) == 3
+        assert (failed.failed_attempts, failed.recovery_attempts) == (3, 3)
+        assert failed.error is not None and "recovery attempts exhausted (3 > 2)" in (
+            failed.error.message
+        )
+
+
+async def test_a_stall_with_a_checkpoint_is_paused_whatever_attempts_are_left(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    starts: list[float] = []
+    kinds = {"quiet": KindOptions(max_attempts=3, retry=EXACT)}
+    async with memory_runtime(
+        {"quiet": hang_until(starts)}, heartbeat_timeout=30, kinds=kinds
+    ) as rt:
+        job = await rt.create_job("quiet", "alice", {"checkpoint": True})
+        paused = await wait_for_state(rt, job.id, {JobState.PAUSED}, timeout=100)
+        assert (paused.pause_reason, paused.failed_attempts, paused.recovery_attempts) == (
+            "recovery",
+            0,
+            1,
+        )

@@ -19,12 +19,14 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from actors import JobState
+from actors import JobState, KindOptions
 from transport import mint_token, open_client
 
 from .conftest import wait_for_state
 from .serving import SECRET, eventually, free_port, token
 from .test_worker_protocol import raw_worker, receive, send, wait_checkpoint
+from .test_workers import wait_progress
+from .worker_handlers import QUICK
 from .worker_support import (
     ROOT,
     WORKER_COMMAND,
@@ -68,6 +70,33 @@ async def test_sigkill_mid_job_resumes_from_the_acknowledged_checkpoint(tmp_path
             done = await wait_for_state(rt, job.id)
             assert done.state is JobState.COMPLETED
             assert done.result == {"done": 400, "from": at}
+            nursery.cancel_scope.cancel()
+
+
+async def test_sigkill_before_the_first_checkpoint_retries_a_job_with_attempts_left(
+    tmp_path: Path,
+) -> None:
+    """A ``jobspine worker`` killed while its job has reported progress but no checkpoint: the
+    attempt is a failed attempt of type ``Stalled`` (the stall rule), and the job, with
+    attempts left, runs again from the start on the next worker."""
+    kinds = {"ticker": KindOptions(max_attempts=2, retry=QUICK)}
+    async with served(tmp_path / "db", "in_process", in_process_handlers=False, kinds=kinds) as s:
+        rt = s.runtime
+        async with trio.open_nursery() as nursery:
+            worker = await start_worker_process(nursery, s.running.url)
+            await wait_connected(s.running)
+            job = await rt.create_job("ticker", "alice", {"count": 20, "interval": 0.05})
+            await wait_progress(rt, job.id, 10)
+            worker.send_signal(signal.SIGKILL)
+            with trio.fail_after(5):  # lost at once, not at the 30 s deadline
+                back = await wait_for_state(rt, job.id, {JobState.CREATED})
+            assert (back.failed_attempts, back.recovery_attempts) == (1, 1)
+            await start_worker_process(nursery, s.running.url)
+            await wait_connected(s.running)
+            done = await wait_for_state(rt, job.id)
+            assert done.state is JobState.COMPLETED and done.attempt == 2
+            retrying = [e.data for e in await rt.read_events(job.id) if e.type.value == "retrying"]
+            assert [r["error"]["type"] for r in retrying] == ["Stalled"]
             nursery.cancel_scope.cancel()
 
 

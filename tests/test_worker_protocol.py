@@ -586,6 +586,29 @@ async def test_a_dropped_connection_loses_its_jobs_at_once(tmp_path: Path) -> No
         assert recovered.pause_reason == "recovery" and recovered.checkpoint == {"i": 7}
 
 
+async def test_a_dropped_connection_retries_a_job_with_no_checkpoint_and_attempts_left(
+    tmp_path: Path,
+) -> None:
+    """A worker gone (killed) before its attempt's first checkpoint: that attempt is a failed
+    attempt of type ``Stalled`` by the stall rule the server applies to any stall, and the job
+    (``flaky``: 3 attempts) goes back to the queue for the next worker."""
+    async with served(tmp_path / "db", "in_process", in_process_handlers=False) as s:
+        rt = s.runtime
+        async with raw_worker(s.running.url, ["flaky"]) as ws:
+            job = await rt.create_job("flaky", "alice", {"n": 1, "succeed_at": 1})
+            await receive(ws, "assign")
+        with trio.fail_after(2):  # far sooner than heartbeat_timeout (30 s)
+            back = await wait_for_state(rt, job.id, {JobState.CREATED})
+        assert (back.failed_attempts, back.recovery_attempts) == (1, 1)
+        last = (await rt.read_events(job.id))[-1]
+        assert last.type.value == "retrying"
+        assert last.data["error"]["type"] == "Stalled"
+        assert "connection closed" in last.data["error"]["message"]
+        async with raw_worker(s.running.url, ["flaky"]) as ws:
+            assign = await receive(ws, "assign")  # after the kind's backoff
+            assert (assign["job_id"], assign["attempt"]) == (job.id, 2)
+
+
 async def test_a_worker_that_stops_sending_is_closed_and_its_jobs_recovered(
     tmp_path: Path,
 ) -> None:

@@ -14,6 +14,7 @@ import trio
 from actors import JobState, KindOptions, RetryPolicy
 
 from .conftest import wait_for_state
+from .worker_handlers import QUICK
 from .worker_support import MODES, served
 
 pytestmark = pytest.mark.parametrize("mode", MODES)
@@ -96,6 +97,20 @@ async def test_stall_is_recovered_by_the_rule(tmp_path: Path, mode: str) -> None
         assert failed.state is JobState.FAILED
         assert failed.error is not None and "stalled" in failed.error.message
         assert rt.status().stalls_detected == 1
+
+
+async def test_a_stall_with_attempts_left_is_retried_by_the_rule(tmp_path: Path, mode: str) -> None:
+    kinds = {"silent": KindOptions(max_attempts=2, retry=QUICK)}
+    async with served(tmp_path / "db", mode, heartbeat_timeout=0.6, kinds=kinds) as s:
+        rt = s.runtime
+        job = await rt.create_job("silent", "alice", None)
+        failed = await wait_for_state(rt, job.id, timeout=10)
+        # No checkpoint: each stall is a failed attempt (Stalled), retried while one is left.
+        assert failed.state is JobState.FAILED
+        assert (failed.attempt, failed.failed_attempts, failed.recovery_attempts) == (2, 2, 2)
+        assert failed.error is not None and failed.error.type == "Stalled"
+        types = await event_types(rt, job.id)
+        assert types == ["created", "started", "retrying", "started", "failed"]
 
 
 async def test_shutdown_pauses_with_a_checkpoint(tmp_path: Path, mode: str) -> None:

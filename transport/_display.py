@@ -200,8 +200,8 @@ def change_line(event: JobEvent, job_id: str) -> str | None:
         case "paused" | "recovery":
             reason = one_line(data.get("reason", ""))
             # What a recovery did is the state it left the job in: a job handed back to the
-            # queue (a worker's shutdown, a lost worker with retries left) is not paused, and
-            # resuming it is refused.
+            # queue (a worker's shutdown, a stall of a kind with requeue_stalled) is not
+            # paused, and resuming it is refused.
             if event.state is JobState.CREATED:
                 return f"back in the queue ({reason}): it runs again when a worker is free"
             if event.state is JobState.FAILED:

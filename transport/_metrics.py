@@ -136,12 +136,14 @@ class ServerCollector(Collector):
         )
         yield CounterMetricFamily(
             "jobspine_recoveries",
-            "Stalled jobs recovered: paused at their checkpoint or back in the queue.",
+            "Stalled jobs recovered: paused at their checkpoint, or back in the queue"
+            " (re-queued or retried).",
             value=status.recoveries,
         )
         yield CounterMetricFamily(
             "jobspine_stall_failures",
-            "Stalled jobs failed (no checkpoint, or recovery attempts used up).",
+            "Stalled jobs failed (no checkpoint and no attempts left, or recovery attempts"
+            " used up).",
             value=status.failures,
         )
 
