@@ -230,7 +230,11 @@ class PermanentError(Exception):
 
 
 class JobStopped(Exception):  # noqa: N818 - a signal, not an error condition
-    """Raised by a handler to acknowledge a stop request (pause or shutdown).
+    """Raised by a handler to acknowledge a stop request (a pause, a shutdown, a hand-back:
+    ``ctx.stopping`` is true), alone or from its nursery.
 
-    The runtime then records the stop; it is never recorded as the job's failure.
+    The runtime then records the stop; it is never recorded as the job's failure. Raised with
+    no stop asked, it acknowledges nothing: the attempt fails (error type ``JobStopped``, saying
+    so), retried by the kind's policy like any failure, so that the job never stays running
+    with nothing running it.
     """

@@ -325,8 +325,15 @@ class Supervisor:
             # drain while the start was stored): the job waits again, nothing counted.
             await self.requeue(job.id, job.attempt, WORKER_GONE)
             return
+        options = self._options(job.kind)
         worker = Worker(
-            job, handler, self.store, self._beats_send, resumed_from, self._retry_decider(job)
+            job,
+            handler,
+            self.store,
+            self._beats_send,
+            resumed_from,
+            self._retry_decider(options),
+            options.non_retryable,
         )
         old = self.workers.pop(job.id, None)
         if old is not None:
@@ -480,11 +487,14 @@ class Supervisor:
             else:
                 del counts[key]
 
-    def _retry_decider(self, job: Job) -> Callable[[Job, JobError, bool], RetryDecision]:
-        """How a failed attempt of ``job`` is decided: given the job as stored, the error and
-        whether it is permanent; the delay's jitter comes from this supervisor's ``rng``."""
+    def _retry_decider(
+        self, options: KindOptions
+    ) -> Callable[[Job, JobError, bool], RetryDecision]:
+        """How a failed attempt of a kind with ``options`` is decided: given the job as
+        stored, the error and whether it is permanent; the delay's jitter comes from this
+        supervisor's ``rng``."""
         # A partial, not a closure: one per running job, and smaller.
-        return functools.partial(self._decide_retry, self._options(job.kind))
+        return functools.partial(self._decide_retry, options)
 
     def _decide_retry(
         self, options: KindOptions, stored: Job, error: JobError, permanent: bool

@@ -9,12 +9,10 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
+from ._endings import Ending, HandlerFailure, judge
 from ._errors import (
     InvalidInputError,
     JobspineError,
-    JobStopped,
-    PermanentError,
-    StaleAttemptError,
     StoreError,
     StoreUnavailableError,
 )
@@ -47,17 +45,6 @@ log = logging.getLogger("jobspine.worker")
 
 class Handler(Protocol):
     def __call__(self, ctx: JobContext, input: Any, /) -> Awaitable[Any]: ...
-
-
-class HandlerFailure(Exception):  # noqa: N818 - carries an outcome, like JobStopped
-    """Raised by a handler that runs the job elsewhere (a remote worker) to record the
-    failure reported there: the job fails with ``error`` as given, not with this type."""
-
-    def __init__(self, error: JobError, permanent: bool = False) -> None:
-        super().__init__(f"{error.type}: {error.message}")
-        self.error = error
-        #: The handler raised a :class:`PermanentError` there: no retry.
-        self.permanent = permanent
 
 
 class ContextStore(Protocol):
@@ -246,6 +233,7 @@ class Worker:
         "keep_alive",
         "kind",
         "last_beat",
+        "non_retryable",
         "on_ordered",
         "on_started",
         "outcome",
@@ -269,9 +257,13 @@ class Worker:
         beats: trio.MemorySendChannel[Worker],
         resumed_from: Any,
         decide: RetryDecider,
+        non_retryable: frozenset[str] = frozenset(),
     ) -> None:
         self.job_id = job.id
         self.decide = decide
+        #: The kind's error types that are not retried: a failure raised as a group of
+        #: several errors is recorded as the first of these it holds (see ``_endings.failure``).
+        self.non_retryable = non_retryable
         #: Seconds this attempt may run (None: no limit).
         self.timeout = job.timeout
         self.user_id = job.user_id
@@ -373,8 +365,7 @@ class Worker:
             self.finished.set()
 
     async def _run(self) -> None:
-        error: JobError | None = None
-        permanent = False
+        ending: Ending | None = None  # None: the handler returned
         result: Any = None
         with self.scope:
             if self.unwound is not None:
@@ -385,42 +376,42 @@ class Worker:
                 self.on_started(self)
             try:
                 result = await self.handler(self.ctx, self.input)
-            except JobStopped:
-                return
-            except HandlerFailure as exc:
-                error = exc.error
-                permanent = exc.permanent
-            except StoreUnavailableError as exc:
-                # The database's fault, not the job's: paused at its last checkpoint.
-                self.store_unavailable = True
-                log.warning("job %s attempt %d: %s", self.job_id, self.attempt, exc)
-            except Exception as exc:
-                if self.stop_reason is not None and isinstance(exc, JobspineError):
-                    return  # the job was taken away from this attempt while it stopped
-                if isinstance(exc, StaleAttemptError) and exc.job_id == self.job_id:
-                    # The job moved on from this attempt (a user cancelled, paused or restarted
-                    # it) before its worker was stopped: an expected race, and this attempt
-                    # has nothing left to record.
-                    self._fenced("ended", exc)
-                    return
-                error = JobError(type(exc).__name__, _describe(exc))
-                permanent = isinstance(exc, PermanentError)
-                # With its traceback: the stored error keeps only the type and the message.
-                log.info(
-                    "job %s attempt %d raised %s: %s",
-                    self.job_id,
-                    self.attempt,
-                    error.type,
-                    error.message,
-                    exc_info=exc,
-                    extra=self._fields("failed"),
+            except* Exception as raised:
+                # A group's Exception leaves are handled here; the rest (the Cancelled of a
+                # stop, beside an error a child raised while unwinding) propagate to the scope.
+                ending = judge(
+                    raised,
+                    job_id=self.job_id,
+                    attempt=self.attempt,
+                    stop_asked=self.stop_reason is not None,
+                    non_retryable=self.non_retryable,
                 )
         if self.scope.cancel_called:
             # Stopped by the runtime: whoever stopped it records the outcome, also when the
             # handler ignored its cancellation and returned or raised after it (its late
             # result is not the attempt's: a timeout's attempt has failed, a paused job is
             # paused).
+            if ending is not None and ending.error is not None:
+                self._log_error(ending, "raised after it was cancelled", "stopped")
             return
+        error: JobError | None = None
+        permanent = False
+        if ending is not None:
+            if ending.how == "stopped":
+                return  # acknowledged: the stop's asker records the outcome
+            if ending.how == "fenced":
+                # The job moved on from this attempt (a user cancelled, paused or restarted
+                # it) before its worker was stopped: an expected race, and this attempt has
+                # nothing left to record.
+                self._fenced("ended", ending.cause)
+                return
+            if ending.how == "store_unavailable":
+                # The database's fault, not the job's: paused at its last checkpoint.
+                self.store_unavailable = True
+                log.warning("job %s attempt %d: %s", self.job_id, self.attempt, ending.cause)
+            else:
+                error, permanent = ending.error, ending.permanent
+                self._log_error(ending, "raised", "failed")
         # Waiting on the database to record the outcome is not a stall.
         self.keep_alive += 1
         self.recording = True
@@ -428,6 +419,24 @@ class Worker:
             await self._record(error, result, permanent)
         finally:
             self.keep_alive -= 1
+
+    def _log_error(self, ending: Ending, what: str, event: str) -> None:
+        """Log the error an attempt ended with, with its traceback (the stored error keeps
+        only the type and the message); a remote worker's failure is logged there, with its
+        own traceback, not here."""
+        assert ending.error is not None
+        if isinstance(ending.cause, HandlerFailure):
+            return
+        log.info(
+            "job %s attempt %d %s %s: %s",
+            self.job_id,
+            self.attempt,
+            what,
+            ending.error.type,
+            ending.error.message,
+            exc_info=ending.cause,
+            extra=self._fields(event),
+        )
 
     async def _wait_unwound(self, finished: list[trio.Event], grace: float) -> None:
         # Waiting for the older attempts is not a stall of this one, and its handler gets
@@ -490,7 +499,7 @@ class Worker:
         if self.on_ordered is not None:
             self.on_ordered(self)
 
-    def _fenced(self, what: str, exc: Exception) -> None:
+    def _fenced(self, what: str, exc: object) -> None:
         """The job moved on from this attempt: said at INFO, and the newer decision stands."""
         log.info(
             "job %s attempt %d %s: %s",
@@ -504,16 +513,3 @@ class Worker:
 
     def _fields(self, event: str) -> dict[str, object]:
         return job_fields(self.job_id, self.user_id, self.attempt, event)
-
-
-def _describe(exc: BaseException) -> str:
-    """The message recorded for a handler's exception. An exception is the handler's object:
-    its ``__str__`` or ``__repr__`` may raise, and that must fail its job, not the runtime."""
-    for render in (str, repr):
-        try:
-            text = render(exc)
-        except Exception:  # the next rendering is the fallback
-            continue
-        if text:
-            return text
-    return f"{type(exc).__name__} (its message could not be rendered)"

@@ -35,13 +35,12 @@ from actors import (
     JobContext,
     JobspineError,
     JobState,
-    JobStopped,
     NotSerializableError,
-    PermanentError,
 )
 from actors._codec import dumps_json_value
+from actors._endings import Ending, judge
 from actors._options import options_of, options_to_wire
-from actors._worker import Handler, _describe, check_input
+from actors._worker import Handler, check_input
 
 from ._protocol import MAX_BATCH_REQUESTS
 from ._reconnect import FATAL_CLOSE, ReconnectPolicy
@@ -320,20 +319,34 @@ class _Session:
         except InvalidInputError as exc:
             error = {"type": type(exc).__name__, "message": str(exc)}
             return {"op": "fail", **ref, "error": error, "permanent": True}
+        ending: Ending | None = None
+        result: Any = None
         try:
             result = await handler(attempt.ctx, attempt.input)
-        except JobStopped:
-            return {"op": "stopped", **ref}
-        except Exception as exc:
-            if isinstance(exc, WorkerRequestError) and exc.code in FENCED_OUT:
+        except* Exception as raised:
+            # Judged as in the server (a group is one typed error, an unasked JobStopped a
+            # failure); what else the group holds (the Cancelled of a cancel) propagates.
+            ending = judge(
+                raised,
+                job_id=attempt.job_id,
+                attempt=attempt.attempt,
+                stop_asked=attempt.ctx.stopping,
+                non_retryable=options_of(handler).non_retryable,
+            )
+            cause = ending.cause
+            if isinstance(cause, WorkerRequestError) and cause.code in FENCED_OUT:
                 # The job moved on from this attempt (a user cancelled, paused or restarted
                 # it): an expected race, one line; the report below is refused the same way.
-                log.info("job %s attempt %d ended: %s", attempt.job_id, attempt.attempt, exc)
-            else:
-                log.info("job %s raised %s", attempt.job_id, type(exc).__name__, exc_info=exc)
-            error = {"type": type(exc).__name__, "message": _describe(exc)}
+                log.info("job %s attempt %d ended: %s", attempt.job_id, attempt.attempt, cause)
+            elif ending.error is not None:
+                log.info("job %s raised %s", attempt.job_id, ending.error.type, exc_info=cause)
+        if ending is not None:
+            if ending.how == "stopped":
+                return {"op": "stopped", **ref}
+            assert ending.error is not None, "every ending but stopped has its error"
+            error = {"type": ending.error.type, "message": ending.error.message}
             outcome: dict[str, Any] = {"op": "fail", **ref, "error": error}
-            if isinstance(exc, PermanentError):
+            if ending.permanent:
                 outcome["permanent"] = True
             return outcome
         try:
