@@ -53,6 +53,9 @@ MAX_PRIORITY = 1000
 MAX_ATTEMPTS = 100
 #: Longest per-attempt timeout, in seconds (7 days).
 MAX_TIMEOUT = 7 * 86_400.0
+#: Longest wait before a job runs, in seconds (one year): a create's ``delay`` (and how far
+#: ahead its ``run_at`` may be), and a retry policy's intervals.
+MAX_DELAY = 365 * 86_400
 #: Most tags on one job; each is 1..``MAX_TAG_LENGTH`` characters.
 MAX_TAGS = 32
 MAX_TAG_LENGTH = 64

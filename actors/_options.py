@@ -10,7 +10,15 @@ from typing import Any, TypeVar
 import attrs
 
 from ._errors import InvalidInputError
-from ._job import MAX_ATTEMPTS, MAX_KEY_LENGTH, MAX_PRIORITY, MAX_TAG_LENGTH, MAX_TAGS, MAX_TIMEOUT
+from ._job import (
+    MAX_ATTEMPTS,
+    MAX_DELAY,
+    MAX_KEY_LENGTH,
+    MAX_PRIORITY,
+    MAX_TAG_LENGTH,
+    MAX_TAGS,
+    MAX_TIMEOUT,
+)
 
 __all__ = [
     "CreateOptions",
@@ -25,9 +33,17 @@ __all__ = [
 _H = TypeVar("_H", bound=Callable[..., Awaitable[Any]])
 
 
-def _positive(_: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-        raise InvalidInputError(f"{attribute.name} must be a positive number of seconds")
+def _is_number(value: object) -> bool:
+    """A real number: an int or a float, never a bool (``True`` is no interval)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _interval(_: object, attribute: attrs.Attribute[float], value: float) -> None:
+    # A retry waits at most as long as a create may be delayed: a year.
+    if not (_is_number(value) and 0 < value <= MAX_DELAY):
+        raise InvalidInputError(
+            f"{attribute.name} must be seconds in (0, {MAX_DELAY}] (one year), got {value!r}"
+        )
 
 
 @attrs.frozen
@@ -35,21 +51,31 @@ class RetryPolicy:
     """Backoff between failed attempts (Temporal's policy). The delay before attempt ``n + 1``,
     after ``n`` failed attempts, is ``min(maximum_interval, initial_interval *
     backoff_coefficient ** (n - 1))`` seconds, times a random factor in
-    ``[1 - jitter, 1 + jitter]``, and never over ``maximum_interval``."""
+    ``[1 - jitter, 1 + jitter]``, and never over ``maximum_interval``.
 
-    initial_interval: float = attrs.field(default=1.0, validator=_positive)
+    Intervals are seconds in (0, 31536000] (one year, as a create's ``delay``),
+    ``backoff_coefficient`` a number in 1..100, ``jitter`` a number in [0, 1), and
+    ``maximum_interval >= initial_interval``; a bool is no number. Raises
+    :class:`InvalidInputError` naming the field."""
+
+    initial_interval: float = attrs.field(default=1.0, validator=_interval)
     backoff_coefficient: float = 2.0
-    maximum_interval: float = attrs.field(default=100.0, validator=_positive)
+    maximum_interval: float = attrs.field(default=100.0, validator=_interval)
     jitter: float = 0.2
 
     def __attrs_post_init__(self) -> None:
         coefficient = self.backoff_coefficient
-        if not (isinstance(coefficient, int | float) and 1 <= coefficient <= 100):
-            raise InvalidInputError("backoff_coefficient must be a number in 1..100")
-        if not (isinstance(self.jitter, int | float) and 0 <= self.jitter < 1):
-            raise InvalidInputError("jitter must be a number in [0, 1)")
+        if not (_is_number(coefficient) and 1 <= coefficient <= 100):
+            raise InvalidInputError(
+                f"backoff_coefficient must be a number in 1..100, got {coefficient!r}"
+            )
+        if not (_is_number(self.jitter) and 0 <= self.jitter < 1):
+            raise InvalidInputError(f"jitter must be a number in [0, 1), got {self.jitter!r}")
         if self.maximum_interval < self.initial_interval:
-            raise InvalidInputError("maximum_interval must be >= initial_interval")
+            raise InvalidInputError(
+                f"maximum_interval ({self.maximum_interval!r}) must be >= initial_interval"
+                f" ({self.initial_interval!r})"
+            )
 
 
 def _names(values: Iterable[str]) -> frozenset[str]:
@@ -223,12 +249,12 @@ class CreateOptions:
         at: float | None = None
         if delay is not None:
             seconds = _seconds(delay, "delay")
-            if not 0 <= seconds <= 365 * 86_400:
-                raise InvalidInputError("delay must be seconds in 0..31536000 (one year)")
+            if not 0 <= seconds <= MAX_DELAY:
+                raise InvalidInputError(f"delay must be seconds in 0..{MAX_DELAY} (one year)")
             at = now + seconds if seconds > 0 else None
         elif run_at is not None:
             at = _seconds(run_at, "run_at")
-            if at > now + 365 * 86_400:
+            if at > now + MAX_DELAY:
                 raise InvalidInputError("run_at must be within a year from now")
             if at < 0:
                 raise InvalidInputError("run_at must be Unix seconds (>= 0)")
