@@ -12,7 +12,13 @@ import attrs
 import trio
 
 from ._backend import JobQuery, QueueStats
-from ._errors import IllegalTransitionError, JobspineError, StaleAttemptError, StoreError
+from ._errors import (
+    IllegalTransitionError,
+    InvalidInputError,
+    JobspineError,
+    StaleAttemptError,
+    StoreError,
+)
 from ._events import AUDIT_TYPES, STREAM_BYTES, EventHub, EventStream, EventStreamLagged, JobEvent
 from ._job import Job, JobError
 from ._joblog import job_fields
@@ -26,7 +32,7 @@ from ._recovery import (
     validate_checkpoint,
 )
 from ._routing import Control, RemoteControls, refusal
-from ._states import TERMINAL_STATES, JobState
+from ._states import TERMINAL_STATES, JobState, parse_states
 from ._store import StoreClient
 from ._supervisor import Supervisor
 from ._worker import Handler
@@ -52,6 +58,40 @@ WAIT_POLL = 1.0
 #: Times a pause or a cancel is tried when the attempt it read ends otherwise before it is
 #: applied (another client paused or restarted the job; its node died and was taken over).
 CONTROL_RACES = 5
+
+
+def list_query(
+    user_id: object,
+    states: object,
+    kind: object,
+    tag: object,
+    parent_id: object,
+    limit: object,
+) -> JobQuery:
+    """:meth:`Repository.list_jobs`'s arguments, checked as the protocol's ``list`` checks
+    them (PROTOCOL.md section 6), as a query; raises :class:`InvalidInputError` naming the
+    argument."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise InvalidInputError(
+            f"limit must be an integer >= 1, or None for every job, not {limit!r}"
+        )
+    return JobQuery(
+        user_id=_filter_text(user_id, "user_id"),
+        states=None if states is None else parse_states(states),
+        kind=_filter_text(kind, "kind"),
+        limit=limit,
+        tag=_filter_text(tag, "tag", empty=False),
+        parent_id=_filter_text(parent_id, "parent_id", empty=False),
+    )
+
+
+def _filter_text(value: object, name: str, *, empty: bool = True) -> str | None:
+    """A text filter: a string (``empty``: "" too), or None for no filter."""
+    if value is not None and not isinstance(value, str):
+        raise InvalidInputError(f"{name} must be a string, or None for no filter")
+    if value == "" and not empty:
+        raise InvalidInputError(f"{name} must not be empty (None: no filter)")
+    return value
 
 
 async def _each(items: list[T], fn: Callable[[T], Awaitable[None]], at_once: int) -> None:
@@ -268,22 +308,20 @@ class Repository:
         self,
         user_id: str | None = None,
         *,
-        states: Iterable[JobState] | None = None,
+        states: Iterable[JobState | str] | None = None,
         kind: str | None = None,
         tag: str | None = None,
         parent_id: str | None = None,
         limit: int | None = 50,
     ) -> list[Job]:
         """The user's jobs (all users' with None), newest first, filtered by state, kind,
-        tag and parent; at most ``limit`` (None: all)."""
-        query = JobQuery(
-            user_id=user_id,
-            states=None if states is None else frozenset(S(s) for s in states),
-            kind=kind,
-            limit=limit,
-            tag=tag,
-            parent_id=parent_id,
-        )
+        tag and parent; at most ``limit`` (None: all).
+
+        ``states``: a list (any iterable but a string) of distinct states, at least one, each
+        a :class:`JobState` or its value; None: every state. ``limit``: an integer >= 1, or
+        None. Raises :class:`InvalidInputError` naming the argument for any other value (as
+        the protocol's ``list`` refuses it), and for a filter holding NUL."""
+        query = list_query(user_id, states, kind, tag, parent_id, limit)
         return await self._store.list_jobs(query)
 
     async def list_children(self, job_id: str) -> list[Job]:

@@ -10,10 +10,11 @@ by ``failed_attempts > 0`` and by the ``retrying`` event that put it back.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 
-from ._errors import IllegalTransitionError
+from ._errors import IllegalTransitionError, InvalidInputError
 
-__all__ = ["TERMINAL_STATES", "TRANSITIONS", "JobState", "check_transition"]
+__all__ = ["TERMINAL_STATES", "TRANSITIONS", "JobState", "check_transition", "parse_states"]
 
 
 class JobState(enum.StrEnum):
@@ -53,3 +54,30 @@ def check_transition(job_id: str, from_state: JobState, to_state: JobState) -> N
     """Raise :class:`IllegalTransitionError` unless ``from_state -> to_state`` is allowed."""
     if to_state not in TRANSITIONS[from_state]:
         raise IllegalTransitionError(job_id, from_state.value, to_state.value)
+
+
+def parse_states(values: object, name: str = "states") -> frozenset[JobState]:
+    """A filter's states: ``values`` an iterable (a list, a tuple, a set) of distinct states,
+    at least one, each a :class:`JobState` or its value (``"created"``). A string, one state
+    included, is refused rather than read as its characters or guessed at: one state is
+    ``["created"]``, as the protocol's ``states`` array. Raises :class:`InvalidInputError`
+    naming the filter (``name``)."""
+    known = ", ".join(state.value for state in JobState)
+    if isinstance(values, str | bytes):
+        raise InvalidInputError(
+            f"{name} must be a list of states, not a string: [{str(values)!r}] for one"
+        )
+    if not isinstance(values, Iterable):
+        raise InvalidInputError(f"{name} must be a list of states, not {type(values).__name__}")
+    given = list(values)
+    unknown = [value for value in given if not (isinstance(value, str) and value in _VALUES)]
+    if unknown or not given or len(set(given)) != len(given):
+        raise InvalidInputError(
+            f"{name} must be distinct states, at least one, of: {known}"
+            + (f" (unknown: {unknown[0]!r})" if unknown else "")
+        )
+    return frozenset(JobState(value) for value in given)
+
+
+#: Every state's value; a JobState is equal to (and hashes as) its value.
+_VALUES = frozenset(state.value for state in JobState)

@@ -1,6 +1,6 @@
 """A caller's mistakes are :class:`InvalidInputError` naming the argument, as the protocol's
 are ``invalid_input`` naming the field: a retry policy's booleans and intervals past a year
-(a create's delay bound)."""
+(a create's delay bound), ``list_jobs``'s states and limit (mock clock, in-memory store)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ import math
 from typing import Any
 
 import pytest
+import trio
 
-from actors import InvalidInputError, RetryPolicy
+from actors import InvalidInputError, JobContext, JobState, RetryPolicy
 from actors._options import options_from_wire
 
+from .conftest import memory_runtime, wait_for_state
+
+S = JobState
 YEAR = 365 * 86_400
 
 
@@ -47,3 +51,40 @@ def test_a_retry_policy_may_wait_up_to_a_year_as_a_create_may() -> None:
     wire = {"retry": {"initial_interval": 1e12}}  # a worker's hello: the same rule
     with pytest.raises(InvalidInputError, match="initial_interval must be seconds in"):
         options_from_wire(wire)
+
+
+async def test_list_jobs_refuses_bad_filters_naming_them(autojump_clock: trio.abc.Clock) -> None:
+    async with memory_runtime({"k": quick}) as rt:
+        job = await rt.create_job("k", "alice", 1)
+        await wait_for_state(rt, job.id)
+        refused: list[tuple[dict[str, Any], str]] = [
+            ({"states": ["nope"]}, "states must be distinct states, at least one, of: created,"),
+            ({"states": ["nope"]}, "(unknown: 'nope')"),
+            ({"states": "completed"}, "states must be a list of states, not a string"),
+            ({"states": S.COMPLETED}, r"\['completed'\] for one"),
+            ({"states": []}, "at least one"),
+            ({"states": ["completed", S.COMPLETED]}, "distinct"),
+            ({"states": [None]}, "unknown: None"),
+            ({"states": 3}, "states must be a list of states, not int"),
+            ({"limit": 0}, "limit must be an integer >= 1, or None"),
+            ({"limit": -1}, "limit must be an integer >= 1"),
+            ({"limit": True}, "limit must be an integer >= 1"),
+            ({"limit": 2.5}, "limit must be an integer >= 1"),
+            ({"tag": ""}, "tag must not be empty"),
+            ({"parent_id": ""}, "parent_id must not be empty"),
+            ({"kind": 3}, "kind must be a string"),
+        ]
+        for arguments, message in refused:
+            with pytest.raises(InvalidInputError, match=message):
+                await rt.list_jobs("alice", **arguments)
+        # What is right is listed: states as JobStates or their values, in any iterable.
+        for states in (["completed"], [S.COMPLETED], (S.COMPLETED, "failed"), {S.COMPLETED}):
+            assert [j.id for j in await rt.list_jobs("alice", states=states)] == [job.id]
+        assert [j.id for j in await rt.list_jobs("alice", limit=1)] == [job.id]
+        assert len(await rt.list_jobs("alice", limit=None)) == 1
+        with pytest.raises(InvalidInputError, match="limit"):
+            await rt.get_user_completed_jobs("alice", limit=0)
+
+
+async def quick(ctx: JobContext, input: Any) -> Any:
+    return input

@@ -25,6 +25,7 @@ import orjson
 from actors import InvalidInputError, JobState
 from actors._codec import converter
 from actors._options import CreateOptions
+from actors._states import parse_states
 
 from ._json import (
     INT_MAX,
@@ -435,12 +436,10 @@ def _range_problem(body: Any) -> str | None:
         if body.states is not None:
             if body.state is not None:
                 return "give $.state or $.states, not both"
-            unknown = [s for s in body.states if s not in _STATES]
-            if unknown or not body.states or len(set(body.states)) != len(body.states):
-                return (
-                    f"$.states must be distinct states, at least one, of: {', '.join(_STATES)}"
-                    + (f" (unknown: {unknown[0]!r})" if unknown else "")
-                )
+            try:
+                parse_states(body.states, "$.states")  # the rule list_jobs applies
+            except InvalidInputError as exc:
+                return str(exc)
         if body.tag is not None and not body.tag:
             return "$.tag must not be empty"
         if body.parent_id is not None and not body.parent_id:
