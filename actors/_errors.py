@@ -90,15 +90,28 @@ class IllegalTransitionError(JobspineError):
 
 
 class StaleAttemptError(JobspineError):
-    """An update carried an attempt (fencing token) that is no longer the job's current run."""
+    """An update carried an attempt (fencing token) that is no longer the job's current run:
+    ``attempt`` the update's, ``current`` the job's latest, ``state`` the job's state.
+    ``what``: the update, as the message names it (``progress``, ``a checkpoint``...)."""
 
     code = "stale_attempt"
 
-    def __init__(self, job_id: str, attempt: int, current: int, state: str) -> None:
-        super().__init__(
-            f"job {job_id}: update from attempt {attempt} rejected:"
-            f" the job is {state} with current attempt {current}"
-        )
+    def __init__(
+        self, job_id: str, attempt: int, current: int, state: str, what: str = "an update"
+    ) -> None:
+        if state != "running" and attempt <= current:
+            # The job runs no attempt now: say the attempt is over, not which one runs.
+            later = "" if attempt == current else f" (attempt {current} came after it)"
+            message = (
+                f"job {job_id} is {state}: its attempt {attempt} has ended{later};"
+                f" {what} after the end is refused"
+            )
+        else:
+            message = (
+                f"job {job_id}: {what} from attempt {attempt} rejected:"
+                f" the job is {state} with current attempt {current}"
+            )
+        super().__init__(message)
         self.job_id = job_id
         self.attempt = attempt
         self.current = current

@@ -97,9 +97,10 @@ def _end_run(job: Job, end: float) -> dict[str, Any]:
     return {"run_seconds": job.run_seconds + ran, "run_started_at": None}
 
 
-def _fence(job: Job, attempt: int) -> None:
+def _fence(job: Job, attempt: int, what: str) -> None:
+    """Refuse ``what`` (as the error names it) unless ``job`` runs ``attempt``."""
     if job.state is not S.RUNNING or job.attempt != attempt:
-        raise StaleAttemptError(job.id, attempt, job.attempt, job.state.value)
+        raise StaleAttemptError(job.id, attempt, job.attempt, job.state.value, what)
 
 
 def _check_input(encoded: bytes, what: str) -> None:
@@ -218,7 +219,7 @@ def resume(job: Job, now: float, actor: str | None) -> Change:
 def retry(job: Job, attempt: int, error: JobError, decision: RetryDecision, now: float) -> Change:
     """running -> created after a failed attempt that will be retried at
     ``decision.next_attempt_at`` (the checkpoint is kept: the retry resumes from it)."""
-    _fence(job, attempt)
+    _fence(job, attempt, "a failed attempt")
     check_transition(job.id, job.state, S.CREATED)
     return _retrying(job, error, decision, now)
 
@@ -248,7 +249,7 @@ def requeue(job: Job, attempt: int, now: float, reason: str) -> Change:
     """running -> created without counting a failed attempt or a recovery: the attempt did
     not fail, its place went away (its worker disconnected before the start, or handed it
     back at a drain). The checkpoint is kept: the next claim resumes from it."""
-    _fence(job, attempt)
+    _fence(job, attempt, "a re-queue")
     check_transition(job.id, job.state, S.CREATED)
     return _emit(
         job,
@@ -271,7 +272,7 @@ def progress(job: Job, attempt: int, pct: float, step: str | None, now: float) -
         raise InvalidInputError(f"progress must be a number in 0..100, got {pct!r}")
     if step is not None and not isinstance(step, str):
         raise InvalidInputError(f"step must be a string, got {type(step).__name__}")
-    _fence(job, attempt)
+    _fence(job, attempt, "progress")
     if type(pct) is not float and type(pct) is not int:
         # A subclass (numpy's float64, an IntEnum): its plain value in the event, which
         # orjson writes like any other (it refuses a float subclass: the commit would fail).
@@ -299,7 +300,7 @@ def checkpoint(
         raise InvalidInputError("a checkpoint cannot be null")
     if len(encoded) > limit:
         raise CheckpointTooLargeError(job.id, len(encoded), limit)
-    _fence(job, attempt)
+    _fence(job, attempt, "a checkpoint")
     version = job.checkpoint_version + 1
     return _emit(
         job,
@@ -327,7 +328,7 @@ def complete(
         encoded = dumps_json_value(result, "job result")
     if limit is not None and len(encoded) > limit:
         raise ResultTooLargeError(job.id, len(encoded), limit)
-    _fence(job, attempt)
+    _fence(job, attempt, "a result")
     check_transition(job.id, job.state, S.COMPLETED)
     return _emit(
         job,
@@ -353,7 +354,7 @@ def fail(
     """Fail a job; ``attempt`` fences a worker's report, ``None`` is the runtime's own call.
     ``failed_attempts``: the count including this failure, when an attempt failed."""
     if attempt is not None:
-        _fence(job, attempt)
+        _fence(job, attempt, "a failure")
     check_transition(job.id, job.state, S.FAILED)
     failed = job.failed_attempts if failed_attempts is None else failed_attempts
     return _emit(
@@ -373,14 +374,14 @@ def fail(
 def cancel(job: Job, now: float, actor: str | None, attempt: int | None = None) -> Change:
     """``attempt``: a cancel of that running attempt only (a control addressed to it)."""
     if attempt is not None:
-        _fence(job, attempt)
+        _fence(job, attempt, "a cancel")
     check_transition(job.id, job.state, S.CANCELLED)
     return _emit(job, EventType.CANCELLED, now, {}, actor, state=S.CANCELLED, pause_reason=None)
 
 
 def pause(job: Job, attempt: int | None, now: float, actor: str | None, reason: str) -> Change:
     if attempt is not None and job.attempt != attempt:
-        raise StaleAttemptError(job.id, attempt, job.attempt, job.state.value)
+        raise StaleAttemptError(job.id, attempt, job.attempt, job.state.value, "a pause")
     check_transition(job.id, job.state, S.PAUSED)
     return _emit(
         job,
@@ -414,7 +415,7 @@ def recover(
 
 def _recover(job: Job, attempt: int | None, decision: RecoveryDecision, now: float) -> Change:
     if attempt is not None:
-        _fence(job, attempt)
+        _fence(job, attempt, "a recovery")
     check_transition(job.id, job.state, decision.to_state)
     # A stalled or orphaned run ended at its last sign of life, not when it was noticed.
     job = _evolve(job, _end_run(job, job.last_heartbeat_at or now))

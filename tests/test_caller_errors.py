@@ -1,6 +1,7 @@
 """A caller's mistakes are :class:`InvalidInputError` naming the argument, as the protocol's
 are ``invalid_input`` naming the field: a retry policy's booleans and intervals past a year
-(a create's delay bound), ``list_jobs``'s states and limit (mock clock, in-memory store)."""
+(a create's delay bound), ``list_jobs``'s states and limit; and a write after the job's end
+says that the attempt has ended (mock clock, in-memory store)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ from typing import Any
 import pytest
 import trio
 
-from actors import InvalidInputError, JobContext, JobState, RetryPolicy
+from actors import (
+    InvalidInputError,
+    JobContext,
+    JobState,
+    KindOptions,
+    RetryPolicy,
+    StaleAttemptError,
+)
 from actors._options import options_from_wire
 
 from .conftest import memory_runtime, wait_for_state
@@ -84,6 +92,40 @@ async def test_list_jobs_refuses_bad_filters_naming_them(autojump_clock: trio.ab
         assert len(await rt.list_jobs("alice", limit=None)) == 1
         with pytest.raises(InvalidInputError, match="limit"):
             await rt.get_user_completed_jobs("alice", limit=0)
+
+
+async def test_a_write_after_the_jobs_end_says_the_attempt_has_ended(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    kept: list[JobContext] = []
+
+    async def keeps(ctx: JobContext, input: Any) -> Any:
+        kept.append(ctx)
+        if input == "fail":
+            raise ValueError("no")
+        return "done"
+
+    kinds = {"k": KindOptions(max_attempts=1)}
+    async with memory_runtime({"k": keeps}, kinds=kinds) as rt:
+        job = await rt.create_job("k", "alice", "done")
+        assert (await wait_for_state(rt, job.id)).state is S.COMPLETED
+        ctx = kept[0]
+        with pytest.raises(StaleAttemptError) as progress:
+            await ctx.progress(50, "late")
+        assert str(progress.value) == (
+            f"job {job.id} is completed: its attempt 1 has ended; progress after the end is refused"
+        )
+        assert progress.value.code == "stale_attempt"
+        with pytest.raises(
+            StaleAttemptError, match="is completed: its attempt 1 has ended; a checkpoint after"
+        ):
+            await ctx.checkpoint({"late": 1})
+        failed = await rt.create_job("k", "alice", "fail")
+        assert (await wait_for_state(rt, failed.id)).state is S.FAILED
+        with pytest.raises(StaleAttemptError, match="is failed: its attempt 1 has ended"):
+            await kept[1].progress(1)
+        after = await rt.get_job(job.id)
+        assert (after.result, after.progress) == ("done", 100)
 
 
 async def quick(ctx: JobContext, input: Any) -> Any:

@@ -170,7 +170,7 @@ async def test_a_stalled_zombie_cannot_write(autojump_clock: trio.abc.Clock) -> 
         await trio.sleep(100)
         final = await rt.get_job(job.id)
         assert final.state is JobState.FAILED and final.progress == 0
-        assert wrote and "rejected" in str(wrote[0])
+        assert wrote and "is failed: its attempt 1 has ended" in str(wrote[0])
 
 
 async def test_a_frozen_process_charges_no_job_for_the_time_it_did_not_run(
