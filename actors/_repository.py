@@ -279,14 +279,18 @@ class Repository:
     async def get_job(self, job_id: str) -> Job:
         return await self._store.get(job_id)
 
-    async def wait_job(self, job_id: str, states: Iterable[JobState] = TERMINAL_STATES) -> Job:
+    async def wait_job(
+        self, job_id: str, states: Iterable[JobState | str] = TERMINAL_STATES
+    ) -> Job:
         """The job as stored once it is in one of ``states`` (by default finished: completed,
         failed or cancelled; a paused job is waited for until it is resumed and finishes, so
         pass ``PAUSED`` too to hear of it). Bound it with ``trio.fail_after``. Woken by the
         job's events, and reading the job again every ``WAIT_POLL`` seconds (a job another
-        node runs commits its events there). Raises :class:`UnknownJobError` for a job that
-        does not exist, or is deleted meanwhile."""
-        wanted = frozenset(states)
+        node runs commits its events there). ``states`` as for :meth:`list_jobs` (a bare
+        string would wait for ever on its letters): :class:`InvalidInputError` otherwise.
+        Raises :class:`UnknownJobError` for a job that does not exist, or is deleted
+        meanwhile."""
+        wanted = parse_states(states)
         while True:
             # Subscribed before each read: an event committed after the read wakes the wait.
             async with self._hub.subscribe(buffer=1_000) as stream:

@@ -92,6 +92,12 @@ async def test_list_jobs_refuses_bad_filters_naming_them(autojump_clock: trio.ab
         assert len(await rt.list_jobs("alice", limit=None)) == 1
         with pytest.raises(InvalidInputError, match="limit"):
             await rt.get_user_completed_jobs("alice", limit=0)
+        # wait_job's states alike: a bare string is refused, not waited for letter by letter.
+        with pytest.raises(InvalidInputError, match="states must be a list of states"):
+            await rt.wait_job(job.id, "completed")
+        with pytest.raises(InvalidInputError, match="unknown: 'done'"):
+            await rt.wait_job(job.id, ["done"])
+        assert (await rt.wait_job(job.id, ["completed"])).id == job.id
 
 
 async def test_a_write_after_the_jobs_end_says_the_attempt_has_ended(
