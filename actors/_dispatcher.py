@@ -45,6 +45,10 @@ log = logging.getLogger("jobspine.dispatcher")
 #: Seconds before a claim is tried again after the store refused one.
 RETRY_AFTER = 1.0
 
+#: Seconds past the store's retry time that a stopping dispatcher waits for the commits of
+#: the jobs it admitted (a commit already running takes up to one attempt more).
+SETTLE_MARGIN = 5.0
+
 
 class WallClock:
     """Wall-clock seconds that advance with Trio's clock: ``run_at`` and leases are Unix
@@ -213,20 +217,24 @@ class Dispatcher:
         return running, by_user, by_kind
 
     async def _launch_admitted(self) -> None:
-        # Shielded: a job stored as running is launched, never left with no worker.
+        # Shielded: a job stored as running is launched (or handed back), never left with no
+        # worker.
         with trio.CancelScope(shield=True):
             while self._to_launch:
                 job = self._to_launch.pop(0)
                 try:
-                    await self._launch(job)
+                    launched = await self._launch(job)
                 finally:
                     self._release(job.id)
                 self._admitted.pop(job.id, None)
-                self.fast_started += 1
+                self.fast_started += launched
 
     async def _launch_remaining(self) -> None:
-        """At the end: launch every admitted job once its commit is decided."""
-        with trio.move_on_after(5, shield=True):
+        """At the end: launch (or, the supervisor stopping, hand back) every admitted job once
+        its commit is decided. The store decides each within its retry time (a commit waits
+        out an outage that long), and voids what it still holds when it stops: a job whose
+        start commits after this gave up would be left running with no worker."""
+        with trio.move_on_after(self.store.retry_timeout + SETTLE_MARGIN, shield=True):
             while self._admitted:
                 await self._launch_admitted()
                 if self._admitted:
@@ -237,39 +245,43 @@ class Dispatcher:
         self, *, task_status: trio.TaskStatus[Dispatcher] = trio.TASK_STATUS_IGNORED
     ) -> None:
         try:
-            await self._serve(task_status)
+            # The store client stays open until the last job claimed is launched or handed
+            # back: a hand-back is written with it (the supervisor's may be closed by then).
+            async with self.store:
+                try:
+                    await self._serve(task_status)
+                finally:
+                    self._closing = True
+                    await self._launch_remaining()
         finally:
-            self._closing = True
-            await self._launch_remaining()
             self.stopped.set()
 
     async def _serve(self, task_status: trio.TaskStatus[Dispatcher]) -> None:
-        async with self.store:
-            self.store.set_fast_starter(self, capacity_matters=self._capacity_matters)
-            with trio.CancelScope() as self._scope:
-                # What waited while no runtime ran is claimed before the runtime is handed
-                # to its caller.
-                await self._dispatch()
-                task_status.started(self)
-                renew_at = trio.current_time() + self._renew_interval
-                while True:
-                    # Leases are renewed only while this runtime holds claims: an idle
-                    # runtime does not wake (nor touch the database) at all.
-                    wake_at = renew_at if self.supervisor.workers else math.inf
-                    if self._next_run_at is not None:
-                        wake_at = min(wake_at, self._to_trio(self._next_run_at))
-                    with trio.move_on_at(wake_at):
-                        await self._wake.wait()
-                    self._wake = trio.Event()
-                    await self._launch_admitted()
-                    if trio.current_time() >= renew_at:
-                        renew_at = trio.current_time() + self._renew_interval
-                        if self.supervisor.workers:
-                            await self._renew()
-                    at = self._next_run_at
-                    if self._due or (at is not None and self._clock() >= at):
-                        self._due = False
-                        await self._dispatch()
+        self.store.set_fast_starter(self, capacity_matters=self._capacity_matters)
+        with trio.CancelScope() as self._scope:
+            # What waited while no runtime ran is claimed before the runtime is handed
+            # to its caller.
+            await self._dispatch()
+            task_status.started(self)
+            renew_at = trio.current_time() + self._renew_interval
+            while True:
+                # Leases are renewed only while this runtime holds claims: an idle
+                # runtime does not wake (nor touch the database) at all.
+                wake_at = renew_at if self.supervisor.workers else math.inf
+                if self._next_run_at is not None:
+                    wake_at = min(wake_at, self._to_trio(self._next_run_at))
+                with trio.move_on_at(wake_at):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+                await self._launch_admitted()
+                if trio.current_time() >= renew_at:
+                    renew_at = trio.current_time() + self._renew_interval
+                    if self.supervisor.workers:
+                        await self._renew()
+                at = self._next_run_at
+                if self._due or (at is not None and self._clock() >= at):
+                    self._due = False
+                    await self._dispatch()
 
     async def _renew(self) -> None:
         try:
@@ -357,9 +369,11 @@ class Dispatcher:
             await self._launch(job)
             self._claimed.pop(job.id, None)
 
-    async def _launch(self, job: Job) -> None:
+    async def _launch(self, job: Job) -> bool:
+        """Launch ``job``, stored as running by a claim or a create; returns False if it was
+        handed back instead (the supervisor is stopping)."""
         try:
-            await self.supervisor.launch(job, job.checkpoint)
+            launched = await self.supervisor.launch(job, job.checkpoint)
         except JobspineError as exc:
             # Stored as running: the stall rule recovers it like any lost worker.
             log.warning(
@@ -368,4 +382,33 @@ class Dispatcher:
                 exc,
                 extra=job_fields(job.id, job.user_id, job.attempt, "launch_failed"),
             )
+            launched = True
+        if not launched:
+            await self._hand_back(job)
+            return False
         self.dispatched += 1
+        return True
+
+    async def _hand_back(self, job: Job) -> None:
+        """The supervisor is stopping and started no attempt for ``job``: its handler never
+        ran, so it goes back to the queue, nothing counted (:func:`~._policy.shutdown_state`),
+        written with this dispatcher's own store client. A claim answered after the shutdown
+        began (one that waited behind a locked database) ends here."""
+        reason = self.supervisor.stopping or "shutdown"
+        try:
+            await self.store.requeue(job.id, job.attempt, reason)
+        except JobspineError as exc:
+            # The database refused it too (or a newer decision stands): the job stays as
+            # stored, and the next start recovers a job left running.
+            log.warning(
+                "job %s claimed during the shutdown, not re-queued: %s",
+                job.id,
+                exc,
+                extra=job_fields(job.id, job.user_id, job.attempt, "not_requeued"),
+            )
+            return
+        log.info(
+            "job %s claimed during the shutdown: back in the queue, not run",
+            job.id,
+            extra=job_fields(job.id, job.user_id, job.attempt, "recovery"),
+        )

@@ -18,7 +18,7 @@ from ._options import KindOptions
 from ._scheduling import RetryDecision, decide_retry
 from ._states import JobState
 
-__all__ = ["STALLED", "RecoveryDecision", "RecoveryPolicy", "StallDetector"]
+__all__ = ["STALLED", "RecoveryDecision", "RecoveryPolicy", "StallDetector", "shutdown_state"]
 
 #: The error type of a stall counted as a failed attempt (a kind may list it in
 #: ``non_retryable`` to fail such a stall at once).
@@ -96,6 +96,24 @@ class RecoveryPolicy:
         else:
             reason += f", no attempts left ({retry.failed_attempts} of {job.max_attempts} failed)"
         return RecoveryDecision(JobState.FAILED, reason, attempts, retry)
+
+
+def shutdown_state(*, handler_started: bool, shared: bool) -> JobState:
+    """What a graceful shutdown records for a job this runtime holds as running, once its
+    attempt is stopped (or, claimed as the shutdown began, never launched):
+
+    * its handler never started: ``created``, back in the queue with nothing counted (no
+      failed attempt, no recovery): it ran nowhere, so there is nothing to resume and nothing
+      to charge it with, and the next claim runs it (on any database, whatever
+      ``resume_on_start`` says);
+    * its handler ran, on a database other nodes share: ``created`` too, for them to take at
+      once (resuming from its checkpoint);
+    * its handler ran, on one process's database: ``paused`` (reason ``shutdown``), resumed
+      by the next runtime on it when ``resume_on_start``.
+    """
+    if shared or not handler_started:
+        return JobState.CREATED
+    return JobState.PAUSED
 
 
 class StallDetector:

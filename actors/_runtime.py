@@ -197,6 +197,11 @@ class Runtime(Repository):
     def status(self) -> SupervisorStatus:
         return self.supervisor.status()
 
+    async def stop_jobs(self) -> None:
+        """The graceful part of a shutdown, which leaving ``open_runtime`` does (a server
+        does it first, while its clients still get the events): see :func:`_stop_jobs`."""
+        await _stop_jobs(self.dispatcher, self.supervisor, self.store_actor.backend.shared)
+
     @property
     def store_health(self) -> StoreHealth:
         """Whether the database takes writes now (``ok``), and if not why (``reason``)."""
@@ -331,6 +336,21 @@ async def _start_routing(
         bound=config.stop_grace + config.lease_ttl + CONTROL_MARGIN,
     )
     return notifier
+
+
+async def _stop_jobs(dispatcher: Dispatcher | None, supervisor: Supervisor, shared: bool) -> None:
+    """Claim nothing more, start no attempt, stop every running one with the grace period
+    and record it (paused; re-queued on a ``shared`` database, whose other nodes take it at
+    once; re-queued if its handler never started: :func:`~._policy.shutdown_state`), then wait for
+    the dispatcher. A claim in progress cannot be withdrawn (the store commits it even if
+    nobody waits): answered now or after the shutdown's bound (a database another program
+    keeps locked), its jobs go back to the queue without running, so the running jobs are
+    stopped without waiting for it."""
+    if dispatcher is not None:
+        dispatcher.close()
+    await supervisor.shutdown(hand_back=shared)
+    if dispatcher is not None:
+        await dispatcher.stopped.wait()
 
 
 def _shield(scopes: list[trio.CancelScope], shield: bool) -> None:
@@ -526,18 +546,23 @@ async def open_runtime(
                     raise
                 finally:
                     retention.cancel()
-                    with trio.move_on_after(config.shutdown_timeout, shield=True):
+                    with trio.move_on_after(config.shutdown_timeout, shield=True) as bound:
                         if notifier is not None:
                             notifier.close()
-                        if dispatcher is not None:
-                            # No new claims while running jobs are paused; a claim in
-                            # progress ends (and its jobs launch) first.
-                            dispatcher.close()
-                            await dispatcher.stopped.wait()
-                        # A shared database's other nodes take the jobs at once; one
-                        # process's database resumes them at its next start.
-                        await supervisor.shutdown(hand_back=backend.shared)
+                        await _stop_jobs(dispatcher, supervisor, backend.shared)
                         await node.leave()
+                    if bound.cancelled_caught:
+                        # What is left is recorded once the database answers: a claim still
+                        # waiting hands its jobs back, queued writes commit (the store
+                        # waits out an outage for store_retry_timeout); handlers still
+                        # running are cancelled now.
+                        log.warning(
+                            "shutdown not finished within shutdown_timeout (%g s): %s",
+                            config.shutdown_timeout,
+                            "the database is unavailable"
+                            if not store_actor.health.ok
+                            else "stopping jobs and claims",
+                        )
                     node.close()
                     supervisor.close()
                     hub.close()

@@ -308,6 +308,16 @@ class StoreActor:
     async def run(
         self, *, task_status: trio.TaskStatus[StoreActor] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        try:
+            await self._run(task_status)
+        finally:
+            # Its committer has ended: a job started at its create and not committed by
+            # then never will be. Its starter is told (it waits for every such decision).
+            undecided = [job for group in (*self._inflight, self._group) for job in group.fast]
+            if undecided and self.fast_starter is not None:
+                self.fast_starter.voided(undecided)
+
+    async def _run(self, task_status: trio.TaskStatus[StoreActor]) -> None:
         async with self._receive, self.backend.opened(), trio.open_nursery() as nursery:
             # Only clients hold send ends: the loop ends when the last client closes.
             self._send.close()
@@ -898,6 +908,12 @@ class StoreClient:
     @property
     def result_limit(self) -> int:
         return self._actor.config.result_limit
+
+    @property
+    def retry_timeout(self) -> float:
+        """Seconds a write waits out an unavailable database before it fails: every write
+        is answered within about that long once the store takes it."""
+        return self._actor.config.store_retry_timeout
 
     @property
     def health(self) -> StoreHealth:

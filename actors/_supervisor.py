@@ -25,11 +25,11 @@ from ._job import Job, JobError
 from ._joblog import job_fields
 from ._options import KindOptions, options_of
 from ._placement import InProcessPlacement, Placement
-from ._policy import RecoveryDecision, RecoveryPolicy, StallDetector
+from ._policy import RecoveryDecision, RecoveryPolicy, StallDetector, shutdown_state
 from ._scheduling import RetryDecision, decide_retry
 from ._states import JobState
 from ._store import StoreClient
-from ._worker import Handler, Worker, check_input
+from ._worker import NOT_STARTED, Handler, Worker, check_input
 
 __all__ = [
     "MAX_DECLARED_KINDS",
@@ -128,6 +128,13 @@ class Supervisor:
             self.config.beat_queue
         )
         self._nursery: trio.Nursery | None = None
+        #: Why no attempt starts here any more (the shutdown's reason), None until then: set
+        #: when the shutdown begins, or at :meth:`close`, and never cleared. A launch is
+        #: refused from then on, so the shutdown's stop of every worker misses none.
+        self.stopping: str | None = None
+        # Set before the nursery can close (at close(), or when run() is left otherwise):
+        # from then on nothing outside it starts a task in it (see _spawn).
+        self._closed = False
         # Set while the dispatcher's claim and the launches of what it claimed are under way.
         self._launch_holds: set[trio.Event] = set()
         self._stalls = 0
@@ -150,13 +157,25 @@ class Supervisor:
         ):
             self._nursery = nursery
             task_status.started(self)
-            await self._watch()
+            try:
+                await self._watch()
+            finally:
+                # The nursery closes once its tasks end: marked first (cancelled from outside,
+                # the runtime failing, as much as by close()), so that no launch or spawn
+                # from another task meets a closed nursery.
+                self._close()
 
     def close(self) -> None:
         """Cancel the watch loop and any worker still running (call :meth:`shutdown` first
-        for a graceful stop); :meth:`run` then returns."""
+        for a graceful stop); :meth:`run` then returns. No attempt starts from now on."""
+        self._close()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+
+    def _close(self) -> None:
+        self._closed = True
+        if self.stopping is None:
+            self.stopping = "shutdown"
 
     async def _watch(self) -> None:
         receive = self._beats_receive
@@ -208,6 +227,14 @@ class Supervisor:
                 )
 
     def _spawn(self, fn: Any, *args: Any) -> None:
+        """Start ``fn(*args)`` in the supervisor's nursery while it is open. Once the
+        supervisor is closed nothing joins it (a task there would only be cancelled, and
+        one started after the nursery closed would crash the runtime): what the task was
+        for (a stall's or a timeout's record, a re-queue tried again) is left with the job
+        still marked running, which the next start recovers."""
+        if self._closed:
+            log.info("supervisor closed: %s not run", getattr(fn, "__name__", fn))
+            return
         assert self._nursery is not None
         self._nursery.start_soon(fn, *args)
 
@@ -313,18 +340,25 @@ class Supervisor:
         if handler is not None:
             check_input(handler, kind, input)
 
-    async def launch(self, job: Job, resumed_from: Any = None) -> None:
+    async def launch(self, job: Job, resumed_from: Any = None) -> bool:
         """Run ``job`` (already stored as running, with its attempt) in a new worker, in the
         first placement with a free slot. With none (the slot the claim counted on went away
-        while the start was stored), the job goes back to the queue (:meth:`requeue`)."""
+        while the start was stored), the job goes back to the queue (:meth:`requeue`).
+
+        Returns False, having done nothing, once the supervisor is :attr:`stopping`: no
+        attempt starts during a shutdown (a claim answered late, behind a locked database, is
+        one), and the caller puts the job back in the queue with its own store client (this
+        supervisor's closes with it; see :func:`~._policy.shutdown_state`)."""
         if self._nursery is None:
             raise RuntimeError("the supervisor is not running")
+        if self.stopping is not None:
+            return False
         handler = self._place(job)
         if handler is None:
             # The free slot the claim counted on is gone (its worker disconnected or began to
             # drain while the start was stored): the job waits again, nothing counted.
             await self.requeue(job.id, job.attempt, WORKER_GONE)
-            return
+            return True
         options = self._options(job.kind)
         worker = Worker(
             job,
@@ -360,7 +394,10 @@ class Supervisor:
         self._per_kind[job.kind] = self._per_kind.get(job.kind, 0) + 1
         self.detector.watch(job.id, trio.current_time(), self.config.heartbeat_timeout)
         worker.beat()  # wakes the watch loop, which may be sleeping until a later deadline
+        # No await since ``stopping`` was found None: the nursery is open (it closes only
+        # after ``stopping`` is set), and the shutdown, if it begins now, finds this worker.
         await self._nursery.start(worker.run, self._worker_exited)
+        return True
 
     def _handler_started(self, worker: Worker) -> None:
         """The attempt's timeout counts from its handler's start (not from a wait for the
@@ -382,6 +419,15 @@ class Supervisor:
         try:
             await self.store.requeue(job_id, attempt, reason)
         except StoreError as exc:
+            if self.stopping is not None:
+                # Nothing here outlives the shutdown to try again.
+                log.warning(
+                    "job %s not re-queued (%s): %s; the next start recovers it",
+                    job_id,
+                    reason,
+                    exc,
+                )
+                return
             log.warning("job %s not re-queued (%s), tried again: %s", job_id, reason, exc)
             self._spawn(self._requeue_later, job_id, attempt, reason)
             return
@@ -408,7 +454,13 @@ class Supervisor:
         job back in the queue (:meth:`requeue`): a worker that drains hands its jobs back.
         An attempt that ended by itself meanwhile keeps its own outcome."""
         worker = await self.stop(job_id, reason)
-        if worker is None or worker.outcome != "stopped":
+        if worker is not None:
+            await self._put_back(worker, reason)
+
+    async def _put_back(self, worker: Worker, reason: str) -> None:
+        """Re-queue the job of ``worker``, stopped, unless its attempt ended by itself."""
+        job_id = worker.job_id
+        if worker.outcome not in ("stopped", NOT_STARTED):
             return
         try:
             await self.store.requeue(job_id, worker.attempt, reason)
@@ -737,17 +789,24 @@ class Supervisor:
         )
 
     async def shutdown(self, reason: str = "shutdown", *, hand_back: bool = False) -> None:
-        """Stop every worker with the grace period and record each stopped job as paused;
-        ``hand_back``: re-queued instead (state ``created``, the attempt ended, no attempt
-        counted), for another node to claim at once (:meth:`hand_back`)."""
-        stop = self.hand_back if hand_back else self._stop_and_pause
+        """Start no attempt from now on (:meth:`launch` refuses), stop every worker with the
+        grace period and record each stopped job as :func:`~._policy.shutdown_state` says:
+        paused, or with ``hand_back`` (a shared database) re-queued (state ``created``, the
+        attempt ended, no attempt counted) for another node to claim at once; a job whose
+        handler never started is re-queued either way."""
+        if self.stopping is None:
+            self.stopping = reason
         async with trio.open_nursery() as nursery:
             for job_id in list(self.workers):
-                nursery.start_soon(stop, job_id, reason)
+                nursery.start_soon(self._stop_at_shutdown, job_id, reason, hand_back)
 
-    async def _stop_and_pause(self, job_id: str, reason: str) -> None:
+    async def _stop_at_shutdown(self, job_id: str, reason: str, shared: bool) -> None:
         worker = await self.stop(job_id, reason)
         if worker is None:
+            return
+        started = worker.outcome != NOT_STARTED
+        if shutdown_state(handler_started=started, shared=shared) is JobState.CREATED:
+            await self._put_back(worker, reason)
             return
         try:
             await self.store.pause(job_id, worker.attempt, "system", reason)

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from ._scheduling import RetryDecision
     from ._store import StoreClient
 
+#: :attr:`Worker.outcome` of an attempt stopped before its handler started.
+NOT_STARTED = "not_started"
+
 #: ``decide(job as stored, error, permanent)``: whether a failed attempt is retried.
 RetryDecider = Callable[[Job, JobError, bool], "RetryDecision"]
 
@@ -33,6 +36,7 @@ __all__ = [
     "ContextStore",
     "Handler",
     "HandlerFailure",
+    "NOT_STARTED",
     "InputCheck",
     "JobContext",
     "Worker",
@@ -277,8 +281,9 @@ class Worker:
         self.finished = trio.Event()  # set after the outcome is stored
         self.stop_reason: str | None = None
         self.outcome_stored = True
-        #: How the attempt ended: completed, failed, stopped, fenced or not_stored.
-        self.outcome = "stopped"
+        #: How the attempt ended: completed, failed, retrying, stopped, fenced, not_stored,
+        #: or not_started (stopped before its handler started: the job never ran here).
+        self.outcome = NOT_STARTED
         #: Its handler returned or raised before any cancellation: its own outcome is being
         #: recorded (a stop waits for it, see Supervisor.stop).
         self.recording = False
@@ -372,6 +377,8 @@ class Worker:
                 await self._wait_unwound(*self.unwound)
                 if self.stop_reason is not None:
                     return  # stopped (paused, handed back) before its handler started
+            # From here on its handler has run, however briefly: a stop is a stop of the job.
+            self.outcome = "stopped"
             if self.on_started is not None:
                 self.on_started(self)
             try:

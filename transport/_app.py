@@ -115,15 +115,9 @@ async def open_server(
                     finally:
                         with trio.move_on_after(runtime_config.shutdown_timeout, shield=True):
                             server.stop_accepting()
-                            dispatcher = runtime.dispatcher
-                            if dispatcher is not None:
-                                # No claim may take back what the shutdown hands back.
-                                dispatcher.close()
-                                await dispatcher.stopped.wait()
-                            # A shared database's other nodes take the running jobs at once.
-                            await runtime.supervisor.shutdown(
-                                hand_back=runtime.store_actor.backend.shared
-                            )
+                            # Paused (or handed back to a shared database's other nodes)
+                            # while the clients are still here to get the events.
+                            await runtime.stop_jobs()
                             await runtime.broadcaster.drained()  # type: ignore[union-attr]
                             await server.close_all()
                         nursery.cancel_scope.cancel()
