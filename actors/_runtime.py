@@ -73,7 +73,10 @@ class RuntimeConfig:
     checkpoint_warn_size: int = 256 * 1024
     #: Longest delay before a heartbeat is written to the database.
     heartbeat_flush_interval: float = 1.0
-    #: Bound on the whole graceful shutdown (grace periods included).
+    #: Bound on stopping the running jobs at shutdown (grace periods included): past it a
+    #: handler still running is cancelled. The exit then still waits for the writes on their
+    #: way (a claim in progress, whose jobs go back to the queue unstarted), each bounded by
+    #: ``store_retry_timeout`` while the database is unavailable.
     shutdown_timeout: float = 30.0
     #: Resume, at start, the jobs a previous graceful shutdown paused.
     resume_on_start: bool = True
@@ -340,9 +343,9 @@ async def _start_routing(
 
 async def _stop_jobs(dispatcher: Dispatcher | None, supervisor: Supervisor, shared: bool) -> None:
     """Claim nothing more, start no attempt, stop every running one with the grace period
-    and record it (paused; re-queued on a ``shared`` database, whose other nodes take it at
-    once; re-queued if its handler never started: :func:`~._policy.shutdown_state`), then wait for
-    the dispatcher. A claim in progress cannot be withdrawn (the store commits it even if
+    and record it (:func:`~._policy.shutdown_state`: paused; re-queued on a ``shared``
+    database, whose other nodes take it at once, or if its handler never started), then wait
+    for the dispatcher. A claim in progress cannot be withdrawn (the store commits it even if
     nobody waits): answered now or after the shutdown's bound (a database another program
     keeps locked), its jobs go back to the queue without running, so the running jobs are
     stopped without waiting for it."""
@@ -400,9 +403,10 @@ async def open_runtime(
     runtime registers as a node (``config.node_id``, see :mod:`._nodes`); on PostgreSQL
     several nodes share the database, each taking over the jobs of nodes whose lease expired.
     On start, jobs a dead process left running are recovered (never a live node's). On exit,
-    running jobs get the grace period to checkpoint and are paused (resumed by the next runtime
-    on the same SQLite file) or, on a shared database, handed back to the queue for the other
-    nodes; every acknowledged write is durable. With ``broadcast``, a :class:`Broadcaster` actor
+    no handler starts any more (a job claimed but not started goes back to the queue), running
+    jobs get the grace period to checkpoint and are paused (resumed by the next runtime on the
+    same SQLite file) or, on a shared database, handed back to the queue for the other nodes;
+    every acknowledged write is durable. With ``broadcast``, a :class:`Broadcaster` actor
     serves rooms of events (``rt.broadcaster``); with ``fanout`` too (cluster mode: several
     nodes on one PostgreSQL database), its rooms get every node's events through Redis
     (``rt.fanout``, see :mod:`actors._fanout`). With ``config.retention``, finished jobs are

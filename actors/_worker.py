@@ -32,11 +32,11 @@ NOT_STARTED = "not_started"
 RetryDecider = Callable[[Job, JobError, bool], "RetryDecision"]
 
 __all__ = [
+    "NOT_STARTED",
     "ContextBacking",
     "ContextStore",
     "Handler",
     "HandlerFailure",
-    "NOT_STARTED",
     "InputCheck",
     "JobContext",
     "Worker",
