@@ -153,7 +153,7 @@ class Dispatcher:
             self._closing
             or now >= settled_until
             or not self.supervisor.in_process_only()
-            or not self._may_claim()
+            or not self._claiming_allowed()
         ):
             # Worker slots come and go with their connections: with a worker connected, every
             # start goes through a claim, which reads their free slots when it runs.
@@ -291,8 +291,14 @@ class Dispatcher:
         except JobspineError as exc:
             log.warning("lease renewal failed (retried next interval): %s", exc)
 
+    def _claiming_allowed(self) -> bool:
+        """Whether a job may be claimed now: not once the supervisor's shutdown began (it
+        would start no attempt: every job claimed would only be handed back), nor while the
+        node may not claim."""
+        return self.supervisor.stopping is None and self._may_claim()
+
     async def _dispatch(self) -> None:
-        if not self._may_claim():
+        if not self._claiming_allowed():
             self._next_run_at = None  # woken when the node may claim again
             return
         running, by_user, by_kind = self._capacity()
