@@ -6,10 +6,12 @@ check what was stored), so no double repeats ``Backend.commit``'s signature."""
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
 
 import attrs
+import pytest
 
-from actors import Job, JobEvent
+from actors import Backend, Job, JobEvent, MemoryBackend, PostgresBackend, SqliteBackend
 
 
 @attrs.frozen
@@ -48,3 +50,13 @@ class CommitHooks:
         )
         await self.after_commit(call)
         return committed
+
+
+def new_backend(request: pytest.FixtureRequest, path: Path) -> Backend:
+    """A backend of the kind a fixture's ``request.param`` names (``memory``, ``sqlite`` on
+    ``path``, ``postgresql`` on the ``pg_url`` fixture's database), not opened yet."""
+    if request.param == "memory":
+        return MemoryBackend()
+    if request.param == "postgresql":
+        return PostgresBackend(request.getfixturevalue("pg_url"))
+    return SqliteBackend(path, synchronous="NORMAL")

@@ -6,7 +6,7 @@ in real time with generous bounds (threads: the connections and the listener).""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -238,6 +238,13 @@ def lose_the_first_control(rt: Runtime) -> list[Control]:
     return lost
 
 
+async def once_lost(lost: list[Control], then: Callable[[], Awaitable[object]]) -> None:
+    """``then()`` once the first control is lost (sent by the asker's task)."""
+    while not lost:  # noqa: ASYNC110 - no event for a control sent
+        await trio.sleep(0.01)
+    await then()
+
+
 async def test_a_cancel_whose_attempt_ended_otherwise_cancels_the_job(pg_url: str) -> None:
     """B's cancel of a job running on A is lost on the way, and the attempt ends otherwise (a
     pause on A here; a takeover's requeue or pause the same): B's cancel is applied to the job
@@ -248,13 +255,7 @@ async def test_a_cancel_whose_attempt_ended_otherwise_cancels_the_job(pg_url: st
         lost = lose_the_first_control(b)
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
-
-                async def pause_on_a_once_sent() -> None:
-                    while not lost:  # noqa: ASYNC110 - the control is sent by b's task
-                        await trio.sleep(0.01)
-                    await a.pause(job_id)
-
-                nursery.start_soon(pause_on_a_once_sent)
+                nursery.start_soon(once_lost, lost, lambda: a.pause(job_id))
                 cancelled = await b.cancel(job_id, by="bob")
         assert cancelled.state is JobState.CANCELLED
         assert (await a.get_job(job_id)).state is JobState.CANCELLED
@@ -272,16 +273,14 @@ async def test_a_pause_whose_attempt_ended_otherwise_pauses_the_job_as_it_is_now
         job_id = await running_on(a)
         lost = lose_the_first_control(b)
         with trio.fail_after(30):
+
+            async def pause_and_resume_on_a() -> None:
+                await a.pause(job_id)
+                started.pop(job_id)
+                await a.resume(job_id)
+
             async with trio.open_nursery() as nursery:
-
-                async def restart_on_a_once_sent() -> None:
-                    while not lost:  # noqa: ASYNC110 - the control is sent by b's task
-                        await trio.sleep(0.01)
-                    await a.pause(job_id)
-                    started.pop(job_id)
-                    await a.resume(job_id)
-
-                nursery.start_soon(restart_on_a_once_sent)
+                nursery.start_soon(once_lost, lost, pause_and_resume_on_a)
                 paused = await b.pause(job_id, by="bob")
         assert paused.state is JobState.PAUSED and paused.attempt == 2
         assert paused.checkpoint == {"stopped_at": "pause"}
@@ -296,13 +295,7 @@ async def test_a_pause_of_a_job_that_finished_meanwhile_is_refused(pg_url: str) 
         lost = lose_the_first_control(b)
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
-
-                async def cancel_on_a_once_sent() -> None:
-                    while not lost:  # noqa: ASYNC110 - the control is sent by b's task
-                        await trio.sleep(0.01)
-                    await a.cancel(job_id)
-
-                nursery.start_soon(cancel_on_a_once_sent)
+                nursery.start_soon(once_lost, lost, lambda: a.cancel(job_id))
                 with pytest.raises(IllegalTransitionError, match="cancelled"):
                     await b.pause(job_id, by="bob")
         assert (await a.get_job(job_id)).state is JobState.CANCELLED

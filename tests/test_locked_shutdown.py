@@ -113,6 +113,13 @@ def lock_in_a_thread(
     )
 
 
+async def release_after_the_bound(leaving: trio.Event, release: trio.Event) -> None:
+    """Lift the lock (``release``) three shutdown bounds after the application leaves."""
+    await leaving.wait()
+    await trio.sleep(3 * BOUND)
+    release.set()
+
+
 async def test_a_claim_answered_after_the_bound_puts_its_job_back_in_the_queue(
     tmp_path: Path,
 ) -> None:
@@ -124,13 +131,8 @@ async def test_a_claim_answered_after_the_bound_puts_its_job_back_in_the_queue(
     gate = Gate()
     release, held, leaving = trio.Event(), trio.Event(), trio.Event()
 
-    async def release_after_the_bound() -> None:
-        await leaving.wait()
-        await trio.sleep(3 * BOUND)
-        release.set()
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(release_after_the_bound)
+        nursery.start_soon(release_after_the_bound, leaving, release)
         async with open_runtime(
             path, handlers={"w": gate}, config=sqlite_config(max_running=1)
         ) as rt:
@@ -168,13 +170,8 @@ async def test_a_job_started_at_its_create_behind_the_lock_goes_back_to_the_queu
     gate.open.set()
     release, held, leaving = trio.Event(), trio.Event(), trio.Event()
 
-    async def release_after_the_bound() -> None:
-        await leaving.wait()
-        await trio.sleep(3 * BOUND)
-        release.set()
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(release_after_the_bound)
+        nursery.start_soon(release_after_the_bound, leaving, release)
         async with open_runtime(path, handlers={"w": gate}, config=sqlite_config()) as rt:
             first = await rt.create_job("w", "u", {"n": 1})
             await wait_for_state(rt, first.id)  # nothing waits: a create starts at once

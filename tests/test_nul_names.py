@@ -23,15 +23,13 @@ from actors import (
     InvalidInputError,
     JobQuery,
     JobState,
-    MemoryBackend,
-    PostgresBackend,
-    SqliteBackend,
     UnknownJobError,
     parse_room,
 )
 from actors._backend import Backend
 from actors._options import CreateOptions
 
+from .backends import new_backend
 from .conftest import wait_for_state
 from .serving import raw, receive, send, serving, token
 from .serving import request as ask
@@ -43,11 +41,7 @@ BAD_ID = f"01{NUL}"
 
 @pytest.fixture(params=["memory", "sqlite", "postgresql"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    if request.param == "memory":
-        return MemoryBackend()
-    if request.param == "postgresql":
-        return PostgresBackend(request.getfixturevalue("pg_url"))
-    return SqliteBackend(tmp_path / "store.db", synchronous="NORMAL")
+    return new_backend(request, tmp_path / "store.db")
 
 
 def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:

@@ -21,7 +21,6 @@ from actors import (
     JobQuery,
     JobState,
     MemoryBackend,
-    PostgresBackend,
     Pruned,
     RetentionPolicy,
     RetentionRule,
@@ -39,6 +38,7 @@ from actors._runtime import RuntimeConfig
 from transport._config import resolve, retention_policy
 from transport._exit import CLIError
 
+from .backends import new_backend
 from .conftest import memory_runtime, wait_for_state
 
 # -- the policy ---------------------------------------------------------------------------------
@@ -158,11 +158,7 @@ async def open_store(backend: Backend) -> AsyncIterator[StoreClient]:
 
 @pytest.fixture(params=["memory", "sqlite", "postgresql"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    if request.param == "memory":
-        return MemoryBackend()
-    if request.param == "postgresql":
-        return PostgresBackend(request.getfixturevalue("pg_url"))
-    return SqliteBackend(tmp_path / "retention.db", synchronous="NORMAL")
+    return new_backend(request, tmp_path / "retention.db")
 
 
 async def finished_job(

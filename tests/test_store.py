@@ -28,7 +28,6 @@ from actors import (
     JobState,
     MemoryBackend,
     NotSerializableError,
-    PostgresBackend,
     SqliteBackend,
     StaleAttemptError,
     StoreActor,
@@ -39,7 +38,7 @@ from actors import (
 )
 from actors._backend import Backend
 
-from .backends import Commit, CommitHooks
+from .backends import Commit, CommitHooks, new_backend
 
 
 @asynccontextmanager
@@ -57,11 +56,7 @@ async def open_store(
 
 @pytest.fixture(params=["memory", "sqlite", "postgresql"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    if request.param == "memory":
-        return MemoryBackend()
-    if request.param == "postgresql":
-        return PostgresBackend(request.getfixturevalue("pg_url"))
-    return SqliteBackend(tmp_path / "store.db", synchronous="NORMAL")
+    return new_backend(request, tmp_path / "store.db")
 
 
 async def running_job(store: StoreClient, user: str = "alice") -> str:
