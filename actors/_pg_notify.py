@@ -21,9 +21,11 @@ reach it when it runs again, whatever it listens on by then.
 **Driving LISTEN from Trio.** psycopg's sync ``Connection.notifies(timeout=…)`` on a dedicated
 connection, in a worker thread, one wait of at most :data:`LISTEN_POLL` seconds per crossing
 (so a cancelled wait ends within it). Sending uses a second connection (the listening one is
-busy in its thread). A lost connection is logged and opened again after
-:data:`RECONNECT_DELAY`; what was sent meanwhile is lost, which the dispatcher's own renewals
-and the asker's bound absorb.
+busy in its thread), opened again once at once if the server dropped it. A lost listening
+connection is logged and opened again after :data:`RECONNECT_DELAY`; what was sent meanwhile
+is lost: the dispatcher's own renewals absorb a lost queue wake-up, and an asker sends its
+control again every :data:`~._routing.RESEND_INTERVAL` until the job has left the attempt
+(the same control arriving while it is applied is applied once).
 """
 
 from __future__ import annotations
@@ -87,6 +89,9 @@ class PgNotifier:
         self._scope = trio.CancelScope()
         #: Controls received and applied (or failed) here, for tests and metrics.
         self.controls = 0
+        #: Controls being applied here: the same one sent again meanwhile (the asker sends
+        #: it again until the job leaves its attempt) is not applied twice.
+        self._applying: set[Control] = set()
 
     def _connect(self) -> psycopg.Connection[Any]:
         return psycopg.connect(
@@ -149,6 +154,9 @@ class PgNotifier:
         except ValueError as exc:
             log.warning("control ignored: %s", exc)
             return
+        if control in self._applying:
+            return
+        self._applying.add(control)
         nursery.start_soon(self._apply, control)
 
     async def _apply(self, control: Control) -> None:
@@ -157,18 +165,29 @@ class PgNotifier:
         except Exception as exc:
             log.info("control %s of job %s not applied: %r", control.op, control.job_id, exc)
         finally:
+            self._applying.discard(control)
             self.controls += 1
 
     async def send(self, owner: str, control: Control) -> None:
         """Send ``control`` to the node whose claims carry ``owner``. Raises
         :class:`RemoteControlError` if the database cannot be reached."""
 
+        args = (node_channel(node_of(owner)[0]), control.encode())
+
         def fn() -> None:
             if self._sender is None or self._sender.closed:
                 self._sender = self._connect()
-            self._sender.execute(
-                "SELECT pg_notify(%s, %s)", (node_channel(node_of(owner)[0]), control.encode())
-            )
+            try:
+                self._sender.execute("SELECT pg_notify(%s, %s)", args)
+            except psycopg.Error:
+                # A connection the server dropped (a restart, a pooler, idle_session_timeout)
+                # shows only when used: sent again once on a new one. Sending twice is
+                # harmless: a control names its attempt, applied once (see _dispatch).
+                if not self._sender.broken and not self._sender.closed:
+                    raise
+                self._sender.close()
+                self._sender = self._connect()
+                self._sender.execute("SELECT pg_notify(%s, %s)", args)
 
         async with self._send_lock:
             try:

@@ -46,6 +46,9 @@ __all__ = [
 QUEUE_CHANNEL = "jobspine_queue"
 #: Seconds between reads of a job while a control is awaited on another node.
 POLL_INTERVAL = 0.05
+#: Seconds between two sends of one control while the job has not left its attempt (a
+#: notification sent while the owner's listener reconnects is lost).
+RESEND_INTERVAL = 1.0
 #: Operations a node applies for another: the repository methods of the same name.
 OPS = frozenset({"pause", "cancel", "recover"})
 
@@ -154,11 +157,17 @@ class RemoteControls:
         attempt; returns it as stored. Raises :class:`RemoteControlError` past the bound."""
         assert job.owner is not None
         await self._send(job.owner, control)
+        sent_at = trio.current_time()
         with trio.move_on_after(self.bound):
             while True:
                 now = await self._read(job.id)
                 if left_attempt(job, now):
                     return now
+                if trio.current_time() - sent_at >= RESEND_INTERVAL:
+                    # A notification sent while the owner's listener reconnected is lost:
+                    # sent again (the owner applies one control once, see _pg_notify).
+                    sent_at = trio.current_time()
+                    await self._send(job.owner, control)
                 await trio.sleep(POLL_INTERVAL)
         raise RemoteControlError(
             f"job {job.id}: node {job.owner!r} did not {control.op} it within"

@@ -391,6 +391,11 @@ class StoreActor:
             except Exception as exc:
                 if is_corruption(exc):
                     request.error = self._corrupted(exc)
+                elif is_outage(exc):
+                    # The database unavailable (a dropped connection, a lock): the caller's
+                    # to retry, no fault of the code (no traceback).
+                    log.warning("store request failed, the database unavailable: %r", exc)
+                    request.error = StoreError(f"store request failed: {exc!r}")
                 else:
                     log.exception("store request failed")
                     request.error = StoreError(f"store request failed: {exc!r}")

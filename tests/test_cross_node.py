@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
+import psycopg
 import pytest
 import trio
 
@@ -139,7 +140,8 @@ async def test_a_control_for_a_gone_node_fails_clearly_within_its_bound(pg_url: 
             await b.pause(job_id)
         assert 0.9 < time.monotonic() - start < 10
         running = await a.get_job(job_id)
-        assert sent == [Control("pause", job_id, running.attempt, running.owner or "")]
+        # Sent again every RESEND_INTERVAL until the bound: the same control each time.
+        assert set(sent) == {Control("pause", job_id, running.attempt, running.owner or "")}
         assert (await a.get_job(job_id)).state is JobState.RUNNING
 
 
@@ -219,6 +221,34 @@ async def test_a_node_ignores_the_queue_notifications_of_its_own_commits() -> No
         assert wakes == [None]
         notifier._dispatch(nursery, notifier.channel, "not a control")  # logged, dropped
     assert notifier.controls == 0
+
+
+def terminate_notify_sessions(url: str) -> int:
+    """End every node's notification sessions (listening and sending), as a restart of the
+    server, a pooler or ``idle_session_timeout`` would."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = 'jobspine-notify'"
+        ).fetchall()
+    return len(rows)
+
+
+async def test_controls_go_through_after_the_notification_sessions_dropped(
+    pg_url: str,
+) -> None:
+    """The server drops every notification session (the sender's and the listener's): B's
+    cancel of a job on A still goes through, sent on a new connection and again once A
+    listens again. Before, it failed at once (``cannot reach node``, the dropped connection
+    found on use) or, sent while A's listener reconnected, was lost and waited out the bound
+    with A alive."""
+    async with two_nodes(pg_url) as (a, b):
+        job_id = await running_on(a)
+        await b.pause(await running_on(a))  # B's sending connection exists
+        assert await trio.to_thread.run_sync(terminate_notify_sessions, pg_url) >= 2
+        with trio.fail_after(20):
+            cancelled = await b.cancel(job_id, by="bob")
+        assert cancelled.state is JobState.CANCELLED
 
 
 def lose_the_first_control(rt: Runtime) -> list[Control]:
