@@ -270,6 +270,7 @@ class StoreActor:
         self._void: dict[int, Exception | None] = {}
         self._replay: list[_Request] = []  # in request order
         self._group = _Group(0)  # being applied
+        self._batch: list[_Request] = []  # taken from the channel, being applied
         self._beats: dict[str, tuple[int, float]] = {}
         self._user_heads: dict[str, int] = {}  # includes staged, uncommitted events
         self._idle = trio.Event()
@@ -318,27 +319,49 @@ class StoreActor:
                 self.fast_starter.voided(undecided)
 
     async def _run(self, task_status: trio.TaskStatus[StoreActor]) -> None:
-        async with self._receive, self.backend.opened(), trio.open_nursery() as nursery:
-            # Only clients hold send ends: the loop ends when the last client closes.
-            self._send.close()
-            self.metrics.load(await self.backend.count_by_state(None))
-            to_committer, from_actor = trio.open_memory_channel[_Group](0)
-            nursery.start_soon(self._committer, from_actor)
-            nursery.start_soon(self._reader)
-            task_status.started(self)
-            async with to_committer:
-                self._handoff = to_committer
+        async with self._receive:
+            try:
+                async with self.backend.opened(), trio.open_nursery() as nursery:
+                    # Only clients hold send ends: the loop ends when the last client closes.
+                    self._send.close()
+                    self.metrics.load(await self.backend.count_by_state(None))
+                    to_committer, from_actor = trio.open_memory_channel[_Group](0)
+                    nursery.start_soon(self._committer, from_actor)
+                    nursery.start_soon(self._reader)
+                    task_status.started(self)
+                    async with to_committer:
+                        self._handoff = to_committer
+                        try:
+                            await self._serve()
+                        finally:
+                            with trio.move_on_after(5, shield=True):
+                                await self._drain()
+                                await self._replay_void()
+                            self._closing = True
+                            self._reads_send.close()  # the reader ends
+            finally:
+                self._refuse_unanswered()
+
+    def _refuse_unanswered(self) -> None:
+        """Answer every request the actor took or had queued and never answered (it stopped
+        on a fault, or its close ran out of time): each caller gets a ``StoreError`` instead
+        of waiting forever, as the dispatcher's shielded claim would. After a clean close only
+        the requests not replayed in time are left."""
+        self._reads_send.close()  # a read sent from now on is refused (RuntimeClosedError)
+        pending = [*self._batch, *self._replay, *self._group.requests]
+        for group in self._inflight:
+            pending += group.requests
+        for channel in (self._receive, self._reads_receive):
+            while True:
                 try:
-                    await self._serve()
-                finally:
-                    with trio.move_on_after(5, shield=True):
-                        await self._drain()
-                        await self._replay_void()
-                    self._closing = True
-                    for request in self._replay:  # not replayed in time: answered
-                        request.error = StoreError("the store closed before this was saved")
-                        request.done.set()
-                    self._reads_send.close()  # the reader ends
+                    pending.append(channel.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+        self._reads_receive.close()
+        for request in pending:
+            if not request.done.is_set():
+                request.error = StoreError("the store stopped before it answered this request")
+                request.done.set()
 
     async def _serve(self) -> None:
         receive = self._receive
@@ -366,6 +389,7 @@ class StoreActor:
                     batch.append(receive.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
+            self._batch = batch
             await self._process(batch)
 
     async def _process(self, batch: list[_Request]) -> None:
@@ -737,18 +761,17 @@ class StoreActor:
     async def _reader(self) -> None:
         """Serve :meth:`_read_committed` beside the actor, in its nursery (with which it ends),
         each read under the commit lock."""
-        async with self._reads_receive:
-            async for request in self._reads_receive:
-                try:
-                    async with self._commit_lock:
-                        request.value = await request.fn()
-                except JobspineError as exc:
-                    request.error = exc
-                except Exception as exc:
-                    log.exception("store read failed")
-                    request.error = StoreError(f"store read failed: {exc!r}")
-                finally:
-                    request.done.set()
+        async for request in self._reads_receive:
+            try:
+                async with self._commit_lock:
+                    request.value = await request.fn()
+            except JobspineError as exc:
+                request.error = exc
+            except Exception as exc:
+                log.exception("store read failed")
+                request.error = StoreError(f"store read failed: {exc!r}")
+            finally:
+                request.done.set()
 
     # -- helpers used by request functions (run inside the actor task) -------------------------
 
