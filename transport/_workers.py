@@ -500,7 +500,14 @@ class WorkerConnection:
                     self._waiting_bytes += cost
                     return
             elif isinstance(body, NoArgs):  # drain
-                nursery.start_soon(self._drain)
+                assert self.worker is not None
+                if not self.worker.closed:
+                    # Once: a drain already hands back every attempt (the worker gets no new
+                    # one), so a repeated drain is answered alike and starts nothing (each
+                    # one stopped every attempt again: a batch of drains made a log line and
+                    # a hand-back per drain and attempt).
+                    self.worker.closed = True
+                    nursery.start_soon(self._drain)
             else:
                 raise ProtocolError("bad_request", "hello: already connected")
             self._push(reply_message(request.id, {"ok": True}))
@@ -602,12 +609,11 @@ class WorkerConnection:
         self._push(reply_message(request.id, {"ok": True}))
 
     async def _drain(self) -> None:
-        """The worker is shutting down: no new attempts; each running one is stopped with
-        the grace period and goes back to the queue (``worker_shutdown``), to resume from its
-        checkpoint on the next worker that serves its kind."""
+        """The worker is shutting down (its ``closed`` set: no new attempts): each running
+        one is stopped with the grace period and goes back to the queue (``worker_shutdown``),
+        to resume from its checkpoint on the next worker that serves its kind."""
         worker = self.worker
         assert worker is not None
-        worker.closed = True
         log.info("worker %s drains: handing back %d jobs", worker.name, len(worker.attempts))
         supervisor = self.server.runtime.supervisor
         # Shielded: the worker closes its connection once its handlers stopped, which must
