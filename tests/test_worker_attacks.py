@@ -10,10 +10,18 @@ from pathlib import Path
 import pytest
 import trio
 
+import transport._workers
 from actors import JobState
 
 from .conftest import wait_for_state
-from .test_worker_protocol import raw_worker, receive_flat, send
+from .test_worker_protocol import (
+    answers_by_id,
+    assigned_steps_job,
+    held_checkpoints,
+    raw_worker,
+    receive_flat,
+    send,
+)
 from .test_workers import event_types
 from .worker_support import served
 
@@ -55,3 +63,25 @@ async def test_a_repeated_drain_hands_each_attempt_back_once(
     lines = [record.getMessage() for record in caplog.records]
     assert sum("drains: handing back" in line for line in lines) == 1
     assert not [line for line in lines if "not re-queued" in line]
+
+
+async def test_a_large_report_counts_its_whole_frame_while_it_waits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large checkpoints, each sent in a frame with 999 heartbeats (served at once), while the
+    database is slow: each frame counts whole towards the bound while its checkpoint waits.
+    A report counted its share of its frame: 117 bytes for a 117 KB checkpoint, so that all
+    ten waited here, and under the real bound a worker could park 64 GiB in the server."""
+    monkeypatch.setattr(transport._workers, "MAX_WAITING_BYTES", 200_000)
+    async with assigned_steps_job(tmp_path) as (s, ws, job):
+        ref = {"job_id": job.id, "attempt": 1}
+        fillers = [{"op": "heartbeat"}] * 999
+        async with held_checkpoints(monkeypatch):
+            for i in range(10):
+                checkpoint = {"op": "checkpoint", "id": i, **ref, "data": "x" * 100_000}
+                await send(ws, {"op": "batch", "requests": [checkpoint, *fillers]})
+            busy, _ = await answers_by_id(ws, 9)
+            assert busy == dict.fromkeys(range(1, 10), "busy")
+        answers, _ = await answers_by_id(ws, 1)
+        assert answers == {0: "reply"}
+        assert (await s.runtime.get_job(job.id)).checkpoint_version == 1

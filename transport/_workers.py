@@ -62,8 +62,8 @@ MAX_ASSIGN_SIZE = 4 * 1024 * 1024
 DRAIN_WRITE_TIMEOUT = 10.0
 #: The reason a worker's drain re-queues its jobs with (recorded in their `recovery` event).
 HANDED_BACK = "worker_shutdown"
-#: Bytes of a worker's reports that may wait to be served (each counts its share of the
-#: frame it came in); past it a report is refused with ``busy``.
+#: Bytes of the frames a worker's waiting reports came in (see :class:`WaitingFrames`); past
+#: it a report is refused with ``busy``.
 MAX_WAITING_BYTES = 64 * 1024 * 1024
 #: The bytes a batch frame adds to its messages (the envelope; a comma between two).
 BATCH_OVERHEAD = len(b'{"type":"batch","messages":[]}')
@@ -146,6 +146,44 @@ WORKER_OPS: dict[str, type] = {
 }
 
 
+@attrs.define(eq=False)
+class Frame:
+    """One frame a worker sent: its size, and how many of its reports wait to be served."""
+
+    size: int
+    waiting: int = 0
+
+
+class WaitingFrames:
+    """The bound on what a connection's waiting reports hold: the size of every frame that
+    at least one of them came in, counted once however many of its reports wait.
+
+    A waiting report is parsed from its frame, so its frame's size bounds what it holds. A
+    report's share of its frame did not: a 2 MiB checkpoint sent with 999 heartbeats (served
+    at once) counted 2 KiB, and the bound let 64 GiB wait behind a slow database."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        #: The sizes of the frames holding a waiting report.
+        self.bytes = 0
+
+    def hold(self, frame: Frame) -> bool:
+        """One more report of ``frame`` waits; False (nothing counted) if its frame, not yet
+        counted, would take the bytes past the limit."""
+        if frame.waiting == 0:
+            if self.bytes + frame.size > self.limit:
+                return False
+            self.bytes += frame.size
+        frame.waiting += 1
+        return True
+
+    def release(self, frame: Frame) -> None:
+        """A report of ``frame`` was served: its frame stops counting with its last one."""
+        frame.waiting -= 1
+        if frame.waiting == 0:
+            self.bytes -= frame.size
+
+
 def hello_problem(hello: WorkerHello) -> str | None:
     """What is wrong with a well-typed worker hello, else None."""
     if hello.protocol != PROTOCOL_VERSION:
@@ -217,11 +255,11 @@ class WorkerConnection:
         self._queued_bytes = 0
         #: The worker reads batch frames (its hello said so).
         self._batches = False
-        #: Per job, its reports (each with its cost) in the order they came: the first is
+        #: Per job, its reports (each with its frame) in the order they came: the first is
         #: being served, the others wait for it (see _serve_reports).
-        self._reports: dict[str, deque[tuple[Request, int]]] = {}
-        #: The costs of every report in ``_reports`` (bounded by MAX_WAITING_BYTES).
-        self._waiting_bytes = 0
+        self._reports: dict[str, deque[tuple[Request, Frame]]] = {}
+        #: The frames of every report in ``_reports``, bounded by MAX_WAITING_BYTES.
+        self._waiting = WaitingFrames(MAX_WAITING_BYTES)
         self._wake = trio.Event()
         self._close: tuple[int, str] | None = None
         self._last_frame = trio.current_time()
@@ -445,15 +483,14 @@ class WorkerConnection:
                 requests = parse_requests(frame, WORKER_OPS)
             except RequestError as exc:
                 requests = [exc]
-            # What a waiting report holds, at most: its share of the frame it came in.
-            cost = max(1, len(frame) // len(requests))
+            sent = Frame(len(frame))
             for request in requests:  # in order, each as if it came in a frame of its own
                 if isinstance(request, RequestError):
                     self._push(error_message(request.request_id, request.code, request.message))
                 else:
-                    self._serve_now(request, nursery, cost)
+                    self._serve_now(request, nursery, sent)
 
-    def _serve_now(self, request: Request, nursery: trio.Nursery, cost: int = 1) -> None:
+    def _serve_now(self, request: Request, nursery: trio.Nursery, frame: Frame) -> None:
         body = request.body
         try:
             if isinstance(body, Heartbeat):
@@ -486,18 +523,18 @@ class WorkerConnection:
                 else:
                     # A complete or fail is answered once its outcome is stored: the job's
                     # later reports wait behind it, in order, like behind a checkpoint.
-                    if self._waiting_bytes + cost > MAX_WAITING_BYTES:
-                        raise ProtocolError(
-                            "busy",
-                            f"over {MAX_WAITING_BYTES // 2**20} MiB of this worker's reports"
-                            " wait to be served: wait for their replies",
-                        )
                     if queued is None:
                         self._attempt(body.job_id, body.attempt)  # refused at once
+                    if not self._waiting.hold(frame):
+                        raise ProtocolError(
+                            "busy",
+                            f"the frames of this worker's reports waiting to be served hold"
+                            f" over {self._waiting.limit // 2**20} MiB: wait for their replies",
+                        )
+                    if queued is None:
                         queued = self._reports[body.job_id] = deque()
                         nursery.start_soon(self._serve_reports, body.job_id)
-                    queued.append((request, cost))  # after the report of this job served now
-                    self._waiting_bytes += cost
+                    queued.append((request, frame))  # after the report of this job served now
                     return
             elif isinstance(body, NoArgs):  # drain
                 assert self.worker is not None
@@ -522,7 +559,7 @@ class WorkerConnection:
         queue = self._reports[job_id]
         try:
             while queue:
-                request, cost = queue[0]
+                request, frame = queue[0]
                 body = request.body
                 try:
                     attempt = self._attempt(body.job_id, body.attempt)  # it may have ended
@@ -537,7 +574,7 @@ class WorkerConnection:
                 except ProtocolError as exc:
                     self._push(error_message(request.id, exc.code, exc.message))
                 queue.popleft()
-                self._waiting_bytes -= cost
+                self._waiting.release(frame)
         finally:
             del self._reports[job_id]
 
