@@ -1,19 +1,26 @@
-"""A worker that misbehaves on purpose or by a bug harms only itself: a repeated drain starts
-nothing more, and what its reports hold while they wait for the store stays within the bound
-the protocol states, however its frames mix them."""
+"""A worker that misbehaves on purpose or by a bug harms only itself, and one on a slow link
+is not taken for a stalled one: a repeated drain starts nothing more, what its reports hold
+while they wait for the store stays within the bound the protocol states however its frames
+mix them, and an assignment of megabytes reaches a worker that reads steadily but slowly."""
 
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 import trio
+from trio_websocket import wrap_client_stream
 
 import transport._workers
-from actors import JobState
+from actors import JobState, RuntimeConfig
+from transport import ServerConfig, open_server
 
 from .conftest import wait_for_state
+from .serving import SECRET
 from .test_worker_protocol import (
     answers_by_id,
     assigned_steps_job,
@@ -23,7 +30,8 @@ from .test_worker_protocol import (
     send,
 )
 from .test_workers import event_types
-from .worker_support import served
+from .worker_handlers import HANDLERS
+from .worker_support import served, worker_token
 
 
 async def test_a_repeated_drain_hands_each_attempt_back_once(
@@ -85,3 +93,53 @@ async def test_a_large_report_counts_its_whole_frame_while_it_waits(
         answers, _ = await answers_by_id(ws, 1)
         assert answers == {0: "reply"}
         assert (await s.runtime.get_job(job.id)).checkpoint_version == 1
+
+
+class Throttled:
+    """A client's TCP stream that takes at most ``rate`` bytes a second (a slow link)."""
+
+    def __init__(self, stream: trio.SocketStream, rate: float) -> None:
+        self.stream = stream
+        self.rate = rate
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data = await self.stream.receive_some(min(max_bytes or 4096, 4096))
+        await trio.sleep(len(data) / self.rate)
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+async def test_a_worker_on_a_slow_link_gets_a_large_assignment(tmp_path: Path) -> None:
+    """A worker that reads steadily, but slower than the server sends, gets an assignment
+    that takes many send timeouts to cross: the server waits for a frame as the client
+    endpoint does, in proportion to its size. It was closed 4011 as stalled in mid-frame (its
+    attempt lost) and could never run a job with a large input or checkpoint."""
+    config = RuntimeConfig(stop_grace=0.2, sqlite_synchronous="NORMAL", in_process_handlers=False)
+    server = ServerConfig(secret=SECRET, port=0, send_timeout=0.1)
+    async with (
+        open_server(tmp_path / "db", server, handlers=HANDLERS, runtime_config=config) as running,
+        trio.open_nursery() as nursery,
+    ):
+        tcp = await trio.open_tcp_stream("127.0.0.1", running.port)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        link = Throttled(tcp, rate=2_000_000)
+        ws = await wrap_client_stream(
+            nursery,
+            link,  # type: ignore[arg-type]
+            "127.0.0.1",
+            "/worker",
+            max_message_size=4 * 2**20,
+        )
+        hello = {"op": "hello", "id": 0, "token": worker_token(), "kinds": ["steps"], "capacity": 1}
+        await send(ws, hello)
+        assert (await receive_flat(ws, 1))[0][0]["id"] == 0
+        job = await running.runtime.create_job("steps", "alice", {"n": 1, "pad": "x" * 900_000})
+        with trio.fail_after(10):
+            assign = orjson.loads(await ws.get_message())
+        assert (assign["type"], assign["job_id"]) == ("assign", job.id)
+        await send(ws, {"op": "complete", "id": 1, "job_id": job.id, "attempt": 1, "result": 1})
+        done = await wait_for_state(running.runtime, job.id, timeout=10)
+        assert done.state is JobState.COMPLETED
+        await ws.aclose()

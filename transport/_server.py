@@ -55,7 +55,7 @@ from ._protocol import (
     read_request_id,
     reply_message,
 )
-from ._wire import GuardedStream, serve_websockets
+from ._wire import GuardedStream, send_deadline, serve_websockets
 from ._workers import MAX_WORKER_HELLO, WORKER_PATH, WorkerConnection
 
 __all__ = ["Server", "ServerConfig"]
@@ -221,9 +221,8 @@ class Connection:
             if messages:
                 frame = encode_batch(messages)
                 # The timeout restarts with each frame and grows with a frame over the cap (a
-                # single large message): it measures progress, so a client that keeps taking
-                # data at batch_bytes per send_timeout or faster is never cut off by it.
-                timeout = config.send_timeout * max(1.0, len(frame) / config.batch_bytes)
+                # single large message).
+                timeout = send_deadline(len(frame), config.send_timeout, config.batch_bytes)
                 with trio.move_on_after(timeout) as timer:
                     try:
                         await self.ws.send_message(frame.decode())

@@ -22,7 +22,7 @@ from ._protocol import CLOSE
 
 log = logging.getLogger("jobspine.server")
 
-__all__ = ["GuardedStream", "serve_websockets"]
+__all__ = ["GuardedStream", "send_deadline", "serve_websockets"]
 
 #: Seconds a client has for the opening handshake, and the server for the closing one
 #: (trio-websocket's defaults).
@@ -34,6 +34,14 @@ FAIL_TIMEOUT = 1.0
 #: Close codes wsproto reports for a client's protocol error without sending them.
 FAILURE_CODES = frozenset({CLOSE["websocket_protocol"], CLOSE["invalid_utf8"]})
 _CLOSE_OPCODE = 0x88  # FIN + close: the first byte of a server's close frame
+
+
+def send_deadline(size: int, send_timeout: float, batch_bytes: int) -> float:
+    """Seconds a peer has to take a frame of ``size`` bytes: ``send_timeout``, longer in
+    proportion for a frame over ``batch_bytes``. It measures progress: a peer that takes
+    ``batch_bytes`` per ``send_timeout`` or faster is never cut off, and one that takes
+    nothing is found within ``send_timeout`` of a frame of ordinary size."""
+    return send_timeout * max(1.0, size / batch_bytes)
 
 
 def close_frame(code: int, reason: str) -> bytes:

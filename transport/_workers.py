@@ -36,6 +36,7 @@ from ._protocol import (
     parse_requests,
     reply_message,
 )
+from ._wire import send_deadline
 
 if TYPE_CHECKING:
     from ._server import Server
@@ -441,12 +442,16 @@ class WorkerConnection:
         return encode_batch(messages)
 
     async def _sender(self) -> None:
-        timeout = self.server.config.send_timeout
+        config = self.server.config
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
             while self._queue:
                 frame = self._take()
+                # As for a client: an assignment of megabytes (its input and checkpoint) may
+                # take many send timeouts to reach a worker that reads steadily on a slow
+                # link; one send_timeout for any frame closed it as stalled in mid-frame.
+                timeout = send_deadline(len(frame), config.send_timeout, config.batch_bytes)
                 with trio.move_on_after(timeout) as timer:
                     try:
                         await self.ws.send_message(frame.decode())
