@@ -219,6 +219,8 @@ class RemotePlacement:
         worker.closed = True
         if worker in self.workers:
             self.workers.remove(worker)
+        # Its kinds were in use until now: the last of those nothing holds to be forgotten.
+        self.supervisor.kinds_used(worker.kinds)
         for attempt in list(worker.attempts.values()):
             attempt.lose(cause)
 

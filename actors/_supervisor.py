@@ -14,12 +14,13 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
 import trio
 
+from ._declared import DeclaredKinds
 from ._errors import JobspineError, StoreError, StoreUnavailableError, UnknownKindError
 from ._job import Job, JobError
 from ._joblog import job_fields
@@ -44,7 +45,8 @@ __all__ = [
 #: The reason a claimed job goes back to the queue when no placement has its slot anymore.
 WORKER_GONE = "worker_gone"
 
-#: Kinds workers may declare over a runtime's life (each stays known once declared).
+#: Kinds known from workers' declarations at once: past it, a declaration forgets the least
+#: recently used kinds that nothing holds (see :class:`~._declared.DeclaredKinds`).
 MAX_DECLARED_KINDS = 4096
 
 log = logging.getLogger("jobspine.supervisor")
@@ -95,11 +97,12 @@ class Supervisor:
         self.timeouts = StallDetector()
         # Options given per kind (register, RuntimeConfig.kinds); else the handler's own.
         self._kinds: dict[str, KindOptions] = dict(kinds or {})
-        #: Kinds connected workers declared since the runtime started, with the options the
-        #: last accepted declaration gave (the defaults when none): a declared kind stays
-        #: known while no worker serves it (its jobs wait), and runs with these options
-        #: unless the server has its own (given, or a handler registered here).
-        self._declared: dict[str, KindOptions] = {}
+        #: Kinds connected workers declared, with the options the last accepted declaration
+        #: gave (the defaults when none): a declared kind stays known while no worker serves
+        #: it (its jobs wait) until the table is full and it is the least recently used of
+        #: those nothing holds, and runs with these options unless the server has its own
+        #: (given, or a handler registered here).
+        self._declared = DeclaredKinds(MAX_DECLARED_KINDS)
         self.config = config or SupervisorConfig()
         self.policy = RecoveryPolicy(self.config.max_recovery_attempts)
         #: Asked in order; in-process handlers come last (see :meth:`add_placement`).
@@ -265,9 +268,13 @@ class Supervisor:
 
     def check_known(self, kind: str) -> None:
         """Raise :class:`UnknownKindError` unless a handler is registered for ``kind``, a
-        placement serves it, or a worker declared it since the runtime started. A known kind
-        with no free slot, or no worker connected now, is no error: its jobs wait."""
-        if kind in self.handlers or kind in self._declared:
+        placement serves it, or a worker declared it (and it was not forgotten since, see
+        :meth:`declaration_conflict`). A known kind with no free slot, or no worker connected
+        now, is no error: its jobs wait. A declared kind asked for counts as used."""
+        if kind in self.handlers:
+            return
+        if kind in self._declared:
+            self._declared.use((kind,))
             return
         if not any(p.serves(kind) for p in self.placements):
             raise UnknownKindError(kind, self.known_kinds())
@@ -284,21 +291,27 @@ class Supervisor:
         return self._clock() if self._clock is not None else time.time()
 
     def declaration_conflict(self, declared: Mapping[str, KindOptions]) -> str | None:
-        """Why a worker declaring ``declared`` (kind -> its options) must be refused: a kind
-        without options of the server's own whose options differ from those of a worker
-        serving it now (one kind, one behaviour); else None."""
-        new = [kind for kind in declared if kind not in self._declared]
-        if len(self._declared) + len(new) > MAX_DECLARED_KINDS:
-            # Declared kinds are kept for the runtime's life: bounded, or hellos could grow
-            # the server's memory without end.
+        """Why a worker declaring ``declared`` (kind -> its options) must be refused: more
+        kinds than :data:`MAX_DECLARED_KINDS` would be known from declarations even with every
+        kind nothing holds forgotten (see :meth:`_held_kinds`), or a kind without options of
+        the server's own whose options differ from those of a worker serving it now (one
+        kind, one behaviour); else None."""
+        if self._room_for(declared) is None:
+            new = sum(1 for kind in declared if kind not in self._declared)
             return (
-                f"kinds: {len(new)} new kinds would make more than {MAX_DECLARED_KINDS:,}"
-                " declared by workers since the server started"
+                f"kinds: {new} new kinds would make more than {self._declared.limit:,} known"
+                " from workers' declarations, and the others are held by connected workers or"
+                " running jobs"
             )
         for kind, options in declared.items():
-            if kind in self._kinds or kind in self.handlers or kind not in self._declared:
+            if kind in self._kinds or kind in self.handlers:
                 continue
-            if options != self._declared[kind] and any(p.serves(kind) for p in self.placements):
+            known = self._declared.get(kind)
+            if (
+                known is not None
+                and options != known
+                and any(p.serves(kind) for p in self.placements)
+            ):
                 return (
                     f"options.{kind} differ from those a connected worker declared for it;"
                     " one kind runs with one set of options"
@@ -307,9 +320,44 @@ class Supervisor:
 
     def declare(self, declared: Mapping[str, KindOptions]) -> None:
         """A worker connected serving ``declared``'s kinds with these options (after
-        :meth:`declaration_conflict` found none): the kinds stay known for the runtime's
-        life, and run with these options where the server has none of its own."""
-        self._declared.update(declared)
+        :meth:`declaration_conflict` found none, with no await since): the kinds are known,
+        and run with these options where the server has none of its own. Kinds nothing holds
+        are forgotten to make room when the table is full, the least recently used first."""
+        forget = self._room_for(declared)
+        assert forget is not None, "declaration_conflict() found no room for these kinds"
+        if forget:
+            log.info(
+                "forgot %d kinds no connected worker serves, to make room for a worker's"
+                " declaration (a create of one is unknown_kind until a worker declares it"
+                " again; its jobs wait): %s",
+                len(forget),
+                ", ".join(kind[:64] for kind in forget[:8]) + (" ..." if len(forget) > 8 else ""),
+            )
+        self._declared.declare(declared, forget)
+
+    def kinds_used(self, kinds: Iterable[str]) -> None:
+        """``kinds`` were used now (their last worker left): the last declared kinds to be
+        forgotten."""
+        self._declared.use(kinds)
+
+    def _room_for(self, declared: Mapping[str, KindOptions]) -> list[str] | None:
+        held = functools.cache(self._held_kinds)  # built only if the table is full
+        return self._declared.room_for(declared, lambda kind: kind in held())
+
+    def _held_kinds(self) -> set[str]:
+        """Kinds that are never forgotten: run by a handler here or a connected worker
+        (registered at its hello, before it has slots), given options here (the operator's
+        configuration, bounded), or with an attempt this runtime runs
+        or must still record (running, unwinding, or whose outcome the store refused): the
+        retry and stall decisions of those read the kind's options, so forgetting them could
+        change what becomes of a job. Jobs of a forgotten kind waiting in the queue stay
+        there, claimed once a worker declares it again."""
+        held = set(self.handlers).union(self._kinds, *(p.kinds() for p in self.placements))
+        held.update(worker.kind for worker in self.workers.values())
+        held.update(worker.kind for worker in self.orphans.values())
+        for unwinding in self._unwinding.values():
+            held.update(worker.kind for worker in unwinding)
+        return held
 
     def set_kind_options(self, kind: str, options: KindOptions | None) -> None:
         if options is not None:
@@ -329,7 +377,8 @@ class Supervisor:
             return given
         if handler is not None:
             return options_of(handler)
-        return self._declared.get(kind, KindOptions())
+        declared = self._declared.get(kind)
+        return KindOptions() if declared is None else declared
 
     def check_input(self, kind: str, input: Any) -> None:
         """Refuse ``input`` for ``kind`` before it is stored: :meth:`check_known`'s error, or

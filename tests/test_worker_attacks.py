@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import logging
 import socket
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 import trio
-from trio_websocket import wrap_client_stream
+from trio_websocket import ConnectionClosed, open_websocket_url, wrap_client_stream
 
+import actors._supervisor
 import transport._workers
 from actors import JobState, RuntimeConfig
 from transport import ServerConfig, open_server
@@ -26,6 +28,7 @@ from .test_worker_protocol import (
     assigned_steps_job,
     held_checkpoints,
     raw_worker,
+    receive,
     receive_flat,
     send,
 )
@@ -143,3 +146,26 @@ async def test_a_worker_on_a_slow_link_gets_a_large_assignment(tmp_path: Path) -
         done = await wait_for_state(running.runtime, job.id, timeout=10)
         assert done.state is JobState.COMPLETED
         await ws.aclose()
+
+
+async def test_a_worker_churning_kind_names_leaves_room_for_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that puts a counter in its kind names, reconnecting, fills the table of
+    declared kinds again and again; an honest worker declaring a new kind is still accepted,
+    and runs its jobs. The kinds of workers gone are forgotten to make room: the table was
+    filled for good, and every new kind refused with 4002 (``jobspine worker`` exited) until
+    the server restarted."""
+    monkeypatch.setattr(actors._supervisor, "MAX_DECLARED_KINDS", 8)
+    async with served(tmp_path / "db", "in_process", in_process_handlers=False) as s:
+        for i in range(10):  # answered or refused, it goes on reconnecting
+            async with open_websocket_url(s.running.url + "/worker") as ws:
+                kinds = [f"pid-{i}-a", f"pid-{i}-b"]
+                await send(
+                    ws, {"op": "hello", "token": worker_token(), "kinds": kinds, "capacity": 1}
+                )
+                with suppress(ConnectionClosed):
+                    await ws.get_message()
+        async with raw_worker(s.running.url, ["steps"]) as ws:
+            job = await s.runtime.create_job("steps", "alice", {"n": 1})
+            assert (await receive(ws, "assign"))["job_id"] == job.id

@@ -855,23 +855,34 @@ async def test_a_refused_hello_is_logged_on_one_short_line(
 async def test_the_kinds_workers_declare_are_bounded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Declared kinds stay known for the server's life, so their number is bounded: a hello
-    that would pass the bound is refused (4002, nothing changes); kinds known already may be
-    declared again. The connect log line names a few kinds and counts the rest."""
+    """Declared kinds stay known after their workers leave, so their number is bounded: a
+    hello that would pass the bound with every kind nothing holds forgotten is refused (4002,
+    nothing changes); kinds known already may be declared again; once the workers serving
+    them left, the least recently used are forgotten to make room. The connect log line names
+    a few kinds and counts the rest."""
     monkeypatch.setattr(actors._supervisor, "MAX_DECLARED_KINDS", 3)
     caplog.set_level("INFO", logger="jobspine.workers")
     async with worker_only_server(tmp_path / "db") as running:
+        rt = running.runtime
         async with raw_worker(running.url, ["a", "b"]):
+            async with open_websocket_url(running.url + "/worker") as ws:
+                hello = {"op": "hello", "token": worker_token(), "kinds": ["c", "d"], "capacity": 1}
+                await send(ws, hello)
+                assert await closed_with(ws) == 4002
+            with pytest.raises(UnknownKindError):
+                await rt.create_job("c", "alice", {})
+            async with raw_worker(running.url, ["b", "a", "c"]):
+                await rt.create_job("c", "alice", {})
+        await wait_no_worker(running)
+        for kind in ("c", "a", "b"):  # used in this order: "c" the least recently
+            await rt.create_job(kind, "alice", {})
+        async with raw_worker(running.url, ["d"]):
             pass
-        async with open_websocket_url(running.url + "/worker") as ws:
-            hello = {"op": "hello", "token": worker_token(), "kinds": ["c", "d"], "capacity": 1}
-            await send(ws, hello)
-            assert await closed_with(ws) == 4002
         with pytest.raises(UnknownKindError):
-            await running.runtime.create_job("c", "alice", {})
-        async with raw_worker(running.url, ["b", "a", "c"]):
-            await running.runtime.create_job("c", "alice", {})
-    assert "2 new kinds would make more than 3 declared by workers" in caplog.text
+            await rt.create_job("c", "alice", {})
+        for kind in ("a", "b", "d"):
+            await rt.create_job(kind, "alice", {})
+    assert "2 new kinds would make more than 3 known from workers' declarations" in caplog.text
     assert transport._workers._some([f"k{i}" for i in range(10)]) == (
         "k0, k1, k2, k3, k4, k5, k6, k7 and 2 more"
     )
