@@ -1,20 +1,28 @@
 """A worker that misbehaves on purpose or by a bug harms only itself, and one on a slow link
 is not taken for a stalled one: a repeated drain starts nothing more, what its reports hold
 while they wait for the store stays within the bound the protocol states however its frames
-mix them, and an assignment of megabytes reaches a worker that reads steadily but slowly."""
+mix them, one churning kind names locks no other worker out, and an assignment of megabytes
+reaches a worker that reads steadily but slowly, as a checkpoint of megabytes reaches the
+server from one that sends steadily but slowly."""
 
 from __future__ import annotations
 
 import logging
 import socket
-from contextlib import suppress
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, open_websocket_url, wrap_client_stream
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    open_websocket_url,
+    wrap_client_stream,
+)
 
 import actors._supervisor
 import transport._workers
@@ -169,3 +177,91 @@ async def test_a_worker_churning_kind_names_leaves_room_for_others(
         async with raw_worker(s.running.url, ["steps"]) as ws:
             job = await s.runtime.create_job("steps", "alice", {"n": 1})
             assert (await receive(ws, "assign"))["job_id"] == job.id
+
+
+class SlowUpload:
+    """A client's TCP stream that sends at most ``rate`` bytes a second (a slow uplink)."""
+
+    def __init__(self, stream: trio.SocketStream, rate: float) -> None:
+        self.stream = stream
+        self.rate = rate
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        for start in range(0, len(view), 4096):
+            chunk = view[start : start + 4096]
+            await self.stream.send_all(chunk)
+            await trio.sleep(len(chunk) / self.rate)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+@asynccontextmanager
+async def slow_worker(
+    tmp_path: Path, rate: float
+) -> AsyncIterator[tuple[Any, WebSocketConnection, Any]]:
+    """A worker on an uplink of ``rate`` bytes a second, heartbeat_timeout 0.5 s, with a
+    ``steps`` job assigned: the server, the connection, the job."""
+    config = RuntimeConfig(
+        stop_grace=0.2,
+        sqlite_synchronous="NORMAL",
+        in_process_handlers=False,
+        heartbeat_timeout=0.5,
+    )
+    server = ServerConfig(secret=SECRET, port=0)
+    async with (
+        open_server(tmp_path / "db", server, handlers=HANDLERS, runtime_config=config) as running,
+        trio.open_nursery() as nursery,
+    ):
+        tcp = await trio.open_tcp_stream("127.0.0.1", running.port)
+        link = SlowUpload(tcp, rate)
+        ws = await wrap_client_stream(nursery, link, "127.0.0.1", "/worker")  # type: ignore[arg-type]
+        hello = {"op": "hello", "id": 0, "token": worker_token(), "kinds": ["steps"], "capacity": 1}
+        await send(ws, hello)
+        assert (await receive_flat(ws, 1))[0][0]["id"] == 0
+        job = await running.runtime.create_job("steps", "alice", {"n": 1})
+        assert (await receive(ws, "assign"))["job_id"] == job.id
+        yield running, ws, job
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_worker_uploading_a_large_frame_slowly_is_not_stalled(tmp_path: Path) -> None:
+    """A 600 KB checkpoint over a 500 KB/s uplink takes over twice heartbeat_timeout (0.5 s)
+    to arrive: its bytes count as life, for the connection and for the attempts behind it
+    (their heartbeats wait behind that frame). The idle check counted only complete frames:
+    the worker was closed 4011 as stalled in mid-upload and its attempt lost."""
+    async with slow_worker(tmp_path, rate=500_000) as (running, ws, job):
+        ref = {"job_id": job.id, "attempt": 1}
+        start = trio.current_time()
+        await send(ws, {"op": "checkpoint", "id": 1, **ref, "data": "x" * 600_000})
+        assert trio.current_time() - start > 1.0
+        assert (await receive(ws, "reply"))["id"] == 1
+        await send(ws, {"op": "complete", "id": 2, **ref, "result": 1})
+        done = await wait_for_state(running.runtime, job.id, timeout=10)
+        assert done.state is JobState.COMPLETED and done.checkpoint == "x" * 600_000
+        assert await event_types(running.runtime, job.id) == [
+            "created",
+            "started",
+            "checkpoint",
+            "completed",
+        ]
+
+
+async def test_a_worker_that_stops_in_mid_frame_is_closed_as_stalled(tmp_path: Path) -> None:
+    """A worker that stops sending partway through a frame is closed 4011 within
+    heartbeat_timeout of its last byte, and its attempt recovered at once."""
+    async with slow_worker(tmp_path, rate=500_000) as (running, ws, job):
+        checkpoint = {"op": "checkpoint", "id": 1, "job_id": job.id, "attempt": 1}
+        with trio.move_on_after(0.6):  # cut off after about 300 KB of 600 KB
+            await send(ws, {**checkpoint, "data": "x" * 600_000})
+        stopped = trio.current_time()
+        ended = {JobState.FAILED, JobState.CREATED, JobState.PAUSED}
+        await wait_for_state(running.runtime, job.id, ended, timeout=10)
+        assert trio.current_time() - stopped < 2.0
+        assert "recovery" in await event_types(running.runtime, job.id) or (
+            (await running.runtime.get_job(job.id)).state is JobState.FAILED
+        )
+        assert not running.server.workers.workers
+        assert ws.closed is not None and ws.closed.code == 4011, ws.closed
+        assert "worker stalled: nothing received for 0.5 s" in (ws.closed.reason or "")

@@ -22,7 +22,7 @@ from ._protocol import CLOSE
 
 log = logging.getLogger("jobspine.server")
 
-__all__ = ["GuardedStream", "send_deadline", "serve_websockets"]
+__all__ = ["GuardedStream", "Inbound", "send_deadline", "serve_websockets"]
 
 #: Seconds a client has for the opening handshake, and the server for the closing one
 #: (trio-websocket's defaults).
@@ -42,6 +42,59 @@ def send_deadline(size: int, send_timeout: float, batch_bytes: int) -> float:
     ``batch_bytes`` per ``send_timeout`` or faster is never cut off, and one that takes
     nothing is found within ``send_timeout`` of a frame of ordinary size."""
     return send_timeout * max(1.0, size / batch_bytes)
+
+
+class Inbound:
+    """Whether a peer sending frames is alive, from the bytes and frames that arrived from it
+    (sans-I/O: the caller gives the times).
+
+    Bytes arriving count as life, not only complete frames: a peer on a slow link uploading
+    one large frame (a big checkpoint or result) for longer than ``timeout`` is making
+    progress. It is stalled once nothing arrived for ``timeout``, or once the frame still
+    arriving has taken longer than :func:`send_deadline` allows for the bytes of it that
+    arrived (``batch_bytes`` per ``timeout``), counted from the end of the last complete frame:
+    the deadline the sending side gives a frame, so that a peer trickling a byte now and then
+    cannot hold a connection open without ever completing a frame."""
+
+    def __init__(self, now: float, timeout: float, batch_bytes: int) -> None:
+        self.timeout = timeout
+        self.batch_bytes = batch_bytes
+        #: Bytes received in all, and when the last of them arrived.
+        self.received = 0
+        self.last_byte = now
+        #: When the last complete frame arrived (or the start), and ``received`` then.
+        self.frame_end = now
+        self._received_at_frame_end = 0
+
+    def bytes_arrived(self, now: float, count: int) -> None:
+        if count:
+            self.received += count
+            self.last_byte = now
+
+    def frame_arrived(self, now: float) -> None:
+        """A complete frame was read (its bytes arrived, whether or not they were counted).
+        Bytes of the next frame read with it count as before it (at most one read's worth):
+        that frame's deadline is the shorter for them."""
+        self.frame_end = self.last_byte = now
+        self._received_at_frame_end = self.received
+
+    @property
+    def partial(self) -> int:
+        """Bytes of a frame that is still arriving (0 between frames)."""
+        return self.received - self._received_at_frame_end
+
+    def deadline(self) -> float:
+        """When the peer is stalled unless more arrives; never earlier than before."""
+        frame = send_deadline(self.partial, self.timeout, self.batch_bytes)
+        return min(self.last_byte + self.timeout, self.frame_end + frame)
+
+    def stalled(self, now: float) -> str | None:
+        """Why the peer is stalled at ``now``, else None."""
+        if now < self.deadline():
+            return None
+        if now >= self.last_byte + self.timeout:
+            return f"nothing received for {self.timeout:g} s"
+        return f"a frame arriving slower than {self.batch_bytes // 1024} KiB per {self.timeout:g} s"
 
 
 def close_frame(code: int, reason: str) -> bytes:
@@ -72,6 +125,8 @@ class GuardedStream(trio.abc.Stream):
         self._unadmitted_left = unadmitted_bytes
         self._over = False
         self.connection: WebSocketConnection | None = None
+        #: Told of every byte read, when set (the worker endpoint's stall check).
+        self.inbound: Inbound | None = None
 
     def admit(self) -> None:
         """The connection is authenticated: reads are no longer bounded here."""
@@ -108,13 +163,17 @@ class GuardedStream(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         left = self._unadmitted_left
         if left is None:
-            return await self._stream.receive_some(max_bytes)
-        if left <= 0:
+            data = await self._stream.receive_some(max_bytes)
+        elif left <= 0:
             self._over = True
             return b""  # read as closed: the websocket layer stops reading
-        data = await self._stream.receive_some(left if max_bytes is None else min(left, max_bytes))
-        if self._unadmitted_left is not None:
-            self._unadmitted_left -= len(data)
+        else:
+            size = left if max_bytes is None else min(left, max_bytes)
+            data = await self._stream.receive_some(size)
+            if self._unadmitted_left is not None:
+                self._unadmitted_left -= len(data)
+        if self.inbound is not None:
+            self.inbound.bytes_arrived(trio.current_time(), len(data))
         return data
 
     async def aclose(self) -> None:

@@ -36,7 +36,7 @@ from ._protocol import (
     parse_requests,
     reply_message,
 )
-from ._wire import send_deadline
+from ._wire import Inbound, send_deadline
 
 if TYPE_CHECKING:
     from ._server import Server
@@ -263,7 +263,14 @@ class WorkerConnection:
         self._waiting = WaitingFrames(MAX_WAITING_BYTES)
         self._wake = trio.Event()
         self._close: tuple[int, str] | None = None
-        self._last_frame = trio.current_time()
+        #: What arrived from the worker, read by the watchdog (bytes count as life).
+        self._inbound = Inbound(
+            trio.current_time(),
+            self._supervisor_config.heartbeat_timeout,
+            server.config.batch_bytes,
+        )
+        if stream is not None:
+            stream.inbound = self._inbound
         self._scope = trio.CancelScope()
         self.done = trio.Event()
 
@@ -353,6 +360,7 @@ class WorkerConnection:
                 CLOSE["hello_timeout"], f"no hello within {config.hello_timeout:g} s"
             )
             return False
+        self._inbound.frame_arrived(trio.current_time())
         try:
             try:
                 request = parse_request(frame, WORKER_OPS)
@@ -464,16 +472,29 @@ class WorkerConnection:
 
     async def _watchdog(self) -> None:
         """Close a connection that sent nothing for ``heartbeat_timeout`` (a stopped or
-        hung process whose socket is still open): its attempts are lost at once."""
-        timeout = self._supervisor_config.heartbeat_timeout
+        hung process whose socket is still open), or whose frame arrives slower than
+        :class:`~._wire.Inbound` allows: its attempts are lost at once.
+
+        Bytes arriving count as life: a worker on a slow link uploading one large frame (a
+        checkpoint or a result of megabytes) for longer than ``heartbeat_timeout`` was
+        closed as stalled, its attempt lost. Its heartbeats wait behind that frame on the
+        same connection, so while a frame is arriving its attempts are kept alive too: each
+        ``heartbeat_interval`` in which bytes of it came beats them, as a heartbeat frame
+        naming them would (for at most the frame's deadline)."""
+        inbound = self._inbound
+        interval = heartbeat_interval(inbound.timeout)
+        seen = inbound.received
         while True:
-            deadline = self._last_frame + timeout
-            if trio.current_time() >= deadline:
-                self.close(
-                    CLOSE["worker_stalled"], f"worker stalled: nothing received for {timeout:g} s"
-                )
+            now = trio.current_time()
+            why = inbound.stalled(now)
+            if why is not None:
+                self.close(CLOSE["worker_stalled"], f"worker stalled: {why}")
                 return
-            await trio.sleep_until(deadline)
+            if inbound.partial and inbound.received > seen and self.worker is not None:
+                for attempt in list(self.worker.attempts.values()):
+                    attempt.beat()
+            seen = inbound.received
+            await trio.sleep_until(min(inbound.deadline(), now + interval))
 
     # -- frames --------------------------------------------------------------------------------
 
@@ -483,7 +504,7 @@ class WorkerConnection:
                 frame = await self.ws.get_message()
             except ConnectionClosed:
                 return
-            self._last_frame = trio.current_time()
+            self._inbound.frame_arrived(trio.current_time())
             try:
                 requests = parse_requests(frame, WORKER_OPS)
             except RequestError as exc:
