@@ -28,6 +28,7 @@ import actors._supervisor
 import transport._workers
 from actors import JobState, RuntimeConfig
 from transport import ServerConfig, open_server
+from transport._worker_process import SEND_TIMEOUT, _Session
 
 from .conftest import wait_for_state
 from .serving import SECRET
@@ -265,3 +266,41 @@ async def test_a_worker_that_stops_in_mid_frame_is_closed_as_stalled(tmp_path: P
         assert not running.server.workers.workers
         assert ws.closed is not None and ws.closed.code == 4011, ws.closed
         assert "worker stalled: nothing received for 0.5 s" in (ws.closed.reason or "")
+
+
+class SlowServer:
+    """The server's end as ``jobspine worker`` sees it, taking ``rate`` bytes a second (0:
+    nothing at all)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.closed: tuple[int, str] | None = None
+
+    async def send_message(self, message: str) -> None:
+        if not self.rate:
+            await trio.sleep_forever()
+        await trio.sleep(len(message) / self.rate)
+
+    async def aclose(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+
+
+async def test_jobspine_worker_uploads_a_large_frame_over_a_slow_link(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """``jobspine worker`` gives a frame SEND_TIMEOUT per 64 KiB, as the server does: a
+    1 MB checkpoint over a 20 KB/s link takes 50 s and goes out. It gave any frame 10 s,
+    then closed the connection itself (1011), its attempts lost. A server that takes
+    nothing is still given up on after SEND_TIMEOUT for a frame of ordinary size."""
+    slow = SlowServer(rate=20_000)
+    session = _Session(None, slow)  # type: ignore[arg-type]
+    start = trio.current_time()
+    await session.send({"op": "checkpoint", "id": 1, "data": "x" * 1_000_000})
+    assert trio.current_time() - start >= 50 and slow.closed is None
+    gone = SlowServer(rate=0)
+    session = _Session(None, gone)  # type: ignore[arg-type]
+    start = trio.current_time()
+    with pytest.raises(ConnectionClosed):
+        await session.send({"op": "heartbeat", "jobs": []})
+    assert trio.current_time() - start == pytest.approx(SEND_TIMEOUT)
+    assert gone.closed == (1011, "a send to the server timed out")

@@ -44,6 +44,7 @@ from actors._worker import Handler, check_input
 
 from ._protocol import MAX_BATCH_REQUESTS
 from ._reconnect import FATAL_CLOSE, ReconnectPolicy
+from ._wire import send_deadline
 
 __all__ = ["WorkerFatalError", "WorkerProcess", "WorkerRequestError"]
 
@@ -127,7 +128,8 @@ class _Attempt:
 
 #: The largest batch frame a worker sends (a single larger message goes alone).
 BATCH_BYTES = 64 * 1024
-#: Seconds a frame may take to go out before the connection is given up.
+#: Seconds a frame may take to go out before the connection is given up: longer in
+#: proportion for a frame over ``BATCH_BYTES`` (:func:`~._wire.send_deadline`).
 SEND_TIMEOUT = 10.0
 _BATCH_HEAD = b'{"op":"batch","requests":['
 _BATCH_TAIL = b"]}"
@@ -211,8 +213,12 @@ class _Session:
     async def _send_frame(self, frame: str) -> None:
         # Shielded: a caller cancelled mid-frame (its attempt cancelled) would cut the other
         # attempts' reports it carries and break the connection for all of them. Bounded: a
-        # server that takes nothing for SEND_TIMEOUT seconds is treated as gone.
-        with trio.move_on_after(SEND_TIMEOUT, shield=True) as timer:
+        # server that takes nothing for SEND_TIMEOUT seconds is treated as gone; a large
+        # frame (a checkpoint or result of megabytes) may take SEND_TIMEOUT per BATCH_BYTES,
+        # as the server allows its frames to a worker and from it (one SEND_TIMEOUT for any
+        # frame gave up on an honest upload over a slow link, losing the worker's attempts).
+        timeout = send_deadline(len(frame.encode()), SEND_TIMEOUT, BATCH_BYTES)
+        with trio.move_on_after(timeout, shield=True) as timer:
             await self.ws.send_message(frame)
         if timer.cancelled_caught:
             with trio.move_on_after(1, shield=True):
