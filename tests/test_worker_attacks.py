@@ -144,7 +144,13 @@ async def test_a_worker_on_a_slow_link_gets_a_large_assignment(tmp_path: Path) -
             "/worker",
             max_message_size=4 * 2**20,
         )
-        hello = {"op": "hello", "id": 0, "token": worker_token(), "kinds": ["steps"], "capacity": 1}
+        hello = {
+            "op": "hello",
+            "id": 0,
+            "token": worker_token(),
+            "kinds": ["steps"],
+            "capacity": 1,
+        }
         await send(ws, hello)
         assert (await receive_flat(ws, 1))[0][0]["id"] == 0
         job = await running.runtime.create_job("steps", "alice", {"n": 1, "pad": "x" * 900_000})
@@ -200,7 +206,7 @@ class SlowUpload:
 
 @asynccontextmanager
 async def slow_worker(
-    tmp_path: Path, rate: float
+    tmp_path: Path, rate: float, capacity: int = 1
 ) -> AsyncIterator[tuple[Any, WebSocketConnection, Any]]:
     """A worker on an uplink of ``rate`` bytes a second, heartbeat_timeout 0.5 s, with a
     ``steps`` job assigned: the server, the connection, the job."""
@@ -218,7 +224,13 @@ async def slow_worker(
         tcp = await trio.open_tcp_stream("127.0.0.1", running.port)
         link = SlowUpload(tcp, rate)
         ws = await wrap_client_stream(nursery, link, "127.0.0.1", "/worker")  # type: ignore[arg-type]
-        hello = {"op": "hello", "id": 0, "token": worker_token(), "kinds": ["steps"], "capacity": 1}
+        hello = {
+            "op": "hello",
+            "id": 0,
+            "token": worker_token(),
+            "kinds": ["steps"],
+            "capacity": capacity,
+        }
         await send(ws, hello)
         assert (await receive_flat(ws, 1))[0][0]["id"] == 0
         job = await running.runtime.create_job("steps", "alice", {"n": 1})
@@ -247,6 +259,30 @@ async def test_a_worker_uploading_a_large_frame_slowly_is_not_stalled(tmp_path: 
             "checkpoint",
             "completed",
         ]
+
+
+async def test_uploads_for_one_attempt_keep_no_other_hung_attempt_alive(tmp_path: Path) -> None:
+    """Bytes arriving keep alive only the attempts that were alive when their frame began:
+    a worker uploading checkpoints of attempt A slowly, frame after frame, and naming only A
+    in its heartbeats, does not keep its hung attempt B running. Every partial frame beat all
+    of the worker's attempts, so B was never recovered for as long as A kept uploading."""
+    async with slow_worker(tmp_path, rate=200_000, capacity=2) as (running, ws, first):
+        second = await running.runtime.create_job("steps", "alice", {"n": 1})
+        assert (await receive(ws, "assign"))["job_id"] == second.id
+        ref = {"job_id": first.id, "attempt": 1}
+        recovered = False
+        for i in range(12):  # each checkpoint takes 0.75 s to arrive: over heartbeat_timeout
+            await send(ws, {"op": "heartbeat", "jobs": [ref]})
+            await send(ws, {"op": "checkpoint", "id": i, **ref, "data": "x" * 150_000})
+            assert (await receive(ws, "reply"))["id"] == i
+            if (await running.runtime.get_job(second.id)).state is not JobState.RUNNING:
+                recovered = True
+                break
+        assert recovered, "the hung attempt stayed running while the other one uploaded"
+        assert "recovery" in await event_types(running.runtime, second.id) or (
+            (await running.runtime.get_job(second.id)).state is JobState.FAILED
+        )
+        assert (await running.runtime.get_job(first.id)).state is JobState.RUNNING
 
 
 async def test_a_worker_that_stops_in_mid_frame_is_closed_as_stalled(tmp_path: Path) -> None:

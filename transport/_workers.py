@@ -271,6 +271,12 @@ class WorkerConnection:
         )
         if stream is not None:
             stream.inbound = self._inbound
+        #: The ends of the last two complete frames (trio time): the older one is when the
+        #: last complete frame began, the newer one when the frame arriving now began.
+        self._frame_ends: deque[float] = deque([self._inbound.frame_end] * 2, maxlen=2)
+        #: Per attempt this worker runs, when a report last named it (trio time; when the
+        #: watchdog first saw it, until one does).
+        self._named: dict[str, float] = {}
         self._scope = trio.CancelScope()
         self.done = trio.Event()
 
@@ -480,7 +486,10 @@ class WorkerConnection:
         closed as stalled, its attempt lost. Its heartbeats wait behind that frame on the
         same connection, so while a frame is arriving its attempts are kept alive too: each
         ``heartbeat_interval`` in which bytes of it came beats them, as a heartbeat frame
-        naming them would (for at most the frame's deadline)."""
+        naming them would (for at most the frame's deadline). Only those a report named
+        within ``heartbeat_timeout`` before the last complete frame began, though: a heartbeat
+        may wait behind two large frames, not more. Beating every attempt kept a hung one
+        running for as long as the worker uploaded another's checkpoints, frame after frame."""
         inbound = self._inbound
         interval = heartbeat_interval(inbound.timeout)
         seen = inbound.received
@@ -490,9 +499,18 @@ class WorkerConnection:
             if why is not None:
                 self.close(CLOSE["worker_stalled"], f"worker stalled: {why}")
                 return
-            if inbound.partial and inbound.received > seen and self.worker is not None:
-                for attempt in list(self.worker.attempts.values()):
-                    attempt.beat()
+            if self.worker is not None:
+                attempts, named = self.worker.attempts, self._named
+                for job_id in [job_id for job_id in named if job_id not in attempts]:
+                    del named[job_id]  # ended: bounded by the worker's capacity
+                if inbound.partial and inbound.received > seen:
+                    since = self._frame_ends[0] - inbound.timeout
+                    for job_id, attempt in list(attempts.items()):
+                        if named.setdefault(job_id, now) >= since:
+                            attempt.beat()
+                else:
+                    for job_id in attempts:
+                        named.setdefault(job_id, now)
             seen = inbound.received
             await trio.sleep_until(min(inbound.deadline(), now + interval))
 
@@ -505,6 +523,7 @@ class WorkerConnection:
             except ConnectionClosed:
                 return
             self._inbound.frame_arrived(trio.current_time())
+            self._frame_ends.append(self._inbound.frame_end)
             try:
                 requests = parse_requests(frame, WORKER_OPS)
             except RequestError as exc:
@@ -655,6 +674,7 @@ class WorkerConnection:
                 "stale_attempt",
                 f"job {job_id}: attempt {attempt} is not the current one ({found.attempt})",
             )
+        self._named[job_id] = trio.current_time()
         return found
 
     async def _write(self, request: Request, attempt: RemoteAttempt) -> None:
