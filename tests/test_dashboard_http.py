@@ -22,7 +22,7 @@ import transport._app
 from actors import RuntimeConfig, open_runtime
 from transport import RunningServer, ServerConfig, open_server
 from transport._dashboard import CONTENT_TYPES, content_security_policy
-from transport._health import MAX_CONNECTIONS
+from transport._health import MAX_CONNECTIONS, Admission, Request, serve_health
 from transport._ui import dashboard_url
 
 from .serving import HANDLERS, SECRET, free_port, token
@@ -284,3 +284,58 @@ async def test_a_request_that_cannot_be_parsed_gets_an_answer(tmp_path: Path) ->
             assert orjson.loads(body)["error"].startswith("bad request")
         status, _, _ = await exchange(http, get("/"))
         assert status == 200
+
+
+async def test_idle_connections_give_way_to_a_prompt_request(tmp_path: Path) -> None:
+    """A full port closes the connection that has waited longest for its request: more idle
+    connections than it holds (nothing sent, or a request's head without its end) delay a
+    prompt request by no more than its own sending. Each held its slot for 5 s, and a probe
+    queued behind them in the kernel waited as long (a liveness probe with a 1 s timeout
+    failed, and a supervisor restarted a healthy server)."""
+    async with served_http(tmp_path) as (_, http):
+        idle = []
+        for n in range(MAX_CONNECTIONS + 20):
+            stream = await trio.open_tcp_stream("127.0.0.1", http)
+            await stream.send_all(b"GET /healthz HTTP/1.1\r\n" if n % 2 else b"")
+            idle.append(stream)
+        await trio.sleep(0.2)  # the server accepts them all, closing the oldest
+        for _ in range(3):
+            with trio.fail_after(1):
+                assert (await exchange(http, get("/healthz")))[0] == 200
+        with trio.fail_after(1):  # the oldest were closed: their reads end at once
+            assert await idle[0].receive_some() == b""
+        for stream in idle:
+            await stream.aclose()
+
+
+def test_admission_closes_the_longest_waiting_connection_first() -> None:
+    """The decision alone: a connection being answered is never chosen; each is chosen
+    once; below the limit nothing is."""
+    admission: Admission[str] = Admission(3)
+    for key in "abc":
+        admission.opened(key)
+    admission.answering("a")
+    assert admission.to_close() == "b"
+    assert admission.to_close() == "c"
+    assert admission.to_close() is None  # "a" is being answered: wait for a close
+    admission.closed("b")
+    assert admission.open == 2 and admission.to_close() is None
+
+
+async def test_a_route_that_raises_fails_its_request_only() -> None:
+    """A route's fault answers 500 with a JSON reason and is logged; the port serves the
+    next request. It ended the port's task, and with it the whole server."""
+
+    def broken(request: Request) -> tuple[int, Any]:
+        raise RuntimeError("a bug in a route")
+
+    def fine(request: Request) -> tuple[int, Any]:
+        return 200, {"status": "ok"}
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_health, "127.0.0.1", 0, {"/b": broken, "/f": fine})
+        status, headers, body = await exchange(port, get("/b"))
+        assert status == 500 and headers["cache-control"] == "no-store"
+        assert orjson.loads(body) == {"error": "/b: internal error (see the server log)"}
+        assert (await exchange(port, get("/f")))[0] == 200
+        nursery.cancel_scope.cancel()

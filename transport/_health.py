@@ -6,9 +6,9 @@ browsers get this small server: ``GET /healthz`` (the process is up), ``GET /rea
 (Prometheus text format), ``GET /status`` (a JSON summary) and the dashboard
 (:mod:`transport._dashboard`). A route takes the :class:`Request` and returns a JSON-able body
 or a :class:`Body` with its own content type and headers. ``HEAD`` gets the headers of a
-``GET`` and no body; other methods, and a websocket upgrade (websockets have a port of their
-own), are answered 404; a request that cannot be parsed gets 400 (431 for a header over
-8 KiB) rather than a dropped connection.
+``GET`` and no body; other methods get 405, a websocket upgrade (websockets have a port of
+their own) 404; a request that cannot be parsed gets 400 (431 for a header over 8 KiB) rather
+than a dropped connection, and a route that raises 500 (logged), the port serving on.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import errno
 import logging
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import attrs
 import h11
@@ -26,15 +26,18 @@ import trio
 
 __all__ = ["Body", "Request", "serve_health"]
 
+T = TypeVar("T")
+
 log = logging.getLogger("jobspine.health")
 
 MAX_REQUEST = 8192
 
-#: Connections the port serves at once; more wait in the kernel's accept queue, holding no
-#: file descriptor of this process (each request is read for at most 5 s). Unbounded, a
-#: flood of idle connections took every descriptor, and a server still opening its
-#: database could not open its files.
+#: Connections the port holds open at once. Unbounded, a flood of idle connections took every
+#: file descriptor, and a server still opening its database could not open its files.
 MAX_CONNECTIONS = 64
+
+#: Seconds a connection has to send its request and take the answer.
+REQUEST_TIMEOUT = 5.0
 
 #: accept() errors that mean "no resources now" (trio.serve_listeners' list): retried.
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
@@ -65,9 +68,50 @@ class Body:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-async def _handle(stream: trio.SocketStream, routes: dict[str, Route]) -> None:
+class Admission(Generic[T]):
+    """Which open connection gives way when the port is full (sans-I/O).
+
+    At most ``limit`` connections are open. A new one is always taken: when the port is
+    full, the connection that has waited longest for its request to arrive is closed to make
+    room (a connection whose request is being answered is never chosen: it ends in a
+    moment). So connections that send nothing, or a request's head without its end, delay a
+    prompt client (a supervisor's probe, a scrape) by no more than the time it takes to send
+    its request: where they held every slot for :data:`REQUEST_TIMEOUT` each, and a probe
+    queued behind them timed out (a liveness probe then restarted a healthy server)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+        #: Connections still waiting for their request, oldest first (a dict keeps order).
+        self._waiting: dict[T, None] = {}
+
+    def opened(self, key: T) -> None:
+        self.open += 1
+        self._waiting[key] = None
+
+    def answering(self, key: T) -> None:
+        """Its request arrived: it is being answered, and not chosen to give way."""
+        self._waiting.pop(key, None)
+
+    def closed(self, key: T) -> None:
+        self.open -= 1
+        self._waiting.pop(key, None)
+
+    def to_close(self) -> T | None:
+        """While the port is full: the connection to close for a new one (once each), or
+        None (every connection is being answered: wait for one to close)."""
+        if self.open < self.limit or not self._waiting:
+            return None
+        key = next(iter(self._waiting))
+        del self._waiting[key]
+        return key
+
+
+async def _handle(
+    stream: trio.SocketStream, routes: dict[str, Route], answering: Callable[[], None]
+) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
-    with trio.move_on_after(5):
+    with trio.move_on_after(REQUEST_TIMEOUT):
         while True:
             try:
                 event = conn.next_event()
@@ -83,6 +127,7 @@ async def _handle(stream: trio.SocketStream, routes: dict[str, Route]) -> None:
             break
         if not isinstance(event, h11.Request):
             return
+        answering()
         target = event.target.decode("ascii", "replace").split("?")[0].split("#")[0]
         fields = {name.lower(): value for name, value in event.headers}
         route = routes.get(target)
@@ -95,7 +140,12 @@ async def _handle(stream: trio.SocketStream, routes: dict[str, Route]) -> None:
             extra_headers = (("allow", "GET, HEAD"),)
         else:
             host = fields.get(b"host", b"").decode("ascii", "replace")
-            status, body = route(Request(target, host))
+            try:
+                status, body = route(Request(target, host))
+            except Exception:
+                # A fault of one route fails that request only, never the port.
+                log.exception("health port: %s %s failed", event.method.decode(), target)
+                status, body = 500, {"error": f"{target}: internal error (see the server log)"}
         if isinstance(body, Body):
             content_type, payload, extra = body.content_type, body.data, body.headers
         else:
@@ -114,8 +164,6 @@ async def _handle(stream: trio.SocketStream, routes: dict[str, Route]) -> None:
         if event.method != b"HEAD":  # a HEAD answer has the headers of a GET and no body
             await stream.send_all(conn.send(h11.Data(data=payload)) or b"")
         await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
-    with trio.move_on_after(1, shield=True):
-        await stream.aclose()
 
 
 async def _refuse(stream: trio.SocketStream, status: int, why: str) -> None:
@@ -148,35 +196,42 @@ async def serve_health(
         listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
 
-    async def handle(stream: trio.SocketStream) -> None:
+    admission: Admission[trio.CancelScope] = Admission(MAX_CONNECTIONS)
+    closed = trio.lowlevel.ParkingLot()
+
+    async def serve(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
         try:
-            await _handle(stream, routes)
+            with scope:
+                await _handle(stream, routes, lambda: admission.answering(scope))
         except (h11.ProtocolError, trio.BrokenResourceError) as exc:
             # Whatever one request does wrong ends that request only, never the server.
             log.debug("health request dropped: %s", exc)
-
-    slots = trio.Semaphore(MAX_CONNECTIONS)
-
-    async def serve(stream: trio.SocketStream) -> None:
-        try:
-            await handle(stream)
         finally:
-            slots.release()
+            with trio.move_on_after(1, shield=True):
+                await stream.aclose()
+            admission.closed(scope)
+            closed.unpark_all()
 
     async def accept(listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         async with listener:
             while True:
-                await slots.acquire()
+                # Room first: a full port closes its longest-waiting connection.
+                while admission.open >= admission.limit:
+                    waiting = admission.to_close()
+                    if waiting is not None:
+                        waiting.cancel()
+                    await closed.park()
                 try:
                     stream = await listener.accept()
                 except OSError as exc:
-                    slots.release()
                     if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                         raise
                     log.warning("health port: accept failed (%s); retrying in 0.1 s", exc)
                     await trio.sleep(0.1)
                     continue
-                nursery.start_soon(serve, stream)
+                scope = trio.CancelScope()
+                admission.opened(scope)
+                nursery.start_soon(serve, stream, scope)
 
     async with trio.open_nursery() as nursery:
         for listener in listeners:
