@@ -259,6 +259,33 @@ _EXPLICIT: tuple[Setting, ...] = (
 )  # fmt: skip
 
 
+#: The largest count or size in bytes a config-file-only setting takes (2 GiB): past it, a
+#: socket option or a buffer of that size fails where the value is used.
+_MAX_FIELD_INT = 2**31 - 1
+#: Config-file-only counts for which 0 means something: no recovery after a stall (the job
+#: fails at once), no room kept for a reply's envelope.
+_ZERO_ALLOWED = {"max_recovery_attempts", "envelope_margin"}
+
+
+def _field_check(name: str, kind: type) -> Callable[[Any], str | None] | None:
+    """The range of a config-file-only number: every float of the config classes is a number
+    of seconds (a timeout, an interval, a window), every int a count or a size. Out of
+    range, each broke serving without a word at start: a heartbeat_interval of 0 spun the
+    CPU and flooded every client, a NaN or negative timeout failed every connection with a
+    traceback, a limit of 0 refused every user."""
+    if kind is float:
+        return _POSITIVE
+    if kind is int:
+        low = 0 if name in _ZERO_ALLOWED else 1
+
+        def check(value: int) -> str | None:
+            ok = low <= value <= _MAX_FIELD_INT
+            return None if ok else f"must be an integer in {low}..{_MAX_FIELD_INT}, not {value!r}"
+
+        return check
+    return None
+
+
 def _field_settings(cls: type, section: str, taken: set[str]) -> list[Setting]:
     """Every other field of a config class, reachable from the config file only."""
     found = []
@@ -268,7 +295,14 @@ def _field_settings(cls: type, section: str, taken: set[str]) -> list[Setting]:
         # Every such field has a non-null default of its own type (None only for "no limit").
         kind = int if field.default is None else type(field.default)
         found.append(
-            Setting(field.name, section, kind, field.default, f"{cls.__name__}.{field.name}")
+            Setting(
+                field.name,
+                section,
+                kind,
+                field.default,
+                f"{cls.__name__}.{field.name}",
+                check=_field_check(field.name, kind),
+            )
         )
     return found
 
@@ -295,6 +329,10 @@ def load_config_file(path: Path) -> dict[str, Any]:
         raise CLIError(ExitCode.USAGE, f"config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise CLIError(ExitCode.USAGE, f"config file {path}: {exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8; tomllib decodes before it parses
+        raise CLIError(
+            ExitCode.USAGE, f"config file {path}: not UTF-8 text (byte {exc.start}): {exc.reason}"
+        ) from None
 
 
 def _flatten(data: Mapping[str, Any], where: str) -> dict[str, Any]:

@@ -1,0 +1,78 @@
+"""Config-file settings an operator gets wrong: every number of the config classes reachable
+from the file only (``[server]``/``[runtime]`` fields beyond the documented ones) is checked
+against its range, and a file that is not UTF-8 is a usage error, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from transport._config import _EXPLICIT, SETTINGS, load_config_file, resolve
+from transport._exit import CLIError, ExitCode
+
+ROOT = Path(__file__).parent.parent
+_NAMED = {setting.name for setting in _EXPLICIT}
+#: The config-file-only numbers: ``(section, name, type)``.
+FIELDS = [
+    (setting.section, setting.name, setting.type)
+    for setting in SETTINGS
+    if setting.name not in _NAMED and setting.type in (int, float)
+]
+
+
+def test_there_are_config_file_only_numbers() -> None:
+    names = {name for _, name, _ in FIELDS}
+    assert {"heartbeat_interval", "send_timeout", "max_connections_per_user"} <= names
+    assert {"shutdown_timeout", "checkpoint_limit", "max_running_per_user"} <= names
+
+
+@pytest.mark.parametrize(("section", "name", "kind"), FIELDS)
+def test_a_config_file_only_number_out_of_range_is_a_usage_error(
+    section: str, name: str, kind: type
+) -> None:
+    """Each was only type-checked: ``heartbeat_interval = 0.0`` spun the server's CPU and
+    flooded every client with heartbeats, ``send_timeout = nan`` or ``hello_timeout = -1``
+    failed every connection with a traceback in the log, ``max_connections_per_user = 0``
+    refused every user; ``jobspine config`` and ``serve`` took them without a word."""
+    bad: list[Any] = (
+        [0.0, -1.0, float("nan"), float("inf")] if kind is float else [-1, 2**31, 10**30]
+    )
+    if kind is int and name not in ("max_recovery_attempts", "envelope_margin"):
+        bad.append(0)
+    for value in bad:
+        with pytest.raises(CLIError) as refused:
+            resolve({}, {}, {section: {name: value}}, "c.toml")
+        assert refused.value.code == ExitCode.USAGE
+        assert f"{section}.{name}" in str(refused.value) and "c.toml" in str(refused.value)
+    good = 0.5 if kind is float else 7
+    assert resolve({}, {}, {section: {name: good}})[name].value == good
+
+
+def test_zero_recovery_attempts_is_a_setting() -> None:
+    """0 means something for these two: a stalled job fails at once; no envelope margin."""
+    values = resolve({}, {}, {"runtime": {"max_recovery_attempts": 0}})
+    assert values["max_recovery_attempts"].value == 0
+
+
+def test_a_config_file_that_is_not_utf8_is_a_usage_error(tmp_path: Path) -> None:
+    """TOML is UTF-8: a file in Latin-1 (or a binary file named by mistake) stopped the
+    command with a UnicodeDecodeError traceback and exit status 1."""
+    path = tmp_path / "config.toml"
+    path.write_bytes(b'log_level = "INFO"\n# caf\xe9\n')
+    with pytest.raises(CLIError) as refused:
+        load_config_file(path)
+    assert refused.value.code == ExitCode.USAGE
+    assert (
+        str(refused.value)
+        == f"config file {path}: not UTF-8 text (byte 24): invalid continuation byte"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JOBSPINE_CONFIG": str(path)}
+    command = [sys.executable, "-m", "transport._cli", "config"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == ExitCode.USAGE, done.stderr
+    assert "Traceback" not in done.stderr and "not UTF-8 text" in done.stderr
