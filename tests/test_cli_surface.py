@@ -22,6 +22,7 @@ import trio
 from rich.console import Console
 
 from actors import EventType, JobEvent, JobState
+from transport._auth import MAX_TOKEN_TTL, verify_token
 from transport._config import resolve
 from transport._display import PlainView, jobs_table
 from transport._exit import CLIError, ExitCode
@@ -270,11 +271,16 @@ def test_token_refuses_a_user_or_lifetime_no_server_would_accept(tmp_path: Path)
     env = {"JOBSPINE_DATA": str(tmp_path), "JOBSPINE_SECRET": "s" * 32}
     for flags in (("--user", ""), ("--user", "a\x07b"), ("--user", "x" * 257),
                   ("--user", "bob", "--ttl", "-5"), ("--user", "bob", "--ttl", "0"),
-                  ("--user", "bob", "--ttl", "nan")):  # fmt: skip
+                  ("--user", "bob", "--ttl", "nan"),
+                  # An exp past a 64-bit integer: minted, then refused at every use.
+                  ("--user", "bob", "--ttl", "1e300"),
+                  ("--user", "bob", "--ttl", "1e19")):  # fmt: skip
         minted = run("token", *flags, env=env)
         assert (minted.returncode, minted.stdout) == (2, ""), (flags, minted)
         assert minted.stderr.startswith(f"jobspine: error: {flags[-2]} "), minted.stderr
     assert run("token", "--user", "x" * 256, "--ttl", "60", env=env).returncode == 0
+    longest = run("token", "--user", "bob", "--ttl", str(MAX_TOKEN_TTL), env=env)
+    assert verify_token("s" * 32, longest.stdout.strip()).user_id == "bob"
 
 
 def test_precedence_flags_env_file_defaults() -> None:

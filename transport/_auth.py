@@ -48,6 +48,11 @@ class Principal:
     role: str = "user"
 
 
+#: The longest lifetime a token is minted with: 100 years. Its ``exp`` must stay a 64-bit
+#: integer, the largest a server reads: a longer one was minted, and refused at every use.
+MAX_TOKEN_TTL = 100 * 365 * 24 * 3600
+
+
 def mint_token(
     secret: str,
     user_id: str,
@@ -56,10 +61,13 @@ def mint_token(
     ttl: float = 24 * 3600,
     role: str = "user",
 ) -> str:
-    """A signed token for ``user_id``; ``role="worker"`` makes a worker token (for
-    ``jobspine worker``), which cannot also be an admin's."""
+    """A signed token for ``user_id``, valid ``ttl`` seconds (1 to :data:`MAX_TOKEN_TTL`);
+    ``role="worker"`` makes a worker token (for ``jobspine worker``), which cannot also be an
+    admin's."""
     if role not in ROLES or (admin and role != "user"):
         raise ValueError(f"role must be one of {ROLES} (and a worker is never an admin)")
+    if not 1 <= ttl <= MAX_TOKEN_TTL:  # NaN included
+        raise ValueError(f"ttl must be seconds in 1..{MAX_TOKEN_TTL}, not {ttl!r}")
     now = int(time.time())
     claims: dict[str, Any] = {"sub": user_id, "iat": now, "exp": now + int(ttl)}
     if admin:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import math
 import os
 import secrets
 import signal
@@ -39,7 +38,7 @@ from actors._fanout import redact_redis_url
 from actors._retention import DAY
 
 from ._app import PortUnavailableError, open_server
-from ._auth import mint_token, user_id_problem
+from ._auth import MAX_TOKEN_TTL, mint_token, user_id_problem
 from ._commands import check_url, run_client_command
 from ._config import (
     SETTINGS,
@@ -556,7 +555,10 @@ def parser() -> argparse.ArgumentParser:
         "--worker", action="store_true", help="a worker token (for jobspine worker)"
     )
     token_p.add_argument(
-        "--ttl", type=float, default=24 * 3600, help="lifetime in seconds (default: 86400)"
+        "--ttl",
+        type=float,
+        default=24 * 3600,
+        help="lifetime in seconds, 1 to 100 years (default: 86400)",
     )
 
     nodes_p = command(
@@ -723,8 +725,11 @@ def _run(argv: list[str]) -> int:
         problem = user_id_problem(args.user)
         if problem:
             raise CLIError(ExitCode.USAGE, f"--user {args.user!r}: a user id {problem}")
-        if not math.isfinite(args.ttl) or args.ttl < 1:
-            raise CLIError(ExitCode.USAGE, f"--ttl {args.ttl:g}: must be a number of seconds >= 1")
+        if not 1 <= args.ttl <= MAX_TOKEN_TTL:  # NaN included
+            raise CLIError(
+                ExitCode.USAGE,
+                f"--ttl {args.ttl:g}: must be seconds in 1..{MAX_TOKEN_TTL} (100 years)",
+            )
         secret = load_secret(Path(args.db), secret=args.secret)
         role = "worker" if args.worker else "user"
         token = mint_token(secret, args.user, admin=args.admin, ttl=args.ttl, role=role)
