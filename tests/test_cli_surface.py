@@ -307,7 +307,7 @@ def test_precedence_flags_env_file_defaults() -> None:
             resolve({"port": 7002}, overridden, bad)
     # The burst's default follows the rate, wherever the rate came from, and says so.
     burst = resolve({}, {"JOBSPINE_REQUEST_RATE": "7"}, {})["request_burst"]
-    assert (burst.value, burst.source) == (14, "default (2 x request_rate)")
+    assert (burst.value, burst.source) == (14, "default (2 x request_rate, at least 1)")
 
 
 async def test_config_file_reaches_the_server_and_the_client(tmp_path: Path) -> None:

@@ -76,3 +76,13 @@ def test_a_config_file_that_is_not_utf8_is_a_usage_error(tmp_path: Path) -> None
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == ExitCode.USAGE, done.stderr
     assert "Traceback" not in done.stderr and "not UTF-8 text" in done.stderr
+
+
+@pytest.mark.parametrize(("rate", "burst"), [("0.01", 1), ("0.4", 1), ("0.5", 1), ("7", 14)])
+def test_a_low_request_rate_still_lets_requests_through(rate: str, burst: int) -> None:
+    """``request_burst`` defaults to twice ``request_rate``, and to one request at least: a
+    rate under 0.5/s (one request every few seconds, a legitimate limit) made the bucket 0,
+    and the server refused every request of every user with ``rate_limited``."""
+    values = resolve({}, {"JOBSPINE_REQUEST_RATE": rate}, {})
+    assert values["request_burst"].value == burst
+    assert values["request_burst"].source == "default (2 x request_rate, at least 1)"

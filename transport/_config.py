@@ -310,7 +310,8 @@ def _field_settings(cls: type, section: str, taken: set[str]) -> list[Setting]:
 # ``retention`` is built from the retention_* settings (:func:`retention_policy`); the queue's
 # mappings are not config-file scalars: given by the embedding API.
 _TAKEN = {s.name for s in _EXPLICIT} | {"retention", "kinds", "max_running_per_kind"}
-#: Every setting, explicit ones first; request_burst defaults to twice request_rate.
+#: Every setting, explicit ones first; request_burst defaults to twice request_rate (at
+#: least 1).
 SETTINGS: tuple[Setting, ...] = (
     *_EXPLICIT,
     *_field_settings(ServerConfig, "server", _TAKEN),
@@ -403,8 +404,10 @@ def resolve(
         elif setting.key in in_file:
             value, source = in_file[setting.key], "file " + file_name
         elif setting.name == "request_burst" and "request_rate" in out:
-            # Its default follows the rate the other settings chose.
-            value, source = int(2 * out["request_rate"].value), "default (2 x request_rate)"
+            # Its default follows the rate the other settings chose, and holds one request at
+            # least: a bucket of 0 refuses every request (a rate under 0.5/s made it 0).
+            burst = max(1, int(2 * out["request_rate"].value))
+            value, source = burst, "default (2 x request_rate, at least 1)"
         else:
             default = setting.default
             value = default(env) if callable(default) else default
