@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from actors import InvalidInputError
+from transport import ServerConfig
 from transport._config import _EXPLICIT, SETTINGS, load_config_file, resolve
 from transport._exit import CLIError, ExitCode
 
@@ -86,3 +88,45 @@ def test_a_low_request_rate_still_lets_requests_through(rate: str, burst: int) -
     values = resolve({}, {"JOBSPINE_REQUEST_RATE": rate}, {})
     assert values["request_burst"].value == burst
     assert values["request_burst"].source == "default (2 x request_rate, at least 1)"
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"send_timeout": float("nan")},
+        {"hello_timeout": -1.0},
+        {"heartbeat_interval": 0},
+        {"request_rate": float("inf")},
+        {"request_burst": 0},
+        {"max_connections_per_user": 0},
+        {"max_frame_size": True},
+        {"port": -1},
+        {"envelope_margin": 2 * 1024 * 1024},  # no reply fits in max_message_size
+    ],
+)
+def test_an_embedders_server_config_refuses_what_breaks_every_connection(
+    setting: dict[str, Any],
+) -> None:
+    """``ServerConfig`` checks itself, as ``RuntimeConfig`` does: an embedder's NaN timeout
+    failed each connection with a traceback once serving, a burst of 0 refused every
+    request."""
+    with pytest.raises(InvalidInputError) as refused:
+        ServerConfig(secret="s", **setting)
+    assert next(iter(setting)) in str(refused.value)
+    assert ServerConfig(secret="s", send_timeout=3, envelope_margin=0, port=0).send_timeout == 3
+
+
+def test_serve_refuses_settings_that_fit_apart_but_not_together(tmp_path: Path) -> None:
+    """A usage error naming the setting, before any port or database is opened."""
+    path = tmp_path / "config.toml"
+    path.write_text("[server]\nenvelope_margin = 3000000\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JOBSPINE_CONFIG": str(path)}
+    command = [sys.executable, "-m", "transport._cli", "serve", "--db", str(tmp_path / "db")]
+    command += ["--port", "0", "--health-port", "0"]
+    try:  # it served (every reply too large to send) until stopped
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("serve started with settings that break every reply")
+    assert done.returncode == ExitCode.USAGE, done.stderr
+    assert done.stderr.startswith("jobspine: error: server settings: envelope_margin (3000000)")
+    assert not (tmp_path / "db").exists()

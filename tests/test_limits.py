@@ -125,4 +125,4 @@ def test_a_bad_queue_setting_in_the_config_file_is_a_usage_error(tmp_path: Path)
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert served.returncode == 2, served
-    assert "max_running must be an integer >= 1" in served.stderr
+    assert "must be an integer in 1..2147483647, not 0 (runtime.max_running)" in served.stderr

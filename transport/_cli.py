@@ -147,7 +147,10 @@ async def serve(args: argparse.Namespace) -> int:
     generated = secret is None
     if secret is None:
         secret = secrets.token_urlsafe(32)
-    config = ServerConfig(secret=secret, **args.server_config)
+    try:
+        config = ServerConfig(secret=secret, **args.server_config)
+    except InvalidInputError as exc:
+        raise CLIError(ExitCode.USAGE, f"server settings: {exc}") from None
     try:
         runtime_config = RuntimeConfig(**args.runtime_config)
     except InvalidInputError as exc:

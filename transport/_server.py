@@ -18,6 +18,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from actors import (
     Broadcaster,
     Cursor,
+    InvalidInputError,
     Job,
     JobspineError,
     Outbox,
@@ -97,6 +98,34 @@ class ServerConfig:
     #: over ``batch_bytes``) drops the connection: it takes less than ``batch_bytes`` per
     #: ``send_timeout``.
     send_timeout: float = 10.0
+
+    def __attrs_post_init__(self) -> None:
+        """Refuse a setting that would break every connection, with
+        :class:`~actors.InvalidInputError` naming it: every float is a finite number of
+        seconds (or requests/s) above 0, every int a count or size from 1 (the port from 0,
+        ``envelope_margin`` from 0 and below ``max_message_size``). A NaN or negative timeout
+        failed each connection with a traceback, a heartbeat_interval of 0 spun the CPU, a
+        limit or a request_burst of 0 refused every request."""
+        for field in attrs.fields(ServerConfig):
+            value = getattr(self, field.name)
+            kind = type(field.default)  # every number has a default of its type
+            if kind is float:
+                ok = not isinstance(value, bool) and isinstance(value, int | float)
+                if not ok or not 0 < value < math.inf:
+                    raise InvalidInputError(
+                        f"{field.name} must be a finite number > 0, not {value!r}"
+                    )
+            elif kind is int:
+                low = 0 if field.name in ("port", "envelope_margin") else 1
+                if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                    raise InvalidInputError(
+                        f"{field.name} must be an integer >= {low}, not {value!r}"
+                    )
+        if self.envelope_margin >= self.max_message_size:
+            raise InvalidInputError(
+                f"envelope_margin ({self.envelope_margin}) must be below max_message_size"
+                f" ({self.max_message_size}): no reply would fit"
+            )
 
 
 class Connection:
