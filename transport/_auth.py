@@ -61,13 +61,13 @@ def mint_token(
     ttl: float = 24 * 3600,
     role: str = "user",
 ) -> str:
-    """A signed token for ``user_id``, valid ``ttl`` seconds (1 to :data:`MAX_TOKEN_TTL`);
-    ``role="worker"`` makes a worker token (for ``jobspine worker``), which cannot also be an
-    admin's."""
+    """A signed token for ``user_id``, valid ``ttl`` seconds, at most :data:`MAX_TOKEN_TTL`
+    (a ttl of 0 or less mints an expired token, for tests); ``role="worker"`` makes a worker
+    token (for ``jobspine worker``), which cannot also be an admin's."""
     if role not in ROLES or (admin and role != "user"):
         raise ValueError(f"role must be one of {ROLES} (and a worker is never an admin)")
-    if not 1 <= ttl <= MAX_TOKEN_TTL:  # NaN included
-        raise ValueError(f"ttl must be seconds in 1..{MAX_TOKEN_TTL}, not {ttl!r}")
+    if not -MAX_TOKEN_TTL <= ttl <= MAX_TOKEN_TTL:  # NaN included
+        raise ValueError(f"ttl must be at most {MAX_TOKEN_TTL} seconds, not {ttl!r}")
     now = int(time.time())
     claims: dict[str, Any] = {"sub": user_id, "iat": now, "exp": now + int(ttl)}
     if admin:
