@@ -4,6 +4,7 @@ files shipped as package data."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -291,7 +292,8 @@ async def test_idle_connections_give_way_to_a_prompt_request(tmp_path: Path) -> 
     connections than it holds (nothing sent, or a request's head without its end) delay a
     prompt request by no more than its own sending. Each held its slot for 5 s, and a probe
     queued behind them in the kernel waited as long (a liveness probe with a 1 s timeout
-    failed, and a supervisor restarted a healthy server)."""
+    failed, and a supervisor restarted a healthy server). A burst of prompt requests, more
+    than the port holds, is answered in full: a new connection keeps its slot for a grace."""
     async with served_http(tmp_path) as (_, http):
         idle = []
         for n in range(MAX_CONNECTIONS + 20):
@@ -300,26 +302,39 @@ async def test_idle_connections_give_way_to_a_prompt_request(tmp_path: Path) -> 
             idle.append(stream)
         await trio.sleep(0.2)  # the server accepts them all, closing the oldest
         for _ in range(3):
-            with trio.fail_after(1):
+            with trio.fail_after(2.5):  # about ADMISSION_GRACE; it was REQUEST_TIMEOUT (5 s)
                 assert (await exchange(http, get("/healthz")))[0] == 200
         with trio.fail_after(1):  # the oldest were closed: their reads end at once
             assert await idle[0].receive_some() == b""
         for stream in idle:
             await stream.aclose()
+        answered = []
+
+        async def probe() -> None:
+            answered.append((await exchange(http, get("/healthz")))[0])
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                for _ in range(3 * MAX_CONNECTIONS):
+                    nursery.start_soon(probe)
+        assert answered == [200] * 3 * MAX_CONNECTIONS
 
 
 def test_admission_closes_the_longest_waiting_connection_first() -> None:
-    """The decision alone: a connection being answered is never chosen; each is chosen
-    once; below the limit nothing is."""
-    admission: Admission[str] = Admission(3)
-    for key in "abc":
-        admission.opened(key)
+    """The decision alone: a connection being answered is never chosen, nor one within its
+    grace; each is chosen once; below the limit nothing is."""
+    admission: Admission[str] = Admission(3, grace=1.5)
+    for at, key in enumerate("abc"):
+        admission.opened(key, now=at)
     admission.answering("a")
-    assert admission.to_close() == "b"
-    assert admission.to_close() == "c"
-    assert admission.to_close() is None  # "a" is being answered: wait for a close
+    assert admission.to_close(now=2) is None  # "b" came at 1: its grace runs to 2.5
+    assert admission.next_choice() == 2.5
+    assert admission.to_close(now=2.5) == "b"
+    assert admission.to_close(now=3) is None and admission.to_close(now=3.5) == "c"
+    assert admission.to_close(now=9) is None  # "a" is being answered: wait for a close
+    assert admission.next_choice() == math.inf
     admission.closed("b")
-    assert admission.open == 2 and admission.to_close() is None
+    assert admission.open == 2 and admission.to_close(now=9) is None
 
 
 async def test_a_route_that_raises_fails_its_request_only() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, Generic, TypeVar
@@ -38,6 +39,10 @@ MAX_CONNECTIONS = 64
 
 #: Seconds a connection has to send its request and take the answer.
 REQUEST_TIMEOUT = 5.0
+
+#: Seconds a new connection keeps its slot on a full port before it may be closed for
+#: another one, if its request has not come (:class:`Admission`).
+ADMISSION_GRACE = 0.25
 
 #: accept() errors that mean "no resources now" (trio.serve_listeners' list): retried.
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
@@ -71,23 +76,27 @@ class Body:
 class Admission(Generic[T]):
     """Which open connection gives way when the port is full (sans-I/O).
 
-    At most ``limit`` connections are open. A new one is always taken: when the port is
-    full, the connection that has waited longest for its request to arrive is closed to make
-    room (a connection whose request is being answered is never chosen: it ends in a
-    moment). So connections that send nothing, or a request's head without its end, delay a
-    prompt client (a supervisor's probe, a scrape) by no more than the time it takes to send
-    its request: where they held every slot for :data:`REQUEST_TIMEOUT` each, and a probe
-    queued behind them timed out (a liveness probe then restarted a healthy server)."""
+    At most ``limit`` connections are open. When the port is full, the connection that has
+    waited longest for its request is closed to make room for a new one, once it has had
+    ``grace`` seconds to send it (a connection whose request is being answered is never
+    chosen: it ends in a moment). So connections that send nothing, or a request's head
+    without its end, delay a prompt client (a supervisor's probe, a scrape) by about
+    ``grace``: they held every slot for :data:`REQUEST_TIMEOUT` each, and a probe queued
+    behind them timed out (a liveness probe then restarted a healthy server). The grace
+    keeps a burst of prompt clients from closing each other before their requests are
+    read."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, grace: float) -> None:
         self.limit = limit
+        self.grace = grace
         self.open = 0
-        #: Connections still waiting for their request, oldest first (a dict keeps order).
-        self._waiting: dict[T, None] = {}
+        #: Connections still waiting for their request, oldest first (a dict keeps order),
+        #: with when each was opened.
+        self._waiting: dict[T, float] = {}
 
-    def opened(self, key: T) -> None:
+    def opened(self, key: T, now: float) -> None:
         self.open += 1
-        self._waiting[key] = None
+        self._waiting[key] = now
 
     def answering(self, key: T) -> None:
         """Its request arrived: it is being answered, and not chosen to give way."""
@@ -97,14 +106,21 @@ class Admission(Generic[T]):
         self.open -= 1
         self._waiting.pop(key, None)
 
-    def to_close(self) -> T | None:
-        """While the port is full: the connection to close for a new one (once each), or
-        None (every connection is being answered: wait for one to close)."""
+    def to_close(self, now: float) -> T | None:
+        """While the port is full: the connection to close for a new one (each chosen once),
+        or None: none has waited out its grace (see :meth:`next_choice`), or every one is
+        being answered (wait for one to close)."""
         if self.open < self.limit or not self._waiting:
             return None
-        key = next(iter(self._waiting))
+        key, since = next(iter(self._waiting.items()))
+        if now - since < self.grace:
+            return None
         del self._waiting[key]
         return key
+
+    def next_choice(self) -> float:
+        """When :meth:`to_close` may next choose one (inf: once a request is answered)."""
+        return next(iter(self._waiting.values()), math.inf) + self.grace
 
 
 async def _handle(
@@ -196,7 +212,7 @@ async def serve_health(
         listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
 
-    admission: Admission[trio.CancelScope] = Admission(MAX_CONNECTIONS)
+    admission: Admission[trio.CancelScope] = Admission(MAX_CONNECTIONS, ADMISSION_GRACE)
     closed = trio.lowlevel.ParkingLot()
 
     async def serve(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
@@ -217,10 +233,13 @@ async def serve_health(
             while True:
                 # Room first: a full port closes its longest-waiting connection.
                 while admission.open >= admission.limit:
-                    waiting = admission.to_close()
+                    waiting = admission.to_close(trio.current_time())
                     if waiting is not None:
                         waiting.cancel()
-                    await closed.park()
+                        await closed.park()
+                        continue
+                    with trio.move_on_at(admission.next_choice()):
+                        await closed.park()
                 try:
                     stream = await listener.accept()
                 except OSError as exc:
@@ -230,7 +249,7 @@ async def serve_health(
                     await trio.sleep(0.1)
                     continue
                 scope = trio.CancelScope()
-                admission.opened(scope)
+                admission.opened(scope, trio.current_time())
                 nursery.start_soon(serve, stream, scope)
 
     async with trio.open_nursery() as nursery:
