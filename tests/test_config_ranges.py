@@ -41,11 +41,9 @@ def test_a_config_file_only_number_out_of_range_is_a_usage_error(
     flooded every client with heartbeats, ``send_timeout = nan`` or ``hello_timeout = -1``
     failed every connection with a traceback in the log, ``max_connections_per_user = 0``
     refused every user; ``jobspine config`` and ``serve`` took them without a word."""
-    bad: list[Any] = (
-        [0.0, -1.0, float("nan"), float("inf")] if kind is float else [-1, 2**31, 10**30]
-    )
-    if kind is int and name not in ("max_recovery_attempts", "envelope_margin"):
-        bad.append(0)
+    bad: list[Any] = [-1.0, float("nan"), float("inf")] if kind is float else [-1, 2**31, 10**30]
+    if name not in ZERO_ALLOWED:
+        bad.append(0.0 if kind is float else 0)
     for value in bad:
         with pytest.raises(CLIError) as refused:
             resolve({}, {}, {section: {name: value}}, "c.toml")
@@ -55,10 +53,20 @@ def test_a_config_file_only_number_out_of_range_is_a_usage_error(
     assert resolve({}, {}, {section: {name: good}})[name].value == good
 
 
-def test_zero_recovery_attempts_is_a_setting() -> None:
-    """0 means something for these two: a stalled job fails at once; no envelope margin."""
-    values = resolve({}, {}, {"runtime": {"max_recovery_attempts": 0}})
-    assert values["max_recovery_attempts"].value == 0
+#: 0 means something for these: a stalled job fails at once; no envelope margin; a shutdown
+#: that cancels every job with no pause; a locked SQLite database not waited for.
+ZERO_ALLOWED = {
+    "max_recovery_attempts",
+    "envelope_margin",
+    "shutdown_timeout",
+    "sqlite_busy_timeout",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ZERO_ALLOWED))
+def test_zero_is_a_setting_where_it_means_something(name: str) -> None:
+    section = "server" if name == "envelope_margin" else "runtime"
+    assert resolve({}, {}, {section: {name: 0}})[name].value == 0
 
 
 def test_a_config_file_that_is_not_utf8_is_a_usage_error(tmp_path: Path) -> None:

@@ -262,9 +262,15 @@ _EXPLICIT: tuple[Setting, ...] = (
 #: The largest count or size in bytes a config-file-only setting takes (2 GiB): past it, a
 #: socket option or a buffer of that size fails where the value is used.
 _MAX_FIELD_INT = 2**31 - 1
-#: Config-file-only counts for which 0 means something: no recovery after a stall (the job
-#: fails at once), no room kept for a reply's envelope.
-_ZERO_ALLOWED = {"max_recovery_attempts", "envelope_margin"}
+#: Config-file-only numbers for which 0 means something: no recovery after a stall (the job
+#: fails at once), no room kept for a reply's envelope, a shutdown that cancels every job at
+#: once with no pause, a locked SQLite database not waited for.
+_ZERO_ALLOWED = {
+    "max_recovery_attempts",
+    "envelope_margin",
+    "shutdown_timeout",
+    "sqlite_busy_timeout",
+}
 
 
 def _field_check(name: str, kind: type) -> Callable[[Any], str | None] | None:
@@ -273,10 +279,10 @@ def _field_check(name: str, kind: type) -> Callable[[Any], str | None] | None:
     range, each broke serving without a word at start: a heartbeat_interval of 0 spun the
     CPU and flooded every client, a NaN or negative timeout failed every connection with a
     traceback, a limit of 0 refused every user."""
+    low = 0 if name in _ZERO_ALLOWED else 1
     if kind is float:
-        return _POSITIVE
+        return _NON_NEGATIVE if low == 0 else _POSITIVE
     if kind is int:
-        low = 0 if name in _ZERO_ALLOWED else 1
 
         def check(value: int) -> str | None:
             ok = low <= value <= _MAX_FIELD_INT
