@@ -96,7 +96,14 @@ _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": DAY, "w": 7 * DAY}
 
 def parse_duration(text: str) -> float:
     """``"90"`` (seconds), ``"45s"``, ``"30m"``, ``"12h"``, ``"7d"`` or ``"2w"`` in seconds;
-    :class:`ValueError` for anything else (negative, not a number, unknown unit)."""
+    :class:`ValueError` for anything else (negative, not a number, unknown unit). A unit may
+    be upper case, but for ``M``: months to many people, it pruned what finished more than
+    that many minutes ago (``prune --older-than 6M``)."""
+    if text.strip().endswith("M"):
+        raise ValueError(
+            f"duration {text!r}: M is ambiguous (months or minutes?): minutes are m;"
+            " for months use d or w"
+        )
     value = text.strip().lower()
     scale = _UNITS.get(value[-1:])
     number = value[:-1] if scale is not None else value

@@ -1,6 +1,8 @@
-"""Config-file settings an operator gets wrong: every number of the config classes reachable
-from the file only (``[server]``/``[runtime]`` fields beyond the documented ones) is checked
-against its range, and a file that is not UTF-8 is a usage error, never a traceback."""
+"""Settings an operator gets wrong: every number of the config classes reachable from the
+file only (``[server]``/``[runtime]`` fields beyond the documented ones) is checked against
+its range, a file that is not UTF-8 is a usage error, never a traceback, ``ServerConfig``
+checks itself, a low request rate still lets requests through, and a duration in ``M`` is
+refused."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from actors import InvalidInputError
+from actors import InvalidInputError, parse_duration
 from transport import ServerConfig
 from transport._config import _EXPLICIT, SETTINGS, load_config_file, resolve
 from transport._exit import CLIError, ExitCode
@@ -138,3 +140,13 @@ def test_serve_refuses_settings_that_fit_apart_but_not_together(tmp_path: Path) 
     assert done.returncode == ExitCode.USAGE, done.stderr
     assert done.stderr.startswith("jobspine: error: server settings: envelope_margin (3000000)")
     assert not (tmp_path / "db").exists()
+
+
+@pytest.mark.parametrize("text", ["6M", "1.5M", " 6M "])
+def test_a_duration_in_capital_m_is_refused(text: str) -> None:
+    """``M`` reads as months to many people: ``prune --older-than 6M`` removed every job
+    that finished more than six minutes ago. Other units may be upper case; ``m`` is
+    minutes."""
+    with pytest.raises(ValueError, match="M is ambiguous"):
+        parse_duration(text)
+    assert parse_duration("6m") == 360.0 and parse_duration("2W") == 14 * 86400.0
