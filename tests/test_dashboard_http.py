@@ -23,7 +23,7 @@ import transport._app
 from actors import RuntimeConfig, open_runtime
 from transport import RunningServer, ServerConfig, open_server
 from transport._dashboard import CONTENT_TYPES, content_security_policy
-from transport._health import MAX_CONNECTIONS, Admission, Request, serve_health
+from transport._health import MAX_CONNECTIONS, Admission, Request, request_path, serve_health
 from transport._ui import dashboard_url
 
 from .serving import HANDLERS, SECRET, free_port, token
@@ -354,3 +354,15 @@ async def test_a_route_that_raises_fails_its_request_only() -> None:
         assert orjson.loads(body) == {"error": "/b: internal error (see the server log)"}
         assert (await exchange(port, get("/f")))[0] == 200
         nursery.cancel_scope.cancel()
+
+
+async def test_the_absolute_form_of_a_target_names_its_path(tmp_path: Path) -> None:
+    """HTTP/1.1 servers must accept ``GET http://host/path`` (proxies and some probes send
+    it): it was a 404. The query and the fragment are not part of the path."""
+    async with served_http(tmp_path) as (_, http):
+        assert (await exchange(http, get(f"http://127.0.0.1:{http}/healthz")))[0] == 200
+    assert request_path("http://127.0.0.1:8766/healthz?x=1") == "/healthz"
+    assert request_path("HTTPS://jobs.example/") == "/"
+    assert request_path("http://jobs.example") == "/"
+    assert request_path("/readyz#top") == "/readyz"
+    assert request_path("/a://b") == "/a://b"  # a path, not an absolute form

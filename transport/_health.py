@@ -123,6 +123,17 @@ class Admission(Generic[T]):
         return next(iter(self._waiting.values()), math.inf) + self.grace
 
 
+def request_path(target: str) -> str:
+    """The path of a request target: without its query, and without the scheme and host of
+    the absolute form (``GET http://host:8766/healthz``, which HTTP/1.1 servers must accept
+    and some proxies and probes send: it was a 404)."""
+    path = target.split("?")[0].split("#")[0]
+    scheme, sep, rest = path.partition("://")
+    if sep and scheme.lower() in ("http", "https"):
+        path = "/" + rest.partition("/")[2]
+    return path
+
+
 async def _handle(
     stream: trio.SocketStream, routes: dict[str, Route], answering: Callable[[], None]
 ) -> None:
@@ -144,7 +155,7 @@ async def _handle(
         if not isinstance(event, h11.Request):
             return
         answering()
-        target = event.target.decode("ascii", "replace").split("?")[0].split("#")[0]
+        target = request_path(event.target.decode("ascii", "replace"))
         fields = {name.lower(): value for name, value in event.headers}
         route = routes.get(target)
         extra_headers: tuple[tuple[str, str], ...] = ()
