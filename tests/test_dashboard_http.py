@@ -23,7 +23,14 @@ import transport._app
 from actors import RuntimeConfig, open_runtime
 from transport import RunningServer, ServerConfig, open_server
 from transport._dashboard import CONTENT_TYPES, content_security_policy
-from transport._health import MAX_CONNECTIONS, Admission, Request, request_path, serve_health
+from transport._health import (
+    MAX_CONNECTIONS,
+    Admission,
+    Body,
+    Request,
+    request_path,
+    serve_health,
+)
 from transport._ui import dashboard_url
 
 from .serving import HANDLERS, SECRET, free_port, token
@@ -321,20 +328,38 @@ async def test_idle_connections_give_way_to_a_prompt_request(tmp_path: Path) -> 
 
 
 def test_admission_closes_the_longest_waiting_connection_first() -> None:
-    """The decision alone: a connection being answered is never chosen, nor one within its
-    grace; each is chosen once; below the limit nothing is."""
-    admission: Admission[str] = Admission(3, grace=1.5)
+    """The decision alone: a connection being answered is chosen only when none waits for its
+    request, none within its grace; each is chosen once; below the limit nothing is."""
+    admission: Admission[str] = Admission(3, grace=1.5, answer_grace=4)
     for at, key in enumerate("abc"):
         admission.opened(key, now=at)
-    admission.answering("a")
+    admission.answering("a", now=0.5)
     assert admission.to_close(now=2) is None  # "b" came at 1: its grace runs to 2.5
     assert admission.next_choice() == 2.5
-    assert admission.to_close(now=2.5) == "b"
-    assert admission.to_close(now=3) is None and admission.to_close(now=3.5) == "c"
-    assert admission.to_close(now=9) is None  # "a" is being answered: wait for a close
-    assert admission.next_choice() == math.inf
+    assert admission.to_close(now=5) == "b"  # waiting for its request: before "a"
+    assert admission.to_close(now=5) == "c"
+    admission.answering("c", now=5)  # chosen already: its cancellation is on its way
+    assert admission.to_close(now=9) == "a"  # answered since 0.5, none waits any more
+    assert admission.to_close(now=9) is None and admission.next_choice() == math.inf
     admission.closed("b")
     assert admission.open == 2 and admission.to_close(now=9) is None
+    for key in "ac":
+        admission.closed(key)
+    for at, key in enumerate("def", start=10):
+        admission.opened(key, now=at)
+    admission.answering("d", now=10)
+    assert admission.to_close(now=20) == "e"  # waiting for its request: before "d"
+    assert admission.to_close(now=20) == "f"
+    for key in "ef":
+        admission.closed(key)
+    assert admission.to_close(now=20) is None  # the port is not full
+    admission.opened("g", now=20)
+    admission.opened("h", now=20)
+    admission.answering("g", now=20.1)
+    assert admission.next_choice() == 21.5  # "h" waits for its request: its grace first
+    admission.answering("h", now=20.2)
+    assert admission.next_choice() == 14  # then "d", answered since 10
+    assert admission.to_close(now=20.3) == "d" and admission.next_choice() == 24.1
 
 
 async def test_a_route_that_raises_fails_its_request_only() -> None:
@@ -366,3 +391,33 @@ async def test_the_absolute_form_of_a_target_names_its_path(tmp_path: Path) -> N
     assert request_path("http://jobs.example") == "/"
     assert request_path("/readyz#top") == "/readyz"
     assert request_path("/a://b") == "/a://b"  # a path, not an absolute form
+
+
+async def test_clients_that_do_not_take_their_answer_give_way_to_a_probe() -> None:
+    """A full port of connections whose answers are stuck (a request for a large file, then
+    nothing read: a tiny receive window) closes the one stuck longest for a new connection,
+    once no connection waits for its request. Being answered, they could never be chosen: each
+    held its slot for 5 s, and 64 of them, sent again every 5 s, made every probe wait as long
+    (the flood the port's admission was made against, in another form)."""
+    large = Body("application/octet-stream", b"x" * (1 << 20))
+
+    def healthz(request: Request) -> tuple[int, Any]:
+        return 200, {"status": "ok"}
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(
+            serve_health, "127.0.0.1", 0, {"/large": lambda _: (200, large), "/h": healthz}
+        )
+        stuck = []
+        for _ in range(MAX_CONNECTIONS):
+            sock = trio.socket.socket()
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 1)
+            await sock.connect(("127.0.0.1", port))
+            await sock.send(get("/large"))
+            stuck.append(sock)
+        await trio.sleep(0.2)  # every request is read: its answer is being sent
+        with trio.fail_after(2):  # about ANSWER_GRACE; it was REQUEST_TIMEOUT (5 s)
+            assert (await exchange(port, get("/h")))[0] == 200
+        for sock in stuck:
+            sock.close()
+        nursery.cancel_scope.cancel()

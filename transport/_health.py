@@ -8,7 +8,8 @@ browsers get this small server: ``GET /healthz`` (the process is up), ``GET /rea
 or a :class:`Body` with its own content type and headers. ``HEAD`` gets the headers of a
 ``GET`` and no body; other methods get 405, a websocket upgrade (websockets have a port of
 their own) 404; a request that cannot be parsed gets 400 (431 for a header over 8 KiB) rather
-than a dropped connection, and a route that raises 500 (logged), the port serving on.
+than a dropped connection, and a route that raises 500 (logged), the port serving on. A
+full port closes a connection for a new one (:class:`Admission`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ REQUEST_TIMEOUT = 5.0
 #: another one, if its request has not come (:class:`Admission`).
 ADMISSION_GRACE = 0.25
 
+#: Seconds an answer being sent keeps its slot on a full port where no connection waits for
+#: its request: past them, the client that has not taken it may be closed for another one.
+ANSWER_GRACE = 0.5
+
 #: accept() errors that mean "no resources now" (trio.serve_listeners' list): retried.
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
@@ -78,49 +83,68 @@ class Admission(Generic[T]):
 
     At most ``limit`` connections are open. When the port is full, the connection that has
     waited longest for its request is closed to make room for a new one, once it has had
-    ``grace`` seconds to send it (a connection whose request is being answered is never
-    chosen: it ends in a moment). So connections that send nothing, or a request's head
+    ``grace`` seconds to send it. So connections that send nothing, or a request's head
     without its end, delay a prompt client (a supervisor's probe, a scrape) by about
     ``grace``: they held every slot for :data:`REQUEST_TIMEOUT` each, and a probe queued
     behind them timed out (a liveness probe then restarted a healthy server). The grace
     keeps a burst of prompt clients from closing each other before their requests are
-    read."""
+    read. A connection being answered is chosen only when none waits for its request, the
+    one answered longest once it has had ``answer_grace`` seconds: an answer usually ends
+    in a moment, but a client that does not take it (a large file asked for, then nothing
+    read) held its slot for :data:`REQUEST_TIMEOUT` too, and 64 of them delayed a probe as
+    long."""
 
-    def __init__(self, limit: int, grace: float) -> None:
+    def __init__(self, limit: int, grace: float, answer_grace: float) -> None:
         self.limit = limit
         self.grace = grace
+        self.answer_grace = answer_grace
         self.open = 0
         #: Connections still waiting for their request, oldest first (a dict keeps order),
         #: with when each was opened.
         self._waiting: dict[T, float] = {}
+        #: Connections being answered, oldest first, with when their request came.
+        self._answering: dict[T, float] = {}
 
     def opened(self, key: T, now: float) -> None:
         self.open += 1
         self._waiting[key] = now
 
-    def answering(self, key: T) -> None:
-        """Its request arrived: it is being answered, and not chosen to give way."""
-        self._waiting.pop(key, None)
+    def answering(self, key: T, now: float) -> None:
+        """Its request arrived at ``now``: it is being answered (unless already chosen)."""
+        if self._waiting.pop(key, None) is not None:
+            self._answering[key] = now
 
     def closed(self, key: T) -> None:
         self.open -= 1
         self._waiting.pop(key, None)
+        self._answering.pop(key, None)
 
     def to_close(self, now: float) -> T | None:
         """While the port is full: the connection to close for a new one (each chosen once),
-        or None: none has waited out its grace (see :meth:`next_choice`), or every one is
-        being answered (wait for one to close)."""
-        if self.open < self.limit or not self._waiting:
+        or None: none has waited out its grace (see :meth:`next_choice`), or none is open
+        (wait for one to close)."""
+        if self.open < self.limit:
             return None
-        key, since = next(iter(self._waiting.items()))
-        if now - since < self.grace:
+        queue, grace = self._queue()
+        if not queue:
             return None
-        del self._waiting[key]
+        key, since = next(iter(queue.items()))
+        if now - since < grace:
+            return None
+        del queue[key]
         return key
 
     def next_choice(self) -> float:
-        """When :meth:`to_close` may next choose one (inf: once a request is answered)."""
-        return next(iter(self._waiting.values()), math.inf) + self.grace
+        """When :meth:`to_close` may next choose one (inf: once one closes)."""
+        queue, grace = self._queue()
+        return next(iter(queue.values()), math.inf) + grace
+
+    def _queue(self) -> tuple[dict[T, float], float]:
+        """Where the next one is chosen: the connections waiting for their request, or if
+        there are none the ones being answered; and their grace."""
+        if self._waiting:
+            return self._waiting, self.grace
+        return self._answering, self.answer_grace
 
 
 def request_path(target: str) -> str:
@@ -223,13 +247,17 @@ async def serve_health(
         listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
 
-    admission: Admission[trio.CancelScope] = Admission(MAX_CONNECTIONS, ADMISSION_GRACE)
+    admission: Admission[trio.CancelScope] = Admission(
+        MAX_CONNECTIONS, ADMISSION_GRACE, ANSWER_GRACE
+    )
     closed = trio.lowlevel.ParkingLot()
 
     async def serve(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
         try:
             with scope:
-                await _handle(stream, routes, lambda: admission.answering(scope))
+                await _handle(
+                    stream, routes, lambda: admission.answering(scope, trio.current_time())
+                )
         except (h11.ProtocolError, trio.BrokenResourceError) as exc:
             # Whatever one request does wrong ends that request only, never the server.
             log.debug("health request dropped: %s", exc)
