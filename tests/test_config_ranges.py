@@ -100,6 +100,32 @@ def test_a_low_request_rate_still_lets_requests_through(rate: str, burst: int) -
     assert values["request_burst"].source == "default (2 x request_rate, at least 1)"
 
 
+@pytest.mark.parametrize("rate", [1e10, 1e308, 1.7976931348623157e308])
+def test_a_huge_request_rate_makes_a_burst_that_fits(rate: float) -> None:
+    """The burst that follows the rate is bounded as a file's is (2**31 - 1): twice a rate
+    over 9e307 was infinite, and ``config`` and ``serve --request-rate 1e308`` stopped with an
+    OverflowError traceback, exit 1."""
+    values = resolve({"request_rate": rate}, {}, {})
+    assert values["request_burst"].value == 2**31 - 1
+    ServerConfig(secret="s", **{n: values[n].value for n in ("request_rate", "request_burst")})
+
+
+def test_sqlite_synchronous_is_checked_as_the_file_is_read() -> None:
+    """A value SQLite does not know (a typo, its number 2) passed ``config`` and stopped
+    ``serve`` with a ValueError traceback, exit 1, once the database was being opened."""
+    for value in ("bogus", "2", ""):
+        with pytest.raises(CLIError) as refused:
+            resolve({}, {}, {"runtime": {"sqlite_synchronous": value}}, "c.toml")
+        assert refused.value.code == ExitCode.USAGE
+        assert str(refused.value) == (
+            f"file c.toml: must be OFF, NORMAL, FULL or EXTRA, not {value!r}"
+            " (runtime.sqlite_synchronous)"
+        )
+    for value in ("normal", "FULL", "Off", "EXTRA"):
+        file = {"runtime": {"sqlite_synchronous": value}}
+        assert resolve({}, {}, file)["sqlite_synchronous"].value == value
+
+
 @pytest.mark.parametrize(
     "setting",
     [

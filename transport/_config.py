@@ -273,12 +273,28 @@ _ZERO_ALLOWED = {
 }
 
 
+#: Config-file-only strings that take one of a few words (any case).
+_CHOICES = {"sqlite_synchronous": ("OFF", "NORMAL", "FULL", "EXTRA")}
+
+
+def _choice(words: tuple[str, ...]) -> Callable[[str], str | None]:
+    def check(value: str) -> str | None:
+        ok = value.upper() in words
+        return None if ok else f"must be {', '.join(words[:-1])} or {words[-1]}, not {value!r}"
+
+    return check
+
+
 def _field_check(name: str, kind: type) -> Callable[[Any], str | None] | None:
     """The range of a config-file-only number: every float of the config classes is a number
     of seconds (a timeout, an interval, a window), every int a count or a size. Out of
     range, each broke serving without a word at start: a heartbeat_interval of 0 spun the
     CPU and flooded every client, a NaN or negative timeout failed every connection with a
-    traceback, a limit of 0 refused every user."""
+    traceback, a limit of 0 refused every user. A string in :data:`_CHOICES` is one of its
+    words (an unknown sqlite_synchronous stopped serve with a traceback as it opened the
+    database)."""
+    if name in _CHOICES:
+        return _choice(_CHOICES[name])
     low = 0 if name in _ZERO_ALLOWED else 1
     if kind is float:
         return _NON_NEGATIVE if low == 0 else _POSITIVE
@@ -411,8 +427,9 @@ def resolve(
             value, source = in_file[setting.key], "file " + file_name
         elif setting.name == "request_burst" and "request_rate" in out:
             # Its default follows the rate the other settings chose, and holds one request at
-            # least: a bucket of 0 refuses every request (a rate under 0.5/s made it 0).
-            burst = max(1, int(2 * out["request_rate"].value))
+            # least: a bucket of 0 refuses every request (a rate under 0.5/s made it 0). At
+            # most what a file may set: twice a rate over 9e307 was infinite (a traceback).
+            burst = max(1, int(min(2 * out["request_rate"].value, _MAX_FIELD_INT)))
             value, source = burst, "default (2 x request_rate, at least 1)"
         else:
             default = setting.default
