@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -59,10 +60,38 @@ def token(user: str, **kw: Any) -> str:
     return mint_token(SECRET, user, **kw)
 
 
+#: Ports :func:`free_port` handed out in this process: never handed out twice.
+_HANDED_OUT: set[int] = set()
+
+
+def _below_ephemeral() -> range:
+    """Ports below the kernel's range for outgoing connections (where one can be free)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return range(0)
+    return range(10_000, low) if low > 11_000 else range(0)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port for a server a test starts (a subprocess binds it later): free now, never one
+    this process handed out before, and below the kernel's range for outgoing connections.
+    ``bind(0)`` gave a port from that range, which a client connection (a test's, or a flood
+    test's hundreds) could take before the server bound it, and could give the same port to
+    two calls in a row: the server then exited 8, port in use."""
+    ports = _below_ephemeral()
+    for _ in range(1000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", random.choice(ports) if ports else 0))
+            except OSError:
+                continue
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no free port found for a test server")
 
 
 @asynccontextmanager
