@@ -14,6 +14,9 @@ typed error: their leaves are judged together. A leaf saying the database was un
 decides for the whole attempt; leaves acknowledging an asked stop are set aside (all of them:
 ``stopped``); then a leaf proving the job moved on decides; the rest fail the attempt, recorded
 as one of them (see :func:`failure`).
+
+**What a handler raises** that ends its attempt is :data:`HANDLER_FAULTS`: every
+``Exception``, and ``SystemExit``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,23 @@ from ._errors import (
 )
 from ._job import JobError
 
-__all__ = ["UNASKED_STOP", "Ending", "HandlerFailure", "describe", "failure", "judge"]
+__all__ = [
+    "HANDLER_FAULTS",
+    "UNASKED_STOP",
+    "Ending",
+    "HandlerFailure",
+    "describe",
+    "failure",
+    "judge",
+]
+
+#: What a handler's call may raise that ends its attempt (as a failure, or as the endings
+#: :func:`judge` names): every ``Exception``, and ``SystemExit``. ``sys.exit()`` in a handler's
+#: code (argparse or click refusing arguments call it too) is that job's fault, not a request
+#: to stop the process running every other job: pytest treats it in a test the same way, and
+#: Celery fails the task whose process exited. ``KeyboardInterrupt`` is not one: Trio delivers
+#: the operator's Ctrl-C in whichever task runs, a handler's included.
+HANDLER_FAULTS = (Exception, SystemExit)
 
 #: The message an unasked :class:`JobStopped` fails its attempt with.
 UNASKED_STOP = (
@@ -74,7 +93,7 @@ class Ending:
 
 
 def judge(
-    raised: Exception,
+    raised: BaseException,
     *,
     job_id: str,
     attempt: int,
@@ -159,11 +178,21 @@ def _permanent(leaf: BaseException) -> bool:
 def _error_of(leaf: BaseException) -> JobError:
     if isinstance(leaf, HandlerFailure):
         return leaf.error
+    if isinstance(leaf, SystemExit):
+        return JobError("SystemExit", f"sys.exit({_exit_argument(leaf)}) in the handler")
     if isinstance(leaf, JobStopped):
         # Set aside when a stop was asked (see judge): here, raised with none.
         detail = f" ({describe(leaf)})" if leaf.args else ""
         return JobError("JobStopped", UNASKED_STOP + detail)
     return JobError(type(leaf).__name__, describe(leaf))
+
+
+def _exit_argument(exit: SystemExit) -> str:
+    """The argument ``sys.exit`` was given (its code, or its message), as written in a call."""
+    try:
+        return repr(exit.code) if exit.code is not None else ""
+    except Exception:  # the handler's object: its __repr__ may raise
+        return "…"
 
 
 def describe(exc: BaseException) -> str:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
-from ._endings import Ending, HandlerFailure, judge
+from ._endings import HANDLER_FAULTS, Ending, HandlerFailure, judge
 from ._errors import (
     InvalidInputError,
     JobspineError,
@@ -383,9 +383,10 @@ class Worker:
                 self.on_started(self)
             try:
                 result = await self.handler(self.ctx, self.input)
-            except* Exception as raised:
-                # A group's Exception leaves are handled here; the rest (the Cancelled of a
-                # stop, beside an error a child raised while unwinding) propagate to the scope.
+            except* HANDLER_FAULTS as raised:
+                # A group's Exception and SystemExit leaves are handled here; the rest (the
+                # Cancelled of a stop, beside an error a child raised while unwinding, or the
+                # operator's KeyboardInterrupt) propagate to the scope.
                 ending = judge(
                     raised,
                     job_id=self.job_id,

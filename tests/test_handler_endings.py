@@ -9,6 +9,8 @@ behaviour under the mock clock on the in-memory store; and a ``jobspine worker``
 
 from __future__ import annotations
 
+import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +125,22 @@ def test_the_database_and_the_fence_decide_for_the_whole_attempt() -> None:
     older = judge(StaleAttemptError("j", 1, 2, "running"), job_id="j", attempt=2, stop_asked=False)
     assert older.how == "failed"
     assert judge(own, job_id="j", attempt=2, stop_asked=True).how == "stopped"
+
+
+def test_sys_exit_in_a_handler_is_a_failure_of_its_attempt() -> None:
+    """``SystemExit`` from a handler's code fails its attempt (retried by the policy), named as
+    the call that raised it; inside a group alike; a stop asked beside it is still its asker's."""
+    for code, said in ((2, "sys.exit(2)"), ("bad", "sys.exit('bad')"), (None, "sys.exit()")):
+        ending = judge(SystemExit(code), job_id="j", attempt=1, stop_asked=False)
+        assert (ending.how, ending.permanent) == ("failed", False)
+        assert ending.error == JobError("SystemExit", f"{said} in the handler")
+    nested = judge(
+        BaseExceptionGroup("", [SystemExit(3), RuntimeError("x")]),
+        job_id="j",
+        attempt=1,
+        stop_asked=False,
+    )
+    assert nested.error is not None and nested.error.type == "SystemExit"
 
 
 # -- the runtime ----------------------------------------------------------------------------
@@ -254,6 +272,54 @@ async def quick(ctx: JobContext, input: Any) -> Any:
     return input
 
 
+async def exits(ctx: JobContext, input: Any) -> Any:
+    await ctx.checkpoint({"at": ctx.attempt})
+    sys.exit(input)
+
+
+async def bad_arguments(ctx: JobContext, input: Any) -> Any:
+    # argparse refusing arguments prints its usage and calls sys.exit(2)
+    parser = argparse.ArgumentParser(prog="model")
+    parser.add_argument("--epochs", type=int, required=True)
+    return vars(parser.parse_args(input))
+
+
+async def test_sys_exit_in_a_handler_fails_its_job_and_nothing_else(
+    autojump_clock: trio.abc.Clock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A handler calling ``sys.exit()`` (or a library doing it for it: argparse on bad
+    arguments) fails its own job through the retry policy; the runtime, and a job running
+    beside it, go on. Before, the ``SystemExit`` left the runtime's nursery: every job of every
+    user stopped with it, and each restart recovered the job that did it."""
+
+    async def steady(ctx: JobContext, input: Any) -> Any:
+        for step in range(5):
+            await ctx.progress(step / 5)
+            await trio.sleep(1)
+        return "done"
+
+    kinds = {"exits": KindOptions(max_attempts=2, retry=FAST)}
+    handlers = {"exits": exits, "args": bad_arguments, "steady": steady}
+    async with memory_runtime(handlers, kinds=kinds, heartbeat_timeout=5.0) as rt:
+        beside = await rt.create_job("steady", "bob", {})
+        exited = await rt.create_job("exits", "alice", 3)
+        refused = await rt.create_job("args", "alice", ["--epochs", "many"])
+        done = await wait_for_state(rt, exited.id, timeout=60)
+        assert (done.state, done.failed_attempts, done.checkpoint) == (S.FAILED, 2, {"at": 2})
+        assert done.error == JobError("SystemExit", "sys.exit(3) in the handler")
+        events = [e.type.value for e in await rt.read_events(exited.id)]
+        assert events.count("retrying") == 1
+        failed = await wait_for_state(rt, refused.id, timeout=60)
+        assert (failed.state, failed.error) == (
+            S.FAILED,
+            JobError("SystemExit", "sys.exit(2) in the handler"),
+        )
+        assert "invalid int value: 'many'" in capsys.readouterr().err
+        assert (await wait_for_state(rt, beside.id, timeout=60)).result == "done"
+        after = await rt.create_job("args", "alice", ["--epochs", "3"])
+        assert (await wait_for_state(rt, after.id)).result == {"epochs": 3}
+
+
 # -- a jobspine worker judges alike ---------------------------------------------------------
 
 WORKER_RETRY = RetryPolicy(initial_interval=0.05, maximum_interval=0.05, jitter=0.0)
@@ -299,4 +365,36 @@ async def test_a_jobspine_worker_judges_its_handlers_endings_alike(tmp_path: Pat
         assert two.error == JobError(
             "KeyError", "'customer_id' (and 1 other error from this attempt: RuntimeError: flaky)"
         )
+        nursery.cancel_scope.cancel()
+
+
+@kind_options(max_attempts=1)
+async def worker_exits(ctx: JobContext, input: Any) -> Any:
+    sys.exit(input)
+
+
+async def test_sys_exit_in_a_jobspine_workers_handler_fails_its_job_only(
+    tmp_path: Path,
+) -> None:
+    """In a ``jobspine worker`` alike: the job fails with ``SystemExit``, the worker process
+    stays connected and runs the next job (before, the exit ended the worker's process and
+    the server handed its attempts to the next worker, to end that one too)."""
+    handlers = {"exits": worker_exits, "quick": quick}
+    config = RuntimeConfig(stop_grace=0.5, sqlite_synchronous="NORMAL")
+    async with (
+        open_server(
+            tmp_path / "db", ServerConfig(secret=SECRET, port=0), runtime_config=config
+        ) as running,
+        trio.open_nursery() as nursery,
+    ):
+        rt = running.runtime
+        nursery.start_soon(WorkerProcess(running.url, worker_token(), handlers).run)
+        await wait_connected(running)
+        exited = await wait_for_state(rt, (await rt.create_job("exits", "alice", 4)).id)
+        assert (exited.state, exited.error) == (
+            S.FAILED,
+            JobError("SystemExit", "sys.exit(4) in the handler"),
+        )
+        after = await wait_for_state(rt, (await rt.create_job("quick", "alice", 7)).id)
+        assert (after.state, after.result) == (S.COMPLETED, 7)
         nursery.cancel_scope.cancel()

@@ -38,7 +38,7 @@ from actors import (
     NotSerializableError,
 )
 from actors._codec import dumps_json_value
-from actors._endings import Ending, judge
+from actors._endings import HANDLER_FAULTS, Ending, judge
 from actors._options import options_of, options_to_wire
 from actors._worker import Handler, check_input
 
@@ -329,7 +329,7 @@ class _Session:
         result: Any = None
         try:
             result = await handler(attempt.ctx, attempt.input)
-        except* Exception as raised:
+        except* HANDLER_FAULTS as raised:
             # Judged as in the server (a group is one typed error, an unasked JobStopped a
             # failure); what else the group holds (the Cancelled of a cancel) propagates.
             ending = judge(
