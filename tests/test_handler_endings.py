@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from actors import (
     KindOptions,
     PermanentError,
     RetryPolicy,
+    Runtime,
     RuntimeConfig,
     StaleAttemptError,
     StoreUnavailableError,
@@ -340,10 +343,10 @@ async def two_errors(ctx: JobContext, input: Any) -> Any:
         nursery.start_soon(part, KeyError("customer_id"))
 
 
-async def test_a_jobspine_worker_judges_its_handlers_endings_alike(tmp_path: Path) -> None:
-    """Kinds only a worker serves (its declared options): an unasked ``JobStopped`` is a
-    failure there too, and a group is recorded as the leaf that decides the retry."""
-    handlers = {"selfstop": selfstop, "two": two_errors}
+@asynccontextmanager
+async def served_with_worker(tmp_path: Path, handlers: dict[str, Any]) -> AsyncIterator[Runtime]:
+    """A server on a SQLite file and a ``jobspine worker`` (in this process) serving
+    ``handlers``, connected: the server's runtime."""
     config = RuntimeConfig(stop_grace=0.5, sqlite_synchronous="NORMAL")
     async with (
         open_server(
@@ -351,9 +354,16 @@ async def test_a_jobspine_worker_judges_its_handlers_endings_alike(tmp_path: Pat
         ) as running,
         trio.open_nursery() as nursery,
     ):
-        rt = running.runtime
         nursery.start_soon(WorkerProcess(running.url, worker_token(), handlers).run)
         await wait_connected(running)
+        yield running.runtime
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_jobspine_worker_judges_its_handlers_endings_alike(tmp_path: Path) -> None:
+    """Kinds only a worker serves (its declared options): an unasked ``JobStopped`` is a
+    failure there too, and a group is recorded as the leaf that decides the retry."""
+    async with served_with_worker(tmp_path, {"selfstop": selfstop, "two": two_errors}) as rt:
         stopped = await wait_for_state(rt, (await rt.create_job("selfstop", "alice", {})).id)
         assert (stopped.state, stopped.failed_attempts, stopped.error) == (
             S.FAILED,
@@ -365,7 +375,6 @@ async def test_a_jobspine_worker_judges_its_handlers_endings_alike(tmp_path: Pat
         assert two.error == JobError(
             "KeyError", "'customer_id' (and 1 other error from this attempt: RuntimeError: flaky)"
         )
-        nursery.cancel_scope.cancel()
 
 
 @kind_options(max_attempts=1)
@@ -377,19 +386,8 @@ async def test_sys_exit_in_a_jobspine_workers_handler_fails_its_job_only(
     tmp_path: Path,
 ) -> None:
     """In a ``jobspine worker`` alike: the job fails with ``SystemExit``, the worker process
-    stays connected and runs the next job (before, the exit ended the worker's process and
-    the server handed its attempts to the next worker, to end that one too)."""
-    handlers = {"exits": worker_exits, "quick": quick}
-    config = RuntimeConfig(stop_grace=0.5, sqlite_synchronous="NORMAL")
-    async with (
-        open_server(
-            tmp_path / "db", ServerConfig(secret=SECRET, port=0), runtime_config=config
-        ) as running,
-        trio.open_nursery() as nursery,
-    ):
-        rt = running.runtime
-        nursery.start_soon(WorkerProcess(running.url, worker_token(), handlers).run)
-        await wait_connected(running)
+    stays connected and runs the next job (before, the exit ended the worker's process)."""
+    async with served_with_worker(tmp_path, {"exits": worker_exits, "quick": quick}) as rt:
         exited = await wait_for_state(rt, (await rt.create_job("exits", "alice", 4)).id)
         assert (exited.state, exited.error) == (
             S.FAILED,
@@ -397,4 +395,3 @@ async def test_sys_exit_in_a_jobspine_workers_handler_fails_its_job_only(
         )
         after = await wait_for_state(rt, (await rt.create_job("quick", "alice", 7)).id)
         assert (after.state, after.result) == (S.COMPLETED, 7)
-        nursery.cancel_scope.cancel()
