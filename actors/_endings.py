@@ -15,8 +15,11 @@ decides for the whole attempt; leaves acknowledging an asked stop are set aside 
 ``stopped``); then a leaf proving the job moved on decides; the rest fail the attempt, recorded
 as one of them (see :func:`failure`).
 
-**What a handler raises** that ends its attempt is :data:`HANDLER_FAULTS`: every
-``Exception``, and ``SystemExit``.
+**What a handler raises** ends its attempt, ``BaseException`` or not (see
+:func:`split_raised`): only an interrupt and a cancellation of the attempt propagate.
+``sys.exit()`` in a handler's code (argparse or click refusing arguments call it too) is that
+job's fault, not a request to stop the process running every other job: pytest treats it in a
+test the same way, and Celery fails the task whose process exited.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import attrs
+import trio
 
 from ._errors import (
     JobspineError,
@@ -37,27 +41,26 @@ from ._errors import (
 from ._job import JobError
 
 __all__ = [
-    "HANDLER_FAULTS",
+    "STRAY_CANCELLED",
     "UNASKED_STOP",
     "Ending",
     "HandlerFailure",
     "describe",
     "failure",
     "judge",
+    "split_raised",
 ]
-
-#: What a handler's call may raise that ends its attempt (as a failure, or as the endings
-#: :func:`judge` names): every ``Exception``, and ``SystemExit``. ``sys.exit()`` in a handler's
-#: code (argparse or click refusing arguments call it too) is that job's fault, not a request
-#: to stop the process running every other job: pytest treats it in a test the same way, and
-#: Celery fails the task whose process exited. ``KeyboardInterrupt`` is not one: Trio delivers
-#: the operator's Ctrl-C in whichever task runs, a handler's included.
-HANDLER_FAULTS = (Exception, SystemExit)
 
 #: The message an unasked :class:`JobStopped` fails its attempt with.
 UNASKED_STOP = (
     "JobStopped raised with no stop asked: it only acknowledges a stop (a pause, a shutdown or"
     " a hand-back, once ctx.stopping is true)"
+)
+#: The message a ``trio.Cancelled`` raised with no cancellation of its attempt under way fails
+#: the attempt with.
+STRAY_CANCELLED = (
+    "trio.Cancelled raised with no cancellation of this attempt under way (one kept from a"
+    " cancel scope that has ended, raised again?)"
 )
 #: Leaves of a group named in the recorded message besides the one it is recorded as.
 MAX_NAMED_LEAVES = 10
@@ -90,6 +93,29 @@ class Ending:
     error: JobError | None = None
     permanent: bool = False
     cause: BaseException | None = None
+
+
+def split_raised(
+    raised: BaseException, *, cancelled: bool
+) -> tuple[BaseException | None, BaseException | None]:
+    """``raised`` (what a handler raised: one exception or a group) split into the handler's
+    own, which end its attempt (:func:`judge`), and the runtime's, which propagate: a
+    ``KeyboardInterrupt``, and a ``trio.Cancelled`` while ``cancelled`` (the attempt, or
+    the runtime around it, is being cancelled). Either part is None when empty.
+
+    Every other exit is the handler's, ``BaseException`` or not: a ``SystemExit`` (argparse
+    or ``sys.exit`` called in a handler), a ``GeneratorExit``, an ``asyncio.CancelledError``,
+    a ``trio.Cancelled`` with no cancellation under way (kept from a cancel scope that has
+    ended and raised again). Propagated, it would end the task that runs every attempt, and
+    every other job with it (or, a stray Cancelled, end it silently: no job ever ran again)."""
+
+    def runtime(exc: BaseException) -> bool:
+        return isinstance(exc, KeyboardInterrupt) or (cancelled and isinstance(exc, trio.Cancelled))
+
+    if isinstance(raised, BaseExceptionGroup):
+        theirs, own = raised.split(runtime)
+        return own, theirs
+    return (None, raised) if runtime(raised) else (raised, None)
 
 
 def judge(
@@ -184,6 +210,9 @@ def _error_of(leaf: BaseException) -> JobError:
         # Set aside when a stop was asked (see judge): here, raised with none.
         detail = f" ({describe(leaf)})" if leaf.args else ""
         return JobError("JobStopped", UNASKED_STOP + detail)
+    if isinstance(leaf, trio.Cancelled):
+        # Only a stray one is judged (see split_raised): its own text says nothing useful.
+        return JobError("Cancelled", STRAY_CANCELLED)
     return JobError(type(leaf).__name__, describe(leaf))
 
 

@@ -580,6 +580,11 @@ async def open_runtime(
         if not started and len(failures) == 1 and isinstance(failures[0], JobspineError):
             # A refusal to start (database in use, unreadable, newer) is the caller's answer.
             raise failures[0] from None
+        interrupts = [e for e in failures if isinstance(e, KeyboardInterrupt)]
+        if interrupts:
+            # An interrupt that landed in an actor's task (a handler running when Ctrl-C
+            # came): the application is interrupted, as if it had landed in its own code.
+            raise interrupts[0] from None
         replaced = [e for e in failures if isinstance(e, NodeReplacedError)]
         if replaced:
             # Not a crash: the node's defined end once another process holds its id.

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
-from ._endings import HANDLER_FAULTS, Ending, HandlerFailure, judge
+from ._endings import Ending, HandlerFailure, judge, split_raised
 from ._errors import (
     InvalidInputError,
     JobspineError,
@@ -40,6 +41,7 @@ __all__ = [
     "InputCheck",
     "JobContext",
     "Worker",
+    "cancelling",
     "check_input",
     "validates",
 ]
@@ -97,6 +99,12 @@ def validates(check: InputCheck) -> Callable[[_H], _H]:
         return handler
 
     return mark
+
+
+def cancelling() -> bool:
+    """Whether the current task is being cancelled (its effective deadline has passed): a
+    ``trio.Cancelled`` a handler raises then is the runtime's, else a stray one."""
+    return trio.current_effective_deadline() == -math.inf
 
 
 def check_input(handler: Handler, kind: str, input: Any) -> None:
@@ -383,17 +391,24 @@ class Worker:
                 self.on_started(self)
             try:
                 result = await self.handler(self.ctx, self.input)
-            except* HANDLER_FAULTS as raised:
-                # A group's Exception and SystemExit leaves are handled here; the rest (the
-                # Cancelled of a stop, beside an error a child raised while unwinding, or the
-                # operator's KeyboardInterrupt) propagate to the scope.
-                ending = judge(
-                    raised,
-                    job_id=self.job_id,
-                    attempt=self.attempt,
-                    stop_asked=self.stop_reason is not None,
-                    non_retryable=self.non_retryable,
-                )
+            except BaseException as raised:
+                # Every way out of the handler is judged here (see split_raised): its own
+                # exceptions end the attempt, BaseException or not; the runtime's (the
+                # Cancelled of a stop, beside an error a child raised while unwinding; an
+                # interrupt) propagate to the scope.
+                own, theirs = split_raised(raised, cancelled=cancelling())
+                if own is not None:
+                    ending = judge(
+                        own,
+                        job_id=self.job_id,
+                        attempt=self.attempt,
+                        stop_asked=self.stop_reason is not None,
+                        non_retryable=self.non_retryable,
+                    )
+                if theirs is raised:
+                    raise
+                if theirs is not None:
+                    raise theirs from None
         if self.scope.cancel_called:
             # Stopped by the runtime: whoever stopped it records the outcome, also when the
             # handler ignored its cancellation and returned or raised after it (its late

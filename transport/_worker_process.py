@@ -38,9 +38,9 @@ from actors import (
     NotSerializableError,
 )
 from actors._codec import dumps_json_value
-from actors._endings import HANDLER_FAULTS, Ending, judge
+from actors._endings import Ending, judge, split_raised
 from actors._options import options_of, options_to_wire
-from actors._worker import Handler, check_input
+from actors._worker import Handler, cancelling, check_input
 
 from ._protocol import MAX_BATCH_REQUESTS
 from ._reconnect import FATAL_CLOSE, ReconnectPolicy
@@ -329,23 +329,31 @@ class _Session:
         result: Any = None
         try:
             result = await handler(attempt.ctx, attempt.input)
-        except* HANDLER_FAULTS as raised:
+        except BaseException as raised:
             # Judged as in the server (a group is one typed error, an unasked JobStopped a
-            # failure); what else the group holds (the Cancelled of a cancel) propagates.
-            ending = judge(
-                raised,
-                job_id=attempt.job_id,
-                attempt=attempt.attempt,
-                stop_asked=attempt.ctx.stopping,
-                non_retryable=options_of(handler).non_retryable,
-            )
-            cause = ending.cause
-            if isinstance(cause, WorkerRequestError) and cause.code in FENCED_OUT:
-                # The job moved on from this attempt (a user cancelled, paused or restarted
-                # it): an expected race, one line; the report below is refused the same way.
-                log.info("job %s attempt %d ended: %s", attempt.job_id, attempt.attempt, cause)
-            elif ending.error is not None:
-                log.info("job %s raised %s", attempt.job_id, ending.error.type, exc_info=cause)
+            # failure, a SystemExit or a stray Cancelled the handler's own); the runtime's
+            # (the Cancelled of a cancel, an interrupt) propagate.
+            own, theirs = split_raised(raised, cancelled=cancelling())
+            if own is not None:
+                ending = judge(
+                    own,
+                    job_id=attempt.job_id,
+                    attempt=attempt.attempt,
+                    stop_asked=attempt.ctx.stopping,
+                    non_retryable=options_of(handler).non_retryable,
+                )
+                cause = ending.cause
+                if isinstance(cause, WorkerRequestError) and cause.code in FENCED_OUT:
+                    # The job moved on from this attempt (a user cancelled, paused or
+                    # restarted it): an expected race, one line; the report below is
+                    # refused the same way.
+                    log.info("job %s attempt %d ended: %s", attempt.job_id, attempt.attempt, cause)
+                elif ending.error is not None:
+                    log.info("job %s raised %s", attempt.job_id, ending.error.type, exc_info=cause)
+            if theirs is raised:
+                raise
+            if theirs is not None:
+                raise theirs from None
         if ending is not None:
             if ending.how == "stopped":
                 return {"op": "stopped", **ref}
