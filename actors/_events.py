@@ -235,6 +235,8 @@ class EventHub:
 
     def __init__(self) -> None:
         self._subscribers: dict[trio.MemorySendChannel[tuple[JobEvent, int]], EventStream] = {}
+        #: Closed with the runtime: nothing is published any more.
+        self.closed = False
 
     def publish(self, events: list[JobEvent]) -> None:
         if not self._subscribers:
@@ -262,6 +264,7 @@ class EventHub:
             stream._queued += sent
 
     def close(self) -> None:
+        self.closed = True
         for send in self._subscribers:
             send.close()
         self._subscribers.clear()
@@ -279,7 +282,10 @@ class EventHub:
             raise ValueError(f"max_bytes must be > 0, got {max_bytes!r}")
         send, receive = trio.open_memory_channel[tuple[JobEvent, int]](buffer)
         stream = EventStream(receive, max_bytes)
-        self._subscribers[send] = stream
+        if self.closed:
+            send.close()  # nothing will be published: the stream ends at once
+        else:
+            self._subscribers[send] = stream
         async with receive:
             try:
                 yield stream

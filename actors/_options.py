@@ -79,9 +79,12 @@ class RetryPolicy:
 
 
 def _names(values: Iterable[str]) -> frozenset[str]:
-    if isinstance(values, str) or not all(isinstance(v, str) and v for v in values):
+    if isinstance(values, str) or not isinstance(values, Iterable):
         raise InvalidInputError("non_retryable must be a list of error type names")
-    return frozenset(values)
+    names = list(values)
+    if not all(isinstance(v, str) and v for v in names):
+        raise InvalidInputError("non_retryable must be a list of error type names")
+    return frozenset(names)
 
 
 @attrs.frozen
@@ -101,6 +104,14 @@ class KindOptions:
     def __attrs_post_init__(self) -> None:
         check_attempts(self.max_attempts)
         check_timeout(self.timeout)
+        if not isinstance(self.retry, RetryPolicy):
+            # None or a dict would be found only when a job fails: its outcome then not
+            # stored, and the job left running until the stall rule recovered it.
+            raise InvalidInputError(f"retry must be a RetryPolicy, got {self.retry!r}")
+        if not isinstance(self.requeue_stalled, bool):
+            raise InvalidInputError(
+                f"requeue_stalled must be True or False, got {self.requeue_stalled!r}"
+            )
 
 
 def kind_options(
@@ -115,7 +126,11 @@ def kind_options(
     attribute), used when it is registered without explicit options. Raises
     :class:`InvalidInputError` for an out-of-range value."""
     options = KindOptions(
-        max_attempts, retry or RetryPolicy(), timeout, frozenset(non_retryable), requeue_stalled
+        max_attempts,
+        RetryPolicy() if retry is None else retry,
+        timeout,
+        _names(non_retryable),
+        requeue_stalled,
     )
 
     def mark(handler: _H) -> _H:
@@ -206,9 +221,15 @@ def check_timeout(value: object) -> float | None:
 
 
 def _seconds(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidInputError(f"{name} must be a finite number of seconds")
-    return float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an integer beyond any float (10**400): no finite time
+        seconds = math.inf
+    if not math.isfinite(seconds):
+        raise InvalidInputError(f"{name} must be a finite number of seconds")
+    return seconds
 
 
 @attrs.frozen

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -16,6 +17,7 @@ from ._errors import (
     IllegalTransitionError,
     InvalidInputError,
     JobspineError,
+    RuntimeClosedError,
     StaleAttemptError,
     StoreError,
 )
@@ -157,8 +159,8 @@ class Repository:
         """Run jobs of ``kind`` with ``handler``. ``options``: the kind's retries, timeout and
         stall rule (else ``RuntimeConfig.kinds[kind]``, else the handler's
         :func:`kind_options`, else the defaults)."""
+        self._supervisor.set_kind_options(kind, options)  # checked before anything changes
         self._handlers[kind] = handler
-        self._supervisor.set_kind_options(kind, options)
         self._supervisor.capacity_changed()  # its waiting jobs became claimable
 
     def kind_options(self, kind: str) -> KindOptions:
@@ -171,13 +173,25 @@ class Repository:
         return self._supervisor.known_kinds()
 
     def events(
-        self, buffer: int = 10_000, max_bytes: int = STREAM_BYTES
+        self, buffer: int | float = 10_000, max_bytes: int = STREAM_BYTES
     ) -> AbstractAsyncContextManager[EventStream]:
         """``async with repo.events() as stream: async for event in stream`` — every event
         committed after it was opened, in commit order. A stream that falls ``buffer`` events
         or ``max_bytes`` (each event counted as ``EVENT_OVERHEAD`` bytes plus its data's JSON)
         behind is cut off: it raises :class:`EventStreamLagged` after what it had buffered
-        (a commit's events are taken whole while nothing waits, however much they weigh)."""
+        (a commit's events are taken whole while nothing waits, however much they weigh).
+
+        ``buffer`` is an integer >= 1 (or ``math.inf``), ``max_bytes`` an integer >= 1:
+        :class:`InvalidInputError` otherwise. Once the runtime is closed, raises
+        :class:`RuntimeClosedError` (a stream open then ends when the runtime closes)."""
+        if buffer != math.inf and (
+            isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1
+        ):
+            raise InvalidInputError(f"buffer must be an integer >= 1 (events), not {buffer!r}")
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+            raise InvalidInputError(f"max_bytes must be an integer >= 1, not {max_bytes!r}")
+        if self._hub.closed:
+            raise RuntimeClosedError("the runtime is closed: no more events")
         return self._hub.subscribe(buffer, max_bytes)
 
     # -- creation -------------------------------------------------------------------------------
@@ -538,7 +552,8 @@ class Repository:
         ``created``, checkpoint and failed attempts cleared), with modified input."""
         job = await self._store.get(job_id)
         new_input = job.input
-        if modifications and isinstance(job.input, dict):  # else the store refuses them
+        # Else the store refuses them (not an object; an input that is none).
+        if modifications and isinstance(modifications, Mapping) and isinstance(job.input, dict):
             new_input = {**job.input, **modifications}
         self._supervisor.check_input(job.kind, new_input)
         job = await self._store.restart(job_id, by, modifications)
@@ -632,8 +647,10 @@ class Repository:
 
     async def get_user_stats(self, user_id: str) -> dict[str, Any]:
         """As :meth:`get_stats`, for one user's jobs."""
-        return await self._store.get_stats(user_id)
+        return await self._store.get_stats(_filter_text(user_id, "user_id"))
 
     async def queue_stats(self, user_id: str | None = None) -> QueueStats:
         """Waiting (ready now, scheduled later), running, waiting per kind and per user."""
-        return await self._store.queue_stats(self._supervisor.now(), user_id)
+        return await self._store.queue_stats(
+            self._supervisor.now(), _filter_text(user_id, "user_id")
+        )

@@ -776,6 +776,8 @@ class StoreActor:
     # -- helpers used by request functions (run inside the actor task) -------------------------
 
     async def _job(self, job_id: str) -> Job:
+        if not _may_name_a_job(job_id):
+            raise UnknownJobError(job_id)
         for group in (self._group, *reversed(self._inflight)):
             if job_id in group.deleted:
                 raise UnknownJobError(job_id)
@@ -790,6 +792,8 @@ class StoreActor:
         return job
 
     async def _committed_job(self, job_id: str) -> Job:
+        if not _may_name_a_job(job_id):
+            raise UnknownJobError(job_id)
         job = self._cache.get(job_id) or await self._load(job_id)
         if job is None or any(job_id in group.deleted for group in self._inflight):
             raise UnknownJobError(job_id)
@@ -797,9 +801,7 @@ class StoreActor:
 
     async def _load(self, job_id: str) -> Job | None:
         """The stored job, None if there is none: every look-up of a job by id ends here."""
-        if NUL in job_id:
-            # No job has such an id (create refuses the name), and PostgreSQL's text cannot
-            # be compared with one: unknown, as on every backend.
+        if not _may_name_a_job(job_id):
             return None
         return await self.backend.load(job_id)
 
@@ -1530,6 +1532,14 @@ class StoreClient:
             lambda: self._actor.backend.read_records(room_kind, ident, after_seq, limit),
             BARRIER,
         )
+
+
+def _may_name_a_job(job_id: object) -> bool:
+    """Whether ``job_id`` may be a job's id. A value that is not a string (None, a number,
+    bytes, a list: an application's mistake) names no job, and neither does a string holding
+    NUL (create refuses the name, and PostgreSQL's text cannot be compared with one):
+    unknown, as on every backend, never a failure of the store's request."""
+    return isinstance(job_id, str) and NUL not in job_id
 
 
 def _same_request(first: Job, again: Job) -> bool:

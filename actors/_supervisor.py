@@ -21,7 +21,13 @@ import attrs
 import trio
 
 from ._declared import DeclaredKinds
-from ._errors import JobspineError, StoreError, StoreUnavailableError, UnknownKindError
+from ._errors import (
+    InvalidInputError,
+    JobspineError,
+    StoreError,
+    StoreUnavailableError,
+    UnknownKindError,
+)
 from ._job import Job, JobError
 from ._joblog import job_fields
 from ._options import KindOptions, options_of
@@ -270,7 +276,10 @@ class Supervisor:
         """Raise :class:`UnknownKindError` unless a handler is registered for ``kind``, a
         placement serves it, or a worker declared it (and it was not forgotten since, see
         :meth:`declaration_conflict`). A known kind with no free slot, or no worker connected
-        now, is no error: its jobs wait. A declared kind asked for counts as used."""
+        now, is no error: its jobs wait. A declared kind asked for counts as used. A kind
+        that is no string (a list, a dict: unhashable) is unknown too."""
+        if not isinstance(kind, str):
+            raise UnknownKindError(kind, self.known_kinds())
         if kind in self.handlers:
             return
         if kind in self._declared:
@@ -360,6 +369,10 @@ class Supervisor:
         return held
 
     def set_kind_options(self, kind: str, options: KindOptions | None) -> None:
+        """Raises :class:`InvalidInputError` for ``options`` that are no :class:`KindOptions`
+        (as ``RuntimeConfig.kinds`` does), having changed nothing."""
+        if options is not None and not isinstance(options, KindOptions):
+            raise InvalidInputError(f"options of kind {kind!r} must be a KindOptions")
         if options is not None:
             self._kinds[kind] = options
 
