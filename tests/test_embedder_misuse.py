@@ -1,14 +1,8 @@
 """An application that embeds the runtime, carelessly: every way it can misuse the API stays
-with its cause. A handler's exit that is no ``Exception`` (``sys.exit`` or argparse in a
-handler, a ``trio.Cancelled`` kept from a scope that has ended and raised again) fails its
-own job, and the runtime runs the next; an interrupt landing in a handler leaves
-``open_runtime`` as itself, not as a group."""
+with its cause (a handler's exits that are no ``Exception``: ``tests/test_handler_endings``)."""
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,151 +14,18 @@ from actors import (
     JobState,
     KindOptions,
     RuntimeClosedError,
-    RuntimeConfig,
     UnknownJobError,
     UnknownKindError,
     kind_options,
 )
-from actors._endings import STRAY_CANCELLED, split_raised
-from actors._job import JobError
-from transport import ServerConfig, open_server
-from transport._worker_process import WorkerProcess
 
 from .conftest import memory_runtime, wait_for_state
-from .serving import SECRET
-from .worker_support import wait_connected, worker_token
 
 S = JobState
 
 
-class Abort(BaseException):
-    """A library's own control-flow exception, derived from BaseException."""
-
-
 async def quick(ctx: JobContext, input: Any) -> Any:
     return input
-
-
-async def stray_cancelled() -> None:
-    """A Cancelled kept from a cancel scope that has ended (a retry wrapper keeping the last
-    error), raised again: nothing is cancelling the task that raises it."""
-    kept: trio.Cancelled | None = None
-    with trio.CancelScope() as scope:
-        scope.cancel()
-        try:
-            await trio.sleep(1)
-        except trio.Cancelled as exc:
-            kept = exc
-    assert kept is not None
-    raise kept
-
-
-async def parse_args(ctx: JobContext, input: Any) -> Any:
-    parser = argparse.ArgumentParser(prog="report", exit_on_error=True)
-    parser.add_argument("--rows", type=int, required=True)
-    return vars(parser.parse_args(input))  # a bad argument list: SystemExit(2)
-
-
-def test_split_raised_leaves_only_an_interrupt_and_a_real_cancellation_to_the_runtime() -> None:
-    stray = trio.Cancelled._create()
-    exits: list[BaseException] = [SystemExit(2), GeneratorExit(), Abort(), ValueError("v")]
-    for exit in exits:
-        assert split_raised(exit, cancelled=False) == (exit, None)
-        assert split_raised(exit, cancelled=True) == (exit, None)
-    assert split_raised(stray, cancelled=False) == (stray, None)
-    assert split_raised(stray, cancelled=True) == (None, stray)
-    interrupt = KeyboardInterrupt()
-    assert split_raised(interrupt, cancelled=False) == (None, interrupt)
-    group = BaseExceptionGroup("nursery", [ValueError("v"), stray, SystemExit(1)])
-    own, theirs = split_raised(group, cancelled=True)
-    assert isinstance(own, BaseExceptionGroup) and isinstance(theirs, BaseExceptionGroup)
-    assert [type(e) for e in own.exceptions] == [ValueError, SystemExit]
-    assert theirs.exceptions == (stray,)
-
-
-@pytest.mark.parametrize(
-    ("way", "error"),
-    [
-        ("argparse", JobError("SystemExit", "2")),
-        ("sys.exit", JobError("SystemExit", "3")),
-        ("GeneratorExit", JobError("GeneratorExit", "GeneratorExit()")),
-        ("asyncio.CancelledError", JobError("CancelledError", "CancelledError()")),
-        ("a BaseException of its own", JobError("Abort", "aborted")),
-        ("a stray Cancelled", JobError("Cancelled", STRAY_CANCELLED)),
-    ],
-)
-async def test_a_handler_exit_that_is_no_exception_fails_its_own_job_only(
-    autojump_clock: trio.abc.Clock, way: str, error: JobError
-) -> None:
-    """Each used to leave the handler's task: a SystemExit (a CLI parser in a handler) or
-    any BaseException crashed the runtime, failing every running job, and ``open_runtime``
-    raised a raw BaseExceptionGroup; a stray Cancelled ended the supervisor's nursery
-    silently: the job stayed running and no job ever ran again (wait_job hung)."""
-
-    async def exits(ctx: JobContext, input: Any) -> Any:
-        if way == "argparse":
-            return await parse_args(ctx, ["--rows", "many"])
-        if way == "sys.exit":
-            raise SystemExit(3)
-        if way == "GeneratorExit":
-            raise GeneratorExit
-        if way == "asyncio.CancelledError":
-            raise asyncio.CancelledError
-        if way == "a BaseException of its own":
-            raise Abort("aborted")
-        await stray_cancelled()
-
-    async with memory_runtime({"exits": exits, "quick": quick}) as rt:
-        slow = await rt.create_job("quick", "bob", "unharmed")
-        job = await rt.create_job("exits", "alice", {})
-        done = await wait_for_state(rt, job.id, timeout=60)
-        assert (done.state, done.error) == (S.FAILED, error)
-        assert (await wait_for_state(rt, slow.id)).result == "unharmed"
-        after = await rt.create_job("quick", "alice", 5)  # the runtime still runs jobs
-        assert (await wait_for_state(rt, after.id, timeout=60)).result == 5
-        assert rt.status().running == 0
-
-
-async def test_an_interrupt_in_a_handler_leaves_open_runtime_as_itself(
-    autojump_clock: trio.abc.Clock,
-) -> None:
-    """Ctrl-C landing while a handler runs is the application's interrupt: it used to leave
-    ``open_runtime`` as a BaseExceptionGroup nesting the KeyboardInterrupt."""
-
-    async def interrupted(ctx: JobContext, input: Any) -> Any:
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        async with memory_runtime({"k": interrupted}) as rt:
-            await rt.create_job("k", "alice", {})
-            await trio.sleep_forever()
-
-
-@kind_options(max_attempts=1)
-async def exiting(ctx: JobContext, input: Any) -> Any:
-    raise SystemExit(4)
-
-
-async def test_a_jobspine_worker_fails_the_job_of_a_handler_that_exits(tmp_path: Path) -> None:
-    """In a ``jobspine worker`` too: a SystemExit in one handler used to end the worker and
-    every job it ran."""
-    config = RuntimeConfig(stop_grace=0.5, sqlite_synchronous="NORMAL")
-    async with (
-        open_server(
-            tmp_path / "db", ServerConfig(secret=SECRET, port=0), runtime_config=config
-        ) as running,
-        trio.open_nursery() as nursery,
-    ):
-        rt = running.runtime
-        nursery.start_soon(
-            WorkerProcess(running.url, worker_token(), {"exit": exiting, "q": quick}).run
-        )
-        await wait_connected(running)
-        done = await wait_for_state(rt, (await rt.create_job("exit", "alice", {})).id)
-        assert (done.state, done.error) == (S.FAILED, JobError("SystemExit", "4"))
-        after = await wait_for_state(rt, (await rt.create_job("q", "alice", 7)).id)
-        assert (after.state, after.result) == (S.COMPLETED, 7)
-        nursery.cancel_scope.cancel()
 
 
 # -- the caller's values ----------------------------------------------------------------------

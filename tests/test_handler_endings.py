@@ -10,6 +10,7 @@ behaviour under the mock clock on the in-memory store; and a ``jobspine worker``
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,7 +34,7 @@ from actors import (
     StoreUnavailableError,
     kind_options,
 )
-from actors._endings import UNASKED_STOP, HandlerFailure, judge
+from actors._endings import STRAY_CANCELLED, UNASKED_STOP, HandlerFailure, judge, split_raised
 from actors._job import JobError
 from transport import ServerConfig, open_server
 from transport._worker_process import WorkerProcess
@@ -321,6 +322,93 @@ async def test_sys_exit_in_a_handler_fails_its_job_and_nothing_else(
         assert (await wait_for_state(rt, beside.id, timeout=60)).result == "done"
         after = await rt.create_job("args", "alice", ["--epochs", "3"])
         assert (await wait_for_state(rt, after.id)).result == {"epochs": 3}
+
+
+class Abort(BaseException):
+    """A library's own control-flow exception, derived from BaseException."""
+
+
+async def stray_cancelled() -> None:
+    """A Cancelled kept from a cancel scope that has ended (a retry wrapper keeping the last
+    error), raised again: nothing is cancelling the task that raises it."""
+    kept: trio.Cancelled | None = None
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        try:
+            await trio.sleep(1)
+        except trio.Cancelled as exc:
+            kept = exc
+    assert kept is not None
+    raise kept
+
+
+def test_split_raised_leaves_only_an_interrupt_and_a_real_cancellation_to_the_runtime() -> None:
+    stray = trio.Cancelled._create()
+    exits: list[BaseException] = [SystemExit(2), GeneratorExit(), Abort(), ValueError("v")]
+    for exit in exits:
+        assert split_raised(exit, cancelled=False) == (exit, None)
+        assert split_raised(exit, cancelled=True) == (exit, None)
+    assert split_raised(stray, cancelled=False) == (stray, None)
+    assert split_raised(stray, cancelled=True) == (None, stray)
+    interrupt = KeyboardInterrupt()
+    assert split_raised(interrupt, cancelled=False) == (None, interrupt)
+    group = BaseExceptionGroup("nursery", [ValueError("v"), stray, SystemExit(1)])
+    own, theirs = split_raised(group, cancelled=True)
+    assert isinstance(own, BaseExceptionGroup) and isinstance(theirs, BaseExceptionGroup)
+    assert [type(e) for e in own.exceptions] == [ValueError, SystemExit]
+    assert theirs.exceptions == (stray,)
+
+
+@pytest.mark.parametrize(
+    ("way", "error"),
+    [
+        ("GeneratorExit", JobError("GeneratorExit", "GeneratorExit()")),
+        ("asyncio.CancelledError", JobError("CancelledError", "CancelledError()")),
+        ("a BaseException of its own", JobError("Abort", "aborted")),
+        ("a stray Cancelled", JobError("Cancelled", STRAY_CANCELLED)),
+    ],
+)
+async def test_a_handler_exit_that_is_no_exception_fails_its_own_job_only(
+    autojump_clock: trio.abc.Clock, way: str, error: JobError
+) -> None:
+    """Each used to leave the handler's task: a BaseException (as ``SystemExit``, above)
+    crashed the runtime, failing every running job, and ``open_runtime`` raised a raw
+    BaseExceptionGroup; a stray Cancelled ended the supervisor's nursery silently: the job
+    stayed running and no job ever ran again (wait_job hung)."""
+
+    async def exits(ctx: JobContext, input: Any) -> Any:
+        if way == "GeneratorExit":
+            raise GeneratorExit
+        if way == "asyncio.CancelledError":
+            raise asyncio.CancelledError
+        if way == "a BaseException of its own":
+            raise Abort("aborted")
+        await stray_cancelled()
+
+    async with memory_runtime({"exits": exits, "quick": quick}) as rt:
+        slow = await rt.create_job("quick", "bob", "unharmed")
+        job = await rt.create_job("exits", "alice", {})
+        done = await wait_for_state(rt, job.id, timeout=60)
+        assert (done.state, done.error) == (S.FAILED, error)
+        assert (await wait_for_state(rt, slow.id)).result == "unharmed"
+        after = await rt.create_job("quick", "alice", 5)  # the runtime still runs jobs
+        assert (await wait_for_state(rt, after.id, timeout=60)).result == 5
+        assert rt.status().running == 0
+
+
+async def test_an_interrupt_in_a_handler_leaves_open_runtime_as_itself(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Ctrl-C landing while a handler runs is the application's interrupt: it used to leave
+    ``open_runtime`` as a BaseExceptionGroup nesting the KeyboardInterrupt."""
+
+    async def interrupted(ctx: JobContext, input: Any) -> Any:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        async with memory_runtime({"k": interrupted}) as rt:
+            await rt.create_job("k", "alice", {})
+            await trio.sleep_forever()
 
 
 # -- a jobspine worker judges alike ---------------------------------------------------------
