@@ -299,12 +299,11 @@ class Supervisor:
         """Wall-clock seconds by the runtime's clock (it moves with Trio's)."""
         return self._clock() if self._clock is not None else time.time()
 
-    def declaration_conflict(self, declared: Mapping[str, KindOptions]) -> str | None:
-        """Why a worker declaring ``declared`` (kind -> its options) must be refused: more
-        kinds than :data:`MAX_DECLARED_KINDS` would be known from declarations even with every
-        kind nothing holds forgotten (see :meth:`_held_kinds`), or a kind without options of
-        the server's own whose options differ from those of a worker serving it now (one
-        kind, one behaviour); else None."""
+    def declaration_room(self, declared: Mapping[str, KindOptions]) -> str | None:
+        """Why there is no room now for a worker declaring ``declared`` (kind -> its options):
+        more kinds than :data:`MAX_DECLARED_KINDS` would be known from declarations even with
+        every kind nothing holds forgotten (see :meth:`_held_kinds`); else None. A passing
+        condition: the same declaration fits once the kinds holding the table are let go."""
         if self._room_for(declared) is None:
             new = sum(1 for kind in declared if kind not in self._declared)
             return (
@@ -312,6 +311,16 @@ class Supervisor:
                 " from workers' declarations, and the others are held by connected workers or"
                 " running jobs"
             )
+        return None
+
+    def declaration_conflict(self, declared: Mapping[str, KindOptions]) -> str | None:
+        """Why a worker declaring ``declared`` (kind -> its options) must be refused: no room
+        for its kinds now (:meth:`declaration_room`), or a kind without options of the
+        server's own whose options differ from those of a worker serving it now (one kind,
+        one behaviour); else None."""
+        no_room = self.declaration_room(declared)
+        if no_room is not None:
+            return no_room
         for kind, options in declared.items():
             if kind in self._kinds or kind in self.handlers:
                 continue

@@ -69,7 +69,7 @@ def test_every_worker_error_and_close_code_is_documented() -> None:
     assert {"not_assigned", "stale_attempt", "not_stopping", "wrong_role"} <= codes
     for code in sorted(codes - {"wrong_role"}):
         assert f"`{code}`" in WORKER_SECTION, code
-    for name in ("wrong_role", "worker_stalled"):
+    for name in ("wrong_role", "worker_stalled", "try_again_later"):
         assert re.search(rf"^\| {CLOSE[name]} \|", WORKER_SECTION, re.MULTILINE), name
     # Every field of every worker op is named in its row.
     for op, cls in WORKER_OPS.items():

@@ -234,10 +234,10 @@ async def test_a_worker_that_disconnects_is_logged_with_the_attempts_it_lost(
         await eventually(lambda: caplog.text.count("disconnected") == 2)
     lines = [(r.levelname, r.getMessage()) for r in caplog.records if "disconnected" in r.msg]
     assert lines == [
-        ("INFO", "worker w disconnected (connection closed)"),
+        ("INFO", "worker w disconnected (closed with 1000)"),
         (
             "WARNING",
-            "worker w disconnected (connection closed): 1 running attempt lost, handled as stalls",
+            "worker w disconnected (closed with 1000): 1 running attempt lost, handled as stalls",
         ),
     ]
 
@@ -856,10 +856,10 @@ async def test_the_kinds_workers_declare_are_bounded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Declared kinds stay known after their workers leave, so their number is bounded: a
-    hello that would pass the bound with every kind nothing holds forgotten is refused (4002,
-    nothing changes); kinds known already may be declared again; once the workers serving
-    them left, the least recently used are forgotten to make room. The connect log line names
-    a few kinds and counts the rest."""
+    hello that would pass the bound with every kind nothing holds forgotten is refused for
+    now (1013, try again later; nothing changes); kinds known already may be declared again;
+    once the workers serving them left, the least recently used are forgotten to make room.
+    The connect log line names a few kinds and counts the rest."""
     monkeypatch.setattr(actors._supervisor, "MAX_DECLARED_KINDS", 3)
     caplog.set_level("INFO", logger="jobspine.workers")
     async with worker_only_server(tmp_path / "db") as running:
@@ -868,7 +868,7 @@ async def test_the_kinds_workers_declare_are_bounded(
             async with open_websocket_url(running.url + "/worker") as ws:
                 hello = {"op": "hello", "token": worker_token(), "kinds": ["c", "d"], "capacity": 1}
                 await send(ws, hello)
-                assert await closed_with(ws) == 4002
+                assert await closed_with(ws) == 1013
             with pytest.raises(UnknownKindError):
                 await rt.create_job("c", "alice", {})
             async with raw_worker(running.url, ["b", "a", "c"]):

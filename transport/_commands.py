@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import trio
@@ -39,6 +39,7 @@ from ._display import (
     write_json,
 )
 from ._exit import CLIError, ExitCode, exit_code_for
+from ._workers import WORKER_PATH
 from .client import (
     Client,
     ClientError,
@@ -112,6 +113,23 @@ def check_url(url: str) -> None:
         )
 
 
+def check_client_url(url: str) -> None:
+    """:func:`check_url`, for a client command: not the worker endpoint (``…/worker``, for
+    ``jobspine worker``), a usage error (exit 2) that names the URL to use. Sent there, the
+    client's hello was refused for want of a worker's fields (``protocol_error: closed with
+    4002: hello: required field missing @ $.kinds``, exit 4)."""
+    check_url(url)
+    parts = urlsplit(url)
+    path = parts.path.rstrip("/")
+    if path.endswith(WORKER_PATH):
+        server = urlunsplit((parts.scheme, parts.netloc, path[: -len(WORKER_PATH)], "", ""))
+        raise CLIError(
+            ExitCode.USAGE,
+            f"--url {url} is the worker endpoint, for jobspine worker; client commands"
+            f" connect to the server's URL: --url {server}",
+        )
+
+
 def client_error(exc: ClientError) -> CLIError:
     hint = _HINTS.get(exc.code)
     if exc.code == "auth_failed" and "ignature" not in exc.message:
@@ -126,7 +144,7 @@ async def connect(args: argparse.Namespace, *, follow: bool) -> AsyncIterator[Cl
     answer, not a jobspine endpoint, gives up at once): a server that was never reached is an
     error for every command. One-shot commands do not reconnect afterwards; followers
     (``watch``, ``submit --watch``) reconnect for as long as they run."""
-    check_url(args.url)
+    check_client_url(args.url)
     if not args.token:
         raise CLIError(ExitCode.AUTH, NO_TOKEN)
     connected = False

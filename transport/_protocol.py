@@ -47,6 +47,7 @@ __all__ = [
     "MAX_QUEUE_USERS",
     "OPS",
     "PROTOCOL_VERSION",
+    "WORKER_HELLO_FIELDS",
     "Cursor",
     "ProtocolError",
     "Request",
@@ -55,6 +56,7 @@ __all__ = [
     "error_message",
     "parse_request",
     "parse_requests",
+    "hello_fields",
     "read_request_id",
     "reply_message",
 ]
@@ -77,6 +79,9 @@ CLOSE = {
     "websocket_protocol": 1002,  # a malformed websocket frame
     "invalid_utf8": 1007,  # a text frame that is not UTF-8
     "too_big": 1009,  # a frame over max_frame_size
+    # Worker endpoint: a hello refused for a condition that passes (the declared kinds' table
+    # is full of kinds that are held now): reconnect with the backoff.
+    "try_again_later": 1013,
     "hello_timeout": 4001,
     "protocol_error": 4002,  # the first frame was not a valid hello
     "auth_failed": 4003,
@@ -492,6 +497,28 @@ def read_request_id(frame: str | bytes) -> str | int | None:
         return None
     request_id: str | int = ids[0]
     return request_id
+
+
+#: The fields only a worker's hello has (PROTOCOL.md section 9): a hello with either came to
+#: a worker, one with neither to a client.
+WORKER_HELLO_FIELDS = frozenset({"kinds", "capacity"})
+
+
+def hello_fields(frame: str | bytes) -> frozenset[str] | None:
+    """The top-level keys of a refused first frame that is a hello (``"op": "hello"``), read
+    leniently, else None: whether it was meant for the other endpoint (a client's hello on
+    ``/worker``, a worker's on the client endpoint), to say so instead of naming a field."""
+    if isinstance(frame, bytes):
+        try:
+            frame = frame.decode()
+        except UnicodeDecodeError:
+            return None
+    data = loads_lenient(frame) if len(frame) <= 1024 * 1024 else None
+    if not isinstance(data, list) or not all(isinstance(pair, tuple) for pair in data):
+        return None
+    if ("op", "hello") not in data:
+        return None
+    return frozenset(key for key, _ in data)
 
 
 def _json_type(value: object) -> str:

@@ -5,8 +5,9 @@ Close codes fall in three kinds (the table is in PROTOCOL.md, "Reconnecting"):
 - *fatal*: reconnecting cannot help; the application gets a typed error (4002 bad hello,
   4003 authentication failed; 4004 token expired when the token is a fixed string);
 - *recurring*: the same thing will happen again at once (1007 invalid data, 1009 a message
-  over a size limit, 1011 server error, 4008 slow consumer, 4009 too many connections,
-  4029 request flood): retried, but only after the full backoff;
+  over a size limit, 1011 server error, 1013 try again later: a worker's kinds have no room
+  now, 4008 slow consumer, 4009 too many connections, 4029 request flood): retried, but only
+  after the full backoff;
 - anything else (1000, 1001 shutdown, 1006 abnormal, 4001, refused or reset connections):
   retried with a jittered exponential backoff.
 
@@ -36,6 +37,7 @@ RECURRING_CLOSE = {
     1007: "invalid data",
     1009: "a message over a size limit",
     1011: "server error",
+    1013: "try again later",  # a worker's hello: no room for its kinds now
     4008: "slow consumer",
     4009: "too many connections",
     4029: "request flood",

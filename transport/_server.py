@@ -36,6 +36,7 @@ from ._protocol import (
     CLOSE,
     MAX_QUEUE_USERS,
     PROTOCOL_VERSION,
+    WORKER_HELLO_FIELDS,
     Children,
     Create,
     Hello,
@@ -52,12 +53,19 @@ from ._protocol import (
     Subscribe,
     Unsubscribe,
     error_message,
+    hello_fields,
     parse_request,
     read_request_id,
     reply_message,
 )
 from ._wire import GuardedStream, send_deadline, serve_websockets
 from ._workers import MAX_WORKER_HELLO, WORKER_PATH, WorkerConnection
+
+#: The close reason for a worker's hello (``kinds``, ``capacity``) on the client endpoint.
+WORKER_HELLO_HERE = (
+    "hello: kinds and capacity are a worker's: this is the client endpoint; workers connect"
+    f" to ws://HOST:PORT{WORKER_PATH}"
+)
 
 __all__ = ["Server", "ServerConfig"]
 
@@ -194,7 +202,16 @@ class Connection:
             await self.ws.aclose(CLOSE["too_big"], "hello over max_frame_size")
             return False
         try:
-            request = parse_request(frame)
+            try:
+                request = parse_request(frame)
+            except ProtocolError:
+                fields = hello_fields(frame)
+                if fields is not None and fields & WORKER_HELLO_FIELDS:
+                    # A worker's hello: its URL names this endpoint (a path other than
+                    # /worker). Naming the field refused ("unknown field 'batch'") left its
+                    # operator guessing.
+                    raise ProtocolError("protocol_error", WORKER_HELLO_HERE) from None
+                raise
             if request.op != "hello":
                 raise ProtocolError("protocol_error", "the first frame must be a hello")
             hello = request.body

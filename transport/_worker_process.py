@@ -55,6 +55,30 @@ MAX_MESSAGE = 4 * 1024 * 1024
 #: Seconds past the grace period a drain waits for the server's cancels.
 DRAIN_MARGIN = 5.0
 
+CLOSE_TOO_BIG = 1009
+#: What the server's close codes mean for a worker (PROTOCOL.md section 9), for its log.
+CLOSE_MEANINGS: Mapping[int, str] = {
+    1000: "normal closure",
+    1001: "the server is shutting down",
+    1002: "a malformed websocket frame",
+    1006: "the connection dropped without a close frame (the server stopped or the network failed)",
+    1007: "a text frame that is not valid UTF-8",
+    1011: "the server failed",
+    1013: "the server has no room for this worker's kinds now: try again later",
+    4001: "no hello within the server's deadline",
+    4011: "the server found this worker stalled: it sent nothing for heartbeat_timeout, or a"
+    " frame too slowly, or did not read its frames",
+}
+#: Closes logged as information, not as a warning: nothing is wrong with this worker.
+QUIET_CLOSE = frozenset({1000, 1001})
+
+
+def _loggable(text: str, limit: int = 300) -> str:
+    """``text`` (the server's words) for one log line: cut, what is not printable escaped."""
+    cut = text if len(text) <= limit else text[:limit] + "..."
+    return cut if cut.isprintable() else repr(cut)[1:-1]
+
+
 _ERRORS: Mapping[str, type[JobspineError]] = {
     "invalid_input": InvalidInputError,
     "not_serializable": NotSerializableError,
@@ -255,10 +279,10 @@ class _Session:
 
     # -- running -------------------------------------------------------------------------------
 
-    async def serve(self, first: Sequence[dict[str, Any]] = ()) -> int | None:
+    async def serve(self, first: Sequence[dict[str, Any]] = ()) -> CloseReason | None:
         """Serve ``first`` (messages that came in one batch with the hello's reply), then
-        until the connection closes; its close code (None: no close frame). The attempts
-        still running end with it: the server has lost them already."""
+        until the connection closes; its close code and reason (None: not known). The
+        attempts still running end with it: the server has lost them already."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._heartbeats)
             for message in first:
@@ -268,7 +292,7 @@ class _Session:
                     frame = await self.ws.get_message()
                 except ConnectionClosed as exc:
                     nursery.cancel_scope.cancel()
-                    return None if exc.reason is None else exc.reason.code
+                    return exc.reason
                 message = orjson.loads(frame)
                 if message.get("type") == "batch":
                     for each in message["messages"]:
@@ -458,6 +482,11 @@ class WorkerProcess:
         self._draining = trio.Event()
         #: Connections made (tests: a reconnect happened).
         self.connections = 0
+        #: The largest frame the server takes (its hello's reply says; PROTOCOL.md's default
+        #: until then), named when it closes a connection with 1009.
+        self.max_frame_size = 2 * 1024 * 1024
+        #: The last connection closed at its hello (refused), not after it.
+        self._refused = False
 
     def drain(self) -> None:
         """Hand every job back to the server (each checkpoints within its grace), then stop."""
@@ -466,10 +495,10 @@ class WorkerProcess:
     async def run(self) -> None:
         give_up_at = trio.current_time() + self.connect_timeout
         while not self._draining.is_set():
-            code: int | None = None
+            closed: CloseReason | None = None
             problem = None
             try:
-                code = await self._connect_once()
+                closed = await self._connect_once()
             except ConnectionRejected as exc:
                 raise WorkerFatalError(
                     "not_jobspine",
@@ -490,15 +519,50 @@ class WorkerProcess:
                     f" ({problem or 'no answer'}); is the server running?"
                     " (--connect-timeout, JOBSPINE_CONNECT_TIMEOUT)",
                 )
+            code = None if closed is None else closed.code
             if code in FATAL_CLOSE:
-                raise WorkerFatalError(FATAL_CLOSE[code], f"the server closed with {code}")
+                assert closed is not None
+                raise WorkerFatalError(FATAL_CLOSE[code], self.describe_close(closed))
             delay = self.policy.next_delay(trio.current_time(), code)
             if not self.connections:  # the next try or the give-up, not past the timeout
                 delay = min(delay, max(0.0, give_up_at - trio.current_time()))
+            if closed is not None:
+                # Each close said what it was: "connection closed" alone left an operator
+                # guessing (a 1009 was a report over the server's frame limit).
+                log.log(
+                    logging.INFO if code in QUIET_CLOSE else logging.WARNING,
+                    "worker%s: %s %s: %s; reconnecting in %.2f s",
+                    f" {self.name}" if self.name else "",
+                    self.url,
+                    "refused the hello" if self._refused else "closed the connection",
+                    self.describe_close(closed),
+                    delay,
+                )
             with trio.move_on_after(delay):
                 await self._draining.wait()
 
-    async def _connect_once(self) -> int | None:
+    def describe_close(self, closed: CloseReason) -> str:
+        """A close the server sent (or the connection's end, 1006) for the log: its code, its
+        reason (the server's words, or what the code means when it gave none) and what the
+        code means here, with the limit a 1009 is about."""
+        reason = _loggable(closed.reason or "")
+        meaning = CLOSE_MEANINGS.get(closed.code, "")
+        if closed.code == CLOSE_TOO_BIG and self._refused:
+            meaning = "the hello was over what the server reads before accepting one (512 KiB)"
+        elif closed.code == CLOSE_TOO_BIG:
+            meaning = (
+                "a frame over a size limit: the server takes frames of up to"
+                f" {self.max_frame_size:,} bytes (its max_frame_size; a larger report, a result"
+                f" or checkpoint, closes the connection), this worker up to {MAX_MESSAGE:,}"
+            )
+        if not reason:
+            return f"{closed.code} ({meaning or 'no reason given'})"
+        return f"{closed.code} ({reason})" + (f": {meaning}" if meaning else "")
+
+    async def _connect_once(self) -> CloseReason | None:
+        """One connection, served until it closes: how it closed (None: not known). Raises
+        :class:`WorkerFatalError` for a refused hello that reconnecting cannot help."""
+        self._refused = False
         async with open_websocket_url(self.url, max_message_size=MAX_MESSAGE) as ws:
             hello: dict[str, Any] = {
                 "op": "hello",
@@ -524,8 +588,14 @@ class WorkerProcess:
                 if refused in FATAL_CLOSE:  # the server's reason, as it gave it
                     reason = exc.reason.reason or f"the server closed with {refused}"
                     raise WorkerFatalError(FATAL_CLOSE[refused], reason) from None
-                return refused
+                # Passing (1013: no room for its kinds now; 1009, 4001, a shutdown's 1001):
+                # reconnect with the backoff.
+                self._refused = True
+                return exc.reason
             welcome, after = _welcome(first)
+            limit = welcome.get("max_frame_size")
+            if isinstance(limit, int) and not isinstance(limit, bool):
+                self.max_frame_size = limit
             session = _Session(self, ws)
             session.heartbeat_interval = welcome["heartbeat_interval"]
             session.stop_grace = welcome["stop_grace"]
@@ -535,15 +605,15 @@ class WorkerProcess:
             self.policy.connected(trio.current_time())
             named = f" {self.name}" if self.name else ""
             log.info("worker%s connected to %s: kinds %s", named, self.url, sorted(self.handlers))
-            code: int | None = None
+            closed: CloseReason | None = None
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._drain_when_asked, session, nursery.cancel_scope)
-                    code = await session.serve(after)
+                    closed = await session.serve(after)
                     nursery.cancel_scope.cancel()
             finally:
                 self.session = None
-            return code
+            return closed
 
     async def _drain_when_asked(self, session: _Session, scope: trio.CancelScope) -> None:
         await self._draining.wait()

@@ -27,11 +27,13 @@ from ._auth import verify_token
 from ._protocol import (
     CLOSE,
     PROTOCOL_VERSION,
+    WORKER_HELLO_FIELDS,
     NoArgs,
     ProtocolError,
     Request,
     RequestError,
     error_message,
+    hello_fields,
     parse_request,
     parse_requests,
     reply_message,
@@ -47,6 +49,16 @@ __all__ = ["WORKER_OPS", "WORKER_PATH", "WorkerConnection"]
 log = logging.getLogger("jobspine.workers")
 
 WORKER_PATH = "/worker"
+#: The close reason for a client's hello (no ``kinds``, no ``capacity``) on this endpoint.
+CLIENT_HELLO_HERE = (
+    "hello: no kinds or capacity: this is the worker endpoint (/worker); clients connect to"
+    " the server's URL without /worker"
+)
+#: The close reason (1013) for a hello whose new kinds have no room now (the full reason is in
+#: the server's log; a close reason has at most 123 bytes).
+NO_ROOM_NOW = (
+    "hello: no room now for this worker's new kinds (the known kinds are all held): try again later"
+)
 #: Kinds one worker may declare, and its largest capacity.
 MAX_KINDS = 256
 MAX_CAPACITY = 1000
@@ -339,8 +351,10 @@ class WorkerConnection:
         worker = self.worker
         assert worker is not None
         lost = sum(1 for attempt in worker.attempts.values() if not attempt.ended)
-        placement.disconnect(worker, "the worker's connection closed")
-        why = self._close[1] if self._close is not None and self._close[1] else "connection closed"
+        how = self._how_closed()
+        closed = "the worker's connection closed" + (f" with {how}" if how else "")
+        placement.disconnect(worker, closed)
+        why = f"closed with {how}" if how else "connection closed"
         if lost:
             log.warning(
                 "worker %s disconnected (%s): %d running attempt%s lost, handled as stalls",
@@ -351,6 +365,25 @@ class WorkerConnection:
             )
         else:
             log.info("worker %s disconnected (%s)", worker.name, why)
+
+    def _how_closed(self) -> str | None:
+        """How the connection closed (None: not known), for the log and the lost attempts'
+        error: the code and the reason, the server's (its own close, or its websocket
+        layer's: 1009 for a frame over ``max_frame_size``, 1007, 1002) or the worker's.
+        "connection closed" alone did not tell a 1009 from a worker that left."""
+        if self._close is not None:
+            code, reason = self._close
+        else:
+            closed = self.ws.closed
+            if closed is None:
+                return None
+            code, reason = closed.code, _loggable(closed.reason or "", 120)
+        how = f"{code}" + (f": {reason}" if reason else "")
+        if code == CLOSE["too_big"]:
+            config = self.server.config  # the websocket layer's limit (see Server.serve)
+            limit = max(config.max_frame_size, config.max_message_size)
+            how += f" (the worker sent a frame over max_frame_size, {limit:,} bytes)"
+        return how
 
     async def _hello(self) -> str | int | bool | None:
         """The hello's id once accepted, else False (the connection is closed)."""
@@ -371,6 +404,11 @@ class WorkerConnection:
             try:
                 request = parse_request(frame, WORKER_OPS)
             except RequestError as exc:
+                fields = hello_fields(frame)
+                if fields is not None and not fields & WORKER_HELLO_FIELDS:
+                    # A client's hello: its URL names this endpoint. Naming the first field
+                    # it lacks ("required field missing @ $.kinds") left its user guessing.
+                    raise ProtocolError("protocol_error", CLIENT_HELLO_HERE) from None
                 raise ProtocolError("protocol_error", exc.message) from None
             if request.op != "hello":
                 raise ProtocolError("protocol_error", "the first frame must be a hello")
@@ -383,8 +421,19 @@ class WorkerConnection:
                 )
             problem = hello_problem(hello)
             options = declared_options(hello) if problem is None else {}
+            supervisor = self.server.runtime.supervisor
+            no_room = supervisor.declaration_room(options) if problem is None else None
+            if no_room is not None:
+                # Passing: the kinds holding the table are let go as their workers leave and
+                # their attempts end. A 4002 made jobspine worker exit for good.
+                log.warning(
+                    "refused a worker's hello for now (%s): %s; it may try again later",
+                    principal.user_id,
+                    _loggable(no_room),
+                )
+                raise ProtocolError("try_again_later", NO_ROOM_NOW)
             if problem is None:
-                problem = self.server.runtime.supervisor.declaration_conflict(options)
+                problem = supervisor.declaration_conflict(options)
             if problem is not None:
                 # Authenticated, so an operator's mistake (a worker of other code), not noise.
                 log.warning(
