@@ -24,6 +24,7 @@ test the same way, and Celery fails the task whose process exited.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -48,6 +49,7 @@ __all__ = [
     "describe",
     "failure",
     "judge",
+    "judge_exit",
     "split_raised",
 ]
 
@@ -116,6 +118,28 @@ def split_raised(
         theirs, own = raised.split(runtime)
         return own, theirs
     return (None, raised) if runtime(raised) else (raised, None)
+
+
+def judge_exit(
+    raised: BaseException,
+    *,
+    job_id: str,
+    attempt: int,
+    stop_asked: bool,
+    non_retryable: frozenset[str] = frozenset(),
+) -> tuple[Ending | None, BaseException | None]:
+    """What a handler's call raised (in its ``except BaseException`` block), split by
+    :func:`split_raised` as the current task stands (being cancelled or not): the ending of
+    the handler's own part (:func:`judge`; None when all of it is the runtime's) and the
+    runtime's part, which the caller raises again (None when there is none)."""
+    cancelled = trio.current_effective_deadline() == -math.inf
+    own, theirs = split_raised(raised, cancelled=cancelled)
+    if own is None:
+        return None, theirs
+    judged = judge(
+        own, job_id=job_id, attempt=attempt, stop_asked=stop_asked, non_retryable=non_retryable
+    )
+    return judged, theirs
 
 
 def judge(

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
-from ._endings import Ending, HandlerFailure, judge, split_raised
+from ._endings import Ending, HandlerFailure, judge_exit
 from ._errors import (
     InvalidInputError,
     JobspineError,
@@ -41,7 +40,6 @@ __all__ = [
     "InputCheck",
     "JobContext",
     "Worker",
-    "cancelling",
     "check_input",
     "validates",
 ]
@@ -99,12 +97,6 @@ def validates(check: InputCheck) -> Callable[[_H], _H]:
         return handler
 
     return mark
-
-
-def cancelling() -> bool:
-    """Whether the current task is being cancelled (its effective deadline has passed): a
-    ``trio.Cancelled`` a handler raises then is the runtime's, else a stray one."""
-    return trio.current_effective_deadline() == -math.inf
 
 
 def check_input(handler: Handler, kind: str, input: Any) -> None:
@@ -396,15 +388,13 @@ class Worker:
                 # exceptions end the attempt, BaseException or not; the runtime's (the
                 # Cancelled of a stop, beside an error a child raised while unwinding; an
                 # interrupt) propagate to the scope.
-                own, theirs = split_raised(raised, cancelled=cancelling())
-                if own is not None:
-                    ending = judge(
-                        own,
-                        job_id=self.job_id,
-                        attempt=self.attempt,
-                        stop_asked=self.stop_reason is not None,
-                        non_retryable=self.non_retryable,
-                    )
+                ending, theirs = judge_exit(
+                    raised,
+                    job_id=self.job_id,
+                    attempt=self.attempt,
+                    stop_asked=self.stop_reason is not None,
+                    non_retryable=self.non_retryable,
+                )
                 if theirs is raised:
                     raise
                 if theirs is not None:

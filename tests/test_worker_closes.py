@@ -6,7 +6,6 @@ logged with its code, its reason and, for 1009, the limit."""
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import orjson
 import pytest
 import trio
-from trio_websocket import CloseReason, ConnectionClosed, open_websocket_url
+from trio_websocket import CloseReason, open_websocket_url
 
 import actors._supervisor
 from actors import JobContext, JobState
@@ -25,7 +24,7 @@ from transport._worker_process import WorkerFatalError, WorkerProcess
 from .conftest import wait_for_state
 from .serving import eventually, token
 from .test_worker_protocol import raw_worker, wait_no_worker, worker_only_server
-from .worker_support import ROOT, run_jobspine_worker, worker_token
+from .worker_support import close_of, run_command, run_jobspine_worker, worker_token
 
 QUICK = ReconnectPolicy(min_backoff=0.01, max_backoff=0.05)
 
@@ -34,13 +33,7 @@ async def closed_by(url: str, hello: dict[str, Any]) -> CloseReason:
     """The close a first frame ``hello`` gets at ``url``."""
     async with open_websocket_url(url) as ws:
         await ws.send_message(orjson.dumps(hello).decode())
-        with trio.fail_after(10):
-            try:
-                while True:
-                    await ws.get_message()
-            except ConnectionClosed as exc:
-                assert exc.reason is not None
-                return exc.reason
+        return await close_of(ws)
 
 
 async def echo(ctx: JobContext, input: Any) -> Any:
@@ -118,16 +111,7 @@ async def test_a_hello_whose_options_conflict_is_still_fatal(tmp_path: Path) -> 
 
 async def run_cli(*args: str, tok: str) -> tuple[int, str]:
     """``jobspine ARGS`` run to its end: its exit status and stderr."""
-    with trio.fail_after(30):
-        done = await trio.run_process(
-            [sys.executable, "-m", "transport._cli", *args],
-            env={**os.environ, "JOBSPINE_TOKEN": tok},
-            check=False,
-            capture_stdout=True,
-            capture_stderr=True,
-            cwd=str(ROOT),
-        )
-    return done.returncode, done.stderr.decode()
+    return await run_command([sys.executable, "-m", "transport._cli", *args], tok, seconds=30)
 
 
 async def test_a_client_command_given_the_worker_endpoint_says_which_url_to_use(

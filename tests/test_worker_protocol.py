@@ -51,6 +51,7 @@ from .test_workers import event_types
 from .worker_handlers import HANDLERS
 from .worker_support import (
     Served,
+    close_of,
     run_jobspine_worker,
     served,
     wait_connected,
@@ -83,13 +84,7 @@ async def wait_checkpoint(rt: Any, job_id: str, version: int) -> None:
 
 
 async def closed_with(ws: WebSocketConnection) -> int:
-    with trio.fail_after(10):
-        try:
-            while True:
-                await ws.get_message()
-        except ConnectionClosed as exc:
-            assert exc.reason is not None
-            return exc.reason.code
+    return (await close_of(ws)).code
 
 
 @asynccontextmanager

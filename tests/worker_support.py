@@ -13,6 +13,7 @@ from typing import Any
 
 import attrs
 import trio
+from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
 
 from actors import RuntimeConfig
 from transport import RunningServer, ServerConfig, mint_token, open_server
@@ -34,7 +35,13 @@ async def run_jobspine_worker(url: str, token: str, *options: str) -> tuple[int,
     """``jobspine worker`` of ``tests.worker_handlers`` against ``url``, with ``options``, run
     to its end (within 20 s): its exit status and its stderr."""
     command = [*WORKER_COMMAND, "--url", url, "--handlers", "tests.worker_handlers", *options]
-    with trio.fail_after(20):
+    return await run_command(command, token, seconds=20)
+
+
+async def run_command(command: list[str], token: str, *, seconds: float) -> tuple[int, str]:
+    """``command`` (a ``jobspine`` command line) with ``JOBSPINE_TOKEN`` set to ``token``, run
+    to its end within ``seconds``: its exit status and its stderr."""
+    with trio.fail_after(seconds):
         done = await trio.run_process(
             command,
             env={**os.environ, "JOBSPINE_TOKEN": token},
@@ -54,6 +61,17 @@ class Served:
     @property
     def runtime(self) -> Any:
         return self.running.runtime
+
+
+async def close_of(ws: WebSocketConnection) -> CloseReason:
+    """How the server closes ``ws`` (within 10 s), whatever it sends before."""
+    with trio.fail_after(10):
+        try:
+            while True:
+                await ws.get_message()
+        except ConnectionClosed as exc:
+            assert exc.reason is not None
+            return exc.reason
 
 
 async def wait_connected(running: RunningServer, count: int = 1) -> None:

@@ -38,9 +38,9 @@ from actors import (
     NotSerializableError,
 )
 from actors._codec import dumps_json_value
-from actors._endings import Ending, judge, split_raised
+from actors._endings import Ending, judge_exit
 from actors._options import options_of, options_to_wire
-from actors._worker import Handler, cancelling, check_input
+from actors._worker import Handler, check_input
 
 from ._protocol import MAX_BATCH_REQUESTS
 from ._reconnect import FATAL_CLOSE, ReconnectPolicy
@@ -357,15 +357,14 @@ class _Session:
             # Judged as in the server (a group is one typed error, an unasked JobStopped a
             # failure, a SystemExit or a stray Cancelled the handler's own); the runtime's
             # (the Cancelled of a cancel, an interrupt) propagate.
-            own, theirs = split_raised(raised, cancelled=cancelling())
-            if own is not None:
-                ending = judge(
-                    own,
-                    job_id=attempt.job_id,
-                    attempt=attempt.attempt,
-                    stop_asked=attempt.ctx.stopping,
-                    non_retryable=options_of(handler).non_retryable,
-                )
+            ending, theirs = judge_exit(
+                raised,
+                job_id=attempt.job_id,
+                attempt=attempt.attempt,
+                stop_asked=attempt.ctx.stopping,
+                non_retryable=options_of(handler).non_retryable,
+            )
+            if ending is not None:
                 cause = ending.cause
                 if isinstance(cause, WorkerRequestError) and cause.code in FENCED_OUT:
                     # The job moved on from this attempt (a user cancelled, paused or
