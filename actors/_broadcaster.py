@@ -45,6 +45,7 @@ from ._events import (
     event_record,
 )
 from ._payloads import inline_payloads
+from ._ranges import check_fields
 from ._store import StoreClient
 
 if TYPE_CHECKING:
@@ -67,6 +68,14 @@ log = logging.getLogger("jobspine.broadcaster")
 class Cursor:
     epoch: str
     seq: int
+
+
+#: The :class:`BroadcasterConfig` limits for which 0 is a setting.
+_ZERO_LIMITS = frozenset(
+    {"backlog", "backlog_rooms", "backlog_bytes", "coalesce_after", "coalesce_bytes",
+     "overflow_after", "overflow_bytes", "max_lags", "replay_bytes", "replay_total_bytes",
+     "inline_payload_limit"}
+)  # fmt: skip
 
 
 @attrs.frozen
@@ -108,6 +117,13 @@ class BroadcasterConfig:
     #: An event ``data`` value whose JSON is larger than this (bytes) is sent as an
     #: ``{"$omitted": field, "size": bytes}`` marker; clients fetch it with ``get_payload``.
     inline_payload_limit: int = 16 * 1024
+
+    def __attrs_post_init__(self) -> None:
+        """Refuse, with :class:`InvalidInputError` naming it and its value, a number out of
+        range: ``lag_window`` finite seconds above 0; ``page_size`` and ``replay_builds``
+        integers from 1 (a replay reads a page and takes a build slot); every other limit an
+        integer from 0 (0: nothing kept, or coalesced, lagged, omitted at once)."""
+        check_fields(self, zero=_ZERO_LIMITS)
 
 
 # Outbox entry kinds.

@@ -48,6 +48,7 @@ import trio
 from ._codec import converter
 from ._errors import InvalidInputError, JobspineError, leaves
 from ._events import EventHub, EventStreamLagged, JobEvent, event_bytes
+from ._ranges import check_fields
 from ._sequencer import Sequencer
 from ._store import StoreClient
 
@@ -104,19 +105,8 @@ class FanoutConfig:
             raise InvalidInputError(
                 f"redis must be a redis://host:port/db URL, not {redact_redis_url(self.redis)!r}"
             )
-        for name in ("gap_wait", "poll_interval", "check_interval", "ping_interval",
-                     "redis_timeout", "reconnect_delay"):  # fmt: skip
-            seconds = getattr(self, name)
-            if (
-                isinstance(seconds, bool)
-                or not isinstance(seconds, int | float)
-                or not (0 < seconds < float("inf"))
-            ):
-                raise InvalidInputError(f"{name} must be a positive number of seconds")
-        for name in ("outbox", "outbox_bytes", "max_held", "max_held_bytes", "fill_limit"):
-            count = getattr(self, name)
-            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-                raise InvalidInputError(f"{name} must be an integer >= 1, not {count!r}")
+        # Every number: seconds above 0, counts and sizes from 1 (named with the value).
+        check_fields(self)
 
 
 def redact_redis_url(url: str) -> str:

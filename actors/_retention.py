@@ -13,6 +13,9 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
+from ._errors import InvalidInputError
+from ._ranges import check_count, check_number, is_number
+
 __all__ = ["DAY", "PruneReport", "RetentionPolicy", "RetentionRule", "parse_duration"]
 
 DAY = 86400.0
@@ -27,13 +30,14 @@ class RetentionRule:
     max_count: int | None = None
 
     def __attrs_post_init__(self) -> None:
+        """:class:`InvalidInputError` (a ``ValueError``) naming the field and the value for
+        a ``keep_for`` that is no number >= 0 (NaN, negative, a bool, a string) or a
+        ``max_count`` that is no integer >= 0."""
         keep_for, count = self.keep_for, self.max_count
-        if keep_for is not None and not keep_for >= 0:
-            raise ValueError(f"keep_for must be >= 0 seconds or None, not {keep_for!r}")
-        if count is not None and (isinstance(count, bool) or not isinstance(count, int)):
-            raise ValueError(f"max_count must be an integer >= 0 or None, not {count!r}")
-        if count is not None and count < 0:
-            raise ValueError(f"max_count must be an integer >= 0 or None, not {count!r}")
+        if keep_for is not None and not (is_number(keep_for) and keep_for >= 0):
+            raise InvalidInputError(f"keep_for must be >= 0 seconds or None, not {keep_for!r}")
+        if count is not None:
+            check_count("max_count", count, low=0)
 
     def due(self, finished: int, oldest: Sequence[tuple[str, float]], now: float) -> list[str]:
         """The ids among ``oldest`` (the oldest finished jobs of one kind, ``(id, finished
@@ -61,10 +65,15 @@ class RetentionPolicy:
     batch_size: int = 500
 
     def __attrs_post_init__(self) -> None:
-        if not (math.isfinite(self.interval) and self.interval > 0):
-            raise ValueError(f"interval must be > 0 seconds, not {self.interval!r}")
-        if isinstance(self.batch_size, bool) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, not {self.batch_size!r}")
+        """:class:`InvalidInputError` (a ``ValueError``) naming the field and the value for
+        an ``interval`` that is no finite number of seconds above 0, a ``batch_size`` that
+        is no integer >= 1, or a rule that is no :class:`RetentionRule`."""
+        check_number("interval", self.interval)
+        check_count("batch_size", self.batch_size)
+        rules = {"default": self.default, **{f"kinds[{k!r}]": r for k, r in self.kinds.items()}}
+        for name, rule in rules.items():
+            if not isinstance(rule, RetentionRule):
+                raise InvalidInputError(f"{name} must be a RetentionRule, not {rule!r}")
 
     def rule(self, kind: str) -> RetentionRule:
         return self.kinds.get(kind, self.default)

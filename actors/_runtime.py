@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -29,6 +28,7 @@ from ._ids import new_id
 from ._joblog import job_fields
 from ._nodes import NodeActor, NodeReplacedError
 from ._options import KindOptions
+from ._ranges import check_count, check_fields
 from ._repository import Repository
 from ._retention import PruneReport, RetentionPolicy
 from ._routing import RemoteControls
@@ -54,6 +54,12 @@ CONTROL_MARGIN = 1.0
 __all__ = ["Runtime", "RuntimeConfig", "open_runtime"]
 
 log = logging.getLogger("jobspine.runtime")
+
+
+#: Numbers of :class:`RuntimeConfig` for which 0 means something (see its checks).
+_ZERO_ALLOWED = frozenset(
+    {"stop_grace", "shutdown_timeout", "sqlite_busy_timeout", "max_recovery_attempts"}
+)
 
 
 @attrs.frozen
@@ -120,31 +126,26 @@ class RuntimeConfig:
     retention: RetentionPolicy | None = None
 
     def __attrs_post_init__(self) -> None:
-        """Refuse queue settings that would silently stop the queue (no job ever runs, every
-        create refused) or spin (a lease renewed in a busy loop), with
-        :class:`InvalidInputError` naming the setting."""
+        """Refuse a setting that would stop the queue (no job ever runs, every create
+        refused), spin (a lease renewed in a busy loop) or break supervision, with
+        :class:`InvalidInputError` naming the setting and the value: every number of seconds
+        is finite and above 0, but ``stop_grace`` (0: a stopped job is cancelled at once),
+        ``shutdown_timeout`` (0: every job cancelled at once, no pause) and
+        ``sqlite_busy_timeout`` (0: a locked database not waited for) may be 0; every count
+        and size is an integer from 1 (``max_recovery_attempts`` from 0: a stall fails the
+        job at once); ``lease_renew_interval`` is shorter than ``lease_ttl``; ``retention`` a
+        :class:`RetentionPolicy` or None. Taken as given, a NaN ``heartbeat_timeout``
+        crashed the runtime at its first job, a negative one failed every job as stalled at
+        once, and a NaN or negative ``stop_grace`` hung every pause and shutdown for good."""
+        check_fields(self, zero=_ZERO_ALLOWED)
         counts: dict[str, object] = {
-            "max_running": self.max_running,
-            "max_waiting_per_user": self.max_waiting_per_user,
             **({} if self.max_running_per_user is None else {
                 "max_running_per_user": self.max_running_per_user}),
             **{f"max_running_per_kind[{kind!r}]": n
                for kind, n in dict(self.max_running_per_kind).items()},
         }  # fmt: skip
         for name, value in counts.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidInputError(f"{name} must be an integer >= 1, not {value!r}")
-        for name, seconds in (
-            ("lease_ttl", self.lease_ttl),
-            ("lease_renew_interval", self.lease_renew_interval),
-            ("idempotency_window", self.idempotency_window),
-        ):
-            if (
-                isinstance(seconds, bool)
-                or not isinstance(seconds, int | float)
-                or not 0 < seconds < math.inf
-            ):
-                raise InvalidInputError(f"{name} must be a positive number of seconds")
+            check_count(name, value)
         if self.lease_renew_interval >= self.lease_ttl:
             raise InvalidInputError(
                 f"lease_renew_interval ({self.lease_renew_interval:g} s) must be shorter than"
@@ -157,6 +158,10 @@ class RuntimeConfig:
         for kind, options in dict(self.kinds).items():
             if not isinstance(options, KindOptions):
                 raise InvalidInputError(f"kinds[{kind!r}] must be a KindOptions")
+        if self.retention is not None and not isinstance(self.retention, RetentionPolicy):
+            raise InvalidInputError(
+                f"retention must be a RetentionPolicy or None, not {self.retention!r}"
+            )
 
 
 class Runtime(Repository):

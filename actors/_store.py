@@ -90,6 +90,7 @@ from ._metrics import StoreMetrics, move
 from ._nodes import NodeInfo, NodeLease
 from ._options import CreateOptions
 from ._policy import RecoveryDecision
+from ._ranges import check_fields
 from ._retention import RetentionPolicy
 from ._scheduling import RetryDecision
 from ._states import JobState, check_transition
@@ -120,6 +121,13 @@ class StoreConfig:
     #: First and longest delay between retries of a write during an outage, in seconds.
     retry_backoff: float = 0.05
     retry_backoff_max: float = 2.0
+
+    def __attrs_post_init__(self) -> None:
+        """Refuse, with :class:`InvalidInputError` naming it and its value, a number out of
+        range: every duration finite seconds above 0, every count or size an integer from 1
+        (``progress_window`` and ``queue_size`` from 0: no write answered before its commit,
+        an unbuffered queue)."""
+        check_fields(self, zero=("progress_window", "queue_size"))
 
 
 @attrs.define

@@ -33,6 +33,7 @@ from ._joblog import job_fields
 from ._options import KindOptions, options_of
 from ._placement import InProcessPlacement, Placement
 from ._policy import RecoveryDecision, RecoveryPolicy, StallDetector, shutdown_state
+from ._ranges import check_fields
 from ._scheduling import RetryDecision, decide_retry
 from ._states import JobState
 from ._store import StoreClient
@@ -71,6 +72,12 @@ class SupervisorConfig:
     #: False: registered handlers only check input; every attempt runs in a placement added
     #: with :meth:`Supervisor.add_placement` (connected workers).
     in_process: bool = True
+
+    def __attrs_post_init__(self) -> None:
+        """Refuse, with :class:`InvalidInputError` naming it and its value, a number out of
+        range: ``heartbeat_timeout`` finite seconds above 0, ``stop_grace`` from 0,
+        ``max_recovery_attempts`` an integer from 0, ``beat_queue`` from 1."""
+        check_fields(self, zero=("stop_grace", "max_recovery_attempts"))
 
 
 @attrs.frozen

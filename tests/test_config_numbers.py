@@ -1,0 +1,129 @@
+"""Bad input gets a clear error: an embedder's config classes (``RuntimeConfig``,
+``BroadcasterConfig``, ``StoreConfig``, ``SupervisorConfig``, ``FanoutConfig``,
+``RetentionPolicy``, ``RetentionRule``) refuse a number out of range at construction, with
+``InvalidInputError`` naming the field and the value; 0 stays a setting where it means
+something."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from actors import (
+    BroadcasterConfig,
+    FanoutConfig,
+    InvalidInputError,
+    RetentionPolicy,
+    RetentionRule,
+    RuntimeConfig,
+    StoreConfig,
+    SupervisorConfig,
+)
+from tests.conftest import memory_runtime
+
+NAN, INF = math.nan, math.inf
+
+
+def _refused(make: Any, name: str, value: Any) -> str:
+    with pytest.raises(InvalidInputError) as refused:
+        make(**{name: value})
+    message = str(refused.value)
+    assert message.startswith(name), message
+    assert repr(value) in message, message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        # NaN crashed the runtime at its first job; -1 failed every job as stalled at once.
+        ("heartbeat_timeout", NAN),
+        ("heartbeat_timeout", -1.0),
+        ("heartbeat_timeout", INF),
+        ("heartbeat_timeout", 0),
+        ("heartbeat_timeout", True),
+        ("heartbeat_timeout", "30"),
+        # NaN or negative hung every pause and shutdown for good.
+        ("stop_grace", NAN),
+        ("stop_grace", -1.0),
+        ("stop_grace", INF),
+        ("shutdown_timeout", NAN),
+        ("shutdown_timeout", -0.5),
+        ("heartbeat_flush_interval", 0.0),
+        ("sqlite_busy_timeout", -1),
+        ("store_retry_timeout", INF),
+        ("checkpoint_limit", 0),
+        ("result_limit", -1),
+        ("checkpoint_warn_size", 1.5),
+        ("max_recovery_attempts", -1),
+        ("max_recovery_attempts", 2.0),
+        ("idempotency_window", NAN),
+        ("lease_ttl", INF),
+    ],
+)
+def test_an_embedders_runtime_config_refuses_a_number_out_of_range(name: str, value: Any) -> None:
+    _refused(RuntimeConfig, name, value)
+
+
+def test_a_runtime_config_refuses_a_retention_that_is_no_policy() -> None:
+    _refused(RuntimeConfig, "retention", 7)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"stop_grace": 0},  # a stopped job is cancelled at once
+        {"shutdown_timeout": 0},  # every job cancelled at once
+        {"sqlite_busy_timeout": 0.0},  # a locked database not waited for
+        {"max_recovery_attempts": 0},  # a stall fails the job
+        {"heartbeat_timeout": 3600, "stop_grace": 0.25, "checkpoint_limit": 1},
+    ],
+)
+async def test_a_runtime_config_takes_what_means_something(setting: dict[str, Any]) -> None:
+    config = RuntimeConfig(**setting)
+    assert all(getattr(config, k) == v for k, v in setting.items())
+    async with memory_runtime({}, **setting) as rt:
+        assert rt.config == config
+
+
+@pytest.mark.parametrize(
+    ("make", "name", "value"),
+    [
+        (BroadcasterConfig, "lag_window", NAN),
+        (BroadcasterConfig, "lag_window", -1.0),
+        (BroadcasterConfig, "page_size", 0),
+        (BroadcasterConfig, "replay_builds", 0),
+        (BroadcasterConfig, "backlog", -1),
+        (BroadcasterConfig, "coalesce_after", 2.5),
+        (StoreConfig, "retry_backoff", -1.0),
+        (StoreConfig, "heartbeat_flush_interval", NAN),
+        (StoreConfig, "max_batch", 0),
+        (SupervisorConfig, "heartbeat_timeout", NAN),
+        (SupervisorConfig, "stop_grace", -1.0),
+        (SupervisorConfig, "beat_queue", 0),
+        (RetentionPolicy, "interval", NAN),
+        (RetentionPolicy, "interval", "60"),
+        (RetentionPolicy, "batch_size", 2.5),
+        (RetentionRule, "keep_for", "7d"),
+        (RetentionRule, "keep_for", -1.0),
+        (RetentionRule, "max_count", 1.5),
+        (lambda **kw: FanoutConfig(None, **kw), "gap_wait", NAN),
+        (lambda **kw: FanoutConfig(None, **kw), "outbox", 0),
+    ],
+)
+def test_every_config_class_of_actors_refuses_a_number_out_of_range(
+    make: Any, name: str, value: Any
+) -> None:
+    """Only RuntimeConfig, FanoutConfig and part of RetentionPolicy checked themselves, the
+    latter with a plain ValueError (a string interval: a TypeError) and FanoutConfig without
+    the value; a BroadcasterConfig or StoreConfig took NaN, negative or fractional values."""
+    _refused(make, name, value)
+
+
+def test_zero_stays_a_broadcaster_setting_where_it_means_something() -> None:
+    config = BroadcasterConfig(coalesce_after=0, replay_bytes=0, backlog_bytes=0, max_lags=0)
+    assert config.coalesce_after == config.replay_bytes == 0
+    assert RetentionRule(keep_for=math.inf, max_count=0).max_count == 0
+    assert StoreConfig(progress_window=0).progress_window == 0
