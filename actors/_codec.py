@@ -22,6 +22,7 @@ __all__ = [
     "MAX_STEP_LENGTH",
     "MAX_MESSAGE_LENGTH",
     "NUL",
+    "check_kind",
     "check_name",
     "check_text",
     "converter",
@@ -227,6 +228,33 @@ def check_name(text: str | None, what: str) -> None:
     :class:`InvalidInputError` naming ``what``."""
     if text is not None and NUL in text:
         raise InvalidInputError(f"{what} must not contain a NUL character")
+
+
+def check_kind(kind: object, what: str = "kind") -> None:
+    """Refuse a job kind name that no job could be created with, or that a log line or a
+    terminal could not show as it is: the one check of every kind, at ``create_job``, at
+    handler registration (``open_runtime(handlers=)``, :meth:`Repository.register`,
+    ``--handlers``) and in a worker's hello. A kind is a string of 1 to
+    :data:`MAX_LABEL_LENGTH` (1,024) printable characters: no NUL (see :func:`check_name`),
+    no other control, format or line separator character, no lone surrogate (see
+    :func:`check_text`). Raises :class:`InvalidInputError` (:class:`NotSerializableError`
+    for a lone surrogate) naming ``what`` and the kind."""
+    if not isinstance(kind, str) or not kind:
+        raise InvalidInputError(f"{what} must be a non-empty string, not {_shown(kind)}")
+    check_text(kind, what)
+    check_name(kind, what)
+    for at, char in enumerate(kind):
+        if not char.isprintable():
+            raise InvalidInputError(
+                f"{what} {_shown(kind)} must be printable: {char!r} at index {at} is a"
+                " control, format or line separator character"
+            )
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` (every unprintable character escaped), cut to about ``limit``."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def sanitize_text(text: str) -> str:

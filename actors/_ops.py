@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from ._codec import MAX_INPUT_BYTES, check_name, check_text, dumps_json_value
+from ._codec import MAX_INPUT_BYTES, check_kind, check_name, check_text, dumps_json_value
 from ._errors import (
     CheckpointTooLargeError,
     IllegalTransitionError,
@@ -126,16 +126,13 @@ def create(
     if not user_id or not isinstance(user_id, str):
         raise InvalidInputError("user_id must be a non-empty string")
     check_text(user_id, "user_id")
-    if not kind or not isinstance(kind, str):
-        raise InvalidInputError("kind must be a non-empty string")
-    check_text(kind, "kind")
+    check_kind(kind)  # as every handler registration checks it
     options = options or CreateOptions()
     for text in (*options.tags, options.parent_id, options.idempotency_key):
         check_text(text, "tag, parent_id or idempotency_key", optional=True)
     # The names a job is stored and found by: every create of every caller passes here.
     for name, value in (
         ("user_id", user_id),
-        ("kind", kind),
         *(("tags", tag) for tag in options.tags),
         ("parent_id", options.parent_id),
         ("idempotency_key", options.idempotency_key),

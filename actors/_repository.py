@@ -13,6 +13,7 @@ import attrs
 import trio
 
 from ._backend import JobQuery, QueueStats
+from ._codec import check_kind
 from ._errors import (
     IllegalTransitionError,
     InvalidInputError,
@@ -158,7 +159,10 @@ class Repository:
     def register(self, kind: str, handler: Handler, options: KindOptions | None = None) -> None:
         """Run jobs of ``kind`` with ``handler``. ``options``: the kind's retries, timeout and
         stall rule (else ``RuntimeConfig.kinds[kind]``, else the handler's
-        :func:`kind_options`, else the defaults)."""
+        :func:`kind_options`, else the defaults). ``kind`` is a name a job can be created
+        with (1 to 1,024 printable characters, see :func:`~._codec.check_kind`), else
+        :class:`InvalidInputError` names it and nothing is registered."""
+        check_kind(kind)
         self._supervisor.set_kind_options(kind, options)  # checked before anything changes
         self._handlers[kind] = handler
         self._supervisor.capacity_changed()  # its waiting jobs became claimable

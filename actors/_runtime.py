@@ -14,6 +14,7 @@ import trio
 
 from ._backend import POSTGRES_URL_SCHEMES, Backend
 from ._broadcaster import Broadcaster, BroadcasterConfig
+from ._codec import check_kind
 from ._dispatcher import Dispatcher, WallClock
 from ._errors import (
     InvalidInputError,
@@ -423,11 +424,16 @@ async def open_runtime(
     lost its lease and finds its node id held by another live process stops: the block is
     cancelled and :class:`NodeReplacedError` raised (see :mod:`._nodes`, "Replaced"). A
     database that cannot be opened (or a PostgreSQL server that cannot be reached) raises
-    :class:`StoreError`. An exception from the block propagates unchanged; a failure of the
-    runtime itself is raised as :class:`RuntimeCrashedError`. Every way out (return,
-    exception, cancellation, KeyboardInterrupt) closes the database.
+    :class:`StoreError`. A kind in ``handlers`` that no job could be created with (empty,
+    over 1,024 characters, holding NUL or another unprintable character) raises
+    :class:`InvalidInputError` naming it, before anything is opened. An exception from the
+    block propagates unchanged; a failure of the runtime itself is raised as
+    :class:`RuntimeCrashedError`. Every way out (return, exception, cancellation,
+    KeyboardInterrupt) closes the database.
     """
     config = config or RuntimeConfig()
+    for kind in handlers or {}:
+        check_kind(kind)  # as rt.register does: a kind no job could be created with
     if fanout is not None and broadcast is None:
         raise InvalidInputError("fanout delivers to a broadcaster: pass broadcast= too")
     node_id = config.node_id or new_id()

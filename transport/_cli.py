@@ -33,6 +33,7 @@ from actors import (
     StoreError,
 )
 from actors._backend import POSTGRES_URL_SCHEMES
+from actors._codec import check_kind
 from actors._errors import unwrap_group
 from actors._fanout import redact_redis_url
 from actors._retention import DAY
@@ -391,6 +392,10 @@ def load_handlers(spec: str) -> dict[str, Any]:
                 ExitCode.USAGE,
                 f"--handlers {spec}: {kind!r}: expected a kind name mapped to a handler function",
             )
+        try:
+            check_kind(kind)  # as the runtime's registration and a worker's hello check it
+        except InvalidInputError as exc:
+            raise CLIError(ExitCode.USAGE, f"--handlers {spec}: {exc}") from None
     return found
 
 

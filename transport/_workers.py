@@ -20,6 +20,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from actors import InvalidInputError, JobError, JobspineError, KindOptions, encode_batch
+from actors._codec import check_kind
 from actors._options import options_from_wire
 from actors._remote import RemoteAttempt, RemotePlacement, RemoteWorker
 
@@ -205,10 +206,11 @@ def hello_problem(hello: WorkerHello) -> str | None:
         return f"kinds: declare 1 to {MAX_KINDS} kinds"
     if len(set(hello.kinds)) != len(hello.kinds):
         return "kinds: a kind is declared twice"
-    if any(not 1 <= len(kind) <= 1024 for kind in hello.kinds):
-        return "kinds: each kind has 1 to 1,024 characters"
-    if not all(kind.isprintable() for kind in hello.kinds):
-        return "kinds: a kind must be printable (no control, format or line separator character)"
+    for kind in hello.kinds:
+        try:
+            check_kind(kind)  # the names a create takes, as every registration checks them
+        except InvalidInputError as exc:
+            return f"kinds: {exc}"
     if not 1 <= hello.capacity <= MAX_CAPACITY:
         return f"capacity must be in 1..{MAX_CAPACITY}, not {hello.capacity}"
     if hello.name is not None and not 1 <= len(hello.name) <= MAX_NAME_LENGTH:
