@@ -25,6 +25,7 @@ from actors import (
     open_runtime,
 )
 from actors._errors import unwrap_group
+from actors._ranges import check_port
 
 from ._dashboard import dashboard_routes
 from ._health import Body, Request, serve_health
@@ -72,7 +73,14 @@ async def open_server(
     :class:`~actors.DatabaseLockedError` (another process owns the database),
     :class:`~actors.StoreError` (the database cannot be opened). The health port answers
     from before the database opens: ``/healthz`` 200 ``{"status": "starting"}``,
-    ``/readyz``, ``/metrics`` and ``/status`` 503, until the runtime is open."""
+    ``/readyz``, ``/metrics`` and ``/status`` 503, until the runtime is open.
+
+    ``health_port``: the HTTP port (health, metrics, the dashboard), an integer in 0..65535
+    (0: any free port), None: none. Any other value raises :class:`~actors.InvalidInputError`
+    naming it before anything is bound or opened (the websocket port is
+    ``config.port``, checked by :class:`ServerConfig`)."""
+    if health_port is not None:
+        check_port("health_port", health_port)
     runtime_config = runtime_config or RuntimeConfig()
     listeners: list[trio.SocketListener] = []
     try:

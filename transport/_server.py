@@ -29,6 +29,7 @@ from actors import (
 from actors._codec import converter
 from actors._metrics import OutboxTotals
 from actors._payloads import JOB_PAYLOAD_FIELDS, fit_job, inline_payloads
+from actors._ranges import check_fields, check_port
 from actors._remote import RemotePlacement
 
 from ._auth import Principal, verify_token
@@ -109,26 +110,19 @@ class ServerConfig:
 
     def __attrs_post_init__(self) -> None:
         """Refuse a setting that would break every connection, with
-        :class:`~actors.InvalidInputError` naming it: every float is a finite number of
-        seconds (or requests/s) above 0, every int a count or size from 1 (the port from 0,
-        ``envelope_margin`` from 0 and below ``max_message_size``). A NaN or negative timeout
-        failed each connection with a traceback, a heartbeat_interval of 0 spun the CPU, a
-        limit or a request_burst of 0 refused every request."""
-        for field in attrs.fields(ServerConfig):
-            value = getattr(self, field.name)
-            kind = type(field.default)  # every number has a default of its type
-            if kind is float:
-                ok = not isinstance(value, bool) and isinstance(value, int | float)
-                if not ok or not 0 < value < math.inf:
-                    raise InvalidInputError(
-                        f"{field.name} must be a finite number > 0, not {value!r}"
-                    )
-            elif kind is int:
-                low = 0 if field.name in ("port", "envelope_margin") else 1
-                if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                    raise InvalidInputError(
-                        f"{field.name} must be an integer >= {low}, not {value!r}"
-                    )
+        :class:`~actors.InvalidInputError` naming it and its value: every float is a finite
+        number of seconds (or requests/s) above 0, every int a count or size from 1
+        (``envelope_margin`` from 0 and below ``max_message_size``), ``port`` an integer in
+        0..65535 (0: any free port). A NaN or negative timeout failed each connection with a
+        traceback, a heartbeat_interval of 0 spun the CPU, a limit or a request_burst of 0
+        refused every request, a port of 70000 passed until it was bound."""
+        check_fields(
+            self,
+            zero=("envelope_margin",),
+            units={"request_rate": "requests per second"},
+            skip=("port",),
+        )
+        check_port("port", self.port)
         if self.envelope_margin >= self.max_message_size:
             raise InvalidInputError(
                 f"envelope_margin ({self.envelope_margin}) must be below max_message_size"
