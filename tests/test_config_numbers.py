@@ -2,11 +2,12 @@
 ``BroadcasterConfig``, ``StoreConfig``, ``SupervisorConfig``, ``FanoutConfig``,
 ``RetentionPolicy``, ``RetentionRule``) refuse a number out of range at construction, with
 ``InvalidInputError`` naming the field and the value; 0 stays a setting where it means
-something."""
+something; and a server's ports (``ServerConfig``, ``open_server``) outside 0..65535."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +23,8 @@ from actors import (
     SupervisorConfig,
 )
 from tests.conftest import memory_runtime
+from transport import ServerConfig
+from transport._app import open_server
 
 NAN, INF = math.nan, math.inf
 
@@ -127,3 +130,31 @@ def test_zero_stays_a_broadcaster_setting_where_it_means_something() -> None:
     assert config.coalesce_after == config.replay_bytes == 0
     assert RetentionRule(keep_for=math.inf, max_count=0).max_count == 0
     assert StoreConfig(progress_window=0).progress_window == 0
+
+
+# -- ports: outside 0..65535 (or no integer) refused as the server is configured, naming it,
+# before anything is bound or opened
+
+
+@pytest.mark.parametrize("port", [70000, 65536, -1, 8765.0, "8765", True])
+def test_a_server_config_refuses_a_port_outside_0_to_65535(port: Any) -> None:
+    """``ServerConfig(port=70000)`` was taken, and failed only once serving bound it."""
+    message = _refused(lambda **kw: ServerConfig(secret="s", **kw), "port", port)
+    assert "0..65535" in message
+
+
+@pytest.mark.parametrize("port", [0, 1, 65535])
+def test_a_server_config_takes_every_port(port: int) -> None:
+    assert ServerConfig(secret="s", port=port).port == port
+
+
+@pytest.mark.parametrize("port", [70000, -1, 8766.0])
+async def test_open_server_refuses_a_health_port_before_it_binds_or_opens(
+    tmp_path: Path, port: Any
+) -> None:
+    """A health_port of 70000 bound the websocket port first, then failed as
+    PortUnavailableError; now InvalidInputError naming it, and nothing opened."""
+    with pytest.raises(InvalidInputError, match=r"^health_port must be an integer in 0\.\.65535"):
+        async with open_server(tmp_path / "db", ServerConfig(secret="s", port=0), health_port=port):
+            pytest.fail("served with a bad health port")
+    assert not (tmp_path / "db").exists()
