@@ -14,9 +14,15 @@ from typing import Any
 
 import pytest
 
-from actors import InvalidInputError, parse_duration
+from actors import InvalidInputError, RuntimeConfig, parse_duration
 from transport import ServerConfig
-from transport._config import _EXPLICIT, SETTINGS, load_config_file, resolve
+from transport._config import (
+    _EXPLICIT,
+    SETTINGS,
+    load_config_file,
+    resolve,
+    runtime_config_kwargs,
+)
 from transport._exit import CLIError, ExitCode
 
 ROOT = Path(__file__).parent.parent
@@ -176,3 +182,18 @@ def test_a_duration_in_capital_m_is_refused(text: str) -> None:
     with pytest.raises(ValueError, match="M is ambiguous"):
         parse_duration(text)
     assert parse_duration("6m") == 360.0 and parse_duration("2W") == 14 * 86400.0
+
+
+def test_a_kinds_capacity_is_set_in_the_config_file() -> None:
+    """``[runtime.max_running_per_kind]`` (the README's capacity setting) was refused as an
+    unknown setting; it now reaches ``RuntimeConfig``, each limit checked as the file is read."""
+    values = resolve({}, {}, {"runtime": {"max_running_per_kind": {"research": 2, "trade": 1}}})
+    kwargs = runtime_config_kwargs(values)
+    assert kwargs["max_running_per_kind"] == {"research": 2, "trade": 1}
+    assert RuntimeConfig(**kwargs).max_running_per_kind == {"research": 2, "trade": 1}
+    assert runtime_config_kwargs(resolve({}, {}, {}))["max_running_per_kind"] == {}
+    for bad in ({"research": 0}, {"research": True}, {"research": 1.5}, {"": 2}, {"a\x00b": 1}):
+        with pytest.raises(CLIError) as refused:
+            resolve({}, {}, {"runtime": {"max_running_per_kind": bad}}, "c.toml")
+        assert refused.value.code == ExitCode.USAGE
+        assert "max_running_per_kind" in str(refused.value) and "c.toml" in str(refused.value)

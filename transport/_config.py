@@ -12,8 +12,10 @@ File layout (every key optional)::
     [client]                            # url, token, connect_timeout
     [server]                            # db, store, secret, host, port, health_port, handlers,
                                         # and every field of transport.ServerConfig
-    [runtime]                           # every field of actors.RuntimeConfig, and
-                                        # retention_* (below)
+    [runtime]                           # every field of actors.RuntimeConfig but kinds,
+                                        # and retention_* (below)
+    [runtime.max_running_per_kind]      # a kind's own capacity
+    research = 2
     [runtime.retention_kinds.research]  # a kind's own retention rule
     days = 1                            # keep finished jobs 1 day ("inf": no age limit)
     max_count = 1000                    # at most 1000 finished jobs of the kind
@@ -32,8 +34,9 @@ from typing import Any
 import attrs
 import platformdirs
 
-from actors import RetentionPolicy, RetentionRule, RuntimeConfig
+from actors import InvalidInputError, RetentionPolicy, RetentionRule, RuntimeConfig
 from actors._backend import POSTGRES_URL_SCHEMES
+from actors._codec import check_kind
 from actors._fanout import redact_redis_url
 from actors._retention import DAY
 
@@ -140,6 +143,17 @@ def _kinds(value: dict[str, Any]) -> str | None:
             problem = _days(item) if key == "days" else _count(int(item))
             if problem is not None:
                 return f"retention_kinds.{kind}.{key} {problem}"
+    return None
+
+
+def _kind_limits(value: dict[str, Any]) -> str | None:
+    for kind, limit in value.items():
+        try:
+            check_kind(kind)
+        except InvalidInputError as exc:
+            return f"max_running_per_kind: {exc}"
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 2**31 - 1:
+            return f"max_running_per_kind.{kind} must be a number of jobs >= 1, not {limit!r}"
     return None
 
 
@@ -256,6 +270,9 @@ _EXPLICIT: tuple[Setting, ...] = (
     Setting("retention_kinds", "runtime", dict, {},
             "per-kind retention rules: [runtime.retention_kinds.KIND] days, max_count "
             "(config file only)", check=_kinds),
+    Setting("max_running_per_kind", "runtime", dict, {},
+            "jobs of a kind running at once at most: [runtime.max_running_per_kind] KIND = n "
+            "(config file only; default: max_running alone)", check=_kind_limits),
 )  # fmt: skip
 
 
@@ -329,9 +346,9 @@ def _field_settings(cls: type, section: str, taken: set[str]) -> list[Setting]:
     return found
 
 
-# ``retention`` is built from the retention_* settings (:func:`retention_policy`); the queue's
-# mappings are not config-file scalars: given by the embedding API.
-_TAKEN = {s.name for s in _EXPLICIT} | {"retention", "kinds", "max_running_per_kind"}
+# ``retention`` is built from the retention_* settings (:func:`retention_policy`); a kind's
+# options (``kinds``) are its handler's own (``@kind_options``) or the embedding API's.
+_TAKEN = {s.name for s in _EXPLICIT} | {"retention", "kinds"}
 #: Every setting, explicit ones first; request_burst defaults to twice request_rate (at
 #: least 1).
 SETTINGS: tuple[Setting, ...] = (
