@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import platform
 import shutil
@@ -402,6 +403,13 @@ async def fanout(
     delivered_span = max(1e-9, result["last"] - result["first"])
     lat = [1000 * x for x in result["latencies"]]
     persisted_rate = total / span
+    p99 = percentile(lat, 0.99)
+    # A paced run that offers less than 10,000/s cannot reach that rate: it is not judged on
+    # it. Back to back (the side-by-side workload) the latency goal is the performance
+    # issue's, 15 ms at that rate; paced, the earlier fan-out goal, 50 ms.
+    offered = running / interval if interval > 0 else math.inf
+    rate_goal = ">= 10,000" if offered >= 10_000 else "none, paced"
+    p99_goal = 15 if interval == 0 else 50
     return [
         Row(
             label,
@@ -409,9 +417,8 @@ async def fanout(
             persisted_rate,
             "ev/s",
             "",
-            ">= 10,000",
-            # A paced run that offers less than 10,000/s cannot reach it.
-            ok=persisted_rate >= 10_000 or (interval > 0 and running / interval < 10_000),
+            rate_goal,
+            ok=persisted_rate >= 10_000 if offered >= 10_000 else None,
         ),
         Row(
             label,
@@ -424,12 +431,12 @@ async def fanout(
         Row(
             label,
             "latency p99",
-            percentile(lat, 0.99),
+            p99,
             "ms",
             "< 100 ms",
-            "< 50 ms",
-            ratio=f"{100 / max(percentile(lat, 0.99), 1e-9):.1f}x",
-            ok=percentile(lat, 0.99) < 50,
+            f"<= {p99_goal} ms",
+            ratio=f"{100 / max(p99, 1e-9):.1f}x",
+            ok=p99 <= p99_goal,
         ),
         Row(label, "latency max", max(lat, default=float("nan")), "ms"),
         Row(
@@ -577,6 +584,9 @@ def peer_ratios(rows: list[Row], peer_rows: list[Row], jobs: int, peer: str) -> 
         return []
     mine_rate, mine_p99 = ours[0].value, ours[4].value
     rate_goal, p99_goal = PEER_GOALS[peer]
+    # Paced below 10,000/s (fanout's rate not judged), both sides run at the offered rate: a
+    # ratio of rates says nothing there, and is not judged either.
+    judged = ours[0].ok is not None
     return [
         Row(
             f"vs {peer} {jobs}",
@@ -584,8 +594,8 @@ def peer_ratios(rows: list[Row], peer_rows: list[Row], jobs: int, peer: str) -> 
             mine_rate / max(peer_rows[0].value, 1e-9),
             "x",
             "",
-            f">= {rate_goal:g}",
-            ok=mine_rate >= rate_goal * peer_rows[0].value,
+            f">= {rate_goal:g}" if judged else "none, paced",
+            ok=mine_rate >= rate_goal * peer_rows[0].value if judged else None,
         ),
         Row(
             f"vs {peer} {jobs}",
@@ -788,7 +798,24 @@ def versions() -> dict[str, str]:
         "sqlite": sqlite3.sqlite_version,
         "cores": str(os.cpu_count()),
         "machine": platform.machine(),
+        "loop_seconds": f"{loop_seconds():.2f}",
     }
+
+
+#: The loop the README's figures give each machine's speed by, as it was timed there: at a
+#: module's top level (``python3 -c``), its counter a global.
+_LOOP = compile("for i in range(10_000_000): pass", "<loop>", "exec")
+
+
+def loop_seconds() -> float:
+    """Seconds this machine takes for a 10-million-step Python loop (the best of three): its
+    speed, by which the README's figures are given (machines of one kind differ threefold)."""
+    best = math.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        exec(_LOOP, {})
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def table(rows: list[Row], meta: dict[str, str]) -> str:
@@ -796,7 +823,8 @@ def table(rows: list[Row], meta: dict[str, str]) -> str:
     width = max([25, *(len(r.scenario) for r in rows)]) + 1
     lines = [
         f"jobspine bench: {meta['cores']} cores ({meta['machine']}), Python {meta['python']}, "
-        f"trio {meta['trio']}, trio-websocket {meta['trio-websocket']}, SQLite {meta['sqlite']}",
+        f"trio {meta['trio']}, trio-websocket {meta['trio-websocket']}, SQLite {meta['sqlite']};"
+        f" a 10-million-step Python loop in {meta['loop_seconds']} s",
         "",
         f"{'scenario':<{width}}{'measure':<44}{'value':>12} {'unit':<6}{'predecessor':>18}"
         f"{'goal':>12}{'vs pred.':>10}  ok",
@@ -1038,8 +1066,9 @@ def parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.add_argument(
         "--json",
-        default="bench-results.json",
-        help="where to write every figure (default: bench-results.json, replaced)",
+        default="bench/results/latest.json",
+        help="where to write every figure (default: bench/results/latest.json, replaced;"
+        " bench/results/ is not tracked by git)",
     )
     p.add_argument(
         "--smoke",
@@ -1074,6 +1103,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = trio.run(run, args)
     meta = versions()
     print(table(rows, meta))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_bytes(
         orjson.dumps(
             {"machine": meta, "args": vars(args), "rows": [attrs.asdict(r) for r in rows]},
