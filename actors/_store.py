@@ -266,6 +266,9 @@ class StoreActor:
         # Committed state of the running jobs (the ones written often): waiting, paused and
         # finished jobs live in the database only, so 100,000 waiting cost no memory here.
         self._cache: dict[str, Job] = {}
+        # Per owner: the lease its last renewal stored (renew_leases writes the column alone;
+        # the cached jobs keep their claim's, which a read of a job by id brings up to date).
+        self._renewed: dict[str, float] = {}
         # Per user: jobs waiting (created), staged changes included; loaded on first use.
         self._waiting: dict[str, int] = {}
         self._inflight: list[_Group] = []  # handed to the committer, oldest first
@@ -805,6 +808,11 @@ class StoreActor:
         job = self._cache.get(job_id) or await self._load(job_id)
         if job is None or any(job_id in group.deleted for group in self._inflight):
             raise UnknownJobError(job_id)
+        # The lease as stored (see renew_leases), not the claim's, in the past once renewed.
+        lease = job.lease_expires_at
+        renewed = self._renewed.get(job.owner) if job.owner is not None else None
+        if lease is not None and renewed is not None and lease < renewed:
+            job = attrs.evolve(job, lease_expires_at=renewed)
         return job
 
     async def _load(self, job_id: str) -> Job | None:
@@ -1104,7 +1112,9 @@ class StoreClient:
 
         async def fn() -> int:
             async with actor._commit_lock:
-                return await actor.backend.renew_leases(owner, lease_expires_at)
+                renewed = await actor.backend.renew_leases(owner, lease_expires_at)
+            actor._renewed[owner] = lease_expires_at
+            return renewed
 
         return await self._call(fn, BARRIER)
 

@@ -497,3 +497,26 @@ async def test_a_child_created_under_a_cancelled_parent_is_cancelled(
         await trio.sleep(1)
         assert (await rt.get_job(child.id)).state is S.CANCELLED
         assert not rt.supervisor.workers
+
+
+async def test_a_running_jobs_lease_reads_as_its_last_renewal(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The dispatcher renews its claims' lease every ``lease_renew_interval`` (the column
+    alone); a job read by id showed its claim's lease instead, in the past once the claim was
+    older than ``lease_ttl`` (a walk-through saw 09:14:18 at 09:15:01)."""
+
+    async def long(ctx: JobContext, input: Any) -> Any:
+        for step in range(100):
+            await ctx.progress(step, None)
+            await trio.sleep(1)
+
+    async with memory_runtime({"long": long}, lease_ttl=5.0, lease_renew_interval=1.0) as rt:
+        job = await rt.create_job("long", "alice", {})
+        running = await wait_for_state(rt, job.id, {JobState.RUNNING})
+        assert running.lease_expires_at is not None
+        for _ in range(3):
+            await trio.sleep(20)
+            seen = await rt.get_job(job.id)
+            assert seen.lease_expires_at is not None
+            assert seen.lease_expires_at > running.lease_expires_at + 15
