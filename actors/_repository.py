@@ -13,7 +13,6 @@ import attrs
 import trio
 
 from ._backend import JobQuery, QueueStats
-from ._codec import check_kind
 from ._errors import (
     IllegalTransitionError,
     InvalidInputError,
@@ -38,7 +37,7 @@ from ._routing import Control, RemoteControls, refusal
 from ._states import TERMINAL_STATES, JobState, parse_states
 from ._store import StoreClient
 from ._supervisor import Supervisor
-from ._worker import Handler
+from ._worker import Handler, check_handler
 
 __all__ = ["Repository"]
 
@@ -160,9 +159,9 @@ class Repository:
         """Run jobs of ``kind`` with ``handler``. ``options``: the kind's retries, timeout and
         stall rule (else ``RuntimeConfig.kinds[kind]``, else the handler's
         :func:`kind_options`, else the defaults). ``kind`` is a name a job can be created
-        with (1 to 1,024 printable characters, see :func:`~._codec.check_kind`), else
-        :class:`InvalidInputError` names it and nothing is registered."""
-        check_kind(kind)
+        with (1 to 1,024 printable characters, see :func:`~._codec.check_kind`) and ``handler``
+        a callable, else :class:`InvalidInputError` names it and nothing is registered."""
+        check_handler(kind, handler)
         self._supervisor.set_kind_options(kind, options)  # checked before anything changes
         self._handlers[kind] = handler
         self._supervisor.capacity_changed()  # its waiting jobs became claimable

@@ -14,7 +14,6 @@ import trio
 
 from ._backend import POSTGRES_URL_SCHEMES, Backend
 from ._broadcaster import Broadcaster, BroadcasterConfig
-from ._codec import check_kind
 from ._dispatcher import Dispatcher, WallClock
 from ._errors import (
     InvalidInputError,
@@ -43,7 +42,7 @@ from ._supervisor import (
     recovery_event,
     recovery_outcome,
 )
-from ._worker import Handler
+from ._worker import Handler, check_handler
 
 if TYPE_CHECKING:
     from ._pg_notify import PgNotifier
@@ -432,8 +431,8 @@ async def open_runtime(
     KeyboardInterrupt) closes the database.
     """
     config = config or RuntimeConfig()
-    for kind in handlers or {}:
-        check_kind(kind)  # as rt.register does: a kind no job could be created with
+    for kind, handler in (handlers or {}).items():
+        check_handler(kind, handler)  # as rt.register does
     if fanout is not None and broadcast is None:
         raise InvalidInputError("fanout delivers to a broadcaster: pass broadcast= too")
     node_id = config.node_id or new_id()

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
+from ._codec import check_kind
 from ._endings import Ending, HandlerFailure, judge_exit
 from ._errors import (
     InvalidInputError,
@@ -40,6 +41,7 @@ __all__ = [
     "InputCheck",
     "JobContext",
     "Worker",
+    "check_handler",
     "check_input",
     "validates",
 ]
@@ -97,6 +99,18 @@ def validates(check: InputCheck) -> Callable[[_H], _H]:
         return handler
 
     return mark
+
+
+def check_handler(kind: object, handler: object) -> None:
+    """Raise :class:`InvalidInputError` unless ``kind`` is a name a job can be created with
+    (:func:`~._codec.check_kind`) and ``handler`` can be called: every registration checks
+    both before it changes anything (a handler of None was taken, and its jobs never ran)."""
+    check_kind(kind)
+    if not callable(handler):
+        raise InvalidInputError(
+            f"the handler of kind {kind!r} must be an async function (ctx, input),"
+            f" not {type(handler).__name__}"
+        )
 
 
 def check_input(handler: Handler, kind: str, input: Any) -> None:

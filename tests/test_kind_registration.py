@@ -73,3 +73,18 @@ def test_handlers_option_refuses_a_kind_no_job_can_be_created_with(
     assert str(refused.value) == (
         "--handlers bad_kinds:HANDLERS: kind must not contain a NUL character"
     )
+
+
+@pytest.mark.parametrize("handler", [None, "myapp:count", 5])
+async def test_a_handler_that_cannot_be_called_is_not_registered(handler: Any) -> None:
+    """``open_runtime(handlers={"k": None})`` opened, and a job of ``k`` never ran: its
+    ``wait_job`` waited for ever. Every registration now refuses it, naming the kind."""
+    async with memory_runtime({}) as rt:
+        with pytest.raises(InvalidInputError, match="handler of kind 'k'"):
+            rt.register("k", handler)
+        assert "k" not in rt.kinds
+    with pytest.raises(InvalidInputError, match="handler of kind 'k'"):
+        async with open_runtime(backend=MemoryBackend(), handlers={"k": handler}):
+            pytest.fail("opened with a handler that cannot be called")
+    with pytest.raises(InvalidInputError, match="handler of kind 'k'"):
+        WorkerProcess("ws://127.0.0.1:1", "token", {"k": handler})

@@ -37,10 +37,10 @@ from actors import (
     JobState,
     NotSerializableError,
 )
-from actors._codec import check_kind, dumps_json_value
+from actors._codec import dumps_json_value
 from actors._endings import Ending, judge_exit
 from actors._options import options_of, options_to_wire
-from actors._worker import Handler, check_input
+from actors._worker import Handler, check_handler, check_input
 
 from ._protocol import MAX_BATCH_REQUESTS
 from ._reconnect import FATAL_CLOSE, ReconnectPolicy
@@ -454,8 +454,9 @@ class WorkerProcess:
 
     :meth:`run` returns after :meth:`drain` once every job was handed back; raises
     :class:`WorkerFatalError` when the server refuses the hello (4002, 4003, 4004, 4010).
-    A kind of ``handlers`` the server would refuse (see :func:`actors._codec.check_kind`)
-    raises :class:`~actors.InvalidInputError` naming it here, before any connection."""
+    A kind of ``handlers`` the server would refuse (see :func:`actors._codec.check_kind`), or a
+    handler that cannot be called, raises :class:`~actors.InvalidInputError` naming it here,
+    before any connection."""
 
     def __init__(
         self,
@@ -468,8 +469,8 @@ class WorkerProcess:
         policy: ReconnectPolicy | None = None,
         connect_timeout: float = math.inf,
     ) -> None:
-        for kind in handlers:
-            check_kind(kind)
+        for kind, handler in handlers.items():
+            check_handler(kind, handler)
         # The server's URL, or its worker endpoint's (what this process's log names).
         base = url.rstrip("/")
         self.url = base if base.endswith("/worker") else base + "/worker"
