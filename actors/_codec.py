@@ -30,6 +30,7 @@ __all__ = [
     "dumps_json_value",
     "loads",
     "sanitize_text",
+    "shown",
 ]
 
 T = TypeVar("T")
@@ -240,20 +241,25 @@ def check_kind(kind: object, what: str = "kind") -> None:
     :func:`check_text`). Raises :class:`InvalidInputError` (:class:`NotSerializableError`
     for a lone surrogate) naming ``what`` and the kind."""
     if not isinstance(kind, str) or not kind:
-        raise InvalidInputError(f"{what} must be a non-empty string, not {_shown(kind)}")
+        raise InvalidInputError(f"{what} must be a non-empty string, not {shown(kind)}")
     check_text(kind, what)
     check_name(kind, what)
     for at, char in enumerate(kind):
         if not char.isprintable():
             raise InvalidInputError(
-                f"{what} {_shown(kind)} must be printable: {char!r} at index {at} is a"
+                f"{what} {shown(kind)} must be printable: {char!r} at index {at} is a"
                 " control, format or line separator character"
             )
 
 
-def _shown(value: object, limit: int = 80) -> str:
-    """``repr(value)`` (every unprintable character escaped), cut to about ``limit``."""
-    text = repr(value)
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` (every unprintable character escaped), cut to about ``limit``: for an
+    error message quoting a caller's value. An integer too long for ``repr`` (over Python's
+    4,300 digits) is shown by its size."""
+    try:
+        text = repr(value)
+    except ValueError:  # int's digit limit: no str() of it at all
+        return f"an integer of {value.bit_length():,} bits"  # type: ignore[attr-defined]
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 

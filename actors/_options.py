@@ -19,6 +19,7 @@ from ._job import (
     MAX_TAGS,
     MAX_TIMEOUT,
 )
+from ._ranges import as_float
 
 __all__ = [
     "CreateOptions",
@@ -221,13 +222,8 @@ def check_timeout(value: object) -> float | None:
 
 
 def _seconds(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidInputError(f"{name} must be a finite number of seconds")
-    try:
-        seconds = float(value)
-    except OverflowError:  # an integer beyond any float (10**400): no finite time
-        seconds = math.inf
-    if not math.isfinite(seconds):
+    seconds = as_float(value)  # None for an integer beyond any float (10**400) too
+    if seconds is None or not math.isfinite(seconds):
         raise InvalidInputError(f"{name} must be a finite number of seconds")
     return seconds
 

@@ -4,7 +4,8 @@
 construction, with :class:`InvalidInputError` naming the field and the value, instead of
 failing (or spinning, or silently doing nothing) once running.
 
-A number of seconds is a finite int or float (never a bool: ``True`` is no timeout), above 0
+A number of seconds is a finite int or float (never a bool: ``True`` is no timeout; never an
+int beyond any float, 10**400: each time computed with it raised OverflowError), above 0
 unless 0 means something for that field; a count or size is an int (never a bool) from 1, or
 from 0 where 0 means something; a port is an int in 0..65535 (0: any free port)."""
 
@@ -16,9 +17,18 @@ from collections.abc import Collection, Mapping
 import attrs
 from attrs import AttrsInstance
 
+from ._codec import shown
 from ._errors import InvalidInputError
 
-__all__ = ["MAX_PORT", "check_count", "check_fields", "check_number", "check_port", "is_number"]
+__all__ = [
+    "MAX_PORT",
+    "as_float",
+    "check_count",
+    "check_fields",
+    "check_number",
+    "check_port",
+    "is_number",
+]
 
 #: The largest TCP port.
 MAX_PORT = 65535
@@ -29,16 +39,32 @@ def is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def as_float(value: object) -> float | None:
+    """``value`` as a float when it is a real number (:func:`is_number`) a float can hold,
+    else None: an integer beyond any float (``10**400``) is None too, since every time or
+    deadline computed with it raises ``OverflowError``."""
+    if not is_number(value):
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except OverflowError:
+        return None
+
+
 def check_number(name: str, value: object, *, zero: bool = False, unit: str = "seconds") -> None:
     """Refuse anything but a finite number above 0 (``zero``: from 0) of ``unit``: NaN,
-    infinity, a negative number, a bool, a string. Raises :class:`InvalidInputError` naming
-    ``name`` and the value."""
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    if number and (value >= 0 if zero else value > 0) and value < math.inf:  # type: ignore[operator]
+    infinity, a negative number, a bool, a string, an integer beyond any float. Raises
+    :class:`InvalidInputError` naming ``name`` and the value."""
+    number = as_float(value)
+    if number is not None and (number >= 0 if zero else number > 0) and number < math.inf:
         return
     if zero:
-        raise InvalidInputError(f"{name} must be a finite number of {unit} >= 0, not {value!r}")
-    raise InvalidInputError(f"{name} must be a positive number of {unit} (finite), not {value!r}")
+        raise InvalidInputError(
+            f"{name} must be a finite number of {unit} >= 0, not {shown(value)}"
+        )
+    raise InvalidInputError(
+        f"{name} must be a positive number of {unit} (finite), not {shown(value)}"
+    )
 
 
 def check_count(name: str, value: object, *, low: int = 1) -> None:
@@ -46,7 +72,7 @@ def check_count(name: str, value: object, *, low: int = 1) -> None:
     :class:`InvalidInputError` naming ``name`` and the value."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= low:
         return
-    raise InvalidInputError(f"{name} must be an integer >= {low}, not {value!r}")
+    raise InvalidInputError(f"{name} must be an integer >= {low}, not {shown(value)}")
 
 
 def check_port(name: str, value: object) -> None:
@@ -55,7 +81,7 @@ def check_port(name: str, value: object) -> None:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_PORT:
         return
     raise InvalidInputError(
-        f"{name} must be an integer in 0..{MAX_PORT} (0: any free port), not {value!r}"
+        f"{name} must be an integer in 0..{MAX_PORT} (0: any free port), not {shown(value)}"
     )
 
 

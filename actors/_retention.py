@@ -13,8 +13,9 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
+from ._codec import shown
 from ._errors import InvalidInputError
-from ._ranges import check_count, check_number, is_number
+from ._ranges import as_float, check_count, check_number
 
 __all__ = ["DAY", "PruneReport", "RetentionPolicy", "RetentionRule", "parse_duration"]
 
@@ -31,11 +32,13 @@ class RetentionRule:
 
     def __attrs_post_init__(self) -> None:
         """:class:`InvalidInputError` (a ``ValueError``) naming the field and the value for
-        a ``keep_for`` that is no number >= 0 (NaN, negative, a bool, a string) or a
-        ``max_count`` that is no integer >= 0."""
+        a ``keep_for`` that is no number >= 0 (NaN, negative, a bool, a string, an integer
+        beyond any float: each pass of the policy raised OverflowError) or a ``max_count``
+        that is no integer >= 0."""
         keep_for, count = self.keep_for, self.max_count
-        if keep_for is not None and not (is_number(keep_for) and keep_for >= 0):
-            raise InvalidInputError(f"keep_for must be >= 0 seconds or None, not {keep_for!r}")
+        seconds = as_float(keep_for)
+        if keep_for is not None and not (seconds is not None and seconds >= 0):
+            raise InvalidInputError(f"keep_for must be >= 0 seconds or None, not {shown(keep_for)}")
         if count is not None:
             check_count("max_count", count, low=0)
 

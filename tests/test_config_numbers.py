@@ -158,3 +158,61 @@ async def test_open_server_refuses_a_health_port_before_it_binds_or_opens(
         async with open_server(tmp_path / "db", ServerConfig(secret="s", port=0), health_port=port):
             pytest.fail("served with a bad health port")
     assert not (tmp_path / "db").exists()
+
+
+# -- an integer beyond any float (10**400): every time computed with it raised OverflowError
+
+HUGE = 10**400
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (RuntimeConfig, "heartbeat_timeout"),
+        (RuntimeConfig, "stop_grace"),
+        (RuntimeConfig, "shutdown_timeout"),
+        (RuntimeConfig, "idempotency_window"),
+        (RuntimeConfig, "store_retry_timeout"),
+        (RetentionPolicy, "interval"),
+        (RetentionRule, "keep_for"),
+        (BroadcasterConfig, "lag_window"),
+        (lambda **kw: ServerConfig(secret="s", **kw), "hello_timeout"),
+    ],
+)
+def test_a_number_of_seconds_beyond_any_float_is_refused(make: Any, name: str) -> None:
+    """``check_number`` compared ``10**400 < inf`` (true for an int) and took it: then
+    ``RuntimeConfig(heartbeat_timeout=10**400)`` crashed the runtime at its first job
+    (RuntimeCrashedError: OverflowError), a ``stop_grace`` of it hung the first pause, and a
+    ``keep_for`` of it failed every pass of the retention policy. The message names the
+    field and shows the value cut short."""
+    with pytest.raises(InvalidInputError) as refused:
+        make(**{name: HUGE})
+    message = str(refused.value)
+    assert message.startswith(name) and "(401 characters)" in message, message
+
+
+def test_a_count_too_long_to_show_is_refused_by_its_size() -> None:
+    """An int over Python's 4,300 digits has no repr: the message quoting it raised a
+    ValueError of its own instead of the InvalidInputError."""
+    with pytest.raises(InvalidInputError, match=r"^max_running must be an integer >= 1, not an"):
+        RuntimeConfig(max_running=-(10**5000))
+    with pytest.raises(InvalidInputError, match=r"^heartbeat_timeout .* not an integer of"):
+        RuntimeConfig(heartbeat_timeout=10**5000)
+
+
+async def test_a_runtime_with_the_largest_float_seconds_runs(
+    autojump_clock: Any,
+) -> None:
+    """What is refused above is not what is large: 1e308 seconds (a float) is a setting."""
+    config: dict[str, Any] = {
+        "heartbeat_timeout": 1e308,
+        "stop_grace": 1e308,
+        "idempotency_window": 1e308,
+    }
+    async with memory_runtime({"q": _echo}, **config) as rt:
+        job = await rt.create_job("q", "alice", 3, idempotency_key="k")
+        assert (await rt.wait_job(job.id)).result == 3
+
+
+async def _echo(ctx: Any, input: Any) -> Any:
+    return input
