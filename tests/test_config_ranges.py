@@ -96,6 +96,29 @@ def test_a_config_file_that_is_not_utf8_is_a_usage_error(tmp_path: Path) -> None
     assert "Traceback" not in done.stderr and "not UTF-8 text" in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("digits", "said"),
+    [
+        # A float setting given an integer beyond any float: float() raised OverflowError.
+        (400, "runtime.heartbeat_timeout must be float, got 1000"),
+        # Over Python's 4,300 digits: tomllib's int() raised ValueError.
+        (5000, "Exceeds the limit (4300 digits) for integer string conversion"),
+    ],
+)
+def test_a_huge_integer_in_the_config_file_is_a_usage_error(
+    tmp_path: Path, digits: int, said: str
+) -> None:
+    """Each stopped ``jobspine config`` (and ``serve``) with a traceback and exit status 1."""
+    path = tmp_path / "config.toml"
+    path.write_text(f"[runtime]\nheartbeat_timeout = 1{'0' * digits}\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JOBSPINE_CONFIG": str(path)}
+    command = [sys.executable, "-m", "transport._cli", "config"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == ExitCode.USAGE, done.stderr
+    assert "Traceback" not in done.stderr and said in done.stderr, done.stderr
+    assert len(done.stderr) < 400, done.stderr  # the value is cut short, not quoted whole
+
+
 @pytest.mark.parametrize(("rate", "burst"), [("0.01", 1), ("0.4", 1), ("0.5", 1), ("7", 14)])
 def test_a_low_request_rate_still_lets_requests_through(rate: str, burst: int) -> None:
     """``request_burst`` defaults to twice ``request_rate``, and to one request at least: a

@@ -36,7 +36,7 @@ import platformdirs
 
 from actors import InvalidInputError, RetentionPolicy, RetentionRule, RuntimeConfig
 from actors._backend import POSTGRES_URL_SCHEMES
-from actors._codec import check_kind
+from actors._codec import check_kind, shown
 from actors._fanout import redact_redis_url
 from actors._retention import DAY
 
@@ -367,12 +367,14 @@ def load_config_file(path: Path) -> dict[str, Any]:
             return tomllib.load(f)
     except OSError as exc:
         raise CLIError(ExitCode.USAGE, f"config file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise CLIError(ExitCode.USAGE, f"config file {path}: {exc}") from None
     except UnicodeDecodeError as exc:  # TOML is UTF-8; tomllib decodes before it parses
         raise CLIError(
             ExitCode.USAGE, f"config file {path}: not UTF-8 text (byte {exc.start}): {exc.reason}"
         ) from None
+    except ValueError as exc:
+        # tomllib.TOMLDecodeError, or an integer over Python's 4,300 digits (int() refuses
+        # it as tomllib reads it: a traceback before).
+        raise CLIError(ExitCode.USAGE, f"config file {path}: {exc}") from None
 
 
 def _flatten(data: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -408,9 +410,11 @@ def _convert(setting: Setting, value: Any, where: str) -> Any:
             return float(value)
         elif isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
             return value
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: an integer beyond any float
         pass
-    raise CLIError(ExitCode.USAGE, f"{where}: {setting.key} must be {kind.__name__}, got {value!r}")
+    raise CLIError(
+        ExitCode.USAGE, f"{where}: {setting.key} must be {kind.__name__}, got {shown(value)}"
+    )
 
 
 def resolve(
