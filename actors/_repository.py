@@ -25,6 +25,7 @@ from ._events import AUDIT_TYPES, STREAM_BYTES, EventHub, EventStream, EventStre
 from ._job import Job, JobError
 from ._joblog import job_fields
 from ._options import CreateOptions, KindOptions
+from ._ranges import check_number
 from ._recovery import (
     CheckpointDetails,
     CheckpointValidation,
@@ -569,6 +570,9 @@ class Repository:
     # -- recovery -------------------------------------------------------------------------------
 
     async def find_stale_jobs(self, stalled_seconds: float) -> list[Job]:
+        """Running jobs with no sign of life for ``stalled_seconds`` (a finite number >= 0,
+        else :class:`InvalidInputError`)."""
+        check_number("stalled_seconds", stalled_seconds, zero=True)
         return await self._store.find_stale_running(stalled_seconds)
 
     async def recover_job(self, job_id: str) -> Job:
@@ -625,7 +629,7 @@ class Repository:
         return why is None
 
     async def get_resumable_jobs(self, user_id: str | None = None) -> list[Job]:
-        return await self._store.find_resumable(user_id)
+        return await self._store.find_resumable(_filter_text(user_id, "user_id"))
 
     async def reset_recovery_attempts(self, job_id: str, *, by: str | None = None) -> Job:
         return await self._store.reset_recovery_attempts(job_id, by)

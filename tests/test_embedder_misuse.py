@@ -87,6 +87,23 @@ async def test_odd_create_and_restart_arguments_are_invalid_input(
         assert await rt.get_job(job.id) == job  # unchanged
 
 
+async def test_recovery_queries_check_their_arguments(autojump_clock: trio.abc.Clock) -> None:
+    """``get_resumable_jobs(5)`` raised a TypeError from inside the store's filter, and
+    ``find_stale_jobs(None)`` one from its arithmetic; each is InvalidInputError naming the
+    argument, as ``get_user_stats`` and ``queue_stats`` are."""
+    async with memory_runtime({"quick": quick}) as rt:
+        users: list[Any] = [5, ["alice"], b"alice"]
+        for user in users:
+            with pytest.raises(InvalidInputError, match="user_id must be a string"):
+                await rt.get_resumable_jobs(user)
+        seconds: list[Any] = [None, "30", -1, float("nan"), 10**400]
+        for value in seconds:
+            with pytest.raises(InvalidInputError, match=r"^stalled_seconds must be"):
+                await rt.find_stale_jobs(value)
+        assert await rt.get_resumable_jobs("alice") == []
+        assert await rt.find_stale_jobs(0) == []
+
+
 async def test_kind_options_of_the_wrong_type_are_refused_where_given(
     autojump_clock: trio.abc.Clock,
 ) -> None:
