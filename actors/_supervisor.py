@@ -322,12 +322,14 @@ class Supervisor:
 
     def declaration_conflict(self, declared: Mapping[str, KindOptions]) -> str | None:
         """Why a worker declaring ``declared`` (kind -> its options) must be refused: no room
-        for its kinds now (:meth:`declaration_room`), or a kind without options of the
-        server's own whose options differ from those of a worker serving it now (one kind,
-        one behaviour); else None."""
-        no_room = self.declaration_room(declared)
-        if no_room is not None:
-            return no_room
+        for its kinds now (:meth:`declaration_room`), or options in conflict
+        (:meth:`options_conflict`); else None."""
+        return self.declaration_room(declared) or self.options_conflict(declared)
+
+    def options_conflict(self, declared: Mapping[str, KindOptions]) -> str | None:
+        """Why ``declared`` can never be accepted while the workers connected now stay: a kind
+        without options of the server's own whose options differ from those of a worker
+        serving it now (one kind, one behaviour); else None."""
         for kind, options in declared.items():
             if kind in self._kinds or kind in self.handlers:
                 continue

@@ -106,6 +106,22 @@ async def test_a_hello_whose_options_conflict_is_still_fatal(tmp_path: Path) -> 
         assert "options.echo differ" in str(raised.value)
 
 
+async def test_a_conflict_is_fatal_also_while_the_table_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hello whose options conflict with a connected worker's and that brings a new kind
+    while the table is full: told the conflict (4002, for good), not 1013, after which the
+    worker would have retried for ever a hello that can never be accepted."""
+    monkeypatch.setattr(actors._supervisor, "MAX_DECLARED_KINDS", 2)
+    async with (
+        worker_only_server(tmp_path / "db") as running,
+        raw_worker(running.url, ["echo", "b"], options={"echo": {"max_attempts": 2}}),
+    ):
+        hello = {"op": "hello", "token": worker_token(), "kinds": ["echo", "c"], "capacity": 1}
+        closed = await closed_by(running.url + "/worker", hello)
+        assert closed.code == 4002 and "options.echo differ" in (closed.reason or ""), closed
+
+
 # -- 2. a URL naming the other endpoint -----------------------------------------------------------
 
 

@@ -45,6 +45,7 @@ from actors._worker import Handler, check_handler, check_input
 from ._protocol import MAX_BATCH_REQUESTS
 from ._reconnect import FATAL_CLOSE, ReconnectPolicy
 from ._wire import send_deadline
+from ._workers import MAX_WORKER_HELLO
 
 __all__ = ["WorkerFatalError", "WorkerProcess", "WorkerRequestError"]
 
@@ -491,6 +492,33 @@ class WorkerProcess:
         self.max_frame_size = 2 * 1024 * 1024
         #: The last connection closed at its hello (refused), not after it.
         self._refused = False
+        self._hello = self._hello_frame()
+        if len(self._hello.encode()) > MAX_WORKER_HELLO:
+            # The server closes a larger hello with 1009 before reading it, a close retried
+            # for ever: no later hello of these kinds is any smaller.
+            raise InvalidInputError(
+                f"the hello of these {len(handlers)} kinds (their names and options) takes"
+                f" {len(self._hello.encode()):,} bytes, over the {MAX_WORKER_HELLO:,} a server"
+                " reads: serve fewer kinds, or shorter names, per worker"
+            )
+
+    def _hello_frame(self) -> str:
+        """The hello this worker opens each connection with (PROTOCOL.md section 9)."""
+        hello: dict[str, Any] = {
+            "op": "hello",
+            "id": 0,
+            "token": self.token,
+            "kinds": sorted(self.handlers),
+            "capacity": self.concurrency,
+            "options": {
+                kind: options_to_wire(options_of(handler))
+                for kind, handler in self.handlers.items()
+            },
+        }
+        if self.name is not None:
+            hello["name"] = self.name
+        hello["batch"] = True  # this worker reads batch frames
+        return orjson.dumps(hello).decode()
 
     def drain(self) -> None:
         """Hand every job back to the server (each checkpoints within its grace), then stop."""
@@ -568,21 +596,7 @@ class WorkerProcess:
         :class:`WorkerFatalError` for a refused hello that reconnecting cannot help."""
         self._refused = False
         async with open_websocket_url(self.url, max_message_size=MAX_MESSAGE) as ws:
-            hello: dict[str, Any] = {
-                "op": "hello",
-                "id": 0,
-                "token": self.token,
-                "kinds": sorted(self.handlers),
-                "capacity": self.concurrency,
-                "options": {
-                    kind: options_to_wire(options_of(handler))
-                    for kind, handler in self.handlers.items()
-                },
-            }
-            if self.name is not None:
-                hello["name"] = self.name
-            hello["batch"] = True  # this worker reads batch frames
-            await ws.send_message(orjson.dumps(hello).decode())
+            await ws.send_message(self._hello)
             try:
                 first = await ws.get_message()
             except ConnectionClosed as exc:

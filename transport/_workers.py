@@ -424,6 +424,8 @@ class WorkerConnection:
             problem = hello_problem(hello)
             options = declared_options(hello) if problem is None else {}
             supervisor = self.server.runtime.supervisor
+            if problem is None:  # a conflict is for good, so it is told before a lack of room
+                problem = supervisor.options_conflict(options)
             no_room = supervisor.declaration_room(options) if problem is None else None
             if no_room is not None:
                 # Passing: the kinds holding the table are let go as their workers leave and
@@ -434,8 +436,6 @@ class WorkerConnection:
                     _loggable(no_room),
                 )
                 raise ProtocolError("try_again_later", NO_ROOM_NOW)
-            if problem is None:
-                problem = supervisor.declaration_conflict(options)
             if problem is not None:
                 # Authenticated, so an operator's mistake (a worker of other code), not noise.
                 log.warning(
