@@ -14,6 +14,7 @@ import trio
 
 from ._backend import POSTGRES_URL_SCHEMES, Backend
 from ._broadcaster import Broadcaster, BroadcasterConfig
+from ._codec import check_kind
 from ._dispatcher import Dispatcher, WallClock
 from ._errors import (
     InvalidInputError,
@@ -146,6 +147,8 @@ class RuntimeConfig:
         }  # fmt: skip
         for name, value in counts.items():
             check_count(name, value)
+        for kind in (*dict(self.max_running_per_kind), *dict(self.kinds)):
+            check_kind(kind)  # as a handler's registration: a kind no job can be created with
         if self.lease_renew_interval >= self.lease_ttl:
             raise InvalidInputError(
                 f"lease_renew_interval ({self.lease_renew_interval:g} s) must be shorter than"

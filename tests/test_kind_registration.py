@@ -10,7 +10,15 @@ from typing import Any
 
 import pytest
 
-from actors import InvalidInputError, JobContext, MemoryBackend, UnknownKindError, open_runtime
+from actors import (
+    InvalidInputError,
+    JobContext,
+    KindOptions,
+    MemoryBackend,
+    RuntimeConfig,
+    UnknownKindError,
+    open_runtime,
+)
 from tests.conftest import memory_runtime
 from transport._cli import load_handlers
 from transport._exit import CLIError, ExitCode
@@ -98,3 +106,13 @@ def test_a_worker_whose_hello_the_server_cannot_read_is_refused_at_once() -> Non
     with pytest.raises(InvalidInputError, match="over the 524,288 a server reads"):
         WorkerProcess("ws://127.0.0.1:1", "token", kinds)
     WorkerProcess("ws://127.0.0.1:1", "token", dict(list(kinds.items())[:32]))
+
+
+@pytest.mark.parametrize("kind", ["", "a\tb", 5])
+def test_a_runtime_config_refuses_a_kind_no_job_can_be_created_with(kind: Any) -> None:
+    """``RuntimeConfig(max_running_per_kind=…)`` and ``kinds=…`` took kinds that every
+    registration refuses (the config file's table refused them): now refused alike."""
+    with pytest.raises(InvalidInputError, match=r"^kind"):
+        RuntimeConfig(max_running_per_kind={kind: 1})
+    with pytest.raises(InvalidInputError, match=r"^kind"):
+        RuntimeConfig(kinds={kind: KindOptions()})

@@ -153,7 +153,10 @@ def _kind_limits(value: dict[str, Any]) -> str | None:
         except InvalidInputError as exc:
             return f"max_running_per_kind: {exc}"
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 2**31 - 1:
-            return f"max_running_per_kind.{kind} must be a number of jobs >= 1, not {limit!r}"
+            return (
+                f"max_running_per_kind.{kind} must be a number of jobs from 1 to 2**31 - 1,"
+                f" not {limit!r}"
+            )
     return None
 
 

@@ -22,7 +22,16 @@ from ._protocol import CLOSE
 
 log = logging.getLogger("jobspine.server")
 
-__all__ = ["GuardedStream", "Inbound", "send_deadline", "serve_websockets"]
+__all__ = ["GuardedStream", "Inbound", "loggable", "send_deadline", "serve_websockets"]
+
+
+def loggable(text: str, limit: int = 300) -> str:
+    """``text`` from the other side of a connection (a close reason, a refusal quoting what
+    it sent) for one log line: at most ``limit`` characters, what is not printable escaped (a
+    newline in it would forge a line)."""
+    cut = text if len(text) <= limit else text[:limit] + "..."
+    return cut if cut.isprintable() else repr(cut)[1:-1]
+
 
 #: Seconds a client has for the opening handshake, and the server for the closing one
 #: (trio-websocket's defaults).

@@ -44,7 +44,7 @@ from actors._worker import Handler, check_handler, check_input
 
 from ._protocol import MAX_BATCH_REQUESTS
 from ._reconnect import FATAL_CLOSE, ReconnectPolicy
-from ._wire import send_deadline
+from ._wire import loggable, send_deadline
 from ._workers import MAX_WORKER_HELLO
 
 __all__ = ["WorkerFatalError", "WorkerProcess", "WorkerRequestError"]
@@ -72,12 +72,6 @@ CLOSE_MEANINGS: Mapping[int, str] = {
 }
 #: Closes logged as information, not as a warning: nothing is wrong with this worker.
 QUIET_CLOSE = frozenset({1000, 1001})
-
-
-def _loggable(text: str, limit: int = 300) -> str:
-    """``text`` (the server's words) for one log line: cut, what is not printable escaped."""
-    cut = text if len(text) <= limit else text[:limit] + "..."
-    return cut if cut.isprintable() else repr(cut)[1:-1]
 
 
 _ERRORS: Mapping[str, type[JobspineError]] = {
@@ -577,7 +571,7 @@ class WorkerProcess:
         """A close the server sent (or the connection's end, 1006) for the log: its code, its
         reason (the server's words, or what the code means when it gave none) and what the
         code means here, with the limit a 1009 is about."""
-        reason = _loggable(closed.reason or "")
+        reason = loggable(closed.reason or "")
         meaning = CLOSE_MEANINGS.get(closed.code, "")
         if closed.code == CLOSE_TOO_BIG and self._refused:
             meaning = "the hello was over what the server reads before accepting one (512 KiB)"

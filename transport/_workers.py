@@ -39,7 +39,7 @@ from ._protocol import (
     parse_requests,
     reply_message,
 )
-from ._wire import Inbound, send_deadline
+from ._wire import Inbound, loggable, send_deadline
 
 if TYPE_CHECKING:
     from ._server import Server
@@ -224,13 +224,6 @@ def hello_problem(hello: WorkerHello) -> str | None:
     return None
 
 
-def _loggable(text: str, limit: int = 300) -> str:
-    """``text`` for one log line: at most ``limit`` characters, what is not printable escaped
-    (a refusal may quote what the worker sent: a newline in it would forge a line)."""
-    cut = text if len(text) <= limit else text[:limit] + "..."
-    return cut if cut.isprintable() else repr(cut)[1:-1]
-
-
 def _some(kinds: list[str], shown: int = 8, width: int = 64) -> str:
     """``kinds`` for a log line: the first ``shown``, each cut to ``width`` characters, and how
     many more (a hello may declare 256 kinds of 1,024 characters)."""
@@ -379,7 +372,7 @@ class WorkerConnection:
             closed = self.ws.closed
             if closed is None:
                 return None
-            code, reason = closed.code, _loggable(closed.reason or "", 120)
+            code, reason = closed.code, loggable(closed.reason or "", 120)
         how = f"{code}" + (f": {reason}" if reason else "")
         if code == CLOSE["too_big"]:
             config = self.server.config  # the websocket layer's limit (see Server.serve)
@@ -433,13 +426,13 @@ class WorkerConnection:
                 log.warning(
                     "refused a worker's hello for now (%s): %s; it may try again later",
                     principal.user_id,
-                    _loggable(no_room),
+                    loggable(no_room),
                 )
                 raise ProtocolError("try_again_later", NO_ROOM_NOW)
             if problem is not None:
                 # Authenticated, so an operator's mistake (a worker of other code), not noise.
                 log.warning(
-                    "refused a worker's hello (%s): %s", principal.user_id, _loggable(problem)
+                    "refused a worker's hello (%s): %s", principal.user_id, loggable(problem)
                 )
                 raise ProtocolError("protocol_error", f"hello: {problem}")
         except ProtocolError as exc:
