@@ -264,11 +264,18 @@ def shown(value: object, limit: int = 80) -> str:
 
 
 def sanitize_text(text: str) -> str:
-    """``text`` cut to :data:`MAX_MESSAGE_LENGTH` characters (saying so) and with every
-    character UTF-8 cannot carry replaced by its escape (``\\udce9``): for messages that must
-    always be recorded, such as a job's error."""
-    if len(text) > MAX_MESSAGE_LENGTH:
-        text = f"{text[:MAX_MESSAGE_LENGTH]}... ({len(text)} characters, truncated)"
-    if _lone_surrogate(text) is None:
-        return text
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    """``text`` with every character UTF-8 cannot carry replaced by its escape
+    (``\\udce9``), cut to :data:`MAX_MESSAGE_LENGTH` characters saying so (the note
+    included): for messages that must always be recorded, such as a job's error. Applied
+    twice it changes nothing more: a ``jobspine worker`` sanitizes a failure before sending
+    it (a message of megabytes does not fit in a frame), the server again, and the job gets
+    the message its handler would get in the server (the note, left past the limit, was cut
+    and noted a second time)."""
+    length = len(text)
+    text = text[: MAX_MESSAGE_LENGTH + 1]
+    if _lone_surrogate(text) is not None:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if length > MAX_MESSAGE_LENGTH or len(text) > MAX_MESSAGE_LENGTH:
+        note = f"... ({length} characters, truncated)"
+        text = text[: MAX_MESSAGE_LENGTH - len(note)] + note
+    return text

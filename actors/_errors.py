@@ -144,10 +144,12 @@ class ResultTooLargeError(InvalidInputError):
 
     code = "result_too_large"
 
-    def __init__(self, job_id: str, size: int, limit: int) -> None:
+    def __init__(self, job_id: str, size: int, limit: int, setting: str = "result_limit") -> None:
+        """``setting``: what sets ``limit`` (a ``jobspine worker``'s reports are bounded by
+        the server's frame size too)."""
         super().__init__(
             f"job {job_id}: result of {size} bytes exceeds the limit of {limit} bytes"
-            " (result_limit); store large outputs elsewhere and return a reference"
+            f" ({setting}); store large outputs elsewhere and return a reference"
         )
         self.size = size
         self.limit = limit

@@ -203,15 +203,20 @@ async def too_big(ctx: JobContext, input: Any) -> Any:
 async def test_a_worker_closed_for_a_frame_over_the_limit_logs_the_code_reason_and_limit(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A result over the server's frame limit closes the worker's connection with 1009. The
+    """A frame over the server's frame limit closes the worker's connection with 1009. The
     worker's log said nothing of it (it reconnected silently) and the server's said
     ``worker w disconnected (connection closed)``; now both name the code, the reason and
-    the limit, as does the error of the attempt lost with the connection."""
+    the limit, as does the error of the attempt lost with the connection. (A ``jobspine
+    worker`` checks its reports against the limit its hello's reply gave: the frame here is a
+    result it takes to fit a larger limit, as a worker of other code could send; see
+    tests/test_worker_report_sizes.py for one that knows the limit.)"""
     caplog.set_level(logging.INFO, logger="jobspine")
     async with worker_only_server(tmp_path / "db") as running, trio.open_nursery() as nursery:
         process = WorkerProcess(running.url, worker_token(), {"too_big": too_big}, policy=QUICK)
         nursery.start_soon(process.run)
         await eventually(lambda: process.connections == 1)
+        assert process.session is not None
+        process.session.max_frame_size = 4 * 2**20  # not the server's: the frame goes out
         job = await running.runtime.create_job("too_big", "alice", {})
         await eventually(lambda: "closed the connection: 1009" in caplog.text)
         failed = await wait_for_state(running.runtime, job.id, {JobState.FAILED})

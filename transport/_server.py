@@ -108,6 +108,13 @@ class ServerConfig:
     #: ``send_timeout``.
     send_timeout: float = 10.0
 
+    @property
+    def worker_frame_size(self) -> int:
+        """The largest frame the websocket layer reads (a larger one closes the connection
+        with 1009): what a worker's hello reply announces as its ``max_frame_size`` (workers
+        send checkpoints and results of up to 1 MiB)."""
+        return max(self.max_frame_size, self.max_message_size)
+
     def __attrs_post_init__(self) -> None:
         """Refuse a setting that would break every connection, with
         :class:`~actors.InvalidInputError` naming it and its value: every float is a finite
@@ -730,10 +737,7 @@ class Server:
                             self._handle,
                             list(listeners),
                             handler_nursery=connections,
-                            # Workers send checkpoints and results of up to 1 MiB.
-                            max_message_size=max(
-                                self.config.max_frame_size, self.config.max_message_size
-                            ),
+                            max_message_size=self.config.worker_frame_size,
                             # The opening handshake (h11 reads at most 16 KiB of headers)
                             # and one hello frame.
                             unadmitted_bytes=self.config.max_frame_size + 32 * 1024,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,14 +31,21 @@ from trio_websocket import (
 )
 
 from actors import (
+    CheckpointTooLargeError,
     InvalidInputError,
     Job,
     JobContext,
     JobspineError,
     JobState,
     NotSerializableError,
+    ResultTooLargeError,
 )
-from actors._codec import dumps_json_value
+from actors._codec import (
+    MAX_STEP_LENGTH,
+    check_text,
+    dumps_json_value,
+    sanitize_text,
+)
 from actors._endings import Ending, judge_exit
 from actors._options import options_of, options_to_wire
 from actors._worker import Handler, check_handler, check_input
@@ -57,6 +65,8 @@ MAX_MESSAGE = 4 * 1024 * 1024
 DRAIN_MARGIN = 5.0
 
 CLOSE_TOO_BIG = 1009
+#: The largest frame a server takes from a worker until its hello's reply says (PROTOCOL.md).
+MAX_FRAME_SIZE = 2 * 1024 * 1024
 #: What the server's close codes mean for a worker (PROTOCOL.md section 9), for its log.
 CLOSE_MEANINGS: Mapping[int, str] = {
     1000: "normal closure",
@@ -77,8 +87,26 @@ QUIET_CLOSE = frozenset({1000, 1001})
 _ERRORS: Mapping[str, type[JobspineError]] = {
     "invalid_input": InvalidInputError,
     "not_serializable": NotSerializableError,
-    "checkpoint_too_large": InvalidInputError,
 }
+#: The limit in the server's ``checkpoint_too_large`` refusal (CheckpointTooLargeError's words).
+_CHECKPOINT_LIMIT = re.compile(r"exceeds the limit of (\d+) bytes")
+#: What bounds a report's value when it is the server's frame size, for its error.
+_FRAME_SETTING = "the server's max_frame_size, less the report's envelope"
+
+
+class _OverFrame(Exception):  # noqa: N818 - a report's refusal, turned into its typed error
+    """A report whose frame would be over the server's ``max_frame_size``: never sent (the
+    server's websocket layer would close the connection with 1009, losing every attempt
+    running on it)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"a frame of {size} bytes, over the server's max_frame_size ({limit})")
+        self.size = size
+        self.limit = limit
+
+    def room(self, value_size: int) -> int:
+        """The bytes the report's value, of ``value_size`` in this frame, may take in one."""
+        return self.limit - (self.size - value_size)
 
 
 #: A report's refusals that say the job moved on from its attempt (PROTOCOL.md section 9).
@@ -154,15 +182,17 @@ _BATCH_HEAD = b'{"op":"batch","requests":['
 _BATCH_TAIL = b"]}"
 
 
-def _batch_frame(outgoing: list[bytes]) -> tuple[str, int]:
-    """The next frame of ``outgoing`` (encoded requests, oldest first) and how many of them
-    it carries: the first alone when it is the only one or they do not fit together, else
-    a batch of those that fit in ``BATCH_BYTES``."""
+def _batch_frame(outgoing: list[bytes], limit: int = BATCH_BYTES) -> tuple[str, int]:
+    """The next frame of ``outgoing`` (encoded requests, oldest first, each within the
+    server's frame limit) and how many of them it carries: the first alone when it is the
+    only one or they do not fit together, else a batch of those that fit in ``limit`` (at
+    most ``BATCH_BYTES``; less when the server's ``max_frame_size`` is smaller)."""
+    limit = min(limit, BATCH_BYTES)
     size = len(_BATCH_HEAD) + len(_BATCH_TAIL) + len(outgoing[0])
     count = 1
     while count < len(outgoing) and count < MAX_BATCH_REQUESTS:
         size += len(outgoing[count]) + 1
-        if size > BATCH_BYTES:
+        if size > limit:
             break
         count += 1
     if count == 1:
@@ -180,6 +210,8 @@ class _Session:
         self.attempts: dict[str, _Attempt] = {}
         self.heartbeat_interval = 1.0
         self.stop_grace = 5.0
+        #: The largest frame the server takes (its hello's reply): no report goes over it.
+        self.max_frame_size = MAX_FRAME_SIZE
         self._ids = itertools.count(1)
         self._pending: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
         self._send_lock = trio.Lock()
@@ -194,13 +226,25 @@ class _Session:
         #: Set (and replaced) each time an attempt ends.
         self.ended = trio.Event()
 
-    async def send(self, message: dict[str, Any]) -> None:
-        """Send ``message``; returns once it is sent (raises ``ConnectionClosed``). With
-        batches, whoever holds the send lock sends every message queued so far in one frame
-        (at most ``BATCH_BYTES``, a larger message alone), so a burst of reports from many
-        attempts costs the server one frame, not one each. A caller cancelled before its
-        message was taken into a frame takes it back: it is never sent."""
+    def encode(self, message: dict[str, Any]) -> bytes:
+        """``message`` as a frame; raises :class:`_OverFrame` when it is over the server's
+        ``max_frame_size`` (its hello's reply): the server would close the connection with
+        1009, and every attempt running here would be lost with it, not just this one."""
         data = orjson.dumps(message)
+        limit = self.max_frame_size
+        if len(data) > limit:
+            raise _OverFrame(len(data), limit)
+        return data
+
+    async def send(self, message: dict[str, Any] | bytes) -> None:
+        """Send ``message`` (or the frame :meth:`encode` made of it); returns once it is sent
+        (raises ``ConnectionClosed``, or :class:`_OverFrame` before anything is queued). With
+        batches, whoever holds the send lock sends every message queued so far in one frame
+        (at most ``BATCH_BYTES`` and the server's ``max_frame_size``, a larger message
+        alone), so a burst of reports from many attempts costs the server one frame, not one
+        each. A caller cancelled before its message was taken into a frame takes it back: it
+        is never sent."""
+        data = message if isinstance(message, bytes) else self.encode(message)
         if not self.batch:
             async with self._send_lock:
                 await self._send_frame(data.decode())
@@ -216,7 +260,9 @@ class _Session:
                 while self._sent < mine:
                     if self._closed is not None:  # a frame failed: so would this one
                         raise ConnectionClosed(self._closed)
-                    frame, count = _batch_frame([each for _, each in self._outgoing])
+                    frame, count = _batch_frame(
+                        [each for _, each in self._outgoing], self.max_frame_size
+                    )
                     taken = self._outgoing[:count]
                     del self._outgoing[:count]  # its callers can no longer take them back
                     try:
@@ -265,12 +311,31 @@ class _Session:
     async def set_progress(
         self, job_id: str, attempt: int, pct: float, step: str | None, *, durable: bool = True
     ) -> None:
+        check_text(step, "step", optional=True, limit=MAX_STEP_LENGTH)  # as the server's store
         # The server's own JobContext decides when it answers (see JobContext.progress).
-        await self.request("progress", job_id=job_id, attempt=attempt, progress=pct, step=step)
+        try:
+            await self.request("progress", job_id=job_id, attempt=attempt, progress=pct, step=step)
+        except _OverFrame as exc:
+            raise InvalidInputError(
+                f"job {job_id}: a progress report of {exc.size} bytes is over the server's"
+                f" max_frame_size ({exc.limit} bytes)"
+            ) from None
 
     async def checkpoint(self, job_id: str, attempt: int, data: Any) -> None:
-        dumps_json_value(data, "checkpoint")  # refused here, as in the server, before sending
-        await self.request("checkpoint", job_id=job_id, attempt=attempt, data=data)
+        # Refused here, as in the server, before sending.
+        size = len(dumps_json_value(data, "checkpoint"))
+        try:
+            await self.request("checkpoint", job_id=job_id, attempt=attempt, data=data)
+        except _OverFrame as exc:
+            raise CheckpointTooLargeError(job_id, size, exc.room(size)) from None
+        except WorkerRequestError as exc:
+            if exc.code != "checkpoint_too_large":
+                raise
+            # Over the server's checkpoint_limit: the error a handler gets in the server.
+            limit = _CHECKPOINT_LIMIT.search(str(exc))
+            if limit is None:
+                raise InvalidInputError(str(exc)) from None
+            raise CheckpointTooLargeError(job_id, size, int(limit.group(1))) from None
 
     # -- running -------------------------------------------------------------------------------
 
@@ -342,8 +407,7 @@ class _Session:
             # before the handler, and a refusal fails the job at once (no retry can fix it).
             check_input(handler, attempt.kind, attempt.input)
         except InvalidInputError as exc:
-            error = {"type": type(exc).__name__, "message": str(exc)}
-            return {"op": "fail", **ref, "error": error, "permanent": True}
+            return _failure(ref, type(exc).__name__, str(exc), permanent=True)
         ending: Ending | None = None
         result: Any = None
         try:
@@ -376,17 +440,42 @@ class _Session:
             if ending.how == "stopped":
                 return {"op": "stopped", **ref}
             assert ending.error is not None, "every ending but stopped has its error"
-            error = {"type": ending.error.type, "message": ending.error.message}
-            outcome: dict[str, Any] = {"op": "fail", **ref, "error": error}
-            if ending.permanent:
-                outcome["permanent"] = True
-            return outcome
+            return _failure(ref, ending.error.type, ending.error.message, ending.permanent)
         try:
             dumps_json_value(result, "job result")
         except NotSerializableError as exc:
-            error = {"type": type(exc).__name__, "message": str(exc)}
-            return {"op": "fail", **ref, "error": error}
+            # Not retried, as in the server: the same result would be refused again.
+            return _failure(ref, type(exc).__name__, str(exc), permanent=True)
         return {"op": "complete", **ref, "result": result}
+
+    def _report(self, outcome: dict[str, Any]) -> bytes:
+        """The frame reporting ``outcome``, within the server's ``max_frame_size``: a result
+        too large for one fails its job with :class:`ResultTooLargeError`, not retried (as
+        the server fails a result over its ``result_limit``), and a failure's text is cut
+        until it fits (a failure is always recorded). The connection, and every other
+        attempt on it, carries on: a frame over the limit closed it with 1009."""
+        report = {**outcome, "id": next(self._ids)}
+        try:
+            return self.encode(report)
+        except _OverFrame as exc:
+            over = exc
+        if report["op"] == "complete":
+            size = over.size - len(orjson.dumps({**report, "result": None})) + len(b"null")
+            error = ResultTooLargeError(report["job_id"], size, over.room(size), _FRAME_SETTING)
+            log.info("job %s attempt %d: %s", report["job_id"], report["attempt"], error)
+            ref = {"job_id": report["job_id"], "attempt": report["attempt"]}
+            report = {**_failure(ref, type(error).__name__, str(error), True), "id": report["id"]}
+        error_body = report["error"]
+        while True:
+            try:
+                return self.encode(report)
+            except _OverFrame:
+                # Only for a max_frame_size below the server's own message bounds (16,384
+                # characters of type and of message, as it cuts them).
+                field = "message" if error_body["message"] else "type"
+                if not error_body[field]:
+                    raise
+                error_body[field] = error_body[field][: len(error_body[field]) // 2]
 
     async def _run(self, attempt: _Attempt) -> None:
         ref = {"job_id": attempt.job_id, "attempt": attempt.attempt}
@@ -401,14 +490,28 @@ class _Session:
                 return  # cancelled by the server: it recorded the outcome
             attempt.dropped = True
             try:
-                await self.send({**outcome, "id": next(self._ids)})
+                await self.send(self._report(outcome))
             except ConnectionClosed:
                 return  # the server recovers the attempt by the stall rule
+            except _OverFrame as exc:  # not even an empty failure fits: the stall rule too
+                log.warning("job %s: its outcome cannot be reported: %s", attempt.job_id, exc)
         finally:
             if self.attempts.get(attempt.job_id) is attempt:
                 del self.attempts[attempt.job_id]
             self.ended.set()
             self.ended = trio.Event()
+
+
+def _failure(ref: dict[str, Any], kind: str, message: str, permanent: bool) -> dict[str, Any]:
+    """A ``fail`` report of error ``kind`` with ``message``: each cut and escaped as the server
+    records them (:func:`~actors._codec.sanitize_text`), so that no text a handler raised (of
+    megabytes, or with a lone surrogate orjson cannot encode) keeps its failure from being
+    reported."""
+    error = {"type": sanitize_text(kind), "message": sanitize_text(message)}
+    report: dict[str, Any] = {"op": "fail", **ref, "error": error}
+    if permanent:
+        report["permanent"] = True
+    return report
 
 
 def _welcome(frame: str | bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -483,7 +586,7 @@ class WorkerProcess:
         self.connections = 0
         #: The largest frame the server takes (its hello's reply says; PROTOCOL.md's default
         #: until then), named when it closes a connection with 1009.
-        self.max_frame_size = 2 * 1024 * 1024
+        self.max_frame_size = MAX_FRAME_SIZE
         #: The last connection closed at its hello (refused), not after it.
         self._refused = False
         self._hello = self._hello_frame()
@@ -578,8 +681,9 @@ class WorkerProcess:
         elif closed.code == CLOSE_TOO_BIG:
             meaning = (
                 "a frame over a size limit: the server takes frames of up to"
-                f" {self.max_frame_size:,} bytes (its max_frame_size; a larger report, a result"
-                f" or checkpoint, closes the connection), this worker up to {MAX_MESSAGE:,}"
+                f" {self.max_frame_size:,} bytes (its max_frame_size; a larger frame closes the"
+                f" connection: this worker refuses a report over it, failing its own call or"
+                f" job only), this worker up to {MAX_MESSAGE:,}"
             )
         if not reason:
             return f"{closed.code} ({meaning or 'no reason given'})"
@@ -611,6 +715,7 @@ class WorkerProcess:
             session = _Session(self, ws)
             session.heartbeat_interval = welcome["heartbeat_interval"]
             session.stop_grace = welcome["stop_grace"]
+            session.max_frame_size = self.max_frame_size
             session.batch = welcome.get("batch", False) is True
             self.session = session
             self.connections += 1

@@ -375,8 +375,7 @@ class WorkerConnection:
             code, reason = closed.code, loggable(closed.reason or "", 120)
         how = f"{code}" + (f": {reason}" if reason else "")
         if code == CLOSE["too_big"]:
-            config = self.server.config  # the websocket layer's limit (see Server.serve)
-            limit = max(config.max_frame_size, config.max_message_size)
+            limit = self.server.config.worker_frame_size  # the websocket layer's limit
             how += f" (the worker sent a frame over max_frame_size, {limit:,} bytes)"
         return how
 
@@ -456,7 +455,7 @@ class WorkerConnection:
                 "heartbeat_timeout": supervisor.heartbeat_timeout,
                 "heartbeat_interval": heartbeat_interval(supervisor.heartbeat_timeout),
                 "stop_grace": supervisor.stop_grace,
-                "max_frame_size": self.server.config.max_message_size,
+                "max_frame_size": self.server.config.worker_frame_size,
                 "max_message_size": MAX_ASSIGN_SIZE,
                 # This server reads batch frames of requests (PROTOCOL.md section 9).
                 "batch": True,
