@@ -264,16 +264,22 @@ def requeue(job: Job, attempt: int, now: float, reason: str) -> Change:
     )
 
 
-def progress(job: Job, attempt: int, pct: float, step: str | None, now: float) -> Change:
+def progress_value(pct: object) -> float | int:
+    """``pct`` as a progress value: a plain float or int in 0..100. A subclass (numpy's
+    float64, an IntEnum) gives its plain value, which orjson writes like any other (it refuses
+    a float subclass). Raises :class:`InvalidInputError` for anything else (NaN included)."""
     if isinstance(pct, bool) or not isinstance(pct, int | float) or not 0 <= pct <= 100:
         raise InvalidInputError(f"progress must be a number in 0..100, got {pct!r}")
+    if type(pct) is not float and type(pct) is not int:
+        return float(pct) if isinstance(pct, float) else int(pct)
+    return pct
+
+
+def progress(job: Job, attempt: int, pct: float, step: str | None, now: float) -> Change:
+    pct = progress_value(pct)
     if step is not None and not isinstance(step, str):
         raise InvalidInputError(f"step must be a string, got {type(step).__name__}")
     _fence(job, attempt, "progress")
-    if type(pct) is not float and type(pct) is not int:
-        # A subclass (numpy's float64, an IntEnum): its plain value in the event, which
-        # orjson writes like any other (it refuses a float subclass: the commit would fail).
-        pct = float(pct) if isinstance(pct, float) else int(pct)
     step = job.step if step is None else step
     return _emit(
         job,

@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
 import trio
 
 from actors import (
@@ -28,7 +29,12 @@ from actors import (
 from actors._codec import MAX_MESSAGE_LENGTH, sanitize_text
 from actors._job import JobError
 from transport import RunningServer, ServerConfig, open_server
-from transport._worker_process import BATCH_BYTES, WorkerProcess, _batch_frame
+from transport._worker_process import (
+    BATCH_BYTES,
+    WorkerProcess,
+    _batch_frame,
+    _heartbeat_frames,
+)
 
 from .conftest import memory_runtime, wait_for_state
 from .serving import SECRET
@@ -88,10 +94,10 @@ HANDLERS = {
 
 @asynccontextmanager
 async def worker_server(
-    tmp_path: Path, **config: Any
+    tmp_path: Path, *, concurrency: int = 2, **config: Any
 ) -> AsyncIterator[tuple[RunningServer, WorkerProcess]]:
     """A server whose kinds run only in one connected :class:`WorkerProcess` of
-    :data:`HANDLERS` with 2 slots (``config``: the server's settings)."""
+    :data:`HANDLERS` with ``concurrency`` slots (``config``: the server's settings)."""
     runtime = RuntimeConfig(stop_grace=0.5, sqlite_synchronous="NORMAL")
     async with (
         open_server(
@@ -101,7 +107,7 @@ async def worker_server(
         ) as running,
         trio.open_nursery() as nursery,
     ):
-        process = WorkerProcess(running.url, worker_token(), HANDLERS, concurrency=2)
+        process = WorkerProcess(running.url, worker_token(), HANDLERS, concurrency=concurrency)
         nursery.start_soon(process.run)
         await wait_connected(running)
         yield running, process
@@ -227,3 +233,85 @@ def test_a_batch_frame_is_within_the_limit_and_a_report_that_fits_goes_alone() -
     small = [b"{}"] * 5
     frame, count = _batch_frame(small, 40)
     assert count == 4 and len(frame) == 39
+
+
+async def test_a_heartbeat_naming_many_attempts_stays_within_a_small_frame_limit(
+    tmp_path: Path,
+) -> None:
+    """A worker of 300 slots, all busy, under a server whose frame limit is 4,000 bytes: its
+    heartbeat (about 50 bytes an attempt) goes out in as many frames as it takes. Before, the
+    one heartbeat frame was refused as over the limit, the refusal ended the worker's run: the
+    worker crashed, every attempt lost."""
+
+    async def sleeper(ctx: JobContext, input: Any) -> Any:
+        await trio.sleep(3)
+        return input
+
+    HANDLERS["sleeper"] = sleeper
+    try:
+        limits = {"max_frame_size": 4000, "max_message_size": 4000, "envelope_margin": 100}
+        runtime_limits = 300
+        async with worker_server(tmp_path, concurrency=runtime_limits, **limits) as (
+            running,
+            process,
+        ):
+            rt = running.runtime
+            jobs = [await rt.create_job("sleeper", "alice", n) for n in range(runtime_limits)]
+            done = [await wait_for_state(rt, job.id, timeout=30) for job in jobs]
+            assert process.max_frame_size == 4000
+            assert process.connections == 1
+    finally:
+        del HANDLERS["sleeper"]
+    assert [(job.state, job.result, job.attempt) for job in done] == [
+        (S.COMPLETED, n, 1) for n in range(runtime_limits)
+    ]
+
+
+class Pct(float):
+    """A float subclass, as numpy's float64 is."""
+
+
+async def subclass_progress(ctx: JobContext, input: Any) -> Any:
+    """Progress of a float subclass, of a value no number, and of NaN: what each call did."""
+    seen: list[Any] = []
+    for pct in (Pct(12.5), object(), float("nan")):
+        try:
+            await ctx.progress(pct)  # type: ignore[arg-type]
+        except Exception as exc:  # what the handler gets, compared
+            seen.append([type(exc).__name__, str(exc).replace(repr(pct), "PCT")])
+        else:
+            seen.append("ok")
+    return seen
+
+
+async def test_progress_of_a_float_subclass_or_no_number_is_taken_as_in_the_server(
+    tmp_path: Path,
+) -> None:
+    """``ctx.progress(numpy.float64(12.5))`` is stored as 12.5 in the server; in a worker,
+    orjson refused the float subclass and the handler got a TypeError. A value that is no
+    number (or NaN) raises the server's InvalidInputError in both, not a TypeError."""
+    HANDLERS["subclass_progress"] = subclass_progress
+    try:
+        async with memory_runtime({"subclass_progress": subclass_progress}) as rt:
+            job = await rt.create_job("subclass_progress", "alice", {})
+            in_server = await wait_for_state(rt, job.id)
+        assert (
+            in_server.result
+            == ["ok"] + [["InvalidInputError", "progress must be a number in 0..100, got PCT"]] * 2
+        ), in_server.result
+        async with worker_server(tmp_path) as (running, process):
+            job = await running.runtime.create_job("subclass_progress", "alice", {})
+            done = await wait_for_state(running.runtime, job.id)
+            assert process.connections == 1
+    finally:
+        del HANDLERS["subclass_progress"]
+    assert (done.state, done.result) == (S.COMPLETED, in_server.result), done
+
+
+def test_heartbeat_frames_name_every_attempt_in_order_within_the_limit() -> None:
+    jobs = [{"job_id": f"{n:026d}", "attempt": 1} for n in range(1000)]
+    frames = _heartbeat_frames(jobs, 4000)
+    assert len(frames) > 1 and all(len(frame) <= 4000 for frame in frames)
+    assert [job for frame in frames for job in orjson.loads(frame)["jobs"]] == jobs
+    assert _heartbeat_frames(jobs, 2 * MIB) == [orjson.dumps({"op": "heartbeat", "jobs": jobs})]
+    assert _heartbeat_frames([], 4000) == [b'{"op":"heartbeat","jobs":[]}']

@@ -47,6 +47,7 @@ from actors._codec import (
     sanitize_text,
 )
 from actors._endings import Ending, judge_exit
+from actors._ops import progress_value
 from actors._options import options_of, options_to_wire
 from actors._worker import Handler, check_handler, check_input
 
@@ -312,6 +313,11 @@ class _Session:
         self, job_id: str, attempt: int, pct: float, step: str | None, *, durable: bool = True
     ) -> None:
         check_text(step, "step", optional=True, limit=MAX_STEP_LENGTH)  # as the server's store
+        # As the server's ops: a float subclass (numpy's float64) goes as its plain value,
+        # which orjson can write (the handler got orjson's TypeError), and a value that is no
+        # number in 0..100 (an object, NaN) raises InvalidInputError, not a TypeError or the
+        # server's bad_request.
+        pct = progress_value(pct)
         # The server's own JobContext decides when it answers (see JobContext.progress).
         try:
             await self.request("progress", job_id=job_id, attempt=attempt, progress=pct, step=step)
@@ -381,9 +387,10 @@ class _Session:
     async def _heartbeats(self) -> None:
         while True:
             await trio.sleep(self.heartbeat_interval)
-            jobs = self.heartbeat_jobs()
+            frames = _heartbeat_frames(self.heartbeat_jobs(), self.max_frame_size)
             try:
-                await self.send({"op": "heartbeat", "jobs": jobs})
+                for frame in frames:
+                    await self.send(frame)
             except ConnectionClosed:
                 return  # the reader sees the close too
 
@@ -500,6 +507,36 @@ class _Session:
                 del self.attempts[attempt.job_id]
             self.ended.set()
             self.ended = trio.Event()
+
+
+_HEARTBEAT_HEAD = b'{"op":"heartbeat","jobs":['
+_HEARTBEAT_TAIL = b"]}"
+
+
+def _heartbeat_frames(jobs: list[dict[str, Any]], limit: int) -> list[bytes]:
+    """The heartbeat naming ``jobs``, as frames of at most ``limit`` bytes (the server's
+    ``max_frame_size``): one frame, unless the server's limit is too small for every
+    attempt of a large capacity (1,000 attempts take about 50 KB). Before, that one frame
+    was refused as over the limit, and the refusal ended the worker's run: every attempt on
+    it lost. An entry that fits in no frame (a limit below some 80 bytes) is left out: the
+    server finds its attempt stalled, as it would with the frame refused."""
+    frames: list[bytes] = []
+    empty = len(_HEARTBEAT_HEAD) + len(_HEARTBEAT_TAIL)
+    entries: list[bytes] = []
+    size = empty
+    for job in jobs:
+        entry = orjson.dumps(job)
+        if empty + len(entry) > limit:
+            log.warning("heartbeat: %s cannot fit in a frame of %d bytes", job, limit)
+            continue
+        if entries and size + 1 + len(entry) > limit:
+            frames.append(_HEARTBEAT_HEAD + b",".join(entries) + _HEARTBEAT_TAIL)
+            entries, size = [], empty
+        size += len(entry) + (1 if entries else 0)
+        entries.append(entry)
+    if entries or not frames:
+        frames.append(_HEARTBEAT_HEAD + b",".join(entries) + _HEARTBEAT_TAIL)
+    return frames
 
 
 def _failure(ref: dict[str, Any], kind: str, message: str, permanent: bool) -> dict[str, Any]:
