@@ -185,14 +185,18 @@ async def _request(url: str, token: str, op: str, fields: dict[str, Any]) -> Any
 # -- the browser -------------------------------------------------------------------------------
 
 
-def browser() -> WebDriver:
+def browser(scratch: Path) -> WebDriver:
+    """Chromium, headless, its profile and temporary files (a singleton socket it leaves
+    behind in ``/tmp``) under ``scratch``."""
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu",
                      "--disable-dev-shm-usage", "--window-size=1280,800"):  # fmt: skip
         options.add_argument(argument)
+    options.add_argument(f"--user-data-dir={scratch / 'profile'}")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    service = Service(str(CHROMEDRIVER), env={**os.environ, "TMPDIR": str(scratch)})
+    driver = webdriver.Chrome(service=service, options=options)
     size(driver, 1280, 800)
     return driver
 
@@ -301,8 +305,8 @@ def server(tmp_path: Path) -> Iterator[Server]:
 
 
 @pytest.fixture
-def driver() -> Iterator[WebDriver]:
-    d = browser()
+def driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
+    d = browser(tmp_path_factory.mktemp("chromium"))
     try:
         yield d
     finally:
