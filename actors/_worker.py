@@ -162,10 +162,12 @@ class JobContext:
     def stopping(self) -> bool:
         """True once the runtime asked this job to stop (a pause or shutdown). The handler has
         the grace period to save a checkpoint and return or raise :class:`JobStopped`;
-        after it, the handler is cancelled."""
+        after it, the handler is cancelled. Also True once this attempt has ended: a task
+        that kept the context past its handler's return stops too."""
         return self._stop_requested
 
     async def wait_stopping(self) -> None:
+        """Returns once :attr:`stopping` is True (at once when it is already)."""
         if self._stop is None:
             self._stop = trio.Event()
             if self._stop_requested:
@@ -382,6 +384,9 @@ class Worker:
         finally:
             on_exit(self)
             self.finished.set()
+            # The attempt is over: a context kept past it (by a task of the application's
+            # own) says so, and its wait_stopping() returns instead of waiting for ever.
+            self.ctx._request_stop()
 
     async def _run(self) -> None:
         ending: Ending | None = None  # None: the handler returned

@@ -505,6 +505,7 @@ class _Session:
         finally:
             if self.attempts.get(attempt.job_id) is attempt:
                 del self.attempts[attempt.job_id]
+            attempt.ctx._request_stop()  # a context kept past its attempt says it is over
             self.ended.set()
             self.ended = trio.Event()
 
