@@ -132,8 +132,9 @@ class RedisHealth:
 
 #: Length of a message's signature (hex SHA-256) before its body.
 _MAC_LENGTH = 64
-#: Seconds between two warnings about forged messages (a flood logs one line a minute), and
-#: about events found late in the log.
+#: Seconds between two warnings about forged messages (a flood logs one line a minute), about
+#: events found late in the log, and about fills that failed (a database outage fails one
+#: every poll, tens a second).
 FORGED_LOG_INTERVAL = 60.0
 #: An event a fill delivers this many seconds after its commit (by the committing node's
 #: clock) while Redis is up reached no message in time: counted and logged.
@@ -179,6 +180,8 @@ class Fanout:
         )
         self._forged_logged_at = -math.inf
         self._late_logged_at = -math.inf
+        self._fill_logged_at = -math.inf
+        self._fills_failed = 0  # since the last warning
         self.sequencer = Sequencer(
             gap_wait=config.gap_wait,
             max_held=config.max_held,
@@ -502,8 +505,18 @@ class Fanout:
         try:
             found = await self.store.read_users_events(due, self.config.fill_limit)
         except JobspineError as exc:
-            log.warning("could not fill %d users' events from the log: %s", len(due), exc)
             now = trio.current_time()
+            self._fills_failed += 1
+            if now >= self._fill_logged_at + FORGED_LOG_INTERVAL:
+                self._fill_logged_at = now
+                log.warning(
+                    "could not fill %d users' events from the log (%d fills failed since the"
+                    " last such warning; retried until the database answers): %s",
+                    len(due),
+                    self._fills_failed,
+                    exc,
+                )
+                self._fills_failed = 0
             for user_id in due:
                 self.sequencer.fill_failed(user_id, now)
             return

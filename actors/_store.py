@@ -149,6 +149,8 @@ WRITE, READ, BARRIER, CLAIM = "write", "read", "barrier", "claim"
 #: Times a request committed alone may lose a job to another writer and be applied again
 #: before it gets the :class:`StaleWriteError` (each time the job is reloaded first).
 MAX_CONFLICTS = 3
+#: Seconds between two warnings about requests and reads that failed on an outage.
+OUTAGE_LOG_INTERVAL = 60.0
 
 #: An idempotency key of a user: ``(user_id, key)``.
 _Key = tuple[str, str]
@@ -291,6 +293,10 @@ class StoreActor:
         self._reads_send, self._reads_receive = trio.open_memory_channel[_Request](
             self.config.queue_size
         )
+        # When a request or read failing on an outage was last logged, and how many since:
+        # during an outage every read fails, tens a second (one warning a minute).
+        self._outage_logged_at = -math.inf
+        self._outage_failures = 0
         # Held around every commit: a read that bypasses the actor during an outage never
         # sees a transaction half-written.
         self._commit_lock = trio.Lock()
@@ -429,7 +435,7 @@ class StoreActor:
                 elif is_outage(exc):
                     # The database unavailable (a dropped connection, a lock): the caller's
                     # to retry, no fault of the code (no traceback).
-                    log.warning("store request failed, the database unavailable: %r", exc)
+                    self._log_outage_failure(exc)
                     request.error = StoreError(f"store request failed: {exc!r}")
                 else:
                     log.exception("store request failed")
@@ -719,6 +725,21 @@ class StoreActor:
             self._outage_deadline = trio.current_time() + self.config.store_retry_timeout
         health.reason = f"database unavailable: {exc}"
 
+    def _log_outage_failure(self, exc: Exception) -> None:
+        """A request or read failed because the database is unavailable: a warning without
+        traceback, at most one a minute (:data:`OUTAGE_LOG_INTERVAL`), with the count since."""
+        self._outage_failures += 1
+        now = trio.current_time()
+        if now >= self._outage_logged_at + OUTAGE_LOG_INTERVAL:
+            log.warning(
+                "%d store requests and reads failed since the last such warning, the database"
+                " unavailable: %r",
+                self._outage_failures,
+                exc,
+            )
+            self._outage_logged_at = now
+            self._outage_failures = 0
+
     def _corrupted(self, exc: Exception) -> StoreError:
         """The error for a request that met damaged storage; logged (with its traceback)
         the first time only: every later request that reads the same pages meets it too."""
@@ -779,7 +800,10 @@ class StoreActor:
             except JobspineError as exc:
                 request.error = exc
             except Exception as exc:
-                log.exception("store read failed")
+                if is_outage(exc):  # what these reads are for: no fault of the code
+                    self._log_outage_failure(exc)
+                else:
+                    log.exception("store read failed")
                 request.error = StoreError(f"store read failed: {exc!r}")
             finally:
                 request.done.set()

@@ -15,12 +15,18 @@ import pytest
 import trio
 
 from actors import (
+    BroadcasterConfig,
     JobContext,
     JobState,
     MemoryBackend,
+    Outbox,
+    RuntimeConfig,
+    StoreError,
     StoreUnavailableError,
+    open_runtime,
 )
 from actors._backend import is_outage
+from actors._fanout import FanoutConfig
 
 from .backends import Commit, CommitHooks
 from .conftest import memory_runtime, wait_for_state
@@ -145,3 +151,90 @@ async def test_an_outage_past_the_retry_bound_pauses_jobs_at_their_checkpoint(
         assert [job.state for job in done] == [JobState.COMPLETED] * 5
         assert [job.result for job in done] == [200] * 5
         assert rt.status().failures == 0
+
+
+class LockedReadsBackend(LockedBackend):
+    """Refuses listings too while ``locked``, as an unreachable PostgreSQL does every read."""
+
+    async def query(self, query: Any) -> Any:
+        self._check()
+        return await super().query(query)
+
+
+async def test_reads_failing_during_an_outage_log_one_line_a_minute_without_traceback(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """During a 13 s PostgreSQL outage each node logged 262 "store read failed" errors, each
+    with a traceback of about 40 lines (a client's listing every 50 ms): the reads served
+    beside the actor logged every outage failure as a fault of the code. Now each failed read
+    still answers StoreError, and the log says so without traceback, once a minute, with the
+    count since the last line."""
+    backend = LockedReadsBackend()
+    async with memory_runtime(
+        {"checkpointer": checkpointer}, backend, store_retry_timeout=600.0
+    ) as rt:
+        await rt.list_jobs()
+        backend.locked = True
+        async with trio.open_nursery() as nursery:
+            # A write finds the outage (and waits it out): reads now bypass the actor.
+            nursery.start_soon(rt.create_job, "checkpointer", "alice", {"to": 1})
+            await trio.sleep(0.5)
+            assert not rt.store_health.ok
+            for _ in range(200):  # 10 s of a client listing every 50 ms
+                with pytest.raises(StoreError, match="database is locked"):
+                    await rt.list_jobs()
+                await trio.sleep(0.05)
+            lines = [r for r in caplog.records if "failed since the last such warning" in r.message]
+            assert len(lines) == 1, [r.message for r in lines]
+            assert lines[0].levelname == "WARNING"
+            assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+            await trio.sleep(60)
+            with pytest.raises(StoreError):
+                await rt.list_jobs()
+            lines = [r for r in caplog.records if "failed since the last such warning" in r.message]
+            assert len(lines) == 2 and lines[1].message.startswith("200 store"), lines[1].message
+            backend.locked = False
+
+
+class RefusedFillsBackend(MemoryBackend):
+    """Refuses the fan-out's reads of users' events while ``locked``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.locked = False
+        self.refused = 0
+
+    async def read_users_events(self, *args: Any, **kwargs: Any) -> Any:
+        if self.locked:
+            self.refused += 1
+            raise sqlite3.OperationalError("database is locked")
+        return await super().read_users_events(*args, **kwargs)
+
+
+async def test_fills_failing_during_an_outage_log_one_line_a_minute(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node's fan-out fills its users' events from the log; during a 13 s PostgreSQL outage
+    it logged "could not fill …" 259 times (a retry every 35 ms). Now once a minute, with the
+    count of fills failed since; the fills themselves are retried as before."""
+    backend = RefusedFillsBackend()
+    async with open_runtime(
+        backend=backend,
+        handlers={},
+        config=RuntimeConfig(resume_on_start=False),
+        broadcast=BroadcasterConfig(),
+        fanout=FanoutConfig(None, poll_interval=0.035, check_interval=0.035),
+    ) as rt:
+        assert rt.broadcaster is not None
+        outbox = Outbox(rt.broadcaster.config)
+        await rt.broadcaster.join(outbox, "user:alice", None)
+        rt.broadcaster.finish_join(outbox, "user:alice")
+        backend.locked = True
+        await trio.sleep(13)
+        assert backend.refused > 100  # retried all along
+        lines = [r for r in caplog.records if "could not fill" in r.message]
+        assert len(lines) == 1, len(lines)
+        await trio.sleep(60)
+        lines = [r for r in caplog.records if "could not fill" in r.message]
+        assert len(lines) == 2 and "fills failed since" in lines[1].message
+        backend.locked = False
