@@ -29,6 +29,7 @@ __all__ = [
     "dumps",
     "dumps_json_value",
     "loads",
+    "may_be_name",
     "sanitize_text",
     "shown",
 ]
@@ -221,14 +222,32 @@ NUL = "\x00"
 
 
 def check_name(text: str | None, what: str) -> None:
-    """Refuse a name holding a NUL character; None passes. Names (user ids, job ids, kinds,
-    tags, parent ids, idempotency keys, and the rooms and filters naming them) are stored and
-    compared in text columns of their own, and PostgreSQL's text cannot hold NUL (inside a
-    JSON value it is stored escaped, so input, step labels and results may hold it). Refused
+    """Refuse a name holding a NUL character or a lone surrogate; None passes. Names (user
+    ids, job ids, kinds, tags, parent ids, idempotency keys, and the rooms and filters naming
+    them) are stored and compared in text columns of their own: PostgreSQL's text cannot hold
+    NUL (inside a JSON value it is stored escaped, so input, step labels and results may hold
+    it), and no database driver can even send a lone surrogate (not UTF-8), so a filter or a
+    room holding one failed the store's request (``UnicodeEncodeError``, logged with its
+    traceback); :func:`check_text` refuses it in every name stored, so none matches. Refused
     on every backend alike, so that what one store accepts, every one does. Raises
     :class:`InvalidInputError` naming ``what``."""
-    if text is not None and NUL in text:
+    if text is None:
+        return
+    if NUL in text:
         raise InvalidInputError(f"{what} must not contain a NUL character")
+    at = _lone_surrogate(text)
+    if at is not None:
+        raise InvalidInputError(
+            f"{what} must be text UTF-8 can hold: lone surrogate {text[at]!r} at index {at}"
+            " (no name holds one)"
+        )
+
+
+def may_be_name(text: object) -> bool:
+    """Whether ``text`` may name something stored: a string that :func:`check_name` passes.
+    A value that is not (None, a number, a string holding NUL or a lone surrogate) names no
+    job: an unknown one, never a failure of the store's request."""
+    return isinstance(text, str) and NUL not in text and _lone_surrogate(text) is None
 
 
 def check_kind(kind: object, what: str = "kind") -> None:

@@ -13,9 +13,9 @@ A fault stays with its cause:
   (:func:`~._codec.dumps_json_value`, :func:`~._codec.check_text`): a value the database
   cannot store is refused at the call that brought it and never joins a group. So is a name
   holding NUL (:func:`~._codec.check_name`), which PostgreSQL's text cannot hold or be
-  compared with, alike on every backend: at a create, as a list or stats filter
-  (:class:`InvalidInputError`); a job id holding one names no job (:class:`UnknownJobError`,
-  its heartbeat dropped).
+  compared with, or a lone surrogate, which no driver can send, alike on every backend: at a
+  create, as a list or stats filter (:class:`InvalidInputError`); a job id holding one names
+  no job (:class:`UnknownJobError`, its heartbeat dropped).
 * A group whose commit fails for a reason tied to a request (anything but an outage, see
   :func:`~._backend.is_outage`) is not answered: its requests, and those of every group
   applied on top of it, are applied and committed again one at a time, so only the culprit
@@ -61,10 +61,10 @@ from ._backend import (
 )
 from ._codec import (
     MAX_STEP_LENGTH,
-    NUL,
     check_name,
     check_text,
     dumps_json_value,
+    may_be_name,
     sanitize_text,
 )
 from ._errors import (
@@ -1447,7 +1447,7 @@ class StoreClient:
 
     def heartbeat(self, job_id: str, attempt: int) -> None:
         """Record a heartbeat; written with the next commit. Never blocks."""
-        if NUL in job_id:
+        if not _may_name_a_job(job_id):
             # Of no job (see _load); in a commit it would fail everyone's writes with it.
             return
         self._actor._beats[job_id] = (attempt, time.time())
@@ -1579,9 +1579,11 @@ class StoreClient:
 def _may_name_a_job(job_id: object) -> bool:
     """Whether ``job_id`` may be a job's id. A value that is not a string (None, a number,
     bytes, a list: an application's mistake) names no job, and neither does a string holding
-    NUL (create refuses the name, and PostgreSQL's text cannot be compared with one):
-    unknown, as on every backend, never a failure of the store's request."""
-    return isinstance(job_id, str) and NUL not in job_id
+    NUL (create refuses the name, and PostgreSQL's text cannot be compared with one) or a
+    lone surrogate (no driver can send it: it failed the request with ``UnicodeEncodeError``,
+    logged as a store failure): unknown, as on every backend, never a failure of the store's
+    request (see :func:`~._codec.may_be_name`)."""
+    return may_be_name(job_id)
 
 
 def _same_request(first: Job, again: Job) -> bool:

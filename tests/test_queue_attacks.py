@@ -1,0 +1,107 @@
+"""Bad and odd input against the queue through the embedding API: each gets a typed error,
+loses nothing, and never fails another user's job or logs a traceback."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from actors import (
+    DEMO_HANDLERS,
+    InvalidInputError,
+    JobState,
+    UnknownJobError,
+    open_runtime,
+    parse_room,
+)
+
+from .conftest import memory_runtime, wait_for_state
+
+#: A lone surrogate: what ``os.fsdecode`` makes of an undecodable byte. No name can hold one.
+LONE = "\udce9"
+SMALL = {"query": "q", "depth": 1, "delay": 0}
+
+
+def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+async def test_names_holding_a_lone_surrogate_are_unknown_or_refused_not_store_errors(
+    store: str, request: pytest.FixtureRequest, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: a job id, a ``list_jobs``/stats filter or a user id holding a lone surrogate
+    reached the database driver, which cannot encode it: every lookup, control and listing
+    failed with ``StoreError`` (``UnicodeEncodeError``) and an ERROR with its traceback was
+    logged per call, and a heartbeat for such an id failed the next commit group of every
+    job. Now a job id holding one is ``UnknownJobError``, a filter ``InvalidInputError``
+    naming it, a heartbeat is dropped; another user's job runs to its end meanwhile and
+    nothing is logged."""
+    db = request.getfixturevalue("pg_url") if store == "postgresql" else tmp_path / "j.db"
+    bad_id = f"01{LONE}"
+    with caplog.at_level(logging.WARNING):
+        async with open_runtime(db, handlers=DEMO_HANDLERS) as rt:
+            job = await rt.create_job("research", "bob", {**SMALL, "depth": 3, "delay": 0.05})
+            lookups: dict[str, Callable[[], Awaitable[Any]]] = {
+                "get_job": lambda: rt.get_job(bad_id),
+                "cancel": lambda: rt.cancel(bad_id),
+                "pause": lambda: rt.pause(bad_id),
+                "resume": lambda: rt.resume(bad_id),
+                "restart": lambda: rt.restart(bad_id),
+                "list_children": lambda: rt.list_children(bad_id),
+                "read_events": lambda: rt.read_events(bad_id),
+                "get_audit": lambda: rt.get_audit(bad_id),
+                "recover_job": lambda: rt.recover_job(bad_id),
+                "get_recovery_options": lambda: rt.get_recovery_options(bad_id),
+                "reset_recovery_attempts": lambda: rt.reset_recovery_attempts(bad_id),
+                "delete_job": lambda: rt.delete_job(bad_id),
+                "wait_job": lambda: rt.wait_job(bad_id),
+            }
+            for name, lookup in lookups.items():
+                with pytest.raises(UnknownJobError, match="no job with id"):
+                    await lookup()
+                    pytest.fail(f"{name} found a job")
+            filters: dict[str, Callable[[], Awaitable[Any]]] = {
+                "user_id": lambda: rt.list_jobs(f"bob{LONE}"),
+                "kind": lambda: rt.list_jobs("bob", kind=f"research{LONE}"),
+                "tag": lambda: rt.list_jobs("bob", tag=LONE),
+                "parent_id": lambda: rt.list_jobs("bob", parent_id=bad_id),
+            }
+            for field, listing in filters.items():
+                with pytest.raises(InvalidInputError, match=f"{field} must be text UTF-8 can"):
+                    await listing()
+            for stats in (
+                lambda: rt.get_user_stats(LONE),
+                lambda: rt.queue_stats(LONE),
+                lambda: rt.get_resumable_jobs(LONE),
+            ):
+                with pytest.raises(InvalidInputError, match="user_id must be text UTF-8 can"):
+                    await stats()
+            await rt.heartbeat(bad_id, 1)  # no such job: dropped, never in a commit
+            done = await wait_for_state(rt, job.id)
+            assert done.state is JobState.COMPLETED
+            assert [j.id for j in await rt.list_jobs(None)] == [job.id]
+    assert errors_logged(caplog) == []
+
+
+def test_a_room_holding_a_lone_surrogate_is_refused() -> None:
+    """Before: a room ``user:<name with a lone surrogate>`` passed and its events were read
+    from the database, failing there; now it is ``InvalidInputError`` naming the room."""
+    for room in (f"job:01{LONE}", f"user:al{LONE}ice"):
+        with pytest.raises(InvalidInputError, match="room must be text UTF-8 can hold"):
+            parse_room(room)
+
+
+async def test_a_lone_surrogate_filter_is_refused_on_the_memory_store_too() -> None:
+    """The memory store matched such a filter (finding nothing) where the databases failed:
+    every backend now refuses it alike."""
+    async with memory_runtime() as rt:
+        with pytest.raises(InvalidInputError, match="tag must be text UTF-8 can hold"):
+            await rt.list_jobs(None, tag=LONE)
+        with trio.fail_after(5), pytest.raises(UnknownJobError):
+            await rt.get_job(LONE)
