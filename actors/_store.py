@@ -936,6 +936,25 @@ class StoreActor:
             count = self._waiting[user_id] = stored.get(JobState.CREATED.value, 0)
         return count
 
+    async def _created_with(self, job: Job, input: Any) -> bool:
+        """Whether ``job`` was created with ``input``: its input now, or, once a restart with
+        modifications changed that, the input of its ``created`` event. (Compared with the
+        input now only, a create sent again with its key after such a restart, as a client
+        does whose reply was lost, was refused as another request.)"""
+        wanted = _canonical(input)
+        if _canonical(job.input) == wanted:
+            return True
+        for group in (*self._inflight, self._group):
+            for event in group.events:
+                if event.job_id == job.id and event.type is EventType.CREATED:
+                    return "input" in event.data and _canonical(event.data["input"]) == wanted
+        created = await self.backend.read_events(job.id, 0, 1, frozenset({EventType.CREATED}))
+        return (
+            bool(created)
+            and "input" in created[0].data
+            and (_canonical(created[0].data["input"]) == wanted)
+        )
+
     async def _find_by_key(self, user_id: str, key: str, since: float) -> Job | None:
         keys = self._keys if self._keys_generation == self._generation else None
         if keys is not None and (user_id, key) in keys:
@@ -1065,7 +1084,7 @@ class StoreClient:
             if key is not None:
                 found = await actor._find_by_key(user_id, key, new.created_at - idempotency_window)
                 if found is not None:
-                    if _same_request(found, new):
+                    if _same_options(found, new) and await actor._created_with(found, new.input):
                         return found
                     raise IdempotencyConflictError(key, found.id)
             if new.parent_id is not None:
@@ -1586,12 +1605,12 @@ def _may_name_a_job(job_id: object) -> bool:
     return may_be_name(job_id)
 
 
-def _same_request(first: Job, again: Job) -> bool:
-    """Whether a create repeats the request that made ``first`` (its kind, input and options;
-    a delay is relative to each call, so ``run_at`` is not compared)."""
+def _same_options(first: Job, again: Job) -> bool:
+    """Whether a create repeats the kind and options of the request that made ``first`` (a
+    delay is relative to each call, so ``run_at`` is not compared; the input, which a restart
+    may have changed since, is :meth:`StoreActor._created_with`'s)."""
     return (
         first.kind == again.kind
-        and _canonical(first.input) == _canonical(again.input)
         and first.priority == again.priority
         and first.max_attempts == again.max_attempts
         and first.timeout == again.timeout

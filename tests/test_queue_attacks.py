@@ -13,8 +13,11 @@ import trio
 
 from actors import (
     DEMO_HANDLERS,
+    IdempotencyConflictError,
     InvalidInputError,
+    JobContext,
     JobState,
+    MemoryBackend,
     UnknownJobError,
     open_runtime,
     parse_room,
@@ -105,3 +108,40 @@ async def test_a_lone_surrogate_filter_is_refused_on_the_memory_store_too() -> N
             await rt.list_jobs(None, tag=LONE)
         with trio.fail_after(5), pytest.raises(UnknownJobError):
             await rt.get_job(LONE)
+
+
+async def _fails_when_told(ctx: JobContext, input: Any) -> Any:
+    if input["fail"]:
+        raise RuntimeError("told to fail")
+    return input
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite", "postgresql"])
+async def test_a_create_sent_again_after_a_restart_with_modifications_gets_its_job(
+    store: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Before: a create sent again with its idempotency key (as a client whose reply was lost
+    does) after someone restarted the job with modifications was compared with the job's
+    input as it is now and refused with ``IdempotencyConflictError``, though it is the very
+    request that made the job. Now it gets the job back, as it is; a create with the key and
+    another input still conflicts."""
+    db = (
+        None
+        if store == "memory"
+        else request.getfixturevalue("pg_url")
+        if store == "postgresql"
+        else tmp_path / "j.db"
+    )
+    backend = MemoryBackend() if db is None else None
+    handlers = {"flaky": _fails_when_told}
+    async with open_runtime(db, backend=backend, handlers=handlers) as rt:
+        first = await rt.create_job("flaky", "alice", {"fail": True, "n": 1}, idempotency_key="k")
+        assert (await wait_for_state(rt, first.id)).state is JobState.FAILED
+        await rt.restart(first.id, {"fail": False})
+        done = await wait_for_state(rt, first.id)
+        assert (done.state, done.input) == (JobState.COMPLETED, {"fail": False, "n": 1})
+        again = await rt.create_job("flaky", "alice", {"fail": True, "n": 1}, idempotency_key="k")
+        assert (again.id, again.state, again.input) == (first.id, done.state, done.input)
+        with pytest.raises(IdempotencyConflictError):
+            await rt.create_job("flaky", "alice", {"fail": True, "n": 2}, idempotency_key="k")
+        assert [j.id for j in await rt.list_jobs(None)] == [first.id]
