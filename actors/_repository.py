@@ -553,14 +553,12 @@ class Repository:
         by: str | None = None,
     ) -> Job:
         """Put a waiting, paused, failed or cancelled job back in the queue from scratch (state
-        ``created``, checkpoint and failed attempts cleared), with modified input."""
-        job = await self._store.get(job_id)
-        new_input = job.input
-        # Else the store refuses them (not an object; an input that is none).
-        if modifications and isinstance(modifications, Mapping) and isinstance(job.input, dict):
-            new_input = {**job.input, **modifications}
-        self._supervisor.check_input(job.kind, new_input)
-        job = await self._store.restart(job_id, by, modifications)
+        ``created``, checkpoint and failed attempts cleared), with modified input: its input
+        as stored when the restart is applied, with ``modifications`` merged in, which the
+        kind's input check must accept (else :class:`InvalidInputError`, nothing changed)."""
+        job = await self._store.restart(
+            job_id, by, modifications, check=self._supervisor.check_input
+        )
         self.wake_dispatcher(None)
         return job
 

@@ -1409,18 +1409,31 @@ class StoreClient:
         return await self._call(lambda: self._actor._change(job_id, change))
 
     async def restart(
-        self, job_id: str, actor: str | None, modifications: Mapping[str, Any] | None = None
+        self,
+        job_id: str,
+        actor: str | None,
+        modifications: Mapping[str, Any] | None = None,
+        *,
+        check: Callable[[str, Any], None] | None = None,
     ) -> Job:
+        """Restart the job with ``modifications`` merged into its input as stored when the
+        restart is applied; ``check(kind, input)`` (the kind's input check) refuses that
+        input, by raising, before anything is staged. (Checked by the caller beforehand, on
+        the input it had read, two restarts at once each passed and stored together input the
+        check refuses.)"""
         check_text(actor, "actor", optional=True)
         if modifications:
             if not isinstance(modifications, Mapping):
                 raise InvalidInputError("modifications must be an object")
             dumps_json_value(dict(modifications), "modifications")
-        return await self._call(
-            lambda: self._actor._change(
-                job_id, lambda job, now: ops.restart(job, now, actor, modifications)
-            )
-        )
+
+        def change(job: Job, now: float) -> ops.Change:
+            restarted = ops.restart(job, now, actor, modifications)
+            if check is not None:
+                check(job.kind, restarted[0].input)
+            return restarted
+
+        return await self._call(lambda: self._actor._change(job_id, change))
 
     async def reset_recovery_attempts(self, job_id: str, actor: str | None) -> Job:
         check_text(actor, "actor", optional=True)

@@ -21,6 +21,7 @@ from actors import (
     UnknownJobError,
     open_runtime,
     parse_room,
+    validates,
 )
 
 from .conftest import memory_runtime, wait_for_state
@@ -145,3 +146,53 @@ async def test_a_create_sent_again_after_a_restart_with_modifications_gets_its_j
         with pytest.raises(IdempotencyConflictError):
             await rt.create_job("flaky", "alice", {"fail": True, "n": 2}, idempotency_key="k")
         assert [j.id for j in await rt.list_jobs(None)] == [first.id]
+
+
+def _low_below_high(input: Any) -> None:
+    if input["low"] > input["high"]:
+        raise InvalidInputError(f"low ({input['low']}) must not exceed high ({input['high']})")
+
+
+SEEN: list[Any] = []
+
+
+@validates(_low_below_high)
+async def _ranged(ctx: JobContext, input: Any) -> Any:
+    SEEN.append(input)
+    if input["low"] > input["high"]:
+        raise RuntimeError("ran with input its check refuses")
+    if input.get("fail"):
+        raise RuntimeError("told to fail")
+    return input
+
+
+async def test_two_restarts_at_once_never_store_input_the_kinds_check_refuses(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Before: ``restart`` checked the job's input merged with its modifications as read
+    before the restart was applied, and the store merged them into the input as it was when
+    applied. Two restarts at once, each valid on its own ({"low": 5} and {"high": 3} of
+    {"low": 1, "high": 10}), stored {"low": 5, "high": 3}, which the kind's check refuses, and
+    the handler ran with it. Now the merged input is checked as it is stored: the second
+    restart is ``InvalidInputError`` and the job runs with input its check accepts."""
+    SEEN.clear()
+    async with memory_runtime({"ranged": _ranged}) as rt:
+        job = await rt.create_job("ranged", "alice", {"low": 1, "high": 10, "fail": True})
+        assert (await wait_for_state(rt, job.id)).state is JobState.FAILED
+        outcomes: dict[str, str] = {}
+
+        async def restart(name: str, modifications: dict[str, Any]) -> None:
+            try:
+                await rt.restart(job.id, modifications)
+                outcomes[name] = "restarted"
+            except InvalidInputError:
+                outcomes[name] = "refused"
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(restart, "low", {"low": 5, "fail": False})
+            nursery.start_soon(restart, "high", {"high": 3, "fail": False})
+        done = await wait_for_state(rt, job.id)
+        assert sorted(outcomes.values()) == ["refused", "restarted"], outcomes
+        assert done.state is JobState.COMPLETED, done.error
+        assert done.input["low"] <= done.input["high"]
+        assert all(seen["low"] <= seen["high"] for seen in SEEN), SEEN
