@@ -23,12 +23,15 @@ from actors import (
     parse_room,
     validates,
 )
+from transport import ClientError, open_client
 
 from .conftest import memory_runtime, wait_for_state
+from .serving import serving, token
 
 #: A lone surrogate: what ``os.fsdecode`` makes of an undecodable byte. No name can hold one.
 LONE = "\udce9"
 SMALL = {"query": "q", "depth": 1, "delay": 0}
+LATER = 3600.0  # a delay that keeps a job waiting for the whole test
 
 
 def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -196,3 +199,37 @@ async def test_two_restarts_at_once_never_store_input_the_kinds_check_refuses(
         assert done.state is JobState.COMPLETED, done.error
         assert done.input["low"] <= done.input["high"]
         assert all(seen["low"] <= seen["high"] for seen in SEEN), SEEN
+
+
+async def test_the_python_client_refuses_nan_and_infinity_instead_of_sending_null(
+    tmp_path: Path,
+) -> None:
+    """Before: ``Client.create(delay=nan)``, ``timeout=inf``, ``run_at=nan``, a NaN in the
+    input or in ``restart``'s modifications were encoded by orjson as ``null``: the job was
+    created at once, with the kind's timeout, its input holding null, and no error said so.
+    Now each is ``ClientError`` ``invalid_input`` naming where, nothing is sent, and the
+    connection serves the next request."""
+    nan, inf = float("nan"), float("inf")
+    async with (
+        serving(tmp_path / "j.db") as running,
+        open_client(running.url, token("alice")) as client,
+    ):
+        for options, where in (
+            ({"delay": nan}, "$.delay"),
+            ({"timeout": inf}, "$.timeout"),
+            ({"run_at": -inf}, "$.run_at"),
+            ({"priority": nan}, "$.priority"),
+        ):
+            with pytest.raises(ClientError, match=rf"\{where} is NaN or infinity") as err:
+                await client.create("research", SMALL, **options)
+            assert err.value.code == "invalid_input"
+        with pytest.raises(ClientError, match=r"\$\.input\.delay is NaN or infinity"):
+            await client.create("sized", {"value": 1, "delay": nan})
+        with pytest.raises(ClientError, match=r"\$\.input\.values\[1\] is NaN or infinity"):
+            await client.create("sized", {"value": 1, "values": [1.0, inf]})
+        assert await client.list() == []
+        job = await client.create("research", SMALL, delay=LATER)
+        with pytest.raises(ClientError, match=r"\$\.modifications\.delay is NaN"):
+            await client.restart(job["id"], {"delay": nan})
+        assert (await client.get(job["id"]))["input"] == SMALL
+        assert [j["id"] for j in await client.list()] == [job["id"]]

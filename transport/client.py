@@ -20,6 +20,7 @@ markers (:func:`is_omitted`); :meth:`Client.get_payload` fetches them.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -73,6 +74,25 @@ def is_omitted(value: object) -> bool:
     """True for a payload the server left out of a message (``{"$omitted": field, "size":
     bytes}``); fetch it with :meth:`Client.get_payload`."""
     return is_marker(value)
+
+
+def _not_finite(value: Any, path: str) -> str | None:
+    """Where ``value`` holds NaN or an infinity (a float, or a subclass such as numpy's
+    float64), None if nowhere. orjson encodes each as ``null``: sent so, a ``delay`` of NaN
+    was no delay and a ``timeout`` of infinity the kind's, silently. Walked only once orjson
+    has encoded the value, so its nesting is bounded."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path
+    items: Any = ()
+    if isinstance(value, dict):
+        items = ((f"{path}.{key}", item) for key, item in value.items())
+    elif isinstance(value, list | tuple):
+        items = ((f"{path}[{index}]", item) for index, item in enumerate(value))
+    for where, item in items:
+        found = _not_finite(item, where)
+        if found is not None:
+            return found
+    return None
 
 
 #: What a close without a reason means, in a user's words.
@@ -417,6 +437,13 @@ class Client:
                 # A value JSON cannot carry: a lone surrogate (an undecodable byte of a
                 # command-line argument), a set, an object.
                 raise ClientError("invalid_input", f"{op}: cannot be sent as JSON: {exc}") from None
+            where = _not_finite(fields, "$") if "null" in frame else None
+            if where is not None:
+                raise ClientError(
+                    "invalid_input",
+                    f"{op}: {where} is NaN or infinity, which JSON cannot carry (it would be"
+                    " sent as null)",
+                )
             limit = self.welcome.get("max_frame_size")
             if isinstance(limit, int) and len(frame.encode()) > limit:
                 # Sent, it would close the connection (1009) for every request in flight.
