@@ -179,9 +179,16 @@ async def test_two_restarts_at_once_never_store_input_the_kinds_check_refuses(
     the handler ran with it. Now the merged input is checked as it is stored: the second
     restart is ``InvalidInputError`` and the job runs with input its check accepts."""
     SEEN.clear()
-    async with memory_runtime({"ranged": _ranged}) as rt:
+    release = trio.Event()
+
+    async def blocker(ctx: JobContext, input: Any) -> Any:
+        await release.wait()
+
+    async with memory_runtime({"ranged": _ranged, "blocker": blocker}, max_running=1) as rt:
         job = await rt.create_job("ranged", "alice", {"low": 1, "high": 10, "fail": True})
         assert (await wait_for_state(rt, job.id)).state is JobState.FAILED
+        # The one slot taken: both restarts find the job waiting, whichever is applied first.
+        await wait_for_state(rt, (await rt.create_job("blocker", "bob", {})).id, {JobState.RUNNING})
         outcomes: dict[str, str] = {}
 
         async def restart(name: str, modifications: dict[str, Any]) -> None:
@@ -194,8 +201,9 @@ async def test_two_restarts_at_once_never_store_input_the_kinds_check_refuses(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(restart, "low", {"low": 5, "fail": False})
             nursery.start_soon(restart, "high", {"high": 3, "fail": False})
-        done = await wait_for_state(rt, job.id)
         assert sorted(outcomes.values()) == ["refused", "restarted"], outcomes
+        release.set()
+        done = await wait_for_state(rt, job.id)
         assert done.state is JobState.COMPLETED, done.error
         assert done.input["low"] <= done.input["high"]
         assert all(seen["low"] <= seen["high"] for seen in SEEN), SEEN
@@ -214,12 +222,13 @@ async def test_the_python_client_refuses_nan_and_infinity_instead_of_sending_nul
         serving(tmp_path / "j.db") as running,
         open_client(running.url, token("alice")) as client,
     ):
-        for options, where in (
+        cases: list[tuple[dict[str, Any], str]] = [
             ({"delay": nan}, "$.delay"),
             ({"timeout": inf}, "$.timeout"),
             ({"run_at": -inf}, "$.run_at"),
             ({"priority": nan}, "$.priority"),
-        ):
+        ]
+        for options, where in cases:
             with pytest.raises(ClientError, match=rf"\{where} is NaN or infinity") as err:
                 await client.create("research", SMALL, **options)
             assert err.value.code == "invalid_input"
