@@ -231,8 +231,8 @@ def _seconds(value: object, name: str) -> float:
 @attrs.frozen
 class CreateOptions:
     """The queue options of one create, checked (:meth:`check`) before anything is stored.
-    ``run_at`` is absolute (Unix seconds); ``max_attempts`` and ``timeout`` None take the
-    kind's defaults."""
+    ``run_at`` is absolute (Unix seconds), None for at once (a delay of 0, a ``run_at`` in
+    the past); ``max_attempts`` and ``timeout`` None take the kind's defaults."""
 
     priority: int = 0
     run_at: float | None = None
@@ -275,6 +275,11 @@ class CreateOptions:
                 raise InvalidInputError("run_at must be within a year from now")
             if at < 0:
                 raise InvalidInputError("run_at must be Unix seconds (>= 0)")
+            if at <= now:
+                # A time past is "at once", as a delay of 0: the job is as old as its create.
+                # Kept, it ranked the job by that time, before every job of its priority
+                # created earlier (run_at 0 went ahead of other users' older jobs).
+                at = None
         attempts = None if max_attempts is None else check_attempts(max_attempts)
         # A list or tuple: a set has no order to keep, a mapping would give its keys.
         if not isinstance(tags, list | tuple):

@@ -4,6 +4,7 @@ loses nothing, and never fails another user's job or logs a traceback."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -242,3 +243,38 @@ async def test_the_python_client_refuses_nan_and_infinity_instead_of_sending_nul
             await client.restart(job["id"], {"delay": nan})
         assert (await client.get(job["id"]))["input"] == SMALL
         assert [j["id"] for j in await client.list()] == [job["id"]]
+
+
+async def test_a_run_at_in_the_past_does_not_jump_ahead_of_older_jobs(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Before: a ``run_at`` in the past (0, an hour ago) was stored as given and ranked the
+    job by it: a job created later with ``run_at=0`` started before every other user's older
+    job of its priority. A past time is "at once" (PROTOCOL.md), as a ``delay`` of 0: the job
+    is now stored with no ``run_at`` and waits its turn behind the older jobs."""
+    order: list[str] = []
+    release = trio.Event()
+
+    async def blocker(ctx: JobContext, input: Any) -> Any:
+        await release.wait()
+
+    async def record(ctx: JobContext, input: Any) -> Any:
+        order.append(input["who"])
+
+    handlers = {"blocker": blocker, "record": record}
+    async with memory_runtime(handlers, max_running=1) as rt:
+        held = await rt.create_job("blocker", "bob", {})
+        await wait_for_state(rt, held.id, {JobState.RUNNING})
+        older = await rt.create_job("record", "alice", {"who": "alice"})
+        await trio.sleep(1)
+        jumpers = [
+            await rt.create_job("record", "mallory", {"who": "mallory at 0"}, run_at=0),
+            await rt.create_job(
+                "record", "eve", {"who": "eve an hour ago"}, run_at=time.time() - 3600
+            ),
+        ]
+        assert [job.run_at for job in jumpers] == [None, None]
+        release.set()
+        for job in (older, *jumpers):
+            await wait_for_state(rt, job.id)
+    assert order == ["alice", "mallory at 0", "eve an hour ago"]
