@@ -25,9 +25,11 @@ from actors import (
     validates,
 )
 from transport import ClientError, open_client
+from transport._exit import ExitCode
 
 from .conftest import memory_runtime, wait_for_state
 from .serving import serving, token
+from .test_cli_queue import cli
 
 #: A lone surrogate: what ``os.fsdecode`` makes of an undecodable byte. No name can hold one.
 LONE = "\udce9"
@@ -278,3 +280,30 @@ async def test_a_run_at_in_the_past_does_not_jump_ahead_of_older_jobs(
         for job in (older, *jumpers):
             await wait_for_state(rt, job.id)
     assert order == ["alice", "mallory at 0", "eve an hour ago"]
+
+
+async def test_cli_json_arguments_are_read_as_strictly_as_the_server_reads_them(
+    tmp_path: Path,
+) -> None:
+    """Before: ``jobspine submit``'s INPUT and ``restart``'s MODIFICATIONS were read with
+    orjson, which turns an integer beyond 64 bits into a float and keeps the last of a key
+    given twice, and sent so: ``{"value": 123456789012345678901234567890}`` made a job whose
+    input held ``1.2345678901234568e+29``, exit 0, where the server refuses the integer in a
+    frame. Now each is a usage error (exit 2) naming the path, and nothing is sent."""
+    huge = "123456789012345678901234567890"
+    async with serving(tmp_path / "j.db") as running:
+        alice = token("alice")
+        for args, problem in (
+            (("submit", "sized", f'{{"value": {huge}}}'), "$.value: integer"),
+            (("submit", "sized", '{"value": 1, "value": 2}'), "$.value: key given twice"),
+            (("submit", "sized", "[1e400]"), "$[0]: number overflows a double"),
+        ):
+            result = await cli(running.url, alice, *args)
+            assert (result.returncode, result.stdout) == (ExitCode.USAGE, ""), result
+            assert problem in result.stderr, result.stderr
+        assert [j.id for j in await running.runtime.list_jobs(None)] == []
+        job = await running.runtime.create_job("research", "alice", SMALL, delay=LATER)
+        result = await cli(running.url, alice, "restart", job.id, '{"depth": 2, "depth": 3}')
+        assert result.returncode == ExitCode.USAGE, result
+        assert "$.depth: key given twice" in result.stderr
+        assert (await running.runtime.get_job(job.id)).input == SMALL

@@ -39,6 +39,7 @@ from ._display import (
     write_json,
 )
 from ._exit import CLIError, ExitCode, exit_code_for
+from ._json import RefusedJsonError, loads_strict
 from ._workers import WORKER_PATH
 from .client import (
     Client,
@@ -191,10 +192,19 @@ def _cannot_connect(args: argparse.Namespace, problem: str) -> CLIError:
 
 
 def _json_arg(text: str, what: str) -> Any:
+    """``text`` read as the server reads a frame (:func:`loads_strict`): JSON that a lenient
+    parser would change is a usage error, where orjson sent an integer beyond 64 bits as a
+    float (``123456789012345678901234567890`` became ``1.2345678901234568e+29``) and the last
+    of a key given twice, without a word."""
     try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
-        raise CLIError(ExitCode.USAGE, f"{what} must be JSON: {exc}") from None
+        return loads_strict(text)
+    except RefusedJsonError as exc:
+        if exc.code == "bad_json":
+            problem = exc.message.removeprefix("the frame is not valid JSON: ")
+            raise CLIError(ExitCode.USAGE, f"{what} must be JSON: {problem}") from None
+        raise CLIError(
+            ExitCode.USAGE, f"{what} must be JSON the server takes as it is: {exc.message}"
+        ) from None
 
 
 def _show(args: argparse.Namespace, value: Any) -> None:
