@@ -13,6 +13,7 @@ import attrs
 import trio
 
 from ._backend import JobQuery, QueueStats
+from ._codec import INT64_MAX, shown
 from ._errors import (
     IllegalTransitionError,
     InvalidInputError,
@@ -74,10 +75,8 @@ def list_query(
     """:meth:`Repository.list_jobs`'s arguments, checked as the protocol's ``list`` checks
     them (PROTOCOL.md section 6), as a query; raises :class:`InvalidInputError` naming the
     argument."""
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise InvalidInputError(
-            f"limit must be an integer >= 1, or None for every job, not {limit!r}"
-        )
+    if limit is not None:
+        limit = _check_int(limit, "limit", 1, ", or None for every job")
     return JobQuery(
         user_id=_filter_text(user_id, "user_id"),
         states=None if states is None else parse_states(states),
@@ -86,6 +85,18 @@ def list_query(
         tag=_filter_text(tag, "tag", empty=False),
         parent_id=_filter_text(parent_id, "parent_id", empty=False),
     )
+
+
+def _check_int(value: object, name: str, low: int, other: str = "") -> int:
+    """Refuse anything but an int (no bool) from ``low`` within the signed 64-bit range, the
+    range every database takes (beyond it SQLite's driver raised ``OverflowError``: a
+    ``StoreError`` with its traceback logged), with :class:`InvalidInputError` naming
+    ``name``; ``other`` names what else is accepted."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= INT64_MAX:
+        raise InvalidInputError(
+            f"{name} must be an integer >= {low}{other} (at most 2**63 - 1), not {shown(value)}"
+        )
+    return value
 
 
 def _filter_text(value: object, name: str, *, empty: bool = True) -> str | None:
@@ -367,6 +378,12 @@ class Repository:
     async def read_events(
         self, job_id: str, after_seq: int = 0, limit: int = 1000
     ) -> list[JobEvent]:
+        """The job's events with ``seq > after_seq``, in order, at most ``limit``: integers
+        (``after_seq`` from 0, ``limit`` from 1), else :class:`InvalidInputError` naming the
+        argument (a float or a huge integer failed in the database, a negative limit read
+        every event). Raises :class:`UnknownJobError` for an unknown job."""
+        _check_int(after_seq, "after_seq", 0)
+        _check_int(limit, "limit", 1)
         await self._store.get(job_id)
         return await self._store.read_events(job_id, after_seq, limit)
 

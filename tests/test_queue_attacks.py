@@ -307,3 +307,31 @@ async def test_cli_json_arguments_are_read_as_strictly_as_the_server_reads_them(
         assert result.returncode == ExitCode.USAGE, result
         assert "$.depth: key given twice" in result.stderr
         assert (await running.runtime.get_job(job.id)).input == SMALL
+
+
+async def test_list_and_event_reads_refuse_numbers_no_database_takes(tmp_path: Path) -> None:
+    """Before, on SQLite: ``list_jobs(limit=10**30)`` and ``read_events(job, 10**30)`` failed
+    with ``StoreError`` (``OverflowError``) and an ERROR with its traceback was logged;
+    ``read_events(job, 0.5)`` the same (``datatype mismatch``); ``read_events(job, -5, -1)``
+    and ``("0", "10")`` read every event. Now each is ``InvalidInputError`` naming the
+    argument, and a limit up to 2**63 - 1 still reads everything."""
+    async with open_runtime(tmp_path / "j.db", handlers=DEMO_HANDLERS) as rt:
+        job = await rt.create_job("research", "alice", SMALL)
+        await wait_for_state(rt, job.id)
+        for limit in (10**30, 2**63, 0, 2.5):
+            with pytest.raises(InvalidInputError, match="limit must be an integer >= 1"):
+                await rt.list_jobs("alice", limit=limit)  # type: ignore[arg-type]
+        for after_seq, limit, name in (
+            (10**30, 10, "after_seq"),
+            (0, 10**30, "limit"),
+            (0.5, 10, "after_seq"),
+            (-5, 10, "after_seq"),
+            (0, -1, "limit"),
+            ("0", 10, "after_seq"),
+            (0, True, "limit"),
+        ):
+            with pytest.raises(InvalidInputError, match=f"{name} must be an integer >= "):
+                await rt.read_events(job.id, after_seq, limit)  # type: ignore[arg-type]
+        assert [j.id for j in await rt.list_jobs("alice", limit=2**63 - 1)] == [job.id]
+        events = await rt.read_events(job.id, 0, 2**63 - 1)
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
