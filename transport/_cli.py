@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import logging
 import os
 import secrets
@@ -53,6 +54,7 @@ from ._config import (
 from ._display import StdoutClosedError, write, write_json
 from ._exit import EXIT_HELP, CLIError, ExitCode
 from ._heap import HeapTrimmer, tune_collector
+from ._inert import visible
 from ._local_workers import PARENT_PIPE_ENV, LocalWorkers
 from ._logging import LOG_FORMATS, configure_logging
 from ._nodes_cmd import run_nodes
@@ -762,12 +764,22 @@ def _quiet_stdout() -> None:
     os.dup2(devnull, sys.stdout.fileno())
 
 
+def _show_unencodable() -> None:
+    """A character that stdout's encoding cannot hold (an emoji in a step label, with
+    ``LANG=en_US.ISO-8859-1`` or ``PYTHONIOENCODING=ascii``) is written as its escape
+    (``\\U0001f600``), as Python writes it to stderr: it stopped the command with a traceback
+    (``UnicodeEncodeError``) halfway through its output."""
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
         from bench.run import main as bench_main
 
         return bench_main(argv[1:])
+    _show_unencodable()
     try:
         try:
             return _run(argv)
@@ -782,7 +794,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             raise leaf from None
     except CLIError as exc:
-        sys.stderr.write(f"jobspine: error: {exc.message}\n")
+        # A message may quote what the server said, which may quote job data (a handler's
+        # input check's words): shown, not obeyed.
+        sys.stderr.write(f"jobspine: error: {visible(exc.message)}\n")
         return exc.code
     except KeyboardInterrupt:
         sys.stderr.write("\ninterrupted\n")

@@ -8,7 +8,6 @@ terminal), :class:`PlainView` (a pipe: one line per state or step change) and
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from datetime import datetime
@@ -20,6 +19,7 @@ import orjson
 from actors import JobEvent, JobState
 from actors._codec import converter
 
+from ._inert import json_inert, one_line, visible
 from .client import Reset
 
 __all__ = [
@@ -44,29 +44,9 @@ class StdoutClosedError(Exception):
     """The reader of stdout went away (a closed pipe)."""
 
 
-#: Control characters but newline and tab: what a job's step, error or input may carry (a
-#: handler or a worker sets them) and a terminal would obey (colours, titles, cursor moves).
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-_FIELD = re.compile("[\x00-\x1f\x7f-\x9f]")
-
-
-def _escape(control: re.Match[str]) -> str:
-    return repr(control.group())[1:-1]  # "\x1b": shown, not obeyed
-
-
-def visible(text: str) -> str:
-    """``text`` with every control character but newline and tab escaped (``\x1b``)."""
-    return _CONTROL.sub(_escape, text)
-
-
-def one_line(text: object) -> str:
-    """A job's field (step, kind, error, reason) as shown: every control character escaped,
-    newline and tab too (a newline in a step would add a row to the ``jobs`` table)."""
-    return _FIELD.sub(_escape, str(text))
-
-
 def write(text: str, stream: TextIO | None = None) -> None:
-    """Write to stdout (flushed), every control character but newline and tab escaped; a
+    """Write to stdout (flushed), every control character but newline and tab escaped, and
+    every character that reorders or hides text (:func:`~transport._inert.visible`); a
     closed pipe becomes :class:`StdoutClosedError`, which ``main`` turns into a quiet exit,
     so it is never mistaken for a socket's error."""
     try:
@@ -83,8 +63,9 @@ def _dumps(value: Any, indent: bool = False) -> str:
 
 
 def write_json(value: Any, *, lines: bool = False) -> None:
-    """One JSON document (indented), or one compact line of a JSON-lines stream."""
-    write(_dumps(value, indent=not lines) + "\n")
+    """One JSON document (indented), or one compact line of a JSON-lines stream; what a
+    terminal would obey or hide in a string is a JSON escape (:func:`json_inert`)."""
+    write(json_inert(_dumps(value, indent=not lines)) + "\n")
 
 
 def format_duration(seconds: float | None) -> str:

@@ -5,6 +5,11 @@ dependency), so no logging library is needed. Each line has ``time`` (ISO 8601, 
 ``level``, ``logger`` and ``message``; lines about a job add ``job_id``, ``user_id``,
 ``attempt`` and ``event`` (see ``actors._joblog``), so they join with the job's events; a line
 with an exception adds ``exception`` (the formatted traceback).
+
+A log line may quote job data (a handler's exception message holds what the handler put
+there, often its input): what a terminal would obey or hide in it is escaped (see
+:mod:`transport._inert`), in the text format (a line stays one line) and in the JSON format
+(as JSON escapes), so a job cannot drive the terminal of the operator reading the log.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import orjson
 
 from actors._joblog import JOB_FIELDS
 
-__all__ = ["LOG_FORMATS", "JsonFormatter", "configure_logging"]
+from ._inert import json_inert, one_line, visible
+
+__all__ = ["LOG_FORMATS", "JsonFormatter", "TextFormatter", "configure_logging"]
 
 LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -41,7 +48,25 @@ class JsonFormatter(logging.Formatter):
             line["exception"] = self.formatException(record.exc_info)
         elif record.stack_info:
             line["stack"] = self.formatStack(record.stack_info)
-        return orjson.dumps(line, default=str).decode()
+        return json_inert(orjson.dumps(line, default=str).decode())
+
+
+class TextFormatter(logging.Formatter):
+    """:data:`TEXT_FORMAT`, job data made inert: a message is one line, every control
+    character escaped (``\\x1b``, ``\\n``); a traceback keeps its lines, every other
+    control character escaped."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return one_line(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802
+        return visible(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802
+        return visible(super().formatStack(stack_info))
 
 
 def configure_logging(level: str, log_format: str = "text") -> None:
@@ -49,7 +74,7 @@ def configure_logging(level: str, log_format: str = "text") -> None:
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, not {log_format!r}")
     handler = logging.StreamHandler(sys.stderr)
-    formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    formatter = JsonFormatter() if log_format == "json" else TextFormatter()
     handler.setFormatter(formatter)
     logging.basicConfig(level=level.upper(), handlers=[handler])
     if level.upper() != "DEBUG":
