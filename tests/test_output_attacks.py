@@ -176,3 +176,28 @@ async def test_hostile_job_data_end_to_end(tmp_path: Path) -> None:
     log = (tmp_path / "data" / "serve.log").read_text()
     assert "RuntimeError: A\\x1b]8;;http://evil.example" in log
     _inert(log)
+
+
+@pytest.mark.parametrize("long", ["step", "kind"])
+def test_a_long_step_or_kind_keeps_every_column_of_the_jobs_table(
+    long: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a terminal, one job whose step label was 90 characters long (a step may hold
+    16,384) took the PROGRESS and RAN columns off every row of ``jobspine jobs`` at 120
+    columns, and one of 3,000 characters STATE too: another user's (or job's) text hid the
+    state of every job. Now KIND and STEP share the room the other columns leave, and are
+    cut with an ellipsis."""
+    monkeypatch.setenv("COLUMNS", "120")
+    job = {"kind": "k", "state": "running", "progress": 50.0, "created_at": 0.0}
+    jobs = [
+        {**job, "id": "01M8RSDEV43CTM4CGEAG94Y8N4", long: "x" * 3000, "run_seconds": 5.0},
+        {**job, "id": "01M8RSDC489D676N6SCA0GAWNW", "step": "short", "state": "paused"},
+    ]
+    jobs_table(jobs, terminal=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["ID", "KIND", "STATE", "PROGRESS", "CREATED", "RAN", "STEP"]
+    assert all(len(line) <= 120 for line in lines), lines
+    cells = lines[1].split()
+    assert cells[1].endswith("…") if long == "kind" else lines[1].endswith("…")
+    assert cells[2:4] == ["running", "50.0%"] and cells[6] == "5s"
+    assert lines[2].split()[2:4] == ["paused", "50.0%"]

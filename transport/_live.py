@@ -10,6 +10,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, Literal
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TaskProgressColumn, TextColumn
@@ -25,16 +26,28 @@ __all__ = ["LiveView", "rich_jobs_table"]
 
 
 def rich_jobs_table(rows: list[tuple[str, ...]], columns: tuple[str, ...]) -> None:
-    """Job ids, states and times are never shortened; KIND and STEP give way when narrow."""
+    """Job ids, states and times are never shortened; KIND and STEP give way when narrow:
+    they share the room the others leave (KIND a third of it when STEP needs the rest), so
+    that no job's long kind or step label pushes a column out (left to rich, one step of 90
+    characters on a terminal of 120 columns took PROGRESS and RAN off every row)."""
+    console = Console()
+    natural = [max(cell_len(r[i]) for r in [columns, *rows]) for i in range(len(columns))]
+    kind, step = columns.index("KIND"), len(columns) - 1
+    fixed = sum(width for i, width in enumerate(natural) if i not in (kind, step))
+    room = console.width - fixed - (len(columns) - 1)  # a space between columns
+    kind_width = max(4, min(natural[kind], max(room // 3, room - natural[step])))
+    step_width = max(4, room - kind_width)
     table = Table(box=None, header_style="bold", pad_edge=False, collapse_padding=True)
     for i, name in enumerate(columns[:-1]):
         justify: Literal["left", "right"] = "right" if name in ("PROGRESS", "RAN") else "left"
-        width = max(len(r[i]) for r in [columns, *rows]) if name != "KIND" else 4
-        table.add_column(name, no_wrap=True, justify=justify, min_width=width)
-    table.add_column(columns[-1], no_wrap=True, overflow="ellipsis", ratio=1)
+        if i == kind:
+            table.add_column(name, no_wrap=True, min_width=4, max_width=kind_width)
+        else:
+            table.add_column(name, no_wrap=True, justify=justify, min_width=natural[i])
+    table.add_column(columns[-1], no_wrap=True, overflow="ellipsis", max_width=step_width)
     for row in rows:
         table.add_row(*map(Text, row))  # as written: a step is text, not rich markup
-    Console().print(table)
+    console.print(table)
 
 
 class _JobElapsed(ProgressColumn):
