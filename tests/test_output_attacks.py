@@ -201,3 +201,24 @@ def test_a_long_step_or_kind_keeps_every_column_of_the_jobs_table(
     assert cells[1].endswith("…") if long == "kind" else lines[1].endswith("…")
     assert cells[2:4] == ["running", "50.0%"] and cells[6] == "5s"
     assert lines[2].split()[2:4] == ["paused", "50.0%"]
+
+
+def test_stats_all_says_how_many_users_it_left_out(capsys: pytest.CaptureFixture[str]) -> None:
+    """The server names at most the 100 users with the most waiting jobs (``waiting_users``
+    counts them all): ``jobspine stats --all`` listed those 100 as if they were everyone, so
+    with 3,000 users waiting an operator saw 100 and no sign of the rest. Now the line says
+    how many more there are."""
+    users = {f"user{i:03d}": 2 for i in range(100)}
+    queue = {
+        "waiting": 3100,
+        "ready": 3100,
+        "scheduled": 0,
+        "running": 0,
+        "waiting_by_kind": {"k": 3100},
+        "waiting_by_user": users,
+        "waiting_users": 3000,
+    }
+    stats_text({"created": 3100}, queue)
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("waiting by user: user000 2, user001 2,")
+    assert line.endswith("user099 2; and 2,900 more users with fewer")

@@ -125,7 +125,8 @@ def jobs_table(jobs: list[dict[str, Any]], *, terminal: bool) -> None:
 
 def stats_text(counts: dict[str, Any], queue: dict[str, Any]) -> None:
     """``jobspine stats``: jobs per state, then the queue (waiting ready and scheduled,
-    running; waiting per kind, and per user for an admin's view of everyone)."""
+    running; waiting per kind, and per user for an admin's view of everyone: the users the
+    server names, and how many more it left out)."""
     states = {key: value for key, value in counts.items() if isinstance(value, int)}
     width = max(len(key) for key in states)
     for key, value in states.items():
@@ -138,6 +139,10 @@ def stats_text(counts: dict[str, Any], queue: dict[str, Any]) -> None:
         waiting = queue[f"waiting_by_{what}"]
         if waiting and (what == "kind" or len(waiting) > 1):
             shown = ", ".join(f"{name} {n:,}" for name, n in sorted(waiting.items()))
+            # The server names the users with the most waiting jobs (at most 100).
+            more = queue.get("waiting_users", 0) - len(waiting) if what == "user" else 0
+            if more > 0:
+                shown += f"; and {more:,} more users with fewer"
             write(f"waiting by {what}: {shown}\n")
 
 
