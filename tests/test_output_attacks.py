@@ -6,13 +6,17 @@ hold a character does not stop a command."""
 
 from __future__ import annotations
 
+import io
 import logging
+import re
 from pathlib import Path
 
 import orjson
 import pytest
+from rich.console import Console
 
 from transport._display import jobs_table, stats_text, write_json
+from transport._live import LiveView
 from transport._logging import configure_logging
 
 from .test_cli import Served, serve_process
@@ -222,3 +226,17 @@ def test_stats_all_says_how_many_users_it_left_out(capsys: pytest.CaptureFixture
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.startswith("waiting by user: user000 2, user001 2,")
     assert line.endswith("user099 2; and 2,900 more users with fewer")
+
+
+def test_a_log_record_during_a_live_watch_cannot_drive_the_terminal() -> None:
+    """While ``jobspine watch`` draws on a terminal, log records go through rich's handler,
+    which wrote their control characters as they were (an OSC title, a bell, a right-to-left
+    override): the text formatter's escaping did not apply there. Now it does."""
+    console = Console(file=io.StringIO(), force_terminal=True, width=200)
+    with LiveView("j1", console=console):
+        logging.getLogger("jobspine.client").warning("refused (%s)", HOSTILE)
+    drawn = console.file.getvalue()  # type: ignore[attr-defined]
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn)  # rich's own styles and cursor
+    (line,) = [line for line in text.split("\r") if "refused (" in line]
+    assert "refused (A\\x1b]8;;http://evil.example" in line
+    _inert(line)

@@ -20,6 +20,7 @@ from rich.text import Text
 from actors import JobEvent
 
 from ._display import change_line, final_line, one_line, visible
+from ._logging import TextFormatter
 from .client import Reset
 
 __all__ = ["LiveView", "rich_jobs_table"]
@@ -90,6 +91,8 @@ class LiveView:
         root = logging.getLogger()
         self._saved = root.handlers[:]
         handler = RichHandler(console=self.console, show_path=False, markup=False)
+        # rich writes a record's control characters as they are: the message made inert.
+        handler.setFormatter(TextFormatter("%(message)s"))
         root.handlers = [handler]
         self.progress.start()
         return self

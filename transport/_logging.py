@@ -52,12 +52,12 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """:data:`TEXT_FORMAT`, job data made inert: a message is one line, every control
+    """``fmt`` (:data:`TEXT_FORMAT`), job data made inert: a message is one line, every control
     character escaped (``\\x1b``, ``\\n``); a traceback keeps its lines, every other
     control character escaped."""
 
-    def __init__(self) -> None:
-        super().__init__(TEXT_FORMAT)
+    def __init__(self, fmt: str = TEXT_FORMAT) -> None:
+        super().__init__(fmt)
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
         return one_line(super().formatMessage(record))
