@@ -246,36 +246,50 @@ class Client:
 
         Raises :class:`ClientError` for a fatal close (``auth_failed``, ``protocol_error``,
         ``token_expired`` with a fixed token)."""
-        async with trio.open_nursery() as nursery, self._send_events:
-            self._nursery = nursery
-            while True:
-                problem = "the connection ended"
-                close_code: int | None = None
-                try:
-                    await self._connect_once(task_status)
-                except ConnectionLostError as exc:
-                    problem, close_code = exc.message, exc.close_code
-                except ClientError as exc:
-                    self._fatal = exc
-                    self._fail_pending(exc)
-                    raise
-                except (OSError, HandshakeError, ConnectionClosed, trio.BrokenResourceError) as exc:
-                    problem = _problem(exc)
-                self._fail_pending(ConnectionLostError())
-                if not self.reconnect:
-                    if not self._connected_once:
-                        raise ConnectionLostError(f"could not connect: {problem}")
-                    self._fatal = ConnectionLostError("disconnected (reconnect is off)")
-                    return
-                delay = self.policy.next_delay(trio.current_time(), close_code)
-                stats = self.counters
-                stats.reconnects += 1
-                stats.last_delay = delay
-                stats.total_delay += delay
-                stats.last_problem = problem
-                level = logging.WARNING if close_code in RECURRING_CLOSE else logging.INFO
-                log.log(level, "not connected (%s); retrying in %.2f s", problem, delay)
-                await trio.sleep(delay)
+        try:
+            async with trio.open_nursery() as nursery, self._send_events:
+                self._nursery = nursery
+                while True:
+                    problem = "the connection ended"
+                    close_code: int | None = None
+                    try:
+                        await self._connect_once(task_status)
+                    except ConnectionLostError as exc:
+                        problem, close_code = exc.message, exc.close_code
+                    except ClientError as exc:
+                        self._fatal = exc
+                        self._fail_pending(exc)
+                        raise
+                    except (
+                        OSError,
+                        HandshakeError,
+                        ConnectionClosed,
+                        trio.BrokenResourceError,
+                    ) as exc:
+                        problem = _problem(exc)
+                    self._fail_pending(ConnectionLostError())
+                    if not self.reconnect:
+                        if not self._connected_once:
+                            self._fatal = ConnectionLostError(f"could not connect: {problem}")
+                            raise self._fatal
+                        self._fatal = ConnectionLostError("disconnected (reconnect is off)")
+                        return
+                    delay = self.policy.next_delay(trio.current_time(), close_code)
+                    stats = self.counters
+                    stats.reconnects += 1
+                    stats.last_delay = delay
+                    stats.total_delay += delay
+                    stats.last_problem = problem
+                    level = logging.WARNING if close_code in RECURRING_CLOSE else logging.INFO
+                    log.log(level, "not connected (%s); retrying in %.2f s", problem, delay)
+                    await trio.sleep(delay)
+        finally:
+            # Ended (left open_client, cancelled, a fatal close, reconnect off): a request in
+            # flight or made from now on fails at once, not after waiting out request_timeout.
+            if self._fatal is None:
+                self._fatal = ConnectionLostError("the client is closed")
+            self._fail_pending(self._fatal)
+            self._connected.set()
 
     async def _connect_once(self, task_status: trio.TaskStatus[Client]) -> None:
         async with open_websocket_url(self.url, max_message_size=self.max_message_size) as ws:

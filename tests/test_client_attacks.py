@@ -1,0 +1,62 @@
+"""The Python client misused as an application might: calls after it closed, a refused
+refresh, a request naming its own ``id``, tokens that are not strings."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from transport import Client, ClientError, ConnectionLostError, RunningServer, open_client
+
+from .serving import eventually, serving, token
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[RunningServer]:
+    async with serving(tmp_path / "served.db") as running:
+        yield running
+
+
+async def test_a_request_after_the_client_closed_fails_at_once(served: RunningServer) -> None:
+    """Before: a request on a client whose ``open_client`` block had ended waited for a
+    connection that would never come, for the whole ``request_timeout`` (30 s), then raised
+    trio.TooSlowError. Now it raises ConnectionLostError at once."""
+    async with open_client(served.url, token("alice"), request_timeout=20) as client:
+        await client.ping()
+    with trio.fail_after(5), pytest.raises(ConnectionLostError, match="closed"):
+        await client.ping()
+    with trio.fail_after(5), pytest.raises(ConnectionLostError):
+        await client.create("echo", {})
+
+
+async def test_a_request_waiting_for_a_reconnection_fails_when_the_client_closes(
+    served: RunningServer,
+) -> None:
+    """Before: a task (outside the client's block) waiting for a reconnection when the block
+    ended kept waiting for the whole ``request_timeout``, then raised trio.TooSlowError. Now
+    it raises ConnectionLostError when the client closes."""
+    outcome: list[BaseException] = []
+
+    async def call(client: Client) -> None:
+        try:
+            await client.request("ping")
+        except ClientError as exc:
+            outcome.append(exc)
+
+    async with trio.open_nursery() as outer:
+        async with open_client(
+            served.url, token("alice"), request_timeout=20, min_backoff=10, max_backoff=10
+        ) as client:
+            await client.ping()
+            ws = client._ws
+            assert ws is not None
+            await ws._stream.aclose()  # the connection drops; the next attempt is in 10 s
+            await eventually(lambda: client._ws is None)
+            outer.start_soon(call, client)
+            await trio.sleep(0.1)
+        with trio.fail_after(5):
+            await eventually(lambda: bool(outcome))
+    assert isinstance(outcome[0], ConnectionLostError)
