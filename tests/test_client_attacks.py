@@ -60,3 +60,28 @@ async def test_a_request_waiting_for_a_reconnection_fails_when_the_client_closes
         with trio.fail_after(5):
             await eventually(lambda: bool(outcome))
     assert isinstance(outcome[0], ConnectionLostError)
+
+
+async def test_a_refused_refresh_keeps_the_token_for_reconnecting(served: RunningServer) -> None:
+    """Before: ``refresh`` stored the new token before the server judged it; a refused one
+    (``auth_failed``) became the token of the next hello, so the next reconnect closed with
+    4003 and the whole client failed with ``auth_failed``. Now a refused token changes
+    nothing: the client reconnects with the one it had."""
+    async with open_client(
+        served.url, token("alice"), request_timeout=10, max_backoff=0.2
+    ) as client:
+        with pytest.raises(ClientError) as refused:
+            await client.refresh("not-a-jwt")
+        assert refused.value.code == "auth_failed"
+        with pytest.raises(ClientError) as wrong_type:
+            await client.refresh(b"bytes")  # type: ignore[arg-type]
+        assert wrong_type.value.code == "invalid_input"
+        ws = client._ws
+        assert ws is not None
+        await ws._stream.aclose()  # the network drops: the client reconnects
+        with trio.fail_after(10):
+            await eventually(lambda: client.counters.connects == 2)
+            assert "pong" in await client.ping()
+        fresh = token("alice")
+        await client.refresh(fresh)
+        assert client._current_token() == fresh

@@ -623,8 +623,12 @@ class Client:
         return await self.request("ping")
 
     async def refresh(self, token: str) -> Any:
+        """Replace the connection's token; once the server accepted it, it is also the token
+        of the next connections. A refused one (an error reply, a lost connection) raises and
+        changes nothing: the client keeps reconnecting with the token it had."""
+        result = await self.request("refresh", token=token)
         self._token = token
-        return await self.request("refresh", token=token)
+        return result
 
     async def create(
         self,
