@@ -85,3 +85,15 @@ async def test_a_refused_refresh_keeps_the_token_for_reconnecting(served: Runnin
         fresh = token("alice")
         await client.refresh(fresh)
         assert client._current_token() == fresh
+
+
+async def test_a_request_naming_an_id_is_refused_not_misrouted(served: RunningServer) -> None:
+    """Before: ``request("ping", id=N)`` sent the caller's ``id`` in place of the client's:
+    the reply went to the call that had id N (another task got this ping's reply) or to
+    none, and this call waited out ``request_timeout``. Now it is ``invalid_input`` at once
+    and the connection serves the other calls."""
+    async with open_client(served.url, token("alice"), request_timeout=10) as client:
+        with trio.fail_after(5), pytest.raises(ClientError) as refused:
+            await client.request("ping", id=client._next_id + 1)
+        assert refused.value.code == "invalid_input"
+        assert "pong" in await client.ping()

@@ -433,6 +433,15 @@ class Client:
     # -- requests -------------------------------------------------------------------------------
 
     async def request(self, op: str, **fields: Any) -> Any:
+        """Send ``{"op": op, "id": ..., **fields}`` and return the reply's result; raises
+        :class:`ClientError` for an error reply. ``id`` is the client's own: it routes the
+        reply to this call."""
+        if "id" in fields:
+            # Sent, it replaced the request's id: the reply went to whichever call had that
+            # id (or to none, and this one waited out request_timeout).
+            raise ClientError(
+                "invalid_input", f"{op}: 'id' is not a field: the client numbers its requests"
+            )
         pending = _Pending()
         return await self._request(op, fields, pending)
 
