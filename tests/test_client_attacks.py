@@ -97,3 +97,73 @@ async def test_a_request_naming_an_id_is_refused_not_misrouted(served: RunningSe
             await client.request("ping", id=client._next_id + 1)
         assert refused.value.code == "invalid_input"
         assert "pong" in await client.ping()
+
+
+async def _async_token() -> str:
+    return token("alice")
+
+
+def _failing_token() -> str:
+    raise RuntimeError("the vault is down")
+
+
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [
+        (token("alice").encode(), "not bytes"),
+        (None, "not NoneType"),
+        (_async_token, "is async"),
+        (_failing_token, "RuntimeError: the vault is down"),
+    ],
+    ids=["bytes", "none", "async-callable", "raising-callable"],
+)
+async def test_a_token_that_is_not_a_string_is_auth_failed(
+    served: RunningServer, bad: object, says: str
+) -> None:
+    """Before: a bytes token (PyJWT 1's ``encode``), an ``async def`` token callable or one
+    that raised escaped ``open_client`` as a bare TypeError or the callable's own exception
+    (with a 'coroutine was never awaited' warning); None reached the server as a
+    ``protocol_error``. Now each is a ClientError ``auth_failed`` saying what was wrong."""
+    with trio.fail_after(5), pytest.raises(ClientError) as failed:
+        async with open_client(served.url, bad, reconnect=False):  # type: ignore[arg-type]
+            pass
+    assert failed.value.code == "auth_failed"
+    assert says in failed.value.message
+
+
+async def test_a_token_callable_failing_on_a_reconnect_fails_the_client_and_its_calls(
+    served: RunningServer,
+) -> None:
+    """Before: a token callable raising on a reconnect ended ``run`` with its own exception,
+    and requests waiting for the reconnection were not failed. Now the client fails with
+    ``auth_failed`` and so does every waiting request."""
+    calls = 0
+
+    def mint() -> str:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise RuntimeError("the vault is down")
+        return token("alice")
+
+    outcome: list[BaseException] = []
+
+    async def call(client: Client) -> None:
+        try:
+            await client.ping()
+        except ClientError as exc:
+            outcome.append(exc)
+
+    async with trio.open_nursery() as outer:
+        with pytest.raises(ClientError) as failed:
+            async with open_client(served.url, mint, request_timeout=20, min_backoff=0.5) as client:
+                ws = client._ws
+                assert ws is not None
+                await ws._stream.aclose()
+                await eventually(lambda: client._ws is None)
+                outer.start_soon(call, client)  # waits for the reconnection
+                await trio.sleep_forever()
+    assert failed.value.code == "auth_failed"
+    with trio.fail_after(5):
+        await eventually(lambda: bool(outcome))
+    assert isinstance(outcome[0], ClientError) and outcome[0].code == "auth_failed"

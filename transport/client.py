@@ -19,6 +19,7 @@ markers (:func:`is_omitted`); :meth:`Client.get_payload` fetches them.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import secrets
@@ -211,7 +212,8 @@ class Client:
         max_message_size: int = MAX_MESSAGE,
     ) -> None:
         """``token``: a JWT, or a callable minting one (called for each connection; with one,
-        an expired token (4004) is a reconnect, not a fatal error). Backoffs and
+        an expired token (4004) is a reconnect, not a fatal error; one that raises, or a
+        token that is not a str, fails the client with ``auth_failed``). Backoffs and
         ``healthy_after`` (how long a connection must stay up to reset the backoff) are
         seconds; ``max_message_size`` is the largest message accepted from the server."""
         self.url = url
@@ -239,7 +241,24 @@ class Client:
     # -- connection -----------------------------------------------------------------------------
 
     def _current_token(self) -> str:
-        return self._token() if callable(self._token) else self._token
+        """The token for a hello: a token callable that raised, or a token that is not a str
+        (bytes, None, an ``async def``'s coroutine), is a fatal ``auth_failed``."""
+        try:
+            token: object = self._token() if callable(self._token) else self._token
+        except Exception as exc:
+            raise ClientError(
+                "auth_failed", f"no token: the token callable raised {type(exc).__name__}: {exc}"
+            ) from exc
+        if isinstance(token, str):
+            return token
+        if inspect.iscoroutine(token):
+            token.close()  # never awaited: closed, so no warning about it
+            raise ClientError(
+                "auth_failed", "the token callable is async: it must return a str (a JWT)"
+            )
+        raise ClientError(
+            "auth_failed", f"the token must be a str (a JWT), not {type(token).__name__}"
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[Client] = trio.TASK_STATUS_IGNORED) -> None:
         """Stay connected until cancelled; ``started`` after the first successful hello.
