@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import trio
 
-from transport import Client, ClientError, ConnectionLostError, RunningServer, open_client
+from actors import JobEvent, JobState
+from transport import (
+    Client,
+    ClientError,
+    ConnectionLostError,
+    RoomCursor,
+    RunningServer,
+    open_client,
+)
 
 from .serving import eventually, serving, token
 
@@ -167,3 +175,27 @@ async def test_a_token_callable_failing_on_a_reconnect_fails_the_client_and_its_
     with trio.fail_after(5):
         await eventually(lambda: bool(outcome))
     assert isinstance(outcome[0], ClientError) and outcome[0].code == "auth_failed"
+
+
+async def test_a_refused_resubscription_keeps_the_room_followed(served: RunningServer) -> None:
+    """Before: subscribing again to a room already followed, with a cursor the server
+    refused (a negative seq) or one that is not a RoomCursor (a tuple: attrs'
+    NotAnAttrsClassError), raised and dropped the room from the client: its events were
+    then ignored, silently, though the server kept sending them. Now the bad cursor is a
+    ClientError ``invalid_input`` and the room stays followed from where it was."""
+    async with open_client(served.url, token("alice"), request_timeout=10) as client:
+        await client.subscribe("user:alice")
+        epoch = client.welcome["epoch"]
+        with pytest.raises(ClientError) as refused:
+            await client.subscribe("user:alice", RoomCursor(epoch, -5))
+        assert refused.value.code == "invalid_input"
+        with pytest.raises(ClientError) as wrong_type:
+            await client.subscribe("user:alice", (epoch, 3))  # type: ignore[arg-type]
+        assert wrong_type.value.code == "invalid_input"
+        job = await client.create("sized", {"value": 1})
+        with trio.fail_after(10):
+            async for item in client.events():
+                assert isinstance(item, JobEvent)
+                if item.job_id == job["id"] and item.state is JobState.COMPLETED:
+                    break
+        assert client.cursor("user:alice") is not None

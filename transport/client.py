@@ -517,13 +517,26 @@ class Client:
         """Follow a room from ``cursor`` (None: from now). Survives reconnects.
 
         If the server refuses (an error reply, or the connection drops first), the error is
-        raised and the room is not followed."""
+        raised and the room is not followed; a room already followed stays followed from
+        where it was."""
+        if cursor is not None and not isinstance(cursor, RoomCursor):
+            raise ClientError(
+                "invalid_input",
+                f"subscribe: cursor must be a RoomCursor or None, not {type(cursor).__name__}",
+            )
+        previous = self.rooms.get(room)
         state = self.rooms[room] = _Room(cursor, cursor)
         try:
             return await self._join(room)
         except BaseException:
             if self.rooms.get(room) is state:
-                del self.rooms[room]
+                if previous is None:
+                    del self.rooms[room]
+                else:
+                    # Events that came meanwhile were ignored: resubscribing from its
+                    # cursor replays them.
+                    self.rooms[room] = previous
+                    self._resync(room)
             raise
 
     async def unsubscribe(self, room: str) -> Any:
