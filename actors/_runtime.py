@@ -428,11 +428,28 @@ async def open_runtime(
     database that cannot be opened (or a PostgreSQL server that cannot be reached) raises
     :class:`StoreError`. A kind in ``handlers`` that no job could be created with (empty,
     over 1,024 characters, holding NUL or another unprintable character) raises
-    :class:`InvalidInputError` naming it, before anything is opened. An exception from the
+    :class:`InvalidInputError` naming it, before anything is opened, as does a ``config``,
+    ``broadcast`` or ``fanout`` of another type (a dict of fields) or ``handlers`` that is not
+    a mapping. An exception from the
     block propagates unchanged; a failure of the runtime itself is raised as
     :class:`RuntimeCrashedError`. Every way out (return, exception, cancellation,
     KeyboardInterrupt) closes the database.
     """
+    for name, value, wanted in (
+        ("config", config, RuntimeConfig),
+        ("broadcast", broadcast, BroadcasterConfig),
+        ("fanout", fanout, FanoutConfig),
+    ):
+        # A dict of fields (a jobspine_config fixture returning {"stop_grace": 5}) failed
+        # deep inside with AttributeError.
+        if value is not None and not isinstance(value, wanted):
+            raise InvalidInputError(
+                f"{name} must be a {wanted.__name__} or None, not {type(value).__name__}"
+            )
+    if handlers is not None and not isinstance(handlers, Mapping):
+        raise InvalidInputError(
+            f"handlers must be a mapping of kind to handler, not {type(handlers).__name__}"
+        )
     config = config or RuntimeConfig()
     for kind, handler in (handlers or {}).items():
         check_handler(kind, handler)  # as rt.register does

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from actors import JobEvent, JobState
+from actors import DEMO_HANDLERS, InvalidInputError, JobEvent, JobState, open_runtime
+from actors._backend import MemoryBackend
 from transport import (
     Client,
     ClientError,
@@ -20,6 +21,8 @@ from transport import (
 )
 
 from .serving import eventually, serving, token
+
+research = DEMO_HANDLERS["research"]
 
 
 @pytest.fixture
@@ -199,3 +202,25 @@ async def test_a_refused_resubscription_keeps_the_room_followed(served: RunningS
                 if item.job_id == job["id"] and item.state is JobState.COMPLETED:
                     break
         assert client.cursor("user:alice") is not None
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"config": {"stop_grace": 5}}, "config must be a RuntimeConfig or None, not dict"),
+        ({"handlers": [research]}, "handlers must be a mapping of kind to handler, not list"),
+        ({"broadcast": {"room_buffer": 10}}, "broadcast must be a BroadcasterConfig"),
+    ],
+    ids=["config-dict", "handlers-list", "broadcast-dict"],
+)
+async def test_a_testing_fixture_override_of_the_wrong_type_is_invalid_input(
+    options: dict[str, object], says: str
+) -> None:
+    """What ``actors.testing``'s runtimes pass on from ``jobspine_config`` and
+    ``jobspine_handlers`` overrides. Before: a ``jobspine_config`` returning a dict of the
+    fields to change (the README says the fixture replaces the whole config), or handlers
+    as a list, failed inside open_runtime with AttributeError ('dict' object has no
+    attribute 'node_id'). Now each is InvalidInputError naming the argument and its type."""
+    with pytest.raises(InvalidInputError, match=says):
+        async with open_runtime(backend=MemoryBackend(), **options):  # type: ignore[arg-type]
+            pass
