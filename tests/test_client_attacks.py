@@ -224,3 +224,20 @@ async def test_a_testing_fixture_override_of_the_wrong_type_is_invalid_input(
     with pytest.raises(InvalidInputError, match=says):
         async with open_runtime(backend=MemoryBackend(), **options):  # type: ignore[arg-type]
             pass
+
+
+async def test_a_cancelled_resubscription_keeps_the_room_followed(served: RunningServer) -> None:
+    """Before: a subscribe to a room already followed, cancelled before its reply (a
+    ``move_on_after`` around it), dropped the room from the client, whose later events were
+    ignored, silently. Now the room stays followed from where it was."""
+    async with open_client(served.url, token("alice"), request_timeout=10) as client:
+        await client.subscribe("user:alice")
+        with trio.move_on_after(0):
+            await client.subscribe("user:alice")
+        assert "user:alice" in client.rooms
+        job = await client.create("sized", {"value": 1})
+        with trio.fail_after(10):
+            async for item in client.events():
+                assert isinstance(item, JobEvent)
+                if item.job_id == job["id"] and item.state is JobState.COMPLETED:
+                    break
