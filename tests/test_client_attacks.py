@@ -180,6 +180,18 @@ async def test_a_token_callable_failing_on_a_reconnect_fails_the_client_and_its_
     assert isinstance(outcome[0], ClientError) and outcome[0].code == "auth_failed"
 
 
+async def sees_a_job_complete(client: Client) -> None:
+    """Creates a job of alice's and reads the room's events until it completes (within 10 s):
+    the room is still followed, its events delivered."""
+    job = await client.create("sized", {"value": 1})
+    with trio.fail_after(10):
+        async for item in client.events():
+            assert isinstance(item, JobEvent)
+            if item.job_id == job["id"] and item.state is JobState.COMPLETED:
+                return
+    raise AssertionError("the events ended before the job completed")
+
+
 async def test_a_refused_resubscription_keeps_the_room_followed(served: RunningServer) -> None:
     """Before: subscribing again to a room already followed, with a cursor the server
     refused (a negative seq) or one that is not a RoomCursor (a tuple: attrs'
@@ -195,12 +207,7 @@ async def test_a_refused_resubscription_keeps_the_room_followed(served: RunningS
         with pytest.raises(ClientError) as wrong_type:
             await client.subscribe("user:alice", (epoch, 3))  # type: ignore[arg-type]
         assert wrong_type.value.code == "invalid_input"
-        job = await client.create("sized", {"value": 1})
-        with trio.fail_after(10):
-            async for item in client.events():
-                assert isinstance(item, JobEvent)
-                if item.job_id == job["id"] and item.state is JobState.COMPLETED:
-                    break
+        await sees_a_job_complete(client)
         assert client.cursor("user:alice") is not None
 
 
@@ -235,9 +242,4 @@ async def test_a_cancelled_resubscription_keeps_the_room_followed(served: Runnin
         with trio.move_on_after(0):
             await client.subscribe("user:alice")
         assert "user:alice" in client.rooms
-        job = await client.create("sized", {"value": 1})
-        with trio.fail_after(10):
-            async for item in client.events():
-                assert isinstance(item, JobEvent)
-                if item.job_id == job["id"] and item.state is JobState.COMPLETED:
-                    break
+        await sees_a_job_complete(client)

@@ -10,6 +10,7 @@ import io
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -58,6 +59,18 @@ def test_json_output_of_c1_controls_and_bidi_is_json_and_inert(
     assert "\\u009b31mcsi" in line and "\\u202eRTL" in line
 
 
+def waiting(jobs: int, by_user: dict[str, int]) -> dict[str, Any]:
+    """A queue's stats as the server sends them: ``jobs`` waiting, all ready, of kind k."""
+    return {
+        "waiting": jobs,
+        "ready": jobs,
+        "scheduled": 0,
+        "running": 0,
+        "waiting_by_kind": {"k": jobs},
+        "waiting_by_user": by_user,
+    }
+
+
 def test_a_bidi_override_in_a_user_id_cannot_reorder_another_users_count(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -66,14 +79,7 @@ def test_a_bidi_override_in_a_user_id_cannot_reorder_another_users_count(
     next user's name and count) right to left. The ``jobs`` table's step did the same, and a
     zero-width space hid in it. Now they are escaped (``\\u202e``, ``\\u200b``)."""
     counts = {"created": 3, "running": 0}
-    queue = {
-        "waiting": 3,
-        "ready": 3,
-        "scheduled": 0,
-        "running": 0,
-        "waiting_by_kind": {"k": 3},
-        "waiting_by_user": {"a\u202emallory": 1, "zed": 2},
-    }
+    queue = waiting(3, {"a\u202emallory": 1, "zed": 2})
     stats_text(counts, queue)
     job = {"id": "j1", "kind": "k", "state": "running", "progress": 1.0, "created_at": 0.0}
     jobs_table([{**job, "step": "a\u202eb\u200bc\u2028d"}], terminal=False)
@@ -213,15 +219,7 @@ def test_stats_all_says_how_many_users_it_left_out(capsys: pytest.CaptureFixture
     with 3,000 users waiting an operator saw 100 and no sign of the rest. Now the line says
     how many more there are."""
     users = {f"user{i:03d}": 2 for i in range(100)}
-    queue = {
-        "waiting": 3100,
-        "ready": 3100,
-        "scheduled": 0,
-        "running": 0,
-        "waiting_by_kind": {"k": 3100},
-        "waiting_by_user": users,
-        "waiting_users": 3000,
-    }
+    queue = {**waiting(3100, users), "waiting_users": 3000}
     stats_text({"created": 3100}, queue)
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.startswith("waiting by user: user000 2, user001 2,")
