@@ -8,8 +8,10 @@ browsers get this small server: ``GET /healthz`` (the process is up), ``GET /rea
 or a :class:`Body` with its own content type and headers. ``HEAD`` gets the headers of a
 ``GET`` and no body; other methods get 405, a websocket upgrade (websockets have a port of
 their own) 404; a request that cannot be parsed gets 400 (431 for a header over 8 KiB) rather
-than a dropped connection, and a route that raises 500 (logged), the port serving on. A
-full port closes a connection for a new one (:class:`Admission`).
+than a dropped connection, and a route that raises 500 (logged), the port serving on. Every
+answer ends with a close that does not reset the connection (what the client still sends is
+read and dropped), so it arrives whole. A full port closes a connection for a new one
+(:class:`Admission`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ ADMISSION_GRACE = 0.25
 #: Seconds an answer being sent keeps its slot on a full port where no connection waits for
 #: its request: past them, the client that has not taken it may be closed for another one.
 ANSWER_GRACE = 0.5
+
+#: Seconds an answered connection reads and drops what its client still sends before it is
+#: closed (:func:`_finish`).
+LINGER = 1.0
 
 #: accept() errors that mean "no resources now" (trio.serve_listeners' list): retried.
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
@@ -215,20 +221,31 @@ async def _handle(
         if event.method != b"HEAD":  # a HEAD answer has the headers of a GET and no body
             await stream.send_all(conn.send(h11.Data(data=payload)) or b"")
         await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+        await _finish(stream)
 
 
 async def _refuse(stream: trio.SocketStream, status: int, why: str) -> None:
     """Answers a request h11 cannot parse (a malformed line, a header over
-    :data:`MAX_REQUEST`: 400 or 431) with a JSON error, then closes without resetting: what the
-    client still sends is read and dropped for a moment, so the answer reaches it."""
+    :data:`MAX_REQUEST`: 400 or 431) with a JSON error, then closes without resetting
+    (:func:`_finish`)."""
     payload = orjson.dumps({"error": f"bad request: {why}"})
     head = (
         f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(payload)}\r\nconnection: close\r\ncache-control: no-store\r\n\r\n"
     )
     await stream.send_all(head.encode() + payload)
+    await _finish(stream)
+
+
+async def _finish(stream: trio.SocketStream) -> None:
+    """Ends a connection whose answer is sent, without resetting it: the end of the answer is
+    signalled (the client reads to it and closes), then what the client still sends (a body
+    the port does not read, a pipelined request) is read and dropped until it closes, for at
+    most :data:`LINGER` seconds. A socket closed with data unread is reset by the kernel, and
+    the reset destroys the answer on its way: a ``POST`` with a body got ``Connection reset
+    by peer`` instead of its 405."""
     await stream.send_eof()
-    with trio.move_on_after(1):
+    with trio.move_on_after(LINGER):
         while await stream.receive_some(MAX_REQUEST):
             pass
 
