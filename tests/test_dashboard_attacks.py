@@ -72,3 +72,21 @@ async def test_a_request_with_a_body_gets_its_answer_not_a_reset() -> None:
                 assert says in orjson.dumps(orjson.loads(payload))
         assert (await exchange(port, get("/healthz")))[0] == 200
         nursery.cancel_scope.cancel()
+
+
+async def test_an_upgrade_to_another_protocol_is_ignored() -> None:
+    """``curl --http2 http://HOST:8766/healthz`` offers an upgrade to HTTP/2 (``Upgrade:
+    h2c``), which a server may decline by answering in HTTP/1.1: it was a 404 ("no such
+    endpoint") for a path that exists, so a probe or scrape made with such a client failed.
+    Only a websocket upgrade is refused (websockets have a port of their own)."""
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_health, "127.0.0.1", 0, {"/healthz": _healthz})
+        for offer in ("h2c", "HTTP/2.0", "TLS/1.2, HTTP/1.1"):
+            extra = f"connection: Upgrade, HTTP2-Settings\r\nupgrade: {offer}\r\n"
+            extra += "http2-settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+            status, _, body = await exchange(port, get("/healthz", extra=extra))
+            assert (status, orjson.loads(body)) == (200, {"status": "ok"}), offer
+        for offer in ("websocket", "WebSocket", "h2c, websocket"):
+            extra = f"connection: upgrade\r\nupgrade: {offer}\r\n"
+            assert (await exchange(port, get("/healthz", extra=extra)))[0] == 404, offer
+        nursery.cancel_scope.cancel()

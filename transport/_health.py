@@ -7,10 +7,11 @@ browsers get this small server: ``GET /healthz`` (the process is up), ``GET /rea
 (:mod:`transport._dashboard`). A route takes the :class:`Request` and returns a JSON-able body
 or a :class:`Body` with its own content type and headers. ``HEAD`` gets the headers of a
 ``GET`` and no body; other methods get 405, a websocket upgrade (websockets have a port of
-their own) 404; a request that cannot be parsed gets 400 (431 for a header over 8 KiB) rather
-than a dropped connection, and a route that raises 500 (logged), the port serving on. Every
-answer ends with a close that does not reset the connection (what the client still sends is
-read and dropped), so it arrives whole. A full port closes a connection for a new one
+their own) 404, another upgrade (``h2c``) is declined by answering in HTTP/1.1; a request
+that cannot be parsed gets 400 (431 for a header over 8 KiB) rather than a dropped
+connection, and a route that raises 500 (logged), the port serving on. Every answer ends
+with a close that does not reset the connection (what the client still sends is read and
+dropped), so it arrives whole. A full port closes a connection for a new one
 (:class:`Admission`).
 """
 
@@ -164,6 +165,15 @@ def request_path(target: str) -> str:
     return path
 
 
+def _asks_websocket(upgrade: bytes) -> bool:
+    """Whether an ``Upgrade`` header offers a websocket: such a request is refused (404),
+    websockets have a port of their own. Another offer (``h2c``, which ``curl --http2``
+    sends) is declined by answering in HTTP/1.1, as a server may: refusing it made a probe
+    of an existing path a 404."""
+    offers = (offer.strip().split(b"/")[0].lower() for offer in upgrade.split(b","))
+    return b"websocket" in offers
+
+
 async def _handle(
     stream: trio.SocketStream, routes: dict[str, Route], answering: Callable[[], None]
 ) -> None:
@@ -189,7 +199,7 @@ async def _handle(
         fields = {name.lower(): value for name, value in event.headers}
         route = routes.get(target)
         extra_headers: tuple[tuple[str, str], ...] = ()
-        if route is None or b"upgrade" in fields:
+        if route is None or _asks_websocket(fields.get(b"upgrade", b"")):
             status, body = 404, {"error": f"no such endpoint; try {', '.join(sorted(routes))}"}
         elif event.method not in (b"GET", b"HEAD"):
             method = event.method.decode("ascii", "replace")
