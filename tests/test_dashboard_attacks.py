@@ -5,14 +5,20 @@ next request."""
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import trio
 
+from transport import mint_token
 from transport._health import Request, serve_health
 
 from .test_dashboard_http import exchange, get
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
 
 def _healthz(request: Request) -> tuple[int, Any]:
@@ -90,3 +96,32 @@ async def test_an_upgrade_to_another_protocol_is_ignored() -> None:
             extra = f"connection: upgrade\r\nupgrade: {offer}\r\n"
             assert (await exchange(port, get("/healthz", extra=extra)))[0] == 404, offer
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.skipif(
+    not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+    reason="needs Debian's chromium and chromium-driver (as tests/test_dashboard_browser.py)",
+)
+def test_a_worker_token_in_the_dashboard_leads_back_to_sign_in(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A worker's token (``jobspine token --worker``) pasted into the sign-in form is refused
+    by the client endpoint with 4010, which PROTOCOL.md section 6 says not to reconnect after:
+    the page reconnected with its backoff for as long as the tab stayed open, every attempt
+    refused again, showing only "connection lost (close 4010)" and never why. It now leads
+    back to the sign-in form, saying why the token was refused, and stops connecting."""
+    from .test_dashboard_browser import Server, browser, by_id, text, wait
+
+    server = Server(tmp_path / "data")
+    server.start()
+    driver = browser(tmp_path_factory.mktemp("chromium"))
+    try:
+        secret = (server.data / "secret").read_text().strip()
+        worker = mint_token(secret, "w1", role="worker")
+        driver.get(f"{server.page}#token={worker}")
+        wait(driver, lambda d: by_id(d, "signin").is_displayed() and text(d, "signin-message"))
+        assert "/worker" in text(driver, "signin-message")
+        assert driver.execute_script("return sessionStorage.getItem('jobspine.token')") is None
+    finally:
+        driver.quit()
+        server.stop()

@@ -3,7 +3,9 @@
 // (cursor per room, live from the subscribe reply, duplicates ignored, a gap resubscribes),
 // skipped markers, heartbeat heads, `lagged`, and reconnection with the documented backoff.
 
-const NO_RECONNECT = new Set([4002, 4003]);
+// Closes that would happen again with the same hello (PROTOCOL.md section 6): the page signs
+// out saying why, rather than reconnecting. 4010: a worker's token on the client endpoint.
+const NO_RECONNECT = new Set([4002, 4003, 4010]);
 const FULL_BACKOFF = new Set([1007, 1009, 1011, 4008, 4009, 4029]);
 const BACKOFF_FIRST = 50; // ms, doubling
 const BACKOFF_MAX = 10000; // ms
