@@ -125,3 +125,25 @@ def test_a_worker_token_in_the_dashboard_leads_back_to_sign_in(
     finally:
         driver.quit()
         server.stop()
+
+
+async def test_a_route_whose_answer_cannot_be_sent_fails_its_request_only() -> None:
+    """A route that returns what cannot be sent (a body that is not JSON, such as a set or an
+    integer over 64 bits; a status HTTP has no phrase for) is the route's fault like one that
+    raises: 500, logged, and the port serves the next request. The answer was encoded after
+    the route's guard, and the error ended the port's task, and with it the whole server."""
+    answers: dict[str, tuple[int, Any]] = {
+        "/set": (200, {"kinds": {"a", "b"}}),
+        "/huge": (200, {"count": 1 << 70}),
+        "/status": (299, {"status": "ok"}),
+    }
+    routes = {path: (lambda _, answer=answer: answer) for path, answer in answers.items()}
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_health, "127.0.0.1", 0, {**routes, "/h": _healthz})
+        for path in answers:
+            with trio.fail_after(5):
+                status, headers, body = await exchange(port, get(path))
+            assert (status, headers["content-type"]) == (500, "application/json"), path
+            assert orjson.loads(body) == {"error": f"{path}: internal error (see the server log)"}
+            assert (await exchange(port, get("/h")))[0] == 200
+        nursery.cancel_scope.cancel()

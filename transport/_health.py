@@ -198,40 +198,51 @@ async def _handle(
         target = request_path(event.target.decode("ascii", "replace"))
         fields = {name.lower(): value for name, value in event.headers}
         route = routes.get(target)
-        extra_headers: tuple[tuple[str, str], ...] = ()
         if route is None or _asks_websocket(fields.get(b"upgrade", b"")):
-            status, body = 404, {"error": f"no such endpoint; try {', '.join(sorted(routes))}"}
+            error = f"no such endpoint; try {', '.join(sorted(routes))}"
+            response, payload = _response(404, {"error": error})
         elif event.method not in (b"GET", b"HEAD"):
             method = event.method.decode("ascii", "replace")
-            status, body = 405, {"error": f"{method} {target}: only GET and HEAD are served"}
-            extra_headers = (("allow", "GET, HEAD"),)
+            error = f"{method} {target}: only GET and HEAD are served"
+            response, payload = _response(405, {"error": error}, (("allow", "GET, HEAD"),))
         else:
             host = fields.get(b"host", b"").decode("ascii", "replace")
             try:
-                status, body = route(Request(target, host))
+                # The answer is built here too: a body or status that cannot be sent is the
+                # route's fault as much as an exception.
+                response, payload = _response(*route(Request(target, host)))
             except Exception:
                 # A fault of one route fails that request only, never the port.
                 log.exception("health port: %s %s failed", event.method.decode(), target)
-                status, body = 500, {"error": f"{target}: internal error (see the server log)"}
-        if isinstance(body, Body):
-            content_type, payload, extra = body.content_type, body.data, body.headers
-        else:
-            content_type, payload, extra = "application/json", orjson.dumps(body), _JSON_HEADERS
-        headers = [
-            ("content-type", content_type),
-            ("content-length", str(len(payload))),
-            ("connection", "close"),
-            *extra,
-            *extra_headers,
-        ]
-        response = h11.Response(
-            status_code=status, headers=headers, reason=HTTPStatus(status).phrase.encode()
-        )
+                error = f"{target}: internal error (see the server log)"
+                response, payload = _response(500, {"error": error})
         await stream.send_all(conn.send(response) or b"")
         if event.method != b"HEAD":  # a HEAD answer has the headers of a GET and no body
             await stream.send_all(conn.send(h11.Data(data=payload)) or b"")
         await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
         await _finish(stream)
+
+
+def _response(
+    status: int, body: Any, more: tuple[tuple[str, str], ...] = ()
+) -> tuple[h11.Response, bytes]:
+    """The response head and payload of an answer: ``body`` a :class:`Body` or JSON-able (sent
+    as ``application/json``), ``more`` extra headers. Raises (TypeError, ValueError,
+    h11.LocalProtocolError) for a body that is not JSON, a status HTTP does not define, or a
+    header that cannot be sent."""
+    if isinstance(body, Body):
+        content_type, payload, extra = body.content_type, body.data, body.headers
+    else:
+        content_type, payload, extra = "application/json", orjson.dumps(body), _JSON_HEADERS
+    headers = [
+        ("content-type", content_type),
+        ("content-length", str(len(payload))),
+        ("connection", "close"),
+        *extra,
+        *more,
+    ]
+    reason = HTTPStatus(status).phrase.encode()
+    return h11.Response(status_code=status, headers=headers, reason=reason), payload
 
 
 async def _refuse(stream: trio.SocketStream, status: int, why: str) -> None:
@@ -288,6 +299,10 @@ async def serve_health(
         except (h11.ProtocolError, trio.BrokenResourceError) as exc:
             # Whatever one request does wrong ends that request only, never the server.
             log.debug("health request dropped: %s", exc)
+        except Exception:
+            # A fault of this port's own on one connection ends that connection only: the
+            # port (and with it the server, whose nursery it shares) serves on.
+            log.exception("health port: a connection failed")
         finally:
             with trio.move_on_after(1, shield=True):
                 await stream.aclose()
