@@ -15,7 +15,7 @@ import trio
 from transport import mint_token
 from transport._health import Request, serve_health
 
-from .test_dashboard_http import exchange, get
+from .test_dashboard_http import exchange, get, served_http
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -147,3 +147,24 @@ async def test_a_route_whose_answer_cannot_be_sent_fails_its_request_only() -> N
             assert orjson.loads(body) == {"error": f"{path}: internal error (see the server log)"}
             assert (await exchange(port, get("/h")))[0] == 200
         nursery.cancel_scope.cancel()
+
+
+async def test_every_answer_is_marked_as_not_to_be_sniffed(tmp_path: Path) -> None:
+    """Every answer of the port, not only the dashboard's files, says its content type is
+    final (``nosniff``), and those that are not the dashboard's page allow nothing to run or
+    load, nor to be framed. ``/status`` holds the names connected workers chose, and a JSON
+    or metrics answer opened in a browser that sniffs could have been read as a page of this
+    origin (where the dashboard keeps its token)."""
+    async with served_http(tmp_path) as (_, http):
+        requests = [get(path) for path in ("/healthz", "/readyz", "/status", "/metrics")]
+        requests += [get("/dashboard.json"), get("/nope"), get("/healthz", method="POST")]
+        requests += [b"GARBAGE\r\n\r\n"]
+        for request in requests:
+            _, headers, _ = await exchange(http, request)
+            assert headers.get("x-content-type-options") == "nosniff", request
+            policy = headers.get("content-security-policy", "")
+            assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy, request
+            assert "script-src" not in policy, request
+        _, headers, _ = await exchange(http, get("/"))
+        assert headers["x-content-type-options"] == "nosniff"
+        assert "script-src 'self'" in headers["content-security-policy"]

@@ -28,7 +28,7 @@ from actors._errors import unwrap_group
 from actors._ranges import check_port
 
 from ._dashboard import dashboard_routes
-from ._health import Body, Request, serve_health
+from ._health import INERT_POLICY, Body, Request, serve_health
 from ._server import Server, ServerConfig
 
 __all__ = ["PortUnavailableError", "RunningServer", "open_server"]
@@ -234,7 +234,8 @@ def _routes(running: RunningServer) -> dict[str, Any]:
     registry = metrics_registry(running)
 
     def metrics(request: Request) -> tuple[int, Body]:
-        return 200, Body(CONTENT_TYPE, render(registry), (("cache-control", "no-store"),))
+        headers = (("cache-control", "no-store"), ("content-security-policy", INERT_POLICY))
+        return 200, Body(CONTENT_TYPE, render(registry), headers)
 
     def status(request: Request) -> tuple[int, dict[str, Any]]:
         runtime = running.runtime

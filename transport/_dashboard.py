@@ -5,11 +5,11 @@ wheel ships them; no build step, nothing fetched from elsewhere at run time). It
 the websocket protocol like any other: the only thing the HTTP port tells it beyond its files is
 the websocket port (``/dashboard.json``). Every file is read once, at start.
 
-Each file is answered with its content type, ``Cache-Control: no-cache`` (the browser may keep
-it but asks again every time, so an upgraded server is never shown with old files) and a
-Content-Security-Policy that allows scripts, styles and images from this origin only and
-connections to this origin and the server's websocket port on the same host: no inline script,
-no other site, no framing.
+Each file is answered with its content type (``nosniff``, as every answer of the port),
+``Cache-Control: no-cache`` (the browser may keep it but asks again every time, so an upgraded
+server is never shown with old files) and a Content-Security-Policy that allows scripts,
+styles and images from this origin only and connections to this origin and the server's
+websocket port on the same host: no inline script, no other site, no framing.
 """
 
 from __future__ import annotations
@@ -76,7 +76,6 @@ def dashboard_routes(websocket_port: int, default_host: str) -> dict[str, Route]
             headers = (
                 ("cache-control", "no-cache"),
                 ("content-security-policy", content_security_policy(host, websocket_port)),
-                ("x-content-type-options", "nosniff"),
                 ("referrer-policy", "no-referrer"),
                 ("x-frame-options", "DENY"),
             )

@@ -29,7 +29,7 @@ import h11
 import orjson
 import trio
 
-__all__ = ["Body", "Request", "serve_health"]
+__all__ = ["INERT_POLICY", "Body", "Request", "serve_health"]
 
 T = TypeVar("T")
 
@@ -72,8 +72,13 @@ class Request:
 #: A route: (request) -> (HTTP status, a JSON-able body or a :class:`Body`).
 Route = Callable[[Request], tuple[int, Any]]
 
+#: The policy of every answer that is not a page (JSON, metrics, errors): nothing in it may
+#: run, load anything or be framed, even in a browser that would take it for a page of this
+#: origin (where the dashboard keeps its token).
+INERT_POLICY = "default-src 'none'; frame-ancestors 'none'"
+
 #: JSON answers are computed per request: never cached.
-_JSON_HEADERS = (("cache-control", "no-store"),)
+_JSON_HEADERS = (("cache-control", "no-store"), ("content-security-policy", INERT_POLICY))
 
 
 @attrs.frozen
@@ -238,6 +243,8 @@ def _response(
         ("content-type", content_type),
         ("content-length", str(len(payload))),
         ("connection", "close"),
+        # Every answer's type is final: a browser never sniffs JSON or text into a page.
+        ("x-content-type-options", "nosniff"),
         *extra,
         *more,
     ]
@@ -252,7 +259,8 @@ async def _refuse(stream: trio.SocketStream, status: int, why: str) -> None:
     payload = orjson.dumps({"error": f"bad request: {why}"})
     head = (
         f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(payload)}\r\nconnection: close\r\ncache-control: no-store\r\n\r\n"
+        f"content-length: {len(payload)}\r\nconnection: close\r\ncache-control: no-store\r\n"
+        f"x-content-type-options: nosniff\r\ncontent-security-policy: {INERT_POLICY}\r\n\r\n"
     )
     await stream.send_all(head.encode() + payload)
     await _finish(stream)
