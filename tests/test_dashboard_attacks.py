@@ -5,17 +5,22 @@ next request."""
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 import trio
+from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
 from transport import mint_token
 from transport._health import Request, serve_health
 
-from .test_dashboard_http import exchange, get, served_http
+from .serving import token
+from .test_dashboard_http import ROOT, exchange, get, served_http
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -168,3 +173,42 @@ async def test_every_answer_is_marked_as_not_to_be_sniffed(tmp_path: Path) -> No
         _, headers, _ = await exchange(http, get("/"))
         assert headers["x-content-type-options"] == "nosniff"
         assert "script-src 'self'" in headers["content-security-policy"]
+
+
+async def test_ui_refuses_an_announced_http_port_that_is_not_one(tmp_path: Path) -> None:
+    """``jobspine ui`` opens the HTTP port the server at ``--url`` announces in its hello's
+    reply. An announcement that is no port (``true``, 0, 70000, -1: a server of another
+    version, or not jobspine's) was put in the URL as it was, and the browser was handed
+    ``http://127.0.0.1:True/#token=...`` with the token in it. It is now refused, exit 6,
+    saying what the server announced, and no URL (no token) is printed or opened."""
+    announced: list[Any] = []
+
+    async def fake_server(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        hello = orjson.loads(await ws.get_message())
+        result = {"protocol": 1, "user_id": "alice", "admin": False, "epoch": "E",
+                  "expires_at": 2e9, "http_port": announced[0]}  # fmt: skip
+        await ws.send_message(orjson.dumps({"type": "reply", "id": hello["id"], "result": result}))
+        with contextlib.suppress(ConnectionClosed):
+            await ws.get_message()
+
+    env = {**os.environ, "HOME": str(tmp_path), "JOBSPINE_TOKEN": token("alice")}
+    env.pop("JOBSPINE_HEALTH_PORT", None)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            partial(serve_websocket, fake_server, "127.0.0.1", 0, ssl_context=None)
+        )
+        url = f"ws://127.0.0.1:{listeners.port}"
+        command = [sys.executable, "-m", "transport._cli", "ui", "--print-url", "--url", url]
+        for port in (True, 0, 70000, -1, 8766.5):
+            announced[:] = [port]
+            done = await trio.run_process(
+                command, env=env, capture_stdout=True, capture_stderr=True, check=False,
+                cwd=ROOT,
+            )  # fmt: skip
+            assert (done.returncode, done.stdout) == (6, b""), (port, done.stdout, done.stderr)
+            assert b"HTTP port" in done.stderr and b"--health-port" in done.stderr, port
+        announced[:] = [8766]
+        done = await trio.run_process(command, env=env, capture_stdout=True, cwd=ROOT)
+        assert done.stdout.startswith(b"http://127.0.0.1:8766/#token=")
+        nursery.cancel_scope.cancel()

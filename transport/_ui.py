@@ -23,18 +23,26 @@ __all__ = ["dashboard_url", "run_ui"]
 async def _announced_http_port(args: argparse.Namespace) -> int:
     """The HTTP port the server at ``args.url`` announces in its hello's reply (connecting
     also checks that a server answers there and takes this token, before the token is put
-    in any URL)."""
+    in any URL). :class:`CLIError` ``REFUSED`` when it announces none, or a value that is not
+    a port (an int in 1..65535)."""
     try:
         async with connect(args, follow=False) as client:
             port = client.welcome.get("http_port")
     except ClientError as exc:  # the token refused
         raise client_error(exc) from None
-    if not isinstance(port, int):
+    if port is None:
         raise CLIError(
             ExitCode.REFUSED,
             f"the server at {args.url} serves no dashboard (it runs without an HTTP port)"
             if "http_port" in client.welcome
             else f"the server at {args.url} does not say its HTTP port: give --health-port",
+        )
+    # A bool is an int to Python: true would have made http://HOST:True/.
+    if type(port) is not int or not 1 <= port <= 65535:
+        raise CLIError(
+            ExitCode.REFUSED,
+            f"the server at {args.url} announces an HTTP port that is not one ({port!r}):"
+            " give --health-port",
         )
     return port
 
