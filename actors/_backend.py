@@ -217,6 +217,7 @@ class Backend(Protocol):
         heartbeats: Mapping[str, tuple[int, float]],
         *,
         progress_only: Collection[str] = (),
+        keyed: Mapping[str, float] | None = None,
     ) -> Sequence[JobEvent]:
         """Write jobs, append events, delete jobs (their events stay) and record heartbeats
         (``job id -> (attempt, time)``, applied only to that running attempt) atomically.
@@ -229,7 +230,15 @@ class Backend(Protocol):
         ``progress``, ``step``, ``updated_at``, ``last_heartbeat_at`` and ``seq`` (progress
         reports, the hot path). That previous write is committed before this one or this
         one is never committed (a failed commit voids every group after it), so a backend
-        may write just those fields of them; writing them whole is as right."""
+        may write just those fields of them; writing them whole is as right.
+
+        ``keyed``: the jobs of ``jobs`` created with an idempotency key, each with the start
+        of its key's window (Unix seconds). The store found no other job of the user with
+        that key in the window when it staged the create; a backend shared by several
+        writers must check so again in the commit's transaction (another node may have
+        committed one since) and raise :class:`StaleWriteError` naming the new job if one
+        did: the store then applies the create again, which finds that job. A backend with
+        one writer may ignore it."""
         ...
 
     async def query(self, query: JobQuery) -> list[Job]: ...
@@ -434,6 +443,7 @@ class MemoryBackend:
         heartbeats: Mapping[str, tuple[int, float]],
         *,
         progress_only: Collection[str] = (),
+        keyed: Mapping[str, float] | None = None,
     ) -> Sequence[JobEvent]:
         for job in jobs:
             stored = self._jobs.get(job.id)

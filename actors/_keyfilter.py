@@ -5,9 +5,11 @@ Per user, the hashes of the keys of the user's jobs created since a point in tim
 once from the database (:meth:`Backend.keys_since`) and completed by the store with every
 keyed job it stages. A key whose hash is absent has no job in that span, for sure; a present
 one (a repeat, or a hash collision) is looked up. Sound while this store is the database's
-only writer (one runtime owns a database file). Hashes are never removed (a deleted or
-pruned job costs one look-up); a user's set is dropped and loaded again once the window has
-moved past its load, so it holds about two windows of keys (tens of bytes each).
+only writer (one runtime owns a database file): on a database several nodes share, another
+node's keys are in no filter of this one, so the store looks every key up there. Hashes
+are never removed (a deleted or pruned job costs one look-up); a user's set is dropped and
+loaded again once the window has moved past its load, so it holds about two windows of keys
+(tens of bytes each).
 """
 
 from __future__ import annotations

@@ -279,6 +279,22 @@ _HEARTBEAT = (
 )
 _DELETE_JOB = "DELETE FROM jobs WHERE id = %s"
 _DELETE_FENCED = "DELETE FROM jobs WHERE id = %s AND seq = %s RETURNING id"
+#: The transaction locks of the idempotency keys of a commit's keyed creates, one per
+#: ``(user_id, key)`` (by hash: two keys that share one only wait for each other), taken in one
+#: order by every commit so that two never wait on each other in a cycle. Two nodes creating
+#: with one key at once commit in turn: the second then finds the first's job.
+_LOCK_KEYS = (
+    "SELECT count(pg_advisory_xact_lock(h.u, h.k)) FROM (SELECT DISTINCT hashtext(u) AS u,"
+    " hashtext(k) AS k FROM unnest(%s::text[], %s::text[]) AS t(u, k) ORDER BY 1, 2) AS h"
+)
+#: The keyed creates whose key another job of their user already has within their window
+#: (the parameters of :func:`key_checks`): each such create is another node's duplicate.
+_KEY_TAKEN = (
+    "SELECT c.id FROM unnest(%s::text[], %s::text[], %s::text[], %s::float8[])"
+    " AS c(id, user_id, key, since) WHERE EXISTS (SELECT 1 FROM jobs j"
+    ' WHERE j.user_id = c.user_id COLLATE "C" AND j.idempotency_key = c.key COLLATE "C"'
+    " AND j.created_at >= c.since AND j.id <> c.id)"
+)
 #: A user's head advanced by the number of its events in a commit; returns the new head. The
 #: row lock it takes serializes the user's commits, so user_seq order is commit order.
 _ADVANCE_HEAD = (
@@ -580,17 +596,28 @@ class PostgresBackend:
         heartbeats: Mapping[str, tuple[int, float]],
         *,
         progress_only: Collection[str] = (),
+        keyed: Mapping[str, float] | None = None,
     ) -> list[JobEvent]:
         """One transaction: each user's head advanced (users in order, so that concurrent
         commits lock them in one order) and the events numbered from it, whatever
         ``user_seq`` they were staged with; then the fenced job writes and deletes (see
         :func:`commit_plan`). Returns the events as stored. Raises :class:`StaleWriteError`
         (nothing written) if a job is no longer what its change was based on. Every job is
-        written whole (its fence compares the whole row): ``progress_only`` is not used."""
+        written whole (its fence compares the whole row): ``progress_only`` is not used.
+        The keys of ``keyed`` creates are locked first (before any head, so that commits
+        never wait on each other in a cycle) and checked free (:data:`_KEY_TAKEN`): another
+        node's create of the same key, committed since the store looked it up, makes this
+        commit a :class:`StaleWriteError` naming the new job, nothing written."""
         counts = user_counts(events)
+        keys = key_checks(jobs, keyed or {})
 
         def fn(conn: psycopg.Connection[Any]) -> list[JobEvent]:
             with conn.transaction(), conn.cursor() as cursor:
+                if keys:
+                    cursor.execute(_LOCK_KEYS, (keys[1], keys[2]))
+                    taken = cursor.execute(_KEY_TAKEN, keys).fetchall()
+                    if taken:
+                        raise StaleWriteError(sorted(row[0] for row in taken))
                 heads: dict[str, int] = {}
                 if counts:
                     cursor.executemany(_ADVANCE_HEAD, counts, returning=True)
@@ -1080,6 +1107,22 @@ def user_counts(events: Sequence[JobEvent]) -> list[tuple[str, int]]:
     for event in events:
         counts[event.user_id] = counts.get(event.user_id, 0) + 1
     return sorted(counts.items())
+
+
+def key_checks(
+    jobs: Collection[Job], keyed: Mapping[str, float]
+) -> tuple[list[str], list[str], list[str], list[float]] | None:
+    """The parameters of :data:`_KEY_TAKEN` for the ``keyed`` creates among ``jobs`` (ids,
+    users, keys, window starts), None when there is none."""
+    rows = sorted(
+        (job.id, job.user_id, job.idempotency_key, keyed[job.id])
+        for job in jobs
+        if job.id in keyed and job.idempotency_key is not None
+    )
+    if not rows:
+        return None
+    ids, users, keys, since = (list(column) for column in zip(*rows, strict=True))
+    return ids, users, keys, since
 
 
 def number_events(events: Sequence[JobEvent], heads: Mapping[str, int]) -> list[JobEvent]:

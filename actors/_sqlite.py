@@ -560,6 +560,7 @@ class SqliteBackend:
         heartbeats: Mapping[str, tuple[int, float]],
         *,
         progress_only: Collection[str] = (),
+        keyed: Mapping[str, float] | None = None,
     ) -> Sequence[JobEvent]:
         """One transaction, run as one call in the database's thread (see
         :func:`_commit_sync`): one crossing of the loop instead of one per statement, and the

@@ -237,6 +237,9 @@ class _Group:
     moves: dict[JobState, int] = attrs.field(factory=dict)
     #: Jobs started in their create's commit (the fast path), launched once it commits.
     fast: list[Job] = attrs.field(factory=list)
+    #: Jobs created with an idempotency key: job id -> the start of the key's window (the
+    #: commit of a database shared by several writers checks no other job took the key).
+    keyed: dict[str, float] = attrs.field(factory=dict)
     #: The group changes what a claim reads: a job that was or becomes waiting (created), or
     #: a deletion. A claim waits for such groups to commit, and for no other.
     queue_writes: bool = False
@@ -501,6 +504,11 @@ class StoreActor:
             for (user_id, key), since in keys.items():
                 if (user_id, key) in found:
                     continue
+                if self.backend.shared:
+                    # Other nodes create keyed jobs too, which no filter of this store's
+                    # holds: every key is looked up (one query for the batch).
+                    maybe.add((user_id, key))
+                    continue
                 if self._key_filter.needs_load(user_id, since):
                     await self._load_keys(user_id, since)
                 if self._key_filter.may_exist(user_id, key, since):
@@ -685,6 +693,7 @@ class StoreActor:
                         group.deleted,
                         group.beats,
                         progress_only=group.progress_only,
+                        keyed=group.keyed,
                     )
             except Exception as exc:
                 if not is_outage(exc):
@@ -1100,6 +1109,8 @@ class StoreClient:
                     " (max_waiting_per_user)"
                 )
             job = await actor._stage(change)
+            if key is not None:
+                actor._group.keyed[job.id] = new.created_at - idempotency_window
             actor._move(user_id, None, job.state)
             claimed = await actor._start_at_create(job) if start_at_once else None
             if claimed is not None:

@@ -42,11 +42,12 @@ class CommitHooks:
         heartbeats: Mapping[str, tuple[int, float]],
         *,
         progress_only: Collection[str] = (),
+        keyed: Mapping[str, float] | None = None,
     ) -> Sequence[JobEvent]:
         call = Commit(jobs, events, deleted, heartbeats, progress_only)
         await self.before_commit(call)
         committed: Sequence[JobEvent] = await super().commit(  # type: ignore[misc]
-            jobs, events, deleted, heartbeats, progress_only=progress_only
+            jobs, events, deleted, heartbeats, progress_only=progress_only, keyed=keyed
         )
         await self.after_commit(call)
         return committed
