@@ -21,6 +21,7 @@ __all__ = [
     "MAX_LABEL_LENGTH",
     "MAX_STEP_LENGTH",
     "MAX_MESSAGE_LENGTH",
+    "MAX_NAME_BYTES",
     "NUL",
     "check_kind",
     "check_name",
@@ -189,6 +190,13 @@ def dumps_json_value(value: Any, what: str) -> bytes:
 #: Longest name (user id, kind, actor, reason), in characters. Names travel in every event
 #: and list entry, so they are bounded: a longer one is refused at the call.
 MAX_LABEL_LENGTH = 1024
+#: Longest name in bytes of UTF-8 (1,024 ASCII characters, 256 of four bytes each). PostgreSQL
+#: indexes user ids and kinds (a waiting job's entry holds both, an idempotency key's its user
+#: and key), and refuses an index entry over 2,704 bytes, where SQLite has no such limit: 1,024
+#: characters of three or four bytes each failed every create on PostgreSQL only, as a
+#: ``StoreError``. Two names of this size and a key of 256 characters fit, so every backend
+#: accepts exactly the names this limit admits.
+MAX_NAME_BYTES = 1024
 #: Longest step label (``ctx.progress``), in characters: refused beyond it, like a name.
 MAX_STEP_LENGTH = 16 * 1024
 #: Longest error message kept, in characters; a longer one is truncated, never refused (a
@@ -199,11 +207,17 @@ MAX_INPUT_BYTES = 1024 * 1024
 
 
 def check_text(
-    text: object, what: str, *, optional: bool = False, limit: int = MAX_LABEL_LENGTH
+    text: object,
+    what: str,
+    *,
+    optional: bool = False,
+    limit: int = MAX_LABEL_LENGTH,
+    max_bytes: int | None = MAX_NAME_BYTES,
 ) -> None:
     """Refuse a text field that is not a string, is longer than ``limit`` characters or
-    cannot be stored (a lone surrogate); ``optional`` admits None. Raises
-    :class:`InvalidInputError` or :class:`NotSerializableError`."""
+    ``max_bytes`` bytes of UTF-8 (None: no such bound, for text that is stored only inside
+    JSON, such as a step label) or cannot be stored (a lone surrogate); ``optional`` admits
+    None. Raises :class:`InvalidInputError` or :class:`NotSerializableError`."""
     if text is None and optional:
         return
     if not isinstance(text, str):
@@ -215,6 +229,14 @@ def check_text(
         raise NotSerializableError(
             f"{what} is not storable text: lone surrogate {text[at]!r} at index {at}"
         )
+    # A character is at most 4 bytes: only a longer text can be over (then it encodes).
+    if max_bytes is not None and len(text) * 4 > max_bytes:
+        size = len(text.encode())
+        if size > max_bytes:
+            raise InvalidInputError(
+                f"{what} is {size:,} bytes of UTF-8, over the limit of {max_bytes:,}"
+                f" ({len(text):,} characters)"
+            )
 
 
 #: The character no name holds (see :func:`check_name`).

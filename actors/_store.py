@@ -1305,7 +1305,7 @@ class StoreClient:
         are uncommitted, else at its commit; the ops' own refusals, such as a stale attempt,
         are still raised): the event is published only once committed, so no client sees an
         event that is not durable."""
-        check_text(step, "step", optional=True, limit=MAX_STEP_LENGTH)
+        check_text(step, "step", optional=True, limit=MAX_STEP_LENGTH, max_bytes=None)
         return await self._call(
             lambda: self._actor._change(
                 job_id, lambda job, now: ops.progress(job, attempt, pct, step, now)

@@ -5,19 +5,29 @@ compared with SQLite: each fault found stays with its cause, alike on every back
   through another node (as a client does that moved after a lost reply) made a second job,
   whether the first had committed long before (each store's filter of keys knew only its own)
   or was committing at the same moment (no check across writers).
+* A user id or kind within 1,024 characters but over PostgreSQL's 2,704 bytes per index entry
+  (three- or four-byte characters) failed every create on PostgreSQL only, as a ``StoreError``.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 import trio
 
-from actors import IdempotencyConflictError, JobContext, Runtime, RuntimeConfig, open_runtime
+from actors import (
+    IdempotencyConflictError,
+    InvalidInputError,
+    JobContext,
+    Runtime,
+    RuntimeConfig,
+    open_runtime,
+)
 from actors._postgres import PostgresBackend
 
 
@@ -70,3 +80,41 @@ async def test_an_idempotency_key_is_taken_once_across_nodes(pg_url: str) -> Non
                     nursery.start_soon(create, b, user, key)
         assert all(len(ids) == 1 for ids in got.values()), got
     assert all(count == 1 for _, _, count in keyed_jobs(pg_url)), keyed_jobs(pg_url)
+
+
+def text_of(count: int, first: int) -> str:
+    """``count`` distinct characters from code point ``first`` on: nothing to compress."""
+    return "".join(chr(first + n) for n in range(count))
+
+
+CJK, EMOJI = 0x4E00, 0x1F300  # three and four bytes each in UTF-8
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "postgresql":
+        url: str = request.getfixturevalue("pg_url")
+        return url
+    return str(tmp_path / "jobs.db")
+
+
+async def test_names_are_bounded_in_bytes_alike_on_every_backend(store_url: str) -> None:
+    """A user id or kind of 1,024 characters of three bytes each: SQLite stored it, and
+    PostgreSQL refused it in every create (its index entries hold at most 2,704 bytes) as a
+    ``StoreError`` naming an index. Both now refuse it at the call with ``InvalidInputError``
+    naming the field; the longest names admitted (1,024 bytes each, with a key of 256
+    four-byte characters) are stored by both."""
+    kind = text_of(256, EMOJI)
+    async with open_runtime(store_url, handlers={"echo": echo, kind: echo}) as rt:
+        for user_id in (text_of(1024, CJK), text_of(342, CJK)):
+            with pytest.raises(InvalidInputError, match=r"user_id is .* bytes of UTF-8"):
+                await rt.create_job("echo", user_id, {})
+        with pytest.raises(InvalidInputError, match=r"actor is .* bytes of UTF-8"):
+            await rt.cancel((await rt.create_job("echo", "bob", {})).id, by=text_of(300, EMOJI))
+        longest = await rt.create_job(
+            kind, text_of(256, EMOJI + 300), {}, idempotency_key=text_of(256, EMOJI + 600)
+        )
+        assert (await rt.get_job(longest.id)).user_id == text_of(256, EMOJI + 300)
+    with pytest.raises(InvalidInputError, match="bytes of UTF-8"):
+        async with open_runtime(store_url, handlers={text_of(400, CJK): echo}):
+            pass  # pragma: no cover

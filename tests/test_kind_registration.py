@@ -100,9 +100,10 @@ async def test_a_handler_that_cannot_be_called_is_not_registered(handler: Any) -
 
 def test_a_worker_whose_hello_the_server_cannot_read_is_refused_at_once() -> None:
     """Kinds each fine, but together a hello over the 512 KiB a server reads before accepting
-    one (256 names of about 4 KB): the server closed it with 1009, which a worker retries, so
-    ``jobspine worker`` retried for ever. Now refused as the worker is built, saying so."""
-    kinds = {f"{i:03d}" + "\U0001f600" * 1020: _handler for i in range(256)}
+    one (256 names of 1 KB, the most a name holds, with their options): the server closed it
+    with 1009, which a worker retries, so ``jobspine worker`` retried for ever. Now refused as
+    the worker is built, saying so."""
+    kinds = {f"{i:03d}" + "\U0001f600" * 255: _handler for i in range(256)}
     with pytest.raises(InvalidInputError, match="over the 524,288 a server reads"):
         WorkerProcess("ws://127.0.0.1:1", "token", kinds)
     WorkerProcess("ws://127.0.0.1:1", "token", dict(list(kinds.items())[:32]))

@@ -312,7 +312,8 @@ class _Session:
     async def set_progress(
         self, job_id: str, attempt: int, pct: float, step: str | None, *, durable: bool = True
     ) -> None:
-        check_text(step, "step", optional=True, limit=MAX_STEP_LENGTH)  # as the server's store
+        # As the server's store.
+        check_text(step, "step", optional=True, limit=MAX_STEP_LENGTH, max_bytes=None)
         # As the server's ops: a float subclass (numpy's float64) goes as its plain value,
         # which orjson can write (the handler got orjson's TypeError), and a value that is no
         # number in 0..100 (an object, NaN) raises InvalidInputError, not a TypeError or the
