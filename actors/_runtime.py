@@ -154,10 +154,14 @@ class RuntimeConfig:
                 f"lease_renew_interval ({self.lease_renew_interval:g} s) must be shorter than"
                 f" lease_ttl ({self.lease_ttl:g} s): a claim would lapse between renewals"
             )
-        if self.node_id is not None and (
-            not isinstance(self.node_id, str) or not self.node_id or "#" in self.node_id
-        ):
-            raise InvalidInputError("node_id must be a non-empty string without '#'")
+        if self.node_id is not None:
+            if not isinstance(self.node_id, str) or not self.node_id or "#" in self.node_id:
+                raise InvalidInputError("node_id must be a non-empty string without '#'")
+            # Stored and indexed in text columns (nodes, a claimed job's owner) and shown in
+            # logs and metrics labels: a name as a kind is, alike on every backend (a NUL or
+            # a lone surrogate failed the first write of it, on PostgreSQL or on both, as a
+            # StoreError with a traceback).
+            check_kind(self.node_id, "node_id")
         for kind, options in dict(self.kinds).items():
             if not isinstance(options, KindOptions):
                 raise InvalidInputError(f"kinds[{kind!r}] must be a KindOptions")

@@ -7,6 +7,8 @@ compared with SQLite: each fault found stays with its cause, alike on every back
   or was committing at the same moment (no check across writers).
 * A user id or kind within 1,024 characters but over PostgreSQL's 2,704 bytes per index entry
   (three- or four-byte characters) failed every create on PostgreSQL only, as a ``StoreError``.
+* A node id holding NUL or a lone surrogate failed the node's registration as a ``StoreError``
+  (on PostgreSQL only for NUL).
 """
 
 from __future__ import annotations
@@ -117,4 +119,17 @@ async def test_names_are_bounded_in_bytes_alike_on_every_backend(store_url: str)
         assert (await rt.get_job(longest.id)).user_id == text_of(256, EMOJI + 300)
     with pytest.raises(InvalidInputError, match="bytes of UTF-8"):
         async with open_runtime(store_url, handlers={text_of(400, CJK): echo}):
+            pass  # pragma: no cover
+
+
+@pytest.mark.parametrize("node_id", ["a\x00b", "a\udce9", "line\nbreak", text_of(400, CJK)])
+async def test_a_node_id_no_backend_can_store_is_refused_in_the_config(
+    node_id: str, store_url: str
+) -> None:
+    """A node id holding NUL opened on SQLite and failed on PostgreSQL at its registration,
+    a lone surrogate failed on both, as a ``StoreError`` with a traceback logged ("node
+    request failed"); a line break went into every log line and metrics label naming the
+    node. Each is now refused by ``RuntimeConfig`` naming the field, before anything opens."""
+    with pytest.raises(InvalidInputError, match="node_id"):
+        async with open_runtime(store_url, config=RuntimeConfig(node_id=node_id)):
             pass  # pragma: no cover
