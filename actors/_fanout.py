@@ -84,6 +84,13 @@ class FanoutConfig:
     #: in all (:func:`~._events.event_bytes`); more are dropped: filled from the log.
     outbox: int = 1000
     outbox_bytes: int = 64 * 2**20
+    #: Largest message published, in bytes: a commit group whose message would be larger (a
+    #: few jobs finishing at once with results of megabytes) is not published, only its
+    #: users' heads, and the other nodes read its events from the log at once. Redis
+    #: disconnects a subscriber that has more than 32 MiB of messages waiting for it (its
+    #: ``client-output-buffer-limit pubsub``), so a burst of large groups cut every node's
+    #: subscription at once (each then polled the log until it subscribed again).
+    max_message_bytes: int = 256 * 1024
     #: Events held per user while a gap is open (and what all users' held events may cost,
     #: see :class:`~._sequencer.Sequencer`), and read per user by one fill.
     max_held: int = 1000
@@ -148,6 +155,8 @@ class FanoutStats:
     published_events: int = 0
     #: Commit groups not published (outbox full or Redis failed): their events are filled.
     publish_dropped: int = 0
+    #: Commit groups over ``max_message_bytes``: only their heads published, events filled.
+    publish_oversized: int = 0
     #: Other nodes' events received from Redis (this node's own are skipped unread).
     received: int = 0
     #: Messages on the channel that were not jobspine event groups.
@@ -199,6 +208,9 @@ class Fanout:
         self.skip_publish = False
         #: user id -> the highest ``user_seq`` of this node's events not published.
         self._unannounced: dict[str, int] = {}
+        #: Tracked users another node announced heads of (events it did not publish) since
+        #: their last fill: what that fill finds is no late event, a message told of it.
+        self._announced: set[str] = set()
         #: Set once :meth:`run` has ended.
         self.closed = trio.Event()
         send, receive = trio.open_memory_channel[tuple[list[JobEvent], int]](config.outbox)
@@ -228,6 +240,8 @@ class Fanout:
 
     def unwatch(self, user_id: str) -> None:
         self.sequencer.unwatch(user_id)
+        if self.sequencer.head(user_id) is None:  # no longer tracked
+            self._announced.discard(user_id)
 
     # -- health ---------------------------------------------------------------------------------
 
@@ -363,19 +377,18 @@ class Fanout:
             if event.user_seq > self._unannounced.get(event.user_id, 0):
                 self._unannounced[event.user_id] = event.user_seq
 
-    async def _send(self, client: coredis.Redis[bytes], group: list[JobEvent]) -> bool:
-        """Publish ``group`` (may be empty) with the heads not announced yet; False if Redis
-        failed (the group then joins what is announced next)."""
+    async def _send(self, client: coredis.Redis[bytes], group: list[JobEvent]) -> int | None:
+        """Publish ``group`` (may be empty) with the heads not announced yet; returns the
+        events published (none of a group over ``max_message_bytes``: its heads instead),
+        None if Redis failed (the group then joins what is announced next)."""
         heads, self._unannounced = self._unannounced, {}
-        message = self._sign(
-            orjson.dumps(
-                {
-                    "node": self.node_id,
-                    "events": converter.unstructure(group, list[JobEvent]),
-                    "heads": heads,
-                }
-            )
+        body, heads, published = group_message(
+            self.node_id, group, heads, self.config.max_message_bytes - len(self._sign(b""))
         )
+        if len(published) < len(group):
+            self.stats.publish_oversized += 1
+        group = published
+        message = self._sign(body)
         try:
             with trio.fail_after(self.config.redis_timeout):
                 await client.publish(self.channel, message)
@@ -385,8 +398,8 @@ class Fanout:
             if group:
                 self._unpublished(group)
             self._down(f"publish failed: {_describe(exc)}")
-            return False
-        return True
+            return None
+        return len(group)
 
     async def _publisher(
         self, client: coredis.Redis[bytes], scope: trio.CancelScope, done: trio.CancelScope
@@ -398,9 +411,10 @@ class Fanout:
     async def _publish(self, client: coredis.Redis[bytes]) -> None:
         async for group, cost in self._outbox_receive:
             self.outbox_bytes -= cost
-            if await self._send(client, group):
+            published = await self._send(client, group)
+            if published is not None:
                 self.stats.published_groups += 1
-                self.stats.published_events += len(group)
+                self.stats.published_events += published
 
     async def _subscriber(self, client: coredis.Redis[bytes]) -> None:
         while True:
@@ -461,6 +475,8 @@ class Fanout:
         self.deliver(self.sequencer.offer(events, trio.current_time()))
         for user_id, seq in heads.items():
             self.sequencer.announce(user_id, seq)
+            if self.sequencer.head(user_id) is not None:
+                self._announced.add(user_id)
         self._wake.set()
 
     async def _pinger(self, client: coredis.Redis[bytes]) -> None:
@@ -502,6 +518,8 @@ class Fanout:
 
     async def _fill(self, due: dict[str, int]) -> None:
         self.stats.fill_reads += 1
+        announced = self._announced.intersection(due)
+        self._announced.difference_update(announced)
         try:
             found = await self.store.read_users_events(due, self.config.fill_limit)
         except JobspineError as exc:
@@ -525,7 +543,7 @@ class Fanout:
         late = 0
         for user_id in due:
             delivered = self.sequencer.filled(user_id, found.get(user_id, []), now)
-            if self.health.ok:
+            if self.health.ok and user_id not in announced:
                 late += sum(1 for event in delivered if event.at < late_before)
             self.deliver(delivered)
         if late:
@@ -540,6 +558,25 @@ class Fanout:
                     LATE_SECONDS,
                     self.stats.late,
                 )
+
+
+def group_message(
+    node_id: str, group: list[JobEvent], heads: dict[str, int], max_bytes: int
+) -> tuple[bytes, dict[str, int], list[JobEvent]]:
+    """The message body publishing ``group`` with ``heads`` (user id -> highest ``user_seq``
+    not announced yet), the heads it carries and the events it carries. A body over
+    ``max_bytes`` carries no event: each user's highest ``user_seq`` of the group joins the
+    heads instead, which make every node holding that user read the events from the log at
+    once (sans-I/O)."""
+    events = converter.unstructure(group, list[JobEvent])
+    body = orjson.dumps({"node": node_id, "events": events, "heads": heads})
+    if not group or len(body) <= max_bytes:
+        return body, heads, group
+    heads = dict(heads)
+    for event in group:
+        if event.user_seq > heads.get(event.user_id, 0):
+            heads[event.user_id] = event.user_seq
+    return orjson.dumps({"node": node_id, "events": [], "heads": heads}), heads, []
 
 
 def _describe(exc: BaseException) -> str:

@@ -196,6 +196,8 @@ def _fanout_metrics(fanout: Fanout) -> Iterator[Metric]:
          stats.published_events),
         ("fanout_publish_dropped", "Commit groups not published (outbox full, Redis down);"
          " other nodes fill them from the log.", stats.publish_dropped),
+        ("fanout_publish_oversized", "Commit groups over max_message_bytes: only their heads"
+         " published; other nodes fill them from the log.", stats.publish_oversized),
         ("fanout_received_events", "Other nodes' events received from Redis.",
          stats.received),
         ("fanout_filled_events", "Events delivered from the log (gap fills, polling).",
