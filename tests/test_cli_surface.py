@@ -294,6 +294,8 @@ def test_precedence_flags_env_file_defaults() -> None:
     assert got["max_inflight"].value == 4 and got["stop_grace"].value == 1.0
     assert (got["host"].value, got["host"].source) == ("127.0.0.1", "default")
     assert got["db"].value == "/d/jobspine.db" and got["log_level"].value == "WARNING"
+    assert got["db"].source == "default, in env JOBSPINE_DATA"
+    assert resolve({}, {}, {})["db"].source == "default"
     for bad in ({"server": {"port": "x"}}, {"server": {"prot": 1}}, {"client": {"url": 5}}):
         with pytest.raises(CLIError) as info:
             resolve({}, {}, bad)

@@ -86,6 +86,10 @@ class Setting:
     env: str | None = None
     #: Checks a value of the right type: returns what is wrong with it, or None.
     check: Callable[[Any], str | None] | None = None
+    #: The environment variable a default computed from the environment reads, if any: the
+    #: source then names it (``jobspine config`` said "default" for a database that
+    #: ``JOBSPINE_DATA`` had moved).
+    default_env: str | None = None
 
     @property
     def key(self) -> str:
@@ -95,7 +99,8 @@ class Setting:
 @attrs.frozen
 class Resolved:
     value: Any
-    #: "flag", "env JOBSPINE_X", "file <path>" or "default".
+    #: "flag", "env JOBSPINE_X", "file <path>" or "default" (", in env JOBSPINE_X" when the
+    #: default comes from that variable).
     source: str
 
 
@@ -209,7 +214,8 @@ _EXPLICIT: tuple[Setting, ...] = (
     Setting("concurrency", "client", int, 4,
             "jobs `jobspine worker` runs at once (the capacity it declares)", "--concurrency",
             "JOBSPINE_CONCURRENCY", lambda n: None if 1 <= n <= 1000 else "must be in 1..1000"),
-    Setting("db", "server", str, _db_default, "SQLite database file", "--db", "JOBSPINE_DB"),
+    Setting("db", "server", str, _db_default, "SQLite database file", "--db", "JOBSPINE_DB",
+            default_env="JOBSPINE_DATA"),
     Setting("store", "server", str, None, "PostgreSQL database instead of the SQLite file: "
             "postgresql://USER@HOST:PORT/DBNAME (the database must exist)", "--store",
             "JOBSPINE_STORE", _store_url),
@@ -459,6 +465,8 @@ def resolve(
             default = setting.default
             value = default(env) if callable(default) else default
             source = "default"
+            if setting.default_env and env.get(setting.default_env):
+                source = f"default, in env {setting.default_env}"
         out[setting.name] = Resolved(value, source)
     return out
 
