@@ -944,9 +944,31 @@ async def run(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option says its default (the README: every --help lists them), except a flag's
+    and one that is None (its help says what it means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        default = action.default
+        if default is None or isinstance(default, bool):
+            return action.help or ""
+        shown = " ".join(map(str, default)) if isinstance(default, list) else str(default)
+        return f"{action.help or ''} (default: {shown})".lstrip()
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jobspine bench", description=__doc__)
-    p.add_argument("--scenario", nargs="+", default=["all"], choices=[*SCENARIOS, "all"])
+    p = argparse.ArgumentParser(
+        prog="jobspine bench",
+        description=__doc__,
+        formatter_class=_DefaultsShown,
+    )
+    p.add_argument(
+        "--scenario",
+        nargs="+",
+        default=["all"],
+        choices=[*SCENARIOS, "all"],
+        help="what to measure",
+    )
     p.add_argument(
         "--jobs", type=amount(int, 1), nargs="+", default=[100, 1000, 10_000], help="fanout sizes"
     )
@@ -1019,20 +1041,47 @@ def parser() -> argparse.ArgumentParser:
         help="the peers run right after fanout, on --peer-jobs, for the ratios (default: saq"
         " arq, none with --smoke; --peers alone: none)",
     )
-    p.add_argument("--redis", default="redis://127.0.0.1:6379")
-    p.add_argument("--idle-jobs", type=amount(int, 1), default=10_000)
-    p.add_argument("--idle-every", type=amount(float, 0.0, above=True), default=5.0)
-    p.add_argument("--idle-window", type=amount(float, 0.0, above=True), default=10.0)
-    p.add_argument("--checkpoint-jobs", type=amount(int, 1), nargs="+", default=[100, 1000])
-    p.add_argument("--checkpoints", type=amount(int, 1), default=10)
+    p.add_argument(
+        "--redis", default="redis://127.0.0.1:6379", help="the Redis the peers and multinode use"
+    )
+    p.add_argument(
+        "--idle-jobs", type=amount(int, 1), default=10_000, help="idle: jobs running at once"
+    )
+    p.add_argument(
+        "--idle-every",
+        type=amount(float, 0.0, above=True),
+        default=5.0,
+        help="idle: seconds between one job's heartbeats",
+    )
+    p.add_argument(
+        "--idle-window",
+        type=amount(float, 0.0, above=True),
+        default=10.0,
+        help="idle: seconds measured, once every job has sent a heartbeat",
+    )
+    p.add_argument(
+        "--checkpoint-jobs",
+        type=amount(int, 1),
+        nargs="+",
+        default=[100, 1000],
+        help="checkpoint: sizes (jobs checkpointing at once)",
+    )
+    p.add_argument(
+        "--checkpoints", type=amount(int, 1), default=10, help="checkpoint: checkpoints per job"
+    )
     p.add_argument(
         "--checkpoint-interval",
         type=amount(float),
         default=1.0,
         help="seconds between one job's checkpoints (0: back to back)",
     )
-    p.add_argument("--stall-jobs", type=amount(int, 1), default=20)
-    p.add_argument("--stall-timeout", type=amount(float, 0.0, above=True), default=1.0)
+    p.add_argument("--stall-jobs", type=amount(int, 1), default=20, help="stall: jobs that hang")
+    p.add_argument(
+        "--stall-timeout",
+        type=amount(float, 0.0, above=True),
+        default=1.0,
+        help="stall: the heartbeat timeout, seconds",
+    )
     p.add_argument(
         "--queue-jobs", type=amount(int, 1), default=100_000, help="queue: jobs enqueued"
     )
@@ -1067,8 +1116,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--json",
         default="bench/results/latest.json",
-        help="where to write every figure (default: bench/results/latest.json, replaced;"
-        " bench/results/ is not tracked by git)",
+        help="where to write every figure (replaced; bench/results/ is not tracked by git)",
     )
     p.add_argument(
         "--smoke",
