@@ -16,7 +16,7 @@ compared with SQLite: each fault found stays with its cause, alike on every back
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from actors._fanout import FanoutConfig
 from actors._postgres import PostgresBackend
 
 from .serving import eventually
-from .test_fanout import RedisServer, Subscriber
+from .test_fanout import RedisServer, Subscriber, redis  # noqa: F401 - a fixture
 
 
 async def echo(ctx: JobContext, input: Any) -> Any:
@@ -146,18 +146,6 @@ async def test_a_node_id_no_backend_can_store_is_refused_in_the_config(
 release = trio.Event()
 
 
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    """A ``redis-server`` of the test's own (see :class:`RedisServer`)."""
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        if server.process is not None:
-            server.kill()
-
-
 async def large(ctx: JobContext, input: Any) -> Any:
     """Waits for ``release`` (so that many finish at once), then returns ``input`` bytes."""
     await release.wait()
@@ -166,7 +154,8 @@ async def large(ctx: JobContext, input: Any) -> Any:
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server")
 async def test_large_results_finishing_at_once_never_cut_the_subscriptions(
-    pg_url: str, redis_server: RedisServer
+    pg_url: str,
+    redis: RedisServer,  # noqa: F811 - test_fanout's fixture, imported above
 ) -> None:
     """Sixty jobs finishing at once with results of 600 KB: their commit groups went to Redis
     whole, 36 MB of messages for each subscriber at once, over the 32 MiB Redis lets wait for
@@ -184,7 +173,7 @@ async def test_large_results_finishing_at_once_never_cut_the_subscriptions(
             handlers=handlers,
             config=RuntimeConfig(resume_on_start=False),
             broadcast=BroadcasterConfig(),
-            fanout=FanoutConfig(redis_server.url, secret="shared", ping_interval=0.2),
+            fanout=FanoutConfig(redis.url, secret="shared", ping_interval=0.2),
         )
 
     async with fan_node({"large": large}) as a, fan_node({}) as b:
