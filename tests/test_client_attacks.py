@@ -110,6 +110,17 @@ async def test_a_request_naming_an_id_is_refused_not_misrouted(served: RunningSe
         assert "pong" in await client.ping()
 
 
+async def test_states_as_a_string_is_refused_saying_so(served: RunningServer) -> None:
+    """Before: ``list(states="created")`` was read letter by letter and refused naming 'c'
+    (a new user's trial); now refused as the runtime's ``list_jobs`` refuses it."""
+    async with open_client(served.url, token("alice")) as client:
+        with trio.fail_after(5), pytest.raises(ClientError) as refused:
+            await client.list(states="created")
+        assert refused.value.code == "invalid_input"
+        assert "not a string: ['created'] for one" in str(refused.value)
+        assert await client.list(states=["created"]) is not None
+
+
 async def _async_token() -> str:
     return token("alice")
 

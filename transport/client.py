@@ -748,7 +748,14 @@ class Client:
     ) -> Any:
         """Your jobs, newest first: those in ``state`` (or any of ``states``), of ``kind``,
         with ``tag``, children of ``parent_id``, all filters together; at most ``limit``
-        (1..500). Admins: ``user_id``'s jobs, or everyone's without it."""
+        (1..500). Admins: ``user_id``'s jobs, or everyone's without it. ``states`` as a
+        string is :class:`ClientError` ``invalid_input``, as the runtime's ``list_jobs`` says
+        (read letter by letter, it was refused naming its first letter)."""
+        if isinstance(states, str):
+            raise ClientError(
+                "invalid_input",
+                f"list: states must be a list of states, not a string: [{states!r}] for one",
+            )
         fields: dict[str, Any] = {
             "limit": limit,
             "state": state,
