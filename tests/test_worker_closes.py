@@ -278,3 +278,37 @@ async def test_a_server_shutdown_is_logged_as_information_with_its_code(
     assert "1001 (server shutdown): the server is shutting down; reconnecting in" in (
         line.getMessage()
     )
+
+
+hold_release = trio.Event()
+
+
+async def hold(ctx: JobContext, input: Any) -> Any:
+    await hold_release.wait()
+    return "held"
+
+
+async def test_a_connection_ending_with_jobs_running_says_what_becomes_of_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A new user's trial: when the connection ended, the worker logged the close and
+    "reconnecting", nothing of the job it was running. It now names the jobs stopped with
+    the connection and what the server does with them."""
+    caplog.set_level(logging.INFO, logger="jobspine")
+    async with worker_only_server(tmp_path / "db") as running, trio.open_nursery() as nursery:
+        process = WorkerProcess(running.url, worker_token(), {"hold": hold}, policy=QUICK)
+        nursery.start_soon(process.run)
+        await eventually(lambda: process.connections == 1)
+        job = await running.runtime.create_job("hold", "alice", {})
+        await eventually(lambda: process.session is not None and job.id in process.session.attempts)
+        assert process.session is not None
+        await process.session.ws.aclose()
+        await eventually(lambda: process.connections == 2)
+        nursery.cancel_scope.cancel()
+    (line,) = [r for r in caplog.records if "running here" in r.getMessage()]
+    assert line.levelname == "WARNING"
+    assert line.getMessage() == (
+        f"worker: the connection ended with 1 job running here ({job.id}): stopped here; the"
+        " server handles each as a stall (its kind's stall rule: paused at its checkpoint,"
+        " back in the queue, or failed)"
+    )

@@ -359,6 +359,7 @@ class _Session:
                     frame = await self.ws.get_message()
                 except ConnectionClosed as exc:
                     nursery.cancel_scope.cancel()
+                    self._log_lost()
                     return exc.reason
                 message = orjson.loads(frame)
                 if message.get("type") == "batch":
@@ -366,6 +367,25 @@ class _Session:
                         self._receive(each, nursery)
                 else:
                     self._receive(message, nursery)
+
+    def _log_lost(self) -> None:
+        """Say what becomes of the attempts running here when the connection ends: the
+        operator saw only the close and "reconnecting" (a new user's trial). They stop here;
+        the server handles each as a stall (README, *Where handlers run*)."""
+        running = sorted(a.job_id for a in self.attempts.values() if not a.dropped)
+        if running:
+            shown = ", ".join(running[:10]) + (
+                f" and {len(running) - 10} more" if len(running) > 10 else ""
+            )
+            log.warning(
+                "worker%s: the connection ended with %d job%s running here (%s): stopped here;"
+                " the server handles each as a stall (its kind's stall rule: paused at its"
+                " checkpoint, back in the queue, or failed)",
+                f" {self.process.name}" if self.process.name else "",
+                len(running),
+                "" if len(running) == 1 else "s",
+                shown,
+            )
 
     def _receive(self, message: dict[str, Any], nursery: trio.Nursery) -> None:
         kind = message.get("type")
