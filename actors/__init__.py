@@ -71,7 +71,15 @@ from ._repository import Repository
 from ._retention import PruneReport, RetentionPolicy, RetentionRule, parse_duration
 from ._routing import RemoteControlError
 from ._runtime import Runtime, RuntimeConfig, open_runtime
-from ._scheduling import Candidate, ClaimLimits, ClaimPlanner, RetryDecision, decide_retry
+from ._scheduling import (
+    Candidate,
+    ClaimLimits,
+    ClaimPlanner,
+    RetryDecision,
+    ServedOrder,
+    ServedTurns,
+    decide_retry,
+)
 from ._sequencer import Sequencer, SequencerStats
 from ._sqlite import SqliteBackend
 from ._states import TERMINAL_STATES, TRANSITIONS, JobState, check_transition
@@ -117,6 +125,8 @@ __all__ = [
     "RedisHealth",
     "Sequencer",
     "SequencerStats",
+    "ServedOrder",
+    "ServedTurns",
     "AUDIT_TYPES",
     "CURRENT_SCHEMA_VERSION",
     "DEMO_HANDLERS",

@@ -31,7 +31,7 @@ from ._events import EventType, JobEvent, StoredEvent, encode_event
 from ._ids import new_id
 from ._job import Job
 from ._nodes import ALIVE, DEAD, LEFT, NodeFencedError, NodeIdInUseError, NodeInfo, NodeLease
-from ._scheduling import Candidate, ClaimLimits, ClaimPlanner, GroupKey, ready_at
+from ._scheduling import Candidate, ClaimLimits, ClaimPlanner, GroupKey, ServedTurns, ready_at
 from ._states import TERMINAL_STATES, JobState
 
 __all__ = [
@@ -54,7 +54,9 @@ POSTGRES_URL_SCHEMES = ("postgresql://", "postgres://")
 class ClaimRequest:
     """One claim by ``owner`` (a runtime's node id) at ``now`` (Unix seconds): up to the free
     capacity of ``limits`` given what the owner runs now (``running`` in all, ``by_user``,
-    ``by_kind``). Claimed jobs hold the claim until ``lease_expires_at`` unless renewed."""
+    ``by_kind``) and when it last served each user (``served``: the round-robin among users
+    tied on running jobs). Claimed jobs hold the claim until ``lease_expires_at`` unless
+    renewed."""
 
     owner: str
     now: float
@@ -65,10 +67,16 @@ class ClaimRequest:
     by_kind: Mapping[str, int] = attrs.field(factory=dict)
     #: Kinds the owner can run (None: any); jobs of other kinds are left waiting.
     kinds: frozenset[str] | None = None
+    served: ServedTurns = attrs.field(factory=ServedTurns)
 
     def planner(self) -> ClaimPlanner:
         return ClaimPlanner(
-            self.limits, self.running, dict(self.by_user), dict(self.by_kind), self.kinds
+            self.limits,
+            self.running,
+            dict(self.by_user),
+            dict(self.by_kind),
+            self.kinds,
+            self.served,
         )
 
 
@@ -304,12 +312,14 @@ class Backend(Protocol):
         Claimable: state ``created``, ready (``run_at`` null or ``<= now``), and not held by
         another owner's claim (``owner`` null or the caller, or ``lease_expires_at < now``).
         Order and limits are :class:`ClaimPlanner`'s (priority, then the user with the fewest
-        running jobs, then ``(ready_at, id)``; ``ready_at`` is ``run_at``, else
-        ``created_at``). Marking sets ``owner`` and ``lease_expires_at`` and nothing else: the
-        job stays ``created`` until the owner commits its start (a mark whose start never
-        commits lapses with its lease). The cost must not grow with the number of waiting
-        jobs (an index on waiting jobs by ``(priority, user_id, kind, ready_at, id)``, walked
-        group by group). Several processes: atomic across them (``FOR UPDATE SKIP LOCKED``)."""
+        running jobs, then the user ``request.served`` served least recently, then
+        ``(ready_at, id)``; ``ready_at`` is ``run_at``, else ``created_at``): a backend reads
+        the groups' heads and leaves the ranking to the planner. Marking sets ``owner`` and
+        ``lease_expires_at`` and nothing else: the job stays ``created`` until the owner
+        commits its start (a mark whose start never commits lapses with its lease). The cost
+        must not grow with the number of waiting jobs (an index on waiting jobs by
+        ``(priority, user_id, kind, ready_at, id)``, walked group by group). Several
+        processes: atomic across them (``FOR UPDATE SKIP LOCKED``)."""
         ...
 
     async def renew_leases(self, owner: str, lease_expires_at: float) -> int:

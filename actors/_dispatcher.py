@@ -14,6 +14,14 @@ placement can run now is not claimed at all (its jobs wait, they are not refused
 job whose slot went away before its start was stored goes back to waiting
 (:meth:`Supervisor.launch`).
 
+Fair share keeps a memory here: the order in which this runtime gave users slots
+(:class:`ServedOrder`, at most ``SERVED_BOUND`` users), passed to every claim, so that users
+tied on running jobs take slots in turn (see :mod:`._scheduling`). A user is served when a
+claim's starts are committed (the jobs it returns, in claim order) or a create's fast start
+is (:meth:`Dispatcher.committed`); a claim applied again after a void commit plans with the
+same order. The memory is this runtime's: on a database several nodes share, each node takes
+turns among the users it serves, as it counts its own running jobs; no turn is shared.
+
 It is also the store's :class:`~._fast_start.FastStarter`: when the last claim left nothing
 claimable, a create whose group has capacity is started in its own commit (admitted here,
 counted as running from then on) and launched by this task once committed.
@@ -34,7 +42,7 @@ from ._backend import ClaimRequest
 from ._errors import JobspineError, RuntimeClosedError
 from ._job import Job
 from ._joblog import job_fields
-from ._scheduling import ClaimLimits, ClaimPlanner
+from ._scheduling import ClaimLimits, ClaimPlanner, ServedOrder
 from ._store import StoreClient
 from ._supervisor import Supervisor
 
@@ -113,6 +121,9 @@ class Dispatcher:
         # jobs claimable.
         self._claim_kinds: frozenset[str] | None = None
         self._to_launch: list[Job] = []  # admitted and committed
+        #: The order in which users got slots here, for the round-robin among users tied on
+        #: running jobs. Changed only once starts are committed, never while a claim plans.
+        self.served = ServedOrder()
         self._settled = trio.Event()  # set when an admitted job is committed or voided
         #: Whether freed capacity can make a waiting job claimable: only where per-user or
         #: per-kind limits can close a group (else a claim that left slots free left no
@@ -173,6 +184,7 @@ class Dispatcher:
         return self.node_id, now + self._lease_ttl
 
     def committed(self, jobs: Sequence[Job]) -> None:
+        self.served.served(job.user_id for job in jobs)
         self._to_launch += jobs
         self._settled.set()
         self._wake.set()
@@ -195,7 +207,13 @@ class Dispatcher:
         kinds, limits = self.placeable(running, by_kind)
         self._claim_kinds = kinds
         return attrs.evolve(
-            request, limits=limits, kinds=kinds, running=running, by_user=by_user, by_kind=by_kind
+            request,
+            limits=limits,
+            kinds=kinds,
+            running=running,
+            by_user=by_user,
+            by_kind=by_kind,
+            served=self.served.snapshot(),
         )
 
     def claimed(self, jobs: Sequence[Job]) -> None:
@@ -314,7 +332,15 @@ class Dispatcher:
             return
         now = self._clock()
         request = ClaimRequest(
-            self.node_id, now, now + self._lease_ttl, limits, running, by_user, by_kind, kinds
+            self.node_id,
+            now,
+            now + self._lease_ttl,
+            limits,
+            running,
+            by_user,
+            by_kind,
+            kinds,
+            self.served.snapshot(),
         )
         # Wakes for later jobs while the claim runs lower this again; the claim may not see
         # their jobs, committed after it read.
@@ -371,6 +397,8 @@ class Dispatcher:
             self._next_run_at = later
         self.claims += 1
         self._last_claim_error = None
+        # Committed as running, in the plan's order: the last user picked was served last.
+        self.served.served(job.user_id for job in jobs)
         for job in jobs:
             await self._launch(job)
             self._claimed.pop(job.id, None)

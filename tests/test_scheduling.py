@@ -16,6 +16,7 @@ from actors import (
     RetryPolicy,
     decide_retry,
 )
+from actors._scheduling import ServedOrder
 
 
 def jobs(
@@ -83,7 +84,8 @@ def test_limits_and_max_min_fairness(sizes: list[int], slots: int, per_user: int
 
 def _reference_plan(planner: ClaimPlanner, candidates: list[Candidate]) -> list[Candidate]:
     """The claim order by its definition: at each pick, of every open group's head the one
-    whose user runs fewest, then the oldest ``(ready_at, id)``."""
+    whose user runs fewest, then whose user was served least recently, then the oldest
+    ``(ready_at, id)``."""
     waiting = sorted(candidates, key=lambda c: (-c.priority, c.ready_at, c.id))
     picked: list[Candidate] = []
     while planner.slots():
@@ -96,7 +98,12 @@ def _reference_plan(planner: ClaimPlanner, candidates: list[Candidate]) -> list[
         top = max(key[0] for key in heads)
         best = min(
             (c for key, c in heads.items() if key[0] == top),
-            key=lambda c: (planner.by_user.get(c.user_id, 0), c.ready_at, c.id),
+            key=lambda c: (
+                planner.by_user.get(c.user_id, 0),
+                planner.turn(c.user_id),
+                c.ready_at,
+                c.id,
+            ),
         )
         picked.append(best)
         planner.take(best)
@@ -125,6 +132,8 @@ def test_the_plan_takes_what_the_definition_takes(
         for n in range(rng.randrange(60))
     ]
     running = {u: rng.randrange(3) for u in "abcde" if rng.random() < 0.5}
+    served = ServedOrder()
+    served.served(rng.choice("abcde") for _ in range(rng.randrange(8)))
     limits = ClaimLimits(
         max_running=slots + sum(running.values()),
         max_running_per_kind={} if per_kind is None else {"k": per_kind, "x": per_kind + 1},
@@ -132,7 +141,9 @@ def test_the_plan_takes_what_the_definition_takes(
     )
 
     def planner() -> ClaimPlanner:
-        return ClaimPlanner(limits, sum(running.values()), dict(running), {})
+        return ClaimPlanner(
+            limits, sum(running.values()), dict(running), {}, served=served.snapshot()
+        )
 
     assert planner().plan(candidates) == _reference_plan(planner(), candidates)
 
