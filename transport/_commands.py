@@ -40,6 +40,7 @@ from ._display import (
 )
 from ._exit import CLIError, ExitCode, exit_code_for
 from ._json import RefusedJsonError, loads_strict
+from ._reconnect import FATAL_CLOSE
 from ._workers import WORKER_PATH
 from .client import (
     Client,
@@ -137,6 +138,28 @@ def client_error(exc: ClientError) -> CLIError:
         hint = None  # only a bad signature points at another secret
     message = f"{exc.code}: {exc.message}" + (f"\n{hint}" if hint else "")
     return CLIError(exit_code_for(exc.code), message)
+
+
+def watch_refused(exc: ClientError, job_id: str) -> CLIError:
+    """A follower's connection refused for good once it watched (``token_expired`` at the
+    token's end, ``auth_failed``, ``protocol_error``, ``wrong_role``): one line, the status of
+    the refusal; the job itself goes on."""
+    again = f"then follow it again: jobspine watch {job_id}"
+    if exc.code == "token_expired":
+        said = (
+            f"the token expired while watching job {job_id} (the job goes on): mint a new one"
+            f" with jobspine token --user NAME, {again}"
+        )
+    else:
+        hint = _HINTS.get(exc.code)
+        if exc.code == "auth_failed" and "ignature" not in exc.message:
+            hint = None  # as in client_error
+        said = (
+            f"the server ended the watch of job {job_id} ({exc.message}; the job goes on)"
+            + (f": {hint}" if hint else "")
+            + f"; {again}"
+        )
+    return CLIError(exit_code_for(exc.code), f"{exc.code}: {said}")
 
 
 @asynccontextmanager
@@ -264,6 +287,10 @@ async def watch_job(client: Client, job_id: str, view: WatchView, *, exit_on_pau
                 # Decided by the event alone, like an end: no request after it, which a
                 # server pausing its jobs as it shuts down would not answer.
                 return _final(view, {**job, "state": item.state.value})
+    if client.failure is not None:
+        # The server refused this connection for good (an expired token, another secret): the
+        # same error the client's own task ended with, so the two stand for one.
+        raise client.failure
     raise CLIError(ExitCode.CANNOT_CONNECT, "the event stream ended")
 
 
@@ -309,11 +336,13 @@ async def _command(client: Client, args: argparse.Namespace) -> int:
         if args.watch:
             if not args.json:
                 write(job["id"] + "\n")
+            args.watched = job["id"]
             view = _view(args, job["id"])
             return await watch_job(client, job["id"], view, exit_on_pause=args.exit_on_pause)
         write_json(job) if args.json else write(job["id"] + "\n")
         return ExitCode.OK
     if command == "watch":
+        args.watched = args.job_id
         view = _view(args, args.job_id)
         return await watch_job(client, args.job_id, view, exit_on_pause=args.exit_on_pause)
     if command == "jobs":
@@ -453,10 +482,13 @@ def parse_inputs(args: argparse.Namespace) -> None:
 async def run_client_command(args: argparse.Namespace) -> int:
     parse_inputs(args)
     follow = args.command == "watch" or (args.command == "submit" and args.watch)
+    args.watched = None  # the job a follower watches, once connected
     try:
         async with connect(args, follow=follow) as client:
             return await _command(client, args)
     except ClientError as exc:
+        if args.watched is not None and exc.code in FATAL_CLOSE.values():
+            raise watch_refused(exc, args.watched) from None
         raise client_error(exc) from None
     except trio.TooSlowError:
         raise CLIError(ExitCode.CANNOT_CONNECT, f"{args.url} did not answer within 30 s") from None

@@ -40,7 +40,7 @@ from trio_websocket import (
 
 from actors import JobEvent
 from actors._codec import converter
-from actors._errors import unwrap_group
+from actors._errors import leaves, unwrap_group
 from actors._payloads import is_marker
 
 from ._reconnect import FATAL_CLOSE, RECURRING_CLOSE, ReconnectPolicy
@@ -236,7 +236,17 @@ class Client:
         )
         self._nursery: trio.Nursery | None = None
         self._fatal: ClientError | None = None
+        #: The fatal close that ended :meth:`run` (``auth_failed``, ``token_expired``...).
+        self._failure: ClientError | None = None
         self._connected_once = False
+
+    @property
+    def failure(self) -> ClientError | None:
+        """The fatal error that ended the client (``auth_failed``, ``token_expired`` with a
+        fixed token, ``protocol_error``, ``wrong_role``: reconnecting cannot help), else None.
+        :meth:`events` ends when the client does; this says whether it ended on such a
+        refusal rather than being closed or cut off."""
+        return self._failure
 
     # -- connection -----------------------------------------------------------------------------
 
@@ -276,7 +286,7 @@ class Client:
                     except ConnectionLostError as exc:
                         problem, close_code = exc.message, exc.close_code
                     except ClientError as exc:
-                        self._fatal = exc
+                        self._fatal = self._failure = exc
                         self._fail_pending(exc)
                         raise
                     except (
@@ -824,4 +834,18 @@ async def open_client(
             finally:
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        raise unwrap_group(group) from None
+        raise _one_error(group, client.failure) from None
+
+
+def _one_error(
+    group: BaseExceptionGroup[BaseException], failure: ClientError | None
+) -> BaseException:
+    """The one exception ``open_client`` raises for its nursery's ``group``. A fatal close
+    fails the client's requests with that same error, and a follower whose events ended
+    raises it too (:attr:`Client.failure`): the group then holds the one error twice, which
+    stands for it alone. Anything else besides (Ctrl-C included) keeps the group."""
+    leaf = unwrap_group(group)
+    if leaf is not group or failure is None:
+        return leaf
+    found = [e for e in leaves(group) if not isinstance(e, trio.Cancelled)]
+    return failure if all(e is failure for e in found) else group

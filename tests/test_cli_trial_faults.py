@@ -1,0 +1,75 @@
+"""Faults a new user's trial of the command line found: a watch ended by the server's refusal,
+a watched job the server no longer has, ``ui`` signing in unchecked, ``token``'s limits, the
+exit status of a missing browser."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import trio
+
+from transport._exit import ExitCode
+
+from .serving import serving, token
+from .test_cli import COMMAND
+
+HOLD = '{"phases": [], "hold": true}'
+
+
+def _env(url: str, user_token: str, **extra: str) -> dict[str, str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("JOBSPINE_")}
+    return {**environment, "JOBSPINE_URL": url, "JOBSPINE_TOKEN": user_token, **extra}
+
+
+async def cli(
+    url: str, user_token: str, *args: str, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    result = await trio.run_process(
+        [*COMMAND, *args],
+        env=_env(url, user_token, **extra),
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    return subprocess.CompletedProcess(
+        result.args, result.returncode, result.stdout.decode(), result.stderr.decode()
+    )
+
+
+def _one_line(stderr: str) -> str:
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jobspine: error: "), stderr
+    return lines[0]
+
+
+async def test_a_token_expiring_during_a_watch_is_one_line_and_exit_5(tmp_path: Path) -> None:
+    """``watch`` and ``submit --watch`` whose token expires while the job runs: the server
+    closes with 4004. That was an exception group's traceback (the client's ``token_expired``
+    and the watch's 'the event stream ended') and exit status 1, which says the job failed;
+    it is one line saying the token expired and how to get one, exit status 5."""
+    async with serving(tmp_path / "db.sqlite") as running:
+        job = await cli(running.url, token("alice"), "submit", "emitter", HOLD)
+        assert job.returncode == 0, job.stderr
+        job_id = job.stdout.strip()
+        short = token("alice", ttl=5)  # past two process starts, however slow
+        async with trio.open_nursery() as nursery:
+            results: dict[str, subprocess.CompletedProcess[str]] = {}
+
+            async def run(name: str, *args: str) -> None:
+                with trio.fail_after(30):
+                    results[name] = await cli(running.url, short, *args)
+
+            nursery.start_soon(run, "watch", "watch", job_id)
+            nursery.start_soon(run, "submit", "submit", "emitter", HOLD, "--watch")
+        # Refused at the hello, before any watch: the usual words.
+        expired = await cli(running.url, token("alice", ttl=-5), "watch", job_id)
+        assert expired.returncode == ExitCode.AUTH, expired.stderr
+        assert "token_expired" in expired.stderr and "while watching" not in expired.stderr
+    assert set(results) == {"watch", "submit"}
+    for name, result in results.items():
+        assert result.returncode == ExitCode.AUTH, (name, result.stderr)
+        line = _one_line(result.stderr)
+        assert "token_expired" in line and "jobspine token --user NAME" in line, line
+        assert "Traceback" not in result.stderr and "event stream" not in line, line
