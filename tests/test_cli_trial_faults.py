@@ -12,8 +12,9 @@ import trio
 
 from transport._exit import ExitCode
 
-from .serving import serving, token
+from .serving import free_port, serving, token
 from .test_cli import COMMAND
+from .test_cli_surface import read_until
 
 HOLD = '{"phases": [], "hold": true}'
 
@@ -39,8 +40,10 @@ async def cli(
 
 
 def _one_line(stderr: str) -> str:
-    lines = stderr.splitlines()
+    """The one error line (a follower logs its reconnections before it)."""
+    lines = [line for line in stderr.splitlines() if " jobspine.client: " not in line]
     assert len(lines) == 1 and lines[0].startswith("jobspine: error: "), stderr
+    assert "Traceback" not in stderr, stderr
     return lines[0]
 
 
@@ -73,3 +76,38 @@ async def test_a_token_expiring_during_a_watch_is_one_line_and_exit_5(tmp_path: 
         line = _one_line(result.stderr)
         assert "token_expired" in line and "jobspine token --user NAME" in line, line
         assert "Traceback" not in result.stderr and "event stream" not in line, line
+
+
+async def test_a_watched_job_the_server_no_longer_has_ends_the_watch(tmp_path: Path) -> None:
+    """The server comes back on another database (a new epoch, the same secret): the watched
+    job is not in it. ``watch`` retried its resubscription forever ('refused (unknown_job
+    …); retrying in 9 s'); it stops as the dashboard does, one line saying the server's
+    database changed, and the exit status of an unknown job (6)."""
+    port = free_port()
+    async with serving(tmp_path / "one.sqlite", port=port) as running:
+        job = await cli(running.url, token("alice"), "submit", "emitter", HOLD)
+        job_id = job.stdout.strip()
+        watcher = await trio.lowlevel.open_process(
+            [*COMMAND, "watch", job_id],
+            env=_env(running.url, token("alice")),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            await read_until(watcher.stdout, b"started")
+        except BaseException:
+            watcher.kill()
+            raise
+    try:
+        async with serving(tmp_path / "two.sqlite", port=port):
+            with trio.fail_after(30):
+                code = await watcher.wait()
+        assert watcher.stderr is not None
+        stderr = (await watcher.stderr.receive_some()).decode()
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+        await watcher.wait()
+    assert code == ExitCode.REFUSED, stderr
+    line = _one_line(stderr)
+    assert f"job {job_id} is not on the server" in line and "another database" in line, line

@@ -48,6 +48,7 @@ from .client import (
     ConnectionLostError,
     Reset,
     RoomCursor,
+    RoomRefused,
     is_omitted,
     new_key,
     open_client,
@@ -273,6 +274,8 @@ async def watch_job(client: Client, job_id: str, view: WatchView, *, exit_on_pau
             if client.counters.connects != connects:  # the client's own log says when it left
                 connects = client.counters.connects
                 view.note("reconnected")
+            if isinstance(item, RoomRefused):
+                raise _job_gone(client, job_id, item)
             if isinstance(item, Reset):
                 view.reset(item)
                 job = (item.snapshot or {}).get("job") or await client.get(job_id)
@@ -292,6 +295,27 @@ async def watch_job(client: Client, job_id: str, view: WatchView, *, exit_on_pau
         # same error the client's own task ended with, so the two stand for one.
         raise client.failure
     raise CLIError(ExitCode.CANNOT_CONNECT, "the event stream ended")
+
+
+def _job_gone(client: Client, job_id: str, refused: RoomRefused) -> CLIError:
+    """The watched job's room refused for good on a resubscription: ``unknown_job`` when the
+    server came back on another database (a new epoch), or removed the job meanwhile. The
+    watch stops there, with the status of the refusal (6 for an unknown job), as the
+    dashboard closes the job (it retried every nine seconds, forever)."""
+    error = refused.error
+    if error.code != "unknown_job":
+        return CLIError(exit_code_for(error.code), f"{error.code}: {error.message}")
+    if refused.cursor.epoch != refused.server_epoch:
+        why = (
+            f"the server came back on another database (epoch {refused.cursor.epoch}, now"
+            f" {refused.server_epoch}), which has no such job"
+        )
+    else:
+        why = "the server no longer has it (removed by retention?)"
+    return CLIError(
+        exit_code_for(error.code),
+        f"unknown_job: job {job_id} is not on the server at {client.url} any more: {why}",
+    )
 
 
 async def _outcome(client: Client, job: dict[str, Any], final: JobEvent) -> dict[str, Any]:

@@ -11,7 +11,10 @@ jittered exponential backoff (:class:`ReconnectPolicy`: reset only after a conne
 healthy; closes that would recur wait the full backoff; fatal ones raise) and resubscribes
 from its cursors; events already seen are dropped by sequence number; a gap (or a heartbeat
 head beyond the cursor) triggers a resubscription from the cursor, which replays what was
-missed. A refused resubscription is retried with backoff until it succeeds.
+missed. A refused resubscription is retried with backoff until it succeeds, but for the
+refusals no retry can change (``unknown_job``: the server came back on another database, or
+pruned the job): the room is then dropped and :meth:`Client.events` hands out a
+:class:`RoomRefused`.
 
 Payloads larger than the server's inline limit arrive as ``{"$omitted": field, "size": n}``
 markers (:func:`is_omitted`); :meth:`Client.get_payload` fetches them.
@@ -52,6 +55,7 @@ __all__ = [
     "ConnectionLostError",
     "Reset",
     "RoomCursor",
+    "RoomRefused",
     "is_omitted",
     "new_key",
     "open_client",
@@ -150,6 +154,23 @@ class Reset:
     reason: str
     snapshot: Any
     cursor: RoomCursor
+
+
+#: Refusals of a (re)subscription that a retry cannot change (as the dashboard has them): the
+#: room names no job of this user on this server, or is not a room.
+PERMANENT_REFUSALS = frozenset({"unknown_job", "forbidden", "invalid_input", "bad_request"})
+
+
+@attrs.frozen
+class RoomRefused(Reset):
+    """The server refused to resubscribe ``room`` for good (``reason``: the refusal's code,
+    one of :data:`PERMANENT_REFUSALS`; ``unknown_job``: the job is not on this server any
+    more, which came back on another database or removed it), so the room is no longer
+    followed: a :class:`Reset` with no snapshot (re-reading the state gets the refusal too).
+    ``cursor`` is where the room was, ``server_epoch`` the server's epoch now."""
+
+    error: ClientError
+    server_epoch: str | None
 
 
 @attrs.define
@@ -605,7 +626,10 @@ class Client:
         """Resubscribe until the room is live again, unsubscribed, or the client failed.
 
         Every refusal (``rate_limited``, ``busy``, ``store_error``, ``internal``,
-        ``runtime_closed``, a timeout, a lost connection) is retried after a backoff."""
+        ``runtime_closed``, a timeout, a lost connection) is retried after a backoff, but for
+        the permanent ones (:data:`PERMANENT_REFUSALS`): the room is dropped and
+        :meth:`events` hands out a :class:`RoomRefused` (retried, ``unknown_job`` from a
+        server on another database was retried forever)."""
         backoff = ReconnectPolicy(self.min_backoff, self.max_backoff)
         try:
             # The condition is re-read after every answer with no await in between: a gap or
@@ -615,6 +639,16 @@ class Client:
                     await self._join(room)
                 except (ClientError, trio.TooSlowError) as exc:
                     if self._fatal is not None:
+                        return
+                    if isinstance(exc, ClientError) and exc.code in PERMANENT_REFUSALS:
+                        if self.rooms.get(room) is state:
+                            del self.rooms[room]
+                            log.info("resubscribing to %s refused for good (%s)", room, exc)
+                            epoch = self.welcome.get("epoch")
+                            cursor = state.cursor or RoomCursor(str(epoch), 0)
+                            await self._send_events.send(
+                                RoomRefused(room, exc.code, None, cursor, exc, epoch)
+                            )
                         return
                     state.resync_failures += 1
                     state.resync_error = str(exc) or "timed out"
@@ -633,7 +667,8 @@ class Client:
             state.resync_pending = False
 
     async def events(self) -> AsyncIterator[JobEvent | Reset]:
-        """Events of all subscribed rooms, each once and in order per room; and resets.
+        """Events of all subscribed rooms, each once and in order per room; and resets (a
+        room refused for good among them: :class:`RoomRefused`).
 
         Events already received are handed out without a checkpoint each, but for one in
         every 64 (a replay of thousands arrives at once: a scheduler round per event was a
