@@ -111,3 +111,31 @@ async def test_a_watched_job_the_server_no_longer_has_ends_the_watch(tmp_path: P
     assert code == ExitCode.REFUSED, stderr
     line = _one_line(stderr)
     assert f"job {job_id} is not on the server" in line and "another database" in line, line
+
+
+async def test_ui_checks_the_server_and_the_token_with_a_health_port_given(
+    tmp_path: Path,
+) -> None:
+    """``ui --print-url --health-port P`` (or ``JOBSPINE_HEALTH_PORT``) printed a signed-in
+    URL, exit 0, for no server at ``--url`` and any token. It connects first, always: no
+    server is exit 4, a refused token exit 5, neither printing the token; the port given
+    only replaces the one announced."""
+    nobody = f"ws://127.0.0.1:{free_port()}"
+    health = str(free_port())
+    quick = ("--connect-timeout", "1")
+    async with serving(tmp_path / "db.sqlite") as running:
+        cases = [
+            (nobody, ("--health-port", health), {}, ExitCode.CANNOT_CONNECT),
+            (nobody, (), {"JOBSPINE_HEALTH_PORT": health}, ExitCode.CANNOT_CONNECT),
+            (running.url, ("--health-port", health), {}, ExitCode.AUTH),
+            (running.url, (), {"JOBSPINE_HEALTH_PORT": health}, ExitCode.AUTH),
+        ]
+        for url, flags, extra, status in cases:
+            done = await cli(url, "garbage", "ui", "--print-url", *quick, *flags, **extra)
+            assert (done.returncode, done.stdout) == (status, ""), (url, flags, extra, done)
+            assert "garbage" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+        signed = await cli(
+            running.url, token("alice"), "ui", "--print-url", "--health-port", health
+        )
+        assert signed.returncode == 0, signed.stderr
+        assert signed.stdout.startswith(f"http://127.0.0.1:{health}/#token="), signed.stdout

@@ -258,7 +258,7 @@ async def test_ui_asks_the_server_for_its_http_port(tmp_path: Path) -> None:
         asked = await ui(running.url)
         assert asked.returncode == 0, asked.stderr
         assert asked.stdout.decode().startswith(f"http://127.0.0.1:{running.health_port}/#token=")
-        told = await ui(running.url, "--health-port", "9999")  # given: taken as it is
+        told = await ui(running.url, "--health-port", "9999")  # given: replaces the port
         assert told.stdout.decode().startswith("http://127.0.0.1:9999/#token=")
         # 0 (a config file shared with serve: any free port) is the port the server took.
         zero = await ui(running.url, "--health-port", "0")

@@ -20,16 +20,21 @@ from .client import ClientError
 __all__ = ["dashboard_url", "run_ui"]
 
 
-async def _announced_http_port(args: argparse.Namespace) -> int:
-    """The HTTP port the server at ``args.url`` announces in its hello's reply (connecting
-    also checks that a server answers there and takes this token, before the token is put
-    in any URL). :class:`CLIError` ``REFUSED`` when it announces none, or a value that is not
-    a port (an int in 1..65535)."""
+async def _http_port(args: argparse.Namespace, given: int | None) -> int:
+    """The HTTP port of the dashboard: ``given`` (``--health-port``), else the one the server
+    at ``args.url`` announces in its hello's reply. The server is connected to either way, so
+    that the token is put in a URL only once a server answers there and takes it (exit 4, 5
+    otherwise): a ``--health-port`` replaces the port, never that check (it skipped it, and
+    printed a URL holding any token, for no server at all). :class:`CLIError` ``REFUSED``
+    when no port is given and the server announces none, or a value that is not a port (an
+    int in 1..65535)."""
     try:
         async with connect(args, follow=False) as client:
             port = client.welcome.get("http_port")
     except ClientError as exc:  # the token refused
         raise client_error(exc) from None
+    if given is not None:
+        return given
     if port is None:
         raise CLIError(
             ExitCode.REFUSED,
@@ -62,14 +67,14 @@ def dashboard_url(websocket_url: str, http_port: int) -> str:
 def run_ui(args: argparse.Namespace, *, asked: bool = False) -> int:
     """Opens the dashboard signed in with the client token (``--token``, ``JOBSPINE_TOKEN``,
     the config file); ``--print-url`` prints the signed-in URL instead, for a browser on
-    another machine. The HTTP port is the one the server at ``--url`` announces, unless
-    ``asked`` (``--health-port`` was set: a flag, variable or the config file) and not 0 (for
-    ``serve``, any free port: the one it took is the one it announces). Exit status 5
-    without a token (or refused), 4 when the server cannot be reached, 2 when no browser can
-    be started."""
+    another machine. It connects to the server at ``--url`` first, always. The HTTP port is
+    the one that server announces, unless ``asked`` (``--health-port`` was set: a flag,
+    variable or the config file) and not 0 (for ``serve``, any free port: the one it took is
+    the one it announces). Exit status 5 without a token (or refused), 4 when the server
+    cannot be reached, 2 when no browser can be started."""
     if not args.token:
         raise CLIError(ExitCode.AUTH, NO_TOKEN)
-    port = args.health_port if asked and args.health_port else trio.run(_announced_http_port, args)
+    port = trio.run(_http_port, args, args.health_port if asked and args.health_port else None)
     base = dashboard_url(args.url, port)
     signed_in = f"{base}#token={quote(args.token, safe='')}"
     if args.print_url:
