@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from transport._exit import ExitCode
+from transport._exit import EXIT_HELP, ExitCode
 
 from .serving import free_port, serving, token
 from .test_cli import COMMAND
@@ -139,3 +139,20 @@ async def test_ui_checks_the_server_and_the_token_with_a_health_port_given(
         )
         assert signed.returncode == 0, signed.stderr
         assert signed.stdout.startswith(f"http://127.0.0.1:{health}/#token="), signed.stdout
+
+
+async def test_no_browser_to_start_is_a_documented_exit_status(tmp_path: Path) -> None:
+    """``BROWSER=/bin/false jobspine ui``: exit 2, which the README's table and ``--help``
+    gave to usage errors alone. The status is documented for it (the remedy is another
+    command line: ``--print-url``)."""
+    async with serving(tmp_path / "db.sqlite") as running:
+        port = str(free_port())  # this server has no HTTP port: give one
+        done = await cli(
+            running.url, token("alice"), "ui", "--health-port", port, BROWSER="/bin/false"
+        )
+    assert done.returncode == ExitCode.USAGE, done.stderr
+    assert "--print-url" in _one_line(done.stderr)
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| 2 |"))
+    assert "`ui`" in row and "browser" in row, row
+    assert "no browser" in EXIT_HELP.split("\n  3 ")[0], EXIT_HELP

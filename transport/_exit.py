@@ -14,7 +14,8 @@ class ExitCode(enum.IntEnum):
     #: The job ended ``failed`` (``--watch`` / ``watch``).
     JOB_FAILED = 1
     #: Bad command line, configuration or input (argparse's own status); the server refused
-    #: the input (``invalid_input``, ``unknown_kind``, ``bad_request``, ...).
+    #: the input (``invalid_input``, ``unknown_kind``, ``bad_request``, ...); ``ui`` could
+    #: start no browser (the command to run instead: ``ui --print-url``).
     USAGE = 2
     #: The job ended ``cancelled`` or is ``paused`` (``--watch`` / ``watch``).
     JOB_STOPPED = 3
@@ -46,7 +47,8 @@ EXIT_HELP = """\
 exit status:
   0    success
   1    the job failed (--watch, watch)
-  2    usage error: bad arguments, configuration or JSON; the server refused the input
+  2    usage error: bad arguments, configuration or JSON; the server refused the input;
+       ui: no browser could be started (use --print-url)
   3    the job was cancelled or is paused (--watch, watch)
   4    cannot connect: nothing answered within --connect-timeout, not a ws:// URL,
        not a jobspine endpoint, or the connection was lost

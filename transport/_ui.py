@@ -81,6 +81,7 @@ def run_ui(args: argparse.Namespace, *, asked: bool = False) -> int:
         write(signed_in + "\n")
         return ExitCode.OK
     if not webbrowser.open(signed_in):
+        # A usage error, as documented: on this machine, the command to run is --print-url.
         raise CLIError(
             ExitCode.USAGE,
             f"no browser could be started: open {base} and paste your token there, or use"
