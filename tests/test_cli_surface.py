@@ -269,7 +269,7 @@ def test_token_refuses_a_user_or_lifetime_no_server_would_accept(tmp_path: Path)
     """``token`` mints only what a server accepts: a bad user id or lifetime is a usage error
     (exit 2, naming the flag), not a token refused later as if from another secret."""
     env = {"JOBSPINE_DATA": str(tmp_path), "JOBSPINE_SECRET": "s" * 32}
-    for flags in (("--user", ""), ("--user", "a\x07b"), ("--user", "x" * 257),
+    for flags in (("--user", ""), ("--user", "a\x07b"), ("--user", "x" * 1025),
                   ("--user", "bob", "--ttl", "-5"), ("--user", "bob", "--ttl", "0"),
                   ("--user", "bob", "--ttl", "nan"),
                   # An exp past a 64-bit integer: minted, then refused at every use.

@@ -4,15 +4,18 @@ exit status of a missing browser."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
 
+import jwt
 import trio
 
+from transport import verify_token
 from transport._exit import EXIT_HELP, ExitCode
 
-from .serving import free_port, serving, token
+from .serving import SECRET, free_port, serving, token
 from .test_cli import COMMAND
 from .test_cli_surface import read_until
 
@@ -156,3 +159,54 @@ async def test_no_browser_to_start_is_a_documented_exit_status(tmp_path: Path) -
     row = next(line for line in readme.splitlines() if line.startswith("| 2 |"))
     assert "`ui`" in row and "browser" in row, row
     assert "no browser" in EXIT_HELP.split("\n  3 ")[0], EXIT_HELP
+
+
+def _token(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("JOBSPINE_")}
+    return subprocess.run(
+        [*COMMAND, "token", *args],
+        env={**environment, "JOBSPINE_SECRET": SECRET, **env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+async def test_token_admits_what_the_runtime_admits_and_reads_ttl_as_a_duration(
+    tmp_path: Path,
+) -> None:
+    """``token --user`` refused user ids over 256 characters, which the runtime takes up to
+    1,024 characters (and 1,024 bytes of UTF-8); ``--ttl 3153600001`` was shown as
+    ``3.1536e+09``; ``--ttl 1d`` was refused though other durations take units; the help
+    said '1 to 100 years'; a short secret printed PyJWT's raw warning."""
+    for user in ("x" * 300, "x" * 1024, "é" * 512):
+        minted = _token("--user", user)
+        assert minted.returncode == 0, minted.stderr
+        assert verify_token(SECRET, minted.stdout.strip()).user_id == user
+    async with serving(tmp_path / "db.sqlite") as running:  # the server takes it, and stores it
+        for user in ("x" * 1024, "é" * 512):
+            longest = _token("--user", user).stdout.strip()
+            job = await cli(running.url, longest, "submit", "research", '{"query": "q"}', "--json")
+            assert job.returncode == 0 and json.loads(job.stdout)["user_id"] == user, job
+    for user, said in (("x" * 1025, "1025 characters"), ("é" * 513, "1,026 bytes")):
+        refused = _token("--user", user)
+        assert refused.returncode == ExitCode.USAGE and refused.stdout == "", refused
+        assert said in _one_line(refused.stderr), refused.stderr
+        assert len(refused.stderr) < 300, refused.stderr  # the value is shown cut
+    over = _token("--user", "bob", "--ttl", "3153600001")
+    assert over.returncode == ExitCode.USAGE and "--ttl 3153600001:" in over.stderr, over.stderr
+    for ttl, seconds in (("1d", 86400), ("90", 90), ("2w", 14 * 86400)):
+        minted = _token("--user", "bob", "--ttl", ttl)
+        assert minted.returncode == 0, (ttl, minted.stderr)
+        claims = jwt.decode(minted.stdout.strip(), options={"verify_signature": False})
+        assert claims["exp"] - claims["iat"] == seconds, ttl
+    for ttl in ("0.5", "6M", "soon"):
+        refused = _token("--user", "bob", "--ttl", ttl)
+        assert refused.returncode == ExitCode.USAGE, (ttl, refused)
+        assert _one_line(refused.stderr).startswith(f"jobspine: error: --ttl {ttl}"), ttl
+    helped = " ".join(_token("--help").stdout.split())
+    assert "1 second to 100 years" in helped and "7d" in helped, helped
+    short = _token("--user", "bob", JOBSPINE_SECRET="short")
+    assert short.returncode == 0 and short.stdout.count(".") == 2, short
+    (line,) = short.stderr.splitlines()
+    assert line.startswith("jobspine: warning: ") and "32 bytes" in line, short.stderr

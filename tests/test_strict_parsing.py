@@ -348,7 +348,8 @@ BAD_CLAIMS = {
     "admin 1": f'{{"sub": "alice", "exp": {EXP}, "admin": 1}}',
     "sub a lone surrogate": f'{{"sub": "\\ud83d", "exp": {EXP}}}',
     "sub a number": f'{{"sub": 7, "exp": {EXP}}}',
-    "sub too long": f'{{"sub": "{"a" * 257}", "exp": {EXP}}}',
+    "sub too long": f'{{"sub": "{"a" * 1025}", "exp": {EXP}}}',  # a name's limit, as stored
+    "sub too many bytes": f'{{"sub": "{"é" * 513}", "exp": {EXP}}}',
     "sub a control character": f'{{"sub": "al\\u0000ice", "exp": {EXP}}}',
     "sub a C1 control character": f'{{"sub": "al\\u0085ice", "exp": {EXP}}}',
     "unknown claim": f'{{"sub": "alice", "exp": {EXP}, "scope": "read"}}',

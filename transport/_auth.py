@@ -15,6 +15,9 @@ from typing import Any
 import attrs
 import jwt
 
+from actors._codec import MAX_LABEL_LENGTH, check_name, check_text
+from actors._errors import InvalidInputError
+
 from ._json import RefusedJsonError, loads_strict
 from ._protocol import ProtocolError
 
@@ -24,6 +27,7 @@ __all__ = [
     "ROLES",
     "Principal",
     "mint_token",
+    "secret_problem",
     "user_id_problem",
     "verify_token",
 ]
@@ -35,8 +39,9 @@ CLAIMS = frozenset({"sub", "exp", "iat", "nbf", "admin", "role"})
 #: The ``role`` claim's values: absent means a user (the client endpoint); ``worker`` may
 #: only connect to the worker endpoint (``/worker``), and may not be an admin.
 ROLES = ("user", "worker")
-#: The longest user id (``sub``), in characters.
-MAX_USER_ID_LENGTH = 256
+#: The longest user id (``sub``), in characters: a name's (also at most
+#: :data:`~actors._codec.MAX_NAME_BYTES` bytes of UTF-8; :func:`user_id_problem`).
+MAX_USER_ID_LENGTH = MAX_LABEL_LENGTH
 
 
 @attrs.frozen
@@ -78,13 +83,42 @@ def mint_token(
 
 
 def user_id_problem(user_id: object) -> str | None:
-    """Why ``user_id`` cannot name a user (a token's ``sub``), or ``None`` if it can: a string of
-    1 to :data:`MAX_USER_ID_LENGTH` characters, none of them a control character."""
-    if not isinstance(user_id, str) or not 1 <= len(user_id) <= MAX_USER_ID_LENGTH:
-        return f"must be a string of 1 to {MAX_USER_ID_LENGTH} characters"
+    """Why ``user_id`` cannot name a user (a token's ``sub``), or ``None`` if it can: the
+    runtime's own check of a user id (:func:`~actors._codec.check_text` and
+    :func:`~actors._codec.check_name`, as every create has it: 1 to 1,024 characters, at most
+    1,024 bytes of UTF-8, no NUL or lone surrogate), and no control character (C0, DEL, C1:
+    a user id is shown in log lines and on terminals). So ``jobspine token`` mints for
+    exactly the users a server accepts and stores (it refused more than 256 characters,
+    which the runtime takes). The message names the value's size, never the value."""
+    if not isinstance(user_id, str) or not user_id:
+        return "a user id must be a non-empty string"
+    try:
+        check_text(user_id, "a user id")
+        check_name(user_id, "a user id")
+    except InvalidInputError as exc:
+        return str(exc)
     if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in user_id):  # C0, DEL and C1
-        return "must not contain control characters"
+        return "a user id must not contain control characters"
     return None
+
+
+#: Shortest secret HS256 is safe with: its hash's size (RFC 7518, section 3.2).
+MIN_SECRET_BYTES = 32
+
+
+def secret_problem(secret: str) -> str | None:
+    """Why ``secret`` is too weak to sign tokens with, or None: shorter than
+    :data:`MIN_SECRET_BYTES` bytes of UTF-8. Said in one line by ``jobspine token`` and
+    ``serve`` (PyJWT warns with a traceback-like line of its own, which the CLI silences)."""
+    size = len(secret.encode("utf-8", "surrogatepass"))
+    if size >= MIN_SECRET_BYTES:
+        return None
+    return (
+        f"the secret (JOBSPINE_SECRET, or the config file's) is {size} bytes, shorter than"
+        f" the {MIN_SECRET_BYTES} bytes recommended for HS256 (RFC 7518, 3.2), so its tokens"
+        " are easier to forge: use a longer one"
+        " (python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+    )
 
 
 def verify_token(secret: str, token: str) -> Principal:
@@ -126,7 +160,7 @@ def _claims(payload: bytes) -> dict[str, Any]:
         raise _refused(f"unknown claim {unknown[0]!r}; claims: {', '.join(sorted(CLAIMS))}")
     problem = user_id_problem(claims.get("sub"))
     if problem:
-        raise _refused(f"'sub' {problem}")
+        raise _refused(f"'sub': {problem}")
     for name in ("exp", "iat", "nbf"):
         value = claims.get(name, 0)
         if isinstance(value, bool) or not isinstance(value, int | float):

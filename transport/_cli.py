@@ -15,6 +15,7 @@ import secrets
 import signal
 import socket
 import sys
+import warnings
 from collections.abc import AsyncIterator
 from importlib.metadata import version
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any, NoReturn
 
 import attrs
 import trio
+from jwt.warnings import InsecureKeyLengthWarning
 
 from actors import (
     DEMO_HANDLERS,
@@ -32,15 +34,16 @@ from actors import (
     NodeIdInUseError,
     RuntimeConfig,
     StoreError,
+    parse_duration,
 )
 from actors._backend import POSTGRES_URL_SCHEMES
-from actors._codec import check_kind
+from actors._codec import check_kind, shown
 from actors._errors import unwrap_group
 from actors._fanout import redact_redis_url
 from actors._retention import DAY
 
 from ._app import PortUnavailableError, open_server
-from ._auth import MAX_TOKEN_TTL, mint_token, user_id_problem
+from ._auth import MAX_TOKEN_TTL, mint_token, secret_problem, user_id_problem
 from ._commands import check_url, run_client_command
 from ._config import (
     SETTINGS,
@@ -150,6 +153,9 @@ async def serve(args: argparse.Namespace) -> int:
     generated = secret is None
     if secret is None:
         secret = secrets.token_urlsafe(32)
+    weak = secret_problem(secret)
+    if weak:
+        log.warning("%s", weak)
     try:
         config = ServerConfig(secret=secret, **args.server_config)
     except InvalidInputError as exc:
@@ -566,9 +572,10 @@ def parser() -> argparse.ArgumentParser:
     )
     token_p.add_argument(
         "--ttl",
-        type=float,
-        default=24 * 3600,
-        help="lifetime in seconds, 1 to 100 years (default: 86400)",
+        default="1d",
+        metavar="DURATION",
+        help="lifetime, as other durations (90, 45s, 30m, 12h, 7d, 2w): 1 second to 100 years"
+        " (default: 1d)",
     )
 
     nodes_p = command(
@@ -715,6 +722,23 @@ def show_config(args: argparse.Namespace, settings: dict[str, Resolved]) -> int:
     return ExitCode.OK
 
 
+def _token_ttl(text: str) -> float:
+    """``token --ttl``: a duration as every other duration option reads it
+    (:func:`~actors.parse_duration`: ``90``, ``45s``, ``30m``, ``12h``, ``7d``, ``2w``), from
+    1 second to :data:`MAX_TOKEN_TTL`; a usage error shows it as given (``3153600001`` was
+    shown as ``3.1536e+09``)."""
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise CLIError(ExitCode.USAGE, f"--ttl {text}: {exc}") from None
+    if not 1 <= seconds <= MAX_TOKEN_TTL:
+        raise CLIError(
+            ExitCode.USAGE,
+            f"--ttl {text}: must be 1 second to 100 years ({MAX_TOKEN_TTL} seconds)",
+        )
+    return seconds
+
+
 def _run(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     settings = apply_settings(args, dict(os.environ))
@@ -734,15 +758,14 @@ def _run(argv: list[str]) -> int:
         args.user = args.user if args.user is not None else "worker"
         problem = user_id_problem(args.user)
         if problem:
-            raise CLIError(ExitCode.USAGE, f"--user {args.user!r}: a user id {problem}")
-        if not 1 <= args.ttl <= MAX_TOKEN_TTL:  # NaN included
-            raise CLIError(
-                ExitCode.USAGE,
-                f"--ttl {args.ttl:g}: must be seconds in 1..{MAX_TOKEN_TTL} (100 years)",
-            )
+            raise CLIError(ExitCode.USAGE, f"--user {shown(args.user)}: {problem}")
+        ttl = _token_ttl(args.ttl)
         secret = load_secret(Path(args.db), secret=args.secret)
+        weak = secret_problem(secret)
+        if weak:
+            sys.stderr.write(f"jobspine: warning: {weak}\n")
         role = "worker" if args.worker else "user"
-        token = mint_token(secret, args.user, admin=args.admin, ttl=args.ttl, role=role)
+        token = mint_token(secret, args.user, admin=args.admin, ttl=ttl, role=role)
         write_json(
             {"token": token, "user": args.user, "admin": args.admin, "role": role}
         ) if args.json else (write(token + "\n"))
@@ -780,6 +803,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     _show_unencodable()
+    # A short secret is said once, in a line of ours (``token``, ``serve``): PyJWT's own
+    # warning at every signature printed a file, a line and the call that signed.
+    warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning)
     try:
         try:
             return _run(argv)
