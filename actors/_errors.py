@@ -233,9 +233,10 @@ def leaves(error: BaseException) -> list[BaseException]:
 
 def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The one exception a group stands for at a public boundary: its only non-cancellation
-    leaf, else the group itself."""
-    found = [e for e in leaves(group) if not isinstance(e, trio.Cancelled)]
-    return found[0] if len(found) == 1 else group
+    leaf, else the group itself. One exception raised in two tasks (a client's fatal error,
+    from its connection task and from the ``events()`` the application iterates) is one."""
+    found = {id(e): e for e in leaves(group) if not isinstance(e, trio.Cancelled)}
+    return next(iter(found.values())) if len(found) == 1 else group
 
 
 class PermanentError(Exception):

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from actors import JobContext
+from actors import JobContext, JobEvent
+from transport import Client, ClientError, ConnectionLostError, RunningServer, open_client
 from transport._logging import TextFormatter
 
 from .conftest import memory_runtime, wait_for_state
+from .serving import SECRET, eventually, free_port, serving, token
 
 # --- A text log record's data cannot start a line of its own nor drive a terminal -----------
 
@@ -153,3 +158,127 @@ async def test_a_handler_raising_its_input_logs_one_line_of_it(
     text = TextFormatter().format(record)
     assert "RuntimeError: x\\n" + FORGED + "\\r\\x1b[31m" in text
     _assert_inert(text, 1)
+
+
+# --- A client that will not recover says so: events() and its block raise --------------------
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[RunningServer]:
+    async with serving(tmp_path / "served.db") as running:
+        yield running
+
+
+async def _follow(client: Client, seen: list[str]) -> None:
+    """Iterate the client's events, noting how the iteration ended."""
+    try:
+        async for _ in client.events():
+            seen.append("event")
+    except ClientError as exc:
+        seen.append(exc.code)
+        raise
+    seen.append("ended")
+
+
+async def test_a_server_killed_under_a_client_without_reconnect_raises_from_events(
+    tmp_path: Path,
+) -> None:
+    """The trial: ``open_client(url, token, reconnect=False)``, subscribed to a running
+    job, and the server SIGKILLed. Before: ``async for ev in client.events()`` simply ended
+    and the block exited normally, as if the job had ended. Now both raise
+    ConnectionLostError (close code 1006)."""
+    port = free_port()
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "transport._cli", "--log-level", "WARNING", "serve",
+         "--db", str(tmp_path / "killed.db"), "--port", str(port),
+         "--health-port", str(free_port())],
+        env={**os.environ, "JOBSPINE_SECRET": SECRET, "HOME": str(tmp_path)},
+    )  # fmt: skip
+    try:
+        url = f"ws://127.0.0.1:{port}"
+        with trio.fail_after(30):
+            while True:
+                try:
+                    async with open_client(url, token("alice"), reconnect=False) as client:
+                        break
+                except ConnectionLostError:
+                    await trio.sleep(0.1)
+        seen: list[str] = []
+        with trio.fail_after(30), pytest.raises(ConnectionLostError) as lost:
+            async with open_client(url, token("alice"), reconnect=False) as client:
+                job = await client.create("research", {"query": "q", "depth": 500, "delay": 0.2})
+                await client.subscribe(f"job:{job['id']}")
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_follow, client, seen)
+                    await eventually(lambda: "event" in seen)
+                    process.kill()
+        assert lost.value.close_code == 1006
+        assert "reconnect is off" in lost.value.message
+        assert seen[-1] == "connection_lost"
+    finally:
+        if process.poll() is None:
+            process.kill()
+        await process.wait()
+
+
+async def test_a_dropped_connection_without_reconnect_fails_events_requests_and_block(
+    served: RunningServer,
+) -> None:
+    """Events received before the drop are handed out first; then events() raises, and so do
+    a request and the block (with the one error, not an exception group)."""
+    received: list[Any] = []
+    errors: list[ClientError] = []
+    with trio.fail_after(10), pytest.raises(ConnectionLostError) as lost:
+        async with open_client(served.url, token("alice"), reconnect=False) as client:
+            await client.subscribe("user:alice")
+            job = await client.create("sized", {"value": 1})
+            await eventually(lambda: client.counters.delivered >= 1)
+            ws = client._ws
+            assert ws is not None
+            await ws._stream.aclose()
+            try:
+                async for item in client.events():
+                    received.append(item)
+            except ConnectionLostError as exc:
+                errors.append(exc)
+            with pytest.raises(ConnectionLostError) as again:
+                await client.ping()
+            errors.append(again.value)
+            await trio.sleep_forever()  # cancelled: the client ended
+    assert received and all(isinstance(item, JobEvent) for item in received)
+    assert received[0].job_id == job["id"]
+    assert lost.value.close_code == 1006
+    assert "reconnect is off" in lost.value.message
+    assert errors == [lost.value, lost.value]
+
+
+async def test_leaving_the_block_ends_the_events_without_an_error(
+    served: RunningServer,
+) -> None:
+    """A clean close by the application is no error: a task following the events ends."""
+    for reconnect in (False, True):
+        seen: list[str] = []
+        async with (
+            trio.open_nursery() as outer,
+            open_client(served.url, token("alice"), reconnect=reconnect) as client,
+        ):
+            await client.subscribe("user:alice")
+            outer.start_soon(_follow, client, seen)
+            await trio.sleep(0.1)
+        assert seen == ["ended"], reconnect
+
+
+async def test_a_fatal_close_raises_its_error_from_events_and_the_block(
+    served: RunningServer,
+) -> None:
+    """With reconnect on, a fixed token that expires is a fatal close (4004): events() raises
+    ClientError token_expired, the block raises it, alone (not in an exception group).
+    Before: the loop over the events ended as if there were no more."""
+    seen: list[str] = []
+    with trio.fail_after(15), pytest.raises(ClientError) as failed:
+        async with open_client(served.url, token("alice", ttl=2)) as client:
+            await client.subscribe("user:alice")
+            await _follow(client, seen)
+            seen.append("after the loop")
+    assert failed.value.code == "token_expired"
+    assert seen == ["token_expired"]

@@ -16,6 +16,13 @@ refusals no retry can change (``unknown_job``: the server came back on another d
 pruned the job): the room is then dropped and :meth:`Client.events` hands out a
 :class:`RoomRefused`.
 
+A connection the client will not recover (a fatal close: :class:`ClientError`
+``auth_failed``, ``token_expired``...; with ``reconnect=False``, any lost connection:
+:class:`ConnectionLostError`) ends the client: :meth:`Client.events` raises the error once
+the events received before it are handed out, so a loop over the events never ends as if
+its job had; requests raise it; the ``open_client`` block is cancelled and raises it.
+Leaving the block ends the events without an error.
+
 Payloads larger than the server's inline limit arrive as ``{"$omitted": field, "size": n}``
 markers (:func:`is_omitted`); :meth:`Client.get_payload` fetches them.
 """
@@ -131,7 +138,10 @@ class ClientError(Exception):
 
 
 class ConnectionLostError(ClientError):
-    """The connection ended; ``close_code`` is the websocket close code when there was one."""
+    """The connection ended; ``close_code`` is the websocket close code when there was one
+    (1006: it dropped, the server died or the network failed; 1001: the server shut down).
+    Raised by a request; with ``reconnect=False``, by :meth:`Client.events`,
+    :meth:`Client.run` and ``open_client``'s block too."""
 
     def __init__(
         self, message: str = "the connection was lost", close_code: int | None = None
@@ -236,7 +246,9 @@ class Client:
         an expired token (4004) is a reconnect, not a fatal error; one that raises, or a
         token that is not a str, fails the client with ``auth_failed``). Backoffs and
         ``healthy_after`` (how long a connection must stay up to reset the backoff) are
-        seconds; ``max_message_size`` is the largest message accepted from the server."""
+        seconds; ``max_message_size`` is the largest message accepted from the server.
+        ``reconnect=False``: the first lost connection ends the client, with
+        :class:`ConnectionLostError` from :meth:`run`, :meth:`events` and every request."""
         self.url = url
         self._token = token
         self.reconnect = reconnect
@@ -259,14 +271,19 @@ class Client:
         self._fatal: ClientError | None = None
         #: The fatal close that ended :meth:`run` (``auth_failed``, ``token_expired``...).
         self._failure: ClientError | None = None
+        #: Why the client stopped when the application did not stop it (a fatal close, a
+        #: lost connection with reconnect off): what run() raised, and events() raises once
+        #: drained (the same object: open_client's block raises it once, not as a group).
+        self._lost: ClientError | None = None
         self._connected_once = False
 
     @property
     def failure(self) -> ClientError | None:
         """The fatal error that ended the client (``auth_failed``, ``token_expired`` with a
         fixed token, ``protocol_error``, ``wrong_role``: reconnecting cannot help), else None.
-        :meth:`events` ends when the client does; this says whether it ended on such a
-        refusal rather than being closed or cut off."""
+        :meth:`events` raises it once the events received before it are handed out; this
+        says whether the client ended on such a refusal rather than being closed or cut off
+        (with ``reconnect=False``: :class:`ConnectionLostError`, not kept here)."""
         return self._failure
 
     # -- connection -----------------------------------------------------------------------------
@@ -295,44 +312,55 @@ class Client:
         """Stay connected until cancelled; ``started`` after the first successful hello.
 
         Raises :class:`ClientError` for a fatal close (``auth_failed``, ``protocol_error``,
-        ``token_expired`` with a fixed token)."""
+        ``token_expired`` with a fixed token); with ``reconnect`` off,
+        :class:`ConnectionLostError` when the connection is lost or the first one failed.
+        The same error is raised by :meth:`events` and by requests."""
         try:
-            async with trio.open_nursery() as nursery, self._send_events:
+            async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                while True:
-                    problem = "the connection ended"
-                    close_code: int | None = None
-                    try:
-                        await self._connect_once(task_status)
-                    except ConnectionLostError as exc:
-                        problem, close_code = exc.message, exc.close_code
-                    except ClientError as exc:
-                        self._fatal = self._failure = exc
-                        self._fail_pending(exc)
-                        raise
-                    except (
-                        OSError,
-                        HandshakeError,
-                        ConnectionClosed,
-                        trio.BrokenResourceError,
-                    ) as exc:
-                        problem = _problem(exc)
-                    self._fail_pending(ConnectionLostError())
-                    if not self.reconnect:
-                        if not self._connected_once:
-                            self._fatal = ConnectionLostError(f"could not connect: {problem}")
+                try:
+                    while True:
+                        problem = "the connection ended"
+                        close_code: int | None = None
+                        try:
+                            await self._connect_once(task_status)
+                        except ConnectionLostError as exc:
+                            problem, close_code = exc.message, exc.close_code
+                        except ClientError as exc:
+                            self._fatal = self._failure = self._lost = exc
+                            self._fail_pending(exc)
+                            raise
+                        except (
+                            OSError,
+                            HandshakeError,
+                            ConnectionClosed,
+                            trio.BrokenResourceError,
+                        ) as exc:
+                            problem = _problem(exc)
+                        if not self.reconnect:
+                            if not self._connected_once:
+                                self._fatal = ConnectionLostError(f"could not connect: {problem}")
+                                raise self._fatal
+                            self._fatal = self._lost = ConnectionLostError(
+                                f"disconnected (reconnect is off): {problem}", close_code
+                            )
+                            self._fail_pending(self._fatal)
                             raise self._fatal
-                        self._fatal = ConnectionLostError("disconnected (reconnect is off)")
-                        return
-                    delay = self.policy.next_delay(trio.current_time(), close_code)
-                    stats = self.counters
-                    stats.reconnects += 1
-                    stats.last_delay = delay
-                    stats.total_delay += delay
-                    stats.last_problem = problem
-                    level = logging.WARNING if close_code in RECURRING_CLOSE else logging.INFO
-                    log.log(level, "not connected (%s); retrying in %.2f s", problem, delay)
-                    await trio.sleep(delay)
+                        self._fail_pending(ConnectionLostError())
+                        delay = self.policy.next_delay(trio.current_time(), close_code)
+                        stats = self.counters
+                        stats.reconnects += 1
+                        stats.last_delay = delay
+                        stats.total_delay += delay
+                        stats.last_problem = problem
+                        level = logging.WARNING if close_code in RECURRING_CLOSE else logging.INFO
+                        log.log(level, "not connected (%s); retrying in %.2f s", problem, delay)
+                        await trio.sleep(delay)
+                finally:
+                    # Closed at once: the checkpoint of an `async with` on the channel, met
+                    # while the application was leaving the block, raised Cancelled in place
+                    # of a fatal error, which was lost (the block then exited normally).
+                    self._send_events.close()
         finally:
             # Ended (left open_client, cancelled, a fatal close, reconnect off): a request in
             # flight or made from now on fails at once, not after waiting out request_timeout.
@@ -670,6 +698,13 @@ class Client:
         """Events of all subscribed rooms, each once and in order per room; and resets (a
         room refused for good among them: :class:`RoomRefused`).
 
+        Once the events received are handed out, raises the error that ended the client
+        when it will not recover: :class:`ClientError` for a fatal close (``auth_failed``,
+        ``token_expired``...), :class:`ConnectionLostError` for a lost connection with
+        ``reconnect=False`` (``close_code`` 1006: the server died or the network failed).
+        Ends without an error when the application closed the client (left ``open_client``,
+        cancelled :meth:`run`).
+
         Events already received are handed out without a checkpoint each, but for one in
         every 64 (a replay of thousands arrives at once: a scheduler round per event was a
         third of the client's time)."""
@@ -680,14 +715,19 @@ class Client:
             if handed % 64 == 0:
                 # Before an item is taken: a cancellation here loses none.
                 await trio.lowlevel.checkpoint()
+            item: JobEvent | Reset | None
             try:
                 item = receive.receive_nowait()
             except trio.WouldBlock:
                 try:
                     item = await receive.receive()
                 except trio.EndOfChannel:
-                    return
+                    item = None
             except trio.EndOfChannel:
+                item = None
+            if item is None:  # run() ended: every event it received was handed out
+                if self._lost is not None:
+                    raise self._lost
                 return
             if isinstance(item, JobEvent):
                 for room, seq in (
@@ -859,7 +899,12 @@ class Client:
 async def open_client(
     url: str, token: str | Callable[[], str], **options: Any
 ) -> AsyncIterator[Client]:
-    """Connect (waiting for the first hello to succeed), and disconnect on exit."""
+    """Connect (waiting for the first hello to succeed), and disconnect on exit.
+
+    When the client stops without the application stopping it (a fatal close: a
+    :class:`ClientError`; with ``reconnect=False``, a lost connection:
+    :class:`ConnectionLostError`), :meth:`Client.events` and requests raise the error, the
+    block is cancelled and raises it (once, not in an exception group)."""
     client = Client(url, token, **options)
     try:
         async with trio.open_nursery() as nursery:
