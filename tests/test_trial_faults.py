@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import os
 import re
@@ -15,6 +17,9 @@ import trio
 
 from actors import JobContext, JobEvent
 from transport import Client, ClientError, ConnectionLostError, RunningServer, open_client
+from transport._cli import parser
+from transport._commands import parse_inputs
+from transport._exit import CLIError, ExitCode
 from transport._logging import TextFormatter
 
 from .conftest import memory_runtime, wait_for_state
@@ -282,3 +287,75 @@ async def test_a_fatal_close_raises_its_error_from_events_and_the_block(
             seen.append("after the loop")
     assert failed.value.code == "token_expired"
     assert seen == ["token_expired"]
+
+
+# --- INPUT (and restart's MODIFICATIONS) from a file or stdin ---------------------------------
+
+#: Over 128 KiB: as a command-line argument, the kernel refused it ('Argument list too long').
+BIG = {"value": 1, "notes": ["n" * 1000] * 200, "big": 2**62}
+
+
+def _parsed(*argv: str) -> Any:
+    args = parser().parse_args(list(argv))
+    parse_inputs(args)
+    return args
+
+
+def test_input_is_read_from_a_file_or_stdin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "input.json"
+    path.write_text(json.dumps(BIG, indent=2))
+    assert _parsed("submit", "research", f"@{path}").input == BIG
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(json.dumps(BIG).encode())))
+    assert _parsed("submit", "research", "-").input == BIG
+    path.write_text('{"input": {"query": "again"}}')
+    assert _parsed("restart", "J1", f"@{path}").modifications == {"input": {"query": "again"}}
+    # As an argument, as before.
+    assert _parsed("submit", "research", '{"query": "q"}').input == {"query": "q"}
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b'{"a": 1, "a": 2}', "INPUT from {path} must be JSON the server takes as it is"),
+        (b"123456789012345678901234567890", "INPUT from {path} must be JSON the server takes"),
+        (b'{"query": ', "INPUT from {path} must be JSON: Expecting value"),
+        (b'"\xff"'.decode("unicode_escape").encode("latin-1"), "INPUT from {path}: not UTF-8"),
+        (None, "INPUT @FILE: cannot read {path}: No such file or directory"),
+    ],
+)
+def test_input_from_a_file_is_parsed_as_strictly_as_an_argument(
+    tmp_path: Path, content: bytes | None, says: str
+) -> None:
+    path = tmp_path / "input.json"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(CLIError) as refused:
+        _parsed("submit", "research", f"@{path}")
+    assert refused.value.code == ExitCode.USAGE
+    assert says.format(path=repr(str(path))) in str(refused.value)
+
+
+async def test_submit_reads_a_big_input_from_stdin_end_to_end(tmp_path: Path) -> None:
+    """``jobspine submit sized -`` with 200 KB on stdin, to a server whose max_frame_size
+    is raised to take it: the job is stored with that input."""
+    async with serving(tmp_path / "big.db", max_frame_size=1024 * 1024) as running:
+        done = await trio.run_process(
+            [sys.executable, "-m", "transport._cli", "submit", "sized", "-"],
+            stdin=json.dumps(BIG).encode(),
+            env={
+                **os.environ,
+                "HOME": str(tmp_path),
+                "JOBSPINE_URL": running.url,
+                "JOBSPINE_TOKEN": token("alice"),
+                "PYTHONPATH": str(Path(__file__).parent.parent),
+            },
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        job_id = done.stdout.decode().strip()
+        async with open_client(running.url, token("alice")) as client:
+            assert await client.get_payload(job_id, "input") == BIG

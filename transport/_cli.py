@@ -591,7 +591,9 @@ def parser() -> argparse.ArgumentParser:
 
     submit_p = command("submit", "create a job (prints its id)")
     submit_p.add_argument("kind", help="job kind: research, trade, analysis, or registered")
-    submit_p.add_argument("input", help="the job's input, JSON")
+    submit_p.add_argument(
+        "input", help="the job's input, JSON; - reads it from stdin, @FILE from FILE"
+    )
     submit_p.add_argument("--watch", action="store_true", help="follow it live until it ends")
     queue = submit_p.add_argument_group("queue options")
     queue.add_argument("--priority", metavar="N", help="0..1000, higher runs first (default: 0)")
@@ -660,7 +662,11 @@ def parser() -> argparse.ArgumentParser:
     )
     restart_p = command("restart", "run a job again from scratch")
     restart_p.add_argument("job_id", help="the job's id (from submit or jobs)")
-    restart_p.add_argument("modifications", nargs="?", help="JSON object merged into the input")
+    restart_p.add_argument(
+        "modifications",
+        nargs="?",
+        help="JSON object merged into the input; - reads it from stdin, @FILE from FILE",
+    )
     ui_p = command("ui", "open the dashboard in a browser, signed in with your token")
     _add(ui_p, "health_port")
     ui_p.add_argument(

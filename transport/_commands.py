@@ -25,6 +25,7 @@ from actors import (
     JobState,
     parse_duration,
 )
+from actors._codec import MAX_INPUT_BYTES
 from actors._options import CreateOptions
 
 from ._display import (
@@ -213,6 +214,49 @@ def _cannot_connect(args: argparse.Namespace, problem: str) -> CLIError:
         f"cannot connect to {args.url} within {args.connect_timeout:g} s ({problem});"
         " is the server running? (--connect-timeout, JOBSPINE_CONNECT_TIMEOUT)",
     )
+
+
+#: The most a ``-`` or ``@FILE`` argument reads. No input over MAX_INPUT_BYTES (1 MiB) is
+#: stored and JSON's whitespace does not make one sixteen times longer; a stream with no end
+#: (``yes |``, a device) is refused here rather than filling the memory.
+MAX_ARGUMENT_FILE = 16 * MAX_INPUT_BYTES
+
+
+def _json_source(text: str, what: str) -> Any:
+    """The JSON argument ``what`` (:func:`_json_arg`) given as ``text``, or for ``-`` read
+    from stdin, for ``@FILE`` from that file (UTF-8): a value too long for a command line
+    (the kernel refuses an argument over 128 KiB: 'Argument list too long'). Neither ``-``
+    nor anything starting with ``@`` is JSON, so neither shadows a JSON argument."""
+    if text == "-":
+        source = "stdin"
+        data: bytes
+        stream = getattr(sys.stdin, "buffer", None)  # None: the process has no stdin
+        try:
+            if stream is None:
+                raise OSError("there is no stdin")
+            data = stream.read(MAX_ARGUMENT_FILE + 1)
+        except (OSError, ValueError) as exc:  # ValueError: stdin was closed
+            raise CLIError(ExitCode.USAGE, f"{what} -: cannot read stdin: {exc}") from None
+    elif text.startswith("@"):
+        source = repr(text[1:])
+        try:
+            with open(text[1:], "rb") as file:
+                data = file.read(MAX_ARGUMENT_FILE + 1)
+        except OSError as exc:
+            raise CLIError(
+                ExitCode.USAGE, f"{what} @FILE: cannot read {source}: {exc.strerror or exc}"
+            ) from None
+    else:
+        return _json_arg(text, what)
+    if len(data) > MAX_ARGUMENT_FILE:
+        raise CLIError(
+            ExitCode.USAGE, f"{what} from {source}: over {MAX_ARGUMENT_FILE} bytes, not read"
+        )
+    try:
+        decoded = data.decode()
+    except UnicodeDecodeError as exc:
+        raise CLIError(ExitCode.USAGE, f"{what} from {source}: not UTF-8: {exc}") from None
+    return _json_arg(decoded, f"{what} from {source}")
 
 
 def _json_arg(text: str, what: str) -> Any:
@@ -477,7 +521,7 @@ def parse_inputs(args: argparse.Namespace) -> None:
                     f"{flag} {text!r}: not valid UTF-8 (check the terminal's locale)",
                 ) from None
     if args.command == "submit":
-        args.input = _json_arg(args.input, "INPUT")
+        args.input = _json_source(args.input, "INPUT")
         args.create_options = create_options(args)
     if args.command == "jobs":
         for state in args.state or ():
@@ -498,7 +542,7 @@ def parse_inputs(args: argparse.Namespace) -> None:
         except ValueError as exc:
             raise CLIError(ExitCode.USAGE, f"--older-than: {exc}") from None
     if args.command == "restart" and args.modifications is not None:
-        args.modifications = _json_arg(args.modifications, "MODIFICATIONS")
+        args.modifications = _json_source(args.modifications, "MODIFICATIONS")
         if not isinstance(args.modifications, dict):
             raise CLIError(ExitCode.USAGE, "MODIFICATIONS must be a JSON object")
 
