@@ -15,7 +15,16 @@ from inspect import iscoroutinefunction
 from pathlib import Path
 from typing import TypeVar
 
-import pytest
+try:
+    import pytest
+except ImportError as exc:  # exercised in a subprocess without pytest (tests/test_trial_faults)
+    # Imported outside a test run (an application's module importing its test helpers): the
+    # bare "No module named 'pytest'" did not say what to install.
+    raise ModuleNotFoundError(
+        "actors.testing is a pytest plugin and needs pytest and pytest-trio: pip install"
+        " 'jobspine[testing]' (or add both to your test dependencies)",
+        name="pytest",
+    ) from exc
 
 try:
     from pytest_trio import trio_fixture as _untyped_trio_fixture

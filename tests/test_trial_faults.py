@@ -359,3 +359,29 @@ async def test_submit_reads_a_big_input_from_stdin_end_to_end(tmp_path: Path) ->
         job_id = done.stdout.decode().strip()
         async with open_client(running.url, token("alice")) as client:
             assert await client.get_payload(job_id, "input") == BIG
+
+
+# --- actors.testing without pytest says what to install ------------------------------------
+
+
+@pytest.mark.parametrize("missing", ["pytest", "pytest_trio"])
+async def test_importing_the_testing_plugin_without_pytest_says_what_to_install(
+    missing: str,
+) -> None:
+    """Before: without pytest, ``import actors.testing`` raised a bare ModuleNotFoundError
+    ("No module named 'pytest'"); only a missing pytest-trio was explained."""
+    done = await trio.run_process(
+        [
+            sys.executable,
+            "-c",
+            f"import sys; sys.modules[{missing!r}] = None; import actors.testing",
+        ],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert done.returncode == 1
+    last = done.stderr.decode().strip().splitlines()[-1]
+    assert last.startswith(("ModuleNotFoundError: actors.testing", "ImportError: actors.testing"))
+    assert "pip install 'jobspine[testing]'" in last
