@@ -914,18 +914,21 @@ async def open_client(
             finally:
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        raise _one_error(group, client.failure) from None
+        raise _one_error(group, client._lost) from None
 
 
-def _one_error(
-    group: BaseExceptionGroup[BaseException], failure: ClientError | None
-) -> BaseException:
-    """The one exception ``open_client`` raises for its nursery's ``group``. A fatal close
-    fails the client's requests with that same error, and a follower whose events ended
-    raises it too (:attr:`Client.failure`): the group then holds the one error twice, which
-    stands for it alone. Anything else besides (Ctrl-C included) keeps the group."""
-    leaf = unwrap_group(group)
-    if leaf is not group or failure is None:
-        return leaf
-    found = [e for e in leaves(group) if not isinstance(e, trio.Cancelled)]
-    return failure if all(e is failure for e in found) else group
+def _one_error(group: BaseExceptionGroup[BaseException], lost: ClientError | None) -> BaseException:
+    """The one exception ``open_client`` raises for its nursery's ``group``: ``lost`` is why
+    the client stopped on its own (``Client._lost``: a fatal close, a lost connection with
+    reconnect off), which :meth:`Client.run` raises, and requests and ``events()`` raise too.
+    The application's own exception wins over it: the application met the loss (a request
+    raised it) and said what it means (a CLI command's ``connection_lost`` naming the
+    idempotency key to run again with), or failed on its own, or was interrupted (Ctrl-C).
+    The group stays only for several errors of the application's."""
+    found = {id(e): e for e in leaves(group) if not isinstance(e, trio.Cancelled)}
+    own = [e for e in found.values() if e is not lost]
+    if len(own) == 1:
+        return own[0]
+    if not own and lost is not None:
+        return lost
+    return unwrap_group(group)
