@@ -3,6 +3,7 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
+import signal
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,6 +30,17 @@ from actors import (
 )
 
 pytest_plugins = ["actors.testing"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C as an operator's terminal sends it: a suite started in the background by a
+    shell without job control (``.ci/run &``, ``nohup … &``) inherits SIGINT ignored, and so
+    does every process a test starts, so the tests that interrupt a server or a client with
+    SIGINT waited for an exit that never came. Python's own handler here gives the children
+    the default disposition back (a handler is reset at ``exec``, an ignored signal is not)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 #: The real local PostgreSQL server (trust auth); every test database is created and dropped
 #: through it, named ``<PG_PREFIX><n>``: unique to this test session.
