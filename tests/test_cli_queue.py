@@ -4,6 +4,7 @@ the generated idempotency key that makes a re-run safe, ``jobs`` filters, ``stat
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -126,6 +127,9 @@ async def test_submit_flags_jobs_filters_and_stats(tmp_path: Path) -> None:
         assert await listed("--state", "completed") == []
         table = await served.cli("jobs", "--tag", "nightly")
         assert job["id"] in table.stdout and child_id not in table.stdout
+        # A waiting job whose start is ahead is not shown as ready: its time left is.
+        rows = {line.split()[0]: line for line in (await served.cli("jobs")).stdout.splitlines()}
+        assert re.search(r"  scheduled (59m\d\ds|1h00m)  ", rows[child_id]), rows[child_id]
 
         stats = await served.cli("stats", "--json")
         assert stats.returncode == 0, stats.stderr

@@ -455,3 +455,25 @@ def test_the_resume_command_has_a_line_of_its_own(capsys: pytest.CaptureFixture[
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("paused (the process running it stopped")
     assert lines[1:] == ["  resume with: jobspine resume 01M8KHPQ"]
+
+
+def test_the_jobs_table_tells_a_scheduled_job_from_a_ready_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A waiting job (``created``) whose ``run_at`` is ahead shows ``scheduled`` and the time
+    left; one whose ``run_at`` has passed, or that has none, shows ``created``."""
+    now = time.time()
+    job = {"kind": "k", "state": "created", "progress": 0.0, "created_at": 0.0}
+    jobs_table(
+        [
+            {**job, "id": "later", "run_at": now + 3 * 3600 + 600},
+            {**job, "id": "due", "run_at": now - 5},
+            {**job, "id": "ready", "run_at": None},
+            {**job, "id": "ran", "state": "running", "run_at": now + 60},
+        ],
+        terminal=False,
+    )
+    rows = {row.split()[0]: row for row in capsys.readouterr().out.splitlines()}
+    assert re.search(r"  scheduled 3h(09|10)m  ", rows["later"]), rows["later"]
+    assert "  created  " in rows["due"] and "  created  " in rows["ready"]
+    assert "  running  " in rows["ran"] and "scheduled" not in rows["ran"]

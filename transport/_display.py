@@ -95,11 +95,20 @@ def _ran(job: dict[str, Any], now: float) -> float | None:
 _COLUMNS = ("ID", "KIND", "STATE", "PROGRESS", "CREATED", "RAN", "STEP")
 
 
+def _state(job: dict[str, Any], now: float) -> str:
+    """The job's state; a waiting job whose ``run_at`` is still ahead (a delay, a retry's
+    backoff) is ``scheduled`` with the time left, so that it is not read as ready."""
+    run_at = job.get("run_at")
+    if job["state"] == JobState.CREATED.value and isinstance(run_at, int | float) and run_at > now:
+        return f"scheduled {format_duration(run_at - now)}"
+    return str(job["state"])
+
+
 def _row(job: dict[str, Any], now: float, compact: bool = False) -> tuple[str, ...]:
     return (
         job["id"],
         one_line(job["kind"]),
-        job["state"],
+        _state(job, now),
         f"{job['progress']:5.1f}%",
         _local_time(job["created_at"], compact),
         format_duration(_ran(job, now)),
