@@ -17,6 +17,7 @@ writes are refused.
 from __future__ import annotations
 
 import bisect
+import secrets
 import sqlite3
 import sys
 import time
@@ -204,6 +205,15 @@ class Backend(Protocol):
     @property
     def epoch(self) -> str:
         """Identifies one database's history; it changes only with a new database."""
+        ...
+
+    @property
+    def fanout_key(self) -> bytes:
+        """32 random bytes every node opening this database reads alike once it is open: the
+        key their fan-out messages are signed with when they are given no secret (see
+        :attr:`~._fanout.FanoutConfig.secret`). A shared database keeps it (made once, by the
+        first node to open it); a database one process owns at a time (SQLite, memory) may
+        make one per opening, as no other node publishes on its channel meanwhile."""
         ...
 
     def opened(self) -> AbstractAsyncContextManager[None]:
@@ -422,6 +432,8 @@ class MemoryBackend:
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._epoch = new_id()
+        # One process's database: no other node shares the key (see Backend.fanout_key).
+        self._fanout_key = secrets.token_bytes(32)
         self._clock = clock
         self._nodes: dict[tuple[str, str], NodeInfo] = {}
         self._jobs: dict[str, Job] = {}
@@ -434,6 +446,10 @@ class MemoryBackend:
     @property
     def epoch(self) -> str:
         return self._epoch
+
+    @property
+    def fanout_key(self) -> bytes:
+        return self._fanout_key
 
     @asynccontextmanager
     async def opened(self) -> AsyncIterator[None]:

@@ -25,6 +25,10 @@ commits. With a :class:`FanoutConfig`, the node's :class:`Fanout`
   that do not share one Redis and secret) reach this node's clients that late at most,
   instead of never. Events a check finds more than ``LATE_SECONDS`` after their commit are
   counted (:attr:`FanoutStats.late`) and logged once a minute.
+- **signs** every message and drops every one whose signature does not verify
+  (:attr:`FanoutStats.forged`), with a key from the nodes' secret or, given none, from their
+  database (:attr:`FanoutConfig.secret`): another program that can publish on the channel
+  cannot deliver events (a forged progress, a forged completion) to this node's clients.
 
 Redis errors never reach a store write, a client or a job: they only change the health.
 coredis runs natively on Trio (its I/O goes through anyio), so no thread or asyncio loop is
@@ -65,7 +69,8 @@ class FanoutConfig:
     """Cluster fan-out settings. ``redis``: ``redis://[:password@]host:port/db`` (or
     ``rediss://``); refused with :class:`InvalidInputError` if it is no such URL. None: no
     Redis, the other nodes' events are read from the log every ``poll_interval`` (what
-    :func:`~._runtime.open_runtime` runs on a shared database given no fan-out)."""
+    :func:`~._runtime.open_runtime` runs on a shared database given no fan-out). Every
+    message on Redis is signed, with or without a ``secret`` (see there)."""
 
     redis: str | None
     #: Seconds an out-of-order event is held before its gap is filled from the log.
@@ -98,10 +103,18 @@ class FanoutConfig:
     fill_limit: int = 500
     #: Channel name prefix: ``<prefix>:<epoch>:events``.
     prefix: str = "jobspine"
-    #: The secret the nodes share (``jobspine serve`` passes its token secret): every message
-    #: is signed with a key derived from it (HMAC-SHA256), and a message whose signature does
-    #: not verify is dropped, so that whoever else can publish on the Redis channel cannot
-    #: deliver events to clients. None: messages unsigned (every node must agree).
+    #: The secret the nodes share (``jobspine serve`` passes its token secret), or None.
+    #: Every message is signed (HMAC-SHA256: 64 hex digits before its JSON body) with a key
+    #: derived from the secret or, given None, with the key of the database the nodes share
+    #: (:attr:`~._backend.Backend.fanout_key`, read at start: 32 random bytes made once per
+    #: PostgreSQL database; on SQLite or in memory, which no other node opens at once, one of
+    #: the process's own). A message whose signature does not verify is dropped and counted
+    #: (:attr:`FanoutStats.forged`): whoever else can publish on the Redis channel cannot
+    #: deliver events to clients. The nodes of a database are given one secret, or all none:
+    #: nodes with different keys get each other's events only from the log, within
+    #: ``check_interval`` (counted late). Signing cannot be turned off: it costs one HMAC per
+    #: commit group, nodes need no setting to share a key, and unsigned messages would let
+    #: any program that reaches the Redis forge events of any user.
     secret: str | None = attrs.field(default=None, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -181,12 +194,9 @@ class Fanout:
         self.hub = hub
         self.config = config
         self.node_id = node_id
-        # The signing key: derived from the shared secret, never the token key itself.
-        self._key = (
-            None
-            if config.secret is None
-            else hashlib.sha256(b"jobspine fan-out\0" + config.secret.encode()).digest()
-        )
+        # The signing key: set by run() (the database's is read once the store is open),
+        # before any message is sent or received.
+        self._key: bytes | None = None
         self._forged_logged_at = -math.inf
         self._late_logged_at = -math.inf
         self._fill_logged_at = -math.inf
@@ -270,6 +280,7 @@ class Fanout:
         if self.config.redis is None:
             await self._run_on_the_log(task_status)
             return
+        self._key = signing_key(self.config.secret, self.store.fanout_key)
         import coredis  # here: it takes most of a second to import, and only a cluster needs it
 
         client: coredis.Redis[bytes] = coredis.Redis.from_url(
@@ -435,15 +446,15 @@ class Fanout:
             await trio.sleep(self.config.reconnect_delay)
 
     def _sign(self, body: bytes) -> bytes:
-        """``body`` preceded by its signature (64 hex digits) when the nodes share a key."""
-        if self._key is None:
-            return body
+        """``body`` preceded by its signature (64 hex digits)."""
+        assert self._key is not None, "run() sets the key before anything is published"
         return hmac.new(self._key, body, hashlib.sha256).hexdigest().encode() + body
 
     def _verified(self, data: bytes) -> bytes | None:
-        """The body of a message whose signature verifies (all of it without a key)."""
+        """The body of a message whose signature verifies, else None. No message is taken
+        unsigned, whatever the configuration: a foreign publisher must not reach clients."""
         if self._key is None:
-            return data
+            return None
         mac, body = data[:_MAC_LENGTH], data[_MAC_LENGTH:]
         expected = hmac.new(self._key, body, hashlib.sha256).hexdigest().encode()
         return body if hmac.compare_digest(mac, expected) else None
@@ -456,7 +467,8 @@ class Fanout:
                 self._forged_logged_at = trio.current_time()
                 log.warning(
                     "dropped a message on %s whose signature does not verify (%d so far):"
-                    " another publisher, or a node with another secret",
+                    " another publisher, or a node with another key (another secret, or a"
+                    " secret where this node has none)",
                     self.channel,
                     self.stats.forged,
                 )
@@ -558,6 +570,17 @@ class Fanout:
                     LATE_SECONDS,
                     self.stats.late,
                 )
+
+
+def signing_key(secret: str | None, database_key: bytes) -> bytes:
+    """The key (32 bytes) fan-out messages are signed with, HMAC-SHA256: derived from
+    ``secret`` when one is given (nodes given one secret agree whatever their database, as
+    before there was a database key; never the secret itself, which also signs tokens), else
+    ``database_key`` as it is (:attr:`~._backend.Backend.fanout_key`: random, and used for
+    nothing else)."""
+    if secret is None:
+        return database_key
+    return hashlib.sha256(b"jobspine fan-out\0" + secret.encode()).digest()
 
 
 def group_message(

@@ -58,12 +58,18 @@ based on (:func:`fence_bases`); else the transaction is rolled back and
 :class:`StaleWriteError` names the jobs lost, so that the store reloads and re-applies. A
 commit that leaves a job waiting notifies the queue channel (:mod:`._pg_notify`).
 ``seq`` per job still comes from the store, as the primary key ``(job_id, seq)`` checks.
+
+**The fan-out key.** ``meta`` keeps, beside the epoch, 32 random bytes made by the first node
+to open the database (:attr:`PostgresBackend.fanout_key`): the nodes given no secret sign
+their Redis fan-out messages with it (:mod:`._fanout`), so that they agree on a key without
+being configured with one, and a publisher that is not one of them cannot be verified.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import secrets
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -409,6 +415,7 @@ class PostgresBackend:
         self._applied: dict[str, str] = {}  # application_name each lane's session has
         self._open = False
         self._epoch = ""
+        self._fanout_key = b""
         self._instance = ""  # new at every opening, see :attr:`instance`
         # One call at a time on a connection: a read never slips into a commit's transaction.
         self._locks = {STORE: trio.Lock(), NODES: trio.Lock()}
@@ -416,6 +423,16 @@ class PostgresBackend:
     @property
     def epoch(self) -> str:
         return self._epoch
+
+    @property
+    def fanout_key(self) -> bytes:
+        """The database's 32 random bytes (``meta``, row ``fanout_key``, in hex), made once
+        by the first node to open it: every node on the database signs its fan-out messages
+        with it when it is given no secret (see :attr:`~._fanout.FanoutConfig.secret`).
+        Whoever may read ``meta`` may sign such messages too: a role that should not (one
+        given read access for reports, say) is kept from that table, or the nodes are given a
+        secret. Set by :meth:`opened`."""
+        return self._fanout_key
 
     @property
     def instance(self) -> str:
@@ -450,8 +467,10 @@ class PostgresBackend:
             raise
         return conn
 
-    def _migrate(self, conn: psycopg.Connection[Any]) -> str:
-        """Create or upgrade the schema in one transaction; returns the epoch."""
+    def _migrate(self, conn: psycopg.Connection[Any]) -> tuple[str, bytes]:
+        """Create or upgrade the schema in one transaction; returns the epoch and the fan-out
+        key (see :attr:`fanout_key`). Raises :class:`StoreError` for a newer schema, or a
+        stored key that is not 32 bytes in hex."""
         with conn.transaction():
             # Nodes opening the database at once migrate in turn.
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
@@ -476,7 +495,28 @@ class PostgresBackend:
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (str(SCHEMA_VERSION), epoch),
             )
-        return epoch
+            # The fan-out key: made by the first node to open the database, kept as the
+            # epoch is (a row of meta, no schema change: a runtime of before ignores it). The
+            # migration lock already serializes nodes opening at once; the insert that keeps
+            # a key already there, then the read, make every node read the one stored even
+            # without it. Never replaced: nodes running on it would stop verifying each other.
+            conn.execute(
+                "INSERT INTO meta VALUES ('fanout_key', %s) ON CONFLICT (key) DO NOTHING",
+                (secrets.token_bytes(32).hex(),),
+            )
+            row = conn.execute("SELECT value FROM meta WHERE key = 'fanout_key'").fetchone()
+            stored_key = row[0] if row else None
+        try:
+            key = bytes.fromhex(stored_key or "")
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            raise StoreError(
+                f"{redact_url(self.url)}: the fan-out key in meta is not one jobspine wrote"
+                " (32 bytes in hex); delete its row (key 'fanout_key') and restart every node:"
+                " the first to open the database makes a new one"
+            )
+        return epoch, key
 
     def _live(self, lane: str) -> psycopg.Connection[Any]:
         """The lane's connection, connected again if the server dropped it (or on first use)."""
@@ -545,7 +585,7 @@ class PostgresBackend:
         where = redact_url(self.url)
         self._instance = new_id()
 
-        def open_() -> tuple[psycopg.Connection[Any], str]:
+        def open_() -> tuple[psycopg.Connection[Any], tuple[str, bytes]]:
             conn = self._connect()
             try:
                 return conn, self._migrate(conn)
@@ -557,10 +597,11 @@ class PostgresBackend:
             # Shielded: a connection opened by a thread the caller stopped waiting for would
             # stay open with nobody to close it. Opening is bounded by connect_timeout.
             with trio.CancelScope(shield=True):
-                conn, epoch = await trio.to_thread.run_sync(open_)
+                conn, (epoch, key) = await trio.to_thread.run_sync(open_)
         except psycopg.Error as exc:
             raise StoreError(f"database {where}: cannot open: {_one_line(exc)}") from None
         self._conns[STORE], self._epoch, self._open = conn, epoch, True
+        self._fanout_key = key
         self._applied[STORE], self._application = "jobspine", "jobspine"
         try:
             yield

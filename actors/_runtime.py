@@ -421,8 +421,11 @@ async def open_runtime(
     every acknowledged write is durable. With ``broadcast``, a :class:`Broadcaster` actor
     serves rooms of events (``rt.broadcaster``); with ``fanout`` too (cluster mode: several
     nodes on one PostgreSQL database), its rooms get every node's events through Redis
-    (``rt.fanout``, see :mod:`actors._fanout`). With ``config.retention``, finished jobs are
-    pruned at start and every ``retention.interval`` seconds (see :meth:`Runtime.prune`).
+    (``rt.fanout``, see :mod:`actors._fanout`), in messages signed with a key derived from
+    ``fanout.secret`` or, given none, the database's own (read once it is open, before the
+    fan-out starts; see :attr:`FanoutConfig.secret`). With ``config.retention``, finished
+    jobs are pruned at start and every ``retention.interval`` seconds (see
+    :meth:`Runtime.prune`).
 
     One process owns a SQLite file at a time: while another holds it, this raises
     :class:`DatabaseLockedError` (naming the owner) having read and written nothing. A node id

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import logging
 import os
+import secrets
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
@@ -439,10 +440,18 @@ class SqliteBackend:
         self._synchronous = synchronous.upper()
         self._db: aiosqlite.Connection | None = None
         self._epoch = ""
+        self._fanout_key = b""
 
     @property
     def epoch(self) -> str:
         return self._epoch
+
+    @property
+    def fanout_key(self) -> bytes:
+        """New at every opening, never stored: one process owns the file at a time (its lock),
+        so no other node publishes on its fan-out channel meanwhile (the epoch is stored, as
+        cursors outlive a process; a message does not)."""
+        return self._fanout_key
 
     @property
     def _conn(self) -> aiosqlite.Connection:
@@ -527,6 +536,7 @@ class SqliteBackend:
         )
         await self._call(_commit)
         self._epoch = epoch
+        self._fanout_key = secrets.token_bytes(32)
         await self._truncate_wal()
 
     async def _truncate_wal(self) -> None:

@@ -1000,6 +1000,12 @@ class StoreClient:
         return self._actor.backend.epoch
 
     @property
+    def fanout_key(self) -> bytes:
+        """The database's key for signing fan-out messages (:attr:`Backend.fanout_key`): read
+        once the store is open."""
+        return self._actor.backend.fanout_key
+
+    @property
     def checkpoint_limit(self) -> int:
         return self._actor.config.checkpoint_limit
 

@@ -59,13 +59,14 @@ def terminate_sessions(url: str) -> int:
 async def test_epoch_persists_and_a_newer_schema_is_refused(pg_url: str) -> None:
     backend = PostgresBackend(pg_url)
     async with backend.opened():
-        epoch = backend.epoch
-        assert epoch
+        epoch, key = backend.epoch, backend.fanout_key
+        assert epoch and len(key) == 32
     async with backend.opened():
-        assert backend.epoch == epoch
+        assert (backend.epoch, backend.fanout_key) == (epoch, key)
     with psycopg.connect(pg_url, autocommit=True) as conn:
         meta: dict[str, str] = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        assert meta == {"schema_version": "4", "epoch": epoch}
+        # And the fan-out key (test_fanout_signing), made once: the same at every opening.
+        assert meta == {"schema_version": "4", "epoch": epoch, "fanout_key": key.hex()}
         conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     with pytest.raises(StoreError, match="schema v99 is newer than this runtime's v4"):
         async with backend.opened():
