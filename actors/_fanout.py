@@ -125,6 +125,11 @@ class FanoutConfig:
             raise InvalidInputError(
                 f"redis must be a redis://host:port/db URL, not {redact_redis_url(self.redis)!r}"
             )
+        if self.secret is not None and (not isinstance(self.secret, str) or not self.secret):
+            # An empty secret would derive a key anyone can compute: no signature at all.
+            raise InvalidInputError(
+                "secret must be a non-empty string (or None: the database's key signs)"
+            )
         # Every number: seconds above 0, counts and sizes from 1 (named with the value).
         check_fields(self)
 

@@ -20,6 +20,7 @@ import trio
 
 from actors import (
     BroadcasterConfig,
+    InvalidInputError,
     JobContext,
     MemoryBackend,
     Runtime,
@@ -194,6 +195,14 @@ def test_a_secret_keeps_its_key_and_a_database_without_one_signs_with_its_own() 
     assert signing_key(None, b"a" * 32) == b"a" * 32
     first, second = MemoryBackend(), MemoryBackend()
     assert len(first.fanout_key) == 32 and first.fanout_key != second.fanout_key
+
+
+@pytest.mark.parametrize("secret", ["", b"bytes", 7])
+def test_a_secret_that_would_sign_nothing_is_refused(secret: Any) -> None:
+    """An empty secret derives a key anyone can compute (as good as none): refused by name,
+    as is a secret that is not a string."""
+    with pytest.raises(InvalidInputError, match="secret must be a non-empty string"):
+        FanoutConfig("redis://127.0.0.1:6379/0", secret=secret)
 
 
 async def test_a_node_on_a_database_of_its_own_drops_unsigned_messages(
