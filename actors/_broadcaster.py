@@ -34,7 +34,7 @@ import orjson
 import trio
 
 from ._codec import check_name, converter
-from ._errors import InvalidInputError
+from ._errors import InvalidInputError, shown
 from ._events import (
     EventHub,
     EventStream,
@@ -413,7 +413,7 @@ def parse_room(room: object) -> tuple[str, str]:
         kind, _, ident = room.partition(":")
         if kind in ("job", "user") and ident:
             return kind, ident
-    raise InvalidInputError(f"room must be 'job:<id>' or 'user:<id>', not {room!r}")
+    raise InvalidInputError(f"room must be 'job:<id>' or 'user:<id>', not {shown(room)}")
 
 
 def _room_seq(room_kind: str, event: JobEvent | StoredEvent) -> int:

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import orjson
 from cattrs.preconf.orjson import make_converter
 
-from ._errors import InvalidInputError, NotSerializableError
+from ._errors import InvalidInputError, NotSerializableError, shown
 
 __all__ = [
     "MAX_DEPTH",
@@ -32,7 +32,6 @@ __all__ = [
     "loads",
     "may_be_name",
     "sanitize_text",
-    "shown",
 ]
 
 T = TypeVar("T")
@@ -122,17 +121,19 @@ def _problem(value: Any, path: str, depth: int) -> tuple[str, str] | None:
     if isinstance(value, int):
         if INT64_MIN <= value <= INT64_MAX:
             return None
-        return f"integer {value} outside the signed 64-bit range", path
+        quoted = shown(value)  # "an integer of N bits" past Python's digit limit
+        number = quoted if quoted.startswith("an ") else f"integer {quoted}"
+        return f"{number} outside the signed 64-bit range", path
     if isinstance(value, float):
         return None if math.isfinite(value) else (f"NaN or infinity ({value!r})", path)
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
-                return f"object key {key!r} is not a string", path
+                return f"object key {shown(key)} is not a string", path
             at = _lone_surrogate(key)
             if at is not None:
-                return f"lone surrogate {key[at]!r} at index {at} of key {key!r}", path
-            found = _problem(item, f"{path}[{key!r}]", depth + 1)
+                return f"lone surrogate {key[at]!r} at index {at} of key {shown(key)}", path
+            found = _problem(item, f"{path}[{shown(key, 64)}]", depth + 1)
             if found:
                 return found
         return None
@@ -291,17 +292,6 @@ def check_kind(kind: object, what: str = "kind") -> None:
                 f"{what} {shown(kind)} must be printable: {char!r} at index {at} is a"
                 " control, format or line separator character"
             )
-
-
-def shown(value: object, limit: int = 80) -> str:
-    """``repr(value)`` (every unprintable character escaped), cut to about ``limit``: for an
-    error message quoting a caller's value. An integer too long for ``repr`` (over Python's
-    4,300 digits) is shown by its size."""
-    try:
-        text = repr(value)
-    except ValueError:  # int's digit limit: no str() of it at all
-        return f"an integer of {value.bit_length():,} bits"  # type: ignore[attr-defined]
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def sanitize_text(text: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 import trio
 
-from ._errors import InvalidInputError, JobStopped
+from ._errors import InvalidInputError, JobStopped, shown
 from ._worker import Handler, JobContext, validates
 
 __all__ = [
@@ -53,13 +53,15 @@ class _Fields:
         unknown = sorted(set(input) - set(fields))
         if unknown:
             raise InvalidInputError(
-                f"{kind}: unknown input field {unknown[0]!r}; fields: {', '.join(fields)}"
+                f"{kind}: unknown input field {shown(unknown[0])}; fields: {', '.join(fields)}"
             )
         self.kind = kind
         self.input: dict[str, Any] = input
 
     def _refuse(self, key: str, rule: str) -> InvalidInputError:
-        return InvalidInputError(f"{self.kind}: {key!r} must be {rule}, not {self.input[key]!r}")
+        return InvalidInputError(
+            f"{self.kind}: {key!r} must be {rule}, not {shown(self.input[key])}"
+        )
 
     def text(self, key: str, max_length: int, *, empty: bool = False) -> str:
         if key not in self.input:
@@ -124,7 +126,7 @@ def trade_input(input: Any) -> TradeInput:
     symbol = fields.text("symbol", 32)
     side = fields.text("side", 4)
     if side not in ("buy", "sell"):
-        raise InvalidInputError(f"trade: side must be 'buy' or 'sell', not {side!r}")
+        raise InvalidInputError(f"trade: side must be 'buy' or 'sell', not {shown(side)}")
     quantity = fields.number("quantity", None, 0, 1e15)
     if quantity <= 0:
         raise InvalidInputError(f"trade: 'quantity' must be more than 0, not {quantity:g}")

@@ -28,7 +28,52 @@ __all__ = [
     "TooManyJobsError",
     "UnknownJobError",
     "UnknownKindError",
+    "shown",
+    "shown_names",
 ]
+
+#: Characters of a caller's value that an error message or a log line quotes (see
+#: :func:`shown`).
+SHOWN_LIMIT = 100
+
+
+def shown(value: object, limit: int = SHOWN_LIMIT) -> str:
+    """``value`` quoted for an error message or a log line that echoes what a caller gave (a
+    job id, a kind, a field name, a header): its ``repr``, so that every character that is not
+    printable is escaped (a newline cannot forge a line, an escape drive a terminal), cut past
+    about ``limit`` characters with an ellipsis and its length: ``'01ABC'… (300,000
+    characters)``. The one helper of every such message, so that a value of any size gives a
+    message of a bounded size (an error reply always fits in a frame). An integer too long
+    for ``repr`` (over Python's 4,300 digits) is shown by its size."""
+    if isinstance(value, str):
+        head = value[:limit]
+        text = repr(head)
+        # Escapes take up to 10 characters (\U0001f600): keep the quote about ``limit`` long.
+        while len(text) > limit + 2 and len(head) > 1:
+            head = head[: max(1, len(head) * limit // len(text))]
+            text = repr(head)
+        if len(head) == len(value):
+            return text
+        return f"{text}… ({len(value):,} characters)"
+    try:
+        text = repr(value)
+    except ValueError:  # int's digit limit: no str() of it at all
+        return f"an integer of {value.bit_length():,} bits"  # type: ignore[attr-defined]
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text):,} characters)"
+
+
+def shown_names(names: list[str], count: int = 20, width: int = 64) -> str:
+    """``names`` (kinds, say) for a message or a log line: the first ``count``, each as it is
+    when printable and at most ``width`` characters, else quoted by :func:`shown`, and how
+    many more (a hello may declare 256 kinds of 1,024 characters)."""
+    cut = [
+        name if len(name) <= width and name.isprintable() else shown(name, width)
+        for name in names[:count]
+    ]
+    more = f" and {len(names) - count:,} more" if len(names) > count else ""
+    return ", ".join(cut) + more
 
 
 class JobspineError(Exception):
@@ -41,7 +86,7 @@ class UnknownJobError(JobspineError, LookupError):
     code = "unknown_job"
 
     def __init__(self, job_id: str) -> None:
-        super().__init__(f"no job with id {job_id!r}")
+        super().__init__(f"no job with id {shown(job_id)}")
         self.job_id = job_id
 
 
@@ -49,8 +94,8 @@ class UnknownKindError(JobspineError, LookupError):
     code = "unknown_kind"
 
     def __init__(self, kind: str, known: list[str] | None = None) -> None:
-        hint = f" (registered: {', '.join(sorted(known))})" if known else ""
-        super().__init__(f"no handler registered for job kind {kind!r}{hint}")
+        hint = f" (registered: {shown_names(sorted(known))})" if known else ""
+        super().__init__(f"no handler registered for job kind {shown(kind)}{hint}")
         self.kind = kind
 
 
@@ -162,7 +207,7 @@ class InvalidParentError(InvalidInputError):
     code = "invalid_parent"
 
     def __init__(self, parent_id: str) -> None:
-        super().__init__(f"no job {parent_id!r} of this user to be the parent")
+        super().__init__(f"no job {shown(parent_id)} of this user to be the parent")
         self.parent_id = parent_id
 
 
@@ -174,7 +219,7 @@ class IdempotencyConflictError(JobspineError):
 
     def __init__(self, key: str, job_id: str) -> None:
         super().__init__(
-            f"idempotency key {key!r} was used for job {job_id} with a different request"
+            f"idempotency key {shown(key)} was used for job {job_id} with a different request"
             " (kind, input or options); use a new key for a new job"
         )
         self.key = key

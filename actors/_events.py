@@ -13,7 +13,7 @@ import orjson
 import trio
 
 from ._codec import converter
-from ._errors import JobspineError
+from ._errors import JobspineError, shown
 from ._states import JobState
 
 __all__ = [
@@ -279,7 +279,7 @@ class EventHub:
         if buffer != math.inf:
             buffer = int(buffer)
         if not max_bytes > 0:  # NaN too: it would bound nothing
-            raise ValueError(f"max_bytes must be > 0, got {max_bytes!r}")
+            raise ValueError(f"max_bytes must be > 0, got {shown(max_bytes)}")
         send, receive = trio.open_memory_channel[tuple[JobEvent, int]](buffer)
         stream = EventStream(receive, max_bytes)
         if self.closed:

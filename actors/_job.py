@@ -30,7 +30,7 @@ from typing import Any
 import attrs
 
 from ._codec import converter
-from ._errors import InvalidInputError
+from ._errors import InvalidInputError, shown
 from ._states import JobState
 
 __all__ = [
@@ -166,21 +166,21 @@ def validate_job_record(record: object) -> list[str]:
     for name in ("id", "user_id", "kind"):
         value = record.get(name)
         if not isinstance(value, str) or not value:
-            problems.append(f"{name}: expected a non-empty string, got {value!r}")
+            problems.append(f"{name}: expected a non-empty string, got {shown(value)}")
     state = record.get("state")
     if not isinstance(state, str) or state not in _STATE_VALUES:
-        problems.append(f"state: expected one of {[s.value for s in JobState]}, got {state!r}")
+        problems.append(f"state: expected one of {[s.value for s in JobState]}, got {shown(state)}")
         state = None
     if "input" not in record:
         problems.append("input: missing")
     progress = record.get("progress", 0.0)
     if not _is_number(progress) or not 0 <= progress <= 100:
-        problems.append(f"progress: expected a number in 0..100, got {progress!r}")
+        problems.append(f"progress: expected a number in 0..100, got {shown(progress)}")
     elif state == JobState.COMPLETED and progress != 100:
-        problems.append(f"progress: a completed job has progress 100, got {progress!r}")
+        problems.append(f"progress: a completed job has progress 100, got {shown(progress)}")
     step = record.get("step")
     if step is not None and not isinstance(step, str):
-        problems.append(f"step: expected a string or null, got {step!r}")
+        problems.append(f"step: expected a string or null, got {shown(step)}")
     if record.get("result") is not None and state not in (None, JobState.COMPLETED):
         problems.append(f"result: only a completed job has a result (state is {state})")
     error = record.get("error")
@@ -190,42 +190,42 @@ def validate_job_record(record: object) -> list[str]:
             and set(error) == {"type", "message"}
             and all(isinstance(v, str) for v in error.values())
         ):
-            problems.append(f"error: expected {{'type': str, 'message': str}}, got {error!r}")
+            problems.append(f"error: expected {{'type': str, 'message': str}}, got {shown(error)}")
         elif state not in (None, JobState.FAILED):
             problems.append(f"error: only a failed job has an error (state is {state})")
     for name in ("created_at", "updated_at"):
         if not _is_number(record.get(name)):
-            problems.append(f"{name}: expected Unix seconds, got {record.get(name)!r}")
+            problems.append(f"{name}: expected Unix seconds, got {shown(record.get(name))}")
     for name in _OPTIONAL_TIMES:
         value = record.get(name)
         if value is not None and not _is_number(value):
-            problems.append(f"{name}: expected Unix seconds or null, got {value!r}")
+            problems.append(f"{name}: expected Unix seconds or null, got {shown(value)}")
     created, updated = record.get("created_at"), record.get("updated_at")
     if isinstance(created, _NUMBER) and isinstance(updated, _NUMBER) and updated < created:
-        problems.append(f"updated_at: {updated!r} is before created_at {created!r}")
+        problems.append(f"updated_at: {shown(updated)} is before created_at {shown(created)}")
     run_seconds = record.get("run_seconds", 0.0)
     if not _is_number(run_seconds) or run_seconds < 0:
-        problems.append(f"run_seconds: expected a non-negative number, got {run_seconds!r}")
+        problems.append(f"run_seconds: expected a non-negative number, got {shown(run_seconds)}")
     for name in ("checkpoint_version", "attempt", "recovery_attempts", "seq"):
         value = record.get(name, 0)
         if not _is_int(value) or value < 0:
-            problems.append(f"{name}: expected a non-negative integer, got {value!r}")
+            problems.append(f"{name}: expected a non-negative integer, got {shown(value)}")
     has_checkpoint = record.get("checkpoint") is not None
     version = record.get("checkpoint_version", 0)
     if _is_int(version) and has_checkpoint != (version > 0):
         problems.append(
-            f"checkpoint_version: {version!r} does not match "
+            f"checkpoint_version: {shown(version)} does not match "
             f"{'a present' if has_checkpoint else 'an absent'} checkpoint"
         )
     if has_checkpoint != (record.get("checkpoint_at") is not None):
         problems.append("checkpoint_at: must be set exactly when a checkpoint is")
     reason = record.get("pause_reason")
     if reason is not None and not isinstance(reason, str):
-        problems.append(f"pause_reason: expected a string or null, got {reason!r}")
+        problems.append(f"pause_reason: expected a string or null, got {shown(reason)}")
     problems += _queue_problems(record)
     version = record.get("schema_version", CURRENT_SCHEMA_VERSION)
     if version != CURRENT_SCHEMA_VERSION:
-        problems.append(f"schema_version: expected {CURRENT_SCHEMA_VERSION}, got {version!r}")
+        problems.append(f"schema_version: expected {CURRENT_SCHEMA_VERSION}, got {shown(version)}")
     return problems
 
 
@@ -233,28 +233,30 @@ def _queue_problems(record: Mapping[str, Any]) -> list[str]:
     problems: list[str] = []
     priority = record.get("priority", 0)
     if not _is_int(priority) or not 0 <= priority <= MAX_PRIORITY:
-        problems.append(f"priority: expected an integer in 0..{MAX_PRIORITY}, got {priority!r}")
+        problems.append(
+            f"priority: expected an integer in 0..{MAX_PRIORITY}, got {shown(priority)}"
+        )
     max_attempts = record.get("max_attempts", 1)
     if not _is_int(max_attempts) or not 1 <= max_attempts <= MAX_ATTEMPTS:
         problems.append(
-            f"max_attempts: expected an integer in 1..{MAX_ATTEMPTS}, got {max_attempts!r}"
+            f"max_attempts: expected an integer in 1..{MAX_ATTEMPTS}, got {shown(max_attempts)}"
         )
     failed = record.get("failed_attempts", 0)
     if not _is_int(failed) or failed < 0:
-        problems.append(f"failed_attempts: expected a non-negative integer, got {failed!r}")
+        problems.append(f"failed_attempts: expected a non-negative integer, got {shown(failed)}")
     timeout = record.get("timeout")
     if timeout is not None and (not _is_number(timeout) or not 0 < timeout <= MAX_TIMEOUT):
         problems.append(
-            f"timeout: expected seconds in (0, {MAX_TIMEOUT:g}] or null, got {timeout!r}"
+            f"timeout: expected seconds in (0, {MAX_TIMEOUT:g}] or null, got {shown(timeout)}"
         )
     tags = record.get("tags", ())
     if not isinstance(tags, list | tuple) or len(tags) > MAX_TAGS:
-        problems.append(f"tags: expected a list of at most {MAX_TAGS} strings, got {tags!r}")
+        problems.append(f"tags: expected a list of at most {MAX_TAGS} strings, got {shown(tags)}")
     elif not all(isinstance(t, str) and 0 < len(t) <= MAX_TAG_LENGTH for t in tags) or len(
         set(tags)
     ) != len(tags):
         problems.append(
-            f"tags: expected distinct strings of 1..{MAX_TAG_LENGTH} characters, got {tags!r}"
+            f"tags: expected distinct strings of 1..{MAX_TAG_LENGTH} characters, got {shown(tags)}"
         )
     for name, limit in (("parent_id", 256), ("idempotency_key", MAX_KEY_LENGTH), ("owner", 256)):
         value = record.get(name)
@@ -301,7 +303,7 @@ def migrate_job_record(record: Mapping[str, Any]) -> dict[str, Any]:
         return {**record, "schema_version": CURRENT_SCHEMA_VERSION}
     if version != 0:
         raise InvalidInputError(
-            f"schema_version {version!r} is not supported by this runtime "
+            f"schema_version {shown(version)} is not supported by this runtime "
             f"(it reads 0 to {CURRENT_SCHEMA_VERSION})"
         )
     out: dict[str, Any] = {}

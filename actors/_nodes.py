@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from ._errors import JobspineError, RuntimeClosedError
+from ._errors import JobspineError, RuntimeClosedError, shown
 from ._ids import new_id
 from ._joblog import job_fields
 
@@ -101,7 +101,7 @@ class NodeIdInUseError(JobspineError):
         self, node_id: str, incarnation: str, host: str, pid: int, expires_in: float
     ) -> None:
         super().__init__(
-            f"node id {node_id!r} is alive (process {pid} on {host}, lease for"
+            f"node id {shown(node_id)} is alive (process {pid} on {host}, lease for"
             f" {max(expires_in, 0):.1f} s more); give each node its own --node-id"
         )
         self.node_id = node_id
@@ -121,7 +121,7 @@ class NodeReplacedError(NodeIdInUseError):
     def __init__(self, lost: str, held: NodeIdInUseError) -> None:
         JobspineError.__init__(
             self,
-            f"node {lost} lost its lease and node id {held.node_id!r} is now held by process"
+            f"node {lost} lost its lease and node id {shown(held.node_id)} is now held by process"
             f" {held.pid} on {held.host}: this process stops; give each node its own --node-id",
         )
         self.node_id = held.node_id

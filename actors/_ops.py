@@ -20,6 +20,7 @@ from ._errors import (
     InvalidInputError,
     ResultTooLargeError,
     StaleAttemptError,
+    shown,
 )
 from ._events import EventType, JobEvent
 from ._job import Job, JobError
@@ -269,7 +270,7 @@ def progress_value(pct: object) -> float | int:
     float64, an IntEnum) gives its plain value, which orjson writes like any other (it refuses
     a float subclass). Raises :class:`InvalidInputError` for anything else (NaN included)."""
     if isinstance(pct, bool) or not isinstance(pct, int | float) or not 0 <= pct <= 100:
-        raise InvalidInputError(f"progress must be a number in 0..100, got {pct!r}")
+        raise InvalidInputError(f"progress must be a number in 0..100, got {shown(pct)}")
     if type(pct) is not float and type(pct) is not int:
         return float(pct) if isinstance(pct, float) else int(pct)
     return pct

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import attrs
 
-from ._errors import InvalidInputError
+from ._errors import InvalidInputError, shown
 from ._job import (
     MAX_ATTEMPTS,
     MAX_DELAY,
@@ -43,7 +43,7 @@ def _interval(_: object, attribute: attrs.Attribute[float], value: float) -> Non
     # A retry waits at most as long as a create may be delayed: a year.
     if not (_is_number(value) and 0 < value <= MAX_DELAY):
         raise InvalidInputError(
-            f"{attribute.name} must be seconds in (0, {MAX_DELAY}] (one year), got {value!r}"
+            f"{attribute.name} must be seconds in (0, {MAX_DELAY}] (one year), got {shown(value)}"
         )
 
 
@@ -68,14 +68,14 @@ class RetryPolicy:
         coefficient = self.backoff_coefficient
         if not (_is_number(coefficient) and 1 <= coefficient <= 100):
             raise InvalidInputError(
-                f"backoff_coefficient must be a number in 1..100, got {coefficient!r}"
+                f"backoff_coefficient must be a number in 1..100, got {shown(coefficient)}"
             )
         if not (_is_number(self.jitter) and 0 <= self.jitter < 1):
-            raise InvalidInputError(f"jitter must be a number in [0, 1), got {self.jitter!r}")
+            raise InvalidInputError(f"jitter must be a number in [0, 1), got {shown(self.jitter)}")
         if self.maximum_interval < self.initial_interval:
             raise InvalidInputError(
-                f"maximum_interval ({self.maximum_interval!r}) must be >= initial_interval"
-                f" ({self.initial_interval!r})"
+                f"maximum_interval ({shown(self.maximum_interval)}) must be >= initial_interval"
+                f" ({shown(self.initial_interval)})"
             )
 
 
@@ -108,10 +108,10 @@ class KindOptions:
         if not isinstance(self.retry, RetryPolicy):
             # None or a dict would be found only when a job fails: its outcome then not
             # stored, and the job left running until the stall rule recovered it.
-            raise InvalidInputError(f"retry must be a RetryPolicy, got {self.retry!r}")
+            raise InvalidInputError(f"retry must be a RetryPolicy, got {shown(self.retry)}")
         if not isinstance(self.requeue_stalled, bool):
             raise InvalidInputError(
-                f"requeue_stalled must be True or False, got {self.requeue_stalled!r}"
+                f"requeue_stalled must be True or False, got {shown(self.requeue_stalled)}"
             )
 
 
@@ -169,7 +169,7 @@ def _fields(value: object, keys: tuple[str, ...], what: str) -> dict[str, Any]:
         raise InvalidInputError(f"{what} must be an object with {', '.join(keys)}")
     unknown = sorted(set(value) - set(keys))
     if unknown:
-        raise InvalidInputError(f"{what}: unknown field {unknown[0]!r} ({', '.join(keys)})")
+        raise InvalidInputError(f"{what}: unknown field {shown(unknown[0])} ({', '.join(keys)})")
     return value
 
 

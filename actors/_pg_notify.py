@@ -38,6 +38,7 @@ from typing import Any
 import psycopg
 import trio
 
+from ._errors import shown
 from ._nodes import node_of
 from ._routing import QUEUE_CHANNEL, Control, RemoteControlError
 
@@ -193,7 +194,7 @@ class PgNotifier:
             try:
                 await trio.to_thread.run_sync(fn)
             except psycopg.Error as exc:
-                raise RemoteControlError(f"cannot reach node {owner!r}: {exc}") from None
+                raise RemoteControlError(f"cannot reach node {shown(owner)}: {exc}") from None
 
 
 def _wait(conn: psycopg.Connection[Any]) -> list[tuple[str, str]]:

@@ -83,7 +83,7 @@ from psycopg.pq import TransactionStatus
 
 from ._backend import ClaimRequest, ClaimResult, JobQuery, Pruned, QueueStats
 from ._codec import converter
-from ._errors import StaleWriteError, StoreError
+from ._errors import StaleWriteError, StoreError, shown
 from ._events import EventType, JobEvent, StoredEvent, encode_event
 from ._ids import new_id
 from ._job import Job, migrate_job_record
@@ -395,7 +395,7 @@ class PostgresBackend:
         except psycopg.Error as exc:
             raise ValueError(f"not a PostgreSQL URL: {_one_line(exc)}") from None
         if not connect_timeout > 0:
-            raise ValueError(f"connect_timeout must be > 0 seconds, not {connect_timeout!r}")
+            raise ValueError(f"connect_timeout must be > 0 seconds, not {shown(connect_timeout)}")
         self.url = url
         self._connect_timeout = max(1, round(connect_timeout))
         for name, seconds in (
@@ -403,7 +403,7 @@ class PostgresBackend:
             ("takeover_lock_timeout", takeover_lock_timeout),
         ):
             if not 0.001 <= seconds < math.inf:
-                raise ValueError(f"{name} must be >= 0.001 seconds, not {seconds!r}")
+                raise ValueError(f"{name} must be >= 0.001 seconds, not {shown(seconds)}")
         self._idle_timeout_ms = round(idle_timeout * 1000)
         self._takeover_lock_ms = round(takeover_lock_timeout * 1000)
         # Two connections ("lanes"): the store's, and one for the node's lease and takeovers,
@@ -483,7 +483,7 @@ class PostgresBackend:
                     f"{redact_url(self.url)}: database schema v{stored} is newer than this"
                     f" runtime's v{SCHEMA_VERSION}; upgrade jobspine"
                     if version > SCHEMA_VERSION
-                    else f"{redact_url(self.url)}: database schema version {stored!r} is not"
+                    else f"{redact_url(self.url)}: database schema version {shown(stored)} is not"
                     " one jobspine wrote"
                 )
             for step in range(version, SCHEMA_VERSION):

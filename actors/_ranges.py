@@ -17,8 +17,7 @@ from collections.abc import Collection, Mapping
 import attrs
 from attrs import AttrsInstance
 
-from ._codec import shown
-from ._errors import InvalidInputError
+from ._errors import InvalidInputError, shown
 
 __all__ = [
     "MAX_PORT",

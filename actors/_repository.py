@@ -13,7 +13,7 @@ import attrs
 import trio
 
 from ._backend import JobQuery, QueueStats
-from ._codec import INT64_MAX, shown
+from ._codec import INT64_MAX
 from ._errors import (
     IllegalTransitionError,
     InvalidInputError,
@@ -21,6 +21,7 @@ from ._errors import (
     RuntimeClosedError,
     StaleAttemptError,
     StoreError,
+    shown,
 )
 from ._events import AUDIT_TYPES, STREAM_BYTES, EventHub, EventStream, EventStreamLagged, JobEvent
 from ._job import Job, JobError
@@ -202,9 +203,9 @@ class Repository:
         if buffer != math.inf and (
             isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1
         ):
-            raise InvalidInputError(f"buffer must be an integer >= 1 (events), not {buffer!r}")
+            raise InvalidInputError(f"buffer must be an integer >= 1 (events), not {shown(buffer)}")
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
-            raise InvalidInputError(f"max_bytes must be an integer >= 1, not {max_bytes!r}")
+            raise InvalidInputError(f"max_bytes must be an integer >= 1, not {shown(max_bytes)}")
         if self._hub.closed:
             raise RuntimeClosedError("the runtime is closed: no more events")
         return self._hub.subscribe(buffer, max_bytes)

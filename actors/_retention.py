@@ -13,8 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
-from ._codec import shown
-from ._errors import InvalidInputError
+from ._errors import InvalidInputError, shown
 from ._ranges import as_float, check_count, check_number
 
 __all__ = ["DAY", "PruneReport", "RetentionPolicy", "RetentionRule", "parse_duration"]
@@ -73,10 +72,13 @@ class RetentionPolicy:
         is no integer >= 1, or a rule that is no :class:`RetentionRule`."""
         check_number("interval", self.interval)
         check_count("batch_size", self.batch_size)
-        rules = {"default": self.default, **{f"kinds[{k!r}]": r for k, r in self.kinds.items()}}
+        rules = {
+            "default": self.default,
+            **{f"kinds[{shown(k)}]": r for k, r in self.kinds.items()},
+        }
         for name, rule in rules.items():
             if not isinstance(rule, RetentionRule):
-                raise InvalidInputError(f"{name} must be a RetentionRule, not {rule!r}")
+                raise InvalidInputError(f"{name} must be a RetentionRule, not {shown(rule)}")
 
     def rule(self, kind: str) -> RetentionRule:
         return self.kinds.get(kind, self.default)
@@ -113,7 +115,7 @@ def parse_duration(text: str) -> float:
     that many minutes ago (``prune --older-than 6M``)."""
     if text.strip().endswith("M"):
         raise ValueError(
-            f"duration {text!r}: M is ambiguous (months or minutes?): minutes are m;"
+            f"duration {shown(text)}: M is ambiguous (months or minutes?): minutes are m;"
             " for months use d or w"
         )
     value = text.strip().lower()
@@ -123,8 +125,8 @@ def parse_duration(text: str) -> float:
         seconds = float(number) * (scale or 1.0)
     except ValueError:
         raise ValueError(
-            f"duration {text!r}: expected a number with an optional unit s, m, h, d or w"
+            f"duration {shown(text)}: expected a number with an optional unit s, m, h, d or w"
         ) from None
     if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"duration {text!r}: must be a finite number >= 0")
+        raise ValueError(f"duration {shown(text)}: must be a finite number >= 0")
     return seconds

@@ -29,7 +29,7 @@ import attrs
 import orjson
 import trio
 
-from ._errors import StoreError
+from ._errors import StoreError, shown
 from ._job import Job
 from ._states import JobState
 
@@ -170,6 +170,6 @@ class RemoteControls:
                     await self._send(job.owner, control)
                 await trio.sleep(POLL_INTERVAL)
         raise RemoteControlError(
-            f"job {job.id}: node {job.owner!r} did not {control.op} it within"
+            f"job {job.id}: node {shown(job.owner)} did not {control.op} it within"
             f" {self.bound:g} s; its lease's expiry hands it to another node"
         )

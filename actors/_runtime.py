@@ -22,6 +22,7 @@ from ._errors import (
     RuntimeClosedError,
     RuntimeCrashedError,
     leaves,
+    shown,
 )
 from ._events import EventHub
 from ._fanout import Fanout, FanoutConfig
@@ -142,7 +143,7 @@ class RuntimeConfig:
         counts: dict[str, object] = {
             **({} if self.max_running_per_user is None else {
                 "max_running_per_user": self.max_running_per_user}),
-            **{f"max_running_per_kind[{kind!r}]": n
+            **{f"max_running_per_kind[{shown(kind)}]": n
                for kind, n in dict(self.max_running_per_kind).items()},
         }  # fmt: skip
         for name, value in counts.items():
@@ -164,10 +165,10 @@ class RuntimeConfig:
             check_kind(self.node_id, "node_id")
         for kind, options in dict(self.kinds).items():
             if not isinstance(options, KindOptions):
-                raise InvalidInputError(f"kinds[{kind!r}] must be a KindOptions")
+                raise InvalidInputError(f"kinds[{shown(kind)}] must be a KindOptions")
         if self.retention is not None and not isinstance(self.retention, RetentionPolicy):
             raise InvalidInputError(
-                f"retention must be a RetentionPolicy or None, not {self.retention!r}"
+                f"retention must be a RetentionPolicy or None, not {shown(self.retention)}"
             )
 
 
@@ -627,5 +628,7 @@ async def open_runtime(
             # Not a crash: the node's defined end once another process holds its id.
             raise replaced[0] from None
         if failures and all(isinstance(e, Exception) for e in failures):
-            raise RuntimeCrashedError(f"a runtime actor failed: {failures[0]!r}") from group
+            raise RuntimeCrashedError(
+                f"a runtime actor failed: {shown(failures[0], 1000)}"
+            ) from group
         raise

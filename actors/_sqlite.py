@@ -33,7 +33,7 @@ from trio_asyncio import aio_as_trio
 
 from ._backend import ClaimRequest, ClaimResult, JobQuery, Pruned, QueueStats
 from ._codec import converter
-from ._errors import StoreError
+from ._errors import StoreError, shown
 from ._events import EventType, JobEvent, StoredEvent, encode_event
 from ._ids import new_id
 from ._job import Job, migrate_job_record
@@ -432,9 +432,11 @@ class SqliteBackend:
         """``busy_timeout``: seconds one statement waits for a lock another program holds
         before it fails as busy (the store then retries it, see ``store_retry_timeout``)."""
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
-            raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {synchronous!r}")
+            raise ValueError(
+                f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {shown(synchronous)}"
+            )
         if not busy_timeout >= 0:
-            raise ValueError(f"busy_timeout must be >= 0 seconds, not {busy_timeout!r}")
+            raise ValueError(f"busy_timeout must be >= 0 seconds, not {shown(busy_timeout)}")
         self._busy_timeout_ms = int(busy_timeout * 1000)
         self.path = os.fspath(path)
         self._synchronous = synchronous.upper()
@@ -509,7 +511,8 @@ class SqliteBackend:
                 f"{self.path}: database schema v{stored} is newer than this runtime's "
                 f"v{SCHEMA_VERSION}; upgrade jobspine"
                 if version > SCHEMA_VERSION
-                else f"{self.path}: database schema version {stored!r} is not one jobspine wrote"
+                else f"{self.path}: database schema version {shown(stored)} is not one jobspine"
+                " wrote"
             )
         await self._execute("PRAGMA journal_mode=WAL")
         await self._execute(f"PRAGMA synchronous={self._synchronous}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 
-from ._errors import IllegalTransitionError, InvalidInputError
+from ._errors import IllegalTransitionError, InvalidInputError, shown
 
 __all__ = ["TERMINAL_STATES", "TRANSITIONS", "JobState", "check_transition", "parse_states"]
 
@@ -65,7 +65,7 @@ def parse_states(values: object, name: str = "states") -> frozenset[JobState]:
     known = ", ".join(state.value for state in JobState)
     if isinstance(values, str | bytes):
         raise InvalidInputError(
-            f"{name} must be a list of states, not a string: [{str(values)!r}] for one"
+            f"{name} must be a list of states, not a string: [{shown(str(values))}] for one"
         )
     if not isinstance(values, Iterable):
         raise InvalidInputError(f"{name} must be a list of states, not {type(values).__name__}")
@@ -74,7 +74,7 @@ def parse_states(values: object, name: str = "states") -> frozenset[JobState]:
     if unknown or not given or len(set(given)) != len(given):
         raise InvalidInputError(
             f"{name} must be distinct states, at least one, of: {known}"
-            + (f" (unknown: {unknown[0]!r})" if unknown else "")
+            + (f" (unknown: {shown(unknown[0])})" if unknown else "")
         )
     return frozenset(JobState(value) for value in given)
 

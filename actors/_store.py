@@ -80,6 +80,7 @@ from ._errors import (
     StoreUnavailableError,
     TooManyJobsError,
     UnknownJobError,
+    shown,
 )
 from ._events import EventHub, EventType, JobEvent, StoredEvent
 from ._fast_start import FastStarter, QueueVerdict
@@ -439,10 +440,10 @@ class StoreActor:
                     # The database unavailable (a dropped connection, a lock): the caller's
                     # to retry, no fault of the code (no traceback).
                     self._log_outage_failure(exc)
-                    request.error = StoreError(f"store request failed: {exc!r}")
+                    request.error = StoreError(f"store request failed: {shown(exc, 1000)}")
                 else:
                     log.exception("store request failed")
-                    request.error = StoreError(f"store request failed: {exc!r}")
+                    request.error = StoreError(f"store request failed: {shown(exc, 1000)}")
             if request.mode is WRITE or request.mode is CLAIM:
                 self._group.requests.append(request)
                 if request.ordered is not None and request.error is None:
@@ -813,7 +814,7 @@ class StoreActor:
                     self._log_outage_failure(exc)
                 else:
                     log.exception("store read failed")
-                request.error = StoreError(f"store read failed: {exc!r}")
+                request.error = StoreError(f"store read failed: {shown(exc, 1000)}")
             finally:
                 request.done.set()
 
@@ -1111,7 +1112,7 @@ class StoreClient:
                     raise InvalidParentError(new.parent_id)
             if max_waiting is not None and await actor._waiting_of(user_id) >= max_waiting:
                 raise TooManyJobsError(
-                    f"user {user_id!r} already has {max_waiting} jobs waiting"
+                    f"user {shown(user_id)} already has {max_waiting} jobs waiting"
                     " (max_waiting_per_user)"
                 )
             job = await actor._stage(change)
@@ -1195,7 +1196,7 @@ class StoreClient:
             except Exception as exc:
                 if not is_outage(exc):  # an outage is the caller's to log (and retry)
                     log.exception("node request failed")
-                raise StoreError(f"node request failed: {exc!r}") from None
+                raise StoreError(f"node request failed: {shown(exc, 1000)}") from None
         if read:
             return await self._read(lambda: fn(actor.backend), BARRIER)
 

@@ -27,6 +27,7 @@ from ._errors import (
     StoreError,
     StoreUnavailableError,
     UnknownKindError,
+    shown,
 )
 from ._job import Job, JobError
 from ._joblog import job_fields
@@ -390,7 +391,7 @@ class Supervisor:
         """Raises :class:`InvalidInputError` for ``options`` that are no :class:`KindOptions`
         (as ``RuntimeConfig.kinds`` does), having changed nothing."""
         if options is not None and not isinstance(options, KindOptions):
-            raise InvalidInputError(f"options of kind {kind!r} must be a KindOptions")
+            raise InvalidInputError(f"options of kind {shown(kind)} must be a KindOptions")
         if options is not None:
             self._kinds[kind] = options
 

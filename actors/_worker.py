@@ -16,6 +16,7 @@ from ._errors import (
     JobspineError,
     StoreError,
     StoreUnavailableError,
+    shown,
 )
 from ._job import Job, JobError
 from ._joblog import job_fields
@@ -108,7 +109,7 @@ def check_handler(kind: object, handler: object) -> None:
     check_kind(kind)
     if not callable(handler):
         raise InvalidInputError(
-            f"the handler of kind {kind!r} must be an async function (ctx, input),"
+            f"the handler of kind {shown(kind)} must be an async function (ctx, input),"
             f" not {type(handler).__name__}"
         )
 

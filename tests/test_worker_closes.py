@@ -247,7 +247,7 @@ async def test_a_worker_closed_for_a_frame_over_the_limit_logs_the_code_reason_a
         (1011, "", "1011 (the server failed)"),
         (1013, "hello: kinds: …", "1013 (hello: kinds: …): the server has no room for this"),
         (4011, "worker stalled: a send timed out", "4011 (worker stalled: a send timed out): "),
-        (4999, "new\nline", "4999 (new\\nline)"),
+        (4999, "new\nline", "4999 ('new\\nline')"),
         (4998, None, "4998 (no reason given)"),
     ],
 )

@@ -32,6 +32,7 @@ import actors._supervisor
 import actors._worker
 import transport._workers
 from actors import Job, JobContext, JobState, RuntimeConfig, UnknownKindError
+from actors._errors import shown_names
 from actors._options import options_of
 from transport import CLOSE, ServerConfig, open_server
 from transport._json import MAX_DEPTH
@@ -878,10 +879,10 @@ async def test_the_kinds_workers_declare_are_bounded(
         for kind in ("a", "b", "d"):
             await rt.create_job(kind, "alice", {})
     assert "2 new kinds would make more than 3 known from workers' declarations" in caplog.text
-    assert transport._workers._some([f"k{i}" for i in range(10)]) == (
+    assert shown_names([f"k{i}" for i in range(10)], 8) == (
         "k0, k1, k2, k3, k4, k5, k6, k7 and 2 more"
     )
-    assert transport._workers._some(["x" * 100]) == "x" * 64 + "..."
+    assert shown_names(["x" * 100], 8) == f"'{'x' * 64}'… (100 characters)"
 
 
 def test_a_worker_batch_frame_fits_its_limits() -> None:
@@ -1102,18 +1103,19 @@ async def test_a_worker_that_stops_reading_mid_frame_sees_the_connection_drop(
 ) -> None:
     """Past 32 MiB queued, a worker that does not read is closed; the frame being sent was
     cut off, so nothing follows it (no close frame spliced into it): the worker, reading at
-    last, sees the connection drop, not garbage."""
+    last, sees the connection drop, not garbage. (Error replies quote a request's values
+    bounded, so assignments fill the queue: each carries its job's input.)"""
     async with served(tmp_path / "db", "in_process", in_process_handlers=False) as s:
-        async with raw_worker(s.running.url, ["steps"], batch=True) as ws:
-            name = "x" * 2_000_000  # each error message quotes the op: 2 MB apiece
-            for i in range(20):
-                await ws.send_message(orjson.dumps({"op": name, "id": i}).decode())
-            await eventually(lambda: not s.running.server.worker_connections)
+        async with raw_worker(s.running.url, ["steps"], capacity=64, batch=True) as ws:
+            pad = "x" * 1_000_000  # each assignment carries its input: 1 MB apiece
+            for _ in range(48):
+                await s.runtime.create_job("steps", "alice", {"pad": pad})
+            await eventually(lambda: not s.running.server.worker_connections, 30)
             with trio.fail_after(10):
                 with pytest.raises(ConnectionClosed) as closed:
                     while True:
                         message = orjson.loads(await ws.get_message())
-                        assert message["type"] in ("error", "batch"), message
+                        assert message["type"] in ("assign", "batch"), message
             reason = closed.value.reason
             assert reason is not None and reason.code == 1006
         async with raw_worker(s.running.url, ["steps"]):  # the server serves on

@@ -16,7 +16,7 @@ import attrs
 import jwt
 
 from actors._codec import MAX_LABEL_LENGTH, check_name, check_text
-from actors._errors import InvalidInputError
+from actors._errors import InvalidInputError, shown
 
 from ._json import RefusedJsonError, loads_strict
 from ._protocol import ProtocolError
@@ -157,7 +157,7 @@ def _claims(payload: bytes) -> dict[str, Any]:
         raise _refused("the claims are not a JSON object")
     unknown = sorted(set(claims) - CLAIMS)
     if unknown:
-        raise _refused(f"unknown claim {unknown[0]!r}; claims: {', '.join(sorted(CLAIMS))}")
+        raise _refused(f"unknown claim {shown(unknown[0])}; claims: {', '.join(sorted(CLAIMS))}")
     problem = user_id_problem(claims.get("sub"))
     if problem:
         raise _refused(f"'sub': {problem}")

@@ -37,8 +37,8 @@ from actors import (
     parse_duration,
 )
 from actors._backend import POSTGRES_URL_SCHEMES
-from actors._codec import check_kind, shown
-from actors._errors import unwrap_group
+from actors._codec import check_kind
+from actors._errors import shown, unwrap_group
 from actors._fanout import redact_redis_url
 from actors._retention import DAY
 
@@ -398,7 +398,8 @@ def load_handlers(spec: str) -> dict[str, Any]:
         if not isinstance(kind, str) or not callable(handler):
             raise CLIError(
                 ExitCode.USAGE,
-                f"--handlers {spec}: {kind!r}: expected a kind name mapped to a handler function",
+                f"--handlers {spec}: {shown(kind)}: expected a kind name mapped to a handler"
+                " function",
             )
         try:
             check_kind(kind)  # as the runtime's registration and a worker's hello check it

@@ -26,6 +26,7 @@ from actors import (
     parse_duration,
 )
 from actors._codec import MAX_INPUT_BYTES
+from actors._errors import shown
 from actors._options import CreateOptions
 
 from ._display import (
@@ -42,6 +43,7 @@ from ._display import (
 from ._exit import CLIError, ExitCode, exit_code_for
 from ._json import RefusedJsonError, loads_strict
 from ._reconnect import FATAL_CLOSE
+from ._wire import loggable
 from ._workers import WORKER_PATH
 from .client import (
     Client,
@@ -468,7 +470,9 @@ def _int_arg(text: str | None, flag: str) -> int | None:
     try:
         return int(text)
     except ValueError:
-        raise CLIError(ExitCode.USAGE, f"{flag} {text}: must be an integer") from None
+        raise CLIError(
+            ExitCode.USAGE, f"{flag} {loggable(text, 100)}: must be an integer"
+        ) from None
 
 
 def _duration_arg(text: str | None, flag: str) -> float | None:
@@ -518,7 +522,7 @@ def parse_inputs(args: argparse.Namespace) -> None:
             except UnicodeEncodeError:
                 raise CLIError(
                     ExitCode.USAGE,
-                    f"{flag} {text!r}: not valid UTF-8 (check the terminal's locale)",
+                    f"{flag} {shown(text)}: not valid UTF-8 (check the terminal's locale)",
                 ) from None
     if args.command == "submit":
         args.input = _json_source(args.input, "INPUT")
@@ -527,7 +531,8 @@ def parse_inputs(args: argparse.Namespace) -> None:
         for state in args.state or ():
             if state not in _STATES:
                 raise CLIError(
-                    ExitCode.USAGE, f"--state {state}: not a state; states: {', '.join(_STATES)}"
+                    ExitCode.USAGE,
+                    f"--state {loggable(state, 100)}: not a state; states: {', '.join(_STATES)}",
                 )
         if args.state and len(set(args.state)) != len(args.state):
             raise CLIError(ExitCode.USAGE, "--state: each state once")

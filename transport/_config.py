@@ -36,7 +36,8 @@ import platformdirs
 
 from actors import InvalidInputError, RetentionPolicy, RetentionRule, RuntimeConfig
 from actors._backend import POSTGRES_URL_SCHEMES
-from actors._codec import check_kind, shown
+from actors._codec import check_kind
+from actors._errors import shown
 from actors._fanout import redact_redis_url
 from actors._retention import DAY
 
@@ -112,7 +113,7 @@ def _seconds(minimum: float, *, inclusive: bool) -> Callable[[float], str | None
     def check(value: float) -> str | None:
         ok = math.isfinite(value) and (value >= minimum if inclusive else value > minimum)
         bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
-        return None if ok else f"must be a finite number {bound}, not {value!r}"
+        return None if ok else f"must be a finite number {bound}, not {shown(value)}"
 
     return check
 
@@ -120,16 +121,16 @@ def _seconds(minimum: float, *, inclusive: bool) -> Callable[[float], str | None
 def _log_level(value: str) -> str | None:
     if isinstance(logging.getLevelName(value.upper()), int):
         return None
-    return f"unknown log level {value!r} (DEBUG, INFO, WARNING, ERROR or CRITICAL)"
+    return f"unknown log level {shown(value)} (DEBUG, INFO, WARNING, ERROR or CRITICAL)"
 
 
 def _days(value: float) -> str | None:
     ok = value >= 0 and not math.isnan(value)
-    return None if ok else f"must be a number of days >= 0 (inf: no age limit), not {value!r}"
+    return None if ok else f"must be a number of days >= 0 (inf: no age limit), not {shown(value)}"
 
 
 def _count(value: int) -> str | None:
-    return None if value >= 0 else f"must be >= 0, not {value!r}"
+    return None if value >= 0 else f"must be >= 0, not {shown(value)}"
 
 
 _RULE_KEYS = {"days": (int, float), "max_count": (int,)}
@@ -138,13 +139,13 @@ _RULE_KEYS = {"days": (int, float), "max_count": (int,)}
 def _kinds(value: dict[str, Any]) -> str | None:
     for kind, rule in value.items():
         if not isinstance(rule, dict):
-            return f"retention_kinds.{kind} must be a table (days, max_count), not {rule!r}"
+            return f"retention_kinds.{kind} must be a table (days, max_count), not {shown(rule)}"
         for key, item in rule.items():
             types = _RULE_KEYS.get(key)
             if types is None:
-                return f"retention_kinds.{kind}: unknown key {key!r} (days, max_count)"
+                return f"retention_kinds.{kind}: unknown key {shown(key)} (days, max_count)"
             if isinstance(item, bool) or not isinstance(item, types):
-                return f"retention_kinds.{kind}.{key} must be a number, not {item!r}"
+                return f"retention_kinds.{kind}.{key} must be a number, not {shown(item)}"
             problem = _days(item) if key == "days" else _count(int(item))
             if problem is not None:
                 return f"retention_kinds.{kind}.{key} {problem}"
@@ -160,7 +161,7 @@ def _kind_limits(value: dict[str, Any]) -> str | None:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 2**31 - 1:
             return (
                 f"max_running_per_kind.{kind} must be a number of jobs from 1 to 2**31 - 1,"
-                f" not {limit!r}"
+                f" not {shown(limit)}"
             )
     return None
 
@@ -171,7 +172,7 @@ _NON_NEGATIVE = _seconds(0, inclusive=True)
 
 def _store_url(value: str) -> str | None:
     if not value.startswith(POSTGRES_URL_SCHEMES):
-        return f"expected a postgresql:// URL (a SQLite file is --db), not {value!r}"
+        return f"expected a postgresql:// URL (a SQLite file is --db), not {shown(value)}"
     # Loaded only when a URL is given: psycopg takes a while to import.
     from psycopg import Error, conninfo
 
@@ -190,7 +191,7 @@ def _node_id(value: str) -> str | None:
 
 def _redis_url(value: str) -> str | None:
     if not value.startswith(("redis://", "rediss://", "unix://")):
-        return f"expected a redis://HOST:PORT/DB URL, not {redact_redis_url(value)!r}"
+        return f"expected a redis://HOST:PORT/DB URL, not {shown(redact_redis_url(value))}"
     return None
 
 
@@ -306,7 +307,7 @@ _CHOICES = {"sqlite_synchronous": ("OFF", "NORMAL", "FULL", "EXTRA")}
 def _choice(words: tuple[str, ...]) -> Callable[[str], str | None]:
     def check(value: str) -> str | None:
         ok = value.upper() in words
-        return None if ok else f"must be {', '.join(words[:-1])} or {words[-1]}, not {value!r}"
+        return None if ok else f"must be {', '.join(words[:-1])} or {words[-1]}, not {shown(value)}"
 
     return check
 
@@ -328,7 +329,9 @@ def _field_check(name: str, kind: type) -> Callable[[Any], str | None] | None:
 
         def check(value: int) -> str | None:
             ok = low <= value <= _MAX_FIELD_INT
-            return None if ok else f"must be an integer in {low}..{_MAX_FIELD_INT}, not {value!r}"
+            return (
+                None if ok else f"must be an integer in {low}..{_MAX_FIELD_INT}, not {shown(value)}"
+            )
 
         return check
     return None

@@ -29,6 +29,8 @@ import h11
 import orjson
 import trio
 
+from ._wire import loggable
+
 __all__ = ["INERT_POLICY", "Body", "Request", "serve_health"]
 
 T = TypeVar("T")
@@ -188,7 +190,7 @@ async def _handle(
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                await _refuse(stream, exc.error_status_hint, str(exc))
+                await _refuse(stream, exc.error_status_hint, loggable(str(exc), 200))
                 return
             if event is h11.NEED_DATA:
                 data = await stream.receive_some(MAX_REQUEST)
@@ -207,7 +209,7 @@ async def _handle(
             error = f"no such endpoint; try {', '.join(sorted(routes))}"
             response, payload = _response(404, {"error": error})
         elif event.method not in (b"GET", b"HEAD"):
-            method = event.method.decode("ascii", "replace")
+            method = loggable(event.method.decode("ascii", "replace"), 32)
             error = f"{method} {target}: only GET and HEAD are served"
             response, payload = _response(405, {"error": error}, (("allow", "GET, HEAD"),))
         else:
@@ -306,7 +308,7 @@ async def serve_health(
                 )
         except (h11.ProtocolError, trio.BrokenResourceError) as exc:
             # Whatever one request does wrong ends that request only, never the server.
-            log.debug("health request dropped: %s", exc)
+            log.debug("health request dropped: %s", loggable(str(exc), 200))
         except Exception:
             # A fault of this port's own on one connection ends that connection only: the
             # port (and with it the server, whose nursery it shares) serves on.

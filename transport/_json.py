@@ -23,6 +23,8 @@ import math
 import re
 from typing import Any
 
+from actors._errors import shown
+
 __all__ = [
     "INT_MAX",
     "INT_MIN",
@@ -205,12 +207,16 @@ def _check(data: Any) -> None:
                     "invalid_input", f"{_shorten(path)}: nested deeper than {MAX_DEPTH} levels"
                 )
             if isinstance(value, _Repeated):
-                raise RefusedJsonError("bad_request", f"{_join(path, value.key)}: key given twice")
+                raise RefusedJsonError(
+                    "bad_request", f"{_bounded(_join(path, value.key))}: key given twice"
+                )
             if isinstance(value, dict):
                 for key, item in reversed(value.items()):
                     at = _join(path, key)
                     if not _is_utf8(key):
-                        raise RefusedJsonError("invalid_input", f"{at}: key has a lone surrogate")
+                        raise RefusedJsonError(
+                            "invalid_input", f"{_bounded(at)}: key has a lone surrogate"
+                        )
                     stack.append((item, at, depth + 1))
             else:
                 for i in range(len(value) - 1, -1, -1):
@@ -223,14 +229,18 @@ def _check(data: Any) -> None:
             digits = value.digits if isinstance(value, _Huge) else str(value)
             raise RefusedJsonError(
                 "invalid_input",
-                f"{path}: integer {_abbreviate(digits)} is outside the signed 64-bit range",
+                f"{_bounded(path)}: integer {_abbreviate(digits)} is outside the signed 64-bit"
+                " range",
             )
         elif isinstance(value, float):
             if not math.isfinite(value):
-                raise RefusedJsonError("invalid_input", f"{path}: number overflows a double")
+                raise RefusedJsonError(
+                    "invalid_input", f"{_bounded(path)}: number overflows a double"
+                )
         elif isinstance(value, str) and not _is_utf8(value):
             raise RefusedJsonError(
-                "invalid_input", f"{path}: string has a lone surrogate (half a UTF-16 pair)"
+                "invalid_input",
+                f"{_bounded(path)}: string has a lone surrogate (half a UTF-16 pair)",
             )
 
 
@@ -242,10 +252,25 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
+#: A key longer than this is named cut, by :func:`~actors._errors.shown`, in a path.
+_KEY_LIMIT = 64
+#: A path longer than this is named by its start and its end (the value refused).
+_PATH_LIMIT = 300
+
+
 def _join(path: str, key: str) -> str:
+    if len(key) > _KEY_LIMIT:
+        return f"{path}[{shown(key, _KEY_LIMIT)}]"
     if key.isidentifier():
         return f"{path}.{key}"
     return f"{path}[{json.dumps(key)}]"
+
+
+def _bounded(path: str) -> str:
+    """``path`` for a message: a path 64 levels deep, each a long key, is cut in its middle."""
+    if len(path) <= _PATH_LIMIT:
+        return path
+    return f"{path[: _PATH_LIMIT // 3]}…{path[-2 * _PATH_LIMIT // 3 :]}"
 
 
 def _shorten(path: str) -> str:

@@ -21,9 +21,11 @@ from typing import Any, get_args, get_origin
 import attrs
 import cattrs
 import orjson
+from cattrs.v import format_exception
 
 from actors import InvalidInputError, JobState
 from actors._codec import converter
+from actors._errors import shown
 from actors._options import CreateOptions
 from actors._states import parse_states
 
@@ -318,7 +320,7 @@ def _batch_requests(data: dict[str, Any]) -> list[Any]:
     for an object that is not a valid batch."""
     extra = sorted(set(data) - {"op", "requests"})
     if extra:
-        raise RequestError(None, "bad_request", f"batch: unknown field {extra[0]!r}")
+        raise RequestError(None, "bad_request", f"batch: unknown field {shown(extra[0])}")
     requests = data.get("requests")
     if not isinstance(requests, list) or not 1 <= len(requests) <= MAX_BATCH_REQUESTS:
         raise RequestError(
@@ -407,16 +409,18 @@ def _parse_object(data: dict[str, Any], ops: Mapping[str, type]) -> Request:
         raise RequestError(request_id, "bad_request", "missing field 'op' (a string)")
     cls = ops.get(op)
     if cls is None:
-        raise RequestError(request_id, "unknown_op", f"unknown op {op!r}; ops: {', '.join(ops)}")
+        raise RequestError(
+            request_id, "unknown_op", f"unknown op {shown(op)}; ops: {', '.join(ops)}"
+        )
     known = {field.name for field in attrs.fields(cls)}
     extra = sorted(set(data) - known)
     if extra:
-        raise RequestError(request_id, "bad_request", f"{op}: unknown field {extra[0]!r}")
+        raise RequestError(request_id, "bad_request", f"{op}: unknown field {shown(extra[0])}")
     try:
         body: Any = _converter.structure(data, cls)
     except (cattrs.BaseValidationError, TypeError, ValueError) as exc:
         details = (
-            "; ".join(cattrs.transform_error(exc))
+            "; ".join(cattrs.transform_error(exc, format_exception=_field_problem))
             if isinstance(exc, cattrs.BaseValidationError)
             else str(exc)
         )
@@ -425,6 +429,17 @@ def _parse_object(data: dict[str, Any], ops: Mapping[str, type]) -> Request:
     if out_of_range is not None:
         raise RequestError(request_id, "invalid_input", f"{op}: {out_of_range}")
     return Request(op, request_id, body)
+
+
+def _field_problem(exc: BaseException, type_: type | None) -> str:
+    """cattrs' words for a field refused (its default), but an unknown key named as
+    :func:`shown` quotes it: cattrs lists every one as it is, however long, newlines
+    included."""
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        extra = sorted(exc.extra_fields)
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+        return f"unknown field {shown(extra[0])}{more}"
+    return format_exception(exc, type_)
 
 
 def _range_problem(body: Any) -> str | None:
@@ -437,7 +452,7 @@ def _range_problem(body: Any) -> str | None:
         return f"$.limit must be in 1..{MAX_LIST_LIMIT}, not {body.limit}"
     if isinstance(body, ListJobs):
         if body.state is not None and body.state not in _STATES:
-            return f"$.state: unknown state {body.state!r}; states: {', '.join(_STATES)}"
+            return f"$.state: unknown state {shown(body.state)}; states: {', '.join(_STATES)}"
         if body.states is not None:
             if body.state is not None:
                 return "give $.state or $.states, not both"

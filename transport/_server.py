@@ -27,6 +27,7 @@ from actors import (
     parse_room,
 )
 from actors._codec import converter
+from actors._errors import shown
 from actors._metrics import OutboxTotals
 from actors._payloads import JOB_PAYLOAD_FIELDS, fit_job, inline_payloads
 from actors._ranges import check_fields, check_port
@@ -404,7 +405,7 @@ class Connection:
     def check_room(self, room: str) -> tuple[str, str]:
         kind, ident = parse_room(room)
         if kind == "user" and ident != self.user.user_id and not self.user.admin:
-            raise ProtocolError("forbidden", f"room {room} belongs to another user")
+            raise ProtocolError("forbidden", f"room {shown(room)} belongs to another user")
         return kind, ident
 
 
@@ -560,14 +561,14 @@ async def _get_payload(conn: Connection, request: Request) -> Any:
         if event is None or body.field not in event.data:
             raise ProtocolError(
                 "invalid_input",
-                f"get_payload: event {body.seq} of job {job.id} has no field {body.field!r}",
+                f"get_payload: event {body.seq} of job {job.id} has no field {shown(body.field)}",
             )
         value = event.data[body.field]
     size = len(orjson.dumps(value))
     if size > conn.reply_budget:
         raise ProtocolError(
             "payload_too_large",
-            f"{body.field} of job {job.id} is {size} bytes, over the largest message"
+            f"{shown(body.field)} of job {job.id} is {size} bytes, over the largest message"
             f" ({conn.reply_budget} bytes and envelope)",
         )
     return {"job_id": job.id, "field": body.field, "seq": body.seq, "size": size, "value": value}

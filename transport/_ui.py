@@ -12,6 +12,8 @@ from urllib.parse import quote, urlsplit
 
 import trio
 
+from actors._errors import shown
+
 from ._commands import NO_TOKEN, check_url, client_error, connect
 from ._display import write
 from ._exit import CLIError, ExitCode
@@ -46,7 +48,7 @@ async def _http_port(args: argparse.Namespace, given: int | None) -> int:
     if type(port) is not int or not 1 <= port <= 65535:
         raise CLIError(
             ExitCode.REFUSED,
-            f"the server at {args.url} announces an HTTP port that is not one ({port!r}):"
+            f"the server at {args.url} announces an HTTP port that is not one ({shown(port)}):"
             " give --health-port",
         )
     return port

@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable
 import trio
 from trio_websocket import WebSocketConnection, WebSocketRequest, wrap_server_stream
 
+from actors._errors import shown
+
 from ._protocol import CLOSE
 
 log = logging.getLogger("jobspine.server")
@@ -27,10 +29,10 @@ __all__ = ["GuardedStream", "Inbound", "loggable", "send_deadline", "serve_webso
 
 def loggable(text: str, limit: int = 300) -> str:
     """``text`` from the other side of a connection (a close reason, a refusal quoting what
-    it sent) for one log line: at most ``limit`` characters, what is not printable escaped (a
-    newline in it would forge a line)."""
-    cut = text if len(text) <= limit else text[:limit] + "..."
-    return cut if cut.isprintable() else repr(cut)[1:-1]
+    it sent) for one log line or message: as it is when printable and at most ``limit``
+    characters, else quoted by :func:`~actors._errors.shown` (what is not printable escaped:
+    a newline in it would forge a line; cut past ``limit``, saying its length)."""
+    return text if len(text) <= limit and text.isprintable() else shown(text, limit)
 
 
 #: Seconds a client has for the opening handshake, and the server for the closing one

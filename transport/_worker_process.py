@@ -47,6 +47,7 @@ from actors._codec import (
     sanitize_text,
 )
 from actors._endings import Ending, judge_exit
+from actors._errors import shown
 from actors._ops import progress_value
 from actors._options import options_of, options_to_wire
 from actors._worker import Handler, check_handler, check_input
@@ -512,7 +513,7 @@ class _Session:
         try:
             with attempt.scope:
                 if handler is None:
-                    raise LookupError(f"no handler for kind {attempt.kind!r} in this worker")
+                    raise LookupError(f"no handler for kind {shown(attempt.kind)} in this worker")
                 outcome = await self._outcome(handler, attempt, ref)
             if attempt.scope.cancelled_caught:
                 return  # cancelled by the server: it recorded the outcome
@@ -598,9 +599,8 @@ def _welcome(frame: str | bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     ):
         return result, rest
     text = frame if isinstance(frame, str) else frame.decode(errors="replace")
-    shown = text if len(text) <= 200 else text[:200] + "..."
     raise WorkerFatalError(
-        "not_jobspine", f"the server's first frame is not the hello's reply: {shown!r}"
+        "not_jobspine", f"the server's first frame is not the hello's reply: {shown(text, 200)}"
     )
 
 

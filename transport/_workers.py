@@ -21,6 +21,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from actors import InvalidInputError, JobError, JobspineError, KindOptions, encode_batch
 from actors._codec import check_kind
+from actors._errors import shown_names
 from actors._options import options_from_wire
 from actors._remote import RemoteAttempt, RemotePlacement, RemoteWorker
 
@@ -224,21 +225,13 @@ def hello_problem(hello: WorkerHello) -> str | None:
     return None
 
 
-def _some(kinds: list[str], shown: int = 8, width: int = 64) -> str:
-    """``kinds`` for a log line: the first ``shown``, each cut to ``width`` characters, and how
-    many more (a hello may declare 256 kinds of 1,024 characters)."""
-    names = [kind if len(kind) <= width else kind[:width] + "..." for kind in kinds[:shown]]
-    more = f" and {len(kinds) - shown} more" if len(kinds) > shown else ""
-    return ", ".join(names) + more
-
-
 def declared_options(hello: WorkerHello) -> dict[str, KindOptions]:
     """Each declared kind's options: those the hello's ``options`` gives, else the defaults.
     Raises :class:`InvalidInputError` for a kind not declared or a bad value, naming it."""
     given = hello.options or {}
     for kind in given:
         if kind not in hello.kinds:
-            raise InvalidInputError(f"options.{kind}: not one of the declared kinds")
+            raise InvalidInputError(f"options.{loggable(kind, 100)}: not one of the declared kinds")
     declared = {}
     for kind in hello.kinds:
         try:
@@ -471,7 +464,10 @@ class WorkerConnection:
             return False
         placement.open(self.worker)
         log.info(
-            "worker %s connected: kinds %s, capacity %d", name, _some(hello.kinds), hello.capacity
+            "worker %s connected: kinds %s, capacity %d",
+            name,
+            shown_names(hello.kinds, 8),
+            hello.capacity,
         )
         return True
 
@@ -711,11 +707,14 @@ class WorkerConnection:
         assert self.worker is not None
         found = self.worker.attempts.get(job_id)
         if found is None or found.ctx is None:
-            raise ProtocolError("not_assigned", f"job {job_id} is not running on this worker")
+            raise ProtocolError(
+                "not_assigned", f"job {loggable(job_id, 100)} is not running on this worker"
+            )
         if found.attempt != attempt:
             raise ProtocolError(
                 "stale_attempt",
-                f"job {job_id}: attempt {attempt} is not the current one ({found.attempt})",
+                f"job {loggable(job_id, 100)}: attempt {attempt} is not the current one"
+                f" ({found.attempt})",
             )
         self._named[job_id] = trio.current_time()
         return found

@@ -50,7 +50,7 @@ from trio_websocket import (
 
 from actors import JobEvent
 from actors._codec import converter
-from actors._errors import leaves, unwrap_group
+from actors._errors import leaves, shown, unwrap_group
 from actors._payloads import is_marker
 
 from ._reconnect import FATAL_CLOSE, RECURRING_CLOSE, ReconnectPolicy
@@ -839,7 +839,7 @@ class Client:
         if isinstance(states, str):
             raise ClientError(
                 "invalid_input",
-                f"list: states must be a list of states, not a string: [{states!r}] for one",
+                f"list: states must be a list of states, not a string: [{shown(states)}] for one",
             )
         fields: dict[str, Any] = {
             "limit": limit,
