@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import trio
 
 from actors import (
@@ -34,6 +35,7 @@ from transport._worker_process import (
     WorkerProcess,
     _batch_frame,
     _heartbeat_frames,
+    _Session,
 )
 
 from .conftest import memory_runtime, wait_for_state
@@ -94,11 +96,13 @@ HANDLERS = {
 
 @asynccontextmanager
 async def worker_server(
-    tmp_path: Path, *, concurrency: int = 2, **config: Any
+    tmp_path: Path, *, concurrency: int = 2, checkpoint_limit: int = MIB, **config: Any
 ) -> AsyncIterator[tuple[RunningServer, WorkerProcess]]:
     """A server whose kinds run only in one connected :class:`WorkerProcess` of
     :data:`HANDLERS` with ``concurrency`` slots (``config``: the server's settings)."""
-    runtime = RuntimeConfig(stop_grace=0.5, sqlite_synchronous="NORMAL")
+    runtime = RuntimeConfig(
+        stop_grace=0.5, sqlite_synchronous="NORMAL", checkpoint_limit=checkpoint_limit
+    )
     async with (
         open_server(
             tmp_path / "db",
@@ -158,6 +162,43 @@ async def test_a_checkpoint_over_a_limit_fails_that_call_only(tmp_path: Path) ->
             ), done
             assert done.checkpoint == {"small": True}
             unharmed(other, process)
+
+
+async def test_the_worker_refuses_a_checkpoint_over_the_servers_limit_before_sending_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hello's reply gives the server's ``checkpoint_limit`` (here 100,000 bytes): a
+    checkpoint over it raises :class:`CheckpointTooLargeError` naming that limit in the
+    worker, without being sent (the worker read the limit from the words of the server's
+    refusal, after uploading the checkpoint); one within it is stored."""
+    sent: list[str] = []
+    request = _Session.request
+
+    async def recorded(self: _Session, op: str, **fields: Any) -> Any:
+        sent.append(op)
+        return await request(self, op, **fields)
+
+    monkeypatch.setattr(_Session, "request", recorded)
+
+    async def over(ctx: JobContext, input: Any) -> Any:
+        try:
+            await ctx.checkpoint("x" * 150_000)
+        except CheckpointTooLargeError as exc:
+            refused = [exc.size, exc.limit]
+        await ctx.checkpoint("x" * 90_000)
+        return refused
+
+    HANDLERS["over"] = over
+    try:
+        async with worker_server(tmp_path, checkpoint_limit=100_000) as (running, process):
+            job = await running.runtime.create_job("over", "alice", {})
+            done = await wait_for_state(running.runtime, job.id)
+            assert process.connections == 1  # refused alone, the connection kept
+    finally:
+        del HANDLERS["over"]
+    assert (done.state, done.result) == (S.COMPLETED, [150_002, 100_000]), done
+    assert done.checkpoint == "x" * 90_000
+    assert sent.count("checkpoint") == 1, sent
 
 
 async def test_a_step_over_the_limit_fails_that_call_as_in_the_server(tmp_path: Path) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -91,7 +90,6 @@ _ERRORS: Mapping[str, type[JobspineError]] = {
     "not_serializable": NotSerializableError,
 }
 #: The limit in the server's ``checkpoint_too_large`` refusal (CheckpointTooLargeError's words).
-_CHECKPOINT_LIMIT = re.compile(r"exceeds the limit of (\d+) bytes")
 #: What bounds a report's value when it is the server's frame size, for its error.
 _FRAME_SETTING = "the server's max_frame_size, less the report's envelope"
 
@@ -214,6 +212,9 @@ class _Session:
         self.stop_grace = 5.0
         #: The largest frame the server takes (its hello's reply): no report goes over it.
         self.max_frame_size = MAX_FRAME_SIZE
+        #: The server's largest checkpoint in bytes of JSON (its hello's reply; None: it did
+        #: not say, and only its refusal tells).
+        self.checkpoint_limit: int | None = None
         self._ids = itertools.count(1)
         self._pending: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
         self._send_lock = trio.Lock()
@@ -330,8 +331,12 @@ class _Session:
             ) from None
 
     async def checkpoint(self, job_id: str, attempt: int, data: Any) -> None:
-        # Refused here, as in the server, before sending.
+        # Refused here, as in the server, before sending: a value JSON cannot carry, a size
+        # over the server's checkpoint_limit (the error a handler gets in the server).
         size = len(dumps_json_value(data, "checkpoint"))
+        limit = self.checkpoint_limit
+        if limit is not None and size > limit:
+            raise CheckpointTooLargeError(job_id, size, limit)
         try:
             await self.request("checkpoint", job_id=job_id, attempt=attempt, data=data)
         except _OverFrame as exc:
@@ -339,11 +344,8 @@ class _Session:
         except WorkerRequestError as exc:
             if exc.code != "checkpoint_too_large":
                 raise
-            # Over the server's checkpoint_limit: the error a handler gets in the server.
-            limit = _CHECKPOINT_LIMIT.search(str(exc))
-            if limit is None:
-                raise InvalidInputError(str(exc)) from None
-            raise CheckpointTooLargeError(job_id, size, int(limit.group(1))) from None
+            # A server that did not announce its limit: its message says it, not a field.
+            raise InvalidInputError(str(exc)) from None
 
     # -- running -------------------------------------------------------------------------------
 
@@ -775,6 +777,9 @@ class WorkerProcess:
             session.heartbeat_interval = welcome["heartbeat_interval"]
             session.stop_grace = welcome["stop_grace"]
             session.max_frame_size = self.max_frame_size
+            checkpoint_limit = welcome.get("checkpoint_limit")
+            if isinstance(checkpoint_limit, int) and not isinstance(checkpoint_limit, bool):
+                session.checkpoint_limit = checkpoint_limit
             session.batch = welcome.get("batch", False) is True
             self.session = session
             self.connections += 1

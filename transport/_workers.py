@@ -450,6 +450,9 @@ class WorkerConnection:
                 "stop_grace": supervisor.stop_grace,
                 "max_frame_size": self.server.config.worker_frame_size,
                 "max_message_size": MAX_ASSIGN_SIZE,
+                # A checkpoint over it is refused (checkpoint_too_large): the worker checks
+                # before sending, as a handler in the server is checked.
+                "checkpoint_limit": self.server.runtime.config.checkpoint_limit,
                 # This server reads batch frames of requests (PROTOCOL.md section 9).
                 "batch": True,
             },
