@@ -32,13 +32,13 @@ from __future__ import annotations
 import logging
 import math
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 
 import attrs
 import trio
 
 from ._backend import ClaimRequest
+from ._clock import trio_time_of, wall_time
 from ._errors import JobspineError, RuntimeClosedError
 from ._job import Job
 from ._joblog import job_fields
@@ -58,19 +58,21 @@ RETRY_AFTER = 1.0
 SETTLE_MARGIN = 5.0
 
 
-class WallClock:
-    """Wall-clock seconds that advance with Trio's clock: ``run_at`` and leases are Unix
-    seconds, and under a mock clock (tests) they must move when Trio's time jumps."""
+#: Seconds a dispatcher waiting for a job's ``run_at`` sleeps at most before it reads the
+#: wall clock again: set forward meanwhile (see :mod:`._clock`), the job may be due already.
+WALL_RECHECK = 1.0
 
-    def __init__(self) -> None:
-        self._offset = time.time() - trio.current_time()
+
+class WallClock:
+    """The runtime's wall clock (:func:`._clock.wall_time`: ``run_at`` and leases are Unix
+    seconds, and under a mock clock, in tests, they move when Trio's time jumps)."""
 
     def __call__(self) -> float:
-        return self._offset + trio.current_time()
+        return wall_time()
 
     def trio_time(self, wall: float) -> float:
-        """The Trio time at which this clock reads ``wall``."""
-        return wall - self._offset
+        """The Trio time at which this clock will read ``wall`` unless it is set meanwhile."""
+        return trio_time_of(wall)
 
 
 class Dispatcher:
@@ -287,7 +289,12 @@ class Dispatcher:
                 # runtime does not wake (nor touch the database) at all.
                 wake_at = renew_at if self.supervisor.workers else math.inf
                 if self._next_run_at is not None:
-                    wake_at = min(wake_at, self._to_trio(self._next_run_at))
+                    # Read again at least every WALL_RECHECK: the wall clock may be set.
+                    wake_at = min(
+                        wake_at,
+                        self._to_trio(self._next_run_at),
+                        trio.current_time() + WALL_RECHECK,
+                    )
                 with trio.move_on_at(wake_at):
                     await self._wake.wait()
                 self._wake = trio.Event()

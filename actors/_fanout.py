@@ -49,6 +49,7 @@ import attrs
 import orjson
 import trio
 
+from ._clock import wall_time
 from ._codec import converter
 from ._errors import InvalidInputError, JobspineError, leaves
 from ._events import EventHub, EventStreamLagged, JobEvent, event_bytes
@@ -556,7 +557,7 @@ class Fanout:
                 self.sequencer.fill_failed(user_id, now)
             return
         now = trio.current_time()
-        late_before = time.time() - LATE_SECONDS
+        late_before = wall_time() - LATE_SECONDS
         late = 0
         for user_id in due:
             delivered = self.sequencer.filled(user_id, found.get(user_id, []), now)

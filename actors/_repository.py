@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
@@ -13,6 +12,7 @@ import attrs
 import trio
 
 from ._backend import JobQuery, QueueStats
+from ._clock import wall_time
 from ._codec import INT64_MAX
 from ._errors import (
     IllegalTransitionError,
@@ -652,7 +652,7 @@ class Repository:
 
     async def get_recovery_options(self, job_id: str) -> RecoveryOptions:
         job = await self._store.get(job_id)
-        return recovery_options(job, time.time(), self._supervisor.config.max_recovery_attempts)
+        return recovery_options(job, wall_time(), self._supervisor.config.max_recovery_attempts)
 
     async def get_checkpoint_details(self, job_id: str) -> CheckpointDetails:
         return checkpoint_details(await self._store.get(job_id))

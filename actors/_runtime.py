@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -14,6 +13,7 @@ import trio
 
 from ._backend import POSTGRES_URL_SCHEMES, Backend
 from ._broadcaster import Broadcaster, BroadcasterConfig
+from ._clock import wall_time
 from ._codec import check_kind
 from ._dispatcher import Dispatcher, WallClock
 from ._errors import (
@@ -231,7 +231,7 @@ class Runtime(Repository):
         policy = self.config.retention or RetentionPolicy()
         if older_than is not None:
             policy = policy.older_than(older_than)
-        now = time.time()
+        now = wall_time()
         if dry_run:
             found = await self._store.prune(policy, now, 2**62, dry_run=True)
             return PruneReport(len(found.job_ids), 0, 0, True, found.job_ids)

@@ -59,6 +59,7 @@ from ._backend import (
     is_corruption,
     is_outage,
 )
+from ._clock import wall_time
 from ._codec import (
     MAX_STEP_LENGTH,
     check_name,
@@ -531,7 +532,7 @@ class StoreActor:
             for job in group.jobs.values()
             if job.user_id == user_id and job.idempotency_key is not None
         ]
-        loaded_at = time.time()
+        loaded_at = wall_time()
         keys = [*staged, *await self.backend.keys_since(user_id, since)]
         self._key_filter.load(user_id, since, loaded_at, keys)
 
@@ -903,7 +904,7 @@ class StoreActor:
         return await self._apply(await self._job(job_id), fn)
 
     async def _apply(self, old: Job, fn: Callable[[Job, float], ops.Change]) -> Job:
-        job = await self._stage(fn(old, time.time()))
+        job = await self._stage(fn(old, wall_time()))
         if old.state is JobState.CREATED or job.state is JobState.CREATED:
             self._group.queue_writes = True
         if job.state is not old.state:
@@ -1092,7 +1093,7 @@ class StoreClient:
         ``owner`` and ``lease_expires_at`` set."""
         actor = self._actor
         # Built (and its values checked) in the caller's task, before it joins a group.
-        change = ops.create(new_id(), user_id, kind, input, time.time(), options)
+        change = ops.create(new_id(), user_id, kind, input, wall_time(), options)
         new = change[0]
 
         async def fn() -> Job:
@@ -1486,7 +1487,7 @@ class StoreClient:
         check_text(actor, "actor", optional=True)
 
         async def fn() -> None:
-            job, event = ops.delete(await store._job(job_id), time.time(), actor)
+            job, event = ops.delete(await store._job(job_id), wall_time(), actor)
             await store._stage((job, event))
             store._move(job.user_id, job.state, None)
             store._keys = None  # it may be the job of a key: looked up again
@@ -1500,7 +1501,7 @@ class StoreClient:
         if not _may_name_a_job(job_id):
             # Of no job (see _load); in a commit it would fail everyone's writes with it.
             return
-        self._actor._beats[job_id] = (attempt, time.time())
+        self._actor._beats[job_id] = (attempt, wall_time())
 
     # -- queries (barriers) ---------------------------------------------------------------------
 
@@ -1519,7 +1520,7 @@ class StoreClient:
 
     async def find_stale_running(self, older_than: float) -> list[Job]:
         """Running jobs whose last heartbeat is more than ``older_than`` seconds ago."""
-        cutoff = time.time() - older_than
+        cutoff = wall_time() - older_than
         return await self.list_jobs(
             JobQuery(states=frozenset({JobState.RUNNING}), heartbeat_before=cutoff)
         )
@@ -1536,7 +1537,7 @@ class StoreClient:
 
         async def fn() -> dict[str, Any]:
             counts = await actor.backend.count_by_state(user_id)
-            queue = await actor.backend.queue_stats(time.time(), user_id)
+            queue = await actor.backend.queue_stats(wall_time(), user_id)
             stats: dict[str, Any] = {state.value: counts.get(state.value, 0) for state in JobState}
             stats["total"] = sum(counts.values())
             stats["waiting_by_kind"] = dict(queue.waiting_by_kind)

@@ -13,13 +13,13 @@ import functools
 import logging
 import random
 import sys
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
 import trio
 
+from ._clock import wall_time
 from ._declared import DeclaredKinds
 from ._errors import (
     InvalidInputError,
@@ -305,7 +305,7 @@ class Supervisor:
 
     def now(self) -> float:
         """Wall-clock seconds by the runtime's clock (it moves with Trio's)."""
-        return self._clock() if self._clock is not None else time.time()
+        return self._clock() if self._clock is not None else wall_time()
 
     def declaration_room(self, declared: Mapping[str, KindOptions]) -> str | None:
         """Why there is no room now for a worker declaring ``declared`` (kind -> its options):

@@ -14,7 +14,6 @@ Every refusal is a :class:`RequestError` that carries the request id whenever it
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from typing import Any, get_args, get_origin
 
@@ -24,6 +23,7 @@ import orjson
 from cattrs.v import format_exception
 
 from actors import InvalidInputError, JobState
+from actors._clock import wall_time
 from actors._codec import converter
 from actors._errors import shown
 from actors._options import CreateOptions
@@ -466,7 +466,7 @@ def _range_problem(body: Any) -> str | None:
             return "$.parent_id must not be empty"
     if isinstance(body, Create):
         try:
-            body.options(time.time())
+            body.options(wall_time())
         except InvalidInputError as exc:
             return str(exc)  # names the field
     return None
