@@ -306,6 +306,7 @@ class StoreActor:
         # sees a transaction half-written.
         self._commit_lock = trio.Lock()
         self._outage_deadline = math.inf  # trio time when writes stop waiting out the outage
+        self._outage_began = 0.0  # trio time the current outage began
         self._closing = False  # past the final drain: an outage is no longer waited out
         #: Whether the database takes writes now (``/readyz`` reports it).
         self.health = StoreHealth()
@@ -733,7 +734,8 @@ class StoreActor:
             log.warning("database unavailable, writes wait and are retried: %s", exc)
             health.ok, health.since = False, time.time()
             health.outages += 1
-            self._outage_deadline = trio.current_time() + self.config.store_retry_timeout
+            self._outage_began = trio.current_time()  # its length: the wall clock may be set
+            self._outage_deadline = self._outage_began + self.config.store_retry_timeout
         health.reason = f"database unavailable: {exc}"
 
     def _log_outage_failure(self, exc: Exception) -> None:
@@ -766,7 +768,9 @@ class StoreActor:
     def _healthy(self) -> None:
         health = self.health
         if not health.ok:
-            log.warning("database available again after %.1f s", time.time() - (health.since or 0))
+            log.warning(
+                "database available again after %.1f s", trio.current_time() - self._outage_began
+            )
             health.ok, health.reason, health.since = True, None, None
             self._outage_deadline = math.inf
 

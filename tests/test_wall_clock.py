@@ -11,12 +11,17 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import orjson
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from actors import JobContext, JobState, RuntimeConfig, open_runtime
+from transport import ServerConfig, open_server
 
 from .conftest import memory_runtime, wait_for_state
+from .serving import SECRET
+from .test_cli import http_exchange
 
 S = JobState
 
@@ -169,3 +174,34 @@ async def test_sqlite_on_the_real_clock_after_it_was_set(
         for waiting in (job, delayed):
             await wait_for_state(rt, waiting.id, timeout=10)
         assert all(0.9 <= t - begin <= 5 for t in started), [t - begin for t in started]
+
+
+async def test_uptime_is_not_moved_by_the_wall_clock(tmp_path: Any, wall: SteppedWall) -> None:
+    """``/healthz``'s ``uptime`` and ``jobspine_uptime_seconds`` are durations: the clock set
+    an hour back after the start, they stay the seconds the server has run (before: minus an
+    hour, the system's clock now minus the start's), and a day forward they do not jump a
+    day; ``jobspine_start_time_seconds`` stays when the server started."""
+
+    async def uptimes(port: int) -> tuple[float, float, float]:
+        _, health = await http_exchange(port, "/healthz")
+        _, body = await http_exchange(port, "/metrics")
+        found = {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(body.decode())
+            for sample in family.samples
+        }
+        uptime = orjson.loads(health)["uptime"]
+        return uptime, found["jobspine_uptime_seconds"], found["jobspine_start_time_seconds"]
+
+    config = ServerConfig(secret=SECRET, port=0)
+    runtime_config = RuntimeConfig(sqlite_synchronous="NORMAL")
+    async with open_server(
+        tmp_path / "db.sqlite", config, runtime_config=runtime_config, health_port=0
+    ) as running:
+        assert running.health_port is not None
+        started = running.started_at
+        for step in (-3600.0, 86_400.0):
+            wall.step = step
+            health, metric, start = await uptimes(running.health_port)
+            assert 0 <= health < 60 and 0 <= metric < 60, (step, health, metric)
+            assert start == started

@@ -38,10 +38,20 @@ log = logging.getLogger("jobspine.server")
 
 @attrs.define
 class RunningServer:
+    """A server :func:`open_server` runs: ``started_at``, when it started (Unix seconds, the
+    system's clock); :attr:`uptime` counts on a monotonic clock, which no setting of the
+    system's clock moves."""
+
     runtime: Runtime
     server: Server
     health_port: int | None
     started_at: float
+    _started: float = attrs.field(factory=time.monotonic, kw_only=True)
+
+    @property
+    def uptime(self) -> float:
+        """Seconds since the server started (a monotonic clock's)."""
+        return time.monotonic() - self._started
 
     @property
     def port(self) -> int:
@@ -176,16 +186,16 @@ async def _unwrapped() -> AsyncIterator[None]:
 
 def _starting_routes(websocket_port: int, host: str) -> dict[str, Any]:
     """The health port's routes while the runtime opens: alive, not ready."""
-    began = time.time()
+    began = time.monotonic()  # a duration: the system's clock may be set meanwhile
 
     def healthz(request: Request) -> tuple[int, dict[str, Any]]:
-        return 200, {"status": "starting", "starting_for": time.time() - began}
+        return 200, {"status": "starting", "starting_for": time.monotonic() - began}
 
     def starting(request: Request) -> tuple[int, dict[str, Any]]:
         return 503, {
             "status": "starting: opening the database (a schema migration or the recovery"
             " of running jobs may take a while)",
-            "starting_for": time.time() - began,
+            "starting_for": time.monotonic() - began,
         }
 
     return {
@@ -199,7 +209,7 @@ def _starting_routes(websocket_port: int, host: str) -> dict[str, Any]:
 
 def _routes(running: RunningServer) -> dict[str, Any]:
     def healthz(request: Request) -> tuple[int, dict[str, Any]]:
-        return 200, {"status": "ok", "uptime": time.time() - running.started_at}
+        return 200, {"status": "ok", "uptime": running.uptime}
 
     def readyz(request: Request) -> tuple[int, dict[str, Any]]:
         if not running.server.accepting:

@@ -9,7 +9,6 @@ path only ever increments ints.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -85,7 +84,7 @@ class ServerCollector(Collector):
         yield GaugeMetricFamily(
             "jobspine_uptime_seconds",
             "Seconds since the server started.",
-            value=time.time() - running.started_at,
+            value=running.uptime,
         )
 
         jobs = GaugeMetricFamily("jobspine_jobs", "Stored jobs by state.", labels=["state"])
