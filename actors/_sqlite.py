@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import secrets
 import sqlite3
@@ -443,6 +444,10 @@ class SqliteBackend:
         self._db: aiosqlite.Connection | None = None
         self._epoch = ""
         self._fanout_key = b""
+        # Incarnations registered through this opening: the only ones that can be alive,
+        # since one process owns the file (its lock). Any other is a process that ended,
+        # whatever its lease says: the wall clock set back since would make it read ahead.
+        self._registered: set[tuple[str, str]] = set()
 
     @property
     def epoch(self) -> str:
@@ -540,6 +545,7 @@ class SqliteBackend:
         await self._call(_commit)
         self._epoch = epoch
         self._fanout_key = secrets.token_bytes(32)
+        self._registered = set()
         await self._truncate_wal()
 
     async def _truncate_wal(self) -> None:
@@ -862,6 +868,7 @@ class SqliteBackend:
             " AND state = ? AND lease_expires_at >= ? AND incarnation IS NOT ?",
             (node_id, ALIVE, now, replacing),
         )
+        rows = [row for row in rows if (node_id, row[0]) in self._registered]
         if rows:
             other, host_, pid_, expires = rows[0]
             raise NodeIdInUseError(node_id, other, host_, pid_, expires - now)
@@ -876,6 +883,7 @@ class SqliteBackend:
             (node_id, incarnation, host, pid, now, now, now + ttl, ALIVE),
         )
         await self._call(_commit)
+        self._registered.add((node_id, incarnation))
         return NodeLease(node_id, incarnation, now + ttl)
 
     async def renew_node(self, lease: NodeLease, ttl: float, running: int) -> NodeLease:
@@ -911,16 +919,25 @@ class SqliteBackend:
         )
         return [NodeInfo(*row) for row in rows]
 
+    def _ended(self, node_id: str, incarnation: str) -> bool:
+        """Whether the incarnation is of a process that no longer owns the file."""
+        return (node_id, incarnation) not in self._registered
+
     async def expired_nodes(self) -> list[NodeInfo]:
-        return await self._nodes(
-            "WHERE state = ? AND lease_expires_at < ?", (ALIVE, time.time()), "lease_expires_at"
-        )
+        now = time.time()
+        alive = await self._nodes("WHERE state = ?", (ALIVE,), "lease_expires_at")
+        return [
+            node
+            for node in alive
+            if node.lease_expires_at < now or self._ended(node.node_id, node.incarnation)
+        ]
 
     async def take_over(self, node: NodeInfo, by: str) -> bool:
+        ended = self._ended(node.node_id, node.incarnation)
         won = await self._write(
             "UPDATE nodes SET state = ?, taken_over_by = ? WHERE node_id = ?"
             " AND incarnation = ? AND state = ? AND lease_expires_at < ?",
-            (DEAD, by, node.node_id, node.incarnation, ALIVE, time.time()),
+            (DEAD, by, node.node_id, node.incarnation, ALIVE, math.inf if ended else time.time()),
         )
         if won:
             await self._write(
@@ -936,6 +953,8 @@ class SqliteBackend:
 
     async def node_alive(self, owner: str) -> bool:
         node_id, _, incarnation = owner.rpartition("#")
+        if self._ended(node_id, incarnation):
+            return False
         rows = await self._execute(
             "SELECT 1 FROM nodes WHERE node_id = ? AND incarnation = ? AND state = ?"
             " AND lease_expires_at >= ?",

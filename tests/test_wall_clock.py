@@ -16,12 +16,13 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from actors import JobContext, JobState, RuntimeConfig, open_runtime
+from actors import JobContext, JobState, RuntimeConfig, SqliteBackend, open_runtime
 from transport import ServerConfig, open_server
 
 from .conftest import memory_runtime, wait_for_state
 from .serving import SECRET
 from .test_cli import http_exchange
+from .test_nodes import running_job
 
 S = JobState
 
@@ -205,3 +206,27 @@ async def test_uptime_is_not_moved_by_the_wall_clock(tmp_path: Any, wall: Steppe
             health, metric, start = await uptimes(running.health_port)
             assert 0 <= health < 60 and 0 <= metric < 60, (step, health, metric)
             assert start == started
+
+
+async def test_a_sqlite_file_recovers_a_crashed_process_jobs_after_the_clock_was_set_back(
+    tmp_path: Any, wall: SteppedWall
+) -> None:
+    """A process crashed with a job running (its node registered, as on every SQLite file,
+    with a lease ending at once, never renewed nor left), then the clock was set an hour back
+    before the next start. That start found the dead incarnation's lease ahead of the clock,
+    took it for a live node and left its job running, with nothing running it, for good (a
+    SQLite file has no takeover scan). One process owns the file (its lock): every
+    incarnation but its own is dead, whatever the clock says; the job is recovered at start."""
+    path = tmp_path / "crashed.db"
+    backend = SqliteBackend(path)
+    async with backend.opened():
+        dead = await backend.register_node("gone", "g1", 0.0, "host", 1)
+        await backend.commit(running_job("j1", dead.owner, with_checkpoint=True), [], (), {})
+        # no leave_node: the process died
+    wall.step = -3600.0
+    config = RuntimeConfig(sqlite_synchronous="NORMAL")
+    async with open_runtime(path, handlers={"k": starts()[1]}, config=config) as rt:
+        job = await rt.get_job("j1")
+        assert (job.state, job.pause_reason, job.recovery_attempts) == (S.PAUSED, "recovery", 1)
+        node = next(n for n in await rt.node.store.list_nodes() if n.owner == dead.owner)
+        assert node.state == "dead"
