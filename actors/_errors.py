@@ -123,8 +123,12 @@ def _transition_hint(from_state: str, to_state: str) -> str | None:
 class IllegalTransitionError(JobspineError):
     code = "illegal_transition"
 
-    def __init__(self, job_id: str, from_state: str, to_state: str) -> None:
-        hint = _transition_hint(from_state, to_state)
+    def __init__(
+        self, job_id: str, from_state: str, to_state: str, *, hint: str | None = None
+    ) -> None:
+        """``hint``: the operation's own reason, where the transition alone would mislead
+        (``resume`` of a running job is not fixed by pausing it first)."""
+        hint = hint or _transition_hint(from_state, to_state)
         super().__init__(
             f"job {job_id}: illegal transition {from_state} -> {to_state}"
             + (f" ({hint})" if hint else "")

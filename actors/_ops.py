@@ -198,10 +198,22 @@ def start(job: Job, now: float, owner: str | None = None, lease: float | None = 
     )
 
 
+def _resume_hint(state: JobState) -> str | None:
+    """Why a job in ``state`` is not resumed, and what does run it again: the transition's
+    own hint said "pause or cancel it first" of a running job, and nothing of an ended one."""
+    if state is S.RUNNING:
+        return "it is running already: only a paused job is resumed"
+    if state in (S.FAILED, S.CANCELLED):
+        return f"only a paused job is resumed: restart runs a {state.value} job again"
+    return None  # waiting (in the queue already) or completed (final): the general hints
+
+
 def resume(job: Job, now: float, actor: str | None) -> Change:
     """paused -> created: back in the queue; its claim resumes from the checkpoint."""
     if job.state is not S.PAUSED:
-        raise IllegalTransitionError(job.id, job.state.value, S.CREATED.value)
+        raise IllegalTransitionError(
+            job.id, job.state.value, S.CREATED.value, hint=_resume_hint(job.state)
+        )
     return _emit(
         job,
         EventType.RESUMED,

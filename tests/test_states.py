@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import pytest
+import trio
 
-from actors import TERMINAL_STATES, TRANSITIONS, IllegalTransitionError, JobState, check_transition
+from actors import (
+    TERMINAL_STATES,
+    TRANSITIONS,
+    IllegalTransitionError,
+    JobContext,
+    JobState,
+    check_transition,
+)
+
+from .conftest import memory_runtime, wait_for_state
 
 S = JobState
 
@@ -92,3 +103,36 @@ def test_an_illegal_transition_says_why(src: str, dst: str, hint: str) -> None:
     assert str(IllegalTransitionError("j1", src, dst)) == (
         f"job j1: illegal transition {src} -> {dst} ({hint})"
     )
+
+
+async def _forever(ctx: JobContext, input: Any) -> Any:
+    await ctx.checkpoint({"started": True})
+    await trio.sleep_forever()
+
+
+async def _fails(ctx: JobContext, input: Any) -> Any:
+    raise RuntimeError("no")
+
+
+async def test_a_resume_refused_says_what_would_run_the_job() -> None:
+    """``jobspine resume`` of a running job said "it is running: pause or cancel it first"
+    (the hint of a restart, which pausing first does help), and of a failed or cancelled job
+    nothing at all: it says the job is running already, or that restart runs it again."""
+    async with memory_runtime({"forever": _forever, "fails": _fails}, stop_grace=0.1) as rt:
+        running = await rt.create_job("forever", "alice", None)
+        await wait_for_state(rt, running.id, {JobState.RUNNING})
+        with pytest.raises(IllegalTransitionError) as refused:
+            await rt.resume(running.id, by="alice")
+        assert "pause or cancel it first" not in str(refused.value)
+        assert str(refused.value).endswith("(it is running already: only a paused job is resumed)")
+        await rt.cancel(running.id, by="alice")
+        failed = await rt.create_job("fails", "alice", None)
+        await wait_for_state(rt, failed.id, {JobState.FAILED})
+        for job_id, state in ((running.id, "cancelled"), (failed.id, "failed")):
+            with pytest.raises(IllegalTransitionError) as refused:
+                await rt.resume(job_id, by="alice")
+            assert str(refused.value) == (
+                f"job {job_id}: illegal transition {state} -> created"
+                f" (only a paused job is resumed: restart runs a {state} job again)"
+            )
+            assert (refused.value.from_state, refused.value.to_state) == (state, "created")
