@@ -88,6 +88,32 @@ async def test_bad_queue_flags_exit_2_with_one_line_and_send_nothing() -> None:
         assert len(lines) == 1 and lines[0].startswith(named), (args, lines)
 
 
+async def test_a_state_word_of_other_job_systems_is_refused_with_the_state_it_is_here() -> None:
+    """``jobspine jobs`` shows a delayed job as ``scheduled 4m59s``, but ``--state scheduled``
+    (or ``waiting``, ``queued``, Celery's ``pending``...) was refused with the list of states
+    alone, which a user then searched for the one that holds it: the refusal names it."""
+    url = f"ws://127.0.0.1:{free_port()}"
+    words = {
+        "scheduled": "created",
+        "waiting": "created",
+        "Queued": "created",
+        "pending": "created",
+        "retrying": "created",
+        "canceled": "cancelled",
+        "succeeded": "completed",
+        "active": "running",
+        "errored": "failed",
+    }
+    for word, state in words.items():
+        result = await cli(url, token("alice"), "jobs", "--state", word, "--connect-timeout", "5")
+        assert result.returncode == ExitCode.USAGE, (word, result)
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"jobspine: error: --state {word}"), lines
+        assert lines[0].endswith(f"--state {state}" + ("" if state == "created" else "?")), lines
+    bogus = await cli(url, token("alice"), "jobs", "--state", "bogus", "--connect-timeout", "5")
+    assert bogus.stderr.rstrip().endswith("cancelled"), bogus.stderr  # no guess
+
+
 async def test_submit_flags_jobs_filters_and_stats(tmp_path: Path) -> None:
     async with serve_process(tmp_path / "data") as served:
         submit = (

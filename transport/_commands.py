@@ -77,6 +77,37 @@ _HINTS = {
 }
 
 _STATES = [state.value for state in JobState]
+#: Words for a state that other job systems (Celery, BullMQ, Oban, Temporal) or this CLI's own
+#: table use, and the state that has them here: ``jobs`` shows a delayed job as ``scheduled
+#: 4m59s``, whose state is ``created``.
+_STATE_WORDS = {
+    **dict.fromkeys(
+        ("scheduled", "waiting", "queued", "pending", "delayed", "retrying", "available",
+         "retryable", "ready", "new"),
+        "created",
+    ),
+    **dict.fromkeys(("active", "executing", "started", "in_progress", "in-progress"), "running"),
+    **dict.fromkeys(("suspended", "on_hold", "on-hold"), "paused"),
+    **dict.fromkeys(("succeeded", "success", "done", "complete", "finished"), "completed"),
+    **dict.fromkeys(("error", "errored", "failure", "discarded", "dead"), "failed"),
+    **dict.fromkeys(("canceled", "aborted", "revoked", "killed"), "cancelled"),
+}  # fmt: skip
+
+
+def _state_hint(word: str) -> str:
+    """What a ``--state`` word that is no state means here, if anything (the word itself is
+    quoted once, by the message): a waiting job, scheduled for later or not, is created."""
+    state = _STATE_WORDS.get(word.lower())
+    if state is None:
+        return ""
+    if state == "created":
+        return (
+            "; a waiting job, ready or scheduled for later (jobs shows `scheduled 4m59s`),"
+            " is created: --state created"
+        )
+    return f"; did you mean --state {state}?"
+
+
 _FLAGS = {
     "priority": "--priority",
     "delay": "--delay",
@@ -532,7 +563,8 @@ def parse_inputs(args: argparse.Namespace) -> None:
             if state not in _STATES:
                 raise CLIError(
                     ExitCode.USAGE,
-                    f"--state {loggable(state, 100)}: not a state; states: {', '.join(_STATES)}",
+                    f"--state {loggable(state, 100)}: not a state; states: {', '.join(_STATES)}"
+                    + _state_hint(state),
                 )
         if args.state and len(set(args.state)) != len(args.state):
             raise CLIError(ExitCode.USAGE, "--state: each state once")
