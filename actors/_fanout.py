@@ -145,6 +145,30 @@ def redact_redis_url(url: str) -> str:
     return f"{scheme}://{user}:***@{host}"
 
 
+#: Seconds ``redis_refusal`` waits for Redis's answer before taking it for an outage.
+REDIS_CHECK_TIMEOUT = 5.0
+
+
+async def redis_refusal(url: str) -> str | None:
+    """Why the Redis server at ``url`` refuses it for good (a database index it does not
+    have, a wrong user or password: an answer, which no retry changes), else None: it
+    answered, or it could not be reached within ``REDIS_CHECK_TIMEOUT`` (Redis being down is an
+    outage, lived through by polling the log). ``jobspine serve`` asks before it starts: a
+    node given such a URL served on, polling the log for ever, its ``/readyz`` 200."""
+    import coredis
+
+    client: coredis.Redis[bytes] = coredis.Redis.from_url(url, decode_responses=False)
+    try:
+        with trio.move_on_after(REDIS_CHECK_TIMEOUT):
+            async with client:
+                await client.ping()
+    except Exception as exc:
+        for leaf in leaves(exc):
+            if isinstance(leaf, coredis.exceptions.ResponseError):
+                return f"{type(leaf).__name__}: {leaf}"
+    return None
+
+
 @attrs.frozen
 class RedisHealth:
     """Whether events arrive pushed from Redis (``ok``); if not why (``reason``), since when

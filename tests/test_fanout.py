@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -446,6 +447,41 @@ async def test_the_redis_setting_comes_from_flag_env_or_file(tmp_path: Any) -> N
         FanoutConfig("redis://127.0.0.1:6379/0", gap_wait=0)
     with pytest.raises(InvalidInputError, match="must be a redis://"):
         FanoutConfig("127.0.0.1:6379")
+
+
+async def test_serve_given_a_redis_url_its_server_refuses_stops_at_start(
+    tmp_path: Any, redis: RedisServer
+) -> None:
+    """A ``--redis`` URL whose server answers "no" (a database index it does not have, a
+    wrong user or password) started a node that polled the log for ever, one warning at
+    start and its ``/readyz`` 200: a mistake no retry mends. ``serve`` stops at start with
+    one line naming the answer (status 2, the password not shown); a Redis that does not
+    answer yet still starts the node, polling the log until it does."""
+    env = {
+        **os.environ,
+        "JOBSPINE_DATA": str(tmp_path),
+        "PYTHONPATH": str(Path(__file__).parent.parent),
+    }
+    base = redis.url.rsplit("/", 1)[0]
+    for url, said in (
+        (f"{base}/99", "DB index is out of range"),
+        (base.replace("redis://", "redis://bob:hunter2@") + "/0", "AuthenticationFailureError"),
+    ):
+        with trio.fail_after(30):  # before, it served on (killed here when the time is up)
+            refused = await trio.run_process(
+                [*COMMAND, "serve", "--redis", url, "--port", "0", "--health-port", "0"],
+                env=env,
+                capture_stderr=True,
+                check=False,
+            )
+        lines = refused.stderr.decode().splitlines()
+        assert refused.returncode == 2, lines
+        assert len(lines) == 1 and lines[0].startswith("jobspine: error: --redis "), lines
+        assert said in lines[0] and "hunter2" not in lines[0], lines
+    down = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens: an outage, not a mistake
+    async with serve_process(tmp_path / "down", extra=("--redis", down)) as served:
+        status, body = await http_get(served.health, "/readyz")
+        assert status == 200 and orjson.loads(body)["redis"]["ok"] is False, body
 
 
 async def test_a_user_tracked_again_is_caught_up_from_the_log(

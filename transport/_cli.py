@@ -39,7 +39,7 @@ from actors import (
 from actors._backend import POSTGRES_URL_SCHEMES
 from actors._codec import check_kind
 from actors._errors import shown, unwrap_group
-from actors._fanout import redact_redis_url
+from actors._fanout import redact_redis_url, redis_refusal
 from actors._retention import DAY
 
 from ._app import PortUnavailableError, open_server
@@ -164,6 +164,14 @@ async def serve(args: argparse.Namespace) -> int:
         runtime_config = RuntimeConfig(**args.runtime_config)
     except InvalidInputError as exc:
         raise CLIError(ExitCode.USAGE, f"runtime settings: {exc}") from None
+    if args.redis:
+        refusal = await redis_refusal(args.redis)
+        if refusal is not None:
+            raise CLIError(
+                ExitCode.USAGE,
+                f"--redis {redact_redis_url(args.redis)}: the Redis server refuses it"
+                f" ({refusal}): check the URL's database index, user and password",
+            )
     local = None
     if args.worker_processes:
         # Handlers run only in the worker processes; the server keeps their input checks.
