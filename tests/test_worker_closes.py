@@ -6,6 +6,7 @@ logged with its code, its reason and, for 1009, the limit."""
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from transport._reconnect import FATAL_CLOSE, RECURRING_CLOSE, ReconnectPolicy
 from transport._worker_process import WorkerFatalError, WorkerProcess
 
 from .conftest import wait_for_state
-from .serving import eventually, token
+from .serving import eventually, free_port, token
 from .test_worker_protocol import raw_worker, wait_no_worker, worker_only_server
 from .worker_support import close_of, run_command, run_jobspine_worker, worker_token
 
@@ -312,3 +313,24 @@ async def test_a_connection_ending_with_jobs_running_says_what_becomes_of_them(
         " server handles each as a stall (its kind's stall rule: paused at its checkpoint,"
         " back in the queue, or failed)"
     )
+
+
+async def test_a_failed_connection_names_the_worker_and_when_it_tries_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``serve --worker-processes 2`` stopped, each worker logged ``worker: connection to URL
+    failed: ...`` on every try, the two alike and neither saying when it would try again (a
+    close said both). Each failure names the worker and the delay before its next try."""
+    caplog.set_level(logging.INFO, logger="jobspine")
+    url = f"ws://127.0.0.1:{free_port()}"  # nothing listens
+    process = WorkerProcess(url, worker_token(), {"c": echo}, name="w7", policy=QUICK)
+    with trio.move_on_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(process.run)
+            await eventually(lambda: caplog.text.count("connection to") >= 2)
+            nursery.cancel_scope.cancel()
+    failed = [r.getMessage() for r in caplog.records if "connection to" in r.getMessage()]
+    assert len(failed) >= 2, caplog.text
+    for message in failed:
+        assert message.startswith(f"worker w7: connection to {url}/worker failed: "), message
+        assert re.search(r"; reconnecting in \d+\.\d\d s$", message), message

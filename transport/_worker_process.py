@@ -699,7 +699,6 @@ class WorkerProcess:
                 # trio-websocket's HandshakeError says nothing itself: its cause does.
                 cause = exc.__cause__ or exc.__context__ or exc
                 problem = str(cause) or repr(cause)
-                log.info("worker: connection to %s failed: %s", self.url, problem)
             if self._draining.is_set():
                 return
             if not self.connections and trio.current_time() >= give_up_at:
@@ -716,6 +715,16 @@ class WorkerProcess:
             delay = self.policy.next_delay(trio.current_time(), code)
             if not self.connections:  # the next try or the give-up, not past the timeout
                 delay = min(delay, max(0.0, give_up_at - trio.current_time()))
+            if problem is not None:
+                # Named and timed as a close is: with --worker-processes N, N workers logged
+                # the same "worker: connection to URL failed" line, and none said when next.
+                log.info(
+                    "worker%s: connection to %s failed: %s; reconnecting in %.2f s",
+                    f" {self.name}" if self.name else "",
+                    self.url,
+                    problem,
+                    delay,
+                )
             if closed is not None:
                 # Each close said what it was: "connection closed" alone left an operator
                 # guessing (a 1009 was a report over the server's frame limit).
