@@ -33,6 +33,7 @@ from actors import (
     StoreError,
     open_runtime,
 )
+from transport import open_client
 from transport._exit import ExitCode
 
 from .conftest import wait_for_state
@@ -418,3 +419,53 @@ async def test_a_signal_while_the_database_migrates_stops_before_anything_runs(
         version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     assert version == ("2",)
     assert (states[ids["created"]], states[ids["running"]]) == ("created", "running")
+
+
+async def test_nodes_started_at_once_without_a_secret_share_the_one_they_keep(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Two nodes of one PostgreSQL database started at once on one machine (one data
+    directory) without JOBSPINE_SECRET each made a development secret; the second to save
+    its own once serving failed (``jobspine: error: [Errno 17] File exists: .../secret``,
+    exit status 9). They now take turns to make it: the second reads the first's, so both
+    serve, and a token minted from the data directory is taken by both. Three rounds, each
+    on a data directory of its own: the two starts race, and lost most rounds before."""
+    for round_ in range(3):
+        await _two_nodes_at_once(tmp_path / f"round{round_}", pg_url, round_)
+
+
+async def _two_nodes_at_once(directory: Path, pg_url: str, round_: int) -> None:
+    data = directory / "data"
+    await trio.Path(directory).mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBSPINE_")}
+    env = {**env, "JOBSPINE_DATA": str(data), "JOBSPINE_STORE": pg_url}
+    ports = [(free_port(), free_port()) for _ in range(2)]
+    logs = [directory / f"node{i}.log" for i in range(2)]
+    processes = []
+    try:
+        for i, (port, health) in enumerate(ports):
+            with logs[i].open("wb") as output:
+                processes.append(
+                    await trio.lowlevel.open_process(
+                        [*COMMAND, "serve", "--node-id", f"r{round_}n{i}", "--port", str(port),
+                         "--health-port", str(health), "--stop-grace", "0.5"],
+                        env=env, stdout=output, stderr=output,
+                    )
+                )  # fmt: skip
+        with trio.fail_after(30):
+            while not all("listening on" in log.read_text() for log in logs):
+                for process, log in zip(processes, logs, strict=True):
+                    assert process.poll() is None, log.read_text()
+                await trio.sleep(0.05)
+        minted = await trio.run_process(
+            [*COMMAND, "token", "--user", "alice"], env=env, capture_stdout=True
+        )
+        user_token = minted.stdout.decode().strip()
+        for port, _ in ports:
+            async with open_client(f"ws://127.0.0.1:{port}", user_token, reconnect=False) as c:
+                assert await c.list() is not None
+        assert sum("generated a development secret" in log.read_text() for log in logs) == 1
+    finally:
+        for process in processes:
+            process.kill()
+            await process.wait()

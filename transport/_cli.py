@@ -7,8 +7,10 @@ in :mod:`transport._display`, exit statuses in :mod:`transport._exit`."""
 from __future__ import annotations
 
 import argparse
+import fcntl
 import importlib
 import io
+import itertools
 import logging
 import os
 import secrets
@@ -93,6 +95,42 @@ def load_secret(db: Path, *, secret: str | None = None) -> str:
     return found
 
 
+class DevelopmentSecretLock:
+    """Held by a server that starts without JOBSPINE_SECRET, from before it reads the
+    development secret beside ``db`` until it saved the one it made (or its start failed):
+    nodes started at once on one data directory used to make one secret each, and the second
+    to save its own failed once serving (``[Errno 17] File exists``, exit status 9). The next
+    one waits, then reads the secret the first kept."""
+
+    def __init__(self, db: Path) -> None:
+        self.path = db.parent / ".secret.lock"
+        self.fd: int | None = None
+
+    async def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            for tries in itertools.count():
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if tries == 20:
+                        log.info(
+                            "waiting for the server starting on %s to make its development secret",
+                            self.path.parent,
+                        )
+                    await trio.sleep(0.05)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # and with it the lock
+            self.fd = None
+
+
 def save_development_secret(db: Path, secret: str) -> None:
     """Keep a generated secret beside the database (mode 0600) for ``jobspine token``; called
     once the server has started, so a refused start leaves nothing behind."""
@@ -150,9 +188,30 @@ async def serve(args: argparse.Namespace) -> int:
     db.parent.mkdir(parents=True, exist_ok=True)
     database = args.store or db
     secret = stored_secret(db, args.secret)
-    generated = secret is None
-    if secret is None:
-        secret = secrets.token_urlsafe(32)
+    if secret is not None:
+        return await _serve(args, handlers, db, database, secret, None)
+    lock = DevelopmentSecretLock(db)
+    await lock.acquire()
+    try:
+        secret = stored_secret(db, None)  # kept by a server that started meanwhile
+        if secret is not None:
+            lock.release()
+            return await _serve(args, handlers, db, database, secret, None)
+        return await _serve(args, handlers, db, database, secrets.token_urlsafe(32), lock)
+    finally:
+        lock.release()
+
+
+async def _serve(
+    args: argparse.Namespace,
+    handlers: dict[str, Any],
+    db: Path,
+    database: Path | str,
+    secret: str,
+    generated: DevelopmentSecretLock | None,
+) -> int:
+    """:func:`serve` with its secret; ``generated``: it was made now, under this lock on the
+    data directory's secret, released once the secret is saved (serving) or the start failed."""
     weak = secret_problem(secret)
     if weak:
         log.warning("%s", weak)
@@ -191,8 +250,9 @@ async def serve(args: argparse.Namespace) -> int:
                     fanout=FanoutConfig(args.redis, secret=secret) if args.redis else None,
                 ) as running:
                     life.serving = True
-                    if generated:
+                    if generated is not None:
                         save_development_secret(db, secret)
+                        generated.release()  # the next server to start reads it
                     if local is not None:
                         local.command += ["--url", running.url]
                         await processes.start(local.run)
