@@ -172,7 +172,8 @@ async def research_handler(ctx: JobContext, input: Any) -> Any:
     query, depth, delay, every = spec.query, spec.depth, spec.delay, spec.checkpoint_every
     state: dict[str, Any] = ctx.resumed_from or {"done": 0, "findings": []}
     total = depth + 1
-    await ctx.progress(100 * state["done"] / total, "planning")
+    if ctx.resumed_from is None:  # a resumed run goes on at its source, not planning again
+        await ctx.progress(0.0, "planning")
     while state["done"] < depth:
         i = state["done"]
         await ctx.progress(100 * i / total, f"reading source {i + 1}/{depth}")

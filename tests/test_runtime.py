@@ -74,6 +74,10 @@ async def test_resume_continues_from_checkpoint(
     resumed_at = next(e.seq for e in events if e.type is EventType.RESUMED)
     first = next(e for e in events if e.seq > resumed_at and e.type is EventType.PROGRESS)
     assert first.data["progress"] > 0, (saved, first)
+    # And says so: the research demo's resumed run began with its first run's "planning"
+    # (a watcher read "28.5%  planning" after a takeover), not the step it resumed at.
+    start = next(e for e in events if e.type is EventType.PROGRESS)
+    assert first.data["step"] != start.data["step"], (start, first)
 
 
 async def test_stop_grace_lets_the_handler_checkpoint(jobspine_runtime: Runtime) -> None:
