@@ -164,9 +164,23 @@ async def redis_refusal(url: str) -> str | None:
                 await client.ping()
     except Exception as exc:
         for leaf in leaves(exc):
-            if isinstance(leaf, coredis.exceptions.ResponseError):
+            if is_permanent_refusal(leaf):
                 return f"{type(leaf).__name__}: {leaf}"
     return None
+
+
+def is_permanent_refusal(exc: BaseException) -> bool:
+    """Whether Redis's answer ``exc`` refuses the URL itself: a wrong user or password, a
+    user without the right, a database index it does not have (``SELECT``'s "DB index is out
+    of range"). Not an answer that passes (``LOADING`` a dataset after a restart, ``BUSY``
+    with a script, ``MASTERDOWN``): a node started meanwhile polls the log until Redis is
+    back, as for an outage."""
+    import coredis
+
+    errors = coredis.exceptions
+    if isinstance(exc, errors.AuthenticationError | errors.AuthorizationError):
+        return True
+    return isinstance(exc, errors.ResponseError) and "DB index" in str(exc)
 
 
 @attrs.frozen

@@ -484,6 +484,21 @@ async def test_serve_given_a_redis_url_its_server_refuses_stops_at_start(
         assert status == 200 and orjson.loads(body)["redis"]["ok"] is False, body
 
 
+def test_only_an_answer_no_retry_mends_stops_serve_at_start() -> None:
+    """A wrong password, a missing right or database index stop ``serve``; an answer that
+    passes (a restarted Redis loading its dataset, a busy script) does not."""
+    from coredis import exceptions as errors
+
+    from actors._fanout import is_permanent_refusal
+
+    assert is_permanent_refusal(errors.AuthenticationFailureError("invalid password"))
+    assert is_permanent_refusal(errors.AuthorizationError("NOPERM no permissions"))
+    assert is_permanent_refusal(errors.ResponseError("DB index is out of range"))
+    assert not is_permanent_refusal(errors.ResponseError("LOADING Redis is loading the dataset"))
+    assert not is_permanent_refusal(errors.ResponseError("BUSY Redis is busy running a script"))
+    assert not is_permanent_refusal(OSError("connection refused"))
+
+
 async def test_a_user_tracked_again_is_caught_up_from_the_log(
     pg_url: str, redis: RedisServer
 ) -> None:
