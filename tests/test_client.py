@@ -37,7 +37,7 @@ async def delivered(client: Client) -> list[int]:
 async def test_duplicates_are_dropped() -> None:
     client = client_following("job:j")
     for seq in (1, 2, 2, 1, 3):
-        await client._on_event(event(seq, seq))
+        client._on_event(event(seq, seq))
     assert await delivered(client) == [1, 2, 3]
     assert client.counters.duplicates == 2 and client.counters.gaps == 0
     assert client.rooms["job:j"].cursor == RoomCursor("e", 3)
@@ -45,8 +45,8 @@ async def test_duplicates_are_dropped() -> None:
 
 async def test_a_gap_is_detected_and_the_room_resynchronized() -> None:
     client = client_following("user:u")
-    await client._on_event(event(1, 1))
-    await client._on_event(event(2, 3))  # user_seq 2 never came
+    client._on_event(event(1, 1))
+    client._on_event(event(2, 3))  # user_seq 2 never came
     assert await delivered(client) == [1]
     assert client.counters.gaps == 1
     assert client.rooms["user:u"].resyncing  # events are ignored until the replay arrives
@@ -61,12 +61,12 @@ def skipped(seq: int, user_seq: int, count: int = 1) -> dict[str, Any]:
 
 async def test_coalesced_sequence_numbers_are_not_gaps() -> None:
     client = client_following("job:j")
-    await client._on_event(event(1, 1))
-    await client._dispatch(skipped(2, 2))
-    await client._dispatch(skipped(3, 3))
-    await client._on_event(event(4, 4))
-    await client._dispatch(skipped(5, 5, count=3))
-    await client._on_event(event(8, 8))
+    client._on_event(event(1, 1))
+    client._dispatch(skipped(2, 2))
+    client._dispatch(skipped(3, 3))
+    client._on_event(event(4, 4))
+    client._dispatch(skipped(5, 5, count=3))
+    client._on_event(event(8, 8))
     assert await delivered(client) == [1, 4, 8]
     assert client.counters.gaps == 0
 
@@ -90,8 +90,8 @@ def test_close_codes_are_fatal_or_retried() -> None:
 
 async def test_a_skipped_marker_beyond_the_cursor_is_a_gap() -> None:
     client = client_following("user:u")
-    await client._on_event(event(1, 1))
-    await client._dispatch(skipped(3, 3))  # user_seq 2 never came
+    client._on_event(event(1, 1))
+    client._dispatch(skipped(3, 3))  # user_seq 2 never came
     assert client.counters.gaps == 1 and client.rooms["user:u"].resyncing
 
 

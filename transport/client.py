@@ -189,6 +189,10 @@ class _Room:
     cursor: RoomCursor | None
     #: What the application has taken from :meth:`Client.events`: where to resume from.
     consumed: RoomCursor | None = None
+    #: Where the room became live (its head or the cursor it was joined from; a reset's
+    #: head): every number past it up to ``cursor`` was handed out (or covered by a
+    #: skipped marker).
+    since: int | None = None
     #: Events are ignored until a (re)subscription is answered.
     resyncing: bool = True
     #: A task is resubscribing this room (retrying, with backoff, until it is answered).
@@ -226,6 +230,9 @@ class ClientStats:
     resync_failures: int = 0
     #: Creates sent again, with their idempotency key, after the connection was lost.
     create_retries: int = 0
+    #: Events (and resets) not taken because the event buffer was full: their rooms were
+    #: resubscribed from their cursors once the application had taken half the buffer.
+    buffer_full: int = 0
 
 
 class Client:
@@ -248,7 +255,14 @@ class Client:
         ``healthy_after`` (how long a connection must stay up to reset the backoff) are
         seconds; ``max_message_size`` is the largest message accepted from the server.
         ``reconnect=False``: the first lost connection ends the client, with
-        :class:`ConnectionLostError` from :meth:`run`, :meth:`events` and every request."""
+        :class:`ConnectionLostError` from :meth:`run`, :meth:`events` and every request.
+
+        ``event_buffer``: events (and resets) received and not yet taken from
+        :meth:`events`. The connection is read whatever the application does with them, so
+        replies keep coming: an event that finds the buffer full is left out and its rooms
+        are resubscribed from their cursors once the application has taken half the buffer
+        (the server replays what they missed, or resets them), each still once and in
+        order (``counters.buffer_full``)."""
         self.url = url
         self._token = token
         self.reconnect = reconnect
@@ -267,6 +281,10 @@ class Client:
         self._send_events, self._receive_events = trio.open_memory_channel[JobEvent | Reset](
             event_buffer
         )
+        #: Set by :meth:`events` once the buffer is at most half full, while a resubscription
+        #: waits for room (:meth:`_buffer_room`); None when none waits.
+        self._room_in_buffer: trio.Event | None = None
+        self._half_buffer = event_buffer // 2
         self._nursery: trio.Nursery | None = None
         self._fatal: ClientError | None = None
         #: The fatal close that ended :meth:`run` (``auth_failed``, ``token_expired``...).
@@ -420,14 +438,14 @@ class Client:
             message = orjson.loads(frame)
             if message.get("type") == "batch":
                 for inner in message["messages"]:
-                    await self._dispatch(inner)
+                    self._dispatch(inner)
             else:
-                await self._dispatch(message)
+                self._dispatch(message)
 
-    async def _dispatch(self, message: dict[str, Any]) -> None:
+    def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
         if kind == "event":
-            await self._on_event(message["event"])
+            self._on_event(message["event"])
         elif kind == "skipped":
             self._on_skipped(message)
         elif kind in ("reply", "error"):
@@ -442,9 +460,8 @@ class Client:
                 if pending.on_reply is not None:
                     reset = pending.on_reply(pending.result)
                     if reset is not None:
-                        # Before the events after the reply; waits while the buffer is full
-                        # (a send_nowait there would end the read loop with WouldBlock).
-                        await self._send_events.send(reset)
+                        # Before the events after the reply; _joined made sure of room.
+                        self._send_events.send_nowait(reset)
             pending.done.set()
         elif kind == "heartbeat":
             for room, head in message.get("heads", {}).items():
@@ -479,34 +496,58 @@ class Client:
                 self.counters.gaps += 1
                 self._resync(room)
 
-    async def _on_event(self, data: dict[str, Any]) -> None:
-        deliver = False
+    def _on_event(self, data: dict[str, Any]) -> None:
+        """Take an event into the buffer if it is the next of a room it belongs to. Never
+        waits: the read loop serves replies too, whatever the application does with events
+        (it used to wait for room in a full buffer, and every request then timed out)."""
+        advanced: list[tuple[_Room, int]] = []
+        handed_out = False
         for room, seq in (
             (f"job:{data['job_id']}", data["seq"]),
             (f"user:{data['user_id']}", data["user_seq"]),
         ):
             state = self.rooms.get(room)
-            if state is None or state.resyncing or state.cursor is None:
+            if state is None or state.cursor is None:
                 continue
             if seq <= state.cursor.seq:
+                # Handed out through this room (a resyncing one too: its numbers up to its
+                # cursor stand) if it is past where the room became live on this server.
+                if (
+                    state.since is not None
+                    and seq > state.since
+                    and state.cursor.epoch == self.welcome.get("epoch")
+                ):
+                    handed_out = True
+                continue
+            if state.resyncing:
                 continue
             if seq == state.cursor.seq + 1:
-                state.cursor = RoomCursor(state.cursor.epoch, seq)
-                deliver = True
+                advanced.append((state, seq))
             else:
                 self.counters.gaps += 1
                 self._resync(room)
-        if deliver:
-            self.counters.delivered += 1
-            event = converter.structure(data, JobEvent)
-            try:
-                # No checkpoint per event (a replay of thousands arrives in a few frames):
-                # the reader yields once per frame, in get_message.
-                self._send_events.send_nowait(event)
-            except trio.WouldBlock:
-                await self._send_events.send(event)
-        else:
+        if handed_out or not advanced:
+            # Not new to the application: a repeat in each room, or the replay of a room
+            # resubscribed after the other room of the event handed it out.
             self.counters.duplicates += 1
+            for state, seq in advanced:
+                state.cursor = RoomCursor(state.cursor.epoch, seq)  # type: ignore[union-attr]
+            return
+        try:
+            # No checkpoint per event (a replay of thousands arrives in a few frames): the
+            # reader yields once per frame, in get_message.
+            self._send_events.send_nowait(converter.structure(data, JobEvent))
+        except trio.WouldBlock:
+            # Left out, cursors unmoved: each room it was next in resubscribes from there
+            # once the application has made room, and gets it again.
+            self.counters.buffer_full += 1
+            for room in (f"job:{data['job_id']}", f"user:{data['user_id']}"):
+                if any(self.rooms.get(room) is state for state, _ in advanced):
+                    self._resync(room)
+            return
+        self.counters.delivered += 1
+        for state, seq in advanced:
+            state.cursor = RoomCursor(state.cursor.epoch, seq)  # type: ignore[union-attr]
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -624,6 +665,12 @@ class Client:
         state = self.rooms.get(room)
         if state is None:
             return None
+        if result.get("reset_reason") and self._buffer_is_full():
+            # No room to hand the reset out: the room stays resyncing, and its resubscription
+            # (once the application made room) gets the reset again, from the same cursor.
+            self.counters.buffer_full += 1
+            self._resync(room)
+            return None
         head = RoomCursor(result["epoch"], result["head"])
         reset = None
         if result.get("reset_reason"):
@@ -634,6 +681,8 @@ class Client:
             state.cursor = head
         if state.consumed is None or result.get("reset_reason"):
             state.consumed = state.cursor
+        if state.since is None or result.get("reset_reason"):
+            state.since = state.cursor.seq
         state.resyncing = False
         state.resync_failures = 0
         state.resync_error = None
@@ -663,6 +712,12 @@ class Client:
             # The condition is re-read after every answer with no await in between: a gap or
             # a `lagged` that arrived meanwhile set `resyncing` again and is served here.
             while self.rooms.get(room) is state and state.resyncing and self._fatal is None:
+                # What the resubscription replays needs room in the buffer: with the buffer
+                # over half full it waits for the application to take events (a room left out
+                # of a full buffer would be left out again at once).
+                await self._buffer_room()
+                if not (self.rooms.get(room) is state and state.resyncing and self._fatal is None):
+                    return
                 try:
                     await self._join(room)
                 except (ClientError, trio.TooSlowError) as exc:
@@ -693,6 +748,17 @@ class Client:
                     backoff.succeeded()  # the room's state was settled by _joined
         finally:
             state.resync_pending = False
+
+    def _buffer_is_full(self) -> bool:
+        stats = self._send_events.statistics()
+        return stats.current_buffer_used >= stats.max_buffer_size
+
+    async def _buffer_room(self) -> None:
+        """Return once the event buffer is at most half full (at once if it is)."""
+        while self._receive_events.statistics().current_buffer_used > self._half_buffer:
+            if self._room_in_buffer is None:
+                self._room_in_buffer = trio.Event()
+            await self._room_in_buffer.wait()
 
     async def events(self) -> AsyncIterator[JobEvent | Reset]:
         """Events of all subscribed rooms, each once and in order per room; and resets (a
@@ -729,6 +795,13 @@ class Client:
                 if self._lost is not None:
                     raise self._lost
                 return
+            waiting = self._room_in_buffer
+            if (
+                waiting is not None
+                and receive.statistics().current_buffer_used <= self._half_buffer
+            ):
+                self._room_in_buffer = None
+                waiting.set()
             if isinstance(item, JobEvent):
                 for room, seq in (
                     (f"job:{item.job_id}", item.seq),
