@@ -8,7 +8,7 @@ from typing import Any
 import trio
 from trio_websocket import CloseReason, ConnectionClosed
 
-from transport import Client, ConnectionLostError, RoomCursor
+from transport import Client, ConnectionLostError, Reset, RoomCursor
 from transport.client import _Room
 
 
@@ -29,7 +29,7 @@ async def delivered(client: Client) -> list[int]:
     seqs = []
     while True:
         try:
-            seqs.append(client._receive_events.receive_nowait().seq)  # type: ignore[union-attr]
+            seqs.append(client._receive_events.receive_nowait()[0].seq)  # type: ignore[union-attr]
         except trio.WouldBlock:
             return seqs
 
@@ -112,3 +112,52 @@ def test_why_a_connection_failed_is_said_in_a_users_words() -> None:
     )
     said = ConnectionClosed(CloseReason(4008, "slow consumer"))
     assert _problem(said) == "closed with 4008: slow consumer"
+
+
+def job_event(job: str, seq: int, user_seq: int) -> dict[str, Any]:
+    return {**event(seq, user_seq), "job_id": job}
+
+
+async def test_a_rooms_cursor_moves_only_with_its_own_events_taken() -> None:
+    """``cursor(room)`` is just past the last event of that room the application took, in the
+    room's order: an event handed out through its job's room while its user's room waits for
+    a resubscription does not move the user room's cursor past the user's events still to
+    come (a program saving that cursor and resuming from it lost them)."""
+    client = Client("ws://unused", "token")
+    client.welcome = {"epoch": "e"}
+    for room in ("job:j", "user:u"):
+        client.rooms[room] = _Room(RoomCursor("e", 0), RoomCursor("e", 0), resyncing=False)
+    client._on_event(job_event("j", 1, 1))
+    client._on_event(job_event("k", 1, 3))  # user_seq 2 (job k's first) never came: resync
+    client._on_event(job_event("j", 2, 4))  # through its job's room only
+    taken = []
+    with trio.move_on_after(0.1):
+        async for item in client.events():
+            taken.append(item)
+    assert [(e.job_id, e.seq) for e in taken] == [("j", 1), ("j", 2)]  # type: ignore[union-attr]
+    assert client.cursor("job:j") == RoomCursor("e", 2)
+    assert client.cursor("user:u") == RoomCursor("e", 1)
+
+
+async def test_a_resets_head_counts_once_the_reset_is_taken() -> None:
+    """A room reset while events before it wait in the buffer: ``cursor(room)`` stays with
+    the events taken until the reset itself is taken (it moved to the reset's head at once,
+    so a program saving it then skipped the events still buffered)."""
+    from transport.client import _Pending
+
+    client = Client("ws://unused", "token")
+    client.welcome = {"epoch": "e"}
+    room = "job:j"
+    client.rooms[room] = _Room(RoomCursor("e", 0), RoomCursor("e", 0), resyncing=False)
+    client._on_event(event(1, 1))
+    client._on_event(event(2, 2))
+    client._pending[1] = _Pending(on_reply=lambda result: client._joined(room, result))
+    result = {"epoch": "f", "head": 9, "reset_reason": "epoch_changed: test"}
+    client._dispatch({"type": "reply", "id": 1, "result": result})
+    assert client.cursor(room) == RoomCursor("e", 0)
+    seen = []
+    async for item in client.events():
+        seen.append(client.cursor(room))
+        if isinstance(item, Reset):
+            break
+    assert seen == [RoomCursor("e", 1), RoomCursor("e", 2), RoomCursor("f", 9)]

@@ -202,6 +202,11 @@ class _Room:
     resync_error: str | None = None
 
 
+#: An item of the event buffer: what :meth:`Client.events` hands out, and where each room it
+#: was next in stands once it is taken (``cursor(room)`` moves then, in the room's order).
+_Taken = tuple[JobEvent | Reset, Sequence[tuple[_Room, RoomCursor]]]
+
+
 @attrs.define(eq=False)
 class _Pending:
     done: trio.Event = attrs.field(factory=trio.Event)
@@ -278,9 +283,7 @@ class Client:
         self._connected = trio.Event()
         self._pending: dict[int, _Pending] = {}
         self._next_id = 0
-        self._send_events, self._receive_events = trio.open_memory_channel[JobEvent | Reset](
-            event_buffer
-        )
+        self._send_events, self._receive_events = trio.open_memory_channel[_Taken](event_buffer)
         #: Set by :meth:`events` once the buffer is at most half full, while a resubscription
         #: waits for room (:meth:`_buffer_room`); None when none waits.
         self._room_in_buffer: trio.Event | None = None
@@ -461,7 +464,9 @@ class Client:
                     reset = pending.on_reply(pending.result)
                     if reset is not None:
                         # Before the events after the reply; _joined made sure of room.
-                        self._send_events.send_nowait(reset)
+                        state = self.rooms.get(reset.room)
+                        marks = () if state is None else ((state, reset.cursor),)
+                        self._send_events.send_nowait((reset, marks))
             pending.done.set()
         elif kind == "heartbeat":
             for room, head in message.get("heads", {}).items():
@@ -500,7 +505,8 @@ class Client:
         """Take an event into the buffer if it is the next of a room it belongs to. Never
         waits: the read loop serves replies too, whatever the application does with events
         (it used to wait for room in a full buffer, and every request then timed out)."""
-        advanced: list[tuple[_Room, int]] = []
+        # The rooms it is the next event of, and their cursors past it.
+        advanced: list[tuple[_Room, RoomCursor]] = []
         handed_out = False
         for room, seq in (
             (f"job:{data['job_id']}", data["seq"]),
@@ -522,7 +528,7 @@ class Client:
             if state.resyncing:
                 continue
             if seq == state.cursor.seq + 1:
-                advanced.append((state, seq))
+                advanced.append((state, RoomCursor(state.cursor.epoch, seq)))
             else:
                 self.counters.gaps += 1
                 self._resync(room)
@@ -530,13 +536,13 @@ class Client:
             # Not new to the application: a repeat in each room, or the replay of a room
             # resubscribed after the other room of the event handed it out.
             self.counters.duplicates += 1
-            for state, seq in advanced:
-                state.cursor = RoomCursor(state.cursor.epoch, seq)  # type: ignore[union-attr]
+            for state, cursor in advanced:
+                state.cursor = cursor
             return
         try:
             # No checkpoint per event (a replay of thousands arrives in a few frames): the
             # reader yields once per frame, in get_message.
-            self._send_events.send_nowait(converter.structure(data, JobEvent))
+            self._send_events.send_nowait((converter.structure(data, JobEvent), advanced))
         except trio.WouldBlock:
             # Left out, cursors unmoved: each room it was next in resubscribes from there
             # once the application has made room, and gets it again.
@@ -546,8 +552,8 @@ class Client:
                     self._resync(room)
             return
         self.counters.delivered += 1
-        for state, seq in advanced:
-            state.cursor = RoomCursor(state.cursor.epoch, seq)  # type: ignore[union-attr]
+        for state, cursor in advanced:
+            state.cursor = cursor
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -679,7 +685,7 @@ class Client:
             reset = Reset(room, result["reset_reason"], result.get("snapshot"), head)
         elif state.cursor is None:
             state.cursor = head
-        if state.consumed is None or result.get("reset_reason"):
+        if state.consumed is None:  # a reset's head counts once the reset is taken
             state.consumed = state.cursor
         if state.since is None or result.get("reset_reason"):
             state.since = state.cursor.seq
@@ -729,9 +735,8 @@ class Client:
                             log.info("resubscribing to %s refused for good (%s)", room, exc)
                             epoch = self.welcome.get("epoch")
                             cursor = state.cursor or RoomCursor(str(epoch), 0)
-                            await self._send_events.send(
-                                RoomRefused(room, exc.code, None, cursor, exc, epoch)
-                            )
+                            refused = RoomRefused(room, exc.code, None, cursor, exc, epoch)
+                            await self._send_events.send((refused, ()))
                         return
                     state.resync_failures += 1
                     state.resync_error = str(exc) or "timed out"
@@ -781,17 +786,17 @@ class Client:
             if handed % 64 == 0:
                 # Before an item is taken: a cancellation here loses none.
                 await trio.lowlevel.checkpoint()
-            item: JobEvent | Reset | None
+            taken: _Taken | None
             try:
-                item = receive.receive_nowait()
+                taken = receive.receive_nowait()
             except trio.WouldBlock:
                 try:
-                    item = await receive.receive()
+                    taken = await receive.receive()
                 except trio.EndOfChannel:
-                    item = None
+                    taken = None
             except trio.EndOfChannel:
-                item = None
-            if item is None:  # run() ended: every event it received was handed out
+                taken = None
+            if taken is None:  # run() ended: every event it received was handed out
                 if self._lost is not None:
                     raise self._lost
                 return
@@ -802,18 +807,9 @@ class Client:
             ):
                 self._room_in_buffer = None
                 waiting.set()
-            if isinstance(item, JobEvent):
-                for room, seq in (
-                    (f"job:{item.job_id}", item.seq),
-                    (f"user:{item.user_id}", item.user_seq),
-                ):
-                    state = self.rooms.get(room)
-                    if (
-                        state is not None
-                        and state.consumed is not None
-                        and seq > state.consumed.seq
-                    ):
-                        state.consumed = RoomCursor(state.consumed.epoch, seq)
+            item, marks = taken
+            for state, cursor in marks:
+                state.consumed = cursor
             yield item
 
     # -- one method per request -----------------------------------------------------------------
