@@ -558,7 +558,7 @@ async def test_events_cancelled_at_its_64th_checkpoint_loses_no_event() -> None:
     client = Client("ws://127.0.0.1:1/", "t")
     room = client.rooms["job:j1"] = _Room(RoomCursor("e", 0), RoomCursor("e", 0), resyncing=False)
     for seq in range(1, 101):
-        client._send_events.send_nowait((_event(seq), ((room, RoomCursor("e", seq)),)))
+        client._send_events.send_nowait((_event(seq), room, RoomCursor("e", seq), None, None))
     got: list[int] = []
     with trio.CancelScope() as scope:
         async for item in client.events():
@@ -580,9 +580,9 @@ async def test_a_reset_at_the_64th_checkpoint_survives_a_cancellation() -> None:
     """As above for a Reset: the one telling the application to re-read a room's state."""
     client = Client("ws://127.0.0.1:1/", "t")
     for seq in range(1, 64):
-        client._send_events.send_nowait((_event(seq), ()))
+        client._send_events.send_nowait((_event(seq), None, None, None, None))
     reset = Reset("job:j1", "cursor_too_far: test", {"job": {}}, RoomCursor("e", 500))
-    client._send_events.send_nowait((reset, ()))
+    client._send_events.send_nowait((reset, None, None, None, None))
     seen: list[object] = []
     with trio.CancelScope() as scope:
         async for item in client.events():
@@ -602,7 +602,7 @@ async def test_events_cancelled_while_waiting_keeps_the_next_event() -> None:
     with trio.move_on_after(0.05):
         async for _ in client.events():
             pass
-    client._send_events.send_nowait((_event(1), ()))
+    client._send_events.send_nowait((_event(1), None, None, None, None))
     with trio.fail_after(1):
         async for item in client.events():
             assert isinstance(item, JobEvent) and item.seq == 1
@@ -751,7 +751,7 @@ async def test_a_reset_reply_into_a_full_event_buffer_is_asked_again_once_there_
     room = "job:j1"
     client.rooms[room] = _Room(RoomCursor("old", 5), RoomCursor("old", 5), resyncing=True)
     for seq in (6, 7):
-        client._send_events.send_nowait((_event(seq), ()))
+        client._send_events.send_nowait((_event(seq), None, None, None, None))
     pending = _Pending(on_reply=lambda result: client._joined(room, result))
     client._pending[1] = pending
     reply = {
