@@ -9,10 +9,15 @@ only writer (one runtime owns a database file): on a database several nodes shar
 node's keys are in no filter of this one, so the store looks every key up there. Hashes
 are never removed (a deleted or pruned job costs one look-up); a user's set is dropped and
 loaded again once the window has moved past its load, so it holds about two windows of keys
-(tens of bytes each).
+(tens of bytes each). At most ``limit`` users' sets are kept, the least recently used
+dropped first (a dropped user's next keyed create loads the set again): else every user
+that ever sent a keyed create (the client sends a key with each) kept a set for the life of
+the process.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import attrs
 
@@ -28,18 +33,32 @@ class _UserKeys:
 
 @attrs.define
 class KeyFilter:
-    _users: dict[str, _UserKeys] = attrs.field(factory=dict)
+    #: Users whose sets are kept, at most.
+    limit: int = 10_000
+    # Least recently used first.
+    _users: OrderedDict[str, _UserKeys] = attrs.field(factory=OrderedDict)
+
+    def __len__(self) -> int:
+        return len(self._users)
 
     def needs_load(self, user_id: str, since: float) -> bool:
         """Whether the user's keys must be (re)loaded for a create whose window starts at
-        ``since``: never loaded, or every key loaded is older than the window."""
+        ``since``: never loaded (or dropped since), or every key loaded is older than the
+        window. A user asked about counts as used now."""
         found = self._users.get(user_id)
-        return found is None or since > found.loaded_at
+        if found is None:
+            return True
+        self._users.move_to_end(user_id)
+        return since > found.loaded_at
 
     def load(self, user_id: str, since: float, loaded_at: float, keys: list[str]) -> None:
         """The keys of the user's jobs created at or after ``since``, read at ``loaded_at``
-        (plus those staged and not yet committed)."""
+        (plus those staged and not yet committed); drops the least recently used users'
+        sets beyond ``limit``."""
         self._users[user_id] = _UserKeys(since, loaded_at, {hash(key) for key in keys})
+        self._users.move_to_end(user_id)
+        while len(self._users) > self.limit:
+            self._users.popitem(last=False)
 
     def add(self, user_id: str, key: str) -> None:
         """A keyed job staged (only a loaded user's set needs it: a load reads the rest)."""

@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -123,6 +124,11 @@ class StoreConfig:
     #: First and longest delay between retries of a write during an outage, in seconds.
     retry_backoff: float = 0.05
     retry_backoff_max: float = 2.0
+    #: Users whose event head, waiting count and idempotency-key filter the store keeps in
+    #: memory, at most: past it, the least recently used are forgotten (down to seven
+    #: eighths of it, at a commit) and read again from the database when next needed (one
+    #: query each). A user whose events are staged or committing is never forgotten.
+    users_cached: int = 10_000
 
     def __attrs_post_init__(self) -> None:
         """Refuse, with :class:`InvalidInputError` naming it and its value, a number out of
@@ -277,7 +283,10 @@ class StoreActor:
         # the cached jobs keep their claim's, which a read of a job by id brings up to date).
         self._renewed: dict[str, float] = {}
         # Per user: jobs waiting (created), staged changes included; loaded on first use.
-        self._waiting: dict[str, int] = {}
+        # Least recently used first: like ``_user_heads`` and the key filter, at most
+        # ``users_cached`` users (see :meth:`_forget_users`), else every user that ever
+        # created a job stayed here for the life of the process.
+        self._waiting: OrderedDict[str, int] = OrderedDict()
         self._inflight: list[_Group] = []  # handed to the committer, oldest first
         #: Each job's writes answered early and not yet committed (``progress_window`` at
         #: most), oldest first.
@@ -290,7 +299,9 @@ class StoreActor:
         self._group = _Group(0)  # being applied
         self._batch: list[_Request] = []  # taken from the channel, being applied
         self._beats: dict[str, tuple[int, float]] = {}
-        self._user_heads: dict[str, int] = {}  # includes staged, uncommitted events
+        # Per user: the head ``user_seq``, staged, uncommitted events included; least
+        # recently used first.
+        self._user_heads: OrderedDict[str, int] = OrderedDict()
         self._idle = trio.Event()
         self._idle.set()
         self._wake = trio.CancelScope()
@@ -320,7 +331,7 @@ class StoreActor:
         # (None: not looked up), valid while ``_generation`` is ``_keys_generation``.
         self._keys: dict[_Key, Job | None] | None = None
         self._keys_generation = 0
-        self._key_filter = KeyFilter()
+        self._key_filter = KeyFilter(self.config.users_cached)
 
     def client(self) -> StoreClient:
         """A new client owning its own clone of the request channel; close it when done.
@@ -570,6 +581,9 @@ class StoreActor:
                     await self._commit(group)
                 finally:
                     self._inflight.remove(group)
+                    limit = self.config.users_cached
+                    if len(self._user_heads) > limit or len(self._waiting) > limit:
+                        self._forget_users()
                     if group.fast and self.fast_starter is not None:
                         if group.committed:
                             self.fast_starter.committed(group.fast)
@@ -792,6 +806,26 @@ class StoreActor:
             cache.pop(job_id, None)
         self.hub.publish(group.events)
 
+    def _forget_users(self) -> None:
+        """Forget the least recently used users' heads and waiting counts, down to seven
+        eighths of ``users_cached`` (so a trim comes once per eighth of new users, not at
+        every commit); called as a group leaves the pipeline. A head is forgotten only if no
+        event of its user is staged or committing: the database's head is then the same,
+        and read again on a miss (so the bound is exceeded by the users in flight at most).
+        A waiting count may go at any time: it is read again after a drain
+        (:meth:`_waiting_of`)."""
+        keep = self.config.users_cached - self.config.users_cached // 8
+        busy = {event.user_id for g in (self._group, *self._inflight) for event in g.events}
+        heads = self._user_heads
+        for user_id in list(heads):  # least recently used first
+            if len(heads) <= keep:
+                break
+            if user_id not in busy:
+                del heads[user_id]
+        waiting = self._waiting
+        while len(waiting) > keep:
+            waiting.popitem(last=False)
+
     async def _read_committed(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Run a read beside the actor, between commits: while the database is unavailable
         the actor may be stuck behind a write, and committed state is all a read needs."""
@@ -864,6 +898,8 @@ class StoreActor:
         head = self._user_heads.get(user_id)
         if head is None:
             head = self._user_heads[user_id] = await self.backend.user_head(user_id)
+        else:
+            self._user_heads.move_to_end(user_id)
         return head
 
     async def _stage(self, change: ops.Change) -> Job:
@@ -949,6 +985,8 @@ class StoreActor:
             await self._drain()
             stored = await self.backend.count_by_state(user_id)
             count = self._waiting[user_id] = stored.get(JobState.CREATED.value, 0)
+        else:
+            self._waiting.move_to_end(user_id)
         return count
 
     async def _created_with(self, job: Job, input: Any) -> bool:

@@ -1,0 +1,129 @@
+"""Structures a long-running server keeps per user, job or room stay bounded under churn:
+thousands of distinct users each come once, and what they leave behind in memory is
+bounded by a documented default, not by how many came since the server started."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+from trio.testing import wait_all_tasks_blocked
+
+from actors import (
+    EventHub,
+    MemoryBackend,
+    StoreActor,
+    StoreClient,
+    StoreConfig,
+    TooManyJobsError,
+)
+from actors._options import CreateOptions
+
+USERS = 1000
+CACHED = 64
+
+
+@asynccontextmanager
+async def open_store(**config: int) -> AsyncIterator[tuple[StoreClient, StoreActor]]:
+    actor = StoreActor(MemoryBackend(), EventHub(), StoreConfig(**config))
+    client = actor.client()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        async with client:
+            yield client, actor
+
+
+async def test_the_store_keeps_at_most_users_cached_users(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Each distinct user's event head, waiting count and idempotency-key filter stayed in
+    the store for the life of the process (1,000 entries each after 1,000 users, 5,000
+    after 5,000; a real server's RSS grew with them). Now at most ``users_cached``; a
+    forgotten user is read again: its numbering, its keys and its waiting count are as if
+    it had never been forgotten."""
+    async with open_store(users_cached=CACHED) as (client, actor):
+        first = {}
+
+        async def create(n: int, key: str | None, max_waiting: int | None) -> None:
+            options = CreateOptions(idempotency_key=key)
+            job = await client.create(f"user{n}", "k", n, options, max_waiting=max_waiting)
+            if key == f"key{n}":
+                first[n] = job
+
+        # Many at once, two per user: a user with events staged or committing is never
+        # forgotten (its head is ahead of the database's). Without a waiting limit too, as
+        # a first create with one waits for every write staged before it to commit.
+        for start in range(0, 2 * USERS, 200):
+            async with trio.open_nursery() as nursery:
+                for n in range(start, start + 200):
+                    limit = 3 if n < USERS else None
+                    nursery.start_soon(create, n, f"key{n}", limit)
+                    nursery.start_soon(create, n, f"other{n}", limit)
+        assert len(actor._user_heads) <= CACHED
+        assert len(actor._waiting) <= CACHED
+        assert len(actor._key_filter) <= CACHED
+
+        again = await client.create(
+            "user0", "k", 0, CreateOptions(idempotency_key="key0"), max_waiting=3
+        )
+        assert again.id == first[0].id  # its key found again
+        await client.create("user0", "k", 1, CreateOptions(idempotency_key="new"), max_waiting=3)
+        with pytest.raises(TooManyJobsError):  # its three waiting jobs counted again
+            await client.create("user0", "k", 2, max_waiting=3)
+        for n in range(2 * USERS):
+            seqs = [event.user_seq for event in await client.read_user_events(f"user{n}")]
+            assert seqs == ([1, 2, 3] if n == 0 else [1, 2]), (n, seqs)
+        assert len(actor._user_heads) <= CACHED
+
+
+class _HeldBackend(MemoryBackend):
+    """A memory backend whose commits wait while ``hold`` is set and not yet released."""
+
+    hold: trio.Event | None = None
+
+    async def commit(self, *args: Any, **kwargs: Any) -> Any:
+        if self.hold is not None:
+            await self.hold.wait()
+        return await super().commit(*args, **kwargs)
+
+
+async def test_a_user_with_events_in_flight_is_not_forgotten(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A head forgotten while its user's event was staged or committing would be read again
+    from the database, behind it, and the user's next event would take a number already
+    given: the head of a user in flight stays, however long unused."""
+    backend = _HeldBackend()
+    actor = StoreActor(backend, EventHub(), StoreConfig(users_cached=CACHED))
+    client = actor.client()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        async with client:
+            async with trio.open_nursery() as creates:
+                await _race(client, backend, creates)
+            seqs = [event.user_seq for event in await client.read_user_events("x")]
+            assert seqs == [1, 2]
+            assert len(actor._user_heads) <= CACHED
+
+
+async def _race(client: StoreClient, backend: _HeldBackend, creates: trio.Nursery) -> None:
+    # No time passes (the store cuts a group on a timer): each step runs until every task
+    # waits.
+    backend.hold = trio.Event()
+    creates.start_soon(client.create, "first", "k", None)
+    await wait_all_tasks_blocked()  # its group commits, held
+    creates.start_soon(client.create, "x", "k", None)
+    await wait_all_tasks_blocked()  # staged in the next group
+    for n in range(2 * CACHED):  # x becomes the least recently used
+        creates.start_soon(client.create, f"user{n}", "k", None)
+    await wait_all_tasks_blocked()  # staged there too: that group waits for the first
+    held, backend.hold = backend.hold, trio.Event()
+    held.set()  # the first group commits and leaves; the next one is held
+    await wait_all_tasks_blocked()
+    creates.start_soon(client.create, "x", "k", None)
+    await wait_all_tasks_blocked()
+    backend.hold.set()
+    backend.hold = None
