@@ -628,7 +628,10 @@ class Broadcaster:
                     # Other nodes' commits may be ahead of this store's count; what the
                     # fan-out delivered is committed (in the log) and later events follow.
                     head = max(head, self.fanout.sequencer.head(ident) or 0)
-            if self._heads.get(room, 0) < head:
+            # Only for a room still joined: an unsubscribe served while this join waited
+            # (requests of a connection run at once) emptied the room, and a head kept for
+            # it then was never removed (one entry per room so left, for good).
+            if outbox.subscriptions.get(room) is sub and self._heads.get(room, 0) < head:
                 self._heads[room] = head
             sub.last_seq = head
             epoch = self.epoch
@@ -717,6 +720,11 @@ class Broadcaster:
         started), started (if no other join did) at the user head read now, before the
         room's own head, so every event after the room's head reaches ``sub``."""
         user = ident if kind == "user" else (await self.store.get(ident)).user_id
+        if sub.outbox.subscriptions.get(sub.room) is not sub:
+            # Left while the job was read (an unsubscribe served meanwhile): its leave
+            # unwatched nothing, so a watch now would never be undone, and the fan-out
+            # would track the user, and read the log for it, for the life of the process.
+            return
         fanout.watch(user)
         sub.user = user
         if not fanout.started(user):

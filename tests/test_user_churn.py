@@ -10,15 +10,21 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 from trio.testing import wait_all_tasks_blocked
 
 from actors import (
+    BroadcasterConfig,
     EventHub,
+    FanoutConfig,
+    JobContext,
     MemoryBackend,
+    Outbox,
     StoreActor,
     StoreClient,
     StoreConfig,
     TooManyJobsError,
+    open_runtime,
 )
 from actors._options import CreateOptions
 
@@ -127,3 +133,43 @@ async def _race(client: StoreClient, backend: _HeldBackend, creates: trio.Nurser
     await wait_all_tasks_blocked()
     backend.hold.set()
     backend.hold = None
+
+
+async def _quick(ctx: JobContext, input: Any) -> Any:
+    return input
+
+
+@pytest.mark.parametrize("fanout", [False, True], ids=["one node", "fan-out"])
+async def test_an_unsubscribe_served_during_its_subscribe_leaves_nothing(
+    autojump_clock: trio.abc.Clock, fanout: bool
+) -> None:
+    """A connection's requests run at once: an unsubscribe sent right behind its subscribe
+    is served while the join reads the job. The join then kept the room's head for good (an
+    entry per room so left, never removed: job rooms of pruned jobs included), and, with the
+    fan-out, watched the job's user with no subscription left to unwatch it: the node
+    tracked that user, and read the log for it, for the life of the process."""
+    async with open_runtime(
+        backend=MemoryBackend(),
+        handlers={"quick": _quick},
+        broadcast=BroadcasterConfig(),
+        fanout=FanoutConfig(None) if fanout else None,
+    ) as rt:
+        broadcaster = rt.broadcaster
+        assert broadcaster is not None
+        for n in range(50):
+            job = await rt.create_job("quick", f"user{n}", n)
+            await rt.wait_job(job.id)
+            outbox = Outbox(broadcaster.config)
+            room = f"job:{job.id}"
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(broadcaster.join, outbox, room, None)
+                # Once registered, the join reads the job: the unsubscribe is served then.
+                while room not in outbox.subscriptions:
+                    await trio.lowlevel.checkpoint()
+                broadcaster.leave(outbox, room)
+            broadcaster.finish_join(outbox, room)
+            assert not outbox.subscriptions
+        assert broadcaster.subscriber_count == 0
+        if rt.fanout is not None:
+            assert not rt.fanout.sequencer._users
+        assert not broadcaster._heads
