@@ -293,7 +293,8 @@ class StoreActor:
         self._early: dict[str | None, list[_Request]] = {}
         self._generation = 0  # bumped by a failed commit: older groups are void
         # Why each void generation is void: None (a request-tied failure: its requests are
-        # replayed) or the error its requests get.
+        # replayed) or the error its requests get; kept while a group of it is in flight
+        # (one entry per failed commit otherwise, for good).
         self._void: dict[int, Exception | None] = {}
         self._replay: list[_Request] = []  # in request order
         self._group = _Group(0)  # being applied
@@ -581,6 +582,12 @@ class StoreActor:
                     await self._commit(group)
                 finally:
                     self._inflight.remove(group)
+                    if self._void:
+                        # A void generation's cause is read by its own groups only, and no
+                        # group of an older generation than the ones left is ever made.
+                        live = min(g.generation for g in (self._group, *self._inflight))
+                        for generation in [g for g in self._void if g < live]:
+                            del self._void[generation]
                     limit = self.config.users_cached
                     if len(self._user_heads) > limit or len(self._waiting) > limit:
                         self._forget_users()

@@ -23,6 +23,7 @@ from actors import (
     StoreActor,
     StoreClient,
     StoreConfig,
+    StoreError,
     TooManyJobsError,
     open_runtime,
 )
@@ -34,7 +35,15 @@ CACHED = 64
 
 @asynccontextmanager
 async def open_store(**config: int) -> AsyncIterator[tuple[StoreClient, StoreActor]]:
-    actor = StoreActor(MemoryBackend(), EventHub(), StoreConfig(**config))
+    async with open_store_on(MemoryBackend(), **config) as opened:
+        yield opened
+
+
+@asynccontextmanager
+async def open_store_on(
+    backend: MemoryBackend, **config: int
+) -> AsyncIterator[tuple[StoreClient, StoreActor]]:
+    actor = StoreActor(backend, EventHub(), StoreConfig(**config))
     client = actor.client()
     async with trio.open_nursery() as nursery:
         await nursery.start(actor.run)
@@ -173,3 +182,26 @@ async def test_an_unsubscribe_served_during_its_subscribe_leaves_nothing(
         if rt.fanout is not None:
             assert not rt.fanout.sequencer._users
         assert not broadcaster._heads
+
+
+class _RefusingBackend(MemoryBackend):
+    """A memory backend that refuses (a request-tied error) every commit with a job of a
+    user named ``bad...``."""
+
+    async def commit(self, jobs: Any, *args: Any, **kwargs: Any) -> Any:
+        if any(job.user_id.startswith("bad") for job in jobs):
+            raise ValueError("refused")
+        return await super().commit(jobs, *args, **kwargs)
+
+
+async def test_failed_commits_leave_nothing_behind(autojump_clock: trio.abc.Clock) -> None:
+    """Each failed commit voids a generation of groups and records why; that record stayed
+    after its groups were answered, one per failed commit for the life of the process (on a
+    database several nodes share, a write that lost a job to another node is one)."""
+    async with open_store_on(_RefusingBackend()) as (client, actor):
+        for n in range(100):
+            with pytest.raises(StoreError):
+                await client.create(f"bad{n}", "k", n)
+            await client.create(f"good{n}", "k", n)
+        assert actor._generation >= 100
+        assert len(actor._void) <= 1
