@@ -107,6 +107,10 @@ class RuntimeConfig:
     lease_renew_interval: float = 1.0
     #: Seconds an idempotency key keeps returning the job it created.
     idempotency_window: float = 86_400.0
+    #: Users whose event head, waiting count and idempotency keys the store keeps in memory
+    #: (see :class:`StoreConfig`); the least recently used past it are read again from the
+    #: database when next needed.
+    users_cached: int = 10_000
     #: Queue options per kind (retries, timeout, stall rule); see :class:`KindOptions`.
     kinds: Mapping[str, KindOptions] = attrs.field(factory=dict)
     #: SQLite ``PRAGMA synchronous``: FULL makes a commit durable against power loss too.
@@ -481,6 +485,7 @@ async def open_runtime(
             result_limit=config.result_limit,
             heartbeat_flush_interval=config.heartbeat_flush_interval,
             store_retry_timeout=config.store_retry_timeout,
+            users_cached=config.users_cached,
         ),
     )
     # Clients exist before the store starts: it serves until the last of them is closed.

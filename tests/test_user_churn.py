@@ -20,6 +20,7 @@ from actors import (
     JobContext,
     MemoryBackend,
     Outbox,
+    RuntimeConfig,
     StoreActor,
     StoreClient,
     StoreConfig,
@@ -205,3 +206,22 @@ async def test_failed_commits_leave_nothing_behind(autojump_clock: trio.abc.Cloc
             await client.create(f"good{n}", "k", n)
         assert actor._generation >= 100
         assert len(actor._void) <= 1
+
+
+async def test_a_runtime_keeps_at_most_users_cached_users(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The same through a runtime (``RuntimeConfig.users_cached``, the config file's
+    ``[runtime]`` key): users who each come once, run a job with a key and leave."""
+    async with open_runtime(
+        backend=MemoryBackend(),
+        handlers={"quick": _quick},
+        config=RuntimeConfig(users_cached=CACHED),
+    ) as rt:
+        for n in range(300):
+            job = await rt.create_job("quick", f"user{n}", n, idempotency_key=f"key{n}")
+            await rt.wait_job(job.id)
+        store = rt.store_actor
+        assert len(store._user_heads) <= CACHED
+        assert len(store._waiting) <= CACHED
+        assert len(store._key_filter) <= CACHED
