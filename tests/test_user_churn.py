@@ -56,8 +56,8 @@ async def test_the_store_keeps_at_most_users_cached_users(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     """Each distinct user's event head, waiting count and idempotency-key filter stayed in
-    the store for the life of the process (1,000 entries each after 1,000 users, 5,000
-    after 5,000; a real server's RSS grew with them). Now at most ``users_cached``; a
+    the store for the life of the process (here 2,000 entries each; a real server's RSS grew
+    with them, about 1 KB per user). Now at most ``users_cached``; a
     forgotten user is read again: its numbering, its keys and its waiting count are as if
     it had never been forgotten."""
     async with open_store(users_cached=CACHED) as (client, actor):
