@@ -401,6 +401,25 @@ def _commit_sync(
         raise
 
 
+def _ping_sync(db: sqlite3.Connection) -> None:
+    """:meth:`SqliteBackend.ping`, in the database's thread: a write committed, as every
+    commit is. Taking the write lock and giving it back is not enough: that succeeds on a
+    full disk (or at ``max_page_count``), where every commit fails, and the store would
+    report the database back while no write can be made (``/readyz`` ready, then unavailable
+    again at the next write, over and over). So the probe takes the lock, allocates a page
+    (a row of one page's size in ``meta``, deleted in the same transaction: nothing is left)
+    and commits, which appends to the WAL: it fails as busy while another program holds the
+    lock, and as full while the file or its WAL cannot grow."""
+    try:
+        (size,) = db.execute("PRAGMA page_size").fetchone()
+        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('ping', zeroblob(?))", (size,))
+        db.execute("DELETE FROM meta WHERE key = 'ping'")
+        db.commit()
+    except Exception:
+        db.rollback()
+        raise
+
+
 def _job_from_row(
     record: str, heartbeat: float | None, owner: str | None, lease: float | None
 ) -> Job:
@@ -567,9 +586,7 @@ class SqliteBackend:
         return _job_from_row(*rows[0]) if rows else None
 
     async def ping(self) -> None:
-        # Takes the write lock and gives it back: fails as busy while another program holds it.
-        await self._execute("BEGIN IMMEDIATE")
-        await self._execute("ROLLBACK")
+        await self._call(_ping_sync)
 
     async def commit(
         self,
