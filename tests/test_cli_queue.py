@@ -3,6 +3,7 @@ the generated idempotency key that makes a re-run safe, ``jobs`` filters, ``stat
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
@@ -10,11 +11,14 @@ import time
 from pathlib import Path
 
 import orjson
+import pytest
 import trio
 
 from actors import EventType, JobEvent, JobState
+from transport import open_client
+from transport._commands import _command
 from transport._display import change_line
-from transport._exit import ExitCode
+from transport._exit import CLIError, ExitCode
 
 from .serving import free_port, serving, token
 from .test_cli import COMMAND, serve_process
@@ -189,6 +193,33 @@ async def test_a_lost_reply_prints_the_key_and_the_rerun_makes_no_second_job(
         stored = await jobs_of(running, "alice")
         assert [j["id"] for j in stored] == [rerun.stdout.strip()]
         assert stored[0]["idempotency_key"] == key
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_create_never_answered_says_so_and_prints_the_key(tmp_path: Path) -> None:
+    # A server that does not answer within the client's request timeout (a create waiting
+    # out a full disk for store_retry_timeout, as long as that timeout): the message said
+    # "jobspine: error: ; the job may have been created...", an empty reason.
+    async with serving(tmp_path / "db.sqlite") as running, trio.open_nursery() as nursery:
+        proxy = DropFirstJobReply(running.port, hold=True)
+        port = await nursery.start(proxy.run)
+        args = argparse.Namespace(
+            command="submit",
+            kind="research",
+            input={"query": "q", "depth": 1},
+            create_options={"idempotency_key": "k-never-answered"},
+            watch=False,
+            json=False,
+        )
+        url = f"ws://127.0.0.1:{port}"
+        async with open_client(url, token("alice"), reconnect=False, request_timeout=0.5) as c:
+            with pytest.raises(CLIError) as raised:
+                await _command(c, args)
+        assert raised.value.code == ExitCode.CANNOT_CONNECT
+        assert raised.value.message.startswith(
+            "no answer within 0.5 s; the job may have been created: run the same command"
+            " with --idempotency-key k-never-answered"
+        ), raised.value.message
         nursery.cancel_scope.cancel()
 
 

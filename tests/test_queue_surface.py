@@ -233,10 +233,13 @@ async def test_bad_list_filters(tmp_path: Path, fields: dict[str, Any], code: st
 class DropFirstJobReply:
     """A TCP proxy in front of the server that cuts the connection at the first server frame
     holding a job (a create's reply) instead of forwarding it: the server has stored the
-    create, the client never hears of it. Later connections pass through untouched."""
+    create, the client never hears of it. Later connections pass through untouched. With
+    ``hold``, the connection stays open instead, and nothing more reaches the client: a
+    server that never answers."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, *, hold: bool = False) -> None:
         self.target_port = target_port
+        self.hold = hold
         self.port = 0
         self.dropped = 0
 
@@ -275,6 +278,8 @@ class DropFirstJobReply:
             frame, buffer = buffer[:size], buffer[size:]
             if not self.dropped and b'"type":"reply"' in frame and b'"kind":"' in frame:
                 self.dropped += 1
+                if self.hold:
+                    await trio.sleep_forever()
                 return  # both sockets close: the client sees the connection drop
             await sink.send_all(frame)
 

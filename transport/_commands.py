@@ -429,7 +429,9 @@ async def _command(client: Client, args: argparse.Namespace) -> int:
             # The server may have stored the job: the same key makes a re-run safe.
             raise CLIError(
                 ExitCode.CANNOT_CONNECT,
-                f"{exc or 'no answer within 30 s'}; the job may have been created: run the"
+                # A timeout has no message of its own: said here, never an empty reason.
+                f"{str(exc) or f'no answer within {client.request_timeout:g} s'}; the job may"
+                " have been created: run the"
                 " same command with --idempotency-key"
                 f" {shlex.quote(args.create_options['idempotency_key'])} to submit it at"
                 " most once",
