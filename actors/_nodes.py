@@ -535,6 +535,8 @@ class NodeActor:
         self.fenced += 1
         owner = self.owner
         count = self.supervisor.abandon_all()
+        if owner is not None:
+            self.store.forget_owner(owner)  # the takers' to change now: read, not cached
         log.error("node %s fenced (%s): abandoned %s", owner, why, _jobs(count))
         self._abandoned = None if self.lease is None else self.lease.incarnation
         self.lease = None

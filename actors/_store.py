@@ -279,6 +279,9 @@ class StoreActor:
         # Committed state of the running jobs (the ones written often): waiting, paused and
         # finished jobs live in the database only, so 100,000 waiting cost no memory here.
         self._cache: dict[str, Job] = {}
+        # Incarnations of this node that lost their lease (forget_owner): their jobs are
+        # another node's to change now, so a commit of one of them is not cached.
+        self._gone_owners: set[str] = set()
         # Per owner: the lease its last renewal stored (renew_leases writes the column alone;
         # the cached jobs keep their claim's, which a read of a job by id brings up to date).
         self._renewed: dict[str, float] = {}
@@ -786,6 +789,18 @@ class StoreActor:
             log.error("%s; requests that read the damaged part fail", message, exc_info=exc)
         return StoreError(message)
 
+    def forget_owner(self, owner: str) -> None:
+        """``owner`` (an incarnation of this node) lost its lease: drop its running jobs from
+        the cache, and cache none of them again (a write of one still on its way). Another
+        node takes them over and changes them in the database; the cache would keep showing
+        them running on ``owner``, refuse a resume of one that was paused ("it is running
+        already") and send its pauses and cancels to ``owner``, which is gone, for as long
+        as this process runs. Read from the database instead, they are what that node made
+        of them."""
+        self._gone_owners.add(owner)
+        for job_id in [job.id for job in self._cache.values() if job.owner == owner]:
+            del self._cache[job_id]
+
     def _healthy(self) -> None:
         health = self.health
         if not health.ok:
@@ -805,7 +820,7 @@ class StoreActor:
             if cached and cached.state is JobState.RUNNING and cached.attempt == attempt:
                 cache[job_id] = attrs.evolve(cached, last_heartbeat_at=at)
         for job in group.jobs.values():
-            if job.state is JobState.RUNNING:
+            if job.state is JobState.RUNNING and job.owner not in self._gone_owners:
                 cache[job.id] = job
             else:
                 cache.pop(job.id, None)
@@ -1079,6 +1094,11 @@ class StoreClient:
         ``capacity_matters``: whether limits other than the total can leave jobs waiting."""
         self._actor.fast_starter = starter
         self._actor.queue.capacity_matters = capacity_matters
+
+    def forget_owner(self, owner: str) -> None:
+        """This node's incarnation ``owner`` lost its lease: its jobs are read from the
+        database from now on (see :meth:`StoreActor.forget_owner`). Never blocks."""
+        self._actor.forget_owner(owner)
 
     def unsettle(self) -> None:
         """Capacity freed or a job became claimable outside the store's sight: no create

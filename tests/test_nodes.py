@@ -846,6 +846,19 @@ async def test_a_node_that_stops_renewing_is_taken_over_by_another_on_postgresql
             back.set()  # a reaches the database again: a new incarnation
             await wait_until(lambda: a.node.healthy)
             assert a.node.owner not in (None, first)
+            # a tells of the jobs it abandoned what the database holds (b's takeover), not
+            # what a last wrote: it showed them running on its old incarnation, refused to
+            # resume the paused one ("it is running already") and sent pauses and cancels
+            # to that incarnation, failing each after 11 s, for as long as a ran.
+            assert (await a.get_job(jobs["failed"].id)).state is JobState.FAILED
+            paused = await a.get_job(jobs["paused"].id)
+            assert (paused.state, paused.owner) == (JobState.PAUSED, None)
+            assert (await a.resume(jobs["paused"].id)).state in (
+                JobState.CREATED,
+                JobState.RUNNING,
+            )
+            cancelled = await a.cancel(jobs["requeued"].id)
+            assert cancelled.state is JobState.CANCELLED
 
 
 async def test_a_node_leaving_hands_its_jobs_to_the_other_at_once_on_postgresql(
