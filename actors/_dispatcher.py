@@ -42,6 +42,7 @@ from ._clock import trio_time_of, wall_time
 from ._errors import JobspineError, RuntimeClosedError
 from ._job import Job
 from ._joblog import job_fields
+from ._repeats import RepeatedFailure
 from ._scheduling import ClaimLimits, ClaimPlanner, ServedOrder
 from ._store import StoreClient
 from ._supervisor import Supervisor
@@ -109,6 +110,8 @@ class Dispatcher:
         #: Claims made, jobs started (fast starts included), since the dispatcher started.
         self.claims = 0
         self._last_claim_error: str | None = None
+        # Failed renewals of the running jobs' leases, logged once per cause.
+        self._renewing = RepeatedFailure()
         self.dispatched = 0
         #: Jobs started in their create's commit.
         self.fast_started = 0
@@ -314,7 +317,10 @@ class Dispatcher:
         except RuntimeClosedError:
             raise
         except JobspineError as exc:
-            log.warning("lease renewal failed (retried next interval): %s", exc)
+            level = self._renewing.level(exc)
+            log.log(level, "lease renewal failed (retried next interval): %s", exc)
+        else:
+            self._renewing.succeeded()
 
     def _claiming_allowed(self) -> bool:
         """Whether a job may be claimed now: not once the supervisor's shutdown began (it

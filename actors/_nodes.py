@@ -54,6 +54,7 @@ import trio
 from ._errors import JobspineError, RuntimeClosedError, shown
 from ._ids import new_id
 from ._joblog import job_fields
+from ._repeats import RepeatedFailure
 
 if TYPE_CHECKING:
     from ._store import StoreClient
@@ -298,6 +299,13 @@ class NodeActor:
         self.lease: NodeLease | None = None
         #: The incarnation this process abandoned and has not replaced yet.
         self._abandoned: str | None = None
+        # Each retried operation's failures are logged once per cause (a database down
+        # fails them all, every interval, for as long as it is down).
+        self._registering = RepeatedFailure()
+        self._renewing = RepeatedFailure()
+        self._scanning = RepeatedFailure()
+        self._sweeping = RepeatedFailure()
+        self._counting = RepeatedFailure()
         #: The incarnation this process held last (kept when it is fenced): what a
         #: replacement's error names.
         self._last_owner: str | None = None
@@ -440,7 +448,14 @@ class NodeActor:
                 except RuntimeClosedError:
                     raise
                 except JobspineError as exc:
-                    log.warning("node %s: counting jobs failed: %s", self.node_id, exc)
+                    log.log(
+                        self._counting.level(exc),
+                        "node %s: counting jobs failed: %s",
+                        self.node_id,
+                        exc,
+                    )
+                else:
+                    self._counting.succeeded()
 
     async def _recover_pending(self) -> None:
         """Apply the stall rule to the jobs of every incarnation taken over and not recovered
@@ -486,10 +501,12 @@ class NodeActor:
                 with trio.move_on_after(self.policy.ttl) as attempt:
                     await self.register()
                 if attempt.cancelled_caught:
-                    log.warning(
-                        "node %s: registration unanswered for %g s (retried)",
+                    unanswered = f"unanswered for {self.policy.ttl:g} s"
+                    log.log(
+                        self._registering.level(unanswered),
+                        "node %s: registration %s (retried)",
                         self.node_id,
-                        self.policy.ttl,
+                        unanswered,
                     )
             except NodeIdInUseError as exc:
                 # This process held the id before (it is registering again after it was
@@ -502,10 +519,16 @@ class NodeActor:
             except RuntimeClosedError:
                 raise
             except JobspineError as exc:
-                log.warning("node %s: registration failed (retried): %s", self.node_id, exc)
+                log.log(
+                    self._registering.level(exc),
+                    "node %s: registration failed (retried): %s",
+                    self.node_id,
+                    exc,
+                )
             if self.lease is None:
                 self.policy.failed(trio.current_time())
                 return
+            self._registering.succeeded()
         elif self.policy.renew_due(now):
             # A renewal still unanswered when the lease lapses locally is given up: the next
             # tick abandons the jobs (the database may be gone, or this process was paused).
@@ -525,9 +548,12 @@ class NodeActor:
         except RuntimeClosedError:
             raise
         except JobspineError as exc:
-            log.warning("node %s: lease renewal failed: %s", lease.owner, exc)
+            log.log(
+                self._renewing.level(exc), "node %s: lease renewal failed: %s", lease.owner, exc
+            )
             self.policy.failed(sent)
             return
+        self._renewing.succeeded()
         self.policy.granted(sent)
         self.renewed_at = sent
 
@@ -552,8 +578,11 @@ class NodeActor:
         except RuntimeClosedError:
             raise
         except JobspineError as exc:
-            log.warning("node %s: looking for dead nodes failed: %s", by, exc)
+            log.log(
+                self._scanning.level(exc), "node %s: looking for dead nodes failed: %s", by, exc
+            )
             return 0
+        self._scanning.succeeded()
         won = 0
         for node in expired:
             if node.owner == by:
@@ -594,8 +623,11 @@ class NodeActor:
         except RuntimeClosedError:
             raise
         except JobspineError as exc:
-            log.warning("node %s: looking for orphaned jobs failed: %s", by, exc)
+            log.log(
+                self._sweeping.level(exc), "node %s: looking for orphaned jobs failed: %s", by, exc
+            )
             return 0
+        self._sweeping.succeeded()
         self._unfinished.intersection_update(gone)  # the others have no running job left
         for owner in gone:
             self._queue_recovery(owner, by)

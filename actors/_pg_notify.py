@@ -40,6 +40,7 @@ import trio
 
 from ._errors import shown
 from ._nodes import node_of
+from ._repeats import RepeatedFailure
 from ._routing import QUEUE_CHANNEL, Control, RemoteControlError
 
 __all__ = ["PgNotifier", "node_channel"]
@@ -138,11 +139,14 @@ class PgNotifier:
         return conn
 
     async def _reconnect(self) -> psycopg.Connection[Any]:
+        # Tried every RECONNECT_DELAY for as long as the server is down: said once per cause.
+        failures = RepeatedFailure()
         while True:
             try:
                 return await trio.to_thread.run_sync(self._listen_on)
             except psycopg.Error as exc:
-                log.warning("cannot listen for notifications (%s); trying again", exc)
+                level = failures.level(exc)
+                log.log(level, "cannot listen for notifications (%s); trying again", exc)
                 await trio.sleep(RECONNECT_DELAY)
 
     def _dispatch(self, nursery: trio.Nursery, channel: str, payload: str) -> None:

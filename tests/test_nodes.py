@@ -8,6 +8,7 @@ plus one second, and a node that leaves hands its jobs to the other at once."""
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import os
 import time
@@ -43,6 +44,7 @@ from actors import (
     node_of,
     open_runtime,
 )
+from actors._errors import StoreUnavailableError
 from actors._ops import checkpoint, create, start
 from actors._options import CreateOptions
 
@@ -938,3 +940,92 @@ async def test_jobspine_nodes_reads_a_sqlite_file_its_server_holds(tmp_path: Pat
         [*COMMAND, "nodes", "--db", str(tmp_path / "none.db")], capture_stderr=True, check=False
     )
     assert missing.returncode == 9 and b"no such file" in missing.stderr
+
+
+class DownShared(SharedMemory):
+    """A shared in-memory database that, while ``down``, refuses every call the nodes and the
+    store make as a database that is gone does (:class:`StoreUnavailableError`: an outage)."""
+
+    down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise StoreUnavailableError("connection refused")
+
+    async def renew_node(self, lease: NodeLease, ttl: float, running: int) -> NodeLease:
+        self._check()
+        return await super().renew_node(lease, ttl, running)
+
+    async def register_node(self, *args: Any, **kwargs: Any) -> NodeLease:
+        self._check()
+        return await super().register_node(*args, **kwargs)
+
+    async def expired_nodes(self) -> Any:
+        self._check()
+        return await super().expired_nodes()
+
+    async def orphaned_owners(self) -> Any:
+        self._check()
+        return await super().orphaned_owners()
+
+    async def count_by_state(self, *args: Any, **kwargs: Any) -> Any:
+        self._check()
+        return await super().count_by_state(*args, **kwargs)
+
+    async def renew_leases(self, *args: Any, **kwargs: Any) -> Any:
+        self._check()
+        return await super().renew_leases(*args, **kwargs)
+
+    async def claim(self, *args: Any, **kwargs: Any) -> Any:
+        self._check()
+        return await super().claim(*args, **kwargs)
+
+    async def commit(self, *args: Any, **kwargs: Any) -> Any:
+        self._check()
+        return await super().commit(*args, **kwargs)
+
+    async def ping(self) -> None:
+        self._check()
+
+
+async def test_a_long_outage_is_logged_once_per_cause_not_at_every_retry(
+    autojump_clock: trio.abc.Clock,
+    clear_abandoned: Callable[[], list[str]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A database down for ten minutes fails every renewal, registration and scan of a node,
+    each interval: each was logged as a warning every time (a PostgreSQL server stopped for
+    20 s gave about 50 lines per node, ten minutes thousands). Each is a warning once per
+    cause; once the database is back and the node registered, the next outage is told
+    again."""
+    caplog.set_level(logging.DEBUG, logger="jobspine")
+    backend = DownShared()
+    config = attrs.evolve(FAST, node_id="a")
+    async with open_runtime(backend=backend, handlers=HANDLERS, config=config) as rt:
+        await rt.create_job("hang", "alice", {"checkpoint": True})
+        await wait_until(lambda: rt.supervisor.workers, 5)
+
+        def warnings() -> list[str]:
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if r.levelno >= logging.WARNING
+                and r.name in ("jobspine.nodes", "jobspine.dispatcher")
+            ]
+
+        for fenced in (1, 2):
+            caplog.clear()
+            backend.down = True
+            await wait_until(lambda f=fenced: rt.node.fenced == f, 5)  # type: ignore[misc]
+            await trio.sleep(600)
+            told = warnings()
+            assert len(told) == len(set(told)), told  # no line twice
+            # Once each: the node's and the jobs' lease renewals, the dead-node and orphan
+            # scans, the count of jobs, the fence, the registration.
+            assert len(told) <= 7, told
+            assert any("registration failed" in line for line in told), told
+            # The retries went on, said at debug level.
+            retried = [r for r in caplog.records if "registration failed" in r.getMessage()]
+            assert len(retried) > 100
+            backend.down = False
+            await wait_until(lambda: rt.node.healthy, 5)
