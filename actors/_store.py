@@ -746,6 +746,11 @@ class StoreActor:
             async with self._commit_lock:
                 await self.backend.ping()
         except Exception as exc:
+            if is_corruption(exc):
+                # The probe writes (a page of SQLite's meta table): damage it meets is
+                # reported as a request's is, and the database stays unavailable.
+                self._corrupted(exc)
+                return
             if not is_outage(exc):
                 raise
             self._outage(exc)

@@ -238,3 +238,29 @@ async def test_fills_failing_during_an_outage_log_one_line_a_minute(
         lines = [r for r in caplog.records if "could not fill" in r.message]
         assert len(lines) == 2 and "fills failed since" in lines[1].message
         backend.locked = False
+
+
+class DamagedWhileDownBackend(LockedBackend):
+    """Unavailable, and its probe (a write, as SQLite's is) meets damaged storage."""
+
+    async def ping(self) -> None:
+        self._check()
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+
+async def test_a_probe_that_meets_damage_reports_it_and_stops_nothing(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The probe of an unavailable database writes (SQLite's takes a page of meta): damage
+    # it meets is reported as a request's is (readyz: database corrupt), not raised out of
+    # the store actor, which would have ended the runtime.
+    backend = DamagedWhileDownBackend()
+    async with memory_runtime(None, backend, store_retry_timeout=1.0) as rt:
+        backend.locked = True
+        with pytest.raises(StoreUnavailableError):
+            await rt.create_job("research", "alice", {"query": "q"})
+        backend.locked = False
+        await trio.sleep(5)  # probes, every heartbeat flush interval
+        assert rt.store_health.corrupt is not None
+        assert "malformed" in rt.store_health.corrupt
+        assert not rt.store_health.ok
