@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from ._endings import Ending, HandlerFailure, judge_exit
 from ._errors import (
     InvalidInputError,
     JobspineError,
+    PermanentError,
     StoreError,
     StoreUnavailableError,
     shown,
@@ -112,6 +114,23 @@ def check_handler(kind: object, handler: object) -> None:
             f"the handler of kind {shown(kind)} must be an async function (ctx, input),"
             f" not {type(handler).__name__}"
         )
+
+
+async def call_handler(handler: Handler, kind: str, ctx: JobContext, input: Any) -> Any:
+    """Run ``handler(ctx, input)`` and return its result. A handler that is not async (a
+    plain ``def``) has run to its end when it returns, and what it returned cannot be
+    awaited: that raises :class:`PermanentError` saying so, never retried (every attempt
+    would meet it again), instead of Python's ``object int can't be used in 'await'
+    expression``, which named neither the kind nor the fix."""
+    # Registration cannot tell: a plain function that returns a coroutine (a wrapper, a
+    # lambda) is a handler too, so what it returns is what is checked.
+    awaitable = handler(ctx, input)
+    if not inspect.isawaitable(awaitable):
+        raise PermanentError(
+            f"the handler of kind {shown(kind)} returned {type(awaitable).__name__}, not an"
+            " awaitable: a handler is an async function, async def handler(ctx, input)"
+        )
+    return await awaitable
 
 
 def check_input(handler: Handler, kind: str, input: Any) -> None:
@@ -402,7 +421,7 @@ class Worker:
             if self.on_started is not None:
                 self.on_started(self)
             try:
-                result = await self.handler(self.ctx, self.input)
+                result = await call_handler(self.handler, self.kind, self.ctx, self.input)
             except BaseException as raised:
                 # Every way out of the handler is judged here (see split_raised): its own
                 # exceptions end the attempt, BaseException or not; the runtime's (the

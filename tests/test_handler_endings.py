@@ -483,3 +483,44 @@ async def test_sys_exit_in_a_jobspine_workers_handler_fails_its_job_only(
         )
         after = await wait_for_state(rt, (await rt.create_job("quick", "alice", 7)).id)
         assert (after.state, after.result) == (S.COMPLETED, 7)
+
+
+# -- a handler that is not async ------------------------------------------------------------
+
+NOT_ASYNC = JobError(
+    "PermanentError",
+    "the handler of kind 'plain' returned dict, not an awaitable: a handler is an async"
+    " function, async def handler(ctx, input)",
+)
+
+
+@kind_options(max_attempts=3, retry=WORKER_RETRY)
+def plain(ctx: JobContext, input: Any) -> Any:  # the async forgotten: it runs, then fails
+    return {"n": input}
+
+
+async def test_a_handler_that_is_not_async_fails_its_job_once_saying_so() -> None:
+    """A plain ``def`` handler failed every attempt with Python's ``TypeError: object dict
+    can't be used in 'await' expression``, retried as often as its kind allowed (its side
+    effects repeated each time); now its job fails at once, the error naming the kind and
+    the fix. A plain function returning a coroutine (a wrapper) is a handler as before."""
+
+    def wrapper(ctx: JobContext, input: Any) -> Any:
+        return quick(ctx, input)
+
+    async with memory_runtime({"plain": plain, "wrapped": wrapper}) as rt:
+        with trio.fail_after(10):
+            done = await wait_for_state(rt, (await rt.create_job("plain", "alice", 1)).id)
+            wrapped = await wait_for_state(rt, (await rt.create_job("wrapped", "alice", 2)).id)
+        assert (done.state, done.failed_attempts, done.error) == (S.FAILED, 1, NOT_ASYNC)
+        assert (wrapped.state, wrapped.result) == (S.COMPLETED, 2)
+
+
+async def test_a_jobspine_worker_fails_a_handler_that_is_not_async_alike(
+    tmp_path: Path,
+) -> None:
+    async with served_with_worker(tmp_path, {"plain": plain, "quick": quick}) as rt:
+        done = await wait_for_state(rt, (await rt.create_job("plain", "alice", 1)).id)
+        assert (done.state, done.failed_attempts, done.error) == (S.FAILED, 1, NOT_ASYNC)
+        after = await wait_for_state(rt, (await rt.create_job("quick", "alice", 7)).id)
+        assert (after.state, after.result) == (S.COMPLETED, 7)

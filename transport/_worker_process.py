@@ -49,7 +49,7 @@ from actors._endings import Ending, judge_exit
 from actors._errors import shown
 from actors._ops import progress_value
 from actors._options import options_of, options_to_wire
-from actors._worker import Handler, check_handler, check_input
+from actors._worker import Handler, call_handler, check_handler, check_input
 
 from ._protocol import MAX_BATCH_REQUESTS
 from ._reconnect import FATAL_CLOSE, ReconnectPolicy
@@ -442,7 +442,7 @@ class _Session:
         ending: Ending | None = None
         result: Any = None
         try:
-            result = await handler(attempt.ctx, attempt.input)
+            result = await call_handler(handler, attempt.kind, attempt.ctx, attempt.input)
         except BaseException as raised:
             # Judged as in the server (a group is one typed error, an unasked JobStopped a
             # failure, a SystemExit or a stray Cancelled the handler's own); the runtime's
