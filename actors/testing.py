@@ -99,8 +99,9 @@ async def jobspine_memory_runtime(
 ) -> AsyncIterator[Runtime]:
     """A running runtime on the in-memory store, closed after the test. Nothing in it runs
     in a thread, so delays, backoffs, timeouts and stalls follow the test's clock: with
-    ``autojump_clock`` requested by the test, an hour of them passes in milliseconds (the
-    SQLite runtime's database thread does not follow a virtual clock)."""
+    ``autojump_clock`` requested by the test, an hour of them passes in about a second (the
+    runtime's loops wake once per virtual second, each wake a jump; the SQLite runtime's
+    database thread does not follow a virtual clock)."""
     async with open_runtime(
         backend=MemoryBackend(), handlers=jobspine_handlers, config=jobspine_config
     ) as runtime:
