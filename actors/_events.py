@@ -208,7 +208,14 @@ class EventStream:
             event, cost = await self._receive.receive()
         except trio.EndOfChannel:
             if self.lagged:
-                raise EventStreamLagged("event stream buffer overflowed") from None
+                # "buffer overflowed" said neither which bound nor what to do about it.
+                buffer = self._receive.statistics().max_buffer_size
+                raise EventStreamLagged(
+                    f"event stream cut off: its reader fell more than {buffer:g} events or"
+                    f" {self.max_bytes:,} bytes behind (events(buffer=, max_bytes=) set"
+                    " them); what it missed is in each job's durable log:"
+                    " read_events(job_id, after_seq=the last seq read)"
+                ) from None
             raise StopAsyncIteration from None
         self._queued -= 1
         self.queued_bytes -= cost

@@ -280,10 +280,19 @@ async def test_lagging_event_consumer_is_cut_off(jobspine_runtime: Runtime) -> N
         job = await rt.create_trade_job("alice", "X", "buy", 1, slices=3)
         await wait_for_state(rt, job.id)
         received = []
-        with pytest.raises(EventStreamLagged):
+        with pytest.raises(EventStreamLagged) as lagged:
             async for event in stream:
                 received.append(event)
         assert [e.seq for e in received] == [1, 2, 3]
+        # It names the bound it crossed and how to catch up (it said "event stream buffer
+        # overflowed").
+        assert str(lagged.value) == (
+            "event stream cut off: its reader fell more than 3 events or 67,108,864 bytes"
+            " behind (events(buffer=, max_bytes=) set them); what it missed is in each job's"
+            " durable log: read_events(job_id, after_seq=the last seq read)"
+        )
+        missed = await rt.read_events(job.id, after_seq=received[-1].seq)
+        assert missed[0].seq == 4 and missed[-1].type == "completed"
 
 
 async def test_a_thousand_concurrent_jobs(tmp_path: Any) -> None:
