@@ -10,10 +10,14 @@ either runtime runs under Trio even without ``trio_mode = true`` or ``@pytest.ma
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Callable
 from inspect import iscoroutinefunction
 from pathlib import Path
 from typing import TypeVar
+
+import trio
+import trio.testing
 
 try:
     import pytest
@@ -86,7 +90,20 @@ def jobspine_config() -> RuntimeConfig:
 async def jobspine_runtime(
     tmp_path: Path, jobspine_handlers: dict[str, Handler], jobspine_config: RuntimeConfig
 ) -> AsyncIterator[Runtime]:
-    """A running runtime on ``tmp_path / "jobspine.db"``, closed after the test."""
+    """A running runtime on ``tmp_path / "jobspine.db"``, closed after the test. A test that
+    also requests ``autojump_clock`` (any ``MockClock`` that jumps by itself) fails at once,
+    saying to use :func:`jobspine_memory_runtime`."""
+    clock = trio.lowlevel.current_clock()
+    if isinstance(clock, trio.testing.MockClock) and clock.autojump_threshold != math.inf:
+        # The clock jumps whenever every task waits, and here they wait on the database's
+        # thread: virtual time ran on while SQLite worked (a 2.5 s job took 41 virtual
+        # seconds), so stalls, timeouts and delays fired at no time the test could predict.
+        pytest.fail(
+            "jobspine_runtime keeps its SQLite database in a thread, which autojump_clock"
+            " does not wait for: the virtual clock would jump while the database works."
+            " Use jobspine_memory_runtime (the same runtime in memory) with autojump_clock",
+            pytrace=False,
+        )
     async with open_runtime(
         tmp_path / "jobspine.db", handlers=jobspine_handlers, config=jobspine_config
     ) as runtime:

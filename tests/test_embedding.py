@@ -180,12 +180,14 @@ async def test_an_hour_on_the_memory_runtime(jobspine_memory_runtime: Runtime, a
 """
 
 
-def run_app_tests(tmp_path: Path, pyproject: str, *args: str) -> subprocess.CompletedProcess[str]:
+def run_app_tests(
+    tmp_path: Path, pyproject: str, *args: str, app_test: str = APP_TEST
+) -> subprocess.CompletedProcess[str]:
     project = tmp_path / "project"
     project.mkdir()
     (project / "pyproject.toml").write_text(textwrap.dedent(pyproject))
     (project / "conftest.py").write_text('pytest_plugins = ["actors.testing"]\n')
-    (project / "test_app.py").write_text(APP_TEST)
+    (project / "test_app.py").write_text(app_test)
     env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST")}
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
@@ -224,3 +226,37 @@ def test_the_fixture_says_what_is_missing_without_pytest_trio(tmp_path: Path) ->
     result = run_app_tests(tmp_path, "[tool.pytest.ini_options]\n", "-p", "no:trio")
     assert result.returncode != 0
     assert "actors.testing needs the pytest-trio plugin" in result.stdout + result.stderr
+
+
+AUTOJUMP_ON_SQLITE = """
+import trio
+
+
+async def slow(ctx, input):
+    for i in range(20):
+        await ctx.checkpoint({"i": i})
+    return "done"
+
+
+async def test_sqlite_under_autojump(jobspine_runtime, autojump_clock):
+    jobspine_runtime.register("slow", slow)
+    job = await jobspine_runtime.create_job("slow", "alice", {})
+    start = trio.current_time()
+    await jobspine_runtime.wait_job(job.id)
+    assert trio.current_time() - start < 0.5  # no wait of its own: no virtual time should pass
+"""
+
+
+def test_the_sqlite_fixture_under_autojump_clock_fails_saying_what_to_use(tmp_path: Path) -> None:
+    """The README says a virtual clock does not stop for the SQLite runtime's thread; a test
+    that asked for both ran anyway, its clock jumping while the database worked (its job's
+    20 checkpoints took 146 virtual seconds: stalls and timeouts fire early). It fails at once,
+    naming the fixture to use."""
+    result = run_app_tests(
+        tmp_path, "[tool.pytest.ini_options]\ntrio_mode = true\n", app_test=AUTOJUMP_ON_SQLITE
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Use jobspine_memory_runtime (the same runtime in memory) with autojump_clock" in (
+        result.stdout
+    )
+    assert "1 failed" in result.stdout and "AssertionError" not in result.stdout
