@@ -247,8 +247,9 @@ class Repository:
         is stored when it raises."""
         self._supervisor.check_input(kind, input)
         defaults = self._supervisor.options_for(kind)
+        now = self._supervisor.now()
         options = CreateOptions.check(
-            self._supervisor.now(),
+            now,
             priority=priority,
             delay=delay,
             run_at=run_at,
@@ -271,6 +272,7 @@ class Repository:
             max_waiting=self._max_waiting,
             idempotency_window=self._idempotency_window,
             start_at_once=True,
+            now=now,  # created_at: a delay is exactly run_at - created_at
         )
         if job.parent_id is not None and job.state is S.CREATED:
             parent = await self._store.get(job.parent_id)

@@ -1156,8 +1156,11 @@ class StoreClient:
         max_waiting: int | None = None,
         idempotency_window: float = 86_400.0,
         start_at_once: bool = False,
+        now: float | None = None,
     ) -> Job:
-        """Store a waiting job. ``options`` are checked, with the kind's defaults in. Raises
+        """Store a waiting job. ``options`` are checked, with the kind's defaults in. ``now``:
+        the wall time (Unix seconds) the options' ``run_at`` was computed from, the job's
+        ``created_at`` (default: read here). Raises
         :class:`InvalidParentError` (no such job of this user), :class:`TooManyJobsError`
         (``max_waiting`` of the user's jobs wait), :class:`IdempotencyConflictError`; with an
         idempotency key already used for the same request within ``idempotency_window``
@@ -1167,7 +1170,12 @@ class StoreClient:
         ``owner`` and ``lease_expires_at`` set."""
         actor = self._actor
         # Built (and its values checked) in the caller's task, before it joins a group.
-        change = ops.create(new_id(), user_id, kind, input, wall_time(), options)
+        # One reading for both: a delay's run_at from one and created_at from the next were
+        # a float's least step apart under a test's clock (which makes each reading later
+        # than the one before), so a job delayed 3600 s was stored 3599.99999976 s apart and
+        # started that much early by the test's clock.
+        now = wall_time() if now is None else now
+        change = ops.create(new_id(), user_id, kind, input, now, options)
         new = change[0]
 
         async def fn() -> Job:

@@ -135,6 +135,24 @@ async def test_stored_times_follow_the_mock_clock(autojump_clock: trio.abc.Clock
         assert (await rt.queue_stats()).scheduled == 0
 
 
+async def test_a_delay_is_stored_exactly_and_never_runs_early_by_the_mock_clock(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A delay's run_at was read from the clock once and created_at once more: under a mock
+    clock, whose readings at one instant each come a float's least step after the one
+    before, a job delayed 3600 s was stored 3599.99999976 s apart, and now and then started
+    that much before its delay by the test's clock (a test asserting it waited its delay
+    failed one run in a hundred). Both come from one reading now."""
+    started, handler = starts()
+    async with memory_runtime({"at": handler}) as rt:
+        for delay in (60, 3600, 60, 3600):
+            begin = trio.current_time()
+            job = await rt.create_job("at", "alice", {}, delay=delay)
+            assert job.run_at is not None and job.run_at - job.created_at == delay
+            await wait_for_state(rt, job.id, timeout=delay + 60)
+            assert started[-1] - begin >= delay
+
+
 async def test_stalls_and_timeouts_ignore_wall_clock_steps(
     autojump_clock: trio.abc.Clock, wall: SteppedWall
 ) -> None:
