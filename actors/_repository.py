@@ -173,7 +173,8 @@ class Repository:
         stall rule (else ``RuntimeConfig.kinds[kind]``, else the handler's
         :func:`kind_options`, else the defaults). ``kind`` is a name a job can be created
         with (1 to 1,024 printable characters, see :func:`~._codec.check_kind`) and ``handler``
-        a callable, else :class:`InvalidInputError` names it and nothing is registered."""
+        callable as ``handler(ctx, input)``, else :class:`InvalidInputError` names it and
+        nothing is registered."""
         check_handler(kind, handler)
         self._supervisor.set_kind_options(kind, options)  # checked before anything changes
         self._handlers[kind] = handler

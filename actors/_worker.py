@@ -106,14 +106,27 @@ def validates(check: InputCheck) -> Callable[[_H], _H]:
 
 def check_handler(kind: object, handler: object) -> None:
     """Raise :class:`InvalidInputError` unless ``kind`` is a name a job can be created with
-    (:func:`~._codec.check_kind`) and ``handler`` can be called: every registration checks
-    both before it changes anything (a handler of None was taken, and its jobs never ran)."""
+    (:func:`~._codec.check_kind`) and ``handler`` can be called as ``handler(ctx, input)``:
+    every registration checks both before it changes anything (a handler of None was taken,
+    and its jobs never ran; one taking only ``ctx`` was taken, and each of its jobs failed
+    with Python's ``TypeError`` naming neither the kind nor the fix)."""
     check_kind(kind)
     if not callable(handler):
         raise InvalidInputError(
             f"the handler of kind {shown(kind)} must be an async function (ctx, input),"
             f" not {type(handler).__name__}"
         )
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):  # a callable Python cannot describe: judged when called
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError as exc:
+        raise InvalidInputError(
+            f"the handler of kind {shown(kind)} cannot be called with (ctx, input): {exc};"
+            " a handler is async def handler(ctx, input)"
+        ) from None
 
 
 async def call_handler(handler: Handler, kind: str, ctx: JobContext, input: Any) -> Any:

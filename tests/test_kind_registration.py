@@ -4,11 +4,14 @@ and a worker's hello) uses the one check ``create_job`` does."""
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
+import trio
 
 from actors import (
     InvalidInputError,
@@ -98,6 +101,96 @@ async def test_a_handler_that_cannot_be_called_is_not_registered(handler: Any) -
         WorkerProcess("ws://127.0.0.1:1", "token", {"k": handler})
 
 
+async def _only_ctx(ctx: JobContext) -> int:
+    return 1
+
+
+async def _three(ctx: JobContext, input: Any, extra: Any) -> int:
+    return 1
+
+
+async def _keyword_needed(ctx: JobContext, input: Any, *, mode: str) -> int:
+    return 1
+
+
+async def _keyword_defaulted(ctx: JobContext, input: Any, *, mode: str = "fast") -> int:
+    return 2
+
+
+async def _any(*args: Any) -> int:
+    return 3
+
+
+class _Callable:
+    async def __call__(self, ctx: JobContext, input: Any) -> int:
+        return 4
+
+
+#: Callables ``handler(ctx, input)`` cannot call, with what the refusal says of each.
+UNCALLABLE: dict[str, tuple[Any, str]] = {
+    "only ctx": (_only_ctx, "too many positional arguments"),
+    "three": (_three, "missing a required argument: 'extra'"),
+    "keyword needed": (_keyword_needed, "missing a required argument: 'mode'"),
+    "bound both": (functools.partial(_three, cast(Any, 1), 2), "too many positional arguments"),
+    "lambda of nothing": (lambda: None, "too many positional arguments"),
+}
+
+
+@pytest.mark.parametrize("name", list(UNCALLABLE))
+async def test_a_handler_that_cannot_take_ctx_and_input_is_not_registered(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``async def handler(ctx)`` was registered, and each of its jobs failed at its start
+    with Python's ``TypeError: handler() takes 1 positional argument but 2 were given``
+    (naming neither the kind nor the fix), retried as often as its kind allowed; under
+    ``jobspine worker`` too, whose start then printed a traceback. Every registration now
+    refuses it, naming the kind and what does not fit, and registers nothing."""
+    handler, why = UNCALLABLE[name]
+    expected = f"the handler of kind 'k' cannot be called with (ctx, input): {why}"
+    async with memory_runtime({}) as rt:
+        with pytest.raises(InvalidInputError) as refused:
+            rt.register("k", handler)
+        assert str(refused.value).startswith(expected)
+        assert "async def handler(ctx, input)" in str(refused.value)
+        assert "k" not in rt.kinds
+    with pytest.raises(InvalidInputError, match="cannot be called with"):
+        async with open_runtime(backend=MemoryBackend(), handlers={"k": handler}):
+            pytest.fail("opened with a handler that cannot take (ctx, input)")
+    with pytest.raises(InvalidInputError, match="cannot be called with"):
+        WorkerProcess("ws://127.0.0.1:1", "token", {"k": handler})
+    (tmp_path / "narrow.py").write_text("async def h(ctx):\n    return 1\n\nHANDLERS = {'k': h}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    with pytest.raises(CLIError) as usage:
+        load_handlers("narrow:HANDLERS")
+    assert usage.value.code == ExitCode.USAGE
+    assert str(usage.value).startswith(
+        "--handlers narrow:HANDLERS: the handler of kind 'k' cannot be called with (ctx, input)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("handler", "result"),
+    [
+        (_keyword_defaulted, 2),
+        (_any, 3),
+        (_Callable(), 4),
+        (functools.partial(_three, extra=None), 1),
+        (print, None),  # no signature Python can read: judged when called, as before
+    ],
+)
+async def test_a_handler_that_can_take_ctx_and_input_is_registered(
+    handler: Any, result: int | None
+) -> None:
+    async with memory_runtime({}) as rt:
+        rt.register("k", handler)
+        assert "k" in rt.kinds
+        if result is not None:
+            job = await rt.create_job("k", "alice", {})
+            assert (await rt.wait_job(job.id)).result == result
+    WorkerProcess("ws://127.0.0.1:1", "token", {"k": handler})
+
+
 def test_a_worker_whose_hello_the_server_cannot_read_is_refused_at_once() -> None:
     """Kinds each fine, but together a hello over the 512 KiB a server reads before accepting
     one (256 names of 1 KB, the most a name holds, with their options): the server closed it
@@ -117,3 +210,43 @@ def test_a_runtime_config_refuses_a_kind_no_job_can_be_created_with(kind: Any) -
         RuntimeConfig(max_running_per_kind={kind: 1})
     with pytest.raises(InvalidInputError, match=r"^kind"):
         RuntimeConfig(kinds={kind: KindOptions()})
+
+
+WORKER = [sys.executable, "-m", "transport._cli", "worker"]
+
+
+@pytest.mark.parametrize(
+    ("handlers", "said"),
+    [
+        (
+            "async def h(ctx):\n    return 1\n\nHANDLERS = {'k': h}\n",
+            "--handlers mine:HANDLERS: the handler of kind 'k' cannot be called with (ctx,"
+            " input): too many positional arguments",
+        ),
+        (
+            "async def h(ctx, input):\n    return 1\n\n"
+            "HANDLERS = {f'{i:03d}' + '\\U0001f600' * 255: h for i in range(256)}\n",
+            "the hello of these 259 kinds (their names and options) takes 570,536 bytes, over"
+            " the 524,288 a server reads",
+        ),
+    ],
+)
+async def test_jobspine_worker_refuses_handlers_it_cannot_serve_in_one_line(
+    tmp_path: Path, handlers: str, said: str
+) -> None:
+    """``jobspine worker`` whose handlers it could not serve (a hello no server reads) ended
+    in a traceback and exit status 1; now one line and a usage error, before connecting."""
+    (tmp_path / "mine.py").write_text(handlers)
+    result = await trio.run_process(
+        [*WORKER, "--url", "ws://127.0.0.1:1", "--token", "x", "--handlers", "mine:HANDLERS"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    stderr = result.stderr.decode()
+    assert result.returncode == ExitCode.USAGE, stderr
+    assert "Traceback" not in stderr
+    assert stderr.startswith(f"jobspine: error: {said}"), stderr
+    assert len(stderr.splitlines()) == 1, stderr

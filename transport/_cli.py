@@ -39,10 +39,10 @@ from actors import (
     parse_duration,
 )
 from actors._backend import POSTGRES_URL_SCHEMES
-from actors._codec import check_kind
 from actors._errors import shown, unwrap_group
 from actors._fanout import redact_redis_url, redis_refusal
 from actors._retention import DAY
+from actors._worker import check_handler
 
 from ._app import PortUnavailableError, open_server
 from ._auth import MAX_TOKEN_TTL, mint_token, secret_problem, user_id_problem
@@ -387,14 +387,17 @@ async def _worker_main(
 ) -> WorkerFatalError | None:
     """Serves until a signal's drain ends; returns the refusal that stops it (reconnecting
     cannot help), caught here rather than wrapped in the nursery's exception group."""
-    process = WorkerProcess(
-        args.url,
-        args.token,
-        handlers,
-        concurrency=args.concurrency,
-        connect_timeout=args.connect_timeout,
-        name=args.name or f"{socket.gethostname()}-{os.getpid()}",
-    )
+    try:
+        process = WorkerProcess(
+            args.url,
+            args.token,
+            handlers,
+            concurrency=args.concurrency,
+            connect_timeout=args.connect_timeout,
+            name=args.name or f"{socket.gethostname()}-{os.getpid()}",
+        )
+    except InvalidInputError as exc:  # what it would serve (a hello too large): a traceback
+        raise CLIError(ExitCode.USAGE, str(exc)) from None
     fatal: WorkerFatalError | None = None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
@@ -470,7 +473,7 @@ def load_handlers(spec: str) -> dict[str, Any]:
                 " function",
             )
         try:
-            check_kind(kind)  # as the runtime's registration and a worker's hello check it
+            check_handler(kind, handler)  # as the runtime's registration and a worker check it
         except InvalidInputError as exc:
             raise CLIError(ExitCode.USAGE, f"--handlers {spec}: {exc}") from None
     return found
