@@ -283,6 +283,36 @@ def test_token_refuses_a_user_or_lifetime_no_server_would_accept(tmp_path: Path)
     assert verify_token("s" * 32, longest.stdout.strip()).user_id == "bob"
 
 
+@pytest.mark.parametrize("given", ["flag --db", "env JOBSPINE_DB", "file"])
+def test_serve_refuses_a_database_in_a_directory_that_does_not_exist(
+    tmp_path: Path, given: str
+) -> None:
+    """``serve --db`` with a mistyped directory created it and started on a new, empty
+    database beside a new development secret: every job seemingly gone, every token minted
+    before refused. A path the user gave must be in a directory that exists: a usage error
+    naming the path, its directory and where it came from, and nothing created."""
+    db = tmp_path / "jbos" / "nested" / "jobs.db"  # "jobs" mistyped
+    env = {"JOBSPINE_DATA": str(tmp_path / "data")}
+    args: tuple[str, ...] = ()
+    if given == "flag --db":
+        args = ("--db", str(db))
+    elif given == "env JOBSPINE_DB":
+        env["JOBSPINE_DB"] = str(db)
+    else:
+        config = tmp_path / "config.toml"
+        config.write_text(f"[server]\ndb = {str(db)!r}\n")
+        env["JOBSPINE_CONFIG"] = str(config)
+        given = f"file {config}"
+    ports = ("--port", str(free_port()), "--health-port", str(free_port()))
+    refused = run("serve", *args, *ports, env=env)
+    assert (refused.returncode, refused.stdout) == (ExitCode.USAGE, ""), refused
+    assert refused.stderr == (
+        f"jobspine: error: database '{db}' ({given}): its directory '{db.parent}' does not"
+        " exist; create it, or correct the path\n"
+    )
+    assert not (tmp_path / "jbos").exists() and not (tmp_path / "data").exists()
+
+
 def test_precedence_flags_env_file_defaults() -> None:
     file = {"log_level": "WARNING", "client": {"url": "ws://file:1", "connect_timeout": 3},
             "server": {"port": 7000, "max_inflight": 4}, "runtime": {"stop_grace": 1}}  # fmt: skip

@@ -817,6 +817,22 @@ def _token_ttl(text: str) -> float:
     return seconds
 
 
+def _check_db_directory(db: Path, source: str) -> None:
+    """A database path the user gave (``--db``, ``JOBSPINE_DB``, the config file's
+    ``server.db``) must be in a directory that exists; raises a usage :class:`CLIError`
+    naming both and where the path came from. A mistyped directory was created, and the
+    server started on a new, empty database (every job seemingly gone) beside a new
+    development secret that refused every token minted before. The default's data directory
+    (``JOBSPINE_DATA``, else ``~/.local/share/jobspine``) is created as before."""
+    if source.startswith("default") or db.parent.is_dir():
+        return
+    raise CLIError(
+        ExitCode.USAGE,
+        f"database {shown(str(db))} ({source}): its directory {shown(str(db.parent))} does"
+        " not exist; create it, or correct the path",
+    )
+
+
 def _run(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     settings = apply_settings(args, dict(os.environ))
@@ -825,6 +841,7 @@ def _run(argv: list[str]) -> int:
     except ValueError as exc:
         raise CLIError(ExitCode.USAGE, f"--log-level/--log-format: {exc}") from None
     if args.command == "serve":
+        _check_db_directory(Path(args.db), settings["db"].source)
         return run_serve(args)
     if args.command == "worker":
         return run_worker(args)
