@@ -351,8 +351,9 @@ class Backend(Protocol):
         keys no job has are left out. One query for a batch of creates."""
         ...
 
-    async def keys_since(self, user_id: str, since: float) -> list[str]:
-        """The idempotency keys of the user's jobs created at or after ``since`` (Unix s)."""
+    async def keys_since(self, user_id: str, since: float, limit: int) -> list[str]:
+        """The idempotency keys of the user's jobs created at or after ``since`` (Unix s), at
+        most ``limit`` of them (any: the store reads one more than it keeps, to know)."""
         ...
 
     async def held_until(self, owner: str, now: float) -> float | None:
@@ -670,14 +671,14 @@ class MemoryBackend:
         ]
         return min(held) if held else None
 
-    async def keys_since(self, user_id: str, since: float) -> list[str]:
+    async def keys_since(self, user_id: str, since: float, limit: int) -> list[str]:
         return [
             job.idempotency_key
             for job in self._jobs.values()
             if job.user_id == user_id
             and job.idempotency_key is not None
             and job.created_at >= since
-        ]
+        ][:limit]
 
     # -- nodes ------------------------------------------------------------------------------------
 

@@ -946,12 +946,12 @@ class PostgresBackend:
         )
         return {(user_id, key): _job_from_row(*row) for user_id, key, *row in rows}
 
-    async def keys_since(self, user_id: str, since: float) -> list[str]:
+    async def keys_since(self, user_id: str, since: float, limit: int) -> list[str]:
         rows = await self._read(
             lambda conn: conn.execute(
                 "SELECT idempotency_key FROM jobs WHERE user_id = %s"
-                " AND idempotency_key IS NOT NULL AND created_at >= %s",
-                (user_id, since),
+                " AND idempotency_key IS NOT NULL AND created_at >= %s LIMIT %s",
+                (user_id, since, limit),
             ).fetchall()
         )
         return [key for (key,) in rows]

@@ -28,6 +28,7 @@ from ._events import EventHub
 from ._fanout import Fanout, FanoutConfig
 from ._ids import new_id
 from ._joblog import job_fields
+from ._keyfilter import FILTER_BYTES
 from ._nodes import NodeActor, NodeReplacedError
 from ._options import KindOptions
 from ._ranges import check_count, check_fields
@@ -111,6 +112,9 @@ class RuntimeConfig:
     #: (see :class:`StoreConfig`); the least recently used past it are read again from the
     #: database when next needed.
     users_cached: int = 10_000
+    #: Bytes of idempotency-key hashes kept in memory, all users together (see
+    #: :class:`StoreConfig`): 64 MiB, about 400,000 keys.
+    key_filter_bytes: int = FILTER_BYTES
     #: Queue options per kind (retries, timeout, stall rule); see :class:`KindOptions`.
     kinds: Mapping[str, KindOptions] = attrs.field(factory=dict)
     #: SQLite ``PRAGMA synchronous``: FULL makes a commit durable against power loss too.
@@ -486,6 +490,7 @@ async def open_runtime(
             heartbeat_flush_interval=config.heartbeat_flush_interval,
             store_retry_timeout=config.store_retry_timeout,
             users_cached=config.users_cached,
+            key_filter_bytes=config.key_filter_bytes,
         ),
     )
     # Clients exist before the store starts: it serves until the last of them is closed.

@@ -848,11 +848,11 @@ class SqliteBackend:
                         newest[(user_id, key)] = (job_id, _job_from_row(*row))
         return {key: job for key, (_, job) in newest.items()}
 
-    async def keys_since(self, user_id: str, since: float) -> list[str]:
+    async def keys_since(self, user_id: str, since: float, limit: int) -> list[str]:
         rows = await self._execute(
             "SELECT idempotency_key FROM jobs INDEXED BY jobs_keys"
-            " WHERE user_id = ? AND idempotency_key IS NOT NULL AND created_at >= ?",
-            (user_id, since),
+            " WHERE user_id = ? AND idempotency_key IS NOT NULL AND created_at >= ? LIMIT ?",
+            (user_id, since, limit),
         )
         return [key for (key,) in rows]
 

@@ -88,7 +88,7 @@ from ._events import EventHub, EventType, JobEvent, StoredEvent
 from ._fast_start import FastStarter, QueueVerdict
 from ._ids import new_id
 from ._job import Job, JobError
-from ._keyfilter import KeyFilter
+from ._keyfilter import FILTER_BYTES, KeyFilter
 from ._metrics import StoreMetrics, move
 from ._nodes import NodeInfo, NodeLease
 from ._options import CreateOptions
@@ -129,6 +129,10 @@ class StoreConfig:
     #: eighths of it, at a commit) and read again from the database when next needed (one
     #: query each). A user whose events are staged or committing is never forgotten.
     users_cached: int = 10_000
+    #: Bytes of idempotency-key hashes the store keeps in memory, all users together (about
+    #: 168 bytes a key): past it, the least recently used users' are forgotten, and a user
+    #: with more keys than that in its window keeps none (each of its keys looked up).
+    key_filter_bytes: int = FILTER_BYTES
 
     def __attrs_post_init__(self) -> None:
         """Refuse, with :class:`InvalidInputError` naming it and its value, a number out of
@@ -335,7 +339,7 @@ class StoreActor:
         # (None: not looked up), valid while ``_generation`` is ``_keys_generation``.
         self._keys: dict[_Key, Job | None] | None = None
         self._keys_generation = 0
-        self._key_filter = KeyFilter(self.config.users_cached)
+        self._key_filter = KeyFilter(self.config.users_cached, self.config.key_filter_bytes)
 
     def client(self) -> StoreClient:
         """A new client owning its own clone of the request channel; close it when done.
@@ -549,8 +553,11 @@ class StoreActor:
             if job.user_id == user_id and job.idempotency_key is not None
         ]
         loaded_at = wall_time()
-        keys = [*staged, *await self.backend.keys_since(user_id, since)]
-        self._key_filter.load(user_id, since, loaded_at, keys)
+        # One more than the filter holds, at most: a user with more keeps no set (each key
+        # looked up), and a load never reads more than the budget into memory.
+        most = self._key_filter.max_hashes
+        keys = [*staged, *await self.backend.keys_since(user_id, since, most + 1)]
+        self._key_filter.load(user_id, since, loaded_at, keys if len(keys) <= most else None)
 
     async def _replay_void(self) -> None:
         """Apply and commit again, one at a time, the requests of groups a request-tied

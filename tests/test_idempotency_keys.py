@@ -4,6 +4,8 @@ is refused, the window holds, and a barrier within a batch (a query) changes not
 
 from __future__ import annotations
 
+import secrets
+import tracemalloc
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,7 +24,7 @@ from actors import (
     SqliteBackend,
     open_runtime,
 )
-from actors._keyfilter import KeyFilter
+from actors._keyfilter import HASH_BYTES, KeyFilter
 from transport.client import new_key
 
 
@@ -182,6 +184,85 @@ def test_key_filter() -> None:
     assert keys.needs_load("u", 201.0)  # the window moved past the load: read again
     keys.add("v", "k")  # a user never loaded: nothing kept
     assert keys.needs_load("v", 0.0)
+
+
+def test_key_filter_keeps_to_its_byte_budget() -> None:
+    """A user creating keyed jobs all day grew its set without bound (two windows of a day:
+    100 creates a second made 17 million hashes, about 1.5 GB), read whole from the database
+    at each window. The sets now hold ``max_bytes`` in all: the least recently used users'
+    are dropped, and a user with more keys than that keeps none (each key looked up)."""
+    keys = KeyFilter(max_bytes=10 * HASH_BYTES)
+    assert keys.max_hashes == 10
+    keys.load("a", 0.0, 100.0, [f"a{n}" for n in range(4)])
+    keys.load("b", 0.0, 100.0, [f"b{n}" for n in range(4)])
+    assert keys.bytes == 8 * HASH_BYTES
+    keys.needs_load("a", 50.0)  # a used: b is now the least recently used
+    for n in range(3):
+        keys.add("a", f"new{n}")
+    # 11 > 10: b dropped (loaded again when next needed), a kept whole.
+    assert keys.needs_load("b", 50.0) and not keys.needs_load("a", 50.0)
+    assert keys.bytes == 7 * HASH_BYTES
+    assert keys.may_exist("a", "new2", 50.0) and not keys.may_exist("a", "fresh", 50.0)
+    keys.add("a", "new0")  # a repeat: counted once
+    assert keys.bytes == 7 * HASH_BYTES
+    for n in range(3, 10):
+        keys.add("a", f"new{n}")
+    # a alone over the budget: it keeps no set, and every key of it may exist (looked up).
+    assert keys.bytes == 0 and len(keys) == 1
+    assert keys.may_exist("a", "fresh", 50.0) and not keys.needs_load("a", 50.0)
+    keys.add("a", "more")
+    assert keys.bytes == 0
+    assert keys.needs_load("a", 101.0)  # its window moved past the load: read again
+    keys.load("a", 101.0, 200.0, None)  # more than the budget read: no set either
+    assert keys.bytes == 0 and keys.may_exist("a", "x", 150.0)
+    keys.load("a", 101.0, 200.0, [f"k{n}" for n in range(11)])
+    assert keys.bytes == 0 and keys.may_exist("a", "x", 150.0)
+    keys.load("a", 101.0, 200.0, ["k"])
+    assert keys.bytes == HASH_BYTES and not keys.may_exist("a", "x", 150.0)
+
+
+@pytest.mark.parametrize("count", [1_000, 6_000, 20_000, 30_000, 98_305, 200_000])
+def test_hash_bytes_is_an_upper_bound_of_what_a_key_costs(count: int) -> None:
+    keys = [secrets.token_urlsafe(16) for _ in range(count)]
+    tracemalloc.start()
+    try:
+        filter = KeyFilter(max_bytes=2 * count * HASH_BYTES)
+        filter.load("u", 0.0, 1.0, keys)
+        used, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert filter.bytes == count * HASH_BYTES
+    assert peak <= count * HASH_BYTES, (used / count, peak / count)
+
+
+async def test_a_user_over_the_key_budget_keeps_its_keys_idempotent(make_backend: Any) -> None:
+    """Past the budget a user's keys are looked up in the database, one query per batch:
+    a repeated key still returns its job, a new request with it is still refused, and the
+    store reads at most one more key than it keeps."""
+    backend = make_backend()
+    reads: list[int] = []
+    keys_since = backend.keys_since
+
+    async def counted(user_id: str, since: float, limit: int) -> list[str]:
+        found: list[str] = await keys_since(user_id, since, limit)
+        reads.append(len(found))
+        return found
+
+    backend.keys_since = counted
+    async with runtime(backend, key_filter_bytes=5 * HASH_BYTES) as rt:
+        store = rt.store_actor
+        first = [
+            await rt.create_job("hold", "alice", {"n": n}, idempotency_key=f"k{n}")
+            for n in range(8)
+        ]
+        await rt.create_job("hold", "bob", {}, idempotency_key="b")
+        assert store._key_filter.bytes <= 5 * HASH_BYTES
+        again = await create_all(rt, [("alice", {"n": n}, f"k{n}") for n in range(8)])
+        assert [job.id for job in again] == [job.id for job in first]
+        with pytest.raises(IdempotencyConflictError):
+            await rt.create_job("hold", "alice", {"n": 99}, idempotency_key="k3")
+        assert all(read <= 6 for read in reads), reads
+        assert store._key_filter.bytes <= 5 * HASH_BYTES
 
 
 def test_generated_keys_can_follow_a_flag() -> None:

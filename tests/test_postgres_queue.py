@@ -424,8 +424,9 @@ async def test_key_lookups_and_held_leases_on_every_backend(backend: Backend) ->
         ("bob", "same"): "k3",
     }
     assert await backend.find_by_keys([]) == {}
-    assert sorted(await backend.keys_since("alice", NOW - 50)) == ["same", "same"]
-    assert sorted(await backend.keys_since("alice", 0)) == ["old", "same", "same"]
+    assert sorted(await backend.keys_since("alice", NOW - 50, 10)) == ["same", "same"]
+    assert sorted(await backend.keys_since("alice", 0, 10)) == ["old", "same", "same"]
+    assert len(await backend.keys_since("alice", 0, 2)) == 2
     assert await backend.held_until("me", NOW) == NOW + 10
     assert await backend.held_until("other", NOW) == NOW + 5
     assert await backend.held_until("me", NOW + 31) is None
