@@ -698,24 +698,32 @@ def test_users_admin_expiry_and_bounded_list(server: Server, driver: WebDriver) 
 def test_jobspine_ui_opens_the_page_signed_in(
     server: Server, driver: WebDriver, tmp_path: Path
 ) -> None:
-    """``jobspine ui`` hands the browser the token in the URL fragment only: the page is signed
-    in, the address bar is clean, and the token is in no server log."""
+    """``jobspine ui`` hands the browser the token in the URL fragment only, and through a
+    one-use local address, never on the browser's command line (where every local user could
+    read it): the page is signed in, the address bar is clean, and the token is in no server
+    log. The address, used once, opens nothing."""
     opened = tmp_path / "opened"
     fake = tmp_path / "browser.sh"
-    fake.write_text(f'#!/bin/sh\nprintf %s "$1" > {opened}\n')
+    fake.write_text(f'#!/bin/sh\nprintf %s "$1" > {opened}.part && mv {opened}.part {opened}\n')
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     alice = server.token("alice")
     env = {**server.env(), "JOBSPINE_TOKEN": alice, "BROWSER": str(fake)}
     args = ["ui", "--url", f"ws://127.0.0.1:{server.port}", "--health-port", str(server.http)]
-    out = subprocess.run([*COMMAND, *args], env=env, capture_output=True, text=True, check=True)
-    assert alice not in out.stdout + out.stderr
-    url = opened.read_text()
-    assert url == f"{server.page}#token={alice}"
     printed = subprocess.run([*COMMAND, *args, "--print-url"], env=env, capture_output=True,
                              text=True, check=True)  # fmt: skip
-    assert printed.stdout.strip() == url
-
-    driver.get(url)
+    url = printed.stdout.strip()
+    assert url == f"{server.page}#token={alice}"
+    with subprocess.Popen([*COMMAND, *args], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as ui:  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not opened.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        one_use = opened.read_text()
+        assert one_use.startswith("http://127.0.0.1:") and alice not in one_use
+        driver.get(one_use)  # the browser asks: redirected to the signed-in page
+        out, err = ui.communicate(timeout=30)
+    assert ui.returncode == 0, err
+    assert alice not in out + err
     wait(driver, live)
     assert driver.current_url == server.page
     assert "alice" in text(driver, "who")

@@ -4,11 +4,14 @@ files shipped as package data."""
 
 from __future__ import annotations
 
+import http.client
 import math
 import os
 import re
+import socket
 import subprocess
 import sys
+import threading
 import tomllib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,7 +34,7 @@ from transport._health import (
     request_path,
     serve_health,
 )
-from transport._ui import dashboard_url
+from transport._ui import dashboard_url, hand_over
 
 from .serving import HANDLERS, SECRET, free_port, token
 
@@ -232,6 +235,61 @@ def test_ui_url_and_missing_token() -> None:
     command = [sys.executable, "-m", "transport._cli", "ui"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 5 and "jobspine token --user NAME" in done.stderr
+
+
+TARGET = "http://127.0.0.1:8766/#token=SECRET-TOKEN"
+
+
+def fetch(url: str, method: str = "GET", path: str | None = None) -> tuple[int, str | None]:
+    """One request, as a browser's first (no redirect followed): its status and Location."""
+    parts = url.split("/", 3)
+    connection = http.client.HTTPConnection(parts[2], timeout=10)
+    try:
+        connection.request(method, path if path is not None else "/" + parts[3])
+        response = connection.getresponse()
+        return response.status, response.getheader("location")
+    finally:
+        connection.close()
+
+
+async def test_ui_hands_the_token_over_through_a_one_use_address() -> None:
+    """``jobspine ui`` gave the browser the signed-in URL as its argument, which stayed in the
+    browser's command line, readable by every local user (``ps``), for as long as it ran.
+    The browser now gets a one-use local address holding no token: its first GET is
+    redirected to the signed-in URL, fragment and all; a wrong path, a HEAD or garbage
+    does not use it up, and once used it answers 404."""
+    seen: dict[str, Any] = {}
+    fetched = threading.Event()
+
+    def browser(url: str) -> bool:  # a browser command that fetches before it returns
+        seen["url"] = url
+        seen["wrong"] = fetch(url, path="/elsewhere")
+        seen["head"] = fetch(url, "HEAD")
+        host, port = url.split("/")[2].split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            raw.sendall(b"\x00\xff not http\r\n\r\n")
+            raw.recv(100)
+        seen["first"] = fetch(url)
+        fetched.set()
+        return True
+
+    with trio.fail_after(20):
+        assert await hand_over(TARGET, browser, timeout=15) is True
+        assert await trio.to_thread.run_sync(fetched.wait, 10)
+    assert seen["url"].startswith("http://127.0.0.1:") and "SECRET" not in seen["url"]
+    assert len(seen["url"].rsplit("/", 1)[1]) >= 40  # a random path: 32 bytes
+    assert seen["wrong"] == (404, None) and seen["head"] == (404, None)
+    assert seen["first"] == (303, TARGET)
+    with pytest.raises(ConnectionRefusedError):  # used up: nothing answers there any more
+        fetch(seen["url"])
+
+
+async def test_ui_says_when_no_browser_starts_or_asks() -> None:
+    with trio.fail_after(20):
+        assert await hand_over(TARGET, lambda url: False, timeout=15) is False
+        started = trio.current_time()
+        assert await hand_over(TARGET, lambda url: True, timeout=0.5) is None
+        assert trio.current_time() - started < 5
 
 
 async def test_ui_asks_the_server_for_its_http_port(tmp_path: Path) -> None:

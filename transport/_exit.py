@@ -15,7 +15,8 @@ class ExitCode(enum.IntEnum):
     JOB_FAILED = 1
     #: Bad command line, configuration or input (argparse's own status); the server refused
     #: the input (``invalid_input``, ``unknown_kind``, ``bad_request``, ...); ``ui`` could
-    #: start no browser (the command to run instead: ``ui --print-url``).
+    #: start no browser, or none asked for the page (the command to run instead:
+    #: ``ui --print-url``).
     USAGE = 2
     #: The job ended ``cancelled`` or is ``paused`` (``--watch`` / ``watch``).
     JOB_STOPPED = 3

@@ -2,14 +2,24 @@
 
 The token goes in the URL's *fragment* (``http://HOST:PORT/#token=...``): a browser never sends
 a fragment to a server, so it reaches no request line, access log or proxy; the page moves it
-to the tab's sessionStorage and removes it from the address bar at once."""
+to the tab's sessionStorage and removes it from the address bar at once.
+
+Nor is it put on a command line: a browser started with that URL kept it in its arguments,
+which every local user reads (``ps``, ``/proc/PID/cmdline``) for as long as the browser runs.
+The browser is given a one-use address on this machine instead (``http://127.0.0.1:PORT/`` and
+a random path, :func:`hand_over`), which answers its first request with a redirect to the
+signed-in URL and then nothing: what is left in the browser's arguments opens nothing.
+"""
 
 from __future__ import annotations
 
 import argparse
+import secrets
 import webbrowser
+from collections.abc import Callable
 from urllib.parse import quote, urlsplit
 
+import h11
 import trio
 
 from actors._errors import shown
@@ -19,7 +29,12 @@ from ._display import write
 from ._exit import CLIError, ExitCode
 from .client import ClientError
 
-__all__ = ["dashboard_url", "run_ui"]
+__all__ = ["dashboard_url", "hand_over", "run_ui"]
+
+#: Seconds ``jobspine ui`` waits for the browser to ask for its one-use address.
+HANDOVER_TIMEOUT = 60.0
+#: Bytes of a request the one-use address reads, at most.
+_MAX_REQUEST = 8192
 
 
 async def _http_port(args: argparse.Namespace, given: int | None) -> int:
@@ -66,14 +81,88 @@ def dashboard_url(websocket_url: str, http_port: int) -> str:
     return f"{scheme}://{host}:{http_port}/"
 
 
+async def hand_over(
+    target: str,
+    open_browser: Callable[[str], bool],
+    timeout: float = HANDOVER_TIMEOUT,  # noqa: ASYNC109 - the browser's time to ask
+) -> bool | None:
+    """Serve ``target`` (the signed-in URL) once, at a one-use address on 127.0.0.1 that
+    ``open_browser`` is called with (in a thread: a browser command may not return until the
+    browser does). The first ``GET`` of that address gets a redirect (303) to ``target``,
+    fragment and all, never cached or sent on as a referrer; any other request, and every
+    request after it, gets 404. Returns True once the redirect is sent, False if
+    ``open_browser`` returned false (no browser started), None after ``timeout`` seconds
+    without the request."""
+    path = "/" + secrets.token_urlsafe(32)
+    outcome: list[bool] = []  # the first of: redirect sent (True), no browser (False)
+    done = trio.Event()
+    answering = False  # a request of the address is being answered
+    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listener.socket.getsockname()[1]
+
+    async def answer(stream: trio.SocketStream) -> None:
+        """One request; a client that sends garbage or goes away harms only itself."""
+        nonlocal answering
+        first = False
+        async with stream:
+            connection = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST)
+            try:
+                with trio.move_on_after(5):
+                    event = connection.next_event()
+                    while event is h11.NEED_DATA:
+                        connection.receive_data(await stream.receive_some(_MAX_REQUEST))
+                        event = connection.next_event()
+                if not isinstance(event, h11.Request):
+                    return
+                first = event.method == b"GET" and event.target == path.encode()
+                first = first and not answering and not done.is_set()
+                headers = [("cache-control", "no-store"), ("content-length", "0")]
+                if first:  # marked before any await: a second request finds it taken
+                    answering = True
+                    headers += [("location", target), ("referrer-policy", "no-referrer")]
+                response = h11.Response(status_code=303 if first else 404, headers=headers)
+                await stream.send_all(
+                    (connection.send(response) or b"")
+                    + (connection.send(h11.EndOfMessage()) or b"")
+                )
+            except (h11.RemoteProtocolError, trio.BrokenResourceError):
+                return
+            finally:
+                answering = answering and not first
+            if first:  # sent: the address is used up (a browser that went away may ask again)
+                outcome.append(True)
+                done.set()
+
+    async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with listener, trio.open_nursery() as connections:
+            task_status.started()
+            while True:
+                connections.start_soon(answer, await listener.accept())
+
+    async def start_browser() -> None:
+        url = f"http://127.0.0.1:{port}{path}"
+        if not await trio.to_thread.run_sync(open_browser, url, abandon_on_cancel=True):
+            outcome.append(False)
+            done.set()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve)
+        nursery.start_soon(start_browser)
+        with trio.move_on_after(timeout):
+            await done.wait()
+        nursery.cancel_scope.cancel()
+    return outcome[0] if outcome else None
+
+
 def run_ui(args: argparse.Namespace, *, asked: bool = False) -> int:
     """Opens the dashboard signed in with the client token (``--token``, ``JOBSPINE_TOKEN``,
-    the config file); ``--print-url`` prints the signed-in URL instead, for a browser on
-    another machine. It connects to the server at ``--url`` first, always. The HTTP port is
-    the one that server announces, unless ``asked`` (``--health-port`` was set: a flag,
-    variable or the config file) and not 0 (for ``serve``, any free port: the one it took is
-    the one it announces). Exit status 5 without a token (or refused), 4 when the server
-    cannot be reached, 2 when no browser can be started."""
+    the config file), through a one-use local address (:func:`hand_over`); ``--print-url``
+    prints the signed-in URL instead, for a browser on another machine. It connects to the
+    server at ``--url`` first, always. The HTTP port is the one that server announces, unless
+    ``asked`` (``--health-port`` was set: a flag, variable or the config file) and not 0 (for
+    ``serve``, any free port: the one it took is the one it announces). Exit status 5 without
+    a token (or refused), 4 when the server cannot be reached, 2 when no browser can be
+    started or none asks for the address within :data:`HANDOVER_TIMEOUT` seconds."""
     if not args.token:
         raise CLIError(ExitCode.AUTH, NO_TOKEN)
     port = trio.run(_http_port, args, args.health_port if asked and args.health_port else None)
@@ -82,12 +171,20 @@ def run_ui(args: argparse.Namespace, *, asked: bool = False) -> int:
     if args.print_url:
         write(signed_in + "\n")
         return ExitCode.OK
-    if not webbrowser.open(signed_in):
+    handed = trio.run(hand_over, signed_in, webbrowser.open)
+    if handed is None or not handed:
         # A usage error, as documented: on this machine, the command to run is --print-url.
+        why = (
+            "no browser could be started"
+            if handed is not None
+            else f"no browser asked for the page within {HANDOVER_TIMEOUT:.0f} s"
+        )
         raise CLIError(
             ExitCode.USAGE,
-            f"no browser could be started: open {base} and paste your token there, or use"
-            " jobspine ui --print-url",
+            f"{why}: open {base} and paste your token there, or use jobspine ui --print-url",
         )
-    write(f"opened {base} in your browser (signed in; the token is not sent in any request)\n")
+    write(
+        f"opened {base} in your browser (signed in; the token is on no command line and in no"
+        " request)\n"
+    )
     return ExitCode.OK
