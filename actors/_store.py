@@ -410,10 +410,17 @@ class StoreActor:
         while True:
             if self._replay:
                 await self._replay_void()
-            # Wake at least every flush interval: heartbeats arrive without a request.
+            # Wake at least every flush interval while there is something to flush, commit
+            # or probe: heartbeats arrive without a request (one arriving while this sleeps
+            # for longer brings the wake forward, :meth:`StoreClient.heartbeat`). Idle, it
+            # sleeps until a request comes: an idle runtime under a test's virtual clock
+            # let a virtual hour pass in 3,600 wakes.
             first: _Request | None = None
+            busy = self._beats or self._group or self._inflight or not self.health.ok
             try:
-                with trio.move_on_after(self.config.heartbeat_flush_interval) as self._wake:
+                with trio.move_on_after(
+                    self.config.heartbeat_flush_interval if busy else math.inf
+                ) as self._wake:
                     first = await receive.receive()
             except trio.EndOfChannel:
                 return
@@ -1590,7 +1597,11 @@ class StoreClient:
         if not _may_name_a_job(job_id):
             # Of no job (see _load); in a commit it would fail everyone's writes with it.
             return
-        self._actor._beats[job_id] = (attempt, wall_time())
+        actor = self._actor
+        if not actor._beats:  # the actor may be asleep until the next request: not that long
+            flush_at = trio.current_time() + actor.config.heartbeat_flush_interval
+            actor._wake.deadline = min(actor._wake.deadline, flush_at)
+        actor._beats[job_id] = (attempt, wall_time())
 
     # -- queries (barriers) ---------------------------------------------------------------------
 
