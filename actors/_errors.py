@@ -76,6 +76,13 @@ def shown_names(names: list[str], count: int = 20, width: int = 64) -> str:
     return ", ".join(cut) + more
 
 
+def one_line(error: BaseException) -> str:
+    """``error``'s message on one line: every run of whitespace, newlines included, one space.
+    For a reason or a log line quoting a driver's error, which may be several lines (psycopg
+    adds the server's ``HINT:`` and ``DETAIL:`` on lines of their own)."""
+    return " ".join(str(error).split())
+
+
 class JobspineError(Exception):
     """Base class of every error the runtime raises on purpose."""
 

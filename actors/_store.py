@@ -82,6 +82,7 @@ from ._errors import (
     StoreUnavailableError,
     TooManyJobsError,
     UnknownJobError,
+    one_line,
     shown,
 )
 from ._events import EventHub, EventType, JobEvent, StoredEvent
@@ -742,7 +743,7 @@ class StoreActor:
                 self._outage(exc)
                 if self._closing or trio.current_time() >= self._outage_deadline:
                     raise StoreUnavailableError(
-                        f"the database is unavailable ({exc}) for longer than"
+                        f"the database is unavailable ({one_line(exc)}) for longer than"
                         f" store_retry_timeout ({self.config.store_retry_timeout:g} s);"
                         " nothing was saved"
                     ) from exc
@@ -761,8 +762,9 @@ class StoreActor:
                 await self.backend.ping()
         except Exception as exc:
             if is_corruption(exc):
-                # The probe writes (a page of SQLite's meta table): damage it meets is
-                # reported as a request's is, and the database stays unavailable.
+                # The probe writes (a page of SQLite's meta table, of PostgreSQL's probes
+                # table): damage it meets is reported as a request's is, and the database
+                # stays unavailable.
                 self._corrupted(exc)
                 return
             if not is_outage(exc):
@@ -773,13 +775,16 @@ class StoreActor:
 
     def _outage(self, exc: Exception) -> None:
         health = self.health
+        # One line: the reason is /readyz's, and a driver's message may be several (psycopg's
+        # "could not extend file ...: No space left on device" is followed by a HINT line).
+        reason = one_line(exc)
         if health.ok:
-            log.warning("database unavailable, writes wait and are retried: %s", exc)
+            log.warning("database unavailable, writes wait and are retried: %s", reason)
             health.ok, health.since = False, time.time()
             health.outages += 1
             self._outage_began = trio.current_time()  # its length: the wall clock may be set
             self._outage_deadline = self._outage_began + self.config.store_retry_timeout
-        health.reason = f"database unavailable: {exc}"
+        health.reason = f"database unavailable: {reason}"
 
     def _log_outage_failure(self, exc: Exception) -> None:
         """A request or read failed because the database is unavailable: a warning without
@@ -800,8 +805,8 @@ class StoreActor:
         """The error for a request that met damaged storage; logged (with its traceback)
         the first time only: every later request that reads the same pages meets it too."""
         message = (
-            f"the database is corrupt ({exc}): stop the server and restore it from a backup"
-            " (for a SQLite file, sqlite3's .recover command saves what it can read)"
+            f"the database is corrupt ({one_line(exc)}): stop the server and restore it from a"
+            " backup (for a SQLite file, sqlite3's .recover command saves what it can read)"
         )
         if self.health.corrupt is None:
             self.health.corrupt = message

@@ -261,6 +261,7 @@ async def test_migration_to_v4_fills_seq_and_user_heads(pg_url: str) -> None:
         conn.execute("ALTER TABLE jobs DROP COLUMN seq")
         conn.execute("DELETE FROM user_heads")
         conn.execute("DROP TABLE nodes")
+        conn.execute("DROP TABLE probes")  # v5's
         conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
     async with node(pg_url) as (store, _, _):
         await store.set_progress(job.id, 1, 50, None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import AsyncExitStack
 from typing import Any
 
 import attrs
@@ -13,7 +14,7 @@ import orjson
 import psycopg
 import pytest
 import trio
-from psycopg import errors
+from psycopg import errors, sql
 
 from actors import (
     EventHub,
@@ -29,6 +30,7 @@ from actors import (
 )
 from actors._backend import is_outage
 from actors._ids import new_id
+from actors._postgres import PROBE_VACUUM_PAGES
 from transport import open_client
 
 from .serving import free_port
@@ -66,9 +68,9 @@ async def test_epoch_persists_and_a_newer_schema_is_refused(pg_url: str) -> None
     with psycopg.connect(pg_url, autocommit=True) as conn:
         meta: dict[str, str] = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         # And the fan-out key (test_fanout_signing), made once: the same at every opening.
-        assert meta == {"schema_version": "4", "epoch": epoch, "fanout_key": key.hex()}
+        assert meta == {"schema_version": "5", "epoch": epoch, "fanout_key": key.hex()}
         conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
-    with pytest.raises(StoreError, match="schema v99 is newer than this runtime's v4"):
+    with pytest.raises(StoreError, match="schema v99 is newer than this runtime's v5"):
         async with backend.opened():
             pass  # pragma: no cover
 
@@ -139,6 +141,92 @@ async def test_postgres_errors_are_told_outage_or_tied_to_the_write(pg_url: str)
     assert is_outage(errors.DeadlockDetected("deadlock detected"))
     assert is_outage(errors.AdminShutdown("terminating connection"))
     assert not is_outage(errors.CheckViolation("violates check constraint"))
+
+
+def probe_table(url: str) -> tuple[int, int]:
+    """The ``probes`` table's rows and pages (blocks of its file)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*), pg_relation_size('probes') / current_setting('block_size')::int"
+            " FROM probes"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def vacuum_probes(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("VACUUM probes")
+
+
+async def test_the_probe_makes_the_table_grow_and_leaves_nothing(pg_url: str) -> None:
+    """The outage probe (``ping``) commits a row that needs a new page: one page past the
+    table's end per probe, whatever pages VACUUM emptied (filled first, as no proof), no row
+    left; VACUUM gives every page back, and the probe runs it past PROBE_VACUUM_PAGES. A
+    probe of another node, its row not committed yet, holds no lock this one waits for."""
+    backend = PostgresBackend(pg_url)
+    async with backend.opened():
+        assert await trio.to_thread.run_sync(probe_table, pg_url) == (0, 0)
+        for _ in range(200):
+            await backend.ping()
+        # No row left, a page of a dead row per probe, and never more than the probe's own
+        # VACUUM allows, whether autovacuum runs or not (the test server's is off).
+        rows, pages = await trio.to_thread.run_sync(probe_table, pg_url)
+        assert rows == 0 and 1 <= pages <= PROBE_VACUUM_PAGES + 1
+        await trio.to_thread.run_sync(vacuum_probes, pg_url)
+        assert await trio.to_thread.run_sync(probe_table, pg_url) == (0, 0)
+        for _ in range(5):
+            await backend.ping()
+        assert await trio.to_thread.run_sync(probe_table, pg_url) == (0, 5)
+        # Another node's probe in progress, its row not committed, on the last page: VACUUM
+        # empties the others but cannot cut them off. A row there would need no new space:
+        # the probe fills them all, then makes the table grow by one page, without waiting
+        # for the other's row or its lock.
+        with psycopg.connect(pg_url, autocommit=True) as other, other.transaction():
+            other.execute(
+                "INSERT INTO probes (pad) VALUES (convert_to(repeat(' ', 7680), 'SQL_ASCII'))"
+            )
+            await trio.to_thread.run_sync(vacuum_probes, pg_url)
+            rows, pages = await trio.to_thread.run_sync(probe_table, pg_url)
+            assert rows == 0 and pages >= 5
+            with trio.fail_after(2):
+                await backend.ping()
+            assert await trio.to_thread.run_sync(probe_table, pg_url) == (0, pages + 1)
+            other.execute("DELETE FROM probes")
+        await trio.to_thread.run_sync(vacuum_probes, pg_url)
+        assert await trio.to_thread.run_sync(probe_table, pg_url) == (0, 0)
+
+
+async def test_nodes_probing_at_once_do_not_wait_for_each_other(pg_url: str) -> None:
+    """Several nodes on one database probe it at once (an outage seen by all): each probe
+    inserts and deletes rows of its own, no key, so none waits for another's row; every one
+    succeeds within a short lock timeout and none leaves a row."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        # The nodes' sessions wait at most this long for a lock: a wait fails the probe.
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} SET lock_timeout = '200ms'").format(
+                sql.Identifier(conn.info.dbname)
+            )
+        )
+    backends = [PostgresBackend(pg_url) for _ in range(4)]
+    async with AsyncExitStack() as stack:
+        for backend in backends:
+            await stack.enter_async_context(backend.opened())
+
+        async def probe(backend: PostgresBackend) -> None:
+            for _ in range(25):
+                await backend.ping()
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for backend in backends:
+                    nursery.start_soon(probe, backend)
+    # No row left; the pages (several at a time while they contended for the extension
+    # lock) all given back by VACUUM.
+    rows, pages = await trio.to_thread.run_sync(probe_table, pg_url)
+    assert rows == 0 and pages >= 1
+    await trio.to_thread.run_sync(vacuum_probes, pg_url)
+    assert await trio.to_thread.run_sync(probe_table, pg_url) == (0, 0)
 
 
 def terminate_all_sessions(url: str) -> None:
@@ -349,6 +437,7 @@ NUL_VALUES = {"s": "nul \x00 inside", "\x00key": "\\u0000 as text", "b": "\\\x00
 #: What each schema version added to the one before, taken back down to it (tests build an old
 #: database this way: written by the current code, then stripped).
 DOWNGRADES = {
+    5: ["DROP TABLE probes"],
     4: [
         "ALTER TABLE jobs DROP COLUMN seq",
         "DELETE FROM user_heads",  # v3 kept heads only where retention wrote them
@@ -373,7 +462,7 @@ def stored_rows(url: str) -> tuple[list[dict[str, Any]], list[tuple[Any, ...]]]:
     return jobs, heads
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 async def test_records_holding_nul_migrate_from_every_older_schema(
     pg_url: str, version: int
 ) -> None:
@@ -381,8 +470,8 @@ async def test_records_holding_nul_migrate_from_every_older_schema(
     error), and PostgreSQL's json operators refuse such a document: the migrations that read
     fields of records (v2 ``finished_at``, v3 ``created_at`` and ``ready_at``, v4 ``seq``)
     failed on it for good. Jobs of every state with such records, written by this code, the
-    schema taken back to ``version``: opened again, it migrates to v4, every column read back
-    exactly as this code wrote it."""
+    schema taken back to ``version``: opened again, it migrates to v5, every column read back
+    exactly as this code wrote it (v5 adds only the probe's table)."""
     async with open_store(PostgresBackend(pg_url)) as (store, _, _):
         done = await store.create("alice", "research", NUL_VALUES)
         await store.start(done.id)
@@ -397,7 +486,7 @@ async def test_records_holding_nul_migrate_from_every_older_schema(
         waiting = await store.create("bob", "research", NUL_VALUES)
     before = stored_rows(pg_url)
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        for step in range(4, version, -1):
+        for step in range(5, version, -1):
             for statement in DOWNGRADES[step]:
                 conn.execute(statement)
         conn.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'", (str(version),))
@@ -409,7 +498,7 @@ async def test_records_holding_nul_migrate_from_every_older_schema(
     assert stored_rows(pg_url) == before
     with psycopg.connect(pg_url, autocommit=True) as conn:
         meta = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    assert meta == ("4",)
+    assert meta == ("5",)
     async with open_store(PostgresBackend(pg_url)) as (store, _, _):
         # Numbered on from the migrated seq and head.
         assert (await store.set_progress(running.id, 1, 60, None)).seq == 4

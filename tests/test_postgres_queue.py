@@ -226,7 +226,7 @@ async def test_a_v2_database_of_the_release_before_the_queue_migrates_in_place(
 ) -> None:
     """``tests/data/v2_postgres.sql``: a database written by the release before the queue
     (``make_legacy_pg.py``, run with that release's code), dumped. Opened by this runtime it
-    migrates to v4 in place: every job and event is still there, the epoch is the same, and
+    migrates to v5 in place: every job and event is still there, the epoch is the same, and
     the job that waited is in the queue (claimable, counted) under the new indexes."""
     ids: dict[str, str] = json.loads((DATA / "v2_postgres.ids.json").read_text())
     with psycopg.connect(pg_url, autocommit=True) as conn:
@@ -272,7 +272,7 @@ async def test_a_v2_database_of_the_release_before_the_queue_migrates_in_place(
                 "SELECT indexname FROM pg_indexes WHERE tablename = 'jobs'"
             ).fetchall()
         }
-    assert meta == {"schema_version": "4", "epoch": epoch, "fanout_key": meta["fanout_key"]}
+    assert meta == {"schema_version": "5", "epoch": epoch, "fanout_key": meta["fanout_key"]}
     assert after_events == before_events
     assert {
         "jobs_waiting",
