@@ -116,8 +116,10 @@ def check_handler(kind: object, handler: object) -> None:
             f"the handler of kind {shown(kind)} must be an async function (ctx, input),"
             f" not {type(handler).__name__}"
         )
+    # The callable's own signature: a wrapper is called as it is, and the function its
+    # functools.wraps names (__wrapped__) may take other arguments (one it injects, or no input).
     try:
-        signature = inspect.signature(handler)
+        signature = inspect.signature(handler, follow_wrapped=False)
     except (TypeError, ValueError):  # a callable Python cannot describe: judged when called
         return
     try:

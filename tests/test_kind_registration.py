@@ -191,6 +191,62 @@ async def test_a_handler_that_can_take_ctx_and_input_is_registered(
     WorkerProcess("ws://127.0.0.1:1", "token", {"k": handler})
 
 
+async def _needs_db(ctx: JobContext, input: Any, db: dict[str, int]) -> int:
+    return db["answer"]
+
+
+def _with_db(handler: Any) -> Any:
+    """A decorator giving a handler its database, as a dependency-injecting library does:
+    ``functools.wraps`` names the wrapper ``__wrapped__``, whose signature is not its own."""
+
+    @functools.wraps(handler)
+    async def wrapper(ctx: JobContext, input: Any) -> int:
+        return cast(int, await handler(ctx, input, {"answer": 5}))
+
+    return wrapper
+
+
+async def _ctx_only(ctx: JobContext) -> int:
+    return 6
+
+
+def _ignoring_input(handler: Any) -> Any:
+    @functools.wraps(handler)
+    async def wrapper(ctx: JobContext, input: Any) -> int:
+        return cast(int, await handler(ctx))
+
+    return wrapper
+
+
+@pytest.mark.parametrize(
+    ("handler", "result"), [(_with_db(_needs_db), 5), (_ignoring_input(_ctx_only), 6)]
+)
+async def test_a_decorated_handler_is_judged_by_its_own_signature(
+    handler: Any, result: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrapper made with ``functools.wraps`` is called as it is, ``wrapper(ctx, input)``;
+    ``inspect.signature`` followed its ``__wrapped__`` to the function it decorates, which
+    takes other arguments (a database it is given, or no input), so every registration
+    refused a handler that runs: "missing a required argument: 'db'"."""
+    async with memory_runtime({}) as rt:
+        rt.register("k", handler)
+        job = await rt.create_job("k", "alice", {})
+        assert (await rt.wait_job(job.id)).result == result
+    async with open_runtime(backend=MemoryBackend(), handlers={"k": handler}) as rt:
+        assert rt.kinds == ["k"]
+    WorkerProcess("ws://127.0.0.1:1", "token", {"k": handler})
+    (tmp_path / "injected.py").write_text(
+        "import functools\n\n"
+        "async def h(ctx, input, db):\n    return db\n\n"
+        "@functools.wraps(h)\n"
+        "async def wrapper(ctx, input):\n    return await h(ctx, input, 7)\n\n"
+        "HANDLERS = {'k': wrapper}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    assert list(load_handlers("injected:HANDLERS")) == ["k"]
+
+
 def test_a_worker_whose_hello_the_server_cannot_read_is_refused_at_once() -> None:
     """Kinds each fine, but together a hello over the 512 KiB a server reads before accepting
     one (256 names of 1 KB, the most a name holds, with their options): the server closed it
