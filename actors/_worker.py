@@ -120,7 +120,10 @@ def check_handler(kind: object, handler: object) -> None:
     # functools.wraps names (__wrapped__) may take other arguments (one it injects, or no input).
     try:
         signature = inspect.signature(handler, follow_wrapped=False)
-    except (TypeError, ValueError):  # a callable Python cannot describe: judged when called
+    except Exception:
+        # A callable Python cannot describe (TypeError, ValueError), or whose own attributes
+        # raise as inspect reads them (a __signature__ property, a __getattr__ raising other
+        # than AttributeError): judged when called, never a crash of the registration.
         return
     try:
         signature.bind(None, None)

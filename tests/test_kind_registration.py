@@ -5,6 +5,7 @@ and a worker's hello) uses the one check ``create_job`` does."""
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -245,6 +246,32 @@ async def test_a_decorated_handler_is_judged_by_its_own_signature(
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
     assert list(load_handlers("injected:HANDLERS")) == ["k"]
+
+
+class _SignatureRaises:
+    """A callable handler whose ``__signature__`` raises as it is read (as a lazy proxy's
+    attributes may)."""
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        raise RuntimeError("not loaded yet")
+
+    async def __call__(self, ctx: JobContext, input: Any) -> int:
+        return 8
+
+
+async def test_a_handler_whose_signature_cannot_be_read_is_judged_when_called() -> None:
+    """``inspect.signature`` raising what check_handler did not expect (here the
+    RuntimeError of a ``__signature__`` property) crashed every registration with it; such a
+    handler is judged when called, as one Python cannot describe is, and its jobs run."""
+    handler = _SignatureRaises()
+    async with memory_runtime({}) as rt:
+        rt.register("k", handler)
+        job = await rt.create_job("k", "alice", {})
+        assert (await rt.wait_job(job.id)).result == 8
+    async with open_runtime(backend=MemoryBackend(), handlers={"k": handler}) as rt:
+        assert rt.kinds == ["k"]
+    WorkerProcess("ws://127.0.0.1:1", "token", {"k": handler})
 
 
 def test_a_worker_whose_hello_the_server_cannot_read_is_refused_at_once() -> None:
