@@ -313,6 +313,24 @@ def test_serve_refuses_a_database_in_a_directory_that_does_not_exist(
     assert not (tmp_path / "jbos").exists() and not (tmp_path / "data").exists()
 
 
+@pytest.mark.parametrize("suffix", ["/", "/.", "/.."])
+def test_serve_refuses_a_database_path_naming_a_directory(tmp_path: Path, suffix: str) -> None:
+    """``--db /srv/jbos/`` (the data directory meant, mistyped) passed the directory check:
+    ``Path`` drops the trailing ``/``, so its directory was the one above, which exists; the
+    server started on a new, empty database in a file named ``jbos`` beside a new
+    development secret. A path ending in ``/``, ``/.`` or ``/..`` names a directory: a usage
+    error, nothing created."""
+    given = f"{tmp_path / 'jbos'}{suffix}"
+    ports = ("--port", str(free_port()), "--health-port", str(free_port()))
+    refused = run("serve", "--db", given, *ports, env={"JOBSPINE_DATA": str(tmp_path / "d")})
+    assert (refused.returncode, refused.stdout) == (ExitCode.USAGE, ""), refused
+    assert refused.stderr == (
+        f"jobspine: error: database '{given}' (flag --db): names a directory, not the database"
+        f" file; give the file, say '{Path(given, 'jobspine.db')}'\n"
+    )
+    assert sorted(tmp_path.iterdir()) == []
+
+
 def test_precedence_flags_env_file_defaults() -> None:
     file = {"log_level": "WARNING", "client": {"url": "ws://file:1", "connect_timeout": 3},
             "server": {"port": 7000, "max_inflight": 4}, "runtime": {"stop_grace": 1}}  # fmt: skip

@@ -817,14 +817,27 @@ def _token_ttl(text: str) -> float:
     return seconds
 
 
-def _check_db_directory(db: Path, source: str) -> None:
+def _check_db_directory(given: str, source: str) -> None:
     """A database path the user gave (``--db``, ``JOBSPINE_DB``, the config file's
-    ``server.db``) must be in a directory that exists; raises a usage :class:`CLIError`
-    naming both and where the path came from. A mistyped directory was created, and the
-    server started on a new, empty database (every job seemingly gone) beside a new
-    development secret that refused every token minted before. The default's data directory
-    (``JOBSPINE_DATA``, else ``~/.local/share/jobspine``) is created as before."""
-    if source.startswith("default") or db.parent.is_dir():
+    ``server.db``) must name a file (not end in ``/``, ``/.`` or ``/..``) in a directory that
+    exists; raises a usage :class:`CLIError` naming it, what is wrong and where the path came
+    from. A mistyped directory was created, and the server started on a new, empty database
+    (every job seemingly gone) beside a new development secret that refused every token
+    minted before. The default's data directory (``JOBSPINE_DATA``, else
+    ``~/.local/share/jobspine``) is created as before."""
+    if source.startswith("default"):
+        return
+    # Path() drops a trailing "/" and "/.": "/srv/jobz/" was the file /srv/jobz, a new
+    # database beside a new secret in /srv when the directory meant did not exist.
+    last = given.replace(os.altsep or os.sep, os.sep).rsplit(os.sep, 1)[-1]
+    if given and last in ("", ".", ".."):
+        raise CLIError(
+            ExitCode.USAGE,
+            f"database {shown(given)} ({source}): names a directory, not the database file;"
+            f" give the file, say {shown(str(Path(given, 'jobspine.db')))}",
+        )
+    db = Path(given)
+    if db.parent.is_dir():
         return
     raise CLIError(
         ExitCode.USAGE,
@@ -841,7 +854,7 @@ def _run(argv: list[str]) -> int:
     except ValueError as exc:
         raise CLIError(ExitCode.USAGE, f"--log-level/--log-format: {exc}") from None
     if args.command == "serve":
-        _check_db_directory(Path(args.db), settings["db"].source)
+        _check_db_directory(args.db, settings["db"].source)
         return run_serve(args)
     if args.command == "worker":
         return run_worker(args)
