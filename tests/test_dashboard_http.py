@@ -292,6 +292,59 @@ async def test_ui_says_when_no_browser_starts_or_asks() -> None:
         assert trio.current_time() - started < 5
 
 
+#: Runs hand_over with few descriptors left: prints the one-use address, then the outcome.
+_SCARCE = """
+import os, resource, sys, trio
+from transport._ui import hand_over
+
+async def main():
+    # Room for a few connections only, as when a local user holds a thousand open.
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 6, hard))
+
+    def browser(url):
+        print(url, flush=True)
+        return True
+
+    print(await hand_over(sys.argv[1], browser, timeout=20), flush=True)
+
+trio.run(main)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc")
+def test_ui_hands_over_when_connections_use_up_its_descriptors() -> None:
+    """Connections to the one-use address holding every descriptor ``jobspine ui`` may open
+    (any local user can make them): accept() failed with EMFILE, which ended ``jobspine ui``
+    with a traceback. It waits for descriptors to come back, as the health port does, and the
+    browser's request, waiting in the backlog meanwhile, is answered."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-c", _SCARCE, TARGET]
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as ui:  # fmt: skip
+        assert ui.stdout is not None
+        url = ui.stdout.readline().strip()
+        address = ("127.0.0.1", int(url.split("/")[2].split(":")[1]))
+        idle = [socket.create_connection(address, timeout=10) for _ in range(30)]
+
+        def let_go() -> None:  # the holder goes away: descriptors come back
+            for each in idle:
+                each.close()
+
+        try:
+            with socket.create_connection(address, timeout=10) as browser:
+                browser.sendall(f"GET /{url.split('/', 3)[3]} HTTP/1.0\r\n\r\n".encode())
+                threading.Timer(1, let_go).start()
+                answer = b""
+                while chunk := browser.recv(4096):
+                    answer += chunk
+        finally:
+            let_go()
+        out, err = ui.communicate(timeout=20)
+    assert (ui.returncode, out, err) == (0, "True\n", ""), err
+    assert answer.startswith(b"HTTP/1.1 303 ") and f"location: {TARGET}".encode() in answer
+
+
 async def test_ui_asks_the_server_for_its_http_port(tmp_path: Path) -> None:
     """Without ``--health-port`` of its own, ``jobspine ui`` connects to ``--url`` and opens
     the HTTP port that server announces (it took the default, 8766: maybe another server's,

@@ -27,6 +27,7 @@ from actors._errors import shown
 from ._commands import NO_TOKEN, check_url, client_error, connect
 from ._display import write
 from ._exit import CLIError, ExitCode
+from ._health import _ACCEPT_CAPACITY_ERRNOS
 from .client import ClientError
 
 __all__ = ["dashboard_url", "hand_over", "run_ui"]
@@ -137,7 +138,17 @@ async def hand_over(
         async with listener, trio.open_nursery() as connections:
             task_status.started()
             while True:
-                connections.start_soon(answer, await listener.accept())
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    # Out of descriptors (any local user can hold connections open): each
+                    # connection held ends within 5 s, and the browser's waits in the
+                    # listen backlog meanwhile; it crashed jobspine ui with a traceback.
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    await trio.sleep(0.1)
+                    continue
+                connections.start_soon(answer, stream)
 
     async def start_browser() -> None:
         url = f"http://127.0.0.1:{port}{path}"
