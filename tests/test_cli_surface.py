@@ -22,6 +22,7 @@ import trio
 from rich.console import Console
 
 from actors import EventType, JobEvent, JobState
+from actors._errors import shown
 from transport._auth import MAX_TOKEN_TTL, verify_token
 from transport._config import resolve
 from transport._display import PlainView, jobs_table
@@ -327,6 +328,22 @@ def test_serve_refuses_a_database_path_naming_a_directory(tmp_path: Path, suffix
     assert refused.stderr == (
         f"jobspine: error: database '{given}' (flag --db): names a directory, not the database"
         f" file; give the file, say '{Path(given, 'jobspine.db')}'\n"
+    )
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_serve_refuses_a_database_whose_directory_cannot_be_checked(tmp_path: Path) -> None:
+    """A directory whose name is too long for the system (a garbled path; or one on the way
+    this user may not search): the directory check's is_dir() raised OSError, a traceback
+    and exit status 1. A usage error naming the path and why, nothing created."""
+    db = tmp_path / ("d" * 300) / "jobs.db"
+    ports = ("--port", str(free_port()), "--health-port", str(free_port()))
+    refused = run("serve", "--db", str(db), *ports, env={"JOBSPINE_DATA": str(tmp_path / "d")})
+    assert (refused.returncode, refused.stdout) == (ExitCode.USAGE, ""), refused
+    assert refused.stderr == (
+        f"jobspine: error: database {shown(str(db))} (flag --db): its directory"
+        f" {shown(str(db.parent))} cannot be used (File name too long); create it, or correct"
+        " the path\n"
     )
     assert sorted(tmp_path.iterdir()) == []
 

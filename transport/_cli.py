@@ -837,12 +837,18 @@ def _check_db_directory(given: str, source: str) -> None:
             f" give the file, say {shown(str(Path(given, 'jobspine.db')))}",
         )
     db = Path(given)
-    if db.parent.is_dir():
-        return
+    try:
+        if db.parent.is_dir():
+            return
+        problem = "does not exist"
+    except OSError as exc:
+        # is_dir() says False only for a missing path: a name too long, or a directory on
+        # the way this user may not search, raised here (a traceback, exit status 1).
+        problem = f"cannot be used ({exc.strerror or exc})"
     raise CLIError(
         ExitCode.USAGE,
-        f"database {shown(str(db))} ({source}): its directory {shown(str(db.parent))} does"
-        " not exist; create it, or correct the path",
+        f"database {shown(str(db))} ({source}): its directory {shown(str(db.parent))}"
+        f" {problem}; create it, or correct the path",
     )
 
 
