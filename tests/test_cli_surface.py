@@ -348,6 +348,21 @@ def test_serve_refuses_a_database_whose_directory_cannot_be_checked(tmp_path: Pa
     assert sorted(tmp_path.iterdir()) == []
 
 
+def test_serve_refuses_a_database_under_a_file(tmp_path: Path) -> None:
+    """``--db notes.txt/jobs.db``: the refusal said the directory ``notes.txt`` "does not
+    exist; create it", while a file of that name is there and no directory can be made."""
+    (tmp_path / "notes.txt").write_text("mine\n")
+    db = tmp_path / "notes.txt" / "jobs.db"
+    ports = ("--port", str(free_port()), "--health-port", str(free_port()))
+    refused = run("serve", "--db", str(db), *ports, env={"JOBSPINE_DATA": str(tmp_path / "d")})
+    assert (refused.returncode, refused.stdout) == (ExitCode.USAGE, ""), refused
+    assert refused.stderr == (
+        f"jobspine: error: database '{db}' (flag --db): its directory '{db.parent}' is not a"
+        " directory: correct the path\n"
+    )
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "notes.txt"]
+
+
 def test_precedence_flags_env_file_defaults() -> None:
     file = {"log_level": "WARNING", "client": {"url": "ws://file:1", "connect_timeout": 3},
             "server": {"port": 7000, "max_inflight": 4}, "runtime": {"stop_grace": 1}}  # fmt: skip

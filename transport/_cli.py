@@ -840,15 +840,21 @@ def _check_db_directory(given: str, source: str) -> None:
     try:
         if db.parent.is_dir():
             return
-        problem = "does not exist"
+        # A file there is no directory to create: "does not exist; create it" sent the user
+        # looking for a directory the path names, and mkdir would fail.
+        problem = (
+            "is not a directory: correct"
+            if db.parent.exists()
+            else "does not exist; create it, or correct"
+        )
     except OSError as exc:
         # is_dir() says False only for a missing path: a name too long, or a directory on
         # the way this user may not search, raised here (a traceback, exit status 1).
-        problem = f"cannot be used ({exc.strerror or exc})"
+        problem = f"cannot be used ({exc.strerror or exc}); create it, or correct"
     raise CLIError(
         ExitCode.USAGE,
         f"database {shown(str(db))} ({source}): its directory {shown(str(db.parent))}"
-        f" {problem}; create it, or correct the path",
+        f" {problem} the path",
     )
 
 
