@@ -332,6 +332,22 @@ def test_serve_refuses_a_database_path_naming_a_directory(tmp_path: Path, suffix
     assert sorted(tmp_path.iterdir()) == []
 
 
+def test_serve_refuses_an_existing_directory_as_its_database(tmp_path: Path) -> None:
+    """``--db ~/.local/share/jobspine`` (the data directory, not the file in it) failed with
+    exit status 9 after leaving a lock file in the directory above; a usage error now, as a
+    path ending in ``/``, and nothing created."""
+    data = tmp_path / "data"
+    data.mkdir()
+    ports = ("--port", str(free_port()), "--health-port", str(free_port()))
+    refused = run("serve", "--db", str(data), *ports, env={"JOBSPINE_DATA": str(tmp_path / "d")})
+    assert (refused.returncode, refused.stdout) == (ExitCode.USAGE, ""), refused
+    assert refused.stderr == (
+        f"jobspine: error: database '{data}' (flag --db): names a directory, not the database"
+        f" file; give the file, say '{data / 'jobspine.db'}'\n"
+    )
+    assert sorted(tmp_path.iterdir()) == [data] and sorted(data.iterdir()) == []
+
+
 def test_serve_refuses_a_database_whose_directory_cannot_be_checked(tmp_path: Path) -> None:
     """A directory whose name is too long for the system (a garbled path; or one on the way
     this user may not search): the directory check's is_dir() raised OSError, a traceback

@@ -828,9 +828,11 @@ def _check_db_directory(given: str, source: str) -> None:
     if source.startswith("default"):
         return
     # Path() drops a trailing "/" and "/.": "/srv/jobz/" was the file /srv/jobz, a new
-    # database beside a new secret in /srv when the directory meant did not exist.
+    # database beside a new secret in /srv when the directory meant did not exist. And an
+    # existing directory (the data directory given as --db) failed only after a lock file
+    # was left in its parent (exit status 9).
     last = given.replace(os.altsep or os.sep, os.sep).rsplit(os.sep, 1)[-1]
-    if given and last in ("", ".", ".."):
+    if given and (last in ("", ".", "..") or os.path.isdir(given)):
         raise CLIError(
             ExitCode.USAGE,
             f"database {shown(given)} ({source}): names a directory, not the database file;"
