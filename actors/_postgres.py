@@ -374,6 +374,16 @@ _PROBE_INSERT = (
 #: Pages of the probe table past which a successful probe vacuums it (256 KiB of 8 KiB
 #: pages): the table stays about this small even where autovacuum is off.
 PROBE_VACUUM_PAGES = 32
+#: Milliseconds a probe waits for a lock on ``probes`` (or a row's) before it fails, as an
+#: outage (55P03): a session holding the table (``LOCK TABLE``, ``VACUUM FULL``, an
+#: ``ALTER TABLE`` queued behind a reader) must not stop the store, which probes holding
+#: its commit lock, in a wait without end. A lower ``lock_timeout`` of the session is kept.
+PROBE_LOCK_TIMEOUT_MS = 1000
+_PROBE_LOCK_TIMEOUT = (
+    "SELECT set_config('lock_timeout', CASE WHEN current_setting('lock_timeout')::interval"
+    " BETWEEN interval '1 ms' AND %(limit)s * interval '1 ms'"
+    " THEN current_setting('lock_timeout') ELSE %(limit)s::text END, true)"
+)
 
 
 def _ping_sync(conn: psycopg.Connection[Any]) -> None:
@@ -414,6 +424,8 @@ def _ping_sync(conn: psycopg.Connection[Any]) -> None:
     (``SELECT 1``: 0.15 ms). The store runs it once per ``heartbeat_flush_interval`` while
     the database is unavailable, never while it is available."""
     with conn.transaction():
+        # For this transaction only: every wait for a lock below ends within the limit.
+        conn.execute(_PROBE_LOCK_TIMEOUT, {"limit": PROBE_LOCK_TIMEOUT_MS})
         # Held to the end, and taken by every probe (no probe waits for another's): VACUUM
         # cannot cut the table's end meanwhile, so its count of pages read next stays a floor.
         conn.execute("LOCK TABLE probes IN ROW EXCLUSIVE MODE")

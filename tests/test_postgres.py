@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -30,7 +31,7 @@ from actors import (
 )
 from actors._backend import is_outage
 from actors._ids import new_id
-from actors._postgres import PROBE_VACUUM_PAGES
+from actors._postgres import PROBE_LOCK_TIMEOUT_MS, PROBE_VACUUM_PAGES
 from transport import open_client
 
 from .serving import free_port
@@ -227,6 +228,38 @@ async def test_nodes_probing_at_once_do_not_wait_for_each_other(pg_url: str) -> 
     assert rows == 0 and pages >= 1
     await trio.to_thread.run_sync(vacuum_probes, pg_url)
     assert await trio.to_thread.run_sync(probe_table, pg_url) == (0, 0)
+
+
+async def test_a_probe_waits_for_a_held_probes_table_a_bounded_time(pg_url: str) -> None:
+    """Another session holds the probes table (LOCK TABLE ... ACCESS EXCLUSIVE, as VACUUM
+    FULL or ALTER TABLE do): the probe fails as an outage within PROBE_LOCK_TIMEOUT_MS, and
+    succeeds once the table is free. Failed before: it waited for as long as the lock was
+    held, holding the store's commit lock meanwhile, so every write waited too, past
+    store_retry_timeout (here the lock is let go after 10 s, so that it ends)."""
+    backend = PostgresBackend(pg_url)
+    async with backend.opened():
+        with psycopg.connect(pg_url, autocommit=True) as holder:
+            holder.execute("BEGIN")
+            holder.execute("LOCK TABLE probes IN ACCESS EXCLUSIVE MODE")
+
+            answered = threading.Event()
+
+            def let_go() -> None:
+                answered.wait(10)
+                holder.execute("ROLLBACK")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, let_go)
+                began = trio.current_time()
+                try:
+                    with pytest.raises(errors.LockNotAvailable) as raised:
+                        await backend.ping()
+                finally:
+                    answered.set()
+                assert is_outage(raised.value)
+                assert trio.current_time() - began < PROBE_LOCK_TIMEOUT_MS / 1000 + 2
+        with trio.fail_after(5):
+            await backend.ping()
 
 
 def terminate_all_sessions(url: str) -> None:
