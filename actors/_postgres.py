@@ -87,7 +87,7 @@ from psycopg.pq import TransactionStatus
 
 from ._backend import ClaimRequest, ClaimResult, JobQuery, Pruned, QueueStats
 from ._codec import converter
-from ._errors import StaleWriteError, StoreError, one_line, shown
+from ._errors import StaleWriteError, StoreError, StoreUnavailableError, one_line, shown
 from ._events import EventType, JobEvent, StoredEvent, encode_event
 from ._ids import new_id
 from ._job import Job, migrate_job_record
@@ -727,8 +727,24 @@ class PostgresBackend:
     async def ping(self) -> None:
         """Raise unless a write that needs new space can be committed now (see
         :func:`_ping_sync`); connects again if the connection was lost. Repeatable: a probe
-        leaves nothing, so one cut short by a dropped connection is run again on a new one."""
-        await self._run(_ping_sync, repeatable=True)
+        leaves nothing, so one cut short by a dropped connection is run again on a new one.
+
+        A ``probes`` table this session cannot use (dropped, or a role not granted it: class
+        42, as 42P01 or 42501) raises :class:`StoreUnavailableError` naming it, an outage: the
+        probe cannot tell that the database is back, and the store, which stops at an error
+        it does not take for an outage, must not stop the runtime for it (a write that
+        succeeds still ends the outage)."""
+        try:
+            await self._run(_ping_sync, repeatable=True)
+        except psycopg.Error as exc:
+            if exc.sqlstate is None or exc.sqlstate[:2] != "42":
+                raise
+            raise StoreUnavailableError(
+                f"the outage probe cannot use the table probes ({one_line(exc)};"
+                f" SQLSTATE {exc.sqlstate}): grant this role SELECT, INSERT and DELETE on it;"
+                " dropped, create it again as schema v5 did: CREATE TABLE probes (pad bytea"
+                " NOT NULL); ALTER TABLE probes ALTER COLUMN pad SET STORAGE PLAIN"
+            ) from exc
 
     async def commit(
         self,

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import threading
 from contextlib import AsyncExitStack
@@ -260,6 +261,70 @@ async def test_a_probe_waits_for_a_held_probes_table_a_bounded_time(pg_url: str)
                 assert trio.current_time() - began < PROBE_LOCK_TIMEOUT_MS / 1000 + 2
         with trio.fail_after(5):
             await backend.ping()
+
+
+async def test_a_probes_table_the_role_cannot_use_is_an_outage_not_a_crash(
+    pg_url: str,
+) -> None:
+    """The nodes run as a role granted the tables but not ``probes`` (created by the owner's
+    v4 to v5 migration after the grants), and the database turns read-only: the write fails
+    (an outage), the idle store probes, and the probe is refused (42501). The store stays
+    unavailable, its reason one line naming the table and the SQLSTATE, and runs on. Failed
+    before: the refusal, not an outage, ended the store and the runtime with it
+    (InsufficientPrivilege: permission denied for table probes)."""
+    role = f"hpa_probe_{secrets.token_hex(3)}"
+    async with PostgresBackend(pg_url).opened():
+        pass  # the owner creates the schema, v5
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            for grant in (
+                # CREATE: opening runs CREATE TABLE IF NOT EXISTS meta, which asks for it.
+                "GRANT CREATE ON SCHEMA public TO {}",
+                "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {}",
+                "REVOKE ALL ON probes FROM {}",
+            ):
+                admin.execute(sql.SQL(grant).format(sql.Identifier(role)))
+        url = pg_url.replace("postgresql://postgres@", f"postgresql://{role}@")
+        actor = StoreActor(
+            PostgresBackend(url),
+            EventHub(),
+            StoreConfig(retry_backoff=0.02, store_retry_timeout=1, heartbeat_flush_interval=0.05),
+        )
+        store = actor.client()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(actor.run)
+            async with store:
+                job = await store.create("alice", "research", {})
+                with psycopg.connect(pg_url, autocommit=True) as admin:
+                    admin.execute(
+                        sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(
+                            sql.Identifier(role)
+                        )
+                    )
+                await trio.to_thread.run_sync(terminate_sessions, pg_url)
+                with pytest.raises(StoreError, match="read-only transaction"):
+                    await store.start(job.id)
+                with trio.fail_after(5):
+                    while "probes" not in (actor.health.reason or ""):  # noqa: ASYNC110
+                        await trio.sleep(0.02)
+                reason = actor.health.reason or ""
+                assert not actor.health.ok and "\n" not in reason
+                assert "permission denied for table probes" in reason
+                assert "SQLSTATE 42501" in reason
+                await trio.sleep(0.3)  # more probes: still running, still unavailable
+                assert not actor.health.ok
+                assert (await store.get(job.id)).state is JobState.CREATED
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("ALTER ROLE {} RESET ALL").format(sql.Identifier(role)))
+            admin.execute(
+                "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE usename = %s",
+                (role,),
+            )
+            admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
 def terminate_all_sessions(url: str) -> None:
