@@ -328,7 +328,9 @@ _ADVANCE_HEAD = (
 # I/O), a lock not available (55P03), a read-only transaction (25006: a standby) and a
 # session the server ended for idling inside a transaction (25P03: the process was frozen).
 _OUTAGE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
-_OUTAGE_CODES = frozenset({"55P03", "25006", "25P03"})
+#: A write in a read-only transaction (a standby, or default_transaction_read_only).
+READ_ONLY_SQL_TRANSACTION = "25006"
+_OUTAGE_CODES = frozenset({"55P03", READ_ONLY_SQL_TRANSACTION, "25P03"})
 
 
 def is_postgres_outage(error: BaseException) -> bool:
@@ -654,7 +656,16 @@ class PostgresBackend:
             try:
                 self._name(conn, lane)
                 return fn(conn)
-            except psycopg.Error:
+            except psycopg.Error as exc:
+                if exc.sqlstate == READ_ONLY_SQL_TRANSACTION:
+                    # A write refused as read-only: the session's default_transaction_read_only
+                    # was read when it connected (ALTER DATABASE or ROLE ... SET), and a reset
+                    # since reaches new sessions only; kept, it would refuse every write for
+                    # good. Closed and forgotten (it was not lost: no warning), so that the
+                    # next call connects again and is read-only only while the server says so.
+                    conn.close()
+                    self._conns[lane] = None
+                    raise
                 # A connection the server dropped in the middle of a batch (executemany runs
                 # in pipeline mode) may not say it is broken, only be left mid-transaction
                 # (its pipeline aborted) where an autocommit connection is idle after any

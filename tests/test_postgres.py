@@ -327,6 +327,52 @@ async def test_a_probes_table_the_role_cannot_use_is_an_outage_not_a_crash(
             admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
+async def test_a_database_read_only_for_a_while_is_an_outage_that_ends(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ALTER DATABASE ... SET default_transaction_read_only = on (as one makes a database
+    read-only for maintenance, or a hot standby is) and new sessions: writes fail, an outage;
+    then RESET, which a session never rereads. The store is back by itself, its probe
+    succeeds and writes go through, with no "connection lost" warning. Failed before: its
+    session kept refusing every write, unavailable for good (a restart was needed)."""
+    server, dbname = pg_url.rsplit("/", 1)
+
+    def set_read_only(on: bool) -> None:
+        # From another database: a session on this one is read-only, ALTER DATABASE too.
+        with psycopg.connect(f"{server}/postgres", autocommit=True) as admin:
+            setting = "SET default_transaction_read_only = on" if on else "RESET ALL"
+            admin.execute(sql.SQL("ALTER DATABASE {} " + setting).format(sql.Identifier(dbname)))
+
+    actor = StoreActor(
+        PostgresBackend(pg_url),
+        EventHub(),
+        StoreConfig(retry_backoff=0.02, store_retry_timeout=1, heartbeat_flush_interval=0.05),
+    )
+    store = actor.client()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(actor.run)
+            async with store:
+                job = await store.create("alice", "research", {})
+                await trio.to_thread.run_sync(set_read_only, True)
+                await trio.to_thread.run_sync(terminate_sessions, pg_url)
+                with pytest.raises(StoreError, match="read-only transaction"):
+                    await store.start(job.id)
+                await trio.sleep(0.3)  # probes meanwhile: still read-only
+                assert not actor.health.ok
+                assert "read-only" in (actor.health.reason or "")
+                await trio.to_thread.run_sync(set_read_only, False)
+                with trio.fail_after(5):
+                    while not actor.health.ok:  # noqa: ASYNC110
+                        await trio.sleep(0.02)
+                await store.start(job.id)
+                assert (await store.get(job.id)).state is JobState.RUNNING
+                assert actor.health.outages == 1
+    finally:
+        await trio.to_thread.run_sync(set_read_only, False)
+    assert "lost; connecting again" not in caplog.text.split("read-only", 1)[-1]
+
+
 def terminate_all_sessions(url: str) -> None:
     """Drop every other session on the database of ``url`` (both of a node's lanes)."""
     with psycopg.connect(url, autocommit=True) as conn:
