@@ -373,6 +373,12 @@ _PROBE_INSERT = (
     " (convert_to(repeat(' ', current_setting('block_size')::int - 512), 'SQL_ASCII'))"
     " RETURNING ctid::text, (ctid::text::point)[0]::bigint"
 )
+#: Whether a session other than this one holds (or waits for) a lock on the probe table.
+_PROBES_HELD = (
+    "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'relation'"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND relation = 'probes'::regclass AND pid <> pg_backend_pid())"
+)
 #: Pages of the probe table past which a successful probe vacuums it (256 KiB of 8 KiB
 #: pages): the table stays about this small even where autovacuum is off.
 PROBE_VACUUM_PAGES = 32
@@ -409,10 +415,11 @@ def _ping_sync(conn: psycopg.Connection[Any]) -> None:
     database is unavailable and stops at the first success, so that is about a page per
     outage; autovacuum empties them past 50 dead rows and cuts them off the table's end.
     Where it does not (it is off, or behind), a successful probe that finds the table over
-    :data:`PROBE_VACUUM_PAGES` pages vacuums it: the pages go back to the file system, and
-    the next probe needs new space again. Pages emptied but not cut off (a row in use after
-    them) are filled at the next probe, a row each, then hold dead rows until the next
-    VACUUM: once per VACUUM at most.
+    :data:`PROBE_VACUUM_PAGES` pages vacuums it (unless another session holds a lock on
+    the table, which would keep it 5 s from cutting the end): the pages go back to the file
+    system, and the next probe needs new space again. Pages emptied but not cut off (a row
+    in use after them) are filled at the next probe, a row each, then hold dead rows until
+    the next VACUUM: once per VACUUM at most.
 
     Several nodes probing at once take no lock another waits for but the table's extension
     lock, for the instant of writing a page (and, while such a VACUUM cuts the table's end,
@@ -447,8 +454,14 @@ def _ping_sync(conn: psycopg.Connection[Any]) -> None:
     if blocks + 1 > PROBE_VACUUM_PAGES:
         # Housekeeping, after the answer was made: its failure never fails the probe (the
         # database took the write), nor is it waited for behind another node's VACUUM.
+        # Nor while another session holds a lock on the table (a reader's open transaction,
+        # pg_dump's for the whole dump): VACUUM would then try for 5 s to take the lock that
+        # cuts the table's end (PostgreSQL's VACUUM_TRUNCATE_LOCK_TIMEOUT, not settable), the
+        # store's commit lock held meanwhile, and cut nothing. A later successful probe
+        # vacuums instead; a probe's lock taken after this look is held for milliseconds.
         try:
-            conn.execute("VACUUM (SKIP_LOCKED) probes")
+            if conn.execute(_PROBES_HELD).fetchone() == (False,):
+                conn.execute("VACUUM (SKIP_LOCKED) probes")
         except psycopg.Error as exc:
             log.warning("could not vacuum the probes table: %s", one_line(exc))
 

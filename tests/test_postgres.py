@@ -199,6 +199,31 @@ async def test_the_probe_makes_the_table_grow_and_leaves_nothing(pg_url: str) ->
         assert await trio.to_thread.run_sync(probe_table, pg_url) == (0, 0)
 
 
+async def test_a_reader_of_the_probes_table_does_not_slow_the_probe(pg_url: str) -> None:
+    """Another session reads ``probes`` in an open transaction (pg_dump holds such a lock on
+    every table for the whole dump) while the table is past PROBE_VACUUM_PAGES: each probe
+    still takes milliseconds, and the next one after the reader goes vacuums the table.
+    Failed before: each probe took 5 s (its VACUUM waiting to cut the table's end, which
+    the reader's lock forbids), holding the store's commit lock, and cut nothing."""
+    backend = PostgresBackend(pg_url)
+    async with backend.opened():
+        for _ in range(PROBE_VACUUM_PAGES):
+            await backend.ping()
+        with psycopg.connect(pg_url, autocommit=True) as reader:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM probes")
+            for _ in range(3):
+                began = trio.current_time()
+                await backend.ping()
+                assert trio.current_time() - began < 2
+            reader.execute("ROLLBACK")
+        rows, pages = await trio.to_thread.run_sync(probe_table, pg_url)
+        assert rows == 0 and pages == PROBE_VACUUM_PAGES + 3
+        await backend.ping()
+        rows, pages = await trio.to_thread.run_sync(probe_table, pg_url)
+        assert rows == 0 and pages <= 1
+
+
 async def test_nodes_probing_at_once_do_not_wait_for_each_other(pg_url: str) -> None:
     """Several nodes on one database probe it at once (an outage seen by all): each probe
     inserts and deletes rows of its own, no key, so none waits for another's row; every one
