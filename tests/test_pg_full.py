@@ -18,7 +18,6 @@ import logging
 import os
 import pwd
 import secrets
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -35,7 +34,7 @@ from actors import PostgresBackend, RuntimeConfig, StoreError, open_runtime
 from .conftest import PG_SERVER, pg_admin
 from .serving import eventually
 from .test_postgres import probe_table
-from .test_sqlite_full import fill
+from .test_sqlite_full import fill, small_disk
 
 
 @contextmanager
@@ -48,20 +47,8 @@ def full_disk_database(size: str = "8m") -> Iterator[tuple[str, Path]]:
         pytest.fail("this test needs the PostgreSQL server on this machine, as user postgres")
     name = f"hpg_full_{os.getpid()}_{secrets.token_hex(3)}"
     disk = Path("/mnt") / name
-    disk.mkdir()
     try:
-        mounted = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if mounted.returncode != 0:
-            pytest.fail(
-                "this test fills a real disk, a tmpfs it mounts: run it as root (CI does);"
-                f" mount said: {mounted.stderr.strip() or mounted.returncode}"
-            )
-        try:
+        with small_disk(disk, size):
             os.chown(disk, owner.pw_uid, owner.pw_gid)  # the server's own, as it requires
             with pg_admin() as admin:
                 admin.execute(
@@ -90,10 +77,9 @@ def full_disk_database(size: str = "8m") -> Iterator[tuple[str, Path]]:
                     admin.execute(
                         sql.SQL("DROP TABLESPACE IF EXISTS {}").format(sql.Identifier(name))
                     )
-        finally:
-            subprocess.run(["umount", "-l", str(disk)], check=True)
     finally:
-        disk.rmdir()
+        if disk.exists():
+            disk.rmdir()
 
 
 @attrs.frozen
