@@ -314,6 +314,14 @@ def test_serve_refuses_a_database_in_a_directory_that_does_not_exist(
     assert not (tmp_path / "jbos").exists() and not (tmp_path / "data").exists()
 
 
+def refused_serve(tmp_path: Path, db: str) -> str:
+    """``serve --db DB``, refused as a usage error before anything starts: its stderr."""
+    ports = ("--port", str(free_port()), "--health-port", str(free_port()))
+    refused = run("serve", "--db", db, *ports, env={"JOBSPINE_DATA": str(tmp_path / "d")})
+    assert (refused.returncode, refused.stdout) == (ExitCode.USAGE, ""), refused
+    return refused.stderr
+
+
 @pytest.mark.parametrize("suffix", ["/", "/.", "/.."])
 def test_serve_refuses_a_database_path_naming_a_directory(tmp_path: Path, suffix: str) -> None:
     """``--db /srv/jbos/`` (the data directory meant, mistyped) passed the directory check:
@@ -322,10 +330,7 @@ def test_serve_refuses_a_database_path_naming_a_directory(tmp_path: Path, suffix
     development secret. A path ending in ``/``, ``/.`` or ``/..`` names a directory: a usage
     error, nothing created."""
     given = f"{tmp_path / 'jbos'}{suffix}"
-    ports = ("--port", str(free_port()), "--health-port", str(free_port()))
-    refused = run("serve", "--db", given, *ports, env={"JOBSPINE_DATA": str(tmp_path / "d")})
-    assert (refused.returncode, refused.stdout) == (ExitCode.USAGE, ""), refused
-    assert refused.stderr == (
+    assert refused_serve(tmp_path, given) == (
         f"jobspine: error: database '{given}' (flag --db): names a directory, not the database"
         f" file; give the file, say '{Path(given, 'jobspine.db')}'\n"
     )
@@ -338,10 +343,7 @@ def test_serve_refuses_an_existing_directory_as_its_database(tmp_path: Path) -> 
     path ending in ``/``, and nothing created."""
     data = tmp_path / "data"
     data.mkdir()
-    ports = ("--port", str(free_port()), "--health-port", str(free_port()))
-    refused = run("serve", "--db", str(data), *ports, env={"JOBSPINE_DATA": str(tmp_path / "d")})
-    assert (refused.returncode, refused.stdout) == (ExitCode.USAGE, ""), refused
-    assert refused.stderr == (
+    assert refused_serve(tmp_path, str(data)) == (
         f"jobspine: error: database '{data}' (flag --db): names a directory, not the database"
         f" file; give the file, say '{data / 'jobspine.db'}'\n"
     )
@@ -353,10 +355,7 @@ def test_serve_refuses_a_database_whose_directory_cannot_be_checked(tmp_path: Pa
     this user may not search): the directory check's is_dir() raised OSError, a traceback
     and exit status 1. A usage error naming the path and why, nothing created."""
     db = tmp_path / ("d" * 300) / "jobs.db"
-    ports = ("--port", str(free_port()), "--health-port", str(free_port()))
-    refused = run("serve", "--db", str(db), *ports, env={"JOBSPINE_DATA": str(tmp_path / "d")})
-    assert (refused.returncode, refused.stdout) == (ExitCode.USAGE, ""), refused
-    assert refused.stderr == (
+    assert refused_serve(tmp_path, str(db)) == (
         f"jobspine: error: database {shown(str(db))} (flag --db): its directory"
         f" {shown(str(db.parent))} cannot be used (File name too long); create it, or correct"
         " the path\n"
@@ -369,10 +368,7 @@ def test_serve_refuses_a_database_under_a_file(tmp_path: Path) -> None:
     exist; create it", while a file of that name is there and no directory can be made."""
     (tmp_path / "notes.txt").write_text("mine\n")
     db = tmp_path / "notes.txt" / "jobs.db"
-    ports = ("--port", str(free_port()), "--health-port", str(free_port()))
-    refused = run("serve", "--db", str(db), *ports, env={"JOBSPINE_DATA": str(tmp_path / "d")})
-    assert (refused.returncode, refused.stdout) == (ExitCode.USAGE, ""), refused
-    assert refused.stderr == (
+    assert refused_serve(tmp_path, str(db)) == (
         f"jobspine: error: database '{db}' (flag --db): its directory '{db.parent}' is not a"
         " directory: correct the path\n"
     )
