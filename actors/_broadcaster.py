@@ -90,7 +90,8 @@ class BroadcasterConfig:
     #: recently active rooms' backlogs are dropped first; the durable log serves them.
     backlog_bytes: int = 8 * 1024 * 1024
     #: Queued live events (or bytes of queued live events and skipped markers) on one
-    #: connection past which its progress events are coalesced.
+    #: connection past which its progress events are coalesced: those that arrived while its
+    #: sender was sending (see :class:`Outbox`).
     coalesce_after: int = 256
     coalesce_bytes: int = 128 * 1024
     #: Queued live events (or bytes) past which the connection is told to resubscribe from
@@ -135,8 +136,9 @@ _CLOSE = 4  # where the connection is to be closed: nothing after it is sent
 
 # Entry fields (entries are lists, the cheapest mutable record): kind, encoded message (b""
 # for a skipped marker, encoded when taken), job id, user id, seq, user seq, count (events a
-# skipped marker stands for), bytes counted against the lag limit.
-_KIND, _DATA, _JOB, _USER, _SEQ, _USER_SEQ, _COUNT, _SIZE = range(8)
+# skipped marker stands for), bytes counted against the lag limit, and whether it was queued
+# while the sender was ready (see :class:`Outbox`: a live event or marker not behind).
+_KIND, _DATA, _JOB, _USER, _SEQ, _USER_SEQ, _COUNT, _SIZE, _READY = range(9)
 
 #: An event message is ``_EVENT_HEAD + record + b"}"`` (see :meth:`Broadcaster.replayed`).
 _EVENT_HEAD = b'{"type":"event","event":'
@@ -199,12 +201,18 @@ class Outbox:
     :meth:`wait`; only its owner awaits it.
 
     A connection that falls behind (more than ``coalesce_after`` live events or
-    ``coalesce_bytes`` queued) has a queued progress event replaced, *in place*, by a skipped
-    marker when a newer progress event of the same job is queued; consecutive markers of one
-    job with consecutive numbers become one marker with a ``count``. Past ``overflow_after``
-    live events or ``overflow_bytes`` (events and markers), its live and replayed events are
-    dropped and ``lagged`` is queued; more than ``max_lags`` of those within ``lag_window``
-    seconds queue a close.
+    ``coalesce_bytes`` queued that its sender could not take at once) has a queued progress
+    event replaced, *in place*, by a skipped marker when a newer progress event of the same
+    job is queued; consecutive markers of one job with consecutive numbers become one marker
+    with a ``count``. Past ``overflow_after`` live events or ``overflow_bytes`` (events and
+    markers, all of them), its live and replayed events are dropped and ``lagged`` is queued;
+    more than ``max_lags`` of those within ``lag_window`` seconds queue a close.
+
+    Behind counts what arrived while the sender was busy sending. Events queued while it
+    waits (from its call to :meth:`wait` to its next :meth:`take`) go to a sender that takes
+    them at once, in as many frames as they need, so they never count towards coalescing,
+    however many arrive together (one slow group commit publishes hundreds at once); the
+    overflow limits count them, as everything queued.
     """
 
     def __init__(self, config: BroadcasterConfig | None = None) -> None:
@@ -214,6 +222,13 @@ class Outbox:
         self._progress: dict[str, list[Any]] = {}
         self._live = 0  # queued live events, markers not included
         self._live_bytes = 0  # bytes of queued live events and markers
+        #: The sender waits in :meth:`wait`: what is queued now is what it takes next.
+        self._ready = False
+        #: The queued live events, and bytes of live events and markers, whose entries were
+        #: queued while the sender was ready (their ``_READY`` field): not behind. Invariant:
+        #: at most ``_live`` and ``_live_bytes``.
+        self._ready_live = 0
+        self._ready_bytes = 0
         self._replayed_bytes = 0  # bytes of queued replayed events
         #: Bytes of the replays joined on this connection and not queued yet (see
         #: :meth:`Broadcaster.join`), and the lock its joins build their replays under.
@@ -246,14 +261,14 @@ class Outbox:
         return self._replayed_bytes + self.replay_reserved
 
     def push_control(self, data: bytes) -> None:
-        self._entries.append([_CONTROL, data, None, None, 0, 0, 0, 0])
+        self._entries.append([_CONTROL, data, None, None, 0, 0, 0, 0, False])
         self._wakeup.set()
 
     def close(self, reason: str) -> None:
         """Close the connection after what is queued now; later messages are never sent."""
         if self.close_reason is None:
             self.close_reason = reason
-            self._entries.append([_CLOSE, b"", None, None, 0, 0, 0, 0])
+            self._entries.append([_CLOSE, b"", None, None, 0, 0, 0, 0, False])
             self._wakeup.set()
 
     def push_event(self, event: JobEvent | StoredEvent, data: bytes, *, live: bool) -> None:
@@ -266,15 +281,19 @@ class Outbox:
             event.user_seq,
             1,
             len(data),
+            live and self._ready,
         ]
         if live:
             self._live += 1
             self._live_bytes += len(data)
+            if self._ready:
+                self._ready_live += 1
+                self._ready_bytes += len(data)
             if isinstance(event, JobEvent) and event.type is EventType.PROGRESS:
                 previous = self._progress.get(event.job_id)
                 if previous is not None and (
-                    self._live > self.config.coalesce_after
-                    or self._live_bytes > self.config.coalesce_bytes
+                    self._live - self._ready_live > self.config.coalesce_after
+                    or self._live_bytes - self._ready_bytes > self.config.coalesce_bytes
                 ):
                     self._coalesce(previous)
                 self._progress[event.job_id] = entry
@@ -293,6 +312,9 @@ class Outbox:
         client meets its numbers in order, before the event that supersedes it."""
         self._live -= 1
         self._live_bytes -= entry[_SIZE]
+        if entry[_READY]:
+            self._ready_live -= 1
+            self._ready_bytes -= entry[_SIZE]
         self.coalesced += 1
         entry[_KIND] = _SKIPPED
         entry[_DATA] = b""
@@ -310,6 +332,8 @@ class Outbox:
                 return
         entry[_SIZE] = _MARKER_OVERHEAD + len(entry[_JOB]) + len(entry[_USER])
         self._live_bytes += entry[_SIZE]
+        if entry[_READY]:
+            self._ready_bytes += entry[_SIZE]
 
     def _overflow(self) -> None:
         self.lagged += 1
@@ -320,8 +344,8 @@ class Outbox:
         # Control messages and the close point stay; lagged goes right behind them.
         self._entries = deque(e for e in self._entries if e[_KIND] in (_CONTROL, _CLOSE))
         self._progress.clear()
-        self._live = 0
-        self._live_bytes = 0
+        self._live = self._ready_live = 0
+        self._live_bytes = self._ready_bytes = 0
         self._replayed_bytes = 0
         rooms = sorted(self.subscriptions)
         for sub in self.subscriptions.values():
@@ -337,6 +361,7 @@ class Outbox:
         messages: list[bytes] = []
         size = len(_BATCH_HEAD) + len(_BATCH_TAIL)
         entries = self._entries
+        self._ready = False  # what comes next waits for this take's frame to be sent
         while entries:
             entry = entries[0]
             kind = entry[_KIND]
@@ -352,10 +377,15 @@ class Outbox:
             if kind == _LIVE:
                 self._live -= 1
                 self._live_bytes -= entry[_SIZE]
+                if entry[_READY]:
+                    self._ready_live -= 1
+                    self._ready_bytes -= entry[_SIZE]
                 if self._progress.get(entry[_JOB]) is entry:
                     del self._progress[entry[_JOB]]
             elif kind == _SKIPPED:
                 self._live_bytes -= entry[_SIZE]
+                if entry[_READY]:
+                    self._ready_bytes -= entry[_SIZE]
             elif kind == _REPLAY:
                 self._replayed_bytes -= len(data)
             if data:
@@ -367,7 +397,9 @@ class Outbox:
         return messages
 
     async def wait(self) -> None:
-        """Return once something is queued."""
+        """Return once something is queued. The sender is ready from the call to its next
+        :meth:`take`: live events queued meanwhile do not count towards coalescing."""
+        self._ready = True
         if not self._entries:
             await self._wakeup.wait()
 

@@ -63,6 +63,9 @@ async def main(spec: dict[str, Any]) -> None:
         "last": 0.0,
         "gaps": 0,
         "duplicates": 0,
+        "skipped": 0,
+        "lagged": 0,
+        "reconnects": 0,
     }
     user_jobs: dict[str, int] = {}
     for user in spec["owners"].values():
@@ -104,6 +107,9 @@ async def main(spec: dict[str, Any]) -> None:
         for client in clients:
             stats["gaps"] += client.counters.gaps
             stats["duplicates"] += client.counters.duplicates
+            stats["skipped"] += client.counters.skipped
+            stats["lagged"] += client.counters.lagged
+            stats["reconnects"] += client.counters.reconnects
         nursery.cancel_scope.cancel()
     stats["first"] = stats["first"] if stats["deliveries"] else 0.0
     sys.stdout.write(orjson.dumps(stats).decode() + "\n")

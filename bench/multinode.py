@@ -35,6 +35,7 @@ from bench.run import (
     SECRET,
     Row,
     create_jobs,
+    losses,
     percentile,
     poll_until,
     progress_line,
@@ -105,8 +106,7 @@ async def fanout(args: argparse.Namespace, workdir: Path, nodes: int) -> list[Ro
         result = await run_subscribers(spec, workdir, ready)
         ran_on = await trio.to_thread.run_sync(nodes_that_ran, cluster.store)
     total = jobs * events
-    missing_rooms = result["rooms_expected"] - result["rooms_done"]
-    lost = result["lost"] + result["gaps"] + result["resets"] + missing_rooms * events
+    lost = losses(label, result, events)
     span = max(1e-9, result["last"] - max(start_at, result["first"] - 1))
     latencies = [1000 * x for x in result["latencies"]]
     return [

@@ -57,8 +57,8 @@ def percentile(samples: list[float], q: float) -> float:
 def progress_line(text: str) -> None:
     if sys.stderr.isatty():
         sys.stderr.write("\r\033[K" + text)
-    else:
-        sys.stderr.write(text + "\n")
+    else:  # one line each, whether or not the text ends its line
+        sys.stderr.write(text.rstrip("\n") + "\n")
     sys.stderr.flush()
 
 
@@ -230,6 +230,23 @@ async def create_jobs(
     return results
 
 
+def losses(label: str, result: dict[str, Any], events: int) -> int:
+    """Events the subscribers did not get, of ``result`` (:mod:`bench.client`'s report) where
+    each job emitted ``events`` progress events: missing ones, gaps, resets, and everything
+    after the last event of a room that never saw its job complete. When there are any, says
+    on stderr what the clients saw (coalesced, lagged, reconnects), for whoever looks into it."""
+    missing_rooms = result["rooms_expected"] - result["rooms_done"]
+    lost = int(result["lost"] + result["gaps"] + result["resets"] + missing_rooms * events)
+    if lost:
+        progress_line(
+            f"[{label}] lost: {result['lost']} missing at completion (of which coalesced "
+            f"{result['skipped']}), {result['gaps']} gaps, {result['resets']} resets, "
+            f"{missing_rooms} rooms unfinished; lagged {result['lagged']}, reconnects "
+            f"{result['reconnects']}\n"
+        )
+    return lost
+
+
 async def run_subscribers(
     spec: dict[str, Any], workdir: Path, until_ready: Callable[[], Awaitable[None]]
 ) -> Any:
@@ -396,9 +413,7 @@ async def fanout(
         rss_after = served.rss()
         rss_peak = max(rss_peak, rss_after)
     total = jobs * events
-    # Rooms that never saw their job complete lost everything after their last event.
-    missing_rooms = result["rooms_expected"] - result["rooms_done"]
-    lost = result["lost"] + result["gaps"] + result["resets"] + missing_rooms * events
+    lost = losses(label, result, events)
     span = max(1e-9, result["last"] - max(start_at, result["first"] - 1))
     delivered_span = max(1e-9, result["last"] - result["first"])
     lat = [1000 * x for x in result["latencies"]]

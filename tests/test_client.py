@@ -69,6 +69,9 @@ async def test_coalesced_sequence_numbers_are_not_gaps() -> None:
     client._on_event(event(8, 8))
     assert await delivered(client) == [1, 4, 8]
     assert client.counters.gaps == 0
+    assert client.counters.skipped == 5  # 2, 3 and 5 to 7: counted for whoever measures
+    client._dispatch({"type": "lagged", "rooms": ["job:j"]})
+    assert client.counters.lagged == 1
 
 
 def closed(code: int) -> ConnectionClosed:

@@ -22,6 +22,7 @@ from actors import (
     BroadcasterConfig,
     Cursor,
     EventType,
+    JobContext,
     JobEvent,
     JobState,
     MemoryBackend,
@@ -31,6 +32,7 @@ from actors import (
 )
 from actors._codec import converter
 
+from .backends import CommitHooks
 from .doc_client import DocClient, DocRules
 from .serving import GATES, serving, token
 
@@ -186,6 +188,107 @@ def test_the_frame_cap_includes_the_envelope() -> None:
     assert len(encode_batch(outbox.take(235))) <= 235
 
 
+async def _ready(outbox: Outbox) -> None:
+    """Mark the sender ready as the server's does, without blocking: :meth:`Outbox.wait`,
+    cancelled at its first checkpoint (there is none when something is queued)."""
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await outbox.wait()
+
+
+async def test_a_burst_reaching_a_waiting_sender_is_not_coalesced() -> None:
+    """CI's smoke benchmark lost 58 progress events on a fast reader: one slow group commit
+    (130 ms) published about 260 events to its connection at once, past ``coalesce_after``,
+    before its sender, waiting for them, could take any. What a waiting sender takes next is
+    not behind, however much arrives at once; what arrives while it sends is."""
+    outbox = Outbox(BroadcasterConfig(overflow_after=10**9, overflow_bytes=10**12))
+    feed = Feed()
+    await _ready(outbox)
+    for _ in range(5):
+        for job in range(300):  # 1,500 live events, 6 times coalesce_after
+            feed.push(outbox, f"j{job}")
+    assert outbox.coalesced == 0
+    rules = rules_following(feed)
+    drain(outbox, rules, 64 * 1024)  # the first take ends the sender's readiness
+    assert len(rules.new) == 1500 and outbox.coalesced == 0
+    # Sending (not waiting): what arrives now is behind, and coalesced past the limit.
+    for _ in range(5):
+        for job in range(300):
+            feed.push(outbox, f"j{job}")
+    assert outbox.coalesced == 4 * 300  # every superseded one: 300 queued already
+    drain(outbox, rules, 64 * 1024)
+    assert_accounted(rules, feed)
+
+
+async def test_a_burst_larger_than_a_frame_is_not_behind_while_it_is_taken() -> None:
+    """A burst larger than one frame stays not behind until taken; what arrives while its
+    frames are sent is behind, and is coalesced past the limit."""
+    outbox = Outbox(BroadcasterConfig(coalesce_after=100, overflow_after=10**9))
+    feed = Feed()
+    await _ready(outbox)
+    for job in range(400):
+        feed.push(outbox, f"j{job}")
+    rules = rules_following(feed)
+    for message in outbox.take(8 * 1024):  # about 40 of the 400
+        assert rules.apply(orjson.loads(message)) == []
+    for job in range(300, 400):  # behind: 100, the limit; each supersedes one of the burst
+        feed.push(outbox, f"j{job}")
+    assert outbox.coalesced == 0
+    feed.push(outbox, "j200")  # the 101st behind: past the limit, j200's is coalesced
+    assert outbox.coalesced == 1
+    drain(outbox, rules, 64 * 1024)
+    assert_accounted(rules, feed)
+
+
+class _SlowCommits(CommitHooks, MemoryBackend):
+    """Every group commit takes 150 ms (a slow disk's fsync): each publishes what queued."""
+
+    async def before_commit(self, commit: Any) -> None:
+        await trio.sleep(0.15)
+
+
+async def _steps(ctx: JobContext, input: Any) -> None:
+    for step in range(input["steps"]):
+        await ctx.progress(step / input["steps"], str(step))
+        await trio.sleep(0.01)
+
+
+async def test_a_fast_connection_gets_every_event_of_slow_commits(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The runtime end to end, with the server's sender loop: 300 jobs report progress while
+    each commit takes 150 ms, so each commit publishes about 600 events at once (the
+    ``progress_window`` of each job). A sender that takes each burst as it comes is not
+    behind: every progress event reaches it, none coalesced (before: 900 of 3,000)."""
+    handlers = {"steps": _steps}
+    async with open_runtime(
+        backend=_SlowCommits(), handlers=handlers, broadcast=BroadcasterConfig()
+    ) as rt:
+        assert rt.broadcaster is not None
+        outbox = Outbox(rt.broadcaster.config)
+        await rt.broadcaster.join(outbox, "user:u", None)
+        rt.broadcaster.finish_join(outbox, "user:u")
+        progress = completed = 0
+        async with trio.open_nursery() as nursery:
+
+            async def sender() -> None:
+                nonlocal progress, completed
+                while completed < 300:
+                    await outbox.wait()
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    for message in outbox.take(64 * 1024):
+                        parsed = orjson.loads(message)
+                        assert parsed["type"] == "event", parsed
+                        progress += parsed["event"]["type"] == "progress"
+                        completed += parsed["event"]["type"] == "completed"
+
+            nursery.start_soon(sender)
+            async with trio.open_nursery() as creating:  # one commit creates them all
+                for _ in range(300):
+                    creating.start_soon(rt.create_job, "steps", "u", {"steps": 10})
+        assert (progress, outbox.coalesced) == (3000, 0)
+
+
 async def test_lagged_goes_right_behind_queued_replies_not_behind_events() -> None:
     config = BroadcasterConfig(coalesce_after=10**9, overflow_after=10**9, overflow_bytes=50_000)
     outbox = Outbox(config)
@@ -213,6 +316,7 @@ OPS = st.lists(
         ),
         st.tuples(st.just("control"), st.integers(1, 3000)),
         st.tuples(st.just("take"), st.integers(1, 8000)),
+        st.tuples(st.just("wait")),
     ),
     max_size=300,
 )
@@ -223,7 +327,8 @@ OPS = st.lists(
 def test_any_interleaving_keeps_frames_bounded_and_loses_nothing(
     ops: list[tuple[Any, ...]], coalesce_after: int, final_bytes: int
 ) -> None:
-    """Adversarial interleavings of pushes and takes, with coalescing on (no overflow)."""
+    """Adversarial interleavings of pushes, takes and a sender's waits, with coalescing on
+    (no overflow)."""
     outbox = Outbox(
         BroadcasterConfig(
             coalesce_after=coalesce_after, coalesce_bytes=4000, overflow_after=10**9,
@@ -237,6 +342,8 @@ def test_any_interleaving_keeps_frames_bounded_and_loses_nothing(
             feed.push(outbox, f"j{op[1]}", op[2], op[3])
         elif op[0] == "control":
             outbox.push_control(orjson.dumps({"type": "reply", "id": 1, "result": "x" * op[1]}))
+        elif op[0] == "wait":
+            trio.run(_ready, outbox)
         elif messages := outbox.take(op[1]):
             frame = encode_batch(messages)
             assert len(frame) <= op[1] or len(messages) == 1

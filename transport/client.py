@@ -240,6 +240,12 @@ class ClientStats:
     #: Events (and resets) not taken because the event buffer was full: their rooms were
     #: resubscribed from their cursors once the application had taken half the buffer.
     buffer_full: int = 0
+    #: Progress events the server coalesced away (the counts of its skipped markers: a later
+    #: progress event of the same job superseded each), and ``lagged`` messages received
+    #: (their rooms were resubscribed from their cursors). Both mean the connection fell
+    #: behind (PROTOCOL.md, *Slow consumers*).
+    skipped: int = 0
+    lagged: int = 0
 
 
 class Client:
@@ -478,6 +484,7 @@ class Client:
                     self.counters.gaps += 1
                     self._resync(room)
         elif kind == "lagged":
+            self.counters.lagged += 1
             for room in message.get("rooms", ()):
                 if room in self.rooms:
                     self._resync(room)
@@ -486,6 +493,7 @@ class Client:
         """``count`` coalesced events, numbered from ``seq`` / ``user_seq``: advance over them
         like over events (a later event of the job supersedes them)."""
         count = data["count"]
+        self.counters.skipped += count
         for room, first in (
             (f"job:{data['job_id']}", data["seq"]),
             (f"user:{data['user_id']}", data["user_seq"]),
