@@ -90,8 +90,8 @@ class BroadcasterConfig:
     #: recently active rooms' backlogs are dropped first; the durable log serves them.
     backlog_bytes: int = 8 * 1024 * 1024
     #: Queued live events (or bytes of queued live events and skipped markers) on one
-    #: connection past which its progress events are coalesced: those that arrived while its
-    #: sender was sending (see :class:`Outbox`).
+    #: connection past which its progress events are coalesced: those behind (queued before
+    #: the current burst while its sender was sending, see :class:`Outbox`).
     coalesce_after: int = 256
     coalesce_bytes: int = 128 * 1024
     #: Queued live events (or bytes) past which the connection is told to resubscribe from
@@ -136,9 +136,12 @@ _CLOSE = 4  # where the connection is to be closed: nothing after it is sent
 
 # Entry fields (entries are lists, the cheapest mutable record): kind, encoded message (b""
 # for a skipped marker, encoded when taken), job id, user id, seq, user seq, count (events a
-# skipped marker stands for), bytes counted against the lag limit, and whether it was queued
-# while the sender was ready (see :class:`Outbox`: a live event or marker not behind).
-_KIND, _DATA, _JOB, _USER, _SEQ, _USER_SEQ, _COUNT, _SIZE, _READY = range(9)
+# skipped marker stands for), bytes counted against the lag limit, and why a live event or
+# marker is not behind (see :class:`Outbox`): _WAITED, the number of the burst it came in, or
+# None (behind).
+_KIND, _DATA, _JOB, _USER, _SEQ, _USER_SEQ, _COUNT, _SIZE, _MARK = range(9)
+#: The mark of an entry queued while the sender waited: not behind until taken.
+_WAITED = object()
 
 #: An event message is ``_EVENT_HEAD + record + b"}"`` (see :meth:`Broadcaster.replayed`).
 _EVENT_HEAD = b'{"type":"event","event":'
@@ -208,11 +211,12 @@ class Outbox:
     markers, all of them), its live and replayed events are dropped and ``lagged`` is queued;
     more than ``max_lags`` of those within ``lag_window`` seconds queue a close.
 
-    Behind counts what arrived while the sender was busy sending. Events queued while it
-    waits (from its call to :meth:`wait` to its next :meth:`take`) go to a sender that takes
-    them at once, in as many frames as they need, so they never count towards coalescing,
-    however many arrive together (one slow group commit publishes hundreds at once); the
-    overflow limits count them, as everything queued.
+    Behind is what was queued before the current burst (the events the broadcaster publishes
+    together, without a checkpoint: one commit's, or several) while the sender was busy
+    sending. So neither a burst's own events (however many: one slow group commit publishes
+    hundreds at once) nor those queued while the sender waits (from its call to :meth:`wait`
+    to the :meth:`take` that hands them out, in as many frames as they need) count towards
+    coalescing; the overflow limits count them, as everything queued.
     """
 
     def __init__(self, config: BroadcasterConfig | None = None) -> None:
@@ -224,11 +228,13 @@ class Outbox:
         self._live_bytes = 0  # bytes of queued live events and markers
         #: The sender waits in :meth:`wait`: what is queued now is what it takes next.
         self._ready = False
-        #: The queued live events, and bytes of live events and markers, whose entries were
-        #: queued while the sender was ready (their ``_READY`` field): not behind. Invariant:
-        #: at most ``_live`` and ``_live_bytes``.
-        self._ready_live = 0
-        self._ready_bytes = 0
+        #: The current burst's number (see :meth:`push_event`).
+        self._burst: int | None = None
+        #: Queued live events, and bytes of live events and markers, that are not behind:
+        #: marked _WAITED, and marked with the current burst. Invariant: their sums at most
+        #: ``_live`` and ``_live_bytes``.
+        self._waited_live = self._waited_bytes = 0
+        self._burst_live = self._burst_bytes = 0
         self._replayed_bytes = 0  # bytes of queued replayed events
         #: Bytes of the replays joined on this connection and not queued yet (see
         #: :meth:`Broadcaster.join`), and the lock its joins build their replays under.
@@ -261,17 +267,36 @@ class Outbox:
         return self._replayed_bytes + self.replay_reserved
 
     def push_control(self, data: bytes) -> None:
-        self._entries.append([_CONTROL, data, None, None, 0, 0, 0, 0, False])
+        self._entries.append([_CONTROL, data, None, None, 0, 0, 0, 0, None])
         self._wakeup.set()
 
     def close(self, reason: str) -> None:
         """Close the connection after what is queued now; later messages are never sent."""
         if self.close_reason is None:
             self.close_reason = reason
-            self._entries.append([_CLOSE, b"", None, None, 0, 0, 0, 0, False])
+            self._entries.append([_CLOSE, b"", None, None, 0, 0, 0, 0, None])
             self._wakeup.set()
 
-    def push_event(self, event: JobEvent | StoredEvent, data: bytes, *, live: bool) -> None:
+    def push_event(
+        self, event: JobEvent | StoredEvent, data: bytes, *, live: bool, burst: int | None = None
+    ) -> None:
+        """Queue an event's message: ``live`` as published, else replayed. ``burst``: the
+        number of the burst a live event comes in (a new number starts the next burst: the
+        last one's events still queued are behind from then on); None, none (each event is
+        on its own)."""
+        mark: object = None
+        if live:
+            if burst != self._burst:
+                self._burst = burst
+                self._burst_live = self._burst_bytes = 0
+            if self._ready:
+                mark = _WAITED
+                self._waited_live += 1
+                self._waited_bytes += len(data)
+            elif burst is not None:
+                mark = burst
+                self._burst_live += 1
+                self._burst_bytes += len(data)
         entry = [
             _LIVE if live else _REPLAY,
             data,
@@ -281,19 +306,17 @@ class Outbox:
             event.user_seq,
             1,
             len(data),
-            live and self._ready,
+            mark,
         ]
         if live:
             self._live += 1
             self._live_bytes += len(data)
-            if self._ready:
-                self._ready_live += 1
-                self._ready_bytes += len(data)
             if isinstance(event, JobEvent) and event.type is EventType.PROGRESS:
                 previous = self._progress.get(event.job_id)
                 if previous is not None and (
-                    self._live - self._ready_live > self.config.coalesce_after
-                    or self._live_bytes - self._ready_bytes > self.config.coalesce_bytes
+                    self._live - self._waited_live - self._burst_live > self.config.coalesce_after
+                    or self._live_bytes - self._waited_bytes - self._burst_bytes
+                    > self.config.coalesce_bytes
                 ):
                     self._coalesce(previous)
                 self._progress[event.job_id] = entry
@@ -312,9 +335,7 @@ class Outbox:
         client meets its numbers in order, before the event that supersedes it."""
         self._live -= 1
         self._live_bytes -= entry[_SIZE]
-        if entry[_READY]:
-            self._ready_live -= 1
-            self._ready_bytes -= entry[_SIZE]
+        self._unmark(entry, 1)
         self.coalesced += 1
         entry[_KIND] = _SKIPPED
         entry[_DATA] = b""
@@ -332,8 +353,19 @@ class Outbox:
                 return
         entry[_SIZE] = _MARKER_OVERHEAD + len(entry[_JOB]) + len(entry[_USER])
         self._live_bytes += entry[_SIZE]
-        if entry[_READY]:
-            self._ready_bytes += entry[_SIZE]
+        self._unmark(entry, 0, -entry[_SIZE])  # the marker is as much not behind
+
+    def _unmark(self, entry: list[Any], events: int, size: int | None = None) -> None:
+        """Take ``events`` and ``size`` bytes (the entry's own by default) off the count of
+        what is not behind that ``entry`` is in, if any."""
+        mark = entry[_MARK]
+        size = entry[_SIZE] if size is None else size
+        if mark is _WAITED:
+            self._waited_live -= events
+            self._waited_bytes -= size
+        elif mark is not None and mark == self._burst:
+            self._burst_live -= events
+            self._burst_bytes -= size
 
     def _overflow(self) -> None:
         self.lagged += 1
@@ -344,8 +376,8 @@ class Outbox:
         # Control messages and the close point stay; lagged goes right behind them.
         self._entries = deque(e for e in self._entries if e[_KIND] in (_CONTROL, _CLOSE))
         self._progress.clear()
-        self._live = self._ready_live = 0
-        self._live_bytes = self._ready_bytes = 0
+        self._live = self._waited_live = self._burst_live = 0
+        self._live_bytes = self._waited_bytes = self._burst_bytes = 0
         self._replayed_bytes = 0
         rooms = sorted(self.subscriptions)
         for sub in self.subscriptions.values():
@@ -377,15 +409,12 @@ class Outbox:
             if kind == _LIVE:
                 self._live -= 1
                 self._live_bytes -= entry[_SIZE]
-                if entry[_READY]:
-                    self._ready_live -= 1
-                    self._ready_bytes -= entry[_SIZE]
+                self._unmark(entry, 1)
                 if self._progress.get(entry[_JOB]) is entry:
                     del self._progress[entry[_JOB]]
             elif kind == _SKIPPED:
                 self._live_bytes -= entry[_SIZE]
-                if entry[_READY]:
-                    self._ready_bytes -= entry[_SIZE]
+                self._unmark(entry, 0)
             elif kind == _REPLAY:
                 self._replayed_bytes -= len(data)
             if data:
@@ -470,6 +499,8 @@ class Broadcaster:
         self._backlogs: OrderedDict[str, deque[tuple[int, JobEvent, bytes]]] = OrderedDict()
         self._backlog_bytes = 0  # the backlogs' cost, see :func:`_cost`
         self._heads: dict[str, int] = {}
+        #: The number of the burst being published (see :class:`Outbox`).
+        self._burst = 0
         self._stream: EventStream | None = None
         self._idle = trio.Event()
         self.published = 0
@@ -503,6 +534,7 @@ class Broadcaster:
                         async for event in stream:
                             # A commit's events arrive together: publish them all before
                             # yielding, so each connection's sender takes them as one frame.
+                            self._burst += 1
                             self.publish(event)
                             while stream.pending():
                                 self.publish(stream.receive_nowait())
@@ -562,6 +594,8 @@ class Broadcaster:
         return bytes(memoryview(data))
 
     def publish_all(self, events: list[JobEvent]) -> None:
+        """Publish ``events`` as one burst (see :class:`Outbox`)."""
+        self._burst += 1
         for event in events:
             self.publish(event)
 
@@ -588,7 +622,7 @@ class Broadcaster:
                     sub.last_seq = seq
                     targets[sub.outbox] = None
         for outbox in targets:
-            outbox.push_event(event, data, live=True)
+            outbox.push_event(event, data, live=True, burst=self._burst)
 
     def _remember(self, room: str, seq: int, event: JobEvent, data: bytes) -> None:
         """Append to ``room``'s backlog, within the count per room, the rooms kept and the
