@@ -236,6 +236,9 @@ class Outbox:
         self._waited_live = self._waited_bytes = 0
         self._burst_live = self._burst_bytes = 0
         self._replayed_bytes = 0  # bytes of queued replayed events
+        self._control_bytes = 0  # bytes of queued control messages
+        #: Set by each take of messages (replaced by :meth:`wait_control` before it waits).
+        self._taken = trio.Event()
         #: Bytes of the replays joined on this connection and not queued yet (see
         #: :meth:`Broadcaster.join`), and the lock its joins build their replays under.
         self.replay_reserved = 0
@@ -266,7 +269,13 @@ class Outbox:
         sender (what ``replay_bytes`` bounds, per connection)."""
         return self._replayed_bytes + self.replay_reserved
 
+    @property
+    def control_bytes(self) -> int:
+        """Bytes of queued control messages: replies, errors, heartbeats, ``lagged``."""
+        return self._control_bytes
+
     def push_control(self, data: bytes) -> None:
+        self._control_bytes += len(data)
         self._entries.append([_CONTROL, data, None, None, 0, 0, 0, 0, None])
         self._wakeup.set()
 
@@ -417,12 +426,16 @@ class Outbox:
                 self._unmark(entry, 0)
             elif kind == _REPLAY:
                 self._replayed_bytes -= len(data)
+            elif kind == _CONTROL:
+                self._control_bytes -= len(data)
             if data:
                 messages.append(data)
                 size += len(data) + 1
         if not entries:
             self._wakeup = trio.Event()
         self.delivered += len(messages)
+        if messages:
+            self._taken.set()
         return messages
 
     async def wait(self) -> None:
@@ -431,6 +444,13 @@ class Outbox:
         self._ready = True
         if not self._entries:
             await self._wakeup.wait()
+
+    async def wait_control(self, limit: int) -> None:
+        """Return once at most ``limit`` bytes of control messages are queued (those behind
+        the close point never are: the connection ends first)."""
+        while self._control_bytes > limit:
+            self._taken = trio.Event()
+            await self._taken.wait()
 
 
 @attrs.define(eq=False)

@@ -88,6 +88,7 @@ class ServerConfig:
     #: Largest message the server sends (bytes of one frame, a batch included). At least
     #: the largest storable payload (checkpoints and results: 1 MiB) plus ``envelope_margin``,
     #: so that ``get_payload`` can return any stored value. A client must accept this much.
+    #: Also the bytes of queued replies past which a client's next request is not read.
     max_message_size: int = 2 * 1024 * 1024
     #: Room left in ``max_message_size`` for a reply's envelope and a batch's framing.
     envelope_margin: int = 64 * 1024
@@ -292,6 +293,10 @@ class Connection:
 
     async def _reader(self, nursery: trio.Nursery) -> None:
         while True:
+            # A client that does not read its replies sends no more requests (they wait in
+            # its socket) while those queued hold over max_message_size: with the replies
+            # of the requests in flight, that bounds what its requests make the server hold.
+            await self.outbox.wait_control(self.server.config.max_message_size)
             try:
                 frame = await self.ws.get_message()
             except ConnectionClosed:
