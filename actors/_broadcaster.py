@@ -95,7 +95,8 @@ class BroadcasterConfig:
     coalesce_after: int = 256
     coalesce_bytes: int = 128 * 1024
     #: Queued live events (or bytes) past which the connection is told to resubscribe from
-    #: its cursor (``lagged``).
+    #: its cursor (``lagged``); those held for a join that has not queued its replay yet
+    #: count too.
     overflow_after: int = 4096
     overflow_bytes: int = 1024 * 1024
     #: Overflows within ``lag_window`` seconds that get a connection disconnected.
@@ -237,6 +238,9 @@ class Outbox:
         self._burst_live = self._burst_bytes = 0
         self._replayed_bytes = 0  # bytes of queued replayed events
         self._control_bytes = 0  # bytes of queued control messages
+        #: Live events (and their bytes) held for this connection's joins (see :meth:`hold`).
+        self._held = 0
+        self._held_bytes = 0
         #: Set by each take of messages (replaced by :meth:`wait_control` before it waits).
         self._taken = trio.Event()
         #: Bytes of the replays joined on this connection and not queued yet (see
@@ -332,12 +336,35 @@ class Outbox:
         else:
             self._replayed_bytes += len(data)
         self._entries.append(entry)
-        if live and (
-            self._live > self.config.overflow_after or self._live_bytes > self.config.overflow_bytes
-        ):
+        if live and self._over():
             self._overflow()
             return
         self._wakeup.set()
+
+    def hold(self, sub: Subscription, event: JobEvent, data: bytes) -> None:
+        """Hold a live event for ``sub``, whose join has not queued its replay yet (it is queued
+        after it, as replayed). Held events count towards the lag limits as queued live
+        events do: however long the join waits, the connection holds no more."""
+        sub.held.append((event, data))
+        sub.held_live += 1
+        sub.held_bytes += len(data)
+        self._held += 1
+        self._held_bytes += len(data)
+        if self._over():
+            self._overflow()
+
+    def release(self, sub: Subscription) -> None:
+        """``sub``'s held live events were queued or dropped."""
+        self._held -= sub.held_live
+        self._held_bytes -= sub.held_bytes
+        sub.held_live = sub.held_bytes = 0
+
+    def _over(self) -> bool:
+        """Past the lag limits: queued and held live events, with markers' bytes."""
+        return (
+            self._live + self._held > self.config.overflow_after
+            or self._live_bytes + self._held_bytes > self.config.overflow_bytes
+        )
 
     def _coalesce(self, entry: list[Any]) -> None:
         """Turn a superseded progress event into a skipped marker where it stands, so that a
@@ -391,6 +418,8 @@ class Outbox:
         rooms = sorted(self.subscriptions)
         for sub in self.subscriptions.values():
             sub.suspended = True
+            sub.held = []  # a join's finish queues none of it now
+            self.release(sub)
         self.push_control(lagged_message(rooms))
         if len(self._lag_times) > self.config.max_lags:
             self.close("slow consumer: fell behind repeatedly")
@@ -461,6 +490,10 @@ class Subscription:
     replaying: bool = True
     suspended: bool = False
     held: list[tuple[JobEvent | StoredEvent, bytes]] = attrs.field(factory=list)
+    #: The live events in ``held`` and their bytes (the history's are ``reserved``), counted
+    #: in the outbox's lag limits until queued or dropped (:meth:`Outbox.hold`).
+    held_live: int = 0
+    held_bytes: int = 0
     #: Bytes of the history joined, counted in the outbox's ``replay_reserved`` until queued.
     reserved: int = 0
     #: The user the fan-out tracks for this subscription (cluster mode), once watched.
@@ -637,7 +670,7 @@ class Broadcaster:
                 if sub.suspended:
                     continue
                 if sub.replaying:
-                    sub.held.append((event, data))
+                    sub.outbox.hold(sub, event, data)
                 elif seq > sub.last_seq:
                     sub.last_seq = seq
                     targets[sub.outbox] = None
@@ -870,6 +903,7 @@ class Broadcaster:
             return
         outbox.replay_reserved -= sub.reserved  # queued now (or dropped), counted as such
         sub.reserved = 0
+        outbox.release(sub)
         if sub.suspended:
             # The connection lagged during the join: the client ignored that ``lagged`` (the
             # room was not live until the reply just queued), so it is told again, after it.
@@ -892,6 +926,7 @@ class Broadcaster:
             return
         outbox.replay_reserved -= sub.reserved
         sub.reserved = 0
+        outbox.release(sub)
         if sub.user is not None and self.fanout is not None:
             self.fanout.unwatch(sub.user)
         subs = self._rooms.get(room)

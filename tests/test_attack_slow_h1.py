@@ -4,10 +4,21 @@ slowly, or not at all, makes the server hold, and what a fast reader receives.""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import orjson
 import trio
 
-from .serving import eventually, raw, receive, request, send, serving
+from actors import (
+    BroadcasterConfig,
+    Cursor,
+    JobContext,
+    MemoryBackend,
+    Outbox,
+    open_runtime,
+)
+
+from .serving import GATES, eventually, raw, receive, request, send, serving
 
 
 async def test_replies_not_read_hold_a_bounded_amount(tmp_path: Path) -> None:
@@ -42,3 +53,52 @@ async def test_replies_not_read_hold_a_bounded_amount(tmp_path: Path) -> None:
                     answered.add(inner["id"])
         assert answered == set(range(10, 160))
         await eventually(lambda: conn.outbox.control_bytes == 0 and not len(conn.outbox))
+
+
+async def _bursts(ctx: JobContext, input: Any) -> None:
+    """Ten progress events, then, once ``gate`` opens, ``count`` more of ``pad`` bytes (one
+    per 0.1 ms)."""
+    for i in range(10):
+        await ctx.progress(i, "first")
+    await GATES.setdefault(input["gate"], trio.Event()).wait()
+    for i in range(input["count"]):
+        await ctx.progress(i % 100, "x" * input["pad"])
+        await trio.sleep(0.0001)
+
+
+async def test_events_held_during_a_join_count_towards_the_lag_limits(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Live events of a room are held while its join waits to build the replay (for one of
+    the server's ``replay_builds``), then queued after it as replayed events, which are never
+    coalesced or dropped: a join that waited while the user's jobs emitted 1 MB queued 1 MB,
+    past both replay_bytes (20 KB: what a replay may hold) and overflow_bytes (100 KB: what
+    live events may), unbounded. Held events now count towards the lag limits as queued
+    live events do: past them the connection lagged, and is told so after the reply."""
+    config = BroadcasterConfig(replay_bytes=20_000, overflow_bytes=100_000, replay_builds=1)
+    gate = "held-during-join"
+    async with open_runtime(
+        backend=MemoryBackend(), handlers={"bursts": _bursts}, broadcast=config
+    ) as rt:
+        assert rt.broadcaster is not None
+        broadcaster = rt.broadcaster
+        await rt.create_job("bursts", "u", {"gate": gate, "count": 2000, "pad": 500})
+        await trio.sleep(1)  # its first ten events are committed
+        assert await broadcaster.store.user_head("u") >= 10
+        outbox = Outbox(config)
+        async with trio.open_nursery() as nursery:
+
+            async def join() -> None:
+                await broadcaster.join(outbox, "user:u", Cursor(rt.epoch, 1))
+                outbox.push_control(b'{"type":"reply","id":1,"result":{}}')
+                broadcaster.finish_join(outbox, "user:u")
+
+            async with broadcaster._builds:  # another replay is being built meanwhile
+                nursery.start_soon(join)
+                GATES.setdefault(gate, trio.Event()).set()
+                await trio.sleep(1)  # the job emits its 2,000 events (1 MB)
+        held = outbox.replay_bytes + outbox.queued_bytes
+        assert held <= config.replay_bytes + config.overflow_bytes, held
+        messages = [orjson.loads(m) for m in outbox.take(10**9)]
+        assert [m["type"] for m in messages][-2:] == ["reply", "lagged"], messages[-3:]
+        assert messages[-1]["rooms"] == ["user:u"]
