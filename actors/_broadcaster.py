@@ -656,6 +656,7 @@ class Broadcaster:
         data = self.encode(event)
         self.published += 1
         targets: dict[Outbox, None] = {}
+        holding: list[Subscription] = []
         for room, seq in (
             (f"job:{event.job_id}", event.seq),
             (f"user:{event.user_id}", event.user_seq),
@@ -670,12 +671,17 @@ class Broadcaster:
                 if sub.suspended:
                     continue
                 if sub.replaying:
-                    sub.outbox.hold(sub, event, data)
+                    holding.append(sub)
                 elif seq > sub.last_seq:
                     sub.last_seq = seq
                     targets[sub.outbox] = None
         for outbox in targets:
             outbox.push_event(event, data, live=True, burst=self._burst)
+        # Held after it is queued: a hold past the lag limits then comes after the event, as
+        # the lagged of a push does (nothing of a room follows its lagged).
+        for sub in holding:
+            if not sub.suspended:
+                sub.outbox.hold(sub, event, data)
 
     def _remember(self, room: str, seq: int, event: JobEvent, data: bytes) -> None:
         """Append to ``room``'s backlog, within the count per room, the rooms kept and the

@@ -102,3 +102,38 @@ async def test_events_held_during_a_join_count_towards_the_lag_limits(
         messages = [orjson.loads(m) for m in outbox.take(10**9)]
         assert [m["type"] for m in messages][-2:] == ["reply", "lagged"], messages[-3:]
         assert messages[-1]["rooms"] == ["user:u"]
+
+
+async def test_nothing_of_a_lagged_room_follows_its_lagged(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """PROTOCOL.md: after ``lagged`` a connection receives nothing more for its rooms until
+    it subscribes again. A connection live in a job's room while it joined its user's room
+    (its replay waiting) lagged on an event held for the user room, after that event had
+    been picked for the job room: it was queued right after the ``lagged``."""
+    # Each event is held (user room), then queued (job room): the 201st lags on a hold.
+    config = BroadcasterConfig(overflow_after=200, replay_builds=1)
+    gate = "lagged-room"
+    async with open_runtime(
+        backend=MemoryBackend(), handlers={"bursts": _bursts}, broadcast=config
+    ) as rt:
+        assert rt.broadcaster is not None
+        broadcaster = rt.broadcaster
+        job = await rt.create_job("bursts", "u", {"gate": gate, "count": 2000, "pad": 500})
+        await trio.sleep(1)  # its first ten events are committed
+        outbox = Outbox(config)
+        await broadcaster.join(outbox, f"job:{job.id}", None)
+        broadcaster.finish_join(outbox, f"job:{job.id}")
+        async with trio.open_nursery() as nursery:
+
+            async def join() -> None:
+                await broadcaster.join(outbox, "user:u", Cursor(rt.epoch, 1))
+                broadcaster.finish_join(outbox, "user:u")
+
+            async with broadcaster._builds:  # another replay is being built meanwhile
+                nursery.start_soon(join)
+                GATES.setdefault(gate, trio.Event()).set()
+                await trio.sleep(1)
+        types = [orjson.loads(m)["type"] for m in outbox.take(10**9)]
+        assert "lagged" in types
+        assert "event" not in types[types.index("lagged") :], types[-5:]
