@@ -29,7 +29,7 @@ import psycopg
 import trio
 
 from actors import JobEvent
-from bench.args import amount
+from bench.args import MAX_RUNNING, amount
 from bench.cluster import PG_SERVER, Cluster, cluster_supported, open_cluster
 from bench.run import (
     SECRET,
@@ -246,7 +246,10 @@ async def multinode(args: argparse.Namespace, workdir: Path) -> list[Row]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--multinode-jobs", type=amount(int, 1), default=200, help="multinode: jobs per fanout"
+        "--multinode-jobs",
+        type=amount(int, 1, most=MAX_RUNNING),
+        default=200,
+        help="multinode: jobs per fanout",
     )
     p.add_argument(
         "--multinode-rate",

@@ -32,7 +32,7 @@ import orjson
 import trio
 
 from actors import EventType, JobEvent
-from bench.args import amount
+from bench.args import MAX_RUNNING, amount
 from transport import Client, ClientError, RoomCursor, mint_token, open_client
 
 SECRET = "bench-secret-bench-secret-bench-secret"
@@ -985,7 +985,11 @@ def parser() -> argparse.ArgumentParser:
         help="what to measure",
     )
     p.add_argument(
-        "--jobs", type=amount(int, 1), nargs="+", default=[100, 1000, 10_000], help="fanout sizes"
+        "--jobs",
+        type=amount(int, 1, most=MAX_RUNNING),
+        nargs="+",
+        default=[100, 1000, 10_000],
+        help="fanout sizes",
     )
     p.add_argument(
         "--rate",
@@ -1029,7 +1033,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--running",
-        type=amount(int),
+        type=amount(int, most=MAX_RUNNING),
         default=0,
         help="fanout: jobs running at once (0: all of them)",
     )
@@ -1060,7 +1064,10 @@ def parser() -> argparse.ArgumentParser:
         "--redis", default="redis://127.0.0.1:6379", help="the Redis the peers and multinode use"
     )
     p.add_argument(
-        "--idle-jobs", type=amount(int, 1), default=10_000, help="idle: jobs running at once"
+        "--idle-jobs",
+        type=amount(int, 1, most=MAX_RUNNING),
+        default=10_000,
+        help="idle: jobs running at once",
     )
     p.add_argument(
         "--idle-every",
@@ -1098,11 +1105,14 @@ def parser() -> argparse.ArgumentParser:
         help="stall: the heartbeat timeout, seconds",
     )
     p.add_argument(
-        "--queue-jobs", type=amount(int, 1), default=100_000, help="queue: jobs enqueued"
+        "--queue-jobs",
+        type=amount(int, 1, most=MAX_RUNNING),
+        default=100_000,
+        help="queue: jobs enqueued",
     )
     p.add_argument(
         "--queue-capacity",
-        type=amount(int, 1),
+        type=amount(int, 1, most=MAX_RUNNING),
         default=1000,
         help="queue: the runtime's max_running",
     )
@@ -1144,7 +1154,13 @@ def parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, with the defaults that depend on other options filled in."""
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.lease_renew_interval >= args.lease_ttl:  # the nodes refuse it: a claim would lapse
+        p.error(
+            "argument --lease-renew-interval: must be less than --lease-ttl"
+            f" ({args.lease_ttl:g}), got {args.lease_renew_interval:g}"
+        )
     if args.peers is None:
         args.peers = [] if args.smoke else list(PEERS)
     if args.smoke:

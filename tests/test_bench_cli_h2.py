@@ -1,0 +1,56 @@
+"""``jobspine bench`` given bad or odd input from the command line: a one-line usage error
+(status 2) before anything starts, never a traceback after minutes of running."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+
+
+def refused(*argv: str) -> str:
+    """``jobspine bench argv``'s usage error, parsed only (nothing is started): status 2 and
+    one line naming the option and the value."""
+    from bench.run import parse_args
+
+    err = io.StringIO()
+    with pytest.raises(SystemExit) as exited, contextlib.redirect_stderr(err):
+        parse_args(list(argv))
+    assert exited.value.code == 2
+    error = err.getvalue().splitlines()[-1]
+    assert error.startswith("jobspine bench: error: argument "), err.getvalue()
+    return error
+
+
+def float_options() -> list[str]:
+    from bench.run import parser
+
+    return [
+        a.option_strings[0] for a in parser()._actions if getattr(a.type, "__name__", "") == "float"
+    ]
+
+
+@pytest.mark.parametrize("option", float_options())
+def test_an_infinite_amount_is_a_usage_error(option: str) -> None:
+    """``--rate inf`` passed and ended the fanout in ``OverflowError`` (int(inf)) once its
+    server was up; ``--idle-window inf`` would measure for ever."""
+    assert f"argument {option}: must be a finite number, got 'inf'" in refused(option, "inf")
+
+
+@pytest.mark.parametrize(
+    "option",
+    ["--jobs", "--running", "--idle-jobs", "--queue-capacity", "--queue-jobs", "--multinode-jobs"],
+)
+def test_a_count_past_the_runtimes_bound_is_a_usage_error(option: str) -> None:
+    """Each of these becomes the server's ``max_running`` (or ``max_waiting_per_user``): past
+    2**31 - 1, the server refused its config file and the bench ended in an AssertionError
+    carrying the server's log."""
+    error = refused(option, str(2**31))
+    assert f"argument {option}: must be 2147483647 or less, got '2147483648'" in error
+
+
+def test_a_lease_renewed_no_sooner_than_it_lapses_is_a_usage_error() -> None:
+    """The nodes refuse it: multinode ended in RuntimeError (node n0 exited at start)."""
+    error = refused("--lease-ttl", "1", "--lease-renew-interval", "2")
+    assert "argument --lease-renew-interval: must be less than --lease-ttl (1), got 2" in error
