@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable
 from typing import TypeVar
+from urllib.parse import urlsplit
 
-__all__ = ["MAX_RUNNING", "amount"]
+from actors._fanout import redact_redis_url
+
+__all__ = ["MAX_RUNNING", "amount", "redis_url"]
 
 N = TypeVar("N", int, float)
 
@@ -35,3 +39,18 @@ def amount(
 
     parse.__name__ = kind.__name__  # argparse names the type in its "invalid" message
     return parse
+
+
+def redis_url(text: str) -> str:
+    """An argparse ``type``: a ``redis://HOST:PORT/DB`` URL (each part optional), as the
+    PING before a peer's run and the peers' own clients take it; a usage error otherwise."""
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - ValueError for a port that is no number, or past 65535
+    except ValueError:
+        parts = None
+    if not parts or parts.scheme != "redis" or not re.fullmatch(r"(/\d*)?", parts.path):
+        raise argparse.ArgumentTypeError(
+            f"expected a redis://HOST:PORT/DB URL, got {redact_redis_url(text)!r}"
+        )
+    return text

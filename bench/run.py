@@ -32,7 +32,7 @@ import orjson
 import trio
 
 from actors import EventType, JobEvent
-from bench.args import MAX_RUNNING, amount
+from bench.args import MAX_RUNNING, amount, redis_url
 from transport import Client, ClientError, RoomCursor, mint_token, open_client
 
 SECRET = "bench-secret-bench-secret-bench-secret"
@@ -1061,7 +1061,11 @@ def parser() -> argparse.ArgumentParser:
         " arq, none with --smoke; --peers alone: none)",
     )
     p.add_argument(
-        "--redis", default="redis://127.0.0.1:6379", help="the Redis the peers and multinode use"
+        "--redis",
+        type=redis_url,
+        default="redis://127.0.0.1:6379",
+        help="the Redis the peers (saq, arq) use, redis://HOST:PORT/DB (multinode starts a"
+        " redis-server of its own)",
     )
     p.add_argument(
         "--idle-jobs",

@@ -54,3 +54,25 @@ def test_a_lease_renewed_no_sooner_than_it_lapses_is_a_usage_error() -> None:
     """The nodes refuse it: multinode ended in RuntimeError (node n0 exited at start)."""
     error = refused("--lease-ttl", "1", "--lease-renew-interval", "2")
     assert "argument --lease-renew-interval: must be less than --lease-ttl (1), got 2" in error
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://127.0.0.1:abc", "redis://127.0.0.1:99999", "redis://[::1", "notaurl", "",
+     "http://127.0.0.1:6379", "redis://127.0.0.1:6379/x"],
+)  # fmt: skip
+def test_a_redis_url_that_is_not_one_is_a_usage_error(url: str) -> None:
+    """A bad port or IPv6 host ended the peers' run in ValueError (the PING check's
+    urlsplit); one without ``redis://`` passed that check and ended in CalledProcessError
+    (the peer's own client refused it)."""
+    assert f"argument --redis: expected a redis://HOST:PORT/DB URL, got {url!r}" in refused(
+        "--redis", url
+    )
+
+
+def test_a_redis_url_is_taken_with_its_database_and_shown_without_its_password() -> None:
+    from bench.run import parse_args
+
+    for url in ("redis://127.0.0.1:6379/13", "redis://:pw@localhost:6380/", "redis://"):
+        assert parse_args(["--redis", url]).redis == url
+    assert "'redis://u:***@h:abc'" in refused("--redis", "redis://u:secret@h:abc")
