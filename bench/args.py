@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
 from actors._fanout import redact_redis_url
 
-__all__ = ["MAX_RUNNING", "amount", "redis_url"]
+__all__ = ["MAX_RUNNING", "amount", "output_file", "redis_url"]
 
 N = TypeVar("N", int, float)
 
@@ -53,4 +55,24 @@ def redis_url(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"expected a redis://HOST:PORT/DB URL, got {redact_redis_url(text)!r}"
         )
+    return text
+
+
+def output_file(text: str) -> str:
+    """An argparse ``type``: a file the results can be written to once the run is over
+    (replaced, its missing directories made then), tried now, leaving nothing: the file
+    opened to append if it exists, else a file made and removed in the nearest directory
+    above it that exists; a usage error otherwise (a directory, a path under a file, a
+    read-only place)."""
+    path = Path(text)
+    try:
+        if path.exists():
+            with path.open("ab"):
+                pass
+        else:
+            nearest = next(p for p in path.parents if p.exists())
+            with tempfile.TemporaryFile(dir=nearest):
+                pass
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {exc.strerror}") from None
     return text

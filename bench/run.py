@@ -32,7 +32,7 @@ import orjson
 import trio
 
 from actors import EventType, JobEvent
-from bench.args import MAX_RUNNING, amount, redis_url
+from bench.args import MAX_RUNNING, amount, output_file, redis_url
 from transport import Client, ClientError, RoomCursor, mint_token, open_client
 
 SECRET = "bench-secret-bench-secret-bench-secret"
@@ -1144,6 +1144,7 @@ def parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.add_argument(
         "--json",
+        type=output_file,
         default="bench/results/latest.json",
         help="where to write every figure (replaced; bench/results/ is not tracked by git)",
     )
@@ -1186,13 +1187,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = trio.run(run, args)
     meta = versions()
     print(table(rows, meta))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_bytes(
-        orjson.dumps(
-            {"machine": meta, "args": vars(args), "rows": [attrs.asdict(r) for r in rows]},
-            option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY,
+    try:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_bytes(
+            orjson.dumps(
+                {"machine": meta, "args": vars(args), "rows": [attrs.asdict(r) for r in rows]},
+                option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY,
+            )
         )
-    )
+    except OSError as exc:  # checked before the run (--json), but a disk may fill meanwhile
+        progress_line(f"figures not written to {args.json}: {exc.strerror} (the table has them)\n")
+        return 1
     print(f"\nfigures written to {args.json}")
     failed = [r for r in rows if is_failure(r)]
     return 1 if failed else 0

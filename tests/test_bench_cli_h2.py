@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).parent.parent
 
 
 def refused(*argv: str) -> str:
@@ -76,3 +81,51 @@ def test_a_redis_url_is_taken_with_its_database_and_shown_without_its_password()
     for url in ("redis://127.0.0.1:6379/13", "redis://:pw@localhost:6380/", "redis://"):
         assert parse_args(["--redis", url]).redis == url
     assert "'redis://u:***@h:abc'" in refused("--redis", "redis://u:secret@h:abc")
+
+
+def test_a_json_file_that_cannot_be_written_is_a_usage_error(tmp_path: Path) -> None:
+    """The figures were written after the whole run (half an hour for all): a directory, a
+    path under a file or where nothing can be created ended it in a traceback then, the JSON
+    lost. Nothing is left where it was tried."""
+    (tmp_path / "file").write_text("")
+    for path, reason in [
+        (tmp_path, "Is a directory"),
+        (tmp_path / "file" / "out.json", "Not a directory"),
+        (Path("/proc/h2-bench.json"), "No such file or directory"),  # nothing can be made
+    ]:
+        error = refused("--json", str(path))
+        assert f"argument --json: cannot write {str(path)!r}: {reason}" in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    assert (tmp_path / "file").read_text() == ""
+
+
+def test_a_json_file_in_new_directories_or_replaced_is_fine(tmp_path: Path) -> None:
+    from bench.run import parse_args
+
+    (tmp_path / "old.json").write_text("old")
+    assert parse_args(["--json", str(tmp_path / "old.json")]).json == str(tmp_path / "old.json")
+    assert (tmp_path / "old.json").read_text() == "old"  # untouched until the run is over
+    new = tmp_path / "a" / "b" / "new.json"
+    assert parse_args(["--json", str(new)]).json == str(new)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.json"]
+
+
+def test_figures_that_cannot_be_written_after_the_run_are_said_so_in_a_line(
+    tmp_path: Path,
+) -> None:
+    """A full disk (``/dev/full``) ended the run in a traceback after its table."""
+    argv = ["--scenario", "saq", "--redis", "redis://127.0.0.1:1", "--json", "/dev/full"]
+    result = subprocess.run(
+        [sys.executable, "-m", "transport._cli", "bench", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.endswith(
+        "figures not written to /dev/full: No space left on device (the table has them)\n"
+    )
+    assert "cores (" in result.stdout  # the table, printed before
