@@ -1,4 +1,5 @@
-"""Command-line amounts for the benchmarks: a bad value is a usage error, not a crash later."""
+"""The benchmarks' command lines: a bad value is a usage error, not a crash later; Ctrl-C
+ends them quietly."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from urllib.parse import urlsplit
 
 from actors._fanout import redact_redis_url
 
-__all__ = ["MAX_RUNNING", "amount", "output_file", "redis_url"]
+__all__ = ["MAX_RUNNING", "amount", "interrupted", "output_file", "redis_url"]
 
 N = TypeVar("N", int, float)
 
@@ -76,3 +77,12 @@ def output_file(text: str) -> str:
     except OSError as exc:
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: {exc.strerror}") from None
     return text
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` is Ctrl-C (SIGINT), alone or in the groups of the nurseries it went
+    through: a program of the bench then exits with status 130, no traceback (a terminal
+    sends it to the bench's every process; the bench alone says ``interrupted``)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(KeyboardInterrupt) is not None
+    return isinstance(exc, KeyboardInterrupt)

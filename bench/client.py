@@ -17,6 +17,7 @@ import orjson
 import trio
 
 from actors import EventType, JobEvent
+from bench.args import interrupted
 from transport import Client, mint_token, open_client
 
 
@@ -116,4 +117,9 @@ async def main(spec: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    trio.run(main, orjson.loads(open(sys.argv[1], "rb").read()))  # noqa: SIM115
+    try:
+        trio.run(main, orjson.loads(open(sys.argv[1], "rb").read()))  # noqa: SIM115
+    except BaseException as exc:
+        if not interrupted(exc):
+            raise
+        sys.exit(130)

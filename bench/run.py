@@ -32,7 +32,7 @@ import orjson
 import trio
 
 from actors import EventType, JobEvent
-from bench.args import MAX_RUNNING, amount, output_file, redis_url
+from bench.args import MAX_RUNNING, amount, interrupted, output_file, redis_url
 from transport import Client, ClientError, RoomCursor, mint_token, open_client
 
 SECRET = "bench-secret-bench-secret-bench-secret"
@@ -270,6 +270,9 @@ async def run_subscribers(
                     await until_ready()
                 elif line.startswith(b"{"):
                     result = orjson.loads(line)
+    except BaseException:
+        process.terminate()  # Ctrl-C or a failure here: what it reports would not be read
+        raise
     finally:
         with trio.move_on_after(10, shield=True):
             await process.wait()
@@ -1184,7 +1187,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rows = trio.run(run, args)
+    try:
+        rows = trio.run(run, args)
+    except BaseException as exc:
+        if not interrupted(exc):
+            raise
+        sys.stderr.write("\ninterrupted\n")  # as every jobspine command
+        return 130
     meta = versions()
     print(table(rows, meta))
     try:

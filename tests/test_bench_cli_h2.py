@@ -1,12 +1,16 @@
 """``jobspine bench`` given bad or odd input from the command line: a one-line usage error
-(status 2) before anything starts, never a traceback after minutes of running."""
+(status 2) before anything starts, never a traceback after minutes of running; Ctrl-C stops
+it at once, quietly, with nothing left running."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -129,3 +133,67 @@ def test_figures_that_cannot_be_written_after_the_run_are_said_so_in_a_line(
         "figures not written to /dev/full: No space left on device (the table has them)\n"
     )
     assert "cores (" in result.stdout  # the table, printed before
+
+
+def children(pid: int) -> set[int]:
+    """Every process descending from ``pid``."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*/children"):
+            try:
+                kids = {int(p) for p in task.read_text().split()}
+            except OSError:
+                continue
+            todo += kids - found
+            found |= kids
+    return found
+
+
+@pytest.mark.parametrize("group", [False, True], ids=["process", "process group"])
+def test_ctrl_c_stops_the_bench_at_once_quietly_leaving_nothing(
+    tmp_path: Path, group: bool
+) -> None:
+    """Ctrl-C (SIGINT to the bench, or to its process group as a terminal sends it) during a
+    fanout: status 130 and 'interrupted', as every jobspine command (it ended in an
+    exception group's traceback, status 1, and the subscriber process's own traceback; sent
+    to the bench alone, it waited 10 s for the subscribers); its processes and its temporary
+    directory are gone."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    argv = ["--scenario", "fanout", "--peers", "--jobs", "20", "--running", "10"]
+    argv += ["--updates", "1000", "--interval", "0.01", "--json", str(tmp_path / "out.json")]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "transport._cli", "bench", *argv],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        # SIGINT as a terminal's shell leaves it (a background job's is ignored).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        assert process.stderr is not None
+        while "connections" not in (line := process.stderr.readline()):  # under way
+            assert line, process.communicate()
+        started = children(process.pid)
+        assert started
+        sent = time.monotonic()
+        if group:
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, err
+    assert "Traceback" not in err, err
+    assert err.rstrip().endswith("interrupted"), err
+    assert "figures written" not in out
+    assert took < 5, took
+    assert not [pid for pid in started if Path(f"/proc/{pid}").exists()]
+    assert list(tmp_path.iterdir()) == []  # no workdir left, no JSON
