@@ -32,6 +32,7 @@ import orjson
 import trio
 
 from actors import EventType, JobEvent
+from actors._fanout import redact_redis_url, redis_refusal
 from bench.args import MAX_RUNNING, amount, interrupted, output_file, redis_url
 from transport import Client, ClientError, RoomCursor, mint_token, open_client
 
@@ -539,10 +540,23 @@ PEERS = {"saq": "bench.saq_fanout", "arq": "bench.arq_fanout"}
 PEER_GOALS = {"saq": (4.0, 1.0), "arq": (1.5, 1.0)}
 
 
+class PeerError(Exception):
+    """A peer's run ended in an error (its Redis went away, or refuses what it is asked):
+    its figures are left out, the rest of the run goes on."""
+
+
+def last_line(stderr: bytes) -> str:
+    """What a process that failed said last on ``stderr``: its exception, without the
+    traceback above it."""
+    lines = stderr.decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else "nothing on stderr"
+
+
 async def peer_fanout(
     args: argparse.Namespace, workdir: Path, jobs: int, peer: str
 ) -> tuple[list[Row], Any]:
-    """The fanout workload on ``peer`` (``saq`` or ``arq``, on the local Redis)."""
+    """The fanout workload on ``peer`` (``saq`` or ``arq``, on the local Redis); raises
+    :class:`PeerError` if it ends in an error."""
     events, interval, running = workload(args, jobs)
     queue = f"jobspine-bench-{peer}-{os.getpid()}-{jobs}"
     common = ["--jobs", str(jobs), "--queue", queue, "--redis", args.redis]
@@ -569,6 +583,8 @@ async def peer_fanout(
                 str(args.duration * 4 + 60),
             ],
             capture_stdout=True,
+            capture_stderr=True,
+            check=False,
         )
     finally:
         worker.terminate()
@@ -582,7 +598,11 @@ async def peer_fanout(
                 check=False,
             )
             if cleaned.returncode:
-                progress_line(f"[{peer}] its keys in Redis were not deleted: {cleaned.stderr!r}")
+                progress_line(
+                    f"[{peer}] its keys in Redis were not deleted: {last_line(cleaned.stderr)}\n"
+                )
+    if result.returncode:
+        raise PeerError(last_line(result.stderr))
     data = orjson.loads(result.stdout.decode().strip().splitlines()[-1])
     lat = [1000 * x for x in data["latencies"]]
     span = max(1e-9, data["last"] - data["first"])
@@ -890,6 +910,16 @@ def chosen_scenarios(args: argparse.Namespace) -> list[str]:
     return chosen
 
 
+async def redis_unusable(url: str) -> str | None:
+    """Why the peers cannot use ``url`` (no Redis answers PING there within 2 s, or it refuses
+    the URL: a database index it does not have, a wrong user or password), else None."""
+    shown = redact_redis_url(url)
+    if not await redis_answers(url):
+        return f"no Redis answers at {shown}"
+    refusal = await redis_refusal(url)
+    return f"the Redis at {shown} refuses it: {refusal}" if refusal else None
+
+
 async def redis_answers(url: str) -> bool:
     """Whether a Redis server answers PING at ``url`` within 2 s."""
     parts = urlsplit(url)
@@ -921,14 +951,19 @@ async def run(args: argparse.Namespace) -> list[Row]:
             elif name in PEERS:
                 if importlib.util.find_spec(name) is None:
                     progress_line(
-                        f"[{name}] skipped: {name} is not installed (pip install -e '.[bench]')"
+                        f"[{name}] skipped: {name} is not installed (pip install -e '.[bench]')\n"
                     )
                     continue
-                if not await redis_answers(args.redis):
-                    progress_line(f"[{name}] skipped: no Redis answers at {args.redis} (--redis)")
+                unusable = await redis_unusable(args.redis)
+                if unusable:
+                    progress_line(f"[{name}] skipped: {unusable} (--redis)\n")
                     continue
                 for jobs in args.peer_jobs:
-                    peer_rows, _ = await peer_fanout(args, workdir, jobs, name)
+                    try:
+                        peer_rows, _ = await peer_fanout(args, workdir, jobs, name)
+                    except PeerError as exc:
+                        progress_line(f"[{name} {jobs}] failed, its figures left out: {exc}\n")
+                        continue
                     rows += peer_rows + peer_ratios(rows, peer_rows, jobs, name)
             elif name == "idle":
                 rows += await idle_capacity(args, workdir)

@@ -8,11 +8,15 @@ import contextlib
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 
 ROOT = Path(__file__).parent.parent
@@ -197,3 +201,78 @@ def test_ctrl_c_stops_the_bench_at_once_quietly_leaving_nothing(
     assert took < 5, took
     assert not [pid for pid in started if Path(f"/proc/{pid}").exists()]
     assert list(tmp_path.iterdir()) == []  # no workdir left, no JSON
+
+
+def bench(*argv: str) -> subprocess.CompletedProcess[str]:
+    """``jobspine bench argv``, run to its end."""
+    return subprocess.run(
+        [sys.executable, "-m", "transport._cli", "bench", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_a_peer_whose_redis_refuses_the_url_is_skipped_with_the_reason(tmp_path: Path) -> None:
+    """A Redis that answers PING but has no such database (or takes no such password) passed
+    the check before the peers, and each ended the run in CalledProcessError."""
+    url = "redis://127.0.0.1:6379/99"
+    argv = ["--scenario", "saq", "arq", "--peer-jobs", "5", "--updates", "2", "--redis", url]
+    result = bench(*argv, "--json", str(tmp_path / "out.json"))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    for peer in ("saq", "arq"):
+        assert (
+            f"[{peer}] skipped: the Redis at {url} refuses it: ResponseError: DB index is out"
+            " of range (--redis)\n" in result.stderr
+        )
+
+
+@contextlib.contextmanager
+def pong_only() -> Iterator[str]:
+    """A server that answers the first thing said to it with Redis's ``+PONG`` and hangs up:
+    the bench's check before the peers passes, then the peers fail (as when Redis goes away
+    once they started). Yields its ``redis://`` URL."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return  # closed
+            with connection:
+                connection.settimeout(5)
+                with contextlib.suppress(OSError):
+                    connection.recv(1024)
+                    connection.sendall(b"+PONG\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"redis://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(5)
+
+
+def test_a_peer_that_fails_leaves_the_rest_of_the_run(tmp_path: Path) -> None:
+    """A peer's run that ended in an error (its Redis gone meanwhile) ended the whole run in
+    CalledProcessError, after fanout: no table, no JSON, the peer's traceback on stderr. Now
+    that peer's figures are left out, saying why, and the run goes on."""
+    out = tmp_path / "out.json"
+    with pong_only() as url:
+        argv = ["--scenario", "fanout", "--peers", "saq", "arq", "--jobs", "5", "--updates"]
+        result = bench(*argv, "2", "--redis", url, "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    for peer in ("saq", "arq"):
+        assert f"[{peer} 5] failed, its figures left out: " in result.stderr
+    assert "fanout 5" in result.stdout
+    rows = orjson.loads(out.read_bytes())["rows"]
+    assert {r["scenario"] for r in rows} == {"fanout 5"}
