@@ -283,5 +283,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def smoke(args: argparse.Namespace) -> None:
-    args.multinode_jobs, args.multinode_rate, args.multinode_kills = 20, 400, 2
+#: ``--smoke``'s sizes for multinode (each unless the command line gives it).
+SMOKE = {"multinode_jobs": 20, "multinode_rate": 400, "multinode_kills": 2}

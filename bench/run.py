@@ -1189,16 +1189,36 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--smoke",
         action="store_true",
-        help="small sizes that run in seconds (fanout by default, or the --scenario given);"
-        " fails only on a lost event or job, or a wrong retry",
+        help="small sizes that run in seconds, those given on the command line kept (fanout"
+        " by default, or the --scenario given); fails only on a lost event or job, or a wrong"
+        " retry",
     )
     return p
+
+
+#: ``--smoke``'s sizes: a run in seconds (each unless the command line gives it).
+SMOKE = {
+    "jobs": [100],
+    "duration": 2.0,
+    "rate": 2000,
+    "queue_jobs": 2000,
+    "queue_capacity": 100,
+    "queue_hold": 0.2,
+    "queue_latency_jobs": 50,
+    "retry_jobs": 200,
+    "retry_timeout": 60,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, with the defaults that depend on other options filled in."""
     p = parser()
     args = p.parse_args(argv)
+    if args.smoke:  # its sizes are the defaults: those the command line gives are kept
+        from bench.multinode import SMOKE as MULTINODE_SMOKE
+
+        p.set_defaults(**SMOKE, **MULTINODE_SMOKE)
+        args = p.parse_args(argv)
     if args.lease_renew_interval >= args.lease_ttl:  # the nodes refuse it: a claim would lapse
         p.error(
             "argument --lease-renew-interval: must be less than --lease-ttl"
@@ -1206,15 +1226,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.peers is None:
         args.peers = [] if args.smoke else list(PEERS)
-    if args.smoke:
-        if "all" in args.scenario:
-            args.scenario = ["fanout"]
-        args.jobs, args.duration, args.rate = [100], 2.0, 2000
-        args.queue_jobs, args.queue_capacity, args.queue_hold = 2000, 100, 0.2
-        args.queue_latency_jobs, args.retry_jobs, args.retry_timeout = 50, 200, 60
-        from bench.multinode import smoke
-
-        smoke(args)
+    if args.smoke and "all" in args.scenario:
+        args.scenario = ["fanout"]
     if args.peer_jobs is None:
         args.peer_jobs = list(args.jobs)
     return args

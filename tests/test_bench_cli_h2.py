@@ -276,3 +276,17 @@ def test_a_peer_that_fails_leaves_the_rest_of_the_run(tmp_path: Path) -> None:
     assert "fanout 5" in result.stdout
     rows = orjson.loads(out.read_bytes())["rows"]
     assert {r["scenario"] for r in rows} == {"fanout 5"}
+
+
+def test_smoke_keeps_the_sizes_the_command_line_gives() -> None:
+    """``--smoke`` wrote its sizes over the command line's: ``--smoke --jobs 20`` ran
+    ``fanout 100``, ``--multinode-kills 0`` killed two nodes, and nothing said so."""
+    from bench.run import parse_args
+
+    argv = ["--smoke", "--jobs", "20", "--duration", "1", "--queue-jobs", "300"]
+    args = parse_args([*argv, "--multinode-kills", "0"])
+    assert (args.jobs, args.duration, args.queue_jobs, args.multinode_kills) == ([20], 1, 300, 0)
+    assert args.peer_jobs == [20]  # the fanout sizes, as without --smoke
+    # The rest are the smoke's.
+    assert (args.rate, args.queue_capacity, args.multinode_jobs) == (2000, 100, 20)
+    assert parse_args(["--smoke"]).jobs == [100]
