@@ -36,6 +36,7 @@ from bench.run import (
     Row,
     create_jobs,
     losses,
+    patience,
     percentile,
     poll_until,
     progress_line,
@@ -94,7 +95,7 @@ async def fanout(args: argparse.Namespace, workdir: Path, nodes: int) -> list[Ro
             "job_rooms": [],
             "owners": owners,
             "expect": dict.fromkeys(owners, events),
-            "timeout": args.duration * 4 + 60,
+            "timeout": patience(args, events, interval),  # every job at once
         }
         start_at = 0.0
 

@@ -334,6 +334,15 @@ def workload(args: argparse.Namespace, jobs: int) -> tuple[int, float, int]:
     return max(2, int(args.duration * per_job_rate)), 1 / per_job_rate, running
 
 
+def patience(args: argparse.Namespace, events: int, interval: float, batches: int = 1) -> float:
+    """Seconds a fanout is waited for (by its subscribers, a peer's observer): four times what
+    its workload takes, ``batches`` of jobs one after another, each job ``events`` progress
+    events ``interval`` s apart (at least ``--duration``: back to back, it cannot be told),
+    and a minute. A paced run longer than ``--duration`` (the least 2 events a job, a queue
+    of ``--running`` at once) was cut off and its events counted lost."""
+    return max(float(args.duration), batches * events * interval) * 4 + 60
+
+
 async def fanout(
     args: argparse.Namespace, workdir: Path, jobs: int, worker_processes: int = 0
 ) -> list[Row]:
@@ -345,7 +354,13 @@ async def fanout(
     concurrency = min(1000, max(1, -(-running // max(1, worker_processes))))
     config = f"[runtime]\nmax_running = {running}\n"  # the rest wait in the queue
     async with server(
-        workdir, worker_processes=worker_processes, concurrency=concurrency, config=config
+        workdir,
+        # A job is silent between two progress events: paced slower than the server's
+        # heartbeat timeout, it would be stalled and paused, never done.
+        heartbeat_timeout=max(30.0, 3 * interval),
+        worker_processes=worker_processes,
+        concurrency=concurrency,
+        config=config,
     ) as served:
         go_file = workdir / f"go-{jobs}-{worker_processes}"  # one per run: each waits for its own
         input: dict[str, Any] = {"count": events, "interval": interval, "go_file": str(go_file)}
@@ -368,7 +383,7 @@ async def fanout(
             "job_rooms": sorted(job_rooms.items()) if args.observer_rooms == "both" else [],
             "owners": owners,
             "expect": dict.fromkeys(owners, events),
-            "timeout": args.duration * 4 + 60,
+            "timeout": patience(args, events, interval, -(-jobs // running)),
         }
 
         start_at = 0.0
@@ -580,7 +595,7 @@ async def peer_fanout(
                 "--interval",
                 str(interval),
                 "--timeout",
-                str(args.duration * 4 + 60),
+                str(patience(args, events, interval, -(-jobs // running))),
             ],
             capture_stdout=True,
             capture_stderr=True,

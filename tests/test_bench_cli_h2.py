@@ -290,3 +290,21 @@ def test_smoke_keeps_the_sizes_the_command_line_gives() -> None:
     # The rest are the smoke's.
     assert (args.rate, args.queue_capacity, args.multinode_jobs) == (2000, 100, 20)
     assert parse_args(["--smoke"]).jobs == [100]
+
+
+def test_a_paced_fanout_is_waited_for_as_long_as_it_takes() -> None:
+    """The subscribers waited ``--duration`` * 4 + 60 s whatever the run took: ``--jobs 1
+    --rate 0.02 --duration 1`` (its least 2 events, 50 s apart) was cut off at 64 s and failed
+    with 4 events lost, none lost; ``--jobs 10000 --running 100`` (100 batches of 4 s) at
+    76 s likewise."""
+    from bench.run import parse_args, patience, workload
+
+    for argv, jobs, takes in [
+        (["--rate", "0.02", "--duration", "1"], 1, 100),
+        (["--running", "100"], 10_000, 400),
+    ]:
+        args = parse_args(argv)
+        events, interval, running = workload(args, jobs)
+        assert patience(args, events, interval, -(-jobs // running)) >= takes * 4
+    back_to_back = parse_args(["--updates", "20"])
+    assert patience(back_to_back, 20, 0.0, 10) == 4 * 4 + 60  # as before
