@@ -1181,7 +1181,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--queue-latency-jobs",
-        type=amount(int),
+        type=amount(int, most=500),  # one list reads them all back
         default=500,
         help="queue: jobs for create -> start",
     )

@@ -308,3 +308,9 @@ def test_a_paced_fanout_is_waited_for_as_long_as_it_takes() -> None:
         assert patience(args, events, interval, -(-jobs // running)) >= takes * 4
     back_to_back = parse_args(["--updates", "20"])
     assert patience(back_to_back, 20, 0.0, 10) == 4 * 4 + 60  # as before
+
+
+def test_more_create_to_start_jobs_than_the_queue_scenario_reads_is_a_usage_error() -> None:
+    """``--queue-latency-jobs 700`` ran 500, saying nothing (one list reads them back)."""
+    error = refused("--queue-latency-jobs", "700")
+    assert "argument --queue-latency-jobs: must be 500 or less, got '700'" in error
