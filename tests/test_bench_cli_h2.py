@@ -37,6 +37,7 @@ def refused(*argv: str) -> str:
 
 
 def float_options() -> list[str]:
+    """The bench's options that take a float (seconds, rates, milliseconds of CPU)."""
     from bench.run import parser
 
     return [
