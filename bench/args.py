@@ -1,5 +1,9 @@
 """The benchmarks' command lines: a bad value is a usage error, not a crash later; Ctrl-C
-ends them quietly."""
+ends them quietly.
+
+The peers' programs (:mod:`bench.arq_fanout`, :mod:`bench.saq_fanout`) import this module, so
+it imports nothing of jobspine's at load: ``actors`` loads trio-asyncio, which patches asyncio
+(its loop lookups), and arq measured with it loaded ran at a third of its rate."""
 
 from __future__ import annotations
 
@@ -11,8 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
-
-from actors._fanout import redact_redis_url
 
 __all__ = ["MAX_RUNNING", "amount", "interrupted", "output_file", "redis_url"]
 
@@ -53,6 +55,8 @@ def redis_url(text: str) -> str:
     except ValueError:
         parts = None
     if not parts or parts.scheme != "redis" or not re.fullmatch(r"(/\d*)?", parts.path):
+        from actors._fanout import redact_redis_url  # not at load: see the module's docstring
+
         raise argparse.ArgumentTypeError(
             f"expected a redis://HOST:PORT/DB URL, got {redact_redis_url(text)!r}"
         )

@@ -256,3 +256,21 @@ def test_losses_say_what_the_clients_saw(capsys: pytest.CaptureFixture[str]) -> 
     )
     assert losses("fanout 100", {**result, "lost": 0, "resets": 0, "rooms_done": 4}, 40) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_what_the_peers_import_of_ours_loads_nothing_of_jobspine() -> None:
+    """arq's side-by-side figures fell to a third (6,600 to 2,200 updates/s on one machine,
+    the same hour) once bench.args imported actors for a helper: the peers' programs import
+    bench.args, and actors loads trio-asyncio, which patches asyncio under them."""
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, bench.args, bench.redis_keys; print(sorted({m.split('.')[0] for m in"
+            " sys.modules} & {'actors', 'transport', 'trio_asyncio', 'trio'}))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert loaded == "[]"
