@@ -8,15 +8,17 @@ it imports nothing of jobspine's at load: ``actors`` loads trio-asyncio, which p
 from __future__ import annotations
 
 import argparse
+import asyncio
 import math
 import re
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-__all__ = ["MAX_RUNNING", "amount", "interrupted", "output_file", "redis_url"]
+__all__ = ["MAX_RUNNING", "amount", "interrupted", "output_file", "redis_url", "run_peer"]
 
 N = TypeVar("N", int, float)
 
@@ -90,3 +92,14 @@ def interrupted(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return exc.subgroup(KeyboardInterrupt) is not None
     return isinstance(exc, KeyboardInterrupt)
+
+
+def run_peer(main: Coroutine[Any, Any, None]) -> None:
+    """Run a peer program's asyncio ``main`` (saq's or arq's); Ctrl-C ends it with status
+    130 and no traceback."""
+    try:
+        asyncio.run(main)
+    except BaseException as exc:
+        if not interrupted(exc):
+            raise
+        sys.exit(130)

@@ -24,7 +24,7 @@ from arq import create_pool
 from arq.connections import RedisSettings
 from arq.worker import Worker, func
 
-from bench.args import amount, interrupted
+from bench.args import amount, run_peer
 from bench.redis_keys import delete_matching
 
 
@@ -138,12 +138,7 @@ def main() -> None:
     parser.add_argument("--run", default=str(int(time.time())))
     parser.add_argument("--timeout", type=amount(float, 0.0, above=True), default=120)
     args = parser.parse_args()
-    try:
-        asyncio.run({"worker": worker, "observe": observe, "clean": clean}[args.role](args))
-    except BaseException as exc:
-        if not interrupted(exc):
-            raise
-        sys.exit(130)
+    run_peer({"worker": worker, "observe": observe, "clean": clean}[args.role](args))
 
 
 if __name__ == "__main__":
