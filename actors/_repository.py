@@ -21,6 +21,7 @@ from ._errors import (
     RuntimeClosedError,
     StaleAttemptError,
     StoreError,
+    UnknownJobError,
     shown,
 )
 from ._events import AUDIT_TYPES, STREAM_BYTES, EventHub, EventStream, EventStreamLagged, JobEvent
@@ -276,8 +277,14 @@ class Repository:
             now=now,  # created_at: a delay is exactly run_at - created_at
         )
         if job.parent_id is not None and job.state is S.CREATED:
-            parent = await self._store.get(job.parent_id)
-            if parent.state is S.CANCELLED:
+            try:
+                parent: Job | None = await self._store.get(job.parent_id)
+            except UnknownJobError:
+                # Deleted since the job was made (a finished parent; a running one cannot
+                # be): nothing left to cancel it with. Raised, it failed a create that had
+                # stored its job, and a key's resend of it, with the parent's unknown_job.
+                parent = None
+            if parent is not None and parent.state is S.CANCELLED:
                 # Created under a parent being cancelled, maybe after the cancel's walk listed
                 # its children: cancelled with it, whichever came first.
                 try:

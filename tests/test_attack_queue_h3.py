@@ -1,0 +1,36 @@
+"""Adversarial inputs and sequences against the queue's semantics (session h3), through the
+embedding API under the mock clock on the in-memory store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from actors import JobContext, JobState
+
+from .conftest import memory_runtime, wait_for_state
+
+S = JobState
+
+
+async def quick(ctx: JobContext, input: Any) -> Any:
+    return input
+
+
+async def test_an_idempotent_create_sent_again_after_its_finished_parent_was_deleted(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A create with a parent and a key, sent again (its reply was lost) after the finished
+    parent was deleted, gets its job back: it raised ``UnknownJobError`` naming the parent
+    (the check for a cancelled parent read a job that is gone), so a client's resend of a
+    create that had worked was told the job does not exist."""
+    async with memory_runtime({"quick": quick}) as rt:
+        parent = await rt.create_job("quick", "alice", {})
+        assert (await wait_for_state(rt, parent.id)).state is S.COMPLETED
+        options: dict[str, Any] = {"parent_id": parent.id, "delay": 3600, "idempotency_key": "k"}
+        child = await rt.create_job("quick", "alice", {"n": 1}, **options)
+        await rt.delete_job(parent.id)
+        again = await rt.create_job("quick", "alice", {"n": 1}, **options)
+        assert (again.id, again.state) == (child.id, S.CREATED)
+        assert (await wait_for_state(rt, child.id, timeout=4000)).state is S.COMPLETED
