@@ -506,8 +506,8 @@ class Repository:
         async def cancel_child(child_id: str) -> None:
             try:
                 child = await self._store.cancel(child_id, by)
-            except IllegalTransitionError:
-                return  # it finished meanwhile
+            except (IllegalTransitionError, UnknownJobError):
+                return  # it finished, or was deleted (not running then), meanwhile
             except JobspineError as exc:
                 errors.append(exc)
                 return

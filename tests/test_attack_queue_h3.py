@@ -8,6 +8,7 @@ from typing import Any
 import trio
 
 from actors import JobContext, JobState
+from actors._backend import JobQuery
 
 from .conftest import memory_runtime, wait_for_state
 
@@ -16,6 +17,12 @@ S = JobState
 
 async def quick(ctx: JobContext, input: Any) -> Any:
     return input
+
+
+async def hold(ctx: JobContext, input: Any) -> Any:
+    with ctx.keep_alive():
+        await trio.sleep(3600)
+    return "held"
 
 
 async def test_an_idempotent_create_sent_again_after_its_finished_parent_was_deleted(
@@ -34,3 +41,29 @@ async def test_an_idempotent_create_sent_again_after_its_finished_parent_was_del
         again = await rt.create_job("quick", "alice", {"n": 1}, **options)
         assert (again.id, again.state) == (child.id, S.CREATED)
         assert (await wait_for_state(rt, child.id, timeout=4000)).state is S.COMPLETED
+
+
+async def test_a_parents_cancel_is_not_failed_by_a_child_deleted_during_it(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Cancelling a running parent while another client deletes its waiting child (after the
+    cancel listed the children, before it cancelled them) cancels the parent and returns it:
+    it raised ``UnknownJobError`` naming the child, the parent cancelled all the same, so
+    the caller was told its cancel failed (a child that finished meanwhile was skipped)."""
+    async with memory_runtime({"hold": hold, "quick": quick}) as rt:
+        parent = await rt.create_job("hold", "alice", {})
+        await wait_for_state(rt, parent.id, {S.RUNNING})
+        child = await rt.create_job("quick", "alice", {}, parent_id=parent.id, delay=3600)
+        store = rt._store
+        listed = store.list_jobs
+
+        async def list_then_delete(query: JobQuery) -> Any:
+            jobs = await listed(query)
+            if query.parent_ids and any(job.id == child.id for job in jobs):
+                await rt.delete_job(child.id)  # another client's delete lands here
+            return jobs
+
+        store.list_jobs = list_then_delete  # type: ignore[method-assign]
+        cancelled = await rt.cancel(parent.id)
+        assert (cancelled.id, cancelled.state) == (parent.id, S.CANCELLED)
+        assert [job.id for job in await rt.list_jobs()] == [parent.id]
