@@ -1183,10 +1183,11 @@ class StoreClient:
         :class:`InvalidParentError` (no such job of this user), :class:`TooManyJobsError`
         (``max_waiting`` of the user's jobs wait), :class:`IdempotencyConflictError`; with an
         idempotency key already used for the same request within ``idempotency_window``
-        seconds, returns that job unchanged. ``start_at_once``: the queue's create (the
-        runtime's dispatcher launches what starts): start the job in this commit if the next
-        claim would (see :mod:`._fast_start`); it is returned created, with its claim's
-        ``owner`` and ``lease_expires_at`` set."""
+        seconds, returns that job unchanged. A job made under a cancelled parent is stored
+        cancelled (by ``system``) in the same commit: it never runs. ``start_at_once``: the
+        queue's create (the runtime's dispatcher launches what starts): start the job in this
+        commit if the next claim would (see :mod:`._fast_start`); it is returned created, with
+        its claim's ``owner`` and ``lease_expires_at`` set."""
         actor = self._actor
         # Built (and its values checked) in the caller's task, before it joins a group.
         # One reading for both: a delay's run_at from one and created_at from the next were
@@ -1205,6 +1206,7 @@ class StoreClient:
                     if _same_options(found, new) and await actor._created_with(found, new.input):
                         return found
                     raise IdempotencyConflictError(key, found.id)
+            parent_cancelled = False
             if new.parent_id is not None:
                 try:
                     parent = await actor._job(new.parent_id)
@@ -1212,6 +1214,7 @@ class StoreClient:
                     raise InvalidParentError(new.parent_id) from None
                 if parent.user_id != user_id:
                     raise InvalidParentError(new.parent_id)
+                parent_cancelled = parent.state is JobState.CANCELLED
             if max_waiting is not None and await actor._waiting_of(user_id) >= max_waiting:
                 raise TooManyJobsError(
                     f"user {shown(user_id)} already has {max_waiting} jobs waiting"
@@ -1221,6 +1224,11 @@ class StoreClient:
             if key is not None:
                 actor._group.keyed[job.id] = new.created_at - idempotency_window
             actor._move(user_id, None, job.state)
+            if parent_cancelled:
+                # Cancelled in its create's commit, never claimable: staged created, the fast
+                # path started it, and a quick handler had completed before a cancel after
+                # the create reached it.
+                return await actor._apply(job, lambda job, now: ops.cancel(job, now, "system"))
             claimed = await actor._start_at_create(job) if start_at_once else None
             if claimed is not None:
                 return claimed

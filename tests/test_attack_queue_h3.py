@@ -67,3 +67,29 @@ async def test_a_parents_cancel_is_not_failed_by_a_child_deleted_during_it(
         cancelled = await rt.cancel(parent.id)
         assert (cancelled.id, cancelled.state) == (parent.id, S.CANCELLED)
         assert [job.id for job in await rt.list_jobs()] == [parent.id]
+
+
+async def test_a_job_created_under_a_cancelled_parent_never_runs(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A job created under a cancelled parent is cancelled at once (PROTOCOL.md, ``parent_id``)
+    and its handler never runs: it was stored created, the fast path started it in its
+    create's commit, and the cancel that followed came after a quick handler completed (a
+    trade placed for a tree its user had cancelled); create_job returned it ``created``."""
+    ran: list[Any] = []
+
+    async def record(ctx: JobContext, input: Any) -> Any:
+        ran.append(input)
+        return input
+
+    async with memory_runtime({"record": record}) as rt:
+        parent = await rt.create_job("record", "alice", {"parent": True}, delay=3600)
+        await rt.cancel(parent.id)
+        child = await rt.create_job("record", "alice", {"child": True}, parent_id=parent.id)
+        assert child.state is S.CANCELLED
+        await trio.sleep(10)
+        assert ran == []
+        assert (await rt.get_job(child.id)).state is S.CANCELLED
+        events = [(e.type.value, e.actor) for e in await rt.read_events(child.id)]
+        assert events == [("created", None), ("cancelled", "system")]
+        assert await rt.list_jobs("alice", states=["created"]) == []
