@@ -160,6 +160,14 @@ class _Attempt:
         #: heartbeat as naming more jobs than this worker's capacity.
         self.dropped = False
         self.scope = trio.CancelScope()
+        #: Seconds a stop gives the attempt: also how long its handler waits for an older
+        #: attempt of its job still unwinding here.
+        self.stop_grace: float = message.get("stop_grace", 0.0)
+        #: Set once its handler has ended here (returned, raised or unwound a cancel).
+        self.finished = trio.Event()
+        #: The older attempts of its job still unwinding here when it came: its handler
+        #: starts once they have ended (see _Session._run).
+        self.older: list[_Attempt] = []
         self.ctx = JobContext(self, job, message.get("checkpoint"))
 
     @property
@@ -398,6 +406,10 @@ class _Session:
             log.info("server: %s: %s", message["code"], message["message"])
         elif kind == "assign":
             attempt = _Attempt(self, message)
+            older = self.attempts.get(attempt.job_id)
+            if older is not None:  # and those it waited for: a cancel ends its wait, not theirs
+                chain = [older, *older.older]
+                attempt.older = [each for each in chain if not each.finished.is_set()]
             self.attempts[attempt.job_id] = attempt
             nursery.start_soon(self._run, attempt)
         elif kind in ("stop", "cancel"):
@@ -509,11 +521,17 @@ class _Session:
                 error_body[field] = error_body[field][: len(error_body[field]) // 2]
 
     async def _run(self, attempt: _Attempt) -> None:
+        """Run ``attempt``: once the older attempts of its job still unwinding here (cancelled,
+        a handler blocked in a thread) have ended, or after ``stop_grace``, as the server
+        starts its own handlers (the server does not wait for a worker's attempt to unwind, so
+        two ran here at once)."""
         ref = {"job_id": attempt.job_id, "attempt": attempt.attempt}
         handler: Handler | None = self.process.handlers.get(attempt.kind)
         outcome: dict[str, Any]
         try:
             with attempt.scope:
+                if attempt.older:
+                    await self._wait_unwound(attempt)
                 if handler is None:
                     raise LookupError(f"no handler for kind {shown(attempt.kind)} in this worker")
                 outcome = await self._outcome(handler, attempt, ref)
@@ -528,10 +546,34 @@ class _Session:
                 log.warning("job %s: its outcome cannot be reported: %s", attempt.job_id, exc)
         finally:
             if self.attempts.get(attempt.job_id) is attempt:
-                del self.attempts[attempt.job_id]
+                unwinding = [older for older in attempt.older if not older.finished.is_set()]
+                if unwinding:  # cancelled while it waited: the job's next attempt waits too
+                    self.attempts[attempt.job_id] = unwinding[0]
+                else:
+                    del self.attempts[attempt.job_id]
             attempt.ctx._request_stop()  # a context kept past its attempt says it is over
+            attempt.finished.set()
             self.ended.set()
             self.ended = trio.Event()
+
+    async def _wait_unwound(self, attempt: _Attempt) -> None:
+        """Wait for ``attempt.older`` to end, up to its grace period; ``attempt`` counts as
+        alive meanwhile (its heartbeats name it: the wait is no stall of it)."""
+        log.info(
+            "job %s attempt %d waits for attempt %s to unwind here (at most %g s)",
+            attempt.job_id,
+            attempt.attempt,
+            ", ".join(str(older.attempt) for older in attempt.older),
+            attempt.stop_grace,
+        )
+        attempt.keep_alive += 1
+        try:
+            with trio.move_on_after(attempt.stop_grace):
+                for older in attempt.older:
+                    await older.finished.wait()
+        finally:
+            attempt.keep_alive -= 1
+        attempt.beat()
 
 
 _HEARTBEAT_HEAD = b'{"op":"heartbeat","jobs":['
