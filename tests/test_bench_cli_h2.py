@@ -123,15 +123,7 @@ def test_figures_that_cannot_be_written_after_the_run_are_said_so_in_a_line(
     tmp_path: Path,
 ) -> None:
     """A full disk (``/dev/full``) ended the run in a traceback after its table."""
-    argv = ["--scenario", "saq", "--redis", "redis://127.0.0.1:1", "--json", "/dev/full"]
-    result = subprocess.run(
-        [sys.executable, "-m", "transport._cli", "bench", *argv],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = bench("--scenario", "saq", "--redis", "redis://127.0.0.1:1", "--json", "/dev/full")
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     assert result.stderr.endswith(
