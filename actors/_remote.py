@@ -9,10 +9,14 @@ makes (so fencing, stall detection and events are the same code), forwards a sto
 ``cancel`` frame. The connection itself (frames, authentication) is
 :mod:`transport._workers`; this module only sees a :class:`WorkerLink`.
 
-A worker's connection that closes loses its attempts at once (:meth:`Supervisor.lose`, the
-stall rule applied now): every report of a remote attempt travels on its connection, so once
-it is closed nothing from that attempt can arrive, and waiting for the deadline would only
-keep the job away from the next worker for ``heartbeat_timeout``.
+A worker's connection that closes loses its attempts at once (:meth:`Supervisor.lose`):
+every report of a remote attempt travels on its connection, so once it is closed nothing from
+that attempt can arrive, and waiting for the deadline would only keep the job away from the
+next worker for ``heartbeat_timeout``. An attempt the worker named (in a heartbeat or a
+report: :attr:`RemoteAttempt.started`) gets the stall rule now; one it never named goes back
+to the queue with nothing counted (``worker_gone``), as a claim whose worker left before the
+start does: as far as the server can know, its handler never ran, and a worker that
+connects and drops at once would otherwise fail every job it was handed.
 """
 
 from __future__ import annotations
@@ -82,6 +86,9 @@ class RemoteAttempt:
         self._permanent = False
         self._stopped = False
         self._lost: str | None = None
+        #: Set once the worker has named this attempt (a heartbeat entry or a report): its
+        #: handler may have run. ``jobspine worker`` names it just before the handler starts.
+        self.started = False
 
     # -- reports from the worker (the connection calls these) ----------------------------------
 
@@ -166,8 +173,8 @@ class RemoteAttempt:
                 )
         if self._lost is not None:
             self.worker.attempts.pop(self.job_id, None)
-            self.supervisor.lose(self.job_id, self.attempt, self._lost)
-            await trio.sleep_forever()  # the recovery cancels this attempt
+            self.supervisor.lose(self.job_id, self.attempt, self._lost, started=self.started)
+            await trio.sleep_forever()  # the recovery (or the re-queue) cancels this attempt
         if self._stopped:
             raise JobStopped
         if self._error is not None:

@@ -572,16 +572,29 @@ class Supervisor:
             worker.store_unavailable = True
         self._orphan(worker)
 
-    def lose(self, job_id: str, attempt: int, cause: str) -> None:
+    def lose(self, job_id: str, attempt: int, cause: str, *, started: bool = True) -> None:
         """The attempt cannot go on (its worker's connection closed): apply the stall rule
-        to it now instead of at its deadline (counted in ``stalls_detected``). A newer
-        attempt is left alone."""
+        to it now instead of at its deadline (counted in ``stalls_detected``); or, if it was
+        not ``started`` (its worker never named it: its handler never ran, as far as can be
+        known), put its job back in the queue with nothing counted (``worker_gone``). A
+        newer attempt is left alone."""
         worker = self.workers.get(job_id)
         if worker is None or worker.attempt != attempt:
             return
         self.detector.unwatch(job_id)
+        if not started:
+            self._spawn(self._requeue_unstarted, worker)
+            return
         self._stalls += 1
         self._spawn(self._recover, worker, cause)
+
+    async def _requeue_unstarted(self, worker: Worker) -> None:
+        """:meth:`lose` of an attempt its worker never started: ended here, then re-queued
+        (:meth:`requeue`: a database outage is retried; a newer decision stands)."""
+        if self.workers.get(worker.job_id) is worker:
+            self.kill(worker.job_id, WORKER_GONE)  # never a newer attempt of the same job
+        await self.requeue(worker.job_id, worker.attempt, WORKER_GONE)
+        self.orphans.pop(worker.job_id, None)
 
     def _worker_exited(self, worker: Worker) -> None:
         self.capacity_changed()

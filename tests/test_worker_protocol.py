@@ -216,25 +216,30 @@ async def test_a_fault_in_one_connection_closes_that_connection_only(
         assert reply["type"] == "reply", reply
 
 
+@pytest.mark.parametrize("named", [True, False])
 async def test_a_worker_that_disconnects_is_logged_with_the_attempts_it_lost(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, named: bool
 ) -> None:
     """An operator sees a worker go as they saw it come: a warning naming it and the running
-    attempts lost with it (handed to the stall rule), a plain line when it had none."""
+    attempts lost with it (handed to the stall rule, or back in the queue if the worker never
+    named them), a plain line when it had none."""
     caplog.set_level("INFO", logger="jobspine.workers")
-    async with assigned_steps_job(tmp_path) as (s, ws, _):
+    async with assigned_steps_job(tmp_path) as (s, ws, job):
         async with raw_worker(s.running.url, ["other"]) as idle:
             await idle.aclose()
             await eventually(lambda: "disconnected" in caplog.text)
+        if named:
+            await send(ws, {"op": "heartbeat", "jobs": [{"job_id": job.id, "attempt": 1}]})
+            await eventually(lambda: s.runtime.supervisor.workers[job.id].handler.started)
         await ws.aclose()
         await eventually(lambda: caplog.text.count("disconnected") == 2)
     lines = [(r.levelname, r.getMessage()) for r in caplog.records if "disconnected" in r.msg]
+    lost = "1 running attempt lost, handled as stalls" if named else (
+        "1 attempt not started yet, back in the queue"
+    )  # fmt: skip
     assert lines == [
         ("INFO", "worker w disconnected (closed with 1000)"),
-        (
-            "WARNING",
-            "worker w disconnected (closed with 1000): 1 running attempt lost, handled as stalls",
-        ),
+        ("WARNING", f"worker w disconnected (closed with 1000): {lost}"),
     ]
 
 
@@ -586,14 +591,17 @@ async def test_a_dropped_connection_loses_its_jobs_at_once(tmp_path: Path) -> No
 async def test_a_dropped_connection_retries_a_job_with_no_checkpoint_and_attempts_left(
     tmp_path: Path,
 ) -> None:
-    """A worker gone (killed) before its attempt's first checkpoint: that attempt is a failed
-    attempt of type ``Stalled`` by the stall rule the server applies to any stall, and the job
-    (``flaky``: 3 attempts) goes back to the queue for the next worker."""
+    """A worker gone (killed) before its attempt's first checkpoint, after naming it: that
+    attempt is a failed attempt of type ``Stalled`` by the stall rule the server applies to
+    any stall, and the job (``flaky``: 3 attempts) goes back to the queue for the next worker.
+    (One it never named goes back uncounted: ``tests/test_worker_gone.py``.)"""
     async with served(tmp_path / "db", "in_process", in_process_handlers=False) as s:
         rt = s.runtime
         async with raw_worker(s.running.url, ["flaky"]) as ws:
             job = await rt.create_job("flaky", "alice", {"n": 1, "succeed_at": 1})
             await receive(ws, "assign")
+            await send(ws, {"op": "heartbeat", "jobs": [{"job_id": job.id, "attempt": 1}]})
+            await eventually(lambda: rt.supervisor.workers[job.id].handler.started)
         with trio.fail_after(2):  # far sooner than heartbeat_timeout (30 s)
             back = await wait_for_state(rt, job.id, {JobState.CREATED})
         assert (back.failed_attempts, back.recovery_attempts) == (1, 1)
@@ -616,9 +624,11 @@ async def test_a_worker_that_stops_sending_is_closed_and_its_jobs_recovered(
         async with raw_worker(s.running.url, ["steps"]) as ws:
             job = await rt.create_job("steps", "alice", {"n": 1})
             await receive(ws, "assign")
-            # Nothing more is sent or read: a hung process with its socket open.
+            # Nothing more is sent or read: a hung process with its socket open. It never
+            # named the attempt: the job goes back to the queue, nothing counted.
             with trio.fail_after(5):
-                await wait_for_state(rt, job.id)
+                back = await wait_for_state(rt, job.id, {JobState.CREATED})
+            assert back.failed_attempts == 0, back
             assert await closed_with(ws) == CLOSE["worker_stalled"] == 4011
         assert s.running.server.workers.workers == []
 
@@ -1307,10 +1317,19 @@ async def test_a_heartbeat_never_names_an_attempt_whose_outcome_is_on_its_way() 
     release = trio.Event()
     socket = HeldSocket(release)
     frames = socket.frames
+    named = trio.Event()
+    named.set()
+    naming = HeldSocket(named)  # the heartbeat naming the attempt goes out before it runs
+
+    held = socket.send_message
+
+    async def send_message(message: str) -> None:
+        await (naming.send_message if not naming.frames else held)(message)
 
     async def done(ctx: JobContext, input: Any) -> Any:
         return "done"
 
+    socket.send_message = send_message  # type: ignore[method-assign]
     session = _Session(WorkerProcess("ws://unused", "t", {"done": done}), socket)  # type: ignore[arg-type]
     session.batch = True
     session.heartbeat_interval = 0.01
@@ -1324,6 +1343,7 @@ async def test_a_heartbeat_never_names_an_attempt_whose_outcome_is_on_its_way() 
         release.set()
         await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
+    assert naming.frames == [{"op": "heartbeat", "jobs": [{"job_id": "j1", "attempt": 1}]}]
     sent = [r for f in frames for r in (f["requests"] if f["op"] == "batch" else [f])]
     assert sent[0]["op"] == "complete", sent
     beats = [r["jobs"] for r in sent if r["op"] == "heartbeat"]

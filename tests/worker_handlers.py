@@ -43,6 +43,13 @@ async def silent(ctx: JobContext, input: Any) -> Any:
     await trio.sleep_forever()
 
 
+async def marked(ctx: JobContext, input: Any) -> Any:
+    """Creates the file ``mark`` as it starts, then never reports anything (a stall)."""
+    with open(input["mark"], "x"):  # noqa: ASYNC230 - the test waits for it to exist
+        pass
+    await trio.sleep_forever()
+
+
 async def spin(ctx: JobContext, input: Any) -> Any:
     """Spins the CPU for ``seconds`` without awaiting (the worst a handler can do)."""
     await ctx.progress(1, "spinning")
@@ -108,6 +115,7 @@ HANDLERS = {
     "steps": steps,
     "boom": boom,
     "silent": silent,
+    "marked": marked,
     "spin": spin,
     "ticker": ticker,
     "flaky": flaky,

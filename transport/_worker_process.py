@@ -534,6 +534,13 @@ class _Session:
                     await self._wait_unwound(attempt)
                 if handler is None:
                     raise LookupError(f"no handler for kind {shown(attempt.kind)} in this worker")
+                try:
+                    # Named before its handler starts: an attempt the server never heard of
+                    # when the connection ends goes back to the queue, nothing counted; one
+                    # named gets the stall rule (its handler may have done its work).
+                    await self.send(_heartbeat_frames([ref], self.max_frame_size)[0])
+                except ConnectionClosed:
+                    return  # never started here: the server puts its job back in the queue
                 outcome = await self._outcome(handler, attempt, ref)
             if attempt.scope.cancelled_caught:
                 return  # cancelled by the server: it recorded the outcome

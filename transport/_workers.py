@@ -333,24 +333,29 @@ class WorkerConnection:
             self.done.set()
 
     def _disconnected(self, placement: RemotePlacement) -> None:
-        """Hand the worker's running attempts to the stall rule, and say so in the log: a
-        warning when attempts were lost with it (each job's own events say what became of
-        it), else a line like the one its connection made."""
+        """Hand the worker's running attempts to the stall rule (those it never named back to
+        the queue), and say so in the log: a warning when attempts were lost with it (each
+        job's own events say what became of it), else a line like the one its connection
+        made."""
         worker = self.worker
         assert worker is not None
-        lost = sum(1 for attempt in worker.attempts.values() if not attempt.ended)
+        running = [attempt for attempt in worker.attempts.values() if not attempt.ended]
+        lost = sum(1 for attempt in running if attempt.started)
+        requeued = len(running) - lost
         how = self._how_closed()
         closed = "the worker's connection closed" + (f" with {how}" if how else "")
         placement.disconnect(worker, closed)
         why = f"closed with {how}" if how else "connection closed"
-        if lost:
-            log.warning(
-                "worker %s disconnected (%s): %d running attempt%s lost, handled as stalls",
-                worker.name,
-                why,
-                lost,
-                "" if lost == 1 else "s",
-            )
+        if running:
+            parts = [
+                f"{count} {what}{'' if count == 1 else 's'} {fate}"
+                for count, what, fate in (
+                    (lost, "running attempt", "lost, handled as stalls"),
+                    (requeued, "attempt", "not started yet, back in the queue"),
+                )
+                if count
+            ]
+            log.warning("worker %s disconnected (%s): %s", worker.name, why, "; ".join(parts))
         else:
             log.info("worker %s disconnected (%s)", worker.name, why)
 
@@ -720,6 +725,7 @@ class WorkerConnection:
                 f" ({found.attempt})",
             )
         self._named[job_id] = trio.current_time()
+        found.started = True  # named by the worker: its handler may have run
         return found
 
     async def _write(self, request: Request, attempt: RemoteAttempt) -> None:
