@@ -17,6 +17,7 @@ import secrets
 import signal
 import socket
 import sys
+import threading
 import warnings
 from collections.abc import AsyncIterator
 from importlib.metadata import version
@@ -364,7 +365,10 @@ def run_worker(args: argparse.Namespace) -> int:
             "no worker token: set JOBSPINE_TOKEN (mint one: jobspine token --worker)",
         )
     check_url(args.url)
+    loaded = _exit_with_parent_while_loading() if os.environ.get(PARENT_PIPE_ENV) else None
     handlers = _handlers(args)
+    if loaded is not None:
+        loaded.set()  # from here on, _exit_with_parent stops it, handing its jobs back
     if not handlers:
         raise CLIError(ExitCode.USAGE, "no handlers: give --handlers MODULE:DICT")
     if not 0 <= args.nice <= 19:
@@ -422,6 +426,26 @@ async def _worker_main(
                 fatal = exc
             nursery.cancel_scope.cancel()
     return fatal
+
+
+def _exit_with_parent_while_loading() -> threading.Event:
+    """Until the returned event is set (the handlers' modules are imported), end this process
+    at once when the server that started it is gone (its stdin pipe ends): an import that
+    hangs (a device or a share that never answers) kept a worker of a SIGKILLed server alive
+    for good, before :func:`_exit_with_parent` could watch. Nothing is running yet, so there
+    is nothing to hand back."""
+    loaded = threading.Event()
+    fd = os.dup(sys.stdin.fileno())
+
+    def watch() -> None:
+        while os.read(fd, 4096):
+            pass
+        if not loaded.is_set():
+            log.warning("the server that started this worker is gone: stopping")
+            os._exit(ExitCode.OK)
+
+    threading.Thread(target=watch, name="jobspine-parent-watch", daemon=True).start()
+    return loaded
 
 
 async def _exit_with_parent(scope: trio.CancelScope) -> None:
