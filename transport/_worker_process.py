@@ -153,6 +153,14 @@ class _Attempt:
         )
         self.keep_alive = 0
         self.beat_pending = True
+        #: A heartbeat may name it: its handler is about to start (or ran), or it waited for
+        #: an older attempt past half ``heartbeat_timeout`` (see _Session._wait_unwound).
+        #: Until then no frame names it, so a connection that ends puts its job back in the
+        #: queue uncounted: the server applies the stall rule to every attempt it heard of.
+        self.named = False
+        #: Seconds the server waits for word of this attempt before it finds it stalled (an
+        #: assignment without it: none, the attempt is named at once when it waits).
+        self.heartbeat_timeout: float = message.get("heartbeat_timeout", 0.0)
         #: The server has let go of this attempt: its outcome is on its way (the server
         #: takes the attempt off this worker when it reads it), or the server cancelled it
         #: (its handler may still be unwinding). A heartbeat no longer names it: the server
@@ -432,11 +440,16 @@ class _Session:
 
     def heartbeat_jobs(self) -> list[dict[str, Any]]:
         """The attempts the next heartbeat names: those alive since the last one, or inside
-        a write or ``keep_alive()``, and still the server's (not :attr:`_Attempt.dropped`):
-        at most this worker's capacity, as the server requires."""
+        a write or ``keep_alive()``, started (:attr:`_Attempt.named`) and still the server's
+        (not :attr:`_Attempt.dropped`): at most this worker's capacity, as the server
+        requires."""
         jobs = []
         for attempt in self.attempts.values():
-            if not attempt.dropped and (attempt.beat_pending or attempt.keep_alive):
+            if (
+                attempt.named
+                and not attempt.dropped
+                and (attempt.beat_pending or attempt.keep_alive)
+            ):
                 attempt.beat_pending = False
                 jobs.append({"job_id": attempt.job_id, "attempt": attempt.attempt})
         return jobs
@@ -538,6 +551,7 @@ class _Session:
                     # Named before its handler starts: an attempt the server never heard of
                     # when the connection ends goes back to the queue, nothing counted; one
                     # named gets the stall rule (its handler may have done its work).
+                    attempt.named = True
                     await self.send(_heartbeat_frames([ref], self.max_frame_size)[0])
                 except ConnectionClosed:
                     return  # never started here: the server puts its job back in the queue
@@ -564,8 +578,9 @@ class _Session:
             self.ended = trio.Event()
 
     async def _wait_unwound(self, attempt: _Attempt) -> None:
-        """Wait for ``attempt.older`` to end, up to its grace period; ``attempt`` counts as
-        alive meanwhile (its heartbeats name it: the wait is no stall of it)."""
+        """Wait for ``attempt.older`` to end, up to its grace period. Past half the server's
+        ``heartbeat_timeout``, ``attempt`` counts as alive (its heartbeats name it: the wait
+        is no stall of it); before, nothing names it (its handler has not started)."""
         log.info(
             "job %s attempt %d waits for attempt %s to unwind here (at most %g s)",
             attempt.job_id,
@@ -573,14 +588,26 @@ class _Session:
             ", ".join(str(older.attempt) for older in attempt.older),
             attempt.stop_grace,
         )
-        attempt.keep_alive += 1
-        try:
-            with trio.move_on_after(attempt.stop_grace):
-                for older in attempt.older:
-                    await older.finished.wait()
-        finally:
-            attempt.keep_alive -= 1
+        with trio.move_on_after(attempt.stop_grace):
+            # Not named while the server's stall deadline, from the assignment, leaves room
+            # (half of it: the heartbeat has its way to make): its handler has not started,
+            # so a connection that ends meanwhile puts the job back in the queue uncounted.
+            with trio.move_on_after(attempt.heartbeat_timeout / 2) as room:
+                await _finished(attempt.older)
+            if room.cancelled_caught:
+                # Waiting longer: its heartbeats name it, or the server would find it stalled.
+                attempt.named = True
+                attempt.keep_alive += 1
+                try:
+                    await _finished(attempt.older)
+                finally:
+                    attempt.keep_alive -= 1
         attempt.beat()
+
+
+async def _finished(attempts: list[_Attempt]) -> None:
+    for attempt in attempts:
+        await attempt.finished.wait()
 
 
 _HEARTBEAT_HEAD = b'{"op":"heartbeat","jobs":['
