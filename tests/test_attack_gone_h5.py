@@ -3,12 +3,14 @@ server counts for an attempt the worker had not started (see tests/test_worker_g
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from actors import EventType, Job, JobContext, JobState
@@ -55,13 +57,14 @@ async def restarted_behind_a_thread(
 
 
 async def test_an_attempt_waiting_for_an_older_one_to_unwind_is_not_started(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The connection drops while the second attempt waits for the first to unwind: its
     handler never ran, so the job goes back to the queue with nothing counted
     (``worker_gone``), as README and PROTOCOL.md say, and runs to its end once the worker is
     back. It was failed (``Stalled``): the worker's heartbeats named the waiting attempt, so
-    the server took it for started."""
+    the server took it for started. The worker's log says so (it said: a stall)."""
+    caplog.set_level(logging.WARNING, logger="jobspine.worker")
     started: list[int] = []
     async with restarted_behind_a_thread(tmp_path, started, 3, stop_grace=10.0) as (s, worker, job):
         rt = s.runtime
@@ -77,6 +80,11 @@ async def test_an_attempt_waiting_for_an_older_one_to_unwind_is_not_started(
         assert recovery.type is EventType.RECOVERY, recovery
         assert recovery.data["reason"] == "worker_gone", recovery
         assert rt.supervisor.status().stalls_detected == 0
+        lines = [r.getMessage() for r in caplog.records if "connection ended" in r.getMessage()]
+        assert lines == [
+            f"worker: the connection ended with 1 job not started here yet ({job.id}): stopped"
+            " here; the server puts each back in the queue"
+        ]
         # The worker reconnects once the old thread has ended, and runs the job.
         done = await wait_for_state(rt, job.id, timeout=30)
         assert done.state is JobState.COMPLETED and done.result == {"attempt": 3}, done

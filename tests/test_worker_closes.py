@@ -301,7 +301,13 @@ async def test_a_connection_ending_with_jobs_running_says_what_becomes_of_them(
         nursery.start_soon(process.run)
         await eventually(lambda: process.connections == 1)
         job = await running.runtime.create_job("hold", "alice", {})
-        await eventually(lambda: process.session is not None and job.id in process.session.attempts)
+        await eventually(
+            lambda: (
+                process.session is not None
+                and job.id in process.session.attempts
+                and process.session.attempts[job.id].named
+            )  # its handler starts
+        )
         assert process.session is not None
         await process.session.ws.aclose()
         await eventually(lambda: process.connections == 2)

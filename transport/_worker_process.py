@@ -390,20 +390,31 @@ class _Session:
     def _log_lost(self) -> None:
         """Say what becomes of the attempts running here when the connection ends: the
         operator saw only the close and "reconnecting" (a new user's trial). They stop here;
-        the server handles each as a stall (README, *Where handlers run*)."""
-        running = sorted(a.job_id for a in self.attempts.values() if not a.dropped)
-        if running:
-            shown = ", ".join(running[:10]) + (
-                f" and {len(running) - 10} more" if len(running) > 10 else ""
-            )
-            log.warning(
-                "worker%s: the connection ended with %d job%s running here (%s): stopped here;"
-                " the server handles each as a stall (its kind's stall rule: paused at its"
+        the server handles each it heard of (:attr:`_Attempt.named`) as a stall, and puts
+        the others, whose handlers had not started, back in the queue (README, *Where
+        handlers run*)."""
+        live = [a for a in self.attempts.values() if not a.dropped]
+        for named, what, fate in (
+            (
+                True,
+                "running here",
+                "the server handles each as a stall (its kind's stall rule: paused at its"
                 " checkpoint, back in the queue, or failed)",
+            ),
+            (False, "not started here yet", "the server puts each back in the queue"),
+        ):
+            jobs = sorted(a.job_id for a in live if a.named is named)
+            if not jobs:
+                continue
+            shown = ", ".join(jobs[:10]) + (f" and {len(jobs) - 10} more" if len(jobs) > 10 else "")
+            log.warning(
+                "worker%s: the connection ended with %d job%s %s (%s): stopped here; %s",
                 f" {self.process.name}" if self.process.name else "",
-                len(running),
-                "" if len(running) == 1 else "s",
+                len(jobs),
+                "" if len(jobs) == 1 else "s",
+                what,
                 shown,
+                fate,
             )
 
     def _receive(self, message: dict[str, Any], nursery: trio.Nursery) -> None:
