@@ -4,6 +4,7 @@ server counts for an attempt the worker had not started (see tests/test_worker_g
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,7 +19,8 @@ from transport._worker_process import WorkerProcess
 
 from .conftest import wait_for_state
 from .serving import eventually
-from .worker_support import Served, served, wait_connected, worker_token
+from .test_worker_protocol import raw_worker, receive, send
+from .worker_support import Served, served, start_worker_process, wait_connected, worker_token
 
 
 @asynccontextmanager
@@ -107,3 +109,77 @@ async def test_a_wait_past_half_the_stall_deadline_keeps_the_attempt_alive(
         assert done.failed_attempts == 0 and done.recovery_attempts == 0, done
         assert started == [1, 2]
         assert rt.supervisor.status().stalls_detected == 0
+
+
+async def test_an_outcome_sent_with_the_close_stands(tmp_path: Path) -> None:
+    """A worker that never named its attempts reports them in the frame it closes after
+    (a ``complete`` for one, a ``fail`` for the other, one batch): both reports name their
+    attempts, so each outcome is stored as reported (completed; failed, its one attempt
+    used), neither re-queued nor taken for a stall."""
+    async with served(tmp_path / "db", "in_process", in_process_handlers=False) as s:
+        rt = s.runtime
+        done = await rt.create_job("steps", "alice", {"n": 1}, max_attempts=1)
+        failed = await rt.create_job("steps", "alice", {"n": 1}, max_attempts=1)
+        async with raw_worker(s.running.url, ["steps"], capacity=2) as ws:
+            assigned = {(await receive(ws, "assign"))["job_id"] for _ in range(2)}
+            assert assigned == {done.id, failed.id}
+            await send(
+                ws,
+                {
+                    "op": "batch",
+                    "requests": [
+                        {"op": "complete", "id": 1, "job_id": done.id, "attempt": 1, "result": 7},
+                        {
+                            "op": "fail",
+                            "id": 2,
+                            "job_id": failed.id,
+                            "attempt": 1,
+                            "error": {"type": "Boom", "message": "no"},
+                        },
+                    ],
+                },
+            )
+        completed = await wait_for_state(rt, done.id)
+        assert completed.state is JobState.COMPLETED and completed.result == 7, completed
+        lost = await wait_for_state(rt, failed.id)
+        assert lost.state is JobState.FAILED and lost.error is not None, lost
+        assert lost.error.type == "Boom", lost.error
+        assert rt.supervisor.status().stalls_detected == 0
+
+
+@pytest.mark.slow
+async def test_a_worker_killed_while_an_attempt_waits_for_the_older_one(tmp_path: Path) -> None:
+    """A real ``jobspine worker`` SIGKILLed while a restarted job's attempt waits there for the
+    old one's thread to end: the new attempt never ran, so the job (one attempt allowed) waits
+    again, nothing counted, and the next worker completes it."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    async with served(
+        tmp_path / "db", "in_process", in_process_handlers=False, stop_grace=10.0
+    ) as s:
+        rt = s.runtime
+        async with trio.open_nursery() as nursery:
+            first = await start_worker_process(
+                nursery, s.running.url, "--handlers", "tests.worker_handlers_h4"
+            )
+            await wait_connected(s.running)
+            job = await rt.create_job(
+                "threaded", "alice", {"dir": str(marks), "seconds": 4}, max_attempts=1
+            )
+            await eventually(lambda: (marks / job.id).exists())
+            await rt.cancel(job.id)
+            await rt.restart(job.id)
+            await eventually(lambda: job.id in rt.supervisor.workers)
+            await trio.sleep(1.5)  # periodic heartbeats go out while it waits
+            first.send_signal(signal.SIGKILL)
+            back = await wait_for_state(rt, job.id, {JobState.CREATED, JobState.FAILED})
+            assert back.state is JobState.CREATED, back
+            assert back.failed_attempts == 0 and back.recovery_attempts == 0, back
+            (marks / job.id).unlink()  # the killed thread left its mark
+            await start_worker_process(
+                nursery, s.running.url, "--handlers", "tests.worker_handlers_h4"
+            )
+            done = await wait_for_state(rt, job.id, timeout=30)
+            assert done.state is JobState.COMPLETED and done.result == {"attempt": 3}, done
+            assert not (marks / "overlap").exists()
+            nursery.cancel_scope.cancel()
