@@ -593,8 +593,9 @@ class Supervisor:
         (:meth:`requeue`: a database outage is retried; a newer decision stands)."""
         if self.workers.get(worker.job_id) is worker:
             self.kill(worker.job_id, WORKER_GONE)  # never a newer attempt of the same job
+        # The orphans are left alone: this attempt wrote no outcome, so it never becomes one;
+        # an entry there belongs to a stall recovery under way, whose deadline needs it.
         await self.requeue(worker.job_id, worker.attempt, WORKER_GONE)
-        self.orphans.pop(worker.job_id, None)
 
     def _worker_exited(self, worker: Worker) -> None:
         self.capacity_changed()
