@@ -32,6 +32,7 @@ from ._events import EventType, JobEvent, StoredEvent, encode_event
 from ._ids import new_id
 from ._job import Job
 from ._nodes import ALIVE, DEAD, LEFT, NodeFencedError, NodeIdInUseError, NodeInfo, NodeLease
+from ._retention import Finished
 from ._scheduling import Candidate, ClaimLimits, ClaimPlanner, GroupKey, ServedTurns, ready_at
 from ._states import TERMINAL_STATES, JobState
 
@@ -303,9 +304,10 @@ class Backend(Protocol):
         """Finished (completed, failed, cancelled) jobs per kind."""
         ...
 
-    async def oldest_finished(self, kind: str, limit: int) -> list[tuple[str, float]]:
-        """Up to ``limit`` finished jobs of ``kind`` as ``(id, finished at)``, oldest first
-        (finished at: the job's ``updated_at``, Unix seconds)."""
+    async def oldest_finished(self, kind: str, limit: int) -> list[Finished]:
+        """Up to ``limit`` finished jobs of ``kind`` as ``(id, finished at, keyed at)``,
+        oldest first (finished at: the job's ``updated_at``; keyed at: its ``created_at`` if
+        it was created with an idempotency key, else None; Unix seconds)."""
         ...
 
     async def prune(self, job_ids: Collection[str]) -> Pruned:
@@ -553,9 +555,12 @@ class MemoryBackend:
             counts[job.kind] = counts.get(job.kind, 0) + 1
         return counts
 
-    async def oldest_finished(self, kind: str, limit: int) -> list[tuple[str, float]]:
-        found = sorted((job.updated_at, job.id) for job in self._finished(kind))
-        return [(job_id, at) for at, job_id in found[:limit]]
+    async def oldest_finished(self, kind: str, limit: int) -> list[Finished]:
+        found = sorted((job.updated_at, job.id, job) for job in self._finished(kind))
+        return [
+            (job_id, at, None if job.idempotency_key is None else job.created_at)
+            for at, job_id, job in found[:limit]
+        ]
 
     async def prune(self, job_ids: Collection[str]) -> Pruned:
         gone = [

@@ -102,6 +102,7 @@ from ._nodes import (
     NodeLease,
 )
 from ._postgres_queue import claim_sync
+from ._retention import Finished
 from ._routing import QUEUE_CHANNEL
 from ._scheduling import ready_at
 from ._states import TERMINAL_STATES, JobState
@@ -957,15 +958,19 @@ class PostgresBackend:
         )
         return {str(kind): int(count) for kind, count in rows}
 
-    async def oldest_finished(self, kind: str, limit: int) -> list[tuple[str, float]]:
+    async def oldest_finished(self, kind: str, limit: int) -> list[Finished]:
         rows = await self._read(
             lambda conn: conn.execute(
-                "SELECT id, finished_at FROM jobs WHERE kind = %s AND finished_at IS NOT NULL"
+                "SELECT id, finished_at, CASE WHEN idempotency_key IS NULL THEN NULL"
+                " ELSE created_at END FROM jobs WHERE kind = %s AND finished_at IS NOT NULL"
                 " ORDER BY finished_at, id LIMIT %s",
                 (kind, limit),
             ).fetchall()
         )
-        return [(str(job_id), float(at)) for job_id, at in rows]
+        return [
+            (str(job_id), float(at), None if keyed is None else float(keyed))
+            for job_id, at, keyed in rows
+        ]
 
     async def prune(self, job_ids: Collection[str]) -> Pruned:
         ids = list(dict.fromkeys(job_ids))

@@ -3,7 +3,10 @@
 A finished job (completed, failed or cancelled) is kept for ``keep_for`` seconds after it
 finished (its ``updated_at``), and at most ``max_count`` finished jobs of one kind are kept
 (the oldest go first). Each kind may have its own :class:`RetentionRule`; the rest follow the
-default. Jobs that are not finished are never removed.
+default. Jobs that are not finished are never removed, nor is a job whose idempotency key is
+still kept (created with one less than the runtime's ``idempotency_window`` ago): a create
+sent again with its key (a client whose reply was lost) must find it, else it makes a second
+job.
 """
 
 from __future__ import annotations
@@ -16,9 +19,20 @@ import attrs
 from ._errors import InvalidInputError, shown
 from ._ranges import as_float, check_count, check_number
 
-__all__ = ["DAY", "PruneReport", "RetentionPolicy", "RetentionRule", "parse_duration"]
+__all__ = [
+    "DAY",
+    "Finished",
+    "PruneReport",
+    "RetentionPolicy",
+    "RetentionRule",
+    "parse_duration",
+]
 
 DAY = 86400.0
+
+#: A finished job as retention sees it: ``(id, finished at, keyed at)``, Unix seconds; keyed
+#: at: when it was created if it has an idempotency key, else None.
+Finished = tuple[str, float, float | None]
 
 
 @attrs.frozen
@@ -41,17 +55,26 @@ class RetentionRule:
         if count is not None:
             check_count("max_count", count, low=0)
 
-    def due(self, finished: int, oldest: Sequence[tuple[str, float]], now: float) -> list[str]:
-        """The ids among ``oldest`` (the oldest finished jobs of one kind, ``(id, finished
-        at)`` oldest first) that are due at ``now`` (Unix seconds), given ``finished`` jobs of
-        the kind in all. Due jobs are always a prefix of ``oldest``."""
+    def due(
+        self,
+        finished: int,
+        oldest: Sequence[Finished],
+        now: float,
+        keyed_since: float = -math.inf,
+    ) -> list[str]:
+        """The ids among ``oldest`` (the oldest finished jobs of one kind, oldest first) that
+        are due at ``now`` (Unix seconds), given ``finished`` jobs of the kind in all. A job
+        keyed at or after ``keyed_since`` is never due (its key is still kept) and is passed
+        over: the count limit takes the next ones instead, so at most ``max_count`` finished
+        jobs are kept besides those. The rest of the due jobs are a prefix of ``oldest``."""
         excess = 0 if self.max_count is None else max(0, finished - self.max_count)
         cutoff = -math.inf if self.keep_for is None else now - self.keep_for
         found: list[str] = []
-        for index, (job_id, finished_at) in enumerate(oldest):
-            if index >= excess and not finished_at < cutoff:
+        for job_id, finished_at, keyed_at in oldest:
+            if len(found) >= excess and not finished_at < cutoff:
                 break
-            found.append(job_id)
+            if keyed_at is None or keyed_at < keyed_since:
+                found.append(job_id)
         return found
 
 

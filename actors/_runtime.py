@@ -235,18 +235,25 @@ class Runtime(Repository):
         """Remove the finished jobs (and their events) the retention policy says are due now
         (``config.retention``, else the default :class:`RetentionPolicy`; with ``older_than``
         seconds, every kind's age limit replaced by it), ``batch_size`` jobs per store
-        transaction, letting other requests in between. ``dry_run``: only count them."""
+        transaction, letting other requests in between. ``dry_run``: only count them. A job
+        whose idempotency key is still kept (created less than ``idempotency_window`` ago)
+        is not removed yet, whatever the policy says (see :meth:`StoreClient.prune`)."""
         policy = self.config.retention or RetentionPolicy()
         if older_than is not None:
             policy = policy.older_than(older_than)
         now = wall_time()
+        window = self.config.idempotency_window
         if dry_run:
-            found = await self._store.prune(policy, now, 2**62, dry_run=True)
+            found = await self._store.prune(
+                policy, now, 2**62, dry_run=True, idempotency_window=window
+            )
             return PruneReport(len(found.job_ids), 0, 0, True, found.job_ids)
         jobs, events, batches = 0, 0, 0
         ids: list[str] = []
         while True:
-            pruned = await self._store.prune(policy, now, policy.batch_size)
+            pruned = await self._store.prune(
+                policy, now, policy.batch_size, idempotency_window=window
+            )
             if not pruned.job_ids:
                 break
             batches += 1
@@ -255,8 +262,8 @@ class Runtime(Repository):
             ids += pruned.job_ids
             if self.broadcaster is not None:
                 self.broadcaster.forget(pruned.job_ids)
-            if len(pruned.job_ids) < policy.batch_size:
-                break
+            # A short batch is no end: jobs whose key is still kept were passed over in it,
+            # and due jobs may follow them. Only a batch that removes nothing ends the run.
             # Yield between batches: requests queued meanwhile are served before the next.
             await trio.lowlevel.checkpoint()
         if jobs:

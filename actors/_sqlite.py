@@ -50,6 +50,7 @@ from ._nodes import (
 )
 from ._owner import database_owner_lock
 from ._queue_sql import claim_sync
+from ._retention import Finished
 from ._scheduling import ready_at
 from ._states import TERMINAL_STATES, JobState
 
@@ -712,13 +713,17 @@ class SqliteBackend:
         )
         return {str(kind): int(count) for kind, count in rows}
 
-    async def oldest_finished(self, kind: str, limit: int) -> list[tuple[str, float]]:
+    async def oldest_finished(self, kind: str, limit: int) -> list[Finished]:
         rows = await self._execute(
-            "SELECT id, finished_at FROM jobs WHERE kind = ? AND finished_at IS NOT NULL"
+            "SELECT id, finished_at, CASE WHEN idempotency_key IS NULL THEN NULL"
+            " ELSE created_at END FROM jobs WHERE kind = ? AND finished_at IS NOT NULL"
             " ORDER BY finished_at, id LIMIT ?",
             (kind, limit),
         )
-        return [(job_id, float(at)) for job_id, at in rows]
+        return [
+            (job_id, float(at), None if keyed is None else float(keyed))
+            for job_id, at, keyed in rows
+        ]
 
     async def prune(self, job_ids: Collection[str]) -> Pruned:
         ids = list(dict.fromkeys(job_ids))

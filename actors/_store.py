@@ -1659,13 +1659,23 @@ class StoreClient:
         return await self._read(fn, BARRIER)
 
     async def prune(
-        self, policy: RetentionPolicy, now: float, limit: int, *, dry_run: bool = False
+        self,
+        policy: RetentionPolicy,
+        now: float,
+        limit: int,
+        *,
+        dry_run: bool = False,
+        idempotency_window: float = 86_400.0,
     ) -> Pruned:
         """Remove up to ``limit`` finished jobs that ``policy`` says are due at ``now``, with
-        their events, in one transaction (with ``dry_run``, only find them). A barrier: it
-        runs once every earlier write has committed, and nothing else is applied meanwhile,
-        so no pending change (a restart) can race it."""
+        their events, in one transaction (with ``dry_run``, only find them). A job created
+        with an idempotency key less than ``idempotency_window`` seconds before ``now`` is
+        kept whatever the policy says: a create sent again with its key (a client whose reply
+        was lost) must find it, else it made a second job. A barrier: it runs once every
+        earlier write has committed, and nothing else is applied meanwhile, so no pending
+        change (a restart) can race it."""
         actor = self._actor
+        keyed_since = now - idempotency_window
 
         async def fn() -> Pruned:
             backend = actor.backend
@@ -1674,7 +1684,7 @@ class StoreClient:
                 if len(due) >= limit:
                     break
                 oldest = await backend.oldest_finished(kind, limit - len(due))
-                due += policy.rule(kind).due(finished, oldest, now)
+                due += policy.rule(kind).due(finished, oldest, now, keyed_since)
             if dry_run or not due:
                 return Pruned(tuple(due))
             async with actor._commit_lock:

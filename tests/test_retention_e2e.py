@@ -103,9 +103,14 @@ async def test_prune_op_refuses_bad_input(tmp_path: Path) -> None:
 
 
 async def test_jobspine_prune_cli(tmp_path: Path) -> None:
-    async with serve_process(tmp_path / "data") as served:
+    # Every submit has an idempotency key, and a job is kept while its key is: a short
+    # window lets this one go.
+    config = tmp_path / "config.toml"
+    config.write_text("[runtime]\nidempotency_window = 0.5\n")
+    async with serve_process(tmp_path / "data", extra=("--config", str(config))) as served:
         done = await served.cli("submit", "trade", json.dumps(TRADE), "--watch", "--json")
         assert done.returncode == 0, done.stderr
+        await trio.sleep(1.0)  # past the key's window
         # Not an admin: refused with the auth status.
         refused = await served.cli("prune", "--older-than", "0")
         assert refused.returncode == 5 and "forbidden" in refused.stderr, refused

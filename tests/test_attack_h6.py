@@ -1,0 +1,93 @@
+"""Attacks on retention, idempotency keys and the queue's scheduling inputs (helper h6)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from actors import JobState, RetentionPolicy, RetentionRule, UnknownJobError
+from actors._backend import Backend
+from actors._clock import wall_time
+from actors._options import CreateOptions
+
+from .backends import new_backend
+from .conftest import memory_runtime, wait_for_state
+from .test_retention import open_store
+
+TRADE = {"symbol": "X", "side": "buy", "quantity": 1}
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    return new_backend(request, tmp_path / "h6.db")
+
+
+async def test_a_key_still_kept_survives_a_prune_of_its_job(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A trade created with a key, finished and pruned at once (``prune --older-than 0``, or a
+    kind's ``max_count``) while its key was kept: the client whose reply was lost sent the
+    create again with the key and got a second trade. The job is kept while its key is."""
+    async with memory_runtime() as rt:
+        keyed = await rt.create_job("trade", "alice", TRADE, idempotency_key="k1")
+        plain = await rt.create_job("trade", "alice", TRADE)
+        for job in (keyed, plain):
+            assert (await wait_for_state(rt, job.id)).state is JobState.COMPLETED
+        assert (await rt.prune(older_than=0.0, dry_run=True)).job_ids == (plain.id,)
+        report = await rt.prune(older_than=0.0)
+        assert report.job_ids == (plain.id,)
+        again = await rt.create_job("trade", "alice", TRADE, idempotency_key="k1")
+        assert again.id == keyed.id
+        with pytest.raises(UnknownJobError):
+            await rt.get_job(plain.id)
+        # Once its key has lapsed, the job goes like any other.
+        await trio.sleep(rt.config.idempotency_window + 1)
+        assert (await rt.prune(older_than=0.0)).job_ids == (keyed.id,)
+
+
+async def test_each_backend_keeps_a_finished_job_while_its_key_is_kept(backend: Backend) -> None:
+    async with open_store(backend) as store:
+        now = wall_time()
+        ids = []
+        for key in ("k1", None):
+            job = await store.create("alice", "trade", {}, CreateOptions(idempotency_key=key))
+            await store.cancel(job.id, None)
+            ids.append(job.id)
+        keyed, plain = ids
+        policy = RetentionPolicy(RetentionRule(0.0))
+        assert (await store.prune(policy, now + 10, 10)).job_ids == (plain,)
+        assert (await store.get(keyed)).state is JobState.CANCELLED
+        # A count limit leaves it too; past the window it is due.
+        count = RetentionPolicy(RetentionRule(None, max_count=0))
+        assert (await store.prune(count, now + 10, 10)).job_ids == ()
+        pruned = await store.prune(count, now + 10, 10, idempotency_window=5.0)
+        assert pruned.job_ids == (keyed,)
+
+
+def test_a_job_whose_key_is_kept_is_passed_over_and_the_count_takes_the_next() -> None:
+    rule = RetentionRule(keep_for=None, max_count=2)
+    # b was created with a key at 50, still kept at keyed_since 40: never due; with 5
+    # finished and 2 kept, the 3 oldest others go (d too), so 2 are kept besides b.
+    oldest = [("a", 1.0, None), ("b", 2.0, 50.0), ("c", 3.0, 30.0), ("d", 4.0, None)]
+    assert rule.due(5, oldest, now=100.0, keyed_since=40.0) == ["a", "c", "d"]
+    by_age = RetentionRule(keep_for=10.0)
+    assert by_age.due(4, oldest, now=100.0, keyed_since=40.0) == ["a", "c", "d"]
+    assert by_age.due(4, oldest, now=100.0, keyed_since=60.0) == ["a", "b", "c", "d"]
+
+
+async def test_a_prune_goes_on_past_a_short_batch(autojump_clock: trio.abc.Clock) -> None:
+    """The oldest job keyed and kept: each batch of 2 removes 1, and the run goes on to the
+    due jobs behind (a short batch no longer ends it)."""
+    # Applied at start (nothing is finished then), and next a year later.
+    policy = RetentionPolicy(batch_size=2, interval=365 * 86_400.0)
+    async with memory_runtime(retention=policy) as rt:
+        keyed = await rt.create_job("trade", "alice", TRADE, idempotency_key="k")
+        await wait_for_state(rt, keyed.id)
+        plain = [await rt.create_job("trade", "alice", TRADE) for _ in range(3)]
+        for job in plain:
+            await wait_for_state(rt, job.id)
+        report = await rt.prune(older_than=0.0)
+        assert sorted(report.job_ids) == sorted(job.id for job in plain)
+        assert report.batches == 3
