@@ -305,9 +305,8 @@ class Backend(Protocol):
         ...
 
     async def oldest_finished(self, kind: str, limit: int) -> list[Finished]:
-        """Up to ``limit`` finished jobs of ``kind`` as ``(id, finished at, keyed at)``,
-        oldest first (finished at: the job's ``updated_at``; keyed at: its ``created_at`` if
-        it was created with an idempotency key, else None; Unix seconds)."""
+        """Up to ``limit`` finished jobs of ``kind``, oldest first (finished at: the job's
+        ``updated_at``), each with what retention keeps it for (:class:`Finished`)."""
         ...
 
     async def prune(self, job_ids: Collection[str]) -> Pruned:
@@ -557,8 +556,14 @@ class MemoryBackend:
 
     async def oldest_finished(self, kind: str, limit: int) -> list[Finished]:
         found = sorted((job.updated_at, job.id, job) for job in self._finished(kind))
+        parents = {job.parent_id for job in self._jobs.values()}
         return [
-            (job_id, at, None if job.idempotency_key is None else job.created_at)
+            Finished(
+                job_id,
+                at,
+                None if job.idempotency_key is None else job.created_at,
+                job_id in parents,
+            )
             for at, job_id, job in found[:limit]
         ]
 

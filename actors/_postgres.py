@@ -962,14 +962,15 @@ class PostgresBackend:
         rows = await self._read(
             lambda conn: conn.execute(
                 "SELECT id, finished_at, CASE WHEN idempotency_key IS NULL THEN NULL"
-                " ELSE created_at END FROM jobs WHERE kind = %s AND finished_at IS NOT NULL"
-                " ORDER BY finished_at, id LIMIT %s",
+                " ELSE created_at END, EXISTS (SELECT 1 FROM jobs AS c"
+                " WHERE c.parent_id = jobs.id) FROM jobs"
+                " WHERE kind = %s AND finished_at IS NOT NULL ORDER BY finished_at, id LIMIT %s",
                 (kind, limit),
             ).fetchall()
         )
         return [
-            (str(job_id), float(at), None if keyed is None else float(keyed))
-            for job_id, at, keyed in rows
+            Finished(str(job_id), float(at), None if keyed is None else float(keyed), children)
+            for job_id, at, keyed, children in rows
         ]
 
     async def prune(self, job_ids: Collection[str]) -> Pruned:

@@ -6,13 +6,14 @@ finished (its ``updated_at``), and at most ``max_count`` finished jobs of one ki
 default. Jobs that are not finished are never removed, nor is a job whose idempotency key is
 still kept (created with one less than the runtime's ``idempotency_window`` ago): a create
 sent again with its key (a client whose reply was lost) must find it, else it makes a second
-job.
+job; nor a job that has children: cancelling a job reaches its descendants through them.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import attrs
 
@@ -30,9 +31,16 @@ __all__ = [
 
 DAY = 86400.0
 
-#: A finished job as retention sees it: ``(id, finished at, keyed at)``, Unix seconds; keyed
-#: at: when it was created if it has an idempotency key, else None.
-Finished = tuple[str, float, float | None]
+
+class Finished(NamedTuple):
+    """A finished job as retention sees it."""
+
+    id: str
+    finished_at: float  # Unix seconds
+    #: When it was created (Unix seconds) if it has an idempotency key, else None.
+    keyed_at: float | None = None
+    #: Whether a job created with it as ``parent_id`` is stored.
+    has_children: bool = False
 
 
 @attrs.frozen
@@ -63,18 +71,21 @@ class RetentionRule:
         keyed_since: float = -math.inf,
     ) -> list[str]:
         """The ids among ``oldest`` (the oldest finished jobs of one kind, oldest first) that
-        are due at ``now`` (Unix seconds), given ``finished`` jobs of the kind in all. A job
-        keyed at or after ``keyed_since`` is never due (its key is still kept) and is passed
-        over: the count limit takes the next ones instead, so at most ``max_count`` finished
-        jobs are kept besides those. The rest of the due jobs are a prefix of ``oldest``."""
+        are due at ``now`` (Unix seconds), given ``finished`` jobs of the kind in all. A job is
+        never due while its key is still kept (keyed at or after ``keyed_since``) or while it
+        has children (a cancel reaches a job's descendants through them: a tree goes from its
+        leaves up); it is passed over, and the count limit takes the next ones instead, so at
+        most ``max_count`` finished jobs are kept besides those. The rest of the due jobs are
+        a prefix of ``oldest``."""
         excess = 0 if self.max_count is None else max(0, finished - self.max_count)
         cutoff = -math.inf if self.keep_for is None else now - self.keep_for
         found: list[str] = []
-        for job_id, finished_at, keyed_at in oldest:
-            if len(found) >= excess and not finished_at < cutoff:
+        for job in oldest:
+            if len(found) >= excess and not job.finished_at < cutoff:
                 break
-            if keyed_at is None or keyed_at < keyed_since:
-                found.append(job_id)
+            kept = job.keyed_at is not None and job.keyed_at >= keyed_since
+            if not (kept or job.has_children):
+                found.append(job.id)
         return found
 
 

@@ -716,13 +716,14 @@ class SqliteBackend:
     async def oldest_finished(self, kind: str, limit: int) -> list[Finished]:
         rows = await self._execute(
             "SELECT id, finished_at, CASE WHEN idempotency_key IS NULL THEN NULL"
-            " ELSE created_at END FROM jobs WHERE kind = ? AND finished_at IS NOT NULL"
+            " ELSE created_at END, EXISTS (SELECT 1 FROM jobs AS c WHERE c.parent_id = jobs.id)"
+            " FROM jobs WHERE kind = ? AND finished_at IS NOT NULL"
             " ORDER BY finished_at, id LIMIT ?",
             (kind, limit),
         )
         return [
-            (job_id, float(at), None if keyed is None else float(keyed))
-            for job_id, at, keyed in rows
+            Finished(job_id, float(at), None if keyed is None else float(keyed), bool(children))
+            for job_id, at, keyed, children in rows
         ]
 
     async def prune(self, job_ids: Collection[str]) -> Pruned:

@@ -11,6 +11,7 @@ from actors import JobState, RetentionPolicy, RetentionRule, UnknownJobError
 from actors._backend import Backend
 from actors._clock import wall_time
 from actors._options import CreateOptions
+from actors._retention import Finished
 
 from .backends import new_backend
 from .conftest import memory_runtime, wait_for_state
@@ -70,7 +71,8 @@ def test_a_job_whose_key_is_kept_is_passed_over_and_the_count_takes_the_next() -
     rule = RetentionRule(keep_for=None, max_count=2)
     # b was created with a key at 50, still kept at keyed_since 40: never due; with 5
     # finished and 2 kept, the 3 oldest others go (d too), so 2 are kept besides b.
-    oldest = [("a", 1.0, None), ("b", 2.0, 50.0), ("c", 3.0, 30.0), ("d", 4.0, None)]
+    oldest = [Finished("a", 1.0), Finished("b", 2.0, 50.0), Finished("c", 3.0, 30.0)]
+    oldest.append(Finished("d", 4.0))
     assert rule.due(5, oldest, now=100.0, keyed_since=40.0) == ["a", "c", "d"]
     by_age = RetentionRule(keep_for=10.0)
     assert by_age.due(4, oldest, now=100.0, keyed_since=40.0) == ["a", "c", "d"]
@@ -91,3 +93,42 @@ async def test_a_prune_goes_on_past_a_short_batch(autojump_clock: trio.abc.Clock
         report = await rt.prune(older_than=0.0)
         assert sorted(report.job_ids) == sorted(job.id for job in plain)
         assert report.batches == 3
+
+
+async def test_a_finished_job_is_kept_while_a_job_below_it_is_stored(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """R waits; C, its child, completed; G, C's child, waits. Retention removed C (finished),
+    and with it the only link from R to G: cancelling R no longer cancelled G (README:
+    cancelling a job cancels its children, and theirs), which then ran. A finished job is
+    kept while it has children; it goes at a prune after they are gone."""
+    async with memory_runtime() as rt:
+        root = await rt.create_job("trade", "alice", TRADE, delay=3600)
+        child = await rt.create_job("trade", "alice", TRADE, parent_id=root.id)
+        assert (await wait_for_state(rt, child.id)).state is JobState.COMPLETED
+        grandchild = await rt.create_job("trade", "alice", TRADE, parent_id=child.id, delay=3600)
+        assert (await rt.prune(older_than=0.0)).job_ids == ()
+        await rt.cancel(root.id)
+        assert (await rt.get_job(grandchild.id)).state is JobState.CANCELLED
+        # The tree goes from its leaves up: all three in one run.
+        assert sorted((await rt.prune(older_than=0.0)).job_ids) == sorted(
+            [root.id, child.id, grandchild.id]
+        )
+
+
+def test_a_job_with_children_is_passed_over() -> None:
+    oldest = [Finished("a", 1.0, None, True), Finished("b", 2.0)]
+    assert RetentionRule(keep_for=0.0).due(2, oldest, now=10.0) == ["b"]
+    assert RetentionRule(None, max_count=1).due(2, oldest, now=10.0) == ["b"]
+
+
+async def test_each_backend_removes_a_tree_from_its_leaves_up(backend: Backend) -> None:
+    async with open_store(backend) as store:
+        parent = await store.create("alice", "trade", {})
+        child = await store.create("alice", "trade", {}, CreateOptions(parent_id=parent.id))
+        for job in (parent, child):
+            await store.cancel(job.id, None)
+        policy = RetentionPolicy(RetentionRule(0.0))
+        later = wall_time() + 10
+        assert (await store.prune(policy, later, 10)).job_ids == (child.id,)
+        assert (await store.prune(policy, later, 10)).job_ids == (parent.id,)
