@@ -32,7 +32,6 @@ from ._events import EventType, JobEvent, StoredEvent, encode_event
 from ._ids import new_id
 from ._job import Job
 from ._nodes import ALIVE, DEAD, LEFT, NodeFencedError, NodeIdInUseError, NodeInfo, NodeLease
-from ._retention import Finished
 from ._scheduling import Candidate, ClaimLimits, ClaimPlanner, GroupKey, ServedTurns, ready_at
 from ._states import TERMINAL_STATES, JobState
 
@@ -304,9 +303,17 @@ class Backend(Protocol):
         """Finished (completed, failed, cancelled) jobs per kind."""
         ...
 
-    async def oldest_finished(self, kind: str, limit: int) -> list[Finished]:
-        """Up to ``limit`` finished jobs of ``kind``, oldest first (finished at: the job's
-        ``updated_at``), each with what retention keeps it for (:class:`Finished`)."""
+    async def oldest_finished(
+        self, kind: str, limit: int, keyed_since: float
+    ) -> list[tuple[str, float]]:
+        """Up to ``limit`` finished jobs of ``kind`` as ``(id, finished at)``, oldest first
+        (finished at: the job's ``updated_at``, Unix seconds), leaving out those retention
+        keeps whatever its policy says: a job created with an idempotency key at or after
+        ``keyed_since`` (the key still returns it: removed, a create sent again with it, as
+        by a client whose reply was lost, made a second job) and a job that has children (a
+        cancel reaches a job's descendants through them: a tree goes from its leaves up).
+        Left out in the query, not after it: else ``limit`` such jobs at the head of the
+        kind hid every due one behind them for good."""
         ...
 
     async def prune(self, job_ids: Collection[str]) -> Pruned:
@@ -554,18 +561,17 @@ class MemoryBackend:
             counts[job.kind] = counts.get(job.kind, 0) + 1
         return counts
 
-    async def oldest_finished(self, kind: str, limit: int) -> list[Finished]:
-        found = sorted((job.updated_at, job.id, job) for job in self._finished(kind))
+    async def oldest_finished(
+        self, kind: str, limit: int, keyed_since: float
+    ) -> list[tuple[str, float]]:
         parents = {job.parent_id for job in self._jobs.values()}
-        return [
-            Finished(
-                job_id,
-                at,
-                None if job.idempotency_key is None else job.created_at,
-                job_id in parents,
-            )
-            for at, job_id, job in found[:limit]
-        ]
+        found = sorted(
+            (job.updated_at, job.id)
+            for job in self._finished(kind)
+            if (job.idempotency_key is None or job.created_at < keyed_since)
+            and job.id not in parents
+        )
+        return [(job_id, at) for at, job_id in found[:limit]]
 
     async def prune(self, job_ids: Collection[str]) -> Pruned:
         gone = [

@@ -102,7 +102,6 @@ from ._nodes import (
     NodeLease,
 )
 from ._postgres_queue import claim_sync
-from ._retention import Finished
 from ._routing import QUEUE_CHANNEL
 from ._scheduling import ready_at
 from ._states import TERMINAL_STATES, JobState
@@ -958,20 +957,19 @@ class PostgresBackend:
         )
         return {str(kind): int(count) for kind, count in rows}
 
-    async def oldest_finished(self, kind: str, limit: int) -> list[Finished]:
+    async def oldest_finished(
+        self, kind: str, limit: int, keyed_since: float
+    ) -> list[tuple[str, float]]:
         rows = await self._read(
             lambda conn: conn.execute(
-                "SELECT id, finished_at, CASE WHEN idempotency_key IS NULL THEN NULL"
-                " ELSE created_at END, EXISTS (SELECT 1 FROM jobs AS c"
-                " WHERE c.parent_id = jobs.id) FROM jobs"
-                " WHERE kind = %s AND finished_at IS NOT NULL ORDER BY finished_at, id LIMIT %s",
-                (kind, limit),
+                "SELECT id, finished_at FROM jobs WHERE kind = %s AND finished_at IS NOT NULL"
+                " AND (idempotency_key IS NULL OR created_at < %s)"
+                " AND NOT EXISTS (SELECT 1 FROM jobs AS c WHERE c.parent_id = jobs.id)"
+                " ORDER BY finished_at, id LIMIT %s",
+                (kind, keyed_since, limit),
             ).fetchall()
         )
-        return [
-            Finished(str(job_id), float(at), None if keyed is None else float(keyed), children)
-            for job_id, at, keyed, children in rows
-        ]
+        return [(str(job_id), float(at)) for job_id, at in rows]
 
     async def prune(self, job_ids: Collection[str]) -> Pruned:
         ids = list(dict.fromkeys(job_ids))

@@ -3,44 +3,24 @@
 A finished job (completed, failed or cancelled) is kept for ``keep_for`` seconds after it
 finished (its ``updated_at``), and at most ``max_count`` finished jobs of one kind are kept
 (the oldest go first). Each kind may have its own :class:`RetentionRule`; the rest follow the
-default. Jobs that are not finished are never removed, nor is a job whose idempotency key is
-still kept (created with one less than the runtime's ``idempotency_window`` ago): a create
-sent again with its key (a client whose reply was lost) must find it, else it makes a second
-job; nor a job that has children: cancelling a job reaches its descendants through them.
+default. Jobs that are not finished are never removed, nor are those the store keeps
+whatever the policy says (see :meth:`Backend.oldest_finished`): a job whose idempotency key is
+still kept, and a job that has children.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
 
 import attrs
 
 from ._errors import InvalidInputError, shown
 from ._ranges import as_float, check_count, check_number
 
-__all__ = [
-    "DAY",
-    "Finished",
-    "PruneReport",
-    "RetentionPolicy",
-    "RetentionRule",
-    "parse_duration",
-]
+__all__ = ["DAY", "PruneReport", "RetentionPolicy", "RetentionRule", "parse_duration"]
 
 DAY = 86400.0
-
-
-class Finished(NamedTuple):
-    """A finished job as retention sees it."""
-
-    id: str
-    finished_at: float  # Unix seconds
-    #: When it was created (Unix seconds) if it has an idempotency key, else None.
-    keyed_at: float | None = None
-    #: Whether a job created with it as ``parent_id`` is stored.
-    has_children: bool = False
 
 
 @attrs.frozen
@@ -63,29 +43,17 @@ class RetentionRule:
         if count is not None:
             check_count("max_count", count, low=0)
 
-    def due(
-        self,
-        finished: int,
-        oldest: Sequence[Finished],
-        now: float,
-        keyed_since: float = -math.inf,
-    ) -> list[str]:
-        """The ids among ``oldest`` (the oldest finished jobs of one kind, oldest first) that
-        are due at ``now`` (Unix seconds), given ``finished`` jobs of the kind in all. A job is
-        never due while its key is still kept (keyed at or after ``keyed_since``) or while it
-        has children (a cancel reaches a job's descendants through them: a tree goes from its
-        leaves up); it is passed over, and the count limit takes the next ones instead, so at
-        most ``max_count`` finished jobs are kept besides those. The rest of the due jobs are
-        a prefix of ``oldest``."""
+    def due(self, finished: int, oldest: Sequence[tuple[str, float]], now: float) -> list[str]:
+        """The ids among ``oldest`` (the oldest finished jobs of one kind, ``(id, finished
+        at)`` oldest first) that are due at ``now`` (Unix seconds), given ``finished`` jobs of
+        the kind in all. Due jobs are always a prefix of ``oldest``."""
         excess = 0 if self.max_count is None else max(0, finished - self.max_count)
         cutoff = -math.inf if self.keep_for is None else now - self.keep_for
         found: list[str] = []
-        for job in oldest:
-            if len(found) >= excess and not job.finished_at < cutoff:
+        for index, (job_id, finished_at) in enumerate(oldest):
+            if index >= excess and not finished_at < cutoff:
                 break
-            kept = job.keyed_at is not None and job.keyed_at >= keyed_since
-            if not (kept or job.has_children):
-                found.append(job.id)
+            found.append(job_id)
         return found
 
 

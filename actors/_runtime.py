@@ -236,8 +236,9 @@ class Runtime(Repository):
         (``config.retention``, else the default :class:`RetentionPolicy`; with ``older_than``
         seconds, every kind's age limit replaced by it), ``batch_size`` jobs per store
         transaction, letting other requests in between. ``dry_run``: only count them. A job
-        whose idempotency key is still kept (created less than ``idempotency_window`` ago)
-        is not removed yet, whatever the policy says (see :meth:`StoreClient.prune`)."""
+        whose idempotency key is still kept (created less than ``idempotency_window`` ago),
+        or that has children, is not removed yet, whatever the policy says (see
+        :meth:`StoreClient.prune`)."""
         policy = self.config.retention or RetentionPolicy()
         if older_than is not None:
             policy = policy.older_than(older_than)
@@ -262,8 +263,8 @@ class Runtime(Repository):
             ids += pruned.job_ids
             if self.broadcaster is not None:
                 self.broadcaster.forget(pruned.job_ids)
-            # A short batch is no end: jobs whose key is still kept were passed over in it,
-            # and due jobs may follow them. Only a batch that removes nothing ends the run.
+            # A short batch is no end: the parents of the jobs it removed may be due now (a
+            # tree goes from its leaves up). Only a batch that removes nothing ends the run.
             # Yield between batches: requests queued meanwhile are served before the next.
             await trio.lowlevel.checkpoint()
         if jobs:

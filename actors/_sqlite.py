@@ -50,7 +50,6 @@ from ._nodes import (
 )
 from ._owner import database_owner_lock
 from ._queue_sql import claim_sync
-from ._retention import Finished
 from ._scheduling import ready_at
 from ._states import TERMINAL_STATES, JobState
 
@@ -713,18 +712,17 @@ class SqliteBackend:
         )
         return {str(kind): int(count) for kind, count in rows}
 
-    async def oldest_finished(self, kind: str, limit: int) -> list[Finished]:
+    async def oldest_finished(
+        self, kind: str, limit: int, keyed_since: float
+    ) -> list[tuple[str, float]]:
         rows = await self._execute(
-            "SELECT id, finished_at, CASE WHEN idempotency_key IS NULL THEN NULL"
-            " ELSE created_at END, EXISTS (SELECT 1 FROM jobs AS c WHERE c.parent_id = jobs.id)"
-            " FROM jobs WHERE kind = ? AND finished_at IS NOT NULL"
+            "SELECT id, finished_at FROM jobs WHERE kind = ? AND finished_at IS NOT NULL"
+            " AND (idempotency_key IS NULL OR created_at < ?)"
+            " AND NOT EXISTS (SELECT 1 FROM jobs AS c WHERE c.parent_id = jobs.id)"
             " ORDER BY finished_at, id LIMIT ?",
-            (kind, limit),
+            (kind, keyed_since, limit),
         )
-        return [
-            Finished(job_id, float(at), None if keyed is None else float(keyed), bool(children))
-            for job_id, at, keyed, children in rows
-        ]
+        return [(job_id, float(at)) for job_id, at in rows]
 
     async def prune(self, job_ids: Collection[str]) -> Pruned:
         ids = list(dict.fromkeys(job_ids))

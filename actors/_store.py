@@ -1669,9 +1669,9 @@ class StoreClient:
     ) -> Pruned:
         """Remove up to ``limit`` finished jobs that ``policy`` says are due at ``now``, with
         their events, in one transaction (with ``dry_run``, only find them). A job created
-        with an idempotency key less than ``idempotency_window`` seconds before ``now`` is
-        kept whatever the policy says: a create sent again with its key (a client whose reply
-        was lost) must find it, else it made a second job. A barrier: it runs once every
+        with an idempotency key less than ``idempotency_window`` seconds before ``now``, and a
+        job that has children, are kept whatever the policy says (see
+        :meth:`Backend.oldest_finished`). A barrier: it runs once every
         earlier write has committed, and nothing else is applied meanwhile, so no pending
         change (a restart) can race it."""
         actor = self._actor
@@ -1683,8 +1683,8 @@ class StoreClient:
             for kind, finished in sorted((await backend.finished_counts()).items()):
                 if len(due) >= limit:
                     break
-                oldest = await backend.oldest_finished(kind, limit - len(due))
-                due += policy.rule(kind).due(finished, oldest, now, keyed_since)
+                oldest = await backend.oldest_finished(kind, limit - len(due), keyed_since)
+                due += policy.rule(kind).due(finished, oldest, now)
             if dry_run or not due:
                 return Pruned(tuple(due))
             async with actor._commit_lock:

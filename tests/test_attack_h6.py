@@ -11,7 +11,6 @@ from actors import JobState, RetentionPolicy, RetentionRule, UnknownJobError
 from actors._backend import Backend
 from actors._clock import wall_time
 from actors._options import CreateOptions
-from actors._retention import Finished
 
 from .backends import new_backend
 from .conftest import memory_runtime, wait_for_state
@@ -67,32 +66,27 @@ async def test_each_backend_keeps_a_finished_job_while_its_key_is_kept(backend: 
         assert pruned.job_ids == (keyed,)
 
 
-def test_a_job_whose_key_is_kept_is_passed_over_and_the_count_takes_the_next() -> None:
-    rule = RetentionRule(keep_for=None, max_count=2)
-    # b was created with a key at 50, still kept at keyed_since 40: never due; with 5
-    # finished and 2 kept, the 3 oldest others go (d too), so 2 are kept besides b.
-    oldest = [Finished("a", 1.0), Finished("b", 2.0, 50.0), Finished("c", 3.0, 30.0)]
-    oldest.append(Finished("d", 4.0))
-    assert rule.due(5, oldest, now=100.0, keyed_since=40.0) == ["a", "c", "d"]
-    by_age = RetentionRule(keep_for=10.0)
-    assert by_age.due(4, oldest, now=100.0, keyed_since=40.0) == ["a", "c", "d"]
-    assert by_age.due(4, oldest, now=100.0, keyed_since=60.0) == ["a", "b", "c", "d"]
-
-
-async def test_a_prune_goes_on_past_a_short_batch(autojump_clock: trio.abc.Clock) -> None:
-    """The oldest job keyed and kept: each batch of 2 removes 1, and the run goes on to the
-    due jobs behind (a short batch no longer ends it)."""
+async def test_jobs_kept_at_the_head_of_a_kind_hide_no_due_job_behind_them(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """More kept jobs (keyed, parents) at the head of a kind than a batch holds: the due jobs
+    behind them still go, and a tree whole in one run (each batch a level, from the leaves
+    up; a short batch does not end the run)."""
     # Applied at start (nothing is finished then), and next a year later.
     policy = RetentionPolicy(batch_size=2, interval=365 * 86_400.0)
     async with memory_runtime(retention=policy) as rt:
-        keyed = await rt.create_job("trade", "alice", TRADE, idempotency_key="k")
-        await wait_for_state(rt, keyed.id)
-        plain = [await rt.create_job("trade", "alice", TRADE) for _ in range(3)]
-        for job in plain:
+        keyed = [
+            await rt.create_job("trade", "alice", TRADE, idempotency_key=f"k{n}") for n in range(3)
+        ]
+        parents = [await rt.create_job("trade", "alice", TRADE) for _ in range(3)]
+        for job in (*keyed, *parents):
+            await wait_for_state(rt, job.id)
+        children = [await rt.create_job("trade", "alice", TRADE, parent_id=p.id) for p in parents]
+        for job in children:
             await wait_for_state(rt, job.id)
         report = await rt.prune(older_than=0.0)
-        assert sorted(report.job_ids) == sorted(job.id for job in plain)
-        assert report.batches == 3
+        assert sorted(report.job_ids) == sorted(job.id for job in (*parents, *children))
+        assert report.job_ids[:3] != tuple(job.id for job in parents)  # the children first
 
 
 async def test_a_finished_job_is_kept_while_a_job_below_it_is_stored(
@@ -114,12 +108,6 @@ async def test_a_finished_job_is_kept_while_a_job_below_it_is_stored(
         assert sorted((await rt.prune(older_than=0.0)).job_ids) == sorted(
             [root.id, child.id, grandchild.id]
         )
-
-
-def test_a_job_with_children_is_passed_over() -> None:
-    oldest = [Finished("a", 1.0, None, True), Finished("b", 2.0)]
-    assert RetentionRule(keep_for=0.0).due(2, oldest, now=10.0) == ["b"]
-    assert RetentionRule(None, max_count=1).due(2, oldest, now=10.0) == ["b"]
 
 
 async def test_each_backend_removes_a_tree_from_its_leaves_up(backend: Backend) -> None:

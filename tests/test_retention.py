@@ -33,7 +33,7 @@ from actors import (
     parse_duration,
 )
 from actors._backend import Backend
-from actors._retention import DAY, Finished
+from actors._retention import DAY
 from actors._runtime import RuntimeConfig
 from transport._config import resolve, retention_policy
 from transport._exit import CLIError
@@ -46,24 +46,23 @@ from .conftest import memory_runtime, wait_for_state
 
 def test_rule_by_age_takes_the_oldest_prefix() -> None:
     rule = RetentionRule(keep_for=100.0)
-    oldest = [Finished("a", 10.0), Finished("b", 50.0), Finished("c", 950.0), Finished("d", 20.0)]
+    oldest = [("a", 10.0), ("b", 50.0), ("c", 950.0), ("d", 20.0)]
     # now 1000: a and b finished more than 100 s ago; c is recent, and d comes after it.
     assert rule.due(4, oldest, now=1000.0) == ["a", "b"]
     assert rule.due(4, oldest, now=10.0) == []
-    assert rule.due(4, [Finished("x", 900.0)], now=1000.0) == []  # exactly 100 s: kept
+    assert rule.due(4, [("x", 900.0)], now=1000.0) == []  # exactly 100 s: kept
 
 
 def test_rule_by_count_keeps_the_newest() -> None:
     rule = RetentionRule(keep_for=None, max_count=2)
-    oldest = [Finished("a", 1.0), Finished("b", 2.0), Finished("c", 3.0)]
+    oldest = [("a", 1.0), ("b", 2.0), ("c", 3.0)]
     # 5 finished in all, 2 kept: the 3 oldest are due whatever their age.
     assert rule.due(5, oldest, now=3.0) == ["a", "b", "c"]
     assert rule.due(3, oldest, now=3.0) == ["a"]
     assert rule.due(2, oldest[:2], now=3.0) == []
     # Both limits: the count first, then the age.
     both = RetentionRule(keep_for=10.0, max_count=5)
-    both_oldest = [Finished("a", 95.0), Finished("b", 80.0), Finished("c", 99.0)]
-    assert both.due(6, both_oldest, now=100.0) == ["a", "b"]
+    assert both.due(6, [("a", 95.0), ("b", 80.0), ("c", 99.0)], now=100.0) == ["a", "b"]
 
 
 def test_policy_per_kind_and_older_than() -> None:
