@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import secrets
+import select
 import signal
 import socket
 import sys
@@ -438,8 +439,15 @@ def _exit_with_parent_while_loading() -> threading.Event:
     fd = os.dup(sys.stdin.fileno())
 
     def watch() -> None:
-        while os.read(fd, 4096):
-            pass
+        # The running worker's FdStream on a dup of the same pipe sets O_NONBLOCK on the
+        # shared file description: wait for data or the pipe's end before each read.
+        while True:
+            select.select([fd], [], [])
+            try:
+                if not os.read(fd, 4096):
+                    break
+            except BlockingIOError:
+                continue
         if not loaded.is_set():
             log.warning("the server that started this worker is gone: stopping")
             os._exit(ExitCode.OK)
