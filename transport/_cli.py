@@ -466,6 +466,26 @@ async def _exit_with_parent(scope: trio.CancelScope) -> None:
             pass
     log.warning("the server that started this worker is gone: stopping")
     scope.cancel()
+    # A handler computing in a thread (trio.to_thread.run_sync) cannot be cancelled, and
+    # Trio waits for it: the worker lived on, computing for nobody, until the thread's step
+    # ended. Nothing it finishes can be reported now: end the process after a short grace.
+    timer = threading.Timer(PARENT_GONE_GRACE, _exit_parent_gone)
+    timer.daemon = True
+    timer.start()
+
+
+PARENT_GONE_GRACE = 2.0
+"""Seconds a worker of ``serve --worker-processes`` whose server is gone gives its handlers
+to end (an async one is cancelled at once; a thread's step cannot be) before it exits."""
+
+
+def _exit_parent_gone() -> None:
+    log.warning(
+        "a handler still runs in a thread %g s after the server's death: exiting now",
+        PARENT_GONE_GRACE,
+    )
+    logging.shutdown()
+    os._exit(ExitCode.OK)
 
 
 def load_handlers(spec: str) -> dict[str, Any]:
