@@ -44,6 +44,7 @@ import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
 
 import attrs
 import orjson
@@ -119,13 +120,12 @@ class FanoutConfig:
     secret: str | None = attrs.field(default=None, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        if self.redis is not None and (
-            not isinstance(self.redis, str)
-            or not self.redis.startswith(("redis://", "rediss://", "unix://"))
-        ):
-            raise InvalidInputError(
-                f"redis must be a redis://host:port/db URL, not {redact_redis_url(self.redis)!r}"
+        if self.redis is not None:
+            problem = (
+                redis_url_problem(self.redis) if isinstance(self.redis, str) else "not a string"
             )
+            if problem is not None:
+                raise InvalidInputError(f"redis must be a redis://host:port/db URL: {problem}")
         if self.secret is not None and (not isinstance(self.secret, str) or not self.secret):
             # An empty secret would derive a key anyone can compute: no signature at all.
             raise InvalidInputError(
@@ -133,6 +133,28 @@ class FanoutConfig:
             )
         # Every number: seconds above 0, counts and sizes from 1 (named with the value).
         check_fields(self)
+
+
+def redis_url_problem(url: str) -> str | None:
+    """Why ``url`` is no Redis URL the client can open, else None: its scheme is none of
+    ``redis://``, ``rediss://``, ``unix://``; its port is no number from 0 to 65535; or its
+    database (the path, or a ``db`` query argument) is no number. The client raised on such
+    a port only when the fan-out opened (the node's start failed with a traceback), and took
+    such a database for database 0, silently."""
+    shown = redact_redis_url(url)
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return f"expected a redis://HOST:PORT/DB URL, not {shown!r}"
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        return f"the port of {shown!r} is no number from 0 to 65535"
+    databases = parse_qs(parts.query).get("db", [])
+    if parts.scheme != "unix" and parts.path not in ("", "/"):
+        databases.append(parts.path[1:])
+    if any(not db.isascii() or not db.isdigit() for db in databases):
+        return f"the database of {shown!r} is no number (redis://HOST:PORT/DB)"
+    return None
 
 
 def redact_redis_url(url: str) -> str:

@@ -38,7 +38,7 @@ from actors import InvalidInputError, RetentionPolicy, RetentionRule, RuntimeCon
 from actors._backend import POSTGRES_URL_SCHEMES
 from actors._codec import check_kind
 from actors._errors import shown
-from actors._fanout import redact_redis_url
+from actors._fanout import redis_url_problem
 from actors._retention import DAY
 
 from ._exit import CLIError, ExitCode
@@ -190,9 +190,7 @@ def _node_id(value: str) -> str | None:
 
 
 def _redis_url(value: str) -> str | None:
-    if not value.startswith(("redis://", "rediss://", "unix://")):
-        return f"expected a redis://HOST:PORT/DB URL, not {shown(redact_redis_url(value))}"
-    return None
+    return redis_url_problem(value)
 
 
 def _db_default(env: Mapping[str, str]) -> str:
