@@ -125,6 +125,8 @@ IDLE_TIMEOUT = 5.0
 #: may not end, never holds the lease's connection long enough to delay a renewal. A runtime
 #: passes its own, half its lease's margin.
 TAKEOVER_LOCK_TIMEOUT = 1.0
+#: The longest timeout PostgreSQL takes, in milliseconds (a 32-bit integer setting).
+PG_MAX_TIMEOUT_MS = 2**31 - 1
 #: The connections of a backend: the store's, and the lease's (see :meth:`PostgresBackend._run`).
 STORE, NODES = "store", "nodes"
 
@@ -518,7 +520,11 @@ class PostgresBackend:
         ):
             if not 0.001 <= seconds < math.inf:
                 raise ValueError(f"{name} must be >= 0.001 seconds, not {shown(seconds)}")
-        self._idle_timeout_ms = round(idle_timeout * 1000)
+        # PostgreSQL takes this timeout in whole milliseconds up to INT_MAX (24.8 days): a
+        # longer one (a runtime's lease TTL of a month) is that, which still ends a frozen
+        # session within the lease; set as given, no connection opened ("Value exceeds
+        # integer range") and the node could not start.
+        self._idle_timeout_ms = min(round(idle_timeout * 1000), PG_MAX_TIMEOUT_MS)
         self._takeover_lock_ms = round(takeover_lock_timeout * 1000)
         # Two connections ("lanes"): the store's, and one for the node's lease and takeovers,
         # so that a commit waiting on another node's row locks never delays a renewal.

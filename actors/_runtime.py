@@ -401,10 +401,12 @@ def _backend_for(database: str | os.PathLike[str], config: RuntimeConfig) -> Bac
         # See "Frozen writers" in ._postgres: a frozen node's transaction ends at the latest
         # when its lease would (its takeover ends its sessions anyway); a takeover never holds
         # the lease's connection for more than half the lease's margin.
+        # Both in PostgreSQL's whole milliseconds, 1 at least (a lease under 1 ms, which the
+        # runtime's settings allow, was refused here with a traceback naming idle_timeout).
         margin = (config.lease_ttl - config.lease_renew_interval) / 2
         return PostgresBackend(
             database,
-            idle_timeout=config.lease_ttl,
+            idle_timeout=max(config.lease_ttl, 0.001),
             takeover_lock_timeout=max(min(TAKEOVER_LOCK_TIMEOUT, margin), 0.001),
         )
     return SqliteBackend(

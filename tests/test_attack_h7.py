@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
+import secrets
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
+from psycopg import sql
 
-from actors import InvalidInputError
+from actors import InvalidInputError, JobContext, JobState, RuntimeConfig, open_runtime
 from actors._fanout import FanoutConfig
 
+from .conftest import PG_SERVER, drop_pg_database, pg_admin, wait_for_state
 from .test_cli import COMMAND
 
 BAD_REDIS_URLS = [
@@ -50,3 +55,40 @@ async def test_serve_refuses_a_redis_url_it_cannot_open_as_a_usage_error(
     assert refused.returncode == 2, stderr
     assert "Traceback" not in stderr
     assert "redis" in stderr and url in stderr
+
+
+@pytest.fixture
+def h7_pg() -> Iterator[str]:
+    """A new PostgreSQL database of this file's own (named ``h7_…``), dropped after the test."""
+    name = f"h7_{os.getpid()}_{secrets.token_hex(3)}"
+    with pg_admin() as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield f"{PG_SERVER}/{name}"
+    finally:
+        drop_pg_database(name)
+
+
+async def finish(ctx: JobContext, input: Any) -> Any:
+    return input
+
+
+async def test_a_lease_ttl_of_a_month_opens_on_postgresql(h7_pg: str) -> None:
+    """PostgreSQL's ``idle_in_transaction_session_timeout`` (the lease TTL) is at most INT_MAX
+    ms (24.8 days): every connection failed "Value exceeds integer range", the node never
+    opened."""
+    config = RuntimeConfig(lease_ttl=30 * 86400.0)
+    async with open_runtime(h7_pg, handlers={"finish": finish}, config=config) as rt:
+        job = await rt.create_job("finish", "u", {"n": 1})
+        done = await wait_for_state(rt, job.id, {JobState.COMPLETED}, timeout=20)
+        assert done.result == {"n": 1}
+
+
+async def test_a_lease_ttl_under_a_millisecond_opens_on_postgresql(h7_pg: str) -> None:
+    """The runtime's settings take it (any positive number of seconds), but the backend
+    refused it with a ValueError about ``idle_timeout``, a setting the user never gave. (So
+    short a lease lapses before any renewal is answered: the node is fenced again and again,
+    and says so.)"""
+    config = RuntimeConfig(lease_ttl=0.0005, lease_renew_interval=0.0001)
+    async with open_runtime(h7_pg, handlers={"finish": finish}, config=config) as rt:
+        await rt.create_job("finish", "u", {"n": 1})
