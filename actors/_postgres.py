@@ -529,6 +529,9 @@ class PostgresBackend:
         # Two connections ("lanes"): the store's, and one for the node's lease and takeovers,
         # so that a commit waiting on another node's row locks never delays a renewal.
         self._conns: dict[str, psycopg.Connection[Any] | None] = {STORE: None, NODES: None}
+        #: The events of the last commit that failed as an outage, whose transaction may have
+        #: committed all the same (see :meth:`commit`); None after any other outcome.
+        self._doubtful: list[JobEvent] | None = None
         #: The session's application_name: names this node's incarnation once it registered,
         #: so that the node taking it over can end its sessions (see "Frozen writers").
         self._application = "jobspine"
@@ -798,9 +801,21 @@ class PostgresBackend:
         commit a :class:`StaleWriteError` naming the new job, nothing written."""
         counts = user_counts(events)
         keys = key_checks(jobs, keyed or {})
+        # The same group again after its commit failed as an outage: the connection may have
+        # been lost after the server committed it, before the answer came (see
+        # :func:`landed_events`). Repeated blindly, its fenced writes found the rows it had
+        # written and lost (StaleWriteError): a create the caller was told failed though its
+        # job was there and ran, a checkpoint stored twice, and the events it had committed
+        # never published, so this node's clients saw a gap.
+        doubtful = self._doubtful is not None and self._doubtful == events
+        self._doubtful = None
 
         def fn(conn: psycopg.Connection[Any]) -> list[JobEvent]:
             with conn.transaction(), conn.cursor() as cursor:
+                if doubtful:
+                    stored = landed_events(cursor, events)
+                    if stored is not None:
+                        return stored
                 if keys:
                     cursor.execute(_LOCK_KEYS, (keys[1], keys[2]))
                     taken = cursor.execute(_KEY_TAKEN, keys).fetchall()
@@ -835,7 +850,12 @@ class PostgresBackend:
                     cursor.execute("SELECT pg_notify(%s, %s)", (QUEUE_CHANNEL, self._instance))
                 return numbered
 
-        return await self._run(fn)
+        try:
+            return await self._run(fn)
+        except Exception as exc:
+            if events and is_postgres_outage(exc):
+                self._doubtful = list(events)
+            raise
 
     async def query(self, query: JobQuery) -> list[Job]:
         where: list[str] = []
@@ -1315,6 +1335,30 @@ def key_checks(
         return None
     ids, users, keys, since = (list(column) for column in zip(*rows, strict=True))
     return ids, users, keys, since
+
+
+def landed_events(cursor: psycopg.Cursor[Any], events: Sequence[JobEvent]) -> list[JobEvent] | None:
+    """``events`` as stored (numbered), if a commit of them landed; else None. Each event's
+    ``(job_id, seq)`` is taken once (the commit that wrote it was fenced on ``seq - 1``), so
+    its record, identical but for the ``user_seq`` the commit gave it, can only be this
+    group's: one transaction wrote all of them or none."""
+    rows = cursor.execute(
+        "SELECT e.job_id, e.seq, e.user_seq, e.record FROM events e"
+        " JOIN unnest(%s::text[], %s::integer[]) AS k(job_id, seq)"
+        " ON e.job_id = k.job_id AND e.seq = k.seq",
+        ([e.job_id for e in events], [e.seq for e in events]),
+    ).fetchall()
+    stored = {(job_id, seq): (user_seq, record) for job_id, seq, user_seq, record in rows}
+    numbered = []
+    for event in events:
+        found = stored.get((event.job_id, event.seq))
+        if found is None:
+            return None
+        event = attrs.evolve(event, user_seq=found[0])
+        if encode_event(event).decode() != found[1]:
+            return None
+        numbered.append(event)
+    return numbered
 
 
 def number_events(events: Sequence[JobEvent], heads: Mapping[str, int]) -> list[JobEvent]:

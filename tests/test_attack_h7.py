@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import psycopg
 import pytest
 import trio
 from psycopg import sql
 
-from actors import InvalidInputError, JobContext, JobState, RuntimeConfig, open_runtime
+from actors import (
+    InvalidInputError,
+    JobContext,
+    JobEvent,
+    JobState,
+    PostgresBackend,
+    RuntimeConfig,
+    open_runtime,
+)
 from actors._fanout import FanoutConfig
 
 from .conftest import PG_SERVER, drop_pg_database, pg_admin, wait_for_state
 from .test_cli import COMMAND
+
+T = TypeVar("T")
 
 BAD_REDIS_URLS = [
     "redis://127.0.0.1:x/7",  # a port that is no number
@@ -92,3 +103,55 @@ async def test_a_lease_ttl_under_a_millisecond_opens_on_postgresql(h7_pg: str) -
     config = RuntimeConfig(lease_ttl=0.0005, lease_renew_interval=0.0001)
     async with open_runtime(h7_pg, handlers={"finish": finish}, config=config) as rt:
         await rt.create_job("finish", "u", {"n": 1})
+
+
+class AnswerLost(PostgresBackend):
+    """Commits as PostgreSQL does, but the answer of the first commit holding an event of type
+    ``lose`` is lost (the connection dropped after the server committed it)."""
+
+    lose: str | None = None
+
+    async def _run(self, fn: Callable[..., T], **kw: Any) -> T:
+        out = await super()._run(fn, **kw)
+        if isinstance(out, list) and any(
+            isinstance(e, JobEvent) and e.type.value == self.lose for e in out
+        ):
+            self.lose = None
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return out
+
+
+async def checkpoint_then_finish(ctx: JobContext, input: Any) -> Any:
+    await ctx.checkpoint({"step": 1})
+    return {"done": True}
+
+
+@pytest.mark.parametrize("lost", ["started", "checkpoint", "completed"])
+async def test_a_commit_whose_answer_was_lost_is_not_written_again(h7_pg: str, lost: str) -> None:
+    """The connection lost after PostgreSQL committed a group, before its answer: the store
+    retried the group as an outage, and its fenced writes found the rows it had itself
+    written. A create and start lost so failed ``create_job`` with StaleWriteError though the
+    job was there and ran; a checkpoint was stored twice; and the events committed never
+    reached this node's subscribers (a completed job whose ``completed`` nobody saw)."""
+    backend = AnswerLost(h7_pg)
+    async with open_runtime(handlers={"work": checkpoint_then_finish}, backend=backend) as rt:
+        async with rt.events() as stream:
+            backend.lose = lost
+            job = await rt.create_job("work", "u", {})
+            seen = []
+            with trio.fail_after(20):
+                async for event in stream:
+                    if event.job_id == job.id:
+                        seen.append((event.seq, event.type.value))
+                        if event.type.value == "completed":
+                            break
+        assert backend.lose is None  # the answer was lost
+        done = await rt.get_job(job.id)
+        assert done.state is JobState.COMPLETED and done.result == {"done": True}
+    expected = [(1, "created"), (2, "started"), (3, "checkpoint"), (4, "completed")]
+    assert seen == expected
+    with psycopg.connect(h7_pg) as conn:
+        stored = conn.execute(
+            "SELECT seq, type FROM events WHERE job_id = %s ORDER BY seq", (job.id,)
+        ).fetchall()
+    assert stored == expected
