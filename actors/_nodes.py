@@ -322,9 +322,6 @@ class NodeActor:
         #: Incarnations taken over whose jobs await recovery: owner -> the taker's owner.
         self._pending: dict[str, str] = {}
         self._have_pending = trio.Event()
-        #: Owners this node took over whose recovery left running jobs (a write that failed):
-        #: retried at each orphan sweep until none is left.
-        self._unfinished: set[str] = set()
         self.fenced = 0
         self._scope: trio.CancelScope | None = None
         self.host = socket.gethostname()
@@ -464,10 +461,7 @@ class NodeActor:
         while self._pending:
             owner, by = next(iter(self._pending.items()))
             with trio.CancelScope(shield=True):
-                if await self._recover_jobs(owner, by):
-                    self._unfinished.discard(owner)
-                else:
-                    self._unfinished.add(owner)
+                await self._recover_jobs(owner, by)
             del self._pending[owner]
             self._wake()
 
@@ -608,7 +602,10 @@ class NodeActor:
     async def _recover_orphans(self, by: str) -> int:
         """The stall rule for running jobs whose owner is gone and whose taker is gone too
         (it died while recovering them, or a graceful leave was cut short), or is this node
-        (a recovery write of it failed): nobody else will end them. Exactly once as every
+        (a recovery write of it failed, or the answer of its takeover was lost: stored, it
+        was taken for a failure and no recovery queued): nobody else will end them. The
+        sweep runs between recoveries (one task), so a running job left to this node is no
+        recovery under way. Exactly once as every
         recovery: the write is fenced (``seq``), and ``took_over`` refuses a job its owner no
         longer holds."""
         try:
@@ -616,9 +613,7 @@ class NodeActor:
             gone = [
                 owner
                 for owner, taker in orphans
-                if taker is None
-                or owner in self._unfinished
-                or not await self.store.node_alive(taker)
+                if taker is None or taker == by or not await self.store.node_alive(taker)
             ]
         except RuntimeClosedError:
             raise
@@ -628,15 +623,14 @@ class NodeActor:
             )
             return 0
         self._sweeping.succeeded()
-        self._unfinished.intersection_update(gone)  # the others have no running job left
         for owner in gone:
             self._queue_recovery(owner, by)
         return len(gone)
 
-    async def _recover_jobs(self, owner: str, by: str) -> bool:
+    async def _recover_jobs(self, owner: str, by: str) -> None:
         """The stall rule for the dead incarnation's running jobs (its claimed ones went back
-        to the queue with the takeover itself); False if a job's write failed (it stays
-        running under ``owner`` until the next orphan sweep)."""
+        to the queue with the takeover itself); a job whose write failed stays running under
+        ``owner`` until the next orphan sweep."""
         store, supervisor = self.store, self.supervisor
         cause = f"node {owner} stopped renewing its lease (taken over by {by})"
         try:
@@ -645,9 +639,8 @@ class NodeActor:
             raise
         except JobspineError as exc:
             log.warning("node %s: reading the jobs of %s failed: %s", by, owner, exc)
-            return False
+            return
         log.warning("node %s takes over %s: %s", by, owner, _jobs(len(jobs)))
-        done = True
         for job in jobs:
             try:
                 recovered = await store.recover(
@@ -656,7 +649,6 @@ class NodeActor:
             except RuntimeClosedError:
                 raise
             except JobspineError as exc:
-                done = False
                 log.warning(
                     "job %s not taken over: %s",
                     job.id,
@@ -665,4 +657,3 @@ class NodeActor:
                 )
             else:
                 supervisor.count_recovery(recovered)
-        return done

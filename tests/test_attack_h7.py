@@ -8,12 +8,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import attrs
 import psycopg
 import pytest
 import trio
 from psycopg import sql
 
 from actors import (
+    EventType,
     InvalidInputError,
     JobContext,
     JobEvent,
@@ -23,9 +25,11 @@ from actors import (
     open_runtime,
 )
 from actors._fanout import FanoutConfig
+from actors._nodes import NodeInfo
 
 from .conftest import PG_SERVER, drop_pg_database, pg_admin, wait_for_state
 from .test_cli import COMMAND
+from .test_nodes import FAST, HANDLERS, SharedMemory, job_is, owned, wait_until
 
 T = TypeVar("T")
 
@@ -155,3 +159,36 @@ async def test_a_commit_whose_answer_was_lost_is_not_written_again(h7_pg: str, l
             "SELECT seq, type FROM events WHERE job_id = %s ORDER BY seq", (job.id,)
         ).fetchall()
     assert stored == expected
+
+
+class TakeoverAnswerLost(SharedMemory):
+    """A takeover that is stored, but whose answer is lost (the lease's connection dropped
+    after the server committed it), once."""
+
+    lost = 0
+
+    async def take_over(self, node: NodeInfo, by: str) -> bool:
+        won = await super().take_over(node, by)
+        if won and not self.lost:
+            self.lost += 1
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return won
+
+
+async def test_jobs_of_a_takeover_whose_answer_was_lost_are_recovered_by_the_taker(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The taker, told its takeover failed, queued no recovery; the node, dead in the
+    database, was no longer listed as expired, and the orphan sweep left alone the jobs of a
+    node whose taker is alive (this one): they stayed running under the dead owner, nobody
+    recovering them, for as long as the taker lived."""
+    backend = TakeoverAnswerLost()
+    dead = await backend.register_node("dead", "d1", 1.0, "elsewhere", 1)
+    await backend.commit(owned("j", "hang", dead.owner, backend._clock(), ckpt=True), [], (), {})
+    config = attrs.evolve(FAST, node_id="a")
+    async with open_runtime(backend=backend, handlers=HANDLERS, config=config) as rt:
+        await wait_until(lambda: backend.lost, 5)
+        await wait_until(lambda: job_is(rt, "j", JobState.PAUSED), 10)
+        await trio.sleep(10)  # more sweeps: nothing more
+        types = [e.type for e in await rt.read_events("j")]
+        assert types.count(EventType.RECOVERY) == 1, types
