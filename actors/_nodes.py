@@ -87,6 +87,9 @@ ORPHANED_OWNERS_SQL = (
     " WHERE j.state = 'running' AND j.owner IS NOT NULL"
     " AND (n.state IS NULL OR n.state <> 'alive') ORDER BY j.owner"
 )
+#: Unanswered registrations a node remembers at most (see ``NodeActor._sent``): a thousand
+#: tries, each one renewal interval apart at least, all unanswered within one lease.
+SENT_KEPT = 1000
 #: Renewal intervals between two looks for orphaned running jobs (and two
 #: recounts of the jobs by state, which other nodes' commits change).
 ORPHAN_SWEEP_EVERY = 5
@@ -313,8 +316,11 @@ class NodeActor:
         #: answer was lost (a timeout, a dropped connection) may be stored, and is then this
         #: process's own to replace, never another process holding the id. Tries come one
         #: renewal interval apart at most, and one sent longer than a lease ago has expired
-        #: (it no longer holds the id): the last ttl / interval of them are enough.
-        self._sent: deque[str] = deque(maxlen=math.ceil(ttl / renew_interval) + 1)
+        #: (it no longer holds the id): the last ttl / interval of them are enough, and no
+        #: more than :data:`SENT_KEPT` (a lease of 1e20 s, or an interval of 1e-300 s, which
+        #: the settings take, made that count too large for a deque, and every start failed
+        #: with OverflowError).
+        self._sent: deque[str] = deque(maxlen=math.ceil(min(ttl / renew_interval, SENT_KEPT)) + 1)
         #: Trio time of the last successful renewal (or registration).
         self.renewed_at: float | None = None
         #: Nodes this one took over, and times it found itself fenced, since it started.

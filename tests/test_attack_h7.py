@@ -88,11 +88,12 @@ async def finish(ctx: JobContext, input: Any) -> Any:
     return input
 
 
-async def test_a_lease_ttl_of_a_month_opens_on_postgresql(h7_pg: str) -> None:
+@pytest.mark.parametrize("ttl", [30 * 86400.0, 1e20])
+async def test_a_lease_ttl_of_a_month_or_more_opens_on_postgresql(h7_pg: str, ttl: float) -> None:
     """PostgreSQL's ``idle_in_transaction_session_timeout`` (the lease TTL) is at most INT_MAX
     ms (24.8 days): every connection failed "Value exceeds integer range", the node never
-    opened."""
-    config = RuntimeConfig(lease_ttl=30 * 86400.0)
+    opened. (1e20 s failed first on every backend: see the next test.)"""
+    config = RuntimeConfig(lease_ttl=ttl)
     async with open_runtime(h7_pg, handlers={"finish": finish}, config=config) as rt:
         job = await rt.create_job("finish", "u", {"n": 1})
         done = await wait_for_state(rt, job.id, {JobState.COMPLETED}, timeout=20)
@@ -192,3 +193,17 @@ async def test_jobs_of_a_takeover_whose_answer_was_lost_are_recovered_by_the_tak
         await trio.sleep(10)  # more sweeps: nothing more
         types = [e.type for e in await rt.read_events("j")]
         assert types.count(EventType.RECOVERY) == 1, types
+
+
+@pytest.mark.parametrize(("ttl", "interval"), [(1e20, 1.0), (5.0, 1e-300), (1e300, 1e-300)])
+async def test_lease_settings_the_runtime_takes_open_on_every_backend(
+    tmp_path: Path, ttl: float, interval: float
+) -> None:
+    """The node keeps the ids of its unanswered registrations for one lease: ttl / interval
+    of them, a count too large for a deque (OverflowError at every start, whatever the
+    database) for a lease this long or an interval this short."""
+    config = RuntimeConfig(lease_ttl=ttl, lease_renew_interval=interval)
+    async with open_runtime(tmp_path / "j.db", handlers={"finish": finish}, config=config) as rt:
+        job = await rt.create_job("finish", "u", {"n": 1})
+        done = await wait_for_state(rt, job.id, {JobState.COMPLETED}, timeout=20)
+        assert done.result == {"n": 1}
