@@ -807,7 +807,7 @@ class PostgresBackend:
         # written and lost (StaleWriteError): a create the caller was told failed though its
         # job was there and ran, a checkpoint stored twice, and the events it had committed
         # never published, so this node's clients saw a gap.
-        doubtful = self._doubtful is not None and self._doubtful == events
+        doubtful = self._doubtful is not None and self._doubtful == list(events)
         self._doubtful = None
 
         def fn(conn: psycopg.Connection[Any]) -> list[JobEvent]:
