@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import os
-import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -12,7 +11,6 @@ import attrs
 import psycopg
 import pytest
 import trio
-from psycopg import sql
 
 from actors import (
     EventType,
@@ -27,7 +25,7 @@ from actors import (
 from actors._fanout import FanoutConfig
 from actors._nodes import NodeInfo
 
-from .conftest import PG_SERVER, drop_pg_database, pg_admin, wait_for_state
+from .conftest import wait_for_state
 from .test_cli import COMMAND
 from .test_nodes import FAST, HANDLERS, SharedMemory, job_is, owned, wait_until
 
@@ -72,41 +70,29 @@ async def test_serve_refuses_a_redis_url_it_cannot_open_as_a_usage_error(
     assert "redis" in stderr and url in stderr
 
 
-@pytest.fixture
-def h7_pg() -> Iterator[str]:
-    """A new PostgreSQL database of this file's own (named ``h7_…``), dropped after the test."""
-    name = f"h7_{os.getpid()}_{secrets.token_hex(3)}"
-    with pg_admin() as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield f"{PG_SERVER}/{name}"
-    finally:
-        drop_pg_database(name)
-
-
 async def finish(ctx: JobContext, input: Any) -> Any:
     return input
 
 
 @pytest.mark.parametrize("ttl", [30 * 86400.0, 1e20])
-async def test_a_lease_ttl_of_a_month_or_more_opens_on_postgresql(h7_pg: str, ttl: float) -> None:
+async def test_a_lease_ttl_of_a_month_or_more_opens_on_postgresql(pg_url: str, ttl: float) -> None:
     """PostgreSQL's ``idle_in_transaction_session_timeout`` (the lease TTL) is at most INT_MAX
     ms (24.8 days): every connection failed "Value exceeds integer range", the node never
     opened. (1e20 s failed first on every backend: see the next test.)"""
     config = RuntimeConfig(lease_ttl=ttl)
-    async with open_runtime(h7_pg, handlers={"finish": finish}, config=config) as rt:
+    async with open_runtime(pg_url, handlers={"finish": finish}, config=config) as rt:
         job = await rt.create_job("finish", "u", {"n": 1})
         done = await wait_for_state(rt, job.id, {JobState.COMPLETED}, timeout=20)
         assert done.result == {"n": 1}
 
 
-async def test_a_lease_ttl_under_a_millisecond_opens_on_postgresql(h7_pg: str) -> None:
+async def test_a_lease_ttl_under_a_millisecond_opens_on_postgresql(pg_url: str) -> None:
     """The runtime's settings take it (any positive number of seconds), but the backend
     refused it with a ValueError about ``idle_timeout``, a setting the user never gave. (So
     short a lease lapses before any renewal is answered: the node is fenced again and again,
     and says so.)"""
     config = RuntimeConfig(lease_ttl=0.0005, lease_renew_interval=0.0001)
-    async with open_runtime(h7_pg, handlers={"finish": finish}, config=config) as rt:
+    async with open_runtime(pg_url, handlers={"finish": finish}, config=config) as rt:
         await rt.create_job("finish", "u", {"n": 1})
 
 
@@ -132,13 +118,13 @@ async def checkpoint_then_finish(ctx: JobContext, input: Any) -> Any:
 
 
 @pytest.mark.parametrize("lost", ["started", "checkpoint", "completed"])
-async def test_a_commit_whose_answer_was_lost_is_not_written_again(h7_pg: str, lost: str) -> None:
+async def test_a_commit_whose_answer_was_lost_is_not_written_again(pg_url: str, lost: str) -> None:
     """The connection lost after PostgreSQL committed a group, before its answer: the store
     retried the group as an outage, and its fenced writes found the rows it had itself
     written. A create and start lost so failed ``create_job`` with StaleWriteError though the
     job was there and ran; a checkpoint was stored twice; and the events committed never
     reached this node's subscribers (a completed job whose ``completed`` nobody saw)."""
-    backend = AnswerLost(h7_pg)
+    backend = AnswerLost(pg_url)
     async with open_runtime(handlers={"work": checkpoint_then_finish}, backend=backend) as rt:
         async with rt.events() as stream:
             backend.lose = lost
@@ -155,7 +141,7 @@ async def test_a_commit_whose_answer_was_lost_is_not_written_again(h7_pg: str, l
         assert done.state is JobState.COMPLETED and done.result == {"done": True}
     expected = [(1, "created"), (2, "started"), (3, "checkpoint"), (4, "completed")]
     assert seen == expected
-    with psycopg.connect(h7_pg) as conn:
+    with psycopg.connect(pg_url) as conn:
         stored = conn.execute(
             "SELECT seq, type FROM events WHERE job_id = %s ORDER BY seq", (job.id,)
         ).fetchall()

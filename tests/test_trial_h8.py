@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import threading
 import time
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +14,8 @@ import trio
 
 from transport import _cli, open_client
 
-from .serving import SECRET, free_port, token
-from .test_worker_processes import _running
-from .worker_support import ROOT
+from .serving import token
+from .worker_support import kill_and_outlive, serve_one_worker
 
 
 def test_parent_watch_survives_stdin_made_non_blocking(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -59,36 +56,12 @@ async def test_a_worker_computing_in_a_thread_dies_with_its_server(tmp_path: Pat
     CPU-bound code) logged ``the server that started this worker is gone: stopping`` but
     lived on, computing for nobody, until the thread's step ended: Trio waits for a thread
     it cannot cancel. It now ends within moments of the server's death."""
-    port = free_port()
-    env = {**os.environ, "JOBSPINE_SECRET": SECRET, "JOBSPINE_DATA": str(tmp_path)}
-    command = [
-        sys.executable, "-m", "transport._cli", "--log-level", "WARNING", "serve",
-        "--port", str(port), "--health-port", str(free_port()), "--no-demo",
-        "--handlers", "tests.trial_h8_handlers", "--worker-processes", "1",
-    ]  # fmt: skip
-    server = await trio.lowlevel.open_process(command, env=env, cwd=str(ROOT))
-    found: list[bytes] = []
-    try:
+    async with serve_one_worker(tmp_path, "tests.trial_h8_handlers") as served:
         with trio.fail_after(30):
-            async with open_client(f"ws://127.0.0.1:{port}", token("alice")) as client:
+            async with open_client(served.url, token("alice")) as client:
                 job = await client.create("grind", {})
                 while (await client.get(job["id"]))["step"] != "grinding":  # noqa: ASYNC110
                     await trio.sleep(0.1)
-        found = (
-            await trio.run_process(
-                ["pgrep", "-P", str(server.pid)], capture_stdout=True, check=False
-            )
-        ).stdout.split()
-        (worker,) = map(int, found)
+        worker = await served.worker()
         await trio.sleep(0.5)  # in its thread's step now
-        server.kill()
-        await server.wait()
-        with trio.fail_after(15):
-            while _running(worker):  # noqa: ASYNC110 - another process
-                await trio.sleep(0.1)
-    finally:
-        with suppress(ProcessLookupError):
-            server.kill()
-        for pid in found:
-            with suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
+        await kill_and_outlive(served, worker, 15)

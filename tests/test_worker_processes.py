@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import suppress
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,9 @@ from .worker_handlers import QUICK
 from .worker_support import (
     ROOT,
     WORKER_COMMAND,
+    kill_and_outlive,
     run_jobspine_worker,
+    serve_one_worker,
     served,
     start_worker_process,
     wait_connected,
@@ -272,52 +273,16 @@ async def test_serve_worker_processes_runs_handlers_outside_and_restarts_crashed
                 os.kill(pid, 0)
 
 
-def _running(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie, gone but not yet reaped by whoever adopted
-    it, does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
-
-
 async def test_a_worker_whose_handlers_import_hangs_dies_with_its_server(
     tmp_path: Path,
 ) -> None:
     """A local worker process stuck importing its handlers (the watch on the server's pipe
     began only after them) outlived its SIGKILLed server for good. It now ends within
     moments of the server's death, whatever its import is doing."""
-    env = {**os.environ, "JOBSPINE_SECRET": SECRET, "JOBSPINE_DATA": str(tmp_path)}
-    command = [
-        sys.executable, "-m", "transport._cli", "--log-level", "WARNING", "serve",
-        "--port", str(free_port()), "--health-port", str(free_port()), "--no-demo",
-        "--handlers", "tests.handlers_hang_in_worker", "--worker-processes", "1",
-    ]  # fmt: skip
-    server = await trio.lowlevel.open_process(command, env=env, cwd=str(ROOT))
-    found: list[bytes] = []
-    try:
-        with trio.fail_after(20):
-            while True:
-                found = (await trio.run_process(
-                    ["pgrep", "-P", str(server.pid)], capture_stdout=True, check=False
-                )).stdout.split()  # fmt: skip
-                if found:
-                    break
-                await trio.sleep(0.1)
-        (worker,) = map(int, found)
+    async with serve_one_worker(tmp_path, "tests.handlers_hang_in_worker") as local:
+        worker = await local.worker()
         await trio.sleep(1)  # well inside its import now
-        server.kill()
-        await server.wait()
-        with trio.fail_after(10):
-            while _running(worker):  # noqa: ASYNC110 - another process
-                await trio.sleep(0.1)
-    finally:
-        with suppress(ProcessLookupError):
-            server.kill()
-        for pid in found:
-            with suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
+        await kill_and_outlive(local, worker, 10)
 
 
 @pytest.mark.parametrize(

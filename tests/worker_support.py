@@ -4,9 +4,10 @@ connected worker (in this process, over the wire), and worker subprocesses."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from actors import RuntimeConfig
 from transport import RunningServer, ServerConfig, mint_token, open_server
 from transport._worker_process import WorkerProcess
 
-from .serving import SECRET
+from .serving import SECRET, free_port
 from .worker_handlers import HANDLERS
 
 MODES = ("in_process", "remote")
@@ -131,3 +132,69 @@ async def start_worker_process(nursery: trio.Nursery, url: str, *args: str) -> t
     run = partial(trio.run_process, command, env=worker_env(), check=False, cwd=str(ROOT))
     process: trio.Process = await nursery.start(run)
     return process
+
+
+@attrs.define
+class LocalServe:
+    """A ``jobspine serve --worker-processes 1`` process (see :func:`serve_one_worker`)."""
+
+    process: trio.Process
+    url: str
+
+    async def worker(self) -> int:
+        """The pid of its worker process, once started (within 20 s)."""
+        with trio.fail_after(20):
+            while True:
+                found = (await trio.run_process(
+                    ["pgrep", "-P", str(self.process.pid)], capture_stdout=True, check=False
+                )).stdout.split()  # fmt: skip
+                if found:
+                    (pid,) = map(int, found)
+                    return pid
+                await trio.sleep(0.1)
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, gone but not yet reaped by whoever adopted
+    it, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+@asynccontextmanager
+async def serve_one_worker(tmp_path: Path, handlers: str) -> AsyncIterator[LocalServe]:
+    """``jobspine serve --worker-processes 1 --handlers HANDLERS`` as a real process; killed
+    at the end, with any process it started."""
+    port = free_port()
+    env = {**os.environ, "JOBSPINE_SECRET": SECRET, "JOBSPINE_DATA": str(tmp_path)}
+    command = [
+        sys.executable, "-m", "transport._cli", "--log-level", "WARNING", "serve",
+        "--port", str(port), "--health-port", str(free_port()), "--no-demo",
+        "--handlers", handlers, "--worker-processes", "1",
+    ]  # fmt: skip
+    server = await trio.lowlevel.open_process(command, env=env, cwd=str(ROOT))
+    children: list[bytes] = []
+    try:
+        yield LocalServe(server, f"ws://127.0.0.1:{port}")
+    finally:
+        with trio.CancelScope(shield=True):
+            children = (await trio.run_process(
+                ["pgrep", "-P", str(server.pid)], capture_stdout=True, check=False
+            )).stdout.split()  # fmt: skip
+        with suppress(ProcessLookupError):
+            server.kill()
+        for pid in children:
+            with suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+async def kill_and_outlive(served: LocalServe, worker: int, seconds: float) -> None:
+    """SIGKILL the server; its worker ``worker`` must be gone within ``seconds``."""
+    served.process.kill()
+    await served.process.wait()
+    with trio.fail_after(seconds):
+        while running(worker):  # noqa: ASYNC110 - another process
+            await trio.sleep(0.1)
