@@ -19,6 +19,7 @@ from transport._worker_process import WorkerProcess
 
 from .conftest import wait_for_state
 from .serving import eventually
+from .test_attack_workers_h4 import threaded_worker
 from .test_worker_protocol import raw_worker, receive, send
 from .worker_support import Served, served, start_worker_process, wait_connected, worker_token
 
@@ -152,34 +153,22 @@ async def test_a_worker_killed_while_an_attempt_waits_for_the_older_one(tmp_path
     """A real ``jobspine worker`` SIGKILLed while a restarted job's attempt waits there for the
     old one's thread to end: the new attempt never ran, so the job (one attempt allowed) waits
     again, nothing counted, and the next worker completes it."""
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    async with served(
-        tmp_path / "db", "in_process", in_process_handlers=False, stop_grace=10.0
-    ) as s:
+    async with threaded_worker(tmp_path) as (s, nursery, marks, first):
         rt = s.runtime
-        async with trio.open_nursery() as nursery:
-            first = await start_worker_process(
-                nursery, s.running.url, "--handlers", "tests.worker_handlers_h4"
-            )
-            await wait_connected(s.running)
-            job = await rt.create_job(
-                "threaded", "alice", {"dir": str(marks), "seconds": 4}, max_attempts=1
-            )
-            await eventually(lambda: (marks / job.id).exists())
-            await rt.cancel(job.id)
-            await rt.restart(job.id)
-            await eventually(lambda: job.id in rt.supervisor.workers)
-            await trio.sleep(1.5)  # periodic heartbeats go out while it waits
-            first.send_signal(signal.SIGKILL)
-            back = await wait_for_state(rt, job.id, {JobState.CREATED, JobState.FAILED})
-            assert back.state is JobState.CREATED, back
-            assert back.failed_attempts == 0 and back.recovery_attempts == 0, back
-            (marks / job.id).unlink()  # the killed thread left its mark
-            await start_worker_process(
-                nursery, s.running.url, "--handlers", "tests.worker_handlers_h4"
-            )
-            done = await wait_for_state(rt, job.id, timeout=30)
-            assert done.state is JobState.COMPLETED and done.result == {"attempt": 3}, done
-            assert not (marks / "overlap").exists()
-            nursery.cancel_scope.cancel()
+        job = await rt.create_job(
+            "threaded", "alice", {"dir": str(marks), "seconds": 4}, max_attempts=1
+        )
+        await eventually(lambda: (marks / job.id).exists())
+        await rt.cancel(job.id)
+        await rt.restart(job.id)
+        await eventually(lambda: job.id in rt.supervisor.workers)
+        await trio.sleep(1.5)  # periodic heartbeats go out while it waits
+        first.send_signal(signal.SIGKILL)
+        back = await wait_for_state(rt, job.id, {JobState.CREATED, JobState.FAILED})
+        assert back.state is JobState.CREATED, back
+        assert back.failed_attempts == 0 and back.recovery_attempts == 0, back
+        (marks / job.id).unlink()  # the killed thread left its mark
+        await start_worker_process(nursery, s.running.url, "--handlers", "tests.worker_handlers_h4")
+        done = await wait_for_state(rt, job.id, timeout=30)
+        assert done.state is JobState.COMPLETED and done.result == {"attempt": 3}, done
+        assert not (marks / "overlap").exists()

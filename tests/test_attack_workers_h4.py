@@ -4,6 +4,8 @@ restarted under its workers."""
 from __future__ import annotations
 
 import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -14,9 +16,31 @@ from actors import JobState, KindOptions
 from .conftest import wait_for_state
 from .serving import eventually
 from .test_worker_protocol import raw_worker, wait_checkpoint
-from .worker_support import served, start_worker_process, wait_connected
+from .worker_support import Served, served, start_worker_process, wait_connected
 
 pytestmark = pytest.mark.slow
+
+
+@asynccontextmanager
+async def threaded_worker(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[Served, trio.Nursery, Path, trio.Process]]:
+    """A server running no handlers itself (``stop_grace`` 10 s) with a ``jobspine worker`` of
+    :mod:`tests.worker_handlers_h4` connected; the nursery it runs in (cancelled at the end,
+    with any other worker started there), the directory its ``threaded`` jobs mark, and the
+    worker process."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    async with (
+        served(tmp_path / "db", "in_process", in_process_handlers=False, stop_grace=10.0) as s,
+        trio.open_nursery() as nursery,
+    ):
+        worker = await start_worker_process(
+            nursery, s.running.url, "--handlers", "tests.worker_handlers_h4"
+        )
+        await wait_connected(s.running)
+        yield s, nursery, marks, worker
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_thawed_worker_writes_nothing_for_the_attempt_it_lost(tmp_path: Path) -> None:
@@ -97,31 +121,21 @@ async def test_a_worker_never_runs_two_attempts_of_a_job_at_once(tmp_path: Path)
     thread still runs. As in the server, the new handler starts only once the old attempt has
     unwound (within ``stop_grace``), and so does the one after a next attempt cancelled while
     it waited: two at once would do the job's work twice over."""
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    async with served(
-        tmp_path / "db", "in_process", in_process_handlers=False, stop_grace=10.0
-    ) as s:
+    async with threaded_worker(tmp_path) as (s, _, marks, _):
         rt = s.runtime
-        async with trio.open_nursery() as nursery:
-            await start_worker_process(
-                nursery, s.running.url, "--handlers", "tests.worker_handlers_h4"
-            )
-            await wait_connected(s.running)
-            job = await rt.create_job("threaded", "alice", {"dir": str(marks), "seconds": 3})
-            await eventually(lambda: (marks / job.id).exists())
-            await rt.cancel(job.id)
-            await rt.restart(job.id)
-            # Its next attempt, waiting for the first to unwind, cancelled in turn: the one
-            # after it waits for the first still.
-            with trio.fail_after(10):
-                while (await rt.get_job(job.id)).attempt < 2:  # noqa: ASYNC110
-                    await trio.sleep(0.02)
-            await wait_for_state(rt, job.id, {JobState.RUNNING, JobState.COMPLETED})
-            assert not (marks / "overlap").exists(), "two attempts of the job ran at once"
-            await rt.cancel(job.id)
-            await rt.restart(job.id)
-            done = await wait_for_state(rt, job.id, timeout=30)
-            assert done.state is JobState.COMPLETED and done.result == {"attempt": 3}, done
-            assert not (marks / "overlap").exists(), "two attempts of the job ran at once"
-            nursery.cancel_scope.cancel()
+        job = await rt.create_job("threaded", "alice", {"dir": str(marks), "seconds": 3})
+        await eventually(lambda: (marks / job.id).exists())
+        await rt.cancel(job.id)
+        await rt.restart(job.id)
+        # Its next attempt, waiting for the first to unwind, cancelled in turn: the one
+        # after it waits for the first still.
+        with trio.fail_after(10):
+            while (await rt.get_job(job.id)).attempt < 2:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        await wait_for_state(rt, job.id, {JobState.RUNNING, JobState.COMPLETED})
+        assert not (marks / "overlap").exists(), "two attempts of the job ran at once"
+        await rt.cancel(job.id)
+        await rt.restart(job.id)
+        done = await wait_for_state(rt, job.id, timeout=30)
+        assert done.state is JobState.COMPLETED and done.result == {"attempt": 3}, done
+        assert not (marks / "overlap").exists(), "two attempts of the job ran at once"
